@@ -1,0 +1,24 @@
+# The README's two commands: `make run` and `make test`. Both set up first (idempotent).
+VENV := .venv
+PY := $(VENV)/bin/python
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup run test bench eval clean-venv
+
+setup:
+	@bash scripts/setup.sh
+
+run: setup
+	$(PY) -m inlaid.demo
+
+test: setup
+	$(PY) -m pytest -q --durations=15 tests
+
+bench: setup
+	$(PY) bench/run_all.py
+
+eval: setup
+	$(PY) bench/quality.py
+
+clean-venv:
+	rm -rf $(VENV)

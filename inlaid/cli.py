@@ -1,0 +1,46 @@
+"""`inlaid` command line. Each subcommand lives in the module that owns its concern.
+
+A subcommand module defines `add_arguments(parser)` and `run(args) -> int`; modules are
+imported only when their subcommand runs, so `inlaid client ...` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("inlaid.models.cli", "prepare or inspect base models"),
+    "generate": ("inlaid.engine.cli", "generate with the in-process engine"),
+    "tasks": ("inlaid.tasks.cli", "prepare the task suite data"),
+    "train-adapter": ("inlaid.tasks.train", "train a LoRA adapter on a task"),
+    "eval": ("inlaid.tasks.evaluate", "evaluate a model/adapter on tasks"),
+    "quantize": ("inlaid.quant.cli", "quantize a base model (MLGPTQ and baselines)"),
+    "serve": ("inlaid.serve.cli", "run the server"),
+    "client": ("inlaid.client.cli", "talk to a running server"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="inlaid", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        parser.print_help()
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\ninlaid: unknown command '{argv[0]}'", file=sys.stderr)
+            return 2
+        return 0
+    name = argv[0]
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    command_parser = argparse.ArgumentParser(prog=f"inlaid {name}", description=SUBCOMMANDS[name][1])
+    module.add_arguments(command_parser)
+    args = command_parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
