@@ -1,0 +1,64 @@
+"""Which adapter sits in which device slot, with LRU eviction. Torch-free.
+
+The executor holds the slot pool tensors; this class decides the slot of every adapter
+so that plans can name slots. An adapter used by a running sequence is pinned.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+class UnknownAdapterError(KeyError):
+    def __str__(self) -> str:
+        return f"unknown adapter {self.args[0]!r}; register it first"
+
+
+@dataclass
+class SlotAssignment:
+    slot: int
+    loaded_now: bool  # the executor must load it into the slot this step
+
+
+class AdapterSlots:
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.paths: dict[str, str] = {}  # registered adapters: name -> directory
+        self._slot_of: OrderedDict[str, int] = OrderedDict()  # LRU order, oldest first
+        self._free_slots: list[int] = list(range(num_slots))
+
+    def register(self, name: str, path: str) -> None:
+        if name in self.paths and name in self._slot_of and self.paths[name] != path:
+            # A new version of a resident adapter: drop the stale slot contents.
+            self._free_slots.append(self._slot_of.pop(name))
+        self.paths[name] = path
+
+    def unregister(self, name: str) -> None:
+        if name not in self.paths:
+            raise UnknownAdapterError(name)
+        del self.paths[name]
+        if name in self._slot_of:
+            self._free_slots.append(self._slot_of.pop(name))
+
+    def slot_of(self, name: str) -> int | None:
+        return self._slot_of.get(name)
+
+    def acquire(self, name: str, pinned: set[str]) -> SlotAssignment | None:
+        """A slot for `name`, evicting the least recently used unpinned adapter if needed.
+
+        Returns None when every slot holds a pinned adapter (the caller waits).
+        """
+        if name not in self.paths:
+            raise UnknownAdapterError(name)
+        if name in self._slot_of:
+            self._slot_of.move_to_end(name)
+            return SlotAssignment(self._slot_of[name], loaded_now=False)
+        if not self._free_slots:
+            victim = next((n for n in self._slot_of if n not in pinned), None)
+            if victim is None:
+                return None
+            self._free_slots.append(self._slot_of.pop(victim))
+        slot = self._free_slots.pop(0)
+        self._slot_of[name] = slot
+        return SlotAssignment(slot, loaded_now=True)

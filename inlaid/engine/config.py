@@ -1,0 +1,135 @@
+"""Model and engine configuration. Torch-free: the coordinator reads these too."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model directory is missing, unsupported or corrupt."""
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float
+    scaling_type: str = "default"  # default | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @staticmethod
+    def from_dir(model_dir: str | Path) -> "ModelConfig":
+        model_dir = Path(model_dir)
+        config_path = model_dir / "config.json"
+        if not model_dir.is_dir():
+            raise ModelLoadError(f"model directory not found: {model_dir}")
+        if not config_path.is_file():
+            raise ModelLoadError(f"{model_dir} has no config.json (not a Hugging Face model directory)")
+        try:
+            raw = json.loads(config_path.read_text())
+        except json.JSONDecodeError as error:
+            raise ModelLoadError(f"{config_path} is not valid JSON: {error}") from error
+        architectures = raw.get("architectures") or []
+        architecture = architectures[0] if architectures else ""
+        if architecture not in SUPPORTED_ARCHITECTURES:
+            raise ModelLoadError(
+                f"unsupported architecture {architecture or '(none)'!r} in {config_path}; "
+                f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            )
+        hidden = int(raw["hidden_size"])
+        heads = int(raw["num_attention_heads"])
+        eos = raw.get("eos_token_id")
+        generation_path = model_dir / "generation_config.json"
+        if generation_path.is_file():
+            eos = json.loads(generation_path.read_text()).get("eos_token_id", eos)
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return ModelConfig(
+            architecture=architecture,
+            hidden_size=hidden,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_layers=int(raw["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or hidden // heads),
+            vocab_size=int(raw["vocab_size"]),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope=_rope_config(raw),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=bool(raw.get("attention_bias", architecture == "Qwen2ForCausalLM")),
+            eos_token_ids=tuple(int(e) for e in eos_ids),
+            bos_token_id=raw.get("bos_token_id"),
+            raw=raw,
+        )
+
+
+def _rope_config(raw: dict[str, Any]) -> RopeConfig:
+    # transformers >= 5 writes `rope_parameters`; older configs write rope_theta + rope_scaling.
+    params = dict(raw.get("rope_parameters") or {})
+    scaling = dict(raw.get("rope_scaling") or {})
+    params = {**scaling, **params}
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    scaling_type = params.get("rope_type") or params.get("type") or "default"
+    if scaling_type not in ("default", "linear", "llama3"):
+        raise ModelLoadError(f"unsupported rope scaling type {scaling_type!r}")
+    return RopeConfig(
+        theta=theta,
+        scaling_type=scaling_type,
+        factor=float(params.get("factor", 1.0)),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position=int(params.get("original_max_position_embeddings", 8192)),
+    )
+
+
+@dataclass
+class EngineConfig:
+    model_dir: str
+    quantized_dir: str | None = None  # a GPTQ checkpoint written by `inlaid quantize`
+    device: str = "cpu"
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
+    block_size: int = 16
+    num_kv_blocks: int = 2048
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_lora_slots: int = 8
+    max_lora_rank: int = 64
+    threads: int | None = None
+
+    def validate(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks", "max_lora_slots"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
