@@ -82,3 +82,213 @@ class StepResult(msgspec.Struct, frozen=True, kw_only=True, tag="step_result"):
     sampled: list[SampledToken]
     num_tokens: int  # tokens computed in the step (prefill + decode)
     compute_seconds: float
+
+
+# ---------------------------------------------------------------- executor lifecycle
+# The executor speaks first (ExecutorHello once its model is loaded); then it answers each
+# BatchPlan with a StepResult, or an ExecutorFailure when running the plan raised. It sends
+# ExecutorStats unsolicited, at most about once a second, between steps.
+
+
+class ExecutorHello(msgspec.Struct, frozen=True, kw_only=True, tag="executor_hello"):
+    protocol_version: int
+    generation: int  # which incarnation of the executor (the coordinator restarts it)
+    pid: int
+    device: str
+    num_kv_blocks: int
+    load_seconds: float
+    cuda_graph_batch_sizes: list[int] = []
+
+
+class ExecutorFailure(msgspec.Struct, frozen=True, kw_only=True, tag="executor_failure"):
+    """Running plan `step_id` raised; the executor is still alive and takes new plans."""
+
+    step_id: int
+    error_type: str
+    message: str
+
+
+class ExecutorStats(msgspec.Struct, frozen=True, kw_only=True, tag="executor_stats"):
+    rss_bytes: int
+    device_memory_allocated: int = 0  # CUDA only
+    device_memory_reserved: int = 0
+    steps: int = 0
+
+
+class ExecutorShutdown(msgspec.Struct, frozen=True, kw_only=True, tag="executor_shutdown"):
+    """Finish nothing more and exit 0."""
+
+
+ExecutorInbound = BatchPlan | ExecutorShutdown
+ExecutorOutbound = ExecutorHello | StepResult | ExecutorFailure | ExecutorStats
+
+
+# ---------------------------------------------------------------- client <-> coordinator
+# Every request carries a client-chosen `request_id` (unique per client connection); every
+# reply names the request it answers. A generate is answered by zero or more TextChunks
+# (when `stream` is set) and exactly one GenerateDone or ErrorReply.
+
+DEFAULT_MAX_FRAME_BYTES = 1 << 20
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    role: str
+    content: str
+
+
+class Hello(msgspec.Struct, frozen=True, kw_only=True, tag="hello"):
+    request_id: str
+    protocol_version: int
+    client: str = ""
+
+
+class Generate(msgspec.Struct, frozen=True, kw_only=True, tag="generate"):
+    """Exactly one of `prompt`, `messages` (chat, rendered with the model's template) or
+    `prompt_token_ids`. `task` names a registered adapter; None runs the base model.
+    `deadline_s` counts from the server's receipt; past it the request fails."""
+
+    request_id: str
+    task: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    prompt_token_ids: list[int] | None = None
+    sampling: SamplingParams = SamplingParams()
+    stream: bool = False
+    deadline_s: float | None = None
+
+
+class Cancel(msgspec.Struct, frozen=True, kw_only=True, tag="cancel"):
+    """Cancel this client's generate `request_id`; it ends with finish_reason 'cancelled'."""
+
+    request_id: str
+
+
+class ListTasks(msgspec.Struct, frozen=True, kw_only=True, tag="list_tasks"):
+    request_id: str
+
+
+class Health(msgspec.Struct, frozen=True, kw_only=True, tag="health"):
+    request_id: str
+
+
+class GetStats(msgspec.Struct, frozen=True, kw_only=True, tag="stats"):
+    request_id: str
+
+
+class AddTask(msgspec.Struct, frozen=True, kw_only=True, tag="add_task"):
+    """Admin: register (or replace) task `name` served by the PEFT adapter in `adapter_dir`."""
+
+    request_id: str
+    name: str
+    adapter_dir: str
+    token: str = ""
+
+
+class RemoveTask(msgspec.Struct, frozen=True, kw_only=True, tag="remove_task"):
+    """Admin: stop accepting requests for `name`; running ones finish first."""
+
+    request_id: str
+    name: str
+    token: str = ""
+
+
+ClientRequest = Hello | Generate | Cancel | ListTasks | Health | GetStats | AddTask | RemoveTask
+
+
+class ErrorCode:
+    """The `code` of an ErrorReply. The SDK maps each to an exception class."""
+
+    MALFORMED = "malformed"  # undecodable frame, wrong field types, several frames
+    UNKNOWN_MESSAGE = "unknown_message_type"
+    FRAME_TOO_LARGE = "frame_too_large"
+    PROTOCOL_VERSION = "protocol_version"
+    INVALID_REQUEST = "invalid_request"  # bad sampling values, no prompt, duplicate id, ...
+    UNKNOWN_TASK = "unknown_task"
+    CONTEXT_LENGTH = "context_length"
+    OVERLOADED = "overloaded"
+    UNAUTHORIZED = "unauthorized"
+    TASK_BUSY = "task_busy"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    EXECUTOR_FAILED = "executor_failed"
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL = "internal"
+
+
+class HelloReply(msgspec.Struct, frozen=True, kw_only=True, tag="hello_reply"):
+    request_id: str
+    protocol_version: int
+    server_version: str
+    model: str
+    max_model_len: int
+
+
+class TextChunk(msgspec.Struct, frozen=True, kw_only=True, tag="chunk"):
+    request_id: str
+    text: str  # newly visible text (may be empty while a multi-byte character completes)
+    token_ids: list[int]
+
+
+class GenerateDone(msgspec.Struct, frozen=True, kw_only=True, tag="done"):
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # stop | length | context | cancelled
+    num_prompt_tokens: int
+    queue_seconds: float  # receipt -> first scheduled
+    first_token_seconds: float  # receipt -> first generated token (0 when none)
+    total_seconds: float
+
+
+class ErrorReply(msgspec.Struct, frozen=True, kw_only=True, tag="error"):
+    request_id: str  # "" when the frame was too broken to name its request
+    code: str
+    message: str
+
+
+class TaskInfo(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    adapter_dir: str
+    active_requests: int
+
+
+class TaskList(msgspec.Struct, frozen=True, kw_only=True, tag="task_list"):
+    request_id: str
+    tasks: list[TaskInfo]
+
+
+class HealthReply(msgspec.Struct, frozen=True, kw_only=True, tag="health_reply"):
+    request_id: str
+    status: str  # ok | starting (executor loading) | shutting_down
+    executor_ready: bool
+    uptime_seconds: float
+
+
+class ServerStats(msgspec.Struct, frozen=True, kw_only=True, tag="stats_reply"):
+    request_id: str
+    requests_waiting: int
+    requests_running: int
+    requests_received: int
+    requests_finished: int
+    requests_failed: int
+    requests_rejected_overloaded: int
+    steps: int
+    tokens_generated: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    executor_pid: int
+    executor_restarts: int
+    executor_rss_bytes: int
+    executor_device_memory_allocated: int
+    mean_step_seconds: float  # plan sent -> result received, over the last steps
+    mean_compute_seconds: float  # the executor's own time for those steps
+    mean_step_gap_seconds: float  # coordinator time between a result and the next plan
+
+
+class AdminReply(msgspec.Struct, frozen=True, kw_only=True, tag="admin_reply"):
+    request_id: str
+    message: str
+
+
+ServerReply = (
+    HelloReply | TextChunk | GenerateDone | ErrorReply | TaskList | HealthReply | ServerStats | AdminReply
+)

@@ -1,0 +1,275 @@
+"""CPU kernel benchmark: int4 weight-only GEMM vs fp32, 3-bit layouts, the CPU LoRA path.
+
+    .venv/bin/python bench/kernels_cpu.py [--quick]
+
+Every ratio is measured side by side in one run: candidates are timed in interleaved
+rounds (A, B, A, B, ...) and the best round per candidate is reported (on a machine shared
+with other jobs the minimum is the stable estimate of the uncontended time; the median is
+kept in the JSON too). Writes bench/results/kernels_cpu.json
+and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from inlaid.kernels import lora_cpu
+from inlaid.kernels.dispatch import lora_expand, lora_shrink
+from inlaid.kernels.testing import random_gptq_layer, random_lora_case
+from inlaid.kernels.quant_linear import QuantLinearWeights, prepare_quant_linear, quant_matmul
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+MEDIANS: dict[str, float] = {}
+
+
+def time_side_by_side(
+    candidates: dict[str, Callable[[], object]], rounds: int, inner: int, warmup: int = 2
+) -> dict[str, float]:
+    """Best-round milliseconds per call of each candidate, timed in interleaved rounds."""
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples[name].append((time.perf_counter() - start) * 1e3 / inner)
+    MEDIANS.clear()
+    MEDIANS.update({name: statistics.median(values) for name, values in samples.items()})
+    return {name: min(values) for name, values in samples.items()}
+
+
+def random_gptq(k: int, n: int, bits: int, group: int, seed: int) -> QuantLinearWeights:
+    return random_gptq_layer(k, n, bits, group, seed=seed).weights
+
+
+GEMM_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (4096, 4096)]
+
+
+def bench_gemm(quick: bool) -> list[dict]:
+    rows = []
+    shapes = GEMM_SHAPES[:2] + GEMM_SHAPES[-1:] if quick else GEMM_SHAPES
+    for k, n in shapes:
+        group = 128 if k % 128 == 0 else 64
+        dense = torch.randn(n, k) * 0.02
+        w4 = random_gptq(k, n, 4, group, seed=k + n)
+        w3 = random_gptq(k, n, 3, group, seed=k + n + 1)
+        p4 = prepare_quant_linear(w4, "cpu", torch.float32)
+        p3 = prepare_quant_linear(w3, "cpu", torch.float32)
+        p3_otf = prepare_quant_linear(w3, "cpu", torch.float32, mode="dequant")
+        for m in (1, 16):
+            x = torch.randn(m, k)
+            big = k * n >= 4096 * 4096
+            times = time_side_by_side(
+                {
+                    "fp32": lambda: torch.nn.functional.linear(x, dense),
+                    "int4_4bit": lambda: quant_matmul(x, p4),
+                    "int4_3bit": lambda: quant_matmul(x, p3),
+                },
+                rounds=5 if quick else 21,
+                inner=3 if big else 20,
+            )
+            medians = dict(MEDIANS)
+            # ~1000x slower: a few single calls tell the story without stalling the run
+            times.update(time_side_by_side({"dequant_3bit": lambda: quant_matmul(x, p3_otf)},
+                                           rounds=2 if big else 3, inner=1, warmup=1))
+            MEDIANS.update(medians)
+            row = {"K": k, "N": n, "M": m, "group": group, **{f"{key}_ms": v for key, v in times.items()},
+                   **{f"{key}_median_ms": v for key, v in MEDIANS.items()}}
+            row["fp32_over_int4_4bit"] = times["fp32"] / times["int4_4bit"]
+            row["fp32_over_int4_3bit"] = times["fp32"] / times["int4_3bit"]
+            row["dequant_over_int4_3bit"] = times["dequant_3bit"] / times["int4_3bit"]
+            rows.append(row)
+            print(
+                f"  K={k:5d} N={n:5d} M={m:3d} g{group}: fp32 {times['fp32']:.3f} ms | int4 4-bit "
+                f"{times['int4_4bit']:.3f} ms ({row['fp32_over_int4_4bit']:.2f}x) | 3-bit in int4 layout "
+                f"{times['int4_3bit']:.3f} ms | 3-bit dequant on the fly {times['dequant_3bit']:.3f} ms",
+                flush=True,
+            )
+    return rows
+
+
+# --- LoRA ------------------------------------------------------------------------------------
+
+def _lora_case(num_slots: int, ranks: list[int], k: int, widths: list[int], requests: list[tuple[int, int]], seed: int):
+    slot_ranks = [[ranks[s % len(ranks)] for s in range(num_slots)]] * len(widths)
+    case = random_lora_case(requests, slot_ranks, k, widths, max(ranks), seed=seed)
+    for pool in case.a_pools + case.b_pools:  # the token-gather baseline multiplies padding: zeros, not NaN
+        torch.nan_to_num_(pool, nan=0.0)
+    return (case.x, case.a_pools, case.b_pools, case.slice_offsets, case.segment_starts,
+            case.segment_slots, case.slot_ranks, case.slot_scales)
+
+
+def _per_slot_loop(x, a_pools, b_pools, offsets, starts, slots, slot_ranks, slot_scales, y):
+    """Baseline: one matmul pair per (segment, slice) -- the loop the batched path avoids."""
+    bounds = starts.tolist()
+    for g, slot in enumerate(slots.tolist()):
+        if slot < 0 or bounds[g + 1] == bounds[g]:
+            continue
+        xs = x[bounds[g] : bounds[g + 1]]
+        for i, (a, b, off) in enumerate(zip(a_pools, b_pools, offsets)):
+            r = int(slot_ranks[i, slot])
+            y[bounds[g] : bounds[g + 1], off : off + b.shape[1]] += float(slot_scales[i, slot]) * (
+                (xs @ a[slot, :r].T) @ b[slot, :, :r].T
+            )
+
+
+def _token_gather(x, a_pools, b_pools, offsets, starts, slots, slot_ranks, slot_scales, y):
+    """Alternative: gather every token's adapter at R_max, mask ranks, one bmm pair per slice."""
+    lengths = (starts[1:] - starts[:-1]).long()
+    token_slot = torch.repeat_interleave(slots.long(), lengths)
+    active = token_slot >= 0
+    tokens = active.nonzero().squeeze(1)
+    slot_of = token_slot[tokens]
+    for i, (a, b, off) in enumerate(zip(a_pools, b_pools, offsets)):
+        r_max = a.shape[1]
+        keep = (torch.arange(r_max)[None, :] < slot_ranks[i].long()[slot_of][:, None]).to(x.dtype)
+        v = torch.bmm(a[slot_of], x[tokens][:, :, None]).squeeze(2) * keep
+        v = v * slot_scales[i][slot_of][:, None]
+        y[tokens, off : off + b.shape[1]] += torch.bmm(b[slot_of], v[:, :, None]).squeeze(2)
+
+
+def _batched(x, a_pools, b_pools, offsets, starts, slots, slot_ranks, slot_scales, y):
+    v = lora_shrink(x, a_pools, starts, slots, slot_ranks)
+    lora_expand(y, v, b_pools, offsets, starts, slots, slot_ranks, slot_scales)
+
+
+LORA_CASES = {
+    # name: (num_slots, ranks, K, slice widths, requests [(slot, tokens)])
+    "decode 32 tok, 32 adapters r16, qkv": (32, [16], 576, [576, 192, 192], [(s, 1) for s in range(32)]),
+    "decode 32 tok, 32 adapters r8-64, qkv": (32, [8, 16, 32, 64], 576, [576, 192, 192], [(s, 1) for s in range(32)]),
+    "decode 32 tok, 4 adapters r16, down": (4, [16], 1536, [576], [(s % 4, 1) for s in range(32)]),
+    "prefill 512 tok, 4 adapters r16, qkv": (4, [16], 576, [576, 192, 192], [(s, 128) for s in range(4)]),
+    "prefill 256 tok, 1 adapter r64, gate/up": (1, [64], 576, [1536, 1536], [(0, 256)]),
+    "mixed 1x200 + 20x3 tok, r16, qkv": (21, [16], 576, [576, 192, 192], [(0, 200)] + [(s, 3) for s in range(1, 21)]),
+}
+
+
+def bench_lora(quick: bool) -> list[dict]:
+    rows = []
+    cases = dict(list(LORA_CASES.items())[:4]) if quick else LORA_CASES
+    for name, (num_slots, ranks, k, widths, requests) in cases.items():
+        args = _lora_case(num_slots, ranks, k, widths, requests, seed=len(name))
+        x = args[0]
+        y = torch.zeros((x.shape[0], sum(widths)))
+        base = random_gptq(k, sum(widths), 4, 64, seed=1)
+        prepared = prepare_quant_linear(base, "cpu", torch.float32)
+        times = time_side_by_side(
+            {
+                "base_int4": lambda: quant_matmul(x, prepared),
+                "batched": lambda: _batched(*args, y),
+                "token_gather": lambda: _token_gather(*args, y),
+                "per_segment_loop": lambda: _per_slot_loop(*args, y),
+            },
+            rounds=5 if quick else 15,
+            inner=3,
+        )
+        row = {"case": name, **{f"{key}_ms": v for key, v in times.items()},
+               **{f"{key}_median_ms": v for key, v in MEDIANS.items()}}
+        row["lora_over_base"] = times["batched"] / times["base_int4"]
+        rows.append(row)
+        print(
+            f"  {name:42s} base int4 {times['base_int4']:.3f} ms | LoRA batched {times['batched']:.3f} | "
+            f"token gather {times['token_gather']:.3f} | per-segment loop {times['per_segment_loop']:.3f}",
+            flush=True,
+        )
+    return rows
+
+
+def bench_large_group_threshold(quick: bool) -> list[dict]:
+    """Which group size should get its own matmul instead of joining the padded bmm."""
+    rows = []
+    original = lora_cpu.LARGE_GROUP_TOKENS
+    cases = {k: LORA_CASES[k] for k in ("decode 32 tok, 4 adapters r16, down", "mixed 1x200 + 20x3 tok, r16, qkv",
+                                        "prefill 512 tok, 4 adapters r16, qkv")}
+    try:
+        for name, (num_slots, ranks, k, widths, requests) in cases.items():
+            args = _lora_case(num_slots, ranks, k, widths, requests, seed=3)
+            y = torch.zeros((args[0].shape[0], sum(widths)))
+            candidates = {}
+            for threshold in (4, 16, 32, 128, 10**9):
+                def run(threshold: int = threshold) -> None:
+                    lora_cpu.LARGE_GROUP_TOKENS = threshold
+                    lora_cpu._CACHE.entries.clear()  # plan must be rebuilt for the threshold
+                    _batched(*args, y)
+                candidates[str(threshold)] = run
+            times = time_side_by_side(candidates, rounds=3 if quick else 11, inner=2)
+            rows.append({"case": name, **{f"threshold_{t}_ms": v for t, v in times.items()}})
+            print(f"  {name:42s} " + " | ".join(f"thr {t}: {v:.3f} ms" for t, v in times.items()), flush=True)
+    finally:
+        lora_cpu.LARGE_GROUP_TOKENS = original
+        lora_cpu._CACHE.entries.clear()
+    return rows
+
+
+def _markdown(result: dict) -> str:
+    lines = [f"# CPU kernels ({result['machine']})", "", f"torch {result['torch']}, {result['threads']} threads", ""]
+    lines += ["| K | N | M | group | fp32 ms | int4 4-bit ms | fp32/int4 | 3-bit int4-layout ms | 3-bit dequant-on-the-fly ms |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["gemm"]:
+        lines.append(
+            f"| {r['K']} | {r['N']} | {r['M']} | {r['group']} | {r['fp32_ms']:.3f} | {r['int4_4bit_ms']:.3f} | "
+            f"{r['fp32_over_int4_4bit']:.2f}x | {r['int4_3bit_ms']:.3f} | {r['dequant_3bit_ms']:.3f} |"
+        )
+    lines += ["", "| LoRA case | base int4 ms | batched ms | token gather ms | per-segment loop ms | LoRA/base |",
+              "|---|---|---|---|---|---|"]
+    for r in result["lora"]:
+        lines.append(
+            f"| {r['case']} | {r['base_int4_ms']:.3f} | {r['batched_ms']:.3f} | {r['token_gather_ms']:.3f} | "
+            f"{r['per_segment_loop_ms']:.3f} | {r['lora_over_base']:.2f} |"
+        )
+    if result.get("threshold"):
+        keys = [k for k in result["threshold"][0] if k.endswith("_ms")]
+        lines += ["", "| case | " + " | ".join(k[len("threshold_"):-3] for k in keys) + " |",
+                  "|---|" + "---|" * len(keys)]
+        for r in result["threshold"]:
+            lines.append(f"| {r['case']} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and rounds")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (0 = torch's default). On a machine shared with other "
+                             "jobs, 1 thread gives stable ratios: a parallel op stalls whenever one of its "
+                             "threads is descheduled")
+    # main() from bench/run_all.py gets no argv: never read the caller's sys.argv
+    args = parser.parse_args(argv if argv is not None else [])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    result = {
+        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    print("int4 weight-only GEMM vs fp32 (ms per call, best of interleaved rounds):", flush=True)
+    result["gemm"] = bench_gemm(args.quick)
+    print("CPU LoRA path (shrink + expand, one projection):", flush=True)
+    result["lora"] = bench_lora(args.quick)
+    print("large-group threshold of the CPU LoRA plan:", flush=True)
+    result["threshold"] = bench_large_group_threshold(args.quick)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / ("kernels_cpu" if not args.threads else f"kernels_cpu_{args.threads}thread")
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    stem.with_suffix(".md").write_text(_markdown(result))
+    print(f"wrote {stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,337 @@
+"""asyncio client: any number of concurrent requests over one socket.
+
+A reader task sorts replies into one queue per request id. Cancelling the task awaiting
+`generate` (or leaving a stream early) cancels the request on the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from inlaid.client.errors import ClientClosedError, InlaidError, RequestTimeoutError, error_from_reply
+from inlaid.client.messages import (
+    DEFAULT_ADDRESS,
+    GenerateResult,
+    RequestIds,
+    build_generate,
+    check_hello,
+    decode_reply,
+    encode,
+    expect,
+    hello,
+)
+from inlaid.protocol import (
+    AddTask,
+    AdminReply,
+    Cancel,
+    ChatMessage,
+    ErrorReply,
+    Generate,
+    GenerateDone,
+    GetStats,
+    Health,
+    HealthReply,
+    HelloReply,
+    ListTasks,
+    RemoveTask,
+    SamplingParams,
+    ServerReply,
+    ServerStats,
+    TaskInfo,
+    TaskList,
+    TextChunk,
+)
+
+
+class AsyncClient:
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout_s: float = 120.0,
+        admin_token: str | None = None,
+        client_name: str = "inlaid-async-client",
+    ) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.admin_token = admin_token
+        self.client_name = client_name
+        self.server: HelloReply | None = None
+        self._ids = RequestIds()
+        self._queues: dict[str, asyncio.Queue[ServerReply]] = {}
+        self._socket: zmq.asyncio.Socket | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._closed = False
+        self._handshake_lock: asyncio.Lock | None = None
+
+    # ------------------------------------------------------------------ connection
+    def _sock(self) -> zmq.asyncio.Socket:
+        if self._closed:
+            raise ClientClosedError("the client is closed")
+        if self._socket is None:
+            sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RECONNECT_IVL, 100)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+            sock.connect(self.address)
+            self._socket = sock
+            self._reader = asyncio.get_running_loop().create_task(self._read_loop(sock))
+            self.server = None
+        return self._socket
+
+    async def _read_loop(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            try:
+                frame = await sock.recv()
+            except (zmq.ZMQError, asyncio.CancelledError):
+                return
+            reply = decode_reply(frame)
+            if reply is None:
+                continue
+            queue = self._queues.get(reply.request_id)
+            if queue is not None:
+                queue.put_nowait(reply)
+
+    def reconnect(self) -> None:
+        """Drop the socket (failing nothing: pending waits run into their timeouts)."""
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        if self._socket is not None:
+            self._socket.close(linger=100)  # lets a last cancel go out
+            self._socket = None
+        self.server = None
+
+    async def close(self) -> None:
+        self.reconnect()
+        self._closed = True
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def handshake(self, timeout_s: float | None = None) -> HelloReply:
+        self.server = check_hello(await self._roundtrip(hello(self._ids.next(), self.client_name), timeout_s))
+        return self.server
+
+    # ------------------------------------------------------------------ plumbing
+    async def _send(self, message: msgspec.Struct) -> None:
+        await self._sock().send(encode(message))
+
+    async def _next(self, request_id: str, timeout_s: float) -> ServerReply:
+        try:
+            return await asyncio.wait_for(self._queues[request_id].get(), timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(f"no answer from {self.address} in time", request_id) from None
+
+    async def _roundtrip(self, message: Any, timeout_s: float | None) -> ServerReply:
+        request_id = message.request_id
+        self._queues[request_id] = asyncio.Queue()
+        answered = False
+        try:
+            await self._send(message)
+            reply = await self._next(request_id, timeout_s or self.timeout_s)
+            answered = True
+            return reply
+        except RequestTimeoutError:
+            if isinstance(message, Generate):
+                self._cancel_nowait(request_id)
+            answered = True
+            self._after_timeout(request_id)
+            raise
+        finally:
+            if not answered and isinstance(message, Generate):
+                self._cancel_nowait(request_id)  # the awaiting task was cancelled
+            self._queues.pop(request_id, None)
+
+    def _after_timeout(self, request_id: str) -> None:
+        # A dead server leaves a socket that may never answer; start over unless other
+        # requests still wait on this one.
+        if all(other == request_id for other in self._queues):
+            self.reconnect()
+
+    def _cancel_nowait(self, request_id: str) -> None:
+        if self._socket is None:
+            return
+        try:
+            self._socket.send(encode(Cancel(request_id=request_id)), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    async def _ensure_handshake(self, timeout_s: float | None) -> None:
+        if self.server is not None:
+            return
+        if self._handshake_lock is None:
+            self._handshake_lock = asyncio.Lock()
+        async with self._handshake_lock:  # many first calls at once: one hello
+            if self.server is None:
+                await self.handshake(timeout_s)
+
+    async def _call(self, message: Any, kind: type[Any], timeout_s: float | None = None) -> Any:
+        await self._ensure_handshake(timeout_s)
+        return expect(await self._roundtrip(message, timeout_s), kind)
+
+    # ------------------------------------------------------------------ API
+    async def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        task: str | None = None,
+        messages: Sequence[dict[str, str] | ChatMessage] | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Iterable[str] = (),
+        stop_token_ids: Iterable[int] = (),
+        ignore_eos: bool = False,
+        sampling: SamplingParams | None = None,
+        deadline_s: float | None = None,
+        timeout_s: float | None = None,
+    ) -> GenerateResult:
+        message = build_generate(
+            self._ids.next(), prompt=prompt, task=task, messages=messages, prompt_token_ids=prompt_token_ids,
+            sampling=sampling, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, stream=False,
+            deadline_s=deadline_s,
+        )  # fmt: skip
+        return await self._call(message, GenerateDone, timeout_s)
+
+    async def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        task: str | None = None,
+        messages: Sequence[dict[str, str] | ChatMessage] | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Iterable[str] = (),
+        stop_token_ids: Iterable[int] = (),
+        ignore_eos: bool = False,
+        sampling: SamplingParams | None = None,
+        deadline_s: float | None = None,
+        timeout_s: float | None = None,
+    ) -> "AsyncTokenStream":
+        """Start a streaming generate; `async for chunk in stream` yields TextChunks."""
+        message = build_generate(
+            self._ids.next(), prompt=prompt, task=task, messages=messages, prompt_token_ids=prompt_token_ids,
+            sampling=sampling, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, stream=True,
+            deadline_s=deadline_s,
+        )  # fmt: skip
+        await self._ensure_handshake(timeout_s)
+        self._queues[message.request_id] = asyncio.Queue()
+        await self._send(message)
+        return AsyncTokenStream(self, message.request_id, timeout_s or self.timeout_s)
+
+    async def cancel(self, request_id: str) -> None:
+        await self._send(Cancel(request_id=request_id))
+
+    async def health(self, timeout_s: float | None = None) -> HealthReply:
+        return expect(await self._roundtrip(Health(request_id=self._ids.next()), timeout_s), HealthReply)
+
+    async def wait_ready(self, timeout_s: float = 600.0, poll_s: float = 0.2) -> HealthReply:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise RequestTimeoutError(f"server at {self.address} not ready within {timeout_s:.0f} s")
+            try:
+                reply = await self.health(timeout_s=min(2.0, remaining))
+                if reply.executor_ready and reply.status == "ok":
+                    return reply
+            except RequestTimeoutError:
+                pass
+            await asyncio.sleep(poll_s)
+
+    async def list_tasks(self, timeout_s: float | None = None) -> list[TaskInfo]:
+        return (await self._call(ListTasks(request_id=self._ids.next()), TaskList, timeout_s)).tasks
+
+    async def stats(self, timeout_s: float | None = None) -> ServerStats:
+        return await self._call(GetStats(request_id=self._ids.next()), ServerStats, timeout_s)
+
+    async def add_task(self, name: str, adapter_dir: str, timeout_s: float | None = None) -> str:
+        message = AddTask(request_id=self._ids.next(), name=name, adapter_dir=adapter_dir, token=self.admin_token or "")
+        return (await self._call(message, AdminReply, timeout_s)).message
+
+    async def remove_task(self, name: str, timeout_s: float | None = None) -> str:
+        message = RemoveTask(request_id=self._ids.next(), name=name, token=self.admin_token or "")
+        return (await self._call(message, AdminReply, timeout_s)).message
+
+
+class AsyncTokenStream:
+    """`async for chunk in stream`; `result` holds the GenerateDone at the end.
+
+    Leaving early cancels the request on the server: at once with `aclose()` or
+    `async with stream:`, else when the abandoned iterator is finalized."""
+
+    def __init__(self, client: AsyncClient, request_id: str, timeout_s: float) -> None:
+        self.client = client
+        self.request_id = request_id
+        self.timeout_s = timeout_s
+        self.result: GenerateResult | None = None
+        self._done = False
+
+    async def __aiter__(self) -> AsyncIterator[TextChunk]:
+        try:
+            while not self._done:
+                try:
+                    reply = await self.client._next(self.request_id, self.timeout_s)
+                except RequestTimeoutError:
+                    self._finish()
+                    self.client._cancel_nowait(self.request_id)
+                    self.client._after_timeout(self.request_id)
+                    raise
+                if isinstance(reply, TextChunk):
+                    yield reply
+                elif isinstance(reply, GenerateDone):
+                    self.result = reply
+                    self._finish()
+                elif isinstance(reply, ErrorReply):
+                    self._finish()
+                    raise error_from_reply(reply)
+                else:
+                    self._finish()
+                    raise InlaidError(f"unexpected {type(reply).__name__} in a stream", self.request_id)
+        finally:
+            if not self._done:
+                await self.aclose()
+
+    async def cancel(self) -> None:
+        """Cancel on the server; keep iterating to see the 'cancelled' end."""
+        if not self._done:
+            await self.client.cancel(self.request_id)
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self.client._cancel_nowait(self.request_id)
+            self._finish()
+
+    def _finish(self) -> None:
+        self._done = True
+        self.client._queues.pop(self.request_id, None)
+
+    @property
+    def text(self) -> str:
+        return self.result.text if self.result is not None else ""
+
+    async def __aenter__(self) -> "AsyncTokenStream":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -1,0 +1,95 @@
+"""`inlaid client ...`: quick calls to a running server. Imports no torch.
+
+    inlaid client generate "The capital of France is" --task qa --max-tokens 16 --stream
+    inlaid client generate "Hi there" --chat
+    inlaid client health | stats | tasks
+    INLAID_ADMIN_TOKEN=... inlaid client add-task sentiment /srv/adapters/sentiment
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import msgspec
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=None, help="server address (default: $INLAID_ADDRESS or tcp://127.0.0.1:5555)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for an answer")
+    parser.add_argument("--json", action="store_true", help="print replies as JSON")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    generate = actions.add_parser("generate", help="generate text")
+    generate.add_argument("prompt")
+    generate.add_argument("--task", default=None, help="task (adapter) name; default: the base model")
+    generate.add_argument("--chat", action="store_true", help="send the prompt as one user chat message")
+    generate.add_argument("--max-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    generate.add_argument("--deadline", type=float, default=None, help="server-side deadline in seconds")
+    generate.add_argument("--stream", action="store_true", help="print text as it is generated")
+    actions.add_parser("health", help="is the server up and its executor ready")
+    actions.add_parser("stats", help="server counters and step timings")
+    actions.add_parser("tasks", help="list the tasks (adapters) served")
+    add = actions.add_parser("add-task", help="admin: add a task (needs $INLAID_ADMIN_TOKEN)")
+    add.add_argument("name")
+    add.add_argument("adapter_dir")
+    remove = actions.add_parser("remove-task", help="admin: remove a task (needs $INLAID_ADMIN_TOKEN)")
+    remove.add_argument("name")
+
+
+def _print(message: object, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(msgspec.to_builtins(message), indent=2))
+    else:
+        print(message)
+
+
+def run(args: argparse.Namespace) -> int:
+    from inlaid.client import Client, InlaidError
+    from inlaid.client.messages import DEFAULT_ADDRESS
+
+    address = args.address or DEFAULT_ADDRESS
+    token = os.environ.get("INLAID_ADMIN_TOKEN")
+    try:
+        with Client(address, timeout_s=args.timeout, admin_token=token, client_name="inlaid-cli") as client:
+            if args.action == "generate":
+                kwargs = dict(task=args.task, max_tokens=args.max_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
+                              deadline_s=args.deadline)
+                prompt = {"messages": [{"role": "user", "content": args.prompt}]} if args.chat else {"prompt": args.prompt}
+                if args.stream:
+                    stream = client.stream(**prompt, **kwargs)
+                    for chunk in stream:
+                        if not args.json:
+                            print(chunk.text, end="", flush=True)
+                    if args.json:
+                        _print(stream.result, True)
+                    else:
+                        print()
+                else:
+                    result = client.generate(**prompt, **kwargs)
+                    _print(result, True) if args.json else print(result.text)
+            elif args.action == "health":
+                _print(client.health(), args.json)
+            elif args.action == "stats":
+                _print(client.stats(), args.json)
+            elif args.action == "tasks":
+                tasks = client.list_tasks()
+                if args.json:
+                    _print(tasks, True)
+                for task in tasks if not args.json else []:
+                    print(f"{task.name}\t{task.adapter_dir}\t{task.active_requests} active")
+            elif args.action == "add-task":
+                print(client.add_task(args.name, args.adapter_dir))
+            elif args.action == "remove-task":
+                print(client.remove_task(args.name))
+    except InlaidError as error:
+        print(f"inlaid client: {error}", file=sys.stderr)
+        return 1
+    return 0

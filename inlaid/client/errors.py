@@ -1,0 +1,115 @@
+"""Typed errors of the client SDK: one class per server error code, plus client-side ones."""
+
+from __future__ import annotations
+
+from inlaid.protocol import ErrorCode, ErrorReply
+
+
+class InlaidError(Exception):
+    """Base of every error the SDK raises. `code` is the server's error code when it sent one."""
+
+    code: str = "client"
+
+    def __init__(self, message: str, request_id: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.request_id = request_id
+
+
+class MalformedRequestError(InlaidError):
+    code = ErrorCode.MALFORMED
+
+
+class UnknownMessageTypeError(MalformedRequestError):
+    code = ErrorCode.UNKNOWN_MESSAGE
+
+
+class FrameTooLargeError(MalformedRequestError):
+    code = ErrorCode.FRAME_TOO_LARGE
+
+
+class ProtocolVersionError(InlaidError):
+    code = ErrorCode.PROTOCOL_VERSION
+
+
+class InvalidRequestError(InlaidError):
+    code = ErrorCode.INVALID_REQUEST
+
+
+class UnknownTaskError(InvalidRequestError):
+    code = ErrorCode.UNKNOWN_TASK
+
+
+class ContextLengthError(InvalidRequestError):
+    code = ErrorCode.CONTEXT_LENGTH
+
+
+class OverloadedError(InlaidError):
+    """The server's queue is full; retry later (with backoff)."""
+
+    code = ErrorCode.OVERLOADED
+
+
+class UnauthorizedError(InlaidError):
+    code = ErrorCode.UNAUTHORIZED
+
+
+class TaskBusyError(InlaidError):
+    code = ErrorCode.TASK_BUSY
+
+
+class DeadlineExceededError(InlaidError):
+    code = ErrorCode.DEADLINE_EXCEEDED
+
+
+class ExecutorFailedError(InlaidError):
+    """The executor running this request crashed or failed; the server restarts it."""
+
+    code = ErrorCode.EXECUTOR_FAILED
+
+
+class ShuttingDownError(InlaidError):
+    code = ErrorCode.SHUTTING_DOWN
+
+
+class ServerInternalError(InlaidError):
+    code = ErrorCode.INTERNAL
+
+
+class RequestTimeoutError(InlaidError, TimeoutError):
+    """No (complete) answer within the client's timeout. The server may be down."""
+
+    code = "timeout"
+
+
+class ClientClosedError(InlaidError):
+    code = "closed"
+
+
+_BY_CODE: dict[str, type[InlaidError]] = {
+    cls.code: cls
+    for cls in (
+        MalformedRequestError,
+        UnknownMessageTypeError,
+        FrameTooLargeError,
+        ProtocolVersionError,
+        InvalidRequestError,
+        UnknownTaskError,
+        ContextLengthError,
+        OverloadedError,
+        UnauthorizedError,
+        TaskBusyError,
+        DeadlineExceededError,
+        ExecutorFailedError,
+        ShuttingDownError,
+        ServerInternalError,
+    )
+}
+
+
+def error_from_reply(reply: ErrorReply) -> InlaidError:
+    cls = _BY_CODE.get(reply.code, InlaidError)
+    error = cls(f"[{reply.code}] {reply.message}", reply.request_id)
+    if cls is InlaidError:
+        error.code = reply.code
+    return error

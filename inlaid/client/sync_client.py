@@ -1,0 +1,325 @@
+"""Blocking client. One socket; replies are sorted by request id, so a stream may stay open
+while other calls run. Not thread-safe: use one Client per thread, or AsyncClient."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import msgspec
+import zmq
+
+from inlaid.client.errors import ClientClosedError, InlaidError, RequestTimeoutError, error_from_reply
+from inlaid.client.messages import (
+    DEFAULT_ADDRESS,
+    GenerateResult,
+    RequestIds,
+    build_generate,
+    check_hello,
+    decode_reply,
+    encode,
+    expect,
+    hello,
+)
+from inlaid.protocol import (
+    AddTask,
+    AdminReply,
+    Cancel,
+    ChatMessage,
+    ErrorReply,
+    Generate,
+    GenerateDone,
+    GetStats,
+    Health,
+    HealthReply,
+    HelloReply,
+    ListTasks,
+    RemoveTask,
+    SamplingParams,
+    ServerReply,
+    ServerStats,
+    TaskInfo,
+    TaskList,
+    TextChunk,
+)
+
+
+class Client:
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout_s: float = 120.0,
+        admin_token: str | None = None,
+        client_name: str = "inlaid-client",
+    ) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.admin_token = admin_token
+        self.client_name = client_name
+        self.server: HelloReply | None = None
+        self._context = zmq.Context.instance()
+        self._ids = RequestIds()
+        self._inbox: dict[str, deque[ServerReply]] = {}
+        self._socket: zmq.Socket | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ connection
+    def _sock(self) -> zmq.Socket:
+        if self._closed:
+            raise ClientClosedError("the client is closed")
+        if self._socket is None:
+            sock = self._context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RECONNECT_IVL, 100)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+            sock.connect(self.address)
+            self._socket = sock
+            self.server = None
+        return self._socket
+
+    def reconnect(self) -> None:
+        """Drop the socket (and every pending request) and connect afresh."""
+        if self._socket is not None:
+            self._socket.close(linger=100)  # lets a last cancel go out
+        self._socket = None
+        self._inbox.clear()
+        self.server = None
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+        self._closed = True
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def handshake(self, timeout_s: float | None = None) -> HelloReply:
+        request_id = self._ids.next()
+        self.server = check_hello(self._roundtrip(hello(request_id, self.client_name), timeout_s))
+        return self.server
+
+    # ------------------------------------------------------------------ plumbing
+    def _send(self, message: msgspec.Struct) -> None:
+        self._sock().send(encode(message))
+
+    def _next_reply(self, request_id: str, deadline: float) -> ServerReply:
+        queue = self._inbox[request_id]
+        sock = self._sock()
+        while not queue:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+                if time.monotonic() >= deadline:
+                    raise RequestTimeoutError(f"no answer from {self.address} in time", request_id)
+                continue
+            reply = decode_reply(sock.recv())
+            if reply is None:
+                continue
+            target = self._inbox.get(reply.request_id)
+            if target is not None:
+                target.append(reply)
+            # else: the answer to a request given up on (timeout); drop it.
+        return queue.popleft()
+
+    def _roundtrip(self, message: Any, timeout_s: float | None) -> ServerReply:
+        request_id = message.request_id
+        self._inbox[request_id] = deque()
+        try:
+            self._send(message)
+            return self._next_reply(request_id, time.monotonic() + (timeout_s or self.timeout_s))
+        except RequestTimeoutError:
+            if isinstance(message, Generate):
+                self._cancel_quietly(request_id)
+            self._after_timeout(request_id)
+            raise
+        finally:
+            self._inbox.pop(request_id, None)
+
+    def _after_timeout(self, request_id: str) -> None:
+        # A dead server leaves a socket that may never answer; start over unless other
+        # requests still wait on this one.
+        if all(other == request_id for other in self._inbox):
+            self.reconnect()
+
+    def _call(self, message: Any, kind: type[Any], timeout_s: float | None = None) -> Any:
+        if self.server is None:
+            self.handshake(timeout_s)
+        return expect(self._roundtrip(message, timeout_s), kind)
+
+    # ------------------------------------------------------------------ API
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        task: str | None = None,
+        messages: Sequence[dict[str, str] | ChatMessage] | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Iterable[str] = (),
+        stop_token_ids: Iterable[int] = (),
+        ignore_eos: bool = False,
+        sampling: SamplingParams | None = None,
+        deadline_s: float | None = None,
+        timeout_s: float | None = None,
+    ) -> GenerateResult:
+        """Generate to the end; raises a typed InlaidError on failure."""
+        message = build_generate(
+            self._ids.next(), prompt=prompt, task=task, messages=messages, prompt_token_ids=prompt_token_ids,
+            sampling=sampling, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, stream=False,
+            deadline_s=deadline_s,
+        )  # fmt: skip
+        if self.server is None:
+            self.handshake(timeout_s)
+        return expect(self._roundtrip(message, timeout_s), GenerateDone)
+
+    def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        task: str | None = None,
+        messages: Sequence[dict[str, str] | ChatMessage] | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Iterable[str] = (),
+        stop_token_ids: Iterable[int] = (),
+        ignore_eos: bool = False,
+        sampling: SamplingParams | None = None,
+        deadline_s: float | None = None,
+        timeout_s: float | None = None,
+    ) -> "TokenStream":
+        """Start a streaming generate; iterate the returned stream for TextChunks."""
+        message = build_generate(
+            self._ids.next(), prompt=prompt, task=task, messages=messages, prompt_token_ids=prompt_token_ids,
+            sampling=sampling, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, stream=True,
+            deadline_s=deadline_s,
+        )  # fmt: skip
+        if self.server is None:
+            self.handshake(timeout_s)
+        self._inbox[message.request_id] = deque()
+        self._send(message)
+        return TokenStream(self, message.request_id, timeout_s or self.timeout_s)
+
+    def cancel(self, request_id: str) -> None:
+        """Ask the server to stop `request_id`; its stream ends with finish_reason 'cancelled'."""
+        self._send(Cancel(request_id=request_id))
+
+    def _cancel_quietly(self, request_id: str) -> None:
+        try:
+            if self._socket is not None:
+                self._socket.send(encode(Cancel(request_id=request_id)), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    def health(self, timeout_s: float | None = None) -> HealthReply:
+        # No handshake: health must answer even to a client of another protocol version.
+        reply = self._roundtrip(Health(request_id=self._ids.next()), timeout_s)
+        return expect(reply, HealthReply)
+
+    def wait_ready(self, timeout_s: float = 600.0, poll_s: float = 0.2) -> HealthReply:
+        """Block until the server answers health with a ready executor."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RequestTimeoutError(f"server at {self.address} not ready within {timeout_s:.0f} s")
+            try:
+                reply = self.health(timeout_s=min(2.0, remaining))
+                if reply.executor_ready and reply.status == "ok":
+                    return reply
+            except RequestTimeoutError:
+                pass
+            time.sleep(poll_s)
+
+    def list_tasks(self, timeout_s: float | None = None) -> list[TaskInfo]:
+        return self._call(ListTasks(request_id=self._ids.next()), TaskList, timeout_s).tasks
+
+    def stats(self, timeout_s: float | None = None) -> ServerStats:
+        return self._call(GetStats(request_id=self._ids.next()), ServerStats, timeout_s)
+
+    def add_task(self, name: str, adapter_dir: str, timeout_s: float | None = None) -> str:
+        message = AddTask(request_id=self._ids.next(), name=name, adapter_dir=adapter_dir, token=self.admin_token or "")
+        return self._call(message, AdminReply, timeout_s).message
+
+    def remove_task(self, name: str, timeout_s: float | None = None) -> str:
+        message = RemoveTask(request_id=self._ids.next(), name=name, token=self.admin_token or "")
+        return self._call(message, AdminReply, timeout_s).message
+
+
+class TokenStream:
+    """Iterates TextChunks of one generate; `result` holds the GenerateDone at the end.
+
+    Leaving the iteration early (break, exception, close()) cancels the request.
+    `timeout_s` bounds the wait for each next message, not the whole stream.
+    """
+
+    def __init__(self, client: Client, request_id: str, timeout_s: float) -> None:
+        self.client = client
+        self.request_id = request_id
+        self.timeout_s = timeout_s
+        self.result: GenerateResult | None = None
+        self._done = False
+
+    def __iter__(self) -> Iterator[TextChunk]:
+        try:
+            while not self._done:
+                try:
+                    reply = self.client._next_reply(self.request_id, time.monotonic() + self.timeout_s)
+                except RequestTimeoutError:
+                    self._finish()
+                    self.client._cancel_quietly(self.request_id)
+                    self.client._after_timeout(self.request_id)
+                    raise
+                if isinstance(reply, TextChunk):
+                    yield reply
+                elif isinstance(reply, GenerateDone):
+                    self.result = reply
+                    self._finish()
+                elif isinstance(reply, ErrorReply):
+                    self._finish()
+                    raise error_from_reply(reply)
+                else:
+                    self._finish()
+                    raise InlaidError(f"unexpected {type(reply).__name__} in a stream", self.request_id)
+        finally:
+            if not self._done:  # left early: nobody will read the rest
+                self.close()
+
+    @property
+    def text(self) -> str:
+        return self.result.text if self.result is not None else ""
+
+    def cancel(self) -> None:
+        """Cancel on the server; the stream stays readable up to its 'cancelled' end."""
+        if not self._done:
+            self.client.cancel(self.request_id)
+
+    def close(self) -> None:
+        if not self._done:
+            self.client._cancel_quietly(self.request_id)
+            self._finish()
+
+    def _finish(self) -> None:
+        self._done = True
+        self.client._inbox.pop(self.request_id, None)
+
+    def __enter__(self) -> "TokenStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

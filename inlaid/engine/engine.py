@@ -1,0 +1,269 @@
+"""The request-level engine: requests in, streamed text out. Torch-free.
+
+`Engine` turns prompts into sequences, asks the scheduler for a plan each step, hands the
+plan to an executor and turns the executor's sampled tokens back into text. In-process,
+the executor is a `ModelRunner` (`Engine.local`); in the server, the coordinator uses
+`begin_step`/`finish_step` and ships the plan to an executor process in between.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, Sequence as SequenceType
+
+from inlaid.engine.adapter_config import read_adapter_spec
+from inlaid.engine.adapter_slots import AdapterSlots
+from inlaid.engine.block_manager import BlockManager
+from inlaid.engine.config import EngineConfig, ModelConfig
+from inlaid.engine.scheduler import Scheduler, SchedulerLimits, SchedulingPolicy
+from inlaid.engine.sequence import FinishReason, Sequence
+from inlaid.engine.tokenizer import StreamingDetokenizer, Tokenizer
+from inlaid.protocol import BatchPlan, SamplingParams, StepResult
+
+if TYPE_CHECKING:
+    from inlaid.engine.runner import ModelRunner
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine cannot serve (bad prompt, unknown adapter, bad sampling values)."""
+
+
+class Executor(Protocol):
+    def execute(self, plan: BatchPlan) -> StepResult: ...
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text_delta: str
+    finished: bool
+    finish_reason: str | None = None
+
+
+@dataclass
+class GenerationOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+
+@dataclass
+class _Request:
+    request_id: str
+    seq: Sequence
+    detokenizer: StreamingDetokenizer
+    text: list[str] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        runner: Executor | None = None,
+        policy: SchedulingPolicy | None = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.runner = runner
+        self.model_config = ModelConfig.from_dir(config.model_dir)
+        self.tokenizer = Tokenizer(config.model_dir)
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        self.scheduler = Scheduler(
+            SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
+            BlockManager(config.num_kv_blocks, config.block_size),
+            AdapterSlots(config.max_lora_slots),
+            eos_token_ids=self.model_config.eos_token_ids,
+            policy=policy,
+        )
+        self._requests: dict[str, _Request] = {}
+        self._by_seq_id: dict[int, Sequence] = {}
+        self._seq_ids = itertools.count()
+
+    @classmethod
+    def local(cls, config: EngineConfig, policy: SchedulingPolicy | None = None) -> "Engine":
+        """An engine with its executor in this process."""
+        from inlaid.engine.runner import ModelRunner
+
+        return cls(config, ModelRunner(config), policy)
+
+    # ------------------------------------------------------------------ adapters
+    def register_adapter(self, name: str, path: str) -> None:
+        spec = read_adapter_spec(name, path)
+        if spec.rank > self.config.max_lora_rank:
+            raise InvalidRequestError(
+                f"adapter {name!r} has rank {spec.rank}; this engine's max_lora_rank is {self.config.max_lora_rank}"
+            )
+        self.scheduler.adapters.register(name, str(path))
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return sorted(self.scheduler.adapters.paths)
+
+    # ------------------------------------------------------------------ requests
+    def add_request(
+        self,
+        prompt: str | list[int] | None = None,
+        *,
+        messages: list[dict[str, str]] | None = None,
+        sampling: SamplingParams | None = None,
+        adapter: str | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        sampling = sampling or SamplingParams()
+        try:
+            sampling.validate()
+        except ValueError as error:
+            raise InvalidRequestError(str(error)) from error
+        token_ids = self._prompt_tokens(prompt, messages)
+        if adapter is not None and adapter not in self.scheduler.adapters.paths:
+            raise InvalidRequestError(f"unknown adapter/task {adapter!r}; known: {self.adapter_names}")
+        seq_id = next(self._seq_ids)
+        request_id = request_id if request_id is not None else f"req-{seq_id}"
+        if request_id in self._requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        seq = Sequence(seq_id=seq_id, prompt_token_ids=token_ids, sampling=sampling, adapter=adapter)
+        try:
+            self.scheduler.add(seq)
+        except ValueError as error:
+            raise InvalidRequestError(str(error)) from error
+        self._requests[request_id] = _Request(request_id, seq, StreamingDetokenizer(self.tokenizer, sampling.stop))
+        self._by_seq_id[seq_id] = seq
+        return request_id
+
+    def _prompt_tokens(self, prompt: str | list[int] | None, messages: list[dict[str, str]] | None) -> list[int]:
+        if (prompt is None) == (messages is None):
+            raise InvalidRequestError("give exactly one of a prompt or chat messages")
+        if messages is not None:
+            if not isinstance(messages, list) or not messages:
+                raise InvalidRequestError("messages must be a non-empty list")
+            try:
+                prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            except ValueError as error:
+                raise InvalidRequestError(str(error)) from error
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = list(prompt)  # type: ignore[arg-type]
+            vocab = self.model_config.vocab_size
+            if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
+                raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty")
+        return token_ids
+
+    def abort(self, request_id: str) -> bool:
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return False
+        self.scheduler.abort(request.seq)
+        del self._by_seq_id[request.seq.seq_id]
+        return True
+
+    def abort_all(self, reason: FinishReason = FinishReason.ERROR) -> list[str]:
+        """Finish every request (the executor died); returns their ids."""
+        ids = list(self._requests)
+        for request in self._requests.values():
+            self.scheduler.abort(request.seq, reason)
+        self._requests.clear()
+        self._by_seq_id.clear()
+        return ids
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def sequence(self, request_id: str) -> Sequence:
+        return self._requests[request_id].seq
+
+    # ------------------------------------------------------------------ steps
+    def begin_step(self) -> BatchPlan | None:
+        return self.scheduler.schedule()
+
+    def finish_step(self, result: StepResult) -> list[RequestOutput]:
+        update = self.scheduler.process_result(result, self._by_seq_id)
+        outputs: dict[int, RequestOutput] = {}
+        request_of = {r.seq.seq_id: r for r in self._requests.values()}
+        for seq, token_id in update.new_tokens:
+            request = request_of[seq.seq_id]
+            delta = request.detokenizer.add(token_id)
+            if request.detokenizer.stopped and not seq.is_finished:
+                self.scheduler.finish(seq, FinishReason.STOP)
+            if seq.is_finished and not request.detokenizer.stopped:
+                delta += request.detokenizer.finish()
+            request.text.append(delta)
+            outputs[seq.seq_id] = RequestOutput(
+                request_id=request.request_id,
+                new_token_ids=[token_id],
+                text_delta=delta,
+                finished=seq.is_finished,
+                finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+            )
+            if seq.is_finished:
+                del self._requests[request.request_id]
+                del self._by_seq_id[seq.seq_id]
+        return list(outputs.values())
+
+    def step(self) -> list[RequestOutput]:
+        if self.runner is None:
+            raise RuntimeError("this engine has no local executor; use begin_step/finish_step")
+        plan = self.begin_step()
+        if plan is None:
+            return []
+        return self.finish_step(self.runner.execute(plan))
+
+    # ------------------------------------------------------------------ batch convenience
+    def generate(
+        self,
+        prompts: SequenceType[str | list[int]] | None = None,
+        sampling: SamplingParams | SequenceType[SamplingParams] | None = None,
+        adapters: SequenceType[str | None] | None = None,
+        *,
+        messages: SequenceType[list[dict[str, str]]] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[GenerationOutput]:
+        """Run a batch to completion (continuous batching inside); outputs in input order."""
+        inputs: list = list(prompts) if prompts is not None else list(messages or [])
+        count = len(inputs)
+        sampling_list = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling or SamplingParams()] * count
+        adapter_list = list(adapters) if adapters is not None else [None] * count
+        if len(sampling_list) != count or len(adapter_list) != count:
+            raise InvalidRequestError("prompts, sampling and adapters must have the same length")
+        ids = []
+        for item, params, adapter in zip(inputs, sampling_list, adapter_list):
+            if prompts is not None:
+                ids.append(self.add_request(item, sampling=params, adapter=adapter))
+            else:
+                ids.append(self.add_request(messages=item, sampling=params, adapter=adapter))
+        sequences = {rid: self._requests[rid].seq for rid in ids}
+        texts: dict[str, list[str]] = {rid: [] for rid in ids}
+        progress = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            progress = tqdm(total=count, desc="generate", unit="req")
+        pending = set(ids)
+        while pending:
+            for output in self.step():
+                if output.request_id in texts:
+                    texts[output.request_id].append(output.text_delta)
+                    if output.finished:
+                        pending.discard(output.request_id)
+                        if progress:
+                            progress.update(1)
+        if progress:
+            progress.close()
+        return [
+            GenerationOutput(
+                request_id=rid,
+                prompt_token_ids=list(sequences[rid].prompt_token_ids),
+                token_ids=list(sequences[rid].output_token_ids),
+                text="".join(texts[rid]),
+                finish_reason=sequences[rid].finish_reason.value,  # type: ignore[union-attr]
+            )
+            for rid in ids
+        ]

@@ -1,0 +1,176 @@
+"""Projections with a shared base weight and per-token LoRA from a slot pool.
+
+A `LoraLinear` is one projection, possibly fused (q|k|v, gate|up): its base is a dense
+weight or one prepared low-bit weight per slice, and each slice has a slot pool of LoRA
+A/B matrices padded to the pool's max rank. The tokens of a step are grouped into
+segments that share an adapter slot; the segmented shrink/expand kernels (dispatch in
+`inlaid.kernels`) add `scale * (x @ A.T) @ B.T` to exactly those tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from inlaid.engine.adapter_config import AdapterError, AdapterSpec
+from inlaid.kernels.dispatch import (
+    PreparedQuantLinear,
+    lora_expand,
+    lora_shrink,
+    quant_matmul,
+)
+
+
+@dataclass
+class LoraBatch:
+    """Adapter segments of one step's flat batch (shared by every layer).
+
+    segment_starts: int32 [G+1] token offsets; segment_slots: int32 [G], -1 = no adapter.
+    """
+
+    segment_starts: torch.Tensor
+    segment_slots: torch.Tensor
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, in_features: int, out_slices: list[int], slice_names: list[str], bias: bool) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_slices = list(out_slices)
+        self.slice_names = list(slice_names)
+        self.slice_offsets = [sum(out_slices[:i]) for i in range(len(out_slices))]
+        out_features = sum(out_slices)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        # Set by `use_quantized`: one prepared low-bit weight per slice replaces `weight`.
+        self.quantized: list[PreparedQuantLinear] | None = None
+        self.lora_a: list[torch.Tensor] = []
+        self.lora_b: list[torch.Tensor] = []
+        self.slot_ranks: torch.Tensor | None = None  # int32 [n_slices, S]
+        self.slot_scales: torch.Tensor | None = None  # float32 [n_slices, S]
+
+    # ------------------------------------------------------------------ set-up
+    def use_quantized(self, prepared: list[PreparedQuantLinear]) -> None:
+        if len(prepared) != len(self.out_slices):
+            raise ValueError(f"expected {len(self.out_slices)} quantized slices, got {len(prepared)}")
+        self.quantized = prepared
+        self.weight = None  # type: ignore[assignment]
+
+    def allocate_lora(self, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.lora_a = [torch.zeros(num_slots, max_rank, self.in_features, dtype=dtype, device=device) for _ in self.out_slices]
+        self.lora_b = [torch.zeros(num_slots, n, max_rank, dtype=dtype, device=device) for n in self.out_slices]
+        self.slot_ranks = torch.zeros(len(self.out_slices), num_slots, dtype=torch.int32, device=device)
+        self.slot_scales = torch.zeros(len(self.out_slices), num_slots, dtype=torch.float32, device=device)
+
+    def load_slot(self, slot: int, slice_weights: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float) -> None:
+        """Copy one adapter's A [r, in] / B [out, r] per slice name into `slot`."""
+        assert self.slot_ranks is not None and self.slot_scales is not None
+        for index, name in enumerate(self.slice_names):
+            self.lora_a[index][slot].zero_()
+            self.lora_b[index][slot].zero_()
+            if name not in slice_weights:
+                self.slot_ranks[index, slot] = 0
+                self.slot_scales[index, slot] = 0.0
+                continue
+            a, b = slice_weights[name]
+            rank = a.shape[0]
+            self.lora_a[index][slot, :rank].copy_(a)
+            self.lora_b[index][slot, :, :rank].copy_(b)
+            self.slot_ranks[index, slot] = rank
+            self.slot_scales[index, slot] = scale
+
+    # ------------------------------------------------------------------ compute
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        if self.quantized is None:
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            y = torch.cat([quant_matmul(x, prepared) for prepared in self.quantized], dim=-1)
+            if self.bias is not None:
+                y = y + self.bias
+        if lora is not None and self.slot_ranks is not None:
+            shrunk = lora_shrink(x, self.lora_a, lora.segment_starts, lora.segment_slots, self.slot_ranks)
+            lora_expand(
+                y,
+                shrunk,
+                self.lora_b,
+                self.slice_offsets,
+                lora.segment_starts,
+                lora.segment_slots,
+                self.slot_ranks,
+                self.slot_scales,
+            )
+        return y
+
+
+_LORA_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
+
+
+def load_adapter_tensors(spec: AdapterSpec, num_layers: int) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    """Read an adapter's safetensors into {(layer, projection): (A [r, in], B [out, r])}."""
+    path = Path(spec.path) / "adapter_model.safetensors"
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise AdapterError(f"adapter {spec.name!r}: cannot read {path}: {error}") from error
+    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _LORA_KEY.search(key)
+        if match is None:
+            raise AdapterError(f"adapter {spec.name!r}: unsupported tensor {key!r} (only LoRA A/B of projections)")
+        layer, projection, half = int(match.group(1)), match.group(2), match.group(3)
+        if layer >= num_layers:
+            raise AdapterError(f"adapter {spec.name!r}: tensor {key!r} names layer {layer}; the model has {num_layers}")
+        halves.setdefault((layer, projection), {})[half] = tensor
+    result: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    for (layer, projection), pair in halves.items():
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(f"adapter {spec.name!r}: layer {layer} {projection} lacks lora_A or lora_B")
+        a, b = pair["A"], pair["B"]
+        if a.shape[0] != spec.rank or b.shape[1] != spec.rank:
+            raise AdapterError(
+                f"adapter {spec.name!r}: layer {layer} {projection} has rank {a.shape[0]}/{b.shape[1]}, "
+                f"adapter_config.json says r={spec.rank}"
+            )
+        result[(layer, projection)] = (a, b)
+    if not result:
+        raise AdapterError(f"adapter {spec.name!r}: {path} holds no LoRA weights")
+    return result
+
+
+def install_adapter(
+    model_linears: dict[tuple[int, str], tuple[LoraLinear, int]],
+    spec: AdapterSpec,
+    tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
+    slot: int,
+    max_rank: int,
+) -> None:
+    """Copy an adapter into `slot` of every LoraLinear of the model.
+
+    model_linears maps (layer, projection name) to (its LoraLinear, slice index).
+    """
+    if spec.rank > max_rank:
+        raise AdapterError(f"adapter {spec.name!r}: rank {spec.rank} exceeds the pool's max rank {max_rank}")
+    per_module: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    modules: dict[int, LoraLinear] = {}
+    for (layer, projection), (a, b) in tensors.items():
+        linear, slice_index = model_linears[(layer, projection)]
+        expected_out = linear.out_slices[slice_index]
+        if a.shape[1] != linear.in_features or b.shape[0] != expected_out:
+            raise AdapterError(
+                f"adapter {spec.name!r} was trained for another base model: layer {layer} {projection} "
+                f"has A {tuple(a.shape)} / B {tuple(b.shape)}, this model needs in={linear.in_features}, out={expected_out}"
+            )
+        pool_dtype = linear.lora_a[slice_index].dtype
+        per_module.setdefault(id(linear), {})[projection] = (a.to(pool_dtype), b.to(pool_dtype))
+        modules[id(linear)] = linear
+    seen = {id(linear): linear for linear, _ in model_linears.values()}
+    for key, linear in seen.items():
+        # Modules the adapter does not target get rank 0 in this slot (skipped by the kernels).
+        linear.load_slot(slot, per_module.get(key, {}), spec.scale)

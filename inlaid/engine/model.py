@@ -1,0 +1,212 @@
+"""A Llama-family decoder over one ragged batch with a paged KV cache.
+
+The whole model in one file (embeddings, RMSNorm, RoPE, grouped-query attention, SwiGLU
+MLP, tied or untied lm_head). Every step runs ONE flat batch of tokens that mixes prefill
+chunks and decode tokens of many sequences; projections go through `LoraLinear`, which
+adds each token's own adapter (segmented LoRA) on top of a dense or low-bit base.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inlaid.engine.config import ModelConfig, RopeConfig
+from inlaid.engine.lora import LoraBatch, LoraLinear
+
+
+@dataclass
+class AttentionGroup:
+    """Chunks attended together (padded to the group's longest query and context).
+
+    query_index: [B, Nmax] flat-batch index of each query row (padding rows repeat a valid index)
+    query_valid: [B, Nmax] bool
+    block_tables: [B, max_blocks] cache block ids (padding: block 0, masked)
+    mask: [B, 1, Nmax, Lmax] bool, True where the query may attend the key
+    """
+
+    query_index: torch.Tensor
+    query_valid: torch.Tensor
+    block_tables: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class ForwardBatch:
+    """Everything one step's forward needs, built by the runner.
+
+    input_ids: [T] token ids of the flat batch; positions: [T]
+    slot_mapping: [T] flat KV-cache row (block * block_size + offset) each token writes
+    groups: attention groups covering every token exactly once
+    lora: segments of tokens per adapter slot (None: no token uses an adapter)
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    groups: list[AttentionGroup]
+    lora: LoraBatch | None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the activation dtype, as the reference models do.
+        input_dtype = hidden.dtype
+        hidden = hidden.float()
+        hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * hidden.to(input_dtype)
+
+
+def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.scaling_type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.scaling_type == "llama3":
+        low_freq_wavelen = rope.original_max_position / rope.low_freq_factor
+        high_freq_wavelen = rope.original_max_position / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (rope.original_max_position / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, rope: RopeConfig, head_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inverse_frequencies(rope, head_dim), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; cos/sin: [T, head_dim]."""
+    return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.qkv_proj = LoraLinear(config.hidden_size, [q_size, kv_size, kv_size], ["q_proj", "k_proj", "v_proj"], bias=config.qkv_bias)
+        self.o_proj = LoraLinear(q_size, [config.hidden_size], ["o_proj"], bias=False)
+        self.scale = config.head_dim**-0.5
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: ForwardBatch,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj(hidden, batch.lora)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q = qkv[:, :q_size].view(num_tokens, self.num_heads, self.head_dim)
+        k = qkv[:, q_size : q_size + kv_size].view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = qkv[:, q_size + kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+
+        key_cache, value_cache = kv_cache  # [num_blocks, block_size, kv_heads, head_dim]
+        block_size = key_cache.shape[1]
+        key_cache.view(-1, self.num_kv_heads, self.head_dim)[batch.slot_mapping] = k
+        value_cache.view(-1, self.num_kv_heads, self.head_dim)[batch.slot_mapping] = v
+
+        out = torch.empty_like(q)
+        for group in batch.groups:
+            batch_size, max_queries = group.query_index.shape
+            queries = q[group.query_index].transpose(1, 2)  # [B, H, N, D]
+            max_keys = group.block_tables.shape[1] * block_size
+            keys = key_cache[group.block_tables].view(batch_size, max_keys, self.num_kv_heads, self.head_dim)
+            values = value_cache[group.block_tables].view(batch_size, max_keys, self.num_kv_heads, self.head_dim)
+            attended = F.scaled_dot_product_attention(
+                queries,
+                keys.transpose(1, 2),
+                values.transpose(1, 2),
+                attn_mask=group.mask,
+                scale=self.scale,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            ).transpose(1, 2)  # [B, N, H, D]
+            out[group.query_index[group.query_valid]] = attended[group.query_valid]
+        return self.o_proj(out.view(num_tokens, q_size), batch.lora)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = LoraLinear(
+            config.hidden_size, [config.intermediate_size] * 2, ["gate_proj", "up_proj"], bias=False
+        )
+        self.down_proj = LoraLinear(config.intermediate_size, [config.hidden_size], ["down_proj"], bias=False)
+
+    def forward(self, hidden: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        gate_up = self.gate_up_proj(hidden, lora)
+        gate, up = gate_up[:, : self.intermediate_size], gate_up[:, self.intermediate_size :]
+        return self.down_proj(F.silu(gate) * up, lora)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_index)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, hidden, cos, sin, batch: ForwardBatch, kv_cache) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, batch, kv_cache)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden), batch.lora)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.rope, config.head_dim)
+        # With tied embeddings the head reuses the embedding matrix (no copy).
+        self.lm_head_weight: nn.Parameter | None = (
+            None if config.tie_word_embeddings else nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
+        )
+
+    def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Hidden states after the final norm, [T, hidden]."""
+        hidden = self.embed_tokens(batch.input_ids)
+        cos, sin = self.rotary(batch.positions, hidden.dtype)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden = layer(hidden, cos, sin, batch, kv_cache)
+        return self.norm(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head_weight is None else self.lm_head_weight
+        return F.linear(hidden, weight).float()

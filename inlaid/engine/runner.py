@@ -1,0 +1,192 @@
+"""The executor side: owns weights, KV cache and adapter pool; runs one BatchPlan a step.
+
+It is stateless about scheduling: the plan says which tokens to compute, where their
+keys/values go (block tables) and which adapters to load into which slots.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from inlaid.engine.adapter_config import AdapterSpec, read_adapter_spec
+from inlaid.engine.config import EngineConfig, ModelConfig
+from inlaid.engine.lora import LoraBatch, LoraLinear, install_adapter, load_adapter_tensors
+from inlaid.engine.model import AttentionGroup, ForwardBatch, LlamaModel
+from inlaid.engine.sampler import sample_tokens
+from inlaid.engine.weights import load_model
+from inlaid.protocol import BatchPlan, ChunkPlan, SampledToken, StepResult
+
+_SLICE_OF = {
+    "q_proj": ("self_attn.qkv_proj", 0),
+    "k_proj": ("self_attn.qkv_proj", 1),
+    "v_proj": ("self_attn.qkv_proj", 2),
+    "o_proj": ("self_attn.o_proj", 0),
+    "gate_proj": ("mlp.gate_up_proj", 0),
+    "up_proj": ("mlp.gate_up_proj", 1),
+    "down_proj": ("mlp.down_proj", 0),
+}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}") from None
+
+
+@dataclass
+class _AdapterCopy:
+    """An adapter's weights kept in host memory, so re-loading into a slot is a copy."""
+
+    spec: AdapterSpec
+    tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, host_adapter_cache: int = 64) -> None:
+        config.validate()
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.model_config = ModelConfig.from_dir(config.model_dir)
+        self.model: LlamaModel = load_model(self.model_config, config.model_dir, self.dtype, self.device)
+        if config.quantized_dir:
+            from inlaid.engine.quantized import use_quantized_checkpoint
+
+            use_quantized_checkpoint(self.model, config.quantized_dir, self.device, self.dtype)
+        self.model.eval()
+        mc = self.model_config
+        self.kv_caches = [
+            tuple(
+                torch.zeros(config.num_kv_blocks, config.block_size, mc.num_kv_heads, mc.head_dim, dtype=self.dtype, device=self.device)
+                for _ in range(2)
+            )
+            for _ in range(mc.num_layers)
+        ]
+        self.linears: dict[tuple[int, str], tuple[LoraLinear, int]] = {}
+        for layer_index, layer in enumerate(self.model.layers):
+            for projection, (module_path, slice_index) in _SLICE_OF.items():
+                linear = layer.get_submodule(module_path)
+                self.linears[(layer_index, projection)] = (linear, slice_index)
+        for module in self.model.modules():
+            if isinstance(module, LoraLinear):
+                module.allocate_lora(config.max_lora_slots, config.max_lora_rank, self.dtype, self.device)
+        self._host_adapters: OrderedDict[str, _AdapterCopy] = OrderedDict()
+        self._host_adapter_cache = host_adapter_cache
+        self.slot_contents: dict[int, str] = {}  # slot -> adapter path (for introspection and tests)
+
+    # ------------------------------------------------------------------ adapters
+    def load_adapter(self, slot: int, name: str, path: str) -> None:
+        if not 0 <= slot < self.config.max_lora_slots:
+            raise ValueError(f"slot {slot} out of range (0..{self.config.max_lora_slots - 1})")
+        copy = self._host_adapters.get(path)
+        if copy is None:
+            spec = read_adapter_spec(name, path)
+            copy = _AdapterCopy(spec, load_adapter_tensors(spec, self.model_config.num_layers))
+            self._host_adapters[path] = copy
+            while len(self._host_adapters) > self._host_adapter_cache:
+                self._host_adapters.popitem(last=False)
+        self._host_adapters.move_to_end(path)
+        install_adapter(self.linears, copy.spec, copy.tensors, slot, self.config.max_lora_rank)
+        self.slot_contents[slot] = path
+
+    # ------------------------------------------------------------------ one step
+    @torch.inference_mode()
+    def execute(self, plan: BatchPlan) -> StepResult:
+        started = time.perf_counter()
+        sampled_ids, logits, chunks = self.forward_logits(plan)
+        params = [chunk.sampling for chunk in chunks]
+        tokens = sample_tokens(logits, params, [chunk.num_generated for chunk in chunks]) if chunks else []
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return StepResult(
+            step_id=plan.step_id,
+            sampled=[SampledToken(seq_id=s, token_id=t) for s, t in zip(sampled_ids, tokens)],
+            num_tokens=sum(len(c.token_ids) for c in plan.chunks),
+            compute_seconds=time.perf_counter() - started,
+        )
+
+    @torch.inference_mode()
+    def forward_logits(self, plan: BatchPlan) -> tuple[list[int], torch.Tensor, list[ChunkPlan]]:
+        """Run the plan's forward; return (seq ids, float32 logits [B, V], chunks) of sampled rows."""
+        for load in plan.adapter_loads:
+            self.load_adapter(load.slot, load.name, load.path)
+        # Tokens of one adapter are made contiguous so that they form one LoRA segment.
+        chunks = sorted(plan.chunks, key=lambda chunk: chunk.adapter_slot)
+        batch, last_token_rows = self._build_batch(chunks)
+        hidden = self.model(batch, self.kv_caches)
+        sampled = [(chunk, row) for chunk, row in zip(chunks, last_token_rows) if chunk.sample]
+        rows = torch.tensor([row for _, row in sampled], dtype=torch.long, device=self.device)
+        logits = self.model.logits(hidden[rows])
+        return [chunk.seq_id for chunk, _ in sampled], logits, [chunk for chunk, _ in sampled]
+
+    def _build_batch(self, chunks: list[ChunkPlan]) -> tuple[ForwardBatch, list[int]]:
+        block_size = self.config.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        offsets: list[int] = []
+        for chunk in chunks:
+            offsets.append(len(input_ids))
+            input_ids.extend(chunk.token_ids)
+            for position in range(chunk.start_pos, chunk.start_pos + len(chunk.token_ids)):
+                positions.append(position)
+                slot_mapping.append(chunk.block_table[position // block_size] * block_size + position % block_size)
+        decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
+        prefill = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
+        groups = [self._attention_group([chunks[i] for i in g], [offsets[i] for i in g]) for g in (decode, prefill) if g]
+
+        lora = None
+        if any(chunk.adapter_slot >= 0 for chunk in chunks):
+            starts, slots = [0], []
+            for chunk, offset in zip(chunks, offsets):
+                end = offset + len(chunk.token_ids)
+                if slots and slots[-1] == chunk.adapter_slot:
+                    starts[-1] = end
+                else:
+                    slots.append(chunk.adapter_slot)
+                    starts.append(end)
+            lora = LoraBatch(
+                segment_starts=torch.tensor(starts, dtype=torch.int32, device=self.device),
+                segment_slots=torch.tensor(slots, dtype=torch.int32, device=self.device),
+            )
+        device = self.device
+        batch = ForwardBatch(
+            input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
+            groups=groups,
+            lora=lora,
+        )
+        last_rows = [offset + len(chunk.token_ids) - 1 for chunk, offset in zip(chunks, offsets)]
+        return batch, last_rows
+
+    def _attention_group(self, chunks: list[ChunkPlan], offsets: list[int]) -> AttentionGroup:
+        block_size = self.config.block_size
+        device = self.device
+        num_queries = torch.tensor([len(c.token_ids) for c in chunks], device=device)
+        starts = torch.tensor([c.start_pos for c in chunks], device=device)
+        max_queries = int(num_queries.max())
+        context_blocks = [-(-(c.start_pos + len(c.token_ids)) // block_size) for c in chunks]
+        max_blocks = max(context_blocks)
+        block_tables = torch.zeros(len(chunks), max_blocks, dtype=torch.long, device=device)
+        for row, (chunk, count) in enumerate(zip(chunks, context_blocks)):
+            block_tables[row, :count] = torch.tensor(chunk.block_table[:count], device=device)
+        query_offsets = torch.arange(max_queries, device=device)
+        query_valid = query_offsets[None, :] < num_queries[:, None]
+        clamped = torch.minimum(query_offsets[None, :], num_queries[:, None] - 1)
+        query_index = torch.tensor(offsets, device=device)[:, None] + clamped
+        key_positions = torch.arange(max_blocks * block_size, device=device)
+        causal = key_positions[None, None, :] <= (starts[:, None] + query_offsets[None, :])[:, :, None]
+        # Padding rows attend key 0 only, so their softmax stays finite (they are discarded).
+        padding_rows = ~query_valid[:, :, None] & (key_positions[None, None, :] == 0)
+        mask = (causal & query_valid[:, :, None]) | padding_rows
+        return AttentionGroup(query_index=query_index, query_valid=query_valid, block_tables=block_tables, mask=mask[:, None])

@@ -1,0 +1,232 @@
+"""`inlaid serve` configuration: one TOML file. Torch-free.
+
+```toml
+[model]
+dir = "~/.cache/inlaid/models/SmolLM2-135M-Instruct"
+quantized_dir = "/srv/inlaid/smollm2-mlgptq-4bit"   # optional GPTQ checkpoint
+
+[executor]
+device = "cpu"            # or "cuda", "cuda:1"
+threads = 2               # torch threads (CPU)
+num_kv_blocks = 2048
+max_num_seqs = 64
+
+[server]
+address = "tcp://127.0.0.1:5555"
+policy = "fifo"           # or "package.module:factory" returning a SchedulingPolicy
+admin_token_env = "INLAID_ADMIN_TOKEN"     # or admin_token_file / admin_token
+max_pending_requests = 1024
+
+[tasks]
+sentiment = "/srv/inlaid/adapters/sentiment"
+```
+
+Relative paths are resolved against the file's directory.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from inlaid.engine.config import EngineConfig
+from inlaid.protocol import DEFAULT_MAX_FRAME_BYTES
+
+
+class ConfigError(ValueError):
+    """The server configuration file is missing, malformed or inconsistent."""
+
+
+@dataclass
+class ServerLimits:
+    max_pending_requests: int = 1024  # waiting + running; beyond it: 'overloaded'
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    step_timeout_s: float = 300.0  # a step running longer means a hung executor: restart it
+    executor_start_timeout_s: float = 600.0  # model load
+    shutdown_grace_s: float = 30.0  # SIGTERM: how long in-flight requests may finish
+
+
+@dataclass
+class ServerConfig:
+    engine: EngineConfig
+    address: str = "tcp://127.0.0.1:5555"
+    # Where the executor connects; "auto" = an ipc socket in a private temporary directory.
+    executor_address: str = "auto"
+    tasks: dict[str, str] = field(default_factory=dict)
+    admin_token: str | None = None  # None: every admin call is refused
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    log_level: str = "INFO"
+    log_format: str = "json"  # json | text
+    allow_public_bind: bool = False
+    # "fifo", or "package.module:factory" returning a SchedulingPolicy (called with no arguments)
+    policy: str = "fifo"
+
+    def validate(self) -> None:
+        self.engine.validate()
+        for scheme in ("tcp://", "ipc://"):
+            if self.address.startswith(scheme):
+                break
+        else:
+            raise ConfigError(f"server.address must start with tcp:// or ipc://, got {self.address!r}")
+        if self.address.startswith("tcp://") and not self.allow_public_bind:
+            host = self.address[len("tcp://") :].rsplit(":", 1)[0]
+            if host not in ("127.0.0.1", "localhost", "[::1]", "::1"):
+                raise ConfigError(
+                    f"server.address {self.address!r} is not a loopback address; set "
+                    "server.allow_public_bind = true to listen beyond this machine"
+                )
+        if self.limits.max_pending_requests < 1:
+            raise ConfigError("server.max_pending_requests must be >= 1")
+        if self.limits.max_frame_bytes < 1024:
+            raise ConfigError("server.max_frame_bytes must be >= 1024")
+        if self.log_format not in ("json", "text"):
+            raise ConfigError(f"server.log_format must be 'json' or 'text', got {self.log_format!r}")
+        for name in self.tasks:
+            check_task_name(name)
+        if self.policy != "fifo" and ":" not in self.policy:
+            raise ConfigError(f"server.policy must be 'fifo' or 'package.module:factory', got {self.policy!r}")
+
+
+def load_policy(spec: str) -> Any:
+    """The scheduling policy named by server.policy; None means the engine's FIFO."""
+    if spec == "fifo":
+        return None
+    module_name, _, attribute = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"server.policy {spec!r}: {error}") from error
+    policy = factory()
+    if not callable(getattr(policy, "order_waiting", None)):
+        raise ConfigError(f"server.policy {spec!r} did not give a SchedulingPolicy (no order_waiting method)")
+    return policy
+
+
+def check_task_name(name: str) -> None:
+    if not name or len(name) > 128 or not all(c.isalnum() or c in "-_." for c in name):
+        raise ConfigError(f"task name {name!r}: use 1-128 letters, digits, '-', '_' or '.'")
+
+
+_ENGINE_FIELDS = {f.name for f in fields(EngineConfig)} - {"model_dir", "quantized_dir"}
+_LIMIT_FIELDS = {f.name for f in fields(ServerLimits)}
+_SERVER_KEYS = _LIMIT_FIELDS | {
+    "address",
+    "executor_address",
+    "admin_token",
+    "admin_token_env",
+    "admin_token_file",
+    "log_level",
+    "log_format",
+    "allow_public_bind",
+    "policy",
+}
+
+
+def load_config(path: str | Path) -> ServerConfig:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: invalid TOML: {error}") from error
+    return config_from_dict(raw, base_dir=path.parent)
+
+
+def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> ServerConfig:
+    base_dir = base_dir or Path.cwd()
+    unknown_sections = set(raw) - {"model", "executor", "server", "tasks"}
+    if unknown_sections:
+        raise ConfigError(f"unknown config sections: {sorted(unknown_sections)}")
+    model = _section(raw, "model")
+    executor = _section(raw, "executor")
+    server = _section(raw, "server")
+    tasks = _section(raw, "tasks")
+    _reject_unknown("model", model, {"dir", "quantized_dir"})
+    _reject_unknown("executor", executor, _ENGINE_FIELDS)
+    _reject_unknown("server", server, _SERVER_KEYS)
+
+    if "dir" not in model:
+        from inlaid.models.prepare import default_model_dir
+
+        model_dir = str(default_model_dir())
+    else:
+        model_dir = _path(model["dir"], base_dir, "model.dir")
+    quantized = model.get("quantized_dir")
+    try:
+        engine = EngineConfig(
+            model_dir=model_dir,
+            quantized_dir=_path(quantized, base_dir, "model.quantized_dir") if quantized else None,
+            **executor,
+        )
+    except TypeError as error:
+        raise ConfigError(f"[executor]: {error}") from error
+
+    limit_values = {k: v for k, v in server.items() if k in _LIMIT_FIELDS}
+    for key, value in limit_values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"server.{key} must be a number, got {value!r}")
+    limits = ServerLimits(**limit_values)
+    config = ServerConfig(
+        engine=engine,
+        address=str(server.get("address", ServerConfig.address)),
+        executor_address=str(server.get("executor_address", "auto")),
+        tasks={str(name): _path(adapter, base_dir, f"tasks.{name}") for name, adapter in tasks.items()},
+        admin_token=_admin_token(server, base_dir),
+        limits=limits,
+        log_level=str(server.get("log_level", "INFO")).upper(),
+        log_format=str(server.get("log_format", "json")),
+        allow_public_bind=bool(server.get("allow_public_bind", False)),
+        policy=str(server.get("policy", "fifo")),
+    )
+    try:
+        config.validate()
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    return config
+
+
+def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    return dict(value)
+
+
+def _reject_unknown(section: str, values: dict[str, Any], allowed: set[str]) -> None:
+    unknown = set(values) - allowed
+    if unknown:
+        raise ConfigError(f"[{section}]: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+
+
+def _path(value: Any, base_dir: Path, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{what} must be a non-empty path string")
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+
+def _admin_token(server: dict[str, Any], base_dir: Path) -> str | None:
+    sources = [k for k in ("admin_token", "admin_token_env", "admin_token_file") if k in server]
+    if len(sources) > 1:
+        raise ConfigError(f"[server]: give only one of {sources}")
+    if not sources:
+        return None
+    if "admin_token" in server:
+        token = str(server["admin_token"])
+    elif "admin_token_env" in server:
+        token = os.environ.get(str(server["admin_token_env"]), "")
+        if not token:
+            raise ConfigError(f"environment variable {server['admin_token_env']} (server.admin_token_env) is empty")
+    else:
+        token_path = Path(_path(server["admin_token_file"], base_dir, "server.admin_token_file"))
+        if not token_path.is_file():
+            raise ConfigError(f"admin token file not found: {token_path}")
+        token = token_path.read_text().strip()
+    if len(token) < 16:
+        raise ConfigError("the admin token must be at least 16 characters")
+    return token

@@ -1,0 +1,445 @@
+"""The coordinator process: clients in front, the executor behind, the Engine in between.
+
+One asyncio loop (uvloop) runs three things: the front loop (a ZeroMQ ROUTER; each frame
+is decoded, checked and answered or turned into an engine request), the step loop (plan
+with `Engine.begin_step`, run on the executor, apply with `Engine.finish_step`, stream the
+text back) and the executor supervisor. Never imports torch.
+
+Every bad input is answered with a typed ErrorReply to its sender only; nothing a client
+sends can stop the loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections import deque
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from inlaid.engine.adapter_slots import AdapterSlots
+from inlaid.engine.engine import Engine, InvalidRequestError
+from inlaid.engine.scheduler import SchedulingPolicy
+from inlaid.engine.sequence import SequenceStatus
+from inlaid.protocol import (
+    PROTOCOL_VERSION,
+    AddTask,
+    AdminReply,
+    Cancel,
+    ErrorCode,
+    ErrorReply,
+    Generate,
+    GetStats,
+    Health,
+    HealthReply,
+    Hello,
+    HelloReply,
+    ListTasks,
+    RemoveTask,
+    ServerStats,
+    TaskInfo,
+    TaskList,
+    TextChunk,
+)
+from inlaid.serve.config import ServerConfig
+from inlaid.serve.frames import decode_client_frames
+from inlaid.serve.requests import ActiveRequest, RequestKey
+from inlaid.serve.supervisor import ExecutorLostError, ExecutorStepError, ExecutorSupervisor
+from inlaid.serve.task_registry import TaskError, TaskRegistry
+
+log = logging.getLogger("inlaid.coordinator")
+
+SERVER_VERSION = "0.1.0"
+# Frames above max_frame_bytes get a typed error; far larger ones are cut off by ZeroMQ
+# itself (the peer is disconnected) before they are ever buffered whole.
+_HARD_FRAME_FACTOR = 16
+
+
+class Coordinator:
+    def __init__(self, config: ServerConfig, policy: SchedulingPolicy | None = None) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.engine = Engine(config.engine, runner=None, policy=policy)
+        self.registry = TaskRegistry(self.engine, config.admin_token)
+        for name, adapter_dir in config.tasks.items():
+            try:
+                self.registry.add(name, adapter_dir)
+            except TaskError as error:
+                raise ValueError(f"task {name!r} in the config: {error.message}") from None
+        self.requests: dict[RequestKey, ActiveRequest] = {}
+        self._by_engine_id: dict[str, ActiveRequest] = {}
+        self._by_seq_id: dict[int, ActiveRequest] = {}
+        self._next_engine_id = 0
+        self._encoder = msgspec.msgpack.Encoder()
+        self._work = asyncio.Event()
+        self._shutdown = asyncio.Event()
+        self._accepting = True
+        self._front: zmq.asyncio.Socket | None = None
+        self._tempdir: str | None = None
+        self.supervisor: ExecutorSupervisor | None = None
+        self.started_at = time.monotonic()
+        self.exit_code = 0
+        self.step_gaps: deque[float] = deque(maxlen=256)
+        self.counters = {"received": 0, "finished": 0, "failed": 0, "overloaded": 0, "steps": 0, "tokens": 0}
+
+    # ================================================================== lifecycle
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        front = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+        front.setsockopt(zmq.LINGER, 2000)  # let the last replies out on shutdown
+        front.setsockopt(zmq.SNDHWM, 100_000)  # ROUTER drops beyond it: keep streams whole
+        front.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes * _HARD_FRAME_FACTOR)
+        front.bind(self.config.address)
+        self._front = front
+        backend = self.config.executor_address
+        if backend == "auto":
+            self._tempdir = tempfile.mkdtemp(prefix="inlaid-")
+            backend = f"ipc://{self._tempdir}/executor.ipc"
+        self.supervisor = ExecutorSupervisor(
+            self.config.engine, backend, on_lost=self._on_executor_lost, on_fatal=self._on_fatal,
+            start_timeout_s=self.limits.executor_start_timeout_s, step_timeout_s=self.limits.step_timeout_s,
+            log_level=self.config.log_level, log_format=self.config.log_format,
+        )  # fmt: skip
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.request_shutdown, signum)
+        await self.supervisor.start()
+        log.info("coordinator listening", extra={"address": self.config.address, "pid": os.getpid(),
+                                                 "tasks": sorted(self.registry.tasks)})
+        front_task = loop.create_task(self._front_loop())
+        step_task = loop.create_task(self._step_loop())
+        await self._shutdown.wait()
+        await self._drain()
+        step_task.cancel()
+        await self.supervisor.stop()
+        front_task.cancel()
+        await asyncio.gather(front_task, step_task, return_exceptions=True)
+        front.close()
+        if self._tempdir:
+            shutil.rmtree(self._tempdir, ignore_errors=True)
+        log.info("coordinator stopped", extra={"exit_code": self.exit_code, **self.counters})
+        return self.exit_code
+
+    def request_shutdown(self, signum: int | None = None) -> None:
+        if not self._shutdown.is_set():
+            name = signal.Signals(signum).name if signum else "request"
+            log.info("shutting down: no new requests; finishing in-flight ones",
+                     extra={"signal": name, "in_flight": len(self.requests), "grace_s": self.limits.shutdown_grace_s})
+        self._accepting = False
+        self._shutdown.set()
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.limits.shutdown_grace_s
+        while self.requests and time.monotonic() < deadline and self.exit_code == 0:
+            await asyncio.sleep(0.05)
+        for request in list(self.requests.values()):
+            self._fail(request, ErrorCode.SHUTTING_DOWN, "the server shut down before this request finished")
+
+    def _on_fatal(self, reason: str) -> None:
+        log.critical("cannot serve; exiting", extra={"reason": reason})
+        self.exit_code = 1
+        for request in list(self.requests.values()):
+            self._fail(request, ErrorCode.EXECUTOR_FAILED, reason)
+        self.request_shutdown()
+
+    # ================================================================== executor faults
+    def _on_executor_lost(self, reason: str) -> None:
+        self._fail_running(f"{reason}; the server restarts it, retry this request")
+
+    def _fail_running(self, message: str, code: str = ErrorCode.EXECUTOR_FAILED) -> None:
+        """Fail every request whose KV state lived on the executor; waiting ones stay queued."""
+        for request in list(self.requests.values()):
+            try:
+                running = self.engine.sequence(request.engine_id).status is SequenceStatus.RUNNING
+            except KeyError:
+                running = True  # the engine no longer knows it: it can never finish
+            if running:
+                self._fail(request, code, message)
+        # The executor's adapter slots are gone (or suspect): start the slot map afresh so
+        # the next plans load every adapter again.
+        old = self.engine.scheduler.adapters
+        fresh = AdapterSlots(old.num_slots)
+        for name, path in old.paths.items():
+            fresh.register(name, path)
+        self.engine.scheduler.adapters = fresh
+        self._work.set()
+
+    # ================================================================== step loop
+    async def _step_loop(self) -> None:
+        assert self.supervisor is not None
+        # The coordinator's own time between a result and the next plan (apply the result,
+        # stream text, plan), measured only across back-to-back steps.
+        last_result_at: float | None = None
+        while True:
+            if not self.engine.has_unfinished():
+                last_result_at = None
+                self._work.clear()
+                await self._work.wait()
+                continue
+            if not self.supervisor.ready.is_set():
+                last_result_at = None
+                await self.supervisor.ready.wait()
+                continue
+            plan = self.engine.begin_step()
+            if plan is None:
+                # Nothing admissible right now; wake on new work or retry shortly.
+                last_result_at = None
+                self._work.clear()
+                try:
+                    await asyncio.wait_for(self._work.wait(), 0.05)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            if last_result_at is not None:
+                self.step_gaps.append(time.perf_counter() - last_result_at)
+            last_result_at = None
+            now = time.monotonic()
+            for chunk in plan.chunks:
+                request = self._by_seq_id.get(chunk.seq_id)
+                if request is not None and request.scheduled_at is None:
+                    request.scheduled_at = now
+            try:
+                result = await self.supervisor.execute(plan)
+                last_result_at = time.perf_counter()
+                self.counters["steps"] += 1
+                self._deliver(self.engine.finish_step(result))
+            except ExecutorLostError:
+                continue  # the supervisor's watcher fails the running requests and restarts it
+            except ExecutorStepError as error:
+                log.error("executor failed a plan", extra={"step_id": plan.step_id, "error": str(error)})
+                self._fail_running(f"the executor failed this step: {error}")
+            except Exception:  # a bug here must cost the running requests, never the server
+                log.exception("internal error in the step loop", extra={"step_id": plan.step_id})
+                self._fail_running("internal server error while running this request", ErrorCode.INTERNAL)
+
+    def _deliver(self, outputs: list) -> None:  # list[RequestOutput]
+        now = time.monotonic()
+        for output in outputs:
+            request = self._by_engine_id.get(output.request_id)
+            if request is None:
+                continue
+            if output.new_token_ids:
+                if request.first_token_at is None:
+                    request.first_token_at = now
+                request.token_ids.extend(output.new_token_ids)
+                self.counters["tokens"] += len(output.new_token_ids)
+            request.text.append(output.text_delta)
+            if request.stream and (output.text_delta or output.new_token_ids):
+                self._send(request.identity, TextChunk(request_id=request.request_id, text=output.text_delta,
+                                                       token_ids=list(output.new_token_ids)))
+            if output.finished:
+                self._send(request.identity, request.done_message(output.finish_reason or "stop"))
+                self.counters["finished"] += 1
+                self._forget(request)
+                log.debug("request finished", extra={"request_id": request.request_id, "task": request.task,
+                                                     "tokens": len(request.token_ids),
+                                                     "seconds": round(now - request.received_at, 4)})
+
+    # ================================================================== front
+    async def _front_loop(self) -> None:
+        assert self._front is not None
+        while True:
+            try:
+                frames = await self._front.recv_multipart()
+            except zmq.ZMQError as error:
+                log.error("front socket receive failed", extra={"error": str(error)})
+                await asyncio.sleep(0.01)
+                continue
+            try:
+                self._handle(frames[0], frames[1:])
+            except Exception:  # a bug must cost one request, never the server
+                log.exception("internal error handling a client frame")
+                self._send(frames[0], ErrorReply(request_id="", code=ErrorCode.INTERNAL, message="internal server error"))
+
+    def _send(self, identity: bytes, message: msgspec.Struct) -> None:
+        assert self._front is not None
+        future = self._front.send_multipart([identity, self._encoder.encode(message)])
+        future.add_done_callback(_consume_exception)
+
+    def _error(self, identity: bytes, request_id: str, code: str, message: str) -> None:
+        self._send(identity, ErrorReply(request_id=request_id, code=code, message=message))
+
+    def _handle(self, identity: bytes, body: list[bytes]) -> None:
+        message = decode_client_frames(body, self.limits.max_frame_bytes)
+        if isinstance(message, ErrorReply):
+            return self._send(identity, message)
+        if isinstance(message, Generate):
+            self._on_generate(identity, message)
+        elif isinstance(message, Cancel):
+            self._on_cancel(identity, message)
+        elif isinstance(message, Hello):
+            self._on_hello(identity, message)
+        elif isinstance(message, Health):
+            self._on_health(identity, message)
+        elif isinstance(message, GetStats):
+            self._send(identity, self._stats(message.request_id))
+        elif isinstance(message, ListTasks):
+            self._send(identity, TaskList(request_id=message.request_id, tasks=[
+                TaskInfo(name=name, adapter_dir=path, active_requests=self.registry.active[name])
+                for name, path in sorted(self.registry.tasks.items())]))  # fmt: skip
+        elif isinstance(message, (AddTask, RemoveTask)):
+            self._on_admin(identity, message)
+
+    # ------------------------------------------------------------------ generate / cancel
+    def _on_generate(self, identity: bytes, message: Generate) -> None:
+        request_id = message.request_id
+        key = (identity, request_id)
+        self.counters["received"] += 1
+        if not self._accepting:
+            return self._error(identity, request_id, ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+        if key in self.requests:
+            return self._error(identity, request_id, ErrorCode.INVALID_REQUEST,
+                               f"request id {request_id!r} is already in flight on this connection")
+        if len(self.requests) >= self.limits.max_pending_requests:
+            self.counters["overloaded"] += 1
+            return self._error(identity, request_id, ErrorCode.OVERLOADED,
+                               f"{len(self.requests)} requests in flight (the limit); retry later")
+        try:
+            self.registry.check_accepting(message.task)
+        except TaskError as error:
+            return self._error(identity, request_id, error.code, error.message)
+        if message.deadline_s is not None and not (message.deadline_s > 0 and math.isfinite(message.deadline_s)):
+            return self._error(identity, request_id, ErrorCode.INVALID_REQUEST, "deadline_s must be a positive number")
+        try:
+            message.sampling.validate()
+            token_ids = self._prompt_tokens(message)
+        except (ValueError, InvalidRequestError) as error:
+            return self._error(identity, request_id, ErrorCode.INVALID_REQUEST, str(error))
+        if len(token_ids) >= self.engine.max_model_len:
+            return self._error(identity, request_id, ErrorCode.CONTEXT_LENGTH,
+                               f"the prompt has {len(token_ids)} tokens; the context length is "
+                               f"{self.engine.max_model_len} and at least one new token must fit")
+        engine_id = f"r{self._next_engine_id}"
+        self._next_engine_id += 1
+        try:
+            self.engine.add_request(token_ids, sampling=message.sampling, adapter=message.task, request_id=engine_id)
+        except (ValueError, InvalidRequestError) as error:
+            return self._error(identity, request_id, ErrorCode.INVALID_REQUEST, str(error))
+        request = ActiveRequest(key=key, engine_id=engine_id, seq_id=self.engine.sequence(engine_id).seq_id,
+                                task=message.task, stream=message.stream, num_prompt_tokens=len(token_ids))
+        self.requests[key] = request
+        self._by_engine_id[engine_id] = request
+        self._by_seq_id[request.seq_id] = request
+        self.registry.request_started(message.task)
+        if message.deadline_s is not None:
+            request.deadline = asyncio.get_running_loop().call_later(message.deadline_s, self._on_deadline, key)
+        self._work.set()
+
+    def _prompt_tokens(self, message: Generate) -> list[int]:
+        given = [x is not None for x in (message.prompt, message.messages, message.prompt_token_ids)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of prompt, messages or prompt_token_ids")
+        tokenizer = self.engine.tokenizer
+        if message.messages is not None:
+            if not message.messages:
+                raise ValueError("messages must be a non-empty list")
+            chat = [{"role": m.role, "content": m.content} for m in message.messages]
+            token_ids = tokenizer.encode(tokenizer.apply_chat_template(chat, add_generation_prompt=True))
+        elif message.prompt is not None:
+            token_ids = tokenizer.encode(message.prompt)
+        else:
+            token_ids = list(message.prompt_token_ids or [])
+            vocab = self.engine.model_config.vocab_size
+            if any(not 0 <= t < vocab for t in token_ids):
+                raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        return token_ids
+
+    def _on_cancel(self, identity: bytes, message: Cancel) -> None:
+        request = self.requests.get((identity, message.request_id))
+        if request is None:
+            return  # finished already, or never existed: cancelling is idempotent
+        self.engine.abort(request.engine_id)
+        self._send(identity, request.done_message("cancelled"))
+        self.counters["finished"] += 1
+        self._forget(request)
+
+    def _on_deadline(self, key: RequestKey) -> None:
+        request = self.requests.get(key)
+        if request is not None:
+            request.deadline = None
+            self._fail(request, ErrorCode.DEADLINE_EXCEEDED,
+                       f"the deadline passed after {len(request.token_ids)} generated tokens")
+
+    def _fail(self, request: ActiveRequest, code: str, message: str) -> None:
+        self.engine.abort(request.engine_id)  # frees its KV blocks; a no-op when already gone
+        self._error(request.identity, request.request_id, code, message)
+        self.counters["failed"] += 1
+        self._forget(request)
+        log.info("request failed", extra={"request_id": request.request_id, "code": code, "reason": message})
+
+    def _forget(self, request: ActiveRequest) -> None:
+        if request.deadline is not None:
+            request.deadline.cancel()
+        self.requests.pop(request.key, None)
+        self._by_engine_id.pop(request.engine_id, None)
+        self._by_seq_id.pop(request.seq_id, None)
+        self.registry.request_ended(request.task)
+
+    # ------------------------------------------------------------------ small calls
+    def _on_hello(self, identity: bytes, message: Hello) -> None:
+        if message.protocol_version != PROTOCOL_VERSION:
+            return self._error(identity, message.request_id, ErrorCode.PROTOCOL_VERSION,
+                               f"server speaks protocol {PROTOCOL_VERSION}, client {message.protocol_version}")
+        self._send(identity, HelloReply(request_id=message.request_id, protocol_version=PROTOCOL_VERSION,
+                                        server_version=SERVER_VERSION, model=os.path.basename(self.config.engine.model_dir),
+                                        max_model_len=self.engine.max_model_len))
+
+    def _on_health(self, identity: bytes, message: Health) -> None:
+        ready = self.supervisor is not None and self.supervisor.ready.is_set()
+        status = "shutting_down" if not self._accepting else ("ok" if ready else "starting")
+        self._send(identity, HealthReply(request_id=message.request_id, status=status, executor_ready=ready,
+                                         uptime_seconds=time.monotonic() - self.started_at))
+
+    def _on_admin(self, identity: bytes, message: AddTask | RemoveTask) -> None:
+        try:
+            self.registry.check_token(message.token)
+            if isinstance(message, AddTask):
+                text = self.registry.add(message.name, message.adapter_dir)
+            else:
+                text = self.registry.remove(message.name)
+        except TaskError as error:
+            log.warning("admin call refused", extra={"call": type(message).__name__, "code": error.code,
+                                                     "client": identity.hex(), "reason": error.message})
+            return self._error(identity, message.request_id, error.code, error.message)
+        log.info("admin call", extra={"call": type(message).__name__, "task": message.name, "result": text})
+        self._send(identity, AdminReply(request_id=message.request_id, message=text))
+
+    def _stats(self, request_id: str) -> ServerStats:
+        supervisor = self.supervisor
+        timings = list(supervisor.timings) if supervisor else []
+        executor_stats = supervisor.stats if supervisor else None
+        blocks = self.engine.scheduler.blocks
+        return ServerStats(
+            request_id=request_id,
+            requests_waiting=len(self.engine.scheduler.waiting),
+            requests_running=len(self.engine.scheduler.running),
+            requests_received=self.counters["received"],
+            requests_finished=self.counters["finished"],
+            requests_failed=self.counters["failed"],
+            requests_rejected_overloaded=self.counters["overloaded"],
+            steps=self.counters["steps"],
+            tokens_generated=self.counters["tokens"],
+            kv_blocks_total=blocks.num_blocks,
+            kv_blocks_free=blocks.num_free_blocks,
+            executor_pid=supervisor.pid if supervisor and supervisor.ready.is_set() else 0,
+            executor_restarts=supervisor.restarts if supervisor else 0,
+            executor_rss_bytes=executor_stats.rss_bytes if executor_stats else 0,
+            executor_device_memory_allocated=executor_stats.device_memory_allocated if executor_stats else 0,
+            mean_step_seconds=sum(t.round_trip_seconds for t in timings) / len(timings) if timings else 0.0,
+            mean_compute_seconds=sum(t.compute_seconds for t in timings) / len(timings) if timings else 0.0,
+            mean_step_gap_seconds=sum(self.step_gaps) / len(self.step_gaps) if self.step_gaps else 0.0,
+        )
+
+
+def _consume_exception(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # a reply to a vanished client: nothing to do

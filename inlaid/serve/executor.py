@@ -1,0 +1,172 @@
+"""The executor process: owns the model, KV cache and adapter pool; runs BatchPlans.
+
+Started by the coordinator (`python -m inlaid.serve.executor ...`). It connects a DEALER
+socket to the coordinator's backend ROUTER, says ExecutorHello once the model is loaded,
+then answers every BatchPlan with a StepResult (or an ExecutorFailure when running the
+plan raised). It exits when told to (ExecutorShutdown) or when the coordinator that
+started it is gone. This is the only serving process that imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+
+import msgspec
+import zmq
+
+from inlaid.engine.config import EngineConfig
+from inlaid.protocol import (
+    PROTOCOL_VERSION,
+    BatchPlan,
+    ExecutorFailure,
+    ExecutorHello,
+    ExecutorInbound,
+    ExecutorShutdown,
+    ExecutorStats,
+)
+from inlaid.serve.logs import setup_logging
+
+log = logging.getLogger("inlaid.executor")
+
+_MAX_CONSECUTIVE_FAILURES = 3  # plans that raise in a row: the runner is likely broken; exit
+_STATS_INTERVAL_S = 1.0
+_PARENT_POLL_MS = 1000
+
+
+def executor_identity(generation: int) -> bytes:
+    return f"executor-{generation}".encode()
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the coordinator dies, so no orphan keeps the GPU."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # elsewhere: the parent-pid poll in the loop covers it
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _stats(runner: object, steps: int) -> ExecutorStats:
+    allocated = reserved = 0
+    device = getattr(runner, "device", None)
+    if device is not None and getattr(device, "type", "") == "cuda":
+        import torch
+
+        allocated = int(torch.cuda.memory_allocated(device))
+        reserved = int(torch.cuda.memory_reserved(device))
+    return ExecutorStats(
+        rss_bytes=_rss_bytes(), device_memory_allocated=allocated, device_memory_reserved=reserved, steps=steps
+    )
+
+
+def serve(address: str, generation: int, config: EngineConfig, parent_pid: int) -> int:
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, executor_identity(generation))
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.connect(address)
+    encoder = msgspec.msgpack.Encoder()
+    decoder = msgspec.msgpack.Decoder(ExecutorInbound)
+
+    started = time.perf_counter()
+    from inlaid.engine.runner import ModelRunner  # torch: only here
+
+    runner = ModelRunner(config)
+    graph_sizes: list[int] = []
+    capture = getattr(runner, "capture_cuda_graphs", None)
+    if runner.device.type == "cuda" and callable(capture):
+        graph_sizes = list(capture() or [])
+    hello = ExecutorHello(
+        protocol_version=PROTOCOL_VERSION,
+        generation=generation,
+        pid=os.getpid(),
+        device=str(runner.device),
+        num_kv_blocks=config.num_kv_blocks,
+        load_seconds=time.perf_counter() - started,
+        cuda_graph_batch_sizes=graph_sizes,
+    )
+    sock.send(encoder.encode(hello))
+    sock.send(encoder.encode(_stats(runner, 0)))
+    log.info("executor ready", extra={"pid": os.getpid(), "generation": generation, "device": hello.device,
+                                      "load_seconds": round(hello.load_seconds, 3)})
+
+    steps = 0
+    consecutive_failures = 0
+    last_stats = time.monotonic()
+    while True:
+        if not sock.poll(_PARENT_POLL_MS, zmq.POLLIN):
+            if os.getppid() != parent_pid:
+                log.warning("coordinator is gone; exiting")
+                return 0
+            continue
+        frame = sock.recv()
+        try:
+            message = decoder.decode(frame)
+        except (msgspec.DecodeError, ValueError) as error:
+            # Only the coordinator talks to us; a bad frame is a bug there, not a reason to die.
+            log.error("undecodable frame from the coordinator", extra={"error": str(error)})
+            continue
+        if isinstance(message, ExecutorShutdown):
+            log.info("executor shutting down", extra={"steps": steps})
+            return 0
+        assert isinstance(message, BatchPlan)
+        try:
+            result = runner.execute(message)
+        except Exception as error:  # report, keep serving: the coordinator fails this plan's requests
+            consecutive_failures += 1
+            log.error("plan failed", extra={"step_id": message.step_id, "error": repr(error),
+                                            "trace": traceback.format_exc(limit=8)})
+            sock.send(encoder.encode(ExecutorFailure(step_id=message.step_id, error_type=type(error).__name__,
+                                                     message=str(error)[:2000])))
+            if consecutive_failures >= _MAX_CONSECUTIVE_FAILURES:
+                log.error("too many failed plans in a row; exiting so the coordinator restarts a fresh executor")
+                return 1
+            continue
+        consecutive_failures = 0
+        steps += 1
+        sock.send(encoder.encode(result))
+        now = time.monotonic()
+        if now - last_stats >= _STATS_INTERVAL_S:
+            sock.send(encoder.encode(_stats(runner, steps)))
+            last_stats = now
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="inlaid-executor")
+    parser.add_argument("--address", required=True, help="the coordinator's backend endpoint")
+    parser.add_argument("--generation", type=int, required=True)
+    parser.add_argument("--engine-config", required=True, help="EngineConfig as a JSON object")
+    parser.add_argument("--parent-pid", type=int, default=os.getppid())
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", default="json")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    _die_with_parent()
+    # Ctrl-C in a terminal, or SIGTERM sent to the whole process group, must not kill the
+    # executor under requests the coordinator is still finishing: the coordinator stops it
+    # (ExecutorShutdown), and PDEATHSIG / the parent poll end it if the coordinator dies.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    config = EngineConfig(**json.loads(args.engine_config))
+    return serve(args.address, args.generation, config, args.parent_pid)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Start `inlaid serve` as a child process on free loopback ports (demo, tests, benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from inlaid.client import Client
+
+
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def to_toml(config: dict[str, dict[str, Any]]) -> str:
+    """The flat-table TOML our config uses (strings, numbers, booleans)."""
+
+    def value(item: Any) -> str:
+        if isinstance(item, bool):
+            return "true" if item else "false"
+        if isinstance(item, (int, float)):
+            return repr(item)
+        if isinstance(item, str):
+            return '"' + item.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        raise TypeError(f"cannot write {type(item).__name__} to the config")
+
+    lines = []
+    for section, table in config.items():
+        lines.append(f"[{section}]")
+        lines.extend(f'"{key}" = {value(item)}' for key, item in table.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+class ServerProcess:
+    """A running `inlaid serve`; logs go to `log_path`."""
+
+    def __init__(self, config: dict[str, dict[str, Any]], workdir: str | Path | None = None) -> None:
+        self._owns_workdir = workdir is None  # removed after a clean exit; kept for post-mortems
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="inlaid-server-"))
+        server = dict(config.get("server", {}))
+        server.setdefault("address", f"tcp://127.0.0.1:{free_tcp_port()}")
+        config = {**config, "server": server}
+        self.address: str = server["address"]
+        self.admin_token: str | None = server.get("admin_token")
+        self.config_path = self.workdir / "server.toml"
+        self.config_path.write_text(to_toml(config))
+        self.log_path = self.workdir / "server.log"
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "inlaid.cli", "serve", "--config", str(self.config_path)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def client(self, **kwargs: Any) -> Client:
+        kwargs.setdefault("admin_token", self.admin_token)
+        return Client(self.address, **kwargs)
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        with self.client() as client:
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.logs()[-4000:]}")
+                try:
+                    client.wait_ready(timeout_s=min(2.0, max(0.1, deadline - time.monotonic())))
+                    return
+                except TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"the server was not ready in {timeout_s:.0f} s:\n{self.logs()[-4000:]}")
+
+    def logs(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def terminate(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM (graceful shutdown); returns the exit code. Kills after `timeout_s`."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        if self._owns_workdir and self.process.returncode == 0:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        return int(self.process.returncode)
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()

@@ -1,0 +1,265 @@
+"""The coordinator's handle on its executor process: spawn, talk, watch, restart. Torch-free.
+
+One executor at a time. Each incarnation has its own ZeroMQ identity (its generation), so
+a late message from a dead incarnation can never be taken for an answer of the new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from inlaid.engine.config import EngineConfig
+from inlaid.protocol import (
+    PROTOCOL_VERSION,
+    BatchPlan,
+    ExecutorFailure,
+    ExecutorHello,
+    ExecutorOutbound,
+    ExecutorShutdown,
+    ExecutorStats,
+    StepResult,
+)
+from inlaid.serve.executor import executor_identity
+
+log = logging.getLogger("inlaid.supervisor")
+
+_RESTART_BACKOFF_S = (0.2, 1.0, 2.0, 5.0, 10.0)
+MAX_START_FAILURES = 3  # executors dying before their hello, in a row: give up
+
+
+class ExecutorLostError(RuntimeError):
+    """The executor died (or hung and was killed) while or before running a plan."""
+
+
+class ExecutorStepError(RuntimeError):
+    """The executor ran a plan and it raised; the executor itself is still alive."""
+
+
+@dataclasses.dataclass
+class StepTiming:
+    round_trip_seconds: float  # plan encoded and sent -> result received and decoded
+    compute_seconds: float  # the executor's own time for the step
+
+
+class ExecutorSupervisor:
+    def __init__(
+        self,
+        engine_config: EngineConfig,
+        address: str,
+        *,
+        on_lost: Callable[[str], None],
+        on_fatal: Callable[[str], None],
+        start_timeout_s: float = 600.0,
+        step_timeout_s: float = 300.0,
+        log_level: str = "INFO",
+        log_format: str = "json",
+    ) -> None:
+        self.engine_config = engine_config
+        self.address = address
+        self.on_lost = on_lost
+        self.on_fatal = on_fatal
+        self.start_timeout_s = start_timeout_s
+        self.step_timeout_s = step_timeout_s
+        self.log_level = log_level
+        self.log_format = log_format
+        self.ready = asyncio.Event()
+        self.generation = 0
+        self.restarts = 0
+        self.hello: ExecutorHello | None = None
+        self.stats: ExecutorStats | None = None
+        self.timings: deque[StepTiming] = deque(maxlen=256)
+        self._process: asyncio.subprocess.Process | None = None
+        self._socket: zmq.asyncio.Socket | None = None
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(ExecutorOutbound)
+        self._pending: tuple[int, asyncio.Future[tuple[StepResult, float]]] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._start_failures = 0
+        self._stopping = False
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid if self._process is not None else 0
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        sock = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a dead executor raises, not vanishes
+        sock.bind(self.address)
+        self._socket = sock
+        self._spawn_task(self._receive_loop())
+        await self._spawn()
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Ask the executor to exit; kill it if it does not within `timeout_s`."""
+        self._stopping = True
+        self.ready.clear()
+        process = self._process
+        if process is not None and process.returncode is None:
+            try:
+                await self._send(ExecutorShutdown())
+            except (zmq.ZMQError, ExecutorLostError):
+                pass
+            try:
+                await asyncio.wait_for(process.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                log.warning("executor did not exit in time; killing it", extra={"pid": process.pid})
+                process.kill()
+                await process.wait()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def kill(self) -> None:
+        """SIGKILL the executor (a hung step); the watcher then restarts it."""
+        self.ready.clear()
+        if self._process is not None and self._process.returncode is None:
+            self._process.send_signal(signal.SIGKILL)
+
+    def _spawn_task(self, coroutine) -> None:  # type: ignore[no-untyped-def]
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _spawn(self) -> None:
+        self.generation += 1
+        self.hello = None
+        self.ready.clear()
+        command = [
+            sys.executable, "-m", "inlaid.serve.executor",
+            "--address", self.address,
+            "--generation", str(self.generation),
+            "--engine-config", json.dumps(dataclasses.asdict(self.engine_config)),
+            "--parent-pid", str(os.getpid()),
+            "--log-level", self.log_level,
+            "--log-format", self.log_format,
+        ]  # fmt: skip
+        # start_new_session: a terminal's Ctrl-C reaches the coordinator only, which then
+        # stops the executor itself after draining.
+        process = await asyncio.create_subprocess_exec(*command, stdin=asyncio.subprocess.DEVNULL,
+                                                       start_new_session=True)
+        self._process = process
+        log.info("executor started", extra={"pid": process.pid, "generation": self.generation})
+        self._spawn_task(self._watch(process, self.generation))
+        self._spawn_task(self._start_deadline(process, self.generation))
+
+    async def _start_deadline(self, process: asyncio.subprocess.Process, generation: int) -> None:
+        await asyncio.sleep(self.start_timeout_s)
+        if generation == self.generation and self.hello is None and process.returncode is None:
+            log.error("executor did not become ready in time; killing it",
+                      extra={"pid": process.pid, "timeout_s": self.start_timeout_s})
+            process.kill()
+
+    async def _watch(self, process: asyncio.subprocess.Process, generation: int) -> None:
+        code = await process.wait()
+        if self._stopping or generation != self.generation:
+            return
+        self.ready.clear()
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        reason = f"executor (pid {process.pid}) died with {how}"
+        log.error("executor lost", extra={"pid": process.pid, "generation": generation, "returncode": code})
+        self._fail_pending(ExecutorLostError(reason))
+        self.on_lost(reason)
+        if self.hello is None:
+            self._start_failures += 1
+            if self._start_failures >= MAX_START_FAILURES:
+                self.on_fatal(f"the executor failed to start {self._start_failures} times in a row; last: {reason}")
+                return
+        else:
+            self._start_failures = 0
+        delay = _RESTART_BACKOFF_S[min(self.restarts, len(_RESTART_BACKOFF_S) - 1)] if self.hello is None else 0.2
+        self.restarts += 1
+        await asyncio.sleep(delay)
+        if not self._stopping:
+            await self._spawn()
+
+    # ------------------------------------------------------------------ messages
+    async def _send(self, message: msgspec.Struct) -> None:
+        if self._socket is None:
+            raise ExecutorLostError("the executor socket is closed")
+        try:
+            await self._socket.send_multipart([executor_identity(self.generation), self._encoder.encode(message)])
+        except zmq.ZMQError as error:
+            if error.errno == zmq.EHOSTUNREACH:
+                raise ExecutorLostError("the executor is not connected") from error
+            raise
+
+    async def _receive_loop(self) -> None:
+        assert self._socket is not None
+        while True:
+            try:
+                identity, *frames = await self._socket.recv_multipart()
+            except zmq.ZMQError as error:
+                log.error("executor socket receive failed", extra={"error": str(error)})
+                await asyncio.sleep(0.01)
+                continue
+            received = time.perf_counter()
+            if identity != executor_identity(self.generation) or len(frames) != 1:
+                continue  # a previous incarnation's last words
+            try:
+                message = self._decoder.decode(frames[0])
+            except (msgspec.DecodeError, ValueError) as error:
+                log.error("undecodable frame from the executor", extra={"error": str(error)})
+                continue
+            if isinstance(message, StepResult):
+                pending = self._pending
+                if pending is not None and pending[0] == message.step_id and not pending[1].done():
+                    pending[1].set_result((message, received))
+            elif isinstance(message, ExecutorFailure):
+                pending = self._pending
+                if pending is not None and pending[0] == message.step_id and not pending[1].done():
+                    pending[1].set_exception(ExecutorStepError(f"{message.error_type}: {message.message}"))
+            elif isinstance(message, ExecutorStats):
+                self.stats = message
+            elif isinstance(message, ExecutorHello):
+                if message.protocol_version != PROTOCOL_VERSION:
+                    self.on_fatal(f"executor speaks protocol {message.protocol_version}, coordinator {PROTOCOL_VERSION}")
+                    continue
+                self.hello = message
+                self._start_failures = 0
+                self.ready.set()
+                log.info("executor connected", extra={"pid": message.pid, "generation": message.generation,
+                                                      "device": message.device,
+                                                      "load_seconds": round(message.load_seconds, 3)})
+
+    def _fail_pending(self, error: Exception) -> None:
+        if self._pending is not None and not self._pending[1].done():
+            self._pending[1].set_exception(error)
+        self._pending = None
+
+    async def execute(self, plan: BatchPlan) -> StepResult:
+        """Run one plan on the executor. Raises ExecutorLostError / ExecutorStepError."""
+        if not self.ready.is_set():
+            raise ExecutorLostError("no executor is ready")
+        future: asyncio.Future[tuple[StepResult, float]] = asyncio.get_running_loop().create_future()
+        self._pending = (plan.step_id, future)
+        sent = time.perf_counter()
+        try:
+            await self._send(plan)
+            result, received = await asyncio.wait_for(asyncio.shield(future), self.step_timeout_s)
+        except asyncio.TimeoutError:
+            log.error("step timed out; killing the executor", extra={"step_id": plan.step_id,
+                                                                      "timeout_s": self.step_timeout_s})
+            self.kill()
+            raise ExecutorLostError(f"a step ran past the step timeout ({self.step_timeout_s:.0f} s)") from None
+        finally:
+            if self._pending is not None and self._pending[1] is future:
+                self._pending = None
+        self.timings.append(StepTiming(received - sent, result.compute_seconds))
+        return result

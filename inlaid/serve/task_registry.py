@@ -1,0 +1,86 @@
+"""Which tasks the server accepts requests for, and their adapters. Torch-free.
+
+A removed task stops accepting at once but stays registered with the engine until its
+last running request finishes, so no slot is reloaded under a request that uses it.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections import Counter
+
+from inlaid.engine.adapter_config import AdapterError
+from inlaid.engine.engine import Engine, InvalidRequestError
+from inlaid.protocol import ErrorCode
+from inlaid.serve.config import ConfigError, check_task_name
+
+
+class TaskError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class TaskRegistry:
+    def __init__(self, engine: Engine, admin_token: str | None) -> None:
+        self.engine = engine
+        self._admin_token = admin_token
+        self.tasks: dict[str, str] = {}  # accepting: name -> adapter dir
+        self.draining: set[str] = set()
+        self.active: Counter[str] = Counter()
+
+    def check_token(self, token: str) -> None:
+        if self._admin_token is None:
+            raise TaskError(ErrorCode.UNAUTHORIZED, "admin calls are disabled: the server has no admin token configured")
+        if not hmac.compare_digest(token.encode(), self._admin_token.encode()):
+            raise TaskError(ErrorCode.UNAUTHORIZED, "admin call refused: missing or wrong token")
+
+    def add(self, name: str, adapter_dir: str) -> str:
+        try:
+            check_task_name(name)
+        except ConfigError as error:
+            raise TaskError(ErrorCode.INVALID_REQUEST, str(error)) from None
+        if name in self.draining:
+            raise TaskError(ErrorCode.TASK_BUSY, f"task {name!r} is being removed; retry when its requests finish")
+        previous = self.tasks.get(name)
+        if previous == adapter_dir:
+            return f"task {name!r} already serves {adapter_dir}"
+        if previous is not None and self.active[name]:
+            raise TaskError(ErrorCode.TASK_BUSY,
+                            f"task {name!r} has {self.active[name]} requests in flight; replace it when idle")
+        try:
+            self.engine.register_adapter(name, adapter_dir)
+        except (AdapterError, InvalidRequestError) as error:
+            raise TaskError(ErrorCode.INVALID_REQUEST, str(error)) from None
+        self.tasks[name] = adapter_dir
+        return f"task {name!r} {'replaced' if previous else 'added'}: {adapter_dir}"
+
+    def remove(self, name: str) -> str:
+        if name not in self.tasks:
+            raise TaskError(ErrorCode.UNKNOWN_TASK, f"unknown task {name!r}")
+        del self.tasks[name]
+        if self.active[name]:
+            self.draining.add(name)
+            return f"task {name!r} removed; its {self.active[name]} running requests finish first"
+        self.engine.scheduler.adapters.unregister(name)
+        return f"task {name!r} removed"
+
+    def check_accepting(self, name: str | None) -> None:
+        if name is not None and name not in self.tasks:
+            known = ", ".join(sorted(self.tasks)) or "none"
+            raise TaskError(ErrorCode.UNKNOWN_TASK, f"unknown task {name!r}; this server has: {known}")
+
+    def request_started(self, name: str | None) -> None:
+        if name is not None:
+            self.active[name] += 1
+
+    def request_ended(self, name: str | None) -> None:
+        if name is None:
+            return
+        self.active[name] -= 1
+        if self.active[name] <= 0:
+            del self.active[name]
+            if name in self.draining:
+                self.draining.discard(name)
+                self.engine.scheduler.adapters.unregister(name)

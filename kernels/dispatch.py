@@ -1,0 +1,150 @@
+"""The ops the engine calls: one function per op, Triton on CUDA tensors, the CPU path otherwise.
+
+Segmented LoRA (Punica SGMV semantics). Shapes:
+    T          tokens of the step (one flat, ragged batch)
+    G          segments (consecutive tokens sharing an adapter slot); may be a fixed capacity
+    S          adapter slots in the pool;  R_max  the pool's padded rank
+    n_slices   projections fused in one call (q/k/v, gate/up), slice i is N_i wide
+    K          input features;  N_total  output features of the fused projection
+
+    x               [T, K]                 activations (dtype = pool dtype)
+    a_pools         n_slices x [S, R_max, K]    PEFT lora_A.weight per slot; rows >= rank never read
+    b_pools         n_slices x [S, N_i, R_max]  PEFT lora_B.weight per slot; cols >= rank never read
+    segment_starts  int32 [G + 1]          token offsets (see lora_meta)
+    segment_slots   int32 [G]              slot per segment, -1 = no adapter
+    slot_ranks      int32 [n_slices, S]    rank of each slot on each slice; 0 = no LoRA there
+    slot_scales     float32 [n_slices, S]  lora_alpha / r (or / sqrt(r) for rsLoRA)
+    v               float32 [n_slices, T, R_max]   shrink output / expand input; only
+                                           [i, t, :rank] of tokens with an adapter is defined
+    y               [T, N_total]           base output, updated in place by expand
+    slice_offsets   n_slices ints          column of y where slice i starts
+
+Quantized linear: `prepare_quant_linear` / `quant_matmul` (re-exported from quant_linear).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .lora_cpu import build_cpu_plan, lora_expand_cpu, lora_shrink_cpu
+from .lora_meta import LoraArgumentError, check_pools, check_segment_values, check_segments
+from .quant_linear import (  # noqa: F401  (re-exported: the engine imports ops from here)
+    PreparedQuantLinear,
+    QuantLinearWeights,
+    prepare_quant_linear,
+    quant_matmul,
+)
+
+
+def _check_common(
+    x_like: Tensor, num_tokens: int, segment_starts: Tensor, segment_slots: Tensor,
+    slot_ranks: Tensor, n_slices: int, num_slots: int,
+) -> None:
+    check_segments(segment_starts, segment_slots, num_tokens)
+    if slot_ranks.dtype != torch.int32 or slot_ranks.shape != (n_slices, num_slots):
+        raise LoraArgumentError(
+            f"slot_ranks must be int32 [{n_slices}, {num_slots}], got {slot_ranks.dtype} {tuple(slot_ranks.shape)}"
+        )
+    for name, t in (("segment_starts", segment_starts), ("segment_slots", segment_slots), ("slot_ranks", slot_ranks)):
+        if t.device != x_like.device:
+            raise LoraArgumentError(f"{name} is on {t.device}, activations on {x_like.device}")
+
+
+def _check_cpu_values(
+    segment_starts: Tensor, segment_slots: Tensor, slot_ranks: Tensor,
+    num_tokens: int, num_slots: int, r_max: int,
+) -> None:
+    # Value checks need the data on the host: done on the CPU path only (no GPU sync).
+    check_segment_values(segment_starts, segment_slots, num_tokens, num_slots)
+    if slot_ranks.numel() and (int(slot_ranks.min()) < 0 or int(slot_ranks.max()) > r_max):
+        raise LoraArgumentError(f"slot_ranks must lie in [0, R_max={r_max}]")
+
+
+def lora_shrink(
+    x: Tensor,
+    a_pools: Sequence[Tensor],
+    segment_starts: Tensor,
+    segment_slots: Tensor,
+    slot_ranks: Tensor,
+    out: Tensor | None = None,
+) -> Tensor:
+    """v[i, t, :r] = x[t] @ a_pools[i][s, :r, :].T for tokens t of segments with slot s, r = slot_ranks[i, s].
+
+    Returns float32 [n_slices, T, R_max] (written into `out` when given: a static buffer
+    for CUDA graphs). Entries outside [:, t, :rank] of tokens with an adapter are undefined."""
+    if x.dim() != 2:
+        raise LoraArgumentError(f"x must be [T, K], got shape {tuple(x.shape)}")
+    num_slots, r_max = check_pools(a_pools, "a_pools", x.dtype, x.device)
+    if any(pool.shape[2] != x.shape[1] for pool in a_pools):
+        raise LoraArgumentError(f"a_pools must be [S, R_max, K={x.shape[1]}]")
+    _check_common(x, x.shape[0], segment_starts, segment_slots, slot_ranks, len(a_pools), num_slots)
+    shape = (len(a_pools), x.shape[0], r_max)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=x.device)
+    elif out.shape != shape or out.dtype != torch.float32 or out.device != x.device:
+        raise LoraArgumentError(f"out must be float32 {shape} on {x.device}")
+    if x.is_cuda:
+        from .lora_triton import sgmv_shrink
+
+        return sgmv_shrink(x, a_pools, segment_starts, segment_slots, slot_ranks, out)
+    _check_cpu_values(segment_starts, segment_slots, slot_ranks, x.shape[0], num_slots, r_max)
+    plan = build_cpu_plan(segment_starts, segment_slots, slot_ranks)
+    return lora_shrink_cpu(x, a_pools, plan, out)
+
+
+def lora_expand(
+    y: Tensor,
+    v: Tensor,
+    b_pools: Sequence[Tensor],
+    slice_offsets: Sequence[int],
+    segment_starts: Tensor,
+    segment_slots: Tensor,
+    slot_ranks: Tensor,
+    slot_scales: Tensor,
+) -> None:
+    """y[t, off_i:off_i+N_i] += slot_scales[i, s] * v[i, t, :r] @ b_pools[i][s, :, :r].T, in place,
+    for tokens t of segments with slot s and r = slot_ranks[i, s] > 0."""
+    if y.dim() != 2:
+        raise LoraArgumentError(f"y must be [T, N_total], got shape {tuple(y.shape)}")
+    num_slots, r_max = check_pools(b_pools, "b_pools", y.dtype, y.device)
+    n_slices = len(b_pools)
+    if len(slice_offsets) != n_slices:
+        raise LoraArgumentError(f"{len(slice_offsets)} slice_offsets for {n_slices} b_pools")
+    for i, (pool, offset) in enumerate(zip(b_pools, slice_offsets)):
+        if offset < 0 or offset + pool.shape[1] > y.shape[1]:
+            raise LoraArgumentError(
+                f"slice {i} (columns {offset}..{offset + pool.shape[1]}) does not fit y with {y.shape[1]} columns"
+            )
+    if v.shape != (n_slices, y.shape[0], r_max) or v.device != y.device:
+        raise LoraArgumentError(f"v must be [{n_slices}, {y.shape[0]}, {r_max}] on {y.device}, got {tuple(v.shape)}")
+    if slot_scales.shape != (n_slices, num_slots) or slot_scales.device != y.device:
+        raise LoraArgumentError(f"slot_scales must be [{n_slices}, {num_slots}] on {y.device}")
+    _check_common(y, y.shape[0], segment_starts, segment_slots, slot_ranks, n_slices, num_slots)
+    if y.is_cuda:
+        from .lora_triton import sgmv_expand
+
+        sgmv_expand(y, v, b_pools, slice_offsets, segment_starts, segment_slots, slot_ranks, slot_scales)
+        return
+    _check_cpu_values(segment_starts, segment_slots, slot_ranks, y.shape[0], num_slots, r_max)
+    plan = build_cpu_plan(segment_starts, segment_slots, slot_ranks)
+    lora_expand_cpu(y, v, b_pools, slice_offsets, plan, slot_scales)
+
+
+def lora_apply(
+    y: Tensor,
+    x: Tensor,
+    a_pools: Sequence[Tensor],
+    b_pools: Sequence[Tensor],
+    slice_offsets: Sequence[int],
+    segment_starts: Tensor,
+    segment_slots: Tensor,
+    slot_ranks: Tensor,
+    slot_scales: Tensor,
+    v_buffer: Tensor | None = None,
+) -> None:
+    """y += LoRA(x) for a (possibly fused) projection: shrink then expand."""
+    v = lora_shrink(x, a_pools, segment_starts, segment_slots, slot_ranks, out=v_buffer)
+    lora_expand(y, v, b_pools, slice_offsets, segment_starts, segment_slots, slot_ranks, slot_scales)

@@ -1,0 +1,237 @@
+"""Low-bit weight-only linear layers on GPTQ checkpoints: prepare once, multiply many times.
+
+    QuantLinearWeights     exactly the checkpoint tensors of one layer (see gptq_format):
+        qweight  int32 [K * bits // 32, N]    qzeros int32 [G, N * bits // 32]
+        scales   float [G, N]                 g_idx  int32 [K] or None (k // group_size)
+        bits in {2, 3, 4, 8}; group_size in {32, 64, 128, ...} or -1 (one group over K)
+        bias     [N] or None
+    prepare_quant_linear(w, device, act_dtype, mode) -> PreparedQuantLinear
+        an offline re-layout for the device; the checkpoint tensors stay untouched
+    quant_matmul(x [M, K], prepared) -> [M, N] in x's dtype (+ bias)
+
+Paths (`mode`):
+    "auto"     CUDA: Triton (dequantize in registers, fp32 accumulation; dequant + cuBLAS
+               for M >= prepared.dense_min_m). CPU: torch's int4 kernels for bits <= 4
+               (2/3-bit codes are stored in the int4 layout), "dequant" where the int4
+               kernel's shape constraints fail (N % 16, group size).
+    "int4"     CPU int4 kernels (bf16 activations internally), error if impossible.
+    "triton"   Triton kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1 in tests).
+    "dequant"  dequantize from the packed checkpoint on every call, then matmul (any g_idx).
+    "dense"    dequantize once to a dense weight in act_dtype (fp32: the exact-parity path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .gptq_format import SUPPORTED_BITS, dequantize_gptq, unpack_qweight, unpack_qzeros
+
+Mode = Literal["auto", "int4", "triton", "dequant", "dense"]
+
+
+class QuantLinearError(ValueError):
+    """A quantized layer cannot be prepared or multiplied as asked."""
+
+
+@dataclass
+class QuantLinearWeights:
+    """Exactly the checkpoint tensors of one GPTQ linear layer."""
+
+    qweight: Tensor
+    qzeros: Tensor
+    scales: Tensor
+    g_idx: Tensor | None
+    bits: int
+    group_size: int
+    in_features: int
+    out_features: int
+    bias: Tensor | None = None
+
+
+@dataclass
+class CpuInt4Layout:
+    packed: Tensor  # uint8, torch's int4pack layout of codes [N, K] (K act-order sorted)
+    scales_and_zeros: Tensor  # bf16 [K // kernel_group, N, 2]: w = (q - 8) * scale + zero
+    kernel_group: int  # 32/64/128/256 (a divisor of the checkpoint's group size)
+
+
+@dataclass
+class DequantLayout:
+    qweight: Tensor  # the checkpoint's packed codes (kept packed: low memory)
+    zeros: Tensor  # act_dtype [G, N] true zero points
+    scales: Tensor  # act_dtype [G, N]
+    g_idx: Tensor  # int64 [K]
+    contiguous_group: int | None = None  # set when g_idx = k // group: dequantize by broadcasting
+
+
+@dataclass
+class DenseLayout:
+    weight: Tensor  # act_dtype [N, K] (nn.Linear layout)
+
+
+@dataclass
+class TritonLayout:
+    codes: Tensor  # int32 [K * b // 32, N], codes packed along K in sorted-K order (b = bits, 2 for 3-bit)
+    high_bits: Tensor | None  # 3-bit only: int32 [K // 32, N], the codes' top bit (1-bit plane)
+    scales: Tensor  # act_dtype [G, N]
+    zeros: Tensor  # act_dtype [G, N] true zero points
+    group_size: int  # effective (K for -1); groups are contiguous in sorted-K order
+
+
+@dataclass
+class PreparedQuantLinear:
+    kind: Literal["int4", "triton", "dequant", "dense"]
+    layout: CpuInt4Layout | DequantLayout | DenseLayout | TritonLayout
+    bits: int
+    group_size: int
+    in_features: int
+    out_features: int
+    act_dtype: torch.dtype
+    input_perm: Tensor | None  # int64 [K]: sorted-K position -> input column (act-order); None = identity
+    bias: Tensor | None
+    dense_min_m: int = 128  # Triton path: from this many rows on, dequantize + cuBLAS
+
+
+def _effective_group_size(w: QuantLinearWeights) -> int:
+    k = w.in_features
+    group = k if w.group_size == -1 else w.group_size
+    if group <= 0:
+        raise QuantLinearError(f"group_size must be positive or -1, got {w.group_size}")
+    if k % group:
+        raise QuantLinearError(
+            f"in_features ({k}) is not a multiple of group_size ({w.group_size}); "
+            "GPTQ groups must tile K exactly"
+        )
+    return group
+
+
+def check_weights(w: QuantLinearWeights) -> int:
+    """Validate shapes against the GPTQ format; returns the effective group size."""
+    if w.bits not in SUPPORTED_BITS:
+        raise QuantLinearError(f"bits must be one of {SUPPORTED_BITS}, got {w.bits}")
+    group = _effective_group_size(w)
+    k, n = w.in_features, w.out_features
+    n_groups = k // group
+    expected = {
+        "qweight": (w.qweight, (k * w.bits // 32, n), torch.int32),
+        "qzeros": (w.qzeros, (n_groups, n * w.bits // 32), torch.int32),
+    }
+    for name, (tensor, shape, dtype) in expected.items():
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise QuantLinearError(
+                f"{name} must be {dtype} {shape} for K={k}, N={n}, {w.bits}-bit, group {w.group_size}; "
+                f"got {tensor.dtype} {tuple(tensor.shape)}"
+            )
+    if (k * w.bits) % 32 or (n * w.bits) % 32:
+        raise QuantLinearError(f"K={k} and N={n} must pack into whole int32 words at {w.bits} bits")
+    if tuple(w.scales.shape) != (n_groups, n) or not w.scales.is_floating_point():
+        raise QuantLinearError(f"scales must be float [{n_groups}, {n}], got {w.scales.dtype} {tuple(w.scales.shape)}")
+    if w.g_idx is not None and tuple(w.g_idx.shape) != (k,):
+        raise QuantLinearError(f"g_idx must be [{k}], got {tuple(w.g_idx.shape)}")
+    if w.bias is not None and tuple(w.bias.shape) != (n,):
+        raise QuantLinearError(f"bias must be [{n}], got {tuple(w.bias.shape)}")
+    return group
+
+
+def _group_index(w: QuantLinearWeights, group: int) -> Tensor:
+    if w.g_idx is None:
+        return torch.arange(w.in_features, dtype=torch.int64) // group
+    g_idx = w.g_idx.to("cpu", torch.int64)
+    if int(g_idx.min()) < 0 or int(g_idx.max()) >= w.in_features // group:
+        raise QuantLinearError(f"g_idx values must lie in [0, {w.in_features // group})")
+    return g_idx
+
+
+def sorted_k_order(g_idx: Tensor, group: int) -> tuple[Tensor | None, bool]:
+    """(perm, contiguous): input columns sorted by group (None if already sorted), and whether
+    every group then holds exactly `group` consecutive rows (what blocked kernels need)."""
+    k = g_idx.shape[0]
+    if bool((g_idx == torch.arange(k) // group).all()):
+        return None, True
+    perm = torch.argsort(g_idx, stable=True)
+    return perm, bool((g_idx[perm] == torch.arange(k) // group).all())
+
+
+def prepare_quant_linear(
+    w: QuantLinearWeights,
+    device: torch.device | str,
+    act_dtype: torch.dtype,
+    mode: Mode = "auto",
+) -> PreparedQuantLinear:
+    """Re-layout one layer for `device` (done once at load; the checkpoint stays standard)."""
+    from . import quant_cpu  # local: keeps the module graph acyclic
+
+    device = torch.device(device)
+    group = check_weights(w)
+    g_idx = _group_index(w, group)
+    perm, contiguous = sorted_k_order(g_idx, group)
+    bias = None if w.bias is None else w.bias.to(device, act_dtype)
+    common = dict(
+        bits=w.bits, group_size=w.group_size, in_features=w.in_features,
+        out_features=w.out_features, act_dtype=act_dtype, bias=bias,
+    )
+    if mode == "auto":
+        if device.type == "cuda":
+            mode = "triton" if contiguous else "dequant"
+        else:
+            mode = "int4" if contiguous and quant_cpu.int4_supported(w, group) else "dequant"
+    if mode == "dense":
+        weight = dequantize_gptq(w.qweight, w.qzeros, w.scales, g_idx.to(w.qweight.device), w.bits)
+        return PreparedQuantLinear("dense", DenseLayout(weight.T.contiguous().to(device, act_dtype)),
+                                   input_perm=None, **common)
+    if mode == "dequant":
+        layout = DequantLayout(
+            qweight=w.qweight.to(device),
+            zeros=unpack_qzeros(w.qzeros, w.bits, w.out_features).to(device, act_dtype),
+            scales=w.scales.to(device, act_dtype),
+            g_idx=g_idx.to(device),
+            contiguous_group=group if perm is None else None,
+        )
+        return PreparedQuantLinear("dequant", layout, input_perm=None, **common)
+    if not contiguous:
+        raise QuantLinearError(f"mode {mode!r} needs every g_idx group to hold exactly {group} rows")
+    input_perm = None if perm is None else perm.to(device)
+    codes = unpack_qweight(w.qweight.cpu(), w.bits, w.in_features)
+    if perm is not None:
+        codes = codes[perm]
+    zeros = unpack_qzeros(w.qzeros.cpu(), w.bits, w.out_features)
+    scales = w.scales.cpu()
+    if mode == "int4":
+        layout = quant_cpu.prepare_int4(codes, zeros, scales, w.bits, group, device)
+        return PreparedQuantLinear("int4", layout, input_perm=input_perm, **common)
+    if mode == "triton":
+        from .quant_triton import prepare_triton_layout
+
+        layout = prepare_triton_layout(codes, zeros, scales, w.bits, group, device, act_dtype)
+        return PreparedQuantLinear("triton", layout, input_perm=input_perm, **common)
+    raise QuantLinearError(f"unknown mode {mode!r}")
+
+
+def quant_matmul(x: Tensor, prepared: PreparedQuantLinear) -> Tensor:
+    """x [M, K] -> x @ W + bias, [M, N] in x's dtype."""
+    from . import quant_cpu
+
+    if x.dim() != 2 or x.shape[1] != prepared.in_features:
+        raise QuantLinearError(f"x must be [M, {prepared.in_features}], got shape {tuple(x.shape)}")
+    layout = prepared.layout
+    weight_device = next(t for t in vars(layout).values() if isinstance(t, Tensor)).device
+    if x.device != weight_device:
+        raise QuantLinearError(f"x is on {x.device}, the prepared weight on {weight_device}")
+    if isinstance(layout, DenseLayout):
+        out = torch.nn.functional.linear(x.to(layout.weight.dtype), layout.weight)
+    elif isinstance(layout, CpuInt4Layout):
+        out = quant_cpu.int4_matmul(x, layout, prepared.input_perm)
+    elif isinstance(layout, DequantLayout):
+        out = quant_cpu.dequant_matmul(x, layout, prepared.bits, prepared.in_features)
+    else:
+        from .quant_triton import triton_quant_matmul
+
+        out = triton_quant_matmul(x, layout, prepared.bits, prepared.input_perm, prepared.dense_min_m)
+    out = out.to(x.dtype)
+    if prepared.bias is not None:
+        out = out + prepared.bias.to(x.dtype)
+    return out

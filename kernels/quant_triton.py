@@ -1,0 +1,239 @@
+"""Triton low-bit weight-only GEMM for GPTQ layers (CUDA path): dequantize in registers.
+
+Shapes (M rows of activations, K in_features, N out_features, G groups, b stored bits):
+    x           [M, K]                 fp16/bf16 activations (fp32 in CPU-interpreter tests)
+    codes       int32 [K * b // 32, N] GPTQ packing along K (b = bits; b = 2 for 3-bit), in
+                                        sorted-K order (act-order rows grouped by g_idx)
+    high_bits   int32 [K // 32, N]     3-bit only: the codes' top bit, 1-bit plane
+    scales      [G, N]  act dtype;  zeros [G, N] act dtype (true zero points)
+    input_perm  int64 [K] or None      sorted-K position -> input column (act-order)
+    out         [M, N]
+
+    out[m, n] = sum_k x[m, perm[k]] * scales[k // gs, n] * (q[k, n] - zeros[k // gs, n])
+
+Offline re-layout (prepare_triton_layout; the checkpoint on disk stays standard GPTQ):
+  act-order rows are sorted by group once, so a K tile lies in one group and loads one
+  row of scales/zeros; x's columns are gathered through `input_perm` inside the kernel.
+  3-bit codes are split into a 2-bit plane and a 1-bit plane: still 3 bits per weight of
+  memory traffic, but no value straddles a 32-bit word (GPTQ's 3-bit stream does).
+Paths: M <= 16 -> decode config (BLOCK_M 16, split-K with fp32 atomics so enough programs
+stream the weight); larger M -> tiled GEMM; M >= dense_min_m -> dequantize the whole
+weight (Triton) and use cuBLAS, where the benchmark shows the tiled kernel losing.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .gptq_format import _pack_rows
+from .quant_linear import QuantLinearError, TritonLayout
+
+
+def prepare_triton_layout(
+    codes: Tensor, zeros: Tensor, scales: Tensor, bits: int, group: int,
+    device: torch.device, act_dtype: torch.dtype,
+) -> TritonLayout:
+    """codes int32 [K, N] in sorted-K order, zeros int [G, N], scales [G, N] -> TritonLayout."""
+    k = codes.shape[0]
+    if _block_k_for(k, group) is None:
+        raise QuantLinearError(f"Triton path needs K ({k}) and the group size ({group}) divisible by 16")
+    if bits == 3:
+        packed = _pack_rows(codes & 3, 2)
+        high_bits: Tensor | None = _pack_rows(codes >> 2, 1).to(device)
+    else:
+        packed = _pack_rows(codes, bits)
+        high_bits = None
+    return TritonLayout(
+        codes=packed.to(device),
+        high_bits=high_bits,
+        scales=scales.to(device, act_dtype).contiguous(),
+        zeros=zeros.to(device, act_dtype).contiguous(),
+        group_size=group,
+    )
+
+
+@triton.jit
+def _dequant_tile(
+    codes_ptr, high_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, mask_n, group_size,
+    stride_ck, stride_cn, stride_hk, stride_hn, stride_sg, stride_sn,
+    BITS: tl.constexpr,
+):
+    """fp32 [BLOCK_K, BLOCK_N] weight tile of rows offs_k (all in group k0 // group_size)."""
+    if BITS == 3:
+        low_words = tl.load(codes_ptr + (offs_k // 16)[:, None] * stride_ck + offs_n[None, :] * stride_cn,
+                            mask=mask_n[None, :], other=0)
+        high_words = tl.load(high_ptr + (offs_k // 32)[:, None] * stride_hk + offs_n[None, :] * stride_hn,
+                             mask=mask_n[None, :], other=0)
+        q = ((low_words >> ((offs_k % 16) * 2)[:, None]) & 3) | (((high_words >> (offs_k % 32)[:, None]) & 1) << 2)
+    else:
+        PER_WORD: tl.constexpr = 32 // BITS
+        words = tl.load(codes_ptr + (offs_k // PER_WORD)[:, None] * stride_ck + offs_n[None, :] * stride_cn,
+                        mask=mask_n[None, :], other=0)
+        q = (words >> ((offs_k % PER_WORD) * BITS)[:, None]) & ((1 << BITS) - 1)
+    group = k0 // group_size
+    scale = tl.load(scales_ptr + group * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
+    zero = tl.load(zeros_ptr + group * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
+    return (q.to(tl.float32) - zero[None, :]) * scale[None, :]
+
+
+@triton.jit
+def _quant_gemm_kernel(
+    x_ptr, perm_ptr, codes_ptr, high_ptr, scales_ptr, zeros_ptr, out_ptr,
+    M, N, K, group_size, k_tiles_per_split,
+    stride_xm, stride_xk, stride_ck, stride_cn, stride_hk, stride_hn, stride_sg, stride_sn,
+    stride_om, stride_on,
+    BITS: tl.constexpr, HAS_PERM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n_blocks
+    pid_n = pid % num_n_blocks
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    tile_begin = pid_k * k_tiles_per_split
+    tile_end = tl.minimum(K // BLOCK_K, tile_begin + k_tiles_per_split)
+    for tile in range(tile_begin, tile_end):
+        k0 = tile * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if HAS_PERM:
+            x_cols = tl.load(perm_ptr + offs_k)
+        else:
+            x_cols = offs_k
+        x_tile = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + x_cols[None, :] * stride_xk,
+                         mask=mask_m[:, None], other=0.0)
+        w_tile = _dequant_tile(
+            codes_ptr, high_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, mask_n, group_size,
+            stride_ck, stride_cn, stride_hk, stride_hn, stride_sg, stride_sn, BITS,
+        )
+        acc += tl.dot(x_tile, w_tile.to(x_tile.dtype), input_precision=DOT_PRECISION)
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _dequant_kernel(
+    codes_ptr, high_ptr, scales_ptr, zeros_ptr, w_ptr,
+    N, group_size,
+    stride_ck, stride_cn, stride_hk, stride_hn, stride_sg, stride_sn, stride_wk, stride_wn,
+    BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    k0 = tl.program_id(0) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    w_tile = _dequant_tile(
+        codes_ptr, high_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, mask_n, group_size,
+        stride_ck, stride_cn, stride_hk, stride_hn, stride_sg, stride_sn, BITS,
+    )
+    tl.store(w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
+             w_tile.to(w_ptr.dtype.element_ty), mask=mask_n[None, :])
+
+
+def _block_k_for(k: int, group: int, largest: int = 128) -> int | None:
+    """Largest power-of-two K tile (16..largest) dividing both K and the group size."""
+    block = largest
+    while block >= 16:
+        if k % block == 0 and group % block == 0:
+            return block
+        block //= 2
+    return None
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter runs: keep grids small
+
+
+def default_gemm_config(m: int, n: int, k: int, group: int, device: torch.device) -> dict[str, int]:
+    """Decode (M <= 16): narrow tiles + split-K to cover the SMs; prefill: 64x64 tiles."""
+    block_k = _block_k_for(k, group) or 16
+    if m <= 16:
+        block_n = 64
+        programs = triton.cdiv(n, block_n)
+        k_tiles = k // block_k
+        split_k = max(1, min(k_tiles // 4, triton.cdiv(2 * _sm_count(device), programs)))
+        return {"block_m": 16, "block_n": block_n, "block_k": block_k, "split_k": split_k, "num_warps": 4}
+    block_k = _block_k_for(k, group, largest=64) or 16
+    return {"block_m": 64 if m > 32 else 32, "block_n": 64, "block_k": block_k, "split_k": 1, "num_warps": 4}
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _high(layout: TritonLayout) -> tuple[Tensor, int, int]:
+    if layout.high_bits is None:
+        return layout.codes, 0, 0  # unused by the kernel for bits != 3
+    return layout.high_bits, layout.high_bits.stride(0), layout.high_bits.stride(1)
+
+
+def dequantize_triton(layout: TritonLayout, bits: int, dtype: torch.dtype) -> Tensor:
+    """Dense weight [K, N] (sorted-K order) in `dtype`, dequantized by a Triton kernel."""
+    n = layout.scales.shape[1]
+    k = layout.group_size * layout.scales.shape[0]
+    weight = torch.empty((k, n), dtype=dtype, device=layout.codes.device)
+    block_k = _block_k_for(k, layout.group_size, largest=64)
+    block_n = 64
+    high, stride_hk, stride_hn = _high(layout)
+    grid = (k // block_k, triton.cdiv(n, block_n))
+    _dequant_kernel[grid](
+        layout.codes, high, layout.scales, layout.zeros, weight,
+        n, layout.group_size,
+        layout.codes.stride(0), layout.codes.stride(1), stride_hk, stride_hn,
+        layout.scales.stride(0), layout.scales.stride(1), weight.stride(0), weight.stride(1),
+        BITS=bits, BLOCK_K=block_k, BLOCK_N=block_n,
+    )
+    return weight
+
+
+def triton_quant_matmul(
+    x: Tensor, layout: TritonLayout, bits: int, input_perm: Tensor | None, dense_min_m: int,
+    **config_override: int,
+) -> Tensor:
+    """[M, N] in x's dtype (bias not included)."""
+    m, k = x.shape
+    n = layout.scales.shape[1]
+    if m >= dense_min_m:
+        weight = dequantize_triton(layout, bits, x.dtype)
+        x_sorted = x if input_perm is None else x.index_select(1, input_perm)
+        return x_sorted @ weight
+    config = default_gemm_config(m, n, k, layout.group_size, x.device)
+    config.update(config_override)
+    block_m, block_n, block_k, split_k = (config[key] for key in ("block_m", "block_n", "block_k", "split_k"))
+    if k % block_k or layout.group_size % block_k:
+        raise QuantLinearError(f"block_k {block_k} must divide K ({k}) and the group size ({layout.group_size})")
+    k_tiles = k // block_k
+    split_k = max(1, min(split_k, k_tiles))
+    k_tiles_per_split = triton.cdiv(k_tiles, split_k)
+    split_k = triton.cdiv(k_tiles, k_tiles_per_split)
+    if split_k > 1:
+        out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    high, stride_hk, stride_hn = _high(layout)
+    perm = input_perm if input_perm is not None else layout.codes  # placeholder pointer when unused
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split_k)
+    _quant_gemm_kernel[grid](
+        x, perm, layout.codes, high, layout.scales, layout.zeros, out,
+        m, n, k, layout.group_size, k_tiles_per_split,
+        x.stride(0), x.stride(1), layout.codes.stride(0), layout.codes.stride(1), stride_hk, stride_hn,
+        layout.scales.stride(0), layout.scales.stride(1), out.stride(0), out.stride(1),
+        BITS=bits, HAS_PERM=input_perm is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        DOT_PRECISION=_dot_precision(x.dtype), num_warps=config.get("num_warps", 4),
+    )
+    return out.to(x.dtype)

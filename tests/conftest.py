@@ -1,0 +1,72 @@
+"""Shared fixtures: the default model and small PEFT adapters built on it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests run on 2-core CI machines next to nothing else; keep torch from oversubscribing.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    from inlaid.models.prepare import prepare_default_model
+
+    return prepare_default_model(quiet=True)
+
+
+def make_peft_adapter(model, out_dir: Path, rank: int, targets: list[str], seed: int, alpha: float | None = None,
+                      use_rslora: bool = False) -> Path:
+    """A random LoRA adapter with non-zero B (so it changes outputs), saved in PEFT format."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else 2 * rank,
+        target_modules=targets,
+        init_lora_weights=False,
+        use_rslora=use_rslora,
+        lora_dropout=0.0,
+    )
+    peft_model = get_peft_model(model, config)
+    # PEFT's non-default init is large for a 135M model; shrink it so outputs stay text-like
+    # but clearly differ from the base.
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.mul_(0.3)
+    peft_model.save_pretrained(str(out_dir))
+    peft_model.unload()
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(tmp_path_factory, model_dir) -> dict[str, Path]:
+    """Three adapters of different ranks and target-module sets."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("adapters")
+    specs = {
+        "attn-r8": (8, ["q_proj", "v_proj"], 1, False),
+        "mlp-r16": (16, ["gate_proj", "up_proj", "down_proj"], 2, False),
+        "all-r32": (32, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 3, True),
+    }
+    dirs = {}
+    for name, (rank, targets, seed, rslora) in specs.items():
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        dirs[name] = make_peft_adapter(base, root / name, rank, targets, seed, use_rslora=rslora)
+    return dirs

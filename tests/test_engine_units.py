@@ -1,0 +1,180 @@
+"""Engine pieces checked against known answers: detokenizer, sampler, scheduler, loaders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from inlaid.engine.adapter_config import AdapterError, read_adapter_spec
+from inlaid.engine.adapter_slots import AdapterSlots
+from inlaid.engine.block_manager import BlockManager
+from inlaid.engine.config import ModelConfig, ModelLoadError
+from inlaid.engine.sampler import sample_tokens
+from inlaid.engine.scheduler import Scheduler, SchedulerLimits
+from inlaid.engine.sequence import FinishReason, Sequence
+from inlaid.engine.tokenizer import StreamingDetokenizer, Tokenizer
+from inlaid.protocol import SampledToken, SamplingParams, StepResult
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir) -> Tokenizer:
+    return Tokenizer(model_dir)
+
+
+def test_streaming_detokenizer_handles_multibyte_utf8(tokenizer):
+    text = "Café 世界 🎉 naïve — ok"
+    ids = tokenizer.encode(text)
+    assert len(ids) > len(text.split())  # some characters span several byte-level tokens
+    detok = StreamingDetokenizer(tokenizer, stop=[])
+    deltas = [detok.add(t) for t in ids]
+    deltas.append(detok.finish())
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == text
+
+
+def test_stop_string_truncates_and_never_streams(tokenizer):
+    detok = StreamingDetokenizer(tokenizer, stop=["END"])
+    streamed = []
+    for token in tokenizer.encode("alpha beta ENDING gamma"):
+        streamed.append(detok.add(token))
+        if detok.stopped:
+            break
+    assert detok.stopped
+    assert "".join(streamed) + detok.finish() == "alpha beta "
+    assert all("E" not in piece for piece in streamed)
+
+
+def test_chat_template_matches_transformers(tokenizer, model_dir):
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(str(model_dir))
+    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Bye"}]
+    expected = reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert tokenizer.apply_chat_template(messages) == expected
+    assert tokenizer.encode(expected) == reference(expected, add_special_tokens=False)["input_ids"]
+
+
+def test_sampler_greedy_topk_and_seeds():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    greedy = sample_tokens(logits, [SamplingParams()] * 4, [0] * 4)
+    assert greedy == logits.argmax(-1).tolist()
+    top1 = sample_tokens(logits, [SamplingParams(temperature=1.5, top_k=1)] * 4, [0] * 4)
+    assert top1 == greedy
+    seeded = [SamplingParams(temperature=1.0, seed=7)] * 4
+    assert sample_tokens(logits, seeded, [3] * 4) == sample_tokens(logits, seeded, [3] * 4)
+
+
+def test_top_p_keeps_exactly_the_nucleus():
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.06, 0.04], dtype=torch.float64)
+    logits = probs.log().float()[None].repeat(400, 1)
+    params = [SamplingParams(temperature=1.0, top_p=0.8, seed=i) for i in range(400)]
+    drawn = sample_tokens(logits, params, [0] * 400)
+    # Nucleus for 0.8: {0, 1, 2} (0.5 + 0.25 < 0.8 <= 0.9), renormalised to 0.5/0.9, 0.25/0.9, 0.15/0.9.
+    assert set(drawn) <= {0, 1, 2}
+    frequency = drawn.count(0) / 400
+    assert abs(frequency - 0.5 / 0.9) < 0.08
+
+
+def test_sampling_params_are_validated():
+    for bad in (dict(max_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-2), dict(stop=[""])):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad).validate()
+
+
+def _scheduler(num_blocks=8, block_size=4, budget=10, max_seqs=4) -> Scheduler:
+    return Scheduler(SchedulerLimits(max_seqs, budget, 1000), BlockManager(num_blocks, block_size),
+                     AdapterSlots(2), eos_token_ids=(2,))
+
+
+def test_scheduler_respects_token_budget_and_chunks_prefill():
+    scheduler = _scheduler(num_blocks=32, budget=10)
+    long = Sequence(seq_id=0, prompt_token_ids=list(range(10, 35)), sampling=SamplingParams(max_tokens=3))
+    short = Sequence(seq_id=1, prompt_token_ids=[5, 6], sampling=SamplingParams(max_tokens=3))
+    scheduler.add(long)
+    scheduler.add(short)
+    plan = scheduler.schedule()
+    assert sum(len(c.token_ids) for c in plan.chunks) == 10
+    assert [c.seq_id for c in plan.chunks] == [0] and not plan.chunks[0].sample
+    plans = [plan]
+    while long.num_pending_tokens:
+        plans.append(scheduler.schedule())
+        assert sum(len(c.token_ids) for c in plans[-1].chunks) <= 10
+    last = next(c for c in plans[-1].chunks if c.seq_id == 0)
+    assert last.sample and last.start_pos + len(last.token_ids) == 25
+
+
+def test_scheduler_finishes_on_eos_and_max_tokens_and_frees_blocks():
+    scheduler = _scheduler()
+    seqs = {i: Sequence(seq_id=i, prompt_token_ids=[7, 8, 9], sampling=SamplingParams(max_tokens=2)) for i in range(2)}
+    for seq in seqs.values():
+        scheduler.add(seq)
+    plan = scheduler.schedule()
+    update = scheduler.process_result(
+        StepResult(step_id=plan.step_id, sampled=[SampledToken(seq_id=0, token_id=2), SampledToken(seq_id=1, token_id=11)],
+                   num_tokens=6, compute_seconds=0.0), seqs)
+    assert [s.seq_id for s in update.finished] == [0] and seqs[0].finish_reason is FinishReason.STOP
+    plan = scheduler.schedule()
+    update = scheduler.process_result(
+        StepResult(step_id=plan.step_id, sampled=[SampledToken(seq_id=1, token_id=12)], num_tokens=1,
+                   compute_seconds=0.0), seqs)
+    assert seqs[1].finish_reason is FinishReason.LENGTH
+    assert scheduler.blocks.num_free_blocks == scheduler.blocks.num_blocks
+
+
+def test_adapter_slots_evict_lru_but_never_pinned():
+    slots = AdapterSlots(2)
+    for name in "abc":
+        slots.register(name, f"/adapters/{name}")
+    assert slots.acquire("a", set()).loaded_now
+    assert slots.acquire("b", set()).loaded_now
+    assert not slots.acquire("a", set()).loaded_now  # a is now most recent
+    third = slots.acquire("c", pinned=set())
+    assert third.loaded_now and slots.slot_of("b") is None  # b was least recent
+    assert slots.acquire("b", pinned={"a", "c"}) is None
+
+
+def _write_adapter(path, **config):
+    path.mkdir(parents=True, exist_ok=True)
+    base = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}
+    (path / "adapter_config.json").write_text(json.dumps({**base, **config}))
+    (path / "adapter_model.safetensors").write_bytes(b"")
+    return path
+
+
+def test_adapter_config_validation(tmp_path):
+    spec = read_adapter_spec("ok", _write_adapter(tmp_path / "ok", use_rslora=True, r=16, lora_alpha=32))
+    assert spec.scale == pytest.approx(32 / 4)
+    cases = {
+        "dora": ({"use_dora": True}, "DoRA"),
+        "embed": ({"target_modules": ["embed_tokens", "q_proj"]}, "embed_tokens"),
+        "ia3": ({"peft_type": "IA3"}, "IA3"),
+        "pattern": ({"rank_pattern": {"q_proj": 4}}, "rank_pattern"),
+    }
+    for name, (config, message) in cases.items():
+        with pytest.raises(AdapterError, match=message):
+            read_adapter_spec(name, _write_adapter(tmp_path / name, **config))
+    with pytest.raises(AdapterError, match="not found"):
+        read_adapter_spec("missing", tmp_path / "nowhere")
+
+
+def test_model_loading_errors(tmp_path, model_dir):
+    from inlaid.engine.weights import load_model
+
+    with pytest.raises(ModelLoadError, match="not found"):
+        ModelConfig.from_dir(tmp_path / "absent")
+    bad = tmp_path / "bert"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    with pytest.raises(ModelLoadError, match="unsupported architecture"):
+        ModelConfig.from_dir(bad)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    shutil.copy(model_dir / "config.json", corrupt / "config.json")
+    (corrupt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ModelLoadError, match="corrupt"):
+        load_model(ModelConfig.from_dir(corrupt), corrupt, torch.float32, torch.device("cpu"))

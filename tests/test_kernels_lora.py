@@ -1,0 +1,203 @@
+"""Segmented LoRA shrink/expand: the CPU path (dispatch) and the Triton kernels (interpreted on
+the CPU) against the float64 per-segment reference, on fresh random inputs.
+
+Poisoning: the pools' padded ranks are NaN, the shrink output buffer starts as NaN, and the
+expand input `v` is NaN wherever the contract leaves it undefined; so reading padding,
+skipping a token, or writing a token without adapter shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from inlaid.kernels.interpret import enable_triton_interpreter
+from inlaid.kernels.lora_meta import LoraArgumentError, build_lora_segments
+from inlaid.kernels.lora_reference import lora_expand_reference, lora_shrink_reference
+from inlaid.kernels.testing import LoraCase, random_lora_case
+
+INTERPRETED_HERE = enable_triton_interpreter()
+if INTERPRETED_HERE:
+    from inlaid.kernels import lora_triton
+from inlaid.kernels import lora_cpu
+from inlaid.kernels.dispatch import lora_apply, lora_expand, lora_shrink
+
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRETED_HERE, reason="triton already loaded in compiled mode: run in a child process"
+)
+
+# (requests [(slot, tokens)], ranks per slice [n_slices][S]) -- S = 6 slots, R_max = 64.
+MIXED_RANKS = [[8, 16, 32, 64, 16, 8], [16, 64, 8, 32, 0, 16], [32, 8, 0, 16, 64, 64]]
+CASES = {
+    "one_segment": ([(3, 21)], MIXED_RANKS),
+    "decode_length_1": ([(s % 6, 1) for s in range(13)] + [(-1, 1), (2, 1)], MIXED_RANKS),
+    "empty_segments": ([(1, 0), (0, 3), (-1, 2), (4, 0), (2, 5), (5, 0)], MIXED_RANKS),
+    "repeated_slot_and_long": ([(0, 2), (1, 19), (0, 3), (-1, 4), (1, 1), (3, 17)], MIXED_RANKS),
+    "no_adapter_at_all": ([(-1, 5)], MIXED_RANKS),
+}
+WIDTHS = [32, 16, 24]  # fused projection: three slices of different widths
+
+
+def make_case(name: str, k: int, dtype: torch.dtype = torch.float32, capacity_pad: int = 0, seed: int = 0) -> LoraCase:
+    requests, ranks = CASES[name]
+    capacity = None if capacity_pad == 0 else len(requests) + capacity_pad
+    return random_lora_case(requests, ranks, k, WIDTHS, 64, dtype=dtype, capacity=capacity, seed=seed)
+
+
+def assert_shrink_matches(case: LoraCase, v: torch.Tensor, atol: float) -> None:
+    ref = lora_shrink_reference(case.x, case.a_pools, case.segment_starts, case.segment_slots, case.slot_ranks)
+    mask = case.defined_mask()
+    got = v.detach().cpu().double()[mask]
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref[mask], rtol=atol, atol=atol)
+
+
+def poisoned_v(case: LoraCase) -> torch.Tensor:
+    """The float64 shrink reference as float32, NaN where the contract leaves v undefined."""
+    ref = lora_shrink_reference(case.x, case.a_pools, case.segment_starts, case.segment_slots, case.slot_ranks)
+    return torch.where(case.defined_mask(), ref, torch.nan).float()
+
+
+def assert_expand_matches(case: LoraCase, y_before: torch.Tensor, y_after: torch.Tensor, v: torch.Tensor, atol: float) -> None:
+    ref = lora_expand_reference(
+        y_before, v, case.b_pools, case.slice_offsets, case.segment_starts,
+        case.segment_slots, case.slot_ranks, case.slot_scales,
+    )
+    got = y_after.detach().cpu().double()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref, rtol=atol, atol=atol)
+    untouched = ref == y_before.double()  # no adapter on this (token, slice): must stay bit-identical
+    assert torch.equal(got[untouched], y_before.double()[untouched])
+
+
+# ----------------------------------------------------------------- CPU path (through dispatch)
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("capacity_pad", [0, 3])
+def test_cpu_shrink_and_expand_match_reference(name: str, capacity_pad: int) -> None:
+    case = make_case(name, k=48, capacity_pad=capacity_pad, seed=len(name) + capacity_pad)
+    out = torch.full((3, case.num_tokens, 64), torch.nan)
+    v = lora_shrink(case.x, case.a_pools, case.segment_starts, case.segment_slots, case.slot_ranks, out=out)
+    assert v.data_ptr() == out.data_ptr()
+    assert_shrink_matches(case, v, atol=1e-5)
+    v_in = poisoned_v(case)
+    y = torch.randn((case.num_tokens, sum(WIDTHS)))
+    y_before = y.clone()
+    lora_expand(y, v_in, case.b_pools, case.slice_offsets, case.segment_starts, case.segment_slots,
+                case.slot_ranks, case.slot_scales)
+    assert_expand_matches(case, y_before, y, v_in, atol=1e-5)
+
+
+def test_cpu_large_groups_and_padded_groups_in_one_step() -> None:
+    """Slots above and below LARGE_GROUP_TOKENS take different routes inside one call."""
+    requests = [(0, lora_cpu.LARGE_GROUP_TOKENS + 5), (1, 2), (2, 1), (0, 3), (3, lora_cpu.LARGE_GROUP_TOKENS)]
+    ranks = [[16, 16, 8, 64], [8, 32, 16, 16]]
+    case = random_lora_case(requests, ranks, 40, [24, 8], 64, seed=7)
+    y = torch.randn((case.num_tokens, 32))
+    y_before = y.clone()
+    v = lora_shrink(case.x, case.a_pools, case.segment_starts, case.segment_slots, case.slot_ranks)
+    assert_shrink_matches(case, v, atol=1e-5)
+    lora_apply(y, case.x, case.a_pools, case.b_pools, case.slice_offsets, case.segment_starts,
+               case.segment_slots, case.slot_ranks, case.slot_scales)
+    assert_expand_matches(case, y_before, y, poisoned_v(case), atol=1e-4)
+
+
+def test_cpu_bf16_pools() -> None:
+    case = make_case("repeated_slot_and_long", k=64, dtype=torch.bfloat16, seed=3)
+    y = torch.randn((case.num_tokens, sum(WIDTHS))).to(torch.bfloat16)
+    y_before = y.clone()
+    lora_apply(y, case.x, case.a_pools, case.b_pools, case.slice_offsets, case.segment_starts,
+               case.segment_slots, case.slot_ranks, case.slot_scales)
+    assert_expand_matches(case, y_before, y, poisoned_v(case), atol=6e-2)
+
+
+def test_build_lora_segments_merges_neighbours_and_pads() -> None:
+    starts, slots = build_lora_segments([2, 2, -1, 5, 5, 2], [3, 1, 2, 0, 4, 1], capacity=6)
+    assert starts.tolist() == [0, 4, 6, 10, 11, 11, 11]
+    assert slots.tolist() == [2, -1, 5, 2, -1, -1]
+    with pytest.raises(LoraArgumentError, match="capacity"):
+        build_lora_segments([0, 1, 2], [1, 1, 1], capacity=2)
+
+
+def test_bad_arguments_raise_clear_errors() -> None:
+    case = make_case("decode_length_1", k=16)
+    args = (case.a_pools, case.segment_starts, case.segment_slots, case.slot_ranks)
+    with pytest.raises(LoraArgumentError, match="a_pools"):
+        lora_shrink(case.x[:, :8], *args)
+    with pytest.raises(LoraArgumentError, match="int32"):
+        lora_shrink(case.x, case.a_pools, case.segment_starts.long(), case.segment_slots, case.slot_ranks)
+    bad_starts = case.segment_starts.clone()
+    bad_starts[-1] -= 1
+    with pytest.raises(LoraArgumentError, match="from 0 to T"):
+        lora_shrink(case.x, case.a_pools, bad_starts, case.segment_slots, case.slot_ranks)
+    bad_slots = case.segment_slots.clone()
+    bad_slots[0] = 6
+    with pytest.raises(LoraArgumentError, match="segment_slots"):
+        lora_shrink(case.x, case.a_pools, case.segment_starts, bad_slots, case.slot_ranks)
+    with pytest.raises(LoraArgumentError, match="R_max"):
+        lora_shrink(case.x, case.a_pools, case.segment_starts, case.segment_slots, case.slot_ranks + 64)
+    v = lora_shrink(case.x, *args)
+    y = torch.zeros((case.num_tokens, sum(WIDTHS)))
+    with pytest.raises(LoraArgumentError, match="does not fit"):
+        lora_expand(y[:, :40], v, case.b_pools, case.slice_offsets, case.segment_starts,
+                    case.segment_slots, case.slot_ranks, case.slot_scales)
+
+
+# ------------------------------------------------------ Triton kernels under TRITON_INTERPRET=1
+
+TRITON_CASES = ["one_segment", "decode_length_1", "empty_segments", "repeated_slot_and_long"]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name", TRITON_CASES)
+def test_triton_interp_shrink_matches_reference(name: str) -> None:
+    case = make_case(name, k=32, capacity_pad=2, seed=11 + len(name))
+    split_k = 2 if name == "decode_length_1" else 1  # the atomic split-K path and the plain store
+    out = torch.full((3, case.num_tokens, 64), torch.nan)
+    lora_triton.sgmv_shrink(case.x, case.a_pools, case.segment_starts, case.segment_slots, case.slot_ranks,
+                            out, block_m=16, block_r=16, block_k=16, split_k=split_k)
+    assert_shrink_matches(case, out, atol=1e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name", TRITON_CASES)
+def test_triton_interp_expand_matches_reference(name: str) -> None:
+    case = make_case(name, k=32, capacity_pad=2, seed=23 + len(name))
+    v = poisoned_v(case)
+    y = torch.randn((case.num_tokens, sum(WIDTHS)))
+    y_before = y.clone()
+    lora_triton.sgmv_expand(y, v, case.b_pools, case.slice_offsets, case.segment_starts, case.segment_slots,
+                            case.slot_ranks, case.slot_scales, block_m=16, block_n=16, block_r=16)
+    assert_expand_matches(case, y_before, y, v, atol=1e-5)
+
+
+@needs_interpreter
+def test_triton_interp_fp16_default_configs() -> None:
+    """The launchers' default tile configs with half-precision pools, as on the GPU."""
+    case = make_case("repeated_slot_and_long", k=64, dtype=torch.float16, seed=5)
+    out = torch.full((3, case.num_tokens, 64), torch.nan)
+    lora_triton.sgmv_shrink(case.x, case.a_pools, case.segment_starts, case.segment_slots, case.slot_ranks, out)
+    assert_shrink_matches(case, out, atol=2e-2)
+    y = torch.randn((case.num_tokens, sum(WIDTHS))).to(torch.float16)
+    y_before = y.clone()
+    v = poisoned_v(case)
+    lora_triton.sgmv_expand(y, v, case.b_pools, case.slice_offsets, case.segment_starts,
+                            case.segment_slots, case.slot_ranks, case.slot_scales)
+    assert_expand_matches(case, y_before, y, v, atol=2e-2)
+
+
+def test_triton_interp_in_child_process() -> None:
+    """Where triton was already imported in compiled mode, interpret the kernels in a child."""
+    if INTERPRETED_HERE:
+        pytest.skip("the interpreted tests ran in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton_interp", str(Path(__file__))],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

@@ -1,0 +1,258 @@
+"""Serving pieces that need no model process: protocol, config, errors, client purity."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import msgspec
+import pytest
+
+from inlaid import protocol
+from inlaid.client import errors as client_errors
+from inlaid.protocol import (
+    AdapterLoad,
+    AddTask,
+    BatchPlan,
+    ChatMessage,
+    ChunkPlan,
+    ClientRequest,
+    ErrorCode,
+    ErrorReply,
+    ExecutorFailure,
+    ExecutorHello,
+    ExecutorInbound,
+    ExecutorOutbound,
+    ExecutorShutdown,
+    ExecutorStats,
+    Generate,
+    GenerateDone,
+    SampledToken,
+    SamplingParams,
+    ServerReply,
+    StepResult,
+    TextChunk,
+)
+from inlaid.serve.config import ConfigError, config_from_dict, load_config, load_policy
+from inlaid.serve.launcher import to_toml
+
+
+def _roundtrip(message, union):
+    return msgspec.msgpack.Decoder(union).decode(msgspec.msgpack.encode(message))
+
+
+def test_every_message_survives_msgpack_roundtrip():
+    sampling = SamplingParams(max_tokens=5, temperature=0.7, top_k=3, top_p=0.9, seed=11, stop=["\n"])
+    plan = BatchPlan(
+        step_id=3,
+        chunks=[ChunkPlan(seq_id=1, token_ids=[5, 6], start_pos=0, block_table=[0, 9], adapter_slot=-1,
+                          sample=True, sampling=sampling, num_generated=0)],
+        adapter_loads=[AdapterLoad(slot=2, name="a", path="/x")],
+    )
+    for message in (plan, ExecutorShutdown()):
+        assert _roundtrip(message, ExecutorInbound) == message
+    for message in (
+        ExecutorHello(protocol_version=1, generation=2, pid=3, device="cpu", num_kv_blocks=4, load_seconds=0.5),
+        StepResult(step_id=3, sampled=[SampledToken(seq_id=1, token_id=7)], num_tokens=2, compute_seconds=0.1),
+        ExecutorFailure(step_id=3, error_type="RuntimeError", message="boom"),
+        ExecutorStats(rss_bytes=10),
+    ):
+        assert _roundtrip(message, ExecutorOutbound) == message
+    requests = [
+        Generate(request_id="g", task="t", messages=[ChatMessage("user", "hi")], sampling=sampling, stream=True,
+                 deadline_s=2.5),
+        AddTask(request_id="a", name="t", adapter_dir="/d", token="secret"),
+    ]
+    for message in requests:
+        assert _roundtrip(message, ClientRequest) == message
+    replies = [
+        TextChunk(request_id="g", text="x", token_ids=[1]),
+        GenerateDone(request_id="g", text="x", token_ids=[1], finish_reason="stop", num_prompt_tokens=2,
+                     queue_seconds=0.0, first_token_seconds=0.1, total_seconds=0.2),
+        ErrorReply(request_id="g", code=ErrorCode.OVERLOADED, message="busy"),
+    ]
+    for message in replies:
+        assert _roundtrip(message, ServerReply) == message
+
+
+def test_tags_are_unique_within_each_union():
+    for union in (ClientRequest, ServerReply, ExecutorInbound, ExecutorOutbound):
+        tags = [cls.__struct_config__.tag for cls in union.__args__]
+        assert len(tags) == len(set(tags)), union
+
+
+def test_every_error_code_maps_to_its_own_exception_class():
+    codes = [v for k, v in vars(ErrorCode).items() if k.isupper()]
+    classes = set()
+    for code in codes:
+        error = client_errors.error_from_reply(ErrorReply(request_id="r", code=code, message="m"))
+        assert type(error) is not client_errors.InlaidError, code
+        assert error.code == code and error.request_id == "r"
+        classes.add(type(error))
+    assert len(classes) == len(codes)
+    unknown = client_errors.error_from_reply(ErrorReply(request_id="r", code="from_the_future", message="m"))
+    assert type(unknown) is client_errors.InlaidError and unknown.code == "from_the_future"
+
+
+def test_client_sdk_imports_no_torch_or_transformers():
+    code = textwrap.dedent("""
+        import sys
+        import inlaid.client, inlaid.client.cli
+        heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'tokenizers', 'numpy')]
+        engine = [m for m in sys.modules if m.startswith(('inlaid.engine', 'inlaid.serve'))]
+        print(heavy, engine)
+        sys.exit(1 if heavy or engine else 0)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_coordinator_imports_no_torch():
+    code = textwrap.dedent("""
+        import sys
+        import inlaid.serve.coordinator, inlaid.serve.cli, inlaid.serve.supervisor, inlaid.serve.demo
+        sys.exit(1 if any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules) else 0)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_protocol_module_imports_nothing_of_inlaid():
+    source = open(protocol.__file__).read()
+    assert "import inlaid" not in source and "from inlaid" not in source
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "server.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_config_reads_every_section_and_resolves_relative_paths(tmp_path, model_dir):
+    (tmp_path / "token").write_text("a-very-secret-token-value\n")
+    path = _write(tmp_path, f"""
+        [model]
+        dir = "{model_dir}"
+        [executor]
+        threads = 1
+        num_kv_blocks = 128
+        [server]
+        address = "tcp://127.0.0.1:6001"
+        admin_token_file = "token"
+        max_pending_requests = 7
+        [tasks]
+        sentiment = "adapters/sentiment"
+    """)
+    config = load_config(path)
+    assert config.engine.model_dir == str(model_dir)
+    assert config.engine.threads == 1 and config.engine.num_kv_blocks == 128
+    assert config.admin_token == "a-very-secret-token-value"
+    assert config.limits.max_pending_requests == 7
+    assert config.tasks == {"sentiment": str(tmp_path / "adapters" / "sentiment")}
+
+
+def test_config_defaults_bind_loopback_and_disable_admin(model_dir):
+    config = config_from_dict({"model": {"dir": str(model_dir)}})
+    assert config.address == "tcp://127.0.0.1:5555"
+    assert config.admin_token is None
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"server": {"address": "tcp://0.0.0.0:5555"}}, "not a loopback address"),
+        ({"server": {"address": "http://127.0.0.1:1"}}, "must start with tcp://"),
+        ({"server": {"admin_token": "short"}}, "at least 16 characters"),
+        ({"server": {"admin_token": "x" * 20, "admin_token_env": "X"}}, "only one of"),
+        ({"server": {"max_pending_requests": "many"}}, "must be a number"),
+        ({"server": {"max_pending_requests": 0}}, "max_pending_requests must be >= 1"),
+        ({"server": {"bogus": 1}}, "unknown keys"),
+        ({"executor": {"num_kv_blocks": 0}}, "num_kv_blocks must be >= 1"),
+        ({"executor": {"warp_drive": True}}, "unknown keys"),
+        ({"tasks": {"bad name!": "/x"}}, "task name"),
+        ({"extra": {}}, "unknown config sections"),
+    ],
+)
+def test_config_errors_are_clear(raw, message, model_dir):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"model": {"dir": str(model_dir)}, **raw})
+
+
+def test_public_bind_needs_an_explicit_opt_in(model_dir):
+    config = config_from_dict({"model": {"dir": str(model_dir)},
+                               "server": {"address": "tcp://0.0.0.0:5555", "allow_public_bind": True}})
+    assert config.address == "tcp://0.0.0.0:5555"
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(_write(tmp_path, "[model\n"))
+
+
+def test_launcher_toml_writer_reads_back(tmp_path):
+    import tomllib
+
+    data = {"model": {"dir": 'C:\\odd "path"'}, "server": {"x": 1, "y": 2.5, "z": True}}
+    assert tomllib.loads(to_toml(data)) == data
+
+
+def test_serve_cli_rejects_a_bad_config_with_exit_code_2(tmp_path):
+    path = _write(tmp_path, "[server]\naddress = \"tcp://8.8.8.8:1\"\n")
+    done = subprocess.run([sys.executable, "-m", "inlaid.cli", "serve", "--config", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "not a loopback address" in done.stderr
+
+
+def test_scheduling_policy_is_pluggable_by_name():
+    from inlaid.engine.scheduler import FifoPolicy
+
+    assert load_policy("fifo") is None  # the engine's default FIFO
+    assert isinstance(load_policy("inlaid.engine.scheduler:FifoPolicy"), FifoPolicy)
+    with pytest.raises(ConfigError, match="No module named"):
+        load_policy("no_such_module_xyz:Policy")
+    with pytest.raises(ConfigError, match="no order_waiting"):
+        load_policy("collections:OrderedDict")
+    with pytest.raises(ConfigError, match="server.policy"):
+        config_from_dict({"server": {"policy": "lottery"}})
+
+
+@pytest.mark.parametrize(
+    "body, code, request_id",
+    [
+        ([b"\xc1"], "malformed", ""),
+        ([b""], "malformed", ""),
+        ([b"x", b"y"], "malformed", ""),
+        ([], "malformed", ""),
+        ([msgspec.msgpack.encode({"type": "nope", "request_id": "q"})], "unknown_message_type", "q"),
+        ([msgspec.msgpack.encode({"type": "health"})], "malformed", ""),  # no request_id
+        ([msgspec.msgpack.encode({"type": "health", "request_id": 5})], "malformed", ""),
+        ([b"\x81\xa4type\xa1\x9a"], "malformed", ""),  # invalid UTF-8
+        ([b"\x91" * 1000], "malformed", ""),  # nested too deep
+        ([b"\x00" * 2048], "frame_too_large", ""),
+    ],
+)
+def test_frames_decode_to_the_right_error(body, code, request_id):
+    from inlaid.serve.frames import decode_client_frames
+
+    reply = decode_client_frames(body, max_frame_bytes=1024)
+    assert isinstance(reply, ErrorReply)
+    assert (reply.code, reply.request_id) == (code, request_id)
+
+
+def test_a_too_large_generate_is_still_named():
+    from inlaid.serve.frames import decode_client_frames
+
+    frame = msgspec.msgpack.encode(Generate(request_id="big", prompt="x" * 5000))
+    reply = decode_client_frames([frame], max_frame_bytes=1024)
+    assert (reply.code, reply.request_id) == ("frame_too_large", "big")
+
+
+def test_frames_decode_a_good_request():
+    from inlaid.serve.frames import decode_client_frames
+
+    message = Generate(request_id="ok", prompt="hi")
+    assert decode_client_frames([msgspec.msgpack.encode(message)], 1024) == message
