@@ -2,8 +2,8 @@
 
 1. In-process: a mixed batch (several adapters + the bare base) through `Engine`, printing
    each completion and the tokens/s.
-2. Served: the same tasks through `inlaid serve` + the client SDK (when the serving
-   package provides its demo), printing per-task latency and throughput.
+2. Served: the same tasks through `inlaid serve` + the client SDK, printing per-task
+   latency and throughput, then a clean shutdown.
 """
 
 from __future__ import annotations
@@ -73,12 +73,13 @@ def main() -> int:
         print("no committed adapters under adapters/: run `inlaid train-adapter` first", file=sys.stderr)
         return 1
     run_in_process(model_dir, adapters)
-    try:
-        from inlaid.serve.demo import run_server_demo
-    except ImportError:
-        return 0
-    prompts_by_task = {name: [messages for adapter, messages, _, _ in demo_requests(adapters) if adapter == name]
-                       for name in adapters}
+
+    from inlaid.serve.demo import BASE_TASK, run_server_demo
+
+    prompts_by_task: dict[str, list] = {}
+    for adapter, messages, _, _ in demo_requests(adapters):
+        prompts_by_task.setdefault(adapter or BASE_TASK, []).append(messages)
+    print("\n== the same tasks through `inlaid serve` and the client SDK ==")
     run_server_demo(model_dir, {name: str(path) for name, path in adapters.items()}, prompts_by_task)
     return 0
 

@@ -41,6 +41,11 @@ class AdapterSlots:
         if name in self._slot_of:
             self._free_slots.append(self._slot_of.pop(name))
 
+    def forget_slots(self) -> None:
+        """The executor lost its slot contents (restarted): every adapter must be loaded again."""
+        self._slot_of.clear()
+        self._free_slots = list(range(self.num_slots))
+
     def slot_of(self, name: str) -> int | None:
         return self._slot_of.get(name)
 

@@ -116,6 +116,7 @@ def _rope_config(raw: dict[str, Any]) -> RopeConfig:
 class EngineConfig:
     model_dir: str
     quantized_dir: str | None = None  # a GPTQ checkpoint written by `inlaid quantize`
+    quant_kernel: str = "auto"  # auto | int4 | triton | dequant | dense (exact, for references)
     device: str = "cpu"
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     max_num_seqs: int = 64

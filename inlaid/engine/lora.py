@@ -62,6 +62,7 @@ class LoraLinear(nn.Module):
             raise ValueError(f"expected {len(self.out_slices)} quantized slices, got {len(prepared)}")
         self.quantized = prepared
         self.weight = None  # type: ignore[assignment]
+        self.bias = None  # each prepared slice adds its own bias
 
     def allocate_lora(self, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device) -> None:
         self.lora_a = [torch.zeros(num_slots, max_rank, self.in_features, dtype=dtype, device=device) for _ in self.out_slices]
@@ -91,9 +92,8 @@ class LoraLinear(nn.Module):
         if self.quantized is None:
             y = F.linear(x, self.weight, self.bias)
         else:
-            y = torch.cat([quant_matmul(x, prepared) for prepared in self.quantized], dim=-1)
-            if self.bias is not None:
-                y = y + self.bias
+            outputs = [quant_matmul(x, prepared) for prepared in self.quantized]
+            y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
         if lora is not None and self.slot_ranks is not None:
             shrunk = lora_shrink(x, self.lora_a, lora.segment_starts, lora.segment_slots, self.slot_ranks)
             lora_expand(

@@ -57,11 +57,8 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.model_config = ModelConfig.from_dir(config.model_dir)
-        self.model: LlamaModel = load_model(self.model_config, config.model_dir, self.dtype, self.device)
-        if config.quantized_dir:
-            from inlaid.engine.quantized import use_quantized_checkpoint
-
-            use_quantized_checkpoint(self.model, config.quantized_dir, self.device, self.dtype)
+        weights_dir = config.quantized_dir or config.model_dir
+        self.model: LlamaModel = load_model(self.model_config, weights_dir, self.dtype, self.device, config.quant_kernel)
         self.model.eval()
         mc = self.model_config
         self.kv_caches = [

@@ -10,6 +10,7 @@ from safetensors import SafetensorError, safe_open
 
 from inlaid.engine.config import ModelConfig, ModelLoadError
 from inlaid.engine.model import LlamaModel
+from inlaid.kernels.dispatch import QuantLinearWeights, prepare_quant_linear
 
 # HF name suffix -> (our module path suffix, slice index within a fused projection)
 _FUSED = {
@@ -48,9 +49,29 @@ def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_model(config: ModelConfig, model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> LlamaModel:
+def is_gptq_checkpoint(model_dir: Path) -> bool:
+    config_path = model_dir / "config.json"
+    return config_path.is_file() and "quantization_config" in json.loads(config_path.read_text())
+
+
+def load_model(
+    config: ModelConfig, model_dir: str | Path, dtype: torch.dtype, device: torch.device, quant_kernel: str = "auto"
+) -> LlamaModel:
+    """Build the model from a float checkpoint, or from a GPTQ checkpoint (low-bit projections)."""
     model_dir = Path(model_dir)
-    state = read_state_dict(model_dir)
+    quantized: dict[str, QuantLinearWeights] = {}
+    if is_gptq_checkpoint(model_dir):
+        # The one place the engine touches the quantizer: reading the checkpoint it wrote.
+        from inlaid.quant.checkpoint import load_gptq_checkpoint
+        from inlaid.quant.errors import CheckpointError
+
+        try:
+            checkpoint = load_gptq_checkpoint(model_dir)
+        except (CheckpointError, SafetensorError, OSError) as error:
+            raise ModelLoadError(f"cannot load the quantized checkpoint {model_dir}: {error}") from error
+        state, quantized = checkpoint.tensors, checkpoint.linears
+    else:
+        state = read_state_dict(model_dir)
     model = LlamaModel(config)
     params = dict(model.named_parameters())
     assigned: set[str] = set()
@@ -74,11 +95,28 @@ def load_model(config: ModelConfig, model_dir: str | Path, dtype: torch.dtype, d
                 raise ModelLoadError(f"{name}: shape {tuple(tensor.shape)} does not match the config")
             param.data[start:stop].copy_(tensor)
         assigned.add(f"{target}[{rows}]")
+    slices_by_module: dict[str, dict[int, QuantLinearWeights]] = {}
+    for prefix, weights in quantized.items():
+        target, rows = _our_name(prefix + ".weight", model)
+        assigned.add(f"{target}[{rows}]")
+        if weights.bias is not None:
+            assigned.add(f"{target.removesuffix('.weight')}.bias[{rows}]")
+        module_path = target.removesuffix(".weight")
+        linear = model.get_submodule(module_path)
+        slice_index = 0 if rows is None else linear.slice_offsets.index(rows[0])
+        slices_by_module.setdefault(module_path, {})[slice_index] = weights
     expected = _expected_slots(model, config)
     missing = sorted(expected - assigned)
     if missing:
         raise ModelLoadError(f"{model_dir} lacks {len(missing)} tensors, e.g. {missing[:3]}")
-    return model.to(device=device, dtype=dtype)
+    model = model.to(device=device, dtype=dtype)
+    for module_path, slices in slices_by_module.items():
+        linear = model.get_submodule(module_path)
+        if sorted(slices) != list(range(len(linear.out_slices))):
+            raise ModelLoadError(f"{model_dir}: {module_path} is only partly quantized")
+        # The prepared low-bit weight carries its own bias.
+        linear.use_quantized([prepare_quant_linear(slices[i], device, dtype, mode=quant_kernel) for i in sorted(slices)])
+    return model
 
 
 def _our_name(hf_name: str, model: LlamaModel) -> tuple[str, tuple[int, int] | None]:

@@ -25,7 +25,6 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from inlaid.engine.adapter_slots import AdapterSlots
 from inlaid.engine.engine import Engine, InvalidRequestError
 from inlaid.engine.scheduler import SchedulingPolicy
 from inlaid.engine.sequence import SequenceStatus
@@ -164,11 +163,7 @@ class Coordinator:
                 self._fail(request, code, message)
         # The executor's adapter slots are gone (or suspect): start the slot map afresh so
         # the next plans load every adapter again.
-        old = self.engine.scheduler.adapters
-        fresh = AdapterSlots(old.num_slots)
-        for name, path in old.paths.items():
-            fresh.register(name, path)
-        self.engine.scheduler.adapters = fresh
+        self.engine.scheduler.adapters.forget_slots()
         self._work.set()
 
     # ================================================================== step loop
