@@ -45,6 +45,9 @@ class ModelConfig:
     qkv_bias: bool
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
+    # Sliding-window attention is not implemented: the usable context is capped at the
+    # window, inside which full attention computes the same thing.
+    sliding_window: int | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
@@ -89,6 +92,7 @@ class ModelConfig:
             qkv_bias=bool(raw.get("attention_bias", architecture == "Qwen2ForCausalLM")),
             eos_token_ids=tuple(int(e) for e in eos_ids),
             bos_token_id=raw.get("bos_token_id"),
+            sliding_window=int(raw["sliding_window"]) if raw.get("sliding_window") and raw.get("use_sliding_window", True) else None,
             raw=raw,
         )
 
