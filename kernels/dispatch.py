@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .lora_cpu import build_cpu_plan, lora_expand_cpu, lora_shrink_cpu
+from .lora_cpu import build_cpu_plan, lora_apply_cpu, lora_expand_cpu, lora_shrink_cpu
 from .lora_meta import LoraArgumentError, check_pools, check_segment_values, check_segments
 from .quant_linear import (  # noqa: F401  (re-exported: the engine imports ops from here)
     PreparedQuantLinear,
@@ -145,6 +145,20 @@ def lora_apply(
     slot_scales: Tensor,
     v_buffer: Tensor | None = None,
 ) -> None:
-    """y += LoRA(x) for a (possibly fused) projection: shrink then expand."""
+    """y += LoRA(x) for a (possibly fused) projection: shrink then expand.
+
+    On the CPU the two halves run fused per adapter (`lora_apply_cpu`): no [n_slices, T,
+    R_max] intermediate and far fewer small ops. `v_buffer` is for the CUDA-graph path."""
+    if not x.is_cuda and v_buffer is None:
+        num_slots, r_max = check_pools(a_pools, "a_pools", x.dtype, x.device)
+        check_pools(b_pools, "b_pools", y.dtype, y.device)
+        if len(b_pools) != len(a_pools) or len(slice_offsets) != len(a_pools):
+            raise LoraArgumentError("a_pools, b_pools and slice_offsets must have one entry per slice")
+        _check_common(x, x.shape[0], segment_starts, segment_slots, slot_ranks, len(a_pools), num_slots)
+        _check_cpu_values(segment_starts, segment_slots, slot_ranks, x.shape[0], num_slots, r_max)
+        if slot_scales.shape != (len(a_pools), num_slots):
+            raise LoraArgumentError(f"slot_scales must be [{len(a_pools)}, {num_slots}]")
+        lora_apply_cpu(y, x, a_pools, b_pools, slice_offsets, segment_starts, segment_slots, slot_ranks, slot_scales)
+        return
     v = lora_shrink(x, a_pools, segment_starts, segment_slots, slot_ranks, out=v_buffer)
     lora_expand(y, v, b_pools, slice_offsets, segment_starts, segment_slots, slot_ranks, slot_scales)

@@ -207,3 +207,43 @@ def lora_expand_cpu(
             if small.valid_positions is not None:
                 delta = delta.index_select(0, small.valid_positions)
             y_i.index_add_(0, small.tokens, delta.to(y.dtype))
+
+
+def lora_apply_cpu(
+    y: Tensor,
+    x: Tensor,
+    a_pools: Sequence[Tensor],
+    b_pools: Sequence[Tensor],
+    slice_offsets: Sequence[int],
+    segment_starts: Tensor,
+    segment_slots: Tensor,
+    slot_ranks: Tensor,
+    slot_scales: Tensor,
+) -> None:
+    """Fused shrink + expand: y[t, slice i] += scale * (x[t] @ A_i[s, :r].T) @ B_i[s, :, :r].T.
+
+    One matmul pair per (distinct adapter, slice), on contiguous row slices when an
+    adapter's tokens are one range (the engine sorts its batch so they are). Measured on
+    decode (16 tokens, 4 adapters, fused q/k/v): 2x faster than shrink + expand through the
+    padded-group plan at 1 thread, and it stays fast with 2 threads on a loaded machine,
+    where the many small index ops of the plan path slow down by an order of magnitude.
+    """
+    ranks = slot_ranks.tolist()
+    scales = slot_scales.tolist()
+    for slot, token_ranges in _slot_token_ranges(segment_starts.tolist(), segment_slots.tolist()).items():
+        if len(token_ranges) == 1:
+            rows: slice | Tensor = slice(*token_ranges[0])
+            x_rows = x[rows]
+        else:
+            rows = torch.tensor(_token_list(token_ranges), dtype=torch.int64, device=x.device)
+            x_rows = x.index_select(0, rows)
+        for i, (a_pool, b_pool, offset) in enumerate(zip(a_pools, b_pools, slice_offsets)):
+            rank = ranks[i][slot]
+            if rank == 0:
+                continue
+            delta = (x_rows @ a_pool[slot, :rank].T) @ b_pool[slot, :, :rank].T
+            y_slice = y[:, offset : offset + b_pool.shape[1]]
+            if isinstance(rows, slice):
+                y_slice[rows].add_(delta, alpha=scales[i][slot])
+            else:
+                y_slice.index_add_(0, rows, delta, alpha=scales[i][slot])

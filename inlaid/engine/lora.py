@@ -22,8 +22,7 @@ from torch import nn
 from inlaid.engine.adapter_config import AdapterError, AdapterSpec
 from inlaid.kernels.dispatch import (
     PreparedQuantLinear,
-    lora_expand,
-    lora_shrink,
+    lora_apply,
     quant_matmul,
 )
 
@@ -95,10 +94,10 @@ class LoraLinear(nn.Module):
             outputs = [quant_matmul(x, prepared) for prepared in self.quantized]
             y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
         if lora is not None and self.slot_ranks is not None:
-            shrunk = lora_shrink(x, self.lora_a, lora.segment_starts, lora.segment_slots, self.slot_ranks)
-            lora_expand(
+            lora_apply(
                 y,
-                shrunk,
+                x,
+                self.lora_a,
                 self.lora_b,
                 self.slice_offsets,
                 lora.segment_starts,
