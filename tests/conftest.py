@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
-# Tests run on 2-core CI machines next to nothing else; keep torch from oversubscribing.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One torch thread per process: the suite starts server and executor processes beside the
+# test process on a 2-core machine, and oversubscribed OpenMP threads were measured to make
+# small-op workloads 5-10x slower (docs/engine.md).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402  (after the environment is set)
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
