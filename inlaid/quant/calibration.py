@@ -1,0 +1,120 @@
+"""Calibration samples: JSONL examples turned into token sequences (prompt + reference answer).
+
+Each line: {"id", "task", "messages": [{"role", "content"}...], "reference", ...}. The sample
+text is the chat template of the messages with the generation prompt, then the reference
+answer and the end-of-turn token, so the Hessian sees the activations of both the prompt
+and the answer the adapter was trained to produce.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from inlaid.quant.errors import CalibrationDataError
+
+END_OF_TURN = "<|im_end|>"
+
+
+@dataclass
+class CalibrationTask:
+    """A task to calibrate for: its name, its adapter (None = base model), its samples."""
+
+    name: str
+    adapter_dir: Path | None
+    calib_path: Path
+
+
+def parse_task_argument(text: str) -> CalibrationTask:
+    """`name=ADAPTER_DIR:CALIB.jsonl` (ADAPTER_DIR may be empty for the base model)."""
+    if "=" not in text or ":" not in text.split("=", 1)[1]:
+        raise CalibrationDataError(f"--task '{text}': expected name=ADAPTER_DIR:CALIB.jsonl")
+    name, rest = text.split("=", 1)
+    adapter, calib = rest.rsplit(":", 1)
+    if not name or not calib:
+        raise CalibrationDataError(f"--task '{text}': expected name=ADAPTER_DIR:CALIB.jsonl")
+    return CalibrationTask(name=name, adapter_dir=Path(adapter) if adapter else None, calib_path=Path(calib))
+
+
+def read_calibration_examples(path: Path, limit: int | None = None) -> list[dict]:
+    if not path.is_file():
+        raise CalibrationDataError(f"calibration file {path} does not exist")
+    examples: list[dict] = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                example = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise CalibrationDataError(f"{path}:{line_number}: not JSON ({error.msg})") from None
+            messages = example.get("messages") if isinstance(example, dict) else None
+            if not isinstance(messages, list) or not messages or not isinstance(example.get("reference"), str):
+                raise CalibrationDataError(
+                    f"{path}:{line_number}: each line needs 'messages' (a non-empty list) and 'reference' (a string)"
+                )
+            examples.append(example)
+            if limit is not None and len(examples) >= limit:
+                break
+    if not examples:
+        raise CalibrationDataError(f"calibration file {path} holds no samples")
+    return examples
+
+
+def sample_text(example: dict, tokenizer) -> str:
+    prompt = tokenizer.apply_chat_template(example["messages"], add_generation_prompt=True, tokenize=False)
+    return prompt + example["reference"] + END_OF_TURN
+
+
+def tokenize_examples(examples: list[dict], tokenizer, max_tokens: int) -> list[torch.Tensor]:
+    """One int64 token tensor per sample, truncated to `max_tokens`."""
+    sequences = []
+    for example in examples:
+        ids = tokenizer(sample_text(example, tokenizer), add_special_tokens=False)["input_ids"]
+        sequences.append(torch.tensor(ids[:max_tokens], dtype=torch.long))
+    return sequences
+
+
+@dataclass
+class TokenBatch:
+    """Right-padded sequences [batch, length] and which positions are real tokens.
+
+    Right padding needs no attention mask under causal attention: real tokens never see the
+    pads after them, so their activations are exact; pads are left out of every Hessian.
+    """
+
+    input_ids: torch.Tensor
+    token_mask: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        return int(self.token_mask.sum())
+
+
+def make_batches(sequences: list[torch.Tensor], max_batch_tokens: int, pad_id: int) -> list[TokenBatch]:
+    """Group sequences of similar length (sorted) into padded batches of bounded size."""
+    order = sorted(range(len(sequences)), key=lambda index: len(sequences[index]))
+    batches: list[TokenBatch] = []
+    current: list[torch.Tensor] = []
+    for index in order:
+        sequence = sequences[index]
+        if current and (len(current) + 1) * len(sequence) > max_batch_tokens:
+            batches.append(_pad(current, pad_id))
+            current = []
+        current.append(sequence)
+    if current:
+        batches.append(_pad(current, pad_id))
+    return batches
+
+
+def _pad(sequences: list[torch.Tensor], pad_id: int) -> TokenBatch:
+    length = max(len(sequence) for sequence in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    token_mask = torch.zeros(len(sequences), length, dtype=torch.bool)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : len(sequence)] = sequence
+        token_mask[row, : len(sequence)] = True
+    return TokenBatch(input_ids=input_ids, token_mask=token_mask)

@@ -1,0 +1,93 @@
+"""The quantization methods, selectable by name, and what each needs from calibration.
+
+    mlgptq            Inlaid's multi-task GPTQ: the task weighting of the adapter-forward
+                      Hessians that minimises the WORST task's relative error (see aggregate.py)
+    max               GPTQ on the literal element-wise max of the adapter-forward H_t (baseline)
+    gptq-mixed        GPTQ on the token mean over the mixed calibration set, adapters OFF
+                      (the paper's "GPTQ-tweaked")
+    gptq-mean-lora    GPTQ on the token mean, each task's adapter active for its samples
+    gptq-task:<name>  GPTQ on one task's adapter-forward Hessian (a per-task model)
+    rtn               round-to-nearest, no calibration
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from inlaid.quant.aggregate import (
+    AggregateOutcome, TaskHessian, elementwise_max, quantize_minimax, quantize_static,
+)
+from inlaid.quant.errors import UnknownMethodError
+from inlaid.quant.gptq import gptq_quantize, rtn_quantize
+from inlaid.quant.spec import QuantSpec
+
+METHOD_NAMES: tuple[str, ...] = ("mlgptq", "max", "gptq-mixed", "gptq-mean-lora", "gptq-task:<name>", "rtn")
+
+
+@dataclass(frozen=True)
+class MlgptqOptions:
+    """The worst-task search: rounds of reweighting and how hard each round pushes."""
+
+    rounds: int = 4
+    step: float = 2.0
+    start: str = "error-norm"
+
+
+@dataclass(frozen=True)
+class Method:
+    kind: str
+    task: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"gptq-task:{self.task}" if self.kind == "gptq-task" else self.kind
+
+    @property
+    def hessian_forward(self) -> str | None:
+        """Which forward feeds its Hessians: 'adapter', 'base' (adapters off) or None (RTN)."""
+        if self.kind == "rtn":
+            return None
+        return "base" if self.kind == "gptq-mixed" else "adapter"
+
+    def hessian_tasks(self, task_names: list[str]) -> list[str]:
+        return [self.task] if self.kind == "gptq-task" else list(task_names)
+
+
+def parse_method(text: str, task_names: list[str] | None = None) -> Method:
+    text = text.strip()
+    if text.startswith("gptq-task:"):
+        task = text.split(":", 1)[1]
+        if not task:
+            raise UnknownMethodError("gptq-task needs a task name: gptq-task:<name>")
+        if task_names is not None and task not in task_names:
+            raise UnknownMethodError(f"gptq-task:{task}: no task '{task}' among {', '.join(task_names)}")
+        return Method("gptq-task", task)
+    if text in ("mlgptq", "max", "gptq-mixed", "gptq-mean-lora", "rtn"):
+        return Method(text)
+    raise UnknownMethodError(f"unknown method '{text}'; choose from {', '.join(METHOD_NAMES)}")
+
+
+def quantize_linear(
+    method: Method, weight: torch.Tensor, stats: dict[str, TaskHessian], spec: QuantSpec,
+    options: MlgptqOptions = MlgptqOptions(),
+) -> AggregateOutcome:
+    """Quantize one linear's weight [out, in] given the Hessians of its input (per task)."""
+    if method.kind == "rtn":
+        return AggregateOutcome(rtn_quantize(weight, spec))
+    if method.kind == "gptq-task":
+        return AggregateOutcome(gptq_quantize(weight, stats[method.task].hessian, spec), {method.task: 1.0})
+    if method.kind in ("gptq-mixed", "gptq-mean-lora"):
+        return quantize_static("token-mean", weight, stats, spec)
+    if method.kind == "max":
+        return AggregateOutcome(gptq_quantize(weight, elementwise_max(stats), spec))
+    if method.kind == "mlgptq":
+        if len(stats) == 1:
+            name, stat = next(iter(stats.items()))
+            return AggregateOutcome(gptq_quantize(weight, stat.hessian, spec), {name: 1.0})
+        return quantize_minimax(weight, stats, spec, rounds=options.rounds, step=options.step, start=options.start)
+    raise UnknownMethodError(f"unknown method kind '{method.kind}'")
+
+
+__all__ = ["METHOD_NAMES", "Method", "MlgptqOptions", "parse_method", "quantize_linear"]

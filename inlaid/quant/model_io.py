@@ -1,0 +1,209 @@
+"""The calibration forward: a transformers Llama in fp32 with PEFT adapters, run one
+decoder layer at a time, with hooks that feed each linear's inputs to Hessian accumulators.
+
+The decoder linears of one layer, grouped by the input they share (q/k/v read the same
+normalised hidden state, gate/up too), so one Hessian serves each group.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from inlaid.quant.errors import AdapterMismatchError, CheckpointError
+from inlaid.quant.hessian import HessianAccumulator
+
+LINEAR_NAMES: tuple[str, ...] = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)
+INPUT_GROUPS: dict[str, tuple[str, ...]] = {
+    "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attn_out": ("self_attn.o_proj",),
+    "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp_out": ("mlp.down_proj",),
+}
+GROUP_OF_LINEAR: dict[str, str] = {linear: group for group, linears in INPUT_GROUPS.items() for linear in linears}
+
+
+def load_base_model(model_dir: Path):
+    """The Hugging Face Llama model in fp32, eval mode, no KV cache."""
+    from transformers import AutoModelForCausalLM
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise CheckpointError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.eval()
+    model.config.use_cache = False
+    return model
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    inner = model
+    while not hasattr(inner, "layers"):
+        if hasattr(inner, "model"):
+            inner = inner.model
+        elif hasattr(inner, "base_model") and inner.base_model is not inner:
+            inner = inner.base_model
+        else:
+            raise CheckpointError("cannot find the decoder layers of this model")
+    return inner.layers
+
+
+def plain_linear(layer: nn.Module, name: str) -> nn.Linear:
+    """The nn.Linear holding the base weight (inside a PEFT LoRA wrapper if there is one)."""
+    module = layer.get_submodule(name)
+    return module.base_layer if hasattr(module, "base_layer") else module
+
+
+def check_adapter_fits(model, adapter_dir: Path) -> None:
+    """Raise AdapterMismatchError unless every LoRA matrix of the adapter fits a base linear."""
+    from safetensors import safe_open
+
+    config_path = adapter_dir / "adapter_config.json"
+    weights_path = adapter_dir / "adapter_model.safetensors"
+    if not config_path.is_file() or not weights_path.is_file():
+        raise AdapterMismatchError(f"{adapter_dir} is not a PEFT adapter (adapter_config.json + adapter_model.safetensors)")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterMismatchError(f"{adapter_dir}: only LoRA adapters are supported, got {config.get('peft_type')}")
+    modules = dict(model.named_modules())
+    with safe_open(str(weights_path), framework="pt") as handle:
+        for key in handle.keys():
+            if ".lora_A." not in key and ".lora_B." not in key:
+                continue
+            module_path = key.split(".lora_")[0]
+            if module_path.startswith("base_model.model."):
+                module_path = module_path[len("base_model.model."):]
+            target = modules.get(module_path)
+            if target is None:
+                raise AdapterMismatchError(f"{adapter_dir}: module '{module_path}' does not exist in the base model")
+            target = target.base_layer if hasattr(target, "base_layer") else target
+            shape = tuple(handle.get_slice(key).get_shape())
+            if ".lora_A." in key and shape[1] != target.in_features:
+                raise AdapterMismatchError(
+                    f"{adapter_dir}: {key} expects {shape[1]} input features, the base has {target.in_features} "
+                    "(adapter trained for another base model?)"
+                )
+            if ".lora_B." in key and shape[0] != target.out_features:
+                raise AdapterMismatchError(
+                    f"{adapter_dir}: {key} produces {shape[0]} features, the base has {target.out_features} "
+                    "(adapter trained for another base model?)"
+                )
+
+
+def attach_adapters(model, adapters: dict[str, Path]):
+    """Wrap `model` in a PeftModel holding every adapter under its task name (None if none)."""
+    if not adapters:
+        return None
+    from peft import PeftModel
+
+    peft_model = None
+    for name, adapter_dir in adapters.items():
+        check_adapter_fits(model, Path(adapter_dir))
+        try:
+            if peft_model is None:
+                peft_model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name)
+            else:
+                peft_model.load_adapter(str(adapter_dir), adapter_name=name)
+        except RuntimeError as error:
+            raise AdapterMismatchError(f"adapter {adapter_dir} does not load onto this base: {error}") from None
+    peft_model.eval()
+    return peft_model
+
+
+@contextmanager
+def active_adapter(peft_model, name: str | None) -> Iterator[None]:
+    """Run with adapter `name` active, or with every adapter disabled when name is None."""
+    if peft_model is None:
+        if name is not None:
+            raise AdapterMismatchError(f"adapter '{name}' requested but no adapter is loaded")
+        yield
+        return
+    if name is None:
+        with peft_model.disable_adapter():
+            yield
+        return
+    peft_model.set_adapter(name)
+    yield
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class LayerInputs:
+    """One batch at the input of a decoder layer: hidden states plus the layer's other
+    arguments (rotary embeddings, mask), which are the same for every layer."""
+
+    hidden: torch.Tensor
+    token_mask: torch.Tensor
+    layer_kwargs: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def capture_first_layer_inputs(forward_model, input_ids: torch.Tensor, token_mask: torch.Tensor) -> LayerInputs:
+    """Run the model up to decoder layer 0 and keep what it receives."""
+    layers = decoder_layers(forward_model)
+    captured: dict = {}
+
+    def grab(_module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+        captured["kwargs"] = {key: value for key, value in kwargs.items() if key != "hidden_states"}
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        forward_model(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return LayerInputs(hidden=captured["hidden"].detach(), token_mask=token_mask, layer_kwargs=captured["kwargs"])
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: LayerInputs) -> torch.Tensor:
+    output = layer(inputs.hidden, **inputs.layer_kwargs)
+    return output[0] if isinstance(output, tuple) else output
+
+
+class HessianHooks:
+    """Forward pre-hooks on one decoder layer's linears: each input group's tokens (pads
+    dropped) go to the accumulator of the current stream."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        self.accumulators: dict[str, HessianAccumulator] = {}
+        self.token_mask: torch.Tensor | None = None
+        self._handles = []
+        for group, linears in INPUT_GROUPS.items():
+            linear = plain_linear(layer, linears[0])
+            self._handles.append(linear.register_forward_pre_hook(self._make_hook(group, linear.in_features)))
+
+    def start_stream(self) -> None:
+        self.accumulators = {}
+
+    def _make_hook(self, group: str, features: int):
+        def hook(_module, args):
+            inputs = args[0]
+            if self.token_mask is not None:
+                inputs = inputs[self.token_mask]
+            accumulator = self.accumulators.get(group)
+            if accumulator is None:
+                accumulator = self.accumulators[group] = HessianAccumulator(features)
+            accumulator.add(inputs)
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

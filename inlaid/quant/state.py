@@ -1,0 +1,67 @@
+"""The Hessian state kept beside a checkpoint: per layer, per input group, per task, the
+token-average Hessian H_t and its token count — everything every aggregate needs, so a
+later task addition only computes the new task's Hessians.
+
+One safetensors file per decoder layer (`layer_007.safetensors`); each Hessian is stored as
+its upper triangle (it is symmetric), fp32. The file's metadata maps tensor keys to
+(group, task, tokens, features) and says which forward produced them ("adapter": each
+task's adapter active; "base": adapters off, for gptq-mixed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from inlaid.quant.aggregate import TaskHessian
+from inlaid.quant.errors import CheckpointError
+
+LayerState = dict[str, dict[str, TaskHessian]]  # group -> task -> Hessian
+
+
+def layer_state_path(state_dir: Path, layer_index: int) -> Path:
+    return Path(state_dir) / f"layer_{layer_index:03d}.safetensors"
+
+
+def save_layer_state(state_dir: Path, layer_index: int, state: LayerState, forward: str) -> Path:
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict] = {}
+    for group, per_task in state.items():
+        for task, stat in per_task.items():
+            features = stat.hessian.shape[0]
+            rows, cols = torch.triu_indices(features, features)
+            key = f"h{len(entries)}"
+            tensors[key] = stat.hessian.float()[rows, cols].contiguous()
+            entries[key] = {"group": group, "task": task, "tokens": stat.tokens, "features": features}
+    path = layer_state_path(state_dir, layer_index)
+    temporary = path.with_suffix(".tmp")
+    save_file(tensors, str(temporary), metadata={"entries": json.dumps(entries), "forward": forward,
+                                                  "layer": str(layer_index)})
+    temporary.replace(path)
+    return path
+
+
+def load_layer_state(state_dir: Path, layer_index: int) -> tuple[LayerState, str]:
+    """(group -> task -> TaskHessian, forward kind) of one layer."""
+    path = layer_state_path(state_dir, layer_index)
+    if not path.is_file():
+        raise CheckpointError(f"no Hessian state for layer {layer_index} in {state_dir}")
+    state: LayerState = {}
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+        entries = json.loads(meta.get("entries", "{}"))
+        for key, entry in entries.items():
+            features = int(entry["features"])
+            packed = handle.get_tensor(key)
+            rows, cols = torch.triu_indices(features, features)
+            hessian = torch.zeros(features, features, dtype=torch.float32)
+            hessian[rows, cols] = packed
+            hessian[cols, rows] = packed
+            state.setdefault(entry["group"], {})[entry["task"]] = TaskHessian(hessian, int(entry["tokens"]))
+    return state, meta.get("forward", "adapter")

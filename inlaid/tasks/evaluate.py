@@ -1,0 +1,197 @@
+"""`inlaid eval`: score a model (and adapters) on tasks with greedy decoding.
+
+One task with one adapter:
+    inlaid eval --task sentiment --adapter adapters/sentiment
+The suite (every task with its adapter from `adapters/<task>`, and the base beside it when
+`--with-base`), all requests in one mixed-task generation call:
+    inlaid eval --suite --with-base --out results.json --markdown table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from inlaid.tasks.generation import GenerationRequest, GenerationResult, chat_prompt
+
+BASE = "base"
+
+
+@dataclass
+class EvalRun:
+    task: str
+    adapter_name: str | None     # None: the base model alone
+    adapter_dir: Path | None
+
+
+def length_stats(counts: list[int]) -> dict[str, float]:
+    import numpy as np
+
+    values = np.asarray(counts, dtype=np.float64)
+    if values.size == 0:
+        return {}
+    return {
+        "count": int(values.size), "mean": float(values.mean()), "min": int(values.min()),
+        "p25": float(np.percentile(values, 25)), "p50": float(np.percentile(values, 50)),
+        "p75": float(np.percentile(values, 75)), "p90": float(np.percentile(values, 90)),
+        "max": int(values.max()),
+    }
+
+
+def evaluate_runs(model_dir: Path, runs: list[EvalRun], split: str = "eval", limit: int | None = None,
+                  backend: str = "auto", batch_size: int = 16, dtype: str = "auto") -> dict:
+    """Generate for every run in one call, then score each run with its task's metric."""
+    from transformers import AutoTokenizer
+
+    from inlaid.tasks import get_task
+    from inlaid.tasks.generation import engine_available, generate_with_engine, generate_with_peft
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    adapters: dict[str, Path] = {}
+    requests: list[GenerationRequest] = []
+    spans: list[tuple[EvalRun, list[dict], int, int]] = []
+    for run in runs:
+        task = get_task(run.task)
+        examples = task.load_split(split)[:limit]
+        if run.adapter_name is not None:
+            if run.adapter_dir is None or not (run.adapter_dir / "adapter_config.json").is_file():
+                raise FileNotFoundError(f"adapter '{run.adapter_name}': no adapter_config.json in {run.adapter_dir}")
+            adapters[run.adapter_name] = run.adapter_dir
+        start = len(requests)
+        requests.extend(
+            GenerationRequest(chat_prompt(tokenizer, e["messages"]), run.adapter_name, task.max_new_tokens)
+            for e in examples
+        )
+        spans.append((run, examples, start, len(requests)))
+
+    if backend == "auto":
+        backend = "engine" if engine_available() else "peft"
+    started = time.time()
+    if backend == "engine":
+        outputs = generate_with_engine(model_dir, adapters, requests, dtype=dtype)
+    elif backend == "peft":
+        outputs = generate_with_peft(model_dir, adapters, requests, batch_size=batch_size)
+    else:
+        raise ValueError(f"unknown backend '{backend}' (engine, peft or auto)")
+    seconds = time.time() - started
+
+    results: dict = {"backend": backend, "dtype": dtype if backend == "engine" else "float32", "model": str(model_dir), "split": split, "seconds": round(seconds, 1),
+                     "generated_tokens": sum(o.num_tokens for o in outputs), "tasks": {}}
+    for run, examples, start, end in spans:
+        task = get_task(run.task)
+        produced: list[GenerationResult] = outputs[start:end]
+        scores = task.metric([o.text for o in produced], examples)
+        results["tasks"].setdefault(run.task, {})[run.adapter_name or BASE] = {
+            "adapter_dir": str(run.adapter_dir) if run.adapter_dir else None,
+            "backend": results["backend"],
+            "dtype": results["dtype"],
+            "primary_metric": task.primary_metric,
+            "scores": scores,
+            "examples": len(examples),
+            "output_tokens": length_stats([o.num_tokens for o in produced]),
+            "stopped_by_budget": sum(o.finish_reason == "length" for o in produced),
+            "predictions": [{"id": e["id"], "text": o.text, "tokens": o.num_tokens} for e, o in zip(examples, produced)],
+        }
+    return results
+
+
+def merge_results(parts: list[dict]) -> dict:
+    """One results dict from several runs (later runs win for the same task and config)."""
+    merged: dict = {"model": parts[0]["model"], "split": parts[0]["split"], "tasks": {}}
+    for part in parts:
+        for task_name, configs in part["tasks"].items():
+            merged["tasks"].setdefault(task_name, {}).update(configs)
+    return merged
+
+
+def markdown_table(results: dict) -> str:
+    """Base vs adapter per task, on the task's primary metric."""
+    from inlaid.tasks import TASK_NAMES
+
+    lines = [
+        "| task | metric | n | base | adapter | gain | output tokens base: p50 / p90 / max | with adapter: p50 / p90 / max | engine dtype |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    ordered = [name for name in TASK_NAMES if name in results["tasks"]]
+    for task_name in ordered:
+        configs = results["tasks"][task_name]
+        adapter_key = next((k for k in configs if k != BASE), None)
+        base = configs.get(BASE)
+        tuned = configs.get(adapter_key) if adapter_key else None
+        reference = tuned or base
+        metric = reference["primary_metric"]
+        base_score = f"{base['scores'][metric]:.1f}" if base else "–"
+        tuned_score = f"{tuned['scores'][metric]:.1f}" if tuned else "–"
+        gain = f"{tuned['scores'][metric] - base['scores'][metric]:+.1f}" if base and tuned else "–"
+        def spread(entry: dict | None) -> str:
+            if not entry:
+                return "–"
+            lengths = entry["output_tokens"]
+            return f"{lengths['p50']:.0f} / {lengths['p90']:.0f} / {lengths['max']}"
+
+        lines.append(
+            f"| {task_name} | {metric} | {reference['examples']} | {base_score} | {tuned_score} | {gain} | "
+            f"{spread(base)} | {spread(tuned)} | {reference.get('dtype', '?')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="base model directory (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--task", action="append", help="task to evaluate (repeatable); with --suite default all")
+    parser.add_argument("--adapter", default=None, help="adapter directory for --task (omit: base model)")
+    parser.add_argument("--suite", action="store_true", help="each task with its adapter from --adapters-dir")
+    parser.add_argument("--adapters-dir", default="adapters")
+    parser.add_argument("--with-base", action="store_true", help="also evaluate the base model on each task")
+    parser.add_argument("--split", default="eval", choices=["eval", "calib", "train"])
+    parser.add_argument("--limit", type=int, default=None, help="first N examples of each task")
+    parser.add_argument("--backend", default="auto", choices=["auto", "engine", "peft"])
+    parser.add_argument("--batch-size", type=int, default=16, help="peft backend batch size")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="engine activations/weights (auto: float32 on the CPU)")
+    parser.add_argument("--out", default=None, help="write the full results (predictions too) as JSON")
+    parser.add_argument("--markdown", default=None, help="write the base-vs-adapter table as Markdown")
+
+
+def run(args: argparse.Namespace) -> int:
+    from inlaid.models.prepare import default_model_dir
+    from inlaid.tasks import TASK_NAMES, get_task
+
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    tasks = args.task or (list(TASK_NAMES) if args.suite else None)
+    if not tasks:
+        raise SystemExit("inlaid eval: give --task NAME (repeatable) or --suite")
+    for name in tasks:
+        get_task(name)
+    runs: list[EvalRun] = []
+    for name in tasks:
+        if args.suite:
+            adapter_dir = Path(args.adapters_dir) / name
+            if (adapter_dir / "adapter_config.json").is_file():
+                runs.append(EvalRun(name, name, adapter_dir))
+            else:
+                print(f"no adapter for {name} in {args.adapters_dir}; base only", file=sys.stderr)
+            if args.with_base or not (adapter_dir / "adapter_config.json").is_file():
+                runs.append(EvalRun(name, None, None))
+        else:
+            if args.adapter:
+                runs.append(EvalRun(name, Path(args.adapter).name, Path(args.adapter)))
+            if args.with_base or not args.adapter:
+                runs.append(EvalRun(name, None, None))
+    results = evaluate_runs(model_dir, runs, split=args.split, limit=args.limit, backend=args.backend,
+                            batch_size=args.batch_size, dtype=args.dtype)
+    for task_name, configs in results["tasks"].items():
+        for config_name, entry in configs.items():
+            scores = ", ".join(f"{k}={v:.2f}" for k, v in entry["scores"].items())
+            print(f"{task_name:14s} {config_name:14s} n={entry['examples']:<4d} {scores}")
+    print(f"backend={results['backend']} seconds={results['seconds']} tokens={results['generated_tokens']}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(results))
+    return 0

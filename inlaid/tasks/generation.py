@@ -1,0 +1,124 @@
+"""Greedy generation for evaluation, through Inlaid's engine or, as a reference, PEFT.
+
+A request is (prompt text, adapter name or None, max_new_tokens). Both backends take the
+whole list at once, so requests of different tasks and adapters share batches.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    adapter: str | None
+    max_new_tokens: int
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    num_tokens: int
+    finish_reason: str
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> str:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def engine_available() -> bool:
+    try:
+        from inlaid.engine import Engine, EngineConfig, SamplingParams  # noqa: F401
+        from inlaid.engine.runner import ModelRunner  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def generate_with_engine(model_dir: Path, adapters: dict[str, Path], requests: list[GenerationRequest],
+                         show_progress: bool = True, threads: int | None = None,
+                         dtype: str = "auto") -> list[GenerationResult]:
+    """All requests through Inlaid's engine in one call: it batches across tasks itself.
+
+    Prompts go in as token ids made by the Hugging Face tokenizer without special tokens,
+    exactly as training tokenised them.
+    """
+    from transformers import AutoTokenizer
+
+    from inlaid.engine import Engine, EngineConfig, SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    max_rank = max((_adapter_rank(path) for path in adapters.values()), default=8)
+    engine = Engine.local(EngineConfig(model_dir=str(model_dir), max_lora_rank=max(64, max_rank), threads=threads,
+                                      dtype=dtype, max_num_seqs=96))
+    for name, path in adapters.items():
+        engine.register_adapter(name, str(path))
+    prompts = [tokenizer(r.prompt, add_special_tokens=False)["input_ids"] for r in requests]
+    sampling = [SamplingParams(temperature=0.0, max_tokens=r.max_new_tokens) for r in requests]
+    outputs = engine.generate(prompts, sampling, [r.adapter for r in requests], use_tqdm=show_progress)
+    eos_ids = set(engine.model_config.eos_token_ids)
+    results = []
+    for output in outputs:
+        tokens = list(output.token_ids)
+        if tokens and tokens[-1] in eos_ids:
+            tokens = tokens[:-1]
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        results.append(GenerationResult(text, len(tokens), str(output.finish_reason)))
+    return results
+
+
+def _adapter_rank(path: Path) -> int:
+    import json
+
+    return int(json.loads((Path(path) / "adapter_config.json").read_text())["r"])
+
+
+def generate_with_peft(model_dir: Path, adapters: dict[str, Path], requests: list[GenerationRequest],
+                       batch_size: int = 16, show_progress: bool = True) -> list[GenerationResult]:
+    """Reference path: transformers + PEFT, mixed-adapter batches via `adapter_names`.
+
+    Requests are sorted by (budget, prompt length) so a batch wastes little padding and few
+    decode steps; rows of a batch may use different adapters.
+    """
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    if adapters:
+        from peft import PeftModel
+
+        names = list(adapters)
+        model = PeftModel.from_pretrained(model, str(adapters[names[0]]), adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(str(adapters[name]), adapter_name=name)
+    model.eval()
+    eos_id = tokenizer.eos_token_id
+    lengths = [len(tokenizer(r.prompt, add_special_tokens=False)["input_ids"]) for r in requests]
+    order = sorted(range(len(requests)), key=lambda i: (requests[i].max_new_tokens, lengths[i]))
+    results: list[GenerationResult | None] = [None] * len(requests)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="generate (peft)", disable=not show_progress, file=sys.stderr):
+        encoded = tokenizer([requests[i].prompt for i in batch], return_tensors="pt", padding=True,
+                            add_special_tokens=False)
+        budget = max(requests[i].max_new_tokens for i in batch)
+        kwargs = {}
+        if adapters:
+            kwargs["adapter_names"] = [requests[i].adapter or "__base__" for i in batch]
+        with torch.no_grad():
+            output = model.generate(**encoded, max_new_tokens=budget, do_sample=False, eos_token_id=eos_id,
+                                    pad_token_id=eos_id, **kwargs)
+        new_tokens = output[:, encoded["input_ids"].shape[1]:]
+        for row, index in enumerate(batch):
+            tokens = new_tokens[row].tolist()[: requests[index].max_new_tokens]
+            finish = "length"
+            if eos_id in tokens:
+                tokens = tokens[: tokens.index(eos_id)]
+                finish = "stop"
+            results[index] = GenerationResult(tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), finish)
+    return [r for r in results if r is not None]

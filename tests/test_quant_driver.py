@@ -1,0 +1,272 @@
+"""The layer-by-layer multi-task driver on a tiny random Llama with two PEFT adapters:
+Hessians against an independent full-model forward, checkpoint contents, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from inlaid.models.prepare import default_model_dir
+from inlaid.quant.calibration import CalibrationTask, sample_text
+from inlaid.quant.checkpoint import dequantized_state_dict, load_gptq_checkpoint
+from inlaid.quant.driver import DriverConfig, quantize_model
+from inlaid.quant.errors import AdapterMismatchError, CalibrationDataError, NonFiniteHessianError
+from inlaid.quant.methods import parse_method
+from inlaid.quant.model_io import LINEAR_NAMES
+from inlaid.quant.spec import QuantSpec
+from inlaid.quant.state import load_layer_state
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _make_tiny_model(directory: Path, hidden: int = 64, seed: int = 0) -> Path:
+    source = default_model_dir()
+    if not (source / "tokenizer.json").is_file():
+        pytest.skip("the default model (tokenizer) is not prepared; run `make setup`")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        rope_theta=10000.0,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():  # weights of trained-model magnitude, so activations are non-trivial
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0, 0.08)
+    model.save_pretrained(str(directory))
+    for name in _TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, directory / name)
+    return directory
+
+
+def _make_adapter(model_dir: Path, out_dir: Path, seed: int, poison: bool = False) -> Path:
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=_TARGETS, init_lora_weights=False)
+    peft_model = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(0.3)
+                if poison and "layers.1.self_attn.o_proj" in name:
+                    parameter.fill_(float("inf"))
+    peft_model.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def _write_calibration(path: Path, topic: str, count: int) -> Path:
+    lines = []
+    for index in range(count):
+        words = " ".join(f"{topic}{(index * 7 + k) % 13}" for k in range(3 + index % 5))
+        lines.append(json.dumps({
+            "id": f"{topic}-{index}", "task": topic,
+            "messages": [{"role": "user", "content": f"Tell me about {words}."}],
+            "reference": f"{topic} answer {index}: " + words * (1 + index % 3), "answers": ["x"],
+        }))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny matrices: one thread avoids the synchronisation cost that dominates on a busy machine
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant_driver")
+    model_dir = _make_tiny_model(root / "model")
+    tasks = [
+        CalibrationTask("alpha", _make_adapter(model_dir, root / "adapter_alpha", seed=1),
+                        _write_calibration(root / "alpha.jsonl", "alpha", 9)),
+        CalibrationTask("beta", _make_adapter(model_dir, root / "adapter_beta", seed=2),
+                        _write_calibration(root / "beta.jsonl", "beta", 7)),
+    ]
+    return root, model_dir, tasks
+
+
+def _config(root: Path, model_dir: Path, tasks, method: str, out: str, **kwargs) -> DriverConfig:
+    return DriverConfig(
+        model_dir=model_dir, tasks=tasks, method=parse_method(method, [t.name for t in tasks]),
+        spec=QuantSpec(bits=4, group_size=32), out_dir=root / out, max_samples=None, max_tokens=64,
+        max_batch_tokens=200, progress=False, **kwargs,
+    )
+
+
+def _reference_hessians(model_dir: Path, state_dict: dict | None, task: CalibrationTask, max_tokens: int):
+    """Layer inputs of every layer from ONE full-model PEFT forward per sample (no batching,
+    no padding, no layer-by-layer runner), as float64 Hessians: group -> layer -> H."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    if state_dict is not None:
+        model.load_state_dict(state_dict, strict=False)
+    peft_model = peft.PeftModel.from_pretrained(model, str(task.adapter_dir)).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    collected: dict[tuple[int, str], list[torch.Tensor]] = {}
+    handles = []
+    for index, layer in enumerate(model.model.layers):
+        for group, module in (("attn_in", layer.self_attn.q_proj), ("attn_out", layer.self_attn.o_proj),
+                              ("mlp_in", layer.mlp.gate_proj), ("mlp_out", layer.mlp.down_proj)):
+            def hook(_m, args, key=(index, group)):
+                collected.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]).double())
+            handles.append(module.base_layer.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for line in task.calib_path.read_text().splitlines():
+            ids = tokenizer(sample_text(json.loads(line), tokenizer), add_special_tokens=False)["input_ids"]
+            peft_model(input_ids=torch.tensor([ids[:max_tokens]]))
+    for handle in handles:
+        handle.remove()
+    hessians = {}
+    for key, chunks in collected.items():
+        x = torch.cat(chunks)
+        hessians[key] = (2.0 * x.T @ x / x.shape[0], x.shape[0])
+    return hessians
+
+
+def test_mlgptq_checkpoint_hessians_and_reload(tiny_setup) -> None:
+    root, model_dir, tasks = tiny_setup
+    report = quantize_model(_config(root, model_dir, tasks, "mlgptq", "mlgptq"))
+    out = root / "mlgptq"
+    checkpoint = load_gptq_checkpoint(out)
+    assert checkpoint.config["quantization_config"]["quant_method"] == "gptq"
+    assert checkpoint.config["quantization_config"]["bits"] == 4
+    assert json.loads((out / "quantize_config.json").read_text())["group_size"] == 32
+    assert set(checkpoint.linears) == {f"model.layers.{i}.{n}" for i in range(2) for n in LINEAR_NAMES}
+    meta = checkpoint.metadata
+    assert meta["method"] == "mlgptq" and [t["name"] for t in meta["tasks"]] == ["alpha", "beta"]
+    assert meta["tasks"][0]["samples"] == 9 and meta["tasks"][1]["samples"] == 7
+    assert len(report.layer_errors) == 2 * len(LINEAR_NAMES)
+    assert all(0 < e < 0.2 for entry in report.layer_errors for e in entry["errors"].values())
+    assert "model.embed_tokens.weight" in checkpoint.tensors
+
+    # Hessians of layer 0 (unquantized inputs) and layer 1 (inputs through the QUANTIZED
+    # layer 0) against a plain full-model forward with the checkpoint's layer 0 weights.
+    dequantized = dequantized_state_dict(checkpoint)
+    layer0_only = {k: v for k, v in dequantized.items() if k.startswith("model.layers.0.")}
+    for task in tasks:
+        # all of layer 0's Hessians are taken before layer 0 is quantized; layer 1's after
+        references = [_reference_hessians(model_dir, None, task, max_tokens=64),
+                      _reference_hessians(model_dir, layer0_only, task, max_tokens=64)]
+        for layer_index, reference in enumerate(references):
+            state, forward = load_layer_state(out / "hessian_state", layer_index)
+            assert forward == "adapter"
+            for group in ("attn_in", "attn_out", "mlp_in", "mlp_out"):
+                expected, tokens = reference[(layer_index, group)]
+                stored = state[group][task.name]
+                assert stored.tokens == tokens
+                torch.testing.assert_close(stored.hessian.double(), expected, rtol=2e-4, atol=2e-5)
+
+    # The dequantized checkpoint runs through transformers; on calibration text it is closer
+    # to the original than the round-to-nearest checkpoint.
+    quantize_model(_config(root, model_dir, tasks, "rtn", "rtn_ref", measure_errors=False))
+    rtn_state = dequantized_state_dict(load_gptq_checkpoint(root / "rtn_ref"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    text = sample_text(json.loads(tasks[0].calib_path.read_text().splitlines()[0]), tokenizer)
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    logits = {}
+    for name, state in (("original", None), ("mlgptq", dequantized), ("rtn", rtn_state)):
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        if state is not None:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            assert not unexpected and all("lm_head" in key for key in missing)
+        with torch.no_grad():
+            logits[name] = model(input_ids=ids).logits
+    mlgptq_error = float((logits["mlgptq"] - logits["original"]).norm())
+    rtn_error = float((logits["rtn"] - logits["original"]).norm())
+    assert 0 < mlgptq_error < rtn_error
+
+
+def test_resume_after_crash_gives_identical_checkpoint(tiny_setup) -> None:
+    root, model_dir, tasks = tiny_setup
+    config = _config(root, model_dir, tasks, "gptq-mean-lora", "resume", measure_errors=False)
+    quantize_model(config)
+    first = load_file(str(root / "resume" / "model.safetensors"))
+    # a crash during layer 1: its partial file and the final files never got written
+    (root / "resume" / ".partial" / "layer_001.safetensors").unlink()
+    (root / "resume" / "model.safetensors").unlink()
+    report = quantize_model(config)
+    assert report.layers_resumed == 1
+    second = load_file(str(root / "resume" / "model.safetensors"))
+    assert set(second) == set(first)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    # other settings on the same directory are refused rather than mixed in
+    other = _config(root, model_dir, tasks, "rtn", "resume", measure_errors=False)
+    with pytest.raises(Exception, match="other settings"):
+        quantize_model(other)
+
+
+def test_methods_record_their_forward_and_rtn_needs_no_calibration(tiny_setup) -> None:
+    root, model_dir, tasks = tiny_setup
+    quantize_model(_config(root, model_dir, tasks, "gptq-mixed", "mixed", measure_errors=False))
+    state, forward = load_layer_state(root / "mixed" / "hessian_state", 0)
+    assert forward == "base" and set(state["attn_in"]) == {"alpha", "beta"}
+    rtn = quantize_model(_config(root, model_dir, tasks, "rtn", "rtn", measure_errors=False))
+    assert rtn.layer_errors == [] and not (root / "rtn" / "hessian_state").exists()
+    single = quantize_model(_config(root, model_dir, tasks, "gptq-task:beta", "single", save_hessian_state=False))
+    # per-task errors are measured for every task, also those the method ignores
+    assert {"alpha", "beta"} == set(single.layer_errors[0]["errors"])
+
+
+def test_clear_errors_for_bad_inputs(tiny_setup, tmp_path) -> None:
+    root, model_dir, tasks = tiny_setup
+    other_base = _make_tiny_model(tmp_path / "other", hidden=96, seed=5)
+    foreign = _make_adapter(other_base, tmp_path / "foreign", seed=3)
+    with pytest.raises(AdapterMismatchError, match="another base"):
+        quantize_model(_config(root, model_dir, [CalibrationTask("alpha", foreign, tasks[0].calib_path)],
+                               "mlgptq", "bad1"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(CalibrationDataError, match="no samples"):
+        quantize_model(_config(root, model_dir, [CalibrationTask("alpha", tasks[0].adapter_dir, empty)],
+                               "mlgptq", "bad2"))
+    poisoned = _make_adapter(model_dir, tmp_path / "poisoned", seed=4, poison=True)
+    with pytest.raises(NonFiniteHessianError, match="task 'alpha'"):
+        quantize_model(_config(root, model_dir, [CalibrationTask("alpha", poisoned, tasks[0].calib_path)],
+                               "mlgptq", "bad3"))
+
+
+def test_cli_quantize_and_error_exit(tiny_setup, tmp_path, capsys) -> None:
+    from inlaid.cli import main
+
+    root, model_dir, tasks = tiny_setup
+    task_args = []
+    for task in tasks:
+        task_args += ["--task", f"{task.name}={task.adapter_dir}:{task.calib_path}"]
+    code = main(["quantize", "--model", str(model_dir), *task_args, "--method", "mlgptq", "--bits", "3",
+                 "--group-size", "32", "--max-tokens", "48", "--out", str(tmp_path / "cli"), "--no-hessian-state"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "peak memory" in printed and "alpha: 9 samples" in printed
+    assert load_gptq_checkpoint(tmp_path / "cli").config["quantization_config"]["bits"] == 3
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code = main(["quantize", "--model", str(model_dir), "--task", f"alpha=:{empty}", "--out", str(tmp_path / "x")])
+    assert code == 2 and "holds no samples" in capsys.readouterr().err
+
+
+def test_aggregation_study_on_tiny_model(tiny_setup) -> None:
+    from inlaid.quant.study import collect_layer_hessians, markdown, run_study
+
+    root, model_dir, tasks = tiny_setup
+    hessians = collect_layer_hessians(model_dir, tasks, layers=[1], max_samples=None, max_tokens=64)
+    assert set(hessians[1]) == {("alpha", True), ("alpha", False), ("beta", True), ("beta", False)}
+    spec = QuantSpec(bits=3, group_size=32)
+    results = {r.variant: r for r in run_study(model_dir, hessians, spec, ["rtn", "token-mean", "minimax:4:2", "own"])}
+    assert results["token-mean"].worst < results["rtn"].worst
+    assert results["minimax:4:2"].worst <= results["token-mean"].worst
+    assert results["own"].mean < results["token-mean"].mean
+    assert "minimax:4:2" in markdown(list(results.values()), spec, [1])

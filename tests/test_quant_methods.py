@@ -1,0 +1,87 @@
+"""Aggregation methods on small random layers with heterogeneous per-task inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inlaid.quant.aggregate import TaskHessian, elementwise_max, quantize_static, task_errors
+from inlaid.quant.errors import UnknownMethodError
+from inlaid.quant.gptq import gptq_quantize
+from inlaid.quant.methods import Method, parse_method, quantize_linear
+from inlaid.quant.spec import QuantSpec
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # small matrices: one thread avoids the synchronisation cost that dominates on a busy machine
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+
+def _task_hessians(features: int, seed: int) -> dict[str, TaskHessian]:
+    """Four tasks whose inputs live on different feature subspaces and scales, with very
+    different token counts (the big task dominates a token mean)."""
+    generator = torch.Generator().manual_seed(seed)
+    stats = {}
+    for index, tokens in enumerate([4000, 600, 300, 150]):
+        scales = torch.rand(features, generator=generator) ** 3 * 4 + 0.05
+        mixing = torch.eye(features) + 0.3 * torch.randn(features, features, generator=generator) / features**0.5
+        x = (torch.randn(tokens, features, generator=generator) * scales) @ mixing
+        x[:, index * 8 : index * 8 + 8] *= 6  # each task has its own outlier features
+        stats[f"task{index}"] = TaskHessian(2 * x.T @ x / tokens, tokens)
+    return stats
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_mlgptq_every_task_below_mixed_worst_task(seed: int, bits: int) -> None:
+    spec = QuantSpec(bits=bits, group_size=32)
+    weight = torch.randn(48, 96, generator=torch.Generator().manual_seed(100 + seed))
+    stats = _task_hessians(96, seed)
+    mixed = quantize_static("token-mean", weight, stats, spec).quantized.dequantize()
+    mixed_errors = task_errors(weight, mixed, stats)
+    outcome = quantize_linear(parse_method("mlgptq"), weight, stats, spec)
+    ml_errors = task_errors(weight, outcome.quantized.dequantize(), stats)
+    assert ml_errors == pytest.approx(outcome.task_errors)
+    assert max(ml_errors.values()) < max(mixed_errors.values())
+    assert all(error < max(mixed_errors.values()) for error in ml_errors.values())
+    # the weights it settled on favour the small tasks the token mean neglects
+    assert abs(sum(outcome.task_weights.values()) - 1.0) < 1e-9
+
+
+def test_named_baselines() -> None:
+    spec = QuantSpec(bits=3, group_size=32)
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(5))
+    stats = _task_hessians(64, 7)
+    stacked = torch.stack([stat.hessian for stat in stats.values()])
+    assert torch.equal(elementwise_max(stats), stacked.max(dim=0).values)
+    literal_max = quantize_linear(parse_method("max"), weight, stats, spec).quantized
+    assert torch.equal(literal_max.codes, gptq_quantize(weight, stacked.max(dim=0).values, spec).codes)
+    single = quantize_linear(parse_method("gptq-task:task2", list(stats)), weight, stats, spec).quantized
+    assert torch.equal(single.codes, gptq_quantize(weight, stats["task2"].hessian, spec).codes)
+    total = sum(stat.tokens for stat in stats.values())
+    token_mean = sum(stat.hessian * (stat.tokens / total) for stat in stats.values())
+    for name in ("gptq-mean-lora", "gptq-mixed"):
+        result = quantize_linear(parse_method(name), weight, stats, spec).quantized
+        assert torch.equal(result.dequantize(), gptq_quantize(weight, token_mean, spec).dequantize())
+    assert parse_method("rtn").hessian_forward is None
+    assert parse_method("gptq-mixed").hessian_forward == "base"
+    assert parse_method("mlgptq").hessian_forward == "adapter"
+    # a task's own Hessian is the per-task upper bound: its own error is the lowest
+    own_error = task_errors(weight, single.dequantize(), {"task2": stats["task2"]})["task2"]
+    ml = quantize_linear(parse_method("mlgptq"), weight, stats, spec)
+    assert own_error <= ml.task_errors["task2"]
+
+
+def test_unknown_methods_are_rejected() -> None:
+    with pytest.raises(UnknownMethodError):
+        parse_method("awq")
+    with pytest.raises(UnknownMethodError, match="no task 'zz'"):
+        parse_method("gptq-task:zz", ["a", "b"])
+    with pytest.raises(UnknownMethodError):
+        parse_method("gptq-task:")
+    assert parse_method("gptq-task:a", ["a"]) == Method("gptq-task", "a")
