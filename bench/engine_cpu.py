@@ -1,10 +1,12 @@
 """Engine vs transformers + PEFT mixed-batch generate, same process, same threads (CPU).
 
 Batch 16 over 4 rank-16 adapters on all seven projections, 64 new tokens each (EOS
-ignored on both sides so both produce the same number of tokens). Runs alternate
-(ours, reference, ours, reference, ...) and the medians are compared.
+ignored on both sides so both produce the same number of tokens). Two configurations of
+each side: Inlaid in float32 and with bf16 weights (float32 activations, KV, LoRA);
+transformers + PEFT in float32 and in bfloat16. Rounds alternate over all four and the
+medians are compared: same precision (fp32 vs fp32) and each side at its fastest.
 
-    .venv/bin/python bench/engine_cpu.py [--rounds 2] [--threads N]
+    .venv/bin/python bench/engine_cpu.py [--rounds 3] [--threads N]
 """
 
 from __future__ import annotations
@@ -48,9 +50,16 @@ def _make_adapters(model_dir: Path, root: Path) -> dict[str, Path]:
     return dirs
 
 
+ENGINES = {  # label -> (EngineConfig dtype, weight_dtype)
+    "Inlaid fp32": ("float32", "auto"),
+    "Inlaid fp32, bf16 weights": ("float32", "bfloat16"),
+}
+REFERENCES = {"transformers + PEFT fp32": torch.float32, "transformers + PEFT bf16": torch.bfloat16}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv or [])
     if args.threads:
@@ -62,71 +71,79 @@ def main(argv: list[str] | None = None) -> dict:
     from inlaid.models.prepare import prepare_default_model
 
     model_dir = prepare_default_model(quiet=True)
+    runners = {}
     with tempfile.TemporaryDirectory() as tmp:
         adapters = _make_adapters(model_dir, Path(tmp))
         names = list(adapters)
         chosen = [names[i % NUM_ADAPTERS] for i in range(BATCH)]
         prompts = [f"Write a short paragraph about {topic}." for topic in TOPICS[:BATCH]]
-
-        engine = Engine.local(EngineConfig(model_dir=str(model_dir), dtype="float32",
-                                           max_lora_slots=NUM_ADAPTERS, max_lora_rank=RANK))
-        for name, path in adapters.items():
-            engine.register_adapter(name, str(path))
         messages = [[{"role": "user", "content": p}] for p in prompts]
         params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
 
-        tokenizer = engine.tokenizer
-        prompt_ids = [tokenizer.encode(tokenizer.apply_chat_template(m)) for m in messages]
+        for label, (dtype, weight_dtype) in ENGINES.items():
+            engine = Engine.local(EngineConfig(model_dir=str(model_dir), dtype=dtype, weight_dtype=weight_dtype,
+                                               max_lora_slots=NUM_ADAPTERS, max_lora_rank=RANK))
+            for name, path in adapters.items():
+                engine.register_adapter(name, str(path))
+            tokenizer = engine.tokenizer
+            prompt_ids = [tokenizer.encode(tokenizer.apply_chat_template(m)) for m in messages]
+            engine.generate(prompt_ids[:2], SamplingParams(max_tokens=4), chosen[:2])  # warm-up
+
+            def run_ours(engine=engine) -> None:
+                outputs = engine.generate(prompt_ids, params, chosen)
+                assert all(len(o.token_ids) == NEW_TOKENS for o in outputs)
+
+            runners[label] = run_ours
+
         width = max(len(p) for p in prompt_ids)
         input_ids = torch.tensor([[2] * (width - len(p)) + p for p in prompt_ids])
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
-        hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-        peft_model = PeftModel.from_pretrained(hf, str(adapters[names[0]]), adapter_name=names[0])
-        for name in names[1:]:
-            peft_model.load_adapter(str(adapters[name]), adapter_name=name)
-        peft_model.eval()
+        for label, dtype in REFERENCES.items():
+            hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+            peft_model = PeftModel.from_pretrained(hf, str(adapters[names[0]]), adapter_name=names[0])
+            for name in names[1:]:
+                peft_model.load_adapter(str(adapters[name]), adapter_name=name)
+            peft_model.eval()
 
-        def run_ours() -> float:
-            started = time.perf_counter()
-            outputs = engine.generate(prompt_ids, params, chosen)
-            assert all(len(o.token_ids) == NEW_TOKENS for o in outputs)
-            return time.perf_counter() - started
+            def run_reference(peft_model=peft_model) -> None:
+                with torch.no_grad():
+                    out = peft_model.generate(input_ids=input_ids, attention_mask=attention, adapter_names=chosen,
+                                              max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                              do_sample=False, pad_token_id=2)
+                assert out.shape[1] - width == NEW_TOKENS
 
-        def run_reference() -> float:
-            started = time.perf_counter()
-            with torch.no_grad():
-                out = peft_model.generate(input_ids=input_ids, attention_mask=attention, adapter_names=chosen,
-                                          max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                          do_sample=False, pad_token_id=2)
-            assert out.shape[1] - width == NEW_TOKENS
-            return time.perf_counter() - started
+            runners[label] = run_reference
 
-        engine.generate(prompt_ids[:2], SamplingParams(max_tokens=4), chosen[:2])  # warm-up
-        ours, reference = [], []
-        for _ in range(args.rounds):
-            ours.append(run_ours())
-            reference.append(run_reference())
+        seconds: dict[str, list[float]] = {label: [] for label in runners}
+        for _ in range(args.rounds):  # alternate, so drifting machine load hits every runner alike
+            for label, run in runners.items():
+                started = time.perf_counter()
+                run()
+                seconds[label].append(time.perf_counter() - started)
 
     total_tokens = BATCH * NEW_TOKENS
+    tokens_per_s = {label: total_tokens / statistics.median(times) for label, times in seconds.items()}
+    best_reference = max(REFERENCES, key=lambda label: tokens_per_s[label])
     result = {
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__,
-        "batch": BATCH, "adapters": NUM_ADAPTERS, "rank": RANK, "new_tokens": NEW_TOKENS,
-        "ours_seconds": ours, "reference_seconds": reference,
-        "ours_tokens_per_s": total_tokens / statistics.median(ours),
-        "reference_tokens_per_s": total_tokens / statistics.median(reference),
+        "batch": BATCH, "adapters": NUM_ADAPTERS, "rank": RANK, "new_tokens": NEW_TOKENS, "rounds": args.rounds,
+        "seconds": seconds,
+        "tokens_per_s": tokens_per_s,
+        "speedup_same_precision": tokens_per_s["Inlaid fp32"] / tokens_per_s["transformers + PEFT fp32"],
+        "speedup_best_vs_best": tokens_per_s["Inlaid fp32, bf16 weights"] / tokens_per_s[best_reference],
+        "best_reference": best_reference,
     }
-    result["speedup"] = result["ours_tokens_per_s"] / result["reference_tokens_per_s"]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "engine_cpu.json").write_text(json.dumps(result, indent=2))
+    rows = "".join(f"| {label} | {tokens_per_s[label]:.1f} |\n" for label in runners)
     table = (
         f"# Engine vs transformers + PEFT (CPU)\n\n{result['machine']}, torch {result['torch']}; batch {BATCH}, "
-        f"{NUM_ADAPTERS} adapters r{RANK} (all projections), {NEW_TOKENS} new tokens, fp32, "
-        f"median of {args.rounds} alternating runs\n\n"
-        "| engine | tokens/s |\n|---|---|\n"
-        f"| Inlaid | {result['ours_tokens_per_s']:.1f} |\n"
-        f"| transformers + PEFT (adapter_names) | {result['reference_tokens_per_s']:.1f} |\n"
-        f"| **ratio** | **{result['speedup']:.2f}x** |\n"
+        f"{NUM_ADAPTERS} adapters r{RANK} (all projections), {NEW_TOKENS} new tokens, "
+        f"median of {args.rounds} alternating rounds\n\n"
+        "| engine | tokens/s |\n|---|---|\n" + rows +
+        f"| **Inlaid fp32 / transformers + PEFT fp32** (same precision) | **{result['speedup_same_precision']:.2f}x** |\n"
+        f"| **Inlaid bf16 weights / {best_reference}** (each at its fastest) | **{result['speedup_best_vs_best']:.2f}x** |\n"
     )
     (RESULTS / "engine_cpu.md").write_text(table)
     print(table)

@@ -29,11 +29,12 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .lora_cpu import build_cpu_plan, lora_apply_cpu, lora_expand_cpu, lora_shrink_cpu
+from .lora_cpu import HostSegments, build_cpu_plan, host_segments, lora_apply_cpu, lora_expand_cpu, lora_shrink_cpu
 from .lora_meta import LoraArgumentError, check_pools, check_segment_values, check_segments
 from .quant_linear import (  # noqa: F401  (re-exported: the engine imports ops from here)
     PreparedQuantLinear,
     QuantLinearWeights,
+    fuse_quant_slices,
     prepare_quant_linear,
     quant_matmul,
 )
@@ -133,6 +134,13 @@ def lora_expand(
     lora_expand_cpu(y, v, b_pools, slice_offsets, plan, slot_scales)
 
 
+def lora_host_segments(segment_starts: Tensor, segment_slots: Tensor, num_tokens: int, num_slots: int) -> HostSegments:
+    """Validate a step's segments once and group them by slot for the CPU path of `lora_apply`."""
+    check_segments(segment_starts, segment_slots, num_tokens)
+    check_segment_values(segment_starts, segment_slots, num_tokens, num_slots)
+    return host_segments(segment_starts, segment_slots, segment_starts.device)
+
+
 def lora_apply(
     y: Tensor,
     x: Tensor,
@@ -144,21 +152,48 @@ def lora_apply(
     slot_ranks: Tensor,
     slot_scales: Tensor,
     v_buffer: Tensor | None = None,
+    segments: HostSegments | None = None,
+    stacked_a: Tensor | None = None,
 ) -> None:
     """y += LoRA(x) for a (possibly fused) projection: shrink then expand.
 
     On the CPU the two halves run fused per adapter (`lora_apply_cpu`): no [n_slices, T,
-    R_max] intermediate and far fewer small ops. `v_buffer` is for the CUDA-graph path."""
+    R_max] intermediate and far fewer small ops. Optional CPU helpers:
+        segments   `lora_host_segments(...)` of this step, built once and shared by every
+                   projection (the per-call metadata checks are then skipped)
+        stacked_a  [S, n_slices * R_max, K] whose [:, i*R_max:(i+1)*R_max] is a_pools[i]:
+                   lets decode tokens shrink every slice in one matmul
+    `v_buffer` is for the CUDA-graph path."""
     if not x.is_cuda and v_buffer is None:
         num_slots, r_max = check_pools(a_pools, "a_pools", x.dtype, x.device)
         check_pools(b_pools, "b_pools", y.dtype, y.device)
         if len(b_pools) != len(a_pools) or len(slice_offsets) != len(a_pools):
             raise LoraArgumentError("a_pools, b_pools and slice_offsets must have one entry per slice")
-        _check_common(x, x.shape[0], segment_starts, segment_slots, slot_ranks, len(a_pools), num_slots)
-        _check_cpu_values(segment_starts, segment_slots, slot_ranks, x.shape[0], num_slots, r_max)
+        if slot_ranks.dtype != torch.int32 or slot_ranks.shape != (len(a_pools), num_slots):
+            raise LoraArgumentError(f"slot_ranks must be int32 [{len(a_pools)}, {num_slots}]")
         if slot_scales.shape != (len(a_pools), num_slots):
             raise LoraArgumentError(f"slot_scales must be [{len(a_pools)}, {num_slots}]")
-        lora_apply_cpu(y, x, a_pools, b_pools, slice_offsets, segment_starts, segment_slots, slot_ranks, slot_scales)
+        if stacked_a is not None:
+            _check_stacked(stacked_a, a_pools)
+        if segments is None:
+            _check_common(x, x.shape[0], segment_starts, segment_slots, slot_ranks, len(a_pools), num_slots)
+            _check_cpu_values(segment_starts, segment_slots, slot_ranks, x.shape[0], num_slots, r_max)
+            segments = host_segments(segment_starts, segment_slots, x.device)
+        elif segments.num_tokens != x.shape[0]:
+            raise LoraArgumentError(f"segments cover {segments.num_tokens} tokens, x has {x.shape[0]}")
+        lora_apply_cpu(y, x, a_pools, b_pools, slice_offsets, segments, slot_ranks, slot_scales, stacked_a)
         return
     v = lora_shrink(x, a_pools, segment_starts, segment_slots, slot_ranks, out=v_buffer)
     lora_expand(y, v, b_pools, slice_offsets, segment_starts, segment_slots, slot_ranks, slot_scales)
+
+
+def _check_stacked(stacked_a: Tensor, a_pools: Sequence[Tensor]) -> None:
+    num_slots, r_max, k = a_pools[0].shape
+    if stacked_a.shape != (num_slots, len(a_pools) * r_max, k) or not stacked_a.is_contiguous():
+        raise LoraArgumentError(
+            f"stacked_a must be a contiguous [{num_slots}, {len(a_pools) * r_max}, {k}], got {tuple(stacked_a.shape)}"
+        )
+    slice_bytes = r_max * k * stacked_a.element_size()
+    for i, pool in enumerate(a_pools):
+        if pool.data_ptr() != stacked_a.data_ptr() + i * slice_bytes or pool.stride() != stacked_a.stride():
+            raise LoraArgumentError(f"a_pools[{i}] is not the view stacked_a[:, {i * r_max}:{(i + 1) * r_max}]")

@@ -209,41 +209,144 @@ def lora_expand_cpu(
             y_i.index_add_(0, small.tokens, delta.to(y.dtype))
 
 
+# The masked path multiplies every token by every slot of the step's slot range: its wasted
+# work grows with tokens x slots, its op count does not grow with the number of adapters.
+DENSE_MAX_TOKEN_SLOTS = 512
+
+
+@dataclass(frozen=True)
+class HostSegments:
+    """A step's segments read onto the host once and validated: the rows each slot owns.
+
+    Every LoRA projection of every layer shares one step's segments, so the engine builds
+    this once per step (`host_segments`) instead of re-reading and re-checking the
+    metadata tensors in each of its 4 x L projection calls.
+
+    slot_rows: (slot, rows) per adapter slot with tokens; rows is a slice when the slot's
+               tokens are one contiguous range (the engine sorts its batch so they are),
+               else an int64 index tensor
+    slot_range: [first, last + 1) of the slots with tokens
+    token_slots: int64 [T] slot of each token, -1 = none (for the masked path)
+    """
+
+    num_tokens: int
+    slot_rows: tuple[tuple[int, slice | Tensor], ...]
+    slot_range: tuple[int, int]
+    token_slots: Tensor
+    _one_hot: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def masked_path(self) -> bool:
+        """Whether the masked all-slots matmuls beat one matmul pair per adapter."""
+        first, stop = self.slot_range
+        return len(self.slot_rows) > 1 and self.num_tokens * (stop - first) <= DENSE_MAX_TOKEN_SLOTS
+
+    def one_hot(self, dtype: torch.dtype) -> Tensor:
+        """[T, slots in range] 1.0 where the token uses the slot (cached per dtype)."""
+        table = self._one_hot.get(dtype)
+        if table is None:
+            first, stop = self.slot_range
+            columns = torch.arange(first, stop, device=self.token_slots.device)
+            table = (self.token_slots[:, None] == columns[None, :]).to(dtype)
+            self._one_hot[dtype] = table
+        return table
+
+
+def host_segments(segment_starts: Tensor, segment_slots: Tensor, device: torch.device | None = None) -> HostSegments:
+    """Group the (already validated) segments by slot."""
+    starts = segment_starts.tolist()
+    slots = segment_slots.tolist()
+    slot_rows: list[tuple[int, slice | Tensor]] = []
+    for slot, token_ranges in _slot_token_ranges(starts, slots).items():
+        if len(token_ranges) == 1:
+            slot_rows.append((slot, slice(*token_ranges[0])))
+        else:
+            slot_rows.append((slot, torch.tensor(_token_list(token_ranges), dtype=torch.int64, device=device)))
+    used = [slot for slot, _ in slot_rows]
+    token_slots = torch.repeat_interleave(
+        segment_slots.to(device=device, dtype=torch.int64), (segment_starts[1:] - segment_starts[:-1]).to(device)
+    )
+    return HostSegments(
+        num_tokens=starts[-1],
+        slot_rows=tuple(slot_rows),
+        slot_range=(min(used), max(used) + 1) if used else (0, 0),
+        token_slots=token_slots,
+    )
+
+
 def lora_apply_cpu(
     y: Tensor,
     x: Tensor,
     a_pools: Sequence[Tensor],
     b_pools: Sequence[Tensor],
     slice_offsets: Sequence[int],
-    segment_starts: Tensor,
-    segment_slots: Tensor,
+    segments: HostSegments,
     slot_ranks: Tensor,
     slot_scales: Tensor,
+    stacked_a: Tensor | None = None,
 ) -> None:
     """Fused shrink + expand: y[t, slice i] += scale * (x[t] @ A_i[s, :r].T) @ B_i[s, :, :r].T.
 
-    One matmul pair per (distinct adapter, slice), on contiguous row slices when an
-    adapter's tokens are one range (the engine sorts its batch so they are). Measured on
-    decode (16 tokens, 4 adapters, fused q/k/v): 2x faster than shrink + expand through the
-    padded-group plan at 1 thread, and it stays fast with 2 threads on a loaded machine,
-    where the many small index ops of the plan path slow down by an order of magnitude.
+    Two routes (both exact up to float summation order):
+      * masked (decode-sized steps with several adapters, `stacked_a` given): ONE shrink
+        matmul of every token against every slot of the step's slot range, a multiply that
+        keeps each token's own slot (times its scale) and zeroes the rest, then one
+        `addmm_` per slice against all those slots' B at once. 3 + n_slices ops per
+        projection whatever the number of adapters; pool rows past a slot's rank are zero,
+        so padded ranks add nothing.
+      * per adapter: one shrink (all slices in one matmul through `stacked_a` when the
+        adapter has few tokens, else per slice at the real rank) and one `addmm_` per slice.
     """
+    if stacked_a is not None and segments.masked_path:
+        _lora_apply_masked(y, x, stacked_a, b_pools, slice_offsets, segments, slot_scales)
+        return
     ranks = slot_ranks.tolist()
     scales = slot_scales.tolist()
-    for slot, token_ranges in _slot_token_ranges(segment_starts.tolist(), segment_slots.tolist()).items():
-        if len(token_ranges) == 1:
-            rows: slice | Tensor = slice(*token_ranges[0])
-            x_rows = x[rows]
-        else:
-            rows = torch.tensor(_token_list(token_ranges), dtype=torch.int64, device=x.device)
-            x_rows = x.index_select(0, rows)
+    r_max = a_pools[0].shape[1]
+    for slot, rows in segments.slot_rows:
+        x_rows = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+        slot_ranks_now = [row[slot] for row in ranks]
+        fused_shrink = stacked_a is not None and (
+            x_rows.shape[0] < LARGE_GROUP_TOKENS or min(slot_ranks_now) == r_max
+        )
+        stacked_v = x_rows @ stacked_a[slot].T if fused_shrink else None
         for i, (a_pool, b_pool, offset) in enumerate(zip(a_pools, b_pools, slice_offsets)):
-            rank = ranks[i][slot]
+            rank = slot_ranks_now[i]
             if rank == 0:
                 continue
-            delta = (x_rows @ a_pool[slot, :rank].T) @ b_pool[slot, :, :rank].T
-            y_slice = y[:, offset : offset + b_pool.shape[1]]
-            if isinstance(rows, slice):
-                y_slice[rows].add_(delta, alpha=scales[i][slot])
+            if stacked_v is not None:
+                v = stacked_v[:, i * r_max : i * r_max + rank]
             else:
-                y_slice.index_add_(0, rows, delta, alpha=scales[i][slot])
+                v = x_rows @ a_pool[slot, :rank].T
+            b_t = b_pool[slot, :, :rank].T
+            if isinstance(rows, slice):
+                y[rows, offset : offset + b_pool.shape[1]].addmm_(v, b_t, alpha=scales[i][slot])
+            else:
+                y[:, offset : offset + b_pool.shape[1]].index_add_(0, rows, v @ b_t, alpha=scales[i][slot])
+
+
+def _lora_apply_masked(
+    y: Tensor,
+    x: Tensor,
+    stacked_a: Tensor,
+    b_pools: Sequence[Tensor],
+    slice_offsets: Sequence[int],
+    segments: HostSegments,
+    slot_scales: Tensor,
+) -> None:
+    first, stop = segments.slot_range
+    num_slots, n_slices, num_tokens = stop - first, len(b_pools), x.shape[0]
+    r_max = b_pools[0].shape[2]
+    # [T, slots * n_slices * R]: every token against every slot in range.
+    v_all = x @ stacked_a[first:stop].reshape(-1, x.shape[1]).T
+    keep = segments.one_hot(x.dtype)[:, :, None] * slot_scales[:, first:stop].T.to(x.dtype)[None]
+    v = torch.empty(num_tokens, n_slices, num_slots, r_max, dtype=x.dtype, device=x.device)
+    torch.mul(
+        v_all.view(num_tokens, num_slots, n_slices, r_max).transpose(1, 2),
+        keep.transpose(1, 2)[..., None],
+        out=v,
+    )
+    for i, (b_pool, offset) in enumerate(zip(b_pools, slice_offsets)):
+        # [slots * R, N_i]: a view when the pool is stored [S, R, N_i] (as the engine's is).
+        b_rows = b_pool[first:stop].transpose(1, 2).reshape(num_slots * r_max, b_pool.shape[1])
+        y[:, offset : offset + b_pool.shape[1]].addmm_(v[:, i].reshape(num_tokens, num_slots * r_max), b_rows)

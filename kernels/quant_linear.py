@@ -156,6 +156,39 @@ def sorted_k_order(g_idx: Tensor, group: int) -> tuple[Tensor | None, bool]:
     return perm, bool((g_idx[perm] == torch.arange(k) // group).all())
 
 
+def fuse_quant_slices(slices: list[QuantLinearWeights]) -> QuantLinearWeights | None:
+    """The slices of a fused projection (q|k|v, gate|up) as ONE layer concatenated along N,
+    or None when they cannot share a kernel call (bits, group size or act-order g_idx differ).
+
+    Exact: each output column keeps its own codes, zero point and scale. One call over the
+    concatenated weight replaces one call per slice (fewer, larger kernel launches)."""
+    first = slices[0]
+    for other in slices[1:]:
+        if (other.bits, other.group_size, other.in_features) != (first.bits, first.group_size, first.in_features):
+            return None
+        if (other.g_idx is None) != (first.g_idx is None):
+            return None
+        if other.g_idx is not None and not torch.equal(other.g_idx, first.g_idx):
+            return None
+    has_bias = any(w.bias is not None for w in slices)
+    bias = None
+    if has_bias:
+        bias = torch.cat([
+            w.bias if w.bias is not None else torch.zeros(w.out_features, dtype=first.scales.dtype) for w in slices
+        ])
+    return QuantLinearWeights(
+        qweight=torch.cat([w.qweight for w in slices], dim=1),
+        qzeros=torch.cat([w.qzeros for w in slices], dim=1),
+        scales=torch.cat([w.scales for w in slices], dim=1),
+        g_idx=first.g_idx,
+        bits=first.bits,
+        group_size=first.group_size,
+        in_features=first.in_features,
+        out_features=sum(w.out_features for w in slices),
+        bias=bias,
+    )
+
+
 def prepare_quant_linear(
     w: QuantLinearWeights,
     device: torch.device | str,

@@ -178,3 +178,21 @@ def test_model_loading_errors(tmp_path, model_dir):
     (corrupt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(ModelLoadError, match="corrupt"):
         load_model(ModelConfig.from_dir(corrupt), corrupt, torch.float32, torch.device("cpu"))
+
+
+def test_adapter_with_non_finite_weights_is_rejected(tmp_path):
+    from safetensors.torch import save_file
+
+    from inlaid.engine.lora import load_adapter_tensors
+
+    path = _write_adapter(tmp_path / "nan")
+    a = torch.randn(8, 576)
+    b = torch.randn(576, 8)
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b}, str(path / "adapter_model.safetensors"))
+    spec = read_adapter_spec("nan", path)
+    assert (0, "q_proj") in load_adapter_tensors(spec, num_layers=30)
+    b[3, 2] = float("nan")
+    save_file({f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b}, str(path / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match="NaN or infinite"):
+        load_adapter_tensors(spec, num_layers=30)

@@ -19,13 +19,13 @@ import torch
 from inlaid.kernels.interpret import enable_triton_interpreter
 from inlaid.kernels.lora_meta import LoraArgumentError, build_lora_segments
 from inlaid.kernels.lora_reference import lora_expand_reference, lora_shrink_reference
-from inlaid.kernels.testing import LoraCase, random_lora_case
+from inlaid.kernels.testing import LoraCase, random_lora_case, stacked_pools
 
 INTERPRETED_HERE = enable_triton_interpreter()
 if INTERPRETED_HERE:
     from inlaid.kernels import lora_triton
 from inlaid.kernels import lora_cpu
-from inlaid.kernels.dispatch import lora_apply, lora_expand, lora_shrink
+from inlaid.kernels.dispatch import lora_apply, lora_expand, lora_host_segments, lora_shrink
 
 needs_interpreter = pytest.mark.skipif(
     not INTERPRETED_HERE, reason="triton already loaded in compiled mode: run in a child process"
@@ -105,6 +105,39 @@ def test_cpu_large_groups_and_padded_groups_in_one_step() -> None:
     lora_apply(y, case.x, case.a_pools, case.b_pools, case.slice_offsets, case.segment_starts,
                case.segment_slots, case.slot_ranks, case.slot_scales)
     assert_expand_matches(case, y_before, y, poisoned_v(case), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("route", ["masked", "per_adapter"])
+def test_cpu_stacked_routes_match_reference(name: str, route: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's CPU routes (host segments built once, A pools stacked, B stored [S, R, N]):
+    the masked all-slots route and the per-adapter route, against the float64 reference."""
+    threshold = 10**9 if route == "masked" else 0
+    monkeypatch.setattr(lora_cpu, "DENSE_MAX_TOKEN_SLOTS", threshold)
+    for seed in range(3):
+        case = make_case(name, k=40, seed=100 + seed)
+        stacked, a_views, b_views = stacked_pools(case)
+        segments = lora_host_segments(case.segment_starts, case.segment_slots, case.num_tokens, 6)
+        if route == "masked" and len(segments.slot_rows) > 1:
+            assert segments.masked_path
+        y = torch.randn((case.num_tokens, sum(WIDTHS)))
+        y_before = y.clone()
+        lora_apply(y, case.x, a_views, b_views, case.slice_offsets, case.segment_starts, case.segment_slots,
+                   case.slot_ranks, case.slot_scales, segments=segments, stacked_a=stacked)
+        assert_expand_matches(case, y_before, y, poisoned_v(case), atol=1e-4)
+
+
+def test_cpu_stacked_a_must_be_the_pools_storage() -> None:
+    case = make_case("decode_length_1", k=16)
+    stacked, a_views, b_views = stacked_pools(case)
+    y = torch.zeros((case.num_tokens, sum(WIDTHS)))
+    with pytest.raises(LoraArgumentError, match="not the view"):
+        lora_apply(y, case.x, [a.clone() for a in a_views], b_views, case.slice_offsets, case.segment_starts,
+                   case.segment_slots, case.slot_ranks, case.slot_scales, stacked_a=stacked)
+    segments = lora_host_segments(case.segment_starts, case.segment_slots, case.num_tokens, 6)
+    with pytest.raises(LoraArgumentError, match="segments cover"):
+        lora_apply(y[:-1], case.x[:-1], a_views, b_views, case.slice_offsets, case.segment_starts,
+                   case.segment_slots, case.slot_ranks, case.slot_scales, segments=segments, stacked_a=stacked)
 
 
 def test_cpu_bf16_pools() -> None:

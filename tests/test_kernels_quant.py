@@ -168,3 +168,33 @@ def test_triton_interp_in_child_process() -> None:
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("mode", ["int4", "dequant"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_fused_slices_equal_the_float64_reference_of_each_slice(mode: str, bits: int) -> None:
+    """q|k|v concatenated along N at load time: one call, each slice's columns exact."""
+    from inlaid.kernels.dispatch import fuse_quant_slices
+
+    layers = [random_gptq_layer(64, width, bits, 32, bias=(i == 1), seed=10 * bits + i)
+              for i, width in enumerate([64, 32, 32])]
+    fused = fuse_quant_slices([layer.weights for layer in layers])
+    assert fused is not None and fused.out_features == 128
+    for seed in range(2):
+        x = torch.randn(5, 64, generator=torch.Generator().manual_seed(seed))
+        got = quant_matmul(x, prepare_quant_linear(fused, "cpu", torch.float32, mode=mode))
+        columns = 0
+        for layer in layers:
+            width = layer.weights.out_features
+            assert relative_error(got[:, columns : columns + width], reference(layer, x)) < 1e-2
+            columns += width
+
+
+def test_fusing_refuses_slices_that_cannot_share_a_call() -> None:
+    from inlaid.kernels.dispatch import fuse_quant_slices
+
+    plain = random_gptq_layer(64, 32, 4, 32, seed=1).weights
+    assert fuse_quant_slices([plain, random_gptq_layer(64, 32, 3, 32, seed=2).weights]) is None
+    assert fuse_quant_slices([plain, random_gptq_layer(64, 32, 4, 64, seed=3).weights]) is None
+    reordered = random_gptq_layer(64, 32, 4, 32, act_order=True, seed=4).weights
+    assert fuse_quant_slices([plain, reordered]) is None

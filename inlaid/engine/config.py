@@ -122,7 +122,10 @@ class EngineConfig:
     quantized_dir: str | None = None  # a GPTQ checkpoint written by `inlaid quantize`
     quant_kernel: str = "auto"  # auto | int4 | triton | dequant | dense (exact, for references)
     device: str = "cpu"
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    dtype: str = "auto"  # activations, KV cache, LoRA: auto = float32 on CPU, bfloat16 on CUDA
+    # Dense base projections and the lm_head: auto = dtype. "bfloat16" on a float32 CPU
+    # engine halves the weight bytes each decode step streams (bench/engine_cpu.py).
+    weight_dtype: str = "auto"
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
     block_size: int = 16
@@ -138,3 +141,6 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_lora_rank < 1:
             raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        for name in ("dtype", "weight_dtype"):
+            if getattr(self, name) not in ("auto", "float32", "bfloat16", "float16"):
+                raise ValueError(f"{name} must be auto, float32, bfloat16 or float16, got {getattr(self, name)!r}")

@@ -21,6 +21,7 @@ from torch import nn
 
 from inlaid.engine.adapter_config import AdapterError, AdapterSpec
 from inlaid.kernels.dispatch import (
+    HostSegments,
     PreparedQuantLinear,
     lora_apply,
     quant_matmul,
@@ -32,10 +33,12 @@ class LoraBatch:
     """Adapter segments of one step's flat batch (shared by every layer).
 
     segment_starts: int32 [G+1] token offsets; segment_slots: int32 [G], -1 = no adapter.
+    host: the same segments validated and grouped by slot on the host (CPU path), or None.
     """
 
     segment_starts: torch.Tensor
     segment_slots: torch.Tensor
+    host: HostSegments | None = None
 
 
 class LoraLinear(nn.Module):
@@ -51,21 +54,32 @@ class LoraLinear(nn.Module):
         # Set by `use_quantized`: one prepared low-bit weight per slice replaces `weight`.
         self.quantized: list[PreparedQuantLinear] | None = None
         self.lora_a: list[torch.Tensor] = []
+        self.stacked_a: torch.Tensor | None = None  # [S, n_slices * R, in]; lora_a[i] are its views
         self.lora_b: list[torch.Tensor] = []
         self.slot_ranks: torch.Tensor | None = None  # int32 [n_slices, S]
         self.slot_scales: torch.Tensor | None = None  # float32 [n_slices, S]
 
     # ------------------------------------------------------------------ set-up
     def use_quantized(self, prepared: list[PreparedQuantLinear]) -> None:
-        if len(prepared) != len(self.out_slices):
-            raise ValueError(f"expected {len(self.out_slices)} quantized slices, got {len(prepared)}")
+        """One prepared weight per slice, or one for all slices concatenated along N."""
+        widths = [p.out_features for p in prepared]
+        if widths != self.out_slices and widths != [sum(self.out_slices)]:
+            raise ValueError(f"quantized slices of widths {widths} do not make up {self.out_slices}")
         self.quantized = prepared
         self.weight = None  # type: ignore[assignment]
         self.bias = None  # each prepared slice adds its own bias
 
     def allocate_lora(self, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.lora_a = [torch.zeros(num_slots, max_rank, self.in_features, dtype=dtype, device=device) for _ in self.out_slices]
-        self.lora_b = [torch.zeros(num_slots, n, max_rank, dtype=dtype, device=device) for n in self.out_slices]
+        # One tensor holds every slice's A pool, so the CPU path can shrink all slices of a
+        # fused projection in one matmul; lora_a[i] is slice i's [S, R, in] view of it.
+        n_slices = len(self.out_slices)
+        self.stacked_a = torch.zeros(num_slots, n_slices * max_rank, self.in_features, dtype=dtype, device=device)
+        self.lora_a = [self.stacked_a[:, i * max_rank : (i + 1) * max_rank] for i in range(n_slices)]
+        # B pools are stored [S, R, N] and handed out as [S, N, R] views: the CPU's masked
+        # path then reads all slots' B of a slice as one [S * R, N] matrix without a copy.
+        self.lora_b = [
+            torch.zeros(num_slots, max_rank, n, dtype=dtype, device=device).transpose(1, 2) for n in self.out_slices
+        ]
         self.slot_ranks = torch.zeros(len(self.out_slices), num_slots, dtype=torch.int32, device=device)
         self.slot_scales = torch.zeros(len(self.out_slices), num_slots, dtype=torch.float32, device=device)
 
@@ -89,7 +103,12 @@ class LoraLinear(nn.Module):
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
         if self.quantized is None:
-            y = F.linear(x, self.weight, self.bias)
+            if self.weight.dtype == x.dtype:
+                y = F.linear(x, self.weight, self.bias)
+            else:  # weights stored narrower than the activations (EngineConfig.weight_dtype)
+                y = F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+                if self.bias is not None:
+                    y += self.bias
         else:
             outputs = [quant_matmul(x, prepared) for prepared in self.quantized]
             y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
@@ -104,6 +123,8 @@ class LoraLinear(nn.Module):
                 lora.segment_slots,
                 self.slot_ranks,
                 self.slot_scales,
+                segments=lora.host,
+                stacked_a=self.stacked_a,
             )
         return y
 
@@ -132,6 +153,9 @@ def load_adapter_tensors(spec: AdapterSpec, num_layers: int) -> dict[tuple[int, 
         if set(pair) != {"A", "B"}:
             raise AdapterError(f"adapter {spec.name!r}: layer {layer} {projection} lacks lora_A or lora_B")
         a, b = pair["A"], pair["B"]
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            # Also protects other adapters: the CPU's masked route multiplies every slot's B.
+            raise AdapterError(f"adapter {spec.name!r}: layer {layer} {projection} holds NaN or infinite weights")
         if a.shape[0] != spec.rank or b.shape[1] != spec.rank:
             raise AdapterError(
                 f"adapter {spec.name!r}: layer {layer} {projection} has rank {a.shape[0]}/{b.shape[1]}, "

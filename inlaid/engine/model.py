@@ -21,17 +21,25 @@ from inlaid.engine.lora import LoraBatch, LoraLinear
 
 @dataclass
 class AttentionGroup:
-    """Chunks attended together (padded to the group's longest query and context).
+    """Chunks attended together, padded to the group's longest query and context.
 
-    query_index: [B, Nmax] flat-batch index of each query row (padding rows repeat a valid index)
-    query_valid: [B, Nmax] bool
-    block_tables: [B, max_blocks] cache block ids (padding: block 0, masked)
-    mask: [B, 1, Nmax, Lmax] bool, True where the query may attend the key
+    Every index is flat and built once per step (all layers share it), so each layer
+    gathers with `index_select`, several times faster on the CPU than advanced indexing.
+
+    query_rows: int64 [B * N] flat-batch row of each query slot (padding repeats a real row)
+    kv_rows: int64 [B * L] cache row (block * block_size + offset) of each key slot
+    valid_slots: int64 positions of the real queries in the [B * N] grid; None = all real
+    output_rows: int64 flat-batch row of each real query, in grid order
+    mask: bool [B, 1, N, L], True where the query may attend the key
     """
 
-    query_index: torch.Tensor
-    query_valid: torch.Tensor
-    block_tables: torch.Tensor
+    batch_size: int
+    max_queries: int
+    max_keys: int
+    query_rows: torch.Tensor
+    kv_rows: torch.Tensor
+    valid_slots: torch.Tensor | None
+    output_rows: torch.Tensor
     mask: torch.Tensor
 
 
@@ -128,34 +136,36 @@ class Attention(nn.Module):
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden, batch.lora)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q = qkv[:, :q_size].view(num_tokens, self.num_heads, self.head_dim)
-        k = qkv[:, q_size : q_size + kv_size].view(num_tokens, self.num_kv_heads, self.head_dim)
+        # q and k heads sit side by side in qkv: rotate them in one pass.
+        qk = apply_rotary(qkv[:, : q_size + kv_size].view(num_tokens, -1, self.head_dim), cos, sin)
+        q = qk[:, : self.num_heads]
+        k = qk[:, self.num_heads :]
         v = qkv[:, q_size + kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
 
         key_cache, value_cache = kv_cache  # [num_blocks, block_size, kv_heads, head_dim]
-        block_size = key_cache.shape[1]
-        key_cache.view(-1, self.num_kv_heads, self.head_dim)[batch.slot_mapping] = k
-        value_cache.view(-1, self.num_kv_heads, self.head_dim)[batch.slot_mapping] = v
+        key_rows = key_cache.view(-1, kv_size)
+        value_rows = value_cache.view(-1, kv_size)
+        key_rows.index_copy_(0, batch.slot_mapping, k.reshape(num_tokens, kv_size))
+        value_rows.index_copy_(0, batch.slot_mapping, v.reshape(num_tokens, kv_size))
 
-        out = torch.empty_like(q)
+        out = q.new_empty(num_tokens, q_size)
         for group in batch.groups:
-            batch_size, max_queries = group.query_index.shape
-            queries = q[group.query_index].transpose(1, 2)  # [B, H, N, D]
-            max_keys = group.block_tables.shape[1] * block_size
-            keys = key_cache[group.block_tables].view(batch_size, max_keys, self.num_kv_heads, self.head_dim)
-            values = value_cache[group.block_tables].view(batch_size, max_keys, self.num_kv_heads, self.head_dim)
+            size, queries_per_row, keys_per_row = group.batch_size, group.max_queries, group.max_keys
+            queries = q.reshape(num_tokens, q_size).index_select(0, group.query_rows)
+            keys = key_rows.index_select(0, group.kv_rows)
+            values = value_rows.index_select(0, group.kv_rows)
             attended = F.scaled_dot_product_attention(
-                queries,
-                keys.transpose(1, 2),
-                values.transpose(1, 2),
+                queries.view(size, queries_per_row, self.num_heads, self.head_dim).transpose(1, 2),
+                keys.view(size, keys_per_row, self.num_kv_heads, self.head_dim).transpose(1, 2),
+                values.view(size, keys_per_row, self.num_kv_heads, self.head_dim).transpose(1, 2),
                 attn_mask=group.mask,
                 scale=self.scale,
                 enable_gqa=self.num_kv_heads != self.num_heads,
-            ).transpose(1, 2)  # [B, N, H, D]
-            out[group.query_index[group.query_valid]] = attended[group.query_valid]
-        return self.o_proj(out.view(num_tokens, q_size), batch.lora)
+            ).transpose(1, 2).reshape(size * queries_per_row, q_size)
+            if group.valid_slots is not None:
+                attended = attended.index_select(0, group.valid_slots)
+            out.index_copy_(0, group.output_rows, attended)
+        return self.o_proj(out, batch.lora)
 
 
 class MLP(nn.Module):
@@ -199,9 +209,19 @@ class LlamaModel(nn.Module):
             None if config.tie_word_embeddings else nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
         )
 
+    def store_weights_as(self, weight_dtype: torch.dtype) -> None:
+        """Keep dense projection weights, the embedding and the head in `weight_dtype`;
+        activations stay in the dtype of the norms."""
+        for module in self.modules():
+            if isinstance(module, LoraLinear) and module.weight is not None:
+                module.weight.data = module.weight.data.to(weight_dtype)
+        self.embed_tokens.weight.data = self.embed_tokens.weight.data.to(weight_dtype)
+        if self.lm_head_weight is not None:
+            self.lm_head_weight.data = self.lm_head_weight.data.to(weight_dtype)
+
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Hidden states after the final norm, [T, hidden]."""
-        hidden = self.embed_tokens(batch.input_ids)
+        hidden = self.embed_tokens(batch.input_ids).to(self.norm.weight.dtype)
         cos, sin = self.rotary(batch.positions, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden = layer(hidden, cos, sin, batch, kv_cache)
@@ -209,4 +229,4 @@ class LlamaModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head_weight is None else self.lm_head_weight
-        return F.linear(hidden, weight).float()
+        return F.linear(hidden.to(weight.dtype), weight).float()

@@ -18,6 +18,7 @@ from inlaid.engine.lora import LoraBatch, LoraLinear, install_adapter, load_adap
 from inlaid.engine.model import AttentionGroup, ForwardBatch, LlamaModel
 from inlaid.engine.sampler import sample_tokens
 from inlaid.engine.weights import load_model
+from inlaid.kernels.dispatch import lora_host_segments
 from inlaid.protocol import BatchPlan, ChunkPlan, SampledToken, StepResult
 
 _SLICE_OF = {
@@ -56,9 +57,12 @@ class ModelRunner:
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.weight_dtype = self.dtype if config.weight_dtype == "auto" else resolve_dtype(config.weight_dtype, self.device)
         self.model_config = ModelConfig.from_dir(config.model_dir)
         weights_dir = config.quantized_dir or config.model_dir
-        self.model: LlamaModel = load_model(self.model_config, weights_dir, self.dtype, self.device, config.quant_kernel)
+        self.model: LlamaModel = load_model(
+            self.model_config, weights_dir, self.dtype, self.device, config.quant_kernel, self.weight_dtype
+        )
         self.model.eval()
         mc = self.model_config
         self.kv_caches = [
@@ -151,10 +155,12 @@ class ModelRunner:
                 else:
                     slots.append(chunk.adapter_slot)
                     starts.append(end)
-            lora = LoraBatch(
-                segment_starts=torch.tensor(starts, dtype=torch.int32, device=self.device),
-                segment_slots=torch.tensor(slots, dtype=torch.int32, device=self.device),
-            )
+            segment_starts = torch.tensor(starts, dtype=torch.int32, device=self.device)
+            segment_slots = torch.tensor(slots, dtype=torch.int32, device=self.device)
+            host = None
+            if self.device.type == "cpu":
+                host = lora_host_segments(segment_starts, segment_slots, len(input_ids), self.config.max_lora_slots)
+            lora = LoraBatch(segment_starts=segment_starts, segment_slots=segment_slots, host=host)
         device = self.device
         batch = ForwardBatch(
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
@@ -169,21 +175,42 @@ class ModelRunner:
     def _attention_group(self, chunks: list[ChunkPlan], offsets: list[int]) -> AttentionGroup:
         block_size = self.config.block_size
         device = self.device
-        num_queries = torch.tensor([len(c.token_ids) for c in chunks], device=device)
-        starts = torch.tensor([c.start_pos for c in chunks], device=device)
-        max_queries = int(num_queries.max())
-        context_blocks = [-(-(c.start_pos + len(c.token_ids)) // block_size) for c in chunks]
-        max_blocks = max(context_blocks)
-        block_tables = torch.zeros(len(chunks), max_blocks, dtype=torch.long, device=device)
-        for row, (chunk, count) in enumerate(zip(chunks, context_blocks)):
-            block_tables[row, :count] = torch.tensor(chunk.block_table[:count], device=device)
+        query_counts = [len(chunk.token_ids) for chunk in chunks]
+        context_lengths = [chunk.start_pos + count for chunk, count in zip(chunks, query_counts)]
+        max_queries, max_keys = max(query_counts), max(context_lengths)
+        query_rows: list[int] = []
+        valid_slots: list[int] = []
+        output_rows: list[int] = []
+        kv_rows: list[int] = []
+        for row, (chunk, offset, count, length) in enumerate(zip(chunks, offsets, query_counts, context_lengths)):
+            # Padding query slots repeat the chunk's last row; padding key slots read the
+            # chunk's first cache row. Both are masked or discarded.
+            query_rows.extend(offset + min(i, count - 1) for i in range(max_queries))
+            valid_slots.extend(range(row * max_queries, row * max_queries + count))
+            output_rows.extend(range(offset, offset + count))
+            table = chunk.block_table
+            kv_rows.extend(table[p // block_size] * block_size + p % block_size for p in range(length))
+            kv_rows.extend([table[0] * block_size] * (max_keys - length))
+        starts = torch.tensor([chunk.start_pos for chunk in chunks], device=device)
+        counts = torch.tensor(query_counts, device=device)
         query_offsets = torch.arange(max_queries, device=device)
-        query_valid = query_offsets[None, :] < num_queries[:, None]
-        clamped = torch.minimum(query_offsets[None, :], num_queries[:, None] - 1)
-        query_index = torch.tensor(offsets, device=device)[:, None] + clamped
-        key_positions = torch.arange(max_blocks * block_size, device=device)
+        query_valid = query_offsets[None, :] < counts[:, None]
+        key_positions = torch.arange(max_keys, device=device)
         causal = key_positions[None, None, :] <= (starts[:, None] + query_offsets[None, :])[:, :, None]
         # Padding rows attend key 0 only, so their softmax stays finite (they are discarded).
         padding_rows = ~query_valid[:, :, None] & (key_positions[None, None, :] == 0)
         mask = (causal & query_valid[:, :, None]) | padding_rows
-        return AttentionGroup(query_index=query_index, query_valid=query_valid, block_tables=block_tables, mask=mask[:, None])
+
+        def index(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        return AttentionGroup(
+            batch_size=len(chunks),
+            max_queries=max_queries,
+            max_keys=max_keys,
+            query_rows=index(query_rows),
+            kv_rows=index(kv_rows),
+            valid_slots=None if len(valid_slots) == len(query_rows) else index(valid_slots),
+            output_rows=index(output_rows),
+            mask=mask[:, None],
+        )

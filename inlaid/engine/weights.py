@@ -10,7 +10,7 @@ from safetensors import SafetensorError, safe_open
 
 from inlaid.engine.config import ModelConfig, ModelLoadError
 from inlaid.engine.model import LlamaModel
-from inlaid.kernels.dispatch import QuantLinearWeights, prepare_quant_linear
+from inlaid.kernels.dispatch import QuantLinearWeights, fuse_quant_slices, prepare_quant_linear
 
 # HF name suffix -> (our module path suffix, slice index within a fused projection)
 _FUSED = {
@@ -55,9 +55,17 @@ def is_gptq_checkpoint(model_dir: Path) -> bool:
 
 
 def load_model(
-    config: ModelConfig, model_dir: str | Path, dtype: torch.dtype, device: torch.device, quant_kernel: str = "auto"
+    config: ModelConfig,
+    model_dir: str | Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    quant_kernel: str = "auto",
+    weight_dtype: torch.dtype | None = None,
 ) -> LlamaModel:
-    """Build the model from a float checkpoint, or from a GPTQ checkpoint (low-bit projections)."""
+    """Build the model from a float checkpoint, or from a GPTQ checkpoint (low-bit projections).
+
+    dtype: activations, norms, biases; weight_dtype (default dtype): dense projection
+    weights, the embedding and the lm_head."""
     model_dir = Path(model_dir)
     quantized: dict[str, QuantLinearWeights] = {}
     if is_gptq_checkpoint(model_dir):
@@ -110,12 +118,18 @@ def load_model(
     if missing:
         raise ModelLoadError(f"{model_dir} lacks {len(missing)} tensors, e.g. {missing[:3]}")
     model = model.to(device=device, dtype=dtype)
+    if weight_dtype is not None and weight_dtype != dtype:
+        model.store_weights_as(weight_dtype)
     for module_path, slices in slices_by_module.items():
         linear = model.get_submodule(module_path)
         if sorted(slices) != list(range(len(linear.out_slices))):
             raise ModelLoadError(f"{model_dir}: {module_path} is only partly quantized")
-        # The prepared low-bit weight carries its own bias.
-        linear.use_quantized([prepare_quant_linear(slices[i], device, dtype, mode=quant_kernel) for i in sorted(slices)])
+        # The prepared low-bit weight carries its own bias. Slices that can share one kernel
+        # call are concatenated along N at load (the checkpoint stays per projection).
+        ordered = [slices[i] for i in sorted(slices)]
+        fused = fuse_quant_slices(ordered) if len(ordered) > 1 else None
+        parts = [fused] if fused is not None else ordered
+        linear.use_quantized([prepare_quant_linear(part, device, dtype, mode=quant_kernel) for part in parts])
     return model
 
 
