@@ -256,6 +256,13 @@ def test_cli_quantize_and_error_exit(tiny_setup, tmp_path, capsys) -> None:
     empty.write_text("")
     code = main(["quantize", "--model", str(model_dir), "--task", f"alpha=:{empty}", "--out", str(tmp_path / "x")])
     assert code == 2 and "holds no samples" in capsys.readouterr().err
+    # rtn needs no calibration data; every other method says what is missing
+    code = main(["quantize", "--model", str(model_dir), "--method", "rtn", "--bits", "4", "--group-size", "32",
+                 "--out", str(tmp_path / "rtn")])
+    assert code == 0 and load_gptq_checkpoint(tmp_path / "rtn").config["quantization_config"]["bits"] == 4
+    capsys.readouterr()
+    code = main(["quantize", "--model", str(model_dir), "--method", "gptq-mixed", "--out", str(tmp_path / "y")])
+    assert code == 2 and "needs calibration data" in capsys.readouterr().err
 
 
 def test_aggregation_study_on_tiny_model(tiny_setup) -> None:

@@ -12,7 +12,7 @@ from inlaid.tasks.base import PACKAGED_DATA_DIR, seeded_split, validate_example
 
 def test_registry_lists_the_suite():
     assert set(TASK_NAMES) == {
-        "trans-fr", "trans-de", "trans-es", "summarize", "table-to-text", "math", "open-qa", "code", "sentiment",
+        "trans-fr", "trans-de", "trans-es", "summarize", "table-to-text", "math", "qa", "code", "sentiment",
     }
     with pytest.raises(TaskError, match="unknown task"):
         get_task("no-such-task")

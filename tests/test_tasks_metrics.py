@@ -21,6 +21,14 @@ def test_exact_match_over_aliases_uses_first_line():
     assert scores["contains_answer"] == pytest.approx(75.0)  # "paris" inside the 2nd too
 
 
+def test_token_f1_by_hand():
+    # "eight general education" vs "eight General Education categories": p=3/3, r=3/4 -> F1 6/7
+    predictions = ["eight general education\nsecond line", "major", "nothing shared", ""]
+    answers = [["eight General Education categories"], ["minor", "major"], ["abc"], ["x"]]
+    scores = metrics.token_f1(predictions, answers)
+    assert scores["f1"] == pytest.approx(100.0 * (6 / 7 + 1.0 + 0 + 0) / 4)
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [

@@ -52,8 +52,11 @@ def run(args: argparse.Namespace) -> int:
     from inlaid.quant.spec import QuantSpec
 
     try:
-        if not args.task:
-            raise QuantizationError("give at least one --task name=ADAPTER_DIR:CALIB.jsonl")
+        if not args.task and args.method != "rtn":
+            raise QuantizationError(
+                f"--method {args.method} needs calibration data: give at least one --task name=ADAPTER_DIR:CALIB.jsonl "
+                "(only rtn runs without)"
+            )
         tasks = [parse_task_argument(text) for text in args.task]
         method = parse_method(args.method, [task.name for task in tasks])
         spec = QuantSpec(bits=args.bits, group_size=args.group_size, symmetric=args.sym, act_order=args.act_order,

@@ -245,7 +245,8 @@ def quantize_model(config: DriverConfig) -> QuantizationReport:
             with active_adapter(peft_model, stream.adapter):
                 for batch in stream.batches:
                     batch.hidden = run_layer(layer, batch)
-        this_layer = [max(entry["errors"].values()) for entry in layer_errors if entry["layer"] == layer_index]
+        this_layer = [max(entry["errors"].values()) for entry in layer_errors
+                      if entry["layer"] == layer_index and entry["errors"]]
         if this_layer:
             bar.set_postfix(worst_err=f"{max(this_layer):.2e}", rss_mb=f"{peak_rss_mb():.0f}")
     bar.close()
@@ -326,7 +327,7 @@ def _quantize_layer(
                             for task in method.hessian_tasks(task_names)}
         outcome = quantize_linear(method, weight, method_stats, config.spec, config.mlgptq)
         dequantized = outcome.quantized.dequantize()
-        if config.measure_errors:
+        if config.measure_errors and task_names:
             measured = {task: stats[(task, "adapter")][group] for task in task_names if (task, "adapter") in stats}
             errors.append({"layer": layer_index, "linear": linear_name, "errors": task_errors(weight, dequantized, measured)})
         if outcome.task_weights:

@@ -7,11 +7,11 @@ lists them in suite order. Building splits (`inlaid tasks prepare`) lives in `pr
 from __future__ import annotations
 
 from inlaid.tasks.base import SPLIT_NAMES, Task, TaskError
-from inlaid.tasks import code, math_word, open_qa, sentiment, summarize, table_to_text, translation
+from inlaid.tasks import code, math_word, reading_qa, sentiment, summarize, table_to_text, translation
 
 _TASKS: dict[str, Task] = {
     task.name: task
-    for task in [*translation.TASKS, summarize.TASK, table_to_text.TASK, math_word.TASK, open_qa.TASK,
+    for task in [*translation.TASKS, summarize.TASK, table_to_text.TASK, math_word.TASK, reading_qa.TASK,
                  code.TASK, sentiment.TASK]
 }
 TASK_NAMES: tuple[str, ...] = tuple(_TASKS)

@@ -1,10 +1,16 @@
-"""Code generation: docstring + signature → Python function, mined from the standard library.
+"""Code summarisation: Python function → its one-line docstring summary (the code-to-text
+direction of CodeSearchNet), mined from the standard library.
 
 Pairs come from the running interpreter's stdlib (`ast`): public functions and methods with
-a docstring whose body (docstring removed, formatted by `ast.unparse`) is 2–12 lines. The
-committed splits were made with CPython 3.11; another interpreter may give other pairs,
-which is why the eval and calibration splits are committed. Scored by ROUGE-L against the
-reference function (code fences are stripped from the output first).
+a docstring whose body (docstring removed, formatted by `ast.unparse`) is 2–12 lines; the
+target is the docstring's first paragraph on one line, 4–30 words. The committed splits
+were made with CPython 3.11; another interpreter may give other pairs, which is why the
+eval and calibration splits are committed. Scored by ROUGE-L on the first output line.
+
+The first version asked for the other direction (docstring → function, 128-token targets):
+after training the adapter did not beat the base (ROUGE-L 38.2 vs 38.6), and long code
+targets made every training step several times dearer on the CPU. Summaries are short,
+have one right register (the stdlib's terse imperative style) and are learnable.
 """
 
 from __future__ import annotations
@@ -21,18 +27,15 @@ from inlaid.tasks.base import CALIB_SIZE, EVAL_SIZE, SPLIT_SEED, Example, Task, 
 NAME = "code"
 EXCLUDED_DIRS = {"test", "tests", "idlelib", "site-packages", "lib2to3", "ensurepip", "turtledemo", "tkinter", "__pycache__"}
 MIN_LINES, MAX_LINES, MAX_CHARS = 2, 12, 480
+MIN_SUMMARY_WORDS, MAX_SUMMARY_WORDS = 4, 30
 MAX_TRAIN = 6000
 
 
-def prompt_for(signature: str, docstring: str) -> str:
-    return f"Write the Python function `{signature}`.\n\n{docstring}"
+def prompt_for(source: str) -> str:
+    return f"Write the one-line docstring summary of this Python function.\n\n```python\n{source}\n```"
 
 
-def _signature(node: ast.FunctionDef) -> str:
-    return f"{node.name}({ast.unparse(node.args)})"
-
-
-def _pairs_in(path: Path, module: str) -> list[tuple[str, str, str, str]]:
+def _pairs_in(path: Path, module: str) -> list[tuple[str, str, str]]:
     try:
         tree = ast.parse(path.read_text(encoding="utf-8"))
     except (SyntaxError, UnicodeDecodeError, ValueError):
@@ -44,7 +47,9 @@ def _pairs_in(path: Path, module: str) -> list[tuple[str, str, str, str]]:
         docstring = ast.get_docstring(node)
         if not docstring or len(docstring.split()) < 4:
             continue
-        summary = docstring.strip().split("\n\n")[0].strip()
+        summary = " ".join(docstring.strip().split("\n\n")[0].split())
+        if not MIN_SUMMARY_WORDS <= len(summary.split()) <= MAX_SUMMARY_WORDS:
+            continue
         stripped = copy.deepcopy(node)
         stripped.body = stripped.body[1:]
         stripped.decorator_list = []
@@ -54,7 +59,7 @@ def _pairs_in(path: Path, module: str) -> list[tuple[str, str, str, str]]:
         lines = source.count("\n")  # body lines: the def line is not counted
         if not MIN_LINES <= lines <= MAX_LINES or len(source) > MAX_CHARS:
             continue
-        pairs.append((f"{module}:{node.lineno}:{node.name}", _signature(node), summary, source))
+        pairs.append((f"{module}:{node.lineno}:{node.name}", summary, source))
     return pairs
 
 
@@ -62,32 +67,31 @@ def build() -> dict[str, list[Example]]:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     examples = []
     seen_sources: set[str] = set()
-    seen_prompts: set[str] = set()  # one implementation per (signature, docstring): no eval prompt in training
+    seen_summaries: set[str] = set()  # one function per summary: no eval reference recurs in training
     for path in sorted(stdlib.rglob("*.py")):
         relative = path.relative_to(stdlib)
         if EXCLUDED_DIRS & set(relative.parts[:-1]):
             continue
         module = ".".join(relative.with_suffix("").parts)
-        for key, signature, summary, source in _pairs_in(path, module):
-            prompt = prompt_for(signature, summary)
-            if source in seen_sources or prompt in seen_prompts:
+        for key, summary, source in _pairs_in(path, module):
+            if source in seen_sources or summary in seen_summaries:
                 continue
             seen_sources.add(source)
-            seen_prompts.add(prompt)
-            examples.append(make_example(NAME, f"{NAME}-{key}", prompt, source))
+            seen_summaries.add(summary)
+            examples.append(make_example(NAME, f"{NAME}-{key}", prompt_for(source), summary))
     eval_split, calib_split, train_split = seeded_split(examples, SPLIT_SEED + 6, (EVAL_SIZE, CALIB_SIZE))
     return {"eval": eval_split, "calib": calib_split, "train": train_split[:MAX_TRAIN]}
 
 
 def _rouge(predictions: list[str], examples: list[Example]) -> dict[str, float]:
-    return metrics.rouge([metrics.strip_code_fence(p) for p in predictions], [e["answers"] for e in examples])
+    return metrics.rouge([metrics.first_line(p) for p in predictions], [e["answers"] for e in examples])
 
 
 TASK = Task(
     name=NAME,
-    description=f"stdlib docstring + signature → function (CPython {sys.version_info.major}.{sys.version_info.minor} source)",
+    description=f"stdlib function → one-line docstring summary (CPython {sys.version_info.major}.{sys.version_info.minor} source)",
     metric_fn=_rouge,
     primary_metric="rougeL",
-    max_new_tokens=128,
+    max_new_tokens=48,
     source="Python standard library (PSF licence), mined with ast",
 )

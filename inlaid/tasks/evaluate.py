@@ -43,7 +43,8 @@ def length_stats(counts: list[int]) -> dict[str, float]:
 
 
 def evaluate_runs(model_dir: Path, runs: list[EvalRun], split: str = "eval", limit: int | None = None,
-                  backend: str = "auto", batch_size: int = 16, dtype: str = "auto") -> dict:
+                  backend: str = "auto", batch_size: int = 16, dtype: str = "auto",
+                  weight_dtype: str = "auto") -> dict:
     """Generate for every run in one call, then score each run with its task's metric."""
     from transformers import AutoTokenizer
 
@@ -72,14 +73,16 @@ def evaluate_runs(model_dir: Path, runs: list[EvalRun], split: str = "eval", lim
         backend = "engine" if engine_available() else "peft"
     started = time.time()
     if backend == "engine":
-        outputs = generate_with_engine(model_dir, adapters, requests, dtype=dtype)
+        outputs = generate_with_engine(model_dir, adapters, requests, dtype=dtype, weight_dtype=weight_dtype)
     elif backend == "peft":
         outputs = generate_with_peft(model_dir, adapters, requests, batch_size=batch_size)
     else:
         raise ValueError(f"unknown backend '{backend}' (engine, peft or auto)")
     seconds = time.time() - started
 
-    results: dict = {"backend": backend, "dtype": dtype if backend == "engine" else "float32", "model": str(model_dir), "split": split, "seconds": round(seconds, 1),
+    described = dtype if weight_dtype == "auto" else f"{dtype} activations, {weight_dtype} weights"
+    results: dict = {"backend": backend, "dtype": described if backend == "engine" else "float32", "model": str(model_dir),
+                     "split": split, "seconds": round(seconds, 1),
                      "generated_tokens": sum(o.num_tokens for o in outputs), "tasks": {}}
     for run, examples, start, end in spans:
         task = get_task(run.task)
@@ -153,6 +156,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="peft backend batch size")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="engine activations/weights (auto: float32 on the CPU)")
+    parser.add_argument("--weight-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="engine dense weights and lm_head (auto: as --dtype; bfloat16: faster on the CPU)")
     parser.add_argument("--out", default=None, help="write the full results (predictions too) as JSON")
     parser.add_argument("--markdown", default=None, help="write the base-vs-adapter table as Markdown")
 
@@ -183,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
             if args.with_base or not args.adapter:
                 runs.append(EvalRun(name, None, None))
     results = evaluate_runs(model_dir, runs, split=args.split, limit=args.limit, backend=args.backend,
-                            batch_size=args.batch_size, dtype=args.dtype)
+                            batch_size=args.batch_size, dtype=args.dtype, weight_dtype=args.weight_dtype)
     for task_name, configs in results["tasks"].items():
         for config_name, entry in configs.items():
             scores = ", ".join(f"{k}={v:.2f}" for k, v in entry["scores"].items())

@@ -40,7 +40,7 @@ def engine_available() -> bool:
 
 def generate_with_engine(model_dir: Path, adapters: dict[str, Path], requests: list[GenerationRequest],
                          show_progress: bool = True, threads: int | None = None,
-                         dtype: str = "auto") -> list[GenerationResult]:
+                         dtype: str = "auto", weight_dtype: str = "auto") -> list[GenerationResult]:
     """All requests through Inlaid's engine in one call: it batches across tasks itself.
 
     Prompts go in as token ids made by the Hugging Face tokenizer without special tokens,
@@ -53,7 +53,7 @@ def generate_with_engine(model_dir: Path, adapters: dict[str, Path], requests: l
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     max_rank = max((_adapter_rank(path) for path in adapters.values()), default=8)
     engine = Engine.local(EngineConfig(model_dir=str(model_dir), max_lora_rank=max(64, max_rank), threads=threads,
-                                      dtype=dtype, max_num_seqs=96))
+                                      dtype=dtype, weight_dtype=weight_dtype, max_num_seqs=96))
     for name, path in adapters.items():
         engine.register_adapter(name, str(path))
     prompts = [tokenizer(r.prompt, add_special_tokens=False)["input_ids"] for r in requests]

@@ -35,6 +35,22 @@ def exact_match(predictions: list[str], answer_lists: list[list[str]]) -> dict[s
     return {"exact_match": 100.0 * hits / count, "contains_answer": 100.0 * contained / count}
 
 
+def token_f1(predictions: list[str], answer_lists: list[list[str]]) -> dict[str, float]:
+    """SQuAD token F1 of the first output line, best over the accepted answers."""
+    total = 0.0
+    for prediction, answers in zip(predictions, answer_lists, strict=True):
+        predicted = normalize_answer(first_line(prediction)).split()
+        best = 0.0
+        for answer in answers:
+            expected = normalize_answer(answer).split()
+            common = sum(min(predicted.count(t), expected.count(t)) for t in set(predicted))
+            if common:
+                precision, recall = common / len(predicted), common / len(expected)
+                best = max(best, 2 * precision * recall / (precision + recall))
+        total += best
+    return {"f1": 100.0 * total / max(len(predictions), 1)}
+
+
 def first_line(text: str) -> str:
     stripped = text.strip()
     return stripped.splitlines()[0] if stripped else ""

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from inlaid.tasks import TASK_NAMES, code, math_word, open_qa, sentiment, summarize, table_to_text, translation
+from inlaid.tasks import TASK_NAMES, code, math_word, reading_qa, sentiment, summarize, table_to_text, translation
 from inlaid.tasks.base import COMMITTED_SPLITS, PACKAGED_DATA_DIR, Example, TaskError, cache_data_dir, write_jsonl
 
 Builder = Callable[[], dict[str, dict[str, list[Example]]]]
@@ -27,7 +27,7 @@ BUILDERS: list[tuple[tuple[str, ...], Builder]] = [
     ((summarize.NAME,), _single(summarize.NAME, summarize.build)),
     ((table_to_text.NAME,), _single(table_to_text.NAME, table_to_text.build)),
     ((math_word.NAME,), _single(math_word.NAME, math_word.build)),
-    ((open_qa.NAME,), _single(open_qa.NAME, open_qa.build)),
+    ((reading_qa.NAME,), _single(reading_qa.NAME, reading_qa.build)),
     ((code.NAME,), _single(code.NAME, code.build)),
     ((sentiment.NAME,), _single(sentiment.NAME, sentiment.build)),
 ]
