@@ -4,7 +4,8 @@ in float32.
 A bf16 matmul rounds its output to bf16, so the logits move by up to ~0.6 from float32 (a
 reference that rounds the same tensors in transformers was measured no closer: rounding
 boundaries flip differently in a different kernel). The test holds the greedy tokens equal
-and bounds the logit error well below what a wrong cast or scale would give."""
+wherever float32's choice is clear and bounds the logit error well below what a wrong cast
+or scale would give."""
 
 from __future__ import annotations
 
@@ -42,7 +43,14 @@ def test_bf16_weights_track_float32_transformers(model_dir, hf_model):
         with torch.no_grad():
             reference = hf_model(torch.tensor([ids + tokens])).logits[0, len(ids) - 1 : -1].float()
         error = (torch.stack(ours[index]) - reference).abs()
-        assert tokens == reference.argmax(-1).tolist(), f"prompt {index}: greedy tokens differ"
+        # Greedy tokens must agree wherever float32's choice is not a near-tie: a bf16 kernel
+        # without native bf16 (AVX2 oneDNN) rounds differently and may flip a tie, but never a
+        # step whose top-2 gap exceeds twice the logit error bound below.
+        top2 = reference.topk(2, dim=-1).values
+        decided = (top2[:, 0] - top2[:, 1]) > 2.0
+        agree = torch.tensor(tokens) == reference.argmax(-1)
+        assert bool(agree[decided].all()), f"prompt {index}: greedy tokens differ at a decided step"
+        assert agree.float().mean().item() >= 0.75, f"prompt {index}: greedy tokens differ too often"
         assert error.mean().item() < 0.15, f"prompt {index}: mean logit error {error.mean().item()}"
         assert error.max().item() < 1.0, f"prompt {index}: max logit error {error.max().item()}"
         assert error.max().item() > 0.0  # the bf16 path really ran
