@@ -48,7 +48,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "far below 3/4-bit quantization error; ~1.5x faster generation on CPUs with AVX512-BF16, several times slower on AVX2-only CPUs")
     parser.add_argument("--serve", default="kernels", choices=["kernels", "dequantized"],
                         help="generate from the GPTQ checkpoint through the low-bit kernels, or from its dequantized "
-                             "weights stored as a float model (same codes; on the CPU the bf16 dense path is faster "
+                             "weights stored as a float model (same codes; on the CPU a dense matmul is faster "
                              "than the int4 kernel at eval batch sizes)")
     parser.add_argument("--errors-only", action="store_true", help="skip generation; reconstruction errors only")
     parser.add_argument("--aggregation-study", action="store_true",
@@ -115,17 +115,17 @@ def _servable_dir(checkpoint_dir: Path, serve: str = "kernels") -> tuple[Path, s
     from inlaid.quant.checkpoint import dequantized_state_dict, load_gptq_checkpoint
 
     checkpoint = load_gptq_checkpoint(checkpoint_dir)
-    try:
-        import torch
+    if serve == "dequantized":
+        reason = "on request: --serve dequantized"
+    else:
+        try:
+            import torch
 
-        if serve == "dequantized":
-            raise ValueError("--serve dequantized")
-
-        for weights in checkpoint.linears.values():
-            prepare_quant_linear(weights, "cpu", torch.float32, mode="dequant")
-        return checkpoint_dir, "gptq checkpoint (low-bit kernels)"
-    except Exception as error:  # the kernels reject this layout: serve the same weights in float
-        reason = str(error).split(";")[0]
+            for weights in checkpoint.linears.values():
+                prepare_quant_linear(weights, "cpu", torch.float32, mode="dequant")
+            return checkpoint_dir, "gptq checkpoint (low-bit kernels)"
+        except Exception as error:  # the kernels reject this layout: serve the same weights in float
+            reason = "kernels: " + str(error).split(";")[0]
     float_dir = checkpoint_dir / "dequantized"
     if not (float_dir / "model.safetensors").is_file():
         float_dir.mkdir(exist_ok=True)
@@ -138,7 +138,7 @@ def _servable_dir(checkpoint_dir: Path, serve: str = "kernels") -> tuple[Path, s
                 (float_dir / name).write_bytes((checkpoint_dir / name).read_bytes())
         state = {k: v.contiguous() for k, v in dequantized_state_dict(checkpoint).items()}
         save_file(state, str(float_dir / "model.safetensors"), metadata={"format": "pt"})
-    return float_dir, f"dequantized float weights (kernels: {reason})"
+    return float_dir, f"dequantized float weights ({reason})"
 
 
 def _evaluate(args, model_dir: Path, tasks: list[str]) -> dict:
