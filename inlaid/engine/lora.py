@@ -10,7 +10,7 @@ segments that share an adapter slot; the segmented shrink/expand kernels (dispat
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from inlaid.engine.adapter_config import AdapterError, AdapterSpec
+from inlaid.engine.lora_fused import MAX_TOKEN_SLOTS, FusedExpandWeight
 from inlaid.kernels.dispatch import (
     HostSegments,
     PreparedQuantLinear,
@@ -39,6 +40,18 @@ class LoraBatch:
     segment_starts: torch.Tensor
     segment_slots: torch.Tensor
     host: HostSegments | None = None
+    _slot_masks: dict = field(default_factory=dict, compare=False)
+
+    def slot_mask(self, num_slots: int, dtype: torch.dtype) -> torch.Tensor:
+        """[T, num_slots] 1.0 at each token's slot, zeros for adapter-less tokens (host path;
+        built once per step, shared by every projection)."""
+        assert self.host is not None
+        mask = self._slot_masks.get((num_slots, dtype))
+        if mask is None:
+            columns = torch.arange(num_slots, device=self.host.token_slots.device)
+            mask = (self.host.token_slots[:, None] == columns[None, :]).to(dtype)
+            self._slot_masks[(num_slots, dtype)] = mask
+        return mask
 
 
 class LoraLinear(nn.Module):
@@ -58,6 +71,8 @@ class LoraLinear(nn.Module):
         self.lora_b: list[torch.Tensor] = []
         self.slot_ranks: torch.Tensor | None = None  # int32 [n_slices, S]
         self.slot_scales: torch.Tensor | None = None  # float32 [n_slices, S]
+        # Set by `fuse_lora_expand` (narrow dense weights on the CPU): [W | scaled B pools].
+        self.fused: FusedExpandWeight | None = None
 
     # ------------------------------------------------------------------ set-up
     def use_quantized(self, prepared: list[PreparedQuantLinear]) -> None:
@@ -83,9 +98,27 @@ class LoraLinear(nn.Module):
         self.slot_ranks = torch.zeros(len(self.out_slices), num_slots, dtype=torch.int32, device=device)
         self.slot_scales = torch.zeros(len(self.out_slices), num_slots, dtype=torch.float32, device=device)
 
+    def fuse_lora_expand(self) -> bool:
+        """Fold the LoRA expand into the base matmul when the base is a dense weight stored
+        narrower than the activations on the CPU (see lora_fused.py); call after
+        `allocate_lora`, before any `load_slot`. Returns whether it did."""
+        if self.quantized is not None or self.stacked_a is None or self.weight.device.type != "cpu":
+            return False
+        num_slots, columns, _ = self.stacked_a.shape
+        max_rank = columns // len(self.out_slices)
+        if self.weight.dtype == self.stacked_a.dtype or not FusedExpandWeight.worth_it(
+            self.in_features, len(self.out_slices), num_slots, max_rank
+        ):
+            return False
+        self.fused = FusedExpandWeight(self.weight.data, self.out_slices, num_slots, max_rank)
+        self.weight.data = self.fused.weight
+        return True
+
     def load_slot(self, slot: int, slice_weights: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float) -> None:
         """Copy one adapter's A [r, in] / B [out, r] per slice name into `slot`."""
         assert self.slot_ranks is not None and self.slot_scales is not None
+        if self.fused is not None:
+            self.fused.clear_slot(slot)
         for index, name in enumerate(self.slice_names):
             self.lora_a[index][slot].zero_()
             self.lora_b[index][slot].zero_()
@@ -99,9 +132,17 @@ class LoraLinear(nn.Module):
             self.lora_b[index][slot, :, :rank].copy_(b)
             self.slot_ranks[index, slot] = rank
             self.slot_scales[index, slot] = scale
+            if self.fused is not None:
+                self.fused.write_slice(slot, index, b, scale)
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        if self.fused is not None and lora is not None and lora.host is not None and (
+            lora.host.num_tokens * self.fused.num_slots <= MAX_TOKEN_SLOTS
+        ):
+            assert self.stacked_a is not None
+            y = self.fused.forward(x, self.stacked_a, lora.slot_mask(self.fused.num_slots, x.dtype)).to(x.dtype)
+            return y if self.bias is None else y + self.bias
         if self.quantized is None:
             if self.weight.dtype == x.dtype:
                 y = F.linear(x, self.weight, self.bias)

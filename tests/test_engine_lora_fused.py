@@ -1,0 +1,100 @@
+"""The LoRA expand folded into the bf16 base matmul (inlaid/engine/lora_fused.py) against a
+float64 computation from the same (bf16-rounded) weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inlaid.engine.lora import LoraBatch, LoraLinear
+from inlaid.kernels.dispatch import lora_host_segments
+
+SLICES = {"qkv": ([64, 16, 16], ["q_proj", "k_proj", "v_proj"]), "down": ([48], ["down_proj"])}
+
+
+def _linear(kind: str, in_features: int, num_slots: int, max_rank: int, bias: bool) -> LoraLinear:
+    out_slices, names = SLICES[kind]
+    linear = LoraLinear(in_features, out_slices, names, bias=bias)
+    linear.weight.data = torch.randn(sum(out_slices), in_features) / in_features**0.5
+    if bias:
+        linear.bias.data = torch.randn(sum(out_slices))
+    linear.allocate_lora(num_slots, max_rank, torch.float32, torch.device("cpu"))
+    linear.weight.data = linear.weight.data.to(torch.bfloat16)
+    assert linear.fuse_lora_expand()
+    return linear
+
+
+def _adapter(linear: LoraLinear, rank: int, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {name: (torch.randn(rank, linear.in_features) * 0.1, torch.randn(out, rank) * 0.1)
+            for name, out in zip(linear.slice_names, linear.out_slices) if name in names}
+
+
+def _reference(linear: LoraLinear, x, token_slots, adapters, scales, bias) -> torch.Tensor:
+    """float64: x @ W.T (+ bias) + scale * (x @ A.T) @ B.T per token, W and B rounded to bf16."""
+    y = x.double() @ linear.weight.double().T
+    if bias is not None:
+        y += bias.double()
+    for token, slot in enumerate(token_slots):
+        if slot < 0:
+            continue
+        for name, (a, b) in adapters[slot].items():
+            index = linear.slice_names.index(name)
+            start = linear.slice_offsets[index]
+            delta = (x[token].double() @ a.double().T) @ (b * scales[slot]).to(torch.bfloat16).double().T
+            y[token, start : start + b.shape[0]] += delta
+    return y
+
+
+@pytest.mark.parametrize("kind,in_features,num_tokens,bias", [("qkv", 96, 5, True), ("down", 128, 16, False),
+                                                              ("qkv", 96, 33, False)])
+def test_fused_expand_matches_float64(kind, in_features, num_tokens, bias):
+    torch.manual_seed(num_tokens)
+    num_slots, max_rank = 3, 8
+    linear = _linear(kind, in_features, num_slots, max_rank, bias)
+    names = linear.slice_names
+    # Slot 1 first holds a rank-8 adapter on every slice, then a rank-4 one on one slice:
+    # nothing of the first may reach slot 1's tokens after the reload.
+    linear.load_slot(1, _adapter(linear, 8, names), 0.5)
+    adapters = {0: _adapter(linear, 8, names), 1: _adapter(linear, 4, names[:1]), 2: _adapter(linear, 2, names[-1:])}
+    scales = {0: 2.0, 1: 1.5, 2: 0.25}
+    for slot, weights in adapters.items():
+        linear.load_slot(slot, weights, scales[slot])
+    token_slots = [(t % (num_slots + 1)) - 1 for t in range(num_tokens)]  # -1 = no adapter
+    token_slots.sort()
+    starts, slots = [0], []
+    for t, slot in enumerate(token_slots):
+        if not slots or slots[-1] != slot:
+            slots.append(slot)
+            starts.append(t)
+        starts[-1] = t + 1
+    starts = torch.tensor(starts, dtype=torch.int32)
+    slots = torch.tensor(slots, dtype=torch.int32)
+    x = torch.randn(num_tokens, in_features)
+    batch = LoraBatch(starts, slots, lora_host_segments(starts, slots, num_tokens, num_slots))
+    reference = _reference(linear, x, token_slots, adapters, scales, linear.bias)
+    y = linear(x, batch)
+    assert y.dtype == torch.float32 and y.shape == reference.shape
+    # bf16 rounds the matmul's inputs of x and v and its output: relative error ~ 2^-8.
+    scale = reference.abs().max().item()
+    assert (y.double() - reference).abs().max().item() < 2e-2 * scale
+    lora_part = reference - _reference(linear, x, [-1] * num_tokens, adapters, scales, linear.bias)
+    assert lora_part.abs().max().item() > 0.2 * scale  # the adapters matter at this tolerance
+    # The unfused route (separate float32 LoRA) agrees with the fused one.
+    fused, linear.fused = linear.fused, None
+    unfused = linear(x, batch)
+    linear.fused = fused
+    assert (unfused - y).abs().max().item() < 2e-2 * scale
+
+
+def test_fusion_only_for_narrow_dense_weights():
+    linear = LoraLinear(64, [32], ["o_proj"], bias=False)
+    linear.weight.data = torch.randn(32, 64)
+    linear.allocate_lora(2, 8, torch.float32, torch.device("cpu"))
+    assert not linear.fuse_lora_expand()  # float32 weights: the exact float32 route stays
+    linear.weight.data = linear.weight.data.to(torch.bfloat16)
+    wide = LoraLinear(64, [32], ["o_proj"], bias=False)
+    wide.weight.data = torch.randn(32, 64).to(torch.bfloat16)
+    wide.allocate_lora(16, 64, torch.float32, torch.device("cpu"))
+    assert not wide.fuse_lora_expand()  # pools far wider than K: separate expands are cheaper
+    assert linear.fuse_lora_expand()
+    assert linear.weight.data_ptr() == linear.fused.combined.data_ptr()  # no second copy of W
