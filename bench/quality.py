@@ -57,6 +57,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--study-bits", type=int, nargs="*", default=[3, 4])
     parser.add_argument("--work-dir", type=Path, default=None, help="checkpoint cache (default ~/.cache/inlaid/quality)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--merge", action="store_true",
+                        help="extend the report at --out: keep its methods' results, run only the missing ones")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
     parser.add_argument("--markdown", type=Path, default=REPO / "bench" / "results" / "quality.md")
     return parser.parse_args(argv)
@@ -225,6 +227,27 @@ def _aggregation_study(args, model_dir: Path, tasks: list[str]) -> int:
     return 0
 
 
+def _previous_report(args: argparse.Namespace, tasks: list[str]) -> dict | None:
+    """The report at --out when --merge asks to extend it; refuses one measured on other terms."""
+    if not args.merge or not args.out.is_file():
+        return None
+    previous = json.loads(args.out.read_text())
+    terms = {"tasks": tasks, "calib_samples": args.calib_samples, "limit": args.limit, "weight_dtype": args.weight_dtype}
+    differing = {k: (previous.get(k), v) for k, v in terms.items() if previous.get(k) != v}
+    if differing:
+        raise SystemExit(f"--merge: {args.out} was measured with other settings (theirs, ours): {differing}")
+    return previous
+
+
+def _complete(block: dict, method: str, tasks: list[str], errors_only: bool) -> bool:
+    """Whether `block` already holds `method`'s results for every task."""
+    if method not in block.get("errors", {}):
+        return False
+    if method == "per-task" and set(block["errors"][method]) != set(tasks):
+        return False
+    return errors_only or set(block.get("scores", {}).get(method, {})) == set(tasks)
+
+
 def _save(args: argparse.Namespace, report: dict) -> str:
     """Write the JSON and the Markdown table as they stand; returns the Markdown."""
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -250,9 +273,17 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"tasks": tasks, "methods": args.methods, "calib_samples": args.calib_samples,
                     "limit": args.limit, "weight_dtype": args.weight_dtype, "configs": {},
                     "machine": f"{torch.get_num_threads()} torch threads, CPU"}
+    previous = _previous_report(args, tasks)
+    if previous:
+        report["methods"] = [*previous["methods"], *[m for m in args.methods if m not in previous["methods"]]]
+        report["configs"] = previous["configs"]
+        report["backend"] = previous.get("backend")
     started = time.time()
     unquantized = None
-    if not args.errors_only:
+    have_unquantized = all(
+        "unquantized" in report["configs"].get(f"{b}-bit g{g}", {}).get("scores", {})
+        for b, g in ((int(x) for x in c.split(":")) for c in args.configs))
+    if not args.errors_only and not have_unquantized:
         adapter_digests = [_file_digest(args.adapters_dir / t / "adapter_model.safetensors") for t in tasks]
         digest = hashlib.sha256(json.dumps([tasks, adapter_digests, args.limit, args.weight_dtype]).encode()).hexdigest()[:8]
         cached = args.work_dir / f"unquantized-{digest}.json"
@@ -267,11 +298,14 @@ def main(argv: list[str] | None = None) -> int:
     for config in args.configs:
         bits, group = (int(part) for part in config.split(":"))
         label = f"{bits}-bit g{group}"
-        block: dict = {"scores": {}, "errors": {}, "served": {}}
-        report["configs"][label] = block  # saved after every method: a long run killed midway keeps its results
+        block: dict = report["configs"].setdefault(label, {"scores": {}, "errors": {}, "served": {}})
+        # saved after every method: a long run killed midway keeps its results
         if unquantized is not None:
             block["scores"]["unquantized"] = {t: _score(unquantized, t) for t in tasks}
         for method in args.methods:
+            if previous and _complete(block, method, tasks, args.errors_only):
+                print(f"== {label} {method}: kept from {args.out}", flush=True)
+                continue
             print(f"== {label} {method}", flush=True)
             if method == "per-task":
                 block["errors"][method] = {}

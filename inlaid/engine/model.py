@@ -27,20 +27,24 @@ class AttentionGroup:
     gathers with `index_select`, several times faster on the CPU than advanced indexing.
 
     query_rows: int64 [B * N] flat-batch row of each query slot (padding repeats a real row)
-    kv_rows: int64 [B * L] cache row (block * block_size + offset) of each key slot
+    kv_blocks: int64 [B * L / block_size] cache block of each key block (padding repeats the
+        chunk's first block; the mask hides it): keys are gathered whole blocks at a time
     valid_slots: int64 positions of the real queries in the [B * N] grid; None = all real
     output_rows: int64 flat-batch row of each real query, in grid order
     mask: bool [B, 1, N, L], True where the query may attend the key
+    query_span: (start, stop) when the group's queries are exactly flat rows start..stop-1,
+        one per chunk (a decode group): queries and outputs are then slices, not gathers
     """
 
     batch_size: int
     max_queries: int
     max_keys: int
     query_rows: torch.Tensor
-    kv_rows: torch.Tensor
+    kv_blocks: torch.Tensor
     valid_slots: torch.Tensor | None
     output_rows: torch.Tensor
     mask: torch.Tensor
+    query_span: tuple[int, int] | None = None
 
 
 @dataclass
@@ -145,15 +149,19 @@ class Attention(nn.Module):
         key_cache, value_cache = kv_cache  # [num_blocks, block_size, kv_heads, head_dim]
         key_rows = key_cache.view(-1, kv_size)
         value_rows = value_cache.view(-1, kv_size)
+        key_blocks = key_cache.view(key_cache.shape[0], -1)
+        value_blocks = value_cache.view(value_cache.shape[0], -1)
         key_rows.index_copy_(0, batch.slot_mapping, k.reshape(num_tokens, kv_size))
         value_rows.index_copy_(0, batch.slot_mapping, v.reshape(num_tokens, kv_size))
 
+        q_rows = q.reshape(num_tokens, q_size)
         out = q.new_empty(num_tokens, q_size)
         for group in batch.groups:
             size, queries_per_row, keys_per_row = group.batch_size, group.max_queries, group.max_keys
-            queries = q.reshape(num_tokens, q_size).index_select(0, group.query_rows)
-            keys = key_rows.index_select(0, group.kv_rows)
-            values = value_rows.index_select(0, group.kv_rows)
+            span = group.query_span
+            queries = q_rows[span[0] : span[1]] if span else q_rows.index_select(0, group.query_rows)
+            keys = key_blocks.index_select(0, group.kv_blocks)
+            values = value_blocks.index_select(0, group.kv_blocks)
             attended = F.scaled_dot_product_attention(
                 queries.view(size, queries_per_row, self.num_heads, self.head_dim).transpose(1, 2),
                 keys.view(size, keys_per_row, self.num_kv_heads, self.head_dim).transpose(1, 2),
@@ -162,6 +170,12 @@ class Attention(nn.Module):
                 scale=self.scale,
                 enable_gqa=self.num_kv_heads != self.num_heads,
             ).transpose(1, 2).reshape(size * queries_per_row, q_size)
+            if span is not None:
+                if span == (0, num_tokens):  # the whole step is this decode group
+                    out = attended
+                else:
+                    out[span[0] : span[1]] = attended
+                continue
             if group.valid_slots is not None:
                 attended = attended.index_select(0, group.valid_slots)
             out.index_copy_(0, group.output_rows, attended)

@@ -178,20 +178,23 @@ class ModelRunner:
         device = self.device
         query_counts = [len(chunk.token_ids) for chunk in chunks]
         context_lengths = [chunk.start_pos + count for chunk, count in zip(chunks, query_counts)]
-        max_queries, max_keys = max(query_counts), max(context_lengths)
+        max_queries = max(query_counts)
+        max_blocks = -(-max(context_lengths) // block_size)
+        max_keys = max_blocks * block_size
         query_rows: list[int] = []
         valid_slots: list[int] = []
         output_rows: list[int] = []
-        kv_rows: list[int] = []
+        kv_blocks: list[int] = []
         for row, (chunk, offset, count, length) in enumerate(zip(chunks, offsets, query_counts, context_lengths)):
-            # Padding query slots repeat the chunk's last row; padding key slots read the
-            # chunk's first cache row. Both are masked or discarded.
+            # Padding query slots repeat the chunk's last row; padding key blocks repeat the
+            # chunk's first block. Both are masked or discarded, as are the key slots past
+            # `length` inside its last block.
             query_rows.extend(offset + min(i, count - 1) for i in range(max_queries))
             valid_slots.extend(range(row * max_queries, row * max_queries + count))
             output_rows.extend(range(offset, offset + count))
-            table = chunk.block_table
-            kv_rows.extend(table[p // block_size] * block_size + p % block_size for p in range(length))
-            kv_rows.extend([table[0] * block_size] * (max_keys - length))
+            used_blocks = -(-length // block_size)
+            kv_blocks.extend(chunk.block_table[:used_blocks])
+            kv_blocks.extend([chunk.block_table[0]] * (max_blocks - used_blocks))
         starts = torch.tensor([chunk.start_pos for chunk in chunks], device=device)
         counts = torch.tensor(query_counts, device=device)
         query_offsets = torch.arange(max_queries, device=device)
@@ -210,8 +213,10 @@ class ModelRunner:
             max_queries=max_queries,
             max_keys=max_keys,
             query_rows=index(query_rows),
-            kv_rows=index(kv_rows),
+            kv_blocks=index(kv_blocks),
             valid_slots=None if len(valid_slots) == len(query_rows) else index(valid_slots),
             output_rows=index(output_rows),
             mask=mask[:, None],
+            query_span=(offsets[0], offsets[0] + len(chunks)) if max_queries == 1 and offsets == list(
+                range(offsets[0], offsets[0] + len(chunks))) else None,
         )
