@@ -30,7 +30,8 @@ def _adapter(linear: LoraLinear, rank: int, names: list[str]) -> dict[str, tuple
 
 
 def _reference(linear: LoraLinear, x, token_slots, adapters, scales, bias) -> torch.Tensor:
-    """float64: x @ W.T (+ bias) + scale * (x @ A.T) @ B.T per token, W and B rounded to bf16."""
+    """float64: x @ W.T (+ bias) + scale * (x @ A.T) @ B.T per token, with the LoRA's x, A and
+    scale * B rounded to bf16 as the fused path stores them."""
     y = x.double() @ linear.weight.double().T
     if bias is not None:
         y += bias.double()
@@ -40,7 +41,8 @@ def _reference(linear: LoraLinear, x, token_slots, adapters, scales, bias) -> to
         for name, (a, b) in adapters[slot].items():
             index = linear.slice_names.index(name)
             start = linear.slice_offsets[index]
-            delta = (x[token].double() @ a.double().T) @ (b * scales[slot]).to(torch.bfloat16).double().T
+            x_row, a_narrow = x[token].to(torch.bfloat16).double(), a.to(torch.bfloat16).double()
+            delta = (x_row @ a_narrow.T) @ (b * scales[slot]).to(torch.bfloat16).double().T
             y[token, start : start + b.shape[0]] += delta
     return y
 

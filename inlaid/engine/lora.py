@@ -133,15 +133,14 @@ class LoraLinear(nn.Module):
             self.slot_ranks[index, slot] = rank
             self.slot_scales[index, slot] = scale
             if self.fused is not None:
-                self.fused.write_slice(slot, index, b, scale)
+                self.fused.write_slice(slot, index, a, b, scale)
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
         if self.fused is not None and lora is not None and lora.host is not None and (
             lora.host.num_tokens * self.fused.num_slots <= MAX_TOKEN_SLOTS
         ):
-            assert self.stacked_a is not None
-            y = self.fused.forward(x, self.stacked_a, lora.slot_mask(self.fused.num_slots, x.dtype)).to(x.dtype)
+            y = self.fused.forward(x, lora.slot_mask(self.fused.num_slots, self.fused.combined.dtype)).to(x.dtype)
             return y if self.bias is None else y + self.bias
         if self.quantized is None:
             if self.weight.dtype == x.dtype:

@@ -9,12 +9,13 @@ weight as extra input columns, and a step computes
     v = (x @ A_all.T) * token_slot_mask          [T, S * n_slices * R], zero outside each token's slot
     y = [x | v] @ [W | B_all].T                  one matmul: base + every token's own LoRA
 
-Column layout of B_all (matches `stacked_a` [S, n_slices * R, K] flattened): column
-s * n_slices * R + i * R + r holds scale_i[s] * B_i[s][:, r] on slice i's output rows and
-zero on every other slice's rows.
+Row s * n_slices * R + i * R + r of A_all holds A_i[s][r]; the same column of B_all holds
+scale_i[s] * B_i[s][:, r] on slice i's output rows and zero on every other slice's rows.
 
-Precision: B is stored in the weight dtype (bf16), like the base weight; A, the shrink and
-the mask stay in the activation dtype. Float32 weights never take this path.
+A decode step is bound by memory traffic (every weight is read once per step), so A_all and
+B_all are kept in the weight dtype (bf16) like the base: the float32 pools would add twice
+their bytes. x is rounded to bf16 once, for the shrink and the base alike. Float32 weights
+never take this path.
 """
 
 from __future__ import annotations
@@ -48,30 +49,36 @@ class FusedExpandWeight:
                                     dtype=weight.dtype, device=weight.device)
         self.combined[:, :in_features].copy_(weight)
         self.weight = self.combined[:, :in_features]
+        self.shrink = torch.zeros(num_slots * self.columns_per_slot, in_features, dtype=weight.dtype,
+                                  device=weight.device)
 
     @staticmethod
     def worth_it(in_features: int, n_slices: int, num_slots: int, max_rank: int) -> bool:
         return num_slots * n_slices * max_rank <= MAX_EXTRA_COLUMNS_PER_K * in_features
 
     def clear_slot(self, slot: int) -> None:
-        start = self.in_features + slot * self.columns_per_slot
+        start = slot * self.columns_per_slot
+        self.shrink[start : start + self.columns_per_slot].zero_()
+        start += self.in_features
         self.combined[:, start : start + self.columns_per_slot].zero_()
 
-    def write_slice(self, slot: int, slice_index: int, b: torch.Tensor, scale: float) -> None:
-        """Place scale * B [N_i, r] of slice `slice_index` in `slot`'s columns (after clear_slot)."""
+    def write_slice(self, slot: int, slice_index: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        """Place A [r, K] and scale * B [N_i, r] of slice `slice_index` in `slot` (after clear_slot)."""
         rank = b.shape[1]
-        column = self.in_features + slot * self.columns_per_slot + slice_index * self.max_rank
+        column = slot * self.columns_per_slot + slice_index * self.max_rank
+        self.shrink[column : column + rank].copy_(a)
         row = self.slice_offsets[slice_index]
+        column += self.in_features
         self.combined[row : row + b.shape[0], column : column + rank].copy_(b * scale)
 
-    def forward(self, x: torch.Tensor, stacked_a: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor:
         """Base + LoRA for every token; returns [T, N] in the weight dtype.
 
-        x: [T, K] activations; stacked_a: [S, n_slices * R, K] activation dtype;
-        slot_mask: [T, S] in x's dtype, 1.0 at each token's slot (a row of zeros: no adapter).
+        x: [T, K] activations; slot_mask: [T, S] in the weight dtype, 1.0 at each token's
+        slot (a row of zeros: no adapter).
         """
         num_tokens = x.shape[0]
-        shrunk = x @ stacked_a.view(-1, self.in_features).T  # [T, S * n_slices * R]
-        shrunk = shrunk.view(num_tokens, self.num_slots, self.columns_per_slot) * slot_mask[:, :, None]
-        narrow = self.combined.dtype
-        return F.linear(torch.cat([x.to(narrow), shrunk.view(num_tokens, -1).to(narrow)], dim=1), self.combined)
+        narrow_x = x.to(self.combined.dtype)
+        shrunk = F.linear(narrow_x, self.shrink).view(num_tokens, self.num_slots, self.columns_per_slot)
+        shrunk = shrunk * slot_mask[:, :, None]
+        return F.linear(torch.cat([narrow_x, shrunk.view(num_tokens, -1)], dim=1), self.combined)
