@@ -57,6 +57,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--study-bits", type=int, nargs="*", default=[3, 4])
     parser.add_argument("--work-dir", type=Path, default=None, help="checkpoint cache (default ~/.cache/inlaid/quality)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--score-tasks", nargs="*", default=None,
+                        help="generate and score only these tasks (calibration still uses every task)")
     parser.add_argument("--merge", action="store_true",
                         help="extend the report at --out: keep its methods' results, run only the missing ones")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
@@ -172,8 +174,8 @@ def _error_summary(checkpoint_dir: Path, tasks: list[str]) -> dict:
 
 
 def _markdown(report: dict) -> str:
-    tasks = report["tasks"]
-    lines = [f"Tasks: {', '.join(tasks)}. Calibration: {report['calib_samples']} samples/task. "
+    tasks = report.get("scored_tasks", report["tasks"])
+    lines = [f"Tasks: {', '.join(report['tasks'])}; scored: {', '.join(tasks)}. Calibration: {report['calib_samples']} samples/task. "
              f"Eval: {report['limit'] or 'full'} examples/task. Generation backend: {report.get('backend', '-')}, "
              f"float32 activations, {report.get('weight_dtype', 'auto')} weights (`--weight-dtype`).", ""]
     for config, block in report["configs"].items():
@@ -232,11 +234,21 @@ def _previous_report(args: argparse.Namespace, tasks: list[str]) -> dict | None:
     if not args.merge or not args.out.is_file():
         return None
     previous = json.loads(args.out.read_text())
-    terms = {"tasks": tasks, "calib_samples": args.calib_samples, "limit": args.limit, "weight_dtype": args.weight_dtype}
-    differing = {k: (previous.get(k), v) for k, v in terms.items() if previous.get(k) != v}
+    terms = {"tasks": tasks, "calib_samples": args.calib_samples, "limit": args.limit, "weight_dtype": args.weight_dtype,
+             "scored_tasks": _scored(args, tasks)}
+    differing = {k: (previous.get(k, tasks if k == "scored_tasks" else None), v) for k, v in terms.items()
+                 if previous.get(k, tasks if k == "scored_tasks" else None) != v}
     if differing:
         raise SystemExit(f"--merge: {args.out} was measured with other settings (theirs, ours): {differing}")
     return previous
+
+
+def _scored(args: argparse.Namespace, tasks: list[str]) -> list[str]:
+    scored = args.score_tasks or tasks
+    unknown = [t for t in scored if t not in tasks]
+    if unknown:
+        raise SystemExit(f"--score-tasks {unknown}: not among the calibrated tasks {tasks}")
+    return scored
 
 
 def _complete(block: dict, method: str, tasks: list[str], errors_only: bool) -> bool:
@@ -248,12 +260,53 @@ def _complete(block: dict, method: str, tasks: list[str], errors_only: bool) -> 
     return errors_only or set(block.get("scores", {}).get(method, {})) == set(tasks)
 
 
+def _plot(report: dict, path: Path) -> None:
+    """Per config: each method's score as a share of unquantized, per task (left), and the
+    worst task's reconstruction error per decoder layer (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(report["configs"].items())
+    figure, axes = plt.subplots(len(configs), 2, figsize=(14, 4.2 * len(configs)), squeeze=False)
+    tasks = report.get("scored_tasks", report["tasks"])
+    for row, (config, block) in enumerate(configs):
+        scores, errors = block["scores"], block["errors"]
+        methods = [m for m in report["methods"] if m in scores]
+        base = scores.get("unquantized", {})
+        width = 0.8 / max(len(methods), 1)
+        ax = axes[row][0]
+        for index, method in enumerate(methods):
+            shares = [100 * scores[method].get(t, float("nan")) / base[t] if base.get(t) else float("nan") for t in tasks]
+            ax.bar([i + index * width for i in range(len(tasks))], shares, width, label=METHOD_LABELS.get(method, method))
+        ax.axhline(100, color="black", linewidth=0.8)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks, rotation=30, ha="right")
+        ax.set_ylabel("% of unquantized score")
+        ax.set_title(f"{config}: task quality kept")
+        ax.legend(fontsize=8)
+        ax = axes[row][1]
+        for method in [m for m in report["methods"] if m in errors and m != "per-task"]:
+            per_layer = errors[method]["per_layer"]
+            layers = sorted(per_layer, key=int)
+            ax.plot([int(l) for l in layers], [1e3 * max(per_layer[l].values()) for l in layers],
+                    marker=".", label=METHOD_LABELS.get(method, method))
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel("worst task's ‖(W−Q)X‖²/‖WX‖² (×1e-3)")
+        ax.set_title(f"{config}: worst-task reconstruction error per layer")
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
 def _save(args: argparse.Namespace, report: dict) -> str:
-    """Write the JSON and the Markdown table as they stand; returns the Markdown."""
+    """Write the JSON, the Markdown table and the plot as they stand; returns the Markdown."""
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     text = _markdown(report)
     args.markdown.write_text(text)
+    _plot(report, args.markdown.with_suffix(".png"))
     return text
 
 
@@ -270,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks = _tasks(args)
     if args.aggregation_study:
         return _aggregation_study(args, model_dir, tasks)
-    report: dict = {"tasks": tasks, "methods": args.methods, "calib_samples": args.calib_samples,
+    scored = _scored(args, tasks)
+    report: dict = {"tasks": tasks, "scored_tasks": scored, "methods": args.methods, "calib_samples": args.calib_samples,
                     "limit": args.limit, "weight_dtype": args.weight_dtype, "configs": {},
                     "machine": f"{torch.get_num_threads()} torch threads, CPU"}
     previous = _previous_report(args, tasks)
@@ -284,14 +338,14 @@ def main(argv: list[str] | None = None) -> int:
         "unquantized" in report["configs"].get(f"{b}-bit g{g}", {}).get("scores", {})
         for b, g in ((int(x) for x in c.split(":")) for c in args.configs))
     if not args.errors_only and not have_unquantized:
-        adapter_digests = [_file_digest(args.adapters_dir / t / "adapter_model.safetensors") for t in tasks]
-        digest = hashlib.sha256(json.dumps([tasks, adapter_digests, args.limit, args.weight_dtype]).encode()).hexdigest()[:8]
+        adapter_digests = [_file_digest(args.adapters_dir / t / "adapter_model.safetensors") for t in scored]
+        digest = hashlib.sha256(json.dumps([scored, adapter_digests, args.limit, args.weight_dtype]).encode()).hexdigest()[:8]
         cached = args.work_dir / f"unquantized-{digest}.json"
         if cached.is_file():
             unquantized = json.loads(cached.read_text())
         else:
             print("evaluating the unquantized base + adapters", flush=True)
-            unquantized = _evaluate(args, model_dir, tasks)
+            unquantized = _evaluate(args, model_dir, scored)
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(unquantized))
         report["backend"] = unquantized["backend"]
@@ -301,16 +355,16 @@ def main(argv: list[str] | None = None) -> int:
         block: dict = report["configs"].setdefault(label, {"scores": {}, "errors": {}, "served": {}})
         # saved after every method: a long run killed midway keeps its results
         if unquantized is not None:
-            block["scores"]["unquantized"] = {t: _score(unquantized, t) for t in tasks}
+            block["scores"]["unquantized"] = {t: _score(unquantized, t) for t in scored}
         for method in args.methods:
-            if previous and _complete(block, method, tasks, args.errors_only):
+            if previous and _complete(block, method, scored, args.errors_only):
                 print(f"== {label} {method}: kept from {args.out}", flush=True)
                 continue
             print(f"== {label} {method}", flush=True)
             if method == "per-task":
                 block["errors"][method] = {}
                 block["scores"][method] = {}
-                for task in tasks:
+                for task in scored:
                     checkpoint = _quantize(args, model_dir, tasks, f"gptq-task:{task}", bits, group, error_tasks=[task])
                     block["errors"][method][task] = _error_summary(checkpoint, tasks)
                     if not args.errors_only:
@@ -324,8 +378,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.errors_only:
                 serve_dir, served = _servable_dir(checkpoint, args.serve)
                 block["served"][method] = served
-                results = _evaluate(args, serve_dir, tasks)
-                block["scores"][method] = {t: _score(results, t) for t in tasks}
+                results = _evaluate(args, serve_dir, scored)
+                block["scores"][method] = {t: _score(results, t) for t in scored}
             _save(args, report)
     report["seconds"] = round(time.time() - started, 1)
     text = _save(args, report)
