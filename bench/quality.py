@@ -6,7 +6,7 @@ of the LoRA-Inlaid paper), plus each task's per-layer reconstruction error.
     python bench/quality.py --errors-only          # quantize + reconstruction errors, no generation
     python bench/quality.py --aggregation-study --study-bits 3 4   # per-layer aggregation study
 
-Methods: unquantized | mlgptq | gptq-mixed (the paper's "GPTQ-tweaked": mixed calibration,
+Methods: unquantized | mlgptq | minimax | gptq-mixed (the paper's "GPTQ-tweaked": mixed calibration,
 adapters off) | gptq-mean-lora | rtn | per-task GPTQ (gptq-task:<t>, one model per task,
 scored on its own task only). Quantized checkpoints are cached under --work-dir and resumed.
 
@@ -19,6 +19,7 @@ no low-bit kernel), and the output says that too.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
@@ -30,6 +31,7 @@ DEFAULT_METHODS = ("mlgptq", "gptq-mixed", "gptq-mean-lora", "rtn", "per-task")
 METHOD_LABELS = {
     "unquantized": "unquantized", "mlgptq": "MLGPTQ", "gptq-mixed": "GPTQ-tweaked (mixed, base fwd)",
     "gptq-mean-lora": "GPTQ mean-LoRA", "rtn": "RTN", "per-task": "per-task GPTQ", "max": "elementwise max",
+    "minimax": "unbounded minimax (error-norm start)",
 }
 
 
@@ -87,7 +89,7 @@ def _quantize(args, model_dir: Path, tasks: list[str], method: str, bits: int, g
     """Quantize (or reuse the cached checkpoint); returns its directory."""
     from inlaid.quant.calibration import CalibrationTask
     from inlaid.quant.driver import DriverConfig, quantize_model
-    from inlaid.quant.methods import parse_method
+    from inlaid.quant.methods import MlgptqOptions, parse_method
     from inlaid.quant.spec import QuantSpec
     from inlaid.tasks import get_task
 
@@ -96,7 +98,10 @@ def _quantize(args, model_dir: Path, tasks: list[str], method: str, bits: int, g
     # reuses a checkpoint calibrated with its predecessor.
     contents = [_file_digest(args.adapters_dir / t / "adapter_model.safetensors") + _file_digest(c.calib_path)
                 for t, c in zip(tasks, calibration)]
-    key = hashlib.sha256(json.dumps([tasks, contents, args.calib_samples, args.max_tokens]).encode()).hexdigest()[:8]
+    keyed: list = [tasks, contents, args.calib_samples, args.max_tokens]
+    if parse_method(method).kind in ("mlgptq", "minimax"):  # their search options changed over time
+        keyed.append(dataclasses.asdict(MlgptqOptions()))
+    key = hashlib.sha256(json.dumps(keyed).encode()).hexdigest()[:8]
     out_dir = args.work_dir / f"{bits}b-g{group}" / f"{method.replace(':', '_')}-{key}"
     if (out_dir / "inlaid_quant.json").is_file():
         return out_dir

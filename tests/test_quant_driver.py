@@ -263,6 +263,8 @@ def test_cli_quantize_and_error_exit(tiny_setup, tmp_path, capsys) -> None:
     capsys.readouterr()
     code = main(["quantize", "--model", str(model_dir), "--method", "gptq-mixed", "--out", str(tmp_path / "y")])
     assert code == 2 and "needs calibration data" in capsys.readouterr().err
+    code = main(["quantize", "--model", str(model_dir), *task_args, "--mlgptq-slack", "-0.1", "--out", str(tmp_path / "z")])
+    assert code == 2 and "--mlgptq-slack must be >= 0" in capsys.readouterr().err
 
 
 def test_aggregation_study_on_tiny_model(tiny_setup) -> None:
@@ -272,8 +274,11 @@ def test_aggregation_study_on_tiny_model(tiny_setup) -> None:
     hessians = collect_layer_hessians(model_dir, tasks, layers=[1], max_samples=None, max_tokens=64)
     assert set(hessians[1]) == {("alpha", True), ("alpha", False), ("beta", True), ("beta", False)}
     spec = QuantSpec(bits=3, group_size=32)
-    results = {r.variant: r for r in run_study(model_dir, hessians, spec, ["rtn", "token-mean", "minimax:4:2", "own"])}
+    results = {r.variant: r for r in run_study(model_dir, hessians, spec, ["rtn", "token-mean", "minimax:4:2", "mlgptq", "own"])}
     assert results["token-mean"].worst < results["rtn"].worst
     assert results["minimax:4:2"].worst <= results["token-mean"].worst
+    # mlgptq starts at the token mean and only keeps rounds that lower the worst task
+    assert results["mlgptq"].worst <= results["token-mean"].worst * (1 + 1e-6)
+    assert results["mlgptq"].mean <= results["token-mean"].mean * 1.05 * (1 + 1e-6)
     assert results["own"].mean < results["token-mean"].mean
     assert "minimax:4:2" in markdown(list(results.values()), spec, [1])

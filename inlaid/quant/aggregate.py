@@ -13,6 +13,9 @@ error compensation stays the exact optimum of a real objective. They differ in �
 - minimax:     error-norm, then a few rounds of multiplicative weights that raise λ for
                the tasks whose relative error is above the mean, keeping the round whose
                WORST task error is lowest (the max in MLGPTQ is over tasks' errors)
+- bounded minimax (`mlgptq`): the same rounds started from the adapter-on token mean, a
+               round kept only if its task-mean error stays within a slack of the start's:
+               the worst task gains where that costs the other tasks little
 - max:         the literal element-wise max of the H_t (kept as a baseline: not the
                covariance of any data; measured worse than the plain mean)
 """
@@ -95,20 +98,25 @@ def quantize_static(kind: str, weight: torch.Tensor, stats: dict[str, TaskHessia
 
 def quantize_minimax(
     weight: torch.Tensor, stats: dict[str, TaskHessian], spec: QuantSpec, rounds: int = 4, step: float = 2.0,
-    start: str = "error-norm",
+    start: str = "error-norm", mean_slack: float | None = None,
 ) -> AggregateOutcome:
     """Multiplicative-weights search for the task weighting whose GPTQ result has the lowest
-    worst-task relative error. Starts from error-norm (all relative errors weigh the same);
-    each round multiplies λ_t by (e_t / mean e)^step."""
+    worst-task relative error. Starts from `start` (error-norm: all relative errors weigh
+    the same); each round multiplies λ_t by (e_t / mean e)^step. With `mean_slack`, a round
+    counts only if its task-mean error is at most (1 + mean_slack) x the first round's."""
     energies = {name: max(output_energy(weight, stat.hessian), 1e-30) for name, stat in stats.items()}
     weights = static_weights(start, weight, stats)
     best: AggregateOutcome | None = None
     best_worst = float("inf")
+    mean_bound = float("inf")
     for round_index in range(max(rounds, 1)):
         quantized = gptq_quantize(weight, _weighted_sum(stats, weights), spec)
         errors = task_errors(weight, quantized.dequantize(), stats, energies)
         worst = max(errors.values())
-        if worst < best_worst:
+        mean_error = sum(errors.values()) / len(errors)
+        if round_index == 0 and mean_slack is not None:
+            mean_bound = (1.0 + mean_slack) * mean_error
+        if worst < best_worst and mean_error <= mean_bound:
             # report λ relative to the normalised Hessians H_t / ‖W X_t‖²
             relative = {name: weights[name] * energies[name] for name in stats}
             total = sum(relative.values())
@@ -116,7 +124,6 @@ def quantize_minimax(
             best_worst = worst
         if round_index + 1 == rounds:
             break
-        mean_error = sum(errors.values()) / len(errors)
         if mean_error <= 0:
             break
         weights = {name: weights[name] * (errors[name] / mean_error) ** step for name in stats}

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", action="append", default=[], metavar="NAME=ADAPTER_DIR:CALIB.jsonl",
                         help="a task to calibrate for (repeat); leave ADAPTER_DIR empty for the base forward")
     parser.add_argument("--method", default="mlgptq",
-                        help="mlgptq | max | gptq-mixed | gptq-mean-lora | gptq-task:<name> | rtn")
+                        help="mlgptq | minimax | max | gptq-mixed | gptq-mean-lora | gptq-task:<name> | rtn")
     parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
     parser.add_argument("--group-size", type=int, default=128, help="-1, 32, 64, 128 ...")
     parser.add_argument("--sym", action="store_true", help="symmetric grids (default asymmetric)")
@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per forward batch")
     parser.add_argument("--mlgptq-rounds", type=int, default=None, help="reweighting rounds of mlgptq")
     parser.add_argument("--mlgptq-step", type=float, default=None, help="reweighting exponent of mlgptq")
+    parser.add_argument("--mlgptq-slack", type=float, default=None,
+                        help="task-mean error a reweighting round may add, as a fraction (default 0.05)")
     parser.add_argument("--no-errors", action="store_true", help="skip the per-task reconstruction errors")
     parser.add_argument("--no-hessian-state", action="store_true", help="do not store per-task Hessians")
     parser.add_argument("--restart", action="store_true", help="discard a partial run in --out")
@@ -62,8 +64,11 @@ def run(args: argparse.Namespace) -> int:
         spec = QuantSpec(bits=args.bits, group_size=args.group_size, symmetric=args.sym, act_order=args.act_order,
                          static_groups=not args.dynamic_groups, mse_clip=args.mse_clip, damp_percent=args.damp)
         defaults = MlgptqOptions()
+        if args.mlgptq_slack is not None and args.mlgptq_slack < 0:
+            raise QuantizationError(f"--mlgptq-slack must be >= 0, got {args.mlgptq_slack}")
         options = MlgptqOptions(rounds=args.mlgptq_rounds or defaults.rounds,
-                                step=args.mlgptq_step if args.mlgptq_step is not None else defaults.step)
+                                step=args.mlgptq_step if args.mlgptq_step is not None else defaults.step,
+                                mean_slack=args.mlgptq_slack if args.mlgptq_slack is not None else defaults.mean_slack)
         if args.threads:
             torch.set_num_threads(args.threads)
         config = DriverConfig(

@@ -1,7 +1,10 @@
 """The quantization methods, selectable by name, and what each needs from calibration.
 
-    mlgptq            Inlaid's multi-task GPTQ: the task weighting of the adapter-forward
-                      Hessians that minimises the WORST task's relative error (see aggregate.py)
+    mlgptq            Inlaid's multi-task GPTQ: the adapter-forward token mean, reweighted toward
+                      the WORST task's relative error as far as the task mean allows (bounded
+                      minimax, see aggregate.py)
+    minimax           the unbounded worst-task search from error-norm weights (mlgptq before
+                      the quality table chose the bounded form)
     max               GPTQ on the literal element-wise max of the adapter-forward H_t (baseline)
     gptq-mixed        GPTQ on the token mean over the mixed calibration set, adapters OFF
                       (the paper's "GPTQ-tweaked")
@@ -23,16 +26,18 @@ from inlaid.quant.errors import UnknownMethodError
 from inlaid.quant.gptq import gptq_quantize, rtn_quantize
 from inlaid.quant.spec import QuantSpec
 
-METHOD_NAMES: tuple[str, ...] = ("mlgptq", "max", "gptq-mixed", "gptq-mean-lora", "gptq-task:<name>", "rtn")
+METHOD_NAMES: tuple[str, ...] = ("mlgptq", "minimax", "max", "gptq-mixed", "gptq-mean-lora", "gptq-task:<name>", "rtn")
 
 
 @dataclass(frozen=True)
 class MlgptqOptions:
-    """The worst-task search: rounds of reweighting and how hard each round pushes."""
+    """The worst-task search: rounds of reweighting, how hard each round pushes, where it
+    starts and how much task-mean error a round may add (None: unbounded)."""
 
     rounds: int = 4
     step: float = 2.0
-    start: str = "error-norm"
+    start: str = "token-mean"
+    mean_slack: float | None = 0.05
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,7 @@ def parse_method(text: str, task_names: list[str] | None = None) -> Method:
         if task_names is not None and task not in task_names:
             raise UnknownMethodError(f"gptq-task:{task}: no task '{task}' among {', '.join(task_names)}")
         return Method("gptq-task", task)
-    if text in ("mlgptq", "max", "gptq-mixed", "gptq-mean-lora", "rtn"):
+    if text in ("mlgptq", "minimax", "max", "gptq-mixed", "gptq-mean-lora", "rtn"):
         return Method(text)
     raise UnknownMethodError(f"unknown method '{text}'; choose from {', '.join(METHOD_NAMES)}")
 
@@ -82,11 +87,14 @@ def quantize_linear(
         return quantize_static("token-mean", weight, stats, spec)
     if method.kind == "max":
         return AggregateOutcome(gptq_quantize(weight, elementwise_max(stats), spec))
-    if method.kind == "mlgptq":
+    if method.kind in ("mlgptq", "minimax"):
         if len(stats) == 1:
             name, stat = next(iter(stats.items()))
             return AggregateOutcome(gptq_quantize(weight, stat.hessian, spec), {name: 1.0})
-        return quantize_minimax(weight, stats, spec, rounds=options.rounds, step=options.step, start=options.start)
+        if method.kind == "minimax":
+            return quantize_minimax(weight, stats, spec, rounds=options.rounds, step=options.step)
+        return quantize_minimax(weight, stats, spec, rounds=options.rounds, step=options.step, start=options.start,
+                                mean_slack=options.mean_slack)
     raise UnknownMethodError(f"unknown method kind '{method.kind}'")
 
 

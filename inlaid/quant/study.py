@@ -20,6 +20,7 @@ from inlaid.quant.aggregate import (
 )
 from inlaid.quant.calibration import CalibrationTask, make_batches, read_calibration_examples, tokenize_examples
 from inlaid.quant.gptq import gptq_quantize, rtn_quantize
+from inlaid.quant.methods import parse_method, quantize_linear
 from inlaid.quant.model_io import (
     GROUP_OF_LINEAR, LINEAR_NAMES, HessianHooks, active_adapter, attach_adapters, capture_first_layer_inputs,
     decoder_layers, load_base_model, run_layer,
@@ -34,7 +35,8 @@ VARIANTS: dict[str, str] = {
     "trace-norm": "mean of trace-normalised H_t",
     "error-norm": "mean of H_t / ‖WX_t‖² (each task's relative error the same weight)",
     "max": "literal element-wise max of the H_t",
-    "minimax:4:2": "mlgptq default: error-norm + 4 rounds of reweighting (exponent 2)",
+    "mlgptq": "mlgptq: adapter-on token mean + 4 rounds toward the worst task, task mean within +5 %",
+    "minimax:4:2": "minimax (mlgptq before): error-norm + 4 rounds of reweighting (exponent 2)",
     "minimax:8:2": "error-norm + 8 rounds of reweighting (exponent 2)",
     "own": "each task its own H_t (per-task models, not shareable: the bound)",
 }
@@ -89,6 +91,8 @@ def _quantized_for(variant: str, weight: torch.Tensor, adapter_stats, base_stats
         return quantize_static("token-mean", weight, base_stats, spec).quantized.dequantize()
     if variant == "max":
         return gptq_quantize(weight, elementwise_max(adapter_stats), spec).dequantize()
+    if variant == "mlgptq":
+        return quantize_linear(parse_method("mlgptq"), weight, adapter_stats, spec).quantized.dequantize()
     if variant.startswith("minimax"):
         _, rounds, step = variant.split(":")
         return quantize_minimax(weight, adapter_stats, spec, rounds=int(rounds), step=float(step)).quantized.dequantize()
