@@ -289,7 +289,8 @@ def _plot(report: dict, path: Path) -> None:
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks, rotation=30, ha="right")
         ax.set_ylabel("% of unquantized score")
         ax.set_title(f"{config}: task quality kept")
-        ax.legend(fontsize=8)
+        ax.set_ylim(0, max(140, ax.get_ylim()[1] * 1.15))
+        ax.legend(fontsize=7, loc="upper center", ncol=3)
         ax = axes[row][1]
         for method in [m for m in report["methods"] if m in errors and m != "per-task"]:
             per_layer = errors[method]["per_layer"]
