@@ -100,3 +100,4 @@ def test_fusion_only_for_narrow_dense_weights():
     assert not wide.fuse_lora_expand()  # pools far wider than K: separate expands are cheaper
     assert linear.fuse_lora_expand()
     assert linear.weight.data_ptr() == linear.fused.combined.data_ptr()  # no second copy of W
+

@@ -81,6 +81,7 @@ class LoraLinear(nn.Module):
         if widths != self.out_slices and widths != [sum(self.out_slices)]:
             raise ValueError(f"quantized slices of widths {widths} do not make up {self.out_slices}")
         self.quantized = prepared
+        self.fused = None  # its copy of the dense base would be stale
         self.weight = None  # type: ignore[assignment]
         self.bias = None  # each prepared slice adds its own bias
 
@@ -101,7 +102,8 @@ class LoraLinear(nn.Module):
     def fuse_lora_expand(self) -> bool:
         """Fold the LoRA expand into the base matmul when the base is a dense weight stored
         narrower than the activations on the CPU (see lora_fused.py); call after
-        `allocate_lora`, before any `load_slot`. Returns whether it did."""
+        `allocate_lora`, before any `load_slot`. Returns whether it did. `weight` then views
+        the fused matrix: replace the base only through `use_quantized`, which drops it."""
         if self.quantized is not None or self.stacked_a is None or self.weight.device.type != "cpu":
             return False
         num_slots, columns, _ = self.stacked_a.shape
