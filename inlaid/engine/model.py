@@ -31,7 +31,8 @@ class AttentionGroup:
         chunk's first block; the mask hides it): keys are gathered whole blocks at a time
     valid_slots: int64 positions of the real queries in the [B * N] grid; None = all real
     output_rows: int64 flat-batch row of each real query, in grid order
-    mask: bool [B, 1, N, L], True where the query may attend the key
+    mask: [B, 1, N, L] additive, in the activation dtype: 0 where the query may attend the
+        key, -inf where not
     query_span: (start, stop) when the group's queries are exactly flat rows start..stop-1,
         one per chunk (a decode group): queries and outputs are then slices, not gathers
     """

@@ -203,7 +203,9 @@ class ModelRunner:
         causal = key_positions[None, None, :] <= (starts[:, None] + query_offsets[None, :])[:, :, None]
         # Padding rows attend key 0 only, so their softmax stays finite (they are discarded).
         padding_rows = ~query_valid[:, :, None] & (key_positions[None, None, :] == 0)
-        mask = (causal & query_valid[:, :, None]) | padding_rows
+        allowed = (causal & query_valid[:, :, None]) | padding_rows
+        # Additive form, built once per step: SDPA would convert a boolean mask in every layer.
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=device).masked_fill_(~allowed, float("-inf"))
 
         def index(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
