@@ -241,8 +241,9 @@ def _previous_report(args: argparse.Namespace, tasks: list[str]) -> dict | None:
     previous = json.loads(args.out.read_text())
     terms = {"tasks": tasks, "calib_samples": args.calib_samples, "limit": args.limit, "weight_dtype": args.weight_dtype,
              "scored_tasks": _scored(args, tasks)}
-    differing = {k: (previous.get(k, tasks if k == "scored_tasks" else None), v) for k, v in terms.items()
-                 if previous.get(k, tasks if k == "scored_tasks" else None) != v}
+    # Reports from before --score-tasks scored every task.
+    theirs = {k: previous.get(k, tasks if k == "scored_tasks" else None) for k in terms}
+    differing = {k: (theirs[k], v) for k, v in terms.items() if theirs[k] != v}
     if differing:
         raise SystemExit(f"--merge: {args.out} was measured with other settings (theirs, ours): {differing}")
     return previous
