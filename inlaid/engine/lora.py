@@ -112,7 +112,7 @@ class LoraLinear(nn.Module):
             self.in_features, len(self.out_slices), num_slots, max_rank
         ):
             return False
-        self.fused = FusedExpandWeight(self.weight.data, self.out_slices, num_slots, max_rank)
+        self.fused = FusedExpandWeight(self.weight.data, self.slice_offsets, num_slots, max_rank)
         self.weight.data = self.fused.weight
         return True
 

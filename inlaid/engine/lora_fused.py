@@ -23,12 +23,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from inlaid.kernels.lora_cpu import DENSE_MAX_TOKEN_SLOTS
+
 # Only worth it while the pools' columns are a modest fraction of the base's K: beyond
 # this the widened matmul reads more zero columns than the separate expands would cost.
 MAX_EXTRA_COLUMNS_PER_K = 1.0
 # Tokens x slots above which the shrink of every token against every slot wastes more than
-# the per-adapter route saves (same bound as the CPU's masked route).
-MAX_TOKEN_SLOTS = 512
+# the per-adapter route saves: the CPU's masked route has the same trade, and its bound.
+MAX_TOKEN_SLOTS = DENSE_MAX_TOKEN_SLOTS
 
 
 class FusedExpandWeight:
@@ -38,13 +40,13 @@ class FusedExpandWeight:
     combined: [N, K + S * n_slices * R] in the weight dtype
     """
 
-    def __init__(self, weight: torch.Tensor, out_slices: list[int], num_slots: int, max_rank: int) -> None:
+    def __init__(self, weight: torch.Tensor, slice_offsets: list[int], num_slots: int, max_rank: int) -> None:
+        """slice_offsets: first output row of each slice of the (fused) projection."""
         out_features, in_features = weight.shape
         self.in_features = in_features
-        self.out_slices = list(out_slices)
-        self.slice_offsets = [sum(out_slices[:i]) for i in range(len(out_slices))]
+        self.slice_offsets = list(slice_offsets)
         self.num_slots, self.max_rank = num_slots, max_rank
-        self.columns_per_slot = len(out_slices) * max_rank
+        self.columns_per_slot = len(slice_offsets) * max_rank
         self.combined = torch.zeros(out_features, in_features + num_slots * self.columns_per_slot,
                                     dtype=weight.dtype, device=weight.device)
         self.combined[:, :in_features].copy_(weight)
