@@ -20,6 +20,8 @@ Segmented LoRA (Punica SGMV semantics). Shapes:
     slice_offsets   n_slices ints          column of y where slice i starts
 
 Quantized linear: `prepare_quant_linear` / `quant_matmul` (re-exported from quant_linear).
+Dense bf16 on the CPU: `PackedDenseWeight` (re-exported from dense_cpu), the weight packed
+once for oneDNN.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .dense_cpu import PackedDenseWeight, packing_supported  # noqa: F401  (re-exported)
 from .lora_cpu import HostSegments, build_cpu_plan, host_segments, lora_apply_cpu, lora_expand_cpu, lora_shrink_cpu
 from .lora_meta import LoraArgumentError, check_pools, check_segment_values, check_segments
 from .quant_linear import (  # noqa: F401  (re-exported: the engine imports ops from here)

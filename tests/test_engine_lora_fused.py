@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from inlaid.engine.lora import LoraBatch, LoraLinear
+from inlaid.engine.lora_fused import MAX_TOKEN_SLOTS
 from inlaid.kernels.dispatch import lora_host_segments
 
 SLICES = {"qkv": ([64, 16, 16], ["q_proj", "k_proj", "v_proj"]), "down": ([48], ["down_proj"])}
@@ -47,11 +48,14 @@ def _reference(linear: LoraLinear, x, token_slots, adapters, scales, bias) -> to
     return y
 
 
+# 200 tokens x 3 slots exceeds MAX_TOKEN_SLOTS: the base alone through the fused matrix
+# (`FusedExpandWeight.base`), then the float32 per-adapter LoRA.
 @pytest.mark.parametrize("kind,in_features,num_tokens,bias", [("qkv", 96, 5, True), ("down", 128, 16, False),
-                                                              ("qkv", 96, 33, False)])
+                                                              ("qkv", 96, 33, False), ("qkv", 96, 200, True)])
 def test_fused_expand_matches_float64(kind, in_features, num_tokens, bias):
     torch.manual_seed(num_tokens)
     num_slots, max_rank = 3, 8
+    assert (num_tokens * num_slots > MAX_TOKEN_SLOTS) == (num_tokens == 200)  # both routes are covered
     linear = _linear(kind, in_features, num_slots, max_rank, bias)
     names = linear.slice_names
     # Slot 1 first holds a rank-8 adapter on every slice, then a rank-4 one on one slice:

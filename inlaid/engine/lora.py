@@ -23,8 +23,10 @@ from inlaid.engine.adapter_config import AdapterError, AdapterSpec
 from inlaid.engine.lora_fused import MAX_TOKEN_SLOTS, FusedExpandWeight
 from inlaid.kernels.dispatch import (
     HostSegments,
+    PackedDenseWeight,
     PreparedQuantLinear,
     lora_apply,
+    packing_supported,
     quant_matmul,
 )
 
@@ -73,6 +75,8 @@ class LoraLinear(nn.Module):
         self.slot_scales: torch.Tensor | None = None  # float32 [n_slices, S]
         # Set by `fuse_lora_expand` (narrow dense weights on the CPU): [W | scaled B pools].
         self.fused: FusedExpandWeight | None = None
+        # Set by `pack_weight` when not fused: a bf16 base, packed for oneDNN.
+        self.packed: PackedDenseWeight | None = None
 
     # ------------------------------------------------------------------ set-up
     def use_quantized(self, prepared: list[PreparedQuantLinear]) -> None:
@@ -81,7 +85,7 @@ class LoraLinear(nn.Module):
         if widths != self.out_slices and widths != [sum(self.out_slices)]:
             raise ValueError(f"quantized slices of widths {widths} do not make up {self.out_slices}")
         self.quantized = prepared
-        self.fused = None  # its copy of the dense base would be stale
+        self.fused = self.packed = None  # their copies of the dense base would be stale
         self.weight = None  # type: ignore[assignment]
         self.bias = None  # each prepared slice adds its own bias
 
@@ -114,7 +118,15 @@ class LoraLinear(nn.Module):
             return False
         self.fused = FusedExpandWeight(self.weight.data, self.slice_offsets, num_slots, max_rank)
         self.weight.data = self.fused.weight
+        self.packed = None
         return True
+
+    def pack_weight(self) -> None:
+        """Multiply a dense bf16 base on the CPU through a oneDNN-packed copy
+        (kernels/dense_cpu.py). A fused base packs itself; call after `fuse_lora_expand`.
+        `weight` must then change only through `use_quantized`."""
+        if self.quantized is None and self.fused is None and packing_supported(self.weight):
+            self.packed = PackedDenseWeight(self.weight.data)
 
     def load_slot(self, slot: int, slice_weights: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float) -> None:
         """Copy one adapter's A [r, in] / B [out, r] per slice name into `slot`."""
@@ -145,7 +157,12 @@ class LoraLinear(nn.Module):
             y = self.fused.forward(x, lora.slot_mask(self.fused.num_slots, self.fused.combined.dtype)).to(x.dtype)
             return y if self.bias is None else y + self.bias
         if self.quantized is None:
-            if self.weight.dtype == x.dtype:
+            if self.fused is not None or self.packed is not None:
+                narrow_x = x.to(self.weight.dtype)
+                y = (self.fused.base(narrow_x) if self.fused is not None else self.packed.linear(narrow_x)).to(x.dtype)
+                if self.bias is not None:
+                    y += self.bias
+            elif self.weight.dtype == x.dtype:
                 y = F.linear(x, self.weight, self.bias)
             else:  # weights stored narrower than the activations (EngineConfig.weight_dtype)
                 y = F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)

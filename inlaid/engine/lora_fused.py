@@ -15,7 +15,8 @@ scale_i[s] * B_i[s][:, r] on slice i's output rows and zero on every other slice
 A decode step is bound by memory traffic (every weight is read once per step), so A_all and
 B_all are kept in the weight dtype (bf16) like the base: the float32 pools would add twice
 their bytes. x is rounded to bf16 once, for the shrink and the base alike. Float32 weights
-never take this path.
+never take this path. Both matrices are multiplied pre-packed for oneDNN (kernels/dense_cpu.py),
+re-packed after an adapter is written into a slot (where oneDNN has bf16).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from inlaid.kernels.dispatch import PackedDenseWeight
 from inlaid.kernels.lora_cpu import DENSE_MAX_TOKEN_SLOTS
 
 # Only worth it while the pools' columns are a modest fraction of the base's K: beyond
@@ -53,6 +55,8 @@ class FusedExpandWeight:
         self.weight = self.combined[:, :in_features]
         self.shrink = torch.zeros(num_slots * self.columns_per_slot, in_features, dtype=weight.dtype,
                                   device=weight.device)
+        self.packed_combined = PackedDenseWeight(self.combined)
+        self.packed_shrink = PackedDenseWeight(self.shrink)
 
     @staticmethod
     def worth_it(in_features: int, n_slices: int, num_slots: int, max_rank: int) -> bool:
@@ -63,6 +67,8 @@ class FusedExpandWeight:
         self.shrink[start : start + self.columns_per_slot].zero_()
         start += self.in_features
         self.combined[:, start : start + self.columns_per_slot].zero_()
+        self.packed_combined.invalidate()
+        self.packed_shrink.invalidate()
 
     def write_slice(self, slot: int, slice_index: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
         """Place A [r, K] and scale * B [N_i, r] of slice `slice_index` in `slot` (after clear_slot)."""
@@ -72,6 +78,20 @@ class FusedExpandWeight:
         row = self.slice_offsets[slice_index]
         column += self.in_features
         self.combined[row : row + b.shape[0], column : column + rank].copy_(b * scale)
+        self.packed_combined.invalidate()
+        self.packed_shrink.invalidate()
+
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        """The base alone, W @ x, for steps too large for `forward`; [T, N] in the weight dtype.
+
+        The LoRA columns meet zeros: measured no slower than a plain matmul with W at
+        prefill sizes, and it needs no second packed copy of W.
+        """
+        narrow_x = x.to(self.combined.dtype)
+        if not self.packed_combined.packs:
+            return F.linear(narrow_x, self.weight)
+        padding = narrow_x.new_zeros(x.shape[0], self.combined.shape[1] - self.in_features)
+        return self.packed_combined.linear(torch.cat([narrow_x, padding], dim=1))
 
     def forward(self, x: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor:
         """Base + LoRA for every token; returns [T, N] in the weight dtype.
@@ -81,6 +101,6 @@ class FusedExpandWeight:
         """
         num_tokens = x.shape[0]
         narrow_x = x.to(self.combined.dtype)
-        shrunk = F.linear(narrow_x, self.shrink).view(num_tokens, self.num_slots, self.columns_per_slot)
+        shrunk = self.packed_shrink.linear(narrow_x).view(num_tokens, self.num_slots, self.columns_per_slot)
         shrunk = shrunk * slot_mask[:, :, None]
-        return F.linear(torch.cat([narrow_x, shrunk.view(num_tokens, -1)], dim=1), self.combined)
+        return self.packed_combined.linear(torch.cat([narrow_x, shrunk.view(num_tokens, -1)], dim=1))

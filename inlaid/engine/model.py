@@ -17,6 +17,7 @@ from torch import nn
 
 from inlaid.engine.config import ModelConfig, RopeConfig
 from inlaid.engine.lora import LoraBatch, LoraLinear
+from inlaid.kernels.dispatch import PackedDenseWeight, packing_supported
 
 
 @dataclass
@@ -223,6 +224,10 @@ class LlamaModel(nn.Module):
         self.lm_head_weight: nn.Parameter | None = (
             None if config.tie_word_embeddings else nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
         )
+        self.packed_head: PackedDenseWeight | None = None  # set by pack_weights
+
+    def head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head_weight is None else self.lm_head_weight
 
     def store_weights_as(self, weight_dtype: torch.dtype) -> None:
         """Keep dense projection weights, the embedding and the head in `weight_dtype`;
@@ -230,9 +235,21 @@ class LlamaModel(nn.Module):
         for module in self.modules():
             if isinstance(module, LoraLinear) and module.weight is not None:
                 module.weight.data = module.weight.data.to(weight_dtype)
+                module.packed = None  # a packed copy of the old weight would be stale
         self.embed_tokens.weight.data = self.embed_tokens.weight.data.to(weight_dtype)
         if self.lm_head_weight is not None:
             self.lm_head_weight.data = self.lm_head_weight.data.to(weight_dtype)
+        self.packed_head = None
+
+    def pack_weights(self) -> None:
+        """Multiply bf16 dense weights on the CPU through oneDNN-packed copies (the head too,
+        a second copy when tied to the embedding); call once the weights and LoRA pools are
+        set up. A no-op for other dtypes and devices."""
+        for module in self.modules():
+            if isinstance(module, LoraLinear):
+                module.pack_weight()
+        if packing_supported(self.head_weight()):
+            self.packed_head = PackedDenseWeight(self.head_weight().data)
 
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Hidden states after the final norm, [T, hidden]."""
@@ -243,5 +260,7 @@ class LlamaModel(nn.Module):
         return self.norm(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head_weight is None else self.lm_head_weight
+        weight = self.head_weight()
+        if self.packed_head is not None:
+            return self.packed_head.linear(hidden.to(weight.dtype)).float()
         return F.linear(hidden.to(weight.dtype), weight).float()
