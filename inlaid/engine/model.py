@@ -27,11 +27,12 @@ class AttentionGroup:
     Every index is flat and built once per step (all layers share it), so each layer
     gathers with `index_select`, several times faster on the CPU than advanced indexing.
 
-    query_rows: int64 [B * N] flat-batch row of each query slot (padding repeats a real row)
+    query_rows: int64 [B * N] flat-batch row of each query slot (padding repeats a real row);
+        None with query_span
     kv_blocks: int64 [B * L / block_size] cache block of each key block (padding repeats the
         chunk's first block; the mask hides it): keys are gathered whole blocks at a time
     valid_slots: int64 positions of the real queries in the [B * N] grid; None = all real
-    output_rows: int64 flat-batch row of each real query, in grid order
+    output_rows: int64 flat-batch row of each real query, in grid order; None with query_span
     mask: [B, 1, N, L] additive, in the activation dtype: 0 where the query may attend the
         key, -inf where not
     query_span: (start, stop) when the group's queries are exactly flat rows start..stop-1,
@@ -41,10 +42,10 @@ class AttentionGroup:
     batch_size: int
     max_queries: int
     max_keys: int
-    query_rows: torch.Tensor
+    query_rows: torch.Tensor | None
     kv_blocks: torch.Tensor
     valid_slots: torch.Tensor | None
-    output_rows: torch.Tensor
+    output_rows: torch.Tensor | None
     mask: torch.Tensor
     query_span: tuple[int, int] | None = None
 

@@ -211,15 +211,17 @@ class ModelRunner:
         def index(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 
+        # One query per chunk on consecutive flat rows (a decode group): queries and outputs
+        # are slices of the flat batch, and no row indices are built.
+        is_span = max_queries == 1 and offsets == list(range(offsets[0], offsets[0] + len(chunks)))
         return AttentionGroup(
             batch_size=len(chunks),
             max_queries=max_queries,
             max_keys=max_keys,
-            query_rows=index(query_rows),
+            query_rows=None if is_span else index(query_rows),
             kv_blocks=index(kv_blocks),
-            valid_slots=None if len(valid_slots) == len(query_rows) else index(valid_slots),
-            output_rows=index(output_rows),
+            valid_slots=None if is_span or len(valid_slots) == len(query_rows) else index(valid_slots),
+            output_rows=None if is_span else index(output_rows),
             mask=mask[:, None],
-            query_span=(offsets[0], offsets[0] + len(chunks)) if max_queries == 1 and offsets == list(
-                range(offsets[0], offsets[0] + len(chunks))) else None,
+            query_span=(offsets[0], offsets[0] + len(chunks)) if is_span else None,
         )
