@@ -105,3 +105,32 @@ def test_fusion_only_for_narrow_dense_weights():
     assert linear.fuse_lora_expand()
     assert linear.weight.data_ptr() == linear.fused.combined.data_ptr()  # no second copy of W
 
+
+
+def test_unfused_bf16_base_goes_through_the_packed_weight():
+    """Pools too wide to fuse: the bf16 base alone is packed (kernels/dense_cpu.py), LoRA
+    stays the float32 per-adapter route; the sum still matches float64."""
+    from inlaid.kernels.dispatch import packing_supported
+
+    torch.manual_seed(7)
+    linear = LoraLinear(64, [32], ["o_proj"], bias=True)
+    linear.weight.data = (torch.randn(32, 64) / 8).to(torch.bfloat16)
+    linear.bias.data = torch.randn(32)
+    linear.allocate_lora(16, 64, torch.float32, torch.device("cpu"))
+    assert not linear.fuse_lora_expand()
+    linear.pack_weight()
+    assert (linear.packed is not None) == packing_supported(linear.weight)
+    adapter = {"o_proj": (torch.randn(8, 64) * 0.1, torch.randn(32, 8) * 0.1)}
+    linear.load_slot(5, adapter, 2.0)
+    starts = torch.tensor([0, 3, 9], dtype=torch.int32)
+    slots = torch.tensor([-1, 5], dtype=torch.int32)
+    x = torch.randn(9, 64)
+    batch = LoraBatch(starts, slots, lora_host_segments(starts, slots, 9, 16))
+    y = linear(x, batch)
+    a, b = adapter["o_proj"]
+    reference = x.to(torch.bfloat16).double() @ linear.weight.double().T + linear.bias.double()
+    reference[3:] += 2.0 * (x[3:].double() @ a.double().T) @ b.double().T
+    scale = reference.abs().max().item()
+    assert (y.double() - reference).abs().max().item() < 2e-2 * scale
+    assert (reference[3:] - (x[3:].to(torch.bfloat16).double() @ linear.weight.double().T
+                             + linear.bias.double())).abs().max().item() > 0.1 * scale  # LoRA matters

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from inlaid.engine import Engine, EngineConfig, SamplingParams
+from inlaid.kernels.dispatch import packing_supported
 from inlaid.protocol import SampledToken, StepResult
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village", "Hello"]
@@ -41,6 +42,8 @@ def test_bf16_weights_track_float32_transformers(model_dir, hf_model):
     assert model.embed_tokens.weight.dtype == torch.bfloat16
     assert model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
     assert model.norm.weight.dtype == torch.float32
+    # Where oneDNN has bf16 the head runs through its packed copy (kernels/dense_cpu.py).
+    assert (model.packed_head is not None) == packing_supported(model.embed_tokens.weight)
     prompt_ids = [engine.tokenizer.encode(p) for p in PROMPTS]
     ours = _greedy_logits(engine, prompt_ids, [None] * len(prompt_ids))
 
