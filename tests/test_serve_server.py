@@ -330,19 +330,24 @@ def test_client_cli(ready_server, reference):
 
 
 def test_back_pressure_answers_overloaded(ready_server):
-    """A burst beyond max_pending_requests: the excess gets 'overloaded', the rest are served."""
-    burst = MAX_PENDING + 40
+    """A burst beyond max_pending_requests: exactly the excess gets 'overloaded', the rest are
+    admitted. The admitted ones cannot finish while the burst arrives (they ask for more
+    tokens than the deadline lets them produce), so the count does not depend on speed."""
+    excess = 40
 
     async def run_burst():
         async with AsyncClient(ready_server.address, timeout_s=600) as client:
-            return await asyncio.gather(*(client.generate("Hi", max_tokens=1) for _ in range(burst)),
-                                        return_exceptions=True)
+            results = await asyncio.gather(*(client.generate("Hi", max_tokens=MAX_MODEL_LEN - 16, ignore_eos=True,
+                                                             deadline_s=6.0)
+                                             for _ in range(MAX_PENDING + excess)), return_exceptions=True)
+            return results, await client.generate("Hi", max_tokens=2)  # and the server serves on
 
-    results = asyncio.run(run_burst())
+    results, after = asyncio.run(run_burst())
     overloaded = [r for r in results if isinstance(r, OverloadedError)]
-    served = [r for r in results if isinstance(r, GenerateDone)]
-    assert len(overloaded) + len(served) == burst, [r for r in results if not isinstance(r, (OverloadedError, GenerateDone))][:3]
-    assert overloaded and len(served) >= MAX_PENDING
+    admitted = [r for r in results if isinstance(r, DeadlineExceededError)]
+    assert len(overloaded) == excess and len(admitted) == MAX_PENDING, [
+        r for r in results if not isinstance(r, (OverloadedError, DeadlineExceededError))][:3]
+    assert isinstance(after, GenerateDone) and len(after.token_ids) >= 1
 
 
 def test_executor_killed_under_load_then_new_requests_succeed(ready_server, reference):

@@ -121,7 +121,7 @@ class Engine:
             sampling.validate()
         except ValueError as error:
             raise InvalidRequestError(str(error)) from error
-        token_ids = self._prompt_tokens(prompt, messages)
+        token_ids = self.prompt_tokens(prompt, messages)
         if adapter is not None and adapter not in self.scheduler.adapters.paths:
             raise InvalidRequestError(f"unknown adapter/task {adapter!r}; known: {self.adapter_names}")
         seq_id = next(self._seq_ids)
@@ -137,7 +137,9 @@ class Engine:
         self._by_seq_id[seq_id] = seq
         return request_id
 
-    def _prompt_tokens(self, prompt: str | list[int] | None, messages: list[dict[str, str]] | None) -> list[int]:
+    def prompt_tokens(self, prompt: str | list[int] | None, messages: list[dict[str, str]] | None) -> list[int]:
+        """The token ids of a text prompt, of token ids (checked against the vocabulary) or of
+        chat messages (through the chat template); InvalidRequestError for anything else."""
         if (prompt is None) == (messages is None):
             raise InvalidRequestError("give exactly one of a prompt or chat messages")
         if messages is not None:

@@ -43,7 +43,6 @@ from inlaid.protocol import (
     HelloReply,
     ListTasks,
     RemoveTask,
-    ServerStats,
     TaskInfo,
     TaskList,
     TextChunk,
@@ -51,6 +50,7 @@ from inlaid.protocol import (
 from inlaid.serve.config import ServerConfig
 from inlaid.serve.frames import decode_client_frames
 from inlaid.serve.requests import ActiveRequest, RequestKey
+from inlaid.serve.stats import server_stats
 from inlaid.serve.supervisor import ExecutorLostError, ExecutorStepError, ExecutorSupervisor
 from inlaid.serve.task_registry import TaskError, TaskRegistry
 
@@ -274,7 +274,8 @@ class Coordinator:
         elif isinstance(message, Health):
             self._on_health(identity, message)
         elif isinstance(message, GetStats):
-            self._send(identity, self._stats(message.request_id))
+            self._send(identity, server_stats(message.request_id, self.engine, self.supervisor, self.counters,
+                                              list(self.step_gaps)))
         elif isinstance(message, ListTasks):
             self._send(identity, TaskList(request_id=message.request_id, tasks=[
                 TaskInfo(name=name, adapter_dir=path, active_requests=self.registry.active[name])
@@ -331,22 +332,10 @@ class Coordinator:
         given = [x is not None for x in (message.prompt, message.messages, message.prompt_token_ids)]
         if sum(given) != 1:
             raise ValueError("give exactly one of prompt, messages or prompt_token_ids")
-        tokenizer = self.engine.tokenizer
         if message.messages is not None:
-            if not message.messages:
-                raise ValueError("messages must be a non-empty list")
             chat = [{"role": m.role, "content": m.content} for m in message.messages]
-            token_ids = tokenizer.encode(tokenizer.apply_chat_template(chat, add_generation_prompt=True))
-        elif message.prompt is not None:
-            token_ids = tokenizer.encode(message.prompt)
-        else:
-            token_ids = list(message.prompt_token_ids or [])
-            vocab = self.engine.model_config.vocab_size
-            if any(not 0 <= t < vocab for t in token_ids):
-                raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if not token_ids:
-            raise ValueError("the prompt is empty")
-        return token_ids
+            return self.engine.prompt_tokens(None, chat)
+        return self.engine.prompt_tokens(message.prompt if message.prompt is not None else message.prompt_token_ids, None)
 
     def _on_cancel(self, identity: bytes, message: Cancel) -> None:
         request = self.requests.get((identity, message.request_id))
@@ -407,32 +396,6 @@ class Coordinator:
             return self._error(identity, message.request_id, error.code, error.message)
         log.info("admin call", extra={"call": type(message).__name__, "task": message.name, "result": text})
         self._send(identity, AdminReply(request_id=message.request_id, message=text))
-
-    def _stats(self, request_id: str) -> ServerStats:
-        supervisor = self.supervisor
-        timings = list(supervisor.timings) if supervisor else []
-        executor_stats = supervisor.stats if supervisor else None
-        blocks = self.engine.scheduler.blocks
-        return ServerStats(
-            request_id=request_id,
-            requests_waiting=len(self.engine.scheduler.waiting),
-            requests_running=len(self.engine.scheduler.running),
-            requests_received=self.counters["received"],
-            requests_finished=self.counters["finished"],
-            requests_failed=self.counters["failed"],
-            requests_rejected_overloaded=self.counters["overloaded"],
-            steps=self.counters["steps"],
-            tokens_generated=self.counters["tokens"],
-            kv_blocks_total=blocks.num_blocks,
-            kv_blocks_free=blocks.num_free_blocks,
-            executor_pid=supervisor.pid if supervisor and supervisor.ready.is_set() else 0,
-            executor_restarts=supervisor.restarts if supervisor else 0,
-            executor_rss_bytes=executor_stats.rss_bytes if executor_stats else 0,
-            executor_device_memory_allocated=executor_stats.device_memory_allocated if executor_stats else 0,
-            mean_step_seconds=sum(t.round_trip_seconds for t in timings) / len(timings) if timings else 0.0,
-            mean_compute_seconds=sum(t.compute_seconds for t in timings) / len(timings) if timings else 0.0,
-            mean_step_gap_seconds=sum(self.step_gaps) / len(self.step_gaps) if self.step_gaps else 0.0,
-        )
 
 
 def _consume_exception(future: asyncio.Future) -> None:
