@@ -1,5 +1,5 @@
 """CPU kernel benchmark: int4 weight-only GEMM vs fp32, 3-bit layouts, the CPU LoRA path,
-bf16 dense matmul with the weight packed for oneDNN vs plain.
+dense bf16/float32 matmul with the weight packed for oneDNN vs plain.
 
     .venv/bin/python bench/kernels_cpu.py [--quick]
 
@@ -103,46 +103,49 @@ def bench_gemm(quick: bool) -> list[dict]:
     return rows
 
 
-# --- dense bf16: packed vs plain ---------------------------------------------------------------
+# --- dense: packed vs plain -------------------------------------------------------------------
 
 # SmolLM2's gate|up with 4 rank-16 LoRA slots beside it, its head, a Llama-2-7B projection.
 DENSE_SHAPES = [(704, 3072), (576, 49152), (4096, 4096)]
 DENSE_STREAM_BYTES = 256 << 20  # cycle through this many bytes of weights: none stays in cache
 
 
-def bench_dense_bf16(quick: bool) -> list[dict]:
+def bench_dense(quick: bool) -> list[dict]:
     """A decode step reads every weight once from memory: each call takes the next of enough
     copies that the weight is never in cache, as in a real forward."""
     rows = []
-    if not packing_supported(torch.zeros(1, 1, dtype=torch.bfloat16)):
-        print("  skipped: this CPU's oneDNN has no bf16", flush=True)
-        return rows
-    for k, n in DENSE_SHAPES[:1] + DENSE_SHAPES[2:] if quick else DENSE_SHAPES:
-        copies = max(2, DENSE_STREAM_BYTES // (k * n * 2))
-        weights = [(torch.randn(n, k) * 0.02).to(torch.bfloat16) for _ in range(copies)]
-        packed = [PackedDenseWeight(w) for w in weights]
-        for m in (1, 16, 256):
-            x = torch.randn(m, k).to(torch.bfloat16)
-            for p in packed:
-                p.linear(x)  # pack outside the timed calls
-            cursor = {"plain": 0, "packed": 0}
+    for dtype in (torch.bfloat16, torch.float32):
+        if not packing_supported(torch.zeros(1, 1, dtype=dtype)):
+            print(f"  {dtype}: skipped, this CPU's oneDNN cannot pack it", flush=True)
+            continue
+        for k, n in DENSE_SHAPES[:1] + DENSE_SHAPES[2:] if quick else DENSE_SHAPES:
+            copies = max(2, DENSE_STREAM_BYTES // (k * n * dtype.itemsize))
+            weights = [(torch.randn(n, k) * 0.02).to(dtype) for _ in range(copies)]
+            packed = [PackedDenseWeight(w) for w in weights]
+            for m in (1, 16, 256):
+                x = torch.randn(m, k).to(dtype)
+                for p in packed:
+                    p.linear(x)  # pack outside the timed calls
+                cursor = {"plain": 0, "packed": 0}
 
-            def plain() -> None:
-                cursor["plain"] = (cursor["plain"] + 1) % copies
-                torch.nn.functional.linear(x, weights[cursor["plain"]])
+                def plain() -> None:
+                    cursor["plain"] = (cursor["plain"] + 1) % copies
+                    torch.nn.functional.linear(x, weights[cursor["plain"]])
 
-            def packed_call() -> None:
-                cursor["packed"] = (cursor["packed"] + 1) % copies
-                packed[cursor["packed"]].linear(x)
+                def packed_call() -> None:
+                    cursor["packed"] = (cursor["packed"] + 1) % copies
+                    packed[cursor["packed"]].linear(x)
 
-            times = time_side_by_side({"plain": plain, "packed": packed_call},
-                                      rounds=3 if quick else 7, inner=copies)
-            row = {"K": k, "N": n, "M": m, "plain_ms": times["plain"], "packed_ms": times["packed"],
-                   "plain_over_packed": times["plain"] / times["packed"],
-                   "packed_GB_per_s": k * n * 2 / (times["packed"] * 1e-3) / 1e9}
-            rows.append(row)
-            print(f"  K={k:5d} N={n:5d} M={m:3d}: plain {times['plain']:.3f} ms | packed {times['packed']:.3f} ms "
-                  f"({row['plain_over_packed']:.2f}x, weight read at {row['packed_GB_per_s']:.1f} GB/s)", flush=True)
+                times = time_side_by_side({"plain": plain, "packed": packed_call},
+                                          rounds=3 if quick else 7, inner=copies)
+                row = {"dtype": str(dtype).removeprefix("torch."), "K": k, "N": n, "M": m,
+                       "plain_ms": times["plain"], "packed_ms": times["packed"],
+                       "plain_over_packed": times["plain"] / times["packed"],
+                       "packed_GB_per_s": k * n * dtype.itemsize / (times["packed"] * 1e-3) / 1e9}
+                rows.append(row)
+                print(f"  {row['dtype']:8s} K={k:5d} N={n:5d} M={m:3d}: plain {times['plain']:.3f} ms | packed "
+                      f"{times['packed']:.3f} ms ({row['plain_over_packed']:.2f}x, weight read at "
+                      f"{row['packed_GB_per_s']:.1f} GB/s)", flush=True)
     return rows
 
 
@@ -268,12 +271,12 @@ def _markdown(result: dict) -> str:
             f"| {r['K']} | {r['N']} | {r['M']} | {r['group']} | {r['fp32_ms']:.3f} | {r['int4_4bit_ms']:.3f} | "
             f"{r['fp32_over_int4_4bit']:.2f}x | {r['int4_3bit_ms']:.3f} | {r['dequant_3bit_ms']:.3f} |"
         )
-    if result.get("dense_bf16"):
-        lines += ["", "bf16 dense matmul, weights streamed from memory (never in cache):", "",
-                  "| K | N | M | plain F.linear ms | packed for oneDNN ms | plain/packed | packed weight GB/s |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in result["dense_bf16"]:
-            lines.append(f"| {r['K']} | {r['N']} | {r['M']} | {r['plain_ms']:.3f} | {r['packed_ms']:.3f} | "
+    if result.get("dense"):
+        lines += ["", "Dense matmul, weights streamed from memory (never in cache):", "",
+                  "| dtype | K | N | M | plain F.linear ms | packed for oneDNN ms | plain/packed | packed weight GB/s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in result["dense"]:
+            lines.append(f"| {r['dtype']} | {r['K']} | {r['N']} | {r['M']} | {r['plain_ms']:.3f} | {r['packed_ms']:.3f} | "
                          f"{r['plain_over_packed']:.2f}x | {r['packed_GB_per_s']:.1f} |")
     lines += ["", "| LoRA case | base int4 ms | batched ms | token gather ms | per-segment loop ms | LoRA/base |",
               "|---|---|---|---|---|---|"]
@@ -310,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     print("int4 weight-only GEMM vs fp32 (ms per call, best of interleaved rounds):", flush=True)
     result["gemm"] = bench_gemm(args.quick)
-    print("bf16 dense matmul, packed for oneDNN vs plain (ms per call, weights streamed):", flush=True)
-    result["dense_bf16"] = bench_dense_bf16(args.quick)
+    print("dense matmul, packed for oneDNN vs plain (ms per call, weights streamed):", flush=True)
+    result["dense"] = bench_dense(args.quick)
     print("CPU LoRA path (shrink + expand, one projection):", flush=True)
     result["lora"] = bench_lora(args.quick)
     print("large-group threshold of the CPU LoRA plan:", flush=True)

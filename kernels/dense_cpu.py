@@ -1,20 +1,27 @@
-"""Dense bf16 matmul on the CPU with the weight pre-packed into oneDNN's blocked layout.
+"""Dense matmul on the CPU with the weight pre-packed into oneDNN's blocked layout.
 
-`F.linear` with a bf16 weight re-lays the plain [N, K] weight out for oneDNN on every call,
-so a decode step reads each weight two or three times (measured on a 2-core AVX512-BF16
-EPYC, weights not in cache, M = 16 tokens: gate|up 3072x704 440 -> 216 us, lm_head
-49152x576 4.2 -> 2.6 ms; bit-identical outputs). Packing once, when the weight is set,
-leaves one read per step.
+`F.linear` re-lays a plain bf16 [N, K] weight out for oneDNN on every call (so a decode
+step reads each weight two or three times), and sends float32 to MKL, which on this AMD
+EPYC runs well below the memory bandwidth. Packing once, when the weight is set, leaves
+one read per step. Measured on a 2-core AVX512-BF16 EPYC, weights not in cache, M = 16
+tokens: bf16 gate|up 3072x704 440 -> 216 us, bf16 lm_head 49152x576 4.2 -> 2.6 ms
+(bit-identical outputs); float32 gate|up 3072x576 827 -> 245 us, float32 lm_head 20.3 ->
+4.6 ms, and 2.0-2.4x at M = 640.
 
-    weight  [N, K] bf16, plain; kept, because writes into it (LoRA slots beside the base)
-            need a re-pack, which happens lazily on the next matmul after `invalidate()`
-    x       [M, K] bf16, any M (the packing's batch-size hint only picks a layout)
-    returns [M, N] bf16, equal to F.linear(x, weight) bit for bit
+    weight  [N, K] float32 or bf16, plain; kept, because writes into it (LoRA slots beside
+            the base) need a re-pack, which happens lazily on the next matmul after
+            `invalidate()`
+    x       [M, K] in the weight's dtype, any M (the packing's batch-size hint only picks
+            a layout)
+    returns [M, N] in the weight's dtype
 
-The packed copy costs as many bytes as the weight. Only bf16 is packed: oneDNN's float32
-kernels sum in another order than the MKL ones `F.linear` uses for float32, and float32
-is the configuration kept token-identical to transformers. A weight that cannot be packed
-(another dtype or device, a CPU without bf16 in oneDNN) is multiplied with `F.linear`.
+bf16 results equal `F.linear`'s bit for bit here. float32 ones differ in the last bits
+(oneDNN sums in another order than MKL): on the engine's parity batch against transformers
++ PEFT in float32 the logits moved from at most 0.9e-4 to at most 2.2e-4 off, every
+greedy token unchanged (the bound is 1e-3). The packed copy costs as many bytes as the
+weight (`EngineConfig.pack_weights = False` trades the speed back for the memory). A
+weight that cannot be packed (float16, another device, a CPU without bf16 in oneDNN for a
+bf16 weight) is multiplied with `F.linear`.
 """
 
 from __future__ import annotations
@@ -24,34 +31,34 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # A typical decode batch: the layout oneDNN picks for it also serves prefill sizes (measured
-# at M = 640: no slower than the plain weight).
+# at M = 256 and 640: no slower than the plain weight).
 PACKING_BATCH_HINT = 16
 
 
 def packing_supported(weight: Tensor) -> bool:
-    """Whether `PackedDenseWeight` takes this weight: bf16 on a CPU whose oneDNN has bf16."""
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.bfloat16
-        and torch.backends.mkldnn.is_available()
-        and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    )
+    """Whether `PackedDenseWeight` packs this weight: float32 on a CPU with oneDNN, or bf16
+    where oneDNN also has bf16."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if weight.dtype == torch.float32:
+        return True
+    return weight.dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def dense_linear_reference(x: Tensor, weight: Tensor) -> Tensor:
-    """What `PackedDenseWeight.linear` computes, with the plain weight."""
+    """What `PackedDenseWeight.linear` computes, with the plain weight (and MKL for float32)."""
     return F.linear(x, weight)
 
 
 class PackedDenseWeight:
-    """A plain [N, K] weight and, where `packing_supported`, its oneDNN-packed copy
-    (built on first use)."""
+    """A plain [N, K] weight and, where `packing_supported` (and `pack`), its oneDNN-packed
+    copy (built on first use)."""
 
-    def __init__(self, weight: Tensor) -> None:
+    def __init__(self, weight: Tensor, pack: bool = True) -> None:
         if weight.dim() != 2:
             raise ValueError(f"weight must be [N, K], got shape {tuple(weight.shape)}")
         self.weight = weight
-        self.packs = packing_supported(weight)
+        self.packs = pack and packing_supported(weight)
         self._packed: Tensor | None = None
 
     def invalidate(self) -> None:

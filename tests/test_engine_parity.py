@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from inlaid.engine import Engine, EngineConfig, SamplingParams
+from inlaid.kernels.dispatch import packing_supported
 from inlaid.protocol import SampledToken, StepResult
 
 NEW_TOKENS = 48
@@ -57,6 +58,9 @@ def test_mixed_batch_matches_transformers_peft(model_dir, hf_model, adapter_dirs
     config = EngineConfig(model_dir=str(model_dir), dtype="float32", max_lora_slots=4, max_lora_rank=32,
                           num_kv_blocks=512, block_size=16)
     engine = Engine.local(config)
+    # The default packs float32 weights for oneDNN (kernels/dense_cpu.py): parity covers that path.
+    assert config.pack_weights and (engine.runner.model.packed_head is not None) == packing_supported(
+        engine.runner.model.embed_tokens.weight)
     for name, path in adapter_dirs.items():
         engine.register_adapter(name, str(path))
     prompt_ids = [engine.tokenizer.encode(p) for p in PROMPTS]
@@ -89,3 +93,32 @@ def test_mixed_batch_matches_transformers_peft(model_dir, hf_model, adapter_dirs
         assert max_diff < 1e-3, f"prompt {index}: logits differ by {max_diff}"
     # The adapters really change the outputs (else parity would be trivial).
     assert len({tuple(t[:8]) for t in ref_tokens}) > 5
+
+
+def test_pack_weights_off_multiplies_the_plain_weights(model_dir, adapter_dirs):
+    """`pack_weights=False` keeps no packed copies and computes the same logits (to float32
+    summation order) and greedy tokens as the packed default."""
+    prompts, adapters = PROMPTS[:3], ADAPTERS[:3]
+    outputs = {}
+    for pack in (True, False):
+        engine = Engine.local(EngineConfig(model_dir=str(model_dir), dtype="float32", max_lora_slots=4,
+                                           max_lora_rank=32, num_kv_blocks=128, pack_weights=pack))
+        model = engine.runner.model
+        if not pack:
+            assert model.packed_head is None and model.layers[0].mlp.down_proj.packed is None
+        for name, path in adapter_dirs.items():
+            engine.register_adapter(name, str(path))
+        ids = [engine.add_request(p, sampling=SamplingParams(max_tokens=6), adapter=a) for p, a in zip(prompts, adapters)]
+        index_of = {engine.sequence(rid).seq_id: i for i, rid in enumerate(ids)}
+        rows: list[list[torch.Tensor]] = [[] for _ in ids]
+        while engine.has_unfinished():
+            plan = engine.begin_step()
+            seq_ids, logits, _ = engine.runner.forward_logits(plan)
+            for seq_id, row in zip(seq_ids, logits):
+                rows[index_of[seq_id]].append(row)
+            engine.finish_step(StepResult(step_id=plan.step_id, num_tokens=0, compute_seconds=0.0, sampled=[
+                SampledToken(seq_id=s, token_id=int(row.argmax())) for s, row in zip(seq_ids, logits)]))
+        outputs[pack] = [torch.stack(r) for r in rows]
+    for packed, plain in zip(outputs[True], outputs[False]):
+        assert torch.equal(packed.argmax(-1), plain.argmax(-1))
+        assert (packed - plain).abs().max().item() < 1e-3

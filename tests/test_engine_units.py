@@ -11,7 +11,7 @@ import torch
 from inlaid.engine.adapter_config import AdapterError, read_adapter_spec
 from inlaid.engine.adapter_slots import AdapterSlots
 from inlaid.engine.block_manager import BlockManager
-from inlaid.engine.config import ModelConfig, ModelLoadError
+from inlaid.engine.config import EngineConfig, ModelConfig, ModelLoadError
 from inlaid.engine.sampler import sample_tokens
 from inlaid.engine.scheduler import Scheduler, SchedulerLimits
 from inlaid.engine.sequence import FinishReason, Sequence
@@ -84,6 +84,12 @@ def test_sampling_params_are_validated():
     for bad in (dict(max_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-2), dict(stop=[""])):
         with pytest.raises(ValueError):
             SamplingParams(**bad).validate()
+
+
+def test_engine_config_is_validated():
+    for bad in (dict(pack_weights="yes"), dict(weight_dtype="int8"), dict(max_lora_rank=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            EngineConfig(model_dir="unused", **bad).validate()
 
 
 def _scheduler(num_blocks=8, block_size=4, budget=10, max_seqs=4) -> Scheduler:

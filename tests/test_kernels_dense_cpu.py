@@ -8,8 +8,15 @@ import torch.nn.functional as F
 
 from inlaid.kernels.dense_cpu import PackedDenseWeight, dense_linear_reference, packing_supported
 
-BF16 = torch.zeros(1, 1, dtype=torch.bfloat16)
-needs_packing = pytest.mark.skipif(not packing_supported(BF16), reason="this CPU's oneDNN has no bf16")
+DTYPES = [
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+        not packing_supported(torch.zeros(1, 1, dtype=torch.bfloat16)), reason="this CPU's oneDNN has no bf16")),
+    pytest.param(torch.float32, marks=pytest.mark.skipif(
+        not packing_supported(torch.zeros(1, 1)), reason="torch built without oneDNN")),
+]
+# Relative error of one output element against float64: bf16 rounds the output once
+# (2^-8, with margin); float32 sums in float32 (K <= 640 terms).
+TOLERANCE = {torch.bfloat16: 2**-7, torch.float32: 1e-5}
 
 
 def _check(packed: PackedDenseWeight, x: torch.Tensor) -> None:
@@ -17,36 +24,38 @@ def _check(packed: PackedDenseWeight, x: torch.Tensor) -> None:
     reference = x.double() @ packed.weight.double().T
     assert out.dtype == packed.weight.dtype and out.shape == reference.shape
     assert torch.isfinite(out).all()
+    tolerance = TOLERANCE[packed.weight.dtype]
     if reference.numel():
-        # bf16 output: one rounding of each element (relative 2^-8), sums in float32 inside.
-        assert (out.double() - reference).abs().max().item() <= 2**-7 * reference.abs().max().item()
-    # Measured bit-identical to the plain weight's matmul; allow one bf16 rounding apart in
-    # case another CPU's oneDNN blocks K differently for the two layouts.
-    plain = dense_linear_reference(x, packed.weight)
-    assert torch.allclose(out.float(), plain.float(), rtol=2**-7, atol=1e-6)
+        assert (out.double() - reference).abs().max().item() <= tolerance * reference.abs().max().item()
+    # bf16: measured bit-identical to the plain weight's matmul; allow one rounding apart in
+    # case another CPU's oneDNN blocks K differently for the two layouts. float32: oneDNN
+    # and MKL sum in different orders.
+    plain = dense_linear_reference(x, packed.weight).double()
+    if plain.numel():
+        assert (out.double() - plain).abs().max().item() <= tolerance * plain.abs().max().item()
 
 
-@needs_packing
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens,in_features,out_features", [(1, 64, 32), (16, 576, 192), (33, 100, 70), (640, 96, 48), (0, 64, 32)])
-def test_packed_bf16_matches_float64_and_plain_linear(tokens, in_features, out_features):
+def test_packed_matches_float64_and_plain_linear(dtype, tokens, in_features, out_features):
     torch.manual_seed(tokens * 1000 + in_features)
-    weight = (torch.randn(out_features, in_features) / in_features**0.5).to(torch.bfloat16)
+    weight = (torch.randn(out_features, in_features) / in_features**0.5).to(dtype)
     packed = PackedDenseWeight(weight)
     assert packed.packs
-    _check(packed, torch.randn(tokens, in_features).to(torch.bfloat16))
-    _check(packed, torch.randn(tokens + 3, in_features).to(torch.bfloat16))  # the packed copy is reused
+    _check(packed, torch.randn(tokens, in_features).to(dtype))
+    _check(packed, torch.randn(tokens + 3, in_features).to(dtype))  # the packed copy is reused
 
 
-@needs_packing
-def test_writes_reach_the_matmul_only_after_invalidate():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_writes_reach_the_matmul_only_after_invalidate(dtype):
     torch.manual_seed(0)
-    combined = torch.randn(40, 80).to(torch.bfloat16)
+    combined = torch.randn(40, 80).to(dtype)
     base = combined[:, :64]  # a view, like the base inside FusedExpandWeight's matrix
     packed = PackedDenseWeight(combined)
-    x = torch.randn(7, 80).to(torch.bfloat16)
+    x = torch.randn(7, 80).to(dtype)
     before = packed.linear(x)
     combined[:, 64:].fill_(float("nan"))  # poison the columns, then write the real values
-    combined[:, 64:] = torch.randn(40, 16).to(torch.bfloat16)
+    combined[:, 64:] = torch.randn(40, 16).to(dtype)
     assert torch.equal(packed.linear(x), before)  # still the old packing: writes need invalidate()
     packed.invalidate()
     _check(packed, x)
@@ -54,13 +63,13 @@ def test_writes_reach_the_matmul_only_after_invalidate():
     _check(PackedDenseWeight(base.contiguous()), x[:, :64])
 
 
-def test_other_dtypes_fall_back_to_plain_linear():
+def test_unpacked_weights_use_plain_linear():
     torch.manual_seed(1)
-    weight = torch.randn(24, 48)
-    packed = PackedDenseWeight(weight)
-    assert not packed.packs  # float32 stays on the MKL kernels transformers uses (exact parity)
-    x = torch.randn(5, 48)
-    assert torch.equal(packed.linear(x), F.linear(x, weight))
+    for weight, pack in ((torch.randn(24, 48).to(torch.float16), True), (torch.randn(24, 48), False)):
+        packed = PackedDenseWeight(weight, pack=pack)
+        assert not packed.packs  # float16 is never packed; pack=False (EngineConfig.pack_weights)
+        x = torch.randn(5, 48).to(weight.dtype)
+        assert torch.equal(packed.linear(x), F.linear(x, weight))
 
 
 def test_bad_inputs_are_rejected():

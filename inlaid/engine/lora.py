@@ -75,7 +75,7 @@ class LoraLinear(nn.Module):
         self.slot_scales: torch.Tensor | None = None  # float32 [n_slices, S]
         # Set by `fuse_lora_expand` (narrow dense weights on the CPU): [W | scaled B pools].
         self.fused: FusedExpandWeight | None = None
-        # Set by `pack_weight` when not fused: a bf16 base, packed for oneDNN.
+        # Set by `pack_weight` when not fused: the base, packed for oneDNN.
         self.packed: PackedDenseWeight | None = None
 
     # ------------------------------------------------------------------ set-up
@@ -103,10 +103,11 @@ class LoraLinear(nn.Module):
         self.slot_ranks = torch.zeros(len(self.out_slices), num_slots, dtype=torch.int32, device=device)
         self.slot_scales = torch.zeros(len(self.out_slices), num_slots, dtype=torch.float32, device=device)
 
-    def fuse_lora_expand(self) -> bool:
+    def fuse_lora_expand(self, pack: bool = True) -> bool:
         """Fold the LoRA expand into the base matmul when the base is a dense weight stored
         narrower than the activations on the CPU (see lora_fused.py); call after
-        `allocate_lora`, before any `load_slot`. Returns whether it did. `weight` then views
+        `allocate_lora`, before any `load_slot`; `pack`: multiply through oneDNN-packed copies
+        (kernels/dense_cpu.py). Returns whether it did. `weight` then views
         the fused matrix: replace the base only through `use_quantized`, which drops it."""
         if self.quantized is not None or self.stacked_a is None or self.weight.device.type != "cpu":
             return False
@@ -116,13 +117,13 @@ class LoraLinear(nn.Module):
             self.in_features, len(self.out_slices), num_slots, max_rank
         ):
             return False
-        self.fused = FusedExpandWeight(self.weight.data, self.slice_offsets, num_slots, max_rank)
+        self.fused = FusedExpandWeight(self.weight.data, self.slice_offsets, num_slots, max_rank, pack)
         self.weight.data = self.fused.weight
         self.packed = None
         return True
 
     def pack_weight(self) -> None:
-        """Multiply a dense bf16 base on the CPU through a oneDNN-packed copy
+        """Multiply a dense float32/bf16 base on the CPU through a oneDNN-packed copy
         (kernels/dense_cpu.py). A fused base packs itself; call after `fuse_lora_expand`.
         `weight` must then change only through `use_quantized`."""
         if self.quantized is None and self.fused is None and packing_supported(self.weight):

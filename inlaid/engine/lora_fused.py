@@ -42,8 +42,10 @@ class FusedExpandWeight:
     combined: [N, K + S * n_slices * R] in the weight dtype
     """
 
-    def __init__(self, weight: torch.Tensor, slice_offsets: list[int], num_slots: int, max_rank: int) -> None:
-        """slice_offsets: first output row of each slice of the (fused) projection."""
+    def __init__(self, weight: torch.Tensor, slice_offsets: list[int], num_slots: int, max_rank: int,
+                 pack: bool = True) -> None:
+        """slice_offsets: first output row of each slice of the (fused) projection; pack:
+        multiply through oneDNN-packed copies."""
         out_features, in_features = weight.shape
         self.in_features = in_features
         self.slice_offsets = list(slice_offsets)
@@ -55,8 +57,8 @@ class FusedExpandWeight:
         self.weight = self.combined[:, :in_features]
         self.shrink = torch.zeros(num_slots * self.columns_per_slot, in_features, dtype=weight.dtype,
                                   device=weight.device)
-        self.packed_combined = PackedDenseWeight(self.combined)
-        self.packed_shrink = PackedDenseWeight(self.shrink)
+        self.packed_combined = PackedDenseWeight(self.combined, pack)
+        self.packed_shrink = PackedDenseWeight(self.shrink, pack)
 
     @staticmethod
     def worth_it(in_features: int, n_slices: int, num_slots: int, max_rank: int) -> bool:

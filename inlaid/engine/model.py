@@ -243,9 +243,9 @@ class LlamaModel(nn.Module):
         self.packed_head = None
 
     def pack_weights(self) -> None:
-        """Multiply bf16 dense weights on the CPU through oneDNN-packed copies (the head too,
-        a second copy when tied to the embedding); call once the weights and LoRA pools are
-        set up. A no-op for other dtypes and devices."""
+        """Multiply float32/bf16 dense weights on the CPU through oneDNN-packed copies (the
+        head too, a second copy when tied to the embedding); call once the weights and LoRA
+        pools are set up. A no-op for other dtypes and devices."""
         for module in self.modules():
             if isinstance(module, LoraLinear):
                 module.pack_weight()

@@ -80,8 +80,9 @@ class ModelRunner:
         for module in self.model.modules():
             if isinstance(module, LoraLinear):
                 module.allocate_lora(config.max_lora_slots, config.max_lora_rank, self.dtype, self.device)
-                module.fuse_lora_expand()
-        self.model.pack_weights()
+                module.fuse_lora_expand(pack=config.pack_weights)
+        if config.pack_weights:
+            self.model.pack_weights()
         self._host_adapters: OrderedDict[str, _AdapterCopy] = OrderedDict()
         self._host_adapter_cache = host_adapter_cache
         self.slot_contents: dict[int, str] = {}  # slot -> adapter path (for introspection and tests)

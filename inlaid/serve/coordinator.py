@@ -12,11 +12,13 @@ sends can stop the loops.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import math
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections import deque
@@ -60,6 +62,8 @@ SERVER_VERSION = "0.1.0"
 # Frames above max_frame_bytes get a typed error; far larger ones are cut off by ZeroMQ
 # itself (the peer is disconnected) before they are ever buffered whole.
 _HARD_FRAME_FACTOR = 16
+# After the grace period: the executor's stop timeout (10 s) plus closing the sockets.
+_SHUTDOWN_WATCHDOG_MARGIN_S = 20.0
 
 
 class Coordinator:
@@ -123,6 +127,7 @@ class Coordinator:
         front.close()
         if self._tempdir:
             shutil.rmtree(self._tempdir, ignore_errors=True)
+        faulthandler.cancel_dump_traceback_later()
         log.info("coordinator stopped", extra={"exit_code": self.exit_code, **self.counters})
         return self.exit_code
 
@@ -131,6 +136,11 @@ class Coordinator:
             name = signal.Signals(signum).name if signum else "request"
             log.info("shutting down: no new requests; finishing in-flight ones",
                      extra={"signal": name, "in_flight": len(self.requests), "grace_s": self.limits.shutdown_grace_s})
+            # A shutdown must end even if something blocks the loop: past the grace period
+            # plus the executor's stop timeout, a watchdog thread writes every thread's stack
+            # to the log and exits with 1.
+            faulthandler.dump_traceback_later(self.limits.shutdown_grace_s + _SHUTDOWN_WATCHDOG_MARGIN_S,
+                                              exit=True, file=sys.stderr)
         self._accepting = False
         self._shutdown.set()
 
