@@ -76,3 +76,30 @@ def adapter_dirs(tmp_path_factory, model_dir) -> dict[str, Path]:
         base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
         dirs[name] = make_peft_adapter(base, root / name, rank, targets, seed, use_rslora=rslora)
     return dirs
+
+
+@pytest.fixture(scope="session")
+def greedy_logits():
+    """greedy_logits(engine, prompt_ids, adapters, max_tokens) -> per prompt, the float32
+    logits row the runner computed for each generated token, decoding greedily step by step
+    (EOS ignored)."""
+    import torch
+
+    from inlaid.engine import SamplingParams
+    from inlaid.protocol import SampledToken, StepResult
+
+    def run(engine, prompt_ids: list[list[int]], adapters: list[str | None], max_tokens: int) -> list[list[torch.Tensor]]:
+        sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        request_ids = [engine.add_request(p, sampling=sampling, adapter=a) for p, a in zip(prompt_ids, adapters)]
+        index_of = {engine.sequence(rid).seq_id: i for i, rid in enumerate(request_ids)}
+        rows: list[list[torch.Tensor]] = [[] for _ in prompt_ids]
+        while engine.has_unfinished():
+            plan = engine.begin_step()
+            seq_ids, logits, _ = engine.runner.forward_logits(plan)
+            for seq_id, row in zip(seq_ids, logits):
+                rows[index_of[seq_id]].append(row)
+            engine.finish_step(StepResult(step_id=plan.step_id, num_tokens=0, compute_seconds=0.0, sampled=[
+                SampledToken(seq_id=s, token_id=int(row.argmax())) for s, row in zip(seq_ids, logits)]))
+        return rows
+
+    return run

@@ -95,10 +95,9 @@ def test_mixed_batch_matches_transformers_peft(model_dir, hf_model, adapter_dirs
     assert len({tuple(t[:8]) for t in ref_tokens}) > 5
 
 
-def test_pack_weights_off_multiplies_the_plain_weights(model_dir, adapter_dirs):
+def test_pack_weights_off_multiplies_the_plain_weights(model_dir, adapter_dirs, greedy_logits):
     """`pack_weights=False` keeps no packed copies and computes the same logits (to float32
     summation order) and greedy tokens as the packed default."""
-    prompts, adapters = PROMPTS[:3], ADAPTERS[:3]
     outputs = {}
     for pack in (True, False):
         engine = Engine.local(EngineConfig(model_dir=str(model_dir), dtype="float32", max_lora_slots=4,
@@ -108,17 +107,8 @@ def test_pack_weights_off_multiplies_the_plain_weights(model_dir, adapter_dirs):
             assert model.packed_head is None and model.layers[0].mlp.down_proj.packed is None
         for name, path in adapter_dirs.items():
             engine.register_adapter(name, str(path))
-        ids = [engine.add_request(p, sampling=SamplingParams(max_tokens=6), adapter=a) for p, a in zip(prompts, adapters)]
-        index_of = {engine.sequence(rid).seq_id: i for i, rid in enumerate(ids)}
-        rows: list[list[torch.Tensor]] = [[] for _ in ids]
-        while engine.has_unfinished():
-            plan = engine.begin_step()
-            seq_ids, logits, _ = engine.runner.forward_logits(plan)
-            for seq_id, row in zip(seq_ids, logits):
-                rows[index_of[seq_id]].append(row)
-            engine.finish_step(StepResult(step_id=plan.step_id, num_tokens=0, compute_seconds=0.0, sampled=[
-                SampledToken(seq_id=s, token_id=int(row.argmax())) for s, row in zip(seq_ids, logits)]))
-        outputs[pack] = [torch.stack(r) for r in rows]
+        prompt_ids = [engine.tokenizer.encode(p) for p in PROMPTS[:3]]
+        outputs[pack] = [torch.stack(rows) for rows in greedy_logits(engine, prompt_ids, ADAPTERS[:3], 6)]
     for packed, plain in zip(outputs[True], outputs[False]):
         assert torch.equal(packed.argmax(-1), plain.argmax(-1))
         assert (packed - plain).abs().max().item() < 1e-3

@@ -11,31 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from inlaid.engine import Engine, EngineConfig, SamplingParams
+from inlaid.engine import Engine, EngineConfig
 from inlaid.kernels.dispatch import packing_supported
-from inlaid.protocol import SampledToken, StepResult
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village", "Hello"]
 NEW_TOKENS = 16
 
 
-def _greedy_logits(engine: Engine, prompt_ids: list[list[int]], adapters: list[str | None]) -> list[list[torch.Tensor]]:
-    """Greedy decode step by step; per prompt, the logits row of every generated token."""
-    request_ids = [engine.add_request(p, sampling=SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True), adapter=a)
-                   for p, a in zip(prompt_ids, adapters)]
-    index_of = {engine.sequence(rid).seq_id: i for i, rid in enumerate(request_ids)}
-    ours: list[list[torch.Tensor]] = [[] for _ in prompt_ids]
-    while engine.has_unfinished():
-        plan = engine.begin_step()
-        seq_ids, logits, _ = engine.runner.forward_logits(plan)
-        for seq_id, row in zip(seq_ids, logits):
-            ours[index_of[seq_id]].append(row)
-        engine.finish_step(StepResult(step_id=plan.step_id, num_tokens=0, compute_seconds=0.0, sampled=[
-            SampledToken(seq_id=s, token_id=int(row.argmax())) for s, row in zip(seq_ids, logits)]))
-    return ours
-
-
-def test_bf16_weights_track_float32_transformers(model_dir, hf_model):
+def test_bf16_weights_track_float32_transformers(model_dir, hf_model, greedy_logits):
     engine = Engine.local(EngineConfig(model_dir=str(model_dir), dtype="float32", weight_dtype="bfloat16",
                                        num_kv_blocks=128, max_lora_slots=1, max_lora_rank=8))
     model = engine.runner.model
@@ -45,7 +28,7 @@ def test_bf16_weights_track_float32_transformers(model_dir, hf_model):
     # Where oneDNN has bf16 the head runs through its packed copy (kernels/dense_cpu.py).
     assert (model.packed_head is not None) == packing_supported(model.embed_tokens.weight)
     prompt_ids = [engine.tokenizer.encode(p) for p in PROMPTS]
-    ours = _greedy_logits(engine, prompt_ids, [None] * len(prompt_ids))
+    ours = greedy_logits(engine, prompt_ids, [None] * len(prompt_ids), NEW_TOKENS)
 
     for index, ids in enumerate(prompt_ids):
         tokens = [int(row.argmax()) for row in ours[index]]
@@ -69,7 +52,7 @@ MIXED = [("The capital of France is", "attn-r8"), ("def fibonacci(n):", None), (
          ("Once upon a time,", "all-r32"), ("List three colours:", "all-r32"), ("Hello", "attn-r8")]
 
 
-def test_bf16_weights_with_mixed_adapters_track_float32_peft(model_dir, hf_model, adapter_dirs):
+def test_bf16_weights_with_mixed_adapters_track_float32_peft(model_dir, hf_model, adapter_dirs, greedy_logits):
     """bf16 weights fold each slot's LoRA B into the base matmul (lora_fused.py): a mixed
     batch still follows transformers + PEFT in float32, and the adapters visibly act."""
     from peft import PeftModel
@@ -80,7 +63,7 @@ def test_bf16_weights_with_mixed_adapters_track_float32_peft(model_dir, hf_model
     for name, path in adapter_dirs.items():
         engine.register_adapter(name, str(path))
     prompt_ids = [engine.tokenizer.encode(p) for p, _ in MIXED]
-    ours = _greedy_logits(engine, prompt_ids, [a for _, a in MIXED])
+    ours = greedy_logits(engine, prompt_ids, [a for _, a in MIXED], NEW_TOKENS)
     names = list(adapter_dirs)
     peft_model = PeftModel.from_pretrained(hf_model, str(adapter_dirs[names[0]]), adapter_name=names[0])
     for name in names[1:]:
