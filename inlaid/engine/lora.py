@@ -159,8 +159,9 @@ class LoraLinear(nn.Module):
             return y if self.bias is None else y + self.bias
         if self.quantized is None:
             if self.fused is not None or self.packed is not None:
-                narrow_x = x.to(self.weight.dtype)
-                y = (self.fused.base(narrow_x) if self.fused is not None else self.packed.linear(narrow_x)).to(x.dtype)
+                x_as_weight = x.to(self.weight.dtype)  # the packed/fused matmuls take one dtype
+                base = self.fused.base(x_as_weight) if self.fused is not None else self.packed.linear(x_as_weight)
+                y = base.to(x.dtype)
                 if self.bias is not None:
                     y += self.bias
             elif self.weight.dtype == x.dtype:
