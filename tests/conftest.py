@@ -80,16 +80,17 @@ def adapter_dirs(tmp_path_factory, model_dir) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def greedy_logits():
-    """greedy_logits(engine, prompt_ids, adapters, max_tokens) -> per prompt, the float32
-    logits row the runner computed for each generated token, decoding greedily step by step
-    (EOS ignored)."""
+    """greedy_logits(engine, prompt_ids, adapters, max_tokens, ignore_eos=True) -> per prompt,
+    the float32 logits row the runner computed for each generated token, decoding greedily
+    step by step."""
     import torch
 
     from inlaid.engine import SamplingParams
     from inlaid.protocol import SampledToken, StepResult
 
-    def run(engine, prompt_ids: list[list[int]], adapters: list[str | None], max_tokens: int) -> list[list[torch.Tensor]]:
-        sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    def run(engine, prompt_ids: list[list[int]], adapters: list[str | None], max_tokens: int,
+            ignore_eos: bool = True) -> list[list[torch.Tensor]]:
+        sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
         request_ids = [engine.add_request(p, sampling=sampling, adapter=a) for p, a in zip(prompt_ids, adapters)]
         index_of = {engine.sequence(rid).seq_id: i for i, rid in enumerate(request_ids)}
         rows: list[list[torch.Tensor]] = [[] for _ in prompt_ids]

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from inlaid.engine import Engine, EngineConfig, SamplingParams
+from inlaid.engine import Engine, EngineConfig
 from inlaid.kernels.dispatch import packing_supported
-from inlaid.protocol import SampledToken, StepResult
 
 NEW_TOKENS = 48
 PROMPTS = [
@@ -54,7 +53,7 @@ def _reference(hf_model, model_dir, adapter_dirs, prompt_ids):
     return tokens, logits
 
 
-def test_mixed_batch_matches_transformers_peft(model_dir, hf_model, adapter_dirs):
+def test_mixed_batch_matches_transformers_peft(model_dir, hf_model, adapter_dirs, greedy_logits):
     config = EngineConfig(model_dir=str(model_dir), dtype="float32", max_lora_slots=4, max_lora_rank=32,
                           num_kv_blocks=512, block_size=16)
     engine = Engine.local(config)
@@ -64,21 +63,8 @@ def test_mixed_batch_matches_transformers_peft(model_dir, hf_model, adapter_dirs
     for name, path in adapter_dirs.items():
         engine.register_adapter(name, str(path))
     prompt_ids = [engine.tokenizer.encode(p) for p in PROMPTS]
-    ids = [
-        engine.add_request(p, sampling=SamplingParams(max_tokens=NEW_TOKENS), adapter=a)
-        for p, a in zip(prompt_ids, ADAPTERS)
-    ]
-    seq_of = {engine.sequence(rid).seq_id: index for index, rid in enumerate(ids)}
-    our_logits: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(ids))}
-    # Drive the engine step by step to see the logits the runner computes.
-    while engine.has_unfinished():
-        plan = engine.begin_step()
-        seq_ids, logits, _ = engine.runner.forward_logits(plan)
-        tokens = logits.argmax(-1).tolist()
-        for seq_id, row in zip(seq_ids, logits):
-            our_logits[seq_of[seq_id]].append(row)
-        engine.finish_step(StepResult(step_id=plan.step_id, num_tokens=0, compute_seconds=0.0,
-                                      sampled=[SampledToken(seq_id=s, token_id=t) for s, t in zip(seq_ids, tokens)]))
+    # Step by step, to see the logits the runner computes; stops at EOS like the reference.
+    our_logits = greedy_logits(engine, prompt_ids, ADAPTERS, NEW_TOKENS, ignore_eos=False)
 
     ref_tokens, ref_logits = _reference(hf_model, model_dir, adapter_dirs, prompt_ids)
     eos = set(engine.model_config.eos_token_ids)
