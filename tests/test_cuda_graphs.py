@@ -105,6 +105,9 @@ def test_padding_and_fallbacks(graph_runner) -> None:
     # A padded step (3 rows on the 4-row graph, contexts of 1, 2 and 9 blocks) equals the eager step.
     eager, graphed = _eager_and_graphed(graph_runner, _chunks([5, 40, 130], [0, -1, 1]))
     assert (eager - graphed).abs().max().item() < 1e-4
+    # A full graph (no padding row) with one segment per row: the segment capacity is just enough.
+    eager, graphed = _eager_and_graphed(graph_runner, _chunks([7, 9], [0, 1]))
+    assert (eager - graphed).abs().max().item() < 1e-4
     # The padding rows wrote only the scratch block, past the scheduler's blocks.
     assert graphs.scratch_block == graph_runner.config.num_kv_blocks
     assert graph_runner.kv_caches[0][0].shape[0] == graph_runner.config.num_kv_blocks + 1

@@ -298,8 +298,10 @@ class DecodeGraphs:
             staged += used + [self.scratch_block] * (blocks - len(used))
         staged += [self.scratch_block] * (blocks * pad)
         self._static.ints[: len(staged)].copy_(torch.tensor(staged, dtype=torch.int64))
+        padding = [(-1, pad)] if pad else []  # one adapter-less segment of the padding rows
         starts, segment_slots = build_lora_segments(
-            [chunk.adapter_slot for chunk in chunks] + [-1], [1] * len(chunks) + [pad], capacity=b
+            [chunk.adapter_slot for chunk in chunks] + [slot for slot, _ in padding],
+            [1] * len(chunks) + [count for _, count in padding], capacity=b,
         )
         self._static.segment_starts[: b + 1].copy_(starts)
         self._static.segment_slots[:b].copy_(segment_slots)
