@@ -56,8 +56,11 @@ echo "build: $(( $(date +%s) - started )) s (log: $OUT/build.log)"
 export PYTHONPATH="$BUILD/site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
+args=(--out "$OUT")
 if [ "$MODE" = dry ]; then
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
-  exec "$PY" bench/gpu_suite.py --dry-run --out "$OUT"
+  args+=(--dry-run)
 fi
-exec "$PY" bench/gpu_suite.py --out "$OUT"
+status=0
+"$PY" bench/gpu_suite.py "${args[@]}" || status=$?
+exit $status

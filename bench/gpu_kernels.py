@@ -200,7 +200,7 @@ def sgmv_timings(device: Device) -> list[dict]:
     rank, size = 16, torch.finfo(device.act_dtype).bits // 8
     rows = []
     for tokens in token_counts:
-        for distinct in sorted({1, min(tokens, 16), min(tokens, slots)}):
+        for distinct in sorted({1, min(tokens, 16, slots), min(tokens, slots)}):
             requests = [(s, tokens // distinct + (s < tokens % distinct)) for s in range(distinct)]
             case = _to_device(random_lora_case(requests, [[rank] * slots] * len(widths), hidden, widths, rank,
                                                seed=tokens + distinct), device)
