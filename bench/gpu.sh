@@ -45,9 +45,16 @@ trap 'rm -rf "$BUILD"' EXIT
 # along, into a private folder put first on the path. No network, no resident package touched.
 started=$(date +%s)
 {
-  "$PY" -m pip install --no-deps --no-build-isolation --no-index --target "$BUILD/site" "$ROOT"
+  if ! "$PY" -m pip install --no-deps --no-build-isolation --no-index --target "$BUILD/site" "$ROOT"; then
+    # No usable setuptools here: lay the package out by hand, as pyproject's package-dir does.
+    echo "pip could not build the package; copying it into place instead"
+    rm -rf "$BUILD/site" && mkdir -p "$BUILD/site"
+    cp -r inlaid "$BUILD/site/inlaid" && cp -r kernels "$BUILD/site/inlaid/kernels" \
+      && cp -r predictor "$BUILD/site/inlaid/predictor"
+  fi
   if compgen -G ".whl/*.whl" > /dev/null; then
-    "$PY" -m pip install --no-deps --no-index --target "$BUILD/site" .whl/*.whl
+    "$PY" -m pip install --no-deps --no-index --target "$BUILD/site" .whl/*.whl \
+      || echo "the wheels in .whl/ do not install on this Python: stages needing what they hold may be skipped"
   else
     echo "no .whl/ wheels: stages needing pyzmq/msgspec that the image lacks are skipped"
   fi

@@ -252,7 +252,7 @@ def _plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["computed"] if r["card_GB"] == CARDS_GB[0]]
-    labels = [f"{r['model']}\n{r['base']}" for r in rows]
+    labels = [f"{r['model'].removesuffix('-Instruct')}\n{r['base']}" for r in rows]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     bottom = [0.0] * len(rows)
     for key, label, colour in (("base_GiB", "base", "#4c72b0"), ("adapters_GiB", f"{result['adapters']} adapters", "#dd8452"),
@@ -262,10 +262,11 @@ def _plot(result: dict, path: Path) -> None:
         bottom = [b + v for b, v in zip(bottom, values)]
     for card in CARDS_GB:
         ax.axhline(USABLE * card, color="grey", linestyle="--", linewidth=1)
-        ax.text(len(rows) - 0.5, USABLE * card, f"{card} GB card (90%)", va="bottom", ha="right", fontsize=8)
+        ax.text(-0.4, USABLE * card, f"{card} GB card (90%)", va="bottom", ha="left", fontsize=8)
     ax.set_ylabel("GiB")
     ax.set_title("fp16 vs 4-bit base, same adapters and KV budget")
-    ax.legend(loc="upper left")
+    ax.legend(loc="upper center")
+    ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
