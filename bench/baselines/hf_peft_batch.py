@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
 from inlaid.protocol import SamplingParams
 
@@ -55,31 +55,17 @@ class BatchTiming:
     forward_passes: int = 0
 
 
-class HfPeftModel:
-    """The base model with every task adapter loaded, on one device."""
+class PromptEncoder:
+    """Prompts to token ids and token ids to text: the tokenizer and the context length, ready
+    before the model is (requests are accepted and queued while it loads)."""
 
-    def __init__(self, model_dir: str, tasks: dict[str, str], device: str, dtype: torch.dtype,
-                 max_model_len: int) -> None:
-        from peft import PeftModel
-
+    def __init__(self, model_dir: str, max_model_len: int | None) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-        self.device = torch.device(device)
-        self.model: Any = base
-        for index, (name, path) in enumerate(sorted(tasks.items())):
-            if index == 0:
-                self.model = PeftModel.from_pretrained(base, path, adapter_name=name)
-            else:
-                self.model.load_adapter(path, adapter_name=name)
-        self.model.eval()
-        eos = base.generation_config.eos_token_id
-        self.eos_token_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.vocab_size = int(base.config.vocab_size)
-        self.max_model_len = min(max_model_len, int(getattr(base.config, "max_position_embeddings", max_model_len)))
-        self.tasks = dict(tasks)
+        config = AutoConfig.from_pretrained(model_dir)
+        self.vocab_size = int(config.vocab_size)
+        limit = int(getattr(config, "max_position_embeddings", None) or 1 << 62)
+        self.max_model_len = min(max_model_len or limit, limit)
 
-    # ------------------------------------------------------------------ prompts
     def prompt_ids(self, prompt: str | None, messages: list[dict[str, str]] | None,
                    token_ids: list[int] | None) -> list[int]:
         """Token ids of exactly one of a text prompt, chat messages or token ids; ValueError
@@ -101,6 +87,33 @@ class HfPeftModel:
             raise ValueError("the prompt is empty")
         return ids
 
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+class HfPeftModel:
+    """The base model with every task adapter loaded, on one device."""
+
+    def __init__(self, model_dir: str, tasks: dict[str, str], device: str, dtype: torch.dtype,
+                 encoder: PromptEncoder) -> None:
+        from peft import PeftModel
+
+        self.encoder = encoder
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        self.device = torch.device(device)
+        self.model: Any = base
+        for index, (name, path) in enumerate(sorted(tasks.items())):
+            if index == 0:
+                self.model = PeftModel.from_pretrained(base, path, adapter_name=name)
+            else:
+                self.model.load_adapter(path, adapter_name=name)
+        self.model.eval()
+        eos = base.generation_config.eos_token_id
+        self.eos_token_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        pad = encoder.tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else 0
+        self.tasks = dict(tasks)
+
     # ------------------------------------------------------------------ one batch
     @torch.inference_mode()
     def run(self, rows: list[BatchRow]) -> BatchTiming:
@@ -111,7 +124,7 @@ class HfPeftModel:
         input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=self.device)
         attention = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows],
                                  device=self.device)
-        budgets = [min(r.sampling.max_tokens, self.max_model_len - len(r.prompt_ids)) for r in rows]
+        budgets = [min(r.sampling.max_tokens, self.encoder.max_model_len - len(r.prompt_ids)) for r in rows]
         stops = _RowStops(rows, width, self, timing)
         params = rows[0].sampling
         options: dict[str, Any] = {"do_sample": False}
@@ -134,11 +147,8 @@ class HfPeftModel:
                 end = (len(tokens), "length" if budgets[index] == params.max_tokens else "context", False)
             row.token_ids = tokens[: end[0]]
             row.finish_reason = end[1]
-            row.text = stops.texts[index] if end[2] else self.decode(row.token_ids)
+            row.text = stops.texts[index] if end[2] else self.encoder.decode(row.token_ids)
         return timing
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
 class _RowStops(StoppingCriteria):
@@ -169,11 +179,11 @@ class _RowStops(StoppingCriteria):
                 reason = "stop"
             elif count >= params.max_tokens:
                 reason = "length"
-            elif len(row.prompt_ids) + count >= self.model.max_model_len:
+            elif len(row.prompt_ids) + count >= self.model.encoder.max_model_len:
                 reason = "context"
             cut = False
             if params.stop:
-                text = self.model.decode(input_ids[index, self.width :].tolist())
+                text = self.model.encoder.decode(input_ids[index, self.width :].tolist())
                 if not text.endswith("\ufffd"):  # a multi-byte character not complete yet
                     positions = [text.find(stop) for stop in params.stop if stop in text]
                     if positions:

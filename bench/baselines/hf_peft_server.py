@@ -18,7 +18,9 @@ the machine in the benchmarks, beside only the replay client, which does no arit
 
 Two threads: the front thread owns the socket (decodes, validates, tokenizes, queues,
 answers, enforces deadlines and cancels); the worker thread loads the model and runs
-batches, handing finished replies back through an inproc socket.
+batches, handing finished replies back through an inproc socket. Requests are accepted
+and queued while the model loads (health says "starting"), as `inlaid serve` does while
+its executor starts.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from inlaid.serve.frames import decode_client_frames
 from inlaid.serve.logs import setup_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_peft_batch import BatchRow, BatchTiming, HfPeftModel, sampling_key  # noqa: E402  (this folder is no package)
+from hf_peft_batch import BatchRow, BatchTiming, HfPeftModel, PromptEncoder, sampling_key  # noqa: E402  (this folder is no package)
 
 log = logging.getLogger("inlaid.baseline")
 SERVER_VERSION = "hf-peft-baseline"
@@ -88,6 +90,7 @@ class BaselineServer:
         if config.engine.quantized_dir:
             raise ConfigError("the transformers + PEFT baseline serves the float base only (no [model] quantized_dir)")
         self.config = config
+        self.encoder = PromptEncoder(config.engine.model_dir, config.engine.max_model_len)
         self.lock = threading.Condition()
         self.waiting: deque[Pending] = deque()
         self.requests: dict[tuple[bytes, str], Pending] = {}
@@ -146,11 +149,13 @@ class BaselineServer:
                 self._fail(pending, ErrorCode.SHUTTING_DOWN, "the server shut down before this request finished")
             self.stopping = True
             self.lock.notify_all()
+        worker.join(timeout=10.0)  # a running batch ends at its next token: every row is abandoned
         while results.poll(0):
             front.send_multipart(results.recv_multipart())
         front.close()
         results.close()
-        log.info("baseline stopped", extra={"finished": self.counters.finished, "failed": self.counters.failed})
+        log.info("baseline stopped", extra={"finished": self.counters.finished, "failed": self.counters.failed,
+                                            "worker_stopped": not worker.is_alive()})
         return 0
 
     def request_shutdown(self, *_: object) -> None:
@@ -182,10 +187,9 @@ class BaselineServer:
             if message.protocol_version != PROTOCOL_VERSION:
                 return self._send(identity, ErrorReply(request_id=request_id, code=ErrorCode.PROTOCOL_VERSION, message=(
                     f"server speaks protocol {PROTOCOL_VERSION}, client {message.protocol_version}")))
-            max_len = self.model.max_model_len if self.model else self.config.engine.max_model_len or 0
             return self._send(identity, HelloReply(request_id=request_id, protocol_version=PROTOCOL_VERSION,
-                                                   server_version=SERVER_VERSION,
-                                                   model=Path(self.config.engine.model_dir).name, max_model_len=max_len))
+                                                   server_version=SERVER_VERSION, model=Path(self.config.engine.model_dir).name,
+                                                   max_model_len=self.encoder.max_model_len))
         if isinstance(message, Health):
             ready = self.model is not None
             status = "shutting_down" if not self.accepting else ("ok" if ready else "starting")
@@ -213,8 +217,6 @@ class BaselineServer:
 
         if not self.accepting:
             return refuse(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
-        if self.model is None:
-            return refuse(ErrorCode.OVERLOADED, "the model is still loading; retry later")
         if (identity, request_id) in self.requests:
             return refuse(ErrorCode.INVALID_REQUEST, f"request id {request_id!r} is already in flight on this connection")
         if len(self.requests) >= self.config.limits.max_pending_requests:
@@ -228,12 +230,12 @@ class BaselineServer:
         try:
             message.sampling.validate()
             chat = None if message.messages is None else [{"role": m.role, "content": m.content} for m in message.messages]
-            prompt_ids = self.model.prompt_ids(message.prompt, chat, message.prompt_token_ids)
+            prompt_ids = self.encoder.prompt_ids(message.prompt, chat, message.prompt_token_ids)
         except ValueError as error:
             return refuse(ErrorCode.INVALID_REQUEST, str(error))
-        if len(prompt_ids) >= self.model.max_model_len:
+        if len(prompt_ids) >= self.encoder.max_model_len:
             return refuse(ErrorCode.CONTEXT_LENGTH, f"the prompt has {len(prompt_ids)} tokens; the context length is "
-                                                    f"{self.model.max_model_len} and at least one new token must fit")
+                                                    f"{self.encoder.max_model_len} and at least one new token must fit")
         pending = Pending(identity=identity, message=message, prompt_ids=prompt_ids)
         with self.lock:
             self.requests[pending.key] = pending
@@ -310,8 +312,7 @@ class BaselineServer:
         engine = self.config.engine
         try:
             model = HfPeftModel(engine.model_dir, self.config.tasks, engine.device,
-                                resolve_dtype(engine.dtype, torch.device(engine.device)),
-                                engine.max_model_len or 1 << 62)
+                                resolve_dtype(engine.dtype, torch.device(engine.device)), self.encoder)
         except Exception as error:  # a bad model or adapter directory: the front thread exits with 1
             self.load_error = f"{type(error).__name__}: {error}"
             return
@@ -404,12 +405,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_interop_threads(1)
     try:
         server = BaselineServer(config)
-    except ConfigError as error:
+    except (ConfigError, OSError, ValueError) as error:  # OSError: no tokenizer / config in the model dir
         print(f"hf_peft_server: {error}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, server.request_shutdown)
     signal.signal(signal.SIGINT, server.request_shutdown)
-    return server.run()
+    code = server.run()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: it would terminate the ZeroMQ context, which waits for the
+    # worker's socket if the worker is still inside a forward pass.
+    os._exit(code)
 
 
 if __name__ == "__main__":
