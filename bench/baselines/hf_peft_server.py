@@ -36,6 +36,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import msgspec
 import zmq
@@ -62,7 +63,6 @@ class Pending:
     message: Generate
     prompt_ids: list[int]
     received_at: float = field(default_factory=time.monotonic)
-    deadline_at: float | None = None
     scheduled_at: float | None = None
     running: bool = False
     answered: bool = False  # its one final reply is sent (or owed by the front thread): drop any later result
@@ -154,7 +154,8 @@ class BaselineServer:
             front.send_multipart(results.recv_multipart())
         front.close()
         results.close()
-        log.info("baseline stopped", extra={"finished": self.counters.finished, "failed": self.counters.failed,
+        log.info("baseline stopped", extra={"batches": self.counters.batches, "finished": self.counters.finished,
+                                            "failed": self.counters.failed,
                                             "worker_stopped": not worker.is_alive()})
         return 0
 
@@ -241,9 +242,8 @@ class BaselineServer:
             self.requests[pending.key] = pending
             self.waiting.append(pending)
             if message.deadline_s is not None:
-                pending.deadline_at = pending.received_at + message.deadline_s
-                self._sequence += 1
-                heapq.heappush(self.deadlines, (pending.deadline_at, self._sequence, pending.key))
+                self._sequence += 1  # ties in the heap never compare the keys
+                heapq.heappush(self.deadlines, (pending.received_at + message.deadline_s, self._sequence, pending.key))
             self.lock.notify_all()
 
     def _expire_deadlines(self) -> None:
@@ -266,8 +266,11 @@ class BaselineServer:
             self._send(pending.identity, message)
 
     def _fail(self, pending: Pending, code: str, text: str) -> None:
+        self._answer(pending, *self._failure(pending, code, text))
+
+    def _failure(self, pending: Pending, code: str, text: str) -> list[msgspec.Struct]:
         self.counters.failed += 1
-        self._answer(pending, ErrorReply(request_id=pending.message.request_id, code=code, message=text))
+        return [ErrorReply(request_id=pending.message.request_id, code=code, message=text)]
 
     def _done(self, pending: Pending, token_ids: list[int], text: str, reason: str,
               first_token_at: float | None = None) -> GenerateDone:
@@ -332,9 +335,15 @@ class BaselineServer:
                 timing = model.run(rows)
             except Exception as error:  # reported to the batch's requests; the server keeps serving
                 log.exception("batch failed", extra={"size": len(batch)})
-                self._finish_failed(batch, out, f"{type(error).__name__}: {error}")
+                reason = f"{type(error).__name__}: {error}"
+                self._settle(batch, out, lambda _, p: self._failure(p, ErrorCode.INTERNAL, reason))
                 continue
-            self._finish(batch, rows, timing, out)
+            with self.lock:
+                self.counters.batches += 1
+                self.counters.forward_passes += timing.forward_passes
+                self.counters.batch_seconds.append(time.monotonic() - timing.started)
+                self.counters.passes.append(timing.forward_passes)
+            self._settle(batch, out, lambda index, p: self._answers(p, rows[index], timing))
 
     def _next_batch(self) -> list[Pending] | None:
         """The requests waiting now that share the first one's way of sampling, up to the cap."""
@@ -351,42 +360,29 @@ class BaselineServer:
                 pending.running, pending.scheduled_at = True, now
             return batch
 
-    def _finish(self, batch: list[Pending], rows: list[BatchRow], timing: BatchTiming, out: zmq.Socket) -> None:
-        elapsed = time.monotonic() - timing.started
-        replies = []
+    def _answers(self, pending: Pending, row: BatchRow, timing: BatchTiming) -> list[msgspec.Struct]:
+        """A finished row's replies: the whole text as one chunk when streamed, then the result."""
+        self.counters.tokens += len(row.token_ids)
+        messages: list[msgspec.Struct] = []
+        if pending.message.stream and (row.text or row.token_ids):
+            messages.append(TextChunk(request_id=pending.message.request_id, text=row.text, token_ids=list(row.token_ids)))
+        messages.append(self._done(pending, row.token_ids, row.text, row.finish_reason, timing.first_token_at))
+        return messages
+
+    def _settle(self, batch: list[Pending], out: zmq.Socket,
+                replies_of: Callable[[int, Pending], list[msgspec.Struct]]) -> None:
+        """Send every request of a finished batch its replies, unless it was answered while it
+        ran (cancelled, past its deadline, shut down)."""
+        frames = []
         with self.lock:
-            counters = self.counters
-            counters.batches += 1
-            counters.forward_passes += timing.forward_passes
-            counters.batch_seconds.append(elapsed)
-            counters.passes.append(timing.forward_passes)
-            for pending, row in zip(batch, rows):
+            for index, pending in enumerate(batch):
                 if pending.answered:
-                    continue  # cancelled or failed while it ran
-                counters.tokens += len(row.token_ids)
-                messages: list[msgspec.Struct] = []
-                if pending.message.stream and (row.text or row.token_ids):
-                    messages.append(TextChunk(request_id=pending.message.request_id, text=row.text,
-                                              token_ids=list(row.token_ids)))
-                messages.append(self._done(pending, row.token_ids, row.text, row.finish_reason, timing.first_token_at))
+                    continue
                 pending.answered = True
                 self.requests.pop(pending.key, None)
-                replies.extend([pending.identity, self._encoder.encode(m)] for m in messages)
-        for frames in replies:
-            out.send_multipart(frames)
-
-    def _finish_failed(self, batch: list[Pending], out: zmq.Socket, reason: str) -> None:
-        replies = []
-        with self.lock:
-            for pending in batch:
-                if not pending.answered:
-                    pending.answered = True
-                    self.requests.pop(pending.key, None)
-                    self.counters.failed += 1
-                    replies.append([pending.identity, self._encoder.encode(ErrorReply(
-                        request_id=pending.message.request_id, code=ErrorCode.INTERNAL, message=reason))])
-        for frames in replies:
-            out.send_multipart(frames)
+                frames += [[pending.identity, self._encoder.encode(m)] for m in replies_of(index, pending)]
+        for frame in frames:
+            out.send_multipart(frame)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """Decode steps replayed from captured graphs (CUDA graphs), and their bookkeeping.
 
 A decode step (every chunk is one token) repeats the same kernels with the same shapes
-step after step; on a GPU its launch overhead is larger than its arithmetic at small
-batches. The runner therefore captures the model's forward once per *graph shape* and
+step after step; on a GPU, launching them one by one can cost more than their arithmetic
+at small batches. The runner therefore captures the model's forward once per *graph shape* and
 replays it:
 
     GraphShape(batch_size B, key_blocks KB)   B decode rows, each attending KB KV blocks
