@@ -142,9 +142,7 @@ class HfPeftModel:
         )
         generated = output[:, width:].tolist()
         for index, (row, tokens) in enumerate(zip(rows, generated)):
-            end = stops.ends[index]
-            if end is None:  # generate stopped at max_new_tokens first: the row's budget was the batch's
-                end = (len(tokens), "length" if budgets[index] == params.max_tokens else "context", False)
+            end = stops.ends[index] or (len(tokens), "length", False)  # _RowStops ends every row
             row.token_ids = tokens[: end[0]]
             row.finish_reason = end[1]
             row.text = stops.texts[index] if end[2] else self.encoder.decode(row.token_ids)
