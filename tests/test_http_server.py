@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
 import time
 import urllib.error
@@ -482,6 +484,32 @@ def _metrics_port(server) -> int:
     return int(tomllib.loads(server.config_path.read_text())["metrics"]["port"])
 
 
+def _front_pids(server) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                command = cmdline.read().split(b"\0")
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == server.pid and b"inlaid.http" in command:
+            pids.append(int(entry))
+    return pids
+
+
+def test_a_lost_front_is_restarted_on_the_same_socket(server, api):
+    """Killing the front loses no connection attempt: the server holds the listening
+    socket, so a request made meanwhile waits in its backlog for the new front."""
+    (first,) = _front_pids(server)
+    os.kill(first, signal.SIGKILL)
+    answer = api.completions.create(model="attn-r8", prompt="Hi", max_tokens=2, temperature=0)
+    assert answer.choices[0].text
+    (second,) = _front_pids(server)
+    assert second != first
+
+
 def test_health_and_sigterm_drain(server, api):
     """Last: SIGTERM. Health turns 503, new requests get 503 shutting_down, a long stream
     ends with OpenAI's error event, and the server (front included) exits 0."""
@@ -491,7 +519,7 @@ def test_health_and_sigterm_drain(server, api):
                                     extra_body={"ignore_eos": True}, stream=True)
     first = next(iter(stream))
     assert first.choices[0].text is not None
-    server.process.send_signal(15)
+    server.process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 10
     while (reply := _http(server, "GET", "/health"))[0] == 200:
         assert time.monotonic() < deadline
