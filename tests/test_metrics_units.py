@@ -5,13 +5,17 @@ cheaply), token and request counts, label bounding, the exposition format."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import time
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from inlaid.engine import Engine, EngineConfig
+from inlaid.http.front_metrics import HttpMetrics
 from inlaid.protocol import SampledToken, SamplingParams, StepResult
 from inlaid.serve.config import ConfigError, check_task_name
 from inlaid.serve.metrics import ServerMetrics
@@ -178,6 +182,26 @@ def test_exposition_follows_prometheus_conventions(harness):
     histograms = {f.name for f in families if f.type == "histogram"}
     sizes = {"inlaid_step_batch_size", "inlaid_step_tasks"}  # counts of things; every other one is a time
     assert sizes < histograms and all(name.endswith("_seconds") for name in histograms - sizes)
+
+
+def _series_names(exposition: str) -> set[str]:
+    names = set()
+    for family in text_string_to_metric_families(exposition):
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}.get(family.type, [""])
+        names.update(family.name + suffix for suffix in suffixes)
+    return names
+
+
+def test_the_grafana_dashboard_queries_only_series_that_exist(harness):
+    dashboard = json.loads((Path(__file__).resolve().parents[1] / "deploy" / "grafana-dashboard.json").read_text())
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    queries += [variable["query"] for variable in dashboard["templating"]["list"]]
+    used = set(re.findall(r"inlaid_[a-z_]+", " ".join(queries)))
+    front = HttpMetrics(app=lambda scope, receive, send: None)
+    exposed = _series_names(harness.metrics.exposition()) | _series_names(front.exposition())
+    assert used and used <= exposed, used - exposed
+    assert {"inlaid_requests_total", "inlaid_time_to_first_token_seconds_bucket", "inlaid_adapter_evictions_total",
+            "inlaid_kv_blocks_used", "inlaid_http_requests_total"} <= used
 
 
 def test_reserved_task_names_are_refused():

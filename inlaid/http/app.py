@@ -13,20 +13,20 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from inlaid.client import AsyncClient, GenerateResult, InlaidError, RequestTimeoutError
 from inlaid.http.errors import ApiError, bad_request, from_decode_error, from_inlaid
-from inlaid.http.front_metrics import CONTENT_TYPE, DISCONNECTED_SCOPE_KEY, HttpMetrics
+from inlaid.http.front_metrics import CLIENT_CLOSED_STATUS, CONTENT_TYPE, DISCONNECTED_SCOPE_KEY, HttpMetrics
 from inlaid.http.schema import (
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -105,7 +105,8 @@ def create_app(address: str, config: HttpConfig) -> HttpMetrics:
         Route("/health", _endpoint(front, _health), methods=["GET"]),
         Route("/metrics", _endpoint(front, _metrics), methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_exception})
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: _http_exception, Exception: _internal_error})
     metrics = HttpMetrics(app)
     app.state.http_metrics = metrics
     return metrics
@@ -119,20 +120,27 @@ def _endpoint(front: Front, handler: Any) -> Any:
             return _error_response(error)
         except InlaidError as error:
             return _error_response(from_inlaid(error))
+        except ClientDisconnect:  # gone while sending its body: nobody to answer
+            return Response(status_code=CLIENT_CLOSED_STATUS)
 
     return endpoint
 
 
-def _error_response(error: ApiError) -> Response:
-    return Response(error.body(), status_code=error.status, media_type=_JSON, headers=error.headers())
+def _error_response(error: ApiError, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(error.body(), status_code=error.status, media_type=_JSON,
+                    headers={**error.headers(), **(headers or {})})
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     error = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                      code="not_found" if exc.status_code == 404 else None)
-    return Response(error.body(), status_code=error.status, media_type=_JSON,
-                    headers={**error.headers(), **(exc.headers or {})})  # 405 names the allowed methods
+    return _error_response(error, exc.headers)  # a 405 names the allowed methods
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    # Starlette logs the traceback after this answer.
+    return _error_response(ApiError(500, "internal error in the HTTP front", code="internal"))
 
 
 async def _read_json(request: Request, kind: type[Any], max_bytes: int) -> Any:
@@ -280,7 +288,7 @@ async def _merged(streams: list[Any]) -> AsyncIterator[tuple[int, TextChunk | Ge
     """(prompt index, chunk) as they come from several SDK streams, then each one's result.
     Raises the first error a stream meets. Closing it stops reading; the caller closes the
     streams (which cancels those still running on the server)."""
-    queue: asyncio.Queue[tuple[int, TextChunk | GenerateResult | InlaidError]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, TextChunk | GenerateResult | Exception]] = asyncio.Queue()
 
     async def pump(index: int, stream: Any) -> None:
         try:
@@ -288,7 +296,7 @@ async def _merged(streams: list[Any]) -> AsyncIterator[tuple[int, TextChunk | Ge
                 async for chunk in stream:
                     queue.put_nowait((index, chunk))
             queue.put_nowait((index, stream.result))
-        except InlaidError as error:
+        except Exception as error:  # the reader must hear of every end, or it would wait forever
             queue.put_nowait((index, error))
 
     pumps = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
@@ -296,7 +304,7 @@ async def _merged(streams: list[Any]) -> AsyncIterator[tuple[int, TextChunk | Ge
         running = len(streams)
         while running:
             index, item = await queue.get()
-            if isinstance(item, InlaidError):
+            if isinstance(item, Exception):
                 raise item
             if not isinstance(item, TextChunk):
                 running -= 1
