@@ -142,7 +142,17 @@ def _summarize(measured: dict[str, Any]) -> dict[str, Any]:
     cpu = {mode: {role: statistics.mean(r["cpu_s"][role] for r in rs) for role in rs[0]["cpu_s"]}
            for mode, rs in by_mode.items()}
     requests = len(rounds[0]["latencies_s"])
+    # Load-robust bound: the fixed latency the front adds, as a share of the p50, plus the
+    # CPU the HTTP path (front and openai client) spends beyond the SDK path's, as a share of
+    # the executor's (what it could take from the executor when every core is busy).
+    extra_cpu = (cpu["http"]["front"] + cpu["http"]["clients"]) - (cpu["sdk"]["front"] + cpu["sdk"]["clients"])
+    fixed_share = 100 * (tiny["http"] - tiny["sdk"]) / median_round_p50["sdk"]
+    cpu_share = 100 * max(0.0, extra_cpu) / cpu["http"]["executor"]
     return {
+        "bound_percent": fixed_share + cpu_share,
+        "bound_fixed_latency_percent": fixed_share,
+        "bound_cpu_percent": cpu_share,
+        "paired_stdev_percent": statistics.stdev(paired) if len(paired) > 1 else 0.0,
         "cpu_s_per_round": cpu,
         # What HTTP requests cost the front beyond its idle timers (the SDK rounds' figure).
         "front_cpu_ms_per_request": 1e3 * (cpu["http"]["front"] - cpu["sdk"]["front"]) / requests,
@@ -231,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "http_overhead.json").write_text(json.dumps(report, indent=1))
     _plot(measured, summary, RESULTS / "http_overhead.png")
-    verdict = "within" if summary["overhead_percent_median_rounds"] <= TARGET_PERCENT else "OVER"
+    noisy = summary["paired_stdev_percent"] > TARGET_PERCENT
+    verdict = ("inconclusive: round-to-round noise is larger than the target" if noisy else
+               "within" if summary["overhead_percent_median_rounds"] <= TARGET_PERCENT else "OVER")
     lines = [
         "# HTTP front overhead (demo load, SmolLM2-135M fp32, CPU, executor threads 1)",
         "",
@@ -243,12 +255,13 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|",
         f"| p50 latency, median over rounds | {summary['median_round_p50_s']['sdk']:.3f} s | "
         f"{summary['median_round_p50_s']['http']:.3f} s | **{summary['overhead_percent_median_rounds']:+.2f}%** "
-        f"({verdict} the {TARGET_PERCENT:.0f}% target) |",
+        f"({verdict}{'' if noisy else f' the {TARGET_PERCENT:.0f}% target'}) |",
         f"| p50 latency, all requests pooled | {summary['pooled_p50_s']['sdk']:.3f} s | "
         f"{summary['pooled_p50_s']['http']:.3f} s | {summary['overhead_percent_pooled']:+.2f}% |",
         f"| paired rounds (HTTP vs the SDK round before it), median | | | "
         f"{summary['overhead_percent_paired_median']:+.2f}% (each: "
-        + ", ".join(f"{x:+.1f}%" for x in summary["overhead_percent_paired_rounds"]) + ") |",
+        + ", ".join(f"{x:+.1f}%" for x in summary["overhead_percent_paired_rounds"])
+        + f"; stdev {summary['paired_stdev_percent']:.1f}%) |",
         f"| one request alone, 1 token, p50 | {1e3 * summary['tiny_p50_s']['sdk']:.1f} ms | "
         f"{1e3 * summary['tiny_p50_s']['http']:.1f} ms | {summary['tiny_added_ms']:+.1f} ms |",
         "",
@@ -263,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         f"timers (the SDK rounds' front figure); all of the front's CPU was "
         f"{summary['front_cpu_percent_of_executor']:.2f}% of the executor's in the HTTP rounds. The openai client "
         f"itself took {summary['openai_client_cpu_ms_per_request']:.2f} ms of CPU per request more than the SDK.",
+        "",
+        f"**Load-robust bound: {summary['bound_percent']:.2f}%** of the p50 = the fixed latency the front adds "
+        f"({summary['bound_fixed_latency_percent']:.2f}%: one-token difference over the SDK's p50) + the extra CPU "
+        f"of the HTTP path, front and openai client, over the executor's CPU in the same rounds "
+        f"({summary['bound_cpu_percent']:.2f}%: what it could take from the executor when every core is busy).",
         "",
         f"Rounds whose answers differed from the first round's: {measured['text_mismatch_rounds']} "
         "(greedy: both paths do the same work).",

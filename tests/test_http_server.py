@@ -12,6 +12,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -508,6 +510,30 @@ def test_a_lost_front_is_restarted_on_the_same_socket(server, api):
     assert answer.choices[0].text
     (second,) = _front_pids(server)
     assert second != first
+
+
+def test_the_front_runs_alone_in_front_of_a_running_server(server):
+    port = free_tcp_port()
+    front = subprocess.Popen([sys.executable, "-m", "inlaid.cli", "http", "--address", server.address,
+                              "--port", str(port), "--log-format", "text"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                assert front.poll() is None and time.monotonic() < deadline, front.stdout.read().decode()
+                time.sleep(0.1)
+        alone = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
+        answer = alone.completions.create(model="mlp-r16", prompt=PROMPTS[0], max_tokens=4, temperature=0)
+        with server.client() as client:
+            assert answer.choices[0].text == client.generate(PROMPTS[0], task="mlp-r16", max_tokens=4).text
+    finally:
+        front.send_signal(signal.SIGTERM)
+        assert front.wait(30) == 0
 
 
 def test_health_and_sigterm_drain(server, api):

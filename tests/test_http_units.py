@@ -4,6 +4,8 @@ requests -> SDK arguments (OpenAI's defaults, what is refused and why), error bo
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import msgspec
 import pytest
@@ -145,6 +147,13 @@ def test_error_bodies():
     assert (busy.status, body(busy)["type"], busy.headers()) == (429, "rate_limit_error", {"Retry-After": "1"})
     assert from_inlaid(ContextLengthError("[context_length] long", "r")).code == "context_length_exceeded"
     assert from_inlaid(RequestTimeoutError("no answer")).status == 504
+
+
+def test_the_front_imports_no_torch_and_no_engine():
+    check = ("import sys, inlaid.http.app, inlaid.http.cli, inlaid.http.process; "
+             "heavy = [m for m in ('torch', 'transformers', 'tokenizers', 'inlaid.engine') if m in sys.modules]; "
+             "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", check], check=True)
 
 
 def test_route_labels_are_bounded():

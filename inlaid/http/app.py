@@ -1,10 +1,7 @@
-"""The OpenAI-compatible ASGI app: a thin layer over one `AsyncClient`.
+"""The OpenAI-compatible ASGI app: routes over one `AsyncClient` shared by every request.
 
 Every task is a model id; the base model's id is the name the server gives in its hello.
-Generation responses run as ASGI callables that also watch the connection: when the
-client goes away first, the work is cancelled, which cancels the request on the server
-(the SDK sends `Cancel` when the task awaiting it is cancelled or a stream is closed), so
-its KV blocks are freed at once.
+Generation endpoints decode and check the body, then hand over to `generation.py`.
 """
 
 from __future__ import annotations
@@ -22,18 +19,13 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
-from inlaid.client import AsyncClient, GenerateResult, InlaidError, RequestTimeoutError
+from inlaid.client import AsyncClient, InlaidError, RequestTimeoutError
 from inlaid.http.errors import ApiError, bad_request, from_decode_error, from_inlaid
-from inlaid.http.front_metrics import CLIENT_CLOSED_STATUS, CONTENT_TYPE, DISCONNECTED_SCOPE_KEY, HttpMetrics
+from inlaid.http.front_metrics import CLIENT_CLOSED_STATUS, CONTENT_TYPE, HttpMetrics
+from inlaid.http.generation import GenerationResponse
 from inlaid.http.schema import (
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatDelta,
-    Completion,
-    CompletionChoice,
     CompletionRequest,
     LoadLoraAdapterRequest,
     ModelCard,
@@ -41,24 +33,13 @@ from inlaid.http.schema import (
     UnloadLoraAdapterRequest,
 )
 from inlaid.http.settings import HttpConfig
-from inlaid.http.translate import (
-    GenerationCall,
-    chat_call,
-    chat_response,
-    completion_call,
-    completion_response,
-    finish_reason,
-    usage,
-)
-from inlaid.protocol import HelloReply, TextChunk
+from inlaid.http.translate import chat_call, completion_call
+from inlaid.protocol import HelloReply
 
 log = logging.getLogger("inlaid.http")
 
 _JSON = "application/json"
 _HEALTH_TIMEOUT_S = 2.0
-_SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-                (b"x-accel-buffering", b"no")]  # fmt: skip
-_DONE_EVENT = b"data: [DONE]\n\n"
 
 
 class Front:
@@ -160,179 +141,19 @@ async def _read_json(request: Request, kind: type[Any], max_bytes: int) -> Any:
         raise from_decode_error(error) from None
 
 
-# ---------------------------------------------------------------- generation
+# ---------------------------------------------------------------- endpoints
 
 
 async def _completions(front: Front, request: Request) -> Response:
     body = await _read_json(request, CompletionRequest, front.config.max_body_bytes)
     server = await front.server()
-    return GenerationResponse(front, completion_call(body, server.model), chat=False)
+    return GenerationResponse(front.client, completion_call(body, server.model), chat=False)
 
 
 async def _chat_completions(front: Front, request: Request) -> Response:
     body = await _read_json(request, ChatCompletionRequest, front.config.max_body_bytes)
     server = await front.server()
-    return GenerationResponse(front, chat_call(body, server.model, server.max_model_len), chat=True)
-
-
-class GenerationResponse(Response):
-    """Runs the generation while watching the connection; answers JSON or an SSE stream."""
-
-    def __init__(self, front: Front, call: GenerationCall, chat: bool) -> None:
-        self.front = front
-        self.call = call
-        self.chat = chat
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        work = asyncio.ensure_future(self._stream(send) if self.call.stream else self._answer(send))
-        gone = asyncio.ensure_future(_client_disconnect(receive))
-        try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not work.done():
-                scope[DISCONNECTED_SCOPE_KEY] = True
-                log.debug("client disconnected; cancelling its request", extra={"id": self.call.request_id})
-            work.cancel()
-            gone.cancel()
-            await asyncio.gather(work, gone, return_exceptions=True)
-        if not work.cancelled() and work.exception() is not None:
-            raise work.exception()  # type: ignore[misc]
-
-    def _generate_kwargs(self, prompt: dict[str, Any]) -> dict[str, Any]:
-        return {**prompt, **self.call.options, "task": self.call.task}
-
-    async def _answer(self, send: Send) -> None:
-        client = self.front.client
-        jobs = [asyncio.ensure_future(client.generate(**self._generate_kwargs(p))) for p in self.call.prompts]
-        try:
-            results: list[GenerateResult] = list(await asyncio.gather(*jobs))
-        except InlaidError as error:
-            for job in jobs:
-                job.cancel()  # the other prompts' requests are cancelled on the server
-            await _send_error(send, from_inlaid(error, self.call.model))
-            return
-        finally:
-            if any(not job.done() for job in jobs):  # this task was cancelled: the client went away
-                for job in jobs:
-                    job.cancel()
-        answer = chat_response(self.call, results[0]) if self.chat else completion_response(self.call, results)
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", _JSON.encode())]})
-        await send({"type": "http.response.body", "body": msgspec.json.encode(answer)})
-
-    async def _stream(self, send: Send) -> None:
-        client = self.front.client
-        streams = []
-        try:
-            try:
-                for prompt in self.call.prompts:
-                    streams.append(await client.stream(**self._generate_kwargs(prompt)))
-                events = _merged(streams)
-                # The first piece decides the status: a refused request gets its HTTP error.
-                first: tuple[int, TextChunk | GenerateResult] | None = await anext(events)
-            except InlaidError as error:
-                await _send_error(send, from_inlaid(error, self.call.model))
-                return
-            try:
-                await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-                await self._send_events(send, first, events)
-            finally:
-                await events.aclose()
-        finally:
-            for stream in streams:  # a no-op for finished streams; cancels the others on the server
-                await stream.aclose()
-
-    async def _send_events(self, send: Send, first: tuple[int, TextChunk | GenerateResult] | None,
-                           events: AsyncIterator[tuple[int, TextChunk | GenerateResult]]) -> None:
-        results: list[GenerateResult] = []
-        try:
-            if self.chat:  # OpenAI's first chat chunk names the role
-                await _send_event(send, self._chat_chunk(ChatDelta(role="assistant", content=""), None))
-            pending = first
-            while pending is not None:
-                index, item = pending
-                if isinstance(item, TextChunk):
-                    if item.text:
-                        await _send_event(send, self._text_event(index, item.text, None))
-                else:
-                    results.append(item)
-                    await _send_event(send, self._text_event(index, "", finish_reason(item.finish_reason)))
-                pending = await anext(events, None)
-        except InlaidError as error:  # failed mid-stream: OpenAI's error event ends the stream
-            await _send_event(send, msgspec.json.decode(from_inlaid(error, self.call.model).body()))
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return
-        if self.call.include_usage:
-            await _send_event(send, self._usage_event(results))
-        await send({"type": "http.response.body", "body": _DONE_EVENT, "more_body": False})
-
-    def _chat_chunk(self, delta: ChatDelta, reason: str | None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=f"chatcmpl-{self.call.request_id}", created=self.call.created,
-                                   model=self.call.model,
-                                   choices=[ChatChunkChoice(index=0, delta=delta, finish_reason=reason)])
-
-    def _text_event(self, index: int, text: str, reason: str | None) -> Any:
-        if self.chat:
-            return self._chat_chunk(ChatDelta(content=text) if text else ChatDelta(), reason)
-        return Completion(id=f"cmpl-{self.call.request_id}", created=self.call.created, model=self.call.model,
-                          choices=[CompletionChoice(index=index, text=text, finish_reason=reason)], usage=None)
-
-    def _usage_event(self, results: list[GenerateResult]) -> Any:
-        if self.chat:
-            return ChatCompletionChunk(id=f"chatcmpl-{self.call.request_id}", created=self.call.created,
-                                       model=self.call.model, choices=[], usage=usage(results))
-        return Completion(id=f"cmpl-{self.call.request_id}", created=self.call.created, model=self.call.model,
-                          choices=[], usage=usage(results))
-
-
-async def _merged(streams: list[Any]) -> AsyncIterator[tuple[int, TextChunk | GenerateResult]]:
-    """(prompt index, chunk) as they come from several SDK streams, then each one's result.
-    Raises the first error a stream meets. Closing it stops reading; the caller closes the
-    streams (which cancels those still running on the server)."""
-    queue: asyncio.Queue[tuple[int, TextChunk | GenerateResult | Exception]] = asyncio.Queue()
-
-    async def pump(index: int, stream: Any) -> None:
-        try:
-            async with stream:
-                async for chunk in stream:
-                    queue.put_nowait((index, chunk))
-            queue.put_nowait((index, stream.result))
-        except Exception as error:  # the reader must hear of every end, or it would wait forever
-            queue.put_nowait((index, error))
-
-    pumps = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
-    try:
-        running = len(streams)
-        while running:
-            index, item = await queue.get()
-            if isinstance(item, Exception):
-                raise item
-            if not isinstance(item, TextChunk):
-                running -= 1
-            yield index, item
-    finally:
-        for task in pumps:
-            task.cancel()
-        await asyncio.gather(*pumps, return_exceptions=True)
-
-
-async def _client_disconnect(receive: Receive) -> None:
-    """Returns when the client closes the connection (the body has been read already)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _send_event(send: Send, event: Any) -> None:
-    await send({"type": "http.response.body", "body": b"data: " + msgspec.json.encode(event) + b"\n\n",
-                "more_body": True})
-
-
-async def _send_error(send: Send, error: ApiError) -> None:
-    headers = [(b"content-type", _JSON.encode())] + [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": error.body()})
-
-
-# ---------------------------------------------------------------- models, admin, health, metrics
+    return GenerationResponse(front.client, chat_call(body, server.model, server.max_model_len), chat=True)
 
 
 async def _model_cards(front: Front) -> list[ModelCard]:

@@ -28,7 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
-from inlaid.engine.engine import Engine
+from inlaid.engine.engine import Engine, RequestOutput
 from inlaid.protocol import BatchPlan, StepResult
 from inlaid.serve.requests import ActiveRequest
 from inlaid.serve.supervisor import ExecutorSupervisor
@@ -123,7 +123,7 @@ class ServerMetrics:
     def on_rejected(self, task: str | None, code: str) -> None:
         self.requests.labels(self._label(task), code).inc()
 
-    def on_step(self, plan: BatchPlan, result: StepResult, outputs: list) -> None:  # outputs: list[RequestOutput]
+    def on_step(self, plan: BatchPlan, result: StepResult, outputs: list[RequestOutput]) -> None:
         """After `Engine.finish_step`, before the outputs are delivered (first tokens are
         recognised by the requests' `first_token_at` still being unset)."""
         supervisor = self._supervisor()
