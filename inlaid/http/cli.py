@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import socket
 import sys
 from typing import TYPE_CHECKING
@@ -94,6 +95,10 @@ async def serve(address: str, config: HttpConfig, listen_fd: int | None = None, 
         log_config=None, access_log=False, timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
     ))  # fmt: skip
     watcher = asyncio.get_running_loop().create_task(_watch_parent(server, parent_pid)) if parent_pid else None
+    # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again for the
+    # handler it found; the front has nothing left to do by then and exits 0.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: None)
     sockets = [socket.socket(fileno=listen_fd)] if listen_fd is not None else None
     log.info("http front starting", extra={"listen": f"{config.host}:{config.port}", "server": address,
                                            "pid": os.getpid()})
