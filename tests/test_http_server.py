@@ -159,7 +159,8 @@ def test_content_parts_developer_role_and_max_completion_tokens(api, server):
     as_parts = api.chat.completions.create(
         model="all-r32", temperature=0, max_completion_tokens=MAX_TOKENS,
         messages=[{"role": "developer", "content": "You answer briefly."},
-                  {"role": "user", "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": "3 + 4?"}]}],
+                  {"role": "user", "content": [{"type": "text", "text": "What is"},
+                                               {"type": "text", "text": "3 + 4?"}]}],
     )  # fmt: skip
     with server.client() as client:
         sdk = client.generate(task="all-r32", max_tokens=MAX_TOKENS, messages=[

@@ -53,9 +53,9 @@ class Harness:
     def step(self):
         plan = self.engine.begin_step()
         assert plan is not None
+        sampled = [SampledToken(seq_id=c.seq_id, token_id=ANY_TOKEN) for c in plan.chunks if c.sample]
         result = StepResult(step_id=plan.step_id, num_tokens=sum(len(c.token_ids) for c in plan.chunks),
-                            compute_seconds=0.01,
-                            sampled=[SampledToken(seq_id=c.seq_id, token_id=ANY_TOKEN) for c in plan.chunks if c.sample])
+                            compute_seconds=0.01, sampled=sampled)
         outputs = self.engine.finish_step(result)
         self.metrics.on_step(plan, result, outputs)
         now = time.monotonic()

@@ -17,7 +17,7 @@ class StreamOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     include_usage: bool = False
 
 
-class _GenerationRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class GenerationRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Fields /v1/completions and /v1/chat/completions share."""
 
     model: str
@@ -40,7 +40,7 @@ class _GenerationRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tru
     stop_token_ids: list[int] | None = None
 
 
-class CompletionRequest(_GenerationRequest):
+class CompletionRequest(GenerationRequest):
     # A text, token ids, or a list of texts / of token-id lists (one choice each).
     prompt: str | list[str | int | list[int]]
     suffix: str | None = None
@@ -63,7 +63,7 @@ class ChatMessageIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     annotations: list[Any] | None = None
 
 
-class ChatCompletionRequest(_GenerationRequest):
+class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessageIn]
     max_completion_tokens: int | None = None
     logprobs: bool | None = None

@@ -19,11 +19,12 @@ from inlaid.http.schema import (
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
+    ChatMessageIn,
     Completion,
     CompletionChoice,
     CompletionRequest,
     Usage,
-    _GenerationRequest,
+    GenerationRequest,
 )
 from inlaid.protocol import ChatMessage
 
@@ -75,7 +76,9 @@ def chat_call(request: ChatCompletionRequest, base_model: str, max_model_len: in
     return _call(request, [{"messages": messages}], max_tokens, base_model)
 
 
-def _call(request: _GenerationRequest, prompts: list[dict[str, Any]], max_tokens: int, base_model: str) -> GenerationCall:
+def _call(
+    request: GenerationRequest, prompts: list[dict[str, Any]], max_tokens: int, base_model: str
+) -> GenerationCall:
     _refuse_if(request.n not in (None, 1), "n", "n must be 1 (send several requests for several choices)")
     _refuse_if(request.presence_penalty not in (None, 0), "presence_penalty", "presence_penalty is not supported")
     _refuse_if(request.frequency_penalty not in (None, 0), "frequency_penalty", "frequency_penalty is not supported")
@@ -123,7 +126,7 @@ def _completion_prompts(prompt: str | list[Any]) -> list[dict[str, Any]]:
                       "prompt")
 
 
-def _chat_message(index: int, message: Any) -> ChatMessage:
+def _chat_message(index: int, message: ChatMessageIn) -> ChatMessage:
     where = f"messages[{index}]"
     role = _CHAT_ROLES.get(message.role)
     if role is None:
