@@ -4,6 +4,7 @@ requests -> SDK arguments (OpenAI's defaults, what is refused and why), error bo
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -154,6 +155,22 @@ def test_the_front_imports_no_torch_and_no_engine():
              "heavy = [m for m in ('torch', 'transformers', 'tokenizers', 'inlaid.engine') if m in sys.modules]; "
              "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", check], check=True)
+
+
+def test_a_port_in_use_fails_the_start_with_its_reason(model_dir, tmp_path):
+    from inlaid.serve.launcher import ServerProcess
+
+    for section in ("http", "metrics"):
+        (tmp_path / section).mkdir()
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            server = ServerProcess({"model": {"dir": str(model_dir)}, "server": {"log_format": "text"},
+                                    section: {"port": port}}, workdir=tmp_path / section)
+            assert server.process.wait(120) == 2
+            assert "cannot listen" in server.logs() and "Address already in use" in server.logs()
+            server.terminate()
 
 
 def test_route_labels_are_bounded():

@@ -48,6 +48,12 @@ def serve(config) -> int:  # type: ignore[no-untyped-def]
             log.critical("cannot start", extra={"error": str(error)})
             return 2
         metrics_server = front = None
+
+        def close_metrics_port() -> None:
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
+
         try:
             # Bound before serving, so that a port in use fails the start with its reason.
             if config.metrics is not None:
@@ -62,9 +68,7 @@ def serve(config) -> int:  # type: ignore[no-untyped-def]
                 front.bind()
         except OSError as error:
             log.critical("cannot listen", extra={"error": str(error)})
-            if metrics_server is not None:
-                metrics_server.shutdown()
-                metrics_server.server_close()
+            close_metrics_port()
             return 2
         if front is not None:
             front.start()
@@ -73,9 +77,7 @@ def serve(config) -> int:  # type: ignore[no-untyped-def]
         finally:  # after the drain: the front's in-flight responses have their answers
             if front is not None:
                 await front.stop()
-            if metrics_server is not None:
-                metrics_server.shutdown()
-                metrics_server.server_close()
+            close_metrics_port()
 
     try:
         import uvloop
