@@ -79,6 +79,7 @@ def test_openai_defaults_and_sampling_options():
     assert chat_call(_chat(max_tokens=9), BASE, 2048).options["max_tokens"] == 9
     assert chat_call(_chat(max_tokens=9, max_completion_tokens=4), BASE, 2048).options["max_tokens"] == 4
     assert completion_call(_completion(max_tokens=0), BASE).options["max_tokens"] == 0  # the server refuses it
+    assert completion_call(_completion(top_k=-1), BASE).options["top_k"] == 0  # vLLM's "off"
 
 
 def test_prompt_forms_and_chat_messages():
@@ -136,6 +137,8 @@ def test_error_bodies():
                                  "supplied: bogus", "bogus"),
                                 (b'{"model": "m", "prompt": "x", "max_tokens": "x"}', "Expected", "max_tokens"),
                                 (b'{"prompt": "x"}', "missing required field `model`", None),
+                                (b'{"model": "m", "prompt": "x", "stream_options": {"x": 1}}', "argument supplied: "
+                                 "stream_options.x", "stream_options.x"),
                                 (b"{oops", "not valid JSON", None)]:
         with pytest.raises(msgspec.MsgspecError) as caught:
             msgspec.json.decode(raw, type=CompletionRequest)

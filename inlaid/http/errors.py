@@ -84,8 +84,10 @@ def from_decode_error(error: msgspec.MsgspecError) -> ApiError:
     text = str(error)
     if isinstance(error, msgspec.DecodeError) and not isinstance(error, msgspec.ValidationError):
         return bad_request(f"The request body is not valid JSON: {text}")
+    found = _MSGSPEC_PATH.search(text)
+    path = found.group(1) if found and found.group(1) else None
     unknown = _UNKNOWN_FIELD.match(text)
     if unknown:
-        return bad_request(f"Unrecognized request argument supplied: {unknown.group(1)}", param=unknown.group(1))
-    path = _MSGSPEC_PATH.search(text)
-    return bad_request(text, param=path.group(1) if path and path.group(1) else None)
+        name = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+        return bad_request(f"Unrecognized request argument supplied: {name}", param=name)
+    return bad_request(text, param=path)

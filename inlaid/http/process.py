@@ -58,10 +58,6 @@ class HttpFrontProcess:
         assert self._socket is not None, "bind() first"
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
 
-    @property
-    def pid(self) -> int:
-        return self._process.pid if self._process is not None and self._process.returncode is None else 0
-
     async def _supervise(self) -> None:
         failures = 0
         while not self._stopping:
@@ -73,9 +69,9 @@ class HttpFrontProcess:
                 return
             failures = 0 if time.monotonic() - started > _STABLE_AFTER_S else failures + 1
             delay = _RESTART_BACKOFF_S[min(failures, len(_RESTART_BACKOFF_S)) - 1] if failures else 0.0
-            log.error("http front exited; restarting it", extra={"pid": self._process.pid, "returncode": code,
-                                                                 "delay_s": delay})
             self.restarts += 1
+            log.error("http front exited; restarting it", extra={"pid": self._process.pid, "returncode": code,
+                                                                 "delay_s": delay, "restarts": self.restarts})
             await asyncio.sleep(delay)
 
     async def _spawn(self) -> None:

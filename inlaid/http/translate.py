@@ -90,7 +90,7 @@ def _call(
         "max_tokens": max_tokens,
         "temperature": 1.0 if request.temperature is None else request.temperature,  # OpenAI's default
         "top_p": 1.0 if request.top_p is None else request.top_p,
-        "top_k": request.top_k or 0,
+        "top_k": 0 if request.top_k in (None, -1) else request.top_k,  # vLLM's -1 and Inlaid's 0: off
         "seed": request.seed,
         "stop": stop,
         "stop_token_ids": list(request.stop_token_ids or []),
