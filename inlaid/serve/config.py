@@ -19,6 +19,12 @@ max_pending_requests = 1024
 
 [tasks]
 sentiment = "/srv/inlaid/adapters/sentiment"
+
+[http]                    # optional: the OpenAI-compatible front (docs/http.md), /metrics included
+port = 8000
+
+[metrics]                 # optional: /metrics on a port of its own (e.g. when there is no [http])
+port = 9464
 ```
 
 Relative paths are resolved against the file's directory.
@@ -34,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from inlaid.engine.config import EngineConfig
+from inlaid.http.settings import HttpConfig, check_listen_address
 from inlaid.protocol import DEFAULT_MAX_FRAME_BYTES
 
 
@@ -51,6 +58,14 @@ class ServerLimits:
 
 
 @dataclass
+class MetricsConfig:
+    """Prometheus metrics served by the coordinator itself on host:port (path /metrics)."""
+
+    port: int
+    host: str = "127.0.0.1"
+
+
+@dataclass
 class ServerConfig:
     engine: EngineConfig
     address: str = "tcp://127.0.0.1:5555"
@@ -64,6 +79,8 @@ class ServerConfig:
     allow_public_bind: bool = False
     # "fifo", or "package.module:factory" returning a SchedulingPolicy (called with no arguments)
     policy: str = "fifo"
+    http: HttpConfig | None = None  # the OpenAI-compatible front, started with the server
+    metrics: MetricsConfig | None = None
 
     def validate(self) -> None:
         self.engine.validate()
@@ -89,6 +106,12 @@ class ServerConfig:
             check_task_name(name)
         if self.policy != "fifo" and ":" not in self.policy:
             raise ConfigError(f"server.policy must be 'fifo' or 'package.module:factory', got {self.policy!r}")
+        if self.http is not None:
+            self.http.validate(self.allow_public_bind)
+        if self.metrics is not None:
+            check_listen_address("metrics", self.metrics.host, self.metrics.port, self.allow_public_bind)
+            if self.http is not None and (self.metrics.host, self.metrics.port) == (self.http.host, self.http.port):
+                raise ConfigError("[metrics] and [http] cannot share a port (the front serves /metrics itself)")
 
 
 def load_policy(spec: str) -> Any:
@@ -109,6 +132,9 @@ def load_policy(spec: str) -> Any:
 def check_task_name(name: str) -> None:
     if not name or len(name) > 128 or not all(c.isalnum() or c in "-_." for c in name):
         raise ConfigError(f"task name {name!r}: use 1-128 letters, digits, '-', '_' or '.'")
+    if name.startswith("__") and name.endswith("__"):
+        # The metrics label the base model and unknown tasks `__base__` and `__unknown__`.
+        raise ConfigError(f"task name {name!r}: names of the form '__name__' are reserved")
 
 
 _ENGINE_FIELDS = {f.name for f in fields(EngineConfig)} - {"model_dir", "quantized_dir"}
@@ -139,7 +165,7 @@ def load_config(path: str | Path) -> ServerConfig:
 
 def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> ServerConfig:
     base_dir = base_dir or Path.cwd()
-    unknown_sections = set(raw) - {"model", "executor", "server", "tasks"}
+    unknown_sections = set(raw) - {"model", "executor", "server", "tasks", "http", "metrics"}
     if unknown_sections:
         raise ConfigError(f"unknown config sections: {sorted(unknown_sections)}")
     model = _section(raw, "model")
@@ -149,6 +175,14 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Serve
     _reject_unknown("model", model, {"dir", "quantized_dir"})
     _reject_unknown("executor", executor, _ENGINE_FIELDS)
     _reject_unknown("server", server, _SERVER_KEYS)
+    http = _section(raw, "http") if "http" in raw else None
+    metrics = _section(raw, "metrics") if "metrics" in raw else None
+    if http is not None:
+        _reject_unknown("http", http, {f.name for f in fields(HttpConfig)})
+    if metrics is not None:
+        _reject_unknown("metrics", metrics, {f.name for f in fields(MetricsConfig)})
+        if "port" not in metrics:
+            raise ConfigError("[metrics] needs a port")
 
     if "dir" not in model:
         from inlaid.models.prepare import default_model_dir
@@ -182,6 +216,8 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Serve
         log_format=str(server.get("log_format", "json")),
         allow_public_bind=bool(server.get("allow_public_bind", False)),
         policy=str(server.get("policy", "fifo")),
+        http=HttpConfig(**http) if http is not None else None,
+        metrics=MetricsConfig(**metrics) if metrics is not None else None,
     )
     try:
         config.validate()

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,9 @@ def to_toml(config: dict[str, dict[str, Any]]) -> str:
 
 class ServerProcess:
     """A running `inlaid serve` (or `command`, given the same `--config FILE`: another server
-    speaking the protocol, such as bench/baselines/hf_peft_server.py); logs go to `log_path`."""
+    speaking the protocol, such as bench/baselines/hf_peft_server.py); logs go to `log_path`.
+    A config with an `[http]` section gets a free port for the front unless it names one
+    (`http_url` is its base URL)."""
 
     def __init__(self, config: dict[str, dict[str, Any]], workdir: str | Path | None = None,
                  command: list[str] | None = None) -> None:
@@ -53,6 +57,11 @@ class ServerProcess:
         server = dict(config.get("server", {}))
         server.setdefault("address", f"tcp://127.0.0.1:{free_tcp_port()}")
         config = {**config, "server": server}
+        self.http_url: str | None = None
+        if "http" in config:
+            http = {"port": free_tcp_port(), **config["http"]}
+            config["http"] = http
+            self.http_url = f"http://{http.get('host', '127.0.0.1')}:{http['port']}"
         self.address: str = server["address"]
         self.admin_token: str | None = server.get("admin_token")
         self.config_path = self.workdir / "server.toml"
@@ -82,10 +91,20 @@ class ServerProcess:
                     raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.logs()[-4000:]}")
                 try:
                     client.wait_ready(timeout_s=min(2.0, max(0.1, deadline - time.monotonic())))
-                    return
+                    if self.http_url is None or self._http_ready():
+                        return
+                    time.sleep(0.1)
                 except TimeoutError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"the server was not ready in {timeout_s:.0f} s:\n{self.logs()[-4000:]}")
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the server was not ready in {timeout_s:.0f} s:\n{self.logs()[-4000:]}")
+
+    def _http_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/health", timeout=2.0) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
 
     def logs(self) -> str:
         if not self._log.closed:
