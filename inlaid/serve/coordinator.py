@@ -36,6 +36,7 @@ from inlaid.protocol import (
     AddTask,
     BatchPlan,
     Cancel,
+    ClientRequest,
     ErrorCode,
     ErrorReply,
     Generate,
@@ -44,7 +45,6 @@ from inlaid.protocol import (
     HealthReply,
     Hello,
     HelloReply,
-    ClientRequest,
     ListTasks,
     RemoveTask,
     TextChunk,
@@ -97,7 +97,7 @@ class Coordinator:
         self.task_calls = TaskCalls(self.registry, self._send)
         self._tempdir: str | None = None
         self.supervisor: ExecutorSupervisor | None = None
-        self.steps: StepLoop | None = None
+        self.step_loop: StepLoop | None = None
         self.started_at = time.monotonic()
         self.exit_code = 0
         self.counters = {"received": 0, "finished": 0, "failed": 0, "overloaded": 0, "abandoned": 0, "steps": 0,
@@ -124,8 +124,8 @@ class Coordinator:
             start_timeout_s=self.limits.executor_start_timeout_s, step_timeout_s=self.limits.step_timeout_s,
             log_level=self.config.log_level, log_format=self.config.log_format,
         )  # fmt: skip
-        self.steps = StepLoop(self.engine, self.supervisor, on_plan=self._on_plan, deliver=self._deliver,
-                              fail_running=self._fail_running, counters=self.counters)
+        self.step_loop = StepLoop(self.engine, self.supervisor, on_plan=self._on_plan, deliver=self._deliver,
+                                  fail_running=self._fail_running, counters=self.counters)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_shutdown, signum)
         await self.supervisor.start()
@@ -133,7 +133,7 @@ class Coordinator:
                                                  "tasks": sorted(self.registry.tasks)})
         front_task = loop.create_task(self._front_loop())
         clients_task = loop.create_task(self._clients.run())
-        step_task = loop.create_task(self.steps.run())
+        step_task = loop.create_task(self.step_loop.run())
         await self._shutdown.wait()
         await self._drain()
         # Stop the executor before the step loop: a step still running now is past the grace
@@ -272,7 +272,7 @@ class Coordinator:
         elif isinstance(message, Health):
             self._on_health(identity, message)
         elif isinstance(message, GetStats):
-            gaps = list(self.steps.step_gaps) if self.steps else []
+            gaps = list(self.step_loop.step_gaps) if self.step_loop else []
             self._send(identity, server_stats(message.request_id, self.engine, self.supervisor, self.counters, gaps))
         elif isinstance(message, ListTasks):
             self.task_calls.list_tasks(identity, message)
@@ -343,8 +343,8 @@ class Coordinator:
         self._forget(request)
 
     def _wake(self) -> None:
-        if self.steps is not None:
-            self.steps.work.set()
+        if self.step_loop is not None:
+            self.step_loop.work.set()
 
     def _on_client_gone(self, identity: bytes) -> None:
         """The client's connection closed: nobody can read its answers; stop computing them."""

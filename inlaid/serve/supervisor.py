@@ -185,6 +185,7 @@ class ExecutorSupervisor:
     async def _spawn(self) -> None:
         self.generation += 1
         self.hello = None
+        self.stats = None  # a dead executor's figures are not this one's
         self.ready.clear()
         command = [
             sys.executable, "-m", "inlaid.serve.executor",
@@ -301,6 +302,8 @@ class ExecutorSupervisor:
         """Run one plan on the executor. Raises ExecutorLostError (then `ready` is clear and
         the running requests have been failed) or ExecutorStepError (the plan raised)."""
         if not self.ready.is_set():
+            # The plan was made for an executor that is gone: its requests cannot run on it.
+            self.on_lost("no executor is ready")
             raise ExecutorLostError("no executor is ready")
         generation = self.generation
         future: asyncio.Future[tuple[StepResult, float]] = asyncio.get_running_loop().create_future()
