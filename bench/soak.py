@@ -18,7 +18,7 @@ values). Every `--fault-every` requests on average, one fault is injected:
     client_vanishes     a raw client starts a long stream and closes its socket
     tiny_temperature    three requests at temperature 1e-300 (must be served)
 
-and every executor closes its socket after its 300th plan, then lingers 2 s before it
+and every 4th executor closes its socket after its 30th plan, then lingers 2 s before it
 exits (the executor's own exit path after repeated failures; `INLAID_EXECUTOR_FAULT`).
 
 Reported: requests lost (no final answer: must be 0), outcomes by kind, p50/p99 latency of
@@ -65,7 +65,10 @@ PROMPTS = [
 FAULTS = ["executor_sigkill", "executor_hang", "garbage", "bad_adapter", "adapter_breaks", "client_vanishes",
           "tiny_temperature"]
 ANSWER_TIMEOUT_S = 300.0  # no final answer within this (per message) = lost
-CLOSE_SOCKET_AFTER_PLAN = 300
+# Every 4th executor (generations 2, 6, 10, ...) closes its socket after its 30th plan and
+# lingers 2 s before it exits (INLAID_EXECUTOR_FAULT).
+CLOSE_SOCKET_AFTER_PLAN = 30
+CLOSING_GENERATIONS = list(range(2, 4000, 4))
 
 
 @dataclass
@@ -113,7 +116,10 @@ def _request(rng: random.Random) -> tuple[dict, bool]:
     if rng.random() < 0.05:
         kwargs["deadline_s"] = rng.uniform(0.05, 2.0)
     if rng.random() < 0.03:  # refused up front
-        kwargs[rng.choice(["temperature", "top_p", "max_tokens"])] = rng.choice([float("nan"), -1, 0, float("inf")])
+        field, values = rng.choice([("temperature", [float("nan"), -1.0, float("inf")]),
+                                    ("top_p", [float("nan"), 0.0, 1.5, float("inf")]),
+                                    ("top_k", [-1]), ("max_tokens", [0, -5]), ("task", ["no-such-task"])])
+        kwargs[field] = rng.choice(values)
         return kwargs, False
     return kwargs, True
 
@@ -140,7 +146,7 @@ async def _one(soak: Soak, client: AsyncClient, kwargs: dict, must_accept: bool,
     except RequestTimeoutError:
         outcome = Outcome(kind, "lost", time.monotonic() - started, True)
     except InlaidError as error:
-        refused = error.code in ("invalid_request", "overloaded", "unknown_task", "context_length")
+        refused = error.code in ("invalid_request", "malformed", "overloaded", "unknown_task", "context_length")
         outcome = Outcome(kind, f"error:{error.code}", time.monotonic() - started, not refused)
     except Exception as error:  # noqa: BLE001 - a driver bug must show in the report, not end the soak
         outcome = Outcome(kind, f"driver error: {type(error).__name__}: {error}", time.monotonic() - started, False)
@@ -264,9 +270,12 @@ def _corrupt_copy(root: Path, rng: random.Random) -> tuple[str, Path]:
 
 
 async def _fault_loop(soak: Soak, client: AsyncClient, admin: AsyncClient, faults: asyncio.Queue) -> None:
+    bag: list[str] = []  # every kind once per round, in a random order: even coverage in short runs
     while True:
         await faults.get()
-        kind = soak.rng.choice(FAULTS)
+        if not bag:
+            bag = soak.rng.sample(FAULTS, len(FAULTS))
+        kind = bag.pop()
         at = soak.now()
         try:
             note = await _inject(soak, client, admin, kind)
@@ -393,7 +402,7 @@ def _plot(soak: Soak, path: Path) -> None:
         coordinator.plot([], [], color=colours[kind], label=kind)
     coordinator.legend(fontsize=7, ncol=4, loc="lower right", title="faults injected", title_fontsize=7)
     coordinator.set_title(f"soak: {len(soak.outcomes)} requests, {len(soak.faults)} faults injected "
-                          f"(+ an executor socket closed after every {CLOSE_SOCKET_AFTER_PLAN} plans)")
+                          f"(+ every 4th executor closes its socket after {CLOSE_SOCKET_AFTER_PLAN} plans)")
     progress.plot(t, [s["completed"] for s in soak.samples], color="black", label="workload requests answered")
     progress.set_ylabel("requests answered")
     progress.set_xlabel("minutes")
@@ -459,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     load_before = os.getloadavg()
     started = time.monotonic()
-    os.environ[FAULT_ENV] = json.dumps({"close_socket_after_plan": CLOSE_SOCKET_AFTER_PLAN, "exit_delay_s": 2.0})
+    os.environ[FAULT_ENV] = json.dumps({"close_socket_after_plan": CLOSE_SOCKET_AFTER_PLAN, "exit_delay_s": 2.0,
+                                        "generations": CLOSING_GENERATIONS})
     (workdir / "server").mkdir()
     server = ServerProcess(config, workdir=workdir / "server")
     del os.environ[FAULT_ENV]

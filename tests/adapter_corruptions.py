@@ -30,6 +30,10 @@ def first_tensor(tensors: dict, half: str = "A") -> str:
     return next(k for k in sorted(tensors) if f"lora_{half}" in k)
 
 
+def _set_value(adapter: Path, half: str, index: int, value: float) -> None:
+    rewrite_tensors(adapter, lambda t: t[first_tensor(t, half)].view(-1).__setitem__(index, value))
+
+
 def _raw_header(adapter: Path) -> tuple[dict, bytes]:
     data = (adapter / "adapter_model.safetensors").read_bytes()
     (size,) = struct.unpack("<Q", data[:8])
@@ -71,12 +75,10 @@ CORRUPTIONS = {
     "overlapping tensors": (lambda a: _shift_first_offset(a, 4), "bytes"),
     "zeros instead of data": (lambda a: (a / "adapter_model.safetensors").write_bytes(b"\0" * 64), "header"),
     # values
-    "NaN weights": (lambda a: rewrite_tensors(a, lambda t: t[first_tensor(t)].view(-1).__setitem__(3, math.nan)), "NaN"),
-    "infinite weights": (lambda a: rewrite_tensors(a, lambda t: t[first_tensor(t, "B")].view(-1).__setitem__(0, -math.inf)),
-                         "NaN or infinite"),
-    "weights beyond float16's range": (lambda a: rewrite_tensors(a, lambda t: t[first_tensor(t)].view(-1).__setitem__(0, 1e6)),
-                                       "magnitude"),
-    "integer weights": (lambda a: rewrite_tensors(a, lambda t: t.__setitem__(first_tensor(t), t[first_tensor(t)].to(torch.int32))),
+    "NaN weights": (lambda a: _set_value(a, "A", 3, math.nan), "NaN"),
+    "infinite weights": (lambda a: _set_value(a, "B", 0, -math.inf), "NaN or infinite"),
+    "weights beyond float16's range": (lambda a: _set_value(a, "A", 0, 1e6), "magnitude"),
+    "integer weights": (lambda a: rewrite_tensors(a, lambda t: t.update({first_tensor(t): t[first_tensor(t)].int()})),
                         "dtype"),
     # names and shapes
     "wrongly shaped (another base model)": (lambda a: rewrite_tensors(a, lambda t: t.__setitem__(

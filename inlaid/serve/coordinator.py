@@ -134,6 +134,8 @@ class Coordinator:
         front_task = loop.create_task(self._front_loop())
         clients_task = loop.create_task(self._clients.run())
         step_task = loop.create_task(self.step_loop.run())
+        for task in (front_task, clients_task, step_task):
+            task.add_done_callback(self._on_loop_ended)
         await self._shutdown.wait()
         await self._drain()
         # Stop the executor before the step loop: a step still running now is past the grace
@@ -170,6 +172,12 @@ class Coordinator:
             await asyncio.sleep(0.05)
         for request in list(self.requests.values()):
             self._fail(request, ErrorCode.SHUTTING_DOWN, "the server shut down before this request finished")
+
+    def _on_loop_ended(self, task: asyncio.Task[None]) -> None:
+        # The loops only end when cancelled at shutdown; anything else would leave a server
+        # that answers nothing, so exit (1) and let the service manager start a fresh one.
+        if not task.cancelled() and not self._shutdown.is_set():
+            self._on_fatal(f"a coordinator loop ended: {task.exception()!r}")
 
     def _on_fatal(self, reason: str) -> None:
         log.critical("cannot serve; exiting", extra={"reason": reason})

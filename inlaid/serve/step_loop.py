@@ -62,7 +62,12 @@ class StepLoop:
                 last_result_at = None
                 await self.supervisor.ready.wait()
                 continue
-            plan = self.engine.begin_step()
+            try:
+                plan = self.engine.begin_step()
+            except Exception:  # a planning bug: fail what runs, never stop stepping
+                log.exception("internal error planning a step")
+                await self._after_internal_error()
+                continue
             if plan is None:
                 last_result_at = None
                 self.work.clear()

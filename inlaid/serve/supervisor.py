@@ -283,7 +283,8 @@ class ExecutorSupervisor:
                 if self._lost_generation == self.generation:
                     continue  # said just before it was lost (killed, disconnected): never ready
                 if message.protocol_version != PROTOCOL_VERSION:
-                    self.on_fatal(f"executor speaks protocol {message.protocol_version}, coordinator {PROTOCOL_VERSION}")
+                    self.on_fatal(f"executor speaks protocol {message.protocol_version}, "
+                                  f"coordinator {PROTOCOL_VERSION}")
                     continue
                 self.hello = message
                 self._start_failures = 0
