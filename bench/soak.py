@@ -18,7 +18,7 @@ values). Every `--fault-every` requests on average, one fault is injected:
     client_vanishes     a raw client starts a long stream and closes its socket
     tiny_temperature    three requests at temperature 1e-300 (must be served)
 
-and every 4th executor closes its socket after its 30th plan, then lingers 2 s before it
+and every 3rd executor closes its socket after its 10th plan, then lingers 2 s before it
 exits (the executor's own exit path after repeated failures; `INLAID_EXECUTOR_FAULT`).
 
 Reported: requests lost (no final answer: must be 0), outcomes by kind, p50/p99 latency of
@@ -65,10 +65,10 @@ PROMPTS = [
 FAULTS = ["executor_sigkill", "executor_hang", "garbage", "bad_adapter", "adapter_breaks", "client_vanishes",
           "tiny_temperature"]
 ANSWER_TIMEOUT_S = 300.0  # no final answer within this (per message) = lost
-# Every 4th executor (generations 2, 6, 10, ...) closes its socket after its 30th plan and
+# Every 3rd executor (generations 2, 5, 8, ...) closes its socket after its 10th plan and
 # lingers 2 s before it exits (INLAID_EXECUTOR_FAULT).
-CLOSE_SOCKET_AFTER_PLAN = 30
-CLOSING_GENERATIONS = list(range(2, 4000, 4))
+CLOSE_SOCKET_AFTER_PLAN = 10
+CLOSING_GENERATIONS = list(range(2, 4000, 3))
 
 
 @dataclass
@@ -402,7 +402,7 @@ def _plot(soak: Soak, path: Path) -> None:
         coordinator.plot([], [], color=colours[kind], label=kind)
     coordinator.legend(fontsize=7, ncol=4, loc="lower right", title="faults injected", title_fontsize=7)
     coordinator.set_title(f"soak: {len(soak.outcomes)} requests, {len(soak.faults)} faults injected "
-                          f"(+ every 4th executor closes its socket after {CLOSE_SOCKET_AFTER_PLAN} plans)")
+                          f"(+ every 3rd executor closes its socket after {CLOSE_SOCKET_AFTER_PLAN} plans)")
     progress.plot(t, [s["completed"] for s in soak.samples], color="black", label="workload requests answered")
     progress.set_ylabel("requests answered")
     progress.set_xlabel("minutes")
