@@ -43,9 +43,11 @@ def to_toml(config: dict[str, dict[str, Any]]) -> str:
 
 
 class ServerProcess:
-    """A running `inlaid serve`; logs go to `log_path`."""
+    """A running `inlaid serve` (or `command`, given the same `--config FILE`: another server
+    speaking the protocol, such as bench/baselines/hf_peft_server.py); logs go to `log_path`."""
 
-    def __init__(self, config: dict[str, dict[str, Any]], workdir: str | Path | None = None) -> None:
+    def __init__(self, config: dict[str, dict[str, Any]], workdir: str | Path | None = None,
+                 command: list[str] | None = None) -> None:
         self._owns_workdir = workdir is None  # removed after a clean exit; kept for post-mortems
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="inlaid-server-"))
         server = dict(config.get("server", {}))
@@ -58,7 +60,7 @@ class ServerProcess:
         self.log_path = self.workdir / "server.log"
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "inlaid.cli", "serve", "--config", str(self.config_path)],
+            [*(command or [sys.executable, "-m", "inlaid.cli", "serve"]), "--config", str(self.config_path)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
