@@ -22,6 +22,7 @@ from inlaid.engine.config import EngineConfig
 from inlaid.protocol import BatchPlan, ChunkPlan, GenerateDone, SamplingParams
 from inlaid.serve.executor import FAULT_ENV
 from inlaid.serve.launcher import ServerProcess
+from inlaid.serve.peers import PeerWatch
 from inlaid.serve.supervisor import ExecutorLostError, ExecutorSupervisor
 from serving_helpers import (
     HEALTH_BOUND_S,
@@ -193,12 +194,23 @@ def test_sigterm_while_a_step_hangs_exits_in_bounded_time_and_leaves_no_process(
 
 
 # ------------------------------------------------------------------ the supervisor alone
+class _DeafPeerWatch(PeerWatch):
+    """The socket monitor, silenced: only the send path can notice a closed executor socket."""
+
+    def saw(self, identity_frame: object) -> None:
+        pass
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()
+
+
 def test_a_plan_sent_into_a_closed_executor_socket_loses_the_executor_at_once(model_dir, tmp_path, monkeypatch):
     """The exact race of the lock-up: the executor has closed its socket, the coordinator has
-    not yet seen the disconnect and sends a plan. ZeroMQ refuses it (EHOSTUNREACH); the
-    supervisor must clear `ready` and fail the running requests before it raises, or the
-    step loop would plan again at once, forever."""
+    not seen the disconnect yet (here: its socket monitor is silenced) and sends a plan.
+    ZeroMQ refuses it (EHOSTUNREACH); the supervisor must clear `ready` and fail the running
+    requests before it raises, or the step loop would plan again at once, forever."""
     monkeypatch.setenv(FAULT_ENV, json.dumps({"close_socket_after_plan": 1, "exit_delay_s": 5.0}))
+    monkeypatch.setattr("inlaid.serve.supervisor.PeerWatch", _DeafPeerWatch)
     lost: list[str] = []
     plan = [BatchPlan(step_id=i, chunks=[ChunkPlan(seq_id=0, token_ids=[1, 2, 3], start_pos=0, block_table=[0],
                                                    adapter_slot=-1, sample=True, sampling=SamplingParams(),
@@ -211,8 +223,8 @@ def test_a_plan_sent_into_a_closed_executor_socket_loses_the_executor_at_once(mo
         try:
             await asyncio.wait_for(supervisor.ready.wait(), 300)
             first = await supervisor.execute(plan[0])  # answered; then the executor closes its socket
-            time.sleep(1.0)  # blocking on purpose: the event loop has not seen the disconnect yet
-            assert supervisor.ready.is_set()
+            await asyncio.sleep(1.0)
+            assert supervisor.ready.is_set()  # nothing has noticed yet
             process = supervisor._process
             with pytest.raises(ExecutorLostError, match="not connected"):
                 await supervisor.execute(plan[1])
