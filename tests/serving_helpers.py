@@ -40,6 +40,16 @@ def compute_reference(model_dir: Path, adapter_dirs: dict[str, Path]) -> dict:
     return answers
 
 
+async def until(predicate, timeout_s: float = 120.0, poll_s: float = 0.02) -> None:  # type: ignore[no-untyped-def]
+    """Await `predicate()` (an async callable returning bool) becoming true, or fail."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout_s
+    while not await predicate():
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {predicate}"
+        await asyncio.sleep(poll_s)
+
+
 def process_state(pid: int) -> str | None:
     """'R', 'S', 'T', 'Z', ... or None when the pid is gone."""
     try:

@@ -32,6 +32,7 @@ from serving_helpers import (
     engine_settings,
     executor_pids,
     server_config,
+    until,
     wait_gone,
 )
 
@@ -68,6 +69,10 @@ async def _answers_match(client: AsyncClient, reference: dict) -> None:
     results = await asyncio.gather(*(client.generate(p, task=t, max_tokens=SHORT_TOKENS) for p, t in pairs))
     for pair, result in zip(pairs, results):
         assert isinstance(result, GenerateDone) and result.token_ids == reference[(*pair, SHORT_TOKENS)], pair
+
+
+async def _stat_at_least(client: AsyncClient, field: str, value: int) -> bool:
+    return getattr(await client.stats(), field) >= value
 
 
 async def _health_probe(client: AsyncClient, stop: asyncio.Event, latencies: list[float]) -> None:
@@ -148,16 +153,15 @@ def test_executor_killed_at_random_points_of_a_request_load_and_of_its_model_loa
             jobs = [asyncio.create_task(client.generate(PROMPTS[i % 4], task=TASKS[i % 4], max_tokens=40,
                                                         ignore_eos=True)) for i in range(8)]
             target = before.tokens_generated + rng.randint(1, 60)
-            while (await client.stats()).tokens_generated < target:
-                await asyncio.sleep(0.02)
+            await until(lambda: _stat_at_least(client, "tokens_generated", target))
             os.kill(before.executor_pid, signal.SIGKILL)
             outcomes = await asyncio.gather(*jobs, return_exceptions=True)
             # ...then its replacement, at a random moment of its model load (before its hello).
-            for _ in range(500):
-                replacement = [pid for pid in executor_pids(ready.pid) if pid != before.executor_pid]
-                if replacement:
-                    break
-                await asyncio.sleep(0.02)
+            async def replacement_started() -> bool:
+                return any(pid != before.executor_pid for pid in executor_pids(ready.pid))
+
+            await until(replacement_started, timeout_s=60)
+            replacement = [pid for pid in executor_pids(ready.pid) if pid != before.executor_pid]
             await asyncio.sleep(rng.uniform(0.0, 1.0))
             assert not (await client.health()).executor_ready
             os.kill(replacement[0], signal.SIGKILL)
@@ -178,8 +182,7 @@ def test_sigterm_while_a_step_hangs_exits_in_bounded_time_and_leaves_no_process(
         async with AsyncClient(ready.address, timeout_s=120) as client:
             stats = await client.stats()
             jobs = [asyncio.create_task(client.generate(p, max_tokens=300, ignore_eos=True)) for p in PROMPTS]
-            while (await client.stats()).requests_running < len(PROMPTS):
-                await asyncio.sleep(0.02)
+            await until(lambda: _stat_at_least(client, "requests_running", len(PROMPTS)))
             os.kill(stats.executor_pid, signal.SIGSTOP)
             ready.process.send_signal(signal.SIGTERM)
             return stats.executor_pid, await asyncio.gather(*jobs, return_exceptions=True)

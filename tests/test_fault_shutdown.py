@@ -15,7 +15,7 @@ import time
 
 from inlaid.client import AsyncClient, ShuttingDownError
 from inlaid.serve.launcher import ServerProcess
-from serving_helpers import executor_pids, server_config, wait_gone
+from serving_helpers import executor_pids, server_config, until, wait_gone
 
 GRACE_S = 2.0
 EXIT_BOUND_S = GRACE_S + 30.0
@@ -32,6 +32,10 @@ def _first_executor(server: ServerProcess, timeout_s: float = 60.0) -> int:
     raise AssertionError("no executor was started")
 
 
+async def _waiting(client: AsyncClient) -> bool:
+    return (await client.stats()).requests_waiting >= 1
+
+
 def _sigterm_with_a_waiting_request(server: ServerProcess, before_sigterm) -> object:  # type: ignore[no-untyped-def]
     """Send one generate (it waits: no executor is ready), run `before_sigterm`, SIGTERM the
     server, and return what the generate got."""
@@ -39,8 +43,7 @@ def _sigterm_with_a_waiting_request(server: ServerProcess, before_sigterm) -> ob
     async def scenario():
         async with AsyncClient(server.address, timeout_s=EXIT_BOUND_S) as client:
             waiting = asyncio.create_task(client.generate("hello", max_tokens=4))
-            while (await client.stats()).requests_waiting < 1:
-                await asyncio.sleep(0.02)
+            await until(lambda: _waiting(client))
             before_sigterm()
             server.process.send_signal(signal.SIGTERM)
             return await asyncio.gather(waiting, return_exceptions=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -310,6 +311,7 @@ def test_a_client_that_disconnects_mid_stream_has_its_request_cancelled(ready):
         """)
         child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
         try:
+            assert select.select([child.stdout], [], [], 120)[0], "the child client got no chunk"
             assert child.stdout.readline().strip() == "chunk"
         finally:
             child.send_signal(signal.SIGKILL)
