@@ -121,6 +121,7 @@ class Coordinator:
         await self._shutdown.wait()
         await self._drain()
         step_task.cancel()
+        self.engine.scheduler.policy.close()  # the length predictor saves its state
         await self.supervisor.stop()
         front_task.cancel()
         await asyncio.gather(front_task, step_task, return_exceptions=True)

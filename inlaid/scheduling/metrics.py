@@ -1,0 +1,196 @@
+"""Serving metrics from per-request and per-step records (simulated or measured alike).
+
+A `RequestRecord` is what a client (or the simulator) sees of one request: arrival,
+first scheduled, every token's time, finish. A `StepRecord` is one executor step. From
+them `summarize` computes throughput, latency / first-token latency / time per output
+token (mean, p50, p99), job completion time per task, SLO attainment (latency within a
+multiple of the request's isolated latency, and S-LoRA's absolute first-token SLO), the
+longest wait before a request was first scheduled and the longest stall between two of
+its tokens (starvation shows here), tasks touched per step, adapter loads per second, and
+the VTC fairness figure: the largest gap in service (input + 2 x output tokens) between
+two backlogged tasks, with VTC's lift for tasks that return from idle.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+DEFAULT_SLO_SCALES = (2.0, 5.0, 10.0)
+DEFAULT_TTFT_SLO_S = 5.0
+
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    task: str | None
+    prompt_tokens: int
+    arrival_s: float
+    admitted_s: float | None = None  # first scheduled
+    token_times: list[float] = field(default_factory=list)
+    finish_s: float | None = None
+    isolated_s: float = 0.0  # latency alone on the server (the SLO's unit)
+    preemptions: int = 0
+    error: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_s is not None and not self.error
+
+    @property
+    def latency_s(self) -> float:
+        assert self.finish_s is not None
+        return self.finish_s - self.arrival_s
+
+    @property
+    def ttft_s(self) -> float:
+        return self.token_times[0] - self.arrival_s
+
+    @property
+    def tpot_s(self) -> float | None:
+        if len(self.token_times) < 2:
+            return None
+        return (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
+
+    @property
+    def wait_s(self) -> float:
+        return (self.admitted_s if self.admitted_s is not None else self.token_times[0]) - self.arrival_s
+
+    @property
+    def max_stall_s(self) -> float:
+        """Longest time between two consecutive tokens."""
+        if len(self.token_times) < 2:
+            return 0.0
+        return float(np.max(np.diff(self.token_times)))
+
+
+@dataclass
+class StepRecord:
+    start_s: float
+    seconds: float
+    num_seqs: int
+    num_tokens: int
+    adapters: int  # distinct adapters computed
+    loads: int  # adapters loaded into a slot before it
+
+
+def _percentiles(values: Sequence[float]) -> dict[str, float]:
+    if not len(values):
+        return {"mean": math.nan, "p50": math.nan, "p99": math.nan, "max": math.nan}
+    array = np.asarray(values, dtype=np.float64)
+    return {"mean": float(array.mean()), "p50": float(np.percentile(array, 50)),
+            "p99": float(np.percentile(array, 99)), "max": float(array.max())}
+
+
+def summarize(
+    requests: Sequence[RequestRecord],
+    steps: Sequence[StepRecord] = (),
+    slo_scales: Iterable[float] = DEFAULT_SLO_SCALES,
+    ttft_slo_s: float = DEFAULT_TTFT_SLO_S,
+    warmup_fraction: float = 0.0,
+) -> dict[str, Any]:
+    """Every metric of one run. `warmup_fraction`: leave the first arrivals out of the
+    latency figures (the queue starts empty); throughput and fairness use every request."""
+    done = [r for r in requests if r.finished and r.token_times]
+    ordered = sorted(done, key=lambda r: r.arrival_s)
+    measured = ordered[int(len(ordered) * warmup_fraction):]
+    start = min((r.arrival_s for r in requests), default=0.0)
+    end = max((r.finish_s for r in done if r.finish_s is not None), default=start)
+    span = max(end - start, 1e-9)
+    output_tokens = sum(len(r.token_times) for r in done)
+    summary: dict[str, Any] = {
+        "requests": len(requests),
+        "finished": len(done),
+        "failed": len(requests) - len(done),
+        "makespan_s": span,
+        "throughput_rps": len(done) / span,
+        "throughput_tokens_s": output_tokens / span,
+        "latency_s": _percentiles([r.latency_s for r in measured]),
+        "ttft_s": _percentiles([r.ttft_s for r in measured]),
+        "tpot_s": _percentiles([t for r in measured if (t := r.tpot_s) is not None]),
+        "normalized_latency": _percentiles([r.latency_s / r.isolated_s for r in measured if r.isolated_s > 0]),
+        "max_wait_s": max((r.wait_s for r in done), default=0.0),
+        "max_stall_s": max((r.max_stall_s for r in done), default=0.0),
+        "preemptions": sum(r.preemptions for r in requests),
+        "slo_attainment": {
+            f"{scale:g}x": _share([r.isolated_s > 0 and r.latency_s <= scale * r.isolated_s for r in measured])
+            for scale in slo_scales
+        },
+        "ttft_slo_attainment": _share([r.ttft_s <= ttft_slo_s for r in measured]),
+        "ttft_slo_s": ttft_slo_s,
+        "jct_by_task": _jct_by_task(measured),
+        "fairness_max_service_gap": service_gap(requests),
+    }
+    if steps:
+        adapters = [s.adapters for s in steps]
+        busy = sum(s.seconds for s in steps)
+        summary.update(
+            steps=len(steps),
+            busy_fraction=busy / span,
+            mean_batch_seqs=float(np.mean([s.num_seqs for s in steps])),
+            tasks_per_step={"mean": float(np.mean(adapters)), "p99": float(np.percentile(adapters, 99)),
+                            "max": int(max(adapters))},
+            adapter_loads_per_s=sum(s.loads for s in steps) / span,
+        )
+    return summary
+
+
+def _share(flags: list[bool]) -> float:
+    return sum(flags) / len(flags) if flags else math.nan
+
+
+def _jct_by_task(requests: Sequence[RequestRecord]) -> dict[str, float]:
+    by_task: dict[str, list[float]] = defaultdict(list)
+    for r in requests:
+        by_task["<base>" if r.task is None else r.task].append(r.latency_s)
+    return {task: float(np.mean(values)) for task, values in sorted(by_task.items())}
+
+
+def service_gap(requests: Sequence[RequestRecord], input_weight: float = 1.0, output_weight: float = 2.0,
+                sample_every_s: float = 1.0) -> float:
+    """VTC's fairness figure: the largest difference of service counters between two tasks
+    that both have requests waiting, sampled every `sample_every_s` seconds.
+
+    Events: a request waits from arrival to admission; admission charges its prompt, each
+    token charges `output_weight`. A task that starts waiting again is lifted to the least
+    counter of the waiting tasks (or of the last task that stopped waiting)."""
+    events: list[tuple[float, int, str, float]] = []  # (time, order, task, charge); order: 0 arrive, 1 admit, 2 token
+    for r in requests:
+        if r.admitted_s is None:
+            continue
+        task = "<base>" if r.task is None else r.task
+        events.append((r.arrival_s, 0, task, 0.0))
+        events.append((r.admitted_s, 1, task, input_weight * r.prompt_tokens))
+        events.extend((t, 2, task, output_weight) for t in r.token_times)
+    events.sort(key=lambda e: (e[0], e[1]))
+    counters: dict[str, float] = defaultdict(float)
+    waiting: dict[str, int] = defaultdict(int)
+    last_left: str | None = None
+    worst = 0.0
+    next_sample = events[0][0] if events else 0.0
+    for time, kind, task, charge in events:
+        if time >= next_sample:
+            if len(waiting) > 1:
+                values = [counters[t] for t in waiting]
+                worst = max(worst, max(values) - min(values))
+            next_sample = time + sample_every_s
+        if kind == 0:
+            if task not in waiting:
+                floor = min((counters[t] for t in waiting), default=counters[last_left] if last_left else None)
+                if floor is not None:
+                    counters[task] = max(counters[task], floor)
+            waiting[task] += 1
+        elif kind == 1:
+            counters[task] += charge
+            waiting[task] -= 1
+            if not waiting[task]:
+                del waiting[task]
+                last_left = task
+        else:
+            counters[task] += charge
+    return worst
