@@ -13,10 +13,12 @@ two backlogged tasks, with VTC's lift for tasks that return from idle.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -194,3 +196,12 @@ def service_gap(requests: Sequence[RequestRecord], input_weight: float = 1.0, ou
         else:
             counters[task] += charge
     return worst
+
+
+def save_records(path: str | Path, records: Iterable[RequestRecord]) -> None:
+    """One JSON line per request (the replay client's and the simulator's common format)."""
+    Path(path).write_text("".join(json.dumps(asdict(r)) + "\n" for r in records))
+
+
+def load_records(path: str | Path) -> list[RequestRecord]:
+    return [RequestRecord(**json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -11,15 +11,14 @@ during a step join at the next plan, as in the coordinator's loop.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from inlaid.engine.adapter_slots import AdapterSlots
 from inlaid.engine.block_manager import BlockManager
 from inlaid.engine.scheduler import Scheduler, SchedulerLimits, SchedulingPolicy
 from inlaid.engine.sequence import Sequence
-from inlaid.protocol import SampledToken, SamplingParams, StepResult
+from inlaid.protocol import BatchPlan, SampledToken, SamplingParams, StepResult
 from inlaid.scheduling.cost_model import ChunkShape, StepCostModel, StepFeatures
 from inlaid.scheduling.metrics import RequestRecord, StepRecord
 from inlaid.scheduling.traces import Trace, TraceRequest
@@ -90,8 +89,11 @@ class Simulator:
         cost: StepCostModel,
         shape: EngineShape | None = None,
         prompts: Mapping[str, list[int]] | None = None,
+        on_plan: Callable[[BatchPlan, Scheduler], None] | None = None,
     ) -> None:
+        """`on_plan` sees every plan right after the scheduler made it (invariant checks)."""
         self.trace = trace
+        self.on_plan = on_plan
         self.cost = cost
         self.shape = shape or EngineShape()
         self.prompts = prompts or {}
@@ -146,6 +148,8 @@ class Simulator:
                         "but the scheduler plans nothing")
                 self.now = max(self.now, requests[next_arrival].arrival_s)
                 continue
+            if self.on_plan is not None:
+                self.on_plan(plan, self.scheduler)
             for load in plan.adapter_loads:
                 self._slot_names[load.slot] = load.name
             features = StepFeatures.of_plan(plan, lambda slot: self._ranks[self._slot_names[slot]], self.shape.block_size)
@@ -182,5 +186,6 @@ class Simulator:
 
 
 def simulate(trace: Trace, policy: SchedulingPolicy, cost: StepCostModel, shape: EngineShape | None = None,
-             prompts: Mapping[str, list[int]] | None = None, **kwargs: Any) -> SimulationResult:
-    return Simulator(trace, policy, cost, shape, prompts).run(**kwargs)
+             prompts: Mapping[str, list[int]] | None = None, progress: bool = False,
+             on_plan: Callable[[BatchPlan, Scheduler], None] | None = None) -> SimulationResult:
+    return Simulator(trace, policy, cost, shape, prompts, on_plan).run(progress)
