@@ -37,6 +37,7 @@ class FeatureHasher:
         self.bits = bits
         self.size = 1 << bits
         self._mask = self.size - 1
+        self._task_columns: dict[str, list[int]] = {}
 
     def _slot(self, text: str) -> int:
         return _string_hash(text) & self._mask
@@ -46,12 +47,12 @@ class FeatureHasher:
         task_key = task if task is not None else "<base>"
         length = len(prompt_token_ids)
         log_length = float(np.log1p(length))
-        dense_index = [
-            self._slot(f"task:{task_key}"),
-            self._slot(f"task-loglen:{task_key}"),
-            self._slot(f"task-len:{task_key}"),
-            self._slot("loglen"),
-        ]
+        dense_index = self._task_columns.get(task_key)
+        if dense_index is None:
+            dense_index = [self._slot(f"task:{task_key}"), self._slot(f"task-loglen:{task_key}"),
+                           self._slot(f"task-len:{task_key}"), self._slot("loglen")]
+            if len(self._task_columns) < 100_000:  # bounded: beyond it, hash every time
+                self._task_columns[task_key] = dense_index
         dense_value = [1.0, log_length, length / 100.0, log_length]
         tokens = np.asarray(prompt_token_ids, dtype=np.uint64)
         grams = tokens * np.uint64(_BASE)

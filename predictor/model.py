@@ -78,12 +78,15 @@ def _task_key(task: str | None) -> str:
 class LengthPredictor:
     """Ridge regression of log(1 + output tokens) on hashed (task, prompt) features."""
 
-    def __init__(self, bits: int = DEFAULT_BITS, alpha: float = 1.0, prior_tokens: float = DEFAULT_PRIOR_TOKENS) -> None:
+    def __init__(self, bits: int = DEFAULT_BITS, alpha: float = 1.0, prior_tokens: float = DEFAULT_PRIOR_TOKENS,
+                 learning_rate: float = 0.05) -> None:
         self.hasher = FeatureHasher(bits)
         self.alpha = alpha
+        self.learning_rate = learning_rate  # online (AdaGrad) steps between refits
         # (coefficients float64 [2**bits], intercept); None until fitted. One attribute, so a
         # refit on another thread swaps both at once.
         self.weights: tuple[np.ndarray, float] | None = None
+        self._squared_gradients: np.ndarray | None = None  # AdaGrad's per-column sums
         self.fallback = TaskMeanPredictor(prior_tokens)  # until the first fit
 
     @property
@@ -103,17 +106,24 @@ class LengthPredictor:
         return self
 
     def fit_features(self, rows: Sequence[tuple[np.ndarray, np.ndarray]], targets: Sequence[float]) -> None:
-        """Fit on already-hashed rows; replaces the coefficients in one assignment (readers on
-        other threads see the old or the new model, never a mix)."""
-        if not rows:
-            return
+        """Fit on already-hashed rows."""
+        if rows:
+            self.set_weights(self.solve(rows, targets))
+
+    def solve(self, rows: Sequence[tuple[np.ndarray, np.ndarray]], targets: Sequence[float]) -> tuple[np.ndarray, float]:
+        """The ridge solution on hashed rows, without touching this model (any thread)."""
         from sklearn.linear_model import Ridge
 
         matrix = self.hasher.matrix(rows)
         target = np.log1p(np.maximum(np.asarray(targets, dtype=np.float64), 0.0))
-        model = Ridge(alpha=self.alpha, fit_intercept=True, solver="sparse_cg", tol=1e-6)
+        model = Ridge(alpha=self.alpha, fit_intercept=True, solver="lsqr", tol=1e-4)
         model.fit(matrix, target)
-        self.weights = (np.asarray(model.coef_, dtype=np.float64), float(model.intercept_))
+        return np.asarray(model.coef_, dtype=np.float64), float(model.intercept_)
+
+    def set_weights(self, weights: tuple[np.ndarray, float]) -> None:
+        """Replace the model in one assignment: readers see the old or the new one, never a mix."""
+        self.weights = weights
+        self._squared_gradients = None
 
     def predict(self, task: str | None, prompt_token_ids: Sequence[int]) -> float:
         weights = self.weights
@@ -124,8 +134,25 @@ class LengthPredictor:
         return float(np.expm1(intercept + float(np.dot(coef[index], value))))
 
     def observe(self, task: str | None, prompt_token_ids: Sequence[int], output_tokens: int) -> None:
-        """The offline model learns only through `fit`; it still tracks the task means."""
         self.fallback.observe(task, prompt_token_ids, output_tokens)
+        self.update(*self.features(task, prompt_token_ids), output_tokens)
+
+    def update(self, index: np.ndarray, value: np.ndarray, output_tokens: float) -> None:
+        """One online step (AdaGrad on the squared error of the log length): a few
+        microseconds, so every finished request teaches the model at once; refits on the
+        reservoir (`OnlineLengthPredictor`) then replace these small steps."""
+        if self.weights is None:  # start from the task means
+            self.weights = (np.zeros(self.hasher.size), float(np.log1p(self.fallback.predict(None))))
+        if self._squared_gradients is None:
+            self._squared_gradients = np.zeros(self.hasher.size + 1)
+        coef, intercept = self.weights
+        error = intercept + float(np.dot(coef[index], value)) - float(np.log1p(max(0.0, output_tokens)))
+        gradient = error * value.astype(np.float64)
+        squares = self._squared_gradients
+        np.add.at(squares, index, gradient * gradient)
+        np.subtract.at(coef, index, self.learning_rate * gradient / np.sqrt(squares[index] + 1e-8))
+        squares[-1] += error * error
+        self.weights = (coef, intercept - self.learning_rate * error / np.sqrt(squares[-1] + 1e-8))
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, np.ndarray]:

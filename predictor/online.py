@@ -1,11 +1,12 @@
 """The online length predictor: learns from the server's finished requests, bounded memory.
 
-Finished requests go into a reservoir of the most recent `capacity` requests in which no
-task keeps more than `per_task_capacity` (a popular task cannot push a rare one out).
-Every `refit_every` new requests the ridge model is refitted on the reservoir: on a
-background thread in the server (the event loop only hashes the prompt and appends), or
-inline in the simulator, where a deterministic replay matters more than latency. The
-state (model, task means, reservoir) is saved to and loaded from one `.npz` file.
+Every finished request updates the model at once with one small online step
+(`LengthPredictor.update`, microseconds) and goes into a reservoir of the most recent
+`capacity` requests in which no task keeps more than `per_task_capacity` (a popular task
+cannot push a rare one out). Every `refit_every` new requests (0: never) the ridge model
+is refitted on the whole reservoir: on a background thread in the server (the event loop
+only hashes the prompt and appends), or inline when `background` is off. The state
+(model, task means, reservoir) is saved to and loaded from one `.npz` file.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ class OnlineLengthPredictor:
         background: bool = True,
         state_path: str | Path | None = None,
     ) -> None:
-        if capacity < 1 or per_task_capacity < 1 or refit_every < 1:
-            raise ValueError("capacity, per_task_capacity and refit_every must be >= 1")
+        if capacity < 1 or per_task_capacity < 1 or refit_every < 0:
+            raise ValueError("capacity and per_task_capacity must be >= 1, refit_every >= 0")
         self.model = model or LengthPredictor()
         self.capacity = capacity
         self.per_task_capacity = per_task_capacity
@@ -56,24 +57,35 @@ class OnlineLengthPredictor:
         return self.model.predict(task, prompt_token_ids)
 
     def observe(self, task: str | None, prompt_token_ids: Sequence[int], output_tokens: int) -> None:
+        """A finished request: one online learning step now, a refit when one is due."""
         index, value = self.model.features(task, prompt_token_ids)
-        key = "<base>" if task is None else task
         with self._lock:
-            self.model.observe(task, prompt_token_ids, output_tokens)
-            rows = self._rows.setdefault(key, deque())
-            rows.append((index, value, float(output_tokens)))
-            self._size += 1
-            if len(rows) > self.per_task_capacity:
-                rows.popleft()
-                self._size -= 1
-            while self._size > self.capacity:
-                largest = max(self._rows.values(), key=len)
-                largest.popleft()
-                self._size -= 1
+            self._add(task, prompt_token_ids, index, value, output_tokens)
+            self.model.update(index, value, output_tokens)
             self._since_fit += 1
-            due = self._since_fit >= self.refit_every
+            due = 0 < self.refit_every <= self._since_fit
         if due:
             self.refit(wait=not self.background)
+
+    def remember(self, task: str | None, prompt_token_ids: Sequence[int], output_tokens: int) -> None:
+        """A past request into the reservoir (and the task means), no learning step: seeding
+        a predictor with history before one `refit`."""
+        index, value = self.model.features(task, prompt_token_ids)
+        with self._lock:
+            self._add(task, prompt_token_ids, index, value, output_tokens)
+
+    def _add(self, task: str | None, prompt_token_ids: Sequence[int], index: np.ndarray, value: np.ndarray,
+             output_tokens: int) -> None:
+        self.model.fallback.observe(task, prompt_token_ids, output_tokens)
+        rows = self._rows.setdefault("<base>" if task is None else task, deque())
+        rows.append((index, value, float(output_tokens)))
+        self._size += 1
+        if len(rows) > self.per_task_capacity:
+            rows.popleft()
+            self._size -= 1
+        while self._size > self.capacity:
+            max(self._rows.values(), key=len).popleft()
+            self._size -= 1
 
     def refit(self, wait: bool = True) -> None:
         """Refit on the reservoir now (on a thread unless `wait`); one refit at a time."""
@@ -93,8 +105,12 @@ class OnlineLengthPredictor:
             self._thread.start()
 
     def _fit(self, rows: list[_Row]) -> None:
-        self.model.fit_features([(index, value) for index, value, _ in rows], [y for _, _, y in rows])
-        self.fits += 1
+        weights = self.model.solve([(index, value) for index, value, _ in rows], [y for _, _, y in rows])
+        # Swapped under the lock, so no online step writes into a replaced model. Steps made
+        # since the snapshot are superseded; their requests are in the next refit.
+        with self._lock:
+            self.model.set_weights(weights)
+            self.fits += 1
         if self.state_path is not None:
             self.save(self.state_path)
 

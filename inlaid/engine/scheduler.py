@@ -43,6 +43,9 @@ class SchedulingPolicy:
     name = "fifo"
     # β: the most distinct adapters one step may compute (base-model rows do not count).
     max_adapters_per_step: int | None = None
+    # Prompt tokens (prefill chunks) one step may compute, below the engine's token budget:
+    # shorter steps for the decoding sequences (stall-free chunked prefill).
+    max_prefill_tokens_per_step: int | None = None
 
     def attach(self, scheduler: "Scheduler") -> None:
         """Called once by the scheduler that uses this policy."""
@@ -105,13 +108,11 @@ class StepUpdate:
 @dataclass
 class _StepBuilder:
     budget: int
+    prefill_budget: int
     chunks: list[ChunkPlan] = field(default_factory=list)
     loads: list[AdapterLoad] = field(default_factory=list)
     planned: list[tuple[Sequence, int]] = field(default_factory=list)
-    adapters: set[str] = field(default_factory=set)  # adapters this step computes
-    # Adapters of the sequences running when the step began; paused ones stay resident
-    # too: evicting them would only reload them.
-    running_adapters: set[str] = field(default_factory=set)
+    adapters: set[str] = field(default_factory=set)  # adapters this step computes (their slots are pinned)
     admitting: bool = True
 
 
@@ -168,8 +169,8 @@ class Scheduler:
     # ------------------------------------------------------------------ planning
     def schedule(self) -> BatchPlan | None:
         now = self.clock()
-        step = _StepBuilder(budget=self.limits.max_num_batched_tokens,
-                            running_adapters={s.adapter for s in self.running if s.adapter is not None})
+        budget = self.limits.max_num_batched_tokens
+        step = _StepBuilder(budget=budget, prefill_budget=min(budget, self.policy.max_prefill_tokens_per_step or budget))
         order = self.policy.order(list(self.running), list(self.waiting), now)
         rank = {id(seq): position for position, seq in enumerate(order)}
         planned_ids: set[int] = set()
@@ -189,9 +190,9 @@ class Scheduler:
 
     def _plan_running(self, seq: Sequence, step: _StepBuilder, order: list[Sequence], rank: dict[int, int],
                       planned_ids: set[int], now: float) -> None:
-        if not self._adapter_fits(seq, step):
+        num_tokens = self._tokens_for(seq, step)
+        if not num_tokens or not self._adapter_fits(seq, step):
             return  # paused this step: it keeps its KV blocks
-        num_tokens = min(seq.num_pending_tokens, step.budget)
         while not self.blocks.can_allocate(seq, num_tokens):
             victim = self._victim(seq, order, rank, planned_ids, now, include_self=True)
             self._preempt(victim, now)
@@ -204,9 +205,9 @@ class Scheduler:
     def _plan_waiting(self, seq: Sequence, step: _StepBuilder, order: list[Sequence], rank: dict[int, int],
                       planned_ids: set[int], now: float) -> None:
         overdue = self.policy.is_overdue(seq, now)
-        num_tokens = min(seq.num_pending_tokens, step.budget)
-        admissible = self._adapter_fits(seq, step) and (
-            seq.adapter is None or self.adapters.can_acquire(seq.adapter, self._pinned(step)))
+        num_tokens = self._tokens_for(seq, step)
+        admissible = num_tokens > 0 and self._adapter_fits(seq, step) and (
+            seq.adapter is None or self.adapters.can_acquire(seq.adapter, step.adapters))
         if admissible:
             while not self.blocks.can_allocate(seq, num_tokens):
                 victim = self._victim(seq, order, rank, planned_ids, now, include_self=False)
@@ -226,6 +227,12 @@ class Scheduler:
         elif overdue:
             step.admitting = False  # an overdue request is never overtaken
 
+    @staticmethod
+    def _tokens_for(seq: Sequence, step: _StepBuilder) -> int:
+        """Tokens the sequence may compute this step: 1 for a decode, else a prefill chunk."""
+        pending = seq.num_pending_tokens
+        return min(pending, step.budget) if pending == 1 else min(pending, step.budget, step.prefill_budget)
+
     def _adapter_fits(self, seq: Sequence, step: _StepBuilder) -> bool:
         beta = self.policy.max_adapters_per_step
         return seq.adapter is None or seq.adapter in step.adapters or beta is None or len(step.adapters) < beta
@@ -234,16 +241,15 @@ class Scheduler:
         """A device slot for the sequence's adapter; False when every slot is in use."""
         if seq.adapter is None:
             return True
-        assignment = self.adapters.acquire(seq.adapter, self._pinned(step))
+        # Only this step's adapters are pinned: a paused sequence's adapter may be evicted
+        # for better-ranked work and is loaded again when it resumes.
+        assignment = self.adapters.acquire(seq.adapter, step.adapters)
         if assignment is None:
             return False
         if assignment.loaded_now:
             step.loads.append(AdapterLoad(slot=assignment.slot, name=seq.adapter, path=self.adapters.paths[seq.adapter]))
         step.adapters.add(seq.adapter)
         return True
-
-    def _pinned(self, step: _StepBuilder) -> set[str]:
-        return step.adapters | step.running_adapters
 
     def _victim(self, seq: Sequence, order: list[Sequence], rank: dict[int, int], planned_ids: set[int],
                 now: float, include_self: bool) -> Sequence | None:
@@ -274,6 +280,8 @@ class Scheduler:
         ))  # fmt: skip
         step.planned.append((seq, num_tokens))
         step.budget -= num_tokens
+        if num_tokens > 1 or seq.num_computed_tokens < len(seq.token_ids):
+            step.prefill_budget -= num_tokens
         planned_ids.add(id(seq))
 
     def _preempt(self, seq: Sequence, now: float) -> None:

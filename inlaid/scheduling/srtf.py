@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from inlaid.engine.scheduler import SchedulingPolicy
-from inlaid.engine.sequence import Sequence
+from inlaid.engine.sequence import Sequence, SequenceStatus
+from inlaid.protocol import BatchPlan
 from inlaid.scheduling.estimates import LengthModel, learn_on_finish, predict_on_arrival, remaining_tokens
 from inlaid.scheduling.service import ServiceCounters, task_key
 
@@ -44,6 +45,8 @@ class InlaidOptions:
     batch_bonus_tokens: float = 2.0  # key bonus when the adapter is already in the running batch
     resident_bonus_tokens: float = 1.0  # key bonus when the adapter sits in a device slot
     fairness_bound: float = 0.0  # VTC units (tokens of service); 0 = no fairness bound
+    preemptive: bool = False  # rank running work with waiting work: a shorter request pauses a longer one
+    max_prefill_tokens_per_step: int = 0  # prompt tokens per step; 0 = the engine's token budget
     predictor: str = "model"  # model (hashed ridge, learns online) | task-mean (the ablation)
     predictor_state: str = ""  # .npz the predictor loads at start and saves on close ("" = none)
     predictor_refit_every: int = 64  # finished requests between refits
@@ -58,8 +61,10 @@ class InlaidOptions:
             raise ValueError("max_wait_s must be > 0")
         if self.predictor not in ("model", "task-mean"):
             raise ValueError(f"predictor must be 'model' or 'task-mean', got {self.predictor!r}")
-        if self.predictor_refit_every < 1:
-            raise ValueError("predictor_refit_every must be >= 1")
+        if self.predictor_refit_every < 0:
+            raise ValueError("predictor_refit_every must be >= 0 (0 = online steps only)")
+        if self.max_prefill_tokens_per_step < 0:
+            raise ValueError("max_prefill_tokens_per_step must be >= 0 (0 = the engine's budget)")
 
 
 class InlaidPolicy(SchedulingPolicy):
@@ -69,38 +74,47 @@ class InlaidPolicy(SchedulingPolicy):
         options.validate()
         self.options = options
         self.max_adapters_per_step = options.max_adapters_per_step or None
+        self.max_prefill_tokens_per_step = options.max_prefill_tokens_per_step or None
         self.length_model = length_model
         self.service = ServiceCounters() if options.fairness_bound > 0 else None
         self._scheduler: Scheduler | None = None
+        self._last_step_adapters: set[str] = set()
 
     def attach(self, scheduler: "Scheduler") -> None:
         self._scheduler = scheduler
 
     # ------------------------------------------------------------------ ranking
     def order(self, running: list[Sequence], waiting: list[Sequence], now: float) -> list[Sequence]:
-        ranked_running = sorted(running, key=remaining_tokens)
-        overdue, lagging, rest = [], [], []
+        in_batch = self._last_step_adapters
         lagging_tasks = self._lagging_tasks(running) if self.service is not None else {}
-        for seq in waiting:
-            if self.is_overdue(seq, now):
+        candidates = running + waiting if self.options.preemptive else waiting
+        overdue, lagging, rest = [], [], []
+        for seq in candidates:
+            if self._waited(seq, now) >= self.options.max_wait_s:
                 overdue.append(seq)
             elif lagging_tasks and task_key(seq) in lagging_tasks:
                 lagging.append(seq)
             else:
                 rest.append(seq)
         overdue.sort(key=lambda s: (s.arrival_time, s.seq_id))
-        if not lagging and not rest:
-            return ranked_running + overdue
-        in_batch = {s.adapter for s in running if s.adapter is not None}
         keys = {id(s): self._key(s, now, in_batch) for s in lagging + rest}
         lagging.sort(key=lambda s: (lagging_tasks[task_key(s)], keys[id(s)]))
         rest.sort(key=lambda s: keys[id(s)])
-        return ranked_running + overdue + lagging + rest
+        if self.options.preemptive:
+            return overdue + lagging + rest
+        return sorted(running, key=remaining_tokens) + overdue + lagging + rest
+
+    def _waited(self, seq: Sequence, now: float) -> float:
+        """Seconds without progress: since arrival for a request never scheduled, since its
+        last step for a paused one (running sequences are ranked only when preemptive)."""
+        if seq.last_scheduled_at is None or seq.status is not SequenceStatus.RUNNING:
+            return now - seq.arrival_time
+        return now - seq.last_scheduled_at
 
     def _key(self, seq: Sequence, now: float, in_batch: set[str]) -> float:
         options = self.options
         key = remaining_tokens(seq) + options.prefill_weight * seq.num_pending_tokens
-        key -= options.aging_tokens_per_s * (now - seq.arrival_time)
+        key -= options.aging_tokens_per_s * self._waited(seq, now)
         if seq.adapter is not None and self._scheduler is not None:
             if seq.adapter in in_batch:
                 key -= options.batch_bonus_tokens
@@ -121,7 +135,7 @@ class InlaidPolicy(SchedulingPolicy):
         return {t: self.service.counter(t) for t in backlogged if top - self.service.counter(t) > bound}
 
     def is_overdue(self, seq: Sequence, now: float) -> bool:
-        return now - seq.arrival_time >= self.options.max_wait_s
+        return self._waited(seq, now) >= self.options.max_wait_s
 
     # ------------------------------------------------------------------ learning
     def on_arrival(self, seq: Sequence, now: float) -> None:
@@ -137,6 +151,9 @@ class InlaidPolicy(SchedulingPolicy):
     def on_preempt(self, seq: Sequence, now: float) -> None:
         if self.service is not None:
             self.service.start_waiting(seq)
+
+    def on_plan(self, plan: BatchPlan, planned: list[tuple[Sequence, int]], now: float) -> None:
+        self._last_step_adapters = {seq.adapter for seq, _ in planned if seq.adapter is not None}
 
     def on_token(self, seq: Sequence, now: float) -> None:
         if self.service is not None:
