@@ -87,8 +87,10 @@ def write_sim_markdown(report: dict, path: Path) -> None:
         f"and greedy output lengths; each of N tasks draws from one suite task), Gamma arrivals, the first 5% left out "
         f"of latency figures. Load = request rate / FIFO's saturation throughput on the same trace. "
         f"SLO: latency <= {scale} the request's isolated latency (alone on the server); TTFT SLO: first token "
-        f"within 5 s. inlaid: {report['inlaid_defaults']}, prefill_weight {report['prefill_weight']:.4f} (from the "
-        f"cost model). Sweep wall time {report['wall_s']:.0f} s; machine load before: {load}.", "",
+        f"within 5 s. inlaid: its defaults (" + ", ".join(f"{k} {v}" for k, v in report["inlaid_defaults"].items()
+                                                   if not k.startswith("predictor") and k != "prefill_weight")
+        + f"), prefill_weight {report['prefill_weight']:.4f} (from the cost model). Sweep wall time "
+        f"{report['wall_s']:.0f} s; machine load before: {load}.", "",
         "Saturation throughput (FIFO, requests/s): " + ", ".join(
             f"{k} {v:.2f}" for k, v in report["capacity_rps"].items()), "",
     ]
@@ -98,7 +100,8 @@ def write_sim_markdown(report: dict, path: Path) -> None:
     ablations = [r for r in report["runs"] if r["policy"] in report["ablations"] or
                  (r["load"] == 0.9 and r["policy"] in ("inlaid", "fifo"))]
     lines += ["## Ablations (90% load)", "", "Without prediction: the per-task mean as the length estimate. Without "
-              "grouping: no β bound (only the device slots). Without aging: no overdue bound.", ""]
+              "grouping: no β bound (only the device slots), no adapter ranking. Without aging: no overdue bound. "
+              "Without first-token-first: new requests ranked with the decodes by predicted work.", ""]
     lines += policy_table([r for r in ablations if r["load"] == 0.9], scale)
     if report.get("long_runs"):
         lines += ["", "## One simulated hour, 1,000 tasks", "", "| policy | requests | simulated s | wall s | "

@@ -85,10 +85,10 @@ def test_service_gap_counts_input_plus_twice_output_between_backlogged_tasks():
     # a's first request is admitted at t=0 (a: 10) and served tokens at t=1 and t=2.
     records = [_record("0", "a", 0.0, 0.0, [1.0, 2.0], prompt=10), _record("1", "b", 0.5, 3.0, [4.0], prompt=10),
                _record("2", "a", 0.6, 3.5, [5.0], prompt=10)]
-    # b starts waiting at 0.5 with nobody waiting: lifted to the last task that left the
-    # backlog (a: 10); a starts waiting again at 0.6: lifted to min(b) = 10. Both wait until
-    # t=3 while a's running request earns 2 x 2 tokens: the gap is 4.
-    assert service_gap(records, sample_every_s=0.1) == pytest.approx(4.0)
+    # b arrives at 0.5 while a is backlogged (a: 10): lifted to 10. a's second request does
+    # not lift a (a is still backlogged). a earns 2 + 2 (a: 14), then b's prompt is charged
+    # at t=3 (b: 20) while a's second request waits: the largest gap is 20 - 14 = 6.
+    assert service_gap(records, sample_every_s=0.1) == pytest.approx(6.0)
 
 
 def test_cost_model_recovers_known_coefficients():

@@ -13,9 +13,6 @@ from inlaid.scheduling.registry import make_policy
 from inlaid.scheduling.simulator import EngineShape
 from inlaid.scheduling.suite import SuiteRecord
 
-# The inlaid policy's defaults for the CPU executor, chosen on the simulator sweep
-# (docs/scheduling.md, "Tuning"); prefill_weight is derived from the cost model.
-INLAID_DEFAULTS: dict[str, Any] = {"max_adapters_per_step": 4, "max_wait_s": 60.0}
 
 
 @dataclass(frozen=True)
@@ -35,8 +32,9 @@ MAIN_VARIANTS = [
 ]
 ABLATIONS = [
     PolicyVariant("inlaid -prediction (task mean)", "inlaid", length_model="task-mean"),
-    PolicyVariant("inlaid -grouping (beta=inf)", "inlaid", {"max_adapters_per_step": 0}),
+    PolicyVariant("inlaid -grouping (beta=inf)", "inlaid", {"max_adapters_per_step": 0, "group_by_adapter": False}),
     PolicyVariant("inlaid -aging", "inlaid", {"max_wait_s": 1e9}),
+    PolicyVariant("inlaid -first-token-first", "inlaid", {"first_token_first": False}),
 ]
 
 
@@ -56,7 +54,7 @@ def variant_options(variant: PolicyVariant, cost: StepCostModel, shape: EngineSh
     if variant.policy == "mlfq":
         return {"prefill_weight": gamma, **variant.options}
     if variant.policy == "inlaid":
-        return {**INLAID_DEFAULTS, "prefill_weight": gamma, "predictor": variant.length_model, **variant.options}
+        return {"prefill_weight": gamma, "predictor": variant.length_model, **variant.options}
     return dict(variant.options)
 
 

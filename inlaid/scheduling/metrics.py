@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_SLO_SCALES = (2.0, 5.0, 10.0)
+DEFAULT_SLO_SCALES = (2.0, 5.0, 10.0, 20.0)
 DEFAULT_TTFT_SLO_S = 5.0
 
 
@@ -155,43 +155,43 @@ def _jct_by_task(requests: Sequence[RequestRecord]) -> dict[str, float]:
 
 def service_gap(requests: Sequence[RequestRecord], input_weight: float = 1.0, output_weight: float = 2.0,
                 sample_every_s: float = 1.0) -> float:
-    """VTC's fairness figure: the largest difference of service counters between two tasks
-    that both have requests waiting, sampled every `sample_every_s` seconds.
+    """VTC's fairness figure: the largest difference of service counters between two
+    backlogged tasks (with unfinished requests), sampled every `sample_every_s` seconds.
 
-    Events: a request waits from arrival to admission; admission charges its prompt, each
-    token charges `output_weight`. A task that starts waiting again is lifted to the least
-    counter of the waiting tasks (or of the last task that stopped waiting)."""
-    events: list[tuple[float, int, str, float]] = []  # (time, order, task, charge); order: 0 arrive, 1 admit, 2 token
+    Service: a request's prompt when it is first admitted, `output_weight` per token. A
+    task that becomes backlogged again is lifted to the least counter of the backlogged
+    tasks (or of the last task that left the backlog), as VTC does."""
+    events: list[tuple[float, int, str, float]] = []  # (time, order, task, charge); 0 arrive 1 admit 2 token 3 finish
     for r in requests:
-        if r.admitted_s is None:
+        if r.admitted_s is None or r.finish_s is None:
             continue
         task = "<base>" if r.task is None else r.task
         events.append((r.arrival_s, 0, task, 0.0))
         events.append((r.admitted_s, 1, task, input_weight * r.prompt_tokens))
         events.extend((t, 2, task, output_weight) for t in r.token_times)
+        events.append((r.finish_s, 3, task, 0.0))
     events.sort(key=lambda e: (e[0], e[1]))
     counters: dict[str, float] = defaultdict(float)
-    waiting: dict[str, int] = defaultdict(int)
+    unfinished: dict[str, int] = {}
     last_left: str | None = None
     worst = 0.0
     next_sample = events[0][0] if events else 0.0
     for time, kind, task, charge in events:
         if time >= next_sample:
-            if len(waiting) > 1:
-                values = [counters[t] for t in waiting]
+            if len(unfinished) > 1:
+                values = [counters[t] for t in unfinished]
                 worst = max(worst, max(values) - min(values))
             next_sample = time + sample_every_s
         if kind == 0:
-            if task not in waiting:
-                floor = min((counters[t] for t in waiting), default=counters[last_left] if last_left else None)
+            if task not in unfinished:
+                floor = min((counters[t] for t in unfinished), default=counters[last_left] if last_left else None)
                 if floor is not None:
                     counters[task] = max(counters[task], floor)
-            waiting[task] += 1
-        elif kind == 1:
-            counters[task] += charge
-            waiting[task] -= 1
-            if not waiting[task]:
-                del waiting[task]
+            unfinished[task] = unfinished.get(task, 0) + 1
+        elif kind == 3:
+            unfinished[task] -= 1
+            if not unfinished[task]:
+                del unfinished[task]
                 last_left = task
         else:
             counters[task] += charge

@@ -2,7 +2,8 @@
 
 A task's counter grows by `input_weight` per prompt token when one of its requests is
 first admitted and by `output_weight` per generated token (cost = input + 2 x output by
-default). A task is backlogged while it has waiting requests. When a task becomes
+default). A task is backlogged while it has unfinished requests (queued, or admitted but
+paused: with pausing policies an admitted request can wait as well). When a task becomes
 backlogged again its counter is lifted to the least counter of the backlogged tasks (or,
 when none is, to the counter of the last task that left the backlog), so a task cannot
 bank service while it is idle and later starve the others with it.
@@ -22,36 +23,30 @@ class ServiceCounters:
         self.input_weight = input_weight
         self.output_weight = output_weight
         self.counters: dict[str, float] = {}
-        self.waiting: dict[str, int] = {}  # backlogged tasks -> their number of waiting requests
-        self._waiting_ids: set[int] = set()
+        self.unfinished: dict[str, int] = {}  # backlogged tasks -> their unfinished requests
         self._charged_ids: set[int] = set()  # requests whose prompt was charged (once, not on recompute)
         self._last_left: str | None = None
 
     def backlogged(self) -> list[str]:
-        return list(self.waiting)
+        return list(self.unfinished)
 
     def counter(self, task: str) -> float:
         return self.counters.get(task, 0.0)
 
-    def start_waiting(self, seq: Sequence) -> None:
-        """A request arrived or was preempted."""
-        if seq.seq_id in self._waiting_ids:
-            return
+    def arrive(self, seq: Sequence) -> None:
         task = task_key(seq)
-        if task not in self.waiting:
+        if task not in self.unfinished:
             self._lift(task)
-        self._waiting_ids.add(seq.seq_id)
-        self.waiting[task] = self.waiting.get(task, 0) + 1
+        self.unfinished[task] = self.unfinished.get(task, 0) + 1
 
-    def stop_waiting(self, seq: Sequence) -> None:
-        """A request was admitted, or finished (cancelled) while waiting."""
-        if seq.seq_id not in self._waiting_ids:
-            return
-        self._waiting_ids.discard(seq.seq_id)
+    def finish(self, seq: Sequence) -> None:
         task = task_key(seq)
-        self.waiting[task] -= 1
-        if not self.waiting[task]:
-            del self.waiting[task]
+        self._charged_ids.discard(seq.seq_id)
+        if task not in self.unfinished:
+            return
+        self.unfinished[task] -= 1
+        if not self.unfinished[task]:
+            del self.unfinished[task]
             self._last_left = task
 
     def charge_admission(self, seq: Sequence) -> None:
@@ -64,13 +59,9 @@ class ServiceCounters:
         task = task_key(seq)
         self.counters[task] = self.counter(task) + self.output_weight
 
-    def forget(self, seq: Sequence) -> None:
-        self.stop_waiting(seq)
-        self._charged_ids.discard(seq.seq_id)
-
     def _lift(self, task: str) -> None:
-        if self.waiting:
-            floor = min(self.counter(t) for t in self.waiting)
+        if self.unfinished:
+            floor = min(self.counter(t) for t in self.unfinished)
         elif self._last_left is not None:
             floor = self.counter(self._last_left)
         else:

@@ -25,10 +25,12 @@ from inlaid.scheduling.traces import Trace, TraceRequest
 
 _EOS = 0
 _TOKEN = 1
+_MAX_STEPS_WITHOUT_TOKENS = 10_000  # far beyond any chunked prefill: the scheduler livelocks
 
 
 class SimulationStuckError(RuntimeError):
-    """Work is left but the scheduler plans nothing and no request will arrive: a deadlock."""
+    """Work is left but the scheduler plans nothing and no request will arrive (a
+    deadlock), or it plans steps that never produce a token (a livelock)."""
 
 
 @dataclass
@@ -123,6 +125,7 @@ class Simulator:
         max_adapters = 0
         max_blocks = 0
         next_arrival = 0
+        steps_without_tokens = 0
         bar = None
         if progress:
             from tqdm import tqdm
@@ -170,6 +173,9 @@ class Simulator:
                     sampled.append(SampledToken(seq_id=chunk.seq_id, token_id=_EOS if last else _TOKEN))
             result = StepResult(step_id=plan.step_id, sampled=sampled, num_tokens=features.tokens, compute_seconds=seconds)
             update = self.scheduler.process_result(result, sequences)
+            steps_without_tokens = 0 if update.new_tokens else steps_without_tokens + 1
+            if steps_without_tokens > _MAX_STEPS_WITHOUT_TOKENS:
+                raise SimulationStuckError(f"{steps_without_tokens} steps without a token at t={self.now:.1f} s")
             for seq, _ in update.new_tokens:
                 records[seq.seq_id].token_times.append(self.now)
             for seq in update.finished:

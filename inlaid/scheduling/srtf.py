@@ -1,24 +1,29 @@
-"""The `inlaid` policy: shortest predicted remaining work first, with aging, task grouping
-and an optional fairness bound.
+"""The `inlaid` policy: first tokens first, then shortest predicted remaining work, with
+task grouping, aging and an optional fairness bound.
 
-Ranking, best first (the scheduler enforces KV blocks, slots, budgets and β on it):
+Ranking, best first (the scheduler enforces seats, token budget, KV blocks, device slots
+and β on it; a running request it does not reach keeps its KV blocks, paused):
 
-1. running sequences, fewest predicted remaining tokens first (so a KV preemption takes
-   the one with the most work left); running work is not paused for new arrivals;
-2. overdue waiting requests (waited `max_wait_s` or more), oldest first: nothing ranked
-   below an overdue request may be admitted before it, so no request waits much longer
-   than `max_wait_s` plus the time running work needs to make room for it;
-3. with `fairness_bound` > 0: waiting requests of tasks whose service counter (VTC: input
-   + 2 x output tokens) lags the most-served active task by more than the bound, most
-   lagging task first;
-4. every other waiting request by its key: predicted remaining output tokens
+1. overdue requests, oldest first: no progress for `max_wait_s` (never scheduled, or
+   paused that long). Once overdue, a request stays first until it finishes, and nothing
+   ranked below an overdue request is admitted before it: no request starves;
+2. with `fairness_bound` > 0, the requests of tasks served more than the bound beyond the
+   least-served backlogged task (VTC counters: input + 2 x output tokens) go last;
+3. new requests, in arrival order (`first_token_first`): a prefill is cheap next to the
+   decode steps it is waiting behind, and a first token early is what a user sees;
+4. the rest (decodes, and preempted requests) by key: predicted remaining output tokens
    + `prefill_weight` x prompt tokens still to compute - `aging_tokens_per_s` x seconds
-   waited - a bonus when its adapter is already in the running batch or resident in a
-   device slot (grouping: fewer adapters per step, fewer loads).
+   without progress - a bonus for an adapter computed in the last step or resident in a
+   slot. With `group_by_adapter`, adapters are ranked by the summed urgency (1 / key) of
+   their requests and each adapter's requests go together (grouping: more rows per
+   adapter, fewer adapters per step). With `preemptive`, decodes are ranked with the
+   waiting work, so a shorter request pauses a longer one; otherwise running requests
+   keep their seats.
 
-At most β = `max_adapters_per_step` distinct adapters per step; base-model rows never
-count, and an adapter past the β-th is never refused forever: once its request is overdue
-it closes admission for everything below it, the running adapters drain, and it runs.
+At most β = `max_adapters_per_step` distinct adapters per step (base-model rows never
+count): a LoRA segment costs the CPU executor ~18 ms per step whatever its size
+(`bench/results/sched_cost.md`). An adapter past the β-th is never refused forever: its
+request becomes overdue, ranks first, and its adapter enters the next step.
 """
 
 from __future__ import annotations
@@ -38,18 +43,21 @@ if TYPE_CHECKING:
 
 @dataclass
 class InlaidOptions:
-    max_adapters_per_step: int = 0  # β; 0 = no bound beyond the device slots
-    max_wait_s: float = 60.0  # aging bound: overdue after this many seconds of waiting
+    # Defaults: tuned on the simulator sweep for the CPU executor (docs/scheduling.md).
+    max_adapters_per_step: int = 8  # β; 0 = no bound beyond the device slots
+    max_wait_s: float = 120.0  # aging bound: overdue after this many seconds without progress
     aging_tokens_per_s: float = 0.0  # soft aging: each second waited counts as this many tokens less
-    prefill_weight: float = 0.05  # decode-step equivalents of one prompt token (the cost model's ratio)
-    batch_bonus_tokens: float = 2.0  # key bonus when the adapter is already in the running batch
+    prefill_weight: float = 0.006  # decode steps one prompt token costs (the CPU cost model's ratio)
+    batch_bonus_tokens: float = 2.0  # key bonus when the adapter computed in the last step
     resident_bonus_tokens: float = 1.0  # key bonus when the adapter sits in a device slot
     fairness_bound: float = 0.0  # VTC units (tokens of service); 0 = no fairness bound
-    preemptive: bool = False  # rank running work with waiting work: a shorter request pauses a longer one
+    first_token_first: bool = True  # new requests' prefills first (arrival order), then decodes shortest first
+    preemptive: bool = True  # decodes ranked with waiting work: a shorter one pauses a longer one (KV kept)
+    group_by_adapter: bool = True  # adapters ranked by their requests' urgency, each adapter's requests together
     max_prefill_tokens_per_step: int = 0  # prompt tokens per step; 0 = the engine's token budget
     predictor: str = "model"  # model (hashed ridge, learns online) | task-mean (the ablation)
     predictor_state: str = ""  # .npz the predictor loads at start and saves on close ("" = none)
-    predictor_refit_every: int = 64  # finished requests between refits
+    predictor_refit_every: int = 64  # finished requests between full refits (0: online steps only)
 
     def validate(self) -> None:
         if self.max_adapters_per_step < 0:
@@ -79,40 +87,62 @@ class InlaidPolicy(SchedulingPolicy):
         self.service = ServiceCounters() if options.fairness_bound > 0 else None
         self._scheduler: Scheduler | None = None
         self._last_step_adapters: set[str] = set()
+        # Once overdue, a request stays overdue until it finishes: the overdue are served in
+        # arrival order, and that order never flips (two overdue requests could otherwise
+        # preempt each other in turn, each taking the step the other just got).
+        self._overdue: set[int] = set()
 
     def attach(self, scheduler: "Scheduler") -> None:
         self._scheduler = scheduler
 
     # ------------------------------------------------------------------ ranking
     def order(self, running: list[Sequence], waiting: list[Sequence], now: float) -> list[Sequence]:
-        in_batch = self._last_step_adapters
-        lagging_tasks = self._lagging_tasks(running) if self.service is not None else {}
-        candidates = running + waiting if self.options.preemptive else waiting
-        overdue, lagging, rest = [], [], []
-        for seq in candidates:
-            if self._waited(seq, now) >= self.options.max_wait_s:
-                overdue.append(seq)
-            elif lagging_tasks and task_key(seq) in lagging_tasks:
-                lagging.append(seq)
+        ahead = self._tasks_ahead() if self.service is not None else set()
+        overdue, fresh, ongoing, rest, held_back = [], [], [], [], []
+        for seq in running + waiting:
+            if seq.seq_id in self._overdue or self._waited(seq, now) >= self.options.max_wait_s:
+                self._overdue.add(seq.seq_id)
+                overdue.append(seq)  # a waiting request, or a running one paused that long
+            elif ahead and task_key(seq) in ahead:
+                held_back.append(seq)
+            elif self.options.first_token_first and seq.first_scheduled_at is None:
+                fresh.append(seq)
+            elif seq.status is SequenceStatus.RUNNING and not self.options.preemptive:
+                ongoing.append(seq)
             else:
                 rest.append(seq)
         overdue.sort(key=lambda s: (s.arrival_time, s.seq_id))
-        keys = {id(s): self._key(s, now, in_batch) for s in lagging + rest}
-        lagging.sort(key=lambda s: (lagging_tasks[task_key(s)], keys[id(s)]))
-        rest.sort(key=lambda s: keys[id(s)])
-        if self.options.preemptive:
-            return overdue + lagging + rest
-        return sorted(running, key=remaining_tokens) + overdue + lagging + rest
+        fresh.sort(key=lambda s: (s.arrival_time, s.seq_id))
+        ongoing.sort(key=remaining_tokens)
+        keys = {id(s): self._key(s, now) for s in rest + held_back}
+        rest = self._ranked(rest, keys)
+        held_back = self._ranked(held_back, keys)
+        return overdue + fresh + ongoing + rest + held_back
+
+    def _ranked(self, seqs: list[Sequence], keys: dict[int, float]) -> list[Sequence]:
+        seqs.sort(key=lambda s: keys[id(s)])
+        return self._grouped(seqs, keys) if self.options.group_by_adapter else seqs
+
+    @staticmethod
+    def _grouped(ranked: list[Sequence], keys: dict[int, float]) -> list[Sequence]:
+        """Adapters by the sum of their requests' urgencies (1 / key: an adapter with many
+        short requests first), each adapter's requests together, shortest first."""
+        groups: dict[str | None, list[Sequence]] = {}
+        for seq in ranked:
+            groups.setdefault(seq.adapter, []).append(seq)
+        score = {a: sum(1.0 / max(keys[id(s)], 1.0) for s in members) for a, members in groups.items()}
+        return [s for a in sorted(groups, key=lambda a: -score[a]) for s in groups[a]]
 
     def _waited(self, seq: Sequence, now: float) -> float:
-        """Seconds without progress: since arrival for a request never scheduled, since its
-        last step for a paused one (running sequences are ranked only when preemptive)."""
+        """Seconds without progress: since arrival for a request never scheduled (or
+        preempted), since its last step for a running one (paused when it is long)."""
         if seq.last_scheduled_at is None or seq.status is not SequenceStatus.RUNNING:
             return now - seq.arrival_time
         return now - seq.last_scheduled_at
 
-    def _key(self, seq: Sequence, now: float, in_batch: set[str]) -> float:
+    def _key(self, seq: Sequence, now: float) -> float:
         options = self.options
+        in_batch = self._last_step_adapters
         key = remaining_tokens(seq) + options.prefill_weight * seq.num_pending_tokens
         key -= options.aging_tokens_per_s * self._waited(seq, now)
         if seq.adapter is not None and self._scheduler is not None:
@@ -122,35 +152,28 @@ class InlaidPolicy(SchedulingPolicy):
                 key -= options.resident_bonus_tokens
         return key
 
-    def _lagging_tasks(self, running: list[Sequence]) -> dict[str, float]:
-        """Backlogged tasks more than `fairness_bound` behind the most-served active task,
-        with their counters."""
+    def _tasks_ahead(self) -> set[str]:
+        """Backlogged tasks served more than `fairness_bound` beyond the least-served
+        backlogged task: their requests go last until the others catch up."""
         assert self.service is not None
-        backlogged = self.service.backlogged()
-        if not backlogged:
-            return {}
-        active = set(backlogged) | {task_key(s) for s in running}
-        top = max(self.service.counter(t) for t in active)
-        bound = self.options.fairness_bound
-        return {t: self.service.counter(t) for t in backlogged if top - self.service.counter(t) > bound}
+        counters = {t: self.service.counter(t) for t in self.service.backlogged()}
+        if len(counters) < 2:
+            return set()
+        floor = min(counters.values())
+        return {t for t, c in counters.items() if c - floor > self.options.fairness_bound}
 
     def is_overdue(self, seq: Sequence, now: float) -> bool:
-        return self._waited(seq, now) >= self.options.max_wait_s
+        return seq.seq_id in self._overdue or self._waited(seq, now) >= self.options.max_wait_s
 
     # ------------------------------------------------------------------ learning
     def on_arrival(self, seq: Sequence, now: float) -> None:
         predict_on_arrival(self.length_model, seq)
         if self.service is not None:
-            self.service.start_waiting(seq)
+            self.service.arrive(seq)
 
     def on_admit(self, seq: Sequence, now: float) -> None:
         if self.service is not None:
-            self.service.stop_waiting(seq)
             self.service.charge_admission(seq)
-
-    def on_preempt(self, seq: Sequence, now: float) -> None:
-        if self.service is not None:
-            self.service.start_waiting(seq)
 
     def on_plan(self, plan: BatchPlan, planned: list[tuple[Sequence, int]], now: float) -> None:
         self._last_step_adapters = {seq.adapter for seq, _ in planned if seq.adapter is not None}
@@ -160,9 +183,10 @@ class InlaidPolicy(SchedulingPolicy):
             self.service.charge_token(seq)
 
     def on_finish(self, seq: Sequence, now: float) -> None:
+        self._overdue.discard(seq.seq_id)
         learn_on_finish(self.length_model, seq)
         if self.service is not None:
-            self.service.forget(seq)
+            self.service.finish(seq)
 
     def close(self) -> None:
         close = getattr(self.length_model, "close", None)

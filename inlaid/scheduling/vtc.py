@@ -1,8 +1,8 @@
 """`vtc`: Virtual Token Counter fair scheduling (Sheng et al., OSDI 2024), as a baseline.
 
 Running requests keep running; waiting requests are admitted task by task, always from
-the backlogged task with the least service so far (its counter, see `ServiceCounters`),
-oldest request of that task first. Within one step the order charges each admitted
+the task with the least service so far (its counter, see `ServiceCounters`), oldest
+request of that task first. Within one step the order charges each admitted
 request's prompt tentatively, so several tasks interleave as VTC's admission loop does.
 """
 
@@ -51,17 +51,13 @@ class VtcPolicy(SchedulingPolicy):
         return ordered
 
     def on_arrival(self, seq: Sequence, now: float) -> None:
-        self.service.start_waiting(seq)
+        self.service.arrive(seq)
 
     def on_admit(self, seq: Sequence, now: float) -> None:
-        self.service.stop_waiting(seq)
         self.service.charge_admission(seq)
-
-    def on_preempt(self, seq: Sequence, now: float) -> None:
-        self.service.start_waiting(seq)
 
     def on_token(self, seq: Sequence, now: float) -> None:
         self.service.charge_token(seq)
 
     def on_finish(self, seq: Sequence, now: float) -> None:
-        self.service.forget(seq)
+        self.service.finish(seq)
