@@ -142,7 +142,7 @@ def compare(argv: list[str] | None = None) -> dict:
             same_length = sum(len(r.token_times) == t.output_tokens for r, t in zip(real_records, trace.requests))
             runs[label] = {
                 "real": summarize(real_records, warmup_fraction=0.05),
-                "sim": summarize(sim.requests, sim.steps, warmup_fraction=0.05),
+                "sim": summarize(sim.requests, sim.steps, warmup_fraction=0.05, service_gap=sim.service_gap),
                 "cost_model_on_real_steps": _step_errors(steps, cost, ranks, shape.block_size),
                 "outputs_as_recorded": same_length / len(trace.requests),
             }

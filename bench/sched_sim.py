@@ -71,7 +71,7 @@ def _run(job: dict) -> dict:
     policy = make_variant(variants[job["policy"]], _context["cost"], _context["shape"], _context["history"])
     started = time.perf_counter()
     result = simulate(trace, policy, _context["cost"], _context["shape"], _context["prompts"])
-    summary = summarize(result.requests, result.steps, warmup_fraction=0.05)
+    summary = summarize(result.requests, result.steps, warmup_fraction=0.05, service_gap=result.service_gap)
     summary.pop("jct_by_task")
     return {**job, "wall_s": time.perf_counter() - started, "simulated_s": summary["makespan_s"], **summary}
 

@@ -20,7 +20,7 @@ from inlaid.predictor import TaskMeanPredictor
 from inlaid.protocol import BatchPlan, SamplingParams
 from inlaid.scheduling.cost_model import StepCostModel
 from inlaid.scheduling.estimates import remaining_tokens
-from inlaid.scheduling.metrics import service_gap, summarize
+from inlaid.scheduling.metrics import summarize
 from inlaid.scheduling.registry import make_policy
 from inlaid.scheduling.simulator import EngineShape, simulate
 from inlaid.scheduling.suite import SuiteRecord
@@ -260,7 +260,7 @@ def test_fairness_bounds_hold_where_fifo_and_srtf_let_a_task_fall_behind():
                                  ("fair", "inlaid", {"max_wait_s": 1e9, "fairness_bound": bound})]:
         result = simulate(trace, make_policy(name, options, length_model=model if name == "inlaid" else None), COST, shape)
         _check_outputs(trace, result)
-        gaps[label] = service_gap(result.requests)
+        gaps[label] = result.service_gap
     largest_request = 40 + 2 * 40
     assert gaps["vtc"] <= 2 * largest_request * shape.max_num_seqs
     assert gaps["fair"] <= bound + 2 * largest_request * shape.max_num_seqs

@@ -7,7 +7,7 @@ import pytest
 
 from inlaid.protocol import BatchPlan, ChunkPlan, SamplingParams
 from inlaid.scheduling.cost_model import FEATURE_NAMES, StepCostModel, StepFeatures, fit_cost_model
-from inlaid.scheduling.metrics import RequestRecord, StepRecord, load_records, save_records, service_gap, summarize
+from inlaid.scheduling.metrics import RequestRecord, ServiceGapMeter, StepRecord, load_records, save_records, summarize
 from inlaid.scheduling.suite import SuiteRecord
 from inlaid.scheduling.traces import Trace, TraceSpec, generate_trace, popularity_weights
 
@@ -81,14 +81,25 @@ def test_summary_metrics_on_a_hand_computed_run(tmp_path):
     assert load_records(tmp_path / "r.jsonl") == records
 
 
-def test_service_gap_counts_input_plus_twice_output_between_backlogged_tasks():
-    # a's first request is admitted at t=0 (a: 10) and served tokens at t=1 and t=2.
-    records = [_record("0", "a", 0.0, 0.0, [1.0, 2.0], prompt=10), _record("1", "b", 0.5, 3.0, [4.0], prompt=10),
-               _record("2", "a", 0.6, 3.5, [5.0], prompt=10)]
-    # b arrives at 0.5 while a is backlogged (a: 10): lifted to 10. a's second request does
-    # not lift a (a is still backlogged). a earns 2 + 2 (a: 14), then b's prompt is charged
-    # at t=3 (b: 20) while a's second request waits: the largest gap is 20 - 14 = 6.
-    assert service_gap(records, sample_every_s=0.1) == pytest.approx(6.0)
+def test_service_gap_meter_counts_input_plus_twice_output_between_backlogged_tasks():
+    meter = ServiceGapMeter(sample_every_s=0.0)
+    # t=1: a's request computed (prompt 10, first token); b waits. b was never served: it
+    # is lifted to nobody's counter (nobody was backlogged before).
+    meter.step(1.0, backlogged={"b"}, prompts={"a": 10}, tokens={"a": 1})
+    assert (meter.counters["a"], meter.counters["b"]) == (12.0, 0.0) and meter.worst == 0.0  # one backlogged: no gap
+    # t=2: a gets a second request that waits (a backlogged, lifted to min(b) = 0: stays 12),
+    # a's first request earns 2 more.
+    meter.step(2.0, backlogged={"a", "b"}, prompts={}, tokens={"a": 1})
+    assert meter.counters["a"] == 14.0 and meter.worst == 14.0
+    # t=3: b's request runs (prompt 30 + a token): b leaves the backlog; a stays.
+    meter.step(3.0, backlogged={"a"}, prompts={"b": 30}, tokens={"b": 1})
+    # t=4: b is backlogged again (a new request): lifted to min over staying ones = a's 14,
+    # but its own 32 is higher, so it keeps 32; the gap is 32 - 14.
+    meter.step(4.0, backlogged={"a", "b"}, prompts={}, tokens={})
+    assert (meter.counters["a"], meter.counters["b"]) == (14.0, 32.0) and meter.worst == 18.0
+    # A task that returns after idling is lifted: c comes in at the least backlogged counter.
+    meter.step(5.0, backlogged={"a", "b", "c"}, prompts={}, tokens={})
+    assert meter.counters["c"] == 14.0 and meter.worst == 18.0
 
 
 def test_cost_model_recovers_known_coefficients():

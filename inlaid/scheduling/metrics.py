@@ -7,8 +7,8 @@ token (mean, p50, p99), job completion time per task, SLO attainment (latency wi
 multiple of the request's isolated latency, and S-LoRA's absolute first-token SLO), the
 longest wait before a request was first scheduled and the longest stall between two of
 its tokens (starvation shows here), tasks touched per step, adapter loads per second, and
-the VTC fairness figure: the largest gap in service (input + 2 x output tokens) between
-two backlogged tasks, with VTC's lift for tasks that return from idle.
+the VTC fairness figure (`ServiceGapMeter`): the largest gap in service (input + 2 x
+output tokens) between two backlogged tasks, with VTC's lift for tasks that return.
 """
 
 from __future__ import annotations
@@ -95,9 +95,11 @@ def summarize(
     slo_scales: Iterable[float] = DEFAULT_SLO_SCALES,
     ttft_slo_s: float = DEFAULT_TTFT_SLO_S,
     warmup_fraction: float = 0.0,
+    service_gap: float | None = None,
 ) -> dict[str, Any]:
     """Every metric of one run. `warmup_fraction`: leave the first arrivals out of the
-    latency figures (the queue starts empty); throughput and fairness use every request."""
+    latency figures (the queue starts empty); throughput uses every request.
+    `service_gap`: the run's `ServiceGapMeter.worst` (the simulator measures it)."""
     done = [r for r in requests if r.finished and r.token_times]
     ordered = sorted(done, key=lambda r: r.arrival_s)
     measured = ordered[int(len(ordered) * warmup_fraction):]
@@ -126,7 +128,7 @@ def summarize(
         "ttft_slo_attainment": _share([r.ttft_s <= ttft_slo_s for r in measured]),
         "ttft_slo_s": ttft_slo_s,
         "jct_by_task": _jct_by_task(measured),
-        "fairness_max_service_gap": service_gap(requests),
+        "fairness_max_service_gap": math.nan if service_gap is None else service_gap,
     }
     if steps:
         adapters = [s.adapters for s in steps]
@@ -153,49 +155,51 @@ def _jct_by_task(requests: Sequence[RequestRecord]) -> dict[str, float]:
     return {task: float(np.mean(values)) for task, values in sorted(by_task.items())}
 
 
-def service_gap(requests: Sequence[RequestRecord], input_weight: float = 1.0, output_weight: float = 2.0,
-                sample_every_s: float = 1.0) -> float:
-    """VTC's fairness figure: the largest difference of service counters between two
-    backlogged tasks (with unfinished requests), sampled every `sample_every_s` seconds.
+class ServiceGapMeter:
+    """VTC's fairness figure, measured step by step: the largest difference of service
+    (input + 2 x output tokens) between two backlogged tasks.
 
-    Service: a request's prompt when it is first admitted, `output_weight` per token. A
+    A task is backlogged while one of its unfinished requests was not computed in a step
+    (queued, or paused by the scheduler): VTC's definition, with pauses counted as waits.
+    A prompt is charged when its request is first computed, each token when sampled. A
     task that becomes backlogged again is lifted to the least counter of the backlogged
-    tasks (or of the last task that left the backlog), as VTC does."""
-    events: list[tuple[float, int, str, float]] = []  # (time, order, task, charge); 0 arrive 1 admit 2 token 3 finish
-    for r in requests:
-        if r.admitted_s is None or r.finish_s is None:
-            continue
-        task = "<base>" if r.task is None else r.task
-        events.append((r.arrival_s, 0, task, 0.0))
-        events.append((r.admitted_s, 1, task, input_weight * r.prompt_tokens))
-        events.extend((t, 2, task, output_weight) for t in r.token_times)
-        events.append((r.finish_s, 3, task, 0.0))
-    events.sort(key=lambda e: (e[0], e[1]))
-    counters: dict[str, float] = defaultdict(float)
-    unfinished: dict[str, int] = {}
-    last_left: str | None = None
-    worst = 0.0
-    next_sample = events[0][0] if events else 0.0
-    for time, kind, task, charge in events:
-        if time >= next_sample:
-            if len(unfinished) > 1:
-                values = [counters[t] for t in unfinished]
-                worst = max(worst, max(values) - min(values))
-            next_sample = time + sample_every_s
-        if kind == 0:
-            if task not in unfinished:
-                floor = min((counters[t] for t in unfinished), default=counters[last_left] if last_left else None)
-                if floor is not None:
-                    counters[task] = max(counters[task], floor)
-            unfinished[task] = unfinished.get(task, 0) + 1
-        elif kind == 3:
-            unfinished[task] -= 1
-            if not unfinished[task]:
-                del unfinished[task]
-                last_left = task
-        else:
-            counters[task] += charge
-    return worst
+    tasks (or of the last task that left the backlog), as VTC does. Only the simulator
+    sees every step; a client cannot see pauses."""
+
+    def __init__(self, input_weight: float = 1.0, output_weight: float = 2.0, sample_every_s: float = 1.0) -> None:
+        self.input_weight = input_weight
+        self.output_weight = output_weight
+        self.sample_every_s = sample_every_s
+        self.counters: dict[str, float] = defaultdict(float)
+        self._backlogged: set[str] = set()
+        self._last_left: str | None = None
+        self._next_sample = -math.inf
+        self.worst = 0.0
+
+    def step(self, now: float, backlogged: set[str], prompts: dict[str, int], tokens: dict[str, int]) -> None:
+        """After a step: tasks with a request left out of it; prompt tokens first computed
+        and tokens sampled in it, per task."""
+        for task, count in prompts.items():
+            self.counters[task] += self.input_weight * count
+        for task, count in tokens.items():
+            self.counters[task] += self.output_weight * count
+        for task in backlogged - self._backlogged:
+            staying = self._backlogged & backlogged
+            if staying:
+                floor = min(self.counters[t] for t in staying)
+            elif self._last_left is not None:
+                floor = self.counters[self._last_left]
+            else:
+                continue
+            self.counters[task] = max(self.counters[task], floor)
+        left = self._backlogged - backlogged
+        if left:
+            self._last_left = max(left, key=lambda t: self.counters[t])
+        self._backlogged = set(backlogged)
+        if now >= self._next_sample and len(backlogged) > 1:
+            values = [self.counters[t] for t in backlogged]
+            self.worst = max(self.worst, max(values) - min(values))
+            self._next_sample = now + self.sample_every_s
 
 
 def save_records(path: str | Path, records: Iterable[RequestRecord]) -> None:

@@ -20,7 +20,7 @@ from inlaid.engine.scheduler import Scheduler, SchedulerLimits, SchedulingPolicy
 from inlaid.engine.sequence import Sequence
 from inlaid.protocol import BatchPlan, SampledToken, SamplingParams, StepResult
 from inlaid.scheduling.cost_model import ChunkShape, StepCostModel, StepFeatures
-from inlaid.scheduling.metrics import RequestRecord, StepRecord
+from inlaid.scheduling.metrics import RequestRecord, ServiceGapMeter, StepRecord
 from inlaid.scheduling.traces import Trace, TraceRequest
 
 _EOS = 0
@@ -51,6 +51,7 @@ class SimulationResult:
     steps: list[StepRecord]
     max_distinct_adapters: int  # the largest number of adapters one step computed
     max_blocks_used: int
+    service_gap: float  # VTC's fairness figure (ServiceGapMeter)
 
 
 def isolated_latency(request: TraceRequest, rank: int, cost: StepCostModel, shape: EngineShape) -> float:
@@ -126,6 +127,7 @@ class Simulator:
         max_blocks = 0
         next_arrival = 0
         steps_without_tokens = 0
+        fairness = ServiceGapMeter()
         bar = None
         if progress:
             from tqdm import tqdm
@@ -160,10 +162,13 @@ class Simulator:
             steps.append(StepRecord(self.now, seconds, len(plan.chunks), features.tokens, features.adapters, features.loads))
             max_adapters = max(max_adapters, features.adapters)
             max_blocks = max(max_blocks, self.shape.num_kv_blocks - self.scheduler.blocks.num_free_blocks)
+            first_prompts: dict[str, int] = {}
             for chunk in plan.chunks:
                 record = records[chunk.seq_id]
                 if record.admitted_s is None:
                     record.admitted_s = self.now
+                    task = requests[chunk.seq_id].task or "<base>"
+                    first_prompts[task] = first_prompts.get(task, 0) + record.prompt_tokens
             self.now += seconds
             sampled = []
             for chunk in plan.chunks:
@@ -176,8 +181,14 @@ class Simulator:
             steps_without_tokens = 0 if update.new_tokens else steps_without_tokens + 1
             if steps_without_tokens > _MAX_STEPS_WITHOUT_TOKENS:
                 raise SimulationStuckError(f"{steps_without_tokens} steps without a token at t={self.now:.1f} s")
+            sampled_by_task: dict[str, int] = {}
             for seq, _ in update.new_tokens:
                 records[seq.seq_id].token_times.append(self.now)
+                task = seq.adapter or "<base>"
+                sampled_by_task[task] = sampled_by_task.get(task, 0) + 1
+            computed = {chunk.seq_id for chunk in plan.chunks}
+            left_out = {s.adapter or "<base>" for i, s in sequences.items() if i not in computed and not s.is_finished}
+            fairness.step(self.now, left_out, first_prompts, sampled_by_task)
             for seq in update.finished:
                 record = records[seq.seq_id]
                 record.finish_s = self.now
@@ -188,7 +199,7 @@ class Simulator:
         if bar:
             bar.close()
         self.scheduler.policy.close()
-        return SimulationResult(records, steps, max_adapters, max_blocks)
+        return SimulationResult(records, steps, max_adapters, max_blocks, fairness.worst)
 
 
 def simulate(trace: Trace, policy: SchedulingPolicy, cost: StepCostModel, shape: EngineShape | None = None,

@@ -52,6 +52,7 @@ class InlaidOptions:
     resident_bonus_tokens: float = 1.0  # key bonus when the adapter sits in a device slot
     fairness_bound: float = 0.0  # VTC units (tokens of service); 0 = no fairness bound
     first_token_first: bool = True  # new requests' prefills first (arrival order), then decodes shortest first
+    first_token_after_s: float = 10.0  # ... once they waited this long (0: at once): SRTF decides before
     preemptive: bool = True  # decodes ranked with waiting work: a shorter one pauses a longer one (KV kept)
     group_by_adapter: bool = True  # adapters ranked by their requests' urgency, each adapter's requests together
     max_prefill_tokens_per_step: int = 0  # prompt tokens per step; 0 = the engine's token budget
@@ -62,7 +63,7 @@ class InlaidOptions:
     def validate(self) -> None:
         if self.max_adapters_per_step < 0:
             raise ValueError("max_adapters_per_step must be >= 0 (0 = no bound)")
-        for name in ("max_wait_s", "aging_tokens_per_s", "prefill_weight", "fairness_bound"):
+        for name in ("max_wait_s", "aging_tokens_per_s", "prefill_weight", "fairness_bound", "first_token_after_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.max_wait_s == 0:
@@ -105,7 +106,8 @@ class InlaidPolicy(SchedulingPolicy):
                 overdue.append(seq)  # a waiting request, or a running one paused that long
             elif ahead and task_key(seq) in ahead:
                 held_back.append(seq)
-            elif self.options.first_token_first and seq.first_scheduled_at is None:
+            elif (self.options.first_token_first and seq.first_scheduled_at is None
+                  and now - seq.arrival_time >= self.options.first_token_after_s):
                 fresh.append(seq)
             elif seq.status is SequenceStatus.RUNNING and not self.options.preemptive:
                 ongoing.append(seq)
