@@ -40,6 +40,7 @@ def _variant(label: str):
 
 
 def _run_server(label: str, trace, prompts, options: dict, threads: int, workdir: Path) -> tuple[list, list]:
+    """Start a server with the variant's policy, replay `trace`, stop it; records and step log."""
     from inlaid.scheduling.replay import replay_trace
     from inlaid.scheduling.step_log import read_step_log
     from inlaid.serve.launcher import ServerProcess
@@ -90,6 +91,7 @@ def compare(argv: list[str] | None = None) -> dict:
     parser.add_argument("--popularity", default="zipf")
     parser.add_argument("--threads", type=int, default=1, help="executor threads (as the cost model was measured)")
     parser.add_argument("--policies", default=",".join(VARIANTS))
+    parser.add_argument("--calibration-requests", type=int, default=40)
     args = parser.parse_args(argv)
 
     from inlaid.engine.adapter_config import read_adapter_spec
@@ -112,13 +114,23 @@ def compare(argv: list[str] | None = None) -> dict:
     spec = TraceSpec(rate=1.0, num_requests=args.requests, cv=args.cv, num_tasks=len(ranks), popularity=args.popularity,
                      suite_task_names=True, seed=11)
     base_trace = generate_trace(spec, [r for r in records if r.split == "eval"], ranks)
-    capacity = summarize(simulate(base_trace.scaled(1000.0), make_variant(_variant("fifo"), cost, shape), cost, shape,
-                                  prompts).requests)["throughput_rps"]
+    workdir = Path(tempfile.mkdtemp(prefix="inlaid-sched-real-"))
+    # Calibration: a burst on a FIFO server says how much slower this machine's steps are
+    # than the cost model (CPU time, quiet machine); the simulation of the comparison runs
+    # at that speed, so that both sides see the same load.
+    burst = base_trace.scaled(1000.0)
+    burst = type(burst)(burst.requests[:args.calibration_requests], burst.tasks, burst.meta)
+    (workdir / "calibration").mkdir()
+    _, calibration_steps = _run_server("fifo", burst, prompts, {}, args.threads, workdir / "calibration")
+    raw_error = _step_errors(calibration_steps, cost, ranks, shape.block_size)
+    slowdown = 1.0 / (1.0 + raw_error["total_bias"])
+    machine_cost = cost.scaled(slowdown)
+    capacity = summarize(simulate(base_trace.scaled(1000.0), make_variant(_variant("fifo"), machine_cost, shape),
+                                  machine_cost, shape, prompts).requests)["throughput_rps"]
     trace = base_trace.scaled(args.load * capacity)
     trace.save(RESULTS / "sched_trace_real.jsonl")
-    isolated = [isolated_latency(r, ranks.get(r.task or "", 0), cost, shape) for r in trace.requests]
+    isolated = [isolated_latency(r, ranks.get(r.task or "", 0), machine_cost, shape) for r in trace.requests]
 
-    workdir = Path(tempfile.mkdtemp(prefix="inlaid-sched-real-"))
     state = workdir / "predictor-calib.npz"
     seeded = length_model("model", history)
     assert isinstance(seeded, OnlineLengthPredictor)
@@ -138,12 +150,13 @@ def compare(argv: list[str] | None = None) -> dict:
                 record.isolated_s = seconds
             sim_options = {k: v for k, v in options.items() if k != "predictor_state"}
             sim_variant = type(variant)(variant.label, variant.policy, sim_options, variant.length_model)
-            sim = simulate(trace, make_variant(sim_variant, cost, shape, history), cost, shape, prompts)
+            sim = simulate(trace, make_variant(sim_variant, machine_cost, shape, history), machine_cost, shape, prompts)
             same_length = sum(len(r.token_times) == t.output_tokens for r, t in zip(real_records, trace.requests))
             runs[label] = {
                 "real": summarize(real_records, warmup_fraction=0.05),
                 "sim": summarize(sim.requests, sim.steps, warmup_fraction=0.05, service_gap=sim.service_gap),
                 "cost_model_on_real_steps": _step_errors(steps, cost, ranks, shape.block_size),
+                "calibrated_cost_model_on_real_steps": _step_errors(steps, machine_cost, ranks, shape.block_size),
                 "outputs_as_recorded": same_length / len(trace.requests),
             }
             print(label, json.dumps({k: runs[label]["real"]["latency_s"]["mean"] for k in ("real",)}), flush=True)
@@ -152,6 +165,7 @@ def compare(argv: list[str] | None = None) -> dict:
     report = {"machine_loadavg_before": load_before, "machine_loadavg_after": os.getloadavg(),
               "wall_s": time.perf_counter() - started, "trace": trace.summary(), "load": args.load,
               "simulated_capacity_rps": capacity, "threads": args.threads, "cost_model": cost.description,
+              "calibration": {"requests": args.calibration_requests, "slowdown": slowdown, "raw_error": raw_error},
               "runs": runs}
     (RESULTS / "sched_real.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     from sched_report import plot_real, write_real_markdown

@@ -100,6 +100,11 @@ class StepCostModel:
             total += value * getattr(features, name)
         return total
 
+    def scaled(self, factor: float) -> "StepCostModel":
+        """Every step `factor` times as long (a machine slower than the one measured)."""
+        return StepCostModel({k: v * factor for k, v in self.coefficients.items()}, self.overhead_s * factor,
+                             f"{self.description}, scaled x{factor:.2f}")
+
     def save(self, path: str | Path) -> None:
         record = {"coefficients": self.coefficients, "overhead_s": self.overhead_s, "description": self.description}
         Path(path).write_text(json.dumps(record, indent=1) + "\n")
