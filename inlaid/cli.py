@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "quantize": ("inlaid.quant.cli", "quantize a base model (MLGPTQ and baselines)"),
     "serve": ("inlaid.serve.cli", "run the server"),
     "client": ("inlaid.client.cli", "talk to a running server"),
+    "http": ("inlaid.http.cli", "run the OpenAI-compatible HTTP front alone"),
 }
 
 

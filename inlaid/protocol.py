@@ -175,6 +175,12 @@ class GetStats(msgspec.Struct, frozen=True, kw_only=True, tag="stats"):
     request_id: str
 
 
+class GetMetrics(msgspec.Struct, frozen=True, kw_only=True, tag="metrics"):
+    """The server's Prometheus metrics (text exposition format 0.0.4)."""
+
+    request_id: str
+
+
 class AddTask(msgspec.Struct, frozen=True, kw_only=True, tag="add_task"):
     """Admin: register (or replace) task `name` served by the PEFT adapter in `adapter_dir`."""
 
@@ -192,7 +198,7 @@ class RemoveTask(msgspec.Struct, frozen=True, kw_only=True, tag="remove_task"):
     token: str = ""
 
 
-ClientRequest = Hello | Generate | Cancel | ListTasks | Health | GetStats | AddTask | RemoveTask
+ClientRequest = Hello | Generate | Cancel | ListTasks | Health | GetStats | GetMetrics | AddTask | RemoveTask
 
 
 class ErrorCode:
@@ -284,11 +290,17 @@ class ServerStats(msgspec.Struct, frozen=True, kw_only=True, tag="stats_reply"):
     mean_step_gap_seconds: float  # coordinator time between a result and the next plan
 
 
+class MetricsReply(msgspec.Struct, frozen=True, kw_only=True, tag="metrics_reply"):
+    request_id: str
+    text: str  # Prometheus text exposition format 0.0.4
+
+
 class AdminReply(msgspec.Struct, frozen=True, kw_only=True, tag="admin_reply"):
     request_id: str
     message: str
 
 
 ServerReply = (
-    HelloReply | TextChunk | GenerateDone | ErrorReply | TaskList | HealthReply | ServerStats | AdminReply
+    HelloReply | TextChunk | GenerateDone | ErrorReply | TaskList | HealthReply | ServerStats | MetricsReply
+    | AdminReply
 )

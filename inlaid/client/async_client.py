@@ -34,11 +34,13 @@ from inlaid.protocol import (
     ErrorReply,
     Generate,
     GenerateDone,
+    GetMetrics,
     GetStats,
     Health,
     HealthReply,
     HelloReply,
     ListTasks,
+    MetricsReply,
     RemoveTask,
     SamplingParams,
     ServerReply,
@@ -264,6 +266,10 @@ class AsyncClient:
 
     async def stats(self, timeout_s: float | None = None) -> ServerStats:
         return await self._call(GetStats(request_id=self._ids.next()), ServerStats, timeout_s)
+
+    async def metrics(self, timeout_s: float | None = None) -> str:
+        """The server's Prometheus metrics, text exposition format."""
+        return (await self._call(GetMetrics(request_id=self._ids.next()), MetricsReply, timeout_s)).text
 
     async def add_task(self, name: str, adapter_dir: str, timeout_s: float | None = None) -> str:
         message = AddTask(request_id=self._ids.next(), name=name, adapter_dir=adapter_dir, token=self.admin_token or "")

@@ -2,7 +2,7 @@
 
     inlaid client generate "The capital of France is" --task qa --max-tokens 16 --stream
     inlaid client generate "Hi there" --chat
-    inlaid client health | stats | tasks
+    inlaid client health | stats | tasks | metrics
     INLAID_ADMIN_TOKEN=... inlaid client add-task sentiment /srv/adapters/sentiment
 """
 
@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions.add_parser("health", help="is the server up and its executor ready")
     actions.add_parser("stats", help="server counters and step timings")
     actions.add_parser("tasks", help="list the tasks (adapters) served")
+    actions.add_parser("metrics", help="the server's Prometheus metrics (text format)")
     add = actions.add_parser("add-task", help="admin: add a task (needs $INLAID_ADMIN_TOKEN)")
     add.add_argument("name")
     add.add_argument("adapter_dir")
@@ -85,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
                     _print(tasks, True)
                 for task in tasks if not args.json else []:
                     print(f"{task.name}\t{task.adapter_dir}\t{task.active_requests} active")
+            elif args.action == "metrics":
+                print(client.metrics(), end="")
             elif args.action == "add-task":
                 print(client.add_task(args.name, args.adapter_dir))
             elif args.action == "remove-task":

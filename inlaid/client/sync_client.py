@@ -31,11 +31,13 @@ from inlaid.protocol import (
     ErrorReply,
     Generate,
     GenerateDone,
+    GetMetrics,
     GetStats,
     Health,
     HealthReply,
     HelloReply,
     ListTasks,
+    MetricsReply,
     RemoveTask,
     SamplingParams,
     ServerReply,
@@ -251,6 +253,10 @@ class Client:
 
     def stats(self, timeout_s: float | None = None) -> ServerStats:
         return self._call(GetStats(request_id=self._ids.next()), ServerStats, timeout_s)
+
+    def metrics(self, timeout_s: float | None = None) -> str:
+        """The server's Prometheus metrics, text exposition format."""
+        return self._call(GetMetrics(request_id=self._ids.next()), MetricsReply, timeout_s).text
 
     def add_task(self, name: str, adapter_dir: str, timeout_s: float | None = None) -> str:
         message = AddTask(request_id=self._ids.next(), name=name, adapter_dir=adapter_dir, token=self.admin_token or "")

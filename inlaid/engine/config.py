@@ -137,13 +137,22 @@ class EngineConfig:
     max_lora_slots: int = 8
     max_lora_rank: int = 64
     threads: int | None = None
+    # Replay decode steps from captured graphs (inlaid/engine/cuda_graphs.py). On the CPU the
+    # same bookkeeping runs eagerly (for tests; slower than off).
+    cuda_graphs: bool = False
+
+    def context_length(self, model: ModelConfig) -> int:
+        """The longest sequence served: max_model_len, capped by what the model supports."""
+        limit = min(model.max_position_embeddings, model.sliding_window or 1 << 62)
+        return min(self.max_model_len or limit, limit)
 
     def validate(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks", "max_lora_slots"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not isinstance(self.pack_weights, bool):
-            raise ValueError(f"pack_weights must be true or false, got {self.pack_weights!r}")
+        for name in ("pack_weights", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.max_lora_rank < 1:
             raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         for name in ("dtype", "weight_dtype"):

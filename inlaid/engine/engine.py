@@ -73,8 +73,7 @@ class Engine:
         self.runner = runner
         self.model_config = ModelConfig.from_dir(config.model_dir)
         self.tokenizer = Tokenizer(config.model_dir)
-        context_limit = min(self.model_config.max_position_embeddings, self.model_config.sliding_window or 1 << 62)
-        self.max_model_len = min(config.max_model_len or context_limit, context_limit)
+        self.max_model_len = config.context_length(self.model_config)
         self.scheduler = Scheduler(
             SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
             BlockManager(config.num_kv_blocks, config.block_size),

@@ -14,6 +14,7 @@ import torch
 
 from inlaid.engine.adapter_config import AdapterSpec, read_adapter_spec
 from inlaid.engine.config import EngineConfig, ModelConfig
+from inlaid.engine.cuda_graphs import DecodeGraphs
 from inlaid.engine.lora import LoraBatch, LoraLinear, install_adapter, load_adapter_tensors
 from inlaid.engine.model import AttentionGroup, ForwardBatch, LlamaModel
 from inlaid.engine.sampler import sample_tokens
@@ -50,7 +51,9 @@ class _AdapterCopy:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, host_adapter_cache: int = 64) -> None:
+    def __init__(self, config: EngineConfig, host_adapter_cache: int = 64, model: LlamaModel | None = None) -> None:
+        """`model`: an already built model for `config` (benchmarks with random weights);
+        by default it is loaded from the config's directories."""
         config.validate()
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -60,14 +63,16 @@ class ModelRunner:
         self.weight_dtype = self.dtype if config.weight_dtype == "auto" else resolve_dtype(config.weight_dtype, self.device)
         self.model_config = ModelConfig.from_dir(config.model_dir)
         weights_dir = config.quantized_dir or config.model_dir
-        self.model: LlamaModel = load_model(
+        self.model: LlamaModel = model if model is not None else load_model(
             self.model_config, weights_dir, self.dtype, self.device, config.quant_kernel, self.weight_dtype
         )
         self.model.eval()
         mc = self.model_config
+        # With decode graphs, one block past the scheduler's blocks takes the padding rows' writes.
+        num_blocks = config.num_kv_blocks + (1 if config.cuda_graphs else 0)
         self.kv_caches = [
             tuple(
-                torch.zeros(config.num_kv_blocks, config.block_size, mc.num_kv_heads, mc.head_dim, dtype=self.dtype, device=self.device)
+                torch.zeros(num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim, dtype=self.dtype, device=self.device)
                 for _ in range(2)
             )
             for _ in range(mc.num_layers)
@@ -86,6 +91,17 @@ class ModelRunner:
         self._host_adapters: OrderedDict[str, _AdapterCopy] = OrderedDict()
         self._host_adapter_cache = host_adapter_cache
         self.slot_contents: dict[int, str] = {}  # slot -> adapter path (for introspection and tests)
+        self.decode_graphs: DecodeGraphs | None = None
+        if config.cuda_graphs:
+            self.decode_graphs = DecodeGraphs.for_runner(
+                self.model, self.kv_caches, max_num_seqs=config.max_num_seqs, max_context=config.context_length(mc),
+                block_size=config.block_size, num_kv_blocks=config.num_kv_blocks)
+
+    @torch.inference_mode()
+    def capture_cuda_graphs(self) -> list[int]:
+        """Capture every decode graph now (the executor calls this at start on CUDA); returns
+        the captured batch sizes. Without `EngineConfig.cuda_graphs`, captures nothing."""
+        return self.decode_graphs.capture() if self.decode_graphs is not None else []
 
     # ------------------------------------------------------------------ adapters
     def load_adapter(self, slot: int, name: str, path: str) -> None:
@@ -101,6 +117,8 @@ class ModelRunner:
         self._host_adapters.move_to_end(path)
         install_adapter(self.linears, copy.spec, copy.tensors, slot, self.config.max_lora_rank)
         self.slot_contents[slot] = path
+        if self.decode_graphs is not None:
+            self.decode_graphs.weights_changed()
 
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
@@ -125,8 +143,12 @@ class ModelRunner:
             self.load_adapter(load.slot, load.name, load.path)
         # Tokens of one adapter are made contiguous so that they form one LoRA segment.
         chunks = sorted(plan.chunks, key=lambda chunk: chunk.adapter_slot)
-        batch, last_token_rows = self._build_batch(chunks)
-        hidden = self.model(batch, self.kv_caches)
+        hidden = self.decode_graphs.run(chunks) if self.decode_graphs is not None else None
+        if hidden is not None:  # a decode step replayed from a graph: chunk i on row i
+            last_token_rows = list(range(len(chunks)))
+        else:
+            batch, last_token_rows = self._build_batch(chunks)
+            hidden = self.model(batch, self.kv_caches)
         sampled = [(chunk, row) for chunk, row in zip(chunks, last_token_rows) if chunk.sample]
         rows = torch.tensor([row for _, row in sampled], dtype=torch.long, device=self.device)
         logits = self.model.logits(hidden[rows])

@@ -1,4 +1,5 @@
-"""`inlaid serve --config FILE`: run the coordinator (which starts its executor)."""
+"""`inlaid serve --config FILE`: run the coordinator (which starts its executor), and the
+HTTP front and the metrics port when the config asks for them."""
 
 from __future__ import annotations
 
@@ -38,13 +39,45 @@ def serve(config) -> int:  # type: ignore[no-untyped-def]
     from inlaid.serve.config import load_policy
     from inlaid.serve.coordinator import Coordinator
 
+    log = logging.getLogger("inlaid.coordinator")
+
     async def main() -> int:
         try:
             coordinator = Coordinator(config, policy=load_policy(config.policy, config.scheduler))
         except (ModelLoadError, ValueError) as error:
-            logging.getLogger("inlaid.coordinator").critical("cannot start", extra={"error": str(error)})
+            log.critical("cannot start", extra={"error": str(error)})
             return 2
-        return await coordinator.run()
+        metrics_server = front = None
+
+        def close_metrics_port() -> None:
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
+
+        try:
+            # Bound before serving, so that a port in use fails the start with its reason.
+            if config.metrics is not None:
+                from prometheus_client import start_http_server
+
+                metrics_server, _ = start_http_server(config.metrics.port, addr=config.metrics.host,
+                                                      registry=coordinator.metrics.registry)
+            if config.http is not None:
+                from inlaid.http.process import HttpFrontProcess
+
+                front = HttpFrontProcess(config.address, config.http, config.log_level, config.log_format)
+                front.bind()
+        except OSError as error:
+            log.critical("cannot listen", extra={"error": str(error)})
+            close_metrics_port()
+            return 2
+        if front is not None:
+            front.start()
+        try:
+            return await coordinator.run()
+        finally:  # after the drain: the front's in-flight responses have their answers
+            if front is not None:
+                await front.stop()
+            close_metrics_port()
 
     try:
         import uvloop

@@ -23,6 +23,12 @@ predictor_state = "/var/lib/inlaid/predictor.npz"
 
 [tasks]
 sentiment = "/srv/inlaid/adapters/sentiment"
+
+[http]                    # optional: the OpenAI-compatible front (docs/http.md), /metrics included
+port = 8000
+
+[metrics]                 # optional: /metrics on a port of its own (e.g. when there is no [http])
+port = 9464
 ```
 
 Relative paths are resolved against the file's directory.
@@ -38,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from inlaid.engine.config import EngineConfig
+from inlaid.http.settings import HttpConfig, check_listen_address
 from inlaid.protocol import DEFAULT_MAX_FRAME_BYTES
 
 
@@ -52,6 +59,14 @@ class ServerLimits:
     step_timeout_s: float = 300.0  # a step running longer means a hung executor: restart it
     executor_start_timeout_s: float = 600.0  # model load
     shutdown_grace_s: float = 30.0  # SIGTERM: how long in-flight requests may finish
+
+
+@dataclass
+class MetricsConfig:
+    """Prometheus metrics served by the coordinator itself on host:port (path /metrics)."""
+
+    port: int
+    host: str = "127.0.0.1"
 
 
 @dataclass
@@ -70,6 +85,8 @@ class ServerConfig:
     # SchedulingPolicy (called with no arguments)
     policy: str = "fifo"
     scheduler: dict[str, Any] = field(default_factory=dict)  # the built-in policy's options
+    http: HttpConfig | None = None  # the OpenAI-compatible front, started with the server
+    metrics: MetricsConfig | None = None
 
     def validate(self) -> None:
         self.engine.validate()
@@ -105,6 +122,12 @@ class ServerConfig:
                               f"got {self.policy!r}")
         elif self.scheduler:
             raise ConfigError("[scheduler] options apply to the built-in policies only")
+        if self.http is not None:
+            self.http.validate(self.allow_public_bind)
+        if self.metrics is not None:
+            check_listen_address("metrics", self.metrics.host, self.metrics.port, self.allow_public_bind)
+            if self.http is not None and (self.metrics.host, self.metrics.port) == (self.http.host, self.http.port):
+                raise ConfigError("[metrics] and [http] cannot share a port (the front serves /metrics itself)")
 
 
 def load_policy(spec: str, options: dict[str, Any] | None = None) -> Any:
@@ -135,6 +158,9 @@ def load_policy(spec: str, options: dict[str, Any] | None = None) -> Any:
 def check_task_name(name: str) -> None:
     if not name or len(name) > 128 or not all(c.isalnum() or c in "-_." for c in name):
         raise ConfigError(f"task name {name!r}: use 1-128 letters, digits, '-', '_' or '.'")
+    if name.startswith("__") and name.endswith("__"):
+        # The metrics label the base model and unknown tasks `__base__` and `__unknown__`.
+        raise ConfigError(f"task name {name!r}: names of the form '__name__' are reserved")
 
 
 _ENGINE_FIELDS = {f.name for f in fields(EngineConfig)} - {"model_dir", "quantized_dir"}
@@ -165,7 +191,7 @@ def load_config(path: str | Path) -> ServerConfig:
 
 def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> ServerConfig:
     base_dir = base_dir or Path.cwd()
-    unknown_sections = set(raw) - {"model", "executor", "server", "tasks", "scheduler"}
+    unknown_sections = set(raw) - {"model", "executor", "server", "tasks", "scheduler", "http", "metrics"}
     if unknown_sections:
         raise ConfigError(f"unknown config sections: {sorted(unknown_sections)}")
     model = _section(raw, "model")
@@ -179,6 +205,14 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Serve
     _reject_unknown("model", model, {"dir", "quantized_dir"})
     _reject_unknown("executor", executor, _ENGINE_FIELDS)
     _reject_unknown("server", server, _SERVER_KEYS)
+    http = _section(raw, "http") if "http" in raw else None
+    metrics = _section(raw, "metrics") if "metrics" in raw else None
+    if http is not None:
+        _reject_unknown("http", http, {f.name for f in fields(HttpConfig)})
+    if metrics is not None:
+        _reject_unknown("metrics", metrics, {f.name for f in fields(MetricsConfig)})
+        if "port" not in metrics:
+            raise ConfigError("[metrics] needs a port")
 
     if "dir" not in model:
         from inlaid.models.prepare import default_model_dir
@@ -213,6 +247,8 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Serve
         allow_public_bind=bool(server.get("allow_public_bind", False)),
         policy=str(server.get("policy", "fifo")),
         scheduler=scheduler,
+        http=HttpConfig(**http) if http is not None else None,
+        metrics=MetricsConfig(**metrics) if metrics is not None else None,
     )
     try:
         config.validate()

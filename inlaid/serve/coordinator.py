@@ -38,12 +38,14 @@ from inlaid.protocol import (
     ErrorCode,
     ErrorReply,
     Generate,
+    GetMetrics,
     GetStats,
     Health,
     HealthReply,
     Hello,
     HelloReply,
     ListTasks,
+    MetricsReply,
     RemoveTask,
     TaskInfo,
     TaskList,
@@ -51,6 +53,7 @@ from inlaid.protocol import (
 )
 from inlaid.serve.config import ServerConfig
 from inlaid.serve.frames import decode_client_frames
+from inlaid.serve.metrics import ServerMetrics
 from inlaid.serve.requests import ActiveRequest, RequestKey
 from inlaid.serve.stats import server_stats
 from inlaid.serve.supervisor import ExecutorLostError, ExecutorStepError, ExecutorSupervisor
@@ -92,6 +95,8 @@ class Coordinator:
         self.exit_code = 0
         self.step_gaps: deque[float] = deque(maxlen=256)
         self.counters = {"received": 0, "finished": 0, "failed": 0, "overloaded": 0, "steps": 0, "tokens": 0}
+        self.metrics = ServerMetrics(self.engine, self.registry.tasks, self._by_engine_id, lambda: self.supervisor,
+                                     {"version": SERVER_VERSION, "model": os.path.basename(config.engine.model_dir)})
 
     # ================================================================== lifecycle
     async def run(self) -> int:
@@ -215,7 +220,9 @@ class Coordinator:
                 result = await self.supervisor.execute(plan)
                 last_result_at = time.perf_counter()
                 self.counters["steps"] += 1
-                self._deliver(self.engine.finish_step(result))
+                outputs = self.engine.finish_step(result)
+                self.metrics.on_step(plan, result, outputs)
+                self._deliver(outputs)
             except ExecutorLostError:
                 continue  # the supervisor's watcher fails the running requests and restarts it
             except ExecutorStepError as error:
@@ -243,7 +250,7 @@ class Coordinator:
             if output.finished:
                 self._send(request.identity, request.done_message(output.finish_reason or "stop"))
                 self.counters["finished"] += 1
-                self._forget(request)
+                self._forget(request, output.finish_reason or "stop")
                 log.debug("request finished", extra={"request_id": request.request_id, "task": request.task,
                                                      "tokens": len(request.token_ids),
                                                      "seconds": round(now - request.received_at, 4)})
@@ -269,8 +276,9 @@ class Coordinator:
         future = self._front.send_multipart([identity, self._encoder.encode(message)])
         future.add_done_callback(_consume_exception)
 
-    def _error(self, identity: bytes, request_id: str, code: str, message: str) -> None:
+    def _error(self, identity: bytes, request_id: str, code: str, message: str) -> str:
         self._send(identity, ErrorReply(request_id=request_id, code=code, message=message))
+        return code
 
     def _handle(self, identity: bytes, body: list[bytes]) -> None:
         message = decode_client_frames(body, self.limits.max_frame_bytes)
@@ -287,6 +295,8 @@ class Coordinator:
         elif isinstance(message, GetStats):
             self._send(identity, server_stats(message.request_id, self.engine, self.supervisor, self.counters,
                                               list(self.step_gaps)))
+        elif isinstance(message, GetMetrics):
+            self._send(identity, MetricsReply(request_id=message.request_id, text=self.metrics.exposition()))
         elif isinstance(message, ListTasks):
             self._send(identity, TaskList(request_id=message.request_id, tasks=[
                 TaskInfo(name=name, adapter_dir=path, active_requests=self.registry.active[name])
@@ -296,6 +306,14 @@ class Coordinator:
 
     # ------------------------------------------------------------------ generate / cancel
     def _on_generate(self, identity: bytes, message: Generate) -> None:
+        rejection = self._admit(identity, message)
+        if rejection is None:
+            self.metrics.on_admitted(self.requests[(identity, message.request_id)])
+        else:
+            self.metrics.on_rejected(message.task, rejection)
+
+    def _admit(self, identity: bytes, message: Generate) -> str | None:
+        """Start the request, or answer it with an error; returns that error's code."""
         request_id = message.request_id
         key = (identity, request_id)
         self.counters["received"] += 1
@@ -355,7 +373,7 @@ class Coordinator:
         self.engine.abort(request.engine_id)
         self._send(identity, request.done_message("cancelled"))
         self.counters["finished"] += 1
-        self._forget(request)
+        self._forget(request, "cancelled")
 
     def _on_deadline(self, key: RequestKey) -> None:
         request = self.requests.get(key)
@@ -368,10 +386,11 @@ class Coordinator:
         self.engine.abort(request.engine_id)  # frees its KV blocks; a no-op when already gone
         self._error(request.identity, request.request_id, code, message)
         self.counters["failed"] += 1
-        self._forget(request)
+        self._forget(request, code)
         log.info("request failed", extra={"request_id": request.request_id, "code": code, "reason": message})
 
-    def _forget(self, request: ActiveRequest) -> None:
+    def _forget(self, request: ActiveRequest, outcome: str) -> None:
+        self.metrics.on_finished(request, outcome)
         if request.deadline is not None:
             request.deadline.cancel()
         self.requests.pop(request.key, None)

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +45,23 @@ def to_toml(config: dict[str, dict[str, Any]]) -> str:
 
 
 class ServerProcess:
-    """A running `inlaid serve`; logs go to `log_path`."""
+    """A running `inlaid serve` (or `command`, given the same `--config FILE`: another server
+    speaking the protocol, such as bench/baselines/hf_peft_server.py); logs go to `log_path`.
+    A config with an `[http]` section gets a free port for the front unless it names one
+    (`http_url` is its base URL)."""
 
-    def __init__(self, config: dict[str, dict[str, Any]], workdir: str | Path | None = None) -> None:
+    def __init__(self, config: dict[str, dict[str, Any]], workdir: str | Path | None = None,
+                 command: list[str] | None = None) -> None:
         self._owns_workdir = workdir is None  # removed after a clean exit; kept for post-mortems
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="inlaid-server-"))
         server = dict(config.get("server", {}))
         server.setdefault("address", f"tcp://127.0.0.1:{free_tcp_port()}")
         config = {**config, "server": server}
+        self.http_url: str | None = None
+        if "http" in config:
+            http = {"port": free_tcp_port(), **config["http"]}
+            config["http"] = http
+            self.http_url = f"http://{http.get('host', '127.0.0.1')}:{http['port']}"
         self.address: str = server["address"]
         self.admin_token: str | None = server.get("admin_token")
         self.config_path = self.workdir / "server.toml"
@@ -58,7 +69,7 @@ class ServerProcess:
         self.log_path = self.workdir / "server.log"
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "inlaid.cli", "serve", "--config", str(self.config_path)],
+            [*(command or [sys.executable, "-m", "inlaid.cli", "serve"]), "--config", str(self.config_path)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -80,10 +91,20 @@ class ServerProcess:
                     raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.logs()[-4000:]}")
                 try:
                     client.wait_ready(timeout_s=min(2.0, max(0.1, deadline - time.monotonic())))
-                    return
+                    if self.http_url is None or self._http_ready():
+                        return
+                    time.sleep(0.1)
                 except TimeoutError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"the server was not ready in {timeout_s:.0f} s:\n{self.logs()[-4000:]}")
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the server was not ready in {timeout_s:.0f} s:\n{self.logs()[-4000:]}")
+
+    def _http_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/health", timeout=2.0) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
 
     def logs(self) -> str:
         if not self._log.closed:

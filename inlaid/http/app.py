@@ -1,0 +1,212 @@
+"""The OpenAI-compatible ASGI app: routes over one `AsyncClient` shared by every request.
+
+Every task is a model id; the base model's id is the name the server gives in its hello.
+Generation endpoints decode and check the body, then hand over to `generation.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from inlaid.client import AsyncClient, InlaidError, RequestTimeoutError
+from inlaid.http.errors import ApiError, bad_request, from_decode_error, from_inlaid
+from inlaid.http.front_metrics import CLIENT_CLOSED_STATUS, CONTENT_TYPE, HttpMetrics
+from inlaid.http.generation import GenerationResponse
+from inlaid.http.schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadLoraAdapterRequest,
+    ModelCard,
+    ModelList,
+    UnloadLoraAdapterRequest,
+)
+from inlaid.http.settings import HttpConfig
+from inlaid.http.translate import chat_call, completion_call
+from inlaid.protocol import HelloReply
+
+log = logging.getLogger("inlaid.http")
+
+_JSON = "application/json"
+_HEALTH_TIMEOUT_S = 2.0
+
+
+class Front:
+    """What the endpoints share: the SDK client and the server's identity."""
+
+    def __init__(self, address: str, config: HttpConfig) -> None:
+        self.address = address
+        self.config = config
+        self.client = AsyncClient(address, timeout_s=config.request_timeout_s, client_name="inlaid-http")
+        self.started = int(time.time())
+        self._hello_lock = asyncio.Lock()
+
+    async def server(self) -> HelloReply:
+        """The server's hello (model name, context length), asked once per connection."""
+        async with self._hello_lock:
+            if self.client.server is None:
+                await self.client.handshake(timeout_s=min(self.config.request_timeout_s, 30.0))
+            assert self.client.server is not None
+            return self.client.server
+
+    def admin_client(self, request: Request) -> AsyncClient:
+        """A client carrying the caller's Bearer token: the server alone decides on it."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return AsyncClient(self.address, timeout_s=self.config.request_timeout_s, client_name="inlaid-http-admin",
+                           admin_token=token.strip() if scheme.lower() == "bearer" else "")
+
+
+def create_app(address: str, config: HttpConfig) -> HttpMetrics:
+    """The ASGI application (Starlette inside the front's own metrics middleware)."""
+    front = Front(address, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        yield
+        await front.client.close()
+
+    routes = [
+        Route("/v1/completions", _endpoint(front, _completions), methods=["POST"]),
+        Route("/v1/chat/completions", _endpoint(front, _chat_completions), methods=["POST"]),
+        Route("/v1/models", _endpoint(front, _models), methods=["GET"]),
+        Route("/v1/models/{model:path}", _endpoint(front, _model), methods=["GET"]),
+        Route("/v1/load_lora_adapter", _endpoint(front, _load_lora_adapter), methods=["POST"]),
+        Route("/v1/unload_lora_adapter", _endpoint(front, _unload_lora_adapter), methods=["POST"]),
+        Route("/health", _endpoint(front, _health), methods=["GET"]),
+        Route("/metrics", _endpoint(front, _metrics), methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: _http_exception, Exception: _internal_error})
+    metrics = HttpMetrics(app)
+    app.state.http_metrics = metrics
+    return metrics
+
+
+def _endpoint(front: Front, handler: Any) -> Any:
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await handler(front, request)
+        except ApiError as error:
+            return _error_response(error)
+        except InlaidError as error:
+            return _error_response(from_inlaid(error))
+        except ClientDisconnect:  # gone while sending its body: nobody to answer
+            return Response(status_code=CLIENT_CLOSED_STATUS)
+
+    return endpoint
+
+
+def _error_response(error: ApiError, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(error.body(), status_code=error.status, media_type=_JSON,
+                    headers={**error.headers(), **(headers or {})})
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                     code="not_found" if exc.status_code == 404 else None)
+    return _error_response(error, exc.headers)  # a 405 names the allowed methods
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    # Starlette logs the traceback after this answer.
+    return _error_response(ApiError(500, "internal error in the HTTP front", code="internal"))
+
+
+async def _read_json(request: Request, kind: type[Any], max_bytes: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise ApiError(413, f"the request body is larger than {max_bytes} bytes", code="request_too_large")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > max_bytes:
+            raise ApiError(413, f"the request body is larger than {max_bytes} bytes", code="request_too_large")
+    if not body:
+        raise bad_request("the request has no JSON body")
+    try:
+        return msgspec.json.decode(bytes(body), type=kind)
+    except msgspec.MsgspecError as error:
+        raise from_decode_error(error) from None
+
+
+# ---------------------------------------------------------------- endpoints
+
+
+async def _completions(front: Front, request: Request) -> Response:
+    body = await _read_json(request, CompletionRequest, front.config.max_body_bytes)
+    server = await front.server()
+    return GenerationResponse(front.client, completion_call(body, server.model), chat=False)
+
+
+async def _chat_completions(front: Front, request: Request) -> Response:
+    body = await _read_json(request, ChatCompletionRequest, front.config.max_body_bytes)
+    server = await front.server()
+    return GenerationResponse(front.client, chat_call(body, server.model, server.max_model_len), chat=True)
+
+
+async def _model_cards(front: Front) -> list[ModelCard]:
+    server = await front.server()
+    tasks = await front.client.list_tasks()
+    base = ModelCard(id=server.model, created=front.started, owned_by="inlaid", root=server.model, parent=None,
+                     max_model_len=server.max_model_len)
+    return [base] + [ModelCard(id=task.name, created=front.started, owned_by="inlaid", root=task.adapter_dir,
+                               parent=server.model, max_model_len=server.max_model_len)
+                     for task in tasks if task.name != server.model]
+
+
+async def _models(front: Front, request: Request) -> Response:
+    return Response(msgspec.json.encode(ModelList(data=await _model_cards(front))), media_type=_JSON)
+
+
+async def _model(front: Front, request: Request) -> Response:
+    wanted = request.path_params["model"]
+    for card in await _model_cards(front):
+        if card.id == wanted:
+            return Response(msgspec.json.encode(card), media_type=_JSON)
+    raise ApiError(404, f"The model `{wanted}` does not exist.", code="model_not_found", param="model")
+
+
+async def _load_lora_adapter(front: Front, request: Request) -> Response:
+    body = await _read_json(request, LoadLoraAdapterRequest, front.config.max_body_bytes)
+    if body.lora_name == (await front.server()).model:
+        raise bad_request(f"{body.lora_name!r} is the base model's id; choose another name", "lora_name")
+    async with front.admin_client(request) as client:
+        message = await client.add_task(body.lora_name, body.lora_path)
+    log.info("adapter loaded over HTTP", extra={"task": body.lora_name, "result": message})
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+async def _unload_lora_adapter(front: Front, request: Request) -> Response:
+    body = await _read_json(request, UnloadLoraAdapterRequest, front.config.max_body_bytes)
+    async with front.admin_client(request) as client:
+        message = await client.remove_task(body.lora_name)
+    log.info("adapter unloaded over HTTP", extra={"task": body.lora_name, "result": message})
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+async def _health(front: Front, request: Request) -> Response:
+    try:
+        reply = await front.client.health(timeout_s=_HEALTH_TIMEOUT_S)
+    except RequestTimeoutError:
+        return Response(b'{"status":"unreachable"}', status_code=503, media_type=_JSON)
+    body = msgspec.json.encode({"status": reply.status, "executor_ready": reply.executor_ready,
+                                "uptime_seconds": reply.uptime_seconds})
+    return Response(body, status_code=200 if reply.status == "ok" else 503, media_type=_JSON)
+
+
+async def _metrics(front: Front, request: Request) -> Response:
+    server_text = await front.client.metrics(timeout_s=_HEALTH_TIMEOUT_S)
+    own = request.app.state.http_metrics.exposition()
+    return Response(server_text + own, media_type=CONTENT_TYPE)

@@ -1,0 +1,118 @@
+"""`inlaid http`: run the OpenAI-compatible front alone, in front of a running server.
+
+    inlaid http --address tcp://127.0.0.1:5555 --port 8000
+    inlaid http --config server.toml          # the server's address and its [http] section
+
+`inlaid serve` starts the same process itself when its config has an `[http]` section.
+The front holds no model and imports no torch: one uvicorn server, one SDK client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import TYPE_CHECKING
+
+from inlaid.http.settings import HttpConfig
+
+if TYPE_CHECKING:
+    import uvicorn
+
+log = logging.getLogger("inlaid.http")
+
+_PARENT_POLL_S = 0.5
+_GRACEFUL_SHUTDOWN_S = 5  # open streams get this long after SIGTERM
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="a server TOML: take server.address and [http] from it")
+    parser.add_argument("--address", default=None, help="the server's ZeroMQ address (default: $INLAID_ADDRESS "
+                        "or tcp://127.0.0.1:5555)")
+    parser.add_argument("--host", default=None, help=f"listen host (default {HttpConfig.host})")
+    parser.add_argument("--port", type=int, default=None, help=f"listen port (default {HttpConfig.port})")
+    parser.add_argument("--request-timeout", type=float, default=None, help="seconds one generate may take")
+    parser.add_argument("--max-body-bytes", type=int, default=None, help="larger request bodies are refused (413)")
+    parser.add_argument("--allow-public-bind", action="store_true", help="allow a non-loopback listen host")
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", choices=["json", "text"], default="json")
+    # Set by `inlaid serve`: a socket it bound and listens on; the pid to outlive no longer.
+    parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def settings_from_args(args: argparse.Namespace) -> tuple[str, HttpConfig]:
+    """(server address, front settings); ValueError for bad values."""
+    from inlaid.client.messages import DEFAULT_ADDRESS
+
+    address, config, allow_public = DEFAULT_ADDRESS, HttpConfig(), args.allow_public_bind
+    if args.config:
+        from inlaid.serve.config import load_config
+
+        server = load_config(args.config)
+        address, config = server.address, server.http or HttpConfig()
+        allow_public = allow_public or server.allow_public_bind
+    overrides = {"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout,
+                 "max_body_bytes": args.max_body_bytes}
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(config, name, value)
+    config.validate(allow_public)
+    return args.address or address, config
+
+
+def run(args: argparse.Namespace) -> int:
+    from inlaid.serve.logs import setup_logging
+
+    try:
+        address, config = settings_from_args(args)
+    except ValueError as error:
+        print(f"inlaid http: {error}", file=sys.stderr)
+        return 2
+    setup_logging(args.log_level.upper(), args.log_format)
+    logging.getLogger("uvicorn").handlers[:] = logging.getLogger("inlaid").handlers
+    logging.getLogger("uvicorn").propagate = False
+    try:
+        import uvloop
+    except ImportError:  # optional (the `serve` extra); plain asyncio works, slower
+        return asyncio.run(serve(address, config, args.listen_fd, args.parent_pid))
+    return uvloop.run(serve(address, config, args.listen_fd, args.parent_pid))
+
+
+async def serve(address: str, config: HttpConfig, listen_fd: int | None = None, parent_pid: int | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (or until `parent_pid` is gone); the exit code. Listens on
+    `listen_fd` when given (a socket already bound and listening), else on host:port."""
+    import uvicorn
+
+    from inlaid.http.app import create_app
+
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(address, config), host=config.host, port=config.port, http="httptools", lifespan="on",
+        log_config=None, access_log=False, timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
+    ))  # fmt: skip
+    watcher = asyncio.get_running_loop().create_task(_watch_parent(server, parent_pid)) if parent_pid else None
+    # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again for the
+    # handler it found; the front has nothing left to do by then and exits 0.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: None)
+    sockets = [socket.socket(fileno=listen_fd)] if listen_fd is not None else None
+    log.info("http front starting", extra={"listen": f"{config.host}:{config.port}", "server": address,
+                                           "pid": os.getpid()})
+    try:
+        await server.serve(sockets=sockets)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+    log.info("http front stopped", extra={"pid": os.getpid()})
+    return 0
+
+
+async def _watch_parent(server: uvicorn.Server, parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        await asyncio.sleep(_PARENT_POLL_S)
+    log.warning("the server that started this front is gone; exiting")
+    server.should_exit = True

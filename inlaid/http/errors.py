@@ -1,0 +1,93 @@
+"""Every error the front answers, in OpenAI's error JSON with the matching HTTP status.
+
+`{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}`: the official
+clients read `message` and raise by status (400 BadRequestError, 401 AuthenticationError,
+404 NotFoundError, 409 ConflictError, 429 RateLimitError, 5xx InternalServerError).
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+from inlaid.client import InlaidError
+from inlaid.http.schema import ErrorBody, ErrorResponse
+from inlaid.protocol import ErrorCode
+
+# Inlaid's error code -> (HTTP status, OpenAI error type, the `code` the body carries).
+_BY_CODE: dict[str, tuple[int, str, str]] = {
+    ErrorCode.INVALID_REQUEST: (400, "invalid_request_error", "invalid_request"),
+    ErrorCode.MALFORMED: (400, "invalid_request_error", "malformed"),
+    ErrorCode.UNKNOWN_MESSAGE: (400, "invalid_request_error", "malformed"),
+    ErrorCode.CONTEXT_LENGTH: (400, "invalid_request_error", "context_length_exceeded"),  # OpenAI's code
+    ErrorCode.UNKNOWN_TASK: (404, "invalid_request_error", "model_not_found"),  # OpenAI's code
+    ErrorCode.FRAME_TOO_LARGE: (413, "invalid_request_error", "request_too_large"),
+    ErrorCode.UNAUTHORIZED: (401, "authentication_error", "unauthorized"),
+    ErrorCode.TASK_BUSY: (409, "conflict_error", "task_busy"),
+    ErrorCode.OVERLOADED: (429, "rate_limit_error", "overloaded"),
+    ErrorCode.DEADLINE_EXCEEDED: (504, "server_error", "deadline_exceeded"),
+    ErrorCode.EXECUTOR_FAILED: (500, "server_error", "executor_failed"),
+    ErrorCode.INTERNAL: (500, "server_error", "internal"),
+    ErrorCode.PROTOCOL_VERSION: (502, "server_error", "protocol_version"),
+    ErrorCode.SHUTTING_DOWN: (503, "server_error", "shutting_down"),
+    "timeout": (504, "server_error", "timeout"),  # the SDK's: the server did not answer in time
+    "closed": (503, "server_error", "unavailable"),
+}
+_TYPE_BY_STATUS = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+                   405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error"}
+# Statuses a client should retry after a pause (the official clients honour Retry-After).
+_RETRY_AFTER_S = {429: 1, 503: 1}
+_SERVER_PREFIX = re.compile(r"^\[[a-z_]+\] ")  # the SDK prefixes the code; the body has it apart
+_MSGSPEC_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+_UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `([^`]*)`")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+                 type: str | None = None) -> None:  # noqa: A002 (OpenAI's field name)
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type or _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+    def body(self) -> bytes:
+        return msgspec.json.encode(ErrorResponse(error=ErrorBody(message=self.message, type=self.type,
+                                                                 param=self.param, code=self.code)))
+
+    def headers(self) -> dict[str, str]:
+        headers = {}
+        if self.status in _RETRY_AFTER_S:
+            headers["Retry-After"] = str(_RETRY_AFTER_S[self.status])
+        if self.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return headers
+
+
+def bad_request(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, code="invalid_request", param=param)
+
+
+def from_inlaid(error: InlaidError, model: str | None = None) -> ApiError:
+    """The HTTP form of an SDK error (the server's typed reply, or the SDK's own)."""
+    status, kind, code = _BY_CODE.get(error.code, (500, "server_error", error.code))
+    message = _SERVER_PREFIX.sub("", error.message)
+    if error.code == ErrorCode.UNKNOWN_TASK and model is not None:
+        message = f"The model `{model}` does not exist (no such task on this server). {message}"
+    return ApiError(status, message, code=code, type=kind, param="model" if status == 404 else None)
+
+
+def from_decode_error(error: msgspec.MsgspecError) -> ApiError:
+    """A body msgspec could not decode into the request's Struct."""
+    text = str(error)
+    if isinstance(error, msgspec.DecodeError) and not isinstance(error, msgspec.ValidationError):
+        return bad_request(f"The request body is not valid JSON: {text}")
+    found = _MSGSPEC_PATH.search(text)
+    path = found.group(1) if found and found.group(1) else None
+    unknown = _UNKNOWN_FIELD.match(text)
+    if unknown:
+        name = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+        return bad_request(f"Unrecognized request argument supplied: {name}", param=name)
+    return bad_request(text, param=path)

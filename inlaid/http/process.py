@@ -1,0 +1,115 @@
+"""The HTTP front as a child of `inlaid serve`: bound here, served there, restarted when lost.
+
+`inlaid serve` binds the listening socket itself, so a port in use fails the start at
+once with a clear message, and hands the socket to each front process it starts
+(`--listen-fd`). A front that dies is started again on the same socket: connections that
+arrive meanwhile wait in the socket's backlog instead of being refused. The front runs in
+its own session (a terminal's Ctrl-C reaches the coordinator only, which drains first and
+then stops the front) and exits by itself when the coordinator is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+from inlaid.http.settings import HttpConfig
+
+log = logging.getLogger("inlaid.http")
+
+_BACKLOG = 2048
+_RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+_STABLE_AFTER_S = 30.0  # a front that ran this long restarts without backoff
+
+
+class HttpFrontProcess:
+    def __init__(self, server_address: str, config: HttpConfig, log_level: str, log_format: str) -> None:
+        self.server_address = server_address
+        self.config = config
+        self.log_level = log_level
+        self.log_format = log_format
+        self.restarts = 0
+        self._socket: socket.socket | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def bind(self) -> None:
+        """Listen on the configured host and port (OSError when that is impossible)."""
+        host = self.config.host.strip("[]")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, self.config.port))
+            sock.listen(_BACKLOG)
+        except OSError:
+            sock.close()
+            raise
+        sock.set_inheritable(True)
+        self._socket = sock
+
+    def start(self) -> None:
+        assert self._socket is not None, "bind() first"
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+
+    async def _supervise(self) -> None:
+        failures = 0
+        while not self._stopping:
+            started = time.monotonic()
+            await self._spawn()
+            assert self._process is not None
+            code = await self._process.wait()
+            if self._stopping:
+                return
+            failures = 0 if time.monotonic() - started > _STABLE_AFTER_S else failures + 1
+            delay = _RESTART_BACKOFF_S[min(failures, len(_RESTART_BACKOFF_S)) - 1] if failures else 0.0
+            self.restarts += 1
+            log.error("http front exited; restarting it", extra={"pid": self._process.pid, "returncode": code,
+                                                                 "delay_s": delay, "restarts": self.restarts})
+            await asyncio.sleep(delay)
+
+    async def _spawn(self) -> None:
+        assert self._socket is not None
+        fd = self._socket.fileno()
+        command = [
+            sys.executable, "-m", "inlaid.http",
+            "--address", self.server_address,
+            "--listen-fd", str(fd),
+            "--host", self.config.host,  # for its log lines; the socket is bound here
+            "--port", str(self.config.port),
+            "--allow-public-bind",  # the server config has checked the host already
+            "--request-timeout", str(self.config.request_timeout_s),
+            "--max-body-bytes", str(self.config.max_body_bytes),
+            "--parent-pid", str(os.getpid()),
+            "--log-level", self.log_level,
+            "--log-format", self.log_format,
+        ]  # fmt: skip
+        self._process = await asyncio.create_subprocess_exec(
+            *command, stdin=asyncio.subprocess.DEVNULL, pass_fds=(fd,), start_new_session=True)
+        log.info("http front started", extra={"pid": self._process.pid,
+                                              "listen": f"{self.config.host}:{self.config.port}"})
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM the front (it finishes open responses briefly), SIGKILL past `timeout_s`."""
+        self._stopping = True
+        if self._supervisor is not None:  # first, so that no new front starts meanwhile
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+        process = self._process
+        if process is not None and process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                log.error("http front did not stop in time; killing it", extra={"pid": process.pid})
+                process.kill()
+                await process.wait()
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None

@@ -1,0 +1,38 @@
+"""The HTTP front's settings: the `[http]` section of the server config. Imports nothing
+heavier than the standard library, so the server config and the front can both use it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+
+def check_listen_address(section: str, host: str, port: int, allow_public_bind: bool) -> None:
+    """Raise ValueError unless `host:port` is a usable listening address; hosts beyond
+    this machine need `server.allow_public_bind` (the endpoints carry no credentials)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ValueError(f"{section}.port must be an integer in 1-65535, got {port!r}")
+    if not isinstance(host, str) or not host:
+        raise ValueError(f"{section}.host must be a non-empty string")
+    if host not in LOOPBACK_HOSTS and not allow_public_bind:
+        raise ValueError(f"{section}.host {host!r} is not a loopback address; set server.allow_public_bind = true "
+                         "to listen beyond this machine")
+
+
+@dataclass
+class HttpConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # One generate through the SDK (for a stream: the wait for each next piece).
+    request_timeout_s: float = 600.0
+    max_body_bytes: int = 1 << 20  # larger request bodies: 413
+
+    def validate(self, allow_public_bind: bool) -> None:
+        check_listen_address("http", self.host, self.port, allow_public_bind)
+        timeout = self.request_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"http.request_timeout_s must be a number > 0, got {timeout!r}")
+        size = self.max_body_bytes
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1024:
+            raise ValueError(f"http.max_body_bytes must be an integer >= 1024, got {size!r}")

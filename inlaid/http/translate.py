@@ -1,0 +1,175 @@
+"""OpenAI requests -> the SDK's generate arguments, and the SDK's results -> OpenAI responses.
+
+Only what OpenAI defines and Inlaid cannot do is checked here (n > 1, logprobs, penalties,
+tools, images, ...): sampling values themselves go to the server unchanged and come back
+as the server's own typed errors, so the front and the SDK refuse exactly the same inputs.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from inlaid.client import GenerateResult
+from inlaid.http.errors import bad_request
+from inlaid.http.schema import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatMessageIn,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Usage,
+    GenerationRequest,
+)
+from inlaid.protocol import ChatMessage
+
+# OpenAI's default for the legacy completions endpoint; chat completions default to "as
+# many as fit in the context".
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+_CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# Inlaid's finish reasons -> OpenAI's (the context limit is a length limit to a client).
+_FINISH_REASON = {"stop": "stop", "length": "length", "context": "length"}
+
+
+@dataclass
+class GenerationCall:
+    """What the front asks the server for: one SDK generate per prompt, the same options."""
+
+    model: str
+    task: str | None
+    prompts: list[dict[str, Any]]  # each: {"prompt": ...} or {"prompt_token_ids": ...} or {"messages": ...}
+    options: dict[str, Any]  # the SDK's sampling keyword arguments
+    stream: bool
+    include_usage: bool
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def completion_call(request: CompletionRequest, base_model: str) -> GenerationCall:
+    _refuse_if(request.suffix, "suffix", "suffix (insertion) is not supported")
+    _refuse_if(request.echo, "echo", "echo is not supported")
+    _refuse_if(request.logprobs is not None, "logprobs", "logprobs are not supported")
+    _refuse_if(request.best_of not in (None, 1), "best_of", "best_of must be 1")
+    prompts = _completion_prompts(request.prompt)
+    max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
+    return _call(request, prompts, max_tokens, base_model)
+
+
+def chat_call(request: ChatCompletionRequest, base_model: str, max_model_len: int) -> GenerationCall:
+    _refuse_if(request.logprobs or request.top_logprobs, "logprobs", "logprobs are not supported")
+    _refuse_if(request.tools or request.functions, "tools", "tools and functions are not supported")
+    _refuse_if(request.tool_choice not in (None, "none") or request.function_call not in (None, "none"),
+               "tool_choice", "tool calls are not supported")
+    _refuse_if(request.response_format not in (None, {"type": "text"}), "response_format",
+               "only the text response format is supported")
+    if not request.messages:
+        raise bad_request("messages must hold at least one message", "messages")
+    messages = [_chat_message(i, m) for i, m in enumerate(request.messages)]
+    # max_completion_tokens is OpenAI's newer name. Without a limit, generate until the
+    # context is full (finish_reason "length").
+    max_tokens = next((v for v in (request.max_completion_tokens, request.max_tokens) if v is not None), max_model_len)
+    return _call(request, [{"messages": messages}], max_tokens, base_model)
+
+
+def _call(
+    request: GenerationRequest, prompts: list[dict[str, Any]], max_tokens: int, base_model: str
+) -> GenerationCall:
+    _refuse_if(request.n not in (None, 1), "n", "n must be 1 (send several requests for several choices)")
+    _refuse_if(request.presence_penalty not in (None, 0), "presence_penalty", "presence_penalty is not supported")
+    _refuse_if(request.frequency_penalty not in (None, 0), "frequency_penalty", "frequency_penalty is not supported")
+    _refuse_if(request.logit_bias, "logit_bias", "logit_bias is not supported")
+    _refuse_if(request.stream_options is not None and not request.stream, "stream_options",
+               "stream_options is only allowed with stream=true")
+    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    options: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "temperature": 1.0 if request.temperature is None else request.temperature,  # OpenAI's default
+        "top_p": 1.0 if request.top_p is None else request.top_p,
+        "top_k": 0 if request.top_k in (None, -1) else request.top_k,  # vLLM's -1 and Inlaid's 0: off
+        "seed": request.seed,
+        "stop": stop,
+        "stop_token_ids": list(request.stop_token_ids or []),
+        "ignore_eos": bool(request.ignore_eos),
+    }
+    return GenerationCall(
+        model=request.model,
+        task=None if request.model == base_model else request.model,
+        prompts=prompts,
+        options=options,
+        stream=bool(request.stream),
+        include_usage=bool(request.stream_options and request.stream_options.include_usage),
+    )
+
+
+def _refuse_if(condition: object, param: str, message: str) -> None:
+    if condition:
+        raise bad_request(message, param)
+
+
+def _completion_prompts(prompt: str | list[Any]) -> list[dict[str, Any]]:
+    if isinstance(prompt, str):
+        return [{"prompt": prompt}]
+    if not prompt:
+        raise bad_request("prompt must not be empty", "prompt")
+    if all(isinstance(item, int) for item in prompt):
+        return [{"prompt_token_ids": list(prompt)}]
+    if all(isinstance(item, str) for item in prompt):
+        return [{"prompt": item} for item in prompt]
+    if all(isinstance(item, list) for item in prompt):
+        return [{"prompt_token_ids": item} for item in prompt]
+    raise bad_request("prompt must be a string, a list of strings, a list of token ids, or a list of those lists",
+                      "prompt")
+
+
+def _chat_message(index: int, message: ChatMessageIn) -> ChatMessage:
+    where = f"messages[{index}]"
+    role = _CHAT_ROLES.get(message.role)
+    if role is None:
+        raise bad_request(f"{where}.role {message.role!r} is not supported (use system, developer, user or "
+                          "assistant; tool messages are not supported)", f"{where}.role")
+    if message.tool_calls or message.tool_call_id or message.function_call or message.audio:
+        raise bad_request(f"{where}: tool calls and audio are not supported", where)
+    content = message.content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad_request(f"{where}.content: only text parts ({{'type': 'text', 'text': ...}}) are supported",
+                                  f"{where}.content")
+            texts.append(part["text"])
+        content = "\n".join(texts)
+    if content is None:
+        raise bad_request(f"{where}.content is required", f"{where}.content")
+    return ChatMessage(role=role, content=content)
+
+
+# ---------------------------------------------------------------- results
+
+
+def finish_reason(reason: str) -> str:
+    return _FINISH_REASON.get(reason, reason)
+
+
+def usage(results: list[GenerateResult]) -> Usage:
+    prompt = sum(r.num_prompt_tokens for r in results)
+    completion = sum(len(r.token_ids) for r in results)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def completion_response(call: GenerationCall, results: list[GenerateResult]) -> Completion:
+    choices = [CompletionChoice(index=i, text=r.text, finish_reason=finish_reason(r.finish_reason))
+               for i, r in enumerate(results)]
+    return Completion(id=f"cmpl-{call.request_id}", created=call.created, model=call.model, choices=choices,
+                      usage=usage(results))
+
+
+def chat_response(call: GenerationCall, result: GenerateResult) -> ChatCompletion:
+    choice = ChatChoice(index=0, message=AssistantMessage(content=result.text),
+                        finish_reason=finish_reason(result.finish_reason))
+    return ChatCompletion(id=f"chatcmpl-{call.request_id}", created=call.created, model=call.model,
+                          choices=[choice], usage=usage([result]))

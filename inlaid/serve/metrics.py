@@ -1,0 +1,244 @@
+"""The coordinator's Prometheus metrics. Torch-free.
+
+`ServerMetrics` owns one private `CollectorRegistry`. The coordinator calls it at four
+points of a request's life: admitted or rejected (`on_admitted` / `on_rejected`), every
+step (`on_step`, before the step's text is delivered) and the end of an admitted request
+(`on_finished`). Gauges (queue depth, KV blocks, executor state) are not updated by hooks:
+a collector reads them from the engine and the supervisor when scraped.
+
+Scrapes come from the event loop (the `GetMetrics` message the HTTP front sends) or from
+the optional metrics port's thread. Counters and histograms are thread-safe; the
+collector reads only sizes and integers (single, atomic reads under the GIL), so a scrape
+from the thread never sees a half-updated structure.
+
+Label values are bounded: `task` is a registered task's name, `__base__` for the base
+model, or `__unknown__` for a request naming no registered task (client-chosen names must
+not create series). Task names of that reserved form are refused when registered.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter as Tally
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+from inlaid.engine.engine import Engine, RequestOutput
+from inlaid.protocol import BatchPlan, StepResult
+from inlaid.serve.requests import ActiveRequest
+from inlaid.serve.supervisor import ExecutorSupervisor
+
+BASE_TASK_LABEL = "__base__"
+UNKNOWN_TASK_LABEL = "__unknown__"
+# Outcomes after which a request's latency figures are observed (it ran to its end).
+COMPLETED = frozenset({"stop", "length", "context"})
+
+# Bucket bounds span CPU serving (seconds per token) and GPU serving (milliseconds).
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+_FIRST_TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
+_PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5)
+_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_TASK_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+
+
+@dataclass
+class _TaskSeries:
+    """One task's children of the per-task families, bound once (label lookups cost more
+    than the increments themselves)."""
+
+    prompt_tokens: Counter
+    generation_tokens: Counter
+    duration: Histogram
+    queue: Histogram
+    first_token: Histogram
+    per_output_token: Histogram
+
+
+class ServerMetrics:
+    def __init__(
+        self,
+        engine: Engine,
+        registered_tasks: Mapping[str, str],
+        requests_by_engine_id: Mapping[str, ActiveRequest],
+        supervisor: Callable[[], ExecutorSupervisor | None],
+        server_info: Mapping[str, str],
+    ) -> None:
+        """registered_tasks: the registry's accepting tasks (name -> adapter dir);
+        requests_by_engine_id: the coordinator's in-flight requests, read in `on_step`;
+        supervisor: the current executor supervisor (created after the coordinator)."""
+        self._engine = engine
+        self._tasks = registered_tasks
+        self._requests = requests_by_engine_id
+        self._series: dict[str, _TaskSeries] = {}
+        self._slot_holder: dict[int, str] = {}  # the executor's adapter slots as the plans filled them
+        self._restarts_seen = 0
+        self._supervisor = supervisor
+        # `_created` series double the exposition and no dashboard reads them.
+        disable_created_metrics()
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        task = ["task"]
+        self.requests = Counter("inlaid_requests", "Generate requests by how they ended: a finish reason "
+                                "(stop, length, context, cancelled) or the error code they were answered with",
+                                ["task", "outcome"], registry=registry)
+        self.prompt_tokens = Counter("inlaid_prompt_tokens", "Prompt tokens of admitted requests", task,
+                                     registry=registry)
+        self.generation_tokens = Counter("inlaid_generation_tokens", "Tokens generated", task, registry=registry)
+        self.duration = Histogram("inlaid_request_duration_seconds", "Receipt to the last token, completed requests",
+                                  task, buckets=_LATENCY_BUCKETS, registry=registry)
+        self.queue = Histogram("inlaid_request_queue_seconds", "Receipt to first scheduled, completed requests",
+                               task, buckets=_LATENCY_BUCKETS, registry=registry)
+        self.first_token = Histogram("inlaid_time_to_first_token_seconds", "Receipt to the first generated token",
+                                     task, buckets=_FIRST_TOKEN_BUCKETS, registry=registry)
+        self.per_output_token = Histogram(
+            "inlaid_time_per_output_token_seconds",
+            "Per completed request with 2+ tokens: (last token - first token) / (tokens - 1)",
+            task, buckets=_PER_TOKEN_BUCKETS, registry=registry)  # fmt: skip
+        self.step_duration = Histogram("inlaid_step_duration_seconds", "Plan sent to result received, per step",
+                                       buckets=_STEP_BUCKETS, registry=registry)
+        self.batch_size = Histogram("inlaid_step_batch_size", "Sequences in a step (the running batch)",
+                                    buckets=_BATCH_BUCKETS, registry=registry)
+        self.step_tasks = Histogram("inlaid_step_tasks", "Distinct task adapters in a step (base rows not counted)",
+                                    buckets=_TASK_BUCKETS, registry=registry)
+        self.computed_tokens = Counter("inlaid_computed_tokens", "Tokens the executor computed (prefill + decode, "
+                                       "recomputation after preemption included)", registry=registry)
+        self.adapter_loads = Counter("inlaid_adapter_loads", "Adapters loaded into an executor slot",
+                                     registry=registry)
+        self.adapter_hits = Counter("inlaid_adapter_hits", "Admissions whose adapter was already in a slot",
+                                    registry=registry)
+        self.adapter_evictions = Counter("inlaid_adapter_evictions", "Loads that displaced another registered "
+                                         "adapter from its slot", registry=registry)
+        registry.register(_StateCollector(engine, registered_tasks, supervisor, dict(server_info)))
+
+    # ------------------------------------------------------------------ hooks
+    def on_admitted(self, request: ActiveRequest) -> None:
+        self._task_series(request.task).prompt_tokens.inc(request.num_prompt_tokens)
+
+    def on_rejected(self, task: str | None, code: str) -> None:
+        self.requests.labels(self._label(task), code).inc()
+
+    def on_step(self, plan: BatchPlan, result: StepResult, outputs: list[RequestOutput]) -> None:
+        """After `Engine.finish_step`, before the outputs are delivered (first tokens are
+        recognised by the requests' `first_token_at` still being unset)."""
+        supervisor = self._supervisor()
+        timings = supervisor.timings if supervisor is not None else ()
+        self.step_duration.observe(timings[-1].round_trip_seconds if timings else result.compute_seconds)
+        self.batch_size.observe(len(plan.chunks))
+        self.step_tasks.observe(len({chunk.adapter_slot for chunk in plan.chunks if chunk.adapter_slot >= 0}))
+        self.computed_tokens.inc(result.num_tokens)
+        self._count_adapter_slots(plan, supervisor)
+        now = time.monotonic()
+        generated: Tally[str | None] = Tally()
+        for output in outputs:
+            request = self._requests.get(output.request_id)
+            if request is None or not output.new_token_ids:
+                continue
+            generated[request.task] += len(output.new_token_ids)
+            if request.first_token_at is None:
+                self._task_series(request.task).first_token.observe(now - request.received_at)
+        for task, count in generated.items():
+            self._task_series(task).generation_tokens.inc(count)
+
+    def on_finished(self, request: ActiveRequest, outcome: str) -> None:
+        """An admitted request ended: a finish reason, or the error code it failed with."""
+        self.requests.labels(self._label(request.task), outcome).inc()
+        if outcome not in COMPLETED:
+            return
+        now = time.monotonic()
+        series = self._task_series(request.task)
+        series.duration.observe(now - request.received_at)
+        series.queue.observe((request.scheduled_at or now) - request.received_at)
+        if request.first_token_at is not None and len(request.token_ids) >= 2:
+            series.per_output_token.observe((now - request.first_token_at) / (len(request.token_ids) - 1))
+
+    def exposition(self) -> str:
+        return generate_latest(self.registry).decode()
+
+    # ------------------------------------------------------------------ internals
+    def _label(self, task: str | None) -> str:
+        if task is None:
+            return BASE_TASK_LABEL
+        return task if task in self._tasks or task in self._series else UNKNOWN_TASK_LABEL
+
+    def _task_series(self, task: str | None) -> _TaskSeries:
+        """Only for admitted requests, whose task is registered (or draining)."""
+        key = BASE_TASK_LABEL if task is None else task
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _TaskSeries(
+                prompt_tokens=self.prompt_tokens.labels(key), generation_tokens=self.generation_tokens.labels(key),
+                duration=self.duration.labels(key), queue=self.queue.labels(key),
+                first_token=self.first_token.labels(key), per_output_token=self.per_output_token.labels(key),
+            )  # fmt: skip
+        return series
+
+    def _count_adapter_slots(self, plan: BatchPlan, supervisor: ExecutorSupervisor | None) -> None:
+        # A plan admits a sequence with a chunk starting at position 0 (a new sequence, or
+        # one recomputed after preemption); each adapter load serves one such admission, the
+        # other admissions of adapter rows found their adapter resident.
+        admissions = sum(1 for chunk in plan.chunks if chunk.start_pos == 0 and chunk.adapter_slot >= 0)
+        loads = plan.adapter_loads
+        self.adapter_loads.inc(len(loads))
+        self.adapter_hits.inc(max(0, admissions - len(loads)))
+        restarts = supervisor.restarts if supervisor is not None else 0
+        if restarts != self._restarts_seen:  # a new executor starts with empty slots
+            self._restarts_seen = restarts
+            self._slot_holder.clear()
+        registered = self._engine.scheduler.adapters.paths
+        for load in loads:
+            previous = self._slot_holder.get(load.slot)
+            if previous is not None and previous != load.name and previous in registered:
+                self.adapter_evictions.inc()
+            self._slot_holder[load.slot] = load.name
+
+
+class _StateCollector(Collector):
+    """Gauges read at scrape time from the engine and the supervisor."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        registered_tasks: Mapping[str, str],
+        supervisor: Callable[[], ExecutorSupervisor | None],
+        server_info: dict[str, str],
+    ) -> None:
+        self._engine = engine
+        self._tasks = registered_tasks
+        self._supervisor = supervisor
+        self._info = server_info
+
+    def collect(self) -> Iterator[Metric]:
+        scheduler = self._engine.scheduler
+        blocks = scheduler.blocks
+        supervisor = self._supervisor()
+        stats = supervisor.stats if supervisor is not None else None
+        info = GaugeMetricFamily("inlaid_server_info", "Constant 1; the labels describe the server",
+                                 labels=sorted(self._info))
+        info.add_metric([self._info[key] for key in sorted(self._info)], 1)
+        yield info
+        yield _gauge("inlaid_requests_waiting", "Requests queued, not yet admitted to the running batch",
+                     len(scheduler.waiting))
+        yield _gauge("inlaid_requests_running", "Requests in the running batch", len(scheduler.running))
+        yield _gauge("inlaid_kv_blocks_total", "KV-cache blocks", blocks.num_blocks)
+        yield _gauge("inlaid_kv_blocks_used", "KV-cache blocks held by sequences",
+                     blocks.num_blocks - blocks.num_free_blocks)
+        yield _gauge("inlaid_adapter_slots_total", "Executor adapter slots", scheduler.adapters.num_slots)
+        yield _gauge("inlaid_tasks", "Tasks accepting requests", len(self._tasks))
+        yield _gauge("inlaid_executor_up", "1 when an executor is connected and ready",
+                     int(supervisor is not None and supervisor.ready.is_set()))
+        yield CounterMetricFamily("inlaid_executor_restarts", "Executor processes restarted after a loss",
+                                  value=supervisor.restarts if supervisor is not None else 0)
+        yield _gauge("inlaid_executor_rss_bytes", "Executor resident memory (its last report)",
+                     stats.rss_bytes if stats else 0)
+        yield _gauge("inlaid_executor_device_memory_bytes", "CUDA memory the executor allocated (its last report)",
+                     stats.device_memory_allocated if stats else 0)
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)

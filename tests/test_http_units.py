@@ -1,0 +1,182 @@
+"""The front's parts without a server: the `[http]`/`[metrics]` config sections, OpenAI
+requests -> SDK arguments (OpenAI's defaults, what is refused and why), error bodies."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import msgspec
+import pytest
+
+from inlaid.client import ContextLengthError, OverloadedError, RequestTimeoutError, UnknownTaskError
+from inlaid.http.errors import ApiError, from_decode_error, from_inlaid
+from inlaid.http.front_metrics import route_label
+from inlaid.http.schema import ChatCompletionRequest, CompletionRequest
+from inlaid.http.settings import HttpConfig
+from inlaid.http.translate import chat_call, completion_call
+from inlaid.protocol import ChatMessage
+from inlaid.serve.config import ConfigError, config_from_dict
+
+BASE = "SmolLM2-135M-Instruct"
+
+
+def _config(model_dir, **sections):
+    return config_from_dict({"model": {"dir": str(model_dir)}, **sections})
+
+
+def test_http_and_metrics_sections(model_dir):
+    assert _config(model_dir).http is None and _config(model_dir).metrics is None
+    config = _config(model_dir, http={}, metrics={"port": 9464})
+    assert config.http == HttpConfig() and (config.metrics.host, config.metrics.port) == ("127.0.0.1", 9464)
+    config = _config(model_dir, http={"port": 8080, "request_timeout_s": 30, "max_body_bytes": 4096})
+    assert (config.http.port, config.http.request_timeout_s, config.http.max_body_bytes) == (8080, 30, 4096)
+    public = _config(model_dir, http={"host": "0.0.0.0"}, server={"allow_public_bind": True})
+    assert public.http.host == "0.0.0.0"
+    bad = [
+        ({"http": {"port": 0}}, "http.port"),
+        ({"http": {"port": "8000"}}, "http.port"),
+        ({"http": {"host": "0.0.0.0"}}, "not a loopback address"),
+        ({"http": {"request_timeout_s": 0}}, "request_timeout_s"),
+        ({"http": {"max_body_bytes": 10}}, "max_body_bytes"),
+        ({"http": {"prot": 8000}}, "unknown keys"),
+        ({"metrics": {}}, "needs a port"),
+        ({"metrics": {"port": 8000}, "http": {"port": 8000}}, "cannot share a port"),
+        ({"metrics": {"port": 70000}}, "metrics.port"),
+        ({"tasks": {"__base__": str(model_dir)}}, "reserved"),
+    ]
+    for sections, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            _config(model_dir, **sections)
+
+
+def _completion(**fields) -> CompletionRequest:
+    return msgspec.json.decode(json.dumps({"model": "qa", "prompt": "Hi", **fields}), type=CompletionRequest)
+
+
+def _chat(**fields) -> ChatCompletionRequest:
+    body = {"model": BASE, "messages": [{"role": "user", "content": "Hi"}], **fields}
+    return msgspec.json.decode(json.dumps(body), type=ChatCompletionRequest)
+
+
+def test_openai_defaults_and_sampling_options():
+    call = completion_call(_completion(), BASE)
+    assert call.task == "qa" and call.prompts == [{"prompt": "Hi"}] and not call.stream
+    # OpenAI's defaults: 16 tokens for completions, temperature 1, top_p 1.
+    assert call.options == {"max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": None, "stop": [],
+                            "stop_token_ids": [], "ignore_eos": False}
+    call = completion_call(_completion(max_tokens=5, temperature=0, top_p=0.5, seed=3, stop="\n", top_k=4,
+                                       ignore_eos=True, stop_token_ids=[2], stream=True,
+                                       stream_options={"include_usage": True}), BASE)
+    assert call.options == {"max_tokens": 5, "temperature": 0, "top_p": 0.5, "top_k": 4, "seed": 3, "stop": ["\n"],
+                            "stop_token_ids": [2], "ignore_eos": True}
+    assert call.stream and call.include_usage
+    # Chat: the base model's id means no task; no limit means "until the context is full".
+    chat = chat_call(_chat(), BASE, max_model_len=2048)
+    assert chat.task is None and chat.options["max_tokens"] == 2048
+    assert chat_call(_chat(max_tokens=9), BASE, 2048).options["max_tokens"] == 9
+    assert chat_call(_chat(max_tokens=9, max_completion_tokens=4), BASE, 2048).options["max_tokens"] == 4
+    assert completion_call(_completion(max_tokens=0), BASE).options["max_tokens"] == 0  # the server refuses it
+    assert completion_call(_completion(top_k=-1), BASE).options["top_k"] == 0  # vLLM's "off"
+
+
+def test_prompt_forms_and_chat_messages():
+    assert completion_call(_completion(prompt=[1, 2, 3]), BASE).prompts == [{"prompt_token_ids": [1, 2, 3]}]
+    assert completion_call(_completion(prompt=["a", "b"]), BASE).prompts == [{"prompt": "a"}, {"prompt": "b"}]
+    assert completion_call(_completion(prompt=[[1], [2, 3]]), BASE).prompts == [
+        {"prompt_token_ids": [1]}, {"prompt_token_ids": [2, 3]}]
+    messages = [{"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                {"role": "assistant", "content": "ok", "refusal": None, "tool_calls": None},
+                {"role": "user", "content": "c", "name": "ann"}]
+    call = chat_call(_chat(messages=messages), BASE, 2048)
+    assert call.prompts == [{"messages": [ChatMessage("system", "Be brief."), ChatMessage("user", "a\nb"),
+                                          ChatMessage("assistant", "ok"), ChatMessage("user", "c")]}]
+
+
+REFUSED = [
+    (lambda: completion_call(_completion(n=2), BASE), "n"),
+    (lambda: completion_call(_completion(best_of=2), BASE), "best_of"),
+    (lambda: completion_call(_completion(echo=True), BASE), "echo"),
+    (lambda: completion_call(_completion(suffix="x"), BASE), "suffix"),
+    (lambda: completion_call(_completion(logprobs=1), BASE), "logprobs"),
+    (lambda: completion_call(_completion(frequency_penalty=1), BASE), "frequency_penalty"),
+    (lambda: completion_call(_completion(logit_bias={"1": 2}), BASE), "logit_bias"),
+    (lambda: completion_call(_completion(prompt=[]), BASE), "prompt"),
+    (lambda: completion_call(_completion(prompt=["a", 1]), BASE), "prompt"),
+    (lambda: completion_call(_completion(stream_options={"include_usage": True}), BASE), "stream_options"),
+    (lambda: chat_call(_chat(messages=[]), BASE, 99), "messages"),
+    (lambda: chat_call(_chat(messages=[{"role": "tool", "content": "x"}]), BASE, 99), "messages[0].role"),
+    (lambda: chat_call(_chat(messages=[{"role": "assistant", "tool_calls": [{"id": "1"}]}]), BASE, 99), "messages[0]"),
+    (lambda: chat_call(_chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), BASE, 99),
+     "messages[0].content"),
+    (lambda: chat_call(_chat(tools=[{"type": "function"}]), BASE, 99), "tools"),
+    (lambda: chat_call(_chat(tool_choice="auto"), BASE, 99), "tool_choice"),
+    (lambda: chat_call(_chat(response_format={"type": "json_object"}), BASE, 99), "response_format"),
+    (lambda: chat_call(_chat(top_logprobs=2), BASE, 99), "logprobs"),
+]
+
+
+def test_what_inlaid_cannot_do_is_refused_by_name():
+    for call, param in REFUSED:
+        with pytest.raises(ApiError) as caught:
+            call()
+        assert caught.value.status == 400 and caught.value.param == param
+    # Neutral values of those options are accepted.
+    completion_call(_completion(n=1, best_of=1, echo=False, presence_penalty=0, logit_bias={}), BASE)
+    chat_call(_chat(tool_choice="none", response_format={"type": "text"}, logprobs=False), BASE, 99)
+
+
+def test_error_bodies():
+    def body(error: ApiError) -> dict:
+        return json.loads(error.body())["error"]
+
+    for raw, message, param in [(b'{"model": "m", "prompt": "x", "bogus": 1}', "Unrecognized request argument "
+                                 "supplied: bogus", "bogus"),
+                                (b'{"model": "m", "prompt": "x", "max_tokens": "x"}', "Expected", "max_tokens"),
+                                (b'{"prompt": "x"}', "missing required field `model`", None),
+                                (b'{"model": "m", "prompt": "x", "stream_options": {"x": 1}}', "argument supplied: "
+                                 "stream_options.x", "stream_options.x"),
+                                (b"{oops", "not valid JSON", None)]:
+        with pytest.raises(msgspec.MsgspecError) as caught:
+            msgspec.json.decode(raw, type=CompletionRequest)
+        error = from_decode_error(caught.value)
+        assert error.status == 400 and message in error.message and error.param == param, raw
+    unknown = from_inlaid(UnknownTaskError("[unknown_task] unknown task 'x'", "r1"), model="x")
+    assert (unknown.status, body(unknown)["code"], body(unknown)["param"]) == (404, "model_not_found", "model")
+    assert "The model `x` does not exist" in unknown.message and "[unknown_task]" not in unknown.message
+    busy = from_inlaid(OverloadedError("[overloaded] full", "r1"))
+    assert (busy.status, body(busy)["type"], busy.headers()) == (429, "rate_limit_error", {"Retry-After": "1"})
+    assert from_inlaid(ContextLengthError("[context_length] long", "r")).code == "context_length_exceeded"
+    assert from_inlaid(RequestTimeoutError("no answer")).status == 504
+
+
+def test_the_front_imports_no_torch_and_no_engine():
+    check = ("import sys, inlaid.http.app, inlaid.http.cli, inlaid.http.process; "
+             "heavy = [m for m in ('torch', 'transformers', 'tokenizers', 'inlaid.engine') if m in sys.modules]; "
+             "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", check], check=True)
+
+
+def test_a_port_in_use_fails_the_start_with_its_reason(model_dir, tmp_path):
+    from inlaid.serve.launcher import ServerProcess
+
+    for section in ("http", "metrics"):
+        (tmp_path / section).mkdir()
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            server = ServerProcess({"model": {"dir": str(model_dir)}, "server": {"log_format": "text"},
+                                    section: {"port": port}}, workdir=tmp_path / section)
+            assert server.process.wait(120) == 2
+            assert "cannot listen" in server.logs() and "Address already in use" in server.logs()
+            server.terminate()
+
+
+def test_route_labels_are_bounded():
+    assert route_label("/v1/completions") == "/v1/completions"
+    assert route_label("/v1/models/some-task") == "/v1/models/{model}"
+    assert {route_label(f"/random/{i}") for i in range(100)} == {"other"}
