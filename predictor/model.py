@@ -78,7 +78,7 @@ def _task_key(task: str | None) -> str:
 class LengthPredictor:
     """Ridge regression of log(1 + output tokens) on hashed (task, prompt) features."""
 
-    def __init__(self, bits: int = DEFAULT_BITS, alpha: float = 1.0, prior_tokens: float = DEFAULT_PRIOR_TOKENS,
+    def __init__(self, bits: int = DEFAULT_BITS, alpha: float = 0.3, prior_tokens: float = DEFAULT_PRIOR_TOKENS,
                  learning_rate: float = 0.05) -> None:
         self.hasher = FeatureHasher(bits)
         self.alpha = alpha
@@ -131,7 +131,8 @@ class LengthPredictor:
             return self.fallback.predict(task, prompt_token_ids)
         coef, intercept = weights
         index, value = self.features(task, prompt_token_ids)
-        return float(np.expm1(intercept + float(np.dot(coef[index], value))))
+        # A length is a whole number of tokens, at least one (the end-of-turn token).
+        return float(max(1, round(float(np.expm1(intercept + float(np.dot(coef[index], value)))))))
 
     def observe(self, task: str | None, prompt_token_ids: Sequence[int], output_tokens: int) -> None:
         self.fallback.observe(task, prompt_token_ids, output_tokens)
