@@ -44,7 +44,10 @@ def _records(seed: int = 0) -> list[SuiteRecord]:
 
 POLICIES = {
     "fifo": ("fifo", {}),
-    "inlaid": ("inlaid", {"max_adapters_per_step": 2, "max_wait_s": 3.0, "predictor": "task-mean"}),
+    "inlaid": ("inlaid", {"max_adapters_per_step": 2, "max_wait_s": 3.0, "first_token_after_s": 0.5,
+                          "max_prefill_tokens_per_step": 64, "predictor": "task-mean"}),
+    "inlaid-nonpreemptive": ("inlaid", {"max_adapters_per_step": 2, "max_wait_s": 3.0, "preemptive": False,
+                                        "first_token_first": False, "group_by_adapter": False, "predictor": "task-mean"}),
     "inlaid-fair": ("inlaid", {"max_adapters_per_step": 2, "max_wait_s": 3.0, "fairness_bound": 400.0,
                                "predictor": "task-mean"}),
     "mlfq": ("mlfq", {"starvation_s": 3.0}),
