@@ -40,14 +40,16 @@ def criteria_rows(report: dict, load: float) -> list[str]:
         vtc, fair = runs.get((key, load, "vtc")), runs.get((key, load, "inlaid+fair"))
         if not (fifo and inlaid and mlfq):
             continue
-        slo = inlaid["slo_attainment"][scale] / max(fifo["slo_attainment"][scale], 1e-9)
+        fifo_slo = fifo["slo_attainment"][scale]
+        slo = inlaid["slo_attainment"][scale] / fifo_slo if fifo_slo >= 0.01 else math.inf
         jct = inlaid["latency_s"]["mean"] / fifo["latency_s"]["mean"]
         ttft = inlaid["ttft_s"]["p99"] / fifo["ttft_s"]["p99"]
         ahead = (inlaid["slo_attainment"][scale] >= mlfq["slo_attainment"][scale],
                  inlaid["latency_s"]["mean"] <= mlfq["latency_s"]["mean"])
         gaps = f"{vtc['fairness_max_service_gap']:.0f} / {fair['fairness_max_service_gap']:.0f}" if vtc and fair else "-"
         lines.append(
-            f"| {_config_label(key)} | {_mark(slo >= 2)} {slo:.2f}x ({fifo['slo_attainment'][scale]:.0%} -> "
+            f"| {_config_label(key)} | {_mark(slo >= 2)} {'>100' if slo == math.inf else f'{slo:.2f}'}x "
+            f"({fifo['slo_attainment'][scale]:.0%} -> "
             f"{inlaid['slo_attainment'][scale]:.0%}) | {_mark(jct <= 0.7)} {jct:.2f}x | {_mark(ttft <= 1.0)} {ttft:.2f}x "
             f"| {_mark(all(ahead))} {'yes' if ahead[0] else 'no'}, {'yes' if ahead[1] else 'no'} | "
             f"{fifo['max_wait_s']:.0f} / {inlaid['max_wait_s']:.0f} | {gaps} |")

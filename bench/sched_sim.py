@@ -99,7 +99,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="one configuration, few requests (a smoke run)")
     parser.add_argument("--long-run-s", type=float, default=3600.0, help="simulated seconds of the long run")
     parser.add_argument("--suite-lengths", default=None, help="suite lengths JSONL (default: the committed one)")
+    parser.add_argument("--render", action="store_true", help="rewrite the report and plots from sched_sim.json")
     args = parser.parse_args(argv)
+    if args.render:
+        from sched_report import plot_sweep, write_sim_markdown
+
+        report = json.loads((RESULTS / "sched_sim.json").read_text())
+        write_sim_markdown(report, RESULTS / "sched_sim.md")
+        plot_sweep(report, RESULTS / "sched_sim")
+        return report
     from inlaid.scheduling.experiment import ABLATIONS, MAIN_VARIANTS, prefill_weight
     from inlaid.scheduling.srtf import InlaidOptions
 
