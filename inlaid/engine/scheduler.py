@@ -195,6 +195,7 @@ class Scheduler:
             return  # paused this step: it keeps its KV blocks
         while not self.blocks.can_allocate(seq, num_tokens):
             victim = self._victim(seq, order, rank, planned_ids, now, include_self=True)
+            assert victim is not None  # the sequence itself is a candidate
             self._preempt(victim, now)
             step.admitting = False  # admitting new work right after a preemption would only thrash
             if victim is seq:
