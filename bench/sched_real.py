@@ -92,7 +92,15 @@ def compare(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="executor threads (as the cost model was measured)")
     parser.add_argument("--policies", default=",".join(VARIANTS))
     parser.add_argument("--calibration-requests", type=int, default=40)
+    parser.add_argument("--render", action="store_true", help="rewrite the report and plot from sched_real.json")
     args = parser.parse_args(argv)
+    if args.render:
+        from sched_report import plot_real, write_real_markdown
+
+        report = json.loads((RESULTS / "sched_real.json").read_text())
+        write_real_markdown(report, RESULTS / "sched_real.md")
+        plot_real(report, RESULTS / "sched_real.png")
+        return report
 
     from inlaid.engine.adapter_config import read_adapter_spec
     from inlaid.predictor import OnlineLengthPredictor
