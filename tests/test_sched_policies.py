@@ -20,7 +20,6 @@ from inlaid.predictor import TaskMeanPredictor
 from inlaid.protocol import BatchPlan, SamplingParams
 from inlaid.scheduling.cost_model import StepCostModel
 from inlaid.scheduling.estimates import remaining_tokens
-from inlaid.scheduling.metrics import summarize
 from inlaid.scheduling.registry import make_policy
 from inlaid.scheduling.simulator import EngineShape, simulate
 from inlaid.scheduling.suite import SuiteRecord
