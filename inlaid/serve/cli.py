@@ -43,7 +43,7 @@ def serve(config) -> int:  # type: ignore[no-untyped-def]
 
     async def main() -> int:
         try:
-            coordinator = Coordinator(config, policy=load_policy(config.policy))
+            coordinator = Coordinator(config, policy=load_policy(config.policy, config.scheduler))
         except (ModelLoadError, ValueError) as error:
             log.critical("cannot start", extra={"error": str(error)})
             return 2

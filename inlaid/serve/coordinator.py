@@ -151,6 +151,7 @@ class Coordinator:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self.engine.scheduler.policy.close()  # the length predictor saves its state
         self._clients.close()
         front.close()
         if self._tempdir:
