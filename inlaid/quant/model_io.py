@@ -30,6 +30,7 @@ INPUT_GROUPS: dict[str, tuple[str, ...]] = {
     "mlp_out": ("mlp.down_proj",),
 }
 GROUP_OF_LINEAR: dict[str, str] = {linear: group for group, linears in INPUT_GROUPS.items() for linear in linears}
+STAGES: tuple[str, ...] = tuple(INPUT_GROUPS)  # the order a decoder layer computes its groups' inputs in
 
 
 def load_base_model(model_dir: Path):
@@ -173,6 +174,67 @@ def capture_first_layer_inputs(forward_model, input_ids: torch.Tensor, token_mas
 def run_layer(layer: nn.Module, inputs: LayerInputs) -> torch.Tensor:
     output = layer(inputs.hidden, **inputs.layer_kwargs)
     return output[0] if isinstance(output, tuple) else output
+
+
+class _StageInput(Exception):
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+
+
+def _input_of(module: nn.Module, run) -> torch.Tensor:
+    """What `module` receives while `run()` executes (which is cut short there)."""
+
+    def stop(_module, args):
+        raise _StageInput(args[0])
+
+    handle = module.register_forward_pre_hook(stop)
+    try:
+        run()
+    except _StageInput as captured:
+        return captured.value
+    finally:
+        handle.remove()
+    raise RuntimeError(f"{type(module).__name__} was never called")
+
+
+class LayerPass:
+    """One batch through a Llama decoder layer one input group at a time (STAGES order).
+
+    `advance(group)` returns what that group's linears read, computed with the layer's
+    other linears as they stand at that moment: when the caller quantizes each group before
+    advancing to the next, every linear's input already includes the quantization of the
+    linears before it in the layer (GPTQ's "true-sequential" order) and the layer runs once.
+    `finish()` returns the layer's output. With nothing changed in between, the result is
+    exactly `run_layer` (the same operations in the same order)."""
+
+    def __init__(self, layer: nn.Module, inputs: LayerInputs) -> None:
+        self.layer = layer
+        self.inputs = inputs
+        self._residual = inputs.hidden
+        self._input: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def advance(self, group: str) -> torch.Tensor:
+        layer = self.layer
+        if group == "attn_in":
+            self._input = layer.input_layernorm(self._residual)
+        elif group == "attn_out":
+            source = self._input
+            self._input = _input_of(layer.self_attn.o_proj,
+                                    lambda: layer.self_attn(hidden_states=source, **self.inputs.layer_kwargs))
+        elif group == "mlp_in":
+            self._residual = self._residual + layer.self_attn.o_proj(self._input)
+            self._input = layer.post_attention_layernorm(self._residual)
+        elif group == "mlp_out":
+            source = self._input
+            self._input = _input_of(layer.mlp.down_proj, lambda: layer.mlp(source))
+        else:
+            raise ValueError(f"unknown input group '{group}'; the stages are {', '.join(STAGES)}")
+        return self._input
+
+    @torch.no_grad()
+    def finish(self) -> torch.Tensor:
+        return self._residual + self.layer.mlp.down_proj(self._input)
 
 
 class HessianHooks:
