@@ -262,11 +262,32 @@ def _missing(block: dict, method: str, tasks: list[str], args: argparse.Namespac
     return lacking
 
 
+def _unquantized_cached(args, kind: str, scored: list[str], compute) -> dict:
+    """The float base's results (the same for every config): computed once, kept in --work-dir."""
+    digests = [_file_digest(args.adapters_dir / t / "adapter_model.safetensors") for t in scored]
+    limit = args.nll_limit if kind == "nll" else [args.limit, args.weight_dtype, args.backend]
+    key = hashlib.sha256(json.dumps([kind, scored, digests, limit]).encode()).hexdigest()[:10]
+    path = args.work_dir / f"unquantized-{kind}-{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result))
+    return result
+
+
 def _measure(args, model_dir: Path, tasks: list[str], scored: list[str], checkpoint: Path | None,
              block: dict, method: str, lacking: list[str], only: str | None = None) -> None:
     """Fill `block` with what is lacking for `method` measured on `checkpoint` (None: the float
     base); `only`: the one task a per-task checkpoint is scored on."""
     targets = [only] if only else scored
+    if checkpoint is None:
+        if "nll" in lacking:
+            block["nll"][method] = _unquantized_cached(args, "nll", scored, lambda: _nll(args, model_dir, scored, None))
+        if "generate" in lacking:
+            block["generation"][method] = _unquantized_cached(args, "generate", scored,
+                                                              lambda: _generate(args, model_dir, scored))
+        return
     if "errors" in lacking and checkpoint is not None:
         summary = _error_summary(checkpoint, tasks)
         if only:

@@ -36,7 +36,7 @@ from inlaid.quant.layerwise import GroupHessians, PhaseTimer, Stream, propagate,
 from inlaid.quant.methods import Method, MlgptqOptions, quantize_linears
 from inlaid.quant.model_io import (
     INPUT_GROUPS, LINEAR_NAMES, active_adapter, attach_adapters, capture_first_layer_inputs, decoder_layers,
-    load_base_model, plain_linear,
+    load_base_model, onednn_linears, plain_linear,
 )
 from inlaid.quant.spec import QuantSpec
 from inlaid.quant.state import save_layer_state
@@ -226,6 +226,7 @@ def _prepare(config: DriverConfig) -> _Calibrated:
     adapters = {task.name: task.adapter_dir for task in config.tasks if task.adapter_dir is not None}
     peft_model = attach_adapters(model, adapters)
     forward_model = peft_model if peft_model is not None else model
+    onednn_linears(forward_model)
     streams: list[Stream] = []
     for task_name, adapter_on in _needed_streams(config):
         adapter = task_name if adapter_on and task_name in adapters else None

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from inlaid.kernels.dense_cpu import PackedDenseWeight
 from inlaid.quant.errors import NonFiniteHessianError
 
 
@@ -17,12 +18,18 @@ _BLOCKS = 4
 
 def add_gram_upper_(target: torch.Tensor, rows: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """target += alpha · rowsᵀ rows on (at least) the upper triangle, in row blocks that skip
-    the blocks below the diagonal; what lies strictly below it is not meaningful."""
+    the blocks below the diagonal; what lies strictly below it is not meaningful.
+
+    The blocks go through oneDNN (kernels/dense_cpu.py): MKL's fp32 GEMM runs at a third of
+    its speed on the AMD EPYC CPUs measured here (1024 tokens x 1536 features: 112 -> 77 ms)."""
     features = rows.shape[-1]
-    width = features if features < _BLOCKED_FROM else -(-features // _BLOCKS)
+    if features < _BLOCKED_FROM:
+        return target.addmm_(rows.T, rows, alpha=alpha)
+    width = -(-features // _BLOCKS)
+    columns = rows.T.contiguous()  # [features, tokens]
     for start in range(0, features, width):
         stop = start + width
-        target[start:stop, start:].addmm_(rows[:, start:stop].T, rows[:, start:], alpha=alpha)
+        target[start:stop, start:].add_(PackedDenseWeight(columns[start:]).linear(columns[start:stop]), alpha=alpha)
     return target
 
 

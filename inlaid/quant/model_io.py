@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import nn
 
+from inlaid.kernels.dense_cpu import PackedDenseWeight, packing_supported
 from inlaid.quant.errors import AdapterMismatchError, CheckpointError
 from inlaid.quant.hessian import HessianAccumulator
 
@@ -43,6 +45,26 @@ def load_base_model(model_dir: Path):
     model.eval()
     model.config.use_cache = False
     return model
+
+
+def onednn_linears(model: nn.Module) -> None:
+    """Route every float32 nn.Linear of `model` (base layers and LoRA A/B alike) through
+    oneDNN (kernels/dense_cpu.py). MKL's fp32 GEMM reaches about a third of oneDNN's speed on
+    the AMD EPYC CPUs measured here (1024 tokens, 576 -> 1536: 79 -> 29 ms; the outputs agree
+    to float32 rounding). The weight is packed on every call, a copy that costs nothing next to
+    a calibration-sized matmul, so weights written in place (quantized layers) need no
+    invalidation."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and packing_supported(module.weight):
+            module.forward = partial(_onednn_linear, module)
+
+
+def _onednn_linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    out = PackedDenseWeight(module.weight.detach()).linear(flat)
+    if module.bias is not None:
+        out = out + module.bias
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def decoder_layers(model) -> nn.ModuleList:

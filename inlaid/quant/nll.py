@@ -9,7 +9,8 @@ on 50 examples move by several points between runs of the same model; this moves
 less, and it is scored on every eval example.
 
 The model runs in fp32 through transformers + PEFT (every adapter loaded, the task's own
-active), a float checkpoint or a GPTQ checkpoint's dequantized weights alike.
+active; its linears through oneDNN), a float checkpoint or a GPTQ checkpoint's dequantized
+weights alike.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from inlaid.quant.calibration import END_OF_TURN
-from inlaid.quant.model_io import active_adapter, attach_adapters
+from inlaid.quant.model_io import active_adapter, attach_adapters, onednn_linears
 
 
 @dataclass
@@ -79,14 +80,15 @@ def answer_nll(model: torch.nn.Module, tokenizer, examples: list[dict], adapter:
         for row, sequence in enumerate(sequences):
             ids[row, : len(sequence)] = torch.tensor(sequence)
         hidden = decoder(input_ids=ids).last_hidden_state
-        for row, index in enumerate(indices):
-            prompt, answer = encoded[index]
-            # position p predicts token p + 1: the answer tokens are predicted from p = len(prompt) - 1 on
-            start = len(prompt) - 1
-            logits = head(hidden[row, start : start + len(answer)])
-            log_probs = torch.log_softmax(logits.double(), dim=-1)
-            nll = -float(log_probs.gather(1, torch.tensor(answer)[:, None]).sum())
-            results[index] = ExampleNll(str(examples[index].get("id", index)), nll, len(answer))
+        # position p predicts token p + 1: an answer is predicted from p = len(prompt) - 1 on;
+        # the vocabulary projection runs once for every answer position of the batch
+        spans = [(len(encoded[i][0]) - 1, len(encoded[i][1])) for i in indices]
+        states = torch.cat([hidden[row, start : start + count] for row, (start, count) in enumerate(spans)])
+        targets = torch.tensor([token for i in indices for token in encoded[i][1]])
+        log_probs = torch.log_softmax(head(states).double(), dim=-1)
+        token_nll = -log_probs.gather(1, targets[:, None])[:, 0]
+        for index, piece in zip(indices, torch.split(token_nll, [count for _, count in spans])):
+            results[index] = ExampleNll(str(examples[index].get("id", index)), float(piece.sum()), len(piece))
 
     with active_adapter(peft_model, adapter):
         for index in order:
@@ -118,6 +120,7 @@ def suite_answer_nll(model_dir: Path, adapters: dict[str, Path], examples: dict[
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = load_scoring_model(model_dir, quantized_dir)
     peft_model = attach_adapters(model, {task: adapters[task] for task in examples if adapters.get(task)})
+    onednn_linears(peft_model if peft_model is not None else model)
     scored: dict[str, list[ExampleNll]] = {}
     for task in tqdm(list(examples), desc="answer NLL", unit="task", disable=not progress):
         scored[task] = answer_nll(model, tokenizer, examples[task], task if adapters.get(task) else None, peft_model)
