@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -108,13 +109,19 @@ def _quantize(args, model_dir: Path, tasks: list[str], method: str, bits: int, g
     out_dir = args.work_dir / f"{bits}b-g{group}" / f"{method.replace(':', '_')}-{key}"
     if (out_dir / "inlaid_quant.json").is_file():
         return out_dir
-    config = DriverConfig(
-        model_dir=model_dir, tasks=calibration, method=parse_method(method, tasks),
-        spec=QuantSpec(bits=bits, group_size=group), out_dir=out_dir, max_samples=args.calib_samples,
-        max_tokens=args.max_tokens, save_hessian_state=False, progress=sys.stderr.isatty(), error_tasks=error_tasks,
-    )
-    report = quantize_model(config)
-    print(f"   quantized in {report.seconds:.0f} s, peak RSS {report.peak_rss_mb:.0f} MB", flush=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another run quantizing the same checkpoint: wait and reuse it
+        if (out_dir / "inlaid_quant.json").is_file():
+            return out_dir
+        config = DriverConfig(
+            model_dir=model_dir, tasks=calibration, method=parse_method(method, tasks),
+            spec=QuantSpec(bits=bits, group_size=group), out_dir=out_dir, max_samples=args.calib_samples,
+            max_tokens=args.max_tokens, save_hessian_state=False, progress=sys.stderr.isatty(), error_tasks=error_tasks,
+        )
+        report = quantize_model(config)
+    print(f"   quantized in {report.seconds:.0f} s, peak RSS {report.peak_rss_mb:.0f} MB, phases {report.phases}",
+          flush=True)
     return out_dir
 
 

@@ -215,13 +215,14 @@ def gptq_quantize_many(
                 grid = find_grid(current.reshape(problems * rows, -1), spec)
                 scale, zero = grid.scale.view(problems, rows), grid.zero.view(problems, rows)
                 scales[:, position // group], zeros[:, position // group] = scale, zero
+            # The Grid convention (grid.py) on [problems, rows] at once, written in place into
+            # the codes and errors (the same operations as Grid.quantize / dequantize, without
+            # temporaries: the per-column dispatch cost is most of GPTQ's time here).
             column = block_t[:, offset]
-            # the Grid convention (grid.py), on [problems, rows] at once
-            column_codes = torch.clamp(torch.round(column / scale) + zero, 0, max_q)
-            codes_t[:, position] = column_codes
-            error = (column - scale * (column_codes - zero)) / block_diagonal[:, offset]
+            column_codes = torch.div(column, scale, out=codes_t[:, position]).round_().add_(zero).clamp_(0, max_q)
+            error = torch.sub(column_codes, zero, out=block_errors_t[:, offset]).mul_(scale)
+            torch.sub(column, error, out=error).div_(block_diagonal[:, offset])
             block_t[:, offset:].baddbmm_(block_inverse[:, offset, offset:].unsqueeze(2), error.unsqueeze(1), alpha=-1.0)
-            block_errors_t[:, offset] = error
         work_t[:, block_end:].baddbmm_(inverse_upper[:, block_start:block_end, block_end:].transpose(1, 2),
                                        block_errors_t, alpha=-1.0)
 
