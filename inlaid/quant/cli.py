@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from inlaid.quant.calibration import CALIBRATION_BATCH_TOKENS
 from inlaid.quant.errors import QuantizationError
 
 if TYPE_CHECKING:
@@ -46,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of the mean diagonal")
     parser.add_argument("--max-samples", type=int, default=None, help="calibration samples per task (128; --suite: 32)")
     parser.add_argument("--max-tokens", type=int, default=512, help="tokens per sample (truncated)")
-    parser.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per forward batch")
+    parser.add_argument("--batch-tokens", type=int, default=CALIBRATION_BATCH_TOKENS,
+                        help="padded tokens per forward batch (1024: 6%% padding on the task suite, 4096: 21%%)")
     parser.add_argument("--mlgptq-rounds", type=int, default=None, help="reweighting rounds of mlgptq")
     parser.add_argument("--mlgptq-step", type=float, default=None, help="reweighting exponent of mlgptq")
     parser.add_argument("--mlgptq-slack", type=float, default=None,

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from inlaid.quant.aggregate import TaskHessian, TaskHessians
 from inlaid.quant.calibration import (
+    CALIBRATION_BATCH_TOKENS,
     CalibrationTask, TokenBatch, make_batches, read_calibration_examples, tokenize_examples,
 )
 from inlaid.quant.checkpoint import (
@@ -54,7 +55,7 @@ class DriverConfig:
     out_dir: Path
     max_samples: int | None = 128
     max_tokens: int = 512
-    max_batch_tokens: int = 4096
+    max_batch_tokens: int = CALIBRATION_BATCH_TOKENS
     measure_errors: bool = True
     error_tasks: list[str] | None = None  # measure errors for these tasks only (None: every task)
     save_hessian_state: bool = True

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from inlaid.quant.calibration import CalibrationTask
+from inlaid.quant.calibration import CALIBRATION_BATCH_TOKENS, CalibrationTask
 from inlaid.quant.driver import PARTIAL_DIR, adapter_digest, DriverConfig, file_digest, quantize_model
 from inlaid.quant.errors import CalibrationDataError, QuantizationError
 from inlaid.quant.methods import MlgptqOptions, parse_method
@@ -161,7 +161,7 @@ def plan_suite(
     model_dir: Path | None = None, *, method: str = "mlgptq", bits: int = 4, group_size: int = 128,
     calib_samples: int = SUITE_CALIB_SAMPLES, tasks: Sequence[str] | None = None,
     adapters_dir: Path = DEFAULT_ADAPTERS_DIR, spec: QuantSpec | None = None, max_tokens: int = 512,
-    max_batch_tokens: int = 4096, mlgptq: MlgptqOptions = MlgptqOptions(), cache_dir: Path | None = None,
+    max_batch_tokens: int = CALIBRATION_BATCH_TOKENS, mlgptq: MlgptqOptions = MlgptqOptions(), cache_dir: Path | None = None,
 ) -> SuitePlan:
     """Resolve the manifest's tasks and hash every input into the checkpoint's directory.
     `spec`, when given, replaces bits/group_size (for the other QuantSpec options)."""
@@ -186,7 +186,7 @@ def ensure_suite_checkpoint(
     model_dir: Path | None = None, *, method: str = "mlgptq", bits: int = 4, group_size: int = 128,
     calib_samples: int = SUITE_CALIB_SAMPLES, tasks: Sequence[str] | None = None,
     adapters_dir: Path = DEFAULT_ADAPTERS_DIR, spec: QuantSpec | None = None, max_tokens: int = 512,
-    max_batch_tokens: int = 4096, mlgptq: MlgptqOptions = MlgptqOptions(), save_hessian_state: bool = True,
+    max_batch_tokens: int = CALIBRATION_BATCH_TOKENS, mlgptq: MlgptqOptions = MlgptqOptions(), save_hessian_state: bool = True,
     cache_dir: Path | None = None, progress: bool = True,
 ) -> Path:
     """The directory of the quantized base for the manifest's tasks: reused if cached,
