@@ -139,3 +139,24 @@ def test_layer_pass_stage_by_stage_is_the_layer_forward(tmp_path) -> None:
         inputs = LayerInputs(expected, inputs.token_mask, inputs.layer_kwargs)
     with pytest.raises(ValueError, match="unknown input group"):
         LayerPass(model.model.layers[0], inputs).advance("lm_head")
+
+
+def test_onednn_linears_follow_versioned_weight_writes() -> None:
+    from inlaid.quant.model_io import onednn_linears, release_onednn
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8, bias=False))
+    x = torch.randn(5, 7, 64, dtype=torch.float64).float()
+
+    def reference() -> torch.Tensor:
+        hidden = x.double() @ model[0].weight.double().T + model[0].bias.double()
+        return (hidden @ model[1].weight.double().T).float()
+
+    onednn_linears(model)
+    torch.testing.assert_close(model(x), reference(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # what the quantizer does: the next call re-packs
+        model[0].weight.copy_(torch.randn(32, 64))
+    torch.testing.assert_close(model(x), reference(), rtol=1e-5, atol=1e-5)
+    model[1].weight.data.mul_(-2.0)  # invisible to the version counter: released explicitly
+    release_onednn(model)
+    torch.testing.assert_close(model(x), reference(), rtol=1e-5, atol=1e-5)

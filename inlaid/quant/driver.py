@@ -37,7 +37,7 @@ from inlaid.quant.layerwise import GroupHessians, PhaseTimer, Stream, propagate,
 from inlaid.quant.methods import Method, MlgptqOptions, quantize_linears
 from inlaid.quant.model_io import (
     INPUT_GROUPS, LINEAR_NAMES, active_adapter, attach_adapters, capture_first_layer_inputs, decoder_layers,
-    load_base_model, onednn_linears, plain_linear,
+    load_base_model, onednn_linears, plain_linear, release_onednn,
 )
 from inlaid.quant.spec import QuantSpec
 from inlaid.quant.state import save_layer_state
@@ -189,7 +189,8 @@ def _write_dequantized(layer, tensors: dict[str, torch.Tensor], prefix: str, spe
             g_idx=tensors[key + ".g_idx"], bits=spec.bits, group_size=spec.effective_group_size(linear.in_features),
             in_features=linear.in_features, out_features=linear.out_features,
         )
-        linear.weight.data.copy_(unpack_linear(weights).dequantize(linear.weight.dtype))
+        with torch.no_grad():  # a versioned write: the packed copy follows (model_io.onednn_linears)
+            linear.weight.copy_(unpack_linear(weights).dequantize(linear.weight.dtype))
 
 
 def _float_tensors(model_dir: Path, skip: set[str]) -> dict[str, torch.Tensor]:
@@ -247,6 +248,7 @@ def calibration_forward_seconds(config: DriverConfig) -> dict[str, float]:
     with timer.phase("forward"):
         for layer in decoder_layers(calibrated.model):
             propagate(layer, calibrated.streams, calibrated.peft_model)
+            release_onednn(layer)
     return timer.seconds
 
 
@@ -302,6 +304,7 @@ def quantize_model(config: DriverConfig) -> QuantizationReport:
                 meta = {"errors": result.errors, "task_weights": result.task_weights}
                 save_file(result.tensors, str(temporary), metadata={"inlaid": json.dumps(meta)})
                 temporary.replace(partial_path)
+        release_onednn(layer)  # its packed weights are not needed again
         this_layer = [max(entry["errors"].values()) for entry in layer_errors
                       if entry["layer"] == layer_index and entry["errors"]]
         if this_layer:
@@ -395,4 +398,5 @@ def _quantize_group(
             result.task_weights[f"{prefix}.{linear_name}"] = outcome.task_weights
         result.tensors.update(pack_linear(f"{prefix}.{linear_name}", outcome.quantized,
                                           linear.bias.data if linear.bias is not None else None))
-        linear.weight.data.copy_(dequantized.to(linear.weight.dtype))
+        with torch.no_grad():  # a versioned write: the packed copy follows (model_io.onednn_linears)
+            linear.weight.copy_(dequantized.to(linear.weight.dtype))
