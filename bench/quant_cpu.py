@@ -54,8 +54,9 @@ def _child_floor(args: dict) -> dict:
 
     torch.set_num_threads(args["threads"])
     started = time.perf_counter()
-    phases = calibration_forward_seconds(_config(args, "mlgptq", Path("/nonexistent")))
-    return {"phases": phases, "seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+    timer = calibration_forward_seconds(_config(args, "mlgptq", Path("/nonexistent")))
+    return {"phases": timer.seconds, "cpu_phases": timer.cpu_seconds, "seconds": time.perf_counter() - started,
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def _child_quantize(args: dict, method: str) -> dict:
@@ -69,7 +70,8 @@ def _child_quantize(args: dict, method: str) -> dict:
         state_bytes = sum(p.stat().st_size for p in (Path(tmp) / "ckpt" / "hessian_state").glob("*"))
     errors = report.layer_errors
     per_task = {t: sum(e["errors"][t] for e in errors) / len(errors) for t in (errors[0]["errors"] if errors else {})}
-    return {"method": method, "seconds": report.seconds, "phases": report.phases, "peak_rss_mb": report.peak_rss_mb,
+    return {"method": method, "seconds": report.seconds, "phases": report.phases, "cpu_phases": report.cpu_phases,
+            "peak_rss_mb": report.peak_rss_mb,
             "hessian_state_mb": state_bytes / 2**20,
             "tokens": sum(c["tokens"] for c in report.calibration.values()),
             "error_task_mean": sum(per_task.values()) / len(per_task) if per_task else None,
@@ -86,29 +88,39 @@ def _in_child(kind: str, settings: dict, method: str = "") -> dict:
 
 def _markdown(report: dict) -> str:
     floors = report["floor"]
-    floor = min(f["phases"]["forward"] for f in floors)
+    floor_wall = min(f["phases"]["forward"] for f in floors)
+    floor_cpu = min(f["cpu_phases"]["forward"] for f in floors)
+
+    def both(run: dict, *names: str) -> str:
+        wall = sum(run["phases"].get(n, 0.0) for n in names)
+        cpu = sum(run["cpu_phases"].get(n, 0.0) for n in names)
+        return f"{wall:.1f} ({cpu:.1f})"
+
     lines = [
         f"SmolLM2-135M-Instruct, {report['tasks']} tasks x {report['calib_samples']} calibration samples "
         f"({report['tokens']} tokens), {report['bits']}-bit g{report['group_size']}, {report['threads']} torch "
         f"thread(s), batches of <= {report['batch_tokens']} padded tokens. Machine: {report['machine']}; load average "
         f"(1/5/15 min) {report['load_before']} before, {report['load_after']} after.", "",
-        f"Floor (the calibration forward passes alone, 30 layers, adapters on): "
-        + ", ".join(f"{f['phases']['forward']:.1f} s" for f in floors)
-        + f" (before / after the runs; plus {floors[0]['phases']['load']:.1f} s loading the model, adapters and "
-          f"first-layer inputs). Ratios below use the lower floor, {floor:.1f} s.", "",
-        "| method | forward + Hessian (s) | aggregate + quantize (s) | total (s) | total / floor | peak memory (RSS) |",
+        "Cells: wall seconds (this process's CPU seconds). On a shared machine the CPU seconds of a one-thread run "
+        "are what it would take alone; the wall seconds also count everyone else.", "",
+        "Floor, the calibration forward passes alone (the same streams through all 30 layers, adapters on): "
+        + ", ".join(f"{f['phases']['forward']:.1f} ({f['cpu_phases']['forward']:.1f})" for f in floors)
+        + f" before / after the runs, plus {floors[0]['phases']['load']:.1f} "
+          f"({floors[0]['cpu_phases']['load']:.1f}) loading the model, adapters and first-layer inputs.", "",
+        "| method | forward + Hessian | aggregate + quantize | total (load and write included) | "
+        "total without load / floor: wall, CPU | peak memory (RSS) |",
         "|---|---|---|---|---|---|",
     ]
     for run in report["runs"]:
-        phases = run["phases"]
-        forward_hessian = phases.get("forward", 0) + phases.get("hessian", 0)
-        lines.append(f"| {run['method']} | {forward_hessian:.1f} ({phases.get('forward', 0):.1f} + "
-                     f"{phases.get('hessian', 0):.1f}) | {phases.get('quantize', 0):.1f} | {run['seconds']:.1f} | "
-                     f"{phases.get('forward', 0) / floor:.2f} fwd, {(run['seconds'] - phases.get('load', 0)) / floor:.2f} "
-                     f"all | {run['peak_rss_mb'] / 1024:.2f} GB |")
-    lines += ["", "Other phases (s): " + "; ".join(
-        f"{run['method']}: load {run['phases'].get('load', 0):.1f}, write {run['phases'].get('write', 0):.1f} "
-        f"(Hessian state {run['hessian_state_mb']:.0f} MB)" for run in report["runs"]), ""]
+        work_wall = run["seconds"] - run["phases"].get("load", 0.0)
+        work_cpu = sum(run["cpu_phases"].values()) - run["cpu_phases"].get("load", 0.0)
+        lines.append(f"| {run['method']} | {both(run, 'forward', 'hessian')} | {both(run, 'quantize')} | "
+                     f"{run['seconds']:.1f} ({sum(run['cpu_phases'].values()):.1f}) | "
+                     f"{work_wall / floor_wall:.2f}x, {work_cpu / floor_cpu:.2f}x | {run['peak_rss_mb'] / 1024:.2f} GB |")
+    lines += ["", "Phases, wall (CPU) seconds:", ""]
+    for run in report["runs"]:
+        lines.append(f"- {run['method']}: " + ", ".join(f"{name} {both(run, name)}" for name in run["phases"])
+                     + f"; Hessian state {run['hessian_state_mb']:.0f} MB")
     return "\n".join(lines) + "\n"
 
 

@@ -145,7 +145,8 @@ def _print_report(report: QuantizationReport, spec: QuantSpec) -> None:
     for name, counts in report.calibration.items():
         print(f"  task {name}: {counts['samples']} samples, {counts['tokens']} tokens")
     _print_errors(report.layer_errors)
-    print(f"time {report.seconds:.1f} s, peak memory (RSS) {report.peak_rss_mb:.0f} MB")
+    print(f"time {report.seconds:.1f} s, peak memory (RSS) {report.peak_rss_mb:.0f} MB; phases, wall (CPU) s: "
+          + ", ".join(f"{name} {wall:.1f} ({report.cpu_phases.get(name, 0.0):.1f})" for name, wall in report.phases.items()))
 
 
 def _print_errors(layer_errors: list[dict]) -> None:

@@ -88,7 +88,8 @@ class QuantizationReport:
     seconds: float
     peak_rss_mb: float
     layers_resumed: int
-    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (see quantize_model)
+    phases: dict[str, float] = field(default_factory=dict)  # wall seconds per phase (see quantize_model)
+    cpu_phases: dict[str, float] = field(default_factory=dict)  # this process's CPU seconds per phase
 
 
 def file_digest(path: Path) -> str:
@@ -238,10 +239,10 @@ def _prepare(config: DriverConfig) -> _Calibrated:
     return _Calibrated(model, peft_model, streams, calibration)
 
 
-def calibration_forward_seconds(config: DriverConfig) -> dict[str, float]:
+def calibration_forward_seconds(config: DriverConfig) -> PhaseTimer:
     """The floor a quantization run is measured against: the same calibration streams (same
     samples, batches and adapters) through every decoder layer, with nothing else done.
-    Returns {"load": model, adapters and the first layer's inputs, "forward": the layers}."""
+    Phases: "load" (model, adapters and the first layer's inputs) and "forward" (the layers)."""
     timer = PhaseTimer()
     with timer.phase("load"):
         calibrated = _prepare(config)
@@ -249,7 +250,7 @@ def calibration_forward_seconds(config: DriverConfig) -> dict[str, float]:
         for layer in decoder_layers(calibrated.model):
             propagate(layer, calibrated.streams, calibrated.peft_model)
             release_onednn(layer)
-    return timer.seconds
+    return timer
 
 
 def quantize_model(config: DriverConfig) -> QuantizationReport:
@@ -316,10 +317,14 @@ def quantize_model(config: DriverConfig) -> QuantizationReport:
     if config.write_model:
         with timer.phase("write"):
             timing = {"seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
-                      "phases": {name: round(value, 2) for name, value in timer.seconds.items()}}
+                      "phases": _rounded(timer.seconds), "cpu_phases": _rounded(timer.cpu_seconds)}
             _write_model(config, out_dir, len(layers), calibration, layer_errors, task_weights, timing)
     return QuantizationReport(out_dir, config.method.name, layer_errors, calibration, time.perf_counter() - started,
-                              peak_rss_mb(), layers_done, {name: round(value, 2) for name, value in timer.seconds.items()})
+                              peak_rss_mb(), layers_done, _rounded(timer.seconds), _rounded(timer.cpu_seconds))
+
+
+def _rounded(seconds: dict[str, float]) -> dict[str, float]:
+    return {name: round(value, 2) for name, value in seconds.items()}
 
 
 @dataclass

@@ -46,17 +46,21 @@ class Stream:
 
 @dataclass
 class PhaseTimer:
-    """Wall seconds per named phase (forward, hessian, quantize, ...), summed over calls."""
+    """Wall seconds and this process's CPU seconds per named phase (forward, hessian,
+    quantize, ...), summed over calls. On a shared machine the CPU seconds of a one-thread
+    run are what its wall time would be alone; wall time also counts the other processes."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + time.process_time() - started_cpu
 
 
 def quantize_layer_sequential(

@@ -26,11 +26,15 @@ from inlaid.quant.model_io import active_adapter, attach_adapters, onednn_linear
 
 @dataclass
 class ExampleNll:
-    """One example: its id, the summed NLL of its answer tokens (nats) and their count."""
+    """One example: its id, the summed NLL of its answer tokens (nats), their count, and the
+    summed Gini impurity 1 - Σ_v p_v² of the model's distribution at those positions (how
+    much a perturbation of the logits can cost there: about ½·(1 - Σp²)·σ² nats for logit
+    noise of variance σ²)."""
 
     id: str
     nll: float
     tokens: int
+    impurity: float = 0.0
 
 
 def load_scoring_model(model_dir: Path, quantized_dir: Path | None = None) -> torch.nn.Module:
@@ -87,8 +91,11 @@ def answer_nll(model: torch.nn.Module, tokenizer, examples: list[dict], adapter:
         targets = torch.tensor([token for i in indices for token in encoded[i][1]])
         log_probs = torch.log_softmax(head(states).double(), dim=-1)
         token_nll = -log_probs.gather(1, targets[:, None])[:, 0]
-        for index, piece in zip(indices, torch.split(token_nll, [count for _, count in spans])):
-            results[index] = ExampleNll(str(examples[index].get("id", index)), float(piece.sum()), len(piece))
+        impurity = 1.0 - log_probs.mul(2.0).exp().sum(dim=-1)
+        counts = [count for _, count in spans]
+        for index, piece, spread in zip(indices, torch.split(token_nll, counts), torch.split(impurity, counts)):
+            results[index] = ExampleNll(str(examples[index].get("id", index)), float(piece.sum()), len(piece),
+                                        float(spread.sum()))
 
     with active_adapter(peft_model, adapter):
         for index in order:
