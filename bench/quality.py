@@ -40,7 +40,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="*", default=None, help="default: every task with adapters/<task>/")
     parser.add_argument("--adapters-dir", type=Path, default=REPO / "adapters")
-    parser.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS), choices=list(METHOD_LABELS)[1:])
+    parser.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS),
+                        help=f"{', '.join(list(METHOD_LABELS)[1:])}, or mlgptq[NAME] for a --variant")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=KEY:VALUE,...",
+                        help="mlgptq with other options (inlaid.quant.methods.MlgptqOptions), reported as mlgptq[NAME]; "
+                             "e.g. --variant static=sensitivity:impurity,rounds:1")
     parser.add_argument("--configs", nargs="*", default=["4:128", "3:128"], help="BITS:GROUP_SIZE ...")
     parser.add_argument("--metrics", nargs="*", default=["nll", "generate"], choices=["nll", "generate"],
                         help="answer NLL on every eval example, and/or greedy generation scored by the task metric")
@@ -87,9 +91,29 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+def _variants(args: argparse.Namespace) -> dict[str, dict]:
+    """--variant NAME=KEY:VALUE,... -> {"mlgptq[NAME]": {KEY: VALUE}} (values parsed as JSON when they are)."""
+    variants: dict[str, dict] = {}
+    for text in args.variant:
+        name, _, settings = text.partition("=")
+        options = {}
+        for item in filter(None, settings.split(",")):
+            key, _, value = item.partition(":")
+            try:
+                options[key] = json.loads(value)
+            except json.JSONDecodeError:
+                options[key] = value
+        variants[f"mlgptq[{name}]"] = options
+    for method in args.methods:
+        if method not in METHOD_LABELS and method not in variants:
+            raise SystemExit(f"unknown method '{method}': {', '.join(list(METHOD_LABELS)[1:])} or a --variant name")
+    return variants
+
+
 def _quantize(args, model_dir: Path, tasks: list[str], method: str, bits: int, group: int,
               error_tasks: list[str] | None = None) -> Path:
-    """Quantize (or reuse the cached checkpoint); returns its directory."""
+    """Quantize (or reuse the cached checkpoint); returns its directory. `method` may be a
+    --variant of mlgptq."""
     from inlaid.quant.calibration import CalibrationTask
     from inlaid.quant.driver import DriverConfig, quantize_model
     from inlaid.quant.methods import MlgptqOptions, parse_method
@@ -102,11 +126,14 @@ def _quantize(args, model_dir: Path, tasks: list[str], method: str, bits: int, g
     # adapter or changed code never reuses a checkpoint made by its predecessor.
     contents = [_file_digest(args.adapters_dir / t / "adapter_model.safetensors") + _file_digest(c.calib_path)
                 for t, c in zip(tasks, calibration)]
+    options = MlgptqOptions(**args.variants.get(method, {}))
+    method_name = "mlgptq" if method in args.variants else method
     keyed: list = [tasks, contents, args.calib_samples, args.max_tokens, quantizer_version()]
-    if parse_method(method).kind in ("mlgptq", "minimax"):
-        keyed.append(dataclasses.asdict(MlgptqOptions()))
+    if parse_method(method_name).kind in ("mlgptq", "minimax"):
+        keyed.append(dataclasses.asdict(options))
     key = hashlib.sha256(json.dumps(keyed).encode()).hexdigest()[:8]
-    out_dir = args.work_dir / f"{bits}b-g{group}" / f"{method.replace(':', '_')}-{key}"
+    label = method.replace(":", "_").replace("[", "_").replace("]", "")
+    out_dir = args.work_dir / f"{bits}b-g{group}" / f"{label}-{key}"
     if (out_dir / "inlaid_quant.json").is_file():
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -115,9 +142,10 @@ def _quantize(args, model_dir: Path, tasks: list[str], method: str, bits: int, g
         if (out_dir / "inlaid_quant.json").is_file():
             return out_dir
         config = DriverConfig(
-            model_dir=model_dir, tasks=calibration, method=parse_method(method, tasks),
+            model_dir=model_dir, tasks=calibration, method=parse_method(method_name, tasks),
             spec=QuantSpec(bits=bits, group_size=group), out_dir=out_dir, max_samples=args.calib_samples,
             max_tokens=args.max_tokens, save_hessian_state=False, progress=sys.stderr.isatty(), error_tasks=error_tasks,
+            mlgptq=options,
         )
         report = quantize_model(config)
     print(f"   quantized in {report.seconds:.0f} s, peak RSS {report.peak_rss_mb:.0f} MB, phases {report.phases}",
@@ -321,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     args.work_dir = args.work_dir or cache_root() / "quality"
     model_dir = default_model_dir()
     tasks = _tasks(args)
+    args.variants = _variants(args)
     if args.aggregation_study:
         return _aggregation_study(args, model_dir, tasks)
     scored = args.score_tasks or tasks
@@ -331,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
              "nll_limit": args.nll_limit, "weight_dtype": args.weight_dtype}
     report = _previous_report(args, terms) or {**terms, "methods": [], "configs": {}}
     report["methods"] = [*report["methods"], *[m for m in args.methods if m not in report["methods"]]]
+    report.setdefault("variants", {}).update({m: args.variants[m] for m in args.methods if m in args.variants})
     report["machine"] = f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
     started = time.time()
     for config in args.configs:

@@ -21,6 +21,10 @@ SHAREABLE = ("mlgptq", "minimax", "gptq-mixed", "gptq-mean-lora", "rtn", "max") 
 RESAMPLES = 1000
 
 
+def _shareable(method: str) -> bool:
+    return method in SHAREABLE or method.startswith("mlgptq[")
+
+
 def _draws(task: str, count: int) -> np.ndarray:
     """The same example draws for every method of a task (paired comparisons)."""
     seed = int(hashlib.sha256(task.encode()).hexdigest()[:8], 16)
@@ -75,7 +79,7 @@ def nll_analysis(block: dict, tasks: list[str], methods: list[str]) -> dict:
         analysis["methods"][method] = entry
     reference = boot_deltas.get("mlgptq", {}).get("__worst__")
     for method, entry in analysis["methods"].items():
-        if method in SHAREABLE and method != "mlgptq" and reference is not None and "worst" in entry:
+        if _shareable(method) and method != "mlgptq" and reference is not None and "worst" in entry:
             samples = reference - boot_deltas[method]["__worst__"]
             low, high = _percentiles(samples)
             value = analysis["methods"]["mlgptq"]["worst"]["delta"] - entry["worst"]["delta"]
@@ -203,6 +207,8 @@ def markdown(report: dict) -> str:
              f"per task; generation: the first {report.get('limit') or 'all'}. {report.get('machine', '')}; "
              f"load average at the end {report.get('load_average', '?')}. Bootstrap: {RESAMPLES} resamples of each "
              "task's examples, the same draws for every method.", ""]
+    for name, options in report.get("variants", {}).items():
+        lines += [f"{name}: mlgptq with " + ", ".join(f"{k}={v}" for k, v in options.items()) + ".", ""]
     for label, block in report["configs"].items():
         counts = {t: len(rows) for t, rows in block.get("nll", {}).get("unquantized", {}).items()}
         lines += _nll_markdown(label, nll_analysis(block, tasks, report["methods"]), report["methods"], counts)

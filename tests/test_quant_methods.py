@@ -113,3 +113,24 @@ def test_unknown_methods_are_rejected() -> None:
     with pytest.raises(UnknownMethodError):
         parse_method("gptq-task:")
     assert parse_method("gptq-task:a", ["a"]) == Method("gptq-task", "a")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_task_costs_move_error_onto_the_cheap_tasks(seed: int) -> None:
+    """With κ (what a unit of relative error costs each task), mlgptq's start and its worst
+    task are κ-weighted: the costly task's error falls, and the worst κ·e never exceeds the
+    κ-weighted token mean's."""
+    from inlaid.quant.methods import MlgptqOptions
+
+    spec = QuantSpec(bits=3, group_size=32)
+    weight = torch.randn(48, 96, generator=torch.Generator().manual_seed(200 + seed))
+    stats = _task_hessians(96, seed)
+    costs = {"task0": 0.25, "task1": 0.25, "task2": 0.25, "task3": 3.25}  # the smallest task is the costly one
+    plain = quantize_linear(parse_method("mlgptq"), weight, stats, spec)
+    weighted = quantize_linear(parse_method("mlgptq"), weight, stats, spec, task_costs=costs)
+    static = quantize_linear(parse_method("mlgptq"), weight, stats, spec, MlgptqOptions(rounds=1), task_costs=costs)
+    assert weighted.task_errors["task3"] < plain.task_errors["task3"]
+    worst = max(costs[t] * e for t, e in weighted.task_errors.items())
+    assert worst <= max(costs[t] * e for t, e in static.task_errors.items()) * (1 + 1e-9)
+    with pytest.raises(UnknownMethodError, match="sensitivity"):
+        MlgptqOptions(sensitivity="magic")

@@ -142,16 +142,20 @@ def _combine_distinct(hessians: TaskHessians, lambdas: list[dict[str, float]]) -
 def quantize_minimax(
     weights: list[torch.Tensor], stats: dict[str, TaskHessian], spec: QuantSpec, rounds: int = 4, step: float = 2.0,
     start: str = "error-norm", mean_slack: float | None = None, hessians: TaskHessians | None = None,
+    task_costs: dict[str, float] | None = None,
 ) -> list[AggregateOutcome]:
     """Multiplicative-weights search, per linear, for the task weighting whose GPTQ result
-    has the lowest worst-task relative error. Starts from `start` (error-norm: all relative
-    errors weigh the same); each round multiplies λ_t by (e_t / mean e)^step. With
-    `mean_slack`, a round counts only if its task-mean error is at most (1 + mean_slack) x
-    the first round's. The linears reading one input (`weights`) search independently, their
-    GPTQ runs batched round by round; `hessians`: the stats already stacked."""
+    has the lowest worst-task cost c_t = κ_t·e_t (κ_t = `task_costs`, 1 by default: the
+    relative error itself). Starts from `start` (error-norm: all relative errors weigh the
+    same) scaled by κ; each round multiplies λ_t by (c_t / mean c)^step. With `mean_slack`,
+    a round counts only if its task-mean cost is at most (1 + mean_slack) x the first
+    round's. The linears reading one input (`weights`) search independently, their GPTQ runs
+    batched round by round; `hessians`: the stats already stacked."""
     hessians = hessians or TaskHessians(stats)
+    costs = task_costs or {name: 1.0 for name in stats}
     energies = [{name: max(value, 1e-30) for name, value in hessians.energies(weight).items()} for weight in weights]
-    lambdas = [static_weights(start, weight, stats, energy) for weight, energy in zip(weights, energies)]
+    lambdas = [{name: value * costs[name] for name, value in static_weights(start, weight, stats, energy).items()}
+               for weight, energy in zip(weights, energies)]
     best: list[AggregateOutcome | None] = [None] * len(weights)
     best_worst = [float("inf")] * len(weights)
     mean_bound = [float("inf")] * len(weights)
@@ -159,8 +163,9 @@ def quantize_minimax(
         quantized = gptq_quantize_many(weights, _combine_distinct(hessians, lambdas), spec)
         for index, (weight, candidate) in enumerate(zip(weights, quantized)):
             errors = hessians.errors(weight, candidate.dequantize(), energies[index])
-            worst = max(errors.values())
-            mean_error = sum(errors.values()) / len(errors)
+            weighted = {name: costs[name] * error for name, error in errors.items()}
+            worst = max(weighted.values())
+            mean_error = sum(weighted.values()) / len(weighted)
             if round_index == 0 and mean_slack is not None:
                 mean_bound[index] = (1.0 + mean_slack) * mean_error
             if worst < best_worst[index] and mean_error <= mean_bound[index]:
@@ -170,6 +175,6 @@ def quantize_minimax(
                 best[index] = AggregateOutcome(candidate, {n: v / total for n, v in relative.items()}, errors)
                 best_worst[index] = worst
             if mean_error > 0:
-                lambdas[index] = {name: lambdas[index][name] * (errors[name] / mean_error) ** step for name in stats}
+                lambdas[index] = {name: lambdas[index][name] * (weighted[name] / mean_error) ** step for name in stats}
     assert all(outcome is not None for outcome in best)
     return best  # type: ignore[return-value]

@@ -215,6 +215,7 @@ class _Calibrated:
     peft_model: torch.nn.Module | None
     streams: list[Stream]
     calibration: dict
+    tokenizer: object
 
 
 def _prepare(config: DriverConfig) -> _Calibrated:
@@ -236,7 +237,24 @@ def _prepare(config: DriverConfig) -> _Calibrated:
         with active_adapter(peft_model, adapter):
             batches = [capture_first_layer_inputs(forward_model, b.input_ids, b.token_mask) for b in token_batches[task_name]]
         streams.append(Stream(task_name, "adapter" if adapter_on else "base", adapter, batches))
-    return _Calibrated(model, peft_model, streams, calibration)
+    return _Calibrated(model, peft_model, streams, calibration, tokenizer)
+
+
+def _task_costs(config: DriverConfig, calibrated: _Calibrated) -> dict[str, float] | None:
+    """What a unit of relative error costs each task, normalised to mean 1 (None: alike):
+    the Gini impurity of the float model's answers on the first probe samples of each task."""
+    if config.method.kind not in ("mlgptq", "minimax") or config.mlgptq.sensitivity == "none":
+        return None
+    from inlaid.quant.nll import answer_nll
+
+    costs = {}
+    for task in config.tasks:
+        examples = read_calibration_examples(task.calib_path, limit=config.mlgptq.probe_samples)
+        scored = answer_nll(calibrated.model, calibrated.tokenizer, examples,
+                            task.name if task.adapter_dir is not None else None, calibrated.peft_model)
+        costs[task.name] = sum(s.impurity for s in scored) / max(sum(s.tokens for s in scored), 1)
+    mean = sum(costs.values()) / len(costs)
+    return {name: value / mean for name, value in costs.items()} if mean > 0 else None
 
 
 def calibration_forward_seconds(config: DriverConfig) -> PhaseTimer:
@@ -268,6 +286,8 @@ def quantize_model(config: DriverConfig) -> QuantizationReport:
     task_names = [task.name for task in config.tasks]
     with timer.phase("load"):
         calibrated = _prepare(config)
+    with timer.phase("probe"):
+        task_costs = _task_costs(config, calibrated)
     streams, peft_model = calibrated.streams, calibrated.peft_model
     layers = decoder_layers(calibrated.model)
     layers_done = _prepare_partial_dir(config)
@@ -292,7 +312,7 @@ def quantize_model(config: DriverConfig) -> QuantizationReport:
 
             def quantize_group(group: str, hessians: GroupHessians) -> None:
                 with timer.phase("quantize"):
-                    _quantize_group(config, layer, prefix, group, hessians, task_names, result)
+                    _quantize_group(config, layer, prefix, group, hessians, task_names, result, task_costs)
 
             collected = quantize_layer_sequential(layer, streams, peft_model, layer_index, quantize_group, timer)
             layer_errors += result.errors
@@ -318,7 +338,7 @@ def quantize_model(config: DriverConfig) -> QuantizationReport:
         with timer.phase("write"):
             timing = {"seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
                       "phases": _rounded(timer.seconds), "cpu_phases": _rounded(timer.cpu_seconds)}
-            _write_model(config, out_dir, len(layers), calibration, layer_errors, task_weights, timing)
+            _write_model(config, out_dir, len(layers), calibration, layer_errors, task_weights, timing, task_costs)
     return QuantizationReport(out_dir, config.method.name, layer_errors, calibration, time.perf_counter() - started,
                               peak_rss_mb(), layers_done, _rounded(timer.seconds), _rounded(timer.cpu_seconds))
 
@@ -337,7 +357,7 @@ class _LayerResult:
 
 
 def _write_model(config: DriverConfig, out_dir: Path, layer_count: int, calibration: dict, layer_errors: list[dict],
-                 task_weights: dict[str, dict[str, float]], timing: dict) -> None:
+                 task_weights: dict[str, dict[str, float]], timing: dict, task_costs: dict[str, float] | None) -> None:
     quantized: dict[str, torch.Tensor] = {}
     for layer_index in range(layer_count):
         tensors, _ = _load_partial_layer(_partial_path(out_dir, layer_index))
@@ -351,6 +371,7 @@ def _write_model(config: DriverConfig, out_dir: Path, layer_count: int, calibrat
         base_model=str(Path(config.model_dir).resolve()),
         calibration={"max_samples": config.max_samples, "max_tokens": config.max_tokens,
                      "max_batch_tokens": config.max_batch_tokens, "mlgptq": asdict(config.mlgptq),
+                     "task_costs": task_costs,
                      "order": "true-sequential: each linear's Hessian on its quantized predecessors' outputs"},
         layer_errors=layer_errors,
         task_weights=task_weights,
@@ -372,7 +393,7 @@ def _method_state(method: Method, collected: dict[str, GroupHessians],
 
 def _quantize_group(
     config: DriverConfig, layer: torch.nn.Module, prefix: str, group: str, hessians: GroupHessians,
-    task_names: list[str], result: _LayerResult,
+    task_names: list[str], result: _LayerResult, task_costs: dict[str, float] | None = None,
 ) -> None:
     """Quantize the linears reading input `group`, write their dequantized weights back into
     the layer (the streams read them next) and record tensors, errors and task weights."""
@@ -391,7 +412,7 @@ def _quantize_group(
         measured_stack = method_stack if same and method_stack is not None else TaskHessians(measured_stats)
     linears = [plain_linear(layer, name) for name in INPUT_GROUPS[group]]
     weights = [linear.weight.data.float() for linear in linears]
-    outcomes = quantize_linears(method, weights, method_stats, config.spec, config.mlgptq, method_stack)
+    outcomes = quantize_linears(method, weights, method_stats, config.spec, config.mlgptq, method_stack, task_costs)
     for linear_name, linear, weight, outcome in zip(INPUT_GROUPS[group], linears, weights, outcomes):
         dequantized = outcome.quantized.dequantize()
         if measured_stack is not None:
