@@ -70,6 +70,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="score only these tasks (calibration still uses every task)")
     parser.add_argument("--merge", action="store_true",
                         help="extend the report at --out: keep its finished results, run only the missing ones")
+    parser.add_argument("--merge-from", type=Path, nargs="*", default=[],
+                        help="reports measured on the same terms (e.g. by concurrent runs): their results join --out's")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
     parser.add_argument("--markdown", type=Path, default=REPO / "bench" / "results" / "quality.md")
     return parser.parse_args(argv)
@@ -277,6 +279,22 @@ def _previous_report(args: argparse.Namespace, terms: dict) -> dict | None:
     return previous
 
 
+def _merge_from(report: dict, others: list[Path], terms: dict) -> None:
+    """Copy into `report` every method result of `others` it does not hold yet."""
+    for path in others:
+        other = json.loads(path.read_text())
+        differing = {k: (other.get(k), v) for k, v in terms.items() if other.get(k) != v}
+        if differing:
+            raise SystemExit(f"--merge-from: {path} was measured with other settings (theirs, ours): {differing}")
+        report["methods"] += [m for m in other["methods"] if m not in report["methods"]]
+        report.setdefault("variants", {}).update(other.get("variants", {}))
+        for label, block in other["configs"].items():
+            target = report["configs"].setdefault(label, {})
+            for key, per_method in block.items():
+                for method, value in per_method.items():
+                    target.setdefault(key, {}).setdefault(method, value)
+
+
 def _missing(block: dict, method: str, tasks: list[str], args: argparse.Namespace) -> list[str]:
     """What `block` still lacks for `method`: 'errors', 'nll', 'generate'."""
     wanted = ["errors"] if method != "unquantized" else []
@@ -361,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     report = _previous_report(args, terms) or {**terms, "methods": [], "configs": {}}
     report["methods"] = [*report["methods"], *[m for m in args.methods if m not in report["methods"]]]
     report.setdefault("variants", {}).update({m: args.variants[m] for m in args.methods if m in args.variants})
+    _merge_from(report, args.merge_from, terms)
     report["machine"] = f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
     started = time.time()
     for config in args.configs:
