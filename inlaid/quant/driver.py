@@ -1,14 +1,14 @@
 """Multi-task calibration driver: quantize a model layer by layer for a set of tasks.
 
-For each decoder layer: every calibration stream (a task's samples with its adapter
-active, or with adapters off for gptq-mixed) runs the layer and feeds per-input-group
-Hessians; the method turns them into one quantized weight per linear, whose dequantized
-values are written back into the model; the streams then run the quantized layer to make
-the next layer's inputs. Only one layer's activations per stream are held at a time.
+Every calibration stream (a task's samples with its adapter active, or with adapters off
+for gptq-mixed) goes through each decoder layer once, true-sequentially (layerwise.py): at
+each input group the streams' Hessians are collected, the method quantizes the group's
+linears and their dequantized weights are written back before the streams move on. Only
+one layer's activations per stream are held at a time.
 
-After each layer its packed tensors and errors go to `<out>/.partial/` (and its Hessians
-to `<out>/hessian_state/`), so a crashed run resumes at the first missing layer: the
-completed layers are reloaded and the streams re-run through them.
+After each layer its packed tensors and errors go to `<out>/.partial/` (partial.py; its
+Hessians to `<out>/hessian_state/`), so a crashed run resumes at the first missing layer:
+the completed layers are reloaded and the streams re-run through them.
 """
 
 from __future__ import annotations
@@ -22,16 +22,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from inlaid.quant.aggregate import TaskHessian, TaskHessians
 from inlaid.quant.calibration import (
-    CALIBRATION_BATCH_TOKENS,
-    CalibrationTask, TokenBatch, make_batches, read_calibration_examples, tokenize_examples,
+    CALIBRATION_BATCH_TOKENS, CalibrationTask, TokenBatch, make_batches, read_calibration_examples, tokenize_examples,
 )
-from inlaid.quant.checkpoint import (
-    HESSIAN_STATE_DIR, CheckpointMetadata, pack_linear, unpack_linear, write_checkpoint,
-)
+from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, CheckpointMetadata, pack_linear, write_checkpoint
 from inlaid.quant.errors import CheckpointError, QuantizationError
 from inlaid.quant.layerwise import GroupHessians, PhaseTimer, Stream, propagate, quantize_layer_sequential
 from inlaid.quant.methods import Method, MlgptqOptions, quantize_linears
@@ -39,10 +35,10 @@ from inlaid.quant.model_io import (
     INPUT_GROUPS, LINEAR_NAMES, active_adapter, attach_adapters, capture_first_layer_inputs, decoder_layers,
     load_base_model, onednn_linears, plain_linear, release_onednn,
 )
+from inlaid.quant.partial import load_partial_layer, prepare_partial_dir, save_partial_layer, write_dequantized
 from inlaid.quant.spec import QuantSpec
 from inlaid.quant.state import save_layer_state
 
-PARTIAL_DIR = ".partial"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -144,56 +140,6 @@ def _needed_streams(config: DriverConfig) -> list[tuple[str, bool]]:
     return wanted
 
 
-def _partial_path(out_dir: Path, layer_index: int) -> Path:
-    return Path(out_dir) / PARTIAL_DIR / f"layer_{layer_index:03d}.safetensors"
-
-
-def _prepare_partial_dir(config: DriverConfig) -> int:
-    """Check or start the partial directory; return how many leading layers are done."""
-    partial = Path(config.out_dir) / PARTIAL_DIR
-    run_file = partial / "run.json"
-    fingerprint = config.fingerprint()
-    if partial.is_dir() and run_file.is_file():
-        recorded = json.loads(run_file.read_text()).get("fingerprint")
-        if config.resume and recorded == fingerprint:
-            done = 0
-            while _partial_path(config.out_dir, done).is_file():
-                done += 1
-            return done
-        if config.resume and recorded != fingerprint:
-            raise CheckpointError(
-                f"{config.out_dir} holds a partial run with other settings; pass --restart to discard it "
-                "or choose another --out"
-            )
-        for stale in partial.glob("layer_*.safetensors"):
-            stale.unlink()
-    partial.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps({"fingerprint": fingerprint}))
-    return 0
-
-
-def _load_partial_layer(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    with safe_open(str(path), framework="pt") as handle:
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        meta = json.loads((handle.metadata() or {}).get("inlaid", "{}"))
-    return tensors, meta
-
-
-def _write_dequantized(layer, tensors: dict[str, torch.Tensor], prefix: str, spec: QuantSpec) -> None:
-    from inlaid.kernels.dispatch import QuantLinearWeights
-
-    for linear_name in LINEAR_NAMES:
-        key = f"{prefix}.{linear_name}"
-        linear = plain_linear(layer, linear_name)
-        weights = QuantLinearWeights(
-            qweight=tensors[key + ".qweight"], qzeros=tensors[key + ".qzeros"], scales=tensors[key + ".scales"],
-            g_idx=tensors[key + ".g_idx"], bits=spec.bits, group_size=spec.effective_group_size(linear.in_features),
-            in_features=linear.in_features, out_features=linear.out_features,
-        )
-        with torch.no_grad():  # a versioned write: the packed copy follows (model_io.onednn_linears)
-            linear.weight.copy_(unpack_linear(weights).dequantize(linear.weight.dtype))
-
-
 def _float_tensors(model_dir: Path, skip: set[str]) -> dict[str, torch.Tensor]:
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
@@ -290,7 +236,7 @@ def quantize_model(config: DriverConfig) -> QuantizationReport:
         task_costs = _task_costs(config, calibrated)
     streams, peft_model = calibrated.streams, calibrated.peft_model
     layers = decoder_layers(calibrated.model)
-    layers_done = _prepare_partial_dir(config)
+    layers_done = prepare_partial_dir(out_dir, config.fingerprint(), config.resume)
 
     layer_errors: list[dict] = []
     task_weights: dict[str, dict[str, float]] = {}
@@ -299,11 +245,10 @@ def quantize_model(config: DriverConfig) -> QuantizationReport:
     for layer_index in bar:
         layer = layers[layer_index]
         prefix = f"model.layers.{layer_index}"
-        partial_path = _partial_path(out_dir, layer_index)
         if layer_index < layers_done:
             with timer.phase("resume"):
-                tensors, meta = _load_partial_layer(partial_path)
-                _write_dequantized(layer, tensors, prefix, config.spec)
+                tensors, meta = load_partial_layer(out_dir, layer_index)
+                write_dequantized(layer, tensors, prefix, config.spec)
                 propagate(layer, streams, peft_model)
             layer_errors += meta.get("errors", [])
             task_weights.update(meta.get("task_weights", {}))
@@ -321,10 +266,8 @@ def quantize_model(config: DriverConfig) -> QuantizationReport:
                 if config.save_hessian_state and config.method.hessian_forward is not None:
                     save_layer_state(out_dir / HESSIAN_STATE_DIR, layer_index,
                                      _method_state(config.method, collected, task_names), config.method.hessian_forward)
-                temporary = partial_path.with_suffix(".tmp")
-                meta = {"errors": result.errors, "task_weights": result.task_weights}
-                save_file(result.tensors, str(temporary), metadata={"inlaid": json.dumps(meta)})
-                temporary.replace(partial_path)
+                save_partial_layer(out_dir, layer_index, result.tensors,
+                                   {"errors": result.errors, "task_weights": result.task_weights})
         release_onednn(layer)  # its packed weights are not needed again
         this_layer = [max(entry["errors"].values()) for entry in layer_errors
                       if entry["layer"] == layer_index and entry["errors"]]
@@ -360,7 +303,7 @@ def _write_model(config: DriverConfig, out_dir: Path, layer_count: int, calibrat
                  task_weights: dict[str, dict[str, float]], timing: dict, task_costs: dict[str, float] | None) -> None:
     quantized: dict[str, torch.Tensor] = {}
     for layer_index in range(layer_count):
-        tensors, _ = _load_partial_layer(_partial_path(out_dir, layer_index))
+        tensors, _ = load_partial_layer(out_dir, layer_index)
         quantized.update(tensors)
     skip = {f"model.layers.{i}.{name}.weight" for i in range(layer_count) for name in LINEAR_NAMES}
     base_config = json.loads((Path(config.model_dir) / "config.json").read_text())

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Sequence
 
 from inlaid.quant.calibration import CALIBRATION_BATCH_TOKENS, CalibrationTask
-from inlaid.quant.driver import PARTIAL_DIR, adapter_digest, DriverConfig, file_digest, quantize_model
+from inlaid.quant.driver import DriverConfig, adapter_digest, file_digest, quantize_model
 from inlaid.quant.errors import CalibrationDataError, QuantizationError
 from inlaid.quant.methods import MlgptqOptions, parse_method
+from inlaid.quant.partial import PARTIAL_DIR
 from inlaid.quant.spec import QuantSpec
 
 DEFAULT_ADAPTERS_DIR = Path(__file__).resolve().parent.parent.parent / "adapters"
@@ -38,8 +39,9 @@ SUITE_RECORD = "suite.json"  # written last: its presence marks a complete check
 SUITE_CALIB_SAMPLES = 32
 # The modules whose code decides the quantized tensors (any edit there gives a new key).
 QUANTIZER_MODULES: tuple[str, ...] = tuple(f"inlaid.quant.{name}" for name in (
-    "aggregate", "calibration", "checkpoint", "driver", "gptq", "grid", "hessian", "methods", "model_io", "spec",
-)) + ("inlaid.kernels.gptq_format",)
+    "aggregate", "calibration", "checkpoint", "driver", "gptq", "grid", "hessian", "layerwise", "methods", "model_io",
+    "nll", "partial", "spec",
+)) + ("inlaid.kernels.gptq_format", "inlaid.kernels.dense_cpu")
 
 
 @dataclass(frozen=True)
