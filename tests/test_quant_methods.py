@@ -42,7 +42,7 @@ def test_minimax_every_task_below_mixed_worst_task(seed: int, bits: int) -> None
     spec = QuantSpec(bits=bits, group_size=32)
     weight = torch.randn(48, 96, generator=torch.Generator().manual_seed(100 + seed))
     stats = _task_hessians(96, seed)
-    mixed = quantize_static("token-mean", weight, stats, spec).quantized.dequantize()
+    mixed = quantize_static("token-mean", [weight], stats, spec)[0].quantized.dequantize()
     mixed_errors = task_errors(weight, mixed, stats)
     outcome = quantize_linear(parse_method("minimax"), weight, stats, spec)
     ml_errors = task_errors(weight, outcome.quantized.dequantize(), stats)
@@ -61,7 +61,7 @@ def test_mlgptq_bounded_minimax(seed: int, bits: int) -> None:
     spec = QuantSpec(bits=bits, group_size=32)
     weight = torch.randn(48, 96, generator=torch.Generator().manual_seed(100 + seed))
     stats = _task_hessians(96, seed)
-    start = task_errors(weight, quantize_static("token-mean", weight, stats, spec).quantized.dequantize(), stats)
+    start = task_errors(weight, quantize_static("token-mean", [weight], stats, spec)[0].quantized.dequantize(), stats)
     outcome = quantize_linear(parse_method("mlgptq"), weight, stats, spec)
     errors = task_errors(weight, outcome.quantized.dequantize(), stats)
     assert errors == pytest.approx(outcome.task_errors)
@@ -75,7 +75,7 @@ def test_mlgptq_lowers_the_worst_task_of_the_token_mean() -> None:
         spec = QuantSpec(bits=3, group_size=32)
         weight = torch.randn(48, 96, generator=torch.Generator().manual_seed(200 + seed))
         stats = _task_hessians(96, seed)
-        start = task_errors(weight, quantize_static("token-mean", weight, stats, spec).quantized.dequantize(), stats)
+        start = task_errors(weight, quantize_static("token-mean", [weight], stats, spec)[0].quantized.dequantize(), stats)
         outcome = quantize_linear(parse_method("mlgptq"), weight, stats, spec)
         improved += max(outcome.task_errors.values()) < 0.99 * max(start.values())
     assert improved >= 4  # the small tasks the token mean neglects gain on most problems
@@ -113,3 +113,24 @@ def test_unknown_methods_are_rejected() -> None:
     with pytest.raises(UnknownMethodError):
         parse_method("gptq-task:")
     assert parse_method("gptq-task:a", ["a"]) == Method("gptq-task", "a")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_task_costs_move_error_onto_the_cheap_tasks(seed: int) -> None:
+    """With κ (what a unit of relative error costs each task), mlgptq's start and its worst
+    task are κ-weighted: the costly task's error falls, and the worst κ·e never exceeds the
+    κ-weighted token mean's."""
+    from inlaid.quant.methods import MlgptqOptions
+
+    spec = QuantSpec(bits=3, group_size=32)
+    weight = torch.randn(48, 96, generator=torch.Generator().manual_seed(200 + seed))
+    stats = _task_hessians(96, seed)
+    costs = {"task0": 0.25, "task1": 0.25, "task2": 0.25, "task3": 3.25}  # the smallest task is the costly one
+    plain = quantize_linear(parse_method("mlgptq"), weight, stats, spec)
+    weighted = quantize_linear(parse_method("mlgptq"), weight, stats, spec, task_costs=costs)
+    static = quantize_linear(parse_method("mlgptq"), weight, stats, spec, MlgptqOptions(rounds=1), task_costs=costs)
+    assert weighted.task_errors["task3"] < plain.task_errors["task3"]
+    worst = max(costs[t] * e for t, e in weighted.task_errors.items())
+    assert worst <= max(costs[t] * e for t, e in static.task_errors.items()) * (1 + 1e-9)
+    with pytest.raises(UnknownMethodError, match="sensitivity"):
+        MlgptqOptions(sensitivity="magic")

@@ -1,0 +1,82 @@
+"""A run's per-layer results on disk (`<out>/.partial/`), so a killed run resumes.
+
+After each decoder layer its packed tensors, per-linear errors and task weights are written
+to `layer_NNN.safetensors` (atomically: a temporary file, then a rename); `run.json` holds
+the fingerprint of what the run computes. A later run with the same fingerprint continues
+at the first missing layer: the finished layers' weights are written back into the model
+(`write_dequantized`) and the streams re-run through them. Another fingerprint is refused
+unless the caller asks to restart.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from inlaid.quant.checkpoint import unpack_linear
+from inlaid.quant.errors import CheckpointError
+from inlaid.quant.model_io import LINEAR_NAMES, plain_linear
+from inlaid.quant.spec import QuantSpec
+
+PARTIAL_DIR = ".partial"
+
+
+def partial_path(out_dir: Path, layer_index: int) -> Path:
+    return Path(out_dir) / PARTIAL_DIR / f"layer_{layer_index:03d}.safetensors"
+
+
+def prepare_partial_dir(out_dir: Path, fingerprint: str, resume: bool) -> int:
+    """Check or start the partial directory; return how many leading layers are done."""
+    partial = Path(out_dir) / PARTIAL_DIR
+    run_file = partial / "run.json"
+    if partial.is_dir() and run_file.is_file():
+        recorded = json.loads(run_file.read_text()).get("fingerprint")
+        if resume and recorded == fingerprint:
+            done = 0
+            while partial_path(out_dir, done).is_file():
+                done += 1
+            return done
+        if resume:
+            raise CheckpointError(
+                f"{out_dir} holds a partial run with other settings; pass --restart to discard it "
+                "or choose another --out"
+            )
+        for stale in partial.glob("layer_*.safetensors"):
+            stale.unlink()
+    partial.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps({"fingerprint": fingerprint}))
+    return 0
+
+
+def save_partial_layer(out_dir: Path, layer_index: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    path = partial_path(out_dir, layer_index)
+    temporary = path.with_suffix(".tmp")
+    save_file(tensors, str(temporary), metadata={"inlaid": json.dumps(meta)})
+    temporary.replace(path)
+
+
+def load_partial_layer(out_dir: Path, layer_index: int) -> tuple[dict[str, torch.Tensor], dict]:
+    with safe_open(str(partial_path(out_dir, layer_index)), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        meta = json.loads((handle.metadata() or {}).get("inlaid", "{}"))
+    return tensors, meta
+
+
+def write_dequantized(layer: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str, spec: QuantSpec) -> None:
+    """Put a finished layer's quantized weights (its packed tensors) back into the model."""
+    from inlaid.kernels.dispatch import QuantLinearWeights
+
+    for linear_name in LINEAR_NAMES:
+        key = f"{prefix}.{linear_name}"
+        linear = plain_linear(layer, linear_name)
+        weights = QuantLinearWeights(
+            qweight=tensors[key + ".qweight"], qzeros=tensors[key + ".qzeros"], scales=tensors[key + ".scales"],
+            g_idx=tensors[key + ".g_idx"], bits=spec.bits, group_size=spec.effective_group_size(linear.in_features),
+            in_features=linear.in_features, out_features=linear.out_features,
+        )
+        with torch.no_grad():  # a versioned write: the packed copy follows (model_io.onednn_linears)
+            linear.weight.copy_(unpack_linear(weights).dequantize(linear.weight.dtype))
