@@ -11,6 +11,7 @@ task's adapter active; "base": adapters off, for gptq-mixed).
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -19,8 +20,15 @@ from safetensors.torch import save_file
 
 from inlaid.quant.aggregate import TaskHessian
 from inlaid.quant.errors import CheckpointError
+from inlaid.quant.hessian import symmetric_from_upper
 
 LayerState = dict[str, dict[str, TaskHessian]]  # group -> task -> Hessian
+
+
+@lru_cache(maxsize=8)
+def _upper_triangle(features: int) -> torch.Tensor:
+    """Boolean mask of the upper triangle (diagonal included), row-major: the stored order."""
+    return torch.ones(features, features, dtype=torch.bool).triu_()
 
 
 def layer_state_path(state_dir: Path, layer_index: int) -> Path:
@@ -35,9 +43,8 @@ def save_layer_state(state_dir: Path, layer_index: int, state: LayerState, forwa
     for group, per_task in state.items():
         for task, stat in per_task.items():
             features = stat.hessian.shape[0]
-            rows, cols = torch.triu_indices(features, features)
             key = f"h{len(entries)}"
-            tensors[key] = stat.hessian.float()[rows, cols].contiguous()
+            tensors[key] = stat.hessian.float()[_upper_triangle(features)]
             entries[key] = {"group": group, "task": task, "tokens": stat.tokens, "features": features}
     path = layer_state_path(state_dir, layer_index)
     temporary = path.with_suffix(".tmp")
@@ -58,10 +65,8 @@ def load_layer_state(state_dir: Path, layer_index: int) -> tuple[LayerState, str
         entries = json.loads(meta.get("entries", "{}"))
         for key, entry in entries.items():
             features = int(entry["features"])
-            packed = handle.get_tensor(key)
-            rows, cols = torch.triu_indices(features, features)
             hessian = torch.zeros(features, features, dtype=torch.float32)
-            hessian[rows, cols] = packed
-            hessian[cols, rows] = packed
+            hessian[_upper_triangle(features)] = handle.get_tensor(key)
+            hessian = symmetric_from_upper(hessian)
             state.setdefault(entry["group"], {})[entry["task"]] = TaskHessian(hessian, int(entry["tokens"]))
     return state, meta.get("forward", "adapter")
