@@ -214,3 +214,37 @@ def test_teacher_forced_nll_equals_transformers_peft(default_checkpoint, model_d
             assert abs(score.mean_nll - want / score.tokens) < tolerance, (kernel, score.mean_nll, want / score.tokens)
     with pytest.raises(ScoringError, match="first_scored"):
         score_continuations(ModelRunner(config), [ScoreRequest([1, 2, 3], 3)])
+
+
+def test_memory_accounting_counts_what_the_executor_holds(served_engine, hf_model):
+    """inlaid.engine.memory against sizes computed from the config, and against the
+    parameter counts of the transformers model."""
+    from inlaid.engine.memory import base_sizes, engine_memory
+
+    runner, config = served_engine.runner, served_engine.config
+    mc = runner.model_config
+    hidden, inter, kv_out, layers = mc.hidden_size, mc.intermediate_size, mc.num_kv_heads * mc.head_dim, mc.num_layers
+    sizes = base_sizes(runner)
+    linears = sum(p.numel() for n, p in hf_model.named_parameters() if n.endswith("proj.weight"))
+    assert sizes.projection_params == linears
+    assert sizes.embedding_params == hf_model.model.embed_tokens.weight.numel()
+    assert sizes.other_params == sum(p.numel() for n, p in hf_model.named_parameters() if "norm" in n)
+
+    with torch.inference_mode():
+        runner.model.logits(torch.zeros(1, hidden))  # the head's packed copy is made on first use
+    memory = engine_memory(runner)
+    slots, rank = config.max_lora_slots, config.max_lora_rank
+    # (K, output widths of the slices) of each LoraLinear; pools are float32 [S, n * R, K] + [S, R, N_i]
+    projections = [(hidden, [hidden, kv_out, kv_out]), (hidden, [hidden]), (hidden, [inter, inter]), (inter, [hidden])]
+    pools = sum(4 * slots * rank * (len(widths) * k + sum(widths)) + 8 * len(widths) * slots for k, widths in projections)
+    assert memory.lora_pools == layers * pools
+    assert memory.kv_cache == layers * 2 * config.num_kv_blocks * config.block_size * kv_out * 4
+    # int4 layout: half a byte per weight, bf16 (scale, zero) per kernel group and column
+    int4 = 0
+    for k, widths in projections:
+        group = 64 if k == 576 else 128
+        int4 += k * sum(widths) // 2 + (k // group) * sum(widths) * 2 * 2
+    assert memory.projections == layers * int4
+    head_copies = 2 if runner.model.packed_head is not None else 1  # packed for oneDNN beside the embedding
+    assert memory.embedding_and_head == head_copies * 4 * sizes.embedding_params
+    assert memory.other_weights == 4 * sizes.other_params
