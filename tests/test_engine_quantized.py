@@ -41,15 +41,22 @@ INT4_MEAN_TOLERANCE = 0.15
 CLEAR_GAP = 1.0
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 @pytest.fixture(scope="module")
 def default_checkpoint(tmp_path_factory, model_dir) -> Path:
-    """`inlaid quantize` with every option at its default but the method: rtn needs no
-    calibration (seconds instead of minutes) and writes the same tensors, format and configs
-    as mlgptq; the values differ, which the engine must not care about."""
+    """`inlaid quantize` with its default method and format (MLGPTQ, 4-bit, group 128,
+    asymmetric, no act-order) on one committed task, calibrated on 2 samples of 64 tokens so
+    that it takes seconds; the per-task Hessians the engine never reads are not stored."""
     from inlaid.cli import main
 
     out = tmp_path_factory.mktemp("quantized") / "default"
-    assert main(["quantize", "--model", str(model_dir), "--method", "rtn", "--out", str(out)]) == 0
+    task = f"math={REPO / 'adapters' / 'math'}:{REPO / 'inlaid' / 'tasks' / 'data' / 'math' / 'calib.jsonl'}"
+    argv = ["quantize", "--model", str(model_dir), "--task", task, "--max-samples", "2", "--max-tokens", "64",
+            "--no-hessian-state", "--out", str(out)]
+    assert main(argv) == 0
+    assert json.loads((out / "inlaid_quant.json").read_text())["method"] == "mlgptq"
     return out
 
 
@@ -204,7 +211,8 @@ def test_teacher_forced_nll_equals_transformers_peft(default_checkpoint, model_d
         log_probs = torch.log_softmax(logits.double(), dim=-1)
         targets = torch.tensor(request.token_ids[request.first_scored:])
         reference.append(-log_probs[request.first_scored - 1 : -1].gather(1, targets[:, None]).sum().item())
-    for kernel, tolerance in (("dense", 1e-3), ("int4", 2e-2)):
+    # nats per answer token; int4 measured up to 0.032 (its logits move by ~0.1, see above)
+    for kernel, tolerance in (("dense", 1e-3), ("int4", 0.08)):
         config = EngineConfig(model_dir=str(model_dir), quantized_dir=str(default_checkpoint), dtype="float32",
                               quant_kernel=kernel, max_lora_slots=2, max_lora_rank=32, num_kv_blocks=8)
         # max_batch_tokens 24: the three requests go in two steps, one of them mixing adapters

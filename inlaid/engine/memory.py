@@ -61,11 +61,15 @@ class _Counter:
         for tensor in tensors:
             if tensor is None:
                 continue
-            key = (tensor.data_ptr(), tensor.device.index or 0) if not tensor.is_mkldnn else (id(tensor), -1)
+            if tensor.is_mkldnn:  # an opaque oneDNN layout: no storage to share
+                key, size = (id(tensor), -1), tensor.numel() * tensor.element_size()
+            else:
+                storage = tensor.untyped_storage()
+                key, size = (storage.data_ptr(), tensor.device.index or 0), storage.nbytes()
             if key in self.seen:
                 continue
             self.seen.add(key)
-            total += tensor.numel() * tensor.element_size() if tensor.is_mkldnn else tensor.untyped_storage().nbytes()
+            total += size
         return total
 
 
