@@ -4,8 +4,8 @@
    (`inlaid.quant.suite.ensure_suite_checkpoint`: built once with a progress bar, cached
    under $XDG_CACHE_HOME/inlaid/quantized/ by its inputs, resumed if interrupted).
 2. Quality kept: teacher-forced NLL of a few eval answers per task, adapter on, through the
-   engine on the unquantized base and on the 4-bit base as served (low noise: a handful of
-   greedy task scores would move by chance).
+   engine on the unquantized base and on the 4-bit base as served, and on the bare base for
+   scale (low noise: a handful of greedy task scores would move by chance).
 3. Memory: the base at fp32 / bf16 / 4-bit, what the executor holds (adapters, KV).
 4. Served: all tasks + the bare base through `inlaid serve` and the client SDK, mixed in
    every step; latency and throughput of that workload.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -81,13 +82,19 @@ class TaskQuality:
     task: str
     examples: int
     tokens: int
-    nll_float: float  # mean per answer token, unquantized base + adapter
-    nll_quantized: float  # the same on the 4-bit base as served
+    nll_no_adapter: float  # mean per answer token, unquantized base, adapter off
+    nll_float: float  # unquantized base + adapter
+    nll_quantized: float  # the 4-bit base as served + adapter
 
     @property
     def perplexity_kept(self) -> float:
         """exp(-(NLL increase)): the unquantized base's perplexity over the 4-bit one's."""
         return math.exp(self.nll_float - self.nll_quantized)
+
+    @property
+    def gain_kept(self) -> float:
+        """The share of the adapter's NLL gain (over the bare base) left on the 4-bit base."""
+        return (self.nll_no_adapter - self.nll_quantized) / (self.nll_no_adapter - self.nll_float)
 
 
 def quality_requests(model_dir: Path, adapters: dict[str, Path]):
@@ -120,13 +127,14 @@ def measure_quality(model_dir: Path, checkpoint: Path, adapters: dict[str, Path]
     from inlaid.engine import EngineConfig
     from inlaid.engine.memory import base_sizes, engine_memory
     from inlaid.engine.runner import ModelRunner
-    from inlaid.engine.scoring import score_continuations
+    from inlaid.engine.scoring import ScoreRequest, score_continuations
 
     tagged = quality_requests(model_dir, adapters)
     requests = [request for _, request in tagged]
     float_options = {k: v for k, v in options.items() if k != "weight_dtype"}
     runner = ModelRunner(EngineConfig(model_dir=str(model_dir), **float_options))
     float_scores = score_continuations(runner, requests)
+    bare_scores = score_continuations(runner, [ScoreRequest(r.token_ids, r.first_scored) for r in requests])
     del runner
     gc.collect()
     runner = ModelRunner(EngineConfig(model_dir=str(model_dir), quantized_dir=str(checkpoint), **options))
@@ -138,23 +146,22 @@ def measure_quality(model_dir: Path, checkpoint: Path, adapters: dict[str, Path]
     for name in adapters:
         mine = [i for i, (task, _) in enumerate(tagged) if task == name]
         tokens = sum(float_scores[i].tokens for i in mine)
-        rows.append(TaskQuality(
-            name, len(mine), tokens,
-            sum(float_scores[i].nll for i in mine) / tokens, sum(quantized_scores[i].nll for i in mine) / tokens,
-        ))
+        rows.append(TaskQuality(name, len(mine), tokens, *(
+            sum(scores[i].nll for i in mine) / tokens for scores in (bare_scores, float_scores, quantized_scores))))
     return rows, memory, sizes
 
 
 def print_quality(rows: list[TaskQuality], served_label: str) -> None:
     print(f"\n== quality kept: teacher-forced NLL per answer token, adapter on ({served_label}) ==")
-    print(f"{'task':<14} {'examples':>8} {'tokens':>6} {'fp32 base':>10} {'4-bit base':>10} {'increase':>9} "
-          f"{'ppl kept':>9}")
+    print(f"{'task':<14} {'examples':>8} {'tokens':>6} {'no adapter':>10} {'fp32 base':>10} {'4-bit base':>10} "
+          f"{'increase':>9} {'ppl kept':>9} {'gain kept':>9}")
     for row in rows:
-        print(f"{row.task:<14} {row.examples:>8} {row.tokens:>6} {row.nll_float:>10.3f} {row.nll_quantized:>10.3f} "
-              f"{row.nll_quantized - row.nll_float:>+9.3f} {100 * row.perplexity_kept:>8.1f}%")
+        print(f"{row.task:<14} {row.examples:>8} {row.tokens:>6} {row.nll_no_adapter:>10.3f} {row.nll_float:>10.3f} "
+              f"{row.nll_quantized:>10.3f} {row.nll_quantized - row.nll_float:>+9.3f} "
+              f"{100 * row.perplexity_kept:>8.1f}% {100 * row.gain_kept:>8.1f}%")
     worst = min(rows, key=lambda r: r.perplexity_kept)
-    print(f"worst task: {worst.task} ({100 * worst.perplexity_kept:.1f}% of its perplexity kept); "
-          "ppl kept = exp(-increase)")
+    print(f"worst task: {worst.task}. no adapter: the fp32 base alone; ppl kept = exp(-increase); gain kept = the "
+          "share of the adapter's NLL gain over the bare base left on the 4-bit base")
 
 
 # ---------------------------------------------------------------------- 3. memory
@@ -234,18 +241,19 @@ def main() -> int:
     else:
         print(f"built: {checkpoint} in {seconds:.1f} s")
 
-    quality_started = time.monotonic()
+    quality_started, quality_cpu = time.monotonic(), time.process_time()
     rows, memory, sizes = measure_quality(model_dir, checkpoint, adapters, options)
     served_label = "int4 kernel" + (", bf16 embedding/head" if options.get("weight_dtype") == "bfloat16" else "")
     print_quality(rows, served_label)
-    print(f"({time.monotonic() - quality_started:.0f} s, {torch.get_num_threads()} threads)")
+    print(f"({time.monotonic() - quality_started:.0f} s, {time.process_time() - quality_cpu:.0f} s of CPU on "
+          f"{torch.get_num_threads()} threads; machine load {os.getloadavg()[0]:.1f})")
     print_memory(sizes, memory, checkpoint, adapters, options)
 
     print(f"\n== served: {len(adapters)} tasks + the bare base from the 4-bit base, through `inlaid serve` ==")
     summary = run_server_demo(model_dir, {n: str(p) for n, p in adapters.items()}, served_prompts(adapters),
                               max_tokens=SERVED_MAX_TOKENS, quantized_dir=checkpoint, executor=options,
                               samples_per_task=1)
-    print(f"\nmake run finished in {time.monotonic() - started:.0f} s")
+    print(f"\nmake run finished in {time.monotonic() - started:.0f} s (machine load {os.getloadavg()[0]:.1f})")
     return 0 if summary["exit_code"] == 0 and summary["ok"] == summary["requests"] else 1
 
 
