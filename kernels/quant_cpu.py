@@ -5,7 +5,10 @@ int4: torch's CPU int4 kernels (`_weight_int4pack_mm_for_cpu`), convention
       s * (q - z) is the same with scale = s, zero = s * (8 - z) -- for ANY code range,
       so 2- and 3-bit codes go into the same layout (shifted to centre them on 8) (one extra bit of memory per
       weight for 3-bit, none of the speed lost; see docs/kernels.md for the measurement
-      against dequantizing on the fly). Activations run in bf16 inside the kernel.
+      against dequantizing on the fly). Activations run in bf16 inside the kernel. Its group
+      (32-256) divides the checkpoint's group and K (`kernel_group_for`): groups that do not
+      tile K (576 at 128) run with a finer kernel group; K itself is padded only where no
+      kernel group divides it. Its time grows linearly with the rows of x (docs/kernels.md).
 dequant: unpack the checkpoint's packed codes on every call, dequantize, matmul.
 """
 
