@@ -1,12 +1,16 @@
-"""Engine vs transformers + PEFT mixed-batch generate, same process, same threads (CPU).
+"""CPU engine benchmark, two parts in one run.
 
-Batch 16 over 4 rank-16 adapters on all seven projections, 64 new tokens each (EOS
-ignored on both sides so both produce the same number of tokens). Two configurations of
-each side: Inlaid in float32 and with bf16 weights (float32 activations, KV, LoRA);
-transformers + PEFT in float32 and in bfloat16. Rounds alternate over all four and the
-medians are compared: same precision (fp32 vs fp32) and each side at its fastest.
+1. Engine vs transformers + PEFT mixed-batch generate, same process, same threads. Batch
+   16 over 4 rank-16 adapters on all seven projections, 64 new tokens each (EOS ignored on
+   both sides so both produce the same number of tokens). Two configurations of each side:
+   Inlaid in float32 and with bf16 weights (float32 activations, KV, LoRA); transformers +
+   PEFT in float32 and in bfloat16. Rounds alternate over all four and the medians are
+   compared: same precision (fp32 vs fp32) and each side at its fastest.
+2. The base's precision (`engine_precision.py`): decode speed of the engine at batch 1 / 16
+   / 64 over the nine committed task adapters, on fp32, bf16 and 4-bit (int4 kernel) base
+   weights, with a per-step profile of where the time goes.
 
-    .venv/bin/python bench/engine_cpu.py [--rounds 5] [--threads N]
+    .venv/bin/python bench/engine_cpu.py [--rounds 5] [--threads N] [--sweep-rounds 3]
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -61,9 +66,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--sweep-rounds", type=int, default=3, help="rounds per (precision, batch) of part 2")
+    parser.add_argument("--sweep-threads", type=int, default=1, help="torch threads of part 2 (the server's executor: 1)")
     args = parser.parse_args(argv or [])
     if args.threads:
         torch.set_num_threads(args.threads)
+    import os
+
+    load_before = os.getloadavg()
+    result, table = compare_with_transformers(args)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from engine_precision import precision_sweep
+
+    result["precision"], sweep_table = precision_sweep(args.sweep_rounds, args.sweep_threads, RESULTS / "engine_cpu.png")
+    result["load_average"] = {"before": load_before, "after": os.getloadavg()}
+    load_note = (f"\nMachine load (1/5/15-min averages) before the run {', '.join(f'{x:.1f}' for x in load_before)}, "
+                 f"after {', '.join(f'{x:.1f}' for x in result['load_average']['after'])}.\n")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "engine_cpu.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / "engine_cpu.md").write_text(table + "\n" + sweep_table + load_note)
+    print(sweep_table + load_note)
+    return result
+
+
+def compare_with_transformers(args: argparse.Namespace) -> tuple[dict, str]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -142,8 +168,6 @@ def main(argv: list[str] | None = None) -> dict:
         "paired_speedup_same_precision": paired("Inlaid fp32", "transformers + PEFT fp32"),
         "paired_speedup_best_vs_best": paired("Inlaid fp32, bf16 weights", best_reference),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "engine_cpu.json").write_text(json.dumps(result, indent=2))
     rows = "".join(f"| {label} | {tokens_per_s[label]:.1f} |\n" for label in runners)
     table = (
         f"# Engine vs transformers + PEFT (CPU)\n\n{result['machine']}, torch {result['torch']}; batch {BATCH}, "
@@ -156,12 +180,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"engine back to back): same precision {result['paired_speedup_same_precision']:.2f}x, "
         f"each at its fastest {result['paired_speedup_best_vs_best']:.2f}x.\n"
     )
-    (RESULTS / "engine_cpu.md").write_text(table)
     print(table)
-    return result
+    return result, table
 
 
 if __name__ == "__main__":
-    import sys
-
     main(sys.argv[1:])

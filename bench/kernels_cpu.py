@@ -1,5 +1,6 @@
 """CPU kernel benchmark: int4 weight-only GEMM vs fp32, 3-bit layouts, the CPU LoRA path,
-dense bf16/float32 matmul with the weight packed for oneDNN vs plain.
+dense bf16/float32 matmul with the weight packed for oneDNN vs plain, and the int4 kernel
+against dense weights at every decode batch size.
 
     .venv/bin/python bench/kernels_cpu.py [--quick]
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -149,6 +151,52 @@ def bench_dense(quick: bool) -> list[dict]:
     return rows
 
 
+# --- int4 vs dense by batch size ---------------------------------------------------------------
+
+# SmolLM2's fused q|k|v, gate|up and down at the default group 128 (576 = 4.5 groups).
+ENGINE_SHAPES = [(576, 960), (576, 3072), (1536, 576)]
+INT4_STREAM_BYTES = 64 << 20  # of bf16 weights (fp32: twice): beyond the last-level cache, within memory
+BATCH_SIZES = (1, 4, 16, 64, 256)
+
+
+def bench_int4_by_batch(quick: bool) -> list[dict]:
+    """The engine's projections at every decode batch size: torch's int4 kernel against the
+    dense weights it replaces (bf16 and float32, packed for oneDNN as the engine holds them)
+    and against dequantizing the codes to bf16 on every call. Weights streamed from memory
+    (a real forward reads each weight once)."""
+    rows = []
+    for k, n in ENGINE_SHAPES[1:2] if quick else ENGINE_SHAPES:
+        copies = max(2, INT4_STREAM_BYTES // (k * n * 2))
+        layers = [random_gptq(k, n, 4, 128, seed=k + n + i) for i in range(copies)]
+        int4 = [prepare_quant_linear(w, "cpu", torch.float32) for w in layers]
+        on_the_fly = [prepare_quant_linear(w, "cpu", torch.bfloat16, mode="dequant") for w in layers[:4]]
+        dense = {dtype: [PackedDenseWeight((torch.randn(n, k) * 0.02).to(dtype)) for _ in range(copies)]
+                 for dtype in (torch.bfloat16, torch.float32)}
+        for m in BATCH_SIZES[1:4] if quick else BATCH_SIZES:
+            x = torch.randn(m, k)
+            cursor = {"int4": 0, "bf16": 0, "fp32": 0, "dequant": 0}
+            for weight in dense[torch.bfloat16] + dense[torch.float32]:
+                weight.linear(x.to(weight.weight.dtype))  # pack outside the timed calls
+
+            def step(name: str, size: int) -> int:
+                cursor[name] = (cursor[name] + 1) % size
+                return cursor[name]
+
+            candidates = {
+                "int4": lambda: quant_matmul(x, int4[step("int4", copies)]),
+                "bf16_packed": lambda: dense[torch.bfloat16][step("bf16", copies)].linear(x.to(torch.bfloat16)),
+                "fp32_packed": lambda: dense[torch.float32][step("fp32", copies)].linear(x),
+                "dequant_bf16": lambda: quant_matmul(x.to(torch.bfloat16), on_the_fly[step("dequant", 4)]),
+            }
+            times = time_side_by_side(candidates, rounds=3 if quick else 7, inner=copies)
+            row = {"K": k, "N": n, "M": m, **{f"{name}_ms": value for name, value in times.items()},
+                   "bf16_over_int4": times["bf16_packed"] / times["int4"]}
+            rows.append(row)
+            print(f"  K={k:5d} N={n:5d} M={m:3d}: int4 {times['int4']:.3f} ms | bf16 packed {times['bf16_packed']:.3f} | "
+                  f"fp32 packed {times['fp32_packed']:.3f} | dequant to bf16 per call {times['dequant_bf16']:.3f}", flush=True)
+    return rows
+
+
 # --- LoRA ------------------------------------------------------------------------------------
 
 def _lora_case(num_slots: int, ranks: list[int], k: int, widths: list[int], requests: list[tuple[int, int]], seed: int):
@@ -264,9 +312,13 @@ def bench_large_group_threshold(quick: bool) -> list[dict]:
 
 def _markdown(result: dict) -> str:
     lines = [f"# CPU kernels ({result['machine']})", "", f"torch {result['torch']}, {result['threads']} threads", ""]
-    lines += ["| K | N | M | group | fp32 ms | int4 4-bit ms | fp32/int4 | 3-bit int4-layout ms | 3-bit dequant-on-the-fly ms |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for r in result["gemm"]:
+    load = result.get("load_average_before")
+    if load:
+        lines += [f"Machine load (1/5/15-min averages) before the run: {', '.join(f'{x:.1f}' for x in load)}", ""]
+    if result.get("gemm"):
+        lines += ["| K | N | M | group | fp32 ms | int4 4-bit ms | fp32/int4 | 3-bit int4-layout ms | 3-bit dequant-on-the-fly ms |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+    for r in result.get("gemm", []):
         lines.append(
             f"| {r['K']} | {r['N']} | {r['M']} | {r['group']} | {r['fp32_ms']:.3f} | {r['int4_4bit_ms']:.3f} | "
             f"{r['fp32_over_int4_4bit']:.2f}x | {r['int4_3bit_ms']:.3f} | {r['dequant_3bit_ms']:.3f} |"
@@ -278,9 +330,17 @@ def _markdown(result: dict) -> str:
         for r in result["dense"]:
             lines.append(f"| {r['dtype']} | {r['K']} | {r['N']} | {r['M']} | {r['plain_ms']:.3f} | {r['packed_ms']:.3f} | "
                          f"{r['plain_over_packed']:.2f}x | {r['packed_GB_per_s']:.1f} |")
-    lines += ["", "| LoRA case | base int4 ms | batched ms | token gather ms | per-segment loop ms | LoRA/base |",
-              "|---|---|---|---|---|---|"]
-    for r in result["lora"]:
+    if result.get("int4_by_batch"):
+        lines += ["", "The engine's projections (group 128) by batch size, weights streamed from memory:", "",
+                  "| K | N | M | int4 ms | bf16 packed ms | fp32 packed ms | dequant to bf16 per call ms | bf16/int4 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in result["int4_by_batch"]:
+            lines.append(f"| {r['K']} | {r['N']} | {r['M']} | {r['int4_ms']:.3f} | {r['bf16_packed_ms']:.3f} | "
+                         f"{r['fp32_packed_ms']:.3f} | {r['dequant_bf16_ms']:.3f} | {r['bf16_over_int4']:.2f}x |")
+    if result.get("lora"):
+        lines += ["", "| LoRA case | base int4 ms | batched ms | token gather ms | per-segment loop ms | LoRA/base |",
+                  "|---|---|---|---|---|---|"]
+    for r in result.get("lora", []):
         lines.append(
             f"| {r['case']} | {r['base_int4_ms']:.3f} | {r['batched_ms']:.3f} | {r['token_gather_ms']:.3f} | "
             f"{r['per_segment_loop_ms']:.3f} | {r['lora_over_base']:.2f} |"
@@ -294,6 +354,16 @@ def _markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+PARTS: dict[str, tuple[str, Callable[[bool], list[dict]]]] = {
+    "gemm": ("int4 weight-only GEMM vs fp32 (ms per call, best of interleaved rounds)", bench_gemm),
+    "dense": ("dense matmul, packed for oneDNN vs plain (ms per call, weights streamed)", bench_dense),
+    "int4-by-batch": ("int4 vs dense by batch size, the engine's projections (ms per call, weights streamed)",
+                      bench_int4_by_batch),
+    "lora": ("CPU LoRA path (shrink + expand, one projection)", bench_lora),
+    "threshold": ("large-group threshold of the CPU LoRA plan", bench_large_group_threshold),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and rounds")
@@ -301,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch intra-op threads (0 = torch's default). On a machine shared with other "
                              "jobs, 1 thread gives stable ratios: a parallel op stalls whenever one of its "
                              "threads is descheduled")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="run these parts only (the results then go to a file named after them)")
     # main() from bench/run_all.py gets no argv: never read the caller's sys.argv
     args = parser.parse_args(argv if argv is not None else [])
     if args.threads:
@@ -311,16 +383,16 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    print("int4 weight-only GEMM vs fp32 (ms per call, best of interleaved rounds):", flush=True)
-    result["gemm"] = bench_gemm(args.quick)
-    print("dense matmul, packed for oneDNN vs plain (ms per call, weights streamed):", flush=True)
-    result["dense"] = bench_dense(args.quick)
-    print("CPU LoRA path (shrink + expand, one projection):", flush=True)
-    result["lora"] = bench_lora(args.quick)
-    print("large-group threshold of the CPU LoRA plan:", flush=True)
-    result["threshold"] = bench_large_group_threshold(args.quick)
+    result["load_average_before"] = os.getloadavg()
+    for part in args.parts:
+        title, run = PARTS[part]
+        print(f"{title}:", flush=True)
+        result[part.replace("-", "_")] = run(args.quick)
+    result["load_average_after"] = os.getloadavg()
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / ("kernels_cpu" if not args.threads else f"kernels_cpu_{args.threads}thread")
+    if set(args.parts) != set(PARTS):
+        stem = stem.with_name(stem.name + "_" + "_".join(part.replace("-", "_") for part in args.parts))
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     stem.with_suffix(".md").write_text(_markdown(result))
     print(f"wrote {stem}.json and .md")

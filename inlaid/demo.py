@@ -1,20 +1,37 @@
-"""`make run`: the default model with the committed task adapters, served in one batch.
+"""`make run`: every committed task adapter served from ONE shared MLGPTQ 4-bit base.
 
-1. In-process: a mixed batch (several adapters + the bare base) through `Engine`, printing
-   each completion and the tokens/s.
-2. Served: the same tasks through `inlaid serve` + the client SDK, printing per-task
-   latency and throughput, then a clean shutdown.
+1. The base: MLGPTQ, 4-bit, group 128, calibrated on every task of adapters/MANIFEST.json
+   (`inlaid.quant.suite.ensure_suite_checkpoint`: built once with a progress bar, cached
+   under $XDG_CACHE_HOME/inlaid/quantized/ by its inputs, resumed if interrupted).
+2. Quality kept: teacher-forced NLL of a few eval answers per task, adapter on, through the
+   engine on the unquantized base and on the 4-bit base as served, and on the bare base for
+   scale (low noise: a handful of greedy task scores would move by chance).
+3. Memory: the base at fp32 / bf16 / 4-bit, what the executor holds (adapters, KV).
+4. Served: all tasks + the bare base through `inlaid serve` and the client SDK, mixed in
+   every step; latency and throughput of that workload.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 ADAPTER_ROOT = REPO / "adapters"
-EXAMPLES_PER_TASK = 2
+SERVED_EXAMPLES_PER_TASK = 2
+SERVED_MAX_TOKENS = 32
+BASE_PROMPTS = ["Name three primary colours.", "Write one sentence about the sea."]
+# Quality sample per task: eval examples in file order until their answers hold this many
+# tokens (short answers, like math's, take more examples), at most QUALITY_MAX_EXAMPLES.
+QUALITY_ANSWER_TOKENS = 48
+QUALITY_MAX_EXAMPLES = 6
+KV_BLOCKS = 512  # 8192 tokens of KV: the served workload needs ~6000
 
 
 def committed_adapters() -> dict[str, Path]:
@@ -25,63 +42,219 @@ def committed_adapters() -> dict[str, Path]:
     } if ADAPTER_ROOT.is_dir() else {}
 
 
-def demo_requests(adapters: dict[str, Path]) -> list[tuple[str | None, list[dict[str, str]], int, str]]:
-    """(adapter, chat messages, max_tokens, reference) per demo request."""
+def native_bf16() -> bool:
+    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere oneDNN
+    emulates it, several times slower than float32 (docs/engine.md)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def executor_options(adapters: dict[str, Path]) -> dict[str, Any]:
+    """The executor's settings for this demo: a slot per adapter, the pools at the largest
+    rank, KV sized for the workload; the embedding/head in bf16 where the CPU has it (the
+    largest dense matrix left beside the 4-bit projections)."""
+    from inlaid.engine.adapter_config import read_adapter_spec
+
+    ranks = [read_adapter_spec(name, str(path)).rank for name, path in adapters.items()]
+    options: dict[str, Any] = {"max_lora_slots": len(adapters), "max_lora_rank": max(ranks), "num_kv_blocks": KV_BLOCKS}
+    if native_bf16():
+        options["weight_dtype"] = "bfloat16"
+    return options
+
+
+# ------------------------------------------------------------------------ 1. the base
+def shared_base(model_dir: Path) -> tuple[Path, float, bool]:
+    """(checkpoint dir, seconds, whether it was cached)."""
+    from inlaid.quant.suite import ensure_suite_checkpoint, is_complete, suite_checkpoint_dir
+
+    cached = is_complete(suite_checkpoint_dir(model_dir))
+    started = time.monotonic()
+    checkpoint = ensure_suite_checkpoint(model_dir, progress=True)
+    return checkpoint, time.monotonic() - started, cached
+
+
+# ------------------------------------------------------------------- 2. quality kept
+@dataclass
+class TaskQuality:
+    task: str
+    examples: int
+    tokens: int
+    nll_no_adapter: float  # mean per answer token, unquantized base, adapter off
+    nll_float: float  # unquantized base + adapter
+    nll_quantized: float  # the 4-bit base as served + adapter
+
+    @property
+    def perplexity_kept(self) -> float:
+        """exp(-(NLL increase)): the unquantized base's perplexity over the 4-bit one's."""
+        return math.exp(self.nll_float - self.nll_quantized)
+
+    @property
+    def gain_kept(self) -> float:
+        """The share of the adapter's NLL gain (over the bare base) left on the 4-bit base."""
+        return (self.nll_no_adapter - self.nll_quantized) / (self.nll_no_adapter - self.nll_float)
+
+
+def quality_requests(model_dir: Path, adapters: dict[str, Path]):
+    """(task, ScoreRequest) per sampled eval example: the chat prompt's tokens, then those of
+    the reference answer and the end of turn, tokenized apart (the answer tokens a model
+    would have to generate; the convention of bench/quality.py's NLL table)."""
+    from inlaid.engine.scoring import ScoreRequest
+    from inlaid.engine.tokenizer import Tokenizer
+    from inlaid.quant.calibration import END_OF_TURN
     from inlaid.tasks import get_task
 
+    tokenizer = Tokenizer(model_dir)
     requests = []
-    for name in adapters:
-        task = get_task(name)
-        for example in task.load_split("eval")[:EXAMPLES_PER_TASK]:
-            requests.append((name, example["messages"], task.max_new_tokens, example["reference"]))
-    requests.append((None, [{"role": "user", "content": "Name three primary colours."}], 32, ""))
+    for name, path in adapters.items():
+        answer_tokens = 0
+        for example in get_task(name).load_split("eval")[:QUALITY_MAX_EXAMPLES]:
+            prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(example["messages"]))
+            answer_ids = tokenizer.encode(example["reference"] + END_OF_TURN)
+            requests.append((name, ScoreRequest(prompt_ids + answer_ids, len(prompt_ids), (name, str(path)))))
+            answer_tokens += len(answer_ids)
+            if answer_tokens >= QUALITY_ANSWER_TOKENS:
+                break
     return requests
 
 
-def run_in_process(model_dir: Path, adapters: dict[str, Path]) -> None:
-    from inlaid.engine import Engine, EngineConfig, SamplingParams
+def measure_quality(model_dir: Path, checkpoint: Path, adapters: dict[str, Path], options: dict[str, Any]):
+    """Per-task quality rows, and the memory the 4-bit executor holds (same settings as served)."""
+    import gc
 
-    engine = Engine.local(EngineConfig(model_dir=str(model_dir)))
-    for name, path in adapters.items():
-        engine.register_adapter(name, str(path))
-    requests = demo_requests(adapters)
-    started = time.perf_counter()
-    outputs = engine.generate(
-        messages=[messages for _, messages, _, _ in requests],
-        sampling=[SamplingParams(max_tokens=max_tokens) for _, _, max_tokens, _ in requests],
-        adapters=[adapter for adapter, _, _, _ in requests],
-        use_tqdm=True,
-    )
-    elapsed = time.perf_counter() - started
-    generated = sum(len(o.token_ids) for o in outputs)
-    print(f"\n== one batch, {len(requests)} requests over {len(adapters)} adapters + base ==")
-    for (adapter, messages, _, reference), output in zip(requests, outputs):
-        prompt = messages[-1]["content"].replace("\n", " ")
-        print(f"\n[{adapter or 'base'}] {prompt[:90]}{'...' if len(prompt) > 90 else ''}")
-        print(f"  -> {output.text.strip()[:200]!r}")
-        if reference:
-            print(f"  reference: {reference[:120]!r}")
-    print(f"\n{generated} tokens in {elapsed:.1f}s = {generated / elapsed:.1f} tokens/s (CPU, fp32, batch {len(requests)})")
+    from inlaid.engine import EngineConfig
+    from inlaid.engine.memory import base_sizes, engine_memory
+    from inlaid.engine.runner import ModelRunner
+    from inlaid.engine.scoring import ScoreRequest, score_continuations
+
+    tagged = quality_requests(model_dir, adapters)
+    requests = [request for _, request in tagged]
+    float_options = {k: v for k, v in options.items() if k != "weight_dtype"}
+    runner = ModelRunner(EngineConfig(model_dir=str(model_dir), **float_options))
+    float_scores = score_continuations(runner, requests)
+    bare_scores = score_continuations(runner, [ScoreRequest(r.token_ids, r.first_scored) for r in requests])
+    del runner
+    gc.collect()
+    runner = ModelRunner(EngineConfig(model_dir=str(model_dir), quantized_dir=str(checkpoint), **options))
+    quantized_scores = score_continuations(runner, requests)
+    memory, sizes = engine_memory(runner), base_sizes(runner)
+    del runner
+    gc.collect()
+    rows = []
+    for name in adapters:
+        mine = [i for i, (task, _) in enumerate(tagged) if task == name]
+        tokens = sum(float_scores[i].tokens for i in mine)
+        rows.append(TaskQuality(name, len(mine), tokens, *(
+            sum(scores[i].nll for i in mine) / tokens for scores in (bare_scores, float_scores, quantized_scores))))
+    return rows, memory, sizes
+
+
+def print_quality(rows: list[TaskQuality], served_label: str) -> None:
+    print(f"\n== quality kept: teacher-forced NLL per answer token, adapter on ({served_label}) ==")
+    print(f"{'task':<14} {'examples':>8} {'tokens':>6} {'no adapter':>10} {'fp32 base':>10} {'4-bit base':>10} "
+          f"{'increase':>9} {'ppl kept':>9} {'gain kept':>9}")
+    for row in rows:
+        print(f"{row.task:<14} {row.examples:>8} {row.tokens:>6} {row.nll_no_adapter:>10.3f} {row.nll_float:>10.3f} "
+              f"{row.nll_quantized:>10.3f} {row.nll_quantized - row.nll_float:>+9.3f} "
+              f"{100 * row.perplexity_kept:>8.1f}% {100 * row.gain_kept:>8.1f}%")
+    worst = min(rows, key=lambda r: r.perplexity_kept)
+    print(f"worst task: {worst.task}. no adapter: the fp32 base alone; ppl kept = exp(-increase); gain kept = the "
+          "share of the adapter's NLL gain over the bare base left on the 4-bit base")
+
+
+# ---------------------------------------------------------------------- 3. memory
+def checkpoint_projection_bytes(checkpoint: Path) -> int:
+    """Bytes of the GPTQ tensors (qweight, qzeros, scales, g_idx) in the checkpoint."""
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as handle:
+        for key in handle.keys():
+            if key.endswith((".qweight", ".qzeros", ".scales", ".g_idx")):
+                tensor = handle.get_slice(key)
+                shape = tensor.get_shape()
+                total += math.prod(shape) * (2 if tensor.get_dtype() == "F16" else 4)
+    return total
+
+
+def print_memory(sizes, memory, checkpoint: Path, adapters: dict[str, Path], options: dict[str, Any]) -> None:
+    from inlaid.engine.memory import MB
+
+    projections = sizes.projection_params
+    dense_rest = sizes.embedding_params + sizes.other_params
+    quantized = checkpoint_projection_bytes(checkpoint)
+    adapter_bytes = sum((path / "adapter_model.safetensors").stat().st_size for path in adapters.values())
+    print("\n== memory ==")
+    print(f"{'base weights':<44} {'fp32':>9} {'bf16':>9} {'4-bit':>9}")
+    print(f"{'  projections (' + str(projections // 10**6) + 'M params)':<44} {4 * projections / MB:>8.0f}M "
+          f"{2 * projections / MB:>8.0f}M {quantized / MB:>8.0f}M")
+    print(f"{'  embedding = tied head, norms (bf16 at 4-bit)':<44} {4 * dense_rest / MB:>8.0f}M "
+          f"{2 * dense_rest / MB:>8.0f}M {2 * dense_rest / MB:>8.0f}M")
+    print(f"{'  total':<44} {4 * (projections + dense_rest) / MB:>8.0f}M {2 * (projections + dense_rest) / MB:>8.0f}M "
+          f"{(quantized + 2 * dense_rest) / MB:>8.0f}M")
+    print(f"held by the 4-bit executor ({', '.join(f'{k}={v}' for k, v in options.items())}):")
+    rows = [
+        ("projections, int4 kernel layout", memory.projections),
+        ("embedding + head (with its oneDNN-packed copy)", memory.embedding_and_head),
+        ("norms", memory.other_weights),
+        (f"LoRA pools: {options['max_lora_slots']} slots x rank {options['max_lora_rank']} (padded)", memory.lora_pools),
+        (f"  (the {len(adapters)} adapters themselves, fp32 on disk)", adapter_bytes),
+        (f"KV cache: {options['num_kv_blocks']} blocks x 16 tokens", memory.kv_cache),
+        ("total", memory.total),
+    ]
+    for label, value in rows:
+        print(f"  {label:<58} {value / MB:>8.0f}M")
+
+
+# ------------------------------------------------------------------------ 4. served
+def served_prompts(adapters: dict[str, Path]) -> dict[str, list]:
+    from inlaid.serve.demo import BASE_TASK
+    from inlaid.tasks import get_task
+
+    prompts: dict[str, list] = {}
+    for name in adapters:
+        prompts[name] = [e["messages"] for e in get_task(name).load_split("eval")[-SERVED_EXAMPLES_PER_TASK:]]
+    prompts[BASE_TASK] = list(BASE_PROMPTS)
+    return prompts
 
 
 def main() -> int:
-    from inlaid.models.prepare import prepare_default_model
+    import torch
 
+    from inlaid.models.prepare import prepare_default_model
+    from inlaid.serve.demo import run_server_demo
+
+    started = time.monotonic()
     model_dir = prepare_default_model(quiet=True)
     adapters = committed_adapters()
     if not adapters:
         print("no committed adapters under adapters/: run `inlaid train-adapter` first", file=sys.stderr)
         return 1
-    run_in_process(model_dir, adapters)
+    options = executor_options(adapters)
+    print(f"== the shared base: MLGPTQ 4-bit g128 over {len(adapters)} tasks ({', '.join(adapters)}) ==")
+    checkpoint, seconds, cached = shared_base(model_dir)
+    if cached:
+        built_in = json.loads((checkpoint / "suite.json").read_text()).get("seconds")
+        print(f"cached: {checkpoint} (found in {seconds:.1f} s; building it took {built_in} s)")
+    else:
+        print(f"built: {checkpoint} in {seconds:.1f} s")
 
-    from inlaid.serve.demo import BASE_TASK, run_server_demo
+    quality_started, quality_cpu = time.monotonic(), time.process_time()
+    rows, memory, sizes = measure_quality(model_dir, checkpoint, adapters, options)
+    served_label = "int4 kernel" + (", bf16 embedding/head" if options.get("weight_dtype") == "bfloat16" else "")
+    print_quality(rows, served_label)
+    print(f"({time.monotonic() - quality_started:.0f} s, {time.process_time() - quality_cpu:.0f} s of CPU on "
+          f"{torch.get_num_threads()} threads; machine load {os.getloadavg()[0]:.1f})")
+    print_memory(sizes, memory, checkpoint, adapters, options)
 
-    prompts_by_task: dict[str, list] = {}
-    for adapter, messages, _, _ in demo_requests(adapters):
-        prompts_by_task.setdefault(adapter or BASE_TASK, []).append(messages)
-    print("\n== the same tasks through `inlaid serve` and the client SDK ==")
-    run_server_demo(model_dir, {name: str(path) for name, path in adapters.items()}, prompts_by_task)
-    return 0
+    print(f"\n== served: {len(adapters)} tasks + the bare base from the 4-bit base, through `inlaid serve` ==")
+    summary = run_server_demo(model_dir, {n: str(p) for n, p in adapters.items()}, served_prompts(adapters),
+                              max_tokens=SERVED_MAX_TOKENS, quantized_dir=checkpoint, executor=options,
+                              samples_per_task=1)
+    print(f"\nmake run finished in {time.monotonic() - started:.0f} s (machine load {os.getloadavg()[0]:.1f})")
+    return 0 if summary["exit_code"] == 0 and summary["ok"] == summary["requests"] else 1
 
 
 if __name__ == "__main__":

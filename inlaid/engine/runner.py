@@ -175,6 +175,20 @@ class ModelRunner:
             self.load_adapter(load.slot, load.name, load.path)
         return self._forward_chunks(plan.chunks)
 
+    @torch.inference_mode()
+    def forward_hidden(self, plan: BatchPlan) -> tuple[list[ChunkPlan], torch.Tensor, list[int]]:
+        """Run the plan's forward; return (its chunks in batch order, the final hidden states
+        [T, H] of every token, the row of each chunk's first token). `model.logits` of any
+        rows gives their next-token logits (teacher-forced scoring uses all of them)."""
+        for load in plan.adapter_loads:
+            self.load_adapter(load.slot, load.name, load.path)
+        # Tokens of one adapter are made contiguous so that they form one LoRA segment.
+        chunks = sorted(plan.chunks, key=lambda chunk: chunk.adapter_slot)
+        batch, last_token_rows = self._build_batch(chunks)
+        hidden = self.model(batch, self.kv_caches)
+        first_rows = [last - len(chunk.token_ids) + 1 for chunk, last in zip(chunks, last_token_rows)]
+        return chunks, hidden, first_rows
+
     def _forward_chunks(self, plan_chunks: list[ChunkPlan]) -> tuple[list[int], torch.Tensor, list[ChunkPlan]]:
         # Tokens of one adapter are made contiguous so that they form one LoRA segment.
         chunks = sorted(plan_chunks, key=lambda chunk: chunk.adapter_slot)
