@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -39,6 +40,28 @@ log = logging.getLogger("inlaid.executor")
 _MAX_CONSECUTIVE_FAILURES = 3  # plans that raise in a row: the runner is likely broken; exit
 _STATS_INTERVAL_S = 1.0
 _PARENT_POLL_MS = 1000
+# Fault injection for the fault tests and the soak (never set in production): a JSON object
+# {"close_socket_after_plan": N, "exit_delay_s": D, "generations": [...]}. The executor of a
+# listed generation (any, when omitted) answers its N-th plan, closes its socket and exits
+# D seconds later: the way it leaves after too many failed plans, when the interpreter's
+# teardown keeps the process alive for a while after its socket is gone.
+FAULT_ENV = "INLAID_EXECUTOR_FAULT"
+
+
+@dataclasses.dataclass(frozen=True)
+class InjectedFault:
+    close_socket_after_plan: int
+    exit_delay_s: float = 1.0
+
+    @staticmethod
+    def from_env(generation: int) -> "InjectedFault | None":
+        text = os.environ.get(FAULT_ENV)
+        if not text:
+            return None
+        spec = json.loads(text)
+        if generation not in spec.get("generations", [generation]):
+            return None
+        return InjectedFault(int(spec["close_socket_after_plan"]), float(spec.get("exit_delay_s", 1.0)))
 
 
 def executor_identity(generation: int) -> bytes:
@@ -108,8 +131,10 @@ def serve(address: str, generation: int, config: EngineConfig, parent_pid: int) 
                                       "load_seconds": round(hello.load_seconds, 3)})
 
     steps = 0
+    plans = 0
     consecutive_failures = 0
     last_stats = time.monotonic()
+    fault = InjectedFault.from_env(generation)
     while True:
         if not sock.poll(_PARENT_POLL_MS, zmq.POLLIN):
             if os.getppid() != parent_pid:
@@ -127,6 +152,7 @@ def serve(address: str, generation: int, config: EngineConfig, parent_pid: int) 
             log.info("executor shutting down", extra={"steps": steps})
             return 0
         assert isinstance(message, BatchPlan)
+        plans += 1
         try:
             result = runner.execute(message)
         except Exception as error:  # report, keep serving: the coordinator fails this plan's requests
@@ -142,6 +168,11 @@ def serve(address: str, generation: int, config: EngineConfig, parent_pid: int) 
         consecutive_failures = 0
         steps += 1
         sock.send(encoder.encode(result))
+        if fault is not None and plans == fault.close_socket_after_plan:
+            log.warning("injected fault: socket closed; exiting later", extra={"exit_delay_s": fault.exit_delay_s})
+            sock.close(linger=1000)  # the answer still goes out, as it did before the real exit
+            time.sleep(fault.exit_delay_s)
+            return 1
         now = time.monotonic()
         if now - last_stats >= _STATS_INTERVAL_S:
             sock.send(encoder.encode(_stats(runner, steps)))
