@@ -43,7 +43,8 @@ def serve(config) -> int:  # type: ignore[no-untyped-def]
 
     async def main() -> int:
         try:
-            coordinator = Coordinator(config, policy=load_policy(config.policy))
+            load_policy(config.policy)  # a bad policy fails the start here, with its reason
+            coordinator = Coordinator(config, policy_factory=lambda: load_policy(config.policy))
         except (ModelLoadError, ValueError) as error:
             log.critical("cannot start", extra={"error": str(error)})
             return 2
