@@ -1,9 +1,10 @@
-"""The coordinator process: clients in front, the executor behind, the Engine in between.
+"""The coordinator process: clients in front, the executors behind, an Engine for each.
 
-One asyncio loop (uvloop) runs three things: the front loop (a ZeroMQ ROUTER; each frame
-is decoded, checked and answered or turned into an engine request), the step loop (plan
+One asyncio loop (uvloop) runs: the front loop (a ZeroMQ ROUTER; each frame is decoded,
+checked and answered or turned into an engine request), one step loop per executor (plan
 with `Engine.begin_step`, run on the executor, apply with `Engine.finish_step`, stream the
-text back) and the executor supervisor. Never imports torch.
+text back), the executor supervisors, and with several executors the placement of
+requests on them (`executor_pool.py`, docs/scale-out.md). Never imports torch.
 
 Every bad input is answered with a typed ErrorReply, carrying the request id it answers,
 to its sender only; nothing a client sends can stop the loops. A client that disconnects
