@@ -135,7 +135,7 @@ class Coordinator:
                 log_format=self.config.log_format,
             )  # fmt: skip
             shard.step_loop = StepLoop(shard.engine, shard.supervisor, on_plan=functools.partial(self._on_plan, shard),
-                                       deliver=functools.partial(self._deliver, shard),
+                                       deliver=functools.partial(self._on_step_result, shard),
                                        fail_running=functools.partial(self._fail_running, shard),
                                        counters=self.counters)  # fmt: skip
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -245,12 +245,13 @@ class Coordinator:
             if request is not None and request.scheduled_at is None:
                 request.scheduled_at = now
 
-    def _deliver(self, shard: ExecutorShard, plan: BatchPlan, result: StepResult, outputs: list[RequestOutput]) -> None:
+    def _on_step_result(self, shard: ExecutorShard, plan: BatchPlan, result: StepResult,
+                        outputs: list[RequestOutput]) -> None:
         self.metrics.on_step(plan, result, outputs, shard.index)
-        self._deliver_outputs(outputs)
+        self._deliver(outputs)
         self.pool.rebalance(self._by_engine_id)
 
-    def _deliver_outputs(self, outputs: list[RequestOutput]) -> None:
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
         for output in outputs:
             request = self._by_engine_id.get(output.request_id)
@@ -410,7 +411,7 @@ class Coordinator:
         for request in gone:
             self._engine_of(request).abort(request.engine_id)
             self.counters["abandoned"] += 1
-            self._forget(request, "cancelled")
+            self._forget(request, "abandoned")
         if gone:
             log.info("client disconnected; its requests are cancelled",
                      extra={"client": identity.hex(), "requests": [r.request_id for r in gone]})

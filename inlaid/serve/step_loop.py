@@ -37,8 +37,8 @@ class StepLoop:
         fail_running: Callable[[str, str], None],
         counters: dict[str, int],
     ) -> None:
-        """on_plan: a plan is about to run; deliver: a step's plan, result and outputs; fail_running(message,
-        code): fail every request whose state lived on the executor."""
+        """on_plan: a plan is about to run; deliver(plan, result, outputs): a step ran;
+        fail_running(message, code): fail every request whose state lived on the executor."""
         self.engine = engine
         self.supervisor = supervisor
         self._on_plan = on_plan
