@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import zmq.asyncio
 from ray import serve
 
 from inlaid.client import AsyncClient, Client, InlaidError, TaskBusyError
@@ -48,6 +49,7 @@ from inlaid.serve.launcher import to_toml
 
 _TASK_BUSY_RETRIES = 50  # a task being removed (its last requests finishing) before it loads again
 _TASK_BUSY_PAUSE_S = 0.1
+_UNLOAD_TIMEOUT_S = 30.0  # RemoveTask answers at once (a busy task is unregistered when its requests end)
 
 
 def _error_reply(error: InlaidError) -> ErrorReply:
@@ -140,15 +142,14 @@ class LoadedTask:
         if self._released:
             return
         self._released = True
-        try:
-            future = asyncio.run_coroutine_threadsafe(self._unload(self.name), self._loop)
-        except RuntimeError:  # the loop is gone: the replica is shutting down
-            return
+        if not self._loop.is_running():
+            return  # the replica is shutting down, and its server with it
+        future = asyncio.run_coroutine_threadsafe(self._unload(self.name), self._loop)
         with contextlib.suppress(RuntimeError):
             if asyncio.get_running_loop() is self._loop:
                 return  # collected on the loop itself: the unload runs after this returns
         with contextlib.suppress(Exception):
-            future.result(timeout=60)
+            future.result(timeout=_UNLOAD_TIMEOUT_S)
 
 
 class ReplicaBase:
@@ -228,8 +229,11 @@ class ReplicaBase:
             raise RuntimeError(f"the replica's Inlaid server exited:\n{self.server.logs()[-2000:]}")
 
     def __del__(self) -> None:
+        """Ray's graceful shutdown of the replica: stop the server, then close the SDK's
+        sockets (an open ZeroMQ socket would hold the process at exit until Ray kills it)."""
         if hasattr(self, "server"):
             self.server.stop()
+        zmq.asyncio.Context.instance().destroy(linger=0)
 
 
 def replica_class(max_tasks_per_replica: int) -> type[ReplicaBase]:
