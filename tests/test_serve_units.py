@@ -217,7 +217,7 @@ def test_scheduling_policy_is_pluggable_by_name():
     assert isinstance(load_policy("inlaid.engine.scheduler:FifoPolicy"), FifoPolicy)
     with pytest.raises(ConfigError, match="No module named"):
         load_policy("no_such_module_xyz:Policy")
-    with pytest.raises(ConfigError, match="no order_waiting"):
+    with pytest.raises(ConfigError, match="did not give a SchedulingPolicy"):
         load_policy("collections:OrderedDict")
     with pytest.raises(ConfigError, match="server.policy"):
         config_from_dict({"server": {"policy": "lottery"}})

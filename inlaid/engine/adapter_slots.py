@@ -52,6 +52,11 @@ class AdapterSlots:
     def slot_of(self, name: str) -> int | None:
         return self._slot_of.get(name)
 
+    def can_acquire(self, name: str, pinned: set[str]) -> bool:
+        """Whether `acquire` would give `name` a slot now (it is resident, a slot is free, or
+        an unpinned adapter can be evicted)."""
+        return name in self._slot_of or bool(self._free_slots) or any(n not in pinned for n in self._slot_of)
+
     def acquire(self, name: str, pinned: set[str]) -> SlotAssignment | None:
         """A slot for `name`, evicting the least recently used unpinned adapter if needed.
 

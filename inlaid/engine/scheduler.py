@@ -1,16 +1,31 @@
 """Continuous batching: which sequences compute how many tokens in the next step. Torch-free.
 
-Every step builds ONE ragged batch under a token budget: running sequences first (one
-decode token each, or the rest of a chunked prefill), then waiting sequences in the
-policy's order. When KV blocks run out the most recently admitted sequence is preempted
-and later recomputed from its tokens. The coordinator process runs this same class.
+Every step builds ONE ragged batch under a token budget. The policy ranks all work,
+running and waiting sequences together, best first; the scheduler walks that ranking and
+plans each sequence while the step's limits allow:
+
+- `max_num_seqs` sequences and `max_num_batched_tokens` tokens per step (a long prefill is
+  chunked over several steps);
+- at most `policy.max_adapters_per_step` distinct adapters per step (base-model rows never
+  count), and a device slot for each adapter (`AdapterSlots`);
+- KV blocks: a running sequence that cannot grow preempts the lowest-ranked running
+  sequence below it (its blocks are freed, it is recomputed later); a waiting sequence is
+  admitted if its first chunk fits, after preempting running sequences ranked below it.
+
+A running sequence the walk does not reach keeps its KV blocks and waits (paused). A
+waiting sequence refused for memory, or an overdue one (`policy.is_overdue`) refused for
+any limit, closes admission for this step, so nothing ranked below overtakes it: every
+request eventually runs. The default policy (FIFO: running sequences in admission order,
+then waiting ones in arrival order) never pauses or preempts for admission. The
+coordinator process and the simulator run this same class.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from inlaid.engine.adapter_slots import AdapterSlots
 from inlaid.engine.block_manager import BlockManager
@@ -18,15 +33,61 @@ from inlaid.engine.sequence import FinishReason, Sequence, SequenceStatus
 from inlaid.protocol import AdapterLoad, BatchPlan, ChunkPlan, StepResult
 
 
-class SchedulingPolicy(Protocol):
-    """Orders the waiting queue; the multi-task policies plug in here."""
+class SchedulingPolicy:
+    """The order of work, and hooks to learn from what ran. This base class is FIFO.
 
-    def order_waiting(self, waiting: list[Sequence]) -> list[Sequence]: ...
+    Every hook receives the scheduler's clock time `now` (seconds; the simulator's clock in
+    simulations). Policies live in `inlaid.scheduling`.
+    """
+
+    name = "fifo"
+    # β: the most distinct adapters one step may compute (base-model rows do not count).
+    max_adapters_per_step: int | None = None
+    # Prompt tokens (prefill chunks) one step may compute, below the engine's token budget:
+    # shorter steps for the decoding sequences (stall-free chunked prefill).
+    max_prefill_tokens_per_step: int | None = None
+
+    def attach(self, scheduler: "Scheduler") -> None:
+        """Called once by the scheduler that uses this policy."""
+
+    def on_arrival(self, seq: Sequence, now: float) -> None:
+        """A sequence was queued (predict its length here)."""
+
+    def order(self, running: list[Sequence], waiting: list[Sequence], now: float) -> list[Sequence]:
+        """Every running and waiting sequence, best first."""
+        return running + waiting
+
+    def is_overdue(self, seq: Sequence, now: float) -> bool:
+        """A waiting sequence that nothing ranked below it may overtake."""
+        return False
+
+    def preemption_victim(self, candidates: list[Sequence], now: float) -> Sequence:
+        """Which of `candidates` (running, ranked in `order`'s order) loses its KV blocks."""
+        return candidates[-1]
+
+    def on_admit(self, seq: Sequence, now: float) -> None:
+        """A waiting sequence became running (again, after a preemption)."""
+
+    def on_preempt(self, seq: Sequence, now: float) -> None:
+        """A running sequence lost its KV blocks and waits again."""
+
+    def on_plan(self, plan: BatchPlan, planned: list[tuple[Sequence, int]], now: float) -> None:
+        """The step about to run: each planned sequence with its number of tokens."""
+
+    def on_token(self, seq: Sequence, now: float) -> None:
+        """`seq` generated a token (already appended)."""
+
+    def on_result(self, result: StepResult, now: float) -> None:
+        """The executor's result of a step (its compute time)."""
+
+    def on_finish(self, seq: Sequence, now: float) -> None:
+        """`seq` finished (any reason, cancellations included)."""
+
+    def close(self) -> None:
+        """The server stops: save what should outlive it."""
 
 
-class FifoPolicy:
-    def order_waiting(self, waiting: list[Sequence]) -> list[Sequence]:
-        return waiting
+FifoPolicy = SchedulingPolicy
 
 
 @dataclass
@@ -44,6 +105,17 @@ class StepUpdate:
     finished: list[Sequence] = field(default_factory=list)
 
 
+@dataclass
+class _StepBuilder:
+    budget: int
+    prefill_budget: int
+    chunks: list[ChunkPlan] = field(default_factory=list)
+    loads: list[AdapterLoad] = field(default_factory=list)
+    planned: list[tuple[Sequence, int]] = field(default_factory=list)
+    adapters: set[str] = field(default_factory=set)  # adapters this step computes (their slots are pinned)
+    admitting: bool = True
+
+
 class Scheduler:
     def __init__(
         self,
@@ -52,15 +124,18 @@ class Scheduler:
         adapters: AdapterSlots,
         eos_token_ids: tuple[int, ...],
         policy: SchedulingPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.limits = limits
         self.blocks = blocks
         self.adapters = adapters
         self.eos_token_ids = frozenset(eos_token_ids)
         self.policy: SchedulingPolicy = policy or FifoPolicy()
+        self.clock = clock
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._next_step_id = 0
+        self.policy.attach(self)
 
     # ------------------------------------------------------------------ queue management
     def add(self, seq: Sequence) -> None:
@@ -77,6 +152,7 @@ class Scheduler:
             raise ValueError(f"unknown adapter {seq.adapter!r}")
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
+        self.policy.on_arrival(seq, self.clock())
 
     def abort(self, seq: Sequence, reason: FinishReason = FinishReason.CANCELLED) -> None:
         if seq.is_finished:
@@ -92,62 +168,108 @@ class Scheduler:
 
     # ------------------------------------------------------------------ planning
     def schedule(self) -> BatchPlan | None:
+        now = self.clock()
         budget = self.limits.max_num_batched_tokens
-        chunks: list[ChunkPlan] = []
-        loads: list[AdapterLoad] = []
-        preempted_now = False
-
-        for seq in list(self.running):
-            if seq.status is not SequenceStatus.RUNNING or budget == 0:
-                continue
-            num_tokens = min(seq.num_pending_tokens, budget)
-            while not self.blocks.can_allocate(seq, num_tokens):
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted_now = True
-                if victim is seq:
-                    break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
-            chunks.append(self._plan_chunk(seq, num_tokens))
-            budget -= num_tokens
-
-        # Admitting new work right after a preemption would only thrash the cache.
-        if not preempted_now:
-            pinned = {s.adapter for s in self.running if s.adapter is not None}
-            for seq in list(self.policy.order_waiting(list(self.waiting))):
-                if len(self.running) >= self.limits.max_num_seqs or budget == 0:
-                    break
-                num_tokens = min(seq.num_pending_tokens, budget)
-                if not self.blocks.can_allocate(seq, num_tokens):
-                    break
-                if seq.adapter is not None:
-                    assignment = self.adapters.acquire(seq.adapter, pinned)
-                    if assignment is None:
-                        continue  # every slot is pinned by running work; try a later request
-                    if assignment.loaded_now:
-                        loads.append(
-                            AdapterLoad(slot=assignment.slot, name=seq.adapter, path=self.adapters.paths[seq.adapter])
-                        )
-                    pinned.add(seq.adapter)
-                self.waiting.remove(seq)
-                seq.status = SequenceStatus.RUNNING
-                self.running.append(seq)
-                chunks.append(self._plan_chunk(seq, num_tokens))
-                budget -= num_tokens
-
-        if not chunks:
+        step = _StepBuilder(budget=budget, prefill_budget=min(budget, self.policy.max_prefill_tokens_per_step or budget))
+        order = self.policy.order(list(self.running), list(self.waiting), now)
+        rank = {id(seq): position for position, seq in enumerate(order)}
+        planned_ids: set[int] = set()
+        for seq in order:
+            if len(step.chunks) >= self.limits.max_num_seqs or step.budget == 0:
+                break
+            if seq.status is SequenceStatus.RUNNING:
+                self._plan_running(seq, step, order, rank, planned_ids, now)
+            elif seq.status is SequenceStatus.WAITING and step.admitting:
+                self._plan_waiting(seq, step, order, rank, planned_ids, now)
+        if not step.chunks:
             return None
-        plan = BatchPlan(step_id=self._next_step_id, chunks=chunks, adapter_loads=loads)
+        plan = BatchPlan(step_id=self._next_step_id, chunks=step.chunks, adapter_loads=step.loads)
         self._next_step_id += 1
+        self.policy.on_plan(plan, step.planned, now)
         return plan
 
-    def _plan_chunk(self, seq: Sequence, num_tokens: int) -> ChunkPlan:
+    def _plan_running(self, seq: Sequence, step: _StepBuilder, order: list[Sequence], rank: dict[int, int],
+                      planned_ids: set[int], now: float) -> None:
+        num_tokens = self._tokens_for(seq, step)
+        if not num_tokens or not self._adapter_fits(seq, step):
+            return  # paused this step: it keeps its KV blocks
+        while not self.blocks.can_allocate(seq, num_tokens):
+            victim = self._victim(seq, order, rank, planned_ids, now, include_self=True)
+            assert victim is not None  # the sequence itself is a candidate
+            self._preempt(victim, now)
+            step.admitting = False  # admitting new work right after a preemption would only thrash
+            if victim is seq:
+                return
+        if self._take_slot(seq, step):
+            self._plan_chunk(seq, num_tokens, step, planned_ids, now)
+
+    def _plan_waiting(self, seq: Sequence, step: _StepBuilder, order: list[Sequence], rank: dict[int, int],
+                      planned_ids: set[int], now: float) -> None:
+        overdue = self.policy.is_overdue(seq, now)
+        num_tokens = self._tokens_for(seq, step)
+        admissible = num_tokens > 0 and self._adapter_fits(seq, step) and (
+            seq.adapter is None or self.adapters.can_acquire(seq.adapter, step.adapters))
+        if admissible:
+            while not self.blocks.can_allocate(seq, num_tokens):
+                victim = self._victim(seq, order, rank, planned_ids, now, include_self=False)
+                if victim is None:
+                    admissible = False
+                    step.admitting = False  # no overtaking on memory
+                    break
+                self._preempt(victim, now)
+        if admissible and self._take_slot(seq, step):
+            self.waiting.remove(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            if seq.first_scheduled_at is None:
+                seq.first_scheduled_at = now
+            self.policy.on_admit(seq, now)
+            self._plan_chunk(seq, num_tokens, step, planned_ids, now)
+        elif overdue:
+            step.admitting = False  # an overdue request is never overtaken
+
+    @staticmethod
+    def _tokens_for(seq: Sequence, step: _StepBuilder) -> int:
+        """Tokens the sequence may compute this step: 1 for a decode, else a prefill chunk."""
+        pending = seq.num_pending_tokens
+        return min(pending, step.budget) if pending == 1 else min(pending, step.budget, step.prefill_budget)
+
+    def _adapter_fits(self, seq: Sequence, step: _StepBuilder) -> bool:
+        beta = self.policy.max_adapters_per_step
+        return seq.adapter is None or seq.adapter in step.adapters or beta is None or len(step.adapters) < beta
+
+    def _take_slot(self, seq: Sequence, step: _StepBuilder) -> bool:
+        """A device slot for the sequence's adapter; False when every slot is in use."""
+        if seq.adapter is None:
+            return True
+        # Only this step's adapters are pinned: a paused sequence's adapter may be evicted
+        # for better-ranked work and is loaded again when it resumes.
+        assignment = self.adapters.acquire(seq.adapter, step.adapters)
+        if assignment is None:
+            return False
+        if assignment.loaded_now:
+            step.loads.append(AdapterLoad(slot=assignment.slot, name=seq.adapter, path=self.adapters.paths[seq.adapter]))
+        step.adapters.add(seq.adapter)
+        return True
+
+    def _victim(self, seq: Sequence, order: list[Sequence], rank: dict[int, int], planned_ids: set[int],
+                now: float, include_self: bool) -> Sequence | None:
+        """The running sequence, ranked below `seq` and not planned in this step, to preempt."""
+        position = rank[id(seq)]
+        candidates = [s for s in order[position + (0 if include_self else 1):]
+                      if s.status is SequenceStatus.RUNNING and id(s) not in planned_ids]
+        if not candidates:
+            return None
+        return self.policy.preemption_victim(candidates, now)
+
+    def _plan_chunk(self, seq: Sequence, num_tokens: int, step: _StepBuilder, planned_ids: set[int],
+                    now: float) -> None:
         self.blocks.allocate(seq, num_tokens)
         start = seq.num_computed_tokens
         seq.num_computed_tokens += num_tokens
         slot = self.adapters.slot_of(seq.adapter) if seq.adapter is not None else None
-        return ChunkPlan(
+        seq.last_scheduled_at = now
+        step.chunks.append(ChunkPlan(
             seq_id=seq.seq_id,
             token_ids=seq.token_ids[start : start + num_tokens],
             start_pos=start,
@@ -156,23 +278,32 @@ class Scheduler:
             sample=seq.num_computed_tokens == len(seq.token_ids),
             sampling=seq.sampling,
             num_generated=seq.num_generated,
-        )
+        ))  # fmt: skip
+        step.planned.append((seq, num_tokens))
+        step.budget -= num_tokens
+        if num_tokens > 1 or seq.num_computed_tokens < len(seq.token_ids):
+            step.prefill_budget -= num_tokens
+        planned_ids.add(id(seq))
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence, now: float) -> None:
         self.running.remove(seq)
         self.blocks.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
+        self.policy.on_preempt(seq, now)
 
     # ------------------------------------------------------------------ results
     def process_result(self, result: StepResult, seqs_by_id: dict[int, Sequence]) -> StepUpdate:
+        now = self.clock()
+        self.policy.on_result(result, now)
         update = StepUpdate()
         for sampled in result.sampled:
             seq = seqs_by_id.get(sampled.seq_id)
             if seq is None or seq.status is not SequenceStatus.RUNNING:
                 continue  # cancelled while the step ran
             seq.token_ids.append(sampled.token_id)
+            self.policy.on_token(seq, now)
             update.new_tokens.append((seq, sampled.token_id))
             reason = self._stop_reason(seq, sampled.token_id)
             if reason is not None:
@@ -201,3 +332,4 @@ class Scheduler:
         self.blocks.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        self.policy.on_finish(seq, self.clock())

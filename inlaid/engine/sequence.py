@@ -23,7 +23,7 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a sequence equals only itself (queues find it by identity)
 class Sequence:
     seq_id: int
     prompt_token_ids: list[int]
@@ -37,6 +37,11 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    # Scheduling: the policy's estimate of the output length (set on arrival), and when the
+    # scheduler first and last planned work for this sequence (its clock).
+    predicted_output_tokens: float | None = None
+    first_scheduled_at: float | None = None
+    last_scheduled_at: float | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -13,9 +13,13 @@ max_num_seqs = 64
 
 [server]
 address = "tcp://127.0.0.1:5555"
-policy = "fifo"           # or "package.module:factory" returning a SchedulingPolicy
+policy = "inlaid"         # fifo | inlaid | mlfq | vtc, or "package.module:factory"
 admin_token_env = "INLAID_ADMIN_TOKEN"     # or admin_token_file / admin_token
 max_pending_requests = 1024
+
+[scheduler]               # the policy's options (docs/scheduling.md)
+max_adapters_per_step = 4
+predictor_state = "/var/lib/inlaid/predictor.npz"
 
 [executors]               # optional: several executors, one per device (docs/scale-out.md)
 count = 2
@@ -106,8 +110,10 @@ class ServerConfig:
     log_level: str = "INFO"
     log_format: str = "json"  # json | text
     allow_public_bind: bool = False
-    # "fifo", or "package.module:factory" returning a SchedulingPolicy (called with no arguments)
+    # fifo | inlaid | mlfq | vtc (inlaid.scheduling), or "package.module:factory" returning a
+    # SchedulingPolicy (called with no arguments)
     policy: str = "fifo"
+    scheduler: dict[str, Any] = field(default_factory=dict)  # the built-in policy's options
     http: HttpConfig | None = None  # the OpenAI-compatible front, started with the server
     metrics: MetricsConfig | None = None
     executors: ExecutorsConfig = field(default_factory=ExecutorsConfig)
@@ -137,8 +143,18 @@ class ServerConfig:
             raise ConfigError(f"server.log_format must be 'json' or 'text', got {self.log_format!r}")
         for name in self.tasks:
             check_task_name(name)
-        if self.policy != "fifo" and ":" not in self.policy:
-            raise ConfigError(f"server.policy must be 'fifo' or 'package.module:factory', got {self.policy!r}")
+        from inlaid.scheduling.registry import POLICY_NAMES, parse_options
+
+        if self.policy in POLICY_NAMES:
+            try:
+                parse_options(self.policy, self.scheduler)
+            except ValueError as error:
+                raise ConfigError(f"[scheduler]: {error}") from None
+        elif ":" not in self.policy:
+            raise ConfigError(f"server.policy must be one of {', '.join(POLICY_NAMES)} or 'package.module:factory', "
+                              f"got {self.policy!r}")
+        elif self.scheduler:
+            raise ConfigError("[scheduler] options apply to the built-in policies only")
         if self.http is not None:
             self.http.validate(self.allow_public_bind)
         if self.metrics is not None:
@@ -147,18 +163,28 @@ class ServerConfig:
                 raise ConfigError("[metrics] and [http] cannot share a port (the front serves /metrics itself)")
 
 
-def load_policy(spec: str) -> Any:
-    """The scheduling policy named by server.policy; None means the engine's FIFO."""
-    if spec == "fifo":
+def load_policy(spec: str, options: dict[str, Any] | None = None) -> Any:
+    """The scheduling policy named by server.policy with its [scheduler] options; None means
+    the engine's FIFO."""
+    from inlaid.scheduling.registry import POLICY_NAMES, make_policy
+
+    if spec == "fifo" and not options:
         return None
+    if spec in POLICY_NAMES:
+        try:
+            return make_policy(spec, options)
+        except ValueError as error:
+            raise ConfigError(f"[scheduler]: {error}") from None
     module_name, _, attribute = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
         raise ConfigError(f"server.policy {spec!r}: {error}") from error
     policy = factory()
-    if not callable(getattr(policy, "order_waiting", None)):
-        raise ConfigError(f"server.policy {spec!r} did not give a SchedulingPolicy (no order_waiting method)")
+    from inlaid.engine.scheduler import SchedulingPolicy
+
+    if not isinstance(policy, SchedulingPolicy):
+        raise ConfigError(f"server.policy {spec!r} did not give a SchedulingPolicy (inlaid.engine.scheduler)")
     return policy
 
 
@@ -198,13 +224,17 @@ def load_config(path: str | Path) -> ServerConfig:
 
 def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> ServerConfig:
     base_dir = base_dir or Path.cwd()
-    unknown_sections = set(raw) - {"model", "executor", "executors", "server", "tasks", "http", "metrics"}
+    unknown_sections = set(raw) - {"model", "executor", "executors", "server", "tasks", "scheduler", "http", "metrics"}
     if unknown_sections:
         raise ConfigError(f"unknown config sections: {sorted(unknown_sections)}")
     model = _section(raw, "model")
     executor = _section(raw, "executor")
     server = _section(raw, "server")
     tasks = _section(raw, "tasks")
+    scheduler = _section(raw, "scheduler")
+    for key in ("predictor_state", "step_log"):
+        if scheduler.get(key):
+            scheduler[key] = _path(scheduler[key], base_dir, f"scheduler.{key}")
     _reject_unknown("model", model, {"dir", "quantized_dir"})
     _reject_unknown("executor", executor, _ENGINE_FIELDS)
     _reject_unknown("server", server, _SERVER_KEYS)
@@ -251,6 +281,7 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Serve
         log_format=str(server.get("log_format", "json")),
         allow_public_bind=bool(server.get("allow_public_bind", False)),
         policy=str(server.get("policy", "fifo")),
+        scheduler=scheduler,
         http=HttpConfig(**http) if http is not None else None,
         metrics=MetricsConfig(**metrics) if metrics is not None else None,
         executors=ExecutorsConfig(**executors),

@@ -160,6 +160,8 @@ class Coordinator:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for engine in self.pool.engines:
+            engine.scheduler.policy.close()  # the length predictor saves its state
         self._clients.close()
         front.close()
         if self._tempdir:

@@ -1,0 +1,187 @@
+"""The scheduling policies on the REAL server, against the simulator on the same trace.
+
+One trace of the nine suite tasks (their committed adapters, real prompts, Gamma arrivals)
+is replayed open loop through the SDK (`inlaid/scheduling/replay.py`) against
+`inlaid serve` on the default model, once per policy, each with a fresh server that logs
+every step (`[scheduler] step_log`). The simulator runs the same trace with the same
+policies on the fitted cost model. Reported: each policy's metrics, real vs simulated;
+whether the simulator's ranking of the policies holds on the real server; the cost
+model's error against the real executor's step times. The inlaid policy's predictor
+starts from a state trained on the suite's calib split, as a deployed server would
+start from its saved state. Writes bench/results/sched_real.{json,md,png}.
+
+    .venv/bin/python bench/sched_real.py [--requests 150] [--load 0.8] [--threads 1]
+
+Takes 15-25 minutes on 2 cores (a server per policy), so `make bench` does not run it (no
+`main`); run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+ADAPTERS = Path(__file__).parents[1] / "adapters"
+VARIANTS = ("fifo", "mlfq", "vtc", "inlaid", "inlaid+fair")
+REFIT_EVERY = 64  # the predictor refits as in a server, in the simulation too
+
+
+def _variant(label: str):
+    from inlaid.scheduling.experiment import MAIN_VARIANTS
+
+    return next(v for v in MAIN_VARIANTS if v.label == label)
+
+
+def _run_server(label: str, trace, prompts, options: dict, threads: int, workdir: Path) -> tuple[list, list]:
+    """Start a server with the variant's policy, replay `trace`, stop it; records and step log."""
+    from inlaid.scheduling.replay import replay_trace
+    from inlaid.scheduling.step_log import read_step_log
+    from inlaid.serve.launcher import ServerProcess
+
+    step_log = workdir / f"{label}.steps.jsonl"
+    scheduler = {**options, "step_log": str(step_log)}
+    variant = _variant(label)
+    config = {
+        "executor": {"threads": threads},
+        "server": {"policy": variant.policy, "log_level": "WARNING", "max_pending_requests": 100_000},
+        "tasks": {name: str(ADAPTERS / name) for name in trace.tasks},
+        "scheduler": scheduler,
+    }
+    (workdir / label).mkdir()
+    with ServerProcess(config, workdir / label) as server:
+        server.wait_ready()
+        records = asyncio.run(replay_trace(server.address, trace, prompts, progress=True))
+    return records, read_step_log(step_log)
+
+
+def _step_errors(steps: list[dict], cost, ranks: dict[str, int], block_size: int) -> dict:
+    from inlaid.scheduling.cost_model import ChunkShape, StepFeatures
+
+    predicted, measured, overheads = [], [], []
+    for step in steps:
+        chunks = [ChunkShape(n, start, adapter, ranks.get(adapter, 0) if adapter else 0, sample)
+                  for n, start, adapter, sample in step["chunks"]]
+        features = StepFeatures.of_chunks(chunks, len(step["loads"]), block_size)
+        predicted.append(cost.step_seconds(features))
+        measured.append(step["compute_s"])
+        overheads.append(step["result_at"] - step["planned_at"] - step["compute_s"])
+    errors = sorted(abs(p - m) / m for p, m in zip(predicted, measured) if m > 0)
+    return {
+        "steps": len(steps),
+        "mean_abs_rel_error": sum(errors) / len(errors) if errors else float("nan"),
+        "median_abs_rel_error": errors[len(errors) // 2] if errors else float("nan"),
+        "total_bias": sum(predicted) / sum(measured) - 1 if measured else float("nan"),
+        "mean_step_s": sum(measured) / len(measured) if measured else float("nan"),
+        "mean_round_trip_overhead_s": sum(overheads) / len(overheads) if overheads else float("nan"),
+    }
+
+
+def compare(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=150)
+    parser.add_argument("--load", type=float, default=0.8, help="x the simulated FIFO saturation of the trace")
+    parser.add_argument("--cv", type=float, default=4.0)
+    parser.add_argument("--popularity", default="zipf")
+    parser.add_argument("--threads", type=int, default=1, help="executor threads (as the cost model was measured)")
+    parser.add_argument("--policies", default=",".join(VARIANTS))
+    parser.add_argument("--calibration-requests", type=int, default=40)
+    parser.add_argument("--render", action="store_true", help="rewrite the report and plot from sched_real.json")
+    args = parser.parse_args(argv)
+    if args.render:
+        from sched_report import plot_real, write_real_markdown
+
+        report = json.loads((RESULTS / "sched_real.json").read_text())
+        write_real_markdown(report, RESULTS / "sched_real.md")
+        plot_real(report, RESULTS / "sched_real.png")
+        return report
+
+    from inlaid.engine.adapter_config import read_adapter_spec
+    from inlaid.predictor import OnlineLengthPredictor
+    from inlaid.scheduling.cost_model import StepCostModel
+    from inlaid.scheduling.experiment import length_model, make_variant, suite_history, variant_options
+    from inlaid.scheduling.metrics import summarize
+    from inlaid.scheduling.simulator import EngineShape, isolated_latency, simulate
+    from inlaid.scheduling.suite import load_suite_lengths, suite_prompts
+    from inlaid.scheduling.traces import TraceSpec, generate_trace
+
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    cost = StepCostModel.load(RESULTS / "sched_cost_model.json")
+    shape = EngineShape()  # the server's engine defaults
+    records = load_suite_lengths()
+    prompts = suite_prompts()
+    history = suite_history(records, prompts, "calib")
+    ranks = {p.name: read_adapter_spec(p.name, p).rank for p in sorted(ADAPTERS.iterdir()) if (p / "adapter_config.json").is_file()}
+    spec = TraceSpec(rate=1.0, num_requests=args.requests, cv=args.cv, num_tasks=len(ranks), popularity=args.popularity,
+                     suite_task_names=True, seed=11)
+    base_trace = generate_trace(spec, [r for r in records if r.split == "eval"], ranks)
+    workdir = Path(tempfile.mkdtemp(prefix="inlaid-sched-real-"))
+    # Calibration: a burst on a FIFO server says how much slower this machine's steps are
+    # than the cost model (CPU time, quiet machine); the simulation of the comparison runs
+    # at that speed, so that both sides see the same load.
+    burst = base_trace.scaled(1000.0)
+    burst = type(burst)(burst.requests[:args.calibration_requests], burst.tasks, burst.meta)
+    (workdir / "calibration").mkdir()
+    _, calibration_steps = _run_server("fifo", burst, prompts, {}, args.threads, workdir / "calibration")
+    raw_error = _step_errors(calibration_steps, cost, ranks, shape.block_size)
+    slowdown = 1.0 / (1.0 + raw_error["total_bias"])
+    machine_cost = cost.scaled(slowdown)
+    capacity = summarize(simulate(base_trace.scaled(1000.0), make_variant(_variant("fifo"), machine_cost, shape),
+                                  machine_cost, shape, prompts).requests)["throughput_rps"]
+    trace = base_trace.scaled(args.load * capacity)
+    trace.save(RESULTS / "sched_trace_real.jsonl")
+    isolated = [isolated_latency(r, ranks.get(r.task or "", 0), machine_cost, shape) for r in trace.requests]
+
+    state = workdir / "predictor-calib.npz"
+    seeded = length_model("model", history)
+    assert isinstance(seeded, OnlineLengthPredictor)
+    seeded.save(state)
+    runs = {}
+    try:
+        for label in args.policies.split(","):
+            variant = _variant(label)
+            options = variant_options(variant, cost, shape)
+            if variant.policy == "inlaid":
+                options["predictor_refit_every"] = REFIT_EVERY
+                run_state = workdir / f"{label}.predictor.npz"
+                shutil.copy(state, run_state)
+                options["predictor_state"] = str(run_state)
+            real_records, steps = _run_server(label, trace, prompts, options, args.threads, workdir)
+            for record, seconds in zip(real_records, isolated):
+                record.isolated_s = seconds
+            sim_options = {k: v for k, v in options.items() if k != "predictor_state"}
+            sim_variant = type(variant)(variant.label, variant.policy, sim_options, variant.length_model)
+            sim = simulate(trace, make_variant(sim_variant, machine_cost, shape, history), machine_cost, shape, prompts)
+            same_length = sum(len(r.token_times) == t.output_tokens for r, t in zip(real_records, trace.requests))
+            runs[label] = {
+                "real": summarize(real_records, warmup_fraction=0.05),
+                "sim": summarize(sim.requests, sim.steps, warmup_fraction=0.05, service_gap=sim.service_gap),
+                "cost_model_on_real_steps": _step_errors(steps, cost, ranks, shape.block_size),
+                "calibrated_cost_model_on_real_steps": _step_errors(steps, machine_cost, ranks, shape.block_size),
+                "outputs_as_recorded": same_length / len(trace.requests),
+            }
+            print(label, json.dumps({k: runs[label]["real"]["latency_s"]["mean"] for k in ("real",)}), flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report = {"machine_loadavg_before": load_before, "machine_loadavg_after": os.getloadavg(),
+              "wall_s": time.perf_counter() - started, "trace": trace.summary(), "load": args.load,
+              "simulated_capacity_rps": capacity, "threads": args.threads, "cost_model": cost.description,
+              "calibration": {"requests": args.calibration_requests, "slowdown": slowdown, "raw_error": raw_error},
+              "runs": runs}
+    (RESULTS / "sched_real.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    from sched_report import plot_real, write_real_markdown
+
+    write_real_markdown(report, RESULTS / "sched_real.md")
+    plot_real(report, RESULTS / "sched_real.png")
+    return report
+
+
+if __name__ == "__main__":
+    compare()

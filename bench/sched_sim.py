@@ -1,0 +1,165 @@
+"""The scheduling simulator sweep: policies x load x tasks x burstiness x popularity.
+
+Runs the real scheduler and policies (`inlaid/scheduling/simulator.py`) on the fitted
+executor cost model (`bench/results/sched_cost_model.json`) over traces drawn from the
+task suite's recorded requests (held-out eval split; the length predictor starts from the
+calib split and keeps learning online). For each configuration the load is a fraction of
+FIFO's saturation throughput (measured on the same trace, overloaded). Writes
+
+    bench/results/sched_sim.json   every run's metrics
+    bench/results/sched_sim.md     headline, full and ablation tables, the long-run timing
+    bench/results/sched_sim_jct.png, sched_sim_slo.png   mean JCT and SLO attainment vs load
+
+    .venv/bin/python bench/sched_sim.py [--requests 1500] [--workers 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+TASK_COUNTS = (10, 100, 1000)
+CVS = (1.0, 4.0)
+POPULARITIES = ("uniform", "zipf")
+LOADS = (0.5, 0.8, 0.9, 1.0)
+HEADLINE_LOADS = (0.8, 0.9)
+SLO_SCALE = "10x"
+ZIPF_ALPHA = 1.0
+SEED = 7
+# A server meant for many tasks: 32 adapter slots (the default 8 makes 100 and 1,000 tasks a
+# contest for slots that no ordering can win); every other limit is the server default.
+SLOTS = 32
+
+_context: dict = {}
+
+
+
+def _load_context(suite_lengths: str | None) -> None:
+    from inlaid.scheduling.cost_model import StepCostModel
+    from inlaid.scheduling.experiment import suite_history
+    from inlaid.scheduling.simulator import EngineShape
+    from inlaid.scheduling.suite import SUITE_LENGTHS_FILE, load_suite_lengths, suite_prompts
+
+    records = load_suite_lengths(suite_lengths or SUITE_LENGTHS_FILE)
+    prompts = suite_prompts()
+    _context.update(cost=StepCostModel.load(RESULTS / "sched_cost_model.json"), shape=EngineShape(max_lora_slots=SLOTS),
+                    records=records, prompts=prompts, history=suite_history(records, prompts, "calib"))
+
+
+def _trace(tasks: int, cv: float, popularity: str, requests: int):
+    from inlaid.scheduling.traces import TraceSpec, generate_trace
+
+    held_out = [r for r in _context["records"] if r.split == "eval"]
+    spec = TraceSpec(rate=1.0, num_requests=requests, cv=cv, num_tasks=tasks, popularity=popularity,
+                     alpha=ZIPF_ALPHA, seed=SEED)
+    return generate_trace(spec, held_out)
+
+
+def _run(job: dict) -> dict:
+    from inlaid.scheduling.experiment import ABLATIONS, MAIN_VARIANTS, make_variant
+    from inlaid.scheduling.metrics import summarize
+    from inlaid.scheduling.simulator import simulate
+
+    variants = {v.label: v for v in MAIN_VARIANTS + ABLATIONS}
+    trace = _trace(job["tasks"], job["cv"], job["popularity"], job["requests"]).scaled(job["rate"])
+    policy = make_variant(variants[job["policy"]], _context["cost"], _context["shape"], _context["history"])
+    started = time.perf_counter()
+    result = simulate(trace, policy, _context["cost"], _context["shape"], _context["prompts"])
+    summary = summarize(result.requests, result.steps, warmup_fraction=0.05, service_gap=result.service_gap)
+    summary.pop("jct_by_task")
+    return {**job, "wall_s": time.perf_counter() - started, "simulated_s": summary["makespan_s"], **summary}
+
+
+def _pool(workers: int, suite_lengths: str | None):
+    import multiprocessing
+
+    if workers <= 1:
+        _load_context(suite_lengths)
+        return None
+    return multiprocessing.get_context("fork").Pool(workers, initializer=_load_context, initargs=(suite_lengths,))
+
+
+def _map(pool, jobs: list[dict], desc: str) -> list[dict]:
+    from tqdm import tqdm
+
+    iterator = pool.imap(_run, jobs) if pool is not None else map(_run, jobs)
+    return list(tqdm(iterator, total=len(jobs), desc=desc, unit="run"))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=1500, help="requests per run")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="one configuration, few requests (a smoke run)")
+    parser.add_argument("--long-run-s", type=float, default=3600.0, help="simulated seconds of the long run")
+    parser.add_argument("--suite-lengths", default=None, help="suite lengths JSONL (default: the committed one)")
+    parser.add_argument("--render", action="store_true", help="rewrite the report and plots from sched_sim.json")
+    args = parser.parse_args(argv)
+    if args.render:
+        from sched_report import plot_sweep, write_sim_markdown
+
+        report = json.loads((RESULTS / "sched_sim.json").read_text())
+        write_sim_markdown(report, RESULTS / "sched_sim.md")
+        plot_sweep(report, RESULTS / "sched_sim")
+        return report
+    from inlaid.scheduling.experiment import ABLATIONS, MAIN_VARIANTS, prefill_weight
+    from inlaid.scheduling.srtf import InlaidOptions
+
+    configs = [(t, cv, p) for t in TASK_COUNTS for cv in CVS for p in POPULARITIES]
+    requests = args.requests
+    if args.quick:
+        configs, requests = [(100, 4.0, "zipf")], 300
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    pool = _pool(args.workers, args.suite_lengths)
+    if pool is None and not _context:
+        _load_context(args.suite_lengths)
+    try:
+        # Saturation: FIFO's throughput with every request queued almost at once.
+        capacity_jobs = [dict(tasks=t, cv=cv, popularity=p, requests=requests, rate=1000.0, policy="fifo", load=math.inf)
+                         for t, cv, p in configs]
+        capacity = {(j["tasks"], j["cv"], j["popularity"]): j["throughput_rps"]
+                    for j in _map(pool, capacity_jobs, "saturation")}
+        jobs = [dict(tasks=t, cv=cv, popularity=p, requests=requests, rate=load * capacity[(t, cv, p)], load=load,
+                     policy=v.label) for t, cv, p in configs for load in LOADS for v in MAIN_VARIANTS]
+        jobs += [dict(tasks=t, cv=cv, popularity=p, requests=requests, rate=0.9 * capacity[(t, cv, p)], load=0.9,
+                      policy=v.label) for t, cv, p in configs for v in ABLATIONS]
+        runs = _map(pool, jobs, "simulate")
+        long_config = (1000, 4.0, "zipf")
+        long_rate = 0.8 * capacity.get(long_config, next(iter(capacity.values())))
+        long_jobs = [dict(tasks=1000, cv=4.0, popularity="zipf", requests=int(args.long_run_s * long_rate),
+                          rate=long_rate, load=0.8, policy=label) for label in ("fifo", "inlaid")]
+        long_runs = _map(pool, long_jobs, "long run") if not args.quick else []
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    if pool is not None:
+        _load_context(args.suite_lengths)  # for the report's settings
+    report = {
+        "machine_loadavg_before": load_before, "machine_loadavg_after": os.getloadavg(),
+        "wall_s": time.perf_counter() - started, "requests_per_run": requests, "slo_scale": SLO_SCALE,
+        "inlaid_defaults": asdict(InlaidOptions()), "prefill_weight": prefill_weight(_context["cost"], _context["shape"]),
+        "engine_shape": asdict(_context["shape"]), "cost_model": _context["cost"].description,
+        "capacity_rps": {f"{t}/{cv:g}/{p}": c for (t, cv, p), c in capacity.items()},
+        "runs": runs, "long_runs": long_runs, "ablations": [v.label for v in ABLATIONS],
+        "variants": [v.label for v in MAIN_VARIANTS],
+    }
+    suffix = "_quick" if args.quick else ""
+    (RESULTS / f"sched_sim{suffix}.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    from sched_report import plot_sweep, write_sim_markdown
+
+    write_sim_markdown(report, RESULTS / f"sched_sim{suffix}.md")
+    plot_sweep(report, RESULTS / f"sched_sim{suffix}")
+    print(f"wrote {RESULTS / f'sched_sim{suffix}.md'} in {report['wall_s']:.0f} s")
+    return report
+
+
+if __name__ == "__main__":
+    main()

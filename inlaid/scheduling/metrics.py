@@ -1,0 +1,211 @@
+"""Serving metrics from per-request and per-step records (simulated or measured alike).
+
+A `RequestRecord` is what a client (or the simulator) sees of one request: arrival,
+first scheduled, every token's time, finish. A `StepRecord` is one executor step. From
+them `summarize` computes throughput, latency / first-token latency / time per output
+token (mean, p50, p99), job completion time per task, SLO attainment (latency within a
+multiple of the request's isolated latency, and S-LoRA's absolute first-token SLO), the
+longest wait before a request was first scheduled and the longest stall between two of
+its tokens (starvation shows here), tasks touched per step, adapter loads per second, and
+the VTC fairness figure (`ServiceGapMeter`): the largest gap in service (input + 2 x
+output tokens) between two backlogged tasks, with VTC's lift for tasks that return.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_SLO_SCALES = (2.0, 5.0, 10.0, 20.0)
+DEFAULT_TTFT_SLO_S = 5.0
+
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    task: str | None
+    prompt_tokens: int
+    arrival_s: float
+    admitted_s: float | None = None  # first scheduled
+    token_times: list[float] = field(default_factory=list)
+    finish_s: float | None = None
+    isolated_s: float = 0.0  # latency alone on the server (the SLO's unit)
+    preemptions: int = 0
+    error: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_s is not None and not self.error
+
+    @property
+    def latency_s(self) -> float:
+        assert self.finish_s is not None
+        return self.finish_s - self.arrival_s
+
+    @property
+    def ttft_s(self) -> float:
+        return self.token_times[0] - self.arrival_s
+
+    @property
+    def tpot_s(self) -> float | None:
+        if len(self.token_times) < 2:
+            return None
+        return (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
+
+    @property
+    def wait_s(self) -> float:
+        return (self.admitted_s if self.admitted_s is not None else self.token_times[0]) - self.arrival_s
+
+    @property
+    def max_stall_s(self) -> float:
+        """Longest time between two consecutive tokens."""
+        if len(self.token_times) < 2:
+            return 0.0
+        return float(np.max(np.diff(self.token_times)))
+
+
+@dataclass
+class StepRecord:
+    start_s: float
+    seconds: float
+    num_seqs: int
+    num_tokens: int
+    adapters: int  # distinct adapters computed
+    loads: int  # adapters loaded into a slot before it
+
+
+def _percentiles(values: Sequence[float]) -> dict[str, float]:
+    if not len(values):
+        return {"mean": math.nan, "p50": math.nan, "p99": math.nan, "max": math.nan}
+    array = np.asarray(values, dtype=np.float64)
+    return {"mean": float(array.mean()), "p50": float(np.percentile(array, 50)),
+            "p99": float(np.percentile(array, 99)), "max": float(array.max())}
+
+
+def summarize(
+    requests: Sequence[RequestRecord],
+    steps: Sequence[StepRecord] = (),
+    slo_scales: Iterable[float] = DEFAULT_SLO_SCALES,
+    ttft_slo_s: float = DEFAULT_TTFT_SLO_S,
+    warmup_fraction: float = 0.0,
+    service_gap: float | None = None,
+) -> dict[str, Any]:
+    """Every metric of one run. `warmup_fraction`: leave the first arrivals out of the
+    latency figures (the queue starts empty); throughput uses every request.
+    `service_gap`: the run's `ServiceGapMeter.worst` (the simulator measures it)."""
+    done = [r for r in requests if r.finished and r.token_times]
+    ordered = sorted(done, key=lambda r: r.arrival_s)
+    measured = ordered[int(len(ordered) * warmup_fraction):]
+    start = min((r.arrival_s for r in requests), default=0.0)
+    end = max((r.finish_s for r in done if r.finish_s is not None), default=start)
+    span = max(end - start, 1e-9)
+    output_tokens = sum(len(r.token_times) for r in done)
+    summary: dict[str, Any] = {
+        "requests": len(requests),
+        "finished": len(done),
+        "failed": len(requests) - len(done),
+        "makespan_s": span,
+        "throughput_rps": len(done) / span,
+        "throughput_tokens_s": output_tokens / span,
+        "latency_s": _percentiles([r.latency_s for r in measured]),
+        "ttft_s": _percentiles([r.ttft_s for r in measured]),
+        "tpot_s": _percentiles([t for r in measured if (t := r.tpot_s) is not None]),
+        "normalized_latency": _percentiles([r.latency_s / r.isolated_s for r in measured if r.isolated_s > 0]),
+        "max_wait_s": max((r.wait_s for r in done), default=0.0),
+        "max_stall_s": max((r.max_stall_s for r in done), default=0.0),
+        "preemptions": sum(r.preemptions for r in requests),
+        "slo_attainment": {
+            f"{scale:g}x": _share([r.isolated_s > 0 and r.latency_s <= scale * r.isolated_s for r in measured])
+            for scale in slo_scales
+        },
+        "ttft_slo_attainment": _share([r.ttft_s <= ttft_slo_s for r in measured]),
+        "ttft_slo_s": ttft_slo_s,
+        "jct_by_task": _jct_by_task(measured),
+        "fairness_max_service_gap": math.nan if service_gap is None else service_gap,
+    }
+    if steps:
+        adapters = [s.adapters for s in steps]
+        busy = sum(s.seconds for s in steps)
+        summary.update(
+            steps=len(steps),
+            busy_fraction=busy / span,
+            mean_batch_seqs=float(np.mean([s.num_seqs for s in steps])),
+            tasks_per_step={"mean": float(np.mean(adapters)), "p99": float(np.percentile(adapters, 99)),
+                            "max": int(max(adapters))},
+            adapter_loads_per_s=sum(s.loads for s in steps) / span,
+        )
+    return summary
+
+
+def _share(flags: list[bool]) -> float:
+    return sum(flags) / len(flags) if flags else math.nan
+
+
+def _jct_by_task(requests: Sequence[RequestRecord]) -> dict[str, float]:
+    by_task: dict[str, list[float]] = defaultdict(list)
+    for r in requests:
+        by_task["<base>" if r.task is None else r.task].append(r.latency_s)
+    return {task: float(np.mean(values)) for task, values in sorted(by_task.items())}
+
+
+class ServiceGapMeter:
+    """VTC's fairness figure, measured step by step: the largest difference of service
+    (input + 2 x output tokens) between two backlogged tasks.
+
+    A task is backlogged while one of its unfinished requests was not computed in a step
+    (queued, or paused by the scheduler): VTC's definition, with pauses counted as waits.
+    A prompt is charged when its request is first computed, each token when sampled. A
+    task that becomes backlogged again is lifted to the least counter of the backlogged
+    tasks (or of the last task that left the backlog), as VTC does. Only the simulator
+    sees every step; a client cannot see pauses."""
+
+    def __init__(self, input_weight: float = 1.0, output_weight: float = 2.0, sample_every_s: float = 1.0) -> None:
+        self.input_weight = input_weight
+        self.output_weight = output_weight
+        self.sample_every_s = sample_every_s
+        self.counters: dict[str, float] = defaultdict(float)
+        self._backlogged: set[str] = set()
+        self._last_left: str | None = None
+        self._next_sample = -math.inf
+        self.worst = 0.0
+
+    def step(self, now: float, backlogged: set[str], prompts: dict[str, int], tokens: dict[str, int]) -> None:
+        """After a step: tasks with a request left out of it; prompt tokens first computed
+        and tokens sampled in it, per task."""
+        for task, count in prompts.items():
+            self.counters[task] += self.input_weight * count
+        for task, count in tokens.items():
+            self.counters[task] += self.output_weight * count
+        for task in backlogged - self._backlogged:
+            staying = self._backlogged & backlogged
+            if staying:
+                floor = min(self.counters[t] for t in staying)
+            elif self._last_left is not None:
+                floor = self.counters[self._last_left]
+            else:
+                continue
+            self.counters[task] = max(self.counters[task], floor)
+        left = self._backlogged - backlogged
+        if left:
+            self._last_left = max(left, key=lambda t: self.counters[t])
+        self._backlogged = set(backlogged)
+        if now >= self._next_sample and len(backlogged) > 1:
+            values = [self.counters[t] for t in backlogged]
+            self.worst = max(self.worst, max(values) - min(values))
+            self._next_sample = now + self.sample_every_s
+
+
+def save_records(path: str | Path, records: Iterable[RequestRecord]) -> None:
+    """One JSON line per request (the replay client's and the simulator's common format)."""
+    Path(path).write_text("".join(json.dumps(asdict(r)) + "\n" for r in records))
+
+
+def load_records(path: str | Path) -> list[RequestRecord]:
+    return [RequestRecord(**json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]

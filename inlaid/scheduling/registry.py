@@ -1,0 +1,79 @@
+"""Policies by name, with their options: what `[server] policy` and `[scheduler]` choose."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from inlaid.engine.scheduler import FifoPolicy, SchedulingPolicy
+from inlaid.scheduling.estimates import LengthModel
+from inlaid.scheduling.mlfq import MlfqOptions, MlfqPolicy
+from inlaid.scheduling.srtf import InlaidOptions, InlaidPolicy
+from inlaid.scheduling.step_log import StepLogPolicy
+from inlaid.scheduling.vtc import VtcOptions, VtcPolicy
+
+
+@dataclasses.dataclass
+class FifoOptions:
+    def validate(self) -> None:
+        pass
+
+
+OPTIONS: dict[str, type] = {"fifo": FifoOptions, "inlaid": InlaidOptions, "mlfq": MlfqOptions, "vtc": VtcOptions}
+POLICY_NAMES = tuple(OPTIONS)
+COMMON_OPTIONS = {"step_log"}  # any policy: write every step to this JSON-lines file
+
+
+def parse_options(name: str, raw: Mapping[str, Any] | None) -> Any:
+    """The policy's options dataclass from a config table; ValueError names what is wrong."""
+    if name not in OPTIONS:
+        raise ValueError(f"unknown scheduling policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
+    cls = OPTIONS[name]
+    raw = {k: v for k, v in (raw or {}).items() if k not in COMMON_OPTIONS}
+    allowed = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise ValueError(f"policy {name!r} has no option(s) {unknown}; its options: {sorted(allowed) + sorted(COMMON_OPTIONS)}")
+    values = {}
+    for key, value in raw.items():
+        kind = type(allowed[key].default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not kind:
+            raise ValueError(f"scheduler option {key!r} must be a {kind.__name__}, got {value!r}")
+        values[key] = value
+    options = cls(**values)
+    options.validate()
+    return options
+
+
+def make_policy(name: str, raw_options: Mapping[str, Any] | None = None, *,
+                length_model: LengthModel | None = None) -> SchedulingPolicy:
+    """A policy by name; `length_model` replaces the one the options would build (simulator)."""
+    options = parse_options(name, raw_options)
+    policy: SchedulingPolicy
+    if name == "fifo":
+        policy = FifoPolicy()
+    elif name == "inlaid":
+        policy = InlaidPolicy(options, length_model or build_length_model(options))
+    elif name == "mlfq":
+        policy = MlfqPolicy(options)
+    else:
+        policy = VtcPolicy(options)
+    step_log = (raw_options or {}).get("step_log")
+    if step_log:
+        policy = StepLogPolicy(policy, str(step_log))
+    return policy
+
+
+def build_length_model(options: InlaidOptions) -> LengthModel:
+    from inlaid.predictor import OnlineLengthPredictor, TaskMeanPredictor
+
+    if options.predictor == "task-mean":
+        return TaskMeanPredictor()
+    path = options.predictor_state or None
+    if path and os.path.exists(path):
+        return OnlineLengthPredictor.load(path, refit_every=options.predictor_refit_every, state_path=path)
+    return OnlineLengthPredictor(refit_every=options.predictor_refit_every, state_path=path)

@@ -1,0 +1,208 @@
+"""A discrete-event simulator that runs the REAL scheduler with a cost model as its executor.
+
+The engine's `Scheduler`, `BlockManager` and `AdapterSlots` and the policy under test
+plan every step exactly as in the server; only the executor is replaced: the step takes
+`StepCostModel.step_seconds` of simulated time, and each sampled token is the trace's:
+end-of-sequence once the request reaches its recorded output length. The scheduler never
+sees the true lengths (only each request's budget), like the server. Requests arriving
+during a step join at the next plan, as in the coordinator's loop.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from inlaid.engine.adapter_slots import AdapterSlots
+from inlaid.engine.block_manager import BlockManager
+from inlaid.engine.scheduler import Scheduler, SchedulerLimits, SchedulingPolicy
+from inlaid.engine.sequence import Sequence
+from inlaid.protocol import BatchPlan, SampledToken, SamplingParams, StepResult
+from inlaid.scheduling.cost_model import ChunkShape, StepCostModel, StepFeatures
+from inlaid.scheduling.metrics import RequestRecord, ServiceGapMeter, StepRecord
+from inlaid.scheduling.traces import Trace, TraceRequest
+
+_EOS = 0
+_TOKEN = 1
+_MAX_STEPS_WITHOUT_TOKENS = 10_000  # far beyond any chunked prefill: the scheduler livelocks
+
+
+class SimulationStuckError(RuntimeError):
+    """Work is left but the scheduler plans nothing and no request will arrive (a
+    deadlock), or it plans steps that never produce a token (a livelock)."""
+
+
+@dataclass
+class EngineShape:
+    """The limits of the simulated server (the `[executor]` settings that matter to planning)."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    num_kv_blocks: int = 2048
+    max_lora_slots: int = 8
+    max_model_len: int = 8192
+
+
+@dataclass
+class SimulationResult:
+    requests: list[RequestRecord]
+    steps: list[StepRecord]
+    max_distinct_adapters: int  # the largest number of adapters one step computed
+    max_blocks_used: int
+    service_gap: float  # VTC's fairness figure (ServiceGapMeter)
+
+
+def isolated_latency(request: TraceRequest, rank: int, cost: StepCostModel, shape: EngineShape) -> float:
+    """The request alone on the server, adapter resident: chunked prefill, then decode steps."""
+    adapter = None if request.task is None else 0
+    seconds = 0.0
+    done = 0
+    while done < request.prompt_tokens:
+        size = min(shape.max_num_batched_tokens, request.prompt_tokens - done)
+        chunk = ChunkShape(size, done, adapter, rank, done + size == request.prompt_tokens)
+        seconds += cost.step_seconds(StepFeatures.of_chunks([chunk], 0, shape.block_size))
+        done += size
+    decode_steps = request.output_tokens - 1
+    if decode_steps > 0:
+        # The model is linear in the features: the decode steps cost their summed features
+        # plus one constant each (a step's padded keys: its context rounded up to a block).
+        block = shape.block_size
+        cells = sum(-(-(request.prompt_tokens + g) // block) * block for g in range(1, decode_steps + 1))
+        one = StepFeatures(tokens=1, sampled=1, decode_cells=0, prefill_cells=0, adapters=int(adapter is not None),
+                           lora_token_rank=rank if adapter is not None else 0, loads=0)
+        total = StepFeatures(tokens=decode_steps, sampled=decode_steps, decode_cells=cells, prefill_cells=0,
+                             adapters=decode_steps * one.adapters, lora_token_rank=decode_steps * one.lora_token_rank, loads=0)
+        seconds += cost.step_seconds(total) + (decode_steps - 1) * cost.step_seconds(StepFeatures(0, 0, 0, 0, 0, 0, 0))
+    return seconds
+
+
+def synthetic_prompt(request: TraceRequest) -> list[int]:
+    """Stand-in token ids when the real prompt is not given: deterministic per source."""
+    seed = zlib.crc32((request.source or f"{request.task}:{request.prompt_tokens}").encode())
+    return [(seed + 7919 * i) % 49000 + 100 for i in range(request.prompt_tokens)]
+
+
+class Simulator:
+    def __init__(
+        self,
+        trace: Trace,
+        policy: SchedulingPolicy,
+        cost: StepCostModel,
+        shape: EngineShape | None = None,
+        prompts: Mapping[str, list[int]] | None = None,
+        on_plan: Callable[[BatchPlan, Scheduler], None] | None = None,
+    ) -> None:
+        """`on_plan` sees every plan right after the scheduler made it (invariant checks)."""
+        self.trace = trace
+        self.on_plan = on_plan
+        self.cost = cost
+        self.shape = shape or EngineShape()
+        self.prompts = prompts or {}
+        self.now = 0.0
+        self.adapters = AdapterSlots(self.shape.max_lora_slots)
+        for name in trace.tasks:
+            self.adapters.register(name, f"sim://{name}")
+        self.scheduler = Scheduler(
+            SchedulerLimits(self.shape.max_num_seqs, self.shape.max_num_batched_tokens, self.shape.max_model_len),
+            BlockManager(self.shape.num_kv_blocks, self.shape.block_size),
+            self.adapters,
+            eos_token_ids=(_EOS,),
+            policy=policy,
+            clock=lambda: self.now,
+        )
+        self._ranks = {name: profile.rank for name, profile in trace.tasks.items()}
+        self._slot_names: dict[int, str] = {}
+
+    def run(self, progress: bool = False) -> SimulationResult:
+        requests = self.trace.requests
+        records = [RequestRecord(request_id=str(i), task=r.task, prompt_tokens=r.prompt_tokens, arrival_s=r.arrival_s,
+                                 isolated_s=isolated_latency(r, self._ranks.get(r.task or "", 0), self.cost, self.shape))
+                   for i, r in enumerate(requests)]
+        sequences: dict[int, Sequence] = {}
+        sampling: dict[int, SamplingParams] = {}
+        steps: list[StepRecord] = []
+        max_adapters = 0
+        max_blocks = 0
+        next_arrival = 0
+        steps_without_tokens = 0
+        fairness = ServiceGapMeter()
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(requests), desc="simulate", unit="req", leave=False)
+        while next_arrival < len(requests) or self.scheduler.has_work():
+            while next_arrival < len(requests) and requests[next_arrival].arrival_s <= self.now:
+                request = requests[next_arrival]
+                params = sampling.setdefault(request.max_tokens, SamplingParams(max_tokens=request.max_tokens))
+                seq = Sequence(seq_id=next_arrival, prompt_token_ids=self.prompts.get(request.source) or synthetic_prompt(request),
+                               sampling=params, adapter=request.task, arrival_time=request.arrival_s)
+                if seq.num_prompt_tokens != request.prompt_tokens:
+                    raise ValueError(f"request {next_arrival}: prompt of {seq.num_prompt_tokens} tokens, trace says "
+                                     f"{request.prompt_tokens}")
+                sequences[next_arrival] = seq
+                self.scheduler.add(seq)
+                next_arrival += 1
+            plan = self.scheduler.schedule()
+            if plan is None:
+                if next_arrival >= len(requests):
+                    raise SimulationStuckError(
+                        f"{len(self.scheduler.waiting)} waiting and {len(self.scheduler.running)} running requests, "
+                        "but the scheduler plans nothing")
+                self.now = max(self.now, requests[next_arrival].arrival_s)
+                continue
+            if self.on_plan is not None:
+                self.on_plan(plan, self.scheduler)
+            for load in plan.adapter_loads:
+                self._slot_names[load.slot] = load.name
+            features = StepFeatures.of_plan(plan, lambda slot: self._ranks[self._slot_names[slot]], self.shape.block_size)
+            seconds = self.cost.step_seconds(features)
+            steps.append(StepRecord(self.now, seconds, len(plan.chunks), features.tokens, features.adapters, features.loads))
+            max_adapters = max(max_adapters, features.adapters)
+            max_blocks = max(max_blocks, self.shape.num_kv_blocks - self.scheduler.blocks.num_free_blocks)
+            first_prompts: dict[str, int] = {}
+            for chunk in plan.chunks:
+                record = records[chunk.seq_id]
+                if record.admitted_s is None:
+                    record.admitted_s = self.now
+                    task = requests[chunk.seq_id].task or "<base>"
+                    first_prompts[task] = first_prompts.get(task, 0) + record.prompt_tokens
+            self.now += seconds
+            sampled = []
+            for chunk in plan.chunks:
+                if chunk.sample:
+                    seq = sequences[chunk.seq_id]
+                    last = seq.num_generated + 1 >= requests[chunk.seq_id].output_tokens
+                    sampled.append(SampledToken(seq_id=chunk.seq_id, token_id=_EOS if last else _TOKEN))
+            result = StepResult(step_id=plan.step_id, sampled=sampled, num_tokens=features.tokens, compute_seconds=seconds)
+            update = self.scheduler.process_result(result, sequences)
+            steps_without_tokens = 0 if update.new_tokens else steps_without_tokens + 1
+            if steps_without_tokens > _MAX_STEPS_WITHOUT_TOKENS:
+                raise SimulationStuckError(f"{steps_without_tokens} steps without a token at t={self.now:.1f} s")
+            sampled_by_task: dict[str, int] = {}
+            for seq, _ in update.new_tokens:
+                records[seq.seq_id].token_times.append(self.now)
+                task = seq.adapter or "<base>"
+                sampled_by_task[task] = sampled_by_task.get(task, 0) + 1
+            computed = {chunk.seq_id for chunk in plan.chunks}
+            left_out = {s.adapter or "<base>" for i, s in sequences.items() if i not in computed and not s.is_finished}
+            fairness.step(self.now, left_out, first_prompts, sampled_by_task)
+            for seq in update.finished:
+                record = records[seq.seq_id]
+                record.finish_s = self.now
+                record.preemptions = seq.num_preemptions
+                del sequences[seq.seq_id]
+                if bar:
+                    bar.update(1)
+        if bar:
+            bar.close()
+        self.scheduler.policy.close()
+        return SimulationResult(records, steps, max_adapters, max_blocks, fairness.worst)
+
+
+def simulate(trace: Trace, policy: SchedulingPolicy, cost: StepCostModel, shape: EngineShape | None = None,
+             prompts: Mapping[str, list[int]] | None = None, progress: bool = False,
+             on_plan: Callable[[BatchPlan, Scheduler], None] | None = None) -> SimulationResult:
+    return Simulator(trace, policy, cost, shape, prompts, on_plan).run(progress)

@@ -1,0 +1,196 @@
+"""The `inlaid` policy: first tokens first, then shortest predicted remaining work, with
+task grouping, aging and an optional fairness bound.
+
+Ranking, best first (the scheduler enforces seats, token budget, KV blocks, device slots
+and β on it; a running request it does not reach keeps its KV blocks, paused):
+
+1. overdue requests, oldest first: no progress for `max_wait_s` (never scheduled, or
+   paused that long). Once overdue, a request stays first until it finishes, and nothing
+   ranked below an overdue request is admitted before it: no request starves;
+2. with `fairness_bound` > 0, the requests of tasks served more than the bound beyond the
+   least-served backlogged task (VTC counters: input + 2 x output tokens) go last;
+3. new requests, in arrival order (`first_token_first`): a prefill is cheap next to the
+   decode steps it is waiting behind, and a first token early is what a user sees;
+4. the rest (decodes, and preempted requests) by key: predicted remaining output tokens
+   + `prefill_weight` x prompt tokens still to compute - `aging_tokens_per_s` x seconds
+   without progress - a bonus for an adapter computed in the last step or resident in a
+   slot. With `group_by_adapter`, adapters are ranked by the summed urgency (1 / key) of
+   their requests and each adapter's requests go together (grouping: more rows per
+   adapter, fewer adapters per step). With `preemptive`, decodes are ranked with the
+   waiting work, so a shorter request pauses a longer one; otherwise running requests
+   keep their seats.
+
+At most β = `max_adapters_per_step` distinct adapters per step (base-model rows never
+count): a LoRA segment costs the CPU executor ~18 ms per step whatever its size
+(`bench/results/sched_cost.md`). An adapter past the β-th is never refused forever: its
+request becomes overdue, ranks first, and its adapter enters the next step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from inlaid.engine.scheduler import SchedulingPolicy
+from inlaid.engine.sequence import Sequence, SequenceStatus
+from inlaid.protocol import BatchPlan
+from inlaid.scheduling.estimates import LengthModel, learn_on_finish, predict_on_arrival, remaining_tokens
+from inlaid.scheduling.service import ServiceCounters, task_key
+
+if TYPE_CHECKING:
+    from inlaid.engine.scheduler import Scheduler
+
+
+@dataclass
+class InlaidOptions:
+    # Defaults: tuned on the simulator sweep for the CPU executor (docs/scheduling.md).
+    max_adapters_per_step: int = 8  # β; 0 = no bound beyond the device slots
+    max_wait_s: float = 120.0  # aging bound: overdue after this many seconds without progress
+    aging_tokens_per_s: float = 0.0  # soft aging: each second waited counts as this many tokens less
+    prefill_weight: float = 0.006  # decode steps one prompt token costs (the CPU cost model's ratio)
+    batch_bonus_tokens: float = 2.0  # key bonus when the adapter computed in the last step
+    resident_bonus_tokens: float = 1.0  # key bonus when the adapter sits in a device slot
+    fairness_bound: float = 0.0  # VTC units (tokens of service); 0 = no fairness bound
+    first_token_first: bool = True  # new requests' prefills first (arrival order), then decodes shortest first
+    first_token_after_s: float = 10.0  # ... once they waited this long (0: at once): SRTF decides before
+    preemptive: bool = True  # decodes ranked with waiting work: a shorter one pauses a longer one (KV kept)
+    group_by_adapter: bool = True  # adapters ranked by their requests' urgency, each adapter's requests together
+    max_prefill_tokens_per_step: int = 0  # prompt tokens per step; 0 = the engine's token budget
+    predictor: str = "model"  # model (hashed ridge, learns online) | task-mean (the ablation)
+    predictor_state: str = ""  # .npz the predictor loads at start and saves on close ("" = none)
+    predictor_refit_every: int = 64  # finished requests between full refits (0: online steps only)
+
+    def validate(self) -> None:
+        if self.max_adapters_per_step < 0:
+            raise ValueError("max_adapters_per_step must be >= 0 (0 = no bound)")
+        for name in ("max_wait_s", "aging_tokens_per_s", "prefill_weight", "fairness_bound", "first_token_after_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.max_wait_s == 0:
+            raise ValueError("max_wait_s must be > 0")
+        if self.predictor not in ("model", "task-mean"):
+            raise ValueError(f"predictor must be 'model' or 'task-mean', got {self.predictor!r}")
+        if self.predictor_refit_every < 0:
+            raise ValueError("predictor_refit_every must be >= 0 (0 = online steps only)")
+        if self.max_prefill_tokens_per_step < 0:
+            raise ValueError("max_prefill_tokens_per_step must be >= 0 (0 = the engine's budget)")
+
+
+class InlaidPolicy(SchedulingPolicy):
+    name = "inlaid"
+
+    def __init__(self, options: InlaidOptions, length_model: LengthModel) -> None:
+        options.validate()
+        self.options = options
+        self.max_adapters_per_step = options.max_adapters_per_step or None
+        self.max_prefill_tokens_per_step = options.max_prefill_tokens_per_step or None
+        self.length_model = length_model
+        self.service = ServiceCounters() if options.fairness_bound > 0 else None
+        self._scheduler: Scheduler | None = None
+        self._last_step_adapters: set[str] = set()
+        # Once overdue, a request stays overdue until it finishes: the overdue are served in
+        # arrival order, and that order never flips (two overdue requests could otherwise
+        # preempt each other in turn, each taking the step the other just got).
+        self._overdue: set[int] = set()
+
+    def attach(self, scheduler: "Scheduler") -> None:
+        self._scheduler = scheduler
+
+    # ------------------------------------------------------------------ ranking
+    def order(self, running: list[Sequence], waiting: list[Sequence], now: float) -> list[Sequence]:
+        ahead = self._tasks_ahead() if self.service is not None else set()
+        overdue, fresh, ongoing, rest, held_back = [], [], [], [], []
+        for seq in running + waiting:
+            if seq.seq_id in self._overdue or self._waited(seq, now) >= self.options.max_wait_s:
+                self._overdue.add(seq.seq_id)
+                overdue.append(seq)  # a waiting request, or a running one paused that long
+            elif ahead and task_key(seq) in ahead:
+                held_back.append(seq)
+            elif (self.options.first_token_first and seq.first_scheduled_at is None
+                  and now - seq.arrival_time >= self.options.first_token_after_s):
+                fresh.append(seq)
+            elif seq.status is SequenceStatus.RUNNING and not self.options.preemptive:
+                ongoing.append(seq)
+            else:
+                rest.append(seq)
+        overdue.sort(key=lambda s: (s.arrival_time, s.seq_id))
+        fresh.sort(key=lambda s: (s.arrival_time, s.seq_id))
+        ongoing.sort(key=remaining_tokens)
+        keys = {id(s): self._key(s, now) for s in rest + held_back}
+        rest = self._ranked(rest, keys)
+        held_back = self._ranked(held_back, keys)
+        return overdue + fresh + ongoing + rest + held_back
+
+    def _ranked(self, seqs: list[Sequence], keys: dict[int, float]) -> list[Sequence]:
+        seqs.sort(key=lambda s: keys[id(s)])
+        return self._grouped(seqs, keys) if self.options.group_by_adapter else seqs
+
+    @staticmethod
+    def _grouped(ranked: list[Sequence], keys: dict[int, float]) -> list[Sequence]:
+        """Adapters by the sum of their requests' urgencies (1 / key: an adapter with many
+        short requests first), each adapter's requests together, shortest first."""
+        groups: dict[str | None, list[Sequence]] = {}
+        for seq in ranked:
+            groups.setdefault(seq.adapter, []).append(seq)
+        score = {a: sum(1.0 / max(keys[id(s)], 1.0) for s in members) for a, members in groups.items()}
+        return [s for a in sorted(groups, key=lambda a: -score[a]) for s in groups[a]]
+
+    def _waited(self, seq: Sequence, now: float) -> float:
+        """Seconds without progress: since arrival for a request never scheduled (or
+        preempted), since its last step for a running one (paused when it is long)."""
+        if seq.last_scheduled_at is None or seq.status is not SequenceStatus.RUNNING:
+            return now - seq.arrival_time
+        return now - seq.last_scheduled_at
+
+    def _key(self, seq: Sequence, now: float) -> float:
+        options = self.options
+        in_batch = self._last_step_adapters
+        key = remaining_tokens(seq) + options.prefill_weight * seq.num_pending_tokens
+        key -= options.aging_tokens_per_s * self._waited(seq, now)
+        if seq.adapter is not None and self._scheduler is not None:
+            if seq.adapter in in_batch:
+                key -= options.batch_bonus_tokens
+            elif self._scheduler.adapters.slot_of(seq.adapter) is not None:
+                key -= options.resident_bonus_tokens
+        return key
+
+    def _tasks_ahead(self) -> set[str]:
+        """Backlogged tasks served more than `fairness_bound` beyond the least-served
+        backlogged task: their requests go last until the others catch up."""
+        assert self.service is not None
+        counters = {t: self.service.counter(t) for t in self.service.backlogged()}
+        if len(counters) < 2:
+            return set()
+        floor = min(counters.values())
+        return {t for t, c in counters.items() if c - floor > self.options.fairness_bound}
+
+    def is_overdue(self, seq: Sequence, now: float) -> bool:
+        return seq.seq_id in self._overdue or self._waited(seq, now) >= self.options.max_wait_s
+
+    # ------------------------------------------------------------------ learning
+    def on_arrival(self, seq: Sequence, now: float) -> None:
+        predict_on_arrival(self.length_model, seq)
+        if self.service is not None:
+            self.service.arrive(seq)
+
+    def on_admit(self, seq: Sequence, now: float) -> None:
+        if self.service is not None:
+            self.service.charge_admission(seq)
+
+    def on_plan(self, plan: BatchPlan, planned: list[tuple[Sequence, int]], now: float) -> None:
+        self._last_step_adapters = {seq.adapter for seq, _ in planned if seq.adapter is not None}
+
+    def on_token(self, seq: Sequence, now: float) -> None:
+        if self.service is not None:
+            self.service.charge_token(seq)
+
+    def on_finish(self, seq: Sequence, now: float) -> None:
+        self._overdue.discard(seq.seq_id)
+        learn_on_finish(self.length_model, seq)
+        if self.service is not None:
+            self.service.finish(seq)
+
+    def close(self) -> None:
+        close = getattr(self.length_model, "close", None)
+        if close is not None:
+            close()

@@ -1,0 +1,73 @@
+"""The task suite as a workload: per request its prompt, its output length, its budget.
+
+`data/suite_lengths.jsonl` (written by `bench/sched_suite_lengths.py`) records, for every
+eval and calib example of the nine suite tasks, the prompt length, the greedy output length
+of the task's adapter on the default model, the reference answer's length and the task's
+token budget. Traces draw requests from it; the prompt token ids themselves are rebuilt
+from the suite's chat messages with the model's tokenizer (`prompt_token_ids`), the same
+ids the real-server replay sends.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+SUITE_LENGTHS_FILE = Path(__file__).parent / "data" / "suite_lengths.jsonl"
+SPLITS = ("calib", "eval")
+
+
+@dataclass(frozen=True)
+class SuiteRecord:
+    record_id: str  # "<task>/<split>/<example id>"
+    task: str
+    split: str
+    prompt_tokens: int
+    output_tokens: int  # greedy, with the task's adapter, default model, budget = max_tokens
+    reference_tokens: int
+    max_tokens: int
+    finish_reason: str
+
+
+def load_suite_lengths(path: str | Path = SUITE_LENGTHS_FILE) -> list[SuiteRecord]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; write it with `bench/sched_suite_lengths.py`")
+    return [SuiteRecord(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_suite_lengths(records: Iterable[SuiteRecord], path: str | Path = SUITE_LENGTHS_FILE) -> None:
+    Path(path).write_text("".join(json.dumps(asdict(r)) + "\n" for r in records))
+
+
+def suite_examples(tasks: Iterable[str] | None = None, splits: Iterable[str] = SPLITS) -> list[tuple[str, str, dict[str, Any]]]:
+    """(record id, split, example) for each committed suite example."""
+    from inlaid.tasks import TASK_NAMES, get_task
+
+    examples = []
+    for name in tasks or TASK_NAMES:
+        task = get_task(name)
+        for split in splits:
+            for example in task.load_split(split):
+                examples.append((f"{name}/{split}/{example['id']}", split, example))
+    return examples
+
+
+def prompt_token_ids(tokenizer: Any, example: dict[str, Any]) -> list[int]:
+    """The prompt as the server sees it: the chat template rendered, then tokenized."""
+    return tokenizer.encode(tokenizer.apply_chat_template(example["messages"], add_generation_prompt=True))
+
+
+def suite_prompts(model_dir: str | Path | None = None) -> dict[str, list[int]]:
+    """Prompt token ids of every suite record, by record id (about 2 s for the whole suite)."""
+    from inlaid.engine.tokenizer import Tokenizer
+
+    if model_dir is None:
+        from inlaid.models.prepare import default_model_dir
+
+        model_dir = default_model_dir()
+    tokenizer = Tokenizer(model_dir)
+    return {record_id: prompt_token_ids(tokenizer, example) for record_id, _, example in suite_examples()}

@@ -1,0 +1,179 @@
+"""Workload traces: when requests arrive, for which task, how long their prompts and outputs are.
+
+The field's conventions (S-LoRA, VTC, FastServe):
+
+- arrivals: a Gamma renewal process with a given rate and coefficient of variation of the
+  gaps (CV = 1 is Poisson; larger CV = burstier);
+- task popularity: `uniform`, `zipf` (P(task i) ~ 1 / (i + 1)^alpha) or S-LoRA's `power`
+  (task = floor(N * x), x ~ Power(alpha), i.e. density alpha * x^(alpha - 1) on [0, 1]);
+- lengths: each task draws from one suite task's recorded requests (`suite.py`: real
+  prompts, the adapter's real greedy output length, the task's budget), so 1,000 tasks
+  mix the nine real length distributions (1-80 output tokens, 50-400 prompt tokens).
+
+Traces save to and load from JSON lines (a header line, then one line per request).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inlaid.scheduling.suite import SuiteRecord
+
+POPULARITIES = ("uniform", "zipf", "power")
+DEFAULT_RANKS = (8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class TaskProfile:
+    name: str
+    family: str  # the suite task whose recorded requests it draws
+    rank: int  # its adapter's LoRA rank
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    arrival_s: float
+    task: str | None  # adapter name; None = the base model
+    prompt_tokens: int
+    output_tokens: int  # what the request will generate (greedy, end-of-turn included)
+    max_tokens: int  # the client's budget
+    source: str = ""  # the suite record it replays
+
+
+@dataclass(frozen=True)
+class TraceSpec:
+    rate: float  # requests per second
+    num_requests: int
+    cv: float = 1.0
+    num_tasks: int = 9
+    popularity: str = "uniform"
+    alpha: float = 1.0
+    base_fraction: float = 0.0  # requests without an adapter
+    suite_task_names: bool = False  # name tasks after their suite task (needs num_tasks <= 9)
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.rate <= 0 or self.num_requests < 1 or self.cv <= 0 or self.num_tasks < 1:
+            raise ValueError("rate, cv must be > 0; num_requests, num_tasks >= 1")
+        if self.popularity not in POPULARITIES:
+            raise ValueError(f"popularity must be one of {POPULARITIES}, got {self.popularity!r}")
+        if self.alpha <= 0 or not 0 <= self.base_fraction <= 1:
+            raise ValueError("alpha must be > 0 and base_fraction in [0, 1]")
+
+
+@dataclass
+class Trace:
+    requests: list[TraceRequest]
+    tasks: dict[str, TaskProfile]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> None:
+        header = {"meta": self.meta, "tasks": [asdict(t) for t in self.tasks.values()]}
+        lines = [json.dumps(header)] + [json.dumps(asdict(r), separators=(",", ":")) for r in self.requests]
+        Path(path).write_text("\n".join(lines) + "\n")
+
+    @staticmethod
+    def load(path: str | Path) -> "Trace":
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+        if not lines:
+            raise ValueError(f"{path} is empty, not a trace")
+        header = json.loads(lines[0])
+        tasks = {t["name"]: TaskProfile(**t) for t in header["tasks"]}
+        requests = [TraceRequest(**json.loads(line)) for line in lines[1:]]
+        for request in requests:
+            if request.task is not None and request.task not in tasks:
+                raise ValueError(f"{path}: request of unknown task {request.task!r}")
+        return Trace(requests, tasks, header.get("meta", {}))
+
+    def scaled(self, rate_factor: float) -> "Trace":
+        """The same requests arriving `rate_factor` times faster (a load sweep keeps the mix)."""
+        requests = [TraceRequest(r.arrival_s / rate_factor, r.task, r.prompt_tokens, r.output_tokens, r.max_tokens,
+                                 r.source) for r in self.requests]
+        meta = {**self.meta, "rate": self.meta.get("rate", 0) * rate_factor}
+        return Trace(requests, self.tasks, meta)
+
+    def summary(self) -> dict[str, Any]:
+        requests = self.requests
+        arrivals = np.asarray([r.arrival_s for r in requests])
+        gaps = np.diff(arrivals) if len(arrivals) > 1 else np.zeros(1)
+        counts = Counter(r.task for r in requests)
+        ordered = sorted(counts.values(), reverse=True)
+        top = max(1, math.ceil(0.1 * len(ordered)))
+        prompts = np.asarray([r.prompt_tokens for r in requests])
+        outputs = np.asarray([r.output_tokens for r in requests])
+        families = Counter(self.tasks[r.task].family if r.task else "<base>" for r in requests)
+        return {
+            "requests": len(requests),
+            "duration_s": float(arrivals[-1] - arrivals[0]) if len(arrivals) > 1 else 0.0,
+            "rate": float(len(requests) / arrivals[-1]) if arrivals[-1] > 0 else 0.0,
+            "cv": float(gaps.std() / gaps.mean()) if gaps.mean() > 0 else 0.0,
+            "tasks": len(self.tasks),
+            "tasks_used": len(counts),
+            "top_task_share": ordered[0] / len(requests),
+            "top_10pct_tasks_share": sum(ordered[:top]) / len(requests),
+            "prompt_tokens": _stats(prompts),
+            "output_tokens": _stats(outputs),
+            "families": dict(sorted(families.items())),
+        }
+
+
+def _stats(values: np.ndarray) -> dict[str, float]:
+    return {"mean": float(values.mean()), "p50": float(np.percentile(values, 50)),
+            "p90": float(np.percentile(values, 90)), "max": float(values.max())}
+
+
+def popularity_weights(num_tasks: int, popularity: str, alpha: float) -> np.ndarray:
+    """P(task i) for i in 0..num_tasks-1."""
+    if popularity == "uniform":
+        weights = np.ones(num_tasks)
+    elif popularity == "zipf":
+        weights = 1.0 / np.arange(1, num_tasks + 1) ** alpha
+    else:  # S-LoRA: floor(N * x), x ~ Power(alpha): P(i) = ((i+1)/N)^alpha - (i/N)^alpha
+        edges = (np.arange(num_tasks + 1) / num_tasks) ** alpha
+        weights = np.diff(edges)
+    return weights / weights.sum()
+
+
+def generate_trace(spec: TraceSpec, records: Sequence[SuiteRecord], ranks: Mapping[str, int] | None = None) -> Trace:
+    """Draw a trace; `ranks` gives adapter ranks by task or family (else drawn from 8-64)."""
+    spec.validate()
+    rng = np.random.default_rng(spec.seed)
+    by_family: dict[str, list[SuiteRecord]] = {}
+    for record in records:
+        by_family.setdefault(record.task, []).append(record)
+    families = sorted(by_family)
+    if not families:
+        raise ValueError("no suite records to draw lengths from")
+    if spec.suite_task_names and spec.num_tasks > len(families):
+        raise ValueError(f"suite_task_names needs num_tasks <= {len(families)}")
+    shuffled = list(rng.permutation(families))
+    tasks: dict[str, TaskProfile] = {}
+    for index in range(spec.num_tasks):
+        family = str(shuffled[index % len(shuffled)])
+        name = family if spec.suite_task_names else f"task-{index:04d}"
+        rank = (ranks or {}).get(name, (ranks or {}).get(family, int(rng.choice(DEFAULT_RANKS))))
+        tasks[name] = TaskProfile(name, family, int(rank))
+    names = list(tasks)
+    shape = 1.0 / spec.cv**2  # Gamma gaps: mean 1/rate, CV = 1/sqrt(shape)
+    arrivals = np.cumsum(rng.gamma(shape, 1.0 / (spec.rate * shape), size=spec.num_requests))
+    if spec.popularity == "power":
+        chosen = np.minimum((spec.num_tasks * rng.power(spec.alpha, size=spec.num_requests)).astype(int), spec.num_tasks - 1)
+    else:
+        chosen = rng.choice(spec.num_tasks, size=spec.num_requests, p=popularity_weights(spec.num_tasks, spec.popularity, spec.alpha))
+    is_base = rng.random(spec.num_requests) < spec.base_fraction
+    requests = []
+    for arrival, task_index, base in zip(arrivals, chosen, is_base):
+        profile = tasks[names[task_index]]
+        pool = by_family[profile.family]
+        record = pool[int(rng.integers(len(pool)))]
+        requests.append(TraceRequest(float(arrival), None if base else profile.name, record.prompt_tokens,
+                                     record.output_tokens, record.max_tokens, record.record_id))
+    return Trace(requests, tasks, {**asdict(spec)})

@@ -1,0 +1,63 @@
+"""`vtc`: Virtual Token Counter fair scheduling (Sheng et al., OSDI 2024), as a baseline.
+
+Running requests keep running; waiting requests are admitted task by task, always from
+the task with the least service so far (its counter, see `ServiceCounters`), oldest
+request of that task first. Within one step the order charges each admitted
+request's prompt tentatively, so several tasks interleave as VTC's admission loop does.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass
+
+from inlaid.engine.scheduler import SchedulingPolicy
+from inlaid.engine.sequence import Sequence
+from inlaid.scheduling.service import ServiceCounters, task_key
+
+
+@dataclass
+class VtcOptions:
+    input_weight: float = 1.0
+    output_weight: float = 2.0
+
+    def validate(self) -> None:
+        if self.input_weight < 0 or self.output_weight < 0:
+            raise ValueError("input_weight and output_weight must be >= 0")
+
+
+class VtcPolicy(SchedulingPolicy):
+    name = "vtc"
+
+    def __init__(self, options: VtcOptions) -> None:
+        options.validate()
+        self.options = options
+        self.service = ServiceCounters(options.input_weight, options.output_weight)
+
+    def order(self, running: list[Sequence], waiting: list[Sequence], now: float) -> list[Sequence]:
+        by_task: dict[str, deque[Sequence]] = {}
+        for seq in sorted(waiting, key=lambda s: (s.arrival_time, s.seq_id)):
+            by_task.setdefault(task_key(seq), deque()).append(seq)
+        heap = [(self.service.counter(task), task) for task in by_task]
+        heapq.heapify(heap)
+        ordered = list(running)
+        while heap:
+            counter, task = heapq.heappop(heap)
+            seq = by_task[task].popleft()
+            ordered.append(seq)
+            if by_task[task]:
+                heapq.heappush(heap, (counter + self.options.input_weight * seq.num_prompt_tokens, task))
+        return ordered
+
+    def on_arrival(self, seq: Sequence, now: float) -> None:
+        self.service.arrive(seq)
+
+    def on_admit(self, seq: Sequence, now: float) -> None:
+        self.service.charge_admission(seq)
+
+    def on_token(self, seq: Sequence, now: float) -> None:
+        self.service.charge_token(seq)
+
+    def on_finish(self, seq: Sequence, now: float) -> None:
+        self.service.finish(seq)

@@ -1,0 +1,5 @@
+import sys
+
+from inlaid.predictor.cli import main
+
+sys.exit(main())

@@ -1,0 +1,81 @@
+"""`python -m inlaid.predictor`: train the length predictor offline, or evaluate it.
+
+    python -m inlaid.predictor train --data finished.jsonl --out predictor.npz
+    python -m inlaid.predictor evaluate --train a.jsonl --test b.jsonl
+
+A JSONL of finished requests has one object per line: {"task": name or null,
+"prompt_token_ids": [...], "output_tokens": n}. `train` writes the state the server loads
+with `[scheduler] predictor_state`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from inlaid.predictor.evaluate import evaluate_predictions
+from inlaid.predictor.model import LengthPredictor, LengthSample, TaskMeanPredictor
+from inlaid.predictor.online import OnlineLengthPredictor
+
+
+class DataError(ValueError):
+    """A finished-requests file is missing or malformed."""
+
+
+def read_samples(path: str | Path) -> list[LengthSample]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    samples = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            task, prompt, output = row["task"], row["prompt_token_ids"], row["output_tokens"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise DataError(f"{path}:{number}: expected task, prompt_token_ids, output_tokens ({error})") from None
+        if not isinstance(prompt, list) or not all(isinstance(t, int) for t in prompt) or not isinstance(output, int) \
+                or output < 0 or (task is not None and not isinstance(task, str)):
+            raise DataError(f"{path}:{number}: prompt_token_ids must be integers, output_tokens an integer >= 0")
+        samples.append(LengthSample(task, prompt, output))
+    if not samples:
+        raise DataError(f"{path}: no requests")
+    return samples
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m inlaid.predictor", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="fit on finished requests, write a predictor state (.npz)")
+    train.add_argument("--data", required=True)
+    train.add_argument("--out", required=True)
+    evaluate = commands.add_parser("evaluate", help="fit on --train, score on --test against the per-task mean")
+    evaluate.add_argument("--train", required=True)
+    evaluate.add_argument("--test", required=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            samples = read_samples(args.data)
+            predictor = OnlineLengthPredictor()
+            for sample in samples:
+                predictor.remember(sample.task, sample.prompt_token_ids, sample.output_tokens)
+            predictor.refit(wait=True)
+            predictor.save(args.out)
+            print(f"trained on {len(samples)} requests ({predictor.size} kept); wrote {args.out}")
+        else:
+            train_samples, test_samples = read_samples(args.train), read_samples(args.test)
+            model = LengthPredictor().fit(train_samples)
+            baseline = TaskMeanPredictor().fit(train_samples)
+            report = evaluate_predictions(
+                [s.task for s in test_samples], [s.output_tokens for s in test_samples],
+                {"model": [model.predict(s.task, s.prompt_token_ids) for s in test_samples],
+                 "task_mean": [baseline.predict(s.task) for s in test_samples]})
+            print(json.dumps(report, indent=1))
+    except DataError as error:
+        print(f"python -m inlaid.predictor: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,119 @@
+"""The output-length predictor: beats the per-task mean on held-out task-suite requests,
+learns online with bounded memory, survives save/load; evaluation metrics on known answers."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from scipy.stats import kendalltau
+
+from inlaid.predictor import (
+    FeatureHasher,
+    LengthPredictor,
+    LengthSample,
+    OnlineLengthPredictor,
+    TaskMeanPredictor,
+    evaluate_predictions,
+    length_bucket,
+)
+
+
+@pytest.fixture(scope="module")
+def suite_samples(model_dir) -> dict[str, list[LengthSample]]:
+    """Task-suite requests by split: real prompts (chat template, tokenized) and the greedy
+    output length of each task's adapter on the default model (the committed record)."""
+    from inlaid.scheduling.suite import load_suite_lengths, suite_prompts
+
+    prompts = suite_prompts(model_dir)
+    samples: dict[str, list[LengthSample]] = {"calib": [], "eval": []}
+    for record in load_suite_lengths():
+        assert len(prompts[record.record_id]) == record.prompt_tokens  # the record matches today's suite
+        samples[record.split].append(LengthSample(record.task, prompts[record.record_id], record.output_tokens))
+    return samples
+
+
+def test_predictor_beats_the_task_mean_on_held_out_suite_requests(suite_samples):
+    train, test = suite_samples["calib"], suite_samples["eval"]
+    model = LengthPredictor().fit(train)
+    baseline = TaskMeanPredictor().fit(train)
+    tasks = [s.task for s in test]
+    actual = [s.output_tokens for s in test]
+    report = evaluate_predictions(tasks, actual, {
+        "model": [model.predict(s.task, s.prompt_token_ids) for s in test],
+        "mean": [baseline.predict(s.task) for s in test],
+    })
+    pooled = report["all"]
+    assert pooled["model"]["mae"] < 0.9 * pooled["mean"]["mae"]
+    assert pooled["model"]["kendall_tau"] > pooled["mean"]["kendall_tau"]
+    assert pooled["model"]["bucket_accuracy"] >= pooled["mean"]["bucket_accuracy"]
+    per_task = [t for t in report if t != "all"]
+    better = [t for t in per_task if report[t]["model"]["mae"] < report[t]["mean"]["mae"]]
+    assert len(better) >= len(per_task) - 2, report
+
+
+def _synthetic(n: int, seed: int) -> list[LengthSample]:
+    """Output length = 5 x task index + prompt length / 10: learnable from the features."""
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(n):
+        task = rng.randrange(4)
+        prompt = [rng.randrange(1000) for _ in range(rng.randint(20, 300))]
+        samples.append(LengthSample(f"t{task}", prompt, 5 * (task + 1) + len(prompt) // 10))
+    return samples
+
+
+def test_online_predictor_learns_with_bounded_memory_and_saves_its_state(tmp_path):
+    samples = _synthetic(900, seed=0)
+    held_out = _synthetic(200, seed=1)
+    online = OnlineLengthPredictor(capacity=300, per_task_capacity=100, refit_every=50, background=True,
+                                   state_path=tmp_path / "predictor.npz")
+    untrained = [online.predict(s.task, s.prompt_token_ids) for s in held_out]
+    for sample in samples:
+        online.observe(sample.task, sample.prompt_token_ids, sample.output_tokens)
+        assert online.size <= 300
+    online.refit(wait=True)
+    assert online.fits >= 2 and online.size == 300
+    truth = np.asarray([s.output_tokens for s in held_out], dtype=float)
+    learned = np.asarray([online.predict(s.task, s.prompt_token_ids) for s in held_out])
+    assert np.mean(np.abs(learned - truth)) < 0.3 * np.mean(np.abs(np.asarray(untrained) - truth))
+    online.close()  # saves
+    restored = OnlineLengthPredictor.load(tmp_path / "predictor.npz")
+    assert restored.size == online.size
+    assert [restored.predict(s.task, s.prompt_token_ids) for s in held_out] == list(learned)
+    restored.observe("t0", [1, 2, 3], 7)  # keeps learning after a restart
+    assert restored.size == 301
+
+
+def test_per_task_mean_is_the_numpy_mean_and_unknown_tasks_get_the_overall_mean():
+    samples = _synthetic(200, seed=2)
+    baseline = TaskMeanPredictor().fit(samples)
+    for task in ("t0", "t3"):
+        values = [s.output_tokens for s in samples if s.task == task]
+        assert baseline.predict(task) == pytest.approx(np.mean(values))
+    assert baseline.predict("never-seen") == pytest.approx(np.mean([s.output_tokens for s in samples]))
+    assert TaskMeanPredictor(prior_tokens=17.0).predict("any") == 17.0
+
+
+def test_features_are_stable_and_bounded():
+    hasher = FeatureHasher(bits=12)
+    index, value = hasher.transform("qa", [5, 6, 7, 5, 6])
+    again = FeatureHasher(bits=12).transform("qa", [5, 6, 7, 5, 6])
+    assert np.array_equal(index, again[0]) and np.array_equal(value, again[1])
+    assert index.min() >= 0 and index.max() < 4096
+    assert not np.array_equal(index[:4], hasher.transform("math", [5, 6, 7, 5, 6])[0][:4])  # per-task columns
+    with pytest.raises(ValueError, match="bits"):
+        FeatureHasher(bits=40)
+
+
+def test_evaluation_metrics_on_known_answers():
+    actual = [1, 3, 8, 20, 70, 2, 5]
+    tasks = ["a", "a", "a", "a", "a", "b", "b"]
+    report = evaluate_predictions(tasks, actual, {"exact": actual, "reversed": actual[::-1]})
+    assert report["a"]["exact"] == pytest.approx({"mae": 0.0, "bucket_accuracy": 1.0, "kendall_tau": 1.0, "spearman": 1.0,
+                                                  "requests": 5})
+    reversed_a = actual[::-1][:5]
+    assert report["a"]["reversed"]["kendall_tau"] == pytest.approx(kendalltau(reversed_a, actual[:5]).statistic)
+    assert report["all"]["reversed"]["mae"] == pytest.approx(np.mean(np.abs(np.asarray(actual[::-1]) - actual)))
+    assert [length_bucket(x) for x in (1, 2, 3, 4, 7, 8, 200)] == [0, 1, 1, 2, 2, 3, 7]

@@ -1,0 +1,286 @@
+"""Scheduling policies on randomized traces, through the real Scheduler (simulated executor).
+
+Invariants checked on every planned step, for every policy: the step's limits (sequences,
+tokens, β distinct adapters, slots), KV blocks never shared or exceeded, every request
+finishes with exactly its output; then the scenarios peers got wrong (one adapter per
+batch starving B in A,B,A,A..., N adapters + a base row past the cap), the aging bound
+against plain SRTF's starvation, fairness bounds, MLFQ's pausing, and shortest-first
+order against a hand-computed schedule.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from inlaid.engine.scheduler import Scheduler
+from inlaid.engine.sequence import Sequence, SequenceStatus
+from inlaid.predictor import TaskMeanPredictor
+from inlaid.protocol import BatchPlan, SamplingParams
+from inlaid.scheduling.cost_model import StepCostModel
+from inlaid.scheduling.estimates import remaining_tokens
+from inlaid.scheduling.registry import make_policy
+from inlaid.scheduling.simulator import EngineShape, simulate
+from inlaid.scheduling.suite import SuiteRecord
+from inlaid.scheduling.traces import TaskProfile, Trace, TraceRequest, TraceSpec, generate_trace
+
+# A simple linear step cost: the invariants do not depend on it.
+COST = StepCostModel({"constant": 0.02, "tokens": 0.001, "sampled": 0.0005, "adapters": 0.004, "loads": 0.01})
+FAMILIES = {"short": (40, 2, 8), "mid": (120, 12, 32), "long": (60, 48, 64), "prefill": (600, 6, 16)}
+
+
+def _records(seed: int = 0) -> list[SuiteRecord]:
+    rng = random.Random(seed)
+    records = []
+    for family, (prompt, output, budget) in FAMILIES.items():
+        for index in range(40):
+            out = max(1, min(budget, output + rng.randint(-output // 2, output // 2)))
+            records.append(SuiteRecord(f"{family}/eval/{index}", family, "eval", prompt + rng.randint(-20, 20), out,
+                                       out, budget, "stop"))
+    return records
+
+
+POLICIES = {
+    "fifo": ("fifo", {}),
+    "inlaid": ("inlaid", {"max_adapters_per_step": 2, "max_wait_s": 3.0, "first_token_after_s": 0.5,
+                          "max_prefill_tokens_per_step": 64, "predictor": "task-mean"}),
+    "inlaid-nonpreemptive": ("inlaid", {"max_adapters_per_step": 2, "max_wait_s": 3.0, "preemptive": False,
+                                        "first_token_first": False, "group_by_adapter": False, "predictor": "task-mean"}),
+    "inlaid-fair": ("inlaid", {"max_adapters_per_step": 2, "max_wait_s": 3.0, "fairness_bound": 400.0,
+                               "predictor": "task-mean"}),
+    "mlfq": ("mlfq", {"starvation_s": 3.0}),
+    "vtc": ("vtc", {}),
+}
+
+
+class InvariantChecker:
+    """Called with every plan: the limits hold and the KV/slot bookkeeping is consistent."""
+
+    def __init__(self, shape: EngineShape, beta: int | None) -> None:
+        self.shape = shape
+        self.beta = beta
+        self.steps = 0
+        self.max_adapters = 0
+        self.paused_steps = 0
+
+    def __call__(self, plan: BatchPlan, scheduler: Scheduler) -> None:
+        self.steps += 1
+        by_id = {s.seq_id: s for s in scheduler.running}
+        assert len(plan.chunks) <= self.shape.max_num_seqs
+        assert sum(len(c.token_ids) for c in plan.chunks) <= self.shape.max_num_batched_tokens
+        assert len({c.seq_id for c in plan.chunks}) == len(plan.chunks)
+        adapters = set()
+        for chunk in plan.chunks:
+            seq = by_id[chunk.seq_id]  # only running sequences compute
+            assert seq.status is SequenceStatus.RUNNING
+            if seq.adapter is None:
+                assert chunk.adapter_slot == -1
+            else:
+                adapters.add(seq.adapter)
+                assert scheduler.adapters.slot_of(seq.adapter) == chunk.adapter_slot
+        if self.beta is not None:
+            assert len(adapters) <= self.beta
+        assert len(adapters) <= self.shape.max_lora_slots
+        self.max_adapters = max(self.max_adapters, len(adapters))
+        self.paused_steps += len(scheduler.running) > len(plan.chunks)
+        blocks = [b for s in scheduler.running for b in s.block_table]
+        assert len(blocks) == len(set(blocks)), "a KV block is held by two sequences"
+        assert len(blocks) + scheduler.blocks.num_free_blocks == self.shape.num_kv_blocks
+        for seq in scheduler.running:
+            assert len(seq.block_table) * self.shape.block_size >= seq.num_computed_tokens
+        for seq in scheduler.waiting:
+            assert not seq.block_table and seq.num_computed_tokens == 0
+
+
+def _check_outputs(trace: Trace, result) -> None:
+    for request, record in zip(trace.requests, result.requests):
+        assert record.finished
+        assert len(record.token_times) == request.output_tokens
+        assert record.token_times == sorted(record.token_times)
+        assert record.admitted_s is not None and record.admitted_s >= request.arrival_s
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("label", list(POLICIES))
+def test_every_policy_finishes_every_request_within_the_limits(label, seed):
+    rng = random.Random(seed)
+    # Small cache, few slots and seats: preemption, pausing, evictions and β all happen.
+    shape = EngineShape(max_num_seqs=rng.choice([4, 6]), max_num_batched_tokens=rng.choice([96, 256]),
+                        block_size=8, num_kv_blocks=rng.choice([110, 160]), max_lora_slots=3)
+    spec = TraceSpec(rate=rng.choice([3.0, 6.0]), num_requests=120, cv=rng.choice([1.0, 4.0]), num_tasks=12,
+                     popularity=rng.choice(["uniform", "zipf", "power"]), alpha=0.7, base_fraction=0.25, seed=seed)
+    trace = generate_trace(spec, _records(seed))
+    name, options = POLICIES[label]
+    checker = InvariantChecker(shape, options.get("max_adapters_per_step"))
+    result = simulate(trace, make_policy(name, options), COST, shape, on_plan=checker)
+    _check_outputs(trace, result)
+    assert checker.steps == len(result.steps)
+
+
+def _trace(requests: list[tuple[float, str | None, int, int]], ranks: int = 8) -> Trace:
+    tasks = {t: TaskProfile(t, t, ranks) for _, t, _, _ in requests if t is not None}
+    return Trace([TraceRequest(at, task, prompt, out, max(out, 64), f"{task}/{i}")
+                  for i, (at, task, prompt, out) in enumerate(requests)], tasks)
+
+
+def test_one_adapter_per_step_still_runs_b_in_an_a_b_a_a_stream():
+    """sglang PR #15129: with one adapter per batch a queue A,B,A,A,... never ran B. With
+    β = 1 and A requests arriving faster than they finish, B must still run in bounded time
+    once it is overdue, and its wait must be bounded by max_wait_s + one drain of A."""
+    stream = [(0.05 * i, "A", 30, 20) for i in range(400)]
+    stream.insert(3, (0.12, "B", 30, 5))
+    trace = _trace(stream)
+    shape = EngineShape(max_num_seqs=8, max_lora_slots=4)
+    max_wait = 2.0
+    checker = InvariantChecker(shape, 1)
+    result = simulate(trace, make_policy("inlaid", {"max_adapters_per_step": 1, "max_wait_s": max_wait,
+                                                    "predictor": "task-mean"}), COST, shape, on_plan=checker)
+    _check_outputs(trace, result)
+    assert checker.max_adapters == 1
+    b_record = result.requests[3]
+    assert b_record.task == "B"
+    drain = max(s.seconds for s in result.steps) * (20 + 2)  # the running A requests finish
+    assert b_record.wait_s <= max_wait + drain
+    assert b_record.finish_s < result.requests[-1].arrival_s, "B ran while A kept arriving"
+
+
+def test_beta_adapters_plus_base_rows_never_deadlock():
+    """sglang #23141: N adapters plus one base request past the per-batch adapter cap
+    crashed the scheduler. Base rows do not count towards β: they join the batch."""
+    requests = [(0.0, f"t{i}", 20, 10) for i in range(3)] + [(0.0, None, 20, 10)] + [(0.0, f"t{i}", 20, 10) for i in range(3, 6)]
+    trace = _trace(requests)
+    shape = EngineShape(max_num_seqs=8, max_lora_slots=3)
+    for beta in (1, 3):
+        checker = InvariantChecker(shape, beta)
+        result = simulate(trace, make_policy("inlaid", {"max_adapters_per_step": beta, "predictor": "task-mean"}),
+                          COST, shape, on_plan=checker)
+        _check_outputs(trace, result)
+        first_step = result.steps[0]
+        assert first_step.adapters == beta and first_step.num_seqs == beta + 1  # the base row rides along
+
+
+def _srtf_starvation_trace() -> Trace:
+    # Two seats; for 12 s short requests arrive faster than the seats clear them, so
+    # shortest-first alone admits the two long requests only when the short stream ends.
+    requests = [(0.2, "long", 30, 40), (0.21, "long", 30, 40)]
+    requests += [(0.03 * i, "short", 30, 3) for i in range(400)]
+    return _trace(sorted(requests))
+
+
+def _idle(record) -> float:
+    """The longest time a request made no progress: before it was first scheduled, or
+    between two of its tokens (paused)."""
+    return max(record.wait_s, record.max_stall_s)
+
+
+def _known_lengths(lengths: dict[str, int]) -> TaskMeanPredictor:
+    model = TaskMeanPredictor()
+    for task, n in lengths.items():
+        model.observe(task, [], n)
+    return model
+
+
+def test_aging_bounds_the_wait_that_srtf_alone_would_starve():
+    trace = _srtf_starvation_trace()
+    shape = EngineShape(max_num_seqs=2)
+    model = _known_lengths({"long": 40, "short": 3})
+    max_wait = 2.0
+    aged = simulate(trace, make_policy("inlaid", {"max_wait_s": max_wait}, length_model=model), COST, shape)
+    unaged = simulate(trace, make_policy("inlaid", {"max_wait_s": 1e9}, length_model=model), COST, shape)
+    _check_outputs(trace, aged)
+    _check_outputs(trace, unaged)
+    # Once overdue, a long request waits at most for the running work ahead of it to finish.
+    drain = max(s.seconds for s in aged.steps) * (40 + 2)
+    longs = [i for i, r in enumerate(trace.requests) if r.task == "long"]
+    assert max(_idle(aged.requests[i]) for i in longs) <= max_wait + drain
+    assert min(_idle(unaged.requests[i]) for i in longs) > 2 * (max_wait + drain), "SRTF alone must starve here"
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_aging_keeps_the_longest_wait_within_fifos_plus_the_bound(seed):
+    """Bursty traffic below capacity: no request waits longer under `inlaid` than the
+    longest FIFO wait plus max_wait_s plus one drain of the running batch."""
+    shape = EngineShape(max_num_seqs=6, max_lora_slots=4)
+    trace = generate_trace(TraceSpec(rate=4.0, num_requests=300, cv=4.0, num_tasks=8, seed=seed), _records(seed))
+    max_wait = 3.0
+    inlaid = simulate(trace, make_policy("inlaid", {"max_wait_s": max_wait, "max_adapters_per_step": 2,
+                                                    "predictor": "task-mean"}), COST, shape)
+    fifo = simulate(trace, make_policy("fifo"), COST, shape)
+    drain = max(s.seconds for s in inlaid.steps) * (max(FAMILIES[f][2] for f in FAMILIES) + 2)
+    fifo_idle = max(_idle(r) for r in fifo.requests)
+    assert fifo_idle > 1.0, "the trace must queue"
+    assert max(_idle(r) for r in inlaid.requests) <= fifo_idle + max_wait + drain
+
+
+def test_shortest_first_matches_a_hand_computed_schedule():
+    """One seat, all requests queued at t=0, lengths known: SJF order and its mean JCT."""
+    lengths = {"a": 9, "b": 2, "c": 5, "d": 1}
+    trace = _trace([(0.0, task, 10, n) for task, n in lengths.items()])
+    model = _known_lengths(lengths)
+    cost = StepCostModel({"constant": 1.0})  # every step takes one second
+    shape = EngineShape(max_num_seqs=1)
+    result = simulate(trace, make_policy("inlaid", {"prefill_weight": 0.0, "batch_bonus_tokens": 0.0,
+                                                    "resident_bonus_tokens": 0.0, "first_token_first": False},
+                                         length_model=model), cost, shape)
+    finish = {r.task: r.finish_s for r in result.requests}
+    # A request of n tokens takes n steps (prefill samples the first token).
+    expected, clock = {}, 0.0
+    for task in sorted(lengths, key=lengths.get):
+        clock += lengths[task]
+        expected[task] = clock
+    assert finish == expected
+    fifo = simulate(trace, make_policy("fifo"), cost, shape)
+    assert sum(finish.values()) < sum(r.finish_s for r in fifo.requests)
+
+
+def test_overrun_prediction_is_reranked_not_starved():
+    seq = Sequence(seq_id=0, prompt_token_ids=[1, 2, 3], sampling=SamplingParams(max_tokens=100))
+    seq.predicted_output_tokens = 4.0
+    estimates = []
+    for _ in range(40):
+        estimates.append(remaining_tokens(seq))
+        seq.token_ids.append(7)
+    assert all(e >= 1 for e in estimates)
+    assert estimates[:4] == [4, 3, 2, 1]
+    assert estimates[4] == 4 and estimates[8] == 8  # exceeded: the predicted total doubles
+    seq.token_ids.extend([7] * 55)  # 95 generated: the budget caps the estimate
+    assert remaining_tokens(seq) == 5
+
+
+def test_fairness_bounds_hold_where_fifo_and_srtf_let_a_task_fall_behind():
+    # Task "heavy" floods the queue with cheap requests; "light" sends few long ones.
+    requests = [(0.02 * i, "heavy", 40, 4) for i in range(500)]
+    requests += [(0.5 * i, "light", 40, 40) for i in range(20)]
+    trace = _trace(sorted(requests))
+    shape = EngineShape(max_num_seqs=4)
+    model = _known_lengths({"heavy": 4, "light": 40})
+    bound = 600.0
+    gaps = {}
+    for label, name, options in [("fifo", "fifo", {}), ("vtc", "vtc", {}),
+                                 ("srtf", "inlaid", {"max_wait_s": 1e9}),
+                                 ("fair", "inlaid", {"max_wait_s": 1e9, "fairness_bound": bound})]:
+        result = simulate(trace, make_policy(name, options, length_model=model if name == "inlaid" else None), COST, shape)
+        _check_outputs(trace, result)
+        gaps[label] = result.service_gap
+    largest_request = 40 + 2 * 40
+    assert gaps["vtc"] <= 2 * largest_request * shape.max_num_seqs
+    assert gaps["fair"] <= bound + 2 * largest_request * shape.max_num_seqs
+    assert gaps["srtf"] > 2 * gaps["fair"]
+
+
+def test_mlfq_pauses_demoted_work_and_keeps_its_kv():
+    trace = _trace([(0.0, "long", 30, 60)] + [(0.5 + 0.05 * i, "short", 30, 3) for i in range(6)])
+    shape = EngineShape(max_num_seqs=1)
+    paused_with_blocks = []
+
+    def watch(plan: BatchPlan, scheduler: Scheduler) -> None:
+        running = {s.seq_id: s for s in scheduler.running}
+        if 0 in running and all(c.seq_id != 0 for c in plan.chunks):
+            paused_with_blocks.append(len(running[0].block_table))
+
+    result = simulate(trace, make_policy("mlfq", {"base_quantum_tokens": 2}), COST, shape, on_plan=watch)
+    _check_outputs(trace, result)
+    assert paused_with_blocks and min(paused_with_blocks) > 0  # paused, KV kept
+    assert result.requests[0].preemptions == 0
+    assert max(r.finish_s for r in result.requests[1:]) < result.requests[0].finish_s

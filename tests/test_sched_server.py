@@ -1,0 +1,68 @@
+"""The scheduling policies in the real server: chosen in the config, fed by finished
+requests, predictor state saved on shutdown, every step logged; the replay client."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+
+from inlaid.scheduling.replay import replay_trace
+from inlaid.scheduling.step_log import read_step_log
+from inlaid.scheduling.traces import TaskProfile, Trace, TraceRequest
+from inlaid.serve.config import ConfigError, config_from_dict, load_policy
+from inlaid.serve.launcher import ServerProcess
+
+ADAPTERS = Path(__file__).parents[1] / "adapters"
+
+
+def test_scheduler_table_is_validated_and_builds_the_named_policy(tmp_path):
+    from inlaid.scheduling.srtf import InlaidPolicy
+
+    config = config_from_dict({"server": {"policy": "inlaid"},
+                               "scheduler": {"max_adapters_per_step": 2, "predictor_state": "state.npz"}},
+                              base_dir=tmp_path)
+    assert config.scheduler["predictor_state"] == str(tmp_path / "state.npz")  # resolved against the file
+    policy = load_policy(config.policy, config.scheduler)
+    assert isinstance(policy, InlaidPolicy) and policy.max_adapters_per_step == 2
+    for bad, message in [({"max_adapters_per_step": -1}, "max_adapters_per_step"), ({"beta": 2}, "no option"),
+                         ({"max_wait_s": "soon"}, "must be a float"), ({"predictor": "oracle"}, "predictor")]:
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict({"server": {"policy": "inlaid"}, "scheduler": bad})
+    with pytest.raises(ConfigError, match="built-in policies only"):
+        config_from_dict({"server": {"policy": "inlaid.engine.scheduler:FifoPolicy"}, "scheduler": {"max_wait_s": 1.0}})
+    assert config_from_dict({"server": {"policy": "mlfq"}, "scheduler": {"levels": 3}}).scheduler == {"levels": 3}
+
+
+def test_inlaid_policy_serves_a_replayed_trace_learns_and_saves_its_state(tmp_path):
+    from inlaid.predictor import OnlineLengthPredictor
+
+    rng = random.Random(0)
+    tasks = ["math", "sentiment", "qa"]
+    requests = [TraceRequest(0.05 * i, tasks[i % 3] if i % 4 else None, 12 + i, 0, 6, f"r{i}") for i in range(10)]
+    trace = Trace(requests, {t: TaskProfile(t, t, 16) for t in tasks})
+    prompts = {r.source: [rng.randrange(100, 40000) for _ in range(r.prompt_tokens)] for r in requests}
+    state, steps = tmp_path / "predictor.npz", tmp_path / "steps.jsonl"
+    config = {
+        "executor": {"max_num_seqs": 4, "num_kv_blocks": 256, "max_lora_slots": 2},
+        "server": {"policy": "inlaid"},
+        "tasks": {t: str(ADAPTERS / t) for t in tasks},
+        "scheduler": {"max_adapters_per_step": 1, "max_wait_s": 5.0, "predictor_state": str(state),
+                      "predictor_refit_every": 4, "step_log": str(steps)},
+    }
+    with ServerProcess(config, tmp_path) as server:
+        server.wait_ready()
+        records = asyncio.run(replay_trace(server.address, trace, prompts, timeout_s=300))
+        assert server.terminate() == 0
+    assert all(r.finished for r in records), [r.error for r in records]
+    assert all(1 <= len(r.token_times) <= 6 and r.admitted_s is not None for r in records)
+    assert all(r.token_times == sorted(r.token_times) and r.arrival_s <= r.token_times[0] for r in records)
+    saved = OnlineLengthPredictor.load(state)
+    assert saved.size == len(records)  # every finished request reached the predictor
+    assert saved.model.fitted
+    logged = read_step_log(steps)
+    assert logged and all(s["compute_s"] > 0 for s in logged)
+    assert max(len({c[2] for c in s["chunks"] if c[2] is not None}) for s in logged) == 1  # β = 1 held
+    assert sum(sum(1 for c in s["chunks"] if c[3]) for s in logged) == sum(len(r.token_times) for r in records)
