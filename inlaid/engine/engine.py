@@ -179,6 +179,9 @@ class Engine:
         if request is None or request.seq.status is not SequenceStatus.WAITING or request.seq.block_table:
             return None
         self.scheduler.waiting.remove(request.seq)
+        # Its policy forgets it as it forgets a finished one (it learns nothing: the sequence
+        # has no finish reason); the receiving engine's policy sees it arrive.
+        self.scheduler.policy.on_finish(request.seq, self.scheduler.clock())
         del self._requests[request_id]
         del self._by_seq_id[request.seq.seq_id]
         return request
