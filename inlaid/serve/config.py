@@ -50,7 +50,7 @@ from typing import Any
 from inlaid.engine.config import EngineConfig
 from inlaid.http.settings import HttpConfig, check_listen_address
 from inlaid.protocol import DEFAULT_MAX_FRAME_BYTES
-from inlaid.serve.placement import PLACEMENT_RULES
+from inlaid.serve.placement import PLACEMENT_RULES, PlacementRule
 
 
 class ConfigError(ValueError):
@@ -81,7 +81,7 @@ class ExecutorsConfig:
     count: int = 1
     # One device per executor ("cuda:0", "cuda:1", ...); empty: [executor].device for all.
     devices: list[str] = field(default_factory=list)
-    placement: str = "pack"  # "pack" (fill the busiest that fits) or "spread" (the least busy)
+    placement: PlacementRule = "pack"  # "pack" (fill the busiest that fits) or "spread" (the least busy)
     overdue_s: float = 5.0  # waiting longer than this: moved first to any executor with room
 
     def validate(self) -> None:

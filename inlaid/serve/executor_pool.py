@@ -116,7 +116,7 @@ class ExecutorPool:
         if len(self.shards) == 1:
             return self.shards[0]
         demand = Demand(key=None, task=task, blocks=self._blocks(self.shards[0].engine, num_tokens))
-        return self.shards[choose(demand, self.loads(requests), self.rule)]  # type: ignore[arg-type]
+        return self.shards[choose(demand, self.loads(requests), self.rule)]
 
     def rebalance(self, requests: Mapping[str, ActiveRequest]) -> list[Move]:
         """Move waiting requests that cannot run where they wait (placement.rebalance); each
@@ -124,7 +124,7 @@ class ExecutorPool:
         if len(self.shards) == 1:
             return []
         made = []
-        for move in rebalance(self.loads(requests), self.rule, self.overdue_s):  # type: ignore[arg-type]
+        for move in rebalance(self.loads(requests), self.rule, self.overdue_s):
             source, target = self.shards[move.source], self.shards[move.target]
             handed = source.engine.take_waiting(str(move.key))
             if handed is None:
