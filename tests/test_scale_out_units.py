@@ -100,3 +100,14 @@ def test_ray_config_section_checks_before_anything_starts(model_dir, tmp_path) -
                        ({"ray": {"http_host": "0.0.0.0"}}, "not a loopback")]:
         with pytest.raises(ConfigError, match=words):
             ray_config_from_dict({**base, **bad})
+
+
+def test_each_executor_gets_its_own_policy_sharing_one_length_model(model_dir) -> None:
+    from inlaid.serve.cli import _policies
+    from inlaid.serve.executor_pool import ExecutorPool
+
+    config = config_from_dict({"model": {"dir": str(model_dir)}, "executors": {"count": 3},
+                               "server": {"policy": "inlaid"}})
+    policies = [engine.scheduler.policy for engine in ExecutorPool(config, _policies(config)).engines]
+    assert len({id(p) for p in policies}) == 3
+    assert len({id(p.length_model) for p in policies}) == 1
