@@ -39,7 +39,7 @@ from typing import Any
 import zmq.asyncio
 from ray import serve
 
-from inlaid.client import AsyncClient, Client, InlaidError, TaskBusyError
+from inlaid.client import AsyncClient, Client, InlaidError, TaskBusyError, UnknownTaskError
 from inlaid.http.app import create_app
 from inlaid.http.settings import HttpConfig
 from inlaid.integrations.ray_client import RayTaskClient, ReplicaAnswer, ReplicaInfo
@@ -173,13 +173,15 @@ class ReplicaBase:
 
     async def _load(self, task: str) -> LoadedTask:
         if task not in self.catalog:
-            raise InlaidError(f"unknown task {task!r}")
+            raise UnknownTaskError(f"[unknown_task] unknown task {task!r}; known: {sorted(self.catalog)}")
         for _ in range(_TASK_BUSY_RETRIES):
             try:
                 await self._sdk().add_task(task, self.catalog[task])
                 break
             except TaskBusyError:  # evicted a moment ago and still finishing its requests
                 await asyncio.sleep(_TASK_BUSY_PAUSE_S)
+        else:
+            raise TaskBusyError(f"[task_busy] task {task!r} is still being unloaded on this replica; retry")
         self.loaded.append(task)
         return LoadedTask(task, self._unload, asyncio.get_running_loop())
 
