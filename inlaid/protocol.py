@@ -292,6 +292,23 @@ class HealthReply(msgspec.Struct, frozen=True, kw_only=True, tag="health_reply")
     uptime_seconds: float
 
 
+class ExecutorInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """One executor of a server with several (`[executors] count`)."""
+
+    index: int
+    ready: bool
+    pid: int  # 0 while it is not ready
+    restarts: int
+    device: str
+    requests_running: int
+    requests_waiting: int
+    kv_blocks_free: int
+    tasks_served: dict[str, int]  # requests that ended on this executor, by task ("__base__": none)
+    moved_in: int  # waiting requests moved here from another executor
+    adapter_admissions: int  # adapter rows admitted (new or recomputed)
+    adapter_hits: int  # of those, with their adapter already in a slot
+
+
 class ServerStats(msgspec.Struct, frozen=True, kw_only=True, tag="stats_reply"):
     request_id: str
     requests_waiting: int
@@ -312,6 +329,7 @@ class ServerStats(msgspec.Struct, frozen=True, kw_only=True, tag="stats_reply"):
     mean_compute_seconds: float  # the executor's own time for those steps
     mean_step_gap_seconds: float  # coordinator time between a result and the next plan
     requests_abandoned: int = 0  # cancelled because their client disconnected
+    executors: list[ExecutorInfo] = []  # per executor; the figures above are their sums
 
 
 class MetricsReply(msgspec.Struct, frozen=True, kw_only=True, tag="metrics_reply"):

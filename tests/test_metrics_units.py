@@ -38,8 +38,8 @@ class Harness:
             self.engine.register_adapter(name, path)
         self.supervisor = ExecutorSupervisor(config, "ipc:///unused", on_lost=print, on_fatal=print)
         self.requests: dict[str, ActiveRequest] = {}
-        self.metrics = ServerMetrics(self.engine, self.tasks, self.requests, lambda: self.supervisor,
-                                     {"model": "m", "version": "v"})
+        # The harness is the one executor the metrics read (its engine and supervisor).
+        self.metrics = ServerMetrics([self], self.tasks, self.requests, {"model": "m", "version": "v"})
         self.finished: list[ActiveRequest] = []
 
     def admit(self, engine_id: str, task: str | None, prompt: list[int], max_tokens: int) -> None:

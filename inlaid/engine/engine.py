@@ -9,6 +9,7 @@ the executor is a `ModelRunner` (`Engine.local`); in the server, the coordinator
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, Sequence as SequenceType
 
@@ -17,7 +18,7 @@ from inlaid.engine.adapter_slots import AdapterSlots
 from inlaid.engine.block_manager import BlockManager
 from inlaid.engine.config import EngineConfig, ModelConfig
 from inlaid.engine.scheduler import Scheduler, SchedulerLimits, SchedulingPolicy
-from inlaid.engine.sequence import FinishReason, Sequence
+from inlaid.engine.sequence import FinishReason, Sequence, SequenceStatus
 from inlaid.engine.tokenizer import StreamingDetokenizer, Tokenizer
 from inlaid.protocol import BatchPlan, SamplingParams, SequenceFailure, StepResult
 
@@ -68,7 +69,10 @@ class Engine:
         config: EngineConfig,
         runner: Executor | None = None,
         policy: SchedulingPolicy | None = None,
+        seq_ids: Iterator[int] | None = None,
     ) -> None:
+        """seq_ids: shared by engines whose sequences must have distinct ids (one coordinator,
+        several executors)."""
         config.validate()
         self.config = config
         self.runner = runner
@@ -84,7 +88,7 @@ class Engine:
         )
         self._requests: dict[str, _Request] = {}
         self._by_seq_id: dict[int, Sequence] = {}
-        self._seq_ids = itertools.count()
+        self._seq_ids = seq_ids if seq_ids is not None else itertools.count()
 
     @classmethod
     def local(cls, config: EngineConfig, policy: SchedulingPolicy | None = None) -> "Engine":
@@ -167,6 +171,30 @@ class Engine:
         self.scheduler.abort(request.seq)
         del self._by_seq_id[request.seq.seq_id]
         return True
+
+    def take_waiting(self, request_id: str) -> "_Request | None":
+        """Hand over a request that holds no KV blocks (waiting, never run or preempted) to
+        another engine's `put`; None when it runs (or is unknown) and must stay."""
+        request = self._requests.get(request_id)
+        if request is None or request.seq.status is not SequenceStatus.WAITING or request.seq.block_table:
+            return None
+        self.scheduler.waiting.remove(request.seq)
+        # Its policy forgets it as it forgets a finished one (it learns nothing: the sequence
+        # has no finish reason); the receiving engine's policy sees it arrive.
+        self.scheduler.policy.on_finish(request.seq, self.scheduler.clock())
+        del self._requests[request_id]
+        del self._by_seq_id[request.seq.seq_id]
+        return request
+
+    def put(self, request: "_Request") -> None:
+        """Take over a request another engine's `take_waiting` gave up (its adapter must be
+        registered here too)."""
+        try:
+            self.scheduler.add(request.seq)
+        except ValueError as error:
+            raise InvalidRequestError(str(error)) from error
+        self._requests[request.request_id] = request
+        self._by_seq_id[request.seq.seq_id] = request.seq
 
     def abort_all(self, reason: FinishReason = FinishReason.ERROR) -> list[str]:
         """Finish every request (the executor died); returns their ids."""

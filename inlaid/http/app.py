@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -43,12 +43,17 @@ _HEALTH_TIMEOUT_S = 2.0
 
 
 class Front:
-    """What the endpoints share: the SDK client and the server's identity."""
+    """What the endpoints share: the SDK client and the server's identity.
 
-    def __init__(self, address: str, config: HttpConfig) -> None:
+    `client` replaces the SDK client with another of the same methods (the Ray ingress
+    routes each call to a replica); `admin_client(token)` then gives the admin calls' client."""
+
+    def __init__(self, address: str, config: HttpConfig, client: Any = None,
+                 admin_client: Callable[[str], Any] | None = None) -> None:
         self.address = address
         self.config = config
-        self.client = AsyncClient(address, timeout_s=config.request_timeout_s, client_name="inlaid-http")
+        self.client = client or AsyncClient(address, timeout_s=config.request_timeout_s, client_name="inlaid-http")
+        self._admin_client = admin_client or self._sdk_admin_client
         self.started = int(time.time())
         self._hello_lock = asyncio.Lock()
 
@@ -60,16 +65,21 @@ class Front:
             assert self.client.server is not None
             return self.client.server
 
-    def admin_client(self, request: Request) -> AsyncClient:
+    def admin_client(self, request: Request) -> Any:
         """A client carrying the caller's Bearer token: the server alone decides on it."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return self._admin_client(token.strip() if scheme.lower() == "bearer" else "")
+
+    def _sdk_admin_client(self, token: str) -> AsyncClient:
         return AsyncClient(self.address, timeout_s=self.config.request_timeout_s, client_name="inlaid-http-admin",
-                           admin_token=token.strip() if scheme.lower() == "bearer" else "")
+                           admin_token=token)
 
 
-def create_app(address: str, config: HttpConfig) -> HttpMetrics:
-    """The ASGI application (Starlette inside the front's own metrics middleware)."""
-    front = Front(address, config)
+def create_app(address: str, config: HttpConfig, client: Any = None,
+               admin_client: Callable[[str], Any] | None = None) -> HttpMetrics:
+    """The ASGI application (Starlette inside the front's own metrics middleware); `client`
+    and `admin_client` as in `Front`."""
+    front = Front(address, config, client, admin_client)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:

@@ -31,19 +31,38 @@ def run(args: argparse.Namespace) -> int:
     return serve(config)
 
 
+def _policies(config):  # type: ignore[no-untyped-def]
+    """A policy for each executor's engine. The first is made at once (a bad policy fails the
+    start with its reason); the others share its length model, so that predictions learn
+    from every executor's finished requests and one state file is saved."""
+    from inlaid.scheduling.registry import POLICY_NAMES, make_policy
+    from inlaid.serve.config import load_policy
+
+    made = [load_policy(config.policy, config.scheduler)]
+    shared = getattr(made[0], "length_model", None)
+
+    def factory():  # type: ignore[no-untyped-def]
+        if made:
+            return made.pop()
+        if shared is not None and config.policy in POLICY_NAMES:
+            return make_policy(config.policy, config.scheduler, length_model=shared)
+        return load_policy(config.policy, config.scheduler)
+
+    return factory
+
+
 def serve(config) -> int:  # type: ignore[no-untyped-def]
     """Run a server until SIGTERM/SIGINT; returns the process exit code."""
     import logging
 
     from inlaid.engine.config import ModelLoadError
-    from inlaid.serve.config import load_policy
     from inlaid.serve.coordinator import Coordinator
 
     log = logging.getLogger("inlaid.coordinator")
 
     async def main() -> int:
         try:
-            coordinator = Coordinator(config, policy=load_policy(config.policy, config.scheduler))
+            coordinator = Coordinator(config, policy_factory=_policies(config))
         except (ModelLoadError, ValueError) as error:
             log.critical("cannot start", extra={"error": str(error)})
             return 2

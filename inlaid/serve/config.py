@@ -21,6 +21,10 @@ max_pending_requests = 1024
 max_adapters_per_step = 4
 predictor_state = "/var/lib/inlaid/predictor.npz"
 
+[executors]               # optional: several executors, one per device (docs/scale-out.md)
+count = 2
+devices = ["cuda:0", "cuda:1"]
+
 [tasks]
 sentiment = "/srv/inlaid/adapters/sentiment"
 
@@ -46,6 +50,7 @@ from typing import Any
 from inlaid.engine.config import EngineConfig
 from inlaid.http.settings import HttpConfig, check_listen_address
 from inlaid.protocol import DEFAULT_MAX_FRAME_BYTES
+from inlaid.serve.placement import PLACEMENT_RULES, PlacementRule
 
 
 class ConfigError(ValueError):
@@ -70,6 +75,30 @@ class MetricsConfig:
 
 
 @dataclass
+class ExecutorsConfig:
+    """Several executors under this coordinator (docs/scale-out.md): one per device."""
+
+    count: int = 1
+    # One device per executor ("cuda:0", "cuda:1", ...); empty: [executor].device for all.
+    devices: list[str] = field(default_factory=list)
+    placement: PlacementRule = "pack"  # "pack" (fill the busiest that fits) or "spread" (the least busy)
+    overdue_s: float = 5.0  # waiting longer than this: moved first to any executor with room
+
+    def validate(self) -> None:
+        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
+            raise ConfigError(f"executors.count must be an integer >= 1, got {self.count!r}")
+        if self.devices and (not isinstance(self.devices, list) or len(self.devices) != self.count
+                             or not all(isinstance(d, str) and d for d in self.devices)):
+            raise ConfigError(f"executors.devices must list one device string per executor ({self.count}), "
+                              f"got {self.devices!r}")
+        if self.placement not in PLACEMENT_RULES:
+            raise ConfigError(f"executors.placement must be one of {list(PLACEMENT_RULES)}, got {self.placement!r}")
+        value = self.overdue_s
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"executors.overdue_s must be a number > 0, got {value!r}")
+
+
+@dataclass
 class ServerConfig:
     engine: EngineConfig
     address: str = "tcp://127.0.0.1:5555"
@@ -87,9 +116,13 @@ class ServerConfig:
     scheduler: dict[str, Any] = field(default_factory=dict)  # the built-in policy's options
     http: HttpConfig | None = None  # the OpenAI-compatible front, started with the server
     metrics: MetricsConfig | None = None
+    executors: ExecutorsConfig = field(default_factory=ExecutorsConfig)
 
     def validate(self) -> None:
         self.engine.validate()
+        self.executors.validate()
+        if self.executors.count > 1 and self.executor_address != "auto":
+            raise ConfigError("server.executor_address must be 'auto' with several executors (each gets its own socket)")
         for scheme in ("tcp://", "ipc://"):
             if self.address.startswith(scheme):
                 break
@@ -191,7 +224,7 @@ def load_config(path: str | Path) -> ServerConfig:
 
 def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> ServerConfig:
     base_dir = base_dir or Path.cwd()
-    unknown_sections = set(raw) - {"model", "executor", "server", "tasks", "scheduler", "http", "metrics"}
+    unknown_sections = set(raw) - {"model", "executor", "executors", "server", "tasks", "scheduler", "http", "metrics"}
     if unknown_sections:
         raise ConfigError(f"unknown config sections: {sorted(unknown_sections)}")
     model = _section(raw, "model")
@@ -205,6 +238,8 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Serve
     _reject_unknown("model", model, {"dir", "quantized_dir"})
     _reject_unknown("executor", executor, _ENGINE_FIELDS)
     _reject_unknown("server", server, _SERVER_KEYS)
+    executors = _section(raw, "executors")
+    _reject_unknown("executors", executors, {f.name for f in fields(ExecutorsConfig)})
     http = _section(raw, "http") if "http" in raw else None
     metrics = _section(raw, "metrics") if "metrics" in raw else None
     if http is not None:
@@ -249,6 +284,7 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Serve
         scheduler=scheduler,
         http=HttpConfig(**http) if http is not None else None,
         metrics=MetricsConfig(**metrics) if metrics is not None else None,
+        executors=ExecutorsConfig(**executors),
     )
     try:
         config.validate()

@@ -1,9 +1,10 @@
-"""The coordinator process: clients in front, the executor behind, the Engine in between.
+"""The coordinator process: clients in front, the executors behind, an Engine for each.
 
-One asyncio loop (uvloop) runs three things: the front loop (a ZeroMQ ROUTER; each frame
-is decoded, checked and answered or turned into an engine request), the step loop (plan
+One asyncio loop (uvloop) runs: the front loop (a ZeroMQ ROUTER; each frame is decoded,
+checked and answered or turned into an engine request), one step loop per executor (plan
 with `Engine.begin_step`, run on the executor, apply with `Engine.finish_step`, stream the
-text back) and the executor supervisor. Never imports torch.
+text back), the executor supervisors, and with several executors the placement of
+requests on them (`executor_pool.py`, docs/scale-out.md). Never imports torch.
 
 Every bad input is answered with a typed ErrorReply, carrying the request id it answers,
 to its sender only; nothing a client sends can stop the loops. A client that disconnects
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import functools
 import logging
 import math
 import os
@@ -23,6 +25,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import msgspec
 import zmq
@@ -55,7 +58,8 @@ from inlaid.protocol import (
 from inlaid.serve.admin import TaskCalls
 from inlaid.serve.config import ServerConfig
 from inlaid.serve.frames import decode_client_frames
-from inlaid.serve.metrics import ServerMetrics
+from inlaid.serve.executor_pool import ExecutorPool, ExecutorShard
+from inlaid.serve.metrics import BASE_TASK_LABEL, ServerMetrics
 from inlaid.serve.peers import PeerWatch
 from inlaid.serve.requests import ActiveRequest, RequestKey
 from inlaid.serve.stats import server_stats
@@ -75,14 +79,18 @@ _SHUTDOWN_WATCHDOG_MARGIN_S = 20.0
 # after this long, which the PeerWatch sees as a disconnect (its requests are cancelled).
 _CLIENT_HEARTBEAT_IVL_MS = 10_000
 _CLIENT_HEARTBEAT_TIMEOUT_MS = 60_000
+_REBALANCE_INTERVAL_S = 0.1  # several executors: look for stranded waiting work this often
 
 
 class Coordinator:
-    def __init__(self, config: ServerConfig, policy: SchedulingPolicy | None = None) -> None:
+    def __init__(self, config: ServerConfig,
+                 policy_factory: Callable[[], SchedulingPolicy | None] = lambda: None) -> None:
+        """policy_factory: a fresh scheduling policy for each executor's engine (None: FIFO)."""
         self.config = config
         self.limits = config.limits
-        self.engine = Engine(config.engine, runner=None, policy=policy)
-        self.registry = TaskRegistry(self.engine, config.admin_token)
+        self.pool = ExecutorPool(config, policy_factory)
+        self.engine = self.pool.shards[0].engine  # tokenizer, model and limits: the same in every engine
+        self.registry = TaskRegistry(self.pool.engines, config.admin_token)
         for name, adapter_dir in config.tasks.items():
             try:
                 self.registry.check_adapter(name, adapter_dir)
@@ -100,13 +108,11 @@ class Coordinator:
         self._clients: PeerWatch | None = None
         self.task_calls = TaskCalls(self.registry, self._send)
         self._tempdir: str | None = None
-        self.supervisor: ExecutorSupervisor | None = None
-        self.step_loop: StepLoop | None = None
         self.started_at = time.monotonic()
         self.exit_code = 0
         self.counters = {"received": 0, "finished": 0, "failed": 0, "overloaded": 0, "abandoned": 0, "steps": 0,
                          "tokens": 0}
-        self.metrics = ServerMetrics(self.engine, self.registry.tasks, self._by_engine_id, lambda: self.supervisor,
+        self.metrics = ServerMetrics(self.pool.shards, self.registry.tasks, self._by_engine_id,
                                      {"version": SERVER_VERSION, "model": os.path.basename(config.engine.model_dir)})
 
     # ================================================================== lifecycle
@@ -121,37 +127,41 @@ class Coordinator:
         front.bind(self.config.address)
         self._front = front
         self._clients = PeerWatch(front, self._on_client_gone)
-        backend = self.config.executor_address
-        if backend == "auto":
-            self._tempdir = tempfile.mkdtemp(prefix="inlaid-")
-            backend = f"ipc://{self._tempdir}/executor.ipc"
-        self.supervisor = ExecutorSupervisor(
-            self.config.engine, backend, on_lost=self._on_executor_lost, on_fatal=self._on_fatal,
-            start_timeout_s=self.limits.executor_start_timeout_s, step_timeout_s=self.limits.step_timeout_s,
-            log_level=self.config.log_level, log_format=self.config.log_format,
-        )  # fmt: skip
-        self.step_loop = StepLoop(self.engine, self.supervisor, on_plan=self._on_plan, deliver=self._on_step_result,
-                                  fail_running=self._fail_running, counters=self.counters)
+        for shard, address in zip(self.pool.shards, self._executor_addresses()):
+            shard.supervisor = ExecutorSupervisor(
+                shard.engine.config, address, on_lost=functools.partial(self._on_executor_lost, shard),
+                on_fatal=self._on_fatal, start_timeout_s=self.limits.executor_start_timeout_s,
+                step_timeout_s=self.limits.step_timeout_s, log_level=self.config.log_level,
+                log_format=self.config.log_format,
+            )  # fmt: skip
+            shard.step_loop = StepLoop(shard.engine, shard.supervisor, on_plan=functools.partial(self._on_plan, shard),
+                                       deliver=functools.partial(self._on_step_result, shard),
+                                       fail_running=functools.partial(self._fail_running, shard),
+                                       counters=self.counters)  # fmt: skip
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_shutdown, signum)
-        await self.supervisor.start()
+        await asyncio.gather(*(shard.supervisor.start() for shard in self._supervised()))
         log.info("coordinator listening", extra={"address": self.config.address, "pid": os.getpid(),
-                                                 "tasks": sorted(self.registry.tasks)})
+                                                 "tasks": sorted(self.registry.tasks), "executors": len(self.pool)})
         front_task = loop.create_task(self._front_loop())
         clients_task = loop.create_task(self._clients.run())
-        step_task = loop.create_task(self.step_loop.run())
-        for task in (front_task, clients_task, step_task):
+        step_tasks = [loop.create_task(shard.step_loop.run()) for shard in self.pool.shards if shard.step_loop]
+        loops = [front_task, clients_task, *step_tasks]
+        if len(self.pool) > 1:
+            loops.append(loop.create_task(self._placement_loop()))
+        for task in loops:
             task.add_done_callback(self._on_loop_ended)
         await self._shutdown.wait()
         await self._drain()
-        # Stop the executor before the step loop: a step still running now is past the grace
-        # period and gets killed rather than waited for.
-        await self.supervisor.stop()
-        tasks = (step_task, front_task, clients_task, *self.task_calls.pending)
+        # Stop the executors before the step loops: a step still running now is past the
+        # grace period and gets killed rather than waited for.
+        await asyncio.gather(*(shard.supervisor.stop() for shard in self._supervised()))
+        tasks = (*loops, *self.task_calls.pending)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self.engine.scheduler.policy.close()  # the length predictor saves its state
+        for engine in self.pool.engines:
+            engine.scheduler.policy.close()  # the length predictor saves its state
         self._clients.close()
         front.close()
         if self._tempdir:
@@ -193,35 +203,55 @@ class Coordinator:
             self._fail(request, ErrorCode.EXECUTOR_FAILED, reason)
         self.request_shutdown()
 
-    # ================================================================== executor faults
-    def _on_executor_lost(self, reason: str) -> None:
-        self._fail_running(f"{reason}; the server restarts it, retry this request")
+    def _executor_addresses(self) -> list[str]:
+        backend = self.config.executor_address
+        if backend != "auto":
+            return [backend]  # one executor (the config allows an address only then)
+        self._tempdir = tempfile.mkdtemp(prefix="inlaid-")
+        return [f"ipc://{self._tempdir}/executor-{shard.index}.ipc" for shard in self.pool.shards]
 
-    def _fail_running(self, message: str, code: str = ErrorCode.EXECUTOR_FAILED) -> None:
-        """Fail every request whose KV state lived on the executor; waiting ones stay queued."""
-        for request in list(self.requests.values()):
+    def _supervised(self) -> list[ExecutorShard]:
+        return [shard for shard in self.pool.shards if shard.supervisor is not None]
+
+    async def _placement_loop(self) -> None:
+        # Steps and losses rebalance at once; this catches an executor coming back.
+        while True:
+            await asyncio.sleep(_REBALANCE_INTERVAL_S)
+            self.pool.rebalance(self._by_engine_id)
+
+    # ================================================================== executor faults
+    def _on_executor_lost(self, shard: ExecutorShard, reason: str) -> None:
+        self._fail_running(shard, f"{reason}; the server restarts it, retry this request")
+        self.pool.rebalance(self._by_engine_id)  # its waiting requests go to executors that are up
+
+    def _fail_running(self, shard: ExecutorShard, message: str, code: str = ErrorCode.EXECUTOR_FAILED) -> None:
+        """Fail every request whose KV state lived on this executor; waiting ones stay queued."""
+        for request in [r for r in self.requests.values() if r.executor == shard.index]:
             try:
-                running = self.engine.sequence(request.engine_id).status is SequenceStatus.RUNNING
+                running = shard.engine.sequence(request.engine_id).status is SequenceStatus.RUNNING
             except KeyError:
                 running = True  # the engine no longer knows it: it can never finish
             if running:
                 self._fail(request, code, message)
         # The executor's adapter slots are gone (or suspect): start the slot map afresh so
         # the next plans load every adapter again.
-        self.engine.scheduler.adapters.forget_slots()
-        self._wake()
+        shard.engine.scheduler.adapters.forget_slots()
+        shard.wake()
 
     # ================================================================== step results
-    def _on_plan(self, plan: BatchPlan) -> None:
+    def _on_plan(self, shard: ExecutorShard, plan: BatchPlan) -> None:
         now = time.monotonic()
+        shard.count_admissions(plan)
         for chunk in plan.chunks:
             request = self._by_seq_id.get(chunk.seq_id)
             if request is not None and request.scheduled_at is None:
                 request.scheduled_at = now
 
-    def _on_step_result(self, plan: BatchPlan, result: StepResult, outputs: list[RequestOutput]) -> None:
-        self.metrics.on_step(plan, result, outputs)
+    def _on_step_result(self, shard: ExecutorShard, plan: BatchPlan, result: StepResult,
+                        outputs: list[RequestOutput]) -> None:
+        self.metrics.on_step(plan, result, outputs, shard.index)
         self._deliver(outputs)
+        self.pool.rebalance(self._by_engine_id)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
@@ -292,8 +322,8 @@ class Coordinator:
         elif isinstance(message, Health):
             self._on_health(identity, message)
         elif isinstance(message, GetStats):
-            gaps = list(self.step_loop.step_gaps) if self.step_loop else []
-            self._send(identity, server_stats(message.request_id, self.engine, self.supervisor, self.counters, gaps))
+            gaps = [gap for shard in self.pool.shards if shard.step_loop for gap in shard.step_loop.step_gaps]
+            self._send(identity, server_stats(message.request_id, self.pool.shards, self.counters, gaps))
         elif isinstance(message, GetMetrics):
             self._send(identity, MetricsReply(request_id=message.request_id, text=self.metrics.exposition()))
         elif isinstance(message, ListTasks):
@@ -340,19 +370,21 @@ class Coordinator:
                                f"{self.engine.max_model_len} and at least one new token must fit")
         engine_id = f"r{self._next_engine_id}"
         self._next_engine_id += 1
+        shard = self.pool.choose(message.task, len(token_ids), self._by_engine_id)
         try:
-            self.engine.add_request(token_ids, sampling=message.sampling, adapter=message.task, request_id=engine_id)
+            shard.engine.add_request(token_ids, sampling=message.sampling, adapter=message.task, request_id=engine_id)
         except (ValueError, InvalidRequestError) as error:
             return self._error(identity, request_id, ErrorCode.INVALID_REQUEST, str(error))
-        request = ActiveRequest(key=key, engine_id=engine_id, seq_id=self.engine.sequence(engine_id).seq_id,
-                                task=message.task, stream=message.stream, num_prompt_tokens=len(token_ids))
+        request = ActiveRequest(key=key, engine_id=engine_id, seq_id=shard.engine.sequence(engine_id).seq_id,
+                                task=message.task, stream=message.stream, num_prompt_tokens=len(token_ids),
+                                executor=shard.index)
         self.requests[key] = request
         self._by_engine_id[engine_id] = request
         self._by_seq_id[request.seq_id] = request
         self.registry.request_started(message.task)
         if message.deadline_s is not None:
             request.deadline = asyncio.get_running_loop().call_later(message.deadline_s, self._on_deadline, key)
-        self._wake()
+        shard.wake()
 
     def _prompt_tokens(self, message: Generate) -> list[int]:
         given = [x is not None for x in (message.prompt, message.messages, message.prompt_token_ids)]
@@ -367,20 +399,19 @@ class Coordinator:
         request = self.requests.get((identity, message.request_id))
         if request is None:
             return  # finished already, or never existed: cancelling is idempotent
-        self.engine.abort(request.engine_id)
+        self._engine_of(request).abort(request.engine_id)
         self._send(identity, request.done_message("cancelled"))
         self.counters["finished"] += 1
         self._forget(request, "cancelled")
 
-    def _wake(self) -> None:
-        if self.step_loop is not None:
-            self.step_loop.work.set()
+    def _engine_of(self, request: ActiveRequest) -> Engine:
+        return self.pool.shards[request.executor].engine
 
     def _on_client_gone(self, identity: bytes) -> None:
         """The client's connection closed: nobody can read its answers; stop computing them."""
         gone = [request for request in self.requests.values() if request.identity == identity]
         for request in gone:
-            self.engine.abort(request.engine_id)
+            self._engine_of(request).abort(request.engine_id)
             self.counters["abandoned"] += 1
             self._forget(request, "abandoned")
         if gone:
@@ -395,7 +426,7 @@ class Coordinator:
                        f"the deadline passed after {len(request.token_ids)} generated tokens")
 
     def _fail(self, request: ActiveRequest, code: str, message: str) -> None:
-        self.engine.abort(request.engine_id)  # frees its KV blocks; a no-op when already gone
+        self._engine_of(request).abort(request.engine_id)  # frees its KV blocks; a no-op when already gone
         self._error(request.identity, request.request_id, code, message)
         self.counters["failed"] += 1
         self._forget(request, code)
@@ -403,6 +434,7 @@ class Coordinator:
 
     def _forget(self, request: ActiveRequest, outcome: str) -> None:
         self.metrics.on_finished(request, outcome)
+        self.pool.shards[request.executor].tasks_served[request.task or BASE_TASK_LABEL] += 1
         if request.deadline is not None:
             request.deadline.cancel()
         self.requests.pop(request.key, None)
@@ -420,9 +452,10 @@ class Coordinator:
                                         max_model_len=self.engine.max_model_len))
 
     def _on_health(self, identity: bytes, message: Health) -> None:
-        ready = self.supervisor is not None and self.supervisor.ready.is_set()
-        status = "shutting_down" if not self._accepting else ("ok" if ready else "starting")
-        self._send(identity, HealthReply(request_id=message.request_id, status=status, executor_ready=ready,
+        # "ok" while any executor serves; executor_ready only when every one is up.
+        ready = [shard.ready for shard in self.pool.shards]
+        status = "shutting_down" if not self._accepting else ("ok" if any(ready) else "starting")
+        self._send(identity, HealthReply(request_id=message.request_id, status=status, executor_ready=all(ready),
                                          uptime_seconds=time.monotonic() - self.started_at))
 
 

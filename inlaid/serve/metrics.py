@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -32,6 +33,13 @@ from inlaid.engine.engine import Engine, RequestOutput
 from inlaid.protocol import BatchPlan, StepResult
 from inlaid.serve.requests import ActiveRequest
 from inlaid.serve.supervisor import ExecutorSupervisor
+
+
+class ExecutorView(Protocol):
+    """One executor as the metrics read it (`executor_pool.ExecutorShard`)."""
+
+    engine: Engine
+    supervisor: ExecutorSupervisor | None
 
 BASE_TASK_LABEL = "__base__"
 UNKNOWN_TASK_LABEL = "__unknown__"
@@ -63,22 +71,21 @@ class _TaskSeries:
 class ServerMetrics:
     def __init__(
         self,
-        engine: Engine,
+        executors: Sequence[ExecutorView],
         registered_tasks: Mapping[str, str],
         requests_by_engine_id: Mapping[str, ActiveRequest],
-        supervisor: Callable[[], ExecutorSupervisor | None],
         server_info: Mapping[str, str],
     ) -> None:
-        """registered_tasks: the registry's accepting tasks (name -> adapter dir);
-        requests_by_engine_id: the coordinator's in-flight requests, read in `on_step`;
-        supervisor: the current executor supervisor (created after the coordinator)."""
-        self._engine = engine
+        """executors: each executor's engine and supervisor (its supervisor is set once the
+        coordinator runs); registered_tasks: the registry's accepting tasks (name -> adapter
+        dir); requests_by_engine_id: the coordinator's in-flight requests, read in `on_step`."""
+        self._executors = executors
         self._tasks = registered_tasks
         self._requests = requests_by_engine_id
         self._series: dict[str, _TaskSeries] = {}
-        self._slot_holder: dict[int, str] = {}  # the executor's adapter slots as the plans filled them
-        self._restarts_seen = 0
-        self._supervisor = supervisor
+        # Each executor's adapter slots as the plans filled them, and its restarts seen.
+        self._slot_holder: dict[int, dict[int, str]] = {}
+        self._restarts_seen: dict[int, int] = {}
         # `_created` series double the exposition and no dashboard reads them.
         disable_created_metrics()
         self.registry = CollectorRegistry()
@@ -114,7 +121,7 @@ class ServerMetrics:
                                     registry=registry)
         self.adapter_evictions = Counter("inlaid_adapter_evictions", "Loads that displaced another registered "
                                          "adapter from its slot", registry=registry)
-        registry.register(_StateCollector(engine, registered_tasks, supervisor, dict(server_info)))
+        registry.register(_StateCollector(executors, registered_tasks, dict(server_info)))
 
     # ------------------------------------------------------------------ hooks
     def on_admitted(self, request: ActiveRequest) -> None:
@@ -123,16 +130,16 @@ class ServerMetrics:
     def on_rejected(self, task: str | None, code: str) -> None:
         self.requests.labels(self._label(task), code).inc()
 
-    def on_step(self, plan: BatchPlan, result: StepResult, outputs: list[RequestOutput]) -> None:
-        """After `Engine.finish_step`, before the outputs are delivered (first tokens are
-        recognised by the requests' `first_token_at` still being unset)."""
-        supervisor = self._supervisor()
+    def on_step(self, plan: BatchPlan, result: StepResult, outputs: list[RequestOutput], executor: int = 0) -> None:
+        """After `Engine.finish_step` of executor `executor`, before the outputs are
+        delivered (first tokens are recognised by the requests' `first_token_at` still being unset)."""
+        supervisor = self._executors[executor].supervisor
         timings = supervisor.timings if supervisor is not None else ()
         self.step_duration.observe(timings[-1].round_trip_seconds if timings else result.compute_seconds)
         self.batch_size.observe(len(plan.chunks))
         self.step_tasks.observe(len({chunk.adapter_slot for chunk in plan.chunks if chunk.adapter_slot >= 0}))
         self.computed_tokens.inc(result.num_tokens)
-        self._count_adapter_slots(plan, supervisor)
+        self._count_adapter_slots(plan, executor)
         now = time.monotonic()
         generated: Tally[str | None] = Tally()
         for output in outputs:
@@ -178,7 +185,7 @@ class ServerMetrics:
             )  # fmt: skip
         return series
 
-    def _count_adapter_slots(self, plan: BatchPlan, supervisor: ExecutorSupervisor | None) -> None:
+    def _count_adapter_slots(self, plan: BatchPlan, executor: int) -> None:
         # A plan admits a sequence with a chunk starting at position 0 (a new sequence, or
         # one recomputed after preemption); each adapter load serves one such admission, the
         # other admissions of adapter rows found their adapter resident.
@@ -186,58 +193,57 @@ class ServerMetrics:
         loads = plan.adapter_loads
         self.adapter_loads.inc(len(loads))
         self.adapter_hits.inc(max(0, admissions - len(loads)))
-        restarts = supervisor.restarts if supervisor is not None else 0
-        if restarts != self._restarts_seen:  # a new executor starts with empty slots
-            self._restarts_seen = restarts
-            self._slot_holder.clear()
-        registered = self._engine.scheduler.adapters.paths
+        view = self._executors[executor]
+        restarts = view.supervisor.restarts if view.supervisor is not None else 0
+        holders = self._slot_holder.setdefault(executor, {})
+        if restarts != self._restarts_seen.get(executor, 0):  # a new executor starts with empty slots
+            self._restarts_seen[executor] = restarts
+            holders.clear()
+        registered = view.engine.scheduler.adapters.paths
         for load in loads:
-            previous = self._slot_holder.get(load.slot)
+            previous = holders.get(load.slot)
             if previous is not None and previous != load.name and previous in registered:
                 self.adapter_evictions.inc()
-            self._slot_holder[load.slot] = load.name
+            holders[load.slot] = load.name
 
 
 class _StateCollector(Collector):
-    """Gauges read at scrape time from the engine and the supervisor."""
+    """Gauges read at scrape time from the engines and the supervisors (sums over executors)."""
 
     def __init__(
         self,
-        engine: Engine,
+        executors: Sequence[ExecutorView],
         registered_tasks: Mapping[str, str],
-        supervisor: Callable[[], ExecutorSupervisor | None],
         server_info: dict[str, str],
     ) -> None:
-        self._engine = engine
+        self._executors = executors
         self._tasks = registered_tasks
-        self._supervisor = supervisor
         self._info = server_info
 
     def collect(self) -> Iterator[Metric]:
-        scheduler = self._engine.scheduler
-        blocks = scheduler.blocks
-        supervisor = self._supervisor()
-        stats = supervisor.stats if supervisor is not None else None
+        schedulers = [view.engine.scheduler for view in self._executors]
+        supervisors = [view.supervisor for view in self._executors if view.supervisor is not None]
+        reports = [supervisor.stats for supervisor in supervisors if supervisor.stats is not None]
         info = GaugeMetricFamily("inlaid_server_info", "Constant 1; the labels describe the server",
                                  labels=sorted(self._info))
         info.add_metric([self._info[key] for key in sorted(self._info)], 1)
         yield info
         yield _gauge("inlaid_requests_waiting", "Requests queued, not yet admitted to the running batch",
-                     len(scheduler.waiting))
-        yield _gauge("inlaid_requests_running", "Requests in the running batch", len(scheduler.running))
-        yield _gauge("inlaid_kv_blocks_total", "KV-cache blocks", blocks.num_blocks)
+                     sum(len(s.waiting) for s in schedulers))
+        yield _gauge("inlaid_requests_running", "Requests in the running batch", sum(len(s.running) for s in schedulers))
+        yield _gauge("inlaid_kv_blocks_total", "KV-cache blocks", sum(s.blocks.num_blocks for s in schedulers))
         yield _gauge("inlaid_kv_blocks_used", "KV-cache blocks held by sequences",
-                     blocks.num_blocks - blocks.num_free_blocks)
-        yield _gauge("inlaid_adapter_slots_total", "Executor adapter slots", scheduler.adapters.num_slots)
+                     sum(s.blocks.num_blocks - s.blocks.num_free_blocks for s in schedulers))
+        yield _gauge("inlaid_adapter_slots_total", "Executor adapter slots", sum(s.adapters.num_slots for s in schedulers))
         yield _gauge("inlaid_tasks", "Tasks accepting requests", len(self._tasks))
-        yield _gauge("inlaid_executor_up", "1 when an executor is connected and ready",
-                     int(supervisor is not None and supervisor.ready.is_set()))
+        yield _gauge("inlaid_executor_up", "Executors connected and ready",
+                     sum(int(supervisor.ready.is_set()) for supervisor in supervisors))
         yield CounterMetricFamily("inlaid_executor_restarts", "Executor processes restarted after a loss",
-                                  value=supervisor.restarts if supervisor is not None else 0)
-        yield _gauge("inlaid_executor_rss_bytes", "Executor resident memory (its last report)",
-                     stats.rss_bytes if stats else 0)
-        yield _gauge("inlaid_executor_device_memory_bytes", "CUDA memory the executor allocated (its last report)",
-                     stats.device_memory_allocated if stats else 0)
+                                  value=sum(supervisor.restarts for supervisor in supervisors))
+        yield _gauge("inlaid_executor_rss_bytes", "Executor resident memory (their last reports)",
+                     sum(report.rss_bytes for report in reports))
+        yield _gauge("inlaid_executor_device_memory_bytes", "CUDA memory the executors allocated (their last reports)",
+                     sum(report.device_memory_allocated for report in reports))
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

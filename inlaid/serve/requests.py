@@ -25,6 +25,7 @@ class ActiveRequest:
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     deadline: asyncio.TimerHandle | None = None
+    executor: int = 0  # the executor whose engine holds it (it can move while it waits)
 
     @property
     def identity(self) -> bytes:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from inlaid.engine.engine import Engine
+from collections.abc import Sequence
+
 from inlaid.protocol import ServerStats
-from inlaid.serve.supervisor import ExecutorSupervisor
+from inlaid.serve.executor_pool import ExecutorShard
 
 
 def _mean(values: list[float]) -> float:
@@ -13,34 +14,36 @@ def _mean(values: list[float]) -> float:
 
 def server_stats(
     request_id: str,
-    engine: Engine,
-    supervisor: ExecutorSupervisor | None,
+    shards: Sequence[ExecutorShard],
     counters: dict[str, int],
     step_gaps: list[float],
 ) -> ServerStats:
     """counters: the coordinator's request/step/token counts; step_gaps: its recent own
-    times between a step's result and the next plan, in seconds."""
-    timings = list(supervisor.timings) if supervisor else []
-    executor_stats = supervisor.stats if supervisor else None
-    blocks = engine.scheduler.blocks
+    times between a step's result and the next plan, in seconds. Executor figures are sums
+    over the executors (pid: the first ready one's), each also listed on its own."""
+    supervisors = [shard.supervisor for shard in shards if shard.supervisor is not None]
+    timings = [t for supervisor in supervisors for t in supervisor.timings]
+    reports = [supervisor.stats for supervisor in supervisors if supervisor.stats is not None]
+    schedulers = [shard.engine.scheduler for shard in shards]
     return ServerStats(
         request_id=request_id,
-        requests_waiting=len(engine.scheduler.waiting),
-        requests_running=len(engine.scheduler.running),
+        requests_waiting=sum(len(s.waiting) for s in schedulers),
+        requests_running=sum(len(s.running) for s in schedulers),
         requests_received=counters["received"],
         requests_finished=counters["finished"],
         requests_failed=counters["failed"],
         requests_rejected_overloaded=counters["overloaded"],
         steps=counters["steps"],
         tokens_generated=counters["tokens"],
-        kv_blocks_total=blocks.num_blocks,
-        kv_blocks_free=blocks.num_free_blocks,
-        executor_pid=supervisor.pid if supervisor and supervisor.ready.is_set() else 0,
-        executor_restarts=supervisor.restarts if supervisor else 0,
-        executor_rss_bytes=executor_stats.rss_bytes if executor_stats else 0,
-        executor_device_memory_allocated=executor_stats.device_memory_allocated if executor_stats else 0,
+        kv_blocks_total=sum(s.blocks.num_blocks for s in schedulers),
+        kv_blocks_free=sum(s.blocks.num_free_blocks for s in schedulers),
+        executor_pid=next((shard.supervisor.pid for shard in shards if shard.ready and shard.supervisor), 0),
+        executor_restarts=sum(supervisor.restarts for supervisor in supervisors),
+        executor_rss_bytes=sum(report.rss_bytes for report in reports),
+        executor_device_memory_allocated=sum(report.device_memory_allocated for report in reports),
         mean_step_seconds=_mean([t.round_trip_seconds for t in timings]),
         mean_compute_seconds=_mean([t.compute_seconds for t in timings]),
         mean_step_gap_seconds=_mean(step_gaps),
         requests_abandoned=counters["abandoned"],
+        executors=[shard.info() for shard in shards],
     )

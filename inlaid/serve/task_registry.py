@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 from collections import Counter
+from collections.abc import Sequence
 
 from inlaid.engine.adapter_config import AdapterError, read_adapter_spec
 from inlaid.engine.adapter_weights import check_adapter_weights
@@ -26,8 +27,10 @@ class TaskError(Exception):
 
 
 class TaskRegistry:
-    def __init__(self, engine: Engine, admin_token: str | None) -> None:
-        self.engine = engine
+    def __init__(self, engines: Sequence[Engine], admin_token: str | None) -> None:
+        """engines: one per executor; every one registers every task."""
+        self.engines = list(engines)
+        self.engine = self.engines[0]  # the model and limits, the same for all
         self._admin_token = admin_token
         self.tasks: dict[str, str] = {}  # accepting: name -> adapter dir
         self.draining: set[str] = set()
@@ -60,7 +63,8 @@ class TaskRegistry:
             raise TaskError(ErrorCode.TASK_BUSY,
                             f"task {name!r} has {self.active[name]} requests in flight; replace it when idle")
         try:
-            self.engine.register_adapter(name, adapter_dir)
+            for engine in self.engines:
+                engine.register_adapter(name, adapter_dir)
         except (AdapterError, InvalidRequestError) as error:
             raise TaskError(ErrorCode.INVALID_REQUEST, str(error)) from None
         self.tasks[name] = adapter_dir
@@ -73,7 +77,7 @@ class TaskRegistry:
         if self.active[name]:
             self.draining.add(name)
             return f"task {name!r} removed; its {self.active[name]} running requests finish first"
-        self.engine.scheduler.adapters.unregister(name)
+        self._unregister(name)
         return f"task {name!r} removed"
 
     def check_accepting(self, name: str | None) -> None:
@@ -93,4 +97,8 @@ class TaskRegistry:
             del self.active[name]
             if name in self.draining:
                 self.draining.discard(name)
-                self.engine.scheduler.adapters.unregister(name)
+                self._unregister(name)
+
+    def _unregister(self, name: str) -> None:
+        for engine in self.engines:
+            engine.scheduler.adapters.unregister(name)

@@ -1,0 +1,1 @@
+"""Integrations with other serving systems (Ray Serve: `inlaid.integrations.ray`)."""

@@ -1,0 +1,297 @@
+"""Inlaid on Ray Serve: replicas each run an Inlaid server; an OpenAI ingress routes every
+request to a replica that holds its task's adapter (Ray Serve model multiplexing).
+
+```
+ HTTP ──▶ Serve proxy ──▶ InlaidIngress (the inlaid.http front over RayTaskClient)
+                              │ handle.options(multiplexed_model_id=task)
+                              ▼
+          InlaidReplica × N (one per GPU/node): `inlaid serve` (coordinator + executors)
+          load_task = @serve.multiplexed(max_num_models_per_replica=N): AddTask / RemoveTask
+```
+
+Each replica starts `inlaid serve` as its child (the config's [model], [executor], [server]
+sections; no task preloaded) and talks to it over a private ipc socket with the SDK. The
+first request for a task on a replica loads its adapter (`AddTask`); past the per-replica cap
+Ray evicts the least recently used task, which `RemoveTask`s it. The server dies with its
+replica (PR_SET_PDEATHSIG), and a replica whose server died fails its health check, so Ray
+replaces it. `python -m inlaid.integrations.ray --config FILE` deploys on a running cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import zmq.asyncio
+from ray import serve
+
+from inlaid.client import AsyncClient, Client, InlaidError, TaskBusyError, UnknownTaskError
+from inlaid.http.app import create_app
+from inlaid.http.settings import HttpConfig
+from inlaid.integrations.ray_client import RayTaskClient, ReplicaAnswer, ReplicaInfo
+from inlaid.integrations.ray_config import RayDeploymentConfig, load_ray_config
+from inlaid.protocol import ErrorReply, HealthReply, HelloReply
+from inlaid.serve.launcher import to_toml
+
+_TASK_BUSY_RETRIES = 50  # a task being removed (its last requests finishing) before it loads again
+_TASK_BUSY_PAUSE_S = 0.1
+_UNLOAD_TIMEOUT_S = 30.0  # RemoveTask answers at once (a busy task is unregistered when its requests end)
+
+
+def _error_reply(error: InlaidError) -> ErrorReply:
+    prefix = f"[{error.code}] "
+    message = error.message[len(prefix):] if error.message.startswith(prefix) else error.message
+    return ErrorReply(request_id=error.request_id, code=error.code, message=message)
+
+
+class _ChildServer:
+    """`inlaid serve` as this process's child. It is started from a thread that lives exactly
+    as long as the child (PR_SET_PDEATHSIG fires when the *thread* that forked exits), so the
+    server is killed when the replica process dies, however it dies."""
+
+    def __init__(self, sections: dict[str, dict[str, Any]], start_timeout_s: float) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="inlaid-replica-"))
+        self.address = f"ipc://{self.workdir}/server.ipc"
+        self.admin_token = secrets.token_hex(16)  # the replica is the server's only admin
+        server = {k: v for k, v in sections.get("server", {}).items()
+                  if k not in ("address", "admin_token", "admin_token_env", "admin_token_file")}
+        config = {**sections, "server": {**server, "address": self.address, "admin_token": self.admin_token},
+                  "tasks": {}}
+        (self.workdir / "server.toml").write_text(to_toml(config))
+        self.log_path = self.workdir / "server.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        started = threading.Event()
+        threading.Thread(target=self._run, args=(started,), name="inlaid-server", daemon=True).start()
+        started.wait()
+        self._wait_ready(start_timeout_s)
+
+    def _run(self, started: threading.Event) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+
+        def die_with_parent() -> None:
+            libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "inlaid.cli", "serve", "--config", str(self.workdir / "server.toml")],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )  # fmt: skip
+            started.set()
+            self.process.wait()
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        with Client(self.address, timeout_s=5.0) as client:
+            while True:
+                if not self.alive:
+                    raise RuntimeError(f"the replica's Inlaid server exited:\n{self.logs()[-3000:]}")
+                try:
+                    client.wait_ready(timeout_s=min(2.0, max(0.1, deadline - time.monotonic())))
+                    return
+                except TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"the replica's Inlaid server was not ready in {timeout_s:.0f} s:\n"
+                                           f"{self.logs()[-3000:]}") from None
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM: the server finishes in-flight requests, then exits."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class LoadedTask:
+    """A task's adapter registered on this replica's server, as Ray's multiplexer holds it.
+    Ray calls `__del__` (in a worker thread) when it evicts the task: unregister it then."""
+
+    def __init__(self, name: str, unload: Callable[[str], Awaitable[None]], loop: asyncio.AbstractEventLoop) -> None:
+        self.name = name
+        self._unload = unload
+        self._loop = loop
+        self._released = False
+
+    def __del__(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        if not self._loop.is_running():
+            return  # the replica is shutting down, and its server with it
+        future = asyncio.run_coroutine_threadsafe(self._unload(self.name), self._loop)
+        with contextlib.suppress(RuntimeError):
+            if asyncio.get_running_loop() is self._loop:
+                return  # collected on the loop itself: the unload runs after this returns
+        with contextlib.suppress(Exception):
+            future.result(timeout=_UNLOAD_TIMEOUT_S)
+
+
+class ReplicaBase:
+    """One Inlaid server on this node. The deployment class adds the multiplexed loader."""
+
+    def __init__(self, server: dict[str, dict[str, Any]], catalog: dict[str, str], start_timeout_s: float) -> None:
+        self.catalog = dict(catalog)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.server = _ChildServer(server, start_timeout_s)
+        self._client: AsyncClient | None = None
+        self.loaded: list[str] = []  # tasks Ray holds on this replica, oldest load first
+
+    def _sdk(self) -> AsyncClient:
+        if self._client is None:  # created on the replica's event loop, where every call runs
+            self._client = AsyncClient(self.server.address, timeout_s=600.0, admin_token=self.server.admin_token,
+                                       client_name="inlaid-ray-replica")
+        return self._client
+
+    async def load_task(self, task: str) -> LoadedTask:  # replaced by the multiplexed loader
+        raise NotImplementedError
+
+    async def _load(self, task: str) -> LoadedTask:
+        if task not in self.catalog:
+            raise UnknownTaskError(f"[unknown_task] unknown task {task!r}; known: {sorted(self.catalog)}")
+        for _ in range(_TASK_BUSY_RETRIES):
+            try:
+                await self._sdk().add_task(task, self.catalog[task])
+                break
+            except TaskBusyError:  # evicted a moment ago and still finishing its requests
+                await asyncio.sleep(_TASK_BUSY_PAUSE_S)
+        else:
+            raise TaskBusyError(f"[task_busy] task {task!r} is still being unloaded on this replica; retry")
+        self.loaded.append(task)
+        return LoadedTask(task, self._unload, asyncio.get_running_loop())
+
+    async def _unload(self, task: str) -> None:
+        if task in self.loaded:
+            self.loaded.remove(task)
+        await self._sdk().remove_task(task)
+
+    async def _task(self) -> str | None:
+        task = serve.get_multiplexed_model_id() or None
+        if task is not None:
+            await self.load_task(task)
+        return task
+
+    async def generate(self, arguments: dict[str, Any]) -> ReplicaAnswer:
+        try:
+            done = await self._sdk().generate(task=await self._task(), **arguments)
+        except InlaidError as error:
+            return ReplicaAnswer(self.replica_id, error=_error_reply(error))
+        return ReplicaAnswer(self.replica_id, done=done)
+
+    async def stream(self, arguments: dict[str, Any]) -> AsyncIterator[Any]:
+        try:
+            stream = await self._sdk().stream(task=await self._task(), **arguments)
+            async with stream:
+                async for chunk in stream:
+                    yield chunk
+            yield ReplicaAnswer(self.replica_id, done=stream.result)
+        except InlaidError as error:
+            yield ReplicaAnswer(self.replica_id, error=_error_reply(error))
+
+    async def hello(self) -> HelloReply:
+        return await self._sdk().handshake()
+
+    async def health(self) -> HealthReply:
+        return await self._sdk().health(timeout_s=5.0)
+
+    async def describe(self) -> ReplicaInfo:
+        tasks = await self._sdk().list_tasks()
+        assert self.server.process is not None
+        return ReplicaInfo(replica=self.replica_id, pid=os.getpid(), server_pid=self.server.process.pid,
+                           loaded_tasks=list(self.loaded), server_tasks=sorted(t.name for t in tasks))
+
+    def check_health(self) -> None:
+        """Ray Serve calls this periodically; raising makes it replace the replica."""
+        if not self.server.alive:
+            raise RuntimeError(f"the replica's Inlaid server exited:\n{self.server.logs()[-2000:]}")
+
+    def __del__(self) -> None:
+        """Ray's graceful shutdown of the replica: stop the server, then close the SDK's
+        sockets (an open ZeroMQ socket would hold the process at exit until Ray kills it)."""
+        if hasattr(self, "server"):
+            self.server.stop()
+        zmq.asyncio.Context.instance().destroy(linger=0)
+
+
+def replica_class(max_tasks_per_replica: int) -> type[ReplicaBase]:
+    """The replica deployment's class: the per-replica task cap is fixed where the
+    multiplexed loader is declared."""
+
+    class InlaidReplica(ReplicaBase):
+        @serve.multiplexed(max_num_models_per_replica=max_tasks_per_replica)
+        async def load_task(self, task: str) -> LoadedTask:
+            return await self._load(task)
+
+    return InlaidReplica
+
+
+@serve.ingress()
+class InlaidIngress:
+    """The OpenAI-compatible front of `inlaid.http`, over replicas instead of one server."""
+
+    def __init__(self, replicas: Any, catalog: dict[str, str], http: dict[str, Any]) -> None:
+        self.http = HttpConfig(**http)
+        self.client = RayTaskClient(replicas, catalog, timeout_s=self.http.request_timeout_s)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return create_app("ray-serve", self.http, client=self.client, admin_client=self.client.admin_client)
+
+
+def build_app(config: RayDeploymentConfig) -> Any:
+    """The Serve application: the ingress bound to the replica deployment."""
+    replicas = serve.deployment(replica_class(config.max_tasks_per_replica)).options(
+        name="InlaidReplica", ray_actor_options=config.replica_actor_options(),
+        max_ongoing_requests=config.max_ongoing_requests, health_check_period_s=config.health_check_period_s,
+        **config.scaling_options(),
+    )  # fmt: skip
+    ingress = serve.deployment(InlaidIngress).options(
+        name="InlaidIngress", num_replicas=config.ingress_replicas,
+        ray_actor_options={"num_cpus": config.ingress_num_cpus},
+        max_ongoing_requests=config.max_ongoing_requests * max(1, config.max_replicas()),
+    )  # fmt: skip
+    return ingress.bind(replicas.bind(config.server, config.tasks, config.replica_start_timeout_s),
+                        config.tasks, config.http)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m inlaid.integrations.ray",
+                                     description="deploy Inlaid on a running Ray cluster (docs/scale-out.md)")
+    parser.add_argument("--config", required=True, help="server TOML with a [ray] section")
+    parser.add_argument("--address", default="auto", help="the Ray cluster (ray.init address)")
+    args = parser.parse_args(argv)
+    import ray
+
+    config = load_ray_config(args.config)
+    ray.init(address=args.address)
+    serve.start(http_options={"host": config.http_host, "port": config.http_port})
+    serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

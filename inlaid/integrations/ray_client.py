@@ -1,0 +1,164 @@
+"""The Ray ingress's client: the SDK calls the HTTP front makes, each sent to a replica chosen
+by Ray Serve's model multiplexing on the request's task.
+
+`RayTaskClient` has the methods of `AsyncClient` that `inlaid.http` uses, so the ingress
+serves the very same OpenAI front (`create_app(..., client=...)`). A replica answers with a
+`ReplicaAnswer` (its generate result or the server's typed error); Ray-level failures (a
+replica that died mid-request) become `ExecutorFailedError`, which the front answers 503.
+No torch here: the ingress replica stays small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from inlaid.client import ExecutorFailedError, InvalidRequestError, RequestTimeoutError, UnknownTaskError
+from inlaid.client.errors import error_from_reply
+from inlaid.protocol import ErrorReply, GenerateDone, HealthReply, HelloReply, TaskInfo, TextChunk
+
+
+@dataclass
+class ReplicaAnswer:
+    """A replica's answer to one generate (Ray pickles it; it never crosses Inlaid's wire)."""
+
+    replica: str  # Ray Serve's replica id
+    done: GenerateDone | None = None
+    error: ErrorReply | None = None
+
+    def result(self) -> GenerateDone:
+        if self.error is not None:
+            raise error_from_reply(self.error)
+        assert self.done is not None
+        return self.done
+
+
+@dataclass
+class ReplicaInfo:
+    """What a replica holds, for operators and tests."""
+
+    replica: str
+    pid: int
+    server_pid: int
+    loaded_tasks: list[str] = field(default_factory=list)  # Ray's multiplexed set, oldest load first
+    server_tasks: list[str] = field(default_factory=list)  # tasks its Inlaid server has registered
+
+
+def _ray_failure(error: Exception) -> ExecutorFailedError:
+    return ExecutorFailedError(f"[executor_failed] the replica serving this request failed ({type(error).__name__}); "
+                               "Ray Serve restarts it, retry this request")
+
+
+class RayTaskClient:
+    """Routes every generate to a replica holding its task (`multiplexed_model_id = task`)."""
+
+    def __init__(self, replicas: Any, catalog: Mapping[str, str], timeout_s: float = 600.0) -> None:
+        from ray.exceptions import RayError  # imported here: building the app needs no ray import
+
+        self._ray_error = RayError
+        self.replicas = replicas  # a DeploymentHandle of the replica deployment
+        self.catalog = dict(catalog)
+        self.timeout_s = timeout_s
+        self.server: HelloReply | None = None
+
+    def _handle(self, task: str | None, stream: bool = False) -> Any:
+        if task is not None and task not in self.catalog:
+            raise UnknownTaskError(f"[unknown_task] unknown task {task!r}; known: {sorted(self.catalog)}")
+        return self.replicas.options(multiplexed_model_id=task or "", stream=stream)
+
+    async def _call(self, response: Any, timeout_s: float | None) -> Any:
+        try:
+            return await asyncio.wait_for(response, timeout_s or self.timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise RequestTimeoutError("[timeout] no answer from the replica in time") from None
+        except self._ray_error as error:
+            raise _ray_failure(error) from error
+
+    async def handshake(self, timeout_s: float | None = None) -> HelloReply:
+        self.server = await self._call(self.replicas.hello.remote(), timeout_s)
+        return self.server
+
+    async def generate(self, prompt: str | None = None, *, task: str | None = None, timeout_s: float | None = None,
+                       **arguments: Any) -> GenerateDone:
+        response = self._handle(task).generate.remote({"prompt": prompt, **arguments})
+        answer: ReplicaAnswer = await self._call(response, timeout_s)
+        return answer.result()
+
+    async def stream(self, prompt: str | None = None, *, task: str | None = None, timeout_s: float | None = None,
+                     **arguments: Any) -> "RayTokenStream":
+        generator = self._handle(task, stream=True).stream.remote({"prompt": prompt, **arguments})
+        return RayTokenStream(generator, timeout_s or self.timeout_s, self._ray_error)
+
+    async def list_tasks(self, timeout_s: float | None = None) -> list[TaskInfo]:
+        """The deployment's catalog: every task any replica can load on demand."""
+        return [TaskInfo(name=name, adapter_dir=path, active_requests=0) for name, path in sorted(self.catalog.items())]
+
+    async def health(self, timeout_s: float | None = None) -> HealthReply:
+        return await self._call(self.replicas.health.remote(), timeout_s)
+
+    async def metrics(self, timeout_s: float | None = None) -> str:
+        return ""  # per-replica metrics stay with each replica (docs/scale-out.md)
+
+    async def add_task(self, name: str, adapter_dir: str, timeout_s: float | None = None) -> str:
+        raise InvalidRequestError("[invalid_request] a Ray deployment's tasks come from its catalog ([tasks] in its "
+                                  "config); a replica loads one when a request names it")
+
+    async def remove_task(self, name: str, timeout_s: float | None = None) -> str:
+        return await self.add_task(name, "", timeout_s)
+
+    def admin_client(self, token: str) -> "RayTaskClient":
+        return self
+
+    async def close(self) -> None:
+        pass
+
+    async def __aenter__(self) -> "RayTaskClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        pass
+
+
+class RayTokenStream:
+    """`async for chunk in stream` over a replica's streaming generate; `result` at the end.
+    Leaving early cancels the replica's generator, which cancels the request on its server."""
+
+    def __init__(self, generator: Any, timeout_s: float, ray_error: type[Exception]) -> None:
+        self._generator = generator
+        self._timeout_s = timeout_s
+        self._ray_error = ray_error
+        self.result: GenerateDone | None = None
+        self._done = False
+
+    async def __aiter__(self) -> AsyncIterator[TextChunk]:
+        try:
+            while not self._done:
+                try:
+                    item = await asyncio.wait_for(self._generator.__anext__(), self._timeout_s)
+                except StopAsyncIteration:
+                    raise ExecutorFailedError("[executor_failed] the replica ended the stream without a result")
+                except asyncio.TimeoutError:
+                    raise RequestTimeoutError("[timeout] no answer from the replica in time") from None
+                except self._ray_error as error:
+                    raise _ray_failure(error) from error
+                if isinstance(item, TextChunk):
+                    yield item
+                else:
+                    self._done = True
+                    self.result = item.result()
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self._done = True
+            self._generator.cancel()
+
+    async def __aenter__(self) -> "RayTokenStream":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -1,0 +1,136 @@
+"""The Ray deployment's configuration: a server TOML (docs/serving.md) plus a `[ray]` table.
+
+```toml
+[ray]
+num_replicas = 2              # or "auto" with a [ray.autoscaling] table
+max_tasks_per_replica = 4     # adapters a replica keeps loaded; past it Ray evicts the LRU one
+num_cpus = 1                  # Ray resources of each replica (num_gpus = 1: one GPU each)
+num_gpus = 0
+http_host = "127.0.0.1"       # Ray Serve's HTTP proxy
+http_port = 8000
+
+[ray.autoscaling]             # Ray Serve's autoscaling_config, passed through unchanged
+min_replicas = 1
+max_replicas = 4
+target_ongoing_requests = 16
+
+[model] / [executor] / [server]   # each replica's Inlaid server, as for `inlaid serve`
+[tasks]                           # the catalog: every replica loads these on demand
+[http]                            # the ingress front's request_timeout_s / max_body_bytes
+```
+
+Torch-free and ray-free: the file is checked before anything starts.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from inlaid.http.settings import HttpConfig, check_listen_address
+from inlaid.serve.config import ConfigError, config_from_dict
+
+
+@dataclass
+class RayDeploymentConfig:
+    server: dict[str, dict[str, Any]]  # the replicas' [model], [executor], [server] tables (paths resolved)
+    tasks: dict[str, str]  # task name -> adapter directory, the same path on every node
+    http: dict[str, Any] = field(default_factory=dict)  # HttpConfig fields for the ingress front
+    num_replicas: int | str = 2
+    autoscaling: dict[str, Any] | None = None
+    max_tasks_per_replica: int = 4
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    ingress_num_cpus: float = 0.1
+    ingress_replicas: int = 1
+    max_ongoing_requests: int = 64
+    health_check_period_s: float = 10.0
+    replica_start_timeout_s: float = 600.0
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    app_name: str = "inlaid"
+    route_prefix: str = "/"
+
+    def replica_actor_options(self) -> dict[str, Any]:
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+
+    def scaling_options(self) -> dict[str, Any]:
+        if self.autoscaling is not None:
+            return {"num_replicas": "auto", "autoscaling_config": dict(self.autoscaling)}
+        return {"num_replicas": self.num_replicas}
+
+    def max_replicas(self) -> int:
+        if self.autoscaling is not None:
+            return int(self.autoscaling.get("max_replicas", 1))
+        return int(self.num_replicas)
+
+
+_RAY_KEYS = {f.name for f in fields(RayDeploymentConfig)} - {"server", "tasks", "http"}
+
+
+def load_ray_config(path: str | Path) -> RayDeploymentConfig:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: invalid TOML: {error}") from error
+    return ray_config_from_dict(raw, base_dir=path.parent)
+
+
+def ray_config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> RayDeploymentConfig:
+    raw = dict(raw)
+    ray = dict(raw.pop("ray", {}))
+    http = dict(raw.pop("http", {}))
+    if "metrics" in raw:
+        raise ConfigError("[metrics] is per server; in a Ray deployment use Ray's metrics (docs/scale-out.md)")
+    unknown = set(ray) - _RAY_KEYS
+    if unknown:
+        raise ConfigError(f"[ray]: unknown keys {sorted(unknown)}; allowed: {sorted(_RAY_KEYS)}")
+    # The replicas' server config, checked as `inlaid serve` would; each replica sets its own
+    # address and admin token (it is its server's only admin).
+    server_table = {k: v for k, v in raw.get("server", {}).items()
+                    if k not in ("address", "admin_token", "admin_token_env", "admin_token_file")}
+    checked = config_from_dict({**raw, "server": {**server_table, "address": "ipc:///tmp/inlaid-check.ipc"}},
+                               base_dir=base_dir)
+    missing = {name: p for name, p in checked.tasks.items() if not Path(p).is_dir()}
+    if missing:
+        raise ConfigError(f"[tasks]: adapter directories not found here: {missing} (every node needs the same paths)")
+    server = {"model": {"dir": checked.engine.model_dir}, "executor": dict(raw.get("executor", {})),
+              "server": server_table}
+    if checked.engine.quantized_dir:
+        server["model"]["quantized_dir"] = checked.engine.quantized_dir
+    autoscaling = ray.pop("autoscaling", None)
+    config = RayDeploymentConfig(server=server, tasks=checked.tasks, http=http, autoscaling=autoscaling, **ray)
+    _validate(config)
+    return config
+
+
+def _validate(config: RayDeploymentConfig) -> None:
+    try:
+        HttpConfig(**config.http).validate(allow_public_bind=True)  # the proxy binds, not the front
+    except TypeError as error:
+        raise ConfigError(f"[http]: {error}") from None
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if config.autoscaling is not None and not isinstance(config.autoscaling, dict):
+        raise ConfigError("[ray.autoscaling] must be a table")
+    if config.autoscaling is None and (isinstance(config.num_replicas, bool) or not isinstance(config.num_replicas, int)
+                                       or config.num_replicas < 1):
+        raise ConfigError(f"ray.num_replicas must be an integer >= 1 (or use [ray.autoscaling]), "
+                          f"got {config.num_replicas!r}")
+    if isinstance(config.max_tasks_per_replica, bool) or not isinstance(config.max_tasks_per_replica, int) \
+            or config.max_tasks_per_replica < 1:
+        raise ConfigError(f"ray.max_tasks_per_replica must be an integer >= 1, got {config.max_tasks_per_replica!r}")
+    for name in ("num_cpus", "num_gpus", "ingress_num_cpus"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"ray.{name} must be a number >= 0, got {value!r}")
+    try:
+        check_listen_address("ray.http", config.http_host, config.http_port,
+                             bool(config.server["server"].get("allow_public_bind", False)))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None

@@ -1,0 +1,138 @@
+"""Several executors under one coordinator. Torch-free.
+
+Each executor is a shard: its own engine (scheduler, KV-block and adapter-slot bookkeeping,
+the scheduling policy's queue), its own supervisor (process, restarts) and its own step
+loop. One engine per executor rather than one shared: the engine's bookkeeping *is* one
+device's state (block ids, slot ids, the running batch), so sharing it would mean
+device-indexing every block and slot; kept apart, each executor plans, preempts and
+recovers exactly as a single one does. The policy orders the work inside a shard; the
+placement rules (`placement.py`) decide which shard a request waits on, and move waiting
+work between shards (`rebalance`). Sequence ids are shared, so a request keeps its id
+when it moves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from inlaid.engine.engine import Engine
+from inlaid.engine.scheduler import SchedulingPolicy
+from inlaid.protocol import BatchPlan, ExecutorInfo
+from inlaid.serve.config import ServerConfig
+from inlaid.serve.placement import Demand, ExecutorLoad, Move, choose, rebalance
+from inlaid.serve.requests import ActiveRequest
+from inlaid.serve.step_loop import StepLoop
+from inlaid.serve.supervisor import ExecutorSupervisor
+
+
+@dataclass
+class ExecutorShard:
+    index: int
+    engine: Engine
+    supervisor: ExecutorSupervisor | None = None
+    step_loop: StepLoop | None = None
+    tasks_served: Counter[str] = field(default_factory=Counter)  # requests that ended here, by task label
+    moved_in: int = 0  # requests moved here from another executor
+    admissions: int = 0  # adapter rows admitted (a chunk from position 0)
+    affinity_hits: int = 0  # of those, with their adapter already in a slot
+
+    @property
+    def ready(self) -> bool:
+        return self.supervisor is not None and self.supervisor.ready.is_set()
+
+    def wake(self) -> None:
+        if self.step_loop is not None:
+            self.step_loop.work.set()
+
+    def count_admissions(self, plan: BatchPlan) -> None:
+        admitted = sum(1 for chunk in plan.chunks if chunk.start_pos == 0 and chunk.adapter_slot >= 0)
+        self.admissions += admitted
+        self.affinity_hits += max(0, admitted - len(plan.adapter_loads))
+
+    def info(self) -> ExecutorInfo:
+        scheduler = self.engine.scheduler
+        supervisor = self.supervisor
+        return ExecutorInfo(
+            index=self.index, ready=self.ready, pid=supervisor.pid if supervisor and self.ready else 0,
+            restarts=supervisor.restarts if supervisor else 0, device=self.engine.config.device,
+            requests_running=len(scheduler.running), requests_waiting=len(scheduler.waiting),
+            kv_blocks_free=scheduler.blocks.num_free_blocks, tasks_served=dict(self.tasks_served),
+            moved_in=self.moved_in, adapter_admissions=self.admissions, adapter_hits=self.affinity_hits,
+        )  # fmt: skip
+
+
+class ExecutorPool:
+    def __init__(self, config: ServerConfig, policy_factory: Callable[[], SchedulingPolicy | None]) -> None:
+        settings = config.executors
+        devices = settings.devices or [config.engine.device] * settings.count
+        seq_ids = itertools.count()  # shared: a moved request keeps its sequence id
+        self.shards = [
+            ExecutorShard(index, Engine(dataclasses.replace(config.engine, device=device), runner=None,
+                                        policy=policy_factory(), seq_ids=seq_ids))
+            for index, device in enumerate(devices)
+        ]  # fmt: skip
+        self.rule = settings.placement
+        self.overdue_s = settings.overdue_s
+
+    @property
+    def engines(self) -> list[Engine]:
+        return [shard.engine for shard in self.shards]
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    # ------------------------------------------------------------------ placement
+    def _blocks(self, engine: Engine, num_tokens: int) -> int:
+        return -(-(num_tokens + 1) // engine.scheduler.blocks.block_size)
+
+    def loads(self, requests: Mapping[str, ActiveRequest]) -> list[ExecutorLoad]:
+        """Every shard's load as placement sees it; `requests`: in-flight ones by engine id."""
+        now = time.monotonic()
+        engine_ids = {request.seq_id: engine_id for engine_id, request in requests.items()}
+        loads = []
+        for shard in self.shards:
+            scheduler = shard.engine.scheduler
+            adapters = scheduler.adapters
+            resident = {name for name in adapters.paths if adapters.slot_of(name) is not None}
+            waiting = [Demand(key=engine_ids[seq.seq_id], task=seq.adapter,
+                              blocks=self._blocks(shard.engine, len(seq.token_ids)),
+                              waited_s=now - requests[engine_ids[seq.seq_id]].received_at)
+                       for seq in scheduler.waiting if seq.seq_id in engine_ids]  # fmt: skip
+            loads.append(ExecutorLoad(
+                index=shard.index, ready=shard.ready, max_seqs=scheduler.limits.max_num_seqs,
+                free_blocks=scheduler.blocks.num_free_blocks, running=len(scheduler.running), waiting=waiting,
+                tasks=frozenset(resident | {s.adapter for s in scheduler.running if s.adapter is not None}),
+                free_slots=adapters.num_slots - len(resident),
+            ))  # fmt: skip
+        return loads
+
+    def choose(self, task: str | None, num_tokens: int, requests: Mapping[str, ActiveRequest]) -> ExecutorShard:
+        """The shard a new request of `num_tokens` prompt tokens waits on."""
+        if len(self.shards) == 1:
+            return self.shards[0]
+        demand = Demand(key=None, task=task, blocks=self._blocks(self.shards[0].engine, num_tokens))
+        return self.shards[choose(demand, self.loads(requests), self.rule)]
+
+    def rebalance(self, requests: Mapping[str, ActiveRequest]) -> list[Move]:
+        """Move waiting requests that cannot run where they wait (placement.rebalance); each
+        request's `executor` follows it. Returns the moves made."""
+        if len(self.shards) == 1:
+            return []
+        made = []
+        for move in rebalance(self.loads(requests), self.rule, self.overdue_s):
+            source, target = self.shards[move.source], self.shards[move.target]
+            handed = source.engine.take_waiting(str(move.key))
+            if handed is None:
+                continue
+            target.engine.put(handed)
+            request = requests[str(move.key)]
+            request.executor = target.index
+            target.moved_in += 1
+            made.append(move)
+            target.wake()
+        return made

@@ -1,0 +1,163 @@
+"""Ray Serve deployment (inlaid/integrations/ray.py) on a local Ray cluster: two replicas, each
+a real `inlaid serve`, behind the OpenAI ingress.
+
+Checked: answers through Ray's HTTP proxy (plain and streamed) equal the in-process engine's
+greedy answers with the same adapter; every request for a task lands on a replica holding
+it; each replica's adapter set follows an independent LRU model of the per-replica cap, on
+Ray's side and on the replica's Inlaid server alike; SIGKILL of a replica takes its server
+with it, Ray replaces the replica, and requests for its task succeed again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+
+# Ray 2.60 declares pydantic fields in a deprecated style; its warnings are not ours.
+pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+TASKS = ["sentiment", "qa", "trans-es", "math", "table-to-text"]  # five tasks, 2 x 2 adapter seats
+PROMPT = "Say something about the weather."
+CAP = 2
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir) -> dict[str | None, str]:
+    """Greedy answers of the in-process engine (before Ray starts: the cores are shared)."""
+    from inlaid.engine.config import EngineConfig
+    from inlaid.engine.engine import Engine
+    from inlaid.protocol import SamplingParams
+
+    engine = Engine.local(EngineConfig(model_dir=str(model_dir), threads=1, max_lora_rank=16))
+    for task in TASKS[:2]:
+        engine.register_adapter(task, str(ADAPTERS / task))
+    wanted = [None, TASKS[0], TASKS[1]]
+    outputs = engine.generate([PROMPT] * 3, SamplingParams(max_tokens=8, temperature=0.0), wanted)
+    return {task: out.text for task, out in zip(wanted, outputs)}
+
+
+@pytest.fixture(scope="module")
+def ray_app(model_dir, reference):  # type: ignore[no-untyped-def]
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+    from ray import serve
+
+    from inlaid.integrations.ray import build_app
+    from inlaid.integrations.ray_config import ray_config_from_dict
+    from inlaid.serve.launcher import free_tcp_port
+
+    port = free_tcp_port()
+    config = ray_config_from_dict({
+        "ray": {"num_replicas": 2, "max_tasks_per_replica": CAP, "num_cpus": 0.5, "ingress_num_cpus": 0.1,
+                "health_check_period_s": 1.0, "http_port": port, "replica_start_timeout_s": 120.0},
+        "model": {"dir": str(model_dir)},
+        "executor": {"threads": 1, "num_kv_blocks": 128, "max_num_seqs": 8, "max_lora_slots": CAP,
+                     "max_lora_rank": 16},
+        "server": {"log_level": "WARNING"},
+        "tasks": {task: str(ADAPTERS / task) for task in TASKS},
+    })  # fmt: skip
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(config), name=config.app_name, route_prefix="/")
+        yield f"http://127.0.0.1:{port}", serve.get_deployment_handle("InlaidReplica", app_name=config.app_name)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _generate(handle, task: str, max_tokens: int = 2):  # type: ignore[no-untyped-def]
+    return handle.options(multiplexed_model_id=task).generate.remote(
+        {"prompt": PROMPT, "max_tokens": max_tokens}).result(timeout_s=120)
+
+
+def _describe(handle, task: str):  # type: ignore[no-untyped-def]
+    return handle.options(multiplexed_model_id=task).describe.remote().result(timeout_s=60)
+
+
+def test_ray_serve_routes_by_task_evicts_lru_and_replaces_a_killed_replica(ray_app, reference) -> None:
+    import openai
+
+    url, handle = ray_app
+    api = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    # The OpenAI front through Ray's proxy: the same answers as the engine with that adapter.
+    models = {m.id for m in api.models.list().data}
+    assert set(TASKS) < models
+    for task in TASKS[:2]:
+        answer = api.completions.create(model=task, prompt=PROMPT, max_tokens=8, temperature=0)
+        assert answer.choices[0].text == reference[task]
+    streamed = api.completions.create(model=TASKS[1], prompt=PROMPT, max_tokens=8, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == reference[TASKS[1]]
+    with pytest.raises(openai.NotFoundError):
+        api.completions.create(model="no-such-task", prompt=PROMPT, max_tokens=2)
+
+    # Affinity and the per-replica LRU cap, against an independent model of each replica.
+    held: dict[str, OrderedDict[str, None]] = {}
+    for task in TASKS[:2]:
+        info = _describe(handle, task)
+        held[info.replica] = OrderedDict.fromkeys(info.loaded_tasks)
+    evictions = 0
+    for task in ["sentiment", "qa", "trans-es", "sentiment", "math", "qa", "table-to-text", "trans-es", "sentiment",
+                 "math", "sentiment"]:
+        holders = {r for r, tasks in held.items() if task in tasks}
+        answer = _generate(handle, task)
+        assert answer.error is None and answer.done.finish_reason in ("length", "stop")
+        if holders:
+            assert answer.replica in holders, (task, answer.replica, held)
+        model = held.setdefault(answer.replica, OrderedDict())
+        model[task] = None
+        model.move_to_end(task)
+        if len(model) > CAP:
+            model.popitem(last=False)
+            evictions += 1
+        info = _describe(handle, task)
+        assert info.replica == answer.replica
+        assert sorted(info.loaded_tasks) == sorted(model) == info.server_tasks, (task, info, held)
+    assert evictions >= 3
+
+    # SIGKILL one replica: its Inlaid server dies with it, Ray starts a new replica, and the
+    # task it held is served again.
+    victim = _describe(handle, "sentiment")
+    os.kill(victim.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            answer = _generate(handle, "sentiment")
+            if answer.error is None:
+                break
+        except Exception:  # the dead replica's in-flight call, until Ray routes around it
+            pass
+        assert time.monotonic() < deadline, "no answer for the killed replica's task"
+        time.sleep(0.5)
+    _wait_for_running_replicas(2, deadline)
+    replicas = {_describe(handle, task).replica for task in TASKS}
+    assert victim.replica not in replicas
+    assert not _process_alive(victim.server_pid)
+    answer = api.completions.create(model=TASKS[0], prompt=PROMPT, max_tokens=8, temperature=0)
+    assert answer.choices[0].text == reference[TASKS[0]]
+
+
+def _wait_for_running_replicas(count: int, deadline: float) -> None:
+    from ray import serve
+
+    while True:
+        status = serve.status().applications["inlaid"].deployments["InlaidReplica"]
+        if status.replica_states.get("RUNNING", 0) == count and sum(status.replica_states.values()) == count:
+            return
+        assert time.monotonic() < deadline, f"replicas: {status.replica_states}"
+        time.sleep(0.5)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return not any(line.startswith("State:") and "Z" in line for line in status)
+    except FileNotFoundError:
+        return False

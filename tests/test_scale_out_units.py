@@ -1,0 +1,113 @@
+"""Scale-out pieces without processes: the [executors] and [ray] config sections, moving a
+waiting request between engines, and the executor pool's loads and moves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from inlaid.protocol import SamplingParams
+from inlaid.serve.config import ConfigError, config_from_dict
+
+ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+
+
+def _config(model_dir, **executors):  # type: ignore[no-untyped-def]
+    return config_from_dict({"model": {"dir": str(model_dir)}, "executors": executors,
+                             "executor": {"max_num_seqs": 2, "num_kv_blocks": 32, "max_lora_slots": 1}})
+
+
+def test_executors_section_defaults_and_refusals(model_dir) -> None:
+    assert _config(model_dir).executors.count == 1
+    config = _config(model_dir, count=2, devices=["cuda:0", "cuda:1"], placement="spread", overdue_s=2.5)
+    assert (config.executors.count, config.executors.devices, config.executors.placement) == (2, ["cuda:0", "cuda:1"],
+                                                                                                "spread")
+    for bad, words in [({"count": 0}, "count"), ({"count": 2, "devices": ["cuda:0"]}, "one device string"),
+                       ({"placement": "random"}, "placement"), ({"overdue_s": 0}, "overdue_s"),
+                       ({"size": 2}, "unknown keys")]:
+        with pytest.raises(ConfigError, match=words):
+            _config(model_dir, **bad)
+    with pytest.raises(ConfigError, match="executor_address must be 'auto'"):
+        config_from_dict({"model": {"dir": str(model_dir)}, "executors": {"count": 2},
+                          "server": {"executor_address": "ipc:///tmp/x.ipc"}})
+
+
+def test_a_waiting_request_moves_between_engines_and_keeps_its_id(model_dir) -> None:
+    from inlaid.serve.executor_pool import ExecutorPool
+    from inlaid.serve.requests import ActiveRequest
+
+    from inlaid.scheduling.registry import make_policy
+
+    # VTC counts each task's unfinished requests: a moved request must leave one count for the other
+    pool = ExecutorPool(_config(model_dir, count=2), lambda: make_policy("vtc"))
+    first, second = pool.engines
+    for engine in pool.engines:
+        engine.register_adapter("qa", str(ADAPTERS / "qa"))
+    requests = {}
+    for i in range(3):  # two seats on executor 0: the third waits there
+        engine_id = f"r{i}"
+        first.add_request([1, 2, 3, 4 + i], sampling=SamplingParams(max_tokens=4), adapter="qa", request_id=engine_id)
+        requests[engine_id] = ActiveRequest(key=(b"c", engine_id), engine_id=engine_id,
+                                            seq_id=first.sequence(engine_id).seq_id, task="qa", stream=False,
+                                            num_prompt_tokens=4)
+    plan = first.begin_step()
+    assert plan is not None and len(plan.chunks) == 2  # r0, r1 run; r2 waits
+    assert first.take_waiting("r0") is None  # running: it stays with its KV blocks
+    # Executor 1 is not up: nothing moves yet; once it is, the stranded request moves.
+    assert pool.rebalance(requests) == []
+    pool.shards[0].supervisor = pool.shards[1].supervisor = _Ready()  # type: ignore[assignment]
+    moves = pool.rebalance(requests)
+    assert [(m.key, m.source, m.target) for m in moves] == [("r2", 0, 1)]
+    assert requests["r2"].executor == 1 and pool.shards[1].moved_in == 1
+    assert second.sequence("r2").seq_id == requests["r2"].seq_id == 2
+    assert [len(first.scheduler.waiting), len(second.scheduler.waiting)] == [0, 1]
+    assert [sum(e.scheduler.policy.service.unfinished.values()) for e in pool.engines] == [2, 1]
+    # a new request in engine 1 gets an id no engine used
+    second.add_request([5, 6], sampling=SamplingParams(max_tokens=1), request_id="r3")
+    assert second.sequence("r3").seq_id == 3
+    plan = second.begin_step()
+    assert plan is not None and sorted(c.seq_id for c in plan.chunks) == [2, 3] and plan.adapter_loads[0].name == "qa"
+
+
+class _Ready:
+    """A supervisor whose executor is up (the pool reads only `ready`)."""
+
+    class _Event:
+        def is_set(self) -> bool:
+            return True
+
+    ready = _Event()
+
+
+def test_ray_config_section_checks_before_anything_starts(model_dir, tmp_path) -> None:
+    from inlaid.integrations.ray_config import ray_config_from_dict
+
+    base = {"model": {"dir": str(model_dir)}, "tasks": {"qa": str(ADAPTERS / "qa")},
+            "server": {"admin_token_env": "UNSET_FOR_THE_REPLICAS"}}
+    config = ray_config_from_dict({**base, "ray": {"num_replicas": 3, "max_tasks_per_replica": 2, "num_gpus": 1}})
+    assert config.scaling_options() == {"num_replicas": 3}
+    assert config.replica_actor_options() == {"num_cpus": 1.0, "num_gpus": 1}
+    assert "admin_token_env" not in config.server["server"]  # each replica is its server's admin
+    scaled = ray_config_from_dict({**base, "ray": {"autoscaling": {"min_replicas": 1, "max_replicas": 4}}})
+    assert scaled.scaling_options() == {"num_replicas": "auto",
+                                        "autoscaling_config": {"min_replicas": 1, "max_replicas": 4}}
+    assert scaled.max_replicas() == 4
+    for bad, words in [({"ray": {"replicas": 2}}, "unknown keys"), ({"ray": {"num_replicas": 0}}, "num_replicas"),
+                       ({"ray": {"max_tasks_per_replica": 0}}, "max_tasks_per_replica"),
+                       ({"ray": {"num_gpus": -1}}, "num_gpus"), ({"metrics": {"port": 9000}}, "per server"),
+                       ({"tasks": {"qa": str(tmp_path / "missing")}}, "not found"),
+                       ({"ray": {"http_host": "0.0.0.0"}}, "not a loopback")]:
+        with pytest.raises(ConfigError, match=words):
+            ray_config_from_dict({**base, **bad})
+
+
+def test_each_executor_gets_its_own_policy_sharing_one_length_model(model_dir) -> None:
+    from inlaid.serve.cli import _policies
+    from inlaid.serve.executor_pool import ExecutorPool
+
+    config = config_from_dict({"model": {"dir": str(model_dir)}, "executors": {"count": 3},
+                               "server": {"policy": "inlaid"}})
+    policies = [engine.scheduler.policy for engine in ExecutorPool(config, _policies(config)).engines]
+    assert len({id(p) for p in policies}) == 3
+    assert len({id(p.length_model) for p in policies}) == 1
