@@ -230,7 +230,7 @@ def quantize_model(config: DriverConfig) -> QuantizationReport:
             layer_errors += meta.get("errors", [])
             task_weights.update(meta.get("task_weights", {}))
         else:
-            stats = _collect_layer_hessians(layer, streams, peft_model, layer_index)
+            stats = collect_layer_hessians(layer, streams, peft_model, layer_index)
             tensors, errors, weights = _quantize_layer(config, layer, prefix, stats, task_names)
             layer_errors += errors
             task_weights.update(weights)
@@ -266,7 +266,7 @@ def quantize_model(config: DriverConfig) -> QuantizationReport:
             spec=config.spec.to_dict(),
             base_model=str(Path(config.model_dir).resolve()),
             calibration={"max_samples": config.max_samples, "max_tokens": config.max_tokens,
-                         "mlgptq": asdict(config.mlgptq)},
+                         "max_batch_tokens": config.max_batch_tokens, "mlgptq": asdict(config.mlgptq)},
             layer_errors=layer_errors,
             task_weights=task_weights,
             hessian_state=HESSIAN_STATE_DIR if config.save_hessian_state and config.method.hessian_forward else "",
@@ -289,7 +289,7 @@ def _method_state(method: Method, stats: dict[tuple[str, str], dict[str, TaskHes
     return state
 
 
-def _collect_layer_hessians(layer, streams: list[Stream], peft_model, layer_index: int) -> dict[tuple[str, str], dict[str, TaskHessian]]:
+def collect_layer_hessians(layer, streams: list[Stream], peft_model, layer_index: int) -> dict[tuple[str, str], dict[str, TaskHessian]]:
     hooks = HessianHooks(layer)
     stats: dict[tuple[str, str], dict[str, TaskHessian]] = {}
     try:

@@ -19,6 +19,10 @@ max_pending_requests = 1024
 
 [tasks]
 sentiment = "/srv/inlaid/adapters/sentiment"
+
+[requantizer]             # dynamic task addition (docs/dynamic-tasks.md); needs server.state_dir
+threads = 1
+quality_tolerance = 1.0
 ```
 
 Relative paths are resolved against the file's directory.
@@ -51,6 +55,32 @@ class ServerLimits:
 
 
 @dataclass
+class RequantizerSettings:
+    """The background re-quantization of the base when a task is added (docs/dynamic-tasks.md)."""
+
+    enabled: bool = True
+    threads: int = 1  # torch/OpenMP threads: beside the executor on a small CPU, one
+    niceness: int = 19
+    idle_priority: bool = True  # Linux SCHED_IDLE: the CPU only when nothing else wants it
+    change_threshold: float = 0.0  # relative aggregate change at or below which a linear is kept
+    quality_tolerance: float = 1.0  # relative error an existing task may gain on a linear; < 0: no gate
+    max_samples: int = 0  # calibration samples of the new task; 0: the checkpoint's setting
+    pause_between_layers_s: float = 0.0  # spreads the work out further
+    max_attempts: int = 3  # requantizer deaths during one task before that task is marked failed
+    start_timeout_s: float = 120.0
+
+    def validate(self) -> None:
+        if self.threads < 1:
+            raise ConfigError("requantizer.threads must be >= 1")
+        if not 0 <= self.niceness <= 19:
+            raise ConfigError("requantizer.niceness must be in 0..19")
+        if self.change_threshold < 0 or self.pause_between_layers_s < 0 or self.max_samples < 0:
+            raise ConfigError("requantizer.change_threshold, max_samples and pause_between_layers_s must be >= 0")
+        if self.max_attempts < 1:
+            raise ConfigError("requantizer.max_attempts must be >= 1")
+
+
+@dataclass
 class ServerConfig:
     engine: EngineConfig
     address: str = "tcp://127.0.0.1:5555"
@@ -64,9 +94,14 @@ class ServerConfig:
     allow_public_bind: bool = False
     # "fifo", or "package.module:factory" returning a SchedulingPolicy (called with no arguments)
     policy: str = "fifo"
+    # Where added tasks, their adapters and the re-quantized layers persist; None: nowhere
+    # (added tasks are forgotten at exit and the base is never re-quantized).
+    state_dir: str | None = None
+    requantizer: RequantizerSettings = field(default_factory=RequantizerSettings)
 
     def validate(self) -> None:
         self.engine.validate()
+        self.requantizer.validate()
         for scheme in ("tcp://", "ipc://"):
             if self.address.startswith(scheme):
                 break
@@ -123,7 +158,9 @@ _SERVER_KEYS = _LIMIT_FIELDS | {
     "log_format",
     "allow_public_bind",
     "policy",
+    "state_dir",
 }
+_REQUANTIZER_FIELDS = {f.name: f for f in fields(RequantizerSettings)}
 
 
 def load_config(path: str | Path) -> ServerConfig:
@@ -139,14 +176,21 @@ def load_config(path: str | Path) -> ServerConfig:
 
 def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> ServerConfig:
     base_dir = base_dir or Path.cwd()
-    unknown_sections = set(raw) - {"model", "executor", "server", "tasks"}
+    unknown_sections = set(raw) - {"model", "executor", "server", "tasks", "requantizer"}
     if unknown_sections:
         raise ConfigError(f"unknown config sections: {sorted(unknown_sections)}")
     model = _section(raw, "model")
     executor = _section(raw, "executor")
     server = _section(raw, "server")
     tasks = _section(raw, "tasks")
+    requantizer = _section(raw, "requantizer")
     _reject_unknown("model", model, {"dir", "quantized_dir"})
+    _reject_unknown("requantizer", requantizer, set(_REQUANTIZER_FIELDS))
+    for key, value in requantizer.items():
+        kind = type(_REQUANTIZER_FIELDS[key].default)
+        accepted = (int, float) if kind is float else (kind,)
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, accepted):
+            raise ConfigError(f"requantizer.{key} must be a {kind.__name__}, got {value!r}")
     _reject_unknown("executor", executor, _ENGINE_FIELDS)
     _reject_unknown("server", server, _SERVER_KEYS)
 
@@ -182,6 +226,8 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Serve
         log_format=str(server.get("log_format", "json")),
         allow_public_bind=bool(server.get("allow_public_bind", False)),
         policy=str(server.get("policy", "fifo")),
+        state_dir=_path(server["state_dir"], base_dir, "server.state_dir") if "state_dir" in server else None,
+        requantizer=RequantizerSettings(**requantizer),
     )
     try:
         config.validate()

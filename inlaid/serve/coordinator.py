@@ -34,6 +34,7 @@ from inlaid.protocol import (
     PROTOCOL_VERSION,
     AddTask,
     AdminReply,
+    BatchPlan,
     Cancel,
     ErrorCode,
     ErrorReply,
@@ -47,9 +48,11 @@ from inlaid.protocol import (
     RemoveTask,
     TaskInfo,
     TaskList,
+    TaskStatus,
     TextChunk,
 )
 from inlaid.serve.config import ServerConfig
+from inlaid.serve.dynamic_tasks import DynamicTasks
 from inlaid.serve.frames import decode_client_frames
 from inlaid.serve.requests import ActiveRequest, RequestKey
 from inlaid.serve.stats import server_stats
@@ -83,6 +86,7 @@ class Coordinator:
         self._next_engine_id = 0
         self._encoder = msgspec.msgpack.Encoder()
         self._work = asyncio.Event()
+        self.dynamic = DynamicTasks(config, self.registry, wake=self._work.set)
         self._shutdown = asyncio.Event()
         self._accepting = True
         self._front: zmq.asyncio.Socket | None = None
@@ -110,10 +114,12 @@ class Coordinator:
             self.config.engine, backend, on_lost=self._on_executor_lost, on_fatal=self._on_fatal,
             start_timeout_s=self.limits.executor_start_timeout_s, step_timeout_s=self.limits.step_timeout_s,
             log_level=self.config.log_level, log_format=self.config.log_format,
+            on_swap_result=self.dynamic.on_swap_result,
         )  # fmt: skip
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_shutdown, signum)
         await self.supervisor.start()
+        await self.dynamic.start()
         log.info("coordinator listening", extra={"address": self.config.address, "pid": os.getpid(),
                                                  "tasks": sorted(self.registry.tasks)})
         front_task = loop.create_task(self._front_loop())
@@ -121,6 +127,7 @@ class Coordinator:
         await self._shutdown.wait()
         await self._drain()
         step_task.cancel()
+        await self.dynamic.stop()
         await self.supervisor.stop()
         front_task.cancel()
         await asyncio.gather(front_task, step_task, return_exceptions=True)
@@ -160,6 +167,7 @@ class Coordinator:
 
     # ================================================================== executor faults
     def _on_executor_lost(self, reason: str) -> None:
+        self.dynamic.on_executor_lost()
         self._fail_running(f"{reason}; the server restarts it, retry this request")
 
     def _fail_running(self, message: str, code: str = ErrorCode.EXECUTOR_FAILED) -> None:
@@ -183,7 +191,7 @@ class Coordinator:
         # stream text, plan), measured only across back-to-back steps.
         last_result_at: float | None = None
         while True:
-            if not self.engine.has_unfinished():
+            if not self.engine.has_unfinished() and not self.dynamic.has_swaps():
                 last_result_at = None
                 self._work.clear()
                 await self._work.wait()
@@ -193,6 +201,10 @@ class Coordinator:
                 await self.supervisor.ready.wait()
                 continue
             plan = self.engine.begin_step()
+            if plan is None and self.dynamic.has_swaps():
+                # No requests to run, but a re-quantized layer waits: a plan of swaps only.
+                await self._run_swaps()
+                continue
             if plan is None:
                 # Nothing admissible right now; wake on new work or retry shortly.
                 last_result_at = None
@@ -202,6 +214,8 @@ class Coordinator:
                 except asyncio.TimeoutError:
                     pass
                 continue
+            if self.dynamic.has_swaps():
+                plan = msgspec.structs.replace(plan, layer_swaps=self.dynamic.take_swaps())
             if last_result_at is not None:
                 self.step_gaps.append(time.perf_counter() - last_result_at)
             last_result_at = None
@@ -223,6 +237,14 @@ class Coordinator:
             except Exception:  # a bug here must cost the running requests, never the server
                 log.exception("internal error in the step loop", extra={"step_id": plan.step_id})
                 self._fail_running("internal server error while running this request", ErrorCode.INTERNAL)
+
+    async def _run_swaps(self) -> None:
+        assert self.supervisor is not None
+        plan = BatchPlan(step_id=self.dynamic.next_swap_step_id(), chunks=[], layer_swaps=self.dynamic.take_swaps())
+        try:
+            await self.supervisor.execute(plan)
+        except (ExecutorLostError, ExecutorStepError) as error:  # the swaps are re-sent; nothing else ran
+            log.warning("a plan of layer swaps did not complete", extra={"error": str(error)})
 
     def _deliver(self, outputs: list) -> None:  # list[RequestOutput]
         now = time.monotonic()
@@ -290,7 +312,7 @@ class Coordinator:
             self._send(identity, TaskList(request_id=message.request_id, tasks=[
                 TaskInfo(name=name, adapter_dir=path, active_requests=self.registry.active[name])
                 for name, path in sorted(self.registry.tasks.items())]))  # fmt: skip
-        elif isinstance(message, (AddTask, RemoveTask)):
+        elif isinstance(message, (AddTask, RemoveTask, TaskStatus)):
             self._on_admin(identity, message)
 
     # ------------------------------------------------------------------ generate / cancel
@@ -393,13 +415,15 @@ class Coordinator:
         self._send(identity, HealthReply(request_id=message.request_id, status=status, executor_ready=ready,
                                          uptime_seconds=time.monotonic() - self.started_at))
 
-    def _on_admin(self, identity: bytes, message: AddTask | RemoveTask) -> None:
+    def _on_admin(self, identity: bytes, message: AddTask | RemoveTask | TaskStatus) -> None:
         try:
             self.registry.check_token(message.token)
+            if isinstance(message, TaskStatus):
+                return self._send(identity, self.dynamic.status(message.request_id, message.name))
             if isinstance(message, AddTask):
-                text = self.registry.add(message.name, message.adapter_dir)
+                text = self.dynamic.add(message.name, message.adapter_dir, message.calibration_jsonl or None)
             else:
-                text = self.registry.remove(message.name)
+                text = self.dynamic.remove(message.name)
         except TaskError as error:
             log.warning("admin call refused", extra={"call": type(message).__name__, "code": error.code,
                                                      "client": identity.hex(), "reason": error.message})
