@@ -204,11 +204,12 @@ class DynamicTasks:
         if store is None:
             return text
         record = store.tasks.pop(name, None)
-        if name in self.queue:
-            self.queue.remove(name)
-        if record is not None and self.current == name:
-            self._later(self._send(CancelJob(job_id=job_id(record))))
-            self._finish_current()
+        if record is not None and record.phase in (QUEUED, REQUANTIZING):
+            if self.current == name:
+                self._later(self._send(CancelJob(job_id=job_id(record))))
+                self._finish_current()
+            else:
+                self.queue.remove(name)
             text += "; its re-quantization is cancelled (layers already swapped in stay: each is a valid quantization)"
         if name not in store.dropped:
             store.dropped.append(name)

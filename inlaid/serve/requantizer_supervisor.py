@@ -97,7 +97,9 @@ class RequantizerSupervisor:
             self._spawn_task(self._receive_loop())
         await self._spawn()
 
-    async def stop(self, timeout_s: float = 10.0) -> None:
+    async def stop(self, timeout_s: float = 3.0) -> None:
+        """Ask it to exit, kill it after `timeout_s`: it may be mid-way through loading a model
+        or quantizing a layer, and every state it leaves is one a restart resumes from."""
         self._stopping = True
         process = self._process
         if process is not None and process.returncode is None:
