@@ -7,13 +7,16 @@ in-process engine and the multi-process server run exactly the same plans.
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 
 PROTOCOL_VERSION = 1
 
 
-class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
-    """How to pick tokens. temperature 0 means greedy."""
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How to pick tokens. temperature 0 means greedy; any other finite temperature > 0
+    is honoured exactly (the sampler scales in float64 relative to the row's maximum)."""
 
     max_tokens: int = 64
     temperature: float = 0.0
@@ -28,8 +31,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
         """Raise ValueError with a clear message for values no sampler can honour."""
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not (self.temperature >= 0.0) or self.temperature != self.temperature:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0.0 <= self.temperature < math.inf):  # also refuses NaN
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
@@ -108,11 +111,25 @@ class SampledToken(msgspec.Struct, frozen=True, kw_only=True):
     token_id: int
 
 
+class SequenceFailure(msgspec.Struct, frozen=True, kw_only=True):
+    """One sequence of a plan could not be computed; the rest of the step was.
+
+    `code` is the ErrorCode its request fails with (adapter_failed when its adapter could
+    not be loaded, executor_failed when its token could not be sampled)."""
+
+    seq_id: int
+    code: str
+    message: str
+
+
 class StepResult(msgspec.Struct, frozen=True, kw_only=True, tag="step_result"):
     step_id: int
     sampled: list[SampledToken]
     num_tokens: int  # tokens computed in the step (prefill + decode)
     compute_seconds: float
+    failed: list[SequenceFailure] = []  # sequences of the plan that got no token: their requests fail
+    # Adapters whose load this step failed: they hold no slot now (the next use loads again).
+    failed_adapters: list[str] = []
 
 
 # ---------------------------------------------------------------- executor lifecycle
@@ -254,22 +271,27 @@ RequantizerOutbound = RequantizerHello | LayerReady | JobFinished
 # Every request carries a client-chosen `request_id` (unique per client connection); every
 # reply names the request it answers. A generate is answered by zero or more TextChunks
 # (when `stream` is set) and exactly one GenerateDone or ErrorReply.
+#
+# Unknown fields: requests refuse them (`malformed`, naming the field), so a misspelt
+# option can never fall back to its default unnoticed; both sides check PROTOCOL_VERSION
+# in the hello, so a field is only ever added with a new version. Replies are read
+# leniently by the SDK: a server may add a reply field without breaking older clients.
 
 DEFAULT_MAX_FRAME_BYTES = 1 << 20
 
 
-class ChatMessage(msgspec.Struct, frozen=True):
+class ChatMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     role: str
     content: str
 
 
-class Hello(msgspec.Struct, frozen=True, kw_only=True, tag="hello"):
+class Hello(msgspec.Struct, frozen=True, kw_only=True, tag="hello", forbid_unknown_fields=True):
     request_id: str
     protocol_version: int
     client: str = ""
 
 
-class Generate(msgspec.Struct, frozen=True, kw_only=True, tag="generate"):
+class Generate(msgspec.Struct, frozen=True, kw_only=True, tag="generate", forbid_unknown_fields=True):
     """Exactly one of `prompt`, `messages` (chat, rendered with the model's template) or
     `prompt_token_ids`. `task` names a registered adapter; None runs the base model.
     `deadline_s` counts from the server's receipt; past it the request fails."""
@@ -284,25 +306,25 @@ class Generate(msgspec.Struct, frozen=True, kw_only=True, tag="generate"):
     deadline_s: float | None = None
 
 
-class Cancel(msgspec.Struct, frozen=True, kw_only=True, tag="cancel"):
+class Cancel(msgspec.Struct, frozen=True, kw_only=True, tag="cancel", forbid_unknown_fields=True):
     """Cancel this client's generate `request_id`; it ends with finish_reason 'cancelled'."""
 
     request_id: str
 
 
-class ListTasks(msgspec.Struct, frozen=True, kw_only=True, tag="list_tasks"):
+class ListTasks(msgspec.Struct, frozen=True, kw_only=True, tag="list_tasks", forbid_unknown_fields=True):
     request_id: str
 
 
-class Health(msgspec.Struct, frozen=True, kw_only=True, tag="health"):
+class Health(msgspec.Struct, frozen=True, kw_only=True, tag="health", forbid_unknown_fields=True):
     request_id: str
 
 
-class GetStats(msgspec.Struct, frozen=True, kw_only=True, tag="stats"):
+class GetStats(msgspec.Struct, frozen=True, kw_only=True, tag="stats", forbid_unknown_fields=True):
     request_id: str
 
 
-class AddTask(msgspec.Struct, frozen=True, kw_only=True, tag="add_task"):
+class AddTask(msgspec.Struct, frozen=True, kw_only=True, tag="add_task", forbid_unknown_fields=True):
     """Admin: register (or replace) task `name` served by the PEFT adapter in `adapter_dir`.
     With `calibration_jsonl` (samples of the task) on a quantized base, the base is then
     re-quantized for the task in the background (follow it with TaskStatus)."""
@@ -314,7 +336,7 @@ class AddTask(msgspec.Struct, frozen=True, kw_only=True, tag="add_task"):
     calibration_jsonl: str = ""
 
 
-class RemoveTask(msgspec.Struct, frozen=True, kw_only=True, tag="remove_task"):
+class RemoveTask(msgspec.Struct, frozen=True, kw_only=True, tag="remove_task", forbid_unknown_fields=True):
     """Admin: stop accepting requests for `name`; running ones finish first."""
 
     request_id: str
@@ -347,7 +369,8 @@ class ErrorCode:
     UNAUTHORIZED = "unauthorized"
     TASK_BUSY = "task_busy"
     DEADLINE_EXCEEDED = "deadline_exceeded"
-    EXECUTOR_FAILED = "executor_failed"
+    EXECUTOR_FAILED = "executor_failed"  # the executor died, hung, or could not compute this request
+    ADAPTER_FAILED = "adapter_failed"  # the task's adapter could not be loaded on the executor
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
 
@@ -420,6 +443,7 @@ class ServerStats(msgspec.Struct, frozen=True, kw_only=True, tag="stats_reply"):
     mean_step_seconds: float  # plan sent -> result received, over the last steps
     mean_compute_seconds: float  # the executor's own time for those steps
     mean_step_gap_seconds: float  # coordinator time between a result and the next plan
+    requests_abandoned: int = 0  # cancelled because their client disconnected
 
 
 class AdminReply(msgspec.Struct, frozen=True, kw_only=True, tag="admin_reply"):

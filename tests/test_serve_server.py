@@ -23,6 +23,7 @@ import pytest
 import zmq
 
 from inlaid.client import (
+    AdapterFailedError,
     AsyncClient,
     ContextLengthError,
     DeadlineExceededError,
@@ -292,8 +293,9 @@ def test_admin_calls_need_the_token(ready_server, reference, adapter_dirs, tmp_p
             admin.generate("hi", task="extra")
 
 
-def test_a_plan_that_fails_on_the_executor_fails_its_requests_only(ready_server, reference, adapter_dirs, tmp_path):
-    """An adapter that passes registration but cannot be loaded (weights file corrupted
+def test_an_adapter_that_breaks_after_it_was_added_fails_its_requests_only(ready_server, reference, adapter_dirs,
+                                                                          tmp_path):
+    """An adapter that passes AddTask but cannot be loaded later (weights file corrupted
     afterwards): its request gets a typed error, the executor stays, others are served."""
     fragile = tmp_path / "fragile"
     shutil.copytree(adapter_dirs["attn-r8"], fragile)
@@ -301,11 +303,11 @@ def test_a_plan_that_fails_on_the_executor_fails_its_requests_only(ready_server,
         before = admin.stats()
         admin.add_task("fragile", str(fragile))
         (fragile / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
-        with pytest.raises(ExecutorFailedError, match="failed this step"):
+        with pytest.raises(AdapterFailedError, match="'fragile' could not be loaded"):
             admin.generate(PROMPTS[0], task="fragile", max_tokens=4)
         admin.remove_task("fragile")
         _assert_matches(admin.generate(PROMPTS[2], task="attn-r8", max_tokens=MAX_TOKENS),
-                        reference[(PROMPTS[2], "attn-r8")], "after a failed plan")
+                        reference[(PROMPTS[2], "attn-r8")], "after a failed adapter load")
         after = admin.stats()
     assert after.executor_restarts == before.executor_restarts and after.executor_pid == before.executor_pid
     assert after.kv_blocks_free == after.kv_blocks_total

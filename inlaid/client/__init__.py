@@ -9,6 +9,7 @@
 
 from inlaid.client.async_client import AsyncClient, AsyncTokenStream
 from inlaid.client.errors import (
+    AdapterFailedError,
     ClientClosedError,
     ContextLengthError,
     DeadlineExceededError,
@@ -33,6 +34,7 @@ from inlaid.protocol import SamplingParams, TextChunk
 
 __all__ = [
     "DEFAULT_ADDRESS",
+    "AdapterFailedError",
     "AsyncClient",
     "AsyncTokenStream",
     "Client",

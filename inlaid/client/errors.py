@@ -68,6 +68,13 @@ class ExecutorFailedError(InlaidError):
     code = ErrorCode.EXECUTOR_FAILED
 
 
+class AdapterFailedError(InlaidError):
+    """The task's adapter could not be loaded on the executor (its files changed or broke
+    after it was added); other requests are unaffected. Ask the admin to re-add the task."""
+
+    code = ErrorCode.ADAPTER_FAILED
+
+
 class ShuttingDownError(InlaidError):
     code = ErrorCode.SHUTTING_DOWN
 
@@ -101,6 +108,7 @@ _BY_CODE: dict[str, type[InlaidError]] = {
         TaskBusyError,
         DeadlineExceededError,
         ExecutorFailedError,
+        AdapterFailedError,
         ShuttingDownError,
         ServerInternalError,
     )

@@ -12,6 +12,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -34,9 +35,23 @@ class AdapterSpec:
         return self.lora_alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
+# A PEFT adapter_config.json is a few hundred bytes; anything this large is not one.
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def read_adapter_spec(name: str, path: str | Path) -> AdapterSpec:
-    path = Path(path)
-    if not path.is_dir():
+    """The adapter's spec, or AdapterError (the only exception it raises) naming what is wrong.
+
+    Every field the engine uses is type-checked: PEFT writes `r` as an integer,
+    `target_modules` as a list of names, and so on; anything else is refused rather than
+    coerced.
+    """
+    try:
+        path = Path(path)
+        is_dir = path.is_dir()
+    except (TypeError, ValueError, OSError) as error:
+        raise AdapterError(f"adapter {name!r}: bad directory {path!r}: {error}") from None
+    if not is_dir:
         raise AdapterError(f"adapter {name!r}: directory not found: {path}")
     config_path = path / "adapter_config.json"
     if not config_path.is_file():
@@ -44,21 +59,39 @@ def read_adapter_spec(name: str, path: str | Path) -> AdapterSpec:
     if not (path / "adapter_model.safetensors").is_file():
         raise AdapterError(f"adapter {name!r}: {path} has no adapter_model.safetensors")
     try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise AdapterError(f"adapter {name!r}: adapter_config.json is not valid JSON: {error}") from error
+        with config_path.open("rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise AdapterError(f"adapter {name!r}: adapter_config.json is over {MAX_CONFIG_BYTES} bytes")
+        config = json.loads(raw.decode("utf-8"))
+    except OSError as error:
+        raise AdapterError(f"adapter {name!r}: cannot read adapter_config.json: {error}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise AdapterError(f"adapter {name!r}: adapter_config.json is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"adapter {name!r}: adapter_config.json must hold a JSON object, not {type(config).__name__}")
+    return _spec_from_config(name, str(path), config)
 
-    def reject(feature: str) -> None:
+
+def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSpec:
+    def reject(feature: str) -> NoReturn:
         raise AdapterError(f"adapter {name!r}: {feature} is not supported")
 
+    def bad(field: str, expected: str) -> NoReturn:
+        raise AdapterError(f"adapter {name!r}: adapter_config.json field {field!r} must be {expected}, "
+                           f"got {config[field]!r:.80}")
+
     if config.get("peft_type", "LORA") != "LORA":
-        reject(f"peft_type {config.get('peft_type')!r} (only LORA)")
+        reject(f"peft_type {config.get('peft_type')!r:.80} (only LORA)")
+    for flag in ("use_dora", "use_rslora"):
+        if config.get(flag) is not None and not isinstance(config[flag], bool):
+            bad(flag, "true or false")
     if config.get("use_dora"):
         reject("DoRA (use_dora=true)")
     if config.get("modules_to_save"):
-        reject(f"modules_to_save {config['modules_to_save']}")
+        reject(f"modules_to_save {config['modules_to_save']!r:.80}")
     if config.get("bias", "none") != "none":
-        reject(f"bias={config['bias']!r}")
+        reject(f"bias={config['bias']!r:.80}")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         reject("rank_pattern/alpha_pattern (per-module ranks)")
     if config.get("layers_to_transform") is not None:
@@ -66,19 +99,33 @@ def read_adapter_spec(name: str, path: str | Path) -> AdapterSpec:
     targets = config.get("target_modules")
     if targets == "all-linear":
         targets = list(PROJECTIONS)
-    if isinstance(targets, str) or not targets:
-        reject(f"target_modules={targets!r} (give a list of projection names)")
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        reject(f"target_modules={targets!r:.80} (give a list of projection names)")
     unknown = sorted(set(targets) - set(PROJECTIONS))
     if unknown:
         reject(f"LoRA on {unknown} (supported: {', '.join(PROJECTIONS)})")
-    rank = int(config.get("r", 8))
+    rank = config.get("r", 8)
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        bad("r", "an integer")
     if rank < 1:
         raise AdapterError(f"adapter {name!r}: rank must be >= 1, got {rank}")
+    alpha = config.get("lora_alpha", 8)
+    if not _is_finite_number(alpha):
+        bad("lora_alpha", "a finite number")
     return AdapterSpec(
         name=name,
-        path=str(path),
+        path=path,
         rank=rank,
-        lora_alpha=float(config.get("lora_alpha", 8)),
+        lora_alpha=float(alpha),  # type: ignore[arg-type]
         use_rslora=bool(config.get("use_rslora", False)),
         target_modules=tuple(p for p in PROJECTIONS if p in targets),
     )
+
+
+def _is_finite_number(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond float range
+        return False

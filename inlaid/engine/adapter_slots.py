@@ -29,15 +29,18 @@ class AdapterSlots:
         self._free_slots: list[int] = list(range(num_slots))
 
     def register(self, name: str, path: str) -> None:
-        if name in self.paths and name in self._slot_of and self.paths[name] != path:
-            # A new version of a resident adapter: drop the stale slot contents.
-            self._free_slots.append(self._slot_of.pop(name))
+        if self.paths.get(name, path) != path:
+            self.evict(name)  # a new version of a resident adapter: drop the stale slot contents
         self.paths[name] = path
 
     def unregister(self, name: str) -> None:
         if name not in self.paths:
             raise UnknownAdapterError(name)
         del self.paths[name]
+        self.evict(name)
+
+    def evict(self, name: str) -> None:
+        """Free `name`'s slot (its load failed, or it was replaced or removed); a later use loads it again."""
         if name in self._slot_of:
             self._free_slots.append(self._slot_of.pop(name))
 

@@ -19,7 +19,7 @@ from inlaid.engine.config import EngineConfig, ModelConfig
 from inlaid.engine.scheduler import Scheduler, SchedulerLimits, SchedulingPolicy
 from inlaid.engine.sequence import FinishReason, Sequence
 from inlaid.engine.tokenizer import StreamingDetokenizer, Tokenizer
-from inlaid.protocol import BatchPlan, SamplingParams, StepResult
+from inlaid.protocol import BatchPlan, SamplingParams, SequenceFailure, StepResult
 
 if TYPE_CHECKING:
     from inlaid.engine.runner import ModelRunner
@@ -42,6 +42,7 @@ class RequestOutput:
     text_delta: str
     finished: bool
     finish_reason: str | None = None
+    error: SequenceFailure | None = None  # set when finish_reason is "error": why the executor failed it
 
 
 @dataclass
@@ -188,9 +189,20 @@ class Engine:
         return self.scheduler.schedule()
 
     def finish_step(self, result: StepResult) -> list[RequestOutput]:
-        update = self.scheduler.process_result(result, self._by_seq_id)
+        for name in result.failed_adapters:
+            self.scheduler.adapters.evict(name)
         outputs: dict[int, RequestOutput] = {}
         request_of = {r.seq.seq_id: r for r in self._requests.values()}
+        for failure in result.failed:  # the executor could not compute these: they end here, alone
+            request = request_of.get(failure.seq_id)
+            if request is None or request.seq.is_finished:
+                continue  # cancelled while the step ran
+            self.scheduler.abort(request.seq, FinishReason.ERROR)
+            outputs[failure.seq_id] = RequestOutput(request_id=request.request_id, new_token_ids=[], text_delta="",
+                                                    finished=True, finish_reason=FinishReason.ERROR.value, error=failure)
+            del self._requests[request.request_id]
+            del self._by_seq_id[failure.seq_id]
+        update = self.scheduler.process_result(result, self._by_seq_id)
         for seq, token_id in update.new_tokens:
             request = request_of[seq.seq_id]
             delta = request.detokenizer.add(token_id)

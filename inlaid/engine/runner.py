@@ -18,10 +18,10 @@ from inlaid.engine.adapter_config import AdapterSpec, read_adapter_spec
 from inlaid.engine.config import EngineConfig, ModelConfig
 from inlaid.engine.lora import LoraBatch, LoraLinear, install_adapter, load_adapter_tensors
 from inlaid.engine.model import AttentionGroup, ForwardBatch, LlamaModel
-from inlaid.engine.sampler import sample_tokens
+from inlaid.engine.sampler import RowFailure, sample_tokens
 from inlaid.engine.weights import is_gptq_checkpoint, load_model, prepare_module, quantized_slices
 from inlaid.kernels.dispatch import lora_host_segments
-from inlaid.protocol import BatchPlan, ChunkPlan, SampledToken, StepResult
+from inlaid.protocol import AdapterLoad, BatchPlan, ChunkPlan, ErrorCode, SampledToken, SequenceFailure, StepResult
 
 _SLICE_OF = {
     "q_proj": ("self_attn.qkv_proj", 0),
@@ -150,31 +150,55 @@ class ModelRunner:
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
     def execute(self, plan: BatchPlan) -> StepResult:
+        """Run one plan. A sequence whose adapter cannot be loaded, or whose token cannot be
+        sampled, fails alone (`StepResult.failed`); the rest of the step is computed. Only
+        an exception in the shared forward pass fails the whole plan."""
         started = time.perf_counter()
-        if not plan.chunks:  # a plan that only carries layer swaps or adapter loads
-            for load in plan.adapter_loads:
-                self.load_adapter(load.slot, load.name, load.path)
-            return StepResult(step_id=plan.step_id, sampled=[], num_tokens=0,
-                              compute_seconds=time.perf_counter() - started)
-        sampled_ids, logits, chunks = self.forward_logits(plan)
-        params = [chunk.sampling for chunk in chunks]
-        tokens = sample_tokens(logits, params, [chunk.num_generated for chunk in chunks]) if chunks else []
+        load_errors = self._load_adapters_isolated(plan.adapter_loads)
+        failed = [SequenceFailure(seq_id=chunk.seq_id, code=ErrorCode.ADAPTER_FAILED, message=load_errors[chunk.adapter_slot][1])
+                  for chunk in plan.chunks if chunk.adapter_slot in load_errors]  # fmt: skip
+        runnable = [chunk for chunk in plan.chunks if chunk.adapter_slot not in load_errors]
+        sampled: list[SampledToken] = []
+        if runnable:
+            seq_ids, logits, chunks = self._forward_chunks(runnable)
+            outcomes = sample_tokens(logits, [c.sampling for c in chunks], [c.num_generated for c in chunks])
+            for seq_id, outcome in zip(seq_ids, outcomes):
+                if isinstance(outcome, RowFailure):
+                    failed.append(SequenceFailure(seq_id=seq_id, code=ErrorCode.EXECUTOR_FAILED, message=outcome.reason))
+                else:
+                    sampled.append(SampledToken(seq_id=seq_id, token_id=outcome))
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return StepResult(
             step_id=plan.step_id,
-            sampled=[SampledToken(seq_id=s, token_id=t) for s, t in zip(sampled_ids, tokens)],
-            num_tokens=sum(len(c.token_ids) for c in plan.chunks),
+            sampled=sampled,
+            num_tokens=sum(len(c.token_ids) for c in runnable),
             compute_seconds=time.perf_counter() - started,
+            failed=failed,
+            failed_adapters=[name for name, _ in load_errors.values()],
         )
+
+    def _load_adapters_isolated(self, loads: list[AdapterLoad]) -> dict[int, tuple[str, str]]:
+        """Load each adapter on its own; returns {slot: (adapter name, why it failed)}."""
+        errors: dict[int, tuple[str, str]] = {}
+        for load in loads:
+            try:
+                self.load_adapter(load.slot, load.name, load.path)
+            except Exception as error:  # noqa: BLE001 - any failure costs this adapter's sequences only
+                self.slot_contents.pop(load.slot, None)
+                errors[load.slot] = (load.name, f"adapter {load.name!r} could not be loaded: {error}")
+        return errors
 
     @torch.inference_mode()
     def forward_logits(self, plan: BatchPlan) -> tuple[list[int], torch.Tensor, list[ChunkPlan]]:
         """Run the plan's forward; return (seq ids, float32 logits [B, V], chunks) of sampled rows."""
         for load in plan.adapter_loads:
             self.load_adapter(load.slot, load.name, load.path)
+        return self._forward_chunks(plan.chunks)
+
+    def _forward_chunks(self, plan_chunks: list[ChunkPlan]) -> tuple[list[int], torch.Tensor, list[ChunkPlan]]:
         # Tokens of one adapter are made contiguous so that they form one LoRA segment.
-        chunks = sorted(plan.chunks, key=lambda chunk: chunk.adapter_slot)
+        chunks = sorted(plan_chunks, key=lambda chunk: chunk.adapter_slot)
         batch, last_token_rows = self._build_batch(chunks)
         hidden = self.model(batch, self.kv_caches)
         sampled = [(chunk, row) for chunk, row in zip(chunks, last_token_rows) if chunk.sample]

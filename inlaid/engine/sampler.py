@@ -1,6 +1,13 @@
-"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds."""
+"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds.
+
+Total over validated `SamplingParams`: every row gets a token, or a `RowFailure` saying
+why it cannot (its logits are NaN or +inf, which no parameter choice can repair). No
+row's failure touches another row.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -9,32 +16,63 @@ from inlaid.protocol import SamplingParams
 _SEED_STRIDE = 1_000_003  # mixes (seed, step) into one generator seed
 
 
-def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], num_generated: list[int]) -> list[int]:
-    """logits: float32 [B, V]. Returns one token id per row.
+@dataclass(frozen=True)
+class RowFailure:
+    """A row that got no token, and why."""
+
+    reason: str
+
+
+def sample_tokens(
+    logits: torch.Tensor, params: list[SamplingParams], num_generated: list[int]
+) -> list[int | RowFailure]:
+    """logits: float32 [B, V]. Returns one token id (or RowFailure) per row.
 
     A seeded request draws its k-th token from a generator seeded with (seed, k), so its
     output does not depend on which other requests share the batch, and a preempted
     request replays exactly.
     """
-    tokens = torch.argmax(logits, dim=-1).tolist()
-    for row, (param, generated) in enumerate(zip(params, num_generated)):
-        if param.temperature == 0.0:
+    if logits.shape[0] == 0:
+        return []
+    tokens: list[int | RowFailure] = list(torch.argmax(logits, dim=-1).tolist())
+    # A row is usable when its maximum is finite (amax propagates NaN); -inf elsewhere in
+    # the row is an impossible token, which sampling honours.
+    usable = torch.isfinite(torch.amax(logits, dim=-1))
+    for row, ok in enumerate(usable.tolist()):
+        if not ok:
+            tokens[row] = RowFailure("the model produced NaN or infinite logits for this sequence")
             continue
-        row_logits = logits[row] / param.temperature
-        if param.top_k > 0 and param.top_k < row_logits.shape[-1]:
-            kth = torch.topk(row_logits, param.top_k).values[-1]
-            row_logits = row_logits.masked_fill(row_logits < kth, float("-inf"))
-        if param.top_p < 1.0:
-            sorted_logits, order = torch.sort(row_logits, descending=True)
-            cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-            # Keep the smallest prefix whose mass reaches top_p (the first token always).
-            remove = cumulative - torch.softmax(sorted_logits, dim=-1) >= param.top_p
-            sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-            row_logits = torch.full_like(row_logits, float("-inf")).scatter(0, order, sorted_logits)
-        probs = torch.softmax(row_logits, dim=-1)
-        generator = None
-        if param.seed is not None:
-            generator = torch.Generator(device=logits.device)
-            generator.manual_seed((param.seed * _SEED_STRIDE + generated) % (2**63))
-        tokens[row] = int(torch.multinomial(probs, 1, generator=generator).item())
+        param = params[row]
+        if param.temperature != 0.0:
+            try:
+                tokens[row] = sample_row(logits[row], param, num_generated[row])
+            except (RuntimeError, ValueError, OverflowError) as error:  # values validation should have refused
+                tokens[row] = RowFailure(f"sampling failed: {error}")
     return tokens
+
+
+def sample_row(row_logits: torch.Tensor, param: SamplingParams, num_generated: int) -> int:
+    """One token from one row of finite-maximum logits, for any finite temperature > 0.
+
+    Scaling happens in float64 and relative to the row's maximum: (x - max) / T is 0 at
+    the maximum and <= 0 elsewhere, so even a subnormal T gives -inf (never NaN) for the
+    others and the draw degenerates to the argmax set, and a huge T gives a uniform draw.
+    """
+    logits = row_logits.to(torch.float64)
+    scaled = (logits - logits.max()) / param.temperature
+    if 0 < param.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, param.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if param.top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always).
+        remove = probs.cumsum(-1) - probs >= param.top_p
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        scaled = torch.full_like(scaled, float("-inf")).scatter(0, order, sorted_logits)
+    probs = torch.softmax(scaled, dim=-1)
+    generator = None
+    if param.seed is not None:
+        generator = torch.Generator(device=row_logits.device)
+        generator.manual_seed((param.seed * _SEED_STRIDE + num_generated) % (2**63))
+    return int(torch.multinomial(probs, 1, generator=generator).item())

@@ -5,8 +5,10 @@ is decoded, checked and answered or turned into an engine request), the step loo
 with `Engine.begin_step`, run on the executor, apply with `Engine.finish_step`, stream the
 text back) and the executor supervisor. Never imports torch.
 
-Every bad input is answered with a typed ErrorReply to its sender only; nothing a client
-sends can stop the loops.
+Every bad input is answered with a typed ErrorReply, carrying the request id it answers,
+to its sender only; nothing a client sends can stop the loops. A client that disconnects
+has its requests cancelled (`PeerWatch`). docs/serving.md, "Failure model", lists what
+each fault does to whom.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import signal
 import sys
 import tempfile
 import time
-from collections import deque
 
 import msgspec
 import zmq
@@ -33,7 +34,6 @@ from inlaid.engine.sequence import SequenceStatus
 from inlaid.protocol import (
     PROTOCOL_VERSION,
     AddTask,
-    AdminReply,
     BatchPlan,
     Cancel,
     ErrorCode,
@@ -44,19 +44,21 @@ from inlaid.protocol import (
     HealthReply,
     Hello,
     HelloReply,
+    ClientRequest,
     ListTasks,
     RemoveTask,
-    TaskInfo,
-    TaskList,
     TaskStatus,
     TextChunk,
 )
+from inlaid.serve.admin import TaskCalls
 from inlaid.serve.config import ServerConfig
 from inlaid.serve.dynamic_tasks import DynamicTasks
 from inlaid.serve.frames import decode_client_frames
+from inlaid.serve.peers import PeerWatch
 from inlaid.serve.requests import ActiveRequest, RequestKey
 from inlaid.serve.stats import server_stats
-from inlaid.serve.supervisor import ExecutorLostError, ExecutorStepError, ExecutorSupervisor
+from inlaid.serve.step_loop import StepLoop
+from inlaid.serve.supervisor import ExecutorSupervisor
 from inlaid.serve.task_registry import TaskError, TaskRegistry
 
 log = logging.getLogger("inlaid.coordinator")
@@ -67,6 +69,10 @@ SERVER_VERSION = "0.1.0"
 _HARD_FRAME_FACTOR = 16
 # After the grace period: the executor's stop timeout (10 s) plus closing the sockets.
 _SHUTDOWN_WATCHDOG_MARGIN_S = 20.0
+# ZMTP heartbeats: a client whose host vanished without closing its connection is dropped
+# after this long, which the PeerWatch sees as a disconnect (its requests are cancelled).
+_CLIENT_HEARTBEAT_IVL_MS = 10_000
+_CLIENT_HEARTBEAT_TIMEOUT_MS = 60_000
 
 
 class Coordinator:
@@ -77,6 +83,7 @@ class Coordinator:
         self.registry = TaskRegistry(self.engine, config.admin_token)
         for name, adapter_dir in config.tasks.items():
             try:
+                self.registry.check_adapter(name, adapter_dir)
                 self.registry.add(name, adapter_dir)
             except TaskError as error:
                 raise ValueError(f"task {name!r} in the config: {error.message}") from None
@@ -85,17 +92,19 @@ class Coordinator:
         self._by_seq_id: dict[int, ActiveRequest] = {}
         self._next_engine_id = 0
         self._encoder = msgspec.msgpack.Encoder()
-        self._work = asyncio.Event()
-        self.dynamic = DynamicTasks(config, self.registry, wake=self._work.set)
         self._shutdown = asyncio.Event()
         self._accepting = True
         self._front: zmq.asyncio.Socket | None = None
+        self._clients: PeerWatch | None = None
+        self.dynamic = DynamicTasks(config, self.registry, wake=self._wake)
+        self.task_calls = TaskCalls(self.registry, self._send, self.dynamic)
         self._tempdir: str | None = None
         self.supervisor: ExecutorSupervisor | None = None
+        self.steps: StepLoop | None = None
         self.started_at = time.monotonic()
         self.exit_code = 0
-        self.step_gaps: deque[float] = deque(maxlen=256)
-        self.counters = {"received": 0, "finished": 0, "failed": 0, "overloaded": 0, "steps": 0, "tokens": 0}
+        self.counters = {"received": 0, "finished": 0, "failed": 0, "overloaded": 0, "abandoned": 0, "steps": 0,
+                         "tokens": 0}
 
     # ================================================================== lifecycle
     async def run(self) -> int:
@@ -104,8 +113,11 @@ class Coordinator:
         front.setsockopt(zmq.LINGER, 2000)  # let the last replies out on shutdown
         front.setsockopt(zmq.SNDHWM, 100_000)  # ROUTER drops beyond it: keep streams whole
         front.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes * _HARD_FRAME_FACTOR)
+        front.setsockopt(zmq.HEARTBEAT_IVL, _CLIENT_HEARTBEAT_IVL_MS)
+        front.setsockopt(zmq.HEARTBEAT_TIMEOUT, _CLIENT_HEARTBEAT_TIMEOUT_MS)
         front.bind(self.config.address)
         self._front = front
+        self._clients = PeerWatch(front, self._on_client_gone)
         backend = self.config.executor_address
         if backend == "auto":
             self._tempdir = tempfile.mkdtemp(prefix="inlaid-")
@@ -116,6 +128,8 @@ class Coordinator:
             log_level=self.config.log_level, log_format=self.config.log_format,
             on_swap_result=self.dynamic.on_swap_result,
         )  # fmt: skip
+        self.steps = StepLoop(self.engine, self.supervisor, on_plan=self._on_plan, deliver=self._deliver,
+                              fail_running=self._fail_running, counters=self.counters, swaps=self.dynamic)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_shutdown, signum)
         await self.supervisor.start()
@@ -123,14 +137,19 @@ class Coordinator:
         log.info("coordinator listening", extra={"address": self.config.address, "pid": os.getpid(),
                                                  "tasks": sorted(self.registry.tasks)})
         front_task = loop.create_task(self._front_loop())
-        step_task = loop.create_task(self._step_loop())
+        clients_task = loop.create_task(self._clients.run())
+        step_task = loop.create_task(self.steps.run())
         await self._shutdown.wait()
         await self._drain()
-        step_task.cancel()
         await self.dynamic.stop()
+        # Stop the executor before the step loop: a step still running now is past the grace
+        # period and gets killed rather than waited for.
         await self.supervisor.stop()
-        front_task.cancel()
-        await asyncio.gather(front_task, step_task, return_exceptions=True)
+        tasks = (step_task, front_task, clients_task, *self.task_calls.pending)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._clients.close()
         front.close()
         if self._tempdir:
             shutil.rmtree(self._tempdir, ignore_errors=True)
@@ -182,69 +201,15 @@ class Coordinator:
         # The executor's adapter slots are gone (or suspect): start the slot map afresh so
         # the next plans load every adapter again.
         self.engine.scheduler.adapters.forget_slots()
-        self._work.set()
+        self._wake()
 
-    # ================================================================== step loop
-    async def _step_loop(self) -> None:
-        assert self.supervisor is not None
-        # The coordinator's own time between a result and the next plan (apply the result,
-        # stream text, plan), measured only across back-to-back steps.
-        last_result_at: float | None = None
-        while True:
-            if not self.engine.has_unfinished() and not self.dynamic.has_swaps():
-                last_result_at = None
-                self._work.clear()
-                await self._work.wait()
-                continue
-            if not self.supervisor.ready.is_set():
-                last_result_at = None
-                await self.supervisor.ready.wait()
-                continue
-            plan = self.engine.begin_step()
-            if plan is None and self.dynamic.has_swaps():
-                # No requests to run, but a re-quantized layer waits: a plan of swaps only.
-                await self._run_swaps()
-                continue
-            if plan is None:
-                # Nothing admissible right now; wake on new work or retry shortly.
-                last_result_at = None
-                self._work.clear()
-                try:
-                    await asyncio.wait_for(self._work.wait(), 0.05)
-                except asyncio.TimeoutError:
-                    pass
-                continue
-            if self.dynamic.has_swaps():
-                plan = msgspec.structs.replace(plan, layer_swaps=self.dynamic.take_swaps())
-            if last_result_at is not None:
-                self.step_gaps.append(time.perf_counter() - last_result_at)
-            last_result_at = None
-            now = time.monotonic()
-            for chunk in plan.chunks:
-                request = self._by_seq_id.get(chunk.seq_id)
-                if request is not None and request.scheduled_at is None:
-                    request.scheduled_at = now
-            try:
-                result = await self.supervisor.execute(plan)
-                last_result_at = time.perf_counter()
-                self.counters["steps"] += 1
-                self._deliver(self.engine.finish_step(result))
-            except ExecutorLostError:
-                continue  # the supervisor's watcher fails the running requests and restarts it
-            except ExecutorStepError as error:
-                log.error("executor failed a plan", extra={"step_id": plan.step_id, "error": str(error)})
-                self._fail_running(f"the executor failed this step: {error}")
-            except Exception:  # a bug here must cost the running requests, never the server
-                log.exception("internal error in the step loop", extra={"step_id": plan.step_id})
-                self._fail_running("internal server error while running this request", ErrorCode.INTERNAL)
-
-    async def _run_swaps(self) -> None:
-        assert self.supervisor is not None
-        plan = BatchPlan(step_id=self.dynamic.next_swap_step_id(), chunks=[], layer_swaps=self.dynamic.take_swaps())
-        try:
-            await self.supervisor.execute(plan)
-        except (ExecutorLostError, ExecutorStepError) as error:  # the swaps are re-sent; nothing else ran
-            log.warning("a plan of layer swaps did not complete", extra={"error": str(error)})
+    # ================================================================== step results
+    def _on_plan(self, plan: BatchPlan) -> None:
+        now = time.monotonic()
+        for chunk in plan.chunks:
+            request = self._by_seq_id.get(chunk.seq_id)
+            if request is not None and request.scheduled_at is None:
+                request.scheduled_at = now
 
     def _deliver(self, outputs: list) -> None:  # list[RequestOutput]
         now = time.monotonic()
@@ -261,7 +226,9 @@ class Coordinator:
             if request.stream and (output.text_delta or output.new_token_ids):
                 self._send(request.identity, TextChunk(request_id=request.request_id, text=output.text_delta,
                                                        token_ids=list(output.new_token_ids)))
-            if output.finished:
+            if output.error is not None:  # the executor could not compute this one request
+                self._fail(request, output.error.code, output.error.message)
+            elif output.finished:
                 self._send(request.identity, request.done_message(output.finish_reason or "stop"))
                 self.counters["finished"] += 1
                 self._forget(request)
@@ -272,18 +239,16 @@ class Coordinator:
     # ================================================================== front
     async def _front_loop(self) -> None:
         assert self._front is not None
+        assert self._clients is not None
         while True:
             try:
-                frames = await self._front.recv_multipart()
+                frames = await self._front.recv_multipart(copy=False)
             except zmq.ZMQError as error:
                 log.error("front socket receive failed", extra={"error": str(error)})
                 await asyncio.sleep(0.01)
                 continue
-            try:
-                self._handle(frames[0], frames[1:])
-            except Exception:  # a bug must cost one request, never the server
-                log.exception("internal error handling a client frame")
-                self._send(frames[0], ErrorReply(request_id="", code=ErrorCode.INTERNAL, message="internal server error"))
+            self._clients.saw(frames[0])
+            self._handle(frames[0].bytes, [frame.bytes for frame in frames[1:]])
 
     def _send(self, identity: bytes, message: msgspec.Struct) -> None:
         assert self._front is not None
@@ -297,6 +262,14 @@ class Coordinator:
         message = decode_client_frames(body, self.limits.max_frame_bytes)
         if isinstance(message, ErrorReply):
             return self._send(identity, message)
+        try:
+            self._dispatch(identity, message)
+        except Exception:  # a bug must cost this one message, never the server
+            log.exception("internal error handling a client message",
+                          extra={"request_id": message.request_id, "type": type(message).__name__})
+            self._error(identity, message.request_id, ErrorCode.INTERNAL, "internal server error")
+
+    def _dispatch(self, identity: bytes, message: ClientRequest) -> None:
         if isinstance(message, Generate):
             self._on_generate(identity, message)
         elif isinstance(message, Cancel):
@@ -306,14 +279,12 @@ class Coordinator:
         elif isinstance(message, Health):
             self._on_health(identity, message)
         elif isinstance(message, GetStats):
-            self._send(identity, server_stats(message.request_id, self.engine, self.supervisor, self.counters,
-                                              list(self.step_gaps)))
+            gaps = list(self.steps.step_gaps) if self.steps else []
+            self._send(identity, server_stats(message.request_id, self.engine, self.supervisor, self.counters, gaps))
         elif isinstance(message, ListTasks):
-            self._send(identity, TaskList(request_id=message.request_id, tasks=[
-                TaskInfo(name=name, adapter_dir=path, active_requests=self.registry.active[name])
-                for name, path in sorted(self.registry.tasks.items())]))  # fmt: skip
+            self.task_calls.list_tasks(identity, message)
         elif isinstance(message, (AddTask, RemoveTask, TaskStatus)):
-            self._on_admin(identity, message)
+            self.task_calls.admin(identity, message)
 
     # ------------------------------------------------------------------ generate / cancel
     def _on_generate(self, identity: bytes, message: Generate) -> None:
@@ -358,7 +329,7 @@ class Coordinator:
         self.registry.request_started(message.task)
         if message.deadline_s is not None:
             request.deadline = asyncio.get_running_loop().call_later(message.deadline_s, self._on_deadline, key)
-        self._work.set()
+        self._wake()
 
     def _prompt_tokens(self, message: Generate) -> list[int]:
         given = [x is not None for x in (message.prompt, message.messages, message.prompt_token_ids)]
@@ -377,6 +348,21 @@ class Coordinator:
         self._send(identity, request.done_message("cancelled"))
         self.counters["finished"] += 1
         self._forget(request)
+
+    def _wake(self) -> None:
+        if self.steps is not None:
+            self.steps.work.set()
+
+    def _on_client_gone(self, identity: bytes) -> None:
+        """The client's connection closed: nobody can read its answers; stop computing them."""
+        gone = [request for request in self.requests.values() if request.identity == identity]
+        for request in gone:
+            self.engine.abort(request.engine_id)
+            self.counters["abandoned"] += 1
+            self._forget(request)
+        if gone:
+            log.info("client disconnected; its requests are cancelled",
+                     extra={"client": identity.hex(), "requests": [r.request_id for r in gone]})
 
     def _on_deadline(self, key: RequestKey) -> None:
         request = self.requests.get(key)
@@ -414,22 +400,6 @@ class Coordinator:
         status = "shutting_down" if not self._accepting else ("ok" if ready else "starting")
         self._send(identity, HealthReply(request_id=message.request_id, status=status, executor_ready=ready,
                                          uptime_seconds=time.monotonic() - self.started_at))
-
-    def _on_admin(self, identity: bytes, message: AddTask | RemoveTask | TaskStatus) -> None:
-        try:
-            self.registry.check_token(message.token)
-            if isinstance(message, TaskStatus):
-                return self._send(identity, self.dynamic.status(message.request_id, message.name))
-            if isinstance(message, AddTask):
-                text = self.dynamic.add(message.name, message.adapter_dir, message.calibration_jsonl or None)
-            else:
-                text = self.dynamic.remove(message.name)
-        except TaskError as error:
-            log.warning("admin call refused", extra={"call": type(message).__name__, "code": error.code,
-                                                     "client": identity.hex(), "reason": error.message})
-            return self._error(identity, message.request_id, error.code, error.message)
-        log.info("admin call", extra={"call": type(message).__name__, "task": message.name, "result": text})
-        self._send(identity, AdminReply(request_id=message.request_id, message=text))
 
 
 def _consume_exception(future: asyncio.Future) -> None:

@@ -52,6 +52,16 @@ from inlaid.serve.task_store import (
 log = logging.getLogger("inlaid.dynamic_tasks")
 
 
+@dataclass(frozen=True)
+class TaskInputs:
+    """An added task's files, checked (and copied into the state directory when there is one)."""
+
+    name: str
+    adapter_dir: str
+    calibration: str | None
+    copied: bool
+
+
 @dataclass
 class _LiveSwap:
     swap: LayerSwap
@@ -116,6 +126,7 @@ class DynamicTasks:
                 store.dropped.remove(name)
         for name, record in sorted(store.tasks.items(), key=lambda item: item[1].added_at):
             try:
+                self.registry.check_adapter(name, record.adapter_dir)
                 self.registry.add(name, record.adapter_dir)
             except TaskError as error:
                 log.error("a stored task cannot be served", extra={"task": name, "reason": error.message})
@@ -154,25 +165,34 @@ class DynamicTasks:
         task.add_done_callback(self._background.discard)
 
     # ------------------------------------------------------------------ admin calls
-    def add(self, name: str, adapter_dir: str, calibration: str | None) -> str:
-        store = self.store
-        record = store.tasks.get(name) if store else None
-        if record is not None and record.phase in (QUEUED, REQUANTIZING):
-            raise TaskError(ErrorCode.TASK_BUSY, f"task {name!r} is being re-quantized for; remove it first or wait")
+    def prepare(self, name: str, adapter_dir: str, calibration: str | None) -> TaskInputs:
+        """Check the calibration file and copy the task's files into the state directory (a
+        fresh directory per addition). File work only: it runs in a worker thread."""
         if calibration:
             self._check_calibration(calibration)
-        if store is None:
-            text = self.registry.add(name, adapter_dir)
-            return text + ("" if not calibration else f"; not re-quantized: {self.blocker}")
-        adapter_copy, calibration_copy = store.copy_inputs(name, adapter_dir, calibration)
+        if self.store is None:
+            return TaskInputs(name, adapter_dir, calibration, copied=False)
+        adapter_copy, calibration_copy = self.store.copy_inputs(name, adapter_dir, calibration)
+        return TaskInputs(name, adapter_copy, calibration_copy, copied=True)
+
+    def add(self, inputs: TaskInputs) -> str:
+        """Serve the task at once; queue its re-quantization when it brought calibration samples."""
+        name, store = inputs.name, self.store
+        record = store.tasks.get(name) if store else None
         try:
-            text = self.registry.add(name, adapter_copy)
+            if record is not None and record.phase in (QUEUED, REQUANTIZING):
+                raise TaskError(ErrorCode.TASK_BUSY,
+                                f"task {name!r} is being re-quantized for; remove it first or wait")
+            text = self.registry.add(name, inputs.adapter_dir)
         except TaskError:
-            store.discard_copies(adapter_copy, calibration_copy)
+            if store is not None and inputs.copied:
+                store.discard_copies(inputs.adapter_dir, inputs.calibration)
             raise
-        record = TaskRecord(name=name, adapter_dir=adapter_copy, calibration=calibration_copy, phase=SERVING,
+        if store is None:
+            return text + (f"; not re-quantized: {self.blocker}" if inputs.calibration else "")
+        record = TaskRecord(name=name, adapter_dir=inputs.adapter_dir, calibration=inputs.calibration, phase=SERVING,
                             layers_total=self.num_layers)
-        if not calibration:
+        if not inputs.calibration:
             record.message = "added without calibration samples: served on the current base"
         elif self.blocker:
             record.message = f"not re-quantized: {self.blocker}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -45,6 +46,28 @@ log = logging.getLogger("inlaid.executor")
 _MAX_CONSECUTIVE_FAILURES = 3  # plans that raise in a row: the runner is likely broken; exit
 _STATS_INTERVAL_S = 1.0
 _PARENT_POLL_MS = 1000
+# Fault injection for the fault tests and the soak (never set in production): a JSON object
+# {"close_socket_at_plan": N, "exit_delay_s": D, "generations": [...]}. The executor of a
+# listed generation (any, when omitted) closes its socket instead of answering its N-th
+# plan and exits D seconds later: the way it leaves after too many failed plans, when the
+# interpreter's teardown keeps the process alive for a while after the socket is gone.
+FAULT_ENV = "INLAID_EXECUTOR_FAULT"
+
+
+@dataclasses.dataclass(frozen=True)
+class InjectedFault:
+    close_socket_at_plan: int
+    exit_delay_s: float = 1.0
+
+    @staticmethod
+    def from_env(generation: int) -> "InjectedFault | None":
+        text = os.environ.get(FAULT_ENV)
+        if not text:
+            return None
+        spec = json.loads(text)
+        if generation not in spec.get("generations", [generation]):
+            return None
+        return InjectedFault(int(spec["close_socket_at_plan"]), float(spec.get("exit_delay_s", 1.0)))
 
 
 def executor_identity(generation: int) -> bytes:
@@ -131,8 +154,10 @@ def serve(address: str, generation: int, config: EngineConfig, parent_pid: int) 
                                       "load_seconds": round(hello.load_seconds, 3)})
 
     steps = 0
+    plans = 0
     consecutive_failures = 0
     last_stats = time.monotonic()
+    fault = InjectedFault.from_env(generation)
     while True:
         if not sock.poll(_PARENT_POLL_MS, zmq.POLLIN):
             if os.getppid() != parent_pid:
@@ -150,6 +175,13 @@ def serve(address: str, generation: int, config: EngineConfig, parent_pid: int) 
             log.info("executor shutting down", extra={"steps": steps})
             return 0
         assert isinstance(message, BatchPlan)
+        plans += 1
+        if fault is not None and plans == fault.close_socket_at_plan:
+            log.warning("injected fault: closing the socket, exiting later", extra={"step_id": message.step_id,
+                                                                                   "exit_delay_s": fault.exit_delay_s})
+            sock.close(linger=0)
+            time.sleep(fault.exit_delay_s)
+            return 1
         for swap in message.layer_swaps:
             sock.send(encoder.encode(apply_swap(runner, swap)))
         try:

@@ -42,4 +42,5 @@ def server_stats(
         mean_step_seconds=_mean([t.round_trip_seconds for t in timings]),
         mean_compute_seconds=_mean([t.compute_seconds for t in timings]),
         mean_step_gap_seconds=_mean(step_gaps),
+        requests_abandoned=counters["abandoned"],
     )

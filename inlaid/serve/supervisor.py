@@ -2,6 +2,12 @@
 
 One executor at a time. Each incarnation has its own ZeroMQ identity (its generation), so
 a late message from a dead incarnation can never be taken for an answer of the new one.
+
+Losing the executor is detected three ways, and handled once per incarnation (`_lose`):
+its connection closes (socket monitor), its process exits (`_watch`), or a step runs past
+`step_timeout_s`. Losing it clears `ready` before anything else, fails the step in flight
+and kills the process if it still runs, so no caller can keep sending plans to a dead
+executor, and every restart goes through `_watch`.
 """
 
 from __future__ import annotations
@@ -34,11 +40,13 @@ from inlaid.protocol import (
     StepResult,
 )
 from inlaid.serve.executor import executor_identity
+from inlaid.serve.peers import PeerWatch
 
 log = logging.getLogger("inlaid.supervisor")
 
 _RESTART_BACKOFF_S = (0.2, 1.0, 2.0, 5.0, 10.0)
 MAX_START_FAILURES = 3  # executors dying before their hello, in a row: give up
+_EXIT_AFTER_DISCONNECT_S = 1.0
 
 
 class ExecutorLostError(RuntimeError):
@@ -92,6 +100,8 @@ class ExecutorSupervisor:
         self._tasks: set[asyncio.Task[None]] = set()
         self._start_failures = 0
         self._stopping = False
+        self._lost_generation = 0  # the last incarnation whose loss was handled
+        self._peers: PeerWatch | None = None
 
     @property
     def pid(self) -> int:
@@ -104,7 +114,9 @@ class ExecutorSupervisor:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a dead executor raises, not vanishes
         sock.bind(self.address)
         self._socket = sock
+        self._peers = PeerWatch(sock, self._on_peer_gone)
         self._spawn_task(self._receive_loop())
+        self._spawn_task(self._peers.run())
         await self._spawn()
 
     async def stop(self, timeout_s: float = 10.0) -> None:
@@ -113,10 +125,16 @@ class ExecutorSupervisor:
         self.ready.clear()
         process = self._process
         if process is not None and process.returncode is None:
-            try:
-                await self._send(ExecutorShutdown())
-            except (zmq.ZMQError, ExecutorLostError):
-                pass
+            if self._pending is not None:
+                # Still inside a step after the coordinator's grace period: every request has
+                # been answered, and a hung step would only make the shutdown wait.
+                log.warning("executor still busy with a step at shutdown; killing it", extra={"pid": process.pid})
+                process.kill()
+            else:
+                try:
+                    await self._send(ExecutorShutdown())
+                except (zmq.ZMQError, ExecutorLostError):
+                    pass
             try:
                 await asyncio.wait_for(process.wait(), timeout_s)
             except asyncio.TimeoutError:
@@ -125,15 +143,41 @@ class ExecutorSupervisor:
                 await process.wait()
         for task in list(self._tasks):
             task.cancel()
+        if self._peers is not None:
+            self._peers.close()
+            self._peers = None
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
 
-    def kill(self) -> None:
-        """SIGKILL the executor (a hung step); the watcher then restarts it."""
+    def _lose(self, generation: int, reason: str) -> None:
+        """Executor `generation` can serve no more: handled once, whichever way it was noticed."""
+        if self._stopping or generation != self.generation or generation == self._lost_generation:
+            return
+        self._lost_generation = generation
         self.ready.clear()
-        if self._process is not None and self._process.returncode is None:
-            self._process.send_signal(signal.SIGKILL)
+        log.error("executor lost", extra={"generation": generation, "reason": reason})
+        self._fail_pending(ExecutorLostError(reason))
+        self.on_lost(reason)
+        process = self._process
+        if process is not None and process.returncode is None:
+            process.kill()  # no connection, or hung: it can never answer; `_watch` restarts it
+
+    def _on_peer_gone(self, identity: bytes) -> None:
+        if identity == executor_identity(self.generation) and self._lost_generation != self.generation:
+            self.ready.clear()  # no plan goes to it from now on
+            self._spawn_task(self._lose_unless_exiting(self.generation))
+
+    async def _lose_unless_exiting(self, generation: int) -> None:
+        # A process on its way out closes its connection first: give it a moment, so that
+        # the loss is reported (by `_watch`) with its exit status when it has one.
+        process = self._process
+        if process is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(process.wait()), _EXIT_AFTER_DISCONNECT_S)
+        except asyncio.TimeoutError:
+            self._lose(generation, f"executor (pid {process.pid}) closed its connection")
 
     def _spawn_task(self, coroutine) -> None:  # type: ignore[no-untyped-def]
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -173,12 +217,10 @@ class ExecutorSupervisor:
         code = await process.wait()
         if self._stopping or generation != self.generation:
             return
-        self.ready.clear()
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         reason = f"executor (pid {process.pid}) died with {how}"
-        log.error("executor lost", extra={"pid": process.pid, "generation": generation, "returncode": code})
-        self._fail_pending(ExecutorLostError(reason))
-        self.on_lost(reason)
+        log.info("executor exited", extra={"pid": process.pid, "generation": generation, "returncode": code})
+        self._lose(generation, reason)
         if self.hello is None:
             self._start_failures += 1
             if self._start_failures >= MAX_START_FAILURES:
@@ -196,23 +238,29 @@ class ExecutorSupervisor:
     async def _send(self, message: msgspec.Struct) -> None:
         if self._socket is None:
             raise ExecutorLostError("the executor socket is closed")
+        generation = self.generation
         try:
-            await self._socket.send_multipart([executor_identity(self.generation), self._encoder.encode(message)])
+            await self._socket.send_multipart([executor_identity(generation), self._encoder.encode(message)])
         except zmq.ZMQError as error:
-            if error.errno == zmq.EHOSTUNREACH:
-                raise ExecutorLostError("the executor is not connected") from error
-            raise
+            if error.errno != zmq.EHOSTUNREACH:
+                raise
+            reason = f"executor (pid {self.pid}) is not connected"
+            self._lose(generation, reason)
+            raise ExecutorLostError(reason) from error
 
     async def _receive_loop(self) -> None:
         assert self._socket is not None
         while True:
             try:
-                identity, *frames = await self._socket.recv_multipart()
+                identity_frame, *data = await self._socket.recv_multipart(copy=False)
             except zmq.ZMQError as error:
                 log.error("executor socket receive failed", extra={"error": str(error)})
                 await asyncio.sleep(0.01)
                 continue
             received = time.perf_counter()
+            if self._peers is not None:
+                self._peers.saw(identity_frame)
+            identity, frames = identity_frame.bytes, [frame.bytes for frame in data]
             if identity != executor_identity(self.generation) or len(frames) != 1:
                 continue  # a previous incarnation's last words
             try:
@@ -234,6 +282,8 @@ class ExecutorSupervisor:
                 if self.on_swap_result is not None:
                     self.on_swap_result(message)
             elif isinstance(message, ExecutorHello):
+                if self._lost_generation == self.generation:
+                    continue  # said just before it was lost (killed, disconnected): never ready
                 if message.protocol_version != PROTOCOL_VERSION:
                     self.on_fatal(f"executor speaks protocol {message.protocol_version}, coordinator {PROTOCOL_VERSION}")
                     continue
@@ -247,12 +297,15 @@ class ExecutorSupervisor:
     def _fail_pending(self, error: Exception) -> None:
         if self._pending is not None and not self._pending[1].done():
             self._pending[1].set_exception(error)
+            self._pending[1].exception()  # retrieved here: after a step timeout nobody awaits it
         self._pending = None
 
     async def execute(self, plan: BatchPlan) -> StepResult:
-        """Run one plan on the executor. Raises ExecutorLostError / ExecutorStepError."""
+        """Run one plan on the executor. Raises ExecutorLostError (then `ready` is clear and
+        the running requests have been failed) or ExecutorStepError (the plan raised)."""
         if not self.ready.is_set():
             raise ExecutorLostError("no executor is ready")
+        generation = self.generation
         future: asyncio.Future[tuple[StepResult, float]] = asyncio.get_running_loop().create_future()
         self._pending = (plan.step_id, future)
         sent = time.perf_counter()
@@ -260,10 +313,11 @@ class ExecutorSupervisor:
             await self._send(plan)
             result, received = await asyncio.wait_for(asyncio.shield(future), self.step_timeout_s)
         except asyncio.TimeoutError:
+            reason = f"executor (pid {self.pid}) ran a step past the step timeout ({self.step_timeout_s:g} s)"
             log.error("step timed out; killing the executor", extra={"step_id": plan.step_id,
                                                                       "timeout_s": self.step_timeout_s})
-            self.kill()
-            raise ExecutorLostError(f"a step ran past the step timeout ({self.step_timeout_s:.0f} s)") from None
+            self._lose(generation, reason)
+            raise ExecutorLostError(reason) from None
         finally:
             if self._pending is not None and self._pending[1] is future:
                 self._pending = None

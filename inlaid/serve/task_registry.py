@@ -1,7 +1,9 @@
 """Which tasks the server accepts requests for, and their adapters. Torch-free.
 
-A removed task stops accepting at once but stays registered with the engine until its
-last running request finishes, so no slot is reloaded under a request that uses it.
+An adapter is checked in full (config and every weight, against the base model and the
+slot pool) before it is registered, so a task that is accepted can be served. A removed
+task stops accepting at once but stays registered with the engine until its last running
+request finishes, so no slot is reloaded under a request that uses it.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import hmac
 from collections import Counter
 
-from inlaid.engine.adapter_config import AdapterError
+from inlaid.engine.adapter_config import AdapterError, read_adapter_spec
+from inlaid.engine.adapter_weights import check_adapter_weights
 from inlaid.engine.engine import Engine, InvalidRequestError
 from inlaid.protocol import ErrorCode
 from inlaid.serve.config import ConfigError, check_task_name
@@ -36,11 +39,18 @@ class TaskRegistry:
         if not hmac.compare_digest(token.encode(), self._admin_token.encode()):
             raise TaskError(ErrorCode.UNAUTHORIZED, "admin call refused: missing or wrong token")
 
-    def add(self, name: str, adapter_dir: str) -> str:
+    def check_adapter(self, name: str, adapter_dir: str) -> None:
+        """Refuse (TaskError) a task name or adapter that could not be served. Reads files
+        and touches no registry state: safe to run in a worker thread."""
         try:
             check_task_name(name)
-        except ConfigError as error:
+            spec = read_adapter_spec(name, adapter_dir)
+            check_adapter_weights(spec, self.engine.model_config, self.engine.config.max_lora_rank)
+        except (ConfigError, AdapterError) as error:
             raise TaskError(ErrorCode.INVALID_REQUEST, str(error)) from None
+
+    def add(self, name: str, adapter_dir: str) -> str:
+        """Register (or replace) a task whose adapter `check_adapter` accepted."""
         if name in self.draining:
             raise TaskError(ErrorCode.TASK_BUSY, f"task {name!r} is being removed; retry when its requests finish")
         previous = self.tasks.get(name)

@@ -2,9 +2,9 @@
 Torch-free (the coordinator owns it).
 
     STATE_DIR/registry.json             tasks, their re-quantization progress, committed layers
-    STATE_DIR/adapters/<name>.<n>/      a copy of each added adapter (a fresh directory per
+    STATE_DIR/adapters/<name>.<id>/     a copy of each added adapter (a fresh directory per
                                         addition: the executor caches adapters by path)
-    STATE_DIR/calibration/<name>.<n>.jsonl
+    STATE_DIR/calibration/<name>.<id>.jsonl
     STATE_DIR/quant/layers/layer_007.v3.safetensors   re-quantized layers (written by the requantizer)
     STATE_DIR/quant/hessian_state/layer_007.safetensors  merged Hessian state (ditto)
 
@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -78,7 +79,6 @@ class TaskStore:
         self.layers: dict[int, CommittedLayer] = {}
         self.dropped: list[str] = []  # tasks whose stored Hessians no aggregate uses any more
         self.next_version = 1
-        self._copies = 0
         path = self.root / REGISTRY_FILE
         if path.is_file():
             self._load(path)
@@ -94,13 +94,12 @@ class TaskStore:
             self.layers = {int(layer): CommittedLayer(**entry) for layer, entry in raw["layers"].items()}
             self.dropped = list(raw["dropped"])
             self.next_version = int(raw["next_version"])
-            self._copies = int(raw["copies"])
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise StateDirError(f"{path} is unreadable: {error}") from error
 
     def save(self) -> None:
         raw = {
-            "format": FORMAT_VERSION, "base": self.base, "next_version": self.next_version, "copies": self._copies,
+            "format": FORMAT_VERSION, "base": self.base, "next_version": self.next_version,
             "tasks": {name: asdict(record) for name, record in self.tasks.items()},
             "layers": {str(layer): asdict(entry) for layer, entry in sorted(self.layers.items())},
             "dropped": self.dropped,
@@ -114,9 +113,10 @@ class TaskStore:
 
     # ------------------------------------------------------------------ copies
     def copy_inputs(self, name: str, adapter_dir: str, calibration: str | None) -> tuple[str, str | None]:
-        """Copy an adapter (and calibration file) into the state directory; returns the copies."""
-        self._copies += 1
-        target = self.root / "adapters" / f"{name}.{self._copies}"
+        """Copy an adapter (and calibration file) into the state directory; returns the copies.
+        Touches no registry state (safe in a worker thread): each copy gets a fresh name."""
+        suffix = uuid.uuid4().hex[:10]
+        target = self.root / "adapters" / f"{name}.{suffix}"
         target.mkdir(parents=True)
         for file_name in ADAPTER_FILES:
             source = Path(adapter_dir) / file_name
@@ -124,7 +124,7 @@ class TaskStore:
                 shutil.copyfile(source, target / file_name)
         copied_calibration = None
         if calibration:
-            copied = self.root / "calibration" / f"{name}.{self._copies}.jsonl"
+            copied = self.root / "calibration" / f"{name}.{suffix}.jsonl"
             shutil.copyfile(calibration, copied)
             copied_calibration = str(copied)
         return str(target), copied_calibration

@@ -1,0 +1,205 @@
+"""Full validation of a PEFT adapter's weight file against the base model. Torch-free.
+
+The coordinator runs this before it answers `AddTask` (and for every task in the config),
+so an adapter that could only fail later, on the executor and under live requests, is
+refused up front. It reads the safetensors container itself (an 8-byte header length, a
+JSON header, then the raw little-endian tensor bytes) and checks:
+
+* the container: the header is a JSON object within its bounds, every tensor's byte range
+  lies inside the data section, the ranges tile it exactly (no gap, no overlap, nothing
+  truncated or appended), no name appears twice;
+* the names: LoRA A/B of the seven projections only, layers the base has, both halves of
+  every (layer, projection), exactly the projections `target_modules` lists, in every layer;
+* the shapes: A is [r, in] and B is [out, r] with the base's in/out for that projection and
+  the config's r, and r fits the slot pool (`max_lora_rank`);
+* the values: a float dtype, every value finite and within +-65504 (float16's range: it
+  fits every pool dtype, and keeps the CPU's masked LoRA route, which multiplies every
+  token by every slot's A before masking, from turning another adapter's zeros into NaN).
+
+Files are read with plain reads (no mmap): a file truncated while it is checked gives an
+error, never a SIGBUS.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from inlaid.engine.adapter_config import PROJECTIONS, AdapterError, AdapterSpec
+from inlaid.engine.config import ModelConfig
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
+MAX_ABS_WEIGHT = 65504.0  # float16's largest finite value
+_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+_LORA_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
+_CHUNK_ELEMENTS = 1 << 22  # values are checked this many at a time (bounded memory)
+
+
+@dataclass(frozen=True)
+class _TensorEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # byte offsets inside the data section
+    end: int
+
+
+def projection_shapes(model: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each LoRA-able projection of the base."""
+    q_width = model.num_heads * model.head_dim
+    kv_width = model.num_kv_heads * model.head_dim
+    hidden, inner = model.hidden_size, model.intermediate_size
+    return {
+        "q_proj": (hidden, q_width),
+        "k_proj": (hidden, kv_width),
+        "v_proj": (hidden, kv_width),
+        "o_proj": (q_width, hidden),
+        "gate_proj": (hidden, inner),
+        "up_proj": (hidden, inner),
+        "down_proj": (inner, hidden),
+    }
+
+
+def check_adapter_weights(spec: AdapterSpec, model: ModelConfig, max_rank: int) -> None:
+    """Raise AdapterError naming the first problem; return when the weights are servable."""
+    where = f"adapter {spec.name!r}"
+    if spec.rank > max_rank:
+        raise AdapterError(f"{where} has rank {spec.rank}; this server's max_lora_rank is {max_rank}")
+    path = Path(spec.path) / WEIGHTS_FILE
+    try:
+        with path.open("rb") as file:
+            file_size = path.stat().st_size
+            entries, data_start = _read_header(file, file_size, where)
+            _check_layout(entries, file_size - data_start, where)
+            _check_names_and_shapes(entries, spec, model, where)
+            for entry in entries:
+                _check_values(file, data_start, entry, where)
+    except OSError as error:
+        raise AdapterError(f"{where}: cannot read {path}: {error}") from None
+
+
+def _read_header(file, file_size: int, where: str) -> tuple[list[_TensorEntry], int]:  # type: ignore[no-untyped-def]
+    prefix = file.read(8)
+    if len(prefix) < 8:
+        raise AdapterError(f"{where}: {WEIGHTS_FILE} is {file_size} bytes, too short for a safetensors header")
+    (header_size,) = struct.unpack("<Q", prefix)
+    if header_size > min(MAX_HEADER_BYTES, file_size - 8):
+        raise AdapterError(f"{where}: {WEIGHTS_FILE} declares a {header_size}-byte header in a {file_size}-byte file")
+    raw = file.read(header_size)
+    if len(raw) != header_size:
+        raise AdapterError(f"{where}: {WEIGHTS_FILE} was truncated while being read")
+
+    def no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        names = [name for name, _ in pairs]
+        if len(names) != len(set(names)):
+            raise AdapterError(f"{where}: {WEIGHTS_FILE} names a tensor twice")
+        return dict(pairs)
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise AdapterError(f"{where}: {WEIGHTS_FILE} has a corrupt header: {error}") from None
+    if not isinstance(header, dict):
+        raise AdapterError(f"{where}: {WEIGHTS_FILE}'s header is not a JSON object")
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        entries.append(_entry(name, info, where))
+    return entries, 8 + header_size
+
+
+def _entry(name: str, info: object, where: str) -> _TensorEntry:
+    def bad(what: str) -> AdapterError:
+        return AdapterError(f"{where}: tensor {name!r:.120} in {WEIGHTS_FILE}: {what}")
+
+    if not isinstance(info, dict):
+        raise bad("its header entry is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in _DTYPES:
+        raise bad(f"dtype {dtype!r:.40} (LoRA weights must be F32, F16, BF16 or F64)")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise bad(f"shape {shape!r:.80} is not a list of sizes")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):  # fmt: skip
+        raise bad(f"data_offsets {offsets!r:.80} are not [begin, end]")
+    count = 1
+    for size in shape:
+        count *= size
+    if offsets[1] - offsets[0] != count * _DTYPES[dtype].itemsize:
+        raise bad(f"holds {offsets[1] - offsets[0]} bytes; shape {shape} of {dtype} needs {count * _DTYPES[dtype].itemsize}")
+    return _TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _check_layout(entries: list[_TensorEntry], data_size: int, where: str) -> None:
+    position = 0
+    for entry in sorted(entries, key=lambda e: (e.begin, e.end)):
+        if entry.begin != position:
+            what = "overlaps the one before it" if entry.begin < position else "leaves a gap before it"
+            raise AdapterError(f"{where}: tensor {entry.name!r:.120} in {WEIGHTS_FILE} {what} (corrupt file)")
+        position = entry.end
+    if position != data_size:
+        how = "truncated" if position > data_size else "followed by stray bytes"
+        raise AdapterError(f"{where}: {WEIGHTS_FILE} is {how}: its tensors need {position} data bytes, "
+                           f"the file has {data_size}")
+
+
+def _check_names_and_shapes(entries: list[_TensorEntry], spec: AdapterSpec, model: ModelConfig, where: str) -> None:
+    shapes = projection_shapes(model)
+    seen: set[tuple[int, str, str]] = set()
+    for entry in entries:
+        match = _LORA_KEY.search(entry.name)
+        if match is None or match.group(2) not in PROJECTIONS:
+            raise AdapterError(f"{where}: unsupported tensor {entry.name!r:.120} (only LoRA A/B of projections)")
+        layer, projection, half = int(match.group(1)), match.group(2), match.group(3)
+        if layer >= model.num_layers:
+            raise AdapterError(f"{where}: tensor {entry.name!r:.120} names layer {layer}; the model has {model.num_layers}")
+        if projection not in spec.target_modules:
+            raise AdapterError(f"{where}: tensor {entry.name!r:.120} is for {projection}, which target_modules "
+                               f"({', '.join(spec.target_modules)}) does not list")
+        if (layer, projection, half) in seen:
+            raise AdapterError(f"{where}: layer {layer} {projection} has two lora_{half} tensors")
+        seen.add((layer, projection, half))
+        in_features, out_features = shapes[projection]
+        expected = (spec.rank, in_features) if half == "A" else (out_features, spec.rank)
+        if entry.shape != expected:
+            raise AdapterError(
+                f"{where}: layer {layer} {projection} lora_{half} has shape {list(entry.shape)}; this base model with "
+                f"r={spec.rank} needs {list(expected)} (rank mismatch, or trained for another base model)"
+            )
+    missing = [(layer, projection, half) for layer in range(model.num_layers) for projection in spec.target_modules
+               for half in "AB" if (layer, projection, half) not in seen]  # fmt: skip
+    if missing:
+        layer, projection, half = missing[0]
+        raise AdapterError(f"{where}: {len(missing)} LoRA tensors are missing, e.g. layer {layer} {projection} "
+                           f"lora_{half} (target_modules lists it)")
+
+
+def _check_values(file, data_start: int, entry: _TensorEntry, where: str) -> None:  # type: ignore[no-untyped-def]
+    dtype = _DTYPES[entry.dtype]
+    total = (entry.end - entry.begin) // dtype.itemsize
+    file.seek(data_start + entry.begin)
+    done = 0
+    while done < total:
+        count = min(_CHUNK_ELEMENTS, total - done)
+        raw = file.read(count * dtype.itemsize)
+        if len(raw) != count * dtype.itemsize:
+            raise AdapterError(f"{where}: {WEIGHTS_FILE} was truncated while being read")
+        values = np.frombuffer(raw, dtype=dtype)
+        if entry.dtype == "BF16":  # bfloat16 is the top half of a float32
+            values = (values.astype(np.uint32) << 16).view(np.float32)
+        finite = np.isfinite(values)
+        if not finite.all():
+            raise AdapterError(f"{where}: tensor {entry.name!r:.120} holds NaN or infinite values")
+        largest = float(np.abs(values).max()) if count else 0.0
+        if largest > MAX_ABS_WEIGHT:
+            raise AdapterError(f"{where}: tensor {entry.name!r:.120} holds a value of magnitude {largest:.3g}; "
+                               f"LoRA weights must lie within +-{MAX_ABS_WEIGHT:g}")
+        done += count

@@ -1,0 +1,367 @@
+"""Fault handling of the pieces, without a server: client frames, sampling, adapter files,
+per-sequence isolation in the runner and the engine, and disconnect detection.
+
+Property tests (Hypothesis, derandomized: the same examples every run) check totality:
+whatever a client or an admin can send, the answer is a result or a typed error, never
+another exception. The adapter checks are held against the executor's own torch loader.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import struct
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+import torch
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from inlaid.engine.adapter_config import AdapterError, read_adapter_spec
+from inlaid.engine.adapter_weights import check_adapter_weights
+from inlaid.engine.config import ModelConfig
+from inlaid.engine.lora import load_adapter_tensors
+from inlaid.engine.sampler import RowFailure, sample_tokens
+from inlaid.protocol import ClientRequest, ErrorCode, ErrorReply, SamplingParams
+from inlaid.serve.frames import decode_client_frames
+from inlaid.serve.peers import PeerWatch
+
+PROPERTY = settings(max_examples=150, deadline=None, database=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+MAX_FRAME = 1 << 16
+
+# ------------------------------------------------------------------ client frames
+msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=20,
+)
+FIELDS = ["type", "request_id", "prompt", "task", "sampling", "messages", "prompt_token_ids", "stream", "deadline_s",
+          "protocol_version", "name", "adapter_dir", "token", "temperature", "max_tokens"]
+TAGS = sorted(cls.__struct_config__.tag for cls in ClientRequest.__args__)  # type: ignore[attr-defined]
+
+
+@PROPERTY
+@given(st.binary(max_size=300))
+def test_any_bytes_give_a_message_or_a_typed_error(payload):
+    result = decode_client_frames([payload], MAX_FRAME)
+    assert isinstance(result, (ErrorReply, *ClientRequest.__args__))  # type: ignore[attr-defined]
+    if isinstance(result, ErrorReply):
+        assert result.code in (ErrorCode.MALFORMED, ErrorCode.UNKNOWN_MESSAGE)
+
+
+@PROPERTY
+@given(st.sampled_from(TAGS + ["no_such_type"]), st.text(max_size=16),
+       st.dictionaries(st.sampled_from(FIELDS), msgpack_values, max_size=6))
+def test_every_error_names_the_request_it_answers(tag, request_id, fields):
+    """Structured-invalid messages of every type: whatever else is wrong, a readable
+    request id comes back in the error, so the SDK can match it to its call."""
+    message = {**fields, "type": tag, "request_id": request_id}
+    result = decode_client_frames([msgspec.msgpack.encode(message)], MAX_FRAME)
+    if isinstance(result, ErrorReply):
+        assert result.request_id == request_id, result
+        expected = ErrorCode.UNKNOWN_MESSAGE if tag == "no_such_type" else ErrorCode.MALFORMED
+        assert result.code == expected
+    else:
+        assert result.request_id == request_id
+
+
+def test_unknown_fields_are_refused_by_name():
+    for message, field in [({"type": "generate", "request_id": "g", "prompt": "x", "temprature": 0.7}, "temprature"),
+                           ({"type": "generate", "request_id": "g", "prompt": "x", "sampling": {"top_pp": 0.5}},
+                            "top_pp"),
+                           ({"type": "health", "request_id": "h", "verbose": True}, "verbose"),
+                           ({"type": "add_task", "request_id": "a", "name": "t", "adapter_dir": "/d", "force": 1},
+                            "force")]:
+        reply = decode_client_frames([msgspec.msgpack.encode(message)], MAX_FRAME)
+        assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.MALFORMED, reply
+        assert reply.request_id == message["request_id"] and field in reply.message
+
+
+# ------------------------------------------------------------------ sampling
+finite_temperatures = st.one_of(st.just(0.0), st.just(5e-324), st.just(1e-300), st.just(1.7976931348623157e308),
+                                st.floats(min_value=0.0, max_value=1e308, allow_nan=False))
+sampling_params = st.builds(
+    SamplingParams,
+    temperature=finite_temperatures,
+    top_k=st.integers(0, 2**63 - 1),
+    top_p=st.one_of(st.just(1.0), st.just(5e-324), st.floats(min_value=5e-324, max_value=1.0)),
+    seed=st.none() | st.integers(-(2**63), 2**64 - 1),
+)
+
+
+@PROPERTY
+@given(st.lists(sampling_params, min_size=1, max_size=4), st.integers(0, 2**32 - 1), st.integers(0, 10**6))
+def test_sampling_is_total_over_what_validation_accepts(params, logits_seed, generated):
+    for param in params:
+        param.validate()  # everything generated here is accepted...
+    logits = torch.randn(len(params), 97, generator=torch.Generator().manual_seed(logits_seed)) * 10
+    tokens = sample_tokens(logits, params, [generated] * len(params))
+    for row, (token, param) in enumerate(zip(tokens, params)):  # ...and served
+        assert isinstance(token, int) and 0 <= token < 97, (param, token)
+        gap = float(logits[row].max() - logits[row].topk(2).values[1])
+        if param.temperature == 0.0 or param.top_k == 1 or gap / max(param.temperature, 1e-320) > 800:
+            # exp(-800) is 0 in float64: every other token has probability exactly 0.
+            assert token == int(logits[row].argmax()), (param, gap)
+
+
+def test_validation_refuses_what_no_sampler_can_honour():
+    for bad in (dict(temperature=math.inf), dict(temperature=math.nan), dict(temperature=-1e-300),
+                dict(top_p=math.nan), dict(top_p=0.0), dict(top_p=math.inf), dict(top_p=1.0000001),
+                dict(top_k=-1), dict(max_tokens=0), dict(stop=[""])):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad).validate()
+
+
+def test_a_row_with_broken_logits_fails_alone():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(3))
+    params = [SamplingParams(temperature=0.8, seed=i) for i in range(4)]
+    clean = sample_tokens(logits, params, [5] * 4)
+    for poison in (math.nan, math.inf):
+        broken = logits.clone()
+        broken[1, 7] = poison
+        tokens = sample_tokens(broken, params, [5] * 4)
+        assert isinstance(tokens[1], RowFailure) and "NaN or infinite" in tokens[1].reason
+        assert [tokens[i] for i in (0, 2, 3)] == [clean[i] for i in (0, 2, 3)]
+    greedy = logits.clone()
+    greedy[2] = -math.inf
+    tokens = sample_tokens(greedy, [SamplingParams()] * 4, [0] * 4)
+    assert isinstance(tokens[2], RowFailure) and tokens[0] == int(logits[0].argmax())
+
+
+# ------------------------------------------------------------------ adapter files
+@pytest.fixture(scope="module")
+def model_config(model_dir) -> ModelConfig:
+    return ModelConfig.from_dir(model_dir)
+
+
+def _copy(source: Path, root: Path, name: str) -> Path:
+    target = root / name
+    shutil.copytree(source, target)
+    return target
+
+
+def _rewrite(adapter: Path, change) -> None:  # type: ignore[no-untyped-def]
+    """Load the adapter's tensors, let `change` edit the dict, save them back."""
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+
+
+def _first(tensors: dict, half: str = "A") -> str:
+    return next(k for k in sorted(tensors) if f"lora_{half}" in k)
+
+
+def _raw_header(adapter: Path) -> tuple[dict, bytes]:
+    data = (adapter / "adapter_model.safetensors").read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + size]), data[8 + size :]
+
+
+def _write_raw(adapter: Path, header: dict | list | bytes, body: bytes) -> None:
+    encoded = header if isinstance(header, bytes) else json.dumps(header).encode()
+    (adapter / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(encoded)) + encoded + body)
+
+
+def _shift_first_offset(adapter: Path, delta: int) -> None:
+    header, body = _raw_header(adapter)
+    name = min((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    header[name]["data_offsets"][1] += delta
+    _write_raw(adapter, header, body)
+
+
+def _duplicate_name(adapter: Path) -> None:
+    header, body = _raw_header(adapter)
+    name = next(k for k in header if k != "__metadata__")
+    text = json.dumps(header)
+    entry = json.dumps({name: header[name]})[1:-1]
+    _write_raw(adapter, ("{" + entry + ", " + text[1:]).encode(), body)
+
+
+CORRUPTIONS = {
+    # container
+    "empty file": (lambda a: (a / "adapter_model.safetensors").write_bytes(b""), "too short"),
+    "truncated": (lambda a: (a / "adapter_model.safetensors").write_bytes(
+        (a / "adapter_model.safetensors").read_bytes()[:-1000]), "truncated"),
+    "stray bytes appended": (lambda a: (a / "adapter_model.safetensors").write_bytes(
+        (a / "adapter_model.safetensors").read_bytes() + b"\0" * 8), "stray bytes"),
+    "header length beyond the file": (lambda a: (a / "adapter_model.safetensors").write_bytes(
+        struct.pack("<Q", 1 << 40) + b"{}"), "header"),
+    "header is not JSON": (lambda a: _write_raw(a, b"\xff\xfe not json", b""), "corrupt header"),
+    "header is a list": (lambda a: _write_raw(a, [1, 2], b""), "not a JSON object"),
+    "duplicate tensor name": (_duplicate_name, "twice"),
+    "overlapping tensors": (lambda a: _shift_first_offset(a, 4), "bytes"),
+    "zeros instead of data": (lambda a: (a / "adapter_model.safetensors").write_bytes(b"\0" * 64), "header"),
+    # values
+    "NaN weights": (lambda a: _rewrite(a, lambda t: t[_first(t)].view(-1).__setitem__(3, math.nan)), "NaN"),
+    "infinite weights": (lambda a: _rewrite(a, lambda t: t[_first(t, "B")].view(-1).__setitem__(0, -math.inf)),
+                         "NaN or infinite"),
+    "weights beyond float16's range": (lambda a: _rewrite(a, lambda t: t[_first(t)].view(-1).__setitem__(0, 1e6)),
+                                       "magnitude"),
+    "integer weights": (lambda a: _rewrite(a, lambda t: t.__setitem__(_first(t), t[_first(t)].to(torch.int32))),
+                        "dtype"),
+    # names and shapes
+    "wrongly shaped (another base model)": (lambda a: _rewrite(a, lambda t: t.__setitem__(
+        _first(t), torch.zeros(t[_first(t)].shape[0], 64))), "shape"),
+    "rank differs from the config": (lambda a: _rewrite(a, lambda t: t.update(
+        {k: (v[:4] if "lora_A" in k else v[:, :4]).contiguous() for k, v in t.items()})), "rank mismatch"),
+    "a tensor missing": (lambda a: _rewrite(a, lambda t: t.pop(_first(t, "B"))), "missing"),
+    "a projection the config does not list": (lambda a: _rewrite(a, lambda t: t.update(
+        {"base_model.model.model.layers.0.mlp.down_proj.lora_A.weight": torch.zeros(8, 1536),
+         "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight": torch.zeros(576, 8)})), "does not list"),
+    "a layer the model lacks": (lambda a: _rewrite(a, lambda t: t.update(
+        {"base_model.model.model.layers.99.self_attn.q_proj.lora_A.weight": torch.zeros(8, 576)})), "layer 99"),
+    "a non-LoRA tensor": (lambda a: _rewrite(a, lambda t: t.update({"lm_head.weight": torch.zeros(2, 2)})),
+                          "unsupported tensor"),
+    # the config beside the weights
+    "rank above the pool": (lambda a: (a / "adapter_config.json").write_text(
+        json.dumps({**json.loads((a / "adapter_config.json").read_text()), "r": 128})), "max_lora_rank"),
+}
+
+
+def test_every_corrupted_adapter_is_refused_up_front(adapter_dirs, model_config, tmp_path):
+    good = adapter_dirs["attn-r8"]  # rank 8, q_proj + v_proj
+    check_adapter_weights(read_adapter_spec("good", good), model_config, max_rank=32)
+    for index, (what, (corrupt, message)) in enumerate(CORRUPTIONS.items()):
+        adapter = _copy(good, tmp_path, f"case{index}")
+        corrupt(adapter)
+        with pytest.raises(AdapterError, match=message) as refused:
+            check_adapter_weights(read_adapter_spec("bad", adapter), model_config, max_rank=32)
+        assert "'bad'" in str(refused.value), what
+
+
+def test_what_the_check_accepts_the_executor_loads(adapter_dirs, model_config, tmp_path):
+    """Every dtype the check accepts loads in the executor's torch loader to the same values."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        adapter = _copy(adapter_dirs["mlp-r16"], tmp_path, str(dtype))
+        _rewrite(adapter, lambda t: t.update({k: v.to(dtype) for k, v in t.items()}))
+        spec = read_adapter_spec("ok", adapter)
+        check_adapter_weights(spec, model_config, max_rank=16)
+        loaded = load_adapter_tensors(spec, model_config.num_layers)
+        assert len(loaded) == model_config.num_layers * 3
+    # And a bf16 NaN is found (bf16 is read from its raw bits, not through numpy's float types).
+    adapter = _copy(adapter_dirs["mlp-r16"], tmp_path, "bf16-nan")
+    _rewrite(adapter, lambda t: t.update({k: v.to(torch.bfloat16) for k, v in t.items()}))
+    _rewrite(adapter, lambda t: t[_first(t)].view(-1).__setitem__(5, math.nan))
+    with pytest.raises(AdapterError, match="NaN"):
+        check_adapter_weights(read_adapter_spec("x", adapter), model_config, max_rank=16)
+    with pytest.raises(AdapterError, match="NaN"):  # the executor's loader agrees
+        load_adapter_tensors(read_adapter_spec("x", adapter), model_config.num_layers)
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                     max_size=3), max_leaves=10)
+config_fields = st.fixed_dictionaries({}, optional={
+    "r": json_values | st.integers(-3, 70), "lora_alpha": json_values, "target_modules": json_values
+    | st.just(["q_proj", "v_proj"]) | st.just("all-linear"), "peft_type": json_values | st.just("LORA"),
+    "use_rslora": json_values, "use_dora": json_values, "bias": json_values | st.just("none"),
+    "modules_to_save": json_values, "rank_pattern": json_values, "layers_to_transform": json_values,
+})
+
+
+@settings(PROPERTY, max_examples=120)
+@given(st.one_of(config_fields, json_values))
+def test_any_adapter_config_gives_a_spec_or_an_adapter_error(tmp_path_factory, config):
+    adapter = tmp_path_factory.mktemp("cfg")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    try:
+        spec = read_adapter_spec("fuzz", adapter)
+    except AdapterError:
+        return
+    assert isinstance(spec.rank, int) and spec.rank >= 1 and math.isfinite(spec.lora_alpha)
+    assert spec.target_modules and isinstance(spec.use_rslora, bool)
+
+
+def test_unreadable_adapter_paths_are_adapter_errors(tmp_path):
+    for path in ("", "\x00bad", str(tmp_path / "missing"), "/dev/null", str(tmp_path)):
+        with pytest.raises(AdapterError):
+            read_adapter_spec("x", path)
+    (tmp_path / "adapter_config.json").mkdir()  # a directory where the file should be
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(AdapterError):
+        read_adapter_spec("x", tmp_path)
+
+
+# ------------------------------------------------------------------ per-sequence isolation
+def test_engine_fails_only_the_sequence_whose_adapter_cannot_load(model_dir, adapter_dirs, tmp_path):
+    """One step holds a base request, a good-adapter request and a request whose adapter's
+    weights broke after registration: only the last fails; the others equal a run
+    without it, and the broken adapter holds no slot afterwards."""
+    from inlaid.engine import Engine, EngineConfig
+
+    broken = _copy(adapter_dirs["attn-r8"], tmp_path, "broken")
+    engine = Engine.local(EngineConfig(model_dir=str(model_dir), dtype="float32", threads=1, max_num_seqs=8,
+                                       num_kv_blocks=64, max_lora_slots=2, max_lora_rank=32, max_model_len=256))
+    engine.register_adapter("good", str(adapter_dirs["mlp-r16"]))
+    engine.register_adapter("broken", str(broken))
+    (broken / "adapter_model.safetensors").write_bytes(b"\0" * 32)
+    prompts = ["The capital of France is", "def add(a, b):", "Once upon a time"]
+    sampling = SamplingParams(max_tokens=4, ignore_eos=True)
+    mixed = engine.generate(prompts, sampling, [None, "broken", "good"])
+    assert [o.finish_reason for o in mixed] == ["length", "error", "length"]
+    assert engine.scheduler.adapters.slot_of("broken") is None
+    assert engine.scheduler.blocks.num_free_blocks == engine.scheduler.blocks.num_blocks
+    alone = engine.generate([prompts[0], prompts[2]], sampling, [None, "good"])
+    assert [mixed[0].token_ids, mixed[2].token_ids] == [alone[0].token_ids, alone[1].token_ids]
+    # The runner reports why, per sequence.
+    engine.add_request(prompts[1], sampling=sampling, adapter="broken", request_id="again")
+    result = engine.runner.execute(engine.begin_step())
+    assert [(f.code, "could not be loaded" in f.message) for f in result.failed] == [(ErrorCode.ADAPTER_FAILED, True)]
+    assert result.failed_adapters == ["broken"] and not result.sampled
+    outputs = engine.finish_step(result)
+    assert outputs[0].finish_reason == "error" and outputs[0].error.code == ErrorCode.ADAPTER_FAILED
+
+
+# ------------------------------------------------------------------ client disconnects
+def _wait_for(condition, timeout_s: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_peer_watch_names_the_peer_that_disconnected():
+    import asyncio
+
+    import zmq.asyncio
+
+    async def scenario() -> tuple[list[bytes], bytes, bytes]:
+        context = zmq.asyncio.Context()
+        router = context.socket(zmq.ROUTER)
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        gone: list[bytes] = []
+        watch = PeerWatch(router, gone.append)
+        watcher = asyncio.get_running_loop().create_task(watch.run())
+        identities = []
+        for name in (b"first", b"second"):
+            dealer = zmq.Context.instance().socket(zmq.DEALER)
+            dealer.setsockopt(zmq.IDENTITY, name)
+            dealer.connect(f"tcp://127.0.0.1:{port}")
+            dealer.send(b"hello")
+            frames = await asyncio.wait_for(router.recv_multipart(copy=False), 10)
+            watch.saw(frames[0])
+            identities.append(frames[0].bytes)
+            dealer.close(linger=0)  # the second one may reuse the first one's descriptor
+            for _ in range(500):
+                if name in gone:
+                    break
+                await asyncio.sleep(0.01)
+        watcher.cancel()
+        watch.close()
+        router.close(linger=0)
+        context.term()
+        return gone, identities[0], identities[1]
+
+    gone, first, second = asyncio.run(scenario())
+    assert gone == [first, second], gone  # each reported once, in order, none by mistake
