@@ -11,6 +11,9 @@ Tensors of one quantized linear layer with `in_features = K`, `out_features = N`
 
     W[k, n] = scales[g_idx[k], n] * (q[k, n] - z[g_idx[k], n])      (nn.Linear.weight = W.T)
 
+Groups need not tile K: G = ceil(K / group_size), g_idx[k] = k // group_size without
+act-order, and the last group is shorter (SmolLM2's K = 576 = 4.5 x 128 at group 128).
+
 Packing is a little-endian bit stream: value j of a packed run sits at bit `j * bits`
 of the concatenated int32 words (word 0 holds bits 0..31). For bits 2/4/8 no value crosses
 a word; for 3 bits 32 values span three words and values 10 and 21 straddle word
@@ -146,22 +149,33 @@ def unpack_qzeros(qzeros: Tensor, bits: int, out_features: int) -> Tensor:
     return ((stored + 1) & ((1 << bits) - 1)).contiguous()
 
 
+def _group_rows(in_features: int, group_size: int) -> int:
+    size = in_features if group_size == -1 else group_size
+    if size <= 0:
+        raise GPTQFormatError(f"group_size must be positive or -1, got {group_size}")
+    return size
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    """G = ceil(K / group_size) (1 for group_size -1): the last group may be shorter."""
+    size = _group_rows(in_features, group_size)
+    return -(-in_features // size)
+
+
 def default_g_idx(in_features: int, group_size: int, device: torch.device | str = "cpu") -> Tensor:
     """g_idx int32 [K] without act-order: k // group_size (group_size -1 = one group)."""
-    size = in_features if group_size == -1 else group_size
-    if size <= 0 or in_features % size:
-        raise GPTQFormatError(
-            f"in_features ({in_features}) must be a multiple of group_size ({group_size})"
-        )
+    size = _group_rows(in_features, group_size)
     return torch.arange(in_features, device=device, dtype=torch.int32) // size
 
 
 def dequantize_gptq(
-    qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor | None, bits: int
+    qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor | None, bits: int,
+    group_size: int | None = None,
 ) -> Tensor:
     """Dense float32 W [K, N] with W[k, n] = scales[g, n] * (q[k, n] - z[g, n]), g = g_idx[k].
 
-    g_idx None means consecutive equal groups (K // G rows each). nn.Linear.weight = W.T."""
+    g_idx None means g = k // group_size; without group_size the G groups must then tile K
+    (K // G rows each: a ragged last group needs g_idx or group_size). nn.Linear.weight = W.T."""
     _check_bits(bits)
     in_features = qweight.shape[0] * 32 // bits
     out_features = qweight.shape[1]
@@ -173,9 +187,18 @@ def dequantize_gptq(
     if qzeros.shape[0] != n_groups:
         raise GPTQFormatError(f"qzeros has {qzeros.shape[0]} groups, scales has {n_groups}")
     if g_idx is None:
-        if n_groups == 0 or in_features % n_groups:
-            raise GPTQFormatError(f"K={in_features} is not divisible into {n_groups} groups")
-        g_idx = default_g_idx(in_features, in_features // n_groups, qweight.device)
+        if group_size is None:
+            if n_groups == 0 or in_features % n_groups:
+                raise GPTQFormatError(
+                    f"K={in_features} is not divisible into {n_groups} groups: give g_idx or group_size"
+                )
+            group_size = in_features // n_groups
+        if num_groups(in_features, group_size) != n_groups:
+            raise GPTQFormatError(
+                f"group_size {group_size} makes {num_groups(in_features, group_size)} groups of K={in_features}, "
+                f"scales has {n_groups}"
+            )
+        g_idx = default_g_idx(in_features, group_size, qweight.device)
     if g_idx.shape != (in_features,):
         raise GPTQFormatError(f"g_idx must be [{in_features}], got shape {tuple(g_idx.shape)}")
     g = g_idx.to(torch.int64)

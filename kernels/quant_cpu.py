@@ -19,17 +19,22 @@ from .quant_linear import CpuInt4Layout, DequantLayout, QuantLinearError, QuantL
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
 
 
-def _kernel_group(group: int) -> int | None:
-    """Largest group size the kernel accepts that divides the checkpoint's group (the
-    scales are then repeated: a finer grid of the same values is the same weight)."""
-    for candidate in INT4_KERNEL_GROUPS:
-        if group % candidate == 0:
-            return candidate
-    return None
+def kernel_group_for(group: int, in_features: int) -> tuple[int, int] | None:
+    """(kernel group, K padding) for torch's int4 kernel, or None when it cannot hold the
+    layer. A kernel group must lie inside one checkpoint group, so it divides the group
+    size (any does when one group spans K); the scales are then repeated per kernel group
+    (a finer grid of the same values is the same weight). The kernel also needs it to divide
+    K: where none does (e.g. K = 600), K is padded with zero input columns, the least
+    padding first. Among equal paddings the largest group wins (fewest scale rows)."""
+    fitting = [c for c in INT4_KERNEL_GROUPS if group >= in_features or group % c == 0]
+    if not fitting:
+        return None
+    best = min(fitting, key=lambda c: (-in_features % c, -c))
+    return best, -in_features % best
 
 
 def int4_supported(w: QuantLinearWeights, group: int) -> bool:
-    return w.bits <= 4 and w.out_features % 16 == 0 and _kernel_group(group) is not None
+    return w.bits <= 4 and w.out_features % 16 == 0 and kernel_group_for(group, w.in_features) is not None
 
 
 def prepare_int4(
@@ -41,22 +46,28 @@ def prepare_int4(
     if bits > 4:
         raise QuantLinearError(f"the int4 path holds at most 4-bit codes, got {bits}-bit")
     k, n = codes.shape
-    kernel_group = _kernel_group(group)
-    if n % 16 or kernel_group is None:
+    choice = kernel_group_for(group, k)
+    if n % 16 or choice is None:
         raise QuantLinearError(
             f"torch's int4 CPU kernel needs N % 16 == 0 and a group size divisible by 32 "
             f"(got N={n}, group {group}); use mode='dequant'"
         )
+    kernel_group, pad = choice
     # Centre narrower codes on the kernel's 8 (q' = q + shift): the stored zero s*(8 - shift - z)
     # then stays small, so its bf16 rounding does not swamp a 2- or 3-bit weight.
     shift = 8 - 2 ** (bits - 1)
-    centred = (codes.to(torch.int32) + shift).T.contiguous()
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(centred, 1)
+    centred = codes.to(torch.int32) + shift
+    if pad:  # padded rows meet zero input columns: their value never counts
+        centred = torch.cat([centred, torch.full((pad, n), 8, dtype=torch.int32)])
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(centred.T.contiguous(), 1)
     scale = scales.to(torch.float32)
     zero = scale * (8.0 - shift - zeros.to(torch.float32))
-    repeat = group // kernel_group
-    scales_and_zeros = torch.stack([scale, zero], dim=-1).repeat_interleave(repeat, dim=0)
-    return CpuInt4Layout(packed, scales_and_zeros.to(torch.bfloat16).contiguous(), kernel_group)
+    # Kernel group j covers rows [j * kernel_group, (j + 1) * kernel_group), all inside
+    # checkpoint group j * kernel_group // group (padding rows: the last group).
+    first_rows = torch.arange(0, k + pad, kernel_group)
+    source_group = (first_rows // group).clamp(max=scales.shape[0] - 1)
+    scales_and_zeros = torch.stack([scale, zero], dim=-1)[source_group]
+    return CpuInt4Layout(packed, scales_and_zeros.to(torch.bfloat16).contiguous(), kernel_group, pad)
 
 
 def int4_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None) -> Tensor:
@@ -64,6 +75,8 @@ def int4_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None) -> 
     x_bf16 = x.to(torch.bfloat16)
     if input_perm is not None:
         x_bf16 = x_bf16.index_select(1, input_perm)
+    if layout.pad:
+        x_bf16 = torch.nn.functional.pad(x_bf16, (0, layout.pad))
     return torch.ops.aten._weight_int4pack_mm_for_cpu(
         x_bf16.contiguous(), layout.packed, layout.kernel_group, layout.scales_and_zeros
     )
@@ -91,9 +104,15 @@ def _unpack_codes_fast(qweight: Tensor, bits: int, in_features: int) -> Tensor:
 def dequant_matmul(x: Tensor, layout: DequantLayout, bits: int, in_features: int) -> Tensor:
     """x @ W with W dequantized from the packed codes for this call only."""
     weight = _unpack_codes_fast(layout.qweight, bits, in_features).to(layout.scales.dtype)
-    if layout.contiguous_group is not None:
-        grouped = weight.view(-1, layout.contiguous_group, weight.shape[1])
-        grouped.sub_(layout.zeros[:, None, :]).mul_(layout.scales[:, None, :])
+    group = layout.contiguous_group
+    if group is not None:
+        # Whole groups by broadcasting; a shorter last group (groups not tiling K) on its own.
+        whole = in_features // group * group
+        grouped = weight[:whole].view(-1, group, weight.shape[1])
+        full_groups = whole // group
+        grouped.sub_(layout.zeros[:full_groups, None, :]).mul_(layout.scales[:full_groups, None, :])
+        if whole < in_features:
+            weight[whole:].sub_(layout.zeros[full_groups]).mul_(layout.scales[full_groups])
     else:
         weight.sub_(layout.zeros[layout.g_idx]).mul_(layout.scales[layout.g_idx])
     return x.to(weight.dtype) @ weight

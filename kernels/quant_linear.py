@@ -3,7 +3,8 @@
     QuantLinearWeights     exactly the checkpoint tensors of one layer (see gptq_format):
         qweight  int32 [K * bits // 32, N]    qzeros int32 [G, N * bits // 32]
         scales   float [G, N]                 g_idx  int32 [K] or None (k // group_size)
-        bits in {2, 3, 4, 8}; group_size in {32, 64, 128, ...} or -1 (one group over K)
+        bits in {2, 3, 4, 8}; group_size > 0 or -1 (one group over K); G = ceil(K / group_size):
+        groups need not tile K (the last one is then shorter)
         bias     [N] or None
     prepare_quant_linear(w, device, act_dtype, mode) -> PreparedQuantLinear
         an offline re-layout for the device; the checkpoint tensors stay untouched
@@ -28,7 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .gptq_format import SUPPORTED_BITS, dequantize_gptq, unpack_qweight, unpack_qzeros
+from .gptq_format import SUPPORTED_BITS, dequantize_gptq, num_groups, unpack_qweight, unpack_qzeros
 
 Mode = Literal["auto", "int4", "triton", "dequant", "dense"]
 
@@ -54,9 +55,10 @@ class QuantLinearWeights:
 
 @dataclass
 class CpuInt4Layout:
-    packed: Tensor  # uint8, torch's int4pack layout of codes [N, K] (K act-order sorted)
-    scales_and_zeros: Tensor  # bf16 [K // kernel_group, N, 2]: w = (q - 8) * scale + zero
+    packed: Tensor  # uint8, torch's int4pack layout of codes [N, K_pad] (K act-order sorted)
+    scales_and_zeros: Tensor  # bf16 [K_pad // kernel_group, N, 2]: w = (q - 8) * scale + zero
     kernel_group: int  # 32/64/128/256 (a divisor of the checkpoint's group size)
+    pad: int = 0  # K_pad - K: zero input columns appended when no kernel group divides K
 
 
 @dataclass
@@ -80,6 +82,7 @@ class TritonLayout:
     scales: Tensor  # act_dtype [G, N]
     zeros: Tensor  # act_dtype [G, N] true zero points
     group_size: int  # effective (K for -1); groups are contiguous in sorted-K order
+    in_features: int  # K (the last group may be shorter than group_size)
 
 
 @dataclass
@@ -97,15 +100,9 @@ class PreparedQuantLinear:
 
 
 def _effective_group_size(w: QuantLinearWeights) -> int:
-    k = w.in_features
-    group = k if w.group_size == -1 else w.group_size
+    group = w.in_features if w.group_size == -1 else w.group_size
     if group <= 0:
         raise QuantLinearError(f"group_size must be positive or -1, got {w.group_size}")
-    if k % group:
-        raise QuantLinearError(
-            f"in_features ({k}) is not a multiple of group_size ({w.group_size}); "
-            "GPTQ groups must tile K exactly"
-        )
     return group
 
 
@@ -115,7 +112,7 @@ def check_weights(w: QuantLinearWeights) -> int:
         raise QuantLinearError(f"bits must be one of {SUPPORTED_BITS}, got {w.bits}")
     group = _effective_group_size(w)
     k, n = w.in_features, w.out_features
-    n_groups = k // group
+    n_groups = num_groups(k, group)
     expected = {
         "qweight": (w.qweight, (k * w.bits // 32, n), torch.int32),
         "qzeros": (w.qzeros, (n_groups, n * w.bits // 32), torch.int32),
@@ -141,14 +138,16 @@ def _group_index(w: QuantLinearWeights, group: int) -> Tensor:
     if w.g_idx is None:
         return torch.arange(w.in_features, dtype=torch.int64) // group
     g_idx = w.g_idx.to("cpu", torch.int64)
-    if int(g_idx.min()) < 0 or int(g_idx.max()) >= w.in_features // group:
-        raise QuantLinearError(f"g_idx values must lie in [0, {w.in_features // group})")
+    n_groups = num_groups(w.in_features, group)
+    if int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups:
+        raise QuantLinearError(f"g_idx values must lie in [0, {n_groups})")
     return g_idx
 
 
 def sorted_k_order(g_idx: Tensor, group: int) -> tuple[Tensor | None, bool]:
     """(perm, contiguous): input columns sorted by group (None if already sorted), and whether
-    every group then holds exactly `group` consecutive rows (what blocked kernels need)."""
+    every group then holds exactly `group` consecutive rows, the last one the remainder of K
+    (what blocked kernels need)."""
     k = g_idx.shape[0]
     if bool((g_idx == torch.arange(k) // group).all()):
         return None, True
@@ -209,7 +208,9 @@ def prepare_quant_linear(
     )
     if mode == "auto":
         if device.type == "cuda":
-            mode = "triton" if contiguous else "dequant"
+            from .quant_triton import triton_supported
+
+            mode = "triton" if contiguous and triton_supported(w.in_features, group) else "dequant"
         else:
             mode = "int4" if contiguous and quant_cpu.int4_supported(w, group) else "dequant"
     if mode == "dense":

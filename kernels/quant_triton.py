@@ -14,6 +14,9 @@ Shapes (M rows of activations, K in_features, N out_features, G groups, b stored
 Offline re-layout (prepare_triton_layout; the checkpoint on disk stays standard GPTQ):
   act-order rows are sorted by group once, so a K tile lies in one group and loads one
   row of scales/zeros; x's columns are gathered through `input_perm` inside the kernel.
+  K tiles divide the group size (not necessarily K): where the groups do not tile K
+  (K = 576, group 128), the largest tile dividing both is used (64); where none does, the
+  last tile is masked.
   3-bit codes are split into a 2-bit plane and a 1-bit plane: still 3 bits per weight of
   memory traffic, but no value straddles a 32-bit word (GPTQ's 3-bit stream does).
 Paths: M <= 16 -> decode config (BLOCK_M 16, split-K with fp32 atomics so enough programs
@@ -39,7 +42,7 @@ def prepare_triton_layout(
     """codes int32 [K, N] in sorted-K order, zeros int [G, N], scales [G, N] -> TritonLayout."""
     k = codes.shape[0]
     if _block_k_for(k, group) is None:
-        raise QuantLinearError(f"Triton path needs K ({k}) and the group size ({group}) divisible by 16")
+        raise QuantLinearError(f"Triton path needs a group size divisible by 16 (got {group}, K={k})")
     if bits == 3:
         packed = _pack_rows(codes & 3, 2)
         high_bits: Tensor | None = _pack_rows(codes >> 2, 1).to(device)
@@ -52,26 +55,29 @@ def prepare_triton_layout(
         scales=scales.to(device, act_dtype).contiguous(),
         zeros=zeros.to(device, act_dtype).contiguous(),
         group_size=group,
+        in_features=k,
     )
 
 
 @triton.jit
 def _dequant_tile(
-    codes_ptr, high_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, mask_n, group_size,
+    codes_ptr, high_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, mask_k, mask_n, group_size,
     stride_ck, stride_cn, stride_hk, stride_hn, stride_sg, stride_sn,
     BITS: tl.constexpr,
 ):
-    """fp32 [BLOCK_K, BLOCK_N] weight tile of rows offs_k (all in group k0 // group_size)."""
+    """fp32 [BLOCK_K, BLOCK_N] weight tile of rows offs_k (all in group k0 // group_size);
+    rows outside mask_k (past K) are not loaded."""
+    mask = mask_k[:, None] & mask_n[None, :]
     if BITS == 3:
         low_words = tl.load(codes_ptr + (offs_k // 16)[:, None] * stride_ck + offs_n[None, :] * stride_cn,
-                            mask=mask_n[None, :], other=0)
+                            mask=mask, other=0)
         high_words = tl.load(high_ptr + (offs_k // 32)[:, None] * stride_hk + offs_n[None, :] * stride_hn,
-                             mask=mask_n[None, :], other=0)
+                             mask=mask, other=0)
         q = ((low_words >> ((offs_k % 16) * 2)[:, None]) & 3) | (((high_words >> (offs_k % 32)[:, None]) & 1) << 2)
     else:
         PER_WORD: tl.constexpr = 32 // BITS
         words = tl.load(codes_ptr + (offs_k // PER_WORD)[:, None] * stride_ck + offs_n[None, :] * stride_cn,
-                        mask=mask_n[None, :], other=0)
+                        mask=mask, other=0)
         q = (words >> ((offs_k % PER_WORD) * BITS)[:, None]) & ((1 << BITS) - 1)
     group = k0 // group_size
     scale = tl.load(scales_ptr + group * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
@@ -100,18 +106,19 @@ def _quant_gemm_kernel(
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     tile_begin = pid_k * k_tiles_per_split
-    tile_end = tl.minimum(K // BLOCK_K, tile_begin + k_tiles_per_split)
+    tile_end = tl.minimum(tl.cdiv(K, BLOCK_K), tile_begin + k_tiles_per_split)
     for tile in range(tile_begin, tile_end):
         k0 = tile * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K  # all true unless the last tile runs past K
         if HAS_PERM:
-            x_cols = tl.load(perm_ptr + offs_k)
+            x_cols = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
         else:
             x_cols = offs_k
         x_tile = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + x_cols[None, :] * stride_xk,
-                         mask=mask_m[:, None], other=0.0)
+                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w_tile = _dequant_tile(
-            codes_ptr, high_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, mask_n, group_size,
+            codes_ptr, high_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, mask_k, mask_n, group_size,
             stride_ck, stride_cn, stride_hk, stride_hn, stride_sg, stride_sn, BITS,
         )
         acc += tl.dot(x_tile, w_tile.to(x_tile.dtype), input_precision=DOT_PRECISION)
@@ -126,30 +133,36 @@ def _quant_gemm_kernel(
 @triton.jit
 def _dequant_kernel(
     codes_ptr, high_ptr, scales_ptr, zeros_ptr, w_ptr,
-    N, group_size,
+    N, K, group_size,
     stride_ck, stride_cn, stride_hk, stride_hn, stride_sg, stride_sn, stride_wk, stride_wn,
     BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     k0 = tl.program_id(0) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_k = offs_k < K
     mask_n = offs_n < N
     w_tile = _dequant_tile(
-        codes_ptr, high_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, mask_n, group_size,
+        codes_ptr, high_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, mask_k, mask_n, group_size,
         stride_ck, stride_cn, stride_hk, stride_hn, stride_sg, stride_sn, BITS,
     )
     tl.store(w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn,
-             w_tile.to(w_ptr.dtype.element_ty), mask=mask_n[None, :])
+             w_tile.to(w_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_n[None, :])
 
 
 def _block_k_for(k: int, group: int, largest: int = 128) -> int | None:
-    """Largest power-of-two K tile (16..largest) dividing both K and the group size."""
-    block = largest
-    while block >= 16:
-        if k % block == 0 and group % block == 0:
+    """K tile for a layer: a power of two (16..largest) that keeps every tile inside one
+    group, i.e. divides the group size (any tile does when one group spans K). The largest
+    one that also divides K is preferred (no masked tail); else the largest at all."""
+    candidates = [block for block in (128, 64, 32, 16) if block <= largest and (group >= k or group % block == 0)]
+    for block in candidates:
+        if k % block == 0:
             return block
-        block //= 2
-    return None
+    return candidates[0] if candidates else None
+
+
+def triton_supported(in_features: int, group: int) -> bool:
+    return _block_k_for(in_features, group) is not None
 
 
 def _sm_count(device: torch.device) -> int:
@@ -164,7 +177,7 @@ def default_gemm_config(m: int, n: int, k: int, group: int, device: torch.device
     if m <= 16:
         block_n = 64
         programs = triton.cdiv(n, block_n)
-        k_tiles = k // block_k
+        k_tiles = triton.cdiv(k, block_k)
         split_k = max(1, min(k_tiles // 4, triton.cdiv(2 * _sm_count(device), programs)))
         return {"block_m": 16, "block_n": block_n, "block_k": block_k, "split_k": split_k, "num_warps": 4}
     block_k = _block_k_for(k, group, largest=64) or 16
@@ -181,18 +194,21 @@ def _high(layout: TritonLayout) -> tuple[Tensor, int, int]:
     return layout.high_bits, layout.high_bits.stride(0), layout.high_bits.stride(1)
 
 
-def dequantize_triton(layout: TritonLayout, bits: int, dtype: torch.dtype) -> Tensor:
-    """Dense weight [K, N] (sorted-K order) in `dtype`, dequantized by a Triton kernel."""
+def dequantize_triton(layout: TritonLayout, bits: int, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+    """Dense weight [K, N] (sorted-K order) in `dtype`, dequantized by a Triton kernel
+    (into `out` when given: tests pass a poisoned buffer)."""
     n = layout.scales.shape[1]
-    k = layout.group_size * layout.scales.shape[0]
-    weight = torch.empty((k, n), dtype=dtype, device=layout.codes.device)
+    k = layout.in_features
+    weight = torch.empty((k, n), dtype=dtype, device=layout.codes.device) if out is None else out
+    if weight.shape != (k, n) or weight.dtype != dtype:
+        raise QuantLinearError(f"out must be {dtype} [{k}, {n}], got {weight.dtype} {tuple(weight.shape)}")
     block_k = _block_k_for(k, layout.group_size, largest=64)
     block_n = 64
     high, stride_hk, stride_hn = _high(layout)
-    grid = (k // block_k, triton.cdiv(n, block_n))
+    grid = (triton.cdiv(k, block_k), triton.cdiv(n, block_n))
     _dequant_kernel[grid](
         layout.codes, high, layout.scales, layout.zeros, weight,
-        n, layout.group_size,
+        n, k, layout.group_size,
         layout.codes.stride(0), layout.codes.stride(1), stride_hk, stride_hn,
         layout.scales.stride(0), layout.scales.stride(1), weight.stride(0), weight.stride(1),
         BITS=bits, BLOCK_K=block_k, BLOCK_N=block_n,
@@ -202,38 +218,43 @@ def dequantize_triton(layout: TritonLayout, bits: int, dtype: torch.dtype) -> Te
 
 def triton_quant_matmul(
     x: Tensor, layout: TritonLayout, bits: int, input_perm: Tensor | None, dense_min_m: int,
-    **config_override: int,
+    out: Tensor | None = None, **config_override: int,
 ) -> Tensor:
-    """[M, N] in x's dtype (bias not included)."""
+    """[M, N] in x's dtype (bias not included), written into `out` when given (tests pass a
+    poisoned buffer: every element must be overwritten)."""
     m, k = x.shape
     n = layout.scales.shape[1]
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    elif out.shape != (m, n) or out.dtype != x.dtype or out.device != x.device:
+        raise QuantLinearError(f"out must be {x.dtype} [{m}, {n}] on {x.device}, got {out.dtype} {tuple(out.shape)}")
     if m >= dense_min_m:
         weight = dequantize_triton(layout, bits, x.dtype)
         x_sorted = x if input_perm is None else x.index_select(1, input_perm)
-        return x_sorted @ weight
+        return torch.matmul(x_sorted, weight, out=out)
     config = default_gemm_config(m, n, k, layout.group_size, x.device)
     config.update(config_override)
     block_m, block_n, block_k, split_k = (config[key] for key in ("block_m", "block_n", "block_k", "split_k"))
-    if k % block_k or layout.group_size % block_k:
-        raise QuantLinearError(f"block_k {block_k} must divide K ({k}) and the group size ({layout.group_size})")
-    k_tiles = k // block_k
+    if layout.group_size < k and layout.group_size % block_k:
+        raise QuantLinearError(f"block_k {block_k} must divide the group size ({layout.group_size})")
+    k_tiles = triton.cdiv(k, block_k)
     split_k = max(1, min(split_k, k_tiles))
     k_tiles_per_split = triton.cdiv(k_tiles, split_k)
     split_k = triton.cdiv(k_tiles, k_tiles_per_split)
-    if split_k > 1:
-        out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
-    else:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    # Split-K programs add fp32 partial sums with atomics into a zeroed buffer.
+    target = torch.zeros((m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     high, stride_hk, stride_hn = _high(layout)
     perm = input_perm if input_perm is not None else layout.codes  # placeholder pointer when unused
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split_k)
     _quant_gemm_kernel[grid](
-        x, perm, layout.codes, high, layout.scales, layout.zeros, out,
+        x, perm, layout.codes, high, layout.scales, layout.zeros, target,
         m, n, k, layout.group_size, k_tiles_per_split,
         x.stride(0), x.stride(1), layout.codes.stride(0), layout.codes.stride(1), stride_hk, stride_hn,
-        layout.scales.stride(0), layout.scales.stride(1), out.stride(0), out.stride(1),
+        layout.scales.stride(0), layout.scales.stride(1), target.stride(0), target.stride(1),
         BITS=bits, HAS_PERM=input_perm is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         DOT_PRECISION=_dot_precision(x.dtype), num_warps=config.get("num_warps", 4),
     )
-    return out.to(x.dtype)
+    if target is not out:
+        out.copy_(target)
+    return out

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .gptq_format import default_g_idx, pack_qweight, pack_qzeros
+from .gptq_format import default_g_idx, num_groups, pack_qweight, pack_qzeros
 from .lora_meta import build_lora_segments
 from .quant_linear import QuantLinearWeights
 
@@ -38,8 +38,7 @@ def random_gptq_layer(
     symmetric: bool = False, act_order: bool = False, bias: bool = False, seed: int = 0,
 ) -> GPTQLayer:
     gen = torch.Generator().manual_seed(seed)
-    group = in_features if group_size == -1 else group_size
-    n_groups = in_features // group
+    n_groups = num_groups(in_features, group_size)  # the last group may be shorter
     codes = torch.randint(0, 2**bits, (in_features, out_features), generator=gen)
     if symmetric:  # GPTQ sym: the zero point is the middle code everywhere
         zeros = torch.full((n_groups, out_features), 2 ** (bits - 1), dtype=torch.int64)

@@ -9,6 +9,7 @@ from inlaid.kernels.gptq_format import (
     GPTQFormatError,
     default_g_idx,
     dequantize_gptq,
+    num_groups,
     pack_qweight,
     pack_qzeros,
     unpack_qweight,
@@ -93,5 +94,42 @@ def test_bad_inputs_raise_clear_errors() -> None:
         pack_qweight(torch.zeros((8, 4), dtype=torch.int32), 5)
     with pytest.raises(GPTQFormatError, match="out_features"):
         pack_qzeros(torch.zeros((2, 12), dtype=torch.int32), 4)
-    with pytest.raises(GPTQFormatError, match="multiple of group_size"):
-        default_g_idx(100, 32)
+    with pytest.raises(GPTQFormatError, match="group_size must be positive or -1"):
+        default_g_idx(100, 0)
+    q = torch.zeros((576, 32), dtype=torch.int32)
+    with pytest.raises(GPTQFormatError, match="give g_idx or group_size"):  # 5 groups cannot tile 576
+        dequantize_gptq(pack_qweight(q, 4), pack_qzeros(torch.ones((5, 32), dtype=torch.int32), 4),
+                        torch.ones((5, 32)), None, 4)
+    with pytest.raises(GPTQFormatError, match="makes 9 groups"):
+        dequantize_gptq(pack_qweight(q, 4), pack_qzeros(torch.ones((5, 32), dtype=torch.int32), 4),
+                        torch.ones((5, 32)), None, 4, group_size=64)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("in_features,group_size", [(576, 32), (576, 128), (576, -1), (1536, 32), (1536, 128), (1536, -1)])
+def test_groups_that_do_not_tile_k(in_features: int, group_size: int, bits: int) -> None:
+    """G = ceil(K / group_size), the last group shorter (576 = 4.5 x 128): round trips and
+    dequantization against float64, with g_idx stored, act-order, and g_idx left out."""
+    expected_groups = {(576, 32): 18, (576, 128): 5, (576, -1): 1, (1536, 32): 48, (1536, 128): 12, (1536, -1): 1}
+    n_groups = num_groups(in_features, group_size)
+    assert n_groups == expected_groups[(in_features, group_size)]
+    g_idx = default_g_idx(in_features, group_size)
+    size = in_features if group_size == -1 else group_size
+    counts = torch.bincount(g_idx.long(), minlength=n_groups).tolist()
+    assert counts == [size] * (n_groups - 1) + [in_features - size * (n_groups - 1)]  # only the last is short
+    gen = torch.Generator().manual_seed(in_features + bits + group_size)
+    n = 64
+    q = torch.randint(0, 2**bits, (in_features, n), generator=gen, dtype=torch.int32)
+    zeros = torch.randint(0, 2**bits, (n_groups, n), generator=gen, dtype=torch.int32)
+    scales = torch.rand((n_groups, n), generator=gen) + 0.01
+    qweight, qzeros = pack_qweight(q, bits), pack_qzeros(zeros, bits)
+    assert torch.equal(unpack_qweight(qweight, bits, in_features), q)
+    assert torch.equal(unpack_qzeros(qzeros, bits, n), zeros)
+    for order in ("plain", "act-order"):
+        groups = g_idx if order == "plain" else g_idx[torch.randperm(in_features, generator=gen)]
+        g = groups.long()
+        reference = scales.double()[g] * (q.double() - zeros.double()[g])
+        w = dequantize_gptq(qweight, qzeros, scales, groups, bits)
+        torch.testing.assert_close(w.double(), reference, rtol=1e-6, atol=1e-6)
+    without_g_idx = dequantize_gptq(qweight, qzeros, scales, None, bits, group_size=group_size)
+    assert torch.equal(without_g_idx, dequantize_gptq(qweight, qzeros, scales, g_idx, bits))

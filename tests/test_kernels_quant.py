@@ -38,6 +38,15 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want).norm() / want.norm())
 
 
+def triton_poisoned(x: torch.Tensor, prepared, **config: int) -> torch.Tensor:
+    """The Triton path written into a NaN-filled output: every element must be overwritten."""
+    out = torch.full((x.shape[0], prepared.out_features), float("nan"), dtype=x.dtype)
+    got = quant_triton.triton_quant_matmul(x, prepared.layout, prepared.bits, prepared.input_perm,
+                                           prepared.dense_min_m, out=out, **config)
+    assert got.data_ptr() == out.data_ptr()
+    return out if prepared.bias is None else out + prepared.bias
+
+
 # ------------------------------------------------------------------------------- CPU paths
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -102,9 +111,14 @@ def test_uneven_act_order_groups_use_the_general_path() -> None:
 def test_bad_layers_raise_clear_errors() -> None:
     layer = random_gptq_layer(96, 32, 4, 32, seed=6)
     w = layer.weights
-    bad_group = QuantLinearWeights(w.qweight, w.qzeros[:1], w.scales[:1], None, 4, 64, 96, 32)
-    with pytest.raises(QuantLinearError, match="not a multiple of group_size"):
-        prepare_quant_linear(bad_group, "cpu", torch.float32)
+    # group 64 over K = 96 makes ceil(96 / 64) = 2 groups (the last one 32 rows): one row of
+    # zeros/scales is one too few
+    too_few_groups = QuantLinearWeights(w.qweight, w.qzeros[:1], w.scales[:1], None, 4, 64, 96, 32)
+    with pytest.raises(QuantLinearError, match=r"qzeros must be torch.int32 \(2, 4\)"):
+        prepare_quant_linear(too_few_groups, "cpu", torch.float32)
+    with pytest.raises(QuantLinearError, match="group_size must be positive or -1"):
+        prepare_quant_linear(QuantLinearWeights(w.qweight, w.qzeros, w.scales, None, 4, 0, 96, 32),
+                             "cpu", torch.float32)
     with pytest.raises(QuantLinearError, match="qweight must be"):
         prepare_quant_linear(QuantLinearWeights(w.qweight[:-1], w.qzeros, w.scales, None, 4, 32, 96, 32),
                              "cpu", torch.float32)
@@ -130,7 +144,7 @@ def test_triton_interp_gemm_matches_reference(bits: int, group_size: int, act_or
     # M=1, 16: decode config (split-K atomics); 33: tiled GEMM; 48: dequant kernel + matmul
     for m in (1, 16, 33, 48):
         x = torch.randn(m, 128)
-        assert relative_error(quant_matmul(x, prepared), reference(layer, x)) < 1e-5, m
+        assert relative_error(triton_poisoned(x, prepared), reference(layer, x)) < 1e-5, m
 
 
 @needs_interpreter
@@ -143,8 +157,8 @@ def test_triton_interp_tile_configs(config: dict[str, int]) -> None:
     layer = random_gptq_layer(256, 64, 4, 64, act_order=True, seed=9)
     prepared = prepare_quant_linear(layer.weights, "cpu", torch.float32, mode="triton")
     x = torch.randn(5, 256)
-    out = quant_triton.triton_quant_matmul(x, prepared.layout, 4, prepared.input_perm, 10**9, **config)
-    assert layer.weights.bias is None  # the raw launcher adds no bias
+    prepared.dense_min_m = 10**9
+    out = triton_poisoned(x, prepared, **config)
     assert relative_error(out, reference(layer, x)) < 1e-5
 
 
@@ -198,3 +212,90 @@ def test_fusing_refuses_slices_that_cannot_share_a_call() -> None:
     assert fuse_quant_slices([plain, random_gptq_layer(64, 32, 4, 64, seed=3).weights]) is None
     reordered = random_gptq_layer(64, 32, 4, 32, act_order=True, seed=4).weights
     assert fuse_quant_slices([plain, reordered]) is None
+
+
+# ------------------------------------------- groups that do not tile K (SmolLM2: K = 576)
+# G = ceil(K / group_size) groups, the last one shorter: K = 576 at group 128 is 4.5 groups.
+# K = 1536 is tiled by 32 and 128; -1 is one group over K.
+
+RAGGED_SHAPES = [(576, 32), (576, 128), (576, -1), (1536, 32), (1536, 128), (1536, -1)]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("in_features,group_size", RAGGED_SHAPES)
+def test_groups_not_tiling_k_on_every_cpu_path(in_features: int, group_size: int, bits: int) -> None:
+    for act_order in (False, True):
+        layer = random_gptq_layer(in_features, 64, bits, group_size, act_order=act_order, bias=act_order,
+                                  seed=in_features + 7 * bits + group_size % 89 + act_order)
+        modes = ["dense", "dequant"] + (["int4", "auto"] if bits <= 4 else ["auto"])
+        for mode in modes:
+            prepared = prepare_quant_linear(layer.weights, "cpu", torch.float32, mode=mode)
+            if mode == "auto":  # the int4 kernel takes every layer it can hold
+                assert prepared.kind == ("int4" if bits <= 4 else "dequant")
+            for m in (1, 9):
+                x = torch.randn(m, in_features)
+                # int4: bf16 activations; the others sum K products in float32
+                bound = 1e-2 if prepared.kind == "int4" else 1e-5
+                assert relative_error(quant_matmul(x, prepared), reference(layer, x)) < bound, (mode, act_order, m)
+
+
+def test_int4_kernel_group_divides_k_and_the_checkpoint_group() -> None:
+    from inlaid.kernels.quant_cpu import kernel_group_for
+
+    assert kernel_group_for(128, 576) == (64, 0)  # 576 = 9 x 64: no padding, scales repeated twice
+    assert kernel_group_for(576, 576) == (64, 0)  # one group spanning K
+    assert kernel_group_for(128, 1536) == (128, 0)
+    assert kernel_group_for(1536, 1536) == (256, 0)
+    assert kernel_group_for(128, 600) == (32, 8)  # no kernel group divides K = 600: pad to 608
+    assert kernel_group_for(48, 576) is None  # no kernel group fits inside a 48-row group
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+def test_k_off_the_kernel_grid_pads_inside_the_int4_route(bits: int, group_size: int) -> None:
+    """K = 600 (4-bit packs it; no int4 kernel group divides it): the int4 route pads K with
+    zero input columns internally; the checkpoint tensors stay as they were."""
+    layer = random_gptq_layer(600, 32, bits, group_size, act_order=group_size == 128, seed=11 + bits)
+    stored = layer.weights.qweight.clone()
+    if bits == 4:
+        prepared = prepare_quant_linear(layer.weights, "cpu", torch.float32)
+        assert prepared.kind == "int4" and prepared.layout.pad == 8
+    else:
+        prepared = prepare_quant_linear(layer.weights, "cpu", torch.float32, mode="dequant")
+    x = torch.randn(5, 600)
+    assert relative_error(quant_matmul(x, prepared), reference(layer, x)) < (1e-2 if bits == 4 else 1e-5)
+    assert torch.equal(layer.weights.qweight, stored)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("in_features,group_size", RAGGED_SHAPES)
+def test_triton_interp_groups_not_tiling_k(in_features: int, group_size: int, bits: int) -> None:
+    act_order = bits in (3, 4)
+    layer = random_gptq_layer(in_features, 32, bits, group_size, symmetric=bits == 2, act_order=act_order,
+                              bias=True, seed=3 * in_features + bits + group_size % 83)
+    prepared = prepare_quant_linear(layer.weights, "cpu", torch.float32, mode="triton")
+    prepared.dense_min_m = 24
+    # M = 1: decode config (split-K); 17: tiled GEMM (at K = 576: the interpreter is slow);
+    # 24: dequant kernel + matmul
+    for m in (1, 17, 24) if in_features == 576 else (1, 24):
+        x = torch.randn(m, in_features)
+        assert relative_error(triton_poisoned(x, prepared), reference(layer, x)) < 1e-5, m
+
+
+@needs_interpreter
+@pytest.mark.parametrize("bits", [4, 8])
+def test_triton_interp_masks_a_k_tail(bits: int) -> None:
+    """K = 600 with group 128: no K tile dividing the group divides K, the last tile is masked
+    (in the GEMM and in the dequantization kernel, each into a poisoned buffer)."""
+    layer = random_gptq_layer(600, 32, bits, 128, act_order=True, seed=bits)
+    prepared = prepare_quant_linear(layer.weights, "cpu", torch.float32, mode="triton")
+    assert prepared.layout.in_features == 600
+    for m, dense_min_m in ((3, 10**9), (3, 1)):
+        prepared.dense_min_m = dense_min_m
+        x = torch.randn(m, 600)
+        assert relative_error(triton_poisoned(x, prepared), reference(layer, x)) < 1e-5
+    poisoned = torch.full((600, 32), float("nan"))
+    weight = quant_triton.dequantize_triton(prepared.layout, bits, torch.float32, out=poisoned)
+    sorted_rows = prepared.input_perm if prepared.input_perm is not None else torch.arange(600)
+    torch.testing.assert_close(weight.double(), layer.dense_float64()[sorted_rows], rtol=0, atol=1e-6)

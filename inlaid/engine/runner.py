@@ -192,6 +192,17 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_logits(self, plan: BatchPlan) -> tuple[list[int], torch.Tensor, list[ChunkPlan]]:
         """Run the plan's forward; return (seq ids, float32 logits [B, V], chunks) of sampled rows."""
+        chunks, hidden, first_rows = self.forward_hidden(plan)
+        sampled = [(chunk, first + len(chunk.token_ids) - 1) for chunk, first in zip(chunks, first_rows) if chunk.sample]
+        rows = torch.tensor([row for _, row in sampled], dtype=torch.long, device=self.device)
+        logits = self.model.logits(hidden[rows])
+        return [chunk.seq_id for chunk, _ in sampled], logits, [chunk for chunk, _ in sampled]
+
+    @torch.inference_mode()
+    def forward_hidden(self, plan: BatchPlan) -> tuple[list[ChunkPlan], torch.Tensor, list[int]]:
+        """Run the plan's forward; return (its chunks in batch order, the final hidden states
+        [T, H] of every token, the row of each chunk's first token). `model.logits` of any
+        rows gives their next-token logits (teacher-forced scoring uses all of them)."""
         for load in plan.adapter_loads:
             self.load_adapter(load.slot, load.name, load.path)
         return self._forward_chunks(plan.chunks)
@@ -201,10 +212,8 @@ class ModelRunner:
         chunks = sorted(plan_chunks, key=lambda chunk: chunk.adapter_slot)
         batch, last_token_rows = self._build_batch(chunks)
         hidden = self.model(batch, self.kv_caches)
-        sampled = [(chunk, row) for chunk, row in zip(chunks, last_token_rows) if chunk.sample]
-        rows = torch.tensor([row for _, row in sampled], dtype=torch.long, device=self.device)
-        logits = self.model.logits(hidden[rows])
-        return [chunk.seq_id for chunk, _ in sampled], logits, [chunk for chunk, _ in sampled]
+        first_rows = [last - len(chunk.token_ids) + 1 for chunk, last in zip(chunks, last_token_rows)]
+        return chunks, hidden, first_rows
 
     def _build_batch(self, chunks: list[ChunkPlan]) -> tuple[ForwardBatch, list[int]]:
         block_size = self.config.block_size

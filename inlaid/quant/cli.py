@@ -2,6 +2,8 @@
 
     inlaid quantize --model DIR --task name=ADAPTER_DIR:CALIB.jsonl ... \
         --method mlgptq --bits 4 --group-size 128 --out DIR
+    inlaid quantize --suite [--tasks a,b]     # every adapter of adapters/MANIFEST.json,
+                                              # cached under $XDG_CACHE_HOME/inlaid/quantized/
 
 Shows a progress bar per layer (with ETA), reports time and peak memory, and resumes an
 interrupted run in the same --out directory (per-layer checkpoints) unless --restart.
@@ -10,16 +12,28 @@ interrupted run in the same --out directory (per-layer checkpoints) unless --res
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from inlaid.quant.errors import QuantizationError
+
+if TYPE_CHECKING:
+    from inlaid.quant.driver import QuantizationReport
+    from inlaid.quant.spec import QuantSpec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None, help="base model directory (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--task", action="append", default=[], metavar="NAME=ADAPTER_DIR:CALIB.jsonl",
                         help="a task to calibrate for (repeat); leave ADAPTER_DIR empty for the base forward")
+    parser.add_argument("--suite", action="store_true",
+                        help="the tasks of adapters/MANIFEST.json with their calibration splits; without --out the "
+                             "checkpoint is cached by its inputs and reused (32 samples/task unless --max-samples)")
+    parser.add_argument("--tasks", default=None, metavar="A,B", help="with --suite: only these tasks of the manifest")
+    parser.add_argument("--adapters-dir", type=Path, default=None, help="with --suite: where MANIFEST.json is")
     parser.add_argument("--method", default="mlgptq",
                         help="mlgptq | minimax | max | gptq-mixed | gptq-mean-lora | gptq-task:<name> | rtn")
     parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
@@ -30,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --act-order: groups in processing order (g_idx permuted) instead of static")
     parser.add_argument("--mse-clip", action="store_true", help="search a clipped range per group")
     parser.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of the mean diagonal")
-    parser.add_argument("--max-samples", type=int, default=128, help="calibration samples per task")
+    parser.add_argument("--max-samples", type=int, default=None, help="calibration samples per task (128; --suite: 32)")
     parser.add_argument("--max-tokens", type=int, default=512, help="tokens per sample (truncated)")
     parser.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per forward batch")
     parser.add_argument("--mlgptq-rounds", type=int, default=None, help="reweighting rounds of mlgptq")
@@ -41,25 +55,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-hessian-state", action="store_true", help="do not store per-task Hessians")
     parser.add_argument("--restart", action="store_true", help="discard a partial run in --out")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
+    parser.add_argument("--out", type=Path, default=None, help="output checkpoint directory (required without --suite)")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from inlaid.models.prepare import default_model_dir
-    from inlaid.quant.calibration import parse_task_argument
+    from inlaid.quant.calibration import CalibrationTask, parse_task_argument
+    from inlaid.quant.checkpoint import METADATA_FILE
     from inlaid.quant.driver import DriverConfig, quantize_model
     from inlaid.quant.methods import MlgptqOptions, parse_method
     from inlaid.quant.spec import QuantSpec
+    from inlaid.quant.suite import (
+        DEFAULT_ADAPTERS_DIR, SUITE_CALIB_SAMPLES, ensure_suite_checkpoint, is_complete, read_manifest,
+        suite_checkpoint_dir,
+    )
 
     try:
-        if not args.task and args.method != "rtn":
+        if args.suite and args.task:
+            raise QuantizationError("--suite takes its tasks from adapters/MANIFEST.json: drop the --task flags "
+                                    "(or --suite, to list the tasks yourself)")
+        if not args.suite and (args.tasks or args.adapters_dir):
+            raise QuantizationError("--tasks and --adapters-dir go with --suite")
+        if not args.suite and args.out is None:
+            raise QuantizationError("--out is required (or --suite, which caches the checkpoint by its inputs)")
+        if not args.suite and not args.task and args.method != "rtn":
             raise QuantizationError(
                 f"--method {args.method} needs calibration data: give at least one --task name=ADAPTER_DIR:CALIB.jsonl "
-                "(only rtn runs without)"
+                "(only rtn runs without), or --suite for the committed adapters"
             )
-        tasks = [parse_task_argument(text) for text in args.task]
+        adapters_dir = args.adapters_dir or DEFAULT_ADAPTERS_DIR
+        selected = [name.strip() for name in args.tasks.split(",") if name.strip()] if args.tasks else None
+        if args.suite:
+            tasks = [CalibrationTask(t.name, t.adapter_dir, t.calib_path) for t in read_manifest(adapters_dir, selected)]
+        else:
+            tasks = [parse_task_argument(text) for text in args.task]
         method = parse_method(args.method, [task.name for task in tasks])
         spec = QuantSpec(bits=args.bits, group_size=args.group_size, symmetric=args.sym, act_order=args.act_order,
                          static_groups=not args.dynamic_groups, mse_clip=args.mse_clip, damp_percent=args.damp)
@@ -71,9 +102,29 @@ def run(args: argparse.Namespace) -> int:
                                 mean_slack=args.mlgptq_slack if args.mlgptq_slack is not None else defaults.mean_slack)
         if args.threads:
             torch.set_num_threads(args.threads)
+        max_samples = args.max_samples or (SUITE_CALIB_SAMPLES if args.suite else 128)
+        if args.suite and args.out is None:
+            if args.no_errors or args.restart:
+                raise QuantizationError("the cached suite checkpoint always measures errors and resumes; "
+                                        "give --out for --no-errors or --restart")
+            started = time.time()
+            cached = is_complete(suite_checkpoint_dir(
+                args.model, method=method.name, spec=spec, calib_samples=max_samples, tasks=selected,
+                adapters_dir=adapters_dir, max_tokens=args.max_tokens, max_batch_tokens=args.batch_tokens, mlgptq=options))
+            out_dir = ensure_suite_checkpoint(
+                args.model, method=method.name, spec=spec, calib_samples=max_samples, tasks=selected,
+                adapters_dir=adapters_dir, max_tokens=args.max_tokens, max_batch_tokens=args.batch_tokens,
+                mlgptq=options, save_hessian_state=not args.no_hessian_state,
+            )
+            metadata = json.loads((out_dir / METADATA_FILE).read_text())
+            print(f"{method.name}: {spec.bits}-bit g{spec.group_size}, tasks {', '.join(t.name for t in tasks)}")
+            _print_errors(metadata["layer_errors"])
+            how = "cached" if cached else f"built in {time.time() - started:.1f} s"
+            print(f"suite checkpoint ({how}): {out_dir}")
+            return 0
         config = DriverConfig(
             model_dir=args.model or default_model_dir(), tasks=tasks, method=method, spec=spec, out_dir=args.out,
-            max_samples=args.max_samples, max_tokens=args.max_tokens, max_batch_tokens=args.batch_tokens,
+            max_samples=max_samples, max_tokens=args.max_tokens, max_batch_tokens=args.batch_tokens,
             measure_errors=not args.no_errors, save_hessian_state=not args.no_hessian_state, mlgptq=options,
             resume=not args.restart,
         )
@@ -81,16 +132,24 @@ def run(args: argparse.Namespace) -> int:
     except QuantizationError as error:
         print(f"inlaid quantize: error: {error}", file=sys.stderr)
         return 2
+    _print_report(report, spec)
+    return 0
+
+
+def _print_report(report: QuantizationReport, spec: QuantSpec) -> None:
     print(f"{report.method}: {spec.bits}-bit g{spec.group_size} -> {report.out_dir}")
     if report.layers_resumed:
         print(f"resumed after {report.layers_resumed} finished layers")
     for name, counts in report.calibration.items():
         print(f"  task {name}: {counts['samples']} samples, {counts['tokens']} tokens")
-    if report.layer_errors:
-        task_names = list(report.layer_errors[0]["errors"])
-        print("  mean relative reconstruction error ||(W-Q)X||²/||WX||² over linears:")
-        for name in task_names:
-            values = [entry["errors"][name] for entry in report.layer_errors]
-            print(f"    {name}: {sum(values) / len(values):.3e}")
+    _print_errors(report.layer_errors)
     print(f"time {report.seconds:.1f} s, peak memory (RSS) {report.peak_rss_mb:.0f} MB")
-    return 0
+
+
+def _print_errors(layer_errors: list[dict]) -> None:
+    if not layer_errors:
+        return
+    print("  mean relative reconstruction error ||(W-Q)X||²/||WX||² over linears:")
+    for name in layer_errors[0]["errors"]:
+        values = [entry["errors"][name] for entry in layer_errors]
+        print(f"    {name}: {sum(values) / len(values):.3e}")

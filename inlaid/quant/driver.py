@@ -42,6 +42,7 @@ from inlaid.quant.spec import QuantSpec
 from inlaid.quant.state import save_layer_state
 
 PARTIAL_DIR = ".partial"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 @dataclass
@@ -63,11 +64,16 @@ class DriverConfig:
     write_model: bool = True
 
     def fingerprint(self) -> str:
-        """Identifies what a partial run computed; a resume must match it."""
+        """Identifies what a partial run computed, by content (the model's, adapters' and
+        calibration files'), so a resume matches the same inputs wherever they lie."""
+        model_dir = Path(self.model_dir)
         described = {
-            "model": str(Path(self.model_dir).resolve()), "method": self.method.name, "spec": self.spec.to_dict(),
-            "tasks": [(t.name, str(t.adapter_dir), str(t.calib_path)) for t in self.tasks],
-            "max_samples": self.max_samples, "max_tokens": self.max_tokens, "mlgptq": asdict(self.mlgptq),
+            "model": {p.name: file_digest(p) for p in sorted(model_dir.glob("*.safetensors"))}
+            | {"config.json": file_digest(model_dir / "config.json")},
+            "method": self.method.name, "spec": self.spec.to_dict(),
+            "tasks": [(t.name, adapter_digest(t.adapter_dir), file_digest(t.calib_path)) for t in self.tasks],
+            "max_samples": self.max_samples, "max_tokens": self.max_tokens,
+            "max_batch_tokens": self.max_batch_tokens, "mlgptq": asdict(self.mlgptq),
         }
         return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -93,6 +99,23 @@ class QuantizationReport:
     layers_resumed: int
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (read in chunks: model files are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def adapter_digest(adapter_dir: Path | None) -> dict[str, str] | None:
+    """Digests of what defines an adapter (its config and weights); None for the base forward."""
+    if adapter_dir is None:
+        return None
+    files = [Path(adapter_dir) / name for name in ADAPTER_FILES]
+    return {p.name: file_digest(p) for p in files if p.is_file()}
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -108,7 +131,7 @@ def _load_calibration(config: DriverConfig, tokenizer) -> tuple[dict[str, list[T
         counts[task.name] = {
             "samples": len(sequences), "tokens": int(sum(len(s) for s in sequences)),
             "calib": str(task.calib_path),
-            "calib_sha256": hashlib.sha256(Path(task.calib_path).read_bytes()).hexdigest(),
+            "calib_sha256": file_digest(task.calib_path),
             "adapter": str(task.adapter_dir) if task.adapter_dir else None,
         }
     return batches, counts
