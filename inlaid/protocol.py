@@ -344,7 +344,7 @@ class RemoveTask(msgspec.Struct, frozen=True, kw_only=True, tag="remove_task", f
     token: str = ""
 
 
-class TaskStatus(msgspec.Struct, frozen=True, kw_only=True, tag="task_status"):
+class TaskStatus(msgspec.Struct, frozen=True, kw_only=True, tag="task_status", forbid_unknown_fields=True):
     """Admin: where task `name` stands (its re-quantization above all)."""
 
     request_id: str

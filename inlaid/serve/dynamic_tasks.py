@@ -130,14 +130,19 @@ class DynamicTasks:
                 self.registry.add(name, record.adapter_dir)
             except TaskError as error:
                 log.error("a stored task cannot be served", extra={"task": name, "reason": error.message})
+                record.phase, record.message = FAILED, f"not served after a restart: {error.message}"
                 continue
             if record.phase in (QUEUED, REQUANTIZING):
                 record.phase = QUEUED
                 self.queue.append(name)
-        self._restore = {layer: LayerSwap(layer=layer, version=entry.version,
-                                          handle=LayerHandle(transport="file", name=entry.file))
-                         for layer, entry in store.layers.items()}
+        self._restore = self._committed_swaps()
         store.save()
+
+    def _committed_swaps(self) -> dict[int, LayerSwap]:
+        """Every committed layer as a file swap: what a fresh executor lacks."""
+        assert self.store is not None
+        return {layer: LayerSwap(layer=layer, version=entry.version, handle=LayerHandle(transport="file", name=entry.file))
+                for layer, entry in self.store.layers.items()}
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -228,7 +233,7 @@ class DynamicTasks:
             if self.current == name:
                 self._later(self._send(CancelJob(job_id=job_id(record))))
                 self._finish_current()
-            else:
+            elif name in self.queue:
                 self.queue.remove(name)
             text += "; its re-quantization is cancelled (layers already swapped in stay: each is a valid quantization)"
         if name not in store.dropped:
@@ -246,7 +251,8 @@ class DynamicTasks:
                 raise TaskError(ErrorCode.UNKNOWN_TASK, f"unknown task {name!r}")
             return TaskStatusReply(request_id=request_id, name=name, phase=SERVING, layers_done=0,
                                    layers_total=self.num_layers, version=0, served_version=served_version,
-                                   layers_swapped=0, message="served from the server config; never re-quantized for")
+                                   layers_swapped=0, message="served from the server config: the base covers it only if "
+                                                             "the checkpoint was quantized for it")
         assert store is not None
         kept = [KeptLinear(layer=d["layer"], linear=d["linear"], action=d["action"], reason=d["reason"])
                 for d in record.decisions if d["action"] != "requantized"]
@@ -277,9 +283,7 @@ class DynamicTasks:
 
     def on_executor_lost(self) -> None:
         if self.store is not None:
-            self._restore = {layer: LayerSwap(layer=layer, version=entry.version,
-                                              handle=LayerHandle(transport="file", name=entry.file))
-                             for layer, entry in self.store.layers.items()}
+            self._restore = self._committed_swaps()
         if self._live is not None:
             self._live.sent = False  # its result died with the executor: send it again
 
