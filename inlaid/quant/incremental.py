@@ -248,14 +248,16 @@ class IncrementalQuantizer:
 
         started = time.perf_counter()
         forward = self.method.hessian_forward
-        stored = self.stored_state(index)
-        state: LayerState = {}
-        for group in INPUT_GROUPS:
-            kept = {name: stat for name, stat in stored.get(group, {}).items() if name not in self.drop_tasks}
-            if self.settings.exact:
-                kept = {item.name: computed[(item.name, forward)][group] for item in self.existing_tasks}
-            state[group] = {**kept, self.task.name: computed[(self.task.name, forward)][group]}
-        existing_names = [name for name in state[next(iter(INPUT_GROUPS))] if name != self.task.name]
+        if self.settings.exact:
+            existing: LayerState = {group: {item.name: computed[(item.name, forward)][group]
+                                            for item in self.existing_tasks} for group in INPUT_GROUPS}
+        else:
+            stored = self.stored_state(index)
+            existing = {group: {name: stat for name, stat in stored.get(group, {}).items()
+                                if name not in self.drop_tasks} for group in INPUT_GROUPS}
+        state: LayerState = {group: {**existing[group], self.task.name: computed[(self.task.name, forward)][group]}
+                             for group in INPUT_GROUPS}
+        existing_names = list(existing[next(iter(INPUT_GROUPS))])
         served = self.served_tensors(index)
         prefix = f"model.layers.{index}"
         tensors: dict[str, torch.Tensor] = {}

@@ -23,6 +23,8 @@ import resource
 import sys
 import time
 import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import zmq
@@ -40,6 +42,11 @@ from inlaid.protocol import (
     RequantizerShutdown,
 )
 from inlaid.serve.logs import setup_logging
+
+if TYPE_CHECKING:
+    import torch
+
+    from inlaid.quant.layer_decisions import LinearDecision
 
 log = logging.getLogger("inlaid.requantizer")
 
@@ -106,14 +113,12 @@ class _Channel:
                 raise _Stop(shutdown=True)
 
 
-def _linear_outcomes(decisions) -> list[LinearOutcome]:  # decisions: list[LinearDecision]
+def _linear_outcomes(decisions: list[LinearDecision]) -> list[LinearOutcome]:
     return [LinearOutcome(linear=d.linear, action=d.action, change=d.change, reason=d.reason,
                           errors_served=d.errors_served, errors_new=d.errors_new) for d in decisions]
 
 
-def _save_layer(tensors, directory: str, layer: int, version: int) -> str:  # tensors: dict[str, Tensor]
-    from pathlib import Path
-
+def _save_layer(tensors: dict[str, torch.Tensor], directory: str, layer: int, version: int) -> str:
     from safetensors.torch import save_file
 
     path = Path(directory) / f"layer_{layer:03d}.v{version}.safetensors"
@@ -127,8 +132,6 @@ def _save_layer(tensors, directory: str, layer: int, version: int) -> str:  # te
 
 def run_job(channel: _Channel, job: RequantizeJob) -> None:
     """Raises _Stop when cancelled or told to exit mid-way; reports every other ending."""
-    from pathlib import Path
-
     from inlaid.quant.calibration import CalibrationTask
     from inlaid.quant.errors import QuantizationError
     from inlaid.quant.incremental import IncrementalQuantizer, IncrementalSettings
