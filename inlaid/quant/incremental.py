@@ -293,7 +293,8 @@ class IncrementalQuantizer:
                                          f"{100 * self.settings.change_threshold:.2f}%"), served_packed
         outcome = quantize_linear(self.method, weight, merged, self.spec, self.options)
         accepted, before, after, reason = quality_gate(
-            weight, served_dense, outcome.quantized.dequantize(), merged, existing_names, self.settings.quality_tolerance)
+            weight, served_dense, outcome.quantized.dequantize(), merged, existing_names, self.settings.quality_tolerance,
+            known_after=outcome.task_errors)
         if not accepted:
             return LinearDecision(linear_name, KEPT_QUALITY, change, before, after, reason), served_packed
         bias = linear.bias.data if linear.bias is not None else None

@@ -83,12 +83,14 @@ def aggregate_change(method: Method, weight: torch.Tensor, existing: dict[str, T
 
 
 def quality_gate(weight: torch.Tensor, served: torch.Tensor, requantized: torch.Tensor,
-                 stats: dict[str, TaskHessian], existing: list[str],
-                 tolerance: float | None) -> tuple[bool, dict[str, float], dict[str, float], str]:
+                 stats: dict[str, TaskHessian], existing: list[str], tolerance: float | None,
+                 known_after: dict[str, float] | None = None) -> tuple[bool, dict[str, float], dict[str, float], str]:
     """(accept, errors on served, errors on re-quantized, reason) for every task in `stats`;
-    only the tasks in `existing` can veto. tolerance None: accept always."""
+    only the tasks in `existing` can veto. tolerance None: accept always. `known_after`: the
+    re-quantized weight's errors when the method already measured them (mlgptq's search)."""
     before = task_errors(weight, served, stats)
-    after = task_errors(weight, requantized, stats)
+    after = known_after if known_after is not None and set(known_after) == set(stats) else (
+        task_errors(weight, requantized, stats))
     if tolerance is None:
         return True, before, after, ""
     worse = {name: after[name] / before[name] - 1.0 if before[name] > 0 else float("inf")
