@@ -86,21 +86,25 @@ def test_exact_mode_is_bit_identical_to_full_mlgptq(setup):
                 assert torch.equal(stat.hessian, ours[group][task].hessian) and stat.tokens == ours[group][task].tokens
 
 
-def test_stored_mode_layer0_exact_later_layers_bounded(setup):
-    """The default mode runs gamma's forward only. Layer 0 sees no quantization upstream: bit
-    exact. Later, the stored alpha/beta Hessians came from the OLD quantization of the earlier
-    layers: the difference is that drift, measured here, and its effect on every task's error
-    (against the full run's own Hessians, in float64) stays bounded."""
+def test_stored_mode_first_group_exact_the_rest_bounded(setup):
+    """The default mode runs gamma's forward only. Layer 0's q/k/v read the embeddings, which
+    no quantization touches: bit exact. Every later linear's stored alpha/beta Hessians came
+    from the OLD quantization of the linears before it: the difference is that drift,
+    measured here, and its effect on every task's error (against the full run's own
+    Hessians, in float64) stays bounded."""
     root, model, _ = setup
     outcomes = _run(setup, "stored", change_threshold=0.0, quality_tolerance=None)
     layer0 = read_layer_tensors(root / "abc" / WEIGHTS_FILE, 0)
-    assert all(torch.equal(tensor, outcomes[0].tensors[key]) for key, tensor in layer0.items())
-    for outcome in outcomes[1:]:
+    first_group = [key for key in layer0 if any(f".self_attn.{p}_proj." in key for p in "qkv")]
+    assert len(first_group) == 12 and all(torch.equal(layer0[key], outcomes[0].tensors[key]) for key in first_group)
+    for outcome in outcomes:
         full_state, _ = load_layer_state(root / "abc" / HESSIAN_STATE_DIR, outcome.layer)
         stored, _ = load_layer_state(root / "stored", outcome.layer)
-        drift = max(float((stored[g][t].hessian - s.hessian).norm() / s.hessian.norm())
-                    for g, per_task in full_state.items() for t, s in per_task.items() if t != "gamma")
-        assert 0.0 < drift < 0.5  # the explained difference: nonzero, and far from a different problem
+        for group, per_task in full_state.items():
+            drift = max(float((stored[group][t].hessian - s.hessian).norm() / s.hessian.norm())
+                        for t, s in per_task.items() if t != "gamma")
+            first = outcome.layer == 0 and group == "attn_in"
+            assert drift == 0.0 if first else 0.0 < drift < 0.5  # nonzero, and far from another problem
         full = read_layer_tensors(root / "abc" / WEIGHTS_FILE, outcome.layer)
         worst_full, worst_ours = [], []
         for linear in LINEAR_NAMES:
@@ -167,7 +171,8 @@ def test_incremental_checkpoint_serves_and_chains(setup, tmp_path):
     assert len(checkpoint.linears) == 7 * LAYERS
     stored = read_layer_tensors(root / "abc" / WEIGHTS_FILE, 0)
     for key, tensor in read_layer_tensors(tmp_path / "out" / WEIGHTS_FILE, 0).items():
-        assert torch.equal(tensor, stored[key])  # layer 0: bit-exact with the full run (see above)
+        if ".self_attn.o_proj." not in key and ".mlp." not in key:
+            assert torch.equal(tensor, stored[key])  # layer 0's q/k/v: bit-exact with the full run (see above)
     delta = CalibrationTask("delta", make_adapter(model, tmp_path / "adapter_delta", seed=9),
                             write_calibration(tmp_path / "delta.jsonl", "delta", 5))
     chained = IncrementalQuantizer(model, tmp_path / "out", delta, IncrementalSettings(), tmp_path / "state2")

@@ -17,7 +17,7 @@ from inlaid.quant.checkpoint import dequantized_state_dict, load_gptq_checkpoint
 from inlaid.quant.driver import DriverConfig, quantize_model
 from inlaid.quant.errors import AdapterMismatchError, CalibrationDataError, NonFiniteHessianError
 from inlaid.quant.methods import parse_method
-from inlaid.quant.model_io import LINEAR_NAMES
+from inlaid.quant.model_io import INPUT_GROUPS, LINEAR_NAMES
 from inlaid.quant.spec import QuantSpec
 from inlaid.quant.state import load_layer_state
 
@@ -108,33 +108,45 @@ def _config(root: Path, model_dir: Path, tasks, method: str, out: str, **kwargs)
     )
 
 
-def _reference_hessians(model_dir: Path, state_dict: dict | None, task: CalibrationTask, max_tokens: int):
+class _ReferenceForward:
     """Layer inputs of every layer from ONE full-model PEFT forward per sample (no batching,
-    no padding, no layer-by-layer runner), as float64 Hessians: group -> layer -> H."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    if state_dict is not None:
-        model.load_state_dict(state_dict, strict=False)
-    peft_model = peft.PeftModel.from_pretrained(model, str(task.adapter_dir)).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
-    collected: dict[tuple[int, str], list[torch.Tensor]] = {}
-    handles = []
-    for index, layer in enumerate(model.model.layers):
-        for group, module in (("attn_in", layer.self_attn.q_proj), ("attn_out", layer.self_attn.o_proj),
-                              ("mlp_in", layer.mlp.gate_proj), ("mlp_out", layer.mlp.down_proj)):
-            def hook(_m, args, key=(index, group)):
-                collected.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]).double())
-            handles.append(module.base_layer.register_forward_pre_hook(hook))
-    with torch.no_grad():
-        for line in task.calib_path.read_text().splitlines():
-            ids = tokenizer(sample_text(json.loads(line), tokenizer), add_special_tokens=False)["input_ids"]
-            peft_model(input_ids=torch.tensor([ids[:max_tokens]]))
-    for handle in handles:
-        handle.remove()
-    hessians = {}
-    for key, chunks in collected.items():
-        x = torch.cat(chunks)
-        hessians[key] = (2.0 * x.T @ x / x.shape[0], x.shape[0])
-    return hessians
+    no padding, no layer-by-layer runner), as float64 Hessians: (layer, group) -> (H, tokens)."""
+
+    def __init__(self, model_dir: Path, task: CalibrationTask, max_tokens: int) -> None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        self.original = {k: v.clone() for k, v in model.state_dict().items()}
+        self.model = peft.PeftModel.from_pretrained(model, str(task.adapter_dir)).eval()
+        self.base = model
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+        self.samples = [tokenizer(sample_text(json.loads(line), tokenizer), add_special_tokens=False)["input_ids"][:max_tokens]
+                        for line in task.calib_path.read_text().splitlines()]
+
+    def hessians(self, replaced: dict[str, torch.Tensor]) -> dict[tuple[int, str], tuple[torch.Tensor, int]]:
+        """With the base weights in `replaced` swapped in (the rest as in the original model)."""
+        modules = dict(self.base.named_modules())
+        for key, original in self.original.items():
+            module_path, name = key.rsplit(".", 1)
+            module = modules[module_path]
+            module = module.base_layer if hasattr(module, "base_layer") else module
+            getattr(module, name).data.copy_(replaced.get(key, original))
+        collected: dict[tuple[int, str], list[torch.Tensor]] = {}
+        handles = []
+        for index, layer in enumerate(self.base.model.layers):
+            for group, module in (("attn_in", layer.self_attn.q_proj), ("attn_out", layer.self_attn.o_proj),
+                                  ("mlp_in", layer.mlp.gate_proj), ("mlp_out", layer.mlp.down_proj)):
+                def hook(_m, args, key=(index, group)):
+                    collected.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]).double())
+                handles.append(module.base_layer.register_forward_pre_hook(hook))
+        with torch.no_grad():
+            for ids in self.samples:
+                self.base.model(input_ids=torch.tensor([ids]))  # the decoder only: no logits needed
+        for handle in handles:
+            handle.remove()
+        hessians = {}
+        for key, chunks in collected.items():
+            x = torch.cat(chunks)
+            hessians[key] = (2.0 * x.T @ x / x.shape[0], x.shape[0])
+        return hessians
 
 
 def test_mlgptq_checkpoint_hessians_and_reload(tiny_setup) -> None:
@@ -153,22 +165,23 @@ def test_mlgptq_checkpoint_hessians_and_reload(tiny_setup) -> None:
     assert all(0 < e < 0.2 for entry in report.layer_errors for e in entry["errors"].values())
     assert "model.embed_tokens.weight" in checkpoint.tensors
 
-    # Hessians of layer 0 (unquantized inputs) and layer 1 (inputs through the QUANTIZED
-    # layer 0) against a plain full-model forward with the checkpoint's layer 0 weights.
+    # True-sequential: each group's Hessian is taken on inputs computed with every linear
+    # before it quantized (the earlier layers, and the earlier groups of its own layer).
+    # Reference: a plain full-model PEFT forward with exactly those weights replaced by the
+    # checkpoint's.
     dequantized = dequantized_state_dict(checkpoint)
-    layer0_only = {k: v for k, v in dequantized.items() if k.startswith("model.layers.0.")}
-    for task in tasks:
-        # all of layer 0's Hessians are taken before layer 0 is quantized; layer 1's after
-        references = [_reference_hessians(model_dir, None, task, max_tokens=64),
-                      _reference_hessians(model_dir, layer0_only, task, max_tokens=64)]
-        for layer_index, reference in enumerate(references):
-            state, forward = load_layer_state(out / "hessian_state", layer_index)
-            assert forward == "adapter"
-            for group in ("attn_in", "attn_out", "mlp_in", "mlp_out"):
-                expected, tokens = reference[(layer_index, group)]
-                stored = state[group][task.name]
-                assert stored.tokens == tokens
-                torch.testing.assert_close(stored.hessian.double(), expected, rtol=2e-4, atol=2e-5)
+    order = [(layer_index, group) for layer_index in range(2) for group in INPUT_GROUPS]
+    references = {task.name: _ReferenceForward(model_dir, task, max_tokens=64) for task in tasks}
+    for position, (layer_index, group) in enumerate(order):
+        before = {f"model.layers.{i}.{linear}.weight" for i, g in order[:position] for linear in INPUT_GROUPS[g]}
+        state, forward = load_layer_state(out / "hessian_state", layer_index)
+        assert forward == "adapter"
+        for task in tasks:
+            reference = references[task.name].hessians({k: dequantized[k] for k in before})
+            expected, tokens = reference[(layer_index, group)]
+            stored = state[group][task.name]
+            assert stored.tokens == tokens
+            torch.testing.assert_close(stored.hessian.double(), expected, rtol=2e-4, atol=2e-5)
 
     # The dequantized checkpoint runs through transformers; on calibration text it is closer
     # to the original than the round-to-nearest checkpoint.

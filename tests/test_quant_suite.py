@@ -104,17 +104,17 @@ def test_built_once_reused_and_rebuilt_when_an_input_changes(suite_setup, tmp_pa
 def test_interrupted_build_resumes_to_the_same_checkpoint(suite_setup, tmp_path, monkeypatch) -> None:
     root, model_dir, adapters = suite_setup
     options = _options(adapters, tmp_path / "cache", method="gptq-mean-lora", bits=3)
-    original = driver._quantize_layer
+    original = driver._quantize_group
 
     def crash_in_layer_1(config, layer, prefix, *args):
         if prefix.endswith(".1"):
             raise KeyboardInterrupt("killed during layer 1")
         return original(config, layer, prefix, *args)
 
-    monkeypatch.setattr(driver, "_quantize_layer", crash_in_layer_1)
+    monkeypatch.setattr(driver, "_quantize_group", crash_in_layer_1)
     with pytest.raises(KeyboardInterrupt):
         ensure_suite_checkpoint(model_dir, **options, progress=False)
-    monkeypatch.setattr(driver, "_quantize_layer", original)
+    monkeypatch.setattr(driver, "_quantize_group", original)
     out = suite_checkpoint_dir(model_dir, **options)
     assert not is_complete(out) and (out / ".partial" / "layer_000.safetensors").is_file()
     assert ensure_suite_checkpoint(model_dir, **options, progress=False) == out

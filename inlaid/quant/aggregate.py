@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from inlaid.quant.gptq import QuantizedWeight, gptq_quantize
-from inlaid.quant.hessian import quadratic_form_trace, reconstruction_error
+from inlaid.quant.gptq import QuantizedWeight, gptq_quantize_many
+from inlaid.quant.hessian import gram
 from inlaid.quant.spec import QuantSpec
 
 
@@ -44,21 +44,49 @@ class AggregateOutcome:
     task_errors: dict[str, float] = field(default_factory=dict)
 
 
-def _weighted_sum(stats: dict[str, TaskHessian], weights: dict[str, float]) -> torch.Tensor:
-    total = sum(weights.values())
-    first = next(iter(stats.values())).hessian
-    combined = torch.zeros_like(first, dtype=torch.float32)
-    for name, stat in stats.items():
-        combined.add_(stat.hessian.float(), alpha=weights[name] / total)
-    return combined
+class TaskHessians:
+    """The per-task Hessians of one input, stacked [tasks, in, in] (fp32) so that a weighted
+    sum Σ λ_t H_t is one product and so is every task's ⟨M, H_t⟩ = Σ_ij M_ij (H_t)_ij.
+
+    The latter gives a task's error without a forward and without a per-task matmul:
+    ‖A X_t‖² ∝ tr(A H_t Aᵀ) = ⟨AᵀA, H_t⟩, so one Gram matrix AᵀA serves every task."""
+
+    def __init__(self, stats: dict[str, TaskHessian]) -> None:
+        self.names = list(stats)
+        self.tokens = {name: stat.tokens for name, stat in stats.items()}
+        self.stacked = torch.stack([stat.hessian.float() for stat in stats.values()])
+
+    def combine(self, weights: dict[str, float]) -> torch.Tensor:
+        """Σ_t λ_t H_t with λ normalised to sum 1."""
+        total = sum(weights.values())
+        lam = torch.tensor([weights[name] / total for name in self.names], dtype=torch.float32)
+        size = self.stacked.shape[-1]
+        return (lam @ self.stacked.view(len(self.names), -1)).view(size, size)
+
+    def inner(self, matrix: torch.Tensor) -> dict[str, float]:
+        """⟨matrix, H_t⟩ for every task: one matrix-vector product over the stack."""
+        sums = self.stacked.view(len(self.names), -1) @ matrix.float().reshape(-1)
+        return dict(zip(self.names, sums.tolist()))
+
+    def energies(self, weight: torch.Tensor) -> dict[str, float]:
+        """tr(W H_t Wᵀ) = (2/n_t)‖W X_t‖² for every task."""
+        return self.inner(gram(weight.float()))
+
+    def errors(self, weight: torch.Tensor, quantized: torch.Tensor, energies: dict[str, float] | None = None) -> dict[str, float]:
+        """Every task's relative output error ‖(W−Q)X_t‖²/‖WX_t‖²."""
+        energies = energies if energies is not None else self.energies(weight)
+        raw = self.inner(gram(weight.float() - quantized.float()))
+        return {name: raw[name] / energies[name] if energies[name] > 0 else raw[name] for name in self.names}
 
 
 def output_energy(weight: torch.Tensor, hessian: torch.Tensor) -> float:
     """tr(W H Wᵀ) = (2/n)‖W X‖²."""
-    return quadratic_form_trace(weight, hessian)
+    weight = weight.float()
+    return float(((weight.T @ weight) * hessian.float()).sum(dtype=torch.float64))
 
 
-def static_weights(kind: str, weight: torch.Tensor, stats: dict[str, TaskHessian]) -> dict[str, float]:
+def static_weights(kind: str, weight: torch.Tensor, stats: dict[str, TaskHessian],
+                   energies: dict[str, float] | None = None) -> dict[str, float]:
     if kind == "token-mean":
         return {name: float(stat.tokens) for name, stat in stats.items()}
     if kind == "task-mean":
@@ -66,19 +94,18 @@ def static_weights(kind: str, weight: torch.Tensor, stats: dict[str, TaskHessian
     if kind == "trace-norm":
         return {name: 1.0 / max(float(torch.trace(stat.hessian)), 1e-30) for name, stat in stats.items()}
     if kind == "error-norm":
-        return {name: 1.0 / max(output_energy(weight, stat.hessian), 1e-30) for name, stat in stats.items()}
+        energies = energies if energies is not None else TaskHessians(stats).energies(weight)
+        return {name: 1.0 / max(energies[name], 1e-30) for name in stats}
     raise ValueError(f"unknown static weighting '{kind}'")
 
 
 def task_errors(
-    weight: torch.Tensor, quantized: torch.Tensor, stats: dict[str, TaskHessian],
+    weight: torch.Tensor, quantized: torch.Tensor, stats: dict[str, TaskHessian] | TaskHessians,
     energies: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Each task's relative error ‖(W-Q)X_t‖²/‖WX_t‖² (energies: precomputed ‖WX_t‖² terms)."""
-    return {
-        name: reconstruction_error(weight, quantized, stat.hessian, None if energies is None else energies[name])
-        for name, stat in stats.items()
-    }
+    hessians = stats if isinstance(stats, TaskHessians) else TaskHessians(stats)
+    return hessians.errors(weight, quantized, energies)
 
 
 def elementwise_max(stats: dict[str, TaskHessian]) -> torch.Tensor:
@@ -89,43 +116,60 @@ def elementwise_max(stats: dict[str, TaskHessian]) -> torch.Tensor:
     return combined
 
 
-def quantize_static(kind: str, weight: torch.Tensor, stats: dict[str, TaskHessian], spec: QuantSpec) -> AggregateOutcome:
-    weights = static_weights(kind, weight, stats)
-    quantized = gptq_quantize(weight, _weighted_sum(stats, weights), spec)
-    total = sum(weights.values())
-    return AggregateOutcome(quantized, {name: value / total for name, value in weights.items()})
+def quantize_static(kind: str, weights: list[torch.Tensor], stats: dict[str, TaskHessian], spec: QuantSpec,
+                    hessians: TaskHessians | None = None) -> list[AggregateOutcome]:
+    """GPTQ of every linear reading this input against one fixed combination of the H_t
+    (token-mean: the concatenated calibration set). Token-mean needs no weight; the
+    weight-dependent error-norm gives each linear its own combination."""
+    hessians = hessians or TaskHessians(stats)
+    lambdas = [static_weights(kind, weight, stats) for weight in weights]
+    combined = _combine_distinct(hessians, lambdas)
+    quantized = gptq_quantize_many(weights, combined, spec)
+    return [AggregateOutcome(q, {name: value / sum(lam.values()) for name, value in lam.items()})
+            for q, lam in zip(quantized, lambdas)]
+
+
+def _combine_distinct(hessians: TaskHessians, lambdas: list[dict[str, float]]) -> list[torch.Tensor]:
+    """Σ λ_t H_t per linear, built (and later factorized) once per distinct λ."""
+    built: dict[tuple, torch.Tensor] = {}
+    for lam in lambdas:
+        key = tuple(lam[name] for name in hessians.names)
+        if key not in built:
+            built[key] = hessians.combine(lam)
+    return [built[tuple(lam[name] for name in hessians.names)] for lam in lambdas]
 
 
 def quantize_minimax(
-    weight: torch.Tensor, stats: dict[str, TaskHessian], spec: QuantSpec, rounds: int = 4, step: float = 2.0,
-    start: str = "error-norm", mean_slack: float | None = None,
-) -> AggregateOutcome:
-    """Multiplicative-weights search for the task weighting whose GPTQ result has the lowest
-    worst-task relative error. Starts from `start` (error-norm: all relative errors weigh
-    the same); each round multiplies λ_t by (e_t / mean e)^step. With `mean_slack`, a round
-    counts only if its task-mean error is at most (1 + mean_slack) x the first round's."""
-    energies = {name: max(output_energy(weight, stat.hessian), 1e-30) for name, stat in stats.items()}
-    weights = static_weights(start, weight, stats)
-    best: AggregateOutcome | None = None
-    best_worst = float("inf")
-    mean_bound = float("inf")
+    weights: list[torch.Tensor], stats: dict[str, TaskHessian], spec: QuantSpec, rounds: int = 4, step: float = 2.0,
+    start: str = "error-norm", mean_slack: float | None = None, hessians: TaskHessians | None = None,
+) -> list[AggregateOutcome]:
+    """Multiplicative-weights search, per linear, for the task weighting whose GPTQ result
+    has the lowest worst-task relative error. Starts from `start` (error-norm: all relative
+    errors weigh the same); each round multiplies λ_t by (e_t / mean e)^step. With
+    `mean_slack`, a round counts only if its task-mean error is at most (1 + mean_slack) x
+    the first round's. The linears reading one input (`weights`) search independently, their
+    GPTQ runs batched round by round; `hessians`: the stats already stacked."""
+    hessians = hessians or TaskHessians(stats)
+    energies = [{name: max(value, 1e-30) for name, value in hessians.energies(weight).items()} for weight in weights]
+    lambdas = [static_weights(start, weight, stats, energy) for weight, energy in zip(weights, energies)]
+    best: list[AggregateOutcome | None] = [None] * len(weights)
+    best_worst = [float("inf")] * len(weights)
+    mean_bound = [float("inf")] * len(weights)
     for round_index in range(max(rounds, 1)):
-        quantized = gptq_quantize(weight, _weighted_sum(stats, weights), spec)
-        errors = task_errors(weight, quantized.dequantize(), stats, energies)
-        worst = max(errors.values())
-        mean_error = sum(errors.values()) / len(errors)
-        if round_index == 0 and mean_slack is not None:
-            mean_bound = (1.0 + mean_slack) * mean_error
-        if worst < best_worst and mean_error <= mean_bound:
-            # report λ relative to the normalised Hessians H_t / ‖W X_t‖²
-            relative = {name: weights[name] * energies[name] for name in stats}
-            total = sum(relative.values())
-            best = AggregateOutcome(quantized, {n: v / total for n, v in relative.items()}, errors)
-            best_worst = worst
-        if round_index + 1 == rounds:
-            break
-        if mean_error <= 0:
-            break
-        weights = {name: weights[name] * (errors[name] / mean_error) ** step for name in stats}
-    assert best is not None
-    return best
+        quantized = gptq_quantize_many(weights, _combine_distinct(hessians, lambdas), spec)
+        for index, (weight, candidate) in enumerate(zip(weights, quantized)):
+            errors = hessians.errors(weight, candidate.dequantize(), energies[index])
+            worst = max(errors.values())
+            mean_error = sum(errors.values()) / len(errors)
+            if round_index == 0 and mean_slack is not None:
+                mean_bound[index] = (1.0 + mean_slack) * mean_error
+            if worst < best_worst[index] and mean_error <= mean_bound[index]:
+                # report λ relative to the normalised Hessians H_t / ‖W X_t‖²
+                relative = {name: lambdas[index][name] * energies[index][name] for name in stats}
+                total = sum(relative.values())
+                best[index] = AggregateOutcome(candidate, {n: v / total for n, v in relative.items()}, errors)
+                best_worst[index] = worst
+            if mean_error > 0:
+                lambdas[index] = {name: lambdas[index][name] * (errors[name] / mean_error) ** step for name in stats}
+    assert all(outcome is not None for outcome in best)
+    return best  # type: ignore[return-value]

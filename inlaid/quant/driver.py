@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from inlaid.quant.aggregate import TaskHessian, task_errors
+from inlaid.quant.aggregate import TaskHessian, TaskHessians
 from inlaid.quant.calibration import (
     CalibrationTask, TokenBatch, make_batches, read_calibration_examples, tokenize_examples,
 )
@@ -32,11 +32,11 @@ from inlaid.quant.checkpoint import (
     HESSIAN_STATE_DIR, CheckpointMetadata, pack_linear, unpack_linear, write_checkpoint,
 )
 from inlaid.quant.errors import CheckpointError, QuantizationError
-from inlaid.quant.hessian import check_finite
-from inlaid.quant.methods import Method, MlgptqOptions, quantize_linear
+from inlaid.quant.layerwise import GroupHessians, PhaseTimer, Stream, propagate, quantize_layer_sequential
+from inlaid.quant.methods import Method, MlgptqOptions, quantize_linears
 from inlaid.quant.model_io import (
-    GROUP_OF_LINEAR, LINEAR_NAMES, HessianHooks, LayerInputs, active_adapter, attach_adapters,
-    capture_first_layer_inputs, decoder_layers, load_base_model, plain_linear, run_layer,
+    INPUT_GROUPS, LINEAR_NAMES, active_adapter, attach_adapters, capture_first_layer_inputs, decoder_layers,
+    load_base_model, onednn_linears, plain_linear,
 )
 from inlaid.quant.spec import QuantSpec
 from inlaid.quant.state import save_layer_state
@@ -79,16 +79,6 @@ class DriverConfig:
 
 
 @dataclass
-class Stream:
-    """One task's calibration samples moving through the layers under one forward."""
-
-    task: str
-    forward: str  # "adapter": the task's own forward (its adapter, if it has one); "base"
-    adapter: str | None  # the adapter name active for this stream (None = adapters off)
-    batches: list[LayerInputs]
-
-
-@dataclass
 class QuantizationReport:
     out_dir: Path
     method: str
@@ -97,6 +87,7 @@ class QuantizationReport:
     seconds: float
     peak_rss_mb: float
     layers_resumed: int
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (see quantize_model)
 
 
 def file_digest(path: Path) -> str:
@@ -213,13 +204,19 @@ def _float_tensors(model_dir: Path, skip: set[str]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def quantize_model(config: DriverConfig) -> QuantizationReport:
-    """Run the whole layer-by-layer quantization; write the checkpoint to config.out_dir."""
-    from tqdm import tqdm
+@dataclass
+class _Calibrated:
+    """The model with its adapters and every stream captured at the first layer's input."""
+
+    model: torch.nn.Module
+    peft_model: torch.nn.Module | None
+    streams: list[Stream]
+    calibration: dict
+
+
+def _prepare(config: DriverConfig) -> _Calibrated:
     from transformers import AutoTokenizer
 
-    started = time.time()
-    out_dir = Path(config.out_dir)
     task_names = [task.name for task in config.tasks]
     if len(set(task_names)) != len(task_names):
         raise QuantizationError(f"task names must be unique, got {task_names}")
@@ -229,15 +226,47 @@ def quantize_model(config: DriverConfig) -> QuantizationReport:
     adapters = {task.name: task.adapter_dir for task in config.tasks if task.adapter_dir is not None}
     peft_model = attach_adapters(model, adapters)
     forward_model = peft_model if peft_model is not None else model
-    layers = decoder_layers(model)
-    layers_done = _prepare_partial_dir(config)
-
+    onednn_linears(forward_model)
     streams: list[Stream] = []
     for task_name, adapter_on in _needed_streams(config):
         adapter = task_name if adapter_on and task_name in adapters else None
         with active_adapter(peft_model, adapter):
             batches = [capture_first_layer_inputs(forward_model, b.input_ids, b.token_mask) for b in token_batches[task_name]]
         streams.append(Stream(task_name, "adapter" if adapter_on else "base", adapter, batches))
+    return _Calibrated(model, peft_model, streams, calibration)
+
+
+def calibration_forward_seconds(config: DriverConfig) -> dict[str, float]:
+    """The floor a quantization run is measured against: the same calibration streams (same
+    samples, batches and adapters) through every decoder layer, with nothing else done.
+    Returns {"load": model, adapters and the first layer's inputs, "forward": the layers}."""
+    timer = PhaseTimer()
+    with timer.phase("load"):
+        calibrated = _prepare(config)
+    with timer.phase("forward"):
+        for layer in decoder_layers(calibrated.model):
+            propagate(layer, calibrated.streams, calibrated.peft_model)
+    return timer.seconds
+
+
+def quantize_model(config: DriverConfig) -> QuantizationReport:
+    """Run the whole layer-by-layer quantization; write the checkpoint to config.out_dir.
+
+    Phases timed (report.phases): load (model, adapters, calibration, first-layer inputs),
+    forward and hessian (the true-sequential layer pass), quantize (aggregation, GPTQ and
+    the per-task errors), resume (finished layers reloaded and re-run), write (per-layer
+    state and the final checkpoint)."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    timer = PhaseTimer()
+    out_dir = Path(config.out_dir)
+    task_names = [task.name for task in config.tasks]
+    with timer.phase("load"):
+        calibrated = _prepare(config)
+    streams, peft_model = calibrated.streams, calibrated.peft_model
+    layers = decoder_layers(calibrated.model)
+    layers_done = _prepare_partial_dir(config)
 
     layer_errors: list[dict] = []
     task_weights: dict[str, dict[str, float]] = {}
@@ -248,114 +277,121 @@ def quantize_model(config: DriverConfig) -> QuantizationReport:
         prefix = f"model.layers.{layer_index}"
         partial_path = _partial_path(out_dir, layer_index)
         if layer_index < layers_done:
-            tensors, meta = _load_partial_layer(partial_path)
-            _write_dequantized(layer, tensors, prefix, config.spec)
+            with timer.phase("resume"):
+                tensors, meta = _load_partial_layer(partial_path)
+                _write_dequantized(layer, tensors, prefix, config.spec)
+                propagate(layer, streams, peft_model)
             layer_errors += meta.get("errors", [])
             task_weights.update(meta.get("task_weights", {}))
         else:
-            stats = collect_layer_hessians(layer, streams, peft_model, layer_index)
-            tensors, errors, weights = _quantize_layer(config, layer, prefix, stats, task_names)
-            layer_errors += errors
-            task_weights.update(weights)
-            meta = {"errors": errors, "task_weights": weights}
-            if config.save_hessian_state and config.method.hessian_forward is not None:
-                save_layer_state(out_dir / HESSIAN_STATE_DIR, layer_index,
-                                 _method_state(config.method, stats, task_names), config.method.hessian_forward)
-            temporary = partial_path.with_suffix(".tmp")
-            save_file(tensors, str(temporary), metadata={"inlaid": json.dumps(meta)})
-            temporary.replace(partial_path)
-        for stream in streams:
-            with active_adapter(peft_model, stream.adapter):
-                for batch in stream.batches:
-                    batch.hidden = run_layer(layer, batch)
+            result = _LayerResult()
+
+            def quantize_group(group: str, hessians: GroupHessians) -> None:
+                with timer.phase("quantize"):
+                    _quantize_group(config, layer, prefix, group, hessians, task_names, result)
+
+            collected = quantize_layer_sequential(layer, streams, peft_model, layer_index, quantize_group, timer)
+            layer_errors += result.errors
+            task_weights.update(result.task_weights)
+            with timer.phase("write"):
+                if config.save_hessian_state and config.method.hessian_forward is not None:
+                    save_layer_state(out_dir / HESSIAN_STATE_DIR, layer_index,
+                                     _method_state(config.method, collected, task_names), config.method.hessian_forward)
+                temporary = partial_path.with_suffix(".tmp")
+                meta = {"errors": result.errors, "task_weights": result.task_weights}
+                save_file(result.tensors, str(temporary), metadata={"inlaid": json.dumps(meta)})
+                temporary.replace(partial_path)
         this_layer = [max(entry["errors"].values()) for entry in layer_errors
                       if entry["layer"] == layer_index and entry["errors"]]
         if this_layer:
             bar.set_postfix(worst_err=f"{max(this_layer):.2e}", rss_mb=f"{peak_rss_mb():.0f}")
     bar.close()
-    del streams
+    calibration = calibrated.calibration
+    del streams, calibrated
 
-    seconds = time.time() - started
     if config.write_model:
-        quantized: dict[str, torch.Tensor] = {}
-        for layer_index in range(len(layers)):
-            tensors, _ = _load_partial_layer(_partial_path(out_dir, layer_index))
-            quantized.update(tensors)
-        skip = {f"model.layers.{i}.{name}.weight" for i in range(len(layers)) for name in LINEAR_NAMES}
-        base_config = json.loads((Path(config.model_dir) / "config.json").read_text())
-        metadata = CheckpointMetadata(
-            method=config.method.name,
-            tasks=[{"name": name, **calibration[name]} for name in task_names],
-            spec=config.spec.to_dict(),
-            base_model=str(Path(config.model_dir).resolve()),
-            calibration={"max_samples": config.max_samples, "max_tokens": config.max_tokens,
-                         "max_batch_tokens": config.max_batch_tokens, "mlgptq": asdict(config.mlgptq)},
-            layer_errors=layer_errors,
-            task_weights=task_weights,
-            hessian_state=HESSIAN_STATE_DIR if config.save_hessian_state and config.method.hessian_forward else "",
-            timing={"seconds": round(seconds, 1), "peak_rss_mb": round(peak_rss_mb(), 1)},
-        )
-        write_checkpoint(out_dir, Path(config.model_dir), base_config, quantized,
-                         _float_tensors(Path(config.model_dir), skip), config.spec, metadata)
-    return QuantizationReport(out_dir, config.method.name, layer_errors, calibration, seconds, peak_rss_mb(),
-                              layers_done)
+        with timer.phase("write"):
+            timing = {"seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+                      "phases": {name: round(value, 2) for name, value in timer.seconds.items()}}
+            _write_model(config, out_dir, len(layers), calibration, layer_errors, task_weights, timing)
+    return QuantizationReport(out_dir, config.method.name, layer_errors, calibration, time.perf_counter() - started,
+                              peak_rss_mb(), layers_done, {name: round(value, 2) for name, value in timer.seconds.items()})
 
 
-def _method_state(method: Method, stats: dict[tuple[str, str], dict[str, TaskHessian]],
+@dataclass
+class _LayerResult:
+    """What quantizing one layer produced: packed tensors, per-linear errors and task weights."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    errors: list[dict] = field(default_factory=list)
+    task_weights: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def _write_model(config: DriverConfig, out_dir: Path, layer_count: int, calibration: dict, layer_errors: list[dict],
+                 task_weights: dict[str, dict[str, float]], timing: dict) -> None:
+    quantized: dict[str, torch.Tensor] = {}
+    for layer_index in range(layer_count):
+        tensors, _ = _load_partial_layer(_partial_path(out_dir, layer_index))
+        quantized.update(tensors)
+    skip = {f"model.layers.{i}.{name}.weight" for i in range(layer_count) for name in LINEAR_NAMES}
+    base_config = json.loads((Path(config.model_dir) / "config.json").read_text())
+    metadata = CheckpointMetadata(
+        method=config.method.name,
+        tasks=[{"name": task.name, **calibration[task.name]} for task in config.tasks],
+        spec=config.spec.to_dict(),
+        base_model=str(Path(config.model_dir).resolve()),
+        calibration={"max_samples": config.max_samples, "max_tokens": config.max_tokens,
+                     "max_batch_tokens": config.max_batch_tokens, "mlgptq": asdict(config.mlgptq),
+                     "order": "true-sequential: each linear's Hessian on its quantized predecessors' outputs"},
+        layer_errors=layer_errors,
+        task_weights=task_weights,
+        hessian_state=HESSIAN_STATE_DIR if config.save_hessian_state and config.method.hessian_forward else "",
+        timing=timing,
+    )
+    write_checkpoint(out_dir, Path(config.model_dir), base_config, quantized,
+                     _float_tensors(Path(config.model_dir), skip), config.spec, metadata)
+
+
+def _method_state(method: Method, collected: dict[str, GroupHessians],
                   task_names: list[str]) -> dict[str, dict[str, TaskHessian]]:
     """The Hessians the method aggregates (group -> task -> H): the state to store."""
-    state: dict[str, dict[str, TaskHessian]] = {}
-    for (task, forward), per_group in stats.items():
-        if forward == method.hessian_forward and task in method.hessian_tasks(task_names):
-            for group, stat in per_group.items():
-                state.setdefault(group, {})[task] = stat
-    return state
+    wanted = method.hessian_tasks(task_names)
+    return {group: {task: stat for (task, forward), stat in hessians.items()
+                    if forward == method.hessian_forward and task in wanted}
+            for group, hessians in collected.items()}
 
 
-def collect_layer_hessians(layer, streams: list[Stream], peft_model, layer_index: int) -> dict[tuple[str, str], dict[str, TaskHessian]]:
-    hooks = HessianHooks(layer)
-    stats: dict[tuple[str, str], dict[str, TaskHessian]] = {}
-    try:
-        for stream in streams:
-            hooks.start_stream()
-            with active_adapter(peft_model, stream.adapter):
-                for batch in stream.batches:
-                    hooks.token_mask = batch.token_mask
-                    run_layer(layer, batch)
-            per_group = {}
-            for group, accumulator in hooks.accumulators.items():
-                check_finite(accumulator.hessian, f"layer {layer_index} {group}, task '{stream.task}'")
-                per_group[group] = TaskHessian(accumulator.hessian, accumulator.tokens)
-            stats[(stream.task, stream.forward)] = per_group
-    finally:
-        hooks.remove()
-    return stats
-
-
-def _quantize_layer(
-    config: DriverConfig, layer, prefix: str, stats: dict[tuple[str, str], dict[str, TaskHessian]], task_names: list[str],
-) -> tuple[dict[str, torch.Tensor], list[dict], dict[str, dict[str, float]]]:
+def _quantize_group(
+    config: DriverConfig, layer: torch.nn.Module, prefix: str, group: str, hessians: GroupHessians,
+    task_names: list[str], result: _LayerResult,
+) -> None:
+    """Quantize the linears reading input `group`, write their dequantized weights back into
+    the layer (the streams read them next) and record tensors, errors and task weights."""
     method = config.method
-    tensors: dict[str, torch.Tensor] = {}
-    errors: list[dict] = []
-    weights: dict[str, dict[str, float]] = {}
     layer_index = int(prefix.rsplit(".", 1)[1])
-    for linear_name in LINEAR_NAMES:
-        group = GROUP_OF_LINEAR[linear_name]
-        linear = plain_linear(layer, linear_name)
-        weight = linear.weight.data.float()
-        method_stats = {}
-        if method.hessian_forward is not None:
-            method_stats = {task: stats[(task, method.hessian_forward)][group]
-                            for task in method.hessian_tasks(task_names)}
-        outcome = quantize_linear(method, weight, method_stats, config.spec, config.mlgptq)
+    method_stats = {}
+    if method.hessian_forward is not None:
+        method_stats = {task: hessians[(task, method.hessian_forward)] for task in method.hessian_tasks(task_names)}
+    measured_stats = {task: hessians[(task, "adapter")] for task in task_names if (task, "adapter") in hessians}
+    # One stack of the per-task Hessians serves every linear of the group (and the errors,
+    # when the method aggregates the same adapter-forward Hessians it is measured with).
+    method_stack = TaskHessians(method_stats) if len(method_stats) > 1 else None
+    measured_stack = None
+    if config.measure_errors and measured_stats:
+        same = method.hessian_forward == "adapter" and list(method_stats) == list(measured_stats)
+        measured_stack = method_stack if same and method_stack is not None else TaskHessians(measured_stats)
+    linears = [plain_linear(layer, name) for name in INPUT_GROUPS[group]]
+    weights = [linear.weight.data.float() for linear in linears]
+    outcomes = quantize_linears(method, weights, method_stats, config.spec, config.mlgptq, method_stack)
+    for linear_name, linear, weight, outcome in zip(INPUT_GROUPS[group], linears, weights, outcomes):
         dequantized = outcome.quantized.dequantize()
-        if config.measure_errors and task_names:
-            measured = {task: stats[(task, "adapter")][group] for task in task_names if (task, "adapter") in stats}
-            errors.append({"layer": layer_index, "linear": linear_name, "errors": task_errors(weight, dequantized, measured)})
+        if measured_stack is not None:
+            # the search already measured its result on these Hessians
+            reuse = measured_stack is method_stack and set(outcome.task_errors) == set(measured_stack.names)
+            errors = outcome.task_errors if reuse else measured_stack.errors(weight, dequantized)
+            result.errors.append({"layer": layer_index, "linear": linear_name, "errors": errors})
         if outcome.task_weights:
-            weights[f"{prefix}.{linear_name}"] = outcome.task_weights
-        tensors.update(pack_linear(f"{prefix}.{linear_name}", outcome.quantized,
-                                   linear.bias.data if linear.bias is not None else None))
+            result.task_weights[f"{prefix}.{linear_name}"] = outcome.task_weights
+        result.tensors.update(pack_linear(f"{prefix}.{linear_name}", outcome.quantized,
+                                          linear.bias.data if linear.bias is not None else None))
         linear.weight.data.copy_(dequantized.to(linear.weight.dtype))
-    return tensors, errors, weights

@@ -7,7 +7,43 @@ from dataclasses import dataclass, field
 
 import torch
 
+from inlaid.kernels.dense_cpu import PackedDenseWeight
 from inlaid.quant.errors import NonFiniteHessianError
+
+
+# Below this many features one matmul is as fast as the blocked upper triangle.
+_BLOCKED_FROM = 256
+_BLOCKS = 4
+
+
+def add_gram_upper_(target: torch.Tensor, rows: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """target += alpha · rowsᵀ rows on (at least) the upper triangle, in row blocks that skip
+    the blocks below the diagonal; what lies strictly below it is not meaningful.
+
+    The blocks go through oneDNN (kernels/dense_cpu.py): MKL's fp32 GEMM runs at a third of
+    its speed on the AMD EPYC CPUs measured here (1024 tokens x 1536 features: 112 -> 77 ms)."""
+    features = rows.shape[-1]
+    if features < _BLOCKED_FROM:
+        return target.addmm_(rows.T, rows, alpha=alpha)
+    width = -(-features // _BLOCKS)
+    columns = rows.T.contiguous()  # [features, tokens]
+    for start in range(0, features, width):
+        stop = start + width
+        target[start:stop, start:].add_(PackedDenseWeight(columns[start:]).linear(columns[start:stop]), alpha=alpha)
+    return target
+
+
+def symmetric_from_upper(upper: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) is `upper`'s."""
+    size = upper.shape[0]
+    above = torch.ones(size, size, dtype=torch.bool).triu_()
+    return torch.where(above, upper, upper.T)
+
+
+def gram(rows: torch.Tensor) -> torch.Tensor:
+    """rowsᵀ rows (symmetric), with the blocked upper-triangle product."""
+    features = rows.shape[-1]
+    return symmetric_from_upper(add_gram_upper_(rows.new_zeros(features, features), rows))
 
 
 @dataclass
@@ -17,15 +53,27 @@ class HessianAccumulator:
     Averaging (rather than summing) keeps the magnitudes independent of how many tokens a
     task contributes, so tasks with different calibration sizes stay comparable, and fp32
     never overflows however long the calibration set.
+
+    Only the upper triangle is accumulated (in row blocks: `_BLOCKS` matmuls that skip the
+    blocks below the diagonal, ~40 % fewer flops than XᵀX at 1536 features, measured 1.6x
+    faster); `hessian` mirrors it when read.
     """
 
     features: int
     dtype: torch.dtype = torch.float32
-    hessian: torch.Tensor = field(init=False)
+    upper: torch.Tensor = field(init=False, repr=False)
     tokens: int = field(init=False, default=0)
+    _symmetric: torch.Tensor | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self.hessian = torch.zeros(self.features, self.features, dtype=self.dtype)
+        self.upper = torch.zeros(self.features, self.features, dtype=self.dtype)
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """The full symmetric Hessian (built from the upper triangle once per change)."""
+        if self._symmetric is None:
+            self._symmetric = symmetric_from_upper(self.upper)
+        return self._symmetric
 
     def add(self, inputs: torch.Tensor) -> None:
         """Add the tokens of `inputs` [..., features] (any leading shape)."""
@@ -36,19 +84,19 @@ class HessianAccumulator:
         if count == 0:
             return
         total = self.tokens + count
-        self.hessian.mul_(self.tokens / total)
-        # (2/total) X Xᵀ through one matmul: scale the rows by sqrt(2/total) first.
-        scaled = rows * (2.0 / total) ** 0.5
-        self.hessian.addmm_(scaled.T, scaled)
+        self.upper.mul_(self.tokens / total)
+        add_gram_upper_(self.upper, rows, alpha=2.0 / total)
         self.tokens = total
+        self._symmetric = None
 
     def merge(self, other: "HessianAccumulator") -> None:
         """Fold another accumulator's tokens in (token-weighted), as if fed the same rows."""
         total = self.tokens + other.tokens
         if total == 0:
             return
-        self.hessian.mul_(self.tokens / total).add_(other.hessian, alpha=other.tokens / total)
+        self.upper.mul_(self.tokens / total).add_(other.upper, alpha=other.tokens / total)
         self.tokens = total
+        self._symmetric = None
 
 
 def check_finite(hessian: torch.Tensor, where: str) -> None:

@@ -2,22 +2,25 @@
 
 The checkpoint being extended stores, per layer, every task's Hessians H_t (its
 `hessian_state/`). Adding task T+1 runs only ITS calibration samples through the model, with
-its adapter active and the layers before the current one already on the new quantization;
-at each layer its H joins the stored ones, and each linear is re-quantized from the
+its adapter active and everything before the current linear already on the new quantization
+(earlier layers, and earlier input groups of this layer: `layerwise`, true-sequential, the
+same pass the full driver makes); at each input group its H joins the stored ones, and each
+linear is re-quantized from the
 full-precision weight W with the method of the checkpoint (mlgptq by default) when the
 aggregate moved beyond a threshold and the result passes the quality gate
 (`layer_decisions.py`); otherwise the served weight stays.
 
 Equivalence with a full MLGPTQ over T+1 tasks from the same inputs:
 - `exact=True` recomputes every existing task's Hessians on the new base too (the stored
-  ones came from the OLD quantization of the earlier layers). With threshold 0 and no gate
-  the result is bit-for-bit the full run's: the same streams, batches, Hessians, task order
-  and per-layer calls.
-- the default (`exact=False`) uses the stored H_t of the existing tasks. Layer 0 is then
-  bit-exact too (its inputs do not depend on any quantization); at a later layer the stored
-  H_t differ from the full run's by the effect of the earlier layers' re-quantization on
-  the existing tasks' activations, a second-order change measured in docs/dynamic-tasks.md.
-  Only the new task's forward runs: that is the saving.
+  ones came from the OLD quantization of what precedes each linear). With threshold 0 and
+  no gate the result is bit-for-bit the full run's: the same streams, batches, Hessians,
+  task order and per-group calls.
+- the default (`exact=False`) uses the stored H_t of the existing tasks. The first input
+  group of layer 0 is then bit-exact too (its inputs do not depend on any quantization);
+  after it, the stored H_t differ from the full run's by the effect of the re-quantization
+  of the linears before on the existing tasks' activations, measured and bounded in
+  tests/test_dynamic_incremental.py and docs/dynamic-tasks.md. Only the new task's forward
+  runs: that is the saving.
 
 `IncrementalQuantizer.layers()` yields one `LayerOutcome` per layer and writes the merged
 Hessian state of each layer to `state_out` before yielding it; what becomes of the packed
@@ -37,21 +40,22 @@ import torch
 from safetensors import safe_open
 
 from inlaid.kernels.dispatch import QuantLinearWeights
-from inlaid.quant.aggregate import TaskHessian, task_errors
+from inlaid.quant.aggregate import TaskHessian, TaskHessians
 from inlaid.quant.calibration import (
     CalibrationTask, TokenBatch, make_batches, read_calibration_examples, tokenize_examples,
 )
-from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, METADATA_FILE, WEIGHTS_FILE, pack_linear, unpack_linear
-from inlaid.quant.driver import DriverConfig, Stream, collect_layer_hessians
+from inlaid.quant.checkpoint import METADATA_FILE, WEIGHTS_FILE, pack_linear, unpack_linear
+from inlaid.quant.driver import DriverConfig
 from inlaid.quant.errors import CheckpointError, QuantizationError
 from inlaid.quant.gptq import QuantizedWeight
 from inlaid.quant.layer_decisions import (
     KEPT_QUALITY, KEPT_UNCHANGED, REQUANTIZED, LinearDecision, aggregate_change, quality_gate,
 )
-from inlaid.quant.methods import Method, MlgptqOptions, parse_method, quantize_linear
+from inlaid.quant.layerwise import GroupHessians, PhaseTimer, Stream, propagate, quantize_layer_sequential
+from inlaid.quant.methods import Method, MlgptqOptions, parse_method, quantize_linears
 from inlaid.quant.model_io import (
-    GROUP_OF_LINEAR, INPUT_GROUPS, LINEAR_NAMES, active_adapter, attach_adapters, capture_first_layer_inputs,
-    decoder_layers, load_base_model, plain_linear, run_layer,
+    INPUT_GROUPS, LINEAR_NAMES, active_adapter, attach_adapters, capture_first_layer_inputs, decoder_layers,
+    load_base_model, onednn_linears, plain_linear,
 )
 from inlaid.quant.spec import QuantSpec
 from inlaid.quant.state import LayerState, layer_state_path, load_layer_state, save_layer_state
@@ -202,6 +206,7 @@ class IncrementalQuantizer:
         adapters = {item.name: Path(item.adapter_dir) for item in calibrated if item.adapter_dir is not None}
         self.peft_model = attach_adapters(self.model, adapters)
         forward_model = self.peft_model if self.peft_model is not None else self.model
+        onednn_linears(forward_model)  # as the driver does: the same matmuls, the same Hessians
         self.streams: list[Stream] = []
         forward = self.method.hessian_forward
         for item in calibrated:
@@ -235,71 +240,87 @@ class IncrementalQuantizer:
         for index in range(start):
             started = time.perf_counter()
             self._write_weights(index, self.served_tensors(index))
-            self._advance(index)
+            propagate(self.layers_module[index], self.streams, self.peft_model)
             yield LayerOutcome(index, [], None, time.perf_counter() - started, 0.0)
         for index in range(start, self.num_layers):
             yield self._process(index)
 
     def _process(self, index: int) -> LayerOutcome:
+        """The layer true-sequentially (`layerwise`): each input group's Hessians are taken
+        with the linears before it already decided, as the full driver does."""
         layer = self.layers_module[index]
-        started = time.perf_counter()
-        computed = collect_layer_hessians(layer, self.streams, self.peft_model, index)
-        forward_seconds = time.perf_counter() - started
-
-        started = time.perf_counter()
         forward = self.method.hessian_forward
-        if self.settings.exact:
-            existing: LayerState = {group: {item.name: computed[(item.name, forward)][group]
-                                            for item in self.existing_tasks} for group in INPUT_GROUPS}
-        else:
-            stored = self.stored_state(index)
-            existing = {group: {name: stat for name, stat in stored.get(group, {}).items()
-                                if name not in self.drop_tasks} for group in INPUT_GROUPS}
-        state: LayerState = {group: {**existing[group], self.task.name: computed[(self.task.name, forward)][group]}
-                             for group in INPUT_GROUPS}
-        existing_names = list(existing[next(iter(INPUT_GROUPS))])
+        stored = None if self.settings.exact else self.stored_state(index)
         served = self.served_tensors(index)
         prefix = f"model.layers.{index}"
+        timer = PhaseTimer()
+        state: LayerState = {}
         tensors: dict[str, torch.Tensor] = {}
         decisions: list[LinearDecision] = []
-        for linear_name in LINEAR_NAMES:
-            key = f"{prefix}.{linear_name}"
-            merged = state[GROUP_OF_LINEAR[linear_name]]
-            decision, packed = self._decide(layer, key, linear_name, served, merged, existing_names)
+
+        def decide_group(group: str, hessians: GroupHessians) -> None:
+            with timer.phase("quantize"):
+                if stored is None:
+                    existing = {item.name: hessians[(item.name, forward)] for item in self.existing_tasks}
+                else:
+                    existing = {name: stat for name, stat in stored.get(group, {}).items()
+                                if name not in self.drop_tasks}
+                state[group] = {**existing, self.task.name: hessians[(self.task.name, forward)]}
+                group_decisions, group_tensors = self._decide_group(layer, prefix, group, served, existing,
+                                                                    state[group])
+                decisions.extend(group_decisions)
+                tensors.update(group_tensors)
+
+        quantize_layer_sequential(layer, self.streams, self.peft_model, index, decide_group, timer)
+        with timer.phase("quantize"):
+            save_layer_state(self.state_out, index, state, forward)
+        changed = any(decision.swapped for decision in decisions)
+        forward_seconds = timer.seconds.get("forward", 0.0) + timer.seconds.get("hessian", 0.0)
+        return LayerOutcome(index, decisions, tensors if changed else None, forward_seconds,
+                            timer.seconds.get("quantize", 0.0))
+
+    def _decide_group(self, layer, prefix: str, group: str, served: dict[str, torch.Tensor],
+                      existing: dict[str, TaskHessian], merged: dict[str, TaskHessian],
+                      ) -> tuple[list[LinearDecision], dict[str, torch.Tensor]]:
+        """Decide the linears reading input `group` and write the chosen weights into the layer
+        (the next group's inputs are computed with them)."""
+        names = INPUT_GROUPS[group]
+        linears = [plain_linear(layer, name) for name in names]
+        weights = [linear.weight.data.float() for linear in linears]
+        changes = [aggregate_change(self.method, weight, existing, merged, self.options) for weight in weights]
+        moved = [i for i, change in enumerate(changes) if change > self.settings.change_threshold]
+        stack = TaskHessians(merged)
+        outcomes = dict(zip(moved, quantize_linears(
+            self.method, [weights[i] for i in moved], merged, self.spec, self.options,
+            stack if len(merged) > 1 else None))) if moved else {}
+        decisions: list[LinearDecision] = []
+        tensors: dict[str, torch.Tensor] = {}
+        for i, (name, linear, weight) in enumerate(zip(names, linears, weights)):
+            key = f"{prefix}.{name}"
+            served_weight = unpack_layer_linear(served, key, self.spec, linear.in_features, linear.out_features)
+            served_dense = served_weight.dequantize()
+            before = stack.errors(weight, served_dense)
+            chosen, packed = served_dense, {k: v for k, v in served.items() if k.startswith(key + ".")}
+            if i not in outcomes:
+                decision = LinearDecision(name, KEPT_UNCHANGED, changes[i], before, reason=(
+                    f"aggregate moved {100 * changes[i]:.2f}% <= threshold {100 * self.settings.change_threshold:.2f}%"))
+            else:
+                outcome = outcomes[i]
+                dequantized = outcome.quantized.dequantize()
+                after = (outcome.task_errors if set(outcome.task_errors) == set(merged)
+                         else stack.errors(weight, dequantized))  # the search measured them already
+                accepted, reason = quality_gate(before, after, list(existing), self.settings.quality_tolerance)
+                if accepted:
+                    decision = LinearDecision(name, REQUANTIZED, changes[i], before, after,
+                                              task_weights=outcome.task_weights)
+                    bias = linear.bias.data if linear.bias is not None else None
+                    chosen, packed = dequantized, pack_linear(key, outcome.quantized, bias)
+                else:
+                    decision = LinearDecision(name, KEPT_QUALITY, changes[i], before, after, reason)
+            linear.weight.data.copy_(chosen.to(linear.weight.dtype))
             decisions.append(decision)
             tensors.update(packed)
-        save_layer_state(self.state_out, index, state, forward)
-        quantize_seconds = time.perf_counter() - started
-
-        self._write_weights(index, tensors)
-        started = time.perf_counter()
-        self._advance(index)
-        forward_seconds += time.perf_counter() - started
-        changed = any(decision.swapped for decision in decisions)
-        return LayerOutcome(index, decisions, tensors if changed else None, forward_seconds, quantize_seconds)
-
-    def _decide(self, layer, key: str, linear_name: str, served: dict[str, torch.Tensor],
-                merged: dict[str, TaskHessian], existing_names: list[str]) -> tuple[LinearDecision, dict]:
-        linear = plain_linear(layer, linear_name)
-        weight = linear.weight.data.float()
-        served_weight = unpack_layer_linear(served, key, self.spec, linear.in_features, linear.out_features)
-        served_dense = served_weight.dequantize()
-        existing = {name: merged[name] for name in existing_names}
-        change = aggregate_change(self.method, weight, existing, merged, self.options)
-        served_packed = {k: v for k, v in served.items() if k.startswith(key + ".")}
-        if change <= self.settings.change_threshold:
-            return LinearDecision(linear_name, KEPT_UNCHANGED, change, task_errors(weight, served_dense, merged),
-                                  reason=f"aggregate moved {100 * change:.2f}% <= threshold "
-                                         f"{100 * self.settings.change_threshold:.2f}%"), served_packed
-        outcome = quantize_linear(self.method, weight, merged, self.spec, self.options)
-        accepted, before, after, reason = quality_gate(
-            weight, served_dense, outcome.quantized.dequantize(), merged, existing_names, self.settings.quality_tolerance,
-            known_after=outcome.task_errors)
-        if not accepted:
-            return LinearDecision(linear_name, KEPT_QUALITY, change, before, after, reason), served_packed
-        bias = linear.bias.data if linear.bias is not None else None
-        decision = LinearDecision(linear_name, REQUANTIZED, change, before, after, task_weights=outcome.task_weights)
-        return decision, pack_linear(key, outcome.quantized, bias)
+        return decisions, tensors
 
     def _write_weights(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
         """Put a layer's quantized weights (dequantized) into the calibration model."""
@@ -309,11 +330,3 @@ class IncrementalQuantizer:
             quantized = unpack_layer_linear(tensors, f"model.layers.{index}.{linear_name}", self.spec,
                                             linear.in_features, linear.out_features)
             linear.weight.data.copy_(quantized.dequantize(linear.weight.dtype))
-
-    def _advance(self, index: int) -> None:
-        """Run every stream through layer `index` (now holding its final weights)."""
-        layer = self.layers_module[index]
-        for stream in self.streams:
-            with active_adapter(self.peft_model, stream.adapter):
-                for batch in stream.batches:
-                    batch.hidden = run_layer(layer, batch)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from inlaid.quant.aggregate import TaskHessian, elementwise_max, static_weights, task_errors
+from inlaid.quant.aggregate import TaskHessian, TaskHessians, elementwise_max, static_weights
 from inlaid.quant.methods import Method, MlgptqOptions
 
 REQUANTIZED = "requantized"
@@ -58,12 +58,7 @@ def aggregate_for_change(method: Method, weight: torch.Tensor, stats: dict[str, 
     if method.kind == "max":
         return elementwise_max(stats)
     kind = {"mlgptq": options.start, "minimax": "error-norm"}.get(method.kind, "token-mean")
-    weights = static_weights(kind, weight, stats)
-    total = sum(weights.values())
-    combined = torch.zeros_like(next(iter(stats.values())).hessian, dtype=torch.float32)
-    for name, stat in stats.items():
-        combined.add_(stat.hessian.float(), alpha=weights[name] / total)
-    return combined
+    return TaskHessians(stats).combine(static_weights(kind, weight, stats))
 
 
 def aggregate_change(method: Method, weight: torch.Tensor, existing: dict[str, TaskHessian],
@@ -82,21 +77,15 @@ def aggregate_change(method: Method, weight: torch.Tensor, existing: dict[str, T
     return float(torch.linalg.matrix_norm(new - old)) / reference
 
 
-def quality_gate(weight: torch.Tensor, served: torch.Tensor, requantized: torch.Tensor,
-                 stats: dict[str, TaskHessian], existing: list[str], tolerance: float | None,
-                 known_after: dict[str, float] | None = None) -> tuple[bool, dict[str, float], dict[str, float], str]:
-    """(accept, errors on served, errors on re-quantized, reason) for every task in `stats`;
-    only the tasks in `existing` can veto. tolerance None: accept always. `known_after`: the
-    re-quantized weight's errors when the method already measured them (mlgptq's search)."""
-    before = task_errors(weight, served, stats)
-    after = known_after if known_after is not None and set(known_after) == set(stats) else (
-        task_errors(weight, requantized, stats))
+def quality_gate(served: dict[str, float], requantized: dict[str, float], existing: list[str],
+                 tolerance: float | None) -> tuple[bool, str]:
+    """(accept, reason) given every task's error on the served and on the re-quantized
+    weight; only the tasks in `existing` can veto. tolerance None: accept always."""
     if tolerance is None:
-        return True, before, after, ""
-    worse = {name: after[name] / before[name] - 1.0 if before[name] > 0 else float("inf")
-             for name in existing if after[name] > (1.0 + tolerance) * before[name]}
+        return True, ""
+    worse = {name: requantized[name] / served[name] - 1.0 if served[name] > 0 else float("inf")
+             for name in existing if requantized[name] > (1.0 + tolerance) * served[name]}
     if not worse:
-        return True, before, after, ""
+        return True, ""
     name = max(worse, key=lambda key: worse[key])
-    return False, before, after, (f"task {name!r} would lose {100 * worse[name]:.1f}% "
-                                  f"(tolerance {100 * tolerance:.1f}%)")
+    return False, f"task {name!r} would lose {100 * worse[name]:.1f}% (tolerance {100 * tolerance:.1f}%)"

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from inlaid.quant.aggregate import (
-    AggregateOutcome, TaskHessian, elementwise_max, quantize_minimax, quantize_static,
+    AggregateOutcome, TaskHessian, TaskHessians, elementwise_max, quantize_minimax, quantize_static,
 )
 from inlaid.quant.errors import UnknownMethodError
-from inlaid.quant.gptq import gptq_quantize, rtn_quantize
+from inlaid.quant.gptq import gptq_quantize_many, rtn_quantize
 from inlaid.quant.spec import QuantSpec
 
 METHOD_NAMES: tuple[str, ...] = ("mlgptq", "minimax", "max", "gptq-mixed", "gptq-mean-lora", "gptq-task:<name>", "rtn")
@@ -76,26 +76,39 @@ def parse_method(text: str, task_names: list[str] | None = None) -> Method:
 
 def quantize_linear(
     method: Method, weight: torch.Tensor, stats: dict[str, TaskHessian], spec: QuantSpec,
-    options: MlgptqOptions = MlgptqOptions(),
+    options: MlgptqOptions = MlgptqOptions(), hessians: TaskHessians | None = None,
 ) -> AggregateOutcome:
     """Quantize one linear's weight [out, in] given the Hessians of its input (per task)."""
+    return quantize_linears(method, [weight], stats, spec, options, hessians)[0]
+
+
+def quantize_linears(
+    method: Method, weights: list[torch.Tensor], stats: dict[str, TaskHessian], spec: QuantSpec,
+    options: MlgptqOptions = MlgptqOptions(), hessians: TaskHessians | None = None,
+) -> list[AggregateOutcome]:
+    """Quantize the linears that read one input (q/k/v, gate/up, or a single one) given that
+    input's Hessians per task; their GPTQ runs are batched. Each linear's result is what
+    `quantize_linear` gives it alone. `hessians`: the same stats already stacked."""
     if method.kind == "rtn":
-        return AggregateOutcome(rtn_quantize(weight, spec))
+        return [AggregateOutcome(rtn_quantize(weight, spec)) for weight in weights]
     if method.kind == "gptq-task":
-        return AggregateOutcome(gptq_quantize(weight, stats[method.task].hessian, spec), {method.task: 1.0})
+        hessian = stats[method.task].hessian
+        return [AggregateOutcome(q, {method.task: 1.0}) for q in gptq_quantize_many(weights, [hessian] * len(weights), spec)]
     if method.kind in ("gptq-mixed", "gptq-mean-lora"):
-        return quantize_static("token-mean", weight, stats, spec)
+        return quantize_static("token-mean", weights, stats, spec, hessians)
     if method.kind == "max":
-        return AggregateOutcome(gptq_quantize(weight, elementwise_max(stats), spec))
+        combined = elementwise_max(stats)
+        return [AggregateOutcome(q) for q in gptq_quantize_many(weights, [combined] * len(weights), spec)]
     if method.kind in ("mlgptq", "minimax"):
         if len(stats) == 1:
             name, stat = next(iter(stats.items()))
-            return AggregateOutcome(gptq_quantize(weight, stat.hessian, spec), {name: 1.0})
+            return [AggregateOutcome(q, {name: 1.0})
+                    for q in gptq_quantize_many(weights, [stat.hessian] * len(weights), spec)]
         if method.kind == "minimax":
-            return quantize_minimax(weight, stats, spec, rounds=options.rounds, step=options.step)
-        return quantize_minimax(weight, stats, spec, rounds=options.rounds, step=options.step, start=options.start,
-                                mean_slack=options.mean_slack)
+            return quantize_minimax(weights, stats, spec, rounds=options.rounds, step=options.step, hessians=hessians)
+        return quantize_minimax(weights, stats, spec, rounds=options.rounds, step=options.step, start=options.start,
+                                mean_slack=options.mean_slack, hessians=hessians)
     raise UnknownMethodError(f"unknown method kind '{method.kind}'")
 
 
-__all__ = ["METHOD_NAMES", "Method", "MlgptqOptions", "parse_method", "quantize_linear"]
+__all__ = ["METHOD_NAMES", "Method", "MlgptqOptions", "parse_method", "quantize_linear", "quantize_linears"]

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import nn
 
+from inlaid.kernels.dense_cpu import PackedDenseWeight, packing_supported
 from inlaid.quant.errors import AdapterMismatchError, CheckpointError
 from inlaid.quant.hessian import HessianAccumulator
 
@@ -30,6 +32,7 @@ INPUT_GROUPS: dict[str, tuple[str, ...]] = {
     "mlp_out": ("mlp.down_proj",),
 }
 GROUP_OF_LINEAR: dict[str, str] = {linear: group for group, linears in INPUT_GROUPS.items() for linear in linears}
+STAGES: tuple[str, ...] = tuple(INPUT_GROUPS)  # the order a decoder layer computes its groups' inputs in
 
 
 def load_base_model(model_dir: Path):
@@ -42,6 +45,26 @@ def load_base_model(model_dir: Path):
     model.eval()
     model.config.use_cache = False
     return model
+
+
+def onednn_linears(model: nn.Module) -> None:
+    """Route every float32 nn.Linear of `model` (base layers and LoRA A/B alike) through
+    oneDNN (kernels/dense_cpu.py). MKL's fp32 GEMM reaches about a third of oneDNN's speed on
+    the AMD EPYC CPUs measured here (1024 tokens, 576 -> 1536: 79 -> 29 ms; the outputs agree
+    to float32 rounding). The weight is packed on every call, a copy that costs nothing next to
+    a calibration-sized matmul, so weights written in place (quantized layers) need no
+    invalidation."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and packing_supported(module.weight):
+            module.forward = partial(_onednn_linear, module)
+
+
+def _onednn_linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    out = PackedDenseWeight(module.weight.detach()).linear(flat)
+    if module.bias is not None:
+        out = out + module.bias
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def decoder_layers(model) -> nn.ModuleList:
@@ -173,6 +196,67 @@ def capture_first_layer_inputs(forward_model, input_ids: torch.Tensor, token_mas
 def run_layer(layer: nn.Module, inputs: LayerInputs) -> torch.Tensor:
     output = layer(inputs.hidden, **inputs.layer_kwargs)
     return output[0] if isinstance(output, tuple) else output
+
+
+class _StageInput(Exception):
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+
+
+def _input_of(module: nn.Module, run) -> torch.Tensor:
+    """What `module` receives while `run()` executes (which is cut short there)."""
+
+    def stop(_module, args):
+        raise _StageInput(args[0])
+
+    handle = module.register_forward_pre_hook(stop)
+    try:
+        run()
+    except _StageInput as captured:
+        return captured.value
+    finally:
+        handle.remove()
+    raise RuntimeError(f"{type(module).__name__} was never called")
+
+
+class LayerPass:
+    """One batch through a Llama decoder layer one input group at a time (STAGES order).
+
+    `advance(group)` returns what that group's linears read, computed with the layer's
+    other linears as they stand at that moment: when the caller quantizes each group before
+    advancing to the next, every linear's input already includes the quantization of the
+    linears before it in the layer (GPTQ's "true-sequential" order) and the layer runs once.
+    `finish()` returns the layer's output. With nothing changed in between, the result is
+    exactly `run_layer` (the same operations in the same order)."""
+
+    def __init__(self, layer: nn.Module, inputs: LayerInputs) -> None:
+        self.layer = layer
+        self.inputs = inputs
+        self._residual = inputs.hidden
+        self._input: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def advance(self, group: str) -> torch.Tensor:
+        layer = self.layer
+        if group == "attn_in":
+            self._input = layer.input_layernorm(self._residual)
+        elif group == "attn_out":
+            source = self._input
+            self._input = _input_of(layer.self_attn.o_proj,
+                                    lambda: layer.self_attn(hidden_states=source, **self.inputs.layer_kwargs))
+        elif group == "mlp_in":
+            self._residual = self._residual + layer.self_attn.o_proj(self._input)
+            self._input = layer.post_attention_layernorm(self._residual)
+        elif group == "mlp_out":
+            source = self._input
+            self._input = _input_of(layer.mlp.down_proj, lambda: layer.mlp(source))
+        else:
+            raise ValueError(f"unknown input group '{group}'; the stages are {', '.join(STAGES)}")
+        return self._input
+
+    @torch.no_grad()
+    def finish(self) -> torch.Tensor:
+        return self._residual + self.layer.mlp.down_proj(self._input)
 
 
 class HessianHooks:

@@ -88,15 +88,15 @@ def _quantized_for(variant: str, weight: torch.Tensor, adapter_stats, base_stats
     if variant == "rtn":
         return rtn_quantize(weight, spec).dequantize()
     if variant == "mixed":
-        return quantize_static("token-mean", weight, base_stats, spec).quantized.dequantize()
+        return quantize_static("token-mean", [weight], base_stats, spec)[0].quantized.dequantize()
     if variant == "max":
         return gptq_quantize(weight, elementwise_max(adapter_stats), spec).dequantize()
     if variant == "mlgptq":
         return quantize_linear(parse_method("mlgptq"), weight, adapter_stats, spec).quantized.dequantize()
     if variant.startswith("minimax"):
         _, rounds, step = variant.split(":")
-        return quantize_minimax(weight, adapter_stats, spec, rounds=int(rounds), step=float(step)).quantized.dequantize()
-    return quantize_static(variant, weight, adapter_stats, spec).quantized.dequantize()
+        return quantize_minimax([weight], adapter_stats, spec, rounds=int(rounds), step=float(step))[0].quantized.dequantize()
+    return quantize_static(variant, [weight], adapter_stats, spec)[0].quantized.dequantize()
 
 
 def run_study(

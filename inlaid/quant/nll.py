@@ -1,0 +1,133 @@
+"""Teacher-forced negative log-likelihood of each task's reference answers, its adapter on:
+the low-noise measure of what a quantized base costs a task.
+
+For an example, the text is the chat prompt (generation prompt included) followed by the
+reference answer and `<|im_end|>`; prompt and answer are tokenized separately (the answer's
+tokens are exactly what the model would have to generate after the prompt's). Only the
+answer tokens are scored: nll = -Σ log p(answer_i | prompt, answer_<i). Greedy task metrics
+on 50 examples move by several points between runs of the same model; this moves by far
+less, and it is scored on every eval example.
+
+The model runs in fp32 through transformers + PEFT (every adapter loaded, the task's own
+active; its linears through oneDNN), a float checkpoint or a GPTQ checkpoint's dequantized
+weights alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from inlaid.quant.calibration import END_OF_TURN
+from inlaid.quant.model_io import active_adapter, attach_adapters, onednn_linears
+
+
+@dataclass
+class ExampleNll:
+    """One example: its id, the summed NLL of its answer tokens (nats) and their count."""
+
+    id: str
+    nll: float
+    tokens: int
+
+
+def load_scoring_model(model_dir: Path, quantized_dir: Path | None = None) -> torch.nn.Module:
+    """The base model in fp32; with `quantized_dir`, its linears replaced by that GPTQ
+    checkpoint's dequantized weights (exactly the values the checkpoint stores)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    if quantized_dir is not None:
+        from inlaid.quant.checkpoint import dequantized_state_dict, load_gptq_checkpoint
+
+        state = dequantized_state_dict(load_gptq_checkpoint(quantized_dir))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or any("lm_head" not in key for key in missing):
+            raise ValueError(f"{quantized_dir} does not fit {model_dir}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.config.use_cache = False
+    return model
+
+
+def tokenize_example(example: dict, tokenizer) -> tuple[list[int], list[int]]:
+    """(prompt tokens, answer tokens) of one eval example."""
+    prompt = tokenizer.apply_chat_template(example["messages"], add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(example["reference"] + END_OF_TURN, add_special_tokens=False)["input_ids"]
+    return prompt_ids, answer_ids
+
+
+@torch.no_grad()
+def answer_nll(model: torch.nn.Module, tokenizer, examples: list[dict], adapter: str | None = None,
+               peft_model=None, max_batch_tokens: int = 2048) -> list[ExampleNll]:
+    """Per example, the NLL of its reference answer given its prompt (in the input order).
+
+    Batches are right-padded sequences of similar length; causal attention keeps the real
+    tokens exact without a mask, and the vocabulary projection runs on answer positions only."""
+    encoded = [tokenize_example(example, tokenizer) for example in examples]
+    order = sorted(range(len(examples)), key=lambda index: len(encoded[index][0]) + len(encoded[index][1]))
+    forward_model = peft_model if peft_model is not None else model
+    decoder = _decoder_of(forward_model)
+    head = model.get_output_embeddings()
+    results: list[ExampleNll | None] = [None] * len(examples)
+    batch: list[int] = []
+
+    def run(indices: list[int]) -> None:
+        sequences = [encoded[i][0] + encoded[i][1] for i in indices]
+        length = max(len(s) for s in sequences)
+        ids = torch.zeros(len(indices), length, dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            ids[row, : len(sequence)] = torch.tensor(sequence)
+        hidden = decoder(input_ids=ids).last_hidden_state
+        # position p predicts token p + 1: an answer is predicted from p = len(prompt) - 1 on;
+        # the vocabulary projection runs once for every answer position of the batch
+        spans = [(len(encoded[i][0]) - 1, len(encoded[i][1])) for i in indices]
+        states = torch.cat([hidden[row, start : start + count] for row, (start, count) in enumerate(spans)])
+        targets = torch.tensor([token for i in indices for token in encoded[i][1]])
+        log_probs = torch.log_softmax(head(states).double(), dim=-1)
+        token_nll = -log_probs.gather(1, targets[:, None])[:, 0]
+        for index, piece in zip(indices, torch.split(token_nll, [count for _, count in spans])):
+            results[index] = ExampleNll(str(examples[index].get("id", index)), float(piece.sum()), len(piece))
+
+    with active_adapter(peft_model, adapter):
+        for index in order:
+            size = len(encoded[index][0]) + len(encoded[index][1])
+            if batch and (len(batch) + 1) * size > max_batch_tokens:
+                run(batch)
+                batch = []
+            batch.append(index)
+        if batch:
+            run(batch)
+    return results  # type: ignore[return-value]
+
+
+def _decoder_of(forward_model):
+    """The decoder stack (embeddings ... final norm) under a PEFT wrapper or not."""
+    inner = forward_model
+    while not hasattr(inner, "layers"):
+        inner = inner.model if hasattr(inner, "model") else inner.base_model
+    return inner
+
+
+def suite_answer_nll(model_dir: Path, adapters: dict[str, Path], examples: dict[str, list[dict]],
+                     quantized_dir: Path | None = None, progress: bool = True) -> dict[str, list[ExampleNll]]:
+    """task -> per-example answer NLL with the task's adapter (`adapters[task]`) active, on
+    the base model or on the quantized checkpoint `quantized_dir`."""
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = load_scoring_model(model_dir, quantized_dir)
+    peft_model = attach_adapters(model, {task: adapters[task] for task in examples if adapters.get(task)})
+    onednn_linears(peft_model if peft_model is not None else model)
+    scored: dict[str, list[ExampleNll]] = {}
+    for task in tqdm(list(examples), desc="answer NLL", unit="task", disable=not progress):
+        scored[task] = answer_nll(model, tokenizer, examples[task], task if adapters.get(task) else None, peft_model)
+    return scored
+
+
+def mean_nll(values: list[ExampleNll]) -> float:
+    """NLL per answer token over a set of examples (token-weighted)."""
+    tokens = sum(v.tokens for v in values)
+    return sum(v.nll for v in values) / tokens if tokens else float("nan")
