@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-SKIP = {"run_all.py", "quality.py"}  # quality.py is `make eval` (long)
+SKIP = {"run_all.py", "quality.py", "soak.py"}  # quality.py is `make eval`; soak.py runs for an hour
 
 
 def main() -> int:

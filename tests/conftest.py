@@ -104,3 +104,11 @@ def greedy_logits():
         return rows
 
     return run
+
+
+@pytest.fixture(scope="session")
+def serving_reference(model_dir, adapter_dirs) -> dict:
+    """The in-process engine's greedy answers shared by the server fuzz and fault tests."""
+    from serving_helpers import compute_reference
+
+    return compute_reference(model_dir, adapter_dirs)

@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import struct
-import time
-from pathlib import Path
 
 import msgspec
 import pytest
 import torch
-import zmq
+import zmq.asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file, save_file
 
+from adapter_corruptions import CORRUPTIONS, copy_adapter, first_tensor, rewrite_tensors
 from inlaid.engine.adapter_config import AdapterError, read_adapter_spec
 from inlaid.engine.adapter_weights import check_adapter_weights
 from inlaid.engine.config import ModelConfig
@@ -142,95 +138,11 @@ def model_config(model_dir) -> ModelConfig:
     return ModelConfig.from_dir(model_dir)
 
 
-def _copy(source: Path, root: Path, name: str) -> Path:
-    target = root / name
-    shutil.copytree(source, target)
-    return target
-
-
-def _rewrite(adapter: Path, change) -> None:  # type: ignore[no-untyped-def]
-    """Load the adapter's tensors, let `change` edit the dict, save them back."""
-    tensors = load_file(str(adapter / "adapter_model.safetensors"))
-    change(tensors)
-    save_file(tensors, str(adapter / "adapter_model.safetensors"))
-
-
-def _first(tensors: dict, half: str = "A") -> str:
-    return next(k for k in sorted(tensors) if f"lora_{half}" in k)
-
-
-def _raw_header(adapter: Path) -> tuple[dict, bytes]:
-    data = (adapter / "adapter_model.safetensors").read_bytes()
-    (size,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8 : 8 + size]), data[8 + size :]
-
-
-def _write_raw(adapter: Path, header: dict | list | bytes, body: bytes) -> None:
-    encoded = header if isinstance(header, bytes) else json.dumps(header).encode()
-    (adapter / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(encoded)) + encoded + body)
-
-
-def _shift_first_offset(adapter: Path, delta: int) -> None:
-    header, body = _raw_header(adapter)
-    name = min((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
-    header[name]["data_offsets"][1] += delta
-    _write_raw(adapter, header, body)
-
-
-def _duplicate_name(adapter: Path) -> None:
-    header, body = _raw_header(adapter)
-    name = next(k for k in header if k != "__metadata__")
-    text = json.dumps(header)
-    entry = json.dumps({name: header[name]})[1:-1]
-    _write_raw(adapter, ("{" + entry + ", " + text[1:]).encode(), body)
-
-
-CORRUPTIONS = {
-    # container
-    "empty file": (lambda a: (a / "adapter_model.safetensors").write_bytes(b""), "too short"),
-    "truncated": (lambda a: (a / "adapter_model.safetensors").write_bytes(
-        (a / "adapter_model.safetensors").read_bytes()[:-1000]), "truncated"),
-    "stray bytes appended": (lambda a: (a / "adapter_model.safetensors").write_bytes(
-        (a / "adapter_model.safetensors").read_bytes() + b"\0" * 8), "stray bytes"),
-    "header length beyond the file": (lambda a: (a / "adapter_model.safetensors").write_bytes(
-        struct.pack("<Q", 1 << 40) + b"{}"), "header"),
-    "header is not JSON": (lambda a: _write_raw(a, b"\xff\xfe not json", b""), "corrupt header"),
-    "header is a list": (lambda a: _write_raw(a, [1, 2], b""), "not a JSON object"),
-    "duplicate tensor name": (_duplicate_name, "twice"),
-    "overlapping tensors": (lambda a: _shift_first_offset(a, 4), "bytes"),
-    "zeros instead of data": (lambda a: (a / "adapter_model.safetensors").write_bytes(b"\0" * 64), "header"),
-    # values
-    "NaN weights": (lambda a: _rewrite(a, lambda t: t[_first(t)].view(-1).__setitem__(3, math.nan)), "NaN"),
-    "infinite weights": (lambda a: _rewrite(a, lambda t: t[_first(t, "B")].view(-1).__setitem__(0, -math.inf)),
-                         "NaN or infinite"),
-    "weights beyond float16's range": (lambda a: _rewrite(a, lambda t: t[_first(t)].view(-1).__setitem__(0, 1e6)),
-                                       "magnitude"),
-    "integer weights": (lambda a: _rewrite(a, lambda t: t.__setitem__(_first(t), t[_first(t)].to(torch.int32))),
-                        "dtype"),
-    # names and shapes
-    "wrongly shaped (another base model)": (lambda a: _rewrite(a, lambda t: t.__setitem__(
-        _first(t), torch.zeros(t[_first(t)].shape[0], 64))), "shape"),
-    "rank differs from the config": (lambda a: _rewrite(a, lambda t: t.update(
-        {k: (v[:4] if "lora_A" in k else v[:, :4]).contiguous() for k, v in t.items()})), "rank mismatch"),
-    "a tensor missing": (lambda a: _rewrite(a, lambda t: t.pop(_first(t, "B"))), "missing"),
-    "a projection the config does not list": (lambda a: _rewrite(a, lambda t: t.update(
-        {"base_model.model.model.layers.0.mlp.down_proj.lora_A.weight": torch.zeros(8, 1536),
-         "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight": torch.zeros(576, 8)})), "does not list"),
-    "a layer the model lacks": (lambda a: _rewrite(a, lambda t: t.update(
-        {"base_model.model.model.layers.99.self_attn.q_proj.lora_A.weight": torch.zeros(8, 576)})), "layer 99"),
-    "a non-LoRA tensor": (lambda a: _rewrite(a, lambda t: t.update({"lm_head.weight": torch.zeros(2, 2)})),
-                          "unsupported tensor"),
-    # the config beside the weights
-    "rank above the pool": (lambda a: (a / "adapter_config.json").write_text(
-        json.dumps({**json.loads((a / "adapter_config.json").read_text()), "r": 128})), "max_lora_rank"),
-}
-
-
 def test_every_corrupted_adapter_is_refused_up_front(adapter_dirs, model_config, tmp_path):
     good = adapter_dirs["attn-r8"]  # rank 8, q_proj + v_proj
     check_adapter_weights(read_adapter_spec("good", good), model_config, max_rank=32)
     for index, (what, (corrupt, message)) in enumerate(CORRUPTIONS.items()):
-        adapter = _copy(good, tmp_path, f"case{index}")
+        adapter = copy_adapter(good, tmp_path, f"case{index}")
         corrupt(adapter)
         with pytest.raises(AdapterError, match=message) as refused:
             check_adapter_weights(read_adapter_spec("bad", adapter), model_config, max_rank=32)
@@ -240,16 +152,16 @@ def test_every_corrupted_adapter_is_refused_up_front(adapter_dirs, model_config,
 def test_what_the_check_accepts_the_executor_loads(adapter_dirs, model_config, tmp_path):
     """Every dtype the check accepts loads in the executor's torch loader to the same values."""
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
-        adapter = _copy(adapter_dirs["mlp-r16"], tmp_path, str(dtype))
-        _rewrite(adapter, lambda t: t.update({k: v.to(dtype) for k, v in t.items()}))
+        adapter = copy_adapter(adapter_dirs["mlp-r16"], tmp_path, str(dtype))
+        rewrite_tensors(adapter, lambda t: t.update({k: v.to(dtype) for k, v in t.items()}))
         spec = read_adapter_spec("ok", adapter)
         check_adapter_weights(spec, model_config, max_rank=16)
         loaded = load_adapter_tensors(spec, model_config.num_layers)
         assert len(loaded) == model_config.num_layers * 3
     # And a bf16 NaN is found (bf16 is read from its raw bits, not through numpy's float types).
-    adapter = _copy(adapter_dirs["mlp-r16"], tmp_path, "bf16-nan")
-    _rewrite(adapter, lambda t: t.update({k: v.to(torch.bfloat16) for k, v in t.items()}))
-    _rewrite(adapter, lambda t: t[_first(t)].view(-1).__setitem__(5, math.nan))
+    adapter = copy_adapter(adapter_dirs["mlp-r16"], tmp_path, "bf16-nan")
+    rewrite_tensors(adapter, lambda t: t.update({k: v.to(torch.bfloat16) for k, v in t.items()}))
+    rewrite_tensors(adapter, lambda t: t[first_tensor(t)].view(-1).__setitem__(5, math.nan))
     with pytest.raises(AdapterError, match="NaN"):
         check_adapter_weights(read_adapter_spec("x", adapter), model_config, max_rank=16)
     with pytest.raises(AdapterError, match="NaN"):  # the executor's loader agrees
@@ -298,7 +210,7 @@ def test_engine_fails_only_the_sequence_whose_adapter_cannot_load(model_dir, ada
     without it, and the broken adapter holds no slot afterwards."""
     from inlaid.engine import Engine, EngineConfig
 
-    broken = _copy(adapter_dirs["attn-r8"], tmp_path, "broken")
+    broken = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "broken")
     engine = Engine.local(EngineConfig(model_dir=str(model_dir), dtype="float32", threads=1, max_num_seqs=8,
                                        num_kv_blocks=64, max_lora_slots=2, max_lora_rank=32, max_model_len=256))
     engine.register_adapter("good", str(adapter_dirs["mlp-r16"]))
@@ -322,19 +234,8 @@ def test_engine_fails_only_the_sequence_whose_adapter_cannot_load(model_dir, ada
 
 
 # ------------------------------------------------------------------ client disconnects
-def _wait_for(condition, timeout_s: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def test_peer_watch_names_the_peer_that_disconnected():
     import asyncio
-
-    import zmq.asyncio
 
     async def scenario() -> tuple[list[bytes], bytes, bytes]:
         context = zmq.asyncio.Context()

@@ -30,6 +30,7 @@ from inlaid.protocol import (
     GenerateDone,
     SampledToken,
     SamplingParams,
+    SequenceFailure,
     ServerReply,
     StepResult,
     TextChunk,
@@ -55,6 +56,8 @@ def test_every_message_survives_msgpack_roundtrip():
     for message in (
         ExecutorHello(protocol_version=1, generation=2, pid=3, device="cpu", num_kv_blocks=4, load_seconds=0.5),
         StepResult(step_id=3, sampled=[SampledToken(seq_id=1, token_id=7)], num_tokens=2, compute_seconds=0.1),
+        StepResult(step_id=4, sampled=[], num_tokens=2, compute_seconds=0.1, failed_adapters=["a"],
+                   failed=[SequenceFailure(seq_id=2, code=ErrorCode.ADAPTER_FAILED, message="unreadable")]),
         ExecutorFailure(step_id=3, error_type="RuntimeError", message="boom"),
         ExecutorStats(rss_bytes=10),
     ):

@@ -69,7 +69,8 @@ def read_adapter_spec(name: str, path: str | Path) -> AdapterSpec:
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise AdapterError(f"adapter {name!r}: adapter_config.json is not valid JSON: {error}") from None
     if not isinstance(config, dict):
-        raise AdapterError(f"adapter {name!r}: adapter_config.json must hold a JSON object, not {type(config).__name__}")
+        raise AdapterError(f"adapter {name!r}: adapter_config.json must hold a JSON object, "
+                           f"not {type(config).__name__}")
     return _spec_from_config(name, str(path), config)
 
 

@@ -133,8 +133,9 @@ def _entry(name: str, info: object, where: str) -> _TensorEntry:
     count = 1
     for size in shape:
         count *= size
-    if offsets[1] - offsets[0] != count * _DTYPES[dtype].itemsize:
-        raise bad(f"holds {offsets[1] - offsets[0]} bytes; shape {shape} of {dtype} needs {count * _DTYPES[dtype].itemsize}")
+    needed = count * _DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != needed:
+        raise bad(f"holds {offsets[1] - offsets[0]} bytes; shape {shape} of {dtype} needs {needed}")
     return _TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
 
 
@@ -160,7 +161,8 @@ def _check_names_and_shapes(entries: list[_TensorEntry], spec: AdapterSpec, mode
             raise AdapterError(f"{where}: unsupported tensor {entry.name!r:.120} (only LoRA A/B of projections)")
         layer, projection, half = int(match.group(1)), match.group(2), match.group(3)
         if layer >= model.num_layers:
-            raise AdapterError(f"{where}: tensor {entry.name!r:.120} names layer {layer}; the model has {model.num_layers}")
+            raise AdapterError(f"{where}: tensor {entry.name!r:.120} names layer {layer}; "
+                               f"the model has {model.num_layers}")
         if projection not in spec.target_modules:
             raise AdapterError(f"{where}: tensor {entry.name!r:.120} is for {projection}, which target_modules "
                                f"({', '.join(spec.target_modules)}) does not list")

@@ -155,16 +155,22 @@ class ModelRunner:
         an exception in the shared forward pass fails the whole plan."""
         started = time.perf_counter()
         load_errors = self._load_adapters_isolated(plan.adapter_loads)
-        failed = [SequenceFailure(seq_id=chunk.seq_id, code=ErrorCode.ADAPTER_FAILED, message=load_errors[chunk.adapter_slot][1])
-                  for chunk in plan.chunks if chunk.adapter_slot in load_errors]  # fmt: skip
-        runnable = [chunk for chunk in plan.chunks if chunk.adapter_slot not in load_errors]
+        failed: list[SequenceFailure] = []
+        runnable: list[ChunkPlan] = []
+        for chunk in plan.chunks:
+            if chunk.adapter_slot in load_errors:
+                failed.append(SequenceFailure(seq_id=chunk.seq_id, code=ErrorCode.ADAPTER_FAILED,
+                                              message=load_errors[chunk.adapter_slot][1]))
+            else:
+                runnable.append(chunk)
         sampled: list[SampledToken] = []
         if runnable:
             seq_ids, logits, chunks = self._forward_chunks(runnable)
             outcomes = sample_tokens(logits, [c.sampling for c in chunks], [c.num_generated for c in chunks])
             for seq_id, outcome in zip(seq_ids, outcomes):
                 if isinstance(outcome, RowFailure):
-                    failed.append(SequenceFailure(seq_id=seq_id, code=ErrorCode.EXECUTOR_FAILED, message=outcome.reason))
+                    failed.append(SequenceFailure(seq_id=seq_id, code=ErrorCode.EXECUTOR_FAILED,
+                                                  message=outcome.reason))
                 else:
                     sampled.append(SampledToken(seq_id=seq_id, token_id=outcome))
         if self.device.type == "cuda":

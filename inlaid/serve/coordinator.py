@@ -36,6 +36,7 @@ from inlaid.protocol import (
     AddTask,
     BatchPlan,
     Cancel,
+    ClientRequest,
     ErrorCode,
     ErrorReply,
     Generate,
@@ -44,7 +45,6 @@ from inlaid.protocol import (
     HealthReply,
     Hello,
     HelloReply,
-    ClientRequest,
     ListTasks,
     RemoveTask,
     TaskStatus,
@@ -100,7 +100,7 @@ class Coordinator:
         self.task_calls = TaskCalls(self.registry, self._send, self.dynamic)
         self._tempdir: str | None = None
         self.supervisor: ExecutorSupervisor | None = None
-        self.steps: StepLoop | None = None
+        self.step_loop: StepLoop | None = None
         self.started_at = time.monotonic()
         self.exit_code = 0
         self.counters = {"received": 0, "finished": 0, "failed": 0, "overloaded": 0, "abandoned": 0, "steps": 0,
@@ -128,8 +128,8 @@ class Coordinator:
             log_level=self.config.log_level, log_format=self.config.log_format,
             on_swap_result=self.dynamic.on_swap_result,
         )  # fmt: skip
-        self.steps = StepLoop(self.engine, self.supervisor, on_plan=self._on_plan, deliver=self._deliver,
-                              fail_running=self._fail_running, counters=self.counters, swaps=self.dynamic)
+        self.step_loop = StepLoop(self.engine, self.supervisor, on_plan=self._on_plan, deliver=self._deliver,
+                                  fail_running=self._fail_running, counters=self.counters, swaps=self.dynamic)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_shutdown, signum)
         await self.supervisor.start()
@@ -138,7 +138,9 @@ class Coordinator:
                                                  "tasks": sorted(self.registry.tasks)})
         front_task = loop.create_task(self._front_loop())
         clients_task = loop.create_task(self._clients.run())
-        step_task = loop.create_task(self.steps.run())
+        step_task = loop.create_task(self.step_loop.run())
+        for task in (front_task, clients_task, step_task):
+            task.add_done_callback(self._on_loop_ended)
         await self._shutdown.wait()
         await self._drain()
         await self.dynamic.stop()
@@ -176,6 +178,12 @@ class Coordinator:
             await asyncio.sleep(0.05)
         for request in list(self.requests.values()):
             self._fail(request, ErrorCode.SHUTTING_DOWN, "the server shut down before this request finished")
+
+    def _on_loop_ended(self, task: asyncio.Task[None]) -> None:
+        # The loops only end when cancelled at shutdown; anything else would leave a server
+        # that answers nothing, so exit (1) and let the service manager start a fresh one.
+        if not task.cancelled() and not self._shutdown.is_set():
+            self._on_fatal(f"a coordinator loop ended: {task.exception()!r}")
 
     def _on_fatal(self, reason: str) -> None:
         log.critical("cannot serve; exiting", extra={"reason": reason})
@@ -279,7 +287,7 @@ class Coordinator:
         elif isinstance(message, Health):
             self._on_health(identity, message)
         elif isinstance(message, GetStats):
-            gaps = list(self.steps.step_gaps) if self.steps else []
+            gaps = list(self.step_loop.step_gaps) if self.step_loop else []
             self._send(identity, server_stats(message.request_id, self.engine, self.supervisor, self.counters, gaps))
         elif isinstance(message, ListTasks):
             self.task_calls.list_tasks(identity, message)
@@ -350,8 +358,8 @@ class Coordinator:
         self._forget(request)
 
     def _wake(self) -> None:
-        if self.steps is not None:
-            self.steps.work.set()
+        if self.step_loop is not None:
+            self.step_loop.work.set()
 
     def _on_client_gone(self, identity: bytes) -> None:
         """The client's connection closed: nobody can read its answers; stop computing them."""

@@ -47,16 +47,16 @@ _MAX_CONSECUTIVE_FAILURES = 3  # plans that raise in a row: the runner is likely
 _STATS_INTERVAL_S = 1.0
 _PARENT_POLL_MS = 1000
 # Fault injection for the fault tests and the soak (never set in production): a JSON object
-# {"close_socket_at_plan": N, "exit_delay_s": D, "generations": [...]}. The executor of a
-# listed generation (any, when omitted) closes its socket instead of answering its N-th
-# plan and exits D seconds later: the way it leaves after too many failed plans, when the
-# interpreter's teardown keeps the process alive for a while after the socket is gone.
+# {"close_socket_after_plan": N, "exit_delay_s": D, "generations": [...]}. The executor of a
+# listed generation (any, when omitted) answers its N-th plan, closes its socket and exits
+# D seconds later: the way it leaves after too many failed plans, when the interpreter's
+# teardown keeps the process alive for a while after its socket is gone.
 FAULT_ENV = "INLAID_EXECUTOR_FAULT"
 
 
 @dataclasses.dataclass(frozen=True)
 class InjectedFault:
-    close_socket_at_plan: int
+    close_socket_after_plan: int
     exit_delay_s: float = 1.0
 
     @staticmethod
@@ -67,7 +67,7 @@ class InjectedFault:
         spec = json.loads(text)
         if generation not in spec.get("generations", [generation]):
             return None
-        return InjectedFault(int(spec["close_socket_at_plan"]), float(spec.get("exit_delay_s", 1.0)))
+        return InjectedFault(int(spec["close_socket_after_plan"]), float(spec.get("exit_delay_s", 1.0)))
 
 
 def executor_identity(generation: int) -> bytes:
@@ -176,12 +176,6 @@ def serve(address: str, generation: int, config: EngineConfig, parent_pid: int) 
             return 0
         assert isinstance(message, BatchPlan)
         plans += 1
-        if fault is not None and plans == fault.close_socket_at_plan:
-            log.warning("injected fault: closing the socket, exiting later", extra={"step_id": message.step_id,
-                                                                                   "exit_delay_s": fault.exit_delay_s})
-            sock.close(linger=0)
-            time.sleep(fault.exit_delay_s)
-            return 1
         for swap in message.layer_swaps:
             sock.send(encoder.encode(apply_swap(runner, swap)))
         try:
@@ -199,6 +193,11 @@ def serve(address: str, generation: int, config: EngineConfig, parent_pid: int) 
         consecutive_failures = 0
         steps += 1
         sock.send(encoder.encode(result))
+        if fault is not None and plans == fault.close_socket_after_plan:
+            log.warning("injected fault: socket closed; exiting later", extra={"exit_delay_s": fault.exit_delay_s})
+            sock.close(linger=1000)  # the answer still goes out, as it did before the real exit
+            time.sleep(fault.exit_delay_s)
+            return 1
         now = time.monotonic()
         if now - last_stats >= _STATS_INTERVAL_S:
             sock.send(encoder.encode(_stats(runner, steps)))

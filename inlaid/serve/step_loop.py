@@ -77,7 +77,12 @@ class StepLoop:
                 last_result_at = None
                 await self.supervisor.ready.wait()
                 continue
-            plan = self.engine.begin_step()
+            try:
+                plan = self.engine.begin_step()
+            except Exception:  # a planning bug: fail what runs, never stop stepping
+                log.exception("internal error planning a step")
+                await self._after_internal_error()
+                continue
             if plan is None and swaps_waiting:
                 await self._run_swaps_only()
                 continue

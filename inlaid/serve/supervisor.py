@@ -44,7 +44,7 @@ from inlaid.serve.peers import PeerWatch
 
 log = logging.getLogger("inlaid.supervisor")
 
-_RESTART_BACKOFF_S = (0.2, 1.0, 2.0, 5.0, 10.0)
+_RESTART_BACKOFF_S = (0.2, 1.0, 2.0, 5.0, 10.0)  # by the number of failed starts in a row
 MAX_START_FAILURES = 3  # executors dying before their hello, in a row: give up
 _EXIT_AFTER_DISCONNECT_S = 1.0
 
@@ -125,10 +125,11 @@ class ExecutorSupervisor:
         self.ready.clear()
         process = self._process
         if process is not None and process.returncode is None:
-            if self._pending is not None:
-                # Still inside a step after the coordinator's grace period: every request has
-                # been answered, and a hung step would only make the shutdown wait.
-                log.warning("executor still busy with a step at shutdown; killing it", extra={"pid": process.pid})
+            if self._pending is not None or self.hello is None:
+                # Still loading, or still inside a step after the coordinator's grace period:
+                # every request has been answered, and waiting would only delay the exit.
+                log.warning("executor still busy at shutdown; killing it",
+                            extra={"pid": process.pid, "loading": self.hello is None})
                 process.kill()
             else:
                 try:
@@ -187,6 +188,7 @@ class ExecutorSupervisor:
     async def _spawn(self) -> None:
         self.generation += 1
         self.hello = None
+        self.stats = None  # a dead executor's figures are not this one's
         self.ready.clear()
         command = [
             sys.executable, "-m", "inlaid.serve.executor",
@@ -228,7 +230,9 @@ class ExecutorSupervisor:
                 return
         else:
             self._start_failures = 0
-        delay = _RESTART_BACKOFF_S[min(self.restarts, len(_RESTART_BACKOFF_S) - 1)] if self.hello is None else 0.2
+        # Back off only while starts keep failing (indexed by failures in a row, not by the
+        # restarts of the server's whole life); an executor that had served comes back at once.
+        delay = _RESTART_BACKOFF_S[min(self._start_failures, len(_RESTART_BACKOFF_S) - 1)]
         self.restarts += 1
         await asyncio.sleep(delay)
         if not self._stopping:
@@ -285,7 +289,8 @@ class ExecutorSupervisor:
                 if self._lost_generation == self.generation:
                     continue  # said just before it was lost (killed, disconnected): never ready
                 if message.protocol_version != PROTOCOL_VERSION:
-                    self.on_fatal(f"executor speaks protocol {message.protocol_version}, coordinator {PROTOCOL_VERSION}")
+                    self.on_fatal(f"executor speaks protocol {message.protocol_version}, "
+                                  f"coordinator {PROTOCOL_VERSION}")
                     continue
                 self.hello = message
                 self._start_failures = 0
@@ -304,6 +309,8 @@ class ExecutorSupervisor:
         """Run one plan on the executor. Raises ExecutorLostError (then `ready` is clear and
         the running requests have been failed) or ExecutorStepError (the plan raised)."""
         if not self.ready.is_set():
+            # The plan was made for an executor that is gone: its requests cannot run on it.
+            self.on_lost("no executor is ready")
             raise ExecutorLostError("no executor is ready")
         generation = self.generation
         future: asyncio.Future[tuple[StepResult, float]] = asyncio.get_running_loop().create_future()

@@ -1,0 +1,90 @@
+"""SIGTERM in the phases other tests do not reach: while the first executor loads, and while
+a failed executor is being replaced. (While idle: test_fuzz_server.py's teardown; under
+streaming load: test_serve_server.py; while a step hangs: test_fault_executor.py.)
+
+Each asserts exit code 0 within a bound, a typed `shutting_down` for the request that was
+waiting, and no executor process left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+from inlaid.client import AsyncClient, ShuttingDownError
+from inlaid.serve.launcher import ServerProcess
+from serving_helpers import executor_pids, server_config, wait_gone
+
+GRACE_S = 2.0
+EXIT_BOUND_S = GRACE_S + 30.0
+
+
+def _first_executor(server: ServerProcess, timeout_s: float = 60.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pids = executor_pids(server.pid)
+        if pids:
+            return pids[0]
+        assert server.process.poll() is None, server.logs()[-3000:]
+        time.sleep(0.02)
+    raise AssertionError("no executor was started")
+
+
+def _sigterm_with_a_waiting_request(server: ServerProcess, before_sigterm) -> object:  # type: ignore[no-untyped-def]
+    """Send one generate (it waits: no executor is ready), run `before_sigterm`, SIGTERM the
+    server, and return what the generate got."""
+
+    async def scenario():
+        async with AsyncClient(server.address, timeout_s=EXIT_BOUND_S) as client:
+            waiting = asyncio.create_task(client.generate("hello", max_tokens=4))
+            while (await client.stats()).requests_waiting < 1:
+                await asyncio.sleep(0.02)
+            before_sigterm()
+            server.process.send_signal(signal.SIGTERM)
+            return await asyncio.gather(waiting, return_exceptions=True)
+
+    return asyncio.run(scenario())[0]
+
+
+def _assert_clean_exit(server: ServerProcess, started: float, executors: list[int]) -> None:
+    assert server.process.wait(EXIT_BOUND_S) == 0, server.logs()[-3000:]
+    assert time.monotonic() - started < EXIT_BOUND_S
+    for pid in executors:
+        assert wait_gone(pid), f"executor {pid} outlived the coordinator"
+    assert not executor_pids(server.pid)
+
+
+def test_sigterm_while_the_first_executor_loads(model_dir, adapter_dirs, tmp_path):
+    server = ServerProcess(server_config(model_dir, adapter_dirs, shutdown_grace_s=GRACE_S), workdir=tmp_path)
+    try:
+        loading = _first_executor(server)
+        started = time.monotonic()
+        result = _sigterm_with_a_waiting_request(server, lambda: None)
+        assert isinstance(result, ShuttingDownError), result
+        _assert_clean_exit(server, started, [loading])
+    finally:
+        server.terminate()
+
+
+def test_sigterm_while_a_failed_executor_is_being_replaced(model_dir, adapter_dirs, tmp_path):
+    server = ServerProcess(server_config(model_dir, adapter_dirs, shutdown_grace_s=GRACE_S), workdir=tmp_path)
+    try:
+        first = _first_executor(server)
+        started = time.monotonic()
+        seen: list[int] = []
+
+        def kill_and_wait_for_the_replacement() -> None:
+            os.kill(first, signal.SIGKILL)  # a start failure: the next one comes after a backoff
+            deadline = time.monotonic() + 30
+            while not seen and time.monotonic() < deadline:
+                seen.extend(pid for pid in executor_pids(server.pid) if pid != first)
+                time.sleep(0.02)
+
+        result = _sigterm_with_a_waiting_request(server, kill_and_wait_for_the_replacement)
+        assert isinstance(result, ShuttingDownError), result
+        assert seen, "no replacement executor was started"
+        _assert_clean_exit(server, started, [first, *seen])
+    finally:
+        server.terminate()
