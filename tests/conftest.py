@@ -80,27 +80,35 @@ def adapter_dirs(tmp_path_factory, model_dir) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def greedy_logits():
-    """greedy_logits(engine, prompt_ids, adapters, max_tokens, ignore_eos=True) -> per prompt,
-    the float32 logits row the runner computed for each generated token, decoding greedily
-    step by step."""
+    """greedy_logits(engine, prompt_ids, adapters, max_tokens, ignore_eos=True, forced=None) ->
+    per prompt, the float32 logits row the runner computed for each generated token, decoding
+    greedily step by step. `forced` (per prompt, a token list) feeds those tokens back instead
+    of the argmax (teacher forcing, e.g. on a reference's output): prompt i then runs
+    len(forced[i]) steps and its rows score that continuation."""
     import torch
 
     from inlaid.engine import SamplingParams
     from inlaid.protocol import SampledToken, StepResult
 
     def run(engine, prompt_ids: list[list[int]], adapters: list[str | None], max_tokens: int,
-            ignore_eos: bool = True) -> list[list[torch.Tensor]]:
-        sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
-        request_ids = [engine.add_request(p, sampling=sampling, adapter=a) for p, a in zip(prompt_ids, adapters)]
+            ignore_eos: bool = True, forced: list[list[int]] | None = None) -> list[list[torch.Tensor]]:
+        lengths = [len(tokens) for tokens in forced] if forced is not None else [max_tokens] * len(prompt_ids)
+        request_ids = [engine.add_request(p, sampling=SamplingParams(max_tokens=n, ignore_eos=ignore_eos), adapter=a)
+                       for p, a, n in zip(prompt_ids, adapters, lengths)]
         index_of = {engine.sequence(rid).seq_id: i for i, rid in enumerate(request_ids)}
         rows: list[list[torch.Tensor]] = [[] for _ in prompt_ids]
+
+        def next_token(seq_id: int, row: torch.Tensor) -> int:
+            index = index_of[seq_id]
+            return int(row.argmax()) if forced is None else forced[index][len(rows[index]) - 1]
+
         while engine.has_unfinished():
             plan = engine.begin_step()
             seq_ids, logits, _ = engine.runner.forward_logits(plan)
             for seq_id, row in zip(seq_ids, logits):
                 rows[index_of[seq_id]].append(row)
             engine.finish_step(StepResult(step_id=plan.step_id, num_tokens=0, compute_seconds=0.0, sampled=[
-                SampledToken(seq_id=s, token_id=int(row.argmax())) for s, row in zip(seq_ids, logits)]))
+                SampledToken(seq_id=s, token_id=next_token(s, row)) for s, row in zip(seq_ids, logits)]))
         return rows
 
     return run
