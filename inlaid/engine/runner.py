@@ -165,7 +165,7 @@ class ModelRunner:
                 runnable.append(chunk)
         sampled: list[SampledToken] = []
         if runnable:
-            seq_ids, logits, chunks = self._forward_chunks(runnable)
+            seq_ids, logits, chunks = self._sampled_logits(*self._forward_chunks(runnable))
             outcomes = sample_tokens(logits, [c.sampling for c in chunks], [c.num_generated for c in chunks])
             for seq_id, outcome in zip(seq_ids, outcomes):
                 if isinstance(outcome, RowFailure):
@@ -198,7 +198,11 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_logits(self, plan: BatchPlan) -> tuple[list[int], torch.Tensor, list[ChunkPlan]]:
         """Run the plan's forward; return (seq ids, float32 logits [B, V], chunks) of sampled rows."""
-        chunks, hidden, first_rows = self.forward_hidden(plan)
+        return self._sampled_logits(*self.forward_hidden(plan))
+
+    def _sampled_logits(self, chunks: list[ChunkPlan], hidden: torch.Tensor,
+                        first_rows: list[int]) -> tuple[list[int], torch.Tensor, list[ChunkPlan]]:
+        """The logits of each sampled chunk's last token: (seq ids, float32 [B, V], chunks)."""
         sampled = [(chunk, first + len(chunk.token_ids) - 1) for chunk, first in zip(chunks, first_rows) if chunk.sample]
         rows = torch.tensor([row for _, row in sampled], dtype=torch.long, device=self.device)
         logits = self.model.logits(hidden[rows])
@@ -213,7 +217,7 @@ class ModelRunner:
             self.load_adapter(load.slot, load.name, load.path)
         return self._forward_chunks(plan.chunks)
 
-    def _forward_chunks(self, plan_chunks: list[ChunkPlan]) -> tuple[list[int], torch.Tensor, list[ChunkPlan]]:
+    def _forward_chunks(self, plan_chunks: list[ChunkPlan]) -> tuple[list[ChunkPlan], torch.Tensor, list[int]]:
         # Tokens of one adapter are made contiguous so that they form one LoRA segment.
         chunks = sorted(plan_chunks, key=lambda chunk: chunk.adapter_slot)
         batch, last_token_rows = self._build_batch(chunks)
