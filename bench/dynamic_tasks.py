@@ -18,8 +18,10 @@ D. quality   teacher-forced NLL (inlaid.engine.scoring, the serving kernels) of 
              eval examples on the float base, the 3-task base, the incremental base and the
              full 4-task base; the incremental - full difference with its paired standard error.
 
-"forward + Hessian" is the total minus aggregation + quantization, so it includes loading the
-model and writing the checkpoint. Writes bench/results/dynamic_tasks.{json,md,png}.
+"forward + Hessian" is the true-sequential layer pass (calibration forward and Hessians),
+"aggregation + quantization" the aggregation, GPTQ, per-task errors and (incremental) the
+decisions; the total also holds loading the model and calibration and writing the result.
+Writes bench/results/dynamic_tasks.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -74,33 +76,23 @@ def _peak_rss_gb() -> float:
 def part_full(args: argparse.Namespace) -> dict:
     import torch
 
-    import inlaid.quant.driver as driver
     from inlaid.models.prepare import prepare_default_model
+    from inlaid.quant.driver import DriverConfig, quantize_model
     from inlaid.quant.methods import parse_method
     from inlaid.quant.spec import QuantSpec
 
     torch.set_num_threads(1)
-    spent = {"quantize": 0.0}
-    quantize_layer = driver._quantize_layer
-
-    def timed(*positional, **named):  # the driver's per-layer aggregation + GPTQ, timed
-        started = time.perf_counter()
-        try:
-            return quantize_layer(*positional, **named)
-        finally:
-            spent["quantize"] += time.perf_counter() - started
-
-    driver._quantize_layer = timed
     out = _work_dir() / "full"
     shutil.rmtree(out, ignore_errors=True)
     tasks = [_task(name) for name in (*BASE_TASKS, NEW_TASK)]
     started = time.perf_counter()
-    driver.quantize_model(driver.DriverConfig(
+    report = quantize_model(DriverConfig(
         model_dir=prepare_default_model(quiet=True), tasks=tasks, method=parse_method("mlgptq"),
         spec=QuantSpec(bits=BITS, group_size=GROUP), out_dir=out, max_samples=args.samples, max_tokens=MAX_TOKENS,
         resume=False))
-    total = time.perf_counter() - started
-    return {"total_s": total, "quantize_s": spent["quantize"], "forward_s": total - spent["quantize"],
+    phases = report.phases
+    return {"total_s": time.perf_counter() - started, "quantize_s": phases.get("quantize", 0.0),
+            "forward_s": phases.get("forward", 0.0) + phases.get("hessian", 0.0), "phases": phases,
             "peak_rss_gb": _peak_rss_gb(), "checkpoint": str(out)}
 
 
@@ -122,13 +114,12 @@ def part_offline(args: argparse.Namespace) -> dict:
     outcomes = list(tqdm(quantizer.layers(), total=quantizer.num_layers, desc=f"add {NEW_TASK}", unit="layer"))
     write_incremental_checkpoint(quantizer, outcomes, out)
     total = time.perf_counter() - started
-    quantize = sum(o.quantize_seconds for o in outcomes)
     decisions = [d for o in outcomes for d in o.decisions]
     existing = [d.errors_new[t] / d.errors_served[t] for d in decisions if d.errors_new
                 for t in d.errors_served if t != NEW_TASK and d.errors_served[t] > 0]
     new = [d.errors_new[NEW_TASK] / d.errors_served[NEW_TASK] for d in decisions if d.errors_new]
-    return {"total_s": total, "quantize_s": quantize, "forward_s": total - quantize,
-            "layer_forward_s": sum(o.forward_seconds for o in outcomes), "peak_rss_gb": _peak_rss_gb(),
+    return {"total_s": total, "quantize_s": sum(o.quantize_seconds for o in outcomes),
+            "forward_s": sum(o.forward_seconds for o in outcomes), "peak_rss_gb": _peak_rss_gb(),
             "checkpoint": str(out), "actions": {a: sum(d.action == a for d in decisions)
                                                  for a in sorted({d.action for d in decisions})},
             "change": _quantiles([d.change for d in decisions]), "existing_error_ratio": _quantiles(existing),
