@@ -126,10 +126,10 @@ class Coordinator:
             self.config.engine, backend, on_lost=self._on_executor_lost, on_fatal=self._on_fatal,
             start_timeout_s=self.limits.executor_start_timeout_s, step_timeout_s=self.limits.step_timeout_s,
             log_level=self.config.log_level, log_format=self.config.log_format,
-            on_swap_result=self.dynamic.on_swap_result,
+            on_swap_result=self.dynamic.jobs.on_swap_result,
         )  # fmt: skip
         self.step_loop = StepLoop(self.engine, self.supervisor, on_plan=self._on_plan, deliver=self._deliver,
-                                  fail_running=self._fail_running, counters=self.counters, swaps=self.dynamic)
+                                  fail_running=self._fail_running, counters=self.counters, swaps=self.dynamic.jobs)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_shutdown, signum)
         await self.supervisor.start()
@@ -194,7 +194,7 @@ class Coordinator:
 
     # ================================================================== executor faults
     def _on_executor_lost(self, reason: str) -> None:
-        self.dynamic.on_executor_lost()
+        self.dynamic.jobs.on_executor_lost()
         self._fail_running(f"{reason}; the server restarts it, retry this request")
 
     def _fail_running(self, message: str, code: str = ErrorCode.EXECUTOR_FAILED) -> None:

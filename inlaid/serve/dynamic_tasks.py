@@ -1,53 +1,27 @@
-"""Tasks added, removed and followed on a running server, and the re-quantization of the base
-an addition starts. Torch-free: the coordinator's side of docs/dynamic-tasks.md.
+"""Tasks added, removed and followed on a running server. Torch-free: the coordinator's side of
+docs/dynamic-tasks.md.
 
-An added task serves at once on the current base. With calibration samples, on a GPTQ base
-whose checkpoint stores its Hessian state, and with a state directory, a job then re-quantizes
-the base for it in the requantizer process, one job at a time. Each finished layer comes back
-as a handle; the next plan sent to the executor carries it as a LayerSwap, applied between
-two steps; once the executor confirms it, the layer is *committed* (registry.json) and the
-requantizer may go on. Committed layers are what a restarted executor or server restores
-(as file swaps on its first plan), so what is served and what is recorded never diverge.
+An added task serves at once, on the base as it is. With calibration samples, on a GPTQ base
+whose checkpoint stores its Hessian state, and with a state directory, its re-quantization
+job is queued (`requantization_jobs.py` runs the jobs and the layer handover). Added tasks,
+their copied files and their jobs persist in the state directory (`task_store.py`): a
+restarted server serves them again and resumes an unfinished job.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import json
 import logging
-import shutil
-import tempfile
 import time
-from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import msgspec
-import zmq
-
-from inlaid.protocol import (
-    CancelJob,
-    ErrorCode,
-    JobFinished,
-    KeptLinear,
-    LayerCommitted,
-    LayerHandle,
-    LayerReady,
-    LayerSwap,
-    LayerSwapResult,
-    RequantizeJob,
-    RequantizerHello,
-    TaskStatusReply,
-)
+from inlaid.protocol import ErrorCode, KeptLinear, TaskStatusReply
 from inlaid.serve.config import ServerConfig
-from inlaid.serve.requantizer_supervisor import RequantizerSupervisor
+from inlaid.serve.requantization_jobs import RequantizationJobs
 from inlaid.serve.task_registry import TaskError, TaskRegistry
-from inlaid.serve.task_store import (
-    FAILED, QUEUED, READY, REQUANTIZING, SERVING, CommittedLayer, StateDirError, TaskRecord, TaskStore,
-)
+from inlaid.serve.task_store import FAILED, QUEUED, REQUANTIZING, SERVING, StateDirError, TaskRecord, TaskStore
 
 log = logging.getLogger("inlaid.dynamic_tasks")
 
@@ -60,18 +34,6 @@ class TaskInputs:
     adapter_dir: str
     calibration: str | None
     copied: bool
-
-
-@dataclass
-class _LiveSwap:
-    swap: LayerSwap
-    file: str
-    job_id: str
-    sent: bool = False  # in a plan to the current executor, its result not yet back
-
-
-def job_id(record: TaskRecord) -> str:
-    return f"{record.name}@v{record.version}"
 
 
 def requantization_blocker(config: ServerConfig) -> str:
@@ -98,7 +60,6 @@ class DynamicTasks:
     def __init__(self, config: ServerConfig, registry: TaskRegistry, wake: Callable[[], None]) -> None:
         self.config = config
         self.registry = registry
-        self.wake = wake
         self.num_layers = registry.engine.model_config.num_layers
         self.blocker = requantization_blocker(config)
         self.store: TaskStore | None = None
@@ -108,19 +69,11 @@ class DynamicTasks:
                                                           "quantized_dir": config.engine.quantized_dir})
             except StateDirError as error:
                 raise ValueError(str(error)) from None
-        self.supervisor: RequantizerSupervisor | None = None
-        self.queue: deque[str] = deque()
-        self.current: str | None = None
-        self._sent_job: tuple[int, str] | None = None  # (requantizer generation, job id) it runs
-        self._live: _LiveSwap | None = None
-        self._restore: dict[int, LayerSwap] = {}
-        self._swap_step_ids = itertools.count(-1, -1)  # swap-only plans: never an engine step id
-        self._background: set[asyncio.Task[Any]] = set()
-        self._tempdir: str | None = None
+        self.jobs = RequantizationJobs(config, self.store, self.num_layers, wake)
         if self.store is not None:
-            self._restore_state(self.store)
+            self._restore_tasks(self.store)
 
-    def _restore_state(self, store: TaskStore) -> None:
+    def _restore_tasks(self, store: TaskStore) -> None:
         for name in self.config.tasks:  # a task served from the config counts again
             if name in store.dropped:
                 store.dropped.remove(name)
@@ -134,40 +87,15 @@ class DynamicTasks:
                 continue
             if record.phase in (QUEUED, REQUANTIZING):
                 record.phase = QUEUED
-                self.queue.append(name)
-        self._restore = self._committed_swaps()
+                self.jobs.queue.append(name)  # start() dispatches it
         store.save()
 
-    def _committed_swaps(self) -> dict[int, LayerSwap]:
-        """Every committed layer as a file swap: what a fresh executor lacks."""
-        assert self.store is not None
-        return {layer: LayerSwap(layer=layer, version=entry.version, handle=LayerHandle(transport="file", name=entry.file))
-                for layer, entry in self.store.layers.items()}
-
-    # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        if self.blocker or self.store is None:
-            return
-        self._tempdir = tempfile.mkdtemp(prefix="inlaid-requantizer-")
-        self.supervisor = RequantizerSupervisor(
-            self.config.requantizer, f"ipc://{self._tempdir}/requantizer.ipc",
-            on_message=self._on_message, on_ready=self._on_ready, on_lost=self._on_lost,
-            log_level=self.config.log_level, log_format=self.config.log_format)
-        if self.queue:
-            await self._dispatch()
+        if not self.blocker:
+            await self.jobs.start()
 
     async def stop(self) -> None:
-        if self.supervisor is not None:
-            await self.supervisor.stop()
-        for task in list(self._background):
-            task.cancel()
-        if self._tempdir:
-            shutil.rmtree(self._tempdir, ignore_errors=True)
-
-    def _later(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        await self.jobs.stop()
 
     # ------------------------------------------------------------------ admin calls
     def prepare(self, name: str, adapter_dir: str, calibration: str | None) -> TaskInputs:
@@ -206,11 +134,10 @@ class DynamicTasks:
             store.next_version += 1
             if name in store.dropped:
                 store.dropped.remove(name)  # its job computes its Hessians afresh
-            self.queue.append(name)
         store.tasks[name] = record
         store.save()
         if record.phase == QUEUED:
-            self._later(self._dispatch())
+            self.jobs.submit(name)
             return f"{text}; serving on the current base, re-quantization queued (version {record.version})"
         return f"{text}; {record.message}"
 
@@ -230,16 +157,11 @@ class DynamicTasks:
             return text
         record = store.tasks.pop(name, None)
         if record is not None and record.phase in (QUEUED, REQUANTIZING):
-            if self.current == name:
-                self._later(self._send(CancelJob(job_id=job_id(record))))
-                self._finish_current()
-            elif name in self.queue:
-                self.queue.remove(name)
+            self.jobs.cancel(record)
             text += "; its re-quantization is cancelled (layers already swapped in stay: each is a valid quantization)"
         if name not in store.dropped:
             store.dropped.append(name)
         store.save()
-        self._later(self._dispatch())
         return text
 
     def status(self, request_id: str, name: str) -> TaskStatusReply:
@@ -264,174 +186,3 @@ class DynamicTasks:
             kept=kept, message=record.message, forward_seconds=record.forward_seconds,
             quantize_seconds=record.quantize_seconds, wall_seconds=end - record.started_at if record.started_at else 0.0,
             peak_rss_bytes=record.peak_rss_bytes)
-
-    # ------------------------------------------------------------------ the executor's side
-    def has_swaps(self) -> bool:
-        return bool(self._restore) or (self._live is not None and not self._live.sent)
-
-    def next_swap_step_id(self) -> int:
-        return next(self._swap_step_ids)
-
-    def take_swaps(self) -> list[LayerSwap]:
-        """The swaps for the next plan: committed layers a fresh executor lacks, then the live one."""
-        swaps = [self._restore[layer] for layer in sorted(self._restore)]
-        self._restore.clear()
-        if self._live is not None and not self._live.sent:
-            swaps.append(self._live.swap)
-            self._live.sent = True
-        return swaps
-
-    def on_executor_lost(self) -> None:
-        if self.store is not None:
-            self._restore = self._committed_swaps()
-        if self._live is not None:
-            self._live.sent = False  # its result died with the executor: send it again
-
-    def on_swap_result(self, result: LayerSwapResult) -> None:
-        store = self.store
-        if store is None:
-            return
-        live = self._live
-        if live is not None and live.sent and (live.swap.layer, live.swap.version) == (result.layer, result.version):
-            self._live = None
-            if result.ok:
-                store.layers[result.layer] = CommittedLayer(version=result.version, file=live.file)
-                record = self._record_of(live.job_id)
-                if record is not None:
-                    record.layers_done = result.layer + 1
-                store.save()
-            self._later(self._send(LayerCommitted(job_id=live.job_id, layer=result.layer, swapped=result.ok,
-                                                  error=result.error)))
-            return
-        if not result.ok:
-            log.error("a committed layer could not be restored; the checkpoint's layer serves instead",
-                      extra={"layer": result.layer, "version": result.version, "error": result.error})
-            entry = store.layers.get(result.layer)
-            if entry is not None and entry.version == result.version:
-                del store.layers[result.layer]
-                store.save()
-
-    # ------------------------------------------------------------------ the requantizer's side
-    def _record_of(self, job: str) -> TaskRecord | None:
-        if self.store is None or self.current is None:
-            return None
-        record = self.store.tasks.get(self.current)
-        return record if record is not None and job_id(record) == job else None
-
-    def _job(self, record: TaskRecord) -> RequantizeJob:
-        assert self.store is not None and record.calibration is not None
-        settings = self.config.requantizer
-        return RequantizeJob(
-            job_id=job_id(record), task=record.name, adapter_dir=record.adapter_dir, calibration=record.calibration,
-            version=record.version, start_layer=record.layers_done, model_dir=self.config.engine.model_dir,
-            checkpoint_dir=str(self.config.engine.quantized_dir),
-            served_layers={layer: entry.file for layer, entry in self.store.layers.items()},
-            state_dir=str(self.store.hessian_dir), layers_dir=str(self.store.layers_dir),
-            drop_tasks=[name for name in self.store.dropped if name != record.name],
-            change_threshold=settings.change_threshold,
-            quality_tolerance=settings.quality_tolerance if settings.quality_tolerance >= 0 else None,
-            max_samples=settings.max_samples or None, device=self.config.engine.device,
-            pause_between_layers_s=settings.pause_between_layers_s)
-
-    async def _send(self, message: msgspec.Struct) -> None:
-        if self.supervisor is None or not self.supervisor.ready:
-            return  # a restarted requantizer gets the whole job again
-        try:
-            await self.supervisor.send(message)
-        except zmq.ZMQError as error:
-            log.warning("requantizer unreachable", extra={"error": str(error)})
-
-    async def _dispatch(self) -> None:
-        store, supervisor = self.store, self.supervisor
-        if store is None or supervisor is None:
-            return
-        if self.current is None:
-            if not self.queue:
-                return
-            self.current = self.queue[0]
-        record = store.tasks[self.current]
-        if not supervisor.ready:
-            await supervisor.ensure_running()  # its hello dispatches again
-            return
-        job = self._job(record)
-        if self._sent_job == (supervisor.generation, job.job_id):
-            return
-        self._sent_job = (supervisor.generation, job.job_id)
-        record.phase = REQUANTIZING
-        record.started_at = record.started_at or time.time()
-        store.save()
-        log.info("re-quantization dispatched", extra={"task": record.name, "version": record.version,
-                                                      "start_layer": job.start_layer})
-        await self._send(job)
-
-    def _finish_current(self) -> None:
-        if self.current in self.queue:
-            self.queue.remove(self.current)
-        self.current = None
-        self._sent_job = None
-        if self._live is not None and not self._live.sent:
-            self._live = None  # never reached the executor; the requantizer releases it
-
-    def _on_ready(self, _hello: RequantizerHello) -> None:
-        self._later(self._dispatch())
-
-    def _on_lost(self, reason: str) -> None:
-        self._sent_job = None
-        if self._live is not None and not self._live.sent:
-            self._live = None  # its shared memory went with the requantizer; the job redoes the layer
-        record = self.store.tasks.get(self.current) if self.store and self.current else None
-        if record is None:
-            return
-        record.attempts += 1
-        if record.attempts >= self.config.requantizer.max_attempts:
-            self._end_job(record, ok=False, error=f"{reason} ({record.attempts} times during this task's job)")
-        else:
-            record.message = f"{reason}; resuming at layer {record.layers_done}"
-            assert self.store is not None
-            self.store.save()
-
-    def _on_message(self, message: msgspec.Struct) -> None:
-        if isinstance(message, LayerReady):
-            self._on_layer_ready(message)
-        elif isinstance(message, JobFinished):
-            record = self._record_of(message.job_id)
-            if record is not None:
-                record.peak_rss_bytes = max(record.peak_rss_bytes, message.peak_rss_bytes)
-                self._end_job(record, message.ok, message.error)
-
-    def _on_layer_ready(self, ready: LayerReady) -> None:
-        record = self._record_of(ready.job_id)
-        if record is None or self.store is None:
-            return  # a cancelled job's last layer: the requantizer releases it when cancelled
-        record.decisions = [d for d in record.decisions if d["layer"] != ready.layer] + [
-            {"layer": ready.layer, "linear": o.linear, "action": o.action, "reason": o.reason, "change": o.change}
-            for o in ready.linears]
-        record.forward_seconds += ready.forward_seconds
-        record.quantize_seconds += ready.quantize_seconds
-        if ready.handle is None:
-            record.layers_done = ready.layer + 1
-            self.store.save()
-            self._later(self._send(LayerCommitted(job_id=ready.job_id, layer=ready.layer, swapped=False)))
-            return
-        self.store.save()
-        self._live = _LiveSwap(LayerSwap(layer=ready.layer, version=ready.version, handle=ready.handle),
-                               ready.file, ready.job_id)
-        self.wake()
-
-    def _end_job(self, record: TaskRecord, ok: bool, error: str) -> None:
-        assert self.store is not None
-        record.finished_at = time.time()
-        if ok:
-            record.phase = READY
-            swapped = sum(1 for entry in self.store.layers.values() if entry.version == record.version)
-            kept = sum(1 for d in record.decisions if d["action"] != "requantized")
-            record.message = f"{swapped} of {self.num_layers} layers swapped in; {kept} linears kept as served"
-        else:
-            record.phase = FAILED
-            record.message = f"re-quantization failed; served on the base as it is: {error}"
-            if record.name not in self.store.dropped:
-                self.store.dropped.append(record.name)  # its partial Hessians serve no aggregate
-        log.info("re-quantization ended", extra={"task": record.name, "phase": record.phase, "detail": record.message})
-        self._finish_current()
-        self.store.save()
-        self._later(self._dispatch())
