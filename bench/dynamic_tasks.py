@@ -3,17 +3,22 @@ offline vs incremental online), serving throughput while the requantizer works, 
 quality of the incrementally re-quantized base.
 
     .venv/bin/python bench/dynamic_tasks.py [--samples 16] [--eval 32] [--window 60] [--ablation]
+                                            [--parts full,offline,online,quality]
 
 Base: SmolLM2-135M-Instruct, MLGPTQ 4-bit g128 over sentiment, math and trans-fr (built once,
 cached by inlaid.quant.suite); the added task: code. Every quantization runs with 1 thread.
 
 A. full      the driver over all four tasks, in its own process (peak RSS of that process)
 B. offline   `inlaid quantize-add` of code onto the 3-task checkpoint, in its own process
-C. online    `inlaid serve` (executor 1 thread) under a steady closed-loop load of sentiment,
-             math, trans-fr and base requests; code added through the SDK while it serves; the
-             requantizer (1 thread, nice 19, SCHED_IDLE, OMP passive) re-quantizes meanwhile.
-             Throughput before / during / after. --ablation repeats it with an unthrottled
-             requantizer (2 threads, nice 0, no SCHED_IDLE) to show what the settings buy.
+C. online    `inlaid serve` (executor 1 thread) under a steady closed-loop load of streamed
+             sentiment, math, trans-fr and base requests; code added through the SDK while it
+             serves; the requantizer (1 thread, nice 19, SCHED_IDLE, OMP passive) re-quantizes
+             meanwhile. On a machine shared with other jobs, throughput before / during / after
+             moves with THEIR load, so the cost is measured paired in time: while the job runs,
+             the requantizer is alternately left running and stopped (SIGSTOP/SIGCONT) in
+             `--interleave`-second windows, and the served tokens/s of running windows are
+             compared with those of the stopped windows around them. --ablation repeats it with
+             an unthrottled requantizer (2 threads, nice 0, no SCHED_IDLE).
 D. quality   teacher-forced NLL (inlaid.engine.scoring, the serving kernels) of every task's
              eval examples on the float base, the 3-task base, the incremental base and the
              full 4-task base; the incremental - full difference with its paired standard error.
@@ -32,6 +37,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -154,24 +160,28 @@ async def _online(server, args: argparse.Namespace) -> dict:
     from inlaid.client import AsyncClient
 
     prompts = _prompts()
-    finished: list[tuple[float, int]] = []
+    streamed: list[tuple[float, int]] = []  # (arrival, tokens) of every streamed chunk
     stop = asyncio.Event()
     failures: list[str] = []
+    requests = 0
 
     async def worker(client: AsyncClient, index: int) -> None:
+        nonlocal requests
         count = index
         while not stop.is_set():
             task, messages = prompts[count % len(prompts)]
             task = None if count % 4 == 3 else task  # a quarter of the load on the base model
             try:
-                done = await client.generate(messages=messages, task=task, max_tokens=32, ignore_eos=True)
-                finished.append((time.monotonic(), len(done.token_ids)))
+                stream = await client.stream(messages=messages, task=task, max_tokens=32, ignore_eos=True)
+                async for chunk in stream:
+                    streamed.append((time.monotonic(), len(chunk.token_ids)))
+                requests += 1
             except Exception as error:  # counted, reported: the target is zero
                 failures.append(f"{type(error).__name__}: {error}")
             count += args.concurrency
 
     def rate(start: float, end: float) -> float:
-        return sum(n for t, n in finished if start <= t < end) / max(end - start, 1e-9)
+        return sum(n for t, n in streamed if start <= t < end) / max(end - start, 1e-9)
 
     async with AsyncClient(server.address, admin_token=TOKEN, timeout_s=600) as client:
         await client.wait_ready(600)
@@ -184,9 +194,19 @@ async def _online(server, args: argparse.Namespace) -> dict:
         await client.add_task(NEW_TASK, str(REPO / "adapters" / NEW_TASK),
                               str(REPO / "inlaid" / "tasks" / "data" / NEW_TASK / "calib.jsonl"))
         status = await client.task_status(NEW_TASK)
+        windows: list[tuple[float, float, bool]] = []  # (start, end, requantizer running)
+        running = True
         while status.phase in ("queued", "requantizing"):
-            await asyncio.sleep(1.0)
+            opened = time.monotonic()
+            await asyncio.sleep(args.interleave)
+            windows.append((opened, time.monotonic(), running))
+            pids = _children(server.pid, "inlaid.serve.requantizer")
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP if running else signal.SIGCONT)
+            running = not running if pids else True
             status = await client.task_status(NEW_TASK)
+        for pid in _children(server.pid, "inlaid.serve.requantizer"):
+            os.kill(pid, signal.SIGCONT)
         ready_at = time.monotonic()
         load_during = os.getloadavg()
         await asyncio.sleep(args.window)
@@ -194,17 +214,39 @@ async def _online(server, args: argparse.Namespace) -> dict:
         stop.set()
         await asyncio.gather(*workers)
         stats = await client.stats()
+    on = [(end - start, rate(start, end)) for start, end, running in windows if running]
+    off = [(end - start, rate(start, end)) for start, end, running in windows if not running]
+    pairs = [rate(a, b) / rate(c, d) for (a, b, r1), (c, d, r2) in zip(windows, windows[1:]) if r1 and not r2
+             and rate(c, d) > 0]
     return {
+        "paired_ratio": (sum(s * r for s, r in on) / sum(s for s, _ in on)) / (sum(s * r for s, r in off) / sum(s for s, _ in off))
+        if on and off else float("nan"),
+        "pair_ratios": pairs, "running_s": sum(s for s, _ in on), "stopped_s": sum(s for s, _ in off),
         "steady_tok_s": rate(steady_from, added_at), "during_tok_s": rate(added_at, ready_at),
         "after_tok_s": rate(ready_at, after_to), "requantize_wall_s": ready_at - added_at,
         "forward_s": status.forward_seconds, "quantize_s": status.quantize_seconds,
         "requantizer_peak_rss_gb": status.peak_rss_bytes / 1024**3, "executor_rss_gb": stats.executor_rss_bytes / 1024**3,
         "phase": status.phase, "layers_swapped": status.layers_swapped, "message": status.message,
-        "kept": len(status.kept), "failures": failures, "requests": len(finished),
+        "kept": len(status.kept), "failures": failures, "requests": requests,
         "loadavg_before": load_before, "loadavg_during": load_during,
-        "timeline": [(t - steady_from, n) for t, n in finished if t >= steady_from],
+        "timeline": [(t - steady_from, n) for t, n in streamed if t >= steady_from],
         "marks": {"added": added_at - steady_from, "ready": ready_at - steady_from},
+        "windows": [(a - steady_from, b - steady_from, r) for a, b, r in windows],
     }
+
+
+def _children(pid: int, marker: str) -> list[int]:
+    """Processes whose parent is `pid` and whose command line holds `marker` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if parent == pid and marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
 
 
 def part_online(args: argparse.Namespace, requantizer: dict, label: str) -> dict:
@@ -307,16 +349,23 @@ def markdown(report: dict) -> str:
     ]
     for label, online in report.get("online", {}).items():
         lines.append(f"| incremental, online ({label}) | {online['forward_s']:.0f} (in the requantizer) | "
-                     f"{online['quantize_s']:.0f} | {online['requantize_wall_s']:.0f} (add -> ready) | "
+                     f"{online['quantize_s']:.0f} | {online['running_s']:.0f} running (add -> ready "
+                     f"{online['requantize_wall_s']:.0f}, half of it stopped for the pairing) | "
                      f"{online['requantizer_peak_rss_gb']:.2f} (requantizer) |")
     lines += ["", "## Serving while re-quantizing", "",
-              "| requantizer | steady tok/s | during tok/s | during / steady | after tok/s | add -> ready (s) | "
-              "layers swapped | failed requests | swap (ms, median) |", "|---|---|---|---|---|---|---|---|---|"]
+              "Paired: served tokens/s while the requantizer runs / while it is stopped, in alternating "
+              "windows during the job (the target is >= 0.90). Before / during / after: the same load in "
+              "three consecutive periods, which other jobs on the machine move as much.", "",
+              "| requantizer | paired ratio (median of pairs) | running / stopped (s) | steady tok/s | during tok/s "
+              "| after tok/s | add -> ready (s) | layers swapped | failed requests | swap (ms, median) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for label, online in report.get("online", {}).items():
-        settings = online["requantizer"]
+        settings = online["requantizer"] or "defaults"
         swap_ms = 1e3 * statistics.median(online["swap_seconds"]) if online["swap_seconds"] else float("nan")
-        lines.append(f"| {label}: {settings} | {online['steady_tok_s']:.1f} | {online['during_tok_s']:.1f} | "
-                     f"{online['during_tok_s'] / online['steady_tok_s']:.3f} | {online['after_tok_s']:.1f} | "
+        pairs = statistics.median(online["pair_ratios"]) if online["pair_ratios"] else float("nan")
+        lines.append(f"| {label}: {settings} | **{online['paired_ratio']:.3f}** ({pairs:.3f}, "
+                     f"{len(online['pair_ratios'])} pairs) | {online['running_s']:.0f} / {online['stopped_s']:.0f} | "
+                     f"{online['steady_tok_s']:.1f} | {online['during_tok_s']:.1f} | {online['after_tok_s']:.1f} | "
                      f"{online['requantize_wall_s']:.0f} | {online['layers_swapped']} | {len(online['failures'])} | "
                      f"{swap_ms:.1f} |")
     if "online_equals_offline" in report:
@@ -354,15 +403,17 @@ def plot(report: dict, path: Path) -> None:
         return
     figure, axes = plt.subplots(len(online), 1, figsize=(9, 3.2 * len(online)), squeeze=False)
     for axis, (label, run) in zip(axes[:, 0], online.items()):
-        bucket = 5.0
+        bucket = 2.5
         end = max(t for t, _ in run["timeline"])
         counts = [0.0] * (int(end // bucket) + 1)
         for t, n in run["timeline"]:
             counts[int(t // bucket)] += n / bucket
         axis.plot([bucket * (i + 0.5) for i in range(len(counts))], counts, label="served tokens/s")
-        axis.axvspan(run["marks"]["added"], run["marks"]["ready"], alpha=0.2, label="re-quantizing")
-        axis.axhline(run["steady_tok_s"], linestyle="--", linewidth=1, label="steady mean")
-        axis.set_title(f"{label}: during / steady = {run['during_tok_s'] / run['steady_tok_s']:.3f}")
+        for index, (start, end, running) in enumerate(run["windows"]):
+            axis.axvspan(start, end, alpha=0.25 if running else 0.08, color="tab:red" if running else "tab:gray",
+                         label=("requantizer running" if running else "requantizer stopped") if index < 2 else None)
+        axis.axhline(run["steady_tok_s"], linestyle="--", linewidth=1, label="steady mean (before the job)")
+        axis.set_title(f"{label}: running / stopped = {run['paired_ratio']:.3f} (paired windows)")
         axis.set_xlabel("seconds")
         axis.set_ylabel("tokens/s")
         axis.legend(loc="lower left", fontsize=8)
@@ -378,26 +429,36 @@ def main() -> int:
     parser.add_argument("--window", type=float, default=60.0, help="seconds of steady (and after) load")
     parser.add_argument("--warmup", type=float, default=15.0)
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    parser.add_argument("--interleave", type=float, default=10.0,
+                        help="seconds per window of the requantizer running / stopped during the job")
     parser.add_argument("--ablation", action="store_true", help="also run an unthrottled requantizer")
-    parser.add_argument("--skip-online", action="store_true")
+    parser.add_argument("--parts", default="full,offline,online,quality",
+                        help="which parts to run; the others keep their results from the last run's JSON")
     args = parser.parse_args()
     if args.part:
         result = {"full": part_full, "offline": part_offline, "quality": part_quality}[args.part](args)
         print(json.dumps(result))
         return 0
-    report: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-                    "loadavg_start": os.getloadavg(), "samples": args.samples}
+    parts = set(args.parts.split(","))
+    previous = RESULTS / "dynamic_tasks.json"
+    report: dict = json.loads(previous.read_text()) if parts != {"full", "offline", "online", "quality"} else {}
+    if report.get("samples", args.samples) != args.samples:
+        parser.error(f"the last run used --samples {report['samples']}: run every part to change it")
+    report.update({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+                   "loadavg_start": os.getloadavg(), "samples": args.samples})
     _base_checkpoint(args.samples)  # cached; built here (untimed) if absent
-    report["full"] = _child("full", args)
-    report["offline"] = _child("offline", args)
-    if not args.skip_online:
+    for part in ("full", "offline"):
+        if part in parts:
+            report[part] = _child(part, args)
+    if "online" in parts:
         report["online"] = {"default": part_online(args, {}, "default")}
         report["online_equals_offline"] = online_equals_offline(report["online"]["default"]["state_dir"],
                                                                 report["offline"]["checkpoint"])
         if args.ablation:
             report["online"]["unthrottled"] = part_online(
                 args, {"threads": 2, "niceness": 0, "idle_priority": False}, "unthrottled")
-    report["quality"] = _child("quality", args)
+    if "quality" in parts:
+        report["quality"] = _child("quality", args)
     report["loadavg_end"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "dynamic_tasks.json").write_text(json.dumps(report, indent=1))
