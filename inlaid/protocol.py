@@ -215,7 +215,7 @@ class RequantizeJob(msgspec.Struct, frozen=True, kw_only=True, tag="requantize_j
     quality_tolerance: float | None = 1.0
     max_samples: int | None = None
     device: str = "cpu"  # the executor's: picks the handover transport
-    pause_between_layers_s: float = 0.0
+    duty_cycle: float = 1.0  # the share of one core's time the job may use (it sleeps the rest)
 
 
 class LinearOutcome(msgspec.Struct, frozen=True, kw_only=True):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from inlaid.protocol import LayerHandle, TensorSlot
 from inlaid.serve.layer_transport import (
-    LayerTransportError, export_cuda_ipc, export_shm, file_handle, open_layer,
+    LayerTransportError, export_cuda_ipc, export_shm, open_layer,
 )
 
 # The receiver: opens each handle read from stdin, saves what it got as safetensors.
@@ -53,7 +53,7 @@ def test_handles_cross_processes(tmp_path):
     shm = export_shm(sent[0])
     ipc = export_cuda_ipc(sent[1], torch.device("cpu"))
     save_file(sent[2], str(tmp_path / "layer.safetensors"))
-    handles = [shm.handle, ipc.handle, file_handle(str(tmp_path / "layer.safetensors"))]
+    handles = [shm.handle, ipc.handle, LayerHandle(transport="file", name=str(tmp_path / "layer.safetensors"))]
     try:
         done = subprocess.run([sys.executable, "-c", _RECEIVER, str(tmp_path)], input=msgspec.msgpack.encode(handles),
                               capture_output=True, timeout=120)
@@ -96,6 +96,6 @@ def test_bad_handles(tmp_path):
         open_layer(LayerHandle(transport="pigeon", name="x"))
     (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(LayerTransportError, match="cannot read"):
-        open_layer(file_handle(str(tmp_path / "broken.safetensors")))
+        open_layer(LayerHandle(transport="file", name=str(tmp_path / "broken.safetensors")))
     with pytest.raises(LayerTransportError, match="CUDA IPC"):
         open_layer(LayerHandle(transport="cuda_ipc", name="cuda:0", payload=b"garbage"))

@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -147,12 +147,14 @@ class IncrementalQuantizer:
     tensors (a server's earlier re-quantizations); other layers are the checkpoint's.
     state_dirs: where to look for each layer's Hessian state, first match wins (default: the
     checkpoint's). state_out: where the merged state of each finished layer is written.
-    drop_tasks: tasks whose Hessians leave the state (removed from the server)."""
+    drop_tasks: tasks whose Hessians leave the state (removed from the server). pace: called
+    after every input group (a background requantizer sleeps there to bound its CPU share)."""
 
     def __init__(
         self, model_dir: Path, checkpoint_dir: Path, task: CalibrationTask, settings: IncrementalSettings,
         state_out: Path, *, served_layers: dict[int, Path] | None = None, state_dirs: list[Path] | None = None,
         drop_tasks: Iterable[str] = (), existing_tasks: list[CalibrationTask] | None = None,
+        pace: Callable[[], None] | None = None,
     ) -> None:
         from transformers import AutoTokenizer
 
@@ -167,6 +169,7 @@ class IncrementalQuantizer:
         if hessian_dir:
             self.state_dirs.append(self.checkpoint_dir / hessian_dir)
         self.drop_tasks = set(drop_tasks) | {task.name}
+        self.pace = pace
         self.method: Method = parse_method(self.metadata["method"])
         if self.method.hessian_forward is None:
             raise IncrementalError(f"{checkpoint_dir} was quantized with {self.method.name}, which uses no "
@@ -270,6 +273,8 @@ class IncrementalQuantizer:
                                                                     state[group])
                 decisions.extend(group_decisions)
                 tensors.update(group_tensors)
+            if self.pace is not None:
+                self.pace()
 
         quantize_layer_sequential(layer, self.streams, self.peft_model, index, decide_group, timer)
         with timer.phase("quantize"):

@@ -65,7 +65,9 @@ class RequantizerSettings:
     change_threshold: float = 0.0  # relative aggregate change at or below which a linear is kept
     quality_tolerance: float = 1.0  # relative error an existing task may gain on a linear; < 0: no gate
     max_samples: int = 0  # calibration samples of the new task; 0: the checkpoint's setting
-    pause_between_layers_s: float = 0.0  # spreads the work out further
+    # The share of one core's time a job may use: it sleeps the rest, in steps of one input
+    # group. Measured on a 2-core box (docs/dynamic-tasks.md): what keeps serving >= 90 %.
+    duty_cycle: float = 0.5
     max_attempts: int = 3  # requantizer deaths during one task before that task is marked failed
     start_timeout_s: float = 120.0
 
@@ -74,8 +76,10 @@ class RequantizerSettings:
             raise ConfigError("requantizer.threads must be >= 1")
         if not 0 <= self.niceness <= 19:
             raise ConfigError("requantizer.niceness must be in 0..19")
-        if self.change_threshold < 0 or self.pause_between_layers_s < 0 or self.max_samples < 0:
-            raise ConfigError("requantizer.change_threshold, max_samples and pause_between_layers_s must be >= 0")
+        if self.change_threshold < 0 or self.max_samples < 0:
+            raise ConfigError("requantizer.change_threshold and max_samples must be >= 0")
+        if not 0 < self.duty_cycle <= 1:
+            raise ConfigError(f"requantizer.duty_cycle must be in (0, 1], got {self.duty_cycle}")
         if self.max_attempts < 1:
             raise ConfigError("requantizer.max_attempts must be >= 1")
 

@@ -110,10 +110,6 @@ def export_layer(tensors: dict[str, torch.Tensor], device: str) -> ExportedLayer
     return export_cuda_ipc(tensors, target) if target.type == "cuda" else export_shm(tensors)
 
 
-def file_handle(path: str) -> LayerHandle:
-    return LayerHandle(transport="file", name=path)
-
-
 def _attach(name: str) -> shared_memory.SharedMemory:
     try:
         return shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg]  # Python >= 3.13

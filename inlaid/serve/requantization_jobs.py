@@ -182,7 +182,7 @@ class RequantizationJobs:
             change_threshold=settings.change_threshold,
             quality_tolerance=settings.quality_tolerance if settings.quality_tolerance >= 0 else None,
             max_samples=settings.max_samples or None, device=self.config.engine.device,
-            pause_between_layers_s=settings.pause_between_layers_s)
+            duty_cycle=settings.duty_cycle)
 
     async def _send(self, message: msgspec.Struct) -> None:
         if self.supervisor is None or not self.supervisor.ready:

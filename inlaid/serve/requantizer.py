@@ -61,6 +61,23 @@ class _Stop(Exception):
         self.shutdown = shutdown
 
 
+class DutyCycle:
+    """Keeps this process's CPU time at about `share` of the wall time: `pace()` (called at
+    every input group) sleeps in proportion to the CPU time used since the last call. Beside
+    an executor on a small machine, the requantizer's cache and memory traffic slows serving
+    while it computes, whatever its priority (docs/dynamic-tasks.md measures it)."""
+
+    def __init__(self, share: float) -> None:
+        self.share = share
+        self._cpu = time.process_time()
+
+    def pace(self) -> None:
+        used = time.process_time() - self._cpu
+        if used > 0:
+            time.sleep(used * (1.0 - self.share) / self.share)
+        self._cpu = time.process_time()
+
+
 def lower_priority(niceness: int, idle: bool) -> bool:
     """nice + (Linux) SCHED_IDLE for this process; returns whether SCHED_IDLE took."""
     os.nice(max(0, niceness - os.nice(0)))
@@ -147,7 +164,8 @@ def run_job(channel: _Channel, job: RequantizeJob) -> None:
         quantizer = IncrementalQuantizer(
             Path(job.model_dir), Path(job.checkpoint_dir), task, settings, Path(job.state_dir),
             served_layers={layer: Path(file) for layer, file in job.served_layers.items()},
-            state_dirs=[Path(job.state_dir)], drop_tasks=job.drop_tasks)
+            state_dirs=[Path(job.state_dir)], drop_tasks=job.drop_tasks,
+            pace=DutyCycle(job.duty_cycle).pace if job.duty_cycle < 1 else None)
         for outcome in quantizer.layers(job.start_layer):
             if outcome.layer < job.start_layer:
                 continue  # a resumed job runs through its finished layers
@@ -172,8 +190,6 @@ def run_job(channel: _Channel, job: RequantizeJob) -> None:
                                           "quantize_s": round(outcome.quantize_seconds, 3)})
             if outcome.changed and not committed.swapped:
                 raise QuantizationError(f"the executor could not swap in layer {outcome.layer}: {committed.error}")
-            if job.pause_between_layers_s:
-                time.sleep(job.pause_between_layers_s)
     except _Stop:
         raise
     except Exception as error:  # every failure ends the job with a reason; the process lives on
