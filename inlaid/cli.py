@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train-adapter": ("inlaid.tasks.train", "train a LoRA adapter on a task"),
     "eval": ("inlaid.tasks.evaluate", "evaluate a model/adapter on tasks"),
     "quantize": ("inlaid.quant.cli", "quantize a base model (MLGPTQ and baselines)"),
+    "quantize-add": ("inlaid.quant.incremental_cli", "add a task to a quantized checkpoint incrementally"),
     "serve": ("inlaid.serve.cli", "run the server"),
     "client": ("inlaid.client.cli", "talk to a running server"),
     "http": ("inlaid.http.cli", "run the OpenAI-compatible HTTP front alone"),

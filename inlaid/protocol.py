@@ -69,10 +69,41 @@ class AdapterLoad(msgspec.Struct, frozen=True, kw_only=True):
     path: str
 
 
+# The layer handover: a re-quantized decoder layer travels from the requantizer to the
+# executor as a handle (shared memory on the CPU, CUDA IPC handles on a GPU, or a file when
+# a restarted executor restores committed layers); a plan carries the swaps to apply before
+# its step, each naming the quantization version it installs.
+
+
+class TensorSlot(msgspec.Struct, frozen=True, kw_only=True):
+    """Where one tensor lies inside a shared-memory segment."""
+
+    key: str
+    dtype: str  # torch dtype name without "torch."
+    shape: list[int]
+    offset: int  # bytes from the start of the segment
+
+
+class LayerHandle(msgspec.Struct, frozen=True, kw_only=True):
+    transport: str  # "shm" | "cuda_ipc" | "file"
+    name: str  # shared-memory segment name, or file path
+    tensors: list[TensorSlot] = []  # shm
+    payload: bytes = b""  # cuda_ipc: the tensors' torch.multiprocessing reductions
+
+
+class LayerSwap(msgspec.Struct, frozen=True, kw_only=True):
+    """Install these GPTQ tensors as decoder layer `layer` (quantization `version`)."""
+
+    layer: int
+    version: int
+    handle: LayerHandle
+
+
 class BatchPlan(msgspec.Struct, frozen=True, kw_only=True, tag="batch_plan"):
     step_id: int
     chunks: list[ChunkPlan]
     adapter_loads: list[AdapterLoad] = []
+    layer_swaps: list[LayerSwap] = []  # applied before the step: a step never mixes versions in a layer
 
 
 class SampledToken(msgspec.Struct, frozen=True, kw_only=True):
@@ -136,8 +167,104 @@ class ExecutorShutdown(msgspec.Struct, frozen=True, kw_only=True, tag="executor_
     """Finish nothing more and exit 0."""
 
 
+class LayerSwapResult(msgspec.Struct, frozen=True, kw_only=True, tag="layer_swap_result"):
+    """Sent for each swap of a plan, before its StepResult; when not ok the old layer stays."""
+
+    layer: int
+    version: int
+    ok: bool
+    error: str = ""
+    seconds: float = 0.0
+
+
 ExecutorInbound = BatchPlan | ExecutorShutdown
-ExecutorOutbound = ExecutorHello | StepResult | ExecutorFailure | ExecutorStats
+ExecutorOutbound = ExecutorHello | StepResult | ExecutorFailure | ExecutorStats | LayerSwapResult
+
+
+# ---------------------------------------------------------------- coordinator <-> requantizer
+# The requantizer speaks first (RequantizerHello); the coordinator sends one job at a time.
+# For every layer the requantizer sends LayerReady and waits for LayerCommitted (so at most
+# one layer's new weights are in flight), then JobFinished at the end.
+
+
+class RequantizerHello(msgspec.Struct, frozen=True, kw_only=True, tag="requantizer_hello"):
+    protocol_version: int
+    generation: int
+    pid: int
+    threads: int
+    niceness: int
+    idle_priority: bool  # Linux SCHED_IDLE: runs only when nothing else wants the CPU
+
+
+class RequantizeJob(msgspec.Struct, frozen=True, kw_only=True, tag="requantize_job"):
+    """Add task `task` to the served quantization, producing version `version`."""
+
+    job_id: str
+    task: str
+    adapter_dir: str
+    calibration: str
+    version: int
+    start_layer: int  # layers before it are done (a resumed job)
+    model_dir: str  # the full-precision base
+    checkpoint_dir: str  # the served GPTQ checkpoint (with its Hessian state)
+    served_layers: dict[int, str]  # layer -> file of its currently served tensors
+    state_dir: str  # merged Hessian state: read first, written back
+    layers_dir: str  # where re-quantized layers are written
+    drop_tasks: list[str] = []  # removed tasks: their Hessians leave the state
+    change_threshold: float = 0.0
+    quality_tolerance: float | None = 1.0
+    max_samples: int | None = None
+    device: str = "cpu"  # the executor's: picks the handover transport
+    duty_cycle: float = 1.0  # the share of one core's time the job may use (it sleeps the rest)
+
+
+class LinearOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    linear: str
+    action: str  # requantized | kept-unchanged | kept-quality
+    change: float  # relative change of the aggregate Hessian
+    reason: str = ""
+    errors_served: dict[str, float] = {}  # each task's relative error on the served weight
+    errors_new: dict[str, float] = {}  # ... on the re-quantized weight
+
+
+class LayerReady(msgspec.Struct, frozen=True, kw_only=True, tag="layer_ready"):
+    """Layer `layer` of job `job_id` is decided. With a handle, swap it in and answer
+    LayerCommitted; without (no linear changed), just answer."""
+
+    job_id: str
+    layer: int
+    version: int
+    handle: LayerHandle | None
+    file: str  # the persisted tensors ("" when nothing changed)
+    linears: list[LinearOutcome]
+    forward_seconds: float
+    quantize_seconds: float
+
+
+class LayerCommitted(msgspec.Struct, frozen=True, kw_only=True, tag="layer_committed"):
+    job_id: str
+    layer: int
+    swapped: bool
+    error: str = ""
+
+
+class JobFinished(msgspec.Struct, frozen=True, kw_only=True, tag="job_finished"):
+    job_id: str
+    ok: bool
+    error: str = ""
+    peak_rss_bytes: int = 0
+
+
+class CancelJob(msgspec.Struct, frozen=True, kw_only=True, tag="cancel_job"):
+    job_id: str
+
+
+class RequantizerShutdown(msgspec.Struct, frozen=True, kw_only=True, tag="requantizer_shutdown"):
+    """Stop (a running job stops at the next layer boundary) and exit 0."""
+
+
+RequantizerInbound = RequantizeJob | LayerCommitted | CancelJob | RequantizerShutdown
+RequantizerOutbound = RequantizerHello | LayerReady | JobFinished
 
 
 # ---------------------------------------------------------------- client <-> coordinator
@@ -204,12 +331,15 @@ class GetMetrics(msgspec.Struct, frozen=True, kw_only=True, tag="metrics", forbi
 
 
 class AddTask(msgspec.Struct, frozen=True, kw_only=True, tag="add_task", forbid_unknown_fields=True):
-    """Admin: register (or replace) task `name` served by the PEFT adapter in `adapter_dir`."""
+    """Admin: register (or replace) task `name` served by the PEFT adapter in `adapter_dir`.
+    With `calibration_jsonl` (samples of the task) on a quantized base, the base is then
+    re-quantized for the task in the background (follow it with TaskStatus)."""
 
     request_id: str
     name: str
     adapter_dir: str
     token: str = ""
+    calibration_jsonl: str = ""
 
 
 class RemoveTask(msgspec.Struct, frozen=True, kw_only=True, tag="remove_task", forbid_unknown_fields=True):
@@ -220,7 +350,17 @@ class RemoveTask(msgspec.Struct, frozen=True, kw_only=True, tag="remove_task", f
     token: str = ""
 
 
-ClientRequest = Hello | Generate | Cancel | ListTasks | Health | GetStats | GetMetrics | AddTask | RemoveTask
+class TaskStatus(msgspec.Struct, frozen=True, kw_only=True, tag="task_status", forbid_unknown_fields=True):
+    """Admin: where task `name` stands (its re-quantization above all)."""
+
+    request_id: str
+    name: str
+    token: str = ""
+
+
+ClientRequest = (
+    Hello | Generate | Cancel | ListTasks | Health | GetStats | GetMetrics | AddTask | RemoveTask | TaskStatus
+)
 
 
 class ErrorCode:
@@ -342,7 +482,33 @@ class AdminReply(msgspec.Struct, frozen=True, kw_only=True, tag="admin_reply"):
     message: str
 
 
+class KeptLinear(msgspec.Struct, frozen=True, kw_only=True):
+    """A linear the re-quantization left as it was served, and why."""
+
+    layer: int
+    linear: str
+    action: str  # kept-unchanged | kept-quality
+    reason: str
+
+
+class TaskStatusReply(msgspec.Struct, frozen=True, kw_only=True, tag="task_status_reply"):
+    request_id: str
+    name: str
+    phase: str  # serving | queued | requantizing | ready | failed
+    layers_done: int
+    layers_total: int
+    version: int  # the quantization version its re-quantization produces (0: none)
+    served_version: int  # the newest version any served layer carries
+    layers_swapped: int
+    kept: list[KeptLinear] = []
+    message: str = ""  # why there is no re-quantization, or the error of a failed one
+    forward_seconds: float = 0.0  # the requantizer's calibration forward + Hessians so far
+    quantize_seconds: float = 0.0  # ... aggregation, GPTQ and the quality gate
+    wall_seconds: float = 0.0  # job start (first dispatch) -> finish (or now)
+    peak_rss_bytes: int = 0  # the requantizer's
+
+
 ServerReply = (
     HelloReply | TextChunk | GenerateDone | ErrorReply | TaskList | HealthReply | ServerStats | MetricsReply
-    | AdminReply
+    | AdminReply | TaskStatusReply
 )

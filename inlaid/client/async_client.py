@@ -7,6 +7,7 @@ A reader task sorts replies into one queue per request id. Cancelling the task a
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
@@ -47,6 +48,8 @@ from inlaid.protocol import (
     ServerStats,
     TaskInfo,
     TaskList,
+    TaskStatus,
+    TaskStatusReply,
     TextChunk,
 )
 
@@ -271,9 +274,31 @@ class AsyncClient:
         """The server's Prometheus metrics, text exposition format."""
         return (await self._call(GetMetrics(request_id=self._ids.next()), MetricsReply, timeout_s)).text
 
-    async def add_task(self, name: str, adapter_dir: str, timeout_s: float | None = None) -> str:
-        message = AddTask(request_id=self._ids.next(), name=name, adapter_dir=adapter_dir, token=self.admin_token or "")
+    async def add_task(self, name: str, adapter_dir: str, calibration_jsonl: str | None = None, *,
+                       timeout_s: float | None = None) -> str:
+        """Admin: serve task `name` with the PEFT adapter in `adapter_dir` (paths on the server's
+        machine); it serves at once on the current base. With `calibration_jsonl` (the task's
+        samples) the server then re-quantizes its base for it in the background: follow it with
+        `task_status` or `wait_task`."""
+        message = AddTask(request_id=self._ids.next(), name=name, adapter_dir=adapter_dir,
+                          calibration_jsonl=calibration_jsonl or "", token=self.admin_token or "")
         return (await self._call(message, AdminReply, timeout_s)).message
+
+    async def task_status(self, name: str, timeout_s: float | None = None) -> TaskStatusReply:
+        """Admin: the task's phase, layers done / total, quantization version, what was kept and why."""
+        message = TaskStatus(request_id=self._ids.next(), name=name, token=self.admin_token or "")
+        return await self._call(message, TaskStatusReply, timeout_s)
+
+    async def wait_task(self, name: str, timeout_s: float = 3600.0, poll_s: float = 0.5) -> TaskStatusReply:
+        """Poll `task_status` until the task's re-quantization has ended (ready, failed, or none)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = await self.task_status(name)
+            if status.phase not in ("queued", "requantizing"):
+                return status
+            if time.monotonic() > deadline:
+                raise RequestTimeoutError(f"task {name!r} still {status.phase} after {timeout_s:.0f} s")
+            await asyncio.sleep(poll_s)
 
     async def remove_task(self, name: str, timeout_s: float | None = None) -> str:
         message = RemoveTask(request_id=self._ids.next(), name=name, token=self.admin_token or "")

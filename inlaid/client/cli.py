@@ -4,6 +4,8 @@
     inlaid client generate "Hi there" --chat
     inlaid client health | stats | tasks | metrics
     INLAID_ADMIN_TOKEN=... inlaid client add-task sentiment /srv/adapters/sentiment
+    INLAID_ADMIN_TOKEN=... inlaid client add-task code /srv/adapters/code --calibration code.jsonl --wait
+    INLAID_ADMIN_TOKEN=... inlaid client task-status code
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import os
 import sys
 
 import msgspec
+
+from inlaid.protocol import TaskStatusReply
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,8 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = actions.add_parser("add-task", help="admin: add a task (needs $INLAID_ADMIN_TOKEN)")
     add.add_argument("name")
     add.add_argument("adapter_dir")
+    add.add_argument("--calibration", default=None, metavar="JSONL",
+                     help="the task's calibration samples: the server then re-quantizes its base for it")
+    add.add_argument("--wait", action="store_true", help="wait until the re-quantization has ended")
     remove = actions.add_parser("remove-task", help="admin: remove a task (needs $INLAID_ADMIN_TOKEN)")
     remove.add_argument("name")
+    status = actions.add_parser("task-status", help="admin: a task's re-quantization (needs $INLAID_ADMIN_TOKEN)")
+    status.add_argument("name")
 
 
 def _print(message: object, as_json: bool) -> None:
@@ -49,6 +58,18 @@ def _print(message: object, as_json: bool) -> None:
         print(json.dumps(msgspec.to_builtins(message), indent=2))
     else:
         print(message)
+
+
+def _print_status(status: TaskStatusReply, as_json: bool) -> None:
+    if as_json:
+        return _print(status, True)
+    print(f"{status.name}: {status.phase}, layers {status.layers_done}/{status.layers_total}, "
+          f"version {status.version} (served up to {status.served_version}), {status.layers_swapped} layers swapped")
+    for kept in status.kept:
+        if kept.action != "kept-unchanged":
+            print(f"  kept layer {kept.layer} {kept.linear}: {kept.reason}")
+    if status.message:
+        print(f"  {status.message}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,7 +110,12 @@ def run(args: argparse.Namespace) -> int:
             elif args.action == "metrics":
                 print(client.metrics(), end="")
             elif args.action == "add-task":
-                print(client.add_task(args.name, args.adapter_dir))
+                print(client.add_task(args.name, os.path.abspath(args.adapter_dir),
+                                      os.path.abspath(args.calibration) if args.calibration else None))
+                if args.wait:
+                    _print_status(client.wait_task(args.name, timeout_s=args.timeout), args.json)
+            elif args.action == "task-status":
+                _print_status(client.task_status(args.name), args.json)
             elif args.action == "remove-task":
                 print(client.remove_task(args.name))
     except InlaidError as error:

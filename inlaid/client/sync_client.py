@@ -44,6 +44,8 @@ from inlaid.protocol import (
     ServerStats,
     TaskInfo,
     TaskList,
+    TaskStatus,
+    TaskStatusReply,
     TextChunk,
 )
 
@@ -258,9 +260,31 @@ class Client:
         """The server's Prometheus metrics, text exposition format."""
         return self._call(GetMetrics(request_id=self._ids.next()), MetricsReply, timeout_s).text
 
-    def add_task(self, name: str, adapter_dir: str, timeout_s: float | None = None) -> str:
-        message = AddTask(request_id=self._ids.next(), name=name, adapter_dir=adapter_dir, token=self.admin_token or "")
-        return self._call(message, AdminReply, timeout_s).message
+    def add_task(self, name: str, adapter_dir: str, calibration_jsonl: str | None = None, *,
+                 timeout_s: float | None = None) -> str:
+        """Admin: serve task `name` with the PEFT adapter in `adapter_dir` (paths on the server's
+        machine); it serves at once on the current base. With `calibration_jsonl` (the task's
+        samples) the server then re-quantizes its base for it in the background: follow it with
+        `task_status` or `wait_task`."""
+        message = AddTask(request_id=self._ids.next(), name=name, adapter_dir=adapter_dir,
+                          calibration_jsonl=calibration_jsonl or "", token=self.admin_token or "")
+        return (self._call(message, AdminReply, timeout_s)).message
+
+    def task_status(self, name: str, timeout_s: float | None = None) -> TaskStatusReply:
+        """Admin: the task's phase, layers done / total, quantization version, what was kept and why."""
+        message = TaskStatus(request_id=self._ids.next(), name=name, token=self.admin_token or "")
+        return self._call(message, TaskStatusReply, timeout_s)
+
+    def wait_task(self, name: str, timeout_s: float = 3600.0, poll_s: float = 0.5) -> TaskStatusReply:
+        """Poll `task_status` until the task's re-quantization has ended (ready, failed, or none)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self.task_status(name)
+            if status.phase not in ("queued", "requantizing"):
+                return status
+            if time.monotonic() > deadline:
+                raise RequestTimeoutError(f"task {name!r} still {status.phase} after {timeout_s:.0f} s")
+            time.sleep(poll_s)
 
     def remove_task(self, name: str, timeout_s: float | None = None) -> str:
         message = RemoveTask(request_id=self._ids.next(), name=name, token=self.admin_token or "")

@@ -6,9 +6,11 @@ keys/values go (block tables) and which adapters to load into which slots.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -18,7 +20,7 @@ from inlaid.engine.cuda_graphs import DecodeGraphs
 from inlaid.engine.lora import LoraBatch, LoraLinear, install_adapter, load_adapter_tensors
 from inlaid.engine.model import AttentionGroup, ForwardBatch, LlamaModel
 from inlaid.engine.sampler import RowFailure, sample_tokens
-from inlaid.engine.weights import load_model
+from inlaid.engine.weights import is_gptq_checkpoint, load_model, prepare_module, quantized_slices
 from inlaid.kernels.dispatch import lora_host_segments
 from inlaid.protocol import AdapterLoad, BatchPlan, ChunkPlan, ErrorCode, SampledToken, SequenceFailure, StepResult
 
@@ -88,6 +90,12 @@ class ModelRunner:
                 module.fuse_lora_expand(pack=config.pack_weights)
         if config.pack_weights:
             self.model.pack_weights()
+        # The quantization version each decoder layer serves (0: the checkpoint's own).
+        self.layer_versions = [0] * mc.num_layers
+        self._quant_format: tuple[int, int] | None = None
+        if config.quantized_dir and is_gptq_checkpoint(Path(config.quantized_dir)):
+            quant = json.loads((Path(config.quantized_dir) / "config.json").read_text())["quantization_config"]
+            self._quant_format = (int(quant["bits"]), int(quant["group_size"]))
         self._host_adapters: OrderedDict[str, _AdapterCopy] = OrderedDict()
         self._host_adapter_cache = host_adapter_cache
         self.slot_contents: dict[int, str] = {}  # slot -> adapter path (for introspection and tests)
@@ -118,6 +126,45 @@ class ModelRunner:
         install_adapter(self.linears, copy.spec, copy.tensors, slot, self.config.max_lora_rank)
         self.slot_contents[slot] = path
         if self.decode_graphs is not None:
+            self.decode_graphs.weights_changed()
+
+    # ------------------------------------------------------------------ quantized layers
+    def swap_layer(self, layer: int, version: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Install a re-quantized decoder layer: `tensors` are its seven linears' GPTQ tensors
+        (`model.layers.{layer}.<projection>.qweight` ...). Call between steps. Every projection
+        is prepared before any is installed, so a bad layer leaves the old one whole."""
+        from inlaid.quant.checkpoint import take_quant_linears  # reading what the quantizer wrote
+
+        if self._quant_format is None:
+            raise ValueError("this executor serves no GPTQ checkpoint: there is no quantized layer to swap")
+        if not 0 <= layer < self.model_config.num_layers:
+            raise ValueError(f"layer {layer} out of range (0..{self.model_config.num_layers - 1})")
+        prefix = f"model.layers.{layer}."
+        stray = sorted(key for key in tensors if not key.startswith(prefix))
+        if stray:
+            raise ValueError(f"a swap of layer {layer} holds tensors of other layers, e.g. {stray[:2]}")
+        bits, group_size = self._quant_format
+        raw = {key: tensor.to(self.device) for key, tensor in tensors.items()}
+        linears = take_quant_linears(raw, bits, group_size, f"layer {layer} swap")
+        if raw:
+            raise ValueError(f"a swap of layer {layer} holds unexpected tensors {sorted(raw)[:3]}")
+        slices = quantized_slices(self.model, linears)
+        modules = {f"layers.{layer}.{path}" for path, _ in _SLICE_OF.values()}
+        if set(slices) != modules:
+            raise ValueError(f"a swap of layer {layer} must hold every projection of it, got {sorted(linears)}")
+        prepared = {}
+        for module_path, module_slices in slices.items():
+            module = self.model.get_submodule(module_path)
+            for index, weights in module_slices.items():
+                if (weights.in_features, weights.out_features) != (module.in_features, module.out_slices[index]):
+                    raise ValueError(f"{module_path} slice {index}: got {weights.in_features}x{weights.out_features}, "
+                                     f"the model has {module.in_features}x{module.out_slices[index]}")
+            prepared[module_path] = prepare_module(self.model, module_path, module_slices, self.device, self.dtype,
+                                                   self.config.quant_kernel, f"layer {layer} swap")
+        for module_path, parts in prepared.items():
+            self.model.get_submodule(module_path).use_quantized(parts)
+        self.layer_versions[layer] = version
+        if self.decode_graphs is not None:  # the captured graphs read the old layer's tensors
             self.decode_graphs.weights_changed()
 
     # ------------------------------------------------------------------ one step

@@ -10,7 +10,7 @@ from safetensors import SafetensorError, safe_open
 
 from inlaid.engine.config import ModelConfig, ModelLoadError
 from inlaid.engine.model import LlamaModel
-from inlaid.kernels.dispatch import QuantLinearWeights, fuse_quant_slices, prepare_quant_linear
+from inlaid.kernels.dispatch import PreparedQuantLinear, QuantLinearWeights, fuse_quant_slices, prepare_quant_linear
 
 # HF name suffix -> (our module path suffix, slice index within a fused projection)
 _FUSED = {
@@ -103,16 +103,7 @@ def load_model(
                 raise ModelLoadError(f"{name}: shape {tuple(tensor.shape)} does not match the config")
             param.data[start:stop].copy_(tensor)
         assigned.add(f"{target}[{rows}]")
-    slices_by_module: dict[str, dict[int, QuantLinearWeights]] = {}
-    for prefix, weights in quantized.items():
-        target, rows = _our_name(prefix + ".weight", model)
-        assigned.add(f"{target}[{rows}]")
-        if weights.bias is not None:
-            assigned.add(f"{target.removesuffix('.weight')}.bias[{rows}]")
-        module_path = target.removesuffix(".weight")
-        linear = model.get_submodule(module_path)
-        slice_index = 0 if rows is None else linear.slice_offsets.index(rows[0])
-        slices_by_module.setdefault(module_path, {})[slice_index] = weights
+    slices_by_module = quantized_slices(model, quantized, assigned)
     expected = _expected_slots(model, config)
     missing = sorted(expected - assigned)
     if missing:
@@ -121,16 +112,41 @@ def load_model(
     if weight_dtype is not None and weight_dtype != dtype:
         model.store_weights_as(weight_dtype)
     for module_path, slices in slices_by_module.items():
-        linear = model.get_submodule(module_path)
-        if sorted(slices) != list(range(len(linear.out_slices))):
-            raise ModelLoadError(f"{model_dir}: {module_path} is only partly quantized")
-        # The prepared low-bit weight carries its own bias. Slices that can share one kernel
-        # call are concatenated along N at load (the checkpoint stays per projection).
-        ordered = [slices[i] for i in sorted(slices)]
-        fused = fuse_quant_slices(ordered) if len(ordered) > 1 else None
-        parts = [fused] if fused is not None else ordered
-        linear.use_quantized([prepare_quant_linear(part, device, dtype, mode=quant_kernel) for part in parts])
+        prepared = prepare_module(model, module_path, slices, device, dtype, quant_kernel, str(model_dir))
+        model.get_submodule(module_path).use_quantized(prepared)
     return model
+
+
+def quantized_slices(model: LlamaModel, quantized: dict[str, QuantLinearWeights],
+                     assigned: set[str] | None = None) -> dict[str, dict[int, QuantLinearWeights]]:
+    """Our module path -> slice index -> weights, for checkpoint linears named the HF way
+    (`assigned` collects the parameter slots they fill)."""
+    slices_by_module: dict[str, dict[int, QuantLinearWeights]] = {}
+    for prefix, weights in quantized.items():
+        target, rows = _our_name(prefix + ".weight", model)
+        if assigned is not None:
+            assigned.add(f"{target}[{rows}]")
+            if weights.bias is not None:
+                assigned.add(f"{target.removesuffix('.weight')}.bias[{rows}]")
+        module_path = target.removesuffix(".weight")
+        linear = model.get_submodule(module_path)
+        slice_index = 0 if rows is None else linear.slice_offsets.index(rows[0])
+        slices_by_module.setdefault(module_path, {})[slice_index] = weights
+    return slices_by_module
+
+
+def prepare_module(model: LlamaModel, module_path: str, slices: dict[int, QuantLinearWeights], device: torch.device,
+                   dtype: torch.dtype, quant_kernel: str, where: str) -> list[PreparedQuantLinear]:
+    """The prepared low-bit weights of one (possibly fused) projection, ready for `use_quantized`."""
+    linear = model.get_submodule(module_path)
+    if sorted(slices) != list(range(len(linear.out_slices))):
+        raise ModelLoadError(f"{where}: {module_path} is only partly quantized")
+    # The prepared low-bit weight carries its own bias. Slices that can share one kernel
+    # call are concatenated along N at load (the checkpoint stays per projection).
+    ordered = [slices[i] for i in sorted(slices)]
+    fused = fuse_quant_slices(ordered) if len(ordered) > 1 else None
+    parts = [fused] if fused is not None else ordered
+    return [prepare_quant_linear(part, device, dtype, mode=quant_kernel) for part in parts]
 
 
 def _our_name(hf_name: str, model: LlamaModel) -> tuple[str, tuple[int, int] | None]:

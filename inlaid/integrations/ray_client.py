@@ -102,12 +102,13 @@ class RayTaskClient:
     async def metrics(self, timeout_s: float | None = None) -> str:
         return ""  # per-replica metrics stay with each replica (docs/scale-out.md)
 
-    async def add_task(self, name: str, adapter_dir: str, timeout_s: float | None = None) -> str:
+    async def add_task(self, name: str, adapter_dir: str, calibration_jsonl: str | None = None, *,
+                       timeout_s: float | None = None) -> str:
         raise InvalidRequestError("[invalid_request] a Ray deployment's tasks come from its catalog ([tasks] in its "
                                   "config); a replica loads one when a request names it")
 
     async def remove_task(self, name: str, timeout_s: float | None = None) -> str:
-        return await self.add_task(name, "", timeout_s)
+        return await self.add_task(name, "", timeout_s=timeout_s)
 
     def admin_client(self, token: str) -> "RayTaskClient":
         return self

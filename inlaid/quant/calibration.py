@@ -4,6 +4,9 @@ Each line: {"id", "task", "messages": [{"role", "content"}...], "reference", ...
 text is the chat template of the messages with the generation prompt, then the reference
 answer and the end-of-turn token, so the Hessian sees the activations of both the prompt
 and the answer the adapter was trained to produce.
+
+Reading and checking a calibration file needs no torch (the server's coordinator checks a
+file it is given); only tokenizing and batching import it.
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from inlaid.quant.errors import CalibrationDataError
+
+if TYPE_CHECKING:
+    import torch
 
 END_OF_TURN = "<|im_end|>"
 # Padded tokens per calibration batch: sequences are grouped by length, and smaller batches
@@ -74,6 +79,8 @@ def sample_text(example: dict, tokenizer) -> str:
 
 def tokenize_examples(examples: list[dict], tokenizer, max_tokens: int) -> list[torch.Tensor]:
     """One int64 token tensor per sample, truncated to `max_tokens`."""
+    import torch
+
     sequences = []
     for example in examples:
         ids = tokenizer(sample_text(example, tokenizer), add_special_tokens=False)["input_ids"]
@@ -114,6 +121,8 @@ def make_batches(sequences: list[torch.Tensor], max_batch_tokens: int, pad_id: i
 
 
 def _pad(sequences: list[torch.Tensor], pad_id: int) -> TokenBatch:
+    import torch
+
     length = max(len(sequence) for sequence in sequences)
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     token_mask = torch.zeros(len(sequences), length, dtype=torch.bool)

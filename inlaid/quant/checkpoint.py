@@ -162,12 +162,21 @@ def load_gptq_checkpoint(checkpoint_dir: Path) -> QuantizedCheckpoint:
     with safe_open(str(weights_path), framework="pt") as handle:
         for key in handle.keys():
             raw[key] = handle.get_tensor(key)
+    linears = take_quant_linears(raw, bits, group_size, str(checkpoint_dir))
+    metadata_path = checkpoint_dir / METADATA_FILE
+    metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else None
+    return QuantizedCheckpoint(config=config, linears=linears, tensors=raw, metadata=metadata)
+
+
+def take_quant_linears(raw: dict[str, torch.Tensor], bits: int, group_size: int,
+                       where: str) -> dict[str, QuantLinearWeights]:
+    """Pop every quantized linear's GPTQ tensors out of `raw` (module path -> weights)."""
     prefixes = sorted({key[: -len(".qweight")] for key in raw if key.endswith(".qweight")})
     linears: dict[str, QuantLinearWeights] = {}
     for prefix in prefixes:
         missing = [suffix for suffix in _QUANT_SUFFIXES[:3] if prefix + suffix not in raw]
         if missing:
-            raise CheckpointError(f"{checkpoint_dir}: {prefix} lacks {missing}")
+            raise CheckpointError(f"{where}: {prefix} lacks {missing}")
         qweight = raw.pop(prefix + ".qweight")
         in_features = qweight.shape[0] * 32 // bits
         out_features = qweight.shape[1]
@@ -183,9 +192,7 @@ def load_gptq_checkpoint(checkpoint_dir: Path) -> QuantizedCheckpoint:
             out_features=out_features,
             bias=raw.pop(prefix + ".bias", None),
         )
-    metadata_path = checkpoint_dir / METADATA_FILE
-    metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else None
-    return QuantizedCheckpoint(config=config, linears=linears, tensors=raw, metadata=metadata)
+    return linears
 
 
 def dequantized_state_dict(checkpoint: QuantizedCheckpoint, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

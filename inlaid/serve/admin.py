@@ -1,9 +1,12 @@
-"""The coordinator's task-management calls: AddTask, RemoveTask (admin) and ListTasks. Torch-free.
+"""The coordinator's task-management calls: AddTask, RemoveTask, TaskStatus (admin) and
+ListTasks. Torch-free.
 
 The admin token is checked before anything else, so an unauthenticated client can never
 make the server read a file. `AddTask` checks the whole adapter (config and every weight,
-`TaskRegistry.check_adapter`) in a worker thread, so a large adapter never stalls the event
-loop, and answers only once the task is registered or refused.
+`TaskRegistry.check_adapter`) and the calibration file, and copies them into the state
+directory, in a worker thread, so a large adapter never stalls the event loop; it answers
+only once the task is registered (its re-quantization queued) or refused. The task
+lifecycle itself is `dynamic_tasks.DynamicTasks`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ from collections.abc import Callable
 
 import msgspec
 
-from inlaid.protocol import AddTask, AdminReply, ErrorCode, ErrorReply, ListTasks, RemoveTask, TaskInfo, TaskList
+from inlaid.protocol import (
+    AddTask, AdminReply, ErrorCode, ErrorReply, ListTasks, RemoveTask, TaskInfo, TaskList, TaskStatus,
+)
+from inlaid.serve.dynamic_tasks import DynamicTasks
 from inlaid.serve.task_registry import TaskError, TaskRegistry
 
 log = logging.getLogger("inlaid.coordinator")
@@ -23,8 +29,9 @@ Reply = Callable[[bytes, msgspec.Struct], None]  # (client identity, message)
 
 
 class TaskCalls:
-    def __init__(self, registry: TaskRegistry, reply: Reply) -> None:
+    def __init__(self, registry: TaskRegistry, reply: Reply, dynamic: DynamicTasks) -> None:
         self.registry = registry
+        self.dynamic = dynamic
         self._reply = reply
         self.pending: set[asyncio.Task[None]] = set()  # AddTask calls being checked
 
@@ -33,11 +40,13 @@ class TaskCalls:
                  for name, path in sorted(self.registry.tasks.items())]  # fmt: skip
         self._reply(identity, TaskList(request_id=message.request_id, tasks=tasks))
 
-    def admin(self, identity: bytes, message: AddTask | RemoveTask) -> None:
+    def admin(self, identity: bytes, message: AddTask | RemoveTask | TaskStatus) -> None:
         try:
             self.registry.check_token(message.token)
+            if isinstance(message, TaskStatus):
+                return self._reply(identity, self.dynamic.status(message.request_id, message.name))
             if isinstance(message, RemoveTask):
-                return self._done(identity, message, self.registry.remove(message.name))
+                return self._done(identity, message, self.dynamic.remove(message.name))
         except TaskError as error:
             return self._refused(identity, message, error)
         task = asyncio.get_running_loop().create_task(self._add(identity, message))
@@ -47,7 +56,9 @@ class TaskCalls:
     async def _add(self, identity: bytes, message: AddTask) -> None:
         try:
             await asyncio.to_thread(self.registry.check_adapter, message.name, message.adapter_dir)
-            self._done(identity, message, self.registry.add(message.name, message.adapter_dir))
+            inputs = await asyncio.to_thread(self.dynamic.prepare, message.name, message.adapter_dir,
+                                             message.calibration_jsonl or None)
+            self._done(identity, message, self.dynamic.add(inputs))
         except TaskError as error:
             self._refused(identity, message, error)
         except Exception:  # a bug must cost this call, never the server
@@ -59,7 +70,7 @@ class TaskCalls:
         log.info("admin call", extra={"call": type(message).__name__, "task": message.name, "result": text})
         self._reply(identity, AdminReply(request_id=message.request_id, message=text))
 
-    def _refused(self, identity: bytes, message: AddTask | RemoveTask, error: TaskError) -> None:
+    def _refused(self, identity: bytes, message: AddTask | RemoveTask | TaskStatus, error: TaskError) -> None:
         log.warning("admin call refused", extra={"call": type(message).__name__, "code": error.code,
                                                  "client": identity.hex(), "reason": error.message})
         self._reply(identity, ErrorReply(request_id=message.request_id, code=error.code, message=error.message))

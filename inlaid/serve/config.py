@@ -33,6 +33,10 @@ port = 8000
 
 [metrics]                 # optional: /metrics on a port of its own (e.g. when there is no [http])
 port = 9464
+
+[requantizer]             # dynamic task addition (docs/dynamic-tasks.md); needs server.state_dir
+threads = 1
+quality_tolerance = 1.0
 ```
 
 Relative paths are resolved against the file's directory.
@@ -99,6 +103,36 @@ class ExecutorsConfig:
 
 
 @dataclass
+class RequantizerSettings:
+    """The background re-quantization of the base when a task is added (docs/dynamic-tasks.md)."""
+
+    enabled: bool = True
+    threads: int = 1  # torch/OpenMP threads: beside the executor on a small CPU, one
+    niceness: int = 19
+    idle_priority: bool = True  # Linux SCHED_IDLE: the CPU only when nothing else wants it
+    change_threshold: float = 0.0  # relative aggregate change at or below which a linear is kept
+    quality_tolerance: float = 1.0  # relative error an existing task may gain on a linear; < 0: no gate
+    max_samples: int = 0  # calibration samples of the new task; 0: the checkpoint's setting
+    # The share of one core's time a job may use: it sleeps the rest, in steps of one input
+    # group. Measured on a 2-core box (docs/dynamic-tasks.md): what keeps serving >= 90 %.
+    duty_cycle: float = 0.5
+    max_attempts: int = 3  # requantizer deaths during one task before that task is marked failed
+    start_timeout_s: float = 120.0
+
+    def validate(self) -> None:
+        if self.threads < 1:
+            raise ConfigError("requantizer.threads must be >= 1")
+        if not 0 <= self.niceness <= 19:
+            raise ConfigError("requantizer.niceness must be in 0..19")
+        if self.change_threshold < 0 or self.max_samples < 0:
+            raise ConfigError("requantizer.change_threshold and max_samples must be >= 0")
+        if not 0 < self.duty_cycle <= 1:
+            raise ConfigError(f"requantizer.duty_cycle must be in (0, 1], got {self.duty_cycle}")
+        if self.max_attempts < 1:
+            raise ConfigError("requantizer.max_attempts must be >= 1")
+
+
+@dataclass
 class ServerConfig:
     engine: EngineConfig
     address: str = "tcp://127.0.0.1:5555"
@@ -118,9 +152,15 @@ class ServerConfig:
     metrics: MetricsConfig | None = None
     executors: ExecutorsConfig = field(default_factory=ExecutorsConfig)
 
+    # Where added tasks, their adapters and the re-quantized layers persist; None: nowhere
+    # (added tasks are forgotten at exit and the base is never re-quantized).
+    state_dir: str | None = None
+    requantizer: RequantizerSettings = field(default_factory=RequantizerSettings)
+
     def validate(self) -> None:
         self.engine.validate()
         self.executors.validate()
+        self.requantizer.validate()
         if self.executors.count > 1 and self.executor_address != "auto":
             raise ConfigError("server.executor_address must be 'auto' with several executors (each gets its own socket)")
         for scheme in ("tcp://", "ipc://"):
@@ -208,7 +248,9 @@ _SERVER_KEYS = _LIMIT_FIELDS | {
     "log_format",
     "allow_public_bind",
     "policy",
+    "state_dir",
 }
+_REQUANTIZER_FIELDS = {f.name: f for f in fields(RequantizerSettings)}
 
 
 def load_config(path: str | Path) -> ServerConfig:
@@ -224,7 +266,8 @@ def load_config(path: str | Path) -> ServerConfig:
 
 def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> ServerConfig:
     base_dir = base_dir or Path.cwd()
-    unknown_sections = set(raw) - {"model", "executor", "executors", "server", "tasks", "scheduler", "http", "metrics"}
+    unknown_sections = set(raw) - {"model", "executor", "executors", "server", "tasks", "scheduler", "http", "metrics",
+                                   "requantizer"}
     if unknown_sections:
         raise ConfigError(f"unknown config sections: {sorted(unknown_sections)}")
     model = _section(raw, "model")
@@ -235,7 +278,14 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Serve
     for key in ("predictor_state", "step_log"):
         if scheduler.get(key):
             scheduler[key] = _path(scheduler[key], base_dir, f"scheduler.{key}")
+    requantizer = _section(raw, "requantizer")
     _reject_unknown("model", model, {"dir", "quantized_dir"})
+    _reject_unknown("requantizer", requantizer, set(_REQUANTIZER_FIELDS))
+    for key, value in requantizer.items():
+        kind = type(_REQUANTIZER_FIELDS[key].default)
+        accepted = (int, float) if kind is float else (kind,)
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, accepted):
+            raise ConfigError(f"requantizer.{key} must be a {kind.__name__}, got {value!r}")
     _reject_unknown("executor", executor, _ENGINE_FIELDS)
     _reject_unknown("server", server, _SERVER_KEYS)
     executors = _section(raw, "executors")
@@ -285,6 +335,8 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Serve
         http=HttpConfig(**http) if http is not None else None,
         metrics=MetricsConfig(**metrics) if metrics is not None else None,
         executors=ExecutorsConfig(**executors),
+        state_dir=_path(server["state_dir"], base_dir, "server.state_dir") if "state_dir" in server else None,
+        requantizer=RequantizerSettings(**requantizer),
     )
     try:
         config.validate()

@@ -53,10 +53,12 @@ from inlaid.protocol import (
     MetricsReply,
     RemoveTask,
     StepResult,
+    TaskStatus,
     TextChunk,
 )
 from inlaid.serve.admin import TaskCalls
 from inlaid.serve.config import ServerConfig
+from inlaid.serve.dynamic_tasks import DynamicTasks
 from inlaid.serve.frames import decode_client_frames
 from inlaid.serve.executor_pool import ExecutorPool, ExecutorShard
 from inlaid.serve.metrics import BASE_TASK_LABEL, ServerMetrics
@@ -106,7 +108,8 @@ class Coordinator:
         self._accepting = True
         self._front: zmq.asyncio.Socket | None = None
         self._clients: PeerWatch | None = None
-        self.task_calls = TaskCalls(self.registry, self._send)
+        self.dynamic = DynamicTasks(config, self.registry, wake=self._wake)
+        self.task_calls = TaskCalls(self.registry, self._send, self.dynamic)
         self._tempdir: str | None = None
         self.started_at = time.monotonic()
         self.exit_code = 0
@@ -133,14 +136,17 @@ class Coordinator:
                 on_fatal=self._on_fatal, start_timeout_s=self.limits.executor_start_timeout_s,
                 step_timeout_s=self.limits.step_timeout_s, log_level=self.config.log_level,
                 log_format=self.config.log_format,
+                on_swap_result=functools.partial(self.dynamic.jobs.on_swap_result, executor=shard.index),
             )  # fmt: skip
             shard.step_loop = StepLoop(shard.engine, shard.supervisor, on_plan=functools.partial(self._on_plan, shard),
                                        deliver=functools.partial(self._on_step_result, shard),
                                        fail_running=functools.partial(self._fail_running, shard),
-                                       counters=self.counters)  # fmt: skip
+                                       counters=self.counters,
+                                       swaps=self.dynamic.jobs.for_executor(shard.index))  # fmt: skip
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_shutdown, signum)
         await asyncio.gather(*(shard.supervisor.start() for shard in self._supervised()))
+        await self.dynamic.start()
         log.info("coordinator listening", extra={"address": self.config.address, "pid": os.getpid(),
                                                  "tasks": sorted(self.registry.tasks), "executors": len(self.pool)})
         front_task = loop.create_task(self._front_loop())
@@ -153,6 +159,7 @@ class Coordinator:
             task.add_done_callback(self._on_loop_ended)
         await self._shutdown.wait()
         await self._drain()
+        await self.dynamic.stop()
         # Stop the executors before the step loops: a step still running now is past the
         # grace period and gets killed rather than waited for.
         await asyncio.gather(*(shard.supervisor.stop() for shard in self._supervised()))
@@ -221,6 +228,7 @@ class Coordinator:
 
     # ================================================================== executor faults
     def _on_executor_lost(self, shard: ExecutorShard, reason: str) -> None:
+        self.dynamic.jobs.on_executor_lost(shard.index)
         self._fail_running(shard, f"{reason}; the server restarts it, retry this request")
         self.pool.rebalance(self._by_engine_id)  # its waiting requests go to executors that are up
 
@@ -328,7 +336,7 @@ class Coordinator:
             self._send(identity, MetricsReply(request_id=message.request_id, text=self.metrics.exposition()))
         elif isinstance(message, ListTasks):
             self.task_calls.list_tasks(identity, message)
-        elif isinstance(message, (AddTask, RemoveTask)):
+        elif isinstance(message, (AddTask, RemoveTask, TaskStatus)):
             self.task_calls.admin(identity, message)
 
     # ------------------------------------------------------------------ generate / cancel
@@ -406,6 +414,10 @@ class Coordinator:
 
     def _engine_of(self, request: ActiveRequest) -> Engine:
         return self.pool.shards[request.executor].engine
+
+    def _wake(self) -> None:
+        for shard in self.pool.shards:
+            shard.wake()
 
     def _on_client_gone(self, identity: bytes) -> None:
         """The client's connection closed: nobody can read its answers; stop computing them."""

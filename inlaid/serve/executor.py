@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 import traceback
+from typing import TYPE_CHECKING
 
 import msgspec
 import zmq
@@ -32,8 +33,13 @@ from inlaid.protocol import (
     ExecutorInbound,
     ExecutorShutdown,
     ExecutorStats,
+    LayerSwap,
+    LayerSwapResult,
 )
 from inlaid.serve.logs import setup_logging
+
+if TYPE_CHECKING:
+    from inlaid.engine.runner import ModelRunner
 
 log = logging.getLogger("inlaid.executor")
 
@@ -68,7 +74,7 @@ def executor_identity(generation: int) -> bytes:
     return f"executor-{generation}".encode()
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: get SIGKILL when the coordinator dies, so no orphan keeps the GPU."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -97,6 +103,23 @@ def _stats(runner: object, steps: int) -> ExecutorStats:
     return ExecutorStats(
         rss_bytes=_rss_bytes(), device_memory_allocated=allocated, device_memory_reserved=reserved, steps=steps
     )
+
+
+def apply_swap(runner: ModelRunner, swap: LayerSwap) -> LayerSwapResult:
+    """Install one re-quantized layer between steps; a failure leaves the old layer serving."""
+    from inlaid.serve.layer_transport import LayerTransportError, open_layer
+
+    started = time.perf_counter()
+    try:
+        runner.swap_layer(swap.layer, swap.version, open_layer(swap.handle))
+    except (LayerTransportError, ValueError, RuntimeError) as error:
+        log.error("layer swap failed", extra={"layer": swap.layer, "version": swap.version, "error": repr(error)})
+        return LayerSwapResult(layer=swap.layer, version=swap.version, ok=False, error=str(error)[:2000],
+                               seconds=time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    log.info("layer swapped", extra={"layer": swap.layer, "version": swap.version, "transport": swap.handle.transport,
+                                     "seconds": round(seconds, 4)})
+    return LayerSwapResult(layer=swap.layer, version=swap.version, ok=True, seconds=seconds)
 
 
 def serve(address: str, generation: int, config: EngineConfig, parent_pid: int) -> int:
@@ -153,6 +176,8 @@ def serve(address: str, generation: int, config: EngineConfig, parent_pid: int) 
             return 0
         assert isinstance(message, BatchPlan)
         plans += 1
+        for swap in message.layer_swaps:
+            sock.send(encoder.encode(apply_swap(runner, swap)))
         try:
             result = runner.execute(message)
         except Exception as error:  # report, keep serving: the coordinator fails this plan's requests
@@ -189,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-format", default="json")
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
-    _die_with_parent()
+    die_with_parent()
     # Ctrl-C in a terminal, or SIGTERM sent to the whole process group, must not kill the
     # executor under requests the coordinator is still finishing: the coordinator stops it
     # (ExecutorShutdown), and PDEATHSIG / the parent poll end it if the coordinator dies.

@@ -14,9 +14,12 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
+
+import msgspec
 
 from inlaid.engine.engine import Engine, RequestOutput
-from inlaid.protocol import BatchPlan, ErrorCode, StepResult
+from inlaid.protocol import BatchPlan, ErrorCode, LayerSwap, StepResult
 from inlaid.serve.supervisor import ExecutorLostError, ExecutorStepError, ExecutorSupervisor
 
 log = logging.getLogger("inlaid.coordinator")
@@ -24,6 +27,14 @@ log = logging.getLogger("inlaid.coordinator")
 # After an error the loop does not understand: pause before planning again.
 FAULT_PAUSE_S = 0.1
 _IDLE_RETRY_S = 0.05  # nothing admissible: look again this soon (or on new work)
+
+
+class SwapSource(Protocol):
+    """Re-quantized layers waiting to be installed (dynamic_tasks.DynamicTasks)."""
+
+    def has_swaps(self) -> bool: ...
+    def take_swaps(self) -> list[LayerSwap]: ...
+    def next_swap_step_id(self) -> int: ...
 
 
 class StepLoop:
@@ -36,9 +47,13 @@ class StepLoop:
         deliver: Callable[[BatchPlan, StepResult, list[RequestOutput]], None],
         fail_running: Callable[[str, str], None],
         counters: dict[str, int],
+        swaps: SwapSource | None = None,
     ) -> None:
         """on_plan: a plan is about to run; deliver(plan, result, outputs): a step ran;
-        fail_running(message, code): fail every request whose state lived on the executor."""
+        fail_running(message, code): fail every request whose state lived on the executor;
+        swaps: layers to install between steps (they ride the next plan, or a plan of their
+        own when nothing runs)."""
+        self._swaps = swaps
         self.engine = engine
         self.supervisor = supervisor
         self._on_plan = on_plan
@@ -53,7 +68,8 @@ class StepLoop:
     async def run(self) -> None:
         last_result_at: float | None = None
         while True:
-            if not self.engine.has_unfinished():
+            swaps_waiting = self._swaps is not None and self._swaps.has_swaps()
+            if not self.engine.has_unfinished() and not swaps_waiting:
                 last_result_at = None
                 self.work.clear()
                 await self.work.wait()
@@ -68,6 +84,9 @@ class StepLoop:
                 log.exception("internal error planning a step")
                 await self._after_internal_error()
                 continue
+            if plan is None and swaps_waiting:
+                await self._run_swaps_only()
+                continue
             if plan is None:
                 last_result_at = None
                 self.work.clear()
@@ -79,6 +98,9 @@ class StepLoop:
             if last_result_at is not None:
                 self.step_gaps.append(time.perf_counter() - last_result_at)
             last_result_at = None
+            if swaps_waiting:
+                assert self._swaps is not None
+                plan = msgspec.structs.replace(plan, layer_swaps=self._swaps.take_swaps())
             self._on_plan(plan)
             try:
                 result = await self.supervisor.execute(plan)
@@ -101,6 +123,15 @@ class StepLoop:
             except Exception:
                 log.exception("internal error applying a step result", extra={"step_id": plan.step_id})
                 await self._after_internal_error()
+
+    async def _run_swaps_only(self) -> None:
+        assert self._swaps is not None
+        plan = BatchPlan(step_id=self._swaps.next_swap_step_id(), chunks=[], layer_swaps=self._swaps.take_swaps())
+        try:
+            await self.supervisor.execute(plan)
+        except (ExecutorLostError, ExecutorStepError) as error:  # the swaps are sent again; nothing else ran
+            log.warning("a plan of layer swaps did not complete", extra={"error": str(error)})
+            await asyncio.sleep(FAULT_PAUSE_S)
 
     async def _after_internal_error(self) -> None:
         self._fail_running("internal server error while running this request", ErrorCode.INTERNAL)

@@ -36,6 +36,7 @@ from inlaid.protocol import (
     ExecutorOutbound,
     ExecutorShutdown,
     ExecutorStats,
+    LayerSwapResult,
     StepResult,
 )
 from inlaid.serve.executor import executor_identity
@@ -74,8 +75,10 @@ class ExecutorSupervisor:
         step_timeout_s: float = 300.0,
         log_level: str = "INFO",
         log_format: str = "json",
+        on_swap_result: Callable[[LayerSwapResult], None] | None = None,
     ) -> None:
         self.engine_config = engine_config
+        self.on_swap_result = on_swap_result
         self.address = address
         self.on_lost = on_lost
         self.on_fatal = on_fatal
@@ -279,6 +282,9 @@ class ExecutorSupervisor:
                     pending[1].set_exception(ExecutorStepError(f"{message.error_type}: {message.message}"))
             elif isinstance(message, ExecutorStats):
                 self.stats = message
+            elif isinstance(message, LayerSwapResult):
+                if self.on_swap_result is not None:
+                    self.on_swap_result(message)
             elif isinstance(message, ExecutorHello):
                 if self._lost_generation == self.generation:
                     continue  # said just before it was lost (killed, disconnected): never ready

@@ -1,0 +1,337 @@
+"""Incremental MLGPTQ: add one task to a quantized base, layer by layer.
+
+The checkpoint being extended stores, per layer, every task's Hessians H_t (its
+`hessian_state/`). Adding task T+1 runs only ITS calibration samples through the model, with
+its adapter active and everything before the current linear already on the new quantization
+(earlier layers, and earlier input groups of this layer: `layerwise`, true-sequential, the
+same pass the full driver makes); at each input group its H joins the stored ones, and each
+linear is re-quantized from the
+full-precision weight W with the method of the checkpoint (mlgptq by default) when the
+aggregate moved beyond a threshold and the result passes the quality gate
+(`layer_decisions.py`); otherwise the served weight stays.
+
+Equivalence with a full MLGPTQ over T+1 tasks from the same inputs:
+- `exact=True` recomputes every existing task's Hessians on the new base too (the stored
+  ones came from the OLD quantization of what precedes each linear). With threshold 0 and
+  no gate the result is bit-for-bit the full run's: the same streams, batches, Hessians,
+  task order and per-group calls.
+- the default (`exact=False`) uses the stored H_t of the existing tasks. The first input
+  group of layer 0 is then bit-exact too (its inputs do not depend on any quantization);
+  after it, the stored H_t differ from the full run's by the effect of the re-quantization
+  of the linears before on the existing tasks' activations, measured and bounded in
+  tests/test_dynamic_incremental.py and docs/dynamic-tasks.md. Only the new task's forward
+  runs: that is the saving.
+
+`IncrementalQuantizer.layers()` yields one `LayerOutcome` per layer and writes the merged
+Hessian state of each layer to `state_out` before yielding it; what becomes of the packed
+tensors (a new checkpoint, or a live handover to a server) is the caller's business.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from inlaid.kernels.dispatch import QuantLinearWeights
+from inlaid.quant.aggregate import TaskHessian, TaskHessians
+from inlaid.quant.calibration import (
+    CalibrationTask, TokenBatch, make_batches, read_calibration_examples, tokenize_examples,
+)
+from inlaid.quant.checkpoint import METADATA_FILE, WEIGHTS_FILE, pack_linear, unpack_linear
+from inlaid.quant.driver import DriverConfig
+from inlaid.quant.errors import CheckpointError, QuantizationError
+from inlaid.quant.gptq import QuantizedWeight
+from inlaid.quant.layer_decisions import (
+    KEPT_QUALITY, KEPT_UNCHANGED, REQUANTIZED, LinearDecision, aggregate_change, quality_gate,
+)
+from inlaid.quant.layerwise import GroupHessians, PhaseTimer, Stream, propagate, quantize_layer_sequential
+from inlaid.quant.methods import Method, MlgptqOptions, parse_method, quantize_linears
+from inlaid.quant.model_io import (
+    INPUT_GROUPS, LINEAR_NAMES, active_adapter, attach_adapters, capture_first_layer_inputs, decoder_layers,
+    load_base_model, onednn_linears, plain_linear,
+)
+from inlaid.quant.spec import QuantSpec
+from inlaid.quant.state import LayerState, layer_state_path, load_layer_state, save_layer_state
+
+_PACKED_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx", ".bias")
+_DRIVER_DEFAULTS = {f.name: f.default for f in fields(DriverConfig)}
+
+
+class IncrementalError(QuantizationError):
+    """The checkpoint cannot be extended incrementally (no Hessian state, RTN base, ...)."""
+
+
+@dataclass(frozen=True)
+class IncrementalSettings:
+    """change_threshold: δ at or below which a linear keeps its served weight (0: re-quantize
+    whenever the aggregate moved at all). quality_tolerance: how much relative error an
+    existing task may gain on a linear (1.0: at most double); None disables the gate. exact: recompute
+    the existing tasks' Hessians too (a full calibration forward; bit-exact with a full run).
+    The calibration sizes default to the checkpoint's own."""
+
+    change_threshold: float = 0.0
+    quality_tolerance: float | None = 1.0
+    exact: bool = False
+    max_samples: int | None = None
+    max_tokens: int | None = None
+    max_batch_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.change_threshold >= 0.0:
+            raise IncrementalError(f"change_threshold must be >= 0, got {self.change_threshold}")
+        if self.quality_tolerance is not None and not self.quality_tolerance >= 0.0:
+            raise IncrementalError(f"quality_tolerance must be >= 0 (or None), got {self.quality_tolerance}")
+
+
+@dataclass
+class LayerOutcome:
+    layer: int
+    decisions: list[LinearDecision]
+    tensors: dict[str, torch.Tensor] | None  # the whole layer's GPTQ tensors when any linear changed
+    forward_seconds: float  # the calibration forward and Hessians of this layer
+    quantize_seconds: float  # aggregation, GPTQ and the decisions
+
+    @property
+    def changed(self) -> bool:
+        return self.tensors is not None
+
+
+def read_checkpoint_metadata(checkpoint_dir: Path) -> dict:
+    path = Path(checkpoint_dir) / METADATA_FILE
+    if not path.is_file():
+        raise IncrementalError(f"{checkpoint_dir} has no {METADATA_FILE}: not a checkpoint written by `inlaid quantize`")
+    return json.loads(path.read_text())
+
+
+def read_layer_tensors(weights_file: Path, layer: int) -> dict[str, torch.Tensor]:
+    """The packed GPTQ tensors of one decoder layer's linears from a safetensors file."""
+    prefix = f"model.layers.{layer}."
+    wanted = {f"{prefix}{name}{suffix}" for name in LINEAR_NAMES for suffix in _PACKED_SUFFIXES}
+    with safe_open(str(weights_file), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys() if key in wanted}
+    missing = [name for name in LINEAR_NAMES if f"{prefix}{name}.qweight" not in tensors]
+    if missing:
+        raise CheckpointError(f"{weights_file}: layer {layer} lacks quantized {missing}")
+    return tensors
+
+
+def unpack_layer_linear(tensors: dict[str, torch.Tensor], prefix: str, spec: QuantSpec,
+                        in_features: int, out_features: int) -> QuantizedWeight:
+    return unpack_linear(QuantLinearWeights(
+        qweight=tensors[prefix + ".qweight"], qzeros=tensors[prefix + ".qzeros"], scales=tensors[prefix + ".scales"],
+        g_idx=tensors.get(prefix + ".g_idx"), bits=spec.bits, group_size=spec.effective_group_size(in_features),
+        in_features=in_features, out_features=out_features,
+    ))
+
+
+def calibration_entry(task: CalibrationTask, sequences: list[torch.Tensor]) -> dict:
+    """The checkpoint metadata's record of one task (as the full driver writes it)."""
+    return {
+        "name": task.name, "samples": len(sequences), "tokens": int(sum(len(s) for s in sequences)),
+        "calib": str(task.calib_path), "calib_sha256": hashlib.sha256(Path(task.calib_path).read_bytes()).hexdigest(),
+        "adapter": str(task.adapter_dir) if task.adapter_dir else None,
+    }
+
+
+class IncrementalQuantizer:
+    """Extends the quantization of `checkpoint_dir` by one task.
+
+    served_layers: layer -> a safetensors file holding that layer's currently served GPTQ
+    tensors (a server's earlier re-quantizations); other layers are the checkpoint's.
+    state_dirs: where to look for each layer's Hessian state, first match wins (default: the
+    checkpoint's). state_out: where the merged state of each finished layer is written.
+    drop_tasks: tasks whose Hessians leave the state (removed from the server). pace: called
+    after every input group (a background requantizer sleeps there to bound its CPU share)."""
+
+    def __init__(
+        self, model_dir: Path, checkpoint_dir: Path, task: CalibrationTask, settings: IncrementalSettings,
+        state_out: Path, *, served_layers: dict[int, Path] | None = None, state_dirs: list[Path] | None = None,
+        drop_tasks: Iterable[str] = (), existing_tasks: list[CalibrationTask] | None = None,
+        pace: Callable[[], None] | None = None,
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.metadata = read_checkpoint_metadata(self.checkpoint_dir)
+        self.task = task
+        self.settings = settings
+        self.state_out = Path(state_out)
+        self.served_layers = {int(k): Path(v) for k, v in (served_layers or {}).items()}
+        hessian_dir = self.metadata.get("hessian_state") or ""
+        self.state_dirs = [Path(d) for d in state_dirs] if state_dirs else []
+        if hessian_dir:
+            self.state_dirs.append(self.checkpoint_dir / hessian_dir)
+        self.drop_tasks = set(drop_tasks) | {task.name}
+        self.pace = pace
+        self.method: Method = parse_method(self.metadata["method"])
+        if self.method.hessian_forward is None:
+            raise IncrementalError(f"{checkpoint_dir} was quantized with {self.method.name}, which uses no "
+                                   "calibration: adding a task changes nothing to re-quantize")
+        if not self.state_dirs:
+            raise IncrementalError(f"{checkpoint_dir} was written without Hessian state (--no-hessian-state): "
+                                   "re-quantize it fully instead")
+        self.spec = QuantSpec(**self.metadata["spec"])
+        calibration = self.metadata.get("calibration", {})
+        self.options = MlgptqOptions(**calibration.get("mlgptq", {}))
+        self.max_samples = settings.max_samples if settings.max_samples is not None else calibration.get("max_samples")
+        self.max_tokens = settings.max_tokens or calibration.get("max_tokens") or _DRIVER_DEFAULTS["max_tokens"]
+        self.max_batch_tokens = (settings.max_batch_tokens or calibration.get("max_batch_tokens")
+                                 or _DRIVER_DEFAULTS["max_batch_tokens"])
+        if settings.exact:
+            existing = existing_tasks if existing_tasks is not None else [
+                CalibrationTask(entry["name"], Path(entry["adapter"]) if entry.get("adapter") else None,
+                                Path(entry["calib"])) for entry in self.metadata.get("tasks", [])]
+            self.existing_tasks = [t for t in existing if t.name not in self.drop_tasks]
+        else:
+            self.existing_tasks = []
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        calibrated = [*self.existing_tasks, task]
+        token_batches: dict[str, list[TokenBatch]] = {}
+        self.calibration: dict[str, dict] = {}
+        for item in calibrated:
+            examples = read_calibration_examples(Path(item.calib_path), limit=self.max_samples)
+            sequences = tokenize_examples(examples, self.tokenizer, self.max_tokens)
+            token_batches[item.name] = make_batches(sequences, self.max_batch_tokens, pad_id)
+            self.calibration[item.name] = calibration_entry(item, sequences)
+
+        self.model = load_base_model(Path(model_dir))
+        self.layers_module = decoder_layers(self.model)
+        self.num_layers = len(self.layers_module)
+        adapters = {item.name: Path(item.adapter_dir) for item in calibrated if item.adapter_dir is not None}
+        self.peft_model = attach_adapters(self.model, adapters)
+        forward_model = self.peft_model if self.peft_model is not None else self.model
+        onednn_linears(forward_model)  # as the driver does: the same matmuls, the same Hessians
+        self.streams: list[Stream] = []
+        forward = self.method.hessian_forward
+        for item in calibrated:
+            adapter = item.name if forward == "adapter" and item.adapter_dir is not None else None
+            with active_adapter(self.peft_model, adapter):
+                batches = [capture_first_layer_inputs(forward_model, b.input_ids, b.token_mask)
+                           for b in token_batches[item.name]]
+            self.streams.append(Stream(item.name, forward, adapter, batches))
+
+    # ------------------------------------------------------------------ inputs
+    def served_tensors(self, layer: int) -> dict[str, torch.Tensor]:
+        source = self.served_layers.get(layer, self.checkpoint_dir / WEIGHTS_FILE)
+        return read_layer_tensors(source, layer)
+
+    def stored_state(self, layer: int) -> LayerState:
+        for directory in self.state_dirs:
+            if layer_state_path(directory, layer).is_file():
+                state, forward = load_layer_state(directory, layer)
+                if forward != self.method.hessian_forward:
+                    raise IncrementalError(f"{directory}: layer {layer} holds '{forward}'-forward Hessians, "
+                                           f"{self.method.name} needs '{self.method.hessian_forward}'")
+                return state
+        raise IncrementalError(f"no Hessian state for layer {layer} in {[str(d) for d in self.state_dirs]}")
+
+    # ------------------------------------------------------------------ the layer loop
+    def layers(self, start: int = 0) -> Iterator[LayerOutcome]:
+        """One outcome per layer from `start` (the layers before it are taken as served:
+        a resumed run's finished layers)."""
+        if not 0 <= start <= self.num_layers:
+            raise IncrementalError(f"start layer {start} outside 0..{self.num_layers}")
+        for index in range(start):
+            started = time.perf_counter()
+            self._write_weights(index, self.served_tensors(index))
+            propagate(self.layers_module[index], self.streams, self.peft_model)
+            yield LayerOutcome(index, [], None, time.perf_counter() - started, 0.0)
+        for index in range(start, self.num_layers):
+            yield self._process(index)
+
+    def _process(self, index: int) -> LayerOutcome:
+        """The layer true-sequentially (`layerwise`): each input group's Hessians are taken
+        with the linears before it already decided, as the full driver does."""
+        layer = self.layers_module[index]
+        forward = self.method.hessian_forward
+        stored = None if self.settings.exact else self.stored_state(index)
+        served = self.served_tensors(index)
+        prefix = f"model.layers.{index}"
+        timer = PhaseTimer()
+        state: LayerState = {}
+        tensors: dict[str, torch.Tensor] = {}
+        decisions: list[LinearDecision] = []
+
+        def decide_group(group: str, hessians: GroupHessians) -> None:
+            with timer.phase("quantize"):
+                if stored is None:
+                    existing = {item.name: hessians[(item.name, forward)] for item in self.existing_tasks}
+                else:
+                    existing = {name: stat for name, stat in stored.get(group, {}).items()
+                                if name not in self.drop_tasks}
+                state[group] = {**existing, self.task.name: hessians[(self.task.name, forward)]}
+                group_decisions, group_tensors = self._decide_group(layer, prefix, group, served, existing,
+                                                                    state[group])
+                decisions.extend(group_decisions)
+                tensors.update(group_tensors)
+            if self.pace is not None:
+                self.pace()
+
+        quantize_layer_sequential(layer, self.streams, self.peft_model, index, decide_group, timer)
+        with timer.phase("quantize"):
+            save_layer_state(self.state_out, index, state, forward)
+        changed = any(decision.swapped for decision in decisions)
+        forward_seconds = timer.seconds.get("forward", 0.0) + timer.seconds.get("hessian", 0.0)
+        return LayerOutcome(index, decisions, tensors if changed else None, forward_seconds,
+                            timer.seconds.get("quantize", 0.0))
+
+    def _decide_group(self, layer, prefix: str, group: str, served: dict[str, torch.Tensor],
+                      existing: dict[str, TaskHessian], merged: dict[str, TaskHessian],
+                      ) -> tuple[list[LinearDecision], dict[str, torch.Tensor]]:
+        """Decide the linears reading input `group` and write the chosen weights into the layer
+        (the next group's inputs are computed with them)."""
+        names = INPUT_GROUPS[group]
+        linears = [plain_linear(layer, name) for name in names]
+        weights = [linear.weight.data.float() for linear in linears]
+        changes = [aggregate_change(self.method, weight, existing, merged, self.options) for weight in weights]
+        moved = [i for i, change in enumerate(changes) if change > self.settings.change_threshold]
+        stack = TaskHessians(merged)
+        outcomes = dict(zip(moved, quantize_linears(
+            self.method, [weights[i] for i in moved], merged, self.spec, self.options,
+            stack if len(merged) > 1 else None))) if moved else {}
+        decisions: list[LinearDecision] = []
+        tensors: dict[str, torch.Tensor] = {}
+        for i, (name, linear, weight) in enumerate(zip(names, linears, weights)):
+            key = f"{prefix}.{name}"
+            served_weight = unpack_layer_linear(served, key, self.spec, linear.in_features, linear.out_features)
+            served_dense = served_weight.dequantize()
+            before = stack.errors(weight, served_dense)
+            chosen, packed = served_dense, {k: v for k, v in served.items() if k.startswith(key + ".")}
+            if i not in outcomes:
+                decision = LinearDecision(name, KEPT_UNCHANGED, changes[i], before, reason=(
+                    f"aggregate moved {100 * changes[i]:.2f}% <= threshold {100 * self.settings.change_threshold:.2f}%"))
+            else:
+                outcome = outcomes[i]
+                dequantized = outcome.quantized.dequantize()
+                after = (outcome.task_errors if set(outcome.task_errors) == set(merged)
+                         else stack.errors(weight, dequantized))  # the search measured them already
+                accepted, reason = quality_gate(before, after, list(existing), self.settings.quality_tolerance)
+                if accepted:
+                    decision = LinearDecision(name, REQUANTIZED, changes[i], before, after,
+                                              task_weights=outcome.task_weights)
+                    bias = linear.bias.data if linear.bias is not None else None
+                    chosen, packed = dequantized, pack_linear(key, outcome.quantized, bias)
+                else:
+                    decision = LinearDecision(name, KEPT_QUALITY, changes[i], before, after, reason)
+            linear.weight.data.copy_(chosen.to(linear.weight.dtype))
+            decisions.append(decision)
+            tensors.update(packed)
+        return decisions, tensors
+
+    def _write_weights(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Put a layer's quantized weights (dequantized) into the calibration model."""
+        layer = self.layers_module[index]
+        for linear_name in LINEAR_NAMES:
+            linear = plain_linear(layer, linear_name)
+            quantized = unpack_layer_linear(tensors, f"model.layers.{index}.{linear_name}", self.spec,
+                                            linear.in_features, linear.out_features)
+            linear.weight.data.copy_(quantized.dequantize(linear.weight.dtype))

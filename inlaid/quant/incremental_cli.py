@@ -1,0 +1,146 @@
+"""`inlaid quantize-add`: add a task to a quantized checkpoint incrementally (offline).
+
+    inlaid quantize-add --checkpoint quantized/smollm2-mlgptq-4b \
+        --task code=adapters/code:inlaid/tasks/data/code/calib.jsonl --out quantized/smollm2-plus-code
+
+Only the new task's calibration samples run through the model; the existing tasks' Hessians
+come from the checkpoint's stored state. The result is a complete checkpoint (GPTQ tensors,
+the merged Hessian state, metadata listing every task and what happened to each linear),
+so additions chain. A running server does the same work online (docs/dynamic-tasks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, METADATA_FILE, WEIGHTS_FILE, CheckpointMetadata, write_checkpoint
+from inlaid.quant.errors import QuantizationError
+from inlaid.quant.incremental import IncrementalQuantizer, LayerOutcome
+from inlaid.quant.model_io import LINEAR_NAMES
+
+
+def _is_quantized_key(key: str, num_layers: int) -> bool:
+    return any(key.startswith(f"model.layers.{i}.{name}.") for i in range(num_layers) for name in LINEAR_NAMES)
+
+
+def addition_record(quantizer: IncrementalQuantizer, outcomes: list[LayerOutcome]) -> dict:
+    """What one addition did, per layer and linear (kept in the checkpoint's metadata)."""
+    return {
+        "task": quantizer.task.name,
+        "exact": quantizer.settings.exact,
+        "change_threshold": quantizer.settings.change_threshold,
+        "quality_tolerance": quantizer.settings.quality_tolerance,
+        "forward_seconds": round(sum(o.forward_seconds for o in outcomes), 2),
+        "quantize_seconds": round(sum(o.quantize_seconds for o in outcomes), 2),
+        "layers": [{"layer": o.layer, "changed": o.changed,
+                    "linears": [{"linear": d.linear, "action": d.action, "change": d.change, "reason": d.reason}
+                                for d in o.decisions]} for o in outcomes],
+    }
+
+
+def write_incremental_checkpoint(quantizer: IncrementalQuantizer, outcomes: list[LayerOutcome], out_dir: Path) -> None:
+    """The base checkpoint with the outcomes' layers replaced, the merged Hessian state and
+    metadata that lists the new task."""
+    out_dir = Path(out_dir)
+    if {o.layer for o in outcomes} != set(range(quantizer.num_layers)):
+        raise QuantizationError("an incremental checkpoint needs the outcome of every layer")
+    base = quantizer.checkpoint_dir
+    quantized: dict[str, torch.Tensor] = {}
+    for outcome in outcomes:
+        quantized.update(outcome.tensors if outcome.changed else quantizer.served_tensors(outcome.layer))
+    with safe_open(str(base / WEIGHTS_FILE), framework="pt") as handle:
+        floats = {key: handle.get_tensor(key) for key in handle.keys()
+                  if not _is_quantized_key(key, quantizer.num_layers)}
+    state_dir = out_dir / HESSIAN_STATE_DIR
+    if quantizer.state_out.resolve() != state_dir.resolve():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        for index in range(quantizer.num_layers):
+            name = f"layer_{index:03d}.safetensors"
+            shutil.copyfile(quantizer.state_out / name, state_dir / name)
+    previous = quantizer.metadata
+    tasks = [t for t in previous.get("tasks", []) if t["name"] not in quantizer.drop_tasks]
+    layer_errors, task_weights = [], dict(previous.get("task_weights", {}))
+    for outcome in outcomes:
+        for decision in outcome.decisions:
+            errors = decision.errors_new if decision.swapped else decision.errors_served
+            layer_errors.append({"layer": outcome.layer, "linear": decision.linear, "errors": errors})
+            if decision.swapped and decision.task_weights:
+                task_weights[f"model.layers.{outcome.layer}.{decision.linear}"] = decision.task_weights
+    config = json.loads((base / "config.json").read_text())
+    metadata = CheckpointMetadata(
+        method=previous["method"], tasks=[*tasks, quantizer.calibration[quantizer.task.name]], spec=previous["spec"],
+        base_model=previous.get("base_model", ""), calibration=previous.get("calibration", {}),
+        layer_errors=layer_errors, task_weights=task_weights, hessian_state=HESSIAN_STATE_DIR,
+        timing={"seconds": round(sum(o.forward_seconds + o.quantize_seconds for o in outcomes), 1)},
+    )
+    write_checkpoint(out_dir, base, config, quantized, floats, quantizer.spec, metadata)
+    written = json.loads((out_dir / METADATA_FILE).read_text())
+    written["incremental"] = [*previous.get("incremental", []), addition_record(quantizer, outcomes)]
+    (out_dir / METADATA_FILE).write_text(json.dumps(written, indent=2))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by `inlaid quantize`")
+    parser.add_argument("--task", required=True, metavar="NAME=ADAPTER_DIR:CALIB.jsonl", help="the task to add")
+    parser.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="the full-precision base (default: the checkpoint's base_model)")
+    parser.add_argument("--threshold", type=float, default=0.0,
+                        help="relative aggregate change at or below which a linear keeps its weight (default 0)")
+    parser.add_argument("--tolerance", default="1.0",
+                        help="relative error an existing task may gain on a linear, or 'none' (default 1.0: at most double)")
+    parser.add_argument("--exact", action="store_true",
+                        help="recompute every existing task's Hessians too (bit-exact with a full run; full cost)")
+    parser.add_argument("--drop-task", action="append", default=[], help="a task whose Hessians leave the state")
+    parser.add_argument("--max-samples", type=int, default=None, help="calibration samples (default: the checkpoint's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from inlaid.models.prepare import default_model_dir
+    from inlaid.quant.calibration import parse_task_argument
+    from inlaid.quant.incremental import IncrementalSettings, read_checkpoint_metadata
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.time()
+    try:
+        tolerance = None if args.tolerance.lower() == "none" else float(args.tolerance)
+        settings = IncrementalSettings(change_threshold=args.threshold, quality_tolerance=tolerance, exact=args.exact,
+                                       max_samples=args.max_samples)
+        model_dir = args.model or Path(read_checkpoint_metadata(args.checkpoint).get("base_model") or default_model_dir())
+        quantizer = IncrementalQuantizer(model_dir, args.checkpoint, parse_task_argument(args.task), settings,
+                                         args.out / HESSIAN_STATE_DIR, drop_tasks=args.drop_task)
+        outcomes = []
+        bar = tqdm(quantizer.layers(), total=quantizer.num_layers, desc=f"add {quantizer.task.name}", unit="layer")
+        for outcome in bar:
+            outcomes.append(outcome)
+            bar.set_postfix(swapped=sum(d.swapped for o in outcomes for d in o.decisions))
+        write_incremental_checkpoint(quantizer, outcomes, args.out)
+    except (QuantizationError, ValueError) as error:
+        print(f"inlaid quantize-add: error: {error}", file=sys.stderr)
+        return 2
+    record = addition_record(quantizer, outcomes)
+    actions = [d.action for o in outcomes for d in o.decisions]
+    print(f"{quantizer.task.name} added to {args.checkpoint} -> {args.out}")
+    for action in sorted(set(actions)):
+        print(f"  {action}: {actions.count(action)} of {len(actions)} linears")
+    for outcome in outcomes:
+        for decision in outcome.decisions:
+            if decision.reason and decision.action != "kept-unchanged":
+                print(f"  layer {outcome.layer} {decision.linear}: {decision.reason}")
+    print(f"forward + Hessian {record['forward_seconds']:.1f} s, aggregation + quantization "
+          f"{record['quantize_seconds']:.1f} s, total {time.time() - started:.1f} s, "
+          f"peak memory (RSS) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    return 0

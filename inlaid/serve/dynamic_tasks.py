@@ -1,0 +1,188 @@
+"""Tasks added, removed and followed on a running server. Torch-free: the coordinator's side of
+docs/dynamic-tasks.md.
+
+An added task serves at once, on the base as it is. With calibration samples, on a GPTQ base
+whose checkpoint stores its Hessian state, and with a state directory, its re-quantization
+job is queued (`requantization_jobs.py` runs the jobs and the layer handover). Added tasks,
+their copied files and their jobs persist in the state directory (`task_store.py`): a
+restarted server serves them again and resumes an unfinished job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from inlaid.protocol import ErrorCode, KeptLinear, TaskStatusReply
+from inlaid.serve.config import ServerConfig
+from inlaid.serve.requantization_jobs import RequantizationJobs
+from inlaid.serve.task_registry import TaskError, TaskRegistry
+from inlaid.serve.task_store import FAILED, QUEUED, REQUANTIZING, SERVING, StateDirError, TaskRecord, TaskStore
+
+log = logging.getLogger("inlaid.dynamic_tasks")
+
+
+@dataclass(frozen=True)
+class TaskInputs:
+    """An added task's files, checked (and copied into the state directory when there is one)."""
+
+    name: str
+    adapter_dir: str
+    calibration: str | None
+    copied: bool
+
+
+def requantization_blocker(config: ServerConfig) -> str:
+    """Why an added task cannot re-quantize this server's base ("" when it can)."""
+    quantized = config.engine.quantized_dir
+    if not quantized:
+        return "the server serves a full-precision base: there is nothing to re-quantize"
+    if config.state_dir is None:
+        return "no server.state_dir: re-quantized layers would have nowhere to persist"
+    if not config.requantizer.enabled:
+        return "requantizer.enabled is false"
+    metadata_path = Path(quantized) / "inlaid_quant.json"
+    if not metadata_path.is_file():
+        return f"{quantized} was not written by `inlaid quantize` (no inlaid_quant.json, no Hessian state)"
+    metadata = json.loads(metadata_path.read_text())
+    if metadata.get("method") == "rtn":
+        return "the base is RTN-quantized: it does not depend on any task's calibration"
+    if not metadata.get("hessian_state"):
+        return f"{quantized} was written without its Hessian state (--no-hessian-state)"
+    return ""
+
+
+class DynamicTasks:
+    def __init__(self, config: ServerConfig, registry: TaskRegistry, wake: Callable[[], None]) -> None:
+        self.config = config
+        self.registry = registry
+        self.num_layers = registry.engine.model_config.num_layers
+        self.blocker = requantization_blocker(config)
+        self.store: TaskStore | None = None
+        if config.state_dir is not None:
+            try:
+                self.store = TaskStore(config.state_dir, {"model_dir": config.engine.model_dir,
+                                                          "quantized_dir": config.engine.quantized_dir})
+            except StateDirError as error:
+                raise ValueError(str(error)) from None
+        self.jobs = RequantizationJobs(config, self.store, self.num_layers, wake, executors=len(registry.engines))
+        if self.store is not None:
+            self._restore_tasks(self.store)
+
+    def _restore_tasks(self, store: TaskStore) -> None:
+        for name in self.config.tasks:  # a task served from the config counts again
+            if name in store.dropped:
+                store.dropped.remove(name)
+        for name, record in sorted(store.tasks.items(), key=lambda item: item[1].added_at):
+            try:
+                self.registry.check_adapter(name, record.adapter_dir)
+                self.registry.add(name, record.adapter_dir)
+            except TaskError as error:
+                log.error("a stored task cannot be served", extra={"task": name, "reason": error.message})
+                record.phase, record.message = FAILED, f"not served after a restart: {error.message}"
+                continue
+            if record.phase in (QUEUED, REQUANTIZING):
+                record.phase = QUEUED
+                self.jobs.queue.append(name)  # start() dispatches it
+        store.save()
+
+    async def start(self) -> None:
+        if not self.blocker:
+            await self.jobs.start()
+
+    async def stop(self) -> None:
+        await self.jobs.stop()
+
+    # ------------------------------------------------------------------ admin calls
+    def prepare(self, name: str, adapter_dir: str, calibration: str | None) -> TaskInputs:
+        """Check the calibration file and copy the task's files into the state directory (a
+        fresh directory per addition). File work only: it runs in a worker thread."""
+        if calibration:
+            self._check_calibration(calibration)
+        if self.store is None:
+            return TaskInputs(name, adapter_dir, calibration, copied=False)
+        adapter_copy, calibration_copy = self.store.copy_inputs(name, adapter_dir, calibration)
+        return TaskInputs(name, adapter_copy, calibration_copy, copied=True)
+
+    def add(self, inputs: TaskInputs) -> str:
+        """Serve the task at once; queue its re-quantization when it brought calibration samples."""
+        name, store = inputs.name, self.store
+        record = store.tasks.get(name) if store else None
+        try:
+            if record is not None and record.phase in (QUEUED, REQUANTIZING):
+                raise TaskError(ErrorCode.TASK_BUSY,
+                                f"task {name!r} is being re-quantized for; remove it first or wait")
+            text = self.registry.add(name, inputs.adapter_dir)
+        except TaskError:
+            if store is not None and inputs.copied:
+                store.discard_copies(inputs.adapter_dir, inputs.calibration)
+            raise
+        if store is None:
+            return text + (f"; not re-quantized: {self.blocker}" if inputs.calibration else "")
+        record = TaskRecord(name=name, adapter_dir=inputs.adapter_dir, calibration=inputs.calibration, phase=SERVING,
+                            layers_total=self.num_layers)
+        if not inputs.calibration:
+            record.message = "added without calibration samples: served on the current base"
+        elif self.blocker:
+            record.message = f"not re-quantized: {self.blocker}"
+        else:
+            record.phase, record.version = QUEUED, store.next_version
+            store.next_version += 1
+            if name in store.dropped:
+                store.dropped.remove(name)  # its job computes its Hessians afresh
+        store.tasks[name] = record
+        store.save()
+        if record.phase == QUEUED:
+            self.jobs.submit(name)
+            return f"{text}; serving on the current base, re-quantization queued (version {record.version})"
+        return f"{text}; {record.message}"
+
+    def _check_calibration(self, path: str) -> None:
+        from inlaid.quant.calibration import read_calibration_examples  # torch-free
+        from inlaid.quant.errors import CalibrationDataError
+
+        try:
+            read_calibration_examples(Path(path))
+        except CalibrationDataError as error:
+            raise TaskError(ErrorCode.INVALID_REQUEST, str(error)) from None
+
+    def remove(self, name: str) -> str:
+        text = self.registry.remove(name)
+        store = self.store
+        if store is None:
+            return text
+        record = store.tasks.pop(name, None)
+        if record is not None and record.phase in (QUEUED, REQUANTIZING):
+            self.jobs.cancel(record)
+            text += "; its re-quantization is cancelled (layers already swapped in stay: each is a valid quantization)"
+        if name not in store.dropped:
+            store.dropped.append(name)
+        store.save()
+        return text
+
+    def status(self, request_id: str, name: str) -> TaskStatusReply:
+        store = self.store
+        record = store.tasks.get(name) if store else None
+        served_version = store.served_version if store else 0
+        if record is None:
+            if name not in self.registry.tasks:
+                raise TaskError(ErrorCode.UNKNOWN_TASK, f"unknown task {name!r}")
+            return TaskStatusReply(request_id=request_id, name=name, phase=SERVING, layers_done=0,
+                                   layers_total=self.num_layers, version=0, served_version=served_version,
+                                   layers_swapped=0, message="served from the server config: the base covers it only if "
+                                                             "the checkpoint was quantized for it")
+        assert store is not None
+        kept = [KeptLinear(layer=d["layer"], linear=d["linear"], action=d["action"], reason=d["reason"])
+                for d in record.decisions if d["action"] != "requantized"]
+        end = record.finished_at or (time.time() if record.started_at else 0.0)
+        return TaskStatusReply(
+            request_id=request_id, name=name, phase=record.phase, layers_done=record.layers_done,
+            layers_total=record.layers_total, version=record.version, served_version=served_version,
+            layers_swapped=sum(1 for entry in store.layers.values() if record.version and entry.version == record.version),
+            kept=kept, message=record.message, forward_seconds=record.forward_seconds,
+            quantize_seconds=record.quantize_seconds, wall_seconds=end - record.started_at if record.started_at else 0.0,
+            peak_rss_bytes=record.peak_rss_bytes)

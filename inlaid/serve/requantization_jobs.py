@@ -1,0 +1,335 @@
+"""The re-quantization jobs of added tasks, and the layers they hand to the executor. Torch-free.
+
+One job at a time, in order of addition, runs in the requantizer process. Each finished
+layer comes back as a handle (LayerReady); the next plan sent to the executor carries it as
+a LayerSwap, applied between two steps; once every executor confirms it (LayerSwapResult),
+the layer is *committed* (STATE_DIR/registry.json) and the requantizer may go on
+(LayerCommitted). Committed layers are what a restarted executor or server restores, as
+file swaps on its first plan, so what is served and what is recorded never diverge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import shutil
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import zmq
+
+from inlaid.protocol import (
+    CancelJob,
+    JobFinished,
+    LayerCommitted,
+    LayerHandle,
+    LayerReady,
+    LayerSwap,
+    LayerSwapResult,
+    RequantizeJob,
+    RequantizerHello,
+)
+from inlaid.serve.config import ServerConfig
+from inlaid.serve.requantizer_supervisor import RequantizerSupervisor
+from inlaid.serve.task_store import FAILED, READY, REQUANTIZING, CommittedLayer, TaskRecord, TaskStore
+
+log = logging.getLogger("inlaid.requantization")
+
+
+def job_id(record: TaskRecord) -> str:
+    return f"{record.name}@v{record.version}"
+
+
+@dataclass
+class _LiveSwap:
+    swap: LayerSwap
+    file: str
+    job_id: str
+    sent_to: set[int] = field(default_factory=set)  # executors with it in a plan, the result not yet back
+    results: dict[int, LayerSwapResult] = field(default_factory=dict)  # executor -> its answer
+
+    @property
+    def reached(self) -> bool:
+        """Some executor has it (or had it in a plan)."""
+        return bool(self.sent_to or self.results)
+
+
+class RequantizationJobs:
+    """`store` None: no state directory, so no job and nothing to restore."""
+
+    def __init__(self, config: ServerConfig, store: TaskStore | None, num_layers: int,
+                 wake: Callable[[], None], executors: int = 1) -> None:
+        """executors: how many executors serve the base; a layer is committed once every one
+        of them has swapped it in."""
+        self.config = config
+        self.executors = executors
+        self.store = store
+        self.num_layers = num_layers
+        self.wake = wake
+        self.supervisor: RequantizerSupervisor | None = None
+        self.queue: deque[str] = deque()  # task names, the running job's first
+        self.current: str | None = None
+        self._sent_job: tuple[int, str] | None = None  # (requantizer generation, job id) it runs
+        self._live: _LiveSwap | None = None
+        # Per executor: the committed layers it lacks (all of them when it is fresh).
+        self._restore: list[dict[int, LayerSwap]] = [self._committed_swaps() for _ in range(executors)]
+        self._swap_step_ids = itertools.count(-1, -1)  # swap-only plans: never an engine step id
+        self._background: set[asyncio.Task[Any]] = set()
+        self._tempdir: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Start taking jobs (the requantizer itself is spawned with the first one)."""
+        self._tempdir = tempfile.mkdtemp(prefix="inlaid-requantizer-")
+        self.supervisor = RequantizerSupervisor(
+            self.config.requantizer, f"ipc://{self._tempdir}/requantizer.ipc",
+            on_message=self._on_message, on_ready=self._on_ready, on_lost=self._on_lost,
+            log_level=self.config.log_level, log_format=self.config.log_format)
+        if self.queue:
+            await self._dispatch()
+
+    async def stop(self) -> None:
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        for task in list(self._background):
+            task.cancel()
+        if self._tempdir:
+            shutil.rmtree(self._tempdir, ignore_errors=True)
+
+    def _later(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def submit(self, name: str) -> None:
+        self.queue.append(name)
+        self._later(self._dispatch())
+
+    def cancel(self, record: TaskRecord) -> None:
+        """Stop the task's job (at its next layer boundary) or take it out of the queue."""
+        if self.current == record.name:
+            self._later(self._send(CancelJob(job_id=job_id(record))))
+            self._finish_current()
+            self._later(self._dispatch())
+        elif record.name in self.queue:
+            self.queue.remove(record.name)
+
+    # ------------------------------------------------------------------ the executor's side
+    def _committed_swaps(self) -> dict[int, LayerSwap]:
+        """Every committed layer as a file swap: what a fresh executor lacks."""
+        if self.store is None:
+            return {}
+        return {layer: LayerSwap(layer=layer, version=entry.version, handle=LayerHandle(transport="file", name=entry.file))
+                for layer, entry in self.store.layers.items()}
+
+    def for_executor(self, executor: int) -> "ExecutorSwaps":
+        return ExecutorSwaps(self, executor)
+
+    def has_swaps(self, executor: int = 0) -> bool:
+        live = self._live
+        return bool(self._restore[executor]) or (
+            live is not None and executor not in live.sent_to and executor not in live.results)
+
+    def next_swap_step_id(self) -> int:
+        return next(self._swap_step_ids)
+
+    def take_swaps(self, executor: int = 0) -> list[LayerSwap]:
+        """The swaps for the executor's next plan: committed layers it lacks, then the live one."""
+        restore = self._restore[executor]
+        swaps = [restore[layer] for layer in sorted(restore)]
+        restore.clear()
+        live = self._live
+        if live is not None and executor not in live.sent_to and executor not in live.results:
+            swaps.append(live.swap)
+            live.sent_to.add(executor)
+        return swaps
+
+    def on_executor_lost(self, executor: int = 0) -> None:
+        self._restore[executor] = self._committed_swaps()
+        if self._live is not None:  # its result (or the layer it swapped in) died with it: send it again
+            self._live.sent_to.discard(executor)
+            self._live.results.pop(executor, None)
+
+    def on_swap_result(self, result: LayerSwapResult, executor: int = 0) -> None:
+        store = self.store
+        if store is None:
+            return
+        live = self._live
+        if (live is not None and executor in live.sent_to
+                and (live.swap.layer, live.swap.version) == (result.layer, result.version)):
+            live.sent_to.discard(executor)
+            live.results[executor] = result
+            if len(live.results) < self.executors:
+                return  # the others have not answered yet
+            self._live = None
+            failures = [r.error or "failed" for r in live.results.values() if not r.ok]
+            if not failures:  # the commit: served everywhere, so recorded (whatever became of its job)
+                store.layers[result.layer] = CommittedLayer(version=result.version, file=live.file)
+                record = self._record_of(live.job_id)
+                if record is not None:
+                    record.layers_done = result.layer + 1
+                store.save()
+            elif len(failures) < self.executors:
+                # Some executors serve the new layer, the others the old one, until they
+                # restart (then all restore the committed one): both are quality-gated bases.
+                log.error("a layer swap failed on some executors only",
+                          extra={"layer": result.layer, "error": failures[0]})
+            self._later(self._send(LayerCommitted(job_id=live.job_id, layer=result.layer, swapped=not failures,
+                                                  error=failures[0] if failures else "")))
+            return
+        if not result.ok:
+            log.error("a committed layer could not be restored; the checkpoint's layer serves instead",
+                      extra={"layer": result.layer, "version": result.version, "error": result.error,
+                             "executor": executor})
+            entry = store.layers.get(result.layer)
+            if entry is not None and entry.version == result.version:
+                del store.layers[result.layer]
+                store.save()
+
+    # ------------------------------------------------------------------ the requantizer's side
+    def _record_of(self, job: str) -> TaskRecord | None:
+        if self.store is None or self.current is None:
+            return None
+        record = self.store.tasks.get(self.current)
+        return record if record is not None and job_id(record) == job else None
+
+    def _job(self, record: TaskRecord) -> RequantizeJob:
+        assert self.store is not None and record.calibration is not None
+        settings = self.config.requantizer
+        return RequantizeJob(
+            job_id=job_id(record), task=record.name, adapter_dir=record.adapter_dir, calibration=record.calibration,
+            version=record.version, start_layer=record.layers_done, model_dir=self.config.engine.model_dir,
+            checkpoint_dir=str(self.config.engine.quantized_dir),
+            served_layers={layer: entry.file for layer, entry in self.store.layers.items()},
+            state_dir=str(self.store.hessian_dir), layers_dir=str(self.store.layers_dir),
+            drop_tasks=[name for name in self.store.dropped if name != record.name],
+            change_threshold=settings.change_threshold,
+            quality_tolerance=settings.quality_tolerance if settings.quality_tolerance >= 0 else None,
+            max_samples=settings.max_samples or None, device=self.config.engine.device,
+            duty_cycle=settings.duty_cycle)
+
+    async def _send(self, message: msgspec.Struct) -> None:
+        if self.supervisor is None or not self.supervisor.ready:
+            return  # a restarted requantizer gets the whole job again
+        try:
+            await self.supervisor.send(message)
+        except zmq.ZMQError as error:
+            log.warning("requantizer unreachable", extra={"error": str(error)})
+
+    async def _dispatch(self) -> None:
+        store, supervisor = self.store, self.supervisor
+        if store is None or supervisor is None:
+            return
+        if self.current is None:
+            if not self.queue:
+                return
+            self.current = self.queue[0]
+        record = store.tasks[self.current]
+        if not supervisor.ready:
+            await supervisor.ensure_running()  # its hello dispatches again
+            return
+        job = self._job(record)
+        if self._sent_job == (supervisor.generation, job.job_id):
+            return
+        self._sent_job = (supervisor.generation, job.job_id)
+        record.phase = REQUANTIZING
+        record.started_at = record.started_at or time.time()
+        store.save()
+        log.info("re-quantization dispatched", extra={"task": record.name, "version": record.version,
+                                                      "start_layer": job.start_layer})
+        await self._send(job)
+
+    def _finish_current(self) -> None:
+        if self.current in self.queue:
+            self.queue.remove(self.current)
+        self.current = None
+        self._sent_job = None
+        if self._live is not None and not self._live.reached:
+            self._live = None  # never reached the executor; the requantizer releases it
+
+    def _on_ready(self, _hello: RequantizerHello) -> None:
+        self._later(self._dispatch())
+
+    def _on_lost(self, reason: str) -> None:
+        self._sent_job = None
+        if self._live is not None and not self._live.reached:
+            self._live = None  # its shared memory went with the requantizer; the job redoes the layer
+        record = self.store.tasks.get(self.current) if self.store and self.current else None
+        if record is None:
+            return
+        record.attempts += 1
+        if record.attempts >= self.config.requantizer.max_attempts:
+            self._end_job(record, ok=False, error=f"{reason} ({record.attempts} times during this task's job)")
+        else:
+            record.message = f"{reason}; resuming at layer {record.layers_done}"
+            assert self.store is not None
+            self.store.save()
+
+    def _on_message(self, message: msgspec.Struct) -> None:
+        if isinstance(message, LayerReady):
+            self._on_layer_ready(message)
+        elif isinstance(message, JobFinished):
+            record = self._record_of(message.job_id)
+            if record is not None:
+                record.peak_rss_bytes = max(record.peak_rss_bytes, message.peak_rss_bytes)
+                self._end_job(record, message.ok, message.error)
+
+    def _on_layer_ready(self, ready: LayerReady) -> None:
+        record = self._record_of(ready.job_id)
+        if record is None or self.store is None:
+            return  # a cancelled job's last layer: the requantizer releases it when cancelled
+        record.decisions = [d for d in record.decisions if d["layer"] != ready.layer] + [
+            {"layer": ready.layer, "linear": o.linear, "action": o.action, "reason": o.reason, "change": o.change}
+            for o in ready.linears]
+        record.forward_seconds += ready.forward_seconds
+        record.quantize_seconds += ready.quantize_seconds
+        if ready.handle is None:
+            record.layers_done = ready.layer + 1
+            self.store.save()
+            self._later(self._send(LayerCommitted(job_id=ready.job_id, layer=ready.layer, swapped=False)))
+            return
+        self.store.save()
+        self._live = _LiveSwap(LayerSwap(layer=ready.layer, version=ready.version, handle=ready.handle),
+                               ready.file, ready.job_id)
+        self.wake()
+
+    def _end_job(self, record: TaskRecord, ok: bool, error: str) -> None:
+        assert self.store is not None
+        record.finished_at = time.time()
+        if ok:
+            record.phase = READY
+            swapped = sum(1 for entry in self.store.layers.values() if entry.version == record.version)
+            kept = sum(1 for d in record.decisions if d["action"] != "requantized")
+            record.message = f"{swapped} of {self.num_layers} layers swapped in; {kept} linears kept as served"
+        else:
+            record.phase = FAILED
+            record.message = f"re-quantization failed; served on the base as it is: {error}"
+            if record.name not in self.store.dropped:
+                self.store.dropped.append(record.name)  # its partial Hessians serve no aggregate
+        log.info("re-quantization ended", extra={"task": record.name, "phase": record.phase, "detail": record.message})
+        self._finish_current()
+        self.store.save()
+        self._later(self._dispatch())
+
+
+class ExecutorSwaps:
+    """One executor's view of the swaps: the `step_loop.SwapSource` its step loop asks."""
+
+    def __init__(self, jobs: RequantizationJobs, executor: int) -> None:
+        self.jobs = jobs
+        self.executor = executor
+
+    def has_swaps(self) -> bool:
+        return self.jobs.has_swaps(self.executor)
+
+    def take_swaps(self) -> list[LayerSwap]:
+        return self.jobs.take_swaps(self.executor)
+
+    def next_swap_step_id(self) -> int:
+        return self.jobs.next_swap_step_id()

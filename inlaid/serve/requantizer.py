@@ -1,0 +1,249 @@
+"""The requantizer process: re-quantizes the served base for an added task, layer by layer,
+at the lowest priority the machine offers, and hands each finished layer to the executor.
+
+Started by the coordinator (`python -m inlaid.serve.requantizer ...`, see
+requantizer_supervisor.py). It says RequantizerHello, then runs one RequantizeJob at a time
+through `inlaid.quant.incremental`. For each layer it persists the merged Hessian state and
+(when any linear changed) the layer's GPTQ tensors, exports them (shared memory, or CUDA IPC
+handles for a GPU executor) and sends LayerReady; it goes on only once the coordinator
+answers LayerCommitted, so at most one layer's new weights are in flight. A cancelled job
+or a shutdown stops at the next layer boundary.
+
+Priority: `nice` 19, Linux SCHED_IDLE when asked (the scheduler runs it only on CPU time
+nothing else wants), `threads` torch threads, OMP_WAIT_POLICY=PASSIVE (set by the
+supervisor before torch starts), and on a GPU its copies go on the lowest-priority stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+import zmq
+
+from inlaid.protocol import (
+    PROTOCOL_VERSION,
+    CancelJob,
+    JobFinished,
+    LayerCommitted,
+    LayerReady,
+    LinearOutcome,
+    RequantizeJob,
+    RequantizerHello,
+    RequantizerInbound,
+    RequantizerShutdown,
+)
+from inlaid.serve.logs import setup_logging
+
+if TYPE_CHECKING:
+    import torch
+
+    from inlaid.quant.layer_decisions import LinearDecision
+
+log = logging.getLogger("inlaid.requantizer")
+
+_POLL_MS = 1000
+
+
+class _Stop(Exception):
+    """The job ends early: cancelled (shutdown False) or the process is told to exit."""
+
+    def __init__(self, shutdown: bool) -> None:
+        super().__init__("shutdown" if shutdown else "cancelled")
+        self.shutdown = shutdown
+
+
+class DutyCycle:
+    """Keeps this process's CPU time at about `share` of the wall time: `pace()` (called at
+    every input group) sleeps in proportion to the CPU time used since the last call. Beside
+    an executor on a small machine, the requantizer's cache and memory traffic slows serving
+    while it computes, whatever its priority (docs/dynamic-tasks.md measures it)."""
+
+    def __init__(self, share: float) -> None:
+        self.share = share
+        self._cpu = time.process_time()
+
+    def pace(self) -> None:
+        used = time.process_time() - self._cpu
+        if used > 0:
+            time.sleep(used * (1.0 - self.share) / self.share)
+        self._cpu = time.process_time()
+
+
+def lower_priority(niceness: int, idle: bool) -> bool:
+    """nice + (Linux) SCHED_IDLE for this process; returns whether SCHED_IDLE took."""
+    os.nice(max(0, niceness - os.nice(0)))
+    if idle and hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return True
+        except OSError:
+            log.warning("SCHED_IDLE refused; running at nice only")
+    return False
+
+
+class _Channel:
+    def __init__(self, address: str, generation: int, parent_pid: int) -> None:
+        from inlaid.serve.requantizer_supervisor import requantizer_identity
+
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, requantizer_identity(generation))
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.connect(address)
+        self.parent_pid = parent_pid
+        self.encoder = msgspec.msgpack.Encoder()
+        self.decoder = msgspec.msgpack.Decoder(RequantizerInbound)
+
+    def send(self, message: msgspec.Struct) -> None:
+        self.sock.send(self.encoder.encode(message))
+
+    def receive(self) -> msgspec.Struct | None:
+        """The next message; None after a quiet poll. Exits when the coordinator is gone."""
+        if not self.sock.poll(_POLL_MS, zmq.POLLIN):
+            if os.getppid() != self.parent_pid:
+                log.warning("coordinator is gone; exiting")
+                sys.exit(0)
+            return None
+        try:
+            return self.decoder.decode(self.sock.recv())
+        except (msgspec.DecodeError, ValueError) as error:
+            log.error("undecodable frame from the coordinator", extra={"error": str(error)})
+            return None
+
+    def wait_commit(self, job_id: str, layer: int) -> LayerCommitted:
+        while True:
+            message = self.receive()
+            if isinstance(message, LayerCommitted) and message.job_id == job_id and message.layer == layer:
+                return message
+            if isinstance(message, CancelJob) and message.job_id == job_id:
+                raise _Stop(shutdown=False)
+            if isinstance(message, RequantizerShutdown):
+                raise _Stop(shutdown=True)
+
+
+def _linear_outcomes(decisions: list[LinearDecision]) -> list[LinearOutcome]:
+    return [LinearOutcome(linear=d.linear, action=d.action, change=d.change, reason=d.reason,
+                          errors_served=d.errors_served, errors_new=d.errors_new) for d in decisions]
+
+
+def _save_layer(tensors: dict[str, torch.Tensor], directory: str, layer: int, version: int) -> str:
+    from safetensors.torch import save_file
+
+    path = Path(directory) / f"layer_{layer:03d}.v{version}.safetensors"
+    temporary = path.with_suffix(".tmp")
+    save_file({key: tensor.contiguous() for key, tensor in tensors.items()}, str(temporary))
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
+    temporary.replace(path)
+    return str(path)
+
+
+def run_job(channel: _Channel, job: RequantizeJob) -> None:
+    """Raises _Stop when cancelled or told to exit mid-way; reports every other ending."""
+    from inlaid.quant.calibration import CalibrationTask
+    from inlaid.quant.errors import QuantizationError
+    from inlaid.quant.incremental import IncrementalQuantizer, IncrementalSettings
+    from inlaid.serve.layer_transport import export_layer
+
+    log.info("job started", extra={"job_id": job.job_id, "task": job.task, "start_layer": job.start_layer})
+    started = time.perf_counter()
+    try:
+        settings = IncrementalSettings(
+            change_threshold=job.change_threshold, quality_tolerance=job.quality_tolerance,
+            max_samples=job.max_samples)
+        task = CalibrationTask(job.task, Path(job.adapter_dir), Path(job.calibration))
+        quantizer = IncrementalQuantizer(
+            Path(job.model_dir), Path(job.checkpoint_dir), task, settings, Path(job.state_dir),
+            served_layers={layer: Path(file) for layer, file in job.served_layers.items()},
+            state_dirs=[Path(job.state_dir)], drop_tasks=job.drop_tasks,
+            pace=DutyCycle(job.duty_cycle).pace if job.duty_cycle < 1 else None)
+        for outcome in quantizer.layers(job.start_layer):
+            if outcome.layer < job.start_layer:
+                continue  # a resumed job runs through its finished layers
+            exported = None
+            file = ""
+            if outcome.changed:
+                file = _save_layer(outcome.tensors, job.layers_dir, outcome.layer, job.version)
+                exported = export_layer(outcome.tensors, job.device)
+            try:
+                channel.send(LayerReady(
+                    job_id=job.job_id, layer=outcome.layer, version=job.version,
+                    handle=exported.handle if exported else None, file=file,
+                    linears=_linear_outcomes(outcome.decisions), forward_seconds=outcome.forward_seconds,
+                    quantize_seconds=outcome.quantize_seconds))
+                committed = channel.wait_commit(job.job_id, outcome.layer)
+            finally:
+                if exported is not None:
+                    exported.release()
+            log.info("layer done", extra={"job_id": job.job_id, "layer": outcome.layer, "swapped": committed.swapped,
+                                          "requantized": sum(d.swapped for d in outcome.decisions),
+                                          "forward_s": round(outcome.forward_seconds, 3),
+                                          "quantize_s": round(outcome.quantize_seconds, 3)})
+            if outcome.changed and not committed.swapped:
+                raise QuantizationError(f"the executor could not swap in layer {outcome.layer}: {committed.error}")
+    except _Stop:
+        raise
+    except Exception as error:  # every failure ends the job with a reason; the process lives on
+        log.error("job failed", extra={"job_id": job.job_id, "error": repr(error), "trace": traceback.format_exc(limit=8)})
+        channel.send(JobFinished(job_id=job.job_id, ok=False, error=f"{type(error).__name__}: {error}"[:2000],
+                                 peak_rss_bytes=_peak_rss_bytes()))
+        return
+    log.info("job finished", extra={"job_id": job.job_id, "seconds": round(time.perf_counter() - started, 2)})
+    channel.send(JobFinished(job_id=job.job_id, ok=True, peak_rss_bytes=_peak_rss_bytes()))
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def serve(address: str, generation: int, parent_pid: int, threads: int, niceness: int, idle: bool) -> int:
+    idle_taken = lower_priority(niceness, idle)
+    import torch  # after the priority: its thread pool inherits it
+
+    torch.set_num_threads(threads)
+    channel = _Channel(address, generation, parent_pid)
+    channel.send(RequantizerHello(protocol_version=PROTOCOL_VERSION, generation=generation, pid=os.getpid(),
+                                  threads=threads, niceness=os.nice(0), idle_priority=idle_taken))
+    log.info("requantizer ready", extra={"pid": os.getpid(), "generation": generation, "threads": threads})
+    while True:
+        message = channel.receive()
+        if isinstance(message, RequantizerShutdown):
+            return 0
+        if isinstance(message, RequantizeJob):
+            try:
+                run_job(channel, message)
+            except _Stop as stop:
+                log.info("job stopped", extra={"job_id": message.job_id, "reason": str(stop)})
+                if stop.shutdown:
+                    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="inlaid-requantizer")
+    parser.add_argument("--address", required=True)
+    parser.add_argument("--generation", type=int, required=True)
+    parser.add_argument("--parent-pid", type=int, default=os.getppid())
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--niceness", type=int, default=19)
+    parser.add_argument("--idle-priority", action="store_true")
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", default="json")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    from inlaid.serve.executor import die_with_parent
+
+    die_with_parent()
+    return serve(args.address, args.generation, args.parent_pid, args.threads, args.niceness, args.idle_priority)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

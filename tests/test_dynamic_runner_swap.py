@@ -1,0 +1,116 @@
+"""The executor's layer swap: a runner serving checkpoint AB, with some layers swapped for
+those of checkpoint AB+gamma, computes what transformers computes on the float state dict
+that mixes the two the same way; a bad swap changes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dynamic_fixtures import make_adapter, make_tiny_model, quantize_full, write_calibration
+from inlaid.engine.config import EngineConfig
+from inlaid.protocol import BatchPlan, ChunkPlan, SamplingParams
+from inlaid.quant.calibration import CalibrationTask
+from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, WEIGHTS_FILE, dequantized_state_dict, load_gptq_checkpoint
+from inlaid.quant.incremental import IncrementalQuantizer, IncrementalSettings, read_layer_tensors
+from inlaid.quant.incremental_cli import write_incremental_checkpoint
+
+pytest.importorskip("peft")
+SWAPPED = (0, 2)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, model_dir):
+    root = tmp_path_factory.mktemp("swap")
+    model = make_tiny_model(root / "model", model_dir, layers=3)
+    tasks = [CalibrationTask(name, make_adapter(model, root / f"adapter_{name}", seed=index + 1),
+                             write_calibration(root / f"{name}.jsonl", name, 5))
+             for index, name in enumerate(["alpha", "beta", "gamma"])]
+    quantize_full(model, tasks[:2], root / "ab")
+    quantizer = IncrementalQuantizer(model, root / "ab", tasks[2], IncrementalSettings(quality_tolerance=None),
+                                     root / "abc" / HESSIAN_STATE_DIR)
+    write_incremental_checkpoint(quantizer, list(quantizer.layers()), root / "abc")
+    return model, root / "ab", root / "abc"
+
+
+def _runner(model, checkpoint):
+    from inlaid.engine.runner import ModelRunner
+
+    return ModelRunner(EngineConfig(model_dir=str(model), quantized_dir=str(checkpoint), dtype="float32",
+                                    quant_kernel="dense", num_kv_blocks=16, block_size=8, max_lora_slots=1,
+                                    max_lora_rank=4))
+
+
+def _logits(runner, token_ids: list[int]) -> torch.Tensor:
+    blocks = list(range(-(-len(token_ids) // 8)))
+    plan = BatchPlan(step_id=0, chunks=[ChunkPlan(seq_id=0, token_ids=token_ids, start_pos=0, block_table=blocks,
+                                                  adapter_slot=-1, sample=True, sampling=SamplingParams(),
+                                                  num_generated=0)])
+    return runner.forward_logits(plan)[1][0]
+
+
+def _reference(model_dir, ab, abc, token_ids: list[int]) -> torch.Tensor:
+    """transformers on AB's dequantized weights with the swapped layers taken from AB+gamma."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    state = dequantized_state_dict(load_gptq_checkpoint(ab))
+    replacement = dequantized_state_dict(load_gptq_checkpoint(abc))
+    for key in state:
+        if any(key.startswith(f"model.layers.{layer}.") for layer in SWAPPED):
+            state[key] = replacement[key]
+    model = LlamaForCausalLM(LlamaConfig(**json.loads((model_dir / "config.json").read_text()))).eval()
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    with torch.no_grad():
+        return model(torch.tensor([token_ids])).logits[0, -1].float()
+
+
+def test_swapped_layers_compute_like_the_mixed_checkpoint(checkpoints):
+    model, ab, abc = checkpoints
+    token_ids = [5, 900, 31, 77, 4000, 12, 8, 19, 250]
+    runner = _runner(model, ab)
+    for layer in SWAPPED:
+        runner.swap_layer(layer, 7, read_layer_tensors(abc / WEIGHTS_FILE, layer))
+    assert runner.layer_versions == [7, 0, 7]
+    ours = _logits(runner, token_ids)
+    assert (ours - _reference(model, ab, abc, token_ids)).abs().max().item() < 1e-4
+    # and every layer swapped: the runner equals one loaded from AB+gamma directly
+    runner.swap_layer(1, 7, read_layer_tensors(abc / WEIGHTS_FILE, 1))
+    assert torch.equal(_logits(runner, token_ids), _logits(_runner(model, abc), token_ids))
+
+
+def test_bad_swaps_change_nothing(checkpoints):
+    model, ab, abc = checkpoints
+    token_ids = [3, 14, 15, 92, 65]
+    runner = _runner(model, ab)
+    before = _logits(runner, token_ids)
+    good = read_layer_tensors(abc / WEIGHTS_FILE, 1)
+    missing = {k: v for k, v in good.items() if ".mlp.down_proj." not in k}
+    other_layer = read_layer_tensors(abc / WEIGHTS_FILE, 2)
+    narrow = dict(good)
+    narrow["model.layers.1.self_attn.o_proj.qweight"] = good["model.layers.1.self_attn.o_proj.qweight"][:, :8]
+    for tensors, match in ((missing, "every projection"), (other_layer, "other layers"), (narrow, "the model has")):
+        with pytest.raises(ValueError, match=match):
+            runner.swap_layer(1, 1, tensors)
+    with pytest.raises(ValueError, match="out of range"):
+        runner.swap_layer(3, 1, good)
+    assert runner.layer_versions == [0, 0, 0]
+    assert torch.equal(_logits(runner, token_ids), before)
+
+
+def test_swap_only_plan_runs_no_forward(checkpoints):
+    model, ab, _ = checkpoints
+    result = _runner(model, ab).execute(BatchPlan(step_id=-1, chunks=[]))
+    assert result.step_id == -1 and result.sampled == [] and result.num_tokens == 0
+
+
+def test_float_base_refuses_swaps(checkpoints, tmp_path):
+    from inlaid.engine.runner import ModelRunner
+
+    model, _, abc = checkpoints
+    runner = ModelRunner(EngineConfig(model_dir=str(model), dtype="float32", num_kv_blocks=4, block_size=8,
+                                      max_lora_slots=1, max_lora_rank=4))
+    with pytest.raises(ValueError, match="no GPTQ checkpoint"):
+        runner.swap_layer(0, 1, read_layer_tensors(abc / WEIGHTS_FILE, 0))

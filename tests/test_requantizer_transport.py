@@ -1,0 +1,101 @@
+"""The layer handover transports across a real second process: shared memory, the CUDA-IPC
+code path as a CPU dry run (torch's file_system sharing), and files. The receiver must get
+exactly the sender's bytes, in memory it owns; a released or corrupt handle is a typed error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import msgspec
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from inlaid.protocol import LayerHandle, TensorSlot
+from inlaid.serve.layer_transport import (
+    LayerTransportError, export_cuda_ipc, export_shm, open_layer,
+)
+
+# The receiver: opens each handle read from stdin, saves what it got as safetensors.
+_RECEIVER = """
+import sys, msgspec, torch
+torch.multiprocessing.set_sharing_strategy("file_system")
+from safetensors.torch import save_file
+from inlaid.protocol import LayerHandle
+from inlaid.serve.layer_transport import open_layer
+handles = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=list[LayerHandle])
+for index, handle in enumerate(handles):
+    tensors = open_layer(handle)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, sys.argv[1] + f"/{index}.safetensors")
+print("ok")
+"""
+
+
+def _layer_tensors(seed: int) -> dict[str, torch.Tensor]:
+    """GPTQ-shaped tensors of mixed dtypes and sizes (odd sizes exercise the alignment)."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for index, (k, n) in enumerate([(64, 96), (32, 40), (128, 16)]):
+        prefix = f"model.layers.0.linear{index}"
+        tensors[prefix + ".qweight"] = torch.randint(-2**31, 2**31 - 1, (k // 8, n), generator=generator, dtype=torch.int32)
+        tensors[prefix + ".qzeros"] = torch.randint(-2**31, 2**31 - 1, (k // 32, n // 8), generator=generator,
+                                                    dtype=torch.int32)
+        tensors[prefix + ".scales"] = torch.rand(k // 32, n, generator=generator).to(torch.float16)
+        tensors[prefix + ".g_idx"] = torch.arange(k, dtype=torch.int32) // 32
+    tensors["odd"] = torch.rand(7, generator=generator).to(torch.float16)
+    return tensors
+
+
+def test_handles_cross_processes(tmp_path):
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    sent = [_layer_tensors(1), _layer_tensors(2), _layer_tensors(3)]
+    shm = export_shm(sent[0])
+    ipc = export_cuda_ipc(sent[1], torch.device("cpu"))
+    save_file(sent[2], str(tmp_path / "layer.safetensors"))
+    handles = [shm.handle, ipc.handle, LayerHandle(transport="file", name=str(tmp_path / "layer.safetensors"))]
+    try:
+        done = subprocess.run([sys.executable, "-c", _RECEIVER, str(tmp_path)], input=msgspec.msgpack.encode(handles),
+                              capture_output=True, timeout=120)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+    finally:
+        shm.release()
+        ipc.release()
+    for index, expected in enumerate(sent):
+        received = load_file(str(tmp_path / f"{index}.safetensors"))
+        assert set(received) == set(expected)
+        for key, tensor in expected.items():
+            assert received[key].dtype == tensor.dtype and torch.equal(received[key], tensor), (index, key)
+
+
+def test_received_tensors_own_their_memory():
+    sent = _layer_tensors(4)
+    exported = export_shm(sent)
+    received = open_layer(exported.handle)
+    exported.release()  # the segment is gone; what was received must not change
+    for key, tensor in sent.items():
+        assert torch.equal(received[key], tensor)
+    with pytest.raises(LayerTransportError, match="is gone"):
+        open_layer(exported.handle)
+
+
+def test_bad_handles(tmp_path):
+    exported = export_shm({"a": torch.arange(4, dtype=torch.int32)})
+    try:
+        outside = LayerHandle(transport="shm", name=exported.handle.name,
+                              tensors=[TensorSlot(key="a", dtype="int32", shape=[1 << 20], offset=0)])
+        with pytest.raises(LayerTransportError, match="outside"):
+            open_layer(outside)
+        wrong = LayerHandle(transport="shm", name=exported.handle.name,
+                            tensors=[TensorSlot(key="a", dtype="nonsense", shape=[4], offset=0)])
+        with pytest.raises(LayerTransportError, match="dtype"):
+            open_layer(wrong)
+    finally:
+        exported.release()
+    with pytest.raises(LayerTransportError, match="unknown layer transport"):
+        open_layer(LayerHandle(transport="pigeon", name="x"))
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(LayerTransportError, match="cannot read"):
+        open_layer(LayerHandle(transport="file", name=str(tmp_path / "broken.safetensors")))
+    with pytest.raises(LayerTransportError, match="CUDA IPC"):
+        open_layer(LayerHandle(transport="cuda_ipc", name="cuda:0", payload=b"garbage"))
