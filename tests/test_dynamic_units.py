@@ -90,3 +90,75 @@ def test_why_a_base_cannot_be_requantized(tmp_path):
     assert "RTN" in blocker("q", metadata={"method": "rtn", "hessian_state": "hessian_state"})
     assert "without its Hessian state" in blocker("q", metadata={"method": "mlgptq", "hessian_state": ""})
     assert blocker("q", metadata={"method": "mlgptq", "hessian_state": "hessian_state"}) == ""
+
+
+class _RecordingRequantizer:
+    """Stands in for the requantizer's end of the socket: keeps what the jobs send it."""
+
+    ready = True
+
+    def __init__(self) -> None:
+        self.sent: list = []
+
+    async def send(self, message) -> None:
+        self.sent.append(message)
+
+
+def test_a_layer_is_committed_once_every_executor_has_swapped_it(tmp_path):
+    """Several executors: each step loop takes the live swap once; the layer is committed (and
+    the requantizer told) only when all have answered; a lost executor gets it again, and a
+    fresh one restores every committed layer."""
+    import asyncio
+
+    from inlaid.protocol import LayerCommitted, LayerHandle, LayerReady, LayerSwapResult
+    from inlaid.serve.requantization_jobs import RequantizationJobs
+    from inlaid.serve.task_store import REQUANTIZING
+
+    async def scenario() -> None:
+        config = config_from_dict({"server": {"state_dir": "state"}}, base_dir=tmp_path)
+        store = TaskStore(tmp_path / "state", BASE)
+        store.tasks["code"] = TaskRecord(name="code", adapter_dir="a", calibration="c", phase=REQUANTIZING,
+                                         version=1, layers_total=30)
+        wakes: list[int] = []
+        jobs = RequantizationJobs(config, store, 30, wake=lambda: wakes.append(1), executors=2)
+        requantizer = _RecordingRequantizer()
+        jobs.supervisor = requantizer  # type: ignore[assignment]
+        jobs.current = "code"
+        first, second = jobs.for_executor(0), jobs.for_executor(1)
+        assert not first.has_swaps() and not second.has_swaps()
+
+        handle = LayerHandle(transport="file", name=str(tmp_path / "layer.safetensors"))
+        jobs._on_message(LayerReady(job_id="code@v1", layer=0, version=1, handle=handle, file="layer0.v1",
+                                    linears=[], forward_seconds=1.0, quantize_seconds=2.0))
+        assert wakes and first.has_swaps() and second.has_swaps()
+        assert [swap.layer for swap in first.take_swaps()] == [0] and not first.has_swaps()
+        assert first.take_swaps() == []  # taken once per executor
+        jobs.on_swap_result(LayerSwapResult(layer=0, version=1, ok=True), executor=0)
+        await asyncio.sleep(0)
+        assert 0 not in store.layers and not requantizer.sent  # the second executor has not swapped yet
+
+        assert [swap.layer for swap in second.take_swaps()] == [0]
+        jobs.on_executor_lost(1)  # its answer died with it: it gets the layer again
+        assert second.has_swaps()
+        assert [swap.layer for swap in second.take_swaps()] == [0]
+        jobs.on_swap_result(LayerSwapResult(layer=0, version=1, ok=True), executor=1)
+        await asyncio.sleep(0)
+        assert store.layers[0].version == 1 and store.tasks["code"].layers_done == 1
+        assert requantizer.sent == [LayerCommitted(job_id="code@v1", layer=0, swapped=True, error="")]
+
+        # layer 1 fails on one executor: not committed, the requantizer hears why
+        jobs._on_message(LayerReady(job_id="code@v1", layer=1, version=1, handle=handle, file="layer1.v1",
+                                    linears=[], forward_seconds=1.0, quantize_seconds=2.0))
+        first.take_swaps(), second.take_swaps()
+        jobs.on_swap_result(LayerSwapResult(layer=1, version=1, ok=True), executor=0)
+        jobs.on_swap_result(LayerSwapResult(layer=1, version=1, ok=False, error="bad tensors"), executor=1)
+        await asyncio.sleep(0)
+        assert 1 not in store.layers
+        assert requantizer.sent[-1] == LayerCommitted(job_id="code@v1", layer=1, swapped=False, error="bad tensors")
+
+        # a restarted executor restores every committed layer, the other one needs nothing
+        jobs.on_executor_lost(0)
+        assert [(swap.layer, swap.handle.transport) for swap in first.take_swaps()] == [(0, "file")]
+        assert not second.has_swaps()
+
+    asyncio.run(scenario())
