@@ -114,7 +114,7 @@ class RequantizerSettings:
     quality_tolerance: float = 1.0  # relative error an existing task may gain on a linear; < 0: no gate
     max_samples: int = 0  # calibration samples of the new task; 0: the checkpoint's setting
     # The share of one core's time a job may use: it sleeps the rest, in steps of one input
-    # group. Measured on a 2-core box (docs/dynamic-tasks.md): what keeps serving >= 90 %.
+    # group (docs/dynamic-tasks.md has what it costs serving on a loaded 2-core box).
     duty_cycle: float = 0.5
     max_attempts: int = 3  # requantizer deaths during one task before that task is marked failed
     start_timeout_s: float = 120.0
