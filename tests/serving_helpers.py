@@ -90,3 +90,12 @@ def executor_pids(coordinator_pid: int) -> list[int]:
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+def signal_process(pid: int, signum: int) -> None:
+    """os.kill for one process only: pid 0 (ServerStats' "no executor ready") or a negative pid
+    would signal a whole process group, pytest included."""
+    import os
+
+    assert pid > 0, f"no process to signal (pid {pid}): the executor was not ready"
+    os.kill(pid, signum)

@@ -32,6 +32,7 @@ from serving_helpers import (
     engine_settings,
     executor_pids,
     server_config,
+    signal_process,
     until,
     wait_gone,
 )
@@ -86,6 +87,7 @@ async def _health_probe(client: AsyncClient, stop: asyncio.Event, latencies: lis
 def test_an_executor_that_closes_its_socket_before_exiting_never_locks_the_coordinator(ready, reference):
     async def scenario():
         async with AsyncClient(ready.address, timeout_s=120) as client:
+            await client.wait_ready(timeout_s=300)  # executor_pid is 0 while none is ready
             before = await client.stats()
             stop, latencies = asyncio.Event(), []
             probe = asyncio.create_task(_health_probe(client, stop, latencies))
@@ -117,11 +119,12 @@ def test_an_executor_that_closes_its_socket_before_exiting_never_locks_the_coord
 def test_an_executor_that_hangs_in_a_step_is_killed_at_the_step_timeout(ready, reference):
     async def scenario():
         async with AsyncClient(ready.address, timeout_s=120) as client:
+            await client.wait_ready(timeout_s=300)  # executor_pid is 0 while none is ready
             before = await client.stats()
             stream = await client.stream(PROMPTS[2], max_tokens=200, ignore_eos=True)
             pieces = stream.__aiter__()
             await pieces.__anext__()
-            os.kill(before.executor_pid, signal.SIGSTOP)  # hung: alive, holding its socket, silent
+            signal_process(before.executor_pid, signal.SIGSTOP)  # hung: alive, holding its socket, silent
             stop, latencies = asyncio.Event(), []
             probe = asyncio.create_task(_health_probe(client, stop, latencies))
             hung_at = time.monotonic()
@@ -148,13 +151,14 @@ def test_executor_killed_at_random_points_of_a_request_load_and_of_its_model_loa
 
     async def scenario():
         async with AsyncClient(ready.address, timeout_s=300) as client:
+            await client.wait_ready(timeout_s=300)  # executor_pid is 0 while none is ready
             before = await client.stats()
             # Under a request load, after a random number of generated tokens...
             jobs = [asyncio.create_task(client.generate(PROMPTS[i % 4], task=TASKS[i % 4], max_tokens=40,
                                                         ignore_eos=True)) for i in range(8)]
             target = before.tokens_generated + rng.randint(1, 60)
             await until(lambda: _stat_at_least(client, "tokens_generated", target))
-            os.kill(before.executor_pid, signal.SIGKILL)
+            signal_process(before.executor_pid, signal.SIGKILL)
             outcomes = await asyncio.gather(*jobs, return_exceptions=True)
             # ...then its replacement, at a random moment of its model load (before its hello).
             async def replacement_started() -> bool:
@@ -164,7 +168,7 @@ def test_executor_killed_at_random_points_of_a_request_load_and_of_its_model_loa
             replacement = [pid for pid in executor_pids(ready.pid) if pid != before.executor_pid]
             await asyncio.sleep(rng.uniform(0.0, 1.0))
             assert not (await client.health()).executor_ready
-            os.kill(replacement[0], signal.SIGKILL)
+            signal_process(replacement[0], signal.SIGKILL)
             await client.wait_ready(timeout_s=300)
             await _answers_match(client, reference)
             return before, outcomes, await client.stats()
@@ -180,10 +184,11 @@ def test_executor_killed_at_random_points_of_a_request_load_and_of_its_model_loa
 def test_sigterm_while_a_step_hangs_exits_in_bounded_time_and_leaves_no_process(ready):
     async def scenario():
         async with AsyncClient(ready.address, timeout_s=120) as client:
+            await client.wait_ready(timeout_s=300)  # executor_pid is 0 while none is ready
             stats = await client.stats()
             jobs = [asyncio.create_task(client.generate(p, max_tokens=300, ignore_eos=True)) for p in PROMPTS]
             await until(lambda: _stat_at_least(client, "requests_running", len(PROMPTS)))
-            os.kill(stats.executor_pid, signal.SIGSTOP)
+            signal_process(stats.executor_pid, signal.SIGSTOP)
             ready.process.send_signal(signal.SIGTERM)
             return stats.executor_pid, await asyncio.gather(*jobs, return_exceptions=True)
 

@@ -37,6 +37,7 @@ from inlaid.client import (
 )
 from inlaid.protocol import PROTOCOL_VERSION, ErrorReply, GenerateDone, Hello, ServerReply
 from inlaid.serve.launcher import ServerProcess
+from serving_helpers import signal_process
 
 PROMPTS = [
     "The capital of France is",
@@ -355,15 +356,17 @@ def test_back_pressure_answers_overloaded(ready_server):
 def test_executor_killed_under_load_then_new_requests_succeed(ready_server, reference):
     async def scenario():
         async with AsyncClient(ready_server.address, timeout_s=300) as client:
+            await client.wait_ready(timeout_s=300)  # executor_pid is 0 while none is ready
             before = await client.stats()
             inflight = [asyncio.create_task(client.generate(PROMPTS[i], task=TASKS[i % 4], max_tokens=100,
                                                             ignore_eos=True)) for i in range(12)]
             for _ in range(1200):
+                await client.wait_ready(timeout_s=300)  # executor_pid is 0 while none is ready
                 stats = await client.stats()
                 if stats.tokens_generated >= before.tokens_generated + 12:
                     break
                 await asyncio.sleep(0.05)
-            os.kill(stats.executor_pid, signal.SIGKILL)
+            signal_process(stats.executor_pid, signal.SIGKILL)
             outcomes = await asyncio.gather(*inflight, return_exceptions=True)
             await client.wait_ready(timeout_s=300)
             after = [await client.generate(PROMPTS[i], task=TASKS[i % 4], max_tokens=MAX_TOKENS) for i in range(4)]
