@@ -10,7 +10,9 @@ from typing import Any
 from inlaid.engine.scheduler import SchedulingPolicy
 from inlaid.scheduling.cost_model import ChunkShape, StepCostModel, StepFeatures
 from inlaid.scheduling.registry import make_policy
-from inlaid.scheduling.simulator import EngineShape
+from inlaid.scheduling.estimates import ExactLengths
+from inlaid.scheduling.simulator import EngineShape, synthetic_prompt
+from inlaid.scheduling.traces import Trace
 from inlaid.scheduling.suite import SuiteRecord
 
 
@@ -20,7 +22,7 @@ class PolicyVariant:
     label: str
     policy: str
     options: dict[str, Any] = field(default_factory=dict)
-    length_model: str = "model"  # model | task-mean (inlaid only)
+    length_model: str = "model"  # model | task-mean | exact (the clairvoyant oracle; inlaid only)
 
 
 MAIN_VARIANTS = [
@@ -59,14 +61,22 @@ def variant_options(variant: PolicyVariant, cost: StepCostModel, shape: EngineSh
 
 
 def make_variant(variant: PolicyVariant, cost: StepCostModel, shape: EngineShape,
-                 history: Sequence[tuple[str, list[int], int]] = ()) -> SchedulingPolicy:
+                 history: Sequence[tuple[str, list[int], int]] = (), trace: Trace | None = None,
+                 prompts: Mapping[str, list[int]] | None = None) -> SchedulingPolicy:
     """The variant's policy; `history` (task, prompt ids, output tokens) is what its length
-    model learned before the run (the predictor's saved state, in a server)."""
+    model learned before the run (the predictor's saved state, in a server); the oracle
+    reads the true lengths from `trace` (its prompts from `prompts`, as the simulator)."""
     options = variant_options(variant, cost, shape)
     if variant.policy != "inlaid":
         return make_policy(variant.policy, options)
-    model = length_model(variant.length_model, history, options.get("predictor_refit_every", 0))
-    return make_policy("inlaid", options, length_model=model)
+    if variant.length_model == "exact":
+        if trace is None:
+            raise ValueError("the oracle needs the trace it will be run on")
+        model: Any = ExactLengths({(r.task, tuple((prompts or {}).get(r.source) or synthetic_prompt(r))): r.output_tokens
+                                   for r in trace.requests})
+    else:
+        model = length_model(variant.length_model, history, options.get("predictor_refit_every", 0))
+    return make_policy("inlaid", options, length_model=model, cost=cost)
 
 
 def length_model(kind: str, history: Sequence[tuple[str, list[int], int]], refit_every: int = 0) -> Any:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from inlaid.engine.scheduler import FifoPolicy, SchedulingPolicy
+from inlaid.scheduling.cost_model import StepCostModel
 from inlaid.scheduling.estimates import LengthModel
 from inlaid.scheduling.mlfq import MlfqOptions, MlfqPolicy
 from inlaid.scheduling.srtf import InlaidOptions, InlaidPolicy
@@ -50,14 +51,15 @@ def parse_options(name: str, raw: Mapping[str, Any] | None) -> Any:
 
 
 def make_policy(name: str, raw_options: Mapping[str, Any] | None = None, *,
-                length_model: LengthModel | None = None) -> SchedulingPolicy:
-    """A policy by name; `length_model` replaces the one the options would build (simulator)."""
+                length_model: LengthModel | None = None, cost: StepCostModel | None = None) -> SchedulingPolicy:
+    """A policy by name; `length_model` and `cost` replace the ones the options would build
+    (the simulator's)."""
     options = parse_options(name, raw_options)
     policy: SchedulingPolicy
     if name == "fifo":
         policy = FifoPolicy()
     elif name == "inlaid":
-        policy = InlaidPolicy(options, length_model or build_length_model(options))
+        policy = InlaidPolicy(options, length_model or build_length_model(options), cost)
     elif name == "mlfq":
         policy = MlfqPolicy(options)
     else:
@@ -71,6 +73,8 @@ def make_policy(name: str, raw_options: Mapping[str, Any] | None = None, *,
 def build_length_model(options: InlaidOptions) -> LengthModel:
     from inlaid.predictor import OnlineLengthPredictor, TaskMeanPredictor
 
+    if options.predictor == "exact":
+        raise ValueError("predictor 'exact' is the simulator's clairvoyant oracle: a server cannot know output lengths")
     if options.predictor == "task-mean":
         return TaskMeanPredictor()
     path = options.predictor_state or None
