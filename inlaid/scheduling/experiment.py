@@ -32,6 +32,14 @@ MAIN_VARIANTS = [
     PolicyVariant("inlaid", "inlaid"),
     PolicyVariant("inlaid+fair", "inlaid", {"fairness_bound": 2000.0}),
 ]
+# The clairvoyant oracle: exact output lengths, shortest remaining work first with adapter
+# grouping, no starvation guard (aging and first-token-first cost mean JCT), at several β;
+# the best of them is the bound the sweep reports. "inlaid exact" is inlaid with its guards
+# and perfect predictions: the gap from inlaid to it is the predictor's.
+_CLAIRVOYANT = {"max_wait_s": 1e9, "first_token_first": False}
+ORACLES = [PolicyVariant(f"oracle beta={beta or 'inf'}", "inlaid", {**_CLAIRVOYANT, "max_adapters_per_step": beta}, "exact")
+           for beta in (2, 4, 8, 0)]
+ORACLE_REFERENCES = [PolicyVariant("inlaid exact", "inlaid", length_model="exact")]
 ABLATIONS = [
     PolicyVariant("inlaid -prediction (task mean)", "inlaid", length_model="task-mean"),
     PolicyVariant("inlaid -grouping (beta=inf)", "inlaid", {"max_adapters_per_step": 0, "group_by_adapter": False}),
