@@ -312,6 +312,26 @@ def test_fairness_bound_holds_at_every_step_on_randomized_traces(seed):
     assert max(free_gaps) > bound + slack
 
 
+@pytest.mark.parametrize("target, beta, expected", [(10, 8, 1), (12, 8, 2), (16, 8, 3), (16, 2, 2), (0, 8, 8)])
+def test_a_step_takes_only_the_adapters_it_needs_to_fill_its_rows(target, beta, expected):
+    """Adapter A has 10 short requests, B 3 and C 5 (longer), plus base rows that never
+    count as adapters: A's group ranks first, so 10 rows need A alone, 12 need a second
+    adapter, 16 all three unless β stops it; a target of 0 keeps β."""
+    lengths = {"A": 2, "B": 20, "C": 20}
+    policy = make_policy("inlaid", {"batch_rows_target": target, "max_adapters_per_step": beta, "first_token_first": False},
+                         length_model=_known_lengths({**lengths, None: 40}))
+    waiting = []
+    for adapter, count in (("A", 10), ("B", 3), ("C", 5), (None, 2)):
+        for _ in range(count):
+            seq = Sequence(seq_id=len(waiting), prompt_token_ids=[1, 2, 3], sampling=SamplingParams(max_tokens=64),
+                           adapter=adapter, arrival_time=0.0)
+            policy.on_arrival(seq, 0.0)
+            waiting.append(seq)
+    ranked = policy.order([], waiting, 1.0)
+    assert [s.adapter for s in ranked[:10]] == ["A"] * 10
+    assert policy.max_adapters_per_step == expected
+
+
 def test_mlfq_pauses_demoted_work_and_keeps_its_kv():
     trace = _trace([(0.0, "long", 30, 60)] + [(0.5 + 0.05 * i, "short", 30, 3) for i in range(6)])
     shape = EngineShape(max_num_seqs=1)

@@ -46,9 +46,6 @@ class SchedulingPolicy:
     # Prompt tokens (prefill chunks) one step may compute, below the engine's token budget:
     # shorter steps for the decoding sequences (stall-free chunked prefill).
     max_prefill_tokens_per_step: int | None = None
-    # Sequences one step may compute, below the engine's `max_num_seqs` (a policy that
-    # chooses a smaller batch sets it in `order`); None: the engine's limit.
-    max_seqs_per_step: int | None = None
     # Only the first `plannable` entries of the last `order` may compute this step; the rest
     # are ranked only to choose preemption victims (a fairness bound holds them back, set in
     # `order`). None: all of them.
@@ -181,10 +178,9 @@ class Scheduler:
         order = self.policy.order(list(self.running), list(self.waiting), now)
         rank = {id(seq): position for position, seq in enumerate(order)}
         planned_ids: set[int] = set()
-        max_seqs = min(self.limits.max_num_seqs, self.policy.max_seqs_per_step or self.limits.max_num_seqs)
         plannable = order if self.policy.plannable is None else order[: self.policy.plannable]
         for seq in plannable:
-            if len(step.chunks) >= max_seqs or step.budget == 0:
+            if len(step.chunks) >= self.limits.max_num_seqs or step.budget == 0:
                 break
             if seq.status is SequenceStatus.RUNNING:
                 self._plan_running(seq, step, order, rank, planned_ids, now)

@@ -30,19 +30,25 @@ MAIN_VARIANTS = [
     PolicyVariant("mlfq", "mlfq"),
     PolicyVariant("vtc", "vtc"),
     PolicyVariant("inlaid", "inlaid"),
-    PolicyVariant("inlaid+fair", "inlaid", {"fairness_bound": 2000.0}),
+    PolicyVariant("inlaid+fair", "inlaid", {"fairness_bound": 500.0}),
 ]
 # The clairvoyant oracle: exact output lengths, shortest remaining work first with adapter
-# grouping, no starvation guard (aging and first-token-first cost mean JCT), at several β;
-# the best of them is the bound the sweep reports. "inlaid exact" is inlaid with its guards
+# grouping, no starvation guard (aging and first-token-first cost mean JCT), at several
+# fixed β and several per-step row targets (β = 8 at most); the best of them is the bound
+# the sweep reports. "inlaid exact" is inlaid with its guards
 # and perfect predictions: the gap from inlaid to it is the predictor's.
 _CLAIRVOYANT = {"max_wait_s": 1e9, "first_token_first": False}
-ORACLES = [PolicyVariant(f"oracle beta={beta or 'inf'}", "inlaid", {**_CLAIRVOYANT, "max_adapters_per_step": beta}, "exact")
+ORACLES = [PolicyVariant(f"oracle beta={beta or 'inf'}", "inlaid",
+                         {**_CLAIRVOYANT, "max_adapters_per_step": beta, "batch_rows_target": 0}, "exact")
            for beta in (2, 4, 8, 0)]
+ORACLES += [PolicyVariant(f"oracle rows={rows}", "inlaid", {**_CLAIRVOYANT, "batch_rows_target": rows}, "exact")
+            for rows in (8, 16, 32)]
 ORACLE_REFERENCES = [PolicyVariant("inlaid exact", "inlaid", length_model="exact")]
 ABLATIONS = [
     PolicyVariant("inlaid -prediction (task mean)", "inlaid", length_model="task-mean"),
-    PolicyVariant("inlaid -grouping (beta=inf)", "inlaid", {"max_adapters_per_step": 0, "group_by_adapter": False}),
+    PolicyVariant("inlaid -grouping (beta=inf)", "inlaid",
+                  {"max_adapters_per_step": 0, "group_by_adapter": False, "batch_rows_target": 0}),
+    PolicyVariant("inlaid -adaptive beta (fixed 8)", "inlaid", {"batch_rows_target": 0}),
     PolicyVariant("inlaid -aging", "inlaid", {"max_wait_s": 1e9}),
     PolicyVariant("inlaid -first-token-first", "inlaid", {"first_token_first": False}),
 ]
@@ -84,7 +90,7 @@ def make_variant(variant: PolicyVariant, cost: StepCostModel, shape: EngineShape
                                    for r in trace.requests})
     else:
         model = length_model(variant.length_model, history, options.get("predictor_refit_every", 0))
-    return make_policy("inlaid", options, length_model=model, cost=cost)
+    return make_policy("inlaid", options, length_model=model)
 
 
 def length_model(kind: str, history: Sequence[tuple[str, list[int], int]], refit_every: int = 0) -> Any:

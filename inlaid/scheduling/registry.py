@@ -8,7 +8,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from inlaid.engine.scheduler import FifoPolicy, SchedulingPolicy
-from inlaid.scheduling.cost_model import StepCostModel
 from inlaid.scheduling.estimates import LengthModel
 from inlaid.scheduling.mlfq import MlfqOptions, MlfqPolicy
 from inlaid.scheduling.srtf import InlaidOptions, InlaidPolicy
@@ -51,15 +50,14 @@ def parse_options(name: str, raw: Mapping[str, Any] | None) -> Any:
 
 
 def make_policy(name: str, raw_options: Mapping[str, Any] | None = None, *,
-                length_model: LengthModel | None = None, cost: StepCostModel | None = None) -> SchedulingPolicy:
-    """A policy by name; `length_model` and `cost` replace the ones the options would build
-    (the simulator's)."""
+                length_model: LengthModel | None = None) -> SchedulingPolicy:
+    """A policy by name; `length_model` replaces the one the options would build (simulator)."""
     options = parse_options(name, raw_options)
     policy: SchedulingPolicy
     if name == "fifo":
         policy = FifoPolicy()
     elif name == "inlaid":
-        policy = InlaidPolicy(options, length_model or build_length_model(options), cost)
+        policy = InlaidPolicy(options, length_model or build_length_model(options))
     elif name == "mlfq":
         policy = MlfqPolicy(options)
     else:

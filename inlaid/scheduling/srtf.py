@@ -20,7 +20,10 @@ and β on it; a running request it does not reach keeps its KV blocks, paused):
 
 At most β = `max_adapters_per_step` distinct adapters per step (base-model rows never
 count): a LoRA segment costs the CPU executor ~18 ms per step whatever its size
-(`bench/results/sched_cost.md`). An adapter past the β-th is never refused forever: its
+(`bench/results/sched_cost.md`). With `batch_rows_target` = R, each step takes only as
+many adapters (at most β) as the ranking needs to fill R rows: two adapters with deep
+queues make a step of two fuller segments, while with 1,000 tasks, one request each, the
+step still takes β. An adapter past the β-th is never refused forever: its
 request becomes overdue, ranks first, and its adapter enters the next step.
 
 With `fairness_bound` = B > 0 fairness comes before all of that: a request that would take
@@ -33,14 +36,11 @@ holds only for the tasks within B (a task ahead waits until the others catch up)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from inlaid.engine.scheduler import SchedulingPolicy
 from inlaid.engine.sequence import Sequence, SequenceStatus
 from inlaid.protocol import BatchPlan
-from inlaid.scheduling.batch_size import fastest_batch
-from inlaid.scheduling.cost_model import StepCostModel
 from inlaid.scheduling.estimates import LengthModel, learn_on_finish, predict_on_arrival, remaining_tokens
 from inlaid.scheduling.service import ServiceCounters, task_key
 
@@ -66,13 +66,13 @@ class InlaidOptions:
     predictor: str = "model"  # model (hashed ridge, learns online) | task-mean (the ablation)
     predictor_state: str = ""  # .npz the predictor loads at start and saves on close ("" = none)
     predictor_refit_every: int = 64  # finished requests between full refits (0: online steps only)
-    max_seqs_per_step: int = 0  # rows per step below the engine's max_num_seqs; 0 = the engine's
-    batch_sizing: str = "full"  # full: every ranked request that fits | fastest: the prefix that completes requests fastest
-    cost_model: str = ""  # step-time cost model JSON that prices a batch ("" = the bundled CPU executor fit)
+    batch_rows_target: int = 16  # > 0: per step, only as many adapters (<= β) as the ranking needs to fill this many rows
 
     def validate(self) -> None:
         if self.max_adapters_per_step < 0:
             raise ValueError("max_adapters_per_step must be >= 0 (0 = no bound)")
+        if self.batch_rows_target < 0:
+            raise ValueError("batch_rows_target must be >= 0 (0 = always β adapters)")
         for name in ("max_wait_s", "aging_tokens_per_s", "prefill_weight", "fairness_bound", "first_token_after_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
@@ -82,31 +82,19 @@ class InlaidOptions:
             raise ValueError(f"predictor must be 'model' or 'task-mean' ('exact': the simulator's oracle), got {self.predictor!r}")
         if self.predictor_refit_every < 0:
             raise ValueError("predictor_refit_every must be >= 0 (0 = online steps only)")
-        if self.batch_sizing not in ("full", "fastest"):
-            raise ValueError(f"batch_sizing must be 'full' or 'fastest', got {self.batch_sizing!r}")
-        if self.max_seqs_per_step < 0:
-            raise ValueError("max_seqs_per_step must be >= 0 (0 = the engine's max_num_seqs)")
         if self.max_prefill_tokens_per_step < 0:
             raise ValueError("max_prefill_tokens_per_step must be >= 0 (0 = the engine's budget)")
-
-
-BUNDLED_COST_MODEL = Path(__file__).parent / "data" / "cpu_cost_model.json"
 
 
 class InlaidPolicy(SchedulingPolicy):
     name = "inlaid"
 
-    def __init__(self, options: InlaidOptions, length_model: LengthModel, cost: StepCostModel | None = None) -> None:
-        """`cost` prices a batch when `batch_sizing` is "fastest" (default: `options.cost_model`)."""
+    def __init__(self, options: InlaidOptions, length_model: LengthModel) -> None:
         options.validate()
         self.options = options
         self.max_adapters_per_step = options.max_adapters_per_step or None
         self.max_prefill_tokens_per_step = options.max_prefill_tokens_per_step or None
-        self.max_seqs_per_step = options.max_seqs_per_step or None
         self.length_model = length_model
-        self.cost = None
-        if options.batch_sizing == "fastest":
-            self.cost = cost or StepCostModel.load(options.cost_model or BUNDLED_COST_MODEL)
         self.service = ServiceCounters() if options.fairness_bound > 0 else None
         self._scheduler: Scheduler | None = None
         self._last_step_adapters: set[str] = set()
@@ -140,9 +128,26 @@ class InlaidPolicy(SchedulingPolicy):
         self.plannable = None
         if self.service is not None:
             ranked, self.plannable = self._within_fairness_bound(ranked)
-        if self.cost is not None and self._scheduler is not None:
-            self.max_seqs_per_step = self._fastest_batch(ranked[: self.plannable], now)
+        if self.options.batch_rows_target:
+            self.max_adapters_per_step = self._adapters_to_fill(ranked[: self.plannable])
         return ranked
+
+    def _adapters_to_fill(self, ranked: list[Sequence]) -> int | None:
+        """The fewest adapters whose requests, in ranking order, fill `batch_rows_target`
+        rows (base rows count as rows, not adapters), at most β: fewer, fuller LoRA
+        segments when a few adapters have the queue, β when every adapter brings a row."""
+        beta = self.options.max_adapters_per_step or None
+        adapters: set[str] = set()
+        rows = 0
+        for seq in ranked:
+            if seq.adapter is not None and seq.adapter not in adapters:
+                if beta is not None and len(adapters) >= beta:
+                    break
+                adapters.add(seq.adapter)
+            rows += 1
+            if rows >= self.options.batch_rows_target:
+                break
+        return max(1, len(adapters)) if adapters else beta
 
     def _within_fairness_bound(self, ranked: list[Sequence]) -> tuple[list[Sequence], int]:
         """The ranking with every request that would take its task more than
