@@ -12,7 +12,9 @@ plans each sequence while the step's limits allow:
   sequence below it (its blocks are freed, it is recomputed later); a waiting sequence is
   admitted if its first chunk fits, after preempting running sequences ranked below it.
 
-A running sequence the walk does not reach keeps its KV blocks and waits (paused). A
+A policy may let only a prefix of its ranking compute (`plannable`: a fairness bound
+holding tasks back); the rest is ranked for preemption only. A running sequence the walk
+does not reach keeps its KV blocks and waits (paused). A
 waiting sequence refused for memory, or an overdue one (`policy.is_overdue`) refused for
 any limit, closes admission for this step, so nothing ranked below overtakes it: every
 request eventually runs. The default policy (FIFO: running sequences in admission order,

@@ -35,8 +35,8 @@ MAIN_VARIANTS = [
 # The clairvoyant oracle: exact output lengths, shortest remaining work first with adapter
 # grouping, no starvation guard (aging and first-token-first cost mean JCT), at several
 # fixed β and several per-step row targets (β = 8 at most); the best of them is the bound
-# the sweep reports. "inlaid exact" is inlaid with its guards
-# and perfect predictions: the gap from inlaid to it is the predictor's.
+# the sweep reports. "inlaid exact" is inlaid with its guards and perfect predictions: the
+# gap from inlaid to it is the predictor's, from it to the oracle the guards'.
 _CLAIRVOYANT = {"max_wait_s": 1e9, "first_token_first": False}
 ORACLES = [PolicyVariant(f"oracle beta={beta or 'inf'}", "inlaid",
                          {**_CLAIRVOYANT, "max_adapters_per_step": beta, "batch_rows_target": 0}, "exact")
