@@ -125,8 +125,8 @@ def write_sim_markdown(report: dict, path: Path) -> None:
         if len(rows) > 2:
             lines += [f"## The clairvoyant oracle at {headline:.0%} of saturation", "",
                       "Oracle: exact output lengths, shortest remaining work first, adapter grouping, no aging and no "
-                      "first-token rule, best of β in {2, 4, 8, inf}. inlaid exact: inlaid's defaults with exact "
-                      "lengths.", ""] + rows + [""]
+                      "first-token rule, the best of fixed β 2 / 4 / 8 / inf and row targets 8 / 16 / 32 (β 8). "
+                      "inlaid exact: inlaid's defaults with exact lengths.", ""] + rows + [""]
     ablations = [r for r in report["runs"] if r["policy"] in report["ablations"] or
                  (r["load"] == 0.9 and r["policy"] in ("inlaid", "fifo"))]
     lines += ["## Ablations (90% load)", "", "Without prediction: the per-task mean as the length estimate. Without "

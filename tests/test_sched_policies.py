@@ -280,36 +280,29 @@ def test_fairness_bound_holds_at_every_step_on_randomized_traces(seed):
                         num_kv_blocks=rng.choice([160, 400]), max_lora_slots=rng.choice([2, 4]))
     spec = TraceSpec(rate=rng.choice([4.0, 8.0]), num_requests=160, cv=rng.choice([1.0, 4.0]), num_tasks=rng.choice([3, 8]),
                      popularity=rng.choice(["uniform", "zipf"]), alpha=1.2, base_fraction=0.2, seed=seed)
-    records = _records(seed)
-    trace = generate_trace(spec, records)
+    trace = generate_trace(spec, _records(seed))
     bound = rng.choice([100.0, 400.0])
     slack = max(r.prompt_tokens for r in trace.requests) + 2.0
     policy = make_policy("inlaid", {"fairness_bound": bound, "max_adapters_per_step": 2, "max_wait_s": 2.0,
                                     "first_token_after_s": 0.2, "predictor": "task-mean"})
-    gaps = []
-
-    def watch(plan: BatchPlan, scheduler: Scheduler) -> None:
-        service = scheduler.policy.service
-        counters = [service.counter(t) for t in service.backlogged()]
-        if len(counters) > 1:
-            gaps.append(max(counters) - min(counters))
-
-    result = simulate(trace, policy, COST, shape, on_plan=watch)
+    gaps: list[float] = []
+    result = simulate(trace, policy, COST, shape, on_plan=lambda plan, scheduler: gaps.append(_counter_gap(scheduler)))
     _check_outputs(trace, result)
     assert gaps and max(gaps) <= bound + slack
     # The bound binds: with an unreachable bound (counters kept, nothing held back) the
     # same trace lets a task run further ahead.
     unbounded = make_policy("inlaid", {"fairness_bound": 1e12, "max_adapters_per_step": 2, "max_wait_s": 2.0,
                                        "first_token_after_s": 0.2, "predictor": "task-mean"})
-    free_gaps = []
-
-    def watch_free(plan: BatchPlan, scheduler: Scheduler) -> None:
-        service = scheduler.policy.service
-        counters = [service.counter(t) for t in service.backlogged()]
-        free_gaps.append(max(counters) - min(counters) if len(counters) > 1 else 0.0)
-
-    simulate(trace, unbounded, COST, shape, on_plan=watch_free)
+    free_gaps: list[float] = []
+    simulate(trace, unbounded, COST, shape, on_plan=lambda plan, scheduler: free_gaps.append(_counter_gap(scheduler)))
     assert max(free_gaps) > bound + slack
+
+
+def _counter_gap(scheduler: Scheduler) -> float:
+    """The largest difference between the policy's VTC counters of two backlogged tasks."""
+    service = scheduler.policy.service
+    counters = [service.counter(t) for t in service.backlogged()]
+    return max(counters) - min(counters) if len(counters) > 1 else 0.0
 
 
 @pytest.mark.parametrize("target, beta, expected", [(10, 8, 1), (12, 8, 2), (16, 8, 3), (16, 2, 2), (0, 8, 8)])
