@@ -6,11 +6,12 @@ task suite's recorded requests (held-out eval split; the length predictor starts
 calib split and keeps learning online). For each configuration the load is a fraction of
 FIFO's saturation throughput (measured on the same trace, overloaded). Writes
 
-    bench/results/sched_sim.json   every run's metrics
-    bench/results/sched_sim.md     headline, full and ablation tables, the long-run timing
+    bench/results/sched_sim.json   every run's metrics (32 adapter slots)
+    bench/results/sched_sim.md     headline, oracle, full and ablation tables, the long-run timing
     bench/results/sched_sim_jct.png, sched_sim_slo.png   mean JCT and SLO attainment vs load
+    bench/results/sched_sim_slots8.*   the same with the server's default 8 slots
 
-    .venv/bin/python bench/sched_sim.py [--requests 1500] [--workers 2] [--quick]
+    .venv/bin/python bench/sched_sim.py [--requests 1200] [--workers 2] [--slots 32,8] [--quick]
 """
 
 from __future__ import annotations
@@ -32,15 +33,17 @@ HEADLINE_LOADS = (0.8, 0.9)
 SLO_SCALE = "10x"
 ZIPF_ALPHA = 1.0
 SEED = 7
-# A server meant for many tasks: 32 adapter slots (the default 8 makes 100 and 1,000 tasks a
-# contest for slots that no ordering can win); every other limit is the server default.
+# Two servers: one meant for many tasks, 32 adapter slots (its results: sched_sim.*), and
+# the default 8 (sched_sim_slots8.*), where 100 and 1,000 tasks contend for slots; every
+# other limit is the server default.
 SLOTS = 32
+SLOT_COUNTS = (SLOTS, 8)
 
 _context: dict = {}
 
 
 
-def _load_context(suite_lengths: str | None) -> None:
+def _load_context(suite_lengths: str | None, slots: int = SLOTS) -> None:
     from inlaid.scheduling.cost_model import StepCostModel
     from inlaid.scheduling.experiment import suite_history
     from inlaid.scheduling.simulator import EngineShape
@@ -48,7 +51,7 @@ def _load_context(suite_lengths: str | None) -> None:
 
     records = load_suite_lengths(suite_lengths or SUITE_LENGTHS_FILE)
     prompts = suite_prompts()
-    _context.update(cost=StepCostModel.load(RESULTS / "sched_cost_model.json"), shape=EngineShape(max_lora_slots=SLOTS),
+    _context.update(cost=StepCostModel.load(RESULTS / "sched_cost_model.json"), shape=EngineShape(max_lora_slots=slots),
                     records=records, prompts=prompts, history=suite_history(records, prompts, "calib"))
 
 
@@ -62,13 +65,14 @@ def _trace(tasks: int, cv: float, popularity: str, requests: int):
 
 
 def _run(job: dict) -> dict:
-    from inlaid.scheduling.experiment import ABLATIONS, MAIN_VARIANTS, make_variant
+    from inlaid.scheduling.experiment import ABLATIONS, MAIN_VARIANTS, ORACLE_REFERENCES, ORACLES, make_variant
     from inlaid.scheduling.metrics import summarize
     from inlaid.scheduling.simulator import simulate
 
-    variants = {v.label: v for v in MAIN_VARIANTS + ABLATIONS}
+    variants = {v.label: v for v in MAIN_VARIANTS + ABLATIONS + ORACLES + ORACLE_REFERENCES}
     trace = _trace(job["tasks"], job["cv"], job["popularity"], job["requests"]).scaled(job["rate"])
-    policy = make_variant(variants[job["policy"]], _context["cost"], _context["shape"], _context["history"])
+    policy = make_variant(variants[job["policy"]], _context["cost"], _context["shape"], _context["history"], trace,
+                          _context["prompts"])
     started = time.perf_counter()
     result = simulate(trace, policy, _context["cost"], _context["shape"], _context["prompts"])
     summary = summarize(result.requests, result.steps, warmup_fraction=0.05, service_gap=result.service_gap)
@@ -76,13 +80,13 @@ def _run(job: dict) -> dict:
     return {**job, "wall_s": time.perf_counter() - started, "simulated_s": summary["makespan_s"], **summary}
 
 
-def _pool(workers: int, suite_lengths: str | None):
+def _pool(workers: int, suite_lengths: str | None, slots: int):
     import multiprocessing
 
     if workers <= 1:
-        _load_context(suite_lengths)
+        _load_context(suite_lengths, slots)
         return None
-    return multiprocessing.get_context("fork").Pool(workers, initializer=_load_context, initargs=(suite_lengths,))
+    return multiprocessing.get_context("fork").Pool(workers, initializer=_load_context, initargs=(suite_lengths, slots))
 
 
 def _map(pool, jobs: list[dict], desc: str) -> list[dict]:
@@ -94,21 +98,33 @@ def _map(pool, jobs: list[dict], desc: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=1500, help="requests per run")
+    parser.add_argument("--requests", type=int, default=1200, help="requests per run")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="one configuration, few requests (a smoke run)")
     parser.add_argument("--long-run-s", type=float, default=3600.0, help="simulated seconds of the long run")
     parser.add_argument("--suite-lengths", default=None, help="suite lengths JSONL (default: the committed one)")
+    parser.add_argument("--slots", default=",".join(map(str, SLOT_COUNTS)),
+                        help="adapter slots of the simulated server, one sweep per count (comma-separated)")
     parser.add_argument("--render", action="store_true", help="rewrite the report and plots from sched_sim.json")
     args = parser.parse_args(argv)
-    if args.render:
-        from sched_report import plot_sweep, write_sim_markdown
+    reports = {}
+    for slots in (int(x) for x in args.slots.split(",")):
+        suffix = ("_quick" if args.quick else "") + ("" if slots == SLOTS else f"_slots{slots}")
+        reports[slots] = _render(suffix) if args.render else _sweep(args, slots, suffix)
+    return reports
 
-        report = json.loads((RESULTS / "sched_sim.json").read_text())
-        write_sim_markdown(report, RESULTS / "sched_sim.md")
-        plot_sweep(report, RESULTS / "sched_sim")
-        return report
-    from inlaid.scheduling.experiment import ABLATIONS, MAIN_VARIANTS, prefill_weight
+
+def _render(suffix: str) -> dict:
+    from sched_report import plot_sweep, write_sim_markdown
+
+    report = json.loads((RESULTS / f"sched_sim{suffix}.json").read_text())
+    write_sim_markdown(report, RESULTS / f"sched_sim{suffix}.md")
+    plot_sweep(report, RESULTS / f"sched_sim{suffix}")
+    return report
+
+
+def _sweep(args: argparse.Namespace, slots: int, suffix: str) -> dict:
+    from inlaid.scheduling.experiment import ABLATIONS, MAIN_VARIANTS, ORACLE_REFERENCES, ORACLES, prefill_weight
     from inlaid.scheduling.srtf import InlaidOptions
 
     configs = [(t, cv, p) for t in TASK_COUNTS for cv in CVS for p in POPULARITIES]
@@ -117,9 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         configs, requests = [(100, 4.0, "zipf")], 300
     load_before = os.getloadavg()
     started = time.perf_counter()
-    pool = _pool(args.workers, args.suite_lengths)
-    if pool is None and not _context:
-        _load_context(args.suite_lengths)
+    pool = _pool(args.workers, args.suite_lengths, slots)
     try:
         # Saturation: FIFO's throughput with every request queued almost at once.
         capacity_jobs = [dict(tasks=t, cv=cv, popularity=p, requests=requests, rate=1000.0, policy="fifo", load=math.inf)
@@ -130,6 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
                      policy=v.label) for t, cv, p in configs for load in LOADS for v in MAIN_VARIANTS]
         jobs += [dict(tasks=t, cv=cv, popularity=p, requests=requests, rate=0.9 * capacity[(t, cv, p)], load=0.9,
                       policy=v.label) for t, cv, p in configs for v in ABLATIONS]
+        jobs += [dict(tasks=t, cv=cv, popularity=p, requests=requests, rate=load * capacity[(t, cv, p)], load=load,
+                      policy=v.label) for t, cv, p in configs for load in HEADLINE_LOADS for v in ORACLES + ORACLE_REFERENCES]
         runs = _map(pool, jobs, "simulate")
         long_config = (1000, 4.0, "zipf")
         long_rate = 0.8 * capacity.get(long_config, next(iter(capacity.values())))
@@ -141,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
             pool.close()
             pool.join()
     if pool is not None:
-        _load_context(args.suite_lengths)  # for the report's settings
+        _load_context(args.suite_lengths, slots)  # for the report's settings
     report = {
         "machine_loadavg_before": load_before, "machine_loadavg_after": os.getloadavg(),
         "wall_s": time.perf_counter() - started, "requests_per_run": requests, "slo_scale": SLO_SCALE,
@@ -149,9 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
         "engine_shape": asdict(_context["shape"]), "cost_model": _context["cost"].description,
         "capacity_rps": {f"{t}/{cv:g}/{p}": c for (t, cv, p), c in capacity.items()},
         "runs": runs, "long_runs": long_runs, "ablations": [v.label for v in ABLATIONS],
+        "oracles": [v.label for v in ORACLES], "oracle_references": [v.label for v in ORACLE_REFERENCES],
         "variants": [v.label for v in MAIN_VARIANTS],
     }
-    suffix = "_quick" if args.quick else ""
     (RESULTS / f"sched_sim{suffix}.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     from sched_report import plot_sweep, write_sim_markdown
 

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 DEFAULT_BITS = 18
+TASK_COLUMNS = 3  # the first columns of a row are the task's own (indicator, log length, length)
 _BASE = 0x9E3779B1  # odd multipliers spread consecutive token ids over the table
 _SECOND = 0x85EBCA77
 
@@ -64,6 +65,11 @@ class FeatureHasher:
         index = np.concatenate([np.asarray(dense_index, dtype=np.int64), ngram_index]).astype(np.int32)
         value = np.concatenate([np.asarray(dense_value, dtype=np.float32), ngram_value])
         return index, value
+
+    @staticmethod
+    def shared_part(index: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The row without its task's own columns: what it says about a task never seen."""
+        return index[TASK_COLUMNS:], value[TASK_COLUMNS:]
 
     def matrix(self, rows: Sequence[tuple[np.ndarray, np.ndarray]]):  # -> scipy.sparse.csr_matrix
         from scipy.sparse import csr_matrix

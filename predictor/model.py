@@ -86,6 +86,10 @@ class LengthPredictor:
         # (coefficients float64 [2**bits], intercept); None until fitted. One attribute, so a
         # refit on another thread swaps both at once.
         self.weights: tuple[np.ndarray, float] | None = None
+        # The same regression without the task columns, for tasks never observed (a new
+        # adapter): the task columns absorb each task's level, so the full model's shared
+        # part alone predicts an unseen task badly. None until fitted; refits only.
+        self.shared_weights: tuple[np.ndarray, float] | None = None
         self._squared_gradients: np.ndarray | None = None  # AdaGrad's per-column sums
         self.fallback = TaskMeanPredictor(prior_tokens)  # until the first fit
 
@@ -108,7 +112,13 @@ class LengthPredictor:
     def fit_features(self, rows: Sequence[tuple[np.ndarray, np.ndarray]], targets: Sequence[float]) -> None:
         """Fit on already-hashed rows."""
         if rows:
-            self.set_weights(self.solve(rows, targets))
+            self.set_weights(*self.solve_both(rows, targets))
+
+    def solve_both(self, rows: Sequence[tuple[np.ndarray, np.ndarray]], targets: Sequence[float]
+                   ) -> tuple[tuple[np.ndarray, float], tuple[np.ndarray, float]]:
+        """The full and the shared (task columns left out) ridge solutions (any thread)."""
+        shared_rows = [self.hasher.shared_part(index, value) for index, value in rows]
+        return self.solve(rows, targets), self.solve(shared_rows, targets)
 
     def solve(self, rows: Sequence[tuple[np.ndarray, np.ndarray]], targets: Sequence[float]) -> tuple[np.ndarray, float]:
         """The ridge solution on hashed rows, without touching this model (any thread)."""
@@ -120,8 +130,10 @@ class LengthPredictor:
         model.fit(matrix, target)
         return np.asarray(model.coef_, dtype=np.float64), float(model.intercept_)
 
-    def set_weights(self, weights: tuple[np.ndarray, float]) -> None:
-        """Replace the model in one assignment: readers see the old or the new one, never a mix."""
+    def set_weights(self, weights: tuple[np.ndarray, float], shared: tuple[np.ndarray, float] | None = None) -> None:
+        """Replace the model: readers see the old or the new full model, never a mix (the
+        shared one only answers for unseen tasks, so a step between the two is harmless)."""
+        self.shared_weights = shared
         self.weights = weights
         self._squared_gradients = None
 
@@ -129,8 +141,12 @@ class LengthPredictor:
         weights = self.weights
         if weights is None:
             return self.fallback.predict(task, prompt_token_ids)
-        coef, intercept = weights
         index, value = self.features(task, prompt_token_ids)
+        shared = self.shared_weights
+        if shared is not None and _task_key(task) not in self.fallback.counts:
+            weights = shared
+            index, value = self.hasher.shared_part(index, value)
+        coef, intercept = weights
         # A length is a whole number of tokens, at least one (the end-of-turn token).
         return float(max(1, round(float(np.expm1(intercept + float(np.dot(coef[index], value)))))))
 
@@ -165,6 +181,11 @@ class LengthPredictor:
             nonzero = np.flatnonzero(weights[0])
             state["coef_index"] = nonzero.astype(np.int64)
             state["coef_value"] = weights[0][nonzero]
+        shared = self.shared_weights
+        if shared is not None:
+            nonzero = np.flatnonzero(shared[0])
+            state["shared_index"] = nonzero.astype(np.int64)
+            state["shared_value"] = np.concatenate([shared[0][nonzero], [shared[1]]])
         return state
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
@@ -176,3 +197,8 @@ class LengthPredictor:
             coef = np.zeros(self.hasher.size, dtype=np.float64)
             coef[state["coef_index"]] = state["coef_value"]
             self.weights = (coef, intercept)
+        self.shared_weights = None
+        if "shared_index" in state:  # states saved before the shared model have none
+            shared = np.zeros(self.hasher.size, dtype=np.float64)
+            shared[state["shared_index"]] = state["shared_value"][:-1]
+            self.shared_weights = (shared, float(state["shared_value"][-1]))

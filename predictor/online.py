@@ -105,11 +105,11 @@ class OnlineLengthPredictor:
             self._thread.start()
 
     def _fit(self, rows: list[_Row]) -> None:
-        weights = self.model.solve([(index, value) for index, value, _ in rows], [y for _, _, y in rows])
+        weights = self.model.solve_both([(index, value) for index, value, _ in rows], [y for _, _, y in rows])
         # Swapped under the lock, so no online step writes into a replaced model. Steps made
         # since the snapshot are superseded; their requests are in the next refit.
         with self._lock:
-            self.model.set_weights(weights)
+            self.model.set_weights(*weights)
             self.fits += 1
         if self.state_path is not None:
             self.save(self.state_path)

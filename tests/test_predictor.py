@@ -64,6 +64,19 @@ def _synthetic(n: int, seed: int) -> list[LengthSample]:
     return samples
 
 
+def test_a_task_never_seen_is_predicted_from_its_prompt_not_the_global_mean(suite_samples):
+    """A new adapter (1,000 tasks: most requests are of a task seen never or once): the
+    model without task columns predicts from the instruction and the prompt, far closer
+    than the overall mean the per-task baseline falls back to."""
+    train, test = suite_samples["calib"], suite_samples["eval"]
+    model = LengthPredictor().fit(train)
+    baseline = TaskMeanPredictor().fit(train)
+    truth = np.asarray([s.output_tokens for s in test], dtype=float)
+    unseen = np.asarray([model.predict("new-" + s.task, s.prompt_token_ids) for s in test])
+    overall = np.asarray([baseline.predict("new-" + s.task) for s in test])
+    assert np.mean(np.abs(unseen - truth)) < 0.5 * np.mean(np.abs(overall - truth))
+
+
 def test_online_predictor_learns_with_bounded_memory_and_saves_its_state(tmp_path):
     samples = _synthetic(900, seed=0)
     held_out = _synthetic(200, seed=1)
@@ -82,6 +95,8 @@ def test_online_predictor_learns_with_bounded_memory_and_saves_its_state(tmp_pat
     restored = OnlineLengthPredictor.load(tmp_path / "predictor.npz")
     assert restored.size == online.size
     assert [restored.predict(s.task, s.prompt_token_ids) for s in held_out] == list(learned)
+    unseen = [restored.predict("new-" + s.task, s.prompt_token_ids) for s in held_out]  # the shared model's
+    assert unseen == [online.predict("new-" + s.task, s.prompt_token_ids) for s in held_out]
     restored.observe("t0", [1, 2, 3], 7)  # keeps learning after a restart
     assert restored.size == 301
 

@@ -12,7 +12,9 @@ plans each sequence while the step's limits allow:
   sequence below it (its blocks are freed, it is recomputed later); a waiting sequence is
   admitted if its first chunk fits, after preempting running sequences ranked below it.
 
-A running sequence the walk does not reach keeps its KV blocks and waits (paused). A
+A policy may let only a prefix of its ranking compute (`plannable`: a fairness bound
+holding tasks back); the rest is ranked for preemption only. A running sequence the walk
+does not reach keeps its KV blocks and waits (paused). A
 waiting sequence refused for memory, or an overdue one (`policy.is_overdue`) refused for
 any limit, closes admission for this step, so nothing ranked below overtakes it: every
 request eventually runs. The default policy (FIFO: running sequences in admission order,
@@ -46,6 +48,10 @@ class SchedulingPolicy:
     # Prompt tokens (prefill chunks) one step may compute, below the engine's token budget:
     # shorter steps for the decoding sequences (stall-free chunked prefill).
     max_prefill_tokens_per_step: int | None = None
+    # Only the first `plannable` entries of the last `order` may compute this step; the rest
+    # are ranked only to choose preemption victims (a fairness bound holds them back, set in
+    # `order`). None: all of them.
+    plannable: int | None = None
 
     def attach(self, scheduler: "Scheduler") -> None:
         """Called once by the scheduler that uses this policy."""
@@ -174,7 +180,8 @@ class Scheduler:
         order = self.policy.order(list(self.running), list(self.waiting), now)
         rank = {id(seq): position for position, seq in enumerate(order)}
         planned_ids: set[int] = set()
-        for seq in order:
+        plannable = order if self.policy.plannable is None else order[: self.policy.plannable]
+        for seq in plannable:
             if len(step.chunks) >= self.limits.max_num_seqs or step.budget == 0:
                 break
             if seq.status is SequenceStatus.RUNNING:

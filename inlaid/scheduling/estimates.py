@@ -37,3 +37,17 @@ def learn_on_finish(model: LengthModel, seq: Sequence) -> None:
     """Only complete outputs teach the model: a cancelled request's length is unknown."""
     if seq.finish_reason in (FinishReason.STOP, FinishReason.LENGTH) and seq.num_generated > 0:
         model.observe(seq.adapter, seq.prompt_token_ids, seq.num_generated)
+
+
+class ExactLengths:
+    """The clairvoyant length model of the simulator's oracle: every request's true output
+    length, by (task, prompt). Greedy decoding makes it a function of both."""
+
+    def __init__(self, lengths: dict[tuple[str | None, tuple[int, ...]], int]) -> None:
+        self.lengths = lengths
+
+    def predict(self, task: str | None, prompt_token_ids: SequenceType[int]) -> float:
+        return float(self.lengths[(task, tuple(prompt_token_ids))])
+
+    def observe(self, task: str | None, prompt_token_ids: SequenceType[int], output_tokens: int) -> None:
+        """It knows everything already."""

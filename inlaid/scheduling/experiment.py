@@ -10,7 +10,9 @@ from typing import Any
 from inlaid.engine.scheduler import SchedulingPolicy
 from inlaid.scheduling.cost_model import ChunkShape, StepCostModel, StepFeatures
 from inlaid.scheduling.registry import make_policy
-from inlaid.scheduling.simulator import EngineShape
+from inlaid.scheduling.estimates import ExactLengths
+from inlaid.scheduling.simulator import EngineShape, synthetic_prompt
+from inlaid.scheduling.traces import Trace
 from inlaid.scheduling.suite import SuiteRecord
 
 
@@ -20,7 +22,7 @@ class PolicyVariant:
     label: str
     policy: str
     options: dict[str, Any] = field(default_factory=dict)
-    length_model: str = "model"  # model | task-mean (inlaid only)
+    length_model: str = "model"  # model | task-mean | exact (the clairvoyant oracle; inlaid only)
 
 
 MAIN_VARIANTS = [
@@ -28,11 +30,25 @@ MAIN_VARIANTS = [
     PolicyVariant("mlfq", "mlfq"),
     PolicyVariant("vtc", "vtc"),
     PolicyVariant("inlaid", "inlaid"),
-    PolicyVariant("inlaid+fair", "inlaid", {"fairness_bound": 2000.0}),
+    PolicyVariant("inlaid+fair", "inlaid", {"fairness_bound": 500.0}),
 ]
+# The clairvoyant oracle: exact output lengths, shortest remaining work first with adapter
+# grouping, no starvation guard (aging and first-token-first cost mean JCT), at several
+# fixed β and several per-step row targets (β = 8 at most); the best of them is the bound
+# the sweep reports. "inlaid exact" is inlaid with its guards and perfect predictions: the
+# gap from inlaid to it is the predictor's, from it to the oracle the guards'.
+_CLAIRVOYANT = {"max_wait_s": 1e9, "first_token_first": False}
+ORACLES = [PolicyVariant(f"oracle beta={beta or 'inf'}", "inlaid",
+                         {**_CLAIRVOYANT, "max_adapters_per_step": beta, "batch_rows_target": 0}, "exact")
+           for beta in (2, 4, 8, 0)]
+ORACLES += [PolicyVariant(f"oracle rows={rows}", "inlaid", {**_CLAIRVOYANT, "batch_rows_target": rows}, "exact")
+            for rows in (8, 16, 32)]
+ORACLE_REFERENCES = [PolicyVariant("inlaid exact", "inlaid", length_model="exact")]
 ABLATIONS = [
     PolicyVariant("inlaid -prediction (task mean)", "inlaid", length_model="task-mean"),
-    PolicyVariant("inlaid -grouping (beta=inf)", "inlaid", {"max_adapters_per_step": 0, "group_by_adapter": False}),
+    PolicyVariant("inlaid -grouping (beta=inf)", "inlaid",
+                  {"max_adapters_per_step": 0, "group_by_adapter": False, "batch_rows_target": 0}),
+    PolicyVariant("inlaid -adaptive beta (fixed 8)", "inlaid", {"batch_rows_target": 0}),
     PolicyVariant("inlaid -aging", "inlaid", {"max_wait_s": 1e9}),
     PolicyVariant("inlaid -first-token-first", "inlaid", {"first_token_first": False}),
 ]
@@ -59,13 +75,21 @@ def variant_options(variant: PolicyVariant, cost: StepCostModel, shape: EngineSh
 
 
 def make_variant(variant: PolicyVariant, cost: StepCostModel, shape: EngineShape,
-                 history: Sequence[tuple[str, list[int], int]] = ()) -> SchedulingPolicy:
+                 history: Sequence[tuple[str, list[int], int]] = (), trace: Trace | None = None,
+                 prompts: Mapping[str, list[int]] | None = None) -> SchedulingPolicy:
     """The variant's policy; `history` (task, prompt ids, output tokens) is what its length
-    model learned before the run (the predictor's saved state, in a server)."""
+    model learned before the run (the predictor's saved state, in a server); the oracle
+    reads the true lengths from `trace` (its prompts from `prompts`, as the simulator)."""
     options = variant_options(variant, cost, shape)
     if variant.policy != "inlaid":
         return make_policy(variant.policy, options)
-    model = length_model(variant.length_model, history, options.get("predictor_refit_every", 0))
+    if variant.length_model == "exact":
+        if trace is None:
+            raise ValueError("the oracle needs the trace it will be run on")
+        model: Any = ExactLengths({(r.task, tuple((prompts or {}).get(r.source) or synthetic_prompt(r))): r.output_tokens
+                                   for r in trace.requests})
+    else:
+        model = length_model(variant.length_model, history, options.get("predictor_refit_every", 0))
     return make_policy("inlaid", options, length_model=model)
 
 

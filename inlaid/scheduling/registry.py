@@ -71,6 +71,8 @@ def make_policy(name: str, raw_options: Mapping[str, Any] | None = None, *,
 def build_length_model(options: InlaidOptions) -> LengthModel:
     from inlaid.predictor import OnlineLengthPredictor, TaskMeanPredictor
 
+    if options.predictor == "exact":
+        raise ValueError("predictor 'exact' is the simulator's clairvoyant oracle: a server cannot know output lengths")
     if options.predictor == "task-mean":
         return TaskMeanPredictor()
     path = options.predictor_state or None

@@ -55,6 +55,12 @@ class ServiceCounters:
             task = task_key(seq)
             self.counters[task] = self.counter(task) + self.input_weight * seq.num_prompt_tokens
 
+    def step_charge(self, seq: Sequence) -> float:
+        """At most what one step computing `seq` adds to its task's counter: its prompt if
+        not charged yet, and one output token."""
+        prompt = 0.0 if seq.seq_id in self._charged_ids else self.input_weight * seq.num_prompt_tokens
+        return prompt + self.output_weight
+
     def charge_token(self, seq: Sequence) -> None:
         task = task_key(seq)
         self.counters[task] = self.counter(task) + self.output_weight

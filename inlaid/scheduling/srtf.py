@@ -7,11 +7,9 @@ and β on it; a running request it does not reach keeps its KV blocks, paused):
 1. overdue requests, oldest first: no progress for `max_wait_s` (never scheduled, or
    paused that long). Once overdue, a request stays first until it finishes, and nothing
    ranked below an overdue request is admitted before it: no request starves;
-2. with `fairness_bound` > 0, the requests of tasks served more than the bound beyond the
-   least-served backlogged task (VTC counters: input + 2 x output tokens) go last;
-3. new requests, in arrival order (`first_token_first`): a prefill is cheap next to the
+2. new requests, in arrival order (`first_token_first`): a prefill is cheap next to the
    decode steps it is waiting behind, and a first token early is what a user sees;
-4. the rest (decodes, and preempted requests) by key: predicted remaining output tokens
+3. the rest (decodes, and preempted requests) by key: predicted remaining output tokens
    + `prefill_weight` x prompt tokens still to compute - `aging_tokens_per_s` x seconds
    without progress - a bonus for an adapter computed in the last step or resident in a
    slot. With `group_by_adapter`, adapters are ranked by the summed urgency (1 / key) of
@@ -22,8 +20,17 @@ and β on it; a running request it does not reach keeps its KV blocks, paused):
 
 At most β = `max_adapters_per_step` distinct adapters per step (base-model rows never
 count): a LoRA segment costs the CPU executor ~18 ms per step whatever its size
-(`bench/results/sched_cost.md`). An adapter past the β-th is never refused forever: its
+(`bench/results/sched_cost.md`). With `batch_rows_target` = R, each step takes only as
+many adapters (at most β) as the ranking needs to fill R rows: two adapters with deep
+queues make a step of two fuller segments, while with 1,000 tasks, one request each, the
+step still takes β. An adapter past the β-th is never refused forever: its
 request becomes overdue, ranks first, and its adapter enters the next step.
+
+With `fairness_bound` = B > 0 fairness comes before all of that: a request that would take
+its task more than B beyond the least-served backlogged task (VTC counters: input + 2 x
+output tokens) does not compute this step (`_within_fairness_bound`), overdue or not. The
+gap between backlogged tasks stays within B + one request's charge; the aging bound then
+holds only for the tasks within B (a task ahead waits until the others catch up).
 """
 
 from __future__ import annotations
@@ -59,17 +66,20 @@ class InlaidOptions:
     predictor: str = "model"  # model (hashed ridge, learns online) | task-mean (the ablation)
     predictor_state: str = ""  # .npz the predictor loads at start and saves on close ("" = none)
     predictor_refit_every: int = 64  # finished requests between full refits (0: online steps only)
+    batch_rows_target: int = 16  # > 0: per step, only as many adapters (<= β) as the ranking needs to fill this many rows
 
     def validate(self) -> None:
         if self.max_adapters_per_step < 0:
             raise ValueError("max_adapters_per_step must be >= 0 (0 = no bound)")
+        if self.batch_rows_target < 0:
+            raise ValueError("batch_rows_target must be >= 0 (0 = always β adapters)")
         for name in ("max_wait_s", "aging_tokens_per_s", "prefill_weight", "fairness_bound", "first_token_after_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.max_wait_s == 0:
             raise ValueError("max_wait_s must be > 0")
-        if self.predictor not in ("model", "task-mean"):
-            raise ValueError(f"predictor must be 'model' or 'task-mean', got {self.predictor!r}")
+        if self.predictor not in ("model", "task-mean", "exact"):
+            raise ValueError(f"predictor must be 'model' or 'task-mean' ('exact': the simulator's oracle), got {self.predictor!r}")
         if self.predictor_refit_every < 0:
             raise ValueError("predictor_refit_every must be >= 0 (0 = online steps only)")
         if self.max_prefill_tokens_per_step < 0:
@@ -98,14 +108,11 @@ class InlaidPolicy(SchedulingPolicy):
 
     # ------------------------------------------------------------------ ranking
     def order(self, running: list[Sequence], waiting: list[Sequence], now: float) -> list[Sequence]:
-        ahead = self._tasks_ahead() if self.service is not None else set()
-        overdue, fresh, ongoing, rest, held_back = [], [], [], [], []
+        overdue, fresh, ongoing, rest = [], [], [], []
         for seq in running + waiting:
             if seq.seq_id in self._overdue or self._waited(seq, now) >= self.options.max_wait_s:
                 self._overdue.add(seq.seq_id)
                 overdue.append(seq)  # a waiting request, or a running one paused that long
-            elif ahead and task_key(seq) in ahead:
-                held_back.append(seq)
             elif (self.options.first_token_first and seq.first_scheduled_at is None
                   and now - seq.arrival_time >= self.options.first_token_after_s):
                 fresh.append(seq)
@@ -116,10 +123,59 @@ class InlaidPolicy(SchedulingPolicy):
         overdue.sort(key=lambda s: (s.arrival_time, s.seq_id))
         fresh.sort(key=lambda s: (s.arrival_time, s.seq_id))
         ongoing.sort(key=remaining_tokens)
-        keys = {id(s): self._key(s, now) for s in rest + held_back}
-        rest = self._ranked(rest, keys)
-        held_back = self._ranked(held_back, keys)
-        return overdue + fresh + ongoing + rest + held_back
+        keys = {id(s): self._key(s, now) for s in rest}
+        ranked = overdue + fresh + ongoing + self._ranked(rest, keys)
+        self.plannable = None
+        if self.service is not None:
+            ranked, self.plannable = self._within_fairness_bound(ranked)
+        if self.options.batch_rows_target:
+            self.max_adapters_per_step = self._adapters_to_fill(ranked[: self.plannable])
+        return ranked
+
+    def _adapters_to_fill(self, ranked: list[Sequence]) -> int | None:
+        """The fewest adapters whose requests, in ranking order, fill `batch_rows_target`
+        rows (base rows count as rows, not adapters), at most β: fewer, fuller LoRA
+        segments when a few adapters have the queue, β when every adapter brings a row."""
+        beta = self.options.max_adapters_per_step or None
+        adapters: set[str] = set()
+        rows = 0
+        for seq in ranked:
+            if seq.adapter is not None and seq.adapter not in adapters:
+                if beta is not None and len(adapters) >= beta:
+                    break
+                adapters.add(seq.adapter)
+            rows += 1
+            if rows >= self.options.batch_rows_target:
+                break
+        return max(1, len(adapters)) if adapters else beta
+
+    def _within_fairness_bound(self, ranked: list[Sequence]) -> tuple[list[Sequence], int]:
+        """The ranking with every request that would take its task more than
+        `fairness_bound` beyond the least-served backlogged task moved last, and the number
+        of requests before them (the scheduler plans none of the rest this step).
+
+        Walking the ranking, each request is charged tentatively what this step would add
+        to its task's counter (its prompt when first admitted, one output token), so a task
+        ends the step at most one request's charge past the bound: the gap between two
+        backlogged tasks stays within `fairness_bound` + the largest prompt + one output
+        token. The least-served task is never held back, so every step computes."""
+        assert self.service is not None
+        service = self.service
+        backlogged = service.backlogged()
+        if len(backlogged) < 2:
+            return ranked, len(ranked)
+        floor = min(service.counter(t) for t in backlogged)
+        tentative: dict[str, float] = {}
+        kept, held = [], []
+        for seq in ranked:
+            task = task_key(seq)
+            counter = tentative.get(task, service.counter(task))
+            if counter - floor > self.options.fairness_bound:
+                held.append(seq)
+                continue
+            kept.append(seq)
+            tentative[task] = counter + service.step_charge(seq)
+        return kept + held, len(kept)
 
     def _ranked(self, seqs: list[Sequence], keys: dict[int, float]) -> list[Sequence]:
         seqs.sort(key=lambda s: keys[id(s)])
@@ -153,16 +209,6 @@ class InlaidPolicy(SchedulingPolicy):
             elif self._scheduler.adapters.slot_of(seq.adapter) is not None:
                 key -= options.resident_bonus_tokens
         return key
-
-    def _tasks_ahead(self) -> set[str]:
-        """Backlogged tasks served more than `fairness_bound` beyond the least-served
-        backlogged task: their requests go last until the others catch up."""
-        assert self.service is not None
-        counters = {t: self.service.counter(t) for t in self.service.backlogged()}
-        if len(counters) < 2:
-            return set()
-        floor = min(counters.values())
-        return {t for t, c in counters.items() if c - floor > self.options.fairness_bound}
 
     def is_overdue(self, seq: Sequence, now: float) -> bool:
         return seq.seq_id in self._overdue or self._waited(seq, now) >= self.options.max_wait_s
