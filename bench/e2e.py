@@ -89,6 +89,11 @@ class E2eSettings:
     cv: float = 1.0
     perturbation: float = 0.05  # replicated adapters: each weight times (1 + this x N(0, 1))
     seed: int = 0
+    num_kv_blocks: int = 512  # Inlaid's KV cache (x 16 tokens): room for every batch here, 1/4 of the default's memory
+    # Quick runs on a machine without the suite's 4-bit base cached (a clean CI) quantize a
+    # cheap one instead (2 calibration samples of 64 tokens a task, seconds) rather than the
+    # real one (minutes); the report names the base it served.
+    cheap_base_if_uncached: bool = False
 
     @property
     def dtype(self) -> str:
@@ -100,7 +105,7 @@ class E2eSettings:
 
 
 QUICK = E2eSettings(task_counts=(9,), popularities=("zipf",), rates=2, low_load=2.0, duration_s=4.0, min_requests=4,
-                    requests=5, calibration_requests=3, max_tokens=8)
+                    requests=5, calibration_requests=3, max_tokens=8, cheap_base_if_uncached=True)
 
 
 # ---------------------------------------------------------------------------------- workload
@@ -160,7 +165,7 @@ def server_config(system: System, settings: E2eSettings, tasks: dict[str, Path],
         return config
     from inlaid.engine.adapter_config import read_adapter_spec
 
-    executor.update(max_lora_slots=min(settings.max_lora_slots, len(tasks)),
+    executor.update(max_lora_slots=min(settings.max_lora_slots, len(tasks)), num_kv_blocks=settings.num_kv_blocks,
                     max_lora_rank=max(read_adapter_spec(n, p).rank for n, p in tasks.items()))
     if system.quantized:
         model["quantized_dir"] = str(quantized_dir)
@@ -172,6 +177,15 @@ def server_config(system: System, settings: E2eSettings, tasks: dict[str, Path],
         scheduler["predictor_state"] = str(state)
     config["scheduler"] = scheduler
     return config
+
+
+def quantized_base(settings: E2eSettings) -> Path:
+    """The MLGPTQ 4-bit base of the suite's nine tasks (inlaid.quant.suite, cached)."""
+    from inlaid.quant.suite import ensure_suite_checkpoint, is_complete, plan_suite
+
+    if settings.cheap_base_if_uncached and not is_complete(plan_suite().out_dir):
+        return ensure_suite_checkpoint(calib_samples=2, max_tokens=64, save_hessian_state=False, progress=False)
+    return ensure_suite_checkpoint()
 
 
 def seeded_predictor_state(path: Path, prompts: dict[str, list[int]]) -> Path:
@@ -204,7 +218,8 @@ def server_counts(server) -> dict[str, int]:  # noqa: ANN001
     with server.client(timeout_s=30) as client:
         stats = client.stats()
     return {"received": stats.requests_received, "finished": stats.requests_finished, "failed": stats.requests_failed,
-            "tokens_generated": stats.tokens_generated, "rss_bytes": stats.executor_rss_bytes}
+            "tokens_generated": stats.tokens_generated, "rss_bytes": stats.executor_rss_bytes,
+            "executor_restarts": stats.executor_restarts}
 
 
 def steps_between(steps: list[dict], started: float, ended: float):  # noqa: ANN201
@@ -237,7 +252,6 @@ def run(settings: E2eSettings, out: Path) -> dict[str, Any]:
     from tqdm import tqdm
 
     from inlaid.models.prepare import default_model_dir
-    from inlaid.quant.suite import ensure_suite_checkpoint
     from inlaid.scheduling.metrics import summarize
     from inlaid.scheduling.suite import suite_prompts
     from inlaid.serve.launcher import ServerProcess
@@ -247,7 +261,7 @@ def run(settings: E2eSettings, out: Path) -> dict[str, Any]:
     started = time.perf_counter()
     systems = [s for s in SYSTEMS if s.label in settings.systems]
     model_dir = default_model_dir()
-    quantized_dir = ensure_suite_checkpoint() if any(s.quantized for s in systems) else None
+    quantized_dir = quantized_base(settings) if any(s.quantized for s in systems) else None
     prompts = suite_prompts(model_dir)
     workdir = Path(tempfile.mkdtemp(prefix="inlaid-e2e-"))
     predictor_state = seeded_predictor_state(workdir / "predictor-calib.npz", prompts)
@@ -276,9 +290,10 @@ def run(settings: E2eSettings, out: Path) -> dict[str, Any]:
                     serverdir = logs / system.label
                     serverdir.mkdir()
                     servers[system.label] = ServerProcess(config, serverdir, command=command)
-                for server in servers.values():
-                    server.wait_ready(timeout_s=900)
-                startup_s = time.perf_counter() - starting
+                ready_s = {}
+                for label, server in servers.items():
+                    server.wait_ready(timeout_s=1200)
+                    ready_s[label] = time.perf_counter() - starting
                 bursts = _calibrate(settings, num_tasks, servers, prompts)
                 calibration = {one.system: summarize(one.records)["throughput_rps"] for one in bursts}
                 low, high = settings.low_load * calibration["hf-peft"], settings.high_load * max(calibration.values())
@@ -300,7 +315,7 @@ def run(settings: E2eSettings, out: Path) -> dict[str, Any]:
             finally:
                 for server in servers.values():
                     server.terminate()
-            report["servers"][str(num_tasks)] = {"counts": counts, "calibration_rps": calibration, "startup_s": startup_s,
+            report["servers"][str(num_tasks)] = {"counts": counts, "calibration_rps": calibration, "ready_s": ready_s,
                                                  "rates": rates}
             report["workloads"] += summaries(num_tasks, replays, logs)
             phases = [("calibration", "uniform", -1, None, one) for one in bursts]
