@@ -36,7 +36,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -44,12 +43,12 @@ from typing import Any
 import numpy as np
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))  # e2e_analysis, e2e_report beside this file (bench/ is no package)
+from e2e_analysis import LATENCY_SLOS_S, agreement, computed_memory, headline, summaries  # noqa: E402
 ROOT = BENCH.parent
 ADAPTERS = ROOT / "adapters"
 BASELINE_SERVER = BENCH / "baselines" / "hf_peft_server.py"
 RESULTS = BENCH / "results" / "e2e"
-LATENCY_SLOS_S = (5.0, 10.0, 20.0, 40.0)  # "answered within S seconds"
-HEADLINE = ("inlaid-4bit-inlaid", "hf-peft")
 
 
 @dataclass(frozen=True)
@@ -136,7 +135,7 @@ def make_trace(settings: E2eSettings, num_tasks: int, popularity: str, num_reque
     """A trace at 1 request/s (scaled to each rate) with the suite's eval requests."""
     from inlaid.engine.adapter_config import read_adapter_spec
     from inlaid.scheduling.suite import load_suite_lengths
-    from inlaid.scheduling.traces import Trace, TraceRequest, TraceSpec, generate_trace
+    from inlaid.scheduling.traces import Trace, TraceSpec, generate_trace
 
     ranks = {p.name: read_adapter_spec(p.name, p).rank for p in sorted(ADAPTERS.iterdir())
              if (p / "adapter_config.json").is_file()}
@@ -183,9 +182,10 @@ def quantized_base(settings: E2eSettings) -> Path:
     """The MLGPTQ 4-bit base of the suite's nine tasks (inlaid.quant.suite, cached)."""
     from inlaid.quant.suite import ensure_suite_checkpoint, is_complete, plan_suite
 
-    if settings.cheap_base_if_uncached and not is_complete(plan_suite().out_dir):
-        return ensure_suite_checkpoint(calib_samples=2, max_tokens=64, save_hessian_state=False, progress=False)
-    return ensure_suite_checkpoint()
+    if settings.cheap_base_if_uncached and not is_complete(plan_suite(adapters_dir=ADAPTERS).out_dir):
+        return ensure_suite_checkpoint(adapters_dir=ADAPTERS, calib_samples=2, max_tokens=64, save_hessian_state=False,
+                                       progress=False)
+    return ensure_suite_checkpoint(adapters_dir=ADAPTERS)  # this checkout's adapters, wherever the package lives
 
 
 def seeded_predictor_state(path: Path, prompts: dict[str, list[int]]) -> Path:
@@ -222,39 +222,21 @@ def server_counts(server) -> dict[str, int]:  # noqa: ANN001
             "executor_restarts": stats.executor_restarts}
 
 
-def steps_between(steps: list[dict], started: float, ended: float):  # noqa: ANN201
-    """The step log's steps planned during one replay, as metrics.StepRecords."""
-    from inlaid.scheduling.metrics import StepRecord
-
-    return [StepRecord(start_s=s["planned_at"], seconds=s["compute_s"], num_seqs=len(s["chunks"]),
-                       num_tokens=sum(c[0] for c in s["chunks"]), adapters=len({c[2] for c in s["chunks"] if c[2]}),
-                       loads=len(s["loads"]))
-            for s in steps if started <= s["planned_at"] <= ended]
-
-
-def baseline_batches(records: Sequence) -> list[list]:  # noqa: ANN001
-    """Requests the baseline ran in one `generate` call: the server scheduled them at the same
-    instant, so their admission times (client arrival + the server's queue time) agree to
-    within the loopback's jitter; batches start at least one forward pass apart."""
-    admitted = sorted((r for r in records if r.admitted_s is not None), key=lambda r: r.admitted_s)
-    batches: list[list] = []
-    for record in admitted:
-        if batches and record.admitted_s - batches[-1][-1].admitted_s < 0.02:
-            batches[-1].append(record)
-        else:
-            batches.append([record])
-    return batches
-
-
 # ---------------------------------------------------------------------------------- one run
 
-def run(settings: E2eSettings, out: Path) -> dict[str, Any]:
-    from tqdm import tqdm
+@dataclass(frozen=True)
+class Shared:
+    """What every task count's servers share."""
+    model_dir: Path
+    quantized_dir: Path | None
+    prompts: dict[str, list[int]]
+    predictor_state: Path
+    workdir: Path
 
+
+def run(settings: E2eSettings, out: Path) -> dict[str, Any]:
     from inlaid.models.prepare import default_model_dir
-    from inlaid.scheduling.metrics import summarize
     from inlaid.scheduling.suite import suite_prompts
-    from inlaid.serve.launcher import ServerProcess
 
     out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
@@ -264,69 +246,24 @@ def run(settings: E2eSettings, out: Path) -> dict[str, Any]:
     quantized_dir = quantized_base(settings) if any(s.quantized for s in systems) else None
     prompts = suite_prompts(model_dir)
     workdir = Path(tempfile.mkdtemp(prefix="inlaid-e2e-"))
-    predictor_state = seeded_predictor_state(workdir / "predictor-calib.npz", prompts)
     report: dict[str, Any] = {"settings": asdict(settings), "systems": {s.label: s.title for s in systems},
                               "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores" if settings.device == "cpu"
-                              else settings.device, "quantized_dir": str(quantized_dir), "latency_slos_s": LATENCY_SLOS_S,
-                              "workloads": [], "servers": {}}
+                              else settings.device, "quantized_dir": quantized_dir and str(quantized_dir),
+                              "latency_slos_s": LATENCY_SLOS_S, "workloads": [], "servers": {}}
     all_records: list[dict[str, Any]] = []
     try:
+        shared = Shared(model_dir, quantized_dir, prompts,
+                        seeded_predictor_state(workdir / "predictor-calib.npz", prompts), workdir)
         for num_tasks in settings.task_counts:
-            tasks_dir = workdir / f"tasks-{num_tasks}"
-            probe = make_trace(settings, num_tasks, "uniform", 1, settings.seed)
-            if num_tasks <= 9:
-                tasks = {name: ADAPTERS / name for name in probe.tasks}
-            else:
-                tasks = replicate_adapters({n: t.family for n, t in probe.tasks.items()}, tasks_dir,
-                                           settings.perturbation, settings.seed)
-            logs = workdir / str(num_tasks)  # step logs and predictor states of this task count's servers
-            logs.mkdir()
-            servers = {}
-            starting = time.perf_counter()
-            try:
-                for system in systems:  # started together, each waits idle for its turn
-                    config = server_config(system, settings, tasks, model_dir, quantized_dir, logs, predictor_state)
-                    command = [sys.executable, str(BASELINE_SERVER)] if system.baseline else None
-                    serverdir = logs / system.label
-                    serverdir.mkdir()
-                    servers[system.label] = ServerProcess(config, serverdir, command=command)
-                ready_s = {}
-                for label, server in servers.items():
-                    server.wait_ready(timeout_s=1200)
-                    ready_s[label] = time.perf_counter() - starting
-                bursts = _calibrate(settings, num_tasks, servers, prompts)
-                calibration = {one.system: summarize(one.records)["throughput_rps"] for one in bursts}
-                low, high = settings.low_load * calibration["hf-peft"], settings.high_load * max(calibration.values())
-                rates = [float(r) for r in np.geomspace(low, high, settings.rates)] if settings.rates > 1 else [high]
-                replays: list[tuple[str, int, float, Replay]] = []
-                bar = tqdm(total=len(settings.popularities) * len(rates) * len(systems), desc=f"e2e {num_tasks} tasks",
-                           unit="replay")
-                for popularity in settings.popularities:
-                    for index, rate in enumerate(rates):
-                        trace = make_trace(settings, num_tasks, popularity, settings.requests_at(rate),
-                                           settings.seed + 1 + index).scaled(rate)
-                        order = systems[index % len(systems):] + systems[:index % len(systems)]
-                        for system in order:
-                            replays.append((popularity, index, rate, replay(servers[system.label], trace, prompts,
-                                                                             system.label)))
-                            bar.update(1)
-                bar.close()
-                counts = {label: server_counts(server) for label, server in servers.items()}
-            finally:
-                for server in servers.values():
-                    server.terminate()
-            report["servers"][str(num_tasks)] = {"counts": counts, "calibration_rps": calibration, "ready_s": ready_s,
-                                                 "rates": rates}
-            report["workloads"] += summaries(num_tasks, replays, logs)
-            phases = [("calibration", "uniform", -1, None, one) for one in bursts]
-            for phase, popularity, index, rate, one in phases + [("sweep", *entry) for entry in replays]:
-                all_records += [{"phase": phase, "tasks": num_tasks, "popularity": popularity, "rate_index": index,
-                                 "rate": rate, "system": one.system, **asdict(r)} for r in one.records]
+            servers, rows, records = run_task_count(settings, num_tasks, systems, shared)
+            report["servers"][str(num_tasks)] = servers
+            report["workloads"] += rows
+            all_records += records
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     report["headline"] = headline(report)
     report["agreement"] = agreement(all_records)
-    report["memory_computed"] = _computed_memory()
+    report["memory_computed"] = computed_memory()
     report.update(machine_loadavg_before=load_before, machine_loadavg_after=os.getloadavg(),
                   wall_s=time.perf_counter() - started)
     (out / "e2e.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
@@ -338,102 +275,71 @@ def run(settings: E2eSettings, out: Path) -> dict[str, Any]:
     return report
 
 
+def run_task_count(settings: E2eSettings, num_tasks: int, systems: list[System], shared: Shared
+                   ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Start every system's server with `num_tasks` tasks, calibrate, sweep the rates; the
+    servers' counts, one summary row per replay, every request's record."""
+    from tqdm import tqdm
+
+    from inlaid.scheduling.metrics import summarize
+    from inlaid.serve.launcher import ServerProcess
+
+    probe = make_trace(settings, num_tasks, "uniform", 1, settings.seed)
+    if num_tasks <= 9:
+        tasks = {name: ADAPTERS / name for name in probe.tasks}
+    else:
+        tasks = replicate_adapters({n: t.family for n, t in probe.tasks.items()}, shared.workdir / f"tasks-{num_tasks}",
+                                   settings.perturbation, settings.seed)
+    logs = shared.workdir / str(num_tasks)  # step logs and predictor states of this task count's servers
+    logs.mkdir()
+    servers = {}
+    starting = time.perf_counter()
+    try:
+        for system in systems:  # started together, each waits idle for its turn
+            config = server_config(system, settings, tasks, shared.model_dir, shared.quantized_dir, logs,
+                                   shared.predictor_state)
+            command = [sys.executable, str(BASELINE_SERVER)] if system.baseline else None
+            (logs / system.label).mkdir()
+            servers[system.label] = ServerProcess(config, logs / system.label, command=command)
+        ready_s = {}
+        for label, server in servers.items():
+            server.wait_ready(timeout_s=1200)
+            ready_s[label] = time.perf_counter() - starting
+        bursts = _calibrate(settings, num_tasks, servers, shared.prompts)
+        calibration = {one.system: summarize(one.records)["throughput_rps"] for one in bursts}
+        low, high = settings.low_load * calibration["hf-peft"], settings.high_load * max(calibration.values())
+        rates = [float(r) for r in np.geomspace(low, high, settings.rates)] if settings.rates > 1 else [high]
+        replays: list[tuple[str, int, float, Replay]] = []
+        bar = tqdm(total=len(settings.popularities) * len(rates) * len(systems), desc=f"e2e {num_tasks} tasks",
+                   unit="replay")
+        for popularity in settings.popularities:
+            for index, rate in enumerate(rates):
+                trace = make_trace(settings, num_tasks, popularity, settings.requests_at(rate),
+                                   settings.seed + 1 + index).scaled(rate)
+                order = systems[index % len(systems):] + systems[:index % len(systems)]
+                for system in order:
+                    replays.append((popularity, index, rate, replay(servers[system.label], trace, shared.prompts,
+                                                                     system.label)))
+                    bar.update(1)
+        bar.close()
+        counts = {label: server_counts(server) for label, server in servers.items()}
+    finally:
+        for server in servers.values():
+            server.terminate()  # flushes the step logs
+    records = []
+    phases = [("calibration", "uniform", -1, None, one) for one in bursts]
+    for phase, popularity, index, rate, one in phases + [("sweep", *entry) for entry in replays]:
+        records += [{"phase": phase, "tasks": num_tasks, "popularity": popularity, "rate_index": index,
+                     "rate": rate, "system": one.system, **asdict(r)} for r in one.records]
+    info = {"counts": counts, "calibration_rps": calibration, "ready_s": ready_s, "rates": rates}
+    return info, summaries(num_tasks, replays, logs), records
+
 def _calibrate(settings: E2eSettings, num_tasks: int, servers: dict, prompts: dict[str, list[int]]) -> list[Replay]:
     """Bursts measuring the saturation throughput of the baseline and of the last Inlaid system:
     every request of a short trace sent at once (throughput: finished requests over the drain)."""
     burst = make_trace(settings, num_tasks, "uniform", settings.calibration_requests, settings.seed + 1000).scaled(1e4)
     labels = ["hf-peft", [label for label in servers if label != "hf-peft"][-1]]
     return [replay(servers[label], burst, prompts, label) for label in labels]
-
-
-def summaries(num_tasks: int, replays: list, logs: Path) -> list[dict[str, Any]]:
-    """One row per replay: serving metrics, latency SLO attainment, tasks per step."""
-    from inlaid.scheduling.metrics import summarize
-    from inlaid.scheduling.step_log import read_step_log
-
-    step_logs = {}
-    for path in logs.glob("*.steps.jsonl"):
-        step_logs[path.name.removesuffix(".steps.jsonl")] = read_step_log(path)
-    rows = []
-    for popularity, index, rate, one in replays:
-        records = one.records
-        if one.system == "hf-peft":
-            summary = summarize(records)
-            batches = baseline_batches(records)
-            distinct = [len({r.task for r in batch}) for batch in batches]
-            summary.update(steps=len(batches), mean_batch_seqs=float(np.mean([len(b) for b in batches])) if batches else 0.0,
-                           tasks_per_step={"mean": float(np.mean(distinct)) if distinct else 0.0,
-                                           "max": max(distinct, default=0)}, adapter_loads_per_s=0.0)
-        else:
-            summary = summarize(records, steps_between(step_logs.get(one.system, []), one.started, one.ended))
-        finished = [r for r in records if r.finished]
-        summary["latency_slo"] = {f"{slo:g}s": sum(r.latency_s <= slo for r in finished) / len(records)
-                                  for slo in LATENCY_SLOS_S}
-        summary["output_tokens"] = sum(len(r.token_ids) for r in finished)
-        for unused in ("slo_attainment", "normalized_latency", "jct_by_task", "fairness_max_service_gap"):
-            summary.pop(unused, None)  # no isolated latencies or fairness meter in a replay
-        rows.append({"tasks": num_tasks, "popularity": popularity, "rate_index": index, "rate": rate,
-                     "system": one.system, **summary})
-    return rows
-
-
-def headline(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per workload: the baseline's best throughput and its p50 latency there; Inlaid's best
-    throughput among its runs with a p50 latency at least as good; their ratio."""
-    ours, theirs = HEADLINE
-    lines = []
-    keys = sorted({(row["tasks"], row["popularity"]) for row in report["workloads"]})
-    for tasks, popularity in keys:
-        rows = [row for row in report["workloads"] if (row["tasks"], row["popularity"]) == (tasks, popularity)]
-        base = [row for row in rows if row["system"] == theirs]
-        mine = [row for row in rows if row["system"] == ours]
-        if not base or not mine:
-            continue
-        best = max(base, key=lambda row: row["throughput_rps"])
-        bound = best["latency_s"]["p50"]
-        within = [row for row in mine if row["latency_s"]["p50"] <= bound]
-        match = max(within, key=lambda row: row["throughput_rps"]) if within else None
-        peak = max(mine, key=lambda row: row["throughput_rps"])
-        lines.append({
-            "tasks": tasks, "popularity": popularity,
-            "baseline_rps": best["throughput_rps"], "baseline_p50_s": bound, "baseline_rate": best["rate"],
-            "inlaid_rps": match["throughput_rps"] if match else None,
-            "inlaid_p50_s": match["latency_s"]["p50"] if match else None,
-            "inlaid_rate": match["rate"] if match else None,
-            "ratio_at_equal_or_better_p50": match["throughput_rps"] / best["throughput_rps"] if match else None,
-            "ratio_of_peaks": peak["throughput_rps"] / best["throughput_rps"],
-        })
-    return lines
-
-
-def agreement(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Greedy answers of the same request on two systems: hf-peft vs inlaid-fp32-fifo (the
-    same fp32 weights: an independent reference), inlaid-4bit-fifo vs inlaid-4bit-inlaid
-    (the same base, other batches)."""
-    answers: dict[tuple, dict[str, list[int]]] = {}
-    for r in records:
-        if r["phase"] == "sweep" and not r["error"]:
-            key = (r["tasks"], r["popularity"], r["rate_index"], r["request_id"])
-            answers.setdefault(key, {})[r["system"]] = r["token_ids"]
-    lines = []
-    for left, right in (("hf-peft", "inlaid-fp32-fifo"), ("inlaid-4bit-fifo", "inlaid-4bit-inlaid")):
-        pairs = [(a[left], a[right]) for a in answers.values() if left in a and right in a]
-        if pairs:
-            lines.append({"systems": [left, right], "compared": len(pairs),
-                          "identical": sum(x == y for x, y in pairs),
-                          "first_token_identical": sum(x[:1] == y[:1] for x, y in pairs)})
-    return lines
-
-
-def _computed_memory() -> dict[str, Any]:
-    """bench/memory.py's committed figures for the default model (4-bit vs fp16 base, 100 adapters)."""
-    path = BENCH / "results" / "memory.json"
-    if not path.is_file():
-        return {}
-    memory = json.loads(path.read_text())
-    name = memory["shapes"][0]["name"]
-    return {"source": "bench/results/memory.json", "adapters": memory["adapters"], "rank": memory["rank"],
-            "kv_tokens": memory["kv_tokens"], "measured": [m for m in memory.get("measured", []) if m["model"] == name]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -445,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--popularities", default=None, help="comma-separated: zipf,uniform")
     parser.add_argument("--rates", type=int, default=None, help="points of the rate sweep")
     parser.add_argument("--requests", type=int, default=None, help="the most requests per replay")
+    parser.add_argument("--device", default=None, help="every server's device (cpu, cuda)")
     parser.add_argument("--render", action="store_true", help="rewrite e2e.md and the plots from DIR's JSON")
     # main() from bench/run_all.py gets no argv: never read the caller's sys.argv
     args = parser.parse_args(argv if argv is not None else [])
@@ -469,13 +376,13 @@ def main(argv: list[str] | None = None) -> int:
         overrides["rates"] = args.rates
     if args.requests is not None:
         overrides["requests"] = args.requests
+    if args.device:
+        overrides["device"] = args.device
     report = run(replace(settings, **overrides), out)
     print((out / "e2e.md").read_text())
     print(f"wrote {out}/e2e.json, e2e.md, records.jsonl and the plots in {report['wall_s']:.0f} s")
     return 0 if all(row["failed"] == 0 for row in report["workloads"]) else 1
 
-
-sys.path.insert(0, str(BENCH))  # e2e_report beside this file (bench/ is no package)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -80,8 +80,12 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
 
 
 def plot_all(report: dict[str, Any], records: list[dict[str, Any]], out: Path) -> list[Path]:
-    """throughput_vs_rate, latency_cdf, slo_vs_rate, tasks_per_step, memory (.png)."""
-    import matplotlib
+    """throughput_vs_rate, latency_cdf, slo_vs_rate, tasks_per_step, memory (.png); none
+    without matplotlib (a GPU image may lack it)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
