@@ -259,20 +259,24 @@ def run(settings: E2eSettings, out: Path) -> dict[str, Any]:
             report["servers"][str(num_tasks)] = servers
             report["workloads"] += rows
             all_records += records
+            report.update(machine_loadavg_before=load_before, machine_loadavg_after=os.getloadavg(),
+                          wall_s=time.perf_counter() - started, finished_task_counts=list(report["servers"]))
+            write_report(report, all_records, out)  # each task count's results as soon as they exist
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    report["headline"] = headline(report)
-    report["agreement"] = agreement(all_records)
-    report["memory_computed"] = computed_memory()
-    report.update(machine_loadavg_before=load_before, machine_loadavg_after=os.getloadavg(),
-                  wall_s=time.perf_counter() - started)
-    (out / "e2e.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
-    (out / "records.jsonl").write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in all_records))
+    return report
+
+
+def write_report(report: dict[str, Any], records: list[dict[str, Any]], out: Path) -> None:
     from e2e_report import plot_all, write_markdown
 
+    report["headline"] = headline(report)
+    report["agreement"] = agreement(records)
+    report["memory_computed"] = computed_memory()
+    (out / "e2e.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    (out / "records.jsonl").write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
     write_markdown(report, out / "e2e.md")
-    plot_all(report, all_records, out)
-    return report
+    plot_all(report, records, out)
 
 
 def run_task_count(settings: E2eSettings, num_tasks: int, systems: list[System], shared: Shared
@@ -357,12 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv if argv is not None else [])
     out = args.out or (Path(tempfile.mkdtemp(prefix="inlaid-e2e-quick-")) if args.quick else RESULTS)
     if args.render:
-        from e2e_report import plot_all, write_markdown
-
         report = json.loads((out / "e2e.json").read_text())
         records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines() if line]
-        write_markdown(report, out / "e2e.md")
-        plot_all(report, records, out)
+        write_report(report, records, out)
         return 0
     settings = QUICK if args.quick else E2eSettings()
     overrides: dict[str, Any] = {}
