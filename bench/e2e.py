@@ -313,7 +313,8 @@ def run_task_count(settings: E2eSettings, num_tasks: int, systems: list[System],
         bursts = _calibrate(settings, num_tasks, servers, shared.prompts)
         calibration = {one.system: summarize(one.records)["throughput_rps"] for one in bursts}
         low, high = settings.low_load * calibration["hf-peft"], settings.high_load * max(calibration.values())
-        rates = [float(r) for r in np.geomspace(low, high, settings.rates)] if settings.rates > 1 else [high]
+        # ascending even where the baseline's low point lies past Inlaid's high one (short budgets)
+        rates = sorted(float(r) for r in np.geomspace(low, high, settings.rates)) if settings.rates > 1 else [high]
         replays: list[tuple[str, int, float, Replay]] = []
         bar = tqdm(total=len(settings.popularities) * len(rates) * len(systems), desc=f"e2e {num_tasks} tasks",
                    unit="replay")

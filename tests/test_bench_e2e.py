@@ -62,8 +62,9 @@ def test_every_request_answered_and_counted_by_the_servers(quick):
             assert counts["tokens_generated"] == sum(len(r["token_ids"]) for r in mine), system
             assert counts["rss_bytes"] > 0
         assert set(server["calibration_rps"]) == {"hf-peft", "inlaid-4bit-inlaid"}
-        rates = server["rates"]
-        assert rates == sorted(rates) and rates[0] == pytest.approx(settings.low_load * server["calibration_rps"]["hf-peft"])
+        rates, calibrated = server["rates"], server["calibration_rps"]
+        ends = (settings.low_load * calibrated["hf-peft"], settings.high_load * calibrated["inlaid-4bit-inlaid"])
+        assert rates == sorted(rates) and (rates[0], rates[-1]) == pytest.approx((min(ends), max(ends)))
 
 
 def test_same_requests_same_greedy_answers_on_the_same_fp32_weights(quick):
@@ -74,7 +75,9 @@ def test_same_requests_same_greedy_answers_on_the_same_fp32_weights(quick):
             answers[(r["tasks"], r["popularity"], r["rate_index"], r["request_id"])][r["system"]] = r
     for by_system in answers.values():
         assert len(by_system) == len(SYSTEMS)
-        assert len({(r["task"], r["prompt_tokens"], round(r["arrival_s"], 1)) for r in by_system.values()}) == 1
+        assert len({(r["task"], r["prompt_tokens"]) for r in by_system.values()}) == 1  # the same request ...
+        arrivals = [r["arrival_s"] for r in by_system.values()]
+        assert max(arrivals) - min(arrivals) < 0.5  # ... at the same time of its trace (client jitter)
     pairs = [(a["hf-peft"]["token_ids"], a["inlaid-fp32-fifo"]["token_ids"]) for a in answers.values()]
     identical = sum(x == y for x, y in pairs)
     assert identical >= len(pairs) - 1  # batched fp32 may flip one near-tie; tests/test_engine_parity.py
