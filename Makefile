@@ -14,8 +14,9 @@ run: setup
 test: setup
 	$(PY) -m pytest -q --durations=15 tests
 
+# make bench: the end-to-end suite (~15 min); QUICK=1: its 1-minute smoke run; ALL=1: every bench/*.py
 bench: setup
-	$(PY) bench/run_all.py
+	$(PY) bench/run_all.py $(if $(QUICK),--quick) $(if $(ALL),--all)
 
 eval: setup
 	$(PY) bench/quality.py

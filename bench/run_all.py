@@ -1,29 +1,45 @@
-"""`make bench`: run every benchmark script under bench/ that defines main()."""
+"""`make bench`: the end-to-end suite (bench/e2e.py, ~15 minutes on a quiet 2-core machine).
+
+    .venv/bin/python bench/run_all.py            # make bench:        bench/e2e.py, report in bench/results/e2e/
+    .venv/bin/python bench/run_all.py --quick    # make bench QUICK=1: its ~1-minute smoke run (a temp dir)
+    .venv/bin/python bench/run_all.py --all      # make bench ALL=1:   every bench/*.py with a main(), e2e included
+                                                 #                     (hours: each script's docstring says how long)
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
 import time
 from pathlib import Path
 
+BENCH = Path(__file__).resolve().parent
 SKIP = {"run_all.py", "quality.py", "soak.py"}  # quality.py is `make eval`; soak.py runs for an hour
 
 
-def main() -> int:
+def _load(path: Path):  # noqa: ANN202
+    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def run_every_script() -> int:
     failures = []
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    for path in sorted(BENCH.glob("*.py")):
         if path.name in SKIP:
             continue
-        spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        module = _load(path)
         if not hasattr(module, "main"):
             continue
         print(f"\n===== bench/{path.name} =====", flush=True)
         started = time.perf_counter()
         try:
-            module.main()
+            code = module.main()
+            if isinstance(code, int) and code:  # an exit status (some main()s return their report)
+                failures.append(path.name)
         except Exception as error:  # report every benchmark, then fail at the end
             failures.append(path.name)
             print(f"bench/{path.name} failed: {error!r}", file=sys.stderr)
@@ -32,6 +48,16 @@ def main() -> int:
         print(f"failed: {', '.join(failures)}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the end-to-end smoke run only")
+    parser.add_argument("--all", action="store_true", help="every bench/*.py with a main()")
+    args = parser.parse_args(argv)
+    if args.all:
+        return run_every_script()
+    return int(_load(BENCH / "e2e.py").main(["--quick"] if args.quick else []))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ class RequestRecord:
     isolated_s: float = 0.0  # latency alone on the server (the SLO's unit)
     preemptions: int = 0
     error: str = ""
+    token_ids: list[int] = field(default_factory=list)  # what the server answered (replay); empty in simulations
 
     @property
     def finished(self) -> bool:

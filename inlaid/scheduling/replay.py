@@ -48,6 +48,7 @@ async def replay_trace(
                 async for chunk in stream:
                     now = time.monotonic() - start
                     record.token_times.extend([now] * len(chunk.token_ids))
+                    record.token_ids.extend(chunk.token_ids)
                 record.finish_s = time.monotonic() - start
                 if stream.result is not None:
                     record.admitted_s = record.arrival_s + stream.result.queue_seconds

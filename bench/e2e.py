@@ -1,0 +1,391 @@
+"""End-to-end: one workload trace replayed against transformers + PEFT and three Inlaid setups.
+
+    .venv/bin/python bench/e2e.py [--quick] [--out DIR] [--threads 1]     # or: make bench [QUICK=1]
+
+Systems, all on this machine in one run, with the same executor threads and batch cap:
+  hf-peft             transformers + PEFT server (bench/baselines/hf_peft_server.py), fp32
+  inlaid-fp32-fifo    `inlaid serve`, fp32 base, FIFO
+  inlaid-4bit-fifo    `inlaid serve`, the MLGPTQ 4-bit suite base (inlaid.quant.suite), FIFO
+  inlaid-4bit-inlaid  the same base, the `inlaid` multi-task policy (its length predictor
+                      starts from a state fitted on the suite's calib split, as a deployed
+                      server starts from its saved state)
+Workloads: 9 tasks (the suite's adapters) and 100 tasks (the suite's adapters replicated
+under new names with perturbed weights, written to a temp dir, served from the 9-task 4-bit
+base), Zipf and uniform popularity, Poisson arrivals, prompts and output lengths of the
+suite's eval split (inlaid.scheduling.traces). Rates: a calibration burst (every request at
+once) on hf-peft and on inlaid-4bit-inlaid gives each one's saturation throughput; the rates
+run geometrically from half the baseline's to 1.5x Inlaid's, so the sweep goes from light
+load for every system to beyond saturation for every system. For each task count the four
+servers are started once and stay up; at each rate the systems take turns (the order rotates
+from rate to rate), so machine load hits all of them alike.
+
+Writes DIR (default bench/results/e2e/; --quick: a temp dir) : e2e.json (every figure),
+records.jsonl (every request: task, times, token ids), e2e.md and PNG plots (bench/e2e_report.py).
+The report is rewritten after each task count. The 9-task part took 14 minutes at load 6 on
+2 shared cores; the 100-task part stalls today on an executor hang (docs/benchmarks.md,
+"100 tasks"). --quick (~1-2 minutes) is the smoke run tests/test_bench_e2e.py checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))  # e2e_analysis, e2e_report beside this file (bench/ is no package)
+from e2e_analysis import LATENCY_SLOS_S, agreement, computed_memory, headline, summaries  # noqa: E402
+ROOT = BENCH.parent
+ADAPTERS = ROOT / "adapters"
+BASELINE_SERVER = BENCH / "baselines" / "hf_peft_server.py"
+RESULTS = BENCH / "results" / "e2e"
+
+
+@dataclass(frozen=True)
+class System:
+    label: str
+    title: str
+    baseline: bool  # the transformers + PEFT server, else `inlaid serve`
+    quantized: bool
+    policy: str
+
+
+SYSTEMS = (
+    System("hf-peft", "transformers + PEFT", True, False, "fifo"),
+    System("inlaid-fp32-fifo", "Inlaid fp32 + FIFO", False, False, "fifo"),
+    System("inlaid-4bit-fifo", "Inlaid MLGPTQ 4-bit + FIFO", False, True, "fifo"),
+    System("inlaid-4bit-inlaid", "Inlaid MLGPTQ 4-bit + inlaid policy", False, True, "inlaid"),
+)
+
+
+@dataclass(frozen=True)
+class E2eSettings:
+    task_counts: tuple[int, ...] = (9, 100)
+    popularities: tuple[str, ...] = ("zipf", "uniform")
+    systems: tuple[str, ...] = tuple(s.label for s in SYSTEMS)
+    rates: int = 3  # points of the sweep, geometric ...
+    low_load: float = 0.5  # ... from this times the baseline's saturation throughput ...
+    high_load: float = 1.5  # ... to this times the fastest calibrated Inlaid system's
+    duration_s: float = 16.0  # a replay's arrivals span about this long ...
+    min_requests: int = 5  # ... with at least this many requests ...
+    requests: int = 12  # ... and at most this many
+    calibration_requests: int = 12
+    max_tokens: int = 0  # a cap on each request's budget; 0 = the suite task's own
+    threads: int = 1  # torch threads of every server (docs/serving.md, "CPU threads")
+    max_num_seqs: int = 16  # batch cap of every server
+    max_lora_slots: int = 16  # Inlaid's device slots (fewer than the tasks: adapters load on demand)
+    device: str = "cpu"
+    cv: float = 1.0
+    perturbation: float = 0.05  # replicated adapters: each weight times (1 + this x N(0, 1))
+    seed: int = 0
+    num_kv_blocks: int = 512  # Inlaid's KV cache (x 16 tokens): room for every batch here, 1/4 of the default's memory
+    # Quick runs on a machine without the suite's 4-bit base cached (a clean CI) quantize a
+    # cheap one instead (2 calibration samples of 64 tokens a task, seconds) rather than the
+    # real one (minutes); the report names the base it served.
+    cheap_base_if_uncached: bool = False
+
+    @property
+    def dtype(self) -> str:
+        return "float32" if self.device == "cpu" else "auto"
+
+
+    def requests_at(self, rate: float) -> int:
+        return int(min(self.requests, max(self.min_requests, round(rate * self.duration_s))))
+
+
+QUICK = E2eSettings(task_counts=(9,), popularities=("zipf",), rates=2, low_load=2.0, duration_s=4.0, min_requests=4,
+                    requests=5, calibration_requests=3, max_tokens=8, cheap_base_if_uncached=True)
+
+
+# ---------------------------------------------------------------------------------- workload
+
+def replicate_adapters(families: dict[str, str], out_dir: Path, scale: float, seed: int) -> dict[str, Path]:
+    """A copy of the suite adapter `families[name]` for each new task name, every LoRA weight
+    multiplied by (1 + scale x N(0, 1)): distinct adapters of the same shapes and behaviour."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    paths = {}
+    for name, family in sorted(families.items()):
+        source, target = ADAPTERS / family, out_dir / name
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source / "adapter_config.json", target / "adapter_config.json")
+        tensors = load_file(str(source / "adapter_model.safetensors"))
+        noisy = {}
+        for key, value in sorted(tensors.items()):
+            noise = torch.randn(value.shape, generator=generator, dtype=torch.float32)
+            noisy[key] = (value.float() * (1 + scale * noise)).to(value.dtype)
+        save_file(noisy, str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
+        paths[name] = target
+    return paths
+
+
+def make_trace(settings: E2eSettings, num_tasks: int, popularity: str, num_requests: int, seed: int):  # noqa: ANN201
+    """A trace at 1 request/s (scaled to each rate) with the suite's eval requests."""
+    from inlaid.engine.adapter_config import read_adapter_spec
+    from inlaid.scheduling.suite import load_suite_lengths
+    from inlaid.scheduling.traces import Trace, TraceSpec, generate_trace
+
+    ranks = {p.name: read_adapter_spec(p.name, p).rank for p in sorted(ADAPTERS.iterdir())
+             if (p / "adapter_config.json").is_file()}
+    records = [r for r in load_suite_lengths() if r.split == "eval"]
+    spec = TraceSpec(rate=1.0, num_requests=num_requests, cv=settings.cv, num_tasks=num_tasks, popularity=popularity,
+                     suite_task_names=num_tasks <= len(ranks), seed=seed)
+    trace = generate_trace(spec, records, ranks)
+    if settings.max_tokens:
+        cap = settings.max_tokens
+        trace = Trace([replace(r, max_tokens=min(cap, r.max_tokens), output_tokens=min(cap, r.output_tokens))
+                       for r in trace.requests], trace.tasks, trace.meta)
+    return trace
+
+
+# ---------------------------------------------------------------------------------- servers
+
+def server_config(system: System, settings: E2eSettings, tasks: dict[str, Path], model_dir: Path,
+                  quantized_dir: Path | None, workdir: Path, predictor_state: Path | None) -> dict[str, dict[str, Any]]:
+    executor: dict[str, Any] = {"device": settings.device, "dtype": settings.dtype, "threads": settings.threads,
+                                "max_num_seqs": settings.max_num_seqs}
+    model: dict[str, Any] = {"dir": str(model_dir)}
+    server: dict[str, Any] = {"log_level": "WARNING", "max_pending_requests": 100_000, "shutdown_grace_s": 5.0}
+    config: dict[str, dict[str, Any]] = {"model": model, "executor": executor, "server": server,
+                                         "tasks": {name: str(path) for name, path in tasks.items()}}
+    if system.baseline:
+        return config
+    from inlaid.engine.adapter_config import read_adapter_spec
+
+    executor.update(max_lora_slots=min(settings.max_lora_slots, len(tasks)), num_kv_blocks=settings.num_kv_blocks,
+                    max_lora_rank=max(read_adapter_spec(n, p).rank for n, p in tasks.items()))
+    if system.quantized:
+        model["quantized_dir"] = str(quantized_dir)
+    server["policy"] = system.policy
+    scheduler: dict[str, Any] = {"step_log": str(workdir / f"{system.label}.steps.jsonl")}
+    if system.policy == "inlaid" and predictor_state is not None:
+        state = workdir / f"{system.label}.predictor.npz"
+        shutil.copy(predictor_state, state)
+        scheduler["predictor_state"] = str(state)
+    config["scheduler"] = scheduler
+    return config
+
+
+def quantized_base(settings: E2eSettings) -> Path:
+    """The MLGPTQ 4-bit base of the suite's nine tasks (inlaid.quant.suite, cached)."""
+    from inlaid.quant.suite import ensure_suite_checkpoint, is_complete, plan_suite
+
+    if settings.cheap_base_if_uncached and not is_complete(plan_suite(adapters_dir=ADAPTERS).out_dir):
+        return ensure_suite_checkpoint(adapters_dir=ADAPTERS, calib_samples=2, max_tokens=64, save_hessian_state=False,
+                                       progress=False)
+    return ensure_suite_checkpoint(adapters_dir=ADAPTERS)  # this checkout's adapters, wherever the package lives
+
+
+def seeded_predictor_state(path: Path, prompts: dict[str, list[int]]) -> Path:
+    """The inlaid policy's length predictor fitted on the suite's calib split, saved."""
+    from inlaid.scheduling.experiment import length_model, suite_history
+    from inlaid.scheduling.suite import load_suite_lengths
+
+    length_model("model", suite_history(load_suite_lengths(), prompts, "calib")).save(path)
+    return path
+
+
+@dataclass
+class Replay:
+    system: str
+    records: list  # RequestRecord
+    started: float  # time.monotonic() around the replay: selects its steps in the step log
+    ended: float
+
+
+def replay(server, trace, prompts: dict[str, list[int]], system: str) -> Replay:  # noqa: ANN001
+    from inlaid.scheduling.replay import replay_trace
+
+    started = time.monotonic()
+    records = asyncio.run(replay_trace(server.address, trace, prompts))
+    return Replay(system, records, started, time.monotonic())
+
+
+def server_counts(server) -> dict[str, int]:  # noqa: ANN001
+    """What the server says it did (its GetStats)."""
+    with server.client(timeout_s=30) as client:
+        stats = client.stats()
+    return {"received": stats.requests_received, "finished": stats.requests_finished, "failed": stats.requests_failed,
+            "tokens_generated": stats.tokens_generated, "rss_bytes": stats.executor_rss_bytes,
+            "executor_restarts": stats.executor_restarts}
+
+
+# ---------------------------------------------------------------------------------- one run
+
+@dataclass(frozen=True)
+class Shared:
+    """What every task count's servers share."""
+    model_dir: Path
+    quantized_dir: Path | None
+    prompts: dict[str, list[int]]
+    predictor_state: Path
+    workdir: Path
+
+
+def run(settings: E2eSettings, out: Path) -> dict[str, Any]:
+    from inlaid.models.prepare import default_model_dir
+    from inlaid.scheduling.suite import suite_prompts
+
+    out.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    systems = [s for s in SYSTEMS if s.label in settings.systems]
+    model_dir = default_model_dir()
+    quantized_dir = quantized_base(settings) if any(s.quantized for s in systems) else None
+    prompts = suite_prompts(model_dir)
+    workdir = Path(tempfile.mkdtemp(prefix="inlaid-e2e-"))
+    report: dict[str, Any] = {"settings": asdict(settings), "systems": {s.label: s.title for s in systems},
+                              "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores" if settings.device == "cpu"
+                              else settings.device, "quantized_dir": quantized_dir and str(quantized_dir),
+                              "latency_slos_s": LATENCY_SLOS_S, "workloads": [], "servers": {}}
+    all_records: list[dict[str, Any]] = []
+    try:
+        shared = Shared(model_dir, quantized_dir, prompts,
+                        seeded_predictor_state(workdir / "predictor-calib.npz", prompts), workdir)
+        for num_tasks in settings.task_counts:
+            servers, rows, records = run_task_count(settings, num_tasks, systems, shared)
+            report["servers"][str(num_tasks)] = servers
+            report["workloads"] += rows
+            all_records += records
+            report.update(machine_loadavg_before=load_before, machine_loadavg_after=os.getloadavg(),
+                          wall_s=time.perf_counter() - started, finished_task_counts=list(report["servers"]))
+            write_report(report, all_records, out)  # each task count's results as soon as they exist
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return report
+
+
+def write_report(report: dict[str, Any], records: list[dict[str, Any]], out: Path) -> None:
+    from e2e_report import plot_all, write_markdown
+
+    report["headline"] = headline(report)
+    report["agreement"] = agreement(records)
+    report["memory_computed"] = computed_memory()
+    (out / "e2e.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    (out / "records.jsonl").write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
+    write_markdown(report, out / "e2e.md")
+    plot_all(report, records, out)
+
+
+def run_task_count(settings: E2eSettings, num_tasks: int, systems: list[System], shared: Shared
+                   ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Start every system's server with `num_tasks` tasks, calibrate, sweep the rates; the
+    servers' counts, one summary row per replay, every request's record."""
+    from tqdm import tqdm
+
+    from inlaid.scheduling.metrics import summarize
+    from inlaid.serve.launcher import ServerProcess
+
+    probe = make_trace(settings, num_tasks, "uniform", 1, settings.seed)
+    if num_tasks <= 9:
+        tasks = {name: ADAPTERS / name for name in probe.tasks}
+    else:
+        tasks = replicate_adapters({n: t.family for n, t in probe.tasks.items()}, shared.workdir / f"tasks-{num_tasks}",
+                                   settings.perturbation, settings.seed)
+    logs = shared.workdir / str(num_tasks)  # step logs and predictor states of this task count's servers
+    logs.mkdir()
+    servers = {}
+    starting = time.perf_counter()
+    try:
+        for system in systems:  # started together, each waits idle for its turn
+            config = server_config(system, settings, tasks, shared.model_dir, shared.quantized_dir, logs,
+                                   shared.predictor_state)
+            command = [sys.executable, str(BASELINE_SERVER)] if system.baseline else None
+            (logs / system.label).mkdir()
+            servers[system.label] = ServerProcess(config, logs / system.label, command=command)
+        ready_s = {}
+        for label, server in servers.items():
+            server.wait_ready(timeout_s=1200)
+            ready_s[label] = time.perf_counter() - starting
+        bursts = _calibrate(settings, num_tasks, servers, shared.prompts)
+        calibration = {one.system: summarize(one.records)["throughput_rps"] for one in bursts}
+        low, high = settings.low_load * calibration["hf-peft"], settings.high_load * max(calibration.values())
+        # ascending even where the baseline's low point lies past Inlaid's high one (short budgets)
+        rates = sorted(float(r) for r in np.geomspace(low, high, settings.rates)) if settings.rates > 1 else [high]
+        replays: list[tuple[str, int, float, Replay]] = []
+        bar = tqdm(total=len(settings.popularities) * len(rates) * len(systems), desc=f"e2e {num_tasks} tasks",
+                   unit="replay")
+        for popularity in settings.popularities:
+            for index, rate in enumerate(rates):
+                trace = make_trace(settings, num_tasks, popularity, settings.requests_at(rate),
+                                   settings.seed + 1 + index).scaled(rate)
+                order = systems[index % len(systems):] + systems[:index % len(systems)]
+                for system in order:
+                    replays.append((popularity, index, rate, replay(servers[system.label], trace, shared.prompts,
+                                                                     system.label)))
+                    bar.update(1)
+        bar.close()
+        counts = {label: server_counts(server) for label, server in servers.items()}
+    finally:
+        for server in servers.values():
+            server.terminate()  # flushes the step logs
+    records = []
+    phases = [("calibration", "uniform", -1, None, one) for one in bursts]
+    for phase, popularity, index, rate, one in phases + [("sweep", *entry) for entry in replays]:
+        records += [{"phase": phase, "tasks": num_tasks, "popularity": popularity, "rate_index": index,
+                     "rate": rate, "system": one.system, **asdict(r)} for r in one.records]
+    info = {"counts": counts, "calibration_rps": calibration, "ready_s": ready_s, "rates": rates}
+    return info, summaries(num_tasks, replays, logs), records
+
+def _calibrate(settings: E2eSettings, num_tasks: int, servers: dict, prompts: dict[str, list[int]]) -> list[Replay]:
+    """Bursts measuring the saturation throughput of the baseline and of the last Inlaid system:
+    every request of a short trace sent at once (throughput: finished requests over the drain)."""
+    burst = make_trace(settings, num_tasks, "uniform", settings.calibration_requests, settings.seed + 1000).scaled(1e4)
+    labels = ["hf-peft", [label for label in servers if label != "hf-peft"][-1]]
+    return [replay(servers[label], burst, prompts, label) for label in labels]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="~1-minute smoke run (9 tasks, zipf, 2 rates, <= 5 requests)")
+    parser.add_argument("--out", type=Path, default=None, help="report folder (default bench/results/e2e; --quick: a temp dir)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of every server (default 1)")
+    parser.add_argument("--task-counts", default=None, help="comma-separated, e.g. 9,100")
+    parser.add_argument("--popularities", default=None, help="comma-separated: zipf,uniform")
+    parser.add_argument("--rates", type=int, default=None, help="points of the rate sweep")
+    parser.add_argument("--requests", type=int, default=None, help="the most requests per replay")
+    parser.add_argument("--device", default=None, help="every server's device (cpu, cuda)")
+    parser.add_argument("--render", action="store_true", help="rewrite e2e.md and the plots from DIR's JSON")
+    # main() from bench/run_all.py gets no argv: never read the caller's sys.argv
+    args = parser.parse_args(argv if argv is not None else [])
+    out = args.out or (Path(tempfile.mkdtemp(prefix="inlaid-e2e-quick-")) if args.quick else RESULTS)
+    if args.render:
+        report = json.loads((out / "e2e.json").read_text())
+        records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines() if line]
+        write_report(report, records, out)
+        return 0
+    settings = QUICK if args.quick else E2eSettings()
+    overrides: dict[str, Any] = {}
+    if args.threads is not None:
+        overrides["threads"] = args.threads
+    if args.task_counts:
+        overrides["task_counts"] = tuple(int(x) for x in args.task_counts.split(","))
+    if args.popularities:
+        overrides["popularities"] = tuple(args.popularities.split(","))
+    if args.rates is not None:
+        overrides["rates"] = args.rates
+    if args.requests is not None:
+        overrides["requests"] = args.requests
+    if args.device:
+        overrides["device"] = args.device
+    report = run(replace(settings, **overrides), out)
+    print((out / "e2e.md").read_text())
+    print(f"wrote {out}/e2e.json, e2e.md, records.jsonl and the plots in {report['wall_s']:.0f} s")
+    return 0 if all(row["failed"] == 0 for row in report["workloads"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
