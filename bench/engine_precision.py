@@ -11,7 +11,7 @@ ignored; the figure is the median decode step (every request decoding one token)
 time and in the process's CPU time. With one thread (the server's executor runs one), the
 CPU time is the work itself: on a machine shared with other jobs it is the stable figure.
 
-    .venv/bin/python bench/engine_precision.py [--rounds 3] [--threads 1]
+    .venv/bin/python bench/engine_precision.py [--rounds 3] [--threads 1]   # bench/results/engine_precision.*
 """
 
 from __future__ import annotations
@@ -126,21 +126,27 @@ def _profile_steps(engine, prompt_ids: list[list[int]], adapters: list[str]) -> 
 
     for prompt, adapter in zip(prompt_ids, adapters):
         engine.add_request(prompt, sampling=SamplingParams(max_tokens=8, ignore_eos=True), adapter=adapter)
-    regions, steps, step_seconds = None, 0, 0.0
+    regions, steps, step_seconds, counting = None, 0, 0.0, True
     while engine.has_unfinished():
         plan = engine.begin_step()
         decode = len(plan.chunks) == len(prompt_ids) and all(len(c.token_ids) == 1 for c in plan.chunks)
         if decode and regions is None:
             regions = _CpuRegions(engine)
+        elif not decode and regions is not None and counting:
+            # Only steps where every request decodes count: once one has finished (or the
+            # batch no longer fits a step), the profile ends and the rest just runs out.
+            regions.restore()
+            counting = False
         started = time.thread_time()
         result = engine.runner.execute(plan)
-        if decode:
+        if decode and counting:
             step_seconds += time.thread_time() - started
             steps += 1
-        elif regions is not None:  # only decode steps count
-            raise RuntimeError("a prefill step after the first decode step")
         engine.finish_step(result)
-    regions.restore()
+    if regions is None or steps == 0:
+        raise RuntimeError(f"no step decoded all {len(prompt_ids)} requests at once (does the batch fit one step?)")
+    if counting:
+        regions.restore()
     spent = {part: 1e3 * seconds / steps for part, seconds in regions.seconds.items()}
     step = 1e3 * step_seconds / steps
     attention = spent["attention"] - 1e3 * regions.in_attention / steps
@@ -215,7 +221,7 @@ def _markdown(results: dict) -> str:
         lines.append(f"| {batch} | " + " | ".join(cells) + " |")
     for batch in PROFILED_BATCHES:
         parts = list(next(iter(results["profile"].values()))[batch])
-        lines += ["", f"Where a decode step's CPU time goes at batch {batch} (ms per step, mean of 7 steps):", "",
+        lines += ["", f"Where a decode step's CPU time goes at batch {batch} (ms per step, mean over the steps where every request decodes):", "",
                   "| part | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
         for part in parts:
             lines.append(f"| {part} | " + " | ".join(f"{results['profile'][l][batch][part]:.1f}" for l in labels) + " |")
@@ -248,7 +254,17 @@ def run(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    results, table = precision_sweep(args.rounds, args.threads)
+    import json
+    import os
+
+    results_dir = Path(__file__).resolve().parent / "results"
+    load_before = os.getloadavg()
+    results, table = precision_sweep(args.rounds, args.threads, results_dir / "engine_precision.png")
+    results["load_average"] = {"before": load_before, "after": os.getloadavg()}
+    table += (f"\nMachine load (1/5/15-min averages) before {', '.join(f'{x:.1f}' for x in load_before)}, after "
+              f"{', '.join(f'{x:.1f}' for x in results['load_average']['after'])} (2 cores, shared).\n")
+    (results_dir / "engine_precision.json").write_text(json.dumps(results, indent=1, default=str))
+    (results_dir / "engine_precision.md").write_text(table)
     print(table)
 
 
