@@ -37,7 +37,8 @@ from typing import Any
 import openai
 
 from inlaid.client import AsyncClient
-from inlaid.demo import committed_adapters, demo_requests
+from inlaid.demo import SERVED_MAX_TOKENS, committed_adapters, served_prompts
+from inlaid.serve.demo import BASE_TASK
 from inlaid.serve.launcher import ServerProcess
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -208,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     if not adapters:
         print("no committed adapters under adapters/", file=sys.stderr)
         return 1
-    jobs = [(task, messages, max_tokens) for task, messages, max_tokens, _ in demo_requests(adapters)]
+    # make run's served workload: its prompts per task (the bare base included), its length
+    jobs = [(None if task == BASE_TASK else task,
+             [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt, SERVED_MAX_TOKENS)
+            for task, prompts in served_prompts(adapters).items() for prompt in prompts]
     config = {
         "model": {},
         "executor": {"threads": 1, "max_lora_slots": len(adapters)},
@@ -256,7 +260,8 @@ def _write_report(report: dict[str, Any]) -> None:
     lines = [
         "# HTTP front overhead (demo load, SmolLM2-135M fp32, CPU, executor threads 1)",
         "",
-        f"{report['requests_per_round']} chat requests per round ({len(report['tasks'])} task adapters x 2 + 1 base), "
+        f"{report['requests_per_round']} chat requests per round ({len(report['tasks'])} task adapters and the bare "
+        "base, make run's served prompts), "
         f"sent at once, greedy; {report['rounds_per_path']} rounds per path, SDK and HTTP rounds alternating. Load "
         f"average {before:.2f} before, {after:.2f} after ({report['machine']['cpus']} CPUs).",
         "",
