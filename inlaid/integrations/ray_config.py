@@ -24,13 +24,12 @@ Torch-free and ray-free: the file is checked before anything starts.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from inlaid.http.settings import HttpConfig, check_listen_address
-from inlaid.serve.config import ConfigError, config_from_dict
+from inlaid.serve.config import ConfigError, config_from_dict, read_toml
 
 
 @dataclass
@@ -71,14 +70,8 @@ _RAY_KEYS = {f.name for f in fields(RayDeploymentConfig)} - {"server", "tasks", 
 
 
 def load_ray_config(path: str | Path) -> RayDeploymentConfig:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: invalid TOML: {error}") from error
-    return ray_config_from_dict(raw, base_dir=path.parent)
+    raw, base_dir = read_toml(path)
+    return ray_config_from_dict(raw, base_dir=base_dir)
 
 
 def ray_config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> RayDeploymentConfig:

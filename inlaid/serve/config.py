@@ -253,15 +253,20 @@ _SERVER_KEYS = _LIMIT_FIELDS | {
 _REQUANTIZER_FIELDS = {f.name: f for f in fields(RequantizerSettings)}
 
 
-def load_config(path: str | Path) -> ServerConfig:
+def read_toml(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """A config file's contents and its directory (relative paths resolve against it)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text()), path.parent
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: invalid TOML: {error}") from error
-    return config_from_dict(raw, base_dir=path.parent)
+
+
+def load_config(path: str | Path) -> ServerConfig:
+    raw, base_dir = read_toml(path)
+    return config_from_dict(raw, base_dir=base_dir)
 
 
 def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> ServerConfig:

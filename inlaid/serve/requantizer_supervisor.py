@@ -27,6 +27,7 @@ from inlaid.protocol import (
     RequantizerShutdown,
 )
 from inlaid.serve.config import RequantizerSettings
+from inlaid.serve.supervisor import wait_or_kill
 
 log = logging.getLogger("inlaid.requantizer_supervisor")
 
@@ -107,12 +108,7 @@ class RequantizerSupervisor:
                 await self.send(RequantizerShutdown())
             except zmq.ZMQError:
                 pass
-            try:
-                await asyncio.wait_for(process.wait(), timeout_s)
-            except asyncio.TimeoutError:
-                log.warning("requantizer did not exit in time; killing it", extra={"pid": process.pid})
-                process.kill()
-                await process.wait()
+            await wait_or_kill(process, timeout_s, "requantizer")
         for task in list(self._tasks):
             task.cancel()
         if self._socket is not None:

@@ -44,6 +44,16 @@ from inlaid.serve.peers import PeerWatch
 
 log = logging.getLogger("inlaid.supervisor")
 
+
+async def wait_or_kill(process: asyncio.subprocess.Process, timeout_s: float, what: str) -> None:
+    """Wait up to `timeout_s` for a child asked to exit, then SIGKILL it; reaped either way."""
+    try:
+        await asyncio.wait_for(process.wait(), timeout_s)
+    except asyncio.TimeoutError:
+        log.warning(f"{what} did not exit in time; killing it", extra={"pid": process.pid})
+        process.kill()
+        await process.wait()
+
 _RESTART_BACKOFF_S = (0.2, 1.0, 2.0, 5.0, 10.0)  # by the number of failed starts in a row
 MAX_START_FAILURES = 3  # executors dying before their hello, in a row: give up
 _EXIT_AFTER_DISCONNECT_S = 1.0
@@ -136,12 +146,7 @@ class ExecutorSupervisor:
                     await self._send(ExecutorShutdown())
                 except (zmq.ZMQError, ExecutorLostError):
                     pass
-            try:
-                await asyncio.wait_for(process.wait(), timeout_s)
-            except asyncio.TimeoutError:
-                log.warning("executor did not exit in time; killing it", extra={"pid": process.pid})
-                process.kill()
-                await process.wait()
+            await wait_or_kill(process, timeout_s, "executor")
         for task in list(self._tasks):
             task.cancel()
         if self._peers is not None:
