@@ -215,7 +215,8 @@ class RequantizeJob(msgspec.Struct, frozen=True, kw_only=True, tag="requantize_j
     quality_tolerance: float | None = 1.0
     max_samples: int | None = None
     device: str = "cpu"  # the executor's: picks the handover transport
-    duty_cycle: float = 1.0  # the share of one core's time the job may use (it sleeps the rest)
+    duty_cycle: float = 1.0  # the share of one core's time the job may use while the machine is busy
+    idle_duty_cycle: float = 1.0  # the same while nothing else uses the CPU
 
 
 class LinearOutcome(msgspec.Struct, frozen=True, kw_only=True):

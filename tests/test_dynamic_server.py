@@ -53,8 +53,8 @@ class World:
             "model": {"dir": str(self.model), "quantized_dir": str(self.root / "ab")},
             "executor": EXECUTOR,
             "server": {"admin_token": TOKEN, "state_dir": str(self.root / "state"), "shutdown_grace_s": 5.0},
-            # jobs paced out (10 % of a core) so that a test can act while one is mid-way
-            "requantizer": {"duty_cycle": 0.1},
+            # jobs paced out (10 % of a core, busy or idle) so that a test can act while one is mid-way
+            "requantizer": {"duty_cycle": 0.1, "idle_duty_cycle": 0.1},
             "tasks": {"alpha": str(self.adapters["alpha"]), "beta": str(self.adapters["beta"])},
         }
 

@@ -1,15 +1,19 @@
 """The torch-free parts of dynamic tasks, without processes: the state directory (round trip,
-refusals, garbage), the [requantizer] config section, and why a base cannot be re-quantized."""
+refusals, garbage), the [requantizer] config section, the requantizer's pacing, and why a
+base cannot be re-quantized."""
 
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
 
 from inlaid.serve.config import ConfigError, config_from_dict
 from inlaid.serve.dynamic_tasks import requantization_blocker
+from inlaid.serve.requantizer import DutyCycle
 from inlaid.serve.task_store import QUEUED, CommittedLayer, StateDirError, TaskRecord, TaskStore
 
 BASE = {"model_dir": "/models/m", "quantized_dir": "/models/q"}
@@ -68,9 +72,55 @@ def test_requantizer_section(tmp_path):
     assert config.requantizer.quality_tolerance == 1.0 and config.requantizer.niceness == 19
     for bad, match in (({"threads": "1"}, "must be a int"), ({"enabled": 1}, "must be a bool"),
                        ({"threads": 0}, ">= 1"), ({"niceness": 25}, "0..19"), ({"speed": 1}, "unknown keys"),
-                       ({"change_threshold": -0.1}, ">= 0")):
+                       ({"change_threshold": -0.1}, ">= 0"), ({"duty_cycle": 0}, r"\(0, 1\]"),
+                       ({"idle_duty_cycle": 1.5}, "idle_duty_cycle"), ({"idle_duty_cycle": True}, "idle_duty_cycle")):
         with pytest.raises(ConfigError, match=match):
             config_from_dict({"requantizer": bad})
+
+
+def _write_stat(path: Path, busy_seconds: float) -> None:
+    """A /proc/stat whose machine-wide non-idle time is `busy_seconds` (user + system)."""
+    ticks = int(busy_seconds * os.sysconf("SC_CLK_TCK"))
+    path.write_text(f"cpu  {ticks // 2} 0 {ticks - ticks // 2} 5000000 100 0 0 0 0 0\ncpu0 1 2 3 4\n")
+
+
+def _burn(seconds: float) -> float:
+    """Spends about `seconds` of this process's CPU time; returns what it spent."""
+    start = time.process_time()
+    while time.process_time() - start < seconds:
+        sum(range(1000))
+    return time.process_time() - start
+
+
+def test_pacer_sleeps_only_while_the_rest_of_the_machine_is_busy(tmp_path):
+    stat = tmp_path / "stat"
+    _write_stat(stat, 1000.0)
+    sleeps: list[float] = []
+    pacer = DutyCycle(0.25, idle_share=1.0, busy_cores=0.25, stat_path=stat, sleep=sleeps.append)
+    # Busy: others used 100 CPU seconds during the interval -> share 0.25 -> sleep 3x the CPU used.
+    spent = _burn(0.05)
+    _write_stat(stat, 1100.0)
+    before = time.process_time()
+    pacer.pace()
+    assert len(sleeps) == 1 and 3 * spent <= sleeps[0] <= 3 * (spent + time.process_time() - before + 0.02)
+    assert (pacer.busy_intervals, pacer.idle_intervals) == (1, 0)
+    # Idle: the machine's non-idle time grew by no more than our own -> full speed, no sleep.
+    _burn(0.05)
+    pacer.pace()
+    assert len(sleeps) == 1 and (pacer.busy_intervals, pacer.idle_intervals) == (1, 1)
+    # Below the threshold still counts as idle; an idle share below 1 paces too (1x the CPU used).
+    half = DutyCycle(0.25, idle_share=0.5, busy_cores=1000.0, stat_path=stat, sleep=sleeps.append)
+    spent = _burn(0.05)
+    _write_stat(stat, 1110.0)
+    half.pace()
+    assert len(sleeps) == 2 and spent <= sleeps[1] <= spent + 0.05 and half.idle_intervals == 1
+    # No /proc/stat (not Linux) or an unreadable one: always busy, always the busy share.
+    for broken in (tmp_path / "missing", stat):
+        stat.write_text("garbage\n")
+        blind = DutyCycle(0.5, idle_share=1.0, stat_path=broken, sleep=sleeps.append)
+        spent = _burn(0.02)
+        blind.pace()
+        assert blind.busy_intervals == 1 and spent <= sleeps[-1] <= spent + 0.05
 
 
 def test_why_a_base_cannot_be_requantized(tmp_path):

@@ -113,9 +113,11 @@ class RequantizerSettings:
     change_threshold: float = 0.0  # relative aggregate change at or below which a linear is kept
     quality_tolerance: float = 1.0  # relative error an existing task may gain on a linear; < 0: no gate
     max_samples: int = 0  # calibration samples of the new task; 0: the checkpoint's setting
-    # The share of one core's time a job may use: it sleeps the rest, in steps of one input
-    # group (docs/dynamic-tasks.md has what it costs serving on a loaded 2-core box).
+    # The share of one core's time a job may use while the machine is busy serving: it sleeps
+    # the rest, in steps of one input group (docs/dynamic-tasks.md measures what it costs
+    # serving); and the share while nothing else uses the CPU.
     duty_cycle: float = 0.5
+    idle_duty_cycle: float = 1.0
     max_attempts: int = 3  # requantizer deaths during one task before that task is marked failed
     start_timeout_s: float = 120.0
 
@@ -126,8 +128,10 @@ class RequantizerSettings:
             raise ConfigError("requantizer.niceness must be in 0..19")
         if self.change_threshold < 0 or self.max_samples < 0:
             raise ConfigError("requantizer.change_threshold and max_samples must be >= 0")
-        if not 0 < self.duty_cycle <= 1:
-            raise ConfigError(f"requantizer.duty_cycle must be in (0, 1], got {self.duty_cycle}")
+        for name in ("duty_cycle", "idle_duty_cycle"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise ConfigError(f"requantizer.{name} must be in (0, 1], got {value!r}")
         if self.max_attempts < 1:
             raise ConfigError("requantizer.max_attempts must be >= 1")
 

@@ -212,7 +212,7 @@ class RequantizationJobs:
             change_threshold=settings.change_threshold,
             quality_tolerance=settings.quality_tolerance if settings.quality_tolerance >= 0 else None,
             max_samples=settings.max_samples or None, device=self.config.engine.device,
-            duty_cycle=settings.duty_cycle)
+            duty_cycle=settings.duty_cycle, idle_duty_cycle=settings.idle_duty_cycle)
 
     async def _send(self, message: msgspec.Struct) -> None:
         if self.supervisor is None or not self.supervisor.ready:

@@ -24,7 +24,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import msgspec
 import zmq
@@ -62,20 +62,68 @@ class _Stop(Exception):
 
 
 class DutyCycle:
-    """Keeps this process's CPU time at about `share` of the wall time: `pace()` (called at
-    every input group) sleeps in proportion to the CPU time used since the last call. Beside
-    an executor on a small machine, the requantizer's cache and memory traffic slows serving
-    while it computes, whatever its priority (docs/dynamic-tasks.md measures it)."""
+    """Keeps this process's CPU time at about `share` of the wall time while the rest of the
+    machine is busy (serving), and at `idle_share` while it is not: `pace()` (called at every
+    input group) sleeps in proportion to the CPU time used since the last call. Beside an
+    executor on a small machine, the requantizer's cache and memory traffic slows serving
+    while it computes, whatever its priority (docs/dynamic-tasks.md measures it); when nobody
+    is served there is nothing to slow, so the job may run at full speed.
 
-    def __init__(self, share: float) -> None:
+    "Busy" = the CPU time the other processes used during the last work interval (Linux
+    /proc/stat, whole machine) reaches `busy_cores` cores. Where /proc/stat cannot be read
+    (not Linux) the machine counts as busy: `share` always."""
+
+    def __init__(self, share: float, idle_share: float = 1.0, busy_cores: float = 0.25,
+                 stat_path: Path = Path("/proc/stat"), sleep: Callable[[float], None] = time.sleep) -> None:
         self.share = share
+        self.idle_share = idle_share
+        self.busy_cores = busy_cores
+        self.stat_path = stat_path
+        self.sleep = sleep
+        self.busy_intervals = 0  # intervals paced at `share` (reported in the job's log)
+        self.idle_intervals = 0
+        self._clock_ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._mark()
+
+    def _machine_busy_seconds(self) -> float | None:
+        """CPU seconds every CPU of the machine spent not idle since boot (None: unknown)."""
+        try:
+            fields = self.stat_path.read_text().split("\n", 1)[0].split()
+            ticks = [int(value) for value in fields[1:]]
+        except (OSError, ValueError, IndexError):
+            return None
+        if fields[0] != "cpu" or len(ticks) < 5:
+            return None
+        idle_ticks = ticks[3] + ticks[4]  # idle + iowait
+        counted = ticks[:8]  # user nice system idle iowait irq softirq steal (guest is inside user)
+        return (sum(counted) - idle_ticks) / self._clock_ticks
+
+    def _mark(self) -> None:
         self._cpu = time.process_time()
+        self._wall = time.monotonic()
+        self._machine = self._machine_busy_seconds()
+
+    def others_busy_cores(self) -> float | None:
+        """Cores the other processes kept busy since the last mark (None: unknown)."""
+        machine = self._machine_busy_seconds()
+        wall = time.monotonic() - self._wall
+        if machine is None or self._machine is None or wall <= 0:
+            return None
+        own = time.process_time() - self._cpu
+        return max(0.0, machine - self._machine - own) / wall
 
     def pace(self) -> None:
         used = time.process_time() - self._cpu
-        if used > 0:
-            time.sleep(used * (1.0 - self.share) / self.share)
-        self._cpu = time.process_time()
+        others = self.others_busy_cores()
+        busy = others is None or others >= self.busy_cores
+        share = self.share if busy else self.idle_share
+        if busy:
+            self.busy_intervals += 1
+        else:
+            self.idle_intervals += 1
+        if used > 0 and share < 1:
+            self.sleep(used * (1.0 - share) / share)
+        self._mark()
 
 
 def lower_priority(niceness: int, idle: bool) -> bool:
@@ -161,11 +209,12 @@ def run_job(channel: _Channel, job: RequantizeJob) -> None:
             change_threshold=job.change_threshold, quality_tolerance=job.quality_tolerance,
             max_samples=job.max_samples)
         task = CalibrationTask(job.task, Path(job.adapter_dir), Path(job.calibration))
+        pacer = DutyCycle(job.duty_cycle, job.idle_duty_cycle) if min(job.duty_cycle, job.idle_duty_cycle) < 1 else None
         quantizer = IncrementalQuantizer(
             Path(job.model_dir), Path(job.checkpoint_dir), task, settings, Path(job.state_dir),
             served_layers={layer: Path(file) for layer, file in job.served_layers.items()},
             state_dirs=[Path(job.state_dir)], drop_tasks=job.drop_tasks,
-            pace=DutyCycle(job.duty_cycle).pace if job.duty_cycle < 1 else None)
+            pace=pacer.pace if pacer is not None else None)
         for outcome in quantizer.layers(job.start_layer):
             if outcome.layer < job.start_layer:
                 continue  # a resumed job runs through its finished layers
@@ -197,7 +246,8 @@ def run_job(channel: _Channel, job: RequantizeJob) -> None:
         channel.send(JobFinished(job_id=job.job_id, ok=False, error=f"{type(error).__name__}: {error}"[:2000],
                                  peak_rss_bytes=_peak_rss_bytes()))
         return
-    log.info("job finished", extra={"job_id": job.job_id, "seconds": round(time.perf_counter() - started, 2)})
+    paced = {"paced_busy": pacer.busy_intervals, "paced_idle": pacer.idle_intervals} if pacer is not None else {}
+    log.info("job finished", extra={"job_id": job.job_id, "seconds": round(time.perf_counter() - started, 2), **paced})
     channel.send(JobFinished(job_id=job.job_id, ok=True, peak_rss_bytes=_peak_rss_bytes()))
 
 
