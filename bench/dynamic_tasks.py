@@ -344,8 +344,9 @@ def markdown(report: dict) -> str:
     full, offline = report["full"], report["offline"]
     lines = [
         "# Dynamic task addition (bench/dynamic_tasks.py)", "",
-        f"Machine: {report['machine']}; load average at start {report['loadavg_start']}, "
-        f"at end {report['loadavg_end']} (a shared 2-core box: other jobs ran beside this one).",
+        f"Machine: {report['machine']}; load average (1, 5, 15 min) at the start of the last run "
+        f"{_loads(report['loadavg_start'])}, at its end {_loads(report['loadavg_end'])}; each online row says its own "
+        "(a load near 1 is this benchmark's own server: the machine was otherwise quiet).",
         f"Base: MLGPTQ {BITS}-bit g{GROUP} over {', '.join(BASE_TASKS)}; added: {NEW_TASK}; "
         f"{report['samples']} calibration samples per task (<= {MAX_TOKENS} tokens), 1 thread everywhere.", "",
         "## Table 4: full vs incremental", "",
@@ -365,8 +366,9 @@ def markdown(report: dict) -> str:
               "windows during the job (the target is >= 0.90). Before / during / after: the same load in "
               "three consecutive periods, which other jobs on the machine move as much.", "",
               "| requantizer | paired ratio (median of pairs) | running / stopped (s) | steady tok/s | during tok/s "
-              "| after tok/s | add -> ready (s) | layers swapped | failed requests | swap (ms, median) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| after tok/s | add -> ready (s) | layers swapped | failed requests | swap (ms, median) "
+              "| load avg before / during |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, online in report.get("online", {}).items():
         settings = online["requantizer"] or "defaults"
         swap_ms = 1e3 * statistics.median(online["swap_seconds"]) if online["swap_seconds"] else float("nan")
@@ -375,7 +377,7 @@ def markdown(report: dict) -> str:
                      f"{len(online['pair_ratios'])} pairs) | {online['running_s']:.0f} / {online['stopped_s']:.0f} | "
                      f"{online['steady_tok_s']:.1f} | {online['during_tok_s']:.1f} | {online['after_tok_s']:.1f} | "
                      f"{online['requantize_wall_s']:.0f} | {online['layers_swapped']} | {len(online['failures'])} | "
-                     f"{swap_ms:.1f} |")
+                     f"{swap_ms:.1f} | {online['loadavg_before'][0]:.1f} / {online['loadavg_during'][0]:.1f} |")
     if "online_equals_offline" in report:
         lines += ["", f"Online result equals the offline one, tensor for tensor: {report['online_equals_offline']}."]
     else:
@@ -397,6 +399,10 @@ def markdown(report: dict) -> str:
             cells = " | ".join(f"{statistics.fmean(nll[label][name]):.4f}" for label in nll)
             lines.append(f"| {name} | {quality['examples'][name]} | {cells} | {mean_difference:+.4f} ± {2 * error:.4f} |")
     return "\n".join(lines) + "\n"
+
+
+def _loads(loads: list[float]) -> str:
+    return ", ".join(f"{value:.1f}" for value in loads)
 
 
 def _fmt(quantiles: dict) -> str:
@@ -473,7 +479,8 @@ def main() -> int:
         kept = {} if args.ablation else {k: v for k, v in report.get("online", {}).items() if k != "default"}
         from inlaid.serve.config import RequantizerSettings
 
-        defaults = {"duty_cycle": RequantizerSettings().duty_cycle}  # named so the table says what ran
+        settings = RequantizerSettings()  # named so the table says what ran
+        defaults = {"duty_cycle": settings.duty_cycle, "idle_duty_cycle": settings.idle_duty_cycle}
         report["online"] = {"default": part_online(args, defaults, "default"), **kept}
         if "offline" in parts:  # an earlier run's offline checkpoint may extend another base
             report["online_equals_offline"] = online_equals_offline(report["online"]["default"]["state_dir"],
