@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from dynamic_fixtures import make_adapter, make_tiny_model, quantize_full, write_calibration
+from tiny_llama import make_adapter, make_tiny_model, quantize_full, write_calibration
 from inlaid.quant.calibration import CalibrationTask
 from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, WEIGHTS_FILE, load_gptq_checkpoint
 from inlaid.quant.incremental import (

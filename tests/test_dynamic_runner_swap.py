@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from dynamic_fixtures import make_adapter, make_tiny_model, quantize_full, write_calibration
+from tiny_llama import make_adapter, make_tiny_model, quantize_full, write_calibration
 from inlaid.engine.config import EngineConfig
 from inlaid.protocol import BatchPlan, ChunkPlan, SamplingParams
 from inlaid.quant.calibration import CalibrationTask

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dynamic_fixtures import make_adapter, make_tiny_model, quantize_full, write_calibration
+from tiny_llama import make_adapter, make_tiny_model, quantize_full, write_calibration
 from inlaid.client import InvalidRequestError, TaskBusyError, UnauthorizedError, UnknownTaskError
 from inlaid.quant.calibration import CalibrationTask
 from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, WEIGHTS_FILE

@@ -4,7 +4,6 @@ Hessians against an independent full-model forward, checkpoint contents, resume,
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -21,61 +20,20 @@ from inlaid.quant.model_io import INPUT_GROUPS, LINEAR_NAMES
 from inlaid.quant.spec import QuantSpec
 from inlaid.quant.state import load_layer_state
 
+from tiny_llama import make_adapter, make_tiny_model, write_calibration
+
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
-_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 def _make_tiny_model(directory: Path, hidden: int = 64, seed: int = 0) -> Path:
     source = default_model_dir()
     if not (source / "tokenizer.json").is_file():
         pytest.skip("the default model (tokenizer) is not prepared; run `make setup`")
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        rope_theta=10000.0,
-    )
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():  # weights of trained-model magnitude, so activations are non-trivial
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.normal_(0, 0.08)
-    model.save_pretrained(str(directory))
-    for name in _TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, directory / name)
-    return directory
+    return make_tiny_model(directory, source, layers=2, hidden=hidden, seed=seed, max_positions=256)
 
 
 def _make_adapter(model_dir: Path, out_dir: Path, seed: int, poison: bool = False) -> Path:
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=_TARGETS, init_lora_weights=False)
-    peft_model = peft.get_peft_model(model, config)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name:
-                parameter.mul_(0.3)
-                if poison and "layers.1.self_attn.o_proj" in name:
-                    parameter.fill_(float("inf"))
-    peft_model.save_pretrained(str(out_dir))
-    return out_dir
-
-
-def _write_calibration(path: Path, topic: str, count: int) -> Path:
-    lines = []
-    for index in range(count):
-        words = " ".join(f"{topic}{(index * 7 + k) % 13}" for k in range(3 + index % 5))
-        lines.append(json.dumps({
-            "id": f"{topic}-{index}", "task": topic,
-            "messages": [{"role": "user", "content": f"Tell me about {words}."}],
-            "reference": f"{topic} answer {index}: " + words * (1 + index % 3), "answers": ["x"],
-        }))
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return make_adapter(model_dir, out_dir, seed, scale=0.3, poison="layers.1.self_attn.o_proj" if poison else None)
 
 
 @pytest.fixture(autouse=True)
@@ -93,9 +51,9 @@ def tiny_setup(tmp_path_factory):
     model_dir = _make_tiny_model(root / "model")
     tasks = [
         CalibrationTask("alpha", _make_adapter(model_dir, root / "adapter_alpha", seed=1),
-                        _write_calibration(root / "alpha.jsonl", "alpha", 9)),
+                        write_calibration(root / "alpha.jsonl", "alpha", 9)),
         CalibrationTask("beta", _make_adapter(model_dir, root / "adapter_beta", seed=2),
-                        _write_calibration(root / "beta.jsonl", "beta", 7)),
+                        write_calibration(root / "beta.jsonl", "beta", 7)),
     ]
     return root, model_dir, tasks
 

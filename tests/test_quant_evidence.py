@@ -19,7 +19,8 @@ from inlaid.quant.methods import parse_method
 from inlaid.quant.nll import mean_nll, suite_answer_nll
 from inlaid.quant.spec import QuantSpec
 
-from test_quant_driver import _make_adapter, _make_tiny_model, _write_calibration
+from test_quant_driver import _make_adapter, _make_tiny_model
+from tiny_llama import write_calibration
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -51,7 +52,7 @@ def test_answer_nll_matches_a_plain_forward_on_float_and_quantized_weights(tmp_p
 
     model_dir = _make_tiny_model(tmp_path / "model")
     adapter = _make_adapter(model_dir, tmp_path / "adapter", seed=1)
-    calib = _write_calibration(tmp_path / "alpha.jsonl", "alpha", 6)
+    calib = write_calibration(tmp_path / "alpha.jsonl", "alpha", 6)
     examples = [json.loads(line) for line in calib.read_text().splitlines()]
     quantize_model(DriverConfig(model_dir=model_dir, tasks=[CalibrationTask("alpha", adapter, calib)],
                                 method=parse_method("gptq-mean-lora"), spec=QuantSpec(bits=3, group_size=32),

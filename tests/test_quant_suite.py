@@ -18,7 +18,8 @@ from inlaid.quant.checkpoint import load_gptq_checkpoint
 from inlaid.quant.errors import CalibrationDataError
 from inlaid.quant.suite import ensure_suite_checkpoint, is_complete, read_manifest, suite_checkpoint_dir
 
-from test_quant_driver import _make_adapter, _make_tiny_model, _write_calibration
+from test_quant_driver import _make_adapter, _make_tiny_model
+from tiny_llama import write_calibration
 
 pytest.importorskip("peft")
 
@@ -38,8 +39,8 @@ def suite_setup(tmp_path_factory):
     adapters = root / "adapters"
     _make_adapter(model_dir, adapters / "alpha", seed=1)
     _make_adapter(model_dir, adapters / "beta-dir", seed=2)
-    _write_calibration(root / "alpha.jsonl", "alpha", 9)
-    _write_calibration(adapters / "beta.jsonl", "beta", 7)
+    write_calibration(root / "alpha.jsonl", "alpha", 9)
+    write_calibration(adapters / "beta.jsonl", "beta", 7)
     manifest = {"base_model": "tiny", "adapters": {
         "alpha": {"task": "alpha", "calib": str(root / "alpha.jsonl")},
         "beta-dir": {"task": "beta", "calib": "beta.jsonl"},  # relative to the manifest

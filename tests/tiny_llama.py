@@ -1,6 +1,6 @@
-"""Small real inputs for the dynamic-task tests: a tiny random Llama (with the default model's
-tokenizer, so the engine and the server can serve it), PEFT adapters on it, calibration
-files, and full MLGPTQ checkpoints of it written by the real driver."""
+"""Small real inputs for the quantizer and dynamic-task tests: a tiny random Llama (with the
+default model's tokenizer, so the engine and the server can serve it), PEFT adapters on it,
+calibration files, and full MLGPTQ checkpoints of it written by the real driver."""
 
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 SPEC = dict(bits=4, group_size=32)
 
 
-def make_tiny_model(directory: Path, source: Path, layers: int = 4, hidden: int = 64, seed: int = 0) -> Path:
+def make_tiny_model(directory: Path, source: Path, layers: int = 4, hidden: int = 64, seed: int = 0,
+                    max_positions: int = 512) -> Path:
     import transformers
 
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions, tie_word_embeddings=True,
         rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
     )
     model = transformers.LlamaForCausalLM(config)
@@ -37,7 +38,10 @@ def make_tiny_model(directory: Path, source: Path, layers: int = 4, hidden: int 
     return directory
 
 
-def make_adapter(model_dir: Path, out_dir: Path, seed: int, rank: int = 4) -> Path:
+def make_adapter(model_dir: Path, out_dir: Path, seed: int, rank: int = 4, scale: float = 0.5,
+                 poison: str | None = None) -> Path:
+    """Random LoRA on every projection, B scaled by `scale`; `poison`: a module path whose B is
+    filled with inf (for the refusal tests)."""
     import peft
     import transformers
 
@@ -49,7 +53,9 @@ def make_adapter(model_dir: Path, out_dir: Path, seed: int, rank: int = 4) -> Pa
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
             if "lora_B" in name:
-                parameter.mul_(0.5)
+                parameter.mul_(scale)
+                if poison is not None and poison in name:
+                    parameter.fill_(float("inf"))
     peft_model.save_pretrained(str(out_dir))
     return out_dir
 
