@@ -65,9 +65,10 @@ class DutyCycle:
     """Keeps this process's CPU time at about `share` of the wall time while the rest of the
     machine is busy (serving), and at `idle_share` while it is not: `pace()` (called at every
     input group) sleeps in proportion to the CPU time used since the last call. Beside an
-    executor on a small machine, the requantizer's cache and memory traffic slows serving
-    while it computes, whatever its priority (docs/dynamic-tasks.md measures it); when nobody
-    is served there is nothing to slow, so the job may run at full speed.
+    executor on a small machine the requantizer slows serving while it computes, even at idle
+    priority: the core it runs on is also the coordinator's and the clients'
+    (docs/dynamic-tasks.md measures it); when nobody is served there is nothing to slow, so
+    the job may run at full speed.
 
     "Busy" = the CPU time the other processes used during the last work interval (Linux
     /proc/stat, whole machine) reaches `busy_cores` cores. Where /proc/stat cannot be read
