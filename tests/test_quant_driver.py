@@ -25,6 +25,7 @@ from tiny_llama import make_adapter, make_tiny_model, write_calibration
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+
 def _make_tiny_model(directory: Path, hidden: int = 64, seed: int = 0) -> Path:
     source = default_model_dir()
     if not (source / "tokenizer.json").is_file():
