@@ -67,6 +67,10 @@ def aggressor(share: float, pinned: bool, stop: multiprocessing.Event) -> None:
 
 
 def main() -> int:
+    if not hasattr(os, "sched_setaffinity") or not hasattr(os, "SCHED_IDLE") or len(os.sched_getaffinity(0)) < 2 \
+            or not {0, 1} <= os.sched_getaffinity(0):
+        print("requantizer_contention: needs Linux and CPUs 0 and 1; skipped")
+        return 0
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 10.0
     settings = [("alone", None, True), ("idle, pinned, duty 1.0", 1.0, True), ("idle, pinned, duty 0.5", 0.5, True),
                 ("idle, unpinned, duty 1.0", 1.0, False), ("alone again", None, True)]
