@@ -104,18 +104,18 @@ class DutyCycle:
         self._wall = time.monotonic()
         self._machine = self._machine_busy_seconds()
 
-    def others_busy_cores(self) -> float | None:
-        """Cores the other processes kept busy since the last mark (None: unknown)."""
+    def _others_busy_cores(self, own_seconds: float) -> float | None:
+        """Cores the other processes kept busy since the last mark, given this process's CPU
+        seconds over the same interval (None: unknown)."""
         machine = self._machine_busy_seconds()
         wall = time.monotonic() - self._wall
         if machine is None or self._machine is None or wall <= 0:
             return None
-        own = time.process_time() - self._cpu
-        return max(0.0, machine - self._machine - own) / wall
+        return max(0.0, machine - self._machine - own_seconds) / wall
 
     def pace(self) -> None:
         used = time.process_time() - self._cpu
-        others = self.others_busy_cores()
+        others = self._others_busy_cores(used)
         busy = others is None or others >= self.busy_cores
         share = self.share if busy else self.idle_share
         if busy:
