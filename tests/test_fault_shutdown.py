@@ -3,7 +3,9 @@ a failed executor is being replaced. (While idle: test_fuzz_server.py's teardown
 streaming load: test_serve_server.py; while a step hangs: test_fault_executor.py.)
 
 Each asserts exit code 0 within a bound, a typed `shutting_down` for the request that was
-waiting, and no executor process left behind.
+waiting, and no executor process left behind. The loading executor is frozen (SIGSTOP) before
+the SIGTERM: the server lets in-flight requests finish for the grace period, and an executor
+that finished loading inside it would rightly serve the waiting request (CI saw that once).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def test_sigterm_while_the_first_executor_loads(model_dir, adapter_dirs, tmp_pat
     try:
         loading = _first_executor(server)
         started = time.monotonic()
-        result = _sigterm_with_a_waiting_request(server, lambda: None)
+        result = _sigterm_with_a_waiting_request(server, lambda: os.kill(loading, signal.SIGSTOP))
         assert isinstance(result, ShuttingDownError), result
         _assert_clean_exit(server, started, [loading])
     finally:
@@ -84,6 +86,8 @@ def test_sigterm_while_a_failed_executor_is_being_replaced(model_dir, adapter_di
             while not seen and time.monotonic() < deadline:
                 seen.extend(pid for pid in executor_pids(server.pid) if pid != first)
                 time.sleep(0.02)
+            for pid in seen:
+                os.kill(pid, signal.SIGSTOP)  # still loading when the grace period ends
 
         result = _sigterm_with_a_waiting_request(server, kill_and_wait_for_the_replacement)
         assert isinstance(result, ShuttingDownError), result
