@@ -4,6 +4,7 @@ then gamma added incrementally, compared with a full run over alpha, beta and ga
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -20,6 +21,7 @@ from inlaid.quant.layer_decisions import KEPT_QUALITY, KEPT_UNCHANGED, REQUANTIZ
 from inlaid.quant.model_io import GROUP_OF_LINEAR, LINEAR_NAMES
 from inlaid.quant.spec import QuantSpec
 from inlaid.quant.state import load_layer_state
+from inlaid.quant.task_costs import COSTS_FILE
 
 pytest.importorskip("peft")
 LAYERS = 4
@@ -84,6 +86,11 @@ def test_exact_mode_is_bit_identical_to_full_mlgptq(setup):
             assert list(ours[group]) == list(per_task) == ["alpha", "beta", "gamma"]
             for task, stat in per_task.items():
                 assert torch.equal(stat.hessian, ours[group][task].hessian) and stat.tokens == ours[group][task].tokens
+    # mlgptq weighs the tasks by their probed costs: alpha's and beta's stored, gamma's probed
+    # now, together the full run's own probes
+    full_costs = json.loads((root / "abc" / HESSIAN_STATE_DIR / COSTS_FILE).read_text())
+    assert json.loads((root / "exact" / COSTS_FILE).read_text()) == full_costs
+    assert list(full_costs) == ["alpha", "beta", "gamma"] and len(set(full_costs.values())) == 3
 
 
 def test_stored_mode_first_group_exact_the_rest_bounded(setup):
@@ -195,6 +202,10 @@ def test_bad_inputs_get_typed_errors(setup, tmp_path):
         IncrementalQuantizer(model, root / "ab", CalibrationTask("x", tasks[2].adapter_dir, empty),
                              IncrementalSettings(), tmp_path / "s")
     shutil.copytree(root / "ab", tmp_path / "no_state", ignore=shutil.ignore_patterns(HESSIAN_STATE_DIR))
-    quantizer = IncrementalQuantizer(model, tmp_path / "no_state", tasks[2], IncrementalSettings(), tmp_path / "s")
+    with pytest.raises(IncrementalError, match="probed cost"):  # mlgptq's default weighs tasks by them
+        IncrementalQuantizer(model, tmp_path / "no_state", tasks[2], IncrementalSettings(), tmp_path / "s")
+    (tmp_path / "no_state" / HESSIAN_STATE_DIR).mkdir()
+    shutil.copyfile(root / "ab" / HESSIAN_STATE_DIR / COSTS_FILE, tmp_path / "no_state" / HESSIAN_STATE_DIR / COSTS_FILE)
+    quantizer = IncrementalQuantizer(model, tmp_path / "no_state", tasks[2], IncrementalSettings(), tmp_path / "s2")
     with pytest.raises(IncrementalError, match="no Hessian state for layer 0"):
         next(iter(quantizer.layers()))

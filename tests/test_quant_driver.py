@@ -246,11 +246,13 @@ def test_aggregation_study_on_tiny_model(tiny_setup) -> None:
     hessians = collect_layer_hessians(model_dir, tasks, layers=[1], max_samples=None, max_tokens=64)
     assert set(hessians[1]) == {("alpha", True), ("alpha", False), ("beta", True), ("beta", False)}
     spec = QuantSpec(bits=3, group_size=32)
-    results = {r.variant: r for r in run_study(model_dir, hessians, spec, ["rtn", "token-mean", "minimax:4:2", "mlgptq", "own"])}
+    variants = ["rtn", "token-mean", "task-mean", "minimax:4:2", "mlgptq", "bounded", "own"]
+    results = {r.variant: r for r in run_study(model_dir, hessians, spec, variants)}
     assert results["token-mean"].worst < results["rtn"].worst
     assert results["minimax:4:2"].worst <= results["token-mean"].worst
-    # mlgptq starts at the token mean and only keeps rounds that lower the worst task
-    assert results["mlgptq"].worst <= results["token-mean"].worst * (1 + 1e-6)
-    assert results["mlgptq"].mean <= results["token-mean"].mean * 1.05 * (1 + 1e-6)
+    # the bounded search starts at the token mean and only keeps rounds that lower the worst task
+    assert results["bounded"].worst <= results["token-mean"].worst * (1 + 1e-6)
+    assert results["bounded"].mean <= results["token-mean"].mean * 1.05 * (1 + 1e-6)
+    assert results["mlgptq"].per_task == results["task-mean"].per_task  # the default is the task mean
     assert results["own"].mean < results["token-mean"].mean
     assert "minimax:4:2" in markdown(list(results.values()), spec, [1])

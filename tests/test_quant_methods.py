@@ -8,7 +8,7 @@ import torch
 from inlaid.quant.aggregate import TaskHessian, elementwise_max, quantize_static, task_errors
 from inlaid.quant.errors import UnknownMethodError
 from inlaid.quant.gptq import gptq_quantize
-from inlaid.quant.methods import Method, parse_method, quantize_linear
+from inlaid.quant.methods import Method, MlgptqOptions, parse_method, quantize_linear
 from inlaid.quant.spec import QuantSpec
 
 
@@ -53,32 +53,58 @@ def test_minimax_every_task_below_mixed_worst_task(seed: int, bits: int) -> None
     assert abs(sum(outcome.task_weights.values()) - 1.0) < 1e-9
 
 
+BOUNDED = MlgptqOptions(rounds=4, start="token-mean", mean_slack=0.05)  # mlgptq before the NLL table
+
+
+def test_mlgptq_default_is_gptq_on_the_task_mean() -> None:
+    """The default mlgptq is GPTQ against (1/T) Σ H_t: the same codes, bit for bit, and the
+    small tasks a token mean outvotes get lower errors than under it."""
+    spec = QuantSpec(bits=3, group_size=32)
+    for seed in range(3):
+        weight = torch.randn(48, 96, generator=torch.Generator().manual_seed(300 + seed))
+        stats = _task_hessians(96, seed)
+        task_mean = sum(stat.hessian for stat in stats.values()) / len(stats)
+        outcome = quantize_linear(parse_method("mlgptq"), weight, stats, spec)
+        assert torch.equal(outcome.quantized.codes, gptq_quantize(weight, task_mean, spec).codes)
+        token_mean = quantize_static("token-mean", [weight], stats, spec)[0].quantized.dequantize()
+        by_token_mean = task_errors(weight, token_mean, stats)
+        assert outcome.task_errors["task3"] < by_token_mean["task3"]  # 150 of 5,050 tokens
+        assert outcome.task_errors["task0"] > by_token_mean["task0"]  # the big task pays for it
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("bits", [3, 4])
 def test_mlgptq_bounded_minimax(seed: int, bits: int) -> None:
-    """mlgptq starts from the adapter-on token mean and keeps a reweighted round only if it
-    lowers the worst task's error while the task mean stays within 5 %."""
+    """With rounds > 1 mlgptq keeps a reweighted round only if it lowers the worst task's
+    error while the task mean stays within the slack of the start's."""
     spec = QuantSpec(bits=bits, group_size=32)
     weight = torch.randn(48, 96, generator=torch.Generator().manual_seed(100 + seed))
     stats = _task_hessians(96, seed)
     start = task_errors(weight, quantize_static("token-mean", [weight], stats, spec)[0].quantized.dequantize(), stats)
-    outcome = quantize_linear(parse_method("mlgptq"), weight, stats, spec)
+    outcome = quantize_linear(parse_method("mlgptq"), weight, stats, spec, BOUNDED)
     errors = task_errors(weight, outcome.quantized.dequantize(), stats)
     assert errors == pytest.approx(outcome.task_errors)
     assert max(errors.values()) <= max(start.values())
     assert sum(errors.values()) <= 1.05 * sum(start.values()) * (1 + 1e-9)
 
 
-def test_mlgptq_lowers_the_worst_task_of_the_token_mean() -> None:
+def test_mlgptq_bounded_lowers_the_worst_task_of_the_token_mean() -> None:
     improved = 0
     for seed in range(6):
         spec = QuantSpec(bits=3, group_size=32)
         weight = torch.randn(48, 96, generator=torch.Generator().manual_seed(200 + seed))
         stats = _task_hessians(96, seed)
         start = task_errors(weight, quantize_static("token-mean", [weight], stats, spec)[0].quantized.dequantize(), stats)
-        outcome = quantize_linear(parse_method("mlgptq"), weight, stats, spec)
+        outcome = quantize_linear(parse_method("mlgptq"), weight, stats, spec, BOUNDED)
         improved += max(outcome.task_errors.values()) < 0.99 * max(start.values())
     assert improved >= 4  # the small tasks the token mean neglects gain on most problems
+
+
+def test_mlgptq_options_are_checked() -> None:
+    with pytest.raises(UnknownMethodError, match="start"):
+        MlgptqOptions(start="median")
+    with pytest.raises(UnknownMethodError, match="at least one round"):
+        MlgptqOptions(rounds=0)
 
 
 def test_named_baselines() -> None:
@@ -120,15 +146,14 @@ def test_task_costs_move_error_onto_the_cheap_tasks(seed: int) -> None:
     """With κ (what a unit of relative error costs each task), mlgptq's start and its worst
     task are κ-weighted: the costly task's error falls, and the worst κ·e never exceeds the
     κ-weighted token mean's."""
-    from inlaid.quant.methods import MlgptqOptions
-
     spec = QuantSpec(bits=3, group_size=32)
     weight = torch.randn(48, 96, generator=torch.Generator().manual_seed(200 + seed))
     stats = _task_hessians(96, seed)
     costs = {"task0": 0.25, "task1": 0.25, "task2": 0.25, "task3": 3.25}  # the smallest task is the costly one
-    plain = quantize_linear(parse_method("mlgptq"), weight, stats, spec)
-    weighted = quantize_linear(parse_method("mlgptq"), weight, stats, spec, task_costs=costs)
-    static = quantize_linear(parse_method("mlgptq"), weight, stats, spec, MlgptqOptions(rounds=1), task_costs=costs)
+    plain = quantize_linear(parse_method("mlgptq"), weight, stats, spec, BOUNDED)
+    weighted = quantize_linear(parse_method("mlgptq"), weight, stats, spec, BOUNDED, task_costs=costs)
+    static = quantize_linear(parse_method("mlgptq"), weight, stats, spec, MlgptqOptions(rounds=1, start="token-mean"),
+                             task_costs=costs)
     assert weighted.task_errors["task3"] < plain.task_errors["task3"]
     worst = max(costs[t] * e for t, e in weighted.task_errors.items())
     assert worst <= max(costs[t] * e for t, e in static.task_errors.items()) * (1 + 1e-9)

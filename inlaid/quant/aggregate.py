@@ -6,16 +6,18 @@ already quantized). Each aggregate below is, except `max`, a non-negative combin
 error compensation stays the exact optimum of a real objective. They differ in λ:
 
 - token-mean:  λ_t ∝ n_t (GPTQ on the concatenated calibration set)
-- task-mean:   λ_t = 1/T
+- task-mean:   λ_t = 1/T (every task weighs the same however many tokens its samples
+               have; `mlgptq`'s default, there scaled by each task's probed cost κ_t)
 - trace-norm:  λ_t ∝ 1/tr(H_t) (each task's inputs scaled to the same energy)
 - error-norm:  λ_t ∝ 1/‖W X_t‖² (each task's RELATIVE output error weighs the same;
                GPTQ then minimises the sum of the tasks' relative errors)
 - minimax:     error-norm, then a few rounds of multiplicative weights that raise λ for
                the tasks whose relative error is above the mean, keeping the round whose
                WORST task error is lowest (the max in MLGPTQ is over tasks' errors)
-- bounded minimax (`mlgptq`): the same rounds started from the adapter-on token mean, a
-               round kept only if its task-mean error stays within a slack of the start's:
-               the worst task gains where that costs the other tasks little
+- bounded minimax: the same rounds started from the adapter-on token mean, a round kept
+               only if its task-mean error stays within a slack of the start's (mlgptq
+               until the NLL quality table; `mlgptq` is now the cost-weighted task
+               mean, these rounds are its options)
 - max:         the literal element-wise max of the H_t (kept as a baseline: not the
                covariance of any data; measured worse than the plain mean)
 """

@@ -49,10 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=512, help="tokens per sample (truncated)")
     parser.add_argument("--batch-tokens", type=int, default=CALIBRATION_BATCH_TOKENS,
                         help="padded tokens per forward batch (1024: 6%% padding on the task suite, 4096: 21%%)")
-    parser.add_argument("--mlgptq-rounds", type=int, default=None, help="reweighting rounds of mlgptq")
+    parser.add_argument("--mlgptq-start", default=None,
+                        help="mlgptq's aggregate of the per-task Hessians: task-mean (default: every task the same weight), token-mean, trace-norm, error-norm")
+    parser.add_argument("--mlgptq-rounds", type=int, default=None,
+                        help="mlgptq rounds; above 1 the aggregate is reweighted toward the worst task (default 1: none)")
     parser.add_argument("--mlgptq-step", type=float, default=None, help="reweighting exponent of mlgptq")
     parser.add_argument("--mlgptq-slack", type=float, default=None,
-                        help="task-mean error a reweighting round may add, as a fraction (default 0.05)")
+                        help="task-mean error a reweighting round may add, as a fraction (default 0)")
     parser.add_argument("--no-errors", action="store_true", help="skip the per-task reconstruction errors")
     parser.add_argument("--no-hessian-state", action="store_true", help="do not store per-task Hessians")
     parser.add_argument("--restart", action="store_true", help="discard a partial run in --out")
@@ -99,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         defaults = MlgptqOptions()
         if args.mlgptq_slack is not None and args.mlgptq_slack < 0:
             raise QuantizationError(f"--mlgptq-slack must be >= 0, got {args.mlgptq_slack}")
-        options = MlgptqOptions(rounds=args.mlgptq_rounds or defaults.rounds,
+        options = MlgptqOptions(rounds=args.mlgptq_rounds or defaults.rounds, start=args.mlgptq_start or defaults.start,
                                 step=args.mlgptq_step if args.mlgptq_step is not None else defaults.step,
                                 mean_slack=args.mlgptq_slack if args.mlgptq_slack is not None else defaults.mean_slack)
         if args.threads:

@@ -38,6 +38,7 @@ from inlaid.quant.model_io import (
 from inlaid.quant.partial import load_partial_layer, prepare_partial_dir, save_partial_layer, write_dequantized
 from inlaid.quant.spec import QuantSpec
 from inlaid.quant.state import save_layer_state
+from inlaid.quant.task_costs import normalized, probe_impurity, save_raw_costs
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -187,20 +188,11 @@ def _prepare(config: DriverConfig) -> _Calibrated:
 
 
 def _task_costs(config: DriverConfig, calibrated: _Calibrated) -> dict[str, float] | None:
-    """What a unit of relative error costs each task, normalised to mean 1 (None: alike):
-    the Gini impurity of the float model's answers on the first probe samples of each task."""
+    """Each task's raw probed cost (`task_costs.py`), None when every task's error costs alike."""
     if config.method.kind not in ("mlgptq", "minimax") or config.mlgptq.sensitivity == "none":
         return None
-    from inlaid.quant.nll import answer_nll
-
-    costs = {}
-    for task in config.tasks:
-        examples = read_calibration_examples(task.calib_path, limit=config.mlgptq.probe_samples)
-        scored = answer_nll(calibrated.model, calibrated.tokenizer, examples,
-                            task.name if task.adapter_dir is not None else None, calibrated.peft_model)
-        costs[task.name] = sum(s.impurity for s in scored) / max(sum(s.tokens for s in scored), 1)
-    mean = sum(costs.values()) / len(costs)
-    return {name: value / mean for name, value in costs.items()} if mean > 0 else None
+    return probe_impurity(calibrated.model, calibrated.tokenizer, calibrated.peft_model, config.tasks,
+                          config.mlgptq.probe_samples)
 
 
 def calibration_forward_seconds(config: DriverConfig) -> PhaseTimer:
@@ -233,7 +225,10 @@ def quantize_model(config: DriverConfig) -> QuantizationReport:
     with timer.phase("load"):
         calibrated = _prepare(config)
     with timer.phase("probe"):
-        task_costs = _task_costs(config, calibrated)
+        raw_costs = _task_costs(config, calibrated)
+        task_costs = normalized(raw_costs) if raw_costs else None
+        if raw_costs and config.save_hessian_state:
+            save_raw_costs(out_dir / HESSIAN_STATE_DIR, raw_costs)  # what a later task addition merges with
     streams, peft_model = calibrated.streams, calibrated.peft_model
     layers = decoder_layers(calibrated.model)
     layers_done = prepare_partial_dir(out_dir, config.fingerprint(), config.resume)

@@ -59,6 +59,7 @@ from inlaid.quant.model_io import (
 )
 from inlaid.quant.spec import QuantSpec
 from inlaid.quant.state import LayerState, layer_state_path, load_layer_state, save_layer_state
+from inlaid.quant.task_costs import COSTS_FILE, load_raw_costs, normalized, probe_impurity, save_raw_costs
 
 _PACKED_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx", ".bias")
 _DRIVER_DEFAULTS = {f.name: f.default for f in fields(DriverConfig)}
@@ -218,6 +219,23 @@ class IncrementalQuantizer:
                 batches = [capture_first_layer_inputs(forward_model, b.input_ids, b.token_mask)
                            for b in token_batches[item.name]]
             self.streams.append(Stream(item.name, forward, adapter, batches))
+        self.task_costs = self._task_costs()
+
+    def _task_costs(self) -> dict[str, float] | None:
+        """The merged set's costs when the method weighs tasks by a probed cost: the stored raw
+        probes of the tasks that stay, the new task probed on the float model as the full
+        driver probes it, normalised over the set (a full run's costs); written to state_out."""
+        if self.method.kind not in ("mlgptq", "minimax") or self.options.sensitivity == "none":
+            return None
+        stored = load_raw_costs([self.state_out, *self.state_dirs])
+        if stored is None:
+            raise IncrementalError(
+                f"{self.checkpoint_dir}: mlgptq sensitivity '{self.options.sensitivity}' needs every task's probed cost "
+                f"(hessian_state/{COSTS_FILE}), which this checkpoint lacks; re-quantize it fully")
+        raw = {name: value for name, value in stored.items() if name not in self.drop_tasks}
+        raw.update(probe_impurity(self.model, self.tokenizer, self.peft_model, [self.task], self.options.probe_samples))
+        save_raw_costs(self.state_out, raw)
+        return normalized(raw)
 
     # ------------------------------------------------------------------ inputs
     def served_tensors(self, layer: int) -> dict[str, torch.Tensor]:
@@ -292,12 +310,13 @@ class IncrementalQuantizer:
         names = INPUT_GROUPS[group]
         linears = [plain_linear(layer, name) for name in names]
         weights = [linear.weight.data.float() for linear in linears]
-        changes = [aggregate_change(self.method, weight, existing, merged, self.options) for weight in weights]
+        changes = [aggregate_change(self.method, weight, existing, merged, self.options, self.task_costs)
+                   for weight in weights]
         moved = [i for i, change in enumerate(changes) if change > self.settings.change_threshold]
         stack = TaskHessians(merged)
         outcomes = dict(zip(moved, quantize_linears(
             self.method, [weights[i] for i in moved], merged, self.spec, self.options,
-            stack if len(merged) > 1 else None))) if moved else {}
+            stack if len(merged) > 1 else None, self.task_costs))) if moved else {}
         decisions: list[LinearDecision] = []
         tensors: dict[str, torch.Tensor] = {}
         for i, (name, linear, weight) in enumerate(zip(names, linears, weights)):
@@ -322,7 +341,8 @@ class IncrementalQuantizer:
                     chosen, packed = dequantized, pack_linear(key, outcome.quantized, bias)
                 else:
                     decision = LinearDecision(name, KEPT_QUALITY, changes[i], before, after, reason)
-            linear.weight.data.copy_(chosen.to(linear.weight.dtype))
+            with torch.no_grad():  # a versioned write: a packed oneDNN copy follows (model_io.onednn_linears)
+                linear.weight.copy_(chosen.to(linear.weight.dtype))
             decisions.append(decision)
             tensors.update(packed)
         return decisions, tensors
@@ -334,4 +354,5 @@ class IncrementalQuantizer:
             linear = plain_linear(layer, linear_name)
             quantized = unpack_layer_linear(tensors, f"model.layers.{index}.{linear_name}", self.spec,
                                             linear.in_features, linear.out_features)
-            linear.weight.data.copy_(quantized.dequantize(linear.weight.dtype))
+            with torch.no_grad():  # versioned, as above
+                linear.weight.copy_(quantized.dequantize(linear.weight.dtype))

@@ -26,6 +26,7 @@ from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, METADATA_FILE, WEIGHTS_FI
 from inlaid.quant.errors import QuantizationError
 from inlaid.quant.incremental import IncrementalQuantizer, LayerOutcome
 from inlaid.quant.model_io import LINEAR_NAMES
+from inlaid.quant.task_costs import COSTS_FILE
 
 
 def _is_quantized_key(key: str, num_layers: int) -> bool:
@@ -66,6 +67,8 @@ def write_incremental_checkpoint(quantizer: IncrementalQuantizer, outcomes: list
         for index in range(quantizer.num_layers):
             name = f"layer_{index:03d}.safetensors"
             shutil.copyfile(quantizer.state_out / name, state_dir / name)
+        if (quantizer.state_out / COSTS_FILE).is_file():
+            shutil.copyfile(quantizer.state_out / COSTS_FILE, state_dir / COSTS_FILE)
     previous = quantizer.metadata
     tasks = [t for t in previous.get("tasks", []) if t["name"] not in quantizer.drop_tasks]
     layer_errors, task_weights = [], dict(previous.get("task_weights", {}))
@@ -78,7 +81,8 @@ def write_incremental_checkpoint(quantizer: IncrementalQuantizer, outcomes: list
     config = json.loads((base / "config.json").read_text())
     metadata = CheckpointMetadata(
         method=previous["method"], tasks=[*tasks, quantizer.calibration[quantizer.task.name]], spec=previous["spec"],
-        base_model=previous.get("base_model", ""), calibration=previous.get("calibration", {}),
+        base_model=previous.get("base_model", ""),
+        calibration={**previous.get("calibration", {}), "task_costs": quantizer.task_costs},
         layer_errors=layer_errors, task_weights=task_weights, hessian_state=HESSIAN_STATE_DIR,
         timing={"seconds": round(sum(o.forward_seconds + o.quantize_seconds for o in outcomes), 1)},
     )

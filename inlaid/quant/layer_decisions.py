@@ -48,8 +48,9 @@ class LinearDecision:
 
 
 def aggregate_for_change(method: Method, weight: torch.Tensor, stats: dict[str, TaskHessian],
-                         options: MlgptqOptions) -> torch.Tensor | None:
-    """The Hessian whose change decides re-quantization (None: the method uses none)."""
+                         options: MlgptqOptions, task_costs: dict[str, float] | None = None) -> torch.Tensor | None:
+    """The Hessian whose change decides re-quantization (None: the method uses none);
+    `task_costs` weigh the tasks as they weigh mlgptq's start (None: alike)."""
     if not stats or method.kind == "rtn":
         return None
     if method.kind == "gptq-task":
@@ -58,15 +59,19 @@ def aggregate_for_change(method: Method, weight: torch.Tensor, stats: dict[str, 
     if method.kind == "max":
         return elementwise_max(stats)
     kind = {"mlgptq": options.start, "minimax": "error-norm"}.get(method.kind, "token-mean")
-    return TaskHessians(stats).combine(static_weights(kind, weight, stats))
+    weights = static_weights(kind, weight, stats)
+    if task_costs and method.kind in ("mlgptq", "minimax"):
+        weights = {name: value * task_costs[name] for name, value in weights.items()}
+    return TaskHessians(stats).combine(weights)
 
 
 def aggregate_change(method: Method, weight: torch.Tensor, existing: dict[str, TaskHessian],
-                     merged: dict[str, TaskHessian], options: MlgptqOptions) -> float:
+                     merged: dict[str, TaskHessian], options: MlgptqOptions,
+                     task_costs: dict[str, float] | None = None) -> float:
     """δ between the aggregate over the existing tasks and over the merged set (inf when
     there was no aggregate before: nothing to compare with, so always re-quantize)."""
-    old = aggregate_for_change(method, weight, existing, options)
-    new = aggregate_for_change(method, weight, merged, options)
+    old = aggregate_for_change(method, weight, existing, options, task_costs)
+    new = aggregate_for_change(method, weight, merged, options, task_costs)
     if new is None:
         return 0.0
     if old is None:

@@ -1,10 +1,12 @@
 """The quantization methods, selectable by name, and what each needs from calibration.
 
-    mlgptq            Inlaid's multi-task GPTQ: the adapter-forward token mean, reweighted toward
-                      the WORST task's relative error as far as the task mean allows (bounded
-                      minimax, see aggregate.py)
+    mlgptq            Inlaid's multi-task GPTQ: the adapter-forward H_t averaged per TASK, not
+                      per token (a task with short samples is not outvoted), each task weighed
+                      by what logit noise costs its answers (probed); options (MlgptqOptions)
+                      add a search toward the worst task. Chosen from the NLL quality table
+                      (docs/quantization.md)
     minimax           the unbounded worst-task search from error-norm weights (mlgptq before
-                      the quality table chose the bounded form)
+                      the quality table chose a bounded form, then the task mean)
     max               GPTQ on the literal element-wise max of the adapter-forward H_t (baseline)
     gptq-mixed        GPTQ on the token mean over the mixed calibration set, adapters OFF
                       (the paper's "GPTQ-tweaked")
@@ -31,27 +33,36 @@ METHOD_NAMES: tuple[str, ...] = ("mlgptq", "minimax", "max", "gptq-mixed", "gptq
 
 @dataclass(frozen=True)
 class MlgptqOptions:
-    """The worst-task search: rounds of reweighting, how hard each round pushes, where it
-    starts and how much task-mean error a round may add (None: unbounded); `sensitivity`:
-    what a task's error costs it — "none" (every task's relative error alike) or "impurity"
-    (its answers' Gini impurity, probed on `probe_samples` calibration samples per task:
-    the second-order NLL cost of noise on the logits)."""
+    """The aggregate mlgptq starts from (`start`, static_weights in aggregate.py) and the
+    worst-task search after it: rounds of reweighting (1: none, the start is the result),
+    how hard each round pushes and how much task-mean error a round may add (None:
+    unbounded); `sensitivity`: what a task's error costs it — "none" (every task's relative
+    error alike) or "impurity" (its answers' Gini impurity, probed on `probe_samples`
+    calibration samples per task: the second-order NLL cost of noise on the logits;
+    task_costs.py). The defaults are the NLL quality table's choice: the impurity-weighted
+    task mean, no search. The bounded search from the token mean (rounds=4,
+    start="token-mean", mean_slack=0.05, sensitivity="none": mlgptq until then) lowered the
+    per-linear worst error but raised the worst task's answer NLL (docs/quantization.md,
+    "Answer NLL")."""
 
-    rounds: int = 4
+    rounds: int = 1
     step: float = 2.0
-    start: str = "token-mean"
-    mean_slack: float | None = 0.05
-    sensitivity: str = "none"
+    start: str = "task-mean"
+    mean_slack: float | None = 0.0
+    sensitivity: str = "impurity"
     probe_samples: int = 8
 
     def __post_init__(self) -> None:
         if self.sensitivity not in SENSITIVITIES:
             raise UnknownMethodError(f"unknown sensitivity '{self.sensitivity}'; choose from {', '.join(SENSITIVITIES)}")
+        if self.start not in STARTS:
+            raise UnknownMethodError(f"unknown mlgptq start '{self.start}'; choose from {', '.join(STARTS)}")
         if self.rounds < 1 or self.probe_samples < 1:
             raise UnknownMethodError("mlgptq needs at least one round and one probe sample per task")
 
 
 SENSITIVITIES = ("none", "impurity")
+STARTS = ("task-mean", "token-mean", "trace-norm", "error-norm")
 
 
 @dataclass(frozen=True)

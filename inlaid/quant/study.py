@@ -35,7 +35,8 @@ VARIANTS: dict[str, str] = {
     "trace-norm": "mean of trace-normalised H_t",
     "error-norm": "mean of H_t / ‖WX_t‖² (each task's relative error the same weight)",
     "max": "literal element-wise max of the H_t",
-    "mlgptq": "mlgptq: adapter-on token mean + 4 rounds toward the worst task, task mean within +5 %",
+    "mlgptq": "mlgptq: the adapter-on task mean (= task-mean; the default since the NLL table)",
+    "bounded": "mlgptq until the NLL table: adapter-on token mean + 4 rounds toward the worst task, task mean within +5 %",
     "minimax:4:2": "minimax (mlgptq before): error-norm + 4 rounds of reweighting (exponent 2)",
     "minimax:8:2": "error-norm + 8 rounds of reweighting (exponent 2)",
     "own": "each task its own H_t (per-task models, not shareable: the bound)",
@@ -93,6 +94,9 @@ def _quantized_for(variant: str, weight: torch.Tensor, adapter_stats, base_stats
         return gptq_quantize(weight, elementwise_max(adapter_stats), spec).dequantize()
     if variant == "mlgptq":
         return quantize_linear(parse_method("mlgptq"), weight, adapter_stats, spec).quantized.dequantize()
+    if variant == "bounded":
+        return quantize_minimax([weight], adapter_stats, spec, rounds=4, start="token-mean",
+                                mean_slack=0.05)[0].quantized.dequantize()
     if variant.startswith("minimax"):
         _, rounds, step = variant.split(":")
         return quantize_minimax([weight], adapter_stats, spec, rounds=int(rounds), step=float(step))[0].quantized.dequantize()

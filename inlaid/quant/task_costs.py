@@ -1,0 +1,65 @@
+"""What a unit of relative reconstruction error costs each task (mlgptq's `sensitivity`).
+
+With `sensitivity="impurity"` a task's cost κ_t is the mean Gini impurity 1 − Σ_v p_v² of the
+FLOAT model's distribution over its answer tokens, on the first `probe_samples` calibration
+samples, the task's adapter on: to second order, what noise on the logits costs that task's
+answer NLL. The aggregate weighs each task by κ_t (λ_t ∝ κ_t / T for the task mean).
+
+Only ratios between tasks matter (every aggregate normalises λ), so costs are used
+normalised to mean 1; the RAW probes are what a later addition needs: they are kept in the
+Hessian state directory (`task_costs.json`) beside the per-layer H_t, so adding a task
+probes only that task and re-normalises over the new set — the costs a full run over every
+task would have computed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from inlaid.quant.calibration import CalibrationTask, read_calibration_examples
+
+COSTS_FILE = "task_costs.json"
+
+
+def probe_impurity(model: torch.nn.Module, tokenizer, peft_model: torch.nn.Module | None,
+                   tasks: Iterable[CalibrationTask], probe_samples: int) -> dict[str, float]:
+    """task -> mean Gini impurity per answer token of the float model (adapter on), raw."""
+    from inlaid.quant.nll import answer_nll
+
+    raw: dict[str, float] = {}
+    for task in tasks:
+        examples = read_calibration_examples(Path(task.calib_path), limit=probe_samples)
+        scored = answer_nll(model, tokenizer, examples, task.name if task.adapter_dir is not None else None, peft_model)
+        raw[task.name] = sum(s.impurity for s in scored) / max(sum(s.tokens for s in scored), 1)
+    return raw
+
+
+def normalized(raw: dict[str, float]) -> dict[str, float] | None:
+    """The costs scaled to mean 1 (None when every probe was 0: no task is costlier)."""
+    mean = sum(raw.values()) / len(raw) if raw else 0.0
+    return {name: value / mean for name, value in raw.items()} if mean > 0 else None
+
+
+def save_raw_costs(state_dir: Path, raw: dict[str, float]) -> Path:
+    path = Path(state_dir) / COSTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(raw, indent=1))
+    temporary.replace(path)
+    return path
+
+
+def load_raw_costs(state_dirs: Iterable[Path]) -> dict[str, float] | None:
+    """The raw costs from the first directory that has them (None: none has)."""
+    for directory in state_dirs:
+        path = Path(directory) / COSTS_FILE
+        if path.is_file():
+            return {str(name): float(value) for name, value in json.loads(path.read_text()).items()}
+    return None
+
+
+__all__ = ["COSTS_FILE", "load_raw_costs", "normalized", "probe_impurity", "save_raw_costs"]
