@@ -160,3 +160,39 @@ def test_onednn_linears_follow_versioned_weight_writes() -> None:
     model[1].weight.data.mul_(-2.0)  # invisible to the version counter: released explicitly
     release_onednn(model)
     torch.testing.assert_close(model(x), reference(), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_adapter_switch_is_the_model_wide_switch() -> None:
+    """The quantizer switches adapters inside the one layer it runs (`layer_adapter`); each
+    layer's output equals the one under PEFT's model-wide `set_adapter` / `disable_adapter`,
+    for adapters on every linear, on attention only (an MLP-less adapter), and adapters off,
+    in an order that leaves each state behind for the next."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from inlaid.quant.model_io import active_adapter, capture_first_layer_inputs, layer_adapter, run_layer
+
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config).eval()
+    everywhere = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    model = peft.get_peft_model(base, everywhere, adapter_name="all")
+    model.add_adapter("attn", peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "v_proj"]))
+    model.eval()
+    ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(1))
+    inputs = capture_first_layer_inputs(model, ids, torch.ones(2, 11, dtype=torch.bool))
+    layers = model.base_model.model.model.layers
+    outputs = {}
+    for name in ("all", None, "attn", "all"):
+        with torch.no_grad(), active_adapter(model, name):
+            expected = [run_layer(layer, inputs) for layer in layers]
+        model.set_adapter("attn" if name == "all" else "all")  # a stale model-wide state
+        with torch.no_grad():
+            got = []
+            for layer in layers:
+                with layer_adapter(layer, model, name):
+                    got.append(run_layer(layer, inputs))
+        assert all(torch.equal(a, b) for a, b in zip(expected, got)), name
+        outputs[name] = got[0]
+    assert not torch.equal(outputs["all"], outputs[None]) and not torch.equal(outputs["attn"], outputs[None])

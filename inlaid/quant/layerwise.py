@@ -24,7 +24,7 @@ from torch import nn
 
 from inlaid.quant.aggregate import TaskHessian
 from inlaid.quant.hessian import HessianAccumulator, check_finite
-from inlaid.quant.model_io import STAGES, LayerInputs, LayerPass, active_adapter, run_layer
+from inlaid.quant.model_io import STAGES, LayerInputs, LayerPass, layer_adapter, run_layer
 
 StreamKey = tuple[str, str]  # (task, forward): forward "adapter" (its own adapter) or "base"
 GroupHessians = dict[StreamKey, TaskHessian]
@@ -77,7 +77,7 @@ def quantize_layer_sequential(
         hessians: GroupHessians = {}
         for stream, stream_passes in zip(streams, passes):
             accumulator: HessianAccumulator | None = None
-            with active_adapter(peft_model, stream.adapter):
+            with layer_adapter(layer, peft_model, stream.adapter):
                 for layer_pass in stream_passes:
                     with timer.phase("forward"):
                         inputs = layer_pass.advance(group)
@@ -92,7 +92,7 @@ def quantize_layer_sequential(
         collected[group] = hessians
     with timer.phase("forward"):
         for stream, stream_passes in zip(streams, passes):
-            with active_adapter(peft_model, stream.adapter):
+            with layer_adapter(layer, peft_model, stream.adapter):
                 for batch, layer_pass in zip(stream.batches, stream_passes):
                     batch.hidden = layer_pass.finish()
     return collected
@@ -101,6 +101,6 @@ def quantize_layer_sequential(
 def propagate(layer: nn.Module, streams: list[Stream], peft_model) -> None:
     """Run every stream through a layer whose weights are final (a resumed layer)."""
     for stream in streams:
-        with active_adapter(peft_model, stream.adapter):
+        with layer_adapter(layer, peft_model, stream.adapter):
             for batch in stream.batches:
                 batch.hidden = run_layer(layer, batch)

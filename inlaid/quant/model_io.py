@@ -177,6 +177,36 @@ def active_adapter(peft_model, name: str | None) -> Iterator[None]:
     yield
 
 
+@contextmanager
+def layer_adapter(module: nn.Module, peft_model, name: str | None) -> Iterator[None]:
+    """`active_adapter` for the LoRA layers inside `module` (one decoder layer) only.
+
+    PEFT's model-wide `set_adapter` walks every module of the model: 30 ms on the default
+    model, and the layer-by-layer quantizer switches 9 streams x 5 stages x 30 layers times
+    (40 s of a 190 s quantization). The LoRA layers read only their own active-adapter and
+    disabled flags, which this sets and, for `None`, restores."""
+    if peft_model is None:
+        if name is not None:
+            raise AdapterMismatchError(f"adapter '{name}' requested but no adapter is loaded")
+        yield
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    tuners = [sub for sub in module.modules() if isinstance(sub, BaseTunerLayer)]
+    if name is None:
+        for tuner in tuners:
+            tuner.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for tuner in tuners:
+                tuner.enable_adapters(True)
+        return
+    for tuner in tuners:
+        tuner.set_adapter(name)  # as PEFT's model-wide call does (a module the adapter skips ignores it)
+    yield
+
+
 class _StopForward(Exception):
     pass
 
