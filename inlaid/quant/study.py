@@ -35,7 +35,7 @@ VARIANTS: dict[str, str] = {
     "trace-norm": "mean of trace-normalised H_t",
     "error-norm": "mean of H_t / ‖WX_t‖² (each task's relative error the same weight)",
     "max": "literal element-wise max of the H_t",
-    "mlgptq": "mlgptq: the adapter-on task mean (= task-mean; the default since the NLL table)",
+    "mlgptq": "mlgptq's default aggregate without its probed task costs (the study has no probe): the task mean",
     "bounded": "mlgptq until the NLL table: adapter-on token mean + 4 rounds toward the worst task, task mean within +5 %",
     "minimax:4:2": "minimax (mlgptq before): error-norm + 4 rounds of reweighting (exponent 2)",
     "minimax:8:2": "error-norm + 8 rounds of reweighting (exponent 2)",
