@@ -1,6 +1,6 @@
 """The OpenAI API's JSON bodies that the front reads and writes, as msgspec Structs.
 
-These are OpenAI's formats, not Inlaid's protocol (that is `inlaid/protocol.py`, which
+These are OpenAI's formats, not Inlaid's protocol (that is `inlaid/protocol/`, which
 the front speaks to the coordinator through the SDK). Requests are decoded strictly: an
 argument OpenAI does not define is refused, as OpenAI does; arguments it defines that
 Inlaid cannot honour are declared here so that `translate.py` can refuse them by name.

@@ -1,0 +1,284 @@
+"""Client <-> coordinator: requests, replies and the error codes (the public wire API)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from inlaid.protocol.sampling import SamplingParams
+
+# ---------------------------------------------------------------- client <-> coordinator
+# Every request carries a client-chosen `request_id` (unique per client connection); every
+# reply names the request it answers. A generate is answered by zero or more TextChunks
+# (when `stream` is set) and exactly one GenerateDone or ErrorReply.
+#
+# Unknown fields: requests refuse them (`malformed`, naming the field), so a misspelt
+# option can never fall back to its default unnoticed; both sides check PROTOCOL_VERSION
+# in the hello, so a field is only ever added with a new version. Replies are read
+# leniently by the SDK: a server may add a reply field without breaking older clients.
+
+DEFAULT_MAX_FRAME_BYTES = 1 << 20
+
+
+class ChatMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    role: str
+    content: str
+
+
+class Hello(msgspec.Struct, frozen=True, kw_only=True, tag="hello", forbid_unknown_fields=True):
+    request_id: str
+    protocol_version: int
+    client: str = ""
+
+
+class Generate(msgspec.Struct, frozen=True, kw_only=True, tag="generate", forbid_unknown_fields=True):
+    """Exactly one of `prompt`, `messages` (chat, rendered with the model's template) or
+    `prompt_token_ids`. `task` names a registered adapter; None runs the base model.
+    `deadline_s` counts from the server's receipt; past it the request fails."""
+
+    request_id: str
+    task: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    prompt_token_ids: list[int] | None = None
+    sampling: SamplingParams = SamplingParams()
+    stream: bool = False
+    deadline_s: float | None = None
+
+
+class Cancel(msgspec.Struct, frozen=True, kw_only=True, tag="cancel", forbid_unknown_fields=True):
+    """Cancel this client's generate `request_id`; it ends with finish_reason 'cancelled'."""
+
+    request_id: str
+
+
+class ListTasks(msgspec.Struct, frozen=True, kw_only=True, tag="list_tasks", forbid_unknown_fields=True):
+    request_id: str
+
+
+class Health(msgspec.Struct, frozen=True, kw_only=True, tag="health", forbid_unknown_fields=True):
+    request_id: str
+
+
+class GetStats(msgspec.Struct, frozen=True, kw_only=True, tag="stats", forbid_unknown_fields=True):
+    request_id: str
+
+
+class GetMetrics(msgspec.Struct, frozen=True, kw_only=True, tag="metrics", forbid_unknown_fields=True):
+    """The server's Prometheus metrics (text exposition format 0.0.4)."""
+
+    request_id: str
+
+
+class AddTask(msgspec.Struct, frozen=True, kw_only=True, tag="add_task", forbid_unknown_fields=True):
+    """Admin: register (or replace) task `name` served by the PEFT adapter in `adapter_dir`.
+    With `calibration_jsonl` (samples of the task) on a quantized base, the base is then
+    re-quantized for the task in the background (follow it with TaskStatus)."""
+
+    request_id: str
+    name: str
+    adapter_dir: str
+    token: str = ""
+    calibration_jsonl: str = ""
+
+
+class RemoveTask(msgspec.Struct, frozen=True, kw_only=True, tag="remove_task", forbid_unknown_fields=True):
+    """Admin: stop accepting requests for `name`; running ones finish first."""
+
+    request_id: str
+    name: str
+    token: str = ""
+
+
+class TaskStatus(msgspec.Struct, frozen=True, kw_only=True, tag="task_status", forbid_unknown_fields=True):
+    """Admin: where task `name` stands (its re-quantization above all)."""
+
+    request_id: str
+    name: str
+    token: str = ""
+
+
+ClientRequest = (
+    Hello | Generate | Cancel | ListTasks | Health | GetStats | GetMetrics | AddTask | RemoveTask | TaskStatus
+)
+
+
+class ErrorCode:
+    """The `code` of an ErrorReply. The SDK maps each to an exception class."""
+
+    MALFORMED = "malformed"  # undecodable frame, wrong field types, several frames
+    UNKNOWN_MESSAGE = "unknown_message_type"
+    FRAME_TOO_LARGE = "frame_too_large"
+    PROTOCOL_VERSION = "protocol_version"
+    INVALID_REQUEST = "invalid_request"  # bad sampling values, no prompt, duplicate id, ...
+    UNKNOWN_TASK = "unknown_task"
+    CONTEXT_LENGTH = "context_length"
+    OVERLOADED = "overloaded"
+    UNAUTHORIZED = "unauthorized"
+    TASK_BUSY = "task_busy"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    EXECUTOR_FAILED = "executor_failed"  # the executor died, hung, or could not compute this request
+    ADAPTER_FAILED = "adapter_failed"  # the task's adapter could not be loaded on the executor
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL = "internal"
+
+
+class HelloReply(msgspec.Struct, frozen=True, kw_only=True, tag="hello_reply"):
+    request_id: str
+    protocol_version: int
+    server_version: str
+    model: str
+    max_model_len: int
+
+
+class TextChunk(msgspec.Struct, frozen=True, kw_only=True, tag="chunk"):
+    request_id: str
+    text: str  # newly visible text (may be empty while a multi-byte character completes)
+    token_ids: list[int]
+
+
+class GenerateDone(msgspec.Struct, frozen=True, kw_only=True, tag="done"):
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # stop | length | context | cancelled
+    num_prompt_tokens: int
+    queue_seconds: float  # receipt -> first scheduled
+    first_token_seconds: float  # receipt -> first generated token (0 when none)
+    total_seconds: float
+
+
+class ErrorReply(msgspec.Struct, frozen=True, kw_only=True, tag="error"):
+    request_id: str  # "" when the frame was too broken to name its request
+    code: str
+    message: str
+
+
+class TaskInfo(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    adapter_dir: str
+    active_requests: int
+
+
+class TaskList(msgspec.Struct, frozen=True, kw_only=True, tag="task_list"):
+    request_id: str
+    tasks: list[TaskInfo]
+
+
+class HealthReply(msgspec.Struct, frozen=True, kw_only=True, tag="health_reply"):
+    request_id: str
+    status: str  # ok | starting (executor loading) | shutting_down
+    executor_ready: bool
+    uptime_seconds: float
+
+
+class ExecutorInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """One executor of a server with several (`[executors] count`)."""
+
+    index: int
+    ready: bool
+    pid: int  # 0 while it is not ready
+    restarts: int
+    device: str
+    requests_running: int
+    requests_waiting: int
+    kv_blocks_free: int
+    tasks_served: dict[str, int]  # requests that ended on this executor, by task ("__base__": none)
+    moved_in: int  # waiting requests moved here from another executor
+    adapter_admissions: int  # adapter rows admitted (new or recomputed)
+    adapter_hits: int  # of those, with their adapter already in a slot
+
+
+class ServerStats(msgspec.Struct, frozen=True, kw_only=True, tag="stats_reply"):
+    request_id: str
+    requests_waiting: int
+    requests_running: int
+    requests_received: int
+    requests_finished: int
+    requests_failed: int
+    requests_rejected_overloaded: int
+    steps: int
+    tokens_generated: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    executor_pid: int
+    executor_restarts: int
+    executor_rss_bytes: int
+    executor_device_memory_allocated: int
+    mean_step_seconds: float  # plan sent -> result received, over the last steps
+    mean_compute_seconds: float  # the executor's own time for those steps
+    mean_step_gap_seconds: float  # coordinator time between a result and the next plan
+    requests_abandoned: int = 0  # cancelled because their client disconnected
+    executors: list[ExecutorInfo] = []  # per executor; the figures above are their sums
+
+
+class MetricsReply(msgspec.Struct, frozen=True, kw_only=True, tag="metrics_reply"):
+    request_id: str
+    text: str  # Prometheus text exposition format 0.0.4
+
+
+class AdminReply(msgspec.Struct, frozen=True, kw_only=True, tag="admin_reply"):
+    request_id: str
+    message: str
+
+
+class KeptLinear(msgspec.Struct, frozen=True, kw_only=True):
+    """A linear the re-quantization left as it was served, and why."""
+
+    layer: int
+    linear: str
+    action: str  # kept-unchanged | kept-quality
+    reason: str
+
+
+class TaskStatusReply(msgspec.Struct, frozen=True, kw_only=True, tag="task_status_reply"):
+    request_id: str
+    name: str
+    phase: str  # serving | queued | requantizing | ready | failed
+    layers_done: int
+    layers_total: int
+    version: int  # the quantization version its re-quantization produces (0: none)
+    served_version: int  # the newest version any served layer carries
+    layers_swapped: int
+    kept: list[KeptLinear] = []
+    message: str = ""  # why there is no re-quantization, or the error of a failed one
+    forward_seconds: float = 0.0  # the requantizer's calibration forward + Hessians so far
+    quantize_seconds: float = 0.0  # ... aggregation, GPTQ and the quality gate
+    wall_seconds: float = 0.0  # job start (first dispatch) -> finish (or now)
+    peak_rss_bytes: int = 0  # the requantizer's
+
+
+ServerReply = (
+    HelloReply | TextChunk | GenerateDone | ErrorReply | TaskList | HealthReply | ServerStats | MetricsReply
+    | AdminReply | TaskStatusReply
+)
+
+__all__ = [
+    "AddTask",
+    "AdminReply",
+    "Cancel",
+    "ChatMessage",
+    "ClientRequest",
+    "DEFAULT_MAX_FRAME_BYTES",
+    "ErrorCode",
+    "ErrorReply",
+    "ExecutorInfo",
+    "Generate",
+    "GenerateDone",
+    "GetMetrics",
+    "GetStats",
+    "Health",
+    "HealthReply",
+    "Hello",
+    "HelloReply",
+    "KeptLinear",
+    "ListTasks",
+    "MetricsReply",
+    "RemoveTask",
+    "ServerReply",
+    "ServerStats",
+    "TaskInfo",
+    "TaskList",
+    "TaskStatus",
+    "TaskStatusReply",
+    "TextChunk",
+]
