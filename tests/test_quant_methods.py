@@ -159,3 +159,11 @@ def test_task_costs_move_error_onto_the_cheap_tasks(seed: int) -> None:
     assert worst <= max(costs[t] * e for t, e in static.task_errors.items()) * (1 + 1e-9)
     with pytest.raises(UnknownMethodError, match="sensitivity"):
         MlgptqOptions(sensitivity="magic")
+
+
+def test_the_probe_reads_no_more_samples_than_the_calibration() -> None:
+    from inlaid.quant.task_costs import normalized, probe_count
+
+    assert probe_count(8, None) == 8 and probe_count(8, 32) == 8 and probe_count(8, 2) == 2
+    assert normalized({"a": 1.0, "b": 3.0}) == {"a": 0.5, "b": 1.5}  # mean 1: only the ratios matter
+    assert normalized({"a": 0.0}) is None

@@ -38,7 +38,7 @@ from inlaid.quant.model_io import (
 from inlaid.quant.partial import load_partial_layer, prepare_partial_dir, save_partial_layer, write_dequantized
 from inlaid.quant.spec import QuantSpec
 from inlaid.quant.state import save_layer_state
-from inlaid.quant.task_costs import normalized, probe_impurity, save_raw_costs
+from inlaid.quant.task_costs import normalized, probe_count, probe_impurity, save_raw_costs
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -192,7 +192,7 @@ def _task_costs(config: DriverConfig, calibrated: _Calibrated) -> dict[str, floa
     if config.method.kind not in ("mlgptq", "minimax") or config.mlgptq.sensitivity == "none":
         return None
     return probe_impurity(calibrated.model, calibrated.tokenizer, calibrated.peft_model, config.tasks,
-                          config.mlgptq.probe_samples)
+                          probe_count(config.mlgptq.probe_samples, config.max_samples))
 
 
 def calibration_forward_seconds(config: DriverConfig) -> PhaseTimer:

@@ -59,7 +59,7 @@ from inlaid.quant.model_io import (
 )
 from inlaid.quant.spec import QuantSpec
 from inlaid.quant.state import LayerState, layer_state_path, load_layer_state, save_layer_state
-from inlaid.quant.task_costs import COSTS_FILE, load_raw_costs, normalized, probe_impurity, save_raw_costs
+from inlaid.quant.task_costs import COSTS_FILE, load_raw_costs, normalized, probe_count, probe_impurity, save_raw_costs
 
 _PACKED_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx", ".bias")
 _DRIVER_DEFAULTS = {f.name: f.default for f in fields(DriverConfig)}
@@ -233,7 +233,8 @@ class IncrementalQuantizer:
                 f"{self.checkpoint_dir}: mlgptq sensitivity '{self.options.sensitivity}' needs every task's probed cost "
                 f"(hessian_state/{COSTS_FILE}), which this checkpoint lacks; re-quantize it fully")
         raw = {name: value for name, value in stored.items() if name not in self.drop_tasks}
-        raw.update(probe_impurity(self.model, self.tokenizer, self.peft_model, [self.task], self.options.probe_samples))
+        raw.update(probe_impurity(self.model, self.tokenizer, self.peft_model, [self.task],
+                                  probe_count(self.options.probe_samples, self.max_samples)))
         save_raw_costs(self.state_out, raw)
         return normalized(raw)
 

@@ -2,7 +2,7 @@
 
 With `sensitivity="impurity"` a task's cost κ_t is the mean Gini impurity 1 − Σ_v p_v² of the
 FLOAT model's distribution over its answer tokens, on the first `probe_samples` calibration
-samples, the task's adapter on: to second order, what noise on the logits costs that task's
+samples (at most as many as the calibration uses), the task's adapter on: to second order, what noise on the logits costs that task's
 answer NLL. The aggregate weighs each task by κ_t (λ_t ∝ κ_t / T for the task mean).
 
 Only ratios between tasks matter (every aggregate normalises λ), so costs are used
@@ -38,6 +38,12 @@ def probe_impurity(model: torch.nn.Module, tokenizer, peft_model: torch.nn.Modul
     return raw
 
 
+def probe_count(probe_samples: int, max_samples: int | None) -> int:
+    """How many samples per task the probe reads: `probe_samples`, but never more than the
+    calibration itself uses (a quick 2-sample build probes 2)."""
+    return probe_samples if max_samples is None else max(1, min(probe_samples, max_samples))
+
+
 def normalized(raw: dict[str, float]) -> dict[str, float] | None:
     """The costs scaled to mean 1 (None when every probe was 0: no task is costlier)."""
     mean = sum(raw.values()) / len(raw) if raw else 0.0
@@ -62,4 +68,4 @@ def load_raw_costs(state_dirs: Iterable[Path]) -> dict[str, float] | None:
     return None
 
 
-__all__ = ["COSTS_FILE", "load_raw_costs", "normalized", "probe_impurity", "save_raw_costs"]
+__all__ = ["COSTS_FILE", "load_raw_costs", "normalized", "probe_count", "probe_impurity", "save_raw_costs"]
