@@ -14,7 +14,7 @@ run: setup
 test: setup
 	$(PY) -m pytest -q --durations=15 tests
 
-# make bench: the end-to-end suite (~15 min); QUICK=1: its 1-minute smoke run; ALL=1: every bench/*.py
+# make bench: the end-to-end suite (~25 min quiet); QUICK=1: its 1-minute smoke run; ALL=1: every bench/*.py
 bench: setup
 	$(PY) bench/run_all.py $(if $(QUICK),--quick) $(if $(ALL),--all)
 
