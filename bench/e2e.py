@@ -21,9 +21,9 @@ from rate to rate), so machine load hits all of them alike.
 
 Writes DIR (default bench/results/e2e/; --quick: a temp dir) : e2e.json (every figure),
 records.jsonl (every request: task, times, token ids), e2e.md and PNG plots (bench/e2e_report.py).
-The report is rewritten after each task count. The 9-task part took 14 minutes at load 6 on
-2 shared cores; the 100-task part stalls today on an executor hang (docs/benchmarks.md,
-"100 tasks"). --quick (~1-2 minutes) is the smoke run tests/test_bench_e2e.py checks.
+The report is rewritten after each task count. On the quiet 2-core VM the 9-task part takes
+~11 minutes and the whole run 25 (docs/benchmarks.md; the 100-task stall seen beside other
+jobs did not recur). --quick (~1-2 minutes) is the smoke run tests/test_bench_e2e.py checks.
 """
 
 from __future__ import annotations
