@@ -57,15 +57,21 @@ BOUNDED = MlgptqOptions(rounds=4, start="token-mean", mean_slack=0.05)  # mlgptq
 
 
 def test_mlgptq_default_is_gptq_on_the_task_mean() -> None:
-    """The default mlgptq is GPTQ against (1/T) Σ H_t: the same codes, bit for bit, and the
-    small tasks a token mean outvotes get lower errors than under it."""
+    """The default mlgptq is GPTQ against (1/T) Σ H_t — with task costs κ, against
+    Σ κ_t H_t / Σ κ_t: the same codes, bit for bit — and the small tasks a token mean
+    outvotes get lower errors than under it."""
     spec = QuantSpec(bits=3, group_size=32)
+    costs = {"task0": 0.5, "task1": 1.5, "task2": 1.0, "task3": 1.0}
     for seed in range(3):
         weight = torch.randn(48, 96, generator=torch.Generator().manual_seed(300 + seed))
         stats = _task_hessians(96, seed)
         task_mean = sum(stat.hessian for stat in stats.values()) / len(stats)
         outcome = quantize_linear(parse_method("mlgptq"), weight, stats, spec)
         assert torch.equal(outcome.quantized.codes, gptq_quantize(weight, task_mean, spec).codes)
+        weighted_mean = sum(costs[name] * stat.hessian for name, stat in stats.items()) / sum(costs.values())
+        weighted = quantize_linear(parse_method("mlgptq"), weight, stats, spec, task_costs=costs)
+        torch.testing.assert_close(weighted.quantized.dequantize(), gptq_quantize(weight, weighted_mean, spec).dequantize(),
+                                   rtol=0, atol=0)
         token_mean = quantize_static("token-mean", [weight], stats, spec)[0].quantized.dequantize()
         by_token_mean = task_errors(weight, token_mean, stats)
         assert outcome.task_errors["task3"] < by_token_mean["task3"]  # 150 of 5,050 tokens

@@ -2,8 +2,9 @@
 
 With `sensitivity="impurity"` a task's cost κ_t is the mean Gini impurity 1 − Σ_v p_v² of the
 FLOAT model's distribution over its answer tokens, on the first `probe_samples` calibration
-samples (at most as many as the calibration uses), the task's adapter on: to second order, what noise on the logits costs that task's
-answer NLL. The aggregate weighs each task by κ_t (λ_t ∝ κ_t / T for the task mean).
+samples (at most as many as the calibration uses), the task's adapter on: to second order,
+what noise on the logits costs that task's answer NLL. The aggregate weighs each task by
+κ_t (λ_t ∝ κ_t / T for the task mean).
 
 Only ratios between tasks matter (every aggregate normalises λ), so costs are used
 normalised to mean 1; the RAW probes are what a later addition needs: they are kept in the
