@@ -88,17 +88,24 @@ def output_energy(weight: torch.Tensor, hessian: torch.Tensor) -> float:
 
 
 def static_weights(kind: str, weight: torch.Tensor, stats: dict[str, TaskHessian],
-                   energies: dict[str, float] | None = None) -> dict[str, float]:
+                   energies: dict[str, float] | None = None,
+                   task_costs: dict[str, float] | None = None) -> dict[str, float]:
+    """λ of the weighting `kind`, each task's scaled by its cost κ_t when `task_costs` are
+    given (the start of mlgptq / minimax)."""
     if kind == "token-mean":
-        return {name: float(stat.tokens) for name, stat in stats.items()}
-    if kind == "task-mean":
-        return {name: 1.0 for name in stats}
-    if kind == "trace-norm":
-        return {name: 1.0 / max(float(torch.trace(stat.hessian)), 1e-30) for name, stat in stats.items()}
-    if kind == "error-norm":
+        lambdas = {name: float(stat.tokens) for name, stat in stats.items()}
+    elif kind == "task-mean":
+        lambdas = {name: 1.0 for name in stats}
+    elif kind == "trace-norm":
+        lambdas = {name: 1.0 / max(float(torch.trace(stat.hessian)), 1e-30) for name, stat in stats.items()}
+    elif kind == "error-norm":
         energies = energies if energies is not None else TaskHessians(stats).energies(weight)
-        return {name: 1.0 / max(energies[name], 1e-30) for name in stats}
-    raise ValueError(f"unknown static weighting '{kind}'")
+        lambdas = {name: 1.0 / max(energies[name], 1e-30) for name in stats}
+    else:
+        raise ValueError(f"unknown static weighting '{kind}'")
+    if task_costs is None:
+        return lambdas
+    return {name: value * task_costs[name] for name, value in lambdas.items()}
 
 
 def task_errors(
@@ -156,8 +163,7 @@ def quantize_minimax(
     hessians = hessians or TaskHessians(stats)
     costs = task_costs or {name: 1.0 for name in stats}
     energies = [{name: max(value, 1e-30) for name, value in hessians.energies(weight).items()} for weight in weights]
-    lambdas = [{name: value * costs[name] for name, value in static_weights(start, weight, stats, energy).items()}
-               for weight, energy in zip(weights, energies)]
+    lambdas = [static_weights(start, weight, stats, energy, costs) for weight, energy in zip(weights, energies)]
     best: list[AggregateOutcome | None] = [None] * len(weights)
     best_worst = [float("inf")] * len(weights)
     mean_bound = [float("inf")] * len(weights)

@@ -59,10 +59,8 @@ def aggregate_for_change(method: Method, weight: torch.Tensor, stats: dict[str, 
     if method.kind == "max":
         return elementwise_max(stats)
     kind = {"mlgptq": options.start, "minimax": "error-norm"}.get(method.kind, "token-mean")
-    weights = static_weights(kind, weight, stats)
-    if task_costs and method.kind in ("mlgptq", "minimax"):
-        weights = {name: value * task_costs[name] for name, value in weights.items()}
-    return TaskHessians(stats).combine(weights)
+    costs = task_costs if method.kind in ("mlgptq", "minimax") else None
+    return TaskHessians(stats).combine(static_weights(kind, weight, stats, task_costs=costs))
 
 
 def aggregate_change(method: Method, weight: torch.Tensor, existing: dict[str, TaskHessian],
