@@ -186,9 +186,8 @@ def layer_adapter(module: nn.Module, peft_model, name: str | None) -> Iterator[N
     (40 s of a 190 s quantization). The LoRA layers read only their own active-adapter and
     disabled flags, which this sets and, for `None`, restores."""
     if peft_model is None:
-        if name is not None:
-            raise AdapterMismatchError(f"adapter '{name}' requested but no adapter is loaded")
-        yield
+        with active_adapter(None, name):  # its check: no adapter can be asked for
+            yield
         return
     from peft.tuners.tuners_utils import BaseTunerLayer
 
