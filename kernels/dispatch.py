@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .dense_cpu import PackedDenseWeight, packing_supported  # noqa: F401  (re-exported)
 from .lora_cpu import HostSegments, build_cpu_plan, host_segments, lora_apply_cpu, lora_expand_cpu, lora_shrink_cpu
+from .lora_compact_cpu import CompactLoraPools, build_compact_pools  # noqa: F401  (re-exported)
 from .lora_meta import LoraArgumentError, check_pools, check_segment_values, check_segments
 from .quant_linear import (  # noqa: F401  (re-exported: the engine imports ops from here)
     PreparedQuantLinear,
@@ -157,6 +158,7 @@ def lora_apply(
     v_buffer: Tensor | None = None,
     segments: HostSegments | None = None,
     stacked_a: Tensor | None = None,
+    compact: CompactLoraPools | None = None,
 ) -> None:
     """y += LoRA(x) for a (possibly fused) projection: shrink then expand.
 
@@ -166,6 +168,8 @@ def lora_apply(
                    projection (the per-call metadata checks are then skipped)
         stacked_a  [S, n_slices * R_max, K] whose [:, i*R_max:(i+1)*R_max] is a_pools[i]:
                    lets decode tokens shrink every slice in one matmul
+        compact    `build_compact_pools(...)` of these pools as loaded now: the masked
+                   route then reads the slots' real ranks, not the padded pools
     `v_buffer` is for the CUDA-graph path."""
     if not x.is_cuda and v_buffer is None:
         num_slots, r_max = check_pools(a_pools, "a_pools", x.dtype, x.device)
@@ -184,7 +188,7 @@ def lora_apply(
             segments = host_segments(segment_starts, segment_slots, x.device)
         elif segments.num_tokens != x.shape[0]:
             raise LoraArgumentError(f"segments cover {segments.num_tokens} tokens, x has {x.shape[0]}")
-        lora_apply_cpu(y, x, a_pools, b_pools, slice_offsets, segments, slot_ranks, slot_scales, stacked_a)
+        lora_apply_cpu(y, x, a_pools, b_pools, slice_offsets, segments, slot_ranks, slot_scales, stacked_a, compact)
         return
     v = lora_shrink(x, a_pools, segment_starts, segment_slots, slot_ranks, out=v_buffer)
     lora_expand(y, v, b_pools, slice_offsets, segment_starts, segment_slots, slot_ranks, slot_scales)

@@ -21,6 +21,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .lora_compact_cpu import CompactLoraPools, lora_apply_compact
+
 # A slot with at least this many tokens in the step gets its own matmul.
 LARGE_GROUP_TOKENS = 16
 _PLAN_CACHE_SIZE = 16
@@ -284,10 +286,14 @@ def lora_apply_cpu(
     slot_ranks: Tensor,
     slot_scales: Tensor,
     stacked_a: Tensor | None = None,
+    compact: CompactLoraPools | None = None,
 ) -> None:
     """Fused shrink + expand: y[t, slice i] += scale * (x[t] @ A_i[s, :r].T) @ B_i[s, :, :r].T.
 
-    Two routes (both exact up to float summation order):
+    Three routes (all exact up to float summation order):
+      * masked on the compact pools (`compact` given; lora_compact_cpu.py): the masked route
+        below over the slots' real ranks instead of the padded pools, taken where the masked
+        route would be and reads fewer columns than the padded slot range;
       * masked (decode-sized steps with several adapters, `stacked_a` given): ONE shrink
         matmul of every token against every slot of the step's slot range, a multiply that
         keeps each token's own slot (times its scale) and zeroes the rest, then one
@@ -297,6 +303,11 @@ def lora_apply_cpu(
       * per adapter: one shrink (all slices in one matmul through `stacked_a` when the
         adapter has few tokens, else per slice at the real rank) and one `addmm_` per slice.
     """
+    if compact is not None and segments.masked_path:
+        first, stop = segments.slot_range
+        if compact.num_columns <= (stop - first) * len(a_pools) * a_pools[0].shape[1]:
+            lora_apply_compact(y, x, compact, slice_offsets, segments)
+            return
     if stacked_a is not None and segments.masked_path:
         _lora_apply_masked(y, x, stacked_a, b_pools, slice_offsets, segments, slot_scales)
         return

@@ -35,7 +35,8 @@ NEW_TOKENS = 16
 # inside the kernel (and of the scales/zeros it stores). Every greedy token was equal, down to
 # top-2 gaps of 0.01; the test holds the tokens equal wherever the gap exceeds CLEAR_GAP,
 # about 3x the largest error seen on a top token (the random test adapters make flat
-# distributions: about 60% of the positions are that clear).
+# distributions: 44-60% of the positions are that clear, by CPU); at the other positions the
+# token picked must be within CLEAR_GAP of the reference's top logit.
 INT4_LOGIT_TOLERANCE = 1.0
 INT4_MEAN_TOLERANCE = 0.15
 CLEAR_GAP = 1.0
@@ -182,9 +183,14 @@ def test_int4_kernel_parity_with_transformers_peft(served_engine, reference_gene
         top2 = reference.topk(2, dim=-1).values
         is_clear = (top2[:, 0] - top2[:, 1]) > CLEAR_GAP
         assert torch.equal(logits.argmax(-1)[is_clear], reference.argmax(-1)[is_clear]), f"prompt {index}"
+        # Elsewhere a different pick may only be a near-tie of the reference's top token.
+        picked = reference.gather(1, logits.argmax(-1, keepdim=True))[:, 0]
+        assert torch.all(picked >= top2[:, 0] - CLEAR_GAP), f"prompt {index}"
         clear += int(is_clear.sum())
     assert worst < INT4_LOGIT_TOLERANCE, worst
-    assert clear >= 0.5 * sum(len(t) for t in ref_tokens)  # the check covers most positions
+    # The share of clear positions depends on the CPU that built the checkpoint (60 % on an
+    # AMD EPYC, 44 % on an Intel Xeon with AMX): the exact check must still cover many.
+    assert clear >= 0.3 * sum(len(t) for t in ref_tokens)
 
 
 def test_teacher_forced_nll_equals_transformers_peft(default_checkpoint, model_dir, adapter_dirs, dequantized_peft):

@@ -25,7 +25,8 @@ INTERPRETED_HERE = enable_triton_interpreter()
 if INTERPRETED_HERE:
     from inlaid.kernels import lora_triton
 from inlaid.kernels import lora_cpu
-from inlaid.kernels.dispatch import lora_apply, lora_expand, lora_host_segments, lora_shrink
+from inlaid.kernels.dispatch import build_compact_pools, lora_apply, lora_expand, lora_host_segments, lora_shrink
+from inlaid.kernels.lora_compact_cpu import lora_apply_compact
 
 needs_interpreter = pytest.mark.skipif(
     not INTERPRETED_HERE, reason="triton already loaded in compiled mode: run in a child process"
@@ -125,6 +126,45 @@ def test_cpu_stacked_routes_match_reference(name: str, route: str, monkeypatch: 
         lora_apply(y, case.x, a_views, b_views, case.slice_offsets, case.segment_starts, case.segment_slots,
                    case.slot_ranks, case.slot_scales, segments=segments, stacked_a=stacked)
         assert_expand_matches(case, y_before, y, poisoned_v(case), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_cpu_compact_route_matches_reference(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The masked route on the compact pools (real ranks only) against the float64
+    reference. The pools keep their NaN poison past each rank: compacting must not read it."""
+    monkeypatch.setattr(lora_cpu, "DENSE_MAX_TOKEN_SLOTS", 10**9)
+    taken = []
+    monkeypatch.setattr(lora_cpu, "lora_apply_compact", lambda *args: (taken.append(1), lora_apply_compact(*args)))
+    for seed in range(3):
+        case = make_case(name, k=40, seed=200 + seed)
+        compact = build_compact_pools(case.a_pools, case.b_pools, case.slot_ranks, case.slot_scales)
+        assert compact.num_columns == int(case.slot_ranks.sum())
+        segments = lora_host_segments(case.segment_starts, case.segment_slots, case.num_tokens, 6)
+        y = torch.randn((case.num_tokens, sum(WIDTHS)))
+        y_before = y.clone()
+        lora_apply(y, case.x, case.a_pools, case.b_pools, case.slice_offsets, case.segment_starts,
+                   case.segment_slots, case.slot_ranks, case.slot_scales, segments=segments, compact=compact)
+        assert_expand_matches(case, y_before, y, poisoned_v(case), atol=1e-4)
+    slots_with_tokens = {slot for slot, tokens in CASES[name][0] if slot >= 0 and tokens > 0}
+    assert bool(taken) == (len(slots_with_tokens) > 1)  # the route serves steps of several adapters
+
+
+def test_cpu_compact_pools_layout() -> None:
+    """Each slice's columns are one range; each column holds its slot's A row, B column and scale."""
+    case = make_case("decode_length_1", k=16, seed=5)
+    compact = build_compact_pools(case.a_pools, case.b_pools, case.slot_ranks, case.slot_scales)
+    column = 0
+    for i, ranks in enumerate(case.slot_ranks.tolist()):
+        start, stop = compact.slice_columns[i]
+        assert (start, stop) == (column, column + sum(ranks))
+        for slot, rank in enumerate(ranks):
+            rows = slice(column, column + rank)
+            assert torch.equal(compact.a_rows[rows], case.a_pools[i][slot, :rank])
+            assert torch.equal(compact.b_rows[i][column - start : column - start + rank], case.b_pools[i][slot, :, :rank].T)
+            assert compact.col_slot[rows].tolist() == [slot] * rank
+            assert torch.all(compact.col_scale[rows] == case.slot_scales[i, slot])
+            column += rank
+    assert torch.isfinite(compact.a_rows).all() and all(torch.isfinite(b).all() for b in compact.b_rows)
 
 
 def test_cpu_stacked_a_must_be_the_pools_storage() -> None:

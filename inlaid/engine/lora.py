@@ -22,9 +22,11 @@ from torch import nn
 from inlaid.engine.adapter_config import AdapterError, AdapterSpec
 from inlaid.engine.lora_fused import MAX_TOKEN_SLOTS, FusedExpandWeight
 from inlaid.kernels.dispatch import (
+    CompactLoraPools,
     HostSegments,
     PackedDenseWeight,
     PreparedQuantLinear,
+    build_compact_pools,
     lora_apply,
     packing_supported,
     quant_matmul,
@@ -77,6 +79,11 @@ class LoraLinear(nn.Module):
         self.fused: FusedExpandWeight | None = None
         # Set by `pack_weight` when not fused: the base, packed for oneDNN.
         self.packed: PackedDenseWeight | None = None
+        # The CPU's copy of the loaded slots at their real ranks (kernels/lora_compact_cpu.py),
+        # and the pools' version counters it was built at: any in-place write to a pool (a
+        # slot load, or a benchmark filling the pools) makes the next forward rebuild it.
+        self._compact: CompactLoraPools | None = None
+        self._compact_versions: tuple[int, ...] = ()
 
     # ------------------------------------------------------------------ set-up
     def use_quantized(self, prepared: list[PreparedQuantLinear]) -> None:
@@ -186,8 +193,17 @@ class LoraLinear(nn.Module):
                 self.slot_scales,
                 segments=lora.host,
                 stacked_a=self.stacked_a,
+                compact=self._compact_pools() if lora.host is not None else None,
             )
         return y
+
+    def _compact_pools(self) -> CompactLoraPools:
+        pools = (self.stacked_a, *self.lora_b, self.slot_ranks, self.slot_scales)
+        versions = tuple(pool._version for pool in pools)
+        if self._compact is None or versions != self._compact_versions:
+            self._compact = build_compact_pools(self.lora_a, self.lora_b, self.slot_ranks, self.slot_scales)
+            self._compact_versions = versions
+        return self._compact
 
 
 _LORA_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
