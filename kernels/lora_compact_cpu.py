@@ -51,39 +51,86 @@ class CompactLoraPools:
 
 
 def build_compact_pools(
-    a_pools: Sequence[Tensor], b_pools: Sequence[Tensor], slot_ranks: Tensor, slot_scales: Tensor
+    stacked_a: Tensor, b_pools: Sequence[Tensor], slot_ranks: Tensor, slot_scales: Tensor
 ) -> CompactLoraPools:
-    """Copy every slot's real-rank rows (a_pools[i] [S, R_max, K], b_pools[i] [S, N_i, R_max],
-    slot_ranks int32 / slot_scales [n_slices, S]) into the compact layout above."""
-    ranks, scales = slot_ranks.tolist(), slot_scales.tolist()
-    dtype, device = a_pools[0].dtype, a_pools[0].device
-    a_parts: list[Tensor] = []
+    """Copy every slot's real-rank rows into the compact layout above: one `index_select`
+    per half and slice (a slot load costs each projection these few copies, not a Python
+    loop over slots).
+
+    stacked_a    [S, n_slices * R_max, K]: slice i of slot s is rows [i * R_max, (i + 1) * R_max)
+    b_pools[i]   [S, N_i, R_max], a view of contiguous [S, R_max, N_i] storage (the engine's)
+    slot_ranks   int32 [n_slices, S];  slot_scales [n_slices, S]
+    """
+    num_slots, stacked_rows, in_features = stacked_a.shape
+    n_slices = len(b_pools)
+    r_max = stacked_rows // n_slices
+    ranks, scales = tuple(map(tuple, slot_ranks.tolist())), tuple(map(tuple, slot_scales.tolist()))
+    layout = _layout(ranks, scales, r_max, stacked_a.device)
+    b_rows = tuple(
+        b_pool.transpose(1, 2).reshape(num_slots * r_max, b_pool.shape[1]).index_select(0, rows)
+        for b_pool, rows in zip(b_pools, layout.b_row_index)
+    )
+    return CompactLoraPools(
+        a_rows=stacked_a.reshape(-1, in_features).index_select(0, layout.a_row_index),
+        b_rows=b_rows,
+        slice_columns=layout.slice_columns,
+        col_slot=layout.col_slot,
+        col_scale=layout.col_scale.to(stacked_a.dtype),
+        layout=layout.key,
+    )
+
+
+@dataclass(frozen=True)
+class _Layout:
+    key: tuple
+    a_row_index: Tensor  # int64 [C]: row of stacked_a.reshape(-1, K) for each column
+    b_row_index: tuple[Tensor, ...]  # per slice int64 [C_i]: row of the [S * R_max, N_i] B storage
+    slice_columns: tuple[tuple[int, int], ...]
+    col_slot: Tensor
+    col_scale: Tensor  # float32
+
+
+_LAYOUTS: dict[tuple, _Layout] = {}
+_MAX_LAYOUTS = 64  # the projections of a model share a handful of (ranks, scales) layouts
+
+
+def _layout(ranks: tuple, scales: tuple, r_max: int, device: torch.device) -> _Layout:
+    """Which stored rows make up the compact matrices, cached by (ranks, scales)."""
+    cache_key = (ranks, scales, r_max, str(device))
+    layout = _LAYOUTS.get(cache_key)
+    if layout is not None:
+        return layout
+    n_slices = len(ranks)
+    a_rows: list[int] = []
     b_rows: list[Tensor] = []
     slice_columns: list[tuple[int, int]] = []
     col_slot: list[int] = []
     col_scale: list[float] = []
-    layout: list[tuple] = []
-    for i, (a_pool, b_pool) in enumerate(zip(a_pools, b_pools)):
+    key: list[tuple] = []
+    for i, slice_ranks in enumerate(ranks):
         start = len(col_slot)
-        loaded = [(slot, rank, scales[i][slot]) for slot, rank in enumerate(ranks[i]) if rank > 0]
-        b_parts = []
+        loaded = [(slot, rank, scales[i][slot]) for slot, rank in enumerate(slice_ranks) if rank > 0]
+        b_index: list[int] = []
         for slot, rank, scale in loaded:
-            a_parts.append(a_pool[slot, :rank])
-            b_parts.append(b_pool[slot, :, :rank].T)
+            a_rows += range((slot * n_slices + i) * r_max, (slot * n_slices + i) * r_max + rank)
+            b_index += range(slot * r_max, slot * r_max + rank)
             col_slot += [slot] * rank
             col_scale += [scale] * rank
-        b_rows.append(torch.cat(b_parts) if b_parts else b_pool.new_zeros(0, b_pool.shape[1]))
+        b_rows.append(torch.tensor(b_index, dtype=torch.int64, device=device))
         slice_columns.append((start, len(col_slot)))
-        layout.append(tuple(loaded))
-    in_features = a_pools[0].shape[2]
-    return CompactLoraPools(
-        a_rows=torch.cat(a_parts) if a_parts else torch.zeros(0, in_features, dtype=dtype, device=device),
-        b_rows=tuple(b_rows),
+        key.append(tuple(loaded))
+    layout = _Layout(
+        key=tuple(key),
+        a_row_index=torch.tensor(a_rows, dtype=torch.int64, device=device),
+        b_row_index=tuple(b_rows),
         slice_columns=tuple(slice_columns),
         col_slot=torch.tensor(col_slot, dtype=torch.int64, device=device),
-        col_scale=torch.tensor(col_scale, dtype=dtype, device=device),
-        layout=tuple(layout),
+        col_scale=torch.tensor(col_scale, dtype=torch.float32, device=device),
     )
+    if len(_LAYOUTS) >= _MAX_LAYOUTS:
+        _LAYOUTS.pop(next(iter(_LAYOUTS)))
+    _LAYOUTS[cache_key] = layout
+    return layout
 
 
 def lora_apply_compact(

@@ -201,7 +201,7 @@ class LoraLinear(nn.Module):
         pools = (self.stacked_a, *self.lora_b, self.slot_ranks, self.slot_scales)
         versions = tuple(pool._version for pool in pools)
         if self._compact is None or versions != self._compact_versions:
-            self._compact = build_compact_pools(self.lora_a, self.lora_b, self.slot_ranks, self.slot_scales)
+            self._compact = build_compact_pools(self.stacked_a, self.lora_b, self.slot_ranks, self.slot_scales)
             self._compact_versions = versions
         return self._compact
 
