@@ -150,10 +150,5 @@ def lora_apply_compact(
 def _keep_mask(compact: CompactLoraPools, segments: HostSegments, dtype: torch.dtype) -> Tensor:
     """[T, C]: each column's scale where the token's slot owns the column, else 0. Most
     projections of a model share a layout, so the step's segments cache it per layout."""
-    key = ("compact", compact.layout, dtype)
-    keep = segments._one_hot.get(key)
-    if keep is None:
-        owns = segments.token_slots[:, None] == compact.col_slot[None, :]
-        keep = owns.to(dtype) * compact.col_scale.to(dtype)[None, :]
-        segments._one_hot[key] = keep
-    return keep
+    return segments.cached_mask(("compact", compact.layout, dtype), lambda token_slots: (
+        token_slots[:, None] == compact.col_slot[None, :]).to(dtype) * compact.col_scale.to(dtype)[None, :])

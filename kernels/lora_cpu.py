@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -228,14 +228,14 @@ class HostSegments:
                tokens are one contiguous range (the engine sorts its batch so they are),
                else an int64 index tensor
     slot_range: [first, last + 1) of the slots with tokens
-    token_slots: int64 [T] slot of each token, -1 = none (for the masked path)
+    token_slots: int64 [T] slot of each token, -1 = none (for the masked paths)
     """
 
     num_tokens: int
     slot_rows: tuple[tuple[int, slice | Tensor], ...]
     slot_range: tuple[int, int]
     token_slots: Tensor
-    _one_hot: dict = field(default_factory=dict, compare=False)
+    _masks: dict = field(default_factory=dict, compare=False)
 
     @property
     def masked_path(self) -> bool:
@@ -243,15 +243,19 @@ class HostSegments:
         first, stop = self.slot_range
         return len(self.slot_rows) > 1 and self.num_tokens * (stop - first) <= DENSE_MAX_TOKEN_SLOTS
 
+    def cached_mask(self, key: tuple, build: Callable[[Tensor], Tensor]) -> Tensor:
+        """`build(token_slots)`, once per step and key: the masks of the masked routes are
+        the same for every projection that shares their key."""
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = self._masks[key] = build(self.token_slots)
+        return mask
+
     def one_hot(self, dtype: torch.dtype) -> Tensor:
         """[T, slots in range] 1.0 where the token uses the slot (cached per dtype)."""
-        table = self._one_hot.get(dtype)
-        if table is None:
-            first, stop = self.slot_range
-            columns = torch.arange(first, stop, device=self.token_slots.device)
-            table = (self.token_slots[:, None] == columns[None, :]).to(dtype)
-            self._one_hot[dtype] = table
-        return table
+        first, stop = self.slot_range
+        return self.cached_mask(("one_hot", dtype), lambda token_slots: (
+            token_slots[:, None] == torch.arange(first, stop, device=token_slots.device)[None, :]).to(dtype))
 
 
 def host_segments(segment_starts: Tensor, segment_slots: Tensor, device: torch.device | None = None) -> HostSegments:
@@ -303,14 +307,14 @@ def lora_apply_cpu(
       * per adapter: one shrink (all slices in one matmul through `stacked_a` when the
         adapter has few tokens, else per slice at the real rank) and one `addmm_` per slice.
     """
-    if compact is not None and segments.masked_path:
+    if segments.masked_path:
         first, stop = segments.slot_range
-        if compact.num_columns <= (stop - first) * len(a_pools) * a_pools[0].shape[1]:
+        if compact is not None and compact.num_columns <= (stop - first) * len(a_pools) * a_pools[0].shape[1]:
             lora_apply_compact(y, x, compact, slice_offsets, segments)
             return
-    if stacked_a is not None and segments.masked_path:
-        _lora_apply_masked(y, x, stacked_a, b_pools, slice_offsets, segments, slot_scales)
-        return
+        if stacked_a is not None:
+            _lora_apply_masked(y, x, stacked_a, b_pools, slice_offsets, segments, slot_scales)
+            return
     ranks = slot_ranks.tolist()
     scales = slot_scales.tolist()
     r_max = a_pools[0].shape[1]

@@ -135,21 +135,23 @@ def random_lora_case(
     )
 
 
-def stacked_pools(case: LoraCase) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+def stacked_pools(case: LoraCase, zero_padding: bool = True) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """The case's pools in the engine's layout, for the CPU path's `stacked_a` routes.
 
     Returns (stacked_a [S, n_slices * R_max, K], a views of it, b views [S, N_i, R_max] of
     [S, R_max, N_i] storage). The stacked routes multiply whole pool rows, so they need
     what the engine's slot loader guarantees: entries past a slot's rank are ZERO (the
-    case's NaN poison there is replaced by 0; everything the contract reads is kept)."""
+    case's NaN poison there is replaced by 0; everything the contract reads is kept).
+    `zero_padding=False` keeps the poison, for what must never read past a rank."""
     num_slots, r_max, in_features = case.a_pools[0].shape
     n_slices = len(case.a_pools)
+    clean = (lambda t: torch.nan_to_num(t, nan=0.0)) if zero_padding else (lambda t: t)
     stacked = torch.zeros(num_slots, n_slices * r_max, in_features, dtype=case.x.dtype)
     a_views, b_views = [], []
     for i, (a, b) in enumerate(zip(case.a_pools, case.b_pools)):
         view = stacked[:, i * r_max : (i + 1) * r_max]
-        view.copy_(torch.nan_to_num(a, nan=0.0))
+        view.copy_(clean(a))
         a_views.append(view)
-        b_storage = torch.nan_to_num(b, nan=0.0).transpose(1, 2).contiguous()
+        b_storage = clean(b).transpose(1, 2).contiguous()
         b_views.append(b_storage.transpose(1, 2))
     return stacked, a_views, b_views

@@ -128,15 +128,6 @@ def test_cpu_stacked_routes_match_reference(name: str, route: str, monkeypatch: 
         assert_expand_matches(case, y_before, y, poisoned_v(case), atol=1e-4)
 
 
-def poisoned_engine_pools(case: LoraCase) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The case's pools in the engine's layout (stacked A, B stored [S, R, N]) with the NaN
-    poison past each rank kept."""
-    num_slots, r_max, in_features = case.a_pools[0].shape
-    stacked = torch.cat([a for a in case.a_pools], dim=1)  # [S, n_slices * R_max, K]
-    assert stacked.shape == (num_slots, len(case.a_pools) * r_max, in_features)
-    return stacked, [b.transpose(1, 2).contiguous().transpose(1, 2) for b in case.b_pools]
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_cpu_compact_route_matches_reference(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The masked route on the compact pools (real ranks only) against the float64
@@ -146,7 +137,8 @@ def test_cpu_compact_route_matches_reference(name: str, monkeypatch: pytest.Monk
     monkeypatch.setattr(lora_cpu, "lora_apply_compact", lambda *args: (taken.append(1), lora_apply_compact(*args)))
     for seed in range(3):
         case = make_case(name, k=40, seed=200 + seed)
-        compact = build_compact_pools(*poisoned_engine_pools(case), case.slot_ranks, case.slot_scales)
+        stacked, _, b_views = stacked_pools(case, zero_padding=False)  # the NaN poison past each rank kept
+        compact = build_compact_pools(stacked, b_views, case.slot_ranks, case.slot_scales)
         assert compact.num_columns == int(case.slot_ranks.sum())
         segments = lora_host_segments(case.segment_starts, case.segment_slots, case.num_tokens, 6)
         y = torch.randn((case.num_tokens, sum(WIDTHS)))
@@ -161,7 +153,8 @@ def test_cpu_compact_route_matches_reference(name: str, monkeypatch: pytest.Monk
 def test_cpu_compact_pools_layout() -> None:
     """Each slice's columns are one range; each column holds its slot's A row, B column and scale."""
     case = make_case("decode_length_1", k=16, seed=5)
-    compact = build_compact_pools(*poisoned_engine_pools(case), case.slot_ranks, case.slot_scales)
+    stacked, _, b_views = stacked_pools(case, zero_padding=False)
+    compact = build_compact_pools(stacked, b_views, case.slot_ranks, case.slot_scales)
     column = 0
     for i, ranks in enumerate(case.slot_ranks.tolist()):
         start, stop = compact.slice_columns[i]
