@@ -26,22 +26,23 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
-ADAPTERS = Path(__file__).parents[1] / "adapters"
 SLOTS = 8
 BATCH = 16
 
 
 def measure(threads: int, steps: int, every: int) -> dict:
+    from inlaid.demo import committed_adapters
     from inlaid.engine import Engine, EngineConfig
-    from inlaid.models.prepare import default_model_dir
+    from inlaid.models.prepare import prepare_default_model
     from inlaid.protocol import SamplingParams
 
     torch.set_num_threads(threads)
-    names = sorted(p.name for p in ADAPTERS.iterdir() if (p / "adapter_config.json").exists())
-    engine = Engine.local(EngineConfig(model_dir=str(default_model_dir()), threads=threads, max_lora_slots=SLOTS,
-                                       max_lora_rank=64, num_kv_blocks=512))
-    for name in names:
-        engine.register_adapter(name, str(ADAPTERS / name))
+    adapters = committed_adapters()
+    names = list(adapters)
+    engine = Engine.local(EngineConfig(model_dir=str(prepare_default_model(quiet=True)), threads=threads,
+                                       max_lora_slots=SLOTS, max_lora_rank=64, num_kv_blocks=512))
+    for name, path in adapters.items():
+        engine.register_adapter(name, str(path))
     runner = engine.runner
     sampling = SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True)
     for index in range(BATCH):
@@ -56,7 +57,7 @@ def measure(threads: int, steps: int, every: int) -> dict:
             slot = (step // every) % SLOTS
             replaced = Path(runner.slot_contents[slot]).name
             started = time.perf_counter()
-            runner.load_adapter(slot, out, str(ADAPTERS / out))
+            runner.load_adapter(slot, out, str(adapters[out]))
             (cached_loads if out in seen else disk_loads).append(time.perf_counter() - started)
             seen.add(out)
             out, loaded = replaced, True

@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
-ADAPTERS = Path(__file__).parents[1] / "adapters"
 BATCHES = (16, 32, 64)
 
 
@@ -34,22 +33,24 @@ def measure(rounds: int) -> dict:
     import engine_precision as precision
 
     import inlaid.engine.lora as lora_module
+    from inlaid.demo import committed_adapters
     from inlaid.engine import Engine, EngineConfig
-    from inlaid.models.prepare import default_model_dir
+    from inlaid.models.prepare import prepare_default_model
 
     torch.set_num_threads(1)
     compact_pools = lora_module.LoraLinear._compact_pools
-    model_dir = default_model_dir()
+    model_dir = prepare_default_model(quiet=True)
     checkpoint, checkpoint_label = precision._four_bit_checkpoint(model_dir, Path(tempfile.mkdtemp()))
-    names = sorted(p.name for p in ADAPTERS.iterdir() if (p / "adapter_config.json").exists())
+    task_adapters = committed_adapters()
+    names = list(task_adapters)
     bases = {"fp32": {}, "4-bit": {"quantized_dir": str(checkpoint), "weight_dtype": "bfloat16"}}
     rows = []
     try:
         for base, fields in bases.items():
             engine = Engine.local(EngineConfig(model_dir=str(model_dir), threads=1, max_lora_slots=len(names),
                                                max_lora_rank=64, num_kv_blocks=1024, **fields))
-            for name in names:
-                engine.register_adapter(name, str(ADAPTERS / name))
+            for name, path in task_adapters.items():
+                engine.register_adapter(name, str(path))
             for batch in BATCHES:
                 prompts = precision._prompts(engine, batch)
                 adapters = [names[i % len(names)] for i in range(batch)]
