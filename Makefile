@@ -14,9 +14,10 @@ run: setup
 test: setup
 	$(PY) -m pytest -q --durations=15 tests
 
-# make bench: the end-to-end suite (~25 min quiet); QUICK=1: its 1-minute smoke run; ALL=1: every bench/*.py
+# make bench: the end-to-end suite (~15 min quiet); QUICK=1: its 1-minute smoke run; FULL=1: both
+# popularities (~35-40 min); ALL=1: every bench/*.py
 bench: setup
-	$(PY) bench/run_all.py $(if $(QUICK),--quick) $(if $(ALL),--all)
+	$(PY) bench/run_all.py $(if $(QUICK),--quick) $(if $(FULL),--full) $(if $(ALL),--all)
 
 eval: setup
 	$(PY) bench/quality.py

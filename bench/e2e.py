@@ -19,11 +19,14 @@ load for every system to beyond saturation for every system. For each task count
 servers are started once and stay up; at each rate the systems take turns (the order rotates
 from rate to rate), so machine load hits all of them alike.
 
-Writes DIR (default bench/results/e2e/; --quick: a temp dir) : e2e.json (every figure),
-records.jsonl (every request: task, times, token ids), e2e.md and PNG plots (bench/e2e_report.py).
-The report is rewritten after each task count. On the quiet 2-core VM the 9-task part takes
-~11 minutes and the whole run 25 (docs/benchmarks.md; the 100-task stall seen beside other
-jobs did not recur). --quick (~1-2 minutes) is the smoke run tests/test_bench_e2e.py checks.
+Writes DIR (default bench/results/e2e/, --full: bench/results/e2e-full/; --quick: a temp dir):
+e2e.json (every figure), records.jsonl (every request: task, times, token ids), e2e.md and PNG
+plots (bench/e2e_report.py). The report is rewritten after each task count. The default
+sweeps Zipf popularity (~15 minutes on the quiet 2-core Intel VM); --full sweeps Zipf and
+uniform (41 minutes there). The transformers + PEFT server of the 100 tasks loads its
+adapters during the 9-task sweep (PEFT takes ~6 minutes for 100); the replicated adapters
+are cached (`replicated_adapters`). --quick (~1-2 minutes) is the smoke run
+tests/test_bench_e2e.py checks.
 """
 
 from __future__ import annotations
@@ -72,15 +75,15 @@ SYSTEMS = (
 @dataclass(frozen=True)
 class E2eSettings:
     task_counts: tuple[int, ...] = (9, 100)
-    popularities: tuple[str, ...] = ("zipf", "uniform")
+    popularities: tuple[str, ...] = ("zipf",)  # FULL: both
     systems: tuple[str, ...] = tuple(s.label for s in SYSTEMS)
     rates: int = 3  # points of the sweep, geometric ...
     low_load: float = 0.5  # ... from this times the baseline's saturation throughput ...
     high_load: float = 1.5  # ... to this times the fastest calibrated Inlaid system's
     duration_s: float = 16.0  # a replay's arrivals span about this long ...
-    min_requests: int = 5  # ... with at least this many requests ...
+    min_requests: int = 4  # ... with at least this many requests ...
     requests: int = 12  # ... and at most this many
-    calibration_requests: int = 12
+    calibration_requests: int = 10
     max_tokens: int = 0  # a cap on each request's budget; 0 = the suite task's own
     threads: int = 1  # torch threads of every server (docs/serving.md, "CPU threads")
     max_num_seqs: int = 16  # batch cap of every server
@@ -104,11 +107,37 @@ class E2eSettings:
         return int(min(self.requests, max(self.min_requests, round(rate * self.duration_s))))
 
 
+# `make bench` runs the default (Zipf popularity, ~15 minutes); --full adds uniform popularity
+# and one more request at the light rate (~35-40 minutes), into its own folder.
+FULL = E2eSettings(popularities=("zipf", "uniform"), min_requests=5, calibration_requests=12)
 QUICK = E2eSettings(task_counts=(9,), popularities=("zipf",), rates=2, low_load=2.0, duration_s=4.0, min_requests=4,
                     requests=5, calibration_requests=3, max_tokens=8, cheap_base_if_uncached=True)
 
 
 # ---------------------------------------------------------------------------------- workload
+
+def replicated_adapters(families: dict[str, str], scale: float, seed: int) -> dict[str, Path]:
+    """`replicate_adapters`, cached under `$XDG_CACHE_HOME/inlaid/e2e-tasks/<key>/`: the key
+    hashes the sources' bytes, the names and families, the scale and the seed (100 copies
+    take ~50 s to write, and every run draws the same ones)."""
+    import hashlib
+
+    from inlaid.models.prepare import cache_root
+
+    digest = hashlib.sha256(json.dumps([sorted(families.items()), scale, seed]).encode())
+    for family in sorted(set(families.values())):
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            digest.update((ADAPTERS / family / name).read_bytes())
+    cached = cache_root() / "e2e-tasks" / digest.hexdigest()[:20]
+    if not (cached / "complete").is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=cached.name + ".", dir=cached.parent))
+        replicate_adapters(families, partial, scale, seed)
+        (partial / "complete").write_text("")
+        shutil.rmtree(cached, ignore_errors=True)
+        partial.rename(cached)  # whole or absent: a killed run leaves only a temp dir
+    return {name: cached / name for name in sorted(families)}
+
 
 def replicate_adapters(families: dict[str, str], out_dir: Path, scale: float, seed: int) -> dict[str, Path]:
     """A copy of the suite adapter `families[name]` for each new task name, every LoRA weight
@@ -252,11 +281,18 @@ def run(settings: E2eSettings, out: Path) -> dict[str, Any]:
                               else settings.device, "quantized_dir": quantized_dir and str(quantized_dir),
                               "latency_slos_s": LATENCY_SLOS_S, "workloads": [], "servers": {}}
     all_records: list[dict[str, Any]] = []
+    early: dict[int, dict[str, Any]] = {}
     try:
         shared = Shared(model_dir, quantized_dir, prompts,
                         seeded_predictor_state(workdir / "predictor-calib.npz", prompts), workdir)
+        # The transformers + PEFT server of every later task count starts now: PEFT's
+        # `load_adapter` walks every module the model has, LoRA modules included, so loading
+        # 100 adapters takes ~6 minutes of one core, which it spends beside the earlier
+        # sweeps (the other core runs them) instead of before its own.
+        early = {num_tasks: start_servers(settings, num_tasks, [s for s in systems if s.baseline], shared)
+                 for num_tasks in settings.task_counts[1:]}
         for num_tasks in settings.task_counts:
-            servers, rows, records = run_task_count(settings, num_tasks, systems, shared)
+            servers, rows, records = run_task_count(settings, num_tasks, systems, shared, early.pop(num_tasks, {}))
             report["servers"][str(num_tasks)] = servers
             report["workloads"] += rows
             all_records += records
@@ -264,6 +300,9 @@ def run(settings: E2eSettings, out: Path) -> dict[str, Any]:
                           wall_s=time.perf_counter() - started, finished_task_counts=list(report["servers"]))
             write_report(report, all_records, out)  # each task count's results as soon as they exist
     finally:
+        for servers in early.values():
+            for server in servers.values():
+                server.terminate()
         shutil.rmtree(workdir, ignore_errors=True)
     return report
 
@@ -280,32 +319,47 @@ def write_report(report: dict[str, Any], records: list[dict[str, Any]], out: Pat
     plot_all(report, records, out)
 
 
-def run_task_count(settings: E2eSettings, num_tasks: int, systems: list[System], shared: Shared
-                   ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Start every system's server with `num_tasks` tasks, calibrate, sweep the rates; the
-    servers' counts, one summary row per replay, every request's record."""
+def task_dirs(settings: E2eSettings, num_tasks: int) -> dict[str, Path]:
+    """The suite's adapters for 9 tasks or fewer; else the replicated ones (cached)."""
+    probe = make_trace(settings, num_tasks, "uniform", 1, settings.seed)
+    if num_tasks <= 9:
+        return {name: ADAPTERS / name for name in probe.tasks}
+    return replicated_adapters({n: t.family for n, t in probe.tasks.items()}, settings.perturbation, settings.seed)
+
+
+def start_servers(settings: E2eSettings, num_tasks: int, systems: list[System], shared: Shared) -> dict[str, Any]:
+    """Launch each system's server for `num_tasks` tasks (not waited for)."""
+    from inlaid.serve.launcher import ServerProcess
+
+    tasks = task_dirs(settings, num_tasks)
+    logs = shared.workdir / str(num_tasks)  # step logs and predictor states of this task count's servers
+    logs.mkdir(exist_ok=True)
+    servers = {}
+    for system in systems:
+        config = server_config(system, settings, tasks, shared.model_dir, shared.quantized_dir, logs,
+                               shared.predictor_state)
+        command = [sys.executable, str(BASELINE_SERVER)] if system.baseline else None
+        (logs / system.label).mkdir()
+        servers[system.label] = ServerProcess(config, logs / system.label, command=command)
+    return servers
+
+
+def run_task_count(settings: E2eSettings, num_tasks: int, systems: list[System], shared: Shared,
+                   started: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Start every system's server with `num_tasks` tasks (those in `started` already are),
+    calibrate, sweep the rates; the servers' counts, one summary row per replay, every
+    request's record."""
     from tqdm import tqdm
 
     from inlaid.scheduling.metrics import summarize
-    from inlaid.serve.launcher import ServerProcess
 
-    probe = make_trace(settings, num_tasks, "uniform", 1, settings.seed)
-    if num_tasks <= 9:
-        tasks = {name: ADAPTERS / name for name in probe.tasks}
-    else:
-        tasks = replicate_adapters({n: t.family for n, t in probe.tasks.items()}, shared.workdir / f"tasks-{num_tasks}",
-                                   settings.perturbation, settings.seed)
-    logs = shared.workdir / str(num_tasks)  # step logs and predictor states of this task count's servers
-    logs.mkdir()
-    servers = {}
+    logs = shared.workdir / str(num_tasks)
     starting = time.perf_counter()
+    servers = dict(started)
     try:
-        for system in systems:  # started together, each waits idle for its turn
-            config = server_config(system, settings, tasks, shared.model_dir, shared.quantized_dir, logs,
-                                   shared.predictor_state)
-            command = [sys.executable, str(BASELINE_SERVER)] if system.baseline else None
-            (logs / system.label).mkdir()
-            servers[system.label] = ServerProcess(config, logs / system.label, command=command)
+        # started together, each waits idle for its turn
+        servers.update(start_servers(settings, num_tasks, [s for s in systems if s.label not in started], shared))
+        servers = {s.label: servers[s.label] for s in systems}  # the systems' order: calibration takes the last
         ready_s = {}
         for label, server in servers.items():
             server.wait_ready(timeout_s=1200)
@@ -351,7 +405,9 @@ def _calibrate(settings: E2eSettings, num_tasks: int, servers: dict, prompts: di
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="~1-minute smoke run (9 tasks, zipf, 2 rates, <= 5 requests)")
-    parser.add_argument("--out", type=Path, default=None, help="report folder (default bench/results/e2e; --quick: a temp dir)")
+    parser.add_argument("--full", action="store_true", help="Zipf and uniform popularity (~35-40 minutes), into bench/results/e2e-full")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="report folder (default bench/results/e2e, --full: e2e-full; --quick: a temp dir)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of every server (default 1)")
     parser.add_argument("--task-counts", default=None, help="comma-separated, e.g. 9,100")
     parser.add_argument("--popularities", default=None, help="comma-separated: zipf,uniform")
@@ -361,13 +417,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", action="store_true", help="rewrite e2e.md and the plots from DIR's JSON")
     # main() from bench/run_all.py gets no argv: never read the caller's sys.argv
     args = parser.parse_args(argv if argv is not None else [])
-    out = args.out or (Path(tempfile.mkdtemp(prefix="inlaid-e2e-quick-")) if args.quick else RESULTS)
+    if args.quick and args.full:
+        parser.error("--quick and --full exclude each other")
+    out = args.out or (Path(tempfile.mkdtemp(prefix="inlaid-e2e-quick-")) if args.quick
+                       else RESULTS.with_name("e2e-full") if args.full else RESULTS)
     if args.render:
         report = json.loads((out / "e2e.json").read_text())
         records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines() if line]
         write_report(report, records, out)
         return 0
-    settings = QUICK if args.quick else E2eSettings()
+    settings = QUICK if args.quick else FULL if args.full else E2eSettings()
     overrides: dict[str, Any] = {}
     if args.threads is not None:
         overrides["threads"] = args.threads

@@ -1,7 +1,8 @@
-"""`make bench`: the end-to-end suite (bench/e2e.py, ~25 minutes on a quiet 2-core machine).
+"""`make bench`: the end-to-end suite (bench/e2e.py, ~15 minutes on a quiet 2-core machine).
 
     .venv/bin/python bench/run_all.py            # make bench:        bench/e2e.py, report in bench/results/e2e/
     .venv/bin/python bench/run_all.py --quick    # make bench QUICK=1: its ~1-minute smoke run (a temp dir)
+    .venv/bin/python bench/run_all.py --full     # make bench FULL=1:  Zipf and uniform popularity, bench/results/e2e-full/
     .venv/bin/python bench/run_all.py --all      # make bench ALL=1:   every bench/*.py with a main(), e2e included
                                                  #                     (hours: each script's docstring says how long)
 """
@@ -53,11 +54,12 @@ def run_every_script() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the end-to-end smoke run only")
+    parser.add_argument("--full", action="store_true", help="the end-to-end suite with both popularities")
     parser.add_argument("--all", action="store_true", help="every bench/*.py with a main()")
     args = parser.parse_args(argv)
     if args.all:
         return run_every_script()
-    return int(_load(BENCH / "e2e.py").main(["--quick"] if args.quick else []))
+    return int(_load(BENCH / "e2e.py").main(["--quick"] * args.quick + ["--full"] * args.full))
 
 
 if __name__ == "__main__":

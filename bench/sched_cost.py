@@ -10,7 +10,10 @@ order so that machine load spreads over all shapes; the median is kept. Writes
     bench/results/sched_cost_model.json   the fitted StepCostModel (what the simulator loads)
     bench/results/sched_cost.md / .png    coefficients, in-sample and 5-fold errors, a plot
 
-    .venv/bin/python bench/sched_cost.py [--threads 1] [--reps 3]
+    .venv/bin/python bench/sched_cost.py [--threads 1] [--reps 3] [--tag NAME]
+
+`--tag xeon` writes sched_cost*_xeon.* instead: the fit of a second machine, beside the one
+the committed sweep uses (docs/scheduling.md compares them).
 """
 
 from __future__ import annotations
@@ -143,10 +146,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                         help="fit the executor's CPU time (default: what a quiet machine's wall clock shows, "
                              "robust to other processes) or its wall time (this machine under its current load)")
+    parser.add_argument("--tag", default="", help="another machine's fit: files sched_cost*_TAG.* beside the committed "
+                                                  "ones (bench/sched_sim.py --tag TAG sweeps on it)")
     args = parser.parse_args(argv)
     from inlaid.scheduling.cost_model import features_from_dict, fit_cost_model, fit_errors
 
-    data_path = RESULTS / "sched_cost_data.json"
+    tag = f"_{args.tag}" if args.tag else ""
+    data_path = RESULTS / f"sched_cost_data{tag}.json"
     if args.refit:
         data = json.loads(data_path.read_text())
     else:
@@ -164,17 +170,17 @@ def main(argv: list[str] | None = None) -> dict:
     description = (f"ModelRunner.execute {args.clock} seconds, default model fp32, {data['threads']} threads, "
                    f"median of {data['reps']}, {len(samples)} plan shapes")
     model = fit_cost_model(samples, description)
-    model.save(RESULTS / "sched_cost_model.json")
+    model.save(RESULTS / f"sched_cost_model{tag}.json")
     report = {"clock": args.clock, "in_sample": fit_errors(model, samples), "five_fold": _cross_validated(samples),
               "against_wall_clock": fit_errors(model, wall), "coefficients": model.coefficients,
               "loadavg": data["loadavg_before"]}
-    _write_markdown(report, data, samples, model)
-    _plot(samples, model)
+    _write_markdown(report, data, samples, model, RESULTS / f"sched_cost{tag}.md")
+    _plot(samples, model, RESULTS / f"sched_cost{tag}.png")
     print(json.dumps(report, indent=1))
     return report
 
 
-def _write_markdown(report: dict, data: dict, samples: list, model) -> None:
+def _write_markdown(report: dict, data: dict, samples: list, model, path: Path) -> None:
     units = {"constant": ("ms", 1e3), "tokens": ("ms / token", 1e3), "sampled": ("ms / row", 1e3),
              "decode_cells": ("us / 1k cells", 1e9), "prefill_cells": ("us / 1k cells", 1e9),
              "adapters": ("ms / adapter", 1e3), "lora_token_rank": ("us / (token x rank)", 1e6),
@@ -200,10 +206,10 @@ def _write_markdown(report: dict, data: dict, samples: list, model) -> None:
                          f"{model.step_seconds(features) * 1e3:.1f} |")
     lines += ["", "Reproduce: `.venv/bin/python bench/sched_cost.py` (measure and fit); "
               "`--refit` fits again from `sched_cost_data.json`.", ""]
-    (RESULTS / "sched_cost.md").write_text("\n".join(lines))
+    path.write_text("\n".join(lines))
 
 
-def _plot(samples: list, model) -> None:
+def _plot(samples: list, model, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,7 +225,7 @@ def _plot(samples: list, model) -> None:
     ax.set_ylabel("cost model (ms)")
     ax.set_title("Executor step time: cost model vs measured")
     fig.tight_layout()
-    fig.savefig(RESULTS / "sched_cost.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 

@@ -11,7 +11,10 @@ FIFO's saturation throughput (measured on the same trace, overloaded). Writes
     bench/results/sched_sim_jct.png, sched_sim_slo.png   mean JCT and SLO attainment vs load
     bench/results/sched_sim_slots8.*   the same with the server's default 8 slots
 
-    .venv/bin/python bench/sched_sim.py [--requests 1200] [--workers 2] [--slots 32,8] [--quick]
+    .venv/bin/python bench/sched_sim.py [--requests 1200] [--workers 2] [--slots 32,8] [--quick] [--tag NAME]
+
+`--tag xeon` sweeps on sched_cost_model_xeon.json (bench/sched_cost.py --tag xeon) and
+writes sched_sim*_xeon.*.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ _context: dict = {}
 
 
 
-def _load_context(suite_lengths: str | None, slots: int = SLOTS) -> None:
+def _load_context(suite_lengths: str | None, slots: int = SLOTS, tag: str = "") -> None:
     from inlaid.scheduling.cost_model import StepCostModel
     from inlaid.scheduling.experiment import suite_history
     from inlaid.scheduling.simulator import EngineShape
@@ -51,7 +54,7 @@ def _load_context(suite_lengths: str | None, slots: int = SLOTS) -> None:
 
     records = load_suite_lengths(suite_lengths or SUITE_LENGTHS_FILE)
     prompts = suite_prompts()
-    _context.update(cost=StepCostModel.load(RESULTS / "sched_cost_model.json"), shape=EngineShape(max_lora_slots=slots),
+    _context.update(cost=StepCostModel.load(RESULTS / f"sched_cost_model{'_' + tag if tag else ''}.json"), shape=EngineShape(max_lora_slots=slots),
                     records=records, prompts=prompts, history=suite_history(records, prompts, "calib"))
 
 
@@ -80,13 +83,14 @@ def _run(job: dict) -> dict:
     return {**job, "wall_s": time.perf_counter() - started, "simulated_s": summary["makespan_s"], **summary}
 
 
-def _pool(workers: int, suite_lengths: str | None, slots: int):
+def _pool(workers: int, suite_lengths: str | None, slots: int, tag: str = ""):
     import multiprocessing
 
     if workers <= 1:
-        _load_context(suite_lengths, slots)
+        _load_context(suite_lengths, slots, tag)
         return None
-    return multiprocessing.get_context("fork").Pool(workers, initializer=_load_context, initargs=(suite_lengths, slots))
+    return multiprocessing.get_context("fork").Pool(workers, initializer=_load_context,
+                                                    initargs=(suite_lengths, slots, tag))
 
 
 def _map(pool, jobs: list[dict], desc: str) -> list[dict]:
@@ -106,10 +110,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--slots", default=",".join(map(str, SLOT_COUNTS)),
                         help="adapter slots of the simulated server, one sweep per count (comma-separated)")
     parser.add_argument("--render", action="store_true", help="rewrite the report and plots from sched_sim.json")
+    parser.add_argument("--tag", default="", help="sweep on sched_cost_model_TAG.json (bench/sched_cost.py --tag), "
+                                                  "writing sched_sim*_TAG.*")
     args = parser.parse_args(argv)
     reports = {}
     for slots in (int(x) for x in args.slots.split(",")):
-        suffix = ("_quick" if args.quick else "") + ("" if slots == SLOTS else f"_slots{slots}")
+        suffix = (("_quick" if args.quick else "") + ("" if slots == SLOTS else f"_slots{slots}")
+                  + (f"_{args.tag}" if args.tag else ""))
         reports[slots] = _render(suffix) if args.render else _sweep(args, slots, suffix)
     return reports
 
@@ -133,7 +140,7 @@ def _sweep(args: argparse.Namespace, slots: int, suffix: str) -> dict:
         configs, requests = [(100, 4.0, "zipf")], 300
     load_before = os.getloadavg()
     started = time.perf_counter()
-    pool = _pool(args.workers, args.suite_lengths, slots)
+    pool = _pool(args.workers, args.suite_lengths, slots, args.tag)
     try:
         # Saturation: FIFO's throughput with every request queued almost at once.
         capacity_jobs = [dict(tasks=t, cv=cv, popularity=p, requests=requests, rate=1000.0, policy="fifo", load=math.inf)
@@ -157,7 +164,7 @@ def _sweep(args: argparse.Namespace, slots: int, suffix: str) -> dict:
             pool.close()
             pool.join()
     if pool is not None:
-        _load_context(args.suite_lengths, slots)  # for the report's settings
+        _load_context(args.suite_lengths, slots, args.tag)  # for the report's settings
     report = {
         "machine_loadavg_before": load_before, "machine_loadavg_after": os.getloadavg(),
         "wall_s": time.perf_counter() - started, "requests_per_run": requests, "slo_scale": SLO_SCALE,

@@ -123,3 +123,21 @@ def test_replicated_adapters_are_perturbed_copies(tmp_path):
         ratio = copy[key].float()[nonzero] / source[key].float()[nonzero] - 1
         assert 0.03 < float(ratio.std()) < 0.07  # the requested perturbation, up to fp16 rounding
     assert any(not (copies[0][k] == copies[1][k]).all() for k in source)  # distinct adapters
+
+
+def test_replicated_adapters_cache_holds_the_same_copies(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    families = {"task-0000": "sentiment", "task-0001": "qa"}
+    first = e2e.replicated_adapters(families, 0.05, seed=3)
+    fresh = e2e.replicate_adapters(families, tmp_path / "fresh", 0.05, seed=3)
+    for name in families:
+        cached, made = (load_file(str(d[name] / "adapter_model.safetensors")) for d in (first, fresh))
+        assert cached.keys() == made.keys() and all((cached[k] == made[k]).all() for k in made)
+    (first["task-0000"] / "marker").write_text("")  # a second call reuses the folder ...
+    assert e2e.replicated_adapters(families, 0.05, seed=3) == first and (first["task-0000"] / "marker").exists()
+    other = e2e.replicated_adapters(families, 0.05, seed=4)  # ... another seed gets its own
+    assert other["task-0000"].parent != first["task-0000"].parent
+    assert [p.name for p in (tmp_path / "cache" / "inlaid" / "e2e-tasks").iterdir()] != []
+    assert all("." not in p.name for p in (tmp_path / "cache" / "inlaid" / "e2e-tasks").iterdir())  # no partial left
