@@ -30,6 +30,7 @@ from inlaid.kernels.dispatch import (
     lora_apply,
     packing_supported,
     quant_matmul,
+    update_compact_slots,
 )
 
 
@@ -84,6 +85,10 @@ class LoraLinear(nn.Module):
         # slot load, or a benchmark filling the pools) makes the next forward rebuild it.
         self._compact: CompactLoraPools | None = None
         self._compact_versions: tuple[int, ...] = ()
+        # Slots `load_slot` wrote since then, and the versions right after its last write: when
+        # nothing else wrote, only those slots are rewritten (`update_compact_slots`).
+        self._loaded_slots: set[int] = set()
+        self._versions_after_load: tuple[int, ...] = ()
 
     # ------------------------------------------------------------------ set-up
     def use_quantized(self, prepared: list[PreparedQuantLinear]) -> None:
@@ -139,23 +144,31 @@ class LoraLinear(nn.Module):
     def load_slot(self, slot: int, slice_weights: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float) -> None:
         """Copy one adapter's A [r, in] / B [out, r] per slice name into `slot`."""
         assert self.slot_ranks is not None and self.slot_scales is not None
+        if self._pool_versions() != (self._versions_after_load if self._loaded_slots else self._compact_versions):
+            self._compact = None  # something else wrote the pools since: the next forward rebuilds in full
         if self.fused is not None:
             self.fused.clear_slot(slot)
         for index, name in enumerate(self.slice_names):
-            self.lora_a[index][slot].zero_()
-            self.lora_b[index][slot].zero_()
+            a_slot, b_slot = self.lora_a[index][slot], self.lora_b[index][slot]  # [R, in], [out, R]
             if name not in slice_weights:
+                a_slot.zero_()
+                b_slot.zero_()
                 self.slot_ranks[index, slot] = 0
                 self.slot_scales[index, slot] = 0.0
                 continue
             a, b = slice_weights[name]
             rank = a.shape[0]
-            self.lora_a[index][slot, :rank].copy_(a)
-            self.lora_b[index][slot, :, :rank].copy_(b)
+            a_slot[:rank].copy_(a)  # converts to the pools' dtype
+            b_slot[:, :rank].copy_(b)
+            a_slot[rank:].zero_()  # past the rank: zeros, whatever the slot held before
+            b_slot[:, rank:].zero_()
             self.slot_ranks[index, slot] = rank
             self.slot_scales[index, slot] = scale
-            if self.fused is not None:
-                self.fused.write_slice(slot, index, a, b, scale)
+            if self.fused is not None:  # scales B in the pools' dtype, as the masked route does
+                dtype = self.lora_a[index].dtype
+                self.fused.write_slice(slot, index, a.to(dtype), b.to(dtype), scale)
+        self._loaded_slots.add(slot)
+        self._versions_after_load = self._pool_versions()
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
@@ -197,12 +210,20 @@ class LoraLinear(nn.Module):
             )
         return y
 
+    def _pool_versions(self) -> tuple[int, ...]:
+        return tuple(pool._version for pool in (self.stacked_a, *self.lora_b, self.slot_ranks, self.slot_scales))
+
     def _compact_pools(self) -> CompactLoraPools:
-        pools = (self.stacked_a, *self.lora_b, self.slot_ranks, self.slot_scales)
-        versions = tuple(pool._version for pool in pools)
+        versions = self._pool_versions()
         if self._compact is None or versions != self._compact_versions:
-            self._compact = build_compact_pools(self.stacked_a, self.lora_b, self.slot_ranks, self.slot_scales)
-            self._compact_versions = versions
+            updated = None
+            if self._compact is not None and self._loaded_slots and versions == self._versions_after_load:
+                updated = update_compact_slots(self._compact, self.stacked_a, self.lora_b, self.slot_ranks,
+                                               self.slot_scales, self._loaded_slots)
+            self._compact = updated or build_compact_pools(self.stacked_a, self.lora_b, self.slot_ranks,
+                                                           self.slot_scales)
+            self._compact_versions = self._pool_versions()  # an in-place update wrote no pool
+            self._loaded_slots = set()
         return self._compact
 
 
@@ -267,8 +288,8 @@ def install_adapter(
                 f"adapter {spec.name!r} was trained for another base model: layer {layer} {projection} "
                 f"has A {tuple(a.shape)} / B {tuple(b.shape)}, this model needs in={linear.in_features}, out={expected_out}"
             )
-        pool_dtype = linear.lora_a[slice_index].dtype
-        per_module.setdefault(id(linear), {})[projection] = (a.to(pool_dtype), b.to(pool_dtype))
+        # As stored (fp16 for the committed adapters): `load_slot`'s copies convert on the way.
+        per_module.setdefault(id(linear), {})[projection] = (a, b)
         modules[id(linear)] = linear
     seen = {id(linear): linear for linear, _ in model_linears.values()}
     for key, linear in seen.items():
