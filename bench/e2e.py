@@ -81,7 +81,7 @@ class E2eSettings:
     low_load: float = 0.5  # ... from this times the baseline's saturation throughput ...
     high_load: float = 1.5  # ... to this times the fastest calibrated Inlaid system's
     duration_s: float = 16.0  # a replay's arrivals span about this long ...
-    min_requests: int = 4  # ... with at least this many requests ...
+    min_requests: int = 3  # ... with at least this many requests ...
     requests: int = 12  # ... and at most this many
     calibration_requests: int = 10
     max_tokens: int = 0  # a cap on each request's budget; 0 = the suite task's own
@@ -108,7 +108,7 @@ class E2eSettings:
 
 
 # `make bench` runs the default (Zipf popularity, ~15 minutes); --full adds uniform popularity
-# and one more request at the light rate (~35-40 minutes), into its own folder.
+# and two more requests at the light rate (~35-40 minutes), into its own folder.
 FULL = E2eSettings(popularities=("zipf", "uniform"), min_requests=5, calibration_requests=12)
 QUICK = E2eSettings(task_counts=(9,), popularities=("zipf",), rates=2, low_load=2.0, duration_s=4.0, min_requests=4,
                     requests=5, calibration_requests=3, max_tokens=8, cheap_base_if_uncached=True)

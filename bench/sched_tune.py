@@ -1,0 +1,146 @@
+"""Tune the `inlaid` policy for one machine: a few option sets on that machine's cost model.
+
+The policy's defaults were chosen on one executor's step costs (docs/scheduling.md); on an
+executor whose costs balance differently (a larger fixed part per step, cheaper adapters,
+dearer loads) other settings win. This runs the simulator sweep's twelve configurations
+(10 / 100 / 1,000 tasks x CV 1 / 4 x uniform / Zipf) at one load with FIFO and each option
+set below, on `sched_cost_model[_TAG].json` (`bench/sched_cost.py [--tag TAG]` fits it on
+the machine that will serve), and reports, per option set, against FIFO on the same trace:
+the geometric mean of mean-JCT ratios, in how many configurations SLO attainment (10x the
+isolated latency) reaches 2x FIFO's (or is out of reach: FIFO above 50 %), in how many p99
+first-token latency is no worse, and the longest wait. Writes
+
+    bench/results/sched_tune[_TAG].json and .md
+
+    .venv/bin/python bench/sched_tune.py [--tag xeon] [--requests 600] [--load 0.8] [--slots 32]
+
+About 3 minutes with 2 workers at 600 requests a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))  # sched_sim beside this file (bench/ is no package)
+import sched_sim  # noqa: E402
+
+RESULTS = BENCH / "results"
+SLO = "10x"
+# label -> [scheduler] options of the inlaid policy (the rest: its defaults)
+OPTION_SETS: dict[str, dict] = {
+    "defaults": {},
+    "beta 16, no row target": {"max_adapters_per_step": 16, "batch_rows_target": 0},
+    "first tokens after 30 s": {"first_token_after_s": 30.0},
+    "first tokens after 3 s": {"first_token_after_s": 3.0},
+    "prefill <= 512 tokens a step": {"max_prefill_tokens_per_step": 512},
+    "beta 16, no row target, first tokens after 30 s": {"max_adapters_per_step": 16, "batch_rows_target": 0,
+                                                        "first_token_after_s": 30.0},
+    "beta 16, row target 32, first tokens after 30 s": {"max_adapters_per_step": 16, "batch_rows_target": 32,
+                                                        "first_token_after_s": 30.0},
+}
+
+
+def _run(job: dict) -> dict:
+    from inlaid.scheduling.experiment import PolicyVariant, make_variant
+    from inlaid.scheduling.metrics import summarize
+    from inlaid.scheduling.simulator import simulate
+
+    context = sched_sim._context
+    trace = sched_sim._trace(job["tasks"], job["cv"], job["popularity"], job["requests"]).scaled(job["rate"])
+    variant = (PolicyVariant("fifo", "fifo") if job["label"] == "fifo"
+               else PolicyVariant(job["label"], "inlaid", OPTION_SETS[job["label"]]))
+    policy = make_variant(variant, context["cost"], context["shape"], context["history"], trace, context["prompts"])
+    result = simulate(trace, policy, context["cost"], context["shape"], context["prompts"])
+    summary = summarize(result.requests, result.steps, warmup_fraction=0.05)
+    return {**job, "mean_jct_s": summary["latency_s"]["mean"], "slo": summary["slo_attainment"][SLO],
+            "p99_ttft_s": summary["ttft_s"]["p99"], "max_wait_s": summary["max_wait_s"],
+            "throughput_rps": summary["throughput_rps"]}
+
+
+def sweep(tag: str, requests: int, load: float, slots: int, workers: int) -> dict:
+    import multiprocessing
+
+    from tqdm import tqdm
+
+    configs = [(t, cv, p) for t in sched_sim.TASK_COUNTS for cv in sched_sim.CVS for p in sched_sim.POPULARITIES]
+    pool = multiprocessing.get_context("fork").Pool(workers, initializer=sched_sim._load_context,
+                                                    initargs=(None, slots, tag))
+    started = time.perf_counter()
+    try:
+        saturation = [dict(tasks=t, cv=cv, popularity=p, requests=requests, rate=1000.0, label="fifo")
+                      for t, cv, p in configs]
+        capacity = {(r["tasks"], r["cv"], r["popularity"]): r["throughput_rps"]
+                    for r in tqdm(pool.imap(_run, saturation), total=len(saturation), desc="saturation")}
+        jobs = [dict(tasks=t, cv=cv, popularity=p, requests=requests, rate=load * capacity[(t, cv, p)], label=label)
+                for t, cv, p in configs for label in ["fifo", *OPTION_SETS]]
+        runs = list(tqdm(pool.imap(_run, jobs), total=len(jobs), desc="simulate"))
+    finally:
+        pool.close()
+        pool.join()
+    return {"tag": tag, "requests": requests, "load": load, "slots": slots, "option_sets": OPTION_SETS,
+            "wall_s": time.perf_counter() - started, "loadavg": os.getloadavg(), "runs": runs}
+
+
+def summary_rows(report: dict) -> list[dict]:
+    """Per option set: its figures against FIFO over the twelve configurations."""
+    fifo = {(r["tasks"], r["cv"], r["popularity"]): r for r in report["runs"] if r["label"] == "fifo"}
+    rows = []
+    for label in report["option_sets"]:
+        mine = [r for r in report["runs"] if r["label"] == label]
+        ratios = [r["mean_jct_s"] / fifo[(r["tasks"], r["cv"], r["popularity"])]["mean_jct_s"] for r in mine]
+        slo_met = sum(r["slo"] >= 2 * fifo[(r["tasks"], r["cv"], r["popularity"])]["slo"]
+                      or fifo[(r["tasks"], r["cv"], r["popularity"])]["slo"] > 0.5 for r in mine)
+        ttft_ok = sum(r["p99_ttft_s"] <= fifo[(r["tasks"], r["cv"], r["popularity"])]["p99_ttft_s"] for r in mine)
+        rows.append({"label": label, "jct_geomean": math.exp(sum(map(math.log, ratios)) / len(ratios)),
+                     "jct_best": min(ratios), "jct_worst": max(ratios), "jct_at_most_fifo": sum(x <= 1.0 for x in ratios),
+                     "slo_2x_or_out_of_reach": slo_met, "p99_ttft_at_most_fifo": ttft_ok,
+                     "max_wait_s": max(r["max_wait_s"] for r in mine), "configurations": len(mine)})
+    return rows
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    fifo_wait = max(r["max_wait_s"] for r in report["runs"] if r["label"] == "fifo")
+    lines = ["# Tuning the inlaid policy on one cost model", "",
+             f"Cost model `sched_cost_model{'_' + report['tag'] if report['tag'] else ''}.json`; "
+             f"{report['slots']} adapter slots; {report['requests']} requests a run; load "
+             f"{report['load']:.0%} of FIFO's saturation; the twelve configurations of the simulator sweep. "
+             f"Ratios against FIFO on the same trace. SLO: latency <= {SLO} the isolated latency; "
+             f"'out of reach' = FIFO already above 50 %. Sweep wall time {report['wall_s']:.0f} s; "
+             f"FIFO's longest wait {fifo_wait:.0f} s.", "",
+             "| option set | mean JCT / FIFO: geometric mean (best - worst) | configurations with mean JCT <= FIFO | "
+             "SLO >= 2x FIFO or out of reach | p99 TTFT <= FIFO | longest wait s |", "|---|---|---|---|---|---|"]
+    for row in summary_rows(report):
+        n = row["configurations"]
+        lines.append(f"| {row['label']} | {row['jct_geomean']:.2f}x ({row['jct_best']:.2f} - {row['jct_worst']:.2f}) | "
+                     f"{row['jct_at_most_fifo']} / {n} | {row['slo_2x_or_out_of_reach']} / {n} | "
+                     f"{row['p99_ttft_at_most_fifo']} / {n} | {row['max_wait_s']:.0f} |")
+    lines += ["", "Options of each set (the rest are the policy's defaults):", ""]
+    lines += [f"- {label}: `{json.dumps(options) if options else '{}'}`" for label, options in report["option_sets"].items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tag", default="", help="the cost model sched_cost_model_TAG.json (default: the committed one)")
+    parser.add_argument("--requests", type=int, default=600)
+    parser.add_argument("--load", type=float, default=0.8, help="fraction of FIFO's saturation throughput")
+    parser.add_argument("--slots", type=int, default=sched_sim.SLOTS)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    report = sweep(args.tag, args.requests, args.load, args.slots, args.workers)
+    suffix = f"_{args.tag}" if args.tag else ""
+    (RESULTS / f"sched_tune{suffix}.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_markdown(report, RESULTS / f"sched_tune{suffix}.md")
+    print((RESULTS / f"sched_tune{suffix}.md").read_text())
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
