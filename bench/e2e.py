@@ -25,7 +25,7 @@ plots (bench/e2e_report.py). The report is rewritten after each task count. The 
 sweeps Zipf popularity (~15 minutes on the quiet 2-core Intel VM); --full sweeps Zipf and
 uniform (41 minutes there). The transformers + PEFT server of the 100 tasks loads its
 adapters during the 9-task sweep (PEFT takes ~6 minutes for 100); the replicated adapters
-are cached (`replicated_adapters`). --quick (~1-2 minutes) is the smoke run
+are cached (`e2e_tasks.py`). --quick (~1-2 minutes) is the smoke run
 tests/test_bench_e2e.py checks.
 """
 
@@ -49,8 +49,7 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))  # e2e_analysis, e2e_report beside this file (bench/ is no package)
 from e2e_analysis import LATENCY_SLOS_S, agreement, computed_memory, headline, summaries  # noqa: E402
-ROOT = BENCH.parent
-ADAPTERS = ROOT / "adapters"
+from e2e_tasks import ADAPTERS, replicate_adapters, replicated_adapters  # noqa: E402,F401  (tests reach them here)
 BASELINE_SERVER = BENCH / "baselines" / "hf_peft_server.py"
 RESULTS = BENCH / "results" / "e2e"
 
@@ -115,51 +114,6 @@ QUICK = E2eSettings(task_counts=(9,), popularities=("zipf",), rates=2, low_load=
 
 
 # ---------------------------------------------------------------------------------- workload
-
-def replicated_adapters(families: dict[str, str], scale: float, seed: int) -> dict[str, Path]:
-    """`replicate_adapters`, cached under `$XDG_CACHE_HOME/inlaid/e2e-tasks/<key>/`: the key
-    hashes the sources' bytes, the names and families, the scale and the seed (100 copies
-    take ~50 s to write, and every run draws the same ones)."""
-    import hashlib
-
-    from inlaid.models.prepare import cache_root
-
-    digest = hashlib.sha256(json.dumps([sorted(families.items()), scale, seed]).encode())
-    for family in sorted(set(families.values())):
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            digest.update((ADAPTERS / family / name).read_bytes())
-    cached = cache_root() / "e2e-tasks" / digest.hexdigest()[:20]
-    if not (cached / "complete").is_file():
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=cached.name + ".", dir=cached.parent))
-        replicate_adapters(families, partial, scale, seed)
-        (partial / "complete").write_text("")
-        shutil.rmtree(cached, ignore_errors=True)
-        partial.rename(cached)  # whole or absent: a killed run leaves only a temp dir
-    return {name: cached / name for name in sorted(families)}
-
-
-def replicate_adapters(families: dict[str, str], out_dir: Path, scale: float, seed: int) -> dict[str, Path]:
-    """A copy of the suite adapter `families[name]` for each new task name, every LoRA weight
-    multiplied by (1 + scale x N(0, 1)): distinct adapters of the same shapes and behaviour."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    generator = torch.Generator().manual_seed(seed)
-    paths = {}
-    for name, family in sorted(families.items()):
-        source, target = ADAPTERS / family, out_dir / name
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copy(source / "adapter_config.json", target / "adapter_config.json")
-        tensors = load_file(str(source / "adapter_model.safetensors"))
-        noisy = {}
-        for key, value in sorted(tensors.items()):
-            noise = torch.randn(value.shape, generator=generator, dtype=torch.float32)
-            noisy[key] = (value.float() * (1 + scale * noise)).to(value.dtype)
-        save_file(noisy, str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
-        paths[name] = target
-    return paths
-
 
 def make_trace(settings: E2eSettings, num_tasks: int, popularity: str, num_requests: int, seed: int):  # noqa: ANN201
     """A trace at 1 request/s (scaled to each rate) with the suite's eval requests."""
