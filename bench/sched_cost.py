@@ -204,8 +204,10 @@ def _write_markdown(report: dict, data: dict, samples: list, model, path: Path) 
         if not row["label"].startswith("mixed"):
             lines.append(f"| {row['label']} | {seconds * 1e3:.1f} | {row['median_seconds'] * 1e3:.1f} | "
                          f"{model.step_seconds(features) * 1e3:.1f} |")
-    lines += ["", "Reproduce: `.venv/bin/python bench/sched_cost.py` (measure and fit); "
-              "`--refit` fits again from `sched_cost_data.json`.", ""]
+    tag = path.stem.removeprefix("sched_cost")  # "" or "_TAG"
+    option = f" --tag {tag[1:]}" if tag else ""
+    lines += ["", f"Reproduce: `.venv/bin/python bench/sched_cost.py{option}` (measure and fit); "
+              f"`--refit{option}` fits again from `sched_cost_data{tag}.json`.", ""]
     path.write_text("\n".join(lines))
 
 

@@ -24,7 +24,7 @@ Column layout (slice-major, so each slice's columns are one contiguous range):
 Exact up to float summation order; the copies cost the adapters' real bytes once more.
 
 A full rebuild copies every loaded slot (~100 ms for SmolLM2-135M's 120 projections on the
-2-core Xeon VM: 75 ms of the 90 a slot load costs a step). `update_compact_slots` rewrites
+2-core Xeon VM, most of what a slot load used to cost the next step). `update_compact_slots` rewrites
 only the slots just loaded, in place, when each fits the columns its slot already has:
 a slot's columns for slice i then number its capacity c_is >= r_is, the columns past the
 rank are zero (and add nothing), and the layout key says (slot, c_is, scale). A load that
