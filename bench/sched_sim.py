@@ -54,7 +54,8 @@ def _load_context(suite_lengths: str | None, slots: int = SLOTS, tag: str = "") 
 
     records = load_suite_lengths(suite_lengths or SUITE_LENGTHS_FILE)
     prompts = suite_prompts()
-    _context.update(cost=StepCostModel.load(RESULTS / f"sched_cost_model{'_' + tag if tag else ''}.json"), shape=EngineShape(max_lora_slots=slots),
+    model_file = RESULTS / (f"sched_cost_model_{tag}.json" if tag else "sched_cost_model.json")
+    _context.update(cost=StepCostModel.load(model_file), shape=EngineShape(max_lora_slots=slots),
                     records=records, prompts=prompts, history=suite_history(records, prompts, "calib"))
 
 
