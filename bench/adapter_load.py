@@ -43,8 +43,13 @@ def measure(threads: int, steps: int, every: int) -> dict:
     torch.set_num_threads(threads)
     outcomes: list[bool] = []  # per projection brought up to date: in place?
     update = lora_module.update_compact_slots
-    lora_module.update_compact_slots = lambda *args: (lambda got: (outcomes.append(got is not None), got)[1])(
-        update(*args))
+
+    def recorded_update(*args):  # noqa: ANN002, ANN202
+        updated = update(*args)
+        outcomes.append(updated is not None)
+        return updated
+
+    lora_module.update_compact_slots = recorded_update
     adapters = committed_adapters()
     names = list(adapters)
     engine = Engine.local(EngineConfig(model_dir=str(prepare_default_model(quiet=True)), threads=threads,

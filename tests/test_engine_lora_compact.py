@@ -47,13 +47,20 @@ def _reference(weight: torch.Tensor, x: torch.Tensor, token_slots: list[int], lo
 @pytest.mark.parametrize("seed", [0, 1])
 def test_compact_copies_follow_every_slot_load(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lora_cpu, "DENSE_MAX_TOKEN_SLOTS", 10**9)  # every step through the masked route
-    outcomes: list[str] = []
-    update = lora_module.update_compact_slots
-    build = lora_module.build_compact_pools
-    monkeypatch.setattr(lora_module, "update_compact_slots",
-                        lambda *args: (lambda got: (outcomes.append("fallback" if got is None else "in place"), got)[1])(
-                            update(*args)))
-    monkeypatch.setattr(lora_module, "build_compact_pools", lambda *args: (outcomes.append("built"), build(*args))[1])
+    outcomes: list[str] = []  # what each forward did to the compact copies
+    update, build = lora_module.update_compact_slots, lora_module.build_compact_pools
+
+    def recorded_update(*args):  # noqa: ANN002, ANN202
+        updated = update(*args)
+        outcomes.append("fallback" if updated is None else "in place")
+        return updated
+
+    def recorded_build(*args):  # noqa: ANN002, ANN202
+        outcomes.append("built")
+        return build(*args)
+
+    monkeypatch.setattr(lora_module, "update_compact_slots", recorded_update)
+    monkeypatch.setattr(lora_module, "build_compact_pools", recorded_build)
     generator = torch.Generator().manual_seed(seed)
     linear = LoraLinear(IN_FEATURES, WIDTHS, NAMES, bias=False)
     linear.weight.data = torch.randn(sum(WIDTHS), IN_FEATURES, generator=generator) / IN_FEATURES**0.5
