@@ -243,8 +243,8 @@ def run(settings: E2eSettings, out: Path) -> dict[str, Any]:
         # `load_adapter` walks every module the model has, LoRA modules included, so loading
         # 100 adapters takes ~6 minutes of one core, which it spends beside the earlier
         # sweeps (the other core runs them) instead of before its own.
-        early = {num_tasks: start_servers(settings, num_tasks, [s for s in systems if s.baseline], shared)
-                 for num_tasks in settings.task_counts[1:]}
+        for num_tasks in settings.task_counts[1:]:  # each kept as soon as it runs: `finally` stops it
+            early[num_tasks] = start_servers(settings, num_tasks, [s for s in systems if s.baseline], shared)
         for num_tasks in settings.task_counts:
             servers, rows, records = run_task_count(settings, num_tasks, systems, shared, early.pop(num_tasks, {}))
             report["servers"][str(num_tasks)] = servers
