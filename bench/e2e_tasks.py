@@ -4,6 +4,7 @@ behaviour; written once and cached."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -16,8 +17,6 @@ def replicated_adapters(families: dict[str, str], scale: float, seed: int) -> di
     """`replicate_adapters`, cached under `$XDG_CACHE_HOME/inlaid/e2e-tasks/<key>/`: the key
     hashes the sources' bytes, the names and families, the scale and the seed (100 copies
     take ~50 s to write, and every run draws the same ones)."""
-    import hashlib
-
     from inlaid.models.prepare import cache_root
 
     digest = hashlib.sha256(json.dumps([sorted(families.items()), scale, seed]).encode())
