@@ -68,20 +68,28 @@ def _trace(tasks: int, cv: float, popularity: str, requests: int):
     return generate_trace(spec, held_out)
 
 
-def _run(job: dict) -> dict:
-    from inlaid.scheduling.experiment import ABLATIONS, MAIN_VARIANTS, ORACLE_REFERENCES, ORACLES, make_variant
+def simulate_job(job: dict, variant) -> tuple[dict, float]:  # noqa: ANN001  (a PolicyVariant)
+    """`variant` on the job's trace (tasks, cv, popularity, requests, rate): summarize()'s
+    metrics, and the wall seconds of the simulation itself."""
+    from inlaid.scheduling.experiment import make_variant
     from inlaid.scheduling.metrics import summarize
     from inlaid.scheduling.simulator import simulate
 
-    variants = {v.label: v for v in MAIN_VARIANTS + ABLATIONS + ORACLES + ORACLE_REFERENCES}
     trace = _trace(job["tasks"], job["cv"], job["popularity"], job["requests"]).scaled(job["rate"])
-    policy = make_variant(variants[job["policy"]], _context["cost"], _context["shape"], _context["history"], trace,
-                          _context["prompts"])
+    policy = make_variant(variant, _context["cost"], _context["shape"], _context["history"], trace, _context["prompts"])
     started = time.perf_counter()
     result = simulate(trace, policy, _context["cost"], _context["shape"], _context["prompts"])
     summary = summarize(result.requests, result.steps, warmup_fraction=0.05, service_gap=result.service_gap)
+    return summary, time.perf_counter() - started
+
+
+def _run(job: dict) -> dict:
+    from inlaid.scheduling.experiment import ABLATIONS, MAIN_VARIANTS, ORACLE_REFERENCES, ORACLES
+
+    variants = {v.label: v for v in MAIN_VARIANTS + ABLATIONS + ORACLES + ORACLE_REFERENCES}
+    summary, wall_s = simulate_job(job, variants[job["policy"]])
     summary.pop("jct_by_task")
-    return {**job, "wall_s": time.perf_counter() - started, "simulated_s": summary["makespan_s"], **summary}
+    return {**job, "wall_s": wall_s, "simulated_s": summary["makespan_s"], **summary}
 
 
 def _pool(workers: int, suite_lengths: str | None, slots: int, tag: str = ""):
