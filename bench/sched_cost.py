@@ -174,13 +174,14 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"clock": args.clock, "in_sample": fit_errors(model, samples), "five_fold": _cross_validated(samples),
               "against_wall_clock": fit_errors(model, wall), "coefficients": model.coefficients,
               "loadavg": data["loadavg_before"]}
-    _write_markdown(report, data, samples, model, RESULTS / f"sched_cost{tag}.md")
+    _write_markdown(report, data, samples, model, tag)
     _plot(samples, model, RESULTS / f"sched_cost{tag}.png")
     print(json.dumps(report, indent=1))
     return report
 
 
-def _write_markdown(report: dict, data: dict, samples: list, model, path: Path) -> None:
+def _write_markdown(report: dict, data: dict, samples: list, model, tag: str) -> None:
+    """sched_cost{tag}.md; `tag` is "" or "_NAME" (`--tag NAME`)."""
     units = {"constant": ("ms", 1e3), "tokens": ("ms / token", 1e3), "sampled": ("ms / row", 1e3),
              "decode_cells": ("us / 1k cells", 1e9), "prefill_cells": ("us / 1k cells", 1e9),
              "adapters": ("ms / adapter", 1e3), "lora_token_rank": ("us / (token x rank)", 1e6),
@@ -204,11 +205,10 @@ def _write_markdown(report: dict, data: dict, samples: list, model, path: Path) 
         if not row["label"].startswith("mixed"):
             lines.append(f"| {row['label']} | {seconds * 1e3:.1f} | {row['median_seconds'] * 1e3:.1f} | "
                          f"{model.step_seconds(features) * 1e3:.1f} |")
-    tag = path.stem.removeprefix("sched_cost")  # "" or "_TAG"
     option = f" --tag {tag[1:]}" if tag else ""
     lines += ["", f"Reproduce: `.venv/bin/python bench/sched_cost.py{option}` (measure and fit); "
               f"`--refit{option}` fits again from `sched_cost_data{tag}.json`.", ""]
-    path.write_text("\n".join(lines))
+    (RESULTS / f"sched_cost{tag}.md").write_text("\n".join(lines))
 
 
 def _plot(samples: list, model, path: Path) -> None:

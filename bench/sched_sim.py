@@ -102,10 +102,12 @@ def _pool(workers: int, suite_lengths: str | None, slots: int, tag: str = ""):
                                                     initargs=(suite_lengths, slots, tag))
 
 
-def _map(pool, jobs: list[dict], desc: str) -> list[dict]:
+def _map(pool, jobs: list[dict], desc: str, run=None) -> list[dict]:  # noqa: ANN001
+    """`run` (default `_run`) over `jobs`, in `pool` or here, with a progress bar."""
     from tqdm import tqdm
 
-    iterator = pool.imap(_run, jobs) if pool is not None else map(_run, jobs)
+    run = run or _run
+    iterator = pool.imap(run, jobs) if pool is not None else map(run, jobs)
     return list(tqdm(iterator, total=len(jobs), desc=desc, unit="run"))
 
 

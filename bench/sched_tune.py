@@ -60,25 +60,21 @@ def _run(job: dict) -> dict:
 
 
 def sweep(tag: str, requests: int, load: float, slots: int, workers: int) -> dict:
-    import multiprocessing
-
-    from tqdm import tqdm
-
     configs = [(t, cv, p) for t in sched_sim.TASK_COUNTS for cv in sched_sim.CVS for p in sched_sim.POPULARITIES]
-    pool = multiprocessing.get_context("fork").Pool(workers, initializer=sched_sim._load_context,
-                                                    initargs=(None, slots, tag))
+    pool = sched_sim._pool(workers, None, slots, tag)
     started = time.perf_counter()
     try:
         saturation = [dict(tasks=t, cv=cv, popularity=p, requests=requests, rate=1000.0, label="fifo")
                       for t, cv, p in configs]
         capacity = {(r["tasks"], r["cv"], r["popularity"]): r["throughput_rps"]
-                    for r in tqdm(pool.imap(_run, saturation), total=len(saturation), desc="saturation")}
+                    for r in sched_sim._map(pool, saturation, "saturation", _run)}
         jobs = [dict(tasks=t, cv=cv, popularity=p, requests=requests, rate=load * capacity[(t, cv, p)], label=label)
                 for t, cv, p in configs for label in ["fifo", *OPTION_SETS]]
-        runs = list(tqdm(pool.imap(_run, jobs), total=len(jobs), desc="simulate"))
+        runs = sched_sim._map(pool, jobs, "simulate", _run)
     finally:
-        pool.close()
-        pool.join()
+        if pool is not None:
+            pool.close()
+            pool.join()
     return {"tag": tag, "requests": requests, "load": load, "slots": slots, "option_sets": OPTION_SETS,
             "wall_s": time.perf_counter() - started, "loadavg": os.getloadavg(), "runs": runs}
 
