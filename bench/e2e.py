@@ -320,7 +320,8 @@ def run_task_count(settings: E2eSettings, num_tasks: int, systems: list[System],
             ready_s[label] = time.perf_counter() - starting
         bursts = _calibrate(settings, num_tasks, servers, shared.prompts)
         calibration = {one.system: summarize(one.records)["throughput_rps"] for one in bursts}
-        low, high = settings.low_load * calibration["hf-peft"], settings.high_load * max(calibration.values())
+        inlaid_rps = max(rps for label, rps in calibration.items() if label != "hf-peft")  # as the docs say: Inlaid's
+        low, high = settings.low_load * calibration["hf-peft"], settings.high_load * inlaid_rps
         # ascending even where the baseline's low point lies past Inlaid's high one (short budgets)
         rates = sorted(float(r) for r in np.geomspace(low, high, settings.rates)) if settings.rates > 1 else [high]
         replays: list[tuple[str, int, float, Replay]] = []
