@@ -162,3 +162,46 @@ def test_baseline_bad_requests_get_typed_errors(baseline, references, adapter_di
         stats = client.stats()
         assert stats.requests_running == stats.requests_waiting == 0
     assert baseline.terminate() == 0
+
+
+def test_baseline_adds_adapters_like_load_adapter(model_dir, adapter_dirs):
+    """The baseline's start-up path (add_lora_adapter: PEFT's per-module calls on the targeted
+    modules only) builds the same PeftModel as PEFT's `load_adapter`: the same modules, the same
+    weights bit for bit, the same configs and active adapter; adapters of different target sets
+    and ranks, rsLoRA included, in an order where later adapters target modules no earlier one
+    did."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(SERVER.parent))
+    from hf_peft_batch import add_lora_adapter
+
+    names = ["attn-r8", "mlp-r16", "all-r32"]
+    built = []
+    for fast in (False, True):
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        model = PeftModel.from_pretrained(base, str(adapter_dirs[names[0]]), adapter_name=names[0])
+        for name in names[1:]:
+            if fast:
+                assert add_lora_adapter(model, name, str(adapter_dirs[name]))
+            else:
+                model.load_adapter(str(adapter_dirs[name]), adapter_name=name)
+        built.append(model)
+    reference, fast = built
+    assert [(key, type(m).__name__) for key, m in reference.named_modules()] == \
+        [(key, type(m).__name__) for key, m in fast.named_modules()]
+    expected, got = reference.state_dict(), fast.state_dict()
+    assert list(expected) == list(got)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert [(key, p.requires_grad) for key, p in reference.named_parameters()] == \
+        [(key, p.requires_grad) for key, p in fast.named_parameters()]
+    for key, module in reference.named_modules():
+        if hasattr(module, "scaling"):
+            assert module.scaling == fast.get_submodule(key).scaling, key
+    assert reference.active_adapters == fast.active_adapters == [names[0]]
+    assert {n: c.to_dict() for n, c in reference.peft_config.items()} == \
+        {n: c.to_dict() for n, c in fast.peft_config.items()}
+    assert fast.base_model.targeted_module_names == reference.base_model.targeted_module_names
+    # An adapter already there is refused, so the caller's fallback raises PEFT's own error.
+    assert not add_lora_adapter(fast, names[1], str(adapter_dirs[names[1]]))
