@@ -24,7 +24,7 @@ e2e.json (every figure), records.jsonl (every request: task, times, token ids), 
 plots (bench/e2e_report.py). The report is rewritten after each task count. The default
 sweeps Zipf popularity (~17 minutes on the quiet 2-core Intel VM); --full sweeps Zipf and
 uniform (41 minutes there). The transformers + PEFT server of the 100 tasks loads its
-adapters during the 9-task sweep (PEFT takes ~6 minutes for 100); the replicated adapters
+adapters during the 9-task sweep (~1 minute for 100); the replicated adapters
 are cached (`e2e_tasks.py`). --quick (~1-2 minutes) is the smoke run
 tests/test_bench_e2e.py checks.
 """
@@ -239,10 +239,9 @@ def run(settings: E2eSettings, out: Path) -> dict[str, Any]:
     try:
         shared = Shared(model_dir, quantized_dir, prompts,
                         seeded_predictor_state(workdir / "predictor-calib.npz", prompts), workdir)
-        # The transformers + PEFT server of every later task count starts now: PEFT's
-        # `load_adapter` walks every module the model has, LoRA modules included, so loading
-        # 100 adapters takes ~6 minutes of one core, which it spends beside the earlier
-        # sweeps (the other core runs them) instead of before its own.
+        # The transformers + PEFT server of every later task count starts now and loads its
+        # adapters (~1 minute of one core for 100: hf_peft_batch.add_lora_adapter) beside the
+        # earlier sweeps (the other core runs them) instead of before its own.
         for num_tasks in settings.task_counts[1:]:  # each kept as soon as it runs: `finally` stops it
             early[num_tasks] = start_servers(settings, num_tasks, [s for s in systems if s.baseline], shared)
         for num_tasks in settings.task_counts:

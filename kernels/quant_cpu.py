@@ -9,10 +9,17 @@ int4: torch's CPU int4 kernels (`_weight_int4pack_mm_for_cpu`), convention
       (32-256) divides the checkpoint's group and K (`kernel_group_for`): groups that do not
       tile K (576 at 128) run with a finer kernel group; K itself is padded only where no
       kernel group divides it. Its time grows linearly with the rows of x (docs/kernels.md).
+      From `dense_min_m` rows on (prefill), the same packed codes are instead dequantized to a
+      bf16 weight for this call and multiplied by oneDNN's bf16 GEMM, whose time barely grows
+      with M (`int4_dequant_matmul`; docs/kernels.md has the crossover). Nothing more is stored.
 dequant: unpack the checkpoint's packed codes on every call, dequantize, matmul.
 """
 
 from __future__ import annotations
+
+import functools
+import sys
+import threading
 
 import torch
 from torch import Tensor
@@ -69,8 +76,86 @@ def prepare_int4(
     # checkpoint group j * kernel_group // group (padding rows: the last group).
     first_rows = torch.arange(0, k + pad, kernel_group)
     source_group = (first_rows // group).clamp(max=scales.shape[0] - 1)
-    scales_and_zeros = torch.stack([scale, zero], dim=-1)[source_group]
-    return CpuInt4Layout(packed, scales_and_zeros.to(torch.bfloat16).contiguous(), kernel_group, pad)
+    scales_and_zeros = torch.stack([scale, zero], dim=-1)[source_group].to(torch.bfloat16).contiguous()
+    layout = CpuInt4Layout(packed, scales_and_zeros, kernel_group, pad)
+    if n % INT4PACK_BLOCK_N == 0 and int4pack_layout_is_known():
+        # Views of the kernel's own bf16 scale and zero: the same weight, no extra memory.
+        layout.dense_scales = scales_and_zeros[:, None, :, 0]
+        layout.dense_zeros = scales_and_zeros[:, None, :, 1]
+    return layout
+
+
+# ------------------------------------------------------------- many rows: dequantize + bf16 GEMM
+INT4PACK_BLOCK_N = 64  # output columns per block of torch's CPU int4pack layout
+DENSE_MIN_ROWS = 96  # measured crossover on the engine's projections (docs/kernels.md)
+
+
+def unpack_int4pack(packed: Tensor, n: int, k: int, out: Tensor | None = None) -> Tensor:
+    """The raw 0..15 codes, uint8 [K, N], from torch's CPU int4pack bytes [N, K // 2]: for each
+    block of 64 output columns, byte [k, j] of the block holds column j's code in its low
+    nibble and column j + 32's in its high one (ATen's layout, checked at start by
+    `int4pack_layout_is_known`)."""
+    blocks = packed.view(n // INT4PACK_BLOCK_N, k, INT4PACK_BLOCK_N // 2).permute(1, 0, 2)
+    codes = torch.empty(k, n, dtype=torch.uint8) if out is None else out
+    codes = codes.view(k, n // INT4PACK_BLOCK_N, INT4PACK_BLOCK_N)
+    torch.bitwise_and(blocks, 15, out=codes[..., : INT4PACK_BLOCK_N // 2])
+    torch.bitwise_right_shift(blocks, 4, out=codes[..., INT4PACK_BLOCK_N // 2:])
+    return codes.view(k, n)
+
+
+@functools.lru_cache(maxsize=1)
+def int4pack_layout_is_known() -> bool:
+    """Whether this torch packs int4 codes the way `unpack_int4pack` reads them (an ATen
+    internal, so checked once on random codes rather than assumed)."""
+    codes = torch.randint(0, 16, (2 * INT4PACK_BLOCK_N, 64), dtype=torch.int32,
+                          generator=torch.Generator().manual_seed(0))
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        return packed.shape == (codes.shape[0], codes.shape[1] // 2) and torch.equal(
+            unpack_int4pack(packed, codes.shape[0], codes.shape[1]).to(torch.int32), codes.T)
+    except (RuntimeError, ValueError):
+        return False
+
+
+def dense_min_rows(layout: CpuInt4Layout) -> int:
+    """The M from which `quant_matmul` takes the dequantize + bf16 GEMM route (never: maxsize)."""
+    return DENSE_MIN_ROWS if layout.dense_scales is not None else sys.maxsize
+
+
+_scratch = threading.local()  # reused weight buffers: a fresh one page-faults on every call
+
+
+def dequantize_int4pack(layout: CpuInt4Layout) -> Tensor:
+    """bf16 [K_pad, N] = (q - 8) * scale + zero, from the int4pack bytes, into a buffer reused
+    by the next call of the same shape on this thread (use it before then)."""
+    n = layout.packed.shape[0]
+    k = layout.packed.shape[1] * 2
+    buffers: dict[tuple[int, int], tuple[Tensor, Tensor]] = _scratch.__dict__.setdefault("weights", {})
+    if (k, n) not in buffers:
+        buffers[(k, n)] = (torch.empty(k, n, dtype=torch.uint8), torch.empty(k, n, dtype=torch.bfloat16))
+    codes, weight = buffers[(k, n)]
+    # q - 8 exactly (uint8 wraps, read back as int8), then one rounding: (q - 8) * scale + zero.
+    # Folding the 8 into the zero instead would round a large offset (2-bit: ~8 scales) and
+    # triple the error of small weights.
+    unpack_int4pack(layout.packed, n, k, out=codes).sub_(8)
+    weight.copy_(codes.view(torch.int8))
+    groups = weight.view(k // layout.kernel_group, layout.kernel_group, n)
+    # Contiguous copies of the (small) scale and zero rows: broadcasting the strided views
+    # themselves takes torch's slow elementwise path (4-5x slower dequantization, measured).
+    torch.addcmul(layout.dense_zeros.contiguous(), groups, layout.dense_scales.contiguous(), out=groups)
+    return weight
+
+
+def int4_dequant_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None) -> Tensor:
+    """bf16 [M, N] = x (act-order permuted) @ W, W dequantized to bf16 for this call."""
+    if layout.dense_scales is None:
+        raise QuantLinearError("this int4 layout has no dequantize route (N % 64 != 0 or unknown packing)")
+    x_bf16 = x.to(torch.bfloat16)
+    if input_perm is not None:
+        x_bf16 = x_bf16.index_select(1, input_perm)
+    if layout.pad:
+        x_bf16 = torch.nn.functional.pad(x_bf16, (0, layout.pad))
+    return x_bf16 @ dequantize_int4pack(layout)
 
 
 def int4_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None) -> Tensor:

@@ -59,6 +59,9 @@ class CpuInt4Layout:
     scales_and_zeros: Tensor  # bf16 [K_pad // kernel_group, N, 2]: w = (q - 8) * scale + zero
     kernel_group: int  # 32/64/128/256 (a divisor of the checkpoint's group size)
     pad: int = 0  # K_pad - K: zero input columns appended when no kernel group divides K
+    # The many-rows route (quant_cpu.int4_dequant_matmul), None where it cannot read `packed`:
+    dense_scales: Tensor | None = None  # bf16 [K_pad // kernel_group, 1, N], a view of scales_and_zeros
+    dense_zeros: Tensor | None = None  # bf16 [K_pad // kernel_group, 1, N], a view of scales_and_zeros
 
 
 @dataclass
@@ -96,7 +99,9 @@ class PreparedQuantLinear:
     act_dtype: torch.dtype
     input_perm: Tensor | None  # int64 [K]: sorted-K position -> input column (act-order); None = identity
     bias: Tensor | None
-    dense_min_m: int = 128  # Triton path: from this many rows on, dequantize + cuBLAS
+    # From this many rows on, dequantize the whole weight and use the dense GEMM (Triton path:
+    # cuBLAS; CPU int4 path: oneDNN bf16, where the layout allows it, else never)
+    dense_min_m: int = 128
 
 
 def _effective_group_size(w: QuantLinearWeights) -> int:
@@ -236,7 +241,8 @@ def prepare_quant_linear(
     scales = w.scales.cpu()
     if mode == "int4":
         layout = quant_cpu.prepare_int4(codes, zeros, scales, w.bits, group, device)
-        return PreparedQuantLinear("int4", layout, input_perm=input_perm, **common)
+        return PreparedQuantLinear("int4", layout, input_perm=input_perm, **common,
+                                   dense_min_m=quant_cpu.dense_min_rows(layout))
     if mode == "triton":
         from .quant_triton import prepare_triton_layout
 
@@ -258,7 +264,10 @@ def quant_matmul(x: Tensor, prepared: PreparedQuantLinear) -> Tensor:
     if isinstance(layout, DenseLayout):
         out = torch.nn.functional.linear(x.to(layout.weight.dtype), layout.weight)
     elif isinstance(layout, CpuInt4Layout):
-        out = quant_cpu.int4_matmul(x, layout, prepared.input_perm)
+        if x.shape[0] >= prepared.dense_min_m:
+            out = quant_cpu.int4_dequant_matmul(x, layout, prepared.input_perm)
+        else:
+            out = quant_cpu.int4_matmul(x, layout, prepared.input_perm)
     elif isinstance(layout, DequantLayout):
         out = quant_cpu.dequant_matmul(x, layout, prepared.bits, prepared.in_features)
     else:
