@@ -206,3 +206,14 @@ def _keep_mask(compact: CompactLoraPools, segments: HostSegments, dtype: torch.d
     projections of a model share a layout, so the step's segments cache it per layout."""
     return segments.cached_mask(("compact", compact.layout, dtype), lambda token_slots: (
         token_slots[:, None] == compact.col_slot[None, :]).to(dtype) * compact.col_scale.to(dtype)[None, :])
+
+
+
+def active_column_share(compact: CompactLoraPools, segments: HostSegments) -> float:
+    """The share of the compact columns that belong to slots with tokens in this step (cached
+    per step and layout): the masked route reads and multiplies all of them regardless."""
+    def share(_: Tensor) -> float:
+        active = {slot for slot, _ in segments.slot_rows}
+        owned = sum(width for entries in compact.layout for slot, width, _ in entries if slot in active)
+        return owned / max(compact.num_columns, 1)
+    return segments.cached_mask(("compact-share", compact.layout), share)

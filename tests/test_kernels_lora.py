@@ -131,8 +131,10 @@ def test_cpu_stacked_routes_match_reference(name: str, route: str, monkeypatch: 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_cpu_compact_route_matches_reference(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The masked route on the compact pools (real ranks only) against the float64
-    reference. The pools keep their NaN poison past each rank: compacting must not read it."""
+    reference. The pools keep their NaN poison past each rank: compacting must not read it.
+    (Taken here whatever share of the loaded slots the step uses: the next test covers the choice.)"""
     monkeypatch.setattr(lora_cpu, "DENSE_MAX_TOKEN_SLOTS", 10**9)
+    monkeypatch.setattr(lora_cpu, "COMPACT_MIN_ACTIVE_SHARE", 0.0)
     taken = []
     monkeypatch.setattr(lora_cpu, "lora_apply_compact", lambda *args: (taken.append(1), lora_apply_compact(*args)))
     for seed in range(3):
@@ -148,6 +150,29 @@ def test_cpu_compact_route_matches_reference(name: str, monkeypatch: pytest.Monk
         assert_expand_matches(case, y_before, y, poisoned_v(case), atol=1e-4)
     slots_with_tokens = {slot for slot, tokens in CASES[name][0] if slot >= 0 and tokens > 0}
     assert bool(taken) == (len(slots_with_tokens) > 1)  # the route serves steps of several adapters
+
+
+@pytest.mark.parametrize("name", ["decode_length_1", "empty_segments", "repeated_slot_and_long"])
+def test_cpu_compact_route_only_while_the_step_uses_most_loaded_slots(name: str, monkeypatch) -> None:
+    """The compact masked route multiplies every loaded slot's columns: it is taken only while
+    the step's own slots hold COMPACT_MIN_ACTIVE_SHARE of them, else the per-adapter route reads
+    just those; both against the float64 reference, the NaN poison past each rank kept."""
+    monkeypatch.setattr(lora_cpu, "DENSE_MAX_TOKEN_SLOTS", 10**9)
+    taken = []
+    monkeypatch.setattr(lora_cpu, "lora_apply_compact", lambda *args: (taken.append(1), lora_apply_compact(*args)))
+    case = make_case(name, k=40, seed=300)
+    stacked, _, b_views = stacked_pools(case, zero_padding=False)
+    compact = build_compact_pools(stacked, b_views, case.slot_ranks, case.slot_scales)
+    segments = lora_host_segments(case.segment_starts, case.segment_slots, case.num_tokens, 6)
+    used = {slot for slot, _ in segments.slot_rows}
+    share = sum(int(case.slot_ranks[:, slot].sum()) for slot in used) / compact.num_columns
+    assert share == lora_cpu.active_column_share(compact, segments)
+    y = torch.randn((case.num_tokens, sum(WIDTHS)))
+    y_before = y.clone()
+    lora_apply(y, case.x, case.a_pools, case.b_pools, case.slice_offsets, case.segment_starts,
+               case.segment_slots, case.slot_ranks, case.slot_scales, segments=segments, compact=compact)
+    assert_expand_matches(case, y_before, y, poisoned_v(case), atol=1e-4)
+    assert bool(taken) == (len(used) > 1 and share >= lora_cpu.COMPACT_MIN_ACTIVE_SHARE), (share, used)
 
 
 def test_cpu_compact_pools_layout() -> None:

@@ -1,0 +1,130 @@
+"""Which CPU LoRA route a decode step should take when few of the loaded slots are in use.
+
+The compact masked route (kernels/lora_compact_cpu.py) multiplies every decode token against
+every LOADED slot's columns in 3 + n_slices ops; the per-adapter route reads only the step's own
+slots, in 1 + n_slices ops per slot. With 16 slots loaded (the e2e servers' 100-task setting)
+and 2-4 adapters in a step (what the e2e replays show), the first reads 4-8x the bytes it needs.
+This times both on SmolLM2-135M's four LoRA projections (q|k|v, o, gate|up, down; ranks of the
+nine committed adapters, cycled over the slots; float32 pools as the CPU engine keeps them) for
+T decode tokens spread over k slots, and the engine's choice (compact only while the step's
+slots own COMPACT_MIN_ACTIVE_SHARE of the columns). One torch thread; per step = 120
+projections (30 layers), from 32 distinct projections' weights (8 layers' worth, so the pools
+do not all sit in the cache).
+
+    .venv/bin/python bench/lora_routes.py [--repeats 5]
+
+Writes bench/results/lora_routes.{json,md}. Run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+SLOTS, R_MAX = 16, 64
+RANKS = [32, 16, 8, 8, 32, 16, 16, 8, 64]  # the committed adapters' ranks
+PROJECTIONS = [(576, [576, 192, 192]), (576, [576]), (576, [1536, 1536]), (1536, [576])]
+LAYERS = 8  # distinct copies; a step's time is scaled to the model's 30 layers
+STEPS = [(2, 2), (4, 2), (4, 4), (16, 2), (16, 4), (16, 8), (16, 12), (16, 16)]  # (tokens, slots in use)
+
+
+def _projection(in_features: int, widths: list[int], gen: torch.Generator) -> dict:
+    from inlaid.kernels.dispatch import build_compact_pools
+
+    n = len(widths)
+    stacked = torch.zeros(SLOTS, n * R_MAX, in_features)
+    b_storage = [torch.zeros(SLOTS, R_MAX, width) for width in widths]
+    ranks = torch.zeros(n, SLOTS, dtype=torch.int32)
+    for slot in range(SLOTS):
+        rank = RANKS[slot % len(RANKS)]
+        ranks[:, slot] = rank
+        stacked[slot].view(n, R_MAX, in_features)[:, :rank] = torch.randn(n, rank, in_features, generator=gen) * 0.01
+        for i, width in enumerate(widths):
+            b_storage[i][slot, :rank] = torch.randn(rank, width, generator=gen) * 0.01
+    scales = torch.rand(n, SLOTS, generator=gen)
+    b_pools = [b.transpose(1, 2) for b in b_storage]
+    return {"K": in_features, "N": sum(widths), "a": [stacked[:, i * R_MAX:(i + 1) * R_MAX] for i in range(n)],
+            "b": b_pools, "offsets": [sum(widths[:i]) for i in range(n)], "ranks": ranks, "scales": scales,
+            "stacked": stacked, "compact": build_compact_pools(stacked, b_pools, ranks, scales)}
+
+
+def _step_ms(projections: list[dict], tokens: int, in_use: int, share: float, rng: random.Random) -> float:
+    from inlaid.kernels import lora_cpu
+    from inlaid.kernels.dispatch import lora_host_segments
+
+    slots = sorted(rng.sample(range(SLOTS), in_use))
+    starts = [round(i * tokens / in_use) for i in range(in_use)] + [tokens]
+    segments = lora_host_segments(torch.tensor(starts, dtype=torch.int32), torch.tensor(slots, dtype=torch.int32),
+                                  tokens, SLOTS)
+    saved = lora_cpu.COMPACT_MIN_ACTIVE_SHARE
+    lora_cpu.COMPACT_MIN_ACTIVE_SHARE = share
+    inputs = [(torch.randn(tokens, p["K"]), torch.zeros(tokens, p["N"])) for p in projections]
+    try:
+        start = time.perf_counter()
+        for p, (x, y) in zip(projections, inputs):
+            lora_cpu.lora_apply_cpu(y, x, p["a"], p["b"], p["offsets"], segments, p["ranks"], p["scales"],
+                                    stacked_a=p["stacked"], compact=p["compact"])
+        elapsed = time.perf_counter() - start
+    finally:
+        lora_cpu.COMPACT_MIN_ACTIVE_SHARE = saved
+    return elapsed / len(projections) * 4 * 30 * 1e3
+
+
+def measure(repeats: int) -> dict:
+    from inlaid.kernels import lora_cpu
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    projections = [_projection(k, widths, gen) for _ in range(LAYERS) for k, widths in PROJECTIONS]
+    routes = {"compact (every loaded slot)": 0.0, "per adapter": 2.0, "engine's choice": lora_cpu.COMPACT_MIN_ACTIVE_SHARE}
+    rows = []
+    for tokens, in_use in STEPS:
+        rng = random.Random(tokens * 100 + in_use)
+        times = {name: min(_step_ms(projections, tokens, in_use, share, rng) for _ in range(repeats))
+                 for name, share in routes.items()}
+        rows.append({"tokens": tokens, "slots_in_use": in_use, **{f"{name} ms": ms for name, ms in times.items()}})
+        print(rows[-1], flush=True)
+    return {"machine": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": 1,
+            "loaded_slots": SLOTS, "ranks": RANKS, "repeats": repeats, "loadavg_before": list(os.getloadavg()),
+            "compact_min_active_share": lora_cpu.COMPACT_MIN_ACTIVE_SHARE, "rows": rows}
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    names = [key[:-3] for key in result["rows"][0] if key.endswith(" ms")]
+    lines = ["# CPU LoRA routes of a decode step, by slots in use (16 loaded)", "",
+             f"{result['machine']}, torch {result['torch']}, 1 thread, float32 pools; ranks {result['ranks']} "
+             f"cycled over {result['loaded_slots']} slots; ms per step of 120 projections, best of "
+             f"{result['repeats']}. Load average before: {', '.join(f'{v:.1f}' for v in result['loadavg_before'])}. "
+             f"The engine takes the compact route only while the step's slots own "
+             f">= {result['compact_min_active_share']} of its columns.", "",
+             "| tokens | slots in use | " + " | ".join(f"{n} ms" for n in names) + " | compact / engine |",
+             "|---|---|" + "---|" * len(names) + "---|"]
+    for row in result["rows"]:
+        ratio = row["compact (every loaded slot) ms"] / row["engine's choice ms"]
+        lines.append(f"| {row['tokens']} | {row['slots_in_use']} | "
+                     + " | ".join(f"{row[f'{n} ms']:.1f}" for n in names) + f" | {ratio:.2f}x |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    result = measure(args.repeats)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "lora_routes.json").write_text(json.dumps(result, indent=1))
+    write_markdown(result, args.out / "lora_routes.md")
+    print((args.out / "lora_routes.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
