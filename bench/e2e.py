@@ -136,6 +136,18 @@ def make_trace(settings: E2eSettings, num_tasks: int, popularity: str, num_reque
 
 # ---------------------------------------------------------------------------------- servers
 
+def bf16_head(system: System, settings: E2eSettings) -> bool:
+    """The 4-bit systems keep the embedding/head (the largest dense matrix left) in bf16 where
+    the CPU multiplies bf16 natively, as `make run` serves it (inlaid/demo.py)."""
+    from inlaid.kernels.dense_cpu import native_bf16
+
+    return system.quantized and settings.device == "cpu" and native_bf16()
+
+
+def system_title(system: System, settings: E2eSettings) -> str:
+    return system.title + (" (embedding/head in bf16)" if bf16_head(system, settings) else "")
+
+
 def server_config(system: System, settings: E2eSettings, tasks: dict[str, Path], model_dir: Path,
                   quantized_dir: Path | None, workdir: Path, predictor_state: Path | None) -> dict[str, dict[str, Any]]:
     executor: dict[str, Any] = {"device": settings.device, "dtype": settings.dtype, "threads": settings.threads,
@@ -152,6 +164,8 @@ def server_config(system: System, settings: E2eSettings, tasks: dict[str, Path],
                     max_lora_rank=max(read_adapter_spec(n, p).rank for n, p in tasks.items()))
     if system.quantized:
         model["quantized_dir"] = str(quantized_dir)
+        if bf16_head(system, settings):
+            executor["weight_dtype"] = "bfloat16"
     server["policy"] = system.policy
     scheduler: dict[str, Any] = {"step_log": str(workdir / f"{system.label}.steps.jsonl")}
     if system.policy == "inlaid" and predictor_state is not None:
@@ -230,7 +244,7 @@ def run(settings: E2eSettings, out: Path) -> dict[str, Any]:
     quantized_dir = quantized_base(settings) if any(s.quantized for s in systems) else None
     prompts = suite_prompts(model_dir)
     workdir = Path(tempfile.mkdtemp(prefix="inlaid-e2e-"))
-    report: dict[str, Any] = {"settings": asdict(settings), "systems": {s.label: s.title for s in systems},
+    report: dict[str, Any] = {"settings": asdict(settings), "systems": {s.label: system_title(s, settings) for s in systems},
                               "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores" if settings.device == "cpu"
                               else settings.device, "quantized_dir": quantized_dir and str(quantized_dir),
                               "latency_slos_s": LATENCY_SLOS_S, "workloads": [], "servers": {}}

@@ -42,21 +42,12 @@ def committed_adapters() -> dict[str, Path]:
     } if ADAPTER_ROOT.is_dir() else {}
 
 
-def native_bf16() -> bool:
-    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere oneDNN
-    emulates it, several times slower than float32 (docs/engine.md)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
 def executor_options(adapters: dict[str, Path]) -> dict[str, Any]:
     """The executor's settings for this demo: a slot per adapter, the pools at the largest
     rank, KV sized for the workload; the embedding/head in bf16 where the CPU has it (the
     largest dense matrix left beside the 4-bit projections)."""
     from inlaid.engine.adapter_config import read_adapter_spec
+    from inlaid.kernels.dense_cpu import native_bf16
 
     ranks = [read_adapter_spec(name, str(path)).rank for name, path in adapters.items()]
     options: dict[str, Any] = {"max_lora_slots": len(adapters), "max_lora_rank": max(ranks), "num_kv_blocks": KV_BLOCKS}

@@ -26,6 +26,9 @@ bf16 weight) is multiplied with `F.linear`.
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -33,6 +36,17 @@ from torch import Tensor
 # A typical decode batch: the layout oneDNN picks for it also serves prefill sizes (measured
 # at M = 256 and 640: no slower than the plain weight).
 PACKING_BATCH_HINT = 16
+
+
+@functools.lru_cache(maxsize=1)
+def native_bf16() -> bool:
+    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere oneDNN
+    emulates it, several times slower than float32 (docs/engine.md)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def packing_supported(weight: Tensor) -> bool:

@@ -118,8 +118,12 @@ def int4pack_layout_is_known() -> bool:
 
 
 def dense_min_rows(layout: CpuInt4Layout) -> int:
-    """The M from which `quant_matmul` takes the dequantize + bf16 GEMM route (never: maxsize)."""
-    return DENSE_MIN_ROWS if layout.dense_scales is not None else sys.maxsize
+    """The M from which `quant_matmul` takes the dequantize + bf16 GEMM route (never: maxsize).
+    Never on a CPU without native bf16 either: oneDNN emulates bf16 there, ~8x slower than
+    float32 at prefill sizes (docs/engine.md), which would lose the route's gain and more."""
+    from .dense_cpu import native_bf16
+
+    return DENSE_MIN_ROWS if layout.dense_scales is not None and native_bf16() else sys.maxsize
 
 
 _scratch = threading.local()  # reused weight buffers: a fresh one page-faults on every call
