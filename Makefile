@@ -14,7 +14,7 @@ run: setup
 test: setup
 	$(PY) -m pytest -q --durations=15 tests
 
-# make bench: the end-to-end suite (~17 min quiet); QUICK=1: its 1-minute smoke run; FULL=1: both
+# make bench: the end-to-end suite (~14 min quiet); QUICK=1: its 1-minute smoke run; FULL=1: both
 # popularities (~35-40 min); ALL=1: every bench/*.py
 bench: setup
 	$(PY) bench/run_all.py $(if $(QUICK),--quick) $(if $(FULL),--full) $(if $(ALL),--all)

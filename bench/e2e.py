@@ -22,7 +22,7 @@ from rate to rate), so machine load hits all of them alike.
 Writes DIR (default bench/results/e2e/, --full: bench/results/e2e-full/; --quick: a temp dir):
 e2e.json (every figure), records.jsonl (every request: task, times, token ids), e2e.md and PNG
 plots (bench/e2e_report.py). The report is rewritten after each task count. The default
-sweeps Zipf popularity (~17 minutes on the quiet 2-core Intel VM); --full sweeps Zipf and
+sweeps Zipf popularity (~14 minutes on the quiet 2-core Intel VM); --full sweeps Zipf and
 uniform (41 minutes there). The transformers + PEFT server of the 100 tasks loads its
 adapters during the 9-task sweep (~1 minute for 100); the replicated adapters
 are cached (`e2e_tasks.py`). --quick (~1-2 minutes) is the smoke run
@@ -106,7 +106,7 @@ class E2eSettings:
         return int(min(self.requests, max(self.min_requests, round(rate * self.duration_s))))
 
 
-# `make bench` runs the default (Zipf popularity, ~17 minutes); --full adds uniform popularity
+# `make bench` runs the default (Zipf popularity, ~14 minutes); --full adds uniform popularity
 # and two more requests at the light rate (~35-40 minutes), into its own folder.
 FULL = E2eSettings(popularities=("zipf", "uniform"), min_requests=5, calibration_requests=12)
 QUICK = E2eSettings(task_counts=(9,), popularities=("zipf",), rates=2, low_load=2.0, duration_s=4.0, min_requests=4,

@@ -1,4 +1,4 @@
-"""`make bench`: the end-to-end suite (bench/e2e.py, ~17 minutes on a quiet 2-core machine).
+"""`make bench`: the end-to-end suite (bench/e2e.py, ~14 minutes on a quiet 2-core machine).
 
     .venv/bin/python bench/run_all.py            # make bench:        bench/e2e.py, report in bench/results/e2e/
     .venv/bin/python bench/run_all.py --quick    # make bench QUICK=1: its ~1-minute smoke run (a temp dir)

@@ -208,7 +208,6 @@ def _keep_mask(compact: CompactLoraPools, segments: HostSegments, dtype: torch.d
         token_slots[:, None] == compact.col_slot[None, :]).to(dtype) * compact.col_scale.to(dtype)[None, :])
 
 
-
 def active_column_share(compact: CompactLoraPools, segments: HostSegments) -> float:
     """The share of the compact columns that belong to slots with tokens in this step (cached
     per step and layout): the masked route reads and multiplies all of them regardless."""
