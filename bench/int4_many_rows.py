@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -70,7 +71,7 @@ def measure(threads: int, repeats: int) -> dict:
         crossover[name] = min(winning) if winning else None
     return {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
             "threads": threads, "repeats": repeats, "dense_min_rows": quant_cpu.DENSE_MIN_ROWS,
-            "loadavg_before": list(__import__("os").getloadavg()), "rows": rows,
+            "loadavg_before": list(os.getloadavg()), "rows": rows,
             "dequantize_only_ms": dequant_only, "smallest_M_where_the_route_wins": crossover}
 
 

@@ -78,10 +78,7 @@ def prepare_int4(
     source_group = (first_rows // group).clamp(max=scales.shape[0] - 1)
     scales_and_zeros = torch.stack([scale, zero], dim=-1)[source_group].to(torch.bfloat16).contiguous()
     layout = CpuInt4Layout(packed, scales_and_zeros, kernel_group, pad)
-    if n % INT4PACK_BLOCK_N == 0 and int4pack_layout_is_known():
-        # Views of the kernel's own bf16 scale and zero: the same weight, no extra memory.
-        layout.dense_scales = scales_and_zeros[:, None, :, 0]
-        layout.dense_zeros = scales_and_zeros[:, None, :, 1]
+    layout.dequantizable = n % INT4PACK_BLOCK_N == 0 and int4pack_layout_is_known()
     return layout
 
 
@@ -123,7 +120,7 @@ def dense_min_rows(layout: CpuInt4Layout) -> int:
     float32 at prefill sizes (docs/engine.md), which would lose the route's gain and more."""
     from .dense_cpu import native_bf16
 
-    return DENSE_MIN_ROWS if layout.dense_scales is not None and native_bf16() else sys.maxsize
+    return DENSE_MIN_ROWS if layout.dequantizable and native_bf16() else sys.maxsize
 
 
 _scratch = threading.local()  # reused weight buffers: a fresh one page-faults on every call
@@ -144,15 +141,18 @@ def dequantize_int4pack(layout: CpuInt4Layout) -> Tensor:
     unpack_int4pack(layout.packed, n, k, out=codes).sub_(8)
     weight.copy_(codes.view(torch.int8))
     groups = weight.view(k // layout.kernel_group, layout.kernel_group, n)
-    # Contiguous copies of the (small) scale and zero rows: broadcasting the strided views
-    # themselves takes torch's slow elementwise path (4-5x slower dequantization, measured).
-    torch.addcmul(layout.dense_zeros.contiguous(), groups, layout.dense_scales.contiguous(), out=groups)
+    # The kernel's own bf16 scale and zero (the same weight), as contiguous [G, 1, N] copies of
+    # the small rows: broadcasting strided views of scales_and_zeros takes torch's slow
+    # elementwise path (4-5x slower dequantization, measured).
+    scales = layout.scales_and_zeros[:, None, :, 0].contiguous()
+    zeros = layout.scales_and_zeros[:, None, :, 1].contiguous()
+    torch.addcmul(zeros, groups, scales, out=groups)
     return weight
 
 
 def int4_dequant_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None) -> Tensor:
     """bf16 [M, N] = x (act-order permuted) @ W, W dequantized to bf16 for this call."""
-    if layout.dense_scales is None:
+    if not layout.dequantizable:
         raise QuantLinearError("this int4 layout has no dequantize route (N % 64 != 0 or unknown packing)")
     x_bf16 = x.to(torch.bfloat16)
     if input_perm is not None:

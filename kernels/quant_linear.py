@@ -59,9 +59,8 @@ class CpuInt4Layout:
     scales_and_zeros: Tensor  # bf16 [K_pad // kernel_group, N, 2]: w = (q - 8) * scale + zero
     kernel_group: int  # 32/64/128/256 (a divisor of the checkpoint's group size)
     pad: int = 0  # K_pad - K: zero input columns appended when no kernel group divides K
-    # The many-rows route (quant_cpu.int4_dequant_matmul), None where it cannot read `packed`:
-    dense_scales: Tensor | None = None  # bf16 [K_pad // kernel_group, 1, N], a view of scales_and_zeros
-    dense_zeros: Tensor | None = None  # bf16 [K_pad // kernel_group, 1, N], a view of scales_and_zeros
+    # Whether quant_cpu.int4_dequant_matmul (the many-rows route) can read `packed`:
+    dequantizable: bool = False
 
 
 @dataclass
