@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from inlaid.scheduling.autotune import slo_target_out_of_reach
+
 POLICY_COLORS = {"fifo": "#555555", "mlfq": "#1f77b4", "vtc": "#2ca02c", "inlaid": "#d62728", "inlaid+fair": "#ff7f0e"}
 
 
@@ -21,11 +23,6 @@ def _ratio(value: float, reference: float) -> str:
     if not reference or math.isnan(reference) or math.isnan(value):
         return "-"
     return f"{value / reference:.2f}x"
-
-
-def slo_target_out_of_reach(fifo_attainment: float) -> bool:
-    """2x FIFO's SLO attainment is over 100 %: no policy can meet that target."""
-    return fifo_attainment > 0.5
 
 
 def _index(runs: list[dict]) -> dict:
@@ -233,8 +230,13 @@ def write_real_markdown(report: dict, path: Path) -> None:
         lines.append(f"| {label} | {e['steps']} | {e['mean_step_s']:.3f} | {e['mean_abs_rel_error']:.1%} | "
                      f"{e['total_bias']:+.1%} | {c['mean_abs_rel_error']:.1%} | {c['median_abs_rel_error']:.1%} | "
                      f"{c['total_bias']:+.1%} | {e['mean_round_trip_overhead_s']:.4f} |")
-    lines += ["", "Reproduce: `.venv/bin/python bench/sched_real.py` (one command, 15-40 min; "
-              "`--requests`, `--load`, `--threads`, `--policies`).", ""]
+    if report.get("tuned_options") is not None:
+        lines += ["", f"`inlaid-tuned`: `inlaid` with the options start-up tuning chose on "
+                  f"`{report.get('cost_model_file', 'the cost model')}` (inlaid/scheduling/autotune.py): "
+                  f"`{report['tuned_options']}`."]
+    tag = report.get("cost_model_file", "sched_cost_model.json")[len("sched_cost_model"):-len(".json")].lstrip("_")
+    lines += ["", f"Reproduce: `.venv/bin/python bench/sched_real.py{' --tag ' + tag if tag else ''}` (one command, "
+              "15-40 min; `--requests`, `--load`, `--threads`, `--policies`).", ""]
     path.write_text("\n".join(lines))
 
 

@@ -30,22 +30,14 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))  # sched_sim beside this file (bench/ is no package)
 import sched_sim  # noqa: E402
-from sched_report import slo_target_out_of_reach  # noqa: E402
+
+from inlaid.scheduling.autotune import CANDIDATES, choose, score_candidates  # noqa: E402
 
 RESULTS = BENCH / "results"
 SLO = "10x"
-# label -> [scheduler] options of the inlaid policy (the rest: its defaults)
-OPTION_SETS: dict[str, dict] = {
-    "defaults": {},
-    "beta 16, no row target": {"max_adapters_per_step": 16, "batch_rows_target": 0},
-    "first tokens after 30 s": {"first_token_after_s": 30.0},
-    "first tokens after 3 s": {"first_token_after_s": 3.0},
-    "prefill <= 512 tokens a step": {"max_prefill_tokens_per_step": 512},
-    "beta 16, no row target, first tokens after 30 s": {"max_adapters_per_step": 16, "batch_rows_target": 0,
-                                                        "first_token_after_s": 30.0},
-    "beta 16, row target 32, first tokens after 30 s": {"max_adapters_per_step": 16, "batch_rows_target": 32,
-                                                        "first_token_after_s": 30.0},
-}
+# label -> [scheduler] options of the inlaid policy (the rest: its defaults); the same sets a
+# server with `[scheduler] autotune_cost_model` chooses among at start-up
+OPTION_SETS: dict[str, dict] = CANDIDATES
 
 
 def _run(job: dict) -> dict:
@@ -79,22 +71,10 @@ def sweep(tag: str, requests: int, load: float, slots: int, workers: int) -> dic
             "wall_s": time.perf_counter() - started, "loadavg": os.getloadavg(), "runs": runs}
 
 
-def summary_rows(report: dict) -> list[dict]:
-    """Per option set: its figures against FIFO over the twelve configurations."""
-    fifo = {(r["tasks"], r["cv"], r["popularity"]): r for r in report["runs"] if r["label"] == "fifo"}
-    rows = []
-    for label in report["option_sets"]:
-        mine = [r for r in report["runs"] if r["label"] == label]
-        pairs = [(r, fifo[(r["tasks"], r["cv"], r["popularity"])]) for r in mine]
-        ratios = [r["mean_jct_s"] / reference["mean_jct_s"] for r, reference in pairs]
-        slo_met = sum(r["slo"] >= 2 * reference["slo"] or slo_target_out_of_reach(reference["slo"])
-                      for r, reference in pairs)
-        ttft_ok = sum(r["p99_ttft_s"] <= reference["p99_ttft_s"] for r, reference in pairs)
-        rows.append({"label": label, "jct_geomean": math.exp(sum(map(math.log, ratios)) / len(ratios)),
-                     "jct_best": min(ratios), "jct_worst": max(ratios), "jct_at_most_fifo": sum(x <= 1.0 for x in ratios),
-                     "slo_2x_or_out_of_reach": slo_met, "p99_ttft_at_most_fifo": ttft_ok,
-                     "max_wait_s": max(r["max_wait_s"] for r in mine), "configurations": len(mine)})
-    return rows
+def summary_rows(report: dict) -> list:
+    """Per option set: its figures against FIFO over the twelve configurations
+    (`inlaid.scheduling.autotune.CandidateScore`, as the start-up tuning scores them)."""
+    return score_candidates(report["runs"], report["option_sets"], key=lambda r: (r["tasks"], r["cv"], r["popularity"]))
 
 
 def write_markdown(report: dict, path: Path) -> None:
@@ -108,11 +88,14 @@ def write_markdown(report: dict, path: Path) -> None:
              f"FIFO's longest wait {fifo_wait:.0f} s.", "",
              "| option set | mean JCT / FIFO: geometric mean (best - worst) | configurations with mean JCT <= FIFO | "
              "SLO >= 2x FIFO or out of reach | p99 TTFT <= FIFO | longest wait s |", "|---|---|---|---|---|---|"]
-    for row in summary_rows(report):
-        n = row["configurations"]
-        lines.append(f"| {row['label']} | {row['jct_geomean']:.2f}x ({row['jct_best']:.2f} - {row['jct_worst']:.2f}) | "
-                     f"{row['jct_at_most_fifo']} / {n} | {row['slo_2x_or_out_of_reach']} / {n} | "
-                     f"{row['p99_ttft_at_most_fifo']} / {n} | {row['max_wait_s']:.0f} |")
+    rows = summary_rows(report)
+    chosen = choose(rows)
+    for row in rows:
+        n = row.workloads
+        mark = " **(start-up tuning's choice)**" if row is chosen else ""
+        lines.append(f"| {row.label}{mark} | {row.jct_geomean:.2f}x ({row.jct_best:.2f} - {row.jct_worst:.2f}) | "
+                     f"{row.jct_at_most_fifo} / {n} | {row.slo_2x_or_out_of_reach} / {n} | "
+                     f"{row.p99_ttft_at_most_fifo} / {n} | {row.max_wait_s:.0f} |")
     lines += ["", "Options of each set (the rest are the policy's defaults):", ""]
     lines += [f"- {label}: `{json.dumps(options) if options else '{}'}`" for label, options in report["option_sets"].items()]
     path.write_text("\n".join(lines) + "\n")

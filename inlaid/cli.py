@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "quantize": ("inlaid.quant.cli", "quantize a base model (MLGPTQ and baselines)"),
     "quantize-add": ("inlaid.quant.incremental_cli", "add a task to a quantized checkpoint incrementally"),
     "serve": ("inlaid.serve.cli", "run the server"),
+    "tune-scheduler": ("inlaid.scheduling.tune_cli", "choose the inlaid policy's options on a fitted cost model"),
     "client": ("inlaid.client.cli", "talk to a running server"),
     "http": ("inlaid.http.cli", "run the OpenAI-compatible HTTP front alone"),
 }

@@ -38,6 +38,8 @@ def _policies(config):  # type: ignore[no-untyped-def]
     from inlaid.scheduling.registry import POLICY_NAMES, make_policy
     from inlaid.serve.config import load_policy
 
+    if config.autotune_cost_model is not None:
+        config.scheduler = _autotuned_options(config)
     made = [load_policy(config.policy, config.scheduler)]
     shared = getattr(made[0], "length_model", None)
 
@@ -49,6 +51,25 @@ def _policies(config):  # type: ignore[no-untyped-def]
         return load_policy(config.policy, config.scheduler)
 
     return factory
+
+
+def _autotuned_options(config) -> dict:  # type: ignore[no-untyped-def]
+    """[scheduler] options chosen on the configured cost model (inlaid/scheduling/autotune.py);
+    cached in server.state_dir, so a restart with the same settings does not simulate again."""
+    import logging
+
+    from inlaid.scheduling.autotune import tuned_options
+    from inlaid.scheduling.simulator import EngineShape
+
+    engine = config.engine
+    shape = EngineShape(max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=engine.max_num_batched_tokens,
+                        block_size=engine.block_size, num_kv_blocks=engine.num_kv_blocks,
+                        max_lora_slots=engine.max_lora_slots, max_model_len=engine.max_model_len or EngineShape.max_model_len)
+    log = logging.getLogger("inlaid.coordinator")
+    options, _ = tuned_options(config.autotune_cost_model, shape, max(1, len(config.tasks)), config.scheduler,
+                               cache_dir=config.state_dir, log=log.info)
+    log.info("scheduler options", extra={"options": options})
+    return options
 
 
 def serve(config) -> int:  # type: ignore[no-untyped-def]

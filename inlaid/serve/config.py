@@ -20,6 +20,7 @@ max_pending_requests = 1024
 [scheduler]               # the policy's options (docs/scheduling.md)
 max_adapters_per_step = 4
 predictor_state = "/var/lib/inlaid/predictor.npz"
+# autotune_cost_model = "sched_cost_model.json"   # inlaid: choose the other options at start-up
 
 [executors]               # optional: several executors, one per device (docs/scale-out.md)
 count = 2
@@ -152,6 +153,9 @@ class ServerConfig:
     # SchedulingPolicy (called with no arguments)
     policy: str = "fifo"
     scheduler: dict[str, Any] = field(default_factory=dict)  # the built-in policy's options
+    # A fitted step-cost model (bench/sched_cost.py): the inlaid policy's options are chosen
+    # on it at start-up (inlaid/scheduling/autotune.py); [scheduler] options set explicitly stay.
+    autotune_cost_model: str | None = None
     http: HttpConfig | None = None  # the OpenAI-compatible front, started with the server
     metrics: MetricsConfig | None = None
     executors: ExecutorsConfig = field(default_factory=ExecutorsConfig)
@@ -194,6 +198,8 @@ class ServerConfig:
                 parse_options(self.policy, self.scheduler)
             except ValueError as error:
                 raise ConfigError(f"[scheduler]: {error}") from None
+            if self.autotune_cost_model is not None:
+                self._check_autotune()
         elif ":" not in self.policy:
             raise ConfigError(f"server.policy must be one of {', '.join(POLICY_NAMES)} or 'package.module:factory', "
                               f"got {self.policy!r}")
@@ -205,6 +211,18 @@ class ServerConfig:
             check_listen_address("metrics", self.metrics.host, self.metrics.port, self.allow_public_bind)
             if self.http is not None and (self.metrics.host, self.metrics.port) == (self.http.host, self.http.port):
                 raise ConfigError("[metrics] and [http] cannot share a port (the front serves /metrics itself)")
+
+
+    def _check_autotune(self) -> None:
+        from inlaid.scheduling.cost_model import StepCostModel
+
+        if self.policy != "inlaid":
+            raise ConfigError(f"scheduler.autotune_cost_model tunes the inlaid policy; server.policy is {self.policy!r}")
+        try:
+            StepCostModel.load(str(self.autotune_cost_model))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ConfigError(f"scheduler.autotune_cost_model {self.autotune_cost_model!r} is not a cost model "
+                              f"written by bench/sched_cost.py: {error}") from None
 
 
 def load_policy(spec: str, options: dict[str, Any] | None = None) -> Any:
@@ -287,6 +305,7 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Serve
     for key in ("predictor_state", "step_log"):
         if scheduler.get(key):
             scheduler[key] = _path(scheduler[key], base_dir, f"scheduler.{key}")
+    autotune = scheduler.pop("autotune_cost_model", None)
     requantizer = _section(raw, "requantizer")
     _reject_unknown("model", model, {"dir", "quantized_dir"})
     _reject_unknown("requantizer", requantizer, set(_REQUANTIZER_FIELDS))
@@ -341,6 +360,7 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Serve
         allow_public_bind=bool(server.get("allow_public_bind", False)),
         policy=str(server.get("policy", "fifo")),
         scheduler=scheduler,
+        autotune_cost_model=_path(autotune, base_dir, "scheduler.autotune_cost_model") if autotune is not None else None,
         http=HttpConfig(**http) if http is not None else None,
         metrics=MetricsConfig(**metrics) if metrics is not None else None,
         executors=ExecutorsConfig(**executors),

@@ -1,0 +1,227 @@
+"""Choose the `inlaid` policy's options for the machine that serves, from its step-cost model.
+
+The policy's defaults were tuned on one executor's step costs; on an executor whose costs
+balance differently (a larger fixed part per step, cheaper adapters, dearer loads) other
+options win (docs/scheduling.md, "Tuning on the serving machine"). Given that machine's
+fitted cost model (`bench/sched_cost.py`, a `StepCostModel` JSON), this runs the simulator
+(the same scheduler and policy code the server runs) on a few synthetic workloads shaped
+like the server (its task count and adapter slots; prompt and output lengths drawn from the
+task suite's recorded requests; Poisson and bursty arrivals, uniform and Zipf popularity),
+at `load` x FIFO's saturation on each, with FIFO and every candidate option set, and picks:
+
+    among the candidates that win the SLO target (attainment >= 2x FIFO's, or FIFO already
+    above 50 %) and keep p99 first-token latency at most FIFO's in as many workloads as the
+    defaults do, the one with the lowest geometric mean of mean-JCT / FIFO's mean JCT
+    (the defaults are always eligible, so the choice never trades those wins for JCT).
+
+The server does this at start-up when `[scheduler] autotune_cost_model` names the file;
+`inlaid tune-scheduler` prints the same table without starting a server. Options the
+config sets explicitly are kept and apply to every candidate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from inlaid.scheduling.cost_model import StepCostModel
+from inlaid.scheduling.simulator import EngineShape
+
+# label -> the inlaid policy's options (the rest: its defaults). bench/sched_tune.py sweeps
+# the same sets over the simulator's twelve configurations.
+CANDIDATES: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "beta 16, no row target": {"max_adapters_per_step": 16, "batch_rows_target": 0},
+    "first tokens after 30 s": {"first_token_after_s": 30.0},
+    "first tokens after 3 s": {"first_token_after_s": 3.0},
+    "prefill <= 512 tokens a step": {"max_prefill_tokens_per_step": 512},
+    "beta 16, no row target, first tokens after 30 s": {"max_adapters_per_step": 16, "batch_rows_target": 0,
+                                                        "first_token_after_s": 30.0},
+    "beta 16, row target 32, first tokens after 30 s": {"max_adapters_per_step": 16, "batch_rows_target": 32,
+                                                        "first_token_after_s": 30.0},
+}
+SLO = "10x"  # latency within 10x the request's isolated latency
+WORKLOADS = ((1.0, "uniform"), (1.0, "zipf"), (4.0, "uniform"), (4.0, "zipf"))  # (arrival CV, popularity)
+SEED = 7
+
+
+def slo_target_out_of_reach(fifo_attainment: float) -> bool:
+    """2x FIFO's SLO attainment is over 100 %: no policy can meet that target."""
+    return fifo_attainment > 0.5
+
+
+@dataclass(frozen=True)
+class CandidateScore:
+    """One option set against FIFO over the workloads."""
+
+    label: str
+    options: dict[str, Any]
+    jct_geomean: float  # geometric mean over workloads of mean JCT / FIFO's
+    jct_best: float
+    jct_worst: float
+    jct_at_most_fifo: int  # workloads where mean JCT <= FIFO's
+    slo_2x_or_out_of_reach: int
+    p99_ttft_at_most_fifo: int
+    max_wait_s: float
+    workloads: int
+
+
+@dataclass
+class TuningResult:
+    chosen: CandidateScore
+    scores: list[CandidateScore]
+    runs: list[dict[str, Any]] = field(default_factory=list)  # every simulation's figures
+    seconds: float = 0.0
+    cost_model: str = ""
+
+    def table(self) -> str:
+        """The scores as a markdown table, the chosen set marked."""
+        lines = ["| option set | mean JCT / FIFO: geo. mean (best - worst) | JCT <= FIFO | SLO >= 2x FIFO or out of "
+                 "reach | p99 TTFT <= FIFO | longest wait s |", "|---|---|---|---|---|---|"]
+        for score in self.scores:
+            mark = " **(chosen)**" if score is self.chosen else ""
+            n = score.workloads
+            lines.append(f"| {score.label}{mark} | {score.jct_geomean:.2f}x ({score.jct_best:.2f} - {score.jct_worst:.2f}) "
+                         f"| {score.jct_at_most_fifo} / {n} | {score.slo_2x_or_out_of_reach} / {n} | "
+                         f"{score.p99_ttft_at_most_fifo} / {n} | {score.max_wait_s:.0f} |")
+        return "\n".join(lines)
+
+
+def score_candidates(runs: Sequence[Mapping[str, Any]], candidates: Mapping[str, Mapping[str, Any]],
+                     key: Callable[[Mapping[str, Any]], Any]) -> list[CandidateScore]:
+    """Per candidate, its figures against FIFO's run on the same workload. `runs` hold
+    label, mean_jct_s, slo, p99_ttft_s, max_wait_s; `key` says which workload a run is."""
+    fifo = {key(r): r for r in runs if r["label"] == "fifo"}
+    scores = []
+    for label, options in candidates.items():
+        pairs = [(r, fifo[key(r)]) for r in runs if r["label"] == label]
+        if not pairs:
+            raise ValueError(f"no runs of candidate {label!r}")
+        ratios = [r["mean_jct_s"] / reference["mean_jct_s"] for r, reference in pairs]
+        scores.append(CandidateScore(
+            label=label, options=dict(options),
+            jct_geomean=math.exp(sum(map(math.log, ratios)) / len(ratios)), jct_best=min(ratios), jct_worst=max(ratios),
+            jct_at_most_fifo=sum(ratio <= 1.0 for ratio in ratios),
+            slo_2x_or_out_of_reach=sum(r["slo"] >= 2 * reference["slo"] or slo_target_out_of_reach(reference["slo"])
+                                       for r, reference in pairs),
+            p99_ttft_at_most_fifo=sum(r["p99_ttft_s"] <= reference["p99_ttft_s"] for r, reference in pairs),
+            max_wait_s=max(r["max_wait_s"] for r, _ in pairs), workloads=len(pairs)))
+    return scores
+
+
+def choose(scores: Sequence[CandidateScore], baseline: str = "defaults") -> CandidateScore:
+    """The rule in the module docstring; `baseline` names the always-eligible set."""
+    reference = next(score for score in scores if score.label == baseline)
+    eligible = [score for score in scores if score.slo_2x_or_out_of_reach >= reference.slo_2x_or_out_of_reach
+                and score.p99_ttft_at_most_fifo >= reference.p99_ttft_at_most_fifo]
+    return min(eligible, key=lambda score: (score.jct_geomean, score.label != baseline))
+
+
+def tune_inlaid_options(
+    cost: StepCostModel,
+    shape: EngineShape,
+    num_tasks: int,
+    explicit_options: Mapping[str, Any] | None = None,
+    requests: int = 300,
+    load: float = 0.8,
+    candidates: Mapping[str, Mapping[str, Any]] | None = None,
+    workloads: Sequence[tuple[float, str]] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> TuningResult:
+    """Simulate FIFO and every candidate (default CANDIDATES, with `explicit_options` on top
+    of each) on the workloads (default WORKLOADS) at `load` x FIFO's saturation;
+    `progress(done, total)` after each simulation."""
+    from inlaid.scheduling.experiment import PolicyVariant, make_variant
+    from inlaid.scheduling.metrics import summarize
+    from inlaid.scheduling.registry import COMMON_OPTIONS
+    from inlaid.scheduling.simulator import simulate, synthetic_prompt
+    from inlaid.scheduling.suite import load_suite_lengths
+    from inlaid.scheduling.traces import TraceRequest, TraceSpec, generate_trace
+
+    if num_tasks < 1 or requests < 10 or not 0 < load <= 1:
+        raise ValueError("tuning needs num_tasks >= 1, requests >= 10 and 0 < load <= 1")
+    candidates = CANDIDATES if candidates is None else candidates
+    workloads = WORKLOADS if workloads is None else workloads
+    if "defaults" not in candidates:
+        raise ValueError("the candidates must include 'defaults' (the always-eligible set)")
+    # The step log records the server's steps, not the simulations'.
+    explicit = {key: value for key, value in (explicit_options or {}).items() if key not in COMMON_OPTIONS}
+    records = load_suite_lengths()
+    held_out = [r for r in records if r.split == "eval"]
+    # What the predictor knows at start: the suite's calib split, prompts as stand-in ids of
+    # their recorded length (the simulator replays the workloads' prompts the same way).
+    history = [(r.task, synthetic_prompt(TraceRequest(0.0, r.task, r.prompt_tokens, r.output_tokens, r.max_tokens,
+                                                      r.record_id)), r.output_tokens)
+               for r in records if r.split == "calib"]
+    variants = [PolicyVariant("fifo", "fifo")] + [PolicyVariant(label, "inlaid", {**options, **explicit})
+                                                 for label, options in candidates.items()]
+    total, done, started = len(workloads) * (1 + len(variants)), 0, time.perf_counter()
+
+    def run(variant: PolicyVariant, trace: Any) -> dict[str, Any]:
+        nonlocal done
+        policy = make_variant(variant, cost, shape, history, trace)
+        result = simulate(trace, policy, cost, shape)
+        summary = summarize(result.requests, result.steps, warmup_fraction=0.05, service_gap=result.service_gap)
+        done += 1
+        if progress is not None:
+            progress(done, total)
+        return {"label": variant.label, "mean_jct_s": summary["latency_s"]["mean"], "slo": summary["slo_attainment"][SLO],
+                "p99_ttft_s": summary["ttft_s"]["p99"], "max_wait_s": summary["max_wait_s"],
+                "throughput_rps": summary["throughput_rps"]}
+
+    runs = []
+    for cv, popularity in workloads:
+        spec = TraceSpec(rate=1.0, num_requests=requests, cv=cv, num_tasks=num_tasks, popularity=popularity, seed=SEED)
+        trace = generate_trace(spec, held_out)
+        capacity = run(variants[0], trace.scaled(1000.0))["throughput_rps"]
+        at_load = trace.scaled(load * capacity)
+        runs += [{**run(variant, at_load), "cv": cv, "popularity": popularity} for variant in variants]
+    scores = score_candidates(runs, candidates, key=lambda r: (r["cv"], r["popularity"]))
+    return TuningResult(chosen=choose(scores), scores=scores, runs=runs, seconds=time.perf_counter() - started,
+                        cost_model=cost.description)
+
+
+def tuned_options(
+    cost_model_path: str,
+    shape: EngineShape,
+    num_tasks: int,
+    explicit_options: Mapping[str, Any] | None = None,
+    cache_dir: str | None = None,
+    requests: int = 200,
+    log: Callable[[str], None] | None = None,
+) -> tuple[dict[str, Any], TuningResult | None]:
+    """The `[scheduler]` options a server starts with: the chosen candidate's, then the
+    explicit ones over them. With `cache_dir`, a tuning of the same cost model, shape, task
+    count and explicit options is read back instead of simulated again (restarts are
+    instant); the result is then None."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    explicit = dict(explicit_options or {})
+    cost = StepCostModel.load(cost_model_path)
+    key_source = json.dumps({"cost": [cost.coefficients, cost.overhead_s], "shape": asdict(shape), "tasks": num_tasks,
+                             "explicit": explicit, "candidates": CANDIDATES, "workloads": WORKLOADS,
+                             "requests": requests}, sort_keys=True, default=str)
+    key = hashlib.sha256(key_source.encode()).hexdigest()[:16]
+    cache = Path(cache_dir) / f"scheduler-tuning-{key}.json" if cache_dir else None
+    if cache is not None and cache.is_file():
+        saved = json.loads(cache.read_text())
+        if log:
+            log(f"scheduler tuning read from {cache}: {saved['chosen']!r}")
+        return {**saved["options"], **explicit}, None
+    if log:
+        log(f"tuning the inlaid policy on {cost_model_path}: {len(WORKLOADS) * (len(CANDIDATES) + 2)} simulations "
+            f"of {requests} requests, {num_tasks} tasks, {shape.max_lora_slots} adapter slots")
+    result = tune_inlaid_options(cost, shape, num_tasks, explicit, requests=requests)
+    if log:
+        log(f"scheduler tuning chose {result.chosen.label!r} in {result.seconds:.0f} s:\n{result.table()}")
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"chosen": result.chosen.label, "options": result.chosen.options,
+                                     "scores": [asdict(score) for score in result.scores]}, indent=1) + "\n")
+    return {**result.chosen.options, **explicit}, result

@@ -1,0 +1,75 @@
+"""`inlaid tune-scheduler`: choose the inlaid policy's options on a fitted cost model and
+print the comparison (what a server with `[scheduler] autotune_cost_model` does at start)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cost-model", required=True, help="a StepCostModel JSON (bench/sched_cost.py writes it)")
+    parser.add_argument("--config", default=None,
+                        help="a server TOML: its task count, [executor] limits and explicit [scheduler] options")
+    parser.add_argument("--tasks", type=int, default=None, help="task count (default: the config's, else 9)")
+    parser.add_argument("--slots", type=int, default=None, help="adapter slots (default: the config's, else 8)")
+    parser.add_argument("--requests", type=int, default=200, help="requests per simulated workload")
+    parser.add_argument("--load", type=float, default=0.8, help="fraction of FIFO's saturation")
+    parser.add_argument("--json", default=None, help="also write every score and simulation here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from inlaid.scheduling.autotune import tune_inlaid_options
+    from inlaid.scheduling.cost_model import StepCostModel
+    from inlaid.scheduling.simulator import EngineShape
+
+    shape, tasks, explicit = EngineShape(), 9, {}
+    if args.config:
+        from inlaid.serve.config import ConfigError, load_config
+
+        try:
+            config = load_config(args.config)
+        except ConfigError as error:
+            print(f"inlaid tune-scheduler: {error}", file=sys.stderr)
+            return 2
+        engine = config.engine
+        shape = EngineShape(max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=engine.max_num_batched_tokens,
+                            block_size=engine.block_size, num_kv_blocks=engine.num_kv_blocks,
+                            max_lora_slots=engine.max_lora_slots)
+        tasks, explicit = max(1, len(config.tasks)), {k: v for k, v in config.scheduler.items() if k != "step_log"}
+    if args.slots is not None:
+        shape.max_lora_slots = args.slots
+    tasks = args.tasks if args.tasks is not None else tasks
+    try:
+        cost = StepCostModel.load(args.cost_model)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        print(f"inlaid tune-scheduler: {args.cost_model}: not a cost model: {error}", file=sys.stderr)
+        return 2
+    from tqdm import tqdm
+
+    bar = tqdm(desc="simulate", unit="run")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(1)
+
+    try:
+        result = tune_inlaid_options(cost, shape, tasks, explicit, requests=args.requests, load=args.load,
+                                     progress=progress)
+    except ValueError as error:
+        print(f"inlaid tune-scheduler: {error}", file=sys.stderr)
+        return 2
+    finally:
+        bar.close()
+    print(f"{tasks} tasks, {shape.max_lora_slots} adapter slots, {args.requests} requests a workload, "
+          f"{args.load:.0%} of FIFO's saturation; cost model: {cost.description or args.cost_model}\n")
+    print(result.table())
+    print(f"\nchosen: {result.chosen.label}; [scheduler] options: {json.dumps({**result.chosen.options, **explicit})}")
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"chosen": result.chosen.label, "scores": [asdict(s) for s in result.scores], "runs": result.runs},
+                      file, indent=1)
+    return 0

@@ -1,0 +1,139 @@
+"""Start-up tuning of the inlaid policy (inlaid/scheduling/autotune.py): the choice rule on
+hand-made scores, real simulations on a committed cost model (every candidate on every
+workload, the choice consistent with the rule), the explicit options kept, the cache, the
+config checks, the server's start-up path and the `inlaid tune-scheduler` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from inlaid.scheduling import autotune
+from inlaid.scheduling.autotune import CandidateScore, choose, score_candidates, tune_inlaid_options, tuned_options
+from inlaid.scheduling.cost_model import StepCostModel
+from inlaid.scheduling.simulator import EngineShape
+from inlaid.serve.config import ConfigError, config_from_dict
+
+COST_MODEL = Path(__file__).parents[1] / "bench" / "results" / "sched_cost_model_xeon.json"
+SMALL = {"defaults": {}, "beta 2": {"max_adapters_per_step": 2, "batch_rows_target": 0}}
+
+
+def _score(label: str, jct: float, slo: int, ttft: int) -> CandidateScore:
+    return CandidateScore(label, {}, jct, jct, jct, 0, slo, ttft, 1.0, 4)
+
+
+def test_choice_keeps_the_defaults_wins_and_then_takes_the_lowest_jct() -> None:
+    scores = [_score("defaults", 1.20, 3, 2), _score("fast but loses tail", 0.80, 3, 1),
+              _score("fast, loses SLO", 0.85, 2, 4), _score("better", 0.97, 3, 2), _score("best eligible", 0.95, 4, 3)]
+    assert choose(scores).label == "best eligible"
+    assert choose(scores[:3]).label == "defaults"  # nothing eligible beats it
+    assert choose([_score("defaults", 1.0, 3, 2), _score("same", 1.0, 3, 2)]).label == "defaults"  # ties: defaults
+
+
+def test_scores_against_fifo_on_the_same_workload() -> None:
+    runs = [{"label": "fifo", "w": 1, "mean_jct_s": 10.0, "slo": 0.2, "p99_ttft_s": 4.0, "max_wait_s": 9.0},
+            {"label": "a", "w": 1, "mean_jct_s": 5.0, "slo": 0.4, "p99_ttft_s": 5.0, "max_wait_s": 3.0},
+            {"label": "fifo", "w": 2, "mean_jct_s": 4.0, "slo": 0.6, "p99_ttft_s": 2.0, "max_wait_s": 2.0},
+            {"label": "a", "w": 2, "mean_jct_s": 8.0, "slo": 0.5, "p99_ttft_s": 2.0, "max_wait_s": 6.0}]
+    (score,) = score_candidates(runs, {"a": {"x": 1}}, key=lambda r: r["w"])
+    assert score.jct_geomean == pytest.approx(1.0) and (score.jct_best, score.jct_worst) == (0.5, 2.0)
+    assert (score.jct_at_most_fifo, score.slo_2x_or_out_of_reach, score.p99_ttft_at_most_fifo) == (1, 2, 1)
+    assert score.max_wait_s == 6.0 and score.options == {"x": 1}
+    with pytest.raises(ValueError, match="no runs"):
+        score_candidates(runs, {"b": {}}, key=lambda r: r["w"])
+
+
+def test_tuning_simulates_every_candidate_on_every_workload() -> None:
+    cost = StepCostModel.load(COST_MODEL)
+    workloads = ((1.0, "zipf"), (4.0, "uniform"))
+    seen = []
+    result = tune_inlaid_options(cost, EngineShape(max_lora_slots=4), 6, {"max_wait_s": 60.0}, requests=40,
+                                 candidates=SMALL, workloads=workloads, progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (8, 8) and len(seen) == 8  # per workload: FIFO at saturation, FIFO, two candidates
+    assert {(r["label"], r["cv"], r["popularity"]) for r in result.runs} == {
+        (label, cv, popularity) for label in ("fifo", *SMALL) for cv, popularity in workloads}
+    assert all(r["mean_jct_s"] > 0 and 0 <= r["slo"] <= 1 for r in result.runs)
+    assert [s.label for s in result.scores] == list(SMALL) and all(s.workloads == 2 for s in result.scores)
+    assert result.chosen is choose(result.scores)
+    assert "(chosen)" in result.table()
+    with pytest.raises(ValueError, match="defaults"):
+        tune_inlaid_options(cost, EngineShape(), 3, requests=40, candidates={"beta 2": {}}, workloads=workloads)
+
+
+def test_tuned_options_keep_explicit_ones_and_are_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(autotune, "CANDIDATES", {"defaults": {}, "beta 2": {"max_adapters_per_step": 2}})
+    monkeypatch.setattr(autotune, "WORKLOADS", ((4.0, "zipf"),))
+    messages: list[str] = []
+    explicit = {"max_adapters_per_step": 3, "max_wait_s": 50.0}
+    options, result = tuned_options(str(COST_MODEL), EngineShape(max_lora_slots=4), 5, explicit, cache_dir=str(tmp_path),
+                                    requests=40, log=messages.append)
+    assert result is not None and options == {**result.chosen.options, **explicit}
+    assert options["max_adapters_per_step"] == 3  # the config's value wins over every candidate's
+    assert len(list(tmp_path.glob("scheduler-tuning-*.json"))) == 1 and "chose" in messages[-1]
+    again, cached = tuned_options(str(COST_MODEL), EngineShape(max_lora_slots=4), 5, explicit, cache_dir=str(tmp_path),
+                                  requests=40, log=messages.append)
+    assert cached is None and again == options and "read from" in messages[-1]
+    _, other = tuned_options(str(COST_MODEL), EngineShape(max_lora_slots=4), 6, explicit, cache_dir=str(tmp_path),
+                             requests=40)
+    assert other is not None  # another task count: simulated again
+
+
+def test_config_checks_the_cost_model_and_the_policy(tmp_path: Path) -> None:
+    (tmp_path / "cost.json").write_text(COST_MODEL.read_text())
+    config = config_from_dict({"server": {"policy": "inlaid"}, "scheduler": {"autotune_cost_model": "cost.json",
+                                                                             "max_wait_s": 30.0}}, base_dir=tmp_path)
+    assert config.autotune_cost_model == str(tmp_path / "cost.json") and config.scheduler == {"max_wait_s": 30.0}
+    with pytest.raises(ConfigError, match="tunes the inlaid policy"):
+        config_from_dict({"server": {"policy": "fifo"}, "scheduler": {"autotune_cost_model": "cost.json"}},
+                         base_dir=tmp_path)
+    (tmp_path / "bad.json").write_text(json.dumps({"coefficients": {"no such feature": 1.0}}))
+    for name in ("bad.json", "missing.json"):
+        with pytest.raises(ConfigError, match="not a cost model"):
+            config_from_dict({"server": {"policy": "inlaid"}, "scheduler": {"autotune_cost_model": name}},
+                             base_dir=tmp_path)
+    with pytest.raises(ConfigError, match="non-empty path"):
+        config_from_dict({"server": {"policy": "inlaid"}, "scheduler": {"autotune_cost_model": 3}}, base_dir=tmp_path)
+
+
+def test_server_start_builds_its_policy_with_the_tuned_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    from inlaid.serve.cli import _policies
+
+    monkeypatch.setattr(autotune, "CANDIDATES", {"defaults": {}, "beta 2": {"max_adapters_per_step": 2,
+                                                                           "batch_rows_target": 0}})
+    monkeypatch.setattr(autotune, "WORKLOADS", ((4.0, "zipf"),))
+    config = config_from_dict({"server": {"policy": "inlaid", "state_dir": "state"}, "executor": {"max_lora_slots": 4},
+                               "tasks": {f"t{i}": "adapter" for i in range(5)},
+                               "scheduler": {"autotune_cost_model": str(COST_MODEL), "max_wait_s": 40.0,
+                                             "step_log": "steps.jsonl"}},
+                              base_dir=tmp_path)
+    with caplog.at_level(logging.INFO, logger="inlaid.coordinator"):
+        policy = _policies(config)()
+    assert "scheduler tuning chose" in caplog.text
+    assert not (tmp_path / "steps.jsonl").exists()  # the simulations do not write the server's step log
+    chosen = json.loads(next((tmp_path / "state").glob("scheduler-tuning-*.json")).read_text())
+    expected = {**autotune.CANDIDATES[chosen["chosen"]], "max_wait_s": 40.0, "step_log": str(tmp_path / "steps.jsonl")}
+    assert config.scheduler == expected
+    policy.close()
+    options = policy.inner.options  # the server's step log wraps the policy
+    assert options.max_wait_s == 40.0
+    assert options.max_adapters_per_step == expected.get("max_adapters_per_step", 8)
+
+
+def test_command_prints_the_comparison(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture) -> None:
+    from inlaid.cli import main
+
+    monkeypatch.setattr(autotune, "WORKLOADS", ((4.0, "zipf"),))
+    out = tmp_path / "tuning.json"
+    assert main(["tune-scheduler", "--cost-model", str(COST_MODEL), "--tasks", "4", "--slots", "4", "--requests", "30",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "chosen:" in printed and "| defaults" in printed
+    saved = json.loads(out.read_text())
+    assert saved["chosen"] in autotune.CANDIDATES and len(saved["scores"]) == len(autotune.CANDIDATES)
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["tune-scheduler", "--cost-model", str(tmp_path / "bad.json")]) == 2
