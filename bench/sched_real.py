@@ -10,7 +10,12 @@ model's error against the real executor's step times. The inlaid policy's predic
 starts from a state trained on the suite's calib split, as a deployed server would
 start from its saved state. Writes bench/results/sched_real.{json,md,png}.
 
-    .venv/bin/python bench/sched_real.py [--requests 150] [--load 0.8] [--threads 1]
+    .venv/bin/python bench/sched_real.py [--requests 150] [--load 0.8] [--threads 1] [--tag xeon]
+
+`--tag NAME` simulates on sched_cost_model_NAME.json (bench/sched_cost.py --tag NAME) and
+writes sched_real_NAME.*. The policy `inlaid-tuned` (add it to --policies) is `inlaid` with
+the options the server's start-up tuning chooses on that cost model
+(`[scheduler] autotune_cost_model`, inlaid/scheduling/autotune.py).
 
 Takes 15-25 minutes on 2 cores (a server per policy), so `make bench` does not run it (no
 `main`); run it on a quiet machine.
@@ -33,13 +38,15 @@ VARIANTS = ("fifo", "mlfq", "vtc", "inlaid", "inlaid+fair")
 REFIT_EVERY = 64  # the predictor refits as in a server, in the simulation too
 
 
-def _variant(label: str):
-    from inlaid.scheduling.experiment import MAIN_VARIANTS
+def _variant(label: str, tuned_options: dict | None = None):
+    from inlaid.scheduling.experiment import MAIN_VARIANTS, PolicyVariant
 
+    if label == "inlaid-tuned":
+        return PolicyVariant(label, "inlaid", dict(tuned_options or {}))
     return next(v for v in MAIN_VARIANTS if v.label == label)
 
 
-def _run_server(label: str, trace, prompts, options: dict, threads: int, workdir: Path) -> tuple[list, list]:
+def _run_server(label: str, trace, prompts, options: dict, threads: int, workdir: Path, policy: str = "") -> tuple[list, list]:
     """Start a server with the variant's policy, replay `trace`, stop it; records and step log."""
     from inlaid.scheduling.replay import replay_trace
     from inlaid.scheduling.step_log import read_step_log
@@ -47,10 +54,9 @@ def _run_server(label: str, trace, prompts, options: dict, threads: int, workdir
 
     step_log = workdir / f"{label}.steps.jsonl"
     scheduler = {**options, "step_log": str(step_log)}
-    variant = _variant(label)
     config = {
         "executor": {"threads": threads},
-        "server": {"policy": variant.policy, "log_level": "WARNING", "max_pending_requests": 100_000},
+        "server": {"policy": policy or _variant(label).policy, "log_level": "WARNING", "max_pending_requests": 100_000},
         "tasks": {name: str(ADAPTERS / name) for name in trace.tasks},
         "scheduler": scheduler,
     }
@@ -93,13 +99,15 @@ def compare(argv: list[str] | None = None) -> dict:
     parser.add_argument("--policies", default=",".join(VARIANTS))
     parser.add_argument("--calibration-requests", type=int, default=40)
     parser.add_argument("--render", action="store_true", help="rewrite the report and plot from sched_real.json")
+    parser.add_argument("--tag", default="", help="the cost model sched_cost_model_TAG.json; writes sched_real_TAG.*")
     args = parser.parse_args(argv)
+    suffix = f"_{args.tag}" if args.tag else ""
     if args.render:
         from sched_report import plot_real, write_real_markdown
 
-        report = json.loads((RESULTS / "sched_real.json").read_text())
-        write_real_markdown(report, RESULTS / "sched_real.md")
-        plot_real(report, RESULTS / "sched_real.png")
+        report = json.loads((RESULTS / f"sched_real{suffix}.json").read_text())
+        write_real_markdown(report, RESULTS / f"sched_real{suffix}.md")
+        plot_real(report, RESULTS / f"sched_real{suffix}.png")
         return report
 
     from inlaid.engine.adapter_config import read_adapter_spec
@@ -113,7 +121,8 @@ def compare(argv: list[str] | None = None) -> dict:
 
     load_before = os.getloadavg()
     started = time.perf_counter()
-    cost = StepCostModel.load(RESULTS / "sched_cost_model.json")
+    cost_file = RESULTS / f"sched_cost_model{suffix}.json"
+    cost = StepCostModel.load(cost_file)
     shape = EngineShape()  # the server's engine defaults
     records = load_suite_lengths()
     prompts = suite_prompts()
@@ -136,7 +145,12 @@ def compare(argv: list[str] | None = None) -> dict:
     capacity = summarize(simulate(base_trace.scaled(1000.0), make_variant(_variant("fifo"), machine_cost, shape),
                                   machine_cost, shape, prompts).requests)["throughput_rps"]
     trace = base_trace.scaled(args.load * capacity)
-    trace.save(RESULTS / "sched_trace_real.jsonl")
+    trace.save(RESULTS / f"sched_trace_real{suffix}.jsonl")
+    tuned = None
+    if "inlaid-tuned" in args.policies.split(","):
+        from inlaid.scheduling.autotune import tuned_options
+
+        tuned, _ = tuned_options(str(cost_file), shape, len(ranks), log=print)
     isolated = [isolated_latency(r, ranks.get(r.task or "", 0), machine_cost, shape) for r in trace.requests]
 
     state = workdir / "predictor-calib.npz"
@@ -146,14 +160,14 @@ def compare(argv: list[str] | None = None) -> dict:
     runs = {}
     try:
         for label in args.policies.split(","):
-            variant = _variant(label)
+            variant = _variant(label, tuned)
             options = variant_options(variant, cost, shape)
             if variant.policy == "inlaid":
                 options["predictor_refit_every"] = REFIT_EVERY
                 run_state = workdir / f"{label}.predictor.npz"
                 shutil.copy(state, run_state)
                 options["predictor_state"] = str(run_state)
-            real_records, steps = _run_server(label, trace, prompts, options, args.threads, workdir)
+            real_records, steps = _run_server(label, trace, prompts, options, args.threads, workdir, variant.policy)
             for record, seconds in zip(real_records, isolated):
                 record.isolated_s = seconds
             sim_options = {k: v for k, v in options.items() if k != "predictor_state"}
@@ -173,13 +187,14 @@ def compare(argv: list[str] | None = None) -> dict:
     report = {"machine_loadavg_before": load_before, "machine_loadavg_after": os.getloadavg(),
               "wall_s": time.perf_counter() - started, "trace": trace.summary(), "load": args.load,
               "simulated_capacity_rps": capacity, "threads": args.threads, "cost_model": cost.description,
+              "cost_model_file": cost_file.name, "tuned_options": tuned,
               "calibration": {"requests": args.calibration_requests, "slowdown": slowdown, "raw_error": raw_error},
               "runs": runs}
-    (RESULTS / "sched_real.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    (RESULTS / f"sched_real{suffix}.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     from sched_report import plot_real, write_real_markdown
 
-    write_real_markdown(report, RESULTS / "sched_real.md")
-    plot_real(report, RESULTS / "sched_real.png")
+    write_real_markdown(report, RESULTS / f"sched_real{suffix}.md")
+    plot_real(report, RESULTS / f"sched_real{suffix}.png")
     return report
 
 

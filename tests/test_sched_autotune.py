@@ -94,6 +94,10 @@ def test_config_checks_the_cost_model_and_the_policy(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="not a cost model"):
             config_from_dict({"server": {"policy": "inlaid"}, "scheduler": {"autotune_cost_model": name}},
                              base_dir=tmp_path)
+    (tmp_path / "negative.json").write_text(json.dumps({"coefficients": {"constant": -1.0}}))
+    with pytest.raises(ConfigError, match="not a usable cost model"):
+        config_from_dict({"server": {"policy": "inlaid"}, "scheduler": {"autotune_cost_model": "negative.json"}},
+                         base_dir=tmp_path)
     with pytest.raises(ConfigError, match="non-empty path"):
         config_from_dict({"server": {"policy": "inlaid"}, "scheduler": {"autotune_cost_model": 3}}, base_dir=tmp_path)
 
@@ -121,6 +125,23 @@ def test_server_start_builds_its_policy_with_the_tuned_options(tmp_path: Path, m
     options = policy.inner.options  # the server's step log wraps the policy
     assert options.max_wait_s == 40.0
     assert options.max_adapters_per_step == expected.get("max_adapters_per_step", 8)
+
+
+def test_a_failed_tuning_starts_the_server_with_the_configured_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    from inlaid.serve.cli import _policies
+
+    monkeypatch.setattr(autotune, "CANDIDATES", SMALL)
+    monkeypatch.setattr(autotune, "WORKLOADS", ((4.0, "zipf"),))
+
+    (tmp_path / "cost.json").write_text(COST_MODEL.read_text())
+    config = config_from_dict({"server": {"policy": "inlaid", "state_dir": "state"},
+                               "scheduler": {"autotune_cost_model": "cost.json", "max_wait_s": 40.0}}, base_dir=tmp_path)
+    (tmp_path / "state").write_text("a file where the cache directory should be")  # the cache cannot be written
+    with caplog.at_level(logging.INFO, logger="inlaid.coordinator"):
+        policy = _policies(config)()
+    assert "scheduler tuning failed" in caplog.text and config.scheduler == {"max_wait_s": 40.0}
+    assert policy.options.max_wait_s == 40.0 and policy.options.max_adapters_per_step == 8
 
 
 def test_command_prints_the_comparison(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -66,8 +66,13 @@ def _autotuned_options(config) -> dict:  # type: ignore[no-untyped-def]
                         block_size=engine.block_size, num_kv_blocks=engine.num_kv_blocks,
                         max_lora_slots=engine.max_lora_slots, max_model_len=engine.max_model_len or EngineShape.max_model_len)
     log = logging.getLogger("inlaid.coordinator")
-    options, _ = tuned_options(config.autotune_cost_model, shape, max(1, len(config.tasks)), config.scheduler,
-                               cache_dir=config.state_dir, log=log.info)
+    try:
+        options, _ = tuned_options(config.autotune_cost_model, shape, max(1, len(config.tasks)), config.scheduler,
+                                   cache_dir=config.state_dir, log=log.info)
+    except Exception as error:  # noqa: BLE001  (tuning is an optimisation: the server starts without it)
+        log.error("scheduler tuning failed; starting with the configured options",
+                  extra={"error": f"{type(error).__name__}: {error}"})
+        return dict(config.scheduler)
     log.info("scheduler options", extra={"options": options})
     return options
 
