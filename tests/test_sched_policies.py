@@ -340,3 +340,24 @@ def test_mlfq_pauses_demoted_work_and_keeps_its_kv():
     assert paused_with_blocks and min(paused_with_blocks) > 0  # paused, KV kept
     assert result.requests[0].preemptions == 0
     assert max(r.finish_s for r in result.requests[1:]) < result.requests[0].finish_s
+
+
+@pytest.mark.parametrize("label", ["inlaid", "inlaid-fair", "inlaid-row-target", "mlfq", "vtc"])
+def test_a_step_log_changes_no_step(label, tmp_path):
+    """`step_log` wraps the policy: every step it plans must be the one the bare policy plans,
+    including the limits the inlaid policy changes per step (row target, fairness bound,
+    prefill cap), and the log holds every step."""
+    from inlaid.scheduling.step_log import read_step_log
+
+    name, options = POLICIES.get(label) or ("inlaid", {"max_adapters_per_step": 4, "batch_rows_target": 3,
+                                                       "max_prefill_tokens_per_step": 96, "predictor": "task-mean"})
+    spec = TraceSpec(rate=6.0, num_requests=120, cv=4.0, num_tasks=6, popularity="zipf", seed=5)
+    trace = generate_trace(spec, _records(5))
+    shape = EngineShape(max_num_seqs=8, max_num_batched_tokens=256, num_kv_blocks=96, max_lora_slots=4)
+    bare = simulate(trace, make_policy(name, options), COST, shape)
+    log = tmp_path / "steps.jsonl"
+    logged = simulate(trace, make_policy(name, {**options, "step_log": str(log)}), COST, shape)
+    assert [(s.num_seqs, s.num_tokens, s.adapters, s.loads) for s in logged.steps] == \
+        [(s.num_seqs, s.num_tokens, s.adapters, s.loads) for s in bare.steps]
+    assert [r.finish_s for r in logged.requests] == [r.finish_s for r in bare.requests]
+    assert len(read_step_log(log)) == len(bare.steps)

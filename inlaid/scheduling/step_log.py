@@ -21,13 +21,35 @@ if TYPE_CHECKING:
 
 
 class StepLogPolicy(SchedulingPolicy):
+    """Logs the steps of `inner` and changes nothing about them: the limits the scheduler
+    reads off its policy every step (β, the prefill cap, the plannable prefix) are the
+    inner policy's current values, which it may change in every `order` call (the inlaid
+    policy's row target and fairness bound do); any other attribute (the length model, the
+    options) is the inner policy's too."""
+
     def __init__(self, inner: SchedulingPolicy, path: str | Path) -> None:
         self.inner = inner
         self.name = inner.name
-        self.max_adapters_per_step = inner.max_adapters_per_step
         self.path = Path(path)
         self._file: IO[str] | None = None
         self._pending: dict[int, dict[str, Any]] = {}
+
+    @property  # type: ignore[override]
+    def max_adapters_per_step(self) -> int | None:
+        return self.inner.max_adapters_per_step
+
+    @property  # type: ignore[override]
+    def max_prefill_tokens_per_step(self) -> int | None:
+        return self.inner.max_prefill_tokens_per_step
+
+    @property  # type: ignore[override]
+    def plannable(self) -> int | None:
+        return self.inner.plannable
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
     def attach(self, scheduler: "Scheduler") -> None:
         self._file = open(self.path, "a", buffering=1 << 16)
