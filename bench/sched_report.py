@@ -217,6 +217,23 @@ def write_real_markdown(report: dict, path: Path) -> None:
                 lines.append(f"| {name} | undefined (one side gives every policy the same value) |")
             else:
                 lines.append(f"| {name} | {spearmanr(real_values, sim_values).statistic:.2f} |")
+    if all("sim_own_calibration" in runs[x] for x in labels):
+        lines += ["", "The same simulations at each run's own machine speed (the model scaled by that run's real "
+                  "steps, not by the burst before the runs):", "",
+                  "| policy | factor | mean JCT s real / sim | p99 TTFT s real / sim | steps real / sim |",
+                  "|---|---|---|---|---|"]
+        for label in labels:
+            real, own = runs[label]["real"], runs[label]["sim_own_calibration"]
+            lines.append(f"| {label} | {runs[label]['own_calibration_factor']:.2f} | {real['latency_s']['mean']:.1f} / "
+                         f"{own['latency_s']['mean']:.1f} | {real['ttft_s']['p99']:.1f} / {own['ttft_s']['p99']:.1f} | "
+                         f"{runs[label]['cost_model_on_real_steps']['steps']} / {own['steps']} |")
+        if len(labels) >= 3:
+            for name, pick in (("mean JCT", lambda r: r["latency_s"]["mean"]), ("p99 TTFT", lambda r: r["ttft_s"]["p99"])):
+                real_values = [pick(runs[x]["real"]) for x in labels]
+                own_values = [pick(runs[x]["sim_own_calibration"]) for x in labels]
+                if len(set(real_values)) > 1 and len(set(own_values)) > 1:
+                    lines.append(f"\nSpearman real vs these simulations, {name}: "
+                                 f"{spearmanr(real_values, own_values).statistic:.2f}")
     calibration = report["calibration"]
     lines += ["", f"The cost model against the real executor's step times (each server's step log). The model fits "
               f"the executor's CPU time; on this machine a FIFO burst of {calibration['requests']} requests measured "

@@ -114,9 +114,10 @@ def test_server_start_builds_its_policy_with_the_tuned_options(tmp_path: Path, m
                                "scheduler": {"autotune_cost_model": str(COST_MODEL), "max_wait_s": 40.0,
                                              "step_log": "steps.jsonl"}},
                               base_dir=tmp_path)
+    assert EngineShape.of(config.engine) == EngineShape(max_lora_slots=4)  # the executor's limits, else defaults
     with caplog.at_level(logging.INFO, logger="inlaid.coordinator"):
         policy = _policies(config)()
-    assert "scheduler tuning chose" in caplog.text
+    assert "scheduler tuning chose" in caplog.text and "4 adapter slots" in caplog.text
     assert not (tmp_path / "steps.jsonl").exists()  # the simulations do not write the server's step log
     chosen = json.loads(next((tmp_path / "state").glob("scheduler-tuning-*.json")).read_text())
     expected = {**autotune.CANDIDATES[chosen["chosen"]], "max_wait_s": 40.0, "step_log": str(tmp_path / "steps.jsonl")}

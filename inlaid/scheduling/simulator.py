@@ -13,6 +13,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from inlaid.engine.adapter_slots import AdapterSlots
 from inlaid.engine.block_manager import BlockManager
@@ -43,6 +44,13 @@ class EngineShape:
     num_kv_blocks: int = 2048
     max_lora_slots: int = 8
     max_model_len: int = 8192
+
+    @classmethod
+    def of(cls, engine: Any) -> "EngineShape":
+        """The limits of an `EngineConfig` (duck-typed: this module stays torch-free)."""
+        return cls(max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=engine.max_num_batched_tokens,
+                   block_size=engine.block_size, num_kv_blocks=engine.num_kv_blocks,
+                   max_lora_slots=engine.max_lora_slots, max_model_len=engine.max_model_len or cls.max_model_len)
 
 
 @dataclass

@@ -35,10 +35,7 @@ def run(args: argparse.Namespace) -> int:
         except ConfigError as error:
             print(f"inlaid tune-scheduler: {error}", file=sys.stderr)
             return 2
-        engine = config.engine
-        shape = EngineShape(max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=engine.max_num_batched_tokens,
-                            block_size=engine.block_size, num_kv_blocks=engine.num_kv_blocks,
-                            max_lora_slots=engine.max_lora_slots)
+        shape = EngineShape.of(config.engine)
         tasks, explicit = max(1, len(config.tasks)), {k: v for k, v in config.scheduler.items() if k != "step_log"}
     if args.slots is not None:
         shape.max_lora_slots = args.slots

@@ -61,10 +61,7 @@ def _autotuned_options(config) -> dict:  # type: ignore[no-untyped-def]
     from inlaid.scheduling.autotune import tuned_options
     from inlaid.scheduling.simulator import EngineShape
 
-    engine = config.engine
-    shape = EngineShape(max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=engine.max_num_batched_tokens,
-                        block_size=engine.block_size, num_kv_blocks=engine.num_kv_blocks,
-                        max_lora_slots=engine.max_lora_slots, max_model_len=engine.max_model_len or EngineShape.max_model_len)
+    shape = EngineShape.of(config.engine)
     log = logging.getLogger("inlaid.coordinator")
     try:
         options, _ = tuned_options(config.autotune_cost_model, shape, max(1, len(config.tasks)), config.scheduler,
