@@ -175,7 +175,8 @@ def compare(argv: list[str] | None = None) -> dict:
             sim = simulate(trace, make_variant(sim_variant, machine_cost, shape, history), machine_cost, shape, prompts)
             # The same simulation at this run's own machine speed (its real steps against the
             # model): one burst before the runs is a small sample, and the VM drifts.
-            own_factor = 1.0 / (1.0 + _step_errors(steps, cost, ranks, shape.block_size)["total_bias"])
+            raw_errors = _step_errors(steps, cost, ranks, shape.block_size)
+            own_factor = 1.0 / (1.0 + raw_errors["total_bias"])
             own_cost = cost.scaled(own_factor)
             own = simulate(trace, make_variant(sim_variant, own_cost, shape, history), own_cost, shape, prompts)
             same_length = sum(len(r.token_times) == t.output_tokens for r, t in zip(real_records, trace.requests))
@@ -184,7 +185,7 @@ def compare(argv: list[str] | None = None) -> dict:
                 "sim": summarize(sim.requests, sim.steps, warmup_fraction=0.05, service_gap=sim.service_gap),
                 "sim_own_calibration": summarize(own.requests, own.steps, warmup_fraction=0.05),
                 "own_calibration_factor": own_factor,
-                "cost_model_on_real_steps": _step_errors(steps, cost, ranks, shape.block_size),
+                "cost_model_on_real_steps": raw_errors,
                 "calibrated_cost_model_on_real_steps": _step_errors(steps, machine_cost, ranks, shape.block_size),
                 "outputs_as_recorded": same_length / len(trace.requests),
             }

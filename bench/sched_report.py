@@ -180,9 +180,27 @@ def plot_sweep(report: dict, prefix: Path) -> None:
         plt.close(fig)
 
 
-def write_real_markdown(report: dict, path: Path) -> None:
+_RANKED_METRICS = (("mean JCT", lambda r: r["latency_s"]["mean"]), ("p99 TTFT", lambda r: r["ttft_s"]["p99"]),
+                   ("SLO 10x", lambda r: r["slo_attainment"]["10x"]))
+
+
+def _rank_agreement(runs: dict, labels: list[str], sim_key: str, metrics: tuple) -> list[tuple[str, float | None]]:
+    """Per metric, Spearman between the real runs and the simulations under `sim_key`
+    across the policies; None where one side gives every policy the same value."""
     from scipy.stats import spearmanr
 
+    agreement = []
+    for name, pick in metrics:
+        real_values = [pick(runs[x]["real"]) for x in labels]
+        sim_values = [pick(runs[x][sim_key]) for x in labels]
+        if len(set(real_values)) < 2 or len(set(sim_values)) < 2:
+            agreement.append((name, None))
+        else:
+            agreement.append((name, float(spearmanr(real_values, sim_values).statistic)))
+    return agreement
+
+
+def write_real_markdown(report: dict, path: Path) -> None:
     runs = report["runs"]
     labels = list(runs)
     trace = report["trace"]
@@ -209,14 +227,9 @@ def write_real_markdown(report: dict, path: Path) -> None:
     if len(labels) >= 3:
         lines += ["", "Does the simulator's ranking hold? Spearman correlation between real and simulated values across "
                   "the policies:", "", "| metric | Spearman |", "|---|---|"]
-        for name, pick in (("mean JCT", lambda r: r["latency_s"]["mean"]), ("p99 TTFT", lambda r: r["ttft_s"]["p99"]),
-                           ("SLO 10x", lambda r: r["slo_attainment"]["10x"])):
-            real_values = [pick(runs[x]["real"]) for x in labels]
-            sim_values = [pick(runs[x]["sim"]) for x in labels]
-            if len(set(real_values)) < 2 or len(set(sim_values)) < 2:
-                lines.append(f"| {name} | undefined (one side gives every policy the same value) |")
-            else:
-                lines.append(f"| {name} | {spearmanr(real_values, sim_values).statistic:.2f} |")
+        for name, value in _rank_agreement(runs, labels, "sim", _RANKED_METRICS):
+            lines.append(f"| {name} | undefined (one side gives every policy the same value) |" if value is None
+                         else f"| {name} | {value:.2f} |")
     if all("sim_own_calibration" in runs[x] for x in labels):
         lines += ["", "The same simulations at each run's own machine speed (the model scaled by that run's real "
                   "steps, not by the burst before the runs):", "",
@@ -228,12 +241,9 @@ def write_real_markdown(report: dict, path: Path) -> None:
                          f"{own['latency_s']['mean']:.1f} | {real['ttft_s']['p99']:.1f} / {own['ttft_s']['p99']:.1f} | "
                          f"{runs[label]['cost_model_on_real_steps']['steps']} / {own['steps']} |")
         if len(labels) >= 3:
-            for name, pick in (("mean JCT", lambda r: r["latency_s"]["mean"]), ("p99 TTFT", lambda r: r["ttft_s"]["p99"])):
-                real_values = [pick(runs[x]["real"]) for x in labels]
-                own_values = [pick(runs[x]["sim_own_calibration"]) for x in labels]
-                if len(set(real_values)) > 1 and len(set(own_values)) > 1:
-                    lines.append(f"\nSpearman real vs these simulations, {name}: "
-                                 f"{spearmanr(real_values, own_values).statistic:.2f}")
+            lines += [f"\nSpearman real vs these simulations, {name}: {value:.2f}"
+                      for name, value in _rank_agreement(runs, labels, "sim_own_calibration", _RANKED_METRICS[:2])
+                      if value is not None]
     calibration = report["calibration"]
     lines += ["", f"The cost model against the real executor's step times (each server's step log). The model fits "
               f"the executor's CPU time; on this machine a FIFO burst of {calibration['requests']} requests measured "
