@@ -48,6 +48,24 @@ WORKLOADS = ((1.0, "uniform"), (1.0, "zipf"), (4.0, "uniform"), (4.0, "zipf"))  
 SEED = 7
 
 
+def load_cost_model(path: str, max_num_seqs: int = 64) -> StepCostModel:
+    """The cost model at `path`, checked usable: a decode step of 1 and of `max_num_seqs`
+    rows must take positive time (the simulator's clock must move forward). ValueError
+    says what is wrong."""
+    from inlaid.scheduling.cost_model import ChunkShape, StepFeatures
+
+    try:
+        cost = StepCostModel.load(path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path!r} is not a cost model written by bench/sched_cost.py: {error}") from None
+    for rows in (1, max_num_seqs):
+        step = StepFeatures.of_chunks([ChunkShape(1, 100, index % 4, 16, True) for index in range(rows)], 0, 16)
+        if not cost.step_seconds(step) > 0:
+            raise ValueError(f"{path!r} gives a decode step of {rows} rows {cost.step_seconds(step)} s: "
+                             "not a usable cost model")
+    return cost
+
+
 def slo_target_out_of_reach(fifo_attainment: float) -> bool:
     """2x FIFO's SLO attainment is over 100 %: no policy can meet that target."""
     return fifo_attainment > 0.5

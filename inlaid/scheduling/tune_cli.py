@@ -22,8 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from inlaid.scheduling.autotune import tune_inlaid_options
-    from inlaid.scheduling.cost_model import StepCostModel
+    from inlaid.scheduling.autotune import load_cost_model, tune_inlaid_options
     from inlaid.scheduling.simulator import EngineShape
 
     shape, tasks, explicit = EngineShape(), 9, {}
@@ -41,9 +40,9 @@ def run(args: argparse.Namespace) -> int:
         shape.max_lora_slots = args.slots
     tasks = args.tasks if args.tasks is not None else tasks
     try:
-        cost = StepCostModel.load(args.cost_model)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        print(f"inlaid tune-scheduler: {args.cost_model}: not a cost model: {error}", file=sys.stderr)
+        cost = load_cost_model(args.cost_model, shape.max_num_seqs)
+    except ValueError as error:
+        print(f"inlaid tune-scheduler: {error}", file=sys.stderr)
         return 2
     from tqdm import tqdm
 

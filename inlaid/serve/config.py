@@ -214,22 +214,14 @@ class ServerConfig:
 
 
     def _check_autotune(self) -> None:
-        from inlaid.scheduling.cost_model import StepCostModel
+        from inlaid.scheduling.autotune import load_cost_model
 
         if self.policy != "inlaid":
             raise ConfigError(f"scheduler.autotune_cost_model tunes the inlaid policy; server.policy is {self.policy!r}")
         try:
-            cost = StepCostModel.load(str(self.autotune_cost_model))
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ConfigError(f"scheduler.autotune_cost_model {self.autotune_cost_model!r} is not a cost model "
-                              f"written by bench/sched_cost.py: {error}") from None
-        from inlaid.scheduling.cost_model import ChunkShape, StepFeatures
-
-        for rows in (1, self.engine.max_num_seqs):  # the simulator's clock must move forward
-            step = StepFeatures.of_chunks([ChunkShape(1, 100, index % 4, 16, True) for index in range(rows)], 0, 16)
-            if not cost.step_seconds(step) > 0:
-                raise ConfigError(f"scheduler.autotune_cost_model {self.autotune_cost_model!r} gives a decode step of "
-                                  f"{rows} rows {cost.step_seconds(step)} s: not a usable cost model")
+            load_cost_model(str(self.autotune_cost_model), self.engine.max_num_seqs)
+        except ValueError as error:
+            raise ConfigError(f"scheduler.autotune_cost_model {error}") from None
 
 
 def load_policy(spec: str, options: dict[str, Any] | None = None) -> Any:
