@@ -84,7 +84,9 @@ def prepare_int4(
 
 # ------------------------------------------------------------- many rows: dequantize + bf16 GEMM
 INT4PACK_BLOCK_N = 64  # output columns per block of torch's CPU int4pack layout
-DENSE_MIN_ROWS = 96  # measured crossover on the engine's projections (docs/kernels.md)
+DENSE_MIN_ROWS = 96  # measured crossover with torch's int4 kernel on the engine's projections (docs/kernels.md)
+DENSE_MIN_ROWS_NATIVE = 192  # the same, with the native kernel below it (docs/kernels.md)
+NATIVE_MIN_ROWS = 4  # from here the native kernel beats torch's int4 kernel (docs/kernels.md)
 
 
 def unpack_int4pack(packed: Tensor, n: int, k: int, out: Tensor | None = None) -> Tensor:
@@ -120,7 +122,9 @@ def dense_min_rows(layout: CpuInt4Layout) -> int:
     float32 at prefill sizes (docs/engine.md), which would lose the route's gain and more."""
     from .dense_cpu import native_bf16
 
-    return DENSE_MIN_ROWS if layout.dequantizable and native_bf16() else sys.maxsize
+    if not (layout.dequantizable and native_bf16()):
+        return sys.maxsize
+    return DENSE_MIN_ROWS_NATIVE if native_min_rows(layout) < sys.maxsize else DENSE_MIN_ROWS
 
 
 _scratch = threading.local()  # reused weight buffers: a fresh one page-faults on every call
@@ -160,6 +164,27 @@ def int4_dequant_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | N
     if layout.pad:
         x_bf16 = torch.nn.functional.pad(x_bf16, (0, layout.pad))
     return x_bf16 @ dequantize_int4pack(layout)
+
+
+def native_min_rows(layout: CpuInt4Layout) -> int:
+    """The M from which `quant_matmul` takes the native kernel (below `dense_min_rows`; never:
+    maxsize): where it built (int4_native.py) and can read the layout (N % 64 == 0, the known
+    int4pack bytes)."""
+    from .int4_native import native_int4_available
+
+    return NATIVE_MIN_ROWS if layout.dequantizable and native_int4_available() else sys.maxsize
+
+
+def int4_native_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None) -> Tensor:
+    """float32 [M, N] = x (act-order permuted) @ W through the native kernel, in fp32."""
+    from .int4_native import int4pack_mm
+
+    x_f32 = x.to(torch.float32)
+    if input_perm is not None:
+        x_f32 = x_f32.index_select(1, input_perm)
+    if layout.pad:
+        x_f32 = torch.nn.functional.pad(x_f32, (0, layout.pad))
+    return int4pack_mm(x_f32.contiguous(), layout, threads=torch.get_num_threads())
 
 
 def int4_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None) -> Tensor:

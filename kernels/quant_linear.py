@@ -23,6 +23,7 @@ Paths (`mode`):
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -101,6 +102,9 @@ class PreparedQuantLinear:
     # From this many rows on, dequantize the whole weight and use the dense GEMM (Triton path:
     # cuBLAS; CPU int4 path: oneDNN bf16, where the layout allows it, else never)
     dense_min_m: int = 128
+    # CPU int4 path: from this many rows (below dense_min_m), the native kernel
+    # (int4_native.c) instead of torch's; sys.maxsize where it is unavailable
+    native_min_m: int = sys.maxsize
 
 
 def _effective_group_size(w: QuantLinearWeights) -> int:
@@ -241,7 +245,8 @@ def prepare_quant_linear(
     if mode == "int4":
         layout = quant_cpu.prepare_int4(codes, zeros, scales, w.bits, group, device)
         return PreparedQuantLinear("int4", layout, input_perm=input_perm, **common,
-                                   dense_min_m=quant_cpu.dense_min_rows(layout))
+                                   dense_min_m=quant_cpu.dense_min_rows(layout),
+                                   native_min_m=quant_cpu.native_min_rows(layout))
     if mode == "triton":
         from .quant_triton import prepare_triton_layout
 
@@ -265,6 +270,8 @@ def quant_matmul(x: Tensor, prepared: PreparedQuantLinear) -> Tensor:
     elif isinstance(layout, CpuInt4Layout):
         if x.shape[0] >= prepared.dense_min_m:
             out = quant_cpu.int4_dequant_matmul(x, layout, prepared.input_perm)
+        elif x.shape[0] >= prepared.native_min_m:
+            out = quant_cpu.int4_native_matmul(x, layout, prepared.input_perm)
         else:
             out = quant_cpu.int4_matmul(x, layout, prepared.input_perm)
     elif isinstance(layout, DequantLayout):

@@ -271,9 +271,10 @@ def test_int4_many_rows_route_matches_reference(in_features: int, out_features: 
     layer = random_gptq_layer(in_features, out_features, bits, group_size, act_order=act_order,
                               bias=act_order, seed=in_features + out_features + bits)
     prepared = prepare_quant_linear(layer.weights, "cpu", torch.float32)
-    # Switched on where the CPU has native bf16 only (emulated bf16 is slower than the kernel);
-    # its results are checked everywhere.
-    assert prepared.kind == "int4" and prepared.dense_min_m == (quant_cpu.DENSE_MIN_ROWS if native_bf16() else sys.maxsize)
+    # Switched on where the CPU has native bf16 only (emulated bf16 is slower than the kernel),
+    # from more rows where the native kernel serves the rows below; its results are checked everywhere.
+    below = quant_cpu.DENSE_MIN_ROWS_NATIVE if prepared.native_min_m < sys.maxsize else quant_cpu.DENSE_MIN_ROWS
+    assert prepared.kind == "int4" and prepared.dense_min_m == (below if native_bf16() else sys.maxsize)
     prepared.dense_min_m = quant_cpu.DENSE_MIN_ROWS
     for m in (prepared.dense_min_m, 130, 257):
         for buffers in quant_cpu._scratch.__dict__.get("weights", {}).values():
@@ -287,7 +288,7 @@ def test_int4_many_rows_route_matches_reference(in_features: int, out_features: 
         if prepared.bias is not None:
             kernel += prepared.bias
         assert relative_error(out, kernel.double()) < 1e-2, m
-    prepared.dense_min_m = 10**9  # the int4 kernel on the same rows: the route is a switch only
+    prepared.dense_min_m = prepared.native_min_m = 10**9  # torch's kernel on the same rows: a switch only
     assert relative_error(quant_matmul(x, prepared), reference(layer, x)) < 1e-2
 
 
