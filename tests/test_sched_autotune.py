@@ -104,7 +104,7 @@ def test_config_checks_the_cost_model_and_the_policy(tmp_path: Path) -> None:
 
 def test_server_start_builds_its_policy_with_the_tuned_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                caplog: pytest.LogCaptureFixture) -> None:
-    from inlaid.serve.cli import _policies
+    from inlaid.serve.cli import _tuned_policies
 
     monkeypatch.setattr(autotune, "CANDIDATES", {"defaults": {}, "beta 2": {"max_adapters_per_step": 2,
                                                                            "batch_rows_target": 0}})
@@ -116,12 +116,12 @@ def test_server_start_builds_its_policy_with_the_tuned_options(tmp_path: Path, m
                               base_dir=tmp_path)
     assert EngineShape.of(config.engine) == EngineShape(max_lora_slots=4)  # the executor's limits, else defaults
     with caplog.at_level(logging.INFO, logger="inlaid.coordinator"):
-        policy = _policies(config)()
+        policy = _tuned_policies(config)()
     assert "scheduler tuning chose" in caplog.text and "4 adapter slots" in caplog.text
     assert not (tmp_path / "steps.jsonl").exists()  # the simulations do not write the server's step log
     chosen = json.loads(next((tmp_path / "state").glob("scheduler-tuning-*.json")).read_text())
     expected = {**autotune.CANDIDATES[chosen["chosen"]], "max_wait_s": 40.0, "step_log": str(tmp_path / "steps.jsonl")}
-    assert config.scheduler == expected
+    assert config.scheduler == {"max_wait_s": 40.0, "step_log": str(tmp_path / "steps.jsonl")}  # the config as written
     policy.close()
     options = policy.inner.options  # the server's step log wraps the policy
     assert options.max_wait_s == 40.0
@@ -130,7 +130,7 @@ def test_server_start_builds_its_policy_with_the_tuned_options(tmp_path: Path, m
 
 def test_a_failed_tuning_starts_the_server_with_the_configured_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                        caplog: pytest.LogCaptureFixture) -> None:
-    from inlaid.serve.cli import _policies
+    from inlaid.serve.cli import _tuned_policies
 
     monkeypatch.setattr(autotune, "CANDIDATES", SMALL)
     monkeypatch.setattr(autotune, "WORKLOADS", ((4.0, "zipf"),))
@@ -140,9 +140,54 @@ def test_a_failed_tuning_starts_the_server_with_the_configured_options(tmp_path:
                                "scheduler": {"autotune_cost_model": "cost.json", "max_wait_s": 40.0}}, base_dir=tmp_path)
     (tmp_path / "state").write_text("a file where the cache directory should be")  # the cache cannot be written
     with caplog.at_level(logging.INFO, logger="inlaid.coordinator"):
-        policy = _policies(config)()
+        policy = _tuned_policies(config)()
     assert "scheduler tuning failed" in caplog.text and config.scheduler == {"max_wait_s": 40.0}
     assert policy.options.max_wait_s == 40.0 and policy.options.max_adapters_per_step == 8
+
+
+def test_the_coordinator_serves_with_the_tuned_policies_from_before_the_first_request(
+        model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The tuning runs while the executors load; before the front reads a request, every
+    engine's policy is replaced by the tuning's (the configured one closed); a failed tuning
+    keeps the configured policies; a policy cannot be replaced once requests are queued."""
+    import asyncio
+
+    from inlaid.engine.sequence import Sequence
+    from inlaid.protocol import SamplingParams
+    from inlaid.serve.cli import _policies
+    from inlaid.serve.coordinator import Coordinator
+
+    config = config_from_dict({"model": {"dir": str(model_dir)}, "server": {"policy": "inlaid"},
+                               "executors": {"count": 2}, "scheduler": {"max_wait_s": 40.0}}, base_dir=tmp_path)
+
+    def run(tune) -> Coordinator:  # type: ignore[no-untyped-def]
+        coordinator = Coordinator(config, policy_factory=_policies(config), tune_policies=tune)
+
+        async def take() -> None:
+            await coordinator._take_tuned_policies(asyncio.get_running_loop().run_in_executor(None, tune))
+
+        asyncio.run(take())
+        return coordinator
+
+    tuned = run(lambda: _policies(config, {"max_wait_s": 40.0, "max_adapters_per_step": 2}))
+    policies = [engine.scheduler.policy for engine in tuned.pool.engines]
+    assert len(policies) == 2 and policies[0] is not policies[1]
+    assert all(p.options.max_adapters_per_step == 2 and p.options.max_wait_s == 40.0 for p in policies)
+    assert policies[0].length_model is policies[1].length_model  # shared, as the configured ones were
+
+    def failing():  # type: ignore[no-untyped-def]
+        raise RuntimeError("no cost model today")
+
+    with caplog.at_level(logging.ERROR, logger="inlaid.coordinator"):
+        kept = run(failing)
+    assert [r.error for r in caplog.records if "scheduler tuning failed" in r.message] == [
+        "RuntimeError: no cost model today"]
+    assert all(engine.scheduler.policy.options.max_adapters_per_step == 8 for engine in kept.pool.engines)
+
+    scheduler = kept.pool.engines[0].scheduler
+    scheduler.add(Sequence(seq_id=0, prompt_token_ids=[1, 2, 3], sampling=SamplingParams(max_tokens=2)))
+    with pytest.raises(RuntimeError, match="before any request"):
+        scheduler.replace_policy(policies[0])
 
 
 def test_command_prints_the_comparison(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

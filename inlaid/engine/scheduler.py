@@ -143,6 +143,15 @@ class Scheduler:
         self._next_step_id = 0
         self.policy.attach(self)
 
+    def replace_policy(self, policy: SchedulingPolicy) -> SchedulingPolicy:
+        """Schedule with `policy` from now on; only before any request arrived (a policy's
+        state is about the requests it has seen). Returns the policy it replaces."""
+        if self.waiting or self.running:
+            raise RuntimeError("a scheduling policy can only be replaced before any request arrives")
+        replaced, self.policy = self.policy, policy
+        policy.attach(self)
+        return replaced
+
     # ------------------------------------------------------------------ queue management
     def add(self, seq: Sequence) -> None:
         if not seq.prompt_token_ids:

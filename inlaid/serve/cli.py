@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import sys
 
 
@@ -31,26 +32,32 @@ def run(args: argparse.Namespace) -> int:
     return serve(config)
 
 
-def _policies(config):  # type: ignore[no-untyped-def]
-    """A policy for each executor's engine. The first is made at once (a bad policy fails the
-    start with its reason); the others share its length model, so that predictions learn
-    from every executor's finished requests and one state file is saved."""
+def _policies(config, options: dict | None = None):  # type: ignore[no-untyped-def]
+    """A policy for each executor's engine, with `options` (default: the configured
+    [scheduler] options). The first is made at once (a bad policy fails the start with its
+    reason); the others share its length model, so that predictions learn from every
+    executor's finished requests and one state file is saved."""
     from inlaid.scheduling.registry import POLICY_NAMES, make_policy
     from inlaid.serve.config import load_policy
 
-    if config.autotune_cost_model is not None:
-        config.scheduler = _autotuned_options(config)
-    made = [load_policy(config.policy, config.scheduler)]
+    options = config.scheduler if options is None else options
+    made = [load_policy(config.policy, options)]
     shared = getattr(made[0], "length_model", None)
 
     def factory():  # type: ignore[no-untyped-def]
         if made:
             return made.pop()
         if shared is not None and config.policy in POLICY_NAMES:
-            return make_policy(config.policy, config.scheduler, length_model=shared)
-        return load_policy(config.policy, config.scheduler)
+            return make_policy(config.policy, options, length_model=shared)
+        return load_policy(config.policy, options)
 
     return factory
+
+
+def _tuned_policies(config):  # type: ignore[no-untyped-def]
+    """The policy factory with the start-up tuning's options (run in a thread while the
+    executors load their model; the coordinator swaps it in before serving)."""
+    return _policies(config, _autotuned_options(config))
 
 
 def _autotuned_options(config) -> dict:  # type: ignore[no-untyped-def]
@@ -84,8 +91,10 @@ def serve(config) -> int:  # type: ignore[no-untyped-def]
     log = logging.getLogger("inlaid.coordinator")
 
     async def main() -> int:
+        # Simulating the tuning's candidates takes ~25 s: done while the executors load the model.
+        tune = functools.partial(_tuned_policies, config) if config.autotune_cost_model is not None else None
         try:
-            coordinator = Coordinator(config, policy_factory=_policies(config))
+            coordinator = Coordinator(config, policy_factory=_policies(config), tune_policies=tune)
         except (ModelLoadError, ValueError) as error:
             log.critical("cannot start", extra={"error": str(error)})
             return 2

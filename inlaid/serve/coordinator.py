@@ -86,9 +86,13 @@ _REBALANCE_INTERVAL_S = 0.1  # several executors: look for stranded waiting work
 
 class Coordinator:
     def __init__(self, config: ServerConfig,
-                 policy_factory: Callable[[], SchedulingPolicy | None] = lambda: None) -> None:
-        """policy_factory: a fresh scheduling policy for each executor's engine (None: FIFO)."""
+                 policy_factory: Callable[[], SchedulingPolicy | None] = lambda: None,
+                 tune_policies: Callable[[], Callable[[], SchedulingPolicy | None]] | None = None) -> None:
+        """policy_factory: a fresh scheduling policy for each executor's engine (None: FIFO).
+        tune_policies: the start-up tuning, run in a thread while the executors load their
+        model; the policy factory it returns replaces policy_factory's policies before serving."""
         self.config = config
+        self._tune_policies = tune_policies
         self.limits = config.limits
         self.pool = ExecutorPool(config, policy_factory)
         self.engine = self.pool.shards[0].engine  # tokenizer, model and limits: the same in every engine
@@ -145,7 +149,10 @@ class Coordinator:
                                        swaps=self.dynamic.jobs.for_executor(shard.index))  # fmt: skip
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_shutdown, signum)
+        tuning = loop.run_in_executor(None, self._tune_policies) if self._tune_policies else None
         await asyncio.gather(*(shard.supervisor.start() for shard in self._supervised()))
+        if tuning is not None:
+            await self._take_tuned_policies(tuning)
         await self.dynamic.start()
         log.info("coordinator listening", extra={"address": self.config.address, "pid": os.getpid(),
                                                  "tasks": sorted(self.registry.tasks), "executors": len(self.pool)})
@@ -176,6 +183,17 @@ class Coordinator:
         faulthandler.cancel_dump_traceback_later()
         log.info("coordinator stopped", extra={"exit_code": self.exit_code, **self.counters})
         return self.exit_code
+
+    async def _take_tuned_policies(self, tuning: asyncio.Future) -> None:
+        """Wait for the start-up tuning and schedule with its policies; if it failed, keep
+        the configured ones. No request has been read yet."""
+        try:
+            factory = await tuning
+        except Exception as error:  # noqa: BLE001  (tuning is an optimisation: serve without it)
+            log.error("scheduler tuning failed; serving with the configured options",
+                      extra={"error": f"{type(error).__name__}: {error}"})
+            return
+        self.pool.replace_policies(factory)
 
     def request_shutdown(self, signum: int | None = None) -> None:
         if not self._shutdown.is_set():

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from inlaid.engine.engine import Engine
-from inlaid.engine.scheduler import SchedulingPolicy
+from inlaid.engine.scheduler import FifoPolicy, SchedulingPolicy
 from inlaid.protocol import BatchPlan, ExecutorInfo
 from inlaid.serve.config import ServerConfig
 from inlaid.serve.placement import Demand, ExecutorLoad, Move, choose, rebalance
@@ -82,6 +82,12 @@ class ExecutorPool:
     @property
     def engines(self) -> list[Engine]:
         return [shard.engine for shard in self.shards]
+
+    def replace_policies(self, policy_factory: Callable[[], SchedulingPolicy | None]) -> None:
+        """A fresh policy from `policy_factory` for every engine, before any request arrived;
+        the replaced ones are closed."""
+        for shard in self.shards:
+            shard.engine.scheduler.replace_policy(policy_factory() or FifoPolicy()).close()
 
     def __len__(self) -> int:
         return len(self.shards)
