@@ -3,8 +3,9 @@
  * Why: torch's int4 CPU kernel dequantizes each weight tile again for every 4 rows of x, so
  * its time grows linearly with M (docs/kernels.md, "int4 vs bf16 by batch"). This kernel
  * dequantizes a slab of the weight ONCE per call into a small fp32 scratch (64 columns x
- * K_CHUNK rows: 64 KiB, stays in L1/L2) and multiplies every row of x against it, ROWS rows
- * at a time with the accumulators in registers.
+ * K_CHUNK rows: 32 KiB, stays in L1) and multiplies every row of x against it, ROWS rows at
+ * a time with the accumulators in registers. Up to FUSED_ROWS rows of x, each weight row is
+ * dequantized in registers and used at once instead (no scratch).
  *
  * Arguments (all contiguous, row-major):
  *   x       float32 [M, K]         activations (K = the layout's padded K)
@@ -30,15 +31,8 @@ typedef uint8_t v16b __attribute__((vector_size(16)));
 #define BLOCK_N 64
 #define K_CHUNK 128 /* 128 x 64 floats = 32 KiB of scratch: stays in L1 */
 #define ROWS 6 /* 6 rows x 4 vectors = 24 accumulators: fits 32 vector registers */
-#ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES (K_CHUNK * BLOCK_N / 2) /* one slab ahead */
-#endif
-#ifndef FUSED_ROWS
-#define FUSED_ROWS 4 /* rows of x per pass of the in-register route */
-#endif
-#ifndef FUSED_MAX_M
-#define FUSED_MAX_M 4 /* up to this many rows: dequantize in registers (once per pass), no scratch */
-#endif
+#define FUSED_ROWS 4 /* up to this many rows of x: dequantize in registers (measured: from 6 rows the slab wins) */
 
 static inline v16f load16(const float *p) {
     v16f v;
@@ -201,12 +195,9 @@ static void *run_blocks(void *arg) {
     const Work *work = (const Work *)arg;
     float w[K_CHUNK * BLOCK_N] __attribute__((aligned(64)));
     for (int64_t block = work->first_block; block < work->end_block; block++) {
-        if (work->m <= FUSED_MAX_M) {
-            for (int64_t m0 = 0; m0 < work->m; m0 += FUSED_ROWS) {
-                int64_t rows_m = work->m - m0 < FUSED_ROWS ? work->m - m0 : FUSED_ROWS;
-                FUSED[rows_m](work->x + m0 * work->k, work->k, work->packed, work->scales_and_zeros, work->k, work->n,
-                              work->group, block, work->y + m0 * work->n + block * BLOCK_N, work->n);
-            }
+        if (work->m <= FUSED_ROWS) {
+            FUSED[work->m](work->x, work->k, work->packed, work->scales_and_zeros, work->k, work->n, work->group, block,
+                           work->y + block * BLOCK_N, work->n);
             continue;
         }
         for (int64_t k0 = 0; k0 < work->k; k0 += K_CHUNK) {
