@@ -6,8 +6,8 @@
    Inlaid in float32 and with bf16 weights (float32 activations, KV, LoRA); transformers +
    PEFT in float32 and in bfloat16. Rounds alternate over all four and the medians are
    compared: same precision (fp32 vs fp32) and each side at its fastest.
-2. The base's precision (`engine_precision.py`): decode speed of the engine at batch 1 / 16
-   / 64 over the nine committed task adapters, on fp32, bf16 and 4-bit (int4 kernel) base
+2. The base's precision (`engine_precision.py`): decode speed of the engine at batch 1 / 4 / 16
+   / 64 over the nine committed task adapters, on fp32, bf16 and 4-bit (native and torch int4 kernels) base
    weights, with a per-step profile of where the time goes.
 
     .venv/bin/python bench/engine_cpu.py [--rounds 5] [--threads N] [--sweep-rounds 3]

@@ -1,5 +1,5 @@
-"""Decode speed by the base's precision: fp32, bf16 and 4-bit (int4 kernel) base weights, at
-batch 1 / 16 / 64 over the nine committed task adapters (ranks 8-64 on every projection,
+"""Decode speed by the base's precision: fp32, bf16 and 4-bit base weights (with the native int4
+kernel, and with torch's int4 kernel as before it), at batch 1 / 4 / 16 / 64 over the nine committed task adapters (ranks 8-64 on every projection,
 mixed in every step), and where a decode step's time goes. Part 2 of bench/engine_cpu.py.
 
 The 4-bit base is the cached MLGPTQ suite checkpoint when `make run` has built it, else an
@@ -25,13 +25,15 @@ from pathlib import Path
 
 import torch
 
-BATCHES = (1, 16, 64)
+BATCHES = (1, 4, 16, 64)
 NEW_TOKENS = 24
 PROFILED_BATCHES = (16, 64)
 PRECISIONS: dict[str, dict] = {  # label -> EngineConfig fields ("quantized": use the 4-bit checkpoint)
     "fp32": {},
     "bf16 weights": {"weight_dtype": "bfloat16"},
-    "4-bit int4 kernel, bf16 embedding/head": {"quantized": True, "weight_dtype": "bfloat16"},
+    "4-bit, bf16 embedding/head": {"quantized": True, "weight_dtype": "bfloat16"},
+    # The same engine with torch's int4 kernel below the bf16 route, as before the native kernel
+    "4-bit without the native kernel": {"quantized": True, "weight_dtype": "bfloat16", "native": False},
 }
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,6 +50,19 @@ def _four_bit_checkpoint(model_dir: Path, scratch: Path) -> tuple[Path, str]:
     if cli(["quantize", "--model", str(model_dir), "--method", "rtn", "--out", str(out)]) != 0:
         raise RuntimeError("inlaid quantize --method rtn failed")
     return out, "RTN 4-bit g128 (same format and kernels as the MLGPTQ suite checkpoint)"
+
+
+def _without_native_kernel(engine) -> None:
+    """Route every int4 projection as the engine did before kernels/int4_native.c: torch's
+    int4 kernel below the bf16 route, which starts at DENSE_MIN_ROWS."""
+    from inlaid.engine.lora import LoraLinear
+    from inlaid.kernels import quant_cpu
+
+    for module in engine.runner.model.modules():
+        for prepared in (module.quantized or []) if isinstance(module, LoraLinear) else []:
+            if prepared.kind == "int4":
+                prepared.native_min_m = sys.maxsize
+                prepared.dense_min_m = min(prepared.dense_min_m, quant_cpu.DENSE_MIN_ROWS)
 
 
 def _prompts(engine, batch: int) -> list[list[int]]:
@@ -176,9 +191,12 @@ def precision_sweep(rounds: int, threads: int, plot_path: Path | None = None) ->
         for label, fields in PRECISIONS.items():
             fields = dict(fields)
             quantized = fields.pop("quantized", False)
+            native = fields.pop("native", True)
             engine = Engine.local(EngineConfig(
                 model_dir=str(model_dir), quantized_dir=str(checkpoint) if quantized else None,
                 max_lora_slots=len(names), max_lora_rank=max_rank, num_kv_blocks=64 * 5, **fields))
+            if not native:
+                _without_native_kernel(engine)
             for name, path in adapters.items():
                 engine.register_adapter(name, str(path))
             results["decode"][label], results["profile"][label] = {}, {}
