@@ -32,7 +32,9 @@ import torch
 from torch import Tensor
 
 from .dense_cpu import PackedDenseWeight, packing_supported  # noqa: F401  (re-exported)
-from .lora_cpu import HostSegments, build_cpu_plan, host_segments, lora_apply_cpu, lora_expand_cpu, lora_shrink_cpu
+from .lora_cpu import (  # noqa: F401  (native_lora_route re-exported for the engine)
+    HostSegments, build_cpu_plan, host_segments, lora_apply_cpu, lora_expand_cpu, lora_shrink_cpu, native_lora_route,
+)
 from .lora_compact_cpu import CompactLoraPools, build_compact_pools, update_compact_slots  # noqa: F401  (re-exported)
 from .lora_meta import LoraArgumentError, check_pools, check_segment_values, check_segments
 from .quant_linear import (  # noqa: F401  (re-exported: the engine imports ops from here)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .lora_compact_cpu import CompactLoraPools, active_column_share, lora_apply_compact
+from .lora_native import lora_apply_native, native_lora_available, native_lora_fits
 
 # A slot with at least this many tokens in the step gets its own matmul.
 LARGE_GROUP_TOKENS = 16
@@ -217,6 +218,8 @@ COMPACT_MIN_ACTIVE_SHARE = 0.7
 # The masked path multiplies every token by every slot of the step's slot range: its wasted
 # work grows with tokens x slots, its op count does not grow with the number of adapters.
 DENSE_MAX_TOKEN_SLOTS = 512
+USE_NATIVE = True  # the native kernel (lora_native.c) where it is built and the tensors fit; tests switch it
+NATIVE_MAX_GROUP_TOKENS = 32  # an adapter with this many tokens of a step keeps its matmuls (docs/kernels.md)
 
 
 @dataclass(frozen=True)
@@ -239,6 +242,20 @@ class HostSegments:
     slot_range: tuple[int, int]
     token_slots: Tensor
     _masks: dict = field(default_factory=dict, compare=False)
+
+    def native_token_slots(self, skipped: Sequence[tuple[int, slice | Tensor]]) -> Tensor:
+        """token_slots with the rows of `skipped` groups set to -1 (cached per step: every
+        projection of the step skips the same groups)."""
+        if not skipped:
+            return self.token_slots
+        key = ("native", tuple(slot for slot, _ in skipped))
+        slots = self._masks.get(key)
+        if slots is None:
+            slots = self.token_slots.clone()
+            for _, rows in skipped:
+                slots[rows] = -1
+            self._masks[key] = slots
+        return slots
 
     @property
     def masked_path(self) -> bool:
@@ -311,6 +328,15 @@ def lora_apply_cpu(
       * per adapter: one shrink (all slices in one matmul through `stacked_a` when the
         adapter has few tokens, else per slice at the real rank) and one `addmm_` per slice.
     """
+    if native_lora_route(y, x, stacked_a, b_pools):
+        # Small groups (decode tokens, short chunks) through the native kernel; an adapter
+        # with many tokens keeps its matmul pair, where BLAS beats per-token dot products.
+        large = tuple((slot, rows) for slot, rows in segments.slot_rows if _row_count(rows) >= NATIVE_MAX_GROUP_TOKENS)
+        if len(large) < len(segments.slot_rows):
+            lora_apply_native(y, x, stacked_a, b_pools, slice_offsets, segments.native_token_slots(large),
+                              slot_ranks, slot_scales)
+        _lora_apply_per_adapter(y, x, a_pools, b_pools, slice_offsets, large, slot_ranks, slot_scales, stacked_a)
+        return
     if segments.masked_path:
         if compact is not None:
             # The masked route multiplies every loaded slot's columns; while the step's own slots
@@ -322,10 +348,38 @@ def lora_apply_cpu(
         elif stacked_a is not None:
             _lora_apply_masked(y, x, stacked_a, b_pools, slice_offsets, segments, slot_scales)
             return
+    _lora_apply_per_adapter(y, x, a_pools, b_pools, slice_offsets, segments.slot_rows, slot_ranks, slot_scales,
+                            stacked_a)
+
+
+def native_lora_route(y: Tensor, x: Tensor, stacked_a: Tensor | None, b_pools: Sequence[Tensor]) -> bool:
+    """Whether lora_apply_cpu takes the native kernel for these tensors (it then reads no
+    compact pools: a caller may skip building them)."""
+    return USE_NATIVE and native_lora_available() and native_lora_fits(y, x, stacked_a, b_pools)
+
+
+def _row_count(rows: slice | Tensor) -> int:
+    return rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
+
+
+def _lora_apply_per_adapter(
+    y: Tensor,
+    x: Tensor,
+    a_pools: Sequence[Tensor],
+    b_pools: Sequence[Tensor],
+    slice_offsets: Sequence[int],
+    slot_rows: Sequence[tuple[int, slice | Tensor]],
+    slot_ranks: Tensor,
+    slot_scales: Tensor,
+    stacked_a: Tensor | None,
+) -> None:
+    """The per-adapter route over `slot_rows` (lora_apply_cpu's docstring)."""
+    if not slot_rows:
+        return
     ranks = slot_ranks.tolist()
     scales = slot_scales.tolist()
     r_max = a_pools[0].shape[1]
-    for slot, rows in segments.slot_rows:
+    for slot, rows in slot_rows:
         x_rows = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
         slot_ranks_now = [row[slot] for row in ranks]
         fused_shrink = stacked_a is not None and (

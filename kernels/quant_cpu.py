@@ -86,7 +86,7 @@ def prepare_int4(
 INT4PACK_BLOCK_N = 64  # output columns per block of torch's CPU int4pack layout
 DENSE_MIN_ROWS = 96  # measured crossover with torch's int4 kernel on the engine's projections (docs/kernels.md)
 DENSE_MIN_ROWS_NATIVE = 192  # the same, with the native kernel below it (docs/kernels.md)
-NATIVE_MIN_ROWS = 4  # from here the native kernel beats torch's int4 kernel (docs/kernels.md)
+NATIVE_MIN_ROWS = 1  # every row count below the bf16 route: results do not depend on the batch (docs/kernels.md)
 
 
 def unpack_int4pack(packed: Tensor, n: int, k: int, out: Tensor | None = None) -> Tensor:

@@ -13,6 +13,13 @@ from inlaid.engine.lora import LoraBatch, LoraLinear
 from inlaid.kernels import lora_cpu
 from inlaid.kernels.dispatch import lora_host_segments
 
+@pytest.fixture(autouse=True)
+def _torch_routes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests check torch's CPU routes; the native kernel would take their steps
+    (tests/test_kernels_lora_native.py checks it)."""
+    monkeypatch.setattr(lora_cpu, "USE_NATIVE", False)
+
+
 NAMES, WIDTHS, IN_FEATURES, SLOTS, MAX_RANK = ["q_proj", "k_proj", "v_proj"], [24, 8, 16], 40, 4, 16
 
 

@@ -85,12 +85,14 @@ def test_native_kernel_threads_split_columns_without_changing_a_bit() -> None:
 def test_quant_matmul_takes_the_native_kernel_between_its_bounds() -> None:
     """Below native_min_m torch's kernel (bf16 activations: ~1e-3 from the layout's exact
     result), from it up to dense_min_m the native kernel (fp32: ~1e-7), with bias and
-    act-order handled by quant_matmul, in x's dtype."""
+    act-order handled by quant_matmul, in x's dtype; every row count of a decode batch (from
+    1 row) takes the native kernel in the engine."""
     layer = random_gptq_layer(576, 192, 4, 64, act_order=True, bias=True, seed=3)
     prepared = prepare_quant_linear(layer.weights, "cpu", torch.float32)
     assert prepared.native_min_m == quant_cpu.NATIVE_MIN_ROWS < prepared.dense_min_m
+    prepared.native_min_m = 3  # a bound with rows on both sides (the engine's is 1: every M)
     weight = layout_float64(layer, prepared)
-    for m in (1, quant_cpu.NATIVE_MIN_ROWS, 40):
+    for m in (1, 2, 3, 40):
         x = torch.randn(m, 576)
         want = padded_input(x, prepared).double() @ weight + layer.weights.bias.double()
         error = relative_error(quant_matmul(x, prepared), want)

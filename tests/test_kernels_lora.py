@@ -28,6 +28,13 @@ from inlaid.kernels import lora_cpu
 from inlaid.kernels.dispatch import build_compact_pools, lora_apply, lora_expand, lora_host_segments, lora_shrink
 from inlaid.kernels.lora_compact_cpu import lora_apply_compact
 
+@pytest.fixture(autouse=True)
+def _torch_routes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests check torch's CPU routes; the native kernel would take their steps
+    (tests/test_kernels_lora_native.py checks it)."""
+    monkeypatch.setattr(lora_cpu, "USE_NATIVE", False)
+
+
 needs_interpreter = pytest.mark.skipif(
     not INTERPRETED_HERE, reason="triton already loaded in compiled mode: run in a child process"
 )

@@ -28,6 +28,7 @@ from inlaid.kernels.dispatch import (
     PreparedQuantLinear,
     build_compact_pools,
     lora_apply,
+    native_lora_route,
     packing_supported,
     quant_matmul,
     update_compact_slots,
@@ -206,7 +207,9 @@ class LoraLinear(nn.Module):
                 self.slot_scales,
                 segments=lora.host,
                 stacked_a=self.stacked_a,
-                compact=self._compact_pools() if lora.host is not None else None,
+                # The native route reads the pools themselves: no compact copy to keep current.
+                compact=self._compact_pools() if lora.host is not None and not native_lora_route(
+                    y, x, self.stacked_a, self.lora_b) else None,
             )
         return y
 

@@ -1,0 +1,125 @@
+"""The native CPU LoRA kernel (kernels/lora_native.c) against the float64 shrink/expand
+references, on fresh random inputs; pool rows past each slot's rank and the pools of slots
+no token uses are NaN-poisoned (the kernel must read neither); how lora_apply splits a step
+between it and torch's per-adapter route; its refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inlaid.kernels import lora_cpu
+from inlaid.kernels.dispatch import lora_apply, lora_host_segments
+from inlaid.kernels.lora_meta import LoraArgumentError
+from inlaid.kernels.lora_native import (
+    lora_apply_native,
+    native_lora_available,
+    native_lora_fits,
+    native_lora_unavailable_reason,
+)
+from inlaid.kernels.lora_reference import lora_expand_reference, lora_shrink_reference
+from inlaid.kernels.testing import LoraCase, random_lora_case, stacked_pools
+
+pytestmark = pytest.mark.skipif(not native_lora_available(),
+                                reason=f"native LoRA kernel not built here: {native_lora_unavailable_reason()}")
+
+RANKS = [[8, 16, 32, 64, 16, 8, 4], [16, 64, 8, 32, 0, 16, 4], [32, 8, 0, 16, 64, 64, 4]]  # slot 6: unused
+CASES = {  # requests [(slot, tokens)] back to back, -1 = no adapter
+    "decode": [(s % 6, 1) for s in range(13)] + [(-1, 1), (2, 1)],
+    "chunks": [(1, 0), (0, 3), (-1, 2), (4, 0), (2, 5), (5, 7), (0, 2)],
+    "one_adapter": [(3, 9)],
+    "no_adapter": [(-1, 4)],
+}
+
+
+def reference(case: LoraCase, y_before: torch.Tensor) -> torch.Tensor:
+    v = lora_shrink_reference(case.x, case.a_pools, case.segment_starts, case.segment_slots, case.slot_ranks)
+    return lora_expand_reference(y_before, v, case.b_pools, case.slice_offsets, case.segment_starts,
+                                 case.segment_slots, case.slot_ranks, case.slot_scales)
+
+
+def token_slots(case: LoraCase) -> torch.Tensor:
+    lengths = (case.segment_starts[1:] - case.segment_starts[:-1]).long()
+    return torch.repeat_interleave(case.segment_slots.long(), lengths)
+
+
+def poison_unused_slots(case: LoraCase, stacked: torch.Tensor, b_views: list[torch.Tensor]) -> None:
+    used = set(token_slots(case).tolist())
+    for slot in range(stacked.shape[0]):
+        if slot not in used:
+            stacked[slot] = float("nan")
+            for b in b_views:
+                b[slot] = float("nan")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("in_features,widths", [(40, [32, 16, 24]), (600, [576]), (64, [20, 1536])])
+def test_native_kernel_equals_float64_reference(name: str, in_features: int, widths: list[int]) -> None:
+    """K and N with and without a 16-float tail, 1-3 slices, ranks 0..64 of R = 64; tokens
+    with no adapter and columns of a slice whose rank is 0 stay bit-identical."""
+    ranks = [RANKS[i % 3] for i in range(len(widths))]
+    for seed in range(2):
+        case = random_lora_case(CASES[name], ranks, in_features, widths, 64, seed=seed + in_features)
+        stacked, _, b_views = stacked_pools(case, zero_padding=False)  # NaN past every rank
+        poison_unused_slots(case, stacked, b_views)
+        y = torch.randn(case.num_tokens, sum(widths))
+        y_before = y.clone()
+        lora_apply_native(y, case.x, stacked, b_views, case.slice_offsets, token_slots(case), case.slot_ranks,
+                          case.slot_scales)
+        want = reference(case, y_before)
+        assert torch.isfinite(y).all()
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+        untouched = want == y_before.double()
+        assert torch.equal(y.double()[untouched], y_before.double()[untouched])
+
+
+def test_lora_apply_sends_small_groups_native_and_large_ones_to_matmuls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One step mixing decode tokens and an adapter with a long chunk: the long group takes
+    torch's per-adapter route (its rows are -1 for the kernel), the rest the kernel; together
+    equal to the reference. With the kernel switched off, the same result from torch."""
+    large = lora_cpu.NATIVE_MAX_GROUP_TOKENS
+    requests = [(0, 1), (1, 1), (2, large + 3), (3, 1), (-1, 2), (4, 2)]
+    case = random_lora_case(requests, [r[:6] for r in RANKS], 48, [24, 8, 40], 64, seed=5)
+    stacked, a_views, b_views = stacked_pools(case)  # torch's stacked routes read whole rows: zero past ranks
+    segments = lora_host_segments(case.segment_starts, case.segment_slots, case.num_tokens, 6)
+    calls = []
+    real = lora_cpu.lora_apply_native
+
+    def recorded(y, x, stacked_a, b_pools, offsets, slots, ranks, scales):  # type: ignore[no-untyped-def]
+        calls.append(slots.clone())
+        real(y, x, stacked_a, b_pools, offsets, slots, ranks, scales)
+
+    monkeypatch.setattr(lora_cpu, "lora_apply_native", recorded)
+    results = []
+    for native in (True, False):
+        monkeypatch.setattr(lora_cpu, "USE_NATIVE", native)
+        y = torch.randn(case.num_tokens, 72, generator=torch.Generator().manual_seed(1))
+        y_before = y.clone()
+        lora_apply(y, case.x, a_views, b_views, case.slice_offsets, case.segment_starts, case.segment_slots,
+                   case.slot_ranks, case.slot_scales, segments=segments, stacked_a=stacked)
+        torch.testing.assert_close(y.double(), reference(case, y_before), rtol=1e-4, atol=1e-4)
+        results.append(y)
+    assert len(calls) == 1  # the kernel ran once, with the long group's rows skipped
+    expected = token_slots(case).clone()
+    expected[expected == 2] = -1
+    assert torch.equal(calls[0], expected)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
+
+
+def test_native_kernel_refuses_what_it_cannot_take() -> None:
+    case = random_lora_case([(0, 2), (1, 1)], [[8, 16]], 32, [16], 16, seed=3)
+    stacked, _, b_views = stacked_pools(case)
+    slots, y = token_slots(case), torch.zeros(3, 16)
+    assert not native_lora_fits(y, case.x.bfloat16(), stacked, b_views)
+    assert not native_lora_fits(y, case.x, None, b_views)
+    with pytest.raises(LoraArgumentError, match="float32"):
+        lora_apply_native(y, case.x.bfloat16(), stacked, b_views, [0], slots, case.slot_ranks, case.slot_scales)
+    with pytest.raises(LoraArgumentError, match="refused"):  # a rank past the pools' R = 16
+        lora_apply_native(y, case.x, stacked, b_views, [0], slots, torch.tensor([[8, 17]], dtype=torch.int32),
+                          case.slot_scales)
+    with pytest.raises(LoraArgumentError, match="refused"):  # a slot past the pools
+        lora_apply_native(y, case.x, stacked, b_views, [0], torch.tensor([0, 0, 2]), case.slot_ranks,
+                          case.slot_scales)
+    with pytest.raises(LoraArgumentError, match="past y"):
+        lora_apply_native(y, case.x, stacked, b_views, [8], slots, case.slot_ranks, case.slot_scales)
+    assert torch.equal(y, torch.zeros(3, 16))  # nothing written by a refused call
