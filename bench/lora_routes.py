@@ -1,4 +1,5 @@
-"""Which CPU LoRA route a decode step should take when few of the loaded slots are in use.
+"""Which CPU LoRA route a decode step should take when few of the loaded slots are in use, and
+what the native kernel (kernels/lora_native.c, the engine's route where it is built) gives.
 
 The compact masked route (kernels/lora_compact_cpu.py) multiplies every decode token against
 every LOADED slot's columns in 3 + n_slices ops; the per-adapter route reads only the step's own
@@ -6,8 +7,8 @@ slots, in 1 + n_slices ops per slot. With 16 slots loaded (the e2e servers' 100-
 and 2-4 adapters in a step (what the e2e replays show), the first reads 4-8x the bytes it needs.
 This times both on SmolLM2-135M's four LoRA projections (q|k|v, o, gate|up, down; ranks of the
 nine committed adapters, cycled over the slots; float32 pools as the CPU engine keeps them) for
-T decode tokens spread over k slots, and the engine's choice (compact only while the step's
-slots own COMPACT_MIN_ACTIVE_SHARE of the columns). One torch thread; per step = 120
+T decode tokens spread over k slots, torch's choice between them (compact only while the step's
+slots own COMPACT_MIN_ACTIVE_SHARE of the columns) and the native kernel. One torch thread; per step = 120
 projections (30 layers), from 32 distinct projections' weights (8 layers' worth, so the pools
 do not all sit in the cache).
 
@@ -56,7 +57,7 @@ def _projection(in_features: int, widths: list[int], gen: torch.Generator) -> di
             "stacked": stacked, "compact": build_compact_pools(stacked, b_pools, ranks, scales)}
 
 
-def _step_ms(projections: list[dict], tokens: int, in_use: int, share: float, rng: random.Random) -> float:
+def _step_ms(projections: list[dict], tokens: int, in_use: int, share: float, native: bool, rng: random.Random) -> float:
     from inlaid.kernels import lora_cpu
     from inlaid.kernels.dispatch import lora_host_segments
 
@@ -64,8 +65,8 @@ def _step_ms(projections: list[dict], tokens: int, in_use: int, share: float, rn
     starts = [round(i * tokens / in_use) for i in range(in_use)] + [tokens]
     segments = lora_host_segments(torch.tensor(starts, dtype=torch.int32), torch.tensor(slots, dtype=torch.int32),
                                   tokens, SLOTS)
-    saved = lora_cpu.COMPACT_MIN_ACTIVE_SHARE
-    lora_cpu.COMPACT_MIN_ACTIVE_SHARE = share
+    saved, saved_native = lora_cpu.COMPACT_MIN_ACTIVE_SHARE, lora_cpu.USE_NATIVE
+    lora_cpu.COMPACT_MIN_ACTIVE_SHARE, lora_cpu.USE_NATIVE = share, native
     inputs = [(torch.randn(tokens, p["K"]), torch.zeros(tokens, p["N"])) for p in projections]
     try:
         start = time.perf_counter()
@@ -74,7 +75,7 @@ def _step_ms(projections: list[dict], tokens: int, in_use: int, share: float, rn
                                     stacked_a=p["stacked"], compact=p["compact"])
         elapsed = time.perf_counter() - start
     finally:
-        lora_cpu.COMPACT_MIN_ACTIVE_SHARE = saved
+        lora_cpu.COMPACT_MIN_ACTIVE_SHARE, lora_cpu.USE_NATIVE = saved, saved_native
     return elapsed / len(projections) * 4 * 30 * 1e3
 
 
@@ -84,12 +85,17 @@ def measure(repeats: int) -> dict:
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     projections = [_projection(k, widths, gen) for _ in range(LAYERS) for k, widths in PROJECTIONS]
-    routes = {"compact (every loaded slot)": 0.0, "per adapter": 2.0, "engine's choice": lora_cpu.COMPACT_MIN_ACTIVE_SHARE}
+    from inlaid.kernels.lora_native import native_lora_available
+
+    routes = {"compact (every loaded slot)": (0.0, False), "per adapter": (2.0, False),
+              "torch's choice": (lora_cpu.COMPACT_MIN_ACTIVE_SHARE, False)}
+    if native_lora_available():
+        routes["engine's choice"] = (lora_cpu.COMPACT_MIN_ACTIVE_SHARE, True)  # the native kernel (lora_native.c)
     rows = []
     for tokens, in_use in STEPS:
         rng = random.Random(tokens * 100 + in_use)
-        times = {name: min(_step_ms(projections, tokens, in_use, share, rng) for _ in range(repeats))
-                 for name, share in routes.items()}
+        times = {name: min(_step_ms(projections, tokens, in_use, share, native, rng) for _ in range(repeats))
+                 for name, (share, native) in routes.items()}
         rows.append({"tokens": tokens, "slots_in_use": in_use, **{f"{name} ms": ms for name, ms in times.items()}})
         print(rows[-1], flush=True)
     return {"machine": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": 1,
@@ -103,12 +109,14 @@ def write_markdown(result: dict, path: Path) -> None:
              f"{result['machine']}, torch {result['torch']}, 1 thread, float32 pools; ranks {result['ranks']} "
              f"cycled over {result['loaded_slots']} slots; ms per step of 120 projections, best of "
              f"{result['repeats']}. Load average before: {', '.join(f'{v:.1f}' for v in result['loadavg_before'])}. "
-             f"The engine takes the compact route only while the step's slots own "
-             f">= {result['compact_min_active_share']} of its columns.", "",
+             f"Torch's routes: the compact one only while the step's slots own "
+             f">= {result['compact_min_active_share']} of its columns, else per adapter; the engine's choice "
+             f"is the native kernel (kernels/lora_native.c) where it is built, torch's choice otherwise.", "",
              "| tokens | slots in use | " + " | ".join(f"{n} ms" for n in names) + " | compact / engine |",
              "|---|---|" + "---|" * len(names) + "---|"]
+    engine = "engine's choice" if "engine's choice ms" in result["rows"][0] else "torch's choice"
     for row in result["rows"]:
-        ratio = row["compact (every loaded slot) ms"] / row["engine's choice ms"]
+        ratio = row["compact (every loaded slot) ms"] / row[f"{engine} ms"]
         lines.append(f"| {row['tokens']} | {row['slots_in_use']} | "
                      + " | ".join(f"{row[f'{n} ms']:.1f}" for n in names) + f" | {ratio:.2f}x |")
     path.write_text("\n".join(lines) + "\n")
