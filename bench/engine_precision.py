@@ -33,7 +33,7 @@ PRECISIONS: dict[str, dict] = {  # label -> EngineConfig fields ("quantized": us
     "bf16 weights": {"weight_dtype": "bfloat16"},
     "4-bit, bf16 embedding/head": {"quantized": True, "weight_dtype": "bfloat16"},
     # The same engine with torch's int4 kernel below the bf16 route, as before the native kernel
-    "4-bit without the native kernel": {"quantized": True, "weight_dtype": "bfloat16", "native": False},
+    "4-bit without the native int4 kernel": {"quantized": True, "weight_dtype": "bfloat16", "native": False},
 }
 REPO = Path(__file__).resolve().parent.parent
 
