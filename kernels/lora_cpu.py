@@ -314,7 +314,10 @@ def lora_apply_cpu(
 ) -> None:
     """Fused shrink + expand: y[t, slice i] += scale * (x[t] @ A_i[s, :r].T) @ B_i[s, :, :r].T.
 
-    Three routes (all exact up to float summation order):
+    Where the native kernel (lora_native.c) is built and the tensors are the engine's fp32
+    pools, it takes every adapter with fewer than NATIVE_MAX_GROUP_TOKENS tokens (each token
+    against its own slot, at its real rank) and the per-adapter route below the rest.
+    Otherwise three torch routes (all exact up to float summation order):
       * masked on the compact pools (`compact` given; lora_compact_cpu.py): the masked route
         below over every loaded slot's real ranks instead of the padded pools, taken where the
         masked route would be and the step's own slots hold most of the columns (else the

@@ -8,10 +8,12 @@ int4: torch's CPU int4 kernels (`_weight_int4pack_mm_for_cpu`), convention
       against dequantizing on the fly). Activations run in bf16 inside the kernel. Its group
       (32-256) divides the checkpoint's group and K (`kernel_group_for`): groups that do not
       tile K (576 at 128) run with a finer kernel group; K itself is padded only where no
-      kernel group divides it. Its time grows linearly with the rows of x (docs/kernels.md).
-      From `dense_min_m` rows on (prefill), the same packed codes are instead dequantized to a
-      bf16 weight for this call and multiplied by oneDNN's bf16 GEMM, whose time barely grows
-      with M (`int4_dequant_matmul`; docs/kernels.md has the crossover). Nothing more is stored.
+      kernel group divides it. Its time grows linearly with the rows of x (docs/kernels.md), so
+      where the native kernel (int4_native.c) is built it serves every M below `dense_min_m`
+      instead, in fp32, reading the same bytes (`int4_native_matmul`). From `dense_min_m` rows
+      on (prefill), the same packed codes are dequantized to a bf16 weight for this call and
+      multiplied by oneDNN's bf16 GEMM, whose time barely grows with M (`int4_dequant_matmul`;
+      docs/kernels.md has the crossovers). Nothing more is stored.
 dequant: unpack the checkpoint's packed codes on every call, dequantize, matmul.
 """
 
