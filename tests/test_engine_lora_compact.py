@@ -13,6 +13,7 @@ from inlaid.engine.lora import LoraBatch, LoraLinear
 from inlaid.kernels import lora_cpu
 from inlaid.kernels.dispatch import lora_host_segments
 
+
 @pytest.fixture(autouse=True)
 def _torch_routes(monkeypatch: pytest.MonkeyPatch) -> None:
     """These tests check torch's CPU routes; the native kernel would take their steps

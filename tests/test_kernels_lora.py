@@ -28,6 +28,7 @@ from inlaid.kernels import lora_cpu
 from inlaid.kernels.dispatch import build_compact_pools, lora_apply, lora_expand, lora_host_segments, lora_shrink
 from inlaid.kernels.lora_compact_cpu import lora_apply_compact
 
+
 @pytest.fixture(autouse=True)
 def _torch_routes(monkeypatch: pytest.MonkeyPatch) -> None:
     """These tests check torch's CPU routes; the native kernel would take their steps
