@@ -160,12 +160,7 @@ def int4_dequant_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | N
     """bf16 [M, N] = x (act-order permuted) @ W, W dequantized to bf16 for this call."""
     if not layout.dequantizable:
         raise QuantLinearError("this int4 layout has no dequantize route (N % 64 != 0 or unknown packing)")
-    x_bf16 = x.to(torch.bfloat16)
-    if input_perm is not None:
-        x_bf16 = x_bf16.index_select(1, input_perm)
-    if layout.pad:
-        x_bf16 = torch.nn.functional.pad(x_bf16, (0, layout.pad))
-    return x_bf16 @ dequantize_int4pack(layout)
+    return _kernel_input(x, layout, input_perm, torch.bfloat16) @ dequantize_int4pack(layout)
 
 
 def native_min_rows(layout: CpuInt4Layout) -> int:
@@ -181,24 +176,26 @@ def int4_native_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | No
     """float32 [M, N] = x (act-order permuted) @ W through the native kernel, in fp32."""
     from .int4_native import int4pack_mm
 
-    x_f32 = x.to(torch.float32)
-    if input_perm is not None:
-        x_f32 = x_f32.index_select(1, input_perm)
-    if layout.pad:
-        x_f32 = torch.nn.functional.pad(x_f32, (0, layout.pad))
-    return int4pack_mm(x_f32.contiguous(), layout, threads=torch.get_num_threads())
+    return int4pack_mm(_kernel_input(x, layout, input_perm, torch.float32), layout, threads=torch.get_num_threads())
 
 
 def int4_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None) -> Tensor:
     """bf16 [M, N] = x (act-order permuted) @ W."""
-    x_bf16 = x.to(torch.bfloat16)
-    if input_perm is not None:
-        x_bf16 = x_bf16.index_select(1, input_perm)
-    if layout.pad:
-        x_bf16 = torch.nn.functional.pad(x_bf16, (0, layout.pad))
     return torch.ops.aten._weight_int4pack_mm_for_cpu(
-        x_bf16.contiguous(), layout.packed, layout.kernel_group, layout.scales_and_zeros
+        _kernel_input(x, layout, input_perm, torch.bfloat16), layout.packed, layout.kernel_group,
+        layout.scales_and_zeros,
     )
+
+
+def _kernel_input(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """x as every int4 route reads it: in `dtype`, its columns in the layout's sorted-K order
+    (act-order), zero columns appended up to the padded K, contiguous."""
+    x = x.to(dtype)
+    if input_perm is not None:
+        x = x.index_select(1, input_perm)
+    if layout.pad:
+        x = torch.nn.functional.pad(x, (0, layout.pad))
+    return x.contiguous()
 
 
 def _unpack_codes_fast(qweight: Tensor, bits: int, in_features: int) -> Tensor:
