@@ -24,7 +24,8 @@
 #include <stdint.h>
 #include <string.h>
 
-typedef float v16f __attribute__((vector_size(64)));
+#include "native_vectors.h"
+
 typedef int32_t v16i __attribute__((vector_size(64)));
 typedef uint8_t v16b __attribute__((vector_size(16)));
 
@@ -33,14 +34,6 @@ typedef uint8_t v16b __attribute__((vector_size(16)));
 #define ROWS 6 /* 6 rows x 4 vectors = 24 accumulators: fits 32 vector registers */
 #define PREFETCH_BYTES (K_CHUNK * BLOCK_N / 2) /* one slab ahead */
 #define FUSED_ROWS 4 /* up to this many rows of x: dequantize in registers (measured: from 6 rows the slab wins) */
-
-static inline v16f load16(const float *p) {
-    v16f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void store16(float *p, v16f v) { memcpy(p, &v, sizeof v); }
 
 static inline float bf16_to_float(uint16_t bits) {
     uint32_t word = (uint32_t)bits << 16;
@@ -93,6 +86,17 @@ static void dequantize_slab(const uint8_t *packed, const uint16_t *scales_and_ze
     }
 }
 
+/* acc[r][0:4] += x[r, k] * (w0, w1, w2, w3) for r < ROW_COUNT: one weight row (64 columns, four
+ * vectors) into every row's accumulators; a macro, so the accumulators stay in registers. */
+#define ACCUMULATE_ROWS(ROW_COUNT, acc, x, x_stride, k, w0, w1, w2, w3) \
+    for (int r = 0; r < (ROW_COUNT); r++) {                             \
+        float xs = (x)[r * (x_stride) + (k)];                           \
+        (acc)[r][0] += xs * (w0);                                       \
+        (acc)[r][1] += xs * (w1);                                       \
+        (acc)[r][2] += xs * (w2);                                       \
+        (acc)[r][3] += xs * (w3);                                       \
+    }
+
 /* y[r, 0:64] (+)= x[r, 0:rows_k] @ w[0:rows_k, 0:64] for r < ROW_COUNT. */
 #define DEFINE_MICRO(ROW_COUNT)                                                                                   \
     static void micro_##ROW_COUNT(const float *x, int64_t x_stride, const float *w, int64_t rows_k, float *y,      \
@@ -104,13 +108,7 @@ static void dequantize_slab(const uint8_t *packed, const uint16_t *scales_and_ze
         for (int64_t k = 0; k < rows_k; k++) {                                                                    \
             const float *w_row = w + k * BLOCK_N;                                                                 \
             v16f w0 = load16(w_row), w1 = load16(w_row + 16), w2 = load16(w_row + 32), w3 = load16(w_row + 48);   \
-            for (int r = 0; r < ROW_COUNT; r++) {                                                                 \
-                float xs = x[r * x_stride + k];                                                                   \
-                acc[r][0] += xs * w0;                                                                             \
-                acc[r][1] += xs * w1;                                                                             \
-                acc[r][2] += xs * w2;                                                                             \
-                acc[r][3] += xs * w3;                                                                             \
-            }                                                                                                     \
+            ACCUMULATE_ROWS(ROW_COUNT, acc, x, x_stride, k, w0, w1, w2, w3);                                      \
         }                                                                                                         \
         for (int r = 0; r < ROW_COUNT; r++)                                                                       \
             for (int c = 0; c < 4; c++) store16(y + r * y_stride + 16 * c, acc[r][c]);                            \
@@ -158,13 +156,7 @@ static void load_group(const uint16_t *pairs, float *scale, float *zero) {
                               load16(scale + 32) + load16(zero + 32);                                             \
                 v16f w3 = __builtin_convertvector(__builtin_convertvector(raw1 >> 4, v16i), v16f) *               \
                               load16(scale + 48) + load16(zero + 48);                                             \
-                for (int r = 0; r < ROW_COUNT; r++) {                                                             \
-                    float xs = x[r * x_stride + k];                                                               \
-                    acc[r][0] += xs * w0;                                                                         \
-                    acc[r][1] += xs * w1;                                                                         \
-                    acc[r][2] += xs * w2;                                                                         \
-                    acc[r][3] += xs * w3;                                                                         \
-                }                                                                                                 \
+                ACCUMULATE_ROWS(ROW_COUNT, acc, x, x_stride, k, w0, w1, w2, w3);                                  \
             }                                                                                                     \
         }                                                                                                         \
         for (int r = 0; r < ROW_COUNT; r++)                                                                       \

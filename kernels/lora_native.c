@@ -19,19 +19,10 @@
  * Every rank must be <= R <= 256.
  */
 #include <stdint.h>
-#include <string.h>
 
-typedef float v16f __attribute__((vector_size(64)));
+#include "native_vectors.h"
 
 #define MAX_RANK 256
-
-static inline v16f load16(const float *p) {
-    v16f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void store16(float *p, v16f v) { memcpy(p, &v, sizeof v); }
 
 static inline float sum16(v16f v) {
     float total = 0.0f;

@@ -3,10 +3,10 @@ called through ctypes.
 
 Each C file is compiled with `$CC` (else `cc`) and `-march=native` into a shared library
 cached under `$INLAID_NATIVE_DIR` (default `~/.cache/inlaid/native/`), named by a digest of
-the source, the flags, the compiler's version and this CPU's feature flags: a cache shared
-between machines never hands one a library built for another CPU. The files include no
-Python or torch headers, so each builds in about a second. Where there is no compiler, the
-build fails, the system is not Linux, or the kernel's switch is "0" (`INLAID_NATIVE_INT4=0`,
+the source, the headers beside it (`native_vectors.h`), the flags, the compiler's version and
+this CPU's feature flags: a cache shared between machines never hands one a library built
+for another CPU. The files include no Python or torch headers, so each builds in about a
+second. Where there is no compiler, the build fails, the system is not Linux, or the kernel's switch is "0" (`INLAID_NATIVE_INT4=0`,
 `INLAID_NATIVE_LORA=0`), `load` returns None and the reason, and the callers keep torch's
 routes.
 """
@@ -42,8 +42,9 @@ def _cpu_flags() -> str:
 def _library_path(source: Path, compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     digest = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join(CFLAGS).encode(), version.encode(), platform.machine().encode(),
-                 _cpu_flags().encode()):
+    headers = [header.read_bytes() for header in sorted(source.parent.glob("*.h"))]  # what the sources include
+    for part in (source.read_bytes(), *headers, " ".join(CFLAGS).encode(), version.encode(),
+                 platform.machine().encode(), _cpu_flags().encode()):
         digest.update(part)
         digest.update(b"\0")
     root = Path(os.environ.get("INLAID_NATIVE_DIR") or Path.home() / ".cache" / "inlaid" / "native")

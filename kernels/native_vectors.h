@@ -1,0 +1,19 @@
+/* The 16-float vector the native CPU kernels compute with (GCC vector extensions: the
+ * compiler maps it onto what the CPU it is built on has, one zmm on AVX-512), and unaligned
+ * loads and stores of it. Included by kernels/*_native.c; kernels/native.py builds them. */
+#ifndef INLAID_NATIVE_VECTORS_H
+#define INLAID_NATIVE_VECTORS_H
+
+#include <string.h>
+
+typedef float v16f __attribute__((vector_size(64)));
+
+static inline v16f load16(const float *p) {
+    v16f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store16(float *p, v16f v) { memcpy(p, &v, sizeof v); }
+
+#endif
