@@ -26,15 +26,13 @@ once for oneDNN.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .dense_cpu import PackedDenseWeight, packing_supported  # noqa: F401  (re-exported)
-from .lora_cpu import (  # noqa: F401  (native_lora_route re-exported for the engine)
-    HostSegments, build_cpu_plan, host_segments, lora_apply_cpu, lora_expand_cpu, lora_shrink_cpu, native_lora_route,
-)
+from .lora_cpu import HostSegments, build_cpu_plan, host_segments, lora_apply_cpu, lora_expand_cpu, lora_shrink_cpu
 from .lora_compact_cpu import CompactLoraPools, build_compact_pools, update_compact_slots  # noqa: F401  (re-exported)
 from .lora_meta import LoraArgumentError, check_pools, check_segment_values, check_segments
 from .quant_linear import (  # noqa: F401  (re-exported: the engine imports ops from here)
@@ -160,7 +158,7 @@ def lora_apply(
     v_buffer: Tensor | None = None,
     segments: HostSegments | None = None,
     stacked_a: Tensor | None = None,
-    compact: CompactLoraPools | None = None,
+    compact: CompactLoraPools | Callable[[], CompactLoraPools] | None = None,
 ) -> None:
     """y += LoRA(x) for a (possibly fused) projection: shrink then expand.
 
@@ -170,7 +168,8 @@ def lora_apply(
                    projection (the per-call metadata checks are then skipped)
         stacked_a  [S, n_slices * R_max, K] whose [:, i*R_max:(i+1)*R_max] is a_pools[i]:
                    lets decode tokens shrink every slice in one matmul
-        compact    `build_compact_pools(...)` of these pools as loaded now: the masked
+        compact    `build_compact_pools(...)` of these pools as loaded now, or a function
+                   returning it (called only where the masked route runs): the masked
                    route then reads the slots' real ranks, not the padded pools
     `v_buffer` is for the CUDA-graph path."""
     if not x.is_cuda and v_buffer is None:

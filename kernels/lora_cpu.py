@@ -310,7 +310,7 @@ def lora_apply_cpu(
     slot_ranks: Tensor,
     slot_scales: Tensor,
     stacked_a: Tensor | None = None,
-    compact: CompactLoraPools | None = None,
+    compact: CompactLoraPools | Callable[[], CompactLoraPools] | None = None,
 ) -> None:
     """Fused shrink + expand: y[t, slice i] += scale * (x[t] @ A_i[s, :r].T) @ B_i[s, :, :r].T.
 
@@ -342,6 +342,7 @@ def lora_apply_cpu(
         return
     if segments.masked_path:
         if compact is not None:
+            compact = compact() if callable(compact) else compact
             # The masked route multiplies every loaded slot's columns; while the step's own slots
             # hold less than COMPACT_MIN_ACTIVE_SHARE of them, reading only those (per adapter)
             # is faster (16 loaded slots: 3.5x at 2 in use, 1.3x at 8; bench/lora_routes.py).
@@ -356,8 +357,7 @@ def lora_apply_cpu(
 
 
 def native_lora_route(y: Tensor, x: Tensor, stacked_a: Tensor | None, b_pools: Sequence[Tensor]) -> bool:
-    """Whether lora_apply_cpu takes the native kernel for these tensors (it then reads no
-    compact pools: a caller may skip building them)."""
+    """Whether lora_apply_cpu takes the native kernel for these tensors."""
     return USE_NATIVE and native_lora_available() and native_lora_fits(y, x, stacked_a, b_pools)
 
 

@@ -28,7 +28,6 @@ from inlaid.kernels.dispatch import (
     PreparedQuantLinear,
     build_compact_pools,
     lora_apply,
-    native_lora_route,
     packing_supported,
     quant_matmul,
     update_compact_slots,
@@ -207,9 +206,8 @@ class LoraLinear(nn.Module):
                 self.slot_scales,
                 segments=lora.host,
                 stacked_a=self.stacked_a,
-                # The native route reads the pools themselves: no compact copy to keep current.
-                compact=self._compact_pools() if lora.host is not None and not native_lora_route(
-                    y, x, self.stacked_a, self.lora_b) else None,
+                # Built (or brought up to date) only when a step takes the masked route.
+                compact=self._compact_pools if lora.host is not None else None,
             )
         return y
 
