@@ -35,6 +35,7 @@ from .dense_cpu import PackedDenseWeight, packing_supported  # noqa: F401  (re-e
 from .lora_cpu import HostSegments, build_cpu_plan, host_segments, lora_apply_cpu, lora_expand_cpu, lora_shrink_cpu
 from .lora_compact_cpu import CompactLoraPools, build_compact_pools, update_compact_slots  # noqa: F401  (re-exported)
 from .lora_meta import LoraArgumentError, check_pools, check_segment_values, check_segments
+from .lora_native import NativeLoraPools, native_lora_available  # noqa: F401  (re-exported)
 from .quant_linear import (  # noqa: F401  (re-exported: the engine imports ops from here)
     PreparedQuantLinear,
     QuantLinearWeights,
@@ -159,6 +160,7 @@ def lora_apply(
     segments: HostSegments | None = None,
     stacked_a: Tensor | None = None,
     compact: CompactLoraPools | Callable[[], CompactLoraPools] | None = None,
+    native: NativeLoraPools | None = None,
 ) -> None:
     """y += LoRA(x) for a (possibly fused) projection: shrink then expand.
 
@@ -171,7 +173,15 @@ def lora_apply(
         compact    `build_compact_pools(...)` of these pools as loaded now, or a function
                    returning it (called only where the masked route runs): the masked
                    route then reads the slots' real ranks, not the padded pools
+        native     `NativeLoraPools(stacked_a, b_pools, ...)` of these pools, bound once: with
+                   `segments`, the pools are not checked again (they were when it was bound)
     `v_buffer` is for the CUDA-graph path."""
+    if not x.is_cuda and v_buffer is None and native is not None and segments is not None:
+        if segments.num_tokens != x.shape[0]:
+            raise LoraArgumentError(f"segments cover {segments.num_tokens} tokens, x has {x.shape[0]}")
+        lora_apply_cpu(y, x, a_pools, b_pools, slice_offsets, segments, slot_ranks, slot_scales, stacked_a, compact,
+                       native)
+        return
     if not x.is_cuda and v_buffer is None:
         num_slots, r_max = check_pools(a_pools, "a_pools", x.dtype, x.device)
         check_pools(b_pools, "b_pools", y.dtype, y.device)

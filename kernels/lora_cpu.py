@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from .lora_compact_cpu import CompactLoraPools, active_column_share, lora_apply_compact
-from .lora_native import lora_apply_native, native_lora_available, native_lora_fits
+from .lora_meta import LoraArgumentError
+from .lora_native import NativeLoraPools, lora_apply_native, native_lora_available, native_lora_fits
 
 # A slot with at least this many tokens in the step gets its own matmul.
 LARGE_GROUP_TOKENS = 16
@@ -243,6 +244,15 @@ class HostSegments:
     token_slots: Tensor
     _masks: dict = field(default_factory=dict, compare=False)
 
+    @property
+    def native_large_groups(self) -> tuple[tuple[int, slice | Tensor], ...]:
+        """The (slot, rows) groups too long for the native kernel (cached per step)."""
+        large = self._masks.get("native_large")
+        if large is None:
+            large = self._masks["native_large"] = tuple(
+                (slot, rows) for slot, rows in self.slot_rows if _row_count(rows) >= NATIVE_MAX_GROUP_TOKENS)
+        return large
+
     def native_token_slots(self, skipped: Sequence[tuple[int, slice | Tensor]]) -> Tensor:
         """token_slots with the rows of `skipped` groups set to -1 (cached per step: every
         projection of the step skips the same groups)."""
@@ -311,13 +321,15 @@ def lora_apply_cpu(
     slot_scales: Tensor,
     stacked_a: Tensor | None = None,
     compact: CompactLoraPools | Callable[[], CompactLoraPools] | None = None,
+    native: NativeLoraPools | None = None,
 ) -> None:
     """Fused shrink + expand: y[t, slice i] += scale * (x[t] @ A_i[s, :r].T) @ B_i[s, :, :r].T.
 
     Where the native kernel (lora_native.c) is built and the tensors are the engine's fp32
     pools, it takes every adapter with fewer than NATIVE_MAX_GROUP_TOKENS tokens (each token
     against its own slot, at its real rank) and the per-adapter route below the rest.
-    Otherwise three torch routes (all exact up to float summation order):
+    `native`: these pools bound once for the kernel (the engine keeps one per projection),
+    saving the per-call checks and pointer marshalling. Otherwise three torch routes (all exact up to float summation order):
       * masked on the compact pools (`compact` given; lora_compact_cpu.py): the masked route
         below over every loaded slot's real ranks instead of the padded pools, taken where the
         masked route would be and the step's own slots hold most of the columns (else the
@@ -331,13 +343,18 @@ def lora_apply_cpu(
       * per adapter: one shrink (all slices in one matmul through `stacked_a` when the
         adapter has few tokens, else per slice at the real rank) and one `addmm_` per slice.
     """
-    if native_lora_route(y, x, stacked_a, b_pools):
+    if native is not None and native.stacked_a is not stacked_a:
+        raise LoraArgumentError("`native` was bound to other pools than these")
+    if (native is not None and USE_NATIVE) or native_lora_route(y, x, stacked_a, b_pools):
         # Small groups (decode tokens, short chunks) through the native kernel; an adapter
         # with many tokens keeps its matmul pair, where BLAS beats per-token dot products.
-        large = tuple((slot, rows) for slot, rows in segments.slot_rows if _row_count(rows) >= NATIVE_MAX_GROUP_TOKENS)
+        large = segments.native_large_groups
         if len(large) < len(segments.slot_rows):
-            lora_apply_native(y, x, stacked_a, b_pools, slice_offsets, segments.native_token_slots(large),
-                              slot_ranks, slot_scales)
+            token_slots = segments.native_token_slots(large)
+            if native is not None:
+                native.apply(y, x, token_slots)
+            else:
+                lora_apply_native(y, x, stacked_a, b_pools, slice_offsets, token_slots, slot_ranks, slot_scales)
         _lora_apply_per_adapter(y, x, a_pools, b_pools, slice_offsets, large, slot_ranks, slot_scales, stacked_a)
         return
     if segments.masked_path:

@@ -44,34 +44,73 @@ def native_lora_fits(y: Tensor, x: Tensor, stacked_a: Tensor | None, b_pools: Se
             and all(b.dtype == torch.float32 and b.transpose(1, 2).is_contiguous() for b in b_pools))
 
 
+class NativeLoraPools:
+    """One projection's pools bound to lora_native.c once, so a call is one ctypes call.
+
+    The engine's pools are allocated once and written in place (a slot load copies into them,
+    the ranks and scales are set in place), so the pointers, widths and offsets every call
+    passes are computed here once instead of per call (~90 us a call: 120 calls a decode step
+    of the default model). Checks that the pools fit the kernel happen here; `apply` checks
+    only the step's tensors. slot_ranks / slot_scales must be the live int32 / float32 tensors
+    (a converted copy would not see later slot loads).
+    """
+
+    def __init__(self, stacked_a: Tensor, b_pools: Sequence[Tensor], slice_offsets: Sequence[int],
+                 slot_ranks: Tensor, slot_scales: Tensor) -> None:
+        library = _load()[0]
+        if library is None:
+            raise LoraArgumentError(f"the native LoRA kernel is unavailable: {native_lora_unavailable_reason()}")
+        if not (stacked_a.dtype == torch.float32 and stacked_a.device.type == "cpu" and stacked_a.is_contiguous()
+                and all(b.dtype == torch.float32 and b.transpose(1, 2).is_contiguous() for b in b_pools)):
+            raise LoraArgumentError("the native LoRA kernel takes float32 CPU pools in the engine's layout")
+        num_slots, stacked_rows, self.in_features = stacked_a.shape
+        n_slices = len(b_pools)
+        if stacked_rows % n_slices or stacked_rows // n_slices > MAX_RANK or len(slice_offsets) != n_slices:
+            raise LoraArgumentError(f"stacked_a's {stacked_rows} rows do not hold {n_slices} slices of rank <= {MAX_RANK}")
+        if any(b.shape[0] != num_slots or b.shape[2] != stacked_rows // n_slices for b in b_pools):
+            raise LoraArgumentError("the B pools' slots or ranks differ from stacked_a's")
+        if slot_ranks.dtype != torch.int32 or slot_scales.dtype != torch.float32 or not (
+                slot_ranks.is_contiguous() and slot_scales.is_contiguous()) or not (
+                slot_ranks.shape == slot_scales.shape == (n_slices, num_slots)):
+            raise LoraArgumentError(f"slot_ranks / slot_scales must be contiguous int32 / float32 [{n_slices}, {num_slots}]")
+        widths = [b.shape[1] for b in b_pools]
+        self.out_columns = max(offset + width for offset, width in zip(slice_offsets, widths))
+        self.stacked_a = stacked_a
+        self._kept = (b_pools, slot_ranks, slot_scales)  # the pointers below point into these
+        self._function = library.inlaid_lora_apply
+        # The ctypes arrays are kept: the kernel reads them through the pointers below.
+        self._arrays = ((ctypes.c_void_p * n_slices)(*[b.data_ptr() for b in b_pools]),
+                        (ctypes.c_int64 * n_slices)(*widths), (ctypes.c_int64 * n_slices)(*slice_offsets))
+        self._pools_arguments = (
+            stacked_a.data_ptr(), *(ctypes.addressof(array) for array in self._arrays),
+            slot_ranks.data_ptr(), slot_scales.data_ptr(), num_slots, n_slices, stacked_rows // n_slices)
+
+    def apply(self, y: Tensor, x: Tensor, token_slots: Tensor) -> None:
+        """y[t, slice i] += LoRA of slot token_slots[t] (-1: nothing). x: float32 [T, K] contiguous;
+        y: float32 [T, >= the slices' columns], rows contiguous; token_slots: int64 [T] contiguous."""
+        num_tokens = x.shape[0]
+        if not (x.dtype == y.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
+                and y.stride(1) == 1):
+            raise LoraArgumentError(f"the native LoRA kernel takes float32 CPU x (contiguous) and y (rows contiguous), "
+                                    f"got {x.dtype} and {y.dtype}")
+        if x.dim() != 2 or x.shape[1] != self.in_features or y.shape[0] != num_tokens or not (
+                token_slots.dtype == torch.int64 and token_slots.shape == (num_tokens,) and token_slots.is_contiguous()):
+            raise LoraArgumentError(f"x {tuple(x.shape)}, y {tuple(y.shape)} and token_slots {tuple(token_slots.shape)} "
+                                    f"do not match the pools' K = {self.in_features}")
+        if y.shape[1] < self.out_columns:
+            raise LoraArgumentError(f"a slice reaches past y's columns ({self.out_columns} > {y.shape[1]})")
+        status = self._function(x.data_ptr(), num_tokens, self.in_features, token_slots.data_ptr(),
+                                *self._pools_arguments, y.data_ptr(), y.stride(0))
+        if status != 0:
+            raise LoraArgumentError("the native LoRA kernel refused its arguments (a rank past R, or a slot out of range)")
+
+
 def lora_apply_native(y: Tensor, x: Tensor, stacked_a: Tensor, b_pools: Sequence[Tensor], slice_offsets: Sequence[int],
                       token_slots: Tensor, slot_ranks: Tensor, slot_scales: Tensor) -> None:
     """y[t, slice i] += scale[i, s] * (x[t] @ A_i[s, :r].T) @ B_i[s, :, :r].T, s = token_slots[t]
     (-1: nothing), r = slot_ranks[i, s]. stacked_a: float32 [S, n_slices * R, K];
-    b_pools: float32 [S, N_i, R] views of [S, R, N_i] storage; token_slots: int64 [T]."""
-    library = _load()[0]
-    if library is None:
-        raise LoraArgumentError(f"the native LoRA kernel is unavailable: {native_lora_unavailable_reason()}")
-    if not native_lora_fits(y, x, stacked_a, b_pools):
-        raise LoraArgumentError("the native LoRA kernel takes float32 CPU tensors in the engine's pool layout")
-    num_slots, stacked_rows, k = stacked_a.shape
-    n_slices = len(b_pools)
-    if x.shape[1] != k or token_slots.shape != (x.shape[0],) or y.shape[0] != x.shape[0]:
-        raise LoraArgumentError(f"x {tuple(x.shape)}, y {tuple(y.shape)} and token_slots {tuple(token_slots.shape)} "
-                                f"do not match the pools' K = {k}")
-    ranks = slot_ranks.to(torch.int32).contiguous()
-    scales = slot_scales.to(torch.float32).contiguous()
-    slots = token_slots.to(torch.int64).contiguous()
-    if ranks.shape != (n_slices, num_slots) or scales.shape != (n_slices, num_slots):
-        raise LoraArgumentError(f"slot_ranks and slot_scales must be [{n_slices}, {num_slots}]")
-    widths = [b.shape[1] for b in b_pools]
-    if any(offset + width > y.shape[1] for offset, width in zip(slice_offsets, widths)):
-        raise LoraArgumentError("a slice reaches past y's columns")
-    status = library.inlaid_lora_apply(
-        x.data_ptr(), x.shape[0], k, slots.data_ptr(), stacked_a.data_ptr(),
-        ctypes.cast((ctypes.c_void_p * n_slices)(*[b.data_ptr() for b in b_pools]), ctypes.c_void_p),
-        ctypes.cast((ctypes.c_int64 * n_slices)(*widths), ctypes.c_void_p),
-        ctypes.cast((ctypes.c_int64 * n_slices)(*slice_offsets), ctypes.c_void_p),
-        ranks.data_ptr(), scales.data_ptr(), num_slots, n_slices, stacked_rows // n_slices, y.data_ptr(), y.stride(0))
-    if status != 0:
-        raise LoraArgumentError("the native LoRA kernel refused its arguments (a rank past R, or a slot out of range)")
+    b_pools: float32 [S, N_i, R] views of [S, R, N_i] storage; token_slots: int64 [T].
+    One call; a caller that calls again with the same pools keeps a `NativeLoraPools`."""
+    pools = NativeLoraPools(stacked_a, b_pools, slice_offsets, slot_ranks.to(torch.int32).contiguous(),
+                            slot_scales.to(torch.float32).contiguous())
+    pools.apply(y, x, token_slots.to(torch.int64).contiguous())

@@ -174,9 +174,13 @@ def native_min_rows(layout: CpuInt4Layout) -> int:
 
 def int4_native_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None) -> Tensor:
     """float32 [M, N] = x (act-order permuted) @ W through the native kernel, in fp32."""
-    from .int4_native import int4pack_mm
+    from .int4_native import native_weight
 
-    return int4pack_mm(_kernel_input(x, layout, input_perm, torch.float32), layout, threads=torch.get_num_threads())
+    if x.dtype == torch.float32 and input_perm is None and not layout.pad and x.is_contiguous():
+        kernel_input = x  # the engine's case: what _kernel_input would return, without its calls
+    else:
+        kernel_input = _kernel_input(x, layout, input_perm, torch.float32)
+    return native_weight(layout).matmul(kernel_input, threads=torch.get_num_threads())
 
 
 def int4_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None) -> Tensor:

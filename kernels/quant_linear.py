@@ -24,7 +24,7 @@ Paths (`mode`):
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -62,6 +62,8 @@ class CpuInt4Layout:
     pad: int = 0  # K_pad - K: zero input columns appended when no kernel group divides K
     # Whether quant_cpu.int4_dequant_matmul (the many-rows route) can read `packed`:
     dequantizable: bool = False
+    # The native kernel's binding of this layout (int4_native.native_weight), made on first use
+    native: object | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -262,25 +264,27 @@ def quant_matmul(x: Tensor, prepared: PreparedQuantLinear) -> Tensor:
     if x.dim() != 2 or x.shape[1] != prepared.in_features:
         raise QuantLinearError(f"x must be [M, {prepared.in_features}], got shape {tuple(x.shape)}")
     layout = prepared.layout
-    weight_device = next(t for t in vars(layout).values() if isinstance(t, Tensor)).device
+    weight_device = layout.packed.device if isinstance(layout, CpuInt4Layout) else next(
+        t for t in vars(layout).values() if isinstance(t, Tensor)).device
     if x.device != weight_device:
         raise QuantLinearError(f"x is on {x.device}, the prepared weight on {weight_device}")
-    if isinstance(layout, DenseLayout):
-        out = torch.nn.functional.linear(x.to(layout.weight.dtype), layout.weight)
-    elif isinstance(layout, CpuInt4Layout):
+    if isinstance(layout, CpuInt4Layout):  # first: the CPU engine's every projection
         if x.shape[0] >= prepared.dense_min_m:
             out = quant_cpu.int4_dequant_matmul(x, layout, prepared.input_perm)
         elif x.shape[0] >= prepared.native_min_m:
             out = quant_cpu.int4_native_matmul(x, layout, prepared.input_perm)
         else:
             out = quant_cpu.int4_matmul(x, layout, prepared.input_perm)
+    elif isinstance(layout, DenseLayout):
+        out = torch.nn.functional.linear(x.to(layout.weight.dtype), layout.weight)
     elif isinstance(layout, DequantLayout):
         out = quant_cpu.dequant_matmul(x, layout, prepared.bits, prepared.in_features)
     else:
         from .quant_triton import triton_quant_matmul
 
         out = triton_quant_matmul(x, layout, prepared.bits, prepared.input_perm, prepared.dense_min_m)
-    out = out.to(x.dtype)
+    if out.dtype != x.dtype:
+        out = out.to(x.dtype)
     if prepared.bias is not None:
         out = out + prepared.bias.to(x.dtype)
     return out

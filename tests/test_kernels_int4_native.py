@@ -139,3 +139,23 @@ def test_native_kernel_builds_into_its_cache_and_can_be_switched_off(tmp_path: P
     available, native_min_m, dense_min_m, *reason = result.stdout.split()
     assert (available, native_min_m) == ("False", str(sys.maxsize)) and "INLAID_NATIVE_INT4=0" in " ".join(reason)
     assert int(dense_min_m) in (quant_cpu.DENSE_MIN_ROWS, sys.maxsize)
+
+
+def test_layout_binding_is_made_once_and_follows_replaced_tensors() -> None:
+    """quant_matmul binds a layout to the kernel on its first call and reuses the binding; a
+    layout whose tensors are replaced (a layer handed over) is bound again, never computed
+    with the old pointers."""
+    from inlaid.kernels.int4_native import NativeInt4Weight
+
+    layer = random_gptq_layer(576, 192, 4, 64, seed=8)
+    prepared = prepare_quant_linear(layer.weights, "cpu", torch.float32)
+    x = torch.randn(3, 576)
+    first = quant_matmul(x, prepared)
+    binding = prepared.layout.native
+    assert isinstance(binding, NativeInt4Weight) and binding.bound_to(prepared.layout)
+    assert torch.equal(quant_matmul(x, prepared), first) and prepared.layout.native is binding
+    other = prepare_quant_linear(random_gptq_layer(576, 192, 4, 64, seed=9).weights, "cpu", torch.float32)
+    prepared.layout.packed, prepared.layout.scales_and_zeros = other.layout.packed, other.layout.scales_and_zeros
+    assert not binding.bound_to(prepared.layout)
+    torch.testing.assert_close(quant_matmul(x, prepared), quant_matmul(x, other), rtol=0, atol=0)
+    assert prepared.layout.native is not binding

@@ -5,6 +5,8 @@ between it and torch's per-adapter route; its refusals."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from inlaid.kernels import lora_cpu
 from inlaid.kernels.dispatch import lora_apply, lora_host_segments
 from inlaid.kernels.lora_meta import LoraArgumentError
 from inlaid.kernels.lora_native import (
+    NativeLoraPools,
     lora_apply_native,
     native_lora_available,
     native_lora_fits,
@@ -123,3 +126,38 @@ def test_native_kernel_refuses_what_it_cannot_take() -> None:
     with pytest.raises(LoraArgumentError, match="past y"):
         lora_apply_native(y, case.x, stacked, b_views, [8], slots, case.slot_ranks, case.slot_scales)
     assert torch.equal(y, torch.zeros(3, 16))  # nothing written by a refused call
+
+
+def test_pools_bound_once_follow_in_place_slot_loads() -> None:
+    """A `NativeLoraPools` bound before a slot's weights, rank and scale are rewritten in place
+    (what an adapter load does) computes with the new ones; through lora_apply with the step's
+    segments it gives the reference; bound to other pools it is refused."""
+    case = random_lora_case(CASES["decode"], RANKS, 40, [32, 16, 24], 64, seed=11)
+    stacked, a_views, b_views = stacked_pools(case)
+    ranks, scales = case.slot_ranks.clone(), case.slot_scales.clone()
+    native = NativeLoraPools(stacked, b_views, case.slice_offsets, ranks, scales)
+    generator = torch.Generator().manual_seed(4)
+    for round_ in range(2):
+        if round_:  # "load" another adapter of rank 16 into slot 2, in place
+            for i in range(3):
+                stacked[2, i * 64 : i * 64 + 16] = torch.randn(16, 40, generator=generator)
+                stacked[2, i * 64 + 16 : (i + 1) * 64] = 0
+                b_views[i][2, :, :16] = torch.randn(b_views[i].shape[1], 16, generator=generator)
+                b_views[i][2, :, 16:] = 0
+            ranks[:, 2] = 16
+            scales[:, 2] = 0.75
+        want_case = replace(case, a_pools=a_views, b_pools=b_views, slot_ranks=ranks, slot_scales=scales)
+        y = torch.randn(case.num_tokens, 72)
+        y_before = y.clone()
+        native.apply(y, case.x, token_slots(case))
+        torch.testing.assert_close(y.double(), reference(want_case, y_before), rtol=1e-5, atol=1e-5)
+        segments = lora_host_segments(case.segment_starts, case.segment_slots, case.num_tokens, stacked.shape[0])
+        y_dispatch = y_before.clone()
+        lora_apply(y_dispatch, case.x, a_views, b_views, case.slice_offsets, case.segment_starts, case.segment_slots,
+                   ranks, scales, segments=segments, stacked_a=stacked, native=native)
+        torch.testing.assert_close(y_dispatch, y, rtol=0, atol=0)
+    with pytest.raises(LoraArgumentError, match="other pools"):
+        lora_apply(y, case.x, a_views, b_views, case.slice_offsets, case.segment_starts, case.segment_slots, ranks,
+                   scales, segments=segments, stacked_a=stacked.clone(), native=native)
+    with pytest.raises(LoraArgumentError, match="int32"):  # a converted copy would miss later loads
+        NativeLoraPools(stacked, b_views, case.slice_offsets, ranks.long(), scales)

@@ -24,10 +24,12 @@ from inlaid.engine.lora_fused import MAX_TOKEN_SLOTS, FusedExpandWeight
 from inlaid.kernels.dispatch import (
     CompactLoraPools,
     HostSegments,
+    NativeLoraPools,
     PackedDenseWeight,
     PreparedQuantLinear,
     build_compact_pools,
     lora_apply,
+    native_lora_available,
     packing_supported,
     quant_matmul,
     update_compact_slots,
@@ -89,6 +91,8 @@ class LoraLinear(nn.Module):
         # nothing else wrote, only those slots are rewritten (`update_compact_slots`).
         self._loaded_slots: set[int] = set()
         self._versions_after_load: tuple[int, ...] = ()
+        # The pools bound for the native LoRA kernel (kernels/lora_native.py), made on first use.
+        self._native: NativeLoraPools | None = None
 
     # ------------------------------------------------------------------ set-up
     def use_quantized(self, prepared: list[PreparedQuantLinear]) -> None:
@@ -208,8 +212,19 @@ class LoraLinear(nn.Module):
                 stacked_a=self.stacked_a,
                 # Built (or brought up to date) only when a step takes the masked route.
                 compact=self._compact_pools if lora.host is not None else None,
+                native=self._native_pools(x) if lora.host is not None else None,
             )
         return y
+
+    def _native_pools(self, x: torch.Tensor) -> NativeLoraPools | None:
+        """The pools bound once for the native LoRA kernel (fp32 pools on the CPU, where it built)."""
+        if self._native is None or self._native.stacked_a is not self.stacked_a:
+            if not (x.device.type == "cpu" and self.stacked_a is not None and self.stacked_a.dtype == torch.float32
+                    and native_lora_available()):
+                return None
+            self._native = NativeLoraPools(self.stacked_a, self.lora_b, self.slice_offsets, self.slot_ranks,
+                                           self.slot_scales)
+        return self._native
 
     def _pool_versions(self) -> tuple[int, ...]:
         return tuple(pool._version for pool in (self.stacked_a, *self.lora_b, self.slot_ranks, self.slot_scales))
