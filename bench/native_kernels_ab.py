@@ -2,8 +2,8 @@
 
 The 4-bit suite base with the nine committed adapters (max rank 64, 9 slots, one thread);
 each round runs the same requests (batch B, adapters cycled, 20 new tokens, EOS ignored)
-under four settings, the int4 kernel from 1 row (the engine's) or from 4 rows (torch's kernel
-below), and the LoRA kernel on or off (torch's routes); the figure is the median decode step
+under five settings: every native kernel (the engine), then each of the int4 GEMM, the LoRA
+kernel and the decode attention replaced by torch's route, then all three; the figure is the median decode step
 (every request decoding one token) over the rounds. Switching in one process, round after
 round, keeps the machine's drift out of the comparison.
 
@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
-SETTINGS = {  # label -> (int4 kernel's first row count, native LoRA kernel)
-    "both native (the engine)": (1, True),
-    "int4 native from 4 rows": (4, True),
-    "LoRA through torch": (1, False),
-    "neither (torch's kernels)": (sys.maxsize, False),
+SETTINGS = {  # label -> (int4 kernel's first row count, native LoRA kernel, native decode attention)
+    "all native (the engine)": (1, True, True),
+    "int4 through torch": (sys.maxsize, True, True),
+    "LoRA through torch": (1, False, True),
+    "attention through torch": (1, True, False),
+    "none (torch's kernels)": (sys.maxsize, False, False),
 }
 
 
@@ -57,7 +58,7 @@ def measure(rounds: int, batches: list[int]) -> dict:
     from inlaid.demo import committed_adapters
     from inlaid.engine import Engine, EngineConfig
     from inlaid.engine.lora import LoraLinear
-    from inlaid.kernels import lora_cpu
+    from inlaid.kernels import attention_native, lora_cpu
     from inlaid.models.prepare import prepare_default_model
 
     torch.set_num_threads(1)
@@ -72,7 +73,7 @@ def measure(rounds: int, batches: list[int]) -> dict:
         engine.register_adapter(name, str(path))
     prepared = [p for m in engine.runner.model.modules() if isinstance(m, LoraLinear) for p in (m.quantized or [])
                 if p.kind == "int4"]
-    saved = lora_cpu.USE_NATIVE
+    saved = lora_cpu.USE_NATIVE, attention_native.USE_NATIVE
     rows = []
     try:
         for batch in batches:
@@ -81,15 +82,16 @@ def measure(rounds: int, batches: list[int]) -> dict:
             _decode_steps(engine, prompts[:2], chosen[:2])  # warm-up
             times: dict[str, list[float]] = {name: [] for name in SETTINGS}
             for _ in range(rounds):
-                for name, (int4_from, native_lora) in SETTINGS.items():
+                for name, (int4_from, native_lora, native_attention) in SETTINGS.items():
                     for p in prepared:
                         p.native_min_m = int4_from
                     lora_cpu.USE_NATIVE = native_lora
+                    attention_native.USE_NATIVE = native_attention
                     times[name] += _decode_steps(engine, prompts, chosen)
             rows.append({"batch": batch, **{name: 1e3 * statistics.median(t) for name, t in times.items()}})
             print(rows[-1], flush=True)
     finally:
-        lora_cpu.USE_NATIVE = saved
+        lora_cpu.USE_NATIVE, attention_native.USE_NATIVE = saved
     return {"checkpoint": label, "rounds": rounds, "threads": 1, "loadavg_before": list(os.getloadavg()),
             "torch": torch.__version__, "rows": rows}
 
@@ -103,7 +105,7 @@ def write_markdown(result: dict, path: Path) -> None:
              "| batch | " + " | ".join(SETTINGS) + " | torch's kernels / the engine |",
              "|---|" + "---|" * len(SETTINGS) + "---|"]
     for row in result["rows"]:
-        ratio = row["neither (torch's kernels)"] / row["both native (the engine)"]
+        ratio = row["none (torch's kernels)"] / row["all native (the engine)"]
         lines.append(f"| {row['batch']} | " + " | ".join(f"{row[name]:.1f}" for name in SETTINGS) + f" | {ratio:.2f}x |")
     path.write_text("\n".join(lines) + "\n")
 

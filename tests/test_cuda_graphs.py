@@ -16,7 +16,16 @@ import torch
 
 from inlaid.engine import Engine, EngineConfig
 from inlaid.engine.cuda_graphs import GraphShape, capture_batch_sizes, graph_shapes, key_block_buckets
+from inlaid.kernels import attention_native
 from inlaid.protocol import ChunkPlan, SamplingParams
+
+@pytest.fixture(autouse=True)
+def _sdpa_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Graphed steps attend through SDPA over their static buffers; the eager reference does
+    too here, so the bounds below check the bookkeeping alone (the CPU's native decode
+    attention, another summation order, is checked in tests/test_kernels_attention_native.py)."""
+    monkeypatch.setattr(attention_native, "USE_NATIVE", False)
+
 
 SETTINGS = dict(dtype="float32", max_num_seqs=8, num_kv_blocks=64, block_size=16, max_model_len=512,
                 max_lora_slots=2, max_lora_rank=32)

@@ -17,6 +17,7 @@ from torch import nn
 
 from inlaid.engine.config import ModelConfig, RopeConfig
 from inlaid.engine.lora import LoraBatch, LoraLinear
+from inlaid.kernels.attention_native import decode_attention
 from inlaid.kernels.dispatch import PackedDenseWeight, packing_supported
 
 
@@ -37,6 +38,9 @@ class AttentionGroup:
         key, -inf where not
     query_span: (start, stop) when the group's queries are exactly flat rows start..stop-1,
         one per chunk (a decode group): queries and outputs are then slices, not gathers
+    context_lens: int64 [B] keys each chunk attends, set on a group of one query per chunk
+        that takes the native decode attention (kernels/attention_native.py): it reads
+        kv_blocks as the [B, L / block_size] block tables, in place, instead of gathering them
     """
 
     batch_size: int
@@ -48,6 +52,7 @@ class AttentionGroup:
     output_rows: torch.Tensor | None
     mask: torch.Tensor
     query_span: tuple[int, int] | None = None
+    context_lens: torch.Tensor | None = None
 
 
 @dataclass
@@ -163,6 +168,16 @@ class Attention(nn.Module):
             size, queries_per_row, keys_per_row = group.batch_size, group.max_queries, group.max_keys
             span = group.query_span
             queries = q_rows[span[0] : span[1]] if span else q_rows.index_select(0, group.query_rows)
+            if group.context_lens is not None:  # one query per chunk: the cache is read in place
+                attended = decode_attention(queries.contiguous(), key_cache, value_cache, group.kv_blocks.view(size, -1),
+                                            group.context_lens, self.scale)
+                if span == (0, num_tokens):
+                    out = attended
+                elif span is not None:
+                    out[span[0] : span[1]] = attended
+                else:
+                    out.index_copy_(0, group.output_rows, attended)
+                continue
             keys = key_blocks.index_select(0, group.kv_blocks)
             values = value_blocks.index_select(0, group.kv_blocks)
             attended = F.scaled_dot_product_attention(

@@ -21,6 +21,8 @@ from inlaid.engine.lora import LoraBatch, LoraLinear, install_adapter, load_adap
 from inlaid.engine.model import AttentionGroup, ForwardBatch, LlamaModel
 from inlaid.engine.sampler import RowFailure, sample_tokens
 from inlaid.engine.weights import is_gptq_checkpoint, load_model, prepare_module, quantized_slices
+from inlaid.kernels import attention_native
+from inlaid.kernels.attention_native import native_attention_available, native_attention_fits
 from inlaid.kernels.dispatch import lora_host_segments
 from inlaid.protocol import AdapterLoad, BatchPlan, ChunkPlan, ErrorCode, SampledToken, SequenceFailure, StepResult
 
@@ -79,6 +81,8 @@ class ModelRunner:
             )
             for _ in range(mc.num_layers)
         ]
+        self._attention_fits_native = native_attention_fits(self.dtype, self.device, mc.num_heads, mc.num_kv_heads,
+                                                            mc.head_dim)
         self.linears: dict[tuple[int, str], tuple[LoraLinear, int]] = {}
         for layer_index, layer in enumerate(self.model.layers):
             for projection, (module_path, slice_index) in _SLICE_OF.items():
@@ -293,6 +297,12 @@ class ModelRunner:
         last_rows = [offset + len(chunk.token_ids) - 1 for chunk, offset in zip(chunks, offsets)]
         return batch, last_rows
 
+    @property
+    def _native_decode_attention(self) -> bool:
+        """Whether decode groups read the cache in place (kernels/attention_native.py) instead
+        of gathering it for SDPA: float32 on the CPU, where the kernel built."""
+        return self._attention_fits_native and attention_native.USE_NATIVE and native_attention_available()
+
     def _attention_group(self, chunks: list[ChunkPlan], offsets: list[int]) -> AttentionGroup:
         block_size = self.config.block_size
         device = self.device
@@ -333,6 +343,7 @@ class ModelRunner:
         # One query per chunk on consecutive flat rows (a decode group): queries and outputs
         # are slices of the flat batch, and no row indices are built.
         is_span = max_queries == 1 and offsets == list(range(offsets[0], offsets[0] + len(chunks)))
+        native = max_queries == 1 and self._native_decode_attention
         return AttentionGroup(
             batch_size=len(chunks),
             max_queries=max_queries,
@@ -343,4 +354,5 @@ class ModelRunner:
             output_rows=None if is_span else index(output_rows),
             mask=mask[:, None],
             query_span=(offsets[0], offsets[0] + len(chunks)) if is_span else None,
+            context_lens=index(context_lengths) if native else None,
         )
