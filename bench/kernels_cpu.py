@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from inlaid.kernels import lora_cpu
+from inlaid.kernels import lora_cpu_plan
 from inlaid.kernels.dispatch import PackedDenseWeight, lora_expand, lora_shrink, packing_supported
 from inlaid.kernels.testing import random_gptq_layer, random_lora_case
 from inlaid.kernels.quant_linear import QuantLinearWeights, prepare_quant_linear, quant_matmul
@@ -287,7 +287,7 @@ def bench_lora(quick: bool) -> list[dict]:
 def bench_large_group_threshold(quick: bool) -> list[dict]:
     """Which group size should get its own matmul instead of joining the padded bmm."""
     rows = []
-    original = lora_cpu.LARGE_GROUP_TOKENS
+    original = lora_cpu_plan.LARGE_GROUP_TOKENS
     cases = {k: LORA_CASES[k] for k in ("decode 32 tok, 4 adapters r16, down", "mixed 1x200 + 20x3 tok, r16, qkv",
                                         "prefill 512 tok, 4 adapters r16, qkv")}
     try:
@@ -297,16 +297,16 @@ def bench_large_group_threshold(quick: bool) -> list[dict]:
             candidates = {}
             for threshold in (4, 16, 32, 128, 10**9):
                 def run(threshold: int = threshold) -> None:
-                    lora_cpu.LARGE_GROUP_TOKENS = threshold
-                    lora_cpu._CACHE.entries.clear()  # plan must be rebuilt for the threshold
+                    lora_cpu_plan.LARGE_GROUP_TOKENS = threshold
+                    lora_cpu_plan._CACHE.entries.clear()  # plan must be rebuilt for the threshold
                     _batched(*args, y)
                 candidates[str(threshold)] = run
             times = time_side_by_side(candidates, rounds=3 if quick else 11, inner=2)
             rows.append({"case": name, **{f"threshold_{t}_ms": v for t, v in times.items()}})
             print(f"  {name:42s} " + " | ".join(f"thr {t}: {v:.3f} ms" for t, v in times.items()), flush=True)
     finally:
-        lora_cpu.LARGE_GROUP_TOKENS = original
-        lora_cpu._CACHE.entries.clear()
+        lora_cpu_plan.LARGE_GROUP_TOKENS = original
+        lora_cpu_plan._CACHE.entries.clear()
     return rows
 
 

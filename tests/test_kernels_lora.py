@@ -24,7 +24,7 @@ from inlaid.kernels.testing import LoraCase, random_lora_case, stacked_pools
 INTERPRETED_HERE = enable_triton_interpreter()
 if INTERPRETED_HERE:
     from inlaid.kernels import lora_triton
-from inlaid.kernels import lora_cpu
+from inlaid.kernels import lora_cpu, lora_cpu_plan
 from inlaid.kernels.dispatch import build_compact_pools, lora_apply, lora_expand, lora_host_segments, lora_shrink
 from inlaid.kernels.lora_compact_cpu import lora_apply_compact
 
@@ -104,7 +104,7 @@ def test_cpu_shrink_and_expand_match_reference(name: str, capacity_pad: int) -> 
 
 def test_cpu_large_groups_and_padded_groups_in_one_step() -> None:
     """Slots above and below LARGE_GROUP_TOKENS take different routes inside one call."""
-    requests = [(0, lora_cpu.LARGE_GROUP_TOKENS + 5), (1, 2), (2, 1), (0, 3), (3, lora_cpu.LARGE_GROUP_TOKENS)]
+    requests = [(0, lora_cpu_plan.LARGE_GROUP_TOKENS + 5), (1, 2), (2, 1), (0, 3), (3, lora_cpu_plan.LARGE_GROUP_TOKENS)]
     ranks = [[16, 16, 8, 64], [8, 32, 16, 16]]
     case = random_lora_case(requests, ranks, 40, [24, 8], 64, seed=7)
     y = torch.randn((case.num_tokens, 32))
