@@ -231,3 +231,51 @@ int inlaid_int4pack_mm(const float *x, const uint8_t *packed, const uint16_t *sc
     }
     return 0;
 }
+
+typedef uint16_t v16h __attribute__((vector_size(32)));
+
+/* 16 floats rounded to bf16 (to nearest, ties to even), as their bit patterns. */
+static inline v16h to_bf16(v16f value) {
+    v16i bits = (v16i)value;
+    v16i rounded = bits + 0x7FFF + ((bits >> 16) & 1);
+    return __builtin_convertvector((v16i)((uint32_t __attribute__((vector_size(64))))rounded >> 16), v16h);
+}
+
+/* The whole weight dequantized to bf16 for the many-rows route (a bf16 GEMM on it):
+ *   out  uint16 (bf16 bits) [K, N] row-major: out[k, n] = bf16((q - 8) * scale + zero), the
+ *        product and sum in fp32 (exact product, one rounding of the sum, then one to bf16:
+ *        what torch's addcmul on these bf16 tensors computes)
+ * Returns 0, or -1 for arguments it cannot take. */
+int inlaid_int4pack_dequant_bf16(const uint8_t *packed, const uint16_t *scales_and_zeros, uint16_t *out, int64_t k,
+                                 int64_t n, int64_t group) {
+    if (k < 1 || n < BLOCK_N || n % BLOCK_N || group < 1 || k % group) return -1;
+    for (int64_t block = 0; block < n / BLOCK_N; block++) {
+        const uint8_t *bytes = packed + block * k * (BLOCK_N / 2);
+        for (int64_t k0 = 0; k0 < k; k0 += group) {
+            const uint16_t *pairs = scales_and_zeros + ((k0 / group) * n + block * BLOCK_N) * 2;
+            v16f scale[4], zero[4];
+            for (int c = 0; c < 4; c++) {
+                scale[c] = bf16_every_other(pairs + 32 * c);
+                zero[c] = bf16_every_other(pairs + 32 * c + 1);
+            }
+            for (int64_t kk = k0; kk < k0 + group; kk++, bytes += BLOCK_N / 2) {
+                v16b raw0, raw1;
+                memcpy(&raw0, bytes, sizeof raw0);
+                memcpy(&raw1, bytes + 16, sizeof raw1);
+                v16f q[4] = {
+                    __builtin_convertvector(__builtin_convertvector(raw0 & 15, v16i) - 8, v16f),
+                    __builtin_convertvector(__builtin_convertvector(raw1 & 15, v16i) - 8, v16f),
+                    __builtin_convertvector(__builtin_convertvector(raw0 >> 4, v16i) - 8, v16f),
+                    __builtin_convertvector(__builtin_convertvector(raw1 >> 4, v16i) - 8, v16f),
+                };
+                uint16_t *row = out + kk * n + block * BLOCK_N;
+                for (int c = 0; c < 4; c++) {
+                    v16f product = q[c] * scale[c]; /* exact: a 4-bit integer times a bf16 */
+                    v16h bf16 = to_bf16(product + zero[c]);
+                    memcpy(row + 16 * c, &bf16, sizeof bf16);
+                }
+            }
+        }
+    }
+    return 0;
+}

@@ -24,6 +24,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if library is not None and library.inlaid_int4pack_mm.argtypes is None:
         library.inlaid_int4pack_mm.restype = ctypes.c_int
         library.inlaid_int4pack_mm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
+        library.inlaid_int4pack_dequant_bf16.restype = ctypes.c_int
+        library.inlaid_int4pack_dequant_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
     return library, reason
 
 
@@ -56,6 +58,7 @@ class NativeInt4Weight:
         self.packed, self.scales_and_zeros = packed, scales_and_zeros
         self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
         self._function = library.inlaid_int4pack_mm
+        self._dequantize = library.inlaid_int4pack_dequant_bf16
         self._weight_arguments = (packed.data_ptr(), scales_and_zeros.data_ptr())
         self._group = layout.kernel_group
 
@@ -78,6 +81,17 @@ class NativeInt4Weight:
         if status != 0:
             raise QuantLinearError(f"the native int4 kernel refused M={m} K={k} N={n} group={self._group}")
         return y
+
+
+    def dequantize_bf16(self, out: Tensor) -> Tensor:
+        """out bf16 [K_pad, N] = (q - 8) * scale + zero, in fp32 then rounded once to bf16 (the
+        value torch's addcmul on the bf16 codes and scales gives; ~10x faster)."""
+        n, k = self.out_features, self.in_features
+        if out.dtype != torch.bfloat16 or tuple(out.shape) != (k, n) or not out.is_contiguous():
+            raise QuantLinearError(f"out must be a contiguous bf16 [{k}, {n}]")
+        if self._dequantize(*self._weight_arguments, out.data_ptr(), k, n, self._group) != 0:
+            raise QuantLinearError(f"the native int4 dequantization refused K={k} N={n} group={self._group}")
+        return out
 
 
 def native_weight(layout: CpuInt4Layout) -> NativeInt4Weight:

@@ -107,6 +107,10 @@ class PreparedQuantLinear:
     # CPU int4 path: from this many rows (below dense_min_m), the native kernel
     # (int4_native.c) instead of torch's; sys.maxsize where it is unavailable
     native_min_m: int = sys.maxsize
+    # CPU int4 path, rows of prompt chunks (`quant_matmul(..., prefill=True)`): the bf16 route
+    # from this many rows. Decode rows keep dense_min_m, so a sequence's decode tokens do not
+    # change precision with the batch they share.
+    prefill_dense_min_m: int = sys.maxsize
 
 
 def _effective_group_size(w: QuantLinearWeights) -> int:
@@ -248,7 +252,8 @@ def prepare_quant_linear(
         layout = quant_cpu.prepare_int4(codes, zeros, scales, w.bits, group, device)
         return PreparedQuantLinear("int4", layout, input_perm=input_perm, **common,
                                    dense_min_m=quant_cpu.dense_min_rows(layout),
-                                   native_min_m=quant_cpu.native_min_rows(layout))
+                                   native_min_m=quant_cpu.native_min_rows(layout),
+                                   prefill_dense_min_m=quant_cpu.prefill_dense_min_rows(layout))
     if mode == "triton":
         from .quant_triton import prepare_triton_layout
 
@@ -257,8 +262,10 @@ def prepare_quant_linear(
     raise QuantLinearError(f"unknown mode {mode!r}")
 
 
-def quant_matmul(x: Tensor, prepared: PreparedQuantLinear) -> Tensor:
-    """x [M, K] -> x @ W + bias, [M, N] in x's dtype."""
+def quant_matmul(x: Tensor, prepared: PreparedQuantLinear, prefill: bool = False) -> Tensor:
+    """x [M, K] -> x @ W + bias, [M, N] in x's dtype. `prefill`: x's rows are tokens of prompt
+    chunks, not decode tokens (the CPU int4 path's bf16 route then starts at
+    `prepared.prefill_dense_min_m` rows instead of `dense_min_m`)."""
     from . import quant_cpu
 
     if x.dim() != 2 or x.shape[1] != prepared.in_features:
@@ -269,7 +276,7 @@ def quant_matmul(x: Tensor, prepared: PreparedQuantLinear) -> Tensor:
     if x.device != weight_device:
         raise QuantLinearError(f"x is on {x.device}, the prepared weight on {weight_device}")
     if isinstance(layout, CpuInt4Layout):  # first: the CPU engine's every projection
-        if x.shape[0] >= prepared.dense_min_m:
+        if x.shape[0] >= (min(prepared.dense_min_m, prepared.prefill_dense_min_m) if prefill else prepared.dense_min_m):
             out = quant_cpu.int4_dequant_matmul(x, layout, prepared.input_perm)
         elif x.shape[0] >= prepared.native_min_m:
             out = quant_cpu.int4_native_matmul(x, layout, prepared.input_perm)

@@ -159,3 +159,51 @@ def test_layout_binding_is_made_once_and_follows_replaced_tensors() -> None:
     assert not binding.bound_to(prepared.layout)
     torch.testing.assert_close(quant_matmul(x, prepared), quant_matmul(x, other), rtol=0, atol=0)
     assert prepared.layout.native is not binding
+
+
+@pytest.mark.parametrize("in_features,out_features,bits,group_size,act_order", CASES)
+def test_native_dequantization_is_bit_identical_to_torchs(in_features: int, out_features: int, bits: int,
+                                                           group_size: int, act_order: bool,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bf16 route's weight, dequantized by the kernel in one pass, equals the one torch's
+    ops (unpack, subtract, addcmul) give, bit for bit, on every shape; the output buffer is
+    NaN-poisoned first."""
+    from inlaid.kernels import int4_native
+
+    layer = random_gptq_layer(in_features, out_features, bits, group_size, act_order=act_order, seed=21)
+    prepared = prepare_quant_linear(layer.weights, "cpu", torch.float32)
+    if not prepared.layout.dequantizable:
+        pytest.skip("N % 64 != 0: no bf16 route")
+    k_pad = prepared.layout.packed.shape[1] * 2
+    native = int4_native.native_weight(prepared.layout).dequantize_bf16(
+        torch.full((k_pad, out_features), float("nan"), dtype=torch.bfloat16))
+    monkeypatch.setattr(int4_native, "native_int4_available", lambda: False)
+    torchs = quant_cpu.dequantize_int4pack(prepared.layout)
+    assert torch.equal(native.view(torch.int16), torchs.view(torch.int16))
+
+
+def test_prompt_rows_take_the_bf16_route_from_their_own_bound() -> None:
+    """quant_matmul(prefill=True) takes the bf16 route from prefill_dense_min_m rows (bf16
+    activations: ~1e-3 from the exact result), decode rows only from dense_min_m; a
+    projection's decode rows give the same bits whether or not prompt rows share the call
+    (LoraLinear splits them), and the prompt rows what the prefill route gives them alone."""
+    from inlaid.engine.lora import LoraLinear
+
+    layer = random_gptq_layer(576, 192, 4, 64, seed=13)
+    prepared = prepare_quant_linear(layer.weights, "cpu", torch.float32)
+    if prepared.dense_min_m == sys.maxsize:
+        pytest.skip("no native bf16 on this CPU: no bf16 route")
+    assert prepared.native_min_m <= 1 and prepared.prefill_dense_min_m < prepared.dense_min_m
+    prepared.prefill_dense_min_m = 20
+    weight = layout_float64(layer, prepared)
+    prompt = torch.randn(24, 576)
+    exact = padded_input(prompt, prepared).double() @ weight
+    assert relative_error(quant_matmul(prompt, prepared), exact) < 1e-5  # decode rows: native
+    assert 1e-5 < relative_error(quant_matmul(prompt, prepared, prefill=True), exact) < 1e-2  # bf16 route
+    assert relative_error(quant_matmul(prompt[:19], prepared, prefill=True), exact[:19]) < 1e-5  # below its bound
+    decode = torch.randn(5, 576)
+    mixed = LoraLinear._quantized_matmul(torch.cat([decode, prompt]), prepared, prompt_rows_start=5)
+    assert torch.equal(mixed[:5], quant_matmul(decode, prepared))
+    assert torch.equal(mixed[5:], quant_matmul(prompt, prepared, prefill=True))
+    alone = LoraLinear._quantized_matmul(decode, prepared, prompt_rows_start=None)
+    assert torch.equal(alone, mixed[:5])

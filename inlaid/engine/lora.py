@@ -175,7 +175,9 @@ class LoraLinear(nn.Module):
         self._versions_after_load = self._pool_versions()
 
     # ------------------------------------------------------------------ compute
-    def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None, prompt_rows_start: int | None = None) -> torch.Tensor:
+        """x [T, in] -> base + each token's LoRA, [T, out]. prompt_rows_start: rows from it on
+        are prompt tokens (ForwardBatch); a low-bit base multiplies them by its prefill route."""
         if self.fused is not None and lora is not None and lora.host is not None and (
             lora.host.num_tokens * self.fused.num_slots <= MAX_TOKEN_SLOTS
         ):
@@ -195,7 +197,7 @@ class LoraLinear(nn.Module):
                 if self.bias is not None:
                     y += self.bias
         else:
-            outputs = [quant_matmul(x, prepared) for prepared in self.quantized]
+            outputs = [self._quantized_matmul(x, prepared, prompt_rows_start) for prepared in self.quantized]
             y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
         if lora is not None and self.slot_ranks is not None:
             lora_apply(
@@ -215,6 +217,17 @@ class LoraLinear(nn.Module):
                 native=self._native_pools(x) if lora.host is not None else None,
             )
         return y
+
+    @staticmethod
+    def _quantized_matmul(x: torch.Tensor, prepared: PreparedQuantLinear, prompt_rows_start: int | None) -> torch.Tensor:
+        """Decode rows and prompt rows through their own routes, where that changes a route:
+        prompt rows take the bf16 route from fewer rows than decode rows do (quant_matmul)."""
+        if prompt_rows_start is None or x.shape[0] - prompt_rows_start < prepared.prefill_dense_min_m:
+            return quant_matmul(x, prepared)  # one route for all rows either way
+        if prompt_rows_start == 0:
+            return quant_matmul(x, prepared, prefill=True)
+        return torch.cat([quant_matmul(x[:prompt_rows_start], prepared),
+                          quant_matmul(x[prompt_rows_start:], prepared, prefill=True)])
 
     def _native_pools(self, x: torch.Tensor) -> NativeLoraPools | None:
         """The pools bound once for the native LoRA kernel (fp32 pools on the CPU, where it built)."""

@@ -63,6 +63,9 @@ class ForwardBatch:
     slot_mapping: [T] flat KV-cache row (block * block_size + offset) each token writes
     groups: attention groups covering every token exactly once
     lora: segments of tokens per adapter slot (None: no token uses an adapter)
+    prompt_rows_start: rows from this one on are tokens of prompt chunks, the rows before it
+        decode tokens (the runner orders them so); None: no such split. Low-bit projections
+        multiply the two parts by their own routes (quant_matmul's `prefill`)
     """
 
     input_ids: torch.Tensor
@@ -70,6 +73,7 @@ class ForwardBatch:
     slot_mapping: torch.Tensor
     groups: list[AttentionGroup]
     lora: LoraBatch | None
+    prompt_rows_start: int | None = None
 
 
 class RMSNorm(nn.Module):
@@ -150,7 +154,7 @@ class Attention(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(hidden, batch.lora)
+        qkv = self.qkv_proj(hidden, batch.lora, batch.prompt_rows_start)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         # q and k heads sit side by side in qkv: rotate them in one pass.
         qk = apply_rotary(qkv[:, : q_size + kv_size].view(num_tokens, -1, self.head_dim), cos, sin)
@@ -201,7 +205,7 @@ class Attention(nn.Module):
             if group.valid_slots is not None:
                 attended = attended.index_select(0, group.valid_slots)
             out.index_copy_(0, group.output_rows, attended)
-        return self.o_proj(out, batch.lora)
+        return self.o_proj(out, batch.lora, batch.prompt_rows_start)
 
 
 class MLP(nn.Module):
@@ -213,10 +217,10 @@ class MLP(nn.Module):
         )
         self.down_proj = LoraLinear(config.intermediate_size, [config.hidden_size], ["down_proj"], bias=False)
 
-    def forward(self, hidden: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
-        gate_up = self.gate_up_proj(hidden, lora)
+    def forward(self, hidden: torch.Tensor, lora: LoraBatch | None, prompt_rows_start: int | None = None) -> torch.Tensor:
+        gate_up = self.gate_up_proj(hidden, lora, prompt_rows_start)
         gate, up = gate_up[:, : self.intermediate_size], gate_up[:, self.intermediate_size :]
-        return self.down_proj(F.silu(gate) * up, lora)
+        return self.down_proj(F.silu(gate) * up, lora, prompt_rows_start)
 
 
 class DecoderLayer(nn.Module):
@@ -229,7 +233,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, hidden, cos, sin, batch: ForwardBatch, kv_cache) -> torch.Tensor:
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, batch, kv_cache)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden), batch.lora)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden), batch.lora, batch.prompt_rows_start)
 
 
 class LlamaModel(nn.Module):

@@ -241,8 +241,10 @@ class ModelRunner:
         return chunks, hidden, first_rows
 
     def _forward_chunks(self, plan_chunks: list[ChunkPlan]) -> tuple[list[int], torch.Tensor, list[ChunkPlan]]:
-        # Tokens of one adapter are made contiguous so that they form one LoRA segment.
-        chunks = sorted(plan_chunks, key=lambda chunk: chunk.adapter_slot)
+        # Decode tokens first, then prompt chunks (each low-bit projection multiplies the two
+        # parts by their own routes); within each, the tokens of one adapter are contiguous so
+        # that they form one LoRA segment.
+        chunks = sorted(plan_chunks, key=lambda chunk: (len(chunk.token_ids) > 1, chunk.adapter_slot))
         hidden = self.decode_graphs.run(chunks) if self.decode_graphs is not None else None
         if hidden is not None:  # a decode step replayed from a graph: chunk i on row i
             last_token_rows = list(range(len(chunks)))
@@ -293,6 +295,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
             groups=groups,
             lora=lora,
+            prompt_rows_start=offsets[prefill[0]] if prefill else None,
         )
         last_rows = [offset + len(chunk.token_ids) - 1 for chunk, offset in zip(chunks, offsets)]
         return batch, last_rows
