@@ -62,8 +62,9 @@ class CpuInt4Layout:
     pad: int = 0  # K_pad - K: zero input columns appended when no kernel group divides K
     # Whether quant_cpu.int4_dequant_matmul (the many-rows route) can read `packed`:
     dequantizable: bool = False
-    # The native kernel's binding of this layout (int4_native.native_weight), made on first use
-    native: object | None = field(default=None, repr=False, compare=False)
+    # The native kernel's binding of this layout (int4_native.native_weight), made on first use;
+    # private: a lazily made cache (a model fingerprint, engine/cuda_graphs.py, skips it)
+    _native: object | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass

@@ -151,14 +151,14 @@ def test_layout_binding_is_made_once_and_follows_replaced_tensors() -> None:
     prepared = prepare_quant_linear(layer.weights, "cpu", torch.float32)
     x = torch.randn(3, 576)
     first = quant_matmul(x, prepared)
-    binding = prepared.layout.native
+    binding = prepared.layout._native
     assert isinstance(binding, NativeInt4Weight) and binding.bound_to(prepared.layout)
-    assert torch.equal(quant_matmul(x, prepared), first) and prepared.layout.native is binding
+    assert torch.equal(quant_matmul(x, prepared), first) and prepared.layout._native is binding
     other = prepare_quant_linear(random_gptq_layer(576, 192, 4, 64, seed=9).weights, "cpu", torch.float32)
     prepared.layout.packed, prepared.layout.scales_and_zeros = other.layout.packed, other.layout.scales_and_zeros
     assert not binding.bound_to(prepared.layout)
     torch.testing.assert_close(quant_matmul(x, prepared), quant_matmul(x, other), rtol=0, atol=0)
-    assert prepared.layout.native is not binding
+    assert prepared.layout._native is not binding
 
 
 @pytest.mark.parametrize("in_features,out_features,bits,group_size,act_order", CASES)
