@@ -83,3 +83,34 @@ def test_prompt_longer_than_context_is_rejected(runner, model_dir):
     engine = _engine(runner, model_dir, num_kv_blocks=64, max_model_len=32)
     with pytest.raises(InvalidRequestError, match="context length"):
         engine.add_request(list(range(100, 140)))
+
+
+def test_a_mixed_step_puts_decode_tokens_first(runner):
+    """Decode tokens come before prompt chunks whatever order the plan lists them in (each
+    low-bit projection multiplies the two parts by their own routes); within each part the
+    tokens of one adapter stay together; the decode tokens form one span of queries with
+    their context lengths (the native decode attention's input, where it is built)."""
+    from inlaid.kernels.attention_native import native_attention_available
+    from inlaid.protocol import ChunkPlan, SamplingParams as WireSampling
+
+    def chunk(seq_id: int, tokens: int, start: int, slot: int) -> ChunkPlan:
+        return ChunkPlan(seq_id=seq_id, token_ids=list(range(100, 100 + tokens)), start_pos=start,
+                         block_table=list(range(8 * seq_id, 8 * seq_id + 8)), adapter_slot=slot, sample=True,
+                         sampling=WireSampling(), num_generated=0)
+
+    from inlaid.engine.runner import step_order
+
+    plan = [chunk(0, 5, 0, 0), chunk(1, 1, 9, -1), chunk(2, 7, 3, -1), chunk(3, 1, 4, 0), chunk(4, 1, 12, -1)]
+    assert runner._build_batch(plan)[0].prompt_rows_start is None  # not in step order: no split claimed
+    batch, last_rows = runner._build_batch(step_order(plan))
+    assert batch.prompt_rows_start == 3  # three decode tokens, then the two prompt chunks
+    assert batch.input_ids[:3].tolist() == [100, 100, 100] and len(batch.input_ids) == 3 + 7 + 5
+    decode, prompts = batch.groups
+    assert decode.query_span == (0, 3) and prompts.query_span is None
+    # adapter-less tokens first in each part (slot -1 < 0): decode seqs 1, 4, then 3; prompts 2, then 0
+    assert batch.positions[:3].tolist() == [9, 12, 4]
+    assert batch.positions[3:].tolist() == list(range(3, 10)) + list(range(0, 5))
+    if native_attention_available():
+        assert decode.context_lens.tolist() == [10, 13, 5] and prompts.context_lens is None
+    assert batch.lora is not None and batch.lora.segment_slots.tolist() == [-1, 0, -1, 0]
+    assert sorted(last_rows) == [0, 1, 2, 9, 14]

@@ -54,6 +54,13 @@ class _AdapterCopy:
     tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 
 
+def step_order(chunks: list[ChunkPlan]) -> list[ChunkPlan]:
+    """A step's chunks in batch order: decode tokens first, then prompt chunks (each low-bit
+    projection multiplies the two parts by their own routes, `ForwardBatch.prompt_rows_start`);
+    within each part the tokens of one adapter are contiguous, so they form one LoRA segment."""
+    return sorted(chunks, key=lambda chunk: (len(chunk.token_ids) > 1, chunk.adapter_slot))
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, host_adapter_cache: int = 64, model: LlamaModel | None = None) -> None:
         """`model`: an already built model for `config` (benchmarks with random weights);
@@ -233,18 +240,14 @@ class ModelRunner:
         rows gives their next-token logits (teacher-forced scoring uses all of them)."""
         for load in plan.adapter_loads:
             self.load_adapter(load.slot, load.name, load.path)
-        # Tokens of one adapter are made contiguous so that they form one LoRA segment.
-        chunks = sorted(plan.chunks, key=lambda chunk: chunk.adapter_slot)
+        chunks = step_order(plan.chunks)
         batch, last_token_rows = self._build_batch(chunks)
         hidden = self.model(batch, self.kv_caches)
         first_rows = [last - len(chunk.token_ids) + 1 for chunk, last in zip(chunks, last_token_rows)]
         return chunks, hidden, first_rows
 
     def _forward_chunks(self, plan_chunks: list[ChunkPlan]) -> tuple[list[int], torch.Tensor, list[ChunkPlan]]:
-        # Decode tokens first, then prompt chunks (each low-bit projection multiplies the two
-        # parts by their own routes); within each, the tokens of one adapter are contiguous so
-        # that they form one LoRA segment.
-        chunks = sorted(plan_chunks, key=lambda chunk: (len(chunk.token_ids) > 1, chunk.adapter_slot))
+        chunks = step_order(plan_chunks)
         hidden = self.decode_graphs.run(chunks) if self.decode_graphs is not None else None
         if hidden is not None:  # a decode step replayed from a graph: chunk i on row i
             last_token_rows = list(range(len(chunks)))
@@ -295,7 +298,8 @@ class ModelRunner:
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
             groups=groups,
             lora=lora,
-            prompt_rows_start=offsets[prefill[0]] if prefill else None,
+            # Only where the chunks come in step_order: every decode token before every prompt.
+            prompt_rows_start=offsets[prefill[0]] if prefill and prefill[0] == len(decode) else None,
         )
         last_rows = [offset + len(chunk.token_ids) - 1 for chunk, offset in zip(chunks, offsets)]
         return batch, last_rows
