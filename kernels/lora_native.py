@@ -35,13 +35,19 @@ def native_lora_unavailable_reason() -> str:
     return _load()[1]
 
 
-def native_lora_fits(y: Tensor, x: Tensor, stacked_a: Tensor | None, b_pools: Sequence[Tensor]) -> bool:
-    """Whether `lora_apply_native` can take these tensors: the engine's CPU layout in fp32
-    (stacked A pools, B pools stored [S, R, N_i]), rows of y and x contiguous."""
-    return (stacked_a is not None and x.dtype == y.dtype == stacked_a.dtype == torch.float32
-            and x.device.type == "cpu" and stacked_a.is_contiguous() and x.is_contiguous() and y.stride(1) == 1
-            and stacked_a.shape[1] // len(b_pools) <= MAX_RANK
+def native_pools_fit(stacked_a: Tensor | None, b_pools: Sequence[Tensor]) -> bool:
+    """Whether the kernel takes these pools: float32 on the CPU in the engine's layout (stacked A
+    pools contiguous, B pools stored [S, R, N_i]), R at most MAX_RANK."""
+    return (stacked_a is not None and stacked_a.dtype == torch.float32 and stacked_a.device.type == "cpu"
+            and stacked_a.is_contiguous() and stacked_a.shape[1] // len(b_pools) <= MAX_RANK
             and all(b.dtype == torch.float32 and b.transpose(1, 2).is_contiguous() for b in b_pools))
+
+
+def native_lora_fits(y: Tensor, x: Tensor, stacked_a: Tensor | None, b_pools: Sequence[Tensor]) -> bool:
+    """Whether `lora_apply_native` can take these tensors: pools that `native_pools_fit`, x and
+    y float32 on the CPU, rows of y and x contiguous."""
+    return (native_pools_fit(stacked_a, b_pools) and x.dtype == y.dtype == torch.float32 and x.device.type == "cpu"
+            and x.is_contiguous() and y.stride(1) == 1)
 
 
 class NativeLoraPools:
@@ -60,13 +66,13 @@ class NativeLoraPools:
         library = _load()[0]
         if library is None:
             raise LoraArgumentError(f"the native LoRA kernel is unavailable: {native_lora_unavailable_reason()}")
-        if not (stacked_a.dtype == torch.float32 and stacked_a.device.type == "cpu" and stacked_a.is_contiguous()
-                and all(b.dtype == torch.float32 and b.transpose(1, 2).is_contiguous() for b in b_pools)):
-            raise LoraArgumentError("the native LoRA kernel takes float32 CPU pools in the engine's layout")
+        if not native_pools_fit(stacked_a, b_pools):
+            raise LoraArgumentError(f"the native LoRA kernel takes float32 CPU pools in the engine's layout, of rank "
+                                    f"<= {MAX_RANK}")
         num_slots, stacked_rows, self.in_features = stacked_a.shape
         n_slices = len(b_pools)
-        if stacked_rows % n_slices or stacked_rows // n_slices > MAX_RANK or len(slice_offsets) != n_slices:
-            raise LoraArgumentError(f"stacked_a's {stacked_rows} rows do not hold {n_slices} slices of rank <= {MAX_RANK}")
+        if stacked_rows % n_slices or len(slice_offsets) != n_slices:
+            raise LoraArgumentError(f"stacked_a's {stacked_rows} rows do not hold {n_slices} slices")
         if any(b.shape[0] != num_slots or b.shape[2] != stacked_rows // n_slices for b in b_pools):
             raise LoraArgumentError("the B pools' slots or ranks differ from stacked_a's")
         if slot_ranks.dtype != torch.int32 or slot_scales.dtype != torch.float32 or not (

@@ -161,3 +161,26 @@ def test_pools_bound_once_follow_in_place_slot_loads() -> None:
                    scales, segments=segments, stacked_a=stacked.clone(), native=native)
     with pytest.raises(LoraArgumentError, match="int32"):  # a converted copy would miss later loads
         NativeLoraPools(stacked, b_views, case.slice_offsets, ranks.long(), scales)
+
+
+def test_pools_the_kernel_cannot_take_keep_torchs_routes() -> None:
+    """A projection whose pools are wider than the kernel's MAX_RANK (max_lora_rank 300) is
+    served by torch's routes, not refused: the output equals the float64 base + LoRA."""
+    from inlaid.engine.lora import LoraBatch, LoraLinear
+
+    generator = torch.Generator().manual_seed(6)
+    linear = LoraLinear(40, [24, 8], ["q_proj", "k_proj"], bias=False)
+    linear.weight.data = torch.randn(32, 40, generator=generator)
+    linear.allocate_lora(2, 300, torch.float32, torch.device("cpu"))
+    adapter = {"q_proj": (torch.randn(4, 40, generator=generator), torch.randn(24, 4, generator=generator)),
+               "k_proj": (torch.randn(4, 40, generator=generator), torch.randn(8, 4, generator=generator))}
+    linear.load_slot(1, adapter, 0.5)
+    starts, slots = torch.tensor([0, 1, 3], dtype=torch.int32), torch.tensor([-1, 1], dtype=torch.int32)
+    batch = LoraBatch(starts, slots, lora_host_segments(starts, slots, 3, 2))
+    x = torch.randn(3, 40, generator=generator)
+    want = x.double() @ linear.weight.double().T
+    for name, offset in (("q_proj", 0), ("k_proj", 24)):
+        a, b = adapter[name]
+        want[1:, offset : offset + b.shape[0]] += 0.5 * (x[1:].double() @ a.double().T) @ b.double().T
+    torch.testing.assert_close(linear(x, batch).double(), want, rtol=1e-5, atol=1e-5)
+    assert linear._native is None

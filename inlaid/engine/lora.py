@@ -30,6 +30,7 @@ from inlaid.kernels.dispatch import (
     build_compact_pools,
     lora_apply,
     native_lora_available,
+    native_pools_fit,
     packing_supported,
     quant_matmul,
     update_compact_slots,
@@ -230,10 +231,10 @@ class LoraLinear(nn.Module):
                           quant_matmul(x[prompt_rows_start:], prepared, prefill=True)])
 
     def _native_pools(self, x: torch.Tensor) -> NativeLoraPools | None:
-        """The pools bound once for the native LoRA kernel (fp32 pools on the CPU, where it built)."""
+        """The pools bound once for the native LoRA kernel, where it built and the pools fit it
+        (fp32 on the CPU, rank at most its MAX_RANK); None: lora_apply keeps torch's routes."""
         if self._native is None or self._native.stacked_a is not self.stacked_a:
-            if not (x.device.type == "cpu" and self.stacked_a is not None and self.stacked_a.dtype == torch.float32
-                    and native_lora_available()):
+            if not (x.device.type == "cpu" and native_lora_available() and native_pools_fit(self.stacked_a, self.lora_b)):
                 return None
             self._native = NativeLoraPools(self.stacked_a, self.lora_b, self.slice_offsets, self.slot_ranks,
                                            self.slot_scales)
