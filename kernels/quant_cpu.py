@@ -194,11 +194,8 @@ def int4_native_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | No
     """float32 [M, N] = x (act-order permuted) @ W through the native kernel, in fp32."""
     from .int4_native import native_weight
 
-    if x.dtype == torch.float32 and input_perm is None and not layout.pad and x.is_contiguous():
-        kernel_input = x  # the engine's case: what _kernel_input would return, without its calls
-    else:
-        kernel_input = _kernel_input(x, layout, input_perm, torch.float32)
-    return native_weight(layout).matmul(kernel_input, threads=torch.get_num_threads())
+    return native_weight(layout).matmul(_kernel_input(x, layout, input_perm, torch.float32),
+                                        threads=torch.get_num_threads())
 
 
 def int4_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None) -> Tensor:
@@ -212,6 +209,8 @@ def int4_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None) -> 
 def _kernel_input(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None, dtype: torch.dtype) -> Tensor:
     """x as every int4 route reads it: in `dtype`, its columns in the layout's sorted-K order
     (act-order), zero columns appended up to the padded K, contiguous."""
+    if x.dtype == dtype and input_perm is None and not layout.pad and x.is_contiguous():
+        return x  # the engine's usual case, without four calls per projection
     x = x.to(dtype)
     if input_perm is not None:
         x = x.index_select(1, input_perm)
