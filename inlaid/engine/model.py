@@ -179,32 +179,25 @@ class Attention(nn.Module):
             if group.context_lens is not None:  # one query per chunk: the cache is read in place
                 attended = decode_attention(queries.contiguous(), key_cache, value_cache, group.kv_blocks.view(size, -1),
                                             group.context_lens, self.scale)
-                if span == (0, num_tokens):
-                    out = attended
-                elif span is not None:
-                    out[span[0] : span[1]] = attended
-                else:
-                    out.index_copy_(0, group.output_rows, attended)
-                continue
-            keys = key_blocks.index_select(0, group.kv_blocks)
-            values = value_blocks.index_select(0, group.kv_blocks)
-            attended = F.scaled_dot_product_attention(
-                queries.view(size, queries_per_row, self.num_heads, self.head_dim).transpose(1, 2),
-                keys.view(size, keys_per_row, self.num_kv_heads, self.head_dim).transpose(1, 2),
-                values.view(size, keys_per_row, self.num_kv_heads, self.head_dim).transpose(1, 2),
-                attn_mask=group.mask,
-                scale=self.scale,
-                enable_gqa=self.num_kv_heads != self.num_heads,
-            ).transpose(1, 2).reshape(size * queries_per_row, q_size)
-            if span is not None:
-                if span == (0, num_tokens):  # the whole step is this decode group
-                    out = attended
-                else:
-                    out[span[0] : span[1]] = attended
-                continue
-            if group.valid_slots is not None:
-                attended = attended.index_select(0, group.valid_slots)
-            out.index_copy_(0, group.output_rows, attended)
+            else:
+                keys = key_blocks.index_select(0, group.kv_blocks)
+                values = value_blocks.index_select(0, group.kv_blocks)
+                attended = F.scaled_dot_product_attention(
+                    queries.view(size, queries_per_row, self.num_heads, self.head_dim).transpose(1, 2),
+                    keys.view(size, keys_per_row, self.num_kv_heads, self.head_dim).transpose(1, 2),
+                    values.view(size, keys_per_row, self.num_kv_heads, self.head_dim).transpose(1, 2),
+                    attn_mask=group.mask,
+                    scale=self.scale,
+                    enable_gqa=self.num_kv_heads != self.num_heads,
+                ).transpose(1, 2).reshape(size * queries_per_row, q_size)
+                if group.valid_slots is not None:
+                    attended = attended.index_select(0, group.valid_slots)
+            if span == (0, num_tokens):  # the whole step is this decode group
+                out = attended
+            elif span is not None:
+                out[span[0] : span[1]] = attended
+            else:
+                out.index_copy_(0, group.output_rows, attended)
         return self.o_proj(out, batch.lora, batch.prompt_rows_start)
 
 
