@@ -22,8 +22,6 @@
 
 #include "native_vectors.h"
 
-typedef int32_t v16i __attribute__((vector_size(64)));
-
 #define MAX_GROUP 16 /* query heads per kv head held at once */
 #define MAX_HEAD_DIM 256
 

@@ -26,7 +26,6 @@
 
 #include "native_vectors.h"
 
-typedef int32_t v16i __attribute__((vector_size(64)));
 typedef uint8_t v16b __attribute__((vector_size(16)));
 
 #define BLOCK_N 64
