@@ -93,6 +93,9 @@ NATIVE_MIN_ROWS = 1  # every row count below the bf16 route: results do not depe
 # than torch's ops): measured in the engine, a 160-row prompt step 1.28x faster than the native
 # kernel, an 80-row one 0.93x (docs/kernels.md).
 PREFILL_DENSE_MIN_ROWS_NATIVE = 128
+# ... and from here where the AMX kernel (int4_amx.c) takes the layout: 2-3x faster than the
+# fp32 native kernel from 16 rows on the engine's projections (docs/kernels.md).
+PREFILL_AMX_MIN_ROWS = 16
 
 
 def unpack_int4pack(packed: Tensor, n: int, k: int, out: Tensor | None = None) -> Tensor:
@@ -135,11 +138,14 @@ def dense_min_rows(layout: CpuInt4Layout) -> int:
 
 def prefill_dense_min_rows(layout: CpuInt4Layout) -> int:
     """The M from which prompt rows take the bf16 route (`quant_matmul(..., prefill=True)`):
-    PREFILL_DENSE_MIN_ROWS_NATIVE where the native kernel dequantizes the weight, else the
-    same as any rows (`dense_min_rows`)."""
+    PREFILL_AMX_MIN_ROWS where the AMX kernel takes the layout, PREFILL_DENSE_MIN_ROWS_NATIVE
+    where the native kernel dequantizes the weight, else the same as any rows (`dense_min_rows`)."""
+    from .int4_amx import amx_fits
     from .int4_native import native_int4_available
 
     dense = dense_min_rows(layout)
+    if dense < sys.maxsize and amx_fits(layout):
+        return min(dense, PREFILL_AMX_MIN_ROWS)
     return min(dense, PREFILL_DENSE_MIN_ROWS_NATIVE) if dense < sys.maxsize and native_int4_available() else dense
 
 
@@ -179,6 +185,17 @@ def int4_dequant_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | N
     if not layout.dequantizable:
         raise QuantLinearError("this int4 layout has no dequantize route (N % 64 != 0 or unknown packing)")
     return _kernel_input(x, layout, input_perm, torch.bfloat16) @ dequantize_int4pack(layout)
+
+
+def int4_bf16_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None) -> Tensor:
+    """[M, N] = bf16(x) (act-order permuted) @ bf16(W): the many-rows route. The AMX kernel where
+    it takes the layout (fp32 result, the weight dequantized block by block in cache), else
+    the whole weight dequantized for oneDNN's bf16 GEMM (bf16 result)."""
+    from .int4_amx import amx_fits, int4pack_mm_amx
+
+    if amx_fits(layout):
+        return int4pack_mm_amx(_kernel_input(x, layout, input_perm, x.dtype), layout, threads=torch.get_num_threads())
+    return int4_dequant_matmul(x, layout, input_perm)
 
 
 def native_min_rows(layout: CpuInt4Layout) -> int:

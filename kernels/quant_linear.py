@@ -278,7 +278,7 @@ def quant_matmul(x: Tensor, prepared: PreparedQuantLinear, prefill: bool = False
         raise QuantLinearError(f"x is on {x.device}, the prepared weight on {weight_device}")
     if isinstance(layout, CpuInt4Layout):  # first: the CPU engine's every projection
         if x.shape[0] >= (min(prepared.dense_min_m, prepared.prefill_dense_min_m) if prefill else prepared.dense_min_m):
-            out = quant_cpu.int4_dequant_matmul(x, layout, prepared.input_perm)
+            out = quant_cpu.int4_bf16_matmul(x, layout, prepared.input_perm)
         elif x.shape[0] >= prepared.native_min_m:
             out = quant_cpu.int4_native_matmul(x, layout, prepared.input_perm)
         else:

@@ -1,0 +1,243 @@
+/* y = x @ W for prompt rows and a 4-bit weight in torch's CPU int4pack layout, on Intel AMX
+ * (bf16 tiles, fp32 accumulation).
+ *
+ * Why: the fp32 kernel (int4_native.c) is compute-bound on prompt rows (~80 GFLOP/s on one
+ * core), and the dequantize + oneDNN bf16 route writes the whole bf16 weight to memory on every
+ * call (~0.5 ns a weight), so it only wins from ~128 rows. Here each block of 64 output columns
+ * is dequantized ONCE per call into a small scratch in the tiles' pair layout (K x 64 bf16:
+ * 72-192 KiB, stays in L2) and every 16-row tile of x is multiplied against it by the AMX unit.
+ * The values are those of the bf16 route: w = bf16((q - 8) * scale + zero) (fp32 product and
+ * sum, one rounding), x rounded to bf16 by the caller; the products are exact and accumulate
+ * in fp32, in an order of their own (not bit-identical to oneDNN's).
+ *
+ * Arguments (all contiguous, row-major):
+ *   x       uint16 (bf16 bits) [M, K]    activations, M a multiple of 16 (pad with zero rows)
+ *   packed  uint8 [N / 64, K, 32]        int4pack bytes (int4_native.c describes them)
+ *   scales_and_zeros  uint16 (bf16 bits) [K / group, N, 2]
+ *   y       float32 [M, N]               written whole
+ *   threads column blocks are split between this many threads (1: the caller's only)
+ * Needs K % 32 == 0, N % 64 == 0, group even and dividing K. Built where the compiler targets
+ * AMX (-march=native on a CPU with amx-tile and amx-bf16); elsewhere every entry returns -2.
+ * The process must be allowed to use the tiles first: inlaid_amx_enable() asks Linux once. */
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "native_vectors.h"
+
+#define BLOCK_N 64
+#define TILE_ROWS 16
+#define TILE_K 32 /* bf16 values in one 64-byte tile row */
+#define PANEL_BLOCKS 4 /* column blocks dequantized together: K x 256 bf16, 288-768 KiB, in L2 */
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+typedef struct {
+    uint8_t palette;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} __attribute__((packed)) TileConfig;
+
+typedef uint8_t v16b __attribute__((vector_size(16)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+
+/* 0, or the negative errno of Linux's refusal (the process may not use the tile registers). */
+int inlaid_amx_enable(void) {
+    long status = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA);
+    return status == 0 ? 0 : -1;
+}
+
+static inline float bf16_to_float(uint16_t bits) {
+    uint32_t word = (uint32_t)bits << 16;
+    float value;
+    memcpy(&value, &word, sizeof value);
+    return value;
+}
+
+static inline v16f bf16_every_other(const uint16_t *pairs) {
+    float values[16];
+    for (int j = 0; j < 16; j++) values[j] = bf16_to_float(pairs[2 * j]);
+    return load16(values);
+}
+
+/* The bf16 bits of 16 floats, rounded to nearest (ties to even), in each lane's low half. */
+static inline v16u bf16_bits(v16f value) {
+    v16u bits = (v16u)value;
+    return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+}
+
+/* Column block `block` dequantized into w in the tiles' pair layout: for each of its four
+ * 16-column tiles t, w[t][k / 2][j][k % 2] = bf16(W[k, 16 t + j]), i.e. a [K / 2, 32] bf16
+ * matrix per tile whose 16-row slices are AMX B tiles. */
+static void dequantize_pairs(const uint8_t *packed, const uint16_t *scales_and_zeros, int64_t k_total, int64_t n_total,
+                             int64_t group, int64_t block, uint32_t *w) {
+    const uint8_t *bytes = packed + block * k_total * (BLOCK_N / 2);
+    const int64_t tile_words = k_total / 2 * 16;
+    for (int64_t k0 = 0; k0 < k_total; k0 += group) {
+        const uint16_t *pairs = scales_and_zeros + ((k0 / group) * n_total + block * BLOCK_N) * 2;
+        v16f scale[4], zero[4];
+        for (int c = 0; c < 4; c++) {
+            scale[c] = bf16_every_other(pairs + 32 * c);
+            zero[c] = bf16_every_other(pairs + 32 * c + 1);
+        }
+        for (int64_t k = k0; k < k0 + group; k += 2, bytes += BLOCK_N) {
+            v16b even0, even1, odd0, odd1; /* rows k and k + 1 */
+            memcpy(&even0, bytes, sizeof even0);
+            memcpy(&even1, bytes + 16, sizeof even1);
+            memcpy(&odd0, bytes + 32, sizeof odd0);
+            memcpy(&odd1, bytes + 48, sizeof odd1);
+            v16i even[4] = {__builtin_convertvector(even0 & 15, v16i), __builtin_convertvector(even1 & 15, v16i),
+                            __builtin_convertvector(even0 >> 4, v16i), __builtin_convertvector(even1 >> 4, v16i)};
+            v16i odd[4] = {__builtin_convertvector(odd0 & 15, v16i), __builtin_convertvector(odd1 & 15, v16i),
+                           __builtin_convertvector(odd0 >> 4, v16i), __builtin_convertvector(odd1 >> 4, v16i)};
+            for (int c = 0; c < 4; c++) {
+                /* exact products (a 4-bit integer times a bf16), one rounding of the sum: the
+                 * values of the bf16 route's dequantization (int4_native.c) */
+                v16f low = __builtin_convertvector(even[c] - 8, v16f) * scale[c];
+                v16f high = __builtin_convertvector(odd[c] - 8, v16f) * scale[c];
+                v16u word = bf16_bits(low + zero[c]) | (bf16_bits(high + zero[c]) << 16);
+                memcpy(w + c * tile_words + (k / 2) * 16, &word, sizeof word);
+            }
+        }
+    }
+}
+
+static void configure_tiles(void) {
+    TileConfig config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        config.rows[t] = TILE_ROWS;
+        config.bytes_per_row[t] = 64;
+    }
+    _tile_loadconfig(&config);
+}
+
+/* y[m0 : m0 + 32, columns of tiles t, t + 1] = x[m0 : m0 + 32] @ W: tiles 0-3 accumulate,
+ * 4-5 hold x, 6-7 the weight. */
+static void multiply_32_rows(const uint16_t *x, int64_t k_total, const uint32_t *w_tile0, const uint32_t *w_tile1,
+                             float *y, int64_t n_total) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k = 0; k < k_total; k += TILE_K) {
+        _tile_loadd(4, x + k, k_total * 2);
+        _tile_loadd(5, x + TILE_ROWS * k_total + k, k_total * 2);
+        _tile_loadd(6, w_tile0 + k / 2 * 16, 64);
+        _tile_loadd(7, w_tile1 + k / 2 * 16, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, y, n_total * 4);
+    _tile_stored(1, y + 16, n_total * 4);
+    _tile_stored(2, y + TILE_ROWS * n_total, n_total * 4);
+    _tile_stored(3, y + TILE_ROWS * n_total + 16, n_total * 4);
+}
+
+static void multiply_16_rows(const uint16_t *x, int64_t k_total, const uint32_t *w_tile0, const uint32_t *w_tile1,
+                             float *y, int64_t n_total) {
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t k = 0; k < k_total; k += TILE_K) {
+        _tile_loadd(4, x + k, k_total * 2);
+        _tile_loadd(6, w_tile0 + k / 2 * 16, 64);
+        _tile_loadd(7, w_tile1 + k / 2 * 16, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+    }
+    _tile_stored(0, y, n_total * 4);
+    _tile_stored(1, y + 16, n_total * 4);
+}
+
+typedef struct {
+    const uint16_t *x;
+    const uint8_t *packed;
+    const uint16_t *scales_and_zeros;
+    float *y;
+    uint32_t *scratch; /* K / 2 x 64 x PANEL_BLOCKS words of its own */
+    int64_t m, k, n, group, first_block, end_block;
+} Work;
+
+static void *run_blocks(void *arg) {
+    const Work *work = (const Work *)arg;
+    const int64_t m = work->m, k = work->k, n = work->n, tile_words = k / 2 * 16, block_words = 4 * tile_words;
+    configure_tiles(); /* the tile configuration belongs to the thread */
+    for (int64_t first = work->first_block; first < work->end_block; first += PANEL_BLOCKS) {
+        int64_t panel = work->end_block - first < PANEL_BLOCKS ? work->end_block - first : PANEL_BLOCKS;
+        for (int64_t b = 0; b < panel; b++)
+            dequantize_pairs(work->packed, work->scales_and_zeros, k, n, work->group, first + b,
+                             work->scratch + b * block_words);
+        /* Rows outside, the panel's column tiles inside: 32 rows of x (<= 96 KiB) stay in L1/L2
+         * while the panel's tiles pass under them. */
+        for (int64_t m0 = 0; m0 < m; m0 += 2 * TILE_ROWS) {
+            for (int64_t t = 0; t < 4 * panel; t += 2) {
+                const uint32_t *w0 = work->scratch + t * tile_words, *w1 = w0 + tile_words;
+                float *y_rows = work->y + m0 * n + first * BLOCK_N + t * 16;
+                if (m0 + 2 * TILE_ROWS <= m)
+                    multiply_32_rows(work->x + m0 * k, k, w0, w1, y_rows, n);
+                else
+                    multiply_16_rows(work->x + m0 * k, k, w0, w1, y_rows, n);
+            }
+        }
+    }
+    _tile_release();
+    return 0;
+}
+
+#define MAX_THREADS 64
+
+/* Returns 0, -1 for arguments it cannot take, -2 where it was not built for AMX, -3 when no
+ * scratch could be had (nothing written then). `threads`: column blocks are split between this
+ * many threads (1: the caller's only). */
+int inlaid_int4pack_mm_amx(const uint16_t *x, const uint8_t *packed, const uint16_t *scales_and_zeros, float *y,
+                           int64_t m, int64_t k, int64_t n, int64_t group, int64_t threads) {
+    if (m < TILE_ROWS || m % TILE_ROWS || k < TILE_K || k % TILE_K || n < BLOCK_N || n % BLOCK_N || group < 2 ||
+        group % 2 || k % group)
+        return -1;
+    int64_t blocks = n / BLOCK_N, words = k / 2 * BLOCK_N * PANEL_BLOCKS;
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > blocks) threads = blocks;
+    uint32_t *scratch = aligned_alloc(64, (size_t)(words * threads) * 4);
+    if (!scratch) return -3;
+    Work work[MAX_THREADS];
+    pthread_t helpers[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int64_t t = 0; t < threads; t++)
+        work[t] = (Work){x, packed, scales_and_zeros, y, scratch + t * words, m, k, n, group,
+                         blocks * t / threads, blocks * (t + 1) / threads};
+    for (int64_t t = 1; t < threads; t++) started[t] = pthread_create(&helpers[t], 0, run_blocks, &work[t]) == 0;
+    run_blocks(&work[0]);
+    for (int64_t t = 1; t < threads; t++) {
+        if (started[t])
+            pthread_join(helpers[t], 0);
+        else
+            run_blocks(&work[t]); /* no thread to be had: do its share here */
+    }
+    free(scratch);
+    return 0;
+}
+
+#else /* no AMX in this build */
+
+int inlaid_amx_enable(void) { return -2; }
+
+int inlaid_int4pack_mm_amx(const uint16_t *x, const uint8_t *packed, const uint16_t *scales_and_zeros, float *y,
+                           int64_t m, int64_t k, int64_t n, int64_t group, int64_t threads) {
+    (void)x, (void)packed, (void)scales_and_zeros, (void)y, (void)m, (void)k, (void)n, (void)group, (void)threads;
+    return -2;
+}
+
+#endif
