@@ -89,7 +89,8 @@ def test_a_mixed_step_puts_decode_tokens_first(runner):
     """Decode tokens come before prompt chunks whatever order the plan lists them in (each
     low-bit projection multiplies the two parts by their own routes); within each part the
     tokens of one adapter stay together; the decode tokens form one span of queries with
-    their context lengths (the native decode attention's input, where it is built)."""
+    their context lengths (the native decode attention's input, where it is built); a whole
+    prompt attends itself alone (a span), a prompt's later chunk through the cache (a group)."""
     from inlaid.kernels.attention_native import native_attention_available
     from inlaid.protocol import ChunkPlan, SamplingParams as WireSampling
 
@@ -107,6 +108,8 @@ def test_a_mixed_step_puts_decode_tokens_first(runner):
     assert batch.input_ids[:3].tolist() == [100, 100, 100] and len(batch.input_ids) == 3 + 7 + 5
     decode, prompts = batch.groups
     assert decode.query_span == (0, 3) and prompts.query_span is None
+    assert prompts.batch_size == 1 and prompts.max_queries == 7  # seq 2's chunk from position 3
+    assert batch.fresh_prompt_spans == [(10, 15)]  # seq 0's whole prompt
     # adapter-less tokens first in each part (slot -1 < 0): decode seqs 1, 4, then 3; prompts 2, then 0
     assert batch.positions[:3].tolist() == [9, 12, 4]
     assert batch.positions[3:].tolist() == list(range(3, 10)) + list(range(0, 5))

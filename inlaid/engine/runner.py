@@ -273,7 +273,11 @@ class ModelRunner:
                 slot_mapping.append(chunk.block_table[position // block_size] * block_size + position % block_size)
         decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
         prefill = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
-        groups = [self._attention_group([chunks[i] for i in g], [offsets[i] for i in g]) for g in (decode, prefill) if g]
+        # Whole prompts attend only themselves: each on its own (model.py, fresh_prompt_spans).
+        fresh = [i for i in prefill if chunks[i].start_pos == 0]
+        continued = [i for i in prefill if chunks[i].start_pos > 0]
+        groups = [self._attention_group([chunks[i] for i in g], [offsets[i] for i in g]) for g in (decode, continued)
+                  if g]
 
         lora = None
         if any(chunk.adapter_slot >= 0 for chunk in chunks):
@@ -300,6 +304,7 @@ class ModelRunner:
             lora=lora,
             # Only where the chunks come in step_order: every decode token before every prompt.
             prompt_rows_start=offsets[prefill[0]] if prefill and prefill[0] == len(decode) else None,
+            fresh_prompt_spans=[(offsets[i], offsets[i] + len(chunks[i].token_ids)) for i in fresh],
         )
         last_rows = [offset + len(chunk.token_ids) - 1 for chunk, offset in zip(chunks, offsets)]
         return batch, last_rows
