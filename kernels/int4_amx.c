@@ -29,6 +29,7 @@
 #define BLOCK_N 64
 #define TILE_ROWS 16
 #define TILE_K 32 /* bf16 values in one 64-byte tile row */
+#define K_CHUNK 256 /* x and weight columns per pass: 32 rows of x x 256 bf16 = 16 KiB */
 #define PANEL_BLOCKS 4 /* column blocks dequantized together: K x 256 bf16, 288-768 KiB, in L2 */
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
@@ -75,6 +76,24 @@ static inline v16u bf16_bits(v16f value) {
     return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
 }
 
+/* w[j] = bf16(low[j]) | bf16(high[j]) << 16 for the 16 lanes: two rows' values side by side
+ * (rounded to nearest, ties to even). */
+static inline void store_pairs(uint32_t *w, v16f low, v16f high) {
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+    /* One conversion of both rows ([0, 16): low, [16, 32): high), then one shuffle into pairs:
+     * fewer instructions than rounding in integers (same values for every finite float but
+     * denormals, which the instruction flushes to zero: a dequantized weight is one only with a
+     * scale below ~1e-37). */
+    const __m512i pair_order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    __m512bh both = _mm512_cvtne2ps_pbh((__m512)high, (__m512)low);
+    _mm512_storeu_si512(w, _mm512_permutexvar_epi16(pair_order, (__m512i)both));
+#else
+    v16u word = bf16_bits(low) | (bf16_bits(high) << 16);
+    memcpy(w, &word, sizeof word);
+#endif
+}
+
 /* Column block `block` dequantized into w in the tiles' pair layout: for each of its four
  * 16-column tiles t, w[t][k / 2][j][k % 2] = bf16(W[k, 16 t + j]), i.e. a [K / 2, 32] bf16
  * matrix per tile whose 16-row slices are AMX B tiles. */
@@ -102,10 +121,9 @@ static void dequantize_pairs(const uint8_t *packed, const uint16_t *scales_and_z
             for (int c = 0; c < 4; c++) {
                 /* exact products (a 4-bit integer times a bf16), one rounding of the sum: the
                  * values of the bf16 route's dequantization (int4_native.c) */
-                v16f low = __builtin_convertvector(even[c] - 8, v16f) * scale[c];
-                v16f high = __builtin_convertvector(odd[c] - 8, v16f) * scale[c];
-                v16u word = bf16_bits(low + zero[c]) | (bf16_bits(high + zero[c]) << 16);
-                memcpy(w + c * tile_words + (k / 2) * 16, &word, sizeof word);
+                v16f low = __builtin_convertvector(even[c] - 8, v16f) * scale[c] + zero[c];
+                v16f high = __builtin_convertvector(odd[c] - 8, v16f) * scale[c] + zero[c];
+                store_pairs(w + c * tile_words + (k / 2) * 16, low, high);
             }
         }
     }
@@ -122,15 +140,24 @@ static void configure_tiles(void) {
     _tile_loadconfig(&config);
 }
 
-/* y[m0 : m0 + 32, columns of tiles t, t + 1] = x[m0 : m0 + 32] @ W: tiles 0-3 accumulate,
- * 4-5 hold x, 6-7 the weight. */
-static void multiply_32_rows(const uint16_t *x, int64_t k_total, const uint32_t *w_tile0, const uint32_t *w_tile1,
-                             float *y, int64_t n_total) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t k = 0; k < k_total; k += TILE_K) {
+/* y[0 : 32, columns of tiles t, t + 1] (+)= x[0 : 32, k_begin : k_end] @ W[k_begin : k_end]: tiles
+ * 0-3 accumulate (from zero, or from y where `accumulate`), 4-5 hold x, 6-7 the weight. */
+static void multiply_32_rows(const uint16_t *x, int64_t k_total, int64_t k_begin, int64_t k_end,
+                             const uint32_t *w_tile0, const uint32_t *w_tile1, float *y, int64_t n_total,
+                             int accumulate) {
+    const int64_t y_stride = n_total * 4, lower = TILE_ROWS * n_total;
+    if (accumulate) {
+        _tile_loadd(0, y, y_stride);
+        _tile_loadd(1, y + 16, y_stride);
+        _tile_loadd(2, y + lower, y_stride);
+        _tile_loadd(3, y + lower + 16, y_stride);
+    } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+    }
+    for (int64_t k = k_begin; k < k_end; k += TILE_K) {
         _tile_loadd(4, x + k, k_total * 2);
         _tile_loadd(5, x + TILE_ROWS * k_total + k, k_total * 2);
         _tile_loadd(6, w_tile0 + k / 2 * 16, 64);
@@ -140,25 +167,33 @@ static void multiply_32_rows(const uint16_t *x, int64_t k_total, const uint32_t 
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
     }
-    _tile_stored(0, y, n_total * 4);
-    _tile_stored(1, y + 16, n_total * 4);
-    _tile_stored(2, y + TILE_ROWS * n_total, n_total * 4);
-    _tile_stored(3, y + TILE_ROWS * n_total + 16, n_total * 4);
+    _tile_stored(0, y, y_stride);
+    _tile_stored(1, y + 16, y_stride);
+    _tile_stored(2, y + lower, y_stride);
+    _tile_stored(3, y + lower + 16, y_stride);
 }
 
-static void multiply_16_rows(const uint16_t *x, int64_t k_total, const uint32_t *w_tile0, const uint32_t *w_tile1,
-                             float *y, int64_t n_total) {
-    _tile_zero(0);
-    _tile_zero(1);
-    for (int64_t k = 0; k < k_total; k += TILE_K) {
+/* The same for 16 rows (tiles 0-1 accumulate). */
+static void multiply_16_rows(const uint16_t *x, int64_t k_total, int64_t k_begin, int64_t k_end,
+                             const uint32_t *w_tile0, const uint32_t *w_tile1, float *y, int64_t n_total,
+                             int accumulate) {
+    const int64_t y_stride = n_total * 4;
+    if (accumulate) {
+        _tile_loadd(0, y, y_stride);
+        _tile_loadd(1, y + 16, y_stride);
+    } else {
+        _tile_zero(0);
+        _tile_zero(1);
+    }
+    for (int64_t k = k_begin; k < k_end; k += TILE_K) {
         _tile_loadd(4, x + k, k_total * 2);
         _tile_loadd(6, w_tile0 + k / 2 * 16, 64);
         _tile_loadd(7, w_tile1 + k / 2 * 16, 64);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
     }
-    _tile_stored(0, y, n_total * 4);
-    _tile_stored(1, y + 16, n_total * 4);
+    _tile_stored(0, y, y_stride);
+    _tile_stored(1, y + 16, y_stride);
 }
 
 typedef struct {
@@ -179,16 +214,21 @@ static void *run_blocks(void *arg) {
         for (int64_t b = 0; b < panel; b++)
             dequantize_pairs(work->packed, work->scales_and_zeros, k, n, work->group, first + b,
                              work->scratch + b * block_words);
-        /* Rows outside, the panel's column tiles inside: 32 rows of x (<= 96 KiB) stay in L1/L2
-         * while the panel's tiles pass under them. */
-        for (int64_t m0 = 0; m0 < m; m0 += 2 * TILE_ROWS) {
-            for (int64_t t = 0; t < 4 * panel; t += 2) {
-                const uint32_t *w0 = work->scratch + t * tile_words, *w1 = w0 + tile_words;
-                float *y_rows = work->y + m0 * n + first * BLOCK_N + t * 16;
-                if (m0 + 2 * TILE_ROWS <= m)
-                    multiply_32_rows(work->x + m0 * k, k, w0, w1, y_rows, n);
-                else
-                    multiply_16_rows(work->x + m0 * k, k, w0, w1, y_rows, n);
+        /* K in chunks, rows outside the panel's column tiles: a chunk of 32 rows of x (16 KiB)
+         * stays in L1 while the panel's weight tiles of the chunk stream from L2 under it (with
+         * all of K at once, x and the weight together outgrow L1; measured: 576 x 1536 at 64-512
+         * rows 1.5-1.9x slower, the other shapes of the default model within noise). */
+        for (int64_t k_begin = 0; k_begin < k; k_begin += K_CHUNK) {
+            int64_t k_end = k - k_begin < K_CHUNK ? k : k_begin + K_CHUNK;
+            for (int64_t m0 = 0; m0 < m; m0 += 2 * TILE_ROWS) {
+                for (int64_t t = 0; t < 4 * panel; t += 2) {
+                    const uint32_t *w0 = work->scratch + t * tile_words, *w1 = w0 + tile_words;
+                    float *y_rows = work->y + m0 * n + first * BLOCK_N + t * 16;
+                    if (m0 + 2 * TILE_ROWS <= m)
+                        multiply_32_rows(work->x + m0 * k, k, k_begin, k_end, w0, w1, y_rows, n, k_begin > 0);
+                    else
+                        multiply_16_rows(work->x + m0 * k, k, k_begin, k_end, w0, w1, y_rows, n, k_begin > 0);
+                }
             }
         }
     }
