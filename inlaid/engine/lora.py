@@ -280,10 +280,17 @@ def load_adapter_tensors(spec: AdapterSpec, num_layers: int) -> dict[tuple[int, 
     for (layer, projection), pair in halves.items():
         if set(pair) != {"A", "B"}:
             raise AdapterError(f"adapter {spec.name!r}: layer {layer} {projection} lacks lora_A or lora_B")
-        a, b = pair["A"], pair["B"]
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            # Also protects other adapters: the CPU's masked route multiplies every slot's B.
+    # NaN or infinite weights refused (they would also reach other adapters: the CPU's masked
+    # route multiplies every slot's B). One max |w| per tensor (NaN propagates through it), one
+    # check of them all: ~8 ms an adapter of 420 tensors, against ~70 ms of isfinite + all each.
+    peaks = torch.stack([t.abs().amax().float() if t.numel() else torch.zeros(()) for pair in halves.values()
+                         for t in (pair["A"], pair["B"])])
+    finite = torch.isfinite(peaks).view(-1, 2).all(dim=1).tolist()
+    for ((layer, projection), _), ok in zip(halves.items(), finite):
+        if not ok:
             raise AdapterError(f"adapter {spec.name!r}: layer {layer} {projection} holds NaN or infinite weights")
+    for (layer, projection), pair in halves.items():
+        a, b = pair["A"], pair["B"]
         if a.shape[0] != spec.rank or b.shape[1] != spec.rank:
             raise AdapterError(
                 f"adapter {spec.name!r}: layer {layer} {projection} has rank {a.shape[0]}/{b.shape[1]}, "
