@@ -13,7 +13,9 @@ int4: torch's CPU int4 kernels (`_weight_int4pack_mm_for_cpu`), convention
       instead, in fp32, reading the same bytes (`int4_native_matmul`). From `dense_min_m` rows
       on (prefill), the same packed codes are dequantized to a bf16 weight for this call and
       multiplied by oneDNN's bf16 GEMM, whose time barely grows with M (`int4_dequant_matmul`;
-      docs/kernels.md has the crossovers). Nothing more is stored.
+      docs/kernels.md has the crossovers); where the AMX kernel builds (int4_amx.c) that route
+      is it instead, the weight dequantized a panel at a time in cache, and prompt rows take it
+      from 16 rows (`int4_bf16_matmul`). Nothing more is stored.
 dequant: unpack the checkpoint's packed codes on every call, dequantize, matmul.
 """
 

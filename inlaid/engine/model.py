@@ -207,7 +207,8 @@ class Attention(nn.Module):
             length = stop - start
             out[start:stop] = F.scaled_dot_product_attention(
                 q[None, start:stop].transpose(1, 2), k[None, start:stop].transpose(1, 2),
-                v[None, start:stop].transpose(1, 2), is_causal=True, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads,
+                v[None, start:stop].transpose(1, 2), is_causal=True, scale=self.scale,
+                enable_gqa=self.num_kv_heads != self.num_heads,
             )[0].transpose(0, 1).reshape(length, q_size)
         return self.o_proj(out, batch.lora, batch.prompt_rows_start)
 
