@@ -24,7 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "native_vectors.h"
+#include "native_bf16.h"
 
 #define BLOCK_N 64
 #define TILE_ROWS 16
@@ -49,31 +49,11 @@ typedef struct {
 } __attribute__((packed)) TileConfig;
 
 typedef uint8_t v16b __attribute__((vector_size(16)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
 
 /* 0, or the negative errno of Linux's refusal (the process may not use the tile registers). */
 int inlaid_amx_enable(void) {
     long status = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA);
     return status == 0 ? 0 : -1;
-}
-
-static inline float bf16_to_float(uint16_t bits) {
-    uint32_t word = (uint32_t)bits << 16;
-    float value;
-    memcpy(&value, &word, sizeof value);
-    return value;
-}
-
-static inline v16f bf16_every_other(const uint16_t *pairs) {
-    float values[16];
-    for (int j = 0; j < 16; j++) values[j] = bf16_to_float(pairs[2 * j]);
-    return load16(values);
-}
-
-/* The bf16 bits of 16 floats, rounded to nearest (ties to even), in each lane's low half. */
-static inline v16u bf16_bits(v16f value) {
-    v16u bits = (v16u)value;
-    return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
 }
 
 /* w[j] = bf16(low[j]) | bf16(high[j]) << 16 for the 16 lanes: two rows' values side by side

@@ -24,7 +24,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "native_vectors.h"
+#include "native_bf16.h"
 
 typedef uint8_t v16b __attribute__((vector_size(16)));
 
@@ -33,20 +33,6 @@ typedef uint8_t v16b __attribute__((vector_size(16)));
 #define ROWS 6 /* 6 rows x 4 vectors = 24 accumulators: fits 32 vector registers */
 #define PREFETCH_BYTES (K_CHUNK * BLOCK_N / 2) /* one slab ahead */
 #define FUSED_ROWS 4 /* up to this many rows of x: dequantize in registers (measured: from 6 rows the slab wins) */
-
-static inline float bf16_to_float(uint16_t bits) {
-    uint32_t word = (uint32_t)bits << 16;
-    float value;
-    memcpy(&value, &word, sizeof value);
-    return value;
-}
-
-/* The 16 bf16 values at pairs[0], pairs[2], ... pairs[30] (every other uint16), as floats. */
-static inline v16f bf16_every_other(const uint16_t *pairs) {
-    float values[16];
-    for (int j = 0; j < 16; j++) values[j] = bf16_to_float(pairs[2 * j]);
-    return load16(values);
-}
 
 /* Rows [k0, k0 + rows) of column block `block`, dequantized into w [rows, 64]. The scales and
  * zeros of the current group live in registers (in memory, their loads stall behind the stores
@@ -234,11 +220,7 @@ int inlaid_int4pack_mm(const float *x, const uint8_t *packed, const uint16_t *sc
 typedef uint16_t v16h __attribute__((vector_size(32)));
 
 /* 16 floats rounded to bf16 (to nearest, ties to even), as their bit patterns. */
-static inline v16h to_bf16(v16f value) {
-    v16i bits = (v16i)value;
-    v16i rounded = bits + 0x7FFF + ((bits >> 16) & 1);
-    return __builtin_convertvector((v16i)((uint32_t __attribute__((vector_size(64))))rounded >> 16), v16h);
-}
+static inline v16h to_bf16(v16f value) { return __builtin_convertvector(bf16_bits(value), v16h); }
 
 /* The whole weight dequantized to bf16 for the many-rows route (a bf16 GEMM on it):
  *   out  uint16 (bf16 bits) [K, N] row-major: out[k, n] = bf16((q - 8) * scale + zero), the
