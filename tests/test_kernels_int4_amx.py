@@ -4,7 +4,6 @@ before each run; how quant_matmul routes prompt rows to it; its refusals."""
 
 from __future__ import annotations
 
-import ctypes
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from inlaid.kernels.dispatch import prepare_quant_linear, quant_matmul
 from inlaid.kernels.int4_amx import amx_available, amx_unavailable_reason, int4pack_mm_amx
 from inlaid.kernels.quant_linear import PreparedQuantLinear, QuantLinearError
 from inlaid.kernels.testing import GPTQLayer, random_gptq_layer
+from test_kernels_int4_native import layout_float64, padded_input, relative_error
 
 pytestmark = pytest.mark.skipif(not amx_available(), reason=f"no AMX kernel here: {amx_unavailable_reason()}")
 
@@ -26,24 +26,10 @@ ROWS = (1, 15, 16, 17, 32, 33, 64, 130)  # one tile of rows, padded ones, 32-row
 
 def bf16_operands(layer: GPTQLayer, prepared: PreparedQuantLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, W) as the kernel multiplies them, float64: x permuted, padded and rounded to bf16;
-    W [K_pad, N] = bf16((q + shift - 8) * scale + zero) per kernel group, from the layer's own
-    codes and the layout's bf16 scales and zeros (nothing read back from the packed bytes); the
-    product is exact in float64 and the sum rounds once to fp32, as in the kernel."""
-    layout = prepared.layout
-    perm = prepared.input_perm if prepared.input_perm is not None else torch.arange(layer.codes.shape[0])
-    shift = 8 - 2 ** (layer.weights.bits - 1)
-    codes = (layer.codes[perm] + shift - 8).double()
-    codes = torch.cat([codes, torch.zeros(layout.pad, codes.shape[1], dtype=torch.float64)])
-    pairs = layout.scales_and_zeros.double().repeat_interleave(layout.kernel_group, dim=0)
-    weight = (codes * pairs[..., 0] + pairs[..., 1]).float().bfloat16().double()
-    weight[codes.shape[0] - layout.pad:] = 0.0  # padding rows meet zero input columns
-    x = torch.nn.functional.pad(x[:, perm], (0, layout.pad))
-    return x.bfloat16().double(), weight
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    assert torch.isfinite(got).all()
-    return float((got.double() - want).norm() / want.norm())
+    W the exact weight the layout holds (`layout_float64`: from the layer's own codes, nothing
+    read back from the packed bytes) rounded once to fp32, as the kernel's sum is, then to bf16."""
+    weight = layout_float64(layer, prepared).float().bfloat16().double()
+    return padded_input(x, prepared).bfloat16().double(), weight
 
 
 @pytest.mark.parametrize("in_features,out_features,bits,group_size,act_order", CASES)
