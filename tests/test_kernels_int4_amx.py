@@ -4,7 +4,6 @@ before each run; how quant_matmul routes prompt rows to it; its refusals."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
