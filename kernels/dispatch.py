@@ -36,7 +36,13 @@ from .lora_cpu import HostSegments, host_segments, lora_apply_cpu
 from .lora_cpu_plan import build_cpu_plan, lora_expand_cpu, lora_shrink_cpu
 from .lora_compact_cpu import CompactLoraPools, build_compact_pools, update_compact_slots  # noqa: F401  (re-exported)
 from .lora_meta import LoraArgumentError, check_pools, check_segment_values, check_segments
-from .lora_native import NativeLoraPools, native_lora_available, native_pools_fit  # noqa: F401  (re-exported)
+from .lora_native import (  # noqa: F401  (re-exported)
+    HalfPools,
+    NativeLoraPools,
+    native_half_copies_worth_it,
+    native_lora_available,
+    native_pools_fit,
+)
 from .quant_linear import (  # noqa: F401  (re-exported: the engine imports ops from here)
     PreparedQuantLinear,
     QuantLinearWeights,

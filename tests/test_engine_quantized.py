@@ -250,7 +250,12 @@ def test_memory_accounting_counts_what_the_executor_holds(served_engine, hf_mode
     slots, rank = config.max_lora_slots, config.max_lora_rank
     # (K, output widths of the slices) of each LoraLinear; pools are float32 [S, n * R, K] + [S, R, N_i]
     projections = [(hidden, [hidden, kv_out, kv_out]), (hidden, [hidden]), (hidden, [inter, inter]), (inter, [hidden])]
-    pools = sum(4 * slots * rank * (len(widths) * k + sum(widths)) + 8 * len(widths) * slots for k, widths in projections)
+    # ... and, where the native LoRA kernel reads float16 adapters from them, float16 copies of
+    # both (2 bytes an entry) and a one-byte flag per slot
+    halves = any(module.half_pools is not None for module in runner.model.modules() if hasattr(module, "half_pools"))
+    entry_bytes = 4 + 2 * halves
+    pools = sum(entry_bytes * slots * rank * (len(widths) * k + sum(widths)) + 8 * len(widths) * slots + halves * slots
+                for k, widths in projections)
     assert memory.lora_pools == layers * pools
     assert memory.kv_cache == layers * 2 * config.num_kv_blocks * config.block_size * kv_out * 4
     # int4 layout: half a byte per weight, bf16 (scale, zero) per kernel group and column

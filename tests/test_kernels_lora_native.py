@@ -1,7 +1,8 @@
 """The native CPU LoRA kernel (kernels/lora_native.c) against the float64 shrink/expand
 references, on fresh random inputs; pool rows past each slot's rank and the pools of slots
 no token uses are NaN-poisoned (the kernel must read neither); how lora_apply splits a step
-between it and torch's per-adapter route; its refusals."""
+between it and torch's per-adapter route; its refusals; the float16 copies of the pools it
+reads for float16 adapters (bit-identical to the float32 pools, stale copies dropped)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from inlaid.kernels import lora_cpu
 from inlaid.kernels.dispatch import lora_apply, lora_host_segments
 from inlaid.kernels.lora_meta import LoraArgumentError
 from inlaid.kernels.lora_native import (
+    HalfPools,
     NativeLoraPools,
     lora_apply_native,
+    native_half_copies_worth_it,
     native_lora_available,
     native_lora_fits,
     native_lora_unavailable_reason,
@@ -184,3 +187,103 @@ def test_pools_the_kernel_cannot_take_keep_torchs_routes() -> None:
         want[1:, offset : offset + b.shape[0]] += 0.5 * (x[1:].double() @ a.double().T) @ b.double().T
     torch.testing.assert_close(linear(x, batch).double(), want, rtol=1e-5, atol=1e-5)
     assert linear._native is None
+
+
+def half_copies(stacked: torch.Tensor, b_views: list[torch.Tensor], flagged: list[int]) -> HalfPools:
+    """float16 copies of the pools with `flagged` slots set; every other slot's copies are
+    NaN-poisoned (the kernel must read their float32 pools)."""
+    half = HalfPools.like(stacked, b_views)
+    half.stacked_a.copy_(stacked.half())
+    for h, b in zip(half.b_pools, b_views):
+        h.copy_(b.half())
+    for slot in range(stacked.shape[0]):
+        if slot in flagged:
+            half.slot_half[slot] = 1
+        else:
+            half.stacked_a[slot] = float("nan")
+            for h in half.b_pools:
+                h[slot] = float("nan")
+    return half
+
+
+@pytest.mark.parametrize("name", ["decode", "chunks"])
+@pytest.mark.parametrize("in_features,widths", [(40, [32, 16, 24]), (600, [576])])
+def test_half_copies_give_the_float32_pools_bits(name: str, in_features: int, widths: list[int]) -> None:
+    """Pools whose values are float16 (an adapter stored in float16): slots read from the
+    float16 copies (their float32 pools NaN-poisoned) give bit for bit what the float32 pools
+    give; slots not flagged read the float32 pools (their copies NaN-poisoned); both equal the
+    float64 reference."""
+    ranks = [RANKS[i % 3] for i in range(len(widths))]
+    case = random_lora_case(CASES[name], ranks, in_features, widths, 64, seed=21 + in_features)
+    case = replace(case, a_pools=[a.half().float() for a in case.a_pools], b_pools=[b.half().float() for b in case.b_pools])
+    stacked, _, b_views = stacked_pools(case, zero_padding=False)
+    y = torch.randn(case.num_tokens, sum(widths))
+    want_bits = y.clone()
+    lora_apply_native(want_bits, case.x, stacked, b_views, case.slice_offsets, token_slots(case), case.slot_ranks,
+                      case.slot_scales)
+    flagged = [0, 2, 3, 5]
+    half = half_copies(stacked, b_views, flagged)
+    for slot in flagged:
+        stacked[slot] = float("nan")
+        for b in b_views:
+            b[slot] = float("nan")
+    got = y.clone()
+    lora_apply_native(got, case.x, stacked, b_views, case.slice_offsets, token_slots(case), case.slot_ranks,
+                      case.slot_scales, half)
+    assert torch.equal(got, want_bits)
+    torch.testing.assert_close(got.double(), reference(case, y), rtol=1e-5, atol=1e-5)
+
+
+def test_half_copies_of_another_shape_are_refused() -> None:
+    case = random_lora_case([(0, 2), (1, 1)], [[8, 16]], 32, [16], 16, seed=3)
+    stacked, _, b_views = stacked_pools(case)
+    half = HalfPools.like(stacked, b_views)
+    for broken in (replace(half, stacked_a=half.stacked_a.float()), replace(half, slot_half=half.slot_half[:1]),
+                   replace(half, b_pools=[torch.zeros(2, 16, 16, dtype=torch.float16)])):
+        with pytest.raises(LoraArgumentError, match="float16 copies"):
+            NativeLoraPools(stacked, b_views, [0], case.slot_ranks, case.slot_scales, broken)
+
+
+@pytest.mark.skipif(not native_half_copies_worth_it(), reason="float16 copies not used here (no AVX-512)")
+def test_engine_reads_float16_adapters_from_copies_and_drops_stale_ones() -> None:
+    """A LoraLinear loads a float16 adapter into the copies (flag set) and a float32 one into
+    the float32 pools only; decode tokens of both equal the float64 base + LoRA; a write to the
+    pools by anything but `load_slot` drops the flags (the copies would be stale)."""
+    from inlaid.engine.lora import LoraBatch, LoraLinear
+
+    generator = torch.Generator().manual_seed(8)
+    linear = LoraLinear(48, [32, 16], ["q_proj", "k_proj"], bias=False)
+    linear.weight.data = torch.randn(48, 48, generator=generator)
+    linear.allocate_lora(3, 16, torch.float32, torch.device("cpu"))
+    assert linear.half_pools is not None
+
+    def adapter(rank: int, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {name: ((torch.randn(rank, 48, generator=generator) / 7).to(dtype),
+                       (torch.randn(width, rank, generator=generator) / 4).to(dtype))
+                for name, width in (("q_proj", 32), ("k_proj", 16))}
+
+    adapters = {1: (adapter(8, torch.float16), 0.5), 2: (adapter(16, torch.float32), 2.0)}
+    for slot, (weights, scale) in adapters.items():
+        linear.load_slot(slot, weights, scale)
+    assert linear.half_pools.slot_half.tolist() == [0, 1, 0]
+    starts = torch.tensor([0, 1, 2, 3, 4], dtype=torch.int32)
+    slots = torch.tensor([1, 2, -1, 1], dtype=torch.int32)
+    batch = LoraBatch(starts, slots, lora_host_segments(starts, slots, 4, 3))
+    x = torch.randn(4, 48, generator=generator)
+
+    def want() -> torch.Tensor:
+        expected = x.double() @ linear.weight.double().T
+        for row, slot in enumerate(slots.tolist()):
+            if slot < 0:
+                continue
+            weights, scale = adapters[slot]
+            for name, offset in (("q_proj", 0), ("k_proj", 32)):
+                a, b = weights[name]
+                expected[row, offset : offset + b.shape[0]] += scale * (x[row].double() @ a.double().T) @ b.double().T
+        return expected
+
+    torch.testing.assert_close(linear(x, batch).double(), want(), rtol=1e-5, atol=1e-5)
+    linear.half_pools.stacked_a[1] = float("nan")  # what a stale copy would hold
+    linear.stacked_a[0, 0, 0] = 0.0  # a write outside load_slot
+    torch.testing.assert_close(linear(x, batch).double(), want(), rtol=1e-5, atol=1e-5)
+    assert linear.half_pools.slot_half.tolist() == [0, 0, 0]

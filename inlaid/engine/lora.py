@@ -23,12 +23,14 @@ from inlaid.engine.adapter_config import AdapterError, AdapterSpec
 from inlaid.engine.lora_fused import MAX_TOKEN_SLOTS, FusedExpandWeight
 from inlaid.kernels.dispatch import (
     CompactLoraPools,
+    HalfPools,
     HostSegments,
     NativeLoraPools,
     PackedDenseWeight,
     PreparedQuantLinear,
     build_compact_pools,
     lora_apply,
+    native_half_copies_worth_it,
     native_lora_available,
     native_pools_fit,
     packing_supported,
@@ -94,6 +96,12 @@ class LoraLinear(nn.Module):
         self._versions_after_load: tuple[int, ...] = ()
         # The pools bound for the native LoRA kernel (kernels/lora_native.py), made on first use.
         self._native: NativeLoraPools | None = None
+        # float16 copies of the pools the native kernel reads for slots whose adapter was stored
+        # in float16 (`allocate_lora` makes them where it pays), and the pools' versions after
+        # the last `load_slot`: a write by anything else leaves the copies stale, and they are
+        # then dropped (`_native_pools`).
+        self.half_pools: HalfPools | None = None
+        self._half_versions: tuple[int, ...] = ()
 
     # ------------------------------------------------------------------ set-up
     def use_quantized(self, prepared: list[PreparedQuantLinear]) -> None:
@@ -119,6 +127,14 @@ class LoraLinear(nn.Module):
         ]
         self.slot_ranks = torch.zeros(len(self.out_slices), num_slots, dtype=torch.int32, device=device)
         self.slot_scales = torch.zeros(len(self.out_slices), num_slots, dtype=torch.float32, device=device)
+        # A decode step's LoRA work on the CPU is bound by reading each distinct adapter's A and B
+        # once; adapters stored in float16 (PEFT's usual export) are read from float16 copies
+        # at half the bytes, with the same float32 sums (kernels/lora_native.c). The float32
+        # pools stay the reference every other route reads. Costs half the pools' memory again.
+        self.half_pools = None
+        if (device.type == "cpu" and dtype == torch.float32 and native_half_copies_worth_it()
+                and native_pools_fit(self.stacked_a, self.lora_b)):
+            self.half_pools = HalfPools.like(self.stacked_a, self.lora_b)
 
     def fuse_lora_expand(self, pack: bool = True) -> bool:
         """Fold the LoRA expand into the base matmul when the base is a dense weight stored
@@ -153,6 +169,14 @@ class LoraLinear(nn.Module):
             self._compact = None  # something else wrote the pools since: the next forward rebuilds in full
         if self.fused is not None:
             self.fused.clear_slot(slot)
+        half = self.half_pools
+        if half is not None and self._half_versions != self._pool_versions():
+            half.slot_half.zero_()  # something else wrote the pools: no copy can be trusted
+        # The slot is read from the copies only if every slice's weights were float16 (then the
+        # copies hold exactly the pools' values); any other dtype keeps it on the float32 pools.
+        from_half = half is not None and all(a.dtype == b.dtype == torch.float16 for a, b in slice_weights.values())
+        if half is not None:
+            half.slot_half[slot] = 0
         for index, name in enumerate(self.slice_names):
             a_slot, b_slot = self.lora_a[index][slot], self.lora_b[index][slot]  # [R, in], [out, R]
             if name not in slice_weights:
@@ -172,8 +196,14 @@ class LoraLinear(nn.Module):
             if self.fused is not None:  # scales B in the pools' dtype, as the masked route does
                 dtype = self.lora_a[index].dtype
                 self.fused.write_slice(slot, index, a.to(dtype), b.to(dtype), scale)
+            if from_half:
+                rows = slice(index * a_slot.shape[0], index * a_slot.shape[0] + rank)
+                half.stacked_a[slot, rows].copy_(a)
+                half.b_pools[index][slot, :, :rank].copy_(b)
+        if from_half:
+            half.slot_half[slot] = 1  # the copies' rows past each rank are never read (ranks bound them)
         self._loaded_slots.add(slot)
-        self._versions_after_load = self._pool_versions()
+        self._versions_after_load = self._half_versions = self._pool_versions()
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor, lora: LoraBatch | None, prompt_rows_start: int | None = None) -> torch.Tensor:
@@ -237,7 +267,10 @@ class LoraLinear(nn.Module):
             if not (x.device.type == "cpu" and native_lora_available() and native_pools_fit(self.stacked_a, self.lora_b)):
                 return None
             self._native = NativeLoraPools(self.stacked_a, self.lora_b, self.slice_offsets, self.slot_ranks,
-                                           self.slot_scales)
+                                           self.slot_scales, self.half_pools)
+        if self.half_pools is not None and self._half_versions != self._pool_versions():
+            self.half_pools.slot_half.zero_()  # the float32 pools were written outside `load_slot`
+            self._half_versions = self._pool_versions()
         return self._native
 
     def _pool_versions(self) -> tuple[int, ...]:

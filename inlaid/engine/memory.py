@@ -21,7 +21,8 @@ MB = 1e6
 @dataclass(frozen=True)
 class EngineMemory:
     """Bytes by kind. `projections` is the base's linear layers as held (packed copies
-    included); `lora_pools` every slot padded to the pool's max rank."""
+    included); `lora_pools` every slot padded to the pool's max rank (with the float16 copies
+    the native LoRA kernel reads, where the engine keeps them)."""
 
     projections: int
     embedding_and_head: int
@@ -88,6 +89,9 @@ def engine_memory(runner: ModelRunner) -> EngineMemory:
         # LoRA first: a fused [W | B_all] matrix holds the dense base as a view and is
         # counted once here (its base columns are the projection's weight).
         lora += count(module.stacked_a, *module.lora_b, module.slot_ranks, module.slot_scales)
+        if module.half_pools is not None:
+            half = module.half_pools
+            lora += count(half.stacked_a, *half.b_pools, half.slot_half)
         if module.fused is not None:
             fused = module.fused
             lora += count(fused.shrink, _packed(fused.packed_shrink))
