@@ -8,7 +8,9 @@ and 2-4 adapters in a step (what the e2e replays show), the first reads 4-8x the
 This times both on SmolLM2-135M's four LoRA projections (q|k|v, o, gate|up, down; ranks of the
 nine committed adapters, cycled over the slots; float32 pools as the CPU engine keeps them) for
 T decode tokens spread over k slots, torch's choice between them (compact only while the step's
-slots own COMPACT_MIN_ACTIVE_SHARE of the columns) and the native kernel. One torch thread; per step = 120
+slots own COMPACT_MIN_ACTIVE_SHARE of the columns) and the native kernel, on the float32 pools and
+on their float16 copies (what the engine reads for adapters stored in float16; the pools'
+values here are float16 values, as the committed adapters' are). One torch thread; per step = 120
 projections (30 layers), from 32 distinct projections' weights (8 layers' worth, so the pools
 do not all sit in the cache).
 
@@ -39,6 +41,7 @@ STEPS = [(2, 2), (4, 2), (4, 4), (16, 2), (16, 4), (16, 8), (16, 12), (16, 16)] 
 
 def _projection(in_features: int, widths: list[int], gen: torch.Generator) -> dict:
     from inlaid.kernels.dispatch import build_compact_pools
+    from inlaid.kernels.lora_native import HalfPools, NativeLoraPools, native_half_copies_worth_it, native_lora_available
 
     n = len(widths)
     stacked = torch.zeros(SLOTS, n * R_MAX, in_features)
@@ -47,17 +50,32 @@ def _projection(in_features: int, widths: list[int], gen: torch.Generator) -> di
     for slot in range(SLOTS):
         rank = RANKS[slot % len(RANKS)]
         ranks[:, slot] = rank
-        stacked[slot].view(n, R_MAX, in_features)[:, :rank] = torch.randn(n, rank, in_features, generator=gen) * 0.01
+        stacked[slot].view(n, R_MAX, in_features)[:, :rank] = (
+            torch.randn(n, rank, in_features, generator=gen) * 0.01).half().float()
         for i, width in enumerate(widths):
-            b_storage[i][slot, :rank] = torch.randn(rank, width, generator=gen) * 0.01
+            b_storage[i][slot, :rank] = (torch.randn(rank, width, generator=gen) * 0.01).half().float()
     scales = torch.rand(n, SLOTS, generator=gen)
     b_pools = [b.transpose(1, 2) for b in b_storage]
+    offsets = [sum(widths[:i]) for i in range(n)]
+    bound = {}
+    if native_lora_available():
+        bound["float32"] = NativeLoraPools(stacked, b_pools, offsets, ranks, scales)
+        if native_half_copies_worth_it():
+            half = HalfPools.like(stacked, b_pools)
+            half.stacked_a.copy_(stacked)
+            for copy, b in zip(half.b_pools, b_pools):
+                copy.copy_(b)
+            half.slot_half.fill_(1)
+            bound["float16"] = NativeLoraPools(stacked, b_pools, offsets, ranks, scales, half)
     return {"K": in_features, "N": sum(widths), "a": [stacked[:, i * R_MAX:(i + 1) * R_MAX] for i in range(n)],
-            "b": b_pools, "offsets": [sum(widths[:i]) for i in range(n)], "ranks": ranks, "scales": scales,
+            "b": b_pools, "offsets": offsets, "ranks": ranks, "scales": scales, "bound": bound,
             "stacked": stacked, "compact": build_compact_pools(stacked, b_pools, ranks, scales)}
 
 
-def _step_ms(projections: list[dict], tokens: int, in_use: int, share: float, native: bool, rng: random.Random) -> float:
+def _step_ms(projections: list[dict], tokens: int, in_use: int, share: float, native: str | None,
+             rng: random.Random) -> float:
+    """ms of one step's 120 projections; native: None (torch's routes), or the pools the kernel
+    reads ("float32", or "float16": the copies)."""
     from inlaid.kernels import lora_cpu
     from inlaid.kernels.dispatch import lora_host_segments
 
@@ -66,13 +84,14 @@ def _step_ms(projections: list[dict], tokens: int, in_use: int, share: float, na
     segments = lora_host_segments(torch.tensor(starts, dtype=torch.int32), torch.tensor(slots, dtype=torch.int32),
                                   tokens, SLOTS)
     saved, saved_native = lora_cpu.COMPACT_MIN_ACTIVE_SHARE, lora_cpu.USE_NATIVE
-    lora_cpu.COMPACT_MIN_ACTIVE_SHARE, lora_cpu.USE_NATIVE = share, native
+    lora_cpu.COMPACT_MIN_ACTIVE_SHARE, lora_cpu.USE_NATIVE = share, native is not None
     inputs = [(torch.randn(tokens, p["K"]), torch.zeros(tokens, p["N"])) for p in projections]
     try:
         start = time.perf_counter()
         for p, (x, y) in zip(projections, inputs):
             lora_cpu.lora_apply_cpu(y, x, p["a"], p["b"], p["offsets"], segments, p["ranks"], p["scales"],
-                                    stacked_a=p["stacked"], compact=p["compact"])
+                                    stacked_a=p["stacked"], compact=p["compact"],
+                                    native=p["bound"][native] if native else None)
         elapsed = time.perf_counter() - start
     finally:
         lora_cpu.COMPACT_MIN_ACTIVE_SHARE, lora_cpu.USE_NATIVE = saved, saved_native
@@ -85,12 +104,12 @@ def measure(repeats: int) -> dict:
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     projections = [_projection(k, widths, gen) for _ in range(LAYERS) for k, widths in PROJECTIONS]
-    from inlaid.kernels.lora_native import native_lora_available
-
-    routes = {"compact (every loaded slot)": (0.0, False), "per adapter": (2.0, False),
-              "torch's choice": (lora_cpu.COMPACT_MIN_ACTIVE_SHARE, False)}
-    if native_lora_available():
-        routes["engine's choice"] = (lora_cpu.COMPACT_MIN_ACTIVE_SHARE, True)  # the native kernel (lora_native.c)
+    routes = {"compact (every loaded slot)": (0.0, None), "per adapter": (2.0, None),
+              "torch's choice": (lora_cpu.COMPACT_MIN_ACTIVE_SHARE, None)}
+    if "float32" in projections[0]["bound"]:
+        routes["engine's choice"] = (lora_cpu.COMPACT_MIN_ACTIVE_SHARE, "float32")  # the native kernel (lora_native.c)
+    if "float16" in projections[0]["bound"]:
+        routes["native, float16 copies"] = (lora_cpu.COMPACT_MIN_ACTIVE_SHARE, "float16")
     rows = []
     for tokens, in_use in STEPS:
         rng = random.Random(tokens * 100 + in_use)
@@ -111,7 +130,9 @@ def write_markdown(result: dict, path: Path) -> None:
              f"{result['repeats']}. Load average before: {', '.join(f'{v:.1f}' for v in result['loadavg_before'])}. "
              f"Torch's routes: the compact one only while the step's slots own "
              f">= {result['compact_min_active_share']} of its columns, else per adapter; the engine's choice "
-             f"is the native kernel (kernels/lora_native.c) where it is built, torch's choice otherwise.", "",
+             f"is the native kernel (kernels/lora_native.c) where it is built, torch's choice otherwise; "
+             f"'native, float16 copies': the kernel reading float16 copies of the pools (the engine's "
+             f"route for adapters stored in float16, where the CPU has AVX-512).", "",
              "| tokens | slots in use | " + " | ".join(f"{n} ms" for n in names) + " | compact / engine |",
              "|---|---|" + "---|" * len(names) + "---|"]
     engine = "engine's choice" if "engine's choice ms" in result["rows"][0] else "torch's choice"
