@@ -16,9 +16,8 @@ suite's eval split (inlaid.scheduling.traces). Rates: a calibration burst (every
 once) on hf-peft and on inlaid-4bit-inlaid gives each one's saturation throughput; the rates
 run geometrically from half the baseline's to 2.5x Inlaid's (at least 10x the baseline's),
 so the sweep goes from light load for every system to beyond saturation for every system.
-For each task count the four
-servers are started once and stay up; at each rate the systems take turns (the order rotates
-from rate to rate), so machine load hits all of them alike.
+For each task count the four servers are started once and stay up; at each rate the systems
+take turns (the order rotates from rate to rate), so machine load hits all of them alike.
 
 Writes DIR (default bench/results/e2e/, --full: bench/results/e2e-full/; --quick: a temp dir):
 e2e.json (every figure), records.jsonl (every request: task, times, token ids), e2e.md and PNG
