@@ -191,6 +191,8 @@ def print_memory(sizes, memory, checkpoint: Path, adapters: dict[str, Path], opt
         ("embedding + head (with its oneDNN-packed copy)", memory.embedding_and_head),
         ("norms", memory.other_weights),
         (f"LoRA pools: {options['max_lora_slots']} slots x rank {options['max_lora_rank']} (padded)", memory.lora_pools),
+        *([("  (of which float16 copies the native LoRA kernel reads)", memory.lora_half_copies)]
+          if memory.lora_half_copies else []),
         (f"  (the {len(adapters)} adapters themselves, fp32 on disk)", adapter_bytes),
         (f"KV cache: {options['num_kv_blocks']} blocks x 16 tokens", memory.kv_cache),
         ("total", memory.total),

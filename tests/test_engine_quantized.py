@@ -257,6 +257,8 @@ def test_memory_accounting_counts_what_the_executor_holds(served_engine, hf_mode
     pools = sum(entry_bytes * slots * rank * (len(widths) * k + sum(widths)) + 8 * len(widths) * slots + halves * slots
                 for k, widths in projections)
     assert memory.lora_pools == layers * pools
+    assert memory.lora_half_copies == halves * layers * sum(2 * slots * rank * (len(widths) * k + sum(widths)) + slots
+                                                            for k, widths in projections)
     assert memory.kv_cache == layers * 2 * config.num_kv_blocks * config.block_size * kv_out * 4
     # int4 layout: half a byte per weight, bf16 (scale, zero) per kernel group and column
     int4 = 0

@@ -29,6 +29,7 @@ class EngineMemory:
     other_weights: int  # norms, biases
     lora_pools: int
     kv_cache: int
+    lora_half_copies: int = 0  # of lora_pools: the float16 copies (and flags) the native LoRA kernel reads
 
     @property
     def base_weights(self) -> int:
@@ -82,7 +83,7 @@ def _packed(weight) -> torch.Tensor | None:
 def engine_memory(runner: ModelRunner) -> EngineMemory:
     count = _Counter()
     model = runner.model
-    lora = projections = 0
+    lora = projections = half_copies = 0
     for module in model.modules():
         if not isinstance(module, LoraLinear):
             continue
@@ -91,7 +92,9 @@ def engine_memory(runner: ModelRunner) -> EngineMemory:
         lora += count(module.stacked_a, *module.lora_b, module.slot_ranks, module.slot_scales)
         if module.half_pools is not None:
             half = module.half_pools
-            lora += count(half.stacked_a, *half.b_pools, half.slot_half)
+            copies = count(half.stacked_a, *half.b_pools, half.slot_half)
+            lora += copies
+            half_copies += copies
         if module.fused is not None:
             fused = module.fused
             lora += count(fused.shrink, _packed(fused.packed_shrink))
@@ -105,7 +108,7 @@ def engine_memory(runner: ModelRunner) -> EngineMemory:
     embedding = count(model.embed_tokens.weight, model.lm_head_weight, _packed(model.packed_head))
     other = count(*(p for p in model.parameters()))  # what is left: norms, biases
     kv = count(*(t for pair in runner.kv_caches for t in pair))
-    return EngineMemory(projections, embedding, other, lora, kv)
+    return EngineMemory(projections, embedding, other, lora, kv, half_copies)
 
 
 def base_sizes(runner: ModelRunner) -> BaseSizes:
