@@ -122,7 +122,6 @@ class NativeLoraPools:
         widths = [b.shape[1] for b in b_pools]
         self.out_columns = max(offset + width for offset, width in zip(slice_offsets, widths))
         self.stacked_a = stacked_a
-        self.half = half
         self._kept = (b_pools, slot_ranks, slot_scales, half)  # the pointers below point into these
         self._function = library.inlaid_lora_apply
         # The ctypes arrays are kept: the kernel reads them through the pointers below.
