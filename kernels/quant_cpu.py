@@ -13,9 +13,10 @@ int4: torch's CPU int4 kernels (`_weight_int4pack_mm_for_cpu`), convention
       instead, in fp32, reading the same bytes (`int4_native_matmul`). From `dense_min_m` rows
       on (prefill), the same packed codes are dequantized to a bf16 weight for this call and
       multiplied by oneDNN's bf16 GEMM, whose time barely grows with M (`int4_dequant_matmul`;
-      docs/kernels.md has the crossovers); where the AMX kernel builds (int4_amx.c) that route
-      is it instead, the weight dequantized a panel at a time in cache, and prompt rows take it
-      from 16 rows (`int4_bf16_matmul`). Nothing more is stored.
+      docs/kernels.md has the crossovers); where the bf16 kernel builds (int4_bf16.c: AMX
+      tiles or AVX512-BF16 dot products) that route is it instead, the weight dequantized a
+      panel at a time in cache, and prompt rows take it from 16 rows (`int4_bf16_matmul`).
+      Nothing more is stored.
 dequant: unpack the checkpoint's packed codes on every call, dequantize, matmul.
 """
 
@@ -95,9 +96,9 @@ NATIVE_MIN_ROWS = 1  # every row count below the bf16 route: results do not depe
 # than torch's ops): measured in the engine, a 160-row prompt step 1.28x faster than the native
 # kernel, an 80-row one 0.93x (docs/kernels.md).
 PREFILL_DENSE_MIN_ROWS_NATIVE = 128
-# ... and from here where the AMX kernel (int4_amx.c) takes the layout: 2-3x faster than the
-# fp32 native kernel from 16 rows on the engine's projections (docs/kernels.md).
-PREFILL_AMX_MIN_ROWS = 16
+# ... and from here where the bf16 kernel (int4_bf16.c) takes the layout: faster than the fp32
+# native kernel from 16 rows on the engine's projections, 2-3x with AMX (docs/kernels.md).
+PREFILL_BF16_KERNEL_MIN_ROWS = 16
 
 
 def unpack_int4pack(packed: Tensor, n: int, k: int, out: Tensor | None = None) -> Tensor:
@@ -140,14 +141,14 @@ def dense_min_rows(layout: CpuInt4Layout) -> int:
 
 def prefill_dense_min_rows(layout: CpuInt4Layout) -> int:
     """The M from which prompt rows take the bf16 route (`quant_matmul(..., prefill=True)`):
-    PREFILL_AMX_MIN_ROWS where the AMX kernel takes the layout, PREFILL_DENSE_MIN_ROWS_NATIVE
+    PREFILL_BF16_KERNEL_MIN_ROWS where the bf16 kernel takes the layout, PREFILL_DENSE_MIN_ROWS_NATIVE
     where the native kernel dequantizes the weight, else the same as any rows (`dense_min_rows`)."""
-    from .int4_amx import amx_fits
+    from .int4_bf16 import bf16_kernel_fits
     from .int4_native import native_int4_available
 
     dense = dense_min_rows(layout)
-    if dense < sys.maxsize and amx_fits(layout):
-        return min(dense, PREFILL_AMX_MIN_ROWS)
+    if dense < sys.maxsize and bf16_kernel_fits(layout):
+        return min(dense, PREFILL_BF16_KERNEL_MIN_ROWS)
     return min(dense, PREFILL_DENSE_MIN_ROWS_NATIVE) if dense < sys.maxsize and native_int4_available() else dense
 
 
@@ -190,13 +191,13 @@ def int4_dequant_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | N
 
 
 def int4_bf16_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None) -> Tensor:
-    """[M, N] = bf16(x) (act-order permuted) @ bf16(W): the many-rows route. The AMX kernel where
+    """[M, N] = bf16(x) (act-order permuted) @ bf16(W): the many-rows route. The bf16 kernel where
     it takes the layout (fp32 result, the weight dequantized block by block in cache), else
     the whole weight dequantized for oneDNN's bf16 GEMM (bf16 result)."""
-    from .int4_amx import amx_fits, int4pack_mm_amx
+    from .int4_bf16 import bf16_kernel_fits, int4pack_mm_bf16
 
-    if amx_fits(layout):
-        return int4pack_mm_amx(_kernel_input(x, layout, input_perm, x.dtype), layout, threads=torch.get_num_threads())
+    if bf16_kernel_fits(layout):
+        return int4pack_mm_bf16(_kernel_input(x, layout, input_perm, x.dtype), layout, threads=torch.get_num_threads())
     return int4_dequant_matmul(x, layout, input_perm)
 
 
