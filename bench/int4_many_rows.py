@@ -1,14 +1,15 @@
-"""The CPU int4 path's three routes by rows of x, and where the engine switches between them.
+"""The CPU int4 path's routes by rows of x, and where the engine switches between them.
 
 torch's int4 CPU kernel re-dequantizes its weight tile for every 4 rows of x, so its time grows
 linearly with M; the native kernel (kernels/int4_native.c) dequantizes once per call and reuses
-each tile for every row; dequantizing the int4pack bytes to bf16 once per call and running
-oneDNN's bf16 GEMM costs a fixed dequantization plus a GEMM that barely grows with M
-(kernels/quant_cpu.py, `int4_dequant_matmul`). This times the three, and the engine's choice
-(the `native_min_m` and `dense_min_m` switches), on the default model's projections (group
-128, fused like the engine),
-weights streamed from memory as in a forward pass (each call reads a fresh copy of the layer out
-of a rotation larger than the cache), one torch thread.
+each tile for every row, in fp32; the dot-product kernel (kernels/int4_dot.c, AVX512-BF16)
+multiplies bf16 x by the codes themselves; dequantizing the int4pack bytes to bf16 once per call
+and running oneDNN's bf16 GEMM costs a fixed dequantization plus a GEMM that barely grows with M
+(kernels/quant_cpu.py, `int4_dequant_matmul`); the bf16 kernel (kernels/int4_bf16.c, AMX or
+AVX512-BF16) does the same a panel at a time in cache. This times each one this machine has, and
+the engine's choice for decode rows and for prompt rows, on the default model's projections
+(group 128, fused like the engine), weights streamed from memory as in a forward pass (each call
+reads a fresh copy of the layer out of a rotation larger than the cache), one torch thread.
 
     .venv/bin/python bench/int4_many_rows.py [--threads 1] [--repeats 30]
 
@@ -29,7 +30,7 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = [(576, 960, "q|k|v"), (576, 576, "o"), (576, 3072, "gate|up"), (1536, 576, "down")]
-ROWS = [1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 512]
+ROWS = [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 512]
 ROTATION = 8  # copies of each layer, cycled: 8 x 1.8 MB of codes > the L2 of this VM
 
 
@@ -46,6 +47,8 @@ def _median_ms(call, layouts: list, repeats: int) -> float:
 def measure(threads: int, repeats: int) -> dict:
     from inlaid.kernels import quant_cpu
     from inlaid.kernels.dispatch import prepare_quant_linear
+    from inlaid.kernels.int4_bf16 import bf16_kernel_backend, bf16_kernel_fits, int4pack_mm_bf16
+    from inlaid.kernels.int4_dot import dot_kernel_fits
     from inlaid.kernels.int4_native import native_int4_available, native_int4_unavailable_reason
     from inlaid.kernels.testing import random_gptq_layer
 
@@ -55,19 +58,32 @@ def measure(threads: int, repeats: int) -> dict:
         prepared = [prepare_quant_linear(random_gptq_layer(in_features, out_features, 4, 128, seed=seed).weights,
                                          "cpu", torch.float32) for seed in range(ROTATION)]
         layouts = [p.layout for p in prepared]
+        first = prepared[0]
         for m in ROWS:
             x = torch.randn(m, in_features)
             kernel = _median_ms(lambda layout: quant_cpu.int4_matmul(x, layout, None), layouts, repeats)
             dense = _median_ms(lambda layout: quant_cpu.int4_dequant_matmul(x, layout, None), layouts, repeats)
             native = (_median_ms(lambda layout: quant_cpu.int4_native_matmul(x, layout, None), layouts, repeats)
                       if native_int4_available() else None)
-            route = ("dequant + bf16 GEMM" if m >= prepared[0].dense_min_m
-                     else "native kernel" if m >= prepared[0].native_min_m else "int4 kernel")
+            dot = (_median_ms(lambda layout: quant_cpu.int4_dot_matmul(x, layout, None), layouts, repeats)
+                   if dot_kernel_fits(first.layout) else None)
+            bf16 = (_median_ms(lambda layout: int4pack_mm_bf16(x, layout), layouts, repeats)
+                    if bf16_kernel_fits(first.layout) else None)
+
+            def route(bound: int) -> str:
+                if m >= bound:
+                    return f"bf16 kernel ({bf16_kernel_backend()})" if bf16 is not None else "dequant + bf16 GEMM"
+                return ("dot kernel" if first.few_rows_dot else "native kernel" if m >= first.native_min_m
+                        else "int4 kernel")
+
             rows.append({"projection": name, "K": in_features, "N": out_features, "M": m,
                          "int4_kernel_ms": kernel, "native_kernel_ms": native, "dequant_bf16_gemm_ms": dense,
-                         "route_taken": route, "kernel_over_route": kernel / dense,
+                         "dot_kernel_ms": dot, "bf16_kernel_ms": bf16,
+                         "route_taken": route(first.dense_min_m), "prompt_route_taken": route(first.prefill_dense_min_m),
+                         "kernel_over_route": kernel / dense,
                          "kernel_over_native": None if native is None else kernel / native,
-                         "native_over_route": None if native is None else native / dense})
+                         "native_over_route": None if native is None else native / dense,
+                         "native_over_dot": None if native is None or dot is None else native / dot})
         print(f"{name}: done", flush=True)
     dequant_only = {name: _median_ms(quant_cpu.dequantize_int4pack,
                                      [prepare_quant_linear(random_gptq_layer(k, n, 4, 128, seed=s).weights, "cpu",
@@ -82,6 +98,7 @@ def measure(threads: int, repeats: int) -> dict:
 
     return {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
             "threads": threads, "repeats": repeats, "dense_min_rows": prepared[0].dense_min_m,
+            "prefill_dense_min_rows": prepared[0].prefill_dense_min_m, "bf16_kernel_backend": bf16_kernel_backend(),
             "native_min_rows": prepared[0].native_min_m if native_int4_available() else None,
             "native_unavailable": native_int4_unavailable_reason(),
             "smallest_M_where_native_beats_the_int4_kernel": crossover("kernel_over_native"),
@@ -94,21 +111,25 @@ def write_markdown(result: dict, path: Path) -> None:
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
 
-    native_note = (f"the native kernel from M >= {result['native_min_rows']}" if result["native_min_rows"]
-                   else f"no native kernel here ({result['native_unavailable']})")
+    few_rows = result["rows"][0]["route_taken"]
+    native_note = (f"the {few_rows}" if result["native_min_rows"] or few_rows != "int4 kernel"
+                   else f"torch's int4 kernel (no native kernel here: {result['native_unavailable']})")
     lines = [
-        "# CPU int4 path: torch's int4 kernel, the native kernel and dequantize + bf16 GEMM, by rows", "",
+        "# CPU int4 path: each kernel this machine has, by rows", "",
         f"{result['machine']}, torch {result['torch']}, {result['threads']} thread(s), median of "
         f"{result['repeats']} calls, each on a fresh copy of the layer (weights from memory). Load average "
         f"before: {', '.join(f'{v:.1f}' for v in result['loadavg_before'])}. The engine takes {native_note} "
-        f"and dequantize + bf16 GEMM from M >= {result['dense_min_rows']} (`kernels/quant_cpu.py`).", "",
-        "| projection | K x N | M | int4 kernel ms | native ms | dequant + bf16 GEMM ms | kernel / native | engine takes |",
-        "|---|---|---|---|---|---|---|---|",
+        f"below the bf16 route; decode rows take the bf16 route from M >= {result['dense_min_rows']}, prompt "
+        f"rows from M >= {result['prefill_dense_min_rows']} (`kernels/quant_cpu.py`). '-': not built here.", "",
+        "| projection | K x N | M | int4 kernel ms | native ms | dot ms | dequant + bf16 GEMM ms | bf16 kernel ms "
+        "| native / dot | decode rows take | prompt rows take |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        ratio = "-" if r["kernel_over_native"] is None else f"{r['kernel_over_native']:.2f}x"
+        ratio = "-" if r["native_over_dot"] is None else f"{r['native_over_dot']:.2f}x"
         lines.append(f"| {r['projection']} | {r['K']} x {r['N']} | {r['M']} | {ms(r['int4_kernel_ms'])} | "
-                     f"{ms(r['native_kernel_ms'])} | {ms(r['dequant_bf16_gemm_ms'])} | {ratio} | {r['route_taken']} |")
+                     f"{ms(r['native_kernel_ms'])} | {ms(r['dot_kernel_ms'])} | {ms(r['dequant_bf16_gemm_ms'])} | "
+                     f"{ms(r['bf16_kernel_ms'])} | {ratio} | {r['route_taken']} | {r['prompt_route_taken']} |")
     lines += ["", "Dequantizing alone (ms): " + ", ".join(
         f"{name} {ms:.2f}" for name, ms in result["dequantize_only_ms"].items())]
     for title, key in (("native beats torch's int4 kernel", "smallest_M_where_native_beats_the_int4_kernel"),

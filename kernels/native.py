@@ -7,8 +7,9 @@ the source, the headers beside it (`native_vectors.h`), the flags, the compiler'
 this CPU's feature flags: a cache shared between machines never hands one a library built
 for another CPU. The files include no Python or torch headers, so each builds in about a
 second. Where there is no compiler, the build fails, the system is not Linux, or the kernel's
-switch is "0" (`INLAID_NATIVE_INT4=0`, `INLAID_NATIVE_LORA=0`, `INLAID_NATIVE_ATTENTION=0`),
-`load` returns None and the reason, and the callers keep torch's routes.
+switch is "0" (`INLAID_NATIVE_INT4=0`, `INLAID_NATIVE_INT4_DOT=0`, `INLAID_NATIVE_BF16=0`,
+`INLAID_NATIVE_LORA=0`, `INLAID_NATIVE_ATTENTION=0`), `load` returns None and the reason, and
+the callers keep their other routes.
 """
 
 from __future__ import annotations

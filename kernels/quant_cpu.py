@@ -10,12 +10,15 @@ int4: torch's CPU int4 kernels (`_weight_int4pack_mm_for_cpu`), convention
       tile K (576 at 128) run with a finer kernel group; K itself is padded only where no
       kernel group divides it. Its time grows linearly with the rows of x (docs/kernels.md), so
       where the native kernel (int4_native.c) is built it serves every M below `dense_min_m`
-      instead, in fp32, reading the same bytes (`int4_native_matmul`). From `dense_min_m` rows
+      instead, in fp32, reading the same bytes (`int4_native_matmul`); where AVX512-BF16 is,
+      the dot-product kernel (int4_dot.c) serves them instead, x rounded to bf16 and the
+      weight exact, ~2x faster (`int4_dot_matmul`). From `dense_min_m` rows
       on (prefill), the same packed codes are dequantized to a bf16 weight for this call and
       multiplied by oneDNN's bf16 GEMM, whose time barely grows with M (`int4_dequant_matmul`;
       docs/kernels.md has the crossovers); where the bf16 kernel builds (int4_bf16.c: AMX
       tiles or AVX512-BF16 dot products) that route is it instead, the weight dequantized a
-      panel at a time in cache, and prompt rows take it from 16 rows (`int4_bf16_matmul`).
+      panel at a time in cache, and prompt rows take it from 16 rows (48 after the dot-product
+      kernel, without AMX) (`int4_bf16_matmul`).
       Nothing more is stored.
 dequant: unpack the checkpoint's packed codes on every call, dequantize, matmul.
 """
@@ -99,6 +102,10 @@ PREFILL_DENSE_MIN_ROWS_NATIVE = 128
 # ... and from here where the bf16 kernel (int4_bf16.c) takes the layout: faster than the fp32
 # native kernel from 16 rows on the engine's projections, 2-3x with AMX (docs/kernels.md).
 PREFILL_BF16_KERNEL_MIN_ROWS = 16
+# ... but from here where its back-end is AVX512-BF16 and the dot-product kernel (int4_dot.c)
+# serves the fewer rows: measured crossover of the two on the default model's projections, the
+# dot kernel 1.4x faster at 16 rows, 1.1x at 32, even at 48, 0.9x from 128 (docs/kernels.md).
+PREFILL_BF16_KERNEL_MIN_ROWS_AFTER_DOT = 48
 
 
 def unpack_int4pack(packed: Tensor, n: int, k: int, out: Tensor | None = None) -> Tensor:
@@ -141,14 +148,16 @@ def dense_min_rows(layout: CpuInt4Layout) -> int:
 
 def prefill_dense_min_rows(layout: CpuInt4Layout) -> int:
     """The M from which prompt rows take the bf16 route (`quant_matmul(..., prefill=True)`):
-    PREFILL_BF16_KERNEL_MIN_ROWS where the bf16 kernel takes the layout, PREFILL_DENSE_MIN_ROWS_NATIVE
+    PREFILL_BF16_KERNEL_MIN_ROWS where the bf16 kernel takes the layout (on AVX512-BF16 with the
+    dot-product kernel below it: PREFILL_BF16_KERNEL_MIN_ROWS_AFTER_DOT), PREFILL_DENSE_MIN_ROWS_NATIVE
     where the native kernel dequantizes the weight, else the same as any rows (`dense_min_rows`)."""
-    from .int4_bf16 import bf16_kernel_fits
+    from .int4_bf16 import bf16_kernel_backend, bf16_kernel_fits
     from .int4_native import native_int4_available
 
     dense = dense_min_rows(layout)
     if dense < sys.maxsize and bf16_kernel_fits(layout):
-        return min(dense, PREFILL_BF16_KERNEL_MIN_ROWS)
+        after_dot = few_rows_dot(layout) and bf16_kernel_backend() != "amx"
+        return min(dense, PREFILL_BF16_KERNEL_MIN_ROWS_AFTER_DOT if after_dot else PREFILL_BF16_KERNEL_MIN_ROWS)
     return min(dense, PREFILL_DENSE_MIN_ROWS_NATIVE) if dense < sys.maxsize and native_int4_available() else dense
 
 
@@ -208,6 +217,23 @@ def native_min_rows(layout: CpuInt4Layout) -> int:
     from .int4_native import native_int4_available
 
     return NATIVE_MIN_ROWS if layout.dequantizable and native_int4_available() else sys.maxsize
+
+
+def few_rows_dot(layout: CpuInt4Layout) -> bool:
+    """Whether `quant_matmul` multiplies the rows below the bf16 route with the dot-product kernel
+    (int4_dot.c: x in bf16, the weight exact) rather than the fp32 native kernel: where it
+    builds and takes the layout."""
+    from .int4_dot import dot_kernel_fits
+
+    return dot_kernel_fits(layout)
+
+
+def int4_dot_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None) -> Tensor:
+    """float32 [M, N] = bf16(x) (act-order permuted) @ W through the dot-product kernel."""
+    from .int4_dot import dot_weight
+
+    return dot_weight(layout).matmul(_kernel_input(x, layout, input_perm, torch.float32),
+                                     threads=torch.get_num_threads())
 
 
 def int4_native_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None) -> Tensor:

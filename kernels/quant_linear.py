@@ -65,6 +65,8 @@ class CpuInt4Layout:
     # The native kernel's binding of this layout (int4_native.native_weight), made on first use;
     # private: a lazily made cache (a model fingerprint, engine/cuda_graphs.py, skips it)
     _native: object | None = field(default=None, repr=False, compare=False)
+    # ... and the dot-product kernel's (int4_dot.dot_weight), likewise
+    _dot: object | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -108,6 +110,9 @@ class PreparedQuantLinear:
     # CPU int4 path: from this many rows (below dense_min_m), the native kernel
     # (int4_native.c) instead of torch's; sys.maxsize where it is unavailable
     native_min_m: int = sys.maxsize
+    # CPU int4 path: rows below the bf16 route take the dot-product kernel (int4_dot.c: x in
+    # bf16, the weight exact) instead of the native fp32 one, where it builds
+    few_rows_dot: bool = False
     # CPU int4 path, rows of prompt chunks (`quant_matmul(..., prefill=True)`): the bf16 route
     # from this many rows. Decode rows keep dense_min_m, so a sequence's decode tokens do not
     # change precision with the batch they share.
@@ -254,6 +259,7 @@ def prepare_quant_linear(
         return PreparedQuantLinear("int4", layout, input_perm=input_perm, **common,
                                    dense_min_m=quant_cpu.dense_min_rows(layout),
                                    native_min_m=quant_cpu.native_min_rows(layout),
+                                   few_rows_dot=quant_cpu.few_rows_dot(layout),
                                    prefill_dense_min_m=quant_cpu.prefill_dense_min_rows(layout))
     if mode == "triton":
         from .quant_triton import prepare_triton_layout
@@ -279,6 +285,8 @@ def quant_matmul(x: Tensor, prepared: PreparedQuantLinear, prefill: bool = False
     if isinstance(layout, CpuInt4Layout):  # first: the CPU engine's every projection
         if x.shape[0] >= (min(prepared.dense_min_m, prepared.prefill_dense_min_m) if prefill else prepared.dense_min_m):
             out = quant_cpu.int4_bf16_matmul(x, layout, prepared.input_perm)
+        elif prepared.few_rows_dot:
+            out = quant_cpu.int4_dot_matmul(x, layout, prepared.input_perm)
         elif x.shape[0] >= prepared.native_min_m:
             out = quant_cpu.int4_native_matmul(x, layout, prepared.input_perm)
         else:

@@ -80,10 +80,15 @@ def test_bf16_kernel_writes_every_row_and_column_it_owns(backend: str) -> None:
 def test_prompt_rows_take_the_bf16_kernel_from_its_bound() -> None:
     """quant_matmul(prefill=True) takes the bf16 kernel (its preferred back-end) from
     PREFILL_BF16_KERNEL_MIN_ROWS prompt rows (bias and act order handled around it, x's dtype
-    back), the fp32 native kernel below; decode rows keep the fp32 kernel at the same row counts."""
+    back), the fp32 native kernel below; decode rows keep the fp32 kernel at the same row counts
+    (the dot-product kernel turned off here: with it, prompt rows start later on AVX512-BF16,
+    test_kernels_int4_dot.py)."""
     layer = random_gptq_layer(1536, 576, 4, 128, act_order=True, bias=True, seed=23)
     prepared = prepare_quant_linear(layer.weights, "cpu", torch.float32)
-    assert prepared.prefill_dense_min_m == quant_cpu.PREFILL_BF16_KERNEL_MIN_ROWS < prepared.dense_min_m
+    assert prepared.prefill_dense_min_m == quant_cpu.prefill_dense_min_rows(prepared.layout)
+    prepared.few_rows_dot = False
+    prepared.prefill_dense_min_m = quant_cpu.PREFILL_BF16_KERNEL_MIN_ROWS
+    assert prepared.prefill_dense_min_m < prepared.dense_min_m
     bias = layer.weights.bias.double()
     for m in (quant_cpu.PREFILL_BF16_KERNEL_MIN_ROWS - 1, quant_cpu.PREFILL_BF16_KERNEL_MIN_ROWS, 40):
         x = torch.randn(m, 1536)
@@ -171,8 +176,8 @@ def test_amx_switch_turns_only_amx_off() -> None:
     """INLAID_NATIVE_AMX=0: the AVX512-BF16 back-end alone where this CPU has it (nothing else)."""
     backends, reason, bound = _in_fresh_process({"INLAID_NATIVE_AMX": "0"})
     assert "amx" not in backends.split(",")
-    if "avx512-bf16" in BACKENDS_HERE:
-        assert backends == "avx512-bf16" and bound == quant_cpu.PREFILL_BF16_KERNEL_MIN_ROWS
+    if "avx512-bf16" in BACKENDS_HERE:  # the dot-product kernel serves the rows below it
+        assert backends == "avx512-bf16" and bound == quant_cpu.PREFILL_BF16_KERNEL_MIN_ROWS_AFTER_DOT
     else:
         assert backends == "-" and bound == quant_cpu.PREFILL_DENSE_MIN_ROWS_NATIVE
     if "amx" in BACKENDS_HERE:

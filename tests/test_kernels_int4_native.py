@@ -86,9 +86,11 @@ def test_quant_matmul_takes_the_native_kernel_between_its_bounds() -> None:
     """Below native_min_m torch's kernel (bf16 activations: ~1e-3 from the layout's exact
     result), from it up to dense_min_m the native kernel (fp32: ~1e-7), with bias and
     act-order handled by quant_matmul, in x's dtype; every row count of a decode batch (from
-    1 row) takes the native kernel in the engine."""
+    1 row) takes the native kernel in the engine where the dot-product kernel does not build
+    (turned off here; its own routing: test_kernels_int4_dot.py)."""
     layer = random_gptq_layer(576, 192, 4, 64, act_order=True, bias=True, seed=3)
     prepared = prepare_quant_linear(layer.weights, "cpu", torch.float32)
+    prepared.few_rows_dot = False
     assert prepared.native_min_m == quant_cpu.NATIVE_MIN_ROWS < prepared.dense_min_m
     prepared.native_min_m = 3  # a bound with rows on both sides (the engine's is 1: every M)
     weight = layout_float64(layer, prepared)
@@ -149,12 +151,14 @@ def test_layout_binding_is_made_once_and_follows_replaced_tensors() -> None:
 
     layer = random_gptq_layer(576, 192, 4, 64, seed=8)
     prepared = prepare_quant_linear(layer.weights, "cpu", torch.float32)
+    prepared.few_rows_dot = False  # the native kernel's binding (the dot kernel's: test_kernels_int4_dot.py)
     x = torch.randn(3, 576)
     first = quant_matmul(x, prepared)
     binding = prepared.layout._native
     assert isinstance(binding, NativeInt4Weight) and binding.bound_to(prepared.layout)
     assert torch.equal(quant_matmul(x, prepared), first) and prepared.layout._native is binding
     other = prepare_quant_linear(random_gptq_layer(576, 192, 4, 64, seed=9).weights, "cpu", torch.float32)
+    other.few_rows_dot = False
     prepared.layout.packed, prepared.layout.scales_and_zeros = other.layout.packed, other.layout.scales_and_zeros
     assert not binding.bound_to(prepared.layout)
     torch.testing.assert_close(quant_matmul(x, prepared), quant_matmul(x, other), rtol=0, atol=0)
@@ -186,11 +190,13 @@ def test_prompt_rows_take_the_bf16_route_from_their_own_bound() -> None:
     """quant_matmul(prefill=True) takes the bf16 route from prefill_dense_min_m rows (bf16
     activations: ~1e-3 from the exact result), decode rows only from dense_min_m; a
     projection's decode rows give the same bits whether or not prompt rows share the call
-    (LoraLinear splits them), and the prompt rows what the prefill route gives them alone."""
+    (LoraLinear splits them), and the prompt rows what the prefill route gives them alone. The
+    fewer rows on the fp32 kernel here (the dot-product kernel's: test_kernels_int4_dot.py)."""
     from inlaid.engine.lora import LoraLinear
 
     layer = random_gptq_layer(576, 192, 4, 64, seed=13)
     prepared = prepare_quant_linear(layer.weights, "cpu", torch.float32)
+    prepared.few_rows_dot = False
     if prepared.dense_min_m == sys.maxsize:
         pytest.skip("no native bf16 on this CPU: no bf16 route")
     assert prepared.native_min_m <= 1 and prepared.prefill_dense_min_m < prepared.dense_min_m
