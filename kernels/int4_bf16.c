@@ -24,12 +24,12 @@
  * Needs K % 32 == 0, N % 64 == 0, group even and dividing K. A back-end is built where the
  * compiler targets it (-march=native on a CPU with amx-tile and amx-bf16; avx512bf16); a call
  * to one that was not returns -2. AMX tiles must be granted first: inlaid_amx_enable(). */
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "native_bf16.h"
+#include "native_threads.h"
 
 #define BLOCK_N 64
 #define TILE_ROWS 16
@@ -318,8 +318,6 @@ static void *run_blocks(void *arg) {
 }
 #endif
 
-#define MAX_THREADS 64
-
 /* Returns 0, -1 for arguments it cannot take, -2 for a back-end this build does not have, -3
  * when no scratch could be had (nothing written then). */
 int inlaid_int4pack_mm_bf16(const uint16_t *x, const uint8_t *packed, const uint16_t *scales_and_zeros, float *y,
@@ -331,25 +329,14 @@ int inlaid_int4pack_mm_bf16(const uint16_t *x, const uint8_t *packed, const uint
         return -1;
 #if BUILT_AMX || BUILT_DOT
     int64_t blocks = n / BLOCK_N, words = k / 2 * BLOCK_N * PANEL_BLOCKS;
-    if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads > blocks) threads = blocks;
+    threads = thread_count(threads, blocks);
     uint32_t *scratch = aligned_alloc(64, (size_t)(words * threads) * 4);
     if (!scratch) return -3;
     Work work[MAX_THREADS];
-    pthread_t helpers[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
     for (int64_t t = 0; t < threads; t++)
         work[t] = (Work){x, packed, scales_and_zeros, y, scratch + t * words, m, k, n, group,
                          blocks * t / threads, blocks * (t + 1) / threads, (int)backend};
-    for (int64_t t = 1; t < threads; t++) started[t] = pthread_create(&helpers[t], 0, run_blocks, &work[t]) == 0;
-    run_blocks(&work[0]);
-    for (int64_t t = 1; t < threads; t++) {
-        if (started[t])
-            pthread_join(helpers[t], 0);
-        else
-            run_blocks(&work[t]); /* no thread to be had: do its share here */
-    }
+    run_on_threads(run_blocks, work, sizeof work[0], threads);
     free(scratch);
     return 0;
 #else

@@ -26,17 +26,15 @@
  * block: two halves of 32 columns (bytes 0-15 of a weight row: columns 0-15 from the low
  * nibbles and 32-47 from the high ones; bytes 16-31: 16-31 and 48-63), ROWS rows of x at a
  * time, each group's partial sums in registers and the running totals in y. */
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "native_bf16.h"
+#include "native_threads.h"
 
 #define BLOCK_N 64
 #define ROWS 8 /* rows of x per pass: 8 x 2 partial sums + 4 table/weight vectors < 32 zmm */
-#define MAX_THREADS 64
-
 typedef uint16_t v16h __attribute__((vector_size(32)));
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__)
@@ -161,23 +159,12 @@ int inlaid_int4pack_mm_dot(const float *x, const uint8_t *packed, const uint16_t
             for (int64_t kk = g * group; kk < (g + 1) * group; kk++) sum += bf16_to_float(x_bf16[r * k + kk]);
             x_group_sums[r * groups + g] = sum;
         }
-    if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads > blocks) threads = blocks;
+    threads = thread_count(threads, blocks);
     Work work[MAX_THREADS];
-    pthread_t helpers[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
     for (int64_t t = 0; t < threads; t++)
         work[t] = (Work){x_bf16, packed, scales_and_zeros, x_group_sums, y, m, k, n, group,
                          blocks * t / threads, blocks * (t + 1) / threads};
-    for (int64_t t = 1; t < threads; t++) started[t] = pthread_create(&helpers[t], 0, run_blocks, &work[t]) == 0;
-    run_blocks(&work[0]);
-    for (int64_t t = 1; t < threads; t++) {
-        if (started[t])
-            pthread_join(helpers[t], 0);
-        else
-            run_blocks(&work[t]); /* no thread to be had: do its share here */
-    }
+    run_on_threads(run_blocks, work, sizeof work[0], threads);
     free(x_bf16);
     free(x_group_sums);
     return 0;

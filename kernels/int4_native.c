@@ -20,11 +20,11 @@
  * Needs N % 64 == 0. Plain C with GCC vector extensions: the compiler maps a 16-float vector
  * onto whatever the CPU it is built on has (-march=native; one zmm on AVX-512).
  */
-#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 
 #include "native_bf16.h"
+#include "native_threads.h"
 
 typedef uint8_t v16b __attribute__((vector_size(16)));
 
@@ -190,30 +190,17 @@ static void *run_blocks(void *arg) {
     return 0;
 }
 
-#define MAX_THREADS 64
-
 /* Returns 0, or -1 for arguments it cannot take (nothing written then). */
 int inlaid_int4pack_mm(const float *x, const uint8_t *packed, const uint16_t *scales_and_zeros, float *y, int64_t m,
                        int64_t k, int64_t n, int64_t group, int64_t threads) {
     if (m < 1 || k < 1 || n < BLOCK_N || n % BLOCK_N || group < 1 || k % group) return -1;
     int64_t blocks = n / BLOCK_N;
-    if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads > blocks) threads = blocks;
+    threads = thread_count(threads, blocks);
     Work work[MAX_THREADS];
-    pthread_t helpers[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
     for (int64_t t = 0; t < threads; t++) {
         work[t] = (Work){x, packed, scales_and_zeros, y, m, k, n, group, blocks * t / threads, blocks * (t + 1) / threads};
     }
-    for (int64_t t = 1; t < threads; t++) started[t] = pthread_create(&helpers[t], 0, run_blocks, &work[t]) == 0;
-    run_blocks(&work[0]);
-    for (int64_t t = 1; t < threads; t++) {
-        if (started[t])
-            pthread_join(helpers[t], 0);
-        else
-            run_blocks(&work[t]); /* no thread to be had: do its share here */
-    }
+    run_on_threads(run_blocks, work, sizeof work[0], threads);
     return 0;
 }
 

@@ -38,18 +38,19 @@ def native_int4_unavailable_reason() -> str:
     return _load()[1]
 
 
-class NativeInt4Weight:
-    """One int4pack layout bound to int4_native.c once: its checks, pointers and sizes are
-    computed here, so a call checks only x (~20 us less a call than checking everything each
-    time: 120 calls a decode step of the default model). Bound to the layout's tensors: the
-    layout must keep them (`bound_to` says whether it still does)."""
+class BoundInt4Layout:
+    """One int4pack layout bound to a native kernel's entry point once (int4_native.c here,
+    int4_dot.c's `DotInt4Weight`): its checks, pointers and sizes are computed here, so a call
+    checks only x (~20 us less a call than checking everything each time: 120 calls a decode
+    step of the default model). Bound to the layout's tensors: the layout must keep them
+    (`bound_to` says whether it still does). The entry point takes (x, packed,
+    scales_and_zeros, y, M, K, N, group, threads) and returns 0 or a refusal."""
 
-    def __init__(self, layout: CpuInt4Layout) -> None:
-        library = _load()[0]
-        if library is None:
-            raise QuantLinearError(f"the native int4 kernel is unavailable: {native_int4_unavailable_reason()}")
+    kernel_name = "native int4 kernel"
+
+    def __init__(self, layout: CpuInt4Layout, function: ctypes._CFuncPtr) -> None:
         if not layout.dequantizable:
-            raise QuantLinearError("the native int4 kernel needs N % 64 == 0 and torch's known int4pack layout")
+            raise QuantLinearError(f"the {self.kernel_name} needs N % 64 == 0 and torch's known int4pack layout")
         packed, scales_and_zeros = layout.packed, layout.scales_and_zeros
         if scales_and_zeros.dtype != torch.bfloat16 or not scales_and_zeros.is_contiguous():
             raise QuantLinearError("scales_and_zeros must be contiguous bf16")
@@ -57,8 +58,7 @@ class NativeInt4Weight:
             raise QuantLinearError("the int4pack bytes must be a contiguous CPU uint8 tensor")
         self.packed, self.scales_and_zeros = packed, scales_and_zeros
         self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
-        self._function = library.inlaid_int4pack_mm
-        self._dequantize = library.inlaid_int4pack_dequant_bf16
+        self._function = function
         self._weight_arguments = (packed.data_ptr(), scales_and_zeros.data_ptr())
         self._group = layout.kernel_group
 
@@ -66,8 +66,9 @@ class NativeInt4Weight:
         return layout.packed is self.packed and layout.scales_and_zeros is self.scales_and_zeros
 
     def matmul(self, x: Tensor, threads: int = 1, out: Tensor | None = None) -> Tensor:
-        """float32 [M, N] = x @ W. x: float32 [M, K_pad], contiguous (permuted and padded as the
-        layout needs); `out`: an optional float32 [M, N] contiguous buffer to write into."""
+        """float32 [M, N] = x @ W (in the kernel's precision). x: float32 [M, K_pad], contiguous
+        (permuted and padded as the layout needs); `out`: an optional float32 [M, N] contiguous
+        buffer to write into."""
         n, k = self.out_features, self.in_features
         if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k or not x.is_contiguous() or x.device.type != "cpu":
             raise QuantLinearError(f"x must be a contiguous CPU float32 [M, {k}], got {x.dtype} {tuple(x.shape)}")
@@ -79,8 +80,20 @@ class NativeInt4Weight:
             return y
         status = self._function(x.data_ptr(), *self._weight_arguments, y.data_ptr(), m, k, n, self._group, threads)
         if status != 0:
-            raise QuantLinearError(f"the native int4 kernel refused M={m} K={k} N={n} group={self._group}")
+            raise QuantLinearError(f"the {self.kernel_name} refused M={m} K={k} N={n} group={self._group} "
+                                   f"(status {status})")
         return y
+
+
+class NativeInt4Weight(BoundInt4Layout):
+    """A layout bound to int4_native.c: its fp32 GEMM and its bf16 dequantization."""
+
+    def __init__(self, layout: CpuInt4Layout) -> None:
+        library = _load()[0]
+        if library is None:
+            raise QuantLinearError(f"the native int4 kernel is unavailable: {native_int4_unavailable_reason()}")
+        super().__init__(layout, library.inlaid_int4pack_mm)
+        self._dequantize = library.inlaid_int4pack_dequant_bf16
 
     def dequantize_bf16(self, out: Tensor) -> Tensor:
         """out bf16 [K_pad, N] = (q - 8) * scale + zero, in fp32 then rounded once to bf16 (the
