@@ -361,3 +361,38 @@ def test_a_step_log_changes_no_step(label, tmp_path):
         [(s.num_seqs, s.num_tokens, s.adapters, s.loads) for s in bare.steps]
     assert [r.finish_s for r in logged.requests] == [r.finish_s for r in bare.requests]
     assert len(read_step_log(log)) == len(bare.steps)
+
+
+def test_a_live_retuning_changes_the_next_steps_and_keeps_the_queue(tmp_path):
+    """retune_policy mid-trace (what the server's live re-tuning does to every executor's
+    policy): from the next step on the new β holds; every queued request still finishes
+    with its output; the length model, the fairness counters and the stateful options stay
+    as they were built; refused options change nothing; FIFO is not tuned."""
+    from inlaid.scheduling.registry import retune_policy
+
+    trace = _trace([(0.01 * i, f"t{i % 6}", 30, 12) for i in range(120)])
+    shape = EngineShape(max_num_seqs=8, max_lora_slots=6)
+    policy = make_policy("inlaid", {"max_adapters_per_step": 4, "batch_rows_target": 0, "fairness_bound": 5000.0,
+                                    "predictor": "task-mean", "step_log": str(tmp_path / "steps.jsonl")})
+    inner = policy.inner
+    length_model, service = inner.length_model, inner.service
+    adapters_per_step: list[int] = []
+
+    def on_plan(plan: BatchPlan, scheduler: Scheduler) -> None:
+        adapters_per_step.append(len({c.adapter_slot for c in plan.chunks if c.adapter_slot >= 0}))
+        if len(adapters_per_step) == 10:
+            with pytest.raises(ValueError, match="max_adapters_per_step"):
+                retune_policy(policy, {"max_adapters_per_step": -1})
+            with pytest.raises(ValueError, match="no option"):
+                retune_policy(policy, {"beta": 1})
+            assert inner.options.max_adapters_per_step == 4  # refused: nothing changed
+            options = retune_policy(policy, {"max_adapters_per_step": 1, "batch_rows_target": 0,
+                                             "fairness_bound": 0.0, "predictor": "model", "max_wait_s": 30.0})
+            assert options is inner.options and options.max_adapters_per_step == 1 and options.max_wait_s == 30.0
+            assert options.fairness_bound == 5000.0 and options.predictor == "task-mean"  # they own state
+
+    result = simulate(trace, policy, COST, shape, on_plan=on_plan)
+    _check_outputs(trace, result)
+    assert max(adapters_per_step[:10]) == 4 and max(adapters_per_step[10:]) == 1
+    assert inner.length_model is length_model and inner.service is service
+    assert retune_policy(make_policy("fifo", {}), {"max_adapters_per_step": 1}) is None

@@ -210,11 +210,13 @@ def tuned_options(
     cache_dir: str | None = None,
     requests: int = 200,
     log: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, Any], TuningResult | None]:
     """The `[scheduler]` options a server starts with: the chosen candidate's, then the
     explicit ones over them. With `cache_dir`, a tuning of the same cost model, shape, task
     count and explicit options is read back instead of simulated again (restarts are
-    instant); the result is then None."""
+    instant); the result is then None. `progress`: tune_inlaid_options's (an exception it
+    raises ends the tuning)."""
     import hashlib
     import json
     from dataclasses import asdict
@@ -235,7 +237,7 @@ def tuned_options(
     if log:
         log(f"tuning the inlaid policy on {cost_model_path}: {len(WORKLOADS) * (len(CANDIDATES) + 2)} simulations "
             f"of {requests} requests, {num_tasks} tasks, {shape.max_lora_slots} adapter slots")
-    result = tune_inlaid_options(cost, shape, num_tasks, explicit, requests=requests)
+    result = tune_inlaid_options(cost, shape, num_tasks, explicit, requests=requests, progress=progress)
     if log:
         log(f"scheduler tuning chose {result.chosen.label!r} in {result.seconds:.0f} s:\n{result.table()}")
     if cache is not None:

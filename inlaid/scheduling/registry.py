@@ -79,3 +79,14 @@ def build_length_model(options: InlaidOptions) -> LengthModel:
     if path and os.path.exists(path):
         return OnlineLengthPredictor.load(path, refit_every=options.predictor_refit_every, state_path=path)
     return OnlineLengthPredictor(refit_every=options.predictor_refit_every, state_path=path)
+
+
+def retune_policy(policy: SchedulingPolicy, raw_options: Mapping[str, Any]) -> InlaidOptions | None:
+    """A live re-tuning's `[scheduler]` options applied to a serving policy in place (the
+    inlaid policy, inside a step log too; InlaidPolicy.retune says what stays): the options
+    now in force, or None for a policy the tuning does not tune (left as it is). ValueError
+    (nothing changed) for options the policy refuses."""
+    inner = policy.inner if isinstance(policy, StepLogPolicy) else policy
+    if not isinstance(inner, InlaidPolicy):
+        return None
+    return inner.retune(parse_options("inlaid", raw_options))

@@ -35,6 +35,7 @@ holds only for the tasks within B (a task ahead waits until the others catch up)
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -105,6 +106,21 @@ class InlaidPolicy(SchedulingPolicy):
 
     def attach(self, scheduler: "Scheduler") -> None:
         self._scheduler = scheduler
+
+    # The options that own state built with the policy: a re-tuning keeps them as they are.
+    STATEFUL_OPTIONS = ("predictor", "predictor_state", "predictor_refit_every", "fairness_bound")
+
+    def retune(self, options: InlaidOptions) -> InlaidOptions:
+        """Rank with `options` from the next step on (a live re-tuning), keeping the queue's
+        state (overdue requests stay overdue), the length model and the service counters:
+        STATEFUL_OPTIONS keep their current values. Returns the options now in force;
+        ValueError (nothing changed) when they are invalid."""
+        options = dataclasses.replace(options, **{name: getattr(self.options, name) for name in self.STATEFUL_OPTIONS})
+        options.validate()
+        self.options = options
+        self.max_adapters_per_step = options.max_adapters_per_step or None
+        self.max_prefill_tokens_per_step = options.max_prefill_tokens_per_step or None
+        return options
 
     # ------------------------------------------------------------------ ranking
     def order(self, running: list[Sequence], waiting: list[Sequence], now: float) -> list[Sequence]:

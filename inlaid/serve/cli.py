@@ -61,23 +61,32 @@ def _tuned_policies(config):  # type: ignore[no-untyped-def]
 
 
 def _autotuned_options(config) -> dict:  # type: ignore[no-untyped-def]
-    """[scheduler] options chosen on the configured cost model (inlaid/scheduling/autotune.py);
-    cached in server.state_dir, so a restart with the same settings does not simulate again."""
+    """The start-up tuning's [scheduler] options (`tuned_options_for` the configured tasks);
+    if it fails, the configured options."""
+    import logging
+
+    try:
+        return tuned_options_for(config, len(config.tasks))
+    except Exception as error:  # noqa: BLE001  (tuning is an optimisation: the server starts without it)
+        logging.getLogger("inlaid.coordinator").error("scheduler tuning failed; starting with the configured options",
+                                                      extra={"error": f"{type(error).__name__}: {error}"})
+        return dict(config.scheduler)
+
+
+def tuned_options_for(config, num_tasks: int, progress=None) -> dict:  # type: ignore[no-untyped-def]
+    """[scheduler] options chosen on the configured cost model for `num_tasks` tasks
+    (inlaid/scheduling/autotune.py); cached in server.state_dir, so a restart or a return to
+    a count tuned before does not simulate again. At start-up and on live task changes
+    (inlaid/serve/retuning.py)."""
     import logging
 
     from inlaid.scheduling.autotune import tuned_options
     from inlaid.scheduling.simulator import EngineShape
 
-    shape = EngineShape.of(config.engine)
     log = logging.getLogger("inlaid.coordinator")
-    try:
-        options, _ = tuned_options(config.autotune_cost_model, shape, max(1, len(config.tasks)), config.scheduler,
-                                   cache_dir=config.state_dir, log=log.info)
-    except Exception as error:  # noqa: BLE001  (tuning is an optimisation: the server starts without it)
-        log.error("scheduler tuning failed; starting with the configured options",
-                  extra={"error": f"{type(error).__name__}: {error}"})
-        return dict(config.scheduler)
-    log.info("scheduler options", extra={"options": options})
+    options, _ = tuned_options(config.autotune_cost_model, EngineShape.of(config.engine), max(1, num_tasks),
+                               config.scheduler, cache_dir=config.state_dir, log=log.info, progress=progress)
+    log.info("scheduler options", extra={"options": options, "tasks": num_tasks})
     return options
 
 
@@ -93,8 +102,10 @@ def serve(config) -> int:  # type: ignore[no-untyped-def]
     async def main() -> int:
         # Simulating the tuning's candidates takes ~25 s: done while the executors load the model.
         tune = functools.partial(_tuned_policies, config) if config.autotune_cost_model is not None else None
+        retune = functools.partial(tuned_options_for, config) if config.autotune_cost_model is not None else None
         try:
-            coordinator = Coordinator(config, policy_factory=_policies(config), tune_policies=tune)
+            coordinator = Coordinator(config, policy_factory=_policies(config), tune_policies=tune,
+                                      retune_options=retune)
         except (ModelLoadError, ValueError) as error:
             log.critical("cannot start", extra={"error": str(error)})
             return 2

@@ -57,9 +57,12 @@ def requantization_blocker(config: ServerConfig) -> str:
 
 
 class DynamicTasks:
-    def __init__(self, config: ServerConfig, registry: TaskRegistry, wake: Callable[[], None]) -> None:
+    def __init__(self, config: ServerConfig, registry: TaskRegistry, wake: Callable[[], None],
+                 on_task_count: Callable[[int], None] = lambda count: None) -> None:
+        """on_task_count(tasks served): after every live addition or removal."""
         self.config = config
         self.registry = registry
+        self._on_task_count = on_task_count
         self.num_layers = registry.engine.model_config.num_layers
         self.blocker = requantization_blocker(config)
         self.store: TaskStore | None = None
@@ -121,6 +124,7 @@ class DynamicTasks:
             if store is not None and inputs.copied:
                 store.discard_copies(inputs.adapter_dir, inputs.calibration)
             raise
+        self._on_task_count(len(self.registry.tasks))
         if store is None:
             return text + (f"; not re-quantized: {self.blocker}" if inputs.calibration else "")
         record = TaskRecord(name=name, adapter_dir=inputs.adapter_dir, calibration=inputs.calibration, phase=SERVING,
@@ -152,6 +156,7 @@ class DynamicTasks:
 
     def remove(self, name: str) -> str:
         text = self.registry.remove(name)
+        self._on_task_count(len(self.registry.tasks))
         store = self.store
         if store is None:
             return text

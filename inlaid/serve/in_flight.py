@@ -1,0 +1,217 @@
+"""The coordinator's requests in flight: a Generate checked and placed on an executor's
+engine, its tokens streamed back as steps finish, and its end (finished, cancelled, failed,
+abandoned by its client, past its deadline) answered once and forgotten everywhere
+(engine, indexes, metrics, task registry). Torch-free; runs on the coordinator's loop.
+
+Every bad Generate gets a typed ErrorReply naming what is wrong, to its sender only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from inlaid.engine.engine import Engine, InvalidRequestError, RequestOutput
+from inlaid.engine.sequence import SequenceStatus
+from inlaid.protocol import BatchPlan, Cancel, ErrorCode, ErrorReply, Generate, TextChunk
+from inlaid.serve.config import ServerLimits
+from inlaid.serve.executor_pool import ExecutorPool, ExecutorShard
+from inlaid.serve.metrics import BASE_TASK_LABEL, ServerMetrics
+from inlaid.serve.requests import ActiveRequest, RequestKey
+from inlaid.serve.task_registry import TaskError, TaskRegistry
+
+log = logging.getLogger("inlaid.coordinator")
+
+
+class InFlight:
+    def __init__(self, limits: ServerLimits, pool: ExecutorPool, registry: TaskRegistry,
+                 send: Callable[[bytes, msgspec.Struct], None], accepting: Callable[[], bool],
+                 counters: dict[str, int]) -> None:
+        """send(client identity, message): a reply to one client. accepting(): False once
+        the server shuts down. counters: the coordinator's (received, finished, ...)."""
+        self.limits = limits
+        self.pool = pool
+        self.engine = pool.shards[0].engine  # tokenizer and limits: the same in every engine
+        self.registry = registry
+        self._send = send
+        self._accepting = accepting
+        self.counters = counters
+        self.metrics: ServerMetrics | None = None  # set by the coordinator (it reads by_engine_id)
+        self.requests: dict[RequestKey, ActiveRequest] = {}
+        self.by_engine_id: dict[str, ActiveRequest] = {}
+        self.by_seq_id: dict[int, ActiveRequest] = {}
+        self._next_engine_id = 0
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def error(self, identity: bytes, request_id: str, code: str, message: str) -> str:
+        self._send(identity, ErrorReply(request_id=request_id, code=code, message=message))
+        return code
+
+    # ------------------------------------------------------------------ admission
+    def generate(self, identity: bytes, message: Generate) -> None:
+        assert self.metrics is not None
+        rejection = self._admit(identity, message)
+        if rejection is None:
+            self.metrics.on_admitted(self.requests[(identity, message.request_id)])
+        else:
+            self.metrics.on_rejected(message.task, rejection)
+
+    def _admit(self, identity: bytes, message: Generate) -> str | None:
+        """Start the request, or answer it with an error; returns that error's code."""
+        request_id = message.request_id
+        key = (identity, request_id)
+        self.counters["received"] += 1
+        if not self._accepting():
+            return self.error(identity, request_id, ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+        if key in self.requests:
+            return self.error(identity, request_id, ErrorCode.INVALID_REQUEST,
+                              f"request id {request_id!r} is already in flight on this connection")
+        if len(self.requests) >= self.limits.max_pending_requests:
+            self.counters["overloaded"] += 1
+            return self.error(identity, request_id, ErrorCode.OVERLOADED,
+                              f"{len(self.requests)} requests in flight (the limit); retry later")
+        try:
+            self.registry.check_accepting(message.task)
+        except TaskError as error:
+            return self.error(identity, request_id, error.code, error.message)
+        if message.deadline_s is not None and not (message.deadline_s > 0 and math.isfinite(message.deadline_s)):
+            return self.error(identity, request_id, ErrorCode.INVALID_REQUEST, "deadline_s must be a positive number")
+        try:
+            message.sampling.validate()
+            token_ids = self._prompt_tokens(message)
+        except (ValueError, InvalidRequestError) as error:
+            return self.error(identity, request_id, ErrorCode.INVALID_REQUEST, str(error))
+        if len(token_ids) >= self.engine.max_model_len:
+            return self.error(identity, request_id, ErrorCode.CONTEXT_LENGTH,
+                              f"the prompt has {len(token_ids)} tokens; the context length is "
+                              f"{self.engine.max_model_len} and at least one new token must fit")
+        engine_id = f"r{self._next_engine_id}"
+        self._next_engine_id += 1
+        shard = self.pool.choose(message.task, len(token_ids), self.by_engine_id)
+        try:
+            shard.engine.add_request(token_ids, sampling=message.sampling, adapter=message.task, request_id=engine_id)
+        except (ValueError, InvalidRequestError) as error:
+            return self.error(identity, request_id, ErrorCode.INVALID_REQUEST, str(error))
+        request = ActiveRequest(key=key, engine_id=engine_id, seq_id=shard.engine.sequence(engine_id).seq_id,
+                                task=message.task, stream=message.stream, num_prompt_tokens=len(token_ids),
+                                executor=shard.index)
+        self.requests[key] = request
+        self.by_engine_id[engine_id] = request
+        self.by_seq_id[request.seq_id] = request
+        self.registry.request_started(message.task)
+        if message.deadline_s is not None:
+            request.deadline = asyncio.get_running_loop().call_later(message.deadline_s, self._on_deadline, key)
+        shard.wake()
+        return None
+
+    def _prompt_tokens(self, message: Generate) -> list[int]:
+        given = [x is not None for x in (message.prompt, message.messages, message.prompt_token_ids)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of prompt, messages or prompt_token_ids")
+        if message.messages is not None:
+            chat = [{"role": m.role, "content": m.content} for m in message.messages]
+            return self.engine.prompt_tokens(None, chat)
+        return self.engine.prompt_tokens(message.prompt if message.prompt is not None else message.prompt_token_ids, None)
+
+    # ------------------------------------------------------------------ steps
+    def on_plan(self, plan: BatchPlan) -> None:
+        now = time.monotonic()
+        for chunk in plan.chunks:
+            request = self.by_seq_id.get(chunk.seq_id)
+            if request is not None and request.scheduled_at is None:
+                request.scheduled_at = now
+
+    def deliver(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        for output in outputs:
+            request = self.by_engine_id.get(output.request_id)
+            if request is None:
+                continue
+            if output.new_token_ids:
+                if request.first_token_at is None:
+                    request.first_token_at = now
+                request.token_ids.extend(output.new_token_ids)
+                self.counters["tokens"] += len(output.new_token_ids)
+            request.text.append(output.text_delta)
+            if request.stream and (output.text_delta or output.new_token_ids):
+                self._send(request.identity, TextChunk(request_id=request.request_id, text=output.text_delta,
+                                                       token_ids=list(output.new_token_ids)))
+            if output.error is not None:  # the executor could not compute this one request
+                self.fail(request, output.error.code, output.error.message)
+            elif output.finished:
+                self._send(request.identity, request.done_message(output.finish_reason or "stop"))
+                self.counters["finished"] += 1
+                self._forget(request, output.finish_reason or "stop")
+                log.debug("request finished", extra={"request_id": request.request_id, "task": request.task,
+                                                     "tokens": len(request.token_ids),
+                                                     "seconds": round(now - request.received_at, 4)})
+
+    # ------------------------------------------------------------------ ends
+    def cancel(self, identity: bytes, message: Cancel) -> None:
+        request = self.requests.get((identity, message.request_id))
+        if request is None:
+            return  # finished already, or never existed: cancelling is idempotent
+        self._engine_of(request).abort(request.engine_id)
+        self._send(identity, request.done_message("cancelled"))
+        self.counters["finished"] += 1
+        self._forget(request, "cancelled")
+
+    def client_gone(self, identity: bytes) -> None:
+        """The client's connection closed: nobody can read its answers; stop computing them."""
+        gone = [request for request in self.requests.values() if request.identity == identity]
+        for request in gone:
+            self._engine_of(request).abort(request.engine_id)
+            self.counters["abandoned"] += 1
+            self._forget(request, "abandoned")
+        if gone:
+            log.info("client disconnected; its requests are cancelled",
+                     extra={"client": identity.hex(), "requests": [r.request_id for r in gone]})
+
+    def fail_running(self, shard: ExecutorShard, message: str, code: str = ErrorCode.EXECUTOR_FAILED) -> None:
+        """Fail every request whose KV state lived on this executor; waiting ones stay queued."""
+        for request in [r for r in self.requests.values() if r.executor == shard.index]:
+            try:
+                running = shard.engine.sequence(request.engine_id).status is SequenceStatus.RUNNING
+            except KeyError:
+                running = True  # the engine no longer knows it: it can never finish
+            if running:
+                self.fail(request, code, message)
+
+    def fail_all(self, code: str, message: str) -> None:
+        for request in list(self.requests.values()):
+            self.fail(request, code, message)
+
+    def _on_deadline(self, key: RequestKey) -> None:
+        request = self.requests.get(key)
+        if request is not None:
+            request.deadline = None
+            self.fail(request, ErrorCode.DEADLINE_EXCEEDED,
+                      f"the deadline passed after {len(request.token_ids)} generated tokens")
+
+    def fail(self, request: ActiveRequest, code: str, message: str) -> None:
+        self._engine_of(request).abort(request.engine_id)  # frees its KV blocks; a no-op when already gone
+        self.error(request.identity, request.request_id, code, message)
+        self.counters["failed"] += 1
+        self._forget(request, code)
+        log.info("request failed", extra={"request_id": request.request_id, "code": code, "reason": message})
+
+    def _engine_of(self, request: ActiveRequest) -> Engine:
+        return self.pool.shards[request.executor].engine
+
+    def _forget(self, request: ActiveRequest, outcome: str) -> None:
+        assert self.metrics is not None
+        self.metrics.on_finished(request, outcome)
+        self.pool.shards[request.executor].tasks_served[request.task or BASE_TASK_LABEL] += 1
+        if request.deadline is not None:
+            request.deadline.cancel()
+        self.requests.pop(request.key, None)
+        self.by_engine_id.pop(request.engine_id, None)
+        self.by_seq_id.pop(request.seq_id, None)
+        self.registry.request_ended(request.task)
