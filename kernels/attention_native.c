@@ -25,15 +25,6 @@
 #define MAX_GROUP 16 /* query heads per kv head held at once */
 #define MAX_HEAD_DIM 256
 
-/* The sum of the 16 lanes: four shuffle + add steps (summing lane by lane costs ~3x more). */
-static inline float sum16(v16f v) {
-    v = v + __builtin_shuffle(v, (v16i){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-    v = v + __builtin_shuffle(v, (v16i){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-    v = v + __builtin_shuffle(v, (v16i){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-    v = v + __builtin_shuffle(v, (v16i){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
-    return v[0];
-}
-
 static inline v16f splat(float value) { return (v16f){0} + value; }
 
 /* e^x for x <= 0, 16 lanes: 2^n * e^r with n = round(x / ln 2) and |r| <= ln 2 / 2 by a degree-6

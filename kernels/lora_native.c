@@ -65,12 +65,6 @@ int inlaid_lora_half_fast(void) {
 #endif
 }
 
-static inline float sum16(v16f v) {
-    float total = 0.0f;
-    for (int i = 0; i < 16; i++) total += v[i];
-    return total;
-}
-
 /* dot(a, b) over n values and y[0:n] += sum_j v[j] * b[j * n : j * n + n] for j < rank, for
  * pools of element type T read through LOAD16 / LOAD1: one definition for both pool types, so
  * the float16 copies are summed exactly as the float32 pools are. The scalar tails spell their
