@@ -10,7 +10,11 @@ order so that machine load spreads over all shapes; the median is kept. Writes
     bench/results/sched_cost_model.json   the fitted StepCostModel (what the simulator loads)
     bench/results/sched_cost.md / .png    coefficients, in-sample and 5-fold errors, a plot
 
-    .venv/bin/python bench/sched_cost.py [--threads 1] [--reps 3] [--tag NAME]
+    .venv/bin/python bench/sched_cost.py [--threads 1] [--reps 3] [--tag NAME] [--quantized]
+
+`--quantized` measures the server's default base instead of the fp32 model: the MLGPTQ 4-bit
+suite base (inlaid.quant.suite, cached), with the embedding/head in bf16 where the CPU
+multiplies bf16 natively (as `make run` and bench/e2e.py serve it).
 
 `--tag xeon` writes sched_cost*_xeon.* instead: the fit of a second machine, beside the one
 the committed sweep uses (docs/scheduling.md compares them).
@@ -86,7 +90,18 @@ def _build_plan(shape: dict, step_id: int, adapter_slots: list[tuple[str, str, i
     return BatchPlan(step_id=step_id, chunks=chunks, adapter_loads=loads), next_block
 
 
-def measure(threads: int, reps: int, seed: int = 0) -> list[dict]:
+def quantized_base_settings() -> dict[str, str]:
+    """EngineConfig fields that serve the MLGPTQ 4-bit suite base as the server does by default."""
+    from inlaid.kernels.dense_cpu import native_bf16
+    from inlaid.quant.suite import ensure_suite_checkpoint
+
+    settings = {"quantized_dir": str(ensure_suite_checkpoint(adapters_dir=ADAPTERS))}
+    if native_bf16():
+        settings["weight_dtype"] = "bfloat16"  # the embedding/head, as make run serves it
+    return settings
+
+
+def measure(threads: int, reps: int, seed: int = 0, quantized: bool = False) -> list[dict]:
     import torch
     from tqdm import tqdm
 
@@ -100,7 +115,7 @@ def measure(threads: int, reps: int, seed: int = 0) -> list[dict]:
     names = sorted(p.name for p in ADAPTERS.iterdir() if (p / "adapter_config.json").is_file())[:8]
     adapter_slots = [(name, str(ADAPTERS / name), read_adapter_spec(name, str(ADAPTERS / name)).rank) for name in names]
     config = EngineConfig(model_dir=str(prepare_default_model(quiet=True)), threads=threads, block_size=BLOCK_SIZE,
-                          num_kv_blocks=NUM_BLOCKS, max_lora_slots=8)
+                          num_kv_blocks=NUM_BLOCKS, max_lora_slots=8, **(quantized_base_settings() if quantized else {}))
     runner = ModelRunner(config)
     for slot, (name, path, _) in enumerate(adapter_slots):
         runner.load_adapter(slot, name, path)
@@ -146,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                         help="fit the executor's CPU time (default: what a quiet machine's wall clock shows, "
                              "robust to other processes) or its wall time (this machine under its current load)")
+    parser.add_argument("--quantized", action="store_true",
+                        help="the MLGPTQ 4-bit suite base (the server's default) instead of the fp32 model")
     parser.add_argument("--tag", default="", help="another machine's fit: files sched_cost*_TAG.* beside the committed "
                                                   "ones (bench/sched_sim.py --tag TAG sweeps on it)")
     args = parser.parse_args(argv)
@@ -158,16 +175,17 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         load_before = os.getloadavg()
         started = time.perf_counter()
-        rows = measure(args.threads, args.reps)
+        rows = measure(args.threads, args.reps, quantized=args.quantized)
         data = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-                "threads": args.threads, "reps": args.reps, "model": "SmolLM2-135M-Instruct fp32",
+                "threads": args.threads, "reps": args.reps, "model": "SmolLM2-135M-Instruct " + ("MLGPTQ 4-bit suite base" if args.quantized else "fp32"),
                 "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                 "seconds": time.perf_counter() - started, "steps": rows}
         data_path.write_text(json.dumps(data, indent=1) + "\n")
     key = "median_cpu_seconds" if args.clock == "cpu" else "median_seconds"
     samples = [(features_from_dict(row["features"]), row[key]) for row in data["steps"]]
     wall = [(features_from_dict(row["features"]), row["median_seconds"]) for row in data["steps"]]
-    description = (f"ModelRunner.execute {args.clock} seconds, default model fp32, {data['threads']} threads, "
+    model_name = data.get("model", "SmolLM2-135M-Instruct fp32").replace("SmolLM2-135M-Instruct", "default model")
+    description = (f"ModelRunner.execute {args.clock} seconds, {model_name}, {data['threads']} threads, "
                    f"median of {data['reps']}, {len(samples)} plan shapes")
     model = fit_cost_model(samples, description)
     model.save(RESULTS / f"sched_cost_model{tag}.json")
