@@ -199,14 +199,16 @@ def int4_dequant_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | N
     return _kernel_input(x, layout, input_perm, torch.bfloat16) @ dequantize_int4pack(layout)
 
 
-def int4_bf16_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None) -> Tensor:
+def int4_bf16_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None, out: Tensor | None = None) -> Tensor:
     """[M, N] = bf16(x) (act-order permuted) @ bf16(W): the many-rows route. The bf16 kernel where
-    it takes the layout (fp32 result, the weight dequantized block by block in cache), else
-    the whole weight dequantized for oneDNN's bf16 GEMM (bf16 result)."""
+    it takes the layout (fp32 result, the weight dequantized block by block in cache; written
+    into `out`, a contiguous float32 [M, N], when given), else the whole weight dequantized for
+    oneDNN's bf16 GEMM (bf16 result, `out` left to the caller)."""
     from .int4_bf16 import bf16_kernel_fits, int4pack_mm_bf16
 
     if bf16_kernel_fits(layout):
-        return int4pack_mm_bf16(_kernel_input(x, layout, input_perm, x.dtype), layout, threads=torch.get_num_threads())
+        return int4pack_mm_bf16(_kernel_input(x, layout, input_perm, x.dtype), layout, threads=torch.get_num_threads(),
+                                out=out)
     return int4_dequant_matmul(x, layout, input_perm)
 
 
@@ -228,20 +230,22 @@ def few_rows_dot(layout: CpuInt4Layout) -> bool:
     return dot_kernel_fits(layout)
 
 
-def int4_dot_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None) -> Tensor:
-    """float32 [M, N] = bf16(x) (act-order permuted) @ W through the dot-product kernel."""
+def int4_dot_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """float32 [M, N] = bf16(x) (act-order permuted) @ W through the dot-product kernel (into
+    `out`, a contiguous float32 [M, N], when given)."""
     from .int4_dot import dot_weight
 
     return dot_weight(layout).matmul(_kernel_input(x, layout, input_perm, torch.float32),
-                                     threads=torch.get_num_threads())
+                                     threads=torch.get_num_threads(), out=out)
 
 
-def int4_native_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None) -> Tensor:
-    """float32 [M, N] = x (act-order permuted) @ W through the native kernel, in fp32."""
+def int4_native_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """float32 [M, N] = x (act-order permuted) @ W through the native kernel, in fp32 (into `out`,
+    a contiguous float32 [M, N], when given)."""
     from .int4_native import native_weight
 
     return native_weight(layout).matmul(_kernel_input(x, layout, input_perm, torch.float32),
-                                        threads=torch.get_num_threads())
+                                        threads=torch.get_num_threads(), out=out)
 
 
 def int4_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None) -> Tensor:

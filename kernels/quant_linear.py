@@ -269,14 +269,23 @@ def prepare_quant_linear(
     raise QuantLinearError(f"unknown mode {mode!r}")
 
 
-def quant_matmul(x: Tensor, prepared: PreparedQuantLinear, prefill: bool = False) -> Tensor:
+def quant_matmul(x: Tensor, prepared: PreparedQuantLinear, prefill: bool = False, out: Tensor | None = None) -> Tensor:
     """x [M, K] -> x @ W + bias, [M, N] in x's dtype. `prefill`: x's rows are tokens of prompt
     chunks, not decode tokens (the CPU int4 path's bf16 route then starts at
-    `prepared.prefill_dense_min_m` rows instead of `dense_min_m`)."""
+    `prepared.prefill_dense_min_m` rows instead of `dense_min_m`). `out`: an optional
+    contiguous [M, N] tensor in x's dtype that receives the result (returned): the CPU int4
+    kernels write float32 results straight into it, so rows of one output (a step's decode
+    rows and prompt rows) can come from two routes without a concatenation's copy."""
     from . import quant_cpu
 
     if x.dim() != 2 or x.shape[1] != prepared.in_features:
         raise QuantLinearError(f"x must be [M, {prepared.in_features}], got shape {tuple(x.shape)}")
+    if out is not None and (out.dtype != x.dtype or tuple(out.shape) != (x.shape[0], prepared.out_features)
+                            or not out.is_contiguous() or out.device != x.device):
+        raise QuantLinearError(f"out must be a contiguous {x.dtype} [{x.shape[0]}, {prepared.out_features}] on "
+                               f"{x.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    # The fp32 int4 kernels write into `out` themselves; the other routes' results are copied.
+    kernel_out = out if out is not None and out.dtype == torch.float32 else None
     layout = prepared.layout
     weight_device = layout.packed.device if isinstance(layout, CpuInt4Layout) else next(
         t for t in vars(layout).values() if isinstance(t, Tensor)).device
@@ -284,23 +293,29 @@ def quant_matmul(x: Tensor, prepared: PreparedQuantLinear, prefill: bool = False
         raise QuantLinearError(f"x is on {x.device}, the prepared weight on {weight_device}")
     if isinstance(layout, CpuInt4Layout):  # first: the CPU engine's every projection
         if x.shape[0] >= (min(prepared.dense_min_m, prepared.prefill_dense_min_m) if prefill else prepared.dense_min_m):
-            out = quant_cpu.int4_bf16_matmul(x, layout, prepared.input_perm)
+            result = quant_cpu.int4_bf16_matmul(x, layout, prepared.input_perm, out=kernel_out)
         elif prepared.few_rows_dot:
-            out = quant_cpu.int4_dot_matmul(x, layout, prepared.input_perm)
+            result = quant_cpu.int4_dot_matmul(x, layout, prepared.input_perm, out=kernel_out)
         elif x.shape[0] >= prepared.native_min_m:
-            out = quant_cpu.int4_native_matmul(x, layout, prepared.input_perm)
+            result = quant_cpu.int4_native_matmul(x, layout, prepared.input_perm, out=kernel_out)
         else:
-            out = quant_cpu.int4_matmul(x, layout, prepared.input_perm)
+            result = quant_cpu.int4_matmul(x, layout, prepared.input_perm)
     elif isinstance(layout, DenseLayout):
-        out = torch.nn.functional.linear(x.to(layout.weight.dtype), layout.weight)
+        result = torch.nn.functional.linear(x.to(layout.weight.dtype), layout.weight)
     elif isinstance(layout, DequantLayout):
-        out = quant_cpu.dequant_matmul(x, layout, prepared.bits, prepared.in_features)
+        result = quant_cpu.dequant_matmul(x, layout, prepared.bits, prepared.in_features)
     else:
         from .quant_triton import triton_quant_matmul
 
-        out = triton_quant_matmul(x, layout, prepared.bits, prepared.input_perm, prepared.dense_min_m)
-    if out.dtype != x.dtype:
-        out = out.to(x.dtype)
+        result = triton_quant_matmul(x, layout, prepared.bits, prepared.input_perm, prepared.dense_min_m)
+    if out is not None:
+        if result is not out:
+            out.copy_(result)  # converts to x's dtype as .to() does
+        if prepared.bias is not None:
+            out += prepared.bias.to(x.dtype)
+        return out
+    if result.dtype != x.dtype:
+        result = result.to(x.dtype)
     if prepared.bias is not None:
-        out = out + prepared.bias.to(x.dtype)
-    return out
+        result = result + prepared.bias.to(x.dtype)
+    return result

@@ -213,3 +213,37 @@ def test_prompt_rows_take_the_bf16_route_from_their_own_bound() -> None:
     assert torch.equal(mixed[5:], quant_matmul(prompt, prepared, prefill=True))
     alone = LoraLinear._quantized_matmul(decode, prepared, prompt_rows_start=None)
     assert torch.equal(alone, mixed[:5])
+
+
+@pytest.mark.parametrize("route", ["torch kernel", "native", "dot", "bf16 route"])
+def test_quant_matmul_writes_its_result_into_out(route: str) -> None:
+    """quant_matmul(out=...) returns `out` holding exactly what the call without it returns
+    (bias included; the fp32 kernels write into it, the bf16 routes' results are converted
+    into it), on every route, `out` NaN-poisoned first; the result is also checked against the
+    float64 product of the layout (the bf16 routes round x and the weight: ~1e-3). A wrong
+    `out` is refused before anything is written."""
+    from inlaid.kernels.int4_dot import dot_kernel_fits
+
+    layer = random_gptq_layer(576, 192, 4, 64, act_order=True, bias=True, seed=41)
+    prepared = prepare_quant_linear(layer.weights, "cpu", torch.float32)
+    prepared.few_rows_dot = route == "dot"
+    prepared.native_min_m = 1 if route == "native" else sys.maxsize
+    if route == "dot" and not dot_kernel_fits(prepared.layout):
+        pytest.skip("the dot-product kernel does not build here")
+    if route == "bf16 route":
+        prepared.dense_min_m = 1
+    weight = layout_float64(layer, prepared)
+    for m in (1, 7, 33):
+        x = torch.randn(m, 576)
+        want = quant_matmul(x, prepared)
+        out = torch.full((m, 192), float("nan"))
+        got = quant_matmul(x, prepared, out=out)
+        assert got is out and torch.equal(out, want), (route, m)
+        exact = padded_input(x, prepared).double() @ weight + layer.weights.bias.double()
+        assert relative_error(out, exact) < (1e-5 if route == "native" else 1e-2), (route, m)
+    x = torch.randn(4, 576)
+    for wrong in (torch.zeros(4, 191), torch.zeros(4, 192, dtype=torch.float64), torch.zeros(192, 4).t()):
+        before = wrong.clone()
+        with pytest.raises(QuantLinearError, match="out must be"):
+            quant_matmul(x, prepared, out=wrong)
+        assert torch.equal(wrong, before)

@@ -257,8 +257,11 @@ class LoraLinear(nn.Module):
             return quant_matmul(x, prepared)  # one route for all rows either way
         if prompt_rows_start == 0:
             return quant_matmul(x, prepared, prefill=True)
-        return torch.cat([quant_matmul(x[:prompt_rows_start], prepared),
-                          quant_matmul(x[prompt_rows_start:], prepared, prefill=True)])
+        # Both routes write their rows of one output: no concatenation copying the whole of it.
+        y = torch.empty(x.shape[0], prepared.out_features, dtype=x.dtype, device=x.device)
+        quant_matmul(x[:prompt_rows_start], prepared, out=y[:prompt_rows_start])
+        quant_matmul(x[prompt_rows_start:], prepared, prefill=True, out=y[prompt_rows_start:])
+        return y
 
     def _native_pools(self, x: torch.Tensor) -> NativeLoraPools | None:
         """The pools bound once for the native LoRA kernel, where it built and the pools fit it
