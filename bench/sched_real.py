@@ -13,7 +13,8 @@ start from its saved state. Writes bench/results/sched_real.{json,md,png}.
     .venv/bin/python bench/sched_real.py [--requests 150] [--load 0.8] [--threads 1] [--tag xeon]
 
 `--tag NAME` simulates on sched_cost_model_NAME.json (bench/sched_cost.py --tag NAME) and
-writes sched_real_NAME.*. The policy `inlaid-tuned` (add it to --policies) is `inlaid` with
+writes sched_real_NAME.*. `--quantized` serves the MLGPTQ 4-bit suite base, as `make run`
+does (with `--tag amd4bit`, the cost model fitted on it: bench/sched_cost.py --quantized). The policy `inlaid-tuned` (add it to --policies) is `inlaid` with
 the options the server's start-up tuning chooses on that cost model
 (`[scheduler] autotune_cost_model`, inlaid/scheduling/autotune.py).
 
@@ -46,16 +47,21 @@ def _variant(label: str, tuned_options: dict | None = None):
     return next(v for v in MAIN_VARIANTS if v.label == label)
 
 
-def _run_server(label: str, trace, prompts, options: dict, threads: int, workdir: Path, policy: str = "") -> tuple[list, list]:
-    """Start a server with the variant's policy, replay `trace`, stop it; records and step log."""
+def _run_server(label: str, trace, prompts, options: dict, threads: int, workdir: Path, policy: str = "",
+                base: dict | None = None) -> tuple[list, list]:
+    """Start a server with the variant's policy, replay `trace`, stop it; records and step log.
+    base: EngineConfig fields of the base served (quantized_base_settings), else the fp32 model."""
     from inlaid.scheduling.replay import replay_trace
     from inlaid.scheduling.step_log import read_step_log
     from inlaid.serve.launcher import ServerProcess
 
     step_log = workdir / f"{label}.steps.jsonl"
     scheduler = {**options, "step_log": str(step_log)}
+    base = dict(base or {})
+    model = {"quantized_dir": base.pop("quantized_dir")} if "quantized_dir" in base else {}
     config = {
-        "executor": {"threads": threads},
+        "executor": {"threads": threads, **base},
+        **({"model": model} if model else {}),
         "server": {"policy": policy or _variant(label).policy, "log_level": "WARNING", "max_pending_requests": 100_000},
         "tasks": {name: str(ADAPTERS / name) for name in trace.tasks},
         "scheduler": scheduler,
@@ -100,6 +106,9 @@ def compare(argv: list[str] | None = None) -> dict:
     parser.add_argument("--calibration-requests", type=int, default=40)
     parser.add_argument("--render", action="store_true", help="rewrite the report and plot from sched_real.json")
     parser.add_argument("--tag", default="", help="the cost model sched_cost_model_TAG.json; writes sched_real_TAG.*")
+    parser.add_argument("--quantized", action="store_true",
+                        help="serve the MLGPTQ 4-bit suite base (the server's default in make run) instead of fp32; "
+                             "pair it with a cost model fitted on it (bench/sched_cost.py --quantized)")
     args = parser.parse_args(argv)
     suffix = f"_{args.tag}" if args.tag else ""
     if args.render:
@@ -131,6 +140,11 @@ def compare(argv: list[str] | None = None) -> dict:
     spec = TraceSpec(rate=1.0, num_requests=args.requests, cv=args.cv, num_tasks=len(ranks), popularity=args.popularity,
                      suite_task_names=True, seed=11)
     base_trace = generate_trace(spec, [r for r in records if r.split == "eval"], ranks)
+    base = None
+    if args.quantized:
+        from sched_cost import quantized_base_settings
+
+        base = quantized_base_settings()
     workdir = Path(tempfile.mkdtemp(prefix="inlaid-sched-real-"))
     # Calibration: a burst on a FIFO server says how much slower this machine's steps are
     # than the cost model (CPU time, quiet machine); the simulation of the comparison runs
@@ -138,7 +152,7 @@ def compare(argv: list[str] | None = None) -> dict:
     burst = base_trace.scaled(1000.0)
     burst = type(burst)(burst.requests[:args.calibration_requests], burst.tasks, burst.meta)
     (workdir / "calibration").mkdir()
-    _, calibration_steps = _run_server("fifo", burst, prompts, {}, args.threads, workdir / "calibration")
+    _, calibration_steps = _run_server("fifo", burst, prompts, {}, args.threads, workdir / "calibration", base=base)
     raw_error = _step_errors(calibration_steps, cost, ranks, shape.block_size)
     slowdown = 1.0 / (1.0 + raw_error["total_bias"])
     machine_cost = cost.scaled(slowdown)
@@ -167,7 +181,8 @@ def compare(argv: list[str] | None = None) -> dict:
                 run_state = workdir / f"{label}.predictor.npz"
                 shutil.copy(state, run_state)
                 options["predictor_state"] = str(run_state)
-            real_records, steps = _run_server(label, trace, prompts, options, args.threads, workdir, variant.policy)
+            real_records, steps = _run_server(label, trace, prompts, options, args.threads, workdir, variant.policy,
+                                              base)
             for record, seconds in zip(real_records, isolated):
                 record.isolated_s = seconds
             sim_options = {k: v for k, v in options.items() if k != "predictor_state"}
@@ -196,6 +211,8 @@ def compare(argv: list[str] | None = None) -> dict:
               "wall_s": time.perf_counter() - started, "trace": trace.summary(), "load": args.load,
               "simulated_capacity_rps": capacity, "threads": args.threads, "cost_model": cost.description,
               "cost_model_file": cost_file.name, "tuned_options": tuned,
+              "base": "MLGPTQ 4-bit suite base" + (", embedding/head in bf16" if base and "weight_dtype" in base else "")
+                      if args.quantized else "fp32",
               "calibration": {"requests": args.calibration_requests, "slowdown": slowdown, "raw_error": raw_error},
               "runs": runs}
     (RESULTS / f"sched_real{suffix}.json").write_text(json.dumps(report, indent=1, default=float) + "\n")

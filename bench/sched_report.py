@@ -207,7 +207,8 @@ def write_real_markdown(report: dict, path: Path) -> None:
     load = ", ".join(f"{x:.2f}" for x in report["machine_loadavg_before"])
     lines = [
         "# Scheduling policies on the real server vs the simulator", "",
-        f"`inlaid serve`, default model fp32, executor threads {report['threads']}, the nine suite adapters. Trace: "
+        f"`inlaid serve`, default model {report.get('base', 'fp32')}, executor threads {report['threads']}, the nine "
+        "suite adapters. Trace: "
         f"{trace['requests']} requests over {trace['duration_s']:.0f} s (measured rate {trace['rate']:.2f}/s, CV "
         f"{trace['cv']:.1f}), {report['load']:.0%} of the simulated FIFO saturation ({report['simulated_capacity_rps']:.2f} "
         f"requests/s). Open-loop replay through the SDK, streaming; one fresh server per policy. Cost model: "
