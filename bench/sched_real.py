@@ -29,6 +29,7 @@ import asyncio
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -106,6 +107,9 @@ def compare(argv: list[str] | None = None) -> dict:
     parser.add_argument("--calibration-requests", type=int, default=40)
     parser.add_argument("--render", action="store_true", help="rewrite the report and plot from sched_real.json")
     parser.add_argument("--tag", default="", help="the cost model sched_cost_model_TAG.json; writes sched_real_TAG.*")
+    parser.add_argument("--suite-lengths", default=None,
+                        help="the suite's recorded output lengths to draw the trace from (default: the committed fp32 "
+                             "ones; bench/sched_suite_lengths.py --quantized records the 4-bit base's)")
     parser.add_argument("--quantized", action="store_true",
                         help="serve the MLGPTQ 4-bit suite base (the server's default in make run) instead of fp32; "
                              "pair it with a cost model fitted on it (bench/sched_cost.py --quantized)")
@@ -133,7 +137,7 @@ def compare(argv: list[str] | None = None) -> dict:
     cost_file = RESULTS / f"sched_cost_model{suffix}.json"
     cost = StepCostModel.load(cost_file)
     shape = EngineShape()  # the server's engine defaults
-    records = load_suite_lengths()
+    records = load_suite_lengths(args.suite_lengths) if args.suite_lengths else load_suite_lengths()
     prompts = suite_prompts()
     history = suite_history(records, prompts, "calib")
     ranks = {p.name: read_adapter_spec(p.name, p).rank for p in sorted(ADAPTERS.iterdir()) if (p / "adapter_config.json").is_file()}
@@ -207,10 +211,11 @@ def compare(argv: list[str] | None = None) -> dict:
             print(label, json.dumps({k: runs[label]["real"]["latency_s"]["mean"] for k in ("real",)}), flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    report = {"machine_loadavg_before": load_before, "machine_loadavg_after": os.getloadavg(),
+    report = {"command": " ".join(sys.argv[1:] if argv is None else argv), "machine_loadavg_before": load_before, "machine_loadavg_after": os.getloadavg(),
               "wall_s": time.perf_counter() - started, "trace": trace.summary(), "load": args.load,
               "simulated_capacity_rps": capacity, "threads": args.threads, "cost_model": cost.description,
               "cost_model_file": cost_file.name, "tuned_options": tuned,
+              "suite_lengths": Path(args.suite_lengths).name if args.suite_lengths else "suite_lengths.jsonl",
               "base": "MLGPTQ 4-bit suite base" + (", embedding/head in bf16" if base and "weight_dtype" in base else "")
                       if args.quantized else "fp32",
               "calibration": {"requests": args.calibration_requests, "slowdown": slowdown, "raw_error": raw_error},

@@ -212,7 +212,8 @@ def write_real_markdown(report: dict, path: Path) -> None:
         f"{trace['requests']} requests over {trace['duration_s']:.0f} s (measured rate {trace['rate']:.2f}/s, CV "
         f"{trace['cv']:.1f}), {report['load']:.0%} of the simulated FIFO saturation ({report['simulated_capacity_rps']:.2f} "
         f"requests/s). Open-loop replay through the SDK, streaming; one fresh server per policy. Cost model: "
-        f"{report['cost_model']}. Machine load before: {load}; total wall time {report['wall_s'] / 60:.0f} min.", "",
+        f"{report['cost_model']}. Output lengths drawn from `{report.get('suite_lengths', 'suite_lengths.jsonl')}`. "
+        f"Machine load before: {load}; total wall time {report['wall_s'] / 60:.0f} min.", "",
         "| policy | mean JCT s real / sim | p99 latency s real / sim | p99 TTFT s real / sim | SLO 10x real / sim | "
         "throughput req/s real / sim | max wait s real / sim | outputs as recorded |",
         "|---|---|---|---|---|---|---|---|",
@@ -263,8 +264,9 @@ def write_real_markdown(report: dict, path: Path) -> None:
                   f"`{report.get('cost_model_file', 'the cost model')}` (inlaid/scheduling/autotune.py): "
                   f"`{report['tuned_options']}`."]
     tag = report.get("cost_model_file", "sched_cost_model.json")[len("sched_cost_model"):-len(".json")].lstrip("_")
-    lines += ["", f"Reproduce: `.venv/bin/python bench/sched_real.py{' --tag ' + tag if tag else ''}` (one command, "
-              "15-40 min; `--requests`, `--load`, `--threads`, `--policies`).", ""]
+    command = report.get("command", f"--tag {tag}" if tag else "")  # older reports did not record their arguments
+    lines += ["", f"Reproduce: `{' '.join(['.venv/bin/python bench/sched_real.py', command]).strip()}` (one command, "
+              "5-40 min; `--requests`, `--load`, `--threads`, `--policies`).", ""]
     path.write_text("\n".join(lines))
 
 
