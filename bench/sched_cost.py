@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
         started = time.perf_counter()
         rows = measure(args.threads, args.reps, quantized=args.quantized)
         data = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-                "threads": args.threads, "reps": args.reps, "model": "SmolLM2-135M-Instruct " + ("MLGPTQ 4-bit suite base" if args.quantized else "fp32"),
+                "threads": args.threads, "reps": args.reps,
+                "model": "SmolLM2-135M-Instruct " + ("MLGPTQ 4-bit suite base" if args.quantized else "fp32"),
                 "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                 "seconds": time.perf_counter() - started, "steps": rows}
         data_path.write_text(json.dumps(data, indent=1) + "\n")

@@ -14,9 +14,10 @@ start from its saved state. Writes bench/results/sched_real.{json,md,png}.
 
 `--tag NAME` simulates on sched_cost_model_NAME.json (bench/sched_cost.py --tag NAME) and
 writes sched_real_NAME.*. `--quantized` serves the MLGPTQ 4-bit suite base, as `make run`
-does (with `--tag amd4bit`, the cost model fitted on it: bench/sched_cost.py --quantized). The policy `inlaid-tuned` (add it to --policies) is `inlaid` with
-the options the server's start-up tuning chooses on that cost model
-(`[scheduler] autotune_cost_model`, inlaid/scheduling/autotune.py).
+does (with `--tag amd4bit`, the cost model fitted on it: bench/sched_cost.py --quantized; with
+`--suite-lengths bench/results/suite_lengths_4bit.jsonl`, its own output lengths). The policy
+`inlaid-tuned` (add it to --policies) is `inlaid` with the options the server's start-up
+tuning chooses on that cost model (`[scheduler] autotune_cost_model`, inlaid/scheduling/autotune.py).
 
 Takes 15-25 minutes on 2 cores (a server per policy), so `make bench` does not run it (no
 `main`); run it on a quiet machine.
@@ -211,13 +212,14 @@ def compare(argv: list[str] | None = None) -> dict:
             print(label, json.dumps({k: runs[label]["real"]["latency_s"]["mean"] for k in ("real",)}), flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    report = {"command": " ".join(sys.argv[1:] if argv is None else argv), "machine_loadavg_before": load_before, "machine_loadavg_after": os.getloadavg(),
+    report = {"command": " ".join(sys.argv[1:] if argv is None else argv),
+              "machine_loadavg_before": load_before, "machine_loadavg_after": os.getloadavg(),
               "wall_s": time.perf_counter() - started, "trace": trace.summary(), "load": args.load,
               "simulated_capacity_rps": capacity, "threads": args.threads, "cost_model": cost.description,
               "cost_model_file": cost_file.name, "tuned_options": tuned,
               "suite_lengths": Path(args.suite_lengths).name if args.suite_lengths else "suite_lengths.jsonl",
-              "base": "MLGPTQ 4-bit suite base" + (", embedding/head in bf16" if base and "weight_dtype" in base else "")
-                      if args.quantized else "fp32",
+              "base": ("MLGPTQ 4-bit suite base" + (", embedding/head in bf16" if "weight_dtype" in base else "")
+                       if base is not None else "fp32"),
               "calibration": {"requests": args.calibration_requests, "slowdown": slowdown, "raw_error": raw_error},
               "runs": runs}
     (RESULTS / f"sched_real{suffix}.json").write_text(json.dumps(report, indent=1, default=float) + "\n")

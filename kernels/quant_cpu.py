@@ -239,7 +239,8 @@ def int4_dot_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None,
                                      threads=torch.get_num_threads(), out=out)
 
 
-def int4_native_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None, out: Tensor | None = None) -> Tensor:
+def int4_native_matmul(x: Tensor, layout: CpuInt4Layout, input_perm: Tensor | None,
+                       out: Tensor | None = None) -> Tensor:
     """float32 [M, N] = x (act-order permuted) @ W through the native kernel, in fp32 (into `out`,
     a contiguous float32 [M, N], when given)."""
     from .int4_native import native_weight
