@@ -15,7 +15,7 @@ start from its saved state. Writes bench/results/sched_real.{json,md,png}.
 `--tag NAME` simulates on sched_cost_model_NAME.json (bench/sched_cost.py --tag NAME) and
 writes sched_real_NAME.*. `--quantized` serves the MLGPTQ 4-bit suite base, as `make run`
 does (with `--tag amd4bit`, the cost model fitted on it: bench/sched_cost.py --quantized; with
-`--suite-lengths bench/results/suite_lengths_4bit.jsonl`, its own output lengths). The policy
+`--suite-lengths inlaid/scheduling/data/suite_lengths_4bit.jsonl`, its own output lengths). The policy
 `inlaid-tuned` (add it to --policies) is `inlaid` with the options the server's start-up
 tuning chooses on that cost model (`[scheduler] autotune_cost_model`, inlaid/scheduling/autotune.py).
 

@@ -8,12 +8,13 @@ and budget. Traces and the predictor benchmark read it. About 10-20 minutes on 2
 `make bench` does not run it (no `main`): the committed file is its output.
 
     .venv/bin/python bench/sched_suite_lengths.py [--threads 1]
-    .venv/bin/python bench/sched_suite_lengths.py --quantized   # -> bench/results/suite_lengths_4bit.jsonl
+    .venv/bin/python bench/sched_suite_lengths.py --quantized   # -> inlaid/scheduling/data/suite_lengths_4bit.jsonl
 
 `--quantized` records the lengths the MLGPTQ 4-bit suite base (bf16 embedding/head where the
 CPU multiplies bf16 natively, as `make run` serves it) generates: its greedy answers differ
 from the fp32 model's, and so do their lengths. `bench/sched_real.py --suite-lengths` replays
-them, so that the simulation runs the work the 4-bit server does.
+them, so that the simulation runs the work the 4-bit server does, and a server on a quantized
+base tunes its scheduler on them (`inlaid.scheduling.suite.lengths_file_for`).
 """
 
 from __future__ import annotations
@@ -22,15 +23,14 @@ import argparse
 from pathlib import Path
 
 ADAPTERS = Path(__file__).parents[1] / "adapters"
-QUANTIZED_LENGTHS = Path(__file__).parent / "results" / "suite_lengths_4bit.jsonl"
 
 
 def run(threads: int, quantized: bool = False, out: Path | None = None) -> int:
     from inlaid.engine import Engine, EngineConfig, SamplingParams
     from inlaid.engine.tokenizer import Tokenizer
     from inlaid.models.prepare import prepare_default_model
-    from inlaid.scheduling.suite import (SUITE_LENGTHS_FILE, SuiteRecord, prompt_token_ids, suite_examples,
-                                         write_suite_lengths)
+    from inlaid.scheduling.suite import (SUITE_LENGTHS_4BIT_FILE, SUITE_LENGTHS_FILE, SuiteRecord, prompt_token_ids,
+                                         suite_examples, write_suite_lengths)
     from inlaid.tasks import get_task
 
     model_dir = prepare_default_model(quiet=True)
@@ -56,7 +56,7 @@ def run(threads: int, quantized: bool = False, out: Path | None = None) -> int:
                     max_tokens=budget, finish_reason=output.finish_reason)
         for (record_id, split, example), prompt, budget, output in zip(examples, prompts, budgets, outputs)
     ]
-    write_suite_lengths(records, out or SUITE_LENGTHS_FILE)
+    write_suite_lengths(records, out or (SUITE_LENGTHS_4BIT_FILE if quantized else SUITE_LENGTHS_FILE))
     return len(records)
 
 
@@ -64,9 +64,9 @@ def record(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quantized", action="store_true",
-                        help="the 4-bit suite base's lengths, written to bench/results/suite_lengths_4bit.jsonl")
+                        help="the 4-bit suite base's lengths, written to inlaid/scheduling/data/suite_lengths_4bit.jsonl")
     args = parser.parse_args(argv)
-    print(f"{run(args.threads, args.quantized, QUANTIZED_LENGTHS if args.quantized else None)} records written")
+    print(f"{run(args.threads, args.quantized)} records written")
 
 
 if __name__ == "__main__":

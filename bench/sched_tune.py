@@ -13,6 +13,7 @@ first-token latency is no worse, and the longest wait. Writes
     bench/results/sched_tune[_TAG].json and .md
 
     .venv/bin/python bench/sched_tune.py [--tag xeon] [--requests 600] [--load 0.8] [--slots 32]
+        [--suite-lengths inlaid/scheduling/data/suite_lengths_4bit.jsonl]   # a 4-bit server's workload
 
 About 3 minutes with 2 workers at 600 requests a run.
 """
@@ -50,9 +51,9 @@ def _run(job: dict) -> dict:
             "throughput_rps": summary["throughput_rps"]}
 
 
-def sweep(tag: str, requests: int, load: float, slots: int, workers: int) -> dict:
+def sweep(tag: str, requests: int, load: float, slots: int, workers: int, suite_lengths: str | None = None) -> dict:
     configs = [(t, cv, p) for t in sched_sim.TASK_COUNTS for cv in sched_sim.CVS for p in sched_sim.POPULARITIES]
-    pool = sched_sim._pool(workers, None, slots, tag)
+    pool = sched_sim._pool(workers, suite_lengths, slots, tag)
     started = time.perf_counter()
     try:
         saturation = [dict(tasks=t, cv=cv, popularity=p, requests=requests, rate=1000.0, label="fifo")
@@ -67,6 +68,7 @@ def sweep(tag: str, requests: int, load: float, slots: int, workers: int) -> dic
             pool.close()
             pool.join()
     return {"tag": tag, "requests": requests, "load": load, "slots": slots, "option_sets": OPTION_SETS,
+            "suite_lengths": Path(suite_lengths).name if suite_lengths else "suite_lengths.jsonl",
             "wall_s": time.perf_counter() - started, "loadavg": os.getloadavg(), "runs": runs}
 
 
@@ -80,7 +82,8 @@ def write_markdown(report: dict, path: Path) -> None:
     fifo_wait = max(r["max_wait_s"] for r in report["runs"] if r["label"] == "fifo")
     lines = ["# Tuning the inlaid policy on one cost model", "",
              f"Cost model `sched_cost_model{'_' + report['tag'] if report['tag'] else ''}.json`; "
-             f"{report['slots']} adapter slots; {report['requests']} requests a run; load "
+             f"{report['slots']} adapter slots; {report['requests']} requests a run; output lengths from "
+             f"`{report.get('suite_lengths', 'suite_lengths.jsonl')}`; load "
              f"{report['load']:.0%} of FIFO's saturation; the twelve configurations of the simulator sweep. "
              f"Ratios against FIFO on the same trace. SLO: latency <= {SLO} the isolated latency; "
              f"'out of reach' = FIFO already above 50 %. Sweep wall time {report['wall_s']:.0f} s; "
@@ -107,8 +110,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--load", type=float, default=0.8, help="fraction of FIFO's saturation throughput")
     parser.add_argument("--slots", type=int, default=sched_sim.SLOTS)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--suite-lengths", default=None,
+                        help="recorded output lengths to draw from (default: the fp32 model's; "
+                             "inlaid/scheduling/data/suite_lengths_4bit.jsonl: the 4-bit base's)")
     args = parser.parse_args(argv)
-    report = sweep(args.tag, args.requests, args.load, args.slots, args.workers)
+    report = sweep(args.tag, args.requests, args.load, args.slots, args.workers, args.suite_lengths)
     suffix = f"_{args.tag}" if args.tag else ""
     (RESULTS / f"sched_tune{suffix}.json").write_text(json.dumps(report, indent=1) + "\n")
     write_markdown(report, RESULTS / f"sched_tune{suffix}.md")

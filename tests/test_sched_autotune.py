@@ -82,6 +82,76 @@ def test_tuned_options_keep_explicit_ones_and_are_cached(tmp_path: Path, monkeyp
     assert other is not None  # another task count: simulated again
 
 
+def _lengths_file(path: Path, change: dict | None = None, drop_split: str | None = None) -> Path:
+    """The fp32 suite lengths, each record with `change` applied, `drop_split`'s left out."""
+    from inlaid.scheduling.suite import SUITE_LENGTHS_FILE
+
+    records = [json.loads(line) for line in SUITE_LENGTHS_FILE.read_text().splitlines()]
+    path.write_text("".join(json.dumps({**r, **(change or {})}) + "\n" for r in records if r["split"] != drop_split))
+    return path
+
+
+def test_the_tuning_simulates_the_recorded_lengths_it_is_given(tmp_path: Path) -> None:
+    """One-token answers instead of the suite's: the same seeds, the same arrivals' shape, and
+    every workload's requests finish far sooner; FIFO at saturation serves far more per second."""
+    cost = StepCostModel.load(COST_MODEL)
+    workloads = ((1.0, "zipf"),)
+    short = _lengths_file(tmp_path / "short.jsonl", {"output_tokens": 1})
+
+    def fifo_run(lengths: Path | None) -> dict:
+        result = tune_inlaid_options(cost, EngineShape(max_lora_slots=4), 6, requests=60, candidates={"defaults": {}},
+                                     workloads=workloads, lengths_file=lengths)
+        return next(r for r in result.runs if r["label"] == "fifo")
+
+    suite, one_token = fifo_run(None), fifo_run(short)
+    assert one_token["mean_jct_s"] < 0.5 * suite["mean_jct_s"]
+    assert one_token["throughput_rps"] > 2 * suite["throughput_rps"]
+    with pytest.raises(ValueError, match="both splits"):
+        tune_inlaid_options(cost, EngineShape(), 3, requests=40, candidates={"defaults": {}}, workloads=workloads,
+                            lengths_file=_lengths_file(tmp_path / "no_calib.jsonl", drop_split="calib"))
+
+
+def test_tuned_options_are_cached_per_lengths_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(autotune, "CANDIDATES", {"defaults": {}})
+    monkeypatch.setattr(autotune, "WORKLOADS", ((4.0, "zipf"),))
+    messages: list[str] = []
+    short = _lengths_file(tmp_path / "short.jsonl", {"output_tokens": 1})
+    for lengths, simulated in ((None, True), (short, True), (None, False), (short, False)):
+        _, result = tuned_options(str(COST_MODEL), EngineShape(max_lora_slots=4), 5, cache_dir=str(tmp_path / "cache"),
+                                  requests=40, log=messages.append, lengths_file=lengths)
+        assert (result is not None) == simulated
+    assert len(list((tmp_path / "cache").glob("scheduler-tuning-*.json"))) == 2
+    assert any("lengths from short.jsonl" in message for message in messages)
+
+
+def test_config_chooses_the_lengths_of_the_base_it_serves(tmp_path: Path) -> None:
+    from inlaid.scheduling.suite import SUITE_LENGTHS_4BIT_FILE, SUITE_LENGTHS_FILE
+
+    (tmp_path / "cost.json").write_text(COST_MODEL.read_text())
+    scheduler = {"autotune_cost_model": "cost.json"}
+
+    def config(model: dict | None = None, **extra: object):  # type: ignore[no-untyped-def]
+        return config_from_dict({"server": {"policy": "inlaid"}, "model": model or {},
+                                 "scheduler": {**scheduler, **extra}}, base_dir=tmp_path)
+
+    assert config().tuning_lengths_file() == str(SUITE_LENGTHS_FILE)
+    assert config({"quantized_dir": "ckpt"}).tuning_lengths_file() == str(SUITE_LENGTHS_4BIT_FILE)
+    mine = _lengths_file(tmp_path / "mine.jsonl")
+    assert config({"quantized_dir": "ckpt"}, autotune_lengths="mine.jsonl").tuning_lengths_file() == str(mine)
+    bad_records = {"missing.jsonl": "is missing", "no_eval.jsonl": "both splits", "zero.jsonl": "positive integer",
+                   "junk.jsonl": "not a recorded request", "over.jsonl": "exceeds max_tokens"}
+    _lengths_file(tmp_path / "no_eval.jsonl", drop_split="eval")
+    _lengths_file(tmp_path / "zero.jsonl", {"prompt_tokens": 0})
+    _lengths_file(tmp_path / "over.jsonl", {"output_tokens": 10_000})
+    (tmp_path / "junk.jsonl").write_text(mine.read_text() + "{not json\n")
+    for name, message in bad_records.items():
+        with pytest.raises(ConfigError, match=message):
+            config(autotune_lengths=name)
+    with pytest.raises(ConfigError, match="needs scheduler.autotune_cost_model"):
+        config_from_dict({"server": {"policy": "inlaid"}, "scheduler": {"autotune_lengths": "mine.jsonl"}},
+                         base_dir=tmp_path)
+
+
 def test_config_checks_the_cost_model_and_the_policy(tmp_path: Path) -> None:
     (tmp_path / "cost.json").write_text(COST_MODEL.read_text())
     config = config_from_dict({"server": {"policy": "inlaid"}, "scheduler": {"autotune_cost_model": "cost.json",
@@ -205,6 +275,9 @@ def test_command_prints_the_comparison(tmp_path: Path, monkeypatch: pytest.Monke
     assert saved["chosen"] in autotune.CANDIDATES and len(saved["scores"]) == len(autotune.CANDIDATES)
     (tmp_path / "bad.json").write_text("{}")
     assert main(["tune-scheduler", "--cost-model", str(tmp_path / "bad.json")]) == 2
+    assert main(["tune-scheduler", "--cost-model", str(COST_MODEL), "--requests", "30",
+                 "--lengths", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl is missing" in capsys.readouterr().err
 
 
 def test_live_task_changes_retune_every_policy_in_place(model_dir: Path, adapter_dirs: dict[str, Path], tmp_path: Path,

@@ -6,7 +6,8 @@ options win (docs/scheduling.md, "Tuning on the serving machine"). Given that ma
 fitted cost model (`bench/sched_cost.py`, a `StepCostModel` JSON), this runs the simulator
 (the same scheduler and policy code the server runs) on a few synthetic workloads shaped
 like the server (its task count and adapter slots; prompt and output lengths drawn from the
-task suite's recorded requests; Poisson and bursty arrivals, uniform and Zipf popularity),
+task suite's recorded requests, on the base the server serves: `suite.lengths_file_for`;
+Poisson and bursty arrivals, uniform and Zipf popularity),
 at `load` x FIFO's saturation on each, with FIFO and every candidate option set, and picks:
 
     among the candidates that win the SLO target (attainment >= 2x FIFO's, or FIFO already
@@ -25,6 +26,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from inlaid.scheduling.cost_model import StepCostModel
@@ -148,15 +150,17 @@ def tune_inlaid_options(
     candidates: Mapping[str, Mapping[str, Any]] | None = None,
     workloads: Sequence[tuple[float, str]] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    lengths_file: str | Path | None = None,
 ) -> TuningResult:
     """Simulate FIFO and every candidate (default CANDIDATES, with `explicit_options` on top
     of each) on the workloads (default WORKLOADS) at `load` x FIFO's saturation;
-    `progress(done, total)` after each simulation."""
+    `progress(done, total)` after each simulation. `lengths_file`: the recorded requests
+    the workloads draw from (`suite.load_suite_lengths`'s format; default: the fp32 model's)."""
     from inlaid.scheduling.experiment import PolicyVariant, make_variant
     from inlaid.scheduling.metrics import summarize
     from inlaid.scheduling.registry import COMMON_OPTIONS
     from inlaid.scheduling.simulator import simulate, synthetic_prompt
-    from inlaid.scheduling.suite import load_suite_lengths
+    from inlaid.scheduling.suite import SUITE_LENGTHS_FILE, load_suite_lengths
     from inlaid.scheduling.traces import TraceRequest, TraceSpec, generate_trace
 
     if num_tasks < 1 or requests < 10 or not 0 < load <= 1:
@@ -167,7 +171,9 @@ def tune_inlaid_options(
         raise ValueError("the candidates must include 'defaults' (the always-eligible set)")
     # The step log records the server's steps, not the simulations'.
     explicit = {key: value for key, value in (explicit_options or {}).items() if key not in COMMON_OPTIONS}
-    records = load_suite_lengths()
+    records = load_suite_lengths(lengths_file or SUITE_LENGTHS_FILE)
+    if not any(r.split == "eval" for r in records) or not any(r.split == "calib" for r in records):
+        raise ValueError(f"{lengths_file}: the tuning needs recorded requests of both splits, 'calib' and 'eval'")
     held_out = [r for r in records if r.split == "eval"]
     # What the predictor knows at start: the suite's calib split, prompts as stand-in ids of
     # their recorded length (the simulator replays the workloads' prompts the same way).
@@ -211,22 +217,26 @@ def tuned_options(
     requests: int = 200,
     log: Callable[[str], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    lengths_file: str | Path | None = None,
 ) -> tuple[dict[str, Any], TuningResult | None]:
     """The `[scheduler]` options a server starts with: the chosen candidate's, then the
     explicit ones over them. With `cache_dir`, a tuning of the same cost model, shape, task
-    count and explicit options is read back instead of simulated again (restarts are
-    instant); the result is then None. `progress`: tune_inlaid_options's (an exception it
-    raises ends the tuning)."""
+    count, explicit options and recorded lengths (`lengths_file`: tune_inlaid_options's) is
+    read back instead of simulated again (restarts are instant); the result is then None.
+    `progress`: tune_inlaid_options's (an exception it raises ends the tuning)."""
     import hashlib
     import json
     from dataclasses import asdict
-    from pathlib import Path
+
+    from inlaid.scheduling.suite import SUITE_LENGTHS_FILE
 
     explicit = dict(explicit_options or {})
     cost = StepCostModel.load(cost_model_path)
+    lengths_file = Path(lengths_file or SUITE_LENGTHS_FILE)
     key_source = json.dumps({"cost": [cost.coefficients, cost.overhead_s], "shape": asdict(shape), "tasks": num_tasks,
                              "explicit": explicit, "candidates": CANDIDATES, "workloads": WORKLOADS,
-                             "requests": requests}, sort_keys=True, default=str)
+                             "requests": requests, "lengths": hashlib.sha256(lengths_file.read_bytes()).hexdigest()},
+                            sort_keys=True, default=str)
     key = hashlib.sha256(key_source.encode()).hexdigest()[:16]
     cache = Path(cache_dir) / f"scheduler-tuning-{key}.json" if cache_dir else None
     if cache is not None and cache.is_file():
@@ -236,8 +246,10 @@ def tuned_options(
         return {**saved["options"], **explicit}, None
     if log:
         log(f"tuning the inlaid policy on {cost_model_path}: {len(WORKLOADS) * (len(CANDIDATES) + 2)} simulations "
-            f"of {requests} requests, {num_tasks} tasks, {shape.max_lora_slots} adapter slots")
-    result = tune_inlaid_options(cost, shape, num_tasks, explicit, requests=requests, progress=progress)
+            f"of {requests} requests, {num_tasks} tasks, {shape.max_lora_slots} adapter slots, lengths from "
+            f"{lengths_file.name}")
+    result = tune_inlaid_options(cost, shape, num_tasks, explicit, requests=requests, progress=progress,
+                                 lengths_file=lengths_file)
     if log:
         log(f"scheduler tuning chose {result.chosen.label!r} in {result.seconds:.0f} s:\n{result.table()}")
     if cache is not None:

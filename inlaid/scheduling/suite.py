@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Any
 
 SUITE_LENGTHS_FILE = Path(__file__).parent / "data" / "suite_lengths.jsonl"
+# The same examples' greedy output lengths on the MLGPTQ 4-bit suite base (embedding/head in
+# bf16), the base `make run` serves: only about a third equal the fp32 model's, so a
+# simulation of a server on a quantized base draws on these (`lengths_file_for`).
+SUITE_LENGTHS_4BIT_FILE = Path(__file__).parent / "data" / "suite_lengths_4bit.jsonl"
 SPLITS = ("calib", "eval")
 
 
@@ -36,7 +40,33 @@ def load_suite_lengths(path: str | Path = SUITE_LENGTHS_FILE) -> list[SuiteRecor
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; write it with `bench/sched_suite_lengths.py`")
-    return [SuiteRecord(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                record = SuiteRecord(**json.loads(line))
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"{path}:{number}: not a recorded request ({error})") from None
+            _check_record(record, f"{path}:{number}")
+            records.append(record)
+    return records
+
+
+def _check_record(record: SuiteRecord, where: str) -> None:
+    for name in ("prompt_tokens", "output_tokens", "max_tokens"):
+        value = getattr(record, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}: {name} must be a positive integer, got {value!r}")
+    if record.output_tokens > record.max_tokens:
+        raise ValueError(f"{where}: output_tokens {record.output_tokens} exceeds max_tokens {record.max_tokens}")
+    if record.split not in SPLITS or not isinstance(record.task, str) or not record.task:
+        raise ValueError(f"{where}: split must be one of {SPLITS} and task a name, got {record.split!r}, {record.task!r}")
+
+
+def lengths_file_for(quantized_dir: str | None) -> Path:
+    """The packaged lengths closest to a server's base: the 4-bit suite base's for any
+    quantized checkpoint, the fp32 model's otherwise."""
+    return SUITE_LENGTHS_4BIT_FILE if quantized_dir else SUITE_LENGTHS_FILE
 
 
 def write_suite_lengths(records: Iterable[SuiteRecord], path: str | Path = SUITE_LENGTHS_FILE) -> None:

@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slots", type=int, default=None, help="adapter slots (default: the config's, else 8)")
     parser.add_argument("--requests", type=int, default=200, help="requests per simulated workload")
     parser.add_argument("--load", type=float, default=0.8, help="fraction of FIFO's saturation")
+    parser.add_argument("--lengths", default=None,
+                        help="recorded requests the workloads draw from (inlaid/scheduling/suite.py's JSONL; default: "
+                             "the config's scheduler.autotune_lengths or its base's suite lengths, else the fp32 model's)")
     parser.add_argument("--json", default=None, help="also write every score and simulation here")
 
 
@@ -25,7 +28,9 @@ def run(args: argparse.Namespace) -> int:
     from inlaid.scheduling.autotune import load_cost_model, tune_inlaid_options
     from inlaid.scheduling.simulator import EngineShape
 
-    shape, tasks, explicit = EngineShape(), 9, {}
+    from inlaid.scheduling.suite import SUITE_LENGTHS_FILE
+
+    shape, tasks, explicit, lengths = EngineShape(), 9, {}, str(SUITE_LENGTHS_FILE)
     if args.config:
         from inlaid.serve.config import ConfigError, load_config
 
@@ -36,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
             return 2
         shape = EngineShape.of(config.engine)
         tasks, explicit = max(1, len(config.tasks)), {k: v for k, v in config.scheduler.items() if k != "step_log"}
+        lengths = config.tuning_lengths_file()
+    lengths = args.lengths or lengths
     if args.slots is not None:
         shape.max_lora_slots = args.slots
     tasks = args.tasks if args.tasks is not None else tasks
@@ -54,14 +61,14 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = tune_inlaid_options(cost, shape, tasks, explicit, requests=args.requests, load=args.load,
-                                     progress=progress)
-    except ValueError as error:
+                                     progress=progress, lengths_file=lengths)
+    except (OSError, ValueError) as error:
         print(f"inlaid tune-scheduler: {error}", file=sys.stderr)
         return 2
     finally:
         bar.close()
     print(f"{tasks} tasks, {shape.max_lora_slots} adapter slots, {args.requests} requests a workload, "
-          f"{args.load:.0%} of FIFO's saturation; cost model: {cost.description or args.cost_model}\n")
+          f"{args.load:.0%} of FIFO's saturation; lengths: {lengths}; cost model: {cost.description or args.cost_model}\n")
     print(result.table())
     print(f"\nchosen: {result.chosen.label}; [scheduler] options: {json.dumps({**result.chosen.options, **explicit})}")
     if args.json:

@@ -21,6 +21,7 @@ max_pending_requests = 1024
 max_adapters_per_step = 4
 predictor_state = "/var/lib/inlaid/predictor.npz"
 # autotune_cost_model = "sched_cost_model.json"   # inlaid: choose the other options at start-up
+# autotune_lengths = "my_requests.jsonl"          # the tuning's workload (default: the base's suite lengths)
 
 [executors]               # optional: several executors, one per device (docs/scale-out.md)
 count = 2
@@ -46,20 +47,16 @@ Relative paths are resolved against the file's directory.
 from __future__ import annotations
 
 import importlib
-import os
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from inlaid.engine.config import EngineConfig
 from inlaid.http.settings import HttpConfig, check_listen_address
+from inlaid.serve.config_parsing import (ConfigError, admin_token_from, read_toml, reject_unknown, resolve_path,
+                                         section)
 from inlaid.protocol import DEFAULT_MAX_FRAME_BYTES
 from inlaid.serve.placement import PLACEMENT_RULES, PlacementRule
-
-
-class ConfigError(ValueError):
-    """The server configuration file is missing, malformed or inconsistent."""
 
 
 @dataclass
@@ -156,6 +153,9 @@ class ServerConfig:
     # A fitted step-cost model (bench/sched_cost.py): the inlaid policy's options are chosen
     # on it at start-up (inlaid/scheduling/autotune.py); [scheduler] options set explicitly stay.
     autotune_cost_model: str | None = None
+    # The recorded requests the tuning simulates (inlaid/scheduling/suite.py's JSONL format);
+    # None: the packaged ones of the base served (`tuning_lengths_file`).
+    autotune_lengths: str | None = None
     http: HttpConfig | None = None  # the OpenAI-compatible front, started with the server
     metrics: MetricsConfig | None = None
     executors: ExecutorsConfig = field(default_factory=ExecutorsConfig)
@@ -200,6 +200,8 @@ class ServerConfig:
                 raise ConfigError(f"[scheduler]: {error}") from None
             if self.autotune_cost_model is not None:
                 self._check_autotune()
+            elif self.autotune_lengths is not None:
+                raise ConfigError("scheduler.autotune_lengths needs scheduler.autotune_cost_model (it feeds the tuning)")
         elif ":" not in self.policy:
             raise ConfigError(f"server.policy must be one of {', '.join(POLICY_NAMES)} or 'package.module:factory', "
                               f"got {self.policy!r}")
@@ -222,6 +224,24 @@ class ServerConfig:
             load_cost_model(str(self.autotune_cost_model), self.engine.max_num_seqs)
         except ValueError as error:
             raise ConfigError(f"scheduler.autotune_cost_model {error}") from None
+        if self.autotune_lengths is not None:
+            from inlaid.scheduling.suite import load_suite_lengths
+
+            try:
+                splits = {record.split for record in load_suite_lengths(self.autotune_lengths)}
+            except (OSError, ValueError, TypeError) as error:
+                raise ConfigError(f"scheduler.autotune_lengths: {error}") from None
+            if not {"calib", "eval"} <= splits:
+                raise ConfigError(f"scheduler.autotune_lengths {self.autotune_lengths}: needs recorded requests of "
+                                  "both splits, 'calib' (what the predictor starts from) and 'eval' (the workloads)")
+
+    def tuning_lengths_file(self) -> str:
+        """The recorded requests the scheduler tuning draws its workloads from: the configured
+        file, else the packaged lengths of the base this server serves (a quantized checkpoint's
+        answers, and so their lengths, differ from the full-precision model's)."""
+        from inlaid.scheduling.suite import lengths_file_for
+
+        return self.autotune_lengths or str(lengths_file_for(self.engine.quantized_dir))
 
 
 def load_policy(spec: str, options: dict[str, Any] | None = None) -> Any:
@@ -274,17 +294,6 @@ _SERVER_KEYS = _LIMIT_FIELDS | {
 _REQUANTIZER_FIELDS = {f.name: f for f in fields(RequantizerSettings)}
 
 
-def read_toml(path: str | Path) -> tuple[dict[str, Any], Path]:
-    """A config file's contents and its directory (relative paths resolve against it)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        return tomllib.loads(path.read_text()), path.parent
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: invalid TOML: {error}") from error
-
-
 def load_config(path: str | Path) -> ServerConfig:
     raw, base_dir = read_toml(path)
     return config_from_dict(raw, base_dir=base_dir)
@@ -296,33 +305,34 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Serve
                                    "requantizer"}
     if unknown_sections:
         raise ConfigError(f"unknown config sections: {sorted(unknown_sections)}")
-    model = _section(raw, "model")
-    executor = _section(raw, "executor")
-    server = _section(raw, "server")
-    tasks = _section(raw, "tasks")
-    scheduler = _section(raw, "scheduler")
+    model = section(raw, "model")
+    executor = section(raw, "executor")
+    server = section(raw, "server")
+    tasks = section(raw, "tasks")
+    scheduler = section(raw, "scheduler")
     for key in ("predictor_state", "step_log"):
         if scheduler.get(key):
-            scheduler[key] = _path(scheduler[key], base_dir, f"scheduler.{key}")
+            scheduler[key] = resolve_path(scheduler[key], base_dir, f"scheduler.{key}")
     autotune = scheduler.pop("autotune_cost_model", None)
-    requantizer = _section(raw, "requantizer")
-    _reject_unknown("model", model, {"dir", "quantized_dir"})
-    _reject_unknown("requantizer", requantizer, set(_REQUANTIZER_FIELDS))
+    autotune_lengths = scheduler.pop("autotune_lengths", None)
+    requantizer = section(raw, "requantizer")
+    reject_unknown("model", model, {"dir", "quantized_dir"})
+    reject_unknown("requantizer", requantizer, set(_REQUANTIZER_FIELDS))
     for key, value in requantizer.items():
         kind = type(_REQUANTIZER_FIELDS[key].default)
         accepted = (int, float) if kind is float else (kind,)
         if isinstance(value, bool) != (kind is bool) or not isinstance(value, accepted):
             raise ConfigError(f"requantizer.{key} must be a {kind.__name__}, got {value!r}")
-    _reject_unknown("executor", executor, _ENGINE_FIELDS)
-    _reject_unknown("server", server, _SERVER_KEYS)
-    executors = _section(raw, "executors")
-    _reject_unknown("executors", executors, {f.name for f in fields(ExecutorsConfig)})
-    http = _section(raw, "http") if "http" in raw else None
-    metrics = _section(raw, "metrics") if "metrics" in raw else None
+    reject_unknown("executor", executor, _ENGINE_FIELDS)
+    reject_unknown("server", server, _SERVER_KEYS)
+    executors = section(raw, "executors")
+    reject_unknown("executors", executors, {f.name for f in fields(ExecutorsConfig)})
+    http = section(raw, "http") if "http" in raw else None
+    metrics = section(raw, "metrics") if "metrics" in raw else None
     if http is not None:
-        _reject_unknown("http", http, {f.name for f in fields(HttpConfig)})
+        reject_unknown("http", http, {f.name for f in fields(HttpConfig)})
     if metrics is not None:
-        _reject_unknown("metrics", metrics, {f.name for f in fields(MetricsConfig)})
+        reject_unknown("metrics", metrics, {f.name for f in fields(MetricsConfig)})
         if "port" not in metrics:
             raise ConfigError("[metrics] needs a port")
 
@@ -331,12 +341,12 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Serve
 
         model_dir = str(default_model_dir())
     else:
-        model_dir = _path(model["dir"], base_dir, "model.dir")
+        model_dir = resolve_path(model["dir"], base_dir, "model.dir")
     quantized = model.get("quantized_dir")
     try:
         engine = EngineConfig(
             model_dir=model_dir,
-            quantized_dir=_path(quantized, base_dir, "model.quantized_dir") if quantized else None,
+            quantized_dir=resolve_path(quantized, base_dir, "model.quantized_dir") if quantized else None,
             **executor,
         )
     except TypeError as error:
@@ -351,19 +361,21 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Serve
         engine=engine,
         address=str(server.get("address", ServerConfig.address)),
         executor_address=str(server.get("executor_address", "auto")),
-        tasks={str(name): _path(adapter, base_dir, f"tasks.{name}") for name, adapter in tasks.items()},
-        admin_token=_admin_token(server, base_dir),
+        tasks={str(name): resolve_path(adapter, base_dir, f"tasks.{name}") for name, adapter in tasks.items()},
+        admin_token=admin_token_from(server, base_dir),
         limits=limits,
         log_level=str(server.get("log_level", "INFO")).upper(),
         log_format=str(server.get("log_format", "json")),
         allow_public_bind=bool(server.get("allow_public_bind", False)),
         policy=str(server.get("policy", "fifo")),
         scheduler=scheduler,
-        autotune_cost_model=_path(autotune, base_dir, "scheduler.autotune_cost_model") if autotune is not None else None,
+        autotune_cost_model=resolve_path(autotune, base_dir, "scheduler.autotune_cost_model") if autotune is not None else None,
+        autotune_lengths=(resolve_path(autotune_lengths, base_dir, "scheduler.autotune_lengths")
+                          if autotune_lengths is not None else None),
         http=HttpConfig(**http) if http is not None else None,
         metrics=MetricsConfig(**metrics) if metrics is not None else None,
         executors=ExecutorsConfig(**executors),
-        state_dir=_path(server["state_dir"], base_dir, "server.state_dir") if "state_dir" in server else None,
+        state_dir=resolve_path(server["state_dir"], base_dir, "server.state_dir") if "state_dir" in server else None,
         requantizer=RequantizerSettings(**requantizer),
     )
     try:
@@ -371,45 +383,3 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Serve
     except ValueError as error:
         raise ConfigError(str(error)) from error
     return config
-
-
-def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
-    value = raw.get(name, {})
-    if not isinstance(value, dict):
-        raise ConfigError(f"[{name}] must be a table")
-    return dict(value)
-
-
-def _reject_unknown(section: str, values: dict[str, Any], allowed: set[str]) -> None:
-    unknown = set(values) - allowed
-    if unknown:
-        raise ConfigError(f"[{section}]: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
-
-
-def _path(value: Any, base_dir: Path, what: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{what} must be a non-empty path string")
-    path = Path(value).expanduser()
-    return str(path if path.is_absolute() else (base_dir / path).resolve())
-
-
-def _admin_token(server: dict[str, Any], base_dir: Path) -> str | None:
-    sources = [k for k in ("admin_token", "admin_token_env", "admin_token_file") if k in server]
-    if len(sources) > 1:
-        raise ConfigError(f"[server]: give only one of {sources}")
-    if not sources:
-        return None
-    if "admin_token" in server:
-        token = str(server["admin_token"])
-    elif "admin_token_env" in server:
-        token = os.environ.get(str(server["admin_token_env"]), "")
-        if not token:
-            raise ConfigError(f"environment variable {server['admin_token_env']} (server.admin_token_env) is empty")
-    else:
-        token_path = Path(_path(server["admin_token_file"], base_dir, "server.admin_token_file"))
-        if not token_path.is_file():
-            raise ConfigError(f"admin token file not found: {token_path}")
-        token = token_path.read_text().strip()
-    if len(token) < 16:
-        raise ConfigError("the admin token must be at least 16 characters")
-    return token

@@ -1,0 +1,66 @@
+"""Reading a server config file: TOML, sections, paths and the admin token. Torch-free;
+`inlaid.serve.config` builds the ServerConfig from these."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """The server configuration file is missing, malformed or inconsistent."""
+
+
+def read_toml(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """A config file's contents and its directory (relative paths resolve against it)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text()), path.parent
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: invalid TOML: {error}") from error
+
+
+def section(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    return dict(value)
+
+
+def reject_unknown(section_name: str, values: dict[str, Any], allowed: set[str]) -> None:
+    unknown = set(values) - allowed
+    if unknown:
+        raise ConfigError(f"[{section_name}]: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+
+
+def resolve_path(value: Any, base_dir: Path, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{what} must be a non-empty path string")
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+
+def admin_token_from(server: dict[str, Any], base_dir: Path) -> str | None:
+    sources = [k for k in ("admin_token", "admin_token_env", "admin_token_file") if k in server]
+    if len(sources) > 1:
+        raise ConfigError(f"[server]: give only one of {sources}")
+    if not sources:
+        return None
+    if "admin_token" in server:
+        token = str(server["admin_token"])
+    elif "admin_token_env" in server:
+        token = os.environ.get(str(server["admin_token_env"]), "")
+        if not token:
+            raise ConfigError(f"environment variable {server['admin_token_env']} (server.admin_token_env) is empty")
+    else:
+        token_path = Path(resolve_path(server["admin_token_file"], base_dir, "server.admin_token_file"))
+        if not token_path.is_file():
+            raise ConfigError(f"admin token file not found: {token_path}")
+        token = token_path.read_text().strip()
+    if len(token) < 16:
+        raise ConfigError("the admin token must be at least 16 characters")
+    return token
