@@ -31,7 +31,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))  # sched_sim beside this file (bench/ is no package)
 import sched_sim  # noqa: E402
 
-from inlaid.scheduling.autotune import CANDIDATES, choose, score_candidates  # noqa: E402
+from inlaid.scheduling.autotune import CANDIDATES, choose, resolved_options, score_candidates  # noqa: E402
 
 RESULTS = BENCH / "results"
 SLO = "10x"
@@ -44,7 +44,7 @@ def _run(job: dict) -> dict:
     from inlaid.scheduling.experiment import PolicyVariant
 
     variant = (PolicyVariant("fifo", "fifo") if job["label"] == "fifo"
-               else PolicyVariant(job["label"], "inlaid", OPTION_SETS[job["label"]]))
+               else PolicyVariant(job["label"], "inlaid", job["options"]))
     summary, _ = sched_sim.simulate_job(job, variant)
     return {**job, "mean_jct_s": summary["latency_s"]["mean"], "slo": summary["slo_attainment"][SLO],
             "p99_ttft_s": summary["ttft_s"]["p99"], "max_wait_s": summary["max_wait_s"],
@@ -52,7 +52,13 @@ def _run(job: dict) -> dict:
 
 
 def sweep(tag: str, requests: int, load: float, slots: int, workers: int, suite_lengths: str | None = None) -> dict:
+    from inlaid.scheduling.cost_model import StepCostModel
+    from inlaid.scheduling.simulator import EngineShape
+
     configs = [(t, cv, p) for t in sched_sim.TASK_COUNTS for cv in sched_sim.CVS for p in sched_sim.POPULARITIES]
+    cost = StepCostModel.load(sched_sim.RESULTS / (f"sched_cost_model_{tag}.json" if tag else "sched_cost_model.json"))
+    option_sets = {label: resolved_options(options, cost, EngineShape(max_lora_slots=slots))
+                   for label, options in OPTION_SETS.items()}
     pool = sched_sim._pool(workers, suite_lengths, slots, tag)
     started = time.perf_counter()
     try:
@@ -60,14 +66,15 @@ def sweep(tag: str, requests: int, load: float, slots: int, workers: int, suite_
                       for t, cv, p in configs]
         capacity = {(r["tasks"], r["cv"], r["popularity"]): r["throughput_rps"]
                     for r in sched_sim._map(pool, saturation, "saturation", _run)}
-        jobs = [dict(tasks=t, cv=cv, popularity=p, requests=requests, rate=load * capacity[(t, cv, p)], label=label)
-                for t, cv, p in configs for label in ["fifo", *OPTION_SETS]]
+        jobs = [dict(tasks=t, cv=cv, popularity=p, requests=requests, rate=load * capacity[(t, cv, p)], label=label,
+                     options=option_sets.get(label, {}))
+                for t, cv, p in configs for label in ["fifo", *option_sets]]
         runs = sched_sim._map(pool, jobs, "simulate", _run)
     finally:
         if pool is not None:
             pool.close()
             pool.join()
-    return {"tag": tag, "requests": requests, "load": load, "slots": slots, "option_sets": OPTION_SETS,
+    return {"tag": tag, "requests": requests, "load": load, "slots": slots, "option_sets": option_sets,
             "suite_lengths": Path(suite_lengths).name if suite_lengths else "suite_lengths.jsonl",
             "wall_s": time.perf_counter() - started, "loadavg": os.getloadavg(), "runs": runs}
 

@@ -82,6 +82,32 @@ def test_tuned_options_keep_explicit_ones_and_are_cached(tmp_path: Path, monkeyp
     assert other is not None  # another task count: simulated again
 
 
+def test_the_server_gets_the_prefill_weight_its_tuning_simulated(tmp_path: Path) -> None:
+    """Every simulated variant prices a prompt token at the cost model's step-time ratio (or,
+    for the resource-cost candidate, its per-row ratio); the chosen options carry that
+    number, so the policy the server builds from them is the one that was simulated (before,
+    the server fell back to the option's default, 0.006, whatever the cost model)."""
+    from inlaid.scheduling.cost_model import ChunkShape, StepFeatures
+    from inlaid.scheduling.registry import parse_options
+
+    cost, shape = StepCostModel.load(COST_MODEL), EngineShape(max_lora_slots=4)
+    half_batch = [ChunkShape(1, 200, index % 4, 16, True) for index in range(shape.max_num_seqs // 2)]
+    per_token, step = cost.coefficients["tokens"], cost.step_seconds(StepFeatures.of_chunks(half_batch, 0, shape.block_size))
+    candidates = {"defaults": {}, "resource": {"prefill_weight": autotune.RESOURCE_COST}, "mine": {"prefill_weight": 2.0}}
+    result = tune_inlaid_options(cost, shape, 6, requests=40, candidates=candidates, workloads=((4.0, "zipf"),))
+    weights = {score.label: score.options["prefill_weight"] for score in result.scores}
+    assert weights["defaults"] == pytest.approx(per_token / step, rel=1e-3)
+    assert weights["resource"] == pytest.approx(per_token / (step / len(half_batch)), rel=1e-3)
+    assert weights["mine"] == 2.0 and per_token / step != pytest.approx(0.006, rel=0.1)
+    assert parse_options("inlaid", result.chosen.options).prefill_weight == weights[result.chosen.label]
+    runs = {r["label"]: r for r in result.runs}
+    assert runs["resource"]["mean_jct_s"] != runs["defaults"]["mean_jct_s"]  # the weight reached the policy
+    explicit = tune_inlaid_options(cost, shape, 6, {"prefill_weight": 0.5}, requests=40, candidates=candidates,
+                                   workloads=((4.0, "zipf"),))
+    jct = {r["label"]: r["mean_jct_s"] for r in explicit.runs if r["label"] != "fifo"}
+    assert len(set(jct.values())) == 1  # the config's weight wins over every candidate's
+
+
 def _lengths_file(path: Path, change: dict | None = None, drop_split: str | None = None) -> Path:
     """The fp32 suite lengths, each record with `change` applied, `drop_split`'s left out."""
     from inlaid.scheduling.suite import SUITE_LENGTHS_FILE

@@ -44,7 +44,10 @@ CANDIDATES: dict[str, dict[str, Any]] = {
                                                         "first_token_after_s": 30.0},
     "beta 16, row target 32, first tokens after 30 s": {"max_adapters_per_step": 16, "batch_rows_target": 32,
                                                         "first_token_after_s": 30.0},
+    "prompt tokens at their resource cost": {"prefill_weight": "resource cost"},
 }
+# A candidate's option with this value is the cost model's own figure (`resolved_options`).
+RESOURCE_COST = "resource cost"
 SLO = "10x"  # latency within 10x the request's isolated latency
 WORKLOADS = ((1.0, "uniform"), (1.0, "zipf"), (4.0, "uniform"), (4.0, "zipf"))  # (arrival CV, popularity)
 SEED = 7
@@ -66,6 +69,21 @@ def load_cost_model(path: str, max_num_seqs: int = 64) -> StepCostModel:
             raise ValueError(f"{path!r} gives a decode step of {rows} rows {cost.step_seconds(step)} s: "
                              "not a usable cost model")
     return cost
+
+
+def resolved_options(options: Mapping[str, Any], cost: StepCostModel, shape: EngineShape) -> dict[str, Any]:
+    """A candidate's options as the policy takes them, on this cost model: `prefill_weight`
+    the cost model's step-time ratio (`experiment.prefill_weight`, what every simulated
+    variant gets by default) or, where the candidate says RESOURCE_COST, its per-row ratio
+    (`experiment.prefill_weight_at_resource_cost`). The server then runs exactly what was
+    simulated."""
+    from inlaid.scheduling.experiment import prefill_weight, prefill_weight_at_resource_cost
+
+    resolved = {"prefill_weight": prefill_weight(cost, shape), **options}
+    if resolved["prefill_weight"] == RESOURCE_COST:
+        resolved["prefill_weight"] = prefill_weight_at_resource_cost(cost, shape)
+    resolved["prefill_weight"] = round(float(resolved["prefill_weight"]), 5)
+    return resolved
 
 
 def slo_target_out_of_reach(fifo_attainment: float) -> bool:
@@ -180,6 +198,7 @@ def tune_inlaid_options(
     history = [(r.task, synthetic_prompt(TraceRequest(0.0, r.task, r.prompt_tokens, r.output_tokens, r.max_tokens,
                                                       r.record_id)), r.output_tokens)
                for r in records if r.split == "calib"]
+    candidates = {label: resolved_options(options, cost, shape) for label, options in candidates.items()}
     variants = [PolicyVariant("fifo", "fifo")] + [PolicyVariant(label, "inlaid", {**options, **explicit})
                                                  for label, options in candidates.items()]
     total, done, started = len(workloads) * (1 + len(variants)), 0, time.perf_counter()

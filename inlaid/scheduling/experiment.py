@@ -64,6 +64,16 @@ def prefill_weight(cost: StepCostModel, shape: EngineShape, rank: int = 16) -> f
     return cost.coefficients.get("tokens", 0.0) / step if step > 0 else 0.0
 
 
+def prefill_weight_at_resource_cost(cost: StepCostModel, shape: EngineShape, rank: int = 16) -> float:
+    """Decode *rows* one prompt token costs: the cost model's per-token time over one row's
+    share of a decode step at half the batch limit. Where the server is busy (bursts), a
+    request's prompt takes executor time from everyone at this rate, so shortest-work-first
+    ranks by it; `prefill_weight` (a step's whole time per decode token) prices a prompt
+    token at what its owner waits for, 10-40x lower on the CPU cost models."""
+    batch = max(1, shape.max_num_seqs // 2)
+    return prefill_weight(cost, shape, rank) * batch
+
+
 def variant_options(variant: PolicyVariant, cost: StepCostModel, shape: EngineShape) -> dict[str, Any]:
     """The `[scheduler]` options of a variant (what a server config would say)."""
     gamma = prefill_weight(cost, shape)
