@@ -266,3 +266,43 @@ def test_peer_watch_names_the_peer_that_disconnected():
 
     gone, first, second = asyncio.run(scenario())
     assert gone == [first, second], gone  # each reported once, in order, none by mistake
+
+
+# ------------------------------------------------------------------ executor loss
+def test_a_request_lost_with_its_executor_before_its_first_token_is_queued_again_once(model_dir, tmp_path):
+    """The coordinator's loss handler on its real engine (no process): a request planned to
+    an executor that died before answering has given its client nothing, so it is computed
+    again from its prompt on the next executor, not failed; a second loss fails it (a
+    request that kills executors must not kill them all); a request with output fails at
+    once. KV blocks all come back."""
+    from inlaid.protocol import Generate
+    from inlaid.serve.config import config_from_dict
+    from inlaid.serve.coordinator import Coordinator
+
+    coordinator = Coordinator(config_from_dict({"model": {"dir": str(model_dir)}}, base_dir=tmp_path))
+    replies: list = []
+    coordinator.in_flight._send = lambda identity, message: replies.append(message)
+    shard, in_flight = coordinator.pool.shards[0], coordinator.in_flight
+    engine = shard.engine
+    total_blocks = engine.scheduler.blocks.num_free_blocks
+    for request_id in ("fresh", "started"):
+        in_flight.generate(b"client", Generate(request_id=request_id, prompt=f"Say {request_id}",
+                                               sampling=SamplingParams(max_tokens=8)))
+    fresh, started = (in_flight.requests[(b"client", name)] for name in ("fresh", "started"))
+    first_plan = engine.begin_step()
+    assert first_plan is not None and {chunk.seq_id for chunk in first_plan.chunks} == {fresh.seq_id, started.seq_id}
+    started.token_ids.append(42)  # as the coordinator records a streamed token
+    seq = engine.sequence(fresh.engine_id)
+    assert seq.block_table and seq.num_computed_tokens == seq.num_prompt_tokens
+
+    coordinator._on_executor_lost(shard, "executor (pid 1) died with signal SIGKILL")
+    assert [(r.request_id, r.code) for r in replies] == [("started", ErrorCode.EXECUTOR_FAILED)]
+    assert fresh.key in in_flight.requests and fresh.restarted
+    assert (seq.status.name, seq.block_table, seq.num_computed_tokens) == ("WAITING", [], 0)
+    assert engine.scheduler.blocks.num_free_blocks == total_blocks
+    again = engine.begin_step()  # the whole prompt, from its first token
+    assert [(c.seq_id, c.start_pos, c.token_ids) for c in again.chunks] == [(fresh.seq_id, 0, seq.prompt_token_ids)]
+
+    coordinator._on_executor_lost(shard, "executor (pid 2) died with signal SIGKILL")
+    assert [(r.request_id, r.code) for r in replies][-1] == ("fresh", ErrorCode.EXECUTOR_FAILED)
+    assert not in_flight.requests and engine.scheduler.blocks.num_free_blocks == total_blocks

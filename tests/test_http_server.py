@@ -252,6 +252,9 @@ BAD_COMPLETIONS = [
      "stream_options"),
     ({"model": "attn-r8", "prompt": "x", "stream": True, "temperature": -1}, 400, openai.BadRequestError, None),
     ({"model": "no-such-task", "prompt": "x", "stream": True}, 404, openai.NotFoundError, "model"),
+    ({"model": "attn-r8", "prompt": ["x"] * 17}, 400, openai.BadRequestError, "prompt"),  # http.max_prompts_per_request
+    ({"model": "attn-r8", "prompt": "x", "max_tokens": 2**64}, 400, openai.BadRequestError, "max_tokens"),
+    ({"model": "attn-r8", "prompt": [1, 2**64]}, 400, openai.BadRequestError, "prompt[1]"),
 ]
 BAD_CHATS = [
     ({"messages": []}, "messages"),
@@ -263,6 +266,7 @@ BAD_CHATS = [
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "x"}], "reasoning_effort": "low"}, "reasoning_effort"),
 ]
 
 
@@ -284,7 +288,8 @@ def test_bad_requests_get_openai_errors_with_the_right_status(api, server):
             api.chat.completions.create(model="attn-r8", **request)
         assert caught.value.body["param"] == param, request
     # What a client library would not send: broken JSON, no body, too large, wrong routes.
-    for raw, status in [(b"{not json", 400), (b"", 400), (b"[1, 2]", 400)]:
+    for raw, status in [(b"{not json", 400), (b"", 400), (b"[1, 2]", 400),
+                        (b'{"model": "attn-r8", "prompt": "\xff\xfe"}', 400)]:  # not UTF-8
         code, _, body = _http(server, "POST", "/v1/completions", raw=raw, headers={"Content-Type": "application/json"})
         assert code == status and _error_of(body)["type"] == "invalid_request_error", raw[:20]
     # Too large: the front answers 413 from the declared length and closes, without reading
@@ -295,8 +300,10 @@ def test_bad_requests_get_openai_errors_with_the_right_status(api, server):
     assert code == 404 and _error_of(body)["code"] == "not_found"
     code, headers, body = _http(server, "GET", "/v1/completions")
     assert code == 405 and "POST" in headers.get("allow", headers.get("Allow", "")) and _error_of(body)
-    # The server keeps serving.
+    # The server keeps serving; OpenAI's bookkeeping arguments are accepted.
     assert api.completions.create(model="attn-r8", prompt="Hi", max_tokens=2, temperature=0).choices
+    assert api.chat.completions.create(model="attn-r8", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                       temperature=0, store=False, metadata={"run": "1"}).choices
 
 
 def test_admin_endpoints_need_the_admin_token(server, api, adapter_dirs, base_model):

@@ -41,6 +41,8 @@ def test_http_and_metrics_sections(model_dir):
         ({"http": {"host": "0.0.0.0"}}, "not a loopback address"),
         ({"http": {"request_timeout_s": 0}}, "request_timeout_s"),
         ({"http": {"max_body_bytes": 10}}, "max_body_bytes"),
+        ({"http": {"max_prompts_per_request": 0}}, "max_prompts_per_request"),
+        ({"http": {"max_prompts_per_request": 9}, "server": {"max_pending_requests": 8}}, "could never be admitted"),
         ({"http": {"prot": 8000}}, "unknown keys"),
         ({"metrics": {}}, "needs a port"),
         ({"metrics": {"port": 8000}, "http": {"port": 8000}}, "cannot share a port"),
@@ -116,6 +118,13 @@ REFUSED = [
     (lambda: chat_call(_chat(tool_choice="auto"), BASE, 99), "tool_choice"),
     (lambda: chat_call(_chat(response_format={"type": "json_object"}), BASE, 99), "response_format"),
     (lambda: chat_call(_chat(top_logprobs=2), BASE, 99), "logprobs"),
+    (lambda: chat_call(_chat(modalities=["text", "audio"]), BASE, 99), "modalities"),
+    (lambda: chat_call(_chat(audio={"voice": "alloy", "format": "wav"}), BASE, 99), "audio"),
+    (lambda: chat_call(_chat(reasoning_effort="low"), BASE, 99), "reasoning_effort"),
+    (lambda: chat_call(_chat(prediction={"type": "content", "content": "x"}), BASE, 99), "prediction"),
+    (lambda: chat_call(_chat(web_search_options={}), BASE, 99), "web_search_options"),
+    (lambda: completion_call(_completion(prompt=["a"] * 17), BASE), "prompt"),  # the default cap: 16
+    (lambda: completion_call(_completion(prompt=[[1]] * 3), BASE, max_prompts=2), "prompt"),
 ]
 
 
@@ -127,6 +136,26 @@ def test_what_inlaid_cannot_do_is_refused_by_name():
     # Neutral values of those options are accepted.
     completion_call(_completion(n=1, best_of=1, echo=False, presence_penalty=0, logit_bias={}), BASE)
     chat_call(_chat(tool_choice="none", response_format={"type": "text"}, logprobs=False), BASE, 99)
+    # OpenAI's bookkeeping arguments (stored completions, billing tier) are accepted and not used.
+    call = chat_call(_chat(store=False, metadata={"run": "7"}, service_tier="auto", modalities=["text"]), BASE, 99)
+    assert call.options == chat_call(_chat(), BASE, 99).options
+    assert len(completion_call(_completion(prompt=["a"] * 16), BASE).prompts) == 16
+    assert len(completion_call(_completion(prompt=[[1]] * 3), BASE, max_prompts=3).prompts) == 3
+
+
+def test_integers_beyond_64_bits_are_refused_by_field():
+    """msgpack, which carries requests to the coordinator, holds 64-bit integers; a larger
+    one is the caller's error, named like any other bad value (it was a 500 before)."""
+    for body, field in [({"max_tokens": 2**64}, "max_tokens"), ({"seed": -(2**63) - 1}, "seed"),
+                        ({"prompt": [1, 2**64]}, "prompt[1]"), ({"prompt": [[1], [2, 2**63]]}, "prompt[1][1]"),
+                        ({"stop_token_ids": [2**70]}, "stop_token_ids[0]"), ({"top_k": 2**63}, "top_k")]:
+        raw = json.dumps({"model": "m", "prompt": "x", **body}).encode()
+        with pytest.raises(msgspec.ValidationError) as caught:
+            msgspec.json.decode(raw, type=CompletionRequest)
+        error = from_decode_error(caught.value)
+        assert error.status == 400 and error.param == field, (body, error.param)
+    limits = {"max_tokens": 2**63 - 1, "seed": -(2**63), "prompt": [2**63 - 1]}
+    assert msgspec.json.decode(json.dumps({"model": "m", **limits}), type=CompletionRequest).max_tokens == 2**63 - 1
 
 
 def test_error_bodies():
@@ -180,3 +209,25 @@ def test_route_labels_are_bounded():
     assert route_label("/v1/completions") == "/v1/completions"
     assert route_label("/v1/models/some-task") == "/v1/models/{model}"
     assert {route_label(f"/random/{i}") for i in range(100)} == {"other"}
+
+
+def test_a_body_that_is_not_utf8_is_a_bad_request():
+    """msgspec raises UnicodeDecodeError, not one of its own errors, for such bytes: it was
+    a 500 "internal error in the HTTP front"."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from inlaid.http.app import _read_json
+
+    async def read(body: bytes):
+        async def receive() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [], "query_string": b""}
+        return await _read_json(Request(scope, receive), CompletionRequest, 1 << 20)
+
+    with pytest.raises(ApiError) as caught:
+        asyncio.run(read(b'{"model": "m", "prompt": "\xff\xfe"}'))
+    assert caught.value.status == 400 and "not UTF-8" in caught.value.message
+    assert asyncio.run(read('{"model": "m", "prompt": "é"}'.encode())).prompt == "é"

@@ -265,3 +265,28 @@ def test_frames_decode_a_good_request():
 
     message = Generate(request_id="ok", prompt="hi")
     assert decode_client_frames([msgspec.msgpack.encode(message)], 1024) == message
+
+
+def test_the_sdk_refuses_integers_msgpack_cannot_carry_before_sending():
+    """max_tokens, seeds or token ids past 64 bits: an InvalidRequestError naming the range
+    from every SDK call, before any socket is touched (no server listens at this address),
+    nothing left registered (it was an OverflowError from inside the encoder)."""
+    import asyncio
+
+    from inlaid.client import AsyncClient, Client, InvalidRequestError
+
+    with Client("tcp://127.0.0.1:9", timeout_s=1) as client:
+        for call in (lambda: client.generate("x", max_tokens=2**64), lambda: client.stream("x", seed=2**64),
+                     lambda: client.generate(prompt_token_ids=[1, -(2**63) - 1])):
+            with pytest.raises(InvalidRequestError, match="out of range"):
+                call()
+        assert client.server is None and not client._inbox
+
+    async def run() -> None:
+        async with AsyncClient("tcp://127.0.0.1:9", timeout_s=1) as client:
+            for call in (lambda: client.generate("x", max_tokens=2**64), lambda: client.stream("x", seed=2**64)):
+                with pytest.raises(InvalidRequestError, match="out of range"):
+                    await call()
+            assert client.server is None and not client._queues
+
+    asyncio.run(run())

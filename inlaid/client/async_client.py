@@ -128,8 +128,8 @@ class AsyncClient:
         return self.server
 
     # ------------------------------------------------------------------ plumbing
-    async def _send(self, message: msgspec.Struct) -> None:
-        await self._sock().send(encode(message))
+    async def _send(self, message: msgspec.Struct | bytes) -> None:
+        await self._sock().send(message if isinstance(message, bytes) else encode(message))
 
     async def _next(self, request_id: str, timeout_s: float) -> ServerReply:
         try:
@@ -137,12 +137,13 @@ class AsyncClient:
         except asyncio.TimeoutError:
             raise RequestTimeoutError(f"no answer from {self.address} in time", request_id) from None
 
-    async def _roundtrip(self, message: Any, timeout_s: float | None) -> ServerReply:
+    async def _roundtrip(self, message: Any, timeout_s: float | None, frame: bytes | None = None) -> ServerReply:
         request_id = message.request_id
+        frame = frame or encode(message)  # an unencodable request fails here, before anything is registered
         self._queues[request_id] = asyncio.Queue()
         answered = False
         try:
-            await self._send(message)
+            await self._send(frame)
             reply = await self._next(request_id, timeout_s or self.timeout_s)
             answered = True
             return reply
@@ -181,8 +182,9 @@ class AsyncClient:
                 await self.handshake(timeout_s)
 
     async def _call(self, message: Any, kind: type[Any], timeout_s: float | None = None) -> Any:
+        frame = encode(message)  # a request msgpack cannot carry fails before the handshake
         await self._ensure_handshake(timeout_s)
-        return expect(await self._roundtrip(message, timeout_s), kind)
+        return expect(await self._roundtrip(message, timeout_s, frame), kind)
 
     # ------------------------------------------------------------------ API
     async def generate(
@@ -238,9 +240,10 @@ class AsyncClient:
             seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, stream=True,
             deadline_s=deadline_s,
         )  # fmt: skip
+        frame = encode(message)
         await self._ensure_handshake(timeout_s)
         self._queues[message.request_id] = asyncio.Queue()
-        await self._send(message)
+        await self._send(frame)
         return AsyncTokenStream(self, message.request_id, timeout_s or self.timeout_s)
 
     async def cancel(self, request_id: str) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from inlaid.client.errors import InlaidError, ProtocolVersionError, error_from_reply
+from inlaid.client.errors import InlaidError, InvalidRequestError, ProtocolVersionError, error_from_reply
 from inlaid.protocol import (
     PROTOCOL_VERSION,
     ChatMessage,
@@ -33,7 +33,13 @@ _reply_decoder = msgspec.msgpack.Decoder(ServerReply)
 
 
 def encode(message: msgspec.Struct) -> bytes:
-    return _encoder.encode(message)
+    """The message's frame. A number msgpack cannot carry (an integer outside the signed and
+    unsigned 64-bit ranges) is the caller's mistake: InvalidRequestError, nothing sent."""
+    try:
+        return _encoder.encode(message)
+    except OverflowError as error:
+        raise InvalidRequestError(f"a number in the request is out of range: {error}",
+                                  getattr(message, "request_id", "")) from None
 
 
 def decode_reply(frame: bytes) -> ServerReply | None:

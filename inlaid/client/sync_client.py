@@ -110,8 +110,8 @@ class Client:
         return self.server
 
     # ------------------------------------------------------------------ plumbing
-    def _send(self, message: msgspec.Struct) -> None:
-        self._sock().send(encode(message))
+    def _send(self, message: msgspec.Struct | bytes) -> None:
+        self._sock().send(message if isinstance(message, bytes) else encode(message))
 
     def _next_reply(self, request_id: str, deadline: float) -> ServerReply:
         queue = self._inbox[request_id]
@@ -131,11 +131,12 @@ class Client:
             # else: the answer to a request given up on (timeout); drop it.
         return queue.popleft()
 
-    def _roundtrip(self, message: Any, timeout_s: float | None) -> ServerReply:
+    def _roundtrip(self, message: Any, timeout_s: float | None, frame: bytes | None = None) -> ServerReply:
         request_id = message.request_id
+        frame = frame or encode(message)  # an unencodable request fails here, before anything is registered
         self._inbox[request_id] = deque()
         try:
-            self._send(message)
+            self._send(frame)
             return self._next_reply(request_id, time.monotonic() + (timeout_s or self.timeout_s))
         except RequestTimeoutError:
             if isinstance(message, Generate):
@@ -152,9 +153,10 @@ class Client:
             self.reconnect()
 
     def _call(self, message: Any, kind: type[Any], timeout_s: float | None = None) -> Any:
+        frame = encode(message)  # a request msgpack cannot carry fails before the handshake
         if self.server is None:
             self.handshake(timeout_s)
-        return expect(self._roundtrip(message, timeout_s), kind)
+        return expect(self._roundtrip(message, timeout_s, frame), kind)
 
     # ------------------------------------------------------------------ API
     def generate(
@@ -183,9 +185,7 @@ class Client:
             seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, stream=False,
             deadline_s=deadline_s,
         )  # fmt: skip
-        if self.server is None:
-            self.handshake(timeout_s)
-        return expect(self._roundtrip(message, timeout_s), GenerateDone)
+        return self._call(message, GenerateDone, timeout_s)
 
     def stream(
         self,
@@ -213,10 +213,11 @@ class Client:
             seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, stream=True,
             deadline_s=deadline_s,
         )  # fmt: skip
+        frame = encode(message)
         if self.server is None:
             self.handshake(timeout_s)
         self._inbox[message.request_id] = deque()
-        self._send(message)
+        self._send(frame)
         return TokenStream(self, message.request_id, timeout_s or self.timeout_s)
 
     def cancel(self, request_id: str) -> None:

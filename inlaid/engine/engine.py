@@ -196,6 +196,16 @@ class Engine:
         self._requests[request.request_id] = request
         self._by_seq_id[request.seq.seq_id] = request.seq
 
+    def restart_unstarted(self, request_id: str) -> bool:
+        """A running request that has generated nothing yet goes back to the queue, to be
+        computed from its prompt again (its KV was on an executor that is gone); False, and
+        nothing changes, for any other."""
+        request = self._requests.get(request_id)
+        if request is None or request.seq.status is not SequenceStatus.RUNNING or request.seq.num_generated:
+            return False
+        self.scheduler.restart(request.seq)
+        return True
+
     def abort_all(self, reason: FinishReason = FinishReason.ERROR) -> list[str]:
         """Finish every request (the executor died); returns their ids."""
         ids = list(self._requests)

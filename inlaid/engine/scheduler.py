@@ -301,6 +301,13 @@ class Scheduler:
             step.prefill_budget -= num_tokens
         planned_ids.add(id(seq))
 
+    def restart(self, seq: Sequence) -> None:
+        """Put a running sequence back at the head of the queue with no KV (its executor is
+        gone): its prompt is computed again when it is next planned."""
+        if seq not in self.running:
+            raise ValueError(f"sequence {seq.seq_id} is not running")
+        self._preempt(seq, self.clock())
+
     def _preempt(self, seq: Sequence, now: float) -> None:
         self.running.remove(seq)
         self.blocks.free(seq)

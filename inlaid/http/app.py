@@ -149,6 +149,8 @@ async def _read_json(request: Request, kind: type[Any], max_bytes: int) -> Any:
         return msgspec.json.decode(bytes(body), type=kind)
     except msgspec.MsgspecError as error:
         raise from_decode_error(error) from None
+    except UnicodeDecodeError as error:  # msgspec raises it for bytes that are not UTF-8
+        raise bad_request(f"the request body is not UTF-8 JSON: {error.reason} at byte {error.start}") from None
 
 
 # ---------------------------------------------------------------- endpoints
@@ -157,7 +159,8 @@ async def _read_json(request: Request, kind: type[Any], max_bytes: int) -> Any:
 async def _completions(front: Front, request: Request) -> Response:
     body = await _read_json(request, CompletionRequest, front.config.max_body_bytes)
     server = await front.server()
-    return GenerationResponse(front.client, completion_call(body, server.model), chat=False)
+    call = completion_call(body, server.model, front.config.max_prompts_per_request)
+    return GenerationResponse(front.client, call, chat=False)
 
 
 async def _chat_completions(front: Front, request: Request) -> Response:

@@ -8,9 +8,13 @@ Inlaid cannot honour are declared here so that `translate.py` can refuse them by
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+
+# Every integer a request carries goes on to the coordinator in msgpack, which carries 64
+# bits: larger ones are refused here, by field, as any other bad value.
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -21,32 +25,33 @@ class GenerationRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     """Fields /v1/completions and /v1/chat/completions share."""
 
     model: str
-    max_tokens: int | None = None
+    max_tokens: Int64 | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int | None = None
+    n: Int64 | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     user: str | None = None  # an end-user id for the caller's own bookkeeping; not used
+    service_tier: str | None = None  # OpenAI's billing tier; there is one tier here, not used
     # Defined by OpenAI, refused unless neutral:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     # Extensions (vLLM's names): Inlaid's sampling options beyond OpenAI's.
-    top_k: int | None = None
+    top_k: Int64 | None = None
     ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int64] | None = None
 
 
 class CompletionRequest(GenerationRequest):
     # A text, token ids, or a list of texts / of token-id lists (one choice each).
-    prompt: str | list[str | int | list[int]]
+    prompt: str | list[str | Int64 | list[Int64]]
     suffix: str | None = None
     echo: bool | None = None
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: Int64 | None = None
+    best_of: Int64 | None = None
 
 
 class ChatMessageIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -65,15 +70,24 @@ class ChatMessageIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessageIn]
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Int64 | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Int64 | None = None
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     function_call: Any = None
+    # Bookkeeping for OpenAI's stored completions: nothing is stored here, so accepted and not used.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    # Defined by OpenAI, refused unless neutral (text output, no reasoning, no audio):
+    modalities: list[str] | None = None
+    reasoning_effort: str | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
 
 
 class LoadLoraAdapterRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -84,7 +98,7 @@ class LoadLoraAdapterRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only
 
 class UnloadLoraAdapterRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     lora_name: str
-    lora_int_id: int | None = None  # vLLM's; names identify adapters here
+    lora_int_id: Int64 | None = None  # vLLM's; names identify adapters here
 
 
 # ---------------------------------------------------------------- responses

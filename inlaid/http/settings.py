@@ -27,6 +27,9 @@ class HttpConfig:
     # One generate through the SDK (for a stream: the wait for each next piece).
     request_timeout_s: float = 600.0
     max_body_bytes: int = 1 << 20  # larger request bodies: 413
+    # Prompts one /v1/completions request may list (each runs as a request of its own and
+    # takes one of server.max_pending_requests); more: 400
+    max_prompts_per_request: int = 16
 
     def validate(self, allow_public_bind: bool) -> None:
         check_listen_address("http", self.host, self.port, allow_public_bind)
@@ -36,3 +39,6 @@ class HttpConfig:
         size = self.max_body_bytes
         if isinstance(size, bool) or not isinstance(size, int) or size < 1024:
             raise ValueError(f"http.max_body_bytes must be an integer >= 1024, got {size!r}")
+        prompts = self.max_prompts_per_request
+        if isinstance(prompts, bool) or not isinstance(prompts, int) or prompts < 1:
+            raise ValueError(f"http.max_prompts_per_request must be an integer >= 1, got {prompts!r}")

@@ -26,6 +26,7 @@ from inlaid.http.schema import (
     Usage,
     GenerationRequest,
 )
+from inlaid.http.settings import HttpConfig
 from inlaid.protocol import ChatMessage
 
 # OpenAI's default for the legacy completions endpoint; chat completions default to "as
@@ -50,12 +51,18 @@ class GenerationCall:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def completion_call(request: CompletionRequest, base_model: str) -> GenerationCall:
+def completion_call(request: CompletionRequest, base_model: str,
+                    max_prompts: int = HttpConfig.max_prompts_per_request) -> GenerationCall:
+    """`max_prompts`: the most prompts one request may list (http.max_prompts_per_request);
+    each runs as a request of its own, so a longer list could hold every admission slot."""
     _refuse_if(request.suffix, "suffix", "suffix (insertion) is not supported")
     _refuse_if(request.echo, "echo", "echo is not supported")
     _refuse_if(request.logprobs is not None, "logprobs", "logprobs are not supported")
     _refuse_if(request.best_of not in (None, 1), "best_of", "best_of must be 1")
     prompts = _completion_prompts(request.prompt)
+    _refuse_if(len(prompts) > max_prompts, "prompt",
+               f"{len(prompts)} prompts in one request; at most {max_prompts} (http.max_prompts_per_request): "
+               "send the rest in other requests")
     max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
     return _call(request, prompts, max_tokens, base_model)
 
@@ -67,6 +74,11 @@ def chat_call(request: ChatCompletionRequest, base_model: str, max_model_len: in
                "tool_choice", "tool calls are not supported")
     _refuse_if(request.response_format not in (None, {"type": "text"}), "response_format",
                "only the text response format is supported")
+    _refuse_if(request.modalities not in (None, ["text"]), "modalities", "only text output is supported")
+    _refuse_if(request.audio is not None, "audio", "audio output is not supported")
+    _refuse_if(request.reasoning_effort is not None, "reasoning_effort", "reasoning_effort is not supported")
+    _refuse_if(request.prediction is not None, "prediction", "predicted outputs are not supported")
+    _refuse_if(request.web_search_options is not None, "web_search_options", "web search is not supported")
     if not request.messages:
         raise bad_request("messages must hold at least one message", "messages")
     messages = [_chat_message(i, m) for i, m in enumerate(request.messages)]

@@ -209,6 +209,10 @@ class ServerConfig:
             raise ConfigError("[scheduler] options apply to the built-in policies only")
         if self.http is not None:
             self.http.validate(self.allow_public_bind)
+            if self.http.max_prompts_per_request > self.limits.max_pending_requests:
+                raise ConfigError(f"http.max_prompts_per_request ({self.http.max_prompts_per_request}) exceeds "
+                                  f"server.max_pending_requests ({self.limits.max_pending_requests}): such a request "
+                                  "could never be admitted")
         if self.metrics is not None:
             check_listen_address("metrics", self.metrics.host, self.metrics.port, self.allow_public_bind)
             if self.http is not None and (self.metrics.host, self.metrics.port) == (self.http.host, self.http.port):

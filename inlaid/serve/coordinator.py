@@ -256,11 +256,12 @@ class Coordinator:
     # ================================================================== executor faults
     def _on_executor_lost(self, shard: ExecutorShard, reason: str) -> None:
         self.dynamic.jobs.on_executor_lost(shard.index)
-        self._fail_running(shard, f"{reason}; the server restarts it, retry this request")
+        self._fail_running(shard, f"{reason}; the server restarts it, retry this request", restart_unstarted=True)
         self.pool.rebalance(self.in_flight.by_engine_id)  # its waiting requests go to executors that are up
 
-    def _fail_running(self, shard: ExecutorShard, message: str, code: str = ErrorCode.EXECUTOR_FAILED) -> None:
-        self.in_flight.fail_running(shard, message, code)
+    def _fail_running(self, shard: ExecutorShard, message: str, code: str = ErrorCode.EXECUTOR_FAILED,
+                      restart_unstarted: bool = False) -> None:
+        self.in_flight.fail_running(shard, message, code, restart_unstarted)
         # The executor's adapter slots are gone (or suspect): start the slot map afresh so
         # the next plans load every adapter again.
         shard.engine.scheduler.adapters.forget_slots()

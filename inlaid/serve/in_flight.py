@@ -174,15 +174,26 @@ class InFlight:
             log.info("client disconnected; its requests are cancelled",
                      extra={"client": identity.hex(), "requests": [r.request_id for r in gone]})
 
-    def fail_running(self, shard: ExecutorShard, message: str, code: str = ErrorCode.EXECUTOR_FAILED) -> None:
-        """Fail every request whose KV state lived on this executor; waiting ones stay queued."""
+    def fail_running(self, shard: ExecutorShard, message: str, code: str = ErrorCode.EXECUTOR_FAILED,
+                     restart_unstarted: bool = False) -> None:
+        """Fail every request whose KV state lived on this executor; waiting ones stay queued.
+        With `restart_unstarted` (the executor was lost), a request that has not produced a
+        token yet is queued again instead, once: its client has seen nothing, and running it
+        again gives the same answer. Only once, because a request that itself kills
+        executors must not take down every executor that runs it."""
         for request in [r for r in self.requests.values() if r.executor == shard.index]:
             try:
                 running = shard.engine.sequence(request.engine_id).status is SequenceStatus.RUNNING
             except KeyError:
                 running = True  # the engine no longer knows it: it can never finish
-            if running:
-                self.fail(request, code, message)
+            if not running:
+                continue
+            if (restart_unstarted and not request.restarted and not request.token_ids
+                    and shard.engine.restart_unstarted(request.engine_id)):
+                request.restarted = True
+                log.info("request queued again", extra={"request_id": request.request_id, "reason": message})
+                continue
+            self.fail(request, code, message)
 
     def fail_all(self, code: str, message: str) -> None:
         for request in list(self.requests.values()):

@@ -26,6 +26,7 @@ class ActiveRequest:
     token_ids: list[int] = field(default_factory=list)
     deadline: asyncio.TimerHandle | None = None
     executor: int = 0  # the executor whose engine holds it (it can move while it waits)
+    restarted: bool = False  # queued again once after its executor was lost before its first token
 
     @property
     def identity(self) -> bytes:
