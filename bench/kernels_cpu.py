@@ -26,9 +26,10 @@ from typing import Callable
 import torch
 
 from inlaid.kernels import lora_cpu_plan
-from inlaid.kernels.dispatch import PackedDenseWeight, lora_expand, lora_shrink, packing_supported
-from inlaid.kernels.testing import random_gptq_layer, random_lora_case
+from inlaid.kernels.dispatch import PackedDenseWeight, packing_supported
+from inlaid.kernels.testing import random_gptq_layer
 from inlaid.kernels.quant_linear import QuantLinearWeights, prepare_quant_linear, quant_matmul
+from lora_baselines import batched, lora_case, per_slot_loop, token_gather  # beside this file
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -199,49 +200,6 @@ def bench_int4_by_batch(quick: bool) -> list[dict]:
 
 # --- LoRA ------------------------------------------------------------------------------------
 
-def _lora_case(num_slots: int, ranks: list[int], k: int, widths: list[int], requests: list[tuple[int, int]], seed: int):
-    slot_ranks = [[ranks[s % len(ranks)] for s in range(num_slots)]] * len(widths)
-    case = random_lora_case(requests, slot_ranks, k, widths, max(ranks), seed=seed)
-    for pool in case.a_pools + case.b_pools:  # the token-gather baseline multiplies padding: zeros, not NaN
-        torch.nan_to_num_(pool, nan=0.0)
-    return (case.x, case.a_pools, case.b_pools, case.slice_offsets, case.segment_starts,
-            case.segment_slots, case.slot_ranks, case.slot_scales)
-
-
-def _per_slot_loop(x, a_pools, b_pools, offsets, starts, slots, slot_ranks, slot_scales, y):
-    """Baseline: one matmul pair per (segment, slice) -- the loop the batched path avoids."""
-    bounds = starts.tolist()
-    for g, slot in enumerate(slots.tolist()):
-        if slot < 0 or bounds[g + 1] == bounds[g]:
-            continue
-        xs = x[bounds[g] : bounds[g + 1]]
-        for i, (a, b, off) in enumerate(zip(a_pools, b_pools, offsets)):
-            r = int(slot_ranks[i, slot])
-            y[bounds[g] : bounds[g + 1], off : off + b.shape[1]] += float(slot_scales[i, slot]) * (
-                (xs @ a[slot, :r].T) @ b[slot, :, :r].T
-            )
-
-
-def _token_gather(x, a_pools, b_pools, offsets, starts, slots, slot_ranks, slot_scales, y):
-    """Alternative: gather every token's adapter at R_max, mask ranks, one bmm pair per slice."""
-    lengths = (starts[1:] - starts[:-1]).long()
-    token_slot = torch.repeat_interleave(slots.long(), lengths)
-    active = token_slot >= 0
-    tokens = active.nonzero().squeeze(1)
-    slot_of = token_slot[tokens]
-    for i, (a, b, off) in enumerate(zip(a_pools, b_pools, offsets)):
-        r_max = a.shape[1]
-        keep = (torch.arange(r_max)[None, :] < slot_ranks[i].long()[slot_of][:, None]).to(x.dtype)
-        v = torch.bmm(a[slot_of], x[tokens][:, :, None]).squeeze(2) * keep
-        v = v * slot_scales[i][slot_of][:, None]
-        y[tokens, off : off + b.shape[1]] += torch.bmm(b[slot_of], v[:, :, None]).squeeze(2)
-
-
-def _batched(x, a_pools, b_pools, offsets, starts, slots, slot_ranks, slot_scales, y):
-    v = lora_shrink(x, a_pools, starts, slots, slot_ranks)
-    lora_expand(y, v, b_pools, offsets, starts, slots, slot_ranks, slot_scales)
-
-
 LORA_CASES = {
     # name: (num_slots, ranks, K, slice widths, requests [(slot, tokens)])
     "decode 32 tok, 32 adapters r16, qkv": (32, [16], 576, [576, 192, 192], [(s, 1) for s in range(32)]),
@@ -257,7 +215,7 @@ def bench_lora(quick: bool) -> list[dict]:
     rows = []
     cases = dict(list(LORA_CASES.items())[:4]) if quick else LORA_CASES
     for name, (num_slots, ranks, k, widths, requests) in cases.items():
-        args = _lora_case(num_slots, ranks, k, widths, requests, seed=len(name))
+        args = lora_case(num_slots, ranks, k, widths, requests, seed=len(name))
         x = args[0]
         y = torch.zeros((x.shape[0], sum(widths)))
         base = random_gptq(k, sum(widths), 4, 64, seed=1)
@@ -265,9 +223,9 @@ def bench_lora(quick: bool) -> list[dict]:
         times = time_side_by_side(
             {
                 "base_int4": lambda: quant_matmul(x, prepared),
-                "batched": lambda: _batched(*args, y),
-                "token_gather": lambda: _token_gather(*args, y),
-                "per_segment_loop": lambda: _per_slot_loop(*args, y),
+                "batched": lambda: batched(*args, y),
+                "token_gather": lambda: token_gather(*args, y),
+                "per_segment_loop": lambda: per_slot_loop(*args, y),
             },
             rounds=5 if quick else 15,
             inner=3,
@@ -292,14 +250,14 @@ def bench_large_group_threshold(quick: bool) -> list[dict]:
                                         "prefill 512 tok, 4 adapters r16, qkv")}
     try:
         for name, (num_slots, ranks, k, widths, requests) in cases.items():
-            args = _lora_case(num_slots, ranks, k, widths, requests, seed=3)
+            args = lora_case(num_slots, ranks, k, widths, requests, seed=3)
             y = torch.zeros((args[0].shape[0], sum(widths)))
             candidates = {}
             for threshold in (4, 16, 32, 128, 10**9):
                 def run(threshold: int = threshold) -> None:
                     lora_cpu_plan.LARGE_GROUP_TOKENS = threshold
                     lora_cpu_plan._CACHE.entries.clear()  # plan must be rebuilt for the threshold
-                    _batched(*args, y)
+                    batched(*args, y)
                 candidates[str(threshold)] = run
             times = time_side_by_side(candidates, rounds=3 if quick else 11, inner=2)
             rows.append({"case": name, **{f"threshold_{t}_ms": v for t, v in times.items()}})
