@@ -169,7 +169,8 @@ def compare(argv: list[str] | None = None) -> dict:
     if "inlaid-tuned" in args.policies.split(","):
         from inlaid.scheduling.autotune import tuned_options
 
-        tuned, _ = tuned_options(str(cost_file), shape, len(ranks), log=print)
+        # As the server itself tunes: on the lengths of the base it serves.
+        tuned, _ = tuned_options(str(cost_file), shape, len(ranks), log=print, lengths_file=args.suite_lengths)
     isolated = [isolated_latency(r, ranks.get(r.task or "", 0), machine_cost, shape) for r in trace.requests]
 
     state = workdir / "predictor-calib.npz"

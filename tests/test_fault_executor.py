@@ -226,7 +226,8 @@ def test_a_plan_sent_into_a_closed_executor_socket_loses_the_executor_at_once(mo
 
     async def scenario():
         supervisor = ExecutorSupervisor(EngineConfig(**engine_settings(model_dir)), f"ipc://{tmp_path}/executor.ipc",
-                                        on_lost=lost.append, on_fatal=lost.append, step_timeout_s=60)
+                                        on_lost=lambda reason, restartable: lost.append(reason), on_fatal=lost.append,
+                                        step_timeout_s=60)
         await supervisor.start()
         try:
             await asyncio.wait_for(supervisor.ready.wait(), 300)

@@ -270,11 +270,12 @@ def test_peer_watch_names_the_peer_that_disconnected():
 
 # ------------------------------------------------------------------ executor loss
 def test_a_request_lost_with_its_executor_before_its_first_token_is_queued_again_once(model_dir, tmp_path):
-    """The coordinator's loss handler on its real engine (no process): a request planned to
-    an executor that died before answering has given its client nothing, so it is computed
-    again from its prompt on the next executor, not failed; a second loss fails it (a
-    request that kills executors must not kill them all); a request with output fails at
-    once. KV blocks all come back."""
+    """The coordinator's loss handler on its real engine (no process): requests planned to an
+    executor that died before answering have given their clients nothing, so they are
+    computed again from their prompts on the next executor, in their arrival order, not
+    failed; a second loss fails them (a request that kills executors must not kill them
+    all); a request with output fails at once; a step timeout and a failed step fail them
+    too. KV blocks all come back."""
     from inlaid.protocol import Generate
     from inlaid.serve.config import config_from_dict
     from inlaid.serve.coordinator import Coordinator
@@ -285,24 +286,39 @@ def test_a_request_lost_with_its_executor_before_its_first_token_is_queued_again
     shard, in_flight = coordinator.pool.shards[0], coordinator.in_flight
     engine = shard.engine
     total_blocks = engine.scheduler.blocks.num_free_blocks
-    for request_id in ("fresh", "started"):
-        in_flight.generate(b"client", Generate(request_id=request_id, prompt=f"Say {request_id}",
-                                               sampling=SamplingParams(max_tokens=8)))
-    fresh, started = (in_flight.requests[(b"client", name)] for name in ("fresh", "started"))
-    first_plan = engine.begin_step()
-    assert first_plan is not None and {chunk.seq_id for chunk in first_plan.chunks} == {fresh.seq_id, started.seq_id}
+
+    def admit(*names: str) -> list:
+        for name in names:
+            in_flight.generate(b"client", Generate(request_id=name, prompt=f"Say {name}",
+                                                   sampling=SamplingParams(max_tokens=8)))
+        return [in_flight.requests[(b"client", name)] for name in names]
+
+    first, started, second = admit("first", "started", "second")
+    plan = engine.begin_step()
+    assert plan is not None and [c.seq_id for c in plan.chunks] == [first.seq_id, started.seq_id, second.seq_id]
     started.token_ids.append(42)  # as the coordinator records a streamed token
-    seq = engine.sequence(fresh.engine_id)
-    assert seq.block_table and seq.num_computed_tokens == seq.num_prompt_tokens
+    seqs = [engine.sequence(r.engine_id) for r in (first, second)]
+    assert all(seq.block_table and seq.num_computed_tokens == seq.num_prompt_tokens for seq in seqs)
 
     coordinator._on_executor_lost(shard, "executor (pid 1) died with signal SIGKILL")
     assert [(r.request_id, r.code) for r in replies] == [("started", ErrorCode.EXECUTOR_FAILED)]
-    assert fresh.key in in_flight.requests and fresh.restarted
-    assert (seq.status.name, seq.block_table, seq.num_computed_tokens) == ("WAITING", [], 0)
+    assert first.restarted and second.restarted and len(in_flight.requests) == 2
+    assert all((seq.status.name, seq.block_table, seq.num_computed_tokens) == ("WAITING", [], 0) for seq in seqs)
     assert engine.scheduler.blocks.num_free_blocks == total_blocks
-    again = engine.begin_step()  # the whole prompt, from its first token
-    assert [(c.seq_id, c.start_pos, c.token_ids) for c in again.chunks] == [(fresh.seq_id, 0, seq.prompt_token_ids)]
+    again = engine.begin_step()  # the whole prompts, from their first tokens, in arrival order
+    assert [(c.seq_id, c.start_pos, c.token_ids) for c in again.chunks] == [
+        (first.seq_id, 0, seqs[0].prompt_token_ids), (second.seq_id, 0, seqs[1].prompt_token_ids)]
 
     coordinator._on_executor_lost(shard, "executor (pid 2) died with signal SIGKILL")
-    assert [(r.request_id, r.code) for r in replies][-1] == ("fresh", ErrorCode.EXECUTOR_FAILED)
+    assert [(r.request_id, r.code) for r in replies][1:] == [("second", ErrorCode.EXECUTOR_FAILED),
+                                                            ("first", ErrorCode.EXECUTOR_FAILED)]
     assert not in_flight.requests and engine.scheduler.blocks.num_free_blocks == total_blocks
+
+    # A step past the step timeout, and a step the executor failed: nothing is run again.
+    for lose in (lambda: coordinator._on_executor_lost(shard, "ran a step past the step timeout", False),
+                 lambda: coordinator._fail_running(shard, "the executor failed this step")):
+        (fresh,) = admit(f"fresh-{len(replies)}")
+        assert engine.begin_step() is not None
+        lose()
+        assert replies[-1].request_id == fresh.request_id and not fresh.restarted and not in_flight.requests
+    assert engine.scheduler.blocks.num_free_blocks == total_blocks

@@ -45,7 +45,7 @@ def server(model_dir, adapter_dirs, tmp_path_factory):
                      "max_lora_slots": 4, "max_lora_rank": 32, "max_model_len": MAX_MODEL_LEN},
         "server": {"admin_token": ADMIN_TOKEN, "max_pending_requests": MAX_PENDING, "shutdown_grace_s": 3.0},
         "tasks": {name: str(path) for name, path in adapter_dirs.items()},
-        "http": {},
+        "http": {"max_prompts_per_request": 12},  # not the default: the setting must reach the front's process
         "metrics": {"port": free_tcp_port()},
     }
     process = ServerProcess(config, workdir=tmp_path_factory.mktemp("http-server"))
@@ -252,7 +252,7 @@ BAD_COMPLETIONS = [
      "stream_options"),
     ({"model": "attn-r8", "prompt": "x", "stream": True, "temperature": -1}, 400, openai.BadRequestError, None),
     ({"model": "no-such-task", "prompt": "x", "stream": True}, 404, openai.NotFoundError, "model"),
-    ({"model": "attn-r8", "prompt": ["x"] * 17}, 400, openai.BadRequestError, "prompt"),  # http.max_prompts_per_request
+    ({"model": "attn-r8", "prompt": ["x"] * 13}, 400, openai.BadRequestError, "prompt"),  # http.max_prompts_per_request
     ({"model": "attn-r8", "prompt": "x", "max_tokens": 2**64}, 400, openai.BadRequestError, "max_tokens"),
     ({"model": "attn-r8", "prompt": [1, 2**64]}, 400, openai.BadRequestError, "prompt[1]"),
 ]

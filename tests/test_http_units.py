@@ -30,7 +30,12 @@ def _config(model_dir, **sections):
 def test_http_and_metrics_sections(model_dir):
     assert _config(model_dir).http is None and _config(model_dir).metrics is None
     config = _config(model_dir, http={}, metrics={"port": 9464})
-    assert config.http == HttpConfig() and (config.metrics.host, config.metrics.port) == ("127.0.0.1", 9464)
+    assert config.http == HttpConfig(max_prompts_per_request=16)  # the default, resolved against the server's limit
+    assert (config.metrics.host, config.metrics.port) == ("127.0.0.1", 9464)
+    # A server admitting fewer requests than the default list length: the default shrinks to
+    # it (configs written before the setting keep loading); an explicit larger value is refused.
+    small = _config(model_dir, http={}, server={"max_pending_requests": 8})
+    assert small.http.max_prompts_per_request == 8 and HttpConfig().prompts_per_request_limit == 16
     config = _config(model_dir, http={"port": 8080, "request_timeout_s": 30, "max_body_bytes": 4096})
     assert (config.http.port, config.http.request_timeout_s, config.http.max_body_bytes) == (8080, 30, 4096)
     public = _config(model_dir, http={"host": "0.0.0.0"}, server={"allow_public_bind": True})

@@ -36,7 +36,7 @@ class Harness:
         self.tasks = {"a": str(adapter_dirs["attn-r8"]), "b": str(adapter_dirs["mlp-r16"])}
         for name, path in self.tasks.items():
             self.engine.register_adapter(name, path)
-        self.supervisor = ExecutorSupervisor(config, "ipc:///unused", on_lost=print, on_fatal=print)
+        self.supervisor = ExecutorSupervisor(config, "ipc:///unused", on_lost=lambda *lost: None, on_fatal=print)
         self.requests: dict[str, ActiveRequest] = {}
         # The harness is the one executor the metrics read (its engine and supervisor).
         self.metrics = ServerMetrics([self], self.tasks, self.requests, {"model": "m", "version": "v"})

@@ -159,7 +159,7 @@ async def _read_json(request: Request, kind: type[Any], max_bytes: int) -> Any:
 async def _completions(front: Front, request: Request) -> Response:
     body = await _read_json(request, CompletionRequest, front.config.max_body_bytes)
     server = await front.server()
-    call = completion_call(body, server.model, front.config.max_prompts_per_request)
+    call = completion_call(body, server.model, front.config.prompts_per_request_limit)
     return GenerationResponse(front.client, call, chat=False)
 
 

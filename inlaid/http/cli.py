@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=None, help=f"listen port (default {HttpConfig.port})")
     parser.add_argument("--request-timeout", type=float, default=None, help="seconds one generate may take")
     parser.add_argument("--max-body-bytes", type=int, default=None, help="larger request bodies are refused (413)")
+    parser.add_argument("--max-prompts", type=int, default=None,
+                        help="prompts one /v1/completions request may list (default 16); more are refused (400)")
     parser.add_argument("--allow-public-bind", action="store_true", help="allow a non-loopback listen host")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=["json", "text"], default="json")
@@ -57,7 +59,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[str, HttpConfig]:
         address, config = server.address, server.http or HttpConfig()
         allow_public = allow_public or server.allow_public_bind
     overrides = {"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout,
-                 "max_body_bytes": args.max_body_bytes}
+                 "max_body_bytes": args.max_body_bytes, "max_prompts_per_request": args.max_prompts}
     for name, value in overrides.items():
         if value is not None:
             setattr(config, name, value)

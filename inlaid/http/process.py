@@ -86,6 +86,7 @@ class HttpFrontProcess:
             "--allow-public-bind",  # the server config has checked the host already
             "--request-timeout", str(self.config.request_timeout_s),
             "--max-body-bytes", str(self.config.max_body_bytes),
+            "--max-prompts", str(self.config.prompts_per_request_limit),
             "--parent-pid", str(os.getpid()),
             "--log-level", self.log_level,
             "--log-format", self.log_format,

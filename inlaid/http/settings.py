@@ -20,6 +20,9 @@ def check_listen_address(section: str, host: str, port: int, allow_public_bind: 
                          "to listen beyond this machine")
 
 
+DEFAULT_MAX_PROMPTS = 16
+
+
 @dataclass
 class HttpConfig:
     host: str = "127.0.0.1"
@@ -28,8 +31,13 @@ class HttpConfig:
     request_timeout_s: float = 600.0
     max_body_bytes: int = 1 << 20  # larger request bodies: 413
     # Prompts one /v1/completions request may list (each runs as a request of its own and
-    # takes one of server.max_pending_requests); more: 400
-    max_prompts_per_request: int = 16
+    # takes one of server.max_pending_requests); more: 400. None: DEFAULT_MAX_PROMPTS, and
+    # under `inlaid serve` at most server.max_pending_requests.
+    max_prompts_per_request: int | None = None
+
+    @property
+    def prompts_per_request_limit(self) -> int:
+        return DEFAULT_MAX_PROMPTS if self.max_prompts_per_request is None else self.max_prompts_per_request
 
     def validate(self, allow_public_bind: bool) -> None:
         check_listen_address("http", self.host, self.port, allow_public_bind)
@@ -40,5 +48,5 @@ class HttpConfig:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1024:
             raise ValueError(f"http.max_body_bytes must be an integer >= 1024, got {size!r}")
         prompts = self.max_prompts_per_request
-        if isinstance(prompts, bool) or not isinstance(prompts, int) or prompts < 1:
+        if prompts is not None and (isinstance(prompts, bool) or not isinstance(prompts, int) or prompts < 1):
             raise ValueError(f"http.max_prompts_per_request must be an integer >= 1, got {prompts!r}")

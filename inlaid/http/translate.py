@@ -26,7 +26,7 @@ from inlaid.http.schema import (
     Usage,
     GenerationRequest,
 )
-from inlaid.http.settings import HttpConfig
+from inlaid.http.settings import DEFAULT_MAX_PROMPTS
 from inlaid.protocol import ChatMessage
 
 # OpenAI's default for the legacy completions endpoint; chat completions default to "as
@@ -51,8 +51,8 @@ class GenerationCall:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def completion_call(request: CompletionRequest, base_model: str,
-                    max_prompts: int = HttpConfig.max_prompts_per_request) -> GenerationCall:
+def completion_call(request: CompletionRequest, base_model: str, max_prompts: int = DEFAULT_MAX_PROMPTS
+                    ) -> GenerationCall:
     """`max_prompts`: the most prompts one request may list (http.max_prompts_per_request);
     each runs as a request of its own, so a longer list could hold every admission slot."""
     _refuse_if(request.suffix, "suffix", "suffix (insertion) is not supported")

@@ -82,7 +82,7 @@ def resolved_options(options: Mapping[str, Any], cost: StepCostModel, shape: Eng
     resolved = {"prefill_weight": prefill_weight(cost, shape), **options}
     if resolved["prefill_weight"] == RESOURCE_COST:
         resolved["prefill_weight"] = prefill_weight_at_resource_cost(cost, shape)
-    resolved["prefill_weight"] = round(float(resolved["prefill_weight"]), 5)
+    resolved["prefill_weight"] = float(f"{float(resolved['prefill_weight']):.6g}")  # readable in logs, never 0
     return resolved
 
 

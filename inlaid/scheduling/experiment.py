@@ -69,7 +69,7 @@ def prefill_weight_at_resource_cost(cost: StepCostModel, shape: EngineShape, ran
     share of a decode step at half the batch limit. Where the server is busy (bursts), a
     request's prompt takes executor time from everyone at this rate, so shortest-work-first
     ranks by it; `prefill_weight` (a step's whole time per decode token) prices a prompt
-    token at what its owner waits for, 10-40x lower on the CPU cost models."""
+    token at what its owner waits for: max_num_seqs / 2 times lower (32x by default)."""
     batch = max(1, shape.max_num_seqs // 2)
     return prefill_weight(cost, shape, rank) * batch
 

@@ -209,6 +209,9 @@ class ServerConfig:
             raise ConfigError("[scheduler] options apply to the built-in policies only")
         if self.http is not None:
             self.http.validate(self.allow_public_bind)
+            if self.http.max_prompts_per_request is None:  # the default, within what can be admitted
+                self.http.max_prompts_per_request = min(self.http.prompts_per_request_limit,
+                                                        self.limits.max_pending_requests)
             if self.http.max_prompts_per_request > self.limits.max_pending_requests:
                 raise ConfigError(f"http.max_prompts_per_request ({self.http.max_prompts_per_request}) exceeds "
                                   f"server.max_pending_requests ({self.limits.max_pending_requests}): such a request "

@@ -254,9 +254,10 @@ class Coordinator:
             self.pool.rebalance(self.in_flight.by_engine_id)
 
     # ================================================================== executor faults
-    def _on_executor_lost(self, shard: ExecutorShard, reason: str) -> None:
+    def _on_executor_lost(self, shard: ExecutorShard, reason: str, restartable: bool = True) -> None:
         self.dynamic.jobs.on_executor_lost(shard.index)
-        self._fail_running(shard, f"{reason}; the server restarts it, retry this request", restart_unstarted=True)
+        self._fail_running(shard, f"{reason}; the server restarts it, retry this request",
+                           restart_unstarted=restartable)
         self.pool.rebalance(self.in_flight.by_engine_id)  # its waiting requests go to executors that are up
 
     def _fail_running(self, shard: ExecutorShard, message: str, code: str = ErrorCode.EXECUTOR_FAILED,

@@ -181,7 +181,9 @@ class InFlight:
         token yet is queued again instead, once: its client has seen nothing, and running it
         again gives the same answer. Only once, because a request that itself kills
         executors must not take down every executor that runs it."""
-        for request in [r for r in self.requests.values() if r.executor == shard.index]:
+        # Latest admitted first: each restarted one goes to the head of the queue, so they
+        # end up there in their admission order.
+        for request in reversed([r for r in self.requests.values() if r.executor == shard.index]):
             try:
                 running = shard.engine.sequence(request.engine_id).status is SequenceStatus.RUNNING
             except KeyError:
@@ -191,7 +193,8 @@ class InFlight:
             if (restart_unstarted and not request.restarted and not request.token_ids
                     and shard.engine.restart_unstarted(request.engine_id)):
                 request.restarted = True
-                log.info("request queued again", extra={"request_id": request.request_id, "reason": message})
+                log.info("request queued again: its executor was lost before its first token",
+                         extra={"request_id": request.request_id})
                 continue
             self.fail(request, code, message)
 

@@ -79,7 +79,7 @@ class ExecutorSupervisor:
         engine_config: EngineConfig,
         address: str,
         *,
-        on_lost: Callable[[str], None],
+        on_lost: Callable[[str, bool], None],
         on_fatal: Callable[[str], None],
         start_timeout_s: float = 600.0,
         step_timeout_s: float = 300.0,
@@ -156,15 +156,17 @@ class ExecutorSupervisor:
             self._socket.close(linger=0)
             self._socket = None
 
-    def _lose(self, generation: int, reason: str) -> None:
-        """Executor `generation` can serve no more: handled once, whichever way it was noticed."""
+    def _lose(self, generation: int, reason: str, restartable: bool = True) -> None:
+        """Executor `generation` can serve no more: handled once, whichever way it was noticed.
+        `restartable`: its requests with no output yet may run again elsewhere (not after a
+        step timeout: a prompt that hangs a step would cost everyone a second timeout)."""
         if self._stopping or generation != self.generation or generation == self._lost_generation:
             return
         self._lost_generation = generation
         self.ready.clear()
         log.error("executor lost", extra={"generation": generation, "reason": reason})
         self._fail_pending(ExecutorLostError(reason))
-        self.on_lost(reason)
+        self.on_lost(reason, restartable)
         process = self._process
         if process is not None and process.returncode is None:
             process.kill()  # no connection, or hung: it can never answer; `_watch` restarts it
@@ -315,7 +317,7 @@ class ExecutorSupervisor:
         the running requests have been failed) or ExecutorStepError (the plan raised)."""
         if not self.ready.is_set():
             # The plan was made for an executor that is gone: its requests cannot run on it.
-            self.on_lost("no executor is ready")
+            self.on_lost("no executor is ready", True)
             raise ExecutorLostError("no executor is ready")
         generation = self.generation
         future: asyncio.Future[tuple[StepResult, float]] = asyncio.get_running_loop().create_future()
@@ -328,7 +330,7 @@ class ExecutorSupervisor:
             reason = f"executor (pid {self.pid}) ran a step past the step timeout ({self.step_timeout_s:g} s)"
             log.error("step timed out; killing the executor", extra={"step_id": plan.step_id,
                                                                       "timeout_s": self.step_timeout_s})
-            self._lose(generation, reason)
+            self._lose(generation, reason, restartable=False)
             raise ExecutorLostError(reason) from None
         finally:
             if self._pending is not None and self._pending[1] is future:
