@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -42,7 +43,27 @@ def main(argv: list[str] | None = None) -> int:
     command_parser = argparse.ArgumentParser(prog=f"inlaid {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(command_parser)
     args = command_parser.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"inlaid {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if os.environ.get("INLAID_DEBUG") or not is_input_error(error):
+            raise  # a bug: its traceback is what a report needs
+        print(f"inlaid {name}: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
+
+
+# Errors that say what is wrong with the inputs (files, paths, values, addresses): one line
+# and exit code 2, not a traceback (INLAID_DEBUG=1 shows it). Matched by name, so that
+# checking costs no imports (torch, zmq, safetensors) a command did not make.
+INPUT_ERRORS = {"OSError", "ValueError", "ZMQError", "SafetensorError", "ModelLoadError", "AdapterError",
+                "QuantizationError", "ConfigError", "UnicodeDecodeError"}
+
+
+def is_input_error(error: BaseException) -> bool:
+    return any(cls.__name__ in INPUT_ERRORS for cls in type(error).__mro__)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 
 import msgspec
+import zmq
 
 from inlaid.protocol import TaskStatusReply
 
@@ -24,8 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None, help="server address (default: $INLAID_ADDRESS or tcp://127.0.0.1:5555)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for an answer")
     parser.add_argument("--json", action="store_true", help="print replies as JSON")
+    # --json is also taken after the action (`task-status code --json`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print replies as JSON")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    generate = actions.add_parser("generate", help="generate text")
+    add_parser = functools.partial(actions.add_parser, parents=[common])
+    generate = add_parser("generate", help="generate text")
     generate.add_argument("prompt")
     generate.add_argument("--task", default=None, help="task (adapter) name; default: the base model")
     generate.add_argument("--chat", action="store_true", help="send the prompt as one user chat message")
@@ -37,19 +43,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     generate.add_argument("--deadline", type=float, default=None, help="server-side deadline in seconds")
     generate.add_argument("--stream", action="store_true", help="print text as it is generated")
-    actions.add_parser("health", help="is the server up and its executor ready")
-    actions.add_parser("stats", help="server counters and step timings")
-    actions.add_parser("tasks", help="list the tasks (adapters) served")
-    actions.add_parser("metrics", help="the server's Prometheus metrics (text format)")
-    add = actions.add_parser("add-task", help="admin: add a task (needs $INLAID_ADMIN_TOKEN)")
+    add_parser("health", help="is the server up and its executor ready")
+    add_parser("stats", help="server counters and step timings")
+    add_parser("tasks", help="list the tasks (adapters) served")
+    add_parser("metrics", help="the server's Prometheus metrics (text format)")
+    add = add_parser("add-task", help="admin: add a task (needs $INLAID_ADMIN_TOKEN)")
     add.add_argument("name")
     add.add_argument("adapter_dir")
     add.add_argument("--calibration", default=None, metavar="JSONL",
                      help="the task's calibration samples: the server then re-quantizes its base for it")
-    add.add_argument("--wait", action="store_true", help="wait until the re-quantization has ended")
-    remove = actions.add_parser("remove-task", help="admin: remove a task (needs $INLAID_ADMIN_TOKEN)")
+    add.add_argument("--wait", action="store_true",
+                     help="wait until the re-quantization has ended, printing its progress; exit 1 if it failed")
+    add.add_argument("--wait-timeout", type=float, default=3600.0, help="seconds --wait waits at most (default 3600)")
+    remove = add_parser("remove-task", help="admin: remove a task (needs $INLAID_ADMIN_TOKEN)")
     remove.add_argument("name")
-    status = actions.add_parser("task-status", help="admin: a task's re-quantization (needs $INLAID_ADMIN_TOKEN)")
+    status = add_parser("task-status", help="admin: a task's re-quantization (needs $INLAID_ADMIN_TOKEN)")
     status.add_argument("name")
 
 
@@ -78,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
 
     address = args.address or DEFAULT_ADDRESS
     token = os.environ.get("INLAID_ADMIN_TOKEN")
+    for name in ("timeout", "wait_timeout"):
+        if getattr(args, name, 1.0) <= 0:
+            print(f"inlaid client: --{name.replace('_', '-')} must be > 0", file=sys.stderr)
+            return 2
     try:
         with Client(address, timeout_s=args.timeout, admin_token=token, client_name="inlaid-cli") as client:
             if args.action == "generate":
@@ -113,7 +125,11 @@ def run(args: argparse.Namespace) -> int:
                 print(client.add_task(args.name, os.path.abspath(args.adapter_dir),
                                       os.path.abspath(args.calibration) if args.calibration else None))
                 if args.wait:
-                    _print_status(client.wait_task(args.name, timeout_s=args.timeout), args.json)
+                    final = client.wait_task(args.name, timeout_s=args.wait_timeout, poll_s=1.0,
+                                             on_status=_progress_printer())
+                    _print_status(final, args.json)
+                    if final.phase == "failed":
+                        return 1
             elif args.action == "task-status":
                 _print_status(client.task_status(args.name), args.json)
             elif args.action == "remove-task":
@@ -121,4 +137,21 @@ def run(args: argparse.Namespace) -> int:
     except InlaidError as error:
         print(f"inlaid client: {error}", file=sys.stderr)
         return 1
+    except zmq.ZMQError as error:  # e.g. an address ZeroMQ cannot parse
+        print(f"inlaid client: {address}: {error}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _progress_printer():  # type: ignore[no-untyped-def]
+    """A line on stderr whenever a waited-for re-quantization moves (phase or layers)."""
+    last: list[tuple[str, int]] = []
+
+    def show(status: TaskStatusReply) -> None:
+        now = (status.phase, status.layers_done)
+        if not last or last[-1] != now:
+            last.append(now)
+            print(f"{status.name}: {status.phase}, layers {status.layers_done}/{status.layers_total}",
+                  file=sys.stderr, flush=True)
+
+    return show

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import msgspec
@@ -276,11 +276,15 @@ class Client:
         message = TaskStatus(request_id=self._ids.next(), name=name, token=self.admin_token or "")
         return self._call(message, TaskStatusReply, timeout_s)
 
-    def wait_task(self, name: str, timeout_s: float = 3600.0, poll_s: float = 0.5) -> TaskStatusReply:
-        """Poll `task_status` until the task's re-quantization has ended (ready, failed, or none)."""
+    def wait_task(self, name: str, timeout_s: float = 3600.0, poll_s: float = 0.5,
+                  on_status: Callable[[TaskStatusReply], None] | None = None) -> TaskStatusReply:
+        """Poll `task_status` until the task's re-quantization has ended (ready, failed, or
+        none); `on_status(status)` after each poll (progress)."""
         deadline = time.monotonic() + timeout_s
         while True:
             status = self.task_status(name)
+            if on_status is not None:
+                on_status(status)
             if status.phase not in ("queued", "requantizing"):
                 return status
             if time.monotonic() > deadline:

@@ -65,15 +65,22 @@ def run(args: argparse.Namespace) -> int:
     from inlaid.engine import Engine, EngineConfig, InvalidRequestError
     from inlaid.models.prepare import prepare_default_model
 
+    from inlaid.engine.adapter_config import AdapterError
+    from inlaid.engine.config import ModelLoadError
+
     model_dir = args.model or str(prepare_default_model(quiet=True))
-    engine = Engine.local(EngineConfig(model_dir=model_dir, quantized_dir=args.quantized, device=args.device,
-                                       weight_dtype=args.weight_dtype))
-    for item in args.adapter:
-        name, _, path = item.partition("=")
-        if not path:
-            raise SystemExit(f"--adapter expects NAME=DIR, got {item!r}")
-        engine.register_adapter(name, path)
-    requests = _requests(args)
+    try:
+        engine = Engine.local(EngineConfig(model_dir=model_dir, quantized_dir=args.quantized, device=args.device,
+                                           weight_dtype=args.weight_dtype))
+        for item in args.adapter:
+            name, _, path = item.partition("=")
+            if not path:
+                raise SystemExit(f"--adapter expects NAME=DIR, got {item!r}")
+            engine.register_adapter(name, path)
+        requests = _requests(args)
+    except (ModelLoadError, AdapterError, OSError, ValueError) as error:
+        print(f"inlaid generate: {error}", file=sys.stderr)
+        return 2
     ids = []
     try:
         for request in requests:
@@ -85,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     texts = {rid: [] for rid in ids}
     reasons: dict[str, str] = {}
+    errors: dict[str, str] = {}
     started, generated = time.perf_counter(), 0
     while engine.has_unfinished():
         for output in engine.step():
@@ -92,12 +100,17 @@ def run(args: argparse.Namespace) -> int:
             generated += len(output.new_token_ids)
             if output.finished:
                 reasons[output.request_id] = output.finish_reason or ""
+                if output.error is not None:
+                    errors[output.request_id] = output.error.message
     elapsed = time.perf_counter() - started
     for rid, request in zip(ids, requests):
         text = "".join(texts[rid])
         if args.json:
-            print(json.dumps({"adapter": request.get("adapter"), "text": text, "finish_reason": reasons[rid]}))
+            print(json.dumps({"adapter": request.get("adapter"), "text": text, "finish_reason": reasons[rid],
+                              **({"error": errors[rid]} if rid in errors else {})}))
         else:
             print(f"--- [{request.get('adapter') or 'base'}] ({reasons[rid]})\n{text}")
+        if rid in errors:
+            print(f"inlaid generate: [{request.get('adapter') or 'base'}] failed: {errors[rid]}", file=sys.stderr)
     print(f"{generated} tokens in {elapsed:.2f}s = {generated / elapsed:.1f} tokens/s", file=sys.stderr)
-    return 0
+    return 1 if errors else 0

@@ -286,8 +286,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import ray
 
-    config = load_ray_config(args.config)
-    ray.init(address=args.address)
+    from inlaid.serve.config import ConfigError
+
+    try:
+        config = load_ray_config(args.config)
+    except ConfigError as error:
+        print(f"inlaid ray: {error}", file=sys.stderr)
+        return 2
+    try:
+        ray.init(address=args.address)
+    except ConnectionError as error:  # "auto" with no cluster running here
+        print(f"inlaid ray: no Ray cluster at {args.address!r} ({error}); start one with `ray start --head`, or "
+              "pass --address local for a cluster inside this process", file=sys.stderr)
+        return 2
     serve.start(http_options={"host": config.http_host, "port": config.http_port})
     serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=True)
     return 0

@@ -109,6 +109,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
+def output_dir_problem(out: Path, checkpoint: Path) -> str | None:
+    """Why `out` cannot take the new checkpoint, or None. The output is written layer by
+    layer while the run goes on, so it must be a new place: the checkpoint itself (or a
+    directory inside it, or around it) would be half overwritten by an interrupted run, and
+    an existing checkpoint's state would be read back as this run's."""
+    out, checkpoint = out.expanduser().resolve(), checkpoint.expanduser().resolve()
+    if out == checkpoint or checkpoint in out.parents or out in checkpoint.parents:
+        return f"--out {out} overlaps the checkpoint {checkpoint}: write the new checkpoint to a new directory"
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        return f"--out {out} already exists and is not an empty directory: give a new one"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -119,6 +132,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()
+    problem = output_dir_problem(args.out, args.checkpoint)
+    if problem:
+        print(f"inlaid quantize-add: error: {problem}", file=sys.stderr)
+        return 2
     try:
         tolerance = None if args.tolerance.lower() == "none" else float(args.tolerance)
         settings = IncrementalSettings(change_threshold=args.threshold, quality_tolerance=tolerance, exact=args.exact,

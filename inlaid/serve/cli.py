@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import functools
 import sys
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,6 +105,10 @@ def serve(config) -> int:  # type: ignore[no-untyped-def]
         # Simulating the tuning's candidates takes ~25 s: done while the executors load the model.
         tune = functools.partial(_tuned_policies, config) if config.autotune_cost_model is not None else None
         retune = functools.partial(tuned_options_for, config) if config.autotune_cost_model is not None else None
+        quantized = config.engine.quantized_dir
+        if quantized is not None and not Path(quantized).is_dir():  # else every executor start fails on it
+            log.critical("cannot start", extra={"error": f"model.quantized_dir {quantized} is not a directory"})
+            return 2
         try:
             coordinator = Coordinator(config, policy_factory=_policies(config), tune_policies=tune,
                                       retune_options=retune)
@@ -130,7 +135,9 @@ def serve(config) -> int:  # type: ignore[no-untyped-def]
                 front = HttpFrontProcess(config.address, config.http, config.log_level, config.log_format)
                 front.bind()
         except OSError as error:
-            log.critical("cannot listen", extra={"error": str(error)})
+            ports = {"metrics": config.metrics and f"{config.metrics.host}:{config.metrics.port}",
+                     "http": config.http and f"{config.http.host}:{config.http.port}"}
+            log.critical("cannot listen", extra={"error": str(error), **{k: v for k, v in ports.items() if v}})
             close_metrics_port()
             return 2
         if front is not None:

@@ -135,7 +135,12 @@ class Coordinator:
         front.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes * _HARD_FRAME_FACTOR)
         front.setsockopt(zmq.HEARTBEAT_IVL, _CLIENT_HEARTBEAT_IVL_MS)
         front.setsockopt(zmq.HEARTBEAT_TIMEOUT, _CLIENT_HEARTBEAT_TIMEOUT_MS)
-        front.bind(self.config.address)
+        try:
+            front.bind(self.config.address)
+        except zmq.ZMQError as error:  # in use, or not an address this machine has
+            log.critical("cannot listen", extra={"address": self.config.address, "error": str(error)})
+            front.close(linger=0)
+            return 2
         self._front = front
         self._clients = PeerWatch(front, self.in_flight.client_gone)
         for shard, address in zip(self.pool.shards, self._executor_addresses()):

@@ -1,0 +1,83 @@
+"""The command line on bad inputs: one line naming the problem and a non-zero exit code,
+never a traceback, never a silent success. Each case runs the real command (`inlaid.cli.main`)
+in this process; only a bug (an error that says nothing about the inputs) keeps its traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from inlaid.cli import is_input_error, main
+
+
+def test_input_errors_are_told_from_bugs() -> None:
+    import zmq
+
+    from inlaid.engine.adapter_config import AdapterError
+    from inlaid.serve.config import ConfigError
+
+    for error in (FileNotFoundError("x"), NotADirectoryError("x"), ValueError("x"), AdapterError("x"),
+                  ConfigError("x"), zmq.ZMQError(), json.JSONDecodeError("x", "doc", 0)):
+        assert is_input_error(error), error
+    for error in (KeyError("x"), AttributeError("x"), AssertionError(), TypeError("x"), RuntimeError("x")):
+        assert not is_input_error(error), error
+
+
+def test_generate_names_what_is_wrong(model_dir: Path, adapter_dirs: dict[str, Path], tmp_path: Path,
+                                      capsys: pytest.CaptureFixture) -> None:
+    from adapter_corruptions import copy_adapter
+
+    cases = [
+        (["--adapter", f"s={tmp_path / 'missing'}", "--use", "s"], "directory not found"),
+        (["--quantized", str(tmp_path)], "no .safetensors weights"),
+        (["--batch", str(tmp_path / "missing.jsonl")], "No such file"),
+    ]
+    for extra, message in cases:
+        assert main(["generate", "--model", str(model_dir), "--prompt", "Hi", "--max-tokens", "2", *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    # Weights that pass the up-front check but cannot be loaded when the request runs: the
+    # request fails, and the command says why and exits 1 (it printed "(error)" and exited 0).
+    broken = copy_adapter(next(iter(adapter_dirs.values())), tmp_path, "broken")
+    weights = broken / "adapter_model.safetensors"
+    args = ["generate", "--model", str(model_dir), "--adapter", f"b={broken}", "--use", "b", "--prompt", "Hi",
+            "--max-tokens", "2", "--json"]
+    weights.write_bytes(weights.read_bytes()[:-64])  # the in-process engine reads weights when it loads them
+    assert main(args) == 1
+    out, err = capsys.readouterr()
+    answer = json.loads(out.splitlines()[0])
+    assert answer["finish_reason"] == "error" and "could not be loaded" in answer["error"], out
+    assert "[b] failed: adapter 'b' could not be loaded" in err and "Traceback" not in err, err
+
+
+def test_client_refuses_bad_settings_and_takes_json_after_the_action(capsys: pytest.CaptureFixture) -> None:
+    assert main(["client", "--timeout", "-1", "health"]) == 2
+    assert "--timeout must be > 0" in capsys.readouterr().err
+    assert main(["client", "--address", "garbage", "health"]) == 2
+    assert "garbage" in capsys.readouterr().err
+    # No server at this address: the parse succeeds (--json after the action) and the call times out.
+    assert main(["client", "--address", "tcp://127.0.0.1:9", "--timeout", "0.3", "task-status", "code", "--json"]) == 1
+    assert "no answer" in capsys.readouterr().err
+
+
+def test_quantize_add_refuses_an_output_that_would_overwrite_a_checkpoint(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    from inlaid.quant.incremental_cli import output_dir_problem
+
+    checkpoint = tmp_path / "ckpt"
+    (checkpoint / "hessian_state").mkdir(parents=True)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    for out, message in [(checkpoint, "overlaps"), (checkpoint / "hessian_state", "overlaps"), (tmp_path, "overlaps"),
+                         (tmp_path / "full", "not an empty directory"), (tmp_path / "file", "not an empty directory")]:
+        assert message in (output_dir_problem(out, checkpoint) or ""), out
+    assert output_dir_problem(tmp_path / "empty", checkpoint) is None
+    assert output_dir_problem(tmp_path / "new", checkpoint) is None
+    # The command stops before reading anything: the checkpoint is not even looked at.
+    assert main(["quantize-add", "--checkpoint", str(checkpoint), "--task", "t=adapter:calib.jsonl",
+                 "--out", str(checkpoint)]) == 2
+    assert "overlaps the checkpoint" in capsys.readouterr().err
