@@ -64,7 +64,8 @@ def record(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quantized", action="store_true",
-                        help="the 4-bit suite base's lengths, written to inlaid/scheduling/data/suite_lengths_4bit.jsonl")
+                        help="the 4-bit suite base's lengths, written to "
+                             "inlaid/scheduling/data/suite_lengths_4bit.jsonl")
     args = parser.parse_args(argv)
     print(f"{run(args.threads, args.quantized)} records written")
 

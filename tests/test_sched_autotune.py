@@ -92,8 +92,10 @@ def test_the_server_gets_the_prefill_weight_its_tuning_simulated(tmp_path: Path)
 
     cost, shape = StepCostModel.load(COST_MODEL), EngineShape(max_lora_slots=4)
     half_batch = [ChunkShape(1, 200, index % 4, 16, True) for index in range(shape.max_num_seqs // 2)]
-    per_token, step = cost.coefficients["tokens"], cost.step_seconds(StepFeatures.of_chunks(half_batch, 0, shape.block_size))
-    candidates = {"defaults": {}, "resource": {"prefill_weight": autotune.RESOURCE_COST}, "mine": {"prefill_weight": 2.0}}
+    per_token = cost.coefficients["tokens"]
+    step = cost.step_seconds(StepFeatures.of_chunks(half_batch, 0, shape.block_size))
+    candidates = {"defaults": {}, "resource": {"prefill_weight": autotune.RESOURCE_COST},
+                  "mine": {"prefill_weight": 2.0}}
     result = tune_inlaid_options(cost, shape, 6, requests=40, candidates=candidates, workloads=((4.0, "zipf"),))
     weights = {score.label: score.options["prefill_weight"] for score in result.scores}
     assert weights["defaults"] == pytest.approx(per_token / step, rel=1e-3)

@@ -63,10 +63,9 @@ def _requests(args: argparse.Namespace) -> list[dict]:
 
 def run(args: argparse.Namespace) -> int:
     from inlaid.engine import Engine, EngineConfig, InvalidRequestError
-    from inlaid.models.prepare import prepare_default_model
-
     from inlaid.engine.adapter_config import AdapterError
     from inlaid.engine.config import ModelLoadError
+    from inlaid.models.prepare import prepare_default_model
 
     model_dir = args.model or str(prepare_default_model(quiet=True))
     try:

@@ -60,7 +60,8 @@ def _check_record(record: SuiteRecord, where: str) -> None:
     if record.output_tokens > record.max_tokens:
         raise ValueError(f"{where}: output_tokens {record.output_tokens} exceeds max_tokens {record.max_tokens}")
     if record.split not in SPLITS or not isinstance(record.task, str) or not record.task:
-        raise ValueError(f"{where}: split must be one of {SPLITS} and task a name, got {record.split!r}, {record.task!r}")
+        raise ValueError(f"{where}: split must be one of {SPLITS} and task a name, "
+                         f"got {record.split!r}, {record.task!r}")
 
 
 def lengths_file_for(quantized_dir: str | None) -> Path:

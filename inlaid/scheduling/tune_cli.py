@@ -17,8 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=200, help="requests per simulated workload")
     parser.add_argument("--load", type=float, default=0.8, help="fraction of FIFO's saturation")
     parser.add_argument("--lengths", default=None,
-                        help="recorded requests the workloads draw from (inlaid/scheduling/suite.py's JSONL; default: "
-                             "the config's scheduler.autotune_lengths or its base's suite lengths, else the fp32 model's)")
+                        help="recorded requests the workloads draw from (inlaid/scheduling/suite.py's JSONL; "
+                             "default: the config's scheduler.autotune_lengths or its base's suite lengths, "
+                             "else the fp32 model's)")
     parser.add_argument("--json", default=None, help="also write every score and simulation here")
 
 
@@ -68,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     print(f"{tasks} tasks, {shape.max_lora_slots} adapter slots, {args.requests} requests a workload, "
-          f"{args.load:.0%} of FIFO's saturation; lengths: {lengths}; cost model: {cost.description or args.cost_model}\n")
+          f"{args.load:.0%} of FIFO's saturation; lengths: {lengths}; "
+          f"cost model: {cost.description or args.cost_model}\n")
     print(result.table())
     print(f"\nchosen: {result.chosen.label}; [scheduler] options: {json.dumps({**result.chosen.options, **explicit})}")
     if args.json:

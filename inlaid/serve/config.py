@@ -376,7 +376,8 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Serve
         allow_public_bind=bool(server.get("allow_public_bind", False)),
         policy=str(server.get("policy", "fifo")),
         scheduler=scheduler,
-        autotune_cost_model=resolve_path(autotune, base_dir, "scheduler.autotune_cost_model") if autotune is not None else None,
+        autotune_cost_model=(resolve_path(autotune, base_dir, "scheduler.autotune_cost_model")
+                             if autotune is not None else None),
         autotune_lengths=(resolve_path(autotune_lengths, base_dir, "scheduler.autotune_lengths")
                           if autotune_lengths is not None else None),
         http=HttpConfig(**http) if http is not None else None,
