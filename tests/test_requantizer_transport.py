@@ -99,3 +99,48 @@ def test_bad_handles(tmp_path):
         open_layer(LayerHandle(transport="file", name=str(tmp_path / "broken.safetensors")))
     with pytest.raises(LayerTransportError, match="CUDA IPC"):
         open_layer(LayerHandle(transport="cuda_ipc", name="cuda:0", payload=b"garbage"))
+
+
+def test_a_lost_requantizer_is_started_again_only_while_there_is_work(tmp_path):
+    """The real requantizer process under its supervisor, SIGKILLed: restarted while a job
+    wants it (a new generation says hello), left down once none does (an idle process held
+    ~230 MB for nothing after a failed last job); the next job starts one again."""
+    import asyncio
+    import os
+    import signal
+
+    from inlaid.serve.config import RequantizerSettings
+    from inlaid.serve.requantizer_supervisor import RequantizerSupervisor
+
+    work = {"wanted": True}
+    lost: list[str] = []
+
+    async def scenario() -> None:
+        supervisor = RequantizerSupervisor(RequantizerSettings(), f"ipc://{tmp_path}/requantizer.ipc",
+                                           on_message=lambda message: None, on_ready=lambda hello: None,
+                                           on_lost=lost.append, wanted=lambda: work["wanted"])
+
+        async def until(condition, timeout_s: float = 120.0) -> None:
+            for _ in range(int(timeout_s / 0.05)):
+                if condition():
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError("timed out")
+
+        try:
+            await supervisor.ensure_running()
+            await until(lambda: supervisor.ready)
+            os.kill(supervisor.pid, signal.SIGKILL)
+            await until(lambda: supervisor.ready and supervisor.generation == 2)  # work wanted it back
+            work["wanted"] = False
+            os.kill(supervisor.pid, signal.SIGKILL)
+            await until(lambda: len(lost) == 2)
+            await asyncio.sleep(1.5)  # past the restart delay
+            assert supervisor.pid == 0 and supervisor.generation == 2 and not supervisor.ready
+            await supervisor.ensure_running()  # the next job
+            await until(lambda: supervisor.ready and supervisor.generation == 3)
+        finally:
+            await supervisor.stop()
+
+    asyncio.run(scenario())
+    assert all("died with signal SIGKILL" in reason for reason in lost)

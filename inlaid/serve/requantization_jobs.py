@@ -90,6 +90,7 @@ class RequantizationJobs:
         self.supervisor = RequantizerSupervisor(
             self.config.requantizer, f"ipc://{self._tempdir}/requantizer.ipc",
             on_message=self._on_message, on_ready=self._on_ready, on_lost=self._on_lost,
+            wanted=lambda: self.current is not None or bool(self.queue),
             log_level=self.config.log_level, log_format=self.config.log_format)
         if self.queue:
             await self._dispatch()

@@ -55,10 +55,14 @@ class RequantizerSupervisor:
         on_message: Callable[[msgspec.Struct], None],
         on_ready: Callable[[RequantizerHello], None],
         on_lost: Callable[[str], None],
+        wanted: Callable[[], bool] = lambda: True,
         log_level: str = "INFO",
         log_format: str = "json",
     ) -> None:
+        """`wanted()`: whether there is work for a requantizer (a lost one is started again
+        only then; the next job starts one with `ensure_running`)."""
         self.settings = settings
+        self.wanted = wanted
         self.address = address
         self.on_message = on_message
         self.on_ready = on_ready
@@ -164,7 +168,9 @@ class RequantizerSupervisor:
         delay = _RESTART_BACKOFF_S[min(self.restarts, len(_RESTART_BACKOFF_S) - 1)]
         self.restarts += 1
         await asyncio.sleep(delay)
-        if not self._stopping:
+        # Not when the loss ended the last job (an idle process would hold its memory for
+        # nothing), nor when the next job's dispatch has started one meanwhile.
+        if not self._stopping and not self._spawning and not self.pid and self.wanted():
             await self._spawn()
 
     # ------------------------------------------------------------------ messages
