@@ -92,15 +92,21 @@ def run(args: argparse.Namespace) -> int:
     texts = {rid: [] for rid in ids}
     reasons: dict[str, str] = {}
     errors: dict[str, str] = {}
+    from tqdm import tqdm
+
     started, generated = time.perf_counter(), 0
+    # Tokens as they come, on a terminal only (disable=None): a long generation is not silent.
+    bar = tqdm(desc="generate", unit="tok", disable=None, leave=False)
     while engine.has_unfinished():
         for output in engine.step():
             texts[output.request_id].append(output.text_delta)
             generated += len(output.new_token_ids)
+            bar.update(len(output.new_token_ids))
             if output.finished:
                 reasons[output.request_id] = output.finish_reason or ""
                 if output.error is not None:
                     errors[output.request_id] = output.error.message
+    bar.close()
     elapsed = time.perf_counter() - started
     for rid, request in zip(ids, requests):
         text = "".join(texts[rid])
