@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_merge import merge_from, missing, previous_report  # noqa: E402
 from quality_report import METHOD_LABELS, save_report  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -268,53 +269,6 @@ def _aggregation_study(args, model_dir: Path, tasks: list[str]) -> int:
     return 0
 
 
-def _previous_report(args: argparse.Namespace, terms: dict) -> dict | None:
-    """The report at --out when --merge asks to extend it; refuses one measured on other terms."""
-    if not args.merge or not args.out.is_file():
-        return None
-    previous = json.loads(args.out.read_text())
-    differing = {k: (previous.get(k), v) for k, v in terms.items() if previous.get(k) != v}
-    if differing:
-        raise SystemExit(f"--merge: {args.out} was measured with other settings (theirs, ours): {differing}")
-    return previous
-
-
-def _merge_from(report: dict, others: list[Path], terms: dict) -> None:
-    """Copy into `report` every method result of `others` it does not hold yet."""
-    for path in others:
-        other = json.loads(path.read_text())
-        differing = {k: (other.get(k), v) for k, v in terms.items() if other.get(k) != v}
-        if differing:
-            raise SystemExit(f"--merge-from: {path} was measured with other settings (theirs, ours): {differing}")
-        report["methods"] += [m for m in other["methods"] if m not in report["methods"]]
-        report.setdefault("variants", {}).update(other.get("variants", {}))
-        for label, block in other["configs"].items():
-            target = report["configs"].setdefault(label, {})
-            for key, per_method in block.items():
-                for method, value in per_method.items():
-                    target.setdefault(key, {}).setdefault(method, value)
-
-
-def _missing(block: dict, method: str, tasks: list[str], args: argparse.Namespace) -> list[str]:
-    """What `block` still lacks for `method`: 'errors', 'nll', 'generate'."""
-    wanted = ["errors"] if method != "unquantized" else []
-    if not args.errors_only:
-        wanted += args.metrics
-    keys = {"errors": "errors", "nll": "nll", "generate": "generation"}
-    lacking = []
-    for item in wanted:
-        held = block[keys[item]].get(method, {})
-        if item == "errors" and method == "per-task":
-            complete = set(held) == set(tasks)
-        elif item == "errors":
-            complete = bool(held)
-        else:
-            complete = set(held) == set(tasks)
-        if not complete:
-            lacking.append(item)
-    return lacking
-
-
 def _unquantized_cached(args, kind: str, scored: list[str], compute) -> dict:
     """The float base's results (the same for every config): computed once, kept in --work-dir."""
     digests = [_file_digest(args.adapters_dir / t / "adapter_model.safetensors") for t in scored]
@@ -376,10 +330,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--score-tasks {unknown}: not among the calibrated tasks {tasks}")
     terms = {"tasks": tasks, "scored_tasks": scored, "calib_samples": args.calib_samples, "limit": args.limit,
              "nll_limit": args.nll_limit, "weight_dtype": args.weight_dtype}
-    report = _previous_report(args, terms) or {**terms, "methods": [], "configs": {}}
+    report = previous_report(args.out, args.merge, terms) or {**terms, "methods": [], "configs": {}}
     report["methods"] = [*report["methods"], *[m for m in args.methods if m not in report["methods"]]]
     report.setdefault("variants", {}).update({m: args.variants[m] for m in args.methods if m in args.variants})
-    _merge_from(report, args.merge_from, terms)
+    merge_from(report, args.merge_from, terms)
     report["machine"] = f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
     started = time.time()
     for config in args.configs:
@@ -388,13 +342,13 @@ def main(argv: list[str] | None = None) -> int:
         block = report["configs"].setdefault(label, {})
         for key in ("errors", "nll", "generation", "served"):
             block.setdefault(key, {})
-        lacking = [] if args.errors_only else _missing(block, "unquantized", scored, args)
+        lacking = [] if args.errors_only else missing(block, "unquantized", scored, args)
         if lacking:
             print(f"== {label} unquantized: {', '.join(lacking)}", flush=True)
             _measure(args, model_dir, tasks, scored, None, block, "unquantized", lacking)
             save_report(report, args.out, args.markdown)
         for method in args.methods:
-            lacking = _missing(block, method, scored, args)
+            lacking = missing(block, method, scored, args)
             if not lacking:
                 print(f"== {label} {method}: complete", flush=True)
                 continue

@@ -1,0 +1,56 @@
+"""bench/quality.py's report as it grows: the report a --merge run extends, the results of
+other runs (--merge-from) copied in, and what a configuration still lacks per method (so an
+interrupted or extended run measures only that)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def previous_report(out: Path, merge: bool, terms: dict) -> dict | None:
+    """The report at --out when --merge asks to extend it; refuses one measured on other terms."""
+    if not merge or not out.is_file():
+        return None
+    previous = json.loads(out.read_text())
+    differing = {k: (previous.get(k), v) for k, v in terms.items() if previous.get(k) != v}
+    if differing:
+        raise SystemExit(f"--merge: {out} was measured with other settings (theirs, ours): {differing}")
+    return previous
+
+
+def merge_from(report: dict, others: list[Path], terms: dict) -> None:
+    """Copy into `report` every method result of `others` it does not hold yet."""
+    for path in others:
+        other = json.loads(path.read_text())
+        differing = {k: (other.get(k), v) for k, v in terms.items() if other.get(k) != v}
+        if differing:
+            raise SystemExit(f"--merge-from: {path} was measured with other settings (theirs, ours): {differing}")
+        report["methods"] += [m for m in other["methods"] if m not in report["methods"]]
+        report.setdefault("variants", {}).update(other.get("variants", {}))
+        for label, block in other["configs"].items():
+            target = report["configs"].setdefault(label, {})
+            for key, per_method in block.items():
+                for method, value in per_method.items():
+                    target.setdefault(key, {}).setdefault(method, value)
+
+
+def missing(block: dict, method: str, tasks: list[str], args: argparse.Namespace) -> list[str]:
+    """What `block` still lacks for `method`: 'errors', 'nll', 'generate'."""
+    wanted = ["errors"] if method != "unquantized" else []
+    if not args.errors_only:
+        wanted += args.metrics
+    keys = {"errors": "errors", "nll": "nll", "generate": "generation"}
+    lacking = []
+    for item in wanted:
+        held = block[keys[item]].get(method, {})
+        if item == "errors" and method == "per-task":
+            complete = set(held) == set(tasks)
+        elif item == "errors":
+            complete = bool(held)
+        else:
+            complete = set(held) == set(tasks)
+        if not complete:
+            lacking.append(item)
+    return lacking
