@@ -61,6 +61,9 @@ class InlaidOptions:
     fairness_bound: float = 0.0  # VTC units (tokens of service); 0 = no fairness bound
     first_token_first: bool = True  # new requests' prefills first (arrival order), then decodes shortest first
     first_token_after_s: float = 10.0  # ... once they waited this long (0: at once): SRTF decides before
+    # ... only as many as there are free seats (max_num_seqs - requests holding KV): a burst's
+    # prompts then never crowd out the decodes already running (they start as seats free)
+    first_token_within_seats: bool = False
     preemptive: bool = True  # decodes ranked with waiting work: a shorter one pauses a longer one (KV kept)
     group_by_adapter: bool = True  # adapters ranked by their requests' urgency, each adapter's requests together
     max_prefill_tokens_per_step: int = 0  # prompt tokens per step; 0 = the engine's token budget
@@ -138,6 +141,10 @@ class InlaidPolicy(SchedulingPolicy):
                 rest.append(seq)
         overdue.sort(key=lambda s: (s.arrival_time, s.seq_id))
         fresh.sort(key=lambda s: (s.arrival_time, s.seq_id))
+        if self.options.first_token_within_seats and self._scheduler is not None:
+            seats = max(0, self._scheduler.limits.max_num_seqs - len(running))
+            fresh, later = fresh[:seats], fresh[seats:]
+            rest += later  # ranked by shortest work with the rest
         ongoing.sort(key=remaining_tokens)
         keys = {id(s): self._key(s, now) for s in rest}
         ranked = overdue + fresh + ongoing + self._ranked(rest, keys)
