@@ -322,3 +322,42 @@ def test_a_request_lost_with_its_executor_before_its_first_token_is_queued_again
         lose()
         assert replies[-1].request_id == fresh.request_id and not fresh.restarted and not in_flight.requests
     assert engine.scheduler.blocks.num_free_blocks == total_blocks
+
+
+def test_admission_refuses_cheaply_and_every_generate_is_counted_once(model_dir, tmp_path):
+    """On the coordinator's real engine (no process): a frame-sized text prompt is refused as
+    too long after tokenizing only its beginning (the whole text took ~0.5 s on the loop
+    every client shares); a long text that fits is still tokenized whole and admitted; an
+    empty request id is refused; and received = finished + failed + overloaded + rejected +
+    abandoned + in flight."""
+    from inlaid.protocol import Generate
+    from inlaid.serve.config import config_from_dict
+    from inlaid.serve.coordinator import Coordinator
+
+    coordinator = Coordinator(config_from_dict({"model": {"dir": str(model_dir)}}, base_dir=tmp_path))
+    replies: list = []
+    coordinator.in_flight._send = lambda identity, message: replies.append(message)
+    engine = coordinator.pool.shards[0].engine
+    encoded: list[int] = []
+    encode = engine.tokenizer.encode
+    engine.tokenizer.encode = lambda text: encoded.append(len(text)) or encode(text)  # type: ignore[method-assign]
+    limit = engine.max_model_len
+
+    def generate(request_id: str, prompt: str) -> None:
+        coordinator.in_flight.generate(b"c", Generate(request_id=request_id, prompt=prompt,
+                                                      sampling=SamplingParams(max_tokens=4)))
+
+    generate("huge", "hello world " * (2 * limit * 16 // 12))  # ~2x the prefix, ~2.7 tokens per 12 characters
+    assert replies[-1].code == ErrorCode.CONTEXT_LENGTH and "more than" in replies[-1].message
+    assert max(encoded) <= limit * 16 < len("hello world " * (2 * limit * 16 // 12))
+    fits = "#" * 80 * (limit // 4)  # 80 characters a token: longer than the prefix, a quarter of the context
+    assert len(fits) > limit * 16
+    generate("long-but-fits", fits)
+    assert (b"c", "long-but-fits") in coordinator.in_flight.requests and max(encoded) == len(fits)
+    generate("", "hi")
+    assert replies[-1].code == ErrorCode.INVALID_REQUEST and "request_id" in replies[-1].message
+    generate("no-task", "hi")  # fine
+    counters = coordinator.counters
+    assert counters["received"] == 4 and counters["rejected"] == 2
+    assert counters["received"] == (counters["finished"] + counters["failed"] + counters["overloaded"]
+                                    + counters["rejected"] + counters["abandoned"] + len(coordinator.in_flight))

@@ -30,6 +30,21 @@ class InvalidRequestError(ValueError):
     """A request the engine cannot serve (bad prompt, unknown adapter, bad sampling values)."""
 
 
+class PromptTooLongError(InvalidRequestError):
+    """A text prompt known to exceed the context from its beginning alone (not tokenized whole)."""
+
+    def __init__(self, at_least_tokens: int, max_model_len: int) -> None:
+        super().__init__(f"the prompt has more than {at_least_tokens - 1} tokens; the context length is "
+                         f"{max_model_len} and at least one new token must fit")
+        self.at_least_tokens = at_least_tokens
+
+
+# A text longer than this many characters per context token is first tokenized only up to
+# there: past the context already, it is refused without tokenizing the rest (a 1 MB prompt
+# takes ~0.5 s to tokenize, on the loop every client shares).
+_PROMPT_PREFIX_CHARS_PER_TOKEN = 16
+
+
 class Executor(Protocol):
     def execute(self, plan: BatchPlan) -> StepResult: ...
 
@@ -154,6 +169,12 @@ class Engine:
             except ValueError as error:
                 raise InvalidRequestError(str(error)) from error
         if isinstance(prompt, str):
+            prefix_chars = self.max_model_len * _PROMPT_PREFIX_CHARS_PER_TOKEN
+            if len(prompt) > prefix_chars:
+                # Cutting the text can change how its last word splits, by a token at most.
+                at_least = len(self.tokenizer.encode(prompt[:prefix_chars])) - 1
+                if at_least >= self.max_model_len:
+                    raise PromptTooLongError(at_least, self.max_model_len)
             token_ids = self.tokenizer.encode(prompt)
         else:
             token_ids = list(prompt)  # type: ignore[arg-type]

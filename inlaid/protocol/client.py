@@ -208,6 +208,10 @@ class ServerStats(msgspec.Struct, frozen=True, kw_only=True, tag="stats_reply"):
     mean_compute_seconds: float  # the executor's own time for those steps
     mean_step_gap_seconds: float  # coordinator time between a result and the next plan
     requests_abandoned: int = 0  # cancelled because their client disconnected
+    # Refused at admission for what they asked (invalid, unknown task, too long, shutting
+    # down); overloaded ones count apart. received = finished + failed + rejected_overloaded
+    # + rejected + abandoned + those in flight.
+    requests_rejected: int = 0
     executors: list[ExecutorInfo] = []  # per executor; the figures above are their sums
 
 

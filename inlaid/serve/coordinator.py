@@ -118,8 +118,8 @@ class Coordinator:
         self._tempdir: str | None = None
         self.started_at = time.monotonic()
         self.exit_code = 0
-        self.counters = {"received": 0, "finished": 0, "failed": 0, "overloaded": 0, "abandoned": 0, "steps": 0,
-                         "tokens": 0}
+        self.counters = {"received": 0, "finished": 0, "failed": 0, "overloaded": 0, "rejected": 0, "abandoned": 0,
+                         "steps": 0, "tokens": 0}
         self.in_flight = InFlight(self.limits, self.pool, self.registry, self._send, lambda: self._accepting,
                                   self.counters)
         self.metrics = ServerMetrics(self.pool.shards, self.registry.tasks, self.in_flight.by_engine_id,

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from inlaid.engine.engine import Engine, InvalidRequestError, RequestOutput
+from inlaid.engine.engine import Engine, InvalidRequestError, PromptTooLongError, RequestOutput
 from inlaid.engine.sequence import SequenceStatus
 from inlaid.protocol import BatchPlan, Cancel, ErrorCode, ErrorReply, Generate, TextChunk
 from inlaid.serve.config import ServerLimits
@@ -61,6 +61,8 @@ class InFlight:
         if rejection is None:
             self.metrics.on_admitted(self.requests[(identity, message.request_id)])
         else:
+            if rejection != ErrorCode.OVERLOADED:  # counted apart, in _admit
+                self.counters["rejected"] += 1
             self.metrics.on_rejected(message.task, rejection)
 
     def _admit(self, identity: bytes, message: Generate) -> str | None:
@@ -68,6 +70,8 @@ class InFlight:
         request_id = message.request_id
         key = (identity, request_id)
         self.counters["received"] += 1
+        if not request_id:  # its replies could not be told from those to unreadable frames
+            return self.error(identity, request_id, ErrorCode.INVALID_REQUEST, "request_id must not be empty")
         if not self._accepting():
             return self.error(identity, request_id, ErrorCode.SHUTTING_DOWN, "the server is shutting down")
         if key in self.requests:
@@ -86,6 +90,8 @@ class InFlight:
         try:
             message.sampling.validate()
             token_ids = self._prompt_tokens(message)
+        except PromptTooLongError as error:
+            return self.error(identity, request_id, ErrorCode.CONTEXT_LENGTH, str(error))
         except (ValueError, InvalidRequestError) as error:
             return self.error(identity, request_id, ErrorCode.INVALID_REQUEST, str(error))
         if len(token_ids) >= self.engine.max_model_len:

@@ -45,5 +45,6 @@ def server_stats(
         mean_compute_seconds=_mean([t.compute_seconds for t in timings]),
         mean_step_gap_seconds=_mean(step_gaps),
         requests_abandoned=counters["abandoned"],
+        requests_rejected=counters["rejected"],
         executors=[shard.info() for shard in shards],
     )
