@@ -3,9 +3,10 @@
 A mixed-task load (hot, warm and rare tasks and the base model) is answered exactly as the
 in-process engine answers it, both executors serve, each one's tasks, moves and adapter
 hits are reported, and no task is starved. Then one executor is SIGKILLed while both run
-full batches and more requests wait: exactly the requests running on it fail
-(`executor_failed`), every other accepted request -- running on the survivor or waiting --
-completes with the engine's answer, and the killed executor is restarted and serves again.
+full batches and more requests wait: only requests running on it fail (`executor_failed`;
+one that had produced no token yet is queued again instead), every other accepted request
+-- running on the survivor or waiting -- completes with the engine's answer, and the killed
+executor is restarted and serves again.
 """
 
 from __future__ import annotations
@@ -106,12 +107,13 @@ def test_two_executors_serve_a_mixed_load_and_survive_one_executor_kill(server, 
     hits = sum(e.adapter_hits for e in stats.executors)
     assert admissions >= 40 and 0 < hits <= admissions  # 40 adapter requests, admitted at least once
 
-    # The kill: exactly the requests running on the killed executor failed.
+    # The kill: only requests running on the killed executor failed -- those with output; one
+    # it had just admitted, with no token yet, is computed again and answers like the rest.
     victim = snapshot.executors[1]
     assert [e.requests_running for e in snapshot.executors] == [SEATS, SEATS]
     assert snapshot.requests_waiting == 4
     failed = [o for o in outcomes if isinstance(o, ExecutorFailedError)]
-    assert len(failed) == SEATS, outcomes
+    assert 1 <= len(failed) <= SEATS, outcomes
     assert all(f"pid {victim.pid}" in str(f) for f in failed)
     for (prompt, task), outcome in zip([(PROMPTS[i % 4], MIX[i % len(MIX)]) for i in range(2 * SEATS + 4)], outcomes):
         if not isinstance(outcome, ExecutorFailedError):
@@ -123,7 +125,7 @@ def test_two_executors_serve_a_mixed_load_and_survive_one_executor_kill(server, 
     restarted = final.executors[1]
     assert restarted.ready and restarted.restarts == 1 and restarted.pid not in (0, victim.pid)
     # it ended more requests than it had before the kill plus the ones that failed on it
-    assert sum(restarted.tasks_served.values()) > sum(victim.tasks_served.values()) + SEATS
+    assert sum(restarted.tasks_served.values()) > sum(victim.tasks_served.values()) + len(failed)
     assert final.executors[0].restarts == 0
     assert final.requests_running == final.requests_waiting == 0
     assert final.kv_blocks_free == final.kv_blocks_total
