@@ -32,6 +32,8 @@ from typing import Any
 from inlaid.scheduling.cost_model import StepCostModel
 from inlaid.scheduling.simulator import EngineShape
 
+# A candidate's option with this value is the cost model's own figure (`resolved_options`).
+RESOURCE_COST = "resource cost"
 # label -> the inlaid policy's options (the rest: its defaults). bench/sched_tune.py sweeps
 # the same sets over the simulator's twelve configurations.
 CANDIDATES: dict[str, dict[str, Any]] = {
@@ -44,10 +46,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
                                                         "first_token_after_s": 30.0},
     "beta 16, row target 32, first tokens after 30 s": {"max_adapters_per_step": 16, "batch_rows_target": 32,
                                                         "first_token_after_s": 30.0},
-    "prompt tokens at their resource cost": {"prefill_weight": "resource cost"},
+    "prompt tokens at their resource cost": {"prefill_weight": RESOURCE_COST},
 }
-# A candidate's option with this value is the cost model's own figure (`resolved_options`).
-RESOURCE_COST = "resource cost"
 SLO = "10x"  # latency within 10x the request's isolated latency
 WORKLOADS = ((1.0, "uniform"), (1.0, "zipf"), (4.0, "uniform"), (4.0, "zipf"))  # (arrival CV, popularity)
 SEED = 7
