@@ -46,6 +46,11 @@ _context: dict = {}
 
 
 
+def cost_model_file(tag: str = "") -> Path:
+    """The fitted step-cost model `bench/sched_cost.py [--tag TAG]` wrote."""
+    return RESULTS / (f"sched_cost_model_{tag}.json" if tag else "sched_cost_model.json")
+
+
 def _load_context(suite_lengths: str | None, slots: int = SLOTS, tag: str = "") -> None:
     from inlaid.scheduling.cost_model import StepCostModel
     from inlaid.scheduling.experiment import suite_history
@@ -54,7 +59,7 @@ def _load_context(suite_lengths: str | None, slots: int = SLOTS, tag: str = "") 
 
     records = load_suite_lengths(suite_lengths or SUITE_LENGTHS_FILE)
     prompts = suite_prompts()
-    model_file = RESULTS / (f"sched_cost_model_{tag}.json" if tag else "sched_cost_model.json")
+    model_file = cost_model_file(tag)
     _context.update(cost=StepCostModel.load(model_file), shape=EngineShape(max_lora_slots=slots),
                     records=records, prompts=prompts, history=suite_history(records, prompts, "calib"))
 

@@ -56,7 +56,7 @@ def sweep(tag: str, requests: int, load: float, slots: int, workers: int, suite_
     from inlaid.scheduling.simulator import EngineShape
 
     configs = [(t, cv, p) for t in sched_sim.TASK_COUNTS for cv in sched_sim.CVS for p in sched_sim.POPULARITIES]
-    cost = StepCostModel.load(sched_sim.RESULTS / (f"sched_cost_model_{tag}.json" if tag else "sched_cost_model.json"))
+    cost = StepCostModel.load(sched_sim.cost_model_file(tag))
     option_sets = {label: resolved_options(options, cost, EngineShape(max_lora_slots=slots))
                    for label, options in OPTION_SETS.items()}
     pool = sched_sim._pool(workers, suite_lengths, slots, tag)

@@ -63,23 +63,18 @@ def _requests(args: argparse.Namespace) -> list[dict]:
 
 def run(args: argparse.Namespace) -> int:
     from inlaid.engine import Engine, EngineConfig, InvalidRequestError
-    from inlaid.engine.adapter_config import AdapterError
-    from inlaid.engine.config import ModelLoadError
     from inlaid.models.prepare import prepare_default_model
 
+    # A bad model, adapter or batch file raises here; `inlaid.cli.main` prints it in one line.
     model_dir = args.model or str(prepare_default_model(quiet=True))
-    try:
-        engine = Engine.local(EngineConfig(model_dir=model_dir, quantized_dir=args.quantized, device=args.device,
-                                           weight_dtype=args.weight_dtype))
-        for item in args.adapter:
-            name, _, path = item.partition("=")
-            if not path:
-                raise SystemExit(f"--adapter expects NAME=DIR, got {item!r}")
-            engine.register_adapter(name, path)
-        requests = _requests(args)
-    except (ModelLoadError, AdapterError, OSError, ValueError) as error:
-        print(f"inlaid generate: {error}", file=sys.stderr)
-        return 2
+    engine = Engine.local(EngineConfig(model_dir=model_dir, quantized_dir=args.quantized, device=args.device,
+                                       weight_dtype=args.weight_dtype))
+    for item in args.adapter:
+        name, _, path = item.partition("=")
+        if not path:
+            raise SystemExit(f"--adapter expects NAME=DIR, got {item!r}")
+        engine.register_adapter(name, path)
+    requests = _requests(args)
     ids = []
     try:
         for request in requests:

@@ -178,7 +178,7 @@ def tune_inlaid_options(
     from inlaid.scheduling.metrics import summarize
     from inlaid.scheduling.registry import COMMON_OPTIONS
     from inlaid.scheduling.simulator import simulate, synthetic_prompt
-    from inlaid.scheduling.suite import SUITE_LENGTHS_FILE, load_suite_lengths
+    from inlaid.scheduling.suite import SUITE_LENGTHS_FILE, load_tuning_records
     from inlaid.scheduling.traces import TraceRequest, TraceSpec, generate_trace
 
     if num_tasks < 1 or requests < 10 or not 0 < load <= 1:
@@ -189,9 +189,7 @@ def tune_inlaid_options(
         raise ValueError("the candidates must include 'defaults' (the always-eligible set)")
     # The step log records the server's steps, not the simulations'.
     explicit = {key: value for key, value in (explicit_options or {}).items() if key not in COMMON_OPTIONS}
-    records = load_suite_lengths(lengths_file or SUITE_LENGTHS_FILE)
-    if not any(r.split == "eval" for r in records) or not any(r.split == "calib" for r in records):
-        raise ValueError(f"{lengths_file}: the tuning needs recorded requests of both splits, 'calib' and 'eval'")
+    records = load_tuning_records(lengths_file or SUITE_LENGTHS_FILE)
     held_out = [r for r in records if r.split == "eval"]
     # What the predictor knows at start: the suite's calib split, prompts as stand-in ids of
     # their recorded length (the simulator replays the workloads' prompts the same way).

@@ -64,6 +64,16 @@ def _check_record(record: SuiteRecord, where: str) -> None:
                          f"got {record.split!r}, {record.task!r}")
 
 
+def load_tuning_records(path: str | Path = SUITE_LENGTHS_FILE) -> list[SuiteRecord]:
+    """`load_suite_lengths`, for the scheduler tuning: it needs both splits, 'calib' (what
+    the predictor starts from) and 'eval' (the workloads); ValueError otherwise."""
+    records = load_suite_lengths(path)
+    if not {"calib", "eval"} <= {record.split for record in records}:
+        raise ValueError(f"{path}: needs recorded requests of both splits, 'calib' (what the predictor starts "
+                         "from) and 'eval' (the workloads)")
+    return records
+
+
 def lengths_file_for(quantized_dir: str | None) -> Path:
     """The packaged lengths closest to a server's base: the 4-bit suite base's for any
     quantized checkpoint, the fp32 model's otherwise."""

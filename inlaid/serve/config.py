@@ -232,15 +232,12 @@ class ServerConfig:
         except ValueError as error:
             raise ConfigError(f"scheduler.autotune_cost_model {error}") from None
         if self.autotune_lengths is not None:
-            from inlaid.scheduling.suite import load_suite_lengths
+            from inlaid.scheduling.suite import load_tuning_records
 
             try:
-                splits = {record.split for record in load_suite_lengths(self.autotune_lengths)}
-            except (OSError, ValueError, TypeError) as error:
+                load_tuning_records(self.autotune_lengths)
+            except (OSError, ValueError) as error:
                 raise ConfigError(f"scheduler.autotune_lengths: {error}") from None
-            if not {"calib", "eval"} <= splits:
-                raise ConfigError(f"scheduler.autotune_lengths {self.autotune_lengths}: needs recorded requests of "
-                                  "both splits, 'calib' (what the predictor starts from) and 'eval' (the workloads)")
 
     def tuning_lengths_file(self) -> str:
         """The recorded requests the scheduler tuning draws its workloads from: the configured
