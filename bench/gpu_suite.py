@@ -1,7 +1,7 @@
 """The GPU suite's driver: stages, a time budget, one JSON + markdown + PNG report.
 
     bench/gpu.sh                       # what to run (builds, then calls this); see docs/benchmarks.md
-    python bench/gpu_suite.py --out DIR [--dry-run] [--budget-s 540]
+    python bench/gpu_suite.py --out DIR [--dry-run] [--budget-s 420]
 
 Stages, in order (each one's failure is recorded and the next one still runs):
   environment   device, versions, copy bandwidth (the yardstick of every floor)
@@ -11,6 +11,8 @@ Stages, in order (each one's failure is recorded and the next one still runs):
   sgmv          shrink and expand timed against their bandwidth floor (gpu_kernels.py)
   decode        a Llama-2-7B-shaped decode step, 4-bit, 100 adapters, batch 1..256, eager
                 and from CUDA graphs, against its floor (gpu_decode.py)
+  step_costs    the scheduler simulator's step-cost model measured on the device: the plan
+                shapes of bench/sched_cost.py on the same model, eager (gpu_step_costs.py)
   e2e_replay    the end-to-end trace replay (bench/e2e.py) at smoke size: transformers + PEFT
                 server vs Inlaid 4-bit + the inlaid policy; skipped without the default
                 model or pyzmq/msgspec on the machine
@@ -82,6 +84,14 @@ def stage_decode(device, report: dict) -> dict:  # noqa: ANN001
     return decode_step(device)
 
 
+def stage_step_costs(device, report: dict) -> dict:  # noqa: ANN001
+    if importlib.util.find_spec("msgspec") is None:
+        raise _Skip("msgspec is not installed: bring .whl/ along (bench/gpu.sh --fetch-wheels)")
+    from gpu_step_costs import step_costs
+
+    return step_costs(device)
+
+
 def stage_e2e_replay(device, report: dict) -> dict:  # noqa: ANN001
     """The end-to-end trace replay (bench/e2e.py) on this device, at smoke size: the
     transformers + PEFT server against Inlaid MLGPTQ 4-bit + the inlaid policy, the nine
@@ -109,7 +119,8 @@ def stage_e2e_replay(device, report: dict) -> dict:  # noqa: ANN001
 
 STAGES: list[tuple[str, Callable]] = [
     ("environment", stage_environment), ("gemm", stage_gemm), ("sgmv_checks", stage_sgmv_checks),
-    ("sgmv", stage_sgmv), ("decode", stage_decode), ("e2e_replay", stage_e2e_replay),
+    ("sgmv", stage_sgmv), ("decode", stage_decode), ("step_costs", stage_step_costs),
+    ("e2e_replay", stage_e2e_replay),
 ]
 
 
@@ -121,7 +132,9 @@ def _failed_checks(data: dict) -> list[dict]:
     return [c for c in data.get("checks", []) if not c["ok"]]
 
 
-def run_stages(device, budget_s: float) -> dict:  # noqa: ANN001
+def run_stages(device, budget_s: float, after_stage: Callable[[dict], None] = lambda report: None) -> dict:  # noqa: ANN001
+    """Every stage in order; `after_stage(report)` after each one (the suite writes what it
+    has, so a run killed at its time limit still leaves every finished stage behind)."""
     started = time.monotonic()
     report: dict = {"dry_run": device.dry_run, "budget_s": budget_s, "stages": {}}
     for name, stage in STAGES:
@@ -149,6 +162,8 @@ def run_stages(device, budget_s: float) -> dict:  # noqa: ANN001
         print(f"   {name}: {entry['status']} ({entry['seconds']} s){' - ' + entry['reason'] if 'reason' in entry else ''}",
               flush=True)
         report["stages"][name] = entry
+        report["total_seconds"] = round(time.monotonic() - started, 1)
+        after_stage(report)
     report["total_seconds"] = round(time.monotonic() - started, 1)
     return report
 
@@ -195,6 +210,15 @@ def markdown(report: dict) -> str:
         for r in decode["steps"]:
             lines.append(f"| {r['batch']} | {r['eager_ms']:.2f} | {r['graph_ms']:.2f} | {r['tokens_per_s']:.0f} | "
                          f"{r['floor_ms']:.2f} | {100 * r['fraction_of_floor']:.0f}% |")
+    costs = stages.get("step_costs", {}).get("data")
+    if costs:
+        lines += ["", f"## Step costs: {costs['model']}, eager, {costs['slots']} adapters r{costs['rank']} "
+                      f"(the simulator's cost model on this device)", "",
+                  f"Fit over {len(costs['steps'])} plan shapes, median of {costs['reps']}: mean |error| "
+                  f"{costs['fit_errors']['mean_abs_rel_error']:.1%}.", "", "| plan | ms |", "|---|---|"]
+        for r in costs["steps"]:
+            if not r["label"].startswith("mixed"):
+                lines.append(f"| {r['label']} | {r['median_seconds'] * 1e3:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -237,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Inlaid's GPU suite (run it through bench/gpu.sh)")
     parser.add_argument("--out", type=Path, default=None, help="folder for gpu_suite.json/.md/.png")
     parser.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes")
-    parser.add_argument("--budget-s", type=float, default=540.0, help="stages starting later are skipped")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="stages starting later are skipped")
     # main() from bench/run_all.py gets no argv: never read the caller's sys.argv
     args = parser.parse_args(argv if argv is not None else [])
     if args.dry_run:
@@ -255,10 +279,13 @@ def main(argv: list[str] | None = None) -> int:
 
     device = Device(torch.device("cpu") if args.dry_run else torch.device("cuda"),
                     torch.float32 if args.dry_run else torch.float16, args.dry_run)
-    report = run_stages(device, args.budget_s)
     out = args.out or Path(__file__).resolve().parent / "results" / time.strftime("gpu-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_suite.json").write_text(json.dumps(report, indent=2, default=str))
+
+    def write_json(report: dict) -> None:
+        (out / "gpu_suite.json").write_text(json.dumps(report, indent=2, default=str))
+
+    report = run_stages(device, args.budget_s, after_stage=write_json)
     (out / "gpu_suite.md").write_text(markdown(report))
     plotted = plot(report, out / "gpu_suite.png")
     print(markdown(report))

@@ -4,7 +4,7 @@ tiny shapes), so that the day a GPU is lent the script runs in one call.
 It builds the package into a private folder (and imports it from there), checks the
 interpreted Triton GEMM and SGMV kernels against float64 references, times everything,
 runs the decode step through the engine with decode graphs (graph == eager, also after
-new adapters are written in place) and writes the report. The numbers of a dry run mean
+new adapters are written in place), measures the simulator's step costs and writes the report. The numbers of a dry run mean
 nothing; that every stage runs and every check passes does.
 """
 
@@ -26,7 +26,8 @@ def test_gpu_suite_dry_run(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "gpu_suite.json").read_text())
     stages = report["stages"]
-    assert report["dry_run"] and list(stages) == ["environment", "gemm", "sgmv_checks", "sgmv", "decode", "e2e_replay"]
+    assert report["dry_run"] and list(stages) == ["environment", "gemm", "sgmv_checks", "sgmv", "decode", "step_costs",
+                                                    "e2e_replay"]
     for name, entry in stages.items():
         assert entry["status"] == "ok", (name, entry.get("reason"), entry.get("traceback"))
     e2e = stages["e2e_replay"]["data"]  # bench/e2e.py at smoke size: tests/test_bench_e2e.py checks its content
@@ -44,10 +45,15 @@ def test_gpu_suite_dry_run(tmp_path: Path) -> None:
     decode = stages["decode"]["data"]
     assert [s["batch"] for s in decode["steps"]] == [1, 2, 4] and decode["graph_batch_sizes"] == [1, 2, 4]
     assert decode["graph_stats"]["replays"] > 0 and not decode["graph_stats"]["fallbacks"]
+    costs = stages["step_costs"]["data"]  # sched_cost's shapes through the engine, fitted as sched_cost does
+    steps = {row["label"]: row for row in costs["steps"]}
+    assert steps["prefill 64 a1"]["features"]["tokens"] == 64 and steps["decode b64 ctx80 a8"]["features"]["sampled"] == 64
+    assert all(row["median_seconds"] > 0 and row["features"]["loads"] == 0 for row in costs["steps"])
+    assert all(value >= 0 for value in costs["coefficients"].values()) and costs["coefficients"]["loads"] == 0
     checks = [c for entry in stages.values() for c in entry.get("data", {}).get("checks", [])]
     assert len(checks) == 6 + 4 + 3 and all(c["ok"] for c in checks)
     assert all(0 <= c["relative_error"] < 1e-4 for c in checks)
 
     assert (out / "build.log").is_file()
-    assert "## Decode step" in (out / "gpu_suite.md").read_text()
+    assert "## Decode step" in (out / "gpu_suite.md").read_text() and "## Step costs" in (out / "gpu_suite.md").read_text()
     assert (out / "gpu_suite.png").stat().st_size > 10_000
