@@ -34,6 +34,11 @@ import triton.language as tl
 from torch import Tensor
 
 _TABLES: dict[tuple, tuple[Tensor, Tensor]] = {}
+# A model holds one pool set per LoRA half of each fused projection (8 a layer: 256 for a
+# 32-layer model), and every step reads them all. Building a table is a host-to-device copy,
+# which a CUDA graph capture refuses and an eager step pays per projection: the cache must
+# hold every pool set of the model; the bound only stops pools re-allocated without end.
+_MAX_TABLES = 1 << 14
 
 
 def _pool_tables(pools: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -44,7 +49,7 @@ def _pool_tables(pools: Sequence[Tensor], device: torch.device) -> tuple[Tensor,
         pointers = torch.tensor([p.data_ptr() for p in pools], dtype=torch.int64, device=device)
         strides = torch.tensor([list(p.stride()) for p in pools], dtype=torch.int64, device=device)
         tables = (pointers, strides)
-        if len(_TABLES) > 256:
+        if len(_TABLES) >= _MAX_TABLES:
             _TABLES.clear()
         _TABLES[key] = tables
     return tables
@@ -242,6 +247,11 @@ def sgmv_shrink(
 
 
 _SLICE_TABLES: dict[tuple, tuple[Tensor, Tensor]] = {}
+# A model holds one pool set per LoRA half of each fused projection (8 a layer: 256 for a
+# 32-layer model), and every step reads them all. Building a table is a host-to-device copy,
+# which a CUDA graph capture refuses and an eager step pays per projection: the cache must
+# hold every pool set of the model; the bound only stops pools re-allocated without end.
+_MAX_TABLES = 1 << 14
 
 
 def _slice_tables(widths: tuple[int, ...], offsets: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:

@@ -309,3 +309,18 @@ def test_triton_interp_in_child_process() -> None:
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+@needs_interpreter
+def test_pool_tables_stay_cached_for_every_pool_set_of_a_deep_model() -> None:
+    """A step reads one pool set per LoRA half of each fused projection: 8 a layer, 320 for
+    a 40-layer model. Every set's pointer table must survive a whole step, so the next step
+    (and a CUDA graph capture, which refuses the host-to-device copy of a rebuild) finds it.
+    The cache once held 256 and was cleared past that: a 32-layer model rebuilt its tables
+    every step and could not be captured."""
+    pool_sets = [[torch.empty((2, 4, 8)) for _ in range(3)] for _ in range(8 * 40)]
+    first = [lora_triton._pool_tables(pools, torch.device("cpu")) for pools in pool_sets]
+    second = [lora_triton._pool_tables(pools, torch.device("cpu")) for pools in pool_sets]
+    assert all(a is b for a, b in zip(first, second))
+    pointers, strides = second[-1]
+    assert pointers.tolist() == [p.data_ptr() for p in pool_sets[-1]] and strides.tolist() == [[32, 8, 1]] * 3
