@@ -64,6 +64,8 @@ export PYTHONPATH="$BUILD/site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
 args=(--out "$OUT")
+# GPU_SUITE_STAGES=decode,step_costs runs those stages alone (a second call of a lease).
+if [ -n "${GPU_SUITE_STAGES:-}" ]; then args+=(--stages "$GPU_SUITE_STAGES"); fi
 if [ "$MODE" = dry ]; then
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
   args+=(--dry-run)

@@ -13,6 +13,8 @@ Stages, in order (each one's failure is recorded and the next one still runs):
                 and from CUDA graphs, against its floor (gpu_decode.py)
   step_costs    the scheduler simulator's step-cost model measured on the device: the plan
                 shapes of bench/sched_cost.py on the same model, eager (gpu_step_costs.py)
+  gemm_configs  the 4-bit GEMM's tile / split-K variants at decode sizes and its two routes
+                (tiled kernel, dequantize + cuBLAS) from M = 16 to 128 (gpu_gemm_configs.py)
   e2e_replay    the end-to-end trace replay (bench/e2e.py) at smoke size: transformers + PEFT
                 server vs Inlaid 4-bit + the inlaid policy; skipped without the default
                 model or pyzmq/msgspec on the machine
@@ -92,6 +94,12 @@ def stage_step_costs(device, report: dict) -> dict:  # noqa: ANN001
     return step_costs(device)
 
 
+def stage_gemm_configs(device, report: dict) -> dict:  # noqa: ANN001
+    from gpu_gemm_configs import gemm_configs
+
+    return gemm_configs(device)
+
+
 def stage_e2e_replay(device, report: dict) -> dict:  # noqa: ANN001
     """The end-to-end trace replay (bench/e2e.py) on this device, at smoke size: the
     transformers + PEFT server against Inlaid MLGPTQ 4-bit + the inlaid policy, the nine
@@ -120,7 +128,7 @@ def stage_e2e_replay(device, report: dict) -> dict:  # noqa: ANN001
 STAGES: list[tuple[str, Callable]] = [
     ("environment", stage_environment), ("gemm", stage_gemm), ("sgmv_checks", stage_sgmv_checks),
     ("sgmv", stage_sgmv), ("decode", stage_decode), ("step_costs", stage_step_costs),
-    ("e2e_replay", stage_e2e_replay),
+    ("gemm_configs", stage_gemm_configs), ("e2e_replay", stage_e2e_replay),
 ]
 
 
@@ -132,15 +140,19 @@ def _failed_checks(data: dict) -> list[dict]:
     return [c for c in data.get("checks", []) if not c["ok"]]
 
 
-def run_stages(device, budget_s: float, after_stage: Callable[[dict], None] = lambda report: None) -> dict:  # noqa: ANN001
-    """Every stage in order; `after_stage(report)` after each one (the suite writes what it
-    has, so a run killed at its time limit still leaves every finished stage behind)."""
+def run_stages(device, budget_s: float, after_stage: Callable[[dict], None] = lambda report: None,  # noqa: ANN001
+               only: set[str] | None = None) -> dict:
+    """Every stage in order (those in `only`, and the environment, when given);
+    `after_stage(report)` after each one (the suite writes what it has, so a run killed at
+    its time limit still leaves every finished stage behind)."""
     started = time.monotonic()
     report: dict = {"dry_run": device.dry_run, "budget_s": budget_s, "stages": {}}
     for name, stage in STAGES:
         elapsed = time.monotonic() - started
         entry: dict = {"started_at_s": round(elapsed, 1)}
-        if elapsed > budget_s:
+        if only is not None and name != "environment" and name not in only:
+            entry.update(status="skipped", reason="not asked for (--stages)")
+        elif elapsed > budget_s:
             entry.update(status="skipped", reason=f"time budget of {budget_s:.0f} s spent")
         elif name != "environment" and report["stages"]["environment"]["status"] != "ok":
             entry.update(status="skipped", reason="the environment stage failed")
@@ -156,7 +168,7 @@ def run_stages(device, budget_s: float, after_stage: Callable[[dict], None] = la
                 entry.update(status="skipped", reason=str(reason))
             except Exception as error:  # recorded; the other stages still run
                 entry.update(status="failed", reason=f"{type(error).__name__}: {error}",
-                             traceback=traceback.format_exc(limit=12))
+                             traceback=traceback.format_exc(limit=-25))  # the innermost frames: where it broke
                 print(entry["traceback"], file=sys.stderr)
         entry["seconds"] = round(time.monotonic() - started - elapsed, 2)
         print(f"   {name}: {entry['status']} ({entry['seconds']} s){' - ' + entry['reason'] if 'reason' in entry else ''}",
@@ -219,6 +231,18 @@ def markdown(report: dict) -> str:
         for r in costs["steps"]:
             if not r["label"].startswith("mixed"):
                 lines.append(f"| {r['label']} | {r['median_seconds'] * 1e3:.2f} |")
+    configs = stages.get("gemm_configs", {}).get("data")
+    if configs:
+        lines += ["", "## 4-bit GEMM: default configuration against the best variant (microseconds, CUDA graphs)", "",
+                  "| K | N | M | default | best | best configuration |", "|---|---|---|---|---|---|"]
+        for key in sorted({(r["K"], r["N"], r["M"]) for r in configs["decode"]}):
+            rows = [r for r in configs["decode"] if (r["K"], r["N"], r["M"]) == key]
+            best, base = min(rows, key=lambda r: r["ms"]), next(r for r in rows if r["default"])
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {base['ms'] * 1e3:.1f} | {best['ms'] * 1e3:.1f} | "
+                         f"{best['config']} |")
+        lines += ["", "| K | N | M | tiled kernel | dequantize + cuBLAS |", "|---|---|---|---|---|"]
+        for r in configs["routes"]:
+            lines.append(f"| {r['K']} | {r['N']} | {r['M']} | {r['tiled_ms'] * 1e3:.1f} | {r['dequant_cublas_ms'] * 1e3:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -262,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="folder for gpu_suite.json/.md/.png")
     parser.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes")
     parser.add_argument("--budget-s", type=float, default=420.0, help="stages starting later are skipped")
+    parser.add_argument("--stages", default=None,
+                        help=f"comma-separated stages to run (default: all of {', '.join(n for n, _ in STAGES)})")
     # main() from bench/run_all.py gets no argv: never read the caller's sys.argv
     args = parser.parse_args(argv if argv is not None else [])
     if args.dry_run:
@@ -285,7 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     def write_json(report: dict) -> None:
         (out / "gpu_suite.json").write_text(json.dumps(report, indent=2, default=str))
 
-    report = run_stages(device, args.budget_s, after_stage=write_json)
+    only = None if args.stages is None else set(args.stages.split(","))
+    unknown = (only or set()) - {name for name, _ in STAGES}
+    if unknown:
+        parser.error(f"unknown stages {sorted(unknown)}")
+    report = run_stages(device, args.budget_s, after_stage=write_json, only=only)
     (out / "gpu_suite.md").write_text(markdown(report))
     plotted = plot(report, out / "gpu_suite.png")
     print(markdown(report))

@@ -27,7 +27,7 @@ def test_gpu_suite_dry_run(tmp_path: Path) -> None:
     report = json.loads((out / "gpu_suite.json").read_text())
     stages = report["stages"]
     assert report["dry_run"] and list(stages) == ["environment", "gemm", "sgmv_checks", "sgmv", "decode", "step_costs",
-                                                    "e2e_replay"]
+                                                    "gemm_configs", "e2e_replay"]
     for name, entry in stages.items():
         assert entry["status"] == "ok", (name, entry.get("reason"), entry.get("traceback"))
     e2e = stages["e2e_replay"]["data"]  # bench/e2e.py at smoke size: tests/test_bench_e2e.py checks its content
@@ -51,7 +51,9 @@ def test_gpu_suite_dry_run(tmp_path: Path) -> None:
     assert all(row["median_seconds"] > 0 and row["features"]["loads"] == 0 for row in costs["steps"])
     assert all(value >= 0 for value in costs["coefficients"].values()) and costs["coefficients"]["loads"] == 0
     checks = [c for entry in stages.values() for c in entry.get("data", {}).get("checks", [])]
-    assert len(checks) == 6 + 4 + 3 and all(c["ok"] for c in checks)
+    configs = stages["gemm_configs"]["data"]
+    assert [r["default"] for r in configs["decode"]] == [True] and len(configs["routes"]) == 1
+    assert len(checks) == 6 + 4 + 3 + 1 and all(c["ok"] for c in checks)
     assert all(0 <= c["relative_error"] < 1e-4 for c in checks)
 
     assert (out / "build.log").is_file()
