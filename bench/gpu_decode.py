@@ -50,11 +50,11 @@ def _random_prepared(k: int, n: int, bits: int, group: int, device: torch.device
     spread = ((levels**2 - 1) / 6) ** 0.5  # std of (code - zero) for independent uniform codes
     scales = (torch.rand((k // group, n), device=device) + 0.5) / (spread * k**0.5)
     if device.type == "cuda":  # re-laid out on the device: unpacking a 7B model on the host takes minutes
-        from inlaid.kernels.quant_triton import prepare_triton_layout
+        from inlaid.kernels.quant_triton import DENSE_MIN_M, prepare_triton_layout
 
         layout = prepare_triton_layout(codes, zeros, scales, bits, group, device, dtype)
         return PreparedQuantLinear("triton", layout, bits=bits, group_size=group, in_features=k, out_features=n,
-                                   act_dtype=dtype, input_perm=None, bias=None)
+                                   act_dtype=dtype, input_perm=None, bias=None, dense_min_m=DENSE_MIN_M)
     weights = QuantLinearWeights(qweight=pack_qweight(codes, bits), qzeros=pack_qzeros(zeros, bits),
                                  scales=scales.half(), g_idx=None, bits=bits, group_size=group, in_features=k,
                                  out_features=n)

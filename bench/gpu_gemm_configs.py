@@ -4,7 +4,8 @@ The first H200 run (bench/results/gpu_h200.md) found the 4-bit decode GEMM at 10
 bandwidth floor and slower than cuBLAS fp16 at M = 1..16, and the tiled kernel at M = 32..64
 slower than dequantize + cuBLAS at M = 128. This stage measures the alternatives in one call,
 on Llama-2-7B's linear shapes, 4-bit, group 128:
-  * decode (M = 1, 16): BLOCK_N x SPLIT_K x num_warps around `default_gemm_config`, each
+  * decode (M = 1, 4, 16): BLOCK_N x SPLIT_K x num_warps around `default_gemm_config` (the
+    GEMV kernel up to GEMV_MAX_M rows, where the tiled kernel is timed beside it), each
     variant checked against the default's output before it is timed;
   * the route from M = 16 to 128: the tiled kernel against dequantize + cuBLAS
     (`dense_min_m`, where the dispatch switches).
@@ -17,16 +18,24 @@ import torch
 
 from gpu_kernels import LLAMA7B_SHAPES, Device, _relative_error
 
-DECODE_M = [1, 16]
+DECODE_M = [1, 4, 16]
 ROUTE_M = [16, 32, 64, 128]
 
 
-def _variants(default: dict[str, int], k_tiles: int) -> list[dict[str, int]]:
+def _variants(default: dict[str, int], tiled: dict[str, int], k_tiles: int) -> list[dict[str, int]]:
+    """Around the default: BLOCK_N x SPLIT_K (x 8 warps at the widest tile); at GEMV sizes
+    the tiled kernel's decode configuration too (gemv=0)."""
     splits = sorted({max(1, min(k_tiles, default["split_k"] * factor)) for factor in (1, 2, 4)}
                     | {max(1, default["split_k"] // 2)})
     variants = [{**default, "block_n": block_n, "split_k": split} for block_n in (32, 64, 128) for split in splits]
     variants += [{**default, "block_n": 128, "split_k": split, "num_warps": 8} for split in splits]
-    return variants
+    if default.get("gemv"):
+        variants = [v for v in variants if v["block_n"] != 32]
+        variants += [{**default, "block_n": 256, "split_k": split} for split in splits]
+        variants += [{**default, "block_n": block_n, "block_k": block_k} for block_n in (128, 256) for block_k in (32, 64)
+                     if block_k < default["block_k"]]
+        variants.append({**tiled, "gemv": 0})
+    return [default] + [v for v in variants if v != default]
 
 
 def gemm_configs(device: Device) -> dict:
@@ -44,9 +53,10 @@ def gemm_configs(device: Device) -> dict:
         for m in DECODE_M if not device.dry_run else [1]:
             x = torch.randn((m, k), device=device.torch_device).to(device.act_dtype)
             default = default_gemm_config(m, n, k, group, x.device)
+            tiled = default_gemm_config(16, n, k, group, x.device)
             expected = triton_quant_matmul(x, layout, bits, None, dense_min_m=1 << 30).double()
             k_tiles = -(-k // default["block_k"])
-            for config in _variants(default, k_tiles) if not device.dry_run else [default]:
+            for config in _variants(default, tiled, k_tiles) if not device.dry_run else [default]:
                 got = triton_quant_matmul(x, layout, bits, None, dense_min_m=1 << 30, **config)
                 error = _relative_error(got, expected)
                 checks.append({"check": f"config {config} == default, K={k} N={n} M={m}", "relative_error": error,

@@ -262,10 +262,10 @@ def prepare_quant_linear(
                                    few_rows_dot=quant_cpu.few_rows_dot(layout),
                                    prefill_dense_min_m=quant_cpu.prefill_dense_min_rows(layout))
     if mode == "triton":
-        from .quant_triton import prepare_triton_layout
+        from .quant_triton import DENSE_MIN_M, prepare_triton_layout
 
         layout = prepare_triton_layout(codes, zeros, scales, w.bits, group, device, act_dtype)
-        return PreparedQuantLinear("triton", layout, input_perm=input_perm, **common)
+        return PreparedQuantLinear("triton", layout, input_perm=input_perm, **common, dense_min_m=DENSE_MIN_M)
     raise QuantLinearError(f"unknown mode {mode!r}")
 
 

@@ -19,9 +19,17 @@ Offline re-layout (prepare_triton_layout; the checkpoint on disk stays standard 
   last tile is masked.
   3-bit codes are split into a 2-bit plane and a 1-bit plane: still 3 bits per weight of
   memory traffic, but no value straddles a 32-bit word (GPTQ's 3-bit stream does).
-Paths: M <= 16 -> decode config (BLOCK_M 16, split-K with fp32 atomics so enough programs
-stream the weight); larger M -> tiled GEMM; M >= dense_min_m -> dequantize the whole
-weight (Triton) and use cuBLAS, where the benchmark shows the tiled kernel losing.
+Paths: M <= GEMV_MAX_M -> the GEMV kernel (one activation row a program, each packed word
+loaded once and unpacked in registers, no tensor-core tile padded to 16 rows; split-K with
+fp32 atomics so enough programs stream the weight); M <= 16 -> the tiled kernel's decode
+config (BLOCK_M 16, split-K); larger M -> tiled GEMM; M >= dense_min_m (DENSE_MIN_M on
+CUDA) -> dequantize the whole weight (Triton) and use cuBLAS.
+
+Measured on an H200 (bench/results/gpu_h200.md, Llama-2-7B shapes, 4-bit g128): the tiled
+kernel's decode config ran at 10-14% of the bandwidth floor (each packed word is loaded
+once per code it holds: 8 loads of one word at 4 bits); dequantize + cuBLAS beat the tiled
+kernel from M = 32 on every shape (4096x4096 M=32: 22 us against 38 us; 11008x4096 M=64:
+65 us against 131 us), hence DENSE_MIN_M = 32.
 """
 
 from __future__ import annotations
@@ -33,6 +41,9 @@ from torch import Tensor
 
 from .gptq_format import _pack_rows
 from .quant_linear import QuantLinearError, TritonLayout
+
+GEMV_MAX_M = 4  # rows through the GEMV kernel (it re-reads the weight once a row, from L2)
+DENSE_MIN_M = 32  # from this many rows, dequantize + cuBLAS (PreparedQuantLinear.dense_min_m on CUDA)
 
 
 def prepare_triton_layout(
@@ -131,6 +142,65 @@ def _quant_gemm_kernel(
 
 
 @triton.jit
+def _quant_gemv_kernel(
+    x_ptr, perm_ptr, codes_ptr, high_ptr, scales_ptr, zeros_ptr, out_ptr,
+    N, K, group_size, k_tiles_per_split,
+    stride_xm, stride_xk, stride_ck, stride_cn, stride_hk, stride_hn, stride_sg, stride_sn,
+    stride_om, stride_on,
+    BITS: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """out[row, n] (+)= sum over this program's K tiles of x[row, k] * w[k, n]. Grid: (N
+    blocks, SPLIT_K, M). A K tile is [WORDS, PER_WORD] codes: each packed word [WORDS,
+    BLOCK_N] is loaded once and unpacked into [WORDS, PER_WORD, BLOCK_N]; the tile lies in one
+    group, so out += scale * (x . q - zero * sum(x)) needs one scale and zero per column."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row = tl.program_id(2)
+    PER_WORD: tl.constexpr = 16 if BITS == 3 else 32 // BITS  # 3-bit: the 2-bit plane's words
+    WORDS: tl.constexpr = BLOCK_K // PER_WORD
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    word_rows = tl.arange(0, WORDS)
+    lanes = tl.arange(0, PER_WORD)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    tile_begin = pid_k * k_tiles_per_split
+    tile_end = tl.minimum(tl.cdiv(K, BLOCK_K), tile_begin + k_tiles_per_split)
+    for tile in range(tile_begin, tile_end):
+        k0 = tile * BLOCK_K
+        offs_k = k0 + word_rows[:, None] * PER_WORD + lanes[None, :]  # [WORDS, PER_WORD]
+        mask_k = offs_k < K
+        if HAS_PERM:
+            x_cols = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
+        else:
+            x_cols = offs_k
+        x = tl.load(x_ptr + row * stride_xm + x_cols * stride_xk, mask=mask_k, other=0.0).to(tl.float32)
+        word_k = k0 // PER_WORD + word_rows
+        mask_w = (word_k * PER_WORD < K)[:, None] & mask_n[None, :]
+        words = tl.load(codes_ptr + word_k[:, None] * stride_ck + offs_n[None, :] * stride_cn, mask=mask_w, other=0)
+        if BITS == 3:
+            q = (words[:, None, :] >> (lanes * 2)[None, :, None]) & 3
+            # 32 top bits a word: a 16-code word's top bits are the low or high half of one.
+            high = tl.load(high_ptr + (word_k // 2)[:, None] * stride_hk + offs_n[None, :] * stride_hn,
+                           mask=mask_w, other=0)
+            shift = ((word_k % 2) * 16)[:, None] + lanes[None, :]  # [WORDS, PER_WORD]
+            q = q | (((high[:, None, :] >> shift[:, :, None]) & 1) << 2)
+        else:
+            q = (words[:, None, :] >> (lanes * BITS)[None, :, None]) & ((1 << BITS) - 1)
+        group = k0 // group_size
+        scale = tl.load(scales_ptr + group * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
+        zero = tl.load(zeros_ptr + group * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
+        x_dot_q = tl.sum(tl.sum(x[:, :, None] * q.to(tl.float32), axis=0), axis=0)
+        x_total = tl.sum(tl.sum(x, axis=1), axis=0)
+        acc += scale * (x_dot_q - zero * x_total)
+    out_ptrs = out_ptr + row * stride_om + offs_n * stride_on
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=mask_n)
+
+
+@triton.jit
 def _dequant_kernel(
     codes_ptr, high_ptr, scales_ptr, zeros_ptr, w_ptr,
     N, K, group_size,
@@ -172,8 +242,15 @@ def _sm_count(device: torch.device) -> int:
 
 
 def default_gemm_config(m: int, n: int, k: int, group: int, device: torch.device) -> dict[str, int]:
-    """Decode (M <= 16): narrow tiles + split-K to cover the SMs; prefill: 64x64 tiles."""
+    """M <= GEMV_MAX_M: the GEMV kernel (gemv=1), split-K to about 4 programs an SM; other
+    decode sizes (M <= 16): narrow tiles + split-K to cover the SMs; prefill: 64x64 tiles."""
     block_k = _block_k_for(k, group) or 16
+    if m <= GEMV_MAX_M:
+        block_n = 128
+        programs = triton.cdiv(n, block_n) * m
+        k_tiles = triton.cdiv(k, block_k)
+        split_k = max(1, min(k_tiles, triton.cdiv(4 * _sm_count(device), programs)))
+        return {"gemv": 1, "block_n": block_n, "block_k": block_k, "split_k": split_k, "num_warps": 4}
     if m <= 16:
         block_n = 64
         programs = triton.cdiv(n, block_n)
@@ -234,7 +311,8 @@ def triton_quant_matmul(
         return torch.matmul(x_sorted, weight, out=out)
     config = default_gemm_config(m, n, k, layout.group_size, x.device)
     config.update(config_override)
-    block_m, block_n, block_k, split_k = (config[key] for key in ("block_m", "block_n", "block_k", "split_k"))
+    gemv = bool(config.get("gemv", 0))
+    block_m, block_n, block_k, split_k = (config.get(key, 1) for key in ("block_m", "block_n", "block_k", "split_k"))
     if layout.group_size < k and layout.group_size % block_k:
         raise QuantLinearError(f"block_k {block_k} must divide the group size ({layout.group_size})")
     k_tiles = triton.cdiv(k, block_k)
@@ -245,6 +323,18 @@ def triton_quant_matmul(
     target = torch.zeros((m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     high, stride_hk, stride_hn = _high(layout)
     perm = input_perm if input_perm is not None else layout.codes  # placeholder pointer when unused
+    if gemv:
+        _quant_gemv_kernel[(triton.cdiv(n, block_n), split_k, m)](
+            x, perm, layout.codes, high, layout.scales, layout.zeros, target,
+            n, k, layout.group_size, k_tiles_per_split,
+            x.stride(0), x.stride(1), layout.codes.stride(0), layout.codes.stride(1), stride_hk, stride_hn,
+            layout.scales.stride(0), layout.scales.stride(1), target.stride(0), target.stride(1),
+            BITS=bits, HAS_PERM=input_perm is not None, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+            num_warps=config.get("num_warps", 4),
+        )
+        if target is not out:
+            out.copy_(target)
+        return out
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split_k)
     _quant_gemm_kernel[grid](
         x, perm, layout.codes, high, layout.scales, layout.zeros, target,

@@ -141,8 +141,9 @@ def test_triton_interp_gemm_matches_reference(bits: int, group_size: int, act_or
                               bias=True, seed=bits * 100 + group_size % 97 + act_order)
     prepared = prepare_quant_linear(layer.weights, "cpu", torch.float32, mode="triton")
     prepared.dense_min_m = 48
-    # M=1, 16: decode config (split-K atomics); 33: tiled GEMM; 48: dequant kernel + matmul
-    for m in (1, 16, 33, 48):
+    # M=1, 3: GEMV kernel; 16: tiled decode config (split-K atomics); 33: tiled GEMM; 48:
+    # dequant kernel + matmul
+    for m in (1, 3, 16, 33, 48):
         x = torch.randn(m, 128)
         assert relative_error(triton_poisoned(x, prepared), reference(layer, x)) < 1e-5, m
 
@@ -160,6 +161,32 @@ def test_triton_interp_tile_configs(config: dict[str, int]) -> None:
     prepared.dense_min_m = 10**9
     out = triton_poisoned(x, prepared, **config)
     assert relative_error(out, reference(layer, x)) < 1e-5
+
+
+@needs_interpreter
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("config", [
+    {"gemv": 1, "block_n": 32, "block_k": 16, "split_k": 1},  # 3-bit: top bits from both halves of a word
+    {"gemv": 1, "block_n": 64, "block_k": 32, "split_k": 3},
+    {"gemv": 1, "block_n": 128, "block_k": 64, "split_k": 2},
+    {"gemv": 0, "block_m": 16, "block_n": 32, "block_k": 32, "split_k": 2},  # the tiled kernel at M <= 4
+])
+def test_triton_interp_gemv_configs(bits: int, config: dict[str, int]) -> None:
+    """The GEMV kernel (M <= GEMV_MAX_M) at several tiles, act-order, a K that its groups do
+    not tile (576 at group 64 is 9 groups; 3-bit: block_k 16 reads one 32-bit top-bit word
+    for two 16-code words), each row of M = 1..4 exact against float64."""
+    layer = random_gptq_layer(576, 96, bits, 64, symmetric=bits == 3, act_order=True, bias=True, seed=bits + 31)
+    prepared = prepare_quant_linear(layer.weights, "cpu", torch.float32, mode="triton")
+    for m in (1, 4):
+        x = torch.randn(m, 576)
+        assert relative_error(triton_poisoned(x, prepared, **config), reference(layer, x)) < 1e-5, m
+
+
+@needs_interpreter
+def test_decode_rows_take_the_gemv_kernel() -> None:
+    device = torch.device("cpu")
+    assert quant_triton.default_gemm_config(quant_triton.GEMV_MAX_M, 4096, 4096, 128, device)["gemv"] == 1
+    assert "gemv" not in quant_triton.default_gemm_config(quant_triton.GEMV_MAX_M + 1, 4096, 4096, 128, device)
 
 
 @needs_interpreter
