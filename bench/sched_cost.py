@@ -18,6 +18,10 @@ multiplies bf16 natively (as `make run` and bench/e2e.py serve it).
 
 `--tag xeon` writes sched_cost*_xeon.* instead: the fit of a second machine, beside the one
 the committed sweep uses (docs/scheduling.md compares them).
+
+`--from-gpu-suite OUT/gpu_suite.json --tag h200` fits the steps the GPU suite's step_costs
+stage measured on a GPU (the same plan shapes through the engine, bench/gpu_step_costs.py)
+on their wall clock; `bench/sched_sim.py --tag h200` then sweeps the schedulers on them.
 """
 
 from __future__ import annotations
@@ -140,6 +144,22 @@ def measure(threads: int, reps: int, seed: int = 0, quantized: bool = False) -> 
             for i in range(len(shapes))]
 
 
+def gpu_suite_steps(path: Path) -> dict:
+    """sched_cost_data's layout from a gpu_suite.json whose step_costs stage ran."""
+    report = json.loads(path.read_text())
+    stage = report.get("stages", {}).get("step_costs", {})
+    if stage.get("status") != "ok":
+        raise SystemExit(f"{path}: the step_costs stage did not run ({stage.get('status', 'absent')}: "
+                         f"{stage.get('reason', '')})")
+    costs, environment = stage["data"], report["stages"]["environment"]["data"]
+    load = environment.get("load_average", [0.0, 0.0, 0.0])
+    return {"machine": "gpu", "device": environment["device"], "processor": environment["device"],
+            "threads": 0, "reps": costs["reps"], "model": f"{costs['model']} ({costs['dtype']}, eager, "
+            f"{costs['slots']} adapters r{costs['rank']})", "loadavg_before": load, "loadavg_after": load,
+            "seconds": costs["seconds"],
+            "steps": [{**row, "median_cpu_seconds": row["median_seconds"]} for row in costs["steps"]]}
+
+
 def _cross_validated(samples: list, folds: int = 5) -> dict[str, float]:
     from inlaid.scheduling.cost_model import fit_cost_model, fit_errors
 
@@ -163,6 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "robust to other processes) or its wall time (this machine under its current load)")
     parser.add_argument("--quantized", action="store_true",
                         help="the MLGPTQ 4-bit suite base (the server's default) instead of the fp32 model")
+    parser.add_argument("--from-gpu-suite", type=Path, default=None,
+                        help="fit the step_costs stage of this gpu_suite.json (its wall clock) instead of measuring")
     parser.add_argument("--tag", default="", help="another machine's fit: files sched_cost*_TAG.* beside the committed "
                                                   "ones (bench/sched_sim.py --tag TAG sweeps on it)")
     args = parser.parse_args(argv)
@@ -170,7 +192,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     tag = f"_{args.tag}" if args.tag else ""
     data_path = RESULTS / f"sched_cost_data{tag}.json"
-    if args.refit:
+    if args.from_gpu_suite is not None:
+        data = gpu_suite_steps(args.from_gpu_suite)
+        data_path.write_text(json.dumps(data, indent=1) + "\n")
+        args.clock = "wall"  # a GPU step's time is its wall clock (the step synchronizes)
+    elif args.refit:
         data = json.loads(data_path.read_text())
     else:
         load_before = os.getloadavg()
@@ -186,7 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
     samples = [(features_from_dict(row["features"]), row[key]) for row in data["steps"]]
     wall = [(features_from_dict(row["features"]), row["median_seconds"]) for row in data["steps"]]
     model_name = data.get("model", "SmolLM2-135M-Instruct fp32").replace("SmolLM2-135M-Instruct", "default model")
-    description = (f"ModelRunner.execute {args.clock} seconds, {model_name}, {data['threads']} threads, "
+    where = f"on {data['device']}" if "device" in data else f"{data['threads']} threads"
+    description = (f"ModelRunner.execute {args.clock} seconds, {model_name}, {where}, "
                    f"median of {data['reps']}, {len(samples)} plan shapes")
     model = fit_cost_model(samples, description)
     model.save(RESULTS / f"sched_cost_model{tag}.json")

@@ -27,9 +27,10 @@ CUDA) -> dequantize the whole weight (Triton) and use cuBLAS.
 
 Measured on an H200 (bench/results/gpu_h200.md, Llama-2-7B shapes, 4-bit g128): the tiled
 kernel's decode config ran at 10-14% of the bandwidth floor (each packed word is loaded
-once per code it holds: 8 loads of one word at 4 bits); dequantize + cuBLAS beat the tiled
-kernel from M = 32 on every shape (4096x4096 M=32: 22 us against 38 us; 11008x4096 M=64:
-65 us against 131 us), hence DENSE_MIN_M = 32.
+once per code it holds: 8 loads of one word at 4 bits); the GEMV kernel at M = 1 takes
+8.8-17.7 us where it took 20-41 us (1.05-1.55x cuBLAS fp16, 24-34% of the floor);
+dequantize + cuBLAS beat the tiled kernel from M = 32 on every shape (4096x4096 M=32:
+22 us against 38 us; 11008x4096 M=64: 65 us against 131 us), hence DENSE_MIN_M = 32.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ from torch import Tensor
 from .gptq_format import _pack_rows
 from .quant_linear import QuantLinearError, TritonLayout
 
-GEMV_MAX_M = 4  # rows through the GEMV kernel (it re-reads the weight once a row, from L2)
+# Rows through the GEMV kernel: it reads the weight once a row (from L2 after the first), so
+# it wins at 1-2 rows and loses from 4 (H200, 4-bit 4096x4096: 8.8 / 13.4 / 26.4 us at M = 1 /
+# 2 / 4 against the tiled kernel's 20.3 us; the 7B shapes alike, bench/results/gpu_h200.md).
+GEMV_MAX_M = 2
 DENSE_MIN_M = 32  # from this many rows, dequantize + cuBLAS (PreparedQuantLinear.dense_min_m on CUDA)
 
 

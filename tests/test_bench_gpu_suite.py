@@ -13,7 +13,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,3 +62,23 @@ def test_gpu_suite_dry_run(tmp_path: Path) -> None:
     assert (out / "build.log").is_file()
     assert "## Decode step" in (out / "gpu_suite.md").read_text() and "## Step costs" in (out / "gpu_suite.md").read_text()
     assert (out / "gpu_suite.png").stat().st_size > 10_000
+
+
+def test_gpu_step_costs_become_the_simulators_cost_data() -> None:
+    """The H200 run's step_costs stage (committed) read as sched_cost data: every measured
+    shape, its wall clock as the fitted clock, and the fit it gives equals the committed
+    model; a report whose stage did not run is refused by name."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from sched_cost import gpu_suite_steps
+
+    from inlaid.scheduling.cost_model import StepCostModel, features_from_dict, fit_cost_model
+
+    results = ROOT / "bench" / "results"
+    data = gpu_suite_steps(results / "gpu_h200" / "run2-gpu_suite.json")
+    assert data["device"] == "NVIDIA H200" and len(data["steps"]) == 162
+    assert all(row["median_cpu_seconds"] == row["median_seconds"] > 0 for row in data["steps"])
+    fitted = fit_cost_model([(features_from_dict(row["features"]), row["median_seconds"]) for row in data["steps"]])
+    committed = StepCostModel.load(results / "sched_cost_model_h200.json")
+    assert fitted.coefficients == pytest.approx(committed.coefficients, rel=1e-6, abs=1e-12)
+    with pytest.raises(SystemExit, match="step_costs stage did not run"):
+        gpu_suite_steps(results / "gpu_h200" / "run3-gpu_suite.json")

@@ -141,9 +141,9 @@ def test_triton_interp_gemm_matches_reference(bits: int, group_size: int, act_or
                               bias=True, seed=bits * 100 + group_size % 97 + act_order)
     prepared = prepare_quant_linear(layer.weights, "cpu", torch.float32, mode="triton")
     prepared.dense_min_m = 48
-    # M=1, 3: GEMV kernel; 16: tiled decode config (split-K atomics); 33: tiled GEMM; 48:
+    # M=1, 2: GEMV kernel; 3, 16: tiled decode config (split-K atomics); 33: tiled GEMM; 48:
     # dequant kernel + matmul
-    for m in (1, 3, 16, 33, 48):
+    for m in (1, 2, 3, 16, 33, 48):
         x = torch.randn(m, 128)
         assert relative_error(triton_poisoned(x, prepared), reference(layer, x)) < 1e-5, m
 
@@ -169,12 +169,13 @@ def test_triton_interp_tile_configs(config: dict[str, int]) -> None:
     {"gemv": 1, "block_n": 32, "block_k": 16, "split_k": 1},  # 3-bit: top bits from both halves of a word
     {"gemv": 1, "block_n": 64, "block_k": 32, "split_k": 3},
     {"gemv": 1, "block_n": 128, "block_k": 64, "split_k": 2},
-    {"gemv": 0, "block_m": 16, "block_n": 32, "block_k": 32, "split_k": 2},  # the tiled kernel at M <= 4
+    {"gemv": 0, "block_m": 16, "block_n": 32, "block_k": 32, "split_k": 2},  # the tiled kernel at GEMV sizes
 ])
 def test_triton_interp_gemv_configs(bits: int, config: dict[str, int]) -> None:
-    """The GEMV kernel (M <= GEMV_MAX_M) at several tiles, act-order, a K that its groups do
-    not tile (576 at group 64 is 9 groups; 3-bit: block_k 16 reads one 32-bit top-bit word
-    for two 16-code words), each row of M = 1..4 exact against float64."""
+    """The GEMV kernel at several tiles, act-order, a K that its groups do not tile (576 at
+    group 64 is 9 groups; 3-bit: block_k 16 reads one 32-bit top-bit word for two 16-code
+    words), every row of M = 1 and 4 (past GEMV_MAX_M: the kernel takes any M) exact
+    against float64."""
     layer = random_gptq_layer(576, 96, bits, 64, symmetric=bits == 3, act_order=True, bias=True, seed=bits + 31)
     prepared = prepare_quant_linear(layer.weights, "cpu", torch.float32, mode="triton")
     for m in (1, 4):
