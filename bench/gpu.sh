@@ -2,7 +2,8 @@
 # Inlaid's GPU suite in one command (docs/benchmarks.md).
 #
 #   OUT=/some/dir bench/gpu.sh     on a CUDA machine: build, check kernels at full size, time
-#                                  GEMM / SGMV / a Llama-2-7B-shaped decode step; < 10 minutes
+#                                  GEMM / SGMV / a Llama-2-7B-shaped decode step, measure the
+#                                  scheduler's step costs and GEMM variants; < 10 minutes
 #   bench/gpu.sh --dry-run         anywhere: the same script on the CPU (TRITON_INTERPRET=1,
 #                                  tiny shapes) -- checks the script, measures nothing
 #   bench/gpu.sh --fetch-wheels    on a machine with PyPI: wheels of what the GPU image lacks

@@ -190,15 +190,26 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def default_shrink_config(num_tokens: int, k: int) -> dict[str, int]:
-    """Decode (small T): split K so enough programs stream the adapter weights."""
+def _short_segments(num_tokens: int, num_segments: int) -> bool:
+    """Segments of 16 tokens or fewer on average (decode batches): a 64-row token block
+    would hold one segment's few rows and compute the rest as padding. On an H200 the
+    expand of 256 one-token segments took 265 us with 64-row blocks, against 46 us for 64
+    segments with 16-row blocks (bench/results/gpu_h200.md)."""
+    return num_tokens <= 16 * max(1, num_segments)
+
+
+def default_shrink_config(num_tokens: int, k: int, num_segments: int = 1) -> dict[str, int]:
+    """Decode (small T): split K so enough programs stream the adapter weights; many short
+    segments: 16-row blocks; prefill: 64-row blocks."""
     if num_tokens <= 128:
         return {"block_m": 16, "block_r": 16, "block_k": 128, "split_k": 4 if k >= 1024 else 1}
+    if _short_segments(num_tokens, num_segments):
+        return {"block_m": 16, "block_r": 16, "block_k": 128, "split_k": 1}
     return {"block_m": 64, "block_r": 16, "block_k": 64, "split_k": 1}
 
 
-def default_expand_config(num_tokens: int) -> dict[str, int]:
-    if num_tokens <= 128:
+def default_expand_config(num_tokens: int, num_segments: int = 1) -> dict[str, int]:
+    if num_tokens <= 128 or _short_segments(num_tokens, num_segments):
         return {"block_m": 16, "block_n": 64, "block_r": 16}
     return {"block_m": 64, "block_n": 64, "block_r": 16}
 
@@ -221,7 +232,7 @@ def sgmv_shrink(
     num_tokens, k = x.shape
     n_slices = len(a_pools)
     num_slots, r_max = a_pools[0].shape[0], a_pools[0].shape[1]
-    config = default_shrink_config(num_tokens, k)
+    config = default_shrink_config(num_tokens, k, segment_slots.shape[0])
     block_m = block_m or config["block_m"]
     block_r = block_r or config["block_r"]
     block_k = block_k or config["block_k"]
@@ -285,7 +296,7 @@ def sgmv_expand(
     num_tokens = y.shape[0]
     n_slices = len(b_pools)
     num_slots = b_pools[0].shape[0]
-    config = default_expand_config(num_tokens)
+    config = default_expand_config(num_tokens, segment_slots.shape[0])
     block_m = block_m or config["block_m"]
     block_n = block_n or config["block_n"]
     block_r = block_r or config["block_r"]

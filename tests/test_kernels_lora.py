@@ -312,6 +312,28 @@ def test_triton_interp_in_child_process() -> None:
 
 
 @needs_interpreter
+@pytest.mark.parametrize("requests,block_m", [
+    ([(s % 6, 1) for s in range(150)] + [(-1, 2)], 16),  # a 151-row decode batch: short segments
+    ([(2, 90), (-1, 10), (4, 60)], 64),  # prefill-sized segments past 128 tokens
+])
+def test_triton_interp_default_configs_past_128_tokens(requests: list[tuple[int, int]], block_m: int) -> None:
+    """Past 128 tokens the launchers pick 16-row token blocks for short segments (a decode
+    batch, one token a segment) and 64-row blocks for long ones; both cover every row."""
+    assert lora_triton.default_shrink_config(sum(t for _, t in requests), 64, len(requests))["block_m"] == block_m
+    assert lora_triton.default_expand_config(sum(t for _, t in requests), len(requests))["block_m"] == block_m
+    case = random_lora_case(requests, MIXED_RANKS, 64, WIDTHS, 64, seed=len(requests))
+    out = torch.full((3, case.num_tokens, 64), torch.nan)
+    lora_triton.sgmv_shrink(case.x, case.a_pools, case.segment_starts, case.segment_slots, case.slot_ranks, out)
+    assert_shrink_matches(case, out, atol=1e-5)
+    v = poisoned_v(case)
+    y = torch.randn((case.num_tokens, sum(WIDTHS)))
+    y_before = y.clone()
+    lora_triton.sgmv_expand(y, v, case.b_pools, case.slice_offsets, case.segment_starts, case.segment_slots,
+                            case.slot_ranks, case.slot_scales)
+    assert_expand_matches(case, y_before, y, v, atol=1e-5)
+
+
+@needs_interpreter
 def test_pool_tables_stay_cached_for_every_pool_set_of_a_deep_model() -> None:
     """A step reads one pool set per LoRA half of each fused projection: 8 a layer, 320 for
     a 40-layer model. Every set's pointer table must survive a whole step, so the next step
