@@ -113,7 +113,7 @@ def write_sim_markdown(report: dict, path: Path) -> None:
         f"and greedy output lengths; each of N tasks draws from one suite task), Gamma arrivals, the first 5% left out "
         f"of latency figures. Load = request rate / FIFO's saturation throughput on the same trace. "
         f"SLO: latency <= {scale} the request's isolated latency (alone on the server); TTFT SLO: first token "
-        f"within 5 s. inlaid: its defaults (" + ", ".join(f"{k} {v}" for k, v in report["inlaid_defaults"].items()
+        f"within 5 s. inlaid: its {'GPU ' if report.get('device') == 'cuda' else ''}defaults (" + ", ".join(f"{k} {v}" for k, v in report["inlaid_defaults"].items()
                                                    if not k.startswith("predictor") and k != "prefill_weight")
         + f"), prefill_weight {report['prefill_weight']:.4f} (from the cost model). Sweep wall time "
         f"{report['wall_s']:.0f} s; machine load before: {load}.", "",
@@ -137,7 +137,9 @@ def write_sim_markdown(report: dict, path: Path) -> None:
               "Without first-token-first: new requests ranked with the decodes by predicted work.", ""]
     lines += policy_table([r for r in ablations if r["load"] == 0.9], scale)
     if report.get("long_runs"):
-        lines += ["", "## One simulated hour, 1,000 tasks", "", "| policy | requests | simulated s | wall s | "
+        simulated = max(run["simulated_s"] for run in report["long_runs"])
+        title = "One simulated hour" if simulated >= 3000 else f"A long run ({simulated / 60:.0f} simulated minutes)"
+        lines += ["", f"## {title}, 1,000 tasks", "", "| policy | requests | simulated s | wall s | "
                   "mean JCT s | SLO |", "|---|---|---|---|---|---|"]
         for run in report["long_runs"]:
             lines.append(f"| {run['policy']} | {run['requests']} | {run['simulated_s']:.0f} | {run['wall_s']:.1f} | "

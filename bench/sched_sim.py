@@ -14,7 +14,9 @@ FIFO's saturation throughput (measured on the same trace, overloaded). Writes
     .venv/bin/python bench/sched_sim.py [--requests 1200] [--workers 2] [--slots 32,8] [--quick] [--tag NAME]
 
 `--tag xeon` sweeps on sched_cost_model_xeon.json (bench/sched_cost.py --tag xeon) and
-writes sched_sim*_xeon.*.
+writes sched_sim*_xeon.*. `--device cuda` runs the inlaid variants (not the oracles) from
+the defaults a server on a GPU starts with (`srtf.CUDA_DEFAULTS`), for a GPU's cost model:
+`--tag h200 --device cuda`.
 """
 
 from __future__ import annotations
@@ -80,6 +82,12 @@ def simulate_job(job: dict, variant) -> tuple[dict, float]:  # noqa: ANN001  (a 
     from inlaid.scheduling.metrics import summarize
     from inlaid.scheduling.simulator import simulate
 
+    if job.get("device", "cpu") == "cuda" and variant.policy == "inlaid" and not variant.label.startswith("oracle"):
+        from dataclasses import replace
+
+        from inlaid.scheduling.srtf import CUDA_DEFAULTS
+
+        variant = replace(variant, options={**CUDA_DEFAULTS, **variant.options})
     trace = _trace(job["tasks"], job["cv"], job["popularity"], job["requests"]).scaled(job["rate"])
     policy = make_variant(variant, _context["cost"], _context["shape"], _context["history"], trace, _context["prompts"])
     started = time.perf_counter()
@@ -126,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--slots", default=",".join(map(str, SLOT_COUNTS)),
                         help="adapter slots of the simulated server, one sweep per count (comma-separated)")
     parser.add_argument("--render", action="store_true", help="rewrite the report and plots from sched_sim.json")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the inlaid variants start from the GPU defaults (srtf.CUDA_DEFAULTS)")
     parser.add_argument("--tag", default="", help="sweep on sched_cost_model_TAG.json (bench/sched_cost.py --tag), "
                                                   "writing sched_sim*_TAG.*")
     args = parser.parse_args(argv)
@@ -148,7 +158,7 @@ def _render(suffix: str) -> dict:
 
 def _sweep(args: argparse.Namespace, slots: int, suffix: str) -> dict:
     from inlaid.scheduling.experiment import ABLATIONS, MAIN_VARIANTS, ORACLE_REFERENCES, ORACLES, prefill_weight
-    from inlaid.scheduling.srtf import InlaidOptions
+    from inlaid.scheduling.srtf import CUDA_DEFAULTS, InlaidOptions
 
     configs = [(t, cv, p) for t in TASK_COUNTS for cv in CVS for p in POPULARITIES]
     requests = args.requests
@@ -161,19 +171,21 @@ def _sweep(args: argparse.Namespace, slots: int, suffix: str) -> dict:
         # Saturation: FIFO's throughput with every request queued almost at once.
         capacity_jobs = [dict(tasks=t, cv=cv, popularity=p, requests=requests, rate=1000.0, policy="fifo", load=math.inf)
                          for t, cv, p in configs]
+        device = {"device": args.device}
         capacity = {(j["tasks"], j["cv"], j["popularity"]): j["throughput_rps"]
                     for j in _map(pool, capacity_jobs, "saturation")}
         jobs = [dict(tasks=t, cv=cv, popularity=p, requests=requests, rate=load * capacity[(t, cv, p)], load=load,
-                     policy=v.label) for t, cv, p in configs for load in LOADS for v in MAIN_VARIANTS]
+                     policy=v.label, **device) for t, cv, p in configs for load in LOADS for v in MAIN_VARIANTS]
         jobs += [dict(tasks=t, cv=cv, popularity=p, requests=requests, rate=0.9 * capacity[(t, cv, p)], load=0.9,
-                      policy=v.label) for t, cv, p in configs for v in ABLATIONS]
+                      policy=v.label, **device) for t, cv, p in configs for v in ABLATIONS]
         jobs += [dict(tasks=t, cv=cv, popularity=p, requests=requests, rate=load * capacity[(t, cv, p)], load=load,
-                      policy=v.label) for t, cv, p in configs for load in HEADLINE_LOADS for v in ORACLES + ORACLE_REFERENCES]
+                      policy=v.label, **device) for t, cv, p in configs for load in HEADLINE_LOADS
+                 for v in ORACLES + ORACLE_REFERENCES]
         runs = _map(pool, jobs, "simulate")
         long_config = (1000, 4.0, "zipf")
         long_rate = 0.8 * capacity.get(long_config, next(iter(capacity.values())))
         long_jobs = [dict(tasks=1000, cv=4.0, popularity="zipf", requests=int(args.long_run_s * long_rate),
-                          rate=long_rate, load=0.8, policy=label) for label in ("fifo", "inlaid")]
+                          rate=long_rate, load=0.8, policy=label, **device) for label in ("fifo", "inlaid")]
         long_runs = _map(pool, long_jobs, "long run") if not args.quick else []
     finally:
         if pool is not None:
@@ -184,7 +196,8 @@ def _sweep(args: argparse.Namespace, slots: int, suffix: str) -> dict:
     report = {
         "machine_loadavg_before": load_before, "machine_loadavg_after": os.getloadavg(),
         "wall_s": time.perf_counter() - started, "requests_per_run": requests, "slo_scale": SLO_SCALE,
-        "inlaid_defaults": asdict(InlaidOptions()), "prefill_weight": prefill_weight(_context["cost"], _context["shape"]),
+        "device": args.device,
+        "inlaid_defaults": asdict(InlaidOptions(**(CUDA_DEFAULTS if args.device == "cuda" else {}))), "prefill_weight": prefill_weight(_context["cost"], _context["shape"]),
         "engine_shape": asdict(_context["shape"]), "cost_model": _context["cost"].description,
         "capacity_rps": {f"{t}/{cv:g}/{p}": c for (t, cv, p), c in capacity.items()},
         "runs": runs, "long_runs": long_runs, "ablations": [v.label for v in ABLATIONS],

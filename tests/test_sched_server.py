@@ -66,3 +66,24 @@ def test_inlaid_policy_serves_a_replayed_trace_learns_and_saves_its_state(tmp_pa
     assert logged and all(s["compute_s"] > 0 for s in logged)
     assert max(len({c[2] for c in s["chunks"] if c[2] is not None}) for s in logged) == 1  # β = 1 held
     assert sum(sum(1 for c in s["chunks"] if c[3]) for s in logged) == sum(len(r.token_times) for r in records)
+
+
+def test_a_cuda_server_starts_the_inlaid_policy_from_the_gpu_defaults(tmp_path):
+    """On a CUDA device the inlaid policy starts with no adapter or row bound per step and
+    first tokens at once (a GPU step costs about the same whatever it holds); options set
+    in [scheduler] stay; a CPU server and the other policies keep their own defaults."""
+    from inlaid.scheduling.srtf import InlaidOptions
+
+    def started(device: str, policy: str = "inlaid", scheduler: dict | None = None) -> dict:
+        config = config_from_dict({"server": {"policy": policy}, "executor": {"device": device},
+                                   "scheduler": scheduler or {}}, base_dir=tmp_path)
+        return config.policy_options()
+
+    gpu = load_policy("inlaid", started("cuda")).options
+    assert (gpu.max_adapters_per_step, gpu.batch_rows_target, gpu.first_token_after_s) == (0, 0, 0.0)
+    assert load_policy("inlaid", started("cuda:1")).options.max_adapters_per_step == 0
+    explicit = load_policy("inlaid", started("cuda", scheduler={"max_adapters_per_step": 4})).options
+    assert explicit.max_adapters_per_step == 4 and explicit.batch_rows_target == 0
+    cpu = load_policy("inlaid", started("cpu")).options
+    assert cpu == InlaidOptions()
+    assert started("cuda", policy="mlfq", scheduler={"levels": 3}) == {"levels": 3}

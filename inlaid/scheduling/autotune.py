@@ -31,6 +31,7 @@ from typing import Any
 
 from inlaid.scheduling.cost_model import StepCostModel
 from inlaid.scheduling.simulator import EngineShape
+from inlaid.scheduling.srtf import CUDA_DEFAULTS
 
 # A candidate's option with this value is the cost model's own figure (`resolved_options`).
 RESOURCE_COST = "resource cost"
@@ -47,6 +48,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "beta 16, row target 32, first tokens after 30 s": {"max_adapters_per_step": 16, "batch_rows_target": 32,
                                                         "first_token_after_s": 30.0},
     "prompt tokens at their resource cost": {"prefill_weight": RESOURCE_COST},
+    "no adapter bound, no row target, first tokens at once": dict(CUDA_DEFAULTS),  # a GPU's flat step cost
 }
 SLO = "10x"  # latency within 10x the request's isolated latency
 WORKLOADS = ((1.0, "uniform"), (1.0, "zipf"), (4.0, "uniform"), (4.0, "zipf"))  # (arrival CV, popularity)

@@ -48,7 +48,7 @@ ABLATIONS = [
     PolicyVariant("inlaid -prediction (task mean)", "inlaid", length_model="task-mean"),
     PolicyVariant("inlaid -grouping (beta=inf)", "inlaid",
                   {"max_adapters_per_step": 0, "group_by_adapter": False, "batch_rows_target": 0}),
-    PolicyVariant("inlaid -adaptive beta (fixed 8)", "inlaid", {"batch_rows_target": 0}),
+    PolicyVariant("inlaid -adaptive beta (fixed 8)", "inlaid", {"max_adapters_per_step": 8, "batch_rows_target": 0}),
     PolicyVariant("inlaid -aging", "inlaid", {"max_wait_s": 1e9}),
     PolicyVariant("inlaid -first-token-first", "inlaid", {"first_token_first": False}),
 ]

@@ -35,13 +35,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _policies(config, options: dict | None = None):  # type: ignore[no-untyped-def]
     """A policy for each executor's engine, with `options` (default: the configured
-    [scheduler] options). The first is made at once (a bad policy fails the start with its
+    [scheduler] options, `ServerConfig.policy_options`). The first is made at once (a bad policy fails the start with its
     reason); the others share its length model, so that predictions learn from every
     executor's finished requests and one state file is saved."""
     from inlaid.scheduling.registry import POLICY_NAMES, make_policy
     from inlaid.serve.config import load_policy
 
-    options = config.scheduler if options is None else options
+    options = config.policy_options() if options is None else options
     made = [load_policy(config.policy, options)]
     shared = getattr(made[0], "length_model", None)
 
@@ -71,7 +71,7 @@ def _autotuned_options(config) -> dict:  # type: ignore[no-untyped-def]
     except Exception as error:  # noqa: BLE001  (tuning is an optimisation: the server starts without it)
         logging.getLogger("inlaid.coordinator").error("scheduler tuning failed; starting with the configured options",
                                                       extra={"error": f"{type(error).__name__}: {error}"})
-        return dict(config.scheduler)
+        return config.policy_options()
 
 
 def tuned_options_for(config, num_tasks: int, progress=None) -> dict:  # type: ignore[no-untyped-def]

@@ -165,6 +165,15 @@ class ServerConfig:
     state_dir: str | None = None
     requantizer: RequantizerSettings = field(default_factory=RequantizerSettings)
 
+    def policy_options(self) -> dict[str, Any]:
+        """The options the policy starts with: [scheduler], over the inlaid policy's GPU
+        defaults (srtf.CUDA_DEFAULTS) on a CUDA device."""
+        if self.policy == "inlaid" and self.engine.device.startswith("cuda"):
+            from inlaid.scheduling.srtf import CUDA_DEFAULTS
+
+            return {**CUDA_DEFAULTS, **self.scheduler}
+        return dict(self.scheduler)
+
     def validate(self) -> None:
         self.engine.validate()
         self.executors.validate()
