@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
     tag = f"_{args.tag}" if args.tag else ""
     data_path = RESULTS / f"sched_cost_data{tag}.json"
     if args.from_gpu_suite is not None:
+        if not args.tag:
+            parser.error("--from-gpu-suite needs --tag (the committed fit is this machine's)")
         data = gpu_suite_steps(args.from_gpu_suite)
         data_path.write_text(json.dumps(data, indent=1) + "\n")
         args.clock = "wall"  # a GPU step's time is its wall clock (the step synchronizes)

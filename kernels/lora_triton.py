@@ -38,6 +38,7 @@ _TABLES: dict[tuple, tuple[Tensor, Tensor]] = {}
 # 32-layer model), and every step reads them all. Building a table is a host-to-device copy,
 # which a CUDA graph capture refuses and an eager step pays per projection: the cache must
 # hold every pool set of the model; the bound only stops pools re-allocated without end.
+# (Captured graphs keep references to the tables they read: clearing never frees those.)
 _MAX_TABLES = 1 << 14
 
 
@@ -257,12 +258,7 @@ def sgmv_shrink(
     return out
 
 
-_SLICE_TABLES: dict[tuple, tuple[Tensor, Tensor]] = {}
-# A model holds one pool set per LoRA half of each fused projection (8 a layer: 256 for a
-# 32-layer model), and every step reads them all. Building a table is a host-to-device copy,
-# which a CUDA graph capture refuses and an eager step pays per projection: the cache must
-# hold every pool set of the model; the bound only stops pools re-allocated without end.
-_MAX_TABLES = 1 << 14
+_SLICE_TABLES: dict[tuple, tuple[Tensor, Tensor]] = {}  # one entry per fused projection shape: a handful
 
 
 def _slice_tables(widths: tuple[int, ...], offsets: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:

@@ -314,6 +314,9 @@ def triton_quant_matmul(
         x_sorted = x if input_perm is None else x.index_select(1, input_perm)
         return torch.matmul(x_sorted, weight, out=out)
     config = default_gemm_config(m, n, k, layout.group_size, x.device)
+    wants_tiled = config_override.get("gemv", 0 if "block_m" in config_override else None) == 0
+    if config.get("gemv") and wants_tiled:  # a tiled-kernel override at GEMV sizes: start from its decode config
+        config = default_gemm_config(GEMV_MAX_M + 1, n, k, layout.group_size, x.device)
     config.update(config_override)
     gemv = bool(config.get("gemv", 0))
     block_m, block_n, block_k, split_k = (config.get(key, 1) for key in ("block_m", "block_n", "block_k", "split_k"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -64,11 +63,11 @@ def test_gpu_suite_dry_run(tmp_path: Path) -> None:
     assert (out / "gpu_suite.png").stat().st_size > 10_000
 
 
-def test_gpu_step_costs_become_the_simulators_cost_data() -> None:
+def test_gpu_step_costs_become_the_simulators_cost_data(monkeypatch: pytest.MonkeyPatch) -> None:
     """The H200 run's step_costs stage (committed) read as sched_cost data: every measured
     shape, its wall clock as the fitted clock, and the fit it gives equals the committed
     model; a report whose stage did not run is refused by name."""
-    sys.path.insert(0, str(ROOT / "bench"))
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
     from sched_cost import gpu_suite_steps
 
     from inlaid.scheduling.cost_model import StepCostModel, features_from_dict, fit_cost_model

@@ -168,15 +168,15 @@ def test_triton_interp_tile_configs(config: dict[str, int]) -> None:
 @pytest.mark.parametrize("config", [
     {"gemv": 1, "block_n": 32, "block_k": 16, "split_k": 1},  # 3-bit: top bits from both halves of a word
     {"gemv": 1, "block_n": 64, "block_k": 32, "split_k": 3},
-    {"gemv": 1, "block_n": 128, "block_k": 64, "split_k": 2},
+    {"gemv": 1, "block_n": 128, "block_k": 128, "split_k": 2},  # 576 = 4.5 tiles of 128: a masked tail
     {"gemv": 0, "block_m": 16, "block_n": 32, "block_k": 32, "split_k": 2},  # the tiled kernel at GEMV sizes
 ])
 def test_triton_interp_gemv_configs(bits: int, config: dict[str, int]) -> None:
-    """The GEMV kernel at several tiles, act-order, a K that its groups do not tile (576 at
-    group 64 is 9 groups; 3-bit: block_k 16 reads one 32-bit top-bit word for two 16-code
-    words), every row of M = 1 and 4 (past GEMV_MAX_M: the kernel takes any M) exact
-    against float64."""
-    layer = random_gptq_layer(576, 96, bits, 64, symmetric=bits == 3, act_order=True, bias=True, seed=bits + 31)
+    """Three GEMV tiles and the tiled kernel, act-order, a K that its groups do not tile (576
+    at group 128 is 4.5 groups: the last tile is masked at block_k 128; 3-bit at block_k 16
+    reads one 32-bit top-bit word for two 16-code words), every row of M = 1 and 4 (past
+    GEMV_MAX_M: the kernel takes any M) exact against float64."""
+    layer = random_gptq_layer(576, 96, bits, 128, symmetric=bits == 3, act_order=True, bias=True, seed=bits + 31)
     prepared = prepare_quant_linear(layer.weights, "cpu", torch.float32, mode="triton")
     for m in (1, 4):
         x = torch.randn(m, 576)
@@ -184,10 +184,33 @@ def test_triton_interp_gemv_configs(bits: int, config: dict[str, int]) -> None:
 
 
 @needs_interpreter
-def test_decode_rows_take_the_gemv_kernel() -> None:
-    device = torch.device("cpu")
-    assert quant_triton.default_gemm_config(quant_triton.GEMV_MAX_M, 4096, 4096, 128, device)["gemv"] == 1
-    assert "gemv" not in quant_triton.default_gemm_config(quant_triton.GEMV_MAX_M + 1, 4096, 4096, 128, device)
+def test_decode_rows_take_the_gemv_kernel_unless_a_tile_is_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to GEMV_MAX_M rows the GEMV kernel runs; an override naming a tiled-kernel tile
+    (block_m) or gemv=0 runs the tiled kernel with a full tile config (BLOCK_M 16 at least)."""
+    launched: list[tuple[str, int | None]] = []
+
+    class Spy:
+        def __init__(self, name: str, kernel) -> None:  # noqa: ANN001
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):  # noqa: ANN001, ANN204
+            def launch(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                launched.append((self.name, kwargs.get("BLOCK_M")))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(quant_triton, "_quant_gemv_kernel", Spy("gemv", quant_triton._quant_gemv_kernel))
+    monkeypatch.setattr(quant_triton, "_quant_gemm_kernel", Spy("tiled", quant_triton._quant_gemm_kernel))
+    layer = random_gptq_layer(128, 64, 4, 32, seed=14)
+    prepared = prepare_quant_linear(layer.weights, "cpu", torch.float32, mode="triton")
+    for m, override, expected in ((quant_triton.GEMV_MAX_M, {}, ("gemv", None)),
+                                  (quant_triton.GEMV_MAX_M + 1, {}, ("tiled", 16)),
+                                  (1, {"block_m": 16, "block_n": 32}, ("tiled", 16)),
+                                  (1, {"gemv": 0}, ("tiled", 16))):
+        launched.clear()
+        x = torch.randn(m, 128)
+        assert relative_error(triton_poisoned(x, prepared, **override), reference(layer, x)) < 1e-5
+        assert launched == [expected], (m, override)
 
 
 @needs_interpreter
@@ -370,8 +393,8 @@ def test_triton_interp_groups_not_tiling_k(in_features: int, group_size: int, bi
                               bias=True, seed=3 * in_features + bits + group_size % 83)
     prepared = prepare_quant_linear(layer.weights, "cpu", torch.float32, mode="triton")
     prepared.dense_min_m = 24
-    # M = 1: decode config (split-K); 17: tiled GEMM (at K = 576: the interpreter is slow);
-    # 24: dequant kernel + matmul
+    # M = 1: the GEMV kernel; 17: tiled GEMM (at K = 576: the interpreter is slow); 24:
+    # dequant kernel + matmul
     for m in (1, 17, 24) if in_features == 576 else (1, 24):
         x = torch.randn(m, in_features)
         assert relative_error(triton_poisoned(x, prepared), reference(layer, x)) < 1e-5, m
@@ -381,11 +404,11 @@ def test_triton_interp_groups_not_tiling_k(in_features: int, group_size: int, bi
 @pytest.mark.parametrize("bits", [4, 8])
 def test_triton_interp_masks_a_k_tail(bits: int) -> None:
     """K = 600 with group 128: no K tile dividing the group divides K, the last tile is masked
-    (in the GEMM and in the dequantization kernel, each into a poisoned buffer)."""
+    (in the GEMV, the GEMM and the dequantization kernel, each into a poisoned buffer)."""
     layer = random_gptq_layer(600, 32, bits, 128, act_order=True, seed=bits)
     prepared = prepare_quant_linear(layer.weights, "cpu", torch.float32, mode="triton")
     assert prepared.layout.in_features == 600
-    for m, dense_min_m in ((3, 10**9), (3, 1)):
+    for m, dense_min_m in ((1, 10**9), (3, 10**9), (3, 1)):
         prepared.dense_min_m = dense_min_m
         x = torch.randn(m, 600)
         assert relative_error(triton_poisoned(x, prepared), reference(layer, x)) < 1e-5

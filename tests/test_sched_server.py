@@ -74,13 +74,20 @@ def test_a_cuda_server_starts_the_inlaid_policy_from_the_gpu_defaults(tmp_path):
     in [scheduler] stay; a CPU server and the other policies keep their own defaults."""
     from inlaid.scheduling.srtf import InlaidOptions
 
+    from inlaid.serve.cli import _policies
+
     def started(device: str, policy: str = "inlaid", scheduler: dict | None = None) -> dict:
         config = config_from_dict({"server": {"policy": policy}, "executor": {"device": device},
                                    "scheduler": scheduler or {}}, base_dir=tmp_path)
         return config.policy_options()
 
-    gpu = load_policy("inlaid", started("cuda")).options
-    assert (gpu.max_adapters_per_step, gpu.batch_rows_target, gpu.first_token_after_s) == (0, 0, 0.0)
+    gpu_config = config_from_dict({"server": {"policy": "inlaid"}, "executor": {"device": "cuda"}}, base_dir=tmp_path)
+    gpu = _policies(gpu_config)().options  # the policy a server's executors start with
+    assert (gpu.max_adapters_per_step, gpu.batch_rows_target, gpu.first_token_after_s, gpu.prefill_weight) == (
+        0, 0, 0.0, 0.0)
+    pool = config_from_dict({"server": {"policy": "inlaid"},
+                             "executors": {"count": 2, "devices": ["cuda:0", "cuda:1"]}}, base_dir=tmp_path)
+    assert _policies(pool)().options.max_adapters_per_step == 0  # [executor] device left at "cpu"
     assert load_policy("inlaid", started("cuda:1")).options.max_adapters_per_step == 0
     explicit = load_policy("inlaid", started("cuda", scheduler={"max_adapters_per_step": 4})).options
     assert explicit.max_adapters_per_step == 4 and explicit.batch_rows_target == 0

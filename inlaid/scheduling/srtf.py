@@ -98,7 +98,11 @@ class InlaidOptions:
 # JCT, these 0.94x with every p99 first token within FIFO's (bench/results/sched_tune_h200.md).
 # A server on a CUDA device starts with them (ServerConfig.policy_options); [scheduler]
 # options set explicitly stay.
-CUDA_DEFAULTS: dict[str, Any] = {"max_adapters_per_step": 0, "batch_rows_target": 0, "first_token_after_s": 0.0}
+# prefill_weight 0: that cost model prices a prompt token at nothing, and the figures were
+# simulated with it.
+CUDA_DEFAULTS: dict[str, Any] = {"max_adapters_per_step": 0, "batch_rows_target": 0, "first_token_after_s": 0.0,
+                                 "prefill_weight": 0.0}
+
 
 class InlaidPolicy(SchedulingPolicy):
     name = "inlaid"

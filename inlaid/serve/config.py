@@ -167,8 +167,10 @@ class ServerConfig:
 
     def policy_options(self) -> dict[str, Any]:
         """The options the policy starts with: [scheduler], over the inlaid policy's GPU
-        defaults (srtf.CUDA_DEFAULTS) on a CUDA device."""
-        if self.policy == "inlaid" and self.engine.device.startswith("cuda"):
+        defaults (srtf.CUDA_DEFAULTS) where the executors run on CUDA devices
+        ([executor] device, or [executors] devices)."""
+        devices = self.executors.devices or [self.engine.device]
+        if self.policy == "inlaid" and any(device.startswith("cuda") for device in devices):
             from inlaid.scheduling.srtf import CUDA_DEFAULTS
 
             return {**CUDA_DEFAULTS, **self.scheduler}
