@@ -17,7 +17,7 @@ import torch
 from inlaid.engine import Engine, EngineConfig
 from inlaid.engine.cuda_graphs import GraphShape, capture_batch_sizes, graph_shapes, key_block_buckets
 from inlaid.kernels import attention_native
-from inlaid.protocol import ChunkPlan, SamplingParams
+from inlaid.protocol import BatchPlan, ChunkPlan, SamplingParams
 
 @pytest.fixture(autouse=True)
 def _sdpa_attention(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,3 +149,35 @@ def test_adapter_load_keeps_graphs_layer_swap_drops_them(graph_runner, adapter_d
     eager, graphed = _eager_and_graphed(graph_runner, chunks)
     assert (eager - graphed).abs().max().item() < 1e-4
     assert set(graphs.graphs) == {GraphShape(2, 16)}
+
+
+def test_a_failed_capture_leaves_the_executor_serving_eagerly(model_dir, monkeypatch, caplog) -> None:
+    """On CUDA a capture that raises (the first H200 run had one) is logged and the executor
+    serves without graphs instead of failing to start; its steps still compute."""
+    import logging
+
+    from inlaid.engine.cuda_graphs import DecodeGraphs
+    from inlaid.engine.runner import ModelRunner
+    from inlaid.serve.executor import capture_graphs
+
+    runner = ModelRunner(EngineConfig(model_dir=str(model_dir), cuda_graphs=True, **SETTINGS))
+    assert capture_graphs(runner) == []  # a CPU runner: nothing to capture, graphs kept
+    assert runner.decode_graphs is not None
+
+    def refuse(self, shapes=None):  # noqa: ANN001, ANN202
+        raise RuntimeError("Cannot copy between CPU and CUDA tensors during CUDA graph capture")
+
+    monkeypatch.setattr(DecodeGraphs, "capture", refuse)
+    monkeypatch.setattr(runner, "device", torch.device("cuda"))  # what the executor checks
+    with caplog.at_level(logging.ERROR, logger="inlaid.executor"):
+        assert capture_graphs(runner) == []
+    assert runner.decode_graphs is None
+    assert any("CUDA graph capture failed" in record.getMessage() for record in caplog.records)
+    monkeypatch.undo()
+    prefill = ChunkPlan(seq_id=0, token_ids=[1, 2, 3], start_pos=0, block_table=[0], adapter_slot=-1, sample=True,
+                        sampling=SamplingParams(), num_generated=0)
+    decode = ChunkPlan(seq_id=0, token_ids=[4], start_pos=3, block_table=[0], adapter_slot=-1, sample=True,
+                       sampling=SamplingParams(), num_generated=1)
+    for step_id, chunk in enumerate((prefill, decode)):
+        result = runner.execute(BatchPlan(step_id=step_id, chunks=[chunk]))
+        assert [token.seq_id for token in result.sampled] == [0]

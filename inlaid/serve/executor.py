@@ -122,6 +122,22 @@ def apply_swap(runner: ModelRunner, swap: LayerSwap) -> LayerSwapResult:
     return LayerSwapResult(layer=swap.layer, version=swap.version, ok=True, seconds=seconds)
 
 
+def capture_graphs(runner: object) -> list[int]:
+    """The decode graphs' batch sizes, captured now on CUDA (`[executor] cuda_graphs`). A
+    failed capture is logged and the executor serves without graphs: they only save launch
+    time (the first H200 run found one failing on a 32-layer model, bench/results/gpu_h200.md)."""
+    capture = getattr(runner, "capture_cuda_graphs", None)
+    if getattr(runner, "device", None) is None or runner.device.type != "cuda" or not callable(capture):
+        return []
+    try:
+        return list(capture() or [])
+    except Exception as error:  # noqa: BLE001  (any capture failure: eager steps still compute right)
+        log.error("CUDA graph capture failed; serving without graphs",
+                  extra={"error": f"{type(error).__name__}: {error}"})
+        runner.decode_graphs = None  # type: ignore[attr-defined]
+        return []
+
+
 def serve(address: str, generation: int, config: EngineConfig, parent_pid: int) -> int:
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
@@ -135,10 +151,7 @@ def serve(address: str, generation: int, config: EngineConfig, parent_pid: int) 
     from inlaid.engine.runner import ModelRunner  # torch: only here
 
     runner = ModelRunner(config)
-    graph_sizes: list[int] = []
-    capture = getattr(runner, "capture_cuda_graphs", None)
-    if runner.device.type == "cuda" and callable(capture):
-        graph_sizes = list(capture() or [])
+    graph_sizes = capture_graphs(runner)
     hello = ExecutorHello(
         protocol_version=PROTOCOL_VERSION,
         generation=generation,
