@@ -181,3 +181,39 @@ def test_a_failed_capture_leaves_the_executor_serving_eagerly(model_dir, monkeyp
     for step_id, chunk in enumerate((prefill, decode)):
         result = runner.execute(BatchPlan(step_id=step_id, chunks=[chunk]))
         assert [token.seq_id for token in result.sampled] == [0]
+
+
+def test_a_shape_whose_capture_fails_runs_eagerly(model_dir, monkeypatch) -> None:
+    """A graph captured on first use (after an invalidation, say) that fails to capture: the
+    step runs eagerly with the same tokens as a runner without graphs, the shape is dropped
+    (not tried again), the fallback is counted."""
+    from inlaid.engine.runner import ModelRunner
+
+    runners = {graphs: ModelRunner(EngineConfig(model_dir=str(model_dir), cuda_graphs=graphs, **SETTINGS))
+               for graphs in (False, True)}
+    graphs = runners[True].decode_graphs
+    attempts = []
+
+    def refuse(step):  # noqa: ANN001, ANN202
+        attempts.append(step)
+        raise RuntimeError("capture refused")
+
+    monkeypatch.setattr(graphs.backend, "capture", refuse)
+    shapes_before = list(graphs.shapes)
+    sampled = {}
+    for name, runner in runners.items():
+        prefill = [ChunkPlan(seq_id=i, token_ids=[5 + i, 9, 11], start_pos=0, block_table=[i], adapter_slot=-1,
+                             sample=True, sampling=SamplingParams(), num_generated=0) for i in range(2)]
+        first = runner.execute(BatchPlan(step_id=0, chunks=prefill))
+        tokens = [[t.token_id for t in first.sampled]]
+        for step in (1, 2):
+            decode = [ChunkPlan(seq_id=i, token_ids=[tokens[-1][i]], start_pos=2 + step, block_table=[i],
+                                adapter_slot=-1, sample=True, sampling=SamplingParams(), num_generated=step)
+                      for i in range(2)]
+            tokens.append([t.token_id for t in runner.execute(BatchPlan(step_id=step, chunks=decode)).sampled])
+        sampled[name] = tokens
+    assert sampled[True] == sampled[False]
+    # Each decode step picked the smallest 2-row shape left, whose capture failed once and
+    # which was then dropped: two steps, two shapes, each tried once.
+    assert graphs.stats.fallbacks["capture_failed"] == len(attempts) == 2
+    assert len(graphs.shapes) == len(shapes_before) - 2 and not graphs.graphs

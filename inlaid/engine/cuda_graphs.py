@@ -39,6 +39,7 @@ so tests can check it on any machine. It is slower than no graphs at all on the 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol
@@ -52,6 +53,8 @@ from inlaid.kernels.lora_meta import build_lora_segments
 
 if TYPE_CHECKING:
     from inlaid.protocol import ChunkPlan
+
+log = logging.getLogger("inlaid.engine")
 
 SMALLEST_KEY_BUCKET_TOKENS = 256
 
@@ -276,7 +279,16 @@ class DecodeGraphs:
         shape = self.shape_for(chunks)
         if shape is None:
             return None
-        replay = self.graphs.get(shape) or self._capture(shape)
+        replay = self.graphs.get(shape)
+        if replay is None:
+            try:
+                replay = self._capture(shape)
+            except Exception as error:  # noqa: BLE001  (graphs only save launch time: this step runs eagerly)
+                self.shapes.remove(shape)  # and the shape is not tried again
+                self.stats.fallbacks["capture_failed"] += 1
+                log.error("CUDA graph capture failed; its steps run eagerly",
+                          extra={"shape": dataclasses.astuple(shape), "error": f"{type(error).__name__}: {error}"})
+                return None
         self._fill(shape, chunks)
         hidden = replay()
         self.stats.replays += 1
