@@ -14,7 +14,7 @@ a random rank-16 adapter.
 The returned rows have sched_cost_data.json's layout, so on the CPU machine
 
     .venv/bin/python bench/sched_cost.py --from-gpu-suite OUT/gpu_suite.json --tag h200
-    .venv/bin/python bench/sched_sim.py --tag h200
+    .venv/bin/python bench/sched_sim.py --tag h200 --device cuda
 
 fit and sweep the schedulers on the device's costs.
 """

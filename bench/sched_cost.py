@@ -21,7 +21,7 @@ the committed sweep uses (docs/scheduling.md compares them).
 
 `--from-gpu-suite OUT/gpu_suite.json --tag h200` fits the steps the GPU suite's step_costs
 stage measured on a GPU (the same plan shapes through the engine, bench/gpu_step_costs.py)
-on their wall clock; `bench/sched_sim.py --tag h200` then sweeps the schedulers on them.
+on their wall clock; `bench/sched_sim.py --tag h200 --device cuda` then sweeps the schedulers on them.
 """
 
 from __future__ import annotations
