@@ -216,6 +216,23 @@ def test_serve_cli_rejects_a_bad_config_with_exit_code_2(tmp_path):
     assert "not a loopback address" in done.stderr
 
 
+def test_serve_cli_names_a_missing_quantized_dir_or_cuda_device_before_starting(tmp_path):
+    """Configs every executor start would fail on (three tracebacks, then "exit code 1"):
+    refused at once with the reason, exit code 2."""
+    import torch
+
+    cases = [('[model]\nquantized_dir = "nowhere"\n', "is not a directory"),
+             ('[executor]\ndevice = "cuda:7"\n' if torch.cuda.is_available() else '[executor]\ndevice = "cuda"\n',
+              "CUDA device"),
+             ('[executors]\ncount = 2\ndevices = ["cpu", "cuda:9"]\n', "'cuda:9': this machine has")]
+    for text, message in cases:
+        path = _write(tmp_path, '[server]\naddress = "tcp://127.0.0.1:5597"\n' + text)
+        done = subprocess.run([sys.executable, "-m", "inlaid.cli", "serve", "--config", str(path)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, (text, done.stderr[-2000:])
+        assert message in done.stderr and "Traceback" not in done.stderr, (text, done.stderr[-2000:])
+
+
 def test_scheduling_policy_is_pluggable_by_name():
     from inlaid.engine.scheduler import FifoPolicy
 

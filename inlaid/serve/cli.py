@@ -92,6 +92,32 @@ def tuned_options_for(config, num_tasks: int, progress=None) -> dict:  # type: i
     return options
 
 
+def unavailable_cuda_device(config) -> str | None:  # type: ignore[no-untyped-def]
+    """Why a configured CUDA device ([executor] device, [executors] devices) cannot be used on
+    this machine, or None. torch answers in a child process: the coordinator stays torch-free."""
+    import subprocess
+
+    devices = config.executors.devices or [config.engine.device]
+    wanted = [device for device in devices if device.startswith("cuda")]
+    if not wanted:
+        return None
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count(), torch.__version__)"],
+                           capture_output=True, text=True, timeout=300)
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"cannot ask torch which CUDA devices this machine has: {last}"
+    count_text, version = probe.stdout.split()
+    count = int(count_text)
+    for device in wanted:
+        index = device.partition(":")[2] or "0"
+        if not index.isdigit():
+            return f"device {device!r} is not a CUDA device name (cuda or cuda:N)"
+        if int(index) >= count:
+            return (f"device {device!r}: this machine has {count} CUDA device{'' if count == 1 else 's'} "
+                    f"(torch {version})")
+    return None
+
+
 def serve(config) -> int:  # type: ignore[no-untyped-def]
     """Run a server until SIGTERM/SIGINT; returns the process exit code."""
     import logging
@@ -108,6 +134,10 @@ def serve(config) -> int:  # type: ignore[no-untyped-def]
         quantized = config.engine.quantized_dir
         if quantized is not None and not Path(quantized).is_dir():  # else every executor start fails on it
             log.critical("cannot start", extra={"error": f"model.quantized_dir {quantized} is not a directory"})
+            return 2
+        missing = unavailable_cuda_device(config)  # likewise: three executor tracebacks, then "exit code 1"
+        if missing is not None:
+            log.critical("cannot start", extra={"error": missing})
             return 2
         try:
             coordinator = Coordinator(config, policy_factory=_policies(config), tune_policies=tune,
