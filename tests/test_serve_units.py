@@ -231,6 +231,11 @@ def test_serve_cli_names_a_missing_quantized_dir_or_cuda_device_before_starting(
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 2, (text, done.stderr[-2000:])
         assert message in done.stderr and "Traceback" not in done.stderr, (text, done.stderr[-2000:])
+    # The in-process engine too (the runner checks its device before loading anything).
+    done = subprocess.run([sys.executable, "-m", "inlaid.cli", "generate", "--device", "cuda:99", "--prompt", "hi"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "'cuda:99': this machine has" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
 
 
 def test_scheduling_policy_is_pluggable_by_name():

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from inlaid.engine.adapter_config import AdapterSpec, read_adapter_spec
-from inlaid.engine.config import EngineConfig, ModelConfig
+from inlaid.engine.config import EngineConfig, ModelConfig, ModelLoadError
 from inlaid.engine.cuda_graphs import DecodeGraphs
 from inlaid.engine.lora import LoraBatch, LoraLinear, install_adapter, load_adapter_tensors
 from inlaid.engine.model import AttentionGroup, ForwardBatch, LlamaModel
@@ -70,6 +70,9 @@ class ModelRunner:
             torch.set_num_threads(config.threads)
         self.config = config
         self.device = torch.device(config.device)
+        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {config.device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                                 f"device(s) (torch {torch.__version__})")
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.weight_dtype = self.dtype if config.weight_dtype == "auto" else resolve_dtype(config.weight_dtype, self.device)
         self.model_config = ModelConfig.from_dir(config.model_dir)
