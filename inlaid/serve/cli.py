@@ -97,8 +97,7 @@ def unavailable_cuda_device(config) -> str | None:  # type: ignore[no-untyped-de
     this machine, or None. torch answers in a child process: the coordinator stays torch-free."""
     import subprocess
 
-    devices = config.executors.devices or [config.engine.device]
-    wanted = [device for device in devices if device.startswith("cuda")]
+    wanted = [device for device in config.executor_devices() if device.startswith("cuda")]
     if not wanted:
         return None
     probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count(), torch.__version__)"],

@@ -165,12 +165,14 @@ class ServerConfig:
     state_dir: str | None = None
     requantizer: RequantizerSettings = field(default_factory=RequantizerSettings)
 
+    def executor_devices(self) -> list[str]:
+        """One device per executor: [executors] devices, else [executor] device for each."""
+        return self.executors.devices or [self.engine.device] * self.executors.count
+
     def policy_options(self) -> dict[str, Any]:
         """The options the policy starts with: [scheduler], over the inlaid policy's GPU
-        defaults (srtf.CUDA_DEFAULTS) where the executors run on CUDA devices
-        ([executor] device, or [executors] devices)."""
-        devices = self.executors.devices or [self.engine.device]
-        if self.policy == "inlaid" and any(device.startswith("cuda") for device in devices):
+        defaults (srtf.CUDA_DEFAULTS) where the executors run on CUDA devices."""
+        if self.policy == "inlaid" and any(device.startswith("cuda") for device in self.executor_devices()):
             from inlaid.scheduling.srtf import CUDA_DEFAULTS
 
             return {**CUDA_DEFAULTS, **self.scheduler}

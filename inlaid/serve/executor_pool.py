@@ -69,12 +69,11 @@ class ExecutorShard:
 class ExecutorPool:
     def __init__(self, config: ServerConfig, policy_factory: Callable[[], SchedulingPolicy | None]) -> None:
         settings = config.executors
-        devices = settings.devices or [config.engine.device] * settings.count
         seq_ids = itertools.count()  # shared: a moved request keeps its sequence id
         self.shards = [
             ExecutorShard(index, Engine(dataclasses.replace(config.engine, device=device), runner=None,
                                         policy=policy_factory(), seq_ids=seq_ids))
-            for index, device in enumerate(devices)
+            for index, device in enumerate(config.executor_devices())
         ]  # fmt: skip
         self.rule = settings.placement
         self.overdue_s = settings.overdue_s
