@@ -9,24 +9,26 @@ import json
 from pathlib import Path
 
 
+def _report_on_terms(path: Path, terms: dict, option: str) -> dict:
+    """The report at `path`; refuses (naming `option`) one measured on other terms."""
+    report = json.loads(path.read_text())
+    differing = {k: (report.get(k), v) for k, v in terms.items() if report.get(k) != v}
+    if differing:
+        raise SystemExit(f"{option}: {path} was measured with other settings (theirs, ours): {differing}")
+    return report
+
+
 def previous_report(out: Path, merge: bool, terms: dict) -> dict | None:
     """The report at --out when --merge asks to extend it; refuses one measured on other terms."""
     if not merge or not out.is_file():
         return None
-    previous = json.loads(out.read_text())
-    differing = {k: (previous.get(k), v) for k, v in terms.items() if previous.get(k) != v}
-    if differing:
-        raise SystemExit(f"--merge: {out} was measured with other settings (theirs, ours): {differing}")
-    return previous
+    return _report_on_terms(out, terms, "--merge")
 
 
 def merge_from(report: dict, others: list[Path], terms: dict) -> None:
     """Copy into `report` every method result of `others` it does not hold yet."""
     for path in others:
-        other = json.loads(path.read_text())
-        differing = {k: (other.get(k), v) for k, v in terms.items() if other.get(k) != v}
-        if differing:
-            raise SystemExit(f"--merge-from: {path} was measured with other settings (theirs, ours): {differing}")
+        other = _report_on_terms(path, terms, "--merge-from")
         report["methods"] += [m for m in other["methods"] if m not in report["methods"]]
         report.setdefault("variants", {}).update(other.get("variants", {}))
         for label, block in other["configs"].items():
@@ -45,12 +47,8 @@ def missing(block: dict, method: str, tasks: list[str], args: argparse.Namespace
     lacking = []
     for item in wanted:
         held = block[keys[item]].get(method, {})
-        if item == "errors" and method == "per-task":
-            complete = set(held) == set(tasks)
-        elif item == "errors":
-            complete = bool(held)
-        else:
-            complete = set(held) == set(tasks)
+        # One error figure for a joint method; per-task GPTQ and the metrics hold one per task.
+        complete = bool(held) if item == "errors" and method != "per-task" else set(held) == set(tasks)
         if not complete:
             lacking.append(item)
     return lacking
