@@ -7,7 +7,9 @@
 #   bench/gpu.sh --dry-run         anywhere: the same script on the CPU (TRITON_INTERPRET=1,
 #                                  tiny shapes) -- checks the script, measures nothing
 #   bench/gpu.sh --fetch-wheels    on a machine with PyPI: wheels of what the GPU image lacks
-#                                  (pyzmq, msgspec; CPython 3.12, manylinux x86_64) into .whl/
+#                                  (pyzmq, msgspec; CPython 3.12, manylinux x86_64) into .whl/,
+#                                  and the default model's tokenizer into .gpu_carry/tokenizer
+#                                  (the serving stage's random-weight model speaks it)
 #
 # Writes $OUT/gpu_suite.json, gpu_suite.md, gpu_suite.png (default OUT: bench/results/gpu-<time>)
 # and $OUT/build.log. Python: $PYTHON, else .venv/bin/python, else python3 (the GPU image's).
@@ -34,6 +36,12 @@ if [ "$MODE" = fetch ]; then
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl $specs
   ls -l .whl
+  model_dir=$("$PY" -c "from inlaid.models.prepare import default_model_dir; print(default_model_dir())")
+  mkdir -p .gpu_carry/tokenizer
+  for name in tokenizer.json tokenizer_config.json special_tokens_map.json generation_config.json chat_template.jinja; do
+    if [ -f "$model_dir/$name" ]; then cp "$model_dir/$name" .gpu_carry/tokenizer/; fi
+  done
+  ls -l .gpu_carry/tokenizer
   exit 0
 fi
 
@@ -67,6 +75,7 @@ export PYTHONUNBUFFERED=1
 args=(--out "$OUT")
 # GPU_SUITE_STAGES=decode,step_costs runs those stages alone (a second call of a lease).
 if [ -n "${GPU_SUITE_STAGES:-}" ]; then args+=(--stages "$GPU_SUITE_STAGES"); fi
+if [ -n "${GPU_SUITE_BUDGET_S:-}" ]; then args+=(--budget-s "$GPU_SUITE_BUDGET_S"); fi
 if [ "$MODE" = dry ]; then
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
   args+=(--dry-run)

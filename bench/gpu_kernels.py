@@ -22,6 +22,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -35,6 +36,7 @@ class Device:
     act_dtype: torch.dtype
     dry_run: bool
     copy_gbps: float = 0.0  # measured device copy bandwidth, bytes read + written
+    out_dir: Path | None = None  # the suite's report folder: stages may leave raw data there
 
     def ms(self, fn: Callable[[], object], graph: bool = True) -> float:
         if self.dry_run:

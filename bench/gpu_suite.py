@@ -13,6 +13,9 @@ Stages, in order (each one's failure is recorded and the next one still runs):
                 and from CUDA graphs, against its floor (gpu_decode.py)
   step_costs    the scheduler simulator's step-cost model measured on the device: the plan
                 shapes of bench/sched_cost.py on the same model, eager (gpu_step_costs.py)
+  serving       `inlaid serve` on the device (FIFO, the inlaid policy, with CUDA graphs) against
+                the transformers + PEFT server, one trace, on a random-weight model of the
+                default model's shape (gpu_serving.py); needs the carried tokenizer
   gemm_configs  the 4-bit GEMM's tile / split-K variants at decode sizes and its two routes
                 (tiled kernel, dequantize + cuBLAS) from M = 16 to 128 (gpu_gemm_configs.py)
   e2e_replay    the end-to-end trace replay (bench/e2e.py) at smoke size: transformers + PEFT
@@ -100,6 +103,17 @@ def stage_gemm_configs(device, report: dict) -> dict:  # noqa: ANN001
     return gemm_configs(device)
 
 
+def stage_serving(device, report: dict) -> dict:  # noqa: ANN001
+    missing = [m for m in ("msgspec", "zmq", "transformers", "peft") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise _Skip(f"the servers need {', '.join(missing)}: bring them as wheels (bench/gpu.sh --fetch-wheels)")
+    from gpu_serving import serving, tokenizer_dir
+
+    if tokenizer_dir() is None:
+        raise _Skip("no tokenizer: `bench/gpu.sh --fetch-wheels` copies the default model's into .gpu_carry/; carry it")
+    return serving(device)
+
+
 def stage_e2e_replay(device, report: dict) -> dict:  # noqa: ANN001
     """The end-to-end trace replay (bench/e2e.py) on this device, at smoke size: the
     transformers + PEFT server against Inlaid MLGPTQ 4-bit + the inlaid policy, the nine
@@ -128,7 +142,7 @@ def stage_e2e_replay(device, report: dict) -> dict:  # noqa: ANN001
 STAGES: list[tuple[str, Callable]] = [
     ("environment", stage_environment), ("gemm", stage_gemm), ("sgmv_checks", stage_sgmv_checks),
     ("sgmv", stage_sgmv), ("decode", stage_decode), ("step_costs", stage_step_costs),
-    ("gemm_configs", stage_gemm_configs), ("e2e_replay", stage_e2e_replay),
+    ("serving", stage_serving), ("gemm_configs", stage_gemm_configs), ("e2e_replay", stage_e2e_replay),
 ]
 
 
@@ -243,6 +257,11 @@ def markdown(report: dict) -> str:
         lines += ["", "| K | N | M | tiled kernel | dequantize + cuBLAS |", "|---|---|---|---|---|"]
         for r in configs["routes"]:
             lines.append(f"| {r['K']} | {r['N']} | {r['M']} | {r['tiled_ms'] * 1e3:.1f} | {r['dequant_cublas_ms'] * 1e3:.1f} |")
+    serving = stages.get("serving", {}).get("data")
+    if serving:
+        from gpu_serving import markdown_section
+
+        lines += markdown_section(serving)
     return "\n".join(lines) + "\n"
 
 
@@ -307,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                     torch.float32 if args.dry_run else torch.float16, args.dry_run)
     out = args.out or Path(__file__).resolve().parent / "results" / time.strftime("gpu-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
+    device.out_dir = out
 
     def write_json(report: dict) -> None:
         (out / "gpu_suite.json").write_text(json.dumps(report, indent=2, default=str))

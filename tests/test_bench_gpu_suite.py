@@ -4,7 +4,8 @@ tiny shapes), so that the day a GPU is lent the script runs in one call.
 It builds the package into a private folder (and imports it from there), checks the
 interpreted Triton GEMM and SGMV kernels against float64 references, times everything,
 runs the decode step through the engine with decode graphs (graph == eager, also after
-new adapters are written in place), measures the simulator's step costs and writes the report. The numbers of a dry run mean
+new adapters are written in place), measures the simulator's step costs, serves a trace
+with `inlaid serve` and the transformers + PEFT server, and writes the report. The numbers of a dry run mean
 nothing; that every stage runs and every check passes does.
 """
 
@@ -29,12 +30,23 @@ def test_gpu_suite_dry_run(tmp_path: Path) -> None:
     report = json.loads((out / "gpu_suite.json").read_text())
     stages = report["stages"]
     assert report["dry_run"] and list(stages) == ["environment", "gemm", "sgmv_checks", "sgmv", "decode", "step_costs",
-                                                    "gemm_configs", "e2e_replay"]
+                                                    "serving", "gemm_configs", "e2e_replay"]
     for name, entry in stages.items():
         assert entry["status"] == "ok", (name, entry.get("reason"), entry.get("traceback"))
     e2e = stages["e2e_replay"]["data"]  # bench/e2e.py at smoke size: tests/test_bench_e2e.py checks its content
     assert {row["system"] for row in e2e["rows"]} == {"hf-peft", "inlaid-4bit-inlaid"}
     assert all(row["finished"] == row["requests"] == 3 for row in e2e["rows"])
+    serving = stages["serving"]["data"]  # the servers on a random-weight model of the default's shape
+    assert [r["system"] for r in serving["systems"]] == ["inlaid-4bit-fifo", "inlaid-4bit-inlaid",
+                                                          "inlaid-4bit-inlaid-graphs", "hf-peft", "inlaid-4bit-mlfq"]
+    requests = serving["settings"]["trace_requests"]
+    for result in serving["systems"]:
+        assert "failed" not in result, result
+        assert result["trace"]["finished"] == requests and result["burst"]["failed"] == 0
+        assert result["exact_lengths"] == 1.0  # ignore_eos + max_tokens: every system generated the trace's lengths
+        if result["system"] != "hf-peft":  # the step log holds the trace's steps, all of them
+            assert result["steps"]["steps"] > 0 and result["steps"]["mean_step_ms"] > 0
+    assert serving["rate_rps"] > 0 and serving["isolated"]["tpot_s"] > 0
     # The suite ran on the package it built, not on the checkout or the venv's editable install.
     assert Path(stages["environment"]["data"]["inlaid"]).is_relative_to(tmp_path)
 
@@ -59,6 +71,7 @@ def test_gpu_suite_dry_run(tmp_path: Path) -> None:
     assert all(0 <= c["relative_error"] < 1e-4 for c in checks)
 
     assert (out / "build.log").is_file()
+    assert "## Serving" in (out / "gpu_suite.md").read_text()
     assert "## Decode step" in (out / "gpu_suite.md").read_text() and "## Step costs" in (out / "gpu_suite.md").read_text()
     assert (out / "gpu_suite.png").stat().st_size > 10_000
 

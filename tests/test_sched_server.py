@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from inlaid.engine.tokenizer import Tokenizer
+from inlaid.models.prepare import default_model_dir
 from inlaid.scheduling.replay import replay_trace
 from inlaid.scheduling.step_log import read_step_log
+from inlaid.scheduling.suite import prompt_token_ids, suite_examples
 from inlaid.scheduling.traces import TaskProfile, Trace, TraceRequest
 from inlaid.serve.config import ConfigError, config_from_dict, load_policy
 from inlaid.serve.launcher import ServerProcess
@@ -44,6 +47,11 @@ def test_inlaid_policy_serves_a_replayed_trace_learns_and_saves_its_state(tmp_pa
     requests = [TraceRequest(0.05 * i, tasks[i % 3] if i % 4 else None, 12 + i, 0, 6, f"r{i}") for i in range(10)]
     trace = Trace(requests, {t: TaskProfile(t, t, 16) for t in tasks})
     prompts = {r.source: [rng.randrange(100, 40000) for _ in range(r.prompt_tokens)] for r in requests}
+    # The sentiment requests ask real questions: their answers (a label) end before 6 tokens.
+    tokenizer = Tokenizer(default_model_dir())
+    examples = [example for _, _, example in suite_examples(["sentiment"], ["eval"])]
+    for index, request in enumerate(r for r in requests if r.task == "sentiment"):
+        prompts[request.source] = prompt_token_ids(tokenizer, examples[index])
     state, steps = tmp_path / "predictor.npz", tmp_path / "steps.jsonl"
     config = {
         "executor": {"max_num_seqs": 4, "num_kv_blocks": 256, "max_lora_slots": 2},
@@ -55,17 +63,22 @@ def test_inlaid_policy_serves_a_replayed_trace_learns_and_saves_its_state(tmp_pa
     with ServerProcess(config, tmp_path) as server:
         server.wait_ready()
         records = asyncio.run(replay_trace(server.address, trace, prompts, timeout_s=300))
+        # ignore_eos: every request runs to its max_tokens (the GPU suite's random-weight model)
+        to_the_end = asyncio.run(replay_trace(server.address, trace, prompts, timeout_s=300, ignore_eos=True))
         assert server.terminate() == 0
+    assert any(len(r.token_times) < 6 for r in records if r.task == "sentiment")  # answers end by themselves ...
+    assert [len(r.token_times) for r in to_the_end] == [6] * len(requests)  # ... not when told to ignore EOS
     assert all(r.finished for r in records), [r.error for r in records]
     assert all(1 <= len(r.token_times) <= 6 and r.admitted_s is not None for r in records)
     assert all(r.token_times == sorted(r.token_times) and r.arrival_s <= r.token_times[0] for r in records)
     saved = OnlineLengthPredictor.load(state)
-    assert saved.size == len(records)  # every finished request reached the predictor
+    assert saved.size == 2 * len(records)  # every finished request reached the predictor
     assert saved.model.fitted
     logged = read_step_log(steps)
     assert logged and all(s["compute_s"] > 0 for s in logged)
     assert max(len({c[2] for c in s["chunks"] if c[2] is not None}) for s in logged) == 1  # β = 1 held
-    assert sum(sum(1 for c in s["chunks"] if c[3]) for s in logged) == sum(len(r.token_times) for r in records)
+    assert sum(sum(1 for c in s["chunks"] if c[3]) for s in logged) == sum(len(r.token_times)
+                                                                         for r in records + to_the_end)
 
 
 def test_a_cuda_server_starts_the_inlaid_policy_from_the_gpu_defaults(tmp_path):

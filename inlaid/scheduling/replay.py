@@ -24,8 +24,10 @@ async def replay_trace(
     prompts: Mapping[str, list[int]],
     timeout_s: float = 3600.0,
     progress: bool = False,
+    ignore_eos: bool = False,
 ) -> list[RequestRecord]:
-    """Replay `trace`; `prompts` maps each request's `source` to its prompt token ids."""
+    """Replay `trace`; `prompts` maps each request's `source` to its prompt token ids.
+    `ignore_eos`: every request runs to its `max_tokens` (a model with random weights)."""
     missing = sorted({r.source for r in trace.requests if r.source not in prompts})
     if missing:
         raise KeyError(f"no prompt tokens for {len(missing)} trace sources, e.g. {missing[:3]}")
@@ -44,7 +46,7 @@ async def replay_trace(
                                    arrival_s=time.monotonic() - start)
             try:
                 stream = await client.stream(prompt_token_ids=prompts[request.source], task=request.task,
-                                             max_tokens=request.max_tokens)
+                                             max_tokens=request.max_tokens, ignore_eos=ignore_eos)
                 async for chunk in stream:
                     now = time.monotonic() - start
                     record.token_times.extend([now] * len(chunk.token_ids))
