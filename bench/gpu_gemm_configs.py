@@ -8,7 +8,12 @@ on Llama-2-7B's linear shapes, 4-bit, group 128:
     GEMV kernel up to GEMV_MAX_M rows, where the tiled kernel is timed beside it), each
     variant checked against the default's output before it is timed;
   * the route from M = 16 to 128: the tiled kernel against dequantize + cuBLAS
-    (`dense_min_m`, where the dispatch switches).
+    (`dense_min_m`, where the dispatch switches);
+  * the tiled kernel's compile-time variants at its default tile config, M = 4 and 16 (its
+    decode config) and the route rows: unpack_once x factored (each packed word loaded once;
+    scale and zero after the dot), then num_stages 2 and 4 for the fastest of the four (3 is
+    Triton's default), each checked against the default's output, beside the default and
+    dequantize + cuBLAS (`tiled_variants` rows, `markdown_section`).
 The defaults in kernels/quant_triton.py are then set from these numbers.
 """
 
@@ -20,6 +25,9 @@ from gpu_kernels import LLAMA7B_SHAPES, Device, _relative_error
 
 DECODE_M = [1, 4, 16]
 ROUTE_M = [16, 32, 64, 128]
+VARIANT_M = [4, 16, 32, 64, 128]  # the tiled kernel's decode config (4, 16) and the route rows
+COMBOS = [(0, 0), (1, 0), (0, 1), (1, 1)]  # (unpack_once, factored); (0, 0) is the default
+STAGES = [2, 4]  # num_stages tried on the fastest combination (3: Triton's CUDA default)
 
 
 def _variants(default: dict[str, int], tiled: dict[str, int], k_tiles: int) -> list[dict[str, int]]:
@@ -38,12 +46,83 @@ def _variants(default: dict[str, int], tiled: dict[str, int], k_tiles: int) -> l
     return [default] + [v for v in variants if v != default]
 
 
+def _tiled_variants(device: Device, layout, bits: int, x: torch.Tensor, default_ms: float | None,  # noqa: ANN001
+                    dense_ms: float | None, checks: list[dict]) -> list[dict]:
+    """Rows {unpack_once, factored, num_stages (None: Triton's), ms} of the tiled kernel at its
+    default tile config (gemv=0), each checked against the default's output; the default's and
+    dequantize + cuBLAS's times are reused when the stage already has them, else timed."""
+    from inlaid.kernels.quant_triton import triton_quant_matmul
+
+    def run(**config: int) -> torch.Tensor:
+        return triton_quant_matmul(x, layout, bits, None, dense_min_m=1 << 30, gemv=0, **config)
+
+    (m, k), n = x.shape, layout.scales.shape[1]
+    expected = run().double()
+    if default_ms is None:
+        default_ms = device.ms(run)
+    if dense_ms is None:
+        dense_ms = device.ms(lambda: triton_quant_matmul(x, layout, bits, None, dense_min_m=1))
+    tolerance = 1e-5 if device.act_dtype == torch.float32 else 2e-2
+    rows = []
+
+    def measure(config: dict[str, int]) -> None:
+        if config == {"unpack_once": 0, "factored": 0}:  # the default itself
+            ms = default_ms
+        else:
+            error = _relative_error(run(**config), expected)
+            checks.append({"check": f"tiled variant {config} == default, K={k} N={n} M={m}", "relative_error": error,
+                           "ok": error < tolerance})
+            ms = device.ms(lambda: run(**config))
+        rows.append({"K": k, "N": n, "M": m, "unpack_once": config["unpack_once"], "factored": config["factored"],
+                     "num_stages": config.get("num_stages"), "ms": ms, "default_ms": default_ms,
+                     "dequant_cublas_ms": dense_ms})
+
+    for unpack_once, factored in COMBOS:
+        measure({"unpack_once": unpack_once, "factored": factored})
+    fastest = min(rows, key=lambda r: r["ms"])
+    for stages in STAGES:
+        measure({"unpack_once": fastest["unpack_once"], "factored": fastest["factored"], "num_stages": stages})
+    best = min(rows, key=lambda r: r["ms"])
+    times = ", ".join(f"{_variant_name(r)} {r['ms'] * 1e3:.1f}" for r in rows)
+    print(f"  K={k:5d} N={n:5d} M={m:3d}: tiled {times} us; dequantize + cuBLAS {dense_ms * 1e3:.1f} us -> "
+          f"{_variant_name(best)}: {default_ms / best['ms']:.2f}x default, {dense_ms / best['ms']:.2f}x dequant+cuBLAS",
+          flush=True)
+    return rows
+
+
+def _variant_name(row: dict) -> str:
+    name = {(0, 0): "default", (1, 0): "unpack_once", (0, 1): "factored", (1, 1): "unpack_once+factored"}[
+        (row["unpack_once"], row["factored"])]
+    return name if row["num_stages"] is None else f"{name} stages={row['num_stages']}"
+
+
+def markdown_section(data: dict) -> list[str]:
+    """The tiled kernel's variants, one line per (K, N, M): microseconds of each, the fastest."""
+    rows = data.get("tiled_variants", [])
+    if not rows:
+        return []
+    names = [_variant_name({"unpack_once": u, "factored": f, "num_stages": None}) for u, f in COMBOS]
+    lines = ["", "## 4-bit tiled kernel variants at the default tile config (microseconds, CUDA graphs)", "",
+             "num_stages: tried on the fastest of the four (Triton's default is 3).", "",
+             "| K | N | M | " + " | ".join(names) + " | num_stages | dequantize + cuBLAS | fastest | vs default | "
+             "vs dequant + cuBLAS |", "|---" * (len(names) + 8) + "|"]
+    for key in sorted({(r["K"], r["N"], r["M"]) for r in rows}):
+        group = [r for r in rows if (r["K"], r["N"], r["M"]) == key]
+        combos = {(r["unpack_once"], r["factored"]): r["ms"] for r in group if r["num_stages"] is None}
+        stages = ", ".join(f"{r['num_stages']}: {r['ms'] * 1e3:.1f}" for r in group if r["num_stages"] is not None)
+        best = min(group, key=lambda r: r["ms"])
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(f"{combos[c] * 1e3:.1f}" for c in COMBOS)
+                     + f" | {stages} | {best['dequant_cublas_ms'] * 1e3:.1f} | {_variant_name(best)} | "
+                     f"{best['default_ms'] / best['ms']:.2f}x | {best['dequant_cublas_ms'] / best['ms']:.2f}x |")
+    return lines
+
+
 def gemm_configs(device: Device) -> dict:
     from inlaid.kernels.quant_triton import default_gemm_config, prepare_triton_layout, triton_quant_matmul
 
     shapes = [(128, 64)] if device.dry_run else LLAMA7B_SHAPES
     bits, group = 4, (32 if device.dry_run else 128)
-    decode_rows, route_rows, checks = [], [], []
+    decode_rows, route_rows, variant_rows, checks = [], [], [], []
     for k, n in shapes:
         generator = torch.Generator(device="cpu").manual_seed(k * 7 + n)
         codes = torch.randint(0, 16, (k, n), dtype=torch.int32, generator=generator)
@@ -74,4 +153,15 @@ def gemm_configs(device: Device) -> dict:
             route_rows.append({"K": k, "N": n, "M": m, "tiled_ms": tiled, "dequant_cublas_ms": dense})
             print(f"  K={k:5d} N={n:5d} M={m:3d}: tiled {tiled * 1e3:6.1f} us, dequantize + cuBLAS "
                   f"{dense * 1e3:6.1f} us", flush=True)
-    return {"bits": bits, "group_size": group, "decode": decode_rows, "routes": route_rows, "checks": checks}
+        for m in VARIANT_M if not device.dry_run else [4, 16]:
+            x = torch.randn((m, k), device=device.torch_device).to(device.act_dtype)
+            # the default's time where the stage took it already (the tiled kernel's: not a GEMV default)
+            default_ms = next((r["ms"] for r in decode_rows if (r["K"], r["N"], r["M"]) == (k, n, m) and r["default"]
+                               and not r["config"].get("gemv")),
+                              next((r["tiled_ms"] for r in route_rows if (r["K"], r["N"], r["M"]) == (k, n, m)), None))
+            dense_ms = next((r["dequant_cublas_ms"] for r in route_rows if (r["K"], r["N"], r["M"]) == (k, n, m)), None)
+            variant_rows += _tiled_variants(device, layout, bits, x, default_ms, dense_ms, checks)
+    data = {"bits": bits, "group_size": group, "decode": decode_rows, "routes": route_rows,
+            "tiled_variants": variant_rows, "checks": checks}
+    print("\n".join(markdown_section(data)), flush=True)
+    return data

@@ -257,6 +257,9 @@ def markdown(report: dict) -> str:
         lines += ["", "| K | N | M | tiled kernel | dequantize + cuBLAS |", "|---|---|---|---|---|"]
         for r in configs["routes"]:
             lines.append(f"| {r['K']} | {r['N']} | {r['M']} | {r['tiled_ms'] * 1e3:.1f} | {r['dequant_cublas_ms'] * 1e3:.1f} |")
+        from gpu_gemm_configs import markdown_section as variants_section
+
+        lines += variants_section(configs)
     serving = stages.get("serving", {}).get("data")
     if serving:
         from gpu_serving import markdown_section

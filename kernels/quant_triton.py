@@ -24,6 +24,16 @@ loaded once and unpacked in registers, no tensor-core tile padded to 16 rows; sp
 fp32 atomics so enough programs stream the weight); M <= 16 -> the tiled kernel's decode
 config (BLOCK_M 16, split-K); larger M -> tiled GEMM; M >= dense_min_m (DENSE_MIN_M on
 CUDA) -> dequantize the whole weight (Triton) and use cuBLAS.
+Tiled-kernel options (compile-time; config keys, both 0 in default_gemm_config until a GPU
+measurement switches them, bench/gpu_gemm_configs.py times them):
+    unpack_once  UNPACK_ONCE: a K tile's packed words are loaded once, [WORDS, BLOCK_N] (WORDS =
+                 BLOCK_K // PER_WORD), unpacked by shifts into [WORDS, PER_WORD, BLOCK_N] and
+                 reshaped (row-major) to [BLOCK_K, BLOCK_N]: row word * PER_WORD + lane = k - k0,
+                 GPTQ's packing order (the GEMV kernel's unpacking); 0: one load per code
+    factored     FACTORED: the dot takes the raw codes in x's dtype (exact: codes < 256) and the
+                 tile's group applies after it, acc += scale * (x . q - zero * rowsum(x)) in fp32;
+                 0: every element is dequantized, (q - zero) * scale, before the dot
+    num_warps, num_stages  passed to the launch (no num_stages: Triton's default)
 
 Measured on an H200 (bench/results/gpu_h200.md, Llama-2-7B shapes, 4-bit g128): the tiled
 kernel's decode config ran at 10-14% of the bandwidth floor (each packed word is loaded
@@ -75,13 +85,12 @@ def prepare_triton_layout(
 
 
 @triton.jit
-def _dequant_tile(
-    codes_ptr, high_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, mask_k, mask_n, group_size,
-    stride_ck, stride_cn, stride_hk, stride_hn, stride_sg, stride_sn,
+def _gathered_codes(
+    codes_ptr, high_ptr, offs_k, offs_n, mask_k, mask_n, stride_ck, stride_cn, stride_hk, stride_hn,
     BITS: tl.constexpr,
 ):
-    """fp32 [BLOCK_K, BLOCK_N] weight tile of rows offs_k (all in group k0 // group_size);
-    rows outside mask_k (past K) are not loaded."""
+    """int32 [BLOCK_K, BLOCK_N] codes of rows offs_k, gathered one code a load (a packed word
+    is loaded once per code it holds); rows outside mask_k (past K) are not loaded (0)."""
     mask = mask_k[:, None] & mask_n[None, :]
     if BITS == 3:
         low_words = tl.load(codes_ptr + (offs_k // 16)[:, None] * stride_ck + offs_n[None, :] * stride_cn,
@@ -94,9 +103,55 @@ def _dequant_tile(
         words = tl.load(codes_ptr + (offs_k // PER_WORD)[:, None] * stride_ck + offs_n[None, :] * stride_cn,
                         mask=mask, other=0)
         q = (words >> ((offs_k % PER_WORD) * BITS)[:, None]) & ((1 << BITS) - 1)
+    return q
+
+
+@triton.jit
+def _unpacked_codes(
+    codes_ptr, high_ptr, k0, K, offs_n, mask_n, stride_ck, stride_cn, stride_hk, stride_hn,
+    BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """int32 [WORDS, PER_WORD, BLOCK_N] codes of rows k0 + word * PER_WORD + lane (GPTQ's
+    packing order; PER_WORD = 32 // BITS, 16 at 3-bit: the 2-bit plane's words): each packed
+    word [WORDS, BLOCK_N] is loaded once and unpacked by shifts; words past K are not loaded."""
+    PER_WORD: tl.constexpr = 16 if BITS == 3 else 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // PER_WORD
+    word_k = k0 // PER_WORD + tl.arange(0, WORDS)
+    lanes = tl.arange(0, PER_WORD)
+    mask_w = (word_k * PER_WORD < K)[:, None] & mask_n[None, :]
+    words = tl.load(codes_ptr + word_k[:, None] * stride_ck + offs_n[None, :] * stride_cn, mask=mask_w, other=0)
+    if BITS == 3:
+        q = (words[:, None, :] >> (lanes * 2)[None, :, None]) & 3
+        # 32 top bits a word: a 16-code word's top bits are the low or high half of one.
+        high = tl.load(high_ptr + (word_k // 2)[:, None] * stride_hk + offs_n[None, :] * stride_hn,
+                       mask=mask_w, other=0)
+        shift = ((word_k % 2) * 16)[:, None] + lanes[None, :]  # [WORDS, PER_WORD]
+        q = q | (((high[:, None, :] >> shift[:, :, None]) & 1) << 2)
+    else:
+        q = (words[:, None, :] >> (lanes * BITS)[None, :, None]) & ((1 << BITS) - 1)
+    return q
+
+
+@triton.jit
+def _group_scale_zero(scales_ptr, zeros_ptr, k0, group_size, offs_n, mask_n, stride_sg, stride_sn):
+    """fp32 [BLOCK_N] scale and zero point of the group holding row k0 (a K tile lies in one)."""
     group = k0 // group_size
     scale = tl.load(scales_ptr + group * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
     zero = tl.load(zeros_ptr + group * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
+    return scale, zero
+
+
+@triton.jit
+def _dequant_tile(
+    codes_ptr, high_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, mask_k, mask_n, group_size,
+    stride_ck, stride_cn, stride_hk, stride_hn, stride_sg, stride_sn,
+    BITS: tl.constexpr,
+):
+    """fp32 [BLOCK_K, BLOCK_N] weight tile of rows offs_k (all in group k0 // group_size);
+    rows outside mask_k (past K) are not loaded."""
+    q = _gathered_codes(codes_ptr, high_ptr, offs_k, offs_n, mask_k, mask_n, stride_ck, stride_cn, stride_hk,
+                        stride_hn, BITS)
+    scale, zero = _group_scale_zero(scales_ptr, zeros_ptr, k0, group_size, offs_n, mask_n, stride_sg, stride_sn)
     return (q.to(tl.float32) - zero[None, :]) * scale[None, :]
 
 
@@ -108,7 +163,7 @@ def _quant_gemm_kernel(
     stride_om, stride_on,
     BITS: tl.constexpr, HAS_PERM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UNPACK_ONCE: tl.constexpr, FACTORED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -132,11 +187,20 @@ def _quant_gemm_kernel(
             x_cols = offs_k
         x_tile = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + x_cols[None, :] * stride_xk,
                          mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w_tile = _dequant_tile(
-            codes_ptr, high_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, mask_k, mask_n, group_size,
-            stride_ck, stride_cn, stride_hk, stride_hn, stride_sg, stride_sn, BITS,
-        )
-        acc += tl.dot(x_tile, w_tile.to(x_tile.dtype), input_precision=DOT_PRECISION)
+        if UNPACK_ONCE:  # rows word * PER_WORD + lane = k - k0: the row-major reshape keeps them in order
+            q = tl.reshape(_unpacked_codes(codes_ptr, high_ptr, k0, K, offs_n, mask_n, stride_ck, stride_cn,
+                                           stride_hk, stride_hn, BITS, BLOCK_K), (BLOCK_K, BLOCK_N))
+        else:
+            q = _gathered_codes(codes_ptr, high_ptr, offs_k, offs_n, mask_k, mask_n, stride_ck, stride_cn,
+                                stride_hk, stride_hn, BITS)
+        scale, zero = _group_scale_zero(scales_ptr, zeros_ptr, k0, group_size, offs_n, mask_n, stride_sg, stride_sn)
+        if FACTORED:  # x . ((q - zero) * scale) = scale * (x . q - zero * sum(x)): one group a tile
+            x_dot_q = tl.dot(x_tile, q.to(x_tile.dtype), input_precision=DOT_PRECISION)
+            x_total = tl.sum(x_tile.to(tl.float32), axis=1)  # masked columns (past K) loaded as 0
+            acc += scale[None, :] * (x_dot_q - zero[None, :] * x_total[:, None])
+        else:
+            w_tile = (q.to(tl.float32) - zero[None, :]) * scale[None, :]
+            acc += tl.dot(x_tile, w_tile.to(x_tile.dtype), input_precision=DOT_PRECISION)
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
@@ -179,21 +243,9 @@ def _quant_gemv_kernel(
         else:
             x_cols = offs_k
         x = tl.load(x_ptr + row * stride_xm + x_cols * stride_xk, mask=mask_k, other=0.0).to(tl.float32)
-        word_k = k0 // PER_WORD + word_rows
-        mask_w = (word_k * PER_WORD < K)[:, None] & mask_n[None, :]
-        words = tl.load(codes_ptr + word_k[:, None] * stride_ck + offs_n[None, :] * stride_cn, mask=mask_w, other=0)
-        if BITS == 3:
-            q = (words[:, None, :] >> (lanes * 2)[None, :, None]) & 3
-            # 32 top bits a word: a 16-code word's top bits are the low or high half of one.
-            high = tl.load(high_ptr + (word_k // 2)[:, None] * stride_hk + offs_n[None, :] * stride_hn,
-                           mask=mask_w, other=0)
-            shift = ((word_k % 2) * 16)[:, None] + lanes[None, :]  # [WORDS, PER_WORD]
-            q = q | (((high[:, None, :] >> shift[:, :, None]) & 1) << 2)
-        else:
-            q = (words[:, None, :] >> (lanes * BITS)[None, :, None]) & ((1 << BITS) - 1)
-        group = k0 // group_size
-        scale = tl.load(scales_ptr + group * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
-        zero = tl.load(zeros_ptr + group * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
+        q = _unpacked_codes(codes_ptr, high_ptr, k0, K, offs_n, mask_n, stride_ck, stride_cn, stride_hk, stride_hn,
+                            BITS, BLOCK_K)
+        scale, zero = _group_scale_zero(scales_ptr, zeros_ptr, k0, group_size, offs_n, mask_n, stride_sg, stride_sn)
         x_dot_q = tl.sum(tl.sum(x[:, :, None] * q.to(tl.float32), axis=0), axis=0)
         x_total = tl.sum(tl.sum(x, axis=1), axis=0)
         acc += scale * (x_dot_q - zero * x_total)
@@ -302,7 +354,10 @@ def triton_quant_matmul(
     out: Tensor | None = None, **config_override: int,
 ) -> Tensor:
     """[M, N] in x's dtype (bias not included), written into `out` when given (tests pass a
-    poisoned buffer: every element must be overwritten)."""
+    poisoned buffer: every element must be overwritten). `config_override` replaces keys of
+    default_gemm_config (gemv, block_m, block_n, block_k, split_k, num_warps) or adds
+    num_stages, unpack_once, factored (the last two: tiled kernel only; the GEMV kernel always
+    loads each word once and factors)."""
     m, k = x.shape
     n = layout.scales.shape[1]
     if out is None:
@@ -330,6 +385,9 @@ def triton_quant_matmul(
     target = torch.zeros((m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     high, stride_hk, stride_hn = _high(layout)
     perm = input_perm if input_perm is not None else layout.codes  # placeholder pointer when unused
+    launch = {"num_warps": config.get("num_warps", 4)}
+    if "num_stages" in config:  # else Triton's default
+        launch["num_stages"] = config["num_stages"]
     if gemv:
         _quant_gemv_kernel[(triton.cdiv(n, block_n), split_k, m)](
             x, perm, layout.codes, high, layout.scales, layout.zeros, target,
@@ -337,7 +395,7 @@ def triton_quant_matmul(
             x.stride(0), x.stride(1), layout.codes.stride(0), layout.codes.stride(1), stride_hk, stride_hn,
             layout.scales.stride(0), layout.scales.stride(1), target.stride(0), target.stride(1),
             BITS=bits, HAS_PERM=input_perm is not None, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-            num_warps=config.get("num_warps", 4),
+            **launch,
         )
         if target is not out:
             out.copy_(target)
@@ -350,7 +408,8 @@ def triton_quant_matmul(
         layout.scales.stride(0), layout.scales.stride(1), target.stride(0), target.stride(1),
         BITS=bits, HAS_PERM=input_perm is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        DOT_PRECISION=_dot_precision(x.dtype), num_warps=config.get("num_warps", 4),
+        DOT_PRECISION=_dot_precision(x.dtype), UNPACK_ONCE=bool(config.get("unpack_once", 0)),
+        FACTORED=bool(config.get("factored", 0)), **launch,
     )
     if target is not out:
         out.copy_(target)

@@ -67,7 +67,7 @@ def test_gpu_suite_dry_run(tmp_path: Path) -> None:
     checks = [c for entry in stages.values() for c in entry.get("data", {}).get("checks", [])]
     configs = stages["gemm_configs"]["data"]
     assert [r["default"] for r in configs["decode"]] == [True] and len(configs["routes"]) == 1
-    assert len(checks) == 6 + 4 + 3 + 1 and all(c["ok"] for c in checks)
+    assert len(checks) == 6 + 4 + 3 + 1 + 10 and all(c["ok"] for c in checks)  # 10: the tiled variants
     assert all(0 <= c["relative_error"] < 1e-4 for c in checks)
 
     assert (out / "build.log").is_file()
