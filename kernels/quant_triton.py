@@ -24,8 +24,9 @@ loaded once and unpacked in registers, no tensor-core tile padded to 16 rows; sp
 fp32 atomics so enough programs stream the weight); M <= 16 -> the tiled kernel's decode
 config (BLOCK_M 16, split-K); larger M -> tiled GEMM; M >= dense_min_m (DENSE_MIN_M on
 CUDA) -> dequantize the whole weight (Triton) and use cuBLAS.
-Tiled-kernel options (compile-time; config keys, both 0 in default_gemm_config until a GPU
-measurement switches them, bench/gpu_gemm_configs.py times them):
+The tile loaders (codes gathered or unpacked once, a group's scale and zero) are in
+quant_triton_tiles.py. Tiled-kernel options (compile-time; config keys, both 0 in
+default_gemm_config until a GPU measurement switches them; bench/gpu_gemm_configs.py times them):
     unpack_once  UNPACK_ONCE: a K tile's packed words are loaded once, [WORDS, BLOCK_N] (WORDS =
                  BLOCK_K // PER_WORD), unpacked by shifts into [WORDS, PER_WORD, BLOCK_N] and
                  reshaped (row-major) to [BLOCK_K, BLOCK_N]: row word * PER_WORD + lane = k - k0,
@@ -52,6 +53,7 @@ from torch import Tensor
 
 from .gptq_format import _pack_rows
 from .quant_linear import QuantLinearError, TritonLayout
+from .quant_triton_tiles import dequant_tile, gathered_codes, group_scale_zero, unpacked_codes
 
 # Rows through the GEMV kernel: it reads the weight once a row (from L2 after the first), so
 # it wins at 1-2 rows and loses from 4 (H200, 4-bit 4096x4096: 8.8 / 13.4 / 26.4 us at M = 1 /
@@ -82,77 +84,6 @@ def prepare_triton_layout(
         group_size=group,
         in_features=k,
     )
-
-
-@triton.jit
-def _gathered_codes(
-    codes_ptr, high_ptr, offs_k, offs_n, mask_k, mask_n, stride_ck, stride_cn, stride_hk, stride_hn,
-    BITS: tl.constexpr,
-):
-    """int32 [BLOCK_K, BLOCK_N] codes of rows offs_k, gathered one code a load (a packed word
-    is loaded once per code it holds); rows outside mask_k (past K) are not loaded (0)."""
-    mask = mask_k[:, None] & mask_n[None, :]
-    if BITS == 3:
-        low_words = tl.load(codes_ptr + (offs_k // 16)[:, None] * stride_ck + offs_n[None, :] * stride_cn,
-                            mask=mask, other=0)
-        high_words = tl.load(high_ptr + (offs_k // 32)[:, None] * stride_hk + offs_n[None, :] * stride_hn,
-                             mask=mask, other=0)
-        q = ((low_words >> ((offs_k % 16) * 2)[:, None]) & 3) | (((high_words >> (offs_k % 32)[:, None]) & 1) << 2)
-    else:
-        PER_WORD: tl.constexpr = 32 // BITS
-        words = tl.load(codes_ptr + (offs_k // PER_WORD)[:, None] * stride_ck + offs_n[None, :] * stride_cn,
-                        mask=mask, other=0)
-        q = (words >> ((offs_k % PER_WORD) * BITS)[:, None]) & ((1 << BITS) - 1)
-    return q
-
-
-@triton.jit
-def _unpacked_codes(
-    codes_ptr, high_ptr, k0, K, offs_n, mask_n, stride_ck, stride_cn, stride_hk, stride_hn,
-    BITS: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """int32 [WORDS, PER_WORD, BLOCK_N] codes of rows k0 + word * PER_WORD + lane (GPTQ's
-    packing order; PER_WORD = 32 // BITS, 16 at 3-bit: the 2-bit plane's words): each packed
-    word [WORDS, BLOCK_N] is loaded once and unpacked by shifts; words past K are not loaded."""
-    PER_WORD: tl.constexpr = 16 if BITS == 3 else 32 // BITS
-    WORDS: tl.constexpr = BLOCK_K // PER_WORD
-    word_k = k0 // PER_WORD + tl.arange(0, WORDS)
-    lanes = tl.arange(0, PER_WORD)
-    mask_w = (word_k * PER_WORD < K)[:, None] & mask_n[None, :]
-    words = tl.load(codes_ptr + word_k[:, None] * stride_ck + offs_n[None, :] * stride_cn, mask=mask_w, other=0)
-    if BITS == 3:
-        q = (words[:, None, :] >> (lanes * 2)[None, :, None]) & 3
-        # 32 top bits a word: a 16-code word's top bits are the low or high half of one.
-        high = tl.load(high_ptr + (word_k // 2)[:, None] * stride_hk + offs_n[None, :] * stride_hn,
-                       mask=mask_w, other=0)
-        shift = ((word_k % 2) * 16)[:, None] + lanes[None, :]  # [WORDS, PER_WORD]
-        q = q | (((high[:, None, :] >> shift[:, :, None]) & 1) << 2)
-    else:
-        q = (words[:, None, :] >> (lanes * BITS)[None, :, None]) & ((1 << BITS) - 1)
-    return q
-
-
-@triton.jit
-def _group_scale_zero(scales_ptr, zeros_ptr, k0, group_size, offs_n, mask_n, stride_sg, stride_sn):
-    """fp32 [BLOCK_N] scale and zero point of the group holding row k0 (a K tile lies in one)."""
-    group = k0 // group_size
-    scale = tl.load(scales_ptr + group * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
-    zero = tl.load(zeros_ptr + group * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
-    return scale, zero
-
-
-@triton.jit
-def _dequant_tile(
-    codes_ptr, high_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, mask_k, mask_n, group_size,
-    stride_ck, stride_cn, stride_hk, stride_hn, stride_sg, stride_sn,
-    BITS: tl.constexpr,
-):
-    """fp32 [BLOCK_K, BLOCK_N] weight tile of rows offs_k (all in group k0 // group_size);
-    rows outside mask_k (past K) are not loaded."""
-    q = _gathered_codes(codes_ptr, high_ptr, offs_k, offs_n, mask_k, mask_n, stride_ck, stride_cn, stride_hk,
-                        stride_hn, BITS)
-    scale, zero = _group_scale_zero(scales_ptr, zeros_ptr, k0, group_size, offs_n, mask_n, stride_sg, stride_sn)
-    return (q.to(tl.float32) - zero[None, :]) * scale[None, :]
 
 
 @triton.jit
@@ -188,12 +119,12 @@ def _quant_gemm_kernel(
         x_tile = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + x_cols[None, :] * stride_xk,
                          mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if UNPACK_ONCE:  # rows word * PER_WORD + lane = k - k0: the row-major reshape keeps them in order
-            q = tl.reshape(_unpacked_codes(codes_ptr, high_ptr, k0, K, offs_n, mask_n, stride_ck, stride_cn,
+            q = tl.reshape(unpacked_codes(codes_ptr, high_ptr, k0, K, offs_n, mask_n, stride_ck, stride_cn,
                                            stride_hk, stride_hn, BITS, BLOCK_K), (BLOCK_K, BLOCK_N))
         else:
-            q = _gathered_codes(codes_ptr, high_ptr, offs_k, offs_n, mask_k, mask_n, stride_ck, stride_cn,
+            q = gathered_codes(codes_ptr, high_ptr, offs_k, offs_n, mask_k, mask_n, stride_ck, stride_cn,
                                 stride_hk, stride_hn, BITS)
-        scale, zero = _group_scale_zero(scales_ptr, zeros_ptr, k0, group_size, offs_n, mask_n, stride_sg, stride_sn)
+        scale, zero = group_scale_zero(scales_ptr, zeros_ptr, k0, group_size, offs_n, mask_n, stride_sg, stride_sn)
         if FACTORED:  # x . ((q - zero) * scale) = scale * (x . q - zero * sum(x)): one group a tile
             x_dot_q = tl.dot(x_tile, q.to(x_tile.dtype), input_precision=DOT_PRECISION)
             x_total = tl.sum(x_tile.to(tl.float32), axis=1)  # masked columns (past K) loaded as 0
@@ -243,9 +174,9 @@ def _quant_gemv_kernel(
         else:
             x_cols = offs_k
         x = tl.load(x_ptr + row * stride_xm + x_cols * stride_xk, mask=mask_k, other=0.0).to(tl.float32)
-        q = _unpacked_codes(codes_ptr, high_ptr, k0, K, offs_n, mask_n, stride_ck, stride_cn, stride_hk, stride_hn,
+        q = unpacked_codes(codes_ptr, high_ptr, k0, K, offs_n, mask_n, stride_ck, stride_cn, stride_hk, stride_hn,
                             BITS, BLOCK_K)
-        scale, zero = _group_scale_zero(scales_ptr, zeros_ptr, k0, group_size, offs_n, mask_n, stride_sg, stride_sn)
+        scale, zero = group_scale_zero(scales_ptr, zeros_ptr, k0, group_size, offs_n, mask_n, stride_sg, stride_sn)
         x_dot_q = tl.sum(tl.sum(x[:, :, None] * q.to(tl.float32), axis=0), axis=0)
         x_total = tl.sum(tl.sum(x, axis=1), axis=0)
         acc += scale * (x_dot_q - zero * x_total)
@@ -268,7 +199,7 @@ def _dequant_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_k = offs_k < K
     mask_n = offs_n < N
-    w_tile = _dequant_tile(
+    w_tile = dequant_tile(
         codes_ptr, high_ptr, scales_ptr, zeros_ptr, k0, offs_k, offs_n, mask_k, mask_n, group_size,
         stride_ck, stride_cn, stride_hk, stride_hn, stride_sg, stride_sn, BITS,
     )
