@@ -358,8 +358,9 @@ def markdown_section(data: dict) -> list[str]:
             lines.append(f"| {r['system']} | failed: {r['failed'].splitlines()[0][:120]} |||||||| |")
             continue
         t = r["trace"]
+        tpot = "- (no streaming)" if r["system"] == "hf-peft" else f"{t['tpot_s']['mean'] * 1e3:.2f}"
         lines.append(f"| {r['system']} | {r['burst']['throughput_tokens_s']:.0f} | {t['latency_s']['mean']:.3f} | "
-                     f"{t['latency_s']['p99']:.3f} | {t['ttft_s']['p99']:.3f} | {t['tpot_s']['mean'] * 1e3:.2f} | "
+                     f"{t['latency_s']['p99']:.3f} | {t['ttft_s']['p99']:.3f} | {tpot} | "
                      f"{t['slo_attainment'].get('5x', float('nan')):.0%} | "
                      f"{r['steps'].get('mean_step_ms', float('nan')):.2f} | {t['failed']} |")
     return lines
