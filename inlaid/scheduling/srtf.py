@@ -21,9 +21,10 @@ and β on it; a running request it does not reach keeps its KV blocks, paused):
 At most β = `max_adapters_per_step` distinct adapters per step (base-model rows never
 count): a LoRA segment costs the CPU executor ~18 ms per step whatever its size
 (`bench/results/sched_cost.md`). With `batch_rows_target` = R, each step takes only as
-many adapters (at most β) as the ranking needs to fill R rows: two adapters with deep
-queues make a step of two fuller segments, while with 1,000 tasks, one request each, the
-step still takes β. An adapter past the β-th is never refused forever: its
+many adapters (at most β) as the R most urgent requests (shortest first, not the grouped
+order: a flood of one adapter's requests must not leave out the adapter of a shorter one)
+need: two adapters with deep queues make a step of two fuller segments, while with 1,000
+tasks, one request each, the step still takes β. An adapter past the β-th is never refused forever: its
 request becomes overdue, ranks first, and its adapter enters the next step.
 
 With `fairness_bound` = B > 0 fairness comes before all of that: a request that would take
@@ -161,12 +162,18 @@ class InlaidPolicy(SchedulingPolicy):
             rest += later  # ranked by shortest work with the rest
         ongoing.sort(key=remaining_tokens)
         keys = {id(s): self._key(s, now) for s in rest}
-        ranked = overdue + fresh + ongoing + self._ranked(rest, keys)
+        head = overdue + fresh + ongoing
+        ranked = head + self._ranked(rest, keys)
         self.plannable = None
         if self.service is not None:
             ranked, self.plannable = self._within_fairness_bound(ranked)
         if self.options.batch_rows_target:
-            self.max_adapters_per_step = self._adapters_to_fill(ranked[: self.plannable])
+            # Rows counted in shortest-first order, not in the grouped order: an adapter with
+            # one of the R most urgent requests is never left out because another adapter's
+            # group (a flood of requests) alone fills R rows.
+            plannable = {id(s) for s in ranked[: self.plannable]}
+            by_key = [s for s in head + sorted(rest, key=lambda s: keys[id(s)]) if id(s) in plannable]
+            self.max_adapters_per_step = self._adapters_to_fill(by_key)
         return ranked
 
     def _adapters_to_fill(self, ranked: list[Sequence]) -> int | None:
