@@ -116,6 +116,21 @@ def test_validation_refuses_what_no_sampler_can_honour():
             SamplingParams(**bad).validate()
 
 
+def test_stop_rules_are_bounded():
+    """Stop rules are checked on the coordinator's loop for every token: one request's
+    24,000 stop strings slowed every other stream 30-fold. Past the bounds: refused."""
+    from inlaid.protocol.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+
+    SamplingParams(stop=[f"s{i}" for i in range(MAX_STOP_STRINGS)], stop_token_ids=list(range(MAX_STOP_TOKEN_IDS)),
+                   max_tokens=4).validate()
+    SamplingParams(stop=["x" * MAX_STOP_CHARS]).validate()
+    for bad, message in [(dict(stop=[f"s{i}" for i in range(MAX_STOP_STRINGS + 1)]), "at most 16 strings"),
+                         (dict(stop=["x" * (MAX_STOP_CHARS + 1)]), "at most 256 characters"),
+                         (dict(stop_token_ids=list(range(MAX_STOP_TOKEN_IDS + 1))), "at most 256 ids")]:
+        with pytest.raises(ValueError, match=message):
+            SamplingParams(**bad).validate()
+
+
 def test_a_row_with_broken_logits_fails_alone():
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(3))
     params = [SamplingParams(temperature=0.8, seed=i) for i in range(4)]

@@ -40,6 +40,7 @@ log = logging.getLogger("inlaid.http")
 
 _JSON = "application/json"
 _HEALTH_TIMEOUT_S = 2.0
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class Front:
@@ -143,6 +144,8 @@ async def _read_json(request: Request, kind: type[Any], max_bytes: int) -> Any:
         body += piece
         if len(body) > max_bytes:
             raise ApiError(413, f"the request body is larger than {max_bytes} bytes", code="request_too_large")
+    if body.startswith(_UTF8_BOM):  # RFC 8259 lets a parser ignore it; some clients (.NET, PowerShell) send it
+        del body[:len(_UTF8_BOM)]
     if not body:
         raise bad_request("the request has no JSON body")
     try:
@@ -204,7 +207,10 @@ async def _load_lora_adapter(front: Front, request: Request) -> Response:
 async def _unload_lora_adapter(front: Front, request: Request) -> Response:
     body = await _read_json(request, UnloadLoraAdapterRequest, front.config.max_body_bytes)
     async with front.admin_client(request) as client:
-        message = await client.remove_task(body.lora_name)
+        try:
+            message = await client.remove_task(body.lora_name)
+        except InlaidError as error:  # an unknown adapter: the 404 names the field that named it
+            raise from_inlaid(error, not_found_param="lora_name") from None
     log.info("adapter unloaded over HTTP", extra={"task": body.lora_name, "result": message})
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 

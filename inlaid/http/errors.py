@@ -70,13 +70,15 @@ def bad_request(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, code="invalid_request", param=param)
 
 
-def from_inlaid(error: InlaidError, model: str | None = None) -> ApiError:
-    """The HTTP form of an SDK error (the server's typed reply, or the SDK's own)."""
+def from_inlaid(error: InlaidError, model: str | None = None, *, not_found_param: str | None = None) -> ApiError:
+    """The HTTP form of an SDK error (the server's typed reply, or the SDK's own). A 404 names
+    `model` for a generation request (`model` given), else `not_found_param` (`lora_name`)."""
     status, kind, code = _BY_CODE.get(error.code, (500, "server_error", error.code))
     message = _SERVER_PREFIX.sub("", error.message)
     if error.code == ErrorCode.UNKNOWN_TASK and model is not None:
         message = f"The model `{model}` does not exist (no such task on this server). {message}"
-    return ApiError(status, message, code=code, type=kind, param="model" if status == 404 else None)
+    param = ("model" if model is not None else not_found_param) if status == 404 else None
+    return ApiError(status, message, code=code, type=kind, param=param)
 
 
 def from_decode_error(error: msgspec.MsgspecError) -> ApiError:
