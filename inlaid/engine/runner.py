@@ -53,6 +53,19 @@ class _AdapterCopy:
     spec: AdapterSpec
     tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.tensors.values())
+
+
+# The host adapter cache's byte budget, in device slot pools: the cache only saves a file read
+# when an adapter that lost its slot comes back, so it need not outgrow the slot pool the
+# operator already sized (max_lora_slots x max_lora_rank). Two pools' worth holds at least
+# max_lora_slots adapters whatever their rank and stored dtype (a float32 file at the pool's
+# max rank is at most twice a bfloat16 slot), and far more at usual ranks: 16 of the 19.6 MB
+# rank-32 float16 adapters of the default 135M model with 2 float32 slots of rank 64.
+HOST_ADAPTER_CACHE_POOLS = 2
+
 
 def step_order(chunks: list[ChunkPlan]) -> list[ChunkPlan]:
     """A step's chunks in batch order: decode tokens first, then prompt chunks (each low-bit
@@ -62,9 +75,12 @@ def step_order(chunks: list[ChunkPlan]) -> list[ChunkPlan]:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, host_adapter_cache: int = 64, model: LlamaModel | None = None) -> None:
+    def __init__(self, config: EngineConfig, host_adapter_cache: int = 64, model: LlamaModel | None = None,
+                 host_adapter_cache_bytes: int | None = None) -> None:
         """`model`: an already built model for `config` (benchmarks with random weights);
-        by default it is loaded from the config's directories."""
+        by default it is loaded from the config's directories. `host_adapter_cache` (entries)
+        and `host_adapter_cache_bytes` (default: HOST_ADAPTER_CACHE_POOLS slot pools) bound
+        the host copies of adapters; the least recently loaded go first."""
         config.validate()
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -112,6 +128,13 @@ class ModelRunner:
             self._quant_format = (int(quant["bits"]), int(quant["group_size"]))
         self._host_adapters: OrderedDict[str, _AdapterCopy] = OrderedDict()
         self._host_adapter_cache = host_adapter_cache
+        if host_adapter_cache_bytes is None:
+            slot_elements = config.max_lora_rank * sum(linear.in_features + linear.out_slices[index]
+                                                       for linear, index in self.linears.values())
+            host_adapter_cache_bytes = (HOST_ADAPTER_CACHE_POOLS * config.max_lora_slots * slot_elements
+                                        * torch.empty((), dtype=self.dtype).element_size())
+        self.host_adapter_cache_bytes = host_adapter_cache_bytes
+        self.host_adapter_bytes = 0  # what the cached copies hold now
         self.slot_contents: dict[int, str] = {}  # slot -> adapter path (for introspection and tests)
         self.decode_graphs: DecodeGraphs | None = None
         if config.cuda_graphs:
@@ -134,13 +157,32 @@ class ModelRunner:
             spec = read_adapter_spec(name, path)
             copy = _AdapterCopy(spec, load_adapter_tensors(spec, self.model_config.num_layers))
             self._host_adapters[path] = copy
-            while len(self._host_adapters) > self._host_adapter_cache:
-                self._host_adapters.popitem(last=False)
+            self.host_adapter_bytes += copy.nbytes
         self._host_adapters.move_to_end(path)
+        # The copy just loaded stays even alone over the budget: it is about to be installed.
+        while len(self._host_adapters) > 1 and (len(self._host_adapters) > self._host_adapter_cache
+                                                or self.host_adapter_bytes > self.host_adapter_cache_bytes):
+            _, evicted = self._host_adapters.popitem(last=False)
+            self.host_adapter_bytes -= evicted.nbytes
         install_adapter(self.linears, copy.spec, copy.tensors, slot, self.config.max_lora_rank)
         self.slot_contents[slot] = path
         if self.decode_graphs is not None:
             self.decode_graphs.weights_changed()
+
+    def forget_adapters(self, paths: list[str]) -> None:
+        """Drop the host copies of adapters no task serves any more (`BatchPlan.adapter_drops`).
+        A device slot that still holds one is left as it is: the slot pool is allocated once,
+        so clearing it frees nothing, and the coordinator freed the slot for the next load to
+        overwrite. A later load of the same path reads the files again."""
+        for path in paths:
+            evicted = self._host_adapters.pop(path, None)
+            if evicted is not None:
+                self.host_adapter_bytes -= evicted.nbytes
+
+    @property
+    def host_adapter_paths(self) -> list[str]:
+        """The adapters held in host memory, least recently loaded first (for tests and stats)."""
+        return list(self._host_adapters)
 
     # ------------------------------------------------------------------ quantized layers
     def swap_layer(self, layer: int, version: int, tensors: dict[str, torch.Tensor]) -> None:
@@ -188,6 +230,7 @@ class ModelRunner:
         sampled, fails alone (`StepResult.failed`); the rest of the step is computed. Only
         an exception in the shared forward pass fails the whole plan."""
         started = time.perf_counter()
+        self.forget_adapters(plan.adapter_drops)  # before the loads: a dropped path that comes back is read afresh
         load_errors = self._load_adapters_isolated(plan.adapter_loads)
         failed: list[SequenceFailure] = []
         runnable: list[ChunkPlan] = []
@@ -232,6 +275,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_logits(self, plan: BatchPlan) -> tuple[list[int], torch.Tensor, list[ChunkPlan]]:
         """Run the plan's forward; return (seq ids, float32 logits [B, V], chunks) of sampled rows."""
+        self.forget_adapters(plan.adapter_drops)
         for load in plan.adapter_loads:
             self.load_adapter(load.slot, load.name, load.path)
         return self._forward_chunks(plan.chunks)
@@ -241,6 +285,7 @@ class ModelRunner:
         """Run the plan's forward; return (its chunks in batch order, the final hidden states
         [T, H] of every token, the row of each chunk's first token). `model.logits` of any
         rows gives their next-token logits (teacher-forced scoring uses all of them)."""
+        self.forget_adapters(plan.adapter_drops)
         for load in plan.adapter_loads:
             self.load_adapter(load.slot, load.name, load.path)
         chunks = step_order(plan.chunks)

@@ -70,6 +70,11 @@ class BatchPlan(msgspec.Struct, frozen=True, kw_only=True, tag="batch_plan"):
     chunks: list[ChunkPlan]
     adapter_loads: list[AdapterLoad] = []
     layer_swaps: list[LayerSwap] = []  # applied before the step: a step never mixes versions in a layer
+    # Adapter directories this executor loaded that no registered task serves any more (the
+    # task was removed and drained, or replaced): the executor forgets its host copies of
+    # them before this plan's loads. A state directory gives every addition a fresh copy, so
+    # without this an add/remove churn grows the executor's cache one adapter per cycle.
+    adapter_drops: list[str] = []
 
 
 class SampledToken(msgspec.Struct, frozen=True, kw_only=True):

@@ -75,6 +75,7 @@ class DynamicTasks:
         self.jobs = RequantizationJobs(config, self.store, self.num_layers, wake, executors=len(registry.engines))
         if self.store is not None:
             self._restore_tasks(self.store)
+            registry.on_released.append(self._discard_if_unused)
 
     def _restore_tasks(self, store: TaskStore) -> None:
         for name in self.config.tasks:  # a task served from the config counts again
@@ -122,7 +123,7 @@ class DynamicTasks:
             text = self.registry.add(name, inputs.adapter_dir)
         except TaskError:
             if store is not None and inputs.copied:
-                store.discard_copies(inputs.adapter_dir, inputs.calibration)
+                store.discard_copy(inputs.adapter_dir)
             raise
         self._on_task_count(len(self.registry.tasks))
         if store is None:
@@ -138,8 +139,11 @@ class DynamicTasks:
             store.next_version += 1
             if name in store.dropped:
                 store.dropped.remove(name)  # its job computes its Hessians afresh
+        replaced = store.tasks.get(name)
         store.tasks[name] = record
         store.save()
+        if replaced is not None:  # the registry has released it (replaced while idle), or never served it
+            self._discard_if_unused(replaced.adapter_dir)
         if record.phase == QUEUED:
             self.jobs.submit(name)
             return f"{text}; serving on the current base, re-quantization queued (version {record.version})"
@@ -167,7 +171,23 @@ class DynamicTasks:
         if name not in store.dropped:
             store.dropped.append(name)
         store.save()
+        if record is not None:  # now if nothing is in flight; else when its last request ends
+            self._discard_if_unused(record.adapter_dir)
         return text
+
+    def _discard_if_unused(self, adapter_dir: str) -> None:
+        """Delete the state directory's copy of an adapter (and of its calibration file) once
+        no stored task refers to it and no task in the registry, draining ones included, is
+        registered with it. Called when the registry releases a directory and when a record
+        leaves the store: whichever comes last deletes. Directories the user configured are
+        never copies and stay (`TaskStore.discard_copy`). Restarts still collect what is left."""
+        store = self.store
+        if store is None or self.registry.serves(adapter_dir):
+            return
+        if any(record.adapter_dir == adapter_dir for record in store.tasks.values()):
+            return
+        if store.discard_copy(adapter_dir):
+            log.info("adapter copy deleted", extra={"adapter_dir": adapter_dir})
 
     def status(self, request_id: str, name: str) -> TaskStatusReply:
         store = self.store

@@ -17,9 +17,12 @@ import dataclasses
 import itertools
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+import msgspec
+
+from inlaid.engine.config import EngineConfig
 from inlaid.engine.engine import Engine
 from inlaid.engine.scheduler import FifoPolicy, SchedulingPolicy
 from inlaid.protocol import BatchPlan, ExecutorInfo
@@ -28,6 +31,34 @@ from inlaid.serve.placement import Demand, ExecutorLoad, Move, choose, rebalance
 from inlaid.serve.requests import ActiveRequest
 from inlaid.serve.step_loop import StepLoop
 from inlaid.serve.supervisor import ExecutorSupervisor
+
+
+class ShardEngine(Engine):
+    """One executor's engine on the coordinator's side. Its plans also name the adapter
+    directories that executor may forget (`BatchPlan.adapter_drops`): the executor is another
+    process and learns of adapters only from plans, so without them it would keep the host
+    copy of every removed or replaced task until it restarts."""
+
+    def __init__(self, config: EngineConfig, policy: SchedulingPolicy | None, seq_ids: Iterator[int]) -> None:
+        super().__init__(config, runner=None, policy=policy, seq_ids=seq_ids)
+        self._executor_adapters: dict[str, str] = {}  # name -> the directory this executor last loaded for it
+
+    def begin_step(self) -> BatchPlan | None:
+        plan = super().begin_step()
+        if plan is None:
+            return None  # an idle executor learns at its next plan: nothing grows while it is idle
+        registered = self.scheduler.adapters.paths
+        # The registry unregisters a removed task once its last request ended, and a task is
+        # replaced only while none of its requests is in flight: a path gone from `registered` is
+        # used by no sequence of this plan or a later one.
+        gone = {path for name, path in self._executor_adapters.items() if registered.get(name) != path}
+        if gone:
+            gone -= set(registered.values())  # another task may serve the same directory
+            self._executor_adapters = {name: path for name, path in self._executor_adapters.items()
+                                       if registered.get(name) == path}
+        for load in plan.adapter_loads:
+            self._executor_adapters[load.name] = load.path
+        return msgspec.structs.replace(plan, adapter_drops=sorted(gone)) if gone else plan
 
 
 @dataclass
@@ -71,8 +102,8 @@ class ExecutorPool:
         settings = config.executors
         seq_ids = itertools.count()  # shared: a moved request keeps its sequence id
         self.shards = [
-            ExecutorShard(index, Engine(dataclasses.replace(config.engine, device=device), runner=None,
-                                        policy=policy_factory(), seq_ids=seq_ids))
+            ExecutorShard(index, ShardEngine(dataclasses.replace(config.engine, device=device), policy_factory(),
+                                             seq_ids))
             for index, device in enumerate(config.executor_devices())
         ]  # fmt: skip
         self.rule = settings.placement

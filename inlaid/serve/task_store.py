@@ -3,7 +3,8 @@ Torch-free (the coordinator owns it).
 
     STATE_DIR/registry.json             tasks, their re-quantization progress, committed layers
     STATE_DIR/adapters/<name>.<id>/     a copy of each added adapter (a fresh directory per
-                                        addition: the executor caches adapters by path)
+                                        addition: the executor caches adapters by path),
+                                        deleted once its task is removed and drained or replaced
     STATE_DIR/calibration/<name>.<id>.jsonl
     STATE_DIR/quant/layers/layer_007.v3.safetensors   re-quantized layers (written by the requantizer)
     STATE_DIR/quant/hessian_state/layer_007.safetensors  merged Hessian state (ditto)
@@ -129,10 +130,17 @@ class TaskStore:
             copied_calibration = str(copied)
         return str(target), copied_calibration
 
-    def discard_copies(self, adapter_dir: str, calibration: str | None) -> None:
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-        if calibration:
-            Path(calibration).unlink(missing_ok=True)
+    def discard_copy(self, adapter_dir: str) -> bool:
+        """Delete an adapter copy `copy_inputs` made, and the calibration copied with it (same
+        name). Anything else (a directory of the config's [tasks], or an adapter added without
+        a state directory) is the user's and stays. Returns whether it was a copy. The caller
+        checks that no task and no request in flight uses it."""
+        copy = Path(os.path.abspath(adapter_dir))  # normalized, no symlink followed
+        if copy.parent != Path(os.path.abspath(self.root / "adapters")):
+            return False
+        shutil.rmtree(copy, ignore_errors=True)
+        (self.root / "calibration" / f"{copy.name}.jsonl").unlink(missing_ok=True)
+        return True
 
     def _collect_garbage(self) -> None:
         """Copies and layer files nothing refers to any more (removed tasks, superseded layers)."""

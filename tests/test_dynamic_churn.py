@@ -1,0 +1,191 @@
+"""Add/remove churn leaves nothing behind (without processes): the state directory deletes a
+task's copies once it is removed and drained, or replaced, and never a configured directory;
+every executor's next plan names the adapters it may forget; the executor's host adapter
+cache forgets them and stays within its byte budget."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from inlaid.protocol import BatchPlan, ErrorCode, ExecutorInbound, SamplingParams
+from inlaid.serve.config import config_from_dict
+from inlaid.serve.dynamic_tasks import DynamicTasks
+from inlaid.serve.executor_pool import ExecutorPool
+from inlaid.serve.task_registry import TaskError, TaskRegistry
+
+ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+
+
+@pytest.fixture(scope="module")
+def source_adapter(tmp_path_factory) -> Path:
+    """A private copy of a committed adapter: nothing here may touch adapters/."""
+    return Path(shutil.copytree(ADAPTERS / "qa", tmp_path_factory.mktemp("src") / "qa"))
+
+
+def _server(model_dir: Path, state: Path, executors: int = 1, tasks: dict[str, str] | None = None):
+    """The coordinator's task side as coordinator.py wires it: pool engines, registry, DynamicTasks."""
+    config = config_from_dict({"model": {"dir": str(model_dir)}, "server": {"state_dir": str(state)},
+                               "executors": {"count": executors}, "tasks": tasks or {},
+                               "executor": {"max_num_seqs": 4, "num_kv_blocks": 64, "max_lora_slots": 2}})
+    pool = ExecutorPool(config, lambda: None)
+    registry = TaskRegistry(pool.engines, "token")
+    for name, adapter_dir in config.tasks.items():
+        registry.add(name, adapter_dir)
+    return pool, registry, DynamicTasks(config, registry, wake=lambda: None)
+
+
+def _copies(state: Path) -> list[str]:
+    return [p.name for kind in ("adapters", "calibration") for p in sorted((state / kind).iterdir())]
+
+
+class _Requests:
+    """Requests the way in_flight.py counts them: the engine holds the sequence, the registry its task."""
+
+    def __init__(self, registry: TaskRegistry) -> None:
+        self.registry = registry
+        self.count = 0
+
+    def start(self, engine, task: str | None) -> str:  # type: ignore[no-untyped-def]
+        self.count += 1
+        engine_id = f"r{self.count}"
+        engine.add_request([1, 2, 3], sampling=SamplingParams(max_tokens=4), adapter=task, request_id=engine_id)
+        self.registry.request_started(task)
+        return engine_id
+
+    def end(self, engine, engine_id: str, task: str | None) -> None:  # type: ignore[no-untyped-def]
+        engine.abort(engine_id)
+        self.registry.request_ended(task)
+
+
+def _step(engine) -> BatchPlan:  # type: ignore[no-untyped-def]
+    plan = engine.begin_step()
+    assert plan is not None
+    # what the executor decodes (a defaulted field must survive the wire)
+    decoded = msgspec.msgpack.Decoder(ExecutorInbound).decode(msgspec.msgpack.encode(plan))
+    assert decoded == plan
+    return plan
+
+
+def test_removed_task_copies_go_once_drained_and_every_executor_forgets_it(model_dir, tmp_path, source_adapter):
+    state = tmp_path / "state"
+    calibration = tmp_path / "calib.jsonl"
+    calibration.write_text('{"messages": [{"role": "user", "content": "hi"}], "reference": "hello"}\n')
+    pool, registry, dynamic = _server(model_dir, state, executors=2)
+    requests = _Requests(registry)
+    dynamic.add(dynamic.prepare("qa", str(source_adapter), str(calibration)))
+    copy = registry.tasks["qa"]
+    assert Path(copy).parent == state / "adapters" and len(_copies(state)) == 2  # adapter + calibration
+    # used on both executors, then removed while a request is still in flight on executor 1
+    first, second = pool.engines
+    r1 = requests.start(first, "qa")
+    r2 = requests.start(second, "qa")
+    assert [load.path for load in _step(first).adapter_loads] == [copy]
+    assert [load.path for load in _step(second).adapter_loads] == [copy]
+    requests.end(first, r1, "qa")
+    dynamic.remove("qa")
+    # draining: a request is still in flight with it
+    assert "qa" in registry.draining and Path(copy).is_dir() and len(_copies(state)) == 2
+    requests.end(second, r2, "qa")
+    assert _copies(state) == [] and source_adapter.is_dir()  # drained: the copies go, the source stays
+    # each executor forgets it at its next plan, and only once
+    for engine in pool.engines:
+        engine_id = requests.start(engine, None)
+        assert _step(engine).adapter_drops == [copy]
+        requests.end(engine, engine_id, None)
+        engine_id = requests.start(engine, None)
+        assert _step(engine).adapter_drops == []
+        requests.end(engine, engine_id, None)
+    # removed while idle: gone at once
+    dynamic.add(dynamic.prepare("qa", str(source_adapter), None))
+    assert len(_copies(state)) == 1
+    dynamic.remove("qa")
+    assert _copies(state) == []
+
+
+def test_replaced_task_copy_goes_once_its_requests_ended(model_dir, tmp_path, source_adapter):
+    state = tmp_path / "state"
+    pool, registry, dynamic = _server(model_dir, state)
+    engine = pool.engines[0]
+    requests = _Requests(registry)
+    dynamic.add(dynamic.prepare("qa", str(source_adapter), None))
+    old = registry.tasks["qa"]
+    engine_id = requests.start(engine, "qa")
+    assert [load.path for load in _step(engine).adapter_loads] == [old]
+    # a replacement while a request is in flight is refused, and its own copy discarded
+    with pytest.raises(TaskError) as refused:
+        dynamic.add(dynamic.prepare("qa", str(source_adapter), None))
+    assert refused.value.code == ErrorCode.TASK_BUSY and _copies(state) == [Path(old).name]
+    requests.end(engine, engine_id, "qa")
+    dynamic.add(dynamic.prepare("qa", str(source_adapter), None))
+    new = registry.tasks["qa"]
+    assert new != old and _copies(state) == [Path(new).name]
+    engine_id = requests.start(engine, "qa")
+    plan = _step(engine)
+    assert plan.adapter_drops == [old] and [load.path for load in plan.adapter_loads] == [new]
+    requests.end(engine, engine_id, "qa")
+    # a restart keeps the live task's copy (and collects nothing else)
+    _, registry_again, _ = _server(model_dir, state)
+    assert registry_again.tasks == {"qa": new} and _copies(state) == [Path(new).name]
+
+
+def test_configured_adapter_directories_are_never_deleted(model_dir, tmp_path, source_adapter):
+    state = tmp_path / "state"
+    configured = Path(shutil.copytree(source_adapter, tmp_path / "configured"))
+    pool, registry, dynamic = _server(model_dir, state, tasks={"qa": str(configured), "other": str(configured)})
+    dynamic.remove("other")  # the same directory still serves "qa"
+    dynamic.add(dynamic.prepare("qa", str(source_adapter), None))  # replaces the configured "qa"
+    dynamic.remove("qa")
+    assert sorted(p.name for p in configured.iterdir()) == sorted(p.name for p in source_adapter.iterdir())
+    assert _copies(state) == []
+
+
+# ---------------------------------------------------------------- the executor's host cache
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, model_dir):
+    pytest.importorskip("peft")
+    from tiny_llama import make_adapter, make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    model = make_tiny_model(root / "model", model_dir, layers=2)
+    return model, [str(make_adapter(model, root / f"adapter_{i}", seed=i + 1)) for i in range(3)]
+
+
+def _runner(model: Path, **cache):  # type: ignore[no-untyped-def]
+    from inlaid.engine.config import EngineConfig
+    from inlaid.engine.runner import ModelRunner
+
+    return ModelRunner(EngineConfig(model_dir=str(model), dtype="float32", num_kv_blocks=8, block_size=8,
+                                    max_lora_slots=2, max_lora_rank=4, pack_weights=False), **cache)
+
+
+def test_host_cache_forgets_dropped_adapters_and_keeps_its_byte_budget(tiny):
+    model, (a, b, c) = tiny
+    runner = _runner(model)
+    # the default budget: two slot pools (every projection at the pool's rank, float32)
+    per_slot = sum(linear.in_features + linear.out_slices[index] for linear, index in runner.linears.values())
+    assert runner.host_adapter_cache_bytes == 2 * 2 * 4 * per_slot * 4
+    runner.load_adapter(0, "a", a)
+    one = runner.host_adapter_bytes
+    runner.load_adapter(1, "b", b)
+    assert runner.host_adapter_paths == [a, b] and runner.host_adapter_bytes == 2 * one > 0
+    # a plan's drops go before its loads: "a" is read afresh, "b" is forgotten
+    runner.execute(BatchPlan(step_id=0, chunks=[], adapter_drops=[b, "/never/loaded"]))
+    assert runner.host_adapter_paths == [a] and runner.host_adapter_bytes == one
+    runner.forget_adapters([a])
+    assert runner.host_adapter_paths == [] and runner.host_adapter_bytes == 0
+    # a budget of two adapters keeps the two most recently loaded
+    small = _runner(model, host_adapter_cache_bytes=2 * one)
+    for slot, path in enumerate((a, b, c, a)):
+        small.load_adapter(slot % 2, "x", path)
+    assert small.host_adapter_paths == [c, a] and small.host_adapter_bytes == 2 * one
+    # one over the budget alone stays (it is being installed); the next one replaces it
+    tight = _runner(model, host_adapter_cache_bytes=one // 2)
+    tight.load_adapter(0, "a", a)
+    tight.load_adapter(1, "b", b)
+    assert tight.host_adapter_paths == [b] and tight.host_adapter_bytes == one
