@@ -9,13 +9,14 @@ bounded memory, refits off the caller's thread, saves and loads its state) and
 from inlaid.predictor.evaluate import evaluate_predictions, length_bucket
 from inlaid.predictor.features import FeatureHasher
 from inlaid.predictor.model import LengthPredictor, LengthSample, TaskMeanPredictor
-from inlaid.predictor.online import OnlineLengthPredictor
+from inlaid.predictor.online import OnlineLengthPredictor, PredictorStateError
 
 __all__ = [
     "FeatureHasher",
     "LengthPredictor",
     "LengthSample",
     "OnlineLengthPredictor",
+    "PredictorStateError",
     "TaskMeanPredictor",
     "evaluate_predictions",
     "length_bucket",

@@ -11,8 +11,10 @@ only hashes the prompt and appends), or inline when `background` is off. The sta
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import zipfile
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +24,17 @@ import numpy as np
 from inlaid.predictor.model import LengthPredictor
 
 _Row = tuple[np.ndarray, np.ndarray, float]  # feature indices, values, output tokens
+
+log = logging.getLogger(__name__)
+
+# The arrays every state `save` writes (the model's own are checked by its `load_state`).
+_RESERVOIR_KEYS = ("reservoir_tasks", "reservoir_targets", "reservoir_lengths", "reservoir_indices",
+                   "reservoir_values")
+
+
+class PredictorStateError(ValueError):
+    """A predictor state file that `OnlineLengthPredictor.save` did not write (corrupt,
+    truncated, or another program's file)."""
 
 
 class OnlineLengthPredictor:
@@ -111,15 +124,26 @@ class OnlineLengthPredictor:
         with self._lock:
             self.model.set_weights(*weights)
             self.fits += 1
-        if self.state_path is not None:
-            self.save(self.state_path)
+        self._save_state()
 
     def close(self) -> None:
         """Wait for a running refit, then save the state (when it has a path)."""
         if self._thread is not None:
             self._thread.join()
-        if self.state_path is not None:
+        self._save_state()
+
+    def _save_state(self) -> None:
+        """Save to `state_path` after a refit or on close. A failure (disk full, the
+        directory removed while serving) is logged, not raised: it runs on the refit
+        thread, where it would kill the thread with a traceback, and at shutdown, where it
+        would skip the server's cleanup. The model in memory serves on; the next save retries."""
+        if self.state_path is None:
+            return
+        try:
             self.save(self.state_path)
+        except OSError as error:
+            log.warning("cannot save the length predictor's state; it stays in memory only",
+                        extra={"path": str(self.state_path), "error": error.strerror or str(error)})
 
     # ------------------------------------------------------------------ state
     def save(self, path: str | Path) -> None:
@@ -141,15 +165,37 @@ class OnlineLengthPredictor:
         state["reservoir_values"] = np.concatenate(values) if values else np.zeros(0, np.float32)
         path = Path(path)
         temporary = path.with_name(f"{path.name}.{threading.get_ident()}.tmp.npz")
-        np.savez_compressed(temporary, **state)
-        os.replace(temporary, path)
+        try:
+            np.savez_compressed(temporary, **state)
+            os.replace(temporary, path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)  # half a file (disk full) must not stay behind
+            raise
 
     @classmethod
     def load(cls, path: str | Path, **options: object) -> "OnlineLengthPredictor":
-        with np.load(Path(path), allow_pickle=False) as archive:
-            state = {key: archive[key] for key in archive.files}
+        """The predictor saved in `path`; PredictorStateError (naming the file) for anything
+        `save` did not write. Never unpickles: a state is plain numeric and string arrays."""
+        path = Path(path)
         predictor = cls(**options)  # type: ignore[arg-type]
-        predictor.model.load_state(state)
+        try:
+            state = _read_state(path)
+            predictor.model.load_state(state)
+            indices = state["reservoir_indices"]
+            if len(indices) and not 0 <= int(indices.min()) <= int(indices.max()) < predictor.model.hasher.size:
+                raise ValueError("reservoir feature indices outside the model")  # a refit would fail on them
+        except OSError as error:  # unreadable (permissions, a directory): the file may well be fine
+            raise PredictorStateError(f"cannot read the length predictor state {path}: "
+                                      f"{error.strerror or error}") from None
+        except (EOFError, zipfile.BadZipFile, KeyError, IndexError, TypeError, ValueError) as error:
+            reason = f"no array {error}" if isinstance(error, KeyError) else str(error)
+            # numpy's advice (allow_pickle=True) is never the answer: a state holds no objects.
+            if "Object arrays" in reason:
+                reason = "it holds pickled Python objects, which are never loaded"
+            elif "pickle" in reason:  # numpy's reading of anything that is neither .npz nor .npy
+                reason = "not an .npz archive"
+            raise PredictorStateError(f"{path} is not a length predictor state written by Inlaid ({reason:.200}); "
+                                      "delete or move it to start with a fresh predictor") from None
         offsets = np.concatenate([[0], np.cumsum(state["reservoir_lengths"])])
         for position, (task, target) in enumerate(zip(state["reservoir_tasks"], state["reservoir_targets"])):
             rows = predictor._rows.setdefault(str(task), deque())
@@ -157,3 +203,19 @@ class OnlineLengthPredictor:
             rows.append((state["reservoir_indices"][start:end], state["reservoir_values"][start:end], float(target)))
             predictor._size += 1
         return predictor
+
+
+def _read_state(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a state file, checked to fit together (a KeyError or ValueError otherwise)."""
+    with open(path, "rb") as file:
+        archive = np.load(file, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):  # a bare .npy array
+            raise ValueError("not an .npz archive")
+        with archive:
+            state = {key: archive[key] for key in archive.files}
+    tasks, targets, lengths, indices, values = (state[key] for key in _RESERVOIR_KEYS)
+    if lengths.dtype.kind not in "iu" or indices.dtype.kind not in "iu" or (lengths < 0).any():
+        raise ValueError("reservoir lengths or feature indices are not counts")
+    if not (len(tasks) == len(targets) == len(lengths)) or not (len(indices) == len(values) == int(lengths.sum())):
+        raise ValueError("reservoir arrays of different lengths")
+    return state

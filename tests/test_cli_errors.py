@@ -81,3 +81,26 @@ def test_quantize_add_refuses_an_output_that_would_overwrite_a_checkpoint(tmp_pa
     assert main(["quantize-add", "--checkpoint", str(checkpoint), "--task", "t=adapter:calib.jsonl",
                  "--out", str(checkpoint)]) == 2
     assert "overlaps the checkpoint" in capsys.readouterr().err
+
+
+def test_serve_refuses_scheduler_files_it_could_never_write_or_read(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """A predictor state in a missing directory (the server served, every refit's save failed
+    with a traceback and SIGTERM ended with exit 2 and a leaked ipc directory), a corrupt state
+    file (numpy's allow_pickle advice, naming no file), a step log in a missing directory:
+    one line naming the key and the file, exit 2, before any executor starts."""
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"not a npz at all")
+    cases = [("predictor_state", tmp_path / "missing" / "pred.npz", "does not exist"),
+             ("predictor_state", corrupt, "is not a length predictor state written by Inlaid"),
+             ("step_log", tmp_path / "missing" / "steps.jsonl", "does not exist")]
+    for key, path, message in cases:
+        config = tmp_path / "server.toml"
+        # A missing quantized_dir too: were the scheduler's file accepted, the start would
+        # still stop (on that, later) instead of serving in this process.
+        config.write_text(f'[model]\nquantized_dir = "{tmp_path / "nowhere"}"\n[server]\npolicy = "inlaid"\n'
+                          f'[scheduler]\n{key} = "{path}"\n')
+        assert main(["serve", "--config", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert f"scheduler.{key}" in err and str(path) in err and message in err, err
+        assert "Traceback" not in err and "allow_pickle" not in err and len(err.strip().splitlines()) == 1, err

@@ -168,6 +168,25 @@ def test_adapter_config_validation(tmp_path):
         read_adapter_spec("missing", tmp_path / "nowhere")
 
 
+def test_lora_scales_that_would_overflow_are_refused_negative_ones_kept(tmp_path):
+    """lora_alpha finite in Python but a scale no pool dtype can hold (1e308 overflowed float32:
+    every request of the task failed; 1e38 and -1e30 gave NaN logits) is an AdapterError at
+    AddTask; the bound is the scale's magnitude (PEFT allows any lora_alpha, negative too)."""
+    from inlaid.engine.adapter_config import MAX_LORA_SCALE
+
+    for name, config in {"huge": {"lora_alpha": 1e308}, "float32_max": {"lora_alpha": 1e38},
+                         "negative": {"lora_alpha": -1e30}, "just_over": {"r": 2, "lora_alpha": 2 * 65505},
+                         "rslora": {"r": 4, "lora_alpha": 2 * 65505, "use_rslora": True}}.items():
+        with pytest.raises(AdapterError, match=r"LoRA scale lora_alpha / (sqrt\(r\)|r) = .* over 65504 in magnitude"):
+            read_adapter_spec(name, _write_adapter(tmp_path / name, **config))
+    with pytest.raises(AdapterError, match="rank is out of range"):  # alpha / r overflows: still an AdapterError
+        read_adapter_spec("rank", _write_adapter(tmp_path / "rank", r=10**400))
+    for name, config, scale in [("limit", {"r": 2, "lora_alpha": 2 * 65504}, MAX_LORA_SCALE),
+                                ("rs_limit", {"r": 4, "lora_alpha": 2 * 65504, "use_rslora": True}, MAX_LORA_SCALE),
+                                ("negated", {"r": 8, "lora_alpha": -16}, -2.0), ("off", {"lora_alpha": 0}, 0.0)]:
+        assert read_adapter_spec(name, _write_adapter(tmp_path / name, **config)).scale == scale
+
+
 def test_model_loading_errors(tmp_path, model_dir):
     from inlaid.engine.weights import load_model
 

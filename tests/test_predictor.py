@@ -14,6 +14,7 @@ from inlaid.predictor import (
     LengthPredictor,
     LengthSample,
     OnlineLengthPredictor,
+    PredictorStateError,
     TaskMeanPredictor,
     evaluate_predictions,
     length_bucket,
@@ -99,6 +100,80 @@ def test_online_predictor_learns_with_bounded_memory_and_saves_its_state(tmp_pat
     assert unseen == [online.predict("new-" + s.task, s.prompt_token_ids) for s in held_out]
     restored.observe("t0", [1, 2, 3], 7)  # keeps learning after a restart
     assert restored.size == 301
+
+
+def test_a_failed_save_is_a_warning_not_an_exception(tmp_path, caplog):
+    """A state path whose directory is gone (or a full disk): refits (inline or on their
+    thread) and close log one warning naming the file, and the predictor keeps learning."""
+    import logging
+    import threading
+
+    state = tmp_path / "gone" / "predictor.npz"
+    thread_errors: list[BaseException] = []
+    previous_hook = threading.excepthook
+    threading.excepthook = lambda args: thread_errors.append(args.exc_value)
+    # On the logger itself: a server started in this process (`inlaid serve` tests) stops
+    # the "inlaid" loggers propagating to the root, where caplog listens.
+    logger = logging.getLogger("inlaid.predictor.online")
+    saved = logger.propagate, logger.level
+    logger.addHandler(caplog.handler)
+    logger.propagate = False
+    logger.setLevel(logging.WARNING)
+    try:
+        for background in (False, True):
+            caplog.clear()
+            online = OnlineLengthPredictor(refit_every=10, background=background, state_path=state)
+            for sample in _synthetic(25, seed=3):
+                online.observe(sample.task, sample.prompt_token_ids, sample.output_tokens)
+            online.close()  # joins the background refit, then saves once more
+            # Two refits were due (a background one may be skipped while another runs).
+            assert online.fits in ((1, 2) if background else (2,)) and online.model.fitted
+            warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+            assert len(warnings) == online.fits + 1, caplog.records  # each refit's save, then close's
+            assert all(r.path == str(state) for r in warnings)
+            assert "No such file or directory" in warnings[0].error
+    finally:
+        threading.excepthook = previous_hook
+        logger.removeHandler(caplog.handler)
+        logger.propagate = saved[0]
+        logger.setLevel(saved[1])
+    assert not thread_errors  # no refit thread died
+    assert list(tmp_path.iterdir()) == []  # no directory made behind the config's back, no temporary left
+
+
+def test_a_file_that_is_not_a_saved_state_is_refused_naming_it_and_never_unpickled(tmp_path):
+    good = tmp_path / "good.npz"
+    online = OnlineLengthPredictor(refit_every=0)
+    for sample in _synthetic(20, seed=4):
+        online.observe(sample.task, sample.prompt_token_ids, sample.output_tokens)
+    online.save(good)
+    arrays = dict(np.load(good))
+    unpickled: list[int] = []
+
+    class Trap:  # unpickling one would record it
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (unpickled.append, (1,))
+
+    cases = {
+        "garbage.npz": lambda path: path.write_bytes(b"not a npz at all"),
+        "truncated.npz": lambda path: path.write_bytes(good.read_bytes()[:200]),
+        "objects.npz": lambda path: np.savez(path, **{**arrays, "config": np.asarray([Trap()], dtype=object)}),
+        "array.npy": lambda path: np.save(path, np.zeros(3)),
+        "other.npz": lambda path: np.savez(path, x=np.zeros(3)),
+        "mismatched.npz": lambda path: np.savez(path, **{**arrays, "reservoir_targets": np.zeros(1)}),
+        "outside.npz": lambda path: np.savez(path, **{**arrays,
+                                                      "reservoir_indices": arrays["reservoir_indices"] + 2**30}),
+    }
+    for name, write in cases.items():
+        path = tmp_path / name
+        write(path)
+        with pytest.raises(PredictorStateError) as raised:
+            OnlineLengthPredictor.load(path)
+        message = str(raised.value)
+        assert str(path) in message and "not a length predictor state written by Inlaid" in message, message
+        assert "delete or move it" in message and "allow_pickle" not in message and "\n" not in message, message
+    assert not unpickled
+    assert OnlineLengthPredictor.load(good).size == 20
 
 
 def test_per_task_mean_is_the_numpy_mean_and_unknown_tasks_get_the_overall_mean():

@@ -4,7 +4,9 @@ requests, predictor state saved on shutdown, every step logged; the replay clien
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,82 @@ def test_scheduler_table_is_validated_and_builds_the_named_policy(tmp_path):
     with pytest.raises(ConfigError, match="built-in policies only"):
         config_from_dict({"server": {"policy": "inlaid.engine.scheduler:FifoPolicy"}, "scheduler": {"max_wait_s": 1.0}})
     assert config_from_dict({"server": {"policy": "mlfq"}, "scheduler": {"levels": 3}}).scheduler == {"levels": 3}
+
+
+def test_scheduler_files_that_could_never_be_written_or_loaded_are_refused_up_front(tmp_path):
+    """predictor_state and step_log: a missing or unwritable directory (every refit's save
+    would fail, and the shutdown with it), a directory for a file, and a predictor state
+    file Inlaid did not write are config errors naming the key and the file."""
+    from inlaid.predictor import OnlineLengthPredictor
+
+    (tmp_path / "file").write_text("x")
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"not a npz at all")
+
+    def config(key: str, path: Path, **server: object):  # type: ignore[no-untyped-def]
+        return config_from_dict({"server": {"policy": "inlaid", **server}, "scheduler": {key: str(path)}},
+                                base_dir=tmp_path)
+
+    for key in ("predictor_state", "step_log"):
+        for path, message in [(tmp_path / "missing" / "x", "missing does not exist"),
+                              (tmp_path / "file" / "x", "file is not a directory"),
+                              (tmp_path, "is a directory")]:
+            with pytest.raises(ConfigError, match=f"scheduler.{key} {path}") as raised:
+                config(key, path)
+            assert message in str(raised.value)
+        config(key, tmp_path / "new")  # a file to be created: fine
+        # The server creates its state directory at start-up, before anything is saved there.
+        config(key, tmp_path / "state" / "x", state_dir=str(tmp_path / "state"))
+    with pytest.raises(ConfigError, match=f"scheduler.predictor_state: {corrupt} is not a length predictor state"):
+        config("predictor_state", corrupt)
+    with pytest.raises(ConfigError, match="delete or move it"):
+        config("predictor_state", corrupt, state_dir=str(tmp_path))
+    # The task-mean predictor reads no state: nothing to check.
+    config_from_dict({"server": {"policy": "inlaid"},
+                      "scheduler": {"predictor": "task-mean", "predictor_state": str(corrupt)}})
+    saved = tmp_path / "saved.npz"
+    OnlineLengthPredictor(refit_every=0).save(saved)
+    assert config("predictor_state", saved).scheduler["predictor_state"] == str(saved)
+    # A directory the server cannot write to (os.access: root may write anywhere, so faked).
+    from unittest import mock
+
+    real_access = os.access
+    with mock.patch("os.access", lambda path, mode: str(path) != str(tmp_path) and real_access(path, mode)):
+        with pytest.raises(ConfigError, match=f"its directory {tmp_path} is not writable"):
+            config("step_log", tmp_path / "steps.jsonl")
+
+
+def test_a_policy_that_fails_to_close_leaves_no_ipc_directory_behind(tmp_path, monkeypatch):
+    """SIGTERM: a policy whose close raises (a plug-in's bug) is logged with its traceback,
+    the exit code says so (1), and the shutdown's cleanup still runs: the executor's ipc
+    directory (server.executor_address = "auto") is removed."""
+    import tempfile
+
+    plugin = tmp_path / "plugin"
+    plugin.mkdir()
+    (plugin / "closing_policy.py").write_text(
+        "from inlaid.engine.scheduler import FifoPolicy\n\n\n"
+        "class ClosingPolicy(FifoPolicy):\n"
+        "    def close(self) -> None:\n"
+        "        raise RuntimeError('close failed on purpose')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(plugin), os.environ.get("PYTHONPATH")])))
+    # A short TMPDIR of its own: the ipc socket path must stay under ~100 bytes.
+    temporary = Path(tempfile.mkdtemp(prefix="ipc-", dir="/tmp"))
+    monkeypatch.setenv("TMPDIR", str(temporary))
+    try:
+        config = {"executor": {"num_kv_blocks": 64}, "server": {"policy": "closing_policy:ClosingPolicy"}}
+        with ServerProcess(config, tmp_path) as server:
+            server.wait_ready()
+            with server.client(timeout_s=60) as client:
+                assert client.generate("Hi", max_tokens=2).text is not None
+            assert list(temporary.glob("inlaid-*")), "the executor's ipc directory"
+            exit_code = server.terminate()
+        logs = server.logs()
+        assert not list(temporary.glob("inlaid-*")), logs[-3000:]  # the cleanup ran
+        assert exit_code == 1 and "coordinator stopped" in logs, logs[-3000:]
+        assert "a scheduling policy failed to close" in logs and "close failed on purpose" in logs, logs[-3000:]
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def test_inlaid_policy_serves_a_replayed_trace_learns_and_saves_its_state(tmp_path):

@@ -312,3 +312,29 @@ def test_the_sdk_refuses_integers_msgpack_cannot_carry_before_sending():
             assert client.server is None and not client._queues
 
     asyncio.run(run())
+
+
+def test_remove_task_counts_its_requests_in_flight_running_or_queued():
+    """RemoveTask's reply counts every request still to run (4 running and 8 queued said
+    "its 12 running requests"); the adapter goes when the last of them ends."""
+    from types import SimpleNamespace
+
+    from inlaid.serve.task_registry import TaskRegistry
+
+    unregistered: list[str] = []
+    paths = {"busy": "/a", "single": "/b", "idle": "/c"}  # the engine's registered adapters
+    adapters = SimpleNamespace(paths=paths, unregister=unregistered.append)
+    registry = TaskRegistry([SimpleNamespace(scheduler=SimpleNamespace(adapters=adapters))],  # type: ignore[list-item]
+                            admin_token=None)
+    registry.tasks.update(paths)
+    for _ in range(12):
+        registry.request_started("busy")
+    registry.request_started("single")
+    assert registry.remove("busy") == ("task 'busy' removed; its 12 requests in flight (running or queued) "
+                                       "finish first")
+    assert registry.remove("single") == ("task 'single' removed; its 1 request in flight (running or queued) "
+                                         "finishes first")
+    assert registry.remove("idle") == "task 'idle' removed" and unregistered == ["idle"]
+    for _ in range(12):
+        registry.request_ended("busy")
+    assert unregistered == ["idle", "busy"] and registry.draining == {"single"}

@@ -38,6 +38,13 @@ class AdapterSpec:
 # A PEFT adapter_config.json is a few hundred bytes; anything this large is not one.
 MAX_CONFIG_BYTES = 1 << 20
 
+# The largest |LoRA scale| (lora_alpha / r, or / sqrt(r) with rsLoRA) accepted: float16's
+# largest value. Trained adapters have scales of about 0.1-64; far beyond, the scale itself
+# or scale * B overflows the pools' dtype (fp16/bf16 on a GPU, float32 at 1e38) and every
+# request of the task fails (NaN logits) instead of the AddTask. Negative scales are kept:
+# PEFT allows any lora_alpha, and a negated adapter is a real use (task arithmetic).
+MAX_LORA_SCALE = 65504.0
+
 
 def read_adapter_spec(name: str, path: str | Path) -> AdapterSpec:
     """The adapter's spec, or AdapterError (the only exception it raises) naming what is wrong.
@@ -113,7 +120,7 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
     alpha = config.get("lora_alpha", 8)
     if not _is_finite_number(alpha):
         bad("lora_alpha", "a finite number")
-    return AdapterSpec(
+    spec = AdapterSpec(
         name=name,
         path=path,
         rank=rank,
@@ -121,6 +128,16 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
         use_rslora=bool(config.get("use_rslora", False)),
         target_modules=tuple(p for p in PROJECTIONS if p in targets),
     )
+    try:
+        scale = spec.scale
+    except OverflowError:  # a rank beyond float range (no str() of it either: it may have 10**5 digits)
+        raise AdapterError(f"adapter {name!r}: rank is out of range") from None
+    if not abs(scale) <= MAX_LORA_SCALE:
+        divisor = "sqrt(r)" if spec.use_rslora else "r"
+        raise AdapterError(f"adapter {name!r}: LoRA scale lora_alpha / {divisor} = {scale:.4g} (lora_alpha "
+                           f"{spec.lora_alpha:.4g}, r {rank}) is over {MAX_LORA_SCALE:.0f} in magnitude: its outputs "
+                           "would overflow (trained adapters' scales are far smaller)")
+    return spec
 
 
 def _is_finite_number(value: object) -> bool:

@@ -53,8 +53,8 @@ from typing import Any
 
 from inlaid.engine.config import EngineConfig
 from inlaid.http.settings import HttpConfig, check_listen_address
-from inlaid.serve.config_parsing import (ConfigError, admin_token_from, read_toml, reject_unknown, resolve_path,
-                                         section)
+from inlaid.serve.config_parsing import (ConfigError, admin_token_from, check_writable_file, read_toml,
+                                         reject_unknown, resolve_path, section)
 from inlaid.protocol import DEFAULT_MAX_FRAME_BYTES
 from inlaid.serve.placement import PLACEMENT_RULES, PlacementRule
 
@@ -208,9 +208,10 @@ class ServerConfig:
 
         if self.policy in POLICY_NAMES:
             try:
-                parse_options(self.policy, self.scheduler)
+                options = parse_options(self.policy, self.scheduler)
             except ValueError as error:
                 raise ConfigError(f"[scheduler]: {error}") from None
+            self._check_scheduler_files(options)
             if self.autotune_cost_model is not None:
                 self._check_autotune()
             elif self.autotune_lengths is not None:
@@ -234,6 +235,31 @@ class ServerConfig:
             if self.http is not None and (self.metrics.host, self.metrics.port) == (self.http.host, self.http.port):
                 raise ConfigError("[metrics] and [http] cannot share a port (the front serves /metrics itself)")
 
+
+    def _check_scheduler_files(self, options: Any) -> None:
+        """The files the policy writes while serving can be written, and a predictor state
+        it would load at start-up is one (else: refused now, one line, not a traceback)."""
+        if self.scheduler.get("step_log"):
+            self._check_written_file(self.scheduler["step_log"], "scheduler.step_log", appended=True)
+        from inlaid.scheduling.srtf import InlaidOptions
+
+        # Only the learned predictor ("model") loads and saves the state file.
+        if not isinstance(options, InlaidOptions) or options.predictor != "model" or not options.predictor_state:
+            return
+        state = options.predictor_state
+        self._check_written_file(state, "scheduler.predictor_state")
+        if Path(state).exists():
+            from inlaid.predictor import OnlineLengthPredictor
+
+            try:
+                OnlineLengthPredictor.load(state)
+            except ValueError as error:  # PredictorStateError: names the file and what to do
+                raise ConfigError(f"scheduler.predictor_state: {error}") from None
+
+    def _check_written_file(self, path: str, what: str, appended: bool = False) -> None:
+        if self.state_dir is not None and Path(path).parent == Path(self.state_dir) and not Path(path).is_dir():
+            return  # the server creates its state directory at start-up, before anything is written
+        check_writable_file(path, what, appended=appended)
 
     def _check_autotune(self) -> None:
         from inlaid.scheduling.autotune import load_cost_model

@@ -44,6 +44,23 @@ def resolve_path(value: Any, base_dir: Path, what: str) -> str:
     return str(path if path.is_absolute() else (base_dir / path).resolve())
 
 
+def check_writable_file(path: str, what: str, *, appended: bool = False) -> None:
+    """Refuse a file the server writes while serving (a state saved by rename, or a log
+    `appended` to) where it cannot be written: found at start-up, not as a traceback at the
+    first save (or at shutdown, after everything learned is lost)."""
+    file = Path(path)
+    parent = file.parent
+    if not parent.is_dir():
+        problem = "is not a directory" if parent.exists() else "does not exist"
+        raise ConfigError(f"{what} {path}: its directory {parent} {problem}")
+    if not os.access(parent, os.W_OK | os.X_OK):  # a rename, like a new file, needs the directory
+        raise ConfigError(f"{what} {path}: its directory {parent} is not writable")
+    if file.is_dir():
+        raise ConfigError(f"{what} {path} is a directory; name a file in it")
+    if appended and file.exists() and not os.access(file, os.W_OK):
+        raise ConfigError(f"{what} {path} is not writable")
+
+
 def admin_token_from(server: dict[str, Any], base_dir: Path) -> str | None:
     sources = [k for k in ("admin_token", "admin_token_env", "admin_token_file") if k in server]
     if len(sources) > 1:

@@ -186,15 +186,28 @@ class Coordinator:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for engine in self.pool.engines:
-            engine.scheduler.policy.close()  # the length predictor saves its state
-        self._clients.close()
-        front.close()
-        if self._tempdir:
-            shutil.rmtree(self._tempdir, ignore_errors=True)
-        faulthandler.cancel_dump_traceback_later()
+        try:
+            self._close_policies()
+        finally:  # whatever a policy's close raises, the sockets and the ipc directory go
+            self._clients.close()
+            front.close()
+            if self._tempdir:
+                shutil.rmtree(self._tempdir, ignore_errors=True)
+            faulthandler.cancel_dump_traceback_later()
         log.info("coordinator stopped", extra={"exit_code": self.exit_code, **self.counters})
         return self.exit_code
+
+    def _close_policies(self) -> None:
+        """Close every engine's policy (the length predictor saves its state). A policy
+        that fails to close (a plug-in's bug) is logged with its traceback and makes the
+        exit code 1; the others still close."""
+        for engine in self.pool.engines:
+            policy = engine.scheduler.policy
+            try:
+                policy.close()
+            except Exception:  # noqa: BLE001  (any plug-in policy's error: the shutdown goes on)
+                log.exception("a scheduling policy failed to close", extra={"policy": type(policy).__qualname__})
+                self.exit_code = self.exit_code or 1
 
     async def _take_tuned_policies(self, tuning: asyncio.Future) -> None:
         """Wait for the start-up tuning and schedule with its policies; if it failed, keep

@@ -2,15 +2,18 @@
 
 An adapter is checked in full (config and every weight, against the base model and the
 slot pool) before it is registered, so a task that is accepted can be served. A removed
-task stops accepting at once but stays registered with the engine until its last running
-request finishes, so no slot is reloaded under a request that uses it.
+task stops accepting at once but stays registered with the engine until its last request in
+flight (running or queued) finishes, so no slot is reloaded under a request that uses it.
+Then (or when a task is replaced) its adapter directory is *released*: the listeners in
+`on_released` hear of it (the state directory discards its copy there); the executors forget
+their host copies at their next plan (`executor_pool.ShardEngine`).
 """
 
 from __future__ import annotations
 
 import hmac
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from inlaid.engine.adapter_config import AdapterError, read_adapter_spec
 from inlaid.engine.adapter_weights import check_adapter_weights
@@ -35,6 +38,9 @@ class TaskRegistry:
         self.tasks: dict[str, str] = {}  # accepting: name -> adapter dir
         self.draining: set[str] = set()
         self.active: Counter[str] = Counter()
+        # Called with an adapter directory once its task no longer holds it (removed and
+        # drained, or replaced): nothing in flight reads it any more.
+        self.on_released: list[Callable[[str], None]] = []
 
     def check_token(self, token: str) -> None:
         if self._admin_token is None:
@@ -68,7 +74,13 @@ class TaskRegistry:
         except (AdapterError, InvalidRequestError) as error:
             raise TaskError(ErrorCode.INVALID_REQUEST, str(error)) from None
         self.tasks[name] = adapter_dir
+        if previous is not None:  # replaced while none of its requests is in flight: the old version is unused
+            self._released(previous)
         return f"task {name!r} {'replaced' if previous else 'added'}: {adapter_dir}"
+
+    def serves(self, adapter_dir: str) -> bool:
+        """Whether some task, accepting or draining, is registered with this directory."""
+        return adapter_dir in self.engine.scheduler.adapters.paths.values()
 
     def remove(self, name: str) -> str:
         if name not in self.tasks:
@@ -76,7 +88,11 @@ class TaskRegistry:
         del self.tasks[name]
         if self.active[name]:
             self.draining.add(name)
-            return f"task {name!r} removed; its {self.active[name]} running requests finish first"
+            # `active` counts every admitted request, queued ones too: all of them still run.
+            count = self.active[name]
+            requests = ("1 request in flight (running or queued) finishes" if count == 1
+                        else f"{count} requests in flight (running or queued) finish")
+            return f"task {name!r} removed; its {requests} first"
         self._unregister(name)
         return f"task {name!r} removed"
 
@@ -100,5 +116,11 @@ class TaskRegistry:
                 self._unregister(name)
 
     def _unregister(self, name: str) -> None:
+        adapter_dir = self.engine.scheduler.adapters.paths[name]  # every engine registered the same
         for engine in self.engines:
             engine.scheduler.adapters.unregister(name)
+        self._released(adapter_dir)
+
+    def _released(self, adapter_dir: str) -> None:
+        for listener in self.on_released:
+            listener(adapter_dir)
