@@ -5,6 +5,8 @@ SDK client (no server, no model): fast.
   lets a parser ignore the mark; .NET and PowerShell clients send it).
 * Unloading an unknown adapter answered 404 with `param: "model"`, a field the request
   does not have: it names `lora_name` now.
+* A gzip-compressed body (`Content-Encoding: gzip`) was read as JSON and refused as invalid
+  characters: it is a 415 naming the encoding now.
 """
 
 from __future__ import annotations
@@ -51,13 +53,13 @@ class _StandInClient:
         pass
 
 
-def _post(app: Any, path: str, body: bytes) -> tuple[int, bytes]:
+def _post(app: Any, path: str, body: bytes, headers: tuple[tuple[bytes, bytes], ...] = ()) -> tuple[int, bytes]:
     """One POST through the ASGI app, as uvicorn would run it."""
 
     async def run() -> tuple[int, bytes]:
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
                  "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
                  "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000)}
         incoming = [{"type": "http.request", "body": body, "more_body": False}]
         sent: list[dict[str, Any]] = []
@@ -106,3 +108,16 @@ def test_unloading_an_unknown_adapter_names_lora_name():
     assert from_inlaid(unknown, model="x").param == "model"
     assert from_inlaid(unknown).param is None
     assert from_inlaid(unknown, not_found_param="lora_name").param == "lora_name"
+
+
+def test_a_compressed_body_is_refused_naming_its_encoding():
+    import gzip
+
+    client = _StandInClient()
+    body = json.dumps({"model": BASE, "prompt": "hi", "max_tokens": 1}).encode()
+    status, answer = _post(_app(client), "/v1/completions", gzip.compress(body), ((b"content-encoding", b"gzip"),))
+    error = json.loads(answer)["error"]
+    assert (status, error["code"]) == (415, "unsupported_content_encoding") and "gzip" in error["message"], answer
+    assert not client.generated
+    status, _ = _post(_app(client), "/v1/completions", body, ((b"content-encoding", b"identity"),))
+    assert status == 200

@@ -136,6 +136,10 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 
 async def _read_json(request: Request, kind: type[Any], max_bytes: int) -> Any:
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":  # a compressed body would be read as (invalid) JSON
+        raise ApiError(415, f"request bodies with Content-Encoding {encoding!r} are not accepted; send it uncompressed",
+                       code="unsupported_content_encoding")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(413, f"the request body is larger than {max_bytes} bytes", code="request_too_large")

@@ -41,6 +41,8 @@ _RETRY_AFTER_S = {429: 1, 503: 1}
 _SERVER_PREFIX = re.compile(r"^\[[a-z_]+\] ")  # the SDK prefixes the code; the body has it apart
 _MSGSPEC_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 _UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `([^`]*)`")
+# The server's refusals of sampling values start with the field's name (SamplingParams.validate).
+_SAMPLING_FIELD = re.compile(r"^(max_tokens|temperature|top_p|top_k|stop_token_ids|stop|seed)\b")
 
 
 class ApiError(Exception):
@@ -78,6 +80,8 @@ def from_inlaid(error: InlaidError, model: str | None = None, *, not_found_param
     if error.code == ErrorCode.UNKNOWN_TASK and model is not None:
         message = f"The model `{model}` does not exist (no such task on this server). {message}"
     param = ("model" if model is not None else not_found_param) if status == 404 else None
+    if error.code == ErrorCode.INVALID_REQUEST and (field := _SAMPLING_FIELD.match(message)):
+        param = field.group(1)
     return ApiError(status, message, code=code, type=kind, param=param)
 
 
