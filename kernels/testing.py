@@ -4,10 +4,14 @@
 zero points, scales, g_idx), so references never go through the code under test.
 `random_lora_case` fills every padded rank of the pools with NaN: a kernel that reads
 padding (instead of stopping at the slot's rank) produces NaN and fails the comparison.
+`check_interpreted_in_child` runs a test file's interpreted kernel tests in a child process.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -155,3 +159,14 @@ def stacked_pools(case: LoraCase, zero_padding: bool = True) -> tuple[Tensor, li
         b_storage = clean(b).transpose(1, 2).contiguous()
         b_views.append(b_storage.transpose(1, 2))
     return stacked, a_views, b_views
+
+
+def check_interpreted_in_child(test_file: str, keyword: str = "triton_interp") -> None:
+    """Run `test_file`'s tests named with `keyword` in a child pytest with TRITON_INTERPRET=1
+    (for a process where triton was already imported in compiled mode, which cannot switch
+    to the interpreter); AssertionError with the child's output tail if any failed."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", keyword, test_file],
+        env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

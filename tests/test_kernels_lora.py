@@ -8,9 +8,6 @@ skipping a token, or writing a token without adapter shows up as a mismatch.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -303,12 +300,9 @@ def test_triton_interp_in_child_process() -> None:
     """Where triton was already imported in compiled mode, interpret the kernels in a child."""
     if INTERPRETED_HERE:
         pytest.skip("the interpreted tests ran in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton_interp", str(Path(__file__))],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    from inlaid.kernels.testing import check_interpreted_in_child
+
+    check_interpreted_in_child(str(Path(__file__)))
 
 
 @needs_interpreter

@@ -4,8 +4,6 @@ themselves (never from the unpacking under test), on fresh random inputs."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -227,12 +225,9 @@ def test_triton_interp_in_child_process() -> None:
     """Where triton was already imported in compiled mode, interpret the kernels in a child."""
     if INTERPRETED_HERE:
         pytest.skip("the interpreted tests ran in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton_interp", str(Path(__file__))],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    from inlaid.kernels.testing import check_interpreted_in_child
+
+    check_interpreted_in_child(str(Path(__file__)))
 
 
 @pytest.mark.parametrize("mode", ["int4", "dequant"])
