@@ -1,6 +1,7 @@
 """Shared by the HTTP front's end-to-end tests (test_http_server.py, test_http_front_process.py):
 a real `inlaid serve` with `[http]` and `[metrics]` on free loopback ports, and the raw-HTTP,
-stats and `/metrics` helpers both files use. Each test module starts its own server."""
+stats and `/metrics` helpers both files use. The fixtures are module-scoped: each test module
+that imports them starts its own server."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from inlaid.serve.launcher import ServerProcess, free_tcp_port
@@ -39,6 +41,19 @@ def start_server(model_dir: Path, adapter_dirs: dict[str, Path], workdir: Path) 
     process = ServerProcess(config, workdir=workdir)
     process.wait_ready(timeout_s=300)
     return process
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, adapter_dirs, tmp_path_factory, request):  # noqa: ANN001, ANN201
+    process = start_server(model_dir, adapter_dirs, tmp_path_factory.mktemp(request.module.__name__))
+    yield process
+    process.terminate()
+
+
+@pytest.fixture(scope="module")
+def base_model(server: ServerProcess) -> str:
+    with server.client() as client:
+        return client.handshake().model
 
 
 def http_request(server, method: str, path: str, body: object = None, headers: dict | None = None,

@@ -19,23 +19,11 @@ from collections import Counter
 
 import openai
 import pytest
-from http_harness import MAX_TOKENS, PROMPTS, delta, http_request, scrape, start_server, value, wait_idle
+from http_harness import (MAX_TOKENS, PROMPTS, base_model, delta, http_request, scrape, server,  # noqa: F401
+                          value, wait_idle)  # (base_model, server: the module's fixtures)
 
 from inlaid.client import AsyncClient, Client, UnknownTaskError
 from inlaid.serve.launcher import free_tcp_port
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, adapter_dirs, tmp_path_factory):
-    process = start_server(model_dir, adapter_dirs, tmp_path_factory.mktemp("http-front-server"))
-    yield process
-    process.terminate()
-
-
-@pytest.fixture(scope="module")
-def base_model(server) -> str:
-    with server.client() as client:
-        return client.handshake().model
 
 
 def test_metrics_after_a_known_workload(server, base_model):

@@ -11,28 +11,16 @@ import time
 
 import openai
 import pytest
-from http_harness import (ADMIN_TOKEN, CHATS, MAX_MODEL_LEN, MAX_PENDING, MAX_TOKENS, PROMPTS, delta, drop, error_of,
-                          http_request, open_generation, post_head_only, scrape, start_server, wait_idle, wait_running)
+from http_harness import (ADMIN_TOKEN, CHATS, MAX_MODEL_LEN, MAX_PENDING, MAX_TOKENS, PROMPTS,  # noqa: F401
+                          base_model, delta, drop, error_of, http_request, open_generation, post_head_only, scrape,
+                          server, wait_idle, wait_running)  # (base_model, server: the module's fixtures)
 
 from inlaid.client import AsyncClient
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, adapter_dirs, tmp_path_factory):
-    process = start_server(model_dir, adapter_dirs, tmp_path_factory.mktemp("http-server"))
-    yield process
-    process.terminate()
-
-
-@pytest.fixture(scope="module")
 def api(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused", max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def base_model(server) -> str:
-    with server.client() as client:
-        return client.handshake().model
 
 
 def _models(base_model: str, adapter_dirs) -> list[str]:
