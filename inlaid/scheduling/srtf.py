@@ -162,8 +162,9 @@ class InlaidPolicy(SchedulingPolicy):
             rest += later  # ranked by shortest work with the rest
         ongoing.sort(key=remaining_tokens)
         keys = {id(s): self._key(s, now) for s in rest}
+        rest.sort(key=lambda s: keys[id(s)])  # shortest first
         head = overdue + fresh + ongoing
-        ranked = head + self._ranked(rest, keys)
+        ranked = head + (self._grouped(rest, keys) if self.options.group_by_adapter else rest)
         self.plannable = None
         if self.service is not None:
             ranked, self.plannable = self._within_fairness_bound(ranked)
@@ -171,9 +172,11 @@ class InlaidPolicy(SchedulingPolicy):
             # Rows counted in shortest-first order, not in the grouped order: an adapter with
             # one of the R most urgent requests is never left out because another adapter's
             # group (a flood of requests) alone fills R rows.
-            plannable = {id(s) for s in ranked[: self.plannable]}
-            by_key = [s for s in head + sorted(rest, key=lambda s: keys[id(s)]) if id(s) in plannable]
-            self.max_adapters_per_step = self._adapters_to_fill(by_key)
+            shortest_first = head + rest
+            if self.plannable is not None:  # the fairness bound holds some back this step
+                plannable = {id(s) for s in ranked[: self.plannable]}
+                shortest_first = [s for s in shortest_first if id(s) in plannable]
+            self.max_adapters_per_step = self._adapters_to_fill(shortest_first)
         return ranked
 
     def _adapters_to_fill(self, ranked: list[Sequence]) -> int | None:
@@ -220,10 +223,6 @@ class InlaidPolicy(SchedulingPolicy):
             kept.append(seq)
             tentative[task] = counter + service.step_charge(seq)
         return kept + held, len(kept)
-
-    def _ranked(self, seqs: list[Sequence], keys: dict[int, float]) -> list[Sequence]:
-        seqs.sort(key=lambda s: keys[id(s)])
-        return self._grouped(seqs, keys) if self.options.group_by_adapter else seqs
 
     @staticmethod
     def _grouped(ranked: list[Sequence], keys: dict[int, float]) -> list[Sequence]:
