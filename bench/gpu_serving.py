@@ -163,19 +163,14 @@ def make_trace(settings: ServingSettings, adapters: dict[str, Path]):  # noqa: A
     """The trace at rate 1 (scaled later), exact output lengths, and random prompt ids."""
     import numpy as np
 
-    from inlaid.scheduling.suite import load_suite_lengths
+    from inlaid.scheduling.suite import SUITE_LENGTHS_4BIT_FILE, load_suite_lengths
     from inlaid.scheduling.traces import TraceSpec, generate_trace
 
-    records = [r for r in load_suite_lengths(ROOT / "inlaid" / "scheduling" / "data" / "suite_lengths_4bit.jsonl")
-               if r.split == "eval"]
+    records = [r for r in load_suite_lengths(SUITE_LENGTHS_4BIT_FILE) if r.split == "eval"]
     spec = TraceSpec(rate=1.0, num_requests=settings.trace_requests, cv=settings.cv, num_tasks=settings.num_tasks,
                      popularity="zipf", seed=5)
     trace = generate_trace(spec, records, {name: settings.rank for name in adapters})
-    requests = []
-    for request in trace.requests:
-        length = max(1, min(request.output_tokens, settings.max_output_tokens))
-        requests.append(replace(request, output_tokens=length, max_tokens=length))
-    trace = type(trace)(requests, trace.tasks, trace.meta)
+    trace = _with_requests(trace, [_exact_length(r, settings.max_output_tokens) for r in trace.requests])
     rng = np.random.default_rng(7)
     prompts = {r.source: [int(t) for t in rng.integers(100, 49000, r.prompt_tokens)] for r in trace.requests}
     return trace, prompts
@@ -199,13 +194,23 @@ def server_config(system: System, settings: ServingSettings, model_dir: Path, qu
     return config
 
 
+def _with_requests(trace, requests: list):  # noqa: ANN001, ANN202
+    """`trace`'s tasks and metadata with other requests."""
+    return type(trace)(requests, trace.tasks, trace.meta)
+
+
+def _exact_length(request, tokens: int):  # noqa: ANN001, ANN202
+    """The request asking for exactly its recorded output length, at most `tokens`."""
+    length = max(1, min(request.output_tokens, tokens))
+    return replace(request, output_tokens=length, max_tokens=length)
+
+
 def _subset(trace, count: int, rate: float | None):  # noqa: ANN001, ANN202
     """The trace's first `count` requests, at `rate` (None: all at once)."""
     requests = trace.requests[:count]
     if rate is None:
-        requests = [replace(r, arrival_s=0.0) for r in requests]
-        return type(trace)(requests, trace.tasks, trace.meta)
-    return type(trace)(requests, trace.tasks, trace.meta).scaled(rate)
+        return _with_requests(trace, [replace(r, arrival_s=0.0) for r in requests])
+    return _with_requests(trace, requests).scaled(rate)
 
 
 def _replay(address: str, trace, prompts) -> list:  # noqa: ANN001
@@ -218,8 +223,7 @@ def _isolated(address: str, trace, prompts, count: int) -> dict[str, float]:  # 
     """TTFT and time per output token of requests served alone (one after the other)."""
     ttfts, tpots = [], []
     for request in trace.requests[:count]:
-        one = type(trace)([replace(request, arrival_s=0.0)], trace.tasks, trace.meta)
-        record = _replay(address, one, prompts)[0]
+        record = _replay(address, _with_requests(trace, [replace(request, arrival_s=0.0)]), prompts)[0]
         if record.error:
             raise RuntimeError(f"an isolated request failed: {record.error}")
         ttfts.append(record.ttft_s)
@@ -238,9 +242,9 @@ def _step_stats(step_log: Path, since: float) -> dict[str, Any]:
     steps = [step for step in read_step_log(step_log) if step["planned_at"] >= since]
     by_rows: dict[str, list[float]] = {}
     for step in steps:
-        rows = sum(chunk[0] for chunk in step["chunks"])
-        bucket = next(f"<={b}" for b in (1, 4, 16, 64, 256, 1 << 30) if rows <= b)
-        by_rows.setdefault(bucket.replace(str(1 << 30), "inf"), []).append(step["compute_s"])
+        tokens = sum(chunk[0] for chunk in step["chunks"])
+        bucket = next((f"<={bound}" for bound in (1, 4, 16, 64, 256) if tokens <= bound), ">256")
+        by_rows.setdefault(bucket, []).append(step["compute_s"])
     return {"steps": len(steps),
             "mean_step_ms": 1e3 * statistics.fmean(s["compute_s"] for s in steps) if steps else float("nan"),
             "mean_step_ms_by_tokens": {k: round(1e3 * statistics.fmean(v), 3) for k, v in by_rows.items()}}
@@ -264,9 +268,8 @@ def run_system(system: System, settings: ServingSettings, inputs: dict, workdir:
         server.wait_ready(timeout_s=180.0)
         result["start_s"] = round(time.monotonic() - started, 1)
         clock = time.monotonic()
-        warm = _subset(trace, min(len(trace.requests), settings.max_num_seqs), None)
-        warm = type(warm)([replace(r, output_tokens=min(4, r.output_tokens), max_tokens=min(4, r.max_tokens))
-                           for r in warm.requests], warm.tasks, warm.meta)
+        warm = _subset(trace, settings.max_num_seqs, None)
+        warm = _with_requests(warm, [_exact_length(r, 4) for r in warm.requests])
         _replay(server.address, warm, prompts)
         result["warmup_s"] = round(time.monotonic() - clock, 1)
         if isolated is None:

@@ -43,6 +43,9 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_kernels, gpu_decode beside this file
 
 
+SERVER_MODULES = ("msgspec", "zmq", "transformers", "peft")  # `inlaid serve` and the transformers + PEFT server
+
+
 def stage_environment(device, report: dict) -> dict:  # noqa: ANN001
     import torch
     import triton
@@ -51,7 +54,7 @@ def stage_environment(device, report: dict) -> dict:  # noqa: ANN001
 
     device.copy_gbps = copy_bandwidth(device)
     name = "CPU (TRITON_INTERPRET=1)" if device.dry_run else torch.cuda.get_device_name(device.torch_device)
-    optional = {module: importlib.util.find_spec(module) is not None for module in ("msgspec", "zmq", "transformers", "peft")}
+    optional = {module: importlib.util.find_spec(module) is not None for module in SERVER_MODULES}
     print(f"device: {name}; copy bandwidth {device.copy_gbps:.0f} GB/s; optional modules {optional}")
     import inlaid
 
@@ -80,18 +83,23 @@ def stage_sgmv(device, report: dict) -> dict:  # noqa: ANN001
     return {"timings": sgmv_timings(device)}
 
 
+def _require(modules: tuple[str, ...], needed_by: str) -> None:
+    """Skip the stage (saying why) when the GPU image lacks one of `modules`."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise _Skip(f"{needed_by} need {', '.join(missing)}, not installed: run `bench/gpu.sh --fetch-wheels` on a "
+                    "machine with PyPI and bring .whl/ along (docs/benchmarks.md)")
+
+
 def stage_decode(device, report: dict) -> dict:  # noqa: ANN001
-    if importlib.util.find_spec("msgspec") is None:  # the engine's plans are msgspec structs
-        raise _Skip("msgspec is not installed: run `bench/gpu.sh --fetch-wheels` on a machine with PyPI and "
-                    "bring .whl/ along (docs/benchmarks.md)")
+    _require(("msgspec",), "the engine's plans")
     from gpu_decode import decode_step
 
     return decode_step(device)
 
 
 def stage_step_costs(device, report: dict) -> dict:  # noqa: ANN001
-    if importlib.util.find_spec("msgspec") is None:
-        raise _Skip("msgspec is not installed: bring .whl/ along (bench/gpu.sh --fetch-wheels)")
+    _require(("msgspec",), "the engine's plans")
     from gpu_step_costs import step_costs
 
     return step_costs(device)
@@ -104,9 +112,7 @@ def stage_gemm_configs(device, report: dict) -> dict:  # noqa: ANN001
 
 
 def stage_serving(device, report: dict) -> dict:  # noqa: ANN001
-    missing = [m for m in ("msgspec", "zmq", "transformers", "peft") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise _Skip(f"the servers need {', '.join(missing)}: bring them as wheels (bench/gpu.sh --fetch-wheels)")
+    _require(SERVER_MODULES, "the servers")
     from gpu_serving import serving, tokenizer_dir
 
     if tokenizer_dir() is None:
@@ -119,9 +125,7 @@ def stage_e2e_replay(device, report: dict) -> dict:  # noqa: ANN001
     transformers + PEFT server against Inlaid MLGPTQ 4-bit + the inlaid policy, the nine
     suite tasks, a calibration burst then one rate beyond both saturations. The full sweep
     on a GPU is `bench/e2e.py --device cuda` (docs/benchmarks.md)."""
-    missing = [m for m in ("msgspec", "zmq", "transformers", "peft") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise _Skip(f"the servers need {', '.join(missing)}: bring them as wheels (bench/gpu.sh --fetch-wheels)")
+    _require(SERVER_MODULES, "the servers")
     from inlaid.models.prepare import default_model_dir
 
     if not (default_model_dir() / "config.json").is_file():
