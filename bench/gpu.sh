@@ -36,11 +36,9 @@ if [ "$MODE" = fetch ]; then
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl $specs
   ls -l .whl
-  model_dir=$("$PY" -c "from inlaid.models.prepare import default_model_dir; print(default_model_dir())")
-  mkdir -p .gpu_carry/tokenizer
-  for name in tokenizer.json tokenizer_config.json special_tokens_map.json generation_config.json chat_template.jinja; do
-    if [ -f "$model_dir/$name" ]; then cp "$model_dir/$name" .gpu_carry/tokenizer/; fi
-  done
+  PYTHONPATH=bench "$PY" -c "from gpu_serving import CARRIED_TOKENIZER, copy_tokenizer
+from inlaid.models.prepare import default_model_dir
+copy_tokenizer(default_model_dir(), CARRIED_TOKENIZER)"
   ls -l .gpu_carry/tokenizer
   exit 0
 fi

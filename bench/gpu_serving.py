@@ -113,10 +113,16 @@ def build_model(settings: ServingSettings, tokenizer: Path, directory: Path) -> 
         initializer_range=0.02,
     )
     transformers.LlamaForCausalLM(config).save_pretrained(str(directory))
-    for name in TOKENIZER_FILES:
-        if (tokenizer / name).is_file():
-            shutil.copyfile(tokenizer / name, directory / name)
+    copy_tokenizer(tokenizer, directory)
     return directory
+
+
+def copy_tokenizer(source: Path, target: Path) -> None:
+    """The tokenizer files of a model directory (bench/gpu.sh --fetch-wheels carries them)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
 
 
 def build_adapters(settings: ServingSettings, model_dir: Path, directory: Path) -> dict[str, Path]:
