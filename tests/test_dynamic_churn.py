@@ -169,23 +169,23 @@ def test_host_cache_forgets_dropped_adapters_and_keeps_its_byte_budget(tiny):
     runner = _runner(model)
     # the default budget: two slot pools (every projection at the pool's rank, float32)
     per_slot = sum(linear.in_features + linear.out_slices[index] for linear, index in runner.linears.values())
-    assert runner.host_adapter_cache_bytes == 2 * 2 * 4 * per_slot * 4
+    assert runner.host_adapters.max_bytes == 2 * 2 * 4 * per_slot * 4
     runner.load_adapter(0, "a", a)
-    one = runner.host_adapter_bytes
+    one = runner.host_adapters.nbytes
     runner.load_adapter(1, "b", b)
-    assert runner.host_adapter_paths == [a, b] and runner.host_adapter_bytes == 2 * one > 0
+    assert runner.host_adapters.paths == [a, b] and runner.host_adapters.nbytes == 2 * one > 0
     # a plan's drops go before its loads: "a" is read afresh, "b" is forgotten
     runner.execute(BatchPlan(step_id=0, chunks=[], adapter_drops=[b, "/never/loaded"]))
-    assert runner.host_adapter_paths == [a] and runner.host_adapter_bytes == one
+    assert runner.host_adapters.paths == [a] and runner.host_adapters.nbytes == one
     runner.forget_adapters([a])
-    assert runner.host_adapter_paths == [] and runner.host_adapter_bytes == 0
+    assert runner.host_adapters.paths == [] and runner.host_adapters.nbytes == 0
     # a budget of two adapters keeps the two most recently loaded
     small = _runner(model, host_adapter_cache_bytes=2 * one)
     for slot, path in enumerate((a, b, c, a)):
         small.load_adapter(slot % 2, "x", path)
-    assert small.host_adapter_paths == [c, a] and small.host_adapter_bytes == 2 * one
+    assert small.host_adapters.paths == [c, a] and small.host_adapters.nbytes == 2 * one
     # one over the budget alone stays (it is being installed); the next one replaces it
     tight = _runner(model, host_adapter_cache_bytes=one // 2)
     tight.load_adapter(0, "a", a)
     tight.load_adapter(1, "b", b)
-    assert tight.host_adapter_paths == [b] and tight.host_adapter_bytes == one
+    assert tight.host_adapters.paths == [b] and tight.host_adapters.nbytes == one

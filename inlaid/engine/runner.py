@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from inlaid.engine.adapter_config import AdapterSpec, read_adapter_spec
+from inlaid.engine.adapter_cache import HOST_ADAPTER_CACHE_POOLS, HostAdapterCache
 from inlaid.engine.config import EngineConfig, ModelConfig, ModelLoadError
 from inlaid.engine.cuda_graphs import DecodeGraphs
-from inlaid.engine.lora import LoraBatch, LoraLinear, install_adapter, load_adapter_tensors
+from inlaid.engine.lora import LoraBatch, LoraLinear, install_adapter
 from inlaid.engine.model import AttentionGroup, ForwardBatch, LlamaModel
 from inlaid.engine.sampler import RowFailure, sample_tokens
 from inlaid.engine.weights import is_gptq_checkpoint, load_model, prepare_module, quantized_slices
@@ -44,27 +42,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
     except KeyError:
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}") from None
-
-
-@dataclass
-class _AdapterCopy:
-    """An adapter's weights kept in host memory, so re-loading into a slot is a copy."""
-
-    spec: AdapterSpec
-    tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.tensors.values())
-
-
-# The host adapter cache's byte budget, in device slot pools: the cache only saves a file read
-# when an adapter that lost its slot comes back, so it need not outgrow the slot pool the
-# operator already sized (max_lora_slots x max_lora_rank). Two pools' worth holds at least
-# max_lora_slots adapters whatever their rank and stored dtype (a float32 file at the pool's
-# max rank is at most twice a bfloat16 slot), and far more at usual ranks: 16 of the 19.6 MB
-# rank-32 float16 adapters of the default 135M model with 2 float32 slots of rank 64.
-HOST_ADAPTER_CACHE_POOLS = 2
 
 
 def step_order(chunks: list[ChunkPlan]) -> list[ChunkPlan]:
@@ -126,15 +103,12 @@ class ModelRunner:
         if config.quantized_dir and is_gptq_checkpoint(Path(config.quantized_dir)):
             quant = json.loads((Path(config.quantized_dir) / "config.json").read_text())["quantization_config"]
             self._quant_format = (int(quant["bits"]), int(quant["group_size"]))
-        self._host_adapters: OrderedDict[str, _AdapterCopy] = OrderedDict()
-        self._host_adapter_cache = host_adapter_cache
         if host_adapter_cache_bytes is None:
             slot_elements = config.max_lora_rank * sum(linear.in_features + linear.out_slices[index]
                                                        for linear, index in self.linears.values())
             host_adapter_cache_bytes = (HOST_ADAPTER_CACHE_POOLS * config.max_lora_slots * slot_elements
                                         * torch.empty((), dtype=self.dtype).element_size())
-        self.host_adapter_cache_bytes = host_adapter_cache_bytes
-        self.host_adapter_bytes = 0  # what the cached copies hold now
+        self.host_adapters = HostAdapterCache(mc.num_layers, host_adapter_cache, host_adapter_cache_bytes)
         self.slot_contents: dict[int, str] = {}  # slot -> adapter path (for introspection and tests)
         self.decode_graphs: DecodeGraphs | None = None
         if config.cuda_graphs:
@@ -152,18 +126,7 @@ class ModelRunner:
     def load_adapter(self, slot: int, name: str, path: str) -> None:
         if not 0 <= slot < self.config.max_lora_slots:
             raise ValueError(f"slot {slot} out of range (0..{self.config.max_lora_slots - 1})")
-        copy = self._host_adapters.get(path)
-        if copy is None:
-            spec = read_adapter_spec(name, path)
-            copy = _AdapterCopy(spec, load_adapter_tensors(spec, self.model_config.num_layers))
-            self._host_adapters[path] = copy
-            self.host_adapter_bytes += copy.nbytes
-        self._host_adapters.move_to_end(path)
-        # The copy just loaded stays even alone over the budget: it is about to be installed.
-        while len(self._host_adapters) > 1 and (len(self._host_adapters) > self._host_adapter_cache
-                                                or self.host_adapter_bytes > self.host_adapter_cache_bytes):
-            _, evicted = self._host_adapters.popitem(last=False)
-            self.host_adapter_bytes -= evicted.nbytes
+        copy = self.host_adapters.get(name, path)
         install_adapter(self.linears, copy.spec, copy.tensors, slot, self.config.max_lora_rank)
         self.slot_contents[slot] = path
         if self.decode_graphs is not None:
@@ -174,15 +137,7 @@ class ModelRunner:
         A device slot that still holds one is left as it is: the slot pool is allocated once,
         so clearing it frees nothing, and the coordinator freed the slot for the next load to
         overwrite. A later load of the same path reads the files again."""
-        for path in paths:
-            evicted = self._host_adapters.pop(path, None)
-            if evicted is not None:
-                self.host_adapter_bytes -= evicted.nbytes
-
-    @property
-    def host_adapter_paths(self) -> list[str]:
-        """The adapters held in host memory, least recently loaded first (for tests and stats)."""
-        return list(self._host_adapters)
+        self.host_adapters.forget(paths)
 
     # ------------------------------------------------------------------ quantized layers
     def swap_layer(self, layer: int, version: int, tensors: dict[str, torch.Tensor]) -> None:
