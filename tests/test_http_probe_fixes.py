@@ -7,12 +7,24 @@ SDK client (no server, no model): fast.
   does not have: it names `lora_name` now.
 * A gzip-compressed body (`Content-Encoding: gzip`) was read as JSON and refused as invalid
   characters: it is a 415 naming the encoding now.
+* A request head or body sent slowly, or never finished, held its connection for ever: a
+  client opening enough of them (slowloris) left the front no file descriptor for anyone
+  else. Each now has `http.client_send_timeout_s`, then 408 (checked on a real uvicorn).
+* JSON nested ~1,000 deep in a field typed `Any` (`tool_choice`) crashed the decoder into a
+  500 with a traceback (and the official client retried it twice): 400 now.
+* Whole JSON answers went out chunked, which an HTTP/1.0 client reads as garbage: they carry
+  Content-Length now.
+* A body that is not UTF-8 named the wrong byte.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
+import threading
+import time
 from typing import Any
 
 from inlaid.client import UnknownTaskError
@@ -36,6 +48,8 @@ class _StandInClient:
         return self.server
 
     async def generate(self, **kwargs: Any) -> GenerateDone:
+        if kwargs.get("task") == "no-such-task":
+            raise UnknownTaskError("[unknown_task] unknown task 'no-such-task'", "r2")
         self.generated.append(kwargs)
         return GenerateDone(request_id="r", text=" ok", token_ids=[1], finish_reason="length", num_prompt_tokens=2,
                             queue_seconds=0.0, first_token_seconds=0.0, total_seconds=0.0)
@@ -53,15 +67,17 @@ class _StandInClient:
         pass
 
 
-def _post(app: Any, path: str, body: bytes, headers: tuple[tuple[bytes, bytes], ...] = ()) -> tuple[int, bytes]:
-    """One POST through the ASGI app, as uvicorn would run it."""
+def _post(app: Any, path: str, body: bytes, headers: tuple[tuple[bytes, bytes], ...] = (),
+          more_body: bool = False) -> tuple[int, bytes]:
+    """One POST through the ASGI app, as uvicorn would run it; `more_body`: the client
+    sends `body` and then nothing more (a stalled upload)."""
 
     async def run() -> tuple[int, bytes]:
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
                  "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
                  "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
                  "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000)}
-        incoming = [{"type": "http.request", "body": body, "more_body": False}]
+        incoming = [{"type": "http.request", "body": body, "more_body": more_body}]
         sent: list[dict[str, Any]] = []
         done = asyncio.Event()
 
@@ -83,8 +99,8 @@ def _post(app: Any, path: str, body: bytes, headers: tuple[tuple[bytes, bytes], 
     return asyncio.run(run())
 
 
-def _app(client: _StandInClient) -> Any:
-    return create_app("tcp://127.0.0.1:1", HttpConfig(), client=client, admin_client=lambda token: client)
+def _app(client: _StandInClient, config: HttpConfig | None = None) -> Any:
+    return create_app("tcp://127.0.0.1:1", config or HttpConfig(), client=client, admin_client=lambda token: client)
 
 
 def test_a_body_with_a_utf8_byte_order_mark_is_read():
@@ -121,3 +137,104 @@ def test_a_compressed_body_is_refused_naming_its_encoding():
     assert not client.generated
     status, _ = _post(_app(client), "/v1/completions", body, ((b"content-encoding", b"identity"),))
     assert status == 200
+
+
+def test_deeply_nested_json_and_bad_utf8_are_400s_naming_the_problem():
+    client = _StandInClient()
+    for field in ("tool_choice", "function_call"):
+        nested = "[" * 5000 + "]" * 5000
+        body = f'{{"model": "{BASE}", "messages": [{{"role": "user", "content": "x"}}], "{field}": {nested}}}'.encode()
+        status, answer = _post(_app(client), "/v1/chat/completions", body)
+        error = json.loads(answer)["error"]
+        assert status == 400 and "nested too deeply" in error["message"], answer
+    body = json.dumps({"model": BASE, "prompt": "hi there", "max_tokens": 1}).encode().replace(b"there", b"th\xffre")
+    status, answer = _post(_app(client), "/v1/completions", body)
+    assert status == 400 and f"at byte {body.index(bytes([0xFF]))}" in json.loads(answer)["error"]["message"], answer
+    assert not client.generated
+
+
+def test_a_stalled_body_gets_408():
+    client = _StandInClient()
+    app = _app(client, HttpConfig(client_send_timeout_s=0.3))
+    status, answer = _post(app, "/v1/completions", b'{"model": "', more_body=True)  # and then nothing
+    error = json.loads(answer)["error"]
+    assert (status, error["code"]) == (408, "request_timeout") and "0.3 s" in error["message"], answer
+    assert not client.generated
+    status, _ = _post(app, "/v1/completions", json.dumps({"model": BASE, "prompt": "hi", "max_tokens": 1}).encode())
+    assert status == 200
+
+
+@contextlib.contextmanager
+def _uvicorn(head_timeout_s: float):  # noqa: ANN202
+    """The front's app with the stand-in client on a real uvicorn (the protocol `serve` uses),
+    on a free loopback port, in a thread; yields the port."""
+    import uvicorn
+
+    from inlaid.http.slow_clients import head_deadline_protocol
+
+    client = _StandInClient()
+    config = HttpConfig(client_send_timeout_s=head_timeout_s)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(_app(client, config), host="127.0.0.1", port=port,
+                                           http=head_deadline_protocol(head_timeout_s), lifespan="on",
+                                           log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def _exchange(port: int, request: bytes, timeout_s: float = 30) -> bytes:
+    """Send `request` on a fresh connection, read until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as connection:
+        connection.sendall(request)
+        reply = b""
+        while chunk := connection.recv(65536):
+            reply += chunk
+    return reply
+
+
+def test_slow_request_heads_are_cut_off_and_others_are_served():
+    with _uvicorn(head_timeout_s=0.5) as port:
+        # Connections that send half a head, or nothing: each gets 408 and is closed.
+        holders = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(20)]
+        for index, holder in enumerate(holders):
+            if index % 2:
+                holder.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        # Meanwhile a whole request is answered at once.
+        body = json.dumps({"model": BASE, "prompt": "hi", "max_tokens": 1}).encode()
+        reply = _exchange(port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        assert reply.startswith(b"HTTP/1.1 200"), reply
+        for holder in holders:
+            reply = b""
+            while chunk := holder.recv(65536):  # returns b"" once the server closes the connection
+                reply += chunk
+            holder.close()
+            head, _, answer = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 408"), reply
+            assert json.loads(answer)["error"]["code"] == "request_timeout"
+        assert time.monotonic() - started < 20
+
+
+def test_whole_answers_carry_content_length_for_http_1_0_clients():
+    with _uvicorn(head_timeout_s=30) as port:
+        for model, expected in ((BASE, 200), ("no-such-task", 404)):  # an answer, the server's refusal
+            body = json.dumps({"model": model, "prompt": "hi", "max_tokens": 1}).encode()
+            reply = _exchange(port, b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+                              + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            head, _, answer = reply.partition(b"\r\n\r\n")
+            headers = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])
+            assert int(head.split()[1]) == expected and b"transfer-encoding" not in headers, reply
+            assert int(headers[b"content-length"]) == len(answer)
+            json.loads(answer)  # whole JSON, no chunk framing

@@ -174,7 +174,7 @@ BAD_COMPLETIONS = [
     ({"model": "attn-r8", "prompt": "x", "max_tokens": "many"}, 400, openai.BadRequestError, "max_tokens"),
     ({"model": "attn-r8", "prompt": "x", "stop": [f"s{i}" for i in range(17)]}, 400, openai.BadRequestError, "stop"),
     ({"model": "attn-r8", "prompt": [1, "x"]}, 400, openai.BadRequestError, "prompt"),
-    ({"model": "attn-r8", "prompt": [7] * (MAX_MODEL_LEN + 5)}, 400, openai.BadRequestError, None),
+    ({"model": "attn-r8", "prompt": [7] * (MAX_MODEL_LEN + 5)}, 400, openai.BadRequestError, "prompt"),
     ({"model": "attn-r8", "prompt": "x", "stream_options": {"include_usage": True}}, 400, openai.BadRequestError,
      "stream_options"),
     ({"model": "attn-r8", "prompt": "x", "stream": True, "temperature": -1}, 400, openai.BadRequestError,
@@ -186,6 +186,7 @@ BAD_COMPLETIONS = [
 ]
 BAD_CHATS = [
     ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": "word " * (MAX_MODEL_LEN + 5)}]}, "messages"),  # past the context
     ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
      "messages[0].content"),
@@ -248,15 +249,16 @@ def test_admin_endpoints_need_the_admin_token(server, api, adapter_dirs, base_mo
     same = [api.completions.create(model=m, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0).choices[0].text
             for m in ("extra", "attn-r8")]
     assert same[0] == same[1]
-    bad = [
-        ({"lora_name": "broken", "lora_path": "/no/such/adapter"}, 400),
-        ({"lora_name": base_model, "lora_path": str(adapter_dirs["attn-r8"])}, 400),
-        ({"lora_name": "bad name!", "lora_path": str(adapter_dirs["attn-r8"])}, 400),
-        ({"lora_name": "x"}, 400),
+    bad = [  # (request, status, the error's param)
+        ({"lora_name": "broken", "lora_path": "/no/such/adapter"}, 400, "lora_path"),
+        ({"lora_name": base_model, "lora_path": str(adapter_dirs["attn-r8"])}, 400, "lora_name"),
+        ({"lora_name": "bad name!", "lora_path": str(adapter_dirs["attn-r8"])}, 400, "lora_name"),
+        ({"lora_name": "__x__", "lora_path": str(adapter_dirs["attn-r8"])}, 400, "lora_name"),
+        ({"lora_name": "x"}, 400, "lora_path"),
     ]
-    for request, status in bad:
+    for request, status, param in bad:
         code, _, body = http_request(server, "POST", "/v1/load_lora_adapter", request, admin)
-        assert code == status and error_of(body), request
+        assert code == status and error_of(body)["param"] == param, (request, body)
     code, _, body = http_request(server, "POST", "/v1/unload_lora_adapter", {"lora_name": "extra"}, admin)
     assert (code, body) == (200, b"Success: LoRA adapter 'extra' removed successfully.")
     code, _, body = http_request(server, "POST", "/v1/unload_lora_adapter", {"lora_name": "extra"}, admin)

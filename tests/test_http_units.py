@@ -170,7 +170,7 @@ def test_error_bodies():
     for raw, message, param in [(b'{"model": "m", "prompt": "x", "bogus": 1}', "Unrecognized request argument "
                                  "supplied: bogus", "bogus"),
                                 (b'{"model": "m", "prompt": "x", "max_tokens": "x"}', "Expected", "max_tokens"),
-                                (b'{"prompt": "x"}', "missing required field `model`", None),
+                                (b'{"prompt": "x"}', "missing required field `model`", "model"),
                                 (b'{"model": "m", "prompt": "x", "stream_options": {"x": 1}}', "argument supplied: "
                                  "stream_options.x", "stream_options.x"),
                                 (b"{oops", "not valid JSON", None)]:
@@ -230,7 +230,7 @@ def test_a_body_that_is_not_utf8_is_a_bad_request():
             return {"type": "http.request", "body": body, "more_body": False}
 
         scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [], "query_string": b""}
-        return await _read_json(Request(scope, receive), CompletionRequest, 1 << 20)
+        return await _read_json(Request(scope, receive), CompletionRequest, HttpConfig())
 
     with pytest.raises(ApiError) as caught:
         asyncio.run(read(b'{"model": "m", "prompt": "\xff\xfe"}'))

@@ -135,7 +135,8 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return _error_response(ApiError(500, "internal error in the HTTP front", code="internal"))
 
 
-async def _read_json(request: Request, kind: type[Any], max_bytes: int) -> Any:
+async def _read_json(request: Request, kind: type[Any], config: HttpConfig) -> Any:
+    max_bytes, send_timeout_s = config.max_body_bytes, config.client_send_timeout_s
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":  # a compressed body would be read as (invalid) JSON
         raise ApiError(415, f"request bodies with Content-Encoding {encoding!r} are not accepted; send it uncompressed",
@@ -144,10 +145,15 @@ async def _read_json(request: Request, kind: type[Any], max_bytes: int) -> Any:
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(413, f"the request body is larger than {max_bytes} bytes", code="request_too_large")
     body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > max_bytes:
-            raise ApiError(413, f"the request body is larger than {max_bytes} bytes", code="request_too_large")
+    try:
+        async with asyncio.timeout(send_timeout_s):
+            async for piece in request.stream():
+                body += piece
+                if len(body) > max_bytes:
+                    raise ApiError(413, f"the request body is larger than {max_bytes} bytes", code="request_too_large")
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {send_timeout_s:g} s",
+                       code="request_timeout") from None
     if body.startswith(_UTF8_BOM):  # RFC 8259 lets a parser ignore it; some clients (.NET, PowerShell) send it
         del body[:len(_UTF8_BOM)]
     if not body:
@@ -156,22 +162,32 @@ async def _read_json(request: Request, kind: type[Any], max_bytes: int) -> Any:
         return msgspec.json.decode(bytes(body), type=kind)
     except msgspec.MsgspecError as error:
         raise from_decode_error(error) from None
-    except UnicodeDecodeError as error:  # msgspec raises it for bytes that are not UTF-8
-        raise bad_request(f"the request body is not UTF-8 JSON: {error.reason} at byte {error.start}") from None
+    except UnicodeDecodeError:  # msgspec raises it for bytes that are not UTF-8, with a position in a part of them
+        raise bad_request(f"the request body is not UTF-8 JSON: {_utf8_problem(bytes(body))}") from None
+    except RecursionError:  # msgspec's decoder recurses on the fields typed Any
+        raise bad_request("the request body's JSON is nested too deeply") from None
+
+
+def _utf8_problem(body: bytes) -> str:
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return f"{error.reason} at byte {error.start}"
+    return "invalid UTF-8"
 
 
 # ---------------------------------------------------------------- endpoints
 
 
 async def _completions(front: Front, request: Request) -> Response:
-    body = await _read_json(request, CompletionRequest, front.config.max_body_bytes)
+    body = await _read_json(request, CompletionRequest, front.config)
     server = await front.server()
     call = completion_call(body, server.model, front.config.prompts_per_request_limit)
     return GenerationResponse(front.client, call, chat=False)
 
 
 async def _chat_completions(front: Front, request: Request) -> Response:
-    body = await _read_json(request, ChatCompletionRequest, front.config.max_body_bytes)
+    body = await _read_json(request, ChatCompletionRequest, front.config)
     server = await front.server()
     return GenerationResponse(front.client, chat_call(body, server.model, server.max_model_len), chat=True)
 
@@ -199,17 +215,23 @@ async def _model(front: Front, request: Request) -> Response:
 
 
 async def _load_lora_adapter(front: Front, request: Request) -> Response:
-    body = await _read_json(request, LoadLoraAdapterRequest, front.config.max_body_bytes)
+    body = await _read_json(request, LoadLoraAdapterRequest, front.config)
     if body.lora_name == (await front.server()).model:
         raise bad_request(f"{body.lora_name!r} is the base model's id; choose another name", "lora_name")
     async with front.admin_client(request) as client:
-        message = await client.add_task(body.lora_name, body.lora_path)
+        try:
+            message = await client.add_task(body.lora_name, body.lora_path)
+        except InlaidError as error:
+            api_error = from_inlaid(error)
+            if api_error.status == 400 and api_error.param is None:  # not the name: the adapter at lora_path
+                api_error.param = "lora_path"
+            raise api_error from None
     log.info("adapter loaded over HTTP", extra={"task": body.lora_name, "result": message})
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
 async def _unload_lora_adapter(front: Front, request: Request) -> Response:
-    body = await _read_json(request, UnloadLoraAdapterRequest, front.config.max_body_bytes)
+    body = await _read_json(request, UnloadLoraAdapterRequest, front.config)
     async with front.admin_client(request) as client:
         try:
             message = await client.remove_task(body.lora_name)

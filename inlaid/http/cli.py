@@ -91,9 +91,11 @@ async def serve(address: str, config: HttpConfig, listen_fd: int | None = None, 
     import uvicorn
 
     from inlaid.http.app import create_app
+    from inlaid.http.slow_clients import head_deadline_protocol
 
     server = uvicorn.Server(uvicorn.Config(
-        create_app(address, config), host=config.host, port=config.port, http="httptools", lifespan="on",
+        create_app(address, config), host=config.host, port=config.port,
+        http=head_deadline_protocol(config.client_send_timeout_s), lifespan="on",
         log_config=None, access_log=False, timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
     ))  # fmt: skip
     watcher = asyncio.get_running_loop().create_task(_watch_parent(server, parent_pid)) if parent_pid else None

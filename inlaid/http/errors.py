@@ -41,6 +41,7 @@ _RETRY_AFTER_S = {429: 1, 503: 1}
 _SERVER_PREFIX = re.compile(r"^\[[a-z_]+\] ")  # the SDK prefixes the code; the body has it apart
 _MSGSPEC_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 _UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `([^`]*)`")
+_MISSING_FIELD = re.compile(r"^Object missing required field `([^`]*)`")
 # The server's refusals of sampling values start with the field's name (SamplingParams.validate).
 _SAMPLING_FIELD = re.compile(r"^(max_tokens|temperature|top_p|top_k|stop_token_ids|stop|seed)\b")
 
@@ -72,16 +73,27 @@ def bad_request(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, code="invalid_request", param=param)
 
 
-def from_inlaid(error: InlaidError, model: str | None = None, *, not_found_param: str | None = None) -> ApiError:
+def from_inlaid(error: InlaidError, model: str | None = None, *, not_found_param: str | None = None,
+                prompt_param: str | None = None) -> ApiError:
     """The HTTP form of an SDK error (the server's typed reply, or the SDK's own). A 404 names
-    `model` for a generation request (`model` given), else `not_found_param` (`lora_name`)."""
+    `model` for a generation request (`model` given), else `not_found_param` (`lora_name`);
+    a refused prompt names `prompt_param` (`prompt`, or `messages` for chat)."""
     status, kind, code = _BY_CODE.get(error.code, (500, "server_error", error.code))
     message = _SERVER_PREFIX.sub("", error.message)
+    if error.code == "timeout":  # the SDK's message names the server's internal address: not the client's business
+        message = "the server did not answer within http.request_timeout_s; the request was cancelled"
     if error.code == ErrorCode.UNKNOWN_TASK and model is not None:
         message = f"The model `{model}` does not exist (no such task on this server). {message}"
     param = ("model" if model is not None else not_found_param) if status == 404 else None
-    if error.code == ErrorCode.INVALID_REQUEST and (field := _SAMPLING_FIELD.match(message)):
-        param = field.group(1)
+    if error.code == ErrorCode.CONTEXT_LENGTH:
+        param = prompt_param
+    elif error.code == ErrorCode.INVALID_REQUEST:
+        if field := _SAMPLING_FIELD.match(message):
+            param = field.group(1)
+        elif message.startswith("the prompt"):
+            param = prompt_param
+        elif message.startswith("task name"):  # check_task_name's refusals: an adapter's name
+            param = "lora_name"
     return ApiError(status, message, code=code, type=kind, param=param)
 
 
@@ -92,6 +104,10 @@ def from_decode_error(error: msgspec.MsgspecError) -> ApiError:
         return bad_request(f"The request body is not valid JSON: {text}")
     found = _MSGSPEC_PATH.search(text)
     path = found.group(1) if found and found.group(1) else None
+    missing = _MISSING_FIELD.match(text)
+    if missing:
+        name = f"{path}.{missing.group(1)}" if path else missing.group(1)
+        return bad_request(text, param=name)
     unknown = _UNKNOWN_FIELD.match(text)
     if unknown:
         name = f"{path}.{unknown.group(1)}" if path else unknown.group(1)

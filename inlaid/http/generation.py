@@ -57,6 +57,9 @@ class GenerationResponse(Response):
         if not work.cancelled() and work.exception() is not None:
             raise work.exception()  # type: ignore[misc]
 
+    def _api_error(self, error: InlaidError) -> ApiError:
+        return from_inlaid(error, self.call.model, prompt_param="messages" if self.chat else "prompt")
+
     def _generate_kwargs(self, prompt: dict[str, Any]) -> dict[str, Any]:
         return {**prompt, **self.call.options, "task": self.call.task}
 
@@ -68,15 +71,14 @@ class GenerationResponse(Response):
         except InlaidError as error:
             for job in jobs:
                 job.cancel()  # the other prompts' requests are cancelled on the server
-            await _send_error(send, from_inlaid(error, self.call.model))
+            await _send_error(send, self._api_error(error))
             return
         finally:
             if any(not job.done() for job in jobs):  # this task was cancelled: the client went away
                 for job in jobs:
                     job.cancel()
         answer = chat_response(self.call, results[0]) if self.chat else completion_response(self.call, results)
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", _JSON)]})
-        await send({"type": "http.response.body", "body": msgspec.json.encode(answer)})
+        await _send_json(send, 200, [], msgspec.json.encode(answer))
 
     async def _stream(self, send: Send) -> None:
         client = self.client
@@ -89,7 +91,7 @@ class GenerationResponse(Response):
                 # The first piece decides the status: a refused request gets its HTTP error.
                 first: tuple[int, TextChunk | GenerateResult] | None = await anext(events)
             except InlaidError as error:
-                await _send_error(send, from_inlaid(error, self.call.model))
+                await _send_error(send, self._api_error(error))
                 return
             try:
                 await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
@@ -117,7 +119,7 @@ class GenerationResponse(Response):
                     await _send_event(send, self._text_event(index, "", finish_reason(item.finish_reason)))
                 pending = await anext(events, None)
         except InlaidError as error:  # failed mid-stream: OpenAI's error event ends the stream
-            await _send_event(send, from_inlaid(error, self.call.model).body())
+            await _send_event(send, self._api_error(error).body())
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         if self.call.include_usage:
@@ -187,6 +189,13 @@ async def _send_event(send: Send, event: Any) -> None:
 
 
 async def _send_error(send: Send, error: ApiError) -> None:
-    headers = [(b"content-type", _JSON)] + [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": error.body()})
+    await _send_json(send, error.status, [(k.lower().encode(), v.encode()) for k, v in error.headers().items()],
+                     error.body())
+
+
+async def _send_json(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    """A whole JSON response. Its length is known, so it is sent with Content-Length: without
+    it the server falls back to chunked encoding, which an HTTP/1.0 client reads as garbage."""
+    length = [(b"content-type", _JSON), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": length + headers})
+    await send({"type": "http.response.body", "body": body})

@@ -30,6 +30,9 @@ class HttpConfig:
     # One generate through the SDK (for a stream: the wait for each next piece).
     request_timeout_s: float = 600.0
     max_body_bytes: int = 1 << 20  # larger request bodies: 413
+    # Seconds a client may take to send a request's head, and again its body: then 408 (a
+    # connection that never finishes its request would otherwise hold a descriptor for ever).
+    client_send_timeout_s: float = 30.0
     # Prompts one /v1/completions request may list (each runs as a request of its own and
     # takes one of server.max_pending_requests); more: 400. None: DEFAULT_MAX_PROMPTS, and
     # under `inlaid serve` at most server.max_pending_requests.
@@ -44,6 +47,9 @@ class HttpConfig:
         timeout = self.request_timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"http.request_timeout_s must be a number > 0, got {timeout!r}")
+        send_timeout = self.client_send_timeout_s
+        if isinstance(send_timeout, bool) or not isinstance(send_timeout, (int, float)) or not send_timeout > 0:
+            raise ValueError(f"http.client_send_timeout_s must be a number > 0, got {send_timeout!r}")
         size = self.max_body_bytes
         if isinstance(size, bool) or not isinstance(size, int) or size < 1024:
             raise ValueError(f"http.max_body_bytes must be an integer >= 1024, got {size!r}")
