@@ -69,6 +69,19 @@ def test_sampler_greedy_topk_and_seeds():
     assert sample_tokens(logits, seeded, [3] * 4) == sample_tokens(logits, seeded, [3] * 4)
 
 
+def test_distinct_seeds_draw_distinct_streams():
+    # Found by an outside probe: seeds s and s + 2**63 (e.g. -1 and 2**63 - 1) drew the same
+    # tokens, as did (s, step k + 1_000_003) and (s + 1, step k), under the old arithmetic mix.
+    flat = torch.zeros(1, 1000)  # uniform over 1000 tokens: two streams agree on 24 draws with chance ~0
+    def stream(seed: int, first_step: int = 0) -> list[int]:
+        return [sample_tokens(flat, [SamplingParams(temperature=1.0, seed=seed)], [first_step + k])[0]
+                for k in range(24)]
+    assert stream(-1) != stream(2**63 - 1)
+    assert stream(5) != stream(5 + 2**63)
+    assert stream(0, first_step=1_000_003) != stream(1)
+    assert stream(-1) == stream(-1) and stream(2**64 - 1) == stream(2**64 - 1)
+
+
 def test_top_p_keeps_exactly_the_nucleus():
     probs = torch.tensor([0.5, 0.25, 0.15, 0.06, 0.04], dtype=torch.float64)
     logits = probs.log().float()[None].repeat(400, 1)

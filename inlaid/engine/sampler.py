@@ -7,13 +7,12 @@ row's failure touches another row.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
 
 from inlaid.protocol import SamplingParams
-
-_SEED_STRIDE = 1_000_003  # mixes (seed, step) into one generator seed
 
 
 @dataclass(frozen=True)
@@ -77,5 +76,14 @@ def sample_row(row_logits: torch.Tensor, param: SamplingParams, num_generated: i
     generator = None
     if param.seed is not None:
         generator = torch.Generator(device=row_logits.device)
-        generator.manual_seed((param.seed * _SEED_STRIDE + num_generated) % (2**63))
+        generator.manual_seed(generator_seed(param.seed, num_generated))
     return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def generator_seed(seed: int, num_generated: int) -> int:
+    """The generator seed of a request's token `num_generated`: a hash of both, so that no two
+    (seed, step) pairs share a stream (an arithmetic mix made seed s and s + 2**63, or
+    (s, k + stride) and (s + 1, k), draw the same tokens). Seeds are signed or unsigned 64-bit
+    integers (SamplingParams.validate)."""
+    data = seed.to_bytes(16, "little", signed=True) + num_generated.to_bytes(8, "little")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
