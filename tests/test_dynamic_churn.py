@@ -189,3 +189,41 @@ def test_host_cache_forgets_dropped_adapters_and_keeps_its_byte_budget(tiny):
     tight.load_adapter(0, "a", a)
     tight.load_adapter(1, "b", b)
     assert tight.host_adapters.paths == [b] and tight.host_adapters.nbytes == one
+
+
+def test_an_adapter_changed_between_its_check_and_its_copy_is_refused(model_dir, tmp_path, source_adapter):
+    # Found by an outside probe: AddTask checked the source directory, then copied it, so an
+    # adapter rewritten in between (here: NaN weights, by a writer racing the copy) was
+    # registered and every request to it failed. The copy is what is served: it is checked.
+    import asyncio
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from inlaid.protocol import AddTask, AdminReply, ErrorReply
+    from inlaid.serve.admin import TaskCalls
+
+    adapter = Path(shutil.copytree(source_adapter, tmp_path / "racy"))
+    weights_file = adapter / "adapter_model.safetensors"
+    good = weights_file.read_bytes()
+    state = tmp_path / "state"
+    _, registry, dynamic = _server(model_dir, state)
+    replies: list = []
+    calls = TaskCalls(registry, lambda identity, message: replies.append(message), dynamic)
+    checked_copy = dynamic.prepare
+
+    def prepare_while_a_writer_poisons_the_source(*args):  # the race, made deterministic
+        weights = load_file(weights_file)
+        weights = {name: np.full_like(value, np.nan) for name, value in weights.items()}
+        save_file(weights, weights_file)
+        return checked_copy(*args)
+
+    dynamic.prepare = prepare_while_a_writer_poisons_the_source
+    asyncio.run(calls._add(b"client", AddTask(request_id="a1", name="racy", adapter_dir=str(adapter), token="token")))
+    assert isinstance(replies[-1], ErrorReply) and replies[-1].code == ErrorCode.INVALID_REQUEST, replies
+    assert "changed while it was being added" in replies[-1].message and "finite" in replies[-1].message.lower()
+    assert "racy" not in registry.tasks and _copies(state) == []  # nothing half-registered, no copy left
+    weights_file.write_bytes(good)  # once the writer is done, the add goes through
+    dynamic.prepare = checked_copy
+    asyncio.run(calls._add(b"client", AddTask(request_id="a2", name="racy", adapter_dir=str(adapter), token="token")))
+    assert isinstance(replies[-1], AdminReply) and "racy" in registry.tasks

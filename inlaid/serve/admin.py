@@ -58,6 +58,8 @@ class TaskCalls:
             await asyncio.to_thread(self.registry.check_adapter, message.name, message.adapter_dir)
             inputs = await asyncio.to_thread(self.dynamic.prepare, message.name, message.adapter_dir,
                                              message.calibration_jsonl or None)
+            if inputs.copied:  # what is served is the copy: the source may have changed since it was checked
+                await asyncio.to_thread(self._check_copy, message.name, inputs.adapter_dir)
             self._done(identity, message, self.dynamic.add(inputs))
         except TaskError as error:
             self._refused(identity, message, error)
@@ -65,6 +67,15 @@ class TaskCalls:
             log.exception("internal error adding a task", extra={"request_id": message.request_id})
             self._reply(identity, ErrorReply(request_id=message.request_id, code=ErrorCode.INTERNAL,
                                              message="internal server error"))
+
+    def _check_copy(self, name: str, copy_dir: str) -> None:
+        store = self.dynamic.store
+        assert store is not None  # only a state directory's tasks are copies
+        try:
+            self.registry.check_adapter(name, copy_dir)
+        except TaskError as error:
+            store.discard_copy(copy_dir)
+            raise TaskError(error.code, f"the adapter changed while it was being added: {error.message}") from None
 
     def _done(self, identity: bytes, message: AddTask | RemoveTask, text: str) -> None:
         log.info("admin call", extra={"call": type(message).__name__, "task": message.name, "result": text})
