@@ -61,6 +61,15 @@ def test_state_of_another_base_or_corrupt_is_refused(tmp_path):
     (tmp_path / "state" / "registry.json").write_text("{broken")
     with pytest.raises(StateDirError, match="unreadable"):
         TaskStore(tmp_path / "state", BASE)
+    # Valid JSON of the wrong shape (found by an outside probe: a traceback at start-up), or
+    # another format version (it was read, then rewritten as format 1).
+    TaskStore(tmp_path / "other", BASE).save()
+    good = json.loads((tmp_path / "other" / "registry.json").read_text())
+    for wrong, match in [([1, 2], "unreadable: ValueError"), ({**good, "tasks": [1, 2]}, "unreadable: AttributeError"),
+                         ({**good, "tasks": {"t": 3}}, "unreadable: TypeError"), ({**good, "format": 99}, "format 99")]:
+        (tmp_path / "state" / "registry.json").write_text(json.dumps(wrong))
+        with pytest.raises(StateDirError, match=match):
+            TaskStore(tmp_path / "state", BASE)
 
 
 def test_requantizer_section(tmp_path):

@@ -88,6 +88,11 @@ class TaskStore:
     def _load(self, path: Path) -> None:
         try:
             raw = json.loads(path.read_text())
+            if not isinstance(raw, dict):
+                raise ValueError(f"a JSON object was expected, not {type(raw).__name__}")
+            if raw.get("format") != FORMAT_VERSION:
+                raise StateDirError(f"{path} has format {raw.get('format')!r}; this version of inlaid reads format "
+                                    f"{FORMAT_VERSION}: use another server.state_dir")
             if raw.get("base") != self.base:
                 raise StateDirError(f"{self.root} holds the state of another base ({raw.get('base')}); this "
                                     f"server serves {self.base}: use another server.state_dir")
@@ -95,8 +100,8 @@ class TaskStore:
             self.layers = {int(layer): CommittedLayer(**entry) for layer, entry in raw["layers"].items()}
             self.dropped = list(raw["dropped"])
             self.next_version = int(raw["next_version"])
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise StateDirError(f"{path} is unreadable: {error}") from error
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:  # a wrong shape, too
+            raise StateDirError(f"{path} is unreadable: {type(error).__name__}: {error}") from error
 
     def save(self) -> None:
         raw = {
