@@ -214,8 +214,25 @@ def test_unreadable_adapter_paths_are_adapter_errors(tmp_path):
             read_adapter_spec("x", path)
     (tmp_path / "adapter_config.json").mkdir()  # a directory where the file should be
     (tmp_path / "adapter_model.safetensors").write_bytes(b"")
-    with pytest.raises(AdapterError):
+    with pytest.raises(AdapterError, match="adapter_config.json is a directory, not a file"):
         read_adapter_spec("x", tmp_path)
+
+
+def test_adapter_path_messages_say_what_the_path_is(tmp_path):
+    # Found by an outside probe: a file, a symlink loop and a FIFO were all "not found".
+    import os
+
+    (tmp_path / "file").write_text("x")
+    os.symlink(tmp_path / "loop_b", tmp_path / "loop_a")
+    os.symlink(tmp_path / "loop_a", tmp_path / "loop_b")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    os.mkfifo(adapter / "adapter_model.safetensors")
+    for path, message in [(tmp_path / "missing", "directory not found"), (tmp_path / "file", "is a file, not a directory"),
+                          (tmp_path / "loop_a", "broken symbolic link"), (adapter, "not a regular file")]:
+        with pytest.raises(AdapterError, match=message):
+            read_adapter_spec("x", path)
 
 
 # ------------------------------------------------------------------ per-sequence isolation

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -59,12 +60,15 @@ def read_adapter_spec(name: str, path: str | Path) -> AdapterSpec:
     except (TypeError, ValueError, OSError) as error:
         raise AdapterError(f"adapter {name!r}: bad directory {path!r}: {error}") from None
     if not is_dir:
-        raise AdapterError(f"adapter {name!r}: directory not found: {path}")
+        raise AdapterError(f"adapter {name!r}: {_not_there(path, 'directory', f'directory not found: {path}')}")
     config_path = path / "adapter_config.json"
     if not config_path.is_file():
-        raise AdapterError(f"adapter {name!r}: {path} has no adapter_config.json (not a PEFT adapter)")
-    if not (path / "adapter_model.safetensors").is_file():
-        raise AdapterError(f"adapter {name!r}: {path} has no adapter_model.safetensors")
+        missing = f"{path} has no adapter_config.json (not a PEFT adapter)"
+        raise AdapterError(f"adapter {name!r}: {_not_there(config_path, 'file', missing)}")
+    weights_path = path / "adapter_model.safetensors"
+    if not weights_path.is_file():
+        missing = f"{path} has no adapter_model.safetensors"
+        raise AdapterError(f"adapter {name!r}: {_not_there(weights_path, 'file', missing)}")
     try:
         with config_path.open("rb") as file:
             raw = file.read(MAX_CONFIG_BYTES + 1)
@@ -147,3 +151,17 @@ def _is_finite_number(value: object) -> bool:
         return math.isfinite(float(value))
     except OverflowError:  # an integer beyond float range
         return False
+
+
+def _not_there(path: Path, wanted: str, missing: str) -> str:
+    """Why `path` is not the `wanted` ('directory' or 'file') it should be: `missing` when
+    nothing is there, else what is (a file, a broken link, a FIFO...)."""
+    if not os.path.lexists(path):
+        return missing
+    if path.is_symlink() and not path.exists():
+        return f"{path} is a broken symbolic link (or a loop of them)"
+    if path.is_dir():
+        return f"{path} is a directory, not a file"
+    if path.is_file():
+        return f"{path} is a file, not a directory"
+    return f"{path} is not a regular {wanted} (a device, FIFO or socket?)"
