@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     name = argv[0]
+    _pin_math_threads(argv[1:])
     module = importlib.import_module(SUBCOMMANDS[name][0])
     command_parser = argparse.ArgumentParser(prog=f"inlaid {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(command_parser)
@@ -53,6 +54,23 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug: its traceback is what a report needs
         print(f"inlaid {name}: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
+
+
+def _pin_math_threads(arguments: list[str]) -> None:
+    """A subcommand's `--threads N` also goes to OpenMP and MKL through the environment, before
+    torch loads (the server starts its requantizer so): they read it then, and a later
+    `torch.set_num_threads` alone does not give the same results: an offline `quantize-add
+    --threads 1` differed from the live server's re-quantization of the same task in 622
+    tensors, and equalled it once started with OMP_NUM_THREADS=1."""
+    for index, argument in enumerate(arguments):
+        if argument == "--threads" and index + 1 < len(arguments):
+            value = arguments[index + 1]
+        elif argument.startswith("--threads="):
+            value = argument.removeprefix("--threads=")
+        else:
+            continue
+        if value.isdigit() and int(value) > 0:  # anything else: the subcommand's parser says what is wrong
+            os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = value
 
 
 # Errors that say what is wrong with the inputs (files, paths, values, addresses): one line

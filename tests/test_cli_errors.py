@@ -4,6 +4,8 @@ in this process; only a bug (an error that says nothing about the inputs) keeps 
 
 from __future__ import annotations
 
+import os
+
 import json
 from pathlib import Path
 
@@ -104,3 +106,20 @@ def test_serve_refuses_scheduler_files_it_could_never_write_or_read(tmp_path: Pa
         err = capsys.readouterr().err
         assert f"scheduler.{key}" in err and str(path) in err and message in err, err
         assert "Traceback" not in err and "allow_pickle" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_threads_reach_openmp_and_mkl_before_torch_loads(monkeypatch):
+    # An offline `quantize-add --threads 1` differed from the live server's re-quantization
+    # (whose requantizer starts with OMP_NUM_THREADS=1) in 622 tensors of the default model;
+    # with the environment set before torch loads, 0 (checked by hand: the run takes a minute).
+    from inlaid.cli import _pin_math_threads
+
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(name, "7")
+    _pin_math_threads(["--checkpoint", "c", "--threads", "1"])
+    assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "1"
+    _pin_math_threads(["--threads=2", "--out", "o"])
+    assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "2"
+    for ignored in (["--threads", "0"], ["--threads", "x"], ["--threads"], ["--thread", "5"]):
+        _pin_math_threads(ignored)  # the subcommand's own parser refuses what is wrong
+        assert os.environ["OMP_NUM_THREADS"] == "2"
