@@ -154,7 +154,7 @@ def _assert_committed_match(world: World, task: str) -> int:
         changed = any(not torch.equal(expected[key], before[key]) for key in expected)
         assert (layer in committed) == changed, layer
         if layer in committed:
-            served = read_layer_tensors(Path(committed[layer]), layer)
+            served = read_layer_tensors(world.root / "state" / committed[layer], layer)  # relative to the state dir
             assert all(torch.equal(served[key], expected[key]) for key in expected), layer
     return len(committed)
 

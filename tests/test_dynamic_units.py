@@ -54,6 +54,30 @@ def test_state_round_trip_and_garbage(tmp_path):
     assert kept.exists() and (tmp_path / "state" / "adapters" / adapter.split("/")[-1]).is_dir()
 
 
+def test_a_moved_state_directory_uses_its_own_files(tmp_path):
+    # Found by an outside probe: registry.json held absolute paths, so a copied or restored
+    # state directory silently served the original place's adapter copies and layers.
+    import shutil
+
+    store = TaskStore(tmp_path / "state", BASE)
+    adapter, calibration = store.copy_inputs("code", str(_adapter(tmp_path / "a")), str(tmp_path / "a" / "adapter_config.json"))
+    configured = str(_adapter(tmp_path / "configured"))  # outside the state directory: stays where it is
+    store.tasks["code"] = TaskRecord(name="code", adapter_dir=adapter, calibration=calibration, phase=QUEUED)
+    store.tasks["own"] = TaskRecord(name="own", adapter_dir=configured, calibration=None, phase=QUEUED)
+    layer = store.layers_dir / "layer_000.v1.safetensors"
+    layer.write_bytes(b"x")
+    store.layers[0] = CommittedLayer(version=1, file=str(layer))
+    store.save()
+    assert str(tmp_path / "state") not in (tmp_path / "state" / "registry.json").read_text()
+    shutil.move(tmp_path / "state", tmp_path / "moved")
+    moved = TaskStore(tmp_path / "moved", BASE)
+    record = moved.tasks["code"]
+    assert record.adapter_dir.startswith(str(tmp_path / "moved")) and Path(record.adapter_dir).is_dir()
+    assert record.calibration.startswith(str(tmp_path / "moved")) and Path(record.calibration).is_file()
+    assert moved.layers[0].file == str(tmp_path / "moved" / "quant" / "layers" / layer.name)
+    assert Path(moved.layers[0].file).read_bytes() == b"x" and moved.tasks["own"].adapter_dir == configured
+
+
 def test_state_of_another_base_or_corrupt_is_refused(tmp_path):
     TaskStore(tmp_path / "state", BASE).save()
     with pytest.raises(StateDirError, match="another base"):

@@ -97,25 +97,42 @@ class TaskStore:
                 raise StateDirError(f"{self.root} holds the state of another base ({raw.get('base')}); this "
                                     f"server serves {self.base}: use another server.state_dir")
             self.tasks = {name: TaskRecord(**record) for name, record in raw["tasks"].items()}
+            for record in self.tasks.values():
+                record.adapter_dir = self._absolute(record.adapter_dir)
+                record.calibration = record.calibration and self._absolute(record.calibration)
             self.layers = {int(layer): CommittedLayer(**entry) for layer, entry in raw["layers"].items()}
+            for entry in self.layers.values():
+                entry.file = self._absolute(entry.file)
             self.dropped = list(raw["dropped"])
             self.next_version = int(raw["next_version"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:  # a wrong shape, too
             raise StateDirError(f"{path} is unreadable: {type(error).__name__}: {error}") from error
 
     def save(self) -> None:
-        raw = {
-            "format": FORMAT_VERSION, "base": self.base, "next_version": self.next_version,
-            "tasks": {name: asdict(record) for name, record in self.tasks.items()},
-            "layers": {str(layer): asdict(entry) for layer, entry in sorted(self.layers.items())},
-            "dropped": self.dropped,
-        }
+        tasks = {name: {**asdict(record), "adapter_dir": self._relative(record.adapter_dir),
+                        "calibration": record.calibration and self._relative(record.calibration)}
+                 for name, record in self.tasks.items()}
+        layers = {str(layer): {**asdict(entry), "file": self._relative(entry.file)}
+                  for layer, entry in sorted(self.layers.items())}
+        raw = {"format": FORMAT_VERSION, "base": self.base, "next_version": self.next_version, "tasks": tasks,
+               "layers": layers, "dropped": self.dropped}
         temporary = self.root / (REGISTRY_FILE + ".tmp")
         with open(temporary, "w") as handle:
             json.dump(raw, handle, indent=1)
             handle.flush()
             os.fsync(handle.fileno())
         temporary.replace(self.root / REGISTRY_FILE)
+
+    # Files inside the state directory are written relative to it, so that a state directory
+    # copied or restored elsewhere uses its own files (absolute paths read the old place's).
+    # Anything outside it (an adapter directory of the config's [tasks]) stays absolute.
+    def _relative(self, path: str) -> str:
+        root = os.path.abspath(self.root)
+        absolute = os.path.abspath(path)
+        return os.path.relpath(absolute, root) if absolute.startswith(root + os.sep) else path
+
+    def _absolute(self, path: str) -> str:
+        return path if os.path.isabs(path) else os.path.join(os.path.abspath(self.root), path)
 
     # ------------------------------------------------------------------ copies
     def copy_inputs(self, name: str, adapter_dir: str, calibration: str | None) -> tuple[str, str | None]:
