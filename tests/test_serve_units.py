@@ -180,6 +180,12 @@ def test_config_defaults_bind_loopback_and_disable_admin(model_dir):
         ({"executor": {"num_kv_blocks": 0}}, "num_kv_blocks must be >= 1"),
         ({"executor": {"warp_drive": True}}, "unknown keys"),
         ({"tasks": {"bad name!": "/x"}}, "task name"),
+        # Found by an outside probe: these were accepted (look-alike letters; '..' a path
+        # component; '-x' an option to any command line that names it).
+        ({"tasks": {"ünï": "/x"}}, "task name 'ünï': use 1-128 ASCII"),
+        ({"tasks": {"..": "/x"}}, "task name '..'"),
+        ({"tasks": {"-x": "/x"}}, "task name '-x'"),
+        ({"tasks": {"n" * 10_000: "/x"}}, r"task name 'n{60}'\.\.\. \(10000 characters\)"),
         ({"extra": {}}, "unknown config sections"),
     ],
 )

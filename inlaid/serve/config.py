@@ -47,6 +47,7 @@ Relative paths are resolved against the file's directory.
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -312,9 +313,16 @@ def load_policy(spec: str, options: dict[str, Any] | None = None) -> Any:
     return policy
 
 
+_TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
 def check_task_name(name: str) -> None:
-    if not name or len(name) > 128 or not all(c.isalnum() or c in "-_." for c in name):
-        raise ConfigError(f"task name {name!r}: use 1-128 letters, digits, '-', '_' or '.'")
+    # ASCII only (look-alike names are not two tasks), and no leading '-' (a command line
+    # would read it as an option) or '.' ('.', '..': path components).
+    if not _TASK_NAME.fullmatch(name):
+        shown = repr(name) if len(name) <= 80 else f"{name[:60]!r}... ({len(name)} characters)"
+        raise ConfigError(f"task name {shown}: use 1-128 ASCII letters, digits, '-', '_' or '.', "
+                          "starting with a letter, a digit or '_'")
     if name.startswith("__") and name.endswith("__"):
         # The metrics label the base model and unknown tasks `__base__` and `__unknown__`.
         raise ConfigError(f"task name {name!r}: names of the form '__name__' are reserved")
