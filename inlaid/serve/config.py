@@ -119,6 +119,12 @@ class RequantizerSettings:
     idle_duty_cycle: float = 1.0
     max_attempts: int = 3  # requantizer deaths during one task before that task is marked failed
     start_timeout_s: float = 120.0
+    # A requantizer that owes a layer yet does not run for this long (stopped, or asleep
+    # without using CPU beyond what its duty cycle may sleep) is killed and restarted, counted
+    # like a death. Starved time at SCHED_IDLE never counts (requantizer_supervisor._liveness),
+    # so this need not cover a slow layer (1.7 s CPU, minutes starved, on the default model):
+    # it bounds how long a hang (SIGSTOP, a deadlock) holds the job queue.
+    progress_timeout_s: float = 120.0
 
     def validate(self) -> None:
         if self.threads < 1:
@@ -133,6 +139,9 @@ class RequantizerSettings:
                 raise ConfigError(f"requantizer.{name} must be in (0, 1], got {value!r}")
         if self.max_attempts < 1:
             raise ConfigError("requantizer.max_attempts must be >= 1")
+        timeout = self.progress_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigError(f"requantizer.progress_timeout_s must be > 0, got {timeout!r}")
 
 
 @dataclass

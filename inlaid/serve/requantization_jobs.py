@@ -6,6 +6,10 @@ a LayerSwap, applied between two steps; once every executor confirms it (LayerSw
 the layer is *committed* (STATE_DIR/registry.json) and the requantizer may go on
 (LayerCommitted). Committed layers are what a restarted executor or server restores, as
 file swaps on its first plan, so what is served and what is recorded never diverge.
+
+A requantizer that dies, or hangs and is killed (its supervisor's `_liveness`; a cancel it
+does not take up, `cancel`), is restarted and its job resumes at the first uncommitted
+layer; `max_attempts` losses in one job fail the task.
 """
 
 from __future__ import annotations
@@ -40,6 +44,12 @@ from inlaid.serve.requantizer_supervisor import RequantizerSupervisor
 from inlaid.serve.task_store import FAILED, READY, REQUANTIZING, CommittedLayer, TaskRecord, TaskStore
 
 log = logging.getLogger("inlaid.requantization")
+
+# How often a cancelled job's requantizer is looked at until it takes the cancel up: a stopped
+# one (SIGSTOP) never will and is killed then. A running one reads the cancel when its layer
+# ends (it reads messages only between layers) and is left to finish it: on a large model a
+# layer may take minutes, a restart the model's load; a hang there is `_liveness`'s to catch.
+CANCEL_TIMEOUT_S = 5.0
 
 
 def job_id(record: TaskRecord) -> str:
@@ -76,6 +86,7 @@ class RequantizationJobs:
         self.queue: deque[str] = deque()  # task names, the running job's first
         self.current: str | None = None
         self._sent_job: tuple[int, str] | None = None  # (requantizer generation, job id) it runs
+        self._cancelling: str | None = None  # a cancelled job the requantizer may still be computing
         self._live: _LiveSwap | None = None
         # Per executor: the committed layers it lacks (all of them when it is fresh).
         self._restore: list[dict[int, LayerSwap]] = [self._committed_swaps() for _ in range(executors)]
@@ -90,7 +101,7 @@ class RequantizationJobs:
         self.supervisor = RequantizerSupervisor(
             self.config.requantizer, f"ipc://{self._tempdir}/requantizer.ipc",
             on_message=self._on_message, on_ready=self._on_ready, on_lost=self._on_lost,
-            wanted=lambda: self.current is not None or bool(self.queue),
+            wanted=lambda: self.current is not None or bool(self.queue), owes_progress=self._owes_progress,
             log_level=self.config.log_level, log_format=self.config.log_format)
         if self.queue:
             await self._dispatch()
@@ -113,13 +124,45 @@ class RequantizationJobs:
         self._later(self._dispatch())
 
     def cancel(self, record: TaskRecord) -> None:
-        """Stop the task's job (at its next layer boundary) or take it out of the queue."""
-        if self.current == record.name:
-            self._later(self._send(CancelJob(job_id=job_id(record))))
-            self._finish_current()
-            self._later(self._dispatch())
-        elif record.name in self.queue:
-            self.queue.remove(record.name)
+        """Stop the task's job (at its next layer boundary) or take it out of the queue.
+
+        The requantizer reads the cancel at once when it waits for a commit; mid-layer it
+        reads it only when the layer ends. The next job is sent only once the cancel is
+        taken up (a message of the cancelled job arrives: it is at the boundary), or once the
+        process is gone: a stopped one (SIGSTOP) takes up nothing and is killed within
+        CANCEL_TIMEOUT_S (`_cancel_deadline`). That kill counts against no task."""
+        if self.current != record.name:
+            if record.name in self.queue:
+                self.queue.remove(record.name)
+            return
+        cancelled, sent, supervisor = job_id(record), self._sent_job, self.supervisor
+        waiting = self._live is not None and self._live.job_id == cancelled  # for our commit: at the boundary
+        self._later(self._send(CancelJob(job_id=cancelled)))
+        self._finish_current()
+        if (supervisor is not None and sent is not None and sent[0] == supervisor.generation
+                and not (waiting and not supervisor.stopped)):
+            self._cancelling = cancelled
+            self._later(self._cancel_deadline(cancelled, sent[0], waiting))
+        self._later(self._dispatch())
+
+    async def _cancel_deadline(self, cancelled: str, generation: int, waiting: bool) -> None:
+        while True:
+            await asyncio.sleep(CANCEL_TIMEOUT_S)
+            supervisor = self.supervisor
+            if self._cancelling != cancelled or supervisor is None or supervisor.generation != generation:
+                return  # taken up, or the process is already gone
+            if supervisor.stopped:
+                supervisor.kill(f"requantizer (pid {supervisor.pid}) was killed: it did not take up the cancel of "
+                                f"job {cancelled} (it is stopped)")
+                return
+            if waiting:  # it was stopped at the boundary and runs again: it has read the cancel
+                self._cancel_taken_up()
+                return
+            # running mid-layer: it takes the cancel up when the layer ends
+
+    def _cancel_taken_up(self) -> None:
+        self._cancelling = None
+        self._later(self._dispatch())
 
     # ------------------------------------------------------------------ the executor's side
     def _committed_swaps(self) -> dict[int, LayerSwap]:
@@ -225,8 +268,8 @@ class RequantizationJobs:
 
     async def _dispatch(self) -> None:
         store, supervisor = self.store, self.supervisor
-        if store is None or supervisor is None:
-            return
+        if store is None or supervisor is None or self._cancelling is not None:
+            return  # after a cancel, the next job waits for the requantizer to be free (`cancel`)
         if self.current is None:
             if not self.queue:
                 return
@@ -254,11 +297,19 @@ class RequantizationJobs:
         if self._live is not None and not self._live.reached:
             self._live = None  # never reached the executor; the requantizer releases it
 
+    def _owes_progress(self) -> bool:
+        """The requantizer runs a job we sent it and is not waiting for our LayerCommitted."""
+        sent, supervisor, live = self._sent_job, self.supervisor, self._live
+        if sent is None or supervisor is None or sent[0] != supervisor.generation:
+            return False
+        return live is None or live.job_id != sent[1]
+
     def _on_ready(self, _hello: RequantizerHello) -> None:
         self._later(self._dispatch())
 
     def _on_lost(self, reason: str) -> None:
         self._sent_job = None
+        self._cancelling = None  # a cancelled job dies with the process; nothing is charged for it
         if self._live is not None and not self._live.reached:
             self._live = None  # its shared memory went with the requantizer; the job redoes the layer
         record = self.store.tasks.get(self.current) if self.store and self.current else None
@@ -273,6 +324,8 @@ class RequantizationJobs:
             self.store.save()
 
     def _on_message(self, message: msgspec.Struct) -> None:
+        if self._cancelling is not None and getattr(message, "job_id", None) == self._cancelling:
+            self._cancel_taken_up()  # at the boundary: it reads the cancel next (sent before anything else)
         if isinstance(message, LayerReady):
             self._on_layer_ready(message)
         elif isinstance(message, JobFinished):

@@ -5,6 +5,9 @@ threads, niceness and OpenMP wait policy are set at spawn (the environment must 
 before torch is imported): on a small CPU a second torch process with default threads and
 spinning OpenMP workers slowed serving many-fold (docs/dynamic-tasks.md). A dead
 requantizer is restarted like the executor; each incarnation has its own ZeroMQ identity.
+
+A hung one (stopped, or asleep without end) is killed and restarted the same way: see
+`_liveness` for what counts as hung, and why a starved one never does.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import msgspec
 import zmq
@@ -32,6 +38,47 @@ from inlaid.serve.supervisor import wait_or_kill
 log = logging.getLogger("inlaid.requantizer_supervisor")
 
 _RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # /proc CPU times' unit
+
+# /proc state letters of a process that is not running, as the kill's reason names them.
+_NOT_RUNNING = {"T": "stopped (SIGSTOP)", "t": "stopped by a debugger", "S": "asleep without using any CPU",
+                "D": "in uninterruptible sleep (I/O)"}
+
+
+@dataclass(frozen=True)
+class ProcessSample:
+    """What Linux /proc says of a process at one instant."""
+
+    state: str  # its main thread's state letter (R running or runnable, S sleeping, T stopped, ...)
+    runnable: bool  # some thread is R: running, or waiting for a CPU (starved) it will get
+    cpu_ticks: int  # user + system CPU time of all its threads, in clock ticks
+
+    @property
+    def stopped(self) -> bool:
+        return self.state in ("T", "t")
+
+
+def sample_process(pid: int) -> ProcessSample | None:
+    """None: no such process, or no /proc (not Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        # after "pid (comm)": state is field 3, utime and stime fields 14 and 15 (comm may hold spaces)
+        fields = stat.rsplit(")", 1)[1].split()
+        state, cpu_ticks = fields[0], int(fields[11]) + int(fields[12])
+    except (OSError, ValueError, IndexError):
+        return None
+    runnable = state == "R"
+    if not runnable:  # with threads > 1 the main thread may wait on workers that are queued for a CPU
+        try:
+            for task in os.scandir(f"/proc/{pid}/task"):
+                if Path(task.path, "stat").read_text().rsplit(")", 1)[1].split()[0] == "R":
+                    runnable = True
+                    break
+        except (OSError, IndexError):
+            pass
+    return ProcessSample(state, runnable, cpu_ticks)
 
 
 def requantizer_identity(generation: int) -> bytes:
@@ -56,13 +103,17 @@ class RequantizerSupervisor:
         on_ready: Callable[[RequantizerHello], None],
         on_lost: Callable[[str], None],
         wanted: Callable[[], bool] = lambda: True,
+        owes_progress: Callable[[], bool] = lambda: False,
         log_level: str = "INFO",
         log_format: str = "json",
     ) -> None:
         """`wanted()`: whether there is work for a requantizer (a lost one is started again
-        only then; the next job starts one with `ensure_running`)."""
+        only then; the next job starts one with `ensure_running`). `owes_progress()`: whether
+        the requantizer runs a job and is not waiting on the coordinator (for a commit): only
+        then can it be hung (`_liveness`)."""
         self.settings = settings
         self.wanted = wanted
+        self.owes_progress = owes_progress
         self.address = address
         self.on_message = on_message
         self.on_ready = on_ready
@@ -79,6 +130,8 @@ class RequantizerSupervisor:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._spawning = False
+        self._messages = 0  # from the current incarnation: each one is progress
+        self._kill_reason: tuple[int, str] | None = None  # (generation, why it was killed)
 
     @property
     def pid(self) -> int:
@@ -87,6 +140,24 @@ class RequantizerSupervisor:
     @property
     def ready(self) -> bool:
         return self.hello is not None and self.pid != 0
+
+    @property
+    def stopped(self) -> bool:
+        """The current process is stopped (SIGSTOP, a debugger): it reads no message."""
+        sample = sample_process(self.pid) if self.pid else None
+        return sample is not None and sample.stopped
+
+    def kill(self, reason: str) -> None:
+        """SIGKILL the current process (it works on a stopped one too). Its loss is then
+        reported to `on_lost` with `reason` and handled like any death: restarted, counted
+        toward the job's max_attempts."""
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        self._kill_reason = (self.generation, reason)
+        log.warning("killing the requantizer", extra={"pid": process.pid, "generation": self.generation,
+                                                      "reason": reason})
+        process.kill()
 
     # ------------------------------------------------------------------ lifecycle
     async def ensure_running(self) -> None:
@@ -147,14 +218,77 @@ class RequantizerSupervisor:
             self._spawning = False
         log.info("requantizer started", extra={"pid": process.pid, "generation": self.generation,
                                                "threads": self.settings.threads, "niceness": self.settings.niceness})
+        self._messages = 0
         self._spawn_task(self._watch(process, self.generation))
         self._spawn_task(self._start_deadline(process, self.generation))
+        self._spawn_task(self._liveness(process, self.generation))
 
     async def _start_deadline(self, process: asyncio.subprocess.Process, generation: int) -> None:
         await asyncio.sleep(self.settings.start_timeout_s)
         if generation == self.generation and self.hello is None and process.returncode is None:
-            log.error("requantizer did not start in time; killing it", extra={"pid": process.pid})
-            process.kill()
+            self.kill(f"requantizer (pid {process.pid}) was killed: it did not start within "
+                      f"{self.settings.start_timeout_s:g} s")
+
+    async def _liveness(self, process: asyncio.subprocess.Process, generation: int) -> None:
+        """Kill the process once it has owed progress too long without running.
+
+        "Progress" cannot be a message alone: between two messages lies a whole layer, which at
+        SCHED_IDLE and nice 19 may wait minutes for a CPU the executor keeps busy, and killing
+        a starved process gains nothing (its successor starves the same way and redoes the
+        layer). So each sample (/proc) asks whether the process *could* be making progress:
+        it sent a message, its CPU time advanced, or some thread of it is runnable (R: running
+        or queued for a CPU, which is what starvation looks like). Only time with none of these
+        counts, and only while it owes us a layer (`owes_progress`: time it waits for our
+        commit never counts):
+        - stopped (T: SIGSTOP, a debugger): nothing in the requantizer stops itself, so
+          `progress_timeout_s` of it is a hang;
+        - asleep without using CPU (S, D): a deadlock or an endless wait, but also the duty
+          cycle's pacing, which sleeps (1 - share) / share times the CPU time used since its
+          last sleep (~1 s per input group at the defaults on the default model, but 9x the
+          job's whole start-up, model load included, at share 0.1). So a sleep may last
+          `progress_timeout_s` plus that pay-back for the CPU time seen since the previous
+          sleep; a hang is still caught within one layer's pay-back.
+        A loop that burns CPU without ever finishing a layer is not caught (it looks like a
+        slow layer: nothing reports progress inside a layer). Without /proc (not Linux) no
+        sample tells starved from hung: the check is off."""
+        timeout = self.settings.progress_timeout_s
+        share = min(self.settings.duty_cycle, self.settings.idle_duty_cycle)
+        payback = 1.25 * (1.0 - share) / share / _CLOCK_TICKS  # seconds of sleep per CPU tick, with a margin
+        interval = min(1.0, timeout / 10)
+        previous = sample_process(process.pid)
+        if previous is None:
+            if process.returncode is None and not Path("/proc/self/stat").exists():
+                log.warning("no /proc: a hung requantizer cannot be told from a starved one and is not detected")
+            return
+        messages, stalled, tick = self._messages, 0.0, time.monotonic()
+        worked = 0  # CPU ticks since its last sleep: what a pacing sleep now may pay back
+        while True:
+            await asyncio.sleep(interval)
+            if self._stopping or generation != self.generation or process.returncode is not None:
+                return
+            now = time.monotonic()
+            # A late tick (the event loop was busy) says nothing of the requantizer: count at most two.
+            elapsed, tick = min(now - tick, 2 * interval), now
+            if not self.owes_progress():  # idle, or waiting for us: nothing to check
+                stalled = 0.0
+                continue
+            sample = sample_process(process.pid)
+            if sample is None or sample.state in ("Z", "X"):
+                return  # exited: `_watch` reports it
+            ran = sample.cpu_ticks - previous.cpu_ticks
+            moving = self._messages != messages or ran > 0 or sample.runnable
+            messages, previous = self._messages, sample
+            if moving:
+                worked = (0 if stalled else worked) + ran  # a sleep just ended: the next pays back what follows
+                stalled = 0.0
+                continue
+            stalled += elapsed
+            allowed = timeout if sample.stopped else timeout + worked * payback
+            if stalled >= allowed:
+                how = _NOT_RUNNING.get(sample.state, "not running")
+                self.kill(f"requantizer (pid {process.pid}) was killed: no progress for {round(stalled, 1):g} s, "
+                          f"{how} (state {sample.state})")
+                return
 
     async def _watch(self, process: asyncio.subprocess.Process, generation: int) -> None:
         code = await process.wait()
@@ -162,7 +296,10 @@ class RequantizerSupervisor:
             return
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         reason = f"requantizer (pid {process.pid}) died with {how}"
-        log.error("requantizer lost", extra={"pid": process.pid, "generation": generation, "returncode": code})
+        if self._kill_reason is not None and self._kill_reason[0] == generation:
+            reason = self._kill_reason[1]  # we killed it: why says more than SIGKILL
+        log.error("requantizer lost", extra={"pid": process.pid, "generation": generation, "returncode": code,
+                                             "reason": reason})
         self.hello = None
         self.on_lost(reason)
         delay = _RESTART_BACKOFF_S[min(self.restarts, len(_RESTART_BACKOFF_S) - 1)]
@@ -191,6 +328,7 @@ class RequantizerSupervisor:
                 continue
             if identity != requantizer_identity(self.generation) or len(frames) != 1:
                 continue  # a previous incarnation's last words
+            self._messages += 1
             try:
                 message = self._decoder.decode(frames[0])
             except (msgspec.DecodeError, ValueError) as error:
@@ -198,10 +336,8 @@ class RequantizerSupervisor:
                 continue
             if isinstance(message, RequantizerHello):
                 if message.protocol_version != PROTOCOL_VERSION:
-                    log.error("requantizer speaks another protocol; killing it",
-                              extra={"theirs": message.protocol_version, "ours": PROTOCOL_VERSION})
-                    if self._process is not None:
-                        self._process.kill()
+                    self.kill(f"requantizer (pid {message.pid}) was killed: it speaks protocol "
+                              f"{message.protocol_version}, not {PROTOCOL_VERSION}")
                     continue
                 self.hello = message
                 self.restarts = 0
