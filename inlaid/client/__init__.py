@@ -11,6 +11,7 @@ from inlaid.client.async_client import AsyncClient, AsyncTokenStream
 from inlaid.client.errors import (
     AdapterFailedError,
     ClientClosedError,
+    ConnectionLostError,
     ContextLengthError,
     DeadlineExceededError,
     ExecutorFailedError,
@@ -39,6 +40,7 @@ __all__ = [
     "AsyncTokenStream",
     "Client",
     "ClientClosedError",
+    "ConnectionLostError",
     "ContextLengthError",
     "DeadlineExceededError",
     "ExecutorFailedError",

@@ -15,14 +15,15 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from inlaid.client.errors import ClientClosedError, InlaidError, RequestTimeoutError, error_from_reply
+from inlaid.client.connection import Connection, connection_lost
+from inlaid.client.errors import ClientClosedError, ConnectionLostError, InlaidError, RequestTimeoutError
+from inlaid.client.errors import error_from_reply
 from inlaid.client.messages import (
     DEFAULT_ADDRESS,
     GenerateResult,
     RequestIds,
     build_generate,
     check_hello,
-    decode_reply,
     encode,
     expect,
     hello,
@@ -69,8 +70,9 @@ class AsyncClient:
         self.client_name = client_name
         self.server: HelloReply | None = None
         self._ids = RequestIds()
-        self._queues: dict[str, asyncio.Queue[ServerReply]] = {}
-        self._socket: zmq.asyncio.Socket | None = None
+        # Each request's replies, then a ConnectionLostError if the connection broke first.
+        self._queues: dict[str, asyncio.Queue[ServerReply | ConnectionLostError]] = {}
+        self._conn: Connection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
         self._handshake_lock: asyncio.Lock | None = None
@@ -79,38 +81,55 @@ class AsyncClient:
     def _sock(self) -> zmq.asyncio.Socket:
         if self._closed:
             raise ClientClosedError("the client is closed")
-        if self._socket is None:
-            sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RECONNECT_IVL, 100)
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-            sock.connect(self.address)
-            self._socket = sock
-            self._reader = asyncio.get_running_loop().create_task(self._read_loop(sock))
+        if self._conn is None:
+            self._conn = Connection(zmq.asyncio.Context.instance(), self.address)
+            self._reader = asyncio.get_running_loop().create_task(self._read_loop(self._conn))
             self.server = None
-        return self._socket
+        return self._conn.socket
 
-    async def _read_loop(self, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            try:
-                frame = await sock.recv()
-            except (zmq.ZMQError, asyncio.CancelledError):
-                return
-            reply = decode_reply(frame)
-            if reply is None:
-                continue
+    async def _read_loop(self, conn: Connection) -> None:
+        # One task reads both sockets, replies first, so answers sent before a disconnect are not
+        # failed by it; it only awaits readiness, so a cancel never loses a frame it took.
+        poller = zmq.asyncio.Poller()
+        poller.register(conn.socket, zmq.POLLIN)
+        poller.register(conn.monitor, zmq.POLLIN)
+        try:
+            while self._conn is conn:
+                await poller.poll()
+                self._deliver(conn)
+                self._check_connection()
+        except (zmq.ZMQError, asyncio.CancelledError):
+            return
+
+    def _deliver(self, conn: Connection) -> None:
+        for reply in conn.replies():
             queue = self._queues.get(reply.request_id)
             if queue is not None:
                 queue.put_nowait(reply)
+
+    def _check_connection(self) -> None:
+        # Also before each new request, lest it be failed by a disconnect older than itself.
+        # On a loss each waiting request and open stream gets its own error after what it has
+        # received, and the socket goes: frames queued in it would reach a restarted server
+        # and run for nobody; the next call opens a fresh one.
+        conn = self._conn
+        if conn is None or not conn.lost():
+            return
+        self._deliver(conn)
+        if self._reader is asyncio.current_task():
+            self._reader = None  # it ends by itself
+        self.reconnect()
+        for request_id, queue in self._queues.items():
+            queue.put_nowait(connection_lost(request_id))
 
     def reconnect(self) -> None:
         """Drop the socket (failing nothing: pending waits run into their timeouts)."""
         if self._reader is not None:
             self._reader.cancel()
             self._reader = None
-        if self._socket is not None:
-            self._socket.close(linger=100)  # lets a last cancel go out
-            self._socket = None
+        if self._conn is not None:
+            self._conn.close(linger_ms=100)  # lets a last cancel go out
+            self._conn = None
         self.server = None
 
     async def close(self) -> None:
@@ -133,13 +152,17 @@ class AsyncClient:
 
     async def _next(self, request_id: str, timeout_s: float) -> ServerReply:
         try:
-            return await asyncio.wait_for(self._queues[request_id].get(), timeout_s)
+            reply = await asyncio.wait_for(self._queues[request_id].get(), timeout_s)
         except asyncio.TimeoutError:
             raise RequestTimeoutError(f"no answer from {self.address} in time", request_id) from None
+        if isinstance(reply, ConnectionLostError):
+            raise reply
+        return reply
 
     async def _roundtrip(self, message: Any, timeout_s: float | None, frame: bytes | None = None) -> ServerReply:
         request_id = message.request_id
         frame = frame or encode(message)  # an unencodable request fails here, before anything is registered
+        self._check_connection()
         self._queues[request_id] = asyncio.Queue()
         answered = False
         try:
@@ -153,6 +176,9 @@ class AsyncClient:
             answered = True
             self._after_timeout(request_id)
             raise
+        except ConnectionLostError:
+            answered = True  # nothing to cancel: the server that had it is gone
+            raise
         finally:
             if not answered and isinstance(message, Generate):
                 self._cancel_nowait(request_id)  # the awaiting task was cancelled
@@ -165,10 +191,10 @@ class AsyncClient:
             self.reconnect()
 
     def _cancel_nowait(self, request_id: str) -> None:
-        if self._socket is None:
+        if self._conn is None:
             return
         try:
-            self._socket.send(encode(Cancel(request_id=request_id)), zmq.NOBLOCK)
+            self._conn.socket.send(encode(Cancel(request_id=request_id)), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
 
@@ -183,6 +209,7 @@ class AsyncClient:
 
     async def _call(self, message: Any, kind: type[Any], timeout_s: float | None = None) -> Any:
         frame = encode(message)  # a request msgpack cannot carry fails before the handshake
+        self._check_connection()  # a server restarted unnoticed is greeted again
         await self._ensure_handshake(timeout_s)
         return expect(await self._roundtrip(message, timeout_s, frame), kind)
 
@@ -241,6 +268,7 @@ class AsyncClient:
             deadline_s=deadline_s,
         )  # fmt: skip
         frame = encode(message)
+        self._check_connection()
         await self._ensure_handshake(timeout_s)
         self._queues[message.request_id] = asyncio.Queue()
         await self._send(frame)
@@ -263,7 +291,7 @@ class AsyncClient:
                 reply = await self.health(timeout_s=min(2.0, remaining))
                 if reply.executor_ready and reply.status == "ok":
                     return reply
-            except RequestTimeoutError:
+            except (RequestTimeoutError, ConnectionLostError):  # not up yet, or restarting
                 pass
             await asyncio.sleep(poll_s)
 
@@ -330,6 +358,9 @@ class AsyncTokenStream:
                     self._finish()
                     self.client._cancel_nowait(self.request_id)
                     self.client._after_timeout(self.request_id)
+                    raise
+                except ConnectionLostError:
+                    self._finish()  # nothing to cancel: the server that had it is gone
                     raise
                 if isinstance(reply, TextChunk):
                     yield reply

@@ -93,6 +93,14 @@ class ClientClosedError(InlaidError):
     code = "closed"
 
 
+class ConnectionLostError(InlaidError, ConnectionError):
+    """The connection to the server broke while this request waited (the server was killed,
+    crashed, restarted, or its host stopped answering heartbeats). Raised at once, not after
+    the timeout. The request may or may not have run; a later call reconnects by itself."""
+
+    code = "connection_lost"
+
+
 _BY_CODE: dict[str, type[InlaidError]] = {
     cls.code: cls
     for cls in (

@@ -11,14 +11,15 @@ from typing import Any
 import msgspec
 import zmq
 
-from inlaid.client.errors import ClientClosedError, InlaidError, RequestTimeoutError, error_from_reply
+from inlaid.client.connection import Connection, connection_lost
+from inlaid.client.errors import ClientClosedError, ConnectionLostError, InlaidError, RequestTimeoutError
+from inlaid.client.errors import error_from_reply
 from inlaid.client.messages import (
     DEFAULT_ADDRESS,
     GenerateResult,
     RequestIds,
     build_generate,
     check_hello,
-    decode_reply,
     encode,
     expect,
     hello,
@@ -66,36 +67,58 @@ class Client:
         self.server: HelloReply | None = None
         self._context = zmq.Context.instance()
         self._ids = RequestIds()
-        self._inbox: dict[str, deque[ServerReply]] = {}
-        self._socket: zmq.Socket | None = None
+        # Each request's replies, then a ConnectionLostError if the connection broke first.
+        self._inbox: dict[str, deque[ServerReply | ConnectionLostError]] = {}
+        self._conn: Connection | None = None
+        self._poller = zmq.Poller()  # the connection's socket and monitor
         self._closed = False
 
     # ------------------------------------------------------------------ connection
     def _sock(self) -> zmq.Socket:
         if self._closed:
             raise ClientClosedError("the client is closed")
-        if self._socket is None:
-            sock = self._context.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RECONNECT_IVL, 100)
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-            sock.connect(self.address)
-            self._socket = sock
+        if self._conn is None:
+            self._conn = Connection(self._context, self.address)
+            self._poller = zmq.Poller()
+            self._poller.register(self._conn.socket, zmq.POLLIN)
+            self._poller.register(self._conn.monitor, zmq.POLLIN)
             self.server = None
-        return self._socket
+        return self._conn.socket
+
+    def _drop_socket(self, linger_ms: int) -> None:
+        if self._conn is not None:
+            self._conn.close(linger_ms)
+            self._conn = None
+        self.server = None
+
+    def _deliver(self, conn: Connection) -> None:
+        for reply in conn.replies():
+            target = self._inbox.get(reply.request_id)
+            if target is not None:
+                target.append(reply)
+            # else: the answer to a request given up on (timeout); drop it.
+
+    def _check_connection(self) -> None:
+        # Also called before each new request: nothing reads the monitor between calls, and
+        # a disconnect while idle must not fail the next request.
+        conn = self._conn
+        if conn is None or not conn.lost():
+            return
+        self._deliver(conn)
+        # Every waiting request and open stream gets its own error after what it already
+        # received. The socket goes too: frames still queued in it would reach a restarted
+        # server and run for nobody; the next call opens a fresh one.
+        self._drop_socket(linger_ms=0)
+        for request_id, queue in self._inbox.items():
+            queue.append(connection_lost(request_id))
 
     def reconnect(self) -> None:
         """Drop the socket (and every pending request) and connect afresh."""
-        if self._socket is not None:
-            self._socket.close(linger=100)  # lets a last cancel go out
-        self._socket = None
+        self._drop_socket(linger_ms=100)  # lets a last cancel go out
         self._inbox.clear()
-        self.server = None
 
     def close(self) -> None:
-        if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
+        self._drop_socket(linger_ms=0)
         self._closed = True
 
     def __enter__(self) -> "Client":
@@ -115,25 +138,25 @@ class Client:
 
     def _next_reply(self, request_id: str, deadline: float) -> ServerReply:
         queue = self._inbox[request_id]
-        sock = self._sock()
-        while not queue:
+        while not queue:  # a lost connection fills every queue: this loop ends with the socket
+            self._sock()
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+            if remaining <= 0 or not self._poller.poll(int(remaining * 1000) + 1):
                 if time.monotonic() >= deadline:
                     raise RequestTimeoutError(f"no answer from {self.address} in time", request_id)
                 continue
-            reply = decode_reply(sock.recv())
-            if reply is None:
-                continue
-            target = self._inbox.get(reply.request_id)
-            if target is not None:
-                target.append(reply)
-            # else: the answer to a request given up on (timeout); drop it.
-        return queue.popleft()
+            assert self._conn is not None
+            self._deliver(self._conn)  # replies first: those sent before a disconnect get through
+            self._check_connection()
+        reply = queue.popleft()
+        if isinstance(reply, ConnectionLostError):
+            raise reply
+        return reply
 
     def _roundtrip(self, message: Any, timeout_s: float | None, frame: bytes | None = None) -> ServerReply:
         request_id = message.request_id
         frame = frame or encode(message)  # an unencodable request fails here, before anything is registered
+        self._check_connection()
         self._inbox[request_id] = deque()
         try:
             self._send(frame)
@@ -154,6 +177,7 @@ class Client:
 
     def _call(self, message: Any, kind: type[Any], timeout_s: float | None = None) -> Any:
         frame = encode(message)  # a request msgpack cannot carry fails before the handshake
+        self._check_connection()  # a server restarted while idle is greeted again
         if self.server is None:
             self.handshake(timeout_s)
         return expect(self._roundtrip(message, timeout_s, frame), kind)
@@ -214,6 +238,7 @@ class Client:
             deadline_s=deadline_s,
         )  # fmt: skip
         frame = encode(message)
+        self._check_connection()
         if self.server is None:
             self.handshake(timeout_s)
         self._inbox[message.request_id] = deque()
@@ -226,8 +251,8 @@ class Client:
 
     def _cancel_quietly(self, request_id: str) -> None:
         try:
-            if self._socket is not None:
-                self._socket.send(encode(Cancel(request_id=request_id)), zmq.NOBLOCK)
+            if self._conn is not None:
+                self._conn.socket.send(encode(Cancel(request_id=request_id)), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
 
@@ -247,7 +272,7 @@ class Client:
                 reply = self.health(timeout_s=min(2.0, remaining))
                 if reply.executor_ready and reply.status == "ok":
                     return reply
-            except RequestTimeoutError:
+            except (RequestTimeoutError, ConnectionLostError):  # not up yet, or restarting
                 pass
             time.sleep(poll_s)
 
@@ -319,6 +344,9 @@ class TokenStream:
                     self._finish()
                     self.client._cancel_quietly(self.request_id)
                     self.client._after_timeout(self.request_id)
+                    raise
+                except ConnectionLostError:
+                    self._finish()  # nothing to cancel: the server that had it is gone
                     raise
                 if isinstance(reply, TextChunk):
                     yield reply

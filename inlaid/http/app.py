@@ -20,7 +20,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from inlaid.client import AsyncClient, InlaidError, RequestTimeoutError
+from inlaid.client import AsyncClient, ConnectionLostError, InlaidError, RequestTimeoutError
 from inlaid.http.errors import ApiError, bad_request, from_decode_error, from_inlaid
 from inlaid.http.front_metrics import CLIENT_CLOSED_STATUS, CONTENT_TYPE, HttpMetrics
 from inlaid.http.generation import GenerationResponse
@@ -244,7 +244,7 @@ async def _unload_lora_adapter(front: Front, request: Request) -> Response:
 async def _health(front: Front, request: Request) -> Response:
     try:
         reply = await front.client.health(timeout_s=_HEALTH_TIMEOUT_S)
-    except RequestTimeoutError:
+    except (RequestTimeoutError, ConnectionLostError):
         return Response(b'{"status":"unreachable"}', status_code=503, media_type=_JSON)
     body = msgspec.json.encode({"status": reply.status, "executor_ready": reply.executor_ready,
                                 "uptime_seconds": reply.uptime_seconds})

@@ -33,6 +33,7 @@ _BY_CODE: dict[str, tuple[int, str, str]] = {
     ErrorCode.SHUTTING_DOWN: (503, "server_error", "shutting_down"),
     "timeout": (504, "server_error", "timeout"),  # the SDK's: the server did not answer in time
     "closed": (503, "server_error", "unavailable"),
+    "connection_lost": (503, "server_error", "unavailable"),  # the SDK's: the server went away mid-request
 }
 _TYPE_BY_STATUS = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
                    405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error"}
