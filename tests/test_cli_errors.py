@@ -59,6 +59,8 @@ def test_client_refuses_bad_settings_and_takes_json_after_the_action(capsys: pyt
     assert "--timeout must be > 0" in capsys.readouterr().err
     assert main(["client", "--address", "garbage", "health"]) == 2
     assert "garbage" in capsys.readouterr().err
+    assert main(["client", "--address", "http://127.0.0.1:8000", "health"]) == 2  # ZeroMQ: "Protocol not supported"
+    assert "must be tcp://HOST:PORT or ipc://PATH" in capsys.readouterr().err
     # No server at this address: the parse succeeds (--json after the action) and the call times out.
     assert main(["client", "--address", "tcp://127.0.0.1:9", "--timeout", "0.3", "task-status", "code", "--json"]) == 1
     assert "no answer" in capsys.readouterr().err

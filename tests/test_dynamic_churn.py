@@ -26,9 +26,10 @@ def source_adapter(tmp_path_factory) -> Path:
     return Path(shutil.copytree(ADAPTERS / "qa", tmp_path_factory.mktemp("src") / "qa"))
 
 
-def _server(model_dir: Path, state: Path, executors: int = 1, tasks: dict[str, str] | None = None):
+def _server(model_dir: Path, state: Path | None, executors: int = 1, tasks: dict[str, str] | None = None):
     """The coordinator's task side as coordinator.py wires it: pool engines, registry, DynamicTasks."""
-    config = config_from_dict({"model": {"dir": str(model_dir)}, "server": {"state_dir": str(state)},
+    server = {"state_dir": str(state)} if state is not None else {}
+    config = config_from_dict({"model": {"dir": str(model_dir)}, "server": server,
                                "executors": {"count": executors}, "tasks": tasks or {},
                                "executor": {"max_num_seqs": 4, "num_kv_blocks": 64, "max_lora_slots": 2}})
     pool = ExecutorPool(config, lambda: None)
@@ -227,3 +228,11 @@ def test_an_adapter_changed_between_its_check_and_its_copy_is_refused(model_dir,
     dynamic.prepare = checked_copy
     asyncio.run(calls._add(b"client", AddTask(request_id="a2", name="racy", adapter_dir=str(adapter), token="token")))
     assert isinstance(replies[-1], AdminReply) and "racy" in registry.tasks
+
+
+def test_status_of_a_task_added_without_a_state_dir_says_so(model_dir, source_adapter):
+    # Found by an outside probe: it said "served from the server config" of a task added live.
+    _, registry, dynamic = _server(model_dir, None)
+    dynamic.add(dynamic.prepare("live", str(source_adapter), None))
+    message = dynamic.status("s1", "live").message
+    assert "without server.state_dir nothing is re-quantized" in message and "server config" not in message

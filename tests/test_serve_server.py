@@ -324,6 +324,8 @@ def test_client_cli(ready_server, reference):
     assert done.stdout == reference[(PROMPTS[4], "mlp-r16")].text + "\n"
     done = cli("--json", "health")
     assert done.returncode == 0 and json.loads(done.stdout)["status"] == "ok"
+    done = cli("health")  # readable lines, not a dataclass's repr
+    assert done.returncode == 0 and "status: ok" in done.stdout.splitlines() and "HealthReply(" not in done.stdout
     done = cli("tasks")
     assert done.returncode == 0 and "attn-r8" in done.stdout
     done = cli("generate", "hi", "--task", "missing")

@@ -61,10 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _print(message: object, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(msgspec.to_builtins(message), indent=2))
-    else:
-        print(message)
+    fields = msgspec.to_builtins(message)
+    if as_json or not isinstance(fields, dict):
+        print(json.dumps(fields, indent=2))
+        return
+    for name, value in fields.items():  # one "name: value" line each, nested values as JSON
+        if name not in ("type", "request_id"):
+            print(f"{name}: {value if isinstance(value, (str, int, float)) else json.dumps(value)}")
 
 
 def _print_status(status: TaskStatusReply, as_json: bool) -> None:

@@ -25,6 +25,15 @@ from inlaid.protocol import (
 
 DEFAULT_ADDRESS = os.environ.get("INLAID_ADDRESS", "tcp://127.0.0.1:5555")
 
+
+def checked_address(address: str) -> str:
+    """`address` if the server can listen there; ValueError otherwise (ZeroMQ's own word for
+    an http:// address is "Protocol not supported", which names neither the field nor the fix)."""
+    if not isinstance(address, str) or not address.startswith(("tcp://", "ipc://")):
+        raise ValueError(f"the server address must be tcp://HOST:PORT or ipc://PATH (server.address in its "
+                         f"config), got {address!r}")
+    return address
+
 # A finished generation and one streamed piece of it, as the server sends them.
 GenerateResult = GenerateDone
 

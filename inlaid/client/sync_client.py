@@ -20,6 +20,7 @@ from inlaid.client.messages import (
     RequestIds,
     build_generate,
     check_hello,
+    checked_address,
     encode,
     expect,
     hello,
@@ -60,7 +61,7 @@ class Client:
         admin_token: str | None = None,
         client_name: str = "inlaid-client",
     ) -> None:
-        self.address = address
+        self.address = checked_address(address)
         self.timeout_s = timeout_s
         self.admin_token = admin_token
         self.client_name = client_name

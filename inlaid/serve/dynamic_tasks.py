@@ -198,8 +198,12 @@ class DynamicTasks:
                 raise TaskError(ErrorCode.UNKNOWN_TASK, f"unknown task {name!r}")
             return TaskStatusReply(request_id=request_id, name=name, phase=SERVING, layers_done=0,
                                    layers_total=self.num_layers, version=0, served_version=served_version,
-                                   layers_swapped=0, message="served from the server config: the base covers it only if "
-                                                             "the checkpoint was quantized for it")
+                                   layers_swapped=0, message=(
+                                       "served from the server config: the base covers it only if the checkpoint "
+                                       "was quantized for it" if store is not None else
+                                       "served on the base as it is: without server.state_dir nothing is "
+                                       "re-quantized for a task (the base covers it only if the checkpoint was "
+                                       "quantized for it)"))
         assert store is not None
         kept = [KeptLinear(layer=d["layer"], linear=d["linear"], action=d["action"], reason=d["reason"])
                 for d in record.decisions if d["action"] != "requantized"]
