@@ -17,7 +17,8 @@ from inlaid.scheduling.replay import replay_trace
 from inlaid.scheduling.step_log import read_step_log
 from inlaid.scheduling.suite import prompt_token_ids, suite_examples
 from inlaid.scheduling.traces import TaskProfile, Trace, TraceRequest
-from inlaid.serve.config import ConfigError, config_from_dict, load_policy
+from inlaid.serve.config import ConfigError, config_from_dict
+from inlaid.serve.scheduler_config import load_policy
 from inlaid.serve.launcher import ServerProcess
 
 ADAPTERS = Path(__file__).parents[1] / "adapters"

@@ -35,7 +35,8 @@ from inlaid.protocol import (
     StepResult,
     TextChunk,
 )
-from inlaid.serve.config import ConfigError, config_from_dict, load_config, load_policy
+from inlaid.serve.config import ConfigError, config_from_dict, load_config
+from inlaid.serve.scheduler_config import load_policy
 from inlaid.serve.launcher import to_toml
 
 

@@ -39,7 +39,7 @@ def _policies(config, options: dict | None = None):  # type: ignore[no-untyped-d
     reason); the others share its length model, so that predictions learn from every
     executor's finished requests and one state file is saved."""
     from inlaid.scheduling.registry import POLICY_NAMES, make_policy
-    from inlaid.serve.config import load_policy
+    from inlaid.serve.scheduler_config import load_policy
 
     options = config.policy_options() if options is None else options
     made = [load_policy(config.policy, options)]

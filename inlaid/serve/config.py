@@ -46,7 +46,6 @@ Relative paths are resolved against the file's directory.
 
 from __future__ import annotations
 
-import importlib
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -54,10 +53,11 @@ from typing import Any
 
 from inlaid.engine.config import EngineConfig
 from inlaid.http.settings import HttpConfig, check_listen_address
-from inlaid.serve.config_parsing import (ConfigError, admin_token_from, check_writable_file, read_toml,
-                                         reject_unknown, resolve_path, section)
+from inlaid.serve.config_parsing import (ConfigError, admin_token_from, read_toml, reject_unknown, resolve_path,
+                                         section)
 from inlaid.protocol import DEFAULT_MAX_FRAME_BYTES
 from inlaid.serve.placement import PLACEMENT_RULES, PlacementRule
+from inlaid.serve.scheduler_config import check_scheduler
 
 
 @dataclass
@@ -214,23 +214,7 @@ class ServerConfig:
             raise ConfigError(f"server.log_format must be 'json' or 'text', got {self.log_format!r}")
         for name in self.tasks:
             check_task_name(name)
-        from inlaid.scheduling.registry import POLICY_NAMES, parse_options
-
-        if self.policy in POLICY_NAMES:
-            try:
-                options = parse_options(self.policy, self.scheduler)
-            except ValueError as error:
-                raise ConfigError(f"[scheduler]: {error}") from None
-            self._check_scheduler_files(options)
-            if self.autotune_cost_model is not None:
-                self._check_autotune()
-            elif self.autotune_lengths is not None:
-                raise ConfigError("scheduler.autotune_lengths needs scheduler.autotune_cost_model (it feeds the tuning)")
-        elif ":" not in self.policy:
-            raise ConfigError(f"server.policy must be one of {', '.join(POLICY_NAMES)} or 'package.module:factory', "
-                              f"got {self.policy!r}")
-        elif self.scheduler:
-            raise ConfigError("[scheduler] options apply to the built-in policies only")
+        check_scheduler(self)
         if self.http is not None:
             self.http.validate(self.allow_public_bind)
             if self.http.max_prompts_per_request is None:  # the default, within what can be admitted
@@ -245,49 +229,6 @@ class ServerConfig:
             if self.http is not None and (self.metrics.host, self.metrics.port) == (self.http.host, self.http.port):
                 raise ConfigError("[metrics] and [http] cannot share a port (the front serves /metrics itself)")
 
-
-    def _check_scheduler_files(self, options: Any) -> None:
-        """The files the policy writes while serving can be written, and a predictor state
-        it would load at start-up is one (else: refused now, one line, not a traceback)."""
-        if self.scheduler.get("step_log"):
-            self._check_written_file(self.scheduler["step_log"], "scheduler.step_log", appended=True)
-        from inlaid.scheduling.srtf import InlaidOptions
-
-        # Only the learned predictor ("model") loads and saves the state file.
-        if not isinstance(options, InlaidOptions) or options.predictor != "model" or not options.predictor_state:
-            return
-        state = options.predictor_state
-        self._check_written_file(state, "scheduler.predictor_state")
-        if Path(state).exists():
-            from inlaid.predictor import OnlineLengthPredictor
-
-            try:
-                OnlineLengthPredictor.load(state)
-            except ValueError as error:  # PredictorStateError: names the file and what to do
-                raise ConfigError(f"scheduler.predictor_state: {error}") from None
-
-    def _check_written_file(self, path: str, what: str, appended: bool = False) -> None:
-        if self.state_dir is not None and Path(path).parent == Path(self.state_dir) and not Path(path).is_dir():
-            return  # the server creates its state directory at start-up, before anything is written
-        check_writable_file(path, what, appended=appended)
-
-    def _check_autotune(self) -> None:
-        from inlaid.scheduling.autotune import load_cost_model
-
-        if self.policy != "inlaid":
-            raise ConfigError(f"scheduler.autotune_cost_model tunes the inlaid policy; server.policy is {self.policy!r}")
-        try:
-            load_cost_model(str(self.autotune_cost_model), self.engine.max_num_seqs)
-        except ValueError as error:
-            raise ConfigError(f"scheduler.autotune_cost_model {error}") from None
-        if self.autotune_lengths is not None:
-            from inlaid.scheduling.suite import load_tuning_records
-
-            try:
-                load_tuning_records(self.autotune_lengths)
-            except (OSError, ValueError) as error:
-                raise ConfigError(f"scheduler.autotune_lengths: {error}") from None
-
     def tuning_lengths_file(self) -> str:
         """The recorded requests the scheduler tuning draws its workloads from: the configured
         file, else the packaged lengths of the base this server serves (a quantized checkpoint's
@@ -295,31 +236,6 @@ class ServerConfig:
         from inlaid.scheduling.suite import lengths_file_for
 
         return self.autotune_lengths or str(lengths_file_for(self.engine.quantized_dir))
-
-
-def load_policy(spec: str, options: dict[str, Any] | None = None) -> Any:
-    """The scheduling policy named by server.policy with its [scheduler] options; None means
-    the engine's FIFO."""
-    from inlaid.scheduling.registry import POLICY_NAMES, make_policy
-
-    if spec == "fifo" and not options:
-        return None
-    if spec in POLICY_NAMES:
-        try:
-            return make_policy(spec, options)
-        except ValueError as error:
-            raise ConfigError(f"[scheduler]: {error}") from None
-    module_name, _, attribute = spec.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise ConfigError(f"server.policy {spec!r}: {error}") from error
-    policy = factory()
-    from inlaid.engine.scheduler import SchedulingPolicy
-
-    if not isinstance(policy, SchedulingPolicy):
-        raise ConfigError(f"server.policy {spec!r} did not give a SchedulingPolicy (inlaid.engine.scheduler)")
-    return policy
 
 
 _TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")

@@ -1,0 +1,106 @@
+"""The server config's scheduling part: `server.policy`, `[scheduler]` and the autotuning
+files, checked at start-up (one line each, never a traceback later), and the policy they
+make. Torch-free."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from inlaid.serve.config_parsing import ConfigError, check_writable_file
+
+if TYPE_CHECKING:
+    from inlaid.serve.config import ServerConfig
+
+
+def check_scheduler(config: ServerConfig) -> None:
+    """`server.policy` names a policy, its `[scheduler]` options parse, and the files they
+    name can be written (and a predictor state read); the autotuning inputs load."""
+    from inlaid.scheduling.registry import POLICY_NAMES, parse_options
+
+    if config.policy in POLICY_NAMES:
+        try:
+            options = parse_options(config.policy, config.scheduler)
+        except ValueError as error:
+            raise ConfigError(f"[scheduler]: {error}") from None
+        _check_scheduler_files(config, options)
+        if config.autotune_cost_model is not None:
+            _check_autotune(config)
+        elif config.autotune_lengths is not None:
+            raise ConfigError("scheduler.autotune_lengths needs scheduler.autotune_cost_model (it feeds the tuning)")
+    elif ":" not in config.policy:
+        raise ConfigError(f"server.policy must be one of {', '.join(POLICY_NAMES)} or 'package.module:factory', "
+                          f"got {config.policy!r}")
+    elif config.scheduler:
+        raise ConfigError("[scheduler] options apply to the built-in policies only")
+
+
+def _check_scheduler_files(config: ServerConfig, options: Any) -> None:
+    """The files the policy writes while serving can be written, and a predictor state
+    it would load at start-up is one (else: refused now, one line, not a traceback)."""
+    if config.scheduler.get("step_log"):
+        _check_written_file(config, config.scheduler["step_log"], "scheduler.step_log", appended=True)
+    from inlaid.scheduling.srtf import InlaidOptions
+
+    # Only the learned predictor ("model") loads and saves the state file.
+    if not isinstance(options, InlaidOptions) or options.predictor != "model" or not options.predictor_state:
+        return
+    state = options.predictor_state
+    _check_written_file(config, state, "scheduler.predictor_state")
+    if Path(state).exists():
+        from inlaid.predictor import OnlineLengthPredictor
+
+        try:
+            OnlineLengthPredictor.load(state)
+        except ValueError as error:  # PredictorStateError: names the file and what to do
+            raise ConfigError(f"scheduler.predictor_state: {error}") from None
+
+
+def _check_written_file(config: ServerConfig, path: str, what: str, appended: bool = False) -> None:
+    if config.state_dir is not None and Path(path).parent == Path(config.state_dir) and not Path(path).is_dir():
+        return  # the server creates its state directory at start-up, before anything is written
+    check_writable_file(path, what, appended=appended)
+
+
+def _check_autotune(config: ServerConfig) -> None:
+    from inlaid.scheduling.autotune import load_cost_model
+
+    if config.policy != "inlaid":
+        raise ConfigError(f"scheduler.autotune_cost_model tunes the inlaid policy; server.policy is {config.policy!r}")
+    try:
+        load_cost_model(str(config.autotune_cost_model), config.engine.max_num_seqs)
+    except ValueError as error:
+        raise ConfigError(f"scheduler.autotune_cost_model {error}") from None
+    if config.autotune_lengths is not None:
+        from inlaid.scheduling.suite import load_tuning_records
+
+        try:
+            load_tuning_records(config.autotune_lengths)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"scheduler.autotune_lengths: {error}") from None
+
+
+def load_policy(spec: str, options: dict[str, Any] | None = None) -> Any:
+    """The scheduling policy named by server.policy with its [scheduler] options; None means
+    the engine's FIFO."""
+    from inlaid.scheduling.registry import POLICY_NAMES, make_policy
+
+    if spec == "fifo" and not options:
+        return None
+    if spec in POLICY_NAMES:
+        try:
+            return make_policy(spec, options)
+        except ValueError as error:
+            raise ConfigError(f"[scheduler]: {error}") from None
+    module_name, _, attribute = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"server.policy {spec!r}: {error}") from error
+    policy = factory()
+    from inlaid.engine.scheduler import SchedulingPolicy
+
+    if not isinstance(policy, SchedulingPolicy):
+        raise ConfigError(f"server.policy {spec!r} did not give a SchedulingPolicy (inlaid.engine.scheduler)")
+    return policy
