@@ -125,3 +125,120 @@ def test_threads_reach_openmp_and_mkl_before_torch_loads(monkeypatch):
     for ignored in (["--threads", "0"], ["--threads", "x"], ["--threads"], ["--thread", "5"]):
         _pin_math_threads(ignored)  # the subcommand's own parser refuses what is wrong
         assert os.environ["OMP_NUM_THREADS"] == "2"
+
+
+def _usage_error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    """argparse's refusal: exit 2 from the subcommand's parser, before its run() starts."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return err
+
+
+def test_counts_that_make_no_sense_are_refused_by_name(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # Each was a traceback (--max-tokens 0: IndexError in transformers; --threads -2:
+    # set_num_threads' RuntimeError; --batch-size 0: ValueError) or silently another run
+    # (--max-samples 0: the default 128; -3: 125; --limit -1: 127 examples; 0: n=0).
+    quantize = ["quantize", "--task", "s=:calib.jsonl", "--out", str(tmp_path / "q")]
+    add = ["quantize-add", "--checkpoint", str(tmp_path / "c"), "--task", "s=:calib.jsonl",
+           "--out", str(tmp_path / "a")]
+    evaluate = ["eval", "--task", "sentiment"]
+    cases = [(quantize, option, value) for option in ("--max-samples", "--max-tokens", "--batch-tokens", "--threads",
+                                                      "--mlgptq-rounds") for value in ("0", "-3", "x")]
+    cases += [(quantize, "--mlgptq-step", value) for value in ("0", "-1", "nan")]
+    cases += [(add, option, value) for option in ("--max-samples", "--threads") for value in ("0", "-2")]
+    cases += [(evaluate, option, value) for option in ("--limit", "--batch-size") for value in ("0", "-1")]
+    for command, option, value in cases:
+        err = _usage_error([*command, option, value], capsys)
+        assert f"argument {option}: must be a" in err and value in err, (option, value, err)
+    err = _usage_error([*add, "--tolerance", "abc"], capsys)
+    assert "argument --tolerance: must be a number >= 0 or 'none', got 'abc'" in err, err
+    _usage_error([*add, "--tolerance", "-1"], capsys)
+    from inlaid.quant.incremental_cli import tolerance_value
+
+    assert tolerance_value("None") is None and tolerance_value("0") == 0.0 and tolerance_value("2.5") == 2.5
+
+
+def test_quantize_checks_its_paths_before_the_model_loads(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from inlaid.quant.cli import quantize_out_problem
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # enough for the up-front check; nothing loads it
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("keep me")
+    rtn = ["quantize", "--method", "rtn"]
+    cases = [([*rtn, "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")], "model directory not found"),
+             ([*rtn, "--model", str(tmp_path / "foreign"), "--out", str(tmp_path / "o")], "has no config.json"),
+             ([*rtn, "--model", str(model), "--out", str(tmp_path / "file")], "is a file, not a directory"),
+             ([*rtn, "--model", str(model), "--out", str(tmp_path / "file" / "o")], "which is a file"),
+             ([*rtn, "--model", str(model), "--out", str(tmp_path / "foreign")], "not an `inlaid quantize` checkpoint")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert sorted(p.name for p in (tmp_path / "foreign").iterdir()) == ["notes.txt"]  # nothing written into it
+    # What a resume or a rerun writes into stays accepted: a partial run, its state, a checkpoint.
+    for name in (".partial", "hessian_state", "inlaid_quant.json"):
+        previous = tmp_path / f"previous-{name}"
+        previous.mkdir()
+        (previous / name).mkdir() if not name.endswith(".json") else (previous / name).write_text("{}")
+        assert quantize_out_problem(previous) is None, name
+    (tmp_path / "empty").mkdir()
+    assert quantize_out_problem(tmp_path / "empty") is None and quantize_out_problem(tmp_path / "new" / "o") is None
+
+
+def test_quantize_add_checks_drop_tasks_and_paths_before_the_model_loads(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "inlaid_quant.json").write_text(json.dumps({"tasks": [{"name": "math"}, {"name": "qa"}]}))
+    (tmp_path / "file").write_text("x")
+    add = ["quantize-add", "--checkpoint", str(checkpoint), "--task", "s=:calib.jsonl"]
+    cases = [([*add, "--out", str(tmp_path / "o"), "--drop-task", "qa", "--drop-task", "nope"],
+              "--drop-task nope: not a task of"),
+             ([*add, "--out", str(tmp_path / "o"), "--model", str(tmp_path / "nowhere")], "model directory not found"),
+             ([*add, "--out", str(tmp_path / "file" / "o")], "which is a file")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_checks_adapters_and_outputs_before_the_model_loads(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "file").write_text("x")
+    cases = [(["--suite", "--adapters-dir", str(tmp_path / "nowhere")], "directory not found"),
+             (["--task", "math", "--task", "qa", "--adapter", str(tmp_path)], "2 --task but 1 --adapter"),
+             (["--suite", "--adapter", str(tmp_path)], "--adapter goes with --task"),
+             (["--task", "math", "--out", str(tmp_path / "file" / "r.json")], "which is a file"),
+             (["--task", "math", "--markdown", str(tmp_path / "file" / "t.md")], "which is a file"),
+             (["--task", "math", "--out", str(tmp_path)], "is a directory"),
+             (["--task", "math", "--model", str(tmp_path / "nowhere")], "model directory not found")]
+    for extra, message in cases:
+        assert main(["eval", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_eval_pairs_each_adapter_with_its_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    import inlaid.tasks.evaluate as evaluate
+
+    seen: list = []
+
+    def fake_evaluate_runs(model_dir: Path, runs: list, **options: object) -> dict:
+        seen.extend(runs)  # what would be generated; the model is not needed to check the pairing
+        return {"backend": "peft", "seconds": 0.0, "generated_tokens": 0, "tasks": {}}
+
+    monkeypatch.setattr(evaluate, "evaluate_runs", fake_evaluate_runs)
+    out = tmp_path / "new" / "r.json"
+    assert main(["eval", "--task", "math", "--adapter", str(tmp_path / "m"), "--task", "qa",
+                 "--adapter", str(tmp_path / "q"), "--with-base", "--out", str(out)]) == 0
+    assert [(r.task, r.adapter_dir) for r in seen] == [("math", tmp_path / "m"), ("math", None),
+                                                       ("qa", tmp_path / "q"), ("qa", None)]
+    assert json.loads(out.read_text())["tasks"] == {}  # its missing parent was created

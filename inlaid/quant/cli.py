@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from inlaid.quant.calibration import CALIBRATION_BATCH_TOKENS
+from inlaid.quant.cli_args import model_dir_problem, positive_float, positive_int, writable_dir_problem
 from inlaid.quant.errors import QuantizationError
 
 if TYPE_CHECKING:
@@ -45,22 +46,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --act-order: groups in processing order (g_idx permuted) instead of static")
     parser.add_argument("--mse-clip", action="store_true", help="search a clipped range per group")
     parser.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of the mean diagonal")
-    parser.add_argument("--max-samples", type=int, default=None, help="calibration samples per task (128; --suite: 32)")
-    parser.add_argument("--max-tokens", type=int, default=512, help="tokens per sample (truncated)")
-    parser.add_argument("--batch-tokens", type=int, default=CALIBRATION_BATCH_TOKENS,
+    parser.add_argument("--max-samples", type=positive_int, default=None,
+                        help="calibration samples per task (128; --suite: 32)")
+    parser.add_argument("--max-tokens", type=positive_int, default=512, help="tokens per sample (truncated)")
+    parser.add_argument("--batch-tokens", type=positive_int, default=CALIBRATION_BATCH_TOKENS,
                         help="padded tokens per forward batch (1024: 6%% padding on the task suite, 4096: 21%%)")
     parser.add_argument("--mlgptq-start", default=None,
                         help="mlgptq's aggregate of the per-task Hessians: task-mean (default: every task the same weight), token-mean, trace-norm, error-norm")
-    parser.add_argument("--mlgptq-rounds", type=int, default=None,
+    parser.add_argument("--mlgptq-rounds", type=positive_int, default=None,
                         help="mlgptq rounds; above 1 the aggregate is reweighted toward the worst task (default 1: none)")
-    parser.add_argument("--mlgptq-step", type=float, default=None, help="reweighting exponent of mlgptq")
+    parser.add_argument("--mlgptq-step", type=positive_float, default=None, help="reweighting exponent of mlgptq")
     parser.add_argument("--mlgptq-slack", type=float, default=None,
                         help="task-mean error a reweighting round may add, as a fraction (default 0)")
     parser.add_argument("--no-errors", action="store_true", help="skip the per-task reconstruction errors")
     parser.add_argument("--no-hessian-state", action="store_true", help="do not store per-task Hessians")
     parser.add_argument("--restart", action="store_true", help="discard a partial run in --out")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=None, help="output checkpoint directory (required without --suite)")
+
+
+def quantize_out_problem(out: Path) -> str | None:
+    """Why `out` cannot take this run's checkpoint, or None. A new or empty directory is
+    fine, and so is one this command wrote before: a partial run (`.partial/`, resumed
+    unless --restart; `hessian_state/` is written first) or a finished checkpoint (rewritten).
+    Any other non-empty directory is refused: the checkpoint's files would land among
+    someone else's (it was accepted and written into)."""
+    from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, METADATA_FILE
+    from inlaid.quant.partial import PARTIAL_DIR
+
+    problem = writable_dir_problem(out, "--out")
+    if problem:
+        return problem
+    out = Path(out).expanduser()
+    if out.is_dir() and any(out.iterdir()) and not any(
+            (out / name).exists() for name in (PARTIAL_DIR, HESSIAN_STATE_DIR, METADATA_FILE)):
+        return (f"--out {out} already exists and holds files that are not an `inlaid quantize` checkpoint or "
+                "partial run: give a new or empty directory")
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,6 +112,11 @@ def run(args: argparse.Namespace) -> int:
                 f"--method {args.method} needs calibration data: give at least one --task name=ADAPTER_DIR:CALIB.jsonl "
                 "(only rtn runs without), or --suite for the committed adapters"
             )
+        # Paths before anything loads: a missing --model came back from Hugging Face as a bad
+        # repo id, and an --out under a file failed only once the model had loaded.
+        problem = model_dir_problem(args.model) or (quantize_out_problem(args.out) if args.out is not None else None)
+        if problem:
+            raise QuantizationError(problem)
         adapters_dir = args.adapters_dir or DEFAULT_ADAPTERS_DIR
         selected = [name.strip() for name in args.tasks.split(",") if name.strip()] if args.tasks else None
         if args.suite:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from inlaid.quant.cli_args import model_dir_problem, positive_int, writable_dir_problem
 from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, METADATA_FILE, WEIGHTS_FILE, CheckpointMetadata, write_checkpoint
 from inlaid.quant.errors import QuantizationError
 from inlaid.quant.incremental import IncrementalQuantizer, LayerOutcome
@@ -100,13 +101,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the full-precision base (default: the checkpoint's base_model)")
     parser.add_argument("--threshold", type=float, default=0.0,
                         help="relative aggregate change at or below which a linear keeps its weight (default 0)")
-    parser.add_argument("--tolerance", default="1.0",
+    parser.add_argument("--tolerance", type=tolerance_value, default=1.0,
                         help="relative error an existing task may gain on a linear, or 'none' (default 1.0: at most double)")
     parser.add_argument("--exact", action="store_true",
                         help="recompute every existing task's Hessians too (bit-exact with a full run; full cost)")
-    parser.add_argument("--drop-task", action="append", default=[], help="a task whose Hessians leave the state")
-    parser.add_argument("--max-samples", type=int, default=None, help="calibration samples (default: the checkpoint's)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--drop-task", action="append", default=[],
+                        help="a task of the checkpoint whose Hessians leave the state (repeat)")
+    parser.add_argument("--max-samples", type=positive_int, default=None,
+                        help="calibration samples (default: the checkpoint's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+
+
+def tolerance_value(text: str) -> float | None:
+    """argparse type of --tolerance: a number >= 0 or 'none' (float('abc') failed later with a
+    message that did not name the option)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 or 'none', got '{text}'") from None
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 or 'none', got {text}")
+    return value
 
 
 def output_dir_problem(out: Path, checkpoint: Path) -> str | None:
@@ -119,7 +136,7 @@ def output_dir_problem(out: Path, checkpoint: Path) -> str | None:
         return f"--out {out} overlaps the checkpoint {checkpoint}: write the new checkpoint to a new directory"
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         return f"--out {out} already exists and is not an empty directory: give a new one"
-    return None
+    return writable_dir_problem(out, "--out")  # under a file, or read-only: found before the model loads
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,10 +154,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"inlaid quantize-add: error: {problem}", file=sys.stderr)
         return 2
     try:
-        tolerance = None if args.tolerance.lower() == "none" else float(args.tolerance)
-        settings = IncrementalSettings(change_threshold=args.threshold, quality_tolerance=tolerance, exact=args.exact,
-                                       max_samples=args.max_samples)
-        model_dir = args.model or Path(read_checkpoint_metadata(args.checkpoint).get("base_model") or default_model_dir())
+        settings = IncrementalSettings(change_threshold=args.threshold, quality_tolerance=args.tolerance,
+                                       exact=args.exact, max_samples=args.max_samples)
+        metadata = read_checkpoint_metadata(args.checkpoint)
+        # Checked on the metadata alone, before the model loads: a task the checkpoint does not
+        # hold was silently "dropped" (nothing left the state, and the typo went unnoticed).
+        held = [task["name"] for task in metadata.get("tasks", [])]
+        unknown = [name for name in args.drop_task if name not in held]
+        if unknown:
+            raise QuantizationError(f"--drop-task {', '.join(unknown)}: not a task of {args.checkpoint} "
+                                    f"(it holds {', '.join(held) or 'none'})")
+        problem = model_dir_problem(args.model)
+        if problem:
+            raise QuantizationError(problem)
+        model_dir = args.model or Path(metadata.get("base_model") or default_model_dir())
         quantizer = IncrementalQuantizer(model_dir, args.checkpoint, parse_task_argument(args.task), settings,
                                          args.out / HESSIAN_STATE_DIR, drop_tasks=args.drop_task)
         outcomes = []

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from inlaid.quant.cli_args import model_dir_problem, positive_int, writable_file_problem
 from inlaid.tasks.generation import GenerationRequest, GenerationResult, chat_prompt
 
 BASE = "base"
@@ -146,14 +147,15 @@ def markdown_table(results: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="base model directory (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--task", action="append", help="task to evaluate (repeatable); with --suite default all")
-    parser.add_argument("--adapter", default=None, help="adapter directory for --task (omit: base model)")
+    parser.add_argument("--adapter", action="append", default=None,
+                        help="adapter directory, one per --task in the same order (omit all: base model)")
     parser.add_argument("--suite", action="store_true", help="each task with its adapter from --adapters-dir")
     parser.add_argument("--adapters-dir", default="adapters")
     parser.add_argument("--with-base", action="store_true", help="also evaluate the base model on each task")
     parser.add_argument("--split", default="eval", choices=["eval", "calib", "train"])
-    parser.add_argument("--limit", type=int, default=None, help="first N examples of each task")
+    parser.add_argument("--limit", type=positive_int, default=None, help="first N examples of each task")
     parser.add_argument("--backend", default="auto", choices=["auto", "engine", "peft"])
-    parser.add_argument("--batch-size", type=int, default=16, help="peft backend batch size")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="peft backend batch size")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="engine activations/weights (auto: float32 on the CPU)")
     parser.add_argument("--weight-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -172,8 +174,13 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("inlaid eval: give --task NAME (repeatable) or --suite")
     for name in tasks:
         get_task(name)
+    problem = _argument_problem(args)
+    if problem:
+        print(f"inlaid eval: error: {problem}", file=sys.stderr)
+        return 2
+    adapters = args.adapter or [None] * len(tasks)
     runs: list[EvalRun] = []
-    for name in tasks:
+    for index, name in enumerate(tasks):
         if args.suite:
             adapter_dir = Path(args.adapters_dir) / name
             if (adapter_dir / "adapter_config.json").is_file():
@@ -183,9 +190,10 @@ def run(args: argparse.Namespace) -> int:
             if args.with_base or not (adapter_dir / "adapter_config.json").is_file():
                 runs.append(EvalRun(name, None, None))
         else:
-            if args.adapter:
-                runs.append(EvalRun(name, Path(args.adapter).name, Path(args.adapter)))
-            if args.with_base or not args.adapter:
+            adapter = adapters[index]
+            if adapter:
+                runs.append(EvalRun(name, Path(adapter).name, Path(adapter)))
+            if args.with_base or not adapter:
                 runs.append(EvalRun(name, None, None))
     results = evaluate_runs(model_dir, runs, split=args.split, limit=args.limit, backend=args.backend,
                             batch_size=args.batch_size, dtype=args.dtype, weight_dtype=args.weight_dtype)
@@ -198,5 +206,29 @@ def run(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1, ensure_ascii=False))
     if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(markdown_table(results))
     return 0
+
+
+def _argument_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments, found before the model loads (each of these used to
+    surface only after the whole evaluation, or never)."""
+    problem = model_dir_problem(Path(args.model) if args.model else None)
+    if problem:
+        return problem
+    if args.suite:
+        if args.adapter:
+            return "--adapter goes with --task; --suite takes each task's adapter from --adapters-dir"
+        # A missing folder evaluated the base model on every task, each with a stderr note.
+        if not Path(args.adapters_dir).is_dir():
+            return f"--adapters-dir {args.adapters_dir}: directory not found"
+    elif args.adapter and len(args.adapter) != len(args.task):
+        # Paired by position: `--task a --task b --adapter x` evaluated b with a's adapter.
+        return (f"{len(args.task)} --task but {len(args.adapter)} --adapter: give one --adapter per --task, "
+                "in the same order (or none, for the base model)")
+    for option, path in (("--out", args.out), ("--markdown", args.markdown)):
+        problem = writable_file_problem(Path(path), option) if path else None
+        if problem:
+            return problem
+    return None

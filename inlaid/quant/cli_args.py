@@ -1,0 +1,88 @@
+"""Argument checks shared by `inlaid quantize`, `quantize-add` and `eval`: each runs before
+any model loads, so a wrong number or path costs a one-line error, not a traceback (or a
+silently different run) minutes later.
+
+Light on purpose (no torch, no transformers): the parsers import it while they are built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts where 0 or a negative number has no meaning (argparse then
+    names the option in its usage error). Before this, `--max-samples 0` silently ran the
+    default 128 samples (`or 128`), `--max-samples -3` ran 125 (a negative slice) and
+    `--threads -2` ended in set_num_threads' RuntimeError."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type for a finite number > 0 (NaN and inf are refused too: they compare
+    false against every bound further in)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got '{text}'") from None
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def model_dir_problem(model: Path | None) -> str | None:
+    """Why `--model` is not a model directory, or None (None when not given: the default
+    model is the commands' own business). A missing path otherwise reached Hugging Face as
+    a repo id and came back as "Repo id must use alphanumeric chars"."""
+    if model is None:
+        return None
+    model = Path(model).expanduser()
+    if not model.is_dir():
+        return f"model directory not found: {model}"
+    if not (model / "config.json").is_file():
+        return f"model directory {model} has no config.json: not a Hugging Face model directory"
+    return None
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(path.anchor or ".")
+
+
+def writable_dir_problem(path: Path, option: str) -> str | None:
+    """Why the directory `path` could not be created or written into, or None."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        return f"{option} {path} is a file, not a directory"
+    existing = _nearest_existing(path)
+    if not existing.is_dir():
+        return f"{option} {path} lies under {existing}, which is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{option} {path}: {existing} is not writable"
+    return None
+
+
+def writable_file_problem(path: Path, option: str) -> str | None:
+    """Why the file `path` could not be written (its missing parents are created), or None:
+    checked before a run whose results would otherwise be lost at the very end."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return f"{option} {path} is a directory"
+    if path.exists():
+        return None if os.access(path, os.W_OK) else f"{option} {path} is not writable"
+    existing = _nearest_existing(path.parent)
+    if not existing.is_dir():
+        return f"{option} {path} lies under {existing}, which is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{option} {path}: {existing} is not writable"
+    return None
