@@ -5,13 +5,18 @@ Checked: answers through Ray's HTTP proxy (plain and streamed) equal the in-proc
 greedy answers with the same adapter; every request for a task lands on a replica holding
 it; each replica's adapter set follows an independent LRU model of the per-replica cap, on
 Ray's side and on the replica's Inlaid server alike; SIGKILL of a replica takes its server
-with it, Ray replaces the replica, and requests for its task succeed again.
+with it, Ray replaces the replica, and requests for its task succeed again. Requests that
+cannot load (an unknown task, a catalog task with a corrupt adapter) or carry bad arguments
+are refused without unloading any task; a replica whose server cannot start leaves no
+temp folder behind.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -25,6 +30,7 @@ ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
 TASKS = ["sentiment", "qa", "trans-es", "math", "table-to-text"]  # five tasks, 2 x 2 adapter seats
 PROMPT = "Say something about the weather."
 CAP = 2
+CORRUPT = "corrupt"  # in the catalog, but its adapter cannot load
 ROUTER_LEARNS_S = 1.0  # ample for a local cluster: the controller pushes replica updates at once
 
 
@@ -44,7 +50,7 @@ def reference(model_dir) -> dict[str | None, str]:
 
 
 @pytest.fixture(scope="module")
-def ray_app(model_dir, reference):  # type: ignore[no-untyped-def]
+def ray_app(model_dir, reference, tmp_path_factory):  # type: ignore[no-untyped-def]
     os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
     from ray import serve
@@ -53,6 +59,12 @@ def ray_app(model_dir, reference):  # type: ignore[no-untyped-def]
     from inlaid.integrations.ray_config import ray_config_from_dict
     from inlaid.serve.launcher import free_tcp_port
 
+    # A catalog task whose adapter config reads fine but whose weights file is cut short:
+    # only the full weights check (the server's) refuses it.
+    corrupt = tmp_path_factory.mktemp("corrupt") / CORRUPT
+    shutil.copytree(ADAPTERS / TASKS[0], corrupt)
+    weights = corrupt / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     port = free_tcp_port()
     config = ray_config_from_dict({
         "ray": {"num_replicas": 2, "max_tasks_per_replica": CAP, "num_cpus": 0.5, "ingress_num_cpus": 0.1,
@@ -61,7 +73,7 @@ def ray_app(model_dir, reference):  # type: ignore[no-untyped-def]
         "executor": {"threads": 1, "num_kv_blocks": 128, "max_num_seqs": 8, "max_lora_slots": CAP,
                      "max_lora_rank": 16},
         "server": {"log_level": "WARNING"},
-        "tasks": {task: str(ADAPTERS / task) for task in TASKS},
+        "tasks": {**{task: str(ADAPTERS / task) for task in TASKS}, CORRUPT: str(corrupt)},
     })  # fmt: skip
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
     try:
@@ -130,6 +142,25 @@ def test_ray_serve_routes_by_task_evicts_lru_and_replaces_a_killed_replica(ray_a
     assert misses_evicting == 3, held
     _request_and_check(handle, "sentiment", held)  # held again: the task of the replica killed below
 
+    # Tasks that cannot load are refused before Ray's multiplexer evicts anything for them
+    # (it evicts its LRU task *before* calling the loader): every replica keeps its tasks.
+    for _ in range(CAP + 1):  # more than a replica's seats, whichever replicas they land on
+        assert _generate(handle, "no-such-task").error.code == "unknown_task"
+        refused = _generate(handle, CORRUPT).error
+        assert refused.code == "invalid_request" and "adapter" in refused.message, refused
+    with pytest.raises(openai.BadRequestError, match="adapter"):
+        api.completions.create(model=CORRUPT, prompt=PROMPT, max_tokens=2)
+    for replica, model in held.items():
+        info = _describe_on(handle, next(iter(model)), replica)
+        assert sorted(info.loaded_tasks) == sorted(model) == info.server_tasks, (info, held)
+
+    # Bad handle arguments: a typed invalid_request answer, not a RayTaskError(TypeError).
+    for arguments in [{"prompt": PROMPT, "bogus": 1}, ["not", "a", "dict"], {"prompt": PROMPT, "task": "qa"}]:
+        answer = handle.options(multiplexed_model_id="").generate.remote(arguments).result(timeout_s=60)
+        assert answer.error is not None and answer.error.code == "invalid_request", (arguments, answer)
+    streamed_items = list(handle.options(stream=True).stream.remote({"prompt": PROMPT, "bogus": 1}))
+    assert [item.error.code for item in streamed_items] == ["invalid_request"]
+
     # SIGKILL one replica: its Inlaid server dies with it, Ray starts a new replica, and the
     # task it held is served again.
     victim = _describe(handle, "sentiment")
@@ -195,3 +226,16 @@ def _process_alive(pid: int) -> bool:
             return not any(line.startswith("State:") and "Z" in line for line in status)
     except FileNotFoundError:
         return False
+
+
+def test_a_replica_server_that_cannot_start_leaves_no_temp_folder(tmp_path, monkeypatch) -> None:
+    """The replica's child `inlaid serve` with no model: it exits, the constructor raises,
+    and the replica's folder (config, log, ipc socket) is gone (Ray would retry, leaking one
+    folder per failed start)."""
+    from inlaid.integrations.ray import _ChildServer
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # mkdtemp's folder, this test's alone
+    sections = {"model": {"dir": str(tmp_path / "no-model")}, "executor": {"threads": 1}, "server": {}}
+    with pytest.raises(RuntimeError, match="exited"):
+        _ChildServer(sections, start_timeout_s=60.0)
+    assert list(tmp_path.glob("inlaid-replica-*")) == []

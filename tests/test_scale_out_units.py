@@ -97,7 +97,20 @@ def test_ray_config_section_checks_before_anything_starts(model_dir, tmp_path) -
                        ({"ray": {"max_tasks_per_replica": 0}}, "max_tasks_per_replica"),
                        ({"ray": {"num_gpus": -1}}, "num_gpus"), ({"metrics": {"port": 9000}}, "per server"),
                        ({"tasks": {"qa": str(tmp_path / "missing")}}, "not found"),
-                       ({"ray": {"http_host": "0.0.0.0"}}, "not a loopback")]:
+                       ({"ray": {"http_host": "0.0.0.0"}}, "not a loopback"),
+                       # Numbers Ray itself would refuse only after connecting, with a traceback.
+                       ({"ray": {"max_ongoing_requests": 0}}, "max_ongoing_requests"),
+                       ({"ray": {"ingress_replicas": 0}}, "ingress_replicas"),
+                       ({"ray": {"health_check_period_s": -1}}, "health_check_period_s"),
+                       ({"ray": {"health_check_period_s": float("nan")}}, "health_check_period_s"),
+                       ({"ray": {"replica_start_timeout_s": -5}}, "replica_start_timeout_s"),
+                       ({"ray": {"replica_start_timeout_s": "60"}}, "replica_start_timeout_s"),
+                       ({"ray": {"route_prefix": "v1"}}, "route_prefix"), ({"ray": {"app_name": ""}}, "app_name"),
+                       # A missing model is otherwise found by every replica's failed start.
+                       ({"model": {"dir": str(tmp_path / "no-model")}}, "model.dir: directory not found"),
+                       ({"model": {"dir": str(tmp_path)}}, "no config.json"),
+                       ({"model": {"dir": str(model_dir), "quantized_dir": str(tmp_path / "no-q")}},
+                        "model.quantized_dir")]:
         with pytest.raises(ConfigError, match=words):
             ray_config_from_dict({**base, **bad})
 

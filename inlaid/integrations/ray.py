@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import inspect
 import os
 import secrets
 import shutil
@@ -39,12 +40,16 @@ from typing import Any
 import zmq.asyncio
 from ray import serve
 
-from inlaid.client import AsyncClient, Client, InlaidError, TaskBusyError, UnknownTaskError
+from inlaid.client import AsyncClient, Client, InlaidError, InvalidRequestError, TaskBusyError, UnknownTaskError
+from inlaid.engine.adapter_config import AdapterError, read_adapter_spec
+from inlaid.engine.adapter_weights import check_adapter_weights
+from inlaid.engine.config import ModelConfig
 from inlaid.http.app import create_app
 from inlaid.http.settings import HttpConfig
 from inlaid.integrations.ray_client import RayTaskClient, ReplicaAnswer, ReplicaInfo
 from inlaid.integrations.ray_config import RayDeploymentConfig, load_ray_config
 from inlaid.protocol import ErrorReply, HealthReply, HelloReply
+from inlaid.serve.config import config_from_dict
 from inlaid.serve.launcher import to_toml
 
 _TASK_BUSY_RETRIES = 50  # a task being removed (its last requests finishing) before it loads again
@@ -65,6 +70,16 @@ class _ChildServer:
 
     def __init__(self, sections: dict[str, dict[str, Any]], start_timeout_s: float) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="inlaid-replica-"))
+        self.process: subprocess.Popen[bytes] | None = None
+        try:
+            self._start(sections, start_timeout_s)
+        except BaseException:
+            # A server that never became ready leaves no replica to clean up after it: Ray
+            # just retries the constructor, so each failed start would leak a temp folder.
+            self.stop(timeout_s=5.0)
+            raise
+
+    def _start(self, sections: dict[str, dict[str, Any]], start_timeout_s: float) -> None:
         self.address = f"ipc://{self.workdir}/server.ipc"
         self.admin_token = secrets.token_hex(16)  # the replica is the server's only admin
         server = {k: v for k, v in sections.get("server", {}).items()
@@ -73,7 +88,6 @@ class _ChildServer:
                   "tasks": {}}
         (self.workdir / "server.toml").write_text(to_toml(config))
         self.log_path = self.workdir / "server.log"
-        self.process: subprocess.Popen[bytes] | None = None
         started = threading.Event()
         threading.Thread(target=self._run, args=(started,), name="inlaid-server", daemon=True).start()
         started.wait()
@@ -86,14 +100,17 @@ class _ChildServer:
         def die_with_parent() -> None:
             libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
 
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "inlaid.cli", "serve", "--config", str(self.workdir / "server.toml")],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )  # fmt: skip
-            started.set()
-            self.process.wait()
+        try:
+            with open(self.log_path, "wb") as log:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-m", "inlaid.cli", "serve", "--config", str(self.workdir / "server.toml")],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                )  # fmt: skip
+                started.set()
+                self.process.wait()
+        finally:
+            started.set()  # a failed Popen must not leave the constructor waiting forever
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -158,6 +175,11 @@ class ReplicaBase:
     def __init__(self, server: dict[str, dict[str, Any]], catalog: dict[str, str], start_timeout_s: float) -> None:
         self.catalog = dict(catalog)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        # What the server checks an adapter against (model shapes, max_lora_rank), so that
+        # the replica can refuse a bad task before Ray's multiplexer evicts a good one.
+        engine = config_from_dict({**server, "server": {"address": "ipc:///tmp/inlaid-check.ipc"}}).engine
+        self._model_config = ModelConfig.from_dir(engine.model_dir)
+        self._max_lora_rank = engine.max_lora_rank
         self.server = _ChildServer(server, start_timeout_s)
         self._client: AsyncClient | None = None
         self.loaded: list[str] = []  # tasks Ray holds on this replica, oldest load first
@@ -190,14 +212,42 @@ class ReplicaBase:
             self.loaded.remove(task)
         await self._sdk().remove_task(task)
 
+    def _check_task(self, task: str) -> None:
+        """The server's own checks of a task's adapter (config and every weight), run here
+        first: Ray's multiplexed loader evicts its LRU task *before* it calls `_load`, so a
+        task that cannot load would otherwise cost a healthy task its seat."""
+        if task not in self.catalog:
+            raise UnknownTaskError(f"[unknown_task] unknown task {task!r}; known: {sorted(self.catalog)}")
+        try:
+            spec = read_adapter_spec(task, self.catalog[task])
+            check_adapter_weights(spec, self._model_config, self._max_lora_rank)
+        except AdapterError as error:
+            raise InvalidRequestError(f"[invalid_request] {error}") from None
+
     async def _task(self) -> str | None:
         task = serve.get_multiplexed_model_id() or None
         if task is not None:
+            if task not in self.loaded:  # a held task loads nothing and so evicts nothing
+                await asyncio.to_thread(self._check_task, task)  # reads the weights: off the event loop
             await self.load_task(task)
         return task
 
+    @staticmethod
+    def _arguments(method: Callable[..., Any], arguments: Any) -> dict[str, Any]:
+        """The handle's argument as keywords of the SDK call, or invalid_request: a bad one
+        would otherwise surface as a raw RayTaskError(TypeError) to the caller."""
+        if not isinstance(arguments, dict) or not all(isinstance(key, str) for key in arguments):
+            raise InvalidRequestError(f"[invalid_request] the argument must be a dict of the SDK's keyword "
+                                      f"arguments, got {type(arguments).__name__}")
+        try:
+            inspect.signature(method).bind(task=None, **arguments)
+        except TypeError as error:
+            raise InvalidRequestError(f"[invalid_request] {error}") from None
+        return arguments
+
     async def generate(self, arguments: dict[str, Any]) -> ReplicaAnswer:
         try:
+            arguments = self._arguments(self._sdk().generate, arguments)
             done = await self._sdk().generate(task=await self._task(), **arguments)
         except InlaidError as error:
             return ReplicaAnswer(self.replica_id, error=_error_reply(error))
@@ -205,6 +255,7 @@ class ReplicaBase:
 
     async def stream(self, arguments: dict[str, Any]) -> AsyncIterator[Any]:
         try:
+            arguments = self._arguments(self._sdk().stream, arguments)
             stream = await self._sdk().stream(task=await self._task(), **arguments)
             async with stream:
                 async for chunk in stream:
@@ -299,8 +350,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"inlaid ray: no Ray cluster at {args.address!r} ({error}); start one with `ray start --head`, or "
               "pass --address local for a cluster inside this process", file=sys.stderr)
         return 2
-    serve.start(http_options={"host": config.http_host, "port": config.http_port})
-    serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=True)
+    try:
+        serve.start(http_options={"host": config.http_host, "port": config.http_port})
+        serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=True)
+    except KeyboardInterrupt:
+        # Ctrl-C ends the deployment this command made: without the delete, the app would
+        # keep serving (and holding GPUs) on the cluster after the command is gone.
+        print(f"inlaid ray: interrupted; deleting application {config.app_name!r}", file=sys.stderr)
+        try:
+            serve.delete(config.app_name)
+        except KeyboardInterrupt:
+            print(f"inlaid ray: interrupted again; application {config.app_name!r} may still be deployed "
+                  f"(serve.delete it, or `serve shutdown`)", file=sys.stderr)
+        return 130  # the shell's convention for a command ended by SIGINT
     return 0
 
 

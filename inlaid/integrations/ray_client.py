@@ -3,8 +3,10 @@ by Ray Serve's model multiplexing on the request's task.
 
 `RayTaskClient` has the methods of `AsyncClient` that `inlaid.http` uses, so the ingress
 serves the very same OpenAI front (`create_app(..., client=...)`). A replica answers with a
-`ReplicaAnswer` (its generate result or the server's typed error); Ray-level failures (a
-replica that died mid-request) become `ExecutorFailedError`, which the front answers 503.
+`ReplicaAnswer` (its generate result or the server's typed error). A replica that died or
+became unreachable mid-request is `ConnectionLostError` (HTTP 503 `unavailable`, retry), as
+when a single server is killed under a request (docs/http.md); an exception raised by the
+replica's own code (a `RayTaskError`) is `ExecutorFailedError` (HTTP 500).
 No torch here: the ingress replica stays small.
 """
 
@@ -15,7 +17,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from inlaid.client import ExecutorFailedError, InvalidRequestError, RequestTimeoutError, UnknownTaskError
+from inlaid.client import (ConnectionLostError, ExecutorFailedError, InlaidError, InvalidRequestError,
+                           RequestTimeoutError, UnknownTaskError)
 from inlaid.client.errors import error_from_reply
 from inlaid.protocol import ErrorReply, GenerateDone, HealthReply, HelloReply, TaskInfo, TextChunk
 
@@ -46,9 +49,15 @@ class ReplicaInfo:
     server_tasks: list[str] = field(default_factory=list)  # tasks its Inlaid server has registered
 
 
-def _ray_failure(error: Exception) -> ExecutorFailedError:
-    return ExecutorFailedError(f"[executor_failed] the replica serving this request failed ({type(error).__name__}); "
-                               "Ray Serve restarts it, retry this request")
+def _ray_failure(error: Exception) -> InlaidError:
+    from ray.exceptions import RayTaskError
+
+    if isinstance(error, RayTaskError):  # the replica is alive; its code raised
+        return ExecutorFailedError(f"[executor_failed] the replica failed this request ({error.cause!r})")
+    # The replica died or cannot be reached (ActorDiedError, ActorUnavailableError, ...): the
+    # same case as a single server killed under a request, and as retryable.
+    return ConnectionLostError(f"[connection_lost] the replica serving this request was lost "
+                               f"({type(error).__name__}); Ray Serve restarts it, retry this request")
 
 
 class RayTaskClient:

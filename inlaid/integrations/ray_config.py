@@ -92,6 +92,11 @@ def ray_config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> R
     missing = {name: p for name, p in checked.tasks.items() if not Path(p).is_dir()}
     if missing:
         raise ConfigError(f"[tasks]: adapter directories not found here: {missing} (every node needs the same paths)")
+    # `inlaid serve` finds a missing model only when it loads it; here that would be each
+    # replica's start failing (Ray retries them), so check it before any cluster work.
+    _check_model_dir("model.dir", checked.engine.model_dir, need_config=True)
+    if checked.engine.quantized_dir:
+        _check_model_dir("model.quantized_dir", checked.engine.quantized_dir, need_config=False)
     server = {"model": {"dir": checked.engine.model_dir}, "executor": dict(raw.get("executor", {})),
               "server": server_table}
     if checked.engine.quantized_dir:
@@ -100,6 +105,25 @@ def ray_config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> R
     config = RayDeploymentConfig(server=server, tasks=checked.tasks, http=http, autoscaling=autoscaling, **ray)
     _validate(config)
     return config
+
+
+def _check_model_dir(key: str, path: str, need_config: bool) -> None:
+    if not Path(path).is_dir():
+        raise ConfigError(f"{key}: directory not found here: {path} (every node needs the same path)")
+    if need_config and not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"{key}: {path} has no config.json (not a Hugging Face model directory)")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"ray.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_number(name: str, value: object, positive: bool) -> None:
+    """Ray checks these only after connecting, with a pydantic traceback: check them first."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+            or value < 0 or (positive and value == 0) or value == float("inf"):
+        raise ConfigError(f"ray.{name} must be a number {'> 0' if positive else '>= 0'}, got {value!r}")
 
 
 def _validate(config: RayDeploymentConfig) -> None:
@@ -115,13 +139,17 @@ def _validate(config: RayDeploymentConfig) -> None:
                                        or config.num_replicas < 1):
         raise ConfigError(f"ray.num_replicas must be an integer >= 1 (or use [ray.autoscaling]), "
                           f"got {config.num_replicas!r}")
-    if isinstance(config.max_tasks_per_replica, bool) or not isinstance(config.max_tasks_per_replica, int) \
-            or config.max_tasks_per_replica < 1:
-        raise ConfigError(f"ray.max_tasks_per_replica must be an integer >= 1, got {config.max_tasks_per_replica!r}")
+    for name in ("max_tasks_per_replica", "ingress_replicas", "max_ongoing_requests"):
+        _check_int(name, getattr(config, name), 1)
     for name in ("num_cpus", "num_gpus", "ingress_num_cpus"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ConfigError(f"ray.{name} must be a number >= 0, got {value!r}")
+        _check_number(name, getattr(config, name), positive=False)
+    for name in ("health_check_period_s", "replica_start_timeout_s"):
+        _check_number(name, getattr(config, name), positive=True)
+    for name in ("app_name", "route_prefix"):
+        if not isinstance(getattr(config, name), str) or not getattr(config, name):
+            raise ConfigError(f"ray.{name} must be a non-empty string, got {getattr(config, name)!r}")
+    if not config.route_prefix.startswith("/"):
+        raise ConfigError(f"ray.route_prefix must start with '/', got {config.route_prefix!r}")
     try:
         check_listen_address("ray.http", config.http_host, config.http_port,
                              bool(config.server["server"].get("allow_public_bind", False)))
