@@ -393,3 +393,25 @@ def test_admission_refuses_cheaply_and_every_generate_is_counted_once(model_dir,
     assert counters["received"] == 4 and counters["rejected"] == 2
     assert counters["received"] == (counters["finished"] + counters["failed"] + counters["overloaded"]
                                     + counters["rejected"] + counters["abandoned"] + len(coordinator.in_flight))
+
+
+def test_a_sequence_cannot_outgrow_the_kv_cache_and_hold_the_queue(model_dir):
+    # Found by an outside probe: with 8 blocks of 16 and max_model_len 256, a 100-token prompt
+    # asking for 60 tokens went silent at token 129 (it preempted itself and could never be
+    # admitted again), and every request behind it waited for ever. The context is capped at
+    # the cache: the sequence ends with "context" there, and the queue moves on.
+    from inlaid.engine import Engine, EngineConfig
+
+    def engine(num_kv_blocks: int) -> Engine:
+        return Engine.local(EngineConfig(model_dir=str(model_dir), dtype="float32", threads=1, max_num_seqs=4,
+                                         num_kv_blocks=num_kv_blocks, block_size=16, max_model_len=256))
+
+    small = engine(8)
+    assert small.max_model_len == 8 * 16
+    prompts = [[7 + i % 50 for i in range(100)], [5, 6, 7]]
+    sampling = [SamplingParams(max_tokens=60, ignore_eos=True), SamplingParams(max_tokens=3, ignore_eos=True)]
+    long, short = small.generate(prompts, sampling)
+    assert long.finish_reason == "context" and len(long.prompt_token_ids) + len(long.token_ids) == 128
+    assert short.finish_reason == "length" and len(short.token_ids) == 3
+    reference = engine(64).generate(prompts, sampling)  # room for everything: the same greedy tokens
+    assert long.token_ids == reference[0].token_ids[: len(long.token_ids)] and short.token_ids == reference[1].token_ids

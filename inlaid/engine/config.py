@@ -142,8 +142,12 @@ class EngineConfig:
     cuda_graphs: bool = False
 
     def context_length(self, model: ModelConfig) -> int:
-        """The longest sequence served: max_model_len, capped by what the model supports."""
-        limit = min(model.max_position_embeddings, model.sliding_window or 1 << 62)
+        """The longest sequence served: max_model_len, capped by what the model supports and by
+        the KV cache: a sequence that outgrew the whole cache preempted itself and could never
+        be admitted again, and held the queue behind it (found by an outside probe with 8
+        blocks of 16 and max_model_len 256: silent at token 129). Capped, it ends with
+        finish_reason "context" there."""
+        limit = min(model.max_position_embeddings, model.sliding_window or 1 << 62, self.num_kv_blocks * self.block_size)
         return min(self.max_model_len or limit, limit)
 
     def validate(self) -> None:
