@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inlaid.engine.adapter_config import PROJECTIONS, AdapterError, AdapterSpec
+from inlaid.engine.adapter_config import PROJECTIONS, AdapterError, AdapterSpec, read_adapter_spec
 from inlaid.engine.config import ModelConfig
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -64,6 +64,15 @@ def projection_shapes(model: ModelConfig) -> dict[str, tuple[int, int]]:
         "up_proj": (hidden, inner),
         "down_proj": (inner, hidden),
     }
+
+
+def check_servable_adapter(name: str, path: str, model: ModelConfig, max_rank: int) -> AdapterSpec:
+    """The adapter's spec, once its config and every weight passed the checks a server runs
+    before it serves a task (AdapterError names the first problem). The server's AddTask and
+    a Ray replica's loader both call it, so the two can never accept different adapters."""
+    spec = read_adapter_spec(name, path)
+    check_adapter_weights(spec, model, max_rank)
+    return spec
 
 
 def check_adapter_weights(spec: AdapterSpec, model: ModelConfig, max_rank: int) -> None:

@@ -41,8 +41,8 @@ import zmq.asyncio
 from ray import serve
 
 from inlaid.client import AsyncClient, Client, InlaidError, InvalidRequestError, TaskBusyError, UnknownTaskError
-from inlaid.engine.adapter_config import AdapterError, read_adapter_spec
-from inlaid.engine.adapter_weights import check_adapter_weights
+from inlaid.engine.adapter_config import AdapterError
+from inlaid.engine.adapter_weights import check_servable_adapter
 from inlaid.engine.config import ModelConfig
 from inlaid.http.app import create_app
 from inlaid.http.settings import HttpConfig
@@ -219,8 +219,7 @@ class ReplicaBase:
         if task not in self.catalog:
             raise UnknownTaskError(f"[unknown_task] unknown task {task!r}; known: {sorted(self.catalog)}")
         try:
-            spec = read_adapter_spec(task, self.catalog[task])
-            check_adapter_weights(spec, self._model_config, self._max_lora_rank)
+            check_servable_adapter(task, self.catalog[task], self._model_config, self._max_lora_rank)
         except AdapterError as error:
             raise InvalidRequestError(f"[invalid_request] {error}") from None
 

@@ -15,8 +15,8 @@ import hmac
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from inlaid.engine.adapter_config import AdapterError, read_adapter_spec
-from inlaid.engine.adapter_weights import check_adapter_weights
+from inlaid.engine.adapter_config import AdapterError
+from inlaid.engine.adapter_weights import check_servable_adapter
 from inlaid.engine.engine import Engine, InvalidRequestError
 from inlaid.protocol import ErrorCode
 from inlaid.serve.config import ConfigError, check_task_name
@@ -53,8 +53,7 @@ class TaskRegistry:
         and touches no registry state: safe to run in a worker thread."""
         try:
             check_task_name(name)
-            spec = read_adapter_spec(name, adapter_dir)
-            check_adapter_weights(spec, self.engine.model_config, self.engine.config.max_lora_rank)
+            check_servable_adapter(name, adapter_dir, self.engine.model_config, self.engine.config.max_lora_rank)
         except (ConfigError, AdapterError) as error:
             raise TaskError(ErrorCode.INVALID_REQUEST, str(error)) from None
 
