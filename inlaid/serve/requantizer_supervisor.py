@@ -60,22 +60,23 @@ class ProcessSample:
         return self.state in ("T", "t")
 
 
+def _stat_fields(path: str | Path) -> list[str]:
+    """A /proc stat file's fields after "pid (comm)" (comm may hold spaces): the state is
+    the first, utime and stime the 12th and 13th."""
+    return Path(path).read_text().rsplit(")", 1)[1].split()
+
+
 def sample_process(pid: int) -> ProcessSample | None:
     """None: no such process, or no /proc (not Linux)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        # after "pid (comm)": state is field 3, utime and stime fields 14 and 15 (comm may hold spaces)
-        fields = stat.rsplit(")", 1)[1].split()
+        fields = _stat_fields(f"/proc/{pid}/stat")
         state, cpu_ticks = fields[0], int(fields[11]) + int(fields[12])
     except (OSError, ValueError, IndexError):
         return None
     runnable = state == "R"
     if not runnable:  # with threads > 1 the main thread may wait on workers that are queued for a CPU
         try:
-            for task in os.scandir(f"/proc/{pid}/task"):
-                if Path(task.path, "stat").read_text().rsplit(")", 1)[1].split()[0] == "R":
-                    runnable = True
-                    break
+            runnable = any(_stat_fields(Path(task.path, "stat"))[0] == "R" for task in os.scandir(f"/proc/{pid}/task"))
         except (OSError, IndexError):
             pass
     return ProcessSample(state, runnable, cpu_ticks)
