@@ -1,4 +1,4 @@
-"""A rare adapter's short request beside another adapter's flood, under the `inlaid` policy's
+"""Requests a queue could leave behind. A rare adapter's short request beside another adapter's flood, under the `inlaid` policy's
 defaults (β 8, a row target of 16 rows, grouping by adapter), through the real Scheduler on
 a simulated executor.
 
@@ -50,3 +50,19 @@ def test_a_rare_adapters_short_request_is_not_left_out_by_a_flood_filling_the_ro
     assert rare_inlaid.latency_s <= rare_fifo.latency_s + 0.5, (rare_inlaid.latency_s, rare_fifo.latency_s)
     flood_mean = [sum(r.latency_s for r in result.requests if r.task == "flood") for result in (fifo, inlaid)]
     assert flood_mean[1] <= 1.05 * flood_mean[0]  # ... and the flood loses nothing to it
+
+
+def test_a_sequence_longer_than_the_kv_cache_ends_at_the_cache_and_the_queue_behind_it_runs():
+    """The simulator caps the context at the KV cache as the engine does (8 blocks of 16 =
+    128 tokens, below max_model_len 256): the long request ends there ("context") instead of
+    preempting itself forever, and the request behind it is served."""
+    shape = EngineShape(max_num_seqs=8, num_kv_blocks=8, block_size=16, max_model_len=256, max_lora_slots=2)
+    assert shape.context_length == 128
+    trace = Trace([TraceRequest(0.0, "long", 40, 200, 256, "long/0"), TraceRequest(0.5, "short", 40, 5, 256, "short/1")],
+                  {task: TaskProfile(task, task, 8) for task in ("long", "short")})
+    for policy in (make_policy("fifo"), make_policy("inlaid", {"predictor": "task-mean"}, length_model=_lengths(200, 5))):
+        result = simulate(trace, policy, COST, shape)
+        long_request, short_request = result.requests
+        assert long_request.finished and short_request.finished
+        assert len(long_request.token_times) == 128 - 40  # the prompt and its tokens fill the cache
+        assert len(short_request.token_times) == 5

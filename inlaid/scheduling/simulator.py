@@ -52,6 +52,13 @@ class EngineShape:
                    block_size=engine.block_size, num_kv_blocks=engine.num_kv_blocks,
                    max_lora_slots=engine.max_lora_slots, max_model_len=engine.max_model_len or cls.max_model_len)
 
+    @property
+    def context_length(self) -> int:
+        """The longest sequence the server serves: `max_model_len` capped by the KV cache, as
+        the engine caps it (`EngineConfig.context_length`): a longer one ends with finish
+        reason "context" there instead of holding the queue."""
+        return min(self.max_model_len, self.num_kv_blocks * self.block_size)
+
 
 @dataclass
 class SimulationResult:
@@ -113,7 +120,7 @@ class Simulator:
         for name in trace.tasks:
             self.adapters.register(name, f"sim://{name}")
         self.scheduler = Scheduler(
-            SchedulerLimits(self.shape.max_num_seqs, self.shape.max_num_batched_tokens, self.shape.max_model_len),
+            SchedulerLimits(self.shape.max_num_seqs, self.shape.max_num_batched_tokens, self.shape.context_length),
             BlockManager(self.shape.num_kv_blocks, self.shape.block_size),
             self.adapters,
             eos_token_ids=(_EOS,),
