@@ -124,3 +124,37 @@ def test_each_executor_gets_its_own_policy_sharing_one_length_model(model_dir) -
     policies = [engine.scheduler.policy for engine in ExecutorPool(config, _policies(config)).engines]
     assert len({id(p) for p in policies}) == 3
     assert len({id(p.length_model) for p in policies}) == 1
+
+
+def test_ray_replicas_get_the_executors_and_scheduler_sections_with_absolute_paths(model_dir, tmp_path) -> None:
+    """docs/scale-out.md: each replica runs `inlaid serve` with the config's [model],
+    [executor], [executors] and [server] sections (and [scheduler]); they were dropped
+    silently (a replica reserving 2 GPUs ran one executor). What a replica would write to its
+    server.toml, read back from another folder, is the same server."""
+    import tomllib
+
+    from inlaid.integrations.ray_config import ray_config_from_dict
+    from inlaid.serve.launcher import to_toml
+
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "replica").mkdir()
+    cost_model = Path(__file__).resolve().parents[1] / "bench" / "results" / "sched_cost_model.json"
+    raw = {"model": {"dir": str(model_dir)}, "tasks": {"qa": str(ADAPTERS / "qa")},
+           "executors": {"count": 2}, "server": {"policy": "inlaid"},
+           "scheduler": {"max_wait_s": 30.0, "predictor_state": "predictor.npz",
+                         "autotune_cost_model": str(cost_model)}}
+    config = ray_config_from_dict(raw, base_dir=tmp_path / "conf")
+    assert config.server["executors"] == {"count": 2}
+    assert config.server["scheduler"]["predictor_state"] == str(tmp_path / "conf" / "predictor.npz")
+    replica_toml = to_toml({**config.server, "server": {**config.server["server"], "address": "ipc:///tmp/x.ipc"}})
+    replica = config_from_dict(tomllib.loads(replica_toml), base_dir=tmp_path / "replica")
+    assert replica.executors.count == 2 and replica.policy == "inlaid"
+    assert replica.scheduler["max_wait_s"] == 30.0
+    assert replica.scheduler["predictor_state"] == str(tmp_path / "conf" / "predictor.npz")
+    assert replica.autotune_cost_model == str(cost_model)
+    # What one server owns, or a replica never uses, is refused rather than dropped.
+    for bad, words in [({"requantizer": {"threads": 1}}, r"\[requantizer\]"),
+                       ({"server": {"state_dir": "state"}}, "state_dir"),
+                       ({"scheduler": {"step_log": "steps.jsonl"}}, "step_log")]:
+        with pytest.raises(ConfigError, match=words):
+            ray_config_from_dict({**raw, **bad}, base_dir=tmp_path / "conf")

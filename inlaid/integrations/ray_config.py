@@ -14,7 +14,7 @@ min_replicas = 1
 max_replicas = 4
 target_ongoing_requests = 16
 
-[model] / [executor] / [server]   # each replica's Inlaid server, as for `inlaid serve`
+[model] / [executor] / [executors] / [server] / [scheduler]   # each replica's Inlaid server, as for `inlaid serve`
 [tasks]                           # the catalog: every replica loads these on demand
 [http]                            # the ingress front's request_timeout_s / max_body_bytes
 ```
@@ -34,7 +34,7 @@ from inlaid.serve.config import ConfigError, config_from_dict, read_toml
 
 @dataclass
 class RayDeploymentConfig:
-    server: dict[str, dict[str, Any]]  # the replicas' [model], [executor], [server] tables (paths resolved)
+    server: dict[str, dict[str, Any]]  # the replicas' [model], [executor], [executors], [server], [scheduler] (paths resolved)
     tasks: dict[str, str]  # task name -> adapter directory, the same path on every node
     http: dict[str, Any] = field(default_factory=dict)  # HttpConfig fields for the ingress front
     num_replicas: int | str = 2
@@ -78,8 +78,7 @@ def ray_config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> R
     raw = dict(raw)
     ray = dict(raw.pop("ray", {}))
     http = dict(raw.pop("http", {}))
-    if "metrics" in raw:
-        raise ConfigError("[metrics] is per server; in a Ray deployment use Ray's metrics (docs/scale-out.md)")
+    _refuse_per_server_settings(raw)
     unknown = set(ray) - _RAY_KEYS
     if unknown:
         raise ConfigError(f"[ray]: unknown keys {sorted(unknown)}; allowed: {sorted(_RAY_KEYS)}")
@@ -98,13 +97,42 @@ def ray_config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> R
     if checked.engine.quantized_dir:
         _check_model_dir("model.quantized_dir", checked.engine.quantized_dir, need_config=False)
     server = {"model": {"dir": checked.engine.model_dir}, "executor": dict(raw.get("executor", {})),
-              "server": server_table}
+              "executors": dict(raw.get("executors", {})), "server": server_table,
+              "scheduler": _replica_scheduler(checked)}
     if checked.engine.quantized_dir:
         server["model"]["quantized_dir"] = checked.engine.quantized_dir
     autoscaling = ray.pop("autoscaling", None)
     config = RayDeploymentConfig(server=server, tasks=checked.tasks, http=http, autoscaling=autoscaling, **ray)
     _validate(config)
     return config
+
+
+def _refuse_per_server_settings(raw: dict[str, Any]) -> None:
+    """What one server owns and every replica would share (the replicas of a node write
+    beside each other), or what a replica never uses: refused, never silently dropped."""
+    if "metrics" in raw:
+        raise ConfigError("[metrics] is per server; in a Ray deployment use Ray's metrics (docs/scale-out.md)")
+    if "requantizer" in raw:
+        raise ConfigError("[requantizer]: a Ray replica adds its tasks without calibration (they come from [tasks]), "
+                          "so it never re-quantizes; remove the section")
+    if "state_dir" in raw.get("server", {}):
+        raise ConfigError("server.state_dir is one server's own registry; the replicas would share it: remove it "
+                          "(a Ray deployment's tasks come from [tasks])")
+    if "step_log" in raw.get("scheduler", {}):
+        raise ConfigError("scheduler.step_log is one server's log; the replicas would append to the same file: "
+                          "remove it (run `inlaid serve` alone to record steps)")
+
+
+def _replica_scheduler(checked: Any) -> dict[str, Any]:
+    """The replicas' [scheduler] table with its files as absolute paths (a replica's
+    config lives in its own temporary folder). A predictor state is loaded by every replica
+    and saved by each, atomically: the last save wins."""
+    table = dict(checked.scheduler)
+    if checked.autotune_cost_model is not None:
+        table["autotune_cost_model"] = checked.autotune_cost_model
+    if checked.autotune_lengths is not None:
+        table["autotune_lengths"] = checked.autotune_lengths
+    return table
 
 
 def _check_model_dir(key: str, path: str, need_config: bool) -> None:
