@@ -9,6 +9,8 @@ Predictions are a sparse dot product in numpy (tens of microseconds), not an skl
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -73,6 +75,9 @@ class TaskMeanPredictor:
 
 def _task_key(task: str | None) -> str:
     return "<base>" if task is None else task
+
+
+_MAX_LOG_LENGTH = math.log1p(1e9)  # tokens
 
 
 class LengthPredictor:
@@ -147,8 +152,12 @@ class LengthPredictor:
             weights = shared
             index, value = self.hasher.shared_part(index, value)
         coef, intercept = weights
-        # A length is a whole number of tokens, at least one (the end-of-turn token).
-        return float(max(1, round(float(np.expm1(intercept + float(np.dot(coef[index], value)))))))
+        log_length = intercept + float(np.dot(coef[index], value))
+        if not math.isfinite(log_length):  # a model gone bad answers as the task means do
+            return self.fallback.predict(task, prompt_token_ids)
+        # A length is a whole number of tokens, at least one (the end-of-turn token); past
+        # _MAX_LOG_LENGTH the exponential would overflow, and no budget is that long anyway.
+        return float(max(1, round(math.expm1(min(log_length, _MAX_LOG_LENGTH)))))
 
     def observe(self, task: str | None, prompt_token_ids: Sequence[int], output_tokens: int) -> None:
         self.fallback.observe(task, prompt_token_ids, output_tokens)

@@ -213,6 +213,10 @@ def _read_state(path: Path) -> dict[str, np.ndarray]:
             raise ValueError("not an .npz archive")
         with archive:
             state = {key: archive[key] for key in archive.files}
+    for key, array in state.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            # accepted, it failed every request at its prediction, or every refit
+            raise ValueError(f"non-finite numbers in {key}")
     tasks, targets, lengths, indices, values = (state[key] for key in _RESERVOIR_KEYS)
     if lengths.dtype.kind not in "iu" or indices.dtype.kind not in "iu" or (lengths < 0).any():
         raise ValueError("reservoir lengths or feature indices are not counts")

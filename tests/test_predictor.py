@@ -163,6 +163,11 @@ def test_a_file_that_is_not_a_saved_state_is_refused_naming_it_and_never_unpickl
         "mismatched.npz": lambda path: np.savez(path, **{**arrays, "reservoir_targets": np.zeros(1)}),
         "outside.npz": lambda path: np.savez(path, **{**arrays,
                                                       "reservoir_indices": arrays["reservoir_indices"] + 2**30}),
+        # Loaded, these failed every request at its prediction (an outside probe) or every refit.
+        "nan_weights.npz": lambda path: np.savez(path, **{**arrays, "coef_value": arrays["coef_value"] * np.nan}),
+        "inf_intercept.npz": lambda path: np.savez(path, **{**arrays, "config": arrays["config"] * [1, 1, np.inf, 1]}),
+        "nan_targets.npz": lambda path: np.savez(path, **{**arrays, "reservoir_targets":
+                                                          np.full_like(arrays["reservoir_targets"], np.nan)}),
     }
     for name, write in cases.items():
         path = tmp_path / name
@@ -174,6 +179,22 @@ def test_a_file_that_is_not_a_saved_state_is_refused_naming_it_and_never_unpickl
         assert "delete or move it" in message and "allow_pickle" not in message and "\n" not in message, message
     assert not unpickled
     assert OnlineLengthPredictor.load(good).size == 20
+
+
+def test_an_extreme_but_finite_model_predicts_a_bounded_whole_length(tmp_path):
+    """Weights from a state far outside anything a fit makes (intercept 1e6: e^1e6 overflows)
+    still give a finite whole number of tokens, never an exception in the request's path."""
+    online = OnlineLengthPredictor(refit_every=0)
+    for sample in _synthetic(20, seed=4):
+        online.observe(sample.task, sample.prompt_token_ids, sample.output_tokens)
+    online.refit(wait=True)
+    path = tmp_path / "extreme.npz"
+    online.save(path)
+    arrays = dict(np.load(path))
+    for intercept in (1e6, -1e6):
+        np.savez(path, **{**arrays, "config": arrays["config"] * [1, 1, 0, 1] + [0, 0, intercept, 0]})
+        predicted = OnlineLengthPredictor.load(path).predict("t0", [1, 2, 3])
+        assert predicted == int(predicted) and 1 <= predicted <= 1e9 + 1, predicted
 
 
 def test_per_task_mean_is_the_numpy_mean_and_unknown_tasks_get_the_overall_mean():

@@ -35,6 +35,10 @@ from inlaid.engine.sequence import FinishReason, Sequence, SequenceStatus
 from inlaid.protocol import AdapterLoad, BatchPlan, ChunkPlan, StepResult
 
 
+class PolicyError(RuntimeError):
+    """The scheduling policy failed on a request (a bug or a bad policy state, not the request)."""
+
+
 class SchedulingPolicy:
     """The order of work, and hooks to learn from what ran. This base class is FIFO.
 
@@ -166,8 +170,14 @@ class Scheduler:
         if seq.adapter is not None and seq.adapter not in self.adapters.paths:
             raise ValueError(f"unknown adapter {seq.adapter!r}")
         seq.status = SequenceStatus.WAITING
+        try:
+            self.policy.on_arrival(seq, self.clock())
+        except Exception as error:
+            # Not the request's fault (so not a ValueError, which callers report as an invalid
+            # request), and it must leave nothing queued: an orphan would run with no owner.
+            raise PolicyError(f"the scheduling policy {self.policy.name!r} failed on this request: "
+                              f"{type(error).__name__}: {error}") from error
         self.waiting.append(seq)
-        self.policy.on_arrival(seq, self.clock())
 
     def abort(self, seq: Sequence, reason: FinishReason = FinishReason.CANCELLED) -> None:
         if seq.is_finished:

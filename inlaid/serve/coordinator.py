@@ -325,8 +325,11 @@ class Coordinator:
         except Exception:  # a bug must cost this one message, never the server
             log.exception("internal error handling a client message",
                           extra={"request_id": message.request_id, "type": type(message).__name__})
-            self._send(identity, ErrorReply(request_id=message.request_id, code=ErrorCode.INTERNAL,
-                                            message="internal server error"))
+            if isinstance(message, Generate):
+                self.in_flight.internal_error(identity, message)
+            else:
+                self._send(identity, ErrorReply(request_id=message.request_id, code=ErrorCode.INTERNAL,
+                                                message="internal server error"))
 
     def _dispatch(self, identity: bytes, message: ClientRequest) -> None:
         if isinstance(message, Generate):

@@ -65,6 +65,18 @@ class InFlight:
                 self.counters["rejected"] += 1
             self.metrics.on_rejected(message.task, rejection)
 
+    def internal_error(self, identity: bytes, message: Generate) -> None:
+        """Handling `message` raised (a bug, logged by the caller): answer it once, count it
+        failed, and leave nothing of it behind (an engine sequence nobody would read)."""
+        request = self.requests.get((identity, message.request_id))
+        if request is not None:
+            self.fail(request, ErrorCode.INTERNAL, "internal server error")
+            return
+        self.error(identity, message.request_id, ErrorCode.INTERNAL, "internal server error")
+        self.counters["failed"] += 1
+        assert self.metrics is not None
+        self.metrics.on_rejected(message.task, ErrorCode.INTERNAL)
+
     def _admit(self, identity: bytes, message: Generate) -> str | None:
         """Start the request, or answer it with an error; returns that error's code."""
         request_id = message.request_id
