@@ -27,7 +27,10 @@ def replay_cli(argv: list[str] | None = None) -> None:
     from inlaid.scheduling.suite import suite_prompts
     from inlaid.scheduling.traces import Trace
 
-    trace = Trace.load(args.trace)
+    try:
+        trace = Trace.load(args.trace)
+    except (OSError, ValueError) as error:
+        parser.error(f"--trace: {error}")
     records = asyncio.run(replay_trace(args.address, trace, suite_prompts(), args.timeout_s, progress=True))
     if args.out:
         save_records(args.out, records)

@@ -39,10 +39,21 @@ def main(argv: list[str] | None = None) -> None:
     from inlaid.scheduling.suite import load_suite_lengths
     from inlaid.scheduling.traces import TraceSpec, generate_trace
 
+    one_trace = {option for option in ("out", "cv", "popularity", "alpha", "rate", "requests", "base_fraction", "seed")
+                 if getattr(args, option) != parser.get_default(option)}
+    if args.tasks is None and one_trace:
+        # Without --tasks this writes the canonical set over the committed one: never as a
+        # side effect of options meant for a single trace.
+        parser.error(f"--{sorted(one_trace)[0].replace('_', '-')} describes one trace: give --tasks too "
+                     "(without options, this writes the canonical set to bench/results/sched_traces/)")
     records = [r for r in load_suite_lengths() if r.split == "eval"]
-    if args.tasks:
+    if args.tasks is not None:
         spec = TraceSpec(rate=args.rate, num_requests=args.requests, cv=args.cv, num_tasks=args.tasks,
                          popularity=args.popularity, alpha=args.alpha, base_fraction=args.base_fraction, seed=args.seed)
+        try:
+            spec.validate()
+        except ValueError as error:
+            parser.error(str(error))
         trace = generate_trace(spec, records)
         trace.save(args.out or "trace.jsonl")
         print(json.dumps(trace.summary(), indent=1))

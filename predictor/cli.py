@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from inlaid.cli_args import writable_file_problem
 from inlaid.predictor.evaluate import evaluate_predictions
 from inlaid.predictor.model import LengthPredictor, LengthSample, TaskMeanPredictor
 from inlaid.predictor.online import OnlineLengthPredictor
@@ -24,12 +25,22 @@ class DataError(ValueError):
     """A finished-requests file is missing or malformed."""
 
 
+MAX_OUTPUT_TOKENS = 1_000_000  # no request generates more; beyond it a line is a mistake, not a length
+MAX_TOKEN_ID = 2**63 - 1  # token ids are hashed as unsigned 64-bit integers
+
+
 def read_samples(path: str | Path) -> list[LengthSample]:
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; name a JSONL file of finished requests")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
     samples = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -37,13 +48,26 @@ def read_samples(path: str | Path) -> list[LengthSample]:
             task, prompt, output = row["task"], row["prompt_token_ids"], row["output_tokens"]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise DataError(f"{path}:{number}: expected task, prompt_token_ids, output_tokens ({error})") from None
-        if not isinstance(prompt, list) or not all(isinstance(t, int) for t in prompt) or not isinstance(output, int) \
-                or output < 0 or (task is not None and not isinstance(task, str)):
-            raise DataError(f"{path}:{number}: prompt_token_ids must be integers, output_tokens an integer >= 0")
+        problem = _sample_problem(task, prompt, output)
+        if problem:
+            raise DataError(f"{path}:{number}: {problem}")
         samples.append(LengthSample(task, prompt, output))
     if not samples:
         raise DataError(f"{path}: no requests")
     return samples
+
+
+def _sample_problem(task: object, prompt: object, output: object) -> str | None:
+    def is_int(value: object) -> bool:  # JSON true is not a count
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if task is not None and not (isinstance(task, str) and task):
+        return f"task must be a non-empty name or null, got {task!r}"
+    if not isinstance(prompt, list) or not all(is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in prompt):
+        return "prompt_token_ids must be a list of token ids (integers >= 0)"
+    if not is_int(output) or not 0 <= output <= MAX_OUTPUT_TOKENS:  # type: ignore[operator]
+        return f"output_tokens must be an integer in [0, {MAX_OUTPUT_TOKENS}], got {output!r}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,11 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
+            problem = writable_file_problem(Path(args.out), "--out")
+            if problem:  # before the fit, not as a traceback naming a temporary file after it
+                raise DataError(problem)
             samples = read_samples(args.data)
             predictor = OnlineLengthPredictor()
             for sample in samples:
                 predictor.remember(sample.task, sample.prompt_token_ids, sample.output_tokens)
             predictor.refit(wait=True)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             predictor.save(args.out)
             print(f"trained on {len(samples)} requests ({predictor.size} kept); wrote {args.out}")
         else:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from inlaid.quant.calibration import CALIBRATION_BATCH_TOKENS
-from inlaid.quant.cli_args import model_dir_problem, positive_float, positive_int, writable_dir_problem
+from inlaid.cli_args import model_dir_problem, positive_float, positive_int, writable_dir_problem
 from inlaid.quant.errors import QuantizationError
 
 if TYPE_CHECKING:

@@ -55,6 +55,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
 SLO = "10x"  # latency within 10x the request's isolated latency
 WORKLOADS = ((1.0, "uniform"), (1.0, "zipf"), (4.0, "uniform"), (4.0, "zipf"))  # (arrival CV, popularity)
 SEED = 7
+MIN_STEP_S = 1e-6  # the shortest decode step a cost model may predict
 
 
 def load_cost_model(path: str, max_num_seqs: int = 64) -> StepCostModel:
@@ -67,11 +68,18 @@ def load_cost_model(path: str, max_num_seqs: int = 64) -> StepCostModel:
         cost = StepCostModel.load(path)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path!r} is not a cost model written by bench/sched_cost.py: {error}") from None
+    bad = {name: value for name, value in cost.coefficients.items()
+           if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0)}
+    if bad or not (math.isfinite(cost.overhead_s) and cost.overhead_s >= 0):
+        raise ValueError(f"{path!r} has coefficients that are not finite numbers >= 0 "
+                         f"({bad or {'overhead_s': cost.overhead_s}}): not a usable cost model")
     for rows in (1, max_num_seqs):
         step = StepFeatures.of_chunks([ChunkShape(1, 100, index % 4, 16, True) for index in range(rows)], 0, 16)
-        if not cost.step_seconds(step) > 0:
-            raise ValueError(f"{path!r} gives a decode step of {rows} rows {cost.step_seconds(step)} s: "
-                             "not a usable cost model")
+        # No executor steps in under a microsecond; a model that says so makes the simulated
+        # saturation rate overflow.
+        if not cost.step_seconds(step) >= MIN_STEP_S:
+            raise ValueError(f"{path!r} gives a decode step of {rows} rows {cost.step_seconds(step)} s "
+                             f"(under {MIN_STEP_S} s): not a usable cost model")
     return cost
 
 

@@ -18,6 +18,9 @@ from inlaid.engine.scheduler import SchedulingPolicy
 from inlaid.engine.sequence import Sequence
 
 
+MAX_LEVELS = 64
+
+
 @dataclass
 class MlfqOptions:
     levels: int = 6
@@ -29,6 +32,8 @@ class MlfqOptions:
     def validate(self) -> None:
         if self.levels < 1 or self.base_quantum_tokens < 1 or self.quantum_growth < 1:
             raise ValueError("levels and base_quantum_tokens must be >= 1, quantum_growth >= 1")
+        if self.levels > MAX_LEVELS:  # quantum_growth ** levels overflowed at a million levels
+            raise ValueError(f"levels must be <= {MAX_LEVELS} (FastServe uses a handful), got {self.levels}")
         if self.prefill_weight < 0 or self.starvation_s <= 0:
             raise ValueError("prefill_weight must be >= 0 and starvation_s > 0")
 

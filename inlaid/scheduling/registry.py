@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -43,6 +44,10 @@ def parse_options(name: str, raw: Mapping[str, Any] | None) -> Any:
             value = float(value)
         if type(value) is not kind:
             raise ValueError(f"scheduler option {key!r} must be a {kind.__name__}, got {value!r}")
+        if kind is float and not math.isfinite(value):
+            # TOML has nan and inf; NaN fails every comparison, so max_wait_s = nan switched
+            # the aging bound off without a word (an outside probe)
+            raise ValueError(f"scheduler option {key!r} must be a finite number, got {value!r}")
         values[key] = value
     options = cls(**values)
     options.validate()

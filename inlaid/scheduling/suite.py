@@ -38,6 +38,8 @@ class SuiteRecord:
 
 def load_suite_lengths(path: str | Path = SUITE_LENGTHS_FILE) -> list[SuiteRecord]:
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; name a JSONL file of recorded requests")
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; write it with `bench/sched_suite_lengths.py`")
     records = []

@@ -61,12 +61,18 @@ class TraceSpec:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.rate <= 0 or self.num_requests < 1 or self.cv <= 0 or self.num_tasks < 1:
-            raise ValueError("rate, cv must be > 0; num_requests, num_tasks >= 1")
+        # NaN passes every comparison: finite first (a NaN rate wrote NaN arrival times)
+        for name in ("rate", "cv", "alpha"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        if not 0 <= self.base_fraction <= 1:
+            raise ValueError(f"base_fraction must be in [0, 1], got {self.base_fraction}")
+        for name in ("num_requests", "num_tasks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.popularity not in POPULARITIES:
             raise ValueError(f"popularity must be one of {POPULARITIES}, got {self.popularity!r}")
-        if self.alpha <= 0 or not 0 <= self.base_fraction <= 1:
-            raise ValueError("alpha must be > 0 and base_fraction in [0, 1]")
 
 
 @dataclass
@@ -82,19 +88,35 @@ class Trace:
 
     @staticmethod
     def load(path: str | Path) -> "Trace":
+        """The trace `save` wrote; ValueError naming the file and line for anything else."""
         lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
         if not lines:
             raise ValueError(f"{path} is empty, not a trace")
-        header = json.loads(lines[0])
-        tasks = {t["name"]: TaskProfile(**t) for t in header["tasks"]}
-        requests = [TraceRequest(**json.loads(line)) for line in lines[1:]]
-        for request in requests:
-            if request.task is not None and request.task not in tasks:
-                raise ValueError(f"{path}: request of unknown task {request.task!r}")
+        try:
+            header = json.loads(lines[0])
+            tasks = {t["name"]: TaskProfile(**t) for t in header["tasks"]}
+        except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{path}: line 1 is not a trace header ({type(error).__name__}: {error})") from None
+        requests: list[TraceRequest] = []
+        for number, line in enumerate(lines[1:], start=2):
+            try:
+                request = TraceRequest(**json.loads(line))
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"{path}: line {number} is not a trace request ({error})") from None
+            problem = _request_problem(request, tasks)
+            if problem is None and requests and request.arrival_s < requests[-1].arrival_s:
+                problem = "arrives before the request above it (a trace is in arrival order)"
+            if problem is not None:
+                raise ValueError(f"{path}: line {number}: {problem}")
+            requests.append(request)
+        if not requests:
+            raise ValueError(f"{path} has a header but no requests")
         return Trace(requests, tasks, header.get("meta", {}))
 
     def scaled(self, rate_factor: float) -> "Trace":
         """The same requests arriving `rate_factor` times faster (a load sweep keeps the mix)."""
+        if not (math.isfinite(rate_factor) and rate_factor > 0):
+            raise ValueError(f"a trace is scaled by a finite factor > 0, got {rate_factor}")
         requests = [TraceRequest(r.arrival_s / rate_factor, r.task, r.prompt_tokens, r.output_tokens, r.max_tokens,
                                  r.source) for r in self.requests]
         meta = {**self.meta, "rate": self.meta.get("rate", 0) * rate_factor}
@@ -123,6 +145,22 @@ class Trace:
             "output_tokens": _stats(outputs),
             "families": dict(sorted(families.items())),
         }
+
+
+def _request_problem(request: TraceRequest, tasks: Mapping[str, TaskProfile]) -> str | None:
+    """What makes a loaded request unplayable, or None."""
+    arrival = request.arrival_s
+    if isinstance(arrival, bool) or not isinstance(arrival, (int, float)) or not (math.isfinite(arrival) and arrival >= 0):
+        return f"arrival_s must be a finite number of seconds >= 0, got {arrival!r}"
+    for name in ("prompt_tokens", "output_tokens", "max_tokens"):
+        value = getattr(request, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return f"{name} must be an integer >= 1, got {value!r}"
+    if request.output_tokens > request.max_tokens:
+        return f"output_tokens {request.output_tokens} exceeds max_tokens {request.max_tokens}"
+    if request.task is not None and request.task not in tasks:
+        return f"request of unknown task {request.task!r}"
+    return None
 
 
 def _stats(values: np.ndarray) -> dict[str, float]:

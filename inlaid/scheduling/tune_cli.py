@@ -6,16 +6,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+from inlaid.cli_args import fraction, positive_int, writable_file_problem
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cost-model", required=True, help="a StepCostModel JSON (bench/sched_cost.py writes it)")
     parser.add_argument("--config", default=None,
                         help="a server TOML: its task count, [executor] limits and explicit [scheduler] options")
-    parser.add_argument("--tasks", type=int, default=None, help="task count (default: the config's, else 9)")
-    parser.add_argument("--slots", type=int, default=None, help="adapter slots (default: the config's, else 8)")
-    parser.add_argument("--requests", type=int, default=200, help="requests per simulated workload")
-    parser.add_argument("--load", type=float, default=0.8, help="fraction of FIFO's saturation")
+    parser.add_argument("--tasks", type=positive_int, default=None, help="task count (default: the config's, else 9)")
+    parser.add_argument("--slots", type=positive_int, default=None,
+                        help="adapter slots (default: the config's, else 8)")
+    parser.add_argument("--requests", type=positive_int, default=200, help="requests per simulated workload")
+    parser.add_argument("--load", type=fraction, default=0.8, help="fraction of FIFO's saturation, in (0, 1]")
     parser.add_argument("--lengths", default=None,
                         help="recorded requests the workloads draw from (inlaid/scheduling/suite.py's JSONL; "
                              "default: the config's scheduler.autotune_lengths or its base's suite lengths, "
@@ -32,14 +36,18 @@ def run(args: argparse.Namespace) -> int:
     from inlaid.scheduling.suite import SUITE_LENGTHS_FILE
 
     shape, tasks, explicit, lengths = EngineShape(), 9, {}, str(SUITE_LENGTHS_FILE)
+    problem = writable_file_problem(Path(args.json), "--json") if args.json else None
+    if problem:  # found now, not after the whole tuning ran
+        return _refuse(problem)
     if args.config:
         from inlaid.serve.config import ConfigError, load_config
 
         try:
             config = load_config(args.config)
         except ConfigError as error:
-            print(f"inlaid tune-scheduler: {error}", file=sys.stderr)
-            return 2
+            return _refuse(str(error))
+        if config.policy != "inlaid":  # as the server refuses autotune_cost_model for it
+            return _refuse(f"it tunes the inlaid policy; {args.config} has server.policy = {config.policy!r}")
         shape = EngineShape.of(config.engine)
         tasks, explicit = max(1, len(config.tasks)), {k: v for k, v in config.scheduler.items() if k != "step_log"}
         lengths = config.tuning_lengths_file()
@@ -50,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cost = load_cost_model(args.cost_model, shape.max_num_seqs)
     except ValueError as error:
-        print(f"inlaid tune-scheduler: {error}", file=sys.stderr)
-        return 2
+        return _refuse(str(error))
     from tqdm import tqdm
 
     bar = tqdm(desc="simulate", unit="run")
@@ -64,10 +71,9 @@ def run(args: argparse.Namespace) -> int:
         result = tune_inlaid_options(cost, shape, tasks, explicit, requests=args.requests, load=args.load,
                                      progress=progress, lengths_file=lengths)
     except (OSError, ValueError) as error:
-        print(f"inlaid tune-scheduler: {error}", file=sys.stderr)
-        return 2
-    finally:
-        bar.close()
+        bar.close()  # first: the message must not share the bar's line
+        return _refuse(str(error))
+    bar.close()
     print(f"{tasks} tasks, {shape.max_lora_slots} adapter slots, {args.requests} requests a workload, "
           f"{args.load:.0%} of FIFO's saturation; lengths: {lengths}; "
           f"cost model: {cost.description or args.cost_model}\n")
@@ -78,3 +84,8 @@ def run(args: argparse.Namespace) -> int:
             json.dump({"chosen": result.chosen.label, "scores": [asdict(s) for s in result.scores], "runs": result.runs},
                       file, indent=1)
     return 0
+
+
+def _refuse(message: str) -> int:
+    print(f"inlaid tune-scheduler: {message}", file=sys.stderr)
+    return 2

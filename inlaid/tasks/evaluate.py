@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from inlaid.quant.cli_args import model_dir_problem, positive_int, writable_file_problem
+from inlaid.cli_args import model_dir_problem, positive_int, writable_file_problem
 from inlaid.tasks.generation import GenerationRequest, GenerationResult, chat_prompt
 
 BASE = "base"

@@ -1,6 +1,7 @@
-"""Argument checks shared by `inlaid quantize`, `quantize-add` and `eval`: each runs before
-any model loads, so a wrong number or path costs a one-line error, not a traceback (or a
-silently different run) minutes later.
+"""Argument checks shared by the command lines (`inlaid quantize`, `quantize-add`, `eval`,
+`tune-scheduler`, ...): each runs before any model loads or any simulation runs, so a wrong
+number or path costs a one-line error, not a traceback (or a silently different run)
+minutes later.
 
 Light on purpose (no torch, no transformers): the parsers import it while they are built.
 """
@@ -35,6 +36,17 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number > 0, got '{text}'") from None
     if not 0.0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type for a share in (0, 1] (a load as a fraction of saturation)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got '{text}'") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text}")
     return value
 
 
