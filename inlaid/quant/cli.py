@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-tokens", type=positive_int, default=CALIBRATION_BATCH_TOKENS,
                         help="padded tokens per forward batch (1024: 6%% padding on the task suite, 4096: 21%%)")
     parser.add_argument("--mlgptq-start", default=None,
-                        help="mlgptq's aggregate of the per-task Hessians: task-mean (default: every task the same weight), token-mean, trace-norm, error-norm")
+                        help="mlgptq's aggregate of the per-task Hessians: task-mean (default: every task the same weight, scaled by what noise costs its answers, docs/quantization.md), token-mean, trace-norm, error-norm")
     parser.add_argument("--mlgptq-rounds", type=positive_int, default=None,
                         help="mlgptq rounds; above 1 the aggregate is reweighted toward the worst task (default 1: none)")
     parser.add_argument("--mlgptq-step", type=positive_float, default=None, help="reweighting exponent of mlgptq")
