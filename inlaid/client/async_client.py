@@ -15,6 +15,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from inlaid.client.arguments import ChatMessageArg, checked_seconds
 from inlaid.client.connection import Connection, connection_lost
 from inlaid.client.errors import ClientClosedError, ConnectionLostError, InlaidError, RequestTimeoutError
 from inlaid.client.errors import error_from_reply
@@ -23,6 +24,7 @@ from inlaid.client.messages import (
     GenerateResult,
     RequestIds,
     build_generate,
+    call_timeout,
     check_hello,
     checked_address,
     encode,
@@ -33,7 +35,6 @@ from inlaid.protocol import (
     AddTask,
     AdminReply,
     Cancel,
-    ChatMessage,
     ErrorReply,
     Generate,
     GenerateDone,
@@ -66,7 +67,7 @@ class AsyncClient:
         client_name: str = "inlaid-async-client",
     ) -> None:
         self.address = checked_address(address)
-        self.timeout_s = timeout_s
+        self.timeout_s = checked_seconds(timeout_s, "timeout_s")
         self.admin_token = admin_token
         self.client_name = client_name
         self.server: HelloReply | None = None
@@ -162,13 +163,14 @@ class AsyncClient:
 
     async def _roundtrip(self, message: Any, timeout_s: float | None, frame: bytes | None = None) -> ServerReply:
         request_id = message.request_id
+        wait_s = call_timeout(timeout_s, self.timeout_s)
         frame = frame or encode(message)  # an unencodable request fails here, before anything is registered
         self._check_connection()
         self._queues[request_id] = asyncio.Queue()
         answered = False
         try:
             await self._send(frame)
-            reply = await self._next(request_id, timeout_s or self.timeout_s)
+            reply = await self._next(request_id, wait_s)
             answered = True
             return reply
         except RequestTimeoutError:
@@ -220,15 +222,15 @@ class AsyncClient:
         prompt: str | None = None,
         *,
         task: str | None = None,
-        messages: Sequence[dict[str, str] | ChatMessage] | None = None,
+        messages: Sequence[ChatMessageArg] | None = None,  # OpenAI's form, as the HTTP front takes them
         prompt_token_ids: Sequence[int] | None = None,
         max_tokens: int = 64,
         temperature: float = 0.0,
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
-        stop: Iterable[str] = (),
-        stop_token_ids: Iterable[int] = (),
+        stop: str | Iterable[str] | None = (),  # a str is one stop string
+        stop_token_ids: Iterable[int] | None = (),
         ignore_eos: bool = False,
         sampling: SamplingParams | None = None,
         deadline_s: float | None = None,
@@ -247,15 +249,15 @@ class AsyncClient:
         prompt: str | None = None,
         *,
         task: str | None = None,
-        messages: Sequence[dict[str, str] | ChatMessage] | None = None,
+        messages: Sequence[ChatMessageArg] | None = None,  # OpenAI's form, as the HTTP front takes them
         prompt_token_ids: Sequence[int] | None = None,
         max_tokens: int = 64,
         temperature: float = 0.0,
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
-        stop: Iterable[str] = (),
-        stop_token_ids: Iterable[int] = (),
+        stop: str | Iterable[str] | None = (),  # a str is one stop string
+        stop_token_ids: Iterable[int] | None = (),
         ignore_eos: bool = False,
         sampling: SamplingParams | None = None,
         deadline_s: float | None = None,
@@ -268,12 +270,13 @@ class AsyncClient:
             seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, stream=True,
             deadline_s=deadline_s,
         )  # fmt: skip
+        wait_s = call_timeout(timeout_s, self.timeout_s)
         frame = encode(message)
         self._check_connection()
         await self._ensure_handshake(timeout_s)
         self._queues[message.request_id] = asyncio.Queue()
         await self._send(frame)
-        return AsyncTokenStream(self, message.request_id, timeout_s or self.timeout_s)
+        return AsyncTokenStream(self, message.request_id, wait_s)
 
     async def cancel(self, request_id: str) -> None:
         await self._send(Cancel(request_id=request_id))
@@ -283,7 +286,8 @@ class AsyncClient:
 
     async def wait_ready(self, timeout_s: float = 600.0, poll_s: float = 0.2) -> HealthReply:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
+        deadline = loop.time() + checked_seconds(timeout_s, "timeout_s")
+        checked_seconds(poll_s, "poll_s", zero_ok=True)
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -323,7 +327,8 @@ class AsyncClient:
 
     async def wait_task(self, name: str, timeout_s: float = 3600.0, poll_s: float = 0.5) -> TaskStatusReply:
         """Poll `task_status` until the task's re-quantization has ended (ready, failed, or none)."""
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + checked_seconds(timeout_s, "timeout_s")
+        checked_seconds(poll_s, "poll_s", zero_ok=True)
         while True:
             status = await self.task_status(name)
             if status.phase not in ("queued", "requantizing"):

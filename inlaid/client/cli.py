@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import sys
 
@@ -89,8 +90,10 @@ def run(args: argparse.Namespace) -> int:
     address = args.address or DEFAULT_ADDRESS
     token = os.environ.get("INLAID_ADMIN_TOKEN")
     for name in ("timeout", "wait_timeout"):
-        if getattr(args, name, 1.0) <= 0:
-            print(f"inlaid client: --{name.replace('_', '-')} must be > 0", file=sys.stderr)
+        value = getattr(args, name, 1.0)
+        if not 0 < value < math.inf:  # NaN fails this too (it fails every comparison)
+            print(f"inlaid client: --{name.replace('_', '-')} must be > 0 (a finite number of seconds), got {value}",
+                  file=sys.stderr)
             return 2
     try:
         with Client(address, timeout_s=args.timeout, admin_token=token, client_name="inlaid-cli") as client:

@@ -35,6 +35,12 @@ class ProtocolVersionError(InlaidError):
 class InvalidRequestError(InlaidError):
     code = ErrorCode.INVALID_REQUEST
 
+    def __init__(self, message: str, request_id: str = "", param: str | None = None) -> None:
+        super().__init__(message, request_id)
+        # The argument at fault, when the SDK refused it before sending (the HTTP front
+        # names it in its error body); a server's refusal names it in the message only.
+        self.param = param
+
 
 class UnknownTaskError(InvalidRequestError):
     code = ErrorCode.UNKNOWN_TASK

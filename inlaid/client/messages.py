@@ -5,15 +5,22 @@ from __future__ import annotations
 import itertools
 import os
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
 
+from inlaid.client.arguments import (
+    ChatMessageArg,
+    checked_seconds,
+    checked_stop,
+    checked_text,
+    checked_token_ids,
+    chat_messages,
+)
 from inlaid.client.errors import InlaidError, InvalidRequestError, ProtocolVersionError, error_from_reply
 from inlaid.protocol import (
     PROTOCOL_VERSION,
-    ChatMessage,
     ErrorReply,
     Generate,
     GenerateDone,
@@ -42,13 +49,18 @@ _reply_decoder = msgspec.msgpack.Decoder(ServerReply)
 
 
 def encode(message: msgspec.Struct) -> bytes:
-    """The message's frame. A number msgpack cannot carry (an integer outside the signed and
-    unsigned 64-bit ranges) is the caller's mistake: InvalidRequestError, nothing sent."""
+    """The message's frame. A value msgpack cannot carry (an integer outside the signed and
+    unsigned 64-bit ranges, a lone surrogate, an object) is the caller's mistake:
+    InvalidRequestError, nothing sent."""
+    request_id = getattr(message, "request_id", "")
     try:
         return _encoder.encode(message)
     except OverflowError as error:
-        raise InvalidRequestError(f"a number in the request is out of range: {error}",
-                                  getattr(message, "request_id", "")) from None
+        raise InvalidRequestError(f"a number in the request is out of range: {error}", request_id) from None
+    except UnicodeEncodeError as error:  # generate's texts are checked by name before; this is any other string
+        raise InvalidRequestError(f"a string in the request is not valid text: {error}", request_id) from None
+    except TypeError as error:  # a value of a type msgpack has no form for: "Encoding objects of type X ..."
+        raise InvalidRequestError(f"a value in the request cannot be sent: {error}", request_id) from None
 
 
 def decode_reply(frame: bytes) -> ServerReply | None:
@@ -75,44 +87,55 @@ def build_generate(
     *,
     prompt: str | None,
     task: str | None,
-    messages: Sequence[dict[str, str] | ChatMessage] | None,
-    prompt_token_ids: Sequence[int] | None,
+    messages: Iterable[ChatMessageArg] | None,
+    prompt_token_ids: Iterable[int] | None,
     sampling: SamplingParams | None,
     max_tokens: int,
     temperature: float,
     top_k: int,
     top_p: float,
     seed: int | None,
-    stop: Iterable[str],
-    stop_token_ids: Iterable[int],
+    stop: str | Iterable[str] | None,
+    stop_token_ids: Iterable[int] | None,
     ignore_eos: bool,
     stream: bool,
     deadline_s: float | None,
 ) -> Generate:
-    if sampling is None:
-        sampling = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop=list(stop),
-            stop_token_ids=list(stop_token_ids),
-            ignore_eos=ignore_eos,
+    """The Generate both clients send. Its arguments' forms are checked here, before anything
+    is sent (InvalidRequestError naming the argument); the sampling values themselves are the
+    server's to judge, as for a request through the HTTP front."""
+    try:
+        if sampling is None:
+            sampling = SamplingParams(
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                seed=seed,
+                stop=checked_stop(stop),
+                stop_token_ids=checked_token_ids(stop_token_ids, "stop_token_ids"),
+                ignore_eos=ignore_eos,
+            )
+        return Generate(
+            request_id=request_id,
+            task=None if task is None else checked_text(task, "task"),
+            prompt=None if prompt is None else checked_text(prompt, "prompt"),
+            messages=None if messages is None else chat_messages(messages),
+            prompt_token_ids=None if prompt_token_ids is None else checked_token_ids(prompt_token_ids,
+                                                                                     "prompt_token_ids"),
+            sampling=sampling,
+            stream=stream,
+            deadline_s=deadline_s,
         )
-    chat = None
-    if messages is not None:
-        chat = [m if isinstance(m, ChatMessage) else ChatMessage(str(m["role"]), str(m["content"])) for m in messages]
-    return Generate(
-        request_id=request_id,
-        task=task,
-        prompt=prompt,
-        messages=chat,
-        prompt_token_ids=list(prompt_token_ids) if prompt_token_ids is not None else None,
-        sampling=sampling,
-        stream=stream,
-        deadline_s=deadline_s,
-    )
+    except InvalidRequestError as error:
+        error.request_id = request_id
+        raise
+
+
+def call_timeout(timeout_s: float | None, default_s: float) -> float:
+    """How long a call waits: its own `timeout_s`, else the client's. Checked before anything
+    is sent; 0 no longer stands for the default (it was `timeout_s or default`)."""
+    return default_s if timeout_s is None else checked_seconds(timeout_s, "timeout_s")
 
 
 def hello(request_id: str, client_name: str) -> Hello:

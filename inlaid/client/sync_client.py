@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 import zmq
 
+from inlaid.client.arguments import ChatMessageArg, checked_seconds
 from inlaid.client.connection import Connection, connection_lost
 from inlaid.client.errors import ClientClosedError, ConnectionLostError, InlaidError, RequestTimeoutError
 from inlaid.client.errors import error_from_reply
@@ -19,6 +20,7 @@ from inlaid.client.messages import (
     GenerateResult,
     RequestIds,
     build_generate,
+    call_timeout,
     check_hello,
     checked_address,
     encode,
@@ -29,7 +31,6 @@ from inlaid.protocol import (
     AddTask,
     AdminReply,
     Cancel,
-    ChatMessage,
     ErrorReply,
     Generate,
     GenerateDone,
@@ -62,7 +63,7 @@ class Client:
         client_name: str = "inlaid-client",
     ) -> None:
         self.address = checked_address(address)
-        self.timeout_s = timeout_s
+        self.timeout_s = checked_seconds(timeout_s, "timeout_s")
         self.admin_token = admin_token
         self.client_name = client_name
         self.server: HelloReply | None = None
@@ -156,12 +157,13 @@ class Client:
 
     def _roundtrip(self, message: Any, timeout_s: float | None, frame: bytes | None = None) -> ServerReply:
         request_id = message.request_id
+        wait_s = call_timeout(timeout_s, self.timeout_s)
         frame = frame or encode(message)  # an unencodable request fails here, before anything is registered
         self._check_connection()
         self._inbox[request_id] = deque()
         try:
             self._send(frame)
-            return self._next_reply(request_id, time.monotonic() + (timeout_s or self.timeout_s))
+            return self._next_reply(request_id, time.monotonic() + wait_s)
         except RequestTimeoutError:
             if isinstance(message, Generate):
                 self._cancel_quietly(request_id)
@@ -189,15 +191,15 @@ class Client:
         prompt: str | None = None,
         *,
         task: str | None = None,
-        messages: Sequence[dict[str, str] | ChatMessage] | None = None,
+        messages: Sequence[ChatMessageArg] | None = None,  # OpenAI's form, as the HTTP front takes them
         prompt_token_ids: Sequence[int] | None = None,
         max_tokens: int = 64,
         temperature: float = 0.0,
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
-        stop: Iterable[str] = (),
-        stop_token_ids: Iterable[int] = (),
+        stop: str | Iterable[str] | None = (),  # a str is one stop string
+        stop_token_ids: Iterable[int] | None = (),
         ignore_eos: bool = False,
         sampling: SamplingParams | None = None,
         deadline_s: float | None = None,
@@ -217,15 +219,15 @@ class Client:
         prompt: str | None = None,
         *,
         task: str | None = None,
-        messages: Sequence[dict[str, str] | ChatMessage] | None = None,
+        messages: Sequence[ChatMessageArg] | None = None,  # OpenAI's form, as the HTTP front takes them
         prompt_token_ids: Sequence[int] | None = None,
         max_tokens: int = 64,
         temperature: float = 0.0,
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
-        stop: Iterable[str] = (),
-        stop_token_ids: Iterable[int] = (),
+        stop: str | Iterable[str] | None = (),  # a str is one stop string
+        stop_token_ids: Iterable[int] | None = (),
         ignore_eos: bool = False,
         sampling: SamplingParams | None = None,
         deadline_s: float | None = None,
@@ -238,13 +240,14 @@ class Client:
             seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, stream=True,
             deadline_s=deadline_s,
         )  # fmt: skip
+        wait_s = call_timeout(timeout_s, self.timeout_s)
         frame = encode(message)
         self._check_connection()
         if self.server is None:
             self.handshake(timeout_s)
         self._inbox[message.request_id] = deque()
         self._send(frame)
-        return TokenStream(self, message.request_id, timeout_s or self.timeout_s)
+        return TokenStream(self, message.request_id, wait_s)
 
     def cancel(self, request_id: str) -> None:
         """Ask the server to stop `request_id`; its stream ends with finish_reason 'cancelled'."""
@@ -264,7 +267,8 @@ class Client:
 
     def wait_ready(self, timeout_s: float = 600.0, poll_s: float = 0.2) -> HealthReply:
         """Block until the server answers health with a ready executor."""
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + checked_seconds(timeout_s, "timeout_s")
+        checked_seconds(poll_s, "poll_s", zero_ok=True)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -306,7 +310,8 @@ class Client:
                   on_status: Callable[[TaskStatusReply], None] | None = None) -> TaskStatusReply:
         """Poll `task_status` until the task's re-quantization has ended (ready, failed, or
         none); `on_status(status)` after each poll (progress)."""
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + checked_seconds(timeout_s, "timeout_s")
+        checked_seconds(poll_s, "poll_s", zero_ok=True)
         while True:
             status = self.task_status(name)
             if on_status is not None:

@@ -12,6 +12,9 @@ from typing import Annotated, Any
 
 import msgspec
 
+# The chat message's form is the SDK's too (it takes OpenAI-style messages by the same rule).
+from inlaid.client.arguments import ChatMessageIn
+
 # Every integer a request carries goes on to the coordinator in msgpack, which carries 64
 # bits: larger ones are refused here, by field, as any other bad value.
 Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
@@ -52,20 +55,6 @@ class CompletionRequest(GenerationRequest):
     echo: bool | None = None
     logprobs: Int64 | None = None
     best_of: Int64 | None = None
-
-
-class ChatMessageIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    role: str
-    # A text, or content parts ({"type": "text", "text": ...}; other kinds are refused).
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
-    # What an assistant message echoed back from a response may carry; refused unless empty.
-    refusal: str | None = None
-    tool_calls: list[Any] | None = None
-    tool_call_id: str | None = None
-    function_call: Any = None
-    audio: Any = None
-    annotations: list[Any] | None = None
 
 
 class ChatCompletionRequest(GenerationRequest):

@@ -12,14 +12,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from inlaid.client import GenerateResult
+from inlaid.client import GenerateResult, InvalidRequestError
+from inlaid.client.arguments import chat_messages
 from inlaid.http.errors import bad_request
 from inlaid.http.schema import (
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
-    ChatMessageIn,
     Completion,
     CompletionChoice,
     CompletionRequest,
@@ -27,12 +27,10 @@ from inlaid.http.schema import (
     GenerationRequest,
 )
 from inlaid.http.settings import DEFAULT_MAX_PROMPTS
-from inlaid.protocol import ChatMessage
 
 # OpenAI's default for the legacy completions endpoint; chat completions default to "as
 # many as fit in the context".
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
-_CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # Inlaid's finish reasons -> OpenAI's (the context limit is a length limit to a client).
 _FINISH_REASON = {"stop": "stop", "length": "length", "context": "length"}
 
@@ -79,9 +77,10 @@ def chat_call(request: ChatCompletionRequest, base_model: str, max_model_len: in
     _refuse_if(request.reasoning_effort is not None, "reasoning_effort", "reasoning_effort is not supported")
     _refuse_if(request.prediction is not None, "prediction", "predicted outputs are not supported")
     _refuse_if(request.web_search_options is not None, "web_search_options", "web search is not supported")
-    if not request.messages:
-        raise bad_request("messages must hold at least one message", "messages")
-    messages = [_chat_message(i, m) for i, m in enumerate(request.messages)]
+    try:  # the SDK's own rule, so that both accept and refuse the same messages
+        messages = chat_messages(request.messages)
+    except InvalidRequestError as error:
+        raise bad_request(error.message, error.param) from None
     # max_completion_tokens is OpenAI's newer name. Without a limit, generate until the
     # context is full (finish_reason "length").
     max_tokens = next((v for v in (request.max_completion_tokens, request.max_tokens) if v is not None), max_model_len)
@@ -136,28 +135,6 @@ def _completion_prompts(prompt: str | list[Any]) -> list[dict[str, Any]]:
         return [{"prompt_token_ids": item} for item in prompt]
     raise bad_request("prompt must be a string, a list of strings, a list of token ids, or a list of those lists",
                       "prompt")
-
-
-def _chat_message(index: int, message: ChatMessageIn) -> ChatMessage:
-    where = f"messages[{index}]"
-    role = _CHAT_ROLES.get(message.role)
-    if role is None:
-        raise bad_request(f"{where}.role {message.role!r} is not supported (use system, developer, user or "
-                          "assistant; tool messages are not supported)", f"{where}.role")
-    if message.tool_calls or message.tool_call_id or message.function_call or message.audio:
-        raise bad_request(f"{where}: tool calls and audio are not supported", where)
-    content = message.content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise bad_request(f"{where}.content: only text parts ({{'type': 'text', 'text': ...}}) are supported",
-                                  f"{where}.content")
-            texts.append(part["text"])
-        content = "\n".join(texts)
-    if content is None:
-        raise bad_request(f"{where}.content is required", f"{where}.content")
-    return ChatMessage(role=role, content=content)
 
 
 # ---------------------------------------------------------------- results

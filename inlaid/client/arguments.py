@@ -1,0 +1,160 @@
+"""What a request's arguments must be, checked before anything is sent.
+
+A bad argument is an `InvalidRequestError` naming it (its `param`), never a TypeError from
+deep inside, and never a request other than the one meant (a str `stop` iterated into its
+characters, chat content sent as its Python repr). Chat messages take the OpenAI API's
+form, and the HTTP front applies this very rule (`chat_messages`) to its bodies, so the SDK
+and the front accept and refuse the same messages.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import msgspec
+
+from inlaid.client.errors import InvalidRequestError
+from inlaid.protocol import ChatMessage
+
+# OpenAI's roles -> the chat template's (OpenAI's newer "developer" is the system prompt);
+# "tool" is absent because tool calls are not supported.
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class ChatMessageIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One chat message in OpenAI's form, as the HTTP front decodes it and the SDK takes it."""
+
+    role: str
+    # A text, or content parts ({"type": "text", "text": ...}; other kinds are refused).
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    # What an assistant message echoed back from a response may carry: refusal and
+    # annotations are accepted and not used; tool calls and audio are refused (below).
+    refusal: str | None = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+    function_call: Any = None
+    audio: Any = None
+    annotations: list[Any] | None = None
+
+
+ChatMessageArg = Mapping[str, Any] | ChatMessage | ChatMessageIn
+
+
+def chat_messages(messages: Iterable[ChatMessageArg]) -> list[ChatMessage]:
+    """The protocol's messages for OpenAI-style ones (dicts, or `ChatMessageIn` as the front
+    decoded them; a `ChatMessage` is checked like the dict of its two fields)."""
+    if isinstance(messages, (str, bytes, Mapping, msgspec.Struct)) or not isinstance(messages, Iterable):
+        raise InvalidRequestError(f"messages must be a list of chat messages, got {type(messages).__name__}",
+                                  param="messages")
+    converted = [_chat_message(i, _decoded(i, m)) for i, m in enumerate(messages)]
+    if not converted:
+        raise InvalidRequestError("messages must hold at least one message", param="messages")
+    return converted
+
+
+_MSGSPEC_PATH = re.compile(r" - at `\$([^`]*)`$")
+_MSGSPEC_FIELD = re.compile(r"^Object (?:missing required|contains unknown) field `([^`]*)`")
+
+
+def _decoded(index: int, message: ChatMessageArg) -> ChatMessageIn:
+    where = f"messages[{index}]"
+    if isinstance(message, ChatMessageIn):  # decoded from JSON by the front: already typed
+        return message
+    if isinstance(message, ChatMessage):
+        # A Struct's constructor checks no types: ChatMessage(5, None) is possible.
+        message = {"role": message.role, "content": message.content}
+    if not isinstance(message, Mapping):
+        raise InvalidRequestError(f"{where} must be a chat message (a dict with role and content), got "
+                                  f"{type(message).__name__}", param=where)
+    try:
+        return msgspec.convert(dict(message), ChatMessageIn)
+    except msgspec.ValidationError as error:
+        text = str(error)
+        at = _MSGSPEC_PATH.search(text)
+        field = _MSGSPEC_FIELD.match(text)
+        param = where + (at.group(1) if at else "") + (f".{field.group(1)}" if field else "")
+        raise InvalidRequestError(f"{param}: {_MSGSPEC_PATH.sub('', text)}", param=param) from None
+
+
+def _chat_message(index: int, message: ChatMessageIn) -> ChatMessage:
+    where = f"messages[{index}]"
+    role = CHAT_ROLES.get(message.role)
+    if role is None:
+        raise InvalidRequestError(f"{where}.role {message.role!r} is not supported (use system, developer, user or "
+                                  "assistant; tool messages are not supported)", param=f"{where}.role")
+    if message.tool_calls or message.tool_call_id or message.function_call or message.audio:
+        raise InvalidRequestError(f"{where}: tool calls and audio are not supported", param=where)
+    content = message.content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidRequestError(f"{where}.content: only text parts ({{'type': 'text', 'text': ...}}) are "
+                                          "supported", param=f"{where}.content")
+            texts.append(part["text"])
+        content = "\n".join(texts)
+    if content is None:
+        raise InvalidRequestError(f"{where}.content is required", param=f"{where}.content")
+    return ChatMessage(role=role, content=checked_text(content, f"{where}.content"))
+
+
+def checked_text(value: str, param: str) -> str:
+    """`value` if UTF-8 can carry it: a lone surrogate (from a bad decode, or "\\ud800" in
+    code) is refused here by name rather than as the encoder's UnicodeEncodeError."""
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{param} must be a string, got {type(value).__name__}", param=param)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidRequestError(f"{param} is not valid text: {value[error.start]!r} at index {error.start} is a "
+                                  "lone surrogate, which UTF-8 cannot encode", param=param) from None
+    return value
+
+
+def checked_stop(stop: str | Iterable[str] | None) -> list[str]:
+    """A str is one stop string, as in the OpenAI API (a list of its characters was meant by
+    nobody); None is none."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    elif isinstance(stop, (bytes, Mapping)) or not isinstance(stop, Iterable):
+        raise InvalidRequestError(f"stop must be a string or a list of strings, got {type(stop).__name__}",
+                                  param="stop")
+    stops = list(stop)
+    for i, item in enumerate(stops):
+        if not isinstance(item, str):
+            raise InvalidRequestError(f"stop must be a string or a list of strings, got {type(item).__name__} at "
+                                      f"index {i}", param="stop")
+        checked_text(item, f"stop[{i}]")
+    return stops
+
+
+def checked_token_ids(ids: Iterable[int] | None, param: str) -> list[int]:
+    """A list of token ids (None: an empty one). A lone int is refused rather than guessed at;
+    a bool is no token id, though Python counts it an int."""
+    if ids is None:
+        return []
+    if isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Iterable):
+        raise InvalidRequestError(f"{param} must be a list of token ids (integers), got {type(ids).__name__}",
+                                  param=param)
+    values = list(ids)
+    for i, item in enumerate(values):
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise InvalidRequestError(f"{param} must be a list of token ids (integers), got {type(item).__name__} "
+                                      f"at index {i}", param=param)
+    return values
+
+
+def checked_seconds(value: float, param: str, *, zero_ok: bool = False) -> float:
+    """A finite number of seconds, > 0 (>= 0 with `zero_ok`). NaN compares false to every
+    bound, so without this it got as far as a poll (ValueError) or waited forever."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not (0 <= value < math.inf if zero_ok else 0 < value < math.inf):
+        bound = ">= 0" if zero_ok else "> 0"
+        raise InvalidRequestError(f"{param} must be a finite number of seconds {bound}, got {value!r}", param=param)
+    return float(value)
