@@ -107,7 +107,7 @@ def test_ray_config_section_checks_before_anything_starts(model_dir, tmp_path) -
                        ({"ray": {"replica_start_timeout_s": "60"}}, "replica_start_timeout_s"),
                        ({"ray": {"route_prefix": "v1"}}, "route_prefix"), ({"ray": {"app_name": ""}}, "app_name"),
                        # A missing model is otherwise found by every replica's failed start.
-                       ({"model": {"dir": str(tmp_path / "no-model")}}, "model.dir: directory not found"),
+                       ({"model": {"dir": str(tmp_path / "no-model")}}, "model.dir: model directory not found"),
                        ({"model": {"dir": str(tmp_path)}}, "no config.json"),
                        ({"model": {"dir": str(model_dir), "quantized_dir": str(tmp_path / "no-q")}},
                         "model.quantized_dir")]:

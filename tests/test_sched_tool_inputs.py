@@ -146,3 +146,11 @@ def test_the_step_log_reaches_its_file_while_serving(tmp_path, monkeypatch):
     lines = path.read_text().splitlines()  # before close
     assert len(lines) == 1 and json.loads(lines[0])["compute_s"] == 0.01
     policy.close()
+
+
+def test_an_empty_step_log_or_predictor_state_path_is_refused_not_taken_for_none(tmp_path):
+    from inlaid.serve.config import ConfigError, config_from_dict
+
+    for key in ("step_log", "predictor_state"):
+        with pytest.raises(ConfigError, match=f"scheduler.{key} must be a non-empty path"):
+            config_from_dict({"server": {"policy": "inlaid"}, "scheduler": {key: ""}}, base_dir=tmp_path)

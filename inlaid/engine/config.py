@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,49 @@ SUPPORTED_ARCHITECTURES = {
 
 class ModelLoadError(RuntimeError):
     """A model directory is missing, unsupported or corrupt."""
+
+
+# kernels.quant_linear.Mode, which imports torch: this module must not (tests keep them equal).
+QUANT_KERNELS = ("auto", "int4", "triton", "dequant", "dense")
+_KERNEL_DEVICE = {"int4": "cpu", "triton": "cuda"}  # the kernels that run on one kind of device only
+_DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
+# Upper bounds far past any useful setting: beyond them the executor's allocations (or, for
+# the blocks, the coordinator's list of free blocks) fail or swamp the machine.
+MAX_BLOCK_SIZE = 1024
+MAX_KV_BLOCKS = 1 << 24
+MAX_LORA_SLOTS = 1024
+MAX_LORA_RANK = 4096
+MAX_THREADS = 1024
+
+
+def _shown(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else str(number)
+
+
+def check_range(name: str, value: Any, low: float, high: float | None = None, *, integer: bool = False,
+                low_open: bool = False, what: str | None = None) -> None:
+    """Raise ValueError naming `name` unless `value` is a number (an int where `integer`;
+    never a bool, NaN or an infinity) from `low` (excluded where `low_open`) up to `high`."""
+    kinds = int if integer else (int, float)
+    fits = (not isinstance(value, bool) and isinstance(value, kinds)
+            and (isinstance(value, int) or math.isfinite(value))  # a huge int cannot become a float
+            and (value > low if low_open else value >= low) and (high is None or value <= high))
+    if fits:
+        return
+    bounds = f"{'>' if low_open else '>='} {_shown(low)}" + ("" if high is None else f" and <= {_shown(high)}")
+    raise ValueError(f"{name} must be {bounds} ({what or ('an integer' if integer else 'a finite number')}), "
+                     f"got {value!r}")
+
+
+def check_device(name: str, device: Any, quant_kernel: str | None = None) -> None:
+    """Raise ValueError unless `device` is one the engine runs on (and, given the kernel of a
+    quantized base, one that kernel runs on). Whether this machine has it is asked of torch
+    at start-up (`inlaid serve`) or by the runner."""
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise ValueError(f"{name} must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    needed = _KERNEL_DEVICE.get(quant_kernel or "")
+    if needed is not None and not device.startswith(needed):
+        raise ValueError(f"{name} {device!r}: quant_kernel {quant_kernel!r} runs on {needed} devices only")
 
 
 @dataclass(frozen=True)
@@ -151,22 +196,26 @@ class EngineConfig:
         return min(self.max_model_len or limit, limit)
 
     def validate(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks", "max_lora_slots",
-                     "max_lora_rank", "max_model_len", "threads"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
         for name in ("model_dir", "quant_kernel", "device", "dtype", "weight_dtype"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks", "max_lora_slots"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            check_range(name, getattr(self, name), 1, integer=True)
+        check_range("block_size", self.block_size, 1, MAX_BLOCK_SIZE, integer=True)
+        check_range("num_kv_blocks", self.num_kv_blocks, 1, MAX_KV_BLOCKS, integer=True)
+        check_range("max_lora_slots", self.max_lora_slots, 1, MAX_LORA_SLOTS, integer=True)
+        check_range("max_lora_rank", self.max_lora_rank, 1, MAX_LORA_RANK, integer=True)
+        if self.max_model_len is not None:  # 0 is not "the default": it would refuse every request
+            check_range("max_model_len", self.max_model_len, 1, integer=True,
+                        what="an integer; omit it for the model's length")
+        if self.threads is not None:
+            check_range("threads", self.threads, 1, MAX_THREADS, integer=True)
         for name in ("pack_weights", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.max_lora_rank < 1:
-            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         for name in ("dtype", "weight_dtype"):
             if getattr(self, name) not in ("auto", "float32", "bfloat16", "float16"):
                 raise ValueError(f"{name} must be auto, float32, bfloat16 or float16, got {getattr(self, name)!r}")
+        if self.quant_kernel not in QUANT_KERNELS:
+            raise ValueError(f"quant_kernel must be one of {', '.join(QUANT_KERNELS)}, got {self.quant_kernel!r}")
+        check_device("device", self.device, self.quant_kernel if self.quantized_dir else None)

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from inlaid.http.settings import HttpConfig, check_listen_address
-from inlaid.serve.config import ConfigError, config_from_dict, read_toml
+from inlaid.cli_args import model_dir_problem
+from inlaid.serve.config import ConfigError, check_quantized_dir, config_from_dict, read_toml
 
 
 @dataclass
@@ -93,9 +94,11 @@ def ray_config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> R
         raise ConfigError(f"[tasks]: adapter directories not found here: {missing} (every node needs the same paths)")
     # `inlaid serve` finds a missing model only when it loads it; here that would be each
     # replica's start failing (Ray retries them), so check it before any cluster work.
-    _check_model_dir("model.dir", checked.engine.model_dir, need_config=True)
+    problem = model_dir_problem(Path(checked.engine.model_dir))
+    if problem:
+        raise ConfigError(f"model.dir: {problem} (every node needs the same path)")
     if checked.engine.quantized_dir:
-        _check_model_dir("model.quantized_dir", checked.engine.quantized_dir, need_config=False)
+        check_quantized_dir(checked.engine.quantized_dir)
     server = {"model": {"dir": checked.engine.model_dir}, "executor": dict(raw.get("executor", {})),
               "executors": dict(raw.get("executors", {})), "server": server_table,
               "scheduler": _replica_scheduler(checked)}
@@ -133,13 +136,6 @@ def _replica_scheduler(checked: Any) -> dict[str, Any]:
     if checked.autotune_lengths is not None:
         table["autotune_lengths"] = checked.autotune_lengths
     return table
-
-
-def _check_model_dir(key: str, path: str, need_config: bool) -> None:
-    if not Path(path).is_dir():
-        raise ConfigError(f"{key}: directory not found here: {path} (every node needs the same path)")
-    if need_config and not (Path(path) / "config.json").is_file():
-        raise ConfigError(f"{key}: {path} has no config.json (not a Hugging Face model directory)")
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

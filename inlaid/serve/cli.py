@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import functools
 import sys
-from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,16 +16,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from inlaid.serve.config import ConfigError, load_config
+    from inlaid.serve.config import ConfigError, check_log_level, check_quantized_dir, load_config
     from inlaid.serve.logs import setup_logging
 
     try:
         config = load_config(args.config)
+        # Here, not as the config is read: configs are also built (tests, the requantization
+        # checks) naming checkpoints nothing loads.
+        if config.engine.quantized_dir is not None:
+            check_quantized_dir(config.engine.quantized_dir)
+        if args.log_level:
+            config.log_level = args.log_level.upper()
+            check_log_level("--log-level", config.log_level)
     except ConfigError as error:
         print(f"inlaid serve: {error}", file=sys.stderr)
         return 2
-    if args.log_level:
-        config.log_level = args.log_level.upper()
     if args.log_format:
         config.log_format = args.log_format
     setup_logging(config.log_level, config.log_format)
@@ -92,28 +96,38 @@ def tuned_options_for(config, num_tasks: int, progress=None) -> dict:  # type: i
     return options
 
 
+_CUDA_PROBE = ("import torch; n = torch.cuda.device_count(); "
+               "print(n, torch.__version__, *(torch.cuda.get_device_properties(i).total_memory for i in range(n)))")
+
+
 def unavailable_cuda_device(config) -> str | None:  # type: ignore[no-untyped-def]
     """Why a configured CUDA device ([executor] device, [executors] devices) cannot be used on
-    this machine, or None. torch answers in a child process: the coordinator stays torch-free."""
+    this machine, or None: it is missing, or its memory cannot hold the KV caches and LoRA
+    slot pools of the executors on it. torch answers in a child process: the coordinator
+    stays torch-free. (The config has checked the device names.)"""
     import subprocess
+
+    from inlaid.serve.config import ConfigError
+    from inlaid.serve.memory_budget import check_executor_memory
 
     wanted = [device for device in config.executor_devices() if device.startswith("cuda")]
     if not wanted:
         return None
-    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count(), torch.__version__)"],
-                           capture_output=True, text=True, timeout=300)
+    probe = subprocess.run([sys.executable, "-c", _CUDA_PROBE], capture_output=True, text=True, timeout=300)
     if probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
         return f"cannot ask torch which CUDA devices this machine has: {last}"
-    count_text, version = probe.stdout.split()
+    count_text, version, *memory = probe.stdout.split()
     count = int(count_text)
     for device in wanted:
-        index = device.partition(":")[2] or "0"
-        if not index.isdigit():
-            return f"device {device!r} is not a CUDA device name (cuda or cuda:N)"
-        if int(index) >= count:
+        if int(device.partition(":")[2] or 0) >= count:
             return (f"device {device!r}: this machine has {count} CUDA device{'' if count == 1 else 's'} "
                     f"(torch {version})")
+    try:
+        check_executor_memory(config, lambda pool: int(memory[int(pool.partition(":")[2])])
+                              if pool.startswith("cuda") else None)  # the host's: checked with the config
+    except ConfigError as error:
+        return str(error)
     return None
 
 
@@ -130,11 +144,7 @@ def serve(config) -> int:  # type: ignore[no-untyped-def]
         # Simulating the tuning's candidates takes ~25 s: done while the executors load the model.
         tune = functools.partial(_tuned_policies, config) if config.autotune_cost_model is not None else None
         retune = functools.partial(tuned_options_for, config) if config.autotune_cost_model is not None else None
-        quantized = config.engine.quantized_dir
-        if quantized is not None and not Path(quantized).is_dir():  # else every executor start fails on it
-            log.critical("cannot start", extra={"error": f"model.quantized_dir {quantized} is not a directory"})
-            return 2
-        missing = unavailable_cuda_device(config)  # likewise: three executor tracebacks, then "exit code 1"
+        missing = unavailable_cuda_device(config)  # else three executor tracebacks, then "exit code 1"
         if missing is not None:
             log.critical("cannot start", extra={"error": missing})
             return 2

@@ -46,18 +46,32 @@ Relative paths are resolved against the file's directory.
 
 from __future__ import annotations
 
+import logging
+import math
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from inlaid.engine.config import EngineConfig
-from inlaid.http.settings import HttpConfig, check_listen_address
+from inlaid.engine.config import MAX_THREADS, EngineConfig, check_device, check_range
+from inlaid.http.settings import LOOPBACK_HOSTS, HttpConfig, check_listen_address
 from inlaid.serve.config_parsing import (ConfigError, admin_token_from, read_toml, reject_unknown, resolve_path,
-                                         section)
+                                         section, typed_value)
 from inlaid.protocol import DEFAULT_MAX_FRAME_BYTES
 from inlaid.serve.placement import PLACEMENT_RULES, PlacementRule
 from inlaid.serve.scheduler_config import check_scheduler
+
+
+# Every duration in the config: a finite number of seconds up to this (11.6 days). Beyond
+# it a timer is no longer a bound (and faulthandler's shutdown watchdog overflows).
+MAX_SECONDS = 1e6
+MAX_EXECUTORS = 64  # one per device: more than any box has (Ray replicas scale further)
+MAX_FRAME_BYTES = 1 << 30  # a frame is held whole in memory while it is decoded
+
+
+def check_seconds(name: str, value: Any, allow_zero: bool = False) -> None:
+    check_range(name, value, 0, MAX_SECONDS, low_open=not allow_zero, what="a finite number of seconds")
 
 
 @dataclass
@@ -67,6 +81,13 @@ class ServerLimits:
     step_timeout_s: float = 300.0  # a step running longer means a hung executor: restart it
     executor_start_timeout_s: float = 600.0  # model load
     shutdown_grace_s: float = 30.0  # SIGTERM: how long in-flight requests may finish
+
+    def validate(self) -> None:
+        check_range("server.max_pending_requests", self.max_pending_requests, 1, integer=True)
+        check_range("server.max_frame_bytes", self.max_frame_bytes, 1024, MAX_FRAME_BYTES, integer=True)
+        check_seconds("server.step_timeout_s", self.step_timeout_s)
+        check_seconds("server.executor_start_timeout_s", self.executor_start_timeout_s)
+        check_seconds("server.shutdown_grace_s", self.shutdown_grace_s, allow_zero=True)
 
 
 @dataclass
@@ -87,18 +108,18 @@ class ExecutorsConfig:
     placement: PlacementRule = "pack"  # "pack" (fill the busiest that fits) or "spread" (the least busy)
     overdue_s: float = 5.0  # waiting longer than this: moved first to any executor with room
 
-    def validate(self) -> None:
-        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
-            raise ConfigError(f"executors.count must be an integer >= 1, got {self.count!r}")
+    def validate(self, quant_kernel: str | None) -> None:
+        """quant_kernel: the quantized base's kernel, which may run on one kind of device only."""
+        check_range("executors.count", self.count, 1, MAX_EXECUTORS, integer=True)
         if self.devices and (not isinstance(self.devices, list) or len(self.devices) != self.count
                              or not all(isinstance(d, str) and d for d in self.devices)):
             raise ConfigError(f"executors.devices must list one device string per executor ({self.count}), "
                               f"got {self.devices!r}")
+        for device in self.devices:
+            check_device("executors.devices", device, quant_kernel)
         if self.placement not in PLACEMENT_RULES:
             raise ConfigError(f"executors.placement must be one of {list(PLACEMENT_RULES)}, got {self.placement!r}")
-        value = self.overdue_s
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ConfigError(f"executors.overdue_s must be a number > 0, got {value!r}")
+        check_seconds("executors.overdue_s", self.overdue_s)
 
 
 @dataclass
@@ -127,21 +148,22 @@ class RequantizerSettings:
     progress_timeout_s: float = 120.0
 
     def validate(self) -> None:
-        if self.threads < 1:
-            raise ConfigError("requantizer.threads must be >= 1")
+        # The types are checked as the section is read (config_from_dict): ints are ints here.
+        check_range("requantizer.threads", self.threads, 1, MAX_THREADS, integer=True)
         if not 0 <= self.niceness <= 19:
             raise ConfigError("requantizer.niceness must be in 0..19")
-        if self.change_threshold < 0 or self.max_samples < 0:
-            raise ConfigError("requantizer.change_threshold and max_samples must be >= 0")
+        check_range("requantizer.change_threshold", self.change_threshold, 0)
+        tolerance = self.quality_tolerance
+        if not math.isfinite(tolerance):  # any finite value is a setting: < 0 turns the gate off
+            raise ConfigError(f"requantizer.quality_tolerance must be a finite number, got {tolerance!r}")
+        check_range("requantizer.max_samples", self.max_samples, 0, integer=True)
         for name in ("duty_cycle", "idle_duty_cycle"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
                 raise ConfigError(f"requantizer.{name} must be in (0, 1], got {value!r}")
-        if self.max_attempts < 1:
-            raise ConfigError("requantizer.max_attempts must be >= 1")
-        timeout = self.progress_timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ConfigError(f"requantizer.progress_timeout_s must be > 0, got {timeout!r}")
+        check_range("requantizer.max_attempts", self.max_attempts, 1, integer=True)
+        check_seconds("requantizer.start_timeout_s", self.start_timeout_s)
+        check_seconds("requantizer.progress_timeout_s", self.progress_timeout_s)
 
 
 @dataclass
@@ -189,29 +211,23 @@ class ServerConfig:
         return dict(self.scheduler)
 
     def validate(self) -> None:
-        self.engine.validate()
-        self.executors.validate()
+        try:
+            self.engine.validate()
+        except ValueError as error:  # EngineConfig names its fields, which are [executor]'s keys
+            raise ConfigError(f"executor.{error}") from None
+        self.executors.validate(self.engine.quant_kernel if self.engine.quantized_dir else None)
         self.requantizer.validate()
+        self.limits.validate()
         if self.executors.count > 1 and self.executor_address != "auto":
             raise ConfigError("server.executor_address must be 'auto' with several executors (each gets its own socket)")
-        for scheme in ("tcp://", "ipc://"):
-            if self.address.startswith(scheme):
-                break
-        else:
-            raise ConfigError(f"server.address must start with tcp:// or ipc://, got {self.address!r}")
-        if self.address.startswith("tcp://") and not self.allow_public_bind:
-            host = self.address[len("tcp://") :].rsplit(":", 1)[0]
-            if host not in ("127.0.0.1", "localhost", "[::1]", "::1"):
-                raise ConfigError(
-                    f"server.address {self.address!r} is not a loopback address; set "
-                    "server.allow_public_bind = true to listen beyond this machine"
-                )
-        if self.limits.max_pending_requests < 1:
-            raise ConfigError("server.max_pending_requests must be >= 1")
-        if self.limits.max_frame_bytes < 1024:
-            raise ConfigError("server.max_frame_bytes must be >= 1024")
+        check_bind_address("server.address", self.address, self.allow_public_bind)
+        if self.executor_address != "auto":  # it is bound too: whoever connects there gets the plans
+            check_bind_address("server.executor_address", self.executor_address, self.allow_public_bind)
+        check_log_level("server.log_level", self.log_level)
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"server.log_format must be 'json' or 'text', got {self.log_format!r}")
+        if self.state_dir is not None:
+            _check_state_dir(self.state_dir)
         for name in self.tasks:
             check_task_name(name)
         check_scheduler(self)
@@ -228,6 +244,9 @@ class ServerConfig:
             check_listen_address("metrics", self.metrics.host, self.metrics.port, self.allow_public_bind)
             if self.http is not None and (self.metrics.host, self.metrics.port) == (self.http.host, self.http.port):
                 raise ConfigError("[metrics] and [http] cannot share a port (the front serves /metrics itself)")
+        from inlaid.serve.memory_budget import check_executor_memory, memory_known_without_torch
+
+        check_executor_memory(self, memory_known_without_torch)
 
     def tuning_lengths_file(self) -> str:
         """The recorded requests the scheduler tuning draws its workloads from: the configured
@@ -236,6 +255,56 @@ class ServerConfig:
         from inlaid.scheduling.suite import lengths_file_for
 
         return self.autotune_lengths or str(lengths_file_for(self.engine.quantized_dir))
+
+
+_IPC_PATH_BYTES = 107  # sockaddr_un.sun_path on Linux, less its terminating NUL
+
+
+def check_bind_address(key: str, address: str, allow_public_bind: bool) -> None:
+    """A ZeroMQ address this server can bind: ipc://PATH, or tcp://HOST:PORT with a port
+    ZeroMQ would not wrap (99999 listened on 34463) and, unless allowed, a loopback host."""
+    if address.startswith("ipc://"):
+        path = address[len("ipc://"):]
+        if not path or len(path.encode()) > _IPC_PATH_BYTES:
+            raise ConfigError(f"{key} {address!r}: an ipc path must have 1-{_IPC_PATH_BYTES} bytes")
+        return
+    if not address.startswith("tcp://"):
+        raise ConfigError(f"{key} must start with tcp:// or ipc://, got {address!r}")
+    host, _, port = address[len("tcp://"):].rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{key} {address!r} must be tcp://HOST:PORT with a port in 1-65535")
+    if host not in LOOPBACK_HOSTS and not allow_public_bind:
+        raise ConfigError(f"{key} {address!r} is not a loopback address; set server.allow_public_bind = true "
+                          "to listen beyond this machine")
+
+
+def check_log_level(what: str, level: Any) -> None:
+    # logging.setLevel raises "Unknown level" only once the server is starting.
+    if not isinstance(level, str) or level not in logging.getLevelNamesMapping():
+        raise ConfigError(f"{what} must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {level!r}")
+
+
+def _check_state_dir(path: str) -> None:
+    """The server creates the state directory at start-up: refuse one it could not."""
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == Path(path) else f"is inside {existing}, a file"
+        raise ConfigError(f"server.state_dir {path} {where}; name a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"server.state_dir {path}: {existing} is not writable")
+
+
+def check_quantized_dir(path: str) -> None:
+    """A GPTQ checkpoint's directory as the executors load it: checked before any starts (the
+    loader needs config.json and .safetensors weights; else three executor tracebacks)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ConfigError(f"model.quantized_dir {path} is not a directory")
+    if not (directory / "config.json").is_file() or next(directory.glob("*.safetensors"), None) is None:
+        raise ConfigError(f"model.quantized_dir {path} has no config.json and .safetensors weights "
+                          "(not a checkpoint written by `inlaid quantize`)")
 
 
 _TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
@@ -287,7 +356,7 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Serve
     tasks = section(raw, "tasks")
     scheduler = section(raw, "scheduler")
     for key in ("predictor_state", "step_log"):
-        if scheduler.get(key):
+        if key in scheduler:  # "" is refused by name, not taken silently for "none": omit the key for that
             scheduler[key] = resolve_path(scheduler[key], base_dir, f"scheduler.{key}")
     autotune = scheduler.pop("autotune_cost_model", None)
     autotune_lengths = scheduler.pop("autotune_lengths", None)
@@ -335,15 +404,15 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Serve
     limits = ServerLimits(**limit_values)
     config = ServerConfig(
         engine=engine,
-        address=str(server.get("address", ServerConfig.address)),
-        executor_address=str(server.get("executor_address", "auto")),
+        address=typed_value(server, "server", "address", ServerConfig.address, str),
+        executor_address=typed_value(server, "server", "executor_address", "auto", str),
         tasks={str(name): resolve_path(adapter, base_dir, f"tasks.{name}") for name, adapter in tasks.items()},
         admin_token=admin_token_from(server, base_dir),
         limits=limits,
-        log_level=str(server.get("log_level", "INFO")).upper(),
-        log_format=str(server.get("log_format", "json")),
-        allow_public_bind=bool(server.get("allow_public_bind", False)),
-        policy=str(server.get("policy", "fifo")),
+        log_level=typed_value(server, "server", "log_level", "INFO", str).upper(),
+        log_format=typed_value(server, "server", "log_format", "json", str),
+        allow_public_bind=typed_value(server, "server", "allow_public_bind", False, bool),
+        policy=typed_value(server, "server", "policy", "fifo", str),
         scheduler=scheduler,
         autotune_cost_model=(resolve_path(autotune, base_dir, "scheduler.autotune_cost_model")
                              if autotune is not None else None),

@@ -16,12 +16,25 @@ class ConfigError(ValueError):
 def read_toml(path: str | Path) -> tuple[dict[str, Any], Path]:
     """A config file's contents and its directory (relative paths resolve against it)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; name the TOML file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    text = read_text(path, "config file")
     try:
-        return tomllib.loads(path.read_text()), path.parent
+        return tomllib.loads(text), path.parent
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: invalid TOML: {error}") from error
+
+
+def read_text(path: Path, what: str) -> str:
+    """A text file the config names (or is), UTF-8; what: how a refusal names it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{what} {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except OSError as error:
+        raise ConfigError(f"{what} {path} cannot be read: {error.strerror or error}") from None
 
 
 def section(raw: dict[str, Any], name: str) -> dict[str, Any]:
@@ -29,6 +42,17 @@ def section(raw: dict[str, Any], name: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"[{name}] must be a table")
     return dict(value)
+
+
+def typed_value(values: dict[str, Any], section_name: str, key: str, default: Any,
+                kind: type[bool] | type[str]) -> Any:
+    """values[key] (else `default`) where it is a `kind`: TOML's true/false or a string. Never
+    coerced: bool("false") is True, and str(5) would pass a number off as a name."""
+    value = values.get(key, default)
+    if not isinstance(value, kind):
+        wanted = "true or false" if kind is bool else "a string"
+        raise ConfigError(f"{section_name}.{key} must be {wanted}, got {value!r}")
+    return value
 
 
 def reject_unknown(section_name: str, values: dict[str, Any], allowed: set[str]) -> None:
@@ -68,16 +92,16 @@ def admin_token_from(server: dict[str, Any], base_dir: Path) -> str | None:
     if not sources:
         return None
     if "admin_token" in server:
-        token = str(server["admin_token"])
+        token = typed_value(server, "server", "admin_token", None, str)
     elif "admin_token_env" in server:
-        token = os.environ.get(str(server["admin_token_env"]), "")
+        token = os.environ.get(typed_value(server, "server", "admin_token_env", None, str), "")
         if not token:
             raise ConfigError(f"environment variable {server['admin_token_env']} (server.admin_token_env) is empty")
     else:
         token_path = Path(resolve_path(server["admin_token_file"], base_dir, "server.admin_token_file"))
         if not token_path.is_file():
             raise ConfigError(f"admin token file not found: {token_path}")
-        token = token_path.read_text().strip()
+        token = read_text(token_path, "server.admin_token_file").strip()
     if len(token) < 16:
         raise ConfigError("the admin token must be at least 16 characters")
     return token

@@ -94,13 +94,29 @@ def load_policy(spec: str, options: dict[str, Any] | None = None) -> Any:
         except ValueError as error:
             raise ConfigError(f"[scheduler]: {error}") from None
     module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ConfigError(f"server.policy {spec!r}: a plug-in policy is 'package.module:factory'")
+    # The module and its factory are the user's code: whatever they raise is the config's
+    # problem, said in one line naming the key (a traceback would point into Inlaid).
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise ConfigError(f"server.policy {spec!r}: {error}") from error
-    policy = factory()
+    except Exception as error:  # noqa: BLE001  (ImportError, AttributeError, SyntaxError, its own)
+        raise ConfigError(f"server.policy {spec!r}: cannot import it: {_one_line(error)}") from error
+    if not callable(factory):
+        raise ConfigError(f"server.policy {spec!r}: {attribute} is not callable ({type(factory).__name__}); "
+                          "name a factory that returns a SchedulingPolicy")
+    try:
+        policy = factory()
+    except Exception as error:  # noqa: BLE001
+        raise ConfigError(f"server.policy {spec!r}: {attribute}() (called with no arguments) raised "
+                          f"{_one_line(error)}") from error
     from inlaid.engine.scheduler import SchedulingPolicy
 
     if not isinstance(policy, SchedulingPolicy):
         raise ConfigError(f"server.policy {spec!r} did not give a SchedulingPolicy (inlaid.engine.scheduler)")
     return policy
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
