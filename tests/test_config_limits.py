@@ -70,6 +70,8 @@ CASES: list[tuple[dict[str, Any], str]] = [
     ({"server": {"max_pending_requests": 2.5}}, "server.max_pending_requests"),
     ({"server": {"executor_start_timeout_s": -1}}, "server.executor_start_timeout_s"),
     ({"server": {"executor_start_timeout_s": NAN}}, "server.executor_start_timeout_s"),
+    ({"http": {"request_timeout_s": INF}}, "http.request_timeout_s"),
+    ({"http": {"client_send_timeout_s": NAN}}, "http.client_send_timeout_s"),
     ({"executors": {"overdue_s": NAN}}, "executors.overdue_s"),
     ({"executors": {"overdue_s": INF}}, "executors.overdue_s"),
     ({"requantizer": {"change_threshold": NAN}}, "requantizer.change_threshold"),

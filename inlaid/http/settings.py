@@ -21,6 +21,7 @@ def check_listen_address(section: str, host: str, port: int, allow_public_bind: 
 
 
 DEFAULT_MAX_PROMPTS = 16
+MAX_TIMEOUT_S = 1e6  # as the server's timers (serve/config.py MAX_SECONDS)
 
 
 @dataclass
@@ -44,12 +45,13 @@ class HttpConfig:
 
     def validate(self, allow_public_bind: bool) -> None:
         check_listen_address("http", self.host, self.port, allow_public_bind)
-        timeout = self.request_timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError(f"http.request_timeout_s must be a number > 0, got {timeout!r}")
-        send_timeout = self.client_send_timeout_s
-        if isinstance(send_timeout, bool) or not isinstance(send_timeout, (int, float)) or not send_timeout > 0:
-            raise ValueError(f"http.client_send_timeout_s must be a number > 0, got {send_timeout!r}")
+        for name in ("request_timeout_s", "client_send_timeout_s"):
+            # finite and bounded as the server's own timers: inf is no timeout (slow clients
+            # would hold their connections for ever), and asyncio's timers overflow on it
+            timeout = getattr(self, name)
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_TIMEOUT_S:
+                raise ValueError(f"http.{name} must be a number of seconds > 0 and <= {MAX_TIMEOUT_S:g}, "
+                                 f"got {timeout!r}")
         size = self.max_body_bytes
         if isinstance(size, bool) or not isinstance(size, int) or size < 1024:
             raise ValueError(f"http.max_body_bytes must be an integer >= 1024, got {size!r}")
