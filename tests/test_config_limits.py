@@ -139,7 +139,7 @@ def test_quant_kernel_names_are_the_kernel_layers(model_dir: Path) -> None:
     from typing import get_args
 
     from inlaid.engine.config import QUANT_KERNELS
-    from kernels.quant_linear import Mode
+    from inlaid.kernels.quant_linear import Mode
 
     assert QUANT_KERNELS == get_args(Mode)
     config = config_from_dict({"model": {"dir": str(model_dir), "quantized_dir": "/q"},
