@@ -30,7 +30,8 @@ from typing import Any
 
 from inlaid.http.settings import HttpConfig, check_listen_address
 from inlaid.cli_args import model_dir_problem
-from inlaid.serve.config import ConfigError, check_quantized_dir, config_from_dict, read_toml
+from inlaid.serve.config import ConfigError, config_from_dict, read_toml
+from inlaid.serve.config_parsing import check_quantized_dir
 
 
 @dataclass

@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from inlaid.serve.config import ConfigError, check_log_level, check_quantized_dir, load_config
+    from inlaid.serve.config import ConfigError, load_config
+    from inlaid.serve.config_parsing import check_log_level, check_quantized_dir
     from inlaid.serve.logs import setup_logging
 
     try:

@@ -46,18 +46,17 @@ Relative paths are resolved against the file's directory.
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from inlaid.engine.config import MAX_THREADS, EngineConfig, check_device, check_range
-from inlaid.http.settings import LOOPBACK_HOSTS, HttpConfig, check_listen_address
-from inlaid.serve.config_parsing import (ConfigError, admin_token_from, read_toml, reject_unknown, resolve_path,
-                                         section, typed_value)
+from inlaid.http.settings import HttpConfig, check_listen_address
+from inlaid.serve.config_parsing import (ConfigError, admin_token_from, check_bind_address, check_log_level,
+                                         check_state_dir, read_toml, reject_unknown, resolve_path, section,
+                                         typed_value)
 from inlaid.protocol import DEFAULT_MAX_FRAME_BYTES
 from inlaid.serve.placement import PLACEMENT_RULES, PlacementRule
 from inlaid.serve.scheduler_config import check_scheduler
@@ -227,7 +226,7 @@ class ServerConfig:
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"server.log_format must be 'json' or 'text', got {self.log_format!r}")
         if self.state_dir is not None:
-            _check_state_dir(self.state_dir)
+            check_state_dir(self.state_dir)
         for name in self.tasks:
             check_task_name(name)
         check_scheduler(self)
@@ -255,56 +254,6 @@ class ServerConfig:
         from inlaid.scheduling.suite import lengths_file_for
 
         return self.autotune_lengths or str(lengths_file_for(self.engine.quantized_dir))
-
-
-_IPC_PATH_BYTES = 107  # sockaddr_un.sun_path on Linux, less its terminating NUL
-
-
-def check_bind_address(key: str, address: str, allow_public_bind: bool) -> None:
-    """A ZeroMQ address this server can bind: ipc://PATH, or tcp://HOST:PORT with a port
-    ZeroMQ would not wrap (99999 listened on 34463) and, unless allowed, a loopback host."""
-    if address.startswith("ipc://"):
-        path = address[len("ipc://"):]
-        if not path or len(path.encode()) > _IPC_PATH_BYTES:
-            raise ConfigError(f"{key} {address!r}: an ipc path must have 1-{_IPC_PATH_BYTES} bytes")
-        return
-    if not address.startswith("tcp://"):
-        raise ConfigError(f"{key} must start with tcp:// or ipc://, got {address!r}")
-    host, _, port = address[len("tcp://"):].rpartition(":")
-    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ConfigError(f"{key} {address!r} must be tcp://HOST:PORT with a port in 1-65535")
-    if host not in LOOPBACK_HOSTS and not allow_public_bind:
-        raise ConfigError(f"{key} {address!r} is not a loopback address; set server.allow_public_bind = true "
-                          "to listen beyond this machine")
-
-
-def check_log_level(what: str, level: Any) -> None:
-    # logging.setLevel raises "Unknown level" only once the server is starting.
-    if not isinstance(level, str) or level not in logging.getLevelNamesMapping():
-        raise ConfigError(f"{what} must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {level!r}")
-
-
-def _check_state_dir(path: str) -> None:
-    """The server creates the state directory at start-up: refuse one it could not."""
-    existing = Path(path)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        where = "is a file" if existing == Path(path) else f"is inside {existing}, a file"
-        raise ConfigError(f"server.state_dir {path} {where}; name a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"server.state_dir {path}: {existing} is not writable")
-
-
-def check_quantized_dir(path: str) -> None:
-    """A GPTQ checkpoint's directory as the executors load it: checked before any starts (the
-    loader needs config.json and .safetensors weights; else three executor tracebacks)."""
-    directory = Path(path)
-    if not directory.is_dir():
-        raise ConfigError(f"model.quantized_dir {path} is not a directory")
-    if not (directory / "config.json").is_file() or next(directory.glob("*.safetensors"), None) is None:
-        raise ConfigError(f"model.quantized_dir {path} has no config.json and .safetensors weights "
-                          "(not a checkpoint written by `inlaid quantize`)")
 
 
 _TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")

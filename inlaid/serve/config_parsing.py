@@ -1,12 +1,16 @@
-"""Reading a server config file: TOML, sections, paths and the admin token. Torch-free;
-`inlaid.serve.config` builds the ServerConfig from these."""
+"""Reading a server config file: TOML, sections, paths, the admin token, and the checks of
+single values (addresses, log level, directories). Torch-free; `inlaid.serve.config`
+builds the ServerConfig from these."""
 
 from __future__ import annotations
 
+import logging
 import os
 import tomllib
 from pathlib import Path
 from typing import Any
+
+from inlaid.http.settings import LOOPBACK_HOSTS
 
 
 class ConfigError(ValueError):
@@ -105,3 +109,53 @@ def admin_token_from(server: dict[str, Any], base_dir: Path) -> str | None:
     if len(token) < 16:
         raise ConfigError("the admin token must be at least 16 characters")
     return token
+
+
+_IPC_PATH_BYTES = 107  # sockaddr_un.sun_path on Linux, less its terminating NUL
+
+
+def check_bind_address(key: str, address: str, allow_public_bind: bool) -> None:
+    """A ZeroMQ address this server can bind: ipc://PATH, or tcp://HOST:PORT with a port
+    ZeroMQ would not wrap (99999 listened on 34463) and, unless allowed, a loopback host."""
+    if address.startswith("ipc://"):
+        path = address[len("ipc://"):]
+        if not path or len(path.encode()) > _IPC_PATH_BYTES:
+            raise ConfigError(f"{key} {address!r}: an ipc path must have 1-{_IPC_PATH_BYTES} bytes")
+        return
+    if not address.startswith("tcp://"):
+        raise ConfigError(f"{key} must start with tcp:// or ipc://, got {address!r}")
+    host, _, port = address[len("tcp://"):].rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{key} {address!r} must be tcp://HOST:PORT with a port in 1-65535")
+    if host not in LOOPBACK_HOSTS and not allow_public_bind:
+        raise ConfigError(f"{key} {address!r} is not a loopback address; set server.allow_public_bind = true "
+                          "to listen beyond this machine")
+
+
+def check_log_level(what: str, level: Any) -> None:
+    # logging.setLevel raises "Unknown level" only once the server is starting.
+    if not isinstance(level, str) or level not in logging.getLevelNamesMapping():
+        raise ConfigError(f"{what} must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {level!r}")
+
+
+def check_state_dir(path: str) -> None:
+    """The server creates the state directory at start-up: refuse one it could not."""
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == Path(path) else f"is inside {existing}, a file"
+        raise ConfigError(f"server.state_dir {path} {where}; name a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"server.state_dir {path}: {existing} is not writable")
+
+
+def check_quantized_dir(path: str) -> None:
+    """A GPTQ checkpoint's directory as the executors load it: checked before any starts (the
+    loader needs config.json and .safetensors weights; else three executor tracebacks)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ConfigError(f"model.quantized_dir {path} is not a directory")
+    if not (directory / "config.json").is_file() or next(directory.glob("*.safetensors"), None) is None:
+        raise ConfigError(f"model.quantized_dir {path} has no config.json and .safetensors weights "
+                          "(not a checkpoint written by `inlaid quantize`)")
