@@ -10,6 +10,7 @@ and the front accept and refuse the same messages.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -148,6 +149,14 @@ def checked_token_ids(ids: Iterable[int] | None, param: str) -> list[int]:
             raise InvalidRequestError(f"{param} must be a list of token ids (integers), got {type(item).__name__} "
                                       f"at index {i}", param=param)
     return values
+
+
+def checked_path(value: str | os.PathLike[str], param: str) -> str:
+    """A path on the server's machine, as a str (a pathlib.Path was refused by the encoder)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise InvalidRequestError(f"{param} must be a path (str or os.PathLike), got {type(value).__name__}",
+                                  param=param)
+    return checked_text(os.fspath(value), param)
 
 
 def checked_seconds(value: float, param: str, *, zero_ok: bool = False) -> float:

@@ -7,6 +7,7 @@ A reader task sorts replies into one queue per request id. Cancelling the task a
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
@@ -23,6 +24,7 @@ from inlaid.client.messages import (
     DEFAULT_ADDRESS,
     GenerateResult,
     RequestIds,
+    build_add_task,
     build_generate,
     call_timeout,
     check_hello,
@@ -32,7 +34,6 @@ from inlaid.client.messages import (
     hello,
 )
 from inlaid.protocol import (
-    AddTask,
     AdminReply,
     Cancel,
     ErrorReply,
@@ -310,14 +311,14 @@ class AsyncClient:
         """The server's Prometheus metrics, text exposition format."""
         return (await self._call(GetMetrics(request_id=self._ids.next()), MetricsReply, timeout_s)).text
 
-    async def add_task(self, name: str, adapter_dir: str, calibration_jsonl: str | None = None, *,
+    async def add_task(self, name: str, adapter_dir: str | os.PathLike[str],
+                       calibration_jsonl: str | os.PathLike[str] | None = None, *,
                        timeout_s: float | None = None) -> str:
         """Admin: serve task `name` with the PEFT adapter in `adapter_dir` (paths on the server's
         machine); it serves at once on the current base. With `calibration_jsonl` (the task's
         samples) the server then re-quantizes its base for it in the background: follow it with
         `task_status` or `wait_task`."""
-        message = AddTask(request_id=self._ids.next(), name=name, adapter_dir=adapter_dir,
-                          calibration_jsonl=calibration_jsonl or "", token=self.admin_token or "")
+        message = build_add_task(self._ids.next(), name, adapter_dir, calibration_jsonl, self.admin_token)
         return (await self._call(message, AdminReply, timeout_s)).message
 
     async def task_status(self, name: str, timeout_s: float | None = None) -> TaskStatusReply:

@@ -12,6 +12,7 @@ import msgspec
 
 from inlaid.client.arguments import (
     ChatMessageArg,
+    checked_path,
     checked_seconds,
     checked_stop,
     checked_text,
@@ -21,6 +22,7 @@ from inlaid.client.arguments import (
 from inlaid.client.errors import InlaidError, InvalidRequestError, ProtocolVersionError, error_from_reply
 from inlaid.protocol import (
     PROTOCOL_VERSION,
+    AddTask,
     ErrorReply,
     Generate,
     GenerateDone,
@@ -127,6 +129,19 @@ def build_generate(
             stream=stream,
             deadline_s=deadline_s,
         )
+    except InvalidRequestError as error:
+        error.request_id = request_id
+        raise
+
+
+def build_add_task(request_id: str, name: str, adapter_dir: str | os.PathLike[str],
+                   calibration_jsonl: str | os.PathLike[str] | None, token: str | None) -> AddTask:
+    """The AddTask both clients send; paths may be `pathlib.Path`s."""
+    try:
+        return AddTask(request_id=request_id, name=checked_text(name, "name"),
+                       adapter_dir=checked_path(adapter_dir, "adapter_dir"),
+                       calibration_jsonl=checked_path(calibration_jsonl, "calibration_jsonl") if calibration_jsonl else "",
+                       token=token or "")
     except InvalidRequestError as error:
         error.request_id = request_id
         raise

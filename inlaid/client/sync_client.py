@@ -3,6 +3,7 @@ while other calls run. Not thread-safe: use one Client per thread, or AsyncClien
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -19,6 +20,7 @@ from inlaid.client.messages import (
     DEFAULT_ADDRESS,
     GenerateResult,
     RequestIds,
+    build_add_task,
     build_generate,
     call_timeout,
     check_hello,
@@ -28,7 +30,6 @@ from inlaid.client.messages import (
     hello,
 )
 from inlaid.protocol import (
-    AddTask,
     AdminReply,
     Cancel,
     ErrorReply,
@@ -291,14 +292,14 @@ class Client:
         """The server's Prometheus metrics, text exposition format."""
         return self._call(GetMetrics(request_id=self._ids.next()), MetricsReply, timeout_s).text
 
-    def add_task(self, name: str, adapter_dir: str, calibration_jsonl: str | None = None, *,
+    def add_task(self, name: str, adapter_dir: str | os.PathLike[str],
+                 calibration_jsonl: str | os.PathLike[str] | None = None, *,
                  timeout_s: float | None = None) -> str:
         """Admin: serve task `name` with the PEFT adapter in `adapter_dir` (paths on the server's
         machine); it serves at once on the current base. With `calibration_jsonl` (the task's
         samples) the server then re-quantizes its base for it in the background: follow it with
         `task_status` or `wait_task`."""
-        message = AddTask(request_id=self._ids.next(), name=name, adapter_dir=adapter_dir,
-                          calibration_jsonl=calibration_jsonl or "", token=self.admin_token or "")
+        message = build_add_task(self._ids.next(), name, adapter_dir, calibration_jsonl, self.admin_token)
         return (self._call(message, AdminReply, timeout_s)).message
 
     def task_status(self, name: str, timeout_s: float | None = None) -> TaskStatusReply:

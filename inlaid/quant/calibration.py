@@ -47,7 +47,12 @@ def parse_task_argument(text: str) -> CalibrationTask:
     return CalibrationTask(name=name, adapter_dir=Path(adapter) if adapter else None, calib_path=Path(calib))
 
 
+CALIBRATION_ROLES = ("system", "user", "assistant")
+
+
 def read_calibration_examples(path: Path, limit: int | None = None) -> list[dict]:
+    if path.is_dir():
+        raise CalibrationDataError(f"calibration file {path} is a directory; name a JSONL file")
     if not path.is_file():
         raise CalibrationDataError(f"calibration file {path} does not exist")
     examples: list[dict] = []
@@ -64,12 +69,24 @@ def read_calibration_examples(path: Path, limit: int | None = None) -> list[dict
                 raise CalibrationDataError(
                     f"{path}:{line_number}: each line needs 'messages' (a non-empty list) and 'reference' (a string)"
                 )
+            problem = _messages_problem(messages)
+            if problem:  # else the chat template failed on it later, in the re-quantization job
+                raise CalibrationDataError(f"{path}:{line_number}: {problem}")
             examples.append(example)
             if limit is not None and len(examples) >= limit:
                 break
     if not examples:
         raise CalibrationDataError(f"calibration file {path} holds no samples")
     return examples
+
+
+def _messages_problem(messages: list) -> str | None:
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in CALIBRATION_ROLES \
+                or not isinstance(message.get("content"), str):
+            return (f"messages[{index}] must be {{'role': one of {', '.join(CALIBRATION_ROLES)}, "
+                    f"'content': a string}}, got {message!r:.120}")
+    return None
 
 
 def sample_text(example: dict, tokenizer) -> str:

@@ -47,6 +47,7 @@ Relative paths are resolved against the file's directory.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -228,7 +229,7 @@ class ServerConfig:
         if self.state_dir is not None:
             check_state_dir(self.state_dir)
         for name in self.tasks:
-            check_task_name(name)
+            check_task_name(name, self.engine.model_dir)
         check_scheduler(self)
         if self.http is not None:
             self.http.validate(self.allow_public_bind)
@@ -259,7 +260,14 @@ class ServerConfig:
 _TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
-def check_task_name(name: str) -> None:
+def base_model_id(model_dir: str) -> str:
+    """The base model's name as clients see it (hello, `/v1/models`): its directory's name."""
+    return os.path.basename(os.path.normpath(model_dir))
+
+
+def check_task_name(name: str, model_dir: str | None = None) -> None:
+    """Refuse (ConfigError) a name no task may have; with `model_dir`, also the base model's
+    id, which a task would shadow (the SDK reached the adapter, HTTP the base, by one name)."""
     # ASCII only (look-alike names are not two tasks), and no leading '-' (a command line
     # would read it as an option) or '.' ('.', '..': path components).
     if not _TASK_NAME.fullmatch(name):
@@ -269,6 +277,8 @@ def check_task_name(name: str) -> None:
     if name.startswith("__") and name.endswith("__"):
         # The metrics label the base model and unknown tasks `__base__` and `__unknown__`.
         raise ConfigError(f"task name {name!r}: names of the form '__name__' are reserved")
+    if model_dir is not None and name == base_model_id(model_dir):
+        raise ConfigError(f"task name {name!r} is the base model's id; choose another name")
 
 
 _ENGINE_FIELDS = {f.name for f in fields(EngineConfig)} - {"model_dir", "quantized_dir"}

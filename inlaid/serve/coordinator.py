@@ -55,7 +55,7 @@ from inlaid.protocol import (
     TaskStatus,
 )
 from inlaid.serve.admin import TaskCalls
-from inlaid.serve.config import ServerConfig
+from inlaid.serve.config import ServerConfig, base_model_id
 from inlaid.serve.dynamic_tasks import DynamicTasks
 from inlaid.serve.executor_pool import ExecutorPool, ExecutorShard
 from inlaid.serve.frames import decode_client_frames
@@ -123,7 +123,7 @@ class Coordinator:
         self.in_flight = InFlight(self.limits, self.pool, self.registry, self._send, lambda: self._accepting,
                                   self.counters)
         self.metrics = ServerMetrics(self.pool.shards, self.registry.tasks, self.in_flight.by_engine_id,
-                                     {"version": SERVER_VERSION, "model": os.path.basename(config.engine.model_dir)})
+                                     {"version": SERVER_VERSION, "model": base_model_id(config.engine.model_dir)})
         self.in_flight.metrics = self.metrics
 
     # ================================================================== lifecycle
@@ -361,7 +361,7 @@ class Coordinator:
                 request_id=message.request_id, code=ErrorCode.PROTOCOL_VERSION,
                 message=f"server speaks protocol {PROTOCOL_VERSION}, client {message.protocol_version}"))
         self._send(identity, HelloReply(request_id=message.request_id, protocol_version=PROTOCOL_VERSION,
-                                        server_version=SERVER_VERSION, model=os.path.basename(self.config.engine.model_dir),
+                                        server_version=SERVER_VERSION, model=base_model_id(self.config.engine.model_dir),
                                         max_model_len=self.engine.max_model_len))
 
     def _on_health(self, identity: bytes, message: Health) -> None:

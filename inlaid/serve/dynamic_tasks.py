@@ -119,7 +119,7 @@ class DynamicTasks:
         try:
             if record is not None and record.phase in (QUEUED, REQUANTIZING):
                 raise TaskError(ErrorCode.TASK_BUSY,
-                                f"task {name!r} is being re-quantized for; remove it first or wait")
+                                f"the base is being re-quantized for task {name!r}; remove it first or wait")
             text = self.registry.add(name, inputs.adapter_dir)
         except TaskError:
             if store is not None and inputs.copied:

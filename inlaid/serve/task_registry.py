@@ -52,7 +52,7 @@ class TaskRegistry:
         """Refuse (TaskError) a task name or adapter that could not be served. Reads files
         and touches no registry state: safe to run in a worker thread."""
         try:
-            check_task_name(name)
+            check_task_name(name, self.engine.config.model_dir)
             check_servable_adapter(name, adapter_dir, self.engine.model_config, self.engine.config.max_lora_rank)
         except (ConfigError, AdapterError) as error:
             raise TaskError(ErrorCode.INVALID_REQUEST, str(error)) from None

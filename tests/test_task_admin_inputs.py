@@ -1,0 +1,59 @@
+"""Adding a task refuses at once what would fail later or route wrongly (an outside probe of
+the live task administration, 2026-12-05)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from inlaid.client import InvalidRequestError
+from inlaid.client.messages import build_add_task
+from inlaid.quant.calibration import read_calibration_examples
+from inlaid.quant.errors import CalibrationDataError
+from inlaid.serve.config import ConfigError, base_model_id, config_from_dict
+
+ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+
+
+def test_calibration_messages_the_chat_template_would_fail_on_are_refused_by_line(tmp_path):
+    """They were accepted by add-task and failed a second later inside the re-quantization
+    job ('dict object has no attribute role', 'can only concatenate str (not int)')."""
+    good = {"messages": [{"role": "user", "content": "2+2?"}], "reference": "4"}
+    for messages, words in [([{"foo": 1}], "messages[0]"), ([{"role": "bogus", "content": "x"}], "messages[0]"),
+                            ([{"role": "user", "content": "a"}, {"role": "user", "content": 5}], "messages[1]"),
+                            (["just text"], "messages[0]")]:
+        path = tmp_path / "calib.jsonl"
+        path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "messages": messages}) + "\n")
+        with pytest.raises(CalibrationDataError, match=rf"calib.jsonl:2: {words.replace('[', '.').replace(']', '.')}"):
+            read_calibration_examples(path)
+    path.write_text(json.dumps(good) + "\n")
+    assert read_calibration_examples(path) == [good]
+    with pytest.raises(CalibrationDataError, match="is a directory"):  # it said "does not exist"
+        read_calibration_examples(tmp_path)
+
+
+def test_add_task_takes_paths_and_names_what_it_cannot_send():
+    message = build_add_task("r1", "qa2", ADAPTERS / "qa", ADAPTERS / "calib.jsonl", None)
+    assert (message.adapter_dir, message.calibration_jsonl) == (str(ADAPTERS / "qa"), str(ADAPTERS / "calib.jsonl"))
+    assert build_add_task("r1", "qa2", "x", None, "t" * 16).calibration_jsonl == ""
+    with pytest.raises(InvalidRequestError) as refused:
+        build_add_task("r2", "qa2", 5, None, None)  # type: ignore[arg-type]
+    assert refused.value.param == "adapter_dir" and refused.value.request_id == "r2"
+
+
+def test_a_task_may_not_take_the_base_models_id(model_dir, tmp_path):
+    """Added through the SDK, the task shadowed the base for SDK clients while HTTP (which
+    refused the name) kept reaching the base by the same id."""
+    from inlaid.serve.coordinator import Coordinator
+    from inlaid.serve.task_registry import TaskError
+
+    base = base_model_id(str(model_dir))
+    assert base == base_model_id(str(model_dir) + "/") == Path(model_dir).name
+    with pytest.raises(ConfigError, match="base model's id"):
+        config_from_dict({"model": {"dir": str(model_dir)}, "tasks": {base: str(ADAPTERS / "qa")}})
+    coordinator = Coordinator(config_from_dict({"model": {"dir": str(model_dir)}}, base_dir=tmp_path))
+    with pytest.raises(TaskError, match="base model's id"):
+        coordinator.registry.check_adapter(base, str(ADAPTERS / "qa"))
+    coordinator.registry.check_adapter("qa2", str(ADAPTERS / "qa"))  # any other name passes
