@@ -33,7 +33,7 @@ def test_generate_names_what_is_wrong(model_dir: Path, adapter_dirs: dict[str, P
 
     cases = [
         (["--adapter", f"s={tmp_path / 'missing'}", "--use", "s"], "directory not found"),
-        (["--quantized", str(tmp_path)], "no .safetensors weights"),
+        (["--quantized", str(tmp_path)], ".safetensors weights"),
         (["--batch", str(tmp_path / "missing.jsonl")], "No such file"),
     ]
     for extra, message in cases:

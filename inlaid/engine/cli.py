@@ -12,8 +12,13 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import msgspec
+
+from inlaid.cli_args import model_dir_problem
 from inlaid.protocol import SamplingParams
+from inlaid.protocol.client import ChatMessage
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,52 +41,163 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object per result")
 
 
-def _requests(args: argparse.Namespace) -> list[dict]:
+class _InputError(Exception):
+    """A bad argument or batch line: `run` prints it as one `inlaid generate: ...` line, exit 2."""
+
+
+# What a `--batch` line may hold besides SamplingParams' fields; anything else is refused by
+# name (as the server refuses an unknown field) instead of vanishing into "give exactly one
+# of a prompt or chat messages".
+_REQUEST_FIELDS = ("prompt", "messages", "adapter")
+
+
+def _adapters(items: list[str]) -> dict[str, str]:
+    """`--adapter NAME=DIR` options as {name: dir}, each checked as the server would check it,
+    before the model loads: a name the server refuses or one given twice (the last silently
+    won) is an error, and so is a directory that is not a PEFT LoRA adapter."""
+    from inlaid.engine.adapter_config import AdapterError, read_adapter_spec
+    from inlaid.serve.config import ConfigError, check_task_name
+
+    adapters: dict[str, str] = {}
+    for item in items:
+        name, _, path = item.partition("=")
+        if not path:
+            raise _InputError(f"--adapter expects NAME=DIR, got {item!r}")
+        try:
+            check_task_name(name)  # the server's rule, so a name that works here works there
+            read_adapter_spec(name, path)  # torch-free: config and weight files, not tensors
+        except (ConfigError, AdapterError) as error:
+            raise _InputError(f"--adapter: {error}") from None
+        if name in adapters:
+            raise _InputError(f"--adapter {name!r} given twice ({adapters[name]} and {path})")
+        adapters[name] = path
+    return adapters
+
+
+def _sampling(fields: dict[str, Any], where: str) -> SamplingParams:
+    """SamplingParams from plain values, or _InputError naming `where` and the field: msgspec's
+    strict conversion names the field of a wrong type or an unknown one ("- at `$.stop`"),
+    where SamplingParams(**fields) let "5" through to a raw "'<' not supported" later."""
+    try:
+        sampling = msgspec.convert(fields, SamplingParams)
+        sampling.validate()
+    except (msgspec.ValidationError, ValueError) as error:
+        raise _InputError(f"{where}: {error}") from None
+    return sampling
+
+
+def _batch_request(item: object, where: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """One `--batch` line as a request, every field checked here (not when the engine, loaded
+    by then, trips over it with a Python TypeError)."""
+    if not isinstance(item, dict):
+        raise _InputError(f"{where}: expected a JSON object, got {type(item).__name__}")
+    if unknown := sorted(set(item) - set(_REQUEST_FIELDS) - set(SamplingParams.__struct_fields__)):
+        raise _InputError(f"{where}: unknown field {', '.join(map(repr, unknown))}; a line holds "
+                          f"{', '.join(_REQUEST_FIELDS + SamplingParams.__struct_fields__)}")
+    request = {key: item[key] for key in _REQUEST_FIELDS if key in item}
+    prompt, messages, adapter = (request.get(key) for key in _REQUEST_FIELDS)
+    if (prompt is None) == (messages is None):
+        raise _InputError(f"{where}: give exactly one of 'prompt' or 'messages'")
+    if prompt is not None and not isinstance(prompt, str):
+        try:  # the engine also takes token ids
+            msgspec.convert(prompt, list[int])
+        except msgspec.ValidationError:
+            raise _InputError(f"{where}: field 'prompt' must be a string or a list of token ids") from None
+    if messages is not None:
+        try:
+            msgspec.convert(messages, list[ChatMessage])
+        except msgspec.ValidationError as error:
+            raise _InputError(f"{where}: field 'messages': {error}") from None
+        if not messages:
+            raise _InputError(f"{where}: field 'messages' must be a non-empty list")
+    if adapter is not None and not isinstance(adapter, str):
+        raise _InputError(f"{where}: field 'adapter' must be a string or null")
+    rest = {key: value for key, value in item.items() if key not in _REQUEST_FIELDS}
+    request["sampling"] = _sampling({**defaults, **rest}, where)
+    return request
+
+
+def _requests(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The requests to run, each with a checked `sampling`; _InputError for a bad one."""
     defaults = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed)
-    requests: list[dict] = []
+    sampling = _sampling(defaults, "options") if args.prompt else None
+    requests: list[dict[str, Any]] = []
     for index, prompt in enumerate(args.prompt):
         adapter = (args.use[min(index, len(args.use) - 1)] if args.use else "-")
-        request = {"adapter": None if adapter == "-" else adapter, **defaults}
+        request = {"adapter": None if adapter == "-" else adapter, "sampling": sampling}
         request["messages" if args.chat else "prompt"] = (
             [{"role": "user", "content": prompt}] if args.chat else prompt
         )
         requests.append(request)
     if args.batch:
-        for line_number, line in enumerate(args.batch.read_text().splitlines(), 1):
+        try:
+            lines = args.batch.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise _InputError(f"--batch: {error}") from None
+        for line_number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
+            where = f"{args.batch}:{line_number}"
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as error:
-                raise SystemExit(f"{args.batch}:{line_number}: not JSON: {error}")
-            requests.append({**defaults, **item})
+                raise _InputError(f"{where}: not JSON: {error}") from None
+            requests.append(_batch_request(item, where, defaults))
     if not requests:
-        raise SystemExit("nothing to generate: give --prompt or --batch")
+        raise _InputError("nothing to generate: give --prompt or --batch")
     return requests
 
 
+def _check_adapters_used(requests: list[dict[str, Any]], adapters: dict[str, str]) -> None:
+    # Known without the model: a request for an adapter no --adapter registers.
+    for request in requests:
+        if request.get("adapter") is not None and request["adapter"] not in adapters:
+            raise _InputError(f"unknown adapter {request['adapter']!r} (--use or a --batch line); "
+                              f"registered with --adapter: {sorted(adapters) or 'none'}")
+
+
+def _check_inputs(args: argparse.Namespace) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """Everything about the inputs that can be known without the model, so that a bad one
+    costs a line, not a model load (or a traceback after it)."""
+    if problem := model_dir_problem(args.model):
+        raise _InputError(problem)
+    if args.quantized:
+        from inlaid.serve.config import ConfigError
+        from inlaid.serve.config_parsing import check_quantized_dir
+
+        try:
+            # An adapter directory here failed deep in the loader ("unexpected tensor ...lora_A").
+            check_quantized_dir(args.quantized)
+        except ConfigError as error:
+            # The message names the server's config key; here the option is what was given.
+            raise _InputError(str(error).replace("model.quantized_dir", "--quantized", 1)) from None
+    adapters, requests = _adapters(args.adapter), _requests(args)
+    _check_adapters_used(requests, adapters)
+    return adapters, requests
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        adapters, requests = _check_inputs(args)
+    except _InputError as error:
+        print(f"inlaid generate: {error}", file=sys.stderr)
+        return 2
     from inlaid.engine import Engine, EngineConfig, InvalidRequestError
     from inlaid.models.prepare import prepare_default_model
 
-    # A bad model, adapter or batch file raises here; `inlaid.cli.main` prints it in one line.
+    # What passed the checks above can still fail to load; `inlaid.cli.main` prints that in one line.
     model_dir = args.model or str(prepare_default_model(quiet=True))
     engine = Engine.local(EngineConfig(model_dir=model_dir, quantized_dir=args.quantized, device=args.device,
                                        weight_dtype=args.weight_dtype))
-    for item in args.adapter:
-        name, _, path = item.partition("=")
-        if not path:
-            raise SystemExit(f"--adapter expects NAME=DIR, got {item!r}")
+    for name, path in adapters.items():
         engine.register_adapter(name, path)
-    requests = _requests(args)
     ids = []
     try:
         for request in requests:
-            fields = {k: request[k] for k in ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop") if k in request}
             ids.append(engine.add_request(request.get("prompt"), messages=request.get("messages"),
-                                          sampling=SamplingParams(**fields), adapter=request.get("adapter")))
-    except (InvalidRequestError, TypeError) as error:
+                                          sampling=request["sampling"], adapter=request.get("adapter")))
+    except InvalidRequestError as error:
         print(f"inlaid generate: {error}", file=sys.stderr)
         return 2
     texts = {rid: [] for rid in ids}

@@ -19,6 +19,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from inlaid.cli_args import model_dir_problem, positive_float, positive_int, writable_dir_problem
+
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CHECKPOINT_DIR = "checkpoint"
 
@@ -208,30 +210,51 @@ def train(config: TrainConfig, command: str = "") -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # Counts and sizes are checked by their argparse types, which name the option and exit 2
+    # before anything loads: `--alpha -1` wrote lora_alpha -1.0, `--save-every -1` and
+    # `--threads 0` were taken silently.
     parser.add_argument("--task", required=True)
-    parser.add_argument("--model", default=None, help="base model directory (default: SmolLM2-135M-Instruct in the cache)")
-    parser.add_argument("--out", default=None, help="adapter directory (default: adapters/<task>)")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 2*rank)")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--model", type=Path, default=None,
+                        help="base model directory (default: SmolLM2-135M-Instruct in the cache)")
+    parser.add_argument("--out", type=Path, default=None, help="adapter directory (default: adapters/<task>)")
+    parser.add_argument("--rank", type=positive_int, default=16)
+    parser.add_argument("--alpha", type=positive_float, default=None, help="lora_alpha (default 2*rank)")
+    parser.add_argument("--steps", type=positive_int, default=200)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--lr", type=positive_float, default=5e-4)
+    parser.add_argument("--max-length", type=positive_int, default=256)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--save-every", type=int, default=25)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--save-every", type=positive_int, default=25)
+    parser.add_argument("--threads", type=positive_int, default=None)
     parser.add_argument("--split", default="train", help="split to train on (default train)")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
 
 
+def _input_problem(args: argparse.Namespace, out_dir: Path) -> str | None:
+    """Why the run could not start or finish, known before the model loads, or None: a file
+    or unwritable directory as --out failed with NotADirectoryError after a minute of
+    training, and a missing --model reached Hugging Face as a repo id."""
+    from inlaid.tasks import TaskError, get_task
+
+    if problem := model_dir_problem(args.model) or writable_dir_problem(out_dir, "--out"):
+        return problem
+    try:
+        get_task(args.task).split_path(args.split)
+    except TaskError as error:
+        return str(error)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from inlaid.models.prepare import default_model_dir
 
-    if args.rank <= 0 or args.steps <= 0 or args.batch_size <= 0:
-        raise SystemExit("--rank, --steps and --batch-size must be positive")
+    out_dir = args.out or Path("adapters") / args.task
+    if problem := _input_problem(args, out_dir):
+        print(f"inlaid train-adapter: {problem}", file=sys.stderr)
+        return 2
     config = TrainConfig(
-        task=args.task, model_dir=str(args.model or default_model_dir()), out_dir=args.out or f"adapters/{args.task}",
+        task=args.task, model_dir=str(args.model or default_model_dir()), out_dir=str(out_dir),
         rank=args.rank, alpha=args.alpha, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         max_length=args.max_length, seed=args.seed, save_every=args.save_every, threads=args.threads,
         save_dtype=args.save_dtype, precision=args.precision, split=args.split,
