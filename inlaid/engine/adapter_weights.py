@@ -182,8 +182,9 @@ def _check_names_and_shapes(entries: list[_TensorEntry], spec: AdapterSpec, mode
         expected = (spec.rank, in_features) if half == "A" else (out_features, spec.rank)
         if entry.shape != expected:
             raise AdapterError(
-                f"{where}: layer {layer} {projection} lora_{half} has shape {list(entry.shape)}; this base model with "
-                f"r={spec.rank} needs {list(expected)} (rank mismatch, or trained for another base model)"
+                f"{where}: layer {layer} {projection} lora_{half} has shape {list(entry.shape)}; adapter_config.json "
+                f"says r={spec.rank}, so this base model needs {list(expected)} (rank mismatch: weights of another rank "
+                "than the config says, or trained for another base model)"
             )
     missing = [(layer, projection, half) for layer in range(model.num_layers) for projection in spec.target_modules
                for half in "AB" if (layer, projection, half) not in seen]  # fmt: skip
