@@ -30,6 +30,7 @@ from typing import Any
 
 from inlaid.http.settings import HttpConfig, check_listen_address
 from inlaid.cli_args import model_dir_problem
+from inlaid.engine.config import check_range
 from inlaid.serve.config import ConfigError, config_from_dict, read_toml
 from inlaid.serve.config_parsing import check_quantized_dir
 
@@ -139,18 +140,6 @@ def _replica_scheduler(checked: Any) -> dict[str, Any]:
     return table
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"ray.{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_number(name: str, value: object, positive: bool) -> None:
-    """Ray checks these only after connecting, with a pydantic traceback: check them first."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
-            or value < 0 or (positive and value == 0) or value == float("inf"):
-        raise ConfigError(f"ray.{name} must be a number {'> 0' if positive else '>= 0'}, got {value!r}")
-
-
 def _validate(config: RayDeploymentConfig) -> None:
     try:
         HttpConfig(**config.http).validate(allow_public_bind=True)  # the proxy binds, not the front
@@ -160,16 +149,19 @@ def _validate(config: RayDeploymentConfig) -> None:
         raise ConfigError(str(error)) from None
     if config.autoscaling is not None and not isinstance(config.autoscaling, dict):
         raise ConfigError("[ray.autoscaling] must be a table")
-    if config.autoscaling is None and (isinstance(config.num_replicas, bool) or not isinstance(config.num_replicas, int)
-                                       or config.num_replicas < 1):
-        raise ConfigError(f"ray.num_replicas must be an integer >= 1 (or use [ray.autoscaling]), "
-                          f"got {config.num_replicas!r}")
-    for name in ("max_tasks_per_replica", "ingress_replicas", "max_ongoing_requests"):
-        _check_int(name, getattr(config, name), 1)
-    for name in ("num_cpus", "num_gpus", "ingress_num_cpus"):
-        _check_number(name, getattr(config, name), positive=False)
-    for name in ("health_check_period_s", "replica_start_timeout_s"):
-        _check_number(name, getattr(config, name), positive=True)
+    # Ray checks these numbers only after connecting, with a pydantic traceback: check them first.
+    try:
+        if config.autoscaling is None:
+            check_range("ray.num_replicas", config.num_replicas, 1, integer=True,
+                        what="an integer, or use [ray.autoscaling]")
+        for name in ("max_tasks_per_replica", "ingress_replicas", "max_ongoing_requests"):
+            check_range(f"ray.{name}", getattr(config, name), 1, integer=True)
+        for name in ("num_cpus", "num_gpus", "ingress_num_cpus"):
+            check_range(f"ray.{name}", getattr(config, name), 0)
+        for name in ("health_check_period_s", "replica_start_timeout_s"):
+            check_range(f"ray.{name}", getattr(config, name), 0, low_open=True)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     for name in ("app_name", "route_prefix"):
         if not isinstance(getattr(config, name), str) or not getattr(config, name):
             raise ConfigError(f"ray.{name} must be a non-empty string, got {getattr(config, name)!r}")

@@ -10,6 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from inlaid.cli_args import writable_dir_problem
 from inlaid.http.settings import LOOPBACK_HOSTS
 
 
@@ -140,14 +141,9 @@ def check_log_level(what: str, level: Any) -> None:
 
 def check_state_dir(path: str) -> None:
     """The server creates the state directory at start-up: refuse one it could not."""
-    existing = Path(path)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        where = "is a file" if existing == Path(path) else f"is inside {existing}, a file"
-        raise ConfigError(f"server.state_dir {path} {where}; name a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"server.state_dir {path}: {existing} is not writable")
+    problem = writable_dir_problem(Path(path), "server.state_dir")
+    if problem:
+        raise ConfigError(problem)
 
 
 def check_quantized_dir(path: str) -> None:
