@@ -7,7 +7,9 @@ and never a silently different request.
 * chat messages follow the HTTP front's rule, which both now call (`chat_messages`): the
   same messages are accepted (as the same protocol messages) and refused (naming the same
   parameter);
-* lone surrogates in texts and NaN timeouts are refused by name.
+* lone surrogates in texts and NaN timeouts are refused by name;
+* `sampling=SamplingParams(...)` with sampling keywords beside it is refused (it won silently),
+  and the struct's own stop / stop_token_ids get the keywords' checks.
 
 Everything but the last test runs without a server: the checks live in `build_generate`,
 which both clients share, and the clients refuse before they send. The last test runs the
@@ -17,6 +19,7 @@ real server once: a str stop gives the in-process engine's answer with that stop
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 from typing import Any
 
@@ -25,11 +28,11 @@ import pytest
 
 from inlaid.cli import main
 from inlaid.client import AsyncClient, Client, InvalidRequestError
-from inlaid.client.messages import build_generate
+from inlaid.client.messages import _KEYWORD_DEFAULTS, build_generate
 from inlaid.http.errors import ApiError, from_decode_error
 from inlaid.http.schema import ChatCompletionRequest
 from inlaid.http.translate import chat_call
-from inlaid.protocol import ChatMessage, Generate
+from inlaid.protocol import ChatMessage, Generate, SamplingParams
 
 NOBODY = "tcp://127.0.0.1:9"  # nothing listens: a request that got as far as sending would time out
 DEFAULTS: dict[str, Any] = dict(prompt=None, task=None, messages=None, prompt_token_ids=None, sampling=None,
@@ -61,6 +64,39 @@ def test_stop_and_stop_token_ids_forms():
         _refused("stop_token_ids", stop_token_ids=ids)
     _refused("prompt_token_ids", prompt=None, prompt_token_ids=7)
     assert _build(prompt=None, prompt_token_ids=(1, 2)).prompt_token_ids == [1, 2]
+
+
+def _signature_defaults() -> dict[str, dict[str, Any]]:
+    return {f"{cls.__name__}.{name}": {p: inspect.signature(getattr(cls, name)).parameters[p].default
+                                       for p in _KEYWORD_DEFAULTS}
+            for cls in (Client, AsyncClient) for name in ("generate", "stream")}
+
+
+def test_sampling_struct_or_keywords_not_both():
+    """`sampling=SamplingParams(...)` used to win silently over keywords passed beside it, and
+    its own stop / stop_token_ids skipped the checks the keywords get."""
+    keywords_at_default = {**DEFAULTS, "max_tokens": 64}
+    struct = SamplingParams(max_tokens=9, temperature=0.5, stop="zs")  # type: ignore[arg-type]
+    sent = build_generate("req-1", **{**keywords_at_default, "prompt": "Hi", "sampling": struct})
+    assert sent.sampling.max_tokens == 9 and sent.sampling.temperature == 0.5
+    assert sent.sampling.stop == ["zs"]  # one stop string, as the keyword form reads it
+    for name, value in (("max_tokens", 8), ("temperature", 0.7), ("top_k", 5), ("top_p", 0.9), ("seed", 1),
+                        ("stop", "x"), ("stop", ["x"]), ("stop_token_ids", [3]), ("ignore_eos", True)):
+        with pytest.raises(InvalidRequestError) as caught:
+            build_generate("req-1", **{**keywords_at_default, "prompt": "Hi", "sampling": struct, name: value})
+        assert caught.value.param == "sampling" and f"{name}=" in caught.value.message, caught.value
+    # The keyword defaults' empty forms are no conflict: None, [] and () all mean "no stops".
+    for empty in (None, [], ()):
+        build_generate("req-1", **{**keywords_at_default, "prompt": "Hi", "sampling": struct, "stop": empty,
+                                   "stop_token_ids": empty})
+    with pytest.raises(InvalidRequestError) as caught:
+        build_generate("req-1", **{**keywords_at_default, "prompt": "Hi", "sampling": {"max_tokens": 9}})
+    assert caught.value.param == "sampling" and "dict" in caught.value.message
+    _refused("stop_token_ids", max_tokens=64, sampling=SamplingParams(stop_token_ids=[1, "2"]))  # type: ignore[list-item]
+    _refused("stop[0]", max_tokens=64, sampling=SamplingParams(stop=["\ud800"]))
+    # The conflict check compares with the clients' own defaults: they must not drift apart.
+    for where, defaults in _signature_defaults().items():
+        assert {p: [] if d == () else d for p, d in defaults.items()} == _KEYWORD_DEFAULTS, where
 
 
 def test_lone_surrogates_are_refused_by_name():

@@ -107,17 +107,19 @@ def build_generate(
     is sent (InvalidRequestError naming the argument); the sampling values themselves are the
     server's to judge, as for a request through the HTTP front."""
     try:
+        keywords = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                        stop=checked_stop(stop), stop_token_ids=checked_token_ids(stop_token_ids, "stop_token_ids"),
+                        ignore_eos=ignore_eos)
         if sampling is None:
-            sampling = SamplingParams(
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                seed=seed,
-                stop=checked_stop(stop),
-                stop_token_ids=checked_token_ids(stop_token_ids, "stop_token_ids"),
-                ignore_eos=ignore_eos,
-            )
+            sampling = SamplingParams(**keywords)
+        elif not isinstance(sampling, SamplingParams):
+            raise InvalidRequestError(f"sampling must be an inlaid.protocol.SamplingParams or None, "
+                                      f"got {type(sampling).__name__}", param="sampling")
+        else:
+            _refuse_both_forms(keywords)
+        sampling = msgspec.structs.replace(
+            sampling, stop=checked_stop(sampling.stop),
+            stop_token_ids=checked_token_ids(sampling.stop_token_ids, "stop_token_ids"))
         return Generate(
             request_id=request_id,
             task=None if task is None else checked_text(task, "task"),
@@ -132,6 +134,22 @@ def build_generate(
     except InvalidRequestError as error:
         error.request_id = request_id
         raise
+
+
+# The keyword arguments' defaults in Client/AsyncClient.generate and .stream, the two lists as
+# checked_stop / checked_token_ids return "none".
+_KEYWORD_DEFAULTS: dict[str, Any] = dict(max_tokens=64, temperature=0.0, top_k=0, top_p=1.0, seed=None,
+                                         stop=[], stop_token_ids=[], ignore_eos=False)
+
+
+def _refuse_both_forms(keywords: dict[str, Any]) -> None:
+    """A `sampling=` struct and sampling keywords together: one would silently win."""
+    given = [name for name, value in keywords.items() if value != _KEYWORD_DEFAULTS[name]]
+    if given:
+        raise InvalidRequestError(
+            f"sampling values come either as sampling=SamplingParams(...) or as keyword arguments, not both "
+            f"(sampling= was passed with {', '.join(f'{name}={keywords[name]!r}' for name in given)})",
+            param="sampling")
 
 
 def build_add_task(request_id: str, name: str, adapter_dir: str | os.PathLike[str],
