@@ -8,7 +8,8 @@ Ray's side and on the replica's Inlaid server alike; SIGKILL of a replica takes 
 with it, Ray replaces the replica, and requests for its task succeed again. Requests that
 cannot load (an unknown task, a catalog task with a corrupt adapter) or carry bad arguments
 are refused without unloading any task; a replica whose server cannot start leaves no
-temp folder behind.
+temp folder behind, and a starting replica removes the folders of replicas that died without
+cleaning up; SIGTERM on the deploy command deletes its application, as Ctrl-C does.
 """
 
 from __future__ import annotations
@@ -164,6 +165,8 @@ def test_ray_serve_routes_by_task_evicts_lru_and_replaces_a_killed_replica(ray_a
     # SIGKILL one replica: its Inlaid server dies with it, Ray starts a new replica, and the
     # task it held is served again.
     victim = _describe(handle, "sentiment")
+    [victim_folder] = [d for d in Path(tempfile.gettempdir()).glob("inlaid-replica-*")
+                       if (d / "replica.pid").exists() and (d / "replica.pid").read_text() == str(victim.pid)]
     os.kill(victim.pid, signal.SIGKILL)
     deadline = time.monotonic() + 90
     while True:
@@ -179,6 +182,8 @@ def test_ray_serve_routes_by_task_evicts_lru_and_replaces_a_killed_replica(ray_a
     replicas = {_describe(handle, task).replica for task in TASKS}
     assert victim.replica not in replicas
     assert not _process_alive(victim.server_pid)
+    # Its folder is gone: the replacement replica removed it (the victim could not).
+    assert not victim_folder.exists()
     answer = api.completions.create(model=TASKS[0], prompt=PROMPT, max_tokens=8, temperature=0)
     assert answer.choices[0].text == reference[TASKS[0]]
 
@@ -239,3 +244,74 @@ def test_a_replica_server_that_cannot_start_leaves_no_temp_folder(tmp_path, monk
     with pytest.raises(RuntimeError, match="exited"):
         _ChildServer(sections, start_timeout_s=60.0)
     assert list(tmp_path.glob("inlaid-replica-*")) == []
+
+
+def test_a_starting_replica_removes_folders_of_dead_replicas(tmp_path, monkeypatch) -> None:
+    """A replica killed with SIGKILL cannot remove its folder; the next replica on the node
+    does, when the folder's replica process is gone. Live owners' folders and folders without
+    an owner file (being made right now) stay."""
+    import subprocess
+    import sys
+
+    from inlaid.integrations.ray import _ChildServer
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    owners = {"inlaid-replica-dead": str(exited.pid), "inlaid-replica-live": str(os.getpid()),
+              "inlaid-replica-garbled": "not a pid", "inlaid-replica-unowned": None}
+    for name, owner in owners.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "server.log").write_text("old")
+        if owner is not None:
+            (tmp_path / name / "replica.pid").write_text(owner)
+    sections = {"model": {"dir": str(tmp_path / "no-model")}, "executor": {"threads": 1}, "server": {}}
+    with pytest.raises(RuntimeError, match="exited"):
+        _ChildServer(sections, start_timeout_s=60.0)
+    assert sorted(p.name for p in tmp_path.glob("inlaid-replica-*")) == [
+        "inlaid-replica-garbled", "inlaid-replica-live", "inlaid-replica-unowned"]
+
+
+def test_sigterm_on_the_deploy_command_deletes_its_application(model_dir, tmp_path) -> None:
+    """`python -m inlaid.integrations.ray` on a cluster of its own (--address local), SIGTERM
+    once the app answers through Ray's proxy: the same path as Ctrl-C (serve.delete, one line,
+    exit 128 + 15). SIGTERM used to kill it with the application left deployed."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from inlaid.serve.launcher import free_tcp_port, to_toml
+
+    port = free_tcp_port()
+    config = tmp_path / "ray.toml"
+    config.write_text(to_toml({
+        "ray": {"num_replicas": 1, "max_tasks_per_replica": 1, "num_cpus": 0.5, "ingress_num_cpus": 0.1,
+                "http_port": port, "replica_start_timeout_s": 120.0, "app_name": "sigterm-test"},
+        "model": {"dir": str(model_dir)},
+        "executor": {"threads": 1, "num_kv_blocks": 32, "max_num_seqs": 2, "max_lora_slots": 1},
+        "server": {"log_level": "WARNING"},
+        "tasks": {TASKS[0]: str(ADAPTERS / TASKS[0])},
+    }))  # fmt: skip
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    deploy = subprocess.Popen([sys.executable, "-m", "inlaid.integrations.ray", "--config", str(config),
+                               "--address", "local"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert deploy.poll() is None, deploy.stderr.read().decode(errors="replace")[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as answer:
+                    assert TASKS[0] in answer.read().decode()
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the deployment never answered"
+                time.sleep(1.0)
+        deploy.send_signal(signal.SIGTERM)
+        _, stderr = deploy.communicate(timeout=120)
+    finally:
+        if deploy.poll() is None:
+            deploy.kill()
+            deploy.wait()
+    assert deploy.returncode == 128 + signal.SIGTERM, stderr.decode(errors="replace")[-3000:]
+    assert "inlaid ray: terminated; deleting application 'sigterm-test'" in stderr.decode(errors="replace")
+    assert "may still be deployed" not in stderr.decode(errors="replace")

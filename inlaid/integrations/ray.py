@@ -63,13 +63,42 @@ def _error_reply(error: InlaidError) -> ErrorReply:
     return ErrorReply(request_id=error.request_id, code=error.code, message=message)
 
 
+_WORKDIR_PREFIX = "inlaid-replica-"
+_OWNER_FILE = "replica.pid"  # the replica process whose server the folder holds
+
+
+def _remove_orphaned_workdirs() -> None:
+    """Folders of replicas that died without cleaning up (SIGKILL, the node's OOM killer: Ray
+    then starts a new replica, which lands here). A folder without an owner file is being
+    made right now, or predates them: left alone."""
+    for workdir in Path(tempfile.gettempdir()).glob(f"{_WORKDIR_PREFIX}*"):
+        try:
+            owner = int((workdir / _OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if not _process_exists(owner):
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 class _ChildServer:
     """`inlaid serve` as this process's child. It is started from a thread that lives exactly
     as long as the child (PR_SET_PDEATHSIG fires when the *thread* that forked exits), so the
     server is killed when the replica process dies, however it dies."""
 
     def __init__(self, sections: dict[str, dict[str, Any]], start_timeout_s: float) -> None:
-        self.workdir = Path(tempfile.mkdtemp(prefix="inlaid-replica-"))
+        _remove_orphaned_workdirs()
+        self.workdir = Path(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX))
+        (self.workdir / _OWNER_FILE).write_text(str(os.getpid()))
         self.process: subprocess.Popen[bytes] | None = None
         try:
             self._start(sections, start_timeout_s)
@@ -349,19 +378,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"inlaid ray: no Ray cluster at {args.address!r} ({error}); start one with `ray start --head`, or "
               "pass --address local for a cluster inside this process", file=sys.stderr)
         return 2
+    terminated: list[int] = []
+
+    def interrupt(signum: int, frame: object) -> None:
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    # SIGTERM (`kill`, a process manager's stop) ends the deployment as Ctrl-C does.
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         serve.start(http_options={"host": config.http_host, "port": config.http_port})
         serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=True)
     except KeyboardInterrupt:
         # Ctrl-C ends the deployment this command made: without the delete, the app would
         # keep serving (and holding GPUs) on the cluster after the command is gone.
-        print(f"inlaid ray: interrupted; deleting application {config.app_name!r}", file=sys.stderr)
+        how = "terminated" if terminated else "interrupted"
+        print(f"inlaid ray: {how}; deleting application {config.app_name!r}", file=sys.stderr)
         try:
             serve.delete(config.app_name)
         except KeyboardInterrupt:
             print(f"inlaid ray: interrupted again; application {config.app_name!r} may still be deployed "
                   f"(serve.delete it, or `serve shutdown`)", file=sys.stderr)
-        return 130  # the shell's convention for a command ended by SIGINT
+        return 128 + (terminated[0] if terminated else signal.SIGINT)  # the shell's convention
     return 0
 
 
