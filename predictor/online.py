@@ -1,7 +1,7 @@
 """The online length predictor: learns from the server's finished requests, bounded memory.
 
-Every finished request updates the model at once with one small online step
-(`LengthPredictor.update`, microseconds) and goes into a reservoir of the most recent
+Every finished request moves its task's level at once (`LengthPredictor.update`, a
+residual mean, microseconds) and goes into a reservoir of the most recent
 `capacity` requests in which no task keeps more than `per_task_capacity` (a popular task
 cannot push a rare one out). Every `refit_every` new requests (0: never) the ridge model
 is refitted on the whole reservoir: on a background thread in the server (the event loop
@@ -12,6 +12,7 @@ only hashes the prompt and appends), or inline when `background` is off. The sta
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import zipfile
@@ -70,11 +71,12 @@ class OnlineLengthPredictor:
         return self.model.predict(task, prompt_token_ids)
 
     def observe(self, task: str | None, prompt_token_ids: Sequence[int], output_tokens: int) -> None:
-        """A finished request: one online learning step now, a refit when one is due."""
+        """A finished request: its task's level moves now, a refit when one is due."""
+        _check_length(output_tokens)
         index, value = self.model.features(task, prompt_token_ids)
         with self._lock:
             self._add(task, prompt_token_ids, index, value, output_tokens)
-            self.model.update(index, value, output_tokens)
+            self.model.update(task, index, value, output_tokens)
             self._since_fit += 1
             due = 0 < self.refit_every <= self._since_fit
         if due:
@@ -83,6 +85,7 @@ class OnlineLengthPredictor:
     def remember(self, task: str | None, prompt_token_ids: Sequence[int], output_tokens: int) -> None:
         """A past request into the reservoir (and the task means), no learning step: seeding
         a predictor with history before one `refit`."""
+        _check_length(output_tokens)
         index, value = self.model.features(task, prompt_token_ids)
         with self._lock:
             self._add(task, prompt_token_ids, index, value, output_tokens)
@@ -108,21 +111,23 @@ class OnlineLengthPredictor:
             self._thread.join()
         with self._lock:
             rows = [row for task_rows in self._rows.values() for row in task_rows]
+            tasks = [task for task, task_rows in self._rows.items() if task_rows]
             self._since_fit = 0
         if not rows:
             return
         if wait:
-            self._fit(rows)
+            self._fit(rows, tasks)
         else:
-            self._thread = threading.Thread(target=self._fit, args=(rows,), name="length-predictor-fit", daemon=True)
+            self._thread = threading.Thread(target=self._fit, args=(rows, tasks), name="length-predictor-fit",
+                                            daemon=True)
             self._thread.start()
 
-    def _fit(self, rows: list[_Row]) -> None:
+    def _fit(self, rows: list[_Row], tasks: list[str]) -> None:
         weights = self.model.solve_both([(index, value) for index, value, _ in rows], [y for _, _, y in rows])
-        # Swapped under the lock, so no online step writes into a replaced model. Steps made
-        # since the snapshot are superseded; their requests are in the next refit.
+        # Swapped under the lock, so no residual is added against a replaced model. Residuals
+        # since the snapshot are dropped; their requests are in the next refit.
         with self._lock:
-            self.model.set_weights(*weights)
+            self.model.set_weights(*weights, tasks=tasks)
             self.fits += 1
         self._save_state()
 
@@ -203,6 +208,12 @@ class OnlineLengthPredictor:
             rows.append((state["reservoir_indices"][start:end], state["reservoir_values"][start:end], float(target)))
             predictor._size += 1
         return predictor
+
+
+def _check_length(output_tokens: float) -> None:
+    # One NaN shifted every later prediction and made the saved state unloadable.
+    if not (isinstance(output_tokens, (int, float, np.integer, np.floating)) and 0 <= output_tokens < math.inf):
+        raise ValueError(f"output_tokens must be a finite number >= 0, got {output_tokens!r}")
 
 
 def _read_state(path: Path) -> dict[str, np.ndarray]:
