@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 
@@ -39,6 +40,8 @@ def test_metrics_after_a_known_workload(server, base_model):
         results = asyncio.run(_generate_all(server, jobs))
         with pytest.raises(UnknownTaskError):
             client.generate("x", task="no-such-task")
+        with pytest.raises(UnknownTaskError):  # the base's metrics label, as a task name: unknown too
+            client.generate("x", task="__base__")
         steps = client.stats().steps - steps_before
     after = scrape(server)
     by_task: dict[str, list] = {}
@@ -60,7 +63,8 @@ def test_metrics_after_a_known_workload(server, base_model):
         # Latencies are positive and no larger than the client saw.
         total = delta(before, after, "inlaid_request_duration_seconds_sum", task=label)
         assert 0 < total <= sum(r.total_seconds for r in done) + 0.05 * len(done)
-    assert delta(before, after, "inlaid_requests_total", task="__unknown__", outcome="unknown_task") == 1
+    assert delta(before, after, "inlaid_requests_total", task="__unknown__", outcome="unknown_task") == 2
+    assert value(after, "inlaid_requests_total", task="__base__", outcome="unknown_task") == 0
     # Per step: one observation per step; every sequence-step is one generated token (each
     # prompt fits one step), every computed token a prompt token or a fed-back sample.
     everything = [r for done in by_task.values() for r in done]
@@ -88,6 +92,25 @@ def test_metrics_after_a_known_workload(server, base_model):
     assert value(own, "inlaid_generation_tokens_total", task="attn-r8") == value(
         after, "inlaid_generation_tokens_total", task="attn-r8")
     assert not any(name.startswith("inlaid_http_") for name, _ in own)
+
+
+def test_the_metrics_port_and_the_front_answer_alike(server):
+    """`/metrics` on either: GET and HEAD 200; another path 404 (the port served the
+    exposition for any path, and refused HEAD)."""
+    for base in (server.http_url, f"http://127.0.0.1:{_metrics_port(server)}"):
+        for method, path, status in (("GET", "/metrics", 200), ("HEAD", "/metrics", 200), ("GET", "/foo", 404),
+                                     ("POST", "/metrics", 405)):
+            request = urllib.request.Request(f"{base}{path}", method=method)
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    got, body = response.status, response.read()
+            except urllib.error.HTTPError as error:
+                got, body = error.code, error.read()
+            assert got == status, (base, method, path, got, body[:200])
+            if status == 200 and method == "HEAD":
+                assert body == b""
+            elif status != 200:
+                assert json.loads(body)["error"]["code"] == ("not_found" if status == 404 else None)
 
 
 async def _generate_all(server, jobs):

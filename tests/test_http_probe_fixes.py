@@ -68,12 +68,12 @@ class _StandInClient:
 
 
 def _post(app: Any, path: str, body: bytes, headers: tuple[tuple[bytes, bytes], ...] = (),
-          more_body: bool = False) -> tuple[int, bytes]:
-    """One POST through the ASGI app, as uvicorn would run it; `more_body`: the client
-    sends `body` and then nothing more (a stalled upload)."""
+          more_body: bool = False, method: str = "POST") -> tuple[int, bytes]:
+    """One POST (or `method`) through the ASGI app, as uvicorn would run it; `more_body`: the
+    client sends `body` and then nothing more (a stalled upload)."""
 
     async def run() -> tuple[int, bytes]:
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
                  "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
                  "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
                  "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000)}

@@ -15,7 +15,7 @@ from inlaid.client import ContextLengthError, OverloadedError, RequestTimeoutErr
 from inlaid.http.errors import ApiError, from_decode_error, from_inlaid
 from inlaid.http.front_metrics import route_label
 from inlaid.http.schema import ChatCompletionRequest, CompletionRequest
-from inlaid.http.settings import HttpConfig
+from inlaid.http.settings import DEFAULT_MAX_BODY_BYTES, HttpConfig
 from inlaid.http.translate import chat_call, completion_call
 from inlaid.protocol import ChatMessage
 from inlaid.serve.config import ConfigError, config_from_dict
@@ -30,7 +30,8 @@ def _config(model_dir, **sections):
 def test_http_and_metrics_sections(model_dir):
     assert _config(model_dir).http is None and _config(model_dir).metrics is None
     config = _config(model_dir, http={}, metrics={"port": 9464})
-    assert config.http == HttpConfig(max_prompts_per_request=16)  # the default, resolved against the server's limit
+    # The defaults, resolved against the server's limits (pending requests, frame size).
+    assert config.http == HttpConfig(max_prompts_per_request=16, max_body_bytes=DEFAULT_MAX_BODY_BYTES)
     assert (config.metrics.host, config.metrics.port) == ("127.0.0.1", 9464)
     # A server admitting fewer requests than the default list length: the default shrinks to
     # it (configs written before the setting keep loading); an explicit larger value is refused.
@@ -122,7 +123,7 @@ REFUSED = [
     (lambda: chat_call(_chat(tools=[{"type": "function"}]), BASE, 99), "tools"),
     (lambda: chat_call(_chat(tool_choice="auto"), BASE, 99), "tool_choice"),
     (lambda: chat_call(_chat(response_format={"type": "json_object"}), BASE, 99), "response_format"),
-    (lambda: chat_call(_chat(top_logprobs=2), BASE, 99), "logprobs"),
+    (lambda: chat_call(_chat(top_logprobs=2), BASE, 99), "top_logprobs"),
     (lambda: chat_call(_chat(modalities=["text", "audio"]), BASE, 99), "modalities"),
     (lambda: chat_call(_chat(audio={"voice": "alloy", "format": "wav"}), BASE, 99), "audio"),
     (lambda: chat_call(_chat(reasoning_effort="low"), BASE, 99), "reasoning_effort"),

@@ -99,6 +99,9 @@ def create_app(address: str, config: HttpConfig, client: Any = None,
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: _http_exception, Exception: _internal_error})
+    # `/v1/completions/` is an unknown path (a JSON 404), not a 307 to the path without the
+    # slash: a redirected POST is a second request the official clients do not make.
+    app.router.redirect_slashes = False
     metrics = HttpMetrics(app)
     app.state.http_metrics = metrics
     return metrics
@@ -136,7 +139,7 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 
 async def _read_json(request: Request, kind: type[Any], config: HttpConfig) -> Any:
-    max_bytes, send_timeout_s = config.max_body_bytes, config.client_send_timeout_s
+    max_bytes, send_timeout_s = config.body_bytes_limit, config.client_send_timeout_s
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":  # a compressed body would be read as (invalid) JSON
         raise ApiError(415, f"request bodies with Content-Encoding {encoding!r} are not accepted; send it uncompressed",
@@ -208,14 +211,19 @@ async def _models(front: Front, request: Request) -> Response:
 
 async def _model(front: Front, request: Request) -> Response:
     wanted = request.path_params["model"]
-    for card in await _model_cards(front):
+    cards = await _model_cards(front)
+    for card in cards:
         if card.id == wanted:
             return Response(msgspec.json.encode(card), media_type=_JSON)
-    raise ApiError(404, f"The model `{wanted}` does not exist.", code="model_not_found", param="model")
+    known = ", ".join(f"`{card.id}`" for card in cards)
+    raise ApiError(404, f"The model `{wanted}` does not exist; this server has: {known}.", code="model_not_found",
+                   param="model")
 
 
 async def _load_lora_adapter(front: Front, request: Request) -> Response:
     body = await _read_json(request, LoadLoraAdapterRequest, front.config)
+    if not body.lora_path:  # the server would resolve "" to its working directory
+        raise bad_request("lora_path must not be empty", "lora_path")
     if body.lora_name == (await front.server()).model:
         raise bad_request(f"{body.lora_name!r} is the base model's id; choose another name", "lora_name")
     async with front.admin_client(request) as client:

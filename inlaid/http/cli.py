@@ -18,7 +18,7 @@ import socket
 import sys
 from typing import TYPE_CHECKING
 
-from inlaid.http.settings import HttpConfig
+from inlaid.http.settings import DEFAULT_MAX_BODY_BYTES, HttpConfig
 
 if TYPE_CHECKING:
     import uvicorn
@@ -36,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=None, help=f"listen host (default {HttpConfig.host})")
     parser.add_argument("--port", type=int, default=None, help=f"listen port (default {HttpConfig.port})")
     parser.add_argument("--request-timeout", type=float, default=None, help="seconds one generate may take")
-    parser.add_argument("--max-body-bytes", type=int, default=None, help="larger request bodies are refused (413)")
+    parser.add_argument("--max-body-bytes", type=int, default=None,
+                        help=f"larger request bodies are refused (413; default {DEFAULT_MAX_BODY_BYTES}, what the "
+                        "server's default frame limit carries)")
     parser.add_argument("--max-prompts", type=int, default=None,
                         help="prompts one /v1/completions request may list (default 16); more are refused (400)")
     parser.add_argument("--allow-public-bind", action="store_true", help="allow a non-loopback listen host")
@@ -52,18 +54,22 @@ def settings_from_args(args: argparse.Namespace) -> tuple[str, HttpConfig]:
     from inlaid.client.messages import DEFAULT_ADDRESS
 
     address, config, allow_public = DEFAULT_ADDRESS, HttpConfig(), args.allow_public_bind
+    max_frame_bytes: int | None = None  # the server's, when its config is at hand
     if args.config:
         from inlaid.serve.config import load_config
 
         server = load_config(args.config)
         address, config = server.address, server.http or HttpConfig()
         allow_public = allow_public or server.allow_public_bind
+        max_frame_bytes = server.limits.max_frame_bytes
     overrides = {"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout,
                  "max_body_bytes": args.max_body_bytes, "max_prompts_per_request": args.max_prompts}
     for name, value in overrides.items():
         if value is not None:
             setattr(config, name, value)
     config.validate(allow_public)
+    if max_frame_bytes is not None:  # again: --max-body-bytes may have raised the config's value
+        config.fit_to_frames(max_frame_bytes)
     return args.address or address, config
 
 

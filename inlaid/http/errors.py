@@ -45,6 +45,10 @@ _UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `([^`]*)`")
 _MISSING_FIELD = re.compile(r"^Object missing required field `([^`]*)`")
 # The server's refusals of sampling values start with the field's name (SamplingParams.validate).
 _SAMPLING_FIELD = re.compile(r"^(max_tokens|temperature|top_p|top_k|stop_token_ids|stop|seed)\b")
+# The server's refusals of a prompt: "the prompt is empty", "prompt token ids must be ...".
+_PROMPT_PROBLEM = re.compile(r"^(the prompt|prompt token ids)\b")
+# The server's frame refusal (serve/frames.py), in its own terms.
+_FRAME_SIZES = re.compile(r"^frame of (\d+) bytes; the limit is (\d+)")
 
 
 class ApiError(Exception):
@@ -75,27 +79,44 @@ def bad_request(message: str, param: str | None = None) -> ApiError:
 
 
 def from_inlaid(error: InlaidError, model: str | None = None, *, not_found_param: str | None = None,
-                prompt_param: str | None = None) -> ApiError:
+                prompt_param: str | None = None, base_model: str | None = None) -> ApiError:
     """The HTTP form of an SDK error (the server's typed reply, or the SDK's own). A 404 names
-    `model` for a generation request (`model` given), else `not_found_param` (`lora_name`);
-    a refused prompt names `prompt_param` (`prompt`, or `messages` for chat)."""
+    `model` for a generation request (`model` given; `base_model`, also a valid model, is
+    named in its message), else `not_found_param` (`lora_name`); a refused prompt names
+    `prompt_param` (`prompt`, `prompt[i]` for one of several, or `messages` for chat)."""
     status, kind, code = _BY_CODE.get(error.code, (500, "server_error", error.code))
     message = _SERVER_PREFIX.sub("", error.message)
     if error.code == "timeout":  # the SDK's message names the server's internal address: not the client's business
         message = "the server did not answer within http.request_timeout_s; the request was cancelled"
     if error.code == ErrorCode.UNKNOWN_TASK and model is not None:
         message = f"The model `{model}` does not exist (no such task on this server). {message}"
+        if base_model:  # the server lists its tasks; the base is a model over HTTP too
+            message += f". The base model `{base_model}` is also a valid model."
     param = ("model" if model is not None else not_found_param) if status == 404 else None
-    if error.code == ErrorCode.CONTEXT_LENGTH:
+    if error.code == ErrorCode.FRAME_TOO_LARGE:
+        message = _frame_message(message)
+        param = prompt_param
+    elif error.code == ErrorCode.CONTEXT_LENGTH:
         param = prompt_param
     elif error.code == ErrorCode.INVALID_REQUEST:
         if field := _SAMPLING_FIELD.match(message):
             param = field.group(1)
-        elif message.startswith("the prompt"):
+        elif _PROMPT_PROBLEM.match(message):
             param = prompt_param
         elif message.startswith("task name"):  # check_task_name's refusals: an adapter's name
             param = "lora_name"
     return ApiError(status, message, code=code, type=kind, param=param)
+
+
+def _frame_message(server_message: str) -> str:
+    """The server's "frame of N bytes; the limit is M" as the client can act on it: its body
+    passed the front's limit, but the message it became exceeds the server's."""
+    sizes = _FRAME_SIZES.match(server_message)
+    size = f"{sizes.group(1)} bytes, over" if sizes else "over"
+    limit = f" of {sizes.group(2)} bytes" if sizes else ""
+    return (f"the request is too large for the server: its message to the server is {size} the server's limit"
+            f"{limit} (server.max_frame_bytes); send a shorter prompt, or ask the server's operator to raise "
+            "server.max_frame_bytes")
 
 
 def from_decode_error(error: msgspec.MsgspecError) -> ApiError:

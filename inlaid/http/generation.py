@@ -57,8 +57,15 @@ class GenerationResponse(Response):
         if not work.cancelled() and work.exception() is not None:
             raise work.exception()  # type: ignore[misc]
 
-    def _api_error(self, error: InlaidError) -> ApiError:
-        return from_inlaid(error, self.call.model, prompt_param="messages" if self.chat else "prompt")
+    def _api_error(self, error: InlaidError, index: int | None = None) -> ApiError:
+        """`index`: the prompt whose request failed; named (`prompt[1]`) when the request
+        listed several, so that the client knows which one the server refused."""
+        one_of_several = index is not None and len(self.call.prompts) > 1
+        prompt_param = "messages" if self.chat else f"prompt[{index}]" if one_of_several else "prompt"
+        api_error = from_inlaid(error, self.call.model, prompt_param=prompt_param, base_model=self.call.base_model)
+        if one_of_several and api_error.param == prompt_param:  # the message says which prompt too
+            api_error.message = f"{prompt_param}: {api_error.message}"
+        return api_error
 
     def _generate_kwargs(self, prompt: dict[str, Any]) -> dict[str, Any]:
         return {**prompt, **self.call.options, "task": self.call.task}
@@ -71,7 +78,9 @@ class GenerationResponse(Response):
         except InlaidError as error:
             for job in jobs:
                 job.cancel()  # the other prompts' requests are cancelled on the server
-            await _send_error(send, self._api_error(error))
+            failed = next((i for i, job in enumerate(jobs) if job.done() and not job.cancelled()
+                           and job.exception() is error), None)
+            await _send_error(send, self._api_error(error, failed))
             return
         finally:
             if any(not job.done() for job in jobs):  # this task was cancelled: the client went away
@@ -90,8 +99,11 @@ class GenerationResponse(Response):
                 events = _merged(streams)
                 # The first piece decides the status: a refused request gets its HTTP error.
                 first: tuple[int, TextChunk | GenerateResult] | None = await anext(events)
-            except InlaidError as error:
-                await _send_error(send, self._api_error(error))
+            except InlaidError as error:  # refused as it was sent: the prompt after those sent
+                await _send_error(send, self._api_error(error, len(streams)))
+                return
+            except _PromptFailed as failed:
+                await _send_error(send, self._api_error(failed.error, failed.index))
                 return
             try:
                 await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
@@ -118,8 +130,8 @@ class GenerationResponse(Response):
                     results.append(item)
                     await _send_event(send, self._text_event(index, "", finish_reason(item.finish_reason)))
                 pending = await anext(events, None)
-        except InlaidError as error:  # failed mid-stream: OpenAI's error event ends the stream
-            await _send_event(send, self._api_error(error).body())
+        except _PromptFailed as failed:  # failed mid-stream: OpenAI's error event ends the stream
+            await _send_event(send, self._api_error(failed.error, failed.index).body())
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         if self.call.include_usage:
@@ -145,10 +157,19 @@ class GenerationResponse(Response):
                           choices=[], usage=usage(results))
 
 
+class _PromptFailed(Exception):
+    """The SDK error of one prompt's stream, with the prompt's index."""
+
+    def __init__(self, index: int, error: InlaidError) -> None:
+        super().__init__(str(error))
+        self.index = index
+        self.error = error
+
+
 async def _merged(streams: list[Any]) -> AsyncIterator[tuple[int, TextChunk | GenerateResult]]:
     """(prompt index, chunk) as they come from several SDK streams, then each one's result.
-    Raises the first error a stream meets. Closing it stops reading; the caller closes the
-    streams (which cancels those still running on the server)."""
+    Raises the first error a stream meets (an SDK error as `_PromptFailed`). Closing it stops
+    reading; the caller closes the streams (which cancels those still running on the server)."""
     queue: asyncio.Queue[tuple[int, TextChunk | GenerateResult | Exception]] = asyncio.Queue()
 
     async def pump(index: int, stream: Any) -> None:
@@ -165,6 +186,8 @@ async def _merged(streams: list[Any]) -> AsyncIterator[tuple[int, TextChunk | Ge
         running = len(streams)
         while running:
             index, item = await queue.get()
+            if isinstance(item, InlaidError):
+                raise _PromptFailed(index, item)
             if isinstance(item, Exception):
                 raise item
             if not isinstance(item, TextChunk):

@@ -85,7 +85,7 @@ class HttpFrontProcess:
             "--port", str(self.config.port),
             "--allow-public-bind",  # the server config has checked the host already
             "--request-timeout", str(self.config.request_timeout_s),
-            "--max-body-bytes", str(self.config.max_body_bytes),
+            "--max-body-bytes", str(self.config.body_bytes_limit),
             "--max-prompts", str(self.config.prompts_per_request_limit),
             "--parent-pid", str(os.getpid()),
             "--log-level", self.log_level,

@@ -1,9 +1,12 @@
 """The HTTP front's settings: the `[http]` section of the server config. Imports nothing
-heavier than the standard library, so the server config and the front can both use it."""
+heavier than the protocol's constants (msgspec), so the server config and the front can
+both use it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from inlaid.protocol.client import DEFAULT_MAX_FRAME_BYTES
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
@@ -22,6 +25,19 @@ def check_listen_address(section: str, host: str, port: int, allow_public_bind: 
 
 DEFAULT_MAX_PROMPTS = 16
 MAX_TIMEOUT_S = 1e6  # as the server's timers (serve/config.py MAX_SECONDS)
+# What a request's message to the server (one ZeroMQ frame, msgpack) may carry beyond the
+# bytes of the HTTP body it came from: the request id, the message's field names, the
+# sampling values the front fills in (at most ~400 bytes measured). Everything else in a
+# frame comes from the body and is no larger in msgpack than in JSON, so a body within
+# `max_frame_bytes - FRAME_HEADROOM_BYTES` always fits the server's frame limit.
+FRAME_HEADROOM_BYTES = 1024
+DEFAULT_MAX_BODY_BYTES = DEFAULT_MAX_FRAME_BYTES - FRAME_HEADROOM_BYTES
+MIN_BODY_BYTES = 1024
+
+
+def max_body_bytes_for(max_frame_bytes: int) -> int:
+    """The largest body whose requests a server with `server.max_frame_bytes` always accepts."""
+    return max_frame_bytes - FRAME_HEADROOM_BYTES
 
 
 @dataclass
@@ -30,7 +46,9 @@ class HttpConfig:
     port: int = 8000
     # One generate through the SDK (for a stream: the wait for each next piece).
     request_timeout_s: float = 600.0
-    max_body_bytes: int = 1 << 20  # larger request bodies: 413
+    # Larger request bodies: 413. None: DEFAULT_MAX_BODY_BYTES, and under `inlaid serve` at
+    # most what server.max_frame_bytes carries (`fit_to_frames`).
+    max_body_bytes: int | None = None
     # Seconds a client may take to send a request's head, and again its body: then 408 (a
     # connection that never finishes its request would otherwise hold a descriptor for ever).
     client_send_timeout_s: float = 30.0
@@ -43,6 +61,27 @@ class HttpConfig:
     def prompts_per_request_limit(self) -> int:
         return DEFAULT_MAX_PROMPTS if self.max_prompts_per_request is None else self.max_prompts_per_request
 
+    @property
+    def body_bytes_limit(self) -> int:
+        return DEFAULT_MAX_BODY_BYTES if self.max_body_bytes is None else self.max_body_bytes
+
+    def fit_to_frames(self, max_frame_bytes: int) -> None:
+        """Against the server's `server.max_frame_bytes` (known when one config holds both):
+        the default body limit shrinks to what a frame carries; an explicit larger one is
+        refused (ValueError): bodies between the two would pass the front and be refused
+        by the server with a frame-size error the client cannot relate to its request."""
+        fits = max_body_bytes_for(max_frame_bytes)
+        if fits < MIN_BODY_BYTES:
+            raise ValueError(f"server.max_frame_bytes ({max_frame_bytes}) leaves no room for HTTP request bodies: "
+                             f"[http] needs server.max_frame_bytes >= {MIN_BODY_BYTES + FRAME_HEADROOM_BYTES}")
+        if self.max_body_bytes is None:
+            self.max_body_bytes = min(DEFAULT_MAX_BODY_BYTES, fits)
+        elif self.max_body_bytes > fits:
+            raise ValueError(f"http.max_body_bytes ({self.max_body_bytes}) exceeds what server.max_frame_bytes "
+                             f"({max_frame_bytes}) carries: a request's message to the server is up to "
+                             f"{FRAME_HEADROOM_BYTES} bytes larger than its body, so set http.max_body_bytes <= "
+                             f"{fits} or raise server.max_frame_bytes")
+
     def validate(self, allow_public_bind: bool) -> None:
         check_listen_address("http", self.host, self.port, allow_public_bind)
         for name in ("request_timeout_s", "client_send_timeout_s"):
@@ -53,8 +92,8 @@ class HttpConfig:
                 raise ValueError(f"http.{name} must be a number of seconds > 0 and <= {MAX_TIMEOUT_S:g}, "
                                  f"got {timeout!r}")
         size = self.max_body_bytes
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1024:
-            raise ValueError(f"http.max_body_bytes must be an integer >= 1024, got {size!r}")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < MIN_BODY_BYTES):
+            raise ValueError(f"http.max_body_bytes must be an integer >= {MIN_BODY_BYTES}, got {size!r}")
         prompts = self.max_prompts_per_request
         if prompts is not None and (isinstance(prompts, bool) or not isinstance(prompts, int) or prompts < 1):
             raise ValueError(f"http.max_prompts_per_request must be an integer >= 1, got {prompts!r}")

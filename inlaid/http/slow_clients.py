@@ -1,4 +1,4 @@
-"""A deadline for a client to send a request's head (request line and headers).
+"""Bounds on a client's request head (request line and headers): a deadline, and a size.
 
 uvicorn closes idle keep-alive connections, but not one that opened and then sends its head
 slowly or never finishes it: each such connection holds a file descriptor for ever, and a
@@ -7,6 +7,12 @@ anyone else with. `HeadDeadlineProtocol` gives every request head `head_timeout_
 first byte (from the connection's opening, for the first request): past it the client gets
 408 and the connection closes. The body has its own deadline where it is read
 (`app._read_json`), where the answer can be an ordinary JSON error.
+
+The head's size is bounded too (`MAX_HEAD_BYTES`): httptools builds a header value by
+concatenating each piece the socket delivers to the value so far, so one ~100 MB header
+sent in pieces cost quadratic copying on the event loop and stalled every other client for
+seconds (and was then accepted). A head that grows past the limit gets 431 and the
+connection closes, after at most one socket read beyond it.
 """
 
 from __future__ import annotations
@@ -21,19 +27,43 @@ from inlaid.http.errors import ApiError
 log = logging.getLogger("inlaid.http")
 
 
-def head_deadline_protocol(head_timeout_s: float) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol with a deadline of `head_timeout_s` on each request head
-    (passed to `uvicorn.Config(http=...)`, which instantiates it per connection)."""
-    return type("HeadDeadlineProtocol", (HeadDeadlineProtocol,), {"head_timeout_s": head_timeout_s})
+# Request line and headers together; browsers and proxies stay far below (nginx's default
+# buffers hold 32 KiB), and uvicorn's h11 parser allows 16 KiB.
+MAX_HEAD_BYTES = 64 * 1024
+
+
+def head_deadline_protocol(head_timeout_s: float, max_head_bytes: int = MAX_HEAD_BYTES) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol with a deadline of `head_timeout_s` and a size limit of
+    `max_head_bytes` on each request head (passed to `uvicorn.Config(http=...)`, which
+    instantiates it per connection)."""
+    return type("HeadDeadlineProtocol", (HeadDeadlineProtocol,),
+                {"head_timeout_s": head_timeout_s, "max_head_bytes": max_head_bytes})
 
 
 class HeadDeadlineProtocol(HttpToolsProtocol):
     head_timeout_s: float = 30.0
+    max_head_bytes: int = MAX_HEAD_BYTES
     _head_deadline: asyncio.TimerHandle | None = None
+    # Bytes received since the current head began; the parser tells where a head ends
+    # (on_headers_complete), not where one begins inside a read, so a read carrying the end
+    # of one request and the start of the next is not counted: the bound is the limit plus
+    # at most one read (256 KiB).
+    _reading_head: bool = True
+    _head_bytes: int = 0
+    _head_refused: bool = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_head_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_refused:  # the connection is closing: the parser must not grow further
+            return
+        if self._reading_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._reading_head and self._head_bytes > self.max_head_bytes and not self.transport.is_closing():
+            self._refuse_large_head()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -41,7 +71,14 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._cancel_head_deadline()
+        self._reading_head = False
+        self._head_bytes = 0
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._reading_head = True  # what follows on this connection is the next request's head
+        self._head_bytes = 0
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_deadline()
@@ -56,6 +93,25 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
             self._head_deadline.cancel()
             self._head_deadline = None
 
+    def _refuse_large_head(self) -> None:
+        self._head_refused = True
+        self._cancel_head_deadline()
+        log.info("refusing a request head over the size limit", extra={"client": self.client,
+                                                                     "limit_bytes": self.max_head_bytes})
+        if self.cycle is not None and not self.cycle.response_complete:
+            # An answer is still being written on this connection: no 431 inside it; the
+            # connection closes once that answer is complete.
+            self.cycle.keep_alive = False
+            return
+        body = ApiError(431, f"the request's head (request line and headers) is larger than {self.max_head_bytes} "
+                             "bytes", code="request_header_fields_too_large").body()
+        self._write_and_close(b"HTTP/1.1 431 Request Header Fields Too Large", body)
+
+    def _write_and_close(self, status_line: bytes, body: bytes) -> None:
+        self.transport.write(status_line + b"\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                             + b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        self.transport.close()
+
     def _head_too_slow(self) -> None:
         self._head_deadline = None
         if self.transport.is_closing():
@@ -66,6 +122,4 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         body = ApiError(408, f"the request's head (request line and headers) did not arrive within "
                              f"{self.head_timeout_s:g} s", code="request_timeout").body()
         log.debug("closing a connection whose request head did not arrive in time", extra={"client": self.client})
-        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                             + b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        self.transport.close()
+        self._write_and_close(b"HTTP/1.1 408 Request Timeout", body)

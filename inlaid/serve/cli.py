@@ -165,10 +165,10 @@ def serve(config) -> int:  # type: ignore[no-untyped-def]
         try:
             # Bound before serving, so that a port in use fails the start with its reason.
             if config.metrics is not None:
-                from prometheus_client import start_http_server
+                from inlaid.serve.metrics_server import start_metrics_server
 
-                metrics_server, _ = start_http_server(config.metrics.port, addr=config.metrics.host,
-                                                      registry=coordinator.metrics.registry)
+                metrics_server = start_metrics_server(config.metrics.port, config.metrics.host,
+                                                      coordinator.metrics.registry)
             if config.http is not None:
                 from inlaid.http.process import HttpFrontProcess
 

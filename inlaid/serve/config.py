@@ -233,6 +233,10 @@ class ServerConfig:
         check_scheduler(self)
         if self.http is not None:
             self.http.validate(self.allow_public_bind)
+            try:  # a body the front accepts must fit the frame it becomes
+                self.http.fit_to_frames(self.limits.max_frame_bytes)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
             if self.http.max_prompts_per_request is None:  # the default, within what can be admitted
                 self.http.max_prompts_per_request = min(self.http.prompts_per_request_limit,
                                                         self.limits.max_pending_requests)

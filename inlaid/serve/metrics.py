@@ -82,7 +82,9 @@ class ServerMetrics:
         self._executors = executors
         self._tasks = registered_tasks
         self._requests = requests_by_engine_id
-        self._series: dict[str, _TaskSeries] = {}
+        # Keyed by the task as requests name it (None: the base model), never by a label:
+        # keyed by "__base__", a request naming the task "__base__" took the base's label.
+        self._series: dict[str | None, _TaskSeries] = {}
         # Each executor's adapter slots as the plans filled them, and its restarts seen.
         self._slot_holder: dict[int, dict[int, str]] = {}
         self._restarts_seen: dict[int, int] = {}
@@ -171,14 +173,15 @@ class ServerMetrics:
     def _label(self, task: str | None) -> str:
         if task is None:
             return BASE_TASK_LABEL
+        # A task with a series was admitted while registered: it may be draining now.
         return task if task in self._tasks or task in self._series else UNKNOWN_TASK_LABEL
 
     def _task_series(self, task: str | None) -> _TaskSeries:
         """Only for admitted requests, whose task is registered (or draining)."""
-        key = BASE_TASK_LABEL if task is None else task
-        series = self._series.get(key)
+        series = self._series.get(task)
         if series is None:
-            series = self._series[key] = _TaskSeries(
+            key = BASE_TASK_LABEL if task is None else task
+            series = self._series[task] = _TaskSeries(
                 prompt_tokens=self.prompt_tokens.labels(key), generation_tokens=self.generation_tokens.labels(key),
                 duration=self.duration.labels(key), queue=self.queue.labels(key),
                 first_token=self.first_token.labels(key), per_output_token=self.per_output_token.labels(key),

@@ -1,0 +1,83 @@
+"""The `[metrics]` port: the coordinator's registry at `/metrics`, in a thread of its own.
+
+prometheus_client's `start_http_server` answers the exposition for any path (`/foo` too)
+and refuses HEAD with 405. This port answers as the HTTP front's `/metrics` does, so that a
+check written against one holds for the other: GET and HEAD `/metrics` (200; HEAD without
+the body), another method there 405 naming GET and HEAD, any other path 404, both errors in
+the front's JSON error form. The exposition itself is prometheus_client's (it honours
+`Accept` for OpenMetrics, `Accept-Encoding: gzip` and `name[]` filters).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+
+METRICS_PATH = "/metrics"
+_ALLOWED = "GET, HEAD"  # as Starlette's Allow for a GET route
+
+StartResponse = Callable[..., Any]
+WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+
+def metrics_app(registry: CollectorRegistry) -> WsgiApp:
+    """The WSGI app of the metrics port."""
+    exposition = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
+        if path != METRICS_PATH:
+            return _error(start_response, "404 Not Found", f"{method} {path}: Not Found; this port serves "
+                          f"{METRICS_PATH} only", "not_found")
+        if method not in ("GET", "HEAD"):
+            return _error(start_response, "405 Method Not Allowed", f"{method} {path}: Method Not Allowed", None,
+                          [("Allow", _ALLOWED)])
+        if method == "GET":
+            return exposition(environ, start_response)
+        # HEAD: GET's status and headers (its length included), no body.
+        answer: dict[str, Any] = {}
+
+        def keep(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+            answer.update(status=status, headers=headers)
+
+        body = b"".join(exposition({**environ, "REQUEST_METHOD": "GET"}, keep))
+        start_response(answer["status"], [*answer["headers"], ("Content-Length", str(len(body)))])
+        return [b""]
+
+    return app
+
+
+def _error(start_response: StartResponse, status: str, message: str, code: str | None,
+           headers: list[tuple[str, str]] | None = None) -> list[bytes]:
+    # The HTTP front's error JSON (inlaid/http/errors.py), without importing the front.
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                 "code": code}}).encode()
+    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                            *(headers or [])])
+    return [body]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base's name)
+        pass  # a scrape every few seconds would flood stderr, outside the server's JSON log
+
+
+def start_metrics_server(port: int, host: str, registry: CollectorRegistry) -> WSGIServer:
+    """Bind `host:port` (OSError when impossible) and serve the registry in a daemon thread;
+    stop it with `shutdown()` then `server_close()`."""
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+
+    class Server(ThreadingMixIn, WSGIServer):
+        address_family = family  # a class attribute: IPv6 hosts need AF_INET6 before binding
+        daemon_threads = True  # a scrape's thread must not hold the process at exit
+
+    server = make_server(address[0], port, metrics_app(registry), Server, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="inlaid-metrics-port", daemon=True).start()
+    return server
