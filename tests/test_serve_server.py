@@ -210,6 +210,9 @@ def test_bad_requests_get_typed_errors_and_the_server_keeps_serving(ready_server
             client.generate("hi", messages=[{"role": "user", "content": "hi"}])  # two prompts
         with pytest.raises(InvalidRequestError):
             client.generate(prompt_token_ids=[10**9])
+        for stop_ids in ([-5], [10**9]):  # a stop rule that could never fire was accepted silently
+            with pytest.raises(InvalidRequestError, match=r"stop_token_ids must be integers in \[0, "):
+                client.generate("hi", stop_token_ids=stop_ids)
         with pytest.raises(InvalidRequestError):
             client.generate("hi", deadline_s=-1)
         with pytest.raises(FrameTooLargeError):

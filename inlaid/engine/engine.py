@@ -140,6 +140,11 @@ class Engine:
             sampling.validate()
         except ValueError as error:
             raise InvalidRequestError(str(error)) from error
+        vocab = self.model_config.vocab_size
+        # A stop id outside the vocabulary can never be sampled: refused as prompt ids are,
+        # not accepted as a stop rule that silently never fires.
+        if any(not 0 <= t < vocab for t in sampling.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be integers in [0, {vocab})")
         token_ids = self.prompt_tokens(prompt, messages)
         if adapter is not None and adapter not in self.scheduler.adapters.paths:
             raise InvalidRequestError(f"unknown adapter/task {adapter!r}; known: {self.adapter_names}")
