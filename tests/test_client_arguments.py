@@ -125,6 +125,7 @@ CHATS: list[list[Any]] = [
     [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}],
     [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
     [{"role": "user", "content": [{"type": "text"}]}],
+    [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "x", "foo": 1}]}],
     [{"role": "user", "content": ["Say hi"]}],
     [{"role": "user", "content": 5}],
     [{"role": "user", "content": "Hi", "bogus": 1}],

@@ -41,6 +41,9 @@ def test_add_task_takes_paths_and_names_what_it_cannot_send():
     with pytest.raises(InvalidRequestError) as refused:
         build_add_task("r2", "qa2", 5, None, None)  # type: ignore[arg-type]
     assert refused.value.param == "adapter_dir" and refused.value.request_id == "r2"
+    with pytest.raises(InvalidRequestError, match="adapter_dir must not be empty") as refused:
+        build_add_task("r3", "qa2", "", None, None)  # the server read "" as its working directory
+    assert refused.value.param == "adapter_dir"
 
 
 def test_a_task_may_not_take_the_base_models_id(model_dir, tmp_path):

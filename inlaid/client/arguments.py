@@ -23,6 +23,7 @@ from inlaid.protocol import ChatMessage
 # OpenAI's roles -> the chat template's (OpenAI's newer "developer" is the system prompt);
 # "tool" is absent because tool calls are not supported.
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_TEXT_PART_FIELDS = frozenset({"type", "text"})  # OpenAI's text content part
 
 
 class ChatMessageIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -92,10 +93,15 @@ def _chat_message(index: int, message: ChatMessageIn) -> ChatMessage:
     content = message.content
     if isinstance(content, list):
         texts = []
-        for part in content:
+        for j, part in enumerate(content):
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise InvalidRequestError(f"{where}.content: only text parts ({{'type': 'text', 'text': ...}}) are "
                                           "supported", param=f"{where}.content")
+            # Refused by name, as an unknown field of a message is (it was dropped silently).
+            extra = sorted(set(part) - _TEXT_PART_FIELDS)
+            if extra:
+                param = f"{where}.content[{j}].{extra[0]}"
+                raise InvalidRequestError(f"Unrecognized request argument supplied: {param}", param=param)
             texts.append(part["text"])
         content = "\n".join(texts)
     if content is None:
@@ -156,7 +162,10 @@ def checked_path(value: str | os.PathLike[str], param: str) -> str:
     if not isinstance(value, (str, os.PathLike)):
         raise InvalidRequestError(f"{param} must be a path (str or os.PathLike), got {type(value).__name__}",
                                   param=param)
-    return checked_text(os.fspath(value), param)
+    path = checked_text(os.fspath(value), param)
+    if not path:  # the server would resolve "" to its own working directory
+        raise InvalidRequestError(f"{param} must not be empty", param=param)
+    return path
 
 
 def checked_seconds(value: float, param: str, *, zero_ok: bool = False) -> float:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from inlaid.client import GenerateResult, InvalidRequestError
-from inlaid.client.arguments import ChatMessageIn, chat_messages
+from inlaid.client.arguments import chat_messages
 from inlaid.http.errors import bad_request
 from inlaid.http.schema import (
     AssistantMessage,
@@ -33,7 +33,6 @@ from inlaid.http.settings import DEFAULT_MAX_PROMPTS
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 # Inlaid's finish reasons -> OpenAI's (the context limit is a length limit to a client).
 _FINISH_REASON = {"stop": "stop", "length": "length", "context": "length"}
-_TEXT_PART_FIELDS = frozenset({"type", "text"})  # OpenAI's text content part
 
 
 @dataclass
@@ -82,7 +81,6 @@ def chat_call(request: ChatCompletionRequest, base_model: str, max_model_len: in
     _refuse_if(request.reasoning_effort is not None, "reasoning_effort", "reasoning_effort is not supported")
     _refuse_if(request.prediction is not None, "prediction", "predicted outputs are not supported")
     _refuse_if(request.web_search_options is not None, "web_search_options", "web search is not supported")
-    _refuse_unknown_part_fields(request.messages)
     try:  # the SDK's own rule, so that both accept and refuse the same messages
         messages = chat_messages(request.messages)
     except InvalidRequestError as error:
@@ -122,20 +120,6 @@ def _call(
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
         base_model=base_model,
     )
-
-
-def _refuse_unknown_part_fields(messages: list[ChatMessageIn]) -> None:
-    """A text part carries `type` and `text` only: another field is refused by name, as an
-    unknown field of a message is (it was dropped silently). Parts of other types are the
-    SDK rule's to refuse, as not text."""
-    for i, message in enumerate(messages):
-        if not isinstance(message.content, list):
-            continue
-        for j, part in enumerate(message.content):
-            extra = sorted(set(part) - _TEXT_PART_FIELDS) if part.get("type") == "text" else []
-            if extra:
-                param = f"messages[{i}].content[{j}].{extra[0]}"
-                raise bad_request(f"Unrecognized request argument supplied: {param}", param)
 
 
 def _refuse_if(condition: object, param: str, message: str) -> None:
