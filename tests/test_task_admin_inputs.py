@@ -60,3 +60,5 @@ def test_a_task_may_not_take_the_base_models_id(model_dir, tmp_path):
     with pytest.raises(TaskError, match="base model's id"):
         coordinator.registry.check_adapter(base, str(ADAPTERS / "qa"))
     coordinator.registry.check_adapter("qa2", str(ADAPTERS / "qa"))  # any other name passes
+    with pytest.raises(TaskError, match="adapter_dir must not be empty"):  # a raw AddTask's ""
+        coordinator.registry.check_adapter("qa2", "")

@@ -51,6 +51,8 @@ class TaskRegistry:
     def check_adapter(self, name: str, adapter_dir: str) -> None:
         """Refuse (TaskError) a task name or adapter that could not be served. Reads files
         and touches no registry state: safe to run in a worker thread."""
+        if not adapter_dir:  # a raw AddTask (the SDK refuses it): "" would be this process's working directory
+            raise TaskError(ErrorCode.INVALID_REQUEST, "adapter_dir must not be empty")
         try:
             check_task_name(name, self.engine.config.model_dir)
             check_servable_adapter(name, adapter_dir, self.engine.model_config, self.engine.config.max_lora_rank)
