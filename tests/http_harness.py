@@ -35,7 +35,9 @@ def start_server(model_dir: Path, adapter_dirs: dict[str, Path], workdir: Path) 
                      "max_lora_slots": 4, "max_lora_rank": 32, "max_model_len": MAX_MODEL_LEN},
         "server": {"admin_token": ADMIN_TOKEN, "max_pending_requests": MAX_PENDING, "shutdown_grace_s": 3.0},
         "tasks": {name: str(path) for name, path in adapter_dirs.items()},
-        "http": {"max_prompts_per_request": 12},  # not the default: the setting must reach the front's process
+        # Not the defaults: the prompt cap must reach the front's process; a stopped front
+        # is replaced within 9 s, not 60.
+        "http": {"max_prompts_per_request": 12, "front_liveness_s": 9.0},
         "metrics": {"port": free_tcp_port()},
     }
     process = ServerProcess(config, workdir=workdir)

@@ -1,6 +1,6 @@
 """The HTTP front's process and its metrics, end to end: `/metrics` after a known workload
-(parsed with `prometheus_client.parser`), a killed front restarted on the same socket, the
-front alone in front of a running server, health and the SIGTERM drain.
+(parsed with `prometheus_client.parser`), a killed front restarted on the same socket, a
+stopped one killed and restarted, the front alone in front of a running server, health and the SIGTERM drain.
 
 One server (http_harness.py) serves the module; the SIGTERM test comes last because it stops it.
 """
@@ -149,6 +149,30 @@ def test_a_lost_front_is_restarted_on_the_same_socket(server):
     assert code == 200 and json.loads(body)["choices"][0]["text"]
     (second,) = _front_pids(server)
     assert second != first
+
+
+def test_a_stopped_front_is_killed_and_started_again(server):
+    """SIGSTOP (as a stuck event loop): the process lives, so only its silence tells. The
+    supervisor's GET /livez asks go unanswered for http.front_liveness_s (9 s here), it kills
+    the front and starts another on the same socket. Before, nothing noticed: every request
+    hung, /health included."""
+    (first,) = _front_pids(server)
+    os.kill(first, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 120
+        while _front_pids(server) in ([first], []):
+            assert time.monotonic() < deadline, "the stopped front was never replaced"
+            time.sleep(0.5)
+    finally:
+        try:
+            os.kill(first, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    (second,) = _front_pids(server)
+    assert second != first and not os.path.exists(f"/proc/{first}")
+    assert http_request(server, "GET", "/livez")[0] == 200
+    code, _, body = http_request(server, "POST", "/v1/completions", {"model": "attn-r8", "prompt": "Hi", "max_tokens": 2})
+    assert code == 200 and json.loads(body)["choices"][0]["text"]
 
 
 def test_the_front_runs_alone_in_front_of_a_running_server(server):

@@ -95,6 +95,7 @@ def create_app(address: str, config: HttpConfig, client: Any = None,
         Route("/v1/load_lora_adapter", _endpoint(front, _load_lora_adapter), methods=["POST"]),
         Route("/v1/unload_lora_adapter", _endpoint(front, _unload_lora_adapter), methods=["POST"]),
         Route("/health", _endpoint(front, _health), methods=["GET"]),
+        Route("/livez", _livez, methods=["GET"]),
         Route("/metrics", _endpoint(front, _metrics), methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
@@ -247,6 +248,12 @@ async def _unload_lora_adapter(front: Front, request: Request) -> Response:
             raise from_inlaid(error, not_found_param="lora_name") from None
     log.info("adapter unloaded over HTTP", extra={"task": body.lora_name, "result": message})
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+async def _livez(request: Request) -> Response:
+    """The front itself answers: asks nothing of the server (its supervisor's liveness check,
+    or a container's, must not fail because the server is busy or restarting)."""
+    return Response(b'{"status":"ok"}', media_type=_JSON)
 
 
 async def _health(front: Front, request: Request) -> Response:

@@ -19,7 +19,7 @@ DISCONNECTED_SCOPE_KEY = "inlaid.client_disconnected"
 CLIENT_CLOSED_STATUS = 499
 ROUTES = frozenset({
     "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
-    "/health", "/metrics",
+    "/health", "/livez", "/metrics",
 })  # fmt: skip
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 

@@ -5,7 +5,11 @@ once with a clear message, and hands the socket to each front process it starts
 (`--listen-fd`). A front that dies is started again on the same socket: connections that
 arrive meanwhile wait in the socket's backlog instead of being refused. The front runs in
 its own session (a terminal's Ctrl-C reaches the coordinator only, which drains first and
-then stops the front) and exits by itself when the coordinator is gone.
+then stops the front) and exits by itself when the coordinator is gone. A front that is
+alive but answers nothing (SIGSTOP, an event loop stuck in a call) is found by asking it
+`GET /livez`, which the front answers without asking the server; when three asks in a row,
+over `http.front_liveness_s`, go unanswered, it is killed, then started again as a lost one
+is.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ log = logging.getLogger("inlaid.http")
 _BACKLOG = 2048
 _RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 _STABLE_AFTER_S = 30.0  # a front that ran this long restarts without backoff
+_LIVENESS_MISSES = 3  # unanswered asks in a row before the kill
 
 
 class HttpFrontProcess:
@@ -64,7 +69,11 @@ class HttpFrontProcess:
             started = time.monotonic()
             await self._spawn()
             assert self._process is not None
-            code = await self._process.wait()
+            watch = asyncio.get_running_loop().create_task(self._watch(self._process))
+            try:
+                code = await self._process.wait()
+            finally:
+                watch.cancel()
             if self._stopping:
                 return
             failures = 0 if time.monotonic() - started > _STABLE_AFTER_S else failures + 1
@@ -95,6 +104,37 @@ class HttpFrontProcess:
             *command, stdin=asyncio.subprocess.DEVNULL, pass_fds=(fd,), start_new_session=True)
         log.info("http front started", extra={"pid": self._process.pid,
                                               "listen": f"{self.config.host}:{self.config.port}"})
+
+    async def _watch(self, process: asyncio.subprocess.Process) -> None:
+        """Kill `process` once _LIVENESS_MISSES asks in a row go unanswered (each waits as
+        long as the pause before it, so that the misses span http.front_liveness_s)."""
+        interval_s = self.config.front_liveness_s / (2 * _LIVENESS_MISSES)
+        misses = 0
+        while process.returncode is None:
+            await asyncio.sleep(interval_s)
+            misses = 0 if await self._answers(interval_s) else misses + 1
+            if misses >= _LIVENESS_MISSES and process.returncode is None:
+                log.error("http front stopped answering; killing it", extra={
+                    "pid": process.pid, "unanswered_s": self.config.front_liveness_s})
+                process.kill()
+                return
+
+    async def _answers(self, timeout_s: float) -> bool:
+        """Whether the front answers `GET /livez` within `timeout_s`."""
+        assert self._socket is not None
+        host, port = self._socket.getsockname()[:2]
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # a wildcard bind: ask over loopback
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                reader, writer = await asyncio.open_connection(host, port)
+                writer.write(b"GET /livez HTTP/1.1\r\nHost: inlaid-supervisor\r\nConnection: close\r\n\r\n")
+                return (await reader.readline()).startswith(b"HTTP/1.1 200")
+        except (OSError, TimeoutError):
+            return False
+        finally:
+            if writer is not None:
+                writer.close()
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM the front (it finishes open responses briefly), SIGKILL past `timeout_s`."""

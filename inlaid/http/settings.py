@@ -56,6 +56,9 @@ class HttpConfig:
     # takes one of server.max_pending_requests); more: 400. None: DEFAULT_MAX_PROMPTS, and
     # under `inlaid serve` at most server.max_pending_requests.
     max_prompts_per_request: int | None = None
+    # Under `inlaid serve`: a front that answers none of its supervisor's asks for this
+    # long (stopped, or its event loop stuck) is killed and started again (`process.py`).
+    front_liveness_s: float = 60.0
 
     @property
     def prompts_per_request_limit(self) -> int:
@@ -84,7 +87,7 @@ class HttpConfig:
 
     def validate(self, allow_public_bind: bool) -> None:
         check_listen_address("http", self.host, self.port, allow_public_bind)
-        for name in ("request_timeout_s", "client_send_timeout_s"):
+        for name in ("request_timeout_s", "client_send_timeout_s", "front_liveness_s"):
             # finite and bounded as the server's own timers: inf is no timeout (slow clients
             # would hold their connections for ever), and asyncio's timers overflow on it
             timeout = getattr(self, name)
