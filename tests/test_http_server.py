@@ -291,21 +291,26 @@ def test_client_disconnect_cancels_the_request_and_frees_its_kv_blocks(server):
 
 
 def test_overload_answers_429_and_loses_no_accepted_request(server):
-    """MAX_PENDING long requests fill the server; each one more is refused at once (429,
-    Retry-After); dropping the connections cancels the accepted ones."""
+    """Long requests through the front (one connection to the server) fill all but the last
+    tenth of max_pending_requests, which the server keeps for other clients; each one more
+    is refused at once (429, Retry-After) while an SDK client is still admitted; dropping the
+    connections cancels the accepted ones."""
     long = {"model": "attn-r8", "prompt": "Count to a thousand:", "max_tokens": 400, "ignore_eos": True}
-    accepted = [open_generation(server, long) for _ in range(MAX_PENDING)]
+    front_share = MAX_PENDING - max(1, MAX_PENDING // 10)
+    accepted = [open_generation(server, long) for _ in range(front_share)]
     try:
         wait_running(server, 1)
         with server.client() as client:  # every accepted request is in the server before the excess comes
             deadline = time.monotonic() + 60
-            while (s := client.stats()).requests_running + s.requests_waiting < MAX_PENDING:
+            while (s := client.stats()).requests_running + s.requests_waiting < front_share:
                 assert time.monotonic() < deadline, s
                 time.sleep(0.05)
-        refusals = [http_request(server, "POST", "/v1/completions", long) for _ in range(3)]
-        for code, headers, body in refusals:
-            assert code == 429 and error_of(body)["code"] == "overloaded"
-            assert error_of(body)["type"] == "rate_limit_error" and headers.get("retry-after") == "1"
+            refusals = [http_request(server, "POST", "/v1/completions", long) for _ in range(3)]
+            for code, headers, body in refusals:
+                assert code == 429 and error_of(body)["code"] == "overloaded"
+                assert error_of(body)["type"] == "rate_limit_error" and headers.get("retry-after") == "1"
+                assert "kept for other clients" in error_of(body)["message"]
+            assert client.generate("Hi", max_tokens=1).token_ids  # another client is served meanwhile
     finally:
         for connection in accepted:
             drop(connection)

@@ -338,24 +338,36 @@ def test_client_cli(ready_server, reference):
 
 
 def test_back_pressure_answers_overloaded(ready_server):
-    """A burst beyond max_pending_requests: exactly the excess gets 'overloaded', the rest are
-    admitted. The admitted ones cannot finish while the burst arrives (they ask for more
-    tokens than the deadline lets them produce), so the count does not depend on speed."""
+    """A burst beyond max_pending_requests from one client: it is admitted up to the last
+    tenth of the limit, which the server keeps for other clients, and the rest of it gets
+    'overloaded'; another client's request is then admitted and answered, and a third
+    client's too, up to the limit itself. The admitted ones cannot finish while the burst
+    arrives (they ask for more tokens than the deadline lets them produce), so the counts do
+    not depend on speed. Before, one client's flood turned everyone else away."""
     excess = 40
+    flood_share = MAX_PENDING - max(1, MAX_PENDING // 10)
 
     async def run_burst():
-        async with AsyncClient(ready_server.address, timeout_s=600) as client:
-            results = await asyncio.gather(*(client.generate("Hi", max_tokens=MAX_MODEL_LEN - 16, ignore_eos=True,
-                                                             deadline_s=6.0)
-                                             for _ in range(MAX_PENDING + excess)), return_exceptions=True)
-            return results, await client.generate("Hi", max_tokens=2)  # and the server serves on
+        async with AsyncClient(ready_server.address, timeout_s=600) as flooder, \
+                AsyncClient(ready_server.address, timeout_s=600) as other, \
+                AsyncClient(ready_server.address, timeout_s=600) as third:
+            burst = [asyncio.create_task(flooder.generate("Hi", max_tokens=MAX_MODEL_LEN - 16, ignore_eos=True,
+                                                          deadline_s=8.0))
+                     for _ in range(MAX_PENDING + excess)]
+            while (stats := await other.stats()).requests_running + stats.requests_waiting < flood_share:
+                await asyncio.sleep(0.01)
+            others = [asyncio.create_task(client.generate("Hi", max_tokens=2)) for client in (other, third)]
+            results = await asyncio.gather(*burst, return_exceptions=True)
+            return results, await asyncio.gather(*others), await flooder.generate("Hi", max_tokens=2)
 
-    results, after = asyncio.run(run_burst())
+    results, others, after = asyncio.run(run_burst())
     overloaded = [r for r in results if isinstance(r, OverloadedError)]
     admitted = [r for r in results if isinstance(r, DeadlineExceededError)]
-    assert len(overloaded) == excess and len(admitted) == MAX_PENDING, [
+    assert len(overloaded) == MAX_PENDING + excess - flood_share and len(admitted) == flood_share, [
         r for r in results if not isinstance(r, (OverloadedError, DeadlineExceededError))][:3]
-    assert isinstance(after, GenerateDone) and len(after.token_ids) >= 1
+    assert all("kept for other clients" in r.message for r in overloaded)
+    assert all(isinstance(done, GenerateDone) and done.token_ids for done in others)
+    assert isinstance(after, GenerateDone) and len(after.token_ids) >= 1  # and the server serves on
 
 
 def test_executor_killed_under_load_then_new_requests_succeed(ready_server, reference):

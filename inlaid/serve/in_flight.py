@@ -12,6 +12,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import msgspec
@@ -45,6 +46,7 @@ class InFlight:
         self.requests: dict[RequestKey, ActiveRequest] = {}
         self.by_engine_id: dict[str, ActiveRequest] = {}
         self.by_seq_id: dict[int, ActiveRequest] = {}
+        self.per_client: Counter[bytes] = Counter()  # requests in flight by connection
         self._next_engine_id = 0
 
     def __len__(self) -> int:
@@ -89,10 +91,9 @@ class InFlight:
         if key in self.requests:
             return self.error(identity, request_id, ErrorCode.INVALID_REQUEST,
                               f"request id {request_id!r} is already in flight on this connection")
-        if len(self.requests) >= self.limits.max_pending_requests:
+        if (refusal := self._overloaded(identity)) is not None:
             self.counters["overloaded"] += 1
-            return self.error(identity, request_id, ErrorCode.OVERLOADED,
-                              f"{len(self.requests)} requests in flight (the limit); retry later")
+            return self.error(identity, request_id, ErrorCode.OVERLOADED, refusal)
         try:
             self.registry.check_accepting(message.task)
         except TaskError as error:
@@ -121,6 +122,7 @@ class InFlight:
                                 task=message.task, stream=message.stream, num_prompt_tokens=len(token_ids),
                                 executor=shard.index)
         self.requests[key] = request
+        self.per_client[identity] += 1
         self.by_engine_id[engine_id] = request
         self.by_seq_id[request.seq_id] = request
         self.registry.request_started(message.task)
@@ -128,6 +130,24 @@ class InFlight:
             request.deadline = asyncio.get_running_loop().call_later(message.deadline_s, self._on_deadline, key)
         shard.wake()
         return None
+
+    def _overloaded(self, identity: bytes) -> str | None:
+        """Why a request of connection `identity` cannot be admitted now, or None. The last
+        tenth of max_pending_requests is kept from a connection holding its share of them
+        (the limit over the connections in flight, a newcomer counted): a lone client can
+        fill nine tenths, and one flooding cannot turn everyone else away (an outside probe:
+        400 requests from one client, then one from another, refused as overloaded)."""
+        limit, in_flight = self.limits.max_pending_requests, len(self.requests)
+        if in_flight >= limit:
+            return f"{in_flight} requests in flight (the limit); retry later"
+        if in_flight < limit - max(1, limit // 10):
+            return None
+        held = self.per_client[identity]
+        share = limit / (len(self.per_client) + (0 if held else 1) + 1)
+        if held < share:
+            return None
+        return (f"{in_flight} requests in flight, {held} of them this connection's; the last tenth of the "
+                f"{limit} is kept for other clients; retry later")
 
     def _prompt_tokens(self, message: Generate) -> list[int]:
         given = [x is not None for x in (message.prompt, message.messages, message.prompt_token_ids)]
@@ -243,7 +263,10 @@ class InFlight:
         self.pool.shards[request.executor].tasks_served[request.task or BASE_TASK_LABEL] += 1
         if request.deadline is not None:
             request.deadline.cancel()
-        self.requests.pop(request.key, None)
+        if self.requests.pop(request.key, None) is not None:
+            self.per_client[request.identity] -= 1
+            if not self.per_client[request.identity]:
+                del self.per_client[request.identity]
         self.by_engine_id.pop(request.engine_id, None)
         self.by_seq_id.pop(request.seq_id, None)
         self.registry.request_ended(request.task)
