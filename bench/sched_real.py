@@ -124,6 +124,10 @@ def compare(argv: list[str] | None = None) -> dict:
         plot_real(report, RESULTS / f"sched_real{suffix}.png")
         return report
 
+    from sched_sim import check_cost_model
+
+    check_cost_model(parser, RESULTS / f"sched_cost_model{suffix}.json")  # before any server starts
+
     from inlaid.engine.adapter_config import read_adapter_spec
     from inlaid.predictor import OnlineLengthPredictor
     from inlaid.scheduling.cost_model import StepCostModel

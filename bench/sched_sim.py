@@ -53,6 +53,18 @@ def cost_model_file(tag: str = "") -> Path:
     return RESULTS / (f"sched_cost_model_{tag}.json" if tag else "sched_cost_model.json")
 
 
+def check_cost_model(parser: argparse.ArgumentParser, path: Path) -> None:
+    """A missing or unusable cost model file (`StepCostModel` refuses non-finite, negative
+    or absurd coefficients) is a one-line usage error (exit status 2) before the sweep, not
+    a worker's traceback minutes into it."""
+    from inlaid.scheduling.autotune import load_cost_model
+
+    try:
+        load_cost_model(str(path))
+    except ValueError as error:
+        parser.error(f"--tag: {error}")
+
+
 def _load_context(suite_lengths: str | None, slots: int = SLOTS, tag: str = "") -> None:
     from inlaid.scheduling.cost_model import StepCostModel
     from inlaid.scheduling.experiment import suite_history
@@ -139,6 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tag", default="", help="sweep on sched_cost_model_TAG.json (bench/sched_cost.py --tag), "
                                                   "writing sched_sim*_TAG.*")
     args = parser.parse_args(argv)
+    if not args.render:
+        check_cost_model(parser, cost_model_file(args.tag))
     reports = {}
     for slots in (int(x) for x in args.slots.split(",")):
         suffix = (("_quick" if args.quick else "") + ("" if slots == SLOTS else f"_slots{slots}")

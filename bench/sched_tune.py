@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="recorded output lengths to draw from (default: the fp32 model's; "
                              "inlaid/scheduling/data/suite_lengths_4bit.jsonl: the 4-bit base's)")
     args = parser.parse_args(argv)
+    sched_sim.check_cost_model(parser, sched_sim.cost_model_file(args.tag))
     report = sweep(args.tag, args.requests, args.load, args.slots, args.workers, args.suite_lengths)
     suffix = f"_{args.tag}" if args.tag else ""
     (RESULTS / f"sched_tune{suffix}.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -6,12 +6,19 @@ Gamma arrivals at 1 request/s (scale them with `Trace.scaled(rate)`), 1,000 requ
     .venv/bin/python bench/traces.py                  # the canonical set
     .venv/bin/python bench/traces.py --tasks 100 --cv 4 --popularity zipf --rate 2 \
         --requests 5000 --out my_trace.jsonl          # any other
+    .venv/bin/python bench/traces.py --tasks 9 --suite-task-names --out real.jsonl   # replayable on `inlaid serve`
+
+Tasks are named task-0000, task-0001, ... unless `--suite-task-names` names each after the
+suite task it draws from (at most 9 tasks): the names a server of the suite's adapters
+serves, so `bench/replay.py` can replay the trace against it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -34,12 +41,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--base-fraction", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="write this one trace here")
+    parser.add_argument("--suite-task-names", action="store_true",
+                        help="name each task after its suite task (at most 9): what a server of the suite's adapters "
+                             "serves, so bench/replay.py can replay the trace")
+    parser.add_argument("--out", help="write this one trace here (missing folders are created)")
     args = parser.parse_args(argv)
+    from inlaid.cli_args import writable_file_problem
     from inlaid.scheduling.suite import load_suite_lengths
-    from inlaid.scheduling.traces import TraceSpec, generate_trace
+    from inlaid.scheduling.traces import RATE_FAITHFUL_GAPS, TraceSpec, generate_trace, max_faithful_cv
 
-    one_trace = {option for option in ("out", "cv", "popularity", "alpha", "rate", "requests", "base_fraction", "seed")
+    one_trace = {option for option in ("out", "cv", "popularity", "alpha", "rate", "requests", "base_fraction", "seed",
+                                       "suite_task_names")
                  if getattr(args, option) != parser.get_default(option)}
     if args.tasks is None and one_trace:
         # Without --tasks this writes the canonical set over the committed one: never as a
@@ -49,14 +61,33 @@ def main(argv: list[str] | None = None) -> None:
     records = [r for r in load_suite_lengths() if r.split == "eval"]
     if args.tasks is not None:
         spec = TraceSpec(rate=args.rate, num_requests=args.requests, cv=args.cv, num_tasks=args.tasks,
-                         popularity=args.popularity, alpha=args.alpha, base_fraction=args.base_fraction, seed=args.seed)
+                         popularity=args.popularity, alpha=args.alpha, base_fraction=args.base_fraction,
+                         suite_task_names=args.suite_task_names, seed=args.seed)
+        out = Path(args.out or "trace.jsonl")
+        problem = writable_file_problem(out, "--out")
+        if problem:
+            parser.error(problem)
         try:
             spec.validate()
+            # Here a rate is asked for: refuse a CV whose draws of this many requests miss it
+            # (library callers may want a short bursty trace; the spec allows up to MAX_CV).
+            if args.cv > max_faithful_cv(args.requests):
+                raise ValueError(f"cv {args.cv:g} with {args.requests} requests: the trace's rate would typically "
+                                 f"miss the {args.rate:g}/s asked by over 20 % (the span of n gaps spreads by CV / "
+                                 f"sqrt(n)); at this count use --cv <= {max_faithful_cv(args.requests):.3g}, or "
+                                 f"--requests >= {math.ceil(RATE_FAITHFUL_GAPS * args.cv ** 2)}")
+            trace = generate_trace(spec, records)
         except ValueError as error:
             parser.error(str(error))
-        trace = generate_trace(spec, records)
-        trace.save(args.out or "trace.jsonl")
-        print(json.dumps(trace.summary(), indent=1))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        trace.save(out)
+        summary = trace.summary()
+        print(json.dumps(summary, indent=1))
+        if abs(summary["rate"] / args.rate - 1) > 0.2:
+            # Not a fault: a renewal process's span spreads by CV / sqrt(requests) around its mean.
+            print(f"note: this draw's rate is {summary['rate']:.3g}/s against the {args.rate:g}/s asked (at CV "
+                  f"{args.cv:g}, {args.requests} requests spread by about {args.cv / args.requests ** 0.5:.0%}); "
+                  "more requests or another --seed come closer", file=sys.stderr)
         return
     folder = RESULTS / "sched_traces"
     folder.mkdir(exist_ok=True)

@@ -78,6 +78,31 @@ def _padded_cells(chunks: list[ChunkShape], block_size: int) -> int:
     return len(chunks) * max_queries * max_keys
 
 
+# No unit of any feature (a step, a token, an attention cell, an adapter, a load) costs an
+# hour on any executor: the fitted ones are 1e-9 to 0.08 s. Beyond it a model is a typo or
+# garbage, and its results mislead: `constant = 1e300` made the tuning recommend
+# prefill_weight 1.4e-303 (an outside probe).
+MAX_COEFFICIENT_S = 3600.0
+
+
+class UnusableCostModelError(ValueError):
+    """Coefficients no executor's steps could have: not finite, negative, or absurdly large."""
+
+
+def _check_coefficients(values: Mapping[str, object]) -> None:
+    # NaN made the simulator's clock stand still (the arrival loop never ended) and a
+    # negative coefficient ran it backwards (negative JCTs): refused for every user.
+    bad = {name: value for name, value in values.items()
+           if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0)}
+    if bad:
+        raise UnusableCostModelError(f"has coefficients that are not finite numbers >= 0 ({bad}): "
+                                     "not a usable cost model")
+    huge = {name: value for name, value in values.items() if value > MAX_COEFFICIENT_S}  # type: ignore[operator]
+    if huge:
+        raise UnusableCostModelError(f"has coefficients over {MAX_COEFFICIENT_S:g} s ({huge}): no executor spends an "
+                                     "hour on one step, token, cell or adapter; not a usable cost model")
+
+
 @dataclass
 class StepCostModel:
     """seconds = coefficients . [1, features...]; `overhead_s` is added per step for what
@@ -91,6 +116,7 @@ class StepCostModel:
         unknown = set(self.coefficients) - set(FEATURE_NAMES)
         if unknown:
             raise ValueError(f"unknown cost model features {sorted(unknown)}; known: {FEATURE_NAMES}")
+        _check_coefficients({**self.coefficients, "overhead_s": self.overhead_s})
         self._terms = [(name, value) for name, value in self.coefficients.items() if name != "constant" and value]
         self._fixed = self.coefficients.get("constant", 0.0) + self.overhead_s
 
@@ -111,9 +137,15 @@ class StepCostModel:
 
     @staticmethod
     def load(path: str | Path) -> "StepCostModel":
+        """The model `save` wrote. UnusableCostModelError (a ValueError) names the file for
+        coefficients no step could take (every user of a cost model file loads it here:
+        the simulator, the benchmarks, `inlaid tune-scheduler`, the server's tuning)."""
         raw = json.loads(Path(path).read_text())
-        return StepCostModel(coefficients=dict(raw["coefficients"]), overhead_s=float(raw.get("overhead_s", 0.0)),
-                             description=str(raw.get("description", "")))
+        try:
+            return StepCostModel(coefficients=dict(raw["coefficients"]), overhead_s=raw.get("overhead_s", 0.0),
+                                 description=str(raw.get("description", "")))
+        except UnusableCostModelError as error:
+            raise UnusableCostModelError(f"{str(path)!r} {error}") from None
 
 
 def fit_cost_model(samples: Iterable[tuple[StepFeatures, float]], description: str = "") -> StepCostModel:

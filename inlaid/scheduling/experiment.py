@@ -105,7 +105,7 @@ def make_variant(variant: PolicyVariant, cost: StepCostModel, shape: EngineShape
 
 def length_model(kind: str, history: Sequence[tuple[str, list[int], int]], refit_every: int = 0) -> Any:
     """The length model a run starts with, fitted on `history`; it keeps learning from the
-    run's finished requests (online steps; full refits every `refit_every`, 0 = none: the
+    run's finished requests (task levels at once; full refits every `refit_every`, 0 = none: the
     simulator's default, the server refits in the background)."""
     from inlaid.predictor import OnlineLengthPredictor, TaskMeanPredictor
 

@@ -36,7 +36,7 @@ class RequestRecord:
     admitted_s: float | None = None  # first scheduled
     token_times: list[float] = field(default_factory=list)
     finish_s: float | None = None
-    isolated_s: float = 0.0  # latency alone on the server (the SLO's unit)
+    isolated_s: float = 0.0  # latency alone on the server (the SLO's unit); 0: not known (a replay)
     preemptions: int = 0
     error: str = ""
     token_ids: list[int] = field(default_factory=list)  # what the server answered (replay); empty in simulations
@@ -122,8 +122,10 @@ def summarize(
         "max_wait_s": max((r.wait_s for r in done), default=0.0),
         "max_stall_s": max((r.max_stall_s for r in done), default=0.0),
         "preemptions": sum(r.preemptions for r in requests),
+        # Over the requests whose isolated latency is known (> 0) only: a replay knows none,
+        # and counting those as misses reported 0 % attainment (NaN now: not measured).
         "slo_attainment": {
-            f"{scale:g}x": _share([r.isolated_s > 0 and r.latency_s <= scale * r.isolated_s for r in measured])
+            f"{scale:g}x": _share([r.latency_s <= scale * r.isolated_s for r in measured if r.isolated_s > 0])
             for scale in slo_scales
         },
         "ttft_slo_attainment": _share([r.ttft_s <= ttft_slo_s for r in measured]),
@@ -143,6 +145,20 @@ def summarize(
             adapter_loads_per_s=sum(s.loads for s in steps) / span,
         )
     return summary
+
+
+def json_safe(value: Any) -> Any:
+    """`value` (a summary) with every NaN or infinity, a figure that could not be computed,
+    as None: JSON has no NaN (`json.dumps(..., allow_nan=False)` then holds)."""
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 def _share(flags: list[bool]) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from inlaid.engine.config import check_range
 from inlaid.engine.scheduler import SchedulingPolicy
 from inlaid.engine.sequence import Sequence
 
@@ -30,12 +31,15 @@ class MlfqOptions:
     starvation_s: float = 60.0
 
     def validate(self) -> None:
-        if self.levels < 1 or self.base_quantum_tokens < 1 or self.quantum_growth < 1:
-            raise ValueError("levels and base_quantum_tokens must be >= 1, quantum_growth >= 1")
-        if self.levels > MAX_LEVELS:  # quantum_growth ** levels overflowed at a million levels
+        # One message per option, naming it (a combined one blamed prefill_weight for a bad
+        # starvation_s).
+        if isinstance(self.levels, int) and self.levels > MAX_LEVELS:  # quantum_growth ** levels overflowed
             raise ValueError(f"levels must be <= {MAX_LEVELS} (FastServe uses a handful), got {self.levels}")
-        if self.prefill_weight < 0 or self.starvation_s <= 0:
-            raise ValueError("prefill_weight must be >= 0 and starvation_s > 0")
+        check_range("levels", self.levels, 1, MAX_LEVELS, integer=True)
+        check_range("base_quantum_tokens", self.base_quantum_tokens, 1, integer=True)
+        check_range("quantum_growth", self.quantum_growth, 1)
+        check_range("prefill_weight", self.prefill_weight, 0)
+        check_range("starvation_s", self.starvation_s, 0, low_open=True)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from inlaid.engine.block_manager import BlockManager
 from inlaid.engine.scheduler import Scheduler, SchedulerLimits, SchedulingPolicy
 from inlaid.engine.sequence import Sequence
 from inlaid.protocol import BatchPlan, SampledToken, SamplingParams, StepResult
-from inlaid.scheduling.cost_model import ChunkShape, StepCostModel, StepFeatures
+from inlaid.scheduling.cost_model import StepCostModel, StepFeatures
 from inlaid.scheduling.metrics import RequestRecord, ServiceGapMeter, StepRecord
 from inlaid.scheduling.traces import Trace, TraceRequest
 
@@ -68,29 +68,69 @@ class SimulationResult:
     max_blocks_used: int
     service_gap: float  # VTC's fairness figure (ServiceGapMeter)
 
+    @property
+    def refused(self) -> list[RequestRecord]:
+        """Requests the server would refuse (a prompt with no room in the context): failed
+        records with the reason in `error`, counted by `summarize` as failed."""
+        return [record for record in self.requests if record.error]
+
+
+def generated_tokens(request: TraceRequest, shape: EngineShape) -> int:
+    """How many tokens the request generates on this server: its recorded length, cut at the
+    context length as the scheduler cuts it (finish reason "context"). ValueError for a
+    prompt the server refuses (no new token fits)."""
+    context = shape.context_length
+    if request.prompt_tokens >= context:
+        raise ValueError(context_refusal(request.prompt_tokens, context))
+    return min(request.output_tokens, context - request.prompt_tokens)
+
+
+def context_refusal(prompt_tokens: int, context: int) -> str:
+    """The scheduler's words for a prompt with no room for a new token (`Scheduler.add`)."""
+    return f"prompt has {prompt_tokens} tokens; the context length is {context} and at least one new token must fit"
+
 
 def isolated_latency(request: TraceRequest, rank: int, cost: StepCostModel, shape: EngineShape) -> float:
-    """The request alone on the server, adapter resident: chunked prefill, then decode steps."""
-    adapter = None if request.task is None else 0
-    seconds = 0.0
-    done = 0
-    while done < request.prompt_tokens:
-        size = min(shape.max_num_batched_tokens, request.prompt_tokens - done)
-        chunk = ChunkShape(size, done, adapter, rank, done + size == request.prompt_tokens)
-        seconds += cost.step_seconds(StepFeatures.of_chunks([chunk], 0, shape.block_size))
-        done += size
-    decode_steps = request.output_tokens - 1
-    if decode_steps > 0:
-        # The model is linear in the features: the decode steps cost their summed features
-        # plus one constant each (a step's padded keys: its context rounded up to a block).
-        block = shape.block_size
-        cells = sum(-(-(request.prompt_tokens + g) // block) * block for g in range(1, decode_steps + 1))
-        one = StepFeatures(tokens=1, sampled=1, decode_cells=0, prefill_cells=0, adapters=int(adapter is not None),
-                           lora_token_rank=rank if adapter is not None else 0, loads=0)
-        total = StepFeatures(tokens=decode_steps, sampled=decode_steps, decode_cells=cells, prefill_cells=0,
-                             adapters=decode_steps * one.adapters, lora_token_rank=decode_steps * one.lora_token_rank, loads=0)
-        seconds += cost.step_seconds(total) + (decode_steps - 1) * cost.step_seconds(StepFeatures(0, 0, 0, 0, 0, 0, 0))
-    return seconds
+    """The request alone on the server, adapter resident: chunked prefill, then decode steps
+    up to the tokens it generates there (`generated_tokens`). In closed form: the model is
+    linear in the features, so the steps cost their summed features plus one constant each
+    (a loop over 1e9 decode steps took two minutes)."""
+    prompt, block, chunk = request.prompt_tokens, shape.block_size, shape.max_num_batched_tokens
+    decode_steps = generated_tokens(request, shape) - 1
+    lora = request.task is not None
+    # Prefill: `full` chunks of `chunk` tokens, then the rest; a chunk's attention is its
+    # tokens x its context padded to a block, and a 1-token chunk counts as a decode row.
+    full, rest = divmod(prompt, chunk)
+    chunk_cells = chunk * block * _sum_ceil_div(full, chunk, 0, block)
+    rest_cells = rest * block * -(-prompt // block) if rest else 0
+    prefill_cells = (chunk_cells if chunk > 1 else 0) + (rest_cells if rest > 1 else 0)
+    cells = (chunk_cells if chunk == 1 else 0) + (rest_cells if rest == 1 else 0)
+    # Decode step g (1..decode_steps) attends to prompt + g keys, padded to a block.
+    cells += block * _sum_ceil_div(decode_steps, 1, prompt, block)
+    steps = full + (1 if rest else 0) + decode_steps
+    total = StepFeatures(tokens=prompt + decode_steps, sampled=1 + decode_steps, decode_cells=cells,
+                         prefill_cells=prefill_cells, adapters=steps if lora else 0,
+                         lora_token_rank=(prompt + decode_steps) * rank if lora else 0, loads=0)
+    return cost.step_seconds(total) + (steps - 1) * cost.step_seconds(StepFeatures(0, 0, 0, 0, 0, 0, 0))
+
+
+def _sum_ceil_div(n: int, a: int, b: int, m: int) -> int:
+    """sum over k = 1..n of ceil((a k + b) / m), for a, b >= 0 and m >= 1, in O(log) steps:
+    ceil(x / m) = floor((x + m - 1) / m), summed by the classic floor-sum recursion."""
+    total, count, a2, b2, m2 = 0, n, a, a + b + m - 1, m  # the k = 1..n terms as k' = 0..n-1
+    while count > 0:
+        if a2 >= m2:
+            total += count * (count - 1) // 2 * (a2 // m2)
+            a2 %= m2
+        if b2 >= m2:
+            total += count * (b2 // m2)
+            b2 %= m2
+        y_max = a2 * count + b2
+        if y_max < m2:
+            break
+        count, b2 = divmod(y_max, m2)
+        m2, a2 = a2, m2
+    return total
 
 
 def synthetic_prompt(request: TraceRequest) -> list[int]:
@@ -132,8 +172,10 @@ class Simulator:
 
     def run(self, progress: bool = False) -> SimulationResult:
         requests = self.trace.requests
+        context = self.shape.context_length
         records = [RequestRecord(request_id=str(i), task=r.task, prompt_tokens=r.prompt_tokens, arrival_s=r.arrival_s,
-                                 isolated_s=isolated_latency(r, self._ranks.get(r.task or "", 0), self.cost, self.shape))
+                                 isolated_s=isolated_latency(r, self._ranks.get(r.task or "", 0), self.cost, self.shape)
+                                 if r.prompt_tokens < context else 0.0)
                    for i, r in enumerate(requests)]
         sequences: dict[int, Sequence] = {}
         sampling: dict[int, SamplingParams] = {}
@@ -150,18 +192,28 @@ class Simulator:
             bar = tqdm(total=len(requests), desc="simulate", unit="req", leave=False)
         while next_arrival < len(requests) or self.scheduler.has_work():
             while next_arrival < len(requests) and requests[next_arrival].arrival_s <= self.now:
-                request = requests[next_arrival]
+                index, request = next_arrival, requests[next_arrival]
+                next_arrival += 1
+                if request.prompt_tokens >= context:
+                    # The server refuses this request alone (ContextLengthError) and serves on:
+                    # so does the simulation, recording it as failed (before building a prompt
+                    # of up to millions of synthetic tokens).
+                    records[index].error = f"ContextLengthError: {context_refusal(request.prompt_tokens, context)}"
+                    if bar:
+                        bar.update(1)
+                    continue
                 params = sampling.setdefault(request.max_tokens, SamplingParams(max_tokens=request.max_tokens))
-                seq = Sequence(seq_id=next_arrival, prompt_token_ids=self.prompts.get(request.source) or synthetic_prompt(request),
+                seq = Sequence(seq_id=index, prompt_token_ids=self.prompts.get(request.source) or synthetic_prompt(request),
                                sampling=params, adapter=request.task, arrival_time=request.arrival_s)
                 if seq.num_prompt_tokens != request.prompt_tokens:
-                    raise ValueError(f"request {next_arrival}: prompt of {seq.num_prompt_tokens} tokens, trace says "
+                    raise ValueError(f"request {index}: prompt of {seq.num_prompt_tokens} tokens, trace says "
                                      f"{request.prompt_tokens}")
-                sequences[next_arrival] = seq
+                sequences[index] = seq
                 self.scheduler.add(seq)
-                next_arrival += 1
             plan = self.scheduler.schedule()
             if plan is None:
+                if next_arrival >= len(requests) and not self.scheduler.has_work():
+                    break  # the last arrivals were refused: nothing left to run
                 if next_arrival >= len(requests):
                     raise SimulationStuckError(
                         f"{len(self.scheduler.waiting)} waiting and {len(self.scheduler.running)} running requests, "

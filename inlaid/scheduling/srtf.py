@@ -71,7 +71,7 @@ class InlaidOptions:
     max_prefill_tokens_per_step: int = 0  # prompt tokens per step; 0 = the engine's token budget
     predictor: str = "model"  # model (hashed ridge, learns online) | task-mean (the ablation)
     predictor_state: str = ""  # .npz the predictor loads at start and saves on close ("" = none)
-    predictor_refit_every: int = 64  # finished requests between full refits (0: online steps only)
+    predictor_refit_every: int = 64  # finished requests between full refits (0: never; the task levels alone follow)
     batch_rows_target: int = 16  # > 0: per step, only as many adapters (<= β) as the ranking needs to fill this many rows
 
     def validate(self) -> None:
@@ -87,7 +87,7 @@ class InlaidOptions:
         if self.predictor not in ("model", "task-mean", "exact"):
             raise ValueError(f"predictor must be 'model' or 'task-mean' ('exact': the simulator's oracle), got {self.predictor!r}")
         if self.predictor_refit_every < 0:
-            raise ValueError("predictor_refit_every must be >= 0 (0 = online steps only)")
+            raise ValueError("predictor_refit_every must be >= 0 (0 = never refit)")
         if self.max_prefill_tokens_per_step < 0:
             raise ValueError("max_prefill_tokens_per_step must be >= 0 (0 = the engine's budget)")
 

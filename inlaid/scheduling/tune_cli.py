@@ -80,9 +80,14 @@ def run(args: argparse.Namespace) -> int:
     print(result.table())
     print(f"\nchosen: {result.chosen.label}; [scheduler] options: {json.dumps({**result.chosen.options, **explicit})}")
     if args.json:
-        with open(args.json, "w") as file:
-            json.dump({"chosen": result.chosen.label, "scores": [asdict(s) for s in result.scores], "runs": result.runs},
-                      file, indent=1)
+        path = Path(args.json).expanduser()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)  # as writable_file_problem promised above
+            with open(path, "w") as file:
+                json.dump({"chosen": result.chosen.label, "scores": [asdict(s) for s in result.scores],
+                           "runs": result.runs}, file, indent=1)
+        except OSError as error:  # the disk filled, or the folder went, during the tuning
+            return _refuse(f"--json {path}: {error.strerror or error}")
     return 0
 
 

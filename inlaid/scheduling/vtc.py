@@ -12,6 +12,7 @@ import heapq
 from collections import deque
 from dataclasses import dataclass
 
+from inlaid.engine.config import check_range
 from inlaid.engine.scheduler import SchedulingPolicy
 from inlaid.engine.sequence import Sequence
 from inlaid.scheduling.service import ServiceCounters, task_key
@@ -23,8 +24,11 @@ class VtcOptions:
     output_weight: float = 2.0
 
     def validate(self) -> None:
-        if self.input_weight < 0 or self.output_weight < 0:
-            raise ValueError("input_weight and output_weight must be >= 0")
+        check_range("input_weight", self.input_weight, 0)
+        check_range("output_weight", self.output_weight, 0)
+        if self.input_weight == 0 and self.output_weight == 0:  # every counter stays 0: no fairness at all
+            raise ValueError("input_weight and output_weight cannot both be 0: no service would be counted, "
+                             "so there would be nothing to be fair about")
 
 
 class VtcPolicy(SchedulingPolicy):
