@@ -237,29 +237,36 @@ def test_a_replica_server_that_cannot_start_leaves_no_temp_folder(tmp_path, monk
     """The replica's child `inlaid serve` with no model: it exits, the constructor raises,
     and the replica's folder (config, log, ipc socket) is gone (Ray would retry, leaking one
     folder per failed start)."""
-    from inlaid.integrations.ray import _ChildServer
+    from inlaid.integrations.ray_child import ChildServer
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # mkdtemp's folder, this test's alone
     sections = {"model": {"dir": str(tmp_path / "no-model")}, "executor": {"threads": 1}, "server": {}}
     with pytest.raises(RuntimeError, match="exited"):
-        _ChildServer(sections, start_timeout_s=60.0)
+        ChildServer(sections, start_timeout_s=60.0)
     assert list(tmp_path.glob("inlaid-replica-*")) == []
 
 
 def test_a_starting_replica_removes_folders_of_dead_replicas(tmp_path, monkeypatch) -> None:
     """A replica killed with SIGKILL cannot remove its folder; the next replica on the node
-    does, when the folder's replica process is gone. Live owners' folders and folders without
-    an owner file (being made right now) stay."""
+    does, when the folder's replica process is gone (exited, or a zombie not yet reaped).
+    Live owners' folders and folders without an owner file (being made right now) stay."""
     import subprocess
     import sys
 
-    from inlaid.integrations.ray import _ChildServer
+    from inlaid.integrations.ray_child import ChildServer
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     exited = subprocess.Popen([sys.executable, "-c", "pass"])
     exited.wait()
-    owners = {"inlaid-replica-dead": str(exited.pid), "inlaid-replica-live": str(os.getpid()),
-              "inlaid-replica-garbled": "not a pid", "inlaid-replica-unowned": None}
+    # A killed replica stays a zombie until Ray reaps it; its replacement may start first.
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while open(f"/proc/{zombie.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":  # not reaped: no poll()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    owners = {"inlaid-replica-dead": str(exited.pid), "inlaid-replica-zombie": str(zombie.pid),
+              "inlaid-replica-live": str(os.getpid()), "inlaid-replica-garbled": "not a pid",
+              "inlaid-replica-unowned": None}
     for name, owner in owners.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "server.log").write_text("old")
@@ -267,7 +274,8 @@ def test_a_starting_replica_removes_folders_of_dead_replicas(tmp_path, monkeypat
             (tmp_path / name / "replica.pid").write_text(owner)
     sections = {"model": {"dir": str(tmp_path / "no-model")}, "executor": {"threads": 1}, "server": {}}
     with pytest.raises(RuntimeError, match="exited"):
-        _ChildServer(sections, start_timeout_s=60.0)
+        ChildServer(sections, start_timeout_s=60.0)
+    zombie.wait()
     assert sorted(p.name for p in tmp_path.glob("inlaid-replica-*")) == [
         "inlaid-replica-garbled", "inlaid-replica-live", "inlaid-replica-unowned"]
 

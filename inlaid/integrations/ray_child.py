@@ -1,0 +1,140 @@
+"""A Ray replica's Inlaid server: `inlaid serve` as the replica process's child, in a temp
+folder of its own (its config, log and ipc socket), killed with the replica however the
+replica dies (PR_SET_PDEATHSIG), and the folders of replicas that died without cleaning up
+removed by the next replica on the node."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from inlaid.client import Client
+from inlaid.serve.launcher import to_toml
+
+_WORKDIR_PREFIX = "inlaid-replica-"
+_OWNER_FILE = "replica.pid"  # the replica process whose server the folder holds
+
+
+def _remove_orphaned_workdirs() -> None:
+    """Folders of replicas that died without cleaning up (SIGKILL, the node's OOM killer: Ray
+    then starts a new replica, which lands here). A folder without an owner file is being
+    made right now, or predates them: left alone."""
+    for workdir in Path(tempfile.gettempdir()).glob(f"{_WORKDIR_PREFIX}*"):
+        try:
+            owner = int((workdir / _OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if not _process_exists(owner):
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    """Whether `pid` runs. A zombie does not: a SIGKILLed replica stays one until Ray's raylet
+    reaps it, and its replacement may start before that."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):  # no /proc here: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # another user's process: alive
+            return True
+        return True
+
+
+class ChildServer:
+    """`inlaid serve` as this process's child. It is started from a thread that lives exactly
+    as long as the child (PR_SET_PDEATHSIG fires when the *thread* that forked exits), so the
+    server is killed when the replica process dies, however it dies."""
+
+    def __init__(self, sections: dict[str, dict[str, Any]], start_timeout_s: float) -> None:
+        _remove_orphaned_workdirs()
+        self.workdir = Path(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX))
+        (self.workdir / _OWNER_FILE).write_text(str(os.getpid()))
+        self.process: subprocess.Popen[bytes] | None = None
+        try:
+            self._start(sections, start_timeout_s)
+        except BaseException:
+            # A server that never became ready leaves no replica to clean up after it: Ray
+            # just retries the constructor, so each failed start would leak a temp folder.
+            self.stop(timeout_s=5.0)
+            raise
+
+    def _start(self, sections: dict[str, dict[str, Any]], start_timeout_s: float) -> None:
+        self.address = f"ipc://{self.workdir}/server.ipc"
+        self.admin_token = secrets.token_hex(16)  # the replica is the server's only admin
+        server = {k: v for k, v in sections.get("server", {}).items()
+                  if k not in ("address", "admin_token", "admin_token_env", "admin_token_file")}
+        config = {**sections, "server": {**server, "address": self.address, "admin_token": self.admin_token},
+                  "tasks": {}}
+        (self.workdir / "server.toml").write_text(to_toml(config))
+        self.log_path = self.workdir / "server.log"
+        started = threading.Event()
+        threading.Thread(target=self._run, args=(started,), name="inlaid-server", daemon=True).start()
+        started.wait()
+        self._wait_ready(start_timeout_s)
+
+    def _run(self, started: threading.Event) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+
+        def die_with_parent() -> None:
+            libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+        try:
+            with open(self.log_path, "wb") as log:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-m", "inlaid.cli", "serve", "--config", str(self.workdir / "server.toml")],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                )  # fmt: skip
+                started.set()
+                self.process.wait()
+        finally:
+            started.set()  # a failed Popen must not leave the constructor waiting forever
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        with Client(self.address, timeout_s=5.0) as client:
+            while True:
+                if not self.alive:
+                    raise RuntimeError(f"the replica's Inlaid server exited:\n{self.logs()[-3000:]}")
+                try:
+                    client.wait_ready(timeout_s=min(2.0, max(0.1, deadline - time.monotonic())))
+                    return
+                except TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"the replica's Inlaid server was not ready in {timeout_s:.0f} s:\n"
+                                           f"{self.logs()[-3000:]}") from None
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM: the server finishes in-flight requests, then exits."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
