@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -89,8 +90,10 @@ def test_state_of_another_base_or_corrupt_is_refused(tmp_path):
     # another format version (it was read, then rewritten as format 1).
     TaskStore(tmp_path / "other", BASE).save()
     good = json.loads((tmp_path / "other" / "registry.json").read_text())
-    for wrong, match in [([1, 2], "unreadable: ValueError"), ({**good, "tasks": [1, 2]}, "unreadable: AttributeError"),
-                         ({**good, "tasks": {"t": 3}}, "unreadable: TypeError"), ({**good, "format": 99}, "format 99")]:
+    for wrong, match in [([1, 2], "unreadable: ValueError"),
+                         ({**good, "tasks": [1, 2]}, "unreadable: ValueError: tasks: a JSON object was expected"),
+                         ({**good, "tasks": {"t": 3}}, "unreadable: ValueError: tasks.t: Expected `object`, got `int`"),
+                         ({**good, "format": 99}, "format 99")]:
         (tmp_path / "state" / "registry.json").write_text(json.dumps(wrong))
         with pytest.raises(StateDirError, match=match):
             TaskStore(tmp_path / "state", BASE)
@@ -245,3 +248,33 @@ def test_a_layer_is_committed_once_every_executor_has_swapped_it(tmp_path):
         assert not second.has_swaps()
 
     asyncio.run(scenario())
+
+
+def test_calibration_files_are_checked_a_bounded_line_at_a_time(tmp_path):
+    """An outside probe: a 5 MB sample was accepted (the requantizer's cost probe then grew to
+    13 GB), a 300 MB file was read whole by the coordinator, a FIFO or a link to /dev/zero
+    'did not exist'."""
+    from inlaid.serve.dynamic_tasks import MAX_CALIBRATION_FILE_BYTES, MAX_CALIBRATION_LINE_BYTES, check_calibration_file
+    from inlaid.serve.task_registry import TaskError
+
+    sample = {"messages": [{"role": "user", "content": "2+2?"}], "reference": "4"}
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps(sample) + "\n\n")
+    check_calibration_file(str(good))
+    long_sample = {**sample, "messages": [{"role": "user", "content": "x" * MAX_CALIBRATION_LINE_BYTES}]}
+    (tmp_path / "long.jsonl").write_text(json.dumps(sample) + "\n" + json.dumps(long_sample) + "\n")
+    huge = tmp_path / "huge.jsonl"
+    with open(huge, "wb") as handle:  # sparse: nothing is written
+        handle.truncate(MAX_CALIBRATION_FILE_BYTES + 1)
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "zero").symlink_to("/dev/zero")
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps(sample).replace("4", "\xe9").encode("latin-1") + b"\n")
+    for name, words in [("long.jsonl", "long.jsonl:2: a sample over 32768 bytes"),
+                        ("huge.jsonl", f"holds {MAX_CALIBRATION_FILE_BYTES + 1} bytes; at most"),
+                        ("fifo", "is not a regular file (a device, FIFO or socket?)"),
+                        ("zero", "is not a regular file (a device, FIFO or socket?)"),
+                        ("missing.jsonl", "does not exist"), (".", "is a directory"),
+                        ("latin1.jsonl", "latin1.jsonl:1: not UTF-8")]:
+        with pytest.raises(TaskError, match=re.escape(words)) as refused:
+            check_calibration_file(str(tmp_path / name))
+        assert refused.value.code == "invalid_request"

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +26,15 @@ from inlaid.serve.task_registry import TaskError, TaskRegistry
 from inlaid.serve.task_store import FAILED, QUEUED, REQUANTIZING, SERVING, StateDirError, TaskRecord, TaskStore
 
 log = logging.getLogger("inlaid.dynamic_tasks")
+
+# Bounds on a calibration file at add_task. The coordinator checks it line by line, holding one
+# line at a time. The requantizer's Hessians use only the first max_tokens (512) tokens of a
+# sample, but its cost probe (mlgptq's `sensitivity`) runs a whole sample through the model:
+# a 1 MB line cost it 5 GB, a 5 MB one 13 GB. A sample's UTF-8 bytes bound its tokens
+# (byte-level BPE), so 32 KiB is ~8k tokens of ordinary text (the default model's context),
+# ~0.6 GB for the probe at worst; the file cap bounds the check's time and the copy.
+MAX_CALIBRATION_LINE_BYTES = 32 * 1024
+MAX_CALIBRATION_FILE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -87,8 +98,21 @@ class DynamicTasks:
                 self.registry.add(name, record.adapter_dir)
             except TaskError as error:
                 log.error("a stored task cannot be served", extra={"task": name, "reason": error.message})
-                record.phase, record.message = FAILED, f"not served after a restart: {error.message}"
+                if not record.suspended_phase:  # else an earlier restart already keeps what it was
+                    record.suspended_phase, record.suspended_message = record.phase, record.message
+                record.phase = FAILED
+                record.message = (f"not served after a restart: {error.message} (put its adapter back and restart: "
+                                  f"it then serves again as it was, {record.suspended_phase}; or remove it)")
                 continue
+            if name in self.config.tasks:
+                log.warning("a task of the config's [tasks] serves the state directory's adapter (it was added "
+                            "live under that name); remove_task brings the config's back at the next restart",
+                            extra={"task": name, "config_adapter_dir": self.config.tasks[name],
+                                   "adapter_dir": record.adapter_dir})
+            if record.suspended_phase:  # served again: the state it had resumes
+                log.info("a stored task serves again", extra={"task": name, "phase": record.suspended_phase})
+                record.phase, record.message = record.suspended_phase, record.suspended_message
+                record.suspended_phase = record.suspended_message = ""
             if record.phase in (QUEUED, REQUANTIZING):
                 record.phase = QUEUED
                 self.jobs.queue.append(name)  # start() dispatches it
@@ -106,10 +130,17 @@ class DynamicTasks:
         """Check the calibration file and copy the task's files into the state directory (a
         fresh directory per addition). File work only: it runs in a worker thread."""
         if calibration:
-            self._check_calibration(calibration)
+            check_calibration_file(calibration)
         if self.store is None:
             return TaskInputs(name, adapter_dir, calibration, copied=False)
         adapter_copy, calibration_copy = self.store.copy_inputs(name, adapter_dir, calibration)
+        if calibration_copy:  # what the requantizer reads is the copy: the source may have changed since
+            try:
+                check_calibration_file(calibration_copy)
+            except TaskError as error:
+                self.store.discard_copy(adapter_copy)
+                raise TaskError(error.code, f"the calibration file changed while it was being added: "
+                                            f"{error.message}") from None
         return TaskInputs(name, adapter_copy, calibration_copy, copied=True)
 
     def add(self, inputs: TaskInputs) -> str:
@@ -126,6 +157,13 @@ class DynamicTasks:
                 store.discard_copy(inputs.adapter_dir)
             raise
         self._on_task_count(len(self.registry.tasks))
+        if name in self.config.tasks:  # allowed (an adapter updated without a restart), never silently
+            text += (f"; it replaces the config's [tasks] entry ({self.config.tasks[name]}) "
+                     + ("until it is removed, restarts included (the state directory keeps it)" if store is not None
+                        else "until the server restarts (no server.state_dir)"))
+            log.warning("a live addition replaces a task of the config's [tasks]",
+                        extra={"task": name, "config_adapter_dir": self.config.tasks[name],
+                               "adapter_dir": inputs.adapter_dir})
         if store is None:
             return text + (f"; not re-quantized: {self.blocker}" if inputs.calibration else "")
         record = TaskRecord(name=name, adapter_dir=inputs.adapter_dir, calibration=inputs.calibration, phase=SERVING,
@@ -149,19 +187,14 @@ class DynamicTasks:
             return f"{text}; serving on the current base, re-quantization queued (version {record.version})"
         return f"{text}; {record.message}"
 
-    def _check_calibration(self, path: str) -> None:
-        from inlaid.quant.calibration import read_calibration_examples  # torch-free
-        from inlaid.quant.errors import CalibrationDataError
-
-        try:
-            read_calibration_examples(Path(path))
-        except CalibrationDataError as error:
-            raise TaskError(ErrorCode.INVALID_REQUEST, str(error)) from None
-
     def remove(self, name: str) -> str:
-        text = self.registry.remove(name)
-        self._on_task_count(len(self.registry.tasks))
         store = self.store
+        if store is not None and name in store.tasks and name not in self.registry.tasks \
+                and name not in self.registry.draining:  # stored, but a restart could not serve it
+            text = f"task {name!r} removed (it was not served: {store.tasks[name].message})"
+        else:
+            text = self.registry.remove(name)
+        self._on_task_count(len(self.registry.tasks))
         if store is None:
             return text
         record = store.tasks.pop(name, None)
@@ -215,3 +248,66 @@ class DynamicTasks:
             kept=kept, message=record.message, forward_seconds=record.forward_seconds,
             quantize_seconds=record.quantize_seconds, wall_seconds=end - record.started_at if record.started_at else 0.0,
             peak_rss_bytes=record.peak_rss_bytes)
+
+
+def check_calibration_file(path: str) -> None:
+    """Refuse (TaskError, naming the file and line) a calibration file the requantizer could
+    not use or could not afford: what `read_calibration_examples` checks, read one bounded line
+    at a time (a whole file or line in memory is what the bounds above exist to avoid)."""
+
+    def refuse(problem: str) -> TaskError:
+        return TaskError(ErrorCode.INVALID_REQUEST, f"calibration file {path}{problem}")
+
+    try:  # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then says what it is
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise refuse(" does not exist") from None
+    except OSError as error:
+        raise refuse(f" cannot be read: {error.strerror or error}") from None
+    info = os.fstat(fd)
+    problem = (" is a directory; name a JSONL file" if stat.S_ISDIR(info.st_mode) else
+               " is not a regular file (a device, FIFO or socket?)" if not stat.S_ISREG(info.st_mode) else
+               f" holds {info.st_size} bytes; at most {MAX_CALIBRATION_FILE_BYTES} (64 MiB) are accepted"
+               if info.st_size > MAX_CALIBRATION_FILE_BYTES else "")
+    if problem:
+        os.close(fd)
+        raise refuse(problem)
+    with open(fd, "rb") as handle:
+        samples = read = number = 0
+        while line := handle.readline(MAX_CALIBRATION_LINE_BYTES + 2):  # bounded: never a whole huge line
+            number += 1
+            read += len(line)
+            if read > MAX_CALIBRATION_FILE_BYTES:  # it grew while being read
+                raise refuse(f" holds more than {MAX_CALIBRATION_FILE_BYTES} bytes (64 MiB)")
+            content = line.rstrip(b"\r\n")
+            if len(content) > MAX_CALIBRATION_LINE_BYTES:
+                raise refuse(f":{number}: a sample over {MAX_CALIBRATION_LINE_BYTES} bytes (32 KiB): the "
+                             "re-quantization uses only a sample's first max_tokens tokens (512 by default), but "
+                             "its cost probe runs a whole sample through the model: shorten it")
+            if content.strip():
+                line_problem = _calibration_line_problem(content)
+                if line_problem:
+                    raise refuse(f":{number}: {line_problem}")
+                samples += 1
+    if not samples:
+        raise refuse(" holds no samples")
+
+
+def _calibration_line_problem(content: bytes) -> str | None:
+    """What is wrong with one JSONL sample (the rules of `read_calibration_examples`)."""
+    # torch-free; the quantizer's own rule for messages (calibration.py keys the cached base:
+    # the checks live here rather than there)
+    from inlaid.quant.calibration import _messages_problem
+
+    try:
+        example = json.loads(content.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        return f"not UTF-8 ({error.reason} at byte {error.start})"
+    except json.JSONDecodeError as error:
+        return f"not JSON ({error.msg})"
+    except RecursionError:
+        return "not JSON this reader accepts (nested too deeply)"
+    messages = example.get("messages") if isinstance(example, dict) else None
+    if not isinstance(messages, list) or not messages or not isinstance(example.get("reference"), str):
+        return "each line needs 'messages' (a non-empty list) and 'reference' (a string)"
+    return _messages_problem(messages)

@@ -39,6 +39,8 @@ from inlaid.protocol import (
 from inlaid.serve.logs import setup_logging
 
 if TYPE_CHECKING:
+    import torch
+
     from inlaid.engine.runner import ModelRunner
 
 log = logging.getLogger("inlaid.executor")
@@ -111,7 +113,9 @@ def apply_swap(runner: ModelRunner, swap: LayerSwap) -> LayerSwapResult:
 
     started = time.perf_counter()
     try:
-        runner.swap_layer(swap.layer, swap.version, open_layer(swap.handle))
+        tensors = open_layer(swap.handle)
+        _check_finite(swap, tensors)
+        runner.swap_layer(swap.layer, swap.version, tensors)
     except (LayerTransportError, ValueError, RuntimeError) as error:
         log.error("layer swap failed", extra={"layer": swap.layer, "version": swap.version, "error": repr(error)})
         return LayerSwapResult(layer=swap.layer, version=swap.version, ok=False, error=str(error)[:2000],
@@ -120,6 +124,35 @@ def apply_swap(runner: ModelRunner, swap: LayerSwap) -> LayerSwapResult:
     log.info("layer swapped", extra={"layer": swap.layer, "version": swap.version, "transport": swap.handle.transport,
                                      "seconds": round(seconds, 4)})
     return LayerSwapResult(layer=swap.layer, version=swap.version, ok=True, seconds=seconds)
+
+
+def _check_finite(swap: LayerSwap, tensors: dict[str, torch.Tensor]) -> None:
+    """A layer with NaN or infinite values (a corrupted file: its scales) would make every
+    request fail with 'NaN or infinite logits' while health says ok: refuse it, so the old
+    layer keeps serving (for a restored one, the checkpoint's)."""
+    import torch
+
+    bad = [key for key, tensor in tensors.items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise ValueError(f"layer {swap.layer} (version {swap.version}, {swap.handle.transport} {swap.handle.name}) "
+                         f"holds NaN or infinite values in {', '.join(sorted(bad)[:4])}")
+
+
+def undecodable_plan_failure(frame: bytes, error: str) -> ExecutorFailure | None:
+    """The answer to a plan this executor cannot decode (a bad field, e.g. a layer swap's
+    version): an ExecutorFailure for its step, when the frame names one. Silence instead left
+    the coordinator waiting until the step timeout killed this executor, and its successor got
+    the same plan."""
+    try:
+        raw = msgspec.msgpack.decode(frame)
+    except (msgspec.DecodeError, ValueError, RecursionError):
+        return None
+    step_id = raw.get("step_id") if isinstance(raw, dict) and raw.get("type") == "batch_plan" else None
+    if not isinstance(step_id, int) or isinstance(step_id, bool):
+        return None
+    return ExecutorFailure(step_id=step_id, error_type="UndecodablePlan",
+                           message=f"the executor could not decode this plan: {error}"[:2000])
 
 
 def capture_graphs(runner: object) -> list[int]:
@@ -181,8 +214,12 @@ def serve(address: str, generation: int, config: EngineConfig, parent_pid: int) 
         try:
             message = decoder.decode(frame)
         except (msgspec.DecodeError, ValueError) as error:
-            # Only the coordinator talks to us; a bad frame is a bug there, not a reason to die.
+            # Only the coordinator talks to us; a bad frame is a bug there, not a reason to die
+            # (nor one to count toward the failed plans that restart a broken runner).
             log.error("undecodable frame from the coordinator", extra={"error": str(error)})
+            failure = undecodable_plan_failure(frame, str(error))
+            if failure is not None:
+                sock.send(encoder.encode(failure))
             continue
         if isinstance(message, ExecutorShutdown):
             log.info("executor shutting down", extra={"steps": steps})

@@ -15,6 +15,7 @@ layer; `max_attempts` losses in one job fail the task.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import shutil
@@ -41,14 +42,17 @@ from inlaid.protocol import (
 )
 from inlaid.serve.config import ServerConfig
 from inlaid.serve.requantizer_supervisor import RequantizerSupervisor
-from inlaid.serve.task_store import FAILED, READY, REQUANTIZING, CommittedLayer, TaskRecord, TaskStore
+from inlaid.serve.task_store import (
+    FAILED, READY, REQUANTIZING, CommittedLayer, Decision, TaskRecord, TaskStore, layer_digest,
+)
 
 log = logging.getLogger("inlaid.requantization")
 
 # How often a cancelled job's requantizer is looked at until it takes the cancel up: a stopped
-# one (SIGSTOP) never will and is killed then. A running one reads the cancel when its layer
-# ends (it reads messages only between layers) and is left to finish it: on a large model a
-# layer may take minutes, a restart the model's load; a hang there is `_liveness`'s to catch.
+# one (SIGSTOP) never will and is killed then. A running one reads the cancel after its
+# current input group (four per layer) or while it waits for a commit, and answers it with
+# JobFinished: a group may take a while on a large model, a restart the model's load; a hang
+# there is `_liveness`'s to catch.
 CANCEL_TIMEOUT_S = 5.0
 
 
@@ -63,6 +67,9 @@ class _LiveSwap:
     job_id: str
     sent_to: set[int] = field(default_factory=set)  # executors with it in a plan, the result not yet back
     results: dict[int, LayerSwapResult] = field(default_factory=dict)  # executor -> its answer
+    # The file's sha256, computed in a worker thread while the executors swap the layer in
+    # (hashing on the event loop would stall every stream for as long).
+    digest: asyncio.Future[str] | None = None
 
     @property
     def reached(self) -> bool:
@@ -124,11 +131,11 @@ class RequantizationJobs:
         self._later(self._dispatch())
 
     def cancel(self, record: TaskRecord) -> None:
-        """Stop the task's job (at its next layer boundary) or take it out of the queue.
+        """Stop the task's job (after its current input group) or take it out of the queue.
 
         The requantizer reads the cancel at once when it waits for a commit; mid-layer it
-        reads it only when the layer ends. The next job is sent only once the cancel is
-        taken up (a message of the cancelled job arrives: it is at the boundary), or once the
+        reads it after each input group. The next job is sent only once the cancel is
+        taken up (a message of the cancelled job arrives: its JobFinished), or once the
         process is gone: a stopped one (SIGSTOP) takes up nothing and is killed within
         CANCEL_TIMEOUT_S (`_cancel_deadline`). That kill counts against no task."""
         if self.current != record.name:
@@ -158,7 +165,7 @@ class RequantizationJobs:
             if waiting:  # it was stopped at the boundary and runs again: it has read the cancel
                 self._cancel_taken_up()
                 return
-            # running mid-layer: it takes the cancel up when the layer ends
+            # running mid-layer: it takes the cancel up when its input group ends
 
     def _cancel_taken_up(self) -> None:
         self._cancelling = None
@@ -214,7 +221,11 @@ class RequantizationJobs:
             self._live = None
             failures = [r.error or "failed" for r in live.results.values() if not r.ok]
             if not failures:  # the commit: served everywhere, so recorded (whatever became of its job)
-                store.layers[result.layer] = CommittedLayer(version=result.version, file=live.file)
+                entry = store.layers[result.layer] = CommittedLayer(version=result.version, file=live.file)
+                if live.digest is not None and live.digest.done():
+                    entry.sha256 = live.digest.result()
+                elif live.digest is not None:  # recorded once known (a restart before: finiteness check only)
+                    live.digest.add_done_callback(functools.partial(self._record_digest, result.layer, entry))
                 record = self._record_of(live.job_id)
                 if record is not None:
                     record.layers_done = result.layer + 1
@@ -235,6 +246,11 @@ class RequantizationJobs:
             if entry is not None and entry.version == result.version:
                 del store.layers[result.layer]
                 store.save()
+
+    def _record_digest(self, layer: int, entry: CommittedLayer, digest: asyncio.Future[str]) -> None:
+        if self.store is not None and not digest.cancelled() and self.store.layers.get(layer) is entry:
+            entry.sha256 = digest.result()  # (else superseded meanwhile)
+            self.store.save()
 
     # ------------------------------------------------------------------ the requantizer's side
     def _record_of(self, job: str) -> TaskRecord | None:
@@ -325,7 +341,9 @@ class RequantizationJobs:
 
     def _on_message(self, message: msgspec.Struct) -> None:
         if self._cancelling is not None and getattr(message, "job_id", None) == self._cancelling:
-            self._cancel_taken_up()  # at the boundary: it reads the cancel next (sent before anything else)
+            # it has read the cancel (JobFinished), or is at a layer boundary and reads it next
+            # (the cancel was sent before anything else)
+            self._cancel_taken_up()
         if isinstance(message, LayerReady):
             self._on_layer_ready(message)
         elif isinstance(message, JobFinished):
@@ -339,7 +357,7 @@ class RequantizationJobs:
         if record is None or self.store is None:
             return  # a cancelled job's last layer: the requantizer releases it when cancelled
         record.decisions = [d for d in record.decisions if d["layer"] != ready.layer] + [
-            {"layer": ready.layer, "linear": o.linear, "action": o.action, "reason": o.reason, "change": o.change}
+            Decision(layer=ready.layer, linear=o.linear, action=o.action, reason=o.reason, change=o.change)
             for o in ready.linears]
         record.forward_seconds += ready.forward_seconds
         record.quantize_seconds += ready.quantize_seconds
@@ -351,6 +369,7 @@ class RequantizationJobs:
         self.store.save()
         self._live = _LiveSwap(LayerSwap(layer=ready.layer, version=ready.version, handle=ready.handle),
                                ready.file, ready.job_id)
+        self._live.digest = asyncio.get_running_loop().run_in_executor(None, layer_digest, ready.file)
         self.wake()
 
     def _end_job(self, record: TaskRecord, ok: bool, error: str) -> None:

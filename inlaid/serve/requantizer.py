@@ -7,7 +7,8 @@ through `inlaid.quant.incremental`. For each layer it persists the merged Hessia
 (when any linear changed) the layer's GPTQ tensors, exports them (shared memory, or CUDA IPC
 handles for a GPU executor) and sends LayerReady; it goes on only once the coordinator
 answers LayerCommitted, so at most one layer's new weights are in flight. A cancelled job
-or a shutdown stops at the next layer boundary.
+or a shutdown stops after the current input group (four per layer) or while it waits for a
+commit; a cancelled job answers JobFinished (not ok, "cancelled").
 
 Priority: `nice` 19, Linux SCHED_IDLE when asked (the scheduler runs it only on CPU time
 nothing else wants), `threads` torch threads, OMP_WAIT_POLICY=PASSIVE (set by the
@@ -23,6 +24,7 @@ import resource
 import sys
 import time
 import traceback
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -151,22 +153,53 @@ class _Channel:
         self.parent_pid = parent_pid
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(RequantizerInbound)
+        self._held: deque[msgspec.Struct] = deque()  # read mid-layer by `check_stop`, not for it
 
     def send(self, message: msgspec.Struct) -> None:
         self.sock.send(self.encoder.encode(message))
 
     def receive(self) -> msgspec.Struct | None:
         """The next message; None after a quiet poll. Exits when the coordinator is gone."""
+        if self._held:
+            return self._held.popleft()
         if not self.sock.poll(_POLL_MS, zmq.POLLIN):
             if os.getppid() != self.parent_pid:
                 log.warning("coordinator is gone; exiting")
                 sys.exit(0)
             return None
+        return self._decode(self.sock.recv())
+
+    def check_stop(self, job_id: str) -> None:
+        """Raise _Stop if a cancel of this job or a shutdown has arrived, without waiting;
+        anything else read here is kept for `receive`. Called after every input group, so a
+        cancel stops a job within a group rather than a layer."""
+        while self.sock.poll(0, zmq.POLLIN):
+            message = self._decode(self.sock.recv())
+            if isinstance(message, CancelJob) and message.job_id == job_id:
+                raise _Stop(shutdown=False)
+            if isinstance(message, RequantizerShutdown):
+                raise _Stop(shutdown=True)
+            if message is not None:
+                self._held.append(message)
+
+    def _decode(self, frame: bytes) -> msgspec.Struct | None:
         try:
-            return self.decoder.decode(self.sock.recv())
+            return self.decoder.decode(frame)
         except (msgspec.DecodeError, ValueError) as error:
             log.error("undecodable frame from the coordinator", extra={"error": str(error)})
+            self._refuse_undecodable_job(frame, str(error))
             return None
+
+    def _refuse_undecodable_job(self, frame: bytes, error: str) -> None:
+        """A job the coordinator sent but this process cannot decode fails at once, with the
+        reason: ignored, it was owed forever (killed for no progress, restarted, sent again)."""
+        try:
+            raw = msgspec.msgpack.decode(frame)
+        except (msgspec.DecodeError, ValueError, RecursionError):
+            return
+        job_id = raw.get("job_id") if isinstance(raw, dict) and raw.get("type") == "requantize_job" else None
+        if isinstance(job_id, str):
+            self.send(JobFinished(job_id=job_id, ok=False, error=f"undecodable job from the coordinator: {error}"))
 
     def wait_commit(self, job_id: str, layer: int) -> LayerCommitted:
         while True:
@@ -211,11 +244,16 @@ def run_job(channel: _Channel, job: RequantizeJob) -> None:
             max_samples=job.max_samples)
         task = CalibrationTask(job.task, Path(job.adapter_dir), Path(job.calibration))
         pacer = DutyCycle(job.duty_cycle, job.idle_duty_cycle) if min(job.duty_cycle, job.idle_duty_cycle) < 1 else None
+
+        def pace() -> None:  # after every input group: the duty cycle's sleep, then a cancel's check
+            if pacer is not None:
+                pacer.pace()
+            channel.check_stop(job.job_id)
+
         quantizer = IncrementalQuantizer(
             Path(job.model_dir), Path(job.checkpoint_dir), task, settings, Path(job.state_dir),
             served_layers={layer: Path(file) for layer, file in job.served_layers.items()},
-            state_dirs=[Path(job.state_dir)], drop_tasks=job.drop_tasks,
-            pace=pacer.pace if pacer is not None else None)
+            state_dirs=[Path(job.state_dir)], drop_tasks=job.drop_tasks, pace=pace)
         for outcome in quantizer.layers(job.start_layer):
             if outcome.layer < job.start_layer:
                 continue  # a resumed job runs through its finished layers
@@ -276,6 +314,10 @@ def serve(address: str, generation: int, parent_pid: int, threads: int, niceness
                 log.info("job stopped", extra={"job_id": message.job_id, "reason": str(stop)})
                 if stop.shutdown:
                     return 0
+                # The coordinator sends the next job once it hears from the cancelled one (a
+                # cancel taken up mid-layer leaves nothing else to hear).
+                channel.send(JobFinished(job_id=message.job_id, ok=False, error="cancelled",
+                                         peak_rss_bytes=_peak_rss_bytes()))
 
 
 def main(argv: list[str] | None = None) -> int:

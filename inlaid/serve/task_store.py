@@ -10,19 +10,32 @@ Torch-free (the coordinator owns it).
     STATE_DIR/quant/hessian_state/layer_007.safetensors  merged Hessian state (ditto)
 
 A layer is *committed* once the executor has swapped it in; registry.json lists exactly the
-committed layers, so a restarted server (or executor) serves what was served before. Every
-write goes to a temporary file renamed over the old one.
+committed layers (each with the sha256 of its file), so a restarted server (or executor)
+serves what was served before. Every write goes to a temporary file renamed over the old one.
+
+Nothing is ever deleted on a guess: the registry is type-checked as it loads, anything it
+cannot be read as (a broken link, a directory, a wrong-typed field) refuses the start, and a
+state directory holding files but no registry is refused too, since its garbage collection
+would take every stored adapter and layer with it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
+import stat
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, TypedDict
+
+import msgspec
+
+log = logging.getLogger("inlaid.dynamic_tasks")
 
 FORMAT_VERSION = 1
 REGISTRY_FILE = "registry.json"
@@ -34,10 +47,23 @@ QUEUED = "queued"
 REQUANTIZING = "requantizing"
 READY = "ready"  # every layer decided; the changed ones are served
 FAILED = "failed"  # served on the base as it is; the message says why
+PHASES = (SERVING, QUEUED, REQUANTIZING, READY, FAILED)
+# The subdirectories whose files only registry.json accounts for (and collects).
+STORED_DIRS = ("adapters", "calibration", "quant/layers", "quant/hessian_state")
 
 
 class StateDirError(RuntimeError):
     """The state directory is unusable (unreadable registry, or built on another base)."""
+
+
+class Decision(TypedDict):
+    """What a job decided for one linear (LayerReady's LinearOutcome, kept for task_status)."""
+
+    layer: int
+    linear: str
+    action: str  # requantized | kept-unchanged | kept-quality
+    reason: str
+    change: float
 
 
 @dataclass
@@ -49,7 +75,7 @@ class TaskRecord:
     version: int = 0  # the quantization version its re-quantization produces
     layers_done: int = 0
     layers_total: int = 0
-    decisions: list[dict] = field(default_factory=list)  # per linear: layer, linear, action, reason, change
+    decisions: list[Decision] = field(default_factory=list)
     message: str = ""
     attempts: int = 0  # requantizer deaths during this task's job
     added_at: float = field(default_factory=time.time)
@@ -58,12 +84,34 @@ class TaskRecord:
     forward_seconds: float = 0.0
     quantize_seconds: float = 0.0
     peak_rss_bytes: int = 0
+    # A restart that could not serve the task (its adapter copy was missing or broken) shows
+    # it as failed and keeps what it was here; a later restart that serves it restores both
+    # (an unfinished job resumes). Empty: it is not suspended.
+    suspended_phase: str = ""
+    suspended_message: str = ""
 
 
 @dataclass
 class CommittedLayer:
     version: int
     file: str
+    sha256: str = ""  # of the file, recorded at the commit; "" in registries written before it
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def layer_digest(path: str) -> str:
+    """The sha256 a layer is committed with; "" if its file cannot be read (it is then
+    restored with the executor's finiteness check only)."""
+    try:
+        return file_sha256(path)
+    except OSError as error:
+        log.warning("a re-quantized layer file cannot be read for its checksum", extra={"file": path,
+                                                                                          "error": str(error)})
+        return ""
 
 
 class TaskStore:
@@ -73,20 +121,40 @@ class TaskStore:
         self.root = Path(state_dir).expanduser()
         self.layers_dir = self.root / "quant" / "layers"
         self.hessian_dir = self.root / "quant" / "hessian_state"
-        for directory in (self.root / "adapters", self.root / "calibration", self.layers_dir, self.hessian_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+        try:
+            for name in STORED_DIRS:
+                (self.root / name).mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a file where a directory belongs, no permission...
+            raise StateDirError(f"{self.root} cannot be used as a state directory: {error}") from error
         self.base = base
         self.tasks: dict[str, TaskRecord] = {}
         self.layers: dict[int, CommittedLayer] = {}
         self.dropped: list[str] = []  # tasks whose stored Hessians no aggregate uses any more
         self.next_version = 1
         path = self.root / REGISTRY_FILE
-        if path.is_file():
+        if os.path.lexists(path):  # a broken link or a directory is no fresh state: it is refused
             self._load(path)
-        self._collect_garbage()
+            self._verify_layers()
+            self._collect_garbage()  # only ever against a registry that was read
+        else:
+            self._refuse_orphaned_files(path)
+
+    def _refuse_orphaned_files(self, path: Path) -> None:
+        """No registry: a fresh state directory, unless files are stored in it. The registry is
+        written when the server first starts on it, so stored files without one mean it was
+        deleted or lost; collecting them would delete every adapter copy and layer."""
+        stored = {name: sum(1 for _ in (self.root / name).iterdir()) for name in STORED_DIRS}
+        if any(stored.values()):
+            held = ", ".join(f"{count} in {name}/" for name, count in stored.items() if count)
+            raise StateDirError(f"{path} is missing but {self.root} holds stored files ({held}): the registry was "
+                                "deleted or lost. Restore it from a backup, or empty the state directory (or use "
+                                "another server.state_dir) to start afresh")
 
     def _load(self, path: Path) -> None:
         try:
+            if not path.is_file():
+                raise ValueError("not a regular file (a broken symbolic link, a loop of them, a directory, a "
+                                 "device, FIFO or socket?)")
             raw = json.loads(path.read_text())
             if not isinstance(raw, dict):
                 raise ValueError(f"a JSON object was expected, not {type(raw).__name__}")
@@ -96,17 +164,39 @@ class TaskStore:
             if raw.get("base") != self.base:
                 raise StateDirError(f"{self.root} holds the state of another base ({raw.get('base')}); this "
                                     f"server serves {self.base}: use another server.state_dir")
-            self.tasks = {name: TaskRecord(**record) for name, record in raw["tasks"].items()}
+            self.tasks = {name: _task_record(name, record) for name, record in _entries(raw, "tasks").items()}
             for record in self.tasks.values():
                 record.adapter_dir = self._absolute(record.adapter_dir)
                 record.calibration = record.calibration and self._absolute(record.calibration)
-            self.layers = {int(layer): CommittedLayer(**entry) for layer, entry in raw["layers"].items()}
+            self.layers = {_layer_index(key): _checked(CommittedLayer, entry, f"layers.{key}")
+                           for key, entry in _entries(raw, "layers").items()}
             for entry in self.layers.values():
                 entry.file = self._absolute(entry.file)
-            self.dropped = list(raw["dropped"])
-            self.next_version = int(raw["next_version"])
+            self.dropped = _checked(list[str], raw.get("dropped"), "dropped")
+            self.next_version = _checked(int, raw.get("next_version"), "next_version")
+            if self.next_version < 1:
+                raise ValueError(f"next_version: {self.next_version} < 1")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:  # a wrong shape, too
             raise StateDirError(f"{path} is unreadable: {type(error).__name__}: {error}") from error
+
+    def _verify_layers(self) -> None:
+        """Committed layers whose file is gone or changed since the commit (its sha256 differs)
+        are restored by no executor: the checkpoint's layer serves instead, as when an
+        executor cannot restore one. (Registries written before checksums: the executor's
+        finiteness check at the swap is all there is.)"""
+        for layer, entry in sorted(self.layers.items()):
+            try:
+                if not stat.S_ISREG(os.stat(entry.file).st_mode):
+                    raise OSError(f"{entry.file} is not a regular file")
+                actual = file_sha256(entry.file) if entry.sha256 else ""
+                problem = (f"{entry.file} changed after it was committed: its sha256 is {actual}, the registry "
+                           f"recorded {entry.sha256}") if actual != entry.sha256 else ""
+            except OSError as error:
+                problem = f"{entry.file} cannot be read: {error}"
+            if problem:
+                log.error("a committed layer could not be restored; the checkpoint's layer serves instead",
+                          extra={"layer": layer, "version": entry.version, "error": problem})
+                del self.layers[layer]
 
     def save(self) -> None:
         tasks = {name: {**asdict(record), "adapter_dir": self._relative(record.adapter_dir),
@@ -184,3 +274,43 @@ class TaskStore:
     @property
     def served_version(self) -> int:
         return max((entry.version for entry in self.layers.values()), default=0)
+
+
+# ---------------------------------------------------------------- registry.json, checked
+def _checked(kind: Any, value: object, where: str) -> Any:
+    """`value` converted to `kind` (msgspec: no coercion); a ValueError naming `where` if it is not."""
+    try:
+        return msgspec.convert(value, kind)
+    except msgspec.ValidationError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def _entries(raw: dict, key: str) -> dict:
+    entries = raw.get(key)
+    if not isinstance(entries, dict):
+        raise ValueError(f"{key}: a JSON object was expected, not {type(entries).__name__}")
+    return entries
+
+
+def _layer_index(key: str) -> int:
+    if not key.isascii() or not key.isdigit():
+        raise ValueError(f"layers.{key}: a layer index (0, 1, ...) was expected")
+    return int(key)
+
+
+def _task_record(name: str, raw: object) -> TaskRecord:
+    """One task's entry, type-checked (a wrong type here reached the executor's and the
+    requantizer's decoders once: an undecodable plan, resent forever) and range-checked."""
+    record: TaskRecord = _checked(TaskRecord, raw, f"tasks.{name}")
+    problem = ""
+    if record.name != name:
+        problem = f"its name is {record.name!r}"
+    elif record.phase not in PHASES or record.suspended_phase not in ("", *PHASES):
+        problem = f"phase {record.phase!r} / suspended_phase {record.suspended_phase!r}: one of {', '.join(PHASES)}"
+    elif min(record.version, record.layers_done, record.layers_total, record.attempts) < 0:
+        problem = "version, layers_done, layers_total and attempts cannot be negative"
+    elif record.layers_done > record.layers_total:
+        problem = f"layers_done {record.layers_done} > layers_total {record.layers_total}"
+    if problem:
+        raise ValueError(f"tasks.{name}: {problem}")
+    return record
