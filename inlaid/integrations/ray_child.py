@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from inlaid.client import Client
-from inlaid.serve.launcher import to_toml
+from inlaid.serve.launcher import stop_process, to_toml
 
 _WORKDIR_PREFIX = "inlaid-replica-"
 _OWNER_FILE = "replica.pid"  # the replica process whose server the folder holds
@@ -130,11 +130,6 @@ class ChildServer:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM: the server finishes in-flight requests, then exits."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, timeout_s)
         shutil.rmtree(self.workdir, ignore_errors=True)

@@ -113,13 +113,7 @@ class ServerProcess:
 
     def terminate(self, timeout_s: float = 60.0) -> int:
         """SIGTERM (graceful shutdown); returns the exit code. Kills after `timeout_s`."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout_s)
         self._log.close()
         if self._owns_workdir and self.process.returncode == 0:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -130,3 +124,15 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.terminate()
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM (a server finishes its in-flight requests), SIGKILL past `timeout_s`; returns
+    once the process has exited."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
