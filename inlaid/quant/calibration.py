@@ -51,19 +51,52 @@ CALIBRATION_ROLES = ("system", "user", "assistant")
 
 
 def read_calibration_examples(path: Path, limit: int | None = None) -> list[dict]:
+    """The first `limit` samples of a JSONL calibration file (every one when None), each
+    line checked (CalibrationDataError names the file and line)."""
+    examples: list[dict] = []
+    for example in _checked_examples(path):
+        examples.append(example)
+        if limit is not None and len(examples) >= limit:
+            break
+    if not examples:
+        raise CalibrationDataError(f"calibration file {path} holds no samples")
+    return examples
+
+
+def check_calibration_file(path: Path) -> int:
+    """Check every line of a calibration file, one line at a time (nothing kept), and return
+    how many samples it holds: a bad line past --max-samples was never read, so the file was
+    accepted here and refused wherever it was later used whole (the server's add_task)."""
+    count = sum(1 for _ in _checked_examples(path))
+    if not count:
+        raise CalibrationDataError(f"calibration file {path} holds no samples")
+    return count
+
+
+def _checked_examples(path: Path):  # type: ignore[no-untyped-def]
+    path = Path(path)
     if path.is_dir():
         raise CalibrationDataError(f"calibration file {path} is a directory; name a JSONL file")
     if not path.is_file():
         raise CalibrationDataError(f"calibration file {path} does not exist")
-    examples: list[dict] = []
     with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+        line_number = 0
+        while True:
+            try:
+                line = handle.readline()
+            except UnicodeDecodeError as error:
+                raise CalibrationDataError(f"{path}:{line_number + 1}: not UTF-8 ({error.reason})") from None
+            if not line:
+                return
+            line_number += 1
             if not line.strip():
                 continue
             try:
                 example = json.loads(line)
             except json.JSONDecodeError as error:
                 raise CalibrationDataError(f"{path}:{line_number}: not JSON ({error.msg})") from None
+            except RecursionError:
+                raise CalibrationDataError(f"{path}:{line_number}: not JSON this reader accepts (nested too deeply)") from None
             messages = example.get("messages") if isinstance(example, dict) else None
             if not isinstance(messages, list) or not messages or not isinstance(example.get("reference"), str):
                 raise CalibrationDataError(
@@ -72,12 +105,7 @@ def read_calibration_examples(path: Path, limit: int | None = None) -> list[dict
             problem = _messages_problem(messages)
             if problem:  # else the chat template failed on it later, in the re-quantization job
                 raise CalibrationDataError(f"{path}:{line_number}: {problem}")
-            examples.append(example)
-            if limit is not None and len(examples) >= limit:
-                break
-    if not examples:
-        raise CalibrationDataError(f"calibration file {path} holds no samples")
-    return examples
+            yield example
 
 
 def _messages_problem(messages: list) -> str | None:

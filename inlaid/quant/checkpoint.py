@@ -50,7 +50,8 @@ def pack_linear(prefix: str, quantized: QuantizedWeight, bias: torch.Tensor | No
         f"{prefix}.qweight": pack_qweight(codes_kn, quantized.bits),
         f"{prefix}.qzeros": pack_qzeros(quantized.zeros.to(torch.int32), quantized.bits),
         f"{prefix}.scales": quantized.scales.to(torch.float16).contiguous(),
-        f"{prefix}.g_idx": quantized.g_idx.to(torch.int32).contiguous(),
+        # a copy: linears quantized together may share one g_idx (safetensors refuses shared memory)
+        f"{prefix}.g_idx": quantized.g_idx.to(torch.int32).clone(),
     }
     if bias is not None:
         tensors[f"{prefix}.bias"] = bias.detach().to(torch.float16).contiguous()

@@ -74,7 +74,9 @@ def quantize_out_problem(out: Path) -> str | None:
     from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, METADATA_FILE
     from inlaid.quant.partial import PARTIAL_DIR
 
-    problem = writable_dir_problem(out, "--out")
+    from inlaid.quant.inputs import creatable_dir_problem
+
+    problem = writable_dir_problem(out, "--out") or creatable_dir_problem(out, "--out")
     if problem:
         return problem
     out = Path(out).expanduser()
@@ -85,6 +87,24 @@ def quantize_out_problem(out: Path) -> str | None:
     return None
 
 
+def _quant_spec(args: argparse.Namespace) -> QuantSpec:
+    """The QuantSpec of the flags, each refusal naming its flag (QuantSpec's own messages name
+    its fields: damp_percent, group_size)."""
+    from inlaid.quant.spec import QuantSpec
+
+    if args.group_size != -1 and args.group_size < 1:
+        raise QuantizationError(f"--group-size must be -1 (one group per row) or a positive number of columns, "
+                                f"got {args.group_size}")
+    if not 0.0 <= args.damp < 10.0:
+        raise QuantizationError(f"--damp is a fraction of the mean Hessian diagonal: give a number in [0, 10) "
+                                f"(default 0.01, 1 %), got {args.damp}")
+    if args.dynamic_groups and not args.act_order:
+        raise QuantizationError("--dynamic-groups goes with --act-order (without it the groups are in the original "
+                                "column order either way): add --act-order or drop --dynamic-groups")
+    return QuantSpec(bits=args.bits, group_size=args.group_size, symmetric=args.sym, act_order=args.act_order,
+                     static_groups=not args.dynamic_groups, mse_clip=args.mse_clip, damp_percent=args.damp)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -92,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
     from inlaid.quant.calibration import CalibrationTask, parse_task_argument
     from inlaid.quant.checkpoint import METADATA_FILE
     from inlaid.quant.driver import DriverConfig, quantize_model
+    from inlaid.quant.inputs import check_tasks
     from inlaid.quant.methods import MlgptqOptions, parse_method
-    from inlaid.quant.spec import QuantSpec
     from inlaid.quant.suite import (
         DEFAULT_ADAPTERS_DIR, SUITE_CALIB_SAMPLES, ensure_suite_checkpoint, is_complete, read_manifest,
         suite_checkpoint_dir,
@@ -117,15 +137,17 @@ def run(args: argparse.Namespace) -> int:
         problem = model_dir_problem(args.model) or (quantize_out_problem(args.out) if args.out is not None else None)
         if problem:
             raise QuantizationError(problem)
+        spec = _quant_spec(args)
         adapters_dir = args.adapters_dir or DEFAULT_ADAPTERS_DIR
         selected = [name.strip() for name in args.tasks.split(",") if name.strip()] if args.tasks else None
         if args.suite:
             tasks = [CalibrationTask(t.name, t.adapter_dir, t.calib_path) for t in read_manifest(adapters_dir, selected)]
         else:
             tasks = [parse_task_argument(text) for text in args.task]
+        # Names, adapters and every calibration line before the model loads (a '.' in a name,
+        # a NaN adapter or a bad line past --max-samples failed only after it had).
+        check_tasks(tasks, args.model or default_model_dir())
         method = parse_method(args.method, [task.name for task in tasks])
-        spec = QuantSpec(bits=args.bits, group_size=args.group_size, symmetric=args.sym, act_order=args.act_order,
-                         static_groups=not args.dynamic_groups, mse_clip=args.mse_clip, damp_percent=args.damp)
         defaults = MlgptqOptions()
         if args.mlgptq_slack is not None and args.mlgptq_slack < 0:
             raise QuantizationError(f"--mlgptq-slack must be >= 0, got {args.mlgptq_slack}")

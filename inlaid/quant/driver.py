@@ -222,6 +222,8 @@ def quantize_model(config: DriverConfig) -> QuantizationReport:
     timer = PhaseTimer()
     out_dir = Path(config.out_dir)
     task_names = [task.name for task in config.tasks]
+    # Before the model loads: a --out holding another run's layers is refused in a second.
+    layers_done = prepare_partial_dir(out_dir, config.fingerprint(), config.resume)
     with timer.phase("load"):
         calibrated = _prepare(config)
     with timer.phase("probe"):
@@ -231,7 +233,6 @@ def quantize_model(config: DriverConfig) -> QuantizationReport:
             save_raw_costs(out_dir / HESSIAN_STATE_DIR, raw_costs)  # what a later task addition merges with
     streams, peft_model = calibrated.streams, calibrated.peft_model
     layers = decoder_layers(calibrated.model)
-    layers_done = prepare_partial_dir(out_dir, config.fingerprint(), config.resume)
 
     layer_errors: list[dict] = []
     task_weights: dict[str, dict[str, float]] = {}

@@ -238,7 +238,7 @@ def gptq_quantize_many(
             codes=codes[p, :, : row_counts[p]].T.to(torch.uint8).contiguous(),
             scales=scales[p, :, : row_counts[p]].to(torch.float32).contiguous(),
             zeros=zeros[p, :, : row_counts[p]].to(torch.int32).contiguous(),
-            g_idx=g_idx[p].contiguous(),
+            g_idx=g_idx[p].clone(),  # its own storage: static g_idx is one expanded row for all
             bits=spec.bits,
             group_size=group,
             damp=damps[int(source[p])],

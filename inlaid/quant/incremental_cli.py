@@ -26,6 +26,7 @@ from inlaid.cli_args import model_dir_problem, positive_int, writable_dir_proble
 from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, METADATA_FILE, WEIGHTS_FILE, CheckpointMetadata, write_checkpoint
 from inlaid.quant.errors import QuantizationError
 from inlaid.quant.incremental import IncrementalQuantizer, LayerOutcome
+from inlaid.quant.inputs import check_tasks, creatable_dir_problem
 from inlaid.quant.model_io import LINEAR_NAMES
 from inlaid.quant.task_costs import COSTS_FILE
 
@@ -136,7 +137,8 @@ def output_dir_problem(out: Path, checkpoint: Path) -> str | None:
         return f"--out {out} overlaps the checkpoint {checkpoint}: write the new checkpoint to a new directory"
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         return f"--out {out} already exists and is not an empty directory: give a new one"
-    return writable_dir_problem(out, "--out")  # under a file, or read-only: found before the model loads
+    # under a file, read-only or not creatable (/proc): found before the model loads
+    return writable_dir_problem(out, "--out") or creatable_dir_problem(out, "--out")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -168,7 +170,10 @@ def run(args: argparse.Namespace) -> int:
         if problem:
             raise QuantizationError(problem)
         model_dir = args.model or Path(metadata.get("base_model") or default_model_dir())
-        quantizer = IncrementalQuantizer(model_dir, args.checkpoint, parse_task_argument(args.task), settings,
+        task = parse_task_argument(args.task)
+        check_tasks([task], model_dir)  # name, adapter, every calibration line: before the model loads
+        replaced = task.name in held and task.name not in args.drop_task
+        quantizer = IncrementalQuantizer(model_dir, args.checkpoint, task, settings,
                                          args.out / HESSIAN_STATE_DIR, drop_tasks=args.drop_task)
         outcomes = []
         bar = tqdm(quantizer.layers(), total=quantizer.num_layers, desc=f"add {quantizer.task.name}", unit="layer")
@@ -181,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     record = addition_record(quantizer, outcomes)
     actions = [d.action for o in outcomes for d in o.decisions]
-    print(f"{quantizer.task.name} added to {args.checkpoint} -> {args.out}")
+    how = "replaced (its earlier adapter and Hessians are gone) in" if replaced else "added to"
+    print(f"{quantizer.task.name} {how} {args.checkpoint} -> {args.out}")
     for action in sorted(set(actions)):
         print(f"  {action}: {actions.count(action)} of {len(actions)} linears")
     for outcome in outcomes:

@@ -41,6 +41,13 @@ def prepare_partial_dir(out_dir: Path, fingerprint: str, resume: bool) -> int:
                 done += 1
             return done
         if resume:
+            from inlaid.quant.checkpoint import METADATA_FILE
+
+            if (Path(out_dir) / METADATA_FILE).is_file():
+                raise CheckpointError(
+                    f"{out_dir} holds a finished checkpoint made with other settings (model, tasks, method or "
+                    "flags); pass --restart to overwrite it or choose another --out"
+                )
             raise CheckpointError(
                 f"{out_dir} holds a partial run with other settings; pass --restart to discard it "
                 "or choose another --out"

@@ -1,0 +1,222 @@
+"""`inlaid quantize` / `quantize-add` inputs: an act-order checkpoint is written and served,
+and every bad input is one line (exit 2) naming the flag or file, found before the model
+loads (the model-loading entry points are replaced by ones that fail the test)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from inlaid.models.prepare import default_model_dir
+from inlaid.quant.calibration import CalibrationTask
+from inlaid.quant.checkpoint import METADATA_FILE, load_gptq_checkpoint, pack_linear
+from inlaid.quant.errors import CheckpointError
+from inlaid.quant.gptq import gptq_quantize_many
+from inlaid.quant.partial import PARTIAL_DIR, prepare_partial_dir
+from inlaid.quant.spec import QuantSpec
+
+from tiny_llama import make_adapter, make_tiny_model, quantize_full, write_calibration
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    source = default_model_dir()
+    if not (source / "tokenizer.json").is_file():
+        pytest.skip("the default model (tokenizer) is not prepared; run `make setup`")
+    root = tmp_path_factory.mktemp("quant_inputs")
+    model_dir = make_tiny_model(root / "model", source, layers=2, hidden=64, seed=0, max_positions=256)
+    adapter = make_adapter(model_dir, root / "adapter", seed=1, scale=0.3)
+    calib = write_calibration(root / "alpha.jsonl", "alpha", 3)
+    return root, model_dir, adapter, calib
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Loading the model (either command) fails the test: the checks must come first."""
+    import inlaid.quant.driver as driver
+    import inlaid.quant.incremental_cli as incremental_cli
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(driver, "_prepare", loaded)
+    monkeypatch.setattr(incremental_cli, "IncrementalQuantizer", loaded)
+
+
+def _quantize(model_dir: Path, task: str, out: Path, *extra: str) -> int:
+    from inlaid.cli import main
+
+    return main(["quantize", "--model", str(model_dir), "--task", task, "--max-samples", "2", "--max-tokens", "48",
+                 "--group-size", "32", "--threads", "1", "--out", str(out), *extra])
+
+
+def _fake_checkpoint(root: Path, model_dir: Path, tasks: list[str]) -> Path:
+    """What quantize-add reads before the model loads: the metadata."""
+    checkpoint = root / "fake_checkpoint"
+    checkpoint.mkdir(exist_ok=True)
+    (checkpoint / METADATA_FILE).write_text(json.dumps({"base_model": str(model_dir),
+                                                        "tasks": [{"name": n} for n in tasks]}))
+    return checkpoint
+
+
+def _add(checkpoint: Path, task: str, out: Path, *extra: str) -> int:
+    from inlaid.cli import main
+
+    return main(["quantize-add", "--checkpoint", str(checkpoint), "--task", task, "--out", str(out),
+                 "--max-samples", "2", "--threads", "1", *extra])
+
+
+def _one_line_error(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert all(needle in err for needle in needles), err
+    return err
+
+
+# ---------------------------------------------------------------- 1: act-order with static groups
+
+def test_static_act_order_linears_have_their_own_g_idx() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(256, 64)
+    hessian = 2 * x.T @ x / 256
+    spec = QuantSpec(bits=4, group_size=32, act_order=True, static_groups=True)
+    results = gptq_quantize_many([torch.randn(16, 64), torch.randn(8, 64), torch.randn(8, 64)], [hessian] * 3, spec)
+    tensors = {}
+    for name, result in zip("qkv", results):
+        assert torch.equal(result.g_idx, (torch.arange(64) // 32).to(torch.int32))
+        tensors.update(pack_linear(f"layer.{name}_proj", result))
+    pointers = {tensors[f"layer.{n}_proj.g_idx"].untyped_storage().data_ptr() for n in "qkv"}
+    assert len(pointers) == 3
+    save_file(tensors, "/dev/null")  # safetensors refused tensors that share memory
+
+
+def test_act_order_checkpoint_is_written_and_served(tiny, tmp_path, capsys) -> None:
+    from inlaid.cli import main
+
+    root, model_dir, adapter, calib = tiny
+    out = tmp_path / "act"
+    assert _quantize(model_dir, f"alpha={adapter}:{calib}", out, "--act-order", "--no-errors") == 0
+    checkpoint = load_gptq_checkpoint(out)
+    assert checkpoint.config["quantization_config"]["desc_act"] is True
+    q_proj = checkpoint.linears["model.layers.0.self_attn.q_proj"]
+    assert torch.equal(q_proj.g_idx, (torch.arange(64) // 32).to(torch.int32))
+    capsys.readouterr()
+    assert main(["generate", "--model", str(model_dir), "--quantized", str(out), "--prompt", "Hello",
+                 "--max-tokens", "3", "--temperature", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["finish_reason"] in ("length", "stop")
+
+
+# ---------------------------------------------------------------- 2-7: refused up front, one line
+
+def test_task_name_with_a_dot_is_refused(tiny, tmp_path, capsys, no_model_load) -> None:
+    root, model_dir, adapter, calib = tiny
+    assert _quantize(model_dir, f"math.v2={adapter}:{calib}", tmp_path / "o") == 2
+    _one_line_error(capsys, "'math.v2'", "'-' or '_'")
+    checkpoint = _fake_checkpoint(root, model_dir, ["alpha"])
+    assert _add(checkpoint, f"math.v2={adapter}:{calib}", tmp_path / "o2") == 2
+    _one_line_error(capsys, "'math.v2'")
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+def test_uncreatable_out_is_refused(tiny, capsys, no_model_load) -> None:
+    root, model_dir, adapter, calib = tiny
+    assert _quantize(model_dir, f"alpha={adapter}:{calib}", Path("/proc/inlaid-x")) == 2
+    _one_line_error(capsys, "--out /proc/inlaid-x")
+    checkpoint = _fake_checkpoint(root, model_dir, ["alpha"])
+    assert _add(checkpoint, f"beta={adapter}:{calib}", Path("/proc/inlaid-x")) == 2
+    _one_line_error(capsys, "--out /proc/inlaid-x")
+
+
+def test_out_probe_leaves_nothing_behind(tmp_path) -> None:
+    from inlaid.quant.inputs import creatable_dir_problem
+
+    assert creatable_dir_problem(tmp_path / "a" / "b" / "c", "--out") is None
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--dynamic-groups"], ["--dynamic-groups", "--act-order"]),
+    (["--damp", "-1"], ["--damp", "[0, 10)"]),
+    (["--damp", "nan"], ["--damp"]),
+    (["--group-size", "0"], ["--group-size", "got 0"]),
+])
+def test_bad_flags_name_the_flag(tiny, tmp_path, capsys, no_model_load, flags, needles) -> None:
+    root, model_dir, adapter, calib = tiny
+    assert _quantize(model_dir, f"alpha={adapter}:{calib}", tmp_path / "o", *flags) == 2
+    err = _one_line_error(capsys, *needles)
+    assert "damp_percent" not in err and "group_size" not in err
+
+
+def test_every_calibration_line_is_checked(tiny, tmp_path, capsys, no_model_load) -> None:
+    root, model_dir, adapter, calib = tiny
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(calib.read_text() + "{not json\n")  # line 4, past --max-samples 2
+    assert _quantize(model_dir, f"alpha={adapter}:{bad}", tmp_path / "o") == 2
+    _one_line_error(capsys, f"{bad}:4: not JSON")
+    checkpoint = _fake_checkpoint(root, model_dir, ["alpha"])
+    assert _add(checkpoint, f"beta={adapter}:{bad}", tmp_path / "o2") == 2
+    _one_line_error(capsys, f"{bad}:4: not JSON")
+
+
+def _copy_adapter(adapter: Path, out: Path) -> Path:
+    out.mkdir()
+    for path in adapter.iterdir():
+        (out / path.name).write_bytes(path.read_bytes())
+    return out
+
+
+def test_broken_adapters_are_refused(tiny, tmp_path, capsys, no_model_load) -> None:
+    root, model_dir, adapter, calib = tiny
+    nan = _copy_adapter(adapter, tmp_path / "nan")
+    tensors = load_file(nan / "adapter_model.safetensors")
+    name = sorted(tensors)[3]
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, nan / "adapter_model.safetensors")
+    assert _quantize(model_dir, f"alpha={nan}:{calib}", tmp_path / "o") == 2
+    _one_line_error(capsys, "--task alpha", name, "NaN")
+    rank = _copy_adapter(adapter, tmp_path / "rank")
+    config = json.loads((rank / "adapter_config.json").read_text())
+    config["r"] = 2 * config["r"]
+    (rank / "adapter_config.json").write_text(json.dumps(config))
+    assert _quantize(model_dir, f"alpha={rank}:{calib}", tmp_path / "o") == 2
+    _one_line_error(capsys, "--task alpha", "rank mismatch")
+    checkpoint = _fake_checkpoint(root, model_dir, ["alpha"])
+    assert _add(checkpoint, f"beta={nan}:{calib}", tmp_path / "o2") == 2
+    _one_line_error(capsys, name, "NaN")
+
+
+# ---------------------------------------------------------------- 8: what the messages say
+
+def test_finished_checkpoint_with_other_settings_says_so(tmp_path) -> None:
+    out = tmp_path / "done"
+    (out / PARTIAL_DIR).mkdir(parents=True)
+    (out / PARTIAL_DIR / "run.json").write_text(json.dumps({"fingerprint": "old"}))
+    with pytest.raises(CheckpointError, match="partial run"):
+        prepare_partial_dir(out, "new", resume=True)
+    (out / METADATA_FILE).write_text("{}")
+    with pytest.raises(CheckpointError, match="finished checkpoint"):
+        prepare_partial_dir(out, "new", resume=True)
+
+
+def test_quantize_add_says_replaced(tiny, tmp_path, capsys) -> None:
+    root, model_dir, adapter, calib = tiny
+    base = quantize_full(model_dir, [CalibrationTask("alpha", adapter, calib)], tmp_path / "base")
+    other = make_adapter(model_dir, tmp_path / "other", seed=2, scale=0.3)
+    capsys.readouterr()
+    assert _add(base, f"alpha={other}:{calib}", tmp_path / "plus") == 0
+    assert "alpha replaced" in capsys.readouterr().out
