@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -81,7 +82,7 @@ def writable_dir_problem(path: Path, option: str) -> str | None:
         return f"{option} {path} lies under {existing}, which is a file"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{option} {path}: {existing} is not writable"
-    return None
+    return _write_probe_problem(existing, path, option)
 
 
 def writable_file_problem(path: Path, option: str) -> str | None:
@@ -91,10 +92,29 @@ def writable_file_problem(path: Path, option: str) -> str | None:
     if path.is_dir():
         return f"{option} {path} is a directory"
     if path.exists():
-        return None if os.access(path, os.W_OK) else f"{option} {path} is not writable"
+        if not os.access(path, os.W_OK):
+            return f"{option} {path} is not writable"
+        try:
+            with path.open("a"):
+                pass  # opened for append: nothing of it changes
+        except OSError as error:
+            return f"{option} {path} cannot be written: {error.strerror or error}"
+        return None
     existing = _nearest_existing(path.parent)
     if not existing.is_dir():
         return f"{option} {path} lies under {existing}, which is a file"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{option} {path}: {existing} is not writable"
+    return _write_probe_problem(existing, path, option)
+
+
+def _write_probe_problem(directory: Path, path: Path, option: str) -> str | None:
+    """A file really made (and removed) in `directory`: os.access says yes to root
+    everywhere, a read-only or virtual file system included (`--out /proc/x` passed, and
+    runs died at their end, their results lost; an outside probe)."""
+    try:
+        with tempfile.TemporaryFile(dir=directory, prefix=".inlaid-write-probe-"):
+            pass
+    except OSError as error:
+        return f"{option} {path} cannot be written: {error.strerror or error}"
     return None

@@ -74,9 +74,8 @@ def quantize_out_problem(out: Path) -> str | None:
     from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, METADATA_FILE
     from inlaid.quant.partial import PARTIAL_DIR
 
-    from inlaid.quant.inputs import creatable_dir_problem
 
-    problem = writable_dir_problem(out, "--out") or creatable_dir_problem(out, "--out")
+    problem = writable_dir_problem(out, "--out")
     if problem:
         return problem
     out = Path(out).expanduser()

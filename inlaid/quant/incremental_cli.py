@@ -26,7 +26,7 @@ from inlaid.cli_args import model_dir_problem, positive_int, writable_dir_proble
 from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, METADATA_FILE, WEIGHTS_FILE, CheckpointMetadata, write_checkpoint
 from inlaid.quant.errors import QuantizationError
 from inlaid.quant.incremental import IncrementalQuantizer, LayerOutcome
-from inlaid.quant.inputs import check_tasks, creatable_dir_problem
+from inlaid.quant.inputs import check_tasks
 from inlaid.quant.model_io import LINEAR_NAMES
 from inlaid.quant.task_costs import COSTS_FILE
 
@@ -138,7 +138,7 @@ def output_dir_problem(out: Path, checkpoint: Path) -> str | None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         return f"--out {out} already exists and is not an empty directory: give a new one"
     # under a file, read-only or not creatable (/proc): found before the model loads
-    return writable_dir_problem(out, "--out") or creatable_dir_problem(out, "--out")
+    return writable_dir_problem(out, "--out")
 
 
 def run(args: argparse.Namespace) -> int:

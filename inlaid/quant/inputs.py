@@ -1,15 +1,14 @@
 """Checks of `inlaid quantize` / `quantize-add` inputs that run before the model loads.
 
 Each refusal is one line naming the flag or file (QuantizationError): the task names, every
-adapter (the server's own check, `check_servable_adapter`), every line of every calibration
-file, and whether --out can be created at all. Without them a bad input surfaced after the
+adapter (the server's own check, `check_servable_adapter`), and every line of every calibration
+file. Without them a bad input surfaced after the
 model had loaded, some only after the first layer, as a PEFT KeyError, a 400-line
 size-mismatch dump or a "calibration forward overflowed".
 """
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Iterable
@@ -66,26 +65,3 @@ def check_tasks(tasks: Iterable[CalibrationTask], model_dir: Path) -> None:
             except AdapterError as error:
                 raise QuantizationError(f"--task {task.name}: {error}") from None
         check_calibration_file(task.calib_path)
-
-
-def creatable_dir_problem(out: Path, option: str) -> str | None:
-    """Why the directory `out` cannot be created, found by creating it (and removing what
-    was created). `writable_dir_problem` asks os.access, which says yes to root everywhere,
-    /proc included: there the run failed only once the model had loaded."""
-    out = Path(out).expanduser()
-    if out.is_dir():
-        return None
-    created = None
-    probe = out
-    while not probe.exists() and probe.parent != probe:
-        created, probe = probe, probe.parent
-    try:
-        out.mkdir(parents=True)
-    except OSError as error:
-        return f"{option} {out} cannot be created: {error.strerror or error}"
-    if created is not None:
-        for path in [out, *out.parents]:
-            os.rmdir(path)
-            if path == created:
-                break
-    return None

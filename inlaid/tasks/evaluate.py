@@ -17,9 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inlaid.cli_args import model_dir_problem, positive_int, writable_file_problem
-from inlaid.tasks.generation import GenerationRequest, GenerationResult, chat_prompt
+from inlaid.tasks.checks import adapter_problem
+from inlaid.tasks.generation import GenerationError, GenerationRequest, GenerationResult, chat_prompt
 
 BASE = "base"
+
+
+class AdapterInputError(ValueError):
+    """An adapter the engine could not serve on this base model (named in the message)."""
 
 
 @dataclass
@@ -46,7 +51,15 @@ def length_stats(counts: list[int]) -> dict[str, float]:
 def evaluate_runs(model_dir: Path, runs: list[EvalRun], split: str = "eval", limit: int | None = None,
                   backend: str = "auto", batch_size: int = 16, dtype: str = "auto",
                   weight_dtype: str = "auto") -> dict:
-    """Generate for every run in one call, then score each run with its task's metric."""
+    """Generate for every run in one call, then score each run with its task's metric.
+
+    Every adapter is first checked as a server checks one (AdapterInputError, before the
+    model loads): an adapter the engine cannot serve made each of its requests fail inside
+    the engine, and the empty outputs were scored (accuracy 0, exit 0, "" in --out)."""
+    problem = adapter_problem(model_dir, {run.adapter_name: run.adapter_dir for run in runs
+                                          if run.adapter_name is not None and run.adapter_dir is not None})
+    if problem:
+        raise AdapterInputError(problem)
     from transformers import AutoTokenizer
 
     from inlaid.tasks import get_task
@@ -178,6 +191,32 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"inlaid eval: error: {problem}", file=sys.stderr)
         return 2
+    runs = _planned_runs(args, tasks)
+    try:
+        results = evaluate_runs(model_dir, runs, split=args.split, limit=args.limit, backend=args.backend,
+                                batch_size=args.batch_size, dtype=args.dtype, weight_dtype=args.weight_dtype)
+    except AdapterInputError as error:  # found before the model loaded
+        print(f"inlaid eval: error: {error}", file=sys.stderr)
+        return 2
+    except GenerationError as error:
+        print(f"inlaid eval: error: {error}", file=sys.stderr)
+        return 1
+    for task_name, configs in results["tasks"].items():
+        for config_name, entry in configs.items():
+            # every metric is a percentage in [0, 100] (metrics.py); the unit is printed
+            scores = ", ".join(f"{k}={v:.2f}%" for k, v in entry["scores"].items())
+            print(f"{task_name:14s} {config_name:14s} n={entry['examples']:<4d} {scores}")
+    print(f"backend={results['backend']} seconds={results['seconds']} tokens={results['generated_tokens']}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(markdown_table(results))
+    return 0
+
+
+def _planned_runs(args: argparse.Namespace, tasks: list[str]) -> list[EvalRun]:
     adapters = args.adapter or [None] * len(tasks)
     runs: list[EvalRun] = []
     for index, name in enumerate(tasks):
@@ -195,20 +234,7 @@ def run(args: argparse.Namespace) -> int:
                 runs.append(EvalRun(name, Path(adapter).name, Path(adapter)))
             if args.with_base or not adapter:
                 runs.append(EvalRun(name, None, None))
-    results = evaluate_runs(model_dir, runs, split=args.split, limit=args.limit, backend=args.backend,
-                            batch_size=args.batch_size, dtype=args.dtype, weight_dtype=args.weight_dtype)
-    for task_name, configs in results["tasks"].items():
-        for config_name, entry in configs.items():
-            scores = ", ".join(f"{k}={v:.2f}" for k, v in entry["scores"].items())
-            print(f"{task_name:14s} {config_name:14s} n={entry['examples']:<4d} {scores}")
-    print(f"backend={results['backend']} seconds={results['seconds']} tokens={results['generated_tokens']}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1, ensure_ascii=False))
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(markdown_table(results))
-    return 0
+    return runs
 
 
 def _argument_problem(args: argparse.Namespace) -> str | None:

@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+class GenerationError(RuntimeError):
+    """The engine failed requests (their outputs would be empty text, scored as wrong)."""
+
+
 @dataclass
 class GenerationRequest:
     prompt: str
@@ -59,6 +63,13 @@ def generate_with_engine(model_dir: Path, adapters: dict[str, Path], requests: l
     prompts = [tokenizer(r.prompt, add_special_tokens=False)["input_ids"] for r in requests]
     sampling = [SamplingParams(temperature=0.0, max_tokens=r.max_new_tokens) for r in requests]
     outputs = engine.generate(prompts, sampling, [r.adapter for r in requests], use_tqdm=show_progress)
+    failed = sorted({r.adapter or "the base model" for r, o in zip(requests, outputs) if o.finish_reason == "error"})
+    if failed:
+        # An executor failure ends a request with no tokens; scoring that "" would record a
+        # score of 0 for a model that never ran.
+        count = sum(o.finish_reason == "error" for o in outputs)
+        raise GenerationError(f"the engine failed {count} of {len(outputs)} requests (adapter {', '.join(failed)}); "
+                              "no score recorded")
     eos_ids = set(engine.model_config.eos_token_ids)
     results = []
     for output in outputs:

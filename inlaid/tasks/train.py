@@ -14,6 +14,7 @@ import json
 import math
 import random
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -48,6 +49,16 @@ class TrainConfig:
     @property
     def lora_alpha(self) -> float:
         return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+    def resume_settings(self) -> dict:
+        """What a checkpoint must have been trained with to be resumed by this run: everything
+        that shapes the weights or the batches of a step. Not --steps: a larger one continues
+        the run (the cosine schedule then follows the new total); threads, save cadence and
+        the saved dtype do not change the training either."""
+        return {"task": self.task, "model": Path(self.model_dir).name, "rank": self.rank,
+                "lora_alpha": self.lora_alpha, "batch_size": self.batch_size,
+                "lr": self.lr, "warmup_steps": self.warmup_steps, "max_length": self.max_length,
+                "seed": self.seed, "precision": self.precision, "split": self.split}
 
 
 def tokenize_sample(tokenizer, messages: list[dict], reference: str) -> tuple[list[int], int]:
@@ -181,7 +192,8 @@ def train(config: TrainConfig, command: str = "") -> Path:
         if done % config.save_every == 0 or done == config.steps:
             model.save_pretrained(str(checkpoint))
             torch.save(optimizer.state_dict(), checkpoint / "optimizer.pt")
-            (checkpoint / "state.json").write_text(json.dumps({"step": done, "losses": losses}))
+            (checkpoint / "state.json").write_text(
+                json.dumps({"step": done, "losses": losses, "settings": config.resume_settings()}))
 
     model.save_pretrained(str(out_dir))
     _cast_adapter_file(out_dir / "adapter_model.safetensors", config.save_dtype)
@@ -209,6 +221,57 @@ def train(config: TrainConfig, command: str = "") -> Path:
     return out_dir
 
 
+def resume_problem(config: TrainConfig) -> str | None:
+    """Why the checkpoint in `<out>/checkpoint/` cannot be resumed by `config`, or None (none
+    there, or the same settings). A run with another --rank used to resume it silently:
+    the adapter kept the old rank while training.json recorded the new one."""
+    checkpoint = Path(config.out_dir) / CHECKPOINT_DIR
+    state_file = checkpoint / "state.json"
+    if not state_file.is_file():
+        return None
+    try:
+        state = json.loads(state_file.read_text())
+        recorded = state.get("settings")
+        if recorded is None:  # a checkpoint from before settings were recorded: its adapter config
+            adapter = json.loads((checkpoint / "adapter_config.json").read_text())
+            recorded = {"rank": adapter["r"], "lora_alpha": adapter["lora_alpha"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        return (f"--out {config.out_dir}: the checkpoint in {checkpoint} cannot be read ({error}); "
+                "pass --restart to discard it or choose another --out")
+    wanted = config.resume_settings()
+    differing = [f"{key} {recorded[key]} there, {wanted[key]} here" for key in wanted
+                 if key in recorded and recorded[key] != wanted[key]]
+    done = state.get("step")
+    if isinstance(done, int) and done > config.steps:  # the adapter would hold more steps than recorded
+        differing.append(f"{done} steps done there, --steps {config.steps} here")
+    if not differing:
+        return None
+    return (f"--out {config.out_dir} holds a checkpoint (step {done}) of a run with other settings "
+            f"({'; '.join(differing)}); pass --restart to discard it or choose another --out")
+
+
+def rank_problem(rank: int) -> str | None:
+    """--rank above what any engine can serve (refused), or None."""
+    from inlaid.engine.config import MAX_LORA_RANK
+
+    if rank > MAX_LORA_RANK:
+        return f"--rank {rank}: above {MAX_LORA_RANK}, the largest max_lora_rank an Inlaid engine can serve"
+    return None
+
+
+def rank_warning(rank: int) -> str | None:
+    """--rank above the default serving config's max_lora_rank: trained, but `inlaid generate`
+    and a server with the default config refuse the adapter."""
+    from inlaid.engine.config import EngineConfig
+
+    default = EngineConfig.max_lora_rank
+    if rank <= default:
+        return None
+    return (f"warning: --rank {rank} is above the default max_lora_rank {default}: `inlaid generate` and a server "
+            f"with the default config will refuse this adapter; serve it with `max_lora_rank = {rank}` (or more) "
+            "under [executor] in the server config (`inlaid eval` sizes its engine to the adapter)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Counts and sizes are checked by their argparse types, which name the option and exit 2
     # before anything loads: `--alpha -1` wrote lora_alpha -1.0, `--save-every -1` and
@@ -229,6 +292,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="train", help="split to train on (default train)")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--restart", action="store_true",
+                        help="discard the checkpoint in --out (default: resume it, if its settings match)")
 
 
 def _input_problem(args: argparse.Namespace, out_dir: Path) -> str | None:
@@ -237,7 +302,8 @@ def _input_problem(args: argparse.Namespace, out_dir: Path) -> str | None:
     training, and a missing --model reached Hugging Face as a repo id."""
     from inlaid.tasks import TaskError, get_task
 
-    if problem := model_dir_problem(args.model) or writable_dir_problem(out_dir, "--out"):
+    if problem := (model_dir_problem(args.model) or writable_dir_problem(out_dir, "--out")
+                   or rank_problem(args.rank)):
         return problem
     try:
         get_task(args.task).split_path(args.split)
@@ -259,6 +325,13 @@ def run(args: argparse.Namespace) -> int:
         max_length=args.max_length, seed=args.seed, save_every=args.save_every, threads=args.threads,
         save_dtype=args.save_dtype, precision=args.precision, split=args.split,
     )
+    if warning := rank_warning(config.rank):
+        print(f"inlaid train-adapter: {warning}", file=sys.stderr)
+    if args.restart:
+        shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
+    elif problem := resume_problem(config):
+        print(f"inlaid train-adapter: {problem}", file=sys.stderr)
+        return 2
     command = "inlaid train-adapter " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     out = train(config, command=command)
     print(out)
