@@ -17,6 +17,16 @@ import torch  # noqa: E402  (after the environment is set)
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test, whatever the process had: the quantizer tests' small
+    matrices spend more on synchronising threads than on the work on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     from inlaid.models.prepare import prepare_default_model

@@ -37,13 +37,7 @@ def _make_adapter(model_dir: Path, out_dir: Path, seed: int, poison: bool = Fals
     return make_adapter(model_dir, out_dir, seed, scale=0.3, poison="layers.1.self_attn.o_proj" if poison else None)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matrices: one thread avoids the synchronisation cost that dominates on a busy machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

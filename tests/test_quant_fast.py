@@ -18,12 +18,7 @@ from inlaid.quant.spec import QuantSpec
 from test_quant_gptq import _brute_force_obs, _correlated_inputs, _hessian64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize(

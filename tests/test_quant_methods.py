@@ -12,13 +12,7 @@ from inlaid.quant.methods import Method, MlgptqOptions, parse_method, quantize_l
 from inlaid.quant.spec import QuantSpec
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small matrices: one thread avoids the synchronisation cost that dominates on a busy machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 
