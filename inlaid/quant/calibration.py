@@ -92,20 +92,30 @@ def _checked_examples(path: Path):  # type: ignore[no-untyped-def]
             if not line.strip():
                 continue
             try:
-                example = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise CalibrationDataError(f"{path}:{line_number}: not JSON ({error.msg})") from None
-            except RecursionError:
-                raise CalibrationDataError(f"{path}:{line_number}: not JSON this reader accepts (nested too deeply)") from None
-            messages = example.get("messages") if isinstance(example, dict) else None
-            if not isinstance(messages, list) or not messages or not isinstance(example.get("reference"), str):
-                raise CalibrationDataError(
-                    f"{path}:{line_number}: each line needs 'messages' (a non-empty list) and 'reference' (a string)"
-                )
-            problem = _messages_problem(messages)
-            if problem:  # else the chat template failed on it later, in the re-quantization job
-                raise CalibrationDataError(f"{path}:{line_number}: {problem}")
+                example = parse_sample(line)
+            except ValueError as error:
+                raise CalibrationDataError(f"{path}:{line_number}: {error}") from None
             yield example
+
+
+def parse_sample(line: str | bytes) -> dict:
+    """One JSONL calibration sample, checked (ValueError saying what is wrong): the rule of
+    `read_calibration_examples`, also the server's for the files add_task takes."""
+    try:
+        example = json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"not UTF-8 ({error.reason} at byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not JSON ({error.msg})") from None
+    except RecursionError:
+        raise ValueError("not JSON this reader accepts (nested too deeply)") from None
+    messages = example.get("messages") if isinstance(example, dict) else None
+    if not isinstance(messages, list) or not messages or not isinstance(example.get("reference"), str):
+        raise ValueError("each line needs 'messages' (a non-empty list) and 'reference' (a string)")
+    problem = _messages_problem(messages)
+    if problem:  # else the chat template failed on it later, in the re-quantization job
+        raise ValueError(problem)
+    return example
 
 
 def _messages_problem(messages: list) -> str | None:

@@ -255,6 +255,8 @@ def check_calibration_file(path: str) -> None:
     not use or could not afford: what `read_calibration_examples` checks, read one bounded line
     at a time (a whole file or line in memory is what the bounds above exist to avoid)."""
 
+    from inlaid.quant.calibration import parse_sample  # the quantizer's own rule for a sample (torch-free)
+
     def refuse(problem: str) -> TaskError:
         return TaskError(ErrorCode.INVALID_REQUEST, f"calibration file {path}{problem}")
 
@@ -285,29 +287,10 @@ def check_calibration_file(path: str) -> None:
                              "re-quantization uses only a sample's first max_tokens tokens (512 by default), but "
                              "its cost probe runs a whole sample through the model: shorten it")
             if content.strip():
-                line_problem = _calibration_line_problem(content)
-                if line_problem:
-                    raise refuse(f":{number}: {line_problem}")
+                try:
+                    parse_sample(content)
+                except ValueError as error:
+                    raise refuse(f":{number}: {error}") from None
                 samples += 1
     if not samples:
         raise refuse(" holds no samples")
-
-
-def _calibration_line_problem(content: bytes) -> str | None:
-    """What is wrong with one JSONL sample (the rules of `read_calibration_examples`)."""
-    # torch-free; the quantizer's own rule for messages (calibration.py keys the cached base:
-    # the checks live here rather than there)
-    from inlaid.quant.calibration import _messages_problem
-
-    try:
-        example = json.loads(content.decode("utf-8"))
-    except UnicodeDecodeError as error:
-        return f"not UTF-8 ({error.reason} at byte {error.start})"
-    except json.JSONDecodeError as error:
-        return f"not JSON ({error.msg})"
-    except RecursionError:
-        return "not JSON this reader accepts (nested too deeply)"
-    messages = example.get("messages") if isinstance(example, dict) else None
-    if not isinstance(messages, list) or not messages or not isinstance(example.get("reference"), str):
-        return "each line needs 'messages' (a non-empty list) and 'reference' (a string)"
-    return _messages_problem(messages)
