@@ -11,9 +11,13 @@ Directory layout written by `write_checkpoint`:
                              per-linear task weights, the Hessian-state directory
     hessian_state/           per-layer per-task Hessians (safetensors), the state that
                              incremental task addition starts from
+    UNFINISHED               present while a run writes the directory (and after one was
+                             interrupted): every loader refuses the directory while it is there
 
 `load_gptq_checkpoint(dir)` reads it back: the config, one `QuantLinearWeights` per
-quantized linear (the kernels' dataclass), and the remaining float tensors.
+quantized linear (the kernels' dataclass), and the remaining float tensors. Every linear's
+tensors are checked against the config (bits, group size) and the model's shapes, and its
+scales for finite values, so a corrupt checkpoint is refused naming the file and the tensor.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from inlaid.kernels.dispatch import QuantLinearWeights
 from inlaid.quant.errors import CheckpointError
 from inlaid.quant.gptq import QuantizedWeight
 from inlaid.quant.spec import QuantSpec
+from inlaid.quant.unfinished import unfinished_problem
 
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "inlaid_quant.json"
@@ -145,10 +150,15 @@ class QuantizedCheckpoint:
 
 
 def load_gptq_checkpoint(checkpoint_dir: Path) -> QuantizedCheckpoint:
-    """Read a GPTQ checkpoint directory (ours or any AutoGPTQ-format single-file one)."""
+    """Read a GPTQ checkpoint directory (ours or any AutoGPTQ-format single-file one).
+    Refuses a directory a run is still writing (or was interrupted writing), and checks every
+    quantized linear against the config (`take_quant_linears`)."""
     checkpoint_dir = Path(checkpoint_dir)
     config_path = checkpoint_dir / "config.json"
     weights_path = checkpoint_dir / WEIGHTS_FILE
+    unfinished = unfinished_problem(checkpoint_dir)
+    if unfinished:
+        raise CheckpointError(unfinished)
     if not config_path.is_file() or not weights_path.is_file():
         raise CheckpointError(f"{checkpoint_dir} is not a quantized checkpoint (config.json + {WEIGHTS_FILE})")
     config = json.loads(config_path.read_text())
@@ -157,41 +167,144 @@ def load_gptq_checkpoint(checkpoint_dir: Path) -> QuantizedCheckpoint:
         quant = json.loads((checkpoint_dir / "quantize_config.json").read_text())
     if not quant or quant.get("quant_method", "gptq") != "gptq":
         raise CheckpointError(f"{checkpoint_dir}: config.json has no GPTQ quantization_config")
-    bits = int(quant["bits"])
-    group_size = int(quant["group_size"])
+    try:
+        bits = int(quant["bits"])
+        group_size = int(quant["group_size"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{config_path}: quantization_config needs integer bits and group_size ({error})") from None
+    if bits not in (2, 3, 4, 8) or not (group_size == -1 or group_size > 0):
+        raise CheckpointError(f"{config_path}: quantization_config bits {bits} / group_size {group_size}: bits must "
+                              "be 2, 3, 4 or 8 and group_size -1 or positive")
     raw: dict[str, torch.Tensor] = {}
     with safe_open(str(weights_path), framework="pt") as handle:
         for key in handle.keys():
             raw[key] = handle.get_tensor(key)
-    linears = take_quant_linears(raw, bits, group_size, str(checkpoint_dir))
+    linears = take_quant_linears(raw, bits, group_size, str(weights_path), config=config)
     metadata_path = checkpoint_dir / METADATA_FILE
     metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else None
     return QuantizedCheckpoint(config=config, linears=linears, tensors=raw, metadata=metadata)
 
 
+def linear_features(config: dict | None, prefix: str) -> tuple[int, int] | None:
+    """(in_features, out_features) of the Llama-family linear at module path `prefix` by the
+    model config, or None when the config does not say (another architecture, a bare config)."""
+    if not config:
+        return None
+    try:
+        hidden, intermediate = int(config["hidden_size"]), int(config["intermediate_size"])
+        heads = int(config["num_attention_heads"])
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or hidden // heads)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    shapes = {
+        "self_attn.q_proj": (hidden, heads * head_dim), "self_attn.k_proj": (hidden, kv_heads * head_dim),
+        "self_attn.v_proj": (hidden, kv_heads * head_dim), "self_attn.o_proj": (heads * head_dim, hidden),
+        "mlp.gate_proj": (hidden, intermediate), "mlp.up_proj": (hidden, intermediate),
+        "mlp.down_proj": (intermediate, hidden),
+    }
+    for suffix, features in shapes.items():
+        if prefix.endswith("." + suffix):
+            return features
+    return None
+
+
+def _check_linear(where: str, prefix: str, tensors: dict[str, torch.Tensor | None], bits: int, group_size: int,
+                  features: tuple[int, int] | None) -> tuple[int, int]:
+    """(in_features, out_features) of one quantized linear after checking its GPTQ tensors
+    against the config's bits and group size (and the model's shapes, when known) and its
+    scales (and bias) for finite values; a CheckpointError names the file, the tensor, what
+    was expected and what was found."""
+    qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
+    g_idx, bias = tensors["g_idx"], tensors["bias"]
+
+    def refuse(name: str, expected: str, found: torch.Tensor | str, hint: str = "") -> CheckpointError:
+        shown = found if isinstance(found, str) else f"{str(found.dtype).removeprefix('torch.')} {tuple(found.shape)}"
+        return CheckpointError(f"{where}: tensor {prefix}.{name}: expected {expected}, found {shown}{hint}")
+
+    for name, tensor in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
+        if tensor.dim() != 2:
+            raise refuse(name, "a 2-D tensor", tensor)
+    if features is not None:
+        in_features, out_features = features
+        source = "by config.json"
+    else:
+        out_features = scales.shape[1]  # unpacked: the same at every bit width
+        in_features = g_idx.shape[0] if g_idx is not None and g_idx.dim() == 1 else qweight.shape[0] * 32 // bits
+        source = "by the tensors"
+    group = in_features if group_size == -1 else group_size
+    groups = (in_features + group - 1) // group
+    described = (f"for K={in_features}, N={out_features} ({source}), {bits}-bit, group size {group_size} "
+                 f"(quantization_config)")
+
+    def implied_bits(packed: int, unpacked: int) -> str:
+        if unpacked and (packed * 32) % unpacked == 0 and packed * 32 // unpacked in (2, 3, 4, 8) \
+                and packed * 32 // unpacked != bits:
+            return f": the tensors look {packed * 32 // unpacked}-bit, the config says {bits}-bit"
+        return ""
+
+    if (in_features * bits) % 32 or (out_features * bits) % 32:
+        raise refuse("qweight", f"K={in_features} and N={out_features} to pack into whole int32 words at {bits} bits",
+                     qweight)
+    if qweight.dtype != torch.int32 or tuple(qweight.shape) != (in_features * bits // 32, out_features):
+        hint = implied_bits(qweight.shape[0], in_features) if qweight.shape[1] == out_features else ""
+        raise refuse("qweight", f"int32 {(in_features * bits // 32, out_features)} {described}", qweight, hint)
+    if qzeros.dtype != torch.int32 or tuple(qzeros.shape) != (groups, out_features * bits // 32):
+        hint = implied_bits(qzeros.shape[1], out_features) if qzeros.shape[0] == groups else ""
+        raise refuse("qzeros", f"int32 {(groups, out_features * bits // 32)} {described}", qzeros, hint)
+    if not scales.is_floating_point() or tuple(scales.shape) != (groups, out_features):
+        raise refuse("scales", f"float {(groups, out_features)} {described}", scales)
+    if g_idx is not None:
+        if g_idx.is_floating_point() or tuple(g_idx.shape) != (in_features,):
+            raise refuse("g_idx", f"int32 ({in_features},) {described}", g_idx)
+        if in_features and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+            raise refuse("g_idx", f"group indices in [0, {groups}) {described}",
+                         f"values in [{int(g_idx.min())}, {int(g_idx.max())}]")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise refuse("bias", f"({out_features},)", bias)
+    for name, tensor in (("scales", scales), ("bias", bias)):
+        if tensor is not None:
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                bad = int((~finite).sum())
+                raise refuse(name, "finite values", f"{bad} NaN/inf of {tensor.numel()}", ": the checkpoint is corrupt")
+    return in_features, out_features
+
+
 def take_quant_linears(raw: dict[str, torch.Tensor], bits: int, group_size: int,
-                       where: str) -> dict[str, QuantLinearWeights]:
-    """Pop every quantized linear's GPTQ tensors out of `raw` (module path -> weights)."""
+                       where: str, config: dict | None = None) -> dict[str, QuantLinearWeights]:
+    """Pop every quantized linear's GPTQ tensors out of `raw` (module path -> weights); `where`
+    names the file in the messages. Given the checkpoint's `config` (what a checkpoint load
+    passes), each linear is checked (`_check_linear`) against its bits and group size and
+    the model's shapes where the config gives them; without it (a live layer swap, which
+    checks the result against the served model itself) K and N are read off qweight."""
     prefixes = sorted({key[: -len(".qweight")] for key in raw if key.endswith(".qweight")})
     linears: dict[str, QuantLinearWeights] = {}
     for prefix in prefixes:
         missing = [suffix for suffix in _QUANT_SUFFIXES[:3] if prefix + suffix not in raw]
         if missing:
             raise CheckpointError(f"{where}: {prefix} lacks {missing}")
-        qweight = raw.pop(prefix + ".qweight")
-        in_features = qweight.shape[0] * 32 // bits
-        out_features = qweight.shape[1]
-        g_idx = raw.pop(prefix + ".g_idx", None)
+        tensors = {"qweight": raw[prefix + ".qweight"], "qzeros": raw[prefix + ".qzeros"],
+                   "scales": raw[prefix + ".scales"], "g_idx": raw.get(prefix + ".g_idx"),
+                   "bias": raw.get(prefix + ".bias")}
+        if config is not None:
+            in_features, out_features = _check_linear(where, prefix, tensors, bits, group_size,
+                                                      linear_features(config, prefix))
+        else:
+            in_features, out_features = tensors["qweight"].shape[0] * 32 // bits, tensors["qweight"].shape[1]
+        for suffix in (*_QUANT_SUFFIXES, ".bias"):
+            raw.pop(prefix + suffix, None)
+        g_idx = tensors["g_idx"]
         linears[prefix] = QuantLinearWeights(
-            qweight=qweight,
-            qzeros=raw.pop(prefix + ".qzeros"),
-            scales=raw.pop(prefix + ".scales"),
+            qweight=tensors["qweight"],
+            qzeros=tensors["qzeros"],
+            scales=tensors["scales"],
             g_idx=g_idx.to(torch.int32) if g_idx is not None else None,
             bits=bits,
             group_size=in_features if group_size == -1 else group_size,
             in_features=in_features,
             out_features=out_features,
-            bias=raw.pop(prefix + ".bias", None),
+            bias=tensors["bias"],
         )
     return linears
 

@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="mlgptq",
                         help="mlgptq | minimax | max | gptq-mixed | gptq-mean-lora | gptq-task:<name> | rtn")
     parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
-    parser.add_argument("--group-size", type=int, default=128, help="-1, 32, 64, 128 ...")
+    parser.add_argument("--group-size", type=int, default=128,
+                        help="-1 (per row) or a power of two from 32: 32, 64, 128 (default), 256 ...")
     parser.add_argument("--sym", action="store_true", help="symmetric grids (default asymmetric)")
     parser.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal")
     parser.add_argument("--dynamic-groups", action="store_true",
@@ -60,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="task-mean error a reweighting round may add, as a fraction (default 0)")
     parser.add_argument("--no-errors", action="store_true", help="skip the per-task reconstruction errors")
     parser.add_argument("--no-hessian-state", action="store_true", help="do not store per-task Hessians")
-    parser.add_argument("--restart", action="store_true", help="discard a partial run in --out")
+    parser.add_argument("--restart", action="store_true",
+                        help="start over: discard a partial run or checkpoint in --out (marked unfinished first)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=None, help="output checkpoint directory (required without --suite)")
 
@@ -72,18 +74,30 @@ def quantize_out_problem(out: Path) -> str | None:
     Any other non-empty directory is refused: the checkpoint's files would land among
     someone else's (it was accepted and written into)."""
     from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, METADATA_FILE
+    from inlaid.quant.unfinished import UNFINISHED_FILE
     from inlaid.quant.partial import PARTIAL_DIR
-
 
     problem = writable_dir_problem(out, "--out")
     if problem:
         return problem
     out = Path(out).expanduser()
     if out.is_dir() and any(out.iterdir()) and not any(
-            (out / name).exists() for name in (PARTIAL_DIR, HESSIAN_STATE_DIR, METADATA_FILE)):
+            (out / name).exists() for name in (PARTIAL_DIR, HESSIAN_STATE_DIR, METADATA_FILE, UNFINISHED_FILE)):
         return (f"--out {out} already exists and holds files that are not an `inlaid quantize` checkpoint or "
                 "partial run: give a new or empty directory")
     return None
+
+
+MIN_GROUP_SIZE = 32
+
+
+def group_size_supported(group_size: int) -> bool:
+    """-1 or a power of two >= 32: what the low-bit kernels' fast paths take (torch's CPU int4
+    kernel: groups of 32..256 rows that divide the checkpoint's group; the Triton kernel: a
+    K tile of 16..128 inside one group). Any other size is valid GPTQ but falls back to
+    dequantizing the whole weight on every call (7 was measured ~7x slower). The last group
+    may be shorter (K = 576 with 128: four of 128 and one of 64), which the kernels handle."""
+    return group_size == -1 or (group_size >= MIN_GROUP_SIZE and group_size & (group_size - 1) == 0)
 
 
 def _quant_spec(args: argparse.Namespace) -> QuantSpec:
@@ -91,9 +105,10 @@ def _quant_spec(args: argparse.Namespace) -> QuantSpec:
     its fields: damp_percent, group_size)."""
     from inlaid.quant.spec import QuantSpec
 
-    if args.group_size != -1 and args.group_size < 1:
-        raise QuantizationError(f"--group-size must be -1 (one group per row) or a positive number of columns, "
-                                f"got {args.group_size}")
+    if not group_size_supported(args.group_size):
+        raise QuantizationError(f"--group-size must be -1 (one group per row) or a power of two from "
+                                f"{MIN_GROUP_SIZE} (32, 64, 128, 256, ...): the serving kernels' fast paths need "
+                                f"whole 32-row tiles per group; got {args.group_size}")
     if not 0.0 <= args.damp < 10.0:
         raise QuantizationError(f"--damp is a fraction of the mean Hessian diagonal: give a number in [0, 10) "
                                 f"(default 0.01, 1 %), got {args.damp}")

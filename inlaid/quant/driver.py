@@ -27,7 +27,9 @@ from inlaid.quant.aggregate import TaskHessian, TaskHessians
 from inlaid.quant.calibration import (
     CALIBRATION_BATCH_TOKENS, CalibrationTask, TokenBatch, make_batches, read_calibration_examples, tokenize_examples,
 )
-from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, CheckpointMetadata, pack_linear, write_checkpoint
+from inlaid.quant.checkpoint import (
+    HESSIAN_STATE_DIR, CheckpointMetadata, pack_linear, write_checkpoint,
+)
 from inlaid.quant.errors import CheckpointError, QuantizationError
 from inlaid.quant.layerwise import GroupHessians, PhaseTimer, Stream, propagate, quantize_layer_sequential
 from inlaid.quant.methods import Method, MlgptqOptions, quantize_linears
@@ -39,6 +41,7 @@ from inlaid.quant.partial import load_partial_layer, prepare_partial_dir, save_p
 from inlaid.quant.spec import QuantSpec
 from inlaid.quant.state import save_layer_state
 from inlaid.quant.task_costs import normalized, probe_count, probe_impurity, save_raw_costs
+from inlaid.quant.unfinished import mark_finished
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -223,7 +226,9 @@ def quantize_model(config: DriverConfig) -> QuantizationReport:
     out_dir = Path(config.out_dir)
     task_names = [task.name for task in config.tasks]
     # Before the model loads: a --out holding another run's layers is refused in a second.
-    layers_done = prepare_partial_dir(out_dir, config.fingerprint(), config.resume)
+    # From here until the checkpoint is complete, out_dir is marked unfinished; a fresh start
+    # (--restart) drops the earlier run's Hessian state before this run writes any.
+    layers_done = prepare_partial_dir(out_dir, config.fingerprint(), config.resume, discard=(HESSIAN_STATE_DIR,))
     with timer.phase("load"):
         calibrated = _prepare(config)
     with timer.phase("probe"):
@@ -278,6 +283,7 @@ def quantize_model(config: DriverConfig) -> QuantizationReport:
             timing = {"seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
                       "phases": _rounded(timer.seconds), "cpu_phases": _rounded(timer.cpu_seconds)}
             _write_model(config, out_dir, len(layers), calibration, layer_errors, task_weights, timing, task_costs)
+        mark_finished(out_dir)
     return QuantizationReport(out_dir, config.method.name, layer_errors, calibration, time.perf_counter() - started,
                               peak_rss_mb(), layers_done, _rounded(timer.seconds), _rounded(timer.cpu_seconds))
 

@@ -60,6 +60,7 @@ from inlaid.quant.model_io import (
 from inlaid.quant.spec import QuantSpec
 from inlaid.quant.state import LayerState, layer_state_path, load_layer_state, save_layer_state
 from inlaid.quant.task_costs import COSTS_FILE, load_raw_costs, normalized, probe_count, probe_impurity, save_raw_costs
+from inlaid.quant.unfinished import unfinished_problem
 
 _PACKED_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx", ".bias")
 _DRIVER_DEFAULTS = {f.name: f.default for f in fields(DriverConfig)}
@@ -106,6 +107,9 @@ class LayerOutcome:
 
 def read_checkpoint_metadata(checkpoint_dir: Path) -> dict:
     path = Path(checkpoint_dir) / METADATA_FILE
+    unfinished = unfinished_problem(checkpoint_dir)
+    if unfinished:
+        raise IncrementalError(unfinished)
     if not path.is_file():
         raise IncrementalError(f"{checkpoint_dir} has no {METADATA_FILE}: not a checkpoint written by `inlaid quantize`")
     return json.loads(path.read_text())

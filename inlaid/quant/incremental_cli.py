@@ -7,16 +7,23 @@ Only the new task's calibration samples run through the model; the existing task
 come from the checkpoint's stored state. The result is a complete checkpoint (GPTQ tensors,
 the merged Hessian state, metadata listing every task and what happened to each linear),
 so additions chain. A running server does the same work online (docs/dynamic-tasks.md).
+
+Each finished layer goes to `<out>/.partial/` (its tensors and decisions; its merged Hessians
+to `<out>/hessian_state/`), and `<out>` is marked unfinished until the checkpoint is complete:
+an interrupted run resumes at its first missing layer when the same command runs again (the
+inputs' fingerprint must match), or starts over with --restart.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import resource
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,9 +33,14 @@ from inlaid.cli_args import model_dir_problem, positive_int, writable_dir_proble
 from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, METADATA_FILE, WEIGHTS_FILE, CheckpointMetadata, write_checkpoint
 from inlaid.quant.errors import QuantizationError
 from inlaid.quant.incremental import IncrementalQuantizer, LayerOutcome
+from inlaid.quant.layer_decisions import LinearDecision
 from inlaid.quant.inputs import check_tasks
 from inlaid.quant.model_io import LINEAR_NAMES
+from inlaid.quant.partial import (
+    PARTIAL_DIR, load_partial_layer, partial_path, prepare_partial_dir, save_partial_layer,
+)
 from inlaid.quant.task_costs import COSTS_FILE
+from inlaid.quant.unfinished import UNFINISHED_FILE, mark_finished, unfinished_problem
 
 
 def _is_quantized_key(key: str, num_layers: int) -> bool:
@@ -111,6 +123,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-samples", type=positive_int, default=None,
                         help="calibration samples (default: the checkpoint's)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    parser.add_argument("--restart", action="store_true",
+                        help="start over: discard an interrupted run (or a checkpoint) in --out instead of resuming it")
+
+
+COMMAND = "quantize-add"
+_OWN_ENTRIES = (PARTIAL_DIR, HESSIAN_STATE_DIR, METADATA_FILE, UNFINISHED_FILE)
 
 
 def tolerance_value(text: str) -> float | None:
@@ -128,17 +146,82 @@ def tolerance_value(text: str) -> float | None:
 
 
 def output_dir_problem(out: Path, checkpoint: Path) -> str | None:
-    """Why `out` cannot take the new checkpoint, or None. The output is written layer by
-    layer while the run goes on, so it must be a new place: the checkpoint itself (or a
-    directory inside it, or around it) would be half overwritten by an interrupted run, and
-    an existing checkpoint's state would be read back as this run's."""
+    """Why `out` cannot take the new checkpoint, or None. It must not overlap the checkpoint
+    (the checkpoint itself, a directory inside it, or around it): a run writes its output
+    layer by layer, and would half overwrite the checkpoint it reads. It must be new, empty,
+    or hold what this command (or `inlaid quantize`) writes: an unfinished run, resumed or
+    restarted (`start_problem` decides), or a checkpoint, overwritten only with --restart."""
     out, checkpoint = out.expanduser().resolve(), checkpoint.expanduser().resolve()
     if out == checkpoint or checkpoint in out.parents or out in checkpoint.parents:
         return f"--out {out} overlaps the checkpoint {checkpoint}: write the new checkpoint to a new directory"
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        return f"--out {out} already exists and is not an empty directory: give a new one"
+    if out.exists() and (not out.is_dir() or (any(out.iterdir())
+                                               and not any((out / name).exists() for name in _OWN_ENTRIES))):
+        return (f"--out {out} already exists and is not an empty directory (nor a checkpoint or an unfinished run "
+                "of `inlaid quantize-add`): give a new one")
     # under a file, read-only or not creatable (/proc): found before the model loads
     return writable_dir_problem(out, "--out")
+
+
+def addition_fingerprint(args: argparse.Namespace, model_dir: Path, task) -> str:
+    """What a run of `quantize-add` computes, by content: the base model's and the
+    checkpoint's files, the new task's adapter and calibration, every setting. A rerun with
+    the same fingerprint resumes an interrupted one."""
+    from inlaid.quant.driver import adapter_digest, file_digest
+
+    checkpoint, model_dir = Path(args.checkpoint), Path(model_dir)
+    state_dir = checkpoint / HESSIAN_STATE_DIR
+    described = {
+        "model": {p.name: file_digest(p) for p in sorted(model_dir.glob("*.safetensors"))}
+        | {"config.json": file_digest(model_dir / "config.json")},
+        "checkpoint": {name: file_digest(checkpoint / name) for name in (WEIGHTS_FILE, METADATA_FILE)},
+        # the state is large (GBs on a real model): its files' sizes and times identify it
+        "state": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(state_dir.glob("*"))
+                  if p.is_file()},
+        "task": [task.name, adapter_digest(task.adapter_dir), file_digest(task.calib_path)],
+        "settings": [args.threshold, args.tolerance, args.exact, args.max_samples, sorted(args.drop_task)],
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def start_problem(out: Path, fingerprint: str, restart: bool) -> str | None:
+    """Why this run may not start in `out` (nothing is written then), or None. Without
+    --restart, only a new or empty `out` or an unfinished run of the same inputs (resumed) is
+    taken; with it, anything `output_dir_problem` accepted is started over."""
+    out = Path(out)
+    if restart or not out.exists() or not any(out.iterdir()):
+        return None
+    run_file = out / PARTIAL_DIR / "run.json"
+    recorded = json.loads(run_file.read_text()).get("fingerprint") if run_file.is_file() else None
+    if unfinished_problem(out):
+        if recorded == fingerprint:
+            return None  # resumed
+        if recorded is None:
+            return (f"--out {out} holds an interrupted run that cannot be resumed: add --restart to start over, "
+                    "or choose another --out")
+        return (f"--out {out} holds an unfinished run with other inputs or settings (checkpoint, task, adapter, "
+                "calibration or flags): rerun that command to resume it, add --restart to discard it, or choose "
+                "another --out")
+    if (out / METADATA_FILE).is_file():
+        return f"--out {out} already holds a finished checkpoint: add --restart to overwrite it, or choose another --out"
+    return (f"--out {out} holds the leftovers of an interrupted run that cannot be resumed: add --restart to start "
+            "over, or choose another --out")
+
+
+def _resumed_outcome(out: Path, layer: int) -> LayerOutcome:
+    """A finished layer of an interrupted run, as `_save_layer` wrote it."""
+    tensors, meta = load_partial_layer(out, layer)
+    decisions = [LinearDecision(**decision) for decision in meta["decisions"]]
+    return LayerOutcome(layer, decisions, tensors if meta["changed"] else None, meta["forward_seconds"],
+                        meta["quantize_seconds"])
+
+
+def _save_layer(out: Path, quantizer: IncrementalQuantizer, outcome: LayerOutcome) -> None:
+    """One finished layer to `<out>/.partial/`: the layer's tensors as they will be served (the
+    re-quantized ones, or the checkpoint's) and its decisions."""
+    tensors = outcome.tensors if outcome.changed else quantizer.served_tensors(outcome.layer)
+    meta = {"changed": outcome.changed, "decisions": [asdict(decision) for decision in outcome.decisions],
+            "forward_seconds": outcome.forward_seconds, "quantize_seconds": outcome.quantize_seconds}
+    save_partial_layer(out, outcome.layer, {key: value.contiguous() for key, value in tensors.items()}, meta)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -173,14 +256,33 @@ def run(args: argparse.Namespace) -> int:
         task = parse_task_argument(args.task)
         check_tasks([task], model_dir)  # name, adapter, every calibration line: before the model loads
         replaced = task.name in held and task.name not in args.drop_task
+        fingerprint = addition_fingerprint(args, model_dir, task)
+        problem = start_problem(args.out, fingerprint, args.restart)
+        if problem:
+            raise QuantizationError(problem)
+        # Marks --out unfinished before anything in it changes; a fresh start (--restart, or
+        # nothing to resume) drops the earlier run's layers, state and checkpoint first.
+        done = prepare_partial_dir(args.out, fingerprint, resume=not args.restart, command=COMMAND,
+                                   discard=(HESSIAN_STATE_DIR, WEIGHTS_FILE, METADATA_FILE))
         quantizer = IncrementalQuantizer(model_dir, args.checkpoint, task, settings,
-                                         args.out / HESSIAN_STATE_DIR, drop_tasks=args.drop_task)
+                                         args.out / HESSIAN_STATE_DIR, drop_tasks=args.drop_task,
+                                         served_layers={layer: partial_path(args.out, layer) for layer in range(done)})
+        done = min(done, quantizer.num_layers)
+        if done:
+            print(f"resuming the interrupted run in {args.out} after {done} finished layers")
         outcomes = []
-        bar = tqdm(quantizer.layers(), total=quantizer.num_layers, desc=f"add {quantizer.task.name}", unit="layer")
+        bar = tqdm(quantizer.layers(start=done), total=quantizer.num_layers, desc=f"add {quantizer.task.name}",
+                   unit="layer")
         for outcome in bar:
+            if outcome.layer < done:
+                outcome = _resumed_outcome(args.out, outcome.layer)
+            else:
+                _save_layer(args.out, quantizer, outcome)
             outcomes.append(outcome)
             bar.set_postfix(swapped=sum(d.swapped for o in outcomes for d in o.decisions))
         write_incremental_checkpoint(quantizer, outcomes, args.out)
+        shutil.rmtree(args.out / PARTIAL_DIR, ignore_errors=True)  # the checkpoint holds it all now
+        mark_finished(args.out)
     except (QuantizationError, ValueError) as error:
         print(f"inlaid quantize-add: error: {error}", file=sys.stderr)
         return 2

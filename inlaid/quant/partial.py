@@ -5,12 +5,14 @@ to `layer_NNN.safetensors` (atomically: a temporary file, then a rename); `run.j
 the fingerprint of what the run computes. A later run with the same fingerprint continues
 at the first missing layer: the finished layers' weights are written back into the model
 (`write_dequantized`) and the streams re-run through them. Another fingerprint is refused
-unless the caller asks to restart.
+unless the caller asks to restart. While a run goes on (and after one was interrupted) the
+directory carries unfinished.UNFINISHED_FILE, written before anything else changes.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -29,33 +31,54 @@ def partial_path(out_dir: Path, layer_index: int) -> Path:
     return Path(out_dir) / PARTIAL_DIR / f"layer_{layer_index:03d}.safetensors"
 
 
-def prepare_partial_dir(out_dir: Path, fingerprint: str, resume: bool) -> int:
-    """Check or start the partial directory; return how many leading layers are done."""
-    partial = Path(out_dir) / PARTIAL_DIR
+def prepare_partial_dir(out_dir: Path, fingerprint: str, resume: bool, command: str = "quantize",
+                        discard: tuple[str, ...] = ()) -> int:
+    """Check or start the partial directory; return how many leading layers are done.
+
+    Whatever goes on, `out_dir` is marked unfinished (unfinished.mark_unfinished) before
+    anything in it changes, so a run killed part-way, a restart over a finished checkpoint
+    included, leaves a directory the loaders refuse. A fresh start (no partial run, or not
+    `resume`) also removes the earlier run's layers and `discard` (paths under `out_dir`:
+    the Hessian state an earlier run left) before this run writes its own."""
+    from inlaid.quant.checkpoint import METADATA_FILE
+    from inlaid.quant.unfinished import mark_unfinished, unfinished_problem
+
+    out_dir = Path(out_dir)
+    partial = out_dir / PARTIAL_DIR
     run_file = partial / "run.json"
     if partial.is_dir() and run_file.is_file():
         recorded = json.loads(run_file.read_text()).get("fingerprint")
         if resume and recorded == fingerprint:
+            mark_unfinished(out_dir, command)
             done = 0
             while partial_path(out_dir, done).is_file():
                 done += 1
             return done
         if resume:
-            from inlaid.quant.checkpoint import METADATA_FILE
-
-            if (Path(out_dir) / METADATA_FILE).is_file():
+            if (out_dir / METADATA_FILE).is_file() and not unfinished_problem(out_dir):
                 raise CheckpointError(
                     f"{out_dir} holds a finished checkpoint made with other settings (model, tasks, method or "
                     "flags); pass --restart to overwrite it or choose another --out"
                 )
             raise CheckpointError(
-                f"{out_dir} holds a partial run with other settings; pass --restart to discard it "
+                f"{out_dir} holds an unfinished partial run with other settings; pass --restart to discard it "
                 "or choose another --out"
             )
+    mark_unfinished(out_dir, command)
+    if partial.is_dir():
         for stale in partial.glob("layer_*.safetensors"):
             stale.unlink()
+        run_file.unlink(missing_ok=True)
+    for name in discard:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
     partial.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps({"fingerprint": fingerprint}))
+    temporary = run_file.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"fingerprint": fingerprint, "command": command}))
+    temporary.replace(run_file)
     return 0
 
 

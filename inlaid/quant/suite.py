@@ -40,7 +40,7 @@ SUITE_CALIB_SAMPLES = 32
 # The modules whose code decides the quantized tensors (any edit there gives a new key).
 QUANTIZER_MODULES: tuple[str, ...] = tuple(f"inlaid.quant.{name}" for name in (
     "aggregate", "calibration", "checkpoint", "driver", "gptq", "grid", "hessian", "layerwise", "methods", "model_io",
-    "nll", "partial", "spec", "task_costs",
+    "nll", "partial", "spec", "task_costs", "unfinished",
 )) + ("inlaid.kernels.gptq_format", "inlaid.kernels.dense_cpu")
 
 

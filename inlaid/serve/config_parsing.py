@@ -12,6 +12,7 @@ from typing import Any
 
 from inlaid.cli_args import writable_dir_problem
 from inlaid.http.settings import LOOPBACK_HOSTS
+from inlaid.quant.unfinished import unfinished_problem
 
 
 class ConfigError(ValueError):
@@ -155,3 +156,5 @@ def check_quantized_dir(path: str) -> None:
     if not (directory / "config.json").is_file() or next(directory.glob("*.safetensors"), None) is None:
         raise ConfigError(f"model.quantized_dir {path} has no config.json and .safetensors weights "
                           "(not a checkpoint written by `inlaid quantize`)")
+    if (unfinished := unfinished_problem(directory)) is not None:  # else each executor fails at its model load
+        raise ConfigError(f"model.quantized_dir: {unfinished}")
