@@ -82,10 +82,10 @@ def test_openai_defaults_and_sampling_options():
                             "stop_token_ids": [2], "ignore_eos": True}
     assert call.stream and call.include_usage
     # Chat: the base model's id means no task; no limit means "until the context is full".
-    chat = chat_call(_chat(), BASE, max_model_len=2048)
-    assert chat.task is None and chat.options["max_tokens"] == 2048
-    assert chat_call(_chat(max_tokens=9), BASE, 2048).options["max_tokens"] == 9
-    assert chat_call(_chat(max_tokens=9, max_completion_tokens=4), BASE, 2048).options["max_tokens"] == 4
+    chat = chat_call(_chat(), BASE)
+    assert chat.task is None and chat.options["max_tokens"] is None
+    assert chat_call(_chat(max_tokens=9), BASE).options["max_tokens"] == 9
+    assert chat_call(_chat(max_tokens=9, max_completion_tokens=4), BASE).options["max_tokens"] == 4
     assert completion_call(_completion(max_tokens=0), BASE).options["max_tokens"] == 0  # the server refuses it
     assert completion_call(_completion(top_k=-1), BASE).options["top_k"] == 0  # vLLM's "off"
 
@@ -99,7 +99,7 @@ def test_prompt_forms_and_chat_messages():
                 {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
                 {"role": "assistant", "content": "ok", "refusal": None, "tool_calls": None},
                 {"role": "user", "content": "c", "name": "ann"}]
-    call = chat_call(_chat(messages=messages), BASE, 2048)
+    call = chat_call(_chat(messages=messages), BASE)
     assert call.prompts == [{"messages": [ChatMessage("system", "Be brief."), ChatMessage("user", "a\nb"),
                                           ChatMessage("assistant", "ok"), ChatMessage("user", "c")]}]
 
@@ -115,20 +115,20 @@ REFUSED = [
     (lambda: completion_call(_completion(prompt=[]), BASE), "prompt"),
     (lambda: completion_call(_completion(prompt=["a", 1]), BASE), "prompt"),
     (lambda: completion_call(_completion(stream_options={"include_usage": True}), BASE), "stream_options"),
-    (lambda: chat_call(_chat(messages=[]), BASE, 99), "messages"),
-    (lambda: chat_call(_chat(messages=[{"role": "tool", "content": "x"}]), BASE, 99), "messages[0].role"),
-    (lambda: chat_call(_chat(messages=[{"role": "assistant", "tool_calls": [{"id": "1"}]}]), BASE, 99), "messages[0]"),
-    (lambda: chat_call(_chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), BASE, 99),
+    (lambda: chat_call(_chat(messages=[]), BASE), "messages"),
+    (lambda: chat_call(_chat(messages=[{"role": "tool", "content": "x"}]), BASE), "messages[0].role"),
+    (lambda: chat_call(_chat(messages=[{"role": "assistant", "tool_calls": [{"id": "1"}]}]), BASE), "messages[0]"),
+    (lambda: chat_call(_chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), BASE),
      "messages[0].content"),
-    (lambda: chat_call(_chat(tools=[{"type": "function"}]), BASE, 99), "tools"),
-    (lambda: chat_call(_chat(tool_choice="auto"), BASE, 99), "tool_choice"),
-    (lambda: chat_call(_chat(response_format={"type": "json_object"}), BASE, 99), "response_format"),
-    (lambda: chat_call(_chat(top_logprobs=2), BASE, 99), "top_logprobs"),
-    (lambda: chat_call(_chat(modalities=["text", "audio"]), BASE, 99), "modalities"),
-    (lambda: chat_call(_chat(audio={"voice": "alloy", "format": "wav"}), BASE, 99), "audio"),
-    (lambda: chat_call(_chat(reasoning_effort="low"), BASE, 99), "reasoning_effort"),
-    (lambda: chat_call(_chat(prediction={"type": "content", "content": "x"}), BASE, 99), "prediction"),
-    (lambda: chat_call(_chat(web_search_options={}), BASE, 99), "web_search_options"),
+    (lambda: chat_call(_chat(tools=[{"type": "function"}]), BASE), "tools"),
+    (lambda: chat_call(_chat(tool_choice="auto"), BASE), "tool_choice"),
+    (lambda: chat_call(_chat(response_format={"type": "json_object"}), BASE), "response_format"),
+    (lambda: chat_call(_chat(top_logprobs=2), BASE), "top_logprobs"),
+    (lambda: chat_call(_chat(modalities=["text", "audio"]), BASE), "modalities"),
+    (lambda: chat_call(_chat(audio={"voice": "alloy", "format": "wav"}), BASE), "audio"),
+    (lambda: chat_call(_chat(reasoning_effort="low"), BASE), "reasoning_effort"),
+    (lambda: chat_call(_chat(prediction={"type": "content", "content": "x"}), BASE), "prediction"),
+    (lambda: chat_call(_chat(web_search_options={}), BASE), "web_search_options"),
     (lambda: completion_call(_completion(prompt=["a"] * 17), BASE), "prompt"),  # the default cap: 16
     (lambda: completion_call(_completion(prompt=[[1]] * 3), BASE, max_prompts=2), "prompt"),
 ]
@@ -141,10 +141,10 @@ def test_what_inlaid_cannot_do_is_refused_by_name():
         assert caught.value.status == 400 and caught.value.param == param
     # Neutral values of those options are accepted.
     completion_call(_completion(n=1, best_of=1, echo=False, presence_penalty=0, logit_bias={}), BASE)
-    chat_call(_chat(tool_choice="none", response_format={"type": "text"}, logprobs=False), BASE, 99)
+    chat_call(_chat(tool_choice="none", response_format={"type": "text"}, logprobs=False), BASE)
     # OpenAI's bookkeeping arguments (stored completions, billing tier) are accepted and not used.
-    call = chat_call(_chat(store=False, metadata={"run": "7"}, service_tier="auto", modalities=["text"]), BASE, 99)
-    assert call.options == chat_call(_chat(), BASE, 99).options
+    call = chat_call(_chat(store=False, metadata={"run": "7"}, service_tier="auto", modalities=["text"]), BASE)
+    assert call.options == chat_call(_chat(), BASE).options
     assert len(completion_call(_completion(prompt=["a"] * 16), BASE).prompts) == 16
     assert len(completion_call(_completion(prompt=[[1]] * 3), BASE, max_prompts=3).prompts) == 3
 

@@ -92,6 +92,9 @@ def _chat_message(index: int, message: ChatMessageIn) -> ChatMessage:
         raise InvalidRequestError(f"{where}: tool calls and audio are not supported", param=where)
     content = message.content
     if isinstance(content, list):
+        if not content:  # OpenAI refuses it too ("empty array"); it was taken as an empty message
+            raise InvalidRequestError(f"{where}.content: an empty list of content parts; give at least one text part",
+                                      param=f"{where}.content")
         texts = []
         for j, part in enumerate(content):
             if part.get("type") != "text" or not isinstance(part.get("text"), str):

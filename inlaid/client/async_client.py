@@ -225,7 +225,7 @@ class AsyncClient:
         task: str | None = None,
         messages: Sequence[ChatMessageArg] | None = None,  # OpenAI's form, as the HTTP front takes them
         prompt_token_ids: Sequence[int] | None = None,
-        max_tokens: int = 64,
+        max_tokens: int | None = 64,
         temperature: float = 0.0,
         top_k: int = 0,
         top_p: float = 1.0,
@@ -252,7 +252,7 @@ class AsyncClient:
         task: str | None = None,
         messages: Sequence[ChatMessageArg] | None = None,  # OpenAI's form, as the HTTP front takes them
         prompt_token_ids: Sequence[int] | None = None,
-        max_tokens: int = 64,
+        max_tokens: int | None = 64,
         temperature: float = 0.0,
         top_k: int = 0,
         top_p: float = 1.0,

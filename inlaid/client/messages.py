@@ -92,7 +92,7 @@ def build_generate(
     messages: Iterable[ChatMessageArg] | None,
     prompt_token_ids: Iterable[int] | None,
     sampling: SamplingParams | None,
-    max_tokens: int,
+    max_tokens: int | None,
     temperature: float,
     top_k: int,
     top_p: float,

@@ -194,7 +194,7 @@ class Client:
         task: str | None = None,
         messages: Sequence[ChatMessageArg] | None = None,  # OpenAI's form, as the HTTP front takes them
         prompt_token_ids: Sequence[int] | None = None,
-        max_tokens: int = 64,
+        max_tokens: int | None = 64,
         temperature: float = 0.0,
         top_k: int = 0,
         top_p: float = 1.0,
@@ -206,7 +206,8 @@ class Client:
         deadline_s: float | None = None,
         timeout_s: float | None = None,
     ) -> GenerateResult:
-        """Generate to the end; raises a typed InlaidError on failure."""
+        """Generate to the end; raises a typed InlaidError on failure. `max_tokens=None` generates
+        until the context is full; a number the context cannot hold is refused (ContextLengthError)."""
         message = build_generate(
             self._ids.next(), prompt=prompt, task=task, messages=messages, prompt_token_ids=prompt_token_ids,
             sampling=sampling, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -222,7 +223,7 @@ class Client:
         task: str | None = None,
         messages: Sequence[ChatMessageArg] | None = None,  # OpenAI's form, as the HTTP front takes them
         prompt_token_ids: Sequence[int] | None = None,
-        max_tokens: int = 64,
+        max_tokens: int | None = 64,
         temperature: float = 0.0,
         top_k: int = 0,
         top_p: float = 1.0,

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, Sequence as SequenceType
 
+import msgspec
+
 from inlaid.engine.adapter_config import read_adapter_spec
 from inlaid.engine.adapter_slots import AdapterSlots
 from inlaid.engine.block_manager import BlockManager
@@ -146,6 +148,8 @@ class Engine:
         if any(not 0 <= t < vocab for t in sampling.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be integers in [0, {vocab})")
         token_ids = self.prompt_tokens(prompt, messages)
+        if sampling.max_tokens is None:  # until the context is full (a too-long prompt is refused below)
+            sampling = msgspec.structs.replace(sampling, max_tokens=max(1, self.max_model_len - len(token_ids)))
         if adapter is not None and adapter not in self.scheduler.adapters.paths:
             raise InvalidRequestError(f"unknown adapter/task {adapter!r}; known: {self.adapter_names}")
         seq_id = next(self._seq_ids)
@@ -268,7 +272,10 @@ class Engine:
         update = self.scheduler.process_result(result, self._by_seq_id)
         for seq, token_id in update.new_tokens:
             request = request_of[seq.seq_id]
-            delta = request.detokenizer.add(token_id)
+            # A stop token's own text is not output (vLLM's rule): the EOS token's never is
+            # (it is special), and one of `stop_token_ids` may be any token, a "," say.
+            ends_on_stop_token = seq.finish_reason is FinishReason.STOP and token_id in seq.sampling.stop_token_ids
+            delta = "" if ends_on_stop_token else request.detokenizer.add(token_id)
             if request.detokenizer.stopped and not seq.is_finished:
                 self.scheduler.finish(seq, FinishReason.STOP)
             if seq.is_finished and not request.detokenizer.stopped:

@@ -108,10 +108,13 @@ class StreamingDetokenizer:
         return self._emit(len(self.text) - self._held_back())
 
     def finish(self) -> str:
-        """Everything not yet emitted (the held-back tail), at the end of the sequence."""
+        """Everything not yet emitted (the held-back tail), at the end of the sequence. A
+        character the last tokens left unfinished is dropped, not shown as U+FFFD (as vLLM's
+        detokenizer does): the text is what the complete characters say."""
         if not self.stopped:
             decoded = self.tokenizer.decode(self.token_ids)
-            self.text = decoded
+            if not decoded.endswith("\ufffd"):
+                self.text = decoded
         return self._emit(len(self.text))
 
     def _held_back(self) -> int:

@@ -193,7 +193,7 @@ async def _completions(front: Front, request: Request) -> Response:
 async def _chat_completions(front: Front, request: Request) -> Response:
     body = await _read_json(request, ChatCompletionRequest, front.config)
     server = await front.server()
-    return GenerationResponse(front.client, chat_call(body, server.model, server.max_model_len), chat=True)
+    return GenerationResponse(front.client, chat_call(body, server.model), chat=True)
 
 
 async def _model_cards(front: Front) -> list[ModelCard]:

@@ -89,7 +89,9 @@ def from_inlaid(error: InlaidError, model: str | None = None, *, not_found_param
     if error.code == "timeout":  # the SDK's message names the server's internal address: not the client's business
         message = "the server did not answer within http.request_timeout_s; the request was cancelled"
     if error.code == ErrorCode.UNKNOWN_TASK and model is not None:
-        message = f"The model `{model}` does not exist (no such task on this server). {message}"
+        # The server's "unknown task 'x'; this server has: a, b" said again in the API's terms.
+        _, _, known = message.partition("; this server has: ")
+        message = f"The model `{model}` does not exist" + (f"; this server has: {known}" if known else "")
         if base_model:  # the server lists its tasks; the base is a model over HTTP too
             message += f". The base model `{base_model}` is also a valid model."
     param = ("model" if model is not None else not_found_param) if status == 404 else None

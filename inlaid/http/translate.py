@@ -66,7 +66,7 @@ def completion_call(request: CompletionRequest, base_model: str, max_prompts: in
     return _call(request, prompts, max_tokens, base_model)
 
 
-def chat_call(request: ChatCompletionRequest, base_model: str, max_model_len: int) -> GenerationCall:
+def chat_call(request: ChatCompletionRequest, base_model: str) -> GenerationCall:
     # Each refusal names the argument the client sent (a deprecated name is its own param).
     _refuse_if(request.logprobs, "logprobs", "logprobs are not supported")
     _refuse_if(request.top_logprobs, "top_logprobs", "top_logprobs is not supported (no log probabilities)")
@@ -85,14 +85,17 @@ def chat_call(request: ChatCompletionRequest, base_model: str, max_model_len: in
         messages = chat_messages(request.messages)
     except InvalidRequestError as error:
         raise bad_request(error.message, error.param) from None
-    # max_completion_tokens is OpenAI's newer name. Without a limit, generate until the
-    # context is full (finish_reason "length").
-    max_tokens = next((v for v in (request.max_completion_tokens, request.max_tokens) if v is not None), max_model_len)
+    # max_completion_tokens is OpenAI's newer name, and names itself in a refusal. Without a
+    # limit (None), generate until the context is full (finish_reason "length").
+    max_tokens = request.max_tokens
+    if request.max_completion_tokens is not None:
+        max_tokens = request.max_completion_tokens
+        _refuse_if(max_tokens < 1, "max_completion_tokens", f"max_completion_tokens must be >= 1, got {max_tokens}")
     return _call(request, [{"messages": messages}], max_tokens, base_model)
 
 
 def _call(
-    request: GenerationRequest, prompts: list[dict[str, Any]], max_tokens: int, base_model: str
+    request: GenerationRequest, prompts: list[dict[str, Any]], max_tokens: int | None, base_model: str
 ) -> GenerationCall:
     _refuse_if(request.n not in (None, 1), "n", "n must be 1 (send several requests for several choices)")
     _refuse_if(request.presence_penalty not in (None, 0), "presence_penalty", "presence_penalty is not supported")

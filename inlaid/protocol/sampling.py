@@ -17,9 +17,11 @@ MAX_STOP_TOKEN_IDS = 256
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How to pick tokens. temperature 0 means greedy; any other finite temperature > 0
-    is honoured exactly (the sampler scales in float64 relative to the row's maximum)."""
+    is honoured exactly (the sampler scales in float64 relative to the row's maximum).
+    `max_tokens` None generates until the context is full (the engine resolves it to the
+    room the prompt leaves); a server refuses a number the context cannot hold."""
 
-    max_tokens: int = 64
+    max_tokens: int | None = 64
     temperature: float = 0.0
     top_k: int = 0  # 0 = disabled
     top_p: float = 1.0
@@ -30,7 +32,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
     def validate(self) -> None:
         """Raise ValueError with a clear message for values no sampler can honour."""
-        if self.max_tokens < 1:
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if not (0.0 <= self.temperature < math.inf):  # also refuses NaN
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")

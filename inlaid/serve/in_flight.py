@@ -111,6 +111,14 @@ class InFlight:
             return self.error(identity, request_id, ErrorCode.CONTEXT_LENGTH,
                               f"the prompt has {len(token_ids)} tokens; the context length is "
                               f"{self.engine.max_model_len} and at least one new token must fit")
+        room = self.engine.max_model_len - len(token_ids)
+        if (max_tokens := message.sampling.max_tokens) is not None and max_tokens > room:
+            # OpenAI's and vLLM's rule: a completion the context cannot hold is refused, not cut
+            # short with "length" after holding a seat until the context is full.
+            return self.error(identity, request_id, ErrorCode.CONTEXT_LENGTH,
+                              f"the context length is {self.engine.max_model_len} tokens, but {len(token_ids) + max_tokens}"
+                              f" were requested ({len(token_ids)} in the prompt, max_tokens {max_tokens}): lower "
+                              f"max_tokens to at most {room}, or give none (null) to generate until the context is full")
         engine_id = f"r{self._next_engine_id}"
         self._next_engine_id += 1
         shard = self.pool.choose(message.task, len(token_ids), self.by_engine_id)
