@@ -278,3 +278,49 @@ def test_calibration_files_are_checked_a_bounded_line_at_a_time(tmp_path):
         with pytest.raises(TaskError, match=re.escape(words)) as refused:
             check_calibration_file(str(tmp_path / name))
         assert refused.value.code == "invalid_request"
+
+
+def test_a_shutdown_lets_the_swap_an_executor_is_applying_land_before_the_requantizer_exits(tmp_path, monkeypatch):
+    """The requantizer unlinks a layer's shared memory as it exits; stopping it while an
+    executor was applying that layer failed the swap at every shutdown during an add (an
+    outside probe: "layer swap failed ... segment is gone"). The stop waits for the answer
+    (bounded), and does not wait for a swap no executor has taken."""
+    import asyncio
+
+    from inlaid.protocol import LayerHandle, LayerReady, LayerSwapResult
+    from inlaid.serve import requantization_jobs
+    from inlaid.serve.requantization_jobs import RequantizationJobs
+    from inlaid.serve.task_store import REQUANTIZING
+
+    class Requantizer(_RecordingRequantizer):
+        stopped_at: float | None = None
+
+        async def stop(self) -> None:
+            self.stopped_at = asyncio.get_running_loop().time()
+
+    async def scenario(answer: bool) -> tuple[float, RequantizationJobs, Requantizer]:
+        config = config_from_dict({"server": {"state_dir": "state"}}, base_dir=tmp_path)
+        store = TaskStore(tmp_path / "state", BASE)
+        store.tasks["code"] = TaskRecord(name="code", adapter_dir="a", calibration="c", phase=REQUANTIZING,
+                                         version=1, layers_total=30)
+        jobs = RequantizationJobs(config, store, 30, wake=lambda: None)
+        requantizer = jobs.supervisor = Requantizer()  # type: ignore[assignment]
+        jobs.current = "code"
+        jobs._on_message(LayerReady(job_id="code@v1", layer=0, version=1, handle=LayerHandle(transport="file",
+                                    name="x"), file="layer0.v1", linears=[], forward_seconds=1.0, quantize_seconds=1.0))
+        assert [swap.layer for swap in jobs.for_executor(0).take_swaps()] == [0]  # in an executor's plan now
+        stopping = asyncio.get_running_loop().create_task(jobs.stop())
+        await asyncio.sleep(0.2)
+        answered_at = asyncio.get_running_loop().time()
+        if answer:
+            assert requantizer.stopped_at is None  # the old code stopped it at once
+            jobs.on_swap_result(LayerSwapResult(layer=0, version=1, ok=True))
+        await stopping
+        return answered_at, jobs, requantizer
+
+    answered_at, jobs, requantizer = asyncio.run(scenario(answer=True))
+    assert requantizer.stopped_at is not None and requantizer.stopped_at >= answered_at
+    assert jobs.store is not None and jobs.store.layers[0].version == 1  # committed, not lost
+    monkeypatch.setattr(requantization_jobs, "STOP_SWAP_WAIT_S", 0.1)  # an executor that never answers
+    answered_at, _, requantizer = asyncio.run(scenario(answer=False))
+    assert requantizer.stopped_at is not None and requantizer.stopped_at <= answered_at

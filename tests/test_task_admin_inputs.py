@@ -62,3 +62,22 @@ def test_a_task_may_not_take_the_base_models_id(model_dir, tmp_path):
     coordinator.registry.check_adapter("qa2", str(ADAPTERS / "qa"))  # any other name passes
     with pytest.raises(TaskError, match="adapter_dir must not be empty"):  # a raw AddTask's ""
         coordinator.registry.check_adapter("qa2", "")
+
+
+def test_task_status_line_says_which_of_its_layers_are_still_served(capsys):
+    """A task whose layers a later task's job replaced in part read "30/30 ... 27 layers
+    swapped" above "30 of 30 layers swapped in" (an outside probe); a task with nothing
+    re-quantized read "layers 0/30"."""
+    from inlaid.client.cli import _print_status
+    from inlaid.protocol.client import TaskStatusReply
+
+    def line(**fields) -> str:
+        base = dict(request_id="r", name="code", phase="ready", layers_done=30, layers_total=30, version=1,
+                    served_version=5, layers_swapped=27, message="30 of 30 layers swapped in")
+        _print_status(TaskStatusReply(**{**base, **fields}), as_json=False)
+        return capsys.readouterr().out.splitlines()[0]
+
+    assert line() == ("code: ready, layers 30/30, version 1 (served up to 5), 27 of its layers served now "
+                      "(later versions replaced the others)")
+    assert line(layers_swapped=30, served_version=1).endswith("30 of its layers served now")
+    assert line(phase="serving", layers_done=0, version=0, layers_swapped=0) == "code: serving"

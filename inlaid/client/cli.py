@@ -74,8 +74,13 @@ def _print(message: object, as_json: bool) -> None:
 def _print_status(status: TaskStatusReply, as_json: bool) -> None:
     if as_json:
         return _print(status, True)
-    print(f"{status.name}: {status.phase}, layers {status.layers_done}/{status.layers_total}, "
-          f"version {status.version} (served up to {status.served_version}), {status.layers_swapped} layers swapped")
+    line = f"{status.name}: {status.phase}"
+    if status.version:  # else nothing is re-quantized for it: no layers to count
+        line += (f", layers {status.layers_done}/{status.layers_total}, version {status.version} (served up to "
+                 f"{status.served_version}), {status.layers_swapped} of its layers served now")
+        if status.layers_swapped < status.layers_done:  # "30 of 30 swapped in" below is then history
+            line += " (later versions replaced the others)"
+    print(line)
     for kept in status.kept:
         if kept.action != "kept-unchanged":
             print(f"  kept layer {kept.layer} {kept.linear}: {kept.reason}")

@@ -242,7 +242,7 @@ class TaskStatusReply(msgspec.Struct, frozen=True, kw_only=True, tag="task_statu
     layers_total: int
     version: int  # the quantization version its re-quantization produces (0: none)
     served_version: int  # the newest version any served layer carries
-    layers_swapped: int
+    layers_swapped: int  # layers served at `version` now (a later task's job replaces them layer by layer)
     kept: list[KeptLinear] = []
     message: str = ""  # why there is no re-quantization, or the error of a failed one
     forward_seconds: float = 0.0  # the requantizer's calibration forward + Hessians so far

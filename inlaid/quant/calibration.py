@@ -12,6 +12,8 @@ file it is given); only tokenizing and batching import it.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,38 +65,58 @@ def read_calibration_examples(path: Path, limit: int | None = None) -> list[dict
     return examples
 
 
-def check_calibration_file(path: Path) -> int:
+def check_calibration_file(path: Path, max_file_bytes: int | None = None, max_line_bytes: int | None = None) -> int:
     """Check every line of a calibration file, one line at a time (nothing kept), and return
     how many samples it holds: a bad line past --max-samples was never read, so the file was
-    accepted here and refused wherever it was later used whole (the server's add_task)."""
-    count = sum(1 for _ in _checked_examples(path))
+    accepted here and refused wherever it was later used whole (the server's add_task). The
+    bounds, when given, refuse a larger file or sample without reading past them (what a
+    server checking a client's file must not hold in memory)."""
+    count = sum(1 for _ in _checked_examples(path, max_file_bytes, max_line_bytes))
     if not count:
         raise CalibrationDataError(f"calibration file {path} holds no samples")
     return count
 
 
-def _checked_examples(path: Path):  # type: ignore[no-untyped-def]
-    path = Path(path)
-    if path.is_dir():
-        raise CalibrationDataError(f"calibration file {path} is a directory; name a JSONL file")
-    if not path.is_file():
-        raise CalibrationDataError(f"calibration file {path} does not exist")
-    with open(path, encoding="utf-8") as handle:
-        line_number = 0
-        while True:
-            try:
-                line = handle.readline()
-            except UnicodeDecodeError as error:
-                raise CalibrationDataError(f"{path}:{line_number + 1}: not UTF-8 ({error.reason})") from None
-            if not line:
-                return
-            line_number += 1
-            if not line.strip():
+def _checked_examples(path: Path, max_file_bytes: int | None = None,
+                      max_line_bytes: int | None = None):  # type: ignore[no-untyped-def]
+    """Each sample of the file, checked (CalibrationDataError naming the file and line), read
+    one line at a time and, with `max_line_bytes`, never more than that of one line."""
+
+    def refuse(problem: str) -> CalibrationDataError:
+        return CalibrationDataError(f"calibration file {path}{problem}")
+
+    try:  # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then says what it is
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise refuse(" does not exist") from None
+    except OSError as error:
+        raise refuse(f" cannot be read: {error.strerror or error}") from None
+    info = os.fstat(fd)
+    problem = (" is a directory; name a JSONL file" if stat.S_ISDIR(info.st_mode) else
+               " is not a regular file (a device, FIFO or socket?)" if not stat.S_ISREG(info.st_mode) else
+               f" holds {info.st_size} bytes; at most {max_file_bytes} are accepted"
+               if max_file_bytes is not None and info.st_size > max_file_bytes else "")
+    if problem:
+        os.close(fd)
+        raise refuse(problem)
+    with open(fd, "rb") as handle:
+        read = number = 0
+        while line := handle.readline(-1 if max_line_bytes is None else max_line_bytes + 2):
+            number += 1
+            read += len(line)
+            if max_file_bytes is not None and read > max_file_bytes:  # it grew while being read
+                raise refuse(f" holds more than {max_file_bytes} bytes")
+            content = line.rstrip(b"\r\n")
+            if max_line_bytes is not None and len(content) > max_line_bytes:
+                raise refuse(f":{number}: a sample over {max_line_bytes} bytes: the quantization uses only a "
+                             "sample's first max_tokens tokens (512 by default), but mlgptq's cost probe runs a "
+                             "whole sample through the model: shorten it")
+            if not content.strip():
                 continue
             try:
-                example = parse_sample(line)
+                example = parse_sample(content)
             except ValueError as error:
-                raise CalibrationDataError(f"{path}:{line_number}: {error}") from None
+                raise refuse(f":{number}: {error}") from None
             yield example
 
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from inlaid.protocol import ErrorCode, KeptLinear, TaskStatusReply
+from inlaid.quant import calibration  # torch-free, as is all the coordinator imports
+from inlaid.quant.errors import CalibrationDataError
 from inlaid.serve.config import ServerConfig
 from inlaid.serve.requantization_jobs import RequantizationJobs
 from inlaid.serve.task_registry import TaskError, TaskRegistry
@@ -149,8 +149,10 @@ class DynamicTasks:
         record = store.tasks.get(name) if store else None
         try:
             if record is not None and record.phase in (QUEUED, REQUANTIZING):
-                raise TaskError(ErrorCode.TASK_BUSY,
-                                f"the base is being re-quantized for task {name!r}; remove it first or wait")
+                doing = ("is queued to re-quantize the base" if record.phase == QUEUED
+                         else "is re-quantizing the base")
+                raise TaskError(ErrorCode.TASK_BUSY, f"task {name!r} {doing} (a job of its own add); remove it first "
+                                                     "(which cancels the job) or wait until it is ready")
             text = self.registry.add(name, inputs.adapter_dir)
         except TaskError:
             if store is not None and inputs.copied:
@@ -252,45 +254,9 @@ class DynamicTasks:
 
 def check_calibration_file(path: str) -> None:
     """Refuse (TaskError, naming the file and line) a calibration file the requantizer could
-    not use or could not afford: what `read_calibration_examples` checks, read one bounded line
-    at a time (a whole file or line in memory is what the bounds above exist to avoid)."""
-
-    from inlaid.quant.calibration import parse_sample  # the quantizer's own rule for a sample (torch-free)
-
-    def refuse(problem: str) -> TaskError:
-        return TaskError(ErrorCode.INVALID_REQUEST, f"calibration file {path}{problem}")
-
-    try:  # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then says what it is
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise refuse(" does not exist") from None
-    except OSError as error:
-        raise refuse(f" cannot be read: {error.strerror or error}") from None
-    info = os.fstat(fd)
-    problem = (" is a directory; name a JSONL file" if stat.S_ISDIR(info.st_mode) else
-               " is not a regular file (a device, FIFO or socket?)" if not stat.S_ISREG(info.st_mode) else
-               f" holds {info.st_size} bytes; at most {MAX_CALIBRATION_FILE_BYTES} (64 MiB) are accepted"
-               if info.st_size > MAX_CALIBRATION_FILE_BYTES else "")
-    if problem:
-        os.close(fd)
-        raise refuse(problem)
-    with open(fd, "rb") as handle:
-        samples = read = number = 0
-        while line := handle.readline(MAX_CALIBRATION_LINE_BYTES + 2):  # bounded: never a whole huge line
-            number += 1
-            read += len(line)
-            if read > MAX_CALIBRATION_FILE_BYTES:  # it grew while being read
-                raise refuse(f" holds more than {MAX_CALIBRATION_FILE_BYTES} bytes (64 MiB)")
-            content = line.rstrip(b"\r\n")
-            if len(content) > MAX_CALIBRATION_LINE_BYTES:
-                raise refuse(f":{number}: a sample over {MAX_CALIBRATION_LINE_BYTES} bytes (32 KiB): the "
-                             "re-quantization uses only a sample's first max_tokens tokens (512 by default), but "
-                             "its cost probe runs a whole sample through the model: shorten it")
-            if content.strip():
-                try:
-                    parse_sample(content)
-                except ValueError as error:
-                    raise refuse(f":{number}: {error}") from None
-                samples += 1
-    if not samples:
-        raise refuse(" holds no samples")
+    not use or could not afford: the quantizer's own check, with the bounds above (read one
+    bounded line at a time: a whole file or line in memory is what they exist to avoid)."""
+    try:
+        calibration.check_calibration_file(Path(path), MAX_CALIBRATION_FILE_BYTES, MAX_CALIBRATION_LINE_BYTES)
+    except CalibrationDataError as error:
+        raise TaskError(ErrorCode.INVALID_REQUEST, str(error)) from None

@@ -48,6 +48,8 @@ from inlaid.serve.task_store import (
 
 log = logging.getLogger("inlaid.requantization")
 
+# How long a shutdown waits for the executors' answers to a layer swap they are applying.
+STOP_SWAP_WAIT_S = 5.0
 # How often a cancelled job's requantizer is looked at until it takes the cancel up: a stopped
 # one (SIGSTOP) never will and is killed then. A running one reads the cancel after its
 # current input group (four per layer) or while it waits for a commit, and answers it with
@@ -114,12 +116,22 @@ class RequantizationJobs:
             await self._dispatch()
 
     async def stop(self) -> None:
+        await self._let_the_live_swap_land()
         if self.supervisor is not None:
             await self.supervisor.stop()
         for task in list(self._background):
             task.cancel()
         if self._tempdir:
             shutil.rmtree(self._tempdir, ignore_errors=True)
+
+    async def _let_the_live_swap_land(self) -> None:
+        """An executor applying the live swap reads the requantizer's shared memory, which the
+        requantizer unlinks as it exits: stopping it first failed that swap at every shutdown
+        during an add (an ERROR in the executor's log). Its answer is one step away."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_SWAP_WAIT_S
+        while self._live is not None and self._live.sent_to and loop.time() < deadline:
+            await asyncio.sleep(0.02)
 
     def _later(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

@@ -26,7 +26,7 @@ import time
 import traceback
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, NoReturn
 
 import msgspec
 import zmq
@@ -157,6 +157,11 @@ class _Channel:
 
     def send(self, message: msgspec.Struct) -> None:
         self.sock.send(self.encoder.encode(message))
+
+    def close(self) -> None:
+        """Let what was sent go out (at most the linger), then release the socket."""
+        self.sock.close()
+        self.context.term()
 
     def receive(self) -> msgspec.Struct | None:
         """The next message; None after a quiet poll. Exits when the coordinator is gone."""
@@ -303,6 +308,13 @@ def serve(address: str, generation: int, parent_pid: int, threads: int, niceness
     channel.send(RequantizerHello(protocol_version=PROTOCOL_VERSION, generation=generation, pid=os.getpid(),
                                   threads=threads, niceness=os.nice(0), idle_priority=idle_taken))
     log.info("requantizer ready", extra={"pid": os.getpid(), "generation": generation, "threads": threads})
+    try:
+        return _serve_jobs(channel)
+    finally:
+        channel.close()
+
+
+def _serve_jobs(channel: _Channel) -> int:
     while True:
         message = channel.receive()
         if isinstance(message, RequantizerShutdown):
@@ -320,7 +332,7 @@ def serve(address: str, generation: int, parent_pid: int, threads: int, niceness
                                          peak_rss_bytes=_peak_rss_bytes()))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> NoReturn:
     parser = argparse.ArgumentParser(prog="inlaid-requantizer")
     parser.add_argument("--address", required=True)
     parser.add_argument("--generation", type=int, required=True)
@@ -335,8 +347,14 @@ def main(argv: list[str] | None = None) -> int:
     from inlaid.serve.executor import die_with_parent
 
     die_with_parent()
-    return serve(args.address, args.generation, args.parent_pid, args.threads, args.niceness, args.idle_priority)
+    code = serve(args.address, args.generation, args.parent_pid, args.threads, args.niceness, args.idle_priority)
+    # Exit without the interpreter's teardown: at idle priority on a busy machine, unloading
+    # torch and the model outlasted the supervisor's 3-s grace, so a shutdown during an add
+    # killed the process every time. Nothing is left to it: the socket has flushed, and every
+    # exported layer was released when its job stopped.
+    logging.shutdown()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
