@@ -164,7 +164,11 @@ class InlaidPolicy(SchedulingPolicy):
         keys = {id(s): self._key(s, now) for s in rest}
         rest.sort(key=lambda s: keys[id(s)])  # shortest first
         head = overdue + fresh + ongoing
-        ranked = head + (self._grouped(rest, keys) if self.options.group_by_adapter else rest)
+        # With the row target, the adapters of the R most urgent requests lead the grouped
+        # ranking: the scheduler takes the first adapters it meets there (as many as
+        # `_adapters_to_fill` counts below), so they must be these ones.
+        urgent = self._urgent_adapters(head + rest) if self.options.batch_rows_target else set()
+        ranked = head + (self._grouped(rest, keys, urgent) if self.options.group_by_adapter else rest)
         self.plannable = None
         if self.service is not None:
             ranked, self.plannable = self._within_fairness_bound(ranked)
@@ -178,6 +182,17 @@ class InlaidPolicy(SchedulingPolicy):
                 shortest_first = [s for s in shortest_first if id(s) in plannable]
             self.max_adapters_per_step = self._adapters_to_fill(shortest_first)
         return ranked
+
+    def _urgent_adapters(self, shortest_first: list[Sequence]) -> set[str]:
+        """The adapters of the `batch_rows_target` most urgent requests (at most β)."""
+        beta = self.options.max_adapters_per_step or None
+        adapters: set[str] = set()
+        for seq in shortest_first[: self.options.batch_rows_target]:
+            if seq.adapter is not None and seq.adapter not in adapters:
+                if beta is not None and len(adapters) >= beta:
+                    break
+                adapters.add(seq.adapter)
+        return adapters
 
     def _adapters_to_fill(self, ranked: list[Sequence]) -> int | None:
         """The fewest adapters whose requests, in ranking order, fill `batch_rows_target`
@@ -225,14 +240,21 @@ class InlaidPolicy(SchedulingPolicy):
         return kept + held, len(kept)
 
     @staticmethod
-    def _grouped(ranked: list[Sequence], keys: dict[int, float]) -> list[Sequence]:
+    def _grouped(ranked: list[Sequence], keys: dict[int, float], leading: set[str]) -> list[Sequence]:
         """Adapters by the sum of their requests' urgencies (1 / key: an adapter with many
-        short requests first), each adapter's requests together, shortest first."""
+        short requests first), those in `leading` before the others, each adapter's requests
+        together, shortest first.
+
+        Without `leading`, the step's adapters were the first ones of this order while their
+        number was counted on the R most urgent requests: with a flood's adapter first and a
+        third adapter next, the adapter of a request shorter than any of the flood's was
+        counted but not taken, every step, until the aging bound."""
         groups: dict[str | None, list[Sequence]] = {}
         for seq in ranked:
             groups.setdefault(seq.adapter, []).append(seq)
         score = {a: sum(1.0 / max(keys[id(s)], 1.0) for s in members) for a, members in groups.items()}
-        return [s for a in sorted(groups, key=lambda a: -score[a]) for s in groups[a]]
+        order = sorted(groups, key=lambda a: (a not in leading, -score[a]))
+        return [s for a in order for s in groups[a]]
 
     def _waited(self, seq: Sequence, now: float) -> float:
         """Seconds without progress: since arrival for a request never scheduled (or
