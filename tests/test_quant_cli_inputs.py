@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from inlaid.models.prepare import default_model_dir
 from inlaid.quant.calibration import CalibrationTask
 from inlaid.quant.checkpoint import METADATA_FILE, load_gptq_checkpoint, pack_linear
 from inlaid.quant.errors import CheckpointError
@@ -19,7 +18,7 @@ from inlaid.quant.gptq import gptq_quantize_many
 from inlaid.quant.partial import PARTIAL_DIR, prepare_partial_dir
 from inlaid.quant.spec import QuantSpec
 
-from tiny_llama import make_adapter, make_tiny_model, quantize_full, write_calibration
+from tiny_llama import make_adapter, quantize_full, two_layer_model_or_skip, write_calibration
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -30,11 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    source = default_model_dir()
-    if not (source / "tokenizer.json").is_file():
-        pytest.skip("the default model (tokenizer) is not prepared; run `make setup`")
     root = tmp_path_factory.mktemp("quant_inputs")
-    model_dir = make_tiny_model(root / "model", source, layers=2, hidden=64, seed=0, max_positions=256)
+    model_dir = two_layer_model_or_skip(root)
     adapter = make_adapter(model_dir, root / "adapter", seed=1, scale=0.3)
     calib = write_calibration(root / "alpha.jsonl", "alpha", 3)
     return root, model_dir, adapter, calib

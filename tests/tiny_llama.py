@@ -38,6 +38,19 @@ def make_tiny_model(directory: Path, source: Path, layers: int = 4, hidden: int 
     return directory
 
 
+def two_layer_model_or_skip(root: Path) -> Path:
+    """The quantizer CLI tests' model: two layers of 64 on the default model's tokenizer
+    (skips the test when the default model is not prepared)."""
+    import pytest
+
+    from inlaid.models.prepare import default_model_dir
+
+    source = default_model_dir()
+    if not (source / "tokenizer.json").is_file():
+        pytest.skip("the default model (tokenizer) is not prepared; run `make setup`")
+    return make_tiny_model(root / "model", source, layers=2, hidden=64, seed=0, max_positions=256)
+
+
 def make_adapter(model_dir: Path, out_dir: Path, seed: int, rank: int = 4, scale: float = 0.5,
                  poison: str | None = None) -> Path:
     """Random LoRA on every projection, B scaled by `scale`; `poison`: a module path whose B is
