@@ -165,3 +165,26 @@ def test_train_adapter_checks_an_unwritable_out_before_loading(tmp_path: Path) -
         pytest.skip("needs /proc")
     done = _run("train-adapter", [*TINY_TRAIN, "--out", "/proc/inlaid-adapter"], tmp_path)
     _refused(done, "train-adapter", "--out", "/proc/inlaid-adapter", "cannot be written")
+
+
+# ---------------------------------------------------------------------- tasks report
+def test_tasks_report_checks_its_inputs_and_outputs_before_writing(tmp_path: Path) -> None:
+    """A missing, broken or foreign --results file was a traceback; an unwritable --markdown
+    failed after MANIFEST.json had been rewritten."""
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"model": "m", "split": "eval", "tasks": {}}))
+    (tmp_path / "foreign.json").write_text("[1, 2]")
+    (tmp_path / "broken.json").write_text("{oops")
+    cases = [(["--results", str(tmp_path / "missing.json")], "missing.json"),
+             (["--results", str(tmp_path / "broken.json")], "is not JSON"),
+             (["--results", str(tmp_path / "foreign.json")], "is not a results file"),
+             (["--results", str(good), "--markdown", "/proc/table.md"], "--markdown"),
+             (["--adapters-dir", str(tmp_path / "none")], "is not a directory")]
+    for args, named in cases:
+        done = _run("tasks", ["report", "--adapters-dir", str(adapters), *args], tmp_path)
+        _refused(done, "tasks report", named)
+        assert not (adapters / "MANIFEST.json").exists()
+    done = _run("tasks", ["report", "--adapters-dir", str(adapters)], tmp_path)
+    assert done.returncode == 0 and json.loads((adapters / "MANIFEST.json").read_text()) is not None, done.stderr

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,14 +31,16 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:14s} {task.primary_metric:12s} max_new_tokens={task.max_new_tokens:<4d} {task.description}")
         return 0
     if args.action == "report":
-        import json
         from pathlib import Path
 
-        from inlaid.tasks.evaluate import markdown_table, merge_results
+        from inlaid.tasks.evaluate import markdown_table
         from inlaid.tasks.report import write_manifest, write_output_lengths
 
-        parts = [json.loads(Path(path).read_text()) for path in args.results]
-        results = merge_results(parts) if parts else None
+        try:  # every input and output checked before anything is written
+            results = _report_inputs(args)
+        except ValueError as error:
+            print(f"inlaid tasks report: error: {error}", file=sys.stderr)
+            return 2
         print(write_manifest(Path(args.adapters_dir), results))
         if results and args.markdown:
             Path(args.markdown).write_text(markdown_table(results))
@@ -50,3 +55,35 @@ def run(args: argparse.Namespace) -> int:
 
     prepare(args.task, update_committed=args.update_committed)
     return 0
+
+
+def _report_inputs(args: argparse.Namespace) -> dict | None:
+    """The merged `--results` (None without any), after checking that each is an `inlaid eval
+    --suite --with-base --out` file and that --adapters-dir and --markdown can be written:
+    a missing or foreign file was a traceback, and an unwritable --markdown one after
+    MANIFEST.json had been rewritten."""
+    from inlaid.cli_args import writable_dir_problem, writable_file_problem
+    from inlaid.tasks.evaluate import merge_results
+
+    parts = []
+    for path in args.results:
+        try:
+            part = json.loads(Path(path).read_text())
+        except OSError as error:
+            raise ValueError(f"--results {path}: {error.strerror or error}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"--results {path} is not JSON ({error})") from None
+        if not (isinstance(part, dict) and isinstance(part.get("model"), str) and isinstance(part.get("tasks"), dict)
+                and "split" in part and all(isinstance(configs, dict) for configs in part["tasks"].values())):
+            raise ValueError(f"--results {path} is not a results file of `inlaid eval --suite --with-base --out` "
+                             "(a JSON object with model, split and tasks)")
+        parts.append(part)
+    adapters = Path(args.adapters_dir)
+    if not adapters.is_dir():
+        raise ValueError(f"--adapters-dir {adapters} is not a directory")
+    problem = writable_dir_problem(adapters, "--adapters-dir")
+    if problem is None and args.markdown and parts:
+        problem = writable_file_problem(Path(args.markdown), "--markdown")
+    if problem:
+        raise ValueError(problem)
+    return merge_results(parts) if parts else None
