@@ -28,6 +28,9 @@ class LengthSample:
     output_tokens: int
 
 
+MAX_TOKENS = 1e9  # the longest output any state may hold or any prediction give
+
+
 class TaskMeanPredictor:
     """The mean output length of each task's finished requests (all tasks' mean for a new one)."""
 
@@ -67,17 +70,26 @@ class TaskMeanPredictor:
         }
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
-        self.prior_tokens, total_count, self.total_mean = (float(x) for x in state["mean_prior"])
-        self.total_count = int(total_count)
-        self.counts = {str(t): int(c) for t, c in zip(state["mean_tasks"], state["mean_counts"])}
-        self.means = {str(t): float(m) for t, m in zip(state["mean_tasks"], state["mean_values"])}
+        """ValueError for arrays `state()` could not have written (a hand-edited file: negative
+        or fractional counts, means past 1e9 tokens, arrays of different lengths)."""
+        prior, total_count, total_mean = (float(x) for x in state["mean_prior"])
+        tasks, counts, means = state["mean_tasks"], state["mean_counts"], state["mean_values"]
+        if not len(tasks) == len(counts) == len(means):
+            raise ValueError("per-task mean arrays of different lengths")
+        if counts.dtype.kind not in "iu" or (counts < 0).any() or total_count < 0 or total_count != int(total_count):
+            raise ValueError("per-task counts that are negative or not whole numbers")
+        if not all(0 <= value <= MAX_TOKENS for value in (prior, total_mean, *means.tolist())):
+            raise ValueError(f"mean output lengths outside [0, {MAX_TOKENS:g}] tokens")
+        self.prior_tokens, self.total_count, self.total_mean = prior, int(total_count), total_mean
+        self.counts = {str(t): int(c) for t, c in zip(tasks, counts)}
+        self.means = {str(t): float(m) for t, m in zip(tasks, means)}
 
 
 def _task_key(task: str | None) -> str:
     return "<base>" if task is None else task
 
 
-_MAX_LOG_LENGTH = math.log1p(1e9)  # tokens
+_MAX_LOG_LENGTH = math.log1p(MAX_TOKENS)
 # A task's residual mean counts as this many zero residuals too: one request moves its
 # task's level by a ninth of its error, a task's 100 requests by 93 % of their mean error.
 RESIDUAL_PRIOR_COUNT = 8
@@ -218,6 +230,11 @@ class LengthPredictor:
         self.hasher = FeatureHasher(int(bits))
         self.fallback.load_state(state)
         self.weights = None
+        for name in ("coef_index", "shared_index"):  # numpy would take -1 as the last column
+            index = state.get(name)
+            if index is not None and (index.dtype.kind not in "iu" or (len(index) and not (
+                    0 <= int(index.min()) and int(index.max()) < self.hasher.size))):
+                raise ValueError(f"{name} holds feature indices outside the model's {self.hasher.size}")
         if fitted:
             coef = np.zeros(self.hasher.size, dtype=np.float64)
             coef[state["coef_index"]] = state["coef_value"]

@@ -224,6 +224,14 @@ def test_a_file_that_is_not_a_saved_state_is_refused_naming_it_and_never_unpickl
                                                           np.full_like(arrays["reservoir_targets"], np.nan)}),
         "negative_alpha.npz": lambda path: np.savez(path, **{**arrays, "config": arrays["config"] * [1, -1, 1, 1]}),
         "residuals.npz": lambda path: np.savez(path, **{**arrays, "residual_counts": np.zeros(3, np.int64)}),
+        # Loaded silently before (a second probe): numpy took -1 as the last column; a negative
+        # or fractional count and a 1e308 prior skewed every prediction.
+        "negative_index.npz": lambda path: np.savez(path, **{**arrays, "coef_index": -1 - arrays["coef_index"]}),
+        "shared_index.npz": lambda path: np.savez(path, **{**arrays, "shared_index": arrays["shared_index"] - 2**40}),
+        "negative_count.npz": lambda path: np.savez(path, **{**arrays, "mean_counts": -arrays["mean_counts"]}),
+        "float_counts.npz": lambda path: np.savez(path, **{**arrays, "mean_counts": arrays["mean_counts"] + 0.5}),
+        "huge_prior.npz": lambda path: np.savez(path, **{**arrays, "mean_prior": arrays["mean_prior"] * [1e308, 1, 1]}),
+        "half_count.npz": lambda path: np.savez(path, **{**arrays, "mean_prior": arrays["mean_prior"] + [0, 0.5, 0]}),
     }
     for name, write in cases.items():
         path = tmp_path / name

@@ -220,7 +220,7 @@ def test_aging_bounds_the_wait_that_srtf_alone_would_starve():
     model = _known_lengths({"long": 40, "short": 3})
     max_wait = 2.0
     aged = simulate(trace, make_policy("inlaid", {"max_wait_s": max_wait}, length_model=model), COST, shape)
-    unaged = simulate(trace, make_policy("inlaid", {"max_wait_s": 1e9}, length_model=model), COST, shape)
+    unaged = simulate(trace, make_policy("inlaid", {"max_wait_s": 1e6}, length_model=model), COST, shape)
     _check_outputs(trace, aged)
     _check_outputs(trace, unaged)
     # Once overdue, a long request waits at most for the running work ahead of it to finish.
@@ -291,8 +291,8 @@ def test_fairness_bounds_hold_where_fifo_and_srtf_let_a_task_fall_behind():
     bound = 600.0
     gaps = {}
     for label, name, options in [("fifo", "fifo", {}), ("vtc", "vtc", {}),
-                                 ("srtf", "inlaid", {"max_wait_s": 1e9}),
-                                 ("fair", "inlaid", {"max_wait_s": 1e9, "fairness_bound": bound})]:
+                                 ("srtf", "inlaid", {"max_wait_s": 1e6}),
+                                 ("fair", "inlaid", {"max_wait_s": 1e6, "fairness_bound": bound})]:
         result = simulate(trace, make_policy(name, options, length_model=model if name == "inlaid" else None), COST, shape)
         _check_outputs(trace, result)
         gaps[label] = result.service_gap

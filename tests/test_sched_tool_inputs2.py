@@ -169,11 +169,20 @@ def test_policy_options_are_refused_one_option_at_a_time():
                                    ("mlfq", {"quantum_growth": 0.5}, "quantum_growth must be >= 1"),
                                    ("mlfq", {"prefill_weight": -1.0}, "prefill_weight must be >= 0"),
                                    ("vtc", {"input_weight": 0.0, "output_weight": 0.0},
-                                    "input_weight and output_weight cannot both be 0")]:
+                                    "input_weight and output_weight cannot both be 0"),
+                                   # finite but huge: quanta overflowed at start-up (a traceback)
+                                   ("mlfq", {"quantum_growth": 1e70}, "base_quantum_tokens x quantum_growth"),
+                                   ("mlfq", {"quantum_growth": 1e5, "levels": 64}, "base_quantum_tokens x"),
+                                   # as huge as off: the aging bound and the first-token rule
+                                   ("inlaid", {"max_wait_s": 1e300}, "scheduler option 'max_wait_s' is a duration"),
+                                   ("inlaid", {"first_token_after_s": 1e7}, "scheduler option 'first_token_after_s'"),
+                                   ("mlfq", {"starvation_s": 1e9}, "scheduler option 'starvation_s' is a duration")]:
         with pytest.raises(ValueError) as raised:
             parse_options(policy, options)
         assert str(raised.value).startswith(words), raised.value
     parse_options("vtc", {"input_weight": 0.0})  # one weight alone still counts service
+    parse_options("inlaid", {"max_wait_s": 1e6})  # the bound itself: the simulator's "no aging"
+    parse_options("mlfq", {"quantum_growth": 10.0, "levels": 9})  # 4 x 10 ** 8 tokens at the last level: within
 
 
 def test_replay_summaries_are_strict_json_and_the_slo_counts_known_isolated_latencies_only():
@@ -186,6 +195,8 @@ def test_replay_summaries_are_strict_json_and_the_slo_counts_known_isolated_late
     assert summary["fairness_max_service_gap"] is None and summary["latency_s"]["mean"] == pytest.approx(0.3)
     mixed = replayed + [RequestRecord("k", "a", 10, 0.0, 0.1, [0.2, 0.3], 0.3, isolated_s=0.2)]
     assert summarize(mixed)["slo_attainment"]["2x"] == 1.0
+    # what a replay cannot see (steps) is there as null, as the docs say, not missing
+    assert all(summary[key] is None for key in ("tasks_per_step", "adapter_loads_per_s", "steps"))
 
 
 def test_bench_traces_and_tune_scheduler_outputs_are_checked_or_created(tmp_path):

@@ -144,6 +144,9 @@ def summarize(
                             "max": int(max(adapters))},
             adapter_loads_per_s=sum(s.loads for s in steps) / span,
         )
+    else:  # a replay sees no steps: not measured (null), not missing (the server's /metrics has them)
+        summary.update(steps=None, busy_fraction=None, mean_batch_seqs=None, tasks_per_step=None,
+                       adapter_loads_per_s=None)
     return summary
 
 

@@ -12,6 +12,7 @@ Adapters play no part in the ranking.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from inlaid.engine.config import check_range
@@ -20,6 +21,7 @@ from inlaid.engine.sequence import Sequence
 
 
 MAX_LEVELS = 64
+MAX_QUANTUM_LOG10 = 9  # a billion tokens: past any context
 
 
 @dataclass
@@ -38,6 +40,12 @@ class MlfqOptions:
         check_range("levels", self.levels, 1, MAX_LEVELS, integer=True)
         check_range("base_quantum_tokens", self.base_quantum_tokens, 1, integer=True)
         check_range("quantum_growth", self.quantum_growth, 1)
+        # The last level's quantum, computed in logs: a finite but large growth (1e70)
+        # overflowed the quanta's float power at start-up, a traceback.
+        if math.log10(self.base_quantum_tokens) + (self.levels - 1) * math.log10(self.quantum_growth) > MAX_QUANTUM_LOG10:
+            raise ValueError(f"base_quantum_tokens x quantum_growth ** (levels - 1) must be at most "
+                             f"1e{MAX_QUANTUM_LOG10} tokens (longer than any context), got base_quantum_tokens "
+                             f"{self.base_quantum_tokens}, quantum_growth {self.quantum_growth}, levels {self.levels}")
         check_range("prefill_weight", self.prefill_weight, 0)
         check_range("starvation_s", self.starvation_s, 0, low_open=True)
 

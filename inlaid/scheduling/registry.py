@@ -24,7 +24,8 @@ class FifoOptions:
 
 OPTIONS: dict[str, type] = {"fifo": FifoOptions, "inlaid": InlaidOptions, "mlfq": MlfqOptions, "vtc": VtcOptions}
 POLICY_NAMES = tuple(OPTIONS)
-COMMON_OPTIONS = {"step_log"}  # any policy: write every step to this JSON-lines file
+COMMON_OPTIONS = {"step_log"}
+MAX_SECONDS = 1e6  # the server config's bound on any duration (serve/config.py)  # any policy: write every step to this JSON-lines file
 
 
 def parse_options(name: str, raw: Mapping[str, Any] | None) -> Any:
@@ -48,6 +49,9 @@ def parse_options(name: str, raw: Mapping[str, Any] | None) -> Any:
             # TOML has nan and inf; NaN fails every comparison, so max_wait_s = nan switched
             # the aging bound off without a word (an outside probe)
             raise ValueError(f"scheduler option {key!r} must be a finite number, got {value!r}")
+        if key.endswith("_s") and kind is float and value > MAX_SECONDS:
+            # As huge as off: max_wait_s = 1e300 switched the aging bound off as nan did.
+            raise ValueError(f"scheduler option {key!r} is a duration in seconds: at most {MAX_SECONDS:g}, got {value!r}")
         values[key] = value
     options = cls(**values)
     options.validate()
