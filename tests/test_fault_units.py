@@ -252,6 +252,8 @@ def test_engine_fails_only_the_sequence_whose_adapter_cannot_load(model_dir, ada
     sampling = SamplingParams(max_tokens=4, ignore_eos=True)
     mixed = engine.generate(prompts, sampling, [None, "broken", "good"])
     assert [o.finish_reason for o in mixed] == ["length", "error", "length"]
+    assert mixed[1].error is not None and "could not be loaded" in mixed[1].error  # it said nothing of why
+    assert mixed[0].error is None and mixed[2].error is None
     assert engine.scheduler.adapters.slot_of("broken") is None
     assert engine.scheduler.blocks.num_free_blocks == engine.scheduler.blocks.num_blocks
     alone = engine.generate([prompts[0], prompts[2]], sampling, [None, "good"])

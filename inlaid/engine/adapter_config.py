@@ -30,6 +30,9 @@ class AdapterSpec:
     lora_alpha: float
     use_rslora: bool
     target_modules: tuple[str, ...]
+    # PEFT's exclude_modules: some target projections carry no LoRA (their tensors are
+    # absent from the file, and the engine computes the base alone there, as PEFT does)
+    has_exclusions: bool = False
 
     @property
     def scale(self) -> float:
@@ -108,6 +111,10 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
         reject("rank_pattern/alpha_pattern (per-module ranks)")
     if config.get("layers_to_transform") is not None:
         reject("layers_to_transform")
+    if config.get("alora_invocation_tokens"):
+        # aLoRA applies the adapter only from its invocation tokens on; served as a LoRA on
+        # every token, its outputs were neither PEFT's nor the base's (an outside probe)
+        reject("activated LoRA (alora_invocation_tokens)")
     targets = config.get("target_modules")
     if targets == "all-linear":
         targets = list(PROJECTIONS)
@@ -131,6 +138,7 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
         lora_alpha=float(alpha),  # type: ignore[arg-type]
         use_rslora=bool(config.get("use_rslora", False)),
         target_modules=tuple(p for p in PROJECTIONS if p in targets),
+        has_exclusions=bool(config.get("exclude_modules")),
     )
     try:
         scale = spec.scale

@@ -188,6 +188,12 @@ def _check_names_and_shapes(entries: list[_TensorEntry], spec: AdapterSpec, mode
             )
     missing = [(layer, projection, half) for layer in range(model.num_layers) for projection in spec.target_modules
                for half in "AB" if (layer, projection, half) not in seen]  # fmt: skip
+    if spec.has_exclusions:  # exclude_modules: whole projections may lack LoRA, never one half of a pair
+        halves = {(layer, projection) for layer, projection, _ in missing}
+        missing = [key for key in missing if (key[0], key[1], "B" if key[2] == "A" else "A") in seen]
+        if not missing and len(halves) == model.num_layers * len(spec.target_modules):
+            raise AdapterError(f"{where}: {WEIGHTS_FILE} holds no LoRA tensors (exclude_modules excludes every "
+                               "target)")
     if missing:
         layer, projection, half = missing[0]
         raise AdapterError(f"{where}: {len(missing)} LoRA tensors are missing, e.g. layer {layer} {projection} "

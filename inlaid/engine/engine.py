@@ -17,6 +17,7 @@ import msgspec
 
 from inlaid.engine.adapter_config import read_adapter_spec
 from inlaid.engine.adapter_slots import AdapterSlots
+from inlaid.engine.adapter_weights import check_adapter_weights
 from inlaid.engine.block_manager import BlockManager
 from inlaid.engine.config import EngineConfig, ModelConfig
 from inlaid.engine.scheduler import Scheduler, SchedulerLimits, SchedulingPolicy
@@ -70,6 +71,7 @@ class GenerationOutput:
     token_ids: list[int]
     text: str
     finish_reason: str
+    error: str | None = None  # finish_reason "error": why the executor failed it (an adapter that did not load, ...)
 
 
 @dataclass
@@ -115,12 +117,20 @@ class Engine:
         return cls(config, ModelRunner(config), policy)
 
     # ------------------------------------------------------------------ adapters
-    def register_adapter(self, name: str, path: str) -> None:
+    def register_adapter(self, name: str, path: str, *, check_weights: bool = True) -> None:
+        """Serve the adapter at `path` as `name`, once its config and every weight passed the
+        server's own checks (AdapterError naming the first problem): checking the config
+        alone registered adapters whose tensors no executor loads (a bias, trainable tokens)
+        and one whose file held other projections than its config lists, served silently.
+        `check_weights=False`: the caller ran `check_servable_adapter` already (the server,
+        in a worker thread: reading every weight on its event loop would stall all streams)."""
         spec = read_adapter_spec(name, path)
         if spec.rank > self.config.max_lora_rank:
             raise InvalidRequestError(
                 f"adapter {name!r} has rank {spec.rank}; this engine's max_lora_rank is {self.config.max_lora_rank}"
             )
+        if check_weights:
+            check_adapter_weights(spec, self.model_config, self.config.max_lora_rank)
         self.scheduler.adapters.register(name, str(path))
 
     @property
@@ -332,10 +342,13 @@ class Engine:
 
             progress = tqdm(total=count, desc="generate", unit="req")
         pending = set(ids)
+        errors: dict[str, str] = {}
         while pending:
             for output in self.step():
                 if output.request_id in texts:
                     texts[output.request_id].append(output.text_delta)
+                    if output.error is not None:
+                        errors[output.request_id] = f"[{output.error.code}] {output.error.message}"
                     if output.finished:
                         pending.discard(output.request_id)
                         if progress:
@@ -349,6 +362,7 @@ class Engine:
                 token_ids=list(sequences[rid].output_token_ids),
                 text="".join(texts[rid]),
                 finish_reason=sequences[rid].finish_reason.value,  # type: ignore[union-attr]
+                error=errors.get(rid),
             )
             for rid in ids
         ]

@@ -70,8 +70,8 @@ class TaskRegistry:
             raise TaskError(ErrorCode.TASK_BUSY,
                             f"task {name!r} has {self.active[name]} requests in flight; replace it when idle")
         try:
-            for engine in self.engines:
-                engine.register_adapter(name, adapter_dir)
+            for engine in self.engines:  # its weights were checked by check_adapter, off the event loop
+                engine.register_adapter(name, adapter_dir, check_weights=False)
         except (AdapterError, InvalidRequestError) as error:
             raise TaskError(ErrorCode.INVALID_REQUEST, str(error)) from None
         self.tasks[name] = adapter_dir

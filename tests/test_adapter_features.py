@@ -1,0 +1,86 @@
+"""PEFT adapter features at the edge of what the engine serves (an outside parity probe,
+2026-12-05): an activated LoRA (aLoRA) was accepted and served as a plain LoRA on every
+token; the in-process `Engine.register_adapter` checked the config alone, so adapters the
+server refuses (a tensor no executor loads, projections the config does not list) were
+registered and failed or were served wrongly later; a valid `exclude_modules` adapter,
+which the engine serves as PEFT does, was refused by the server's check as "missing
+tensors"."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapter_corruptions import copy_adapter, rewrite_tensors
+from inlaid.engine.adapter_config import AdapterError, read_adapter_spec
+from inlaid.engine.adapter_weights import check_servable_adapter
+from inlaid.engine.config import ModelConfig
+
+
+def _edit_config(adapter: Path, **fields) -> None:
+    path = adapter / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    from inlaid.engine import Engine, EngineConfig
+
+    return Engine.local(EngineConfig(model_dir=str(model_dir), dtype="float32", threads=1, max_num_seqs=4,
+                                     max_lora_rank=32, max_model_len=256))
+
+
+def test_an_activated_lora_is_refused_naming_it(adapter_dirs, tmp_path):
+    alora = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "alora")
+    _edit_config(alora, alora_invocation_tokens=[28, 1002])
+    with pytest.raises(AdapterError, match="activated LoRA"):
+        read_adapter_spec("alora", alora)
+    _edit_config(alora, alora_invocation_tokens=None)  # PEFT writes null for a plain LoRA
+    assert read_adapter_spec("alora", alora).rank == 8
+
+
+def test_register_adapter_checks_the_weights_as_the_server_does(engine, adapter_dirs, tmp_path):
+    listed_elsewhere = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "listed")
+    _edit_config(listed_elsewhere, target_modules=["q_proj"])  # the file also holds v_proj
+    with_bias = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "bias")
+
+    def add_bias(tensors: dict) -> None:
+        name = next(k for k in sorted(tensors) if "lora_B" in k)
+        tensors[name.replace(".weight", ".bias")] = torch.zeros(tensors[name].shape[0])
+
+    rewrite_tensors(with_bias, add_bias)
+    for adapter, words in ((listed_elsewhere, "which target_modules"), (with_bias, "unsupported tensor")):
+        with pytest.raises(AdapterError, match=words):
+            engine.register_adapter(adapter.name, str(adapter))
+        assert adapter.name not in engine.adapter_names
+    engine.register_adapter("good", str(adapter_dirs["attn-r8"]))
+    assert "good" in engine.adapter_names
+
+
+def test_exclude_modules_adapters_are_served_and_a_lone_half_is_still_refused(engine, model_dir, adapter_dirs,
+                                                                             tmp_path):
+    model = ModelConfig.from_dir(str(model_dir))
+    excluded = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "excluded")
+    rewrite_tensors(excluded, lambda t: [t.pop(k) for k in list(t) if ".layers.0." in k])
+    with pytest.raises(AdapterError, match="LoRA tensors are missing"):  # without the config saying so
+        check_servable_adapter("excluded", str(excluded), model, 32)
+    _edit_config(excluded, exclude_modules=["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"])
+    assert check_servable_adapter("excluded", str(excluded), model, 32).has_exclusions
+    engine.register_adapter("excluded", str(excluded))
+    # PEFT's rule is the engine's: the excluded layer runs the base alone. Zeroing layer 0's
+    # LoRA in the full adapter must give the same greedy tokens.
+    zeroed = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "zeroed")
+    rewrite_tensors(zeroed, lambda t: [t[k].zero_() for k in t if ".layers.0." in k])
+    engine.register_adapter("zeroed", str(zeroed))
+    from inlaid.protocol import SamplingParams
+
+    sampling = SamplingParams(max_tokens=12, ignore_eos=True)
+    outputs = engine.generate(["The capital of France is"] * 2, sampling, ["excluded", "zeroed"])
+    assert outputs[0].token_ids == outputs[1].token_ids
+    half = copy_adapter(excluded, tmp_path, "half")
+    rewrite_tensors(half, lambda t: t.pop(next(k for k in sorted(t) if ".layers.1." in k and "lora_B" in k)))
+    with pytest.raises(AdapterError, match="LoRA tensors are missing"):
+        check_servable_adapter("half", str(half), model, 32)
