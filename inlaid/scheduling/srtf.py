@@ -23,8 +23,9 @@ count): a LoRA segment costs the CPU executor ~18 ms per step whatever its size
 (`bench/results/sched_cost.md`). With `batch_rows_target` = R, each step takes only as
 many adapters (at most β) as the R most urgent requests (shortest first, not the grouped
 order: a flood of one adapter's requests must not leave out the adapter of a shorter one)
-need: two adapters with deep queues make a step of two fuller segments, while with 1,000
-tasks, one request each, the step still takes β. An adapter past the β-th is never refused forever: its
+need, and those R requests rank first, the rest grouped behind them: two adapters with
+deep queues make a step of two fuller segments, while with 1,000 tasks, one request each,
+the step still takes β. An adapter past the β-th is never refused forever: its
 request becomes overdue, ranks first, and its adapter enters the next step.
 
 With `fairness_bound` = B > 0 fairness comes before all of that: a request that would take
@@ -164,11 +165,17 @@ class InlaidPolicy(SchedulingPolicy):
         keys = {id(s): self._key(s, now) for s in rest}
         rest.sort(key=lambda s: keys[id(s)])  # shortest first
         head = overdue + fresh + ongoing
-        # With the row target, the adapters of the R most urgent requests lead the grouped
-        # ranking: the scheduler takes the first adapters it meets there (as many as
-        # `_adapters_to_fill` counts below), so they must be these ones.
-        urgent = self._urgent_adapters(head + rest) if self.options.batch_rows_target else set()
-        ranked = head + (self._grouped(rest, keys, urgent) if self.options.group_by_adapter else rest)
+        # With the row target, the R most urgent requests come first, shortest first, then
+        # the rest grouped with their adapters leading: the scheduler takes the first
+        # adapters it meets (as many as `_adapters_to_fill` counts below), so they must be
+        # these, and seats go to the most urgent requests before a flood's group (with four
+        # seats, a rare task's 8-token request waited 6-7 s behind a flood's on a live server).
+        if self.options.batch_rows_target and self.options.group_by_adapter:
+            top = max(0, self.options.batch_rows_target - len(head))
+            urgent = self._urgent_adapters(head + rest)
+            ranked = head + rest[:top] + self._grouped(rest[top:], keys, urgent)
+        else:
+            ranked = head + (self._grouped(rest, keys, set()) if self.options.group_by_adapter else rest)
         self.plannable = None
         if self.service is not None:
             ranked, self.plannable = self._within_fairness_bound(ranked)
