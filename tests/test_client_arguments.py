@@ -140,7 +140,7 @@ def _over_http(messages: list[Any]) -> list[ChatMessage] | str | None:
     """The front's messages, or the param its 400 names."""
     body = json.dumps({"model": "m", "messages": messages}).encode()
     try:
-        return chat_call(msgspec.json.decode(body, type=ChatCompletionRequest), "m", 64).prompts[0]["messages"]
+        return chat_call(msgspec.json.decode(body, type=ChatCompletionRequest), "m").prompts[0]["messages"]
     except msgspec.MsgspecError as error:
         return from_decode_error(error).param
     except ApiError as error:
