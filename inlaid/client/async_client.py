@@ -202,20 +202,39 @@ class AsyncClient:
         except zmq.ZMQError:
             pass
 
-    async def _ensure_handshake(self, timeout_s: float | None) -> None:
-        if self.server is not None:
-            return
-        if self._handshake_lock is None:
-            self._handshake_lock = asyncio.Lock()
-        async with self._handshake_lock:  # many first calls at once: one hello
-            if self.server is None:
-                await self.handshake(timeout_s)
+    async def _ensure_handshake(self, deadline: float) -> float:
+        """Greet the server once (many first calls at once: one hello), within the call's
+        `deadline` (the loop's clock); the seconds left of it. The wait for another call's
+        hello counts: each call queued behind a hello to no server waited its own whole
+        timeout after the previous one's, so four calls of 5 s failed at 5, 10, 15, 20 s."""
+        loop = asyncio.get_running_loop()
+        if self.server is None:
+            if self._handshake_lock is None:
+                self._handshake_lock = asyncio.Lock()
+            try:
+                await asyncio.wait_for(self._handshake_lock.acquire(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise RequestTimeoutError(f"no answer from {self.address} in time") from None
+            try:
+                if self.server is None:
+                    await self.handshake(self._left(deadline))
+            finally:
+                self._handshake_lock.release()
+        return self._left(deadline)
+
+    def _left(self, deadline: float) -> float:
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise RequestTimeoutError(f"no answer from {self.address} in time")
+        return left
 
     async def _call(self, message: Any, kind: type[Any], timeout_s: float | None = None) -> Any:
+        wait_s = call_timeout(timeout_s, self.timeout_s)
+        deadline = asyncio.get_running_loop().time() + wait_s
         frame = encode(message)  # a request msgpack cannot carry fails before the handshake
         self._check_connection()  # a server restarted unnoticed is greeted again
-        await self._ensure_handshake(timeout_s)
-        return expect(await self._roundtrip(message, timeout_s, frame), kind)
+        left = await self._ensure_handshake(deadline)
+        return expect(await self._roundtrip(message, left, frame), kind)
 
     # ------------------------------------------------------------------ API
     async def generate(
@@ -274,7 +293,7 @@ class AsyncClient:
         wait_s = call_timeout(timeout_s, self.timeout_s)
         frame = encode(message)
         self._check_connection()
-        await self._ensure_handshake(timeout_s)
+        await self._ensure_handshake(asyncio.get_running_loop().time() + wait_s)
         self._queues[message.request_id] = asyncio.Queue()
         await self._send(frame)
         return AsyncTokenStream(self, message.request_id, wait_s)

@@ -59,12 +59,25 @@ class Front:
         self._hello_lock = asyncio.Lock()
 
     async def server(self) -> HelloReply:
-        """The server's hello (model name, context length), asked once per connection."""
-        async with self._hello_lock:
+        """The server's hello (model name, context length), asked once per connection. A
+        request waits for it (another request's hello included) at most the hello's bound,
+        not that bound once per request queued ahead of it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(self.config.request_timeout_s, 30.0)
+        try:
+            await asyncio.wait_for(self._hello_lock.acquire(), deadline - loop.time())
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(f"no answer from the server at {self.address} in time") from None
+        try:
             if self.client.server is None:
-                await self.client.handshake(timeout_s=min(self.config.request_timeout_s, 30.0))
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise RequestTimeoutError(f"no answer from the server at {self.address} in time")
+                await self.client.handshake(timeout_s=left)
             assert self.client.server is not None
             return self.client.server
+        finally:
+            self._hello_lock.release()
 
     def admin_client(self, request: Request) -> Any:
         """A client carrying the caller's Bearer token: the server alone decides on it."""
