@@ -70,6 +70,31 @@ def test_a_waiting_request_moves_between_engines_and_keeps_its_id(model_dir) -> 
     assert plan is not None and sorted(c.seq_id for c in plan.chunks) == [2, 3] and plan.adapter_loads[0].name == "qa"
 
 
+def test_waiting_requests_leave_an_executor_whose_step_runs_past_overdue_s(model_dir) -> None:
+    """A hung or stopped executor is up until the step timeout kills it: an outside probe saw
+    requests wait 10-12 s on a SIGSTOPped one (overdue_s 5) while the other served. A step
+    running past overdue_s now counts as not ready, and its waiting requests move."""
+    import time
+    from types import SimpleNamespace
+
+    from inlaid.scheduling.registry import make_policy
+    from inlaid.serve.executor_pool import ExecutorPool
+    from inlaid.serve.requests import ActiveRequest
+
+    pool = ExecutorPool(_config(model_dir, count=2, overdue_s=2.0), lambda: make_policy("fifo"))
+    first, _ = pool.engines
+    pool.shards[0].supervisor = pool.shards[1].supervisor = _Ready()  # type: ignore[assignment]
+    first.add_request([1, 2, 3], sampling=SamplingParams(max_tokens=4), request_id="r0")
+    requests = {"r0": ActiveRequest(key=(b"c", "r0"), engine_id="r0", seq_id=first.sequence("r0").seq_id, task=None,
+                                    stream=False, num_prompt_tokens=3)}
+    loop = SimpleNamespace(executing_since=time.monotonic(), work=SimpleNamespace(set=lambda: None))
+    pool.shards[0].step_loop = loop  # type: ignore[assignment]
+    assert pool.rebalance(requests) == []  # a step just sent: r0 waits where it can run
+    loop.executing_since = time.monotonic() - 3.0  # the step has run past overdue_s
+    assert [(m.key, m.source, m.target) for m in pool.rebalance(requests)] == [("r0", 0, 1)]
+    assert requests["r0"].executor == 1
+
+
 class _Ready:
     """A supervisor whose executor is up (the pool reads only `ready`)."""
 

@@ -139,8 +139,13 @@ class ExecutorPool:
                               blocks=self._blocks(shard.engine, len(seq.token_ids)),
                               waited_s=now - requests[engine_ids[seq.seq_id]].received_at)
                        for seq in scheduler.waiting if seq.seq_id in engine_ids]  # fmt: skip
+            # A step running past overdue_s (a hung or stopped executor, until the step timeout
+            # kills it) counts as not ready: its waiting requests move to one that steps (an
+            # outside probe: 10-12 s waits behind a SIGSTOPped executor, overdue_s 5).
+            since = shard.step_loop.executing_since if shard.step_loop is not None else None
+            stalled = since is not None and now - since > self.overdue_s
             loads.append(ExecutorLoad(
-                index=shard.index, ready=shard.ready, max_seqs=scheduler.limits.max_num_seqs,
+                index=shard.index, ready=shard.ready and not stalled, max_seqs=scheduler.limits.max_num_seqs,
                 free_blocks=scheduler.blocks.num_free_blocks, running=len(scheduler.running), waiting=waiting,
                 tasks=frozenset(resident | {s.adapter for s in scheduler.running if s.adapter is not None}),
                 free_slots=adapters.num_slots - len(resident),

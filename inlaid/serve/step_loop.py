@@ -64,6 +64,9 @@ class StepLoop:
         # The coordinator's own time between a result and the next plan (apply the result,
         # stream text, plan), measured only across back-to-back steps.
         self.step_gaps: deque[float] = deque(maxlen=256)
+        # When the plan now on the executor was sent (time.monotonic); None between steps.
+        # Placement takes an executor whose step has run past `overdue_s` for stalled.
+        self.executing_since: float | None = None
 
     async def run(self) -> None:
         last_result_at: float | None = None
@@ -102,6 +105,7 @@ class StepLoop:
                 assert self._swaps is not None
                 plan = msgspec.structs.replace(plan, layer_swaps=self._swaps.take_swaps())
             self._on_plan(plan)
+            self.executing_since = time.monotonic()
             try:
                 result = await self.supervisor.execute(plan)
             except ExecutorLostError:
@@ -116,6 +120,8 @@ class StepLoop:
                 log.exception("internal error in the step loop", extra={"step_id": plan.step_id})
                 await self._after_internal_error()
                 continue
+            finally:
+                self.executing_since = None
             last_result_at = time.perf_counter()
             self._counters["steps"] += 1
             try:
