@@ -165,14 +165,15 @@ class InlaidPolicy(SchedulingPolicy):
         keys = {id(s): self._key(s, now) for s in rest}
         rest.sort(key=lambda s: keys[id(s)])  # shortest first
         head = overdue + fresh + ongoing
-        # With the row target, the R most urgent requests come first, shortest first, then
-        # the rest grouped with their adapters leading: the scheduler takes the first
-        # adapters it meets (as many as `_adapters_to_fill` counts below), so they must be
-        # these, and seats go to the most urgent requests before a flood's group (with four
-        # seats, a rare task's 8-token request waited 6-7 s behind a flood's on a live server).
+        # With the row target, a step takes the adapters of the R most urgent requests (an
+        # adapter's flood of requests must not leave out the adapter of a shorter one). Those
+        # R requests come first, shortest first, then the rest grouped with these adapters
+        # leading: the scheduler takes the first adapters it meets, so they must be these, and
+        # seats go to the most urgent requests before a flood's group (with four seats, a rare
+        # task's 8-token request waited 6-7 s behind a flood's on a live server).
+        urgent = self._urgent_adapters(head + rest) if self.options.batch_rows_target else set()
         if self.options.batch_rows_target and self.options.group_by_adapter:
             top = max(0, self.options.batch_rows_target - len(head))
-            urgent = self._urgent_adapters(head + rest)
             ranked = head + rest[:top] + self._grouped(rest[top:], keys, urgent)
         else:
             ranked = head + (self._grouped(rest, keys, set()) if self.options.group_by_adapter else rest)
@@ -180,18 +181,16 @@ class InlaidPolicy(SchedulingPolicy):
         if self.service is not None:
             ranked, self.plannable = self._within_fairness_bound(ranked)
         if self.options.batch_rows_target:
-            # Rows counted in shortest-first order, not in the grouped order: an adapter with
-            # one of the R most urgent requests is never left out because another adapter's
-            # group (a flood of requests) alone fills R rows.
-            shortest_first = head + rest
-            if self.plannable is not None:  # the fairness bound holds some back this step
+            if self.plannable is not None:  # the fairness bound holds some back: count what this step plans
                 plannable = {id(s) for s in ranked[: self.plannable]}
-                shortest_first = [s for s in shortest_first if id(s) in plannable]
-            self.max_adapters_per_step = self._adapters_to_fill(shortest_first)
+                urgent = self._urgent_adapters([s for s in head + rest if id(s) in plannable])
+            self.max_adapters_per_step = len(urgent) or (self.options.max_adapters_per_step or None)
         return ranked
 
     def _urgent_adapters(self, shortest_first: list[Sequence]) -> set[str]:
-        """The adapters of the `batch_rows_target` most urgent requests (at most β)."""
+        """The adapters of the `batch_rows_target` most urgent requests (base rows count as
+        rows, not adapters), at most β: fewer, fuller LoRA segments when a few adapters have
+        the queue, β when every adapter brings a row."""
         beta = self.options.max_adapters_per_step or None
         adapters: set[str] = set()
         for seq in shortest_first[: self.options.batch_rows_target]:
@@ -200,23 +199,6 @@ class InlaidPolicy(SchedulingPolicy):
                     break
                 adapters.add(seq.adapter)
         return adapters
-
-    def _adapters_to_fill(self, ranked: list[Sequence]) -> int | None:
-        """The fewest adapters whose requests, in ranking order, fill `batch_rows_target`
-        rows (base rows count as rows, not adapters), at most β: fewer, fuller LoRA
-        segments when a few adapters have the queue, β when every adapter brings a row."""
-        beta = self.options.max_adapters_per_step or None
-        adapters: set[str] = set()
-        rows = 0
-        for seq in ranked:
-            if seq.adapter is not None and seq.adapter not in adapters:
-                if beta is not None and len(adapters) >= beta:
-                    break
-                adapters.add(seq.adapter)
-            rows += 1
-            if rows >= self.options.batch_rows_target:
-                break
-        return max(1, len(adapters)) if adapters else beta
 
     def _within_fairness_bound(self, ranked: list[Sequence]) -> tuple[list[Sequence], int]:
         """The ranking with every request that would take its task more than
