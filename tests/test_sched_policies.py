@@ -3,9 +3,9 @@
 Invariants checked on every planned step, for every policy: the step's limits (sequences,
 tokens, β distinct adapters, slots), KV blocks never shared or exceeded, every request
 finishes with exactly its output; then the scenarios peers got wrong (one adapter per
-batch starving B in A,B,A,A..., N adapters + a base row past the cap), the aging bound
-against plain SRTF's starvation, fairness bounds, MLFQ's pausing, and shortest-first
-order against a hand-computed schedule.
+batch starving B in A,B,A,A..., N adapters + a base row past the cap), MLFQ's pausing,
+and shortest-first order against a hand-computed schedule. The aging and fairness bounds
+are in test_sched_policies_bounds.py.
 """
 
 from __future__ import annotations
@@ -193,57 +193,11 @@ def test_beta_adapters_plus_base_rows_never_deadlock():
         assert first_step.adapters == beta and first_step.num_seqs == beta + 1  # the base row rides along
 
 
-def _srtf_starvation_trace() -> Trace:
-    # Two seats; for 12 s short requests arrive faster than the seats clear them, so
-    # shortest-first alone admits the two long requests only when the short stream ends.
-    requests = [(0.2, "long", 30, 40), (0.21, "long", 30, 40)]
-    requests += [(0.03 * i, "short", 30, 3) for i in range(400)]
-    return _trace(sorted(requests))
-
-
-def _idle(record) -> float:
-    """The longest time a request made no progress: before it was first scheduled, or
-    between two of its tokens (paused)."""
-    return max(record.wait_s, record.max_stall_s)
-
-
 def _known_lengths(lengths: dict[str, int]) -> TaskMeanPredictor:
     model = TaskMeanPredictor()
     for task, n in lengths.items():
         model.observe(task, [], n)
     return model
-
-
-def test_aging_bounds_the_wait_that_srtf_alone_would_starve():
-    trace = _srtf_starvation_trace()
-    shape = EngineShape(max_num_seqs=2)
-    model = _known_lengths({"long": 40, "short": 3})
-    max_wait = 2.0
-    aged = simulate(trace, make_policy("inlaid", {"max_wait_s": max_wait}, length_model=model), COST, shape)
-    unaged = simulate(trace, make_policy("inlaid", {"max_wait_s": 1e6}, length_model=model), COST, shape)
-    _check_outputs(trace, aged)
-    _check_outputs(trace, unaged)
-    # Once overdue, a long request waits at most for the running work ahead of it to finish.
-    drain = max(s.seconds for s in aged.steps) * (40 + 2)
-    longs = [i for i, r in enumerate(trace.requests) if r.task == "long"]
-    assert max(_idle(aged.requests[i]) for i in longs) <= max_wait + drain
-    assert min(_idle(unaged.requests[i]) for i in longs) > 2 * (max_wait + drain), "SRTF alone must starve here"
-
-
-@pytest.mark.parametrize("seed", [4, 5])
-def test_aging_keeps_the_longest_wait_within_fifos_plus_the_bound(seed):
-    """Bursty traffic below capacity: no request waits longer under `inlaid` than the
-    longest FIFO wait plus max_wait_s plus one drain of the running batch."""
-    shape = EngineShape(max_num_seqs=6, max_lora_slots=4)
-    trace = generate_trace(TraceSpec(rate=4.0, num_requests=300, cv=4.0, num_tasks=8, seed=seed), _records(seed))
-    max_wait = 3.0
-    inlaid = simulate(trace, make_policy("inlaid", {"max_wait_s": max_wait, "max_adapters_per_step": 2,
-                                                    "predictor": "task-mean"}), COST, shape)
-    fifo = simulate(trace, make_policy("fifo"), COST, shape)
-    drain = max(s.seconds for s in inlaid.steps) * (max(FAMILIES[f][2] for f in FAMILIES) + 2)
-    fifo_idle = max(_idle(r) for r in fifo.requests)
-    assert fifo_idle > 1.0, "the trace must queue"
-    assert max(_idle(r) for r in inlaid.requests) <= fifo_idle + max_wait + drain
 
 
 def test_shortest_first_matches_a_hand_computed_schedule():
@@ -279,63 +233,6 @@ def test_overrun_prediction_is_reranked_not_starved():
     assert estimates[4] == 4 and estimates[8] == 8  # exceeded: the predicted total doubles
     seq.token_ids.extend([7] * 55)  # 95 generated: the budget caps the estimate
     assert remaining_tokens(seq) == 5
-
-
-def test_fairness_bounds_hold_where_fifo_and_srtf_let_a_task_fall_behind():
-    # Task "heavy" floods the queue with cheap requests; "light" sends few long ones.
-    requests = [(0.02 * i, "heavy", 40, 4) for i in range(500)]
-    requests += [(0.5 * i, "light", 40, 40) for i in range(20)]
-    trace = _trace(sorted(requests))
-    shape = EngineShape(max_num_seqs=4)
-    model = _known_lengths({"heavy": 4, "light": 40})
-    bound = 600.0
-    gaps = {}
-    for label, name, options in [("fifo", "fifo", {}), ("vtc", "vtc", {}),
-                                 ("srtf", "inlaid", {"max_wait_s": 1e6}),
-                                 ("fair", "inlaid", {"max_wait_s": 1e6, "fairness_bound": bound})]:
-        result = simulate(trace, make_policy(name, options, length_model=model if name == "inlaid" else None), COST, shape)
-        _check_outputs(trace, result)
-        gaps[label] = result.service_gap
-    largest_request = 40 + 2 * 40
-    assert gaps["vtc"] <= 2 * largest_request * shape.max_num_seqs
-    assert gaps["fair"] <= bound + 2 * largest_request * shape.max_num_seqs
-    assert gaps["srtf"] > 2 * gaps["fair"]
-
-
-@pytest.mark.parametrize("seed", [4, 5, 6])
-def test_fairness_bound_holds_at_every_step_on_randomized_traces(seed):
-    """With fairness_bound = B the VTC counters of any two backlogged tasks never differ by
-    more than B + one request's charge (its prompt + one output token), at every step,
-    whatever the arrivals, popularity, β, overdue requests and first-token rule do; and
-    every request still finishes."""
-    rng = random.Random(seed)
-    shape = EngineShape(max_num_seqs=rng.choice([4, 8]), max_num_batched_tokens=rng.choice([128, 512]), block_size=8,
-                        num_kv_blocks=rng.choice([160, 400]), max_lora_slots=rng.choice([2, 4]))
-    spec = TraceSpec(rate=rng.choice([4.0, 8.0]), num_requests=160, cv=rng.choice([1.0, 4.0]), num_tasks=rng.choice([3, 8]),
-                     popularity=rng.choice(["uniform", "zipf"]), alpha=1.2, base_fraction=0.2, seed=seed)
-    trace = generate_trace(spec, _records(seed))
-    bound = rng.choice([100.0, 400.0])
-    slack = max(r.prompt_tokens for r in trace.requests) + 2.0
-    policy = make_policy("inlaid", {"fairness_bound": bound, "max_adapters_per_step": 2, "max_wait_s": 2.0,
-                                    "first_token_after_s": 0.2, "predictor": "task-mean"})
-    gaps: list[float] = []
-    result = simulate(trace, policy, COST, shape, on_plan=lambda plan, scheduler: gaps.append(_counter_gap(scheduler)))
-    _check_outputs(trace, result)
-    assert gaps and max(gaps) <= bound + slack
-    # The bound binds: with an unreachable bound (counters kept, nothing held back) the
-    # same trace lets a task run further ahead.
-    unbounded = make_policy("inlaid", {"fairness_bound": 1e12, "max_adapters_per_step": 2, "max_wait_s": 2.0,
-                                       "first_token_after_s": 0.2, "predictor": "task-mean"})
-    free_gaps: list[float] = []
-    simulate(trace, unbounded, COST, shape, on_plan=lambda plan, scheduler: free_gaps.append(_counter_gap(scheduler)))
-    assert max(free_gaps) > bound + slack
-
-
-def _counter_gap(scheduler: Scheduler) -> float:
-    """The largest difference between the policy's VTC counters of two backlogged tasks."""
-    service = scheduler.policy.service
-    counters = [service.counter(t) for t in service.backlogged()]
-    return max(counters) - min(counters) if len(counters) > 1 else 0.0
 
 
 @pytest.mark.parametrize("target, beta, expected", [(10, 8, 1), (12, 8, 2), (16, 8, 3), (16, 2, 2), (0, 8, 8)])

@@ -2,8 +2,9 @@
 loopback port, driven through the SDK and through raw sockets.
 
 Every answer is compared with the in-process engine's greedy answer for the same prompt
-and task, computed in this module. One server serves the whole module; the executor-kill
-and SIGTERM tests come last because they change its state.
+and task (serve_harness.py). One server serves the whole module; the tests that change its
+state (back pressure, executor kill, SIGTERM) are in test_serve_server_faults.py, on a
+server of their own.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,92 +27,14 @@ from inlaid.client import (
     AsyncClient,
     ContextLengthError,
     DeadlineExceededError,
-    ExecutorFailedError,
     FrameTooLargeError,
     InvalidRequestError,
-    OverloadedError,
-    ShuttingDownError,
     UnauthorizedError,
     UnknownTaskError,
 )
-from inlaid.protocol import PROTOCOL_VERSION, ErrorReply, GenerateDone, Hello, ServerReply
-from inlaid.serve.launcher import ServerProcess
-from serving_helpers import signal_process
-
-PROMPTS = [
-    "The capital of France is",
-    "Write a haiku about rain.",
-    "def add(a, b):",
-    "List three fruits:",
-    "Q: What is 3 + 4?\nA:",
-    "Hello, my name is",
-    "The sky is blue because",
-    "Translate to French: good morning",
-    "Once upon a time",
-    "import numpy as",
-    "The best way to learn is",
-    "Name a planet:",
-    "2, 4, 6, 8,",
-    "A cat and a dog",
-    "Summarize: the meeting moved to Monday.",
-    "My favourite colour is",
-    "Water boils at",
-    "The opposite of hot is",
-    "In the morning I",
-    "Python is a",
-]
-TASKS = [None, "attn-r8", "mlp-r16", "all-r32"]
-MAX_TOKENS = 8
-ADMIN_TOKEN = "test-admin-token-0123456789"
-MAX_PENDING = 240  # nine tenths (216) hold the 200-request test from one client
-MAX_MODEL_LEN = 512
-
-
-def _engine_settings(model_dir) -> dict:
-    return dict(model_dir=str(model_dir), dtype="float32", threads=1, max_num_seqs=64, num_kv_blocks=1024,
-                block_size=16, max_lora_slots=4, max_lora_rank=32, max_model_len=MAX_MODEL_LEN)
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, adapter_dirs, tmp_path_factory):
-    executor = {k: v for k, v in _engine_settings(model_dir).items() if k != "model_dir"}
-    config = {
-        "model": {"dir": str(model_dir)},
-        "executor": executor,
-        "server": {"admin_token": ADMIN_TOKEN, "max_pending_requests": MAX_PENDING, "shutdown_grace_s": 5.0,
-                   "log_format": "json"},
-        "tasks": {name: str(path) for name, path in adapter_dirs.items()},
-    }
-    process = ServerProcess(config, workdir=tmp_path_factory.mktemp("server"))
-    yield process
-    process.terminate()
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir, adapter_dirs):
-    """The in-process engine's greedy answers: (prompt, task) -> GenerationOutput."""
-    from inlaid.engine import Engine, EngineConfig, SamplingParams
-
-    engine = Engine.local(EngineConfig(**_engine_settings(model_dir)))
-    for name, path in adapter_dirs.items():
-        engine.register_adapter(name, str(path))
-    pairs = [(prompt, task) for prompt in PROMPTS for task in TASKS]
-    outputs = engine.generate([p for p, _ in pairs], SamplingParams(max_tokens=MAX_TOKENS), [t for _, t in pairs])
-    return dict(zip(pairs, outputs))
-
-
-@pytest.fixture(scope="module")
-def ready_server(server, reference):
-    # The reference is computed while the executor loads; then wait for it.
-    server.wait_ready(timeout_s=300)
-    return server
-
-
-def _assert_matches(result, expected, what: str) -> None:
-    assert isinstance(result, GenerateDone), f"{what}: {result!r}"
-    assert result.token_ids == expected.token_ids, f"{what}: tokens differ"
-    assert result.text == expected.text, f"{what}: text differs"
-    assert result.finish_reason == expected.finish_reason, what
+from inlaid.protocol import PROTOCOL_VERSION, ErrorReply, Hello, ServerReply
+from serve_harness import (MAX_MODEL_LEN, MAX_TOKENS, PROMPTS, TASKS, _assert_matches,  # noqa: F401
+                           ready_server, reference, server)  # (ready_server, reference, server: the module's fixtures)
 
 
 def test_200_concurrent_mixed_task_requests_match_the_engine(ready_server, reference):
@@ -335,96 +257,3 @@ def test_client_cli(ready_server, reference):
     assert done.returncode == 1 and "unknown_task" in done.stderr
     done = cli("add-task", "x", "/tmp")
     assert done.returncode == 1 and "unauthorized" in done.stderr
-
-
-def test_back_pressure_answers_overloaded(ready_server):
-    """A burst beyond max_pending_requests from one client: it is admitted up to the last
-    tenth of the limit, which the server keeps for other clients, and the rest of it gets
-    'overloaded'; another client's request is then admitted and answered, and a third
-    client's too, up to the limit itself. The admitted ones cannot finish while the burst
-    arrives (they ask for more tokens than the deadline lets them produce), so the counts do
-    not depend on speed. Before, one client's flood turned everyone else away."""
-    excess = 40
-    flood_share = MAX_PENDING - max(1, MAX_PENDING // 10)
-
-    async def run_burst():
-        async with AsyncClient(ready_server.address, timeout_s=600) as flooder, \
-                AsyncClient(ready_server.address, timeout_s=600) as other, \
-                AsyncClient(ready_server.address, timeout_s=600) as third:
-            burst = [asyncio.create_task(flooder.generate("Hi", max_tokens=MAX_MODEL_LEN - 16, ignore_eos=True,
-                                                          deadline_s=8.0))
-                     for _ in range(MAX_PENDING + excess)]
-            while (stats := await other.stats()).requests_running + stats.requests_waiting < flood_share:
-                await asyncio.sleep(0.01)
-            others = [asyncio.create_task(client.generate("Hi", max_tokens=2)) for client in (other, third)]
-            results = await asyncio.gather(*burst, return_exceptions=True)
-            return results, await asyncio.gather(*others), await flooder.generate("Hi", max_tokens=2)
-
-    results, others, after = asyncio.run(run_burst())
-    overloaded = [r for r in results if isinstance(r, OverloadedError)]
-    admitted = [r for r in results if isinstance(r, DeadlineExceededError)]
-    assert len(overloaded) == MAX_PENDING + excess - flood_share and len(admitted) == flood_share, [
-        r for r in results if not isinstance(r, (OverloadedError, DeadlineExceededError))][:3]
-    assert all("kept for other clients" in r.message for r in overloaded)
-    assert all(isinstance(done, GenerateDone) and done.token_ids for done in others)
-    assert isinstance(after, GenerateDone) and len(after.token_ids) >= 1  # and the server serves on
-
-
-def test_executor_killed_under_load_then_new_requests_succeed(ready_server, reference):
-    async def scenario():
-        async with AsyncClient(ready_server.address, timeout_s=300) as client:
-            await client.wait_ready(timeout_s=300)  # executor_pid is 0 while none is ready
-            before = await client.stats()
-            inflight = [asyncio.create_task(client.generate(PROMPTS[i], task=TASKS[i % 4], max_tokens=100,
-                                                            ignore_eos=True)) for i in range(12)]
-            for _ in range(1200):
-                await client.wait_ready(timeout_s=300)  # executor_pid is 0 while none is ready
-                stats = await client.stats()
-                if stats.tokens_generated >= before.tokens_generated + 12:
-                    break
-                await asyncio.sleep(0.05)
-            signal_process(stats.executor_pid, signal.SIGKILL)
-            outcomes = await asyncio.gather(*inflight, return_exceptions=True)
-            await client.wait_ready(timeout_s=300)
-            after = [await client.generate(PROMPTS[i], task=TASKS[i % 4], max_tokens=MAX_TOKENS) for i in range(4)]
-            return before, outcomes, after, await client.stats()
-
-    before, outcomes, after, stats = asyncio.run(scenario())
-    failed = [o for o in outcomes if isinstance(o, ExecutorFailedError)]
-    assert failed, outcomes
-    assert all(isinstance(o, (ExecutorFailedError, GenerateDone)) for o in outcomes), outcomes
-    assert "executor" in str(failed[0]) and "died" in str(failed[0])
-    for i, result in enumerate(after):
-        _assert_matches(result, reference[(PROMPTS[i], TASKS[i % 4])], "after the executor restart")
-    assert stats.executor_restarts == before.executor_restarts + 1
-    assert stats.executor_pid != before.executor_pid
-    assert stats.kv_blocks_free == stats.kv_blocks_total
-
-
-def test_sigterm_finishes_short_requests_fails_long_ones_and_exits_0(ready_server):
-    async def scenario():
-        async with AsyncClient(ready_server.address, timeout_s=120) as client:
-            # Short: at most 2 more steps once running; long: ~400 steps, far beyond the 5 s grace.
-            short = [asyncio.create_task(client.generate(PROMPTS[i], max_tokens=2, ignore_eos=True)) for i in range(3)]
-            long = [asyncio.create_task(client.generate(PROMPTS[i], max_tokens=400, ignore_eos=True))
-                    for i in range(3, 5)]
-            for _ in range(600):
-                if (await client.stats()).requests_running == 5:
-                    break
-                await asyncio.sleep(0.02)
-            ready_server.process.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
-            try:
-                late = await client.generate("too late", max_tokens=2, timeout_s=5)
-            except Exception as error:  # noqa: BLE001 - the type is the assertion
-                late = error
-            return (await asyncio.gather(*short, return_exceptions=True),
-                    await asyncio.gather(*long, return_exceptions=True), late)
-
-    short, long, late = asyncio.run(scenario())
-    assert all(isinstance(r, GenerateDone) for r in short), short
-    assert all(isinstance(r, ShuttingDownError) for r in long), long
-    assert isinstance(late, ShuttingDownError), late
-    # A hung shutdown ends by the coordinator's watchdog (exit 1, every thread's stack logged).
-    assert ready_server.process.wait(60) == 0, ready_server.logs()[-6000:]
-    assert '"coordinator stopped"' in ready_server.logs()
