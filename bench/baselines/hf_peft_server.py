@@ -17,10 +17,10 @@ every core this process may use) and one inter-op thread -- the baseline runs al
 the machine in the benchmarks, beside only the replay client, which does no arithmetic.
 
 Two threads: the front thread owns the socket (decodes, validates, tokenizes, queues,
-answers, enforces deadlines and cancels); the worker thread loads the model and runs
-batches, handing finished replies back through an inproc socket. Requests are accepted
-and queued while the model loads (health says "starting"), as `inlaid serve` does while
-its executor starts.
+answers, enforces deadlines and cancels); the worker thread (hf_peft_worker.py) loads the
+model and runs batches, handing finished replies back through an inproc socket. Requests
+are accepted and queued while the model loads (health says "starting"), as `inlaid serve`
+does while its executor starts.
 """
 
 from __future__ import annotations
@@ -34,58 +34,28 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import msgspec
 import zmq
 
 from inlaid.protocol import (
     PROTOCOL_VERSION, AddTask, AdminReply, Cancel, ErrorCode, ErrorReply, Generate, GenerateDone, GetStats,
-    Health, HealthReply, Hello, HelloReply, ListTasks, RemoveTask, ServerStats, TaskInfo, TaskList, TextChunk,
+    Health, HealthReply, Hello, HelloReply, ListTasks, RemoveTask, ServerStats, TaskInfo, TaskList,
 )
 from inlaid.serve.config import ConfigError, ServerConfig, load_config
 from inlaid.serve.frames import decode_client_frames
 from inlaid.serve.logs import setup_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_peft_batch import BatchRow, BatchTiming, HfPeftModel, PromptEncoder, sampling_key  # noqa: E402  (this folder is no package)
+from hf_peft_batch import HfPeftModel, PromptEncoder  # noqa: E402  (this folder is no package)
+from hf_peft_worker import _RESULTS_ADDRESS, BatchWorker, Counters, Pending  # noqa: E402
 
 log = logging.getLogger("inlaid.baseline")
 SERVER_VERSION = "hf-peft-baseline"
-_RESULTS_ADDRESS = "inproc://baseline-results"
 
 
-@dataclass
-class Pending:
-    identity: bytes
-    message: Generate
-    prompt_ids: list[int]
-    received_at: float = field(default_factory=time.monotonic)
-    scheduled_at: float | None = None
-    running: bool = False
-    answered: bool = False  # its one final reply is sent (or owed by the front thread): drop any later result
-
-    @property
-    def key(self) -> tuple[bytes, str]:
-        return (self.identity, self.message.request_id)
-
-
-@dataclass
-class Counters:
-    received: int = 0
-    finished: int = 0
-    failed: int = 0
-    overloaded: int = 0
-    batches: int = 0
-    forward_passes: int = 0
-    tokens: int = 0
-    batch_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=256))
-    passes: deque[int] = field(default_factory=lambda: deque(maxlen=256))
-
-
-class BaselineServer:
+class BaselineServer(BatchWorker):
     def __init__(self, config: ServerConfig) -> None:
         if config.engine.quantized_dir:
             raise ConfigError("the transformers + PEFT baseline serves the float base only (no [model] quantized_dir)")
@@ -305,85 +275,6 @@ class BaselineServer:
             executor_pid=os.getpid(), executor_restarts=0, executor_rss_bytes=rss, executor_device_memory_allocated=0,
             mean_step_seconds=step, mean_compute_seconds=step, mean_step_gap_seconds=0.0,
         )
-
-    # ================================================================== worker thread
-    def _worker(self) -> None:
-        import torch
-
-        from inlaid.engine.runner import resolve_dtype
-
-        engine = self.config.engine
-        try:
-            model = HfPeftModel(engine.model_dir, self.config.tasks, engine.device,
-                                resolve_dtype(engine.dtype, torch.device(engine.device)), self.encoder)
-        except Exception as error:  # a bad model or adapter directory: the front thread exits with 1
-            self.load_error = f"{type(error).__name__}: {error}"
-            return
-        self.model = model
-        log.info("baseline model ready", extra={"device": engine.device, "threads": torch.get_num_threads(),
-                                                "batch_cap": engine.max_num_seqs})
-        out = self.context.socket(zmq.PUSH)
-        out.connect(_RESULTS_ADDRESS)
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                out.close()
-                return
-            rows = [BatchRow(prompt_ids=p.prompt_ids, task=p.message.task, sampling=p.message.sampling,
-                             is_abandoned=lambda p=p: p.answered or self.stopping) for p in batch]
-            try:
-                timing = model.run(rows)
-            except Exception as error:  # reported to the batch's requests; the server keeps serving
-                log.exception("batch failed", extra={"size": len(batch)})
-                reason = f"{type(error).__name__}: {error}"
-                self._settle(batch, out, lambda _, p: self._failure(p, ErrorCode.INTERNAL, reason))
-                continue
-            with self.lock:
-                self.counters.batches += 1
-                self.counters.forward_passes += timing.forward_passes
-                self.counters.batch_seconds.append(time.monotonic() - timing.started)
-                self.counters.passes.append(timing.forward_passes)
-            self._settle(batch, out, lambda index, p: self._answers(p, rows[index], timing))
-
-    def _next_batch(self) -> list[Pending] | None:
-        """The requests waiting now that share the first one's way of sampling, up to the cap."""
-        with self.lock:
-            while not self.waiting and not self.stopping:
-                self.lock.wait()
-            if self.stopping:
-                return None
-            key = sampling_key(self.waiting[0].message.sampling)
-            batch = [p for p in self.waiting if sampling_key(p.message.sampling) == key][: self.config.engine.max_num_seqs]
-            now = time.monotonic()
-            for pending in batch:
-                self.waiting.remove(pending)
-                pending.running, pending.scheduled_at = True, now
-            return batch
-
-    def _answers(self, pending: Pending, row: BatchRow, timing: BatchTiming) -> list[msgspec.Struct]:
-        """A finished row's replies: the whole text as one chunk when streamed, then the result."""
-        self.counters.tokens += len(row.token_ids)
-        messages: list[msgspec.Struct] = []
-        if pending.message.stream and (row.text or row.token_ids):
-            messages.append(TextChunk(request_id=pending.message.request_id, text=row.text, token_ids=list(row.token_ids)))
-        messages.append(self._done(pending, row.token_ids, row.text, row.finish_reason, timing.first_token_at))
-        return messages
-
-    def _settle(self, batch: list[Pending], out: zmq.Socket,
-                replies_of: Callable[[int, Pending], list[msgspec.Struct]]) -> None:
-        """Send every request of a finished batch its replies, unless it was answered while it
-        ran (cancelled, past its deadline, shut down)."""
-        frames = []
-        with self.lock:
-            for index, pending in enumerate(batch):
-                if pending.answered:
-                    continue
-                pending.answered = True
-                self.requests.pop(pending.key, None)
-                frames += [[pending.identity, self._encoder.encode(m)] for m in replies_of(index, pending)]
-        for frame in frames:
-            out.send_multipart(frame)
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="transformers + PEFT baseline server (Inlaid's protocol)")

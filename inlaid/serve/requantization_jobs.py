@@ -9,13 +9,13 @@ file swaps on its first plan, so what is served and what is recorded never diver
 
 A requantizer that dies, or hangs and is killed (its supervisor's `_liveness`; a cancel it
 does not take up, `cancel`), is restarted and its job resumes at the first uncommitted
-layer; `max_attempts` losses in one job fail the task.
+layer; `max_attempts` losses in one job fail the task. The executors' side of the
+handover (the live swap, the layers to restore) is `layer_swaps.LayerSwaps`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import shutil
@@ -23,7 +23,6 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -33,17 +32,16 @@ from inlaid.protocol import (
     CancelJob,
     JobFinished,
     LayerCommitted,
-    LayerHandle,
     LayerReady,
     LayerSwap,
-    LayerSwapResult,
     RequantizeJob,
     RequantizerHello,
 )
 from inlaid.serve.config import ServerConfig
+from inlaid.serve.layer_swaps import LayerSwaps, _LiveSwap
 from inlaid.serve.requantizer_supervisor import RequantizerSupervisor
 from inlaid.serve.task_store import (
-    FAILED, READY, REQUANTIZING, CommittedLayer, Decision, TaskRecord, TaskStore, layer_digest,
+    FAILED, READY, REQUANTIZING, Decision, TaskRecord, TaskStore, layer_digest,
 )
 
 log = logging.getLogger("inlaid.requantization")
@@ -62,24 +60,7 @@ def job_id(record: TaskRecord) -> str:
     return f"{record.name}@v{record.version}"
 
 
-@dataclass
-class _LiveSwap:
-    swap: LayerSwap
-    file: str
-    job_id: str
-    sent_to: set[int] = field(default_factory=set)  # executors with it in a plan, the result not yet back
-    results: dict[int, LayerSwapResult] = field(default_factory=dict)  # executor -> its answer
-    # The file's sha256, computed in a worker thread while the executors swap the layer in
-    # (hashing on the event loop would stall every stream for as long).
-    digest: asyncio.Future[str] | None = None
-
-    @property
-    def reached(self) -> bool:
-        """Some executor has it (or had it in a plan)."""
-        return bool(self.sent_to or self.results)
-
-
-class RequantizationJobs:
+class RequantizationJobs(LayerSwaps):
     """`store` None: no state directory, so no job and nothing to restore."""
 
     def __init__(self, config: ServerConfig, store: TaskStore | None, num_layers: int,
@@ -182,87 +163,6 @@ class RequantizationJobs:
     def _cancel_taken_up(self) -> None:
         self._cancelling = None
         self._later(self._dispatch())
-
-    # ------------------------------------------------------------------ the executor's side
-    def _committed_swaps(self) -> dict[int, LayerSwap]:
-        """Every committed layer as a file swap: what a fresh executor lacks."""
-        if self.store is None:
-            return {}
-        return {layer: LayerSwap(layer=layer, version=entry.version, handle=LayerHandle(transport="file", name=entry.file))
-                for layer, entry in self.store.layers.items()}
-
-    def for_executor(self, executor: int) -> "ExecutorSwaps":
-        return ExecutorSwaps(self, executor)
-
-    def has_swaps(self, executor: int = 0) -> bool:
-        live = self._live
-        return bool(self._restore[executor]) or (
-            live is not None and executor not in live.sent_to and executor not in live.results)
-
-    def next_swap_step_id(self) -> int:
-        return next(self._swap_step_ids)
-
-    def take_swaps(self, executor: int = 0) -> list[LayerSwap]:
-        """The swaps for the executor's next plan: committed layers it lacks, then the live one."""
-        restore = self._restore[executor]
-        swaps = [restore[layer] for layer in sorted(restore)]
-        restore.clear()
-        live = self._live
-        if live is not None and executor not in live.sent_to and executor not in live.results:
-            swaps.append(live.swap)
-            live.sent_to.add(executor)
-        return swaps
-
-    def on_executor_lost(self, executor: int = 0) -> None:
-        self._restore[executor] = self._committed_swaps()
-        if self._live is not None:  # its result (or the layer it swapped in) died with it: send it again
-            self._live.sent_to.discard(executor)
-            self._live.results.pop(executor, None)
-
-    def on_swap_result(self, result: LayerSwapResult, executor: int = 0) -> None:
-        store = self.store
-        if store is None:
-            return
-        live = self._live
-        if (live is not None and executor in live.sent_to
-                and (live.swap.layer, live.swap.version) == (result.layer, result.version)):
-            live.sent_to.discard(executor)
-            live.results[executor] = result
-            if len(live.results) < self.executors:
-                return  # the others have not answered yet
-            self._live = None
-            failures = [r.error or "failed" for r in live.results.values() if not r.ok]
-            if not failures:  # the commit: served everywhere, so recorded (whatever became of its job)
-                entry = store.layers[result.layer] = CommittedLayer(version=result.version, file=live.file)
-                if live.digest is not None and live.digest.done():
-                    entry.sha256 = live.digest.result()
-                elif live.digest is not None:  # recorded once known (a restart before: finiteness check only)
-                    live.digest.add_done_callback(functools.partial(self._record_digest, result.layer, entry))
-                record = self._record_of(live.job_id)
-                if record is not None:
-                    record.layers_done = result.layer + 1
-                store.save()
-            elif len(failures) < self.executors:
-                # Some executors serve the new layer, the others the old one, until they
-                # restart (then all restore the committed one): both are quality-gated bases.
-                log.error("a layer swap failed on some executors only",
-                          extra={"layer": result.layer, "error": failures[0]})
-            self._later(self._send(LayerCommitted(job_id=live.job_id, layer=result.layer, swapped=not failures,
-                                                  error=failures[0] if failures else "")))
-            return
-        if not result.ok:
-            log.error("a committed layer could not be restored; the checkpoint's layer serves instead",
-                      extra={"layer": result.layer, "version": result.version, "error": result.error,
-                             "executor": executor})
-            entry = store.layers.get(result.layer)
-            if entry is not None and entry.version == result.version:
-                del store.layers[result.layer]
-                store.save()
-
-    def _record_digest(self, layer: int, entry: CommittedLayer, digest: asyncio.Future[str]) -> None:
-        if self.store is not None and not digest.cancelled() and self.store.layers.get(layer) is entry:
-            entry.sha256 = digest.result()  # (else superseded meanwhile)
-            self.store.save()
 
     # ------------------------------------------------------------------ the requantizer's side
     def _record_of(self, job: str) -> TaskRecord | None:
@@ -401,20 +301,3 @@ class RequantizationJobs:
         self._finish_current()
         self.store.save()
         self._later(self._dispatch())
-
-
-class ExecutorSwaps:
-    """One executor's view of the swaps: the `step_loop.SwapSource` its step loop asks."""
-
-    def __init__(self, jobs: RequantizationJobs, executor: int) -> None:
-        self.jobs = jobs
-        self.executor = executor
-
-    def has_swaps(self) -> bool:
-        return self.jobs.has_swaps(self.executor)
-
-    def take_swaps(self) -> list[LayerSwap]:
-        return self.jobs.take_swaps(self.executor)
-
-    def next_swap_step_id(self) -> int:
-        return self.jobs.next_swap_step_id()
