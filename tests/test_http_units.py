@@ -237,3 +237,29 @@ def test_a_body_that_is_not_utf8_is_a_bad_request():
         asyncio.run(read(b'{"model": "m", "prompt": "\xff\xfe"}'))
     assert caught.value.status == 400 and "not UTF-8" in caught.value.message
     assert asyncio.run(read('{"model": "m", "prompt": "é"}'.encode())).prompt == "é"
+
+
+def test_reachability_tells_a_refused_address_from_a_listening_one(tmp_path):
+    """What the front asks before waiting for a hello: refused (no listener, no socket file,
+    a stale socket file of a dead server) is proven unreachable; a listener, or an address
+    the check cannot read, proves nothing."""
+    import asyncio
+
+    from inlaid.http.reachability import refuses_connections
+
+    with socket.socket() as listening, socket.socket() as closed:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connects are refused
+        stale = tmp_path / "stale.ipc"
+        with socket.socket(socket.AF_UNIX) as unix:
+            unix.bind(str(stale))  # the file stays after close, as a SIGKILLed server's does
+        answers = asyncio.run(_reachability(refuses_connections, [
+            f"tcp://127.0.0.1:{listening.getsockname()[1]}", f"tcp://127.0.0.1:{closed.getsockname()[1]}",
+            f"tcp://localhost:{closed.getsockname()[1]}", f"ipc://{stale}", f"ipc://{tmp_path / 'missing.ipc'}",
+            "ray-serve", "tcp://127.0.0.1:notaport"]))
+    assert answers == [False, True, True, True, True, False, False]
+
+
+async def _reachability(check, addresses):  # noqa: ANN001, ANN202
+    return [await check(address) for address in addresses]

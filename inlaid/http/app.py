@@ -24,6 +24,7 @@ from inlaid.client import AsyncClient, ConnectionLostError, InlaidError, Request
 from inlaid.http.errors import ApiError, bad_request, from_decode_error, from_inlaid
 from inlaid.http.front_metrics import CLIENT_CLOSED_STATUS, CONTENT_TYPE, HttpMetrics
 from inlaid.http.generation import GenerationResponse
+from inlaid.http.reachability import refuses_connections
 from inlaid.http.schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -57,6 +58,33 @@ class Front:
         self._admin_client = admin_client or self._sdk_admin_client
         self.started = int(time.time())
         self._hello_lock = asyncio.Lock()
+        # Only the front's own SDK client dials `address`; another client (the Ray ingress)
+        # has no address to check.
+        self._checks_address = client is None
+        self._unreachable_logged = False
+
+    async def hello(self) -> HelloReply:
+        """`server()` for a request: 503 `unavailable` at once when no server listens."""
+        await self.check_reachable()
+        return await self.server()
+
+    async def check_reachable(self) -> None:
+        """Raise 503 `unavailable` when the client holds no hello (none yet, or its connection
+        broke) and nothing accepts connections at the server's address: a hello would wait
+        its whole bound for no server (`reachability.py`). While a hello is held, the SDK's
+        socket monitor reports a lost connection at once, so nothing is asked."""
+        if await self.unreachable():
+            if not self._unreachable_logged:  # once per outage, not per request
+                self._unreachable_logged = True
+                log.warning("the inference server refuses connections; answering 503", extra={"server": self.address})
+            raise ApiError(503, "the inference server is unreachable: nothing accepts connections at its address (it "
+                           "was stopped, killed or is restarting); retry later", code="unavailable")
+
+    async def unreachable(self) -> bool:
+        if not self._checks_address or self.client.server is not None:
+            self._unreachable_logged = False
+            return False
+        return await refuses_connections(self.address)
 
     async def server(self) -> HelloReply:
         """The server's hello (model name, context length), asked once per connection. A
@@ -198,19 +226,19 @@ def _utf8_problem(body: bytes) -> str:
 
 async def _completions(front: Front, request: Request) -> Response:
     body = await _read_json(request, CompletionRequest, front.config)
-    server = await front.server()
+    server = await front.hello()
     call = completion_call(body, server.model, front.config.prompts_per_request_limit)
     return GenerationResponse(front.client, call, chat=False)
 
 
 async def _chat_completions(front: Front, request: Request) -> Response:
     body = await _read_json(request, ChatCompletionRequest, front.config)
-    server = await front.server()
+    server = await front.hello()
     return GenerationResponse(front.client, chat_call(body, server.model), chat=True)
 
 
 async def _model_cards(front: Front) -> list[ModelCard]:
-    server = await front.server()
+    server = await front.hello()
     tasks = await front.client.list_tasks()
     base = ModelCard(id=server.model, created=front.started, owned_by="inlaid", root=server.model, parent=None,
                      max_model_len=server.max_model_len)
@@ -238,7 +266,7 @@ async def _load_lora_adapter(front: Front, request: Request) -> Response:
     body = await _read_json(request, LoadLoraAdapterRequest, front.config)
     if not body.lora_path:  # the server would resolve "" to its working directory
         raise bad_request("lora_path must not be empty", "lora_path")
-    if body.lora_name == (await front.server()).model:
+    if body.lora_name == (await front.hello()).model:
         raise bad_request(f"{body.lora_name!r} is the base model's id; choose another name", "lora_name")
     async with front.admin_client(request) as client:
         try:
@@ -254,6 +282,7 @@ async def _load_lora_adapter(front: Front, request: Request) -> Response:
 
 async def _unload_lora_adapter(front: Front, request: Request) -> Response:
     body = await _read_json(request, UnloadLoraAdapterRequest, front.config)
+    await front.check_reachable()  # the admin client's own hello would wait http.request_timeout_s
     async with front.admin_client(request) as client:
         try:
             message = await client.remove_task(body.lora_name)
@@ -270,6 +299,8 @@ async def _livez(request: Request) -> Response:
 
 
 async def _health(front: Front, request: Request) -> Response:
+    if await front.unreachable():  # at once, rather than after _HEALTH_TIMEOUT_S
+        return Response(b'{"status":"unreachable"}', status_code=503, media_type=_JSON)
     try:
         reply = await front.client.health(timeout_s=_HEALTH_TIMEOUT_S)
     except (RequestTimeoutError, ConnectionLostError):
@@ -280,6 +311,7 @@ async def _health(front: Front, request: Request) -> Response:
 
 
 async def _metrics(front: Front, request: Request) -> Response:
+    await front.check_reachable()
     server_text = await front.client.metrics(timeout_s=_HEALTH_TIMEOUT_S)
     own = request.app.state.http_metrics.exposition()
     return Response(server_text + own, media_type=CONTENT_TYPE)

@@ -23,7 +23,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 
@@ -60,6 +59,7 @@ from inlaid.serve.dynamic_tasks import DynamicTasks
 from inlaid.serve.executor_pool import ExecutorPool, ExecutorShard
 from inlaid.serve.frames import decode_client_frames
 from inlaid.serve.in_flight import InFlight
+from inlaid.serve.ipc_dirs import private_ipc_dir
 from inlaid.serve.metrics import ServerMetrics
 from inlaid.serve.peers import PeerWatch
 from inlaid.serve.retuning import LiveRetuning, TuneOptions
@@ -259,7 +259,7 @@ class Coordinator:
         backend = self.config.executor_address
         if backend != "auto":
             return [backend]  # one executor (the config allows an address only then)
-        self._tempdir = tempfile.mkdtemp(prefix="inlaid-")
+        self._tempdir = private_ipc_dir("ipc")
         return [f"ipc://{self._tempdir}/executor-{shard.index}.ipc" for shard in self.pool.shards]
 
     def _supervised(self) -> list[ExecutorShard]:

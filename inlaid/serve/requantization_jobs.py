@@ -19,7 +19,6 @@ import asyncio
 import itertools
 import logging
 import shutil
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -38,6 +37,7 @@ from inlaid.protocol import (
     RequantizerHello,
 )
 from inlaid.serve.config import ServerConfig
+from inlaid.serve.ipc_dirs import private_ipc_dir
 from inlaid.serve.layer_swaps import LayerSwaps, _LiveSwap
 from inlaid.serve.requantizer_supervisor import RequantizerSupervisor
 from inlaid.serve.task_store import (
@@ -87,7 +87,7 @@ class RequantizationJobs(LayerSwaps):
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Start taking jobs (the requantizer itself is spawned with the first one)."""
-        self._tempdir = tempfile.mkdtemp(prefix="inlaid-requantizer-")
+        self._tempdir = private_ipc_dir("requantizer")
         self.supervisor = RequantizerSupervisor(
             self.config.requantizer, f"ipc://{self._tempdir}/requantizer.ipc",
             on_message=self._on_message, on_ready=self._on_ready, on_lost=self._on_lost,
