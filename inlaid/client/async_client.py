@@ -1,7 +1,8 @@
 """asyncio client: any number of concurrent requests over one socket.
 
 A reader task sorts replies into one queue per request id. Cancelling the task awaiting
-`generate` (or leaving a stream early) cancels the request on the server.
+`generate` (or leaving a stream early) cancels the request on the server. The stream a
+`stream()` call returns is `async_stream.AsyncTokenStream`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -18,8 +19,8 @@ import zmq.asyncio
 
 from inlaid.client.arguments import ChatMessageArg, checked_seconds
 from inlaid.client.connection import Connection, connection_lost
-from inlaid.client.errors import ClientClosedError, ConnectionLostError, InlaidError, RequestTimeoutError
-from inlaid.client.errors import error_from_reply
+from inlaid.client.async_stream import AsyncTokenStream
+from inlaid.client.errors import ClientClosedError, ConnectionLostError, RequestTimeoutError
 from inlaid.client.messages import (
     DEFAULT_ADDRESS,
     GenerateResult,
@@ -36,7 +37,6 @@ from inlaid.client.messages import (
 from inlaid.protocol import (
     AdminReply,
     Cancel,
-    ErrorReply,
     Generate,
     GenerateDone,
     GetMetrics,
@@ -54,7 +54,6 @@ from inlaid.protocol import (
     TaskList,
     TaskStatus,
     TaskStatusReply,
-    TextChunk,
 )
 
 
@@ -282,7 +281,7 @@ class AsyncClient:
         sampling: SamplingParams | None = None,
         deadline_s: float | None = None,
         timeout_s: float | None = None,
-    ) -> "AsyncTokenStream":
+    ) -> AsyncTokenStream:
         """Start a streaming generate; `async for chunk in stream` yields TextChunks."""
         message = build_generate(
             self._ids.next(), prompt=prompt, task=task, messages=messages, prompt_token_ids=prompt_token_ids,
@@ -360,69 +359,3 @@ class AsyncClient:
     async def remove_task(self, name: str, timeout_s: float | None = None) -> str:
         message = RemoveTask(request_id=self._ids.next(), name=name, token=self.admin_token or "")
         return (await self._call(message, AdminReply, timeout_s)).message
-
-
-class AsyncTokenStream:
-    """`async for chunk in stream`; `result` holds the GenerateDone at the end.
-
-    Leaving early cancels the request on the server: at once with `aclose()` or
-    `async with stream:`, else when the abandoned iterator is finalized."""
-
-    def __init__(self, client: AsyncClient, request_id: str, timeout_s: float) -> None:
-        self.client = client
-        self.request_id = request_id
-        self.timeout_s = timeout_s
-        self.result: GenerateResult | None = None
-        self._done = False
-
-    async def __aiter__(self) -> AsyncIterator[TextChunk]:
-        try:
-            while not self._done:
-                try:
-                    reply = await self.client._next(self.request_id, self.timeout_s)
-                except RequestTimeoutError:
-                    self._finish()
-                    self.client._cancel_nowait(self.request_id)
-                    self.client._after_timeout(self.request_id)
-                    raise
-                except ConnectionLostError:
-                    self._finish()  # nothing to cancel: the server that had it is gone
-                    raise
-                if isinstance(reply, TextChunk):
-                    yield reply
-                elif isinstance(reply, GenerateDone):
-                    self.result = reply
-                    self._finish()
-                elif isinstance(reply, ErrorReply):
-                    self._finish()
-                    raise error_from_reply(reply)
-                else:
-                    self._finish()
-                    raise InlaidError(f"unexpected {type(reply).__name__} in a stream", self.request_id)
-        finally:
-            if not self._done:
-                await self.aclose()
-
-    async def cancel(self) -> None:
-        """Cancel on the server; keep iterating to see the 'cancelled' end."""
-        if not self._done:
-            await self.client.cancel(self.request_id)
-
-    async def aclose(self) -> None:
-        if not self._done:
-            self.client._cancel_nowait(self.request_id)
-            self._finish()
-
-    def _finish(self) -> None:
-        self._done = True
-        self.client._queues.pop(self.request_id, None)
-
-    @property
-    def text(self) -> str:
-        return self.result.text if self.result is not None else ""
-
-    async def __aenter__(self) -> "AsyncTokenStream":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
