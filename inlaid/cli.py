@@ -45,15 +45,49 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(command_parser)
     args = command_parser.parse_args(argv[1:])
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not as "Exception ignored" at the exit's flush
+        return code
     except KeyboardInterrupt:
         print(f"inlaid {name}: interrupted", file=sys.stderr)
         return 130
     except Exception as error:
+        if isinstance(error, BrokenPipeError) and _stdout_closed():
+            return _end_on_closed_stdout()
         if os.environ.get("INLAID_DEBUG") or not is_input_error(error):
             raise  # a bug: its traceback is what a report needs
         print(f"inlaid {name}: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
+
+
+# The exit status of a command the shell saw end by SIGPIPE (128 + 13), as `seq 1e6 | head` gives.
+EXIT_STDOUT_CLOSED = 141
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe (or socket) whose reader has gone (`inlaid client metrics | head
+    -5`): then a BrokenPipeError is that reader leaving, not a failure of the command (a broken
+    connection elsewhere still gets its one-line error)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        events = poller.poll(0)
+    except (AttributeError, OSError, ValueError):  # no fd (captured output) or no poll (Windows)
+        return False
+    return any(mask & (select.POLLERR | select.POLLHUP) for _, mask in events)
+
+
+def _end_on_closed_stdout() -> int:
+    """End quietly once stdout's reader has gone: stdout goes to devnull (as Python's docs on
+    SIGPIPE advise), so the exit's flush of what is still buffered raises nothing either."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+    return EXIT_STDOUT_CLOSED
 
 
 def _pin_math_threads(arguments: list[str]) -> None:

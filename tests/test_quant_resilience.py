@@ -133,6 +133,32 @@ def test_restart_drops_the_old_hessian_state_first(tiny, tmp_path, monkeypatch) 
     assert load_gptq_checkpoint(out).config["quantization_config"]["sym"] is False
 
 
+def test_a_checkpoint_being_written_is_called_unfinished_not_foreign(tiny, tmp_path, capsys, monkeypatch) -> None:
+    """A first `quantize` run still writing (or interrupted in) its output has no config.json
+    or weights yet: `inlaid serve` and `generate --quantized` said it was "not a checkpoint
+    written by `inlaid quantize`"; they say it is unfinished and how to resume or restart."""
+    import inlaid.quant.driver as driver
+    from inlaid.cli import main
+
+    model_dir, alpha, _, _ = tiny
+    out = tmp_path / "ckpt"
+    _interrupt_after_state_of(monkeypatch, driver, 0)  # a fresh run, stopped in layer 0
+    assert _quantize(model_dir, alpha, out, "--group-size", "32") == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert (out / UNFINISHED_FILE).is_file() and not (out / "config.json").exists()
+    resume = "rerun the same command to resume it, or add --restart to start over"
+    assert main(["generate", "--model", str(model_dir), "--quantized", str(out), "--prompt", "Hi",
+                 "--max-tokens", "2"]) == 2
+    err = _one_line_error(capsys, "--quantized", str(out), "unfinished checkpoint", resume)
+    assert "not a checkpoint" not in err
+    config = tmp_path / "server.toml"
+    config.write_text(f'[model]\nquantized_dir = "{out}"\n')
+    assert main(["serve", "--config", str(config)]) == 2
+    err = _one_line_error(capsys, "model.quantized_dir", str(out), "unfinished checkpoint", resume)
+    assert "not a checkpoint" not in err
+
+
 # ---------------------------------------------------------------- 2: quantize-add, interrupted
 
 def test_interrupted_quantize_add_resumes_to_the_same_checkpoint(tiny, tmp_path, capsys, monkeypatch) -> None:

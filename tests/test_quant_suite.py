@@ -141,3 +141,38 @@ def test_cli_suite(suite_setup, tmp_path, capsys, monkeypatch) -> None:
     assert main([*arguments[:3], "gamma", *arguments[4:]]) == 2
     assert "not in" in capsys.readouterr().err
     assert os.listdir(tmp_path / "xdg" / "inlaid" / "quantized")
+
+
+def test_a_second_process_says_once_that_it_waits_for_the_build_lock(suite_setup, tmp_path, capsys) -> None:
+    """Another process building the same checkpoint holds `<key>.lock`: the waiter prints one
+    line on stderr naming the checkpoint and the holder's pid (it sat silent 30 s+), then waits
+    as before and reuses what the holder built."""
+    import fcntl
+    import threading
+    import time
+
+    _, model_dir, adapters = suite_setup
+    options = _options(adapters, tmp_path / "cache", method="rtn")
+    out = suite_checkpoint_dir(model_dir, **options)
+    out.parent.mkdir(parents=True)
+    result: list[Path] = []
+    with open(out.parent / f"{out.name}.lock", "w") as held:  # the other builder (flock: per open file)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242\n")
+        held.flush()
+        waiter = threading.Thread(target=lambda: result.append(
+            ensure_suite_checkpoint(model_dir, **options, progress=False)), daemon=True)
+        waiter.start()
+        err = ""
+        deadline = time.monotonic() + 20
+        while "waiting for another process" not in err and time.monotonic() < deadline:
+            time.sleep(0.05)
+            err += capsys.readouterr().err
+        waiting = not result and waiter.is_alive()
+        out.mkdir()
+        (out / "suite.json").write_text("{}")  # the holder finished the checkpoint
+    waiter.join(timeout=30)
+    err += capsys.readouterr().err
+    assert waiting and result == [out]
+    assert err.count("waiting for another process") == 1, err
+    assert f"waiting for another process building {out} (pid 4242) ..." in err

@@ -153,8 +153,10 @@ def check_quantized_dir(path: str) -> None:
     directory = Path(path)
     if not directory.is_dir():
         raise ConfigError(f"model.quantized_dir {path} is not a directory")
+    # The mark first: a run still writing the directory (or one interrupted) has no config.json or
+    # weights yet, and "not a checkpoint written by `inlaid quantize`" hid that it is one, unfinished.
+    if (unfinished := unfinished_problem(directory)) is not None:  # else each executor fails at its model load
+        raise ConfigError(f"model.quantized_dir: {unfinished}")
     if not (directory / "config.json").is_file() or next(directory.glob("*.safetensors"), None) is None:
         raise ConfigError(f"model.quantized_dir {path} has no config.json and .safetensors weights "
                           "(not a checkpoint written by `inlaid quantize`)")
-    if (unfinished := unfinished_problem(directory)) is not None:  # else each executor fails at its model load
-        raise ConfigError(f"model.quantized_dir: {unfinished}")
