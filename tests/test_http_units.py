@@ -34,9 +34,10 @@ def test_http_and_metrics_sections(model_dir):
     assert config.http == HttpConfig(max_prompts_per_request=16, max_body_bytes=DEFAULT_MAX_BODY_BYTES)
     assert (config.metrics.host, config.metrics.port) == ("127.0.0.1", 9464)
     # A server admitting fewer requests than the default list length: the default shrinks to
-    # it (configs written before the setting keep loading); an explicit larger value is refused.
+    # what it admits from the front's one connection, 7 of 8 (the last tenth is kept for other
+    # clients; configs written before the setting keep loading); an explicit larger value is refused.
     small = _config(model_dir, http={}, server={"max_pending_requests": 8})
-    assert small.http.max_prompts_per_request == 8 and HttpConfig().prompts_per_request_limit == 16
+    assert small.http.max_prompts_per_request == 7 and HttpConfig().prompts_per_request_limit == 16
     config = _config(model_dir, http={"port": 8080, "request_timeout_s": 30, "max_body_bytes": 4096})
     assert (config.http.port, config.http.request_timeout_s, config.http.max_body_bytes) == (8080, 30, 4096)
     public = _config(model_dir, http={"host": "0.0.0.0"}, server={"allow_public_bind": True})
@@ -48,7 +49,7 @@ def test_http_and_metrics_sections(model_dir):
         ({"http": {"request_timeout_s": 0}}, "request_timeout_s"),
         ({"http": {"max_body_bytes": 10}}, "max_body_bytes"),
         ({"http": {"max_prompts_per_request": 0}}, "max_prompts_per_request"),
-        ({"http": {"max_prompts_per_request": 9}, "server": {"max_pending_requests": 8}}, "could never be admitted"),
+        ({"http": {"max_prompts_per_request": 8}, "server": {"max_pending_requests": 8}}, "could never be admitted"),
         ({"http": {"prot": 8000}}, "unknown keys"),
         ({"metrics": {}}, "needs a port"),
         ({"metrics": {"port": 8000}, "http": {"port": 8000}}, "cannot share a port"),
@@ -263,3 +264,21 @@ def test_reachability_tells_a_refused_address_from_a_listening_one(tmp_path):
 
 async def _reachability(check, addresses):  # noqa: ANN001, ANN202
     return [await check(address) for address in addresses]
+
+
+def test_the_fronts_admission_share_is_what_the_server_admits_from_one_connection():
+    """`front_admission_share` (the default prompt limit's bound) against the coordinator's own
+    admission rule, `InFlight._overloaded`, for a lone connection on an otherwise idle server."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from inlaid.http.settings import front_admission_share
+    from inlaid.serve.in_flight import InFlight
+
+    for limit in (1, 2, 3, 7, 8, 9, 10, 11, 16, 20, 64, 1000):
+        state = SimpleNamespace(limits=SimpleNamespace(max_pending_requests=limit), requests=[],
+                                per_client=defaultdict(int))
+        while InFlight._overloaded(state, b"front") is None:  # admit until refused
+            state.requests.append(object())
+            state.per_client[b"front"] += 1
+        assert len(state.requests) == front_admission_share(limit), limit

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -21,7 +22,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from inlaid.client import AsyncClient, ConnectionLostError, InlaidError, RequestTimeoutError
-from inlaid.http.errors import ApiError, bad_request, from_decode_error, from_inlaid
+from inlaid.http.errors import ApiError, bad_request, from_decode_error, from_inlaid, model_not_found
 from inlaid.http.front_metrics import CLIENT_CLOSED_STATUS, CONTENT_TYPE, HttpMetrics
 from inlaid.http.generation import GenerationResponse
 from inlaid.http.reachability import refuses_connections
@@ -257,9 +258,7 @@ async def _model(front: Front, request: Request) -> Response:
     for card in cards:
         if card.id == wanted:
             return Response(msgspec.json.encode(card), media_type=_JSON)
-    known = ", ".join(f"`{card.id}`" for card in cards)
-    raise ApiError(404, f"The model `{wanted}` does not exist; this server has: {known}.", code="model_not_found",
-                   param="model")
+    raise model_not_found(wanted, cards[0].id, [card.id for card in cards[1:]])
 
 
 async def _load_lora_adapter(front: Front, request: Request) -> Response:
@@ -277,7 +276,17 @@ async def _load_lora_adapter(front: Front, request: Request) -> Response:
                 api_error.param = "lora_path"
             raise api_error from None
     log.info("adapter loaded over HTTP", extra={"task": body.lora_name, "result": message})
-    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully." + _notices(message))
+
+
+# What the server's add_task answer says beyond "added" that the caller must not miss (the
+# SDK and the CLI print the whole answer): a configured task replaced, and for how long.
+_REPLACES_CONFIG = re.compile(r"it replaces the config's \[tasks\] entry .*?(?=; |$)")
+
+
+def _notices(message: str) -> str:
+    found = _REPLACES_CONFIG.search(message or "")
+    return f" Note: {found.group(0)}." if found else ""
 
 
 async def _unload_lora_adapter(front: Front, request: Request) -> Response:
@@ -300,14 +309,20 @@ async def _livez(request: Request) -> Response:
 
 async def _health(front: Front, request: Request) -> Response:
     if await front.unreachable():  # at once, rather than after _HEALTH_TIMEOUT_S
-        return Response(b'{"status":"unreachable"}', status_code=503, media_type=_JSON)
+        return _unhealthy(b'{"status":"unreachable"}')
     try:
         reply = await front.client.health(timeout_s=_HEALTH_TIMEOUT_S)
     except (RequestTimeoutError, ConnectionLostError):
-        return Response(b'{"status":"unreachable"}', status_code=503, media_type=_JSON)
+        return _unhealthy(b'{"status":"unreachable"}')
     body = msgspec.json.encode({"status": reply.status, "executor_ready": reply.executor_ready,
                                 "uptime_seconds": reply.uptime_seconds})
-    return Response(body, status_code=200 if reply.status == "ok" else 503, media_type=_JSON)
+    return Response(body, media_type=_JSON) if reply.status == "ok" else _unhealthy(body)
+
+
+def _unhealthy(body: bytes) -> Response:
+    """A 503 health answer (starting, shutting down, unreachable): as every 503, with the
+    Retry-After the error answers carry (load balancers and clients poll again after it)."""
+    return Response(body, status_code=503, media_type=_JSON, headers=ApiError(503, "").headers())
 
 
 async def _metrics(front: Front, request: Request) -> Response:

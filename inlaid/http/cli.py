@@ -16,7 +16,7 @@ import os
 import signal
 import socket
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from inlaid.http.settings import DEFAULT_MAX_BODY_BYTES, HttpConfig
 
@@ -55,13 +55,15 @@ def settings_from_args(args: argparse.Namespace) -> tuple[str, HttpConfig]:
 
     address, config, allow_public = DEFAULT_ADDRESS, HttpConfig(), args.allow_public_bind
     max_frame_bytes: int | None = None  # the server's, when its config is at hand
+    max_pending: int | None = None
     if args.config:
-        from inlaid.serve.config import load_config
-
-        server = load_config(args.config)
+        server, explicit_prompts = _server_config(args.config)
         address, config = server.address, server.http or HttpConfig()
         allow_public = allow_public or server.allow_public_bind
         max_frame_bytes = server.limits.max_frame_bytes
+        max_pending = server.limits.max_pending_requests
+        if not explicit_prompts:  # derived again below, against the front's share of the server's limit
+            config.max_prompts_per_request = None
     overrides = {"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout,
                  "max_body_bytes": args.max_body_bytes, "max_prompts_per_request": args.max_prompts}
     for name, value in overrides.items():
@@ -70,7 +72,28 @@ def settings_from_args(args: argparse.Namespace) -> tuple[str, HttpConfig]:
     config.validate(allow_public)
     if max_frame_bytes is not None:  # again: --max-body-bytes may have raised the config's value
         config.fit_to_frames(max_frame_bytes)
+    if max_pending is not None:  # again: --max-prompts may have raised it
+        config.fit_to_pending_requests(max_pending)
     return args.address or address, config
+
+
+# The server's admin token: the front holds none (it passes each caller's Bearer token on),
+# so `--config` must not need the secret (an unset admin_token_env would refuse the config).
+_ADMIN_TOKEN_KEYS = ("admin_token", "admin_token_env", "admin_token_file")
+
+
+def _server_config(path: str) -> tuple[Any, bool]:
+    """The server config at `path` read without its admin token; and whether it sets
+    http.max_prompts_per_request itself."""
+    from inlaid.serve.config import config_from_dict
+    from inlaid.serve.config_parsing import read_toml
+
+    raw, base_dir = read_toml(path)
+    server = raw.get("server")
+    if isinstance(server, dict):
+        raw["server"] = {key: value for key, value in server.items() if key not in _ADMIN_TOKEN_KEYS}
+    http = raw.get("http")
+    return config_from_dict(raw, base_dir=base_dir), isinstance(http, dict) and "max_prompts_per_request" in http
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,19 +104,31 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"inlaid http: {error}", file=sys.stderr)
         return 2
+    listening: socket.socket | None = None
+    if args.listen_fd is None:  # alone: bound here, so that a port in use fails the start with one line
+        from inlaid.http.process import listening_socket
+
+        try:
+            listening = listening_socket(config.host, config.port)
+        except OSError as error:
+            print(f"inlaid http: cannot listen on {config.host}:{config.port}: {error.strerror or error}",
+                  file=sys.stderr)
+            return 2
     setup_logging(args.log_level.upper(), args.log_format)
     logging.getLogger("uvicorn").handlers[:] = logging.getLogger("inlaid").handlers
     logging.getLogger("uvicorn").propagate = False
     try:
         import uvloop
     except ImportError:  # optional (the `serve` extra); plain asyncio works, slower
-        return asyncio.run(serve(address, config, args.listen_fd, args.parent_pid))
-    return uvloop.run(serve(address, config, args.listen_fd, args.parent_pid))
+        return asyncio.run(serve(address, config, args.listen_fd, args.parent_pid, listening))
+    return uvloop.run(serve(address, config, args.listen_fd, args.parent_pid, listening))
 
 
-async def serve(address: str, config: HttpConfig, listen_fd: int | None = None, parent_pid: int | None = None) -> int:
+async def serve(address: str, config: HttpConfig, listen_fd: int | None = None, parent_pid: int | None = None,
+                listening: socket.socket | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or until `parent_pid` is gone); the exit code. Listens on
-    `listen_fd` when given (a socket already bound and listening), else on host:port."""
+    `listen_fd` or `listening` when given (a socket already bound and listening), else on
+    host:port."""
     import uvicorn
 
     from inlaid.http.app import create_app
@@ -109,7 +144,7 @@ async def serve(address: str, config: HttpConfig, listen_fd: int | None = None, 
     # handler it found; the front has nothing left to do by then and exits 0.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: None)
-    sockets = [socket.socket(fileno=listen_fd)] if listen_fd is not None else None
+    sockets = [socket.socket(fileno=listen_fd)] if listen_fd is not None else [listening] if listening else None
     log.info("http front starting", extra={"listen": f"{config.host}:{config.port}", "server": address,
                                            "pid": os.getpid()})
     try:

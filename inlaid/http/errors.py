@@ -45,6 +45,7 @@ _UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `([^`]*)`")
 _MISSING_FIELD = re.compile(r"^Object missing required field `([^`]*)`")
 # The server's refusals of sampling values start with the field's name (SamplingParams.validate).
 _SAMPLING_FIELD = re.compile(r"^(max_tokens|temperature|top_p|top_k|stop_token_ids|stop|seed)\b")
+_MAX_TOKENS_WORD = re.compile(r"\bmax_tokens\b")
 # The server's refusals of a prompt: "the prompt is empty", "prompt token ids must be ...".
 _PROMPT_PROBLEM = re.compile(r"^(the prompt|prompt token ids)\b")
 # The server's frame refusal (serve/frames.py), in its own terms.
@@ -78,8 +79,17 @@ def bad_request(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, code="invalid_request", param=param)
 
 
+def model_not_found(model: str, base_model: str | None, tasks: list[str]) -> ApiError:
+    """The 404 for an unknown `model`, one wording wherever a model is named (generation,
+    `/v1/models/{id}`): every model id the server has, the base model first."""
+    known = ([f"`{base_model}` (the base model)"] if base_model else []) + [f"`{task}`" for task in sorted(tasks)]
+    return ApiError(404, f"The model `{model}` does not exist; this server has: {', '.join(known) or 'none'}.",
+                    code="model_not_found", param="model")
+
+
 def from_inlaid(error: InlaidError, model: str | None = None, *, not_found_param: str | None = None,
-                prompt_param: str | None = None, base_model: str | None = None) -> ApiError:
+                prompt_param: str | None = None, base_model: str | None = None,
+                max_tokens_param: str = "max_tokens") -> ApiError:
     """The HTTP form of an SDK error (the server's typed reply, or the SDK's own). A 404 names
     `model` for a generation request (`model` given; `base_model`, also a valid model, is
     named in its message), else `not_found_param` (`lora_name`); a refused prompt names
@@ -91,9 +101,8 @@ def from_inlaid(error: InlaidError, model: str | None = None, *, not_found_param
     if error.code == ErrorCode.UNKNOWN_TASK and model is not None:
         # The server's "unknown task 'x'; this server has: a, b" said again in the API's terms.
         _, _, known = message.partition("; this server has: ")
-        message = f"The model `{model}` does not exist" + (f"; this server has: {known}" if known else "")
-        if base_model:  # the server lists its tasks; the base is a model over HTTP too
-            message += f". The base model `{base_model}` is also a valid model."
+        tasks = [] if known in ("", "none") else known.split(", ")
+        message = model_not_found(model, base_model or None, tasks).message
     param = ("model" if model is not None else not_found_param) if status == 404 else None
     if error.code == ErrorCode.FRAME_TOO_LARGE:
         message = _frame_message(message)
@@ -107,6 +116,11 @@ def from_inlaid(error: InlaidError, model: str | None = None, *, not_found_param
             param = prompt_param
         elif message.startswith("task name"):  # check_task_name's refusals: an adapter's name
             param = "lora_name"
+    if max_tokens_param != "max_tokens" and error.code in (ErrorCode.CONTEXT_LENGTH, ErrorCode.INVALID_REQUEST):
+        # The server knows one name for the limit; the client sent another (chat's
+        # max_completion_tokens): the refusal names the field the client can change.
+        message = _MAX_TOKENS_WORD.sub(max_tokens_param, message)
+        param = max_tokens_param if param == "max_tokens" else param
     return ApiError(status, message, code=code, type=kind, param=param)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,7 +25,7 @@ from inlaid.http.errors import ApiError, from_inlaid
 from inlaid.http.front_metrics import DISCONNECTED_SCOPE_KEY
 from inlaid.http.schema import ChatChunkChoice, ChatCompletionChunk, ChatDelta, Completion, CompletionChoice
 from inlaid.http.translate import GenerationCall, chat_response, completion_response, finish_reason, usage
-from inlaid.protocol import TextChunk
+from inlaid.protocol import ErrorCode, TextChunk
 
 log = logging.getLogger("inlaid.http")
 
@@ -62,9 +63,12 @@ class GenerationResponse(Response):
         listed several, so that the client knows which one the server refused."""
         one_of_several = index is not None and len(self.call.prompts) > 1
         prompt_param = "messages" if self.chat else f"prompt[{index}]" if one_of_several else "prompt"
-        api_error = from_inlaid(error, self.call.model, prompt_param=prompt_param, base_model=self.call.base_model)
+        api_error = from_inlaid(error, self.call.model, prompt_param=prompt_param, base_model=self.call.base_model,
+                                max_tokens_param=self.call.max_tokens_param)
         if one_of_several and api_error.param == prompt_param:  # the message says which prompt too
             api_error.message = f"{prompt_param}: {api_error.message}"
+        if one_of_several and error.code == ErrorCode.OVERLOADED:
+            api_error.message = _own_prompts_apart(api_error.message, index, len(self.call.prompts))
         return api_error
 
     def _generate_kwargs(self, prompt: dict[str, Any]) -> dict[str, Any]:
@@ -155,6 +159,27 @@ class GenerationResponse(Response):
                                        model=self.call.model, choices=[], usage=usage(results))
         return Completion(id=f"cmpl-{self.call.request_id}", created=self.call.created, model=self.call.model,
                           choices=[], usage=usage(results))
+
+
+_HELD = re.compile(r"^(\d+) requests in flight, (\d+) of them this connection's; ")
+
+
+def _own_prompts_apart(message: str, index: int | None, count: int) -> str:
+    """The server's 429 counts every request of the front's connection as the connection's
+    own: a request listing several prompts was told of its own earlier prompts as if they
+    were other traffic. `index`: the refused prompt (those before it were sent, and held
+    their slots, first)."""
+    own = index or 0
+    held = _HELD.match(message)
+    if held:
+        own = min(own, int(held.group(2)))
+        others = int(held.group(2)) - own
+        message = (f"{held.group(1)} requests in flight, {own} of them this request's own earlier prompts and "
+                   f"{others} other requests through this front; " + message[held.end():])
+    elif own:
+        message += f" ({own} of the requests in flight are this request's own earlier prompts)"
+    return (f"prompt[{index}]: {message}; this request's {count} prompts each need an admission slot: send fewer "
+            "prompts per request" if index is not None else message)
 
 
 class _PromptFailed(Exception):

@@ -32,6 +32,22 @@ _STABLE_AFTER_S = 30.0  # a front that ran this long restarts without backoff
 _LIVENESS_MISSES = 3  # unanswered asks in a row before the kill
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port and listening (OSError when that is impossible: a
+    port in use fails here, with its reason, before anything is served)."""
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class HttpFrontProcess:
     def __init__(self, server_address: str, config: HttpConfig, log_level: str, log_format: str) -> None:
         self.server_address = server_address
@@ -46,16 +62,7 @@ class HttpFrontProcess:
 
     def bind(self) -> None:
         """Listen on the configured host and port (OSError when that is impossible)."""
-        host = self.config.host.strip("[]")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, self.config.port))
-            sock.listen(_BACKLOG)
-        except OSError:
-            sock.close()
-            raise
+        sock = listening_socket(self.config.host, self.config.port)
         sock.set_inheritable(True)
         self._socket = sock
 

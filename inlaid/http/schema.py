@@ -28,7 +28,9 @@ class GenerationRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     """Fields /v1/completions and /v1/chat/completions share."""
 
     model: str
-    max_tokens: Int64 | None = None
+    # UNSET (omitted) and None (an explicit null) differ: /v1/completions gives an omitted
+    # max_tokens OpenAI's default (16), and null "until the context is full" (as vLLM does).
+    max_tokens: Int64 | None | msgspec.UnsetType = msgspec.UNSET
     temperature: float | None = None
     top_p: float | None = None
     n: Int64 | None = None

@@ -24,6 +24,16 @@ def check_listen_address(section: str, host: str, port: int, allow_public_bind: 
 
 
 DEFAULT_MAX_PROMPTS = 16
+
+
+def front_admission_share(max_pending_requests: int) -> int:
+    """The requests one connection (the front is one, to the server) is always admitted on
+    an otherwise idle server: the coordinator keeps the last tenth of
+    server.max_pending_requests (at least one) from a connection holding its share
+    (`serve/in_flight.py`, `_overloaded`); a lone request is always admitted."""
+    return max(1, max_pending_requests - max(1, max_pending_requests // 10))
+
+
 MAX_TIMEOUT_S = 1e6  # as the server's timers (serve/config.py MAX_SECONDS)
 # What a request's message to the server (one ZeroMQ frame, msgpack) may carry beyond the
 # bytes of the HTTP body it came from: the request id, the message's field names, the
@@ -54,7 +64,8 @@ class HttpConfig:
     client_send_timeout_s: float = 30.0
     # Prompts one /v1/completions request may list (each runs as a request of its own and
     # takes one of server.max_pending_requests); more: 400. None: DEFAULT_MAX_PROMPTS, and
-    # under `inlaid serve` at most server.max_pending_requests.
+    # where the server's config is at hand at most the front's admission share of
+    # server.max_pending_requests (`fit_to_pending_requests`).
     max_prompts_per_request: int | None = None
     # Under `inlaid serve`: a front that answers none of its supervisor's asks for this
     # long (stopped, or its event loop stuck) is killed and started again (`process.py`).
@@ -84,6 +95,21 @@ class HttpConfig:
                              f"({max_frame_bytes}) carries: a request's message to the server is up to "
                              f"{FRAME_HEADROOM_BYTES} bytes larger than its body, so set http.max_body_bytes <= "
                              f"{fits} or raise server.max_frame_bytes")
+
+    def fit_to_pending_requests(self, max_pending_requests: int) -> None:
+        """Against the server's `server.max_pending_requests` (known when one config holds
+        both): the default prompt limit shrinks to the front's admission share of it; an
+        explicit larger one is refused (ValueError): a request listing more prompts than the
+        server admits from one connection would be refused (429) however idle the server."""
+        share = front_admission_share(max_pending_requests)
+        if self.max_prompts_per_request is None:
+            self.max_prompts_per_request = min(DEFAULT_MAX_PROMPTS, share)
+        elif self.max_prompts_per_request > share:
+            raise ValueError(f"http.max_prompts_per_request ({self.max_prompts_per_request}) exceeds the {share} "
+                             f"requests the server admits from the front (server.max_pending_requests "
+                             f"{max_pending_requests}, less the last tenth kept for other clients): such a request "
+                             f"could never be admitted; set http.max_prompts_per_request <= {share} or raise "
+                             "server.max_pending_requests")
 
     def validate(self, allow_public_bind: bool) -> None:
         check_listen_address("http", self.host, self.port, allow_public_bind)

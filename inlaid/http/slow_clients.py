@@ -12,7 +12,9 @@ The head's size is bounded too (`MAX_HEAD_BYTES`): httptools builds a header val
 concatenating each piece the socket delivers to the value so far, so one ~100 MB header
 sent in pieces cost quadratic copying on the event loop and stalled every other client for
 seconds (and was then accepted). A head that grows past the limit gets 431 and the
-connection closes, after at most one socket read beyond it.
+connection closes, after at most one socket read beyond it; a head that arrived whole in one
+read (parsed before it could be counted: a single 100,000-byte header was accepted) is
+measured as parsed, exactly, and refused before its request runs.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ log = logging.getLogger("inlaid.http")
 # Request line and headers together; browsers and proxies stay far below (nginx's default
 # buffers hold 32 KiB), and uvicorn's h11 parser allows 16 KiB.
 MAX_HEAD_BYTES = 64 * 1024
+_LINGER_S = 1.0
+# What a head holds beyond its method, URL and headers: " " and " HTTP/1.1\r\n", the blank line.
+_REQUEST_LINE_AND_END_BYTES = len(b" ") + len(b" HTTP/1.1\r\n") + len(b"\r\n")
 
 
 def head_deadline_protocol(head_timeout_s: float, max_head_bytes: int = MAX_HEAD_BYTES) -> type[HttpToolsProtocol]:
@@ -44,6 +49,7 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
     head_timeout_s: float = 30.0
     max_head_bytes: int = MAX_HEAD_BYTES
     _head_deadline: asyncio.TimerHandle | None = None
+    _linger: asyncio.TimerHandle | None = None  # the close after a refusal (`_write_and_close`)
     # Bytes received since the current head began; the parser tells where a head ends
     # (on_headers_complete), not where one begins inside a read, so a read carrying the end
     # of one request and the start of the next is not counted: the bound is the limit plus
@@ -51,6 +57,8 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
     _reading_head: bool = True
     _head_bytes: int = 0
     _head_refused: bool = False
+    # The current head's bytes as the parser delivered them (URL, header names and values).
+    _parsed_head_bytes: int = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -66,22 +74,54 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
             self._refuse_large_head()
 
     def on_message_begin(self) -> None:
+        if self._head_refused:
+            return
         super().on_message_begin()
+        self._parsed_head_bytes = 0
         self._arm_head_deadline()  # the next request on a kept-alive connection
 
+    def on_url(self, url: bytes) -> None:
+        if self._head_refused:
+            return
+        self._parsed_head_bytes += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._head_refused:
+            return
+        self._parsed_head_bytes += len(name) + len(value) + 4  # "name: value\r\n"
+        super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
+        if self._head_refused:
+            return
         self._cancel_head_deadline()
         self._reading_head = False
         self._head_bytes = 0
+        # A head that arrived whole within one read was parsed before data_received could
+        # count it: its size as parsed (with the request line's method and version and the
+        # blank line) decides here, before the request runs.
+        size = self._parsed_head_bytes + len(self.parser.get_method()) + _REQUEST_LINE_AND_END_BYTES
+        if size > self.max_head_bytes:
+            self._refuse_large_head()
+            return
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        if not self._head_refused:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
+        if self._head_refused:
+            return
         super().on_message_complete()
         self._reading_head = True  # what follows on this connection is the next request's head
         self._head_bytes = 0
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_deadline()
+        if self._linger is not None:
+            self._linger.cancel()
         super().connection_lost(exc)
 
     def _arm_head_deadline(self) -> None:
@@ -108,9 +148,19 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         self._write_and_close(b"HTTP/1.1 431 Request Header Fields Too Large", body)
 
     def _write_and_close(self, status_line: bytes, body: bytes) -> None:
+        """Answer, then close without losing the answer: closing a socket whose received
+        data is unread resets the connection, and a client that sent its whole request
+        (a head over the limit with its body) could see the reset before the answer. So the
+        answer goes out with a FIN (the client reads it, then end of stream), reading stops,
+        and the socket closes `_LINGER_S` later (a client still sending is then reset)."""
         self.transport.write(status_line + b"\r\ncontent-type: application/json\r\nconnection: close\r\n"
                              + b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        self.transport.close()
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self.transport.pause_reading()
+        self._linger = self.loop.call_later(_LINGER_S, self.transport.close)
 
     def _head_too_slow(self) -> None:
         self._head_deadline = None

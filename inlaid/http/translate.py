@@ -12,6 +12,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from inlaid.client import GenerateResult, InvalidRequestError
 from inlaid.client.arguments import chat_messages
 from inlaid.http.errors import bad_request
@@ -46,6 +48,9 @@ class GenerationCall:
     stream: bool
     include_usage: bool
     base_model: str = ""  # the base's id: a valid `model` too, so an unknown model's 404 names it
+    # The field the request's limit came from: the server's refusals name `max_tokens`, the
+    # client's answer names the field it sent (`max_completion_tokens` in chat).
+    max_tokens_param: str = "max_tokens"
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -62,7 +67,8 @@ def completion_call(request: CompletionRequest, base_model: str, max_prompts: in
     _refuse_if(len(prompts) > max_prompts, "prompt",
                f"{len(prompts)} prompts in one request; at most {max_prompts} (http.max_prompts_per_request): "
                "send the rest in other requests")
-    max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
+    # Omitted: OpenAI's default (16); null: no limit but the context (vLLM's reading), as in chat.
+    max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if request.max_tokens is msgspec.UNSET else request.max_tokens
     return _call(request, prompts, max_tokens, base_model)
 
 
@@ -87,15 +93,17 @@ def chat_call(request: ChatCompletionRequest, base_model: str) -> GenerationCall
         raise bad_request(error.message, error.param) from None
     # max_completion_tokens is OpenAI's newer name, and names itself in a refusal. Without a
     # limit (None), generate until the context is full (finish_reason "length").
-    max_tokens = request.max_tokens
+    max_tokens = None if request.max_tokens is msgspec.UNSET else request.max_tokens
     if request.max_completion_tokens is not None:
         max_tokens = request.max_completion_tokens
         _refuse_if(max_tokens < 1, "max_completion_tokens", f"max_completion_tokens must be >= 1, got {max_tokens}")
+        return _call(request, [{"messages": messages}], max_tokens, base_model, "max_completion_tokens")
     return _call(request, [{"messages": messages}], max_tokens, base_model)
 
 
 def _call(
-    request: GenerationRequest, prompts: list[dict[str, Any]], max_tokens: int | None, base_model: str
+    request: GenerationRequest, prompts: list[dict[str, Any]], max_tokens: int | None, base_model: str,
+    max_tokens_param: str = "max_tokens",
 ) -> GenerationCall:
     _refuse_if(request.n not in (None, 1), "n", "n must be 1 (send several requests for several choices)")
     _refuse_if(request.presence_penalty not in (None, 0), "presence_penalty", "presence_penalty is not supported")
@@ -122,6 +130,7 @@ def _call(
         stream=bool(request.stream),
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
         base_model=base_model,
+        max_tokens_param=max_tokens_param,
     )
 
 

@@ -237,13 +237,10 @@ class ServerConfig:
                 self.http.fit_to_frames(self.limits.max_frame_bytes)
             except ValueError as error:
                 raise ConfigError(str(error)) from None
-            if self.http.max_prompts_per_request is None:  # the default, within what can be admitted
-                self.http.max_prompts_per_request = min(self.http.prompts_per_request_limit,
-                                                        self.limits.max_pending_requests)
-            if self.http.max_prompts_per_request > self.limits.max_pending_requests:
-                raise ConfigError(f"http.max_prompts_per_request ({self.http.max_prompts_per_request}) exceeds "
-                                  f"server.max_pending_requests ({self.limits.max_pending_requests}): such a request "
-                                  "could never be admitted")
+            try:  # the prompts of one request must fit what the server admits from the front
+                self.http.fit_to_pending_requests(self.limits.max_pending_requests)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
         if self.metrics is not None:
             check_listen_address("metrics", self.metrics.host, self.metrics.port, self.allow_public_bind)
             if self.http is not None and (self.metrics.host, self.metrics.port) == (self.http.host, self.http.port):
