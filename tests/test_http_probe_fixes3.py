@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -153,6 +154,11 @@ def test_a_429_does_not_count_the_requests_own_prompts_as_other_traffic():
     assert message.startswith("prompt[7]: 7 requests in flight, 7 of them this request's own earlier prompts and 0 "
                               "other requests through this front"), message
     assert "send fewer prompts per request" in message and "7 of them this connection's" not in message
+    # Its first prompt refused: other traffic holds the slots, so no advice to send fewer prompts.
+    status, answer = _post(_app(_Admitting(0, 8)), "/v1/completions",
+                           json.dumps({"model": BASE, "prompt": ["x"] * 2, "max_tokens": 1}).encode())
+    message = json.loads(answer)["error"]["message"]
+    assert status == 429 and message.startswith("prompt[0]: ") and "send fewer prompts" not in message, message
     # Within the share, the same request is served.
     status, answer = _post(_app(_Admitting(7, 8)), "/v1/completions",
                            json.dumps({"model": BASE, "prompt": ["x"] * 7, "max_tokens": 1}).encode())
@@ -218,7 +224,7 @@ def _head(size: int, body: bytes) -> bytes:
     return start + b"X-Pad: " + b"p" * pad + b"\r\n" + end
 
 
-def test_a_whole_head_over_64_kib_in_one_write_is_refused():
+def test_a_whole_head_over_64_kib_in_one_write_is_refused(caplog):
     body = json.dumps({"model": BASE, "prompt": "hi", "max_tokens": 1}).encode()
     with _uvicorn(head_timeout_s=120) as port:
         assert _exchange(port, _head(MAX_HEAD_BYTES, body) + body).startswith(b"HTTP/1.1 200")
@@ -227,6 +233,13 @@ def test_a_whole_head_over_64_kib_in_one_write_is_refused():
             head, _, answer = reply.partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 431"), (size, reply[:200])
             assert json.loads(answer)["error"]["code"] == "request_header_fields_too_large"
+        # An Upgrade header in a refused head starts no websocket handshake (the request's scope
+        # was never built: the handshake raised in data_received and the connection was aborted).
+        upgrade = _head(100_000, body).replace(b"Connection: close", b"Connection: Upgrade\r\nUpgrade: websocket", 1)
+        with caplog.at_level(logging.ERROR):
+            reply = _exchange(port, upgrade + body)
+        assert reply.startswith(b"HTTP/1.1 431"), reply[:200]
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text[-2000:]
         assert _exchange(port, _head(200, body) + body).startswith(b"HTTP/1.1 200")  # the front still serves
 
 

@@ -4,6 +4,7 @@ requests -> SDK arguments (OpenAI's defaults, what is refused and why), error bo
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -282,3 +283,41 @@ def test_the_fronts_admission_share_is_what_the_server_admits_from_one_connectio
             state.requests.append(object())
             state.per_client[b"front"] += 1
         assert len(state.requests) == front_admission_share(limit), limit
+
+
+def test_reachability_of_an_abstract_ipc_address_under_uvloop():
+    """The front runs on uvloop, whose open_unix_connection refuses abstract names (`@name`)
+    with EINVAL: the check must still tell a listener from nobody."""
+    uvloop = pytest.importorskip("uvloop")  # the `serve` extra
+
+    from inlaid.http.reachability import refuses_connections
+
+    name = f"inlaid-reachability-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind("\0" + name)
+        listener.listen()
+        assert uvloop.run(refuses_connections(f"ipc://@{name}")) is False
+    assert uvloop.run(refuses_connections(f"ipc://@{name}")) is True
+
+
+def test_the_front_alone_listens_on_every_address_its_host_resolves_to():
+    """`inlaid http --host localhost` binds as uvicorn did before it bound its own socket:
+    each address the name resolves to (127.0.0.1, and ::1 where the machine has it); a port
+    in use fails the start (OSError, exit 2 in the CLI)."""
+    from inlaid.http.process import listening_sockets
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    resolved = {info[4][0] for info in socket.getaddrinfo("localhost", port, type=socket.SOCK_STREAM)}
+    sockets = listening_sockets("localhost", port)
+    try:
+        bound = {sock.getsockname()[0] for sock in sockets}
+        # Every IPv4 address; ::1 too unless the machine has IPv6 off (then skipped, not fatal).
+        assert {address for address in resolved if ":" not in address} <= bound <= resolved
+        assert {sock.getsockname()[1] for sock in sockets} == {port}
+        with pytest.raises(OSError):
+            listening_sockets("127.0.0.1", port)
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -3,16 +3,15 @@ never a live one's (`inlaid/serve/ipc_dirs.py`)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
-import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from inlaid.serve.ipc_dirs import private_ipc_dir, process_alive, remove_dead_dirs
+from inlaid.serve.ipc_dirs import OWNER_FILE, private_ipc_dir, process_alive, remove_dead_dirs
 
 
 def _dead_pid() -> int:
@@ -21,10 +20,11 @@ def _dead_pid() -> int:
     return child.pid
 
 
-def _directory(root: Path, kind: str, pid: int, tag: str = "x") -> Path:
+def _directory(root: Path, kind: str, pid: int | str, tag: str = "x", owner: bool = True) -> Path:
     path = root / f"inlaid-{kind}-{pid}-{tag}"
     path.mkdir()
-    (path / "executor-0.ipc").write_bytes(b"")  # not a socket: proves nothing either way
+    if owner:
+        (path / OWNER_FILE).write_bytes(b"")  # nobody holds its lock: as a killed owner's
     return path
 
 
@@ -34,46 +34,46 @@ def test_dead_owners_directories_go_live_ones_stay(tmp_path):
     gone = _directory(tmp_path, "ipc", dead)
     gone_requantizer = _directory(tmp_path, "requantizer", dead)
     live = _directory(tmp_path, "ipc", os.getpid())
+    before_the_lock = _directory(tmp_path, "ipc", dead, "old", owner=False)  # nothing proves it dead
     foreign = tmp_path / f"inlaid-server-{dead}-x"  # another of Inlaid's directories, not an ipc one
     foreign.mkdir()
-    odd = tmp_path / "inlaid-ipc-notapid-x"
-    odd.mkdir()
+    odd = [_directory(tmp_path, "ipc", name) for name in ("notapid", "²", "4294967296", "99999999999999999999")]
 
     assert remove_dead_dirs("ipc", str(tmp_path)) == [gone]
     assert remove_dead_dirs("requantizer", str(tmp_path)) == [gone_requantizer]
     assert not gone.exists() and not gone_requantizer.exists()
-    assert live.exists() and foreign.exists() and odd.exists()
+    assert all(path.exists() for path in (live, before_the_lock, foreign, *odd))
 
 
-def test_a_directory_whose_socket_still_listens_is_kept_whatever_its_pid(tmp_path):
-    # A /tmp shared by containers with separate pid namespaces: the owner's pid means
-    # nothing here, but its socket still accepts connections.
-    short = Path(os.path.realpath("/tmp")) / f"ipct-{os.getpid()}"  # a Unix socket path must stay short
-    short.mkdir(exist_ok=True)
+def test_a_held_owner_lock_keeps_the_directory_whatever_its_pid(tmp_path):
+    # A /tmp shared by containers with separate pid namespaces: the owner's pid means nothing
+    # here, but the owner holds its lock (whether or not its sockets are bound yet).
+    dead = _dead_pid()
+    held = _directory(tmp_path, "requantizer", dead, "held")
+    descriptor = os.open(held / OWNER_FILE, os.O_RDWR)
     try:
-        dead = _dead_pid()
-        serving = short / f"inlaid-ipc-{dead}-a"
-        stale = short / f"inlaid-ipc-{dead}-b"
-        serving.mkdir()
-        stale.mkdir()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-            listener.bind(str(serving / "executor-0.ipc"))
-            listener.listen()
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as closed:  # bound, never listening: refused
-                closed.bind(str(stale / "executor-0.ipc"))
-            assert remove_dead_dirs("ipc", str(short)) == [stale]
-            assert serving.exists()
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        assert remove_dead_dirs("requantizer", str(tmp_path)) == []
+        assert held.exists()
     finally:
-        shutil.rmtree(short, ignore_errors=True)
+        os.close(descriptor)  # the owner dies: its lock goes with it
+    assert remove_dead_dirs("requantizer", str(tmp_path)) == [held]
 
 
-def test_private_ipc_dir_names_its_owner_and_sweeps_every_kind(tmp_path, monkeypatch):
+def test_private_ipc_dir_locks_what_it_makes_and_sweeps_every_kind(tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr("tempfile.tempdir", None)  # TMPDIR is read once and cached
     dead = _dead_pid()
     left = [_directory(tmp_path, kind, dead) for kind in ("ipc", "requantizer")]
+    (tmp_path / f"inlaid-ipc-{'9' * 30}-x").mkdir()  # a pid os.kill cannot take: kept, no failure
     made = Path(private_ipc_dir("requantizer"))
     assert made.parent == tmp_path and made.name.startswith(f"inlaid-requantizer-{os.getpid()}-")
     assert not any(path.exists() for path in left)
+    # Its lock is held by this process: another process (another pid namespace, say) cannot take it.
+    probe = subprocess.run([sys.executable, "-c", (
+        "import fcntl, os, sys\n"
+        f"fd = os.open({str(made / OWNER_FILE)!r}, os.O_RDONLY)\n"
+        "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError:\n    sys.exit(3)\n")])
+    assert probe.returncode == 3
     with pytest.raises(ValueError, match="kind"):
         private_ipc_dir("../elsewhere")

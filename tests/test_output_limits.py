@@ -118,6 +118,6 @@ def test_http_chat_limits_and_messages():
     assert empty.value.param == "messages[0].content"
     unknown = from_inlaid(UnknownTaskError("[unknown_task] unknown task 'gpt-4'; this server has: qa, code", "r1"),
                           model="gpt-4", base_model=BASE)
-    assert unknown.message == ("The model `gpt-4` does not exist; this server has: qa, code. "
-                               f"The base model `{BASE}` is also a valid model.")
+    # The one wording of every unknown model's 404 (errors.model_not_found): the base first, tasks sorted.
+    assert unknown.message == f"The model `gpt-4` does not exist; this server has: `{BASE}` (the base model), `code`, `qa`."
     assert unknown.message.count("gpt-4") == 1

@@ -104,12 +104,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"inlaid http: {error}", file=sys.stderr)
         return 2
-    listening: socket.socket | None = None
+    listening: list[socket.socket] | None = None
     if args.listen_fd is None:  # alone: bound here, so that a port in use fails the start with one line
-        from inlaid.http.process import listening_socket
+        from inlaid.http.process import listening_sockets
 
         try:
-            listening = listening_socket(config.host, config.port)
+            listening = listening_sockets(config.host, config.port)
         except OSError as error:
             print(f"inlaid http: cannot listen on {config.host}:{config.port}: {error.strerror or error}",
                   file=sys.stderr)
@@ -125,9 +125,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def serve(address: str, config: HttpConfig, listen_fd: int | None = None, parent_pid: int | None = None,
-                listening: socket.socket | None = None) -> int:
+                listening: list[socket.socket] | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or until `parent_pid` is gone); the exit code. Listens on
-    `listen_fd` or `listening` when given (a socket already bound and listening), else on
+    `listen_fd` or `listening` when given (sockets already bound and listening), else on
     host:port."""
     import uvicorn
 
@@ -144,7 +144,7 @@ async def serve(address: str, config: HttpConfig, listen_fd: int | None = None, 
     # handler it found; the front has nothing left to do by then and exits 0.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: None)
-    sockets = [socket.socket(fileno=listen_fd)] if listen_fd is not None else [listening] if listening else None
+    sockets = [socket.socket(fileno=listen_fd)] if listen_fd is not None else listening
     log.info("http front starting", extra={"listen": f"{config.host}:{config.port}", "server": address,
                                            "pid": os.getpid()})
     try:

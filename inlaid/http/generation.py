@@ -178,8 +178,11 @@ def _own_prompts_apart(message: str, index: int | None, count: int) -> str:
                    f"{others} other requests through this front; " + message[held.end():])
     elif own:
         message += f" ({own} of the requests in flight are this request's own earlier prompts)"
-    return (f"prompt[{index}]: {message}; this request's {count} prompts each need an admission slot: send fewer "
-            "prompts per request" if index is not None else message)
+    if index is None:
+        return message
+    advice = (f"; this request's {count} prompts each need an admission slot: send fewer prompts per request"
+              if own else "")  # its first prompt refused: other traffic holds the slots
+    return f"prompt[{index}]: {message}{advice}"
 
 
 class _PromptFailed(Exception):

@@ -15,6 +15,7 @@ is.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -46,6 +47,38 @@ def listening_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """A listening TCP socket on each address `host` resolves to (`localhost`: 127.0.0.1 and
+    ::1, as uvicorn binds it), for the front started alone. OSError when one cannot be bound
+    (a port in use), or none can; an address family the machine lacks is skipped."""
+    infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    skipped: OSError | None = None
+    try:
+        for family, kind, protocol, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, protocol)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:  # its own port, not the IPv4 one's as well
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                sock.listen(_BACKLOG)
+            except OSError as error:
+                sock.close()
+                if error.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    skipped = error
+                    continue
+                raise
+            sockets.append(sock)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    if not sockets:
+        raise skipped or OSError(errno.EADDRNOTAVAIL, f"{host} resolves to no address")
+    return sockets
 
 
 class HttpFrontProcess:

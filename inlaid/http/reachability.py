@@ -32,8 +32,7 @@ async def refuses_connections(address: str, timeout_s: float = PROBE_TIMEOUT_S) 
         async with asyncio.timeout(timeout_s):
             if address.startswith("ipc://"):
                 path = address[len("ipc://"):]
-                return await _refused(lambda: asyncio.open_unix_connection("\0" + path[1:] if path.startswith("@")
-                                                                          else path))
+                return _unix_refused("\0" + path[1:] if path.startswith("@") else path)
             if address.startswith("tcp://"):
                 host, _, port = address[len("tcp://"):].rpartition(";")[2].rpartition(":")
                 infos = await asyncio.get_running_loop().getaddrinfo(host.strip("[]"), int(port),
@@ -45,6 +44,23 @@ async def refuses_connections(address: str, timeout_s: float = PROBE_TIMEOUT_S) 
                 return bool(infos)
     except (TimeoutError, OSError, ValueError):  # no answer in time, a name that does not resolve, a bad port
         return False
+    return False
+
+
+def _unix_refused(path: str) -> bool:
+    """A Unix socket's connect, non-blocking: it answers at once (refused, no such file,
+    accepted, or a full backlog: someone listens). A plain socket, not the event loop's:
+    uvloop refuses abstract names (`@name`) with EINVAL, which proves nothing."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)
+        try:
+            probe.connect(path)
+        except (BlockingIOError, InterruptedError):
+            return False  # EAGAIN: a listener with a full backlog
+        except OSError as error:
+            if error.errno in _REFUSED:
+                return True
+            raise
     return False
 
 

@@ -107,6 +107,11 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
             return
         super().on_headers_complete()
 
+    def _should_upgrade(self) -> bool:
+        # A refused head skipped uvicorn's on_headers_complete (no scope): an Upgrade header
+        # in it must not start a websocket handshake on that missing scope.
+        return not self._head_refused and super()._should_upgrade()
+
     def on_body(self, body: bytes) -> None:
         if not self._head_refused:
             super().on_body(body)

@@ -3,37 +3,54 @@ killed server left behind.
 
 A server removes its directories in a `finally` on a normal exit; a SIGKILLed coordinator
 (the OOM killer, `kill -9`) cannot. Each directory's name carries its owner's pid
-(`inlaid-<kind>-<pid>-XXXX`), so a later start removes those whose owner is gone. Gone
-means both: the pid is not a live process here (a zombie counts as gone: a killed
-coordinator stays one until its parent reaps it), and no socket in the directory accepts a
-connection. The second test keeps a live server's sockets when the pid test cannot be
-trusted: a /tmp shared by containers with separate pid namespaces.
+(`inlaid-<kind>-<pid>-XXXX`), and its owner holds an exclusive `flock` on the file `.owner`
+inside for as long as it lives (the kernel drops the lock when the process dies, a zombie
+included). A later start removes a directory only when both say its owner is gone: the pid
+is no live process here, and the lock can be taken. The lock alone decides where /tmp is
+shared by containers with separate pid namespaces (a pid there means nothing here), also
+for a directory whose sockets are not bound yet (the requantizer's, until its first job).
+A directory without `.owner` (made before this scheme) is left alone. Cleaning up is best
+effort: nothing it meets fails a server's start.
 """
 
 from __future__ import annotations
 
-import errno
+import fcntl
+import logging
 import os
 import shutil
-import socket
 import tempfile
 from pathlib import Path
+
+log = logging.getLogger("inlaid.serve")
 
 _PREFIX = "inlaid-"
 # The coordinator's (executor sockets) and the re-quantization jobs' (the requantizer's).
 KINDS = ("ipc", "requantizer")
-# Refused, or no socket file: nobody listens. Any other failure proves nothing.
-_NOBODY_LISTENS = {errno.ECONNREFUSED, errno.ENOENT}
+OWNER_FILE = ".owner"
+# The owner's lock file descriptors, open (so locked) until the process exits.
+_held: dict[str, int] = {}
 
 
 def private_ipc_dir(kind: str) -> str:
     """A new directory `$TMPDIR/inlaid-<kind>-<pid>-XXXX` for this process's ipc sockets
-    (`kind` one of KINDS), after removing the directories (of every kind) dead owners left."""
+    (`kind` one of KINDS), locked as this process's, after removing the directories (of
+    every kind) dead owners left."""
     if kind not in KINDS:
         raise ValueError(f"ipc directory kind {kind!r}: one of {KINDS}")
     for each in KINDS:
-        remove_dead_dirs(each)
-    return tempfile.mkdtemp(prefix=f"{_PREFIX}{kind}-{os.getpid()}-")
+        try:
+            remove_dead_dirs(each)
+        except Exception as error:  # noqa: BLE001  (best effort: never a reason not to start)
+            log.warning("could not clean up stale ipc directories", extra={"kind": each, "error": repr(error)})
+    path = tempfile.mkdtemp(prefix=f"{_PREFIX}{kind}-{os.getpid()}-")
+    # Locked under another name, then renamed: a cleaner never meets an unlocked `.owner`.
+    locking = os.path.join(path, OWNER_FILE + ".new")
+    descriptor = os.open(locking, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)
+    os.rename(locking, os.path.join(path, OWNER_FILE))
+    _held[path] = descriptor
+    return path
 
 
 def remove_dead_dirs(kind: str, root: str | None = None) -> list[Path]:
@@ -43,9 +60,9 @@ def remove_dead_dirs(kind: str, root: str | None = None) -> list[Path]:
     prefix = f"{_PREFIX}{kind}-"
     for path in Path(root or tempfile.gettempdir()).glob(f"{prefix}*-*"):
         pid = path.name[len(prefix):].split("-", 1)[0]
-        if not pid.isdigit() or not path.is_dir() or path.is_symlink():
+        if not (pid.isascii() and pid.isdigit()) or path.is_symlink() or not path.is_dir():
             continue
-        if process_alive(int(pid)) or _a_socket_listens(path):
+        if process_alive(int(pid)) or not _owner_gone(path):
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
@@ -53,12 +70,13 @@ def remove_dead_dirs(kind: str, root: str | None = None) -> list[Path]:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether `pid` is a running process (not a zombie). Another user's process: alive."""
+    """Whether `pid` is a running process (not a zombie). Another user's process, or a pid
+    the kernel cannot even take: alive (kept)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError, ValueError):
         return True
     try:
         with open(f"/proc/{pid}/stat") as stat:
@@ -67,27 +85,22 @@ def process_alive(pid: int) -> bool:
         return True
 
 
-def _a_socket_listens(directory: Path) -> bool:
-    """Whether a Unix socket in `directory` accepts a connection (something still serves
-    there). A file that is not a socket, or one refused, does not count; any other error
-    (permissions) counts as listening: keep what cannot be proven dead."""
+def _owner_gone(directory: Path) -> bool:
+    """Whether nobody holds the directory's owner lock (its owner died). No lock file, or
+    one that cannot be opened (another user's): not proven, kept."""
+    owner = directory / OWNER_FILE
+    if owner.is_symlink():
+        return False
     try:
-        entries = list(directory.iterdir())
+        descriptor = os.open(owner, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
-        return True
-    for entry in entries:
-        try:
-            if not entry.is_socket():
-                continue
-        except OSError:
-            return True
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.settimeout(1.0)
-            try:
-                probe.connect(str(entry))
-            except OSError as error:
-                if error.errno in _NOBODY_LISTENS:
-                    continue
-                return True
-            return True
-    return False
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # its owner lives (in this pid namespace or another)
+    except OSError:
+        return False
+    finally:
+        os.close(descriptor)  # releases the lock if it was taken
+    return True
