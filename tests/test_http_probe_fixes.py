@@ -70,9 +70,16 @@ class _StandInClient:
 def _post(app: Any, path: str, body: bytes, headers: tuple[tuple[bytes, bytes], ...] = (),
           more_body: bool = False, method: str = "POST") -> tuple[int, bytes]:
     """One POST (or `method`) through the ASGI app, as uvicorn would run it; `more_body`: the
-    client sends `body` and then nothing more (a stalled upload)."""
+    client sends `body` and then nothing more (a stalled upload). Status and body."""
+    status, _, answer = _asgi(app, path, body, headers, more_body, method)
+    return status, answer
 
-    async def run() -> tuple[int, bytes]:
+
+def _asgi(app: Any, path: str, body: bytes = b"", headers: tuple[tuple[bytes, bytes], ...] = (),
+          more_body: bool = False, method: str = "POST") -> tuple[int, dict[str, str], bytes]:
+    """`_post`'s exchange: status, response headers (lower-case names), body."""
+
+    async def run() -> tuple[int, dict[str, str], bytes]:
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
                  "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
                  "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
@@ -93,8 +100,10 @@ def _post(app: Any, path: str, body: bytes, headers: tuple[tuple[bytes, bytes], 
                 done.set()
 
         await app(scope, receive, send)
-        status = next(m["status"] for m in sent if m["type"] == "http.response.start")
-        return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        start = next(m for m in sent if m["type"] == "http.response.start")
+        answer_headers = {k.decode().lower(): v.decode() for k, v in start.get("headers", [])}
+        return start["status"], answer_headers, b"".join(m.get("body", b"") for m in sent
+                                                         if m["type"] == "http.response.body")
 
     return asyncio.run(run())
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from test_http_probe_fixes import BASE, _app, _exchange, _post, _StandInClient, _uvicorn
+from test_http_probe_fixes import BASE, _app, _asgi, _exchange, _post, _StandInClient, _uvicorn
 
 from inlaid.client import ContextLengthError, OverloadedError, RequestTimeoutError, UnknownTaskError
 from inlaid.http.cli import add_arguments, settings_from_args
@@ -60,33 +60,7 @@ def _toml(tmp_path: Path, model_dir: Path, server: str = "", http: str = "") -> 
 
 def _call(app: Any, method: str, path: str, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
     """One request through the ASGI app: status, headers (lower-case names), body."""
-
-    async def run() -> tuple[int, dict[str, str], bytes]:
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
-                 "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000)}
-        incoming = [{"type": "http.request", "body": body, "more_body": False}]
-        sent: list[dict[str, Any]] = []
-        done = asyncio.Event()
-
-        async def receive() -> dict[str, Any]:
-            if incoming:
-                return incoming.pop(0)
-            await done.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                done.set()
-
-        await app(scope, receive, send)
-        start = next(m for m in sent if m["type"] == "http.response.start")
-        headers = {k.decode().lower(): v.decode() for k, v in start.get("headers", [])}
-        return start["status"], headers, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-
-    return asyncio.run(run())
+    return _asgi(app, path, body, method=method)
 
 
 # ---------------------------------------------------------------- 1: no admin token needed
