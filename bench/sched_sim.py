@@ -10,6 +10,7 @@ FIFO's saturation throughput (measured on the same trace, overloaded). Writes
     bench/results/sched_sim.md     headline, oracle, full and ablation tables, the long-run timing
     bench/results/sched_sim_jct.png, sched_sim_slo.png   mean JCT and SLO attainment vs load
     bench/results/sched_sim_slots8.*   the same with the server's default 8 slots
+    bench/results/sched_sim_quick*.*   `--quick` (a 30-s smoke run) writes its own set instead
 
     .venv/bin/python bench/sched_sim.py [--requests 1200] [--workers 2] [--slots 32,8] [--quick] [--tag NAME]
 

@@ -118,3 +118,9 @@ def _write_probe_problem(directory: Path, path: Path, option: str) -> str | None
     except OSError as error:
         return f"{option} {path} cannot be written: {error.strerror or error}"
     return None
+
+
+def type_words(kind: type) -> str:
+    """A Python type in an error message's words: `must be an integer`, not `must be a int`."""
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind,
+                                                                                              f"a {kind.__name__}")

@@ -106,7 +106,7 @@ def test_requantizer_section(tmp_path):
     assert config.state_dir == str(tmp_path / "state")
     assert (config.requantizer.threads, config.requantizer.change_threshold, config.requantizer.idle_priority) == (2, 0, False)
     assert config.requantizer.quality_tolerance == 1.0 and config.requantizer.niceness == 19
-    for bad, match in (({"threads": "1"}, "must be a int"), ({"enabled": 1}, "must be a bool"),
+    for bad, match in (({"threads": "1"}, "must be an integer"), ({"enabled": 1}, "must be true or false"),
                        ({"threads": 0}, ">= 1"), ({"niceness": 25}, "0..19"), ({"speed": 1}, "unknown keys"),
                        ({"change_threshold": -0.1}, ">= 0"), ({"duty_cycle": 0}, r"\(0, 1\]"),
                        ({"idle_duty_cycle": 1.5}, "idle_duty_cycle"), ({"idle_duty_cycle": True}, "idle_duty_cycle")):

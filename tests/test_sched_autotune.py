@@ -393,3 +393,32 @@ def test_live_task_changes_retune_every_policy_in_place(model_dir: Path, adapter
     assert len([r for r in caplog.records if r.message.startswith("scheduler re-tuning failed")]) == 1
     for policy in policies:
         policy.close()
+
+
+def test_the_tuning_leaves_the_servers_predictor_learning_out_of_its_simulations(monkeypatch, tmp_path) -> None:
+    """predictor_refit_every and predictor_state are the server's learning: a simulation
+    refits inline, so `predictor_refit_every = 4` made every run refit every 4 finished
+    requests (the tuning took over 150 s instead of 15 s); and no simulation may touch the
+    server's state file. The tuned options still carry them for the server."""
+    from inlaid.scheduling import experiment
+
+    refits: list[int] = []
+    original = experiment.length_model
+
+    def recording(kind, history, refit_every=0):  # noqa: ANN001, ANN202
+        refits.append(refit_every)
+        return original(kind, history, refit_every)
+
+    monkeypatch.setattr(experiment, "length_model", recording)
+    state = tmp_path / "predictor.npz"
+    explicit = {"predictor_refit_every": 4, "predictor_state": str(state)}
+    cost = StepCostModel.load(COST_MODEL)
+    result = tune_inlaid_options(cost, EngineShape(max_lora_slots=4), 6, explicit, requests=40,
+                                 candidates=SMALL, workloads=((4.0, "zipf"),))
+    assert refits and set(refits) == {0}, refits  # the simulator's default: no inline refits
+    assert all("predictor_refit_every" not in s.options for s in result.scores)
+    assert not state.exists()
+    monkeypatch.setattr(autotune, "CANDIDATES", SMALL)
+    monkeypatch.setattr(autotune, "WORKLOADS", ((4.0, "zipf"),))
+    options, _ = tuned_options(str(COST_MODEL), EngineShape(max_lora_slots=4), 6, explicit, requests=40)
+    assert options["predictor_refit_every"] == 4 and options["predictor_state"] == str(state)

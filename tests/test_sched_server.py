@@ -34,7 +34,10 @@ def test_scheduler_table_is_validated_and_builds_the_named_policy(tmp_path):
     policy = load_policy(config.policy, config.scheduler)
     assert isinstance(policy, InlaidPolicy) and policy.max_adapters_per_step == 2
     for bad, message in [({"max_adapters_per_step": -1}, "max_adapters_per_step"), ({"beta": 2}, "no option"),
-                         ({"max_wait_s": "soon"}, "must be a float"), ({"predictor": "oracle"}, "predictor")]:
+                         ({"max_wait_s": "soon"}, "must be a number"), ({"predictor": "oracle"}, "predictor"),
+                         ({"max_adapters_per_step": 2.0}, "must be an integer"),
+                         # the per-task mean keeps no state: a state path was never written nor read
+                         ({"predictor": "task-mean", "predictor_state": "state.npz"}, "task-mean' keeps no state")]:
         with pytest.raises(ConfigError, match=message):
             config_from_dict({"server": {"policy": "inlaid"}, "scheduler": bad})
     with pytest.raises(ConfigError, match="built-in policies only"):
@@ -70,9 +73,11 @@ def test_scheduler_files_that_could_never_be_written_or_loaded_are_refused_up_fr
         config("predictor_state", corrupt)
     with pytest.raises(ConfigError, match="delete or move it"):
         config("predictor_state", corrupt, state_dir=str(tmp_path))
-    # The task-mean predictor reads no state: nothing to check.
-    config_from_dict({"server": {"policy": "inlaid"},
-                      "scheduler": {"predictor": "task-mean", "predictor_state": str(corrupt)}})
+    # The task-mean predictor keeps no state: a state path beside it is refused as such (not
+    # read: the refusal says why, whatever the file holds).
+    with pytest.raises(ConfigError, match="task-mean' keeps no state"):
+        config_from_dict({"server": {"policy": "inlaid"},
+                          "scheduler": {"predictor": "task-mean", "predictor_state": str(corrupt)}})
     saved = tmp_path / "saved.npz"
     OnlineLengthPredictor(refit_every=0).save(saved)
     assert config("predictor_state", saved).scheduler["predictor_state"] == str(saved)

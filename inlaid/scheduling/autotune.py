@@ -159,6 +159,10 @@ def score_candidates(runs: Sequence[Mapping[str, Any]], candidates: Mapping[str,
     return scores
 
 
+# Options of the server's length predictor the tuning's simulations leave out (the server keeps them).
+SERVER_LEARNING_OPTIONS = ("predictor_state", "predictor_refit_every")
+
+
 def choose(scores: Sequence[CandidateScore], baseline: str = "defaults") -> CandidateScore:
     """The rule in the module docstring; `baseline` names the always-eligible set."""
     reference = next(score for score in scores if score.label == baseline)
@@ -196,8 +200,12 @@ def tune_inlaid_options(
     workloads = WORKLOADS if workloads is None else workloads
     if "defaults" not in candidates:
         raise ValueError("the candidates must include 'defaults' (the always-eligible set)")
-    # The step log records the server's steps, not the simulations'.
-    explicit = {key: value for key, value in (explicit_options or {}).items() if key not in COMMON_OPTIONS}
+    # The step log records the server's steps, not the simulations'. The predictor's state
+    # file and refit cadence are the server's learning, not ranking: a simulation refits
+    # inline (the server in the background), so predictor_refit_every = 4 made the tuning
+    # refit every 4 finished requests of every run (over 150 s instead of 15 s, an outside probe).
+    explicit = {key: value for key, value in (explicit_options or {}).items()
+                if key not in COMMON_OPTIONS and key not in SERVER_LEARNING_OPTIONS}
     records = load_tuning_records(lengths_file or SUITE_LENGTHS_FILE)
     held_out = [r for r in records if r.split == "eval"]
     # What the predictor knows at start: the suite's calib split, prompts as stand-in ids of

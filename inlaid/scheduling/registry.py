@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from inlaid.cli_args import type_words
 from inlaid.engine.scheduler import FifoPolicy, SchedulingPolicy
 from inlaid.scheduling.estimates import LengthModel
 from inlaid.scheduling.mlfq import MlfqOptions, MlfqPolicy
@@ -44,7 +45,7 @@ def parse_options(name: str, raw: Mapping[str, Any] | None) -> Any:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if type(value) is not kind:
-            raise ValueError(f"scheduler option {key!r} must be a {kind.__name__}, got {value!r}")
+            raise ValueError(f"scheduler option {key!r} must be {type_words(kind)}, got {value!r}")
         if kind is float and not math.isfinite(value):
             # TOML has nan and inf; NaN fails every comparison, so max_wait_s = nan switched
             # the aging bound off without a word (an outside probe)

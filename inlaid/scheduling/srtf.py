@@ -87,6 +87,10 @@ class InlaidOptions:
             raise ValueError("max_wait_s must be > 0")
         if self.predictor not in ("model", "task-mean", "exact"):
             raise ValueError(f"predictor must be 'model' or 'task-mean' ('exact': the simulator's oracle), got {self.predictor!r}")
+        if self.predictor == "task-mean" and self.predictor_state:
+            # The per-task mean keeps no state: a path here was saved to and read from never.
+            raise ValueError("predictor_state saves the 'model' predictor; predictor 'task-mean' keeps no state: "
+                             "remove predictor_state or use predictor = 'model'")
         if self.predictor_refit_every < 0:
             raise ValueError("predictor_refit_every must be >= 0 (0 = never refit)")
         if self.max_prefill_tokens_per_step < 0:

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from inlaid.cli_args import type_words
 from inlaid.engine.config import MAX_THREADS, EngineConfig, check_device, check_range
 from inlaid.http.settings import HttpConfig, check_listen_address
 from inlaid.serve.config_parsing import (ConfigError, admin_token_from, check_bind_address, check_log_level,
@@ -327,7 +328,7 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Serve
         kind = type(_REQUANTIZER_FIELDS[key].default)
         accepted = (int, float) if kind is float else (kind,)
         if isinstance(value, bool) != (kind is bool) or not isinstance(value, accepted):
-            raise ConfigError(f"requantizer.{key} must be a {kind.__name__}, got {value!r}")
+            raise ConfigError(f"requantizer.{key} must be {type_words(kind)}, got {value!r}")
     reject_unknown("executor", executor, _ENGINE_FIELDS)
     reject_unknown("server", server, _SERVER_KEYS)
     executors = section(raw, "executors")
