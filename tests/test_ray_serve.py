@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from inlaid.serve.ipc_dirs import process_alive
+
 # Ray 2.60 declares pydantic fields in a deprecated style; its warnings are not ours.
 pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -181,7 +183,7 @@ def test_ray_serve_routes_by_task_evicts_lru_and_replaces_a_killed_replica(ray_a
     _wait_for_running_replicas(2, deadline)
     replicas = {_describe(handle, task).replica for task in TASKS}
     assert victim.replica not in replicas
-    assert not _process_alive(victim.server_pid)
+    assert not process_alive(victim.server_pid)
     # Its folder goes when the replacement replica starts (the victim could not remove it).
     # Ray may still count the dead replica as running until its controller notices, so the
     # wait above does not prove the replacement exists yet.
@@ -228,14 +230,6 @@ def _wait_for_running_replicas(count: int, deadline: float) -> None:
             return
         assert time.monotonic() < deadline, f"replicas: {status.replica_states}"
         time.sleep(0.5)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            return not any(line.startswith("State:") and "Z" in line for line in status)
-    except FileNotFoundError:
-        return False
 
 
 def test_a_replica_server_that_cannot_start_leaves_no_temp_folder(tmp_path, monkeypatch) -> None:

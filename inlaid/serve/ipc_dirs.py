@@ -28,8 +28,6 @@ _PREFIX = "inlaid-"
 # The coordinator's (executor sockets) and the re-quantization jobs' (the requantizer's).
 KINDS = ("ipc", "requantizer")
 OWNER_FILE = ".owner"
-# The owner's lock file descriptors, open (so locked) until the process exits.
-_held: dict[str, int] = {}
 
 
 def private_ipc_dir(kind: str) -> str:
@@ -49,7 +47,7 @@ def private_ipc_dir(kind: str) -> str:
     descriptor = os.open(locking, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     fcntl.flock(descriptor, fcntl.LOCK_EX)
     os.rename(locking, os.path.join(path, OWNER_FILE))
-    _held[path] = descriptor
+    # `descriptor` is never closed: the lock is held until the process exits (or dies).
     return path
 
 
