@@ -37,16 +37,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to host:port and listening (OSError when that is impossible: a
     port in use fails here, with its reason, before anything is served)."""
     host = host.strip("[]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(_BACKLOG)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    return _listening(socket.AF_INET6 if ":" in host else socket.AF_INET, (host, port))
 
 
 def listening_sockets(host: str, port: int) -> list[socket.socket]:
@@ -57,21 +48,13 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
     sockets: list[socket.socket] = []
     skipped: OSError | None = None
     try:
-        for family, kind, protocol, _, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, protocol)
+        for family, _, protocol, _, address in dict.fromkeys(infos):
             try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:  # its own port, not the IPv4 one's as well
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(address)
-                sock.listen(_BACKLOG)
+                sockets.append(_listening(family, address, protocol, v6_only=True))
             except OSError as error:
-                sock.close()
-                if error.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-                    skipped = error
-                    continue
-                raise
-            sockets.append(sock)
+                if error.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    raise
+                skipped = error
     except OSError:
         for sock in sockets:
             sock.close()
@@ -79,6 +62,23 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
     if not sockets:
         raise skipped or OSError(errno.EADDRNOTAVAIL, f"{host} resolves to no address")
     return sockets
+
+
+def _listening(family: int, address: tuple, protocol: int = 0, v6_only: bool = False) -> socket.socket:
+    """One TCP socket of `family` bound to `address` and listening; closed again on failure.
+    `v6_only`: an IPv6 socket takes its own port only, not the IPv4 one's as well (binding
+    both families of one name)."""
+    sock = socket.socket(family, socket.SOCK_STREAM, protocol)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if v6_only and family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class HttpFrontProcess:
