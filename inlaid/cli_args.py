@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
+
+# Every duration a config or command line takes: a finite number of seconds up to this (11.6
+# days). Beyond it a timer is no longer a bound (and faulthandler's shutdown watchdog
+# overflows); the server config, the scheduler's options and the HTTP front's timeouts share it.
+MAX_SECONDS = 1e6
 import tempfile
 from pathlib import Path
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from inlaid.cli_args import MAX_SECONDS
 from inlaid.protocol.client import DEFAULT_MAX_FRAME_BYTES
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
@@ -34,7 +35,7 @@ def front_admission_share(max_pending_requests: int) -> int:
     return max(1, max_pending_requests - max(1, max_pending_requests // 10))
 
 
-MAX_TIMEOUT_S = 1e6  # as the server's timers (serve/config.py MAX_SECONDS)
+MAX_TIMEOUT_S = MAX_SECONDS  # as the server's timers
 # What a request's message to the server (one ZeroMQ frame, msgpack) may carry beyond the
 # bytes of the HTTP body it came from: the request id, the message's field names, the
 # sampling values the front fills in (at most ~400 bytes measured). Everything else in a

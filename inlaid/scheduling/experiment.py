@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from inlaid.cli_args import MAX_SECONDS
 from inlaid.engine.scheduler import SchedulingPolicy
 from inlaid.scheduling.cost_model import ChunkShape, StepCostModel, StepFeatures
 from inlaid.scheduling.registry import make_policy
@@ -37,8 +38,8 @@ MAIN_VARIANTS = [
 # fixed β and several per-step row targets (β = 8 at most); the best of them is the bound
 # the sweep reports. "inlaid exact" is inlaid with its guards and perfect predictions: the
 # gap from inlaid to it is the predictor's, from it to the oracle the guards'.
-# No aging: the longest bound a config accepts (1e6 s, 11.6 days), past any simulated wait.
-_NO_AGING_S = 1e6
+# No aging: the longest bound a config accepts (11.6 days), past any simulated wait.
+_NO_AGING_S = MAX_SECONDS
 _CLAIRVOYANT = {"max_wait_s": _NO_AGING_S, "first_token_first": False}
 ORACLES = [PolicyVariant(f"oracle beta={beta or 'inf'}", "inlaid",
                          {**_CLAIRVOYANT, "max_adapters_per_step": beta, "batch_rows_target": 0}, "exact")

@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from inlaid.cli_args import type_words
+from inlaid.cli_args import MAX_SECONDS, type_words
 from inlaid.engine.scheduler import FifoPolicy, SchedulingPolicy
 from inlaid.scheduling.estimates import LengthModel
 from inlaid.scheduling.mlfq import MlfqOptions, MlfqPolicy
@@ -25,8 +25,7 @@ class FifoOptions:
 
 OPTIONS: dict[str, type] = {"fifo": FifoOptions, "inlaid": InlaidOptions, "mlfq": MlfqOptions, "vtc": VtcOptions}
 POLICY_NAMES = tuple(OPTIONS)
-COMMON_OPTIONS = {"step_log"}
-MAX_SECONDS = 1e6  # the server config's bound on any duration (serve/config.py)  # any policy: write every step to this JSON-lines file
+COMMON_OPTIONS = {"step_log"}  # any policy: write every step to this JSON-lines file
 
 
 def parse_options(name: str, raw: Mapping[str, Any] | None) -> Any:

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from inlaid.cli_args import type_words
+from inlaid.cli_args import MAX_SECONDS, type_words
 from inlaid.engine.config import MAX_THREADS, EngineConfig, check_device, check_range
 from inlaid.http.settings import HttpConfig, check_listen_address
 from inlaid.serve.config_parsing import (ConfigError, admin_token_from, check_bind_address, check_log_level,
@@ -64,9 +64,6 @@ from inlaid.serve.placement import PLACEMENT_RULES, PlacementRule
 from inlaid.serve.scheduler_config import check_scheduler
 
 
-# Every duration in the config: a finite number of seconds up to this (11.6 days). Beyond
-# it a timer is no longer a bound (and faulthandler's shutdown watchdog overflows).
-MAX_SECONDS = 1e6
 MAX_EXECUTORS = 64  # one per device: more than any box has (Ray replicas scale further)
 MAX_FRAME_BYTES = 1 << 30  # a frame is held whole in memory while it is decoded
 
