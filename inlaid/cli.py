@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"inlaid {name}: interrupted", file=sys.stderr)
         return 130
     except Exception as error:
-        if isinstance(error, BrokenPipeError) and _stdout_closed():
-            return _end_on_closed_stdout()
+        if isinstance(error, BrokenPipeError) and stdout_closed():
+            return end_on_closed_stdout()
         if os.environ.get("INLAID_DEBUG") or not is_input_error(error):
             raise  # a bug: its traceback is what a report needs
         print(f"inlaid {name}: {type(error).__name__}: {error}", file=sys.stderr)
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 EXIT_STDOUT_CLOSED = 141
 
 
-def _stdout_closed() -> bool:
+def stdout_closed() -> bool:
     """Whether stdout is a pipe (or socket) whose reader has gone (`inlaid client metrics | head
     -5`): then a BrokenPipeError is that reader leaving, not a failure of the command (a broken
     connection elsewhere still gets its one-line error)."""
@@ -79,7 +79,7 @@ def _stdout_closed() -> bool:
     return any(mask & (select.POLLERR | select.POLLHUP) for _, mask in events)
 
 
-def _end_on_closed_stdout() -> int:
+def end_on_closed_stdout() -> int:
     """End quietly once stdout's reader has gone: stdout goes to devnull (as Python's docs on
     SIGPIPE advise), so the exit's flush of what is still buffered raises nothing either."""
     devnull = os.open(os.devnull, os.O_WRONLY)

@@ -250,5 +250,20 @@ def main() -> int:
     return 0 if summary["exit_code"] == 0 and summary["ok"] == summary["requests"] else 1
 
 
+def run_main() -> int:
+    """`main`, ending quietly (141, as `inlaid` commands do) when stdout's reader has gone
+    (`make run | head`) rather than with a BrokenPipeError traceback."""
+    from inlaid.cli import end_on_closed_stdout, stdout_closed
+
+    try:
+        code = main()
+        sys.stdout.flush()  # a closed pipe shows here, not as "Exception ignored" at the exit's flush
+        return code
+    except BrokenPipeError:
+        if stdout_closed():
+            return end_on_closed_stdout()
+        raise
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main())

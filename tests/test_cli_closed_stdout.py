@@ -65,3 +65,23 @@ def test_a_broken_pipe_elsewhere_is_still_an_error(monkeypatch, capsys) -> None:
     monkeypatch.setattr(inlaid.models.cli, "run", broken)
     assert main(["models", "path"]) == 2
     assert "inlaid models: BrokenPipeError: [Errno 32] Broken pipe" in capsys.readouterr().err
+
+
+# `make run` (python -m inlaid.demo) prints its tables while it works; its real main takes
+# minutes, so a stand-in prints as much as a table does and the real wrapper runs it.
+FAKE_DEMO = """
+import sys
+import inlaid.demo as demo
+def main():
+    for row in range(20000):
+        print(f"task-{row:<10} {row:>8} {row / 3:>10.3f}")
+    return 0
+demo.main = main
+sys.exit(demo.run_main())
+"""
+
+
+def test_make_run_output_into_a_closed_pipe_ends_quietly() -> None:
+    done = _with_closed_stdout(["-c", FAKE_DEMO])
+    assert done.returncode == EXIT_STDOUT_CLOSED, done.stderr
+    assert done.stderr == ""
