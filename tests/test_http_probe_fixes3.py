@@ -33,13 +33,16 @@ import msgspec
 import pytest
 from test_http_probe_fixes import BASE, _app, _asgi, _exchange, _post, _StandInClient, _uvicorn
 
-from inlaid.client import ContextLengthError, OverloadedError, RequestTimeoutError, UnknownTaskError
+from inlaid.client import RequestTimeoutError, UnknownTaskError
+from inlaid.client.errors import error_from_reply
 from inlaid.http.cli import add_arguments, settings_from_args
 from inlaid.http.schema import CompletionRequest
 from inlaid.http.settings import HttpConfig, front_admission_share
 from inlaid.http.slow_clients import MAX_HEAD_BYTES
 from inlaid.http.translate import completion_call
-from inlaid.protocol import HealthReply
+from inlaid.protocol import (
+    AdminReply, ContextOverflow, ErrorCode, ErrorReply, HealthReply, InFlightCounts, ReplacedConfigEntry,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_MODEL_LEN = 512
@@ -108,9 +111,11 @@ class _Admitting(_StandInClient):
 
     async def generate(self, **kwargs: Any) -> Any:
         if self.in_flight >= self.share:
-            raise OverloadedError(f"[overloaded] {self.in_flight} requests in flight, {self.in_flight} of them this "
-                                  f"connection's; the last tenth of the {self.limit} is kept for other clients; "
-                                  "retry later", "r")
+            raise error_from_reply(ErrorReply(
+                request_id="r", code=ErrorCode.OVERLOADED,
+                message=f"{self.in_flight} requests in flight, {self.in_flight} of them this connection's; the last "
+                        f"tenth of the {self.limit} is kept for other clients; retry later",
+                in_flight=InFlightCounts(requests=self.in_flight, this_connection=self.in_flight, limit=self.limit)))
         self.in_flight += 1
         try:
             await asyncio.sleep(0.05)
@@ -149,10 +154,13 @@ class _Context(_StandInClient):
         self.generated.append(kwargs)
         prompt, max_tokens = 10, kwargs["max_tokens"]
         if max_tokens is not None and max_tokens > MAX_MODEL_LEN - prompt:
-            raise ContextLengthError(
-                f"[context_length] the context length is {MAX_MODEL_LEN} tokens, but {prompt + max_tokens} were "
-                f"requested ({prompt} in the prompt, max_tokens {max_tokens}): lower max_tokens to at most "
-                f"{MAX_MODEL_LEN - prompt}, or give none (null) to generate until the context is full", "r")
+            raise error_from_reply(ErrorReply(
+                request_id="r", code=ErrorCode.CONTEXT_LENGTH,
+                message=f"the context length is {MAX_MODEL_LEN} tokens, but {prompt + max_tokens} were requested "
+                        f"({prompt} in the prompt, max_tokens {max_tokens}): lower max_tokens to at most "
+                        f"{MAX_MODEL_LEN - prompt}, or give none (null) to generate until the context is full",
+                field="max_tokens", context_overflow=ContextOverflow(context_length=MAX_MODEL_LEN, prompt_tokens=prompt,
+                                                                     max_tokens=max_tokens)))
         return await super().generate(**kwargs)
 
 
@@ -266,9 +274,12 @@ def test_unknown_model_404s_have_one_wording():
 
 
 class _Replacing(_StandInClient):
-    async def add_task(self, name: str, adapter_dir: str, timeout_s: float | None = None) -> str:
-        return (f"task {name!r} added: {adapter_dir}; it replaces the config's [tasks] entry (/srv/{name}) until it "
-                "is removed, restarts included (the state directory keeps it); not re-quantized: no calibration")
+    async def add_task_reply(self, name: str, adapter_dir: str, timeout_s: float | None = None) -> AdminReply:
+        return AdminReply(
+            request_id="a", message=f"task {name!r} added: {adapter_dir}; it replaces the config's [tasks] entry "
+            f"(/srv/{name}) until it is removed, restarts included (the state directory keeps it); not re-quantized: "
+            "no calibration", replaces_config_entry=ReplacedConfigEntry(adapter_dir=f"/srv/{name}",
+                                                                         kept_across_restarts=True))
 
 
 def test_replacing_a_configured_task_says_so():

@@ -336,8 +336,15 @@ class AsyncClient:
         machine); it serves at once on the current base. With `calibration_jsonl` (the task's
         samples) the server then re-quantizes its base for it in the background: follow it with
         `task_status` or `wait_task`."""
+        return (await self.add_task_reply(name, adapter_dir, calibration_jsonl, timeout_s=timeout_s)).message
+
+    async def add_task_reply(self, name: str, adapter_dir: str | os.PathLike[str],
+                             calibration_jsonl: str | os.PathLike[str] | None = None, *,
+                             timeout_s: float | None = None) -> AdminReply:
+        """`add_task`, answering the server's whole AdminReply: for a program, the facts
+        beside its message (`replaces_config_entry`: the config's task it now overrides)."""
         message = build_add_task(self._ids.next(), name, adapter_dir, calibration_jsonl, self.admin_token)
-        return (await self._call(message, AdminReply, timeout_s)).message
+        return await self._call(message, AdminReply, timeout_s)
 
     async def task_status(self, name: str, timeout_s: float | None = None) -> TaskStatusReply:
         """Admin: the task's phase, layers done / total, quantization version, what was kept and why."""

@@ -6,14 +6,17 @@ from inlaid.protocol import ErrorCode, ErrorReply
 
 
 class InlaidError(Exception):
-    """Base of every error the SDK raises. `code` is the server's error code when it sent one."""
+    """Base of every error the SDK raises. `code` is the server's error code when it sent one;
+    `reply` the server's ErrorReply itself (None for the SDK's own errors): its optional facts
+    (`field`, `in_flight`, `context_overflow`) are for programs, `message` for people."""
 
     code: str = "client"
 
-    def __init__(self, message: str, request_id: str = "") -> None:
+    def __init__(self, message: str, request_id: str = "", *, reply: ErrorReply | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.request_id = request_id
+        self.reply = reply
 
 
 class MalformedRequestError(InlaidError):
@@ -35,11 +38,12 @@ class ProtocolVersionError(InlaidError):
 class InvalidRequestError(InlaidError):
     code = ErrorCode.INVALID_REQUEST
 
-    def __init__(self, message: str, request_id: str = "", param: str | None = None) -> None:
-        super().__init__(message, request_id)
-        # The argument at fault, when the SDK refused it before sending (the HTTP front
-        # names it in its error body); a server's refusal names it in the message only.
-        self.param = param
+    def __init__(self, message: str, request_id: str = "", param: str | None = None, *,
+                 reply: ErrorReply | None = None) -> None:
+        super().__init__(message, request_id, reply=reply)
+        # The argument at fault (the HTTP front names it in its error body): the one the SDK
+        # refused before sending, or the field the server's refusal names.
+        self.param = param if param is not None or reply is None else reply.field
 
 
 class UnknownTaskError(InvalidRequestError):
@@ -131,7 +135,7 @@ _BY_CODE: dict[str, type[InlaidError]] = {
 
 def error_from_reply(reply: ErrorReply) -> InlaidError:
     cls = _BY_CODE.get(reply.code, InlaidError)
-    error = cls(f"[{reply.code}] {reply.message}", reply.request_id)
+    error = cls(f"[{reply.code}] {reply.message}", reply.request_id, reply=reply)
     if cls is InlaidError:
         error.code = reply.code
     return error

@@ -23,14 +23,19 @@ from inlaid.engine.config import EngineConfig, ModelConfig
 from inlaid.engine.scheduler import Scheduler, SchedulerLimits, SchedulingPolicy
 from inlaid.engine.sequence import FinishReason, Sequence, SequenceStatus
 from inlaid.engine.tokenizer import StreamingDetokenizer, Tokenizer
-from inlaid.protocol import BatchPlan, SamplingParams, SequenceFailure, StepResult
+from inlaid.protocol import BatchPlan, SamplingError, SamplingParams, SequenceFailure, StepResult
 
 if TYPE_CHECKING:
     from inlaid.engine.runner import ModelRunner
 
 
 class InvalidRequestError(ValueError):
-    """A request the engine cannot serve (bad prompt, unknown adapter, bad sampling values)."""
+    """A request the engine cannot serve (bad prompt, unknown adapter, bad sampling values);
+    `field` names the request's field at fault when one is (the HTTP front's `param`)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class PromptTooLongError(InvalidRequestError):
@@ -150,13 +155,13 @@ class Engine:
         sampling = sampling or SamplingParams()
         try:
             sampling.validate()
-        except ValueError as error:
-            raise InvalidRequestError(str(error)) from error
+        except SamplingError as error:
+            raise InvalidRequestError(str(error), error.field) from error
         vocab = self.model_config.vocab_size
         # A stop id outside the vocabulary can never be sampled: refused as prompt ids are,
         # not accepted as a stop rule that silently never fires.
         if any(not 0 <= t < vocab for t in sampling.stop_token_ids):
-            raise InvalidRequestError(f"stop_token_ids must be integers in [0, {vocab})")
+            raise InvalidRequestError(f"stop_token_ids must be integers in [0, {vocab})", "stop_token_ids")
         token_ids = self.prompt_tokens(prompt, messages)
         if sampling.max_tokens is None:  # until the context is full (a too-long prompt is refused below)
             sampling = msgspec.structs.replace(sampling, max_tokens=max(1, self.max_model_len - len(token_ids)))

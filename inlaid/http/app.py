@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -36,7 +35,7 @@ from inlaid.http.schema import (
 )
 from inlaid.http.settings import HttpConfig
 from inlaid.http.translate import chat_call, completion_call
-from inlaid.protocol import HelloReply
+from inlaid.protocol import HelloReply, ReplacedConfigEntry
 
 log = logging.getLogger("inlaid.http")
 
@@ -269,24 +268,25 @@ async def _load_lora_adapter(front: Front, request: Request) -> Response:
         raise bad_request(f"{body.lora_name!r} is the base model's id; choose another name", "lora_name")
     async with front.admin_client(request) as client:
         try:
-            message = await client.add_task(body.lora_name, body.lora_path)
+            reply = await client.add_task_reply(body.lora_name, body.lora_path)
         except InlaidError as error:
             api_error = from_inlaid(error)
             if api_error.status == 400 and api_error.param is None:  # not the name: the adapter at lora_path
                 api_error.param = "lora_path"
             raise api_error from None
-    log.info("adapter loaded over HTTP", extra={"task": body.lora_name, "result": message})
-    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully." + _notices(message))
+    log.info("adapter loaded over HTTP", extra={"task": body.lora_name, "result": reply.message})
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully."
+                             + _replacement_notice(reply.replaces_config_entry))
 
 
-# What the server's add_task answer says beyond "added" that the caller must not miss (the
-# SDK and the CLI print the whole answer): a configured task replaced, and for how long.
-_REPLACES_CONFIG = re.compile(r"it replaces the config's \[tasks\] entry .*?(?=; |$)")
-
-
-def _notices(message: str) -> str:
-    found = _REPLACES_CONFIG.search(message or "")
-    return f" Note: {found.group(0)}." if found else ""
+def _replacement_notice(replaced: ReplacedConfigEntry | None) -> str:
+    """What the server's add_task answer says beyond "added" that the caller must not miss (the
+    SDK and the CLI print the whole answer): a configured task replaced, and for how long."""
+    if replaced is None:
+        return ""
+    until = ("until it is removed, restarts included (the state directory keeps it)" if replaced.kept_across_restarts
+             else "until the server restarts (no server.state_dir)")
+    return f" Note: it replaces the config's [tasks] entry ({replaced.adapter_dir}) {until}."
 
 
 async def _unload_lora_adapter(front: Front, request: Request) -> Response:

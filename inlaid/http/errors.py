@@ -11,9 +11,9 @@ import re
 
 import msgspec
 
-from inlaid.client import InlaidError
+from inlaid.client import InlaidError, InvalidRequestError
 from inlaid.http.schema import ErrorBody, ErrorResponse
-from inlaid.protocol import ErrorCode
+from inlaid.protocol import ContextOverflow, ErrorCode
 
 # Inlaid's error code -> (HTTP status, OpenAI error type, the `code` the body carries).
 _BY_CODE: dict[str, tuple[int, str, str]] = {
@@ -43,10 +43,14 @@ _SERVER_PREFIX = re.compile(r"^\[[a-z_]+\] ")  # the SDK prefixes the code; the 
 _MSGSPEC_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 _UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `([^`]*)`")
 _MISSING_FIELD = re.compile(r"^Object missing required field `([^`]*)`")
-# The server's refusals of sampling values start with the field's name (SamplingParams.validate).
+# The generate fields the server may name as at fault (ErrorReply.field) that the client sent
+# under the same name; the prompt fields and max_tokens are the caller's (`prompt_param`,
+# `max_tokens_param`); others (request_id, deadline_s) are the front's own, never the client's.
+_SAMPLING_PARAMS = frozenset({"temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos"})
+_PROMPT_FIELDS = frozenset({"prompt", "prompt_token_ids", "messages"})
+# Only for a refusal that names no field (one the server's checks make past admission, or a
+# server older than ErrorReply.field): its words then are all there is to go by.
 _SAMPLING_FIELD = re.compile(r"^(max_tokens|temperature|top_p|top_k|stop_token_ids|stop|seed)\b")
-_MAX_TOKENS_WORD = re.compile(r"\bmax_tokens\b")
-# The server's refusals of a prompt: "the prompt is empty", "prompt token ids must be ...".
 _PROMPT_PROBLEM = re.compile(r"^(the prompt|prompt token ids)\b")
 # The server's frame refusal (serve/frames.py), in its own terms.
 _FRAME_SIZES = re.compile(r"^frame of (\d+) bytes; the limit is (\d+)")
@@ -107,21 +111,47 @@ def from_inlaid(error: InlaidError, model: str | None = None, *, not_found_param
     if error.code == ErrorCode.FRAME_TOO_LARGE:
         message = _frame_message(message)
         param = prompt_param
-    elif error.code == ErrorCode.CONTEXT_LENGTH:
-        param = prompt_param
-    elif error.code == ErrorCode.INVALID_REQUEST:
-        if field := _SAMPLING_FIELD.match(message):
-            param = field.group(1)
-        elif _PROMPT_PROBLEM.match(message):
+    elif error.code in (ErrorCode.CONTEXT_LENGTH, ErrorCode.INVALID_REQUEST):
+        field = error.param if isinstance(error, InvalidRequestError) else None
+        if error.code == ErrorCode.CONTEXT_LENGTH:  # OpenAI's param for it, whichever number is too large
             param = prompt_param
-        elif message.startswith("task name"):  # check_task_name's refusals: an adapter's name
-            param = "lora_name"
-    if max_tokens_param != "max_tokens" and error.code in (ErrorCode.CONTEXT_LENGTH, ErrorCode.INVALID_REQUEST):
-        # The server knows one name for the limit; the client sent another (chat's
-        # max_completion_tokens): the refusal names the field the client can change.
-        message = _MAX_TOKENS_WORD.sub(max_tokens_param, message)
-        param = max_tokens_param if param == "max_tokens" else param
+        elif field is None:
+            param = _param_from_words(message, prompt_param)
+        else:
+            param = _request_param(field, prompt_param, max_tokens_param)
+        overflow = error.reply.context_overflow if error.reply is not None else None
+        if field == "max_tokens" and overflow is not None and overflow.max_tokens is not None:
+            # Said in the client's terms: the server knows one name for the limit, the client
+            # may have sent another (chat's max_completion_tokens).
+            message = _max_tokens_overflow(overflow, overflow.max_tokens, max_tokens_param)
     return ApiError(status, message, code=code, type=kind, param=param)
+
+
+def _request_param(field: str, prompt_param: str | None, max_tokens_param: str) -> str | None:
+    """The HTTP request's parameter for the generate field a refusal names."""
+    if field in _PROMPT_FIELDS:
+        return prompt_param
+    if field == "max_tokens":
+        return max_tokens_param
+    return field if field in _SAMPLING_PARAMS else None
+
+
+def _param_from_words(message: str, prompt_param: str | None) -> str | None:
+    """A field-less refusal's parameter, as far as its words tell."""
+    if field := _SAMPLING_FIELD.match(message):
+        return field.group(1)
+    if _PROMPT_PROBLEM.match(message):
+        return prompt_param
+    if message.startswith("task name"):  # check_task_name's refusals (an adapter's name) name no field
+        return "lora_name"
+    return None
+
+
+def _max_tokens_overflow(overflow: ContextOverflow, max_tokens: int, max_tokens_param: str) -> str:
+    room = overflow.context_length - overflow.prompt_tokens
+    return (f"the context length is {overflow.context_length} tokens, but {overflow.prompt_tokens + max_tokens} were "
+            f"requested ({overflow.prompt_tokens} in the prompt, {max_tokens_param} {max_tokens}): lower "
+            f"{max_tokens_param} to at most {room}, or give none (null) to generate until the context is full")
 
 
 def _frame_message(server_message: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,7 +24,7 @@ from inlaid.http.errors import ApiError, from_inlaid
 from inlaid.http.front_metrics import DISCONNECTED_SCOPE_KEY
 from inlaid.http.schema import ChatChunkChoice, ChatCompletionChunk, ChatDelta, Completion, CompletionChoice
 from inlaid.http.translate import GenerationCall, chat_response, completion_response, finish_reason, usage
-from inlaid.protocol import ErrorCode, TextChunk
+from inlaid.protocol import ErrorCode, InFlightCounts, TextChunk
 
 log = logging.getLogger("inlaid.http")
 
@@ -68,7 +67,8 @@ class GenerationResponse(Response):
         if one_of_several and api_error.param == prompt_param:  # the message says which prompt too
             api_error.message = f"{prompt_param}: {api_error.message}"
         if one_of_several and error.code == ErrorCode.OVERLOADED:
-            api_error.message = _own_prompts_apart(api_error.message, index, len(self.call.prompts))
+            counts = error.reply.in_flight if error.reply is not None else None
+            api_error.message = _own_prompts_apart(api_error.message, counts, index, len(self.call.prompts))
         return api_error
 
     def _generate_kwargs(self, prompt: dict[str, Any]) -> dict[str, Any]:
@@ -161,21 +161,19 @@ class GenerationResponse(Response):
                           choices=[], usage=usage(results))
 
 
-_HELD = re.compile(r"^(\d+) requests in flight, (\d+) of them this connection's; ")
-
-
-def _own_prompts_apart(message: str, index: int | None, count: int) -> str:
+def _own_prompts_apart(message: str, counts: InFlightCounts | None, index: int | None, count: int) -> str:
     """The server's 429 counts every request of the front's connection as the connection's
     own: a request listing several prompts was told of its own earlier prompts as if they
-    were other traffic. `index`: the refused prompt (those before it were sent, and held
-    their slots, first)."""
+    were other traffic. `counts`: the server's, when its refusal gave them (the message is
+    then said again from them); `index`: the refused prompt (those before it were sent, and
+    held their slots, first)."""
     own = index or 0
-    held = _HELD.match(message)
-    if held:
-        own = min(own, int(held.group(2)))
-        others = int(held.group(2)) - own
-        message = (f"{held.group(1)} requests in flight, {own} of them this request's own earlier prompts and "
-                   f"{others} other requests through this front; " + message[held.end():])
+    if counts is not None:
+        own = min(own, counts.this_connection)
+        held = (f"{counts.requests} requests in flight, {own} of them this request's own earlier prompts and "
+                f"{counts.this_connection - own} other requests through this front")
+        message = (f"{held}: the server's limit; retry later" if counts.requests >= counts.limit else
+                   f"{held}; the last tenth of the server's {counts.limit} is kept for other clients; retry later")
     elif own:
         message += f" ({own} of the requests in flight are this request's own earlier prompts)"
     if index is None:

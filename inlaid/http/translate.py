@@ -1,8 +1,9 @@
 """OpenAI requests -> the SDK's generate arguments, and the SDK's results -> OpenAI responses.
 
 Only what OpenAI defines and Inlaid cannot do is checked here (n > 1, logprobs, penalties,
-tools, images, ...): sampling values themselves go to the server unchanged and come back
-as the server's own typed errors, so the front and the SDK refuse exactly the same inputs.
+tools, images, ...), and OpenAI's own ranges where they are narrower than Inlaid's
+(temperature in [0, 2], top_p in [0, 1]): other sampling values go to the server unchanged
+and come back as the server's own typed errors, so the front and the SDK refuse the same.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from inlaid.http.settings import DEFAULT_MAX_PROMPTS
 # OpenAI's default for the legacy completions endpoint; chat completions default to "as
 # many as fit in the context".
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+_MAX_TEMPERATURE = 2.0  # OpenAI's bound
 # Inlaid's finish reasons -> OpenAI's (the context limit is a length limit to a client).
 _FINISH_REASON = {"stop": "stop", "length": "length", "context": "length"}
 
@@ -111,6 +113,12 @@ def _call(
     _refuse_if(request.logit_bias, "logit_bias", "logit_bias is not supported")
     _refuse_if(request.stream_options is not None and not request.stream, "stream_options",
                "stream_options is only allowed with stream=true")
+    # OpenAI's ranges: the SDK and the server take any finite temperature >= 0, but a client
+    # of this API expects what OpenAI refuses to be refused, not run with another meaning.
+    _refuse_if(request.temperature is not None and not 0 <= request.temperature <= _MAX_TEMPERATURE, "temperature",
+               f"temperature must be between 0 and {_MAX_TEMPERATURE:g}, got {request.temperature!r}")
+    _refuse_if(request.top_p is not None and not 0 <= request.top_p <= 1, "top_p",
+               f"top_p must be between 0 and 1, got {request.top_p!r}")
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     options: dict[str, Any] = {
         "max_tokens": max_tokens,

@@ -50,6 +50,8 @@ _UNLOAD_TIMEOUT_S = 30.0  # RemoveTask answers at once (a busy task is unregiste
 
 
 def _error_reply(error: InlaidError) -> ErrorReply:
+    if error.reply is not None:  # the server's own, with its facts (the front answers from them)
+        return error.reply
     prefix = f"[{error.code}] "
     message = error.message[len(prefix):] if error.message.startswith(prefix) else error.message
     return ErrorReply(request_id=error.request_id, code=error.code, message=message)

@@ -20,7 +20,7 @@ from typing import Any
 from inlaid.client import (ConnectionLostError, ExecutorFailedError, InlaidError, InvalidRequestError,
                            RequestTimeoutError, UnknownTaskError)
 from inlaid.client.errors import error_from_reply
-from inlaid.protocol import ErrorReply, GenerateDone, HealthReply, HelloReply, TaskInfo, TextChunk
+from inlaid.protocol import AdminReply, ErrorReply, GenerateDone, HealthReply, HelloReply, TaskInfo, TextChunk
 
 
 @dataclass
@@ -113,6 +113,10 @@ class RayTaskClient:
 
     async def add_task(self, name: str, adapter_dir: str, calibration_jsonl: str | None = None, *,
                        timeout_s: float | None = None) -> str:
+        return (await self.add_task_reply(name, adapter_dir, calibration_jsonl, timeout_s=timeout_s)).message
+
+    async def add_task_reply(self, name: str, adapter_dir: str, calibration_jsonl: str | None = None, *,
+                             timeout_s: float | None = None) -> AdminReply:
         raise InvalidRequestError("[invalid_request] a Ray deployment's tasks come from its catalog ([tasks] in its "
                                   "config); a replica loads one when a request names it")
 

@@ -147,10 +147,33 @@ class GenerateDone(msgspec.Struct, frozen=True, kw_only=True, tag="done"):
     total_seconds: float
 
 
+class InFlightCounts(msgspec.Struct, frozen=True, kw_only=True):
+    """Why an `overloaded` refusal came: the server's admission counts when it refused."""
+
+    requests: int  # requests in flight on the server
+    this_connection: int  # of them, the refused request's connection's
+    limit: int  # server.max_pending_requests; below it, the last tenth is kept for other connections
+
+
+class ContextOverflow(msgspec.Struct, frozen=True, kw_only=True):
+    """Why a `context_length` refusal came: what the request needs against the context."""
+
+    context_length: int  # the model's context, in tokens
+    prompt_tokens: int  # the prompt's (a lower bound for a text too long to tokenize whole)
+    max_tokens: int | None = None  # the request's limit, when that is what does not fit; None: the prompt alone
+
+
 class ErrorReply(msgspec.Struct, frozen=True, kw_only=True, tag="error"):
+    """`message` is for people and its wording may change; a program (the HTTP front) reads
+    the optional facts below instead. Each is None when the error has none (and from a
+    server older than the field)."""
+
     request_id: str  # "" when the frame was too broken to name its request
     code: str
     message: str
+    field: str | None = None  # the request's field at fault, by its name here: max_tokens, temperature, prompt, ...
+    in_flight: InFlightCounts | None = None  # with `overloaded`
+    context_overflow: ContextOverflow | None = None  # with `context_length`
 
 
 class TaskInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -220,9 +243,19 @@ class MetricsReply(msgspec.Struct, frozen=True, kw_only=True, tag="metrics_reply
     text: str  # Prometheus text exposition format 0.0.4
 
 
+class ReplacedConfigEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """The server config's [tasks] entry that a live AddTask of the same name now overrides."""
+
+    adapter_dir: str  # the config's adapter, no longer served under the name
+    kept_across_restarts: bool  # True: until the task is removed (server.state_dir keeps it); False: until a restart
+
+
 class AdminReply(msgspec.Struct, frozen=True, kw_only=True, tag="admin_reply"):
+    """`message` is for people; `replaces_config_entry` says the same to a program (AddTask only)."""
+
     request_id: str
     message: str
+    replaces_config_entry: ReplacedConfigEntry | None = None
 
 
 class KeptLinear(msgspec.Struct, frozen=True, kw_only=True):
@@ -262,6 +295,7 @@ __all__ = [
     "Cancel",
     "ChatMessage",
     "ClientRequest",
+    "ContextOverflow",
     "DEFAULT_MAX_FRAME_BYTES",
     "ErrorCode",
     "ErrorReply",
@@ -274,10 +308,12 @@ __all__ = [
     "HealthReply",
     "Hello",
     "HelloReply",
+    "InFlightCounts",
     "KeptLinear",
     "ListTasks",
     "MetricsReply",
     "RemoveTask",
+    "ReplacedConfigEntry",
     "ServerReply",
     "ServerStats",
     "TaskInfo",

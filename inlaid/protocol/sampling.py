@@ -15,6 +15,14 @@ MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
 
 
+class SamplingError(ValueError):
+    """A sampling value no sampler can honour; `field` names it (the HTTP front's `param`)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How to pick tokens. temperature 0 means greedy; any other finite temperature > 0
     is honoured exactly (the sampler scales in float64 relative to the row's maximum).
@@ -31,28 +39,31 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     ignore_eos: bool = False
 
     def validate(self) -> None:
-        """Raise ValueError with a clear message for values no sampler can honour."""
+        """Raise SamplingError (a ValueError naming the field) for values no sampler can honour."""
         if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise SamplingError("max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}")
         if not (0.0 <= self.temperature < math.inf):  # also refuses NaN
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+            raise SamplingError("temperature", f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+            raise SamplingError("top_k", f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise SamplingError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
+            raise SamplingError("stop", "stop strings must be non-empty")
         if len(self.stop) > MAX_STOP_STRINGS:
-            raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
+            raise SamplingError("stop", f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         if any(len(s) > MAX_STOP_CHARS for s in self.stop):
-            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters, got one of "
-                             f"{max(len(s) for s in self.stop)}")
+            raise SamplingError("stop", f"stop strings must be at most {MAX_STOP_CHARS} characters, got one of "
+                                f"{max(len(s) for s in self.stop)}")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-            raise ValueError(f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
+            raise SamplingError("stop_token_ids", f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids, got "
+                                f"{len(self.stop_token_ids)}")
+
 
 __all__ = [
     "MAX_STOP_CHARS",
     "MAX_STOP_STRINGS",
     "MAX_STOP_TOKEN_IDS",
+    "SamplingError",
     "SamplingParams",
 ]

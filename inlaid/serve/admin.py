@@ -18,7 +18,8 @@ from collections.abc import Callable
 import msgspec
 
 from inlaid.protocol import (
-    AddTask, AdminReply, ErrorCode, ErrorReply, ListTasks, RemoveTask, TaskInfo, TaskList, TaskStatus,
+    AddTask, AdminReply, ErrorCode, ErrorReply, ListTasks, RemoveTask, ReplacedConfigEntry, TaskInfo, TaskList,
+    TaskStatus,
 )
 from inlaid.serve.dynamic_tasks import DynamicTasks
 from inlaid.serve.task_registry import TaskError, TaskRegistry
@@ -60,7 +61,7 @@ class TaskCalls:
                                              message.calibration_jsonl or None)
             if inputs.copied:  # what is served is the copy: the source may have changed since it was checked
                 await asyncio.to_thread(self._check_copy, message.name, inputs.adapter_dir)
-            self._done(identity, message, self.dynamic.add(inputs))
+            self._done(identity, message, self.dynamic.add(inputs), self.dynamic.replaced_config_entry(message.name))
         except TaskError as error:
             self._refused(identity, message, error)
         except Exception:  # a bug must cost this call, never the server
@@ -77,9 +78,11 @@ class TaskCalls:
             store.discard_copy(copy_dir)
             raise TaskError(error.code, f"the adapter changed while it was being added: {error.message}") from None
 
-    def _done(self, identity: bytes, message: AddTask | RemoveTask, text: str) -> None:
+    def _done(self, identity: bytes, message: AddTask | RemoveTask, text: str,
+              replaces_config_entry: ReplacedConfigEntry | None = None) -> None:
         log.info("admin call", extra={"call": type(message).__name__, "task": message.name, "result": text})
-        self._reply(identity, AdminReply(request_id=message.request_id, message=text))
+        self._reply(identity, AdminReply(request_id=message.request_id, message=text,
+                                         replaces_config_entry=replaces_config_entry))
 
     def _refused(self, identity: bytes, message: AddTask | RemoveTask | TaskStatus, error: TaskError) -> None:
         log.warning("admin call refused", extra={"call": type(message).__name__, "code": error.code,

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from inlaid.protocol import ErrorCode, KeptLinear, TaskStatusReply
+from inlaid.protocol import ErrorCode, KeptLinear, ReplacedConfigEntry, TaskStatusReply
 from inlaid.quant import calibration  # torch-free, as is all the coordinator imports
 from inlaid.quant.errors import CalibrationDataError
 from inlaid.serve.config import ServerConfig
@@ -159,10 +159,11 @@ class DynamicTasks:
                 store.discard_copy(inputs.adapter_dir)
             raise
         self._on_task_count(len(self.registry.tasks))
-        if name in self.config.tasks:  # allowed (an adapter updated without a restart), never silently
-            text += (f"; it replaces the config's [tasks] entry ({self.config.tasks[name]}) "
-                     + ("until it is removed, restarts included (the state directory keeps it)" if store is not None
-                        else "until the server restarts (no server.state_dir)"))
+        if (replaced_entry := self.replaced_config_entry(name)) is not None:  # allowed (an adapter updated
+            # without a restart), never silently: said here, and as a fact in the AdminReply
+            text += (f"; it replaces the config's [tasks] entry ({replaced_entry.adapter_dir}) "
+                     + ("until it is removed, restarts included (the state directory keeps it)"
+                        if replaced_entry.kept_across_restarts else "until the server restarts (no server.state_dir)"))
             log.warning("a live addition replaces a task of the config's [tasks]",
                         extra={"task": name, "config_adapter_dir": self.config.tasks[name],
                                "adapter_dir": inputs.adapter_dir})
@@ -188,6 +189,14 @@ class DynamicTasks:
             self.jobs.submit(name)
             return f"{text}; serving on the current base, re-quantization queued (version {record.version})"
         return f"{text}; {record.message}"
+
+    def replaced_config_entry(self, name: str) -> ReplacedConfigEntry | None:
+        """The config's [tasks] entry an addition of `name` replaces (None when the config has
+        no task of that name): for the AddTask's AdminReply, which programs read, where `add`'s
+        text is for people."""
+        if name not in self.config.tasks:
+            return None
+        return ReplacedConfigEntry(adapter_dir=self.config.tasks[name], kept_across_restarts=self.store is not None)
 
     def remove(self, name: str) -> str:
         store = self.store

@@ -3,7 +3,10 @@ engine, its tokens streamed back as steps finish, and its end (finished, cancell
 abandoned by its client, past its deadline) answered once and forgotten everywhere
 (engine, indexes, metrics, task registry). Torch-free; runs on the coordinator's loop.
 
-Every bad Generate gets a typed ErrorReply naming what is wrong, to its sender only.
+Every bad Generate gets a typed ErrorReply naming what is wrong, to its sender only: in
+words for people, and as facts for programs (the field at fault, the admission counts of an
+overload, what did not fit the context), which the HTTP front answers from, so that
+rewording a message never changes its HTTP answer.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import msgspec
 
 from inlaid.engine.engine import Engine, InvalidRequestError, PromptTooLongError, RequestOutput
 from inlaid.engine.sequence import SequenceStatus
-from inlaid.protocol import BatchPlan, Cancel, ErrorCode, ErrorReply, Generate, TextChunk
+from inlaid.protocol import (
+    BatchPlan, Cancel, ContextOverflow, ErrorCode, ErrorReply, Generate, InFlightCounts, SamplingError, TextChunk,
+)
 from inlaid.serve.config import ServerLimits
 from inlaid.serve.executor_pool import ExecutorPool, ExecutorShard
 from inlaid.serve.metrics import BASE_TASK_LABEL, ServerMetrics
@@ -52,8 +57,10 @@ class InFlight:
     def __len__(self) -> int:
         return len(self.requests)
 
-    def error(self, identity: bytes, request_id: str, code: str, message: str) -> str:
-        self._send(identity, ErrorReply(request_id=request_id, code=code, message=message))
+    def error(self, identity: bytes, request_id: str, code: str, message: str, *, field: str | None = None,
+              in_flight: InFlightCounts | None = None, context_overflow: ContextOverflow | None = None) -> str:
+        self._send(identity, ErrorReply(request_id=request_id, code=code, message=message, field=field,
+                                        in_flight=in_flight, context_overflow=context_overflow))
         return code
 
     # ------------------------------------------------------------------ admission
@@ -85,47 +92,62 @@ class InFlight:
         key = (identity, request_id)
         self.counters["received"] += 1
         if not request_id:  # its replies could not be told from those to unreadable frames
-            return self.error(identity, request_id, ErrorCode.INVALID_REQUEST, "request_id must not be empty")
+            return self.error(identity, request_id, ErrorCode.INVALID_REQUEST, "request_id must not be empty",
+                              field="request_id")
         if not self._accepting():
             return self.error(identity, request_id, ErrorCode.SHUTTING_DOWN, "the server is shutting down")
         if key in self.requests:
             return self.error(identity, request_id, ErrorCode.INVALID_REQUEST,
-                              f"request id {request_id!r} is already in flight on this connection")
-        if (refusal := self._overloaded(identity)) is not None:
+                              f"request id {request_id!r} is already in flight on this connection", field="request_id")
+        if (counts := self._overloaded(identity)) is not None:
             self.counters["overloaded"] += 1
-            return self.error(identity, request_id, ErrorCode.OVERLOADED, refusal)
+            return self.error(identity, request_id, ErrorCode.OVERLOADED, _overload_message(counts), in_flight=counts)
         try:
             self.registry.check_accepting(message.task)
         except TaskError as error:
-            return self.error(identity, request_id, error.code, error.message)
+            return self.error(identity, request_id, error.code, error.message, field="task")
         if message.deadline_s is not None and not (message.deadline_s > 0 and math.isfinite(message.deadline_s)):
-            return self.error(identity, request_id, ErrorCode.INVALID_REQUEST, "deadline_s must be a positive number")
+            return self.error(identity, request_id, ErrorCode.INVALID_REQUEST, "deadline_s must be a positive number",
+                              field="deadline_s")
         try:
             message.sampling.validate()
+        except SamplingError as error:
+            return self.error(identity, request_id, ErrorCode.INVALID_REQUEST, str(error), field=error.field)
+        context_length = self.engine.max_model_len
+        try:
             token_ids = self._prompt_tokens(message)
         except PromptTooLongError as error:
-            return self.error(identity, request_id, ErrorCode.CONTEXT_LENGTH, str(error))
+            return self.error(identity, request_id, ErrorCode.CONTEXT_LENGTH, str(error), field=_prompt_field(message),
+                              context_overflow=ContextOverflow(context_length=context_length,
+                                                               prompt_tokens=error.at_least_tokens))
         except (ValueError, InvalidRequestError) as error:
-            return self.error(identity, request_id, ErrorCode.INVALID_REQUEST, str(error))
-        if len(token_ids) >= self.engine.max_model_len:
+            return self.error(identity, request_id, ErrorCode.INVALID_REQUEST, str(error), field=_prompt_field(message))
+        if len(token_ids) >= context_length:
             return self.error(identity, request_id, ErrorCode.CONTEXT_LENGTH,
                               f"the prompt has {len(token_ids)} tokens; the context length is "
-                              f"{self.engine.max_model_len} and at least one new token must fit")
-        room = self.engine.max_model_len - len(token_ids)
+                              f"{context_length} and at least one new token must fit", field=_prompt_field(message),
+                              context_overflow=ContextOverflow(context_length=context_length,
+                                                               prompt_tokens=len(token_ids)))
+        room = context_length - len(token_ids)
         if (max_tokens := message.sampling.max_tokens) is not None and max_tokens > room:
             # OpenAI's and vLLM's rule: a completion the context cannot hold is refused, not cut
             # short with "length" after holding a seat until the context is full.
             return self.error(identity, request_id, ErrorCode.CONTEXT_LENGTH,
-                              f"the context length is {self.engine.max_model_len} tokens, but {len(token_ids) + max_tokens}"
+                              f"the context length is {context_length} tokens, but {len(token_ids) + max_tokens}"
                               f" were requested ({len(token_ids)} in the prompt, max_tokens {max_tokens}): lower "
-                              f"max_tokens to at most {room}, or give none (null) to generate until the context is full")
+                              f"max_tokens to at most {room}, or give none (null) to generate until the context is full",
+                              field="max_tokens", context_overflow=ContextOverflow(
+                                  context_length=context_length, prompt_tokens=len(token_ids), max_tokens=max_tokens))
         engine_id = f"r{self._next_engine_id}"
         self._next_engine_id += 1
         shard = self.pool.choose(message.task, len(token_ids), self.by_engine_id)
         try:
             shard.engine.add_request(token_ids, sampling=message.sampling, adapter=message.task, request_id=engine_id)
-        except (ValueError, InvalidRequestError) as error:
-            return self.error(identity, request_id, ErrorCode.INVALID_REQUEST, str(error))
+        except ValueError as error:  # InvalidRequestError included
+            # What the engine refuses past the checks above is about the prompt (more KV blocks
+            # than the cache has) unless it names its field (stop_token_ids outside the vocabulary).
+            field = getattr(error, "field", None) or _prompt_field(message)
+            return self.error(identity, request_id, ErrorCode.INVALID_REQUEST, str(error), field=field)
         request = ActiveRequest(key=key, engine_id=engine_id, seq_id=shard.engine.sequence(engine_id).seq_id,
                                 task=message.task, stream=message.stream, num_prompt_tokens=len(token_ids),
                                 executor=shard.index)
@@ -139,25 +161,24 @@ class InFlight:
         shard.wake()
         return None
 
-    def _overloaded(self, identity: bytes) -> str | None:
-        """Why a request of connection `identity` cannot be admitted now, or None. The last
+    def _overloaded(self, identity: bytes) -> InFlightCounts | None:
+        """The counts that keep a request of connection `identity` out now, or None. The last
         tenth of max_pending_requests is kept from a connection holding its share of them
         (the limit over the connections in flight, a newcomer counted): a lone client can
         fill nine tenths, and one flooding cannot turn everyone else away (an outside probe:
         400 requests from one client, then one from another, refused as overloaded)."""
         limit, in_flight = self.limits.max_pending_requests, len(self.requests)
-        if in_flight >= limit:
-            return f"{in_flight} requests in flight (the limit); retry later"
         if in_flight < limit - max(1, limit // 10):
             return None
         held = self.per_client[identity]
         share = limit / (len(self.per_client) + (0 if held else 1) + 1)
-        if held < share:
+        if in_flight < limit and held < share:
             return None
-        return (f"{in_flight} requests in flight, {held} of them this connection's; the last tenth of the "
-                f"{limit} is kept for other clients; retry later")
+        return InFlightCounts(requests=in_flight, this_connection=held, limit=limit)
 
     def _prompt_tokens(self, message: Generate) -> list[int]:
+        """ValueError (InvalidRequestError) when the prompt cannot be served; every such
+        refusal is about the prompt field the request gave (`_prompt_field`)."""
         given = [x is not None for x in (message.prompt, message.messages, message.prompt_token_ids)]
         if sum(given) != 1:
             raise ValueError("give exactly one of prompt, messages or prompt_token_ids")
@@ -278,3 +299,17 @@ class InFlight:
         self.by_engine_id.pop(request.engine_id, None)
         self.by_seq_id.pop(request.seq_id, None)
         self.registry.request_ended(request.task)
+
+
+def _overload_message(counts: InFlightCounts) -> str:
+    if counts.requests >= counts.limit:
+        return f"{counts.requests} requests in flight (the limit); retry later"
+    return (f"{counts.requests} requests in flight, {counts.this_connection} of them this connection's; the last "
+            f"tenth of the {counts.limit} is kept for other clients; retry later")
+
+
+def _prompt_field(message: Generate) -> str | None:
+    """The prompt field `message` gave (None when it gave none or several: no one field is at fault)."""
+    given = [name for name in ("prompt", "messages", "prompt_token_ids") if getattr(message, name) is not None]
+    return given[0] if len(given) == 1 else None
+
