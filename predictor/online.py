@@ -61,6 +61,7 @@ class OnlineLengthPredictor:
         self._since_fit = 0
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._closing_save_logged = False
         self.fits = 0
 
     @property
@@ -132,23 +133,30 @@ class OnlineLengthPredictor:
         self._save_state()
 
     def close(self) -> None:
-        """Wait for a running refit, then save the state (when it has a path)."""
+        """Wait for a running refit, then save the state (when it has a path). The first
+        save on close is logged (a server's executors share one model, and each closes it):
+        a restart that learns from nothing is then told apart from one that did not save."""
         if self._thread is not None:
             self._thread.join()
-        self._save_state()
+        if self._save_state() and not self._closing_save_logged:
+            self._closing_save_logged = True
+            log.info("length predictor state saved", extra={"path": str(self.state_path), "records": self.size})
 
-    def _save_state(self) -> None:
+    def _save_state(self) -> bool:
         """Save to `state_path` after a refit or on close. A failure (disk full, the
         directory removed while serving) is logged, not raised: it runs on the refit
         thread, where it would kill the thread with a traceback, and at shutdown, where it
-        would skip the server's cleanup. The model in memory serves on; the next save retries."""
+        would skip the server's cleanup. The model in memory serves on; the next save retries.
+        True when the file was written."""
         if self.state_path is None:
-            return
+            return False
         try:
             self.save(self.state_path)
         except OSError as error:
             log.warning("cannot save the length predictor's state; it stays in memory only",
                         extra={"path": str(self.state_path), "error": error.strerror or str(error)})
+            return False
+        return True
 
     # ------------------------------------------------------------------ state
     def save(self, path: str | Path) -> None:

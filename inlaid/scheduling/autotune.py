@@ -22,7 +22,9 @@ config sets explicitly are kept and apply to every candidate.
 
 from __future__ import annotations
 
+import contextvars
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +100,20 @@ def resolved_options(options: Mapping[str, Any], cost: StepCostModel, shape: Eng
 def slo_target_out_of_reach(fifo_attainment: float) -> bool:
     """2x FIFO's SLO attainment is over 100 %: no policy can meet that target."""
     return fifo_attainment > 0.5
+
+
+class TuningAbandoned(BaseException):
+    """The tuning was given up (the server stops while it tunes at start-up). A BaseException,
+    as asyncio's CancelledError is: the `except Exception` that keeps a *failed* tuning from
+    stopping the server must not turn an abandoned one into "failed, start with the
+    configured options" (a log line and policies made for a server that is going away)."""
+
+
+# Set in the thread a tuning runs in by whoever may abandon it (StartupTuning in
+# inlaid/serve/retuning.py); checked before every simulation, so a set event ends the tuning
+# within one simulation (about a second) instead of its whole run.
+abandon_tuning: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("abandon_tuning",
+                                                                                       default=None)
 
 
 @dataclass(frozen=True)
@@ -218,8 +234,12 @@ def tune_inlaid_options(
                                                  for label, options in candidates.items()]
     total, done, started = len(workloads) * (1 + len(variants)), 0, time.perf_counter()
 
+    abandon = abandon_tuning.get()
+
     def run(variant: PolicyVariant, trace: Any) -> dict[str, Any]:
         nonlocal done
+        if abandon is not None and abandon.is_set():
+            raise TuningAbandoned
         policy = make_variant(variant, cost, shape, history, trace)
         result = simulate(trace, policy, cost, shape)
         summary = summarize(result.requests, result.steps, warmup_fraction=0.05, service_gap=result.service_gap)

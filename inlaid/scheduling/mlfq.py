@@ -46,7 +46,8 @@ class MlfqOptions:
             raise ValueError(f"base_quantum_tokens x quantum_growth ** (levels - 1) must be at most "
                              f"1e{MAX_QUANTUM_LOG10} tokens (longer than any context), got base_quantum_tokens "
                              f"{self.base_quantum_tokens}, quantum_growth {self.quantum_growth}, levels {self.levels}")
-        check_range("prefill_weight", self.prefill_weight, 0)
+        # Decode steps a prompt token costs: below 1 in practice; 1e300 passed before.
+        check_range("prefill_weight", self.prefill_weight, 0, 100.0)
         check_range("starvation_s", self.starvation_s, 0, low_open=True)
 
 

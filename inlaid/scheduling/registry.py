@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -15,6 +16,9 @@ from inlaid.scheduling.mlfq import MlfqOptions, MlfqPolicy
 from inlaid.scheduling.srtf import InlaidOptions, InlaidPolicy
 from inlaid.scheduling.step_log import StepLogPolicy
 from inlaid.scheduling.vtc import VtcOptions, VtcPolicy
+
+# The server's logger: these lines belong to its start-up and shutdown story.
+log = logging.getLogger("inlaid.coordinator")
 
 
 @dataclasses.dataclass
@@ -49,7 +53,8 @@ def parse_options(name: str, raw: Mapping[str, Any] | None) -> Any:
             # TOML has nan and inf; NaN fails every comparison, so max_wait_s = nan switched
             # the aging bound off without a word (an outside probe)
             raise ValueError(f"scheduler option {key!r} must be a finite number, got {value!r}")
-        if key.endswith("_s") and kind is float and value > MAX_SECONDS:
+        # (aging_tokens_per_s is a rate, not a duration: the policy's own range bounds it.)
+        if key.endswith("_s") and not key.endswith("_per_s") and kind is float and value > MAX_SECONDS:
             # As huge as off: max_wait_s = 1e300 switched the aging bound off as nan did.
             raise ValueError(f"scheduler option {key!r} is a duration in seconds: at most {MAX_SECONDS:g}, got {value!r}")
         values[key] = value
@@ -86,8 +91,28 @@ def build_length_model(options: InlaidOptions) -> LengthModel:
         return TaskMeanPredictor()
     path = options.predictor_state or None
     if path and os.path.exists(path):
-        return OnlineLengthPredictor.load(path, refit_every=options.predictor_refit_every, state_path=path)
+        loaded = OnlineLengthPredictor.load(path, refit_every=options.predictor_refit_every, state_path=path)
+        # Which file the server learns from and how much it holds: a restart that starts
+        # from nothing (a path typo, a wiped volume) is otherwise told apart only by worse JCT.
+        log.info("length predictor state loaded", extra={"path": path, "records": loaded.size})
+        return loaded
+    if path:
+        log.info("length predictor starts untrained; its state will be saved", extra={"path": path})
     return OnlineLengthPredictor(refit_every=options.predictor_refit_every, state_path=path)
+
+
+def describe_policy(policy: SchedulingPolicy) -> dict[str, Any]:
+    """What the start-up log says of a serving policy: its name and, for the built-in ones,
+    every option in force (the defaults filled in), so a log shows what really schedules."""
+    inner = policy.inner if isinstance(policy, StepLogPolicy) else policy
+    # The class too: a plug-in that does not set `name` inherits SchedulingPolicy's "fifo".
+    described: dict[str, Any] = {"policy": inner.name, "class": f"{type(inner).__module__}.{type(inner).__qualname__}"}
+    options = getattr(inner, "options", None)
+    if dataclasses.is_dataclass(options) and not isinstance(options, type):
+        described["options"] = dataclasses.asdict(options)
+    if isinstance(policy, StepLogPolicy):
+        described["step_log"] = str(policy.path)
+    return described
 
 
 def retune_policy(policy: SchedulingPolicy, raw_options: Mapping[str, Any]) -> InlaidOptions | None:

@@ -98,3 +98,11 @@ async def _check_server(client: AsyncClient, address: str, trace: Trace, ready_t
             f"{', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''} "
             f"(it serves: {', '.join(sorted(served)) or 'none'}; bench/traces.py --suite-task-names names tasks "
             "after the suite's)")
+
+
+if __name__ == "__main__":  # the command line: inlaid/scheduling/replay_cli.py
+    import sys
+
+    from inlaid.scheduling.replay_cli import main
+
+    sys.exit(main())

@@ -41,6 +41,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from inlaid.cli_args import MAX_SECONDS
+from inlaid.engine.config import MAX_LORA_SLOTS, check_range
 from inlaid.engine.scheduler import SchedulingPolicy
 from inlaid.engine.sequence import Sequence, SequenceStatus
 from inlaid.protocol import BatchPlan
@@ -49,6 +51,28 @@ from inlaid.scheduling.service import ServiceCounters, task_key
 
 if TYPE_CHECKING:
     from inlaid.engine.scheduler import Scheduler
+
+
+# Each numeric option's (low, high, integer, what 0 means). The ceilings sit far past any
+# useful value but below where a value stops meaning anything: no engine has more adapter
+# slots than MAX_LORA_SLOTS (a larger beta bounds nothing), no step holds 65,536 rows, a
+# prompt token costs at most a few decode steps (100 is already absurd), and a bonus of
+# millions of tokens is longer than any context.
+_TOKENS = 1e6
+OPTION_RANGES: dict[str, tuple[float, float, bool, str]] = {
+    "max_adapters_per_step": (0, MAX_LORA_SLOTS, True, "; 0 = no bound beyond the device slots"),
+    "max_wait_s": (0, MAX_SECONDS, False, " of seconds"),  # > 0: 0 would make every request overdue
+    "aging_tokens_per_s": (0, _TOKENS, False, " of tokens a second; 0 = no soft aging"),
+    "prefill_weight": (0, 100.0, False, " of decode steps per prompt token"),
+    "batch_bonus_tokens": (0, _TOKENS, False, " of tokens"),
+    "resident_bonus_tokens": (0, _TOKENS, False, " of tokens"),
+    # 1e12 is how a test says "as good as unbounded"; past 2**53 (~9e15) a counter's gap no longer adds up.
+    "fairness_bound": (0, 1e15, False, " of VTC units; 0 = no fairness bound"),
+    "first_token_after_s": (0, MAX_SECONDS, False, " of seconds; 0 = at once"),
+    "max_prefill_tokens_per_step": (0, 1 << 24, True, "; 0 = the engine's token budget"),
+    "predictor_refit_every": (0, 1_000_000, True, "; 0 = never refit"),
+    "batch_rows_target": (0, 1 << 16, True, "; 0 = always beta adapters"),
+}
 
 
 @dataclass
@@ -76,15 +100,12 @@ class InlaidOptions:
     batch_rows_target: int = 16  # > 0: per step, only as many adapters (<= β) as the ranking needs to fill this many rows
 
     def validate(self) -> None:
-        if self.max_adapters_per_step < 0:
-            raise ValueError("max_adapters_per_step must be >= 0 (0 = no bound)")
-        if self.batch_rows_target < 0:
-            raise ValueError("batch_rows_target must be >= 0 (0 = always β adapters)")
-        for name in ("max_wait_s", "aging_tokens_per_s", "prefill_weight", "fairness_bound", "first_token_after_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
-        if self.max_wait_s == 0:
-            raise ValueError("max_wait_s must be > 0")
+        # Every number has a ceiling as well as a floor: a value far past any real one (beta
+        # = 10**9, batch_rows_target = 10**12, prefill_weight = 1e300) passed, and either
+        # switched its mechanism off without a word or overflowed the ranking's keys.
+        for name, (low, high, integer, meaning) in OPTION_RANGES.items():
+            check_range(name, getattr(self, name), low, high, integer=integer, low_open=name == "max_wait_s",
+                        what=f"{'an integer' if integer else 'a finite number'}{meaning}")
         if self.predictor not in ("model", "task-mean", "exact"):
             raise ValueError(f"predictor must be 'model' or 'task-mean' ('exact': the simulator's oracle), got {self.predictor!r}")
         if self.predictor == "task-mean" and self.predictor_state:

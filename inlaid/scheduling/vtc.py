@@ -18,14 +18,19 @@ from inlaid.engine.sequence import Sequence
 from inlaid.scheduling.service import ServiceCounters, task_key
 
 
+MAX_WEIGHT = 1e6  # VTC weights are relative (2:1 by default); a million to one is already absurd
+
+
 @dataclass
 class VtcOptions:
     input_weight: float = 1.0
     output_weight: float = 2.0
 
     def validate(self) -> None:
-        check_range("input_weight", self.input_weight, 0)
-        check_range("output_weight", self.output_weight, 0)
+        # A ceiling too: weights of 1e300 overflowed the counters to inf, where no gap between
+        # tasks can be told any more (no fairness left, silently).
+        check_range("input_weight", self.input_weight, 0, MAX_WEIGHT)
+        check_range("output_weight", self.output_weight, 0, MAX_WEIGHT)
         if self.input_weight == 0 and self.output_weight == 0:  # every counter stays 0: no fairness at all
             raise ValueError("input_weight and output_weight cannot both be 0: no service would be counted, "
                              "so there would be nothing to be fair about")

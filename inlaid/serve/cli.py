@@ -35,7 +35,16 @@ def run(args: argparse.Namespace) -> int:
     if args.log_format:
         config.log_format = args.log_format
     setup_logging(config.log_level, config.log_format)
-    return serve(config)
+    try:
+        # Made here, before anything starts: a plug-in policy that cannot be imported or made
+        # (server.policy = "package.module:factory") is the config's error, said as one
+        # "inlaid serve: ..." line with exit 2 like the others, not a CRITICAL log line after
+        # the CUDA probe.
+        policies = _policies(config)
+    except ValueError as error:  # ConfigError, or a policy's own refusal of its options or state
+        print(f"inlaid serve: {error}", file=sys.stderr)
+        return 2
+    return serve(config, policies)
 
 
 def _policies(config, options: dict | None = None):  # type: ignore[no-untyped-def]
@@ -55,7 +64,7 @@ def _policies(config, options: dict | None = None):  # type: ignore[no-untyped-d
             return made.pop()
         if shared is not None and config.policy in POLICY_NAMES:
             return make_policy(config.policy, options, length_model=shared)
-        return load_policy(config.policy, options)
+        return load_policy(config.policy, options, announce=False)  # the first one's log line names it
 
     return factory
 
@@ -132,8 +141,9 @@ def unavailable_cuda_device(config) -> str | None:  # type: ignore[no-untyped-de
     return None
 
 
-def serve(config) -> int:  # type: ignore[no-untyped-def]
-    """Run a server until SIGTERM/SIGINT; returns the process exit code."""
+def serve(config, policies=None) -> int:  # type: ignore[no-untyped-def]
+    """Run a server until SIGTERM/SIGINT; returns the process exit code. `policies`: the
+    policy factory `run` made (default: made here)."""
     import logging
 
     from inlaid.engine.config import ModelLoadError
@@ -150,7 +160,7 @@ def serve(config) -> int:  # type: ignore[no-untyped-def]
             log.critical("cannot start", extra={"error": missing})
             return 2
         try:
-            coordinator = Coordinator(config, policy_factory=_policies(config), tune_policies=tune,
+            coordinator = Coordinator(config, policy_factory=policies or _policies(config), tune_policies=tune,
                                       retune_options=retune)
         except (ModelLoadError, ValueError) as error:
             log.critical("cannot start", extra={"error": str(error)})

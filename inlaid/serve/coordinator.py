@@ -62,7 +62,7 @@ from inlaid.serve.in_flight import InFlight
 from inlaid.serve.ipc_dirs import private_ipc_dir
 from inlaid.serve.metrics import ServerMetrics
 from inlaid.serve.peers import PeerWatch
-from inlaid.serve.retuning import LiveRetuning, TuneOptions
+from inlaid.serve.retuning import LiveRetuning, StartupTuning, TuneOptions
 from inlaid.serve.stats import server_stats
 from inlaid.serve.step_loop import StepLoop
 from inlaid.serve.supervisor import ExecutorSupervisor
@@ -158,10 +158,11 @@ class Coordinator:
                                        swaps=self.dynamic.jobs.for_executor(shard.index))  # fmt: skip
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_shutdown, signum)
-        tuning = loop.run_in_executor(None, self._tune_policies) if self._tune_policies else None
+        # Abandonable: SIGTERM while it tunes stops the server at once (StartupTuning).
+        tuning = StartupTuning(self._tune_policies).start() if self._tune_policies else None
         await asyncio.gather(*(shard.supervisor.start() for shard in self._supervised()))
-        if tuning is not None:
-            await self._take_tuned_policies(tuning)
+        if tuning is not None and await tuning.finished_unless(self._shutdown):
+            await self._take_tuned_policies(tuning.future)
         await self.dynamic.start()
         self._on_task_count(len(self.registry.tasks))  # tasks restored from the state directory count
         log.info("coordinator listening", extra={"address": self.config.address, "pid": os.getpid(),

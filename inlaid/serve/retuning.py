@@ -9,6 +9,9 @@ thread for the new count and its options are applied to every executor's policy 
 One tuning at a time: changes during a tuning are looked at again when it ends. A failed
 tuning is logged and the options in force stay. Tunings are cached per task count in the
 state directory, so going back to a count tuned before costs nothing.
+
+The start-up tuning itself runs in `StartupTuning`: a shutdown while it tunes abandons it
+instead of waiting for it.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from inlaid.engine.scheduler import SchedulingPolicy
 
@@ -25,6 +29,7 @@ log = logging.getLogger("inlaid.coordinator")
 
 # tune(num_tasks, progress) -> the [scheduler] options; progress(done, total) after each simulation.
 TuneOptions = Callable[[int, Callable[[int, int], None]], dict[str, Any]]
+T = TypeVar("T")
 
 
 class TuningCancelled(Exception):
@@ -101,3 +106,78 @@ class LiveRetuning:
         running = self._running
         if running is not None:
             await asyncio.gather(running, return_exceptions=True)
+
+
+class StartupTuning(Generic[T]):
+    """The start-up tuning (`tune`, the coordinator's tune_policies) in a thread of its own,
+    which a shutdown can abandon: SIGTERM while it ran waited for the whole tuning (with a
+    slow one, until the shutdown watchdog dumped every stack and exited 1).
+
+    The thread is a daemon, not the loop's default executor's: asyncio.run joins that pool's
+    threads at exit, so an abandoned tuning would still hold the process. It is also told to
+    stop (`abandon_tuning`, checked before each simulation), so it ends within a simulation
+    and writes no cache file for a tuning it did not finish."""
+
+    def __init__(self, tune: Callable[[], T]) -> None:
+        self._tune = tune
+        self._abandon = threading.Event()
+        self._started = time.monotonic()
+        self.future: asyncio.Future[T] | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> StartupTuning[T]:
+        from inlaid.scheduling.autotune import TuningAbandoned, abandon_tuning
+
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def work() -> None:
+            abandon_tuning.set(self._abandon)
+            try:
+                outcome: tuple[T | None, BaseException | None] = (self._tune(), None)
+            except TuningAbandoned:
+                return
+            except BaseException as error:  # noqa: BLE001  (handed to the waiter, as run_in_executor does)
+                outcome = (None, error)
+            try:
+                loop.call_soon_threadsafe(_settle, future, *outcome)
+            except RuntimeError:  # the loop closed: the server stopped without waiting
+                pass
+
+        self._started = time.monotonic()
+        self.future = future
+        self.thread = threading.Thread(target=work, name="scheduler-tuning", daemon=True)
+        self.thread.start()
+        return self
+
+    async def finished_unless(self, stop: asyncio.Event) -> bool:
+        """Wait for the tuning, or for `stop` (the server's shutdown): True when the tuning
+        ended (`future` holds its result or error); False when it was abandoned."""
+        assert self.future is not None, "start() first"
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({self.future, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if self.future.done():
+            return True
+        self.abandon()
+        return False
+
+    def abandon(self) -> None:
+        """Give the tuning up: its thread ends at its next simulation; the server neither
+        waits for it nor uses its result."""
+        self._abandon.set()
+        if self.future is not None:
+            self.future.cancel()
+        log.info("scheduler tuning abandoned: the server stops",
+                 extra={"tuned_s": round(time.monotonic() - self._started, 1)})
+
+
+def _settle(future: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
+    if future.done():  # abandoned meanwhile: nobody waits for it
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]

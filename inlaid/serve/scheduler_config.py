@@ -5,6 +5,7 @@ make. Torch-free."""
 from __future__ import annotations
 
 import importlib
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,8 @@ from inlaid.serve.config_parsing import ConfigError, check_writable_file
 
 if TYPE_CHECKING:
     from inlaid.serve.config import ServerConfig
+
+log = logging.getLogger("inlaid.coordinator")
 
 
 def check_scheduler(config: ServerConfig) -> None:
@@ -81,9 +84,20 @@ def _check_autotune(config: ServerConfig) -> None:
             raise ConfigError(f"scheduler.autotune_lengths: {error}") from None
 
 
-def load_policy(spec: str, options: dict[str, Any] | None = None) -> Any:
+def load_policy(spec: str, options: dict[str, Any] | None = None, announce: bool = True) -> Any:
     """The scheduling policy named by server.policy with its [scheduler] options; None means
-    the engine's FIFO."""
+    the engine's FIFO. `announce`: log the policy and its options (once a server, not once
+    an executor)."""
+    policy = _make_policy(spec, options)
+    if announce:
+        from inlaid.scheduling.registry import describe_policy
+
+        described = describe_policy(policy) if policy is not None else {"policy": "fifo", "class": "engine default"}
+        log.info("scheduling policy", extra={**described, "configured_as": spec})
+    return policy
+
+
+def _make_policy(spec: str, options: dict[str, Any] | None) -> Any:
     from inlaid.scheduling.registry import POLICY_NAMES, make_policy
 
     if spec == "fifo" and not options:
@@ -100,20 +114,23 @@ def load_policy(spec: str, options: dict[str, Any] | None = None) -> Any:
     # problem, said in one line naming the key (a traceback would point into Inlaid).
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
-    except Exception as error:  # noqa: BLE001  (ImportError, AttributeError, SyntaxError, its own)
+    # SystemExit too: a module that calls sys.exit() on import (a script's guard) ended the
+    # server with its code and no word of why.
+    except (Exception, SystemExit) as error:  # noqa: BLE001  (ImportError, AttributeError, SyntaxError, its own)
         raise ConfigError(f"server.policy {spec!r}: cannot import it: {_one_line(error)}") from error
     if not callable(factory):
         raise ConfigError(f"server.policy {spec!r}: {attribute} is not callable ({type(factory).__name__}); "
                           "name a factory that returns a SchedulingPolicy")
     try:
         policy = factory()
-    except Exception as error:  # noqa: BLE001
+    except (Exception, SystemExit) as error:  # noqa: BLE001
         raise ConfigError(f"server.policy {spec!r}: {attribute}() (called with no arguments) raised "
                           f"{_one_line(error)}") from error
     from inlaid.engine.scheduler import SchedulingPolicy
 
     if not isinstance(policy, SchedulingPolicy):
-        raise ConfigError(f"server.policy {spec!r} did not give a SchedulingPolicy (inlaid.engine.scheduler)")
+        raise ConfigError(f"server.policy {spec!r} did not give a SchedulingPolicy (inlaid.engine.scheduler), "
+                          f"got {type(policy).__name__}")
     return policy
 
 
