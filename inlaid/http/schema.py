@@ -3,7 +3,10 @@
 These are OpenAI's formats, not Inlaid's protocol (that is `inlaid/protocol/`, which
 the front speaks to the coordinator through the SDK). Requests are decoded strictly: an
 argument OpenAI does not define is refused, as OpenAI does; arguments it defines that
-Inlaid cannot honour are declared here so that `translate.py` can refuse them by name.
+Inlaid cannot honour are declared here so that `translate.py` can refuse them by name ("...
+is not supported"), and those whose value cannot change the answer (`user`, `metadata`, the
+prompt-cache hints) are declared and not used. Every argument the installed `openai` client
+can send must be declared: `tests/test_http_openai_params.py` checks its signatures.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     include_usage: bool = False
+    # OpenAI pads stream events with a random `obfuscation` field (against size side channels)
+    # unless this is false. Either value is accepted and not used: the front never sends the
+    # field, and no client reads it (it is padding, not content).
+    include_obfuscation: bool | None = None
 
 
 class GenerationRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -39,6 +46,9 @@ class GenerationRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     stop: str | list[str] | None = None
     seed: Int64 | None = None
     user: str | None = None  # an end-user id for the caller's own bookkeeping; not used
+    # OpenAI's successors to `user` (its abuse detection and cache bucketing): not used either.
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
     service_tier: str | None = None  # OpenAI's billing tier; there is one tier here, not used
     # Defined by OpenAI, refused unless neutral:
     presence_penalty: float | None = None
@@ -73,12 +83,20 @@ class ChatCompletionRequest(GenerationRequest):
     # Bookkeeping for OpenAI's stored completions: nothing is stored here, so accepted and not used.
     store: bool | None = None
     metadata: dict[str, str] | None = None
+    # OpenAI's prompt-cache hints: caching changes what a request costs, never its answer
+    # (the server's prefix cache, if any, is its own), so accepted and not used.
+    prompt_cache_options: dict[str, Any] | None = None
+    prompt_cache_retention: str | None = None
     # Defined by OpenAI, refused unless neutral (text output, no reasoning, no audio):
     modalities: list[str] | None = None
     reasoning_effort: str | None = None
     audio: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
     web_search_options: dict[str, Any] | None = None
+    moderation: dict[str, Any] | None = None  # a moderation model may block the answer: refused
+    # "low" / "high" ask a reasoning model for a shorter / longer answer; "medium" is OpenAI's
+    # default, the answer as the model gives it, so only it (or null) is accepted.
+    verbosity: str | None = None
 
 
 class LoadLoraAdapterRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

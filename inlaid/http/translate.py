@@ -89,6 +89,9 @@ def chat_call(request: ChatCompletionRequest, base_model: str) -> GenerationCall
     _refuse_if(request.reasoning_effort is not None, "reasoning_effort", "reasoning_effort is not supported")
     _refuse_if(request.prediction is not None, "prediction", "predicted outputs are not supported")
     _refuse_if(request.web_search_options is not None, "web_search_options", "web search is not supported")
+    _refuse_if(request.moderation is not None, "moderation", "moderation is not supported")
+    _refuse_if(request.verbosity not in (None, "medium"), "verbosity",
+               f"verbosity {request.verbosity!r} is not supported: only 'medium' (the default)")
     try:  # the SDK's own rule, so that both accept and refuse the same messages
         messages = chat_messages(request.messages)
     except InvalidRequestError as error:
