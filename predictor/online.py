@@ -61,7 +61,7 @@ class OnlineLengthPredictor:
         self._since_fit = 0
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._closing_save_logged = False
+        self._learnt_since_logged_save = 0  # requests `observe`d since a closing save was logged
         self.fits = 0
 
     @property
@@ -79,6 +79,7 @@ class OnlineLengthPredictor:
             self._add(task, prompt_token_ids, index, value, output_tokens)
             self.model.update(task, index, value, output_tokens)
             self._since_fit += 1
+            self._learnt_since_logged_save += 1
             due = 0 < self.refit_every <= self._since_fit
         if due:
             self.refit(wait=not self.background)
@@ -133,13 +134,14 @@ class OnlineLengthPredictor:
         self._save_state()
 
     def close(self) -> None:
-        """Wait for a running refit, then save the state (when it has a path). The first
-        save on close is logged (a server's executors share one model, and each closes it):
-        a restart that learns from nothing is then told apart from one that did not save."""
+        """Wait for a running refit, then save the state (when it has a path). A save on
+        close that keeps requests learnt since the last such line is logged: once, though a
+        server's executors share one model and each closes it, and not for the policies the
+        start-up tuning replaces before any request (the file then holds what it was read from)."""
         if self._thread is not None:
             self._thread.join()
-        if self._save_state() and not self._closing_save_logged:
-            self._closing_save_logged = True
+        if self._save_state() and self._learnt_since_logged_save:
+            self._learnt_since_logged_save = 0
             log.info("length predictor state saved", extra={"path": str(self.state_path), "records": self.size})
 
     def _save_state(self) -> bool:

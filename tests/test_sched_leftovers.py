@@ -118,6 +118,10 @@ def test_the_predictor_state_is_logged_where_it_is_loaded_from_and_saved_to(
     restarted = make_policy("inlaid", {"predictor_state": str(state)})
     loaded = _said(server_log, "length predictor state loaded")
     assert [(r.__dict__["path"], r.__dict__["records"]) for r in loaded] == [(str(state), 5)]
+    # The policies a start-up tuning replaces before any request learnt nothing: no "saved"
+    # line at start (the docs put it at shutdown).
+    make_policy("inlaid", {"predictor_state": str(state)}).close()
+    assert len(_said(server_log, "length predictor state saved")) == 1
     # A save that fails is the predictor's warning, never "saved".
     state.unlink()
     state.mkdir()  # the rename over it fails, as a removed directory or a full disk would
@@ -163,3 +167,35 @@ def test_every_tuning_candidate_and_default_fits_the_bounds() -> None:
     parse_options("inlaid", CUDA_DEFAULTS)
     for policy in ("fifo", "inlaid", "mlfq", "vtc"):
         parse_options(policy, {})
+
+
+def test_a_plugin_policy_whose_options_hold_a_lock_is_described_not_refused(
+        tmp_path: Path, server_log: list[logging.LogRecord]) -> None:
+    """The start log's options were dataclasses.asdict's deep copy: a plug-in whose options
+    hold a lock (or a model) made `inlaid serve` fail with TypeError on that log line."""
+    import threading
+
+    from inlaid.serve.scheduler_config import load_policy
+
+    (tmp_path / "locked_policy.py").write_text(
+        "import dataclasses, threading\n"
+        "from inlaid.engine.scheduler import SchedulingPolicy\n"
+        "@dataclasses.dataclass\n"
+        "class Options:\n"
+        "    quantum: int = 4\n"
+        "    guard: object = dataclasses.field(default_factory=threading.Lock)\n"
+        "class Locked(SchedulingPolicy):\n"
+        "    name = 'locked'\n"
+        "    def __init__(self):\n"
+        "        self.options = Options()\n"
+        "def make():\n"
+        "    return Locked()\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        policy = load_policy("locked_policy:make")
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert isinstance(policy.options.guard, type(threading.Lock()))
+    line = _said(server_log, "scheduling policy")[-1].__dict__
+    assert line["policy"] == "locked" and line["options"]["quantum"] == 4
+    assert line["options"]["guard"].startswith("<unlocked _thread.lock")

@@ -166,7 +166,7 @@ class Engine:
         if sampling.max_tokens is None:  # until the context is full (a too-long prompt is refused below)
             sampling = msgspec.structs.replace(sampling, max_tokens=max(1, self.max_model_len - len(token_ids)))
         if adapter is not None and adapter not in self.scheduler.adapters.paths:
-            raise InvalidRequestError(f"unknown adapter/task {adapter!r}; known: {self.adapter_names}")
+            raise InvalidRequestError(f"unknown adapter/task {adapter!r}; known: {self.adapter_names}", "task")
         seq_id = next(self._seq_ids)
         request_id = request_id if request_id is not None else f"req-{seq_id}"
         if request_id in self._requests:
@@ -174,8 +174,8 @@ class Engine:
         seq = Sequence(seq_id=seq_id, prompt_token_ids=token_ids, sampling=sampling, adapter=adapter)
         try:
             self.scheduler.add(seq)
-        except ValueError as error:
-            raise InvalidRequestError(str(error)) from error
+        except ValueError as error:  # more KV blocks than the cache has: the prompt's length
+            raise InvalidRequestError(str(error), "prompt") from error
         self._requests[request_id] = _Request(request_id, seq, StreamingDetokenizer(self.tokenizer, sampling.stop))
         self._by_seq_id[seq_id] = seq
         return request_id

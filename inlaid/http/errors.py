@@ -116,7 +116,7 @@ def from_inlaid(error: InlaidError, model: str | None = None, *, not_found_param
         if error.code == ErrorCode.CONTEXT_LENGTH:  # OpenAI's param for it, whichever number is too large
             param = prompt_param
         elif field is None:
-            param = _param_from_words(message, prompt_param)
+            param = _param_from_words(message, prompt_param, max_tokens_param)
         else:
             param = _request_param(field, prompt_param, max_tokens_param)
         overflow = error.reply.context_overflow if error.reply is not None else None
@@ -136,10 +136,10 @@ def _request_param(field: str, prompt_param: str | None, max_tokens_param: str) 
     return field if field in _SAMPLING_PARAMS else None
 
 
-def _param_from_words(message: str, prompt_param: str | None) -> str | None:
+def _param_from_words(message: str, prompt_param: str | None, max_tokens_param: str) -> str | None:
     """A field-less refusal's parameter, as far as its words tell."""
     if field := _SAMPLING_FIELD.match(message):
-        return field.group(1)
+        return _request_param(field.group(1), prompt_param, max_tokens_param)
     if _PROMPT_PROBLEM.match(message):
         return prompt_param
     if message.startswith("task name"):  # check_task_name's refusals (an adapter's name) name no field

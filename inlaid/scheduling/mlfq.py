@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from inlaid.engine.config import check_range
 from inlaid.engine.scheduler import SchedulingPolicy
 from inlaid.engine.sequence import Sequence
+from inlaid.scheduling.srtf import MAX_PREFILL_WEIGHT
 
 
 MAX_LEVELS = 64
@@ -47,7 +48,7 @@ class MlfqOptions:
                              f"1e{MAX_QUANTUM_LOG10} tokens (longer than any context), got base_quantum_tokens "
                              f"{self.base_quantum_tokens}, quantum_growth {self.quantum_growth}, levels {self.levels}")
         # Decode steps a prompt token costs: below 1 in practice; 1e300 passed before.
-        check_range("prefill_weight", self.prefill_weight, 0, 100.0)
+        check_range("prefill_weight", self.prefill_weight, 0, MAX_PREFILL_WEIGHT)
         check_range("starvation_s", self.starvation_s, 0, low_open=True)
 
 

@@ -109,7 +109,11 @@ def describe_policy(policy: SchedulingPolicy) -> dict[str, Any]:
     described: dict[str, Any] = {"policy": inner.name, "class": f"{type(inner).__module__}.{type(inner).__qualname__}"}
     options = getattr(inner, "options", None)
     if dataclasses.is_dataclass(options) and not isinstance(options, type):
-        described["options"] = dataclasses.asdict(options)
+        # Field by field, not dataclasses.asdict: that deep-copies, and a plug-in's options
+        # holding a lock or a model raised TypeError, failing the start on a log line.
+        values = {field.name: getattr(options, field.name) for field in dataclasses.fields(options)}
+        described["options"] = {name: value if isinstance(value, (bool, int, float, str, type(None))) else repr(value)
+                                for name, value in values.items()}
     if isinstance(policy, StepLogPolicy):
         described["step_log"] = str(policy.path)
     return described

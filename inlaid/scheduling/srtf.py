@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from inlaid.cli_args import MAX_SECONDS
 from inlaid.engine.config import MAX_LORA_SLOTS, check_range
@@ -53,25 +53,36 @@ if TYPE_CHECKING:
     from inlaid.engine.scheduler import Scheduler
 
 
-# Each numeric option's (low, high, integer, what 0 means). The ceilings sit far past any
-# useful value but below where a value stops meaning anything: no engine has more adapter
-# slots than MAX_LORA_SLOTS (a larger beta bounds nothing), no step holds 65,536 rows, a
-# prompt token costs at most a few decode steps (100 is already absurd), and a bonus of
-# millions of tokens is longer than any context.
-_TOKENS = 1e6
-OPTION_RANGES: dict[str, tuple[float, float, bool, str]] = {
-    "max_adapters_per_step": (0, MAX_LORA_SLOTS, True, "; 0 = no bound beyond the device slots"),
-    "max_wait_s": (0, MAX_SECONDS, False, " of seconds"),  # > 0: 0 would make every request overdue
-    "aging_tokens_per_s": (0, _TOKENS, False, " of tokens a second; 0 = no soft aging"),
-    "prefill_weight": (0, 100.0, False, " of decode steps per prompt token"),
-    "batch_bonus_tokens": (0, _TOKENS, False, " of tokens"),
-    "resident_bonus_tokens": (0, _TOKENS, False, " of tokens"),
+class OptionRange(NamedTuple):
+    """A numeric option's allowed values, as its refusal states them."""
+
+    low: float
+    high: float
+    integer: bool
+    unit: str  # said after "an integer" / "a finite number", e.g. " of seconds; 0 = at once"
+    low_open: bool = False  # the low end itself refused
+
+
+# The ceilings sit far past any useful value but below where a value stops meaning anything:
+# no engine has more adapter slots than MAX_LORA_SLOTS (a larger beta bounds nothing), no step
+# holds 65,536 rows, a prompt token costs at most a few decode steps (100 is already absurd),
+# and a bonus of millions of tokens is longer than any context.
+MAX_TOKEN_BONUS = 1e6
+MAX_PREFILL_WEIGHT = 100.0
+OPTION_RANGES: dict[str, OptionRange] = {
+    "max_adapters_per_step": OptionRange(0, MAX_LORA_SLOTS, True, "; 0 = no bound beyond the device slots"),
+    # 0 refused: every request would be overdue at once.
+    "max_wait_s": OptionRange(0, MAX_SECONDS, False, " of seconds", low_open=True),
+    "aging_tokens_per_s": OptionRange(0, MAX_TOKEN_BONUS, False, " of tokens a second; 0 = no soft aging"),
+    "prefill_weight": OptionRange(0, MAX_PREFILL_WEIGHT, False, " of decode steps per prompt token"),
+    "batch_bonus_tokens": OptionRange(0, MAX_TOKEN_BONUS, False, " of tokens"),
+    "resident_bonus_tokens": OptionRange(0, MAX_TOKEN_BONUS, False, " of tokens"),
     # 1e12 is how a test says "as good as unbounded"; past 2**53 (~9e15) a counter's gap no longer adds up.
-    "fairness_bound": (0, 1e15, False, " of VTC units; 0 = no fairness bound"),
-    "first_token_after_s": (0, MAX_SECONDS, False, " of seconds; 0 = at once"),
-    "max_prefill_tokens_per_step": (0, 1 << 24, True, "; 0 = the engine's token budget"),
-    "predictor_refit_every": (0, 1_000_000, True, "; 0 = never refit"),
-    "batch_rows_target": (0, 1 << 16, True, "; 0 = always beta adapters"),
+    "fairness_bound": OptionRange(0, 1e15, False, " of VTC units; 0 = no fairness bound"),
+    "first_token_after_s": OptionRange(0, MAX_SECONDS, False, " of seconds; 0 = at once"),
+    "max_prefill_tokens_per_step": OptionRange(0, 1 << 24, True, "; 0 = the engine's token budget"),
+    "predictor_refit_every": OptionRange(0, 1_000_000, True, "; 0 = never refit"),
+    "batch_rows_target": OptionRange(0, 1 << 16, True, "; 0 = always beta adapters"),
 }
 
 
@@ -103,19 +114,16 @@ class InlaidOptions:
         # Every number has a ceiling as well as a floor: a value far past any real one (beta
         # = 10**9, batch_rows_target = 10**12, prefill_weight = 1e300) passed, and either
         # switched its mechanism off without a word or overflowed the ranking's keys.
-        for name, (low, high, integer, meaning) in OPTION_RANGES.items():
-            check_range(name, getattr(self, name), low, high, integer=integer, low_open=name == "max_wait_s",
-                        what=f"{'an integer' if integer else 'a finite number'}{meaning}")
+        for name, allowed in OPTION_RANGES.items():
+            check_range(name, getattr(self, name), allowed.low, allowed.high, integer=allowed.integer,
+                        low_open=allowed.low_open,
+                        what=f"{'an integer' if allowed.integer else 'a finite number'}{allowed.unit}")
         if self.predictor not in ("model", "task-mean", "exact"):
             raise ValueError(f"predictor must be 'model' or 'task-mean' ('exact': the simulator's oracle), got {self.predictor!r}")
         if self.predictor == "task-mean" and self.predictor_state:
             # The per-task mean keeps no state: a path here was saved to and read from never.
             raise ValueError("predictor_state saves the 'model' predictor; predictor 'task-mean' keeps no state: "
                              "remove predictor_state or use predictor = 'model'")
-        if self.predictor_refit_every < 0:
-            raise ValueError("predictor_refit_every must be >= 0 (0 = never refit)")
-        if self.max_prefill_tokens_per_step < 0:
-            raise ValueError("max_prefill_tokens_per_step must be >= 0 (0 = the engine's budget)")
 
 
 # A GPU step costs nearly the same whatever its rows and adapters (H200, a 7B-shaped 4-bit

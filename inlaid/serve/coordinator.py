@@ -160,7 +160,12 @@ class Coordinator:
             loop.add_signal_handler(signum, self.request_shutdown, signum)
         # Abandonable: SIGTERM while it tunes stops the server at once (StartupTuning).
         tuning = StartupTuning(self._tune_policies).start() if self._tune_policies else None
-        await asyncio.gather(*(shard.supervisor.start() for shard in self._supervised()))
+        try:
+            await asyncio.gather(*(shard.supervisor.start() for shard in self._supervised()))
+        except BaseException:  # an executor that cannot start ends the server: so does its tuning
+            if tuning is not None:
+                tuning.abandon()
+            raise
         if tuning is not None and await tuning.finished_unless(self._shutdown):
             await self._take_tuned_policies(tuning.future)
         await self.dynamic.start()

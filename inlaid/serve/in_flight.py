@@ -144,9 +144,9 @@ class InFlight:
         try:
             shard.engine.add_request(token_ids, sampling=message.sampling, adapter=message.task, request_id=engine_id)
         except ValueError as error:  # InvalidRequestError included
-            # What the engine refuses past the checks above is about the prompt (more KV blocks
-            # than the cache has) unless it names its field (stop_token_ids outside the vocabulary).
-            field = getattr(error, "field", None) or _prompt_field(message)
+            # The engine's field, with its "prompt" said as the field this request gave it in.
+            field = getattr(error, "field", None)
+            field = _prompt_field(message) if field == "prompt" else field
             return self.error(identity, request_id, ErrorCode.INVALID_REQUEST, str(error), field=field)
         request = ActiveRequest(key=key, engine_id=engine_id, seq_id=shard.engine.sequence(engine_id).seq_id,
                                 task=message.task, stream=message.stream, num_prompt_tokens=len(token_ids),
