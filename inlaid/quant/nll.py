@@ -15,6 +15,7 @@ weights alike.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,9 +90,7 @@ def answer_nll(model: torch.nn.Module, tokenizer, examples: list[dict], adapter:
         spans = [(len(encoded[i][0]) - 1, len(encoded[i][1])) for i in indices]
         states = torch.cat([hidden[row, start : start + count] for row, (start, count) in enumerate(spans)])
         targets = torch.tensor([token for i in indices for token in encoded[i][1]])
-        log_probs = torch.log_softmax(head(states).double(), dim=-1)
-        token_nll = -log_probs.gather(1, targets[:, None])[:, 0]
-        impurity = 1.0 - log_probs.mul(2.0).exp().sum(dim=-1)
+        token_nll, impurity = answer_token_scores(head, states, targets)
         counts = [count for _, count in spans]
         for index, piece, spread in zip(indices, torch.split(token_nll, counts), torch.split(impurity, counts)):
             results[index] = ExampleNll(str(examples[index].get("id", index)), float(piece.sum()), len(piece),
@@ -107,6 +106,30 @@ def answer_nll(model: torch.nn.Module, tokenizer, examples: list[dict], adapter:
         if batch:
             run(batch)
     return results  # type: ignore[return-value]
+
+
+# Answer positions whose vocabulary distributions are held at once: a float64 log-softmax
+# over the vocabulary per position (49,152 entries: ~0.4 MB, ~1 MB with its temporaries)
+# held for every answer position took a 2,500-token answer to +2.5 GB; a calibration line's
+# (up to 32 KiB) would have needed ~30 GB. In chunks, the peak is this many positions' worth.
+SCORED_POSITIONS_PER_CHUNK = 256
+
+
+def answer_token_scores(head: Callable[[torch.Tensor], torch.Tensor], states: torch.Tensor, targets: torch.Tensor,
+                        chunk: int = SCORED_POSITIONS_PER_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """For hidden states [n, hidden] and the tokens they predict [n]: each position's NLL of
+    its token and Gini impurity 1 - Σ_v p_v², both float64 [n] on the states' device. The
+    vocabulary projection and its float64 log-softmax run `chunk` positions at a time (each
+    row is independent: the values are the unchunked computation's)."""
+    token_nll = torch.empty(len(states), dtype=torch.float64, device=states.device)
+    impurity = torch.empty(len(states), dtype=torch.float64, device=states.device)
+    for start in range(0, len(states), chunk):
+        rows = slice(start, start + chunk)
+        log_probs = torch.log_softmax(head(states[rows]).double(), dim=-1)
+        token_nll[rows] = -log_probs.gather(1, targets[rows, None].to(log_probs.device))[:, 0]
+        # in place: the chunk's log-probabilities are not needed again (one buffer, not three)
+        impurity[rows] = 1.0 - log_probs.mul_(2.0).exp_().sum(dim=-1)
+    return token_nll, impurity
 
 
 def _decoder_of(forward_model):

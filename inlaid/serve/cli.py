@@ -35,6 +35,17 @@ def run(args: argparse.Namespace) -> int:
     if args.log_format:
         config.log_format = args.log_format
     setup_logging(config.log_level, config.log_format)
+    if config.state_dir is not None:
+        from inlaid.serve.state_dir_lock import StateDirError, lock_state_dir
+
+        try:
+            # Before anything starts (the executors, the start-up tuning that caches into the
+            # directory): a second server on a running one's state directory is one line. The
+            # coordinator's TaskStore then finds the directory locked by this process.
+            lock_state_dir(config.state_dir)
+        except StateDirError as error:
+            print(f"inlaid serve: {error}", file=sys.stderr)
+            return 2
     try:
         # Made here, before anything starts: a plug-in policy that cannot be imported or made
         # (server.policy = "package.module:factory") is the config's error, said as one

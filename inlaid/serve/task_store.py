@@ -9,9 +9,18 @@ Torch-free (the coordinator owns it).
     STATE_DIR/quant/layers/layer_007.v3.safetensors   re-quantized layers (written by the requantizer)
     STATE_DIR/quant/hessian_state/layer_007.safetensors  merged Hessian state (ditto)
 
+    STATE_DIR/server.lock               the server's exclusive lock on the directory (its pid inside)
+
 A layer is *committed* once the executor has swapped it in; registry.json lists exactly the
 committed layers (each with the sha256 of its file), so a restarted server (or executor)
-serves what was served before. Every write goes to a temporary file renamed over the old one.
+serves what was served before. Every write goes to a temporary file of its own (named for
+the writing process and thread) renamed over the old one.
+
+One server per state directory: two that shared one both resumed the same re-quantization
+job, both wrote its layers and registry.json, and collected each other's files as garbage.
+The first to open it holds an exclusive `flock` on `server.lock` for its lifetime (as
+inlaid/serve/ipc_dirs.py does: the kernel drops it when the process dies, SIGKILL
+included, so a restart never meets a stale lock); the second is refused, naming the pid.
 
 Nothing is ever deleted on a guess: the registry is type-checked as it loads, anything it
 cannot be read as (a broken link, a directory, a wrong-typed field) refuses the start, and a
@@ -27,6 +36,7 @@ import logging
 import os
 import shutil
 import stat
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -34,6 +44,8 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 import msgspec
+
+from inlaid.serve.state_dir_lock import StateDirError, lock_state_dir
 
 log = logging.getLogger("inlaid.dynamic_tasks")
 
@@ -50,10 +62,6 @@ FAILED = "failed"  # served on the base as it is; the message says why
 PHASES = (SERVING, QUEUED, REQUANTIZING, READY, FAILED)
 # The subdirectories whose files only registry.json accounts for (and collects).
 STORED_DIRS = ("adapters", "calibration", "quant/layers", "quant/hessian_state")
-
-
-class StateDirError(RuntimeError):
-    """The state directory is unusable (unreadable registry, or built on another base)."""
 
 
 class Decision(TypedDict):
@@ -121,6 +129,10 @@ class TaskStore:
         self.root = Path(state_dir).expanduser()
         self.layers_dir = self.root / "quant" / "layers"
         self.hessian_dir = self.root / "quant" / "hessian_state"
+        # Before anything is read or collected: a second server's garbage collection would
+        # delete the first one's uncommitted layers.
+        self.lock = lock_state_dir(self.root)
+        self._remove_stale_temporaries()
         try:
             for name in STORED_DIRS:
                 (self.root / name).mkdir(parents=True, exist_ok=True)
@@ -206,12 +218,26 @@ class TaskStore:
                   for layer, entry in sorted(self.layers.items())}
         raw = {"format": FORMAT_VERSION, "base": self.base, "next_version": self.next_version, "tasks": tasks,
                "layers": layers, "dropped": self.dropped}
-        temporary = self.root / (REGISTRY_FILE + ".tmp")
-        with open(temporary, "w") as handle:
-            json.dump(raw, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        temporary.replace(self.root / REGISTRY_FILE)
+        # A name of its own: two writers on one fixed name renamed each other's file away
+        # (FileNotFoundError), or renamed a half-written one into place.
+        temporary = self.root / f"{REGISTRY_FILE}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            with open(temporary, "x") as handle:
+                json.dump(raw, handle, indent=1)
+                handle.flush()
+                os.fsync(handle.fileno())
+            temporary.replace(self.root / REGISTRY_FILE)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary registries a crash mid-save left: the lock is this process's, so only
+        its own saves (another store of this process on the directory) can be under way."""
+        ours = f"{REGISTRY_FILE}.{os.getpid()}."
+        for stale in self.root.glob(f"{REGISTRY_FILE}.*tmp"):
+            if not stale.name.startswith(ours) and stale.is_file() and not stale.is_symlink():
+                stale.unlink(missing_ok=True)
 
     # Files inside the state directory are written relative to it, so that a state directory
     # copied or restored elsewhere uses its own files (absolute paths read the old place's).

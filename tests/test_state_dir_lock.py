@@ -1,0 +1,119 @@
+"""One server per state directory, against what an outside probe found: a second `inlaid
+serve` on a running server's server.state_dir started without complaint, both resumed the
+same re-quantization job and wrote registry.json through one fixed temporary name, and one
+of them failed with FileNotFoundError (its job stalled)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from inlaid.serve.task_store import REGISTRY_FILE, StateDirError, TaskStore
+
+BASE = {"model_dir": "/models/m", "quantized_dir": "/models/q"}
+SERVE_PORT = 21611  # this engineer's range (21600-21799); the refused server binds nothing anyway
+
+# A process that opens the state directory as the coordinator does, then waits to be killed.
+HOLDER = """
+import json, sys, time
+from inlaid.serve.task_store import TaskStore
+store = TaskStore(sys.argv[1], json.loads(sys.argv[2]))
+store.save()
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def _start_holder(root: Path, base: dict[str, str | None] = BASE) -> subprocess.Popen[str]:
+    """A process holding `root` as a server of `base` does."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(root), json.dumps(base)], stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+    return holder
+
+
+def _kill(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def test_a_second_process_is_refused_until_the_first_dies_even_by_sigkill(tmp_path: Path) -> None:
+    root = tmp_path / "state"
+    holder = _start_holder(root)
+    try:
+        # A layer file the holder has written but not committed yet: a second store's garbage
+        # collection deleted it (the old code opened the directory without a word).
+        in_progress = root / "quant" / "layers" / "layer_003.v1.safetensors"
+        in_progress.write_bytes(b"being written")
+        with pytest.raises(StateDirError, match=rf"{root} is in use by another inlaid server \(pid {holder.pid},"):
+            TaskStore(root, BASE)
+        assert in_progress.exists()
+        assert (root / "server.lock").read_text().strip() == str(holder.pid)
+    finally:
+        _kill(holder)
+    # The kernel released the dead holder's lock: the restart opens the directory as its own.
+    restarted = TaskStore(root, BASE)
+    assert (root / "server.lock").read_text().strip() == str(os.getpid())
+    assert restarted.tasks == {} and not in_progress.exists()  # collected by the lock's one owner
+    TaskStore(root, BASE)  # a second store of the same process shares its lock
+
+
+def test_a_second_inlaid_serve_exits_2_naming_the_directory_and_the_holder(tmp_path: Path, model_dir: Path) -> None:
+    root = tmp_path / "state"
+    holder = _start_holder(root, {"model_dir": str(model_dir), "quantized_dir": None})  # the server's own base
+    config = tmp_path / "server.toml"
+    config.write_text(f'[model]\ndir = "{model_dir}"\n[server]\naddress = "tcp://127.0.0.1:{SERVE_PORT}"\n'
+                      f'state_dir = "{root}"\n[executor]\nmax_num_seqs = 4\nnum_kv_blocks = 64\n')
+    try:
+        try:  # the old code started this server: it ran until killed here
+            done = subprocess.run([sys.executable, "-m", "inlaid.cli", "serve", "--config", str(config),
+                                   "--log-format", "text"], capture_output=True, text=True, timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail("a second `inlaid serve` on a locked state directory kept running")
+    finally:
+        _kill(holder)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output[-2000:]
+    # One line, `inlaid serve: ...`, as every start-up refusal (checked before anything starts).
+    assert done.stderr.startswith(f"inlaid serve: {root} is in use by another inlaid server (pid {holder.pid}") \
+        and done.stderr.count("\n") == 1, output[-2000:]
+
+
+def test_saves_interleaved_with_another_save_never_collide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save that starts while another is between writing and renaming (another thread, or
+    the old fixed name shared by a second writer): both complete, the registry is whole."""
+    store = TaskStore(tmp_path / "state", BASE)
+    real_fsync = os.fsync
+    nested = []
+
+    def fsync_with_another_save(descriptor: int) -> None:
+        real_fsync(descriptor)
+        if not nested:
+            nested.append(True)
+            store.next_version = 7
+            store.save()  # the other writer, mid-way through the first save
+
+    monkeypatch.setattr(os, "fsync", fsync_with_another_save)
+    store.next_version = 3
+    store.save()  # the old code: FileNotFoundError (the other writer renamed the shared name away)
+    monkeypatch.undo()
+    assert nested
+    assert json.loads((tmp_path / "state" / REGISTRY_FILE).read_text())["next_version"] == 3  # the last rename
+    assert not list((tmp_path / "state").glob("*.tmp"))
+
+
+def test_temporaries_a_crash_left_are_removed_at_the_next_open(tmp_path: Path) -> None:
+    root = tmp_path / "state"
+    TaskStore(root, BASE).save()
+    crashed = [root / f"{REGISTRY_FILE}.tmp", root / f"{REGISTRY_FILE}.999999.140.0a1b2c3d.tmp"]
+    for file in crashed:
+        file.write_text('{"format": 1, "tru')
+    again = TaskStore(root, BASE)
+    assert again.next_version == 1 and not any(file.exists() for file in crashed)
