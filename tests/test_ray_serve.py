@@ -195,6 +195,45 @@ def test_ray_serve_routes_by_task_evicts_lru_and_replaces_a_killed_replica(ray_a
     assert answer.choices[0].text == reference[TASKS[0]]
 
 
+def test_a_replica_whose_server_died_answers_503_at_once_and_is_replaced(ray_app) -> None:
+    """SIGKILL of a replica's Inlaid server alone (its replica lives on): requests used to wait
+    until Ray's health check failed three times and its graceful shutdown gave up on them
+    (~25 s), then 503. Now a request for its task is 503 `unavailable` at once (or served by
+    the other replica), the replica ends itself, and Ray replaces it."""
+    import urllib.error
+    import urllib.request
+
+    url, handle = ray_app
+    holder = _generate(handle, TASKS[1]).replica  # requests for the task now go to this replica
+    time.sleep(ROUTER_LEARNS_S)
+    victim = _describe_on(handle, TASKS[1], holder)
+    os.kill(victim.server_pid, signal.SIGKILL)
+    started = time.monotonic()
+    request = urllib.request.Request(f"{url}/v1/completions", headers={"Content-Type": "application/json"},
+                                     data=f'{{"model": "{TASKS[1]}", "prompt": "{PROMPT}", "max_tokens": 2}}'.encode())
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            status, retry_after = answer.status, None
+    except urllib.error.HTTPError as error:
+        status, retry_after = error.code, error.headers.get("Retry-After")
+    assert time.monotonic() - started < 10, "a request waited on a replica whose server is dead"
+    assert (status, retry_after) in [(503, "1"), (200, None)], status
+    deadline = time.monotonic() + 30  # Ray's health check alone takes 3 periods plus a graceful shutdown
+    while process_alive(victim.pid):
+        assert time.monotonic() < deadline, "the replica outlived its server"
+        time.sleep(0.2)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if _generate(handle, TASKS[1]).error is None:
+                break
+        except Exception:  # the dead replica's calls, until Ray routes around it
+            pass
+        assert time.monotonic() < deadline, "the task was never served again"
+        time.sleep(0.5)
+    _wait_for_running_replicas(2, deadline)
+
+
 def _request_and_check(handle, task: str, held: dict[str, OrderedDict[str, None]]) -> int:  # type: ignore[no-untyped-def]
     """One request for `task`: it must land on a replica holding the task if any does; the
     replica's reported adapters (Ray's view and its Inlaid server's) must then equal the LRU

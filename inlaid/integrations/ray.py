@@ -14,39 +14,49 @@ sections; no task preloaded) and talks to it over a private ipc socket with the 
 first request for a task on a replica loads its adapter (`AddTask`); past the per-replica cap
 Ray evicts the least recently used task, which `RemoveTask`s it. The server dies with its
 replica (PR_SET_PDEATHSIG), and a replica whose server died fails its health check, so Ray
-replaces it. `python -m inlaid.integrations.ray --config FILE` deploys on a running cluster.
+replaces it; until then it answers every call `connection_lost` (HTTP 503) at once.
+`python -m inlaid.integrations.ray --config FILE` deploys on a running cluster
+(inlaid/integrations/ray_deploy.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import inspect
 import os
-import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq.asyncio
 from ray import serve
 
-from inlaid.client import AsyncClient, InlaidError, InvalidRequestError, TaskBusyError, UnknownTaskError
+from inlaid.client import (AsyncClient, ConnectionLostError, InlaidError, InvalidRequestError, TaskBusyError,
+                           UnknownTaskError)
 from inlaid.engine.adapter_config import AdapterError
 from inlaid.engine.adapter_weights import check_servable_adapter
 from inlaid.engine.config import ModelConfig
 from inlaid.http.app import create_app
 from inlaid.http.settings import HttpConfig
 from inlaid.integrations.ray_child import ChildServer
-from inlaid.integrations.ray_client import RayTaskClient, ReplicaAnswer, ReplicaInfo
-from inlaid.integrations.ray_config import RayDeploymentConfig, load_ray_config
+from inlaid.integrations.ray_client import RayTaskClient, ReplicaAnswer, ReplicaInfo, unknown_task_message
+from inlaid.integrations.ray_config import RayDeploymentConfig
 from inlaid.protocol import ErrorReply, HealthReply, HelloReply
 from inlaid.serve.config import config_from_dict
 
 _TASK_BUSY_RETRIES = 50  # a task being removed (its last requests finishing) before it loads again
 _TASK_BUSY_PAUSE_S = 0.1
 _UNLOAD_TIMEOUT_S = 30.0  # RemoveTask answers at once (a busy task is unregistered when its requests end)
+# How often a call waiting on the server checks that the server still runs: a dead server
+# never answers, and the SDK would wait its whole timeout (600 s) on its socket.
+_SERVER_WATCH_S = 0.2
+# A replica whose server died ends its own process this long after, once the calls waiting on
+# the server have been answered: Ray's health check would take three failed periods (~30 s)
+# to replace it, and routes requests to it meanwhile; a dead actor it replaces at once.
+_END_AFTER_SERVER_EXIT_S = 1.0
+Answer = TypeVar("Answer")
 
 
 def _error_reply(error: InlaidError) -> ErrorReply:
@@ -92,7 +102,7 @@ class ReplicaBase:
         engine = config_from_dict({**server, "server": {"address": "ipc:///tmp/inlaid-check.ipc"}}).engine
         self._model_config = ModelConfig.from_dir(engine.model_dir)
         self._max_lora_rank = engine.max_lora_rank
-        self.server = ChildServer(server, start_timeout_s)
+        self.server = ChildServer(server, start_timeout_s, on_exit=self._server_exited)
         self._client: AsyncClient | None = None
         self.loaded: list[str] = []  # tasks Ray holds on this replica, oldest load first
 
@@ -105,9 +115,48 @@ class ReplicaBase:
     async def load_task(self, task: str) -> LoadedTask:  # replaced by the multiplexed loader
         raise NotImplementedError
 
+    def _server_exited(self, returncode: int) -> None:
+        """The server died under a ready replica (from the server's thread): end the replica
+        so that Ray replaces it now, not after its health check has failed three times."""
+        logs = self.server.logs()[-2000:] if hasattr(self, "server") else ""  # died as the constructor returned
+        print(f"inlaid ray replica: the Inlaid server exited (exit code {returncode}); ending this replica so that "
+              f"Ray Serve replaces it:\n{logs}", file=sys.stderr, flush=True)
+        time.sleep(_END_AFTER_SERVER_EXIT_S)
+        self._end_replica_process()
+
+    def _end_replica_process(self) -> None:
+        self.server.stop(timeout_s=1.0)  # removes its folder (the server is gone already)
+        os._exit(1)  # as a killed replica: Ray Serve starts another
+
+    def _server_lost(self) -> ConnectionLostError:
+        process = self.server.process
+        pid, code = (process.pid, process.poll()) if process is not None else (None, None)
+        return ConnectionLostError(f"[connection_lost] this replica's Inlaid server exited (pid {pid}, exit code "
+                                   f"{code}); Ray Serve replaces the replica: retry this request")
+
+    async def _while_server_runs(self, call: Awaitable[Answer]) -> Answer:
+        """`call`'s answer, or `connection_lost` at once when the server is dead or dies while
+        it waits: Ray's health check finds a dead server only at its next period, and then
+        waits out the replica's ongoing requests before it replaces the replica."""
+        if not self.server.alive:
+            if inspect.iscoroutine(call):
+                call.close()  # never awaited: no "coroutine was never awaited" warning
+            raise self._server_lost()
+        waiting = asyncio.ensure_future(call)
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=_SERVER_WATCH_S)
+                if done:
+                    return waiting.result()
+                if not self.server.alive:
+                    raise self._server_lost()
+        finally:
+            if not waiting.done():  # the server died, or our caller went away
+                waiting.cancel()
+
     async def _load(self, task: str) -> LoadedTask:
         if task not in self.catalog:
-            raise UnknownTaskError(f"[unknown_task] unknown task {task!r}; known: {sorted(self.catalog)}")
+            raise UnknownTaskError(f"[unknown_task] {unknown_task_message(task, self.catalog)}")
         for _ in range(_TASK_BUSY_RETRIES):
             try:
                 await self._sdk().add_task(task, self.catalog[task])
@@ -129,7 +178,7 @@ class ReplicaBase:
         first: Ray's multiplexed loader evicts its LRU task *before* it calls `_load`, so a
         task that cannot load would otherwise cost a healthy task its seat."""
         if task not in self.catalog:
-            raise UnknownTaskError(f"[unknown_task] unknown task {task!r}; known: {sorted(self.catalog)}")
+            raise UnknownTaskError(f"[unknown_task] {unknown_task_message(task, self.catalog)}")
         try:
             check_servable_adapter(task, self.catalog[task], self._model_config, self._max_lora_rank)
         except AdapterError as error:
@@ -156,33 +205,45 @@ class ReplicaBase:
             raise InvalidRequestError(f"[invalid_request] {error}") from None
         return arguments
 
+    async def _generate(self, arguments: dict[str, Any]) -> Any:
+        arguments = self._arguments(self._sdk().generate, arguments)
+        return await self._sdk().generate(task=await self._task(), **arguments)
+
+    async def _open_stream(self, arguments: dict[str, Any]) -> Any:
+        arguments = self._arguments(self._sdk().stream, arguments)
+        return await self._sdk().stream(task=await self._task(), **arguments)
+
     async def generate(self, arguments: dict[str, Any]) -> ReplicaAnswer:
         try:
-            arguments = self._arguments(self._sdk().generate, arguments)
-            done = await self._sdk().generate(task=await self._task(), **arguments)
+            done = await self._while_server_runs(self._generate(arguments))
         except InlaidError as error:
             return ReplicaAnswer(self.replica_id, error=_error_reply(error))
         return ReplicaAnswer(self.replica_id, done=done)
 
     async def stream(self, arguments: dict[str, Any]) -> AsyncIterator[Any]:
         try:
-            arguments = self._arguments(self._sdk().stream, arguments)
-            stream = await self._sdk().stream(task=await self._task(), **arguments)
+            stream = await self._while_server_runs(self._open_stream(arguments))
             async with stream:
-                async for chunk in stream:
+                chunks = aiter(stream)
+                while True:
+                    try:
+                        chunk = await self._while_server_runs(anext(chunks))
+                    except StopAsyncIteration:
+                        break
                     yield chunk
             yield ReplicaAnswer(self.replica_id, done=stream.result)
         except InlaidError as error:
             yield ReplicaAnswer(self.replica_id, error=_error_reply(error))
 
+    # Raised, not answered: the ingress passes a RayTaskError's InlaidError on as it is.
     async def hello(self) -> HelloReply:
-        return await self._sdk().handshake()
+        return await self._while_server_runs(self._sdk().handshake())
 
     async def health(self) -> HealthReply:
-        return await self._sdk().health(timeout_s=5.0)
+        return await self._while_server_runs(self._sdk().health(timeout_s=5.0))
 
     async def describe(self) -> ReplicaInfo:
-        tasks = await self._sdk().list_tasks()
+        tasks = await self._while_server_runs(self._sdk().list_tasks())
         assert self.server.process is not None
         return ReplicaInfo(replica=self.replica_id, pid=os.getpid(), server_pid=self.server.process.pid,
                            loaded_tasks=list(self.loaded), server_tasks=sorted(t.name for t in tasks))
@@ -241,49 +302,9 @@ def build_app(config: RayDeploymentConfig) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m inlaid.integrations.ray",
-                                     description="deploy Inlaid on a running Ray cluster (docs/scale-out.md)")
-    parser.add_argument("--config", required=True, help="server TOML with a [ray] section")
-    parser.add_argument("--address", default="auto", help="the Ray cluster (ray.init address)")
-    args = parser.parse_args(argv)
-    import ray
+    from inlaid.integrations.ray_deploy import deploy_main  # it imports this module
 
-    from inlaid.serve.config import ConfigError
-
-    try:
-        config = load_ray_config(args.config)
-    except ConfigError as error:
-        print(f"inlaid ray: {error}", file=sys.stderr)
-        return 2
-    try:
-        ray.init(address=args.address)
-    except ConnectionError as error:  # "auto" with no cluster running here
-        print(f"inlaid ray: no Ray cluster at {args.address!r} ({error}); start one with `ray start --head`, or "
-              "pass --address local for a cluster inside this process", file=sys.stderr)
-        return 2
-    terminated: list[int] = []
-
-    def interrupt(signum: int, frame: object) -> None:
-        terminated.append(signum)
-        raise KeyboardInterrupt
-
-    # SIGTERM (`kill`, a process manager's stop) ends the deployment as Ctrl-C does.
-    signal.signal(signal.SIGTERM, interrupt)
-    try:
-        serve.start(http_options={"host": config.http_host, "port": config.http_port})
-        serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=True)
-    except KeyboardInterrupt:
-        # Ctrl-C ends the deployment this command made: without the delete, the app would
-        # keep serving (and holding GPUs) on the cluster after the command is gone.
-        how = "terminated" if terminated else "interrupted"
-        print(f"inlaid ray: {how}; deleting application {config.app_name!r}", file=sys.stderr)
-        try:
-            serve.delete(config.app_name)
-        except KeyboardInterrupt:
-            print(f"inlaid ray: interrupted again; application {config.app_name!r} may still be deployed "
-                  f"(serve.delete it, or `serve shutdown`)", file=sys.stderr)
-        return 128 + (terminated[0] if terminated else signal.SIGINT)  # the shell's convention
-    return 0
+    return deploy_main(argv)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +62,17 @@ class ChildServer:
     as long as the child (PR_SET_PDEATHSIG fires when the *thread* that forked exits), so the
     server is killed when the replica process dies, however it dies."""
 
-    def __init__(self, sections: dict[str, dict[str, Any]], start_timeout_s: float) -> None:
+    def __init__(self, sections: dict[str, dict[str, Any]], start_timeout_s: float,
+                 on_exit: Callable[[int], None] | None = None) -> None:
+        """on_exit(returncode): called (from the server's own thread) when the server exits
+        after it became ready and without `stop`; a start that fails raises instead."""
         _remove_orphaned_workdirs()
         self.workdir = Path(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX))
         (self.workdir / _OWNER_FILE).write_text(str(os.getpid()))
         self.process: subprocess.Popen[bytes] | None = None
+        self._on_exit = on_exit
+        self._ready = False
+        self._stopping = False
         try:
             self._start(sections, start_timeout_s)
         except BaseException:
@@ -87,6 +94,7 @@ class ChildServer:
         threading.Thread(target=self._run, args=(started,), name="inlaid-server", daemon=True).start()
         started.wait()
         self._wait_ready(start_timeout_s)
+        self._ready = True
 
     def _run(self, started: threading.Event) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -103,7 +111,9 @@ class ChildServer:
                     env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 )  # fmt: skip
                 started.set()
-                self.process.wait()
+                returncode = self.process.wait()
+            if self._ready and not self._stopping and self._on_exit is not None:
+                self._on_exit(returncode)
         finally:
             started.set()  # a failed Popen must not leave the constructor waiting forever
 
@@ -130,6 +140,7 @@ class ChildServer:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM: the server finishes in-flight requests, then exits."""
+        self._stopping = True
         if self.process is not None:
             stop_process(self.process, timeout_s)
         shutil.rmtree(self.workdir, ignore_errors=True)

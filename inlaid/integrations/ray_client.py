@@ -5,20 +5,22 @@ by Ray Serve's model multiplexing on the request's task.
 serves the very same OpenAI front (`create_app(..., client=...)`). A replica answers with a
 `ReplicaAnswer` (its generate result or the server's typed error). A replica that died or
 became unreachable mid-request is `ConnectionLostError` (HTTP 503 `unavailable`, retry), as
-when a single server is killed under a request (docs/http.md); an exception raised by the
-replica's own code (a `RayTaskError`) is `ExecutorFailedError` (HTTP 500).
+when a single server is killed under a request (docs/http.md), and so is a deployment with no
+replica to take the request (Ray Serve's `DeploymentUnavailableError`, which is no `RayError`);
+a typed Inlaid error the replica raised is passed on as it is; any other exception raised by
+the replica's own code (a `RayTaskError`) is `ExecutorFailedError` (HTTP 500).
 No torch here: the ingress replica stays small.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from inlaid.client import (ConnectionLostError, ExecutorFailedError, InlaidError, InvalidRequestError,
-                           RequestTimeoutError, UnknownTaskError)
+                           OverloadedError, RequestTimeoutError, UnknownTaskError)
 from inlaid.client.errors import error_from_reply
 from inlaid.protocol import AdminReply, ErrorReply, GenerateDone, HealthReply, HelloReply, TaskInfo, TextChunk
 
@@ -33,6 +35,8 @@ class ReplicaAnswer:
 
     def result(self) -> GenerateDone:
         if self.error is not None:
+            if self.error.code == ConnectionLostError.code:  # the replica's server died: the SDK's own error
+                raise ConnectionLostError(f"[{self.error.code}] {self.error.message}", self.error.request_id)
             raise error_from_reply(self.error)
         assert self.done is not None
         return self.done
@@ -49,11 +53,35 @@ class ReplicaInfo:
     server_tasks: list[str] = field(default_factory=list)  # tasks its Inlaid server has registered
 
 
+def unknown_task_message(task: str, known: Iterable[str]) -> str:
+    """The refusal of an unknown task, in the coordinator's words (serve/task_registry.py
+    `check_accepting`): the HTTP front finds the list of tasks after "; this server has: "
+    for its 404, so both paths must say it alike."""
+    return f"unknown task {task!r}; this server has: {', '.join(sorted(known)) or 'none'}"
+
+
+def _ray_errors() -> tuple[type[Exception], ...]:
+    """What a handle's call raises when Ray, not Inlaid, fails it. Serve's own errors
+    (DeploymentUnavailableError, BackPressureError) are `RayServeException`s, not `RayError`s."""
+    from ray.exceptions import RayError
+    from ray.serve.exceptions import RayServeException
+
+    return RayError, RayServeException
+
+
 def _ray_failure(error: Exception) -> InlaidError:
     from ray.exceptions import RayTaskError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
     if isinstance(error, RayTaskError):  # the replica is alive; its code raised
+        if isinstance(error.cause, InlaidError):  # a typed refusal (its server died: connection_lost)
+            return error.cause
         return ExecutorFailedError(f"[executor_failed] the replica failed this request ({error.cause!r})")
+    if isinstance(error, BackPressureError):  # every replica's queue is full: as a full server
+        return OverloadedError(f"[overloaded] every replica is at its max_ongoing_requests; retry later ({error})")
+    if isinstance(error, DeploymentUnavailableError):
+        return ConnectionLostError(f"[connection_lost] no replica can take this request now (the deployment is "
+                                   f"unavailable: {error}); retry later")
     # The replica died or cannot be reached (ActorDiedError, ActorUnavailableError, ...): the
     # same case as a single server killed under a request, and as retryable.
     return ConnectionLostError(f"[connection_lost] the replica serving this request was lost "
@@ -64,9 +92,7 @@ class RayTaskClient:
     """Routes every generate to a replica holding its task (`multiplexed_model_id = task`)."""
 
     def __init__(self, replicas: Any, catalog: Mapping[str, str], timeout_s: float = 600.0) -> None:
-        from ray.exceptions import RayError  # imported here: building the app needs no ray import
-
-        self._ray_error = RayError
+        self._ray_errors = _ray_errors()  # imported here: building the app needs no ray import
         self.replicas = replicas  # a DeploymentHandle of the replica deployment
         self.catalog = dict(catalog)
         self.timeout_s = timeout_s
@@ -74,39 +100,49 @@ class RayTaskClient:
 
     def _handle(self, task: str | None, stream: bool = False) -> Any:
         if task is not None and task not in self.catalog:
-            raise UnknownTaskError(f"[unknown_task] unknown task {task!r}; known: {sorted(self.catalog)}")
+            raise UnknownTaskError(f"[unknown_task] {unknown_task_message(task, self.catalog)}")
         return self.replicas.options(multiplexed_model_id=task or "", stream=stream)
 
-    async def _call(self, response: Any, timeout_s: float | None) -> Any:
+    async def _call(self, send: Callable[[], Any], timeout_s: float | None) -> Any:
+        """`send()` makes the handle's call; Ray may refuse it at once or when awaited."""
+        try:
+            response = send()
+        except self._ray_errors as error:
+            raise _ray_failure(error) from error
         try:
             return await asyncio.wait_for(response, timeout_s or self.timeout_s)
         except asyncio.TimeoutError:
             response.cancel()
             raise RequestTimeoutError("[timeout] no answer from the replica in time") from None
-        except self._ray_error as error:
+        except self._ray_errors as error:
             raise _ray_failure(error) from error
 
     async def handshake(self, timeout_s: float | None = None) -> HelloReply:
-        self.server = await self._call(self.replicas.hello.remote(), timeout_s)
+        self.server = await self._call(lambda: self.replicas.hello.remote(), timeout_s)
         return self.server
 
     async def generate(self, prompt: str | None = None, *, task: str | None = None, timeout_s: float | None = None,
                        **arguments: Any) -> GenerateDone:
-        response = self._handle(task).generate.remote({"prompt": prompt, **arguments})
-        answer: ReplicaAnswer = await self._call(response, timeout_s)
+        handle = self._handle(task)
+        answer: ReplicaAnswer = await self._call(lambda: handle.generate.remote({"prompt": prompt, **arguments}),
+                                                 timeout_s)
         return answer.result()
 
     async def stream(self, prompt: str | None = None, *, task: str | None = None, timeout_s: float | None = None,
                      **arguments: Any) -> "RayTokenStream":
-        generator = self._handle(task, stream=True).stream.remote({"prompt": prompt, **arguments})
-        return RayTokenStream(generator, timeout_s or self.timeout_s, self._ray_error)
+        handle = self._handle(task, stream=True)
+        try:
+            generator = handle.stream.remote({"prompt": prompt, **arguments})
+        except self._ray_errors as error:
+            raise _ray_failure(error) from error
+        return RayTokenStream(generator, timeout_s or self.timeout_s, self._ray_errors)
 
     async def list_tasks(self, timeout_s: float | None = None) -> list[TaskInfo]:
         """The deployment's catalog: every task any replica can load on demand."""
         return [TaskInfo(name=name, adapter_dir=path, active_requests=0) for name, path in sorted(self.catalog.items())]
 
     async def health(self, timeout_s: float | None = None) -> HealthReply:
-        return await self._call(self.replicas.health.remote(), timeout_s)
+        return await self._call(lambda: self.replicas.health.remote(), timeout_s)
 
     async def metrics(self, timeout_s: float | None = None) -> str:
         return ""  # per-replica metrics stay with each replica (docs/scale-out.md)
@@ -140,10 +176,10 @@ class RayTokenStream:
     """`async for chunk in stream` over a replica's streaming generate; `result` at the end.
     Leaving early cancels the replica's generator, which cancels the request on its server."""
 
-    def __init__(self, generator: Any, timeout_s: float, ray_error: type[Exception]) -> None:
+    def __init__(self, generator: Any, timeout_s: float, ray_errors: tuple[type[Exception], ...]) -> None:
         self._generator = generator
         self._timeout_s = timeout_s
-        self._ray_error = ray_error
+        self._ray_errors = ray_errors
         self.result: GenerateDone | None = None
         self._done = False
 
@@ -156,7 +192,7 @@ class RayTokenStream:
                     raise ExecutorFailedError("[executor_failed] the replica ended the stream without a result")
                 except asyncio.TimeoutError:
                     raise RequestTimeoutError("[timeout] no answer from the replica in time") from None
-                except self._ray_error as error:
+                except self._ray_errors as error:
                     raise _ray_failure(error) from error
                 if isinstance(item, TextChunk):
                     yield item

@@ -19,18 +19,22 @@ target_ongoing_requests = 16
 [http]                            # the ingress front's request_timeout_s / max_body_bytes
 ```
 
-Torch-free and ray-free: the file is checked before anything starts.
+Torch-free and ray-free: the file is checked before anything starts. `load_ray_config` (the
+deploy command's) also checks every catalog adapter in full, as a server's AddTask does.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from inlaid.http.settings import HttpConfig, check_listen_address
 from inlaid.cli_args import model_dir_problem
-from inlaid.engine.config import check_range
+from inlaid.engine.adapter_config import AdapterError
+from inlaid.engine.adapter_weights import check_servable_adapter
+from inlaid.engine.config import ModelConfig, check_range
 from inlaid.serve.config import ConfigError, config_from_dict, read_toml
 from inlaid.serve.config_parsing import check_quantized_dir
 
@@ -73,8 +77,27 @@ _RAY_KEYS = {f.name for f in fields(RayDeploymentConfig)} - {"server", "tasks", 
 
 
 def load_ray_config(path: str | Path) -> RayDeploymentConfig:
+    """The deploy command's config, its catalog's adapters checked in full."""
     raw, base_dir = read_toml(path)
-    return ray_config_from_dict(raw, base_dir=base_dir)
+    config = ray_config_from_dict(raw, base_dir=base_dir)
+    check_catalog_adapters(config)
+    return config
+
+
+def check_catalog_adapters(config: RayDeploymentConfig) -> None:
+    """Every catalog task's adapter, checked here as a replica's server checks it when a
+    request first names it (`check_servable_adapter`: its config, rank <= max_lora_rank, every
+    weight): else a bad one deploys fine and every request for it gets 400. A node whose copy
+    differs is still caught by its replica (the same check, at load)."""
+    server = config.server
+    engine = config_from_dict({**server, "server": {**server["server"], "address": "ipc:///tmp/inlaid-check.ipc"}}
+                              ).engine  # fmt: skip
+    model = ModelConfig.from_dir(engine.model_dir)
+    for name, adapter_dir in sorted(config.tasks.items()):
+        try:
+            check_servable_adapter(name, adapter_dir, model, engine.max_lora_rank)
+        except AdapterError as error:
+            raise ConfigError(f"[tasks] {name}: {error}") from None
 
 
 def ray_config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> RayDeploymentConfig:
@@ -91,6 +114,7 @@ def ray_config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> R
                     if k not in ("address", "admin_token", "admin_token_env", "admin_token_file")}
     checked = config_from_dict({**raw, "server": {**server_table, "address": "ipc:///tmp/inlaid-check.ipc"}},
                                base_dir=base_dir)
+    _check_cuda_devices(checked.executor_devices(), ray.get("num_gpus", 0.0))
     missing = {name: p for name, p in checked.tasks.items() if not Path(p).is_dir()}
     if missing:
         raise ConfigError(f"[tasks]: adapter directories not found here: {missing} (every node needs the same paths)")
@@ -110,6 +134,26 @@ def ray_config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> R
     config = RayDeploymentConfig(server=server, tasks=checked.tasks, http=http, autoscaling=autoscaling, **ray)
     _validate(config)
     return config
+
+
+def _check_cuda_devices(devices: list[str], num_gpus: Any) -> None:
+    """A replica sees only the GPUs Ray gives it (CUDA_VISIBLE_DEVICES: `num_gpus` of them,
+    numbered from 0): a CUDA executor on a replica given none, or on a GPU number past those,
+    cannot start, and Ray would retry every replica before the deploy fails. (Whether the
+    cluster has the GPUs is Ray's to say when it places the replicas.)"""
+    wanted = [device for device in devices if device.startswith("cuda")]
+    number = isinstance(num_gpus, (int, float)) and not isinstance(num_gpus, bool)
+    if not wanted or not number or not 0 <= num_gpus < math.inf:
+        return  # no GPU wanted, or num_gpus itself is refused by _validate
+    if num_gpus == 0:
+        raise ConfigError(f"executor device {wanted[0]!r} needs a GPU, but each replica gets none (ray.num_gpus = 0): "
+                          f"set [ray] num_gpus, or device = \"cpu\"")
+    visible = max(1, math.ceil(num_gpus))
+    for device in wanted:
+        if int(device.partition(":")[2] or 0) >= visible:
+            gpus = f"{visible} GPU{'' if visible == 1 else 's'}"
+            raise ConfigError(f"executor device {device!r}: each replica sees {gpus} (ray.num_gpus = {num_gpus}), "
+                              f"numbered from cuda:0")
 
 
 def _refuse_per_server_settings(raw: dict[str, Any]) -> None:
