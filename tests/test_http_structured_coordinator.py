@@ -195,3 +195,22 @@ def test_the_add_task_admin_reply_carries_the_replaced_entry(model_dir, tmp_path
 
     asyncio.run(run())
 
+
+
+def test_an_unknown_task_refusal_carries_the_served_tasks(model_dir, tmp_path):
+    """The front's 404 lists the server's tasks from the reply's list, whatever its words (it
+    read them after "; this server has: ")."""
+    from inlaid.serve.config import config_from_dict
+    from inlaid.serve.coordinator import Coordinator
+
+    coordinator = Coordinator(config_from_dict({"model": {"dir": str(model_dir)},
+                                                "tasks": {"qa": str(ADAPTERS / "qa"),
+                                                          "math": str(ADAPTERS / "math")}}, base_dir=tmp_path))
+    coordinator.replies = []
+    coordinator.in_flight._send = lambda identity, message: coordinator.replies.append(message)
+    refused = _refusal(coordinator, b"c", Generate(request_id="u", prompt="hi", task="nope"))
+    assert (refused.code, refused.field, refused.known_tasks) == (ErrorCode.UNKNOWN_TASK, "task", ["math", "qa"])
+    reworded = msgspec.structs.replace(refused, message="no such adapter here")
+    answer = from_inlaid(error_from_reply(reworded), model="nope", base_model="base")
+    assert (answer.status, answer.param) == (404, "model")
+    assert answer.message == "The model `nope` does not exist; this server has: `base` (the base model), `math`, `qa`."

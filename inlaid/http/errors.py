@@ -103,9 +103,13 @@ def from_inlaid(error: InlaidError, model: str | None = None, *, not_found_param
     if error.code == "timeout":  # the SDK's message names the server's internal address: not the client's business
         message = "the server did not answer within http.request_timeout_s; the request was cancelled"
     if error.code == ErrorCode.UNKNOWN_TASK and model is not None:
-        # The server's "unknown task 'x'; this server has: a, b" said again in the API's terms.
-        _, _, known = message.partition("; this server has: ")
-        tasks = [] if known in ("", "none") else known.split(", ")
+        # Said again in the API's terms, with the server's tasks: from the reply's list, or
+        # (a server older than ErrorReply.known_tasks) its words "...; this server has: a, b".
+        if error.reply is not None and error.reply.known_tasks is not None:
+            tasks = list(error.reply.known_tasks)
+        else:
+            _, _, known = message.partition("; this server has: ")
+            tasks = [] if known in ("", "none") else known.split(", ")
         message = model_not_found(model, base_model or None, tasks).message
     param = ("model" if model is not None else not_found_param) if status == 404 else None
     if error.code == ErrorCode.FRAME_TOO_LARGE:

@@ -33,15 +33,14 @@ from typing import Any, TypeVar
 import zmq.asyncio
 from ray import serve
 
-from inlaid.client import (AsyncClient, ConnectionLostError, InlaidError, InvalidRequestError, TaskBusyError,
-                           UnknownTaskError)
+from inlaid.client import AsyncClient, ConnectionLostError, InlaidError, InvalidRequestError, TaskBusyError
 from inlaid.engine.adapter_config import AdapterError
 from inlaid.engine.adapter_weights import check_servable_adapter
 from inlaid.engine.config import ModelConfig
 from inlaid.http.app import create_app
 from inlaid.http.settings import HttpConfig
 from inlaid.integrations.ray_child import ChildServer
-from inlaid.integrations.ray_client import RayTaskClient, ReplicaAnswer, ReplicaInfo, unknown_task_message
+from inlaid.integrations.ray_client import RayTaskClient, ReplicaAnswer, ReplicaInfo, unknown_task_error
 from inlaid.integrations.ray_config import RayDeploymentConfig
 from inlaid.protocol import ErrorReply, HealthReply, HelloReply
 from inlaid.serve.config import config_from_dict
@@ -156,7 +155,7 @@ class ReplicaBase:
 
     async def _load(self, task: str) -> LoadedTask:
         if task not in self.catalog:
-            raise UnknownTaskError(f"[unknown_task] {unknown_task_message(task, self.catalog)}")
+            raise unknown_task_error(task, self.catalog)
         for _ in range(_TASK_BUSY_RETRIES):
             try:
                 await self._sdk().add_task(task, self.catalog[task])
@@ -178,7 +177,7 @@ class ReplicaBase:
         first: Ray's multiplexed loader evicts its LRU task *before* it calls `_load`, so a
         task that cannot load would otherwise cost a healthy task its seat."""
         if task not in self.catalog:
-            raise UnknownTaskError(f"[unknown_task] {unknown_task_message(task, self.catalog)}")
+            raise unknown_task_error(task, self.catalog)
         try:
             check_servable_adapter(task, self.catalog[task], self._model_config, self._max_lora_rank)
         except AdapterError as error:

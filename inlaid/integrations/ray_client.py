@@ -22,7 +22,7 @@ from typing import Any
 from inlaid.client import (ConnectionLostError, ExecutorFailedError, InlaidError, InvalidRequestError,
                            OverloadedError, RequestTimeoutError, UnknownTaskError)
 from inlaid.client.errors import error_from_reply
-from inlaid.protocol import AdminReply, ErrorReply, GenerateDone, HealthReply, HelloReply, TaskInfo, TextChunk
+from inlaid.protocol import AdminReply, ErrorCode, ErrorReply, GenerateDone, HealthReply, HelloReply, TaskInfo, TextChunk
 
 
 @dataclass
@@ -53,11 +53,13 @@ class ReplicaInfo:
     server_tasks: list[str] = field(default_factory=list)  # tasks its Inlaid server has registered
 
 
-def unknown_task_message(task: str, known: Iterable[str]) -> str:
-    """The refusal of an unknown task, in the coordinator's words (serve/task_registry.py
-    `check_accepting`): the HTTP front finds the list of tasks after "; this server has: "
-    for its 404, so both paths must say it alike."""
-    return f"unknown task {task!r}; this server has: {', '.join(sorted(known)) or 'none'}"
+def unknown_task_error(task: str, known: Iterable[str]) -> UnknownTaskError:
+    """The refusal of an unknown task as a single server's coordinator gives it: its words
+    (serve/task_registry.py `check_accepting`) and, for the HTTP front's 404, the tasks."""
+    tasks = sorted(known)
+    reply = ErrorReply(request_id="", code=ErrorCode.UNKNOWN_TASK, field="task", known_tasks=tasks,
+                       message=f"unknown task {task!r}; this server has: {', '.join(tasks) or 'none'}")
+    return error_from_reply(reply)  # type: ignore[return-value]  (UNKNOWN_TASK's class)
 
 
 def _ray_errors() -> tuple[type[Exception], ...]:
@@ -100,7 +102,7 @@ class RayTaskClient:
 
     def _handle(self, task: str | None, stream: bool = False) -> Any:
         if task is not None and task not in self.catalog:
-            raise UnknownTaskError(f"[unknown_task] {unknown_task_message(task, self.catalog)}")
+            raise unknown_task_error(task, self.catalog)
         return self.replicas.options(multiplexed_model_id=task or "", stream=stream)
 
     async def _call(self, send: Callable[[], Any], timeout_s: float | None) -> Any:

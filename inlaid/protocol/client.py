@@ -174,6 +174,7 @@ class ErrorReply(msgspec.Struct, frozen=True, kw_only=True, tag="error"):
     field: str | None = None  # the request's field at fault, by its name here: max_tokens, temperature, prompt, ...
     in_flight: InFlightCounts | None = None  # with `overloaded`
     context_overflow: ContextOverflow | None = None  # with `context_length`
+    known_tasks: list[str] | None = None  # with `unknown_task`: the tasks this server serves
 
 
 class TaskInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -58,9 +58,11 @@ class InFlight:
         return len(self.requests)
 
     def error(self, identity: bytes, request_id: str, code: str, message: str, *, field: str | None = None,
-              in_flight: InFlightCounts | None = None, context_overflow: ContextOverflow | None = None) -> str:
+              in_flight: InFlightCounts | None = None, context_overflow: ContextOverflow | None = None,
+              known_tasks: list[str] | None = None) -> str:
         self._send(identity, ErrorReply(request_id=request_id, code=code, message=message, field=field,
-                                        in_flight=in_flight, context_overflow=context_overflow))
+                                        in_flight=in_flight, context_overflow=context_overflow,
+                                        known_tasks=known_tasks))
         return code
 
     # ------------------------------------------------------------------ admission
@@ -105,7 +107,8 @@ class InFlight:
         try:
             self.registry.check_accepting(message.task)
         except TaskError as error:
-            return self.error(identity, request_id, error.code, error.message, field="task")
+            known = sorted(self.registry.tasks) if error.code == ErrorCode.UNKNOWN_TASK else None
+            return self.error(identity, request_id, error.code, error.message, field="task", known_tasks=known)
         if message.deadline_s is not None and not (message.deadline_s > 0 and math.isfinite(message.deadline_s)):
             return self.error(identity, request_id, ErrorCode.INVALID_REQUEST, "deadline_s must be a positive number",
                               field="deadline_s")
