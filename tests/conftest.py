@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,20 @@ def serving_reference(model_dir, adapter_dirs) -> dict:
     from serving_helpers import compute_reference
 
     return compute_reference(model_dir, adapter_dirs)
+
+
+@pytest.fixture
+def server_log() -> Iterator[list[logging.LogRecord]]:
+    """What the server's loggers say (`inlaid` and below: the coordinator's, the predictor's),
+    through a handler of this fixture's own: `inlaid serve`'s logging set-up stops `inlaid`
+    from propagating to pytest's capture."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("inlaid")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(level)

@@ -9,7 +9,6 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,22 +57,6 @@ def test_serve_refuses_a_plugin_policy_it_cannot_make_in_one_config_line(tmp_pat
     # Before: a CRITICAL JSON log line ("cannot start") after the CUDA probe, and a module
     # that exits on import ended the server with exit 0 and no word at all.
     assert words in _serve_refused(tmp_path, policy)
-
-
-@pytest.fixture
-def server_log() -> Iterator[list[logging.LogRecord]]:
-    """What the server's loggers say (`inlaid` and below: the coordinator's, the predictor's;
-    a handler of its own, as `inlaid` may not propagate)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("inlaid")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def _said(records: list[logging.LogRecord], message: str) -> list[logging.LogRecord]:

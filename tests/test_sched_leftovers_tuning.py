@@ -8,7 +8,6 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +17,6 @@ from inlaid.serve.config import config_from_dict
 from inlaid.serve.retuning import StartupTuning
 
 COST_MODEL = Path(__file__).resolve().parent.parent / "bench" / "results" / "sched_cost_model.json"
-
-
-@pytest.fixture
-def server_log() -> Iterator[list[logging.LogRecord]]:
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("inlaid.coordinator")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 async def _stopped_after(tuning: StartupTuning[Any], seconds: float) -> tuple[bool, float]:
