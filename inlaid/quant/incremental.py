@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
@@ -48,6 +49,7 @@ from inlaid.quant.checkpoint import METADATA_FILE, WEIGHTS_FILE, pack_linear, un
 from inlaid.quant.driver import DriverConfig
 from inlaid.quant.errors import CheckpointError, QuantizationError
 from inlaid.quant.gptq import QuantizedWeight
+from inlaid.quant.incremental_tasks import consistent_stored_tasks
 from inlaid.quant.layer_decisions import (
     KEPT_QUALITY, KEPT_UNCHANGED, REQUANTIZED, LinearDecision, aggregate_change, quality_gate,
 )
@@ -64,6 +66,7 @@ from inlaid.quant.unfinished import unfinished_problem
 
 _PACKED_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx", ".bias")
 _DRIVER_DEFAULTS = {f.name: f.default for f in fields(DriverConfig)}
+log = logging.getLogger("inlaid.incremental")
 
 
 class IncrementalError(QuantizationError):
@@ -153,7 +156,9 @@ class IncrementalQuantizer:
     state_dirs: where to look for each layer's Hessian state, first match wins (default: the
     checkpoint's). state_out: where the merged state of each finished layer is written.
     drop_tasks: tasks whose Hessians leave the state (removed from the server). pace: called
-    after every input group (a background requantizer sleeps there to bound its CPU share)."""
+    after every input group (a background requantizer sleeps there to bound its CPU share).
+    left_out: stored tasks the state no longer holds whole, left out of the whole job too
+    (task -> why; `incremental_tasks.py`)."""
 
     def __init__(
         self, model_dir: Path, checkpoint_dir: Path, task: CalibrationTask, settings: IncrementalSettings,
@@ -223,19 +228,29 @@ class IncrementalQuantizer:
                 batches = [capture_first_layer_inputs(forward_model, b.input_ids, b.token_mask)
                            for b in token_batches[item.name]]
             self.streams.append(Stream(item.name, forward, adapter, batches))
-        self.task_costs = self._task_costs()
-
-    def _task_costs(self) -> dict[str, float] | None:
-        """The merged set's costs when the method weighs tasks by a probed cost: the stored raw
-        probes of the tasks that stay, the new task probed on the float model as the full
-        driver probes it, normalised over the set (a full run's costs); written to state_out."""
-        if self.method.kind not in ("mlgptq", "minimax") or self.options.sensitivity == "none":
-            return None
-        stored = load_raw_costs([self.state_out, *self.state_dirs])
-        if stored is None:
+        weighs_costs = self.method.kind in ("mlgptq", "minimax") and self.options.sensitivity != "none"
+        stored_costs = load_raw_costs([self.state_out, *self.state_dirs]) if weighs_costs else None
+        if weighs_costs and stored_costs is None:
             raise IncrementalError(
                 f"{self.checkpoint_dir}: mlgptq sensitivity '{self.options.sensitivity}' needs every task's probed cost "
                 f"(hessian_state/{COSTS_FILE}), which this checkpoint lacks; re-quantize it fully")
+        self.left_out: dict[str, str] = {}
+        if not settings.exact:  # the stored Hessians are used: only the tasks they hold whole
+            self.left_out = consistent_stored_tasks(self.state_dirs, self.num_layers, self.drop_tasks,
+                                                    stored_costs).left_out
+            self.drop_tasks |= set(self.left_out)
+            for name, why in self.left_out.items():  # the job goes on without it, every layer alike
+                log.warning("a stored task is left out of the aggregate", extra={"left_out": name, "reason": why})
+        self.task_costs = self._task_costs(stored_costs) if stored_costs is not None else None
+
+    def _task_costs(self, stored: dict[str, float]) -> dict[str, float] | None:
+        """The merged set's costs (the method weighs tasks by a probed cost): the stored raw
+        probes of the tasks that stay, the new task probed on the float model as the full
+        driver probes it, normalised over the set (a full run's costs); written to state_out."""
+        calibrated = {item.name for item in self.existing_tasks}
+        if missing := sorted(calibrated - set(stored)):
+            raise IncrementalError(f"task {missing[0]!r} has no probed cost in {COSTS_FILE} of "
+                                   f"{[str(d) for d in self.state_dirs]}; drop it or re-quantize the checkpoint fully")
         raw = {name: value for name, value in stored.items() if name not in self.drop_tasks}
         raw.update(probe_impurity(self.model, self.tokenizer, self.peft_model, [self.task],
                                   probe_count(self.options.probe_samples, self.max_samples)))
@@ -292,6 +307,7 @@ class IncrementalQuantizer:
                     existing = {name: stat for name, stat in stored.get(group, {}).items()
                                 if name not in self.drop_tasks}
                 state[group] = {**existing, self.task.name: hessians[(self.task.name, forward)]}
+                self._check_costs(index, group, state[group])
                 group_decisions, group_tensors = self._decide_group(layer, prefix, group, served, existing,
                                                                     state[group])
                 decisions.extend(group_decisions)
@@ -306,6 +322,13 @@ class IncrementalQuantizer:
         forward_seconds = timer.seconds.get("forward", 0.0) + timer.seconds.get("hessian", 0.0)
         return LayerOutcome(index, decisions, tensors if changed else None, forward_seconds,
                             timer.seconds.get("quantize", 0.0))
+
+    def _check_costs(self, index: int, group: str, merged: dict[str, TaskHessian]) -> None:
+        """A task aggregated without a cost would be a bare KeyError deep in the aggregate;
+        `consistent_stored_tasks` leaves such tasks out, so this is a bug's last guard."""
+        if self.task_costs is not None and (missing := sorted(set(merged) - set(self.task_costs))):
+            raise IncrementalError(f"layer {index} ({group}): task {missing[0]!r} has Hessians but no cost in "
+                                   f"{COSTS_FILE}; remove it (remove_task) or add it again with its calibration")
 
     def _decide_group(self, layer, prefix: str, group: str, served: dict[str, torch.Tensor],
                       existing: dict[str, TaskHessian], merged: dict[str, TaskHessian],

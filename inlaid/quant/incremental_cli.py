@@ -268,6 +268,8 @@ def run(args: argparse.Namespace) -> int:
                                          args.out / HESSIAN_STATE_DIR, drop_tasks=args.drop_task,
                                          served_layers={layer: partial_path(args.out, layer) for layer in range(done)})
         done = min(done, quantizer.num_layers)
+        for name, why in quantizer.left_out.items():  # (logged too, where logging is configured)
+            print(f"warning: task {name!r} is left out of the aggregate: {why}", file=sys.stderr)
         if done:
             print(f"resuming the interrupted run in {args.out} after {done} finished layers")
         outcomes = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from inlaid.quant import calibration  # torch-free, as is all the coordinator im
 from inlaid.quant.errors import CalibrationDataError
 from inlaid.serve.config import ServerConfig
 from inlaid.serve.requantization_jobs import RequantizationJobs
-from inlaid.serve.task_registry import TaskError, TaskRegistry
+from inlaid.serve.task_registry import TaskError, TaskRegistry, check_absolute
 from inlaid.serve.task_store import FAILED, QUEUED, REQUANTIZING, SERVING, StateDirError, TaskRecord, TaskStore
 
 log = logging.getLogger("inlaid.dynamic_tasks")
@@ -114,9 +115,27 @@ class DynamicTasks:
                 record.phase, record.message = record.suspended_phase, record.suspended_message
                 record.suspended_phase = record.suspended_message = ""
             if record.phase in (QUEUED, REQUANTIZING):
-                record.phase = QUEUED
-                self.jobs.queue.append(name)  # start() dispatches it
+                # (on a full-precision base no addition is ever queued: the state directory records
+                # the base it belongs to, so there a stored job is no state a server left behind)
+                if self.blocker and self.config.engine.quantized_dir:
+                    self._hold_job(record)
+                else:
+                    record.phase = QUEUED
+                    self.jobs.queue.append(name)  # start() dispatches it
         store.save()
+
+    def _hold_job(self, record: TaskRecord) -> None:
+        """An unfinished job this server cannot run (`[requantizer] enabled = false`, ...):
+        the task serves on the base as it is, with the reason, as a new addition is told (a
+        `queued` phase no job would ever move made every wait run to its timeout). What the
+        job had done is kept: it resumes at the first restart that can run it."""
+        record.suspended_phase, record.suspended_message = QUEUED, record.message
+        record.phase = SERVING
+        record.message = (f"not re-quantized: {self.blocker} (its job stopped at layer {record.layers_done} of "
+                          f"{record.layers_total}; it resumes there at a restart that can re-quantize)")
+        log.warning("an unfinished re-quantization is not resumed", extra={"task": record.name,
+                                                                           "reason": self.blocker,
+                                                                           "layers_done": record.layers_done})
 
     async def start(self) -> None:
         if not self.blocker:
@@ -129,11 +148,16 @@ class DynamicTasks:
     def prepare(self, name: str, adapter_dir: str, calibration: str | None) -> TaskInputs:
         """Check the calibration file and copy the task's files into the state directory (a
         fresh directory per addition). File work only: it runs in a worker thread."""
+        check_absolute(adapter_dir, "adapter_dir")
         if calibration:
+            check_absolute(calibration, "calibration")
             check_calibration_file(calibration)
         if self.store is None:
             return TaskInputs(name, adapter_dir, calibration, copied=False)
         adapter_copy, calibration_copy = self.store.copy_inputs(name, adapter_dir, calibration)
+        # absolute whatever the state_dir was given as: each copy is checked again as a caller's path
+        adapter_copy = os.path.abspath(adapter_copy)
+        calibration_copy = os.path.abspath(calibration_copy) if calibration_copy else None
         if calibration_copy:  # what the requantizer reads is the copy: the source may have changed since
             try:
                 check_calibration_file(calibration_copy)
@@ -206,6 +230,8 @@ class DynamicTasks:
         else:
             text = self.registry.remove(name)
         self._on_task_count(len(self.registry.tasks))
+        if name in self.config.tasks:
+            text += self._config_task_removed(name)
         if store is None:
             return text
         record = store.tasks.pop(name, None)
@@ -217,6 +243,17 @@ class DynamicTasks:
         store.save()
         if record is not None:  # now if nothing is in flight; else when its last request ends
             self._discard_if_unused(record.adapter_dir)
+        return text
+
+    def _config_task_removed(self, name: str) -> str:
+        """What the removal of a name of the config's [tasks] means, which a bare "removed"
+        hid: the config serves it again at the next start."""
+        text = (f"; {name!r} is in the config's [tasks]: the name is not served until the next restart, which "
+                f"serves the config's adapter ({self.config.tasks[name]}) again (take it out of the config to "
+                "keep it removed)")
+        if self.store is not None and not self.blocker:
+            text += (". Its Hessians leave the aggregate now; they rejoin at that restart only if no re-quantization "
+                     "ran in between, else only when it is added again with its calibration file")
         return text
 
     def _discard_if_unused(self, adapter_dir: str) -> None:

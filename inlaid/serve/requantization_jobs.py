@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
 import shutil
 import time
 from collections import deque
@@ -54,6 +55,10 @@ STOP_SWAP_WAIT_S = 5.0
 # JobFinished: a group may take a while on a large model, a restart the model's load; a hang
 # there is `_liveness`'s to catch.
 CANCEL_TIMEOUT_S = 5.0
+
+
+# The message of a job whose requantizer was lost, until the restarted one hands a layer over.
+RESUMING_AT = re.compile(r"; resuming at layer (\d+)$")
 
 
 def job_id(record: TaskRecord) -> str:
@@ -247,7 +252,7 @@ class RequantizationJobs(LayerSwaps):
         if record.attempts >= self.config.requantizer.max_attempts:
             self._end_job(record, ok=False, error=f"{reason} ({record.attempts} times during this task's job)")
         else:
-            record.message = f"{reason}; resuming at layer {record.layers_done}"
+            record.message = f"{reason}; resuming at layer {record.layers_done}"  # RESUMING_AT reads it
             assert self.store is not None
             self.store.save()
 
@@ -273,6 +278,10 @@ class RequantizationJobs(LayerSwaps):
             for o in ready.linears]
         record.forward_seconds += ready.forward_seconds
         record.quantize_seconds += ready.quantize_seconds
+        if (resumed := RESUMING_AT.search(record.message)) is not None:  # it has: say so, not that it will
+            record.message = (f"resumed at layer {resumed.group(1)} after the requantizer was lost "
+                              f"({record.attempts} of {self.config.requantizer.max_attempts} losses allowed; "
+                              "the log says why)")
         if ready.handle is None:
             record.layers_done = ready.layer + 1
             self.store.save()
@@ -294,7 +303,9 @@ class RequantizationJobs(LayerSwaps):
             record.message = f"{swapped} of {self.num_layers} layers swapped in; {kept} linears kept as served"
         else:
             record.phase = FAILED
-            record.message = f"re-quantization failed; served on the base as it is: {error}"
+            record.message = (f"re-quantization failed; served on the base as it is: {error.rstrip('.')}. To retry, "
+                              "add the task again with its calibration file: that is a new job, from layer 0, under a "
+                              "new version")
             if record.name not in self.store.dropped:
                 self.store.dropped.append(record.name)  # its partial Hessians serve no aggregate
         log.info("re-quantization ended", extra={"task": record.name, "phase": record.phase, "detail": record.message})

@@ -12,6 +12,7 @@ their host copies at their next plan (`executor_pool.ShardEngine`).
 from __future__ import annotations
 
 import hmac
+import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 
@@ -53,6 +54,7 @@ class TaskRegistry:
         and touches no registry state: safe to run in a worker thread."""
         if not adapter_dir:  # a raw AddTask (the SDK refuses it): "" would be this process's working directory
             raise TaskError(ErrorCode.INVALID_REQUEST, "adapter_dir must not be empty")
+        check_absolute(adapter_dir, "adapter_dir")
         try:
             check_task_name(name, self.engine.config.model_dir)
             check_servable_adapter(name, adapter_dir, self.engine.model_config, self.engine.config.max_lora_rank)
@@ -67,8 +69,10 @@ class TaskRegistry:
         if previous == adapter_dir:
             return f"task {name!r} already serves {adapter_dir}"
         if previous is not None and self.active[name]:
-            raise TaskError(ErrorCode.TASK_BUSY,
-                            f"task {name!r} has {self.active[name]} requests in flight; replace it when idle")
+            count = self.active[name]
+            raise TaskError(ErrorCode.TASK_BUSY, (
+                f"task {name!r} has {count} request{'' if count == 1 else 's'} in flight (running or queued); "
+                "nothing was changed: retry the addition once they have finished"))
         try:
             for engine in self.engines:  # its weights were checked by check_adapter, off the event loop
                 engine.register_adapter(name, adapter_dir, check_weights=False)
@@ -125,3 +129,14 @@ class TaskRegistry:
     def _released(self, adapter_dir: str) -> None:
         for listener in self.on_released:
             listener(adapter_dir)
+
+
+def check_absolute(path: str, what: str) -> None:
+    """Refuse a relative path from a caller: the server would resolve it against its own
+    working directory, not the caller's, and might serve some other directory of that name
+    (the CLI sends absolute paths; the SDK sends what it is given). Config paths are made
+    absolute against the config file when it is read, stored ones against the state directory."""
+    if not os.path.isabs(path):
+        raise TaskError(ErrorCode.INVALID_REQUEST, f"{what} {path!r} is relative: give an absolute path (the server "
+                                                   "resolves paths on its own machine, not against the caller's "
+                                                   "working directory)")

@@ -1,0 +1,92 @@
+"""Which stored tasks an incremental re-quantization aggregates.
+
+The merged Hessian state is rewritten layer by layer: a job writes each finished layer (and
+`task_costs.json` when it starts) without the tasks it was told to drop. A task that comes
+back afterwards (a config task listed again at a restart after a live removal; a removed task
+added again while another job ran) then has Hessians in some layers only, and no probed cost.
+Aggregating it in the layers that still hold it would weigh a different task set per layer,
+and the cost-weighted aggregate has no weight for it (the `KeyError: 'trans-fr'` every later
+job failed with). The rule: a stored task joins the aggregate only where the state holds it
+whole — in every input group of every stored layer, and in the costs when the method weighs
+tasks by them. Any other is left out of the whole job (consistently, every layer), and the
+layers this job writes no longer hold it: it rejoins only through a re-quantization with its
+own calibration (an addition of it with its calibration file).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safetensors import safe_open
+
+from inlaid.quant.state import layer_state_path
+from inlaid.quant.task_costs import COSTS_FILE
+
+REJOIN_HINT = "it rejoins the aggregate only when it is added again with its calibration file"
+
+
+@dataclass(frozen=True)
+class StoredTaskSet:
+    """kept: the stored tasks the job aggregates; left_out: task -> why it is not."""
+
+    kept: frozenset[str]
+    left_out: dict[str, str] = field(default_factory=dict)
+
+
+def stored_layer_tasks(state_dirs: Iterable[Path], layer: int) -> dict[str, set[str]] | None:
+    """group -> tasks of one layer's stored Hessian state, from the file's header only (the
+    first directory holding the layer wins, as `IncrementalQuantizer.stored_state` reads it);
+    None when no directory holds the layer."""
+    for directory in state_dirs:
+        path = layer_state_path(directory, layer)
+        if path.is_file():
+            with safe_open(str(path), framework="pt") as handle:
+                entries = json.loads((handle.metadata() or {}).get("entries", "{}"))
+            groups: dict[str, set[str]] = {}
+            for entry in entries.values():
+                groups.setdefault(str(entry["group"]), set()).add(str(entry["task"]))
+            return groups
+    return None
+
+
+def _layer_ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5' (a message names the layers without listing thirty)."""
+    spans: list[str] = []
+    start = previous = layers[0]
+    for layer in [*layers[1:], None]:
+        if layer is not None and layer == previous + 1:
+            previous = layer
+            continue
+        spans.append(str(start) if start == previous else f"{start}-{previous}")
+        if layer is not None:
+            start = previous = layer
+    return ", ".join(spans)
+
+
+def consistent_stored_tasks(state_dirs: list[Path], num_layers: int, dropped: set[str],
+                            costs: dict[str, float] | None) -> StoredTaskSet:
+    """The stored tasks (not `dropped`) a job may aggregate in every layer. `costs`: the stored
+    raw probes when the method weighs tasks by them (None: it does not). Layers without any
+    state are skipped here: reading them fails the job later with its own error."""
+    groups_of: dict[int, dict[str, set[str]]] = {}
+    for layer in range(num_layers):
+        groups = stored_layer_tasks(state_dirs, layer)
+        if groups is not None:
+            groups_of[layer] = groups
+    stored = {task for groups in groups_of.values() for tasks in groups.values() for task in tasks} - dropped
+    left_out: dict[str, str] = {}
+    for task in sorted(stored):
+        missing = [layer for layer, groups in groups_of.items() if any(task not in tasks for tasks in groups.values())]
+        if missing:
+            left_out[task] = (f"the merged Hessian state lacks it in layer(s) {_layer_ranges(missing)} (a job ran "
+                              f"while it was removed); {REJOIN_HINT}")
+        elif costs is not None and task not in costs:
+            left_out[task] = (f"it has Hessians but no probed cost in {COSTS_FILE} (a job ran while it was "
+                              f"removed); {REJOIN_HINT}")
+    return StoredTaskSet(kept=frozenset(stored - set(left_out)), left_out=left_out)
+
+
+__all__ = ["REJOIN_HINT", "StoredTaskSet", "consistent_stored_tasks", "stored_layer_tasks"]

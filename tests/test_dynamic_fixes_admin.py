@@ -1,0 +1,152 @@
+"""What dynamic tasks tell their callers (without processes): a job restored on a server that
+cannot run it ends every wait with the reason; busy, removal, resume and failure messages say
+what happens and what to do; a caller's relative path is refused."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from inlaid.protocol import JobFinished, LayerReady
+from inlaid.serve import dynamic_tasks
+from inlaid.serve.config import config_from_dict
+from inlaid.serve.dynamic_tasks import DynamicTasks
+from inlaid.serve.executor_pool import ExecutorPool
+from inlaid.serve.requantization_jobs import RequantizationJobs
+from inlaid.serve.task_registry import TaskError, TaskRegistry
+from inlaid.serve.task_store import FAILED, QUEUED, REQUANTIZING, SERVING, TaskRecord, TaskStore
+
+ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+BASE = {"model_dir": "/models/m", "quantized_dir": "/models/q"}
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory) -> Path:
+    """A private copy of a committed adapter: nothing here may touch adapters/."""
+    return Path(shutil.copytree(ADAPTERS / "qa", tmp_path_factory.mktemp("src") / "qa"))
+
+
+def _server(model_dir: Path, state: Path | None, tasks: dict[str, str] | None = None):
+    """The coordinator's task side as coordinator.py wires it (as tests/test_dynamic_churn.py)."""
+    server = {"state_dir": str(state)} if state is not None else {}
+    config = config_from_dict({"model": {"dir": str(model_dir)}, "server": server, "tasks": tasks or {},
+                               "executor": {"max_num_seqs": 4, "num_kv_blocks": 64, "max_lora_slots": 2}})
+    registry = TaskRegistry(ExecutorPool(config, lambda: None).engines, "token")
+    for name, adapter_dir in config.tasks.items():
+        registry.add(name, adapter_dir)
+    return config, registry, lambda: DynamicTasks(config, registry, wake=lambda: None)
+
+
+def test_a_queued_job_restored_where_the_requantizer_is_off_ends_waits_with_the_reason(
+        model_dir, tmp_path, adapter, monkeypatch, caplog):
+    state = tmp_path / "state"
+    config, registry, _ = _server(model_dir, state)
+    # a GPTQ base as the state directory records it (the engines here serve the float model)
+    config = replace(config, engine=replace(config.engine, quantized_dir=str(tmp_path / "gptq")))
+
+    def dynamic() -> DynamicTasks:
+        return DynamicTasks(config, registry, wake=lambda: None)
+
+    monkeypatch.setattr(dynamic_tasks, "requantization_blocker", lambda config: "requantizer.enabled is false")
+    first = dynamic()  # a fresh state directory, then the job a server left behind
+    assert first.store is not None
+    first.store.tasks["code"] = TaskRecord(name="code", adapter_dir=str(adapter), calibration=str(tmp_path / "c"),
+                                           phase=REQUANTIZING, version=1, layers_done=5, layers_total=30)
+    first.store.save()
+    with caplog.at_level("WARNING", logger="inlaid.dynamic_tasks"):
+        restarted = dynamic()
+    status = restarted.status("r1", "code")
+    # wait_task polls until the phase is neither queued nor requantizing: it used to stay queued
+    assert status.phase == SERVING and (status.layers_done, status.layers_total) == (5, 30)
+    assert "not re-quantized: requantizer.enabled is false" in status.message and "layer 5" in status.message
+    assert any("not resumed" in r.getMessage() for r in caplog.records)
+    assert not restarted.jobs.queue
+    # a restart that can re-quantize resumes it where it stopped
+    registry.remove("code")
+    monkeypatch.setattr(dynamic_tasks, "requantization_blocker", lambda config: "")
+    again = dynamic()
+    record = again.store.tasks["code"]
+    assert (record.phase, record.layers_done, list(again.jobs.queue)) == (QUEUED, 5, ["code"])
+
+
+def test_busy_replacement_says_how_many_and_to_retry(model_dir, tmp_path, adapter):
+    second = Path(shutil.copytree(adapter, tmp_path / "qa2"))
+    _, registry, dynamic = _server(model_dir, None, tasks={"math": str(adapter)})
+    tasks = dynamic()
+    registry.request_started("math")
+    with pytest.raises(TaskError) as busy:
+        registry.add("math", str(second))
+    assert "has 1 request in flight" in busy.value.message and "retry" in busy.value.message
+    registry.request_ended("math")
+
+
+def test_removing_a_config_task_says_it_comes_back_at_the_next_restart(model_dir, tmp_path, adapter, monkeypatch):
+    monkeypatch.setattr(dynamic_tasks, "requantization_blocker", lambda config: "")  # a base it re-quantizes
+    _, _, dynamic = _server(model_dir, tmp_path / "state", tasks={"math": str(adapter)})
+    text = dynamic().remove("math")
+    assert "next restart" in text and str(adapter) in text and "not served" in text
+    assert "added again with its calibration file" in text  # how its Hessians rejoin the aggregate
+
+
+def test_a_callers_relative_paths_are_refused(model_dir, tmp_path, adapter, monkeypatch):
+    monkeypatch.chdir(ADAPTERS.parent)  # where "adapters/qa" exists: it used to be served from here
+    _, registry, dynamic = _server(model_dir, tmp_path / "state")
+    with pytest.raises(TaskError, match="relative: give an absolute path"):
+        registry.check_adapter("x", "adapters/qa")
+    calibration = tmp_path / "c.jsonl"
+    calibration.write_text('{"messages": [{"role": "user", "content": "hi"}], "reference": "yo"}\n')
+    monkeypatch.chdir(tmp_path)  # where "c.jsonl" exists
+    with pytest.raises(TaskError, match="calibration 'c.jsonl' is relative"):
+        dynamic().prepare("x", str(adapter), "c.jsonl")
+
+
+class _Requantizer:
+    ready = True
+
+    async def send(self, message) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+
+def test_resume_and_failure_messages_follow_the_job(tmp_path):
+    async def scenario() -> None:
+        config = config_from_dict({"server": {"state_dir": "state"}, "requantizer": {"max_attempts": 2}},
+                                  base_dir=tmp_path)
+        store = TaskStore(tmp_path / "state", BASE)
+        record = store.tasks["code"] = TaskRecord(name="code", adapter_dir="a", calibration="c", phase=REQUANTIZING,
+                                                  version=1, layers_done=11, layers_total=30)
+        jobs = RequantizationJobs(config, store, 30, wake=lambda: None)
+        jobs.supervisor = _Requantizer()  # type: ignore[assignment]
+        jobs.current = "code"
+        jobs._on_lost("requantizer (pid 7) died (SIGKILL)")
+        assert record.message.endswith("resuming at layer 11")
+        jobs._on_message(LayerReady(job_id="code@v1", layer=11, version=1, handle=None, file="", linears=[],
+                                    forward_seconds=0.1, quantize_seconds=0.1))
+        assert record.layers_done == 12 and "resuming" not in record.message  # it has resumed: no longer "will"
+        assert "resumed at layer 11" in record.message and "1 of 2" in record.message
+        jobs._on_lost("requantizer (pid 8) died (SIGKILL)")  # the second loss of max_attempts = 2
+        assert record.phase == FAILED
+        assert "add the task again with its calibration file" in record.message and "from layer 0" in record.message
+        assert "new version" in record.message
+        await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_job_says_how_to_retry(tmp_path):
+    async def scenario() -> None:
+        config = config_from_dict({"server": {"state_dir": "state"}}, base_dir=tmp_path)
+        store = TaskStore(tmp_path / "state", BASE)
+        record = store.tasks["code"] = TaskRecord(name="code", adapter_dir="a", calibration="c", phase=REQUANTIZING,
+                                                  version=1, layers_total=30)
+        jobs = RequantizationJobs(config, store, 30, wake=lambda: None)
+        jobs.supervisor = _Requantizer()  # type: ignore[assignment]
+        jobs.current = "code"
+        jobs._on_message(JobFinished(job_id="code@v1", ok=False, error="IncrementalError: bad."))
+        assert record.phase == FAILED and "bad. To retry, add the task again" in record.message
+        await asyncio.sleep(0)
+
+    asyncio.run(scenario())
