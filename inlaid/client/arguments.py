@@ -18,11 +18,7 @@ from typing import Any
 import msgspec
 
 from inlaid.client.errors import InvalidRequestError
-from inlaid.protocol import ChatMessage
-
-# OpenAI's roles -> the chat template's (OpenAI's newer "developer" is the system prompt);
-# "tool" is absent because tool calls are not supported.
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+from inlaid.protocol import ChatMessage, chat_template_role
 _TEXT_PART_FIELDS = frozenset({"type", "text"})  # OpenAI's text content part
 
 
@@ -84,10 +80,10 @@ def _decoded(index: int, message: ChatMessageArg) -> ChatMessageIn:
 
 def _chat_message(index: int, message: ChatMessageIn) -> ChatMessage:
     where = f"messages[{index}]"
-    role = CHAT_ROLES.get(message.role)
-    if role is None:
-        raise InvalidRequestError(f"{where}.role {message.role!r} is not supported (use system, developer, user or "
-                                  "assistant; tool messages are not supported)", param=f"{where}.role")
+    try:  # the coordinator applies this same rule to the messages of a raw Generate
+        role = chat_template_role(message.role, where)
+    except ValueError as error:
+        raise InvalidRequestError(str(error), param=f"{where}.role") from None
     if message.tool_calls or message.tool_call_id or message.function_call or message.audio:
         raise InvalidRequestError(f"{where}: tool calls and audio are not supported", param=where)
     content = message.content

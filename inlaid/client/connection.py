@@ -47,6 +47,11 @@ class Connection:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_IVL_MAX_MS)
         sock.setsockopt(zmq.HEARTBEAT_IVL, _HEARTBEAT_IVL_MS)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS)
+        # Replies are taken off the wire by ZeroMQ's own thread whatever this process's loop
+        # is doing: the server treats a connection that leaves a few thousand replies unread
+        # as gone (inlaid/serve/peers.py FrontReplies), and one HTTP front's streams, read a
+        # little late under load, must never look like that. Unread replies wait here instead.
+        sock.setsockopt(zmq.RCVHWM, 0)
         self.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)  # before connect: no event slips by
         sock.connect(address)
         self.socket = sock

@@ -23,7 +23,8 @@ from inlaid.engine.config import EngineConfig, ModelConfig
 from inlaid.engine.scheduler import Scheduler, SchedulerLimits, SchedulingPolicy
 from inlaid.engine.sequence import FinishReason, Sequence, SequenceStatus
 from inlaid.engine.tokenizer import StreamingDetokenizer, Tokenizer
-from inlaid.protocol import BatchPlan, SamplingError, SamplingParams, SequenceFailure, StepResult
+from inlaid.engine.chat import template_messages
+from inlaid.protocol import BatchPlan, ChatMessage, SamplingError, SamplingParams, SequenceFailure, StepResult, excerpt
 
 if TYPE_CHECKING:
     from inlaid.engine.runner import ModelRunner
@@ -39,11 +40,14 @@ class InvalidRequestError(ValueError):
 
 
 class PromptTooLongError(InvalidRequestError):
-    """A text prompt known to exceed the context from its beginning alone (not tokenized whole)."""
+    """A prompt known to exceed the context before it was read whole: a text from its
+    beginning alone, chat messages from their count, token ids from theirs (`exact`: then
+    `at_least_tokens` is the prompt's length itself)."""
 
-    def __init__(self, at_least_tokens: int, max_model_len: int) -> None:
-        super().__init__(f"the prompt has more than {at_least_tokens - 1} tokens; the context length is "
-                         f"{max_model_len} and at least one new token must fit")
+    def __init__(self, at_least_tokens: int, max_model_len: int, *, exact: bool = False) -> None:
+        length = f"{at_least_tokens} tokens" if exact else f"more than {at_least_tokens - 1} tokens"
+        super().__init__(f"the prompt has {length}; the context length is {max_model_len} and at least one new "
+                         "token must fit", "prompt")
         self.at_least_tokens = at_least_tokens
 
 
@@ -166,11 +170,11 @@ class Engine:
         if sampling.max_tokens is None:  # until the context is full (a too-long prompt is refused below)
             sampling = msgspec.structs.replace(sampling, max_tokens=max(1, self.max_model_len - len(token_ids)))
         if adapter is not None and adapter not in self.scheduler.adapters.paths:
-            raise InvalidRequestError(f"unknown adapter/task {adapter!r}; known: {self.adapter_names}", "task")
+            raise InvalidRequestError(f"unknown adapter/task {excerpt(adapter)}; known: {self.adapter_names}", "task")
         seq_id = next(self._seq_ids)
         request_id = request_id if request_id is not None else f"req-{seq_id}"
         if request_id in self._requests:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+            raise InvalidRequestError(f"request id {excerpt(request_id)} is already in use", "request_id")
         seq = Sequence(seq_id=seq_id, prompt_token_ids=token_ids, sampling=sampling, adapter=adapter)
         try:
             self.scheduler.add(seq)
@@ -180,18 +184,28 @@ class Engine:
         self._by_seq_id[seq_id] = seq
         return request_id
 
-    def prompt_tokens(self, prompt: str | list[int] | None, messages: list[dict[str, str]] | None) -> list[int]:
+    def prompt_tokens(self, prompt: str | list[int] | None,
+                      messages: list[ChatMessage] | list[dict[str, str]] | None) -> list[int]:
         """The token ids of a text prompt, of token ids (checked against the vocabulary) or of
-        chat messages (through the chat template); InvalidRequestError for anything else."""
+        chat messages (dicts or the protocol's, through the chat template); InvalidRequestError
+        for anything else."""
         if (prompt is None) == (messages is None):
             raise InvalidRequestError("give exactly one of a prompt or chat messages")
         if messages is not None:
             if not isinstance(messages, list) or not messages:
-                raise InvalidRequestError("messages must be a non-empty list")
+                raise InvalidRequestError("messages must be a non-empty list", "messages")
+            if len(messages) >= self.max_model_len:
+                # Each message renders to a token at least (its role's marker): refused before
+                # rendering 40k of them (~150 ms on the loop every client shares).
+                raise PromptTooLongError(len(messages), self.max_model_len)
             try:
-                prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+                chat = template_messages(messages)
             except ValueError as error:
-                raise InvalidRequestError(str(error)) from error
+                raise InvalidRequestError(str(error), "messages") from None
+            try:
+                prompt = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True)
+            except ValueError as error:
+                raise InvalidRequestError(str(error), "messages") from error
         if isinstance(prompt, str):
             prefix_chars = self.max_model_len * _PROMPT_PREFIX_CHARS_PER_TOKEN
             if len(prompt) > prefix_chars:
@@ -202,6 +216,8 @@ class Engine:
             token_ids = self.tokenizer.encode(prompt)
         else:
             token_ids = list(prompt)  # type: ignore[arg-type]
+            if len(token_ids) >= self.max_model_len:  # refused before checking each of 1M ids
+                raise PromptTooLongError(len(token_ids), self.max_model_len, exact=True)
             vocab = self.model_config.vocab_size
             if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
                 raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
@@ -371,3 +387,4 @@ class Engine:
             )
             for rid in ids
         ]
+

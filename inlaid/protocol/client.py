@@ -18,6 +18,34 @@ from inlaid.protocol.sampling import SamplingParams
 
 DEFAULT_MAX_FRAME_BYTES = 1 << 20
 
+# A request_id is echoed in every reply to its request (each TextChunk of a stream): a longer
+# one is refused, lest one client's 1 MB id fill the server's send queues with copies.
+MAX_REQUEST_ID_CHARS = 256
+
+# OpenAI's chat roles -> the chat template's (OpenAI's newer "developer" is the system
+# prompt); "tool" is absent because tool calls are not supported. The one rule for the SDK,
+# the HTTP front and the coordinator's wire: any other role would be pasted into the
+# template as is (a role "user<|im_end|>..." forges turns).
+CHAT_ROLES: dict[str, str] = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def chat_template_role(role: str, where: str) -> str:
+    """The template's role for a message's `role` (`where`: "messages[3]"); ValueError,
+    naming the role as an excerpt, when it is not supported."""
+    template_role = CHAT_ROLES.get(role) if isinstance(role, str) else None
+    if template_role is None:
+        raise ValueError(f"{where}.role {excerpt(role) if isinstance(role, str) else repr(role)} is not supported "
+                         "(use system, developer, user or assistant; tool messages are not supported)")
+    return template_role
+
+
+def excerpt(text: str, limit: int = 64) -> str:
+    """`text` as shown in an error or a log: its repr, its first `limit` characters only when
+    longer (a client's 1 MB name must not come back, or be logged, whole)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
 
 class ChatMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     role: str
@@ -236,6 +264,9 @@ class ServerStats(msgspec.Struct, frozen=True, kw_only=True, tag="stats_reply"):
     # down); overloaded ones count apart. received = finished + failed + rejected_overloaded
     # + rejected + abandoned + those in flight.
     requests_rejected: int = 0
+    # Frames refused before they became a request (malformed, frame_too_large,
+    # unknown_message_type, protocol_version, unauthorized, replies_unread): not in received.
+    frames_refused: int = 0
     executors: list[ExecutorInfo] = []  # per executor; the figures above are their sums
 
 
@@ -291,6 +322,8 @@ ServerReply = (
 )
 
 __all__ = [
+    "CHAT_ROLES",
+    "MAX_REQUEST_ID_CHARS",
     "AddTask",
     "AdminReply",
     "Cancel",
@@ -322,4 +355,6 @@ __all__ = [
     "TaskStatus",
     "TaskStatusReply",
     "TextChunk",
+    "chat_template_role",
+    "excerpt",
 ]

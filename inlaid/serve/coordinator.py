@@ -60,8 +60,8 @@ from inlaid.serve.executor_pool import ExecutorPool, ExecutorShard
 from inlaid.serve.frames import decode_client_frames
 from inlaid.serve.in_flight import InFlight
 from inlaid.serve.ipc_dirs import private_ipc_dir
-from inlaid.serve.metrics import ServerMetrics
-from inlaid.serve.peers import PeerWatch
+from inlaid.serve.metrics import REPLIES_UNREAD, ServerMetrics
+from inlaid.serve.peers import FrontReplies, PeerWatch, front_socket
 from inlaid.serve.retuning import LiveRetuning, StartupTuning, TuneOptions
 from inlaid.serve.stats import server_stats
 from inlaid.serve.step_loop import StepLoop
@@ -71,16 +71,12 @@ from inlaid.serve.task_registry import TaskError, TaskRegistry
 log = logging.getLogger("inlaid.coordinator")
 
 SERVER_VERSION = "0.1.0"
-# Frames above max_frame_bytes get a typed error; far larger ones are cut off by ZeroMQ
-# itself (the peer is disconnected) before they are ever buffered whole.
-_HARD_FRAME_FACTOR = 16
 # After the grace period: the executor's stop timeout (10 s) plus closing the sockets.
 _SHUTDOWN_WATCHDOG_MARGIN_S = 20.0
-# ZMTP heartbeats: a client whose host vanished without closing its connection is dropped
-# after this long, which the PeerWatch sees as a disconnect (its requests are cancelled).
-_CLIENT_HEARTBEAT_IVL_MS = 10_000
-_CLIENT_HEARTBEAT_TIMEOUT_MS = 60_000
 _REBALANCE_INTERVAL_S = 0.1  # several executors: look for stranded waiting work this often
+# A backlog of frames never suspends the front loop (pyzmq's recv returns at once while a
+# frame waits): past this much time handling frames it yields, so the step loops stream on.
+_FRONT_YIELD_AFTER_S = 0.005
 
 
 class Coordinator:
@@ -109,17 +105,18 @@ class Coordinator:
         self._shutdown = asyncio.Event()
         self._accepting = True
         self._front: zmq.asyncio.Socket | None = None
+        self._replies: FrontReplies | None = None
         self._clients: PeerWatch | None = None
         self.retuning = LiveRetuning(retune_options, len(config.tasks),
                                      lambda: [engine.scheduler.policy for engine in self.pool.engines]
                                      ) if retune_options is not None else None
         self.dynamic = DynamicTasks(config, self.registry, wake=self._wake, on_task_count=self._on_task_count)
-        self.task_calls = TaskCalls(self.registry, self._send, self.dynamic)
+        self.task_calls = TaskCalls(self.registry, self._reply_to_admin, self.dynamic)
         self._tempdir: str | None = None
         self.started_at = time.monotonic()
         self.exit_code = 0
         self.counters = {"received": 0, "finished": 0, "failed": 0, "overloaded": 0, "rejected": 0, "abandoned": 0,
-                         "steps": 0, "tokens": 0}
+                         "steps": 0, "tokens": 0, "frames_refused": 0}
         self.in_flight = InFlight(self.limits, self.pool, self.registry, self._send, lambda: self._accepting,
                                   self.counters)
         self.metrics = ServerMetrics(self.pool.shards, self.registry.tasks, self.in_flight.by_engine_id,
@@ -129,12 +126,7 @@ class Coordinator:
     # ================================================================== lifecycle
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        front = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
-        front.setsockopt(zmq.LINGER, 2000)  # let the last replies out on shutdown
-        front.setsockopt(zmq.SNDHWM, 100_000)  # ROUTER drops beyond it: keep streams whole
-        front.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes * _HARD_FRAME_FACTOR)
-        front.setsockopt(zmq.HEARTBEAT_IVL, _CLIENT_HEARTBEAT_IVL_MS)
-        front.setsockopt(zmq.HEARTBEAT_TIMEOUT, _CLIENT_HEARTBEAT_TIMEOUT_MS)
+        front = front_socket(self.limits.max_frame_bytes, self.limits.max_pending_requests)
         try:
             front.bind(self.config.address)
         except zmq.ZMQError as error:  # in use, or not an address this machine has
@@ -142,7 +134,8 @@ class Coordinator:
             front.close(linger=0)
             return 2
         self._front = front
-        self._clients = PeerWatch(front, self.in_flight.client_gone)
+        self._replies = FrontReplies(front, self.in_flight.client_gone)
+        self._clients = PeerWatch(front, self._on_client_gone)
         for shard, address in zip(self.pool.shards, self._executor_addresses()):
             shard.supervisor = ExecutorSupervisor(
                 shard.engine.config, address, on_lost=functools.partial(self._on_executor_lost, shard),
@@ -307,6 +300,8 @@ class Coordinator:
     async def _front_loop(self) -> None:
         assert self._front is not None
         assert self._clients is not None
+        assert self._replies is not None
+        yield_at = time.monotonic() + _FRONT_YIELD_AFTER_S
         while True:
             try:
                 frames = await self._front.recv_multipart(copy=False)
@@ -315,16 +310,40 @@ class Coordinator:
                 await asyncio.sleep(0.01)
                 continue
             self._clients.saw(frames[0])
-            self._handle(frames[0].bytes, [frame.bytes for frame in frames[1:]])
+            identity = frames[0].bytes
+            if identity in self._replies.unread:  # it could not read the answer
+                self._count_refused(REPLIES_UNREAD)
+            else:
+                self._handle(identity, [frame.bytes for frame in frames[1:]])
+            # An await on a waiting frame does not suspend: without this, 3,000 queued
+            # frames stalled every other client's stream for 11 s.
+            if (now := time.monotonic()) >= yield_at:
+                await asyncio.sleep(0)
+                yield_at = now + _FRONT_YIELD_AFTER_S
 
     def _send(self, identity: bytes, message: msgspec.Struct) -> None:
-        assert self._front is not None
-        future = self._front.send_multipart([identity, self._encoder.encode(message)])
-        future.add_done_callback(_consume_exception)
+        assert self._replies is not None
+        self._replies.send(identity, self._encoder.encode(message))
+
+    def _on_client_gone(self, identity: bytes) -> None:
+        assert self._replies is not None
+        self._replies.forget(identity)
+        self.in_flight.client_gone(identity)
+
+    def _count_refused(self, reason: str) -> None:
+        """A frame refused before it became a request (unreadable, unknown, unauthorized, ...)."""
+        self.counters["frames_refused"] += 1
+        self.metrics.on_frame_refused(reason)
+
+    def _reply_to_admin(self, identity: bytes, message: msgspec.Struct) -> None:
+        if isinstance(message, ErrorReply) and message.code == ErrorCode.UNAUTHORIZED:
+            self._count_refused(message.code)
+        self._send(identity, message)
 
     def _handle(self, identity: bytes, body: list[bytes]) -> None:
         message = decode_client_frames(body, self.limits.max_frame_bytes)
         if isinstance(message, ErrorReply):
+            self._count_refused(message.code)
             return self._send(identity, message)
         try:
             self._dispatch(identity, message)
@@ -363,6 +382,7 @@ class Coordinator:
     # ------------------------------------------------------------------ small calls
     def _on_hello(self, identity: bytes, message: Hello) -> None:
         if message.protocol_version != PROTOCOL_VERSION:
+            self._count_refused(ErrorCode.PROTOCOL_VERSION)
             return self._send(identity, ErrorReply(
                 request_id=message.request_id, code=ErrorCode.PROTOCOL_VERSION,
                 message=f"server speaks protocol {PROTOCOL_VERSION}, client {message.protocol_version}"))
@@ -377,7 +397,3 @@ class Coordinator:
         self._send(identity, HealthReply(request_id=message.request_id, status=status, executor_ready=all(ready),
                                          uptime_seconds=time.monotonic() - self.started_at))
 
-
-def _consume_exception(future: asyncio.Future) -> None:
-    if not future.cancelled():
-        future.exception()  # a reply to a vanished client: nothing to do

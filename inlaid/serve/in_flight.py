@@ -23,7 +23,8 @@ import msgspec
 from inlaid.engine.engine import Engine, InvalidRequestError, PromptTooLongError, RequestOutput
 from inlaid.engine.sequence import SequenceStatus
 from inlaid.protocol import (
-    BatchPlan, Cancel, ContextOverflow, ErrorCode, ErrorReply, Generate, InFlightCounts, SamplingError, TextChunk,
+    MAX_REQUEST_ID_CHARS, BatchPlan, Cancel, ContextOverflow, ErrorCode, ErrorReply, Generate, InFlightCounts,
+    SamplingError, TextChunk, excerpt,
 )
 from inlaid.serve.config import ServerLimits
 from inlaid.serve.executor_pool import ExecutorPool, ExecutorShard
@@ -83,7 +84,7 @@ class InFlight:
         if request is not None:
             self.fail(request, ErrorCode.INTERNAL, "internal server error")
             return
-        self.error(identity, message.request_id, ErrorCode.INTERNAL, "internal server error")
+        self.error(identity, _reply_id(message.request_id), ErrorCode.INTERNAL, "internal server error")
         self.counters["failed"] += 1
         assert self.metrics is not None
         self.metrics.on_rejected(message.task, ErrorCode.INTERNAL)
@@ -96,11 +97,20 @@ class InFlight:
         if not request_id:  # its replies could not be told from those to unreadable frames
             return self.error(identity, request_id, ErrorCode.INVALID_REQUEST, "request_id must not be empty",
                               field="request_id")
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            # Answered as a frame too broken to name its request (request_id ""): the id is
+            # not echoed, and no request of this client can be told by a cut of it.
+            return self.error(identity, "", ErrorCode.INVALID_REQUEST,
+                              f"request_id {excerpt(request_id)} is too long: at most {MAX_REQUEST_ID_CHARS} "
+                              "characters", field="request_id")
         if not self._accepting():
             return self.error(identity, request_id, ErrorCode.SHUTTING_DOWN, "the server is shutting down")
         if key in self.requests:
-            return self.error(identity, request_id, ErrorCode.INVALID_REQUEST,
-                              f"request id {request_id!r} is already in flight on this connection", field="request_id")
+            # Not answered under that id: the request running under it gets its own one end
+            # (done or error), and a second terminal message would end it twice for its client.
+            return self.error(identity, "", ErrorCode.INVALID_REQUEST,
+                              f"request id {excerpt(request_id)} is already in flight on this connection; this "
+                              "Generate was refused and the one in flight goes on", field="request_id")
         if (counts := self._overloaded(identity)) is not None:
             self.counters["overloaded"] += 1
             return self.error(identity, request_id, ErrorCode.OVERLOADED, _overload_message(counts), in_flight=counts)
@@ -185,9 +195,8 @@ class InFlight:
         given = [x is not None for x in (message.prompt, message.messages, message.prompt_token_ids)]
         if sum(given) != 1:
             raise ValueError("give exactly one of prompt, messages or prompt_token_ids")
-        if message.messages is not None:
-            chat = [{"role": m.role, "content": m.content} for m in message.messages]
-            return self.engine.prompt_tokens(None, chat)
+        if message.messages is not None:  # counted before any is copied: 40k of them cost 15 ms
+            return self.engine.prompt_tokens(None, message.messages)
         return self.engine.prompt_tokens(message.prompt if message.prompt is not None else message.prompt_token_ids, None)
 
     # ------------------------------------------------------------------ steps
@@ -302,6 +311,11 @@ class InFlight:
         self.by_engine_id.pop(request.engine_id, None)
         self.by_seq_id.pop(request.seq_id, None)
         self.registry.request_ended(request.task)
+
+
+def _reply_id(request_id: str) -> str:
+    """The request_id a reply may carry: none ("") for one too long to have been admitted."""
+    return request_id if len(request_id) <= MAX_REQUEST_ID_CHARS else ""
 
 
 def _overload_message(counts: InFlightCounts) -> str:

@@ -30,7 +30,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from inlaid.engine.engine import Engine, RequestOutput
-from inlaid.protocol import BatchPlan, StepResult
+from inlaid.protocol import BatchPlan, ErrorCode, StepResult
 from inlaid.serve.requests import ActiveRequest
 from inlaid.serve.supervisor import ExecutorSupervisor
 
@@ -45,6 +45,11 @@ BASE_TASK_LABEL = "__base__"
 UNKNOWN_TASK_LABEL = "__unknown__"
 # Outcomes after which a request's latency figures are observed (it ran to its end).
 COMPLETED = frozenset({"stop", "length", "context"})
+# inlaid_frames_refused's reasons: the codes a frame is refused with before it becomes a
+# request, and frames dropped from a connection cut off for leaving its replies unread.
+REPLIES_UNREAD = "replies_unread"
+FRAME_REFUSAL_REASONS = (ErrorCode.MALFORMED, ErrorCode.FRAME_TOO_LARGE, ErrorCode.UNKNOWN_MESSAGE,
+                         ErrorCode.PROTOCOL_VERSION, ErrorCode.UNAUTHORIZED, REPLIES_UNREAD)
 
 # Bucket bounds span CPU serving (seconds per token) and GPU serving (milliseconds).
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -96,6 +101,13 @@ class ServerMetrics:
         self.requests = Counter("inlaid_requests", "Generate requests by how they ended: a finish reason "
                                 "(stop, length, context, cancelled) or the error code they were answered with",
                                 ["task", "outcome"], registry=registry)
+        self.frames_refused = Counter("inlaid_frames_refused", "Client frames refused before they became a "
+                                      "request, by the error code answered (malformed, frame_too_large, "
+                                      "unknown_message_type, protocol_version, unauthorized) or replies_unread "
+                                      "(dropped: the connection left its replies unread)", ["reason"],
+                                      registry=registry)
+        for reason in FRAME_REFUSAL_REASONS:  # each series from 0, so rate() sees the first refusal
+            self.frames_refused.labels(reason)
         self.prompt_tokens = Counter("inlaid_prompt_tokens", "Prompt tokens of admitted requests", task,
                                      registry=registry)
         self.generation_tokens = Counter("inlaid_generation_tokens", "Tokens generated", task, registry=registry)
@@ -131,6 +143,10 @@ class ServerMetrics:
 
     def on_rejected(self, task: str | None, code: str) -> None:
         self.requests.labels(self._label(task), code).inc()
+
+    def on_frame_refused(self, reason: str) -> None:
+        """reason: a server-chosen code (never client text), so the label stays bounded."""
+        self.frames_refused.labels(reason).inc()
 
     def on_step(self, plan: BatchPlan, result: StepResult, outputs: list[RequestOutput], executor: int = 0) -> None:
         """After `Engine.finish_step` of executor `executor`, before the outputs are

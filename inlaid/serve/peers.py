@@ -1,4 +1,4 @@
-"""Which peer of a ZeroMQ ROUTER socket went away. Torch-free.
+"""The coordinator's client-facing ROUTER: the socket, its replies, and which peer went away. Torch-free.
 
 ZeroMQ hides connections from a ROUTER: a peer that disconnects just stops sending (the
 draft `ROUTER_NOTIFY` option is not in the released libzmq builds). What it does offer: a
@@ -11,15 +11,112 @@ Descriptor reuse is handled: pending monitor events are drained before each mess
 attributed (libzmq queues a connection's disconnect event before it can accept the next
 connection on the same descriptor), and a descriptor that turns up with a new identity
 means its previous peer is gone.
+
+`FrontReplies` sends the replies: each at once or not at all, never queued without bound
+(see its docstring); `seed_routing_ids` makes the ROUTER's anonymous peer ids unpredictable.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import logging
+import os
 from collections.abc import Callable
 
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
+
+log = logging.getLogger("inlaid.coordinator")
+
+# Frames above max_frame_bytes get a typed error; far larger ones are cut off by ZeroMQ
+# itself (the peer is disconnected) before they are ever buffered whole.
+_HARD_FRAME_FACTOR = 16
+# ZMTP heartbeats: a client whose host vanished without closing its connection is dropped
+# after this long, which the PeerWatch sees as a disconnect (its requests are cancelled).
+_CLIENT_HEARTBEAT_IVL_MS = 10_000
+_CLIENT_HEARTBEAT_TIMEOUT_MS = 60_000
+# Replies a connection may leave unread in the coordinator (ZeroMQ's SNDHWM, per connection)
+# before it is treated as gone (`FrontReplies`): several per request it may hold, so a
+# client reading its streams a little late is never cut off, yet one that never reads holds
+# megabytes, not the 100,000 replies (~470 MiB of GetMetrics answers in a probe) it used to.
+_MIN_UNREAD_REPLIES = 1_000
+_UNREAD_REPLIES_PER_PENDING_REQUEST = 4
+
+
+def front_socket(max_frame_bytes: int, max_pending_requests: int) -> zmq.asyncio.Socket:
+    """The coordinator's client-facing ROUTER, not yet bound."""
+    seed_routing_ids()  # before the ROUTER exists: its anonymous peer ids start at rand()
+    front = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+    front.setsockopt(zmq.LINGER, 2000)  # let the last replies out on shutdown
+    front.setsockopt(zmq.SNDHWM, max(_MIN_UNREAD_REPLIES, _UNREAD_REPLIES_PER_PENDING_REQUEST * max_pending_requests))
+    front.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full queue raises (FrontReplies), never drops in silence
+    front.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes * _HARD_FRAME_FACTOR)
+    front.setsockopt(zmq.HEARTBEAT_IVL, _CLIENT_HEARTBEAT_IVL_MS)
+    front.setsockopt(zmq.HEARTBEAT_TIMEOUT, _CLIENT_HEARTBEAT_TIMEOUT_MS)
+    return front
+
+
+def seed_routing_ids() -> None:
+    """Seed libc's rand() with 32 random bits; call it before the ROUTER socket is made.
+
+    Why: libzmq's ROUTER names each anonymous peer 0x00 + a 4-byte counter that starts at
+    libc rand()'s value when the socket is created, and it never checks that counter
+    against the ids peers chose themselves (ZMQ_ROUTING_ID). rand() is never seeded, so the
+    first anonymous peer is always 0x006b8b4567 (glibc's first rand()): a peer that claims
+    the next few thousand ids, then any anonymous connection (every SDK client is one),
+    aborted the coordinator (`Assertion failed: ok (src/socket_base.cpp:2113)`), and the
+    claiming sockets reconnected by themselves to the restarted server. Seeded, the start
+    is unpredictable; an attacker opening very many connections could still hit the
+    counter by chance (docs/serving.md, "Limits": the port is for trusted clients)."""
+    libc = ctypes.CDLL(None)
+    libc.srand.argtypes = [ctypes.c_uint]
+    libc.srand(int.from_bytes(os.urandom(4), "little"))
+
+
+class FrontReplies:
+    """Replies to the ROUTER's peers, each sent at once (DONTWAIT) or not at all.
+
+    The socket (`front_socket`) has ZMQ_ROUTER_MANDATORY and a bounded SNDHWM per
+    connection. Without MANDATORY a ROUTER silently drops what a full queue cannot take, a
+    request's only GenerateDone included, and below the drop point a peer that never reads
+    holds up to SNDHWM replies in the coordinator's memory. With it, a send to a full queue
+    raises zmq.Again: that connection is treated as gone (one WARNING; its later replies and
+    frames are dropped; `on_unread` cancels its requests as abandoned soon after, never
+    inside the send, whose caller may be in the middle of ending a request) until it
+    disconnects (`forget`). A send to a peer already disconnected raises
+    EHOSTUNREACH and is forgotten silently, as the ROUTER used to drop it: the PeerWatch
+    reports that peer's disconnect."""
+
+    def __init__(self, socket: zmq.asyncio.Socket, on_unread: Callable[[bytes], None]) -> None:
+        self._socket = socket
+        self._on_unread = on_unread
+        self.queue_limit: int = socket.getsockopt(zmq.SNDHWM)
+        self.unread: set[bytes] = set()  # connections cut off for leaving their replies unread
+
+    def send(self, identity: bytes, payload: bytes) -> None:
+        if identity in self.unread:
+            return
+        future = self._socket.send_multipart([identity, payload], flags=zmq.DONTWAIT)
+        if not future.done():  # pyzmq queued it behind an earlier send (not expected with DONTWAIT)
+            future.add_done_callback(_consume_exception)
+            return
+        if isinstance(future.exception(), zmq.Again):
+            self.unread.add(identity)
+            log.warning("a client leaves its replies unread: its connection is treated as gone (its requests are "
+                        "cancelled, further replies and frames dropped until it disconnects)",
+                        extra={"client": identity.hex(), "queued_replies": self.queue_limit})
+            asyncio.get_running_loop().call_soon(self._on_unread, identity)
+
+    def forget(self, identity: bytes) -> None:
+        """The peer disconnected: an identity it chose itself may come back, and is served again."""
+        self.unread.discard(identity)
+
+
+def _consume_exception(future: asyncio.Future[object]) -> None:
+    if not future.cancelled():
+        future.exception()  # a reply to a vanished client: nothing to do
 
 
 class PeerWatch:

@@ -46,5 +46,6 @@ def server_stats(
         mean_step_gap_seconds=_mean(step_gaps),
         requests_abandoned=counters["abandoned"],
         requests_rejected=counters["rejected"],
+        frames_refused=counters["frames_refused"],
         executors=[shard.info() for shard in shards],
     )

@@ -19,8 +19,11 @@ from collections.abc import Callable, Sequence
 from inlaid.engine.adapter_config import AdapterError
 from inlaid.engine.adapter_weights import check_servable_adapter
 from inlaid.engine.engine import Engine, InvalidRequestError
-from inlaid.protocol import ErrorCode
+from inlaid.protocol import ErrorCode, excerpt
 from inlaid.serve.config import ConfigError, check_task_name
+
+
+_MAX_PATH_CHARS = 4096  # Linux's PATH_MAX
 
 
 class TaskError(Exception):
@@ -54,6 +57,9 @@ class TaskRegistry:
         and touches no registry state: safe to run in a worker thread."""
         if not adapter_dir:  # a raw AddTask (the SDK refuses it): "" would be this process's working directory
             raise TaskError(ErrorCode.INVALID_REQUEST, "adapter_dir must not be empty")
+        if len(adapter_dir) > _MAX_PATH_CHARS:  # no OS opens it; its error would echo it whole
+            raise TaskError(ErrorCode.INVALID_REQUEST, f"adapter_dir {excerpt(adapter_dir)} is too long: at most "
+                                                       f"{_MAX_PATH_CHARS} characters")
         check_absolute(adapter_dir, "adapter_dir")
         try:
             check_task_name(name, self.engine.config.model_dir)
@@ -88,8 +94,8 @@ class TaskRegistry:
         return adapter_dir in self.engine.scheduler.adapters.paths.values()
 
     def remove(self, name: str) -> str:
-        if name not in self.tasks:
-            raise TaskError(ErrorCode.UNKNOWN_TASK, f"unknown task {name!r}")
+        if name not in self.tasks:  # the name is a caller's, of any length: shown as an excerpt
+            raise TaskError(ErrorCode.UNKNOWN_TASK, f"unknown task {excerpt(name)}")
         del self.tasks[name]
         if self.active[name]:
             self.draining.add(name)
@@ -104,7 +110,7 @@ class TaskRegistry:
     def check_accepting(self, name: str | None) -> None:
         if name is not None and name not in self.tasks:
             known = ", ".join(sorted(self.tasks)) or "none"
-            raise TaskError(ErrorCode.UNKNOWN_TASK, f"unknown task {name!r}; this server has: {known}")
+            raise TaskError(ErrorCode.UNKNOWN_TASK, f"unknown task {excerpt(name)}; this server has: {known}")
 
     def request_started(self, name: str | None) -> None:
         if name is not None:
@@ -137,6 +143,6 @@ def check_absolute(path: str, what: str) -> None:
     (the CLI sends absolute paths; the SDK sends what it is given). Config paths are made
     absolute against the config file when it is read, stored ones against the state directory."""
     if not os.path.isabs(path):
-        raise TaskError(ErrorCode.INVALID_REQUEST, f"{what} {path!r} is relative: give an absolute path (the server "
-                                                   "resolves paths on its own machine, not against the caller's "
-                                                   "working directory)")
+        raise TaskError(ErrorCode.INVALID_REQUEST, f"{what} {excerpt(path)} is relative: give an absolute path (the "
+                                                   "server resolves paths on its own machine, not against the "
+                                                   "caller's working directory)")

@@ -1,0 +1,76 @@
+"""`FrontReplies` on a real ROUTER in process (no server): a reply to a peer that is gone is
+dropped silently, as the ROUTER did before ZMQ_ROUTER_MANDATORY; a peer whose queue is full
+is cut off once, reported after the send returns, and gets nothing more until forgotten."""
+
+from __future__ import annotations
+
+import asyncio
+
+import zmq
+import zmq.asyncio
+
+from inlaid.serve.peers import FrontReplies, front_socket
+
+
+async def _router_with_reader_less_peer(sndhwm: int) -> tuple[zmq.asyncio.Socket, zmq.Socket, bytes]:
+    front = front_socket(max_frame_bytes=1 << 20, max_pending_requests=1)
+    front.setsockopt(zmq.SNDHWM, sndhwm)  # before bind: the pipes take it
+    port = front.bind_to_random_port("tcp://127.0.0.1")
+    peer = zmq.Context.instance().socket(zmq.DEALER)
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.setsockopt(zmq.RCVHWM, 1)
+    peer.setsockopt(zmq.RCVBUF, 4096)
+    peer.connect(f"tcp://127.0.0.1:{port}")
+    peer.send(b"hello")
+    identity, _ = await asyncio.wait_for(front.recv_multipart(), 10)
+    return front, peer, identity
+
+
+def test_the_front_socket_is_bounded_and_mandatory():
+    front = front_socket(max_frame_bytes=1 << 20, max_pending_requests=1024)
+    try:
+        assert front.getsockopt(zmq.SNDHWM) == 4096  # four per request a connection may hold, not 100,000
+        assert front.getsockopt(zmq.MAXMSGSIZE) == 16 << 20
+    finally:
+        front.close(linger=0)
+
+
+def test_a_reply_to_a_vanished_peer_is_dropped_silently():
+    async def scenario() -> tuple[list[bytes], set[bytes]]:
+        front, peer, _ = await _router_with_reader_less_peer(sndhwm=10)
+        cut: list[bytes] = []
+        replies = FrontReplies(front, cut.append)
+        try:
+            replies.send(b"\x00never-connected", b"reply")  # EHOSTUNREACH under ROUTER_MANDATORY
+            await asyncio.sleep(0.05)
+            return cut, replies.unread
+        finally:
+            peer.close()
+            front.close(linger=0)
+
+    assert asyncio.run(scenario()) == ([], set())
+
+
+def test_a_peer_that_never_reads_is_cut_off_once_after_the_send():
+    async def scenario() -> tuple[list[bytes], list[bytes], bytes, int]:
+        front, peer, identity = await _router_with_reader_less_peer(sndhwm=10)
+        cut: list[bytes] = []
+        replies = FrontReplies(front, cut.append)
+        try:
+            sent = 0
+            while identity not in replies.unread and sent < 100_000:
+                replies.send(identity, b"x" * 1000)
+                sent += 1
+                if sent % 50 == 0:
+                    await asyncio.sleep(0.01)  # let the I/O thread fill the kernel buffers
+            cut_during_send = list(cut)  # reported later, never inside the send's caller
+            replies.send(identity, b"dropped")  # no second report, no exception
+            await asyncio.sleep(0.05)
+            replies.forget(identity)  # disconnected: a chosen identity may come back
+            return cut_during_send, cut, identity, len(replies.unread)
+        finally:
+            peer.close()
+            front.close(linger=0)
+
+    during, after, identity, still_unread = asyncio.run(scenario())
+    assert during == [] and after == [identity] and still_unread == 0
