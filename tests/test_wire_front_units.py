@@ -74,3 +74,22 @@ def test_a_peer_that_never_reads_is_cut_off_once_after_the_send():
 
     during, after, identity, still_unread = asyncio.run(scenario())
     assert during == [] and after == [identity] and still_unread == 0
+
+
+def test_an_unreadable_field_still_names_its_request_and_what_went_wrong() -> None:
+    """Bad UTF-8 in the prompt made the whole frame "not valid msgpack" with no request id, so
+    its sender waited for its timeout; an unknown field's 1 MB name came back whole."""
+    import msgspec
+
+    from inlaid.protocol import ErrorCode
+    from inlaid.serve.frames import decode_client_frames
+
+    frame = msgspec.msgpack.encode({"type": "generate", "request_id": "u8", "prompt": "x"})
+    refused = decode_client_frames([frame.replace(b"\xa1x", b"\xa1\xff")], 1 << 20)
+    assert (refused.request_id, refused.code) == ("u8", ErrorCode.MALFORMED)
+    assert "utf-8" in refused.message and "0xff" in refused.message, refused.message
+    named = decode_client_frames([msgspec.msgpack.encode({"type": "generate", "request_id": "big", "prompt": "x",
+                                                          "z" * 1_000_000: 1})], 1 << 22)
+    assert named.request_id == "big" and "unknown field `zzz" in named.message and len(named.message) < 700
+    long_id = decode_client_frames([msgspec.msgpack.encode({"type": "nope", "request_id": "r" * 300})], 1 << 20)
+    assert (long_id.request_id, long_id.code) == ("", ErrorCode.UNKNOWN_MESSAGE)

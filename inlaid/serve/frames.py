@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
-from inlaid.protocol import ClientRequest, ErrorCode, ErrorReply
+from inlaid.protocol import MAX_REQUEST_ID_CHARS, ClientRequest, ErrorCode, ErrorReply, excerpt
 
 CLIENT_TAGS = frozenset(cls.__struct_config__.tag for cls in ClientRequest.__args__)  # type: ignore[attr-defined]
 _decoder = msgspec.msgpack.Decoder(ClientRequest)
@@ -30,11 +30,7 @@ def decode_client_frames(body: list[bytes], max_frame_bytes: int) -> ClientReque
     if len(payload) > max_frame_bytes:
         # Still name the request if we can, so the sender's wait ends: reading one field is
         # cheap next to what the limit guards (tokenizing, queueing).
-        try:
-            request_id = _request_id_only.decode(payload).request_id
-        except Exception:
-            request_id = ""
-        return ErrorReply(request_id=request_id, code=ErrorCode.FRAME_TOO_LARGE,
+        return ErrorReply(request_id=_readable_request_id(payload), code=ErrorCode.FRAME_TOO_LARGE,
                           message=f"frame of {len(payload)} bytes; the limit is {max_frame_bytes}")
     try:
         return _decoder.decode(payload)
@@ -46,12 +42,34 @@ def _explain(payload: bytes, error: Exception) -> ErrorReply:
     # Say as precisely as we can what was wrong, and name the request when possible.
     try:
         loose = msgspec.msgpack.decode(payload)
-    except Exception:  # invalid msgpack, bad UTF-8, nesting too deep: all just garbage
-        return ErrorReply(request_id="", code=ErrorCode.MALFORMED, message="the frame is not valid msgpack")
+    except Exception as unreadable:  # invalid msgpack, bad UTF-8 or nesting too deep in some field
+        # Still name the request when its id alone reads (bad UTF-8 in the prompt left the id
+        # fine, and the sender waited for its timeout), and say what could not be read.
+        return ErrorReply(request_id=_readable_request_id(payload), code=ErrorCode.MALFORMED,
+                          message=f"the frame cannot be read: {_bounded(str(unreadable))}")
     request_id = loose.get("request_id", "") if isinstance(loose, dict) else ""
-    request_id = request_id if isinstance(request_id, str) else ""
+    request_id = request_id if isinstance(request_id, str) and len(request_id) <= MAX_REQUEST_ID_CHARS else ""
     kind = loose.get("type") if isinstance(loose, dict) else None
     if isinstance(kind, str) and kind not in CLIENT_TAGS:
         return ErrorReply(request_id=request_id, code=ErrorCode.UNKNOWN_MESSAGE,
-                          message=f"unknown message type {kind[:64]!r}; known: {sorted(CLIENT_TAGS)}")
-    return ErrorReply(request_id=request_id, code=ErrorCode.MALFORMED, message=f"invalid message: {error}")
+                          message=f"unknown message type {excerpt(kind)}; known: {sorted(CLIENT_TAGS)}")
+    # msgspec's words name the field (an unknown one as the client spelled it: bounded).
+    return ErrorReply(request_id=request_id, code=ErrorCode.MALFORMED, message=f"invalid message: {_bounded(str(error))}")
+
+
+def _readable_request_id(payload: bytes) -> str:
+    """The frame's request_id when that field alone decodes (and is not past the limit), else ""."""
+    try:
+        request_id = _request_id_only.decode(payload).request_id
+    except Exception:  # noqa: BLE001  (whatever the bytes: no id to name)
+        return ""
+    return request_id if len(request_id) <= MAX_REQUEST_ID_CHARS else ""
+
+
+_MAX_ERROR_TEXT = 512
+
+
+def _bounded(text: str) -> str:
+    """A decoder's message, which quotes what the client sent (an unknown field's name), cut to
+    a bounded length: a 1 MB field name came back whole."""
+    return text if len(text) <= _MAX_ERROR_TEXT else f"{text[:_MAX_ERROR_TEXT]}... ({len(text)} characters)"
