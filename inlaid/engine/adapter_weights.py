@@ -161,6 +161,21 @@ def _check_layout(entries: list[_TensorEntry], data_size: int, where: str) -> No
                            f"the file has {data_size}")
 
 
+def _shape_mismatch_cause(found: tuple[int, ...], expected: tuple[int, int], half: str, projection: str,
+                          model: ModelConfig) -> str:
+    """Why a LoRA matrix has the wrong shape, by the dimension that differs: A is (rank, in),
+    B is (out, rank). With the rank right, "rank mismatch" sent users hunting a rank problem
+    when the adapter was trained on a base of another width."""
+    rank_axis, feature_axis = (0, 1) if half == "A" else (1, 0)
+    if len(found) != 2 or found[rank_axis] != expected[rank_axis]:
+        return ("rank mismatch: weights of another rank than the config says, or trained for another base model"
+                if len(found) == 2 else "a LoRA matrix has two dimensions")
+    side = "input" if half == "A" else "output"
+    dimension = "hidden size" if expected[feature_axis] == model.hidden_size else f"{projection} {side} size"
+    return (f"trained for another base model ({dimension} {found[feature_axis]}, "
+            f"this base has {expected[feature_axis]})")
+
+
 def _check_names_and_shapes(entries: list[_TensorEntry], spec: AdapterSpec, model: ModelConfig, where: str) -> None:
     shapes = projection_shapes(model)
     seen: set[tuple[int, str, str]] = set()
@@ -181,11 +196,9 @@ def _check_names_and_shapes(entries: list[_TensorEntry], spec: AdapterSpec, mode
         in_features, out_features = shapes[projection]
         expected = (spec.rank, in_features) if half == "A" else (out_features, spec.rank)
         if entry.shape != expected:
-            raise AdapterError(
-                f"{where}: layer {layer} {projection} lora_{half} has shape {list(entry.shape)}; adapter_config.json "
-                f"says r={spec.rank}, so this base model needs {list(expected)} (rank mismatch: weights of another rank "
-                "than the config says, or trained for another base model)"
-            )
+            raise AdapterError(f"{where}: layer {layer} {projection} lora_{half} has shape {list(entry.shape)}; "
+                               f"adapter_config.json says r={spec.rank}, so this base model needs {list(expected)} "
+                               f"({_shape_mismatch_cause(entry.shape, expected, half, projection, model)})")
     missing = [(layer, projection, half) for layer in range(model.num_layers) for projection in spec.target_modules
                for half in "AB" if (layer, projection, half) not in seen]  # fmt: skip
     if spec.has_exclusions:  # exclude_modules: whole projections may lack LoRA, never one half of a pair

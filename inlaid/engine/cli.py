@@ -114,6 +114,7 @@ def _batch_request(item: object, where: str, defaults: dict[str, Any]) -> dict[s
         raise _InputError(f"{where}: field 'adapter' must be a string or null")
     rest = {key: value for key, value in item.items() if key not in _REQUEST_FIELDS}
     request["sampling"] = _sampling({**defaults, **rest}, where)
+    request["max_tokens_from"] = f"{where}: max_tokens" if "max_tokens" in rest else "--max-tokens"
     return request
 
 
@@ -125,7 +126,8 @@ def _requests(args: argparse.Namespace) -> list[dict[str, Any]]:
     requests: list[dict[str, Any]] = []
     for index, prompt in enumerate(args.prompt):
         adapter = (args.use[min(index, len(args.use) - 1)] if args.use else "-")
-        request = {"adapter": None if adapter == "-" else adapter, "sampling": sampling}
+        request = {"adapter": None if adapter == "-" else adapter, "sampling": sampling,
+                   "max_tokens_from": "--max-tokens"}
         request["messages" if args.chat else "prompt"] = (
             [{"role": "user", "content": prompt}] if args.chat else prompt
         )
@@ -168,13 +170,35 @@ def _check_inputs(args: argparse.Namespace) -> tuple[dict[str, str], list[dict[s
 
         try:
             # An adapter directory here failed deep in the loader ("unexpected tensor ...lora_A").
-            check_quantized_dir(args.quantized)
+            # A float model folder was served unquantized, and a truncated weights file failed
+            # after the model load in the library's words: both are known from the files.
+            check_quantized_dir(args.quantized, float_hint="give the float model as --model")
         except ConfigError as error:
             # The message names the server's config key; here the option is what was given.
             raise _InputError(str(error).replace("model.quantized_dir", "--quantized", 1)) from None
     adapters, requests = _adapters(args.adapter), _requests(args)
     _check_adapters_used(requests, adapters)
     return adapters, requests
+
+
+def _note_context_caps(engine: Any, requests: list[dict[str, Any]]) -> None:
+    """One stderr note per max_tokens the context cannot hold: the engine stops a sequence
+    when the context is full, so `--max-tokens 100000000` ran for minutes and printed nothing
+    to say that it would stop at the context. A note, not a refusal: "as many as fit" is a
+    fair thing to ask for."""
+    notes: list[str] = []
+    for request in requests:
+        wanted = request["sampling"].max_tokens
+        if wanted is None:
+            continue
+        prompt = engine.prompt_tokens(request.get("prompt"), request.get("messages"))
+        leaves = max(0, engine.max_model_len - len(prompt))
+        note = (f"inlaid generate: note: {request['max_tokens_from']} {wanted} is more than the context leaves "
+                f"({leaves}): generating at most {leaves}")
+        if wanted > leaves and note not in notes:
+            notes.append(note)
+    for note in notes:
+        print(note, file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -194,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
         engine.register_adapter(name, path)
     ids = []
     try:
+        _note_context_caps(engine, requests)
         for request in requests:
             ids.append(engine.add_request(request.get("prompt"), messages=request.get("messages"),
                                           sampling=request["sampling"], adapter=request.get("adapter")))

@@ -51,6 +51,21 @@ def step_order(chunks: list[ChunkPlan]) -> list[ChunkPlan]:
     return sorted(chunks, key=lambda chunk: (len(chunk.token_ids) > 1, chunk.adapter_slot))
 
 
+def _check_quantized_dir(quantized_dir: Path) -> None:
+    """ModelLoadError unless `quantized_dir` is a GPTQ checkpoint the engine serves quantized:
+    without a quantization_config in its config.json the loader read it as a float model, and
+    `--quantized <float model>` silently ran unquantized."""
+    from inlaid.quant.checkpoint_files import quantized_dir_problem
+
+    problem = quantized_dir_problem(quantized_dir,
+                                    float_hint="a float model goes in as the model, not as the quantized checkpoint")
+    if problem is None and not is_gptq_checkpoint(quantized_dir):  # AutoGPTQ's quantize_config.json alone
+        problem = (f"{quantized_dir}: config.json has no GPTQ quantization_config (quantize_config.json alone): "
+                   "not a quantized checkpoint the engine serves")
+    if problem is not None:
+        raise ModelLoadError(f"cannot load the quantized checkpoint {quantized_dir}: {problem}")
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, host_adapter_cache: int = 64, model: LlamaModel | None = None,
                  host_adapter_cache_bytes: int | None = None) -> None:
@@ -70,6 +85,8 @@ class ModelRunner:
         self.weight_dtype = self.dtype if config.weight_dtype == "auto" else resolve_dtype(config.weight_dtype, self.device)
         self.model_config = ModelConfig.from_dir(config.model_dir)
         weights_dir = config.quantized_dir or config.model_dir
+        if model is None and config.quantized_dir:
+            _check_quantized_dir(Path(config.quantized_dir))
         self.model: LlamaModel = model if model is not None else load_model(
             self.model_config, weights_dir, self.dtype, self.device, config.quant_kernel, self.weight_dtype
         )

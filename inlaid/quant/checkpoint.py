@@ -17,7 +17,9 @@ Directory layout written by `write_checkpoint`:
 `load_gptq_checkpoint(dir)` reads it back: the config, one `QuantLinearWeights` per
 quantized linear (the kernels' dataclass), and the remaining float tensors. Every linear's
 tensors are checked against the config (bits, group size) and the model's shapes, and its
-scales for finite values, so a corrupt checkpoint is refused naming the file and the tensor.
+scales for finite values, so a corrupt checkpoint is refused naming the file and the tensor;
+`check_gptq_checkpoint` runs the same checks for the jobs that read it layer by layer, and
+`quantized_dir_problem` the cheap ones (files, quantization_config, the weights' header).
 """
 
 from __future__ import annotations
@@ -28,17 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from inlaid.kernels.gptq_format import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
 from inlaid.kernels.dispatch import QuantLinearWeights
+from inlaid.quant.checkpoint_files import WEIGHTS_FILE, corrupt_weights_error, quantized_dir_problem
 from inlaid.quant.errors import CheckpointError
 from inlaid.quant.gptq import QuantizedWeight
 from inlaid.quant.spec import QuantSpec
-from inlaid.quant.unfinished import unfinished_problem
 
-WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "inlaid_quant.json"
 HESSIAN_STATE_DIR = "hessian_state"
 _COPIED_FILES = (
@@ -149,23 +150,27 @@ class QuantizedCheckpoint:
     metadata: dict | None
 
 
-def load_gptq_checkpoint(checkpoint_dir: Path) -> QuantizedCheckpoint:
-    """Read a GPTQ checkpoint directory (ours or any AutoGPTQ-format single-file one).
-    Refuses a directory a run is still writing (or was interrupted writing), and checks every
-    quantized linear against the config (`take_quant_linears`)."""
+@dataclass(frozen=True)
+class GptqFormat:
+    """A checkpoint's config.json and the GPTQ format its quantization_config gives."""
+
+    config: dict
+    bits: int
+    group_size: int
+    weights_path: Path
+
+
+def read_gptq_format(checkpoint_dir: Path) -> GptqFormat:
+    """The format of a GPTQ checkpoint directory, after `quantized_dir_problem`'s checks."""
     checkpoint_dir = Path(checkpoint_dir)
+    if problem := quantized_dir_problem(checkpoint_dir):
+        raise CheckpointError(problem)
     config_path = checkpoint_dir / "config.json"
-    weights_path = checkpoint_dir / WEIGHTS_FILE
-    unfinished = unfinished_problem(checkpoint_dir)
-    if unfinished:
-        raise CheckpointError(unfinished)
-    if not config_path.is_file() or not weights_path.is_file():
-        raise CheckpointError(f"{checkpoint_dir} is not a quantized checkpoint (config.json + {WEIGHTS_FILE})")
     config = json.loads(config_path.read_text())
     quant = config.get("quantization_config")
-    if quant is None and (checkpoint_dir / "quantize_config.json").is_file():
+    if quant is None:
         quant = json.loads((checkpoint_dir / "quantize_config.json").read_text())
-    if not quant or quant.get("quant_method", "gptq") != "gptq":
+    if not isinstance(quant, dict) or quant.get("quant_method", "gptq") != "gptq":
         raise CheckpointError(f"{checkpoint_dir}: config.json has no GPTQ quantization_config")
     try:
         bits = int(quant["bits"])
@@ -175,14 +180,44 @@ def load_gptq_checkpoint(checkpoint_dir: Path) -> QuantizedCheckpoint:
     if bits not in (2, 3, 4, 8) or not (group_size == -1 or group_size > 0):
         raise CheckpointError(f"{config_path}: quantization_config bits {bits} / group_size {group_size}: bits must "
                               "be 2, 3, 4 or 8 and group_size -1 or positive")
+    return GptqFormat(config, bits, group_size, checkpoint_dir / WEIGHTS_FILE)
+
+
+def check_gptq_checkpoint(checkpoint_dir: Path) -> GptqFormat:
+    """Every check `load_gptq_checkpoint` makes (the same code: `take_quant_linears` with the
+    config), one linear's tensors in memory at a time, so a job that reads the checkpoint
+    layer by layer (quantize-add, a server's requantizer) refuses a corrupt one before any
+    work, with the message the engine's load gives."""
+    gptq = read_gptq_format(checkpoint_dir)
+    try:
+        with safe_open(str(gptq.weights_path), framework="pt") as handle:
+            keys = set(handle.keys())
+            for prefix in sorted(key[: -len(".qweight")] for key in keys if key.endswith(".qweight")):
+                raw = {prefix + suffix: handle.get_tensor(prefix + suffix)
+                       for suffix in (*_QUANT_SUFFIXES, ".bias") if prefix + suffix in keys}
+                take_quant_linears(raw, gptq.bits, gptq.group_size, str(gptq.weights_path), config=gptq.config)
+    except SafetensorError as error:
+        raise corrupt_weights_error(gptq.weights_path, error) from None
+    return gptq
+
+
+def load_gptq_checkpoint(checkpoint_dir: Path) -> QuantizedCheckpoint:
+    """Read a GPTQ checkpoint directory (ours or any AutoGPTQ-format single-file one).
+    Refuses a directory a run is still writing (or was interrupted writing), and checks every
+    quantized linear against the config (`take_quant_linears`)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    gptq = read_gptq_format(checkpoint_dir)
     raw: dict[str, torch.Tensor] = {}
-    with safe_open(str(weights_path), framework="pt") as handle:
-        for key in handle.keys():
-            raw[key] = handle.get_tensor(key)
-    linears = take_quant_linears(raw, bits, group_size, str(weights_path), config=config)
+    try:
+        with safe_open(str(gptq.weights_path), framework="pt") as handle:
+            for key in handle.keys():
+                raw[key] = handle.get_tensor(key)
+    except SafetensorError as error:
+        raise corrupt_weights_error(gptq.weights_path, error) from None
+    linears = take_quant_linears(raw, gptq.bits, gptq.group_size, str(gptq.weights_path), config=gptq.config)
     metadata_path = checkpoint_dir / METADATA_FILE
     metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else None
-    return QuantizedCheckpoint(config=config, linears=linears, tensors=raw, metadata=metadata)
+    return QuantizedCheckpoint(config=gptq.config, linears=linears, tensors=raw, metadata=metadata)
 
 
 def linear_features(config: dict | None, prefix: str) -> tuple[int, int] | None:

@@ -38,14 +38,16 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from inlaid.kernels.dispatch import QuantLinearWeights
 from inlaid.quant.aggregate import TaskHessian, TaskHessians
 from inlaid.quant.calibration import (
     CalibrationTask, TokenBatch, make_batches, read_calibration_examples, tokenize_examples,
 )
-from inlaid.quant.checkpoint import METADATA_FILE, WEIGHTS_FILE, pack_linear, unpack_linear
+from inlaid.quant.checkpoint import (
+    METADATA_FILE, WEIGHTS_FILE, check_gptq_checkpoint, pack_linear, unpack_linear,
+)
 from inlaid.quant.driver import DriverConfig
 from inlaid.quant.errors import CheckpointError, QuantizationError
 from inlaid.quant.gptq import QuantizedWeight
@@ -109,6 +111,7 @@ class LayerOutcome:
 
 
 def read_checkpoint_metadata(checkpoint_dir: Path) -> dict:
+    """The checkpoint's Inlaid metadata (its tensors are checked by IncrementalQuantizer)."""
     path = Path(checkpoint_dir) / METADATA_FILE
     unfinished = unfinished_problem(checkpoint_dir)
     if unfinished:
@@ -122,8 +125,11 @@ def read_layer_tensors(weights_file: Path, layer: int) -> dict[str, torch.Tensor
     """The packed GPTQ tensors of one decoder layer's linears from a safetensors file."""
     prefix = f"model.layers.{layer}."
     wanted = {f"{prefix}{name}{suffix}" for name in LINEAR_NAMES for suffix in _PACKED_SUFFIXES}
-    with safe_open(str(weights_file), framework="pt") as handle:
-        tensors = {key: handle.get_tensor(key) for key in handle.keys() if key in wanted}
+    try:
+        with safe_open(str(weights_file), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys() if key in wanted}
+    except SafetensorError as error:  # a served layer's file (the checkpoint's was checked at the start)
+        raise CheckpointError(f"{weights_file} is truncated or not a safetensors file ({error})") from None
     missing = [name for name in LINEAR_NAMES if f"{prefix}{name}.qweight" not in tensors]
     if missing:
         raise CheckpointError(f"{weights_file}: layer {layer} lacks quantized {missing}")
@@ -170,6 +176,9 @@ class IncrementalQuantizer:
 
         self.checkpoint_dir = Path(checkpoint_dir)
         self.metadata = read_checkpoint_metadata(self.checkpoint_dir)
+        # The engine's load checks, before any work: the layers are read one by one later, and a
+        # NaN scale there silently changed keep/requantize decisions instead of being refused.
+        check_gptq_checkpoint(self.checkpoint_dir)
         self.task = task
         self.settings = settings
         self.state_out = Path(state_out)

@@ -12,6 +12,7 @@ from typing import Any
 
 from inlaid.cli_args import writable_dir_problem
 from inlaid.http.settings import LOOPBACK_HOSTS
+from inlaid.quant.checkpoint_files import quantized_dir_problem
 from inlaid.quant.unfinished import unfinished_problem
 
 
@@ -147,7 +148,7 @@ def check_state_dir(path: str) -> None:
         raise ConfigError(problem)
 
 
-def check_quantized_dir(path: str) -> None:
+def check_quantized_dir(path: str, float_hint: str = "give the float model as model.dir") -> None:
     """A GPTQ checkpoint's directory as the executors load it: checked before any starts (the
     loader needs config.json and .safetensors weights; else three executor tracebacks)."""
     directory = Path(path)
@@ -160,3 +161,7 @@ def check_quantized_dir(path: str) -> None:
     if not (directory / "config.json").is_file() or next(directory.glob("*.safetensors"), None) is None:
         raise ConfigError(f"model.quantized_dir {path} has no config.json and .safetensors weights "
                           "(not a checkpoint written by `inlaid quantize`)")
+    # The executors' own checks, made here: a float model folder, or a truncated weights file,
+    # failed each executor's start (three tracebacks) or, before, served unquantized.
+    if (problem := quantized_dir_problem(directory, float_hint)) is not None:
+        raise ConfigError(f"model.quantized_dir: {problem}")

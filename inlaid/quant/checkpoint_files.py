@@ -1,0 +1,59 @@
+"""A GPTQ checkpoint's files checked by what is cheap to read (marks, config.json, the weights'
+safetensors header), before any model loads. Torch-free: `inlaid serve` checks
+model.quantized_dir with it before an executor starts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+from inlaid.quant.errors import CheckpointError
+from inlaid.quant.unfinished import unfinished_problem
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def corrupt_weights_error(weights_path: Path, error: SafetensorError) -> CheckpointError:
+    return CheckpointError(f"{weights_path} is truncated or not a safetensors file ({error}): the checkpoint is "
+                           "corrupt; rebuild it")
+
+
+def weights_file_problem(weights_path: Path) -> str | None:
+    """What is wrong with a checkpoint's safetensors file by its header (read, not its tensors:
+    cheap enough to check before a model loads), or None. A truncated file or a garbled header
+    otherwise surfaced as the library's "incomplete metadata, file not fully covered"."""
+    try:
+        with safe_open(str(weights_path), framework="numpy") as handle:
+            handle.keys()
+    except SafetensorError as error:
+        return str(corrupt_weights_error(weights_path, error))
+    except OSError as error:
+        return f"cannot read {weights_path}: {error}"
+    return None
+
+
+def quantized_dir_problem(checkpoint_dir: Path, float_hint: str = "give the float model as --model") -> str | None:
+    """Why `checkpoint_dir` is not a loadable GPTQ checkpoint by its files (marks, config, the
+    weights' header), or None; `float_hint` says where a float model goes instead (a float
+    model folder given as the checkpoint was served unquantized)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if unfinished := unfinished_problem(checkpoint_dir):
+        return unfinished
+    config_path, weights_path = checkpoint_dir / "config.json", checkpoint_dir / WEIGHTS_FILE
+    if not config_path.is_file():
+        return f"{checkpoint_dir} is not a quantized checkpoint (config.json + {WEIGHTS_FILE})"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"{config_path} is not readable JSON ({error}): the checkpoint is corrupt; rebuild it"
+    if not isinstance(config, dict):
+        return f"{config_path} is not a JSON object: the checkpoint is corrupt; rebuild it"
+    # Before the weights file: a float model folder (often sharded) is told what it is.
+    if config.get("quantization_config") is None and not (checkpoint_dir / "quantize_config.json").is_file():
+        return (f"{checkpoint_dir}: config.json has no GPTQ quantization_config: not a quantized checkpoint "
+                f"({float_hint})")
+    if not weights_path.is_file():
+        return f"{checkpoint_dir} is not a quantized checkpoint (config.json + {WEIGHTS_FILE})"
+    return weights_file_problem(weights_path)
