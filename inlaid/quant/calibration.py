@@ -27,6 +27,15 @@ END_OF_TURN = "<|im_end|>"
 # Padded tokens per calibration batch: sequences are grouped by length, and smaller batches
 # waste less on padding (the task suite: 6 % at 1024, 21 % at 4096) at no matmul speed cost.
 CALIBRATION_BATCH_TOKENS = 1024
+# The largest calibration sample (one JSONL line, in bytes) any path accepts: `inlaid quantize`,
+# `quantize-add` and the server's add_task alike. A sample's UTF-8 bytes bound its tokens
+# (byte-level BPE): 32 KiB is ~8k tokens of ordinary text (the default model's context). The
+# check reads no more than this of a line: a 20 MB line read whole (and tokenized whole) took
+# `inlaid quantize` to 20 GB.
+MAX_CALIBRATION_LINE_BYTES = 32 * 1024
+# Tokens of a sample the quantizer uses (--max-tokens' default): the calibration forward passes
+# and mlgptq's cost probe alike (`first_tokens`).
+DEFAULT_MAX_TOKENS = 512
 
 
 @dataclass
@@ -108,9 +117,9 @@ def _checked_examples(path: Path, max_file_bytes: int | None = None,
                 raise refuse(f" holds more than {max_file_bytes} bytes")
             content = line.rstrip(b"\r\n")
             if max_line_bytes is not None and len(content) > max_line_bytes:
-                raise refuse(f":{number}: a sample over {max_line_bytes} bytes: the quantization uses only a "
-                             "sample's first max_tokens tokens (512 by default), but mlgptq's cost probe runs a "
-                             "whole sample through the model: shorten it")
+                raise refuse(f":{number}: a sample over {max_line_bytes} bytes (the limit on one calibration "
+                             "line; the quantization uses only a sample's first --max-tokens tokens, 512 by "
+                             "default): shorten it")
             if not content.strip():
                 continue
             try:
@@ -161,8 +170,25 @@ def tokenize_examples(examples: list[dict], tokenizer, max_tokens: int) -> list[
     sequences = []
     for example in examples:
         ids = tokenizer(sample_text(example, tokenizer), add_special_tokens=False)["input_ids"]
-        sequences.append(torch.tensor(ids[:max_tokens], dtype=torch.long))
+        sequences.append(torch.tensor(first_tokens(ids, max_tokens), dtype=torch.long))
     return sequences
+
+
+def first_tokens(ids: list[int], max_tokens: int | None) -> list[int]:
+    """What of a sample's tokens the quantizer uses: its first `max_tokens` (--max-tokens;
+    None: all). The calibration forward passes and mlgptq's cost probe share this rule, so a
+    long sample costs the probe no more than it costs the Hessians."""
+    return ids if max_tokens is None else ids[:max_tokens]
+
+
+def truncated_prompt_answer(prompt_ids: list[int], answer_ids: list[int],
+                            max_tokens: int | None) -> tuple[list[int], list[int]]:
+    """A (prompt, answer) token pair cut to the sample's first `max_tokens` tokens
+    (`first_tokens` of prompt + answer): the answer keeps what fits after the prompt,
+    nothing when the prompt alone fills the limit. A pair within the limit is unchanged."""
+    kept_prompt = first_tokens(prompt_ids, max_tokens)
+    room = None if max_tokens is None else max_tokens - len(kept_prompt)
+    return kept_prompt, first_tokens(answer_ids, room)
 
 
 @dataclass

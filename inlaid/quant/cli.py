@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from inlaid.quant.calibration import CALIBRATION_BATCH_TOKENS
-from inlaid.cli_args import model_dir_problem, positive_float, positive_int, writable_dir_problem
+from inlaid.quant.calibration import CALIBRATION_BATCH_TOKENS, DEFAULT_MAX_TOKENS
+from inlaid.cli_args import positive_float, positive_int, writable_dir_problem
 from inlaid.quant.errors import QuantizationError
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of the mean diagonal")
     parser.add_argument("--max-samples", type=positive_int, default=None,
                         help="calibration samples per task (128; --suite: 32)")
-    parser.add_argument("--max-tokens", type=positive_int, default=512, help="tokens per sample (truncated)")
+    parser.add_argument("--max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS, help="tokens per sample (truncated)")
     parser.add_argument("--batch-tokens", type=positive_int, default=CALIBRATION_BATCH_TOKENS,
                         help="padded tokens per forward batch (1024: 6%% padding on the task suite, 4096: 21%%)")
     parser.add_argument("--mlgptq-start", default=None,
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     from inlaid.quant.calibration import CalibrationTask, parse_task_argument
     from inlaid.quant.checkpoint import METADATA_FILE
     from inlaid.quant.driver import DriverConfig, quantize_model
-    from inlaid.quant.inputs import check_tasks
+    from inlaid.quant.inputs import check_tasks, model_dir_problem, out_overlaps_model_problem
     from inlaid.quant.methods import MlgptqOptions, parse_method
     from inlaid.quant.suite import (
         DEFAULT_ADAPTERS_DIR, SUITE_CALIB_SAMPLES, ensure_suite_checkpoint, is_complete, read_manifest,
@@ -148,7 +148,11 @@ def run(args: argparse.Namespace) -> int:
             )
         # Paths before anything loads: a missing --model came back from Hugging Face as a bad
         # repo id, and an --out under a file failed only once the model had loaded.
-        problem = model_dir_problem(args.model) or (quantize_out_problem(args.out) if args.out is not None else None)
+        # --model must be the float model (a quantized checkpoint failed in transformers after
+        # --out was marked unfinished), and --out must lie outside it (nor hold it).
+        problem = model_dir_problem(args.model) or (
+            out_overlaps_model_problem(args.out, args.model or default_model_dir()) if args.out is not None else None
+        ) or (quantize_out_problem(args.out) if args.out is not None else None)
         if problem:
             raise QuantizationError(problem)
         spec = _quant_spec(args)

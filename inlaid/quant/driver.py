@@ -8,7 +8,8 @@ one layer's activations per stream are held at a time.
 
 After each layer its packed tensors and errors go to `<out>/.partial/` (partial.py; its
 Hessians to `<out>/hessian_state/`), so a crashed run resumes at the first missing layer:
-the completed layers are reloaded and the streams re-run through them.
+the completed layers are reloaded and the streams re-run through them. Once the checkpoint
+is written and marked finished, `.partial/` is removed (model.safetensors holds it all).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import resource
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,19 +27,23 @@ from safetensors import safe_open
 
 from inlaid.quant.aggregate import TaskHessian, TaskHessians
 from inlaid.quant.calibration import (
-    CALIBRATION_BATCH_TOKENS, CalibrationTask, TokenBatch, make_batches, read_calibration_examples, tokenize_examples,
+    CALIBRATION_BATCH_TOKENS, DEFAULT_MAX_TOKENS, CalibrationTask, TokenBatch, make_batches, read_calibration_examples,
+    tokenize_examples,
 )
 from inlaid.quant.checkpoint import (
     HESSIAN_STATE_DIR, CheckpointMetadata, pack_linear, write_checkpoint,
 )
 from inlaid.quant.errors import CheckpointError, QuantizationError
+from inlaid.quant.inputs import finished_checkpoint_problem, output_removed_on_early_failure
 from inlaid.quant.layerwise import GroupHessians, PhaseTimer, Stream, propagate, quantize_layer_sequential
 from inlaid.quant.methods import Method, MlgptqOptions, quantize_linears
 from inlaid.quant.model_io import (
     INPUT_GROUPS, LINEAR_NAMES, active_adapter, attach_adapters, capture_first_layer_inputs, decoder_layers,
     load_base_model, onednn_linears, plain_linear, release_onednn,
 )
-from inlaid.quant.partial import load_partial_layer, prepare_partial_dir, save_partial_layer, write_dequantized
+from inlaid.quant.partial import (
+    PARTIAL_DIR, load_partial_layer, prepare_partial_dir, save_partial_layer, write_dequantized,
+)
 from inlaid.quant.spec import QuantSpec
 from inlaid.quant.state import save_layer_state
 from inlaid.quant.task_costs import normalized, probe_count, probe_impurity, save_raw_costs
@@ -54,7 +60,7 @@ class DriverConfig:
     spec: QuantSpec
     out_dir: Path
     max_samples: int | None = 128
-    max_tokens: int = 512
+    max_tokens: int = DEFAULT_MAX_TOKENS
     max_batch_tokens: int = CALIBRATION_BATCH_TOKENS
     measure_errors: bool = True
     error_tasks: list[str] | None = None  # measure errors for these tasks only (None: every task)
@@ -195,7 +201,7 @@ def _task_costs(config: DriverConfig, calibrated: _Calibrated) -> dict[str, floa
     if config.method.kind not in ("mlgptq", "minimax") or config.mlgptq.sensitivity == "none":
         return None
     return probe_impurity(calibrated.model, calibrated.tokenizer, calibrated.peft_model, config.tasks,
-                          probe_count(config.mlgptq.probe_samples, config.max_samples))
+                          probe_count(config.mlgptq.probe_samples, config.max_samples), max_tokens=config.max_tokens)
 
 
 def calibration_forward_seconds(config: DriverConfig) -> PhaseTimer:
@@ -228,14 +234,21 @@ def quantize_model(config: DriverConfig) -> QuantizationReport:
     # Before the model loads: a --out holding another run's layers is refused in a second.
     # From here until the checkpoint is complete, out_dir is marked unfinished; a fresh start
     # (--restart) drops the earlier run's Hessian state before this run writes any.
-    layers_done = prepare_partial_dir(out_dir, config.fingerprint(), config.resume, discard=(HESSIAN_STATE_DIR,))
-    with timer.phase("load"):
-        calibrated = _prepare(config)
-    with timer.phase("probe"):
-        raw_costs = _task_costs(config, calibrated)
-        task_costs = normalized(raw_costs) if raw_costs else None
-        if raw_costs and config.save_hessian_state:
-            save_raw_costs(out_dir / HESSIAN_STATE_DIR, raw_costs)  # what a later task addition merges with
+    # A run that fails before its first layer (the model or its tokenizer does not load) leaves
+    # none of the --out it created: else a corrected rerun was sent to resume this one.
+    fingerprint = config.fingerprint()
+    with output_removed_on_early_failure(out_dir):
+        problem = finished_checkpoint_problem(out_dir, fingerprint) if config.resume else None
+        if problem:
+            raise CheckpointError(problem)
+        layers_done = prepare_partial_dir(out_dir, fingerprint, config.resume, discard=(HESSIAN_STATE_DIR,))
+        with timer.phase("load"):
+            calibrated = _prepare(config)
+        with timer.phase("probe"):
+            raw_costs = _task_costs(config, calibrated)
+            task_costs = normalized(raw_costs) if raw_costs else None
+            if raw_costs and config.save_hessian_state:
+                save_raw_costs(out_dir / HESSIAN_STATE_DIR, raw_costs)  # what a later task addition merges with
     streams, peft_model = calibrated.streams, calibrated.peft_model
     layers = decoder_layers(calibrated.model)
 
@@ -282,8 +295,13 @@ def quantize_model(config: DriverConfig) -> QuantizationReport:
         with timer.phase("write"):
             timing = {"seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
                       "phases": _rounded(timer.seconds), "cpu_phases": _rounded(timer.cpu_seconds)}
-            _write_model(config, out_dir, len(layers), calibration, layer_errors, task_weights, timing, task_costs)
+            _write_model(config, out_dir, len(layers), calibration, layer_errors, task_weights, timing, task_costs,
+                         fingerprint)
         mark_finished(out_dir)
+        # model.safetensors holds every layer now: the per-layer copies (a third of its size) are
+        # not part of a checkpoint. Only once it is marked finished: a run stopped before that
+        # resumes from them. (Without write_model nothing is final: they stay for the caller.)
+        shutil.rmtree(out_dir / PARTIAL_DIR, ignore_errors=True)
     return QuantizationReport(out_dir, config.method.name, layer_errors, calibration, time.perf_counter() - started,
                               peak_rss_mb(), layers_done, _rounded(timer.seconds), _rounded(timer.cpu_seconds))
 
@@ -302,7 +320,8 @@ class _LayerResult:
 
 
 def _write_model(config: DriverConfig, out_dir: Path, layer_count: int, calibration: dict, layer_errors: list[dict],
-                 task_weights: dict[str, dict[str, float]], timing: dict, task_costs: dict[str, float] | None) -> None:
+                 task_weights: dict[str, dict[str, float]], timing: dict, task_costs: dict[str, float] | None,
+                 fingerprint: str) -> None:
     quantized: dict[str, torch.Tensor] = {}
     for layer_index in range(layer_count):
         tensors, _ = load_partial_layer(out_dir, layer_index)
@@ -316,7 +335,7 @@ def _write_model(config: DriverConfig, out_dir: Path, layer_count: int, calibrat
         base_model=str(Path(config.model_dir).resolve()),
         calibration={"max_samples": config.max_samples, "max_tokens": config.max_tokens,
                      "max_batch_tokens": config.max_batch_tokens, "mlgptq": asdict(config.mlgptq),
-                     "task_costs": task_costs,
+                     "task_costs": task_costs, "fingerprint": fingerprint,
                      "order": "true-sequential: each linear's Hessian on its quantized predecessors' outputs"},
         layer_errors=layer_errors,
         task_weights=task_weights,

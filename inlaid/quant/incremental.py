@@ -262,7 +262,8 @@ class IncrementalQuantizer:
                                    f"{[str(d) for d in self.state_dirs]}; drop it or re-quantize the checkpoint fully")
         raw = {name: value for name, value in stored.items() if name not in self.drop_tasks}
         raw.update(probe_impurity(self.model, self.tokenizer, self.peft_model, [self.task],
-                                  probe_count(self.options.probe_samples, self.max_samples)))
+                                  probe_count(self.options.probe_samples, self.max_samples),
+                                  max_tokens=self.max_tokens))  # as the full driver probes
         save_raw_costs(self.state_out, raw)
         return normalized(raw)
 

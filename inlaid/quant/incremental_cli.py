@@ -29,12 +29,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from inlaid.cli_args import model_dir_problem, positive_int, writable_dir_problem
+from inlaid.cli_args import positive_int, writable_dir_problem
 from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, METADATA_FILE, WEIGHTS_FILE, CheckpointMetadata, write_checkpoint
 from inlaid.quant.errors import QuantizationError
 from inlaid.quant.incremental import IncrementalQuantizer, LayerOutcome
 from inlaid.quant.layer_decisions import LinearDecision
-from inlaid.quant.inputs import check_tasks
+from inlaid.quant.inputs import (
+    check_tasks, model_dir_problem, out_overlaps_model_problem, output_removed_on_early_failure,
+)
 from inlaid.quant.model_io import LINEAR_NAMES
 from inlaid.quant.partial import (
     PARTIAL_DIR, load_partial_layer, partial_path, prepare_partial_dir, save_partial_layer,
@@ -253,6 +255,9 @@ def run(args: argparse.Namespace) -> int:
         if problem:
             raise QuantizationError(problem)
         model_dir = args.model or Path(metadata.get("base_model") or default_model_dir())
+        problem = out_overlaps_model_problem(args.out, model_dir)  # as --checkpoint: not written into
+        if problem:
+            raise QuantizationError(problem)
         task = parse_task_argument(args.task)
         check_tasks([task], model_dir)  # name, adapter, every calibration line: before the model loads
         replaced = task.name in held and task.name not in args.drop_task
@@ -260,31 +265,38 @@ def run(args: argparse.Namespace) -> int:
         problem = start_problem(args.out, fingerprint, args.restart)
         if problem:
             raise QuantizationError(problem)
-        # Marks --out unfinished before anything in it changes; a fresh start (--restart, or
-        # nothing to resume) drops the earlier run's layers, state and checkpoint first.
-        done = prepare_partial_dir(args.out, fingerprint, resume=not args.restart, command=COMMAND,
-                                   discard=(HESSIAN_STATE_DIR, WEIGHTS_FILE, METADATA_FILE))
-        quantizer = IncrementalQuantizer(model_dir, args.checkpoint, task, settings,
-                                         args.out / HESSIAN_STATE_DIR, drop_tasks=args.drop_task,
-                                         served_layers={layer: partial_path(args.out, layer) for layer in range(done)})
-        done = min(done, quantizer.num_layers)
-        for name, why in quantizer.left_out.items():  # (logged too, where logging is configured)
-            print(f"warning: task {name!r} is left out of the aggregate: {why}", file=sys.stderr)
-        if done:
-            print(f"resuming the interrupted run in {args.out} after {done} finished layers")
-        outcomes = []
-        bar = tqdm(quantizer.layers(start=done), total=quantizer.num_layers, desc=f"add {quantizer.task.name}",
-                   unit="layer")
-        for outcome in bar:
-            if outcome.layer < done:
-                outcome = _resumed_outcome(args.out, outcome.layer)
-            else:
-                _save_layer(args.out, quantizer, outcome)
-            outcomes.append(outcome)
-            bar.set_postfix(swapped=sum(d.swapped for o in outcomes for d in o.decisions))
-        write_incremental_checkpoint(quantizer, outcomes, args.out)
-        shutil.rmtree(args.out / PARTIAL_DIR, ignore_errors=True)  # the checkpoint holds it all now
-        mark_finished(args.out)
+        # The checkpoint itself is checked only once the quantizer opens it (rtn, no Hessian
+        # state, a truncated weights file...), after --out is prepared: a refusal before the
+        # first layer removes what this run created of --out, or a later correct command there
+        # was sent to "resume" this one.
+        with output_removed_on_early_failure(args.out) as created:
+            # Marks --out unfinished before anything in it changes; a fresh start (--restart, or
+            # nothing to resume) drops the earlier run's layers, state and checkpoint first.
+            done = prepare_partial_dir(args.out, fingerprint, resume=not args.restart, command=COMMAND,
+                                       discard=(HESSIAN_STATE_DIR, WEIGHTS_FILE, METADATA_FILE))
+            quantizer = IncrementalQuantizer(model_dir, args.checkpoint, task, settings,
+                                             args.out / HESSIAN_STATE_DIR, drop_tasks=args.drop_task,
+                                             served_layers={layer: partial_path(args.out, layer)
+                                                            for layer in range(done)})
+            done = min(done, quantizer.num_layers)
+            for name, why in quantizer.left_out.items():  # (logged too, where logging is configured)
+                print(f"warning: task {name!r} is left out of the aggregate: {why}", file=sys.stderr)
+            if done:
+                print(f"resuming the interrupted run in {args.out} after {done} finished layers")
+            outcomes = []
+            bar = tqdm(quantizer.layers(start=done), total=quantizer.num_layers, desc=f"add {quantizer.task.name}",
+                       unit="layer")
+            for outcome in bar:
+                if outcome.layer < done:
+                    outcome = _resumed_outcome(args.out, outcome.layer)
+                else:
+                    _save_layer(args.out, quantizer, outcome)
+                    created.kept = True  # a layer done: kept for a resume whatever happens next
+                outcomes.append(outcome)
+                bar.set_postfix(swapped=sum(d.swapped for o in outcomes for d in o.decisions))
+            write_incremental_checkpoint(quantizer, outcomes, args.out)
+            shutil.rmtree(args.out / PARTIAL_DIR, ignore_errors=True)  # the checkpoint holds it all now
+            mark_finished(args.out)
     except (QuantizationError, ValueError) as error:
         print(f"inlaid quantize-add: error: {error}", file=sys.stderr)
         return 2

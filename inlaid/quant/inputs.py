@@ -1,6 +1,7 @@
 """Checks of `inlaid quantize` / `quantize-add` inputs that run before the model loads.
 
-Each refusal is one line naming the flag or file (QuantizationError): the task names, every
+Each refusal is one line naming the flag or file (QuantizationError): --model (a float model,
+not a quantized checkpoint), --out (not inside --model, nor around it), the task names, every
 adapter (the server's own check, `check_servable_adapter`), and every line of every calibration
 file. Without them a bad input surfaced after the
 model had loaded, some only after the first layer, as a PEFT KeyError, a 400-line
@@ -9,11 +10,15 @@ size-mismatch dump or a "calibration forward overflowed".
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
-from inlaid.quant.calibration import CalibrationTask, check_calibration_file
+from inlaid.quant.calibration import MAX_CALIBRATION_LINE_BYTES, CalibrationTask, check_calibration_file
 from inlaid.quant.errors import QuantizationError
 
 # PEFT adapter names become module names, which may not hold '.': the server's rule
@@ -22,6 +27,37 @@ _QUANT_TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,127}")
 # The quantizer runs every adapter through PEFT, not through the server's slot pool: no rank
 # limit of its own (the server that serves the checkpoint checks its max_lora_rank).
 _NO_RANK_LIMIT = 1 << 30
+
+
+def model_dir_problem(model: Path | None, option: str = "--model") -> str | None:
+    """Why `model` cannot be the float model to quantize, or None (None when not given: the
+    default model). Beyond `cli_args.model_dir_problem` (a directory with a config.json): not a
+    quantized checkpoint, which transformers could load only through optimum (a traceback,
+    after an UNFINISHED --out had been written)."""
+    from inlaid.cli_args import model_dir_problem as directory_problem
+
+    problem = directory_problem(model)
+    if problem or model is None:
+        return problem
+    model = Path(model).expanduser()
+    try:
+        config = json.loads((model / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"{option} {model}: config.json cannot be read as JSON ({error})"
+    if isinstance(config, dict) and config.get("quantization_config"):
+        return (f"{option} {model} is a quantized checkpoint; {option} takes the float model it was made from "
+                "(quantize-add adds tasks to a checkpoint)")
+    return None
+
+
+def out_overlaps_model_problem(out: Path, model: Path) -> str | None:
+    """Why `out` may not take a run's output beside `model`, or None: the same directory, one
+    inside it or one around it. Nested in the model, a run wrote UNFINISHED, .partial/ and its
+    Hessian state into the model cache (`quantize-add` refuses the same for --checkpoint)."""
+    out, model = Path(out).expanduser().resolve(), Path(model).expanduser().resolve()
+    if out == model or model in out.parents or out in model.parents:
+        return f"--out {out} overlaps the model {model}: write the checkpoint to a directory outside it"
+    return None
 
 
 def task_name_problem(name: str) -> str | None:
@@ -64,4 +100,78 @@ def check_tasks(tasks: Iterable[CalibrationTask], model_dir: Path) -> None:
                 check_servable_adapter(task.name, str(task.adapter_dir), model, _NO_RANK_LIMIT)
             except AdapterError as error:
                 raise QuantizationError(f"--task {task.name}: {error}") from None
-        check_calibration_file(task.calib_path)
+        # the server's bound on a sample: a 20 MB line read and tokenized whole took 20 GB
+        check_calibration_file(task.calib_path, max_line_bytes=MAX_CALIBRATION_LINE_BYTES)
+
+
+def finished_checkpoint_problem(out_dir: Path, fingerprint: str) -> str | None:
+    """Why a `quantize` run with inputs `fingerprint` may not rewrite the finished checkpoint in
+    `out_dir` without --restart, or None. A finished run keeps no `.partial/run.json` (its
+    per-layer copies are removed), so the fingerprint its metadata records decides: the same
+    inputs are recomputed into it, other ones (or none recorded) refused, as prepare_partial_dir
+    refuses a partial run's. None also when `out_dir` holds no finished checkpoint."""
+    from inlaid.quant.checkpoint import METADATA_FILE
+    from inlaid.quant.partial import PARTIAL_DIR
+    from inlaid.quant.unfinished import unfinished_problem
+
+    metadata_path = Path(out_dir) / METADATA_FILE
+    if (Path(out_dir) / PARTIAL_DIR / "run.json").is_file() or not metadata_path.is_file() \
+            or unfinished_problem(Path(out_dir)):
+        return None  # a partial run (prepare_partial_dir decides) or no checkpoint
+    try:
+        calibration = json.loads(metadata_path.read_text()).get("calibration")
+        recorded = calibration.get("fingerprint") if isinstance(calibration, dict) else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        recorded = None
+    if recorded == fingerprint:
+        return None
+    return (f"{out_dir} holds a finished checkpoint made with other settings (model, tasks, method or flags); "
+            "pass --restart to overwrite it or choose another --out")
+
+
+@dataclass
+class CreatedOutput:
+    """What of an output directory a run is about to create, so that a run refused before its
+    first layer (a checkpoint made with rtn or without Hessian state, a truncated weights
+    file...) leaves none of it: its UNFINISHED and .partial/ otherwise made every later command
+    to that --out "an unfinished run with other inputs", to be resumed by a command that can
+    never succeed. Only what this run created goes: never a directory an earlier run left."""
+
+    out: Path
+    created_root: Path | None  # the highest directory the run creates (None: `out` exists)
+    was_empty: bool  # `out` existed and was empty: what is in it at failure is this run's
+    kept: bool = False  # set once the run has done work worth resuming (its first layer)
+
+    @classmethod
+    def before_run(cls, out: Path) -> CreatedOutput:
+        out = Path(out).expanduser().absolute()
+        missing = [directory for directory in (out, *out.parents) if not directory.exists()]
+        was_empty = out.is_dir() and not any(out.iterdir())
+        return cls(out=out, created_root=missing[-1] if missing else None, was_empty=was_empty)
+
+    def remove(self) -> None:
+        """Undo the run's output (unless `kept`): the directories it created, or what it wrote
+        into an empty `out` (the directory itself stays: the user made it)."""
+        if self.kept:
+            return
+        if self.created_root is not None:
+            shutil.rmtree(self.created_root, ignore_errors=True)
+        elif self.was_empty and self.out.is_dir():
+            for entry in self.out.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
+
+@contextmanager
+def output_removed_on_early_failure(out: Path) -> Iterator[CreatedOutput]:
+    """Run the body; if it fails (an error: a refusal) before setting `kept` on what it
+    yields, remove what it created of `out` (CreatedOutput), then let the error go on. An
+    interrupt (Ctrl-C) keeps it: the same command resumes, as after any interrupted run."""
+    created = CreatedOutput.before_run(out)
+    try:
+        yield created
+    except Exception:
+        created.remove()
+        raise

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from inlaid.quant.calibration import END_OF_TURN
+from inlaid.quant.calibration import END_OF_TURN, truncated_prompt_answer
 from inlaid.quant.model_io import active_adapter, attach_adapters, onednn_linears
 
 
@@ -55,27 +55,36 @@ def load_scoring_model(model_dir: Path, quantized_dir: Path | None = None) -> to
     return model
 
 
-def tokenize_example(example: dict, tokenizer) -> tuple[list[int], list[int]]:
-    """(prompt tokens, answer tokens) of one eval example."""
+def tokenize_example(example: dict, tokenizer, max_tokens: int | None = None) -> tuple[list[int], list[int]]:
+    """(prompt tokens, answer tokens) of one eval example; with `max_tokens`, cut to the
+    sample's first `max_tokens` tokens as the calibration passes cut it (`truncated_prompt_answer`)."""
     prompt = tokenizer.apply_chat_template(example["messages"], add_generation_prompt=True, tokenize=False)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(example["reference"] + END_OF_TURN, add_special_tokens=False)["input_ids"]
-    return prompt_ids, answer_ids
+    return truncated_prompt_answer(prompt_ids, answer_ids, max_tokens)
 
 
 @torch.no_grad()
 def answer_nll(model: torch.nn.Module, tokenizer, examples: list[dict], adapter: str | None = None,
-               peft_model=None, max_batch_tokens: int = 2048) -> list[ExampleNll]:
+               peft_model=None, max_batch_tokens: int = 2048, max_tokens: int | None = None) -> list[ExampleNll]:
     """Per example, the NLL of its reference answer given its prompt (in the input order).
+
+    With `max_tokens` (mlgptq's cost probe: --max-tokens) each example is its first
+    `max_tokens` tokens, only the answer tokens among them scored; an example whose prompt
+    fills the limit scores none (0 tokens) and is not run. Without it (evaluation) every token.
 
     Batches are right-padded sequences of similar length; causal attention keeps the real
     tokens exact without a mask, and the vocabulary projection runs on answer positions only."""
-    encoded = [tokenize_example(example, tokenizer) for example in examples]
-    order = sorted(range(len(examples)), key=lambda index: len(encoded[index][0]) + len(encoded[index][1]))
+    encoded = [tokenize_example(example, tokenizer, max_tokens) for example in examples]
+    results: list[ExampleNll | None] = [None] * len(examples)
+    for index, (_, answer_ids) in enumerate(encoded):
+        if not answer_ids:  # cut off by max_tokens (an untruncated answer holds at least END_OF_TURN)
+            results[index] = ExampleNll(str(examples[index].get("id", index)), 0.0, 0, 0.0)
+    scored = [index for index in range(len(examples)) if results[index] is None]
+    order = sorted(scored, key=lambda index: len(encoded[index][0]) + len(encoded[index][1]))
     forward_model = peft_model if peft_model is not None else model
     decoder = _decoder_of(forward_model)
     head = model.get_output_embeddings()
-    results: list[ExampleNll | None] = [None] * len(examples)
     batch: list[int] = []
 
     def run(indices: list[int]) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from inlaid.protocol import ErrorCode, KeptLinear, ReplacedConfigEntry, TaskStatusReply
 from inlaid.quant import calibration  # torch-free, as is all the coordinator imports
+from inlaid.quant.calibration import MAX_CALIBRATION_LINE_BYTES
 from inlaid.quant.errors import CalibrationDataError
 from inlaid.serve.config import ServerConfig
 from inlaid.serve.requantization_jobs import RequantizationJobs
@@ -29,12 +30,9 @@ from inlaid.serve.task_store import FAILED, QUEUED, REQUANTIZING, SERVING, State
 log = logging.getLogger("inlaid.dynamic_tasks")
 
 # Bounds on a calibration file at add_task. The coordinator checks it line by line, holding one
-# line at a time. The requantizer's Hessians use only the first max_tokens (512) tokens of a
-# sample, but its cost probe (mlgptq's `sensitivity`) runs a whole sample through the model:
-# a 1 MB line cost it 5 GB, a 5 MB one 13 GB. A sample's UTF-8 bytes bound its tokens
-# (byte-level BPE), so 32 KiB is ~8k tokens of ordinary text (the default model's context),
-# ~0.6 GB for the probe at worst; the file cap bounds the check's time and the copy.
-MAX_CALIBRATION_LINE_BYTES = 32 * 1024
+# line at a time; the line bound is the offline `inlaid quantize`'s too (quant/calibration.py:
+# a 1 MB line cost the cost probe 5 GB before the probe took only max_tokens tokens of a
+# sample). The file cap bounds the check's time and the copy.
 MAX_CALIBRATION_FILE_BYTES = 64 * 1024 * 1024
 
 
