@@ -1,6 +1,7 @@
 """`FrontReplies` on a real ROUTER in process (no server): a reply to a peer that is gone is
 dropped silently, as the ROUTER did before ZMQ_ROUTER_MANDATORY; a peer whose queue is full
-is cut off once, reported after the send returns, and gets nothing more until forgotten."""
+is cut off once, reported after the send returns, and gets nothing more until forgotten or let
+back in a second later."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def test_a_reply_to_a_vanished_peer_is_dropped_silently():
         try:
             replies.send(b"\x00never-connected", b"reply")  # EHOSTUNREACH under ROUTER_MANDATORY
             await asyncio.sleep(0.05)
-            return cut, replies.unread
+            return cut, set(replies.cut_off_at)
         finally:
             peer.close()
             front.close(linger=0)
@@ -58,7 +59,7 @@ def test_a_peer_that_never_reads_is_cut_off_once_after_the_send():
         replies = FrontReplies(front, cut.append)
         try:
             sent = 0
-            while identity not in replies.unread and sent < 100_000:
+            while identity not in replies.cut_off_at and sent < 100_000:
                 replies.send(identity, b"x" * 1000)
                 sent += 1
                 if sent % 50 == 0:
@@ -67,7 +68,7 @@ def test_a_peer_that_never_reads_is_cut_off_once_after_the_send():
             replies.send(identity, b"dropped")  # no second report, no exception
             await asyncio.sleep(0.05)
             replies.forget(identity)  # disconnected: a chosen identity may come back
-            return cut_during_send, cut, identity, len(replies.unread)
+            return cut_during_send, cut, identity, len(replies.cut_off_at)
         finally:
             peer.close()
             front.close(linger=0)
@@ -75,6 +76,41 @@ def test_a_peer_that_never_reads_is_cut_off_once_after_the_send():
     during, after, identity, still_unread = asyncio.run(scenario())
     assert during == [] and after == [identity] and still_unread == 0
 
+
+def test_a_cut_off_peer_that_reads_again_is_let_back_in(monkeypatch):
+    """Cut off for good (until a disconnect the SDK never makes), the HTTP front, one
+    connection for all its users, stayed silent after falling behind once."""
+    import inlaid.serve.peers as peers
+
+    monkeypatch.setattr(peers, "READMIT_AFTER_S", 0.2)
+
+    async def scenario() -> tuple[bool, bool, bool, bytes]:
+        front, peer, identity = await _router_with_reader_less_peer(sndhwm=10)
+        replies = FrontReplies(front, lambda identity: None)
+        try:
+            sent = 0
+            while identity not in replies.cut_off_at and sent < 100_000:
+                replies.send(identity, b"x" * 1000)
+                sent += 1
+                if sent % 50 == 0:
+                    await asyncio.sleep(0.01)
+            dropped_at_once = replies.is_cut_off(identity)
+            while peer.poll(200):  # the client reads its backlog now
+                peer.recv()
+            await asyncio.sleep(0.25)
+            let_back = not replies.is_cut_off(identity)
+            replies.send(identity, b"served again")
+            answer = b""
+            while peer.poll(2000):
+                answer = peer.recv()
+                if answer == b"served again":
+                    break
+            return dropped_at_once, let_back, identity not in replies.cut_off_at, answer
+        finally:
+            peer.close()
+            front.close(linger=0)
+
+    assert asyncio.run(scenario()) == (True, True, True, b"served again")
 
 def test_an_unreadable_field_still_names_its_request_and_what_went_wrong() -> None:
     """Bad UTF-8 in the prompt made the whole frame "not valid msgpack" with no request id, so

@@ -311,7 +311,7 @@ class Coordinator:
                 continue
             self._clients.saw(frames[0])
             identity = frames[0].bytes
-            if identity in self._replies.unread:  # it could not read the answer
+            if self._replies.is_cut_off(identity):  # it left its replies unread just now
                 self._count_refused(REPLIES_UNREAD)
             else:
                 self._handle(identity, [frame.bytes for frame in frames[1:]])

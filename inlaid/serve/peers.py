@@ -22,6 +22,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import time
 from collections.abc import Callable
 
 import zmq
@@ -43,6 +44,10 @@ _CLIENT_HEARTBEAT_TIMEOUT_MS = 60_000
 # megabytes, not the 100,000 replies (~470 MiB of GetMetrics answers in a probe) it used to.
 _MIN_UNREAD_REPLIES = 1_000
 _UNREAD_REPLIES_PER_PENDING_REQUEST = 4
+# How long a connection cut off for unread replies has its frames dropped before it is let
+# back in (FrontReplies): long enough that a client that never reads costs one request a
+# second, short enough that a front that fell behind once is serving again at once.
+READMIT_AFTER_S = 1.0
 
 
 def front_socket(max_frame_bytes: int, max_pending_requests: int) -> zmq.asyncio.Socket:
@@ -82,10 +87,13 @@ class FrontReplies:
     connection. Without MANDATORY a ROUTER silently drops what a full queue cannot take, a
     request's only GenerateDone included, and below the drop point a peer that never reads
     holds up to SNDHWM replies in the coordinator's memory. With it, a send to a full queue
-    raises zmq.Again: that connection is treated as gone (one WARNING; its later replies and
-    frames are dropped; `on_unread` cancels its requests as abandoned soon after, never
-    inside the send, whose caller may be in the middle of ending a request) until it
-    disconnects (`forget`). A send to a peer already disconnected raises
+    raises zmq.Again: that connection is cut off (one WARNING; `on_unread` cancels its
+    requests as abandoned soon after, never inside the send, whose caller may be in the
+    middle of ending a request; its replies and frames are dropped meanwhile). It is let back
+    in `READMIT_AFTER_S` later: its next frame is handled again, and if it still does not
+    read, the first reply cuts it off again. It never has to disconnect: the SDK does not by
+    itself, and the HTTP front is one connection for all its users (cut off for good, a front
+    that fell behind once would stay silent). A send to a peer already disconnected raises
     EHOSTUNREACH and is forgotten silently, as the ROUTER used to drop it: the PeerWatch
     reports that peer's disconnect."""
 
@@ -93,25 +101,38 @@ class FrontReplies:
         self._socket = socket
         self._on_unread = on_unread
         self.queue_limit: int = socket.getsockopt(zmq.SNDHWM)
-        self.unread: set[bytes] = set()  # connections cut off for leaving their replies unread
+        self.cut_off_at: dict[bytes, float] = {}  # connection -> when it was cut off (monotonic)
+
+    def is_cut_off(self, identity: bytes) -> bool:
+        """Whether a frame of `identity` is dropped now (cut off less than READMIT_AFTER_S ago)."""
+        at = self.cut_off_at.get(identity)
+        if at is None:
+            return False
+        if time.monotonic() - at >= READMIT_AFTER_S:
+            del self.cut_off_at[identity]
+            return False
+        return True
 
     def send(self, identity: bytes, payload: bytes) -> None:
-        if identity in self.unread:
+        if identity in self.cut_off_at:
             return
         future = self._socket.send_multipart([identity, payload], flags=zmq.DONTWAIT)
         if not future.done():  # pyzmq queued it behind an earlier send (not expected with DONTWAIT)
             future.add_done_callback(_consume_exception)
             return
         if isinstance(future.exception(), zmq.Again):
-            self.unread.add(identity)
-            log.warning("a client leaves its replies unread: its connection is treated as gone (its requests are "
-                        "cancelled, further replies and frames dropped until it disconnects)",
-                        extra={"client": identity.hex(), "queued_replies": self.queue_limit})
-            asyncio.get_running_loop().call_soon(self._on_unread, identity)
+            self.cut_off_at[identity] = time.monotonic()
+            log.warning("a client leaves its replies unread: its requests are cancelled and its frames dropped for "
+                        f"{READMIT_AFTER_S:g} s", extra={"client": identity.hex(), "queued_replies": self.queue_limit})
+            asyncio.get_running_loop().call_soon(self._cut_off, identity)
+
+    def _cut_off(self, identity: bytes) -> None:
+        if identity in self.cut_off_at:  # not disconnected (and forgotten) meanwhile
+            self._on_unread(identity)
 
     def forget(self, identity: bytes) -> None:
         """The peer disconnected: an identity it chose itself may come back, and is served again."""
-        self.unread.discard(identity)
+        self.cut_off_at.pop(identity, None)
 
 
 def _consume_exception(future: asyncio.Future[object]) -> None:
