@@ -22,6 +22,12 @@ DEFAULT_MAX_FRAME_BYTES = 1 << 20
 # one is refused, lest one client's 1 MB id fill the server's send queues with copies.
 MAX_REQUEST_ID_CHARS = 256
 
+
+def reply_id(request_id: object) -> str:
+    """The request_id a reply may carry: none ("") for one that is not a string or too long to
+    have been admitted (a reply never echoes it, nor a cut of it another request could own)."""
+    return request_id if isinstance(request_id, str) and len(request_id) <= MAX_REQUEST_ID_CHARS else ""
+
 # OpenAI's chat roles -> the chat template's (OpenAI's newer "developer" is the system
 # prompt); "tool" is absent because tool calls are not supported. The one rule for the SDK,
 # the HTTP front and the coordinator's wire: any other role would be pasted into the
@@ -357,4 +363,5 @@ __all__ = [
     "TextChunk",
     "chat_template_role",
     "excerpt",
+    "reply_id",
 ]

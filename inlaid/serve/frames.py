@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
-from inlaid.protocol import MAX_REQUEST_ID_CHARS, ClientRequest, ErrorCode, ErrorReply, excerpt
+from inlaid.protocol import ClientRequest, ErrorCode, ErrorReply, excerpt, reply_id
 
 CLIENT_TAGS = frozenset(cls.__struct_config__.tag for cls in ClientRequest.__args__)  # type: ignore[attr-defined]
 _decoder = msgspec.msgpack.Decoder(ClientRequest)
@@ -47,8 +47,7 @@ def _explain(payload: bytes, error: Exception) -> ErrorReply:
         # fine, and the sender waited for its timeout), and say what could not be read.
         return ErrorReply(request_id=_readable_request_id(payload), code=ErrorCode.MALFORMED,
                           message=f"the frame cannot be read: {_bounded(str(unreadable))}")
-    request_id = loose.get("request_id", "") if isinstance(loose, dict) else ""
-    request_id = request_id if isinstance(request_id, str) and len(request_id) <= MAX_REQUEST_ID_CHARS else ""
+    request_id = reply_id(loose.get("request_id", "")) if isinstance(loose, dict) else ""
     kind = loose.get("type") if isinstance(loose, dict) else None
     if isinstance(kind, str) and kind not in CLIENT_TAGS:
         return ErrorReply(request_id=request_id, code=ErrorCode.UNKNOWN_MESSAGE,
@@ -63,7 +62,7 @@ def _readable_request_id(payload: bytes) -> str:
         request_id = _request_id_only.decode(payload).request_id
     except Exception:  # noqa: BLE001  (whatever the bytes: no id to name)
         return ""
-    return request_id if len(request_id) <= MAX_REQUEST_ID_CHARS else ""
+    return reply_id(request_id)
 
 
 _MAX_ERROR_TEXT = 512

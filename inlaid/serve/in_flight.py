@@ -24,7 +24,7 @@ from inlaid.engine.engine import Engine, InvalidRequestError, PromptTooLongError
 from inlaid.engine.sequence import SequenceStatus
 from inlaid.protocol import (
     MAX_REQUEST_ID_CHARS, BatchPlan, Cancel, ContextOverflow, ErrorCode, ErrorReply, Generate, InFlightCounts,
-    SamplingError, TextChunk, excerpt,
+    SamplingError, TextChunk, excerpt, reply_id,
 )
 from inlaid.serve.config import ServerLimits
 from inlaid.serve.executor_pool import ExecutorPool, ExecutorShard
@@ -84,7 +84,7 @@ class InFlight:
         if request is not None:
             self.fail(request, ErrorCode.INTERNAL, "internal server error")
             return
-        self.error(identity, _reply_id(message.request_id), ErrorCode.INTERNAL, "internal server error")
+        self.error(identity, reply_id(message.request_id), ErrorCode.INTERNAL, "internal server error")
         self.counters["failed"] += 1
         assert self.metrics is not None
         self.metrics.on_rejected(message.task, ErrorCode.INTERNAL)
@@ -311,11 +311,6 @@ class InFlight:
         self.by_engine_id.pop(request.engine_id, None)
         self.by_seq_id.pop(request.seq_id, None)
         self.registry.request_ended(request.task)
-
-
-def _reply_id(request_id: str) -> str:
-    """The request_id a reply may carry: none ("") for one too long to have been admitted."""
-    return request_id if len(request_id) <= MAX_REQUEST_ID_CHARS else ""
 
 
 def _overload_message(counts: InFlightCounts) -> str:
