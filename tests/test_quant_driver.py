@@ -3,7 +3,6 @@ Hessians against an independent full-model forward, checkpoint contents, resume,
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -162,10 +161,7 @@ def test_resume_after_crash_gives_identical_checkpoint(tiny_setup) -> None:
     config = _config(root, model_dir, tasks, "gptq-mean-lora", "resume", measure_errors=False)
     quantize_model(config)
     first = load_file(str(root / "resume" / "model.safetensors"))
-    assert not (root / "resume" / ".partial").exists()  # a finished run keeps no per-layer copies
-    # a crash during layer 1: its partial file and the final files never got written (a run
-    # stopped before the final write keeps its .partial/, as a crashed one does)
-    quantize_model(dataclasses.replace(config, write_model=False, resume=False))
+    # a crash during layer 1: its partial file and the final files never got written
     (root / "resume" / ".partial" / "layer_001.safetensors").unlink()
     (root / "resume" / "model.safetensors").unlink()
     report = quantize_model(config)

@@ -6,7 +6,7 @@
 3. a quantize-add refused before its first layer leaves no --out (a later correct command there
    was told to "resume" it);
 4. an --out inside --model (or around it) is refused;
-5. a finished `quantize` checkpoint holds no `.partial/` (kept when the run fails).
+5. a finished `quantize` checkpoint without `.partial/` still refuses other settings (its fingerprint).
 """
 
 from __future__ import annotations
@@ -241,22 +241,27 @@ def test_an_earlier_runs_out_is_not_removed(tiny, base_checkpoint, tmp_path, cap
     assert out.is_dir() and (out / UNFINISHED_FILE).is_file()
 
 
-# ---------------------------------------------------------------- 5: .partial/ of a finished run
+# ---------------------------------------------------------------- 5: a finished run's fingerprint
 
-def test_finished_quantize_leaves_no_partial_but_a_failed_one_keeps_it(tiny, tmp_path, capsys, monkeypatch) -> None:
+def test_a_finished_checkpoint_guards_itself_without_its_partial_dir(tiny, tmp_path, capsys, monkeypatch) -> None:
+    """A finished run keeps `.partial/` (the same command again reloads every layer from it);
+    without it (the suite build removes it, a user may) the fingerprint the metadata records
+    still refuses other settings without --restart, and a failed write keeps `.partial/`."""
+    import shutil
+
     import inlaid.quant.driver as driver
 
     root, model_dir, adapter, calib = tiny
     task = f"alpha={adapter}:{calib}"
     out = tmp_path / "o"
     assert _quantize(model_dir, task, out, "--no-errors") == 0
-    assert not (out / PARTIAL_DIR).exists() and (out / WEIGHTS_FILE).is_file() and (out / "hessian_state").is_dir()
-    # without .partial/run.json the checkpoint still guards itself: other settings need --restart
+    assert (out / PARTIAL_DIR / "run.json").is_file() and (out / WEIGHTS_FILE).is_file()
+    shutil.rmtree(out / PARTIAL_DIR)
     capsys.readouterr()
     assert _quantize(model_dir, task, out, "--no-errors", "--bits", "3") == 2
     _one_line_error(capsys, "finished checkpoint made with other settings", "--restart")
     assert _quantize(model_dir, task, out, "--no-errors") == 0  # the same command rewrites it
-    assert not (out / PARTIAL_DIR).exists() and not (out / UNFINISHED_FILE).exists()
+    assert not (out / UNFINISHED_FILE).exists()
 
     def failed_write(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -266,3 +271,43 @@ def test_finished_quantize_leaves_no_partial_but_a_failed_one_keeps_it(tiny, tmp
     with pytest.raises(RuntimeError, match="disk full"):
         _quantize(model_dir, task, failed, "--no-errors")
     assert (failed / PARTIAL_DIR / "layer_001.safetensors").is_file() and (failed / UNFINISHED_FILE).is_file()
+
+
+def test_an_early_failure_removes_only_its_own_output(tmp_path) -> None:
+    """Two runs started together into runs/g32 and runs/g64 (runs/ missing): the one refused
+    early removed runs/, the other's work with it."""
+    from inlaid.quant.inputs import CreatedOutput
+
+    runs = tmp_path / "runs"
+    mine, other = runs / "g32", runs / "g64"
+    created_mine, created_other = CreatedOutput.before_run(mine), CreatedOutput.before_run(other)
+    mine.mkdir(parents=True)
+    (mine / UNFINISHED_FILE).write_text("refused before its first layer")
+    other.mkdir(parents=True)
+    (other / "layer_000.safetensors").write_text("the other run's work")
+    created_mine.remove()
+    assert not mine.exists() and (other / "layer_000.safetensors").read_text() == "the other run's work"
+    created_other.remove()
+    assert not runs.exists()  # the last one out removes the parent both created
+
+
+def test_a_task_whose_prompts_fill_max_tokens_weighs_as_the_mean_not_zero(tiny, tmp_path) -> None:
+    """The probe takes each sample's first max_tokens tokens: a task whose every probed prompt
+    fills them scored 0 answer tokens, a raw cost of 0, and its Hessians weighed 0 in the
+    aggregate without a word."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from inlaid.quant.calibration import CalibrationTask
+    from inlaid.quant.task_costs import probe_impurity
+
+    root, model_dir, adapter, calib = tiny
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    long = tmp_path / "long.jsonl"
+    long_prompt = json.loads(calib.read_text().splitlines()[0])
+    long_prompt["messages"] = [{"role": "user", "content": "word " * 400}]
+    long.write_text(json.dumps(long_prompt) + "\n")
+    tasks = [CalibrationTask("short", None, calib), CalibrationTask("long", None, long)]
+    raw = probe_impurity(model, tokenizer, None, tasks, probe_samples=2, max_tokens=64)
+    assert raw["short"] > 0 and raw["long"] == raw["short"], raw

@@ -8,8 +8,8 @@ one layer's activations per stream are held at a time.
 
 After each layer its packed tensors and errors go to `<out>/.partial/` (partial.py; its
 Hessians to `<out>/hessian_state/`), so a crashed run resumes at the first missing layer:
-the completed layers are reloaded and the streams re-run through them. Once the checkpoint
-is written and marked finished, `.partial/` is removed (model.safetensors holds it all).
+the completed layers are reloaded and the streams re-run through them (a finished run keeps
+it: the same command again rewrites the checkpoint from it in seconds).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import resource
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ from inlaid.quant.model_io import (
     load_base_model, onednn_linears, plain_linear, release_onednn,
 )
 from inlaid.quant.partial import (
-    PARTIAL_DIR, load_partial_layer, prepare_partial_dir, save_partial_layer, write_dequantized,
+    load_partial_layer, prepare_partial_dir, save_partial_layer, write_dequantized,
 )
 from inlaid.quant.spec import QuantSpec
 from inlaid.quant.state import save_layer_state
@@ -297,11 +296,9 @@ def quantize_model(config: DriverConfig) -> QuantizationReport:
                       "phases": _rounded(timer.seconds), "cpu_phases": _rounded(timer.cpu_seconds)}
             _write_model(config, out_dir, len(layers), calibration, layer_errors, task_weights, timing, task_costs,
                          fingerprint)
+        # .partial/ stays: the same command again reloads every layer from it (seconds, where
+        # recomputing took the whole run, with the checkpoint marked unfinished meanwhile).
         mark_finished(out_dir)
-        # model.safetensors holds every layer now: the per-layer copies (a third of its size) are
-        # not part of a checkpoint. Only once it is marked finished: a run stopped before that
-        # resumes from them. (Without write_model nothing is final: they stay for the caller.)
-        shutil.rmtree(out_dir / PARTIAL_DIR, ignore_errors=True)
     return QuantizationReport(out_dir, config.method.name, layer_errors, calibration, time.perf_counter() - started,
                               peak_rss_mb(), layers_done, _rounded(timer.seconds), _rounded(timer.cpu_seconds))
 

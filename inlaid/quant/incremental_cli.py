@@ -295,8 +295,10 @@ def run(args: argparse.Namespace) -> int:
                 outcomes.append(outcome)
                 bar.set_postfix(swapped=sum(d.swapped for o in outcomes for d in o.decisions))
             write_incremental_checkpoint(quantizer, outcomes, args.out)
-            shutil.rmtree(args.out / PARTIAL_DIR, ignore_errors=True)  # the checkpoint holds it all now
             mark_finished(args.out)
+            # The checkpoint holds it all now; removed only once marked finished: a kill between
+            # the two left an UNFINISHED checkpoint with nothing to resume from.
+            shutil.rmtree(args.out / PARTIAL_DIR, ignore_errors=True)
     except (QuantizationError, ValueError) as error:
         print(f"inlaid quantize-add: error: {error}", file=sys.stderr)
         return 2

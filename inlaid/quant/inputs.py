@@ -138,24 +138,31 @@ class CreatedOutput:
     never succeed. Only what this run created goes: never a directory an earlier run left."""
 
     out: Path
-    created_root: Path | None  # the highest directory the run creates (None: `out` exists)
+    created_parents: list[Path]  # missing parents of `out` the run creates, nearest first
+    out_created: bool  # `out` did not exist
     was_empty: bool  # `out` existed and was empty: what is in it at failure is this run's
     kept: bool = False  # set once the run has done work worth resuming (its first layer)
 
     @classmethod
     def before_run(cls, out: Path) -> CreatedOutput:
         out = Path(out).expanduser().absolute()
-        missing = [directory for directory in (out, *out.parents) if not directory.exists()]
+        missing_parents = [directory for directory in out.parents if not directory.exists()]
         was_empty = out.is_dir() and not any(out.iterdir())
-        return cls(out=out, created_root=missing[-1] if missing else None, was_empty=was_empty)
+        return cls(out=out, created_parents=missing_parents, out_created=not out.exists(), was_empty=was_empty)
 
     def remove(self) -> None:
-        """Undo the run's output (unless `kept`): the directories it created, or what it wrote
-        into an empty `out` (the directory itself stays: the user made it)."""
+        """Undo the run's output (unless `kept`): `out` if it created it, or what it wrote into
+        an empty `out` (the directory itself stays: the user made it); then the parents it
+        created, each only if empty (another run started beside it may be writing there)."""
         if self.kept:
             return
-        if self.created_root is not None:
-            shutil.rmtree(self.created_root, ignore_errors=True)
+        if self.out_created:
+            shutil.rmtree(self.out, ignore_errors=True)
+            for parent in self.created_parents:
+                try:
+                    parent.rmdir()
+                except OSError:  # not empty (another run's output), or gone
+                    break
         elif self.was_empty and self.out.is_dir():
             for entry in self.out.iterdir():
                 if entry.is_dir() and not entry.is_symlink():

@@ -16,6 +16,7 @@ task would have computed.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch
 from inlaid.quant.calibration import DEFAULT_MAX_TOKENS, CalibrationTask, read_calibration_examples
 
 COSTS_FILE = "task_costs.json"
+log = logging.getLogger("inlaid.quant")
 
 
 def probe_impurity(model: torch.nn.Module, tokenizer, peft_model: torch.nn.Module | None,
@@ -39,11 +41,23 @@ def probe_impurity(model: torch.nn.Module, tokenizer, peft_model: torch.nn.Modul
     from inlaid.quant.nll import answer_nll
 
     raw: dict[str, float] = {}
+    unscored: list[str] = []
     for task in tasks:
         examples = read_calibration_examples(Path(task.calib_path), limit=probe_samples)
         scored = answer_nll(model, tokenizer, examples, task.name if task.adapter_dir is not None else None, peft_model,
                             max_tokens=max_tokens)
-        raw[task.name] = sum(s.impurity for s in scored) / max(sum(s.tokens for s in scored), 1)
+        answer_tokens = sum(s.tokens for s in scored)
+        if answer_tokens == 0:
+            unscored.append(task.name)
+        else:
+            raw[task.name] = sum(s.impurity for s in scored) / answer_tokens
+    # Every probed prompt filled max_tokens: no answer token to score. A raw cost of 0 would
+    # weigh the task's Hessians at 0 (silently out of the aggregate): it weighs as the mean.
+    neutral = sum(raw.values()) / len(raw) if raw else 0.0
+    for name in unscored:
+        log.warning("the cost probe scored no answer token (every probed prompt fills --max-tokens): the task "
+                    "weighs as the mean", extra={"task": name, "max_tokens": max_tokens})
+        raw[name] = neutral
     return raw
 
 
