@@ -117,3 +117,24 @@ def test_temporaries_a_crash_left_are_removed_at_the_next_open(tmp_path: Path) -
         file.write_text('{"format": 1, "tru')
     again = TaskStore(root, BASE)
     assert again.next_version == 1 and not any(file.exists() for file in crashed)
+
+
+def test_a_directory_made_again_is_locked_again(tmp_path: Path) -> None:
+    """This process's locks were remembered by the directory's (device, inode) for good: a state
+    directory removed and made again (its inode number reused, or its lock file gone) was
+    taken as locked, and a second server opened it beside this one."""
+    import shutil
+
+    root = tmp_path / "state"
+    TaskStore(root, BASE)
+    shutil.rmtree(root)
+    root.mkdir()  # the same inode number is likely; the lock file either way is a new one
+    os.rmdir(root)
+    TaskStore(root, BASE)
+    assert (root / "server.lock").read_text().strip() == str(os.getpid())
+    (root / "server.lock").unlink()  # the same directory, its lock file gone
+    TaskStore(root, BASE)
+    assert (root / "server.lock").read_text().strip() == str(os.getpid())
+    other = subprocess.run([sys.executable, "-c", HOLDER, str(root), json.dumps(BASE)], capture_output=True,
+                           text=True, timeout=60)
+    assert other.returncode != 0 and "is in use by another inlaid server" in other.stderr, other.stderr[-2000:]

@@ -58,9 +58,14 @@ def lock_state_dir(state_dir: str | Path) -> StateDirLock:
     key = (identity.st_dev, identity.st_ino)
     with _held_locks_guard:
         held = _held_locks.get(key)
-        if held is not None:
-            return held
         lock_file = root / LOCK_FILE
+        if held is not None:
+            if _same_file(held.descriptor, lock_file):
+                return held
+            # The directory (or its lock file) was removed and another got its inode number:
+            # the lock held is on a file no longer there.
+            os.close(held.descriptor)
+            del _held_locks[key]
         try:
             descriptor = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as error:  # a symbolic link planted there (ELOOP), no permission...
@@ -92,3 +97,12 @@ def _lock_holder(descriptor: int) -> str:
     except OSError:
         text = ""
     return text if text.isdigit() else "unknown"
+
+
+def _same_file(descriptor: int, path: Path) -> bool:
+    """Whether the open `descriptor` is the file at `path` now."""
+    try:
+        opened, there = os.fstat(descriptor), os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return (opened.st_dev, opened.st_ino) == (there.st_dev, there.st_ino)

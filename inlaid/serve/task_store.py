@@ -16,11 +16,8 @@ committed layers (each with the sha256 of its file), so a restarted server (or e
 serves what was served before. Every write goes to a temporary file of its own (named for
 the writing process and thread) renamed over the old one.
 
-One server per state directory: two that shared one both resumed the same re-quantization
-job, both wrote its layers and registry.json, and collected each other's files as garbage.
-The first to open it holds an exclusive `flock` on `server.lock` for its lifetime (as
-inlaid/serve/ipc_dirs.py does: the kernel drops it when the process dies, SIGKILL
-included, so a restart never meets a stale lock); the second is refused, naming the pid.
+One server per state directory: the store takes the directory's lock before it reads or
+collects anything (inlaid/serve/state_dir_lock.py says why and how).
 
 Nothing is ever deleted on a guess: the registry is type-checked as it loads, anything it
 cannot be read as (a broken link, a directory, a wrong-typed field) refuses the start, and a
