@@ -36,6 +36,7 @@ def _refused(command: str, args: list[str], *named: str) -> None:
     ('{"prompt": "hi", "stop": 5}', ["stop"]),                  # was "'int' object is not iterable"
     ('{"prmpt": "hi"}', ["unknown field", "prmpt"]),            # was "give exactly one of ..."
     ('{"messages": [{"role": "user"}]}', ["messages", "content"]),
+    ('{"messages": [{"role": "tool", "content": "x"}]}', ["messages[0].role", "'tool'", "not supported"]),
     ("not json", ["not JSON"]),                                 # was rc 1, no prefix
 ])
 def test_generate_names_the_bad_batch_line_and_field(model_dir: Path, tmp_path: Path, line: str,

@@ -272,6 +272,15 @@ def test_an_empty_lora_path_is_refused():
     assert not client.added
 
 
+def test_a_relative_lora_path_is_refused_in_the_apis_words():
+    """The server refuses a relative adapter path (it would depend on its working directory),
+    naming its own field `adapter_dir`, which an HTTP caller never sent."""
+    client = _Client()
+    error = _error(_app(client), "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "adapters/qa"})
+    assert error["param"] == "lora_path" and error["message"].startswith("lora_path must be an absolute path"), error
+    assert not client.added
+
+
 def test_the_unknown_model_404_names_the_base_model():
     error = _error(_app(_Client()), _COMPLETION, {"model": "no-such-task", "prompt": "hi"}, 404)
     assert error["param"] == "model" and f"`{BASE}`" in error["message"], error

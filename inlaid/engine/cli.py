@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from inlaid.cli_args import model_dir_problem
+from inlaid.engine.chat import template_messages
 from inlaid.protocol import SamplingParams
 from inlaid.protocol.client import ChatMessage
 
@@ -110,6 +111,10 @@ def _batch_request(item: object, where: str, defaults: dict[str, Any]) -> dict[s
             raise _InputError(f"{where}: field 'messages': {error}") from None
         if not messages:
             raise _InputError(f"{where}: field 'messages' must be a non-empty list")
+        try:  # the roles by the SDK's and the server's rule, refused here with the line's name
+            template_messages(messages)
+        except ValueError as error:
+            raise _InputError(f"{where}: field 'messages': {error}") from None
     if adapter is not None and not isinstance(adapter, str):
         raise _InputError(f"{where}: field 'adapter' must be a string or null")
     rest = {key: value for key, value in item.items() if key not in _REQUEST_FIELDS}

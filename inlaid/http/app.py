@@ -262,8 +262,11 @@ async def _model(front: Front, request: Request) -> Response:
 
 async def _load_lora_adapter(front: Front, request: Request) -> Response:
     body = await _read_json(request, LoadLoraAdapterRequest, front.config)
-    if not body.lora_path:  # the server would resolve "" to its working directory
+    if not body.lora_path:
         raise bad_request("lora_path must not be empty", "lora_path")
+    if not body.lora_path.startswith("/"):  # the server refuses it too, naming its own field
+        raise bad_request("lora_path must be an absolute path on the server's machine (a relative one would depend "
+                          "on the server's working directory)", "lora_path")
     if body.lora_name == (await front.hello()).model:
         raise bad_request(f"{body.lora_name!r} is the base model's id; choose another name", "lora_name")
     async with front.admin_client(request) as client:
