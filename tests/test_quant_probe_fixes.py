@@ -22,7 +22,8 @@ from inlaid.quant.checkpoint import METADATA_FILE, WEIGHTS_FILE
 from inlaid.quant.partial import PARTIAL_DIR
 from inlaid.quant.unfinished import UNFINISHED_FILE
 
-from tiny_llama import make_adapter, quantize_full, two_layer_model_or_skip, write_calibration
+from test_quant_cli_inputs import _quantize, no_model_load, tiny  # noqa: F401 (the same fixtures)
+from tiny_llama import quantize_full
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -31,39 +32,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quant_probe_fixes")
-    model_dir = two_layer_model_or_skip(root)
-    adapter = make_adapter(model_dir, root / "adapter", seed=1, scale=0.3)
-    calib = write_calibration(root / "alpha.jsonl", "alpha", 3)
-    return root, model_dir, adapter, calib
-
-
-@pytest.fixture(scope="module")
 def base_checkpoint(tiny):
     """A full mlgptq checkpoint of the tiny model, with its Hessian state (quantize-add's input)."""
     root, model_dir, adapter, calib = tiny
     return quantize_full(model_dir, [CalibrationTask("alpha", adapter, calib)], root / "base")
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Loading the model (either command) fails the test: the checks must come first."""
-    import inlaid.quant.driver as driver
-    import inlaid.quant.incremental_cli as incremental_cli
-
-    def loaded(*args, **kwargs):
-        raise AssertionError("the model was loaded before the bad input was refused")
-
-    monkeypatch.setattr(driver, "_prepare", loaded)
-    monkeypatch.setattr(incremental_cli, "IncrementalQuantizer", loaded)
-
-
-def _quantize(model_dir: Path, task: str, out: Path, *extra: str) -> int:
-    from inlaid.cli import main
-
-    return main(["quantize", "--model", str(model_dir), "--task", task, "--max-samples", "2", "--max-tokens", "48",
-                 "--group-size", "32", "--threads", "1", "--out", str(out), *extra])
 
 
 def _add(checkpoint: Path, task: str, out: Path, *extra: str) -> int:
