@@ -27,6 +27,16 @@ async def _router_with_reader_less_peer(sndhwm: int) -> tuple[zmq.asyncio.Socket
     return front, peer, identity
 
 
+
+async def _send_until_cut_off(replies: FrontReplies, identity: bytes) -> None:
+    """Replies to a peer that reads none, until its queue is full and it is cut off."""
+    sent = 0
+    while identity not in replies.cut_off_at and sent < 100_000:
+        replies.send(identity, b"x" * 1000)
+        sent += 1
+        if sent % 50 == 0:
+            await asyncio.sleep(0.01)  # let the I/O thread fill the kernel buffers
+
 def test_the_front_socket_is_bounded_and_mandatory():
     front = front_socket(max_frame_bytes=1 << 20, max_pending_requests=1024)
     try:
@@ -58,12 +68,7 @@ def test_a_peer_that_never_reads_is_cut_off_once_after_the_send():
         cut: list[bytes] = []
         replies = FrontReplies(front, cut.append)
         try:
-            sent = 0
-            while identity not in replies.cut_off_at and sent < 100_000:
-                replies.send(identity, b"x" * 1000)
-                sent += 1
-                if sent % 50 == 0:
-                    await asyncio.sleep(0.01)  # let the I/O thread fill the kernel buffers
+            await _send_until_cut_off(replies, identity)
             cut_during_send = list(cut)  # reported later, never inside the send's caller
             replies.send(identity, b"dropped")  # no second report, no exception
             await asyncio.sleep(0.05)
@@ -88,12 +93,7 @@ def test_a_cut_off_peer_that_reads_again_is_let_back_in(monkeypatch):
         front, peer, identity = await _router_with_reader_less_peer(sndhwm=10)
         replies = FrontReplies(front, lambda identity: None)
         try:
-            sent = 0
-            while identity not in replies.cut_off_at and sent < 100_000:
-                replies.send(identity, b"x" * 1000)
-                sent += 1
-                if sent % 50 == 0:
-                    await asyncio.sleep(0.01)
+            await _send_until_cut_off(replies, identity)
             dropped_at_once = replies.is_cut_off(identity)
             while peer.poll(200):  # the client reads its backlog now
                 peer.recv()
