@@ -106,10 +106,11 @@ def check_tasks(tasks: Iterable[CalibrationTask], model_dir: Path) -> None:
 
 def finished_checkpoint_problem(out_dir: Path, fingerprint: str) -> str | None:
     """Why a `quantize` run with inputs `fingerprint` may not rewrite the finished checkpoint in
-    `out_dir` without --restart, or None. A finished run keeps no `.partial/run.json` (its
-    per-layer copies are removed), so the fingerprint its metadata records decides: the same
-    inputs are recomputed into it, other ones (or none recorded) refused, as prepare_partial_dir
-    refuses a partial run's. None also when `out_dir` holds no finished checkpoint."""
+    `out_dir` without --restart, or None. While its `.partial/run.json` is there,
+    prepare_partial_dir decides (None here); once it is gone (the suite build removes it, a
+    user may), the fingerprint the metadata records decides: the same inputs are recomputed
+    into it, other ones (or none recorded) refused. None also when `out_dir` holds no finished
+    checkpoint."""
     from inlaid.quant.checkpoint import METADATA_FILE
     from inlaid.quant.partial import PARTIAL_DIR
     from inlaid.quant.unfinished import unfinished_problem
