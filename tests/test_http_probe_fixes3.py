@@ -18,7 +18,6 @@ stand-in SDK client, on a real uvicorn, and on `python -m inlaid.http` (no model
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from typing import Any
 import msgspec
 import pytest
 from test_http_probe_fixes import BASE, _app, _asgi, _exchange, _post, _StandInClient, _uvicorn
+from test_http_structured import _SERVERS_429, _Overloaded  # the server's 429, with its counts
 
 from inlaid.client import RequestTimeoutError, UnknownTaskError
 from inlaid.client.errors import error_from_reply
@@ -41,7 +41,7 @@ from inlaid.http.settings import HttpConfig, front_admission_share
 from inlaid.http.slow_clients import MAX_HEAD_BYTES
 from inlaid.http.translate import completion_call
 from inlaid.protocol import (
-    AdminReply, ContextOverflow, ErrorCode, ErrorReply, HealthReply, InFlightCounts, ReplacedConfigEntry,
+    AdminReply, ContextOverflow, ErrorCode, ErrorReply, HealthReply, ReplacedConfigEntry,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,32 +101,9 @@ def test_the_prompt_limit_fits_the_fronts_admission_share(model_dir, tmp_path):
     assert config.max_prompts_per_request == 16
 
 
-class _Admitting(_StandInClient):
-    """Holds each admitted request until all prompts have been sent; refuses past `share`
-    with the coordinator's message (serve/in_flight.py)."""
-
-    def __init__(self, share: int, limit: int) -> None:
-        super().__init__()
-        self.share, self.limit, self.in_flight = share, limit, 0
-
-    async def generate(self, **kwargs: Any) -> Any:
-        if self.in_flight >= self.share:
-            raise error_from_reply(ErrorReply(
-                request_id="r", code=ErrorCode.OVERLOADED,
-                message=f"{self.in_flight} requests in flight, {self.in_flight} of them this connection's; the last "
-                        f"tenth of the {self.limit} is kept for other clients; retry later",
-                in_flight=InFlightCounts(requests=self.in_flight, this_connection=self.in_flight, limit=self.limit)))
-        self.in_flight += 1
-        try:
-            await asyncio.sleep(0.05)
-            return await super().generate(**kwargs)
-        finally:
-            self.in_flight -= 1
-
-
 def test_a_429_does_not_count_the_requests_own_prompts_as_other_traffic():
     body = json.dumps({"model": BASE, "prompt": ["x"] * 8, "max_tokens": 1}).encode()
-    status, answer = _post(_app(_Admitting(7, 8)), "/v1/completions", body)
+    status, answer = _post(_app(_Overloaded(7, 8, _SERVERS_429)), "/v1/completions", body)
     error = json.loads(answer)["error"]
     assert (status, error["code"], error["param"]) == (429, "overloaded", None), answer
     message = error["message"]
@@ -134,12 +111,12 @@ def test_a_429_does_not_count_the_requests_own_prompts_as_other_traffic():
                               "other requests through this front"), message
     assert "send fewer prompts per request" in message and "7 of them this connection's" not in message
     # Its first prompt refused: other traffic holds the slots, so no advice to send fewer prompts.
-    status, answer = _post(_app(_Admitting(0, 8)), "/v1/completions",
+    status, answer = _post(_app(_Overloaded(0, 8, _SERVERS_429)), "/v1/completions",
                            json.dumps({"model": BASE, "prompt": ["x"] * 2, "max_tokens": 1}).encode())
     message = json.loads(answer)["error"]["message"]
     assert status == 429 and message.startswith("prompt[0]: ") and "send fewer prompts" not in message, message
     # Within the share, the same request is served.
-    status, answer = _post(_app(_Admitting(7, 8)), "/v1/completions",
+    status, answer = _post(_app(_Overloaded(7, 8, _SERVERS_429)), "/v1/completions",
                            json.dumps({"model": BASE, "prompt": ["x"] * 7, "max_tokens": 1}).encode())
     assert status == 200 and len(json.loads(answer)["choices"]) == 7
 
