@@ -186,18 +186,17 @@ def _check_inputs(args: argparse.Namespace) -> tuple[dict[str, str], list[dict[s
     return adapters, requests
 
 
-def _note_context_caps(engine: Any, requests: list[dict[str, Any]]) -> None:
-    """One stderr note per max_tokens the context cannot hold: the engine stops a sequence
-    when the context is full, so `--max-tokens 100000000` ran for minutes and printed nothing
-    to say that it would stop at the context. A note, not a refusal: "as many as fit" is a
-    fair thing to ask for."""
+def _note_context_caps(max_model_len: int, requests: list[dict[str, Any]], prompts: list[list[int]]) -> None:
+    """One stderr note per max_tokens the context cannot hold (`prompts`: each request's
+    token ids): the engine stops a sequence when the context is full, so `--max-tokens
+    100000000` ran for minutes and printed nothing to say that it would stop at the context.
+    A note, not a refusal: "as many as fit" is a fair thing to ask for."""
     notes: list[str] = []
-    for request in requests:
+    for request, prompt in zip(requests, prompts):
         wanted = request["sampling"].max_tokens
         if wanted is None:
             continue
-        prompt = engine.prompt_tokens(request.get("prompt"), request.get("messages"))
-        leaves = max(0, engine.max_model_len - len(prompt))
+        leaves = max(0, max_model_len - len(prompt))
         note = (f"inlaid generate: note: {request['max_tokens_from']} {wanted} is more than the context leaves "
                 f"({leaves}): generating at most {leaves}")
         if wanted > leaves and note not in notes:
@@ -223,10 +222,11 @@ def run(args: argparse.Namespace) -> int:
         engine.register_adapter(name, path)
     ids = []
     try:
-        _note_context_caps(engine, requests)
-        for request in requests:
-            ids.append(engine.add_request(request.get("prompt"), messages=request.get("messages"),
-                                          sampling=request["sampling"], adapter=request.get("adapter")))
+        # Tokenized once (the chat template rendered once): the note and the engine use the ids.
+        prompts = [engine.prompt_tokens(request.get("prompt"), request.get("messages")) for request in requests]
+        _note_context_caps(engine.max_model_len, requests, prompts)
+        for request, prompt in zip(requests, prompts):
+            ids.append(engine.add_request(prompt, sampling=request["sampling"], adapter=request.get("adapter")))
     except InvalidRequestError as error:
         print(f"inlaid generate: {error}", file=sys.stderr)
         return 2
