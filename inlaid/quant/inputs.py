@@ -112,7 +112,7 @@ def finished_checkpoint_problem(out_dir: Path, fingerprint: str) -> str | None:
     into it, other ones (or none recorded) refused. None also when `out_dir` holds no finished
     checkpoint."""
     from inlaid.quant.checkpoint import METADATA_FILE
-    from inlaid.quant.partial import PARTIAL_DIR
+    from inlaid.quant.partial import PARTIAL_DIR, finished_with_other_settings
     from inlaid.quant.unfinished import unfinished_problem
 
     metadata_path = Path(out_dir) / METADATA_FILE
@@ -126,8 +126,7 @@ def finished_checkpoint_problem(out_dir: Path, fingerprint: str) -> str | None:
         recorded = None
     if recorded == fingerprint:
         return None
-    return (f"{out_dir} holds a finished checkpoint made with other settings (model, tasks, method or flags); "
-            "pass --restart to overwrite it or choose another --out")
+    return finished_with_other_settings(out_dir)
 
 
 @dataclass

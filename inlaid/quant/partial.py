@@ -31,6 +31,13 @@ def partial_path(out_dir: Path, layer_index: int) -> Path:
     return Path(out_dir) / PARTIAL_DIR / f"layer_{layer_index:03d}.safetensors"
 
 
+def finished_with_other_settings(out_dir: Path) -> str:
+    """The refusal of a run whose inputs differ from those of the finished checkpoint in
+    `out_dir` (by its `.partial/run.json`, or its metadata's fingerprint once that is gone)."""
+    return (f"{out_dir} holds a finished checkpoint made with other settings (model, tasks, method or flags); "
+            "pass --restart to overwrite it or choose another --out")
+
+
 def prepare_partial_dir(out_dir: Path, fingerprint: str, resume: bool, command: str = "quantize",
                         discard: tuple[str, ...] = ()) -> int:
     """Check or start the partial directory; return how many leading layers are done.
@@ -56,10 +63,7 @@ def prepare_partial_dir(out_dir: Path, fingerprint: str, resume: bool, command: 
             return done
         if resume:
             if (out_dir / METADATA_FILE).is_file() and not unfinished_problem(out_dir):
-                raise CheckpointError(
-                    f"{out_dir} holds a finished checkpoint made with other settings (model, tasks, method or "
-                    "flags); pass --restart to overwrite it or choose another --out"
-                )
+                raise CheckpointError(finished_with_other_settings(out_dir))
             raise CheckpointError(
                 f"{out_dir} holds an unfinished partial run with other settings; pass --restart to discard it "
                 "or choose another --out"
