@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from tiny_llama import make_adapter, make_tiny_model, quantize_full, write_calibration
 from inlaid.client import InvalidRequestError, TaskBusyError, UnauthorizedError, UnknownTaskError
@@ -215,19 +216,47 @@ def test_added_task_serves_at_once_and_is_requantized_under_load(world):
     assert after == _reference_tokens(world, world.references["gamma"], ["alpha", "gamma"])
 
 
+def _requantizer_series(client) -> dict[str, float]:
+    """The requantizer's series in /metrics, read by Prometheus' own parser."""
+    series = {}
+    for family in text_string_to_metric_families(client.metrics()):
+        for sample in family.samples:
+            if "requantiz" in sample.name:
+                series[sample.name + "".join(f"{{{v}}}" for v in sample.labels.values())] = sample.value
+    return series
+
+
 def test_requantizer_killed_mid_job_resumes(world):
     server = world.server
     with server.client(timeout_s=60) as client:
+        before, metrics_before = client.stats().requantizer, _requantizer_series(client)
         load = Load(server, ["alpha", "gamma", None])
         client.add_task("delta", str(world.adapters["delta"]), str(world.calibration["delta"]))
         _wait_mid_job(client, "delta")
         victims = _children(server.pid, "inlaid.serve.requantizer")
         assert len(victims) == 1
+        mid_job = client.stats().requantizer
+        assert (mid_job.state, mid_job.job, mid_job.pid) == ("running", "delta", victims[0]), mid_job
+        assert client.health().requantizer == "running"
         os.kill(victims[0], signal.SIGKILL)
         status = client.wait_task("delta", timeout_s=180)
         load.stop()
         assert status.phase == "ready", status
         assert client.stats().executor_restarts == 0
+        after, metrics_after = client.stats().requantizer, _requantizer_series(client)
+        assert client.health().requantizer == "idle"
+    # the loss, the job and its layers are counted (the module's earlier job counted before)
+    assert before.state == "idle" and after.state == "idle" and after.job == "" and after.jobs_queued == 0
+    assert after.processes_lost == before.processes_lost + 1
+    assert (after.jobs_succeeded, after.jobs_failed) == (before.jobs_succeeded + 1, before.jobs_failed)
+    assert after.layers_done >= before.layers_done + LAYERS
+    assert metrics_after["inlaid_requantizer_losses_total"] == after.processes_lost
+    assert metrics_after["inlaid_requantization_jobs_total{succeeded}"] == after.jobs_succeeded
+    assert metrics_after["inlaid_requantization_layers_total"] == after.layers_done
+    assert metrics_before["inlaid_requantization_jobs_total{succeeded}"] == before.jobs_succeeded
+    assert after.pid not in (0, victims[0]) and metrics_after["inlaid_requantizer_up"] == 1  # the restarted one
+    assert metrics_after["inlaid_requantization_jobs_queued"] == 0
+    assert metrics_after["inlaid_requantization_job_running"] == 0
     assert load.failures == [] and load.done > 0
     starts = _job_starts(server.logs(), "delta")
     assert starts[0] == 0 and len(starts) == 2 and starts[1] >= 1  # resumed, not redone

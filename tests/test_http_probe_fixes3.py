@@ -206,14 +206,16 @@ def test_a_whole_head_over_64_kib_in_one_write_is_refused(caplog):
 
 
 class _Health(_StandInClient):
-    def __init__(self, status: str | None) -> None:
+    def __init__(self, status: str | None, requantizer: str = "") -> None:
         super().__init__()
         self.status = status
+        self.requantizer = requantizer
 
     async def health(self, timeout_s: float | None = None) -> HealthReply:
         if self.status is None:
             raise RequestTimeoutError("no answer")
-        return HealthReply(request_id="h", status=self.status, executor_ready=self.status == "ok", uptime_seconds=1.0)
+        return HealthReply(request_id="h", status=self.status, executor_ready=self.status == "ok", uptime_seconds=1.0,
+                           requantizer=self.requantizer)
 
 
 def test_health_503s_carry_retry_after():
@@ -221,8 +223,13 @@ def test_health_503s_carry_retry_after():
         code, headers, body = _call(_app(_Health(status)), "GET", "/health")
         assert (code, headers.get("retry-after")) == (503, "1"), (status, headers, body)
         assert json.loads(body)["status"] == (status or "unreachable")
-    code, headers, _ = _call(_app(_Health("ok")), "GET", "/health")
-    assert code == 200 and "retry-after" not in headers
+    code, headers, body = _call(_app(_Health("ok")), "GET", "/health")
+    assert code == 200 and "retry-after" not in headers and "requantizer" not in json.loads(body)  # an older server
+
+
+def test_health_says_what_the_requantizer_does_without_failing_for_it():
+    code, _, body = _call(_app(_Health("ok", requantizer="starting")), "GET", "/health")
+    assert code == 200 and json.loads(body)["requantizer"] == "starting"
 
 
 # ---------------------------------------------------------------- 7: model_not_found

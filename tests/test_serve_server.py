@@ -251,6 +251,11 @@ def test_client_cli(ready_server, reference):
     assert done.returncode == 0 and json.loads(done.stdout)["status"] == "ok"
     done = cli("health")  # readable lines, not a dataclass's repr
     assert done.returncode == 0 and "status: ok" in done.stdout.splitlines() and "HealthReply(" not in done.stdout
+    assert "requantizer: unavailable" in done.stdout.splitlines()  # a float base: nothing to re-quantize
+    done = cli("--json", "stats")
+    requantizer = json.loads(done.stdout)["requantizer"]
+    assert done.returncode == 0 and requantizer["state"] == "unavailable" and requantizer["pid"] == 0
+    assert requantizer["unavailable_because"].startswith("the server serves a full-precision base")
     done = cli("tasks")
     assert done.returncode == 0 and "attn-r8" in done.stdout
     done = cli("generate", "hi", "--task", "missing")

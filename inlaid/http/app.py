@@ -318,7 +318,8 @@ async def _health(front: Front, request: Request) -> Response:
     except (RequestTimeoutError, ConnectionLostError):
         return _unhealthy(b'{"status":"unreachable"}')
     body = msgspec.json.encode({"status": reply.status, "executor_ready": reply.executor_ready,
-                                "uptime_seconds": reply.uptime_seconds})
+                                "uptime_seconds": reply.uptime_seconds,
+                                **({"requantizer": reply.requantizer} if reply.requantizer else {})})
     return Response(body, media_type=_JSON) if reply.status == "ok" else _unhealthy(body)
 
 

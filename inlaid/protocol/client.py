@@ -227,6 +227,11 @@ class HealthReply(msgspec.Struct, frozen=True, kw_only=True, tag="health_reply")
     status: str  # ok | starting (executor loading) | shutting_down
     executor_ready: bool
     uptime_seconds: float
+    # The background re-quantization of added tasks (never part of `status`: serving goes on
+    # without it): unavailable (this server cannot re-quantize: ServerStats.requantizer says
+    # why) | idle (no job) | starting (a job waits for its process to start or restart) |
+    # running. "" from a server that predates it.
+    requantizer: str = ""
 
 
 class ExecutorInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -244,6 +249,20 @@ class ExecutorInfo(msgspec.Struct, frozen=True, kw_only=True):
     moved_in: int  # waiting requests moved here from another executor
     adapter_admissions: int  # adapter rows admitted (new or recomputed)
     adapter_hits: int  # of those, with their adapter already in a slot
+
+
+class RequantizerInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """The requantizer process and its jobs (docs/dynamic-tasks.md); counts since the server started."""
+
+    state: str  # as HealthReply.requantizer
+    unavailable_because: str  # why this server cannot re-quantize ("" when it can)
+    pid: int  # 0 when no process runs
+    job: str  # the task whose job runs now ("" none)
+    jobs_queued: int  # waiting behind it
+    jobs_succeeded: int
+    jobs_failed: int
+    layers_done: int  # layers a job finished: swapped into every executor, or kept as served
+    processes_lost: int  # requantizer processes that died or were killed (a job resumes in the next one)
 
 
 class ServerStats(msgspec.Struct, frozen=True, kw_only=True, tag="stats_reply"):
@@ -274,6 +293,7 @@ class ServerStats(msgspec.Struct, frozen=True, kw_only=True, tag="stats_reply"):
     # unknown_message_type, protocol_version, unauthorized, replies_unread): not in received.
     frames_refused: int = 0
     executors: list[ExecutorInfo] = []  # per executor; the figures above are their sums
+    requantizer: RequantizerInfo | None = None  # None from a server that predates it
 
 
 class MetricsReply(msgspec.Struct, frozen=True, kw_only=True, tag="metrics_reply"):
@@ -354,6 +374,7 @@ __all__ = [
     "MetricsReply",
     "RemoveTask",
     "ReplacedConfigEntry",
+    "RequantizerInfo",
     "ServerReply",
     "ServerStats",
     "TaskInfo",

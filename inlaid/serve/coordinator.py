@@ -33,7 +33,6 @@ import zmq.asyncio
 from inlaid.engine.engine import RequestOutput
 from inlaid.engine.scheduler import SchedulingPolicy
 from inlaid.protocol import (
-    PROTOCOL_VERSION,
     AddTask,
     BatchPlan,
     Cancel,
@@ -44,11 +43,8 @@ from inlaid.protocol import (
     GetMetrics,
     GetStats,
     Health,
-    HealthReply,
     Hello,
-    HelloReply,
     ListTasks,
-    MetricsReply,
     RemoveTask,
     StepResult,
     TaskStatus,
@@ -59,18 +55,18 @@ from inlaid.serve.dynamic_tasks import DynamicTasks
 from inlaid.serve.executor_pool import ExecutorPool, ExecutorShard
 from inlaid.serve.frames import decode_client_frames
 from inlaid.serve.in_flight import InFlight
+from inlaid.serve.info_calls import SERVER_VERSION, InfoCalls
 from inlaid.serve.ipc_dirs import private_ipc_dir
 from inlaid.serve.metrics import REPLIES_UNREAD, ServerMetrics
 from inlaid.serve.peers import FrontReplies, PeerWatch, front_socket
+from inlaid.serve.requantizer_status import requantizer_metrics
 from inlaid.serve.retuning import LiveRetuning, StartupTuning, TuneOptions
-from inlaid.serve.stats import server_stats
 from inlaid.serve.step_loop import StepLoop
 from inlaid.serve.supervisor import ExecutorSupervisor
 from inlaid.serve.task_registry import TaskError, TaskRegistry
 
 log = logging.getLogger("inlaid.coordinator")
 
-SERVER_VERSION = "0.1.0"
 # After the grace period: the executor's stop timeout (10 s) plus closing the sockets.
 _SHUTDOWN_WATCHDOG_MARGIN_S = 20.0
 _REBALANCE_INTERVAL_S = 0.1  # several executors: look for stranded waiting work this often
@@ -113,15 +109,17 @@ class Coordinator:
         self.dynamic = DynamicTasks(config, self.registry, wake=self._wake, on_task_count=self._on_task_count)
         self.task_calls = TaskCalls(self.registry, self._reply_to_admin, self.dynamic)
         self._tempdir: str | None = None
-        self.started_at = time.monotonic()
         self.exit_code = 0
         self.counters = {"received": 0, "finished": 0, "failed": 0, "overloaded": 0, "rejected": 0, "abandoned": 0,
                          "steps": 0, "tokens": 0, "frames_refused": 0}
         self.in_flight = InFlight(self.limits, self.pool, self.registry, self._send, lambda: self._accepting,
                                   self.counters)
         self.metrics = ServerMetrics(self.pool.shards, self.registry.tasks, self.in_flight.by_engine_id,
-                                     {"version": SERVER_VERSION, "model": base_model_id(config.engine.model_dir)})
+                                     {"version": SERVER_VERSION, "model": base_model_id(config.engine.model_dir)},
+                                     scraped=functools.partial(requantizer_metrics, self.dynamic))
         self.in_flight.metrics = self.metrics
+        self.info_calls = InfoCalls(config, self.pool, self.dynamic, self.counters, self.metrics, self._send,
+                                    lambda: self._accepting, self._count_refused)
 
     # ================================================================== lifecycle
     async def run(self) -> int:
@@ -361,15 +359,8 @@ class Coordinator:
             self.in_flight.generate(identity, message)
         elif isinstance(message, Cancel):
             self.in_flight.cancel(identity, message)
-        elif isinstance(message, Hello):
-            self._on_hello(identity, message)
-        elif isinstance(message, Health):
-            self._on_health(identity, message)
-        elif isinstance(message, GetStats):
-            gaps = [gap for shard in self.pool.shards if shard.step_loop for gap in shard.step_loop.step_gaps]
-            self._send(identity, server_stats(message.request_id, self.pool.shards, self.counters, gaps))
-        elif isinstance(message, GetMetrics):
-            self._send(identity, MetricsReply(request_id=message.request_id, text=self.metrics.exposition()))
+        elif isinstance(message, (Hello, Health, GetStats, GetMetrics)):
+            self.info_calls.answer(identity, message)
         elif isinstance(message, ListTasks):
             self.task_calls.list_tasks(identity, message)
         elif isinstance(message, (AddTask, RemoveTask, TaskStatus)):
@@ -378,22 +369,3 @@ class Coordinator:
     def _wake(self) -> None:
         for shard in self.pool.shards:
             shard.wake()
-
-    # ------------------------------------------------------------------ small calls
-    def _on_hello(self, identity: bytes, message: Hello) -> None:
-        if message.protocol_version != PROTOCOL_VERSION:
-            self._count_refused(ErrorCode.PROTOCOL_VERSION)
-            return self._send(identity, ErrorReply(
-                request_id=message.request_id, code=ErrorCode.PROTOCOL_VERSION,
-                message=f"server speaks protocol {PROTOCOL_VERSION}, client {message.protocol_version}"))
-        self._send(identity, HelloReply(request_id=message.request_id, protocol_version=PROTOCOL_VERSION,
-                                        server_version=SERVER_VERSION, model=base_model_id(self.config.engine.model_dir),
-                                        max_model_len=self.engine.max_model_len))
-
-    def _on_health(self, identity: bytes, message: Health) -> None:
-        # "ok" while any executor serves; executor_ready only when every one is up.
-        ready = [shard.ready for shard in self.pool.shards]
-        status = "shutting_down" if not self._accepting else ("ok" if any(ready) else "starting")
-        self._send(identity, HealthReply(request_id=message.request_id, status=status, executor_ready=all(ready),
-                                         uptime_seconds=time.monotonic() - self.started_at))
-

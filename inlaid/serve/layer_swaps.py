@@ -31,11 +31,21 @@ class _LiveSwap:
         return bool(self.sent_to or self.results)
 
 
+@dataclass
+class JobCounts:
+    """Since the server started: for stats and /metrics."""
+
+    succeeded: int = 0
+    failed: int = 0
+    layers_done: int = 0  # swapped into every executor, or kept as served (nothing to swap)
+
+
 class LayerSwaps:
     """The executor's side of the re-quantization jobs, mixed into `RequantizationJobs`,
     which sets the attributes below and supplies `_record_of`, `_later` and `_send`."""
 
     store: TaskStore | None
+    counts: JobCounts
     executors: int
     _live: _LiveSwap | None
     _restore: list[dict[int, LayerSwap]]
@@ -98,6 +108,7 @@ class LayerSwaps:
                 record = self._record_of(live.job_id)
                 if record is not None:
                     record.layers_done = result.layer + 1
+                self.counts.layers_done += 1
                 store.save()
             elif len(failures) < self.executors:
                 # Some executors serve the new layer, the others the old one, until they

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter as Tally
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -80,10 +80,12 @@ class ServerMetrics:
         registered_tasks: Mapping[str, str],
         requests_by_engine_id: Mapping[str, ActiveRequest],
         server_info: Mapping[str, str],
+        scraped: Callable[[], Iterable[Metric]] = tuple,
     ) -> None:
         """executors: each executor's engine and supervisor (its supervisor is set once the
         coordinator runs); registered_tasks: the registry's accepting tasks (name -> adapter
-        dir); requests_by_engine_id: the coordinator's in-flight requests, read in `on_step`."""
+        dir); requests_by_engine_id: the coordinator's in-flight requests, read in `on_step`;
+        scraped: more series read at scrape time (the requantizer's)."""
         self._executors = executors
         self._tasks = registered_tasks
         self._requests = requests_by_engine_id
@@ -135,7 +137,7 @@ class ServerMetrics:
                                     registry=registry)
         self.adapter_evictions = Counter("inlaid_adapter_evictions", "Loads that displaced another registered "
                                          "adapter from its slot", registry=registry)
-        registry.register(_StateCollector(executors, registered_tasks, dict(server_info)))
+        registry.register(_StateCollector(executors, registered_tasks, dict(server_info), scraped))
 
     # ------------------------------------------------------------------ hooks
     def on_admitted(self, request: ActiveRequest) -> None:
@@ -234,10 +236,12 @@ class _StateCollector(Collector):
         executors: Sequence[ExecutorView],
         registered_tasks: Mapping[str, str],
         server_info: dict[str, str],
+        scraped: Callable[[], Iterable[Metric]],
     ) -> None:
         self._executors = executors
         self._tasks = registered_tasks
         self._info = server_info
+        self._scraped = scraped
 
     def collect(self) -> Iterator[Metric]:
         schedulers = [view.engine.scheduler for view in self._executors]
@@ -263,6 +267,7 @@ class _StateCollector(Collector):
                      sum(report.rss_bytes for report in reports))
         yield _gauge("inlaid_executor_device_memory_bytes", "CUDA memory the executors allocated (their last reports)",
                      sum(report.device_memory_allocated for report in reports))
+        yield from self._scraped()
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -39,7 +39,7 @@ from inlaid.protocol import (
 )
 from inlaid.serve.config import ServerConfig
 from inlaid.serve.ipc_dirs import private_ipc_dir
-from inlaid.serve.layer_swaps import LayerSwaps, _LiveSwap
+from inlaid.serve.layer_swaps import JobCounts, LayerSwaps, _LiveSwap
 from inlaid.serve.requantizer_supervisor import RequantizerSupervisor
 from inlaid.serve.task_store import (
     FAILED, READY, REQUANTIZING, Decision, TaskRecord, TaskStore, layer_digest,
@@ -88,6 +88,7 @@ class RequantizationJobs(LayerSwaps):
         self._swap_step_ids = itertools.count(-1, -1)  # swap-only plans: never an engine step id
         self._background: set[asyncio.Task[Any]] = set()
         self._tempdir: str | None = None
+        self.counts = JobCounts()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -284,6 +285,7 @@ class RequantizationJobs(LayerSwaps):
                               "the log says why)")
         if ready.handle is None:
             record.layers_done = ready.layer + 1
+            self.counts.layers_done += 1
             self.store.save()
             self._later(self._send(LayerCommitted(job_id=ready.job_id, layer=ready.layer, swapped=False)))
             return
@@ -297,11 +299,13 @@ class RequantizationJobs(LayerSwaps):
         assert self.store is not None
         record.finished_at = time.time()
         if ok:
+            self.counts.succeeded += 1
             record.phase = READY
             swapped = sum(1 for entry in self.store.layers.values() if entry.version == record.version)
             kept = sum(1 for d in record.decisions if d["action"] != "requantized")
             record.message = f"{swapped} of {self.num_layers} layers swapped in; {kept} linears kept as served"
         else:
+            self.counts.failed += 1
             record.phase = FAILED
             record.message = (f"re-quantization failed; served on the base as it is: {error.rstrip('.')}. To retry, "
                               "add the task again with its calibration file: that is a new job, from layer 0, under a "

@@ -122,7 +122,8 @@ class RequantizerSupervisor:
         self.log_level = log_level
         self.log_format = log_format
         self.generation = 0
-        self.restarts = 0
+        self.restarts = 0  # losses since the last process connected (the restart back-off's index)
+        self.losses = 0  # processes lost since the server started (stats, /metrics)
         self.hello: RequantizerHello | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._socket: zmq.asyncio.Socket | None = None
@@ -302,6 +303,7 @@ class RequantizerSupervisor:
         log.error("requantizer lost", extra={"pid": process.pid, "generation": generation, "returncode": code,
                                              "reason": reason})
         self.hello = None
+        self.losses += 1
         self.on_lost(reason)
         delay = _RESTART_BACKOFF_S[min(self.restarts, len(_RESTART_BACKOFF_S) - 1)]
         self.restarts += 1
