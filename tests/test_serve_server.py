@@ -227,7 +227,12 @@ def test_an_adapter_that_breaks_after_it_was_added_fails_its_requests_only(ready
     shutil.copytree(adapter_dirs["attn-r8"], fragile)
     with ready_server.client() as admin:
         before = admin.stats()
-        admin.add_task("fragile", str(fragile))
+        added = admin.add_task_reply("fragile", str(fragile))
+        assert "'fragile'" in added.message and added.replaces_config_entry is None
+        # the same adapter again under a config task's name: the reply names the entry it overrides
+        replaced = admin.add_task_reply("attn-r8", adapter_dirs["attn-r8"]).replaces_config_entry
+        assert replaced is not None and replaced.adapter_dir == str(adapter_dirs["attn-r8"]), replaced
+        assert not replaced.kept_across_restarts  # no state_dir
         (fragile / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
         with pytest.raises(AdapterFailedError, match="'fragile' could not be loaded"):
             admin.generate(PROMPTS[0], task="fragile", max_tokens=4)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -14,8 +14,7 @@ import zmq
 
 from inlaid.client.arguments import ChatMessageArg, checked_seconds
 from inlaid.client.connection import Connection, connection_lost
-from inlaid.client.errors import ClientClosedError, ConnectionLostError, InlaidError, RequestTimeoutError
-from inlaid.client.errors import error_from_reply
+from inlaid.client.errors import ClientClosedError, ConnectionLostError, RequestTimeoutError
 from inlaid.client.messages import (
     DEFAULT_ADDRESS,
     GenerateResult,
@@ -29,10 +28,10 @@ from inlaid.client.messages import (
     expect,
     hello,
 )
+from inlaid.client.sync_stream import TokenStream
 from inlaid.protocol import (
     AdminReply,
     Cancel,
-    ErrorReply,
     Generate,
     GenerateDone,
     GetMetrics,
@@ -50,7 +49,6 @@ from inlaid.protocol import (
     TaskList,
     TaskStatus,
     TaskStatusReply,
-    TextChunk,
 )
 
 
@@ -300,8 +298,15 @@ class Client:
         machine); it serves at once on the current base. With `calibration_jsonl` (the task's
         samples) the server then re-quantizes its base for it in the background: follow it with
         `task_status` or `wait_task`."""
+        return self.add_task_reply(name, adapter_dir, calibration_jsonl, timeout_s=timeout_s).message
+
+    def add_task_reply(self, name: str, adapter_dir: str | os.PathLike[str],
+                       calibration_jsonl: str | os.PathLike[str] | None = None, *,
+                       timeout_s: float | None = None) -> AdminReply:
+        """`add_task`, answering the server's whole AdminReply: for a program, the facts
+        beside its message (`replaces_config_entry`: the config's task it now overrides)."""
         message = build_add_task(self._ids.next(), name, adapter_dir, calibration_jsonl, self.admin_token)
-        return (self._call(message, AdminReply, timeout_s)).message
+        return self._call(message, AdminReply, timeout_s)
 
     def task_status(self, name: str, timeout_s: float | None = None) -> TaskStatusReply:
         """Admin: the task's phase, layers done / total, quantization version, what was kept and why."""
@@ -327,70 +332,3 @@ class Client:
     def remove_task(self, name: str, timeout_s: float | None = None) -> str:
         message = RemoveTask(request_id=self._ids.next(), name=name, token=self.admin_token or "")
         return self._call(message, AdminReply, timeout_s).message
-
-
-class TokenStream:
-    """Iterates TextChunks of one generate; `result` holds the GenerateDone at the end.
-
-    Leaving the iteration early (break, exception, close()) cancels the request.
-    `timeout_s` bounds the wait for each next message, not the whole stream.
-    """
-
-    def __init__(self, client: Client, request_id: str, timeout_s: float) -> None:
-        self.client = client
-        self.request_id = request_id
-        self.timeout_s = timeout_s
-        self.result: GenerateResult | None = None
-        self._done = False
-
-    def __iter__(self) -> Iterator[TextChunk]:
-        try:
-            while not self._done:
-                try:
-                    reply = self.client._next_reply(self.request_id, time.monotonic() + self.timeout_s)
-                except RequestTimeoutError:
-                    self._finish()
-                    self.client._cancel_quietly(self.request_id)
-                    self.client._after_timeout(self.request_id)
-                    raise
-                except ConnectionLostError:
-                    self._finish()  # nothing to cancel: the server that had it is gone
-                    raise
-                if isinstance(reply, TextChunk):
-                    yield reply
-                elif isinstance(reply, GenerateDone):
-                    self.result = reply
-                    self._finish()
-                elif isinstance(reply, ErrorReply):
-                    self._finish()
-                    raise error_from_reply(reply)
-                else:
-                    self._finish()
-                    raise InlaidError(f"unexpected {type(reply).__name__} in a stream", self.request_id)
-        finally:
-            if not self._done:  # left early: nobody will read the rest
-                self.close()
-
-    @property
-    def text(self) -> str:
-        return self.result.text if self.result is not None else ""
-
-    def cancel(self) -> None:
-        """Cancel on the server; the stream stays readable up to its 'cancelled' end."""
-        if not self._done:
-            self.client.cancel(self.request_id)
-
-    def close(self) -> None:
-        if not self._done:
-            self.client._cancel_quietly(self.request_id)
-            self._finish()
-
-    def _finish(self) -> None:
-        self._done = True
-        self.client._inbox.pop(self.request_id, None)
-
-    def __enter__(self) -> "TokenStream":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -1,0 +1,81 @@
+"""The blocking client's stream of one generate (`Client.stream`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from inlaid.client.errors import ConnectionLostError, InlaidError, RequestTimeoutError, error_from_reply
+from inlaid.client.messages import GenerateResult
+from inlaid.protocol import ErrorReply, GenerateDone, TextChunk
+
+if TYPE_CHECKING:
+    from inlaid.client.sync_client import Client
+
+
+class TokenStream:
+    """Iterates TextChunks of one generate; `result` holds the GenerateDone at the end.
+
+    Leaving the iteration early (break, exception, close()) cancels the request.
+    `timeout_s` bounds the wait for each next message, not the whole stream.
+    """
+
+    def __init__(self, client: "Client", request_id: str, timeout_s: float) -> None:
+        self.client = client
+        self.request_id = request_id
+        self.timeout_s = timeout_s
+        self.result: GenerateResult | None = None
+        self._done = False
+
+    def __iter__(self) -> Iterator[TextChunk]:
+        try:
+            while not self._done:
+                try:
+                    reply = self.client._next_reply(self.request_id, time.monotonic() + self.timeout_s)
+                except RequestTimeoutError:
+                    self._finish()
+                    self.client._cancel_quietly(self.request_id)
+                    self.client._after_timeout(self.request_id)
+                    raise
+                except ConnectionLostError:
+                    self._finish()  # nothing to cancel: the server that had it is gone
+                    raise
+                if isinstance(reply, TextChunk):
+                    yield reply
+                elif isinstance(reply, GenerateDone):
+                    self.result = reply
+                    self._finish()
+                elif isinstance(reply, ErrorReply):
+                    self._finish()
+                    raise error_from_reply(reply)
+                else:
+                    self._finish()
+                    raise InlaidError(f"unexpected {type(reply).__name__} in a stream", self.request_id)
+        finally:
+            if not self._done:  # left early: nobody will read the rest
+                self.close()
+
+    @property
+    def text(self) -> str:
+        return self.result.text if self.result is not None else ""
+
+    def cancel(self) -> None:
+        """Cancel on the server; the stream stays readable up to its 'cancelled' end."""
+        if not self._done:
+            self.client.cancel(self.request_id)
+
+    def close(self) -> None:
+        if not self._done:
+            self.client._cancel_quietly(self.request_id)
+            self._finish()
+
+    def _finish(self) -> None:
+        self._done = True
+        self.client._inbox.pop(self.request_id, None)
+
+    def __enter__(self) -> "TokenStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
