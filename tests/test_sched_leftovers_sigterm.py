@@ -1,7 +1,11 @@
 """SIGTERM while `inlaid serve` runs its start-up scheduler tuning: the server stops within
 seconds with exit 0 and says the tuning was abandoned. Before, it waited for the whole
 tuning; with a slow one the shutdown watchdog dumped every thread's stack and exited 1.
-Coordinator.run waits for the tuning through retuning.StartupTuning."""
+Coordinator.run waits for the tuning through retuning.StartupTuning.
+
+While it tunes the server answers health (`starting`) and stats, and holds a generate
+(startup_hold.py), which the SIGTERM then answers `shutting_down`: before, the port answered
+nothing until the tuning ended (a health check timed out, the HTTP front said "unreachable")."""
 
 from __future__ import annotations
 
@@ -9,9 +13,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+from inlaid.client import Client, ShuttingDownError
+
+ADDRESS = "tcp://127.0.0.1:20680"
 COST_MODEL = Path(__file__).resolve().parent.parent / "bench" / "results" / "sched_cost_model.json"
 
 # `inlaid serve` with every simulation of the tuning slowed to a slow machine's pace (44 of
@@ -29,10 +37,18 @@ sys.exit(main())
 '''
 
 
+def _generate(answers: list[object]) -> None:
+    with Client(ADDRESS, timeout_s=60) as client:
+        try:
+            answers.append(client.generate("hello", max_tokens=2))
+        except Exception as error:  # noqa: BLE001  (what it got is the assertion)
+            answers.append(error)
+
+
 def test_sigterm_during_the_start_up_tuning_stops_the_server_at_once(tmp_path: Path) -> None:
     (tmp_path / "serve_slow_tuning.py").write_text(SLOW_TUNING_SERVE)
     config = tmp_path / "server.toml"
-    config.write_text(f'[server]\naddress = "tcp://127.0.0.1:20680"\npolicy = "inlaid"\n'
+    config.write_text(f'[server]\naddress = "{ADDRESS}"\npolicy = "inlaid"\n'
                       f'state_dir = "{tmp_path / "state"}"\nshutdown_grace_s = 5\n'
                       f'[executor]\nmax_num_seqs = 4\nnum_kv_blocks = 128\n'
                       f'[scheduler]\nautotune_cost_model = "{COST_MODEL}"\n')
@@ -50,7 +66,17 @@ def test_sigterm_during_the_start_up_tuning_stops_the_server_at_once(tmp_path: P
         time.sleep(1.0)
         assert "tuning the inlaid policy" in log_path.read_text() and "coordinator listening" not in \
             log_path.read_text(), "SIGTERM must come while the server tunes"
-        server.send_signal(signal.SIGTERM)
+        with Client(ADDRESS, timeout_s=5) as client:
+            health = client.health()
+            assert (health.status, health.executor_ready) == ("starting", True), health
+            held: list[object] = []
+            generate = threading.Thread(target=_generate, args=(held,))
+            generate.start()
+            time.sleep(1.0)
+            assert client.stats().requests_received == 0 and not held  # held, not yet a request
+            server.send_signal(signal.SIGTERM)
+            generate.join(30)
+        assert len(held) == 1 and isinstance(held[0], ShuttingDownError), held  # answered, not lost
         signalled = time.monotonic()
         try:
             code = server.wait(timeout=15)

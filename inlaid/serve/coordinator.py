@@ -48,6 +48,7 @@ from inlaid.protocol import (
     RemoveTask,
     StepResult,
     TaskStatus,
+    reply_id,
 )
 from inlaid.serve.admin import TaskCalls
 from inlaid.serve.config import ServerConfig, base_model_id
@@ -61,6 +62,7 @@ from inlaid.serve.metrics import REPLIES_UNREAD, ServerMetrics
 from inlaid.serve.peers import FrontReplies, PeerWatch, front_socket
 from inlaid.serve.requantizer_status import requantizer_metrics
 from inlaid.serve.retuning import LiveRetuning, StartupTuning, TuneOptions
+from inlaid.serve.startup_hold import StartupHold
 from inlaid.serve.step_loop import StepLoop
 from inlaid.serve.supervisor import ExecutorSupervisor
 from inlaid.serve.task_registry import TaskError, TaskRegistry
@@ -118,8 +120,9 @@ class Coordinator:
                                      {"version": SERVER_VERSION, "model": base_model_id(config.engine.model_dir)},
                                      scraped=functools.partial(requantizer_metrics, self.dynamic))
         self.in_flight.metrics = self.metrics
+        self.startup = StartupHold(self.limits.max_pending_requests, self._refuse_while_starting)
         self.info_calls = InfoCalls(config, self.pool, self.dynamic, self.counters, self.metrics, self._send,
-                                    lambda: self._accepting, self._count_refused)
+                                    lambda: self._accepting, self._count_refused, lambda: self.startup.starting)
 
     # ================================================================== lifecycle
     async def run(self) -> int:
@@ -149,6 +152,11 @@ class Coordinator:
                                        swaps=self.dynamic.jobs.for_executor(shard.index))  # fmt: skip
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_shutdown, signum)
+        # The front runs from here: health says "starting" while the executors load and the
+        # tuning runs; other requests are held until the server serves (startup_hold.py).
+        loops = [loop.create_task(self._front_loop()), loop.create_task(self._clients.run())]
+        for task in loops:
+            task.add_done_callback(self._on_loop_ended)
         # Abandonable: SIGTERM while it tunes stops the server at once (StartupTuning).
         tuning = StartupTuning(self._tune_policies).start() if self._tune_policies else None
         try:
@@ -156,21 +164,24 @@ class Coordinator:
         except BaseException:  # an executor that cannot start ends the server: so does its tuning
             if tuning is not None:
                 tuning.abandon()
+            self._shutdown.set()  # the front loops' end is no fault now
+            for task in loops:
+                task.cancel()
             raise
         if tuning is not None and await tuning.finished_unless(self._shutdown):
             await self._take_tuned_policies(tuning.future)
         await self.dynamic.start()
         self._on_task_count(len(self.registry.tasks))  # tasks restored from the state directory count
         log.info("coordinator listening", extra={"address": self.config.address, "pid": os.getpid(),
-                                                 "tasks": sorted(self.registry.tasks), "executors": len(self.pool)})
-        front_task = loop.create_task(self._front_loop())
-        clients_task = loop.create_task(self._clients.run())
+                                                 "tasks": sorted(self.registry.tasks), "executors": len(self.pool),
+                                                 "held_while_starting": len(self.startup)})
         step_tasks = [loop.create_task(shard.step_loop.run()) for shard in self.pool.shards if shard.step_loop]
-        loops = [front_task, clients_task, *step_tasks]
         if len(self.pool) > 1:
-            loops.append(loop.create_task(self._placement_loop()))
-        for task in loops:
+            step_tasks.append(loop.create_task(self._placement_loop()))
+        for task in step_tasks:
             task.add_done_callback(self._on_loop_ended)
+        loops += step_tasks
+        self.startup.release(self._answer)  # after a shutdown meanwhile: refused as shutting down
         await self._shutdown.wait()
         await self._drain()
         await self.dynamic.stop()
@@ -184,7 +195,8 @@ class Coordinator:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         try:
-            self._close_policies()
+            if not self.pool.close_policies():
+                self.exit_code = self.exit_code or 1
         finally:  # whatever a policy's close raises, the sockets and the ipc directory go
             self._clients.close()
             front.close()
@@ -193,18 +205,6 @@ class Coordinator:
             faulthandler.cancel_dump_traceback_later()
         log.info("coordinator stopped", extra={"exit_code": self.exit_code, **self.counters})
         return self.exit_code
-
-    def _close_policies(self) -> None:
-        """Close every engine's policy (the length predictor saves its state). A policy
-        that fails to close (a plug-in's bug) is logged with its traceback and makes the
-        exit code 1; the others still close."""
-        for engine in self.pool.engines:
-            policy = engine.scheduler.policy
-            try:
-                policy.close()
-            except Exception:  # noqa: BLE001  (any plug-in policy's error: the shutdown goes on)
-                log.exception("a scheduling policy failed to close", extra={"policy": type(policy).__qualname__})
-                self.exit_code = self.exit_code or 1
 
     async def _take_tuned_policies(self, tuning: asyncio.Future) -> None:
         """Wait for the start-up tuning and schedule with its policies; if it failed, keep
@@ -326,6 +326,7 @@ class Coordinator:
     def _on_client_gone(self, identity: bytes) -> None:
         assert self._replies is not None
         self._replies.forget(identity)
+        self.startup.forget(identity)
         self.in_flight.client_gone(identity)
 
     def _count_refused(self, reason: str) -> None:
@@ -343,6 +344,10 @@ class Coordinator:
         if isinstance(message, ErrorReply):
             self._count_refused(message.code)
             return self._send(identity, message)
+        if not self.startup.holds(identity, message):
+            self._answer(identity, message)
+
+    def _answer(self, identity: bytes, message: ClientRequest) -> None:
         try:
             self._dispatch(identity, message)
         except Exception:  # a bug must cost this one message, never the server
@@ -365,6 +370,16 @@ class Coordinator:
             self.task_calls.list_tasks(identity, message)
         elif isinstance(message, (AddTask, RemoveTask, TaskStatus)):
             self.task_calls.admin(identity, message)
+
+    def _refuse_while_starting(self, identity: bytes, message: ClientRequest, held: int) -> None:
+        text = (f"the server is starting and already holds {held} requests for when it serves; retry once its "
+                "health says ok")
+        if isinstance(message, Generate):  # counted as an overloaded generate is
+            self.counters["received"] += 1
+            self.counters["overloaded"] += 1
+            self.metrics.on_rejected(message.task, ErrorCode.OVERLOADED)
+        self._send(identity, ErrorReply(request_id=reply_id(message.request_id), code=ErrorCode.OVERLOADED,
+                                        message=text))
 
     def _wake(self) -> None:
         for shard in self.pool.shards:

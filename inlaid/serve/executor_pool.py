@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -31,6 +32,8 @@ from inlaid.serve.placement import Demand, ExecutorLoad, Move, choose, rebalance
 from inlaid.serve.requests import ActiveRequest
 from inlaid.serve.step_loop import StepLoop
 from inlaid.serve.supervisor import ExecutorSupervisor
+
+log = logging.getLogger("inlaid.coordinator")
 
 
 class ShardEngine(Engine):
@@ -118,6 +121,19 @@ class ExecutorPool:
         the replaced ones are closed."""
         for shard in self.shards:
             shard.engine.scheduler.replace_policy(policy_factory() or FifoPolicy()).close()
+
+    def close_policies(self) -> bool:
+        """Close every engine's policy (the length predictor saves its state); False when one
+        failed (a plug-in's bug: logged with its traceback, the others still close)."""
+        closed = True
+        for engine in self.engines:
+            policy = engine.scheduler.policy
+            try:
+                policy.close()
+            except Exception:  # noqa: BLE001  (any plug-in policy's error: the shutdown goes on)
+                log.exception("a scheduling policy failed to close", extra={"policy": type(policy).__qualname__})
+                closed = False
+        return closed
 
     def __len__(self) -> int:
         return len(self.shards)

@@ -29,9 +29,10 @@ Reply = Callable[[bytes, msgspec.Struct], None]  # (client identity, message)
 class InfoCalls:
     def __init__(self, config: ServerConfig, pool: ExecutorPool, dynamic: DynamicTasks, counters: dict[str, int],
                  metrics: ServerMetrics, reply: Reply, accepting: Callable[[], bool],
-                 count_refused: Callable[[str], None]) -> None:
+                 count_refused: Callable[[str], None], starting: Callable[[], bool] = lambda: False) -> None:
         """counters: the coordinator's request/step/token counts (read, never written);
-        accepting(): False once the server shuts down; count_refused(code): a frame refused."""
+        accepting(): False once the server shuts down; count_refused(code): a frame refused;
+        starting(): True until the server serves (executors loading, the start-up tuning)."""
         self.config = config
         self.pool = pool
         self.dynamic = dynamic
@@ -40,6 +41,7 @@ class InfoCalls:
         self._reply = reply
         self._accepting = accepting
         self._count_refused = count_refused
+        self._starting = starting
         self.started_at = time.monotonic()
 
     def answer(self, identity: bytes, message: Hello | Health | GetStats | GetMetrics) -> None:
@@ -65,9 +67,11 @@ class InfoCalls:
                                          max_model_len=self.pool.shards[0].engine.max_model_len))
 
     def _health(self, identity: bytes, message: Health) -> None:
-        # "ok" while any executor serves; executor_ready only when every one is up.
+        # "ok" while any executor serves; executor_ready only when every one is up. "starting"
+        # also while the start-up tuning runs with the executors ready: requests wait till then.
         ready = [shard.ready for shard in self.pool.shards]
-        status = "shutting_down" if not self._accepting() else ("ok" if any(ready) else "starting")
+        status = ("shutting_down" if not self._accepting()
+                  else "starting" if self._starting() or not any(ready) else "ok")
         self._reply(identity, HealthReply(request_id=message.request_id, status=status, executor_ready=all(ready),
                                           uptime_seconds=time.monotonic() - self.started_at,
                                           requantizer=requantizer_state(self.dynamic)))
