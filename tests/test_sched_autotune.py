@@ -308,6 +308,22 @@ def test_command_prints_the_comparison(tmp_path: Path, monkeypatch: pytest.Monke
     assert "missing.jsonl is missing" in capsys.readouterr().err
 
 
+def test_command_reads_a_servers_config_without_its_admin_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture, model_dir) -> None:
+    """The tuning makes no admin call: a config naming an unset admin_token_env (as the
+    documented one does) is no refusal ("environment variable ... is empty", exit 2)."""
+    from inlaid.cli import main
+
+    monkeypatch.setattr(autotune, "WORKLOADS", ((4.0, "zipf"),))
+    monkeypatch.delenv("INLAID_TEST_UNSET_TOKEN", raising=False)
+    config = tmp_path / "server.toml"
+    config.write_text(f'[model]\ndir = "{model_dir}"\n[server]\npolicy = "inlaid"\n'
+                      'admin_token_env = "INLAID_TEST_UNSET_TOKEN"\n[executor]\nmax_lora_slots = 4\n')
+    assert main(["tune-scheduler", "--cost-model", str(COST_MODEL), "--config", str(config), "--tasks", "4",
+                 "--requests", "30"]) == 0, capsys.readouterr().err
+    assert "chosen:" in capsys.readouterr().out
+
+
 def test_the_tuning_leaves_the_servers_predictor_learning_out_of_its_simulations(monkeypatch, tmp_path) -> None:
     """predictor_refit_every and predictor_state are the server's learning: a simulation
     refits inline, so `predictor_refit_every = 4` made every run refit every 4 finished

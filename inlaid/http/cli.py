@@ -77,23 +77,17 @@ def settings_from_args(args: argparse.Namespace) -> tuple[str, HttpConfig]:
     return args.address or address, config
 
 
-# The server's admin token: the front holds none (it passes each caller's Bearer token on),
-# so `--config` must not need the secret (an unset admin_token_env would refuse the config).
-_ADMIN_TOKEN_KEYS = ("admin_token", "admin_token_env", "admin_token_file")
-
-
 def _server_config(path: str) -> tuple[Any, bool]:
-    """The server config at `path` read without its admin token; and whether it sets
-    http.max_prompts_per_request itself."""
+    """The server config at `path` read without its admin token (the front holds none: it
+    passes each caller's Bearer token on); and whether it sets http.max_prompts_per_request
+    itself."""
     from inlaid.serve.config import config_from_dict
-    from inlaid.serve.config_parsing import read_toml
+    from inlaid.serve.config_parsing import read_toml, without_admin_token
 
     raw, base_dir = read_toml(path)
-    server = raw.get("server")
-    if isinstance(server, dict):
-        raw["server"] = {key: value for key, value in server.items() if key not in _ADMIN_TOKEN_KEYS}
     http = raw.get("http")
-    return config_from_dict(raw, base_dir=base_dir), isinstance(http, dict) and "max_prompts_per_request" in http
+    return (config_from_dict(without_admin_token(raw), base_dir=base_dir),
+            isinstance(http, dict) and "max_prompts_per_request" in http)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         from inlaid.serve.config import ConfigError, load_config
 
         try:
-            config = load_config(args.config)
+            config = load_config(args.config, admin_token=False)  # it makes no admin call
         except ConfigError as error:
             return _refuse(str(error))
         if config.policy != "inlaid":  # as the server refuses autotune_cost_model for it

@@ -58,7 +58,7 @@ from inlaid.engine.config import MAX_THREADS, EngineConfig, check_device, check_
 from inlaid.http.settings import HttpConfig, check_listen_address
 from inlaid.serve.config_parsing import (ConfigError, admin_token_from, check_bind_address, check_log_level,
                                          check_state_dir, read_toml, reject_unknown, resolve_path, section,
-                                         typed_value)
+                                         typed_value, without_admin_token)
 from inlaid.protocol import DEFAULT_MAX_FRAME_BYTES
 from inlaid.serve.placement import PLACEMENT_RULES, PlacementRule
 from inlaid.serve.scheduler_config import check_scheduler
@@ -297,9 +297,10 @@ _SERVER_KEYS = _LIMIT_FIELDS | {
 _REQUANTIZER_FIELDS = {f.name: f for f in fields(RequantizerSettings)}
 
 
-def load_config(path: str | Path) -> ServerConfig:
+def load_config(path: str | Path, *, admin_token: bool = True) -> ServerConfig:
+    """admin_token False: read without it (`without_admin_token`)."""
     raw, base_dir = read_toml(path)
-    return config_from_dict(raw, base_dir=base_dir)
+    return config_from_dict(raw if admin_token else without_admin_token(raw), base_dir=base_dir)
 
 
 def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> ServerConfig:

@@ -165,3 +165,16 @@ def check_quantized_dir(path: str, float_hint: str = "give the float model as mo
     # failed each executor's start (three tracebacks) or, before, served unquantized.
     if (problem := quantized_dir_problem(directory, float_hint)) is not None:
         raise ConfigError(f"model.quantized_dir: {problem}")
+
+
+ADMIN_TOKEN_KEYS = ("admin_token", "admin_token_env", "admin_token_file")
+
+
+def without_admin_token(raw: dict[str, Any]) -> dict[str, Any]:
+    """A raw config without the server's admin token, for the tools that read a server's
+    config but make no admin call (the HTTP front, the scheduler tuning): an unset
+    admin_token_env must not refuse them."""
+    server = raw.get("server")
+    if not isinstance(server, dict):
+        return raw
+    return {**raw, "server": {key: value for key, value in server.items() if key not in ADMIN_TOKEN_KEYS}}
