@@ -231,13 +231,18 @@ def test_serve_cli_names_a_missing_quantized_dir_or_cuda_device_before_starting(
     cases = [('[model]\nquantized_dir = "nowhere"\n', "is not a directory"),
              ('[executor]\ndevice = "cuda:7"\n' if torch.cuda.is_available() else '[executor]\ndevice = "cuda"\n',
               "CUDA device"),
-             ('[executors]\ncount = 2\ndevices = ["cpu", "cuda:9"]\n', "'cuda:9': this machine has")]
+             ('[executors]\ncount = 2\ndevices = ["cpu", "cuda:9"]\n', "'cuda:9': this machine has"),
+             (f'[tasks]\nsentiment = "{tmp_path / "no-adapter"}"\n', "task 'sentiment' in the config: "),
+             (f'[model]\ndir = "{tmp_path / "no-model"}"\n', "model directory not found")]
     for text, message in cases:
         path = _write(tmp_path, '[server]\naddress = "tcp://127.0.0.1:5597"\n' + text)
         done = subprocess.run([sys.executable, "-m", "inlaid.cli", "serve", "--config", str(path)],
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 2, (text, done.stderr[-2000:])
         assert message in done.stderr and "Traceback" not in done.stderr, (text, done.stderr[-2000:])
+        # one plain line besides the JSON log records, as a config's refusals are
+        plain = [line for line in done.stderr.splitlines() if line.startswith("inlaid serve: ")]
+        assert len(plain) == 1 and message in plain[0], (text, done.stderr[-2000:])
     # The in-process engine too (the runner checks its device before loading anything).
     done = subprocess.run([sys.executable, "-m", "inlaid.cli", "generate", "--device", "cuda:99", "--prompt", "hi"],
                           capture_output=True, text=True, timeout=300)

@@ -152,6 +152,17 @@ def unavailable_cuda_device(config) -> str | None:  # type: ignore[no-untyped-de
     return None
 
 
+def _cannot_start(reason: str) -> int:
+    """A refusal found as the server starts (the model, a task's adapter, the device): logged
+    for the log's readers, and one `inlaid serve: ...` line as the config's refusals are (a
+    JSON record alone read as a crash to whoever started it by hand). Exit code 2."""
+    import logging
+
+    logging.getLogger("inlaid.coordinator").critical("cannot start", extra={"error": reason})
+    print(f"inlaid serve: {reason}", file=sys.stderr)
+    return 2
+
+
 def serve(config, policies=None) -> int:  # type: ignore[no-untyped-def]
     """Run a server until SIGTERM/SIGINT; returns the process exit code. `policies`: the
     policy factory `run` made (default: made here)."""
@@ -168,14 +179,12 @@ def serve(config, policies=None) -> int:  # type: ignore[no-untyped-def]
         retune = functools.partial(tuned_options_for, config) if config.autotune_cost_model is not None else None
         missing = unavailable_cuda_device(config)  # else three executor tracebacks, then "exit code 1"
         if missing is not None:
-            log.critical("cannot start", extra={"error": missing})
-            return 2
+            return _cannot_start(missing)
         try:
             coordinator = Coordinator(config, policy_factory=policies or _policies(config), tune_policies=tune,
                                       retune_options=retune)
         except (ModelLoadError, ValueError) as error:
-            log.critical("cannot start", extra={"error": str(error)})
-            return 2
+            return _cannot_start(str(error))
         metrics_server = front = None
 
         def close_metrics_port() -> None:
