@@ -76,11 +76,14 @@ async def _stat_at_least(client: AsyncClient, field: str, value: int) -> bool:
     return getattr(await client.stats(), field) >= value
 
 
-async def _health_probe(client: AsyncClient, stop: asyncio.Event, latencies: list[float]) -> None:
+async def _health_probe(client: AsyncClient, stop: asyncio.Event, latencies: list[float],
+                        replies: list | None = None) -> None:
     while not stop.is_set():
         started = time.monotonic()
-        await client.health(timeout_s=HEALTH_BOUND_S)  # raises on no answer
+        reply = await client.health(timeout_s=HEALTH_BOUND_S)  # raises on no answer
         latencies.append(time.monotonic() - started)
+        if replies is not None:
+            replies.append((time.monotonic(), reply))
         await asyncio.sleep(0.05)
 
 
@@ -125,8 +128,8 @@ def test_an_executor_that_hangs_in_a_step_is_killed_at_the_step_timeout(ready, r
             pieces = stream.__aiter__()
             await pieces.__anext__()
             signal_process(before.executor_pid, signal.SIGSTOP)  # hung: alive, holding its socket, silent
-            stop, latencies = asyncio.Event(), []
-            probe = asyncio.create_task(_health_probe(client, stop, latencies))
+            stop, latencies, healths = asyncio.Event(), [], []
+            probe = asyncio.create_task(_health_probe(client, stop, latencies, healths))
             hung_at = time.monotonic()
             with pytest.raises(ExecutorFailedError, match="step timeout") as failed:
                 async for _ in pieces:
@@ -136,9 +139,18 @@ def test_an_executor_that_hangs_in_a_step_is_killed_at_the_step_timeout(ready, r
             await _answers_match(client, reference)
             stop.set()
             await probe
-            return before, failed.value, waited, latencies, await client.stats()
+            return before, failed.value, waited, latencies, await client.stats(), healths, await client.health()
 
-    before, error, waited, latencies, after = asyncio.run(scenario())
+    before, error, waited, latencies, after, healths, health_after = asyncio.run(scenario())
+    # health says "stalled" once the hung step has run a quarter of the step timeout (it
+    # said "ok" until the kill), with how long; then "starting" while a new executor loads
+    stalled = [reply for _, reply in healths if reply.status == "stalled"]
+    assert stalled and min(r.step_running_seconds for r in stalled) >= STEP_TIMEOUT_S / 4, healths[-5:]
+    statuses = [reply.status for _, reply in healths]
+    first_stalled, first_starting = statuses.index("stalled"), statuses.index("starting")
+    assert first_stalled < first_starting and "ok" not in statuses[first_stalled:first_starting], statuses
+    assert (health_after.status, health_after.step_running_seconds < 1.0) == ("ok", True)
+    assert health_after.executor_restarts == before.executor_restarts + 1
     assert waited < STEP_TIMEOUT_S + 30, waited  # the timeout counts from the plan, sent before the SIGSTOP
     assert f"pid {before.executor_pid}" in str(error)
     assert latencies and max(latencies) < HEALTH_BOUND_S  # the coordinator answered while the step hung

@@ -224,7 +224,10 @@ class TaskList(msgspec.Struct, frozen=True, kw_only=True, tag="task_list"):
 
 class HealthReply(msgspec.Struct, frozen=True, kw_only=True, tag="health_reply"):
     request_id: str
-    status: str  # ok | starting (executor loading) | shutting_down
+    # ok | starting (executors loading or restarting, the start-up tuning) | stalled (every
+    # ready executor's step has run past a quarter of server.step_timeout_s: hung, or far
+    # slower than it should be; the step timeout kills it) | shutting_down
+    status: str
     executor_ready: bool
     uptime_seconds: float
     # The background re-quantization of added tasks (never part of `status`: serving goes on
@@ -232,6 +235,8 @@ class HealthReply(msgspec.Struct, frozen=True, kw_only=True, tag="health_reply")
     # why) | idle (no job) | starting (a job waits for its process to start or restart) |
     # running. "" from a server that predates it.
     requantizer: str = ""
+    step_running_seconds: float = 0.0  # the longest an executor's current step has run (0: between steps)
+    executor_restarts: int = 0  # executor processes restarted after a loss, since the server started
 
 
 class ExecutorInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -69,9 +69,18 @@ class InfoCalls:
     def _health(self, identity: bytes, message: Health) -> None:
         # "ok" while any executor serves; executor_ready only when every one is up. "starting"
         # also while the start-up tuning runs with the executors ready: requests wait till then.
-        ready = [shard.ready for shard in self.pool.shards]
+        shards = self.pool.shards
+        ready = [shard.ready for shard in shards]
+        running = {shard.index: shard.supervisor.step_running_seconds if shard.supervisor else 0.0 for shard in shards}
+        # A quarter of the timeout: far past any step a working executor takes, and time
+        # left before the kill for a balancer or an operator to see it.
+        stalled_after = self.config.limits.step_timeout_s / 4
+        serving = [shard for shard in shards if shard.ready and running[shard.index] < stalled_after]
         status = ("shutting_down" if not self._accepting()
-                  else "starting" if self._starting() or not any(ready) else "ok")
-        self._reply(identity, HealthReply(request_id=message.request_id, status=status, executor_ready=all(ready),
-                                          uptime_seconds=time.monotonic() - self.started_at,
-                                          requantizer=requantizer_state(self.dynamic)))
+                  else "starting" if self._starting() or not any(ready)
+                  else "ok" if serving else "stalled")
+        self._reply(identity, HealthReply(
+            request_id=message.request_id, status=status, executor_ready=all(ready),
+            uptime_seconds=time.monotonic() - self.started_at, requantizer=requantizer_state(self.dynamic),
+            step_running_seconds=max(running.values(), default=0.0),
+            executor_restarts=sum(shard.supervisor.restarts for shard in shards if shard.supervisor)))

@@ -263,6 +263,9 @@ class _StateCollector(Collector):
                      sum(int(supervisor.ready.is_set()) for supervisor in supervisors))
         yield CounterMetricFamily("inlaid_executor_restarts", "Executor processes restarted after a loss",
                                   value=sum(supervisor.restarts for supervisor in supervisors))
+        yield _gauge("inlaid_executor_step_running_seconds", "How long the longest current step on an executor has "
+                     "run (0 between steps); the step timeout kills an executor at server.step_timeout_s",
+                     max((supervisor.step_running_seconds for supervisor in supervisors), default=0.0))
         yield _gauge("inlaid_executor_rss_bytes", "Executor resident memory (their last reports)",
                      sum(report.rss_bytes for report in reports))
         yield _gauge("inlaid_executor_device_memory_bytes", "CUDA memory the executors allocated (their last reports)",
