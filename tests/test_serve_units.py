@@ -310,17 +310,23 @@ def test_the_sdk_refuses_integers_msgpack_cannot_carry_before_sending():
     from inlaid.client import AsyncClient, Client, InvalidRequestError
 
     with Client("tcp://127.0.0.1:9", timeout_s=1) as client:
-        for call in (lambda: client.generate("x", max_tokens=2**64), lambda: client.stream("x", seed=2**64),
-                     lambda: client.generate(prompt_token_ids=[1, -(2**63) - 1])):
-            with pytest.raises(InvalidRequestError, match="out of range"):
+        for param, call in (("max_tokens", lambda: client.generate("x", max_tokens=2**64)),
+                            ("seed", lambda: client.stream("x", seed=2**64)),
+                            ("top_k", lambda: client.generate("x", top_k=2**64)),
+                            ("prompt_token_ids", lambda: client.generate(prompt_token_ids=[1, -(2**63) - 1])),
+                            ("stop_token_ids", lambda: client.generate("x", stop_token_ids=[2**70]))):
+            with pytest.raises(InvalidRequestError, match="out of range") as refused:
                 call()
+            # named, as every other refusal of the SDK is (the HTTP front's error names `param`)
+            assert refused.value.param == param and param in refused.value.message, refused.value.message
         assert client.server is None and not client._inbox
 
     async def run() -> None:
         async with AsyncClient("tcp://127.0.0.1:9", timeout_s=1) as client:
             for call in (lambda: client.generate("x", max_tokens=2**64), lambda: client.stream("x", seed=2**64)):
-                with pytest.raises(InvalidRequestError, match="out of range"):
+                with pytest.raises(InvalidRequestError, match="out of range") as refused:
                     await call()
+                assert refused.value.param in ("max_tokens", "seed")
             assert client.server is None and not client._queues
 
     asyncio.run(run())

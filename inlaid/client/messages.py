@@ -58,11 +58,30 @@ def encode(message: msgspec.Struct) -> bytes:
     try:
         return _encoder.encode(message)
     except OverflowError as error:
-        raise InvalidRequestError(f"a number in the request is out of range: {error}", request_id) from None
+        param = _out_of_range_field(message)
+        what = f"a number in {param}" if param else "a number in the request"
+        raise InvalidRequestError(f"{what} is out of range: {error}", request_id, param) from None
     except UnicodeEncodeError as error:  # generate's texts are checked by name before; this is any other string
         raise InvalidRequestError(f"a string in the request is not valid text: {error}", request_id) from None
     except TypeError as error:  # a value of a type msgpack has no form for: "Encoding objects of type X ..."
         raise InvalidRequestError(f"a value in the request cannot be sent: {error}", request_id) from None
+
+
+_MSGPACK_INTEGERS = range(-(2**63), 2**64)
+
+
+def _out_of_range_field(message: msgspec.Struct) -> str | None:
+    """The field (a top-level one, or one of `sampling`'s, named as the SDK's argument) whose
+    integer, or one of whose list's integers, msgpack cannot carry; None: not found."""
+    for struct in (message, getattr(message, "sampling", None)):
+        if not isinstance(struct, msgspec.Struct):
+            continue
+        for name in struct.__struct_fields__:
+            value = getattr(struct, name)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, int) and not isinstance(v, bool) and v not in _MSGPACK_INTEGERS for v in values):
+                return name
+    return None
 
 
 def decode_reply(frame: bytes) -> ServerReply | None:
