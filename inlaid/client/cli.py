@@ -78,8 +78,12 @@ def _print_status(status: TaskStatusReply, as_json: bool) -> None:
     if status.version:  # else nothing is re-quantized for it: no layers to count
         line += (f", layers {status.layers_done}/{status.layers_total}, version {status.version} (served up to "
                  f"{status.served_version}), {status.layers_swapped} of its layers served now")
-        if status.layers_swapped < status.layers_done:  # "30 of 30 swapped in" below is then history
-            line += " (later versions replaced the others)"
+        if status.layers_superseded:  # "30 of 30 swapped in" below is then history
+            line += f", {status.layers_superseded} replaced by later versions"
+        if status.layers_not_served:
+            line += (f", {status.layers_not_served} changed layers served at no version (a failed swap, or a "
+                     "committed file found corrupt or missing at a restart: the checkpoint's layer serves; add "
+                     "the task again with its calibration to redo them)")
     print(line)
     for kept in status.kept:
         if kept.action != "kept-unchanged":

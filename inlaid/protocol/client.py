@@ -299,6 +299,9 @@ class ServerStats(msgspec.Struct, frozen=True, kw_only=True, tag="stats_reply"):
     frames_refused: int = 0
     executors: list[ExecutorInfo] = []  # per executor; the figures above are their sums
     requantizer: RequantizerInfo | None = None  # None from a server that predates it
+    # Why the state directory's registry could not be written ("": saved): the added tasks'
+    # state is kept in memory and written once it can be; a restart before that loses it.
+    state_unsaved: str = ""
 
 
 class MetricsReply(msgspec.Struct, frozen=True, kw_only=True, tag="metrics_reply"):
@@ -345,6 +348,11 @@ class TaskStatusReply(msgspec.Struct, frozen=True, kw_only=True, tag="task_statu
     quantize_seconds: float = 0.0  # ... aggregation, GPTQ and the quality gate
     wall_seconds: float = 0.0  # job start (first dispatch) -> finish (or now)
     peak_rss_bytes: int = 0  # the requantizer's
+    # Of the layers its job changed and finished: served at a later version (a later task's
+    # job), and served at none (a swap that failed, or its committed file found corrupt or
+    # missing at a restart: the checkpoint's layer serves; adding the task again redoes it).
+    layers_superseded: int = 0
+    layers_not_served: int = 0
 
 
 ServerReply = (

@@ -10,6 +10,7 @@ restarted server serves them again and resumes an unfinished job.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ log = logging.getLogger("inlaid.dynamic_tasks")
 # a 1 MB line cost the cost probe 5 GB before the probe took only max_tokens tokens of a
 # sample). The file cap bounds the check's time and the copy.
 MAX_CALIBRATION_FILE_BYTES = 64 * 1024 * 1024
+SAVE_RETRY_S = 5.0  # a registry the state directory could not take is tried again this often
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class DynamicTasks:
             except StateDirError as error:
                 raise ValueError(str(error)) from None
         self.jobs = RequantizationJobs(config, self.store, self.num_layers, wake, executors=len(registry.engines))
+        self._save_retries: asyncio.Task[None] | None = None
         if self.store is not None:
             self._restore_tasks(self.store)
             registry.on_released.append(self._discard_if_unused)
@@ -136,11 +139,32 @@ class DynamicTasks:
                                                                            "layers_done": record.layers_done})
 
     async def start(self) -> None:
+        if self.store is not None:
+            self._save_retries = asyncio.get_running_loop().create_task(self._retry_unsaved(self.store))
         if not self.blocker:
             await self.jobs.start()
 
     async def stop(self) -> None:
         await self.jobs.stop()
+        if self._save_retries is not None:
+            self._save_retries.cancel()
+        if self.store is not None and self.store.unsaved:
+            self.store.save()  # a last try: what is lost otherwise is logged
+
+    async def _retry_unsaved(self, store: TaskStore) -> None:
+        """A registry the directory could not take (full, read-only) is written once it can:
+        without a later change, a restart would have lost it."""
+        while True:
+            await asyncio.sleep(SAVE_RETRY_S)
+            if store.unsaved:
+                store.save()
+
+    def _unsaved_note(self) -> str:
+        """For an admin call's answer: its change serves, but is not on disk yet."""
+        if self.store is None or not self.store.unsaved:
+            return ""
+        return (f"; NOT SAVED: {self.store.unsaved}. It serves now; the server saves it as soon as the state "
+                "directory can be written again, and a restart before that undoes it")
 
     # ------------------------------------------------------------------ admin calls
     def prepare(self, name: str, adapter_dir: str, calibration: str | None) -> TaskInputs:
@@ -152,7 +176,13 @@ class DynamicTasks:
             check_calibration_file(calibration)
         if self.store is None:
             return TaskInputs(name, adapter_dir, calibration, copied=False)
-        adapter_copy, calibration_copy = self.store.copy_inputs(name, adapter_dir, calibration)
+        try:
+            adapter_copy, calibration_copy = self.store.copy_inputs(name, adapter_dir, calibration)
+        except OSError as error:  # the state directory's, not the caller's: a full disk, read-only
+            where = f" ({error.filename})" if error.filename else ""
+            raise TaskError(ErrorCode.INTERNAL, f"the task's files cannot be copied into the state directory "
+                                                f"{self.store.root}{where}: {error.strerror or error}; nothing "
+                                                "was added") from None
         # absolute whatever the state_dir was given as: each copy is checked again as a caller's path
         adapter_copy = os.path.abspath(adapter_copy)
         calibration_copy = os.path.abspath(calibration_copy) if calibration_copy else None
@@ -209,8 +239,9 @@ class DynamicTasks:
             self._discard_if_unused(replaced.adapter_dir)
         if record.phase == QUEUED:
             self.jobs.submit(name)
-            return f"{text}; serving on the current base, re-quantization queued (version {record.version})"
-        return f"{text}; {record.message}"
+            text += f"; serving on the current base, re-quantization queued (version {record.version})"
+            return text + self._unsaved_note()
+        return f"{text}; {record.message}" + self._unsaved_note()
 
     def replaced_config_entry(self, name: str) -> ReplacedConfigEntry | None:
         """The config's [tasks] entry an addition of `name` replaces (None when the config has
@@ -241,7 +272,7 @@ class DynamicTasks:
         store.save()
         if record is not None:  # now if nothing is in flight; else when its last request ends
             self._discard_if_unused(record.adapter_dir)
-        return text
+        return text + self._unsaved_note()
 
     def _config_task_removed(self, name: str) -> str:
         """What the removal of a name of the config's [tasks] means, which a bare "removed"
@@ -286,6 +317,9 @@ class DynamicTasks:
         assert store is not None
         kept = [KeptLinear(layer=d["layer"], linear=d["linear"], action=d["action"], reason=d["reason"])
                 for d in record.decisions if d["action"] != "requantized"]
+        # the layers its job changed and finished: each was swapped in at its commit, or failed to be
+        changed = {d["layer"] for d in record.decisions if d["action"] == "requantized" and d["layer"] < record.layers_done}
+        served_at = {layer: store.layers[layer].version if layer in store.layers else 0 for layer in changed}
         end = record.finished_at or (time.time() if record.started_at else 0.0)
         return TaskStatusReply(
             request_id=request_id, name=name, phase=record.phase, layers_done=record.layers_done,
@@ -293,7 +327,9 @@ class DynamicTasks:
             layers_swapped=sum(1 for entry in store.layers.values() if record.version and entry.version == record.version),
             kept=kept, message=record.message, forward_seconds=record.forward_seconds,
             quantize_seconds=record.quantize_seconds, wall_seconds=end - record.started_at if record.started_at else 0.0,
-            peak_rss_bytes=record.peak_rss_bytes)
+            peak_rss_bytes=record.peak_rss_bytes,
+            layers_superseded=sum(1 for version in served_at.values() if version > record.version),
+            layers_not_served=sum(1 for version in served_at.values() if version < record.version))
 
 
 def check_calibration_file(path: str) -> None:

@@ -52,7 +52,9 @@ class InfoCalls:
         elif isinstance(message, GetStats):
             gaps = [gap for shard in self.pool.shards if shard.step_loop for gap in shard.step_loop.step_gaps]
             stats = server_stats(message.request_id, self.pool.shards, self.counters, gaps)
-            self._reply(identity, msgspec.structs.replace(stats, requantizer=requantizer_info(self.dynamic)))
+            store = self.dynamic.store
+            self._reply(identity, msgspec.structs.replace(stats, requantizer=requantizer_info(self.dynamic),
+                                                          state_unsaved=store.unsaved if store else ""))
         else:
             self._reply(identity, MetricsReply(request_id=message.request_id, text=self.metrics.exposition()))
 

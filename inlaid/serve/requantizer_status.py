@@ -67,5 +67,9 @@ def requantizer_metrics(dynamic: DynamicTasks) -> Iterator[Metric]:
     yield jobs
     yield CounterMetricFamily("inlaid_requantization_layers", "Layers a re-quantization job finished (swapped into "
                               "every executor, or kept as served)", value=info.layers_done)
+    store = dynamic.store
+    yield GaugeMetricFamily("inlaid_state_dir_unsaved", "1 while the state directory's registry cannot be written "
+                            "(full, read-only): added tasks' state is kept in memory until it can be",
+                            value=int(bool(store is not None and store.unsaved)))
     yield CounterMetricFamily("inlaid_requantizer_losses", "Requantizer processes that died or were killed (the "
                               "job resumes in a new one, up to requantizer.max_attempts)", value=info.processes_lost)

@@ -140,6 +140,7 @@ class TaskStore:
         self.layers: dict[int, CommittedLayer] = {}
         self.dropped: list[str] = []  # tasks whose stored Hessians no aggregate uses any more
         self.next_version = 1
+        self.unsaved = ""  # why the last save failed ("": the registry holds the state in memory)
         path = self.root / REGISTRY_FILE
         if os.path.lexists(path):  # a broken link or a directory is no fresh state: it is refused
             self._load(path)
@@ -207,7 +208,11 @@ class TaskStore:
                           extra={"layer": layer, "version": entry.version, "error": problem})
                 del self.layers[layer]
 
-    def save(self) -> None:
+    def save(self) -> bool:
+        """Write the registry; False when the directory cannot be written (full, read-only):
+        the state stays in memory, `unsaved` says why, and the next save writes it all. A
+        failed save never raises: it came in the middle of an admin call or of a job's step
+        (an exception there left the job half-ended), and what it changes is already served."""
         tasks = {name: {**asdict(record), "adapter_dir": self._relative(record.adapter_dir),
                         "calibration": record.calibration and self._relative(record.calibration)}
                  for name, record in self.tasks.items()}
@@ -224,9 +229,22 @@ class TaskStore:
                 handle.flush()
                 os.fsync(handle.fileno())
             temporary.replace(self.root / REGISTRY_FILE)
+        except OSError as error:
+            temporary.unlink(missing_ok=True)
+            problem = f"{self.root / REGISTRY_FILE} cannot be written: {error.strerror or error}"
+            if problem != self.unsaved:
+                log.error("the state directory cannot be written: the state is kept in memory and saved as soon as "
+                          "it can be (a restart before that loses the changes since the last save)",
+                          extra={"error": problem})
+            self.unsaved = problem
+            return False
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
+        if self.unsaved:
+            log.info("the state directory is written again", extra={"was": self.unsaved})
+            self.unsaved = ""
+        return True
 
     def _remove_stale_temporaries(self) -> None:
         """Temporary registries a crash mid-save left: the lock is this process's, so only
@@ -253,17 +271,19 @@ class TaskStore:
         Touches no registry state (safe in a worker thread): each copy gets a fresh name."""
         suffix = uuid.uuid4().hex[:10]
         target = self.root / "adapters" / f"{name}.{suffix}"
-        target.mkdir(parents=True)
-        for file_name in ADAPTER_FILES:
-            source = Path(adapter_dir) / file_name
-            if source.is_file():
-                shutil.copyfile(source, target / file_name)
-        copied_calibration = None
-        if calibration:
-            copied = self.root / "calibration" / f"{name}.{suffix}.jsonl"
-            shutil.copyfile(calibration, copied)
-            copied_calibration = str(copied)
-        return str(target), copied_calibration
+        copied = self.root / "calibration" / f"{name}.{suffix}.jsonl"
+        try:
+            target.mkdir(parents=True)
+            for file_name in ADAPTER_FILES:
+                source = Path(adapter_dir) / file_name
+                if source.is_file():
+                    shutil.copyfile(source, target / file_name)
+            if calibration:
+                shutil.copyfile(calibration, copied)
+        except BaseException:  # a full disk: no partial copy left behind (a restart collected it)
+            self.discard_copy(str(target))
+            raise
+        return str(target), str(copied) if calibration else None
 
     def discard_copy(self, adapter_dir: str) -> bool:
         """Delete an adapter copy `copy_inputs` made, and the calibration copied with it (same
@@ -274,7 +294,11 @@ class TaskStore:
         if copy.parent != Path(os.path.abspath(self.root / "adapters")):
             return False
         shutil.rmtree(copy, ignore_errors=True)
-        (self.root / "calibration" / f"{copy.name}.jsonl").unlink(missing_ok=True)
+        try:
+            (self.root / "calibration" / f"{copy.name}.jsonl").unlink(missing_ok=True)
+        except OSError as error:  # a read-only directory: the next start's collection takes it
+            log.warning("a calibration copy could not be deleted", extra={"file": error.filename,
+                                                                           "error": error.strerror})
         return True
 
     def _collect_garbage(self) -> None:

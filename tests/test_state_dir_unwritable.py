@@ -1,0 +1,126 @@
+"""A state directory that stops taking writes (full disk, read-only remount) under a running
+server (an outside probe): admin calls answered "internal server error" though their change
+already served, a job's end raised halfway (its JobFinished handler never finished the job),
+and a restart then undid what clients had been told was done. Now a failed registry save is
+said in the answer ("NOT SAVED", with the path and the errno's words), the state stays in
+memory and is written once the directory takes writes again; a copy that fails refuses the
+addition naming the state directory and leaves no partial copy. And a task's status counts
+its changed layers that no version serves (a committed file found corrupt at a restart)
+instead of calling them replaced by later versions."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from inlaid.protocol import ErrorCode, JobFinished
+from inlaid.serve import task_store
+from inlaid.serve.config import config_from_dict
+from inlaid.serve.dynamic_tasks import DynamicTasks
+from inlaid.serve.executor_pool import ExecutorPool
+from inlaid.serve.requantization_jobs import RequantizationJobs
+from inlaid.serve.task_registry import TaskError, TaskRegistry
+from inlaid.serve.task_store import READY, REQUANTIZING, CommittedLayer, TaskRecord, TaskStore
+
+ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+BASE = {"model_dir": "/models/m", "quantized_dir": "/models/q"}
+
+
+def _disk_full(*args: object) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.fixture()
+def adapter(tmp_path) -> Path:
+    return Path(shutil.copytree(ADAPTERS / "qa", tmp_path / "src" / "qa"))
+
+
+def _dynamic(model_dir: Path, state: Path) -> DynamicTasks:
+    config = config_from_dict({"model": {"dir": str(model_dir)}, "server": {"state_dir": str(state)},
+                               "executor": {"max_num_seqs": 4, "num_kv_blocks": 64, "max_lora_slots": 2}})
+    return DynamicTasks(config, TaskRegistry(ExecutorPool(config, lambda: None).engines, "token"), wake=lambda: None)
+
+
+def _stored_tasks(state: Path) -> set[str]:
+    return set(json.loads((state / "registry.json").read_text())["tasks"])
+
+
+def test_admin_calls_on_a_full_state_directory_say_so_and_the_state_is_saved_once_it_can_be(model_dir, tmp_path,
+                                                                                            adapter, monkeypatch):
+    state = tmp_path / "state"
+    dynamic = _dynamic(model_dir, state)
+    dynamic.add(dynamic.prepare("qa2", str(adapter), None))
+    assert _stored_tasks(state) == {"qa2"} and not dynamic.store.unsaved
+    monkeypatch.setattr(task_store.os, "fsync", _disk_full)
+    text = dynamic.remove("qa2")
+    assert "removed" in text and "NOT SAVED" in text and "No space left on device" in text, text
+    assert "registry.json cannot be written" in dynamic.store.unsaved
+    assert "qa2" not in dynamic.registry.tasks and _stored_tasks(state) == {"qa2"}  # served as told, not yet on disk
+    assert not list(state.glob("registry.json.*tmp"))  # no temporary left behind
+    monkeypatch.setattr(shutil, "copyfile", _disk_full)
+    with pytest.raises(TaskError) as refused:
+        dynamic.prepare("qa3", str(adapter), None)
+    assert refused.value.code == ErrorCode.INTERNAL and str(state) in refused.value.message
+    assert "No space left on device" in refused.value.message and "nothing was added" in refused.value.message
+    assert not list((state / "adapters").iterdir())  # no partial copy
+    monkeypatch.undo()
+
+    async def retried() -> None:  # the disk has room again: the retry loop writes the state
+        monkeypatch.setattr("inlaid.serve.dynamic_tasks.SAVE_RETRY_S", 0.01)
+        await dynamic.start()
+        for _ in range(200):
+            if not dynamic.store.unsaved:
+                break
+            await asyncio.sleep(0.01)
+        await dynamic.stop()
+
+    asyncio.run(retried())
+    assert not dynamic.store.unsaved and _stored_tasks(state) == set()
+
+
+class _Requantizer:
+    ready = True
+
+    async def send(self, message) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+
+def test_a_job_ending_while_the_registry_cannot_be_written_still_ends(tmp_path, monkeypatch):
+    """Before: the save raised inside the JobFinished handler ("internal error handling a
+    requantizer message"): the job stayed current, the queue never moved."""
+
+    async def scenario() -> None:
+        config = config_from_dict({"server": {"state_dir": "state"}}, base_dir=tmp_path)
+        store = TaskStore(tmp_path / "state", BASE)
+        record = store.tasks["code"] = TaskRecord(name="code", adapter_dir="a", calibration="c", phase=REQUANTIZING,
+                                                  version=1, layers_done=30, layers_total=30)
+        jobs = RequantizationJobs(config, store, 30, wake=lambda: None)
+        jobs.supervisor = _Requantizer()  # type: ignore[assignment]
+        jobs.current = "code"
+        jobs.queue.append("code")
+        monkeypatch.setattr(task_store.os, "fsync", _disk_full)
+        jobs._on_message(JobFinished(job_id="code@v1", ok=True))
+        assert record.phase == READY and jobs.current is None and not jobs.queue
+        assert jobs.counts.succeeded == 1 and "No space left on device" in store.unsaved
+        await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+
+
+def test_status_counts_changed_layers_no_version_serves_apart_from_superseded_ones(model_dir, tmp_path):
+    state = tmp_path / "state"
+    dynamic = _dynamic(model_dir, state)
+    store = dynamic.store
+    decisions = [{"layer": layer, "linear": "q_proj", "action": "requantized" if layer < 4 else "kept-unchanged",
+                  "reason": "", "change": 0.0} for layer in range(6)]
+    store.tasks["code"] = TaskRecord(name="code", adapter_dir="a", calibration="c", phase=READY, version=2,
+                                     layers_done=6, layers_total=6, decisions=decisions)
+    store.layers = {0: CommittedLayer(version=2, file="l0"), 1: CommittedLayer(version=3, file="l1"),
+                    3: CommittedLayer(version=1, file="l3")}  # 2: dropped at a restart (corrupt); 3: an older one
+    status = dynamic.status("s", "code")
+    assert (status.layers_swapped, status.layers_superseded, status.layers_not_served) == (1, 1, 2), status
