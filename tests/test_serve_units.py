@@ -356,3 +356,23 @@ def test_remove_task_counts_its_requests_in_flight_running_or_queued():
     for _ in range(12):
         registry.request_ended("busy")
     assert unregistered == ["idle", "busy"] and registry.draining == {"single"}
+
+
+def test_settings_a_server_never_uses_are_named_not_taken_silently(tmp_path):
+    """`quant_kernel` without a quantized base and a `[requantizer]` section without a state
+    directory (or a quantized base) were accepted and ignored without a word (an outside
+    probe following docs/serving.md)."""
+    from inlaid.serve.cli import ignored_settings
+    from inlaid.serve.config import config_from_dict
+
+    def ignored(raw: dict) -> list[str]:
+        return [setting for setting, _ in ignored_settings(config_from_dict(raw, base_dir=tmp_path))]
+
+    assert ignored({"executor": {"quant_kernel": "dequant"}}) == ["executor.quant_kernel"]
+    assert ignored({"requantizer": {"duty_cycle": 0.2}}) == ["[requantizer]"]
+    assert ignored({"requantizer": {"duty_cycle": 0.2}, "server": {"state_dir": "state"}}) == ["[requantizer]"]
+    assert ignored({"executor": {"quant_kernel": "auto"}, "server": {"state_dir": "state"}}) == []
+    quantized = tmp_path / "q"
+    quantized.mkdir()
+    assert ignored({"model": {"quantized_dir": str(quantized)}, "executor": {"quant_kernel": "dequant"},
+                    "requantizer": {"duty_cycle": 0.2}, "server": {"state_dir": "state"}}) == []

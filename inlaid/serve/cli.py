@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import logging
 import sys
 
 
@@ -35,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
     if args.log_format:
         config.log_format = args.log_format
     setup_logging(config.log_level, config.log_format)
+    for setting, why in ignored_settings(config):
+        logging.getLogger("inlaid.coordinator").warning("a setting of the config has no effect",
+                                                        extra={"setting": setting, "why": why})
     if config.state_dir is not None:
         from inlaid.serve.state_dir_lock import StateDirError, lock_state_dir
 
@@ -56,6 +60,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"inlaid serve: {error}", file=sys.stderr)
         return 2
     return serve(config, policies)
+
+
+def ignored_settings(config) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+    """Settings the config sets that this server never uses, and why (accepted: a config
+    may be shared by servers that differ in that; but never silently)."""
+    from inlaid.serve.config import RequantizerSettings
+
+    ignored = []
+    if config.engine.quant_kernel != "auto" and config.engine.quantized_dir is None:
+        ignored.append(("executor.quant_kernel", "it chooses the kernel of a quantized base; model.quantized_dir "
+                                                 "is not set, so the model is served as it is"))
+    if config.requantizer != RequantizerSettings():
+        if config.state_dir is None:
+            ignored.append(("[requantizer]", "it re-quantizes the base for tasks added live, which needs "
+                                             "server.state_dir: nothing is re-quantized without it"))
+        elif config.engine.quantized_dir is None:
+            ignored.append(("[requantizer]", "the base is not quantized (no model.quantized_dir): there is "
+                                             "nothing to re-quantize"))
+    return ignored
 
 
 def _policies(config, options: dict | None = None):  # type: ignore[no-untyped-def]
@@ -89,8 +112,6 @@ def _tuned_policies(config):  # type: ignore[no-untyped-def]
 def _autotuned_options(config) -> dict:  # type: ignore[no-untyped-def]
     """The start-up tuning's [scheduler] options (`tuned_options_for` the configured tasks);
     if it fails, the configured options."""
-    import logging
-
     try:
         return tuned_options_for(config, len(config.tasks))
     except Exception as error:  # noqa: BLE001  (tuning is an optimisation: the server starts without it)
@@ -104,8 +125,6 @@ def tuned_options_for(config, num_tasks: int, progress=None) -> dict:  # type: i
     (inlaid/scheduling/autotune.py); cached in server.state_dir, so a restart or a return to
     a count tuned before does not simulate again. At start-up and on live task changes
     (inlaid/serve/retuning.py)."""
-    import logging
-
     from inlaid.scheduling.autotune import tuned_options
     from inlaid.scheduling.simulator import EngineShape
 
@@ -156,8 +175,6 @@ def _cannot_start(reason: str) -> int:
     """A refusal found as the server starts (the model, a task's adapter, the device): logged
     for the log's readers, and one `inlaid serve: ...` line as the config's refusals are (a
     JSON record alone read as a crash to whoever started it by hand). Exit code 2."""
-    import logging
-
     logging.getLogger("inlaid.coordinator").critical("cannot start", extra={"error": reason})
     print(f"inlaid serve: {reason}", file=sys.stderr)
     return 2
@@ -166,8 +183,6 @@ def _cannot_start(reason: str) -> int:
 def serve(config, policies=None) -> int:  # type: ignore[no-untyped-def]
     """Run a server until SIGTERM/SIGINT; returns the process exit code. `policies`: the
     policy factory `run` made (default: made here)."""
-    import logging
-
     from inlaid.engine.config import ModelLoadError
     from inlaid.serve.coordinator import Coordinator
 
