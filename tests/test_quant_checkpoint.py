@@ -84,7 +84,7 @@ def test_checkpoint_directory_round_trip_and_kernel_matmul(tmp_path) -> None:
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["quantization_config"] == {
         "quant_method": "gptq", "checkpoint_format": "gptq", "bits": 4, "group_size": 32, "desc_act": False,
-        "static_groups": True, "sym": False, "damp_percent": 0.01, "true_sequential": False,
+        "static_groups": True, "sym": False, "damp_percent": 0.01, "true_sequential": True,
         "modules_in_block_to_quantize": None,
     }
     assert json.loads((tmp_path / "quantize_config.json").read_text())["bits"] == 4

@@ -303,6 +303,9 @@ def test_command_prints_the_comparison(tmp_path: Path, monkeypatch: pytest.Monke
     assert saved["chosen"] in autotune.CANDIDATES and len(saved["scores"]) == len(autotune.CANDIDATES)
     (tmp_path / "bad.json").write_text("{}")
     assert main(["tune-scheduler", "--cost-model", str(tmp_path / "bad.json")]) == 2
+    capsys.readouterr()
+    assert main(["tune-scheduler", "--cost-model", str(tmp_path / "gone.json")]) == 2
+    assert "cost model file not found" in capsys.readouterr().err  # not "is not a cost model ...: [Errno 2]"
     assert main(["tune-scheduler", "--cost-model", str(COST_MODEL), "--requests", "30",
                  "--lengths", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl is missing" in capsys.readouterr().err

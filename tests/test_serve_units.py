@@ -376,3 +376,13 @@ def test_settings_a_server_never_uses_are_named_not_taken_silently(tmp_path):
     quantized.mkdir()
     assert ignored({"model": {"quantized_dir": str(quantized)}, "executor": {"quant_kernel": "dequant"},
                     "requantizer": {"duty_cycle": 0.2}, "server": {"state_dir": "state"}}) == []
+
+
+def test_a_quantized_dir_missing_its_weights_is_told_so(tmp_path):
+    """It said "has no config.json and .safetensors weights" of a directory with a config.json."""
+    from inlaid.serve.config_parsing import ConfigError, check_quantized_dir
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"has no \.safetensors weights \(not a checkpoint") as refused:
+        check_quantized_dir(str(tmp_path))
+    assert "config.json" not in str(refused.value)

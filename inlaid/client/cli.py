@@ -93,7 +93,7 @@ def _print_status(status: TaskStatusReply, as_json: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from inlaid.client import Client, InlaidError
+    from inlaid.client import Client, InlaidError, UnauthorizedError
     from inlaid.client.messages import DEFAULT_ADDRESS
 
     address = args.address or DEFAULT_ADDRESS
@@ -149,7 +149,10 @@ def run(args: argparse.Namespace) -> int:
             elif args.action == "remove-task":
                 print(client.remove_task(args.name))
     except InlaidError as error:
-        print(f"inlaid client: {error}", file=sys.stderr)
+        hint = ""
+        if isinstance(error, UnauthorizedError) and not token:  # the likeliest cause, said
+            hint = " (INLAID_ADMIN_TOKEN is not set: admin calls send its value)"
+        print(f"inlaid client: {error}{hint}", file=sys.stderr)
         return 1
     return 0  # an address ZeroMQ cannot parse raises ZMQError: `inlaid.cli.main` prints it in one line
 

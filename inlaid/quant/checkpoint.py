@@ -92,7 +92,7 @@ def quantization_config(spec: QuantSpec) -> dict:
         "static_groups": spec.static_groups,
         "sym": spec.symmetric,
         "damp_percent": spec.damp_percent,
-        "true_sequential": False,
+        "true_sequential": True,  # each linear's Hessian on its quantized predecessors' outputs (layerwise.py)
         "modules_in_block_to_quantize": None,
     }
 

@@ -70,6 +70,8 @@ def load_cost_model(path: str, max_num_seqs: int = 64) -> StepCostModel:
         cost = StepCostModel.load(path)
     except UnusableCostModelError:
         raise  # names the file and the coefficients (StepCostModel checks them for every user)
+    except FileNotFoundError:
+        raise ValueError(f"cost model file not found: {path!r} (bench/sched_cost.py writes one)") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path!r} is not a cost model written by bench/sched_cost.py: {error}") from None
     for rows in (1, max_num_seqs):

@@ -158,8 +158,11 @@ def check_quantized_dir(path: str, float_hint: str = "give the float model as mo
     # weights yet, and "not a checkpoint written by `inlaid quantize`" hid that it is one, unfinished.
     if (unfinished := unfinished_problem(directory)) is not None:  # else each executor fails at its model load
         raise ConfigError(f"model.quantized_dir: {unfinished}")
-    if not (directory / "config.json").is_file() or next(directory.glob("*.safetensors"), None) is None:
-        raise ConfigError(f"model.quantized_dir {path} has no config.json and .safetensors weights "
+    missing = [what for what, there in (("config.json", (directory / "config.json").is_file()),
+                                        (".safetensors weights", next(directory.glob("*.safetensors"), None)))
+               if not there]
+    if missing:
+        raise ConfigError(f"model.quantized_dir {path} has no {' and no '.join(missing)} "
                           "(not a checkpoint written by `inlaid quantize`)")
     # The executors' own checks, made here: a float model folder, or a truncated weights file,
     # failed each executor's start (three tracebacks) or, before, served unquantized.
