@@ -5,7 +5,9 @@ checked and answered or turned into an engine request: `in_flight.py` holds the 
 from admission to their answer), one step loop per executor (plan
 with `Engine.begin_step`, run on the executor, apply with `Engine.finish_step`, stream the
 text back), the executor supervisors, and with several executors the placement of
-requests on them (`executor_pool.py`, docs/scale-out.md). Never imports torch.
+requests on them (`executor_pool.py`, docs/scale-out.md). Read-only calls (hello, health,
+stats, metrics) are `info_calls.py`'s; until the server serves (the start-up tuning),
+requests other than those wait in `startup_hold.py`. Never imports torch.
 
 Every bad input is answered with a typed ErrorReply, carrying the request id it answers,
 to its sender only; nothing a client sends can stop the loops. A client that disconnects
@@ -208,7 +210,7 @@ class Coordinator:
 
     async def _take_tuned_policies(self, tuning: asyncio.Future) -> None:
         """Wait for the start-up tuning and schedule with its policies; if it failed, keep
-        the configured ones. No request has been read yet."""
+        the configured ones. No request has been admitted yet (arrivals are held meanwhile)."""
         try:
             factory = await tuning
         except Exception as error:  # noqa: BLE001  (tuning is an optimisation: serve without it)
