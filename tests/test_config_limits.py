@@ -214,7 +214,7 @@ def test_serve_checks_its_own_options_and_the_files_it_loads(tmp_path: Path) -> 
     assert "--log-level must be one of" in _serve(tmp_path, "", "--log-level", "BOGUS")
     (tmp_path / "empty").mkdir()
     err = _serve(tmp_path, '[model]\nquantized_dir = "empty"\n')
-    assert "model.quantized_dir" in err and "no config.json and .safetensors" in err
+    assert "model.quantized_dir" in err and "has no config.json and no .safetensors weights" in err
     err = _serve(tmp_path, "", "--config", str(tmp_path))  # the last --config wins: a directory
     assert "is a directory" in err
 

@@ -55,6 +55,7 @@ def test_the_coordinator_answers_internal_counts_it_failed_and_serves_the_next(m
     replies: list = []
     coordinator.in_flight._send = lambda identity, message: replies.append(message)
     coordinator._send = lambda identity, message: replies.append(message)  # type: ignore[method-assign]
+    coordinator.startup.release(coordinator._answer)  # as run() does once it serves (nothing held)
     engine = coordinator.pool.shards[0].engine
     engine.scheduler.replace_policy(FailsOnOneBudget())
     encode = msgspec.msgpack.Encoder().encode

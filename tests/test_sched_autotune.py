@@ -189,8 +189,8 @@ def test_config_checks_the_cost_model_and_the_policy(tmp_path: Path) -> None:
         config_from_dict({"server": {"policy": "fifo"}, "scheduler": {"autotune_cost_model": "cost.json"}},
                          base_dir=tmp_path)
     (tmp_path / "bad.json").write_text(json.dumps({"coefficients": {"no such feature": 1.0}}))
-    for name in ("bad.json", "missing.json"):
-        with pytest.raises(ConfigError, match="not a cost model"):
+    for name, words in (("bad.json", "not a cost model"), ("missing.json", "cost model file not found")):
+        with pytest.raises(ConfigError, match=words):
             config_from_dict({"server": {"policy": "inlaid"}, "scheduler": {"autotune_cost_model": name}},
                              base_dir=tmp_path)
     (tmp_path / "negative.json").write_text(json.dumps({"coefficients": {"constant": -1.0}}))

@@ -68,7 +68,7 @@ def test_every_loader_of_a_cost_model_refuses_coefficients_no_executor_has(tmp_p
 def test_the_simulation_benchmarks_refuse_an_unusable_cost_model_before_running():
     for script in ("sched_sim.py", "sched_tune.py", "sched_real.py"):
         _refused(_run(str(ROOT / "bench" / script), "--tag", "no-such-machine", timeout=120),
-                 "sched_cost_model_no-such-machine.json' is not a cost model")
+                 "cost model file not found: '" + str(ROOT / "bench" / "results" / "sched_cost_model_no-such-machine.json"))
 
 
 def _isolated_by_steps(request: TraceRequest, rank: int, shape: EngineShape) -> float:
