@@ -4,7 +4,8 @@
 - `executor`: coordinator <-> executor (BatchPlan, StepResult, hellos, layer swaps) — also
   what the in-process engine runs, so it and the multi-process server run the same plans;
 - `requantizer`: coordinator <-> requantizer (one job, layer by layer);
-- `client`: client <-> coordinator, the public wire API (requests, replies, error codes).
+- `client`: client <-> coordinator, the public wire API (requests, replies, error codes;
+  the server's reports of itself, health, stats and metrics, are in `server_state`).
 
 This package imports nothing else of Inlaid: clients, the coordinator, the executor and the
 requantizer all speak through it. `from inlaid.protocol import X` works for every message.
