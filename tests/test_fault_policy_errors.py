@@ -9,6 +9,8 @@ answered "internal server error" (or "invalid request", for a ValueError), the s
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 
 from inlaid.engine.block_manager import BlockManager
@@ -55,7 +57,7 @@ def test_the_coordinator_answers_internal_counts_it_failed_and_serves_the_next(m
     replies: list = []
     coordinator.in_flight._send = lambda identity, message: replies.append(message)
     coordinator._send = lambda identity, message: replies.append(message)  # type: ignore[method-assign]
-    coordinator.startup.release(coordinator._answer)  # as run() does once it serves (nothing held)
+    asyncio.run(coordinator.startup.release(coordinator._answer))  # as run() does once it serves (nothing held)
     engine = coordinator.pool.shards[0].engine
     engine.scheduler.replace_policy(FailsOnOneBudget())
     encode = msgspec.msgpack.Encoder().encode

@@ -72,12 +72,14 @@ def test_sigterm_during_the_start_up_tuning_stops_the_server_at_once(tmp_path: P
             held: list[object] = []
             generate = threading.Thread(target=_generate, args=(held,))
             generate.start()
-            time.sleep(1.0)
-            assert client.stats().requests_received == 0 and not held  # held, not yet a request
+            waited = time.monotonic() + 30
+            while (stats := client.stats()).requests_held == 0 and time.monotonic() < waited:
+                time.sleep(0.05)
+            assert (stats.requests_held, stats.requests_received) == (1, 0), stats  # held, not yet a request
             server.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
             generate.join(30)
         assert len(held) == 1 and isinstance(held[0], ShuttingDownError), held  # answered, not lost
-        signalled = time.monotonic()
         try:
             code = server.wait(timeout=15)
         except subprocess.TimeoutExpired:

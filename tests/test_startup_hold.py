@@ -1,9 +1,16 @@
 """StartupHold (serve/startup_hold.py): what a starting server answers at once, what it holds,
-in which order it lets the held requests in, and what it refuses past its bound."""
+in which order it lets the held requests in, what it refuses past its bound, and how it
+refuses what it holds when the start ends in a shutdown or a failure."""
 
 from __future__ import annotations
 
-from inlaid.protocol import Cancel, GetStats, Generate, Health, ListTasks, RemoveTask
+import asyncio
+
+import msgspec
+
+from inlaid.protocol import (
+    AddTask, Cancel, ErrorCode, ErrorReply, Generate, GetStats, Health, ListTasks, RemoveTask, TaskStatus,
+)
 from inlaid.serve.startup_hold import StartupHold
 
 
@@ -11,34 +18,57 @@ def _generate(request_id: str) -> Generate:
     return Generate(request_id=request_id, prompt="hi")
 
 
+class _RecordingInFlight:
+    """Stands in for InFlight's one method the hold calls: records each refused generate."""
+
+    def __init__(self) -> None:
+        self.refused: list[tuple[bytes, str, str]] = []
+
+    def refuse_unadmitted(self, identity: bytes, message: Generate, code: str, text: str) -> None:
+        self.refused.append((identity, message.request_id, code))
+
+
 def test_read_only_calls_pass_the_rest_waits_in_arrival_order_and_gone_clients_drop_out():
-    refused: list[tuple[bytes, str, int]] = []
-    hold = StartupHold(limit=4, overflow=lambda identity, message, held: refused.append(
-        (identity, message.request_id, held)))
-    for message in (Health(request_id="h"), GetStats(request_id="s"), ListTasks(request_id="l")):
+    in_flight, sent = _RecordingInFlight(), []
+    hold = StartupHold(4, in_flight, lambda identity, message: sent.append((identity, message)))  # type: ignore[arg-type]
+    for message in (Health(request_id="h"), GetStats(request_id="s"), ListTasks(request_id="l"),
+                    TaskStatus(request_id="t", name="x")):
         assert not hold.holds(b"a", message)
     arrivals = [(b"a", _generate("g1")), (b"b", _generate("g2")), (b"a", Cancel(request_id="g1")),
-                (b"c", RemoveTask(request_id="r", name="x")), (b"b", _generate("g3"))]
+                (b"c", RemoveTask(request_id="r", name="x")), (b"b", _generate("g3")),
+                (b"c", AddTask(request_id="add", name="y", adapter_dir="/a"))]
     assert all(hold.holds(identity, message) for identity, message in arrivals)
-    assert len(hold) == 4 and refused == [(b"b", "g3", 4)]  # past the bound: answered, not held
+    # past the bound: answered at once, overloaded (a generate counted by in_flight)
+    assert len(hold) == 4 and in_flight.refused == [(b"b", "g3", ErrorCode.OVERLOADED)]
+    assert [(identity, m.request_id, m.code) for identity, m in sent] == [(b"c", "add", ErrorCode.OVERLOADED)]
     hold.forget(b"b")
     handled: list[tuple[bytes, str]] = []
-    hold.release(lambda identity, message: handled.append((identity, message.request_id)))
+    asyncio.run(hold.release(lambda identity, message: handled.append((identity, message.request_id))))
     assert handled == [(b"a", "g1"), (b"a", "g1"), (b"c", "r")] and len(hold) == 0  # b's generate left with b
     assert not hold.starting and not hold.holds(b"a", _generate("g4"))  # served: nothing waits any more
 
 
-def test_a_starting_coordinator_refuses_generates_past_the_bound_as_overloaded_and_counts_them(model_dir, tmp_path):
-    import msgspec
+def test_a_start_that_ends_in_a_shutdown_refuses_what_it_held():
+    """A held admin call must not run while the server stops (it used to be carried out), a
+    held generate is refused and counted, a held cancel needs no answer."""
+    in_flight, sent = _RecordingInFlight(), []
+    hold = StartupHold(8, in_flight, lambda identity, message: sent.append(message))  # type: ignore[arg-type]
+    for message in (_generate("g"), Cancel(request_id="g"), RemoveTask(request_id="r", name="x")):
+        assert hold.holds(b"a", message)
+    asyncio.run(hold.release(hold.refusing("the server shut down before it served")))
+    assert in_flight.refused == [(b"a", "g", ErrorCode.SHUTTING_DOWN)]
+    assert [(m.request_id, m.code, m.message) for m in sent] == [
+        ("r", ErrorCode.SHUTTING_DOWN, "the server shut down before it served")]
 
-    from inlaid.protocol import ErrorCode, ErrorReply
+
+def test_a_starting_coordinator_refuses_generates_past_the_bound_as_overloaded_and_counts_them(model_dir, tmp_path):
     from inlaid.serve.config import config_from_dict
     from inlaid.serve.coordinator import Coordinator
 
     coordinator = Coordinator(config_from_dict({"model": {"dir": str(model_dir)},
                                                 "server": {"max_pending_requests": 2}}, base_dir=tmp_path))
     replies: list[object] = []
-    coordinator._send = lambda identity, message: replies.append(message)  # type: ignore[method-assign]
+    coordinator.in_flight._send = lambda identity, message: replies.append(message)
     for number in range(3):
         coordinator._handle(b"client", [msgspec.msgpack.encode(_generate(f"g{number}"))])
     assert len(coordinator.startup) == 2 and len(replies) == 1

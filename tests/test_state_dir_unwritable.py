@@ -62,12 +62,16 @@ def test_admin_calls_on_a_full_state_directory_say_so_and_the_state_is_saved_onc
     assert "registry.json cannot be written" in dynamic.store.unsaved
     assert "qa2" not in dynamic.registry.tasks and _stored_tasks(state) == {"qa2"}  # served as told, not yet on disk
     assert not list(state.glob("registry.json.*tmp"))  # no temporary left behind
+    # the registry on disk still names qa2's copy: it stays, so a restart now serves qa2 as
+    # the answer says (deleted, the restart brought qa2 back as failed: "put its adapter back")
+    kept = [copy.name for copy in (state / "adapters").iterdir()]
+    assert len(kept) == 1 and kept[0].startswith("qa2.")
     monkeypatch.setattr(shutil, "copyfile", _disk_full)
     with pytest.raises(TaskError) as refused:
         dynamic.prepare("qa3", str(adapter), None)
     assert refused.value.code == ErrorCode.INTERNAL and str(state) in refused.value.message
     assert "No space left on device" in refused.value.message and "nothing was added" in refused.value.message
-    assert not list((state / "adapters").iterdir())  # no partial copy
+    assert [copy.name for copy in (state / "adapters").iterdir()] == kept  # no partial copy of qa3
     monkeypatch.undo()
 
     async def retried() -> None:  # the disk has room again: the retry loop writes the state
@@ -81,6 +85,42 @@ def test_admin_calls_on_a_full_state_directory_say_so_and_the_state_is_saved_onc
 
     asyncio.run(retried())
     assert not dynamic.store.unsaved and _stored_tasks(state) == set()
+
+
+def test_a_read_only_state_directory_is_a_failed_save_not_an_exception(tmp_path, monkeypatch):
+    """On a read-only mount even the cleanup's unlink of the temporary that was never created
+    fails (EROFS, not ENOENT): save() raised from its own handler, and nothing said unsaved."""
+    store = TaskStore(tmp_path / "state", BASE)
+    store.tasks["code"] = TaskRecord(name="code", adapter_dir="a", calibration=None, phase=READY)
+
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(task_store, "open", read_only, raising=False)  # the module's open() of its temporary
+    monkeypatch.setattr(task_store.Path, "unlink", read_only)
+    assert store.save() is False and "Read-only file system" in store.unsaved
+    monkeypatch.undo()
+    assert store.save() is True and not store.unsaved
+    assert json.loads((tmp_path / "state" / "registry.json").read_text())["tasks"]["code"]["phase"] == READY
+
+
+def test_a_callers_file_gone_since_its_check_is_the_callers_error(model_dir, tmp_path, adapter, monkeypatch):
+    dynamic = _dynamic(model_dir, tmp_path / "state")
+    calibration = tmp_path / "calib.jsonl"
+    calibration.write_text('{"messages": [{"role": "user", "content": "hi"}], "reference": "yo"}\n')
+    copy = shutil.copyfile
+
+    def vanished(source: str, target: str) -> str:
+        if str(source) == str(calibration):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(source))
+        return copy(source, target)
+
+    monkeypatch.setattr(shutil, "copyfile", vanished)
+    with pytest.raises(TaskError) as refused:
+        dynamic.prepare("qa4", str(adapter), str(calibration))
+    assert refused.value.code == ErrorCode.INVALID_REQUEST and str(calibration) in refused.value.message
+    assert "state directory" not in refused.value.message
+    assert not list((tmp_path / "state" / "adapters").iterdir())
 
 
 class _Requantizer:

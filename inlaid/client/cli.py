@@ -81,9 +81,9 @@ def _print_status(status: TaskStatusReply, as_json: bool) -> None:
         if status.layers_superseded:  # "30 of 30 swapped in" below is then history
             line += f", {status.layers_superseded} replaced by later versions"
         if status.layers_not_served:
-            line += (f", {status.layers_not_served} changed layers served at no version (a failed swap, or a "
-                     "committed file found corrupt or missing at a restart: the checkpoint's layer serves; add "
-                     "the task again with its calibration to redo them)")
+            line += (f", {status.layers_not_served} changed layers not served at its version (a failed swap, or "
+                     "a committed file found corrupt or missing at a restart: an older version or the checkpoint's "
+                     "layer serves; add the task again with its calibration to redo them)")
     print(line)
     for kept in status.kept:
         if kept.action != "kept-unchanged":

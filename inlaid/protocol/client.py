@@ -263,8 +263,9 @@ class TaskStatusReply(msgspec.Struct, frozen=True, kw_only=True, tag="task_statu
     wall_seconds: float = 0.0  # job start (first dispatch) -> finish (or now)
     peak_rss_bytes: int = 0  # the requantizer's
     # Of the layers its job changed and finished: served at a later version (a later task's
-    # job), and served at none (a swap that failed, or its committed file found corrupt or
-    # missing at a restart: the checkpoint's layer serves; adding the task again redoes it).
+    # job), and not served at its version (a swap that failed, or its committed file found
+    # corrupt or missing at a restart: an older version or the checkpoint's layer serves;
+    # adding the task again redoes it).
     layers_superseded: int = 0
     layers_not_served: int = 0
 

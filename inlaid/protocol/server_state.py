@@ -87,6 +87,8 @@ class ServerStats(msgspec.Struct, frozen=True, kw_only=True, tag="stats_reply"):
     # Why the state directory's registry could not be written ("": saved): the added tasks'
     # state is kept in memory and written once it can be; a restart before that loses it.
     state_unsaved: str = ""
+    # Requests a starting server holds until it serves (the start-up tuning): not yet received.
+    requests_held: int = 0
 
 
 class MetricsReply(msgspec.Struct, frozen=True, kw_only=True, tag="metrics_reply"):

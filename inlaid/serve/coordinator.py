@@ -42,15 +42,10 @@ from inlaid.protocol import (
     ErrorCode,
     ErrorReply,
     Generate,
-    GetMetrics,
-    GetStats,
-    Health,
-    Hello,
     ListTasks,
     RemoveTask,
     StepResult,
     TaskStatus,
-    reply_id,
 )
 from inlaid.serve.admin import TaskCalls
 from inlaid.serve.config import ServerConfig, base_model_id
@@ -58,7 +53,7 @@ from inlaid.serve.dynamic_tasks import DynamicTasks
 from inlaid.serve.executor_pool import ExecutorPool, ExecutorShard
 from inlaid.serve.frames import decode_client_frames
 from inlaid.serve.in_flight import InFlight
-from inlaid.serve.info_calls import SERVER_VERSION, InfoCalls
+from inlaid.serve.info_calls import INFO_CALLS, SERVER_VERSION, InfoCalls
 from inlaid.serve.ipc_dirs import private_ipc_dir
 from inlaid.serve.metrics import REPLIES_UNREAD, ServerMetrics
 from inlaid.serve.peers import FrontReplies, PeerWatch, front_socket
@@ -122,9 +117,10 @@ class Coordinator:
                                      {"version": SERVER_VERSION, "model": base_model_id(config.engine.model_dir)},
                                      scraped=functools.partial(requantizer_metrics, self.dynamic))
         self.in_flight.metrics = self.metrics
-        self.startup = StartupHold(self.limits.max_pending_requests, self._refuse_while_starting)
+        self.startup = StartupHold(self.limits.max_pending_requests, self.in_flight, self._send)
         self.info_calls = InfoCalls(config, self.pool, self.dynamic, self.counters, self.metrics, self._send,
-                                    lambda: self._accepting, self._count_refused, lambda: self.startup.starting)
+                                    lambda: self._accepting, self._count_refused,
+                                    lambda: len(self.startup) if self.startup.starting else None)
 
     # ================================================================== lifecycle
     async def run(self) -> int:
@@ -163,12 +159,15 @@ class Coordinator:
         tuning = StartupTuning(self._tune_policies).start() if self._tune_policies else None
         try:
             await asyncio.gather(*(shard.supervisor.start() for shard in self._supervised()))
-        except BaseException:  # an executor that cannot start ends the server: so does its tuning
+        except BaseException as error:  # an executor that cannot start ends the server: so does its tuning
             if tuning is not None:
                 tuning.abandon()
+            self._accepting = False
             self._shutdown.set()  # the front loops' end is no fault now
             for task in loops:
                 task.cancel()
+            await self.startup.release(self.startup.refusing(f"the server could not start: {error!r}"))
+            front.close(linger=1000)  # the refusals go out before the process ends
             raise
         if tuning is not None and await tuning.finished_unless(self._shutdown):
             await self._take_tuned_policies(tuning.future)
@@ -183,7 +182,10 @@ class Coordinator:
         for task in step_tasks:
             task.add_done_callback(self._on_loop_ended)
         loops += step_tasks
-        self.startup.release(self._answer)  # after a shutdown meanwhile: refused as shutting down
+        # Held admin calls must not run once a shutdown came during the start: refused then.
+        shut = self.startup.refusing("the server shut down before it served")
+        await self.startup.release(lambda identity, message: (self._answer if self._accepting else shut)(identity,
+                                                                                                         message))
         await self._shutdown.wait()
         await self._drain()
         await self.dynamic.stop()
@@ -366,22 +368,12 @@ class Coordinator:
             self.in_flight.generate(identity, message)
         elif isinstance(message, Cancel):
             self.in_flight.cancel(identity, message)
-        elif isinstance(message, (Hello, Health, GetStats, GetMetrics)):
+        elif isinstance(message, INFO_CALLS):
             self.info_calls.answer(identity, message)
         elif isinstance(message, ListTasks):
             self.task_calls.list_tasks(identity, message)
         elif isinstance(message, (AddTask, RemoveTask, TaskStatus)):
             self.task_calls.admin(identity, message)
-
-    def _refuse_while_starting(self, identity: bytes, message: ClientRequest, held: int) -> None:
-        text = (f"the server is starting and already holds {held} requests for when it serves; retry once its "
-                "health says ok")
-        if isinstance(message, Generate):  # counted as an overloaded generate is
-            self.counters["received"] += 1
-            self.counters["overloaded"] += 1
-            self.metrics.on_rejected(message.task, ErrorCode.OVERLOADED)
-        self._send(identity, ErrorReply(request_id=reply_id(message.request_id), code=ErrorCode.OVERLOADED,
-                                        message=text))
 
     def _wake(self) -> None:
         for shard in self.pool.shards:

@@ -141,6 +141,7 @@ class DynamicTasks:
     async def start(self) -> None:
         if self.store is not None:
             self._save_retries = asyncio.get_running_loop().create_task(self._retry_unsaved(self.store))
+            self._save_retries.add_done_callback(_log_unexpected_end)
         if not self.blocker:
             await self.jobs.start()
 
@@ -148,8 +149,9 @@ class DynamicTasks:
         await self.jobs.stop()
         if self._save_retries is not None:
             self._save_retries.cancel()
+            await asyncio.gather(self._save_retries, return_exceptions=True)
         if self.store is not None and self.store.unsaved:
-            self.store.save()  # a last try: what is lost otherwise is logged
+            self.store.save()  # a last try (it never raises): what is lost otherwise was logged
 
     async def _retry_unsaved(self, store: TaskStore) -> None:
         """A registry the directory could not take (full, read-only) is written once it can:
@@ -178,8 +180,13 @@ class DynamicTasks:
             return TaskInputs(name, adapter_dir, calibration, copied=False)
         try:
             adapter_copy, calibration_copy = self.store.copy_inputs(name, adapter_dir, calibration)
-        except OSError as error:  # the state directory's, not the caller's: a full disk, read-only
-            where = f" ({error.filename})" if error.filename else ""
+        except OSError as error:
+            source = str(error.filename or "")
+            if source == calibration or os.path.dirname(source) == os.path.normpath(adapter_dir):
+                # the caller's file (gone or unreadable since it was checked), not the directory's
+                raise TaskError(ErrorCode.INVALID_REQUEST, f"{source} cannot be read: "
+                                                           f"{error.strerror or error}; nothing was added") from None
+            where = f" ({error.filename})" if error.filename else ""  # a full disk, a read-only mount
             raise TaskError(ErrorCode.INTERNAL, f"the task's files cannot be copied into the state directory "
                                                 f"{self.store.root}{where}: {error.strerror or error}; nothing "
                                                 "was added") from None
@@ -294,6 +301,8 @@ class DynamicTasks:
         store = self.store
         if store is None or self.registry.serves(adapter_dir):
             return
+        if store.unsaved:  # the registry on disk may still name it: a restart must find its files
+            return  # (the next start's collection deletes it once no saved registry refers to it)
         if any(record.adapter_dir == adapter_dir for record in store.tasks.values()):
             return
         if store.discard_copy(adapter_dir):
@@ -330,6 +339,11 @@ class DynamicTasks:
             peak_rss_bytes=record.peak_rss_bytes,
             layers_superseded=sum(1 for version in served_at.values() if version > record.version),
             layers_not_served=sum(1 for version in served_at.values() if version < record.version))
+
+
+def _log_unexpected_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the state directory's save retries ended", extra={"error": repr(task.exception())})
 
 
 def check_calibration_file(path: str) -> None:

@@ -83,6 +83,13 @@ class ExecutorShard:
         if self.step_loop is not None:
             self.step_loop.work.set()
 
+    def step_running_seconds(self, now: float | None = None) -> float:
+        """How long the step on its executor has run (0 between steps): health and /metrics
+        show a hung executor with it before the step timeout kills it. Read from the metrics
+        port's thread too: one read of a float-or-None attribute."""
+        since = self.step_loop.executing_since if self.step_loop is not None else None
+        return (time.monotonic() if now is None else now) - since if since is not None else 0.0
+
     def count_admissions(self, plan: BatchPlan) -> None:
         admitted = sum(1 for chunk in plan.chunks if chunk.start_pos == 0 and chunk.adapter_slot >= 0)
         self.admissions += admitted
@@ -158,8 +165,7 @@ class ExecutorPool:
             # A step running past overdue_s (a hung or stopped executor, until the step timeout
             # kills it) counts as not ready: its waiting requests move to one that steps (an
             # outside probe: 10-12 s waits behind a SIGSTOPped executor, overdue_s 5).
-            since = shard.step_loop.executing_since if shard.step_loop is not None else None
-            stalled = since is not None and now - since > self.overdue_s
+            stalled = shard.step_running_seconds(now) > self.overdue_s
             loads.append(ExecutorLoad(
                 index=shard.index, ready=shard.ready and not stalled, max_seqs=scheduler.limits.max_num_seqs,
                 free_blocks=scheduler.blocks.num_free_blocks, running=len(scheduler.running), waiting=waiting,

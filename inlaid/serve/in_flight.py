@@ -77,6 +77,15 @@ class InFlight:
                 self.counters["rejected"] += 1
             self.metrics.on_rejected(message.task, rejection)
 
+    def refuse_unadmitted(self, identity: bytes, message: Generate, code: str, text: str) -> None:
+        """A generate refused without going through admission (one a starting server held):
+        counted as admission counts its refusals."""
+        assert self.metrics is not None
+        self.counters["received"] += 1
+        self.counters["overloaded" if code == ErrorCode.OVERLOADED else "rejected"] += 1
+        self.metrics.on_rejected(message.task, code)
+        self.error(identity, reply_id(message.request_id), code, text)
+
     def internal_error(self, identity: bytes, message: Generate) -> None:
         """Handling `message` raised (a bug, logged by the caller): answer it once, count it
         failed, and leave nothing of it behind (an engine sequence nobody would read)."""

@@ -22,6 +22,7 @@ from inlaid.serve.requantizer_status import requantizer_info, requantizer_state
 from inlaid.serve.stats import server_stats
 
 SERVER_VERSION = "0.1.0"
+INFO_CALLS = (Hello, Health, GetStats, GetMetrics)  # what this module answers
 
 Reply = Callable[[bytes, msgspec.Struct], None]  # (client identity, message)
 
@@ -29,10 +30,10 @@ Reply = Callable[[bytes, msgspec.Struct], None]  # (client identity, message)
 class InfoCalls:
     def __init__(self, config: ServerConfig, pool: ExecutorPool, dynamic: DynamicTasks, counters: dict[str, int],
                  metrics: ServerMetrics, reply: Reply, accepting: Callable[[], bool],
-                 count_refused: Callable[[str], None], starting: Callable[[], bool] = lambda: False) -> None:
+                 count_refused: Callable[[str], None], held: Callable[[], int | None] = lambda: None) -> None:
         """counters: the coordinator's request/step/token counts (read, never written);
         accepting(): False once the server shuts down; count_refused(code): a frame refused;
-        starting(): True until the server serves (executors loading, the start-up tuning)."""
+        held(): the requests a starting server holds, None once it serves (startup_hold.py)."""
         self.config = config
         self.pool = pool
         self.dynamic = dynamic
@@ -41,7 +42,7 @@ class InfoCalls:
         self._reply = reply
         self._accepting = accepting
         self._count_refused = count_refused
-        self._starting = starting
+        self._held = held
         self.started_at = time.monotonic()
 
     def answer(self, identity: bytes, message: Hello | Health | GetStats | GetMetrics) -> None:
@@ -54,7 +55,8 @@ class InfoCalls:
             stats = server_stats(message.request_id, self.pool.shards, self.counters, gaps)
             store = self.dynamic.store
             self._reply(identity, msgspec.structs.replace(stats, requantizer=requantizer_info(self.dynamic),
-                                                          state_unsaved=store.unsaved if store else ""))
+                                                          state_unsaved=store.unsaved if store else "",
+                                                          requests_held=self._held() or 0))
         else:
             self._reply(identity, MetricsReply(request_id=message.request_id, text=self.metrics.exposition()))
 
@@ -73,13 +75,13 @@ class InfoCalls:
         # also while the start-up tuning runs with the executors ready: requests wait till then.
         shards = self.pool.shards
         ready = [shard.ready for shard in shards]
-        running = {shard.index: shard.supervisor.step_running_seconds if shard.supervisor else 0.0 for shard in shards}
+        running = {shard.index: shard.step_running_seconds() for shard in shards}
         # A quarter of the timeout: far past any step a working executor takes, and time
         # left before the kill for a balancer or an operator to see it.
         stalled_after = self.config.limits.step_timeout_s / 4
         serving = [shard for shard in shards if shard.ready and running[shard.index] < stalled_after]
         status = ("shutting_down" if not self._accepting()
-                  else "starting" if self._starting() or not any(ready)
+                  else "starting" if self._held() is not None or not any(ready)
                   else "ok" if serving else "stalled")
         self._reply(identity, HealthReply(
             request_id=message.request_id, status=status, executor_ready=all(ready),

@@ -41,6 +41,8 @@ class ExecutorView(Protocol):
     engine: Engine
     supervisor: ExecutorSupervisor | None
 
+    def step_running_seconds(self) -> float: ...
+
 BASE_TASK_LABEL = "__base__"
 UNKNOWN_TASK_LABEL = "__unknown__"
 # Outcomes after which a request's latency figures are observed (it ran to its end).
@@ -265,7 +267,7 @@ class _StateCollector(Collector):
                                   value=sum(supervisor.restarts for supervisor in supervisors))
         yield _gauge("inlaid_executor_step_running_seconds", "How long the longest current step on an executor has "
                      "run (0 between steps); the step timeout kills an executor at server.step_timeout_s",
-                     max((supervisor.step_running_seconds for supervisor in supervisors), default=0.0))
+                     max((view.step_running_seconds() for view in self._executors), default=0.0))
         yield _gauge("inlaid_executor_rss_bytes", "Executor resident memory (their last reports)",
                      sum(report.rss_bytes for report in reports))
         yield _gauge("inlaid_executor_device_memory_bytes", "CUDA memory the executors allocated (their last reports)",

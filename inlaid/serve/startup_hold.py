@@ -1,31 +1,47 @@
 """Client requests that arrive while the server starts. Torch-free.
 
-The front socket is bound before the executors load their model and before the start-up
-tuning (which can take minutes on a busy machine): a port that answered nothing meanwhile
-looked dead (`health` timed out, the HTTP front's `/health` said "unreachable"). Read-only
-calls (hello, health, stats, metrics, the task list) are answered at once, health with
-`starting`; everything else (generates, cancels, admin calls) is held, in arrival order, and
-handled as if it had just arrived once the server serves, or refused as overloaded past
-`limit` held messages. Nothing is lost: a held request is answered once the server serves,
-or (a shutdown during the start) refused as shutting down.
+The front socket is bound before the executors are spawned and before the start-up tuning
+(which can take minutes on a busy machine): a port that answered nothing meanwhile looked
+dead (`health` timed out, the HTTP front's `/health` said "unreachable"). Read-only calls
+(hello, health, stats, metrics, the task list, task status) are answered at once, health
+with `starting`; everything else (generates, cancels, admin calls) is held, in arrival
+order, and handled as if it had just arrived once the server serves (a deadline counts from
+then), or refused as overloaded past `limit` held messages. Without a tuning the hold lasts
+only while the executors are spawned (their model load is not waited for: requests queue
+in the engines meanwhile). Nothing is left unanswered: a shutdown or a failed start during
+the hold refuses what it holds (the coordinator's `release` handler decides).
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import deque
 from collections.abc import Callable
 
-from inlaid.protocol import ClientRequest, GetMetrics, GetStats, Health, Hello, ListTasks
+import msgspec
+
+from inlaid.protocol import Cancel, ClientRequest, ErrorCode, ErrorReply, Generate, ListTasks, TaskStatus, reply_id
+from inlaid.serve.in_flight import InFlight
+from inlaid.serve.info_calls import INFO_CALLS
 
 # Answered while starting: they read what the coordinator holds from its construction.
-ANSWERED_WHILE_STARTING = (Hello, Health, GetStats, GetMetrics, ListTasks)
+ANSWERED_WHILE_STARTING = (*INFO_CALLS, ListTasks, TaskStatus)
+# Letting 1,000 held requests in at once would stall every other stream as a frame backlog
+# did (the front loop's yield): the release yields as often.
+_RELEASE_YIELD_AFTER_S = 0.005
+
+
+Handle = Callable[[bytes, ClientRequest], None]  # (client identity, a held message)
 
 
 class StartupHold:
-    def __init__(self, limit: int, overflow: Callable[[bytes, ClientRequest, int], None]) -> None:
-        """overflow(identity, message, held): answer a message past `limit` held ones."""
+    def __init__(self, limit: int, in_flight: InFlight, send: Callable[[bytes, msgspec.Struct], None]) -> None:
+        """limit: held messages at most; in_flight: counts a refused generate as admission
+        would; send: a reply to a client."""
         self.limit = limit
-        self.overflow = overflow
+        self._in_flight = in_flight
+        self._send = send
         self.starting = True
         self._held: deque[tuple[bytes, ClientRequest]] = deque()
 
@@ -37,7 +53,9 @@ class StartupHold:
         if not self.starting or isinstance(message, ANSWERED_WHILE_STARTING):
             return False
         if len(self._held) >= self.limit:
-            self.overflow(identity, message, len(self._held))
+            self._refuse(identity, message, ErrorCode.OVERLOADED,
+                         f"the server is starting and already holds {len(self._held)} requests for when it "
+                         "serves; retry once its health says ok")
         else:
             self._held.append((identity, message))
         return True
@@ -46,8 +64,23 @@ class StartupHold:
         """A client that disconnected: its held messages would start work nobody reads."""
         self._held = deque(entry for entry in self._held if entry[0] != identity)
 
-    def release(self, handle: Callable[[bytes, ClientRequest], None]) -> None:
-        """The start has ended (served, or shutting down): each held message, in order."""
-        self.starting = False
+    def refusing(self, reason: str) -> Handle:
+        """A `release` handle refusing each held message as shutting down, with `reason`."""
+        return lambda identity, message: self._refuse(identity, message, ErrorCode.SHUTTING_DOWN, reason)
+
+    def _refuse(self, identity: bytes, message: ClientRequest, code: str, text: str) -> None:
+        if isinstance(message, Generate):
+            self._in_flight.refuse_unadmitted(identity, message, code, text)
+        elif not isinstance(message, Cancel):  # a cancel is never answered
+            self._send(identity, ErrorReply(request_id=reply_id(message.request_id), code=code, message=text))
+
+    async def release(self, handle: Handle) -> None:
+        """The start has ended (served, shutting down, or failed): each held message to
+        `handle`, in order; what arrives meanwhile is held behind them."""
+        yield_at = time.monotonic() + _RELEASE_YIELD_AFTER_S
         while self._held:
             handle(*self._held.popleft())
+            if (now := time.monotonic()) >= yield_at:
+                await asyncio.sleep(0)
+                yield_at = now + _RELEASE_YIELD_AFTER_S
+        self.starting = False

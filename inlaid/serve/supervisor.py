@@ -107,7 +107,6 @@ class ExecutorSupervisor:
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(ExecutorOutbound)
         self._pending: tuple[int, asyncio.Future[tuple[StepResult, float]]] | None = None
-        self._pending_since = 0.0  # monotonic time its plan was sent
         self._tasks: set[asyncio.Task[None]] = set()
         self._start_failures = 0
         self._stopping = False
@@ -307,12 +306,6 @@ class ExecutorSupervisor:
                                                       "device": message.device,
                                                       "load_seconds": round(message.load_seconds, 3)})
 
-    @property
-    def step_running_seconds(self) -> float:
-        """How long the step on the executor has run (0 between steps): health and /metrics
-        show a hung executor with it before the step timeout kills it."""
-        return time.monotonic() - self._pending_since if self._pending is not None else 0.0
-
     def _fail_pending(self, error: Exception) -> None:
         if self._pending is not None and not self._pending[1].done():
             self._pending[1].set_exception(error)
@@ -329,7 +322,6 @@ class ExecutorSupervisor:
         generation = self.generation
         future: asyncio.Future[tuple[StepResult, float]] = asyncio.get_running_loop().create_future()
         self._pending = (plan.step_id, future)
-        self._pending_since = time.monotonic()
         sent = time.perf_counter()
         try:
             await self._send(plan)

@@ -27,6 +27,7 @@ would take every stored adapter and layer with it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -230,7 +231,9 @@ class TaskStore:
                 os.fsync(handle.fileno())
             temporary.replace(self.root / REGISTRY_FILE)
         except OSError as error:
-            temporary.unlink(missing_ok=True)
+            # on a read-only mount even unlinking a missing file fails (EROFS before ENOENT)
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
             problem = f"{self.root / REGISTRY_FILE} cannot be written: {error.strerror or error}"
             if problem != self.unsaved:
                 log.error("the state directory cannot be written: the state is kept in memory and saved as soon as "
@@ -239,7 +242,8 @@ class TaskStore:
             self.unsaved = problem
             return False
         except BaseException:
-            temporary.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
             raise
         if self.unsaved:
             log.info("the state directory is written again", extra={"was": self.unsaved})
