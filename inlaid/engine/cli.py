@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat", action="store_true", help="wrap each --prompt as a user chat message")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="register a PEFT adapter")
     parser.add_argument("--use", action="append", default=[], metavar="NAME",
-                        help="adapter for the i-th --prompt ('-' for none); the last one repeats")
+                        help="adapter for the i-th --prompt ('-' for none); the last one repeats for the "
+                             "prompts after it; at most one per --prompt (a --batch line names its own 'adapter')")
     parser.add_argument("--batch", type=Path, help="JSONL file of requests")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -87,9 +88,10 @@ def _sampling(fields: dict[str, Any], where: str) -> SamplingParams:
     return sampling
 
 
-def _batch_request(item: object, where: str, defaults: dict[str, Any]) -> dict[str, Any]:
+def _batch_request(item: object, where: str, defaults: dict[str, Any], vocab: int | None) -> dict[str, Any]:
     """One `--batch` line as a request, every field checked here (not when the engine, loaded
-    by then, trips over it with a Python TypeError)."""
+    by then, trips over it with a Python TypeError); `vocab`: the model's vocabulary size,
+    when its config could be read."""
     if not isinstance(item, dict):
         raise _InputError(f"{where}: expected a JSON object, got {type(item).__name__}")
     if unknown := sorted(set(item) - set(_REQUEST_FIELDS) - set(SamplingParams.__struct_fields__)):
@@ -104,6 +106,10 @@ def _batch_request(item: object, where: str, defaults: dict[str, Any]) -> dict[s
             msgspec.convert(prompt, list[int])
         except msgspec.ValidationError:
             raise _InputError(f"{where}: field 'prompt' must be a string or a list of token ids") from None
+        # Refused by the engine too, but after the model load and without the line's name.
+        if any(not 0 <= t < (vocab or 2**63) for t in prompt):
+            bound = f"[0, {vocab})" if vocab else "non-negative"
+            raise _InputError(f"{where}: field 'prompt': token ids must be integers in {bound}")
     if messages is not None:
         try:
             msgspec.convert(messages, list[ChatMessage])
@@ -123,8 +129,60 @@ def _batch_request(item: object, where: str, defaults: dict[str, Any]) -> dict[s
     return request
 
 
-def _requests(args: argparse.Namespace) -> list[dict[str, Any]]:
+def _check_text_options(args: argparse.Namespace) -> None:
+    """--prompt as UTF-8 and --use by count, known before the model loads."""
+    for index, prompt in enumerate(args.prompt, 1):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as error:
+            # Bytes that are not UTF-8 in argv reach Python as surrogate escapes; the tokenizer
+            # raised a TypeError traceback on them after the model had loaded.
+            bad = prompt[error.start].encode("utf-8", "surrogateescape")
+            which = f"--prompt {index}" if len(args.prompt) > 1 else "--prompt"
+            raise _InputError(f"{which} is not valid UTF-8 (byte 0x{bad.hex()} at character {error.start})") from None
+    if args.use and not args.prompt:
+        # It applied to --prompt only: with --batch alone it was ignored and the base ran.
+        raise _InputError("--use picks the adapter of a --prompt; a --batch line names its adapter in "
+                          "its 'adapter' field")
+    if len(args.use) > len(args.prompt):
+        # One --use per --prompt, in order: the extra ones were dropped silently.
+        raise _InputError(f"{len(args.use)} --use for {len(args.prompt)} --prompt: give at most one --use "
+                          "per --prompt, in the same order (the last one repeats)")
+
+
+def _batch_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of each non-blank line; a line that is not UTF-8 is named by
+    file:line (the whole file was refused as one undecodable read)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise _InputError(f"--batch: {error}") from None
+    lines = []
+    for line_number, data in enumerate(raw.split(b"\n"), 1):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise _InputError(f"{path}:{line_number}: not valid UTF-8 (byte 0x{data[error.start]:02x} at "
+                              f"byte {error.start} of the line)") from None
+        if text.strip():
+            lines.append((line_number, text))
+    return lines
+
+
+def _vocab_size(model_dir: Path) -> int | None:
+    """The model's vocabulary size from its config.json (None if it cannot be read yet: the
+    load reports that)."""
+    from inlaid.engine.config import ModelConfig
+
+    try:
+        return int(ModelConfig.from_dir(model_dir).vocab_size)
+    except Exception:  # noqa: BLE001 - any unreadable config is the model load's to report
+        return None
+
+
+def _requests(args: argparse.Namespace, model_dir: Path) -> list[dict[str, Any]]:
     """The requests to run, each with a checked `sampling`; _InputError for a bad one."""
+    _check_text_options(args)
     defaults = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed)
     sampling = _sampling(defaults, "options") if args.prompt else None
@@ -132,25 +190,23 @@ def _requests(args: argparse.Namespace) -> list[dict[str, Any]]:
     for index, prompt in enumerate(args.prompt):
         adapter = (args.use[min(index, len(args.use) - 1)] if args.use else "-")
         request = {"adapter": None if adapter == "-" else adapter, "sampling": sampling,
-                   "max_tokens_from": "--max-tokens"}
+                   "max_tokens_from": "--max-tokens", "where": "--prompt"}
         request["messages" if args.chat else "prompt"] = (
             [{"role": "user", "content": prompt}] if args.chat else prompt
         )
         requests.append(request)
     if args.batch:
-        try:
-            lines = args.batch.read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as error:
-            raise _InputError(f"--batch: {error}") from None
-        for line_number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
+        lines = _batch_lines(args.batch)
+        if not lines and not requests:
+            raise _InputError(f"--batch {args.batch} is empty: nothing to generate")
+        vocab = _vocab_size(model_dir) if lines else None
+        for line_number, line in lines:
             where = f"{args.batch}:{line_number}"
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as error:
                 raise _InputError(f"{where}: not JSON: {error}") from None
-            requests.append(_batch_request(item, where, defaults))
+            requests.append({**_batch_request(item, where, defaults, vocab), "where": where})
     if not requests:
         raise _InputError("nothing to generate: give --prompt or --batch")
     return requests
@@ -181,8 +237,20 @@ def _check_inputs(args: argparse.Namespace) -> tuple[dict[str, str], list[dict[s
         except ConfigError as error:
             # The message names the server's config key; here the option is what was given.
             raise _InputError(str(error).replace("model.quantized_dir", "--quantized", 1)) from None
-    adapters, requests = _adapters(args.adapter), _requests(args)
+    from inlaid.engine.config import EngineConfig
+    from inlaid.models.prepare import default_model_dir
+    from inlaid.tasks.checks import adapter_problem, base_model_warnings
+
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    adapters, requests = _adapters(args.adapter), _requests(args, model_dir)
     _check_adapters_used(requests, adapters)
+    # The checks `eval` runs, against this engine's rank bound: wrong r, shapes of another
+    # base, a truncated or NaN file were found only by the load after the model's.
+    paths = {name: Path(path) for name, path in adapters.items()}
+    for warning in base_model_warnings(model_dir, paths):
+        print(f"inlaid generate: warning: {warning}", file=sys.stderr)
+    if problem := adapter_problem(model_dir, paths, max_rank=EngineConfig.max_lora_rank):
+        raise _InputError(f"--adapter: {problem}")
     return adapters, requests
 
 
@@ -196,7 +264,9 @@ def _note_context_caps(max_model_len: int, requests: list[dict[str, Any]], promp
         wanted = request["sampling"].max_tokens
         if wanted is None:
             continue
-        leaves = max(0, max_model_len - len(prompt))
+        if len(prompt) >= max_model_len:
+            continue  # refused by the engine on its own: a note before the refusal misled
+        leaves = max_model_len - len(prompt)
         note = (f"inlaid generate: note: {request['max_tokens_from']} {wanted} is more than the context leaves "
                 f"({leaves}): generating at most {leaves}")
         if wanted > leaves and note not in notes:
@@ -221,14 +291,20 @@ def run(args: argparse.Namespace) -> int:
     for name, path in adapters.items():
         engine.register_adapter(name, path)
     ids = []
+    where = "--prompt"
     try:
         # Tokenized once (the chat template rendered once): the note and the engine use the ids.
-        prompts = [engine.prompt_tokens(request.get("prompt"), request.get("messages")) for request in requests]
+        prompts = []
+        for request in requests:
+            where = request["where"]
+            prompts.append(engine.prompt_tokens(request.get("prompt"), request.get("messages")))
         _note_context_caps(engine.max_model_len, requests, prompts)
         for request, prompt in zip(requests, prompts):
+            where = request["where"]
             ids.append(engine.add_request(prompt, sampling=request["sampling"], adapter=request.get("adapter")))
     except InvalidRequestError as error:
-        print(f"inlaid generate: {error}", file=sys.stderr)
+        # Named by its batch line (or --prompt): "the prompt has 9000 tokens" alone left which one open.
+        print(f"inlaid generate: {where}: {error}", file=sys.stderr)
         return 2
     texts = {rid: [] for rid in ids}
     reasons: dict[str, str] = {}

@@ -55,6 +55,11 @@ def _is_complete(model_dir: Path) -> bool:
     )
 
 
+def is_prepared(model_dir: Path) -> bool:
+    """Whether `model_dir` holds a finished conversion (`inlaid models path` says so)."""
+    return _is_complete(model_dir)
+
+
 def prepare_default_model(quiet: bool = False) -> Path:
     """Convert the packaged GGUF into a safetensors directory once; return its path."""
     model_dir = default_model_dir()

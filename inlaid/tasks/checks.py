@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def adapter_problem(model_dir: Path, adapters: dict[str, Path]) -> str | None:
+def adapter_problem(model_dir: Path, adapters: dict[str, Path], max_rank: int | None = None) -> str | None:
     """The first adapter the engine could not serve on `model_dir`, checked as the server
     checks one (`check_servable_adapter`: config, every shape against this base, finite
-    values), or None. `eval` sizes its engine's LoRA pools to its adapters, so the rank
-    bound is the engine's largest. Without this an adapter for another base made every
-    request fail inside the engine and `eval` scored the empty outputs (accuracy 0, exit 0)."""
+    values), or None. `eval` sizes its engine's LoRA pools to its adapters, so its rank
+    bound (`max_rank` None) is the engine's largest; `generate` passes its engine's. Without
+    this an adapter for another base made every request fail inside the engine and `eval`
+    scored the empty outputs (accuracy 0, exit 0)."""
     from inlaid.engine.adapter_config import AdapterError
     from inlaid.engine.adapter_weights import check_servable_adapter
     from inlaid.engine.config import MAX_LORA_RANK, ModelConfig
@@ -26,8 +27,32 @@ def adapter_problem(model_dir: Path, adapters: dict[str, Path]) -> str | None:
         if not (Path(path) / "adapter_config.json").is_file():
             return f"adapter '{name}': no adapter_config.json in {path}"
         try:
-            check_servable_adapter(name, str(path), model, MAX_LORA_RANK)
+            check_servable_adapter(name, str(path), model, MAX_LORA_RANK if max_rank is None else max_rank)
         except AdapterError as error:
             return str(error)
     return None
 
+
+
+def base_model_warnings(model_dir: Path, adapters: dict[str, Path]) -> list[str]:
+    """One line per adapter whose adapter_config.json names another base model than
+    `model_dir` (compared by the last component of `base_model_name_or_path`, so a hub id
+    `org/Name` or another machine's cache path of the same model match): a warning, not a
+    refusal. The shapes (`adapter_problem`) decide whether it can be served; a name alone
+    may be a fine-tune or a copy of this base, and it was served without a word."""
+    import json
+
+    this = Path(model_dir).resolve().name
+    warnings = []
+    for name, path in adapters.items():
+        try:
+            named = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            continue  # an unreadable config is `adapter_problem`'s to report
+        if not isinstance(named, str) or not named.strip():
+            continue
+        other = Path(named.rstrip("/\\").replace("\\", "/")).name
+        if other and other.lower() != this.lower():
+            warnings.append(f"adapter {name!r} was trained for base model {named!r} (its adapter_config.json's "
+                            f"base_model_name_or_path), not this model {this!r}; served because its shapes fit")
+    return warnings

@@ -13,25 +13,19 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from inlaid.cli_args import model_dir_problem, positive_int, writable_file_problem
-from inlaid.tasks.checks import adapter_problem
-from inlaid.tasks.generation import GenerationError, GenerationRequest, GenerationResult, chat_prompt
+from inlaid.cli_args import positive_int
+from inlaid.tasks.checks import adapter_problem, base_model_warnings
+from inlaid.tasks.eval_plan import BASE, EvalRun, argument_problem, planned_runs
+from inlaid.tasks.generation import (GenerationError, GenerationInterrupted, GenerationRequest, GenerationResult,
+                                     chat_prompt)
 
-BASE = "base"
+__all__ = ["BASE", "EvalRun", "evaluate_runs", "markdown_table", "merge_results"]
 
 
 class AdapterInputError(ValueError):
     """An adapter the engine could not serve on this base model (named in the message)."""
-
-
-@dataclass
-class EvalRun:
-    task: str
-    adapter_name: str | None     # None: the base model alone
-    adapter_dir: Path | None
 
 
 def length_stats(counts: list[int]) -> dict[str, float]:
@@ -55,9 +49,15 @@ def evaluate_runs(model_dir: Path, runs: list[EvalRun], split: str = "eval", lim
 
     Every adapter is first checked as a server checks one (AdapterInputError, before the
     model loads): an adapter the engine cannot serve made each of its requests fail inside
-    the engine, and the empty outputs were scored (accuracy 0, exit 0, "" in --out)."""
-    problem = adapter_problem(model_dir, {run.adapter_name: run.adapter_dir for run in runs
-                                          if run.adapter_name is not None and run.adapter_dir is not None})
+    the engine, and the empty outputs were scored (accuracy 0, exit 0, "" in --out).
+
+    Ctrl-C during generation returns what finished: `partial` holds how many of how many
+    requests, and each run is scored on its finished examples."""
+    named = {run.adapter_name: run.adapter_dir for run in runs
+             if run.adapter_name is not None and run.adapter_dir is not None}
+    for warning in base_model_warnings(model_dir, named):
+        print(f"inlaid eval: warning: {warning}", file=sys.stderr)
+    problem = adapter_problem(model_dir, named)
     if problem:
         raise AdapterInputError(problem)
     from transformers import AutoTokenizer
@@ -86,21 +86,34 @@ def evaluate_runs(model_dir: Path, runs: list[EvalRun], split: str = "eval", lim
     if backend == "auto":
         backend = "engine" if engine_available() else "peft"
     started = time.time()
-    if backend == "engine":
-        outputs = generate_with_engine(model_dir, adapters, requests, dtype=dtype, weight_dtype=weight_dtype)
-    elif backend == "peft":
-        outputs = generate_with_peft(model_dir, adapters, requests, batch_size=batch_size)
-    else:
-        raise ValueError(f"unknown backend '{backend}' (engine, peft or auto)")
+    partial: dict | None = None
+    try:
+        if backend == "engine":
+            outputs: list[GenerationResult | None] = list(
+                generate_with_engine(model_dir, adapters, requests, dtype=dtype, weight_dtype=weight_dtype))
+        elif backend == "peft":
+            outputs = list(generate_with_peft(model_dir, adapters, requests, batch_size=batch_size))
+        else:
+            raise ValueError(f"unknown backend '{backend}' (engine, peft or auto)")
+    except GenerationInterrupted as interrupted:
+        outputs = interrupted.results
+        partial = {"finished": sum(o is not None for o in outputs), "requests": len(outputs)}
     seconds = time.time() - started
 
     described = dtype if weight_dtype == "auto" else f"{dtype} activations, {weight_dtype} weights"
     results: dict = {"backend": backend, "dtype": described if backend == "engine" else "float32", "model": str(model_dir),
                      "split": split, "seconds": round(seconds, 1),
-                     "generated_tokens": sum(o.num_tokens for o in outputs), "tasks": {}}
-    for run, examples, start, end in spans:
+                     "generated_tokens": sum(o.num_tokens for o in outputs if o is not None), "tasks": {}}
+    if partial is not None:
+        results["partial"] = partial
+    for run, all_examples, start, end in spans:
         task = get_task(run.task)
-        produced: list[GenerationResult] = outputs[start:end]
+        # Interrupted: each run is scored on its finished examples alone (none: no row).
+        kept = [(e, o) for e, o in zip(all_examples, outputs[start:end]) if o is not None]
+        if not kept:
+            continue
+        examples = [e for e, _ in kept]
+        produced: list[GenerationResult] = [o for _, o in kept]
         scores = task.metric([o.text for o in produced], examples)
         results["tasks"].setdefault(run.task, {})[run.adapter_name or BASE] = {
             "adapter_dir": str(run.adapter_dir) if run.adapter_dir else None,
@@ -109,6 +122,7 @@ def evaluate_runs(model_dir: Path, runs: list[EvalRun], split: str = "eval", lim
             "primary_metric": task.primary_metric,
             "scores": scores,
             "examples": len(examples),
+            **({"of_examples": len(all_examples)} if len(examples) < len(all_examples) else {}),
             "output_tokens": length_stats([o.num_tokens for o in produced]),
             "stopped_by_budget": sum(o.finish_reason == "length" for o in produced),
             "predictions": [{"id": e["id"], "text": o.text, "tokens": o.num_tokens} for e, o in zip(examples, produced)],
@@ -136,25 +150,33 @@ def markdown_table(results: dict) -> str:
     ordered = [name for name in TASK_NAMES if name in results["tasks"]]
     for task_name in ordered:
         configs = results["tasks"][task_name]
-        adapter_key = next((k for k in configs if k != BASE), None)
         base = configs.get(BASE)
-        tuned = configs.get(adapter_key) if adapter_key else None
-        reference = tuned or base
-        metric = reference["primary_metric"]
-        base_score = f"{base['scores'][metric]:.1f}" if base else "–"
-        tuned_score = f"{tuned['scores'][metric]:.1f}" if tuned else "–"
-        gain = f"{tuned['scores'][metric] - base['scores'][metric]:+.1f}" if base and tuned else "–"
-        def spread(entry: dict | None) -> str:
-            if not entry:
-                return "–"
-            lengths = entry["output_tokens"]
-            return f"{lengths['p50']:.0f} / {lengths['p90']:.0f} / {lengths['max']}"
-
-        lines.append(
-            f"| {task_name} | {metric} | {reference['examples']} | {base_score} | {tuned_score} | {gain} | "
-            f"{spread(base)} | {spread(tuned)} | {reference.get('dtype', '?')} |"
-        )
+        tuned_names = [k for k in configs if k != BASE]
+        # One row per adapter (a task evaluated with two adapters kept only the first's row);
+        # the adapter's name shows beside the task where the task has more than one.
+        for adapter_key in tuned_names or [None]:
+            tuned = configs.get(adapter_key) if adapter_key else None
+            label = f"{task_name} ({adapter_key})" if len(tuned_names) > 1 else task_name
+            lines.append(_table_row(label, base, tuned))
     return "\n".join(lines) + "\n"
+
+
+def _table_row(label: str, base: dict | None, tuned: dict | None) -> str:
+    reference = tuned or base
+    assert reference is not None
+    metric = reference["primary_metric"]
+    base_score = f"{base['scores'][metric]:.1f}" if base else "–"
+    tuned_score = f"{tuned['scores'][metric]:.1f}" if tuned else "–"
+    gain = f"{tuned['scores'][metric] - base['scores'][metric]:+.1f}" if base and tuned else "–"
+
+    def spread(entry: dict | None) -> str:
+        if not entry:
+            return "–"
+        lengths = entry["output_tokens"]
+        return f"{lengths['p50']:.0f} / {lengths['p90']:.0f} / {lengths['max']}"
+
+    return (f"| {label} | {metric} | {reference['examples']} | {base_score} | {tuned_score} | {gain} | "
+            f"{spread(base)} | {spread(tuned)} | {reference.get('dtype', '?')} |")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -183,15 +205,16 @@ def run(args: argparse.Namespace) -> int:
 
     model_dir = Path(args.model) if args.model else default_model_dir()
     tasks = args.task or (list(TASK_NAMES) if args.suite else None)
-    if not tasks:
-        raise SystemExit("inlaid eval: give --task NAME (repeatable) or --suite")
+    if not tasks:  # a usage error, as argparse's own (it exited 1)
+        print("inlaid eval: error: give --task NAME (repeatable) or --suite", file=sys.stderr)
+        return 2
     for name in tasks:
         get_task(name)
-    problem = _argument_problem(args)
+    problem = argument_problem(args)
     if problem:
         print(f"inlaid eval: error: {problem}", file=sys.stderr)
         return 2
-    runs = _planned_runs(args, tasks)
+    runs = planned_runs(args, tasks)
     try:
         results = evaluate_runs(model_dir, runs, split=args.split, limit=args.limit, backend=args.backend,
                                 batch_size=args.batch_size, dtype=args.dtype, weight_dtype=args.weight_dtype)
@@ -207,54 +230,20 @@ def run(args: argparse.Namespace) -> int:
             scores = ", ".join(f"{k}={v:.2f}%" for k, v in entry["scores"].items())
             print(f"{task_name:14s} {config_name:14s} n={entry['examples']:<4d} {scores}")
     print(f"backend={results['backend']} seconds={results['seconds']} tokens={results['generated_tokens']}")
+    written = []
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1, ensure_ascii=False))
-    if args.markdown:
+        written.append(args.out)
+    if args.markdown and results["tasks"]:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(markdown_table(results))
-    return 0
-
-
-def _planned_runs(args: argparse.Namespace, tasks: list[str]) -> list[EvalRun]:
-    adapters = args.adapter or [None] * len(tasks)
-    runs: list[EvalRun] = []
-    for index, name in enumerate(tasks):
-        if args.suite:
-            adapter_dir = Path(args.adapters_dir) / name
-            if (adapter_dir / "adapter_config.json").is_file():
-                runs.append(EvalRun(name, name, adapter_dir))
-            else:
-                print(f"no adapter for {name} in {args.adapters_dir}; base only", file=sys.stderr)
-            if args.with_base or not (adapter_dir / "adapter_config.json").is_file():
-                runs.append(EvalRun(name, None, None))
-        else:
-            adapter = adapters[index]
-            if adapter:
-                runs.append(EvalRun(name, Path(adapter).name, Path(adapter)))
-            if args.with_base or not adapter:
-                runs.append(EvalRun(name, None, None))
-    return runs
-
-
-def _argument_problem(args: argparse.Namespace) -> str | None:
-    """What is wrong with the arguments, found before the model loads (each of these used to
-    surface only after the whole evaluation, or never)."""
-    problem = model_dir_problem(Path(args.model) if args.model else None)
-    if problem:
-        return problem
-    if args.suite:
-        if args.adapter:
-            return "--adapter goes with --task; --suite takes each task's adapter from --adapters-dir"
-        # A missing folder evaluated the base model on every task, each with a stderr note.
-        if not Path(args.adapters_dir).is_dir():
-            return f"--adapters-dir {args.adapters_dir}: directory not found"
-    elif args.adapter and len(args.adapter) != len(args.task):
-        # Paired by position: `--task a --task b --adapter x` evaluated b with a's adapter.
-        return (f"{len(args.task)} --task but {len(args.adapter)} --adapter: give one --adapter per --task, "
-                "in the same order (or none, for the base model)")
-    for option, path in (("--out", args.out), ("--markdown", args.markdown)):
-        problem = writable_file_problem(Path(path), option) if path else None
-        if problem:
-            return problem
-    return None
+        written.append(args.markdown)
+    partial = results.get("partial")
+    if partial is None:
+        return 0
+    # Ctrl-C: what finished is kept (it was all thrown away), and the line says so.
+    kept = f"wrote them (partial) to {' and '.join(written)}" if written else "none written (no --out or --markdown)"
+    print(f"inlaid eval: interrupted: {partial['finished']} of {partial['requests']} predictions finished; {kept}",
+          file=sys.stderr)
+    return 130

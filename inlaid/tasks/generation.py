@@ -15,6 +15,16 @@ class GenerationError(RuntimeError):
     """The engine failed requests (their outputs would be empty text, scored as wrong)."""
 
 
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during generation: `results` holds each request's result, None where it had
+    not finished. A KeyboardInterrupt still (a caller that does not look ends as before), so
+    that `eval` can keep what finished: it threw away every finished prediction."""
+
+    def __init__(self, results: list[GenerationResult | None]) -> None:
+        super().__init__()
+        self.results = results
+
+
 @dataclass
 class GenerationRequest:
     prompt: str
@@ -61,24 +71,49 @@ def generate_with_engine(model_dir: Path, adapters: dict[str, Path], requests: l
     for name, path in adapters.items():
         engine.register_adapter(name, str(path))
     prompts = [tokenizer(r.prompt, add_special_tokens=False)["input_ids"] for r in requests]
-    sampling = [SamplingParams(temperature=0.0, max_tokens=r.max_new_tokens) for r in requests]
-    outputs = engine.generate(prompts, sampling, [r.adapter for r in requests], use_tqdm=show_progress)
-    failed = sorted({r.adapter or "the base model" for r, o in zip(requests, outputs) if o.finish_reason == "error"})
+    ids = [engine.add_request(prompt, sampling=SamplingParams(temperature=0.0, max_tokens=r.max_new_tokens),
+                              adapter=r.adapter) for prompt, r in zip(prompts, requests)]
+    eos_ids = set(engine.model_config.eos_token_ids)
+    results: list[GenerationResult | None] = [None] * len(requests)
+    try:
+        # Stepped here, not through `engine.generate`: on Ctrl-C the finished results are kept.
+        _run_to_completion(engine, ids, results, tokenizer, eos_ids, show_progress)
+    except KeyboardInterrupt:
+        raise GenerationInterrupted(results) from None
+    failed = sorted({r.adapter or "the base model" for r, o in zip(requests, results) if o and o.finish_reason == "error"})
     if failed:
         # An executor failure ends a request with no tokens; scoring that "" would record a
         # score of 0 for a model that never ran.
-        count = sum(o.finish_reason == "error" for o in outputs)
-        raise GenerationError(f"the engine failed {count} of {len(outputs)} requests (adapter {', '.join(failed)}); "
+        count = sum(o is not None and o.finish_reason == "error" for o in results)
+        raise GenerationError(f"the engine failed {count} of {len(results)} requests (adapter {', '.join(failed)}); "
                               "no score recorded")
-    eos_ids = set(engine.model_config.eos_token_ids)
-    results = []
-    for output in outputs:
-        tokens = list(output.token_ids)
-        if tokens and tokens[-1] in eos_ids:
-            tokens = tokens[:-1]
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        results.append(GenerationResult(text, len(tokens), str(output.finish_reason)))
-    return results
+    return [r for r in results if r is not None]
+
+
+def _run_to_completion(engine, ids: list[str], results: list[GenerationResult | None], tokenizer,  # type: ignore[no-untyped-def]
+                       eos_ids: set[int], show_progress: bool) -> None:
+    """Step `engine` until every request in `ids` finished, each result put in `results` (by
+    the request's position) as it finishes."""
+    from tqdm import tqdm
+
+    position = {rid: index for index, rid in enumerate(ids)}
+    tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+    pending = set(ids)
+    with tqdm(total=len(ids), desc="generate", unit="req", disable=not show_progress) as progress:
+        while pending:
+            for output in engine.step():
+                if output.request_id not in position:
+                    continue
+                tokens[output.request_id].extend(output.new_token_ids)
+                if not output.finished:
+                    continue
+                pending.discard(output.request_id)
+                kept = tokens[output.request_id]
+                if kept and kept[-1] in eos_ids:
+                    kept = kept[:-1]
+                text = tokenizer.decode(kept, skip_special_tokens=True)
+                results[position[output.request_id]] = GenerationResult(text, len(kept), str(output.finish_reason))
+                progress.update(1)  # after the result is kept: what the bar counts survives a Ctrl-C
 
 
 def _adapter_rank(path: Path) -> int:
@@ -114,22 +149,32 @@ def generate_with_peft(model_dir: Path, adapters: dict[str, Path], requests: lis
     order = sorted(range(len(requests)), key=lambda i: (requests[i].max_new_tokens, lengths[i]))
     results: list[GenerationResult | None] = [None] * len(requests)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc="generate (peft)", disable=not show_progress, file=sys.stderr):
-        encoded = tokenizer([requests[i].prompt for i in batch], return_tensors="pt", padding=True,
-                            add_special_tokens=False)
-        budget = max(requests[i].max_new_tokens for i in batch)
-        kwargs = {}
-        if adapters:
-            kwargs["adapter_names"] = [requests[i].adapter or "__base__" for i in batch]
-        with torch.no_grad():
-            output = model.generate(**encoded, max_new_tokens=budget, do_sample=False, eos_token_id=eos_id,
-                                    pad_token_id=eos_id, **kwargs)
-        new_tokens = output[:, encoded["input_ids"].shape[1]:]
-        for row, index in enumerate(batch):
-            tokens = new_tokens[row].tolist()[: requests[index].max_new_tokens]
-            finish = "length"
-            if eos_id in tokens:
-                tokens = tokens[: tokens.index(eos_id)]
-                finish = "stop"
-            results[index] = GenerationResult(tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), finish)
+    try:
+        for batch in tqdm(batches, desc="generate (peft)", disable=not show_progress, file=sys.stderr):
+            _peft_batch(model, tokenizer, requests, batch, results, eos_id, bool(adapters))
+    except KeyboardInterrupt:
+        raise GenerationInterrupted(results) from None
     return [r for r in results if r is not None]
+
+
+def _peft_batch(model, tokenizer, requests: list[GenerationRequest], batch: list[int],  # type: ignore[no-untyped-def]
+                results: list[GenerationResult | None], eos_id: int, with_adapters: bool) -> None:
+    import torch
+
+    encoded = tokenizer([requests[i].prompt for i in batch], return_tensors="pt", padding=True,
+                        add_special_tokens=False)
+    budget = max(requests[i].max_new_tokens for i in batch)
+    kwargs = {}
+    if with_adapters:
+        kwargs["adapter_names"] = [requests[i].adapter or "__base__" for i in batch]
+    with torch.no_grad():
+        output = model.generate(**encoded, max_new_tokens=budget, do_sample=False, eos_token_id=eos_id,
+                                pad_token_id=eos_id, **kwargs)
+    new_tokens = output[:, encoded["input_ids"].shape[1]:]
+    for row, index in enumerate(batch):
+        tokens = new_tokens[row].tolist()[: requests[index].max_new_tokens]
+        finish = "length"
+        if eos_id in tokens:
+            tokens = tokens[: tokens.index(eos_id)]
+            finish = "stop"
+        results[index] = GenerationResult(tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), finish)
