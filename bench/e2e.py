@@ -49,6 +49,7 @@ import numpy as np
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))  # e2e_analysis, e2e_report beside this file (bench/ is no package)
+from e2e_args import out_problem, overrides_problem, render_problem  # noqa: E402
 from e2e_analysis import LATENCY_SLOS_S, agreement, computed_memory, headline, summaries  # noqa: E402
 from e2e_settings import FULL, QUICK, SYSTEMS, E2eSettings, System, make_trace  # noqa: E402,F401  (tests reach them here)
 from e2e_tasks import ADAPTERS, replicate_adapters, replicated_adapters  # noqa: E402,F401  (tests reach them here)
@@ -310,31 +311,40 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv if argv is not None else [])
     if args.quick and args.full:
         parser.error("--quick and --full exclude each other")
-    out = args.out or (Path(tempfile.mkdtemp(prefix="inlaid-e2e-quick-")) if args.quick
-                       else RESULTS.with_name("e2e-full") if args.full else RESULTS)
+    out = args.out or (None if args.quick else RESULTS.with_name("e2e-full") if args.full else RESULTS)
     if args.render:
+        if out is None:
+            return _refuse("--render needs --out DIR (--quick writes into a fresh temp dir)")
+        problem = render_problem(out)
+        if problem:
+            return _refuse(problem)
         report = json.loads((out / "e2e.json").read_text())
         records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines() if line]
         write_report(report, records, out)
         return 0
     settings = QUICK if args.quick else FULL if args.full else E2eSettings()
-    overrides: dict[str, Any] = {}
-    if args.threads is not None:
-        overrides["threads"] = args.threads
-    if args.task_counts:
-        overrides["task_counts"] = tuple(int(x) for x in args.task_counts.split(","))
-    if args.popularities:
-        overrides["popularities"] = tuple(args.popularities.split(","))
-    if args.rates is not None:
-        overrides["rates"] = args.rates
-    if args.requests is not None:
-        overrides["requests"] = args.requests
-    if args.device:
-        overrides["device"] = args.device
-    report = run(replace(settings, **overrides), out)
+    overrides, problem = overrides_problem(args)
+    problem = problem or (out_problem(out) if out is not None else None)
+    if problem:  # before any server starts
+        return _refuse(problem)
+    out = out or Path(tempfile.mkdtemp(prefix="inlaid-e2e-quick-"))
+    started = time.time()
+    try:
+        report = run(replace(settings, **overrides), out)
+    except KeyboardInterrupt:  # the servers are stopped by run()'s `finally` blocks
+        written = (out / "e2e.json").is_file() and (out / "e2e.json").stat().st_mtime >= started
+        where = (f"the results of the finished task counts are in {out}/e2e.json and e2e.md" if written
+                 else "no task count had finished: no report written")
+        print(f"e2e: interrupted; the servers are stopped; {where}", file=sys.stderr)
+        return 130
     print((out / "e2e.md").read_text())
     print(f"wrote {out}/e2e.json, e2e.md, records.jsonl and the plots in {report['wall_s']:.0f} s")
     return 0 if all(row["failed"] == 0 for row in report["workloads"]) else 1
+
+
+def _refuse(message: str) -> int:
+    print(f"e2e: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ order so that machine load spreads over all shapes; the median is kept. Writes
     bench/results/sched_cost_data.json    every measured step (features, seconds)
     bench/results/sched_cost_model.json   the fitted StepCostModel (what the simulator loads)
     bench/results/sched_cost.md / .png    coefficients, in-sample and 5-fold errors, a plot
+    (`--out-dir DIR`: every one of them in DIR instead of bench/results)
 
     .venv/bin/python bench/sched_cost.py [--threads 1] [--reps 3] [--tag NAME] [--quantized]
 
@@ -187,11 +188,20 @@ def main(argv: list[str] | None = None) -> dict:
                         help="fit the step_costs stage of this gpu_suite.json (its wall clock) instead of measuring")
     parser.add_argument("--tag", default="", help="another machine's fit: files sched_cost*_TAG.* beside the committed "
                                                   "ones (bench/sched_sim.py --tag TAG sweeps on it)")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS,
+                        help="folder of every file it writes (default bench/results); --refit reads its data "
+                             "there when it holds some, else the committed data")
     args = parser.parse_args(argv)
+    from inlaid.cli_args import writable_dir_problem
     from inlaid.scheduling.cost_model import features_from_dict, fit_cost_model, fit_errors
 
+    problem = writable_dir_problem(args.out_dir, "--out-dir")
+    if problem:  # now, not after minutes of measuring
+        parser.error(problem)
+    out_dir: Path = args.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
     tag = f"_{args.tag}" if args.tag else ""
-    data_path = RESULTS / f"sched_cost_data{tag}.json"
+    data_path = out_dir / f"sched_cost_data{tag}.json"
     if args.from_gpu_suite is not None:
         if not args.tag:
             parser.error("--from-gpu-suite needs --tag (the committed fit is this machine's)")
@@ -199,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
         data_path.write_text(json.dumps(data, indent=1) + "\n")
         args.clock = "wall"  # a GPU step's time is its wall clock (the step synchronizes)
     elif args.refit:
-        data = json.loads(data_path.read_text())
+        data = json.loads((data_path if data_path.is_file() else RESULTS / data_path.name).read_text())
     else:
         load_before = os.getloadavg()
         started = time.perf_counter()
@@ -218,17 +228,17 @@ def main(argv: list[str] | None = None) -> dict:
     description = (f"ModelRunner.execute {args.clock} seconds, {model_name}, {where}, "
                    f"median of {data['reps']}, {len(samples)} plan shapes")
     model = fit_cost_model(samples, description)
-    model.save(RESULTS / f"sched_cost_model{tag}.json")
+    model.save(out_dir / f"sched_cost_model{tag}.json")
     report = {"clock": args.clock, "in_sample": fit_errors(model, samples), "five_fold": _cross_validated(samples),
               "against_wall_clock": fit_errors(model, wall), "coefficients": model.coefficients,
               "loadavg": data["loadavg_before"]}
-    _write_markdown(report, data, samples, model, tag)
-    _plot(samples, model, RESULTS / f"sched_cost{tag}.png")
+    _write_markdown(report, data, samples, model, tag, out_dir)
+    _plot(samples, model, out_dir / f"sched_cost{tag}.png")
     print(json.dumps(report, indent=1))
     return report
 
 
-def _write_markdown(report: dict, data: dict, samples: list, model, tag: str) -> None:
+def _write_markdown(report: dict, data: dict, samples: list, model, tag: str, out_dir: Path = RESULTS) -> None:
     """sched_cost{tag}.md; `tag` is "" or "_NAME" (`--tag NAME`)."""
     units = {"constant": ("ms", 1e3), "tokens": ("ms / token", 1e3), "sampled": ("ms / row", 1e3),
              "decode_cells": ("us / 1k cells", 1e9), "prefill_cells": ("us / 1k cells", 1e9),
@@ -256,7 +266,7 @@ def _write_markdown(report: dict, data: dict, samples: list, model, tag: str) ->
     option = f" --tag {tag[1:]}" if tag else ""
     lines += ["", f"Reproduce: `.venv/bin/python bench/sched_cost.py{option}` (measure and fit); "
               f"`--refit{option}` fits again from `sched_cost_data{tag}.json`.", ""]
-    (RESULTS / f"sched_cost{tag}.md").write_text("\n".join(lines))
+    (out_dir / f"sched_cost{tag}.md").write_text("\n".join(lines))
 
 
 def _plot(samples: list, model, path: Path) -> None:

@@ -11,6 +11,7 @@ FIFO's saturation throughput (measured on the same trace, overloaded). Writes
     bench/results/sched_sim_jct.png, sched_sim_slo.png   mean JCT and SLO attainment vs load
     bench/results/sched_sim_slots8.*   the same with the server's default 8 slots
     bench/results/sched_sim_quick*.*   `--quick` (a 30-s smoke run) writes its own set instead
+    (`--out-dir DIR`: every one of them in DIR instead of bench/results)
 
     .venv/bin/python bench/sched_sim.py [--requests 1200] [--workers 2] [--slots 32,8] [--quick] [--tag NAME]
 
@@ -64,6 +65,15 @@ def check_cost_model(parser: argparse.ArgumentParser, path: Path) -> None:
         load_cost_model(str(path))
     except ValueError as error:
         parser.error(f"--tag: {error}")
+
+
+def check_out_dir(parser: argparse.ArgumentParser, out_dir: Path) -> None:
+    """--out-dir must be a folder it can write (found now, not after the sweep)."""
+    from inlaid.cli_args import writable_dir_problem
+
+    problem = writable_dir_problem(out_dir, "--out-dir")
+    if problem:
+        parser.error(problem)
 
 
 def _load_context(suite_lengths: str | None, slots: int = SLOTS, tag: str = "") -> None:
@@ -151,23 +161,26 @@ def main(argv: list[str] | None = None) -> dict:
                         help="cuda: the inlaid variants start from the GPU defaults (srtf.CUDA_DEFAULTS)")
     parser.add_argument("--tag", default="", help="sweep on sched_cost_model_TAG.json (bench/sched_cost.py --tag), "
                                                   "writing sched_sim*_TAG.*")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS,
+                        help="folder of every file it writes (and --render reads; default bench/results)")
     args = parser.parse_args(argv)
+    check_out_dir(parser, args.out_dir)
     if not args.render:
         check_cost_model(parser, cost_model_file(args.tag))
     reports = {}
     for slots in (int(x) for x in args.slots.split(",")):
         suffix = (("_quick" if args.quick else "") + ("" if slots == SLOTS else f"_slots{slots}")
                   + (f"_{args.tag}" if args.tag else ""))
-        reports[slots] = _render(suffix) if args.render else _sweep(args, slots, suffix)
+        reports[slots] = _render(suffix, args.out_dir) if args.render else _sweep(args, slots, suffix)
     return reports
 
 
-def _render(suffix: str) -> dict:
+def _render(suffix: str, out_dir: Path) -> dict:
     from sched_report import plot_sweep, write_sim_markdown
 
-    report = json.loads((RESULTS / f"sched_sim{suffix}.json").read_text())
-    write_sim_markdown(report, RESULTS / f"sched_sim{suffix}.md")
-    plot_sweep(report, RESULTS / f"sched_sim{suffix}")
+    report = json.loads((out_dir / f"sched_sim{suffix}.json").read_text())
+    write_sim_markdown(report, out_dir / f"sched_sim{suffix}.md")
+    plot_sweep(report, out_dir / f"sched_sim{suffix}")
     return report
 
 
@@ -219,12 +232,14 @@ def _sweep(args: argparse.Namespace, slots: int, suffix: str) -> dict:
         "oracles": [v.label for v in ORACLES], "oracle_references": [v.label for v in ORACLE_REFERENCES],
         "variants": [v.label for v in MAIN_VARIANTS],
     }
-    (RESULTS / f"sched_sim{suffix}.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    out_dir = args.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"sched_sim{suffix}.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     from sched_report import plot_sweep, write_sim_markdown
 
-    write_sim_markdown(report, RESULTS / f"sched_sim{suffix}.md")
-    plot_sweep(report, RESULTS / f"sched_sim{suffix}")
-    print(f"wrote {RESULTS / f'sched_sim{suffix}.md'} in {report['wall_s']:.0f} s")
+    write_sim_markdown(report, out_dir / f"sched_sim{suffix}.md")
+    plot_sweep(report, out_dir / f"sched_sim{suffix}")
+    print(f"wrote {out_dir / f'sched_sim{suffix}.md'} in {report['wall_s']:.0f} s")
     return report
 
 

@@ -10,7 +10,7 @@ the geometric mean of mean-JCT ratios, in how many configurations SLO attainment
 isolated latency) reaches 2x FIFO's (or is out of reach: FIFO above 50 %), in how many p99
 first-token latency is no worse, and the longest wait. Writes
 
-    bench/results/sched_tune[_TAG].json and .md
+    bench/results/sched_tune[_TAG].json and .md   (--out-dir DIR: there instead)
 
     .venv/bin/python bench/sched_tune.py [--tag xeon] [--requests 600] [--load 0.8] [--slots 32]
         [--suite-lengths inlaid/scheduling/data/suite_lengths_4bit.jsonl]   # a 4-bit server's workload
@@ -120,13 +120,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--suite-lengths", default=None,
                         help="recorded output lengths to draw from (default: the fp32 model's; "
                              "inlaid/scheduling/data/suite_lengths_4bit.jsonl: the 4-bit base's)")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS,
+                        help="folder of the files it writes (default bench/results)")
     args = parser.parse_args(argv)
+    sched_sim.check_out_dir(parser, args.out_dir)
     sched_sim.check_cost_model(parser, sched_sim.cost_model_file(args.tag))
     report = sweep(args.tag, args.requests, args.load, args.slots, args.workers, args.suite_lengths)
     suffix = f"_{args.tag}" if args.tag else ""
-    (RESULTS / f"sched_tune{suffix}.json").write_text(json.dumps(report, indent=1) + "\n")
-    write_markdown(report, RESULTS / f"sched_tune{suffix}.md")
-    print((RESULTS / f"sched_tune{suffix}.md").read_text())
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"sched_tune{suffix}.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_markdown(report, args.out_dir / f"sched_tune{suffix}.md")
+    print((args.out_dir / f"sched_tune{suffix}.md").read_text())
     return report
 
 

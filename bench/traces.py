@@ -77,8 +77,9 @@ def main(argv: list[str] | None = None) -> None:
                                  f"sqrt(n)); at this count use --cv <= {max_faithful_cv(args.requests):.3g}, or "
                                  f"--requests >= {math.ceil(RATE_FAITHFUL_GAPS * args.cv ** 2)}")
             trace = generate_trace(spec, records)
-        except ValueError as error:
-            parser.error(str(error))
+        except ValueError as error:  # one line naming the value (not the whole usage above it)
+            print(f"traces.py: {error}", file=sys.stderr)
+            sys.exit(2)
         out.parent.mkdir(parents=True, exist_ok=True)
         trace.save(out)
         summary = trace.summary()

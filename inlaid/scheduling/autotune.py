@@ -57,6 +57,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
 SLO = "10x"  # latency within 10x the request's isolated latency
 WORKLOADS = ((1.0, "uniform"), (1.0, "zipf"), (4.0, "uniform"), (4.0, "zipf"))  # (arrival CV, popularity)
 SEED = 7
+# Fewer requests a workload rank the candidates on noise (and the warm-up share leaves none).
+MIN_TUNING_REQUESTS = 10
 MIN_STEP_S = 1e-6  # the shortest decode step a cost model may predict
 
 
@@ -189,6 +191,18 @@ def choose(scores: Sequence[CandidateScore], baseline: str = "defaults") -> Cand
     return min(eligible, key=lambda score: (score.jct_geomean, score.label != baseline))
 
 
+def tuning_input_problem(num_tasks: int, requests: int, load: float) -> str | None:
+    """The first tuning input out of range, named (one message for all three left the
+    caller guessing which), or None."""
+    if num_tasks < 1:
+        return f"tuning needs num_tasks >= 1, got {num_tasks}"
+    if requests < MIN_TUNING_REQUESTS:
+        return f"tuning needs requests >= {MIN_TUNING_REQUESTS} a workload, got {requests}"
+    if not 0 < load <= 1:
+        return f"tuning needs 0 < load <= 1, got {load}"
+    return None
+
+
 def tune_inlaid_options(
     cost: StepCostModel,
     shape: EngineShape,
@@ -212,8 +226,9 @@ def tune_inlaid_options(
     from inlaid.scheduling.suite import SUITE_LENGTHS_FILE, load_tuning_records
     from inlaid.scheduling.traces import TraceRequest, TraceSpec, generate_trace
 
-    if num_tasks < 1 or requests < 10 or not 0 < load <= 1:
-        raise ValueError("tuning needs num_tasks >= 1, requests >= 10 and 0 < load <= 1")
+    problem = tuning_input_problem(num_tasks, requests, load)
+    if problem:
+        raise ValueError(problem)
     candidates = CANDIDATES if candidates is None else candidates
     workloads = WORKLOADS if workloads is None else workloads
     if "defaults" not in candidates:

@@ -36,7 +36,7 @@ class RequestRecord:
     admitted_s: float | None = None  # first scheduled
     token_times: list[float] = field(default_factory=list)
     finish_s: float | None = None
-    isolated_s: float = 0.0  # latency alone on the server (the SLO's unit); 0: not known (a replay)
+    isolated_s: float | None = None  # latency alone on the server (the SLO's unit); None: not known (a replay)
     preemptions: int = 0
     error: str = ""
     token_ids: list[int] = field(default_factory=list)  # what the server answered (replay); empty in simulations
@@ -118,14 +118,14 @@ def summarize(
         "latency_s": _percentiles([r.latency_s for r in measured]),
         "ttft_s": _percentiles([r.ttft_s for r in measured]),
         "tpot_s": _percentiles([t for r in measured if (t := r.tpot_s) is not None]),
-        "normalized_latency": _percentiles([r.latency_s / r.isolated_s for r in measured if r.isolated_s > 0]),
+        "normalized_latency": _percentiles([r.latency_s / r.isolated_s for r in measured if _known(r.isolated_s)]),
         "max_wait_s": max((r.wait_s for r in done), default=0.0),
         "max_stall_s": max((r.max_stall_s for r in done), default=0.0),
         "preemptions": sum(r.preemptions for r in requests),
-        # Over the requests whose isolated latency is known (> 0) only: a replay knows none,
+        # Over the requests whose isolated latency is known only: a replay knows none,
         # and counting those as misses reported 0 % attainment (NaN now: not measured).
         "slo_attainment": {
-            f"{scale:g}x": _share([r.latency_s <= scale * r.isolated_s for r in measured if r.isolated_s > 0])
+            f"{scale:g}x": _share([r.latency_s <= scale * r.isolated_s for r in measured if _known(r.isolated_s)])
             for scale in slo_scales
         },
         "ttft_slo_attainment": _share([r.ttft_s <= ttft_slo_s for r in measured]),
@@ -162,6 +162,11 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, np.integer):
         return int(value)
     return value
+
+
+def _known(isolated_s: float | None) -> bool:
+    # None: not known (a replay); 0.0 meant the same in records written before 2026-12-05
+    return isolated_s is not None and isolated_s > 0
 
 
 def _share(flags: list[bool]) -> float:

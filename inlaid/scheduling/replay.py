@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import zmq
 
-from inlaid.client import AsyncClient, InlaidError
+from inlaid.client import AsyncClient, ConnectionLostError, InlaidError, RequestTimeoutError, ShuttingDownError
 from inlaid.scheduling.metrics import RequestRecord
 from inlaid.scheduling.traces import Trace, TraceRequest
 
@@ -40,43 +41,144 @@ async def replay_trace(
     """Replay `trace`; `prompts` maps each request's `source` to its prompt token ids.
     `ignore_eos`: every request runs to its `max_tokens` (a model with random weights).
     The server must be ready within `ready_timeout_s` and serve every task the trace names
-    (ReplaySetupError otherwise, before anything is sent); `timeout_s` bounds each request."""
-    missing = sorted({r.source for r in trace.requests if r.source not in prompts})
-    if missing:
-        raise ReplaySetupError(f"no prompt tokens for {len(missing)} trace sources, e.g. {missing[:3]}")
-    async with AsyncClient(address, timeout_s=timeout_s, client_name="inlaid-replay") as client:
-        await _check_server(client, address, trace, ready_timeout_s)
-        bar = None
-        if progress:
-            from tqdm import tqdm
+    (ReplaySetupError otherwise, before anything is sent); `timeout_s` bounds each request.
+    A lost connection fails every request not yet answered at once (`Replay` says why)."""
+    return await Replay(address, trace, prompts, timeout_s, progress, ignore_eos, ready_timeout_s).run()
 
-            bar = tqdm(total=len(trace.requests), desc="replay", unit="req")
-        start = time.monotonic() + 0.2
 
-        async def one(index: int, request: TraceRequest) -> RequestRecord:
-            await asyncio.sleep(max(0.0, start + request.arrival_s - time.monotonic()))
-            record = RequestRecord(request_id=str(index), task=request.task, prompt_tokens=request.prompt_tokens,
-                                   arrival_s=time.monotonic() - start)
+class Replay:
+    """One replay: `run()` gives one record per trace request, in trace order. `stop(reason)`
+    ends it early (a signal handler may call it): requests in flight are cancelled, the rest
+    are not sent, and each such record's `error` says why. `stopped` holds the reason ("" when
+    the replay ran to its end) and `wall_s` the replay's wall time from its first arrival."""
+
+    def __init__(
+        self,
+        address: str,
+        trace: Trace,
+        prompts: Mapping[str, list[int]],
+        timeout_s: float = 3600.0,
+        progress: bool = False,
+        ignore_eos: bool = False,
+        ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
+    ) -> None:
+        missing = sorted({r.source for r in trace.requests if r.source not in prompts})
+        if missing:
+            raise ReplaySetupError(f"no prompt tokens for {len(missing)} trace sources, e.g. {missing[:3]}")
+        self.address, self.trace, self.prompts = address, trace, prompts
+        self.timeout_s, self.progress, self.ignore_eos, self.ready_timeout_s = (
+            timeout_s, progress, ignore_eos, ready_timeout_s)
+        self.stopped = ""
+        self.wall_s: float | None = None  # None: nothing was sent
+        self.sent = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop_event: asyncio.Event | None = None
+
+    def stop(self, reason: str) -> None:
+        """End the replay now; the first reason given is kept."""
+        if self.stopped:
+            return
+        self.stopped = reason
+        if self._stop_event is not None:
+            self._stop_event.set()
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:  # a task cancelling itself would end cancelled, not with its record
+                task.cancel()
+
+    async def run(self) -> list[RequestRecord]:
+        self._stop_event = asyncio.Event()
+        # Records exist before anything is sent: an early stop still returns one per request
+        # (arrival at its trace time), so a partial replay's counts add up to the trace's.
+        records = [RequestRecord(request_id=str(i), task=r.task, prompt_tokens=r.prompt_tokens, arrival_s=r.arrival_s)
+                   for i, r in enumerate(self.trace.requests)]
+        async with AsyncClient(self.address, timeout_s=self.timeout_s, client_name="inlaid-replay") as client:
+            if not self.stopped:
+                # Raced against stop(): a signal while the server is awaited ends the wait.
+                setup = asyncio.ensure_future(_check_server(client, self.address, self.trace, self.ready_timeout_s))
+                stopping = asyncio.ensure_future(self._stop_event.wait())
+                try:
+                    await asyncio.wait({setup, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                finally:  # also when cancelled from outside: nothing left pending
+                    stopping.cancel()
+                    if not setup.done():
+                        setup.cancel()
+                if not self.stopped:
+                    setup.result()  # ReplaySetupError
+                else:  # let it end (its outcome retrieved): the stop is what is reported
+                    await asyncio.gather(setup, return_exceptions=True)
+            if self.stopped:
+                for record in records:
+                    record.error = f"not sent: {self.stopped}"
+                return records
+            bar = None
+            if self.progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=len(records), desc="replay", unit="req")
+            start = time.monotonic() + 0.2
+            self._tasks = [asyncio.ensure_future(self._one(client, start, request, record, bar))
+                           for request, record in zip(self.trace.requests, records)]
+            watchdog = asyncio.ensure_future(self._watch(client))
             try:
-                stream = await client.stream(prompt_token_ids=prompts[request.source], task=request.task,
-                                             max_tokens=request.max_tokens, ignore_eos=ignore_eos)
-                async for chunk in stream:
-                    now = time.monotonic() - start
-                    record.token_times.extend([now] * len(chunk.token_ids))
-                    record.token_ids.extend(chunk.token_ids)
-                record.finish_s = time.monotonic() - start
-                if stream.result is not None:
-                    record.admitted_s = record.arrival_s + stream.result.queue_seconds
-            except InlaidError as error:
-                record.error = f"{type(error).__name__}: {error}"
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            finally:
+                watchdog.cancel()
+            # A task cancelled before its first step never reached its handler: its record
+            # is filled in here, not raised.
+            for record in records:
+                if record.finish_s is None and not record.error:
+                    record.error = f"not sent: {self.stopped}"
+            self.wall_s = time.monotonic() - start - self.trace.requests[0].arrival_s if self.sent else None
+        if bar:
+            bar.close()
+        return records
+
+    async def _one(self, client: AsyncClient, start: float, request: TraceRequest, record: RequestRecord,
+                   bar: Any) -> None:
+        sent = False
+        try:
+            await asyncio.sleep(max(0.0, start + request.arrival_s - time.monotonic()))
+            record.arrival_s = time.monotonic() - start
+            sent = True
+            self.sent += 1
+            stream = await client.stream(prompt_token_ids=self.prompts[request.source], task=request.task,
+                                         max_tokens=request.max_tokens, ignore_eos=self.ignore_eos)
+            async for chunk in stream:
+                now = time.monotonic() - start
+                record.token_times.extend([now] * len(chunk.token_ids))
+                record.token_ids.extend(chunk.token_ids)
+            record.finish_s = time.monotonic() - start
+            if stream.result is not None:
+                record.admitted_s = record.arrival_s + stream.result.queue_seconds
+        except (ConnectionLostError, ShuttingDownError) as error:
+            record.error = f"{type(error).__name__}: {error}"
+            # The client reconnects, and each later request would sit on a socket to nothing
+            # for the whole --timeout-s (an hour): the replay ends here instead.
+            self.stop(f"the server at {self.address} went away ({type(error).__name__})")
+        except InlaidError as error:
+            record.error = f"{type(error).__name__}: {error}"
+        except asyncio.CancelledError:
+            if not self.stopped:
+                raise  # cancelled from outside: not ours to swallow
+            record.error = f"{'cancelled' if sent else 'not sent'}: {self.stopped}"
+        finally:
             if bar:
                 bar.update(1)
-            return record
 
-        records = await asyncio.gather(*(one(i, r) for i, r in enumerate(trace.requests)))
-    if bar:
-        bar.close()
-    return list(records)
+
+    async def _watch(self, client: AsyncClient) -> None:
+        """Ends the replay when the server stops answering health checks: a server gone while
+        no request was in flight fails nobody's stream, and the requests sent after it each
+        waited the whole request timeout."""
+        every_s = min(5.0, self.ready_timeout_s)
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await client.health(timeout_s=self.ready_timeout_s)
+            except (ConnectionLostError, RequestTimeoutError) as error:
+                self.stop(f"the server at {self.address} went away (health check: {type(error).__name__})")
+                return
 
 
 async def _check_server(client: AsyncClient, address: str, trace: Trace, ready_timeout_s: float) -> None:

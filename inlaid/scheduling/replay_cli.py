@@ -14,7 +14,11 @@ server must answer and be ready within --ready-timeout-s and serve every task th
 names. Each of these is a one-line error with exit status 2. --out gets one JSON line per
 request (`inlaid.scheduling.metrics.RequestRecord`: arrival, first scheduled, every token's
 time, finish, in seconds from the replay's start; `error` for a failed request); the summary
-is printed as strict JSON. Exit status: 0; 1 when every request failed; 2 as above.
+is printed as strict JSON; its makespan is the replay's wall time. A lost connection fails
+every request not yet answered at once (no more is sent). Ctrl-C or SIGTERM stops the replay:
+`replay: interrupted`, the records so far and the summary (`partial`, `stopped`) are still
+written. Exit status: 0 when every request succeeded; 1 when any failed; 2 as above; 130 on
+SIGINT (143 on SIGTERM).
 """
 
 from __future__ import annotations
@@ -23,13 +27,19 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from inlaid.cli_args import MAX_SECONDS, positive_float, writable_file_problem
 from inlaid.client.messages import checked_address
 from inlaid.scheduling.replay import DEFAULT_READY_TIMEOUT_S
 from inlaid.scheduling.traces import Trace
+
+if TYPE_CHECKING:
+    from inlaid.scheduling.metrics import RequestRecord
+    from inlaid.scheduling.replay import Replay
 
 # Token ids of --synthetic-prompts: ordinary ids in every tokenizer the server loads (the
 # suite's 135M model has 49,152), cycled so a prompt is not one token repeated.
@@ -66,6 +76,14 @@ def _seconds(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before or after the replay itself (which handles its own signals)
+        print("replay: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # Every input is checked before anything is sent: timings lost at the end of a long
@@ -88,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from inlaid.scheduling.suite import suite_prompts
 
+        problem = _model_problem(args.model)
+        if problem:
+            return _refuse(f"--model: {problem} (or use --synthetic-prompts)")
         try:
             prompts = suite_prompts(args.model)
         except (OSError, ValueError) as error:
@@ -97,6 +118,24 @@ def main(argv: list[str] | None = None) -> int:
             return _refuse(f"{len(unknown)} trace source(s) are no suite record, e.g. {unknown[:3]}: this trace "
                            "was not drawn from the suite; replay it with --synthetic-prompts")
     return _replay(args, trace, prompts)
+
+
+def _model_problem(model: str | None) -> str | None:
+    """Why --model's tokenizer cannot be loaded, or None: a missing folder and a malformed
+    tokenizer.json ended in a traceback (the tokenizers library raises a bare Exception)."""
+    from inlaid.engine.tokenizer import Tokenizer
+
+    if model is not None and not Path(model).is_dir():
+        return f"{model} is not a directory"
+    if model is None:
+        from inlaid.models.prepare import default_model_dir
+
+        model = str(default_model_dir())
+    try:
+        Tokenizer(model)
+    except Exception as error:  # noqa: BLE001 - ModelLoadError, OSError, the tokenizers library's Exception
+        return f"cannot load the tokenizer of {model}: {type(error).__name__}: {error}"
+    return None
 
 
 def synthetic_prompts(trace: Trace) -> tuple[Trace, dict[str, list[int]]]:
@@ -111,22 +150,66 @@ def synthetic_prompts(trace: Trace) -> tuple[Trace, dict[str, list[int]]]:
 
 def _replay(args: argparse.Namespace, trace: Trace, prompts: dict[str, list[int]]) -> int:
     from inlaid.scheduling.metrics import json_safe, save_records, summarize
-    from inlaid.scheduling.replay import ReplaySetupError, replay_trace
+    from inlaid.scheduling.replay import Replay, ReplaySetupError
 
+    span_s = trace.requests[-1].arrival_s - trace.requests[0].arrival_s
+    if span_s > 3600:  # a trace of hours (a tiny --rate) otherwise looks like a hung replay
+        print(f"replay: the trace's arrivals span {span_s / 3600:.3g} h ({len(trace.requests)} requests)",
+              file=sys.stderr)
     try:
-        records = asyncio.run(replay_trace(args.address, trace, prompts, args.timeout_s, progress=args.progress,
-                                           ignore_eos=args.ignore_eos, ready_timeout_s=args.ready_timeout_s))
+        replay = Replay(args.address, trace, prompts, args.timeout_s, progress=args.progress,
+                        ignore_eos=args.ignore_eos, ready_timeout_s=args.ready_timeout_s)
+        records, signum = asyncio.run(_run_until_signal(replay))
     except ReplaySetupError as error:
         return _refuse(str(error))
+    summary = summarize(records)
+    # The replay's wall time, not the span of its finished requests: after a lost connection
+    # or an interrupt that span flattered throughput (and all-failed gave a 1e-9 s sentinel).
+    wall_s = replay.wall_s
+    summary["makespan_s"] = wall_s
+    summary["throughput_rps"] = summary["finished"] / wall_s if wall_s else None
+    summary["throughput_tokens_s"] = (sum(len(r.token_times) for r in records if r.finished) / wall_s
+                                      if wall_s else None)
+    not_sent = sum(record.error.startswith("not sent") for record in records)
+    summary.update(partial=bool(replay.stopped), stopped=replay.stopped or None, not_sent=not_sent)
+    if signum is not None:
+        print("replay: interrupted", file=sys.stderr)
+    elif replay.stopped:
+        print(f"replay: {replay.stopped}: the {not_sent} requests not yet sent failed at once", file=sys.stderr)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         save_records(args.out, records)
-    print(json.dumps(json_safe(summarize(records)), indent=1, allow_nan=False))
+    print(json.dumps(json_safe(summary), indent=1, allow_nan=False))
+    if signum is not None:
+        return 128 + signum
     failed = [record for record in records if not record.finished]
-    if len(failed) == len(records):
-        print(f"replay: all {len(records)} requests failed, e.g. {failed[0].error}", file=sys.stderr)
+    if failed:
+        count = f"all {len(records)}" if len(failed) == len(records) else f"{len(failed)} of {len(records)}"
+        print(f"replay: {count} requests failed (exit status 1), e.g. {failed[0].error}", file=sys.stderr)
         return 1
     return 0
+
+
+async def _run_until_signal(replay: "Replay") -> tuple[list[RequestRecord], int | None]:
+    """The replay's records, and the signal (SIGINT, SIGTERM) that stopped it or None: a
+    signal stops the replay and its records so far are kept, with no traceback."""
+    loop = asyncio.get_running_loop()
+    caught: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        caught.append(signum)
+        replay.stop(f"interrupted ({signal.Signals(signum).name})")
+
+    # A signal ignored at start (`nohup`, a background job) stays ignored.
+    handled = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    for signum in handled:
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        records = await replay.run()
+    finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+    return records, (caught[0] if caught else None)
 
 
 def _refuse(message: str) -> int:

@@ -41,6 +41,9 @@ MAX_REQUEST_TOKENS = 1 << 24
 # off the asked, with n = 2 CV^2 18-27 % (`max_faithful_cv`).
 MAX_CV = 10.0
 RATE_FAITHFUL_GAPS = 3.0
+# The latest arrival a trace may hold (30 days): `--rate 1e-9` drew a 368-year trace and a
+# loaded `"arrival_s": 1e300` was accepted; a replay of either sleeps until the sun goes out.
+MAX_ARRIVAL_S = 30 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,10 @@ class TraceSpec:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.popularity not in POPULARITIES:
             raise ValueError(f"popularity must be one of {POPULARITIES}, got {self.popularity!r}")
+        if self.num_requests / self.rate > MAX_ARRIVAL_S:
+            raise ValueError(f"rate {self.rate:g}/s with {self.num_requests} requests spans about "
+                             f"{self.num_requests / self.rate:.3g} s, beyond the {MAX_ARRIVAL_S:g} s (30 days) a trace "
+                             "may span: raise the rate or lower the requests")
 
 
 def max_faithful_cv(num_requests: int) -> float:
@@ -199,7 +206,7 @@ def _header_problem(header: Any, profiles: list[TaskProfile]) -> str | None:
 def _request_problem(request: TraceRequest, tasks: Mapping[str, TaskProfile]) -> str | None:
     """What makes a loaded request unplayable, or None."""
     try:
-        check_range("arrival_s", request.arrival_s, 0, what="a finite number of seconds")
+        check_range("arrival_s", request.arrival_s, 0, MAX_ARRIVAL_S, what="seconds, 30 days at most")
         for name in ("prompt_tokens", "output_tokens", "max_tokens"):
             # Beyond any context: such a length only costs time (and isolated latency is
             # computed up to the context the simulation caps it at anyway).
@@ -255,6 +262,9 @@ def generate_trace(spec: TraceSpec, records: Sequence[SuiteRecord], ranks: Mappi
     names = list(tasks)
     shape = 1.0 / spec.cv**2  # Gamma gaps: mean 1/rate, CV = 1/sqrt(shape)
     arrivals = np.cumsum(rng.gamma(shape, 1.0 / (spec.rate * shape), size=spec.num_requests))
+    if arrivals[-1] > MAX_ARRIVAL_S:
+        raise ValueError(f"rate {spec.rate:g}/s with {spec.num_requests} requests spans {arrivals[-1]:.3g} s, beyond "
+                         f"the {MAX_ARRIVAL_S:g} s (30 days) a trace may span: raise the rate or lower the requests")
     if spec.popularity == "power":
         chosen = np.minimum((spec.num_tasks * rng.power(spec.alpha, size=spec.num_requests)).astype(int), spec.num_tasks - 1)
     else:

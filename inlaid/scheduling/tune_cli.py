@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from inlaid.cli_args import fraction, positive_int, writable_file_problem
 
@@ -30,12 +31,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from inlaid.scheduling.autotune import load_cost_model, tune_inlaid_options
+    from inlaid.scheduling.autotune import MIN_TUNING_REQUESTS, load_cost_model, tune_inlaid_options
     from inlaid.scheduling.simulator import EngineShape
 
     from inlaid.scheduling.suite import SUITE_LENGTHS_FILE
 
     shape, tasks, explicit, lengths = EngineShape(), 9, {}, str(SUITE_LENGTHS_FILE)
+    if args.requests < MIN_TUNING_REQUESTS:  # named now, before any progress line
+        return _refuse(f"--requests must be >= {MIN_TUNING_REQUESTS} (requests per simulated workload), "
+                       f"got {args.requests}")
     problem = writable_file_problem(Path(args.json), "--json") if args.json else None
     if problem:  # found now, not after the whole tuning ran
         return _refuse(problem)
@@ -47,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
         except ConfigError as error:
             return _refuse(str(error))
         if config.policy != "inlaid":  # as the server refuses autotune_cost_model for it
+            if not _sets_policy(args.config):
+                return _refuse(f"it tunes the inlaid policy; {args.config} sets no server.policy, and the default "
+                               "is fifo: set policy = \"inlaid\" in its [server]")
             return _refuse(f"it tunes the inlaid policy; {args.config} has server.policy = {config.policy!r}")
         shape = EngineShape.of(config.engine)
         tasks, explicit = max(1, len(config.tasks)), {k: v for k, v in config.scheduler.items() if k != "step_log"}
@@ -61,19 +68,22 @@ def run(args: argparse.Namespace) -> int:
         return _refuse(str(error))
     from tqdm import tqdm
 
-    bar = tqdm(desc="simulate", unit="run")
+    bars: list[Any] = []  # made at the first simulation's end: an input error before it shows no bar
 
     def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(1)
+        if not bars:
+            bars.append(tqdm(desc="simulate", unit="run", total=total))
+        bars[0].update(1)
 
     try:
         result = tune_inlaid_options(cost, shape, tasks, explicit, requests=args.requests, load=args.load,
                                      progress=progress, lengths_file=lengths)
     except (OSError, ValueError) as error:
-        bar.close()  # first: the message must not share the bar's line
+        for bar in bars:
+            bar.close()  # first: the message must not share the bar's line
         return _refuse(str(error))
-    bar.close()
+    for bar in bars:
+        bar.close()
     print(f"{tasks} tasks, {shape.max_lora_slots} adapter slots, {args.requests} requests a workload, "
           f"{args.load:.0%} of FIFO's saturation; lengths: {lengths}; "
           f"cost model: {cost.description or args.cost_model}\n")
@@ -89,6 +99,18 @@ def run(args: argparse.Namespace) -> int:
         except OSError as error:  # the disk filled, or the folder went, during the tuning
             return _refuse(f"--json {path}: {error.strerror or error}")
     return 0
+
+
+def _sets_policy(config_path: str) -> bool:
+    """Whether the TOML names a server.policy (else the server runs its default, fifo)."""
+    import tomllib
+
+    try:
+        with open(config_path, "rb") as file:
+            server = tomllib.load(file).get("server", {})
+    except (OSError, ValueError):  # load_config read it already; say the policy as it found it
+        return True
+    return isinstance(server, dict) and "policy" in server
 
 
 def _refuse(message: str) -> int:
