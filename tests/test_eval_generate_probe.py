@@ -22,6 +22,7 @@ from inlaid.protocol import SamplingParams
 from inlaid.tasks.checks import base_model_warnings
 from inlaid.tasks.eval_plan import planned_runs
 from inlaid.tasks.evaluate import add_arguments, markdown_table
+from test_tasks_cli_inputs import _refused  # one wording check for the CLIs' refusals
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTERS = ROOT / "adapters"
@@ -30,17 +31,6 @@ ADAPTERS = ROOT / "adapters"
 def _inlaid(args: list[str], env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "inlaid.cli", *args], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kwargs)
-
-
-def _refused(done: subprocess.CompletedProcess, command: str, *named: str, code: int = 2) -> str:
-    err = done.stderr.strip()
-    assert done.returncode == code, (done.returncode, err)
-    assert "Traceback" not in err, err
-    last = err.splitlines()[-1]
-    assert last.startswith(f"inlaid {command}: "), err
-    for word in named:
-        assert word in last, (word, err)
-    return last
 
 
 @pytest.fixture
