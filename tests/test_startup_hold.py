@@ -43,7 +43,7 @@ def test_read_only_calls_pass_the_rest_waits_in_arrival_order_and_gone_clients_d
     assert [(identity, m.request_id, m.code) for identity, m in sent] == [(b"c", "add", ErrorCode.OVERLOADED)]
     hold.forget(b"b")
     handled: list[tuple[bytes, str]] = []
-    asyncio.run(hold.release(lambda identity, message: handled.append((identity, message.request_id))))
+    asyncio.run(hold.release(lambda identity, message, arrived: handled.append((identity, message.request_id))))
     assert handled == [(b"a", "g1"), (b"a", "g1"), (b"c", "r")] and len(hold) == 0  # b's generate left with b
     assert not hold.starting and not hold.holds(b"a", _generate("g4"))  # served: nothing waits any more
 
@@ -77,3 +77,28 @@ def test_a_starting_coordinator_refuses_generates_past_the_bound_as_overloaded_a
     assert "starting" in refused.message and "holds 2 requests" in refused.message
     assert (coordinator.counters["received"], coordinator.counters["overloaded"]) == (1, 1)
     assert 'inlaid_requests_total{outcome="overloaded",task="__base__"} 1.0' in coordinator.metrics.exposition()
+
+
+def test_a_held_generates_deadline_counts_from_its_arrival(model_dir, tmp_path):
+    """Held through a long start-up tuning, a generate with deadline_s 0.3 got 0.3 s more from
+    its release (the start could take minutes); its deadline is past once let in, and its
+    latency counts its wait."""
+    import time
+
+    from inlaid.serve.config import config_from_dict
+    from inlaid.serve.coordinator import Coordinator
+
+    coordinator = Coordinator(config_from_dict({"model": {"dir": str(model_dir)}}, base_dir=tmp_path))
+    replies: list[object] = []
+    coordinator.in_flight._send = lambda identity, message: replies.append(message)
+    late = Generate(request_id="late", prompt="hi", deadline_s=0.3)
+    coordinator._handle(b"client", [msgspec.msgpack.encode(late)])
+    time.sleep(0.5)  # the start-up goes on
+
+    async def serve_then_wait() -> None:
+        await coordinator.startup.release(coordinator._answer)
+        await asyncio.sleep(0.05)  # the deadline's timer fires at once (never 0.3 s later)
+
+    asyncio.run(serve_then_wait())
+    assert [(r.request_id, r.code) for r in replies] == [("late", ErrorCode.DEADLINE_EXCEEDED)], replies
+    assert not coordinator.in_flight.requests

@@ -184,8 +184,8 @@ class Coordinator:
         loops += step_tasks
         # Held admin calls must not run once a shutdown came during the start: refused then.
         shut = self.startup.refusing("the server shut down before it served")
-        await self.startup.release(lambda identity, message: (self._answer if self._accepting else shut)(identity,
-                                                                                                         message))
+        await self.startup.release(lambda identity, message, arrived: (self._answer if self._accepting else shut)(
+            identity, message, arrived))
         await self._shutdown.wait()
         await self._drain()
         await self.dynamic.stop()
@@ -351,9 +351,10 @@ class Coordinator:
         if not self.startup.holds(identity, message):
             self._answer(identity, message)
 
-    def _answer(self, identity: bytes, message: ClientRequest) -> None:
+    def _answer(self, identity: bytes, message: ClientRequest, arrived: float | None = None) -> None:
+        """arrived: when a request a starting server held came in (None: now)."""
         try:
-            self._dispatch(identity, message)
+            self._dispatch(identity, message, arrived)
         except Exception:  # a bug must cost this one message, never the server
             log.exception("internal error handling a client message",
                           extra={"request_id": message.request_id, "type": type(message).__name__})
@@ -363,9 +364,9 @@ class Coordinator:
                 self._send(identity, ErrorReply(request_id=message.request_id, code=ErrorCode.INTERNAL,
                                                 message="internal server error"))
 
-    def _dispatch(self, identity: bytes, message: ClientRequest) -> None:
+    def _dispatch(self, identity: bytes, message: ClientRequest, arrived: float | None = None) -> None:
         if isinstance(message, Generate):
-            self.in_flight.generate(identity, message)
+            self.in_flight.generate(identity, message, arrived)
         elif isinstance(message, Cancel):
             self.in_flight.cancel(identity, message)
         elif isinstance(message, INFO_CALLS):

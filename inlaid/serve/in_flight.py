@@ -67,9 +67,11 @@ class InFlight:
         return code
 
     # ------------------------------------------------------------------ admission
-    def generate(self, identity: bytes, message: Generate) -> None:
+    def generate(self, identity: bytes, message: Generate, received_at: float | None = None) -> None:
+        """received_at: when it arrived (time.monotonic), for one a starting server held: its
+        deadline and its latency figures count from then, not from its admission."""
         assert self.metrics is not None
-        rejection = self._admit(identity, message)
+        rejection = self._admit(identity, message, received_at)
         if rejection is None:
             self.metrics.on_admitted(self.requests[(identity, message.request_id)])
         else:
@@ -98,7 +100,7 @@ class InFlight:
         assert self.metrics is not None
         self.metrics.on_rejected(message.task, ErrorCode.INTERNAL)
 
-    def _admit(self, identity: bytes, message: Generate) -> str | None:
+    def _admit(self, identity: bytes, message: Generate, received_at: float | None = None) -> str | None:
         """Start the request, or answer it with an error; returns that error's code."""
         request_id = message.request_id
         key = (identity, request_id)
@@ -173,13 +175,16 @@ class InFlight:
         request = ActiveRequest(key=key, engine_id=engine_id, seq_id=shard.engine.sequence(engine_id).seq_id,
                                 task=message.task, stream=message.stream, num_prompt_tokens=len(token_ids),
                                 executor=shard.index)
+        if received_at is not None:
+            request.received_at = received_at
         self.requests[key] = request
         self.per_client[identity] += 1
         self.by_engine_id[engine_id] = request
         self.by_seq_id[request.seq_id] = request
         self.registry.request_started(message.task)
         if message.deadline_s is not None:
-            request.deadline = asyncio.get_running_loop().call_later(message.deadline_s, self._on_deadline, key)
+            left = message.deadline_s - (time.monotonic() - request.received_at)
+            request.deadline = asyncio.get_running_loop().call_later(max(0.0, left), self._on_deadline, key)
         shard.wake()
         return None
 

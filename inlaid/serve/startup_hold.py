@@ -5,8 +5,8 @@ The front socket is bound before the executors are spawned and before the start-
 dead (`health` timed out, the HTTP front's `/health` said "unreachable"). Read-only calls
 (hello, health, stats, metrics, the task list, task status) are answered at once, health
 with `starting`; everything else (generates, cancels, admin calls) is held, in arrival
-order, and handled as if it had just arrived once the server serves (a deadline counts from
-then), or refused as overloaded past `limit` held messages. Without a tuning the hold lasts
+order, and handled once the server serves (a generate's deadline and latency figures count
+from its arrival), or refused as overloaded past `limit` held messages. Without a tuning the hold lasts
 only while the executors are spawned (their model load is not waited for: requests queue
 in the engines meanwhile). Nothing is left unanswered: a shutdown or a failed start during
 the hold refuses what it holds (the coordinator's `release` handler decides).
@@ -32,7 +32,7 @@ ANSWERED_WHILE_STARTING = (*INFO_CALLS, ListTasks, TaskStatus)
 _RELEASE_YIELD_AFTER_S = 0.005
 
 
-Handle = Callable[[bytes, ClientRequest], None]  # (client identity, a held message)
+Handle = Callable[[bytes, ClientRequest, float], None]  # (client identity, a held message, when it arrived)
 
 
 class StartupHold:
@@ -43,7 +43,7 @@ class StartupHold:
         self._in_flight = in_flight
         self._send = send
         self.starting = True
-        self._held: deque[tuple[bytes, ClientRequest]] = deque()
+        self._held: deque[tuple[bytes, ClientRequest, float]] = deque()
 
     def __len__(self) -> int:
         return len(self._held)
@@ -57,7 +57,7 @@ class StartupHold:
                          f"the server is starting and already holds {len(self._held)} requests for when it "
                          "serves; retry once its health says ok")
         else:
-            self._held.append((identity, message))
+            self._held.append((identity, message, time.monotonic()))
         return True
 
     def forget(self, identity: bytes) -> None:
@@ -66,7 +66,7 @@ class StartupHold:
 
     def refusing(self, reason: str) -> Handle:
         """A `release` handle refusing each held message as shutting down, with `reason`."""
-        return lambda identity, message: self._refuse(identity, message, ErrorCode.SHUTTING_DOWN, reason)
+        return lambda identity, message, _arrived: self._refuse(identity, message, ErrorCode.SHUTTING_DOWN, reason)
 
     def _refuse(self, identity: bytes, message: ClientRequest, code: str, text: str) -> None:
         if isinstance(message, Generate):
