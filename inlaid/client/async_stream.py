@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from inlaid.client.errors import ConnectionLostError, InlaidError, RequestTimeoutError, error_from_reply
-from inlaid.client.messages import GenerateResult
-from inlaid.protocol import ErrorReply, GenerateDone, TextChunk
+from inlaid.client.errors import ConnectionLostError, InlaidError, RequestTimeoutError
+from inlaid.client.messages import GenerateResult, stream_reply
+from inlaid.protocol import TextChunk
 
 if TYPE_CHECKING:
     from inlaid.client.async_client import AsyncClient
@@ -39,17 +39,16 @@ class AsyncTokenStream:
                 except ConnectionLostError:
                     self._finish()  # nothing to cancel: the server that had it is gone
                     raise
+                try:
+                    reply = stream_reply(reply, self.request_id)
+                except InlaidError:
+                    self._finish()
+                    raise
                 if isinstance(reply, TextChunk):
                     yield reply
-                elif isinstance(reply, GenerateDone):
+                else:
                     self.result = reply
                     self._finish()
-                elif isinstance(reply, ErrorReply):
-                    self._finish()
-                    raise error_from_reply(reply)
-                else:
-                    self._finish()
-                    raise InlaidError(f"unexpected {type(reply).__name__} in a stream", self.request_id)
         finally:
             if not self._done:
                 await self.aclose()

@@ -30,6 +30,7 @@ from inlaid.protocol import (
     HelloReply,
     SamplingParams,
     ServerReply,
+    TextChunk,
 )
 
 DEFAULT_ADDRESS = os.environ.get("INLAID_ADDRESS", "tcp://127.0.0.1:5555")
@@ -204,6 +205,16 @@ def check_hello(reply: ServerReply) -> HelloReply:
             f"server speaks protocol {reply.protocol_version}, this client {PROTOCOL_VERSION}", reply.request_id
         )
     return reply
+
+
+def stream_reply(reply: ServerReply, request_id: str) -> TextChunk | GenerateDone:
+    """A stream's next reply, for both clients' streams: a chunk, or its end; raises what
+    else ended it (the server's error, or a reply no stream carries)."""
+    if isinstance(reply, (TextChunk, GenerateDone)):
+        return reply
+    if isinstance(reply, ErrorReply):
+        raise error_from_reply(reply)
+    raise InlaidError(f"unexpected {type(reply).__name__} in a stream", request_id)
 
 
 def expect(reply: ServerReply, kind: type[Any]) -> Any:
