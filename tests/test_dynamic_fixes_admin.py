@@ -76,7 +76,7 @@ def test_a_queued_job_restored_where_the_requantizer_is_off_ends_waits_with_the_
 def test_busy_replacement_says_how_many_and_to_retry(model_dir, tmp_path, adapter):
     second = Path(shutil.copytree(adapter, tmp_path / "qa2"))
     _, registry, dynamic = _server(model_dir, None, tasks={"math": str(adapter)})
-    tasks = dynamic()
+    dynamic()  # built as a server builds it beside the registry
     registry.request_started("math")
     with pytest.raises(TaskError) as busy:
         registry.add("math", str(second))
@@ -111,16 +111,24 @@ class _Requantizer:
         pass
 
 
+def running_job(tmp_path: Path, config: dict | None = None,
+                **record_fields: object) -> tuple[RequantizationJobs, TaskStore, TaskRecord]:
+    """Task 'code' re-quantizing (version 1, 30 layers) and the jobs running it, the
+    requantizer a stand-in that takes every message: what a loss or a JobFinished does to
+    them, without processes. Called inside a running event loop (the jobs schedule work)."""
+    store = TaskStore(tmp_path / "state", BASE)
+    record = store.tasks["code"] = TaskRecord(name="code", adapter_dir="a", calibration="c", phase=REQUANTIZING,
+                                              version=1, layers_total=30, **record_fields)  # type: ignore[arg-type]
+    jobs = RequantizationJobs(config_from_dict({"server": {"state_dir": "state"}, **(config or {})},
+                                               base_dir=tmp_path), store, 30, wake=lambda: None)
+    jobs.supervisor = _Requantizer()  # type: ignore[assignment]
+    jobs.current = "code"
+    return jobs, store, record
+
+
 def test_resume_and_failure_messages_follow_the_job(tmp_path):
     async def scenario() -> None:
-        config = config_from_dict({"server": {"state_dir": "state"}, "requantizer": {"max_attempts": 2}},
-                                  base_dir=tmp_path)
-        store = TaskStore(tmp_path / "state", BASE)
-        record = store.tasks["code"] = TaskRecord(name="code", adapter_dir="a", calibration="c", phase=REQUANTIZING,
-                                                  version=1, layers_done=11, layers_total=30)
-        jobs = RequantizationJobs(config, store, 30, wake=lambda: None)
-        jobs.supervisor = _Requantizer()  # type: ignore[assignment]
-        jobs.current = "code"
+        jobs, _, record = running_job(tmp_path, {"requantizer": {"max_attempts": 2}}, layers_done=11)
         jobs._on_lost("requantizer (pid 7) died (SIGKILL)")
         assert record.message.endswith("resuming at layer 11")
         jobs._on_message(LayerReady(job_id="code@v1", layer=11, version=1, handle=None, file="", linears=[],
@@ -138,13 +146,7 @@ def test_resume_and_failure_messages_follow_the_job(tmp_path):
 
 def test_a_failed_job_says_how_to_retry(tmp_path):
     async def scenario() -> None:
-        config = config_from_dict({"server": {"state_dir": "state"}}, base_dir=tmp_path)
-        store = TaskStore(tmp_path / "state", BASE)
-        record = store.tasks["code"] = TaskRecord(name="code", adapter_dir="a", calibration="c", phase=REQUANTIZING,
-                                                  version=1, layers_total=30)
-        jobs = RequantizationJobs(config, store, 30, wake=lambda: None)
-        jobs.supervisor = _Requantizer()  # type: ignore[assignment]
-        jobs.current = "code"
+        jobs, _, record = running_job(tmp_path)
         jobs._on_message(JobFinished(job_id="code@v1", ok=False, error="IncrementalError: bad."))
         assert record.phase == FAILED and "bad. To retry, add the task again" in record.message
         await asyncio.sleep(0)

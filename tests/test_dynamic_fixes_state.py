@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny_llama import make_adapter, make_tiny_model, quantize_full, write_calibration
+from tiny_llama import calibration_tasks, make_tiny_model, quantize_full
 from inlaid.quant.calibration import CalibrationTask
 from inlaid.quant.checkpoint import HESSIAN_STATE_DIR
 from inlaid.quant.incremental import IncrementalQuantizer, IncrementalSettings
@@ -27,9 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 def base(tmp_path_factory, model_dir):
     root = tmp_path_factory.mktemp("dropped")
     model = make_tiny_model(root / "model", model_dir, layers=LAYERS)
-    tasks = [CalibrationTask(name, make_adapter(model, root / f"adapter_{name}", seed=index + 1),
-                             write_calibration(root / f"{name}.jsonl", name, 4))
-             for index, name in enumerate(["alpha", "beta", "gamma"])]
+    tasks = calibration_tasks(model, root, {"alpha": 4, "beta": 4, "gamma": 4})
     quantize_full(model, tasks[:2], root / "ab")
     return root, model, tasks
 

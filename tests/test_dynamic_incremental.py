@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from tiny_llama import make_adapter, make_tiny_model, quantize_full, write_calibration
+from tiny_llama import calibration_tasks, make_adapter, make_tiny_model, quantize_full, write_calibration
 from inlaid.quant.calibration import CalibrationTask
 from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, WEIGHTS_FILE, load_gptq_checkpoint
 from inlaid.quant.incremental import (
@@ -35,9 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 def setup(tmp_path_factory, model_dir):
     root = tmp_path_factory.mktemp("incremental")
     model = make_tiny_model(root / "model", model_dir, layers=LAYERS)
-    tasks = [CalibrationTask(name, make_adapter(model, root / f"adapter_{name}", seed=index + 1),
-                             write_calibration(root / f"{name}.jsonl", name, 6 + index))
-             for index, name in enumerate(["alpha", "beta", "gamma"])]
+    tasks = calibration_tasks(model, root, {"alpha": 6, "beta": 7, "gamma": 8})
     quantize_full(model, tasks[:2], root / "ab")
     quantize_full(model, tasks, root / "abc")
     return root, model, tasks

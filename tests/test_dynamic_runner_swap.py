@@ -9,10 +9,9 @@ import json
 import pytest
 import torch
 
-from tiny_llama import make_adapter, make_tiny_model, quantize_full, write_calibration
+from tiny_llama import calibration_tasks, make_tiny_model, quantize_full
 from inlaid.engine.config import EngineConfig
 from inlaid.protocol import BatchPlan, ChunkPlan, SamplingParams
-from inlaid.quant.calibration import CalibrationTask
 from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, WEIGHTS_FILE, dequantized_state_dict, load_gptq_checkpoint
 from inlaid.quant.incremental import IncrementalQuantizer, IncrementalSettings, read_layer_tensors
 from inlaid.quant.incremental_cli import write_incremental_checkpoint
@@ -25,9 +24,7 @@ SWAPPED = (0, 2)
 def checkpoints(tmp_path_factory, model_dir):
     root = tmp_path_factory.mktemp("swap")
     model = make_tiny_model(root / "model", model_dir, layers=3)
-    tasks = [CalibrationTask(name, make_adapter(model, root / f"adapter_{name}", seed=index + 1),
-                             write_calibration(root / f"{name}.jsonl", name, 5))
-             for index, name in enumerate(["alpha", "beta", "gamma"])]
+    tasks = calibration_tasks(model, root, {"alpha": 5, "beta": 5, "gamma": 5})
     quantize_full(model, tasks[:2], root / "ab")
     quantizer = IncrementalQuantizer(model, root / "ab", tasks[2], IncrementalSettings(quality_tolerance=None),
                                      root / "abc" / HESSIAN_STATE_DIR)

@@ -17,15 +17,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_dynamic_fixes_admin import running_job  # the jobs of one running task, no processes
 
 from inlaid.protocol import ErrorCode, JobFinished
 from inlaid.serve import task_store
 from inlaid.serve.config import config_from_dict
 from inlaid.serve.dynamic_tasks import DynamicTasks
 from inlaid.serve.executor_pool import ExecutorPool
-from inlaid.serve.requantization_jobs import RequantizationJobs
 from inlaid.serve.task_registry import TaskError, TaskRegistry
-from inlaid.serve.task_store import READY, REQUANTIZING, CommittedLayer, TaskRecord, TaskStore
+from inlaid.serve.task_store import READY, CommittedLayer, TaskRecord, TaskStore
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
 BASE = {"model_dir": "/models/m", "quantized_dir": "/models/q"}
@@ -123,25 +123,12 @@ def test_a_callers_file_gone_since_its_check_is_the_callers_error(model_dir, tmp
     assert not list((tmp_path / "state" / "adapters").iterdir())
 
 
-class _Requantizer:
-    ready = True
-
-    async def send(self, message) -> None:  # type: ignore[no-untyped-def]
-        pass
-
-
 def test_a_job_ending_while_the_registry_cannot_be_written_still_ends(tmp_path, monkeypatch):
     """Before: the save raised inside the JobFinished handler ("internal error handling a
     requantizer message"): the job stayed current, the queue never moved."""
 
     async def scenario() -> None:
-        config = config_from_dict({"server": {"state_dir": "state"}}, base_dir=tmp_path)
-        store = TaskStore(tmp_path / "state", BASE)
-        record = store.tasks["code"] = TaskRecord(name="code", adapter_dir="a", calibration="c", phase=REQUANTIZING,
-                                                  version=1, layers_done=30, layers_total=30)
-        jobs = RequantizationJobs(config, store, 30, wake=lambda: None)
-        jobs.supervisor = _Requantizer()  # type: ignore[assignment]
-        jobs.current = "code"
+        jobs, store, record = running_job(tmp_path, layers_done=30)
         jobs.queue.append("code")
         monkeypatch.setattr(task_store.os, "fsync", _disk_full)
         jobs._on_message(JobFinished(job_id="code@v1", ok=True))

@@ -86,6 +86,16 @@ def write_calibration(path: Path, topic: str, count: int) -> Path:
     return path
 
 
+def calibration_tasks(model_dir: Path, root: Path, samples: dict[str, int]) -> list:
+    """One CalibrationTask per name: an adapter of its own (seeded by its position) and
+    `samples[name]` calibration samples, written under `root`."""
+    from inlaid.quant.calibration import CalibrationTask
+
+    return [CalibrationTask(name, make_adapter(model_dir, root / f"adapter_{name}", seed=index + 1),
+                            write_calibration(root / f"{name}.jsonl", name, count))
+            for index, (name, count) in enumerate(samples.items())]
+
+
 def quantize_full(model_dir: Path, tasks: list, out_dir: Path, method: str = "mlgptq") -> Path:
     """A full MLGPTQ checkpoint with its Hessian state, through the real driver."""
     from inlaid.quant.driver import DriverConfig, quantize_model
