@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -20,6 +19,7 @@ import zmq.asyncio
 from inlaid.client.arguments import ChatMessageArg, checked_seconds
 from inlaid.client.connection import Connection, connection_lost
 from inlaid.client.async_stream import AsyncTokenStream
+from inlaid.client.task_wait import TASK_POLL_ANSWER_S, TaskWait
 from inlaid.client.errors import ClientClosedError, ConnectionLostError, RequestTimeoutError
 from inlaid.client.messages import (
     DEFAULT_ADDRESS,
@@ -351,16 +351,24 @@ class AsyncClient:
         message = TaskStatus(request_id=self._ids.next(), name=name, token=self.admin_token or "")
         return await self._call(message, TaskStatusReply, timeout_s)
 
-    async def wait_task(self, name: str, timeout_s: float = 3600.0, poll_s: float = 0.5) -> TaskStatusReply:
-        """Poll `task_status` until the task's re-quantization has ended (ready, failed, or none)."""
-        deadline = time.monotonic() + checked_seconds(timeout_s, "timeout_s")
-        checked_seconds(poll_s, "poll_s", zero_ok=True)
+    async def wait_task(self, name: str, timeout_s: float = 3600.0, poll_s: float = 0.5,
+                        on_status: Callable[[TaskStatusReply], None] | None = None,
+                        on_silence: Callable[[float, TaskStatusReply | None], None] | None = None,
+                        answer_s: float = TASK_POLL_ANSWER_S) -> TaskStatusReply:
+        """Poll `task_status` until the task's re-quantization has ended (ready, failed, or
+        none). As `Client.wait_task`: a silent or restarting server does not end the wait before
+        `timeout_s`; `on_silence(seconds_silent, last_status)` after each unanswered poll."""
+        wait = TaskWait(name, self.address, timeout_s, poll_s, min(answer_s, self.timeout_s))
         while True:
-            status = await self.task_status(name)
-            if status.phase not in ("queued", "requantizing"):
-                return status
-            if time.monotonic() > deadline:
-                raise RequestTimeoutError(f"task {name!r} still {status.phase} after {timeout_s:.0f} s")
+            try:
+                status = await self.task_status(name, timeout_s=wait.poll_timeout())
+            except (RequestTimeoutError, ConnectionLostError):  # down or restarting: keep asking
+                wait.unanswered(on_silence)  # raises once timeout_s has passed
+            else:
+                if on_status is not None:
+                    on_status(status)
+                if wait.answered(status):
+                    return status
             await asyncio.sleep(poll_s)
 
     async def remove_task(self, name: str, timeout_s: float | None = None) -> str:

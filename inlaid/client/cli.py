@@ -16,6 +16,8 @@ import json
 import math
 import os
 import sys
+import time
+from collections.abc import Callable
 
 import msgspec
 
@@ -140,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
                                       os.path.abspath(args.calibration) if args.calibration else None))
                 if args.wait:
                     final = client.wait_task(args.name, timeout_s=args.wait_timeout, poll_s=1.0,
-                                             on_status=_progress_printer())
+                                             on_status=_progress_printer(),
+                                             on_silence=_silence_printer(args.wait_timeout))
                     _print_status(final, args.json)
                     if final.phase == "failed":
                         return 1
@@ -167,5 +170,18 @@ def _progress_printer():  # type: ignore[no-untyped-def]
             last.append(now)
             print(f"{status.name}: {status.phase}, layers {status.layers_done}/{status.layers_total}",
                   file=sys.stderr, flush=True)
+
+    return show
+
+
+def _silence_printer(wait_timeout_s: float) -> Callable[[float, TaskStatusReply | None], None]:
+    """A line on stderr after each poll the server left unanswered: the wait goes on (a server
+    restarting mid-wait is waited for), and the user sees why nothing moves and until when."""
+    until = time.strftime("%H:%M:%S", time.localtime(time.time() + wait_timeout_s))
+
+    def show(silent_s: float, last: TaskStatusReply | None) -> None:
+        known = f"; last known: {last.phase}, layers {last.layers_done}/{last.layers_total}" if last else ""
+        print(f"inlaid client: no answer from the server for {silent_s:.0f} s; still waiting until {until} "
+              f"(--wait-timeout){known}", file=sys.stderr, flush=True)
 
     return show

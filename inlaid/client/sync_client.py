@@ -29,6 +29,7 @@ from inlaid.client.messages import (
     hello,
 )
 from inlaid.client.sync_stream import TokenStream
+from inlaid.client.task_wait import TASK_POLL_ANSWER_S, TaskWait
 from inlaid.protocol import (
     AdminReply,
     Cancel,
@@ -314,19 +315,26 @@ class Client:
         return self._call(message, TaskStatusReply, timeout_s)
 
     def wait_task(self, name: str, timeout_s: float = 3600.0, poll_s: float = 0.5,
-                  on_status: Callable[[TaskStatusReply], None] | None = None) -> TaskStatusReply:
+                  on_status: Callable[[TaskStatusReply], None] | None = None,
+                  on_silence: Callable[[float, TaskStatusReply | None], None] | None = None,
+                  answer_s: float = TASK_POLL_ANSWER_S) -> TaskStatusReply:
         """Poll `task_status` until the task's re-quantization has ended (ready, failed, or
-        none); `on_status(status)` after each poll (progress)."""
-        deadline = time.monotonic() + checked_seconds(timeout_s, "timeout_s")
-        checked_seconds(poll_s, "poll_s", zero_ok=True)
+        none); `on_status(status)` after each answered poll (progress). A server that stops
+        answering (down, restarting, hung) does not end the wait: each poll waits `answer_s` at
+        most (or the client's timeout, if shorter), `on_silence(seconds_silent, last_status)`
+        after each unanswered one, and polling goes on until `timeout_s`; the timeout error then
+        names the last known progress."""
+        wait = TaskWait(name, self.address, timeout_s, poll_s, min(answer_s, self.timeout_s))
         while True:
-            status = self.task_status(name)
-            if on_status is not None:
-                on_status(status)
-            if status.phase not in ("queued", "requantizing"):
-                return status
-            if time.monotonic() > deadline:
-                raise RequestTimeoutError(f"task {name!r} still {status.phase} after {timeout_s:.0f} s")
+            try:
+                status = self.task_status(name, timeout_s=wait.poll_timeout())
+            except (RequestTimeoutError, ConnectionLostError):  # down or restarting: keep asking
+                wait.unanswered(on_silence)  # raises once timeout_s has passed
+            else:
+                if on_status is not None:
+                    on_status(status)
+                if wait.answered(status):
+                    return status
             time.sleep(poll_s)
 
     def remove_task(self, name: str, timeout_s: float | None = None) -> str:

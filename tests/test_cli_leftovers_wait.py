@@ -1,0 +1,163 @@
+"""`wait_task` / `inlaid client add-task --wait` while the server stops answering.
+
+The server here is a stand-in: a ZeroMQ ROUTER in a thread that speaks the wire protocol's
+hello, add-task and task-status (a real `inlaid serve` needs a model and minutes). What is
+tested is the real client: `Client.wait_task`, `AsyncClient.wait_task` and the CLI. The
+stand-in can go silent (keeps its socket, answers nothing) and be stopped and restarted on
+the same port, as a server restart would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import msgspec
+import pytest
+import zmq
+
+from inlaid.cli import main
+from inlaid.client import AsyncClient, Client, RequestTimeoutError
+from inlaid.protocol import (
+    PROTOCOL_VERSION, AddTask, AdminReply, ClientRequest, Hello, HelloReply, TaskStatus, TaskStatusReply,
+)
+from inlaid.serve.launcher import free_tcp_port
+
+_requests = msgspec.msgpack.Decoder(ClientRequest)
+
+
+class StandInServer:
+    """Answers hello, add_task and task_status (phase from `self.phase`) while `answering`."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.phase = "requantizing"
+        self.layers_done = 3
+        self.answering = True
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._bound = threading.Event()
+        self._thread.start()
+        assert self._bound.wait(5)
+
+    def _reply(self, request: object) -> msgspec.Struct | None:
+        if isinstance(request, Hello):
+            return HelloReply(request_id=request.request_id, protocol_version=PROTOCOL_VERSION,
+                              server_version="stand-in", model="none", max_model_len=64)
+        if isinstance(request, AddTask):
+            return AdminReply(request_id=request.request_id, message=f"task {request.name!r} added")
+        if isinstance(request, TaskStatus):
+            return TaskStatusReply(request_id=request.request_id, name=request.name, phase=self.phase,
+                                   layers_done=self.layers_done, layers_total=10, version=1, served_version=0,
+                                   layers_swapped=0)
+        return None
+
+    def _serve(self) -> None:
+        sock = zmq.Context.instance().socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(self.address)
+        self._bound.set()
+        try:
+            while not self._stop.is_set():
+                if not sock.poll(20):
+                    continue
+                peer, frame = sock.recv_multipart()
+                reply = self._reply(_requests.decode(frame))
+                if self.answering and reply is not None:
+                    sock.send_multipart([peer, msgspec.msgpack.encode(reply)])
+        finally:
+            sock.close(linger=0)  # the client's monitor sees its connection end
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def _restart_later(server: StandInServer, delay_s: float, box: list[StandInServer]) -> threading.Thread:
+    """Stop `server` now; after `delay_s` a new one on the same address answers `ready`."""
+    server.stop()
+
+    def start() -> None:
+        time.sleep(delay_s)
+        replacement = StandInServer(server.address)
+        replacement.phase = "ready"
+        box.append(replacement)
+
+    thread = threading.Thread(target=start, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_wait_task_outlasts_a_silent_then_restarted_server() -> None:
+    """It used to end with a timeout at the first poll left unanswered (after the client's
+    whole timeout, saying nothing); now it reports the silence and picks the task up again."""
+    address = f"tcp://127.0.0.1:{free_tcp_port()}"
+    server = StandInServer(address)
+    box: list[StandInServer] = []
+    silences: list[tuple[float, TaskStatusReply | None]] = []
+    statuses: list[str] = []
+    try:
+        with Client(address, timeout_s=0.5) as client:
+            def on_status(status: TaskStatusReply) -> None:
+                statuses.append(status.phase)
+                if len(statuses) == 2:  # mid-wait: silent first, then gone, then back
+                    server.answering = False
+                    threading.Timer(0.8, lambda: _restart_later(server, 0.8, box)).start()
+
+            final = client.wait_task("t", timeout_s=20, poll_s=0.05, on_status=on_status,
+                                     on_silence=lambda s, last: silences.append((s, last)))
+        assert final.phase == "ready"
+        assert silences, "the silence was never reported"
+        assert silences[0][1] is not None and silences[0][1].phase == "requantizing"
+        assert statuses[:2] == ["requantizing", "requantizing"] and statuses[-1] == "ready"
+    finally:
+        server.stop()
+        for replacement in box:
+            replacement.stop()
+
+
+def test_wait_task_gives_up_naming_the_last_progress() -> None:
+    address = f"tcp://127.0.0.1:{free_tcp_port()}"
+    server = StandInServer(address)
+    try:
+        with Client(address, timeout_s=0.3) as client:
+            client.task_status("t")  # greeted; then the server goes quiet
+            server.answering = False
+            started = time.monotonic()
+            with pytest.raises(RequestTimeoutError, match=r"no answer .* gave up after 1 s \(no status received"):
+                client.wait_task("t", timeout_s=1.0, poll_s=0.05)
+            assert time.monotonic() - started < 3.0
+
+        async def async_wait() -> None:
+            server.answering = True
+            async with AsyncClient(address, timeout_s=0.3) as async_client:
+                silences: list[float] = []
+
+                def go_quiet(status: TaskStatusReply) -> None:
+                    server.answering = False
+
+                with pytest.raises(RequestTimeoutError, match=r"last known: requantizing, layers 3/10"):
+                    await async_client.wait_task("t", timeout_s=1.0, poll_s=0.05, on_status=go_quiet,
+                                                 on_silence=lambda s, last: silences.append(s))
+                assert silences
+
+        asyncio.run(asyncio.wait_for(async_wait(), 10))
+    finally:
+        server.stop()
+
+
+def test_cli_wait_says_the_server_is_silent(capsys: pytest.CaptureFixture) -> None:
+    """`add-task --wait` used to print nothing for the whole --timeout of each poll."""
+    address = f"tcp://127.0.0.1:{free_tcp_port()}"
+    server = StandInServer(address)
+    try:
+        threading.Timer(1.0, lambda: setattr(server, "answering", False)).start()
+        code = main(["client", "--address", address, "--timeout", "0.5", "add-task", "t", ".", "--wait",
+                     "--wait-timeout", "3"])
+        err = capsys.readouterr().err
+        assert code == 1
+        assert "no answer from the server for" in err and "still waiting until" in err, err
+        assert "gave up after 3 s (last known: requantizing, layers 3/10)" in err, err
+    finally:
+        server.stop()
