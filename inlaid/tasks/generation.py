@@ -77,7 +77,8 @@ def generate_with_engine(model_dir: Path, adapters: dict[str, Path], requests: l
     results: list[GenerationResult | None] = [None] * len(requests)
     try:
         # Stepped here, not through `engine.generate`: on Ctrl-C the finished results are kept.
-        _run_to_completion(engine, ids, results, tokenizer, eos_ids, show_progress)
+        _run_to_completion(engine, ids, results, tokenizer, eos_ids, show_progress,
+                           [r.max_new_tokens for r in requests])
     except KeyboardInterrupt:
         raise GenerationInterrupted(results) from None
     failed = sorted({r.adapter or "the base model" for r, o in zip(requests, results) if o and o.finish_reason == "error"})
@@ -91,29 +92,46 @@ def generate_with_engine(model_dir: Path, adapters: dict[str, Path], requests: l
 
 
 def _run_to_completion(engine, ids: list[str], results: list[GenerationResult | None], tokenizer,  # type: ignore[no-untyped-def]
-                       eos_ids: set[int], show_progress: bool) -> None:
+                       eos_ids: set[int], show_progress: bool, budgets: list[int]) -> None:
     """Step `engine` until every request in `ids` finished, each result put in `results` (by
-    the request's position) as it finishes."""
+    the request's position) as it finishes.
+
+    The bar counts tokens against the requests' max-token budgets (`budgets`, by position), not
+    finished requests: a mixed batch decodes side by side and its requests finish near the
+    end, so a count of requests sat at 0 % for most of the run. A request that stops early
+    counts its unused budget as done when it finishes, so the bar ends at 100 %."""
     from tqdm import tqdm
 
     position = {rid: index for index, rid in enumerate(ids)}
+    budget = {rid: max(1, budgets[index]) for index, rid in enumerate(ids)}
+    counted = dict.fromkeys(ids, 0)  # units of each request's budget the bar has shown
     tokens: dict[str, list[int]] = {rid: [] for rid in ids}
     pending = set(ids)
-    with tqdm(total=len(ids), desc="generate", unit="req", disable=not show_progress) as progress:
+    # The finished requests' count stays where the count of requests stood (`1/2 [`), after the tokens.
+    bar_format = "{l_bar}{bar}| {n_fmt}/{total_fmt} {unit}{postfix} [{elapsed}<{remaining}, {rate_fmt}]"
+    with tqdm(total=sum(budget.values()), desc="generate", unit="tok", bar_format=bar_format,
+              disable=not show_progress) as progress:
+        progress.set_postfix_str(f"requests 0/{len(ids)}")
         while pending:
+            moved = 0
             for output in engine.step():
                 if output.request_id not in position:
                     continue
-                tokens[output.request_id].extend(output.new_token_ids)
-                if not output.finished:
-                    continue
-                pending.discard(output.request_id)
-                kept = tokens[output.request_id]
-                if kept and kept[-1] in eos_ids:
-                    kept = kept[:-1]
-                text = tokenizer.decode(kept, skip_special_tokens=True)
-                results[position[output.request_id]] = GenerationResult(text, len(kept), str(output.finish_reason))
-                progress.update(1)  # after the result is kept: what the bar counts survives a Ctrl-C
+                rid = output.request_id
+                tokens[rid].extend(output.new_token_ids)
+                if output.finished:
+                    pending.discard(rid)
+                    kept = tokens[rid]
+                    if kept and kept[-1] in eos_ids:
+                        kept = kept[:-1]
+                    text = tokenizer.decode(kept, skip_special_tokens=True)
+                    results[position[rid]] = GenerationResult(text, len(kept), str(output.finish_reason))
+                shown = budget[rid] if output.finished else min(len(tokens[rid]), budget[rid])
+                moved += shown - counted[rid]
+                counted[rid] = shown
+            if moved:  # after the results are kept: what the bar counts survives a Ctrl-C
+                progress.set_postfix_str(f"requests {len(ids) - len(pending)}/{len(ids)}", refresh=False)
+                progress.update(moved)
 
 
 def _adapter_rank(path: Path) -> int:

@@ -195,8 +195,6 @@ def train(config: TrainConfig, command: str = "") -> Path:
             (checkpoint / "state.json").write_text(
                 json.dumps({"step": done, "losses": losses, "settings": config.resume_settings()}))
 
-    model.save_pretrained(str(out_dir))
-    _cast_adapter_file(out_dir / "adapter_model.safetensors", config.save_dtype)
     info = {
         "task": config.task,
         "base_model": Path(config.model_dir).name,
@@ -216,9 +214,43 @@ def train(config: TrainConfig, command: str = "") -> Path:
         "command": command,
         "config": asdict(config),
     }
+    if start_step >= config.steps and _same_record(out_dir, info):
+        # A rerun of a finished run: nothing trained, so the adapter and its record stay as
+        # they are, their mtimes too (a sync or build rule keyed on them saw a new adapter).
+        print(f"{config.task}: already trained to step {config.steps} with these settings; nothing rewritten",
+              file=sys.stderr)
+        return out_dir
+    model.save_pretrained(str(out_dir))
+    _cast_adapter_file(out_dir / "adapter_model.safetensors", config.save_dtype)
     (out_dir / "training.json").write_text(json.dumps(info, indent=2))
     (out_dir / "losses.json").write_text(json.dumps(losses))
     return out_dir
+
+
+# Fields that say how a run went, not what the adapter is: a rerun that trains nothing
+# differs there alone (on another device, with other --threads) and must not rewrite.
+_RUN_ONLY_FIELDS = ("seconds_this_run", "command", "device")
+_RUN_ONLY_CONFIG = ("threads", "save_every")
+
+
+def _same_record(out_dir: Path, info: dict) -> bool:
+    """Whether `out_dir` already holds the adapter and a training.json recording `info` (all
+    but the fields of the run itself)."""
+    if not (out_dir / "adapter_model.safetensors").is_file():
+        return False
+    try:
+        recorded = json.loads((out_dir / "training.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("config"), dict):
+        return False
+
+    def essence(record: dict) -> dict:
+        config = {k: v for k, v in record["config"].items() if k not in _RUN_ONLY_CONFIG}
+        return {**{k: v for k, v in record.items() if k not in _RUN_ONLY_FIELDS}, "config": config}
+
+    # Through JSON: `info` holds tuples that its file holds as lists.
+    return essence(recorded) == essence(json.loads(json.dumps(info)))
 
 
 def resume_problem(config: TrainConfig) -> str | None:

@@ -1,0 +1,22 @@
+"""`inlaid train-adapter` rerun with the same settings on a finished adapter trains nothing
+and rewrites nothing: training.json (and the adapter) keep their bytes and mtimes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from inlaid.tasks.train import TrainConfig, train
+
+
+def test_a_no_op_rerun_leaves_the_adapter_and_its_record_alone(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "adapter"
+    config = TrainConfig(task="sentiment", model_dir=str(model_dir), out_dir=str(out), rank=2, steps=1,
+                         batch_size=1, max_length=64, threads=1, split="calib")
+    train(config, command="first")
+    written = ("training.json", "losses.json", "adapter_model.safetensors", "adapter_config.json")
+    before = {name: ((out / name).stat().st_mtime_ns, (out / name).read_bytes()) for name in written}
+    train(config, command="again")  # it rewrote training.json (a new command, seconds 0.0)
+    after = {name: ((out / name).stat().st_mtime_ns, (out / name).read_bytes()) for name in written}
+    assert after == before
+    assert json.loads((out / "training.json").read_text())["command"] == "first"
