@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     report.add_argument("--results", action="append", default=[],
                         help="JSON written by `inlaid eval --suite --with-base --out` (repeatable: merged)")
     report.add_argument("--markdown", default=None, help="also write the base-vs-adapter table here")
+    report.add_argument("--out", default=None, metavar="PATH",
+                        help="also write the base-vs-adapter report here: JSON if PATH ends in .json, else "
+                             "Markdown (needs --results)")
     report.add_argument("--adapters-dir", default="adapters")
 
 
@@ -34,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         from inlaid.tasks.evaluate import markdown_table
-        from inlaid.tasks.report import write_manifest, write_output_lengths
+        from inlaid.tasks.report import write_manifest, write_output_lengths, write_report
 
         try:  # every input and output checked before anything is written
             results = _report_inputs(args)
@@ -45,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         if results and args.markdown:
             Path(args.markdown).write_text(markdown_table(results))
             print(args.markdown)
+        if results and args.out:
+            print(write_report(results, Path(args.out)))
         if results:
             from transformers import AutoTokenizer
 
@@ -59,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _report_inputs(args: argparse.Namespace) -> dict | None:
     """The merged `--results` (None without any), after checking that each is an `inlaid eval
-    --suite --with-base --out` file and that --adapters-dir and --markdown can be written:
+    --suite --with-base --out` file and that --adapters-dir, --markdown and --out can be written:
     a missing or foreign file was a traceback, and an unwritable --markdown one after
     MANIFEST.json had been rewritten."""
     from inlaid.cli_args import writable_dir_problem, writable_file_problem
@@ -82,8 +88,13 @@ def _report_inputs(args: argparse.Namespace) -> dict | None:
     if not adapters.is_dir():
         raise ValueError(f"--adapters-dir {adapters} is not a directory")
     problem = writable_dir_problem(adapters, "--adapters-dir")
-    if problem is None and args.markdown and parts:
-        problem = writable_file_problem(Path(args.markdown), "--markdown")
+    outputs = [(option, path) for option, path in (("--markdown", args.markdown), ("--out", args.out)) if path]
+    if problem is None and outputs and not parts:  # they were silently not written
+        problem = f"{outputs[0][0]} needs --results (the report is made from them)"
+    if problem is None and args.markdown and args.out and os.path.realpath(args.markdown) == os.path.realpath(args.out):
+        problem = f"--out and --markdown are the same file ({args.out}); give two paths"
+    for option, path in outputs:
+        problem = problem or writable_file_problem(Path(path), option)
     if problem:
         raise ValueError(problem)
     return merge_results(parts) if parts else None

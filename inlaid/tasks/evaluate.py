@@ -179,6 +179,15 @@ def _table_row(label: str, base: dict | None, tuned: dict | None) -> str:
             f"{spread(base)} | {spread(tuned)} | {reference.get('dtype', '?')} |")
 
 
+# Metrics that are shares of the examples (metrics.py); the others (f1, rouge*, bleu, chrf)
+# are scores on their own 0-100 scale, which a % sign misread as a share ("bleu=10.90%").
+SHARE_METRICS = frozenset({"exact_match", "contains_answer", "accuracy", "unparsed"})
+
+
+def _shown_score(metric: str, value: float) -> str:
+    return f"{metric}={value:.2f}%" if metric in SHARE_METRICS else f"{metric}={value:.2f}"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="base model directory (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--task", action="append", help="task to evaluate (repeatable); with --suite default all")
@@ -226,8 +235,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     for task_name, configs in results["tasks"].items():
         for config_name, entry in configs.items():
-            # every metric is a percentage in [0, 100] (metrics.py); the unit is printed
-            scores = ", ".join(f"{k}={v:.2f}%" for k, v in entry["scores"].items())
+            scores = ", ".join(_shown_score(k, v) for k, v in entry["scores"].items())
             print(f"{task_name:14s} {config_name:14s} n={entry['examples']:<4d} {scores}")
     print(f"backend={results['backend']} seconds={results['seconds']} tokens={results['generated_tokens']}")
     written = []

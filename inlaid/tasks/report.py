@@ -55,6 +55,46 @@ def write_manifest(adapters_dir: Path, results: dict | None) -> Path:
     return path
 
 
+def report_rows(results: dict) -> list[dict]:
+    """The base-vs-adapter table (`markdown_table`) as records: one per (task, adapter) pair,
+    scores on the task's primary metric in its stored [0, 100] scale (None where not run)."""
+    from inlaid.tasks import TASK_NAMES
+    from inlaid.tasks.eval_plan import BASE
+
+    rows = []
+    for task_name in [name for name in TASK_NAMES if name in results["tasks"]]:
+        configs = results["tasks"][task_name]
+        base = configs.get(BASE)
+        for adapter in [name for name in configs if name != BASE] or [None]:
+            tuned = configs.get(adapter) if adapter else None
+            reference = tuned or base
+            metric = reference["primary_metric"]
+            base_score = base["scores"][metric] if base else None
+            tuned_score = tuned["scores"][metric] if tuned else None
+            rows.append({
+                "task": task_name, "adapter": adapter, "metric": metric, "examples": reference["examples"],
+                "base": base_score, "with_adapter": tuned_score,
+                "gain": tuned_score - base_score if base_score is not None and tuned_score is not None else None,
+            })
+    return rows
+
+
+def write_report(results: dict, path: Path) -> Path:
+    """`inlaid tasks report --out`: JSON (`report_rows` beside the model and split) when the
+    path ends in .json, else the Markdown table that `--markdown` writes."""
+    from inlaid.tasks.evaluate import markdown_table
+
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".json":
+        report = {"model": results["model"], "split": results["split"], "scale": "0-100",
+                  "rows": report_rows(results)}
+        path.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    else:
+        path.write_text(markdown_table(results))
+    return path
+
+
 def write_output_lengths(results: dict, tokenizer, path: Path = OUTPUT_LENGTHS_FILE) -> Path:
     """Per task: token counts of references (eval + calib) and of greedy outputs (base, adapter)."""
     from inlaid.tasks import get_task
