@@ -285,7 +285,7 @@ def online_equals_offline(state_dir: str, offline: str) -> bool:
     import torch
 
     from inlaid.quant.checkpoint import WEIGHTS_FILE
-    from inlaid.quant.incremental import read_layer_tensors
+    from inlaid.quant.incremental_linears import read_layer_tensors
 
     registry = json.loads((Path(state_dir) / "registry.json").read_text())
     for layer, entry in registry["layers"].items():

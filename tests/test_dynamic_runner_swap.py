@@ -13,7 +13,8 @@ from tiny_llama import calibration_tasks, make_tiny_model, quantize_full
 from inlaid.engine.config import EngineConfig
 from inlaid.protocol import BatchPlan, ChunkPlan, SamplingParams
 from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, WEIGHTS_FILE, dequantized_state_dict, load_gptq_checkpoint
-from inlaid.quant.incremental import IncrementalQuantizer, IncrementalSettings, read_layer_tensors
+from inlaid.quant.incremental import IncrementalQuantizer, IncrementalSettings
+from inlaid.quant.incremental_linears import read_layer_tensors
 from inlaid.quant.incremental_cli import write_incremental_checkpoint
 
 pytest.importorskip("peft")

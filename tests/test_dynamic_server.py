@@ -25,7 +25,8 @@ from tiny_llama import make_adapter, make_tiny_model, quantize_full, write_calib
 from inlaid.client import InvalidRequestError, TaskBusyError, UnauthorizedError, UnknownTaskError
 from inlaid.quant.calibration import CalibrationTask
 from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, WEIGHTS_FILE
-from inlaid.quant.incremental import IncrementalQuantizer, IncrementalSettings, read_layer_tensors
+from inlaid.quant.incremental import IncrementalQuantizer, IncrementalSettings
+from inlaid.quant.incremental_linears import read_layer_tensors
 from inlaid.quant.incremental_cli import write_incremental_checkpoint
 from inlaid.serve.launcher import ServerProcess
 

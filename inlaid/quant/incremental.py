@@ -8,7 +8,7 @@ same pass the full driver makes); at each input group its H joins the stored one
 linear is re-quantized from the
 full-precision weight W with the method of the checkpoint (mlgptq by default) when the
 aggregate moved beyond a threshold and the result passes the quality gate
-(`layer_decisions.py`); otherwise the served weight stays.
+(`incremental_linears.py`, `layer_decisions.py`); otherwise the served weight stays.
 
 Equivalence with a full MLGPTQ over T+1 tasks from the same inputs:
 - `exact=True` recomputes every existing task's Hessians on the new base too (the stored
@@ -38,27 +38,23 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from inlaid.kernels.dispatch import QuantLinearWeights
-from inlaid.quant.aggregate import TaskHessian, TaskHessians
+from inlaid.quant.aggregate import TaskHessian
 from inlaid.quant.calibration import (
     CalibrationTask, TokenBatch, make_batches, read_calibration_examples, tokenize_examples,
 )
-from inlaid.quant.checkpoint import (
-    METADATA_FILE, WEIGHTS_FILE, check_gptq_checkpoint, pack_linear, unpack_linear,
-)
+from inlaid.quant.checkpoint import METADATA_FILE, WEIGHTS_FILE, check_gptq_checkpoint
 from inlaid.quant.driver import DriverConfig
-from inlaid.quant.errors import CheckpointError, QuantizationError
-from inlaid.quant.gptq import QuantizedWeight
-from inlaid.quant.incremental_tasks import consistent_stored_tasks
-from inlaid.quant.layer_decisions import (
-    KEPT_QUALITY, KEPT_UNCHANGED, REQUANTIZED, LinearDecision, aggregate_change, quality_gate,
+from inlaid.quant.errors import QuantizationError
+from inlaid.quant.incremental_linears import (
+    LinearPolicy, decide_group_linears, read_layer_tensors, unpack_layer_linear,
 )
+from inlaid.quant.incremental_tasks import consistent_stored_tasks
+from inlaid.quant.layer_decisions import LinearDecision
 from inlaid.quant.layerwise import GroupHessians, PhaseTimer, Stream, propagate, quantize_layer_sequential
-from inlaid.quant.methods import Method, MlgptqOptions, parse_method, quantize_linears
+from inlaid.quant.methods import Method, MlgptqOptions, parse_method
 from inlaid.quant.model_io import (
-    INPUT_GROUPS, LINEAR_NAMES, active_adapter, attach_adapters, capture_first_layer_inputs, decoder_layers,
+    LINEAR_NAMES, active_adapter, attach_adapters, capture_first_layer_inputs, decoder_layers,
     load_base_model, onednn_linears, plain_linear,
 )
 from inlaid.quant.spec import QuantSpec
@@ -66,7 +62,6 @@ from inlaid.quant.state import LayerState, layer_state_path, load_layer_state, s
 from inlaid.quant.task_costs import COSTS_FILE, load_raw_costs, normalized, probe_count, probe_impurity, save_raw_costs
 from inlaid.quant.unfinished import unfinished_problem
 
-_PACKED_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx", ".bias")
 _DRIVER_DEFAULTS = {f.name: f.default for f in fields(DriverConfig)}
 log = logging.getLogger("inlaid.incremental")
 
@@ -119,30 +114,6 @@ def read_checkpoint_metadata(checkpoint_dir: Path) -> dict:
     if not path.is_file():
         raise IncrementalError(f"{checkpoint_dir} has no {METADATA_FILE}: not a checkpoint written by `inlaid quantize`")
     return json.loads(path.read_text())
-
-
-def read_layer_tensors(weights_file: Path, layer: int) -> dict[str, torch.Tensor]:
-    """The packed GPTQ tensors of one decoder layer's linears from a safetensors file."""
-    prefix = f"model.layers.{layer}."
-    wanted = {f"{prefix}{name}{suffix}" for name in LINEAR_NAMES for suffix in _PACKED_SUFFIXES}
-    try:
-        with safe_open(str(weights_file), framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys() if key in wanted}
-    except SafetensorError as error:  # a served layer's file (the checkpoint's was checked at the start)
-        raise CheckpointError(f"{weights_file} is truncated or not a safetensors file ({error})") from None
-    missing = [name for name in LINEAR_NAMES if f"{prefix}{name}.qweight" not in tensors]
-    if missing:
-        raise CheckpointError(f"{weights_file}: layer {layer} lacks quantized {missing}")
-    return tensors
-
-
-def unpack_layer_linear(tensors: dict[str, torch.Tensor], prefix: str, spec: QuantSpec,
-                        in_features: int, out_features: int) -> QuantizedWeight:
-    return unpack_linear(QuantLinearWeights(
-        qweight=tensors[prefix + ".qweight"], qzeros=tensors[prefix + ".qzeros"], scales=tensors[prefix + ".scales"],
-        g_idx=tensors.get(prefix + ".g_idx"), bits=spec.bits, group_size=spec.effective_group_size(in_features),
-        in_features=in_features, out_features=out_features,
-    ))
 
 
 def calibration_entry(task: CalibrationTask, sequences: list[torch.Tensor]) -> dict:
@@ -305,6 +276,8 @@ class IncrementalQuantizer:
         served = self.served_tensors(index)
         prefix = f"model.layers.{index}"
         timer = PhaseTimer()
+        policy = LinearPolicy(self.method, self.spec, self.options, self.task_costs, self.settings.change_threshold,
+                              self.settings.quality_tolerance)
         state: LayerState = {}
         tensors: dict[str, torch.Tensor] = {}
         decisions: list[LinearDecision] = []
@@ -318,8 +291,8 @@ class IncrementalQuantizer:
                                 if name not in self.drop_tasks}
                 state[group] = {**existing, self.task.name: hessians[(self.task.name, forward)]}
                 self._check_costs(index, group, state[group])
-                group_decisions, group_tensors = self._decide_group(layer, prefix, group, served, existing,
-                                                                    state[group])
+                group_decisions, group_tensors = decide_group_linears(policy, layer, prefix, group, served,
+                                                                      existing, state[group])
                 decisions.extend(group_decisions)
                 tensors.update(group_tensors)
             if self.pace is not None:
@@ -340,51 +313,6 @@ class IncrementalQuantizer:
             raise IncrementalError(f"layer {index} ({group}): task {missing[0]!r} has Hessians but no cost in "
                                    f"{COSTS_FILE}; remove it (remove_task) or add it again with its calibration")
 
-    def _decide_group(self, layer, prefix: str, group: str, served: dict[str, torch.Tensor],
-                      existing: dict[str, TaskHessian], merged: dict[str, TaskHessian],
-                      ) -> tuple[list[LinearDecision], dict[str, torch.Tensor]]:
-        """Decide the linears reading input `group` and write the chosen weights into the layer
-        (the next group's inputs are computed with them)."""
-        names = INPUT_GROUPS[group]
-        linears = [plain_linear(layer, name) for name in names]
-        weights = [linear.weight.data.float() for linear in linears]
-        changes = [aggregate_change(self.method, weight, existing, merged, self.options, self.task_costs)
-                   for weight in weights]
-        moved = [i for i, change in enumerate(changes) if change > self.settings.change_threshold]
-        stack = TaskHessians(merged)
-        outcomes = dict(zip(moved, quantize_linears(
-            self.method, [weights[i] for i in moved], merged, self.spec, self.options,
-            stack if len(merged) > 1 else None, self.task_costs))) if moved else {}
-        decisions: list[LinearDecision] = []
-        tensors: dict[str, torch.Tensor] = {}
-        for i, (name, linear, weight) in enumerate(zip(names, linears, weights)):
-            key = f"{prefix}.{name}"
-            served_weight = unpack_layer_linear(served, key, self.spec, linear.in_features, linear.out_features)
-            served_dense = served_weight.dequantize()
-            before = stack.errors(weight, served_dense)
-            chosen, packed = served_dense, {k: v for k, v in served.items() if k.startswith(key + ".")}
-            if i not in outcomes:
-                decision = LinearDecision(name, KEPT_UNCHANGED, changes[i], before, reason=(
-                    f"aggregate moved {100 * changes[i]:.2f}% <= threshold {100 * self.settings.change_threshold:.2f}%"))
-            else:
-                outcome = outcomes[i]
-                dequantized = outcome.quantized.dequantize()
-                after = (outcome.task_errors if set(outcome.task_errors) == set(merged)
-                         else stack.errors(weight, dequantized))  # the search measured them already
-                accepted, reason = quality_gate(before, after, list(existing), self.settings.quality_tolerance)
-                if accepted:
-                    decision = LinearDecision(name, REQUANTIZED, changes[i], before, after,
-                                              task_weights=outcome.task_weights)
-                    bias = linear.bias.data if linear.bias is not None else None
-                    chosen, packed = dequantized, pack_linear(key, outcome.quantized, bias)
-                else:
-                    decision = LinearDecision(name, KEPT_QUALITY, changes[i], before, after, reason)
-            with torch.no_grad():  # a versioned write: a packed oneDNN copy follows (model_io.onednn_linears)
-                linear.weight.copy_(chosen.to(linear.weight.dtype))
-            decisions.append(decision)
-            tensors.update(packed)
-        return decisions, tensors
-
     def _write_weights(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
         """Put a layer's quantized weights (dequantized) into the calibration model."""
         layer = self.layers_module[index]
@@ -392,5 +320,5 @@ class IncrementalQuantizer:
             linear = plain_linear(layer, linear_name)
             quantized = unpack_layer_linear(tensors, f"model.layers.{index}.{linear_name}", self.spec,
                                             linear.in_features, linear.out_features)
-            with torch.no_grad():  # versioned, as above
+            with torch.no_grad():  # a versioned write, as in incremental_linears.decide_group_linears
                 linear.weight.copy_(quantized.dequantize(linear.weight.dtype))
