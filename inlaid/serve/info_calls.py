@@ -52,11 +52,11 @@ class InfoCalls:
             self._health(identity, message)
         elif isinstance(message, GetStats):
             gaps = [gap for shard in self.pool.shards if shard.step_loop for gap in shard.step_loop.step_gaps]
-            stats = server_stats(message.request_id, self.pool.shards, self.counters, gaps)
             store = self.dynamic.store
-            self._reply(identity, msgspec.structs.replace(stats, requantizer=requantizer_info(self.dynamic),
-                                                          state_unsaved=store.unsaved if store else "",
-                                                          requests_held=self._held() or 0))
+            self._reply(identity, server_stats(message.request_id, self.pool.shards, self.counters, gaps,
+                                               requantizer=requantizer_info(self.dynamic),
+                                               state_unsaved=store.unsaved if store else "",
+                                               requests_held=self._held() or 0))
         else:
             self._reply(identity, MetricsReply(request_id=message.request_id, text=self.metrics.exposition()))
 

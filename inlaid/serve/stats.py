@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from inlaid.protocol import ServerStats
+from inlaid.protocol import RequantizerInfo, ServerStats
 from inlaid.serve.executor_pool import ExecutorShard
 
 
@@ -17,10 +17,16 @@ def server_stats(
     shards: Sequence[ExecutorShard],
     counters: dict[str, int],
     step_gaps: list[float],
+    *,
+    requantizer: RequantizerInfo | None,
+    state_unsaved: str,
+    requests_held: int,
 ) -> ServerStats:
     """counters: the coordinator's request/step/token counts; step_gaps: its recent own
     times between a step's result and the next plan, in seconds. Executor figures are sums
-    over the executors (pid: the first ready one's), each also listed on its own."""
+    over the executors (pid: the first ready one's), each also listed on its own.
+    requantizer, state_unsaved, requests_held: as `ServerStats` names them (the caller holds
+    the dynamic tasks and the start-up hold)."""
     supervisors = [shard.supervisor for shard in shards if shard.supervisor is not None]
     timings = [t for supervisor in supervisors for t in supervisor.timings]
     reports = [supervisor.stats for supervisor in supervisors if supervisor.stats is not None]
@@ -48,4 +54,7 @@ def server_stats(
         requests_rejected=counters["rejected"],
         frames_refused=counters["frames_refused"],
         executors=[shard.info() for shard in shards],
+        requantizer=requantizer,
+        state_unsaved=state_unsaved,
+        requests_held=requests_held,
     )
