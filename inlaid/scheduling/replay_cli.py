@@ -38,6 +38,7 @@ from inlaid.scheduling.replay import DEFAULT_READY_TIMEOUT_S
 from inlaid.scheduling.traces import Trace
 
 if TYPE_CHECKING:
+    from inlaid.engine.tokenizer import Tokenizer
     from inlaid.scheduling.metrics import RequestRecord
     from inlaid.scheduling.replay import Replay
 
@@ -106,11 +107,11 @@ def _main(argv: list[str] | None) -> int:
     else:
         from inlaid.scheduling.suite import suite_prompts
 
-        problem = _model_problem(args.model)
+        tokenizer, problem = _load_tokenizer(args.model)
         if problem:
             return _refuse(f"--model: {problem} (or use --synthetic-prompts)")
         try:
-            prompts = suite_prompts(args.model)
+            prompts = suite_prompts(tokenizer=tokenizer)  # the tokenizer the check loaded
         except (OSError, ValueError) as error:
             return _refuse(f"--model: cannot rebuild the suite prompts: {error} (or use --synthetic-prompts)")
         unknown = sorted({request.source for request in trace.requests if request.source not in prompts})
@@ -120,22 +121,22 @@ def _main(argv: list[str] | None) -> int:
     return _replay(args, trace, prompts)
 
 
-def _model_problem(model: str | None) -> str | None:
-    """Why --model's tokenizer cannot be loaded, or None: a missing folder and a malformed
-    tokenizer.json ended in a traceback (the tokenizers library raises a bare Exception)."""
+def _load_tokenizer(model: str | None) -> tuple[Tokenizer | None, str | None]:
+    """--model's tokenizer (None: the default model's), or why it cannot be loaded: a missing
+    folder and a malformed tokenizer.json ended in a traceback (the tokenizers library raises
+    a bare Exception)."""
     from inlaid.engine.tokenizer import Tokenizer
 
     if model is not None and not Path(model).is_dir():
-        return f"{model} is not a directory"
+        return None, f"{model} is not a directory"
     if model is None:
         from inlaid.models.prepare import default_model_dir
 
         model = str(default_model_dir())
     try:
-        Tokenizer(model)
+        return Tokenizer(model), None
     except Exception as error:  # noqa: BLE001 - ModelLoadError, OSError, the tokenizers library's Exception
-        return f"cannot load the tokenizer of {model}: {type(error).__name__}: {error}"
-    return None
+        return None, f"cannot load the tokenizer of {model}: {type(error).__name__}: {error}"
 
 
 def synthetic_prompts(trace: Trace) -> tuple[Trace, dict[str, list[int]]]:

@@ -14,7 +14,10 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from inlaid.engine.tokenizer import Tokenizer
 
 SUITE_LENGTHS_FILE = Path(__file__).parent / "data" / "suite_lengths.jsonl"
 # The same examples' greedy output lengths on the MLGPTQ 4-bit suite base (embedding/head in
@@ -104,13 +107,15 @@ def prompt_token_ids(tokenizer: Any, example: dict[str, Any]) -> list[int]:
     return tokenizer.encode(tokenizer.apply_chat_template(example["messages"], add_generation_prompt=True))
 
 
-def suite_prompts(model_dir: str | Path | None = None) -> dict[str, list[int]]:
-    """Prompt token ids of every suite record, by record id (about 2 s for the whole suite)."""
-    from inlaid.engine.tokenizer import Tokenizer
+def suite_prompts(model_dir: str | Path | None = None, tokenizer: Tokenizer | None = None) -> dict[str, list[int]]:
+    """Prompt token ids of every suite record, by record id (about 2 s for the whole suite),
+    with `tokenizer`, else the tokenizer of `model_dir` (None: the default model's)."""
+    if tokenizer is None:
+        from inlaid.engine.tokenizer import Tokenizer
 
-    if model_dir is None:
-        from inlaid.models.prepare import default_model_dir
+        if model_dir is None:
+            from inlaid.models.prepare import default_model_dir
 
-        model_dir = default_model_dir()
-    tokenizer = Tokenizer(model_dir)
+            model_dir = default_model_dir()
+        tokenizer = Tokenizer(model_dir)
     return {record_id: prompt_token_ids(tokenizer, example) for record_id, _, example in suite_examples()}
