@@ -12,7 +12,10 @@ multiplies those:
 
     v = (x @ A_compact.T) * keep         keep[t, c] = scale of column c if token t's slot
                                          owns column c, else 0          [T, C]
+    v[t, c] = 0 where t's slot does not own c   (selected, not multiplied: 0 x NaN = NaN)
     y[:, slice i] += v[:, columns of slice i] @ B_compact_i             one addmm_ per slice
+                                         (per run of columns whose slots have tokens: an
+                                         unused slot's B is never read)
 
 Column layout (slice-major, so each slice's columns are one contiguous range):
     for slice i, for each slot s with rank r_is > 0 (in slot order): r_is columns
@@ -66,7 +69,9 @@ def build_compact_pools(
     loop over slots).
 
     stacked_a    [S, n_slices * R_max, K]: slice i of slot s is rows [i * R_max, (i + 1) * R_max)
-    b_pools[i]   [S, N_i, R_max], a view of contiguous [S, R_max, N_i] storage (the engine's)
+    b_pools[i]   [S, N_i, R_max], best a view of contiguous [S, R_max, N_i] storage (the engine's:
+                 then the copy reads only the real-rank rows; other layouts are gathered
+                 element-wise, still only at the real ranks)
     slot_ranks   int32 [n_slices, S];  slot_scales [n_slices, S]
     """
     num_slots, stacked_rows, in_features = stacked_a.shape
@@ -74,10 +79,7 @@ def build_compact_pools(
     r_max = stacked_rows // n_slices
     ranks, scales = tuple(map(tuple, slot_ranks.tolist())), tuple(map(tuple, slot_scales.tolist()))
     layout = _layout(ranks, scales, r_max, stacked_a.device)
-    b_rows = tuple(
-        b_pool.transpose(1, 2).reshape(num_slots * r_max, b_pool.shape[1]).index_select(0, rows)
-        for b_pool, rows in zip(b_pools, layout.b_row_index)
-    )
+    b_rows = tuple(_b_rows(b_pool, rows, r_max) for b_pool, rows in zip(b_pools, layout.b_row_index))
     return CompactLoraPools(
         a_rows=stacked_a.reshape(-1, in_features).index_select(0, layout.a_row_index),
         b_rows=b_rows,
@@ -86,6 +88,16 @@ def build_compact_pools(
         col_scale=layout.col_scale.to(stacked_a.dtype),
         layout=layout.key,
     )
+
+
+def _b_rows(b_pool: Tensor, rows: Tensor, r_max: int) -> Tensor:
+    """Rows `rows` of the pool seen as [S * R_max, N_i]: one index_select where that is a view
+    (the engine's storage), else an element gather; never a copy of the whole pool (which
+    would also read its padding)."""
+    storage = b_pool.transpose(1, 2)  # [S, R_max, N_i]
+    if storage.is_contiguous():
+        return storage.reshape(-1, b_pool.shape[1]).index_select(0, rows)
+    return storage[rows // r_max, rows % r_max]
 
 
 MAX_PADDING_SHARE = 0.25  # an in-place update leaving more padding than this rebuilds in full
@@ -191,21 +203,66 @@ def lora_apply_compact(
     y: Tensor, x: Tensor, compact: CompactLoraPools, slice_offsets: Sequence[int], segments: HostSegments
 ) -> None:
     """y[t, slice i] += scale * (x[t] @ A_i[s, :r].T) @ B_i[s, :, :r].T for every token t with
-    an adapter (slot s): the masked route on the compact pools. x [T, K], y [T, sum N_i]."""
+    an adapter (slot s): the masked route on the compact pools. x [T, K], y [T, sum N_i].
+
+    The shrink still multiplies every column, but other slots' entries of v are *selected*
+    away (`masked_fill_`), not multiplied by 0: 0 x NaN/inf is NaN, so a non-finite weight of
+    one slot would otherwise turn every token's row NaN. And the expand reads only the columns
+    of slots that have tokens in this step (one `addmm_` per run of consecutive such slots):
+    v's zero for an unused slot times a NaN in its B would be NaN too."""
     if compact.num_columns == 0:
         return
+    keep, drop = _keep_mask(compact, segments, x.dtype)
     v = x @ compact.a_rows.T
-    v.mul_(_keep_mask(compact, segments, x.dtype))
-    for (start, stop), b_rows, offset in zip(compact.slice_columns, compact.b_rows, slice_offsets):
-        if stop > start:
-            y[:, offset : offset + b_rows.shape[1]].addmm_(v[:, start:stop], b_rows)
+    v.mul_(keep).masked_fill_(drop, 0.0)
+    for (start, _), b_rows, offset, runs in zip(compact.slice_columns, compact.b_rows, slice_offsets,
+                                                 _active_runs(compact, segments)):
+        for first, stop in runs:
+            y[:, offset : offset + b_rows.shape[1]].addmm_(v[:, first:stop], b_rows[first - start : stop - start])
 
 
-def _keep_mask(compact: CompactLoraPools, segments: HostSegments, dtype: torch.dtype) -> Tensor:
-    """[T, C]: each column's scale where the token's slot owns the column, else 0. Most
-    projections of a model share a layout, so the step's segments cache it per layout."""
-    return segments.cached_mask(("compact", compact.layout, dtype), lambda token_slots: (
-        token_slots[:, None] == compact.col_slot[None, :]).to(dtype) * compact.col_scale.to(dtype)[None, :])
+def _keep_mask(compact: CompactLoraPools, segments: HostSegments, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """([T, C] each column's scale where the token's slot owns the column, else 0; [T, C] bool
+    True where it does not). Most projections of a model share a layout, so the step's
+    segments cache both per layout."""
+    def build(token_slots: Tensor) -> tuple[Tensor, Tensor]:
+        owns = token_slots[:, None] == compact.col_slot[None, :]
+        return owns.to(dtype) * compact.col_scale.to(dtype)[None, :], ~owns
+    return segments.cached_mask(("compact", compact.layout, dtype), build)
+
+
+def _active_runs(compact: CompactLoraPools, segments: HostSegments) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Per slice, the [first, stop) column ranges of consecutive slots with tokens in this
+    step (cached per step and layout): the only B rows the expand may read."""
+    def build(_: Tensor) -> tuple[tuple[tuple[int, int], ...], ...]:
+        active = {slot for slot, _ in segments.slot_rows}
+        per_slice = []
+        for (start, _), entries in zip(compact.slice_columns, compact.layout):
+            runs: list[list[int]] = []
+            column = start
+            for slot, width, _ in entries:
+                if slot in active and width:
+                    if runs and runs[-1][1] == column:
+                        runs[-1][1] = column + width
+                    else:
+                        runs.append([column, column + width])
+                column += width
+            per_slice.append(tuple((first, stop) for first, stop in runs))
+        return tuple(per_slice)
+    return segments.cached_mask(("compact-runs", compact.layout), build)
+
+
+def compact_step_pools(
+    stacked_a: Tensor, b_pools: Sequence[Tensor], slot_ranks: Tensor, slot_scales: Tensor, segments: HostSegments
+) -> CompactLoraPools:
+    """`build_compact_pools` of just the slots with tokens in this step, at their real ranks:
+    the masked route for callers that pass no `compact` (lora_cpu.py). Copying the step's
+    real-rank rows is what keeps that route from reading the pools' padding (which the
+    contract leaves undefined: NaN there must not reach y) or slots the step does not use."""
+    active = torch.zeros(slot_ranks.shape[1], dtype=torch.bool)
+    active[[slot for slot, _ in segments.slot_rows]] = True
+    ranks = torch.where(active[None, :], slot_ranks.cpu(), 0).to(torch.int32)
+    return build_compact_pools(stacked_a, b_pools, ranks, slot_scales)
 
 
 def active_column_share(compact: CompactLoraPools, segments: HostSegments) -> float:

@@ -11,16 +11,18 @@ projection. The separate shrink and expand ops: lora_cpu_plan.py.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 from torch import Tensor
 
 from . import lora_cpu_plan
-from .lora_compact_cpu import CompactLoraPools, active_column_share, lora_apply_compact
+from .lora_compact_cpu import CompactLoraPools, active_column_share, compact_step_pools, lora_apply_compact
 from .lora_cpu_plan import slot_token_ranges, token_list
 from .lora_meta import LoraArgumentError
 from .lora_native import NativeLoraPools, lora_apply_native, native_lora_available, native_lora_fits
+
+_Cached = TypeVar("_Cached")  # whatever a route caches per step: masks, shares, column runs
 
 # The compact masked route is taken only while the step's slots own this share of its columns.
 COMPACT_MIN_ACTIVE_SHARE = 0.7
@@ -82,19 +84,13 @@ class HostSegments:
         first, stop = self.slot_range
         return len(self.slot_rows) > 1 and self.num_tokens * (stop - first) <= DENSE_MAX_TOKEN_SLOTS
 
-    def cached_mask(self, key: tuple, build: Callable[[Tensor], Tensor]) -> Tensor:
+    def cached_mask(self, key: tuple, build: Callable[[Tensor], _Cached]) -> _Cached:
         """`build(token_slots)`, once per step and key: the masks of the masked routes are
         the same for every projection that shares their key."""
         mask = self._masks.get(key)
         if mask is None:
             mask = self._masks[key] = build(self.token_slots)
         return mask
-
-    def one_hot(self, dtype: torch.dtype) -> Tensor:
-        """[T, slots in range] 1.0 where the token uses the slot (cached per dtype)."""
-        first, stop = self.slot_range
-        return self.cached_mask(("one_hot", dtype), lambda token_slots: (
-            token_slots[:, None] == torch.arange(first, stop, device=token_slots.device)[None, :]).to(dtype))
 
 
 def host_segments(segment_starts: Tensor, segment_slots: Tensor, device: torch.device | None = None) -> HostSegments:
@@ -143,12 +139,12 @@ def lora_apply_cpu(
         below over every loaded slot's real ranks instead of the padded pools, taken where the
         masked route would be and the step's own slots hold most of the columns (else the
         per-adapter route reads only theirs);
-      * masked (decode-sized steps with several adapters, `stacked_a` given): ONE shrink
-        matmul of every token against every slot of the step's slot range, a multiply that
-        keeps each token's own slot (times its scale) and zeroes the rest, then one
-        `addmm_` per slice against all those slots' B at once. 3 + n_slices ops per
-        projection whatever the number of adapters; pool rows past a slot's rank are zero,
-        so padded ranks add nothing.
+      * masked (decode-sized steps with several adapters, `stacked_a` given, no `compact`):
+        the step's own slots copied at their real ranks (`compact_step_pools`), then the
+        compact route on that copy: one shrink matmul of every token against those columns,
+        each token's own columns kept (times the scale) and the rest selected away, one
+        `addmm_` per slice. The pools' padding past a rank, rank-0 slots and slots without
+        tokens are never read.
       * per adapter: one shrink (all slices in one matmul through `stacked_a` when the
         adapter has few tokens, else per slice at the real rank) and one `addmm_` per slice.
     """
@@ -176,7 +172,11 @@ def lora_apply_cpu(
                 lora_apply_compact(y, x, compact, slice_offsets, segments)
                 return
         elif stacked_a is not None:
-            _lora_apply_masked(y, x, stacked_a, b_pools, slice_offsets, segments, slot_scales)
+            # No compact pools given: compact the step's own slots now. Multiplying the padded
+            # pools (as this route once did) read the padding past each rank and every slot in
+            # the step's range, so garbage or NaN there, or a rank-0 slot's rows, reached y.
+            step_pools = compact_step_pools(stacked_a, b_pools, slot_ranks, slot_scales, segments)
+            lora_apply_compact(y, x, step_pools, slice_offsets, segments)
             return
     _lora_apply_per_adapter(y, x, a_pools, b_pools, slice_offsets, segments.slot_rows, slot_ranks, slot_scales,
                             stacked_a)
@@ -228,30 +228,3 @@ def _lora_apply_per_adapter(
                 y[rows, offset : offset + b_pool.shape[1]].addmm_(v, b_t, alpha=scales[i][slot])
             else:
                 y[:, offset : offset + b_pool.shape[1]].index_add_(0, rows, v @ b_t, alpha=scales[i][slot])
-
-
-def _lora_apply_masked(
-    y: Tensor,
-    x: Tensor,
-    stacked_a: Tensor,
-    b_pools: Sequence[Tensor],
-    slice_offsets: Sequence[int],
-    segments: HostSegments,
-    slot_scales: Tensor,
-) -> None:
-    first, stop = segments.slot_range
-    num_slots, n_slices, num_tokens = stop - first, len(b_pools), x.shape[0]
-    r_max = b_pools[0].shape[2]
-    # [T, slots * n_slices * R]: every token against every slot in range.
-    v_all = x @ stacked_a[first:stop].reshape(-1, x.shape[1]).T
-    keep = segments.one_hot(x.dtype)[:, :, None] * slot_scales[:, first:stop].T.to(x.dtype)[None]
-    v = torch.empty(num_tokens, n_slices, num_slots, r_max, dtype=x.dtype, device=x.device)
-    torch.mul(
-        v_all.view(num_tokens, num_slots, n_slices, r_max).transpose(1, 2),
-        keep.transpose(1, 2)[..., None],
-        out=v,
-    )
-    for i, (b_pool, offset) in enumerate(zip(b_pools, slice_offsets)):
-        # [slots * R, N_i]: a view when the pool is stored [S, R, N_i] (as the engine's is).
-        b_rows = b_pool[first:stop].transpose(1, 2).reshape(num_slots * r_max, b_pool.shape[1])
-        y[:, offset : offset + b_pool.shape[1]].addmm_(v[:, i].reshape(num_tokens, num_slots * r_max), b_rows)

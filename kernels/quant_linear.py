@@ -275,9 +275,19 @@ def quant_matmul(x: Tensor, prepared: PreparedQuantLinear, prefill: bool = False
     `prepared.prefill_dense_min_m` rows instead of `dense_min_m`). `out`: an optional
     contiguous [M, N] tensor in x's dtype that receives the result (returned): the CPU int4
     kernels write float32 results straight into it, so rows of one output (a step's decode
-    rows and prompt rows) can come from two routes without a concatenation's copy."""
+    rows and prompt rows) can come from two routes without a concatenation's copy.
+
+    x must be floating point (QuantLinearError otherwise). The result's dtype is x's, its
+    precision the route's: the CPU int4 routes round x to bf16 (or multiply in fp32), so a
+    float64 x comes back float64 at that precision (~3e-3 relative), not float64's; for
+    float64 accuracy prepare with mode="dequant" and act_dtype=torch.float64 ("dense"
+    dequantizes in fp32 first: ~3e-8)."""
     from . import quant_cpu
 
+    if not x.dtype.is_floating_point:
+        # The routes would each do something different with it (the int4 kernels round it to
+        # bf16, dequant/dense matmul in x's dtype and truncate), none of it a quantized linear.
+        raise QuantLinearError(f"x must be a floating-point tensor, got {x.dtype}")
     if x.dim() != 2 or x.shape[1] != prepared.in_features:
         raise QuantLinearError(f"x must be [M, {prepared.in_features}], got shape {tuple(x.shape)}")
     if out is not None and (out.dtype != x.dtype or tuple(out.shape) != (x.shape[0], prepared.out_features)

@@ -295,6 +295,10 @@ def triton_quant_matmul(
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     elif out.shape != (m, n) or out.dtype != x.dtype or out.device != x.device:
         raise QuantLinearError(f"out must be {x.dtype} [{m}, {n}] on {x.device}, got {out.dtype} {tuple(out.shape)}")
+    if m == 0:
+        # An empty batch: nothing to compute, and default_gemm_config divides by the
+        # program count, which is 0 here (ZeroDivisionError, on a GPU as well).
+        return out
     if m >= dense_min_m:
         weight = dequantize_triton(layout, bits, x.dtype)
         x_sorted = x if input_perm is None else x.index_select(1, input_perm)

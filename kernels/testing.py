@@ -143,10 +143,10 @@ def stacked_pools(case: LoraCase, zero_padding: bool = True) -> tuple[Tensor, li
     """The case's pools in the engine's layout, for the CPU path's `stacked_a` routes.
 
     Returns (stacked_a [S, n_slices * R_max, K], a views of it, b views [S, N_i, R_max] of
-    [S, R_max, N_i] storage). The stacked routes multiply whole pool rows, so they need
-    what the engine's slot loader guarantees: entries past a slot's rank are ZERO (the
-    case's NaN poison there is replaced by 0; everything the contract reads is kept).
-    `zero_padding=False` keeps the poison, for what must never read past a rank."""
+    [S, R_max, N_i] storage). By default entries past a slot's rank are ZERO, as the
+    engine's slot loader leaves them (the case's NaN poison there is replaced by 0;
+    everything the contract reads is kept). `zero_padding=False` keeps the poison: no CPU
+    route may read past a rank (the masked route once did; tests/test_kernels_probe_fixes.py)."""
     num_slots, r_max, in_features = case.a_pools[0].shape
     n_slices = len(case.a_pools)
     clean = (lambda t: torch.nan_to_num(t, nan=0.0)) if zero_padding else (lambda t: t)

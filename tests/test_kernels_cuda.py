@@ -91,14 +91,18 @@ def test_lora_replays_from_a_cuda_graph_with_new_segments() -> None:
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_quant_matmul_on_cuda(bits: int, act_order: bool) -> None:
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quant_matmul_on_cuda(bits: int, act_order: bool, dtype: torch.dtype) -> None:
+    # bf16 here and in the GPU suite only: the Triton interpreter's bf16 `tl.dot` is broken
+    # (docs/kernels.md, "Known limits"), so the CPU tests cannot check it.
     layer = random_gptq_layer(4096, 1024, bits, 128, act_order=act_order, bias=True, seed=bits)
-    prepared = prepare_quant_linear(layer.weights, "cuda", torch.float16)
+    prepared = prepare_quant_linear(layer.weights, "cuda", dtype)
     assert prepared.kind == "triton"
     weight = layer.dense_float64()
     for m in (1, 4, 16, 64, 256):  # decode, tiled GEMM, and the dequant + cuBLAS fallback
-        x = torch.randn(m, 4096)
-        out = quant_matmul(x.to("cuda", torch.float16), prepared)
+        x = torch.randn(m, 4096).to(dtype)
+        out = quant_matmul(x.to("cuda"), prepared)
         ref = x.double() @ weight + layer.weights.bias.double()
-        assert out.dtype == torch.float16
-        assert _error(out, ref) < 5e-3, m
+        assert out.dtype == dtype
+        # bf16 keeps 8 bits of mantissa to fp16's 11: its rounding of x, the weight and y
+        assert _error(out, ref) < (5e-3 if dtype == torch.float16 else 2e-2), m
