@@ -5,9 +5,11 @@
 
 Stages, in order (each one's failure is recorded and the next one still runs):
   environment   device, versions, copy bandwidth (the yardstick of every floor)
-  gemm          W4/W3/W2 GEMM checked at full size against float64, then timed against
+  gemm          W4/W3/W2 GEMM checked at full size against float64 (fp16, and bf16 on a GPU: not
+                in a dry run, the interpreter's bf16 tl.dot is broken), then timed against
                 cuBLAS fp16 and its bandwidth floor at M = 1..256 (gpu_kernels.py)
-  sgmv_checks   SGMV shrink/expand at full size against float64 (gpu_kernels.py)
+  sgmv_checks   SGMV shrink/expand at full size against float64, fp16 and (GPU only) bf16 pools
+                (gpu_kernels.py)
   sgmv          shrink and expand timed against their bandwidth floor (gpu_kernels.py)
   decode        a Llama-2-7B-shaped decode step, 4-bit, 100 adapters, batch 1..256, eager
                 and from CUDA graphs, against its floor (gpu_decode.py)
@@ -214,7 +216,7 @@ def markdown(report: dict) -> str:
     if checks:
         lines += ["", "## Checks", "", "| stage | check | relative error | ok |", "|---|---|---|---|"]
         for name, c in checks:
-            what = c.get("check") or ", ".join(f"{k}={c[k]}" for k in ("bits", "op", "case", "K", "N", "M", "tokens") if k in c)
+            what = c.get("check") or ", ".join(f"{k}={c[k]}" for k in ("bits", "op", "case", "K", "N", "M", "tokens", "dtype") if k in c)
             lines.append(f"| {name} | {what} | {c['relative_error']:.2e} | {'yes' if c['ok'] else '**NO**'} |")
     gemm = stages["gemm"].get("data", {}).get("timings", [])
     if gemm:
