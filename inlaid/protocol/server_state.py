@@ -35,7 +35,9 @@ class ExecutorInfo(msgspec.Struct, frozen=True, kw_only=True):
     requests_running: int
     requests_waiting: int
     kv_blocks_free: int
-    tasks_served: dict[str, int]  # requests that ended on this executor, by task ("__base__": none)
+    # requests that ended on this executor, by task ("__base__": none; "__removed__": tasks
+    # removed since, their names dropped, their count kept so the sum never goes back)
+    tasks_served: dict[str, int]
     moved_in: int  # waiting requests moved here from another executor
     adapter_admissions: int  # adapter rows admitted (new or recomputed)
     adapter_hits: int  # of those, with their adapter already in a slot

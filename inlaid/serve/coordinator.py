@@ -117,6 +117,7 @@ class Coordinator:
                                      {"version": SERVER_VERSION, "model": base_model_id(config.engine.model_dir)},
                                      scraped=functools.partial(requantizer_metrics, self.dynamic))
         self.in_flight.metrics = self.metrics
+        self.registry.on_unregistered.append(self._on_task_gone)
         self.startup = StartupHold(self.limits.max_pending_requests, self.in_flight, self._send)
         self.info_calls = InfoCalls(config, self.pool, self.dynamic, self.counters, self.metrics, self._send,
                                     lambda: self._accepting, self._count_refused,
@@ -224,6 +225,13 @@ class Coordinator:
     def _on_task_count(self, count: int) -> None:
         if self.retuning is not None:
             self.retuning.on_task_count(count)
+
+    def _on_task_gone(self, name: str) -> None:
+        # Removed and drained: its figures would otherwise stay for the life of the process,
+        # one set per name ever added (an outside soak: /metrics 524 -> 1,195 series in 28 min).
+        self.metrics.forget_task(name)
+        for shard in self.pool.shards:
+            shard.forget_task(name)
 
     def request_shutdown(self, signum: int | None = None) -> None:
         if not self._shutdown.is_set():

@@ -64,6 +64,12 @@ class ShardEngine(Engine):
         return msgspec.structs.replace(plan, adapter_drops=sorted(gone)) if gone else plan
 
 
+# tasks_served's key for the requests of tasks since removed: their names go (each name
+# ever added would stay for the life of the process), their count stays, so the sum over
+# the keys (requests ended on this executor) never goes back. Reserved form: no task's name.
+REMOVED_TASKS_LABEL = "__removed__"
+
+
 @dataclass
 class ExecutorShard:
     index: int
@@ -89,6 +95,13 @@ class ExecutorShard:
         port's thread too: one read of a float-or-None attribute."""
         since = self.step_loop.executing_since if self.step_loop is not None else None
         return (time.monotonic() if now is None else now) - since if since is not None else 0.0
+
+    def forget_task(self, task: str) -> None:
+        """`task` was removed and its last request ended (none can end here again): its
+        count moves to REMOVED_TASKS_LABEL's, so a task added later under the name starts at 0."""
+        served = self.tasks_served.pop(task, 0)
+        if served:
+            self.tasks_served[REMOVED_TASKS_LABEL] += served
 
     def count_admissions(self, plan: BatchPlan) -> None:
         admitted = sum(1 for chunk in plan.chunks if chunk.start_pos == 0 and chunk.adapter_slot >= 0)

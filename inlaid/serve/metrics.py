@@ -14,6 +14,12 @@ from the thread never sees a half-updated structure.
 Label values are bounded: `task` is a registered task's name, `__base__` for the base
 model, or `__unknown__` for a request naming no registered task (client-chosen names must
 not create series). Task names of that reserved form are refused when registered.
+
+A removed task's series go once its last request in flight has ended (`forget_task`, called
+when the registry unregisters it): names of added and removed tasks must not pile up series
+for the life of the process. No remainder series takes over their counts: it would jump by
+the task's lifetime totals at once, which `rate()` reads as a burst of traffic; a series that
+ends is what Prometheus expects of a counter whose label value is gone (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -139,6 +145,9 @@ class ServerMetrics:
                                     registry=registry)
         self.adapter_evictions = Counter("inlaid_adapter_evictions", "Loads that displaced another registered "
                                          "adapter from its slot", registry=registry)
+        # Every family with a `task` label: a removed task's series go from each (forget_task).
+        self._per_task_families = (self.requests, self.prompt_tokens, self.generation_tokens, self.duration,
+                                   self.queue, self.first_token, self.per_output_token)
         registry.register(_StateCollector(executors, registered_tasks, dict(server_info), scraped))
 
     # ------------------------------------------------------------------ hooks
@@ -185,6 +194,17 @@ class ServerMetrics:
         series.queue.observe((request.scheduled_at or now) - request.received_at)
         if request.first_token_at is not None and len(request.token_ids) >= 2:
             series.per_output_token.observe((now - request.first_token_at) / (len(request.token_ids) - 1))
+
+    def forget_task(self, task: str) -> None:
+        """Drop every series labelled with `task`, which the registry no longer holds (removed,
+        its last request ended): nothing of it can be counted again, and a task added later
+        under the name starts its series afresh, as Prometheus reads a counter reset. Per-task
+        gauges would go here too: none exists (the collector's gauges are sums over tasks)."""
+        if task in (BASE_TASK_LABEL, UNKNOWN_TASK_LABEL):  # never a registered name; theirs stay
+            return
+        self._series.pop(task, None)
+        for family in self._per_task_families:
+            family.remove_by_labels({"task": task})
 
     def exposition(self) -> str:
         return generate_latest(self.registry).decode()

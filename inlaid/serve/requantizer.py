@@ -332,6 +332,27 @@ def _serve_jobs(channel: _Channel) -> int:
                                          peak_rss_bytes=_peak_rss_bytes()))
 
 
+def setup_process_output(level: str, fmt: str) -> None:
+    """The process's logging, and nothing else on its stderr, which the server's log shares
+    (one JSON object a line): an outside probe found transformers' "Loading weights" progress
+    bars and a FutureWarning from it between the records at every job. The bars go (they
+    tell an operator nothing; the job's layers are logged); Python warnings are kept, as
+    log records through the same handler, so a real one is still seen. Errors are untouched:
+    they are logged, and a crash's traceback still reaches stderr as before."""
+    setup_logging(level, fmt)
+    # huggingface_hub reads it when first imported, and transformers takes its progress-bar
+    # switch from huggingface_hub then; torch and transformers come after this (lazily).
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    for module, switch in (("huggingface_hub.utils", "disable_progress_bars"),
+                           ("transformers.utils.logging", "disable_progress_bar")):
+        if module in sys.modules:  # imported already: the environment is read no more
+            getattr(sys.modules[module], switch)()
+    logging.captureWarnings(True)
+    warnings_log = logging.getLogger("py.warnings")
+    warnings_log.handlers[:] = logging.getLogger("inlaid").handlers  # setup_logging's formatter
+    warnings_log.propagate = False
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     parser = argparse.ArgumentParser(prog="inlaid-requantizer")
     parser.add_argument("--address", required=True)
@@ -343,7 +364,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", default="json")
     args = parser.parse_args(argv)
-    setup_logging(args.log_level, args.log_format)
+    setup_process_output(args.log_level, args.log_format)
     from inlaid.serve.executor import die_with_parent
 
     die_with_parent()

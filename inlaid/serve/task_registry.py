@@ -45,6 +45,9 @@ class TaskRegistry:
         # Called with an adapter directory once its task no longer holds it (removed and
         # drained, or replaced): nothing in flight reads it any more.
         self.on_released: list[Callable[[str], None]] = []
+        # Called with a task's name once it is removed and drained: no request of it is in
+        # flight, none can be admitted, so its per-task figures (metrics, stats) may go.
+        self.on_unregistered: list[Callable[[str], None]] = []
 
     def check_token(self, token: str) -> None:
         if self._admin_token is None:
@@ -131,6 +134,8 @@ class TaskRegistry:
         for engine in self.engines:
             engine.scheduler.adapters.unregister(name)
         self._released(adapter_dir)
+        for listener in self.on_unregistered:
+            listener(name)
 
     def _released(self, adapter_dir: str) -> None:
         for listener in self.on_released:
