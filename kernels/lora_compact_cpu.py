@@ -12,10 +12,14 @@ multiplies those:
 
     v = (x @ A_compact.T) * keep         keep[t, c] = scale of column c if token t's slot
                                          owns column c, else 0          [T, C]
-    v[t, c] = 0 where t's slot does not own c   (selected, not multiplied: 0 x NaN = NaN)
     y[:, slice i] += v[:, columns of slice i] @ B_compact_i             one addmm_ per slice
-                                         (per run of columns whose slots have tokens: an
-                                         unused slot's B is never read)
+
+That multiply-by-0 is exact only while every copied weight is finite (0 x NaN = NaN: one
+slot's NaN would reach every token's row). The engine refuses non-finite adapters at load,
+so its pools always take it; pools holding a NaN or inf (`CompactLoraPools.finite`, known
+at the copy) take the safe form instead: other slots' entries of v selected away
+(`masked_fill_`) and one `addmm_` per run of columns whose slots have tokens in the step,
+so an unused slot's B is never read either.
 
 Column layout (slice-major, so each slice's columns are one contiguous range):
     for slice i, for each slot s with rank r_is > 0 (in slot order): r_is columns
@@ -55,6 +59,7 @@ class CompactLoraPools:
     col_slot: Tensor  # int64 [C]
     col_scale: Tensor  # [C] in the pools' dtype
     layout: tuple  # ((slot, columns, scale) per slot with columns) per slice: keys the keep masks
+    finite: bool = True  # every copied weight finite: the plain multiply-by-0 route is exact
 
     @property
     def num_columns(self) -> int:
@@ -62,7 +67,7 @@ class CompactLoraPools:
 
 
 def build_compact_pools(
-    stacked_a: Tensor, b_pools: Sequence[Tensor], slot_ranks: Tensor, slot_scales: Tensor
+    stacked_a: Tensor, b_pools: Sequence[Tensor], slot_ranks: Tensor, slot_scales: Tensor, cache_layout: bool = True
 ) -> CompactLoraPools:
     """Copy every slot's real-rank rows into the compact layout above: one `index_select`
     per half and slice (a slot load costs each projection these few copies, not a Python
@@ -73,21 +78,29 @@ def build_compact_pools(
                  then the copy reads only the real-rank rows; other layouts are gathered
                  element-wise, still only at the real ranks)
     slot_ranks   int32 [n_slices, S];  slot_scales [n_slices, S]
+    cache_layout: keep the layout for later builds (the engine's few layouts; a per-step
+                 subset of slots would push them out)
     """
     num_slots, stacked_rows, in_features = stacked_a.shape
     n_slices = len(b_pools)
     r_max = stacked_rows // n_slices
     ranks, scales = tuple(map(tuple, slot_ranks.tolist())), tuple(map(tuple, slot_scales.tolist()))
-    layout = _layout(ranks, scales, r_max, stacked_a.device)
+    layout = _layout(ranks, scales, r_max, stacked_a.device, cache_layout)
+    a_rows = stacked_a.reshape(-1, in_features).index_select(0, layout.a_row_index)
     b_rows = tuple(_b_rows(b_pool, rows, r_max) for b_pool, rows in zip(b_pools, layout.b_row_index))
     return CompactLoraPools(
-        a_rows=stacked_a.reshape(-1, in_features).index_select(0, layout.a_row_index),
+        a_rows=a_rows,
         b_rows=b_rows,
         slice_columns=layout.slice_columns,
         col_slot=layout.col_slot,
         col_scale=layout.col_scale.to(stacked_a.dtype),
         layout=layout.key,
+        finite=_all_finite(a_rows, *b_rows),
     )
+
+
+def _all_finite(*tensors: Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.numel())
 
 
 def _b_rows(b_pool: Tensor, rows: Tensor, r_max: int) -> Tensor:
@@ -126,6 +139,7 @@ def update_compact_slots(
     if padding > MAX_PADDING_SHARE * compact.num_columns:
         return None
     col_scale = compact.col_scale.clone()  # a fresh layout's scales may be shared with other projections
+    finite = compact.finite  # conservative: a rewrite of the one non-finite slot keeps it False
     for i, b_pool in enumerate(b_pools):
         b_storage = b_pool.transpose(1, 2)  # [S, R_max, N_i]: the engine's contiguous storage
         start = compact.slice_columns[i][0]
@@ -139,11 +153,12 @@ def update_compact_slots(
             b_columns[:rank].copy_(b_storage[slot, :rank])
             a_columns[rank:].zero_()  # the pools' rows past the rank are never read (tests poison them)
             b_columns[rank:].zero_()
+            finite = finite and _all_finite(a_columns[:rank], b_columns[:rank])
             col_scale[first : first + width] = scales[i][slot]
     layout = tuple(tuple((slot, width, scales[i][slot] if slot in slots else scale) for slot, width, scale in entries)
                    for i, entries in enumerate(compact.layout))
     return CompactLoraPools(a_rows=compact.a_rows, b_rows=compact.b_rows, slice_columns=compact.slice_columns,
-                            col_slot=compact.col_slot, col_scale=col_scale, layout=layout)
+                            col_slot=compact.col_slot, col_scale=col_scale, layout=layout, finite=finite)
 
 
 @dataclass(frozen=True)
@@ -160,8 +175,8 @@ _LAYOUTS: dict[tuple, _Layout] = {}
 _MAX_LAYOUTS = 64  # the projections of a model share a handful of (ranks, scales) layouts
 
 
-def _layout(ranks: tuple, scales: tuple, r_max: int, device: torch.device) -> _Layout:
-    """Which stored rows make up the compact matrices, cached by (ranks, scales)."""
+def _layout(ranks: tuple, scales: tuple, r_max: int, device: torch.device, cache: bool = True) -> _Layout:
+    """Which stored rows make up the compact matrices, cached by (ranks, scales) if `cache`."""
     cache_key = (ranks, scales, r_max, str(device))
     layout = _LAYOUTS.get(cache_key)
     if layout is not None:
@@ -193,9 +208,10 @@ def _layout(ranks: tuple, scales: tuple, r_max: int, device: torch.device) -> _L
         col_slot=torch.tensor(col_slot, dtype=torch.int64, device=device),
         col_scale=torch.tensor(col_scale, dtype=torch.float32, device=device),
     )
-    if len(_LAYOUTS) >= _MAX_LAYOUTS:
-        _LAYOUTS.pop(next(iter(_LAYOUTS)))
-    _LAYOUTS[cache_key] = layout
+    if cache:
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:
+            _LAYOUTS.pop(next(iter(_LAYOUTS)))
+        _LAYOUTS[cache_key] = layout
     return layout
 
 
@@ -205,16 +221,23 @@ def lora_apply_compact(
     """y[t, slice i] += scale * (x[t] @ A_i[s, :r].T) @ B_i[s, :, :r].T for every token t with
     an adapter (slot s): the masked route on the compact pools. x [T, K], y [T, sum N_i].
 
-    The shrink still multiplies every column, but other slots' entries of v are *selected*
-    away (`masked_fill_`), not multiplied by 0: 0 x NaN/inf is NaN, so a non-finite weight of
-    one slot would otherwise turn every token's row NaN. And the expand reads only the columns
-    of slots that have tokens in this step (one `addmm_` per run of consecutive such slots):
-    v's zero for an unused slot times a NaN in its B would be NaN too."""
+    Finite pools (the engine's): v times the keep mask, one `addmm_` per slice. Pools with a
+    NaN or inf somewhere: other slots' entries of v are *selected* away (`masked_fill_`; 0 x
+    NaN/inf is NaN, which would turn every token's row NaN) and the expand reads only the
+    columns of slots with tokens in this step (one `addmm_` per run of consecutive such
+    slots: v's zero for an unused slot times a NaN in its B would be NaN too). The safe form
+    costs ~10 % on a decode step, which is why it is not the engine's."""
     if compact.num_columns == 0:
         return
     keep, drop = _keep_mask(compact, segments, x.dtype)
     v = x @ compact.a_rows.T
-    v.mul_(keep).masked_fill_(drop, 0.0)
+    v.mul_(keep)
+    if compact.finite:
+        for (start, stop), b_rows, offset in zip(compact.slice_columns, compact.b_rows, slice_offsets):
+            if stop > start:
+                y[:, offset : offset + b_rows.shape[1]].addmm_(v[:, start:stop], b_rows)
+        return
+    v.masked_fill_(drop, 0.0)
     for (start, _), b_rows, offset, runs in zip(compact.slice_columns, compact.b_rows, slice_offsets,
                                                  _active_runs(compact, segments)):
         for first, stop in runs:
@@ -262,7 +285,7 @@ def compact_step_pools(
     active = torch.zeros(slot_ranks.shape[1], dtype=torch.bool)
     active[[slot for slot, _ in segments.slot_rows]] = True
     ranks = torch.where(active[None, :], slot_ranks.cpu(), 0).to(torch.int32)
-    return build_compact_pools(stacked_a, b_pools, ranks, slot_scales)
+    return build_compact_pools(stacked_a, b_pools, ranks, slot_scales, cache_layout=False)
 
 
 def active_column_share(compact: CompactLoraPools, segments: HostSegments) -> float:

@@ -2,9 +2,9 @@
 one (possibly fused) projection, shrink and expand together, per step.
 
 Routes (lora_apply_cpu's docstring says which runs when): the native kernel (lora_native.c)
-for adapters with few tokens in the step; torch's masked all-slots matmuls, on the padded
-pools or on compact copies of the loaded slots (lora_compact_cpu.py); one matmul pair per
-adapter. `HostSegments` is the step's segments read onto the host once, shared by every
+for adapters with few tokens in the step; torch's masked all-slots matmuls on compact
+copies of the slots' real-rank rows (lora_compact_cpu.py: the loaded slots', kept across
+steps, or the step's own slots', copied per call); one matmul pair per adapter. `HostSegments` is the step's segments read onto the host once, shared by every
 projection. The separate shrink and expand ops: lora_cpu_plan.py.
 """
 
@@ -27,8 +27,9 @@ _Cached = TypeVar("_Cached")  # whatever a route caches per step: masks, shares,
 # The compact masked route is taken only while the step's slots own this share of its columns.
 COMPACT_MIN_ACTIVE_SHARE = 0.7
 
-# The masked path multiplies every token by every slot of the step's slot range: its wasted
-# work grows with tokens x slots, its op count does not grow with the number of adapters.
+# The masked path multiplies every token by every compact column (every loaded slot's, or the
+# step's own slots'): its wasted work grows with tokens x slots, its op count does not grow
+# with the number of adapters.
 DENSE_MAX_TOKEN_SLOTS = 512
 USE_NATIVE = True  # the native kernel (lora_native.c) where it is built and the tensors fit; tests switch it
 NATIVE_MAX_GROUP_TOKENS = 32  # an adapter with this many tokens of a step keeps its matmuls (docs/kernels.md)

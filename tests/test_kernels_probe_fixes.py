@@ -136,12 +136,12 @@ def test_compact_route_ignores_non_finite_weights_of_unused_slots(
     for seed, unused in ((0, 2), (1, 4)):
         case = random_lora_case(requests, ranks, 32, [16, 8], 8, dtype=dtype, seed=seed)
         stacked, _, b_views = stacked_pools(case)  # clean padding: only the unused slot is bad
-        compact = build_compact_pools(stacked, b_views, case.slot_ranks, case.slot_scales)
-        if half == "a":
-            compact.a_rows[compact.col_slot == unused, 0] = value
+        if half == "a":  # slice 0's first row of the slot: within its rank (ranks[0][unused] > 0)
+            stacked[unused, 0, 0] = value
         else:
-            start, stop = compact.slice_columns[0]
-            compact.b_rows[0][(compact.col_slot[start:stop] == unused), 0] = value
+            b_views[0][unused, 0, 0] = value
+        compact = build_compact_pools(stacked, b_views, case.slot_ranks, case.slot_scales)
+        assert not compact.finite  # the copy saw it: the safe form of the route runs
         segments = lora_host_segments(case.segment_starts, case.segment_slots, case.num_tokens, 5)
         y = torch.randn((case.num_tokens, 24)).to(dtype)
         y_before = y.clone()
