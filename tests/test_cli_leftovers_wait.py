@@ -125,9 +125,12 @@ def test_wait_task_gives_up_naming_the_last_progress() -> None:
             client.task_status("t")  # greeted; then the server goes quiet
             server.answering = False
             started = time.monotonic()
-            with pytest.raises(RequestTimeoutError, match=r"no answer .* gave up after 1 s \(no status received"):
-                client.wait_task("t", timeout_s=1.0, poll_s=0.05)
-            assert time.monotonic() - started < 3.0
+            # Silent from the wait's first poll (as a wrong address is): no server restarting
+            # mid-job to wait for, so the client's own timeout (0.3 s) ends it, not timeout_s.
+            with pytest.raises(RequestTimeoutError) as raised:
+                client.wait_task("t", timeout_s=5.0, poll_s=0.05)
+            assert "gave up" not in str(raised.value)
+            assert time.monotonic() - started < 2.0
 
         async def async_wait() -> None:
             server.answering = True

@@ -358,12 +358,12 @@ class AsyncClient:
         """Poll `task_status` until the task's re-quantization has ended (ready, failed, or
         none). As `Client.wait_task`: a silent or restarting server does not end the wait before
         `timeout_s`; `on_silence(seconds_silent, last_status)` after each unanswered poll."""
-        wait = TaskWait(name, self.address, timeout_s, poll_s, min(answer_s, self.timeout_s))
+        wait = TaskWait(name, self.address, timeout_s, poll_s, min(answer_s, self.timeout_s), self.timeout_s)
         while True:
             try:
                 status = await self.task_status(name, timeout_s=wait.poll_timeout())
-            except (RequestTimeoutError, ConnectionLostError):  # down or restarting: keep asking
-                wait.unanswered(on_silence)  # raises once timeout_s has passed
+            except (RequestTimeoutError, ConnectionLostError) as error:  # down or restarting: keep asking
+                wait.unanswered(error, on_silence)  # raises once timeout_s has passed
             else:
                 if on_status is not None:
                     on_status(status)

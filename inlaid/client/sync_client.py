@@ -324,12 +324,12 @@ class Client:
         most (or the client's timeout, if shorter), `on_silence(seconds_silent, last_status)`
         after each unanswered one, and polling goes on until `timeout_s`; the timeout error then
         names the last known progress."""
-        wait = TaskWait(name, self.address, timeout_s, poll_s, min(answer_s, self.timeout_s))
+        wait = TaskWait(name, self.address, timeout_s, poll_s, min(answer_s, self.timeout_s), self.timeout_s)
         while True:
             try:
                 status = self.task_status(name, timeout_s=wait.poll_timeout())
-            except (RequestTimeoutError, ConnectionLostError):  # down or restarting: keep asking
-                wait.unanswered(on_silence)  # raises once timeout_s has passed
+            except (RequestTimeoutError, ConnectionLostError) as error:  # down or restarting: keep asking
+                wait.unanswered(error, on_silence)  # raises once timeout_s has passed
             else:
                 if on_status is not None:
                     on_status(status)

@@ -17,18 +17,24 @@ class TaskWait:
     """The clock and memory of one `wait_task` (shared by the sync and async clients): when it
     must end, how long the server has been silent, and the last status it gave."""
 
-    def __init__(self, name: str, address: str, timeout_s: float, poll_s: float, answer_s: float) -> None:
+    def __init__(self, name: str, address: str, timeout_s: float, poll_s: float, answer_s: float,
+                 first_answer_s: float) -> None:
         self.name = name
         self.address = address
         self.timeout_s = checked_seconds(timeout_s, "timeout_s")
         checked_seconds(poll_s, "poll_s", zero_ok=True)
         self.answer_s = checked_seconds(answer_s, "answer_s")
+        # A server that has not answered once in this wait is not a server restarting mid-job
+        # (a wrong address, one never started): its silence fails the wait after the client's
+        # own timeout, as any call does, not after timeout_s (an hour by default).
+        self.first_answer_s = first_answer_s
         self.deadline = time.monotonic() + self.timeout_s
         self.last_status: TaskStatusReply | None = None
         self.last_answer = time.monotonic()  # silence is counted from the wait's start until a first answer
 
     def poll_timeout(self) -> float:
-        # A poll never runs far past the deadline, and always gets a moment to be answered.
+        # A poll ends near the deadline (a reconnecting client's handshake may take as long
+        # again), and always gets a moment to be answered.
         return max(0.05, min(self.answer_s, self.deadline - time.monotonic()))
 
     def progress(self) -> str:
@@ -48,9 +54,13 @@ class TaskWait:
                                       f"({self.progress()})")
         return False
 
-    def unanswered(self, on_silence: Callable[[float, TaskStatusReply | None], None] | None) -> None:
-        """A poll got no answer: report the silence, or raise once the wait has run out."""
+    def unanswered(self, error: Exception, on_silence: Callable[[float, TaskStatusReply | None], None] | None) -> None:
+        """A poll got no answer (`error`): report the silence, or raise once the wait has run
+        out, or `error` itself once a server never heard from in this wait has been silent for
+        `first_answer_s`."""
         silent_s = time.monotonic() - self.last_answer
+        if self.last_status is None and silent_s >= self.first_answer_s:
+            raise error
         if time.monotonic() >= self.deadline:
             raise RequestTimeoutError(f"task {self.name!r}: no answer from {self.address} for {silent_s:.0f} s; "
                                       f"gave up after {self.timeout_s:.0f} s ({self.progress()})")
