@@ -15,14 +15,10 @@ own calibration (an addition of it with its calibration file).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors import safe_open
-
-from inlaid.quant.state import layer_state_path
+from inlaid.quant.state_files import stored_layer_tasks
 from inlaid.quant.task_costs import COSTS_FILE
 
 REJOIN_HINT = "it rejoins the aggregate only when it is added again with its calibration file"
@@ -34,22 +30,6 @@ class StoredTaskSet:
 
     kept: frozenset[str]
     left_out: dict[str, str] = field(default_factory=dict)
-
-
-def stored_layer_tasks(state_dirs: Iterable[Path], layer: int) -> dict[str, set[str]] | None:
-    """group -> tasks of one layer's stored Hessian state, from the file's header only (the
-    first directory holding the layer wins, as `IncrementalQuantizer.stored_state` reads it);
-    None when no directory holds the layer."""
-    for directory in state_dirs:
-        path = layer_state_path(directory, layer)
-        if path.is_file():
-            with safe_open(str(path), framework="pt") as handle:
-                entries = json.loads((handle.metadata() or {}).get("entries", "{}"))
-            groups: dict[str, set[str]] = {}
-            for entry in entries.values():
-                groups.setdefault(str(entry["group"]), set()).add(str(entry["task"]))
-            return groups
-    return None
 
 
 def _layer_ranges(layers: list[int]) -> str:

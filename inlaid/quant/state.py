@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from inlaid.quant.aggregate import TaskHessian
 from inlaid.quant.errors import CheckpointError
 from inlaid.quant.hessian import symmetric_from_upper
+from inlaid.quant.state_files import layer_state_path  # (re-exported: its callers import it from here)
 
 LayerState = dict[str, dict[str, TaskHessian]]  # group -> task -> Hessian
 
@@ -29,10 +30,6 @@ LayerState = dict[str, dict[str, TaskHessian]]  # group -> task -> Hessian
 def _upper_triangle(features: int) -> torch.Tensor:
     """Boolean mask of the upper triangle (diagonal included), row-major: the stored order."""
     return torch.ones(features, features, dtype=torch.bool).triu_()
-
-
-def layer_state_path(state_dir: Path, layer_index: int) -> Path:
-    return Path(state_dir) / f"layer_{layer_index:03d}.safetensors"
 
 
 def save_layer_state(state_dir: Path, layer_index: int, state: LayerState, forward: str) -> Path:

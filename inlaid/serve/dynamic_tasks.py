@@ -25,6 +25,7 @@ from inlaid.quant.calibration import MAX_CALIBRATION_LINE_BYTES
 from inlaid.quant.errors import CalibrationDataError
 from inlaid.serve.config import ServerConfig
 from inlaid.serve.requantization_jobs import RequantizationJobs
+from inlaid.serve.state_gc import hessian_dirs, prune_dropped
 from inlaid.serve.task_registry import TaskError, TaskRegistry, check_absolute
 from inlaid.serve.task_store import FAILED, QUEUED, REQUANTIZING, SERVING, StateDirError, TaskRecord, TaskStore
 
@@ -87,6 +88,7 @@ class DynamicTasks:
         self.jobs = RequantizationJobs(config, self.store, self.num_layers, wake, executors=len(registry.engines))
         self._save_retries: asyncio.Task[None] | None = None
         if self.store is not None:
+            self.store.after_save = self._collect_layers  # (start-up collected before: no job ran)
             self._restore_tasks(self.store)
             registry.on_released.append(self._discard_if_unused)
 
@@ -94,6 +96,7 @@ class DynamicTasks:
         for name in self.config.tasks:  # a task served from the config counts again
             if name in store.dropped:
                 store.dropped.remove(name)
+        self._prune_dropped(store)
         for name, record in sorted(store.tasks.items(), key=lambda item: item[1].added_at):
             try:
                 self.registry.check_adapter(name, record.adapter_dir)
@@ -155,11 +158,15 @@ class DynamicTasks:
 
     async def _retry_unsaved(self, store: TaskStore) -> None:
         """A registry the directory could not take (full, read-only) is written once it can:
-        without a later change, a restart would have lost it."""
+        without a later change, a restart would have lost it. Between saves, the collection
+        runs here too: a cancel taken up, or a swap failed on every executor, frees a job's
+        files without any save."""
         while True:
             await asyncio.sleep(SAVE_RETRY_S)
             if store.unsaved:
-                store.save()
+                store.save()  # (it collects once it succeeds)
+            else:
+                self._collect_layers()
 
     def _unsaved_note(self) -> str:
         """For an admin call's answer: its change serves, but is not on disk yet."""
@@ -276,7 +283,9 @@ class DynamicTasks:
             text += "; its re-quantization is cancelled (layers already swapped in stay: each is a valid quantization)"
         if name not in store.dropped:
             store.dropped.append(name)
-        store.save()
+        # (its own name stays: a cancelled job may still write a layer's state with its Hessians)
+        self._prune_dropped(store, keep=name)
+        store.save()  # then collects the layer files its job leaves (`_collect_layers`)
         if record is not None:  # now if nothing is in flight; else when its last request ends
             self._discard_if_unused(record.adapter_dir)
         return text + self._unsaved_note()
@@ -291,6 +300,21 @@ class DynamicTasks:
             text += (". Its Hessians leave the aggregate now; they rejoin at that restart only if no re-quantization "
                      "ran in between, else only when it is added again with its calibration file")
         return text
+
+    def _collect_layers(self) -> None:
+        """After every save (TaskStore.after_save): the layer files that neither the registry
+        just written nor a job nor an executor still uses (`state_gc.py` says why these)."""
+        store = self.store
+        assert store is not None
+        active = (record.version for record in store.tasks.values() if record.phase in (QUEUED, REQUANTIZING))
+        store.collect_layers(*self.jobs.files_in_use(active))
+
+    def _prune_dropped(self, store: TaskStore, keep: str = "") -> None:
+        """Forget the dropped names the stored state no longer holds (`state_gc.py`): the list
+        grew with every name ever removed, each sent to every job since."""
+        dirs = hessian_dirs(store.hessian_dir, self.config.engine.quantized_dir)
+        if dirs is not None:
+            store.dropped = prune_dropped(store.dropped, dirs, self.num_layers, keep=lambda name: name == keep)
 
     def _discard_if_unused(self, adapter_dir: str) -> None:
         """Delete the state directory's copy of an adapter (and of its calibration file) once

@@ -22,7 +22,7 @@ import re
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 import msgspec
@@ -89,6 +89,23 @@ class RequantizationJobs(LayerSwaps):
         self._background: set[asyncio.Task[Any]] = set()
         self._tempdir: str | None = None
         self.counts = JobCounts()
+
+    def files_in_use(self, active_versions: Iterable[int]) -> tuple[set[int], set[str]]:
+        """(versions, layer file names) a job may still write, commit or have an executor read:
+        the run-time collection keeps them (`state_gc.py`, (b) and (c) of its invariant).
+        active_versions: the queued and re-quantizing tasks' versions."""
+        versions = set(active_versions)
+        files: set[str] = set()
+        if self._live is not None:  # handed over, not committed yet: it may still be, even if cancelled
+            versions.add(self._live.swap.version)
+            files.add(self._live.file)
+        if self._cancelling is not None:  # the requantizer may still write its layer
+            version = self._cancelling.rpartition("@v")[2]
+            if version.isdigit():
+                versions.add(int(version))
+        for restore in self._restore:
+            files.update(swap.handle.name for swap in restore.values() if swap.handle.transport == "file")
+        return versions, files
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:

@@ -7,6 +7,7 @@ Torch-free (the coordinator owns it).
                                         deleted once its task is removed and drained or replaced
     STATE_DIR/calibration/<name>.<id>.jsonl
     STATE_DIR/quant/layers/layer_007.v3.safetensors   re-quantized layers (written by the requantizer)
+                                        (the ones nothing uses any more collected as it runs: state_gc.py)
     STATE_DIR/quant/hessian_state/layer_007.safetensors  merged Hessian state (ditto)
 
     STATE_DIR/server.lock               the server's exclusive lock on the directory (its pid inside)
@@ -39,11 +40,13 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Callable, Collection
 from typing import Any, TypedDict
 
 import msgspec
 
 from inlaid.serve.state_dir_lock import StateDirError, lock_state_dir
+from inlaid.serve.state_gc import collect_layer_files
 
 log = logging.getLogger("inlaid.dynamic_tasks")
 
@@ -142,6 +145,9 @@ class TaskStore:
         self.dropped: list[str] = []  # tasks whose stored Hessians no aggregate uses any more
         self.next_version = 1
         self.unsaved = ""  # why the last save failed ("": the registry holds the state in memory)
+        # Called after every save that succeeded: the run-time collection (`state_gc.py`), set by
+        # the server, which knows what its jobs and executors still use (None: none).
+        self.after_save: Callable[[], None] | None = None
         path = self.root / REGISTRY_FILE
         if os.path.lexists(path):  # a broken link or a directory is no fresh state: it is refused
             self._load(path)
@@ -248,6 +254,11 @@ class TaskStore:
         if self.unsaved:
             log.info("the state directory is written again", extra={"was": self.unsaved})
             self.unsaved = ""
+        if self.after_save is not None:
+            try:
+                self.after_save()
+            except OSError as error:  # (a directory gone unreadable) the save itself succeeded
+                log.warning("the state directory's collection failed", extra={"error": str(error)})
         return True
 
     def _remove_stale_temporaries(self) -> None:
@@ -316,10 +327,18 @@ class TaskStore:
             if file.name not in live_calibration:
                 file.unlink(missing_ok=True)
         # An unfinished job redoes every layer it has not committed, so only committed files count.
-        committed = {Path(entry.file).name for entry in self.layers.values()}
-        for file in self.layers_dir.iterdir():
-            if file.name not in committed:
-                file.unlink(missing_ok=True)
+        self.collect_layers()
+
+    def collect_layers(self, busy_versions: Collection[int] | None = None, busy_files: Collection[str] = ()) -> int:
+        """Delete the layer files the registry does not name: all of them at start-up
+        (busy_versions None: no job runs yet); at run time (`state_gc.py`) none of a version in
+        busy_versions, none in busy_files. Returns how many went (logged with their bytes)."""
+        keep = {Path(entry.file).name for entry in self.layers.values()} | {Path(file).name for file in busy_files}
+        count, size = collect_layer_files(self.layers_dir, keep, busy_versions)
+        if count:
+            log.info("layer files nothing uses any more deleted", extra={"files": count, "bytes": size,
+                                                                        "kept": len(keep)})
+        return count
 
     # ------------------------------------------------------------------ queries
     @property

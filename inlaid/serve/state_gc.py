@@ -1,0 +1,117 @@
+"""The state directory's run-time garbage collection. Torch-free (the coordinator's).
+
+Layer files: each job writes `quant/layers/layer_007.v<version>.safetensors`; a layer is
+committed once every executor has swapped it in (registry.json). A file stops being needed
+when a later commit supersedes it or when its job ends without committing it (cancelled,
+failed, the requantizer lost mid-layer). Start-up collected those; a server that ran for
+days under add/remove churn piled them up meanwhile (GBs on a 7B base). So the coordinator
+collects them after every registry save, keeping (the invariant):
+
+  (a) every file the registry names: the one just written equals the one in memory (the
+      collection runs only after a save succeeded: while the registry is unsaved, the one on
+      disk may still name a file the memory one dropped, and a restart would restore it);
+  (b) every file of a version a job may still write or hand over: the queued and
+      re-quantizing tasks' versions, a cancelled job's the requantizer may still be computing,
+      and the version of a handed-over layer not yet committed (it may still be, whatever
+      became of its job); temporaries (`.tmp`) carry their version too;
+  (c) every file an executor is to restore from (a file swap queued for it). A file a later
+      commit supersedes was read by every executor told to read it: an executor applies a
+      plan's swaps in order (restores first) and answers each in order, and the commit
+      waits for every executor's answer to the live swap, so any restore of the old file it
+      was sent lies before that answer. (A restore that fails drops its layer from the
+      registry: its file may then go while another executor's restore of it is on the way;
+      that one fails too, and every executor serves the checkpoint's layer, as the registry says.)
+
+Names that are not a job's layer files are left to start-up (nothing is deleted on a guess).
+The adapter and calibration copies need no run-time collection: each is deleted once no task
+uses it (`DynamicTasks._discard_if_unused`); start-up collects what an unsaved registry left.
+
+`dropped` (registry.json): the tasks whose Hessians the stored state holds but no aggregate
+may use any more (removed live, or whose job failed): each job is told to leave them out
+(RequantizeJob.drop_tasks). Only a name the stored state still holds needs remembering:
+`prune_dropped` forgets the others, so the list is bounded by the tasks the state holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Collection
+from pathlib import Path
+
+from inlaid.quant.state_files import stored_cost_tasks, stored_layer_tasks
+
+log = logging.getLogger("inlaid.dynamic_tasks")
+
+# What the requantizer writes (`requantizer._save_layer`): the final file, and its temporary.
+LAYER_FILE = re.compile(r"layer_\d+\.v(\d+)\.(?:safetensors|tmp)")
+
+
+def layer_file_version(name: str) -> int | None:
+    """The job version a layer file name carries (None: not a job's layer file)."""
+    match = LAYER_FILE.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def collect_layer_files(layers_dir: Path, keep: Collection[str], busy_versions: Collection[int] | None) -> tuple[int, int]:
+    """Delete the files of `layers_dir` not named in `keep` (file names); busy_versions None:
+    at start-up, where no job runs, every other file goes; else a file goes only if its name
+    is a job's layer file of a version not in busy_versions. Returns (files, bytes) deleted."""
+    count = size = 0
+    for file in layers_dir.iterdir():
+        if file.name in keep:
+            continue
+        if busy_versions is not None:
+            version = layer_file_version(file.name)
+            if version is None or version in busy_versions:
+                continue
+        try:
+            length = file.lstat().st_size
+            file.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as error:  # a read-only directory: the next collection tries again
+            log.warning("a layer file could not be deleted", extra={"file": str(file), "error": error.strerror})
+            continue
+        count += 1
+        size += length
+    return count, size
+
+
+def prune_dropped(dropped: list[str], state_dirs: list[Path], num_layers: int,
+                  keep: Callable[[str], bool] = lambda name: False) -> list[str]:
+    """`dropped` without the names the stored state does not hold (no layer's Hessians, each
+    layer's the first of `state_dirs` holding it, as a job reads it; nor the raw costs, whose
+    mean scales every task's weight) and for which keep(name) is not true. A state file that
+    cannot be read keeps every name: nothing is forgotten on a guess."""
+    try:
+        held = stored_cost_tasks(state_dirs)
+        for layer in range(num_layers):
+            groups = stored_layer_tasks(state_dirs, layer)
+            for tasks in (groups or {}).values():
+                held |= tasks
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        log.warning("the Hessian state cannot be read: the dropped tasks are all kept", extra={"error": str(error)})
+        return dropped
+    return [name for name in dropped if name in held or keep(name)]
+
+
+def hessian_dirs(state_hessian_dir: Path, quantized_dir: str | None) -> list[Path] | None:
+    """Where a job reads the stored Hessian state, first match wins (`requantization_jobs._job`,
+    `IncrementalQuantizer`): the state directory's, then the checkpoint's. None when the
+    checkpoint's metadata cannot be read (its state might hold any name)."""
+    dirs = [state_hessian_dir]
+    if not quantized_dir:
+        return dirs
+    try:
+        metadata = json.loads((Path(quantized_dir) / "inlaid_quant.json").read_text())
+    except FileNotFoundError:  # no checkpoint of `inlaid quantize`: no job ever runs on it
+        return dirs
+    except (OSError, ValueError):
+        return None
+    if not isinstance(metadata, dict):
+        return None
+    if metadata.get("hessian_state"):
+        dirs.append(Path(quantized_dir) / str(metadata["hessian_state"]))
+    return dirs
