@@ -209,6 +209,32 @@ def test_a_cancelled_job_still_computing_keeps_its_version(model_dir, tmp_path, 
     asyncio.run(scenario())
 
 
+def test_a_served_file_the_sent_job_will_read_stays_until_it_ends(model_dir, tmp_path, monkeypatch):
+    """A job is sent the served files it reads as it reaches each layer; a commit (here a
+    cancelled job's, which its executors answered after the next job was sent) superseding
+    one of them must not delete it under the job (a reviewer's sequence: the job failed)."""
+    async def scenario() -> None:
+        dynamic = _dynamic(model_dir, tmp_path, monkeypatch)
+        store, jobs = dynamic.store, dynamic.jobs
+        assert store is not None
+        served = _layer_file(dynamic, 2, 1)
+        store.layers[2] = CommittedLayer(version=1, file=str(served))
+        store.tasks["next"] = TaskRecord(name="next", adapter_dir=str(ADAPTERS / "qa"), calibration="c",
+                                         phase="queued", version=3, layers_total=30)
+        jobs.queue.append("next")
+        await jobs._dispatch()
+        assert jobs._sent_job == (1, "next@v3")
+        store.layers[2] = CommittedLayer(version=2, file=str(_layer_file(dynamic, 2, 2)))  # the late commit
+        assert store.save()
+        assert served.exists()  # "next" reads it when it reaches layer 2
+        jobs._finish_current()  # it ended
+        dynamic._collect_layers()
+        assert not served.exists() and _on_disk(dynamic) == {"layer_002.v2.safetensors"}
+        await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+
+
 # ---------------------------------------------------------------- dropped
 def _write_state(directory: Path, layer: int, tasks: list[str]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
@@ -254,3 +280,26 @@ def test_the_torch_free_costs_file_name_is_the_quantizers():
     from inlaid.quant import state_files
 
     assert state_files.COSTS_FILE == task_costs.COSTS_FILE
+
+
+def test_a_cancelled_job_still_computing_keeps_its_dropped_name(model_dir, tmp_path, monkeypatch):
+    """Its set-up writes the task's costs (and a layer's Hessians) before it reads the cancel:
+    forgotten meanwhile (another removal's pruning), the name would weigh in every later job."""
+    async def scenario() -> None:
+        dynamic = _dynamic(model_dir, tmp_path, monkeypatch)
+        store = dynamic.store
+        assert store is not None
+        dynamic.registry.add("x", str(ADAPTERS / "qa"))
+        _running(dynamic, "x", 2)
+        dynamic.remove("x")
+        assert dynamic.jobs.cancelling_task == "x"
+        dynamic.registry.add("y", str(ADAPTERS / "qa"))
+        dynamic.remove("y")  # x's job has not taken its cancel up: still computing
+        assert "x" in store.dropped
+        dynamic.jobs._cancel_taken_up()
+        dynamic.registry.add("z", str(ADAPTERS / "qa"))
+        dynamic.remove("z")  # x's job ended, writing nothing: its name may go now
+        assert "x" not in store.dropped
+        await asyncio.sleep(0)
+
+    asyncio.run(scenario())

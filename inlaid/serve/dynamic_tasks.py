@@ -311,10 +311,13 @@ class DynamicTasks:
 
     def _prune_dropped(self, store: TaskStore, keep: str = "") -> None:
         """Forget the dropped names the stored state no longer holds (`state_gc.py`): the list
-        grew with every name ever removed, each sent to every job since."""
+        grew with every name ever removed, each sent to every job since. Kept besides: `keep`
+        and the task of a cancelled job still computing (it may write its costs or Hessians
+        yet: forgotten, they would weigh in every later aggregate)."""
         dirs = hessian_dirs(store.hessian_dir, self.config.engine.quantized_dir)
         if dirs is not None:
-            store.dropped = prune_dropped(store.dropped, dirs, self.num_layers, keep=lambda name: name == keep)
+            writing = {keep, self.jobs.cancelling_task}
+            store.dropped = prune_dropped(store.dropped, dirs, self.num_layers, keep=lambda name: name in writing)
 
     def _discard_if_unused(self, adapter_dir: str) -> None:
         """Delete the state directory's copy of an adapter (and of its calibration file) once

@@ -83,6 +83,10 @@ class RequantizationJobs(LayerSwaps):
         self._sent_job: tuple[int, str] | None = None  # (requantizer generation, job id) it runs
         self._cancelling: str | None = None  # a cancelled job the requantizer may still be computing
         self._live: _LiveSwap | None = None
+        # The served layer files the sent job reads, each when it reaches its layer: named at
+        # dispatch, so a commit (a cancelled job's, at the executors still) may supersede one
+        # before it is read; the collection keeps them until the job ends.
+        self._job_reads: set[str] = set()
         # Per executor: the committed layers it lacks (all of them when it is fresh).
         self._restore: list[dict[int, LayerSwap]] = [self._committed_swaps() for _ in range(executors)]
         self._swap_step_ids = itertools.count(-1, -1)  # swap-only plans: never an engine step id
@@ -105,7 +109,14 @@ class RequantizationJobs(LayerSwaps):
                 versions.add(int(version))
         for restore in self._restore:
             files.update(swap.handle.name for swap in restore.values() if swap.handle.transport == "file")
+        files.update(self._job_reads)
         return versions, files
+
+    @property
+    def cancelling_task(self) -> str | None:
+        """The task of a cancelled job the requantizer may still be computing (its set-up
+        included: it writes the task's costs and Hessians before it reads the cancel)."""
+        return self._cancelling.rpartition("@v")[0] if self._cancelling is not None else None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -233,6 +244,7 @@ class RequantizationJobs(LayerSwaps):
         if self._sent_job == (supervisor.generation, job.job_id):
             return
         self._sent_job = (supervisor.generation, job.job_id)
+        self._job_reads = set(job.served_layers.values())  # a resent job reads the files named now
         record.phase = REQUANTIZING
         record.started_at = record.started_at or time.time()
         store.save()
@@ -245,6 +257,7 @@ class RequantizationJobs(LayerSwaps):
             self.queue.remove(self.current)
         self.current = None
         self._sent_job = None
+        self._job_reads = set()
         if self._live is not None and not self._live.reached:
             self._live = None  # never reached the executor; the requantizer releases it
 

@@ -19,8 +19,12 @@ collects them after every registry save, keeping (the invariant):
       plan's swaps in order (restores first) and answers each in order, and the commit
       waits for every executor's answer to the live swap, so any restore of the old file it
       was sent lies before that answer. (A restore that fails drops its layer from the
-      registry: its file may then go while another executor's restore of it is on the way;
-      that one fails too, and every executor serves the checkpoint's layer, as the registry says.)
+      registry: its file may then go while another executor's restore of it is on the way,
+      which then fails too.)
+  (d) every served file the sent job was named (`RequantizeJob.served_layers`), until that
+      job ends: it reads each when it reaches its layer, minutes later, and a commit may
+      supersede one meanwhile (a cancelled job's layer the executors answer late, a failed
+      restore dropping an entry: a reviewer's sequences, where the job then failed).
 
 Names that are not a job's layer files are left to start-up (nothing is deleted on a guess).
 The adapter and calibration copies need no run-time collection: each is deleted once no task
@@ -29,7 +33,9 @@ uses it (`DynamicTasks._discard_if_unused`); start-up collects what an unsaved r
 `dropped` (registry.json): the tasks whose Hessians the stored state holds but no aggregate
 may use any more (removed live, or whose job failed): each job is told to leave them out
 (RequantizeJob.drop_tasks). Only a name the stored state still holds needs remembering:
-`prune_dropped` forgets the others, so the list is bounded by the tasks the state holds.
+`prune_dropped` forgets the others (but the name just removed, and a cancelled job's task
+while it may still be computing: its set-up writes the task's costs before it reads the
+cancel), so the list is bounded by the tasks the state holds.
 """
 
 from __future__ import annotations
