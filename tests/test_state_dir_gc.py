@@ -303,3 +303,26 @@ def test_a_cancelled_job_still_computing_keeps_its_dropped_name(model_dir, tmp_p
         await asyncio.sleep(0)
 
     asyncio.run(scenario())
+
+
+def test_an_unreadable_layers_directory_ends_neither_a_save_nor_the_retry_loop(model_dir, tmp_path, monkeypatch):
+    """The periodic collection runs in the loop that also retries unsaved registries: an
+    OSError out of it ended that loop for good (a read-only or vanished directory)."""
+    async def scenario() -> None:
+        dynamic = _dynamic(model_dir, tmp_path, monkeypatch)
+        store = dynamic.store
+        assert store is not None
+
+        def unreadable(*args: object) -> None:
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+        monkeypatch.setattr(task_store, "collect_layer_files", unreadable)
+        assert store.save()  # the save itself succeeded
+        monkeypatch.setattr(dynamic_tasks, "SAVE_RETRY_S", 0.01)
+        sweeps = asyncio.get_running_loop().create_task(dynamic._retry_unsaved(store))
+        await asyncio.sleep(0.1)
+        assert not sweeps.done(), sweeps.exception() if sweeps.done() else None
+        sweeps.cancel()
+        await asyncio.gather(sweeps, return_exceptions=True)
+
+    asyncio.run(scenario())

@@ -307,7 +307,11 @@ class DynamicTasks:
         store = self.store
         assert store is not None
         active = (record.version for record in store.tasks.values() if record.phase in (QUEUED, REQUANTIZING))
-        store.collect_layers(*self.jobs.files_in_use(active))
+        try:
+            store.collect_layers(*self.jobs.files_in_use(active))
+        except OSError as error:  # (the layers directory unreadable) the next pass tries again; the
+            # periodic one must not end the loop that also retries unsaved registries
+            log.warning("the state directory's collection failed", extra={"error": str(error)})
 
     def _prune_dropped(self, store: TaskStore, keep: str = "") -> None:
         """Forget the dropped names the stored state no longer holds (`state_gc.py`): the list

@@ -255,10 +255,7 @@ class TaskStore:
             log.info("the state directory is written again", extra={"was": self.unsaved})
             self.unsaved = ""
         if self.after_save is not None:
-            try:
-                self.after_save()
-            except OSError as error:  # (a directory gone unreadable) the save itself succeeded
-                log.warning("the state directory's collection failed", extra={"error": str(error)})
+            self.after_save()  # never raises (it logs what it could not do): the save succeeded
         return True
 
     def _remove_stale_temporaries(self) -> None:
