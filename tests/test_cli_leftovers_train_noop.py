@@ -20,3 +20,7 @@ def test_a_no_op_rerun_leaves_the_adapter_and_its_record_alone(model_dir: Path, 
     after = {name: ((out / name).stat().st_mtime_ns, (out / name).read_bytes()) for name in written}
     assert after == before
     assert json.loads((out / "training.json").read_text())["command"] == "first"
+
+    (out / "adapter_config.json").unlink()  # a file of the adapter gone: the rerun writes it again
+    train(config, command="third")
+    assert (out / "adapter_config.json").is_file()

@@ -236,8 +236,8 @@ _RUN_ONLY_CONFIG = ("threads", "save_every")
 def _same_record(out_dir: Path, info: dict) -> bool:
     """Whether `out_dir` already holds the adapter and a training.json recording `info` (all
     but the fields of the run itself)."""
-    if not (out_dir / "adapter_model.safetensors").is_file():
-        return False
+    if not all((out_dir / name).is_file() for name in ("adapter_model.safetensors", "adapter_config.json")):
+        return False  # a file of the adapter gone: the rerun writes it again
     try:
         recorded = json.loads((out_dir / "training.json").read_text())
     except (OSError, ValueError):
