@@ -187,10 +187,20 @@ def test_eval_interrupted_writes_what_finished(model_dir: Path, tmp_path: Path) 
                 process.send_signal(signal.SIGINT)  # once: a second Ctrl-C means "stop writing too"
                 sent = True
 
-    reader = threading.Thread(target=read_stderr)
-    reader.start()
-    stdout, _ = process.communicate(timeout=300)
-    reader.join()
+    def read_stdout() -> None:
+        assert process.stdout is not None
+        printed.extend(process.stdout.read())
+
+    printed = bytearray()
+    # Each pipe has one reader: `communicate` beside the stderr thread read stderr too, and
+    # took the "interrupted" line from it now and then.
+    readers = [threading.Thread(target=read_stderr), threading.Thread(target=read_stdout)]
+    for reader in readers:
+        reader.start()
+    process.wait(timeout=300)
+    for reader in readers:
+        reader.join()
+    stdout = bytes(printed)
     err = seen.decode(errors="replace")
     assert process.returncode == 130, err
     assert "inlaid eval: interrupted: 1 of 2 predictions finished; wrote them (partial)" in err, err
