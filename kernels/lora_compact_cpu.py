@@ -233,29 +233,32 @@ def lora_apply_compact(
     costs ~10 % on a decode step, which is why it is not the engine's."""
     if compact.num_columns == 0:
         return
-    keep, drop = _keep_mask(compact, segments, x.dtype)
     v = x @ compact.a_rows.T
-    v.mul_(keep)
+    v.mul_(_keep_mask(compact, segments, x.dtype))
     if compact.finite:
         for (start, stop), b_rows, offset in zip(compact.slice_columns, compact.b_rows, slice_offsets):
             if stop > start:
                 y[:, offset : offset + b_rows.shape[1]].addmm_(v[:, start:stop], b_rows)
         return
-    v.masked_fill_(drop, 0.0)
+    v.masked_fill_(_drop_mask(compact, segments), 0.0)
     for (start, _), b_rows, offset, runs in zip(compact.slice_columns, compact.b_rows, slice_offsets,
                                                  _active_runs(compact, segments)):
         for first, stop in runs:
             y[:, offset : offset + b_rows.shape[1]].addmm_(v[:, first:stop], b_rows[first - start : stop - start])
 
 
-def _keep_mask(compact: CompactLoraPools, segments: HostSegments, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """([T, C] each column's scale where the token's slot owns the column, else 0; [T, C] bool
-    True where it does not). Most projections of a model share a layout, so the step's
-    segments cache both per layout."""
-    def build(token_slots: Tensor) -> tuple[Tensor, Tensor]:
-        owns = token_slots[:, None] == compact.col_slot[None, :]
-        return owns.to(dtype) * compact.col_scale.to(dtype)[None, :], ~owns
-    return segments.cached_mask(("compact", compact.layout, dtype), build)
+def _keep_mask(compact: CompactLoraPools, segments: HostSegments, dtype: torch.dtype) -> Tensor:
+    """[T, C]: each column's scale where the token's slot owns the column, else 0. Most
+    projections of a model share a layout, so the step's segments cache it per layout."""
+    return segments.cached_mask(("compact", compact.layout, dtype), lambda token_slots: (
+        token_slots[:, None] == compact.col_slot[None, :]).to(dtype) * compact.col_scale.to(dtype)[None, :])
+
+
+def _drop_mask(compact: CompactLoraPools, segments: HostSegments) -> Tensor:
+    """[T, C] bool, True where the token's slot does not own the column (the safe form only:
+    finite pools, the engine's, never build it; cached per step and layout)."""
+    return segments.cached_mask(("compact-drop", compact.layout),
+                                lambda token_slots: token_slots[:, None] != compact.col_slot[None, :])
 
 
 def _active_runs(compact: CompactLoraPools, segments: HostSegments) -> tuple[tuple[tuple[int, int], ...], ...]:
