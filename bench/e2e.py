@@ -127,10 +127,10 @@ class Replay:
 
 
 def replay(server, trace, prompts: dict[str, list[int]], system: str) -> Replay:  # noqa: ANN001
-    from inlaid.scheduling.replay import replay_trace
+    from inlaid.scheduling.replay import Replay as TraceReplay
 
     started = time.monotonic()
-    records = asyncio.run(replay_trace(server.address, trace, prompts))
+    records = asyncio.run(TraceReplay(server.address, trace, prompts).run())
     return Replay(system, records, started, time.monotonic())
 
 

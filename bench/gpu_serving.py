@@ -220,9 +220,9 @@ def _subset(trace, count: int, rate: float | None):  # noqa: ANN001, ANN202
 
 
 def _replay(address: str, trace, prompts) -> list:  # noqa: ANN001
-    from inlaid.scheduling.replay import replay_trace
+    from inlaid.scheduling.replay import Replay
 
-    return asyncio.run(replay_trace(address, trace, prompts, timeout_s=180.0, ignore_eos=True))
+    return asyncio.run(Replay(address, trace, prompts, timeout_s=180.0, ignore_eos=True).run())
 
 
 def _isolated(address: str, trace, prompts, count: int) -> dict[str, float]:  # noqa: ANN001

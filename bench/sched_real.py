@@ -53,7 +53,7 @@ def _run_server(label: str, trace, prompts, options: dict, threads: int, workdir
                 base: dict | None = None) -> tuple[list, list]:
     """Start a server with the variant's policy, replay `trace`, stop it; records and step log.
     base: EngineConfig fields of the base served (quantized_base_settings), else the fp32 model."""
-    from inlaid.scheduling.replay import replay_trace
+    from inlaid.scheduling.replay import Replay
     from inlaid.scheduling.step_log import read_step_log
     from inlaid.serve.launcher import ServerProcess
 
@@ -71,7 +71,7 @@ def _run_server(label: str, trace, prompts, options: dict, threads: int, workdir
     (workdir / label).mkdir()
     with ServerProcess(config, workdir / label) as server:
         server.wait_ready()
-        records = asyncio.run(replay_trace(server.address, trace, prompts, progress=True))
+        records = asyncio.run(Replay(server.address, trace, prompts, progress=True).run())
     return records, read_step_log(step_log)
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from inlaid.engine.tokenizer import Tokenizer
 from inlaid.models.prepare import default_model_dir
-from inlaid.scheduling.replay import replay_trace
+from inlaid.scheduling.replay import Replay
 from inlaid.scheduling.step_log import read_step_log
 from inlaid.scheduling.suite import prompt_token_ids, suite_examples
 from inlaid.scheduling.traces import TaskProfile, Trace, TraceRequest
@@ -146,9 +146,9 @@ def test_inlaid_policy_serves_a_replayed_trace_learns_and_saves_its_state(tmp_pa
     }
     with ServerProcess(config, tmp_path) as server:
         server.wait_ready()
-        records = asyncio.run(replay_trace(server.address, trace, prompts, timeout_s=300))
+        records = asyncio.run(Replay(server.address, trace, prompts, timeout_s=300).run())
         # ignore_eos: every request runs to its max_tokens (the GPU suite's random-weight model)
-        to_the_end = asyncio.run(replay_trace(server.address, trace, prompts, timeout_s=300, ignore_eos=True))
+        to_the_end = asyncio.run(Replay(server.address, trace, prompts, timeout_s=300, ignore_eos=True).run())
         assert server.terminate() == 0
     assert any(len(r.token_times) < 6 for r in records if r.task == "sentiment")  # answers end by themselves ...
     assert [len(r.token_times) for r in to_the_end] == [6] * len(requests)  # ... not when told to ignore EOS

@@ -29,28 +29,16 @@ class ReplaySetupError(Exception):
     any request is sent."""
 
 
-async def replay_trace(
-    address: str,
-    trace: Trace,
-    prompts: Mapping[str, list[int]],
-    timeout_s: float = 3600.0,
-    progress: bool = False,
-    ignore_eos: bool = False,
-    ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
-) -> list[RequestRecord]:
-    """Replay `trace`; `prompts` maps each request's `source` to its prompt token ids.
-    `ignore_eos`: every request runs to its `max_tokens` (a model with random weights).
-    The server must be ready within `ready_timeout_s` and serve every task the trace names
-    (ReplaySetupError otherwise, before anything is sent); `timeout_s` bounds each request.
-    A lost connection fails every request not yet answered at once (`Replay` says why)."""
-    return await Replay(address, trace, prompts, timeout_s, progress, ignore_eos, ready_timeout_s).run()
-
-
 class Replay:
-    """One replay: `run()` gives one record per trace request, in trace order. `stop(reason)`
-    ends it early (a signal handler may call it): requests in flight are cancelled, the rest
-    are not sent, and each such record's `error` says why. `stopped` holds the reason ("" when
-    the replay ran to its end) and `wall_s` the replay's wall time from its first arrival."""
+    """One replay of `trace`: `run()` gives one record per trace request, in trace order.
+    `prompts` maps each request's `source` to its prompt token ids. `ignore_eos`: every request
+    runs to its `max_tokens` (a model with random weights). The server must be ready within
+    `ready_timeout_s` and serve every task the trace names (ReplaySetupError otherwise, before
+    anything is sent); `timeout_s` bounds each request. A lost connection fails every request
+    not yet answered at once. `stop(reason)` ends it early (a signal handler may call it):
+    requests in flight are cancelled, the rest are not sent, and each such record's `error`
+    says why. `stopped` holds the reason ("" when the replay ran to its end) and `wall_s` the
+    replay's wall time from its first arrival."""
 
     def __init__(
         self,
