@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -65,8 +65,13 @@ class AsyncClient:
         timeout_s: float = 120.0,
         admin_token: str | None = None,
         client_name: str = "inlaid-async-client",
+        before_hello: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.address = checked_address(address)
+        # Awaited before each hello; what it raises fails the call at once. A hello to a dead
+        # server otherwise waits its whole timeout (a DEALER never says nothing listens); the
+        # HTTP front refuses then when nothing accepts connections (http/reachability.py).
+        self.before_hello = before_hello
         self.timeout_s = checked_seconds(timeout_s, "timeout_s")
         self.admin_token = admin_token
         self.client_name = client_name
@@ -145,6 +150,8 @@ class AsyncClient:
         await self.close()
 
     async def handshake(self, timeout_s: float | None = None) -> HelloReply:
+        if self.before_hello is not None:
+            await self.before_hello()
         self.server = check_hello(await self._roundtrip(hello(self._ids.next(), self.client_name), timeout_s))
         return self.server
 

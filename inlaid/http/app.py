@@ -54,7 +54,8 @@ class Front:
                  admin_client: Callable[[str], Any] | None = None) -> None:
         self.address = address
         self.config = config
-        self.client = client or AsyncClient(address, timeout_s=config.request_timeout_s, client_name="inlaid-http")
+        self.client = client or AsyncClient(address, timeout_s=config.request_timeout_s, client_name="inlaid-http",
+                                            before_hello=self.refuse_when_unreachable)
         self._admin_client = admin_client or self._sdk_admin_client
         self.started = int(time.time())
         self._hello_lock = asyncio.Lock()
@@ -74,11 +75,23 @@ class Front:
         its whole bound for no server (`reachability.py`). While a hello is held, the SDK's
         socket monitor reports a lost connection at once, so nothing is asked."""
         if await self.unreachable():
-            if not self._unreachable_logged:  # once per outage, not per request
-                self._unreachable_logged = True
-                log.warning("the inference server refuses connections; answering 503", extra={"server": self.address})
-            raise ApiError(503, "the inference server is unreachable: nothing accepts connections at its address (it "
-                           "was stopped, killed or is restarting); retry later", code="unavailable")
+            raise self._unreachable_error()
+
+    async def refuse_when_unreachable(self) -> None:
+        """The SDK clients' `before_hello`: the same refusal for a hello the SDK makes itself.
+        A connection can be found lost between `check_reachable` and the SDK call (the
+        coordinator killed a moment before): the call's new hello then waited for no server,
+        under `inlaid serve` until its front's shutdown cancelled it, a plain-text 500."""
+        if await refuses_connections(self.address):
+            raise self._unreachable_error()
+
+    def _unreachable_error(self) -> ConnectionLostError:
+        if not self._unreachable_logged:  # once per outage, not per request
+            self._unreachable_logged = True
+            log.warning("the inference server refuses connections; answering 503", extra={"server": self.address})
+        # An SDK error, as the SDK's own calls raise it: every caller maps it to 503 `unavailable`.
+        return ConnectionLostError("the inference server is unreachable: nothing accepts connections at its address "
+                                   "(it was stopped, killed or is restarting); retry later")
 
     async def unreachable(self) -> bool:
         if not self._checks_address or self.client.server is not None:
@@ -114,7 +127,7 @@ class Front:
 
     def _sdk_admin_client(self, token: str) -> AsyncClient:
         return AsyncClient(self.address, timeout_s=self.config.request_timeout_s, client_name="inlaid-http-admin",
-                           admin_token=token)
+                           admin_token=token, before_hello=self.refuse_when_unreachable)
 
 
 def create_app(address: str, config: HttpConfig, client: Any = None,
