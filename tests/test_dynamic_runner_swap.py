@@ -112,3 +112,43 @@ def test_float_base_refuses_swaps(checkpoints, tmp_path):
                                       max_lora_slots=1, max_lora_rank=4))
     with pytest.raises(ValueError, match="no GPTQ checkpoint"):
         runner.swap_layer(0, 1, read_layer_tensors(abc / WEIGHTS_FILE, 0))
+
+
+def test_executors_serve_what_the_registry_holds_after_a_restore_fails_on_one(checkpoints, tmp_path):
+    """Two executors restore a committed layer: the first reads it, then the file is damaged and
+    the second cannot. The layer leaves the registry (a restart serves the checkpoint's), and
+    the first, which the old code left serving the dropped layer, goes back to the
+    checkpoint's on its next plan: both compute the same logits as a runner that never swapped."""
+    from safetensors.torch import save_file
+
+    from inlaid.serve.config import config_from_dict
+    from inlaid.serve.executor import apply_swap
+    from inlaid.serve.requantization_jobs import RequantizationJobs
+    from inlaid.serve.task_store import CommittedLayer, TaskStore, file_sha256
+
+    model, ab, abc = checkpoints
+    token_ids = [5, 900, 31, 77, 4000, 12]
+    store = TaskStore(tmp_path / "state", {"model_dir": str(model), "quantized_dir": str(ab)})
+    file = store.layers_dir / "layer_001.v1.safetensors"
+    save_file(read_layer_tensors(abc / WEIGHTS_FILE, 1), str(file))
+    store.layers[1] = CommittedLayer(version=1, file=str(file), sha256=file_sha256(file))
+    store.save()
+    jobs = RequantizationJobs(config_from_dict({"server": {"state_dir": "state"}}, base_dir=tmp_path), store, 3,
+                              wake=lambda: None, executors=2)
+    runners = [_runner(model, ab), _runner(model, ab)]
+
+    def next_plan(executor: int) -> None:  # what the executor's step loop sends, and its answers
+        for swap in jobs.take_swaps(executor):
+            jobs.on_swap_result(apply_swap(runners[executor], swap), executor=executor)
+
+    next_plan(0)
+    assert runners[0].layer_versions == [0, 1, 0]
+    file.write_bytes(b"damaged")
+    next_plan(1)
+    assert 1 not in store.layers and runners[1].layer_versions == [0, 0, 0]
+    next_plan(0), next_plan(1)
+    assert runners[0].layer_versions == runners[1].layer_versions == [0, 0, 0]
+    unswapped = _logits(_runner(model, ab), token_ids)
+    assert torch.equal(_logits(runners[0], token_ids), unswapped)
+    assert torch.equal(_logits(runners[1], token_ids), unswapped)
+    assert not jobs.has_swaps(0) and not jobs.has_swaps(1)

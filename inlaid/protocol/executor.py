@@ -51,8 +51,8 @@ class TensorSlot(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class LayerHandle(msgspec.Struct, frozen=True, kw_only=True):
-    transport: str  # "shm" | "cuda_ipc" | "file"
-    name: str  # shared-memory segment name, or file path
+    transport: str  # "shm" | "cuda_ipc" | "file" | "checkpoint" (the layer the executor loaded)
+    name: str  # shared-memory segment name, or file path (checkpoint: its directory, for the log)
     tensors: list[TensorSlot] = []  # shm
     payload: bytes = b""  # cuda_ipc: the tensors' torch.multiprocessing reductions
 

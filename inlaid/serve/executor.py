@@ -109,11 +109,14 @@ def _stats(runner: object, steps: int) -> ExecutorStats:
 
 def apply_swap(runner: ModelRunner, swap: LayerSwap) -> LayerSwapResult:
     """Install one re-quantized layer between steps; a failure leaves the old layer serving."""
-    from inlaid.serve.layer_transport import LayerTransportError, open_layer
+    from inlaid.serve.layer_transport import LayerTransportError, open_layer, read_checkpoint_layer
 
     started = time.perf_counter()
     try:
-        tensors = open_layer(swap.handle)
+        if swap.handle.transport == "checkpoint":  # what this executor loaded, wherever the coordinator's lies
+            tensors = read_checkpoint_layer(str(runner.config.quantized_dir or ""), swap.layer)
+        else:
+            tensors = open_layer(swap.handle)
         _check_finite(swap, tensors)
         runner.swap_layer(swap.layer, swap.version, tensors)
     except (LayerTransportError, ValueError, RuntimeError) as error:

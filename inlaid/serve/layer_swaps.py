@@ -8,10 +8,12 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from inlaid.protocol import LayerCommitted, LayerHandle, LayerSwap, LayerSwapResult
+from inlaid.protocol import LayerHandle, LayerSwap, LayerSwapResult
 from inlaid.serve.task_store import CommittedLayer, TaskStore
 
 log = logging.getLogger("inlaid.requantization")
+
+CHECKPOINT_VERSION = 0  # what a layer loaded from the checkpoint carries (ModelRunner.layer_versions)
 
 
 @dataclass
@@ -42,9 +44,11 @@ class JobCounts:
 
 class LayerSwaps:
     """The executor's side of the re-quantization jobs, mixed into `RequantizationJobs`,
-    which sets the attributes below and supplies `_record_of`, `_later` and `_send`."""
+    which sets the attributes below and supplies `_record_of`, `_later`, `_send` and
+    `_live_settled` (every executor has answered the live swap: tell its job)."""
 
     store: TaskStore | None
+    checkpoint_dir: str  # the quantized checkpoint the executors load (names a revert's handle)
     counts: JobCounts
     executors: int
     _live: _LiveSwap | None
@@ -111,14 +115,15 @@ class LayerSwaps:
                 self.counts.layers_done += 1
                 store.save()
             elif len(failures) < self.executors:
-                # Some executors serve the new layer, the others the old one, until they
-                # restart (then all restore the committed one): both are quality-gated bases.
-                log.error("a layer swap failed on some executors only",
+                log.error("a layer swap failed on some executors only; those that took it go back",
                           extra={"layer": result.layer, "error": failures[0]})
-            self._later(self._send(LayerCommitted(job_id=live.job_id, layer=result.layer, swapped=not failures,
-                                                  error=failures[0] if failures else "")))
+                self._back_to_registry(result.layer, [e for e, r in live.results.items() if r.ok])
+            self._live_settled(live, failures)
             return
-        if not result.ok:
+        if not result.ok and result.version == CHECKPOINT_VERSION:  # a revert (`_back_to_registry`)
+            log.error("an executor could not go back to the checkpoint's layer; it serves the dropped one",
+                      extra={"layer": result.layer, "error": result.error, "executor": executor})
+        elif not result.ok:
             log.error("a committed layer could not be restored; the checkpoint's layer serves instead",
                       extra={"layer": result.layer, "version": result.version, "error": result.error,
                              "executor": executor})
@@ -126,6 +131,25 @@ class LayerSwaps:
             if entry is not None and entry.version == result.version:
                 del store.layers[result.layer]
                 store.save()
+                live = self._live  # one that already has the live swap of this layer gets it replaced there
+                self._back_to_registry(result.layer, [
+                    e for e in range(self.executors) if e != executor and not (
+                        live is not None and live.swap.layer == result.layer and (e in live.sent_to or e in live.results))])
+
+    def _back_to_registry(self, layer: int, executors: list[int]) -> None:
+        """Executors that serve a layer the registry does not hold (a restore that failed on
+        another dropped it; a live swap that failed on another was not committed) go back to
+        what it holds, the checkpoint's layer if nothing, before their next step, so that all
+        serve one version and a restart serves it too. Plans run in order: this comes after
+        any swap of the layer already sent there, and replaces one still queued. (The executor
+        that failed kept what it served: the registry's, as a fresh one restores only.)"""
+        entry = self.store.layers.get(layer) if self.store is not None else None
+        swap = (LayerSwap(layer=layer, version=entry.version, handle=LayerHandle(transport="file", name=entry.file))
+                if entry is not None else
+                LayerSwap(layer=layer, version=CHECKPOINT_VERSION,
+                          handle=LayerHandle(transport="checkpoint", name=self.checkpoint_dir)))
+        for executor in executors:
+            self._restore[executor][layer] = swap
 
     def _record_digest(self, layer: int, entry: CommittedLayer, digest: asyncio.Future[str]) -> None:
         if self.store is not None and not digest.cancelled() and self.store.layers.get(layer) is entry:

@@ -12,6 +12,8 @@ Only a `LayerHandle` goes through the coordinator; the bytes take a side path:
   CPU tensors under torch's "file_system" sharing strategy: the tests' dry run.)
 - "file" (any device): a safetensors file, for committed layers a restarted executor
   restores.
+- "checkpoint": the layer of the checkpoint the executor loaded, for an executor that must
+  go back to it (`read_checkpoint_layer`: a restore that failed on another executor).
 
 `open_layer` always returns tensors that own their memory (copies), so nothing the executor
 serves with depends on the sender's lifetime.
@@ -24,6 +26,7 @@ import pickle
 import uuid
 from dataclasses import dataclass, field
 from multiprocessing import resource_tracker, shared_memory
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
@@ -120,6 +123,18 @@ def _attach(name: str) -> shared_memory.SharedMemory:
         if name not in _CREATED_HERE:
             resource_tracker.unregister(segment._name, "shared_memory")  # type: ignore[attr-defined]
         return segment
+
+
+def read_checkpoint_layer(checkpoint_dir: str, layer: int) -> dict[str, torch.Tensor]:
+    """The packed tensors of one layer of a GPTQ checkpoint directory, as a layer file holds them."""
+    from inlaid.quant.checkpoint import WEIGHTS_FILE
+    from inlaid.quant.errors import CheckpointError
+    from inlaid.quant.incremental_linears import read_layer_tensors
+
+    try:
+        return read_layer_tensors(Path(checkpoint_dir) / WEIGHTS_FILE, layer)
+    except (OSError, CheckpointError) as error:
+        raise LayerTransportError(f"cannot read layer {layer} of checkpoint {checkpoint_dir}: {error}") from error
 
 
 def open_layer(handle: LayerHandle) -> dict[str, torch.Tensor]:

@@ -75,6 +75,7 @@ class RequantizationJobs(LayerSwaps):
         self.config = config
         self.executors = executors
         self.store = store
+        self.checkpoint_dir = str(config.engine.quantized_dir or "")
         self.num_layers = num_layers
         self.wake = wake
         self.supervisor: RequantizerSupervisor | None = None
@@ -83,6 +84,8 @@ class RequantizationJobs(LayerSwaps):
         self._sent_job: tuple[int, str] | None = None  # (requantizer generation, job id) it runs
         self._cancelling: str | None = None  # a cancelled job the requantizer may still be computing
         self._live: _LiveSwap | None = None
+        # The job whose requantizer was lost while the executors had its layer: resent once they answer.
+        self._orphaned_live: str | None = None
         # The served layer files the sent job reads, each when it reaches its layer: named at
         # dispatch, so a commit (a cancelled job's, at the executors still) may supersede one
         # before it is read; the collection keeps them until the job ends.
@@ -243,6 +246,13 @@ class RequantizationJobs(LayerSwaps):
         job = self._job(record)
         if self._sent_job == (supervisor.generation, job.job_id):
             return
+        if self._live is not None:
+            # A layer is still at the executors (a lost requantizer's, or a cancelled job's):
+            # the job is sent once it settles (`_live_settled`). Resent now, a lost one's job
+            # started at that layer and rewrote its file (same version, same name) under the
+            # checksum the late commit records; another job's first layer took the executors'
+            # place from it, and those that took it served a layer the registry never held.
+            return
         self._sent_job = (supervisor.generation, job.job_id)
         self._job_reads = set(job.served_layers.values())  # a resent job reads the files named now
         record.phase = REQUANTIZING
@@ -257,6 +267,7 @@ class RequantizationJobs(LayerSwaps):
             self.queue.remove(self.current)
         self.current = None
         self._sent_job = None
+        self._orphaned_live = None
         self._job_reads = set()
         if self._live is not None and not self._live.reached:
             self._live = None  # never reached the executor; the requantizer releases it
@@ -283,7 +294,11 @@ class RequantizationJobs(LayerSwaps):
         if record.attempts >= self.config.requantizer.max_attempts:
             self._end_job(record, ok=False, error=f"{reason} ({record.attempts} times during this task's job)")
         else:
-            record.message = f"{reason}; resuming at layer {record.layers_done}"  # RESUMING_AT reads it
+            # a layer at the executors still (kept above) is committed, most likely, before it resumes
+            if self._live is not None and self._live.job_id == job_id(record):
+                self._orphaned_live = self._live.job_id
+            resume_at = record.layers_done + int(self._orphaned_live is not None)
+            record.message = f"{reason}; resuming at layer {resume_at}"  # RESUMING_AT reads it
             assert self.store is not None
             self.store.save()
 
@@ -324,6 +339,21 @@ class RequantizationJobs(LayerSwaps):
                                ready.file, ready.job_id)
         self._live.digest = asyncio.get_running_loop().run_in_executor(None, layer_digest, ready.file)
         self.wake()
+
+    def _live_settled(self, live: _LiveSwap, failures: list[str]) -> None:
+        """Every executor has answered the live swap: the requantizer that runs its job hears
+        it; a job held back by it (`_dispatch`) is sent now: a lost requantizer's resumes after
+        the layer, or at it if the swap failed (likely the lost requantizer's shared memory,
+        gone with it: a layer that is bad again fails the job then, as any failed swap does)."""
+        if self._orphaned_live == live.job_id:
+            self._orphaned_live = None
+            record = self._record_of(live.job_id)
+            if record is not None and failures:
+                record.message = RESUMING_AT.sub(f"; resuming at layer {record.layers_done}", record.message)
+        else:
+            self._later(self._send(LayerCommitted(job_id=live.job_id, layer=live.swap.layer, swapped=not failures,
+                                                  error=failures[0] if failures else "")))
+        self._later(self._dispatch())
 
     def _end_job(self, record: TaskRecord, ok: bool, error: str) -> None:
         assert self.store is not None
