@@ -208,7 +208,7 @@ def test_calls_with_no_server_each_fail_at_their_own_timeout():
             sdk = await asyncio.gather(*(timed(lambda: client.generate("hi", timeout_s=1.0), start) for _ in range(4)))
         front = Front(silent_address, HttpConfig(request_timeout_s=1.0))
         start = loop.time()
-        http = await asyncio.gather(*(timed(front.server, start) for _ in range(4)))
+        http = await asyncio.gather(*(timed(front.hello, start) for _ in range(4)))
         await front.client.close()
         return sdk, http
 

@@ -42,7 +42,7 @@ def test_a_loss_found_by_the_sdk_call_after_the_front_check_is_refused_at_once()
         try:
             server.stop()
             time.sleep(0.3)  # blocking: the disconnect is queued in the monitor, nobody has read it
-            assert (await front.hello()).model == "none"  # the held hello passes the front's check
+            assert (await front.hello()).model == "none"  # the held hello, as a request finds it
             start = time.monotonic()
             with pytest.raises(ConnectionLostError, match="unreachable"):
                 await asyncio.wait_for(front.client.generate("hi", max_tokens=2), WAIT_BOUND_S)
@@ -62,7 +62,7 @@ def test_a_loss_read_between_the_front_check_and_its_hello_is_refused_at_once() 
             assert front.client.server is None
             start = time.monotonic()
             with pytest.raises(ConnectionLostError, match="unreachable"):
-                await asyncio.wait_for(front.server(), WAIT_BOUND_S)  # what `hello()` does after its check
+                await asyncio.wait_for(front.hello(), WAIT_BOUND_S)
             assert time.monotonic() - start < AT_ONCE_S
             # A stream's own hello, and the admin client's, refuse the same way.
             with pytest.raises(ConnectionLostError, match="unreachable"):
@@ -87,7 +87,7 @@ def test_a_server_that_comes_back_is_greeted_again() -> None:
             server.stop()
             await asyncio.sleep(0.3)
             with pytest.raises(ConnectionLostError):
-                await front.server()
+                await front.hello()
             replacement = StandInServer(server.address)
             assert (await asyncio.wait_for(front.hello(), WAIT_BOUND_S)).model == "none"
         finally:

@@ -59,47 +59,31 @@ class Front:
         self._admin_client = admin_client or self._sdk_admin_client
         self.started = int(time.time())
         self._hello_lock = asyncio.Lock()
-        # Only the front's own SDK client dials `address`; another client (the Ray ingress)
-        # has no address to check.
-        self._checks_address = client is None
         self._unreachable_logged = False
-
-    async def hello(self) -> HelloReply:
-        """`server()` for a request: 503 `unavailable` at once when no server listens."""
-        await self.check_reachable()
-        return await self.server()
-
-    async def check_reachable(self) -> None:
-        """Raise 503 `unavailable` when the client holds no hello (none yet, or its connection
-        broke) and nothing accepts connections at the server's address: a hello would wait
-        its whole bound for no server (`reachability.py`). While a hello is held, the SDK's
-        socket monitor reports a lost connection at once, so nothing is asked."""
-        if await self.unreachable():
-            raise self._unreachable_error()
+        # Only the front's own SDK clients dial `address`; another client (the Ray ingress)
+        # has no address to check.
+        self.checks_address = client is None
 
     async def refuse_when_unreachable(self) -> None:
-        """The SDK clients' `before_hello`: the same refusal for a hello the SDK makes itself.
-        A connection can be found lost between `check_reachable` and the SDK call (the
-        coordinator killed a moment before): the call's new hello then waited for no server,
-        under `inlaid serve` until its front's shutdown cancelled it, a plain-text 500."""
-        if await refuses_connections(self.address):
-            raise self._unreachable_error()
-
-    def _unreachable_error(self) -> ConnectionLostError:
+        """The `before_hello` of the front's SDK clients: 503 `unavailable` at once when
+        nothing accepts connections at the server's address, where a hello would wait its
+        whole bound for no server (`reachability.py`). In the SDK, so that every hello is
+        checked, the one an SDK call makes itself included: a request sent a moment after
+        the coordinator was killed found the hello still held, then its call found the
+        connection lost and greeted the dead server (under `inlaid serve`, until its front's
+        shutdown cut it off: a plain-text 500). While a hello is held, the SDK's socket
+        monitor reports a lost connection at once, so nothing is asked."""
+        if not await refuses_connections(self.address):
+            self._unreachable_logged = False
+            return
         if not self._unreachable_logged:  # once per outage, not per request
             self._unreachable_logged = True
             log.warning("the inference server refuses connections; answering 503", extra={"server": self.address})
         # An SDK error, as the SDK's own calls raise it: every caller maps it to 503 `unavailable`.
-        return ConnectionLostError("the inference server is unreachable: nothing accepts connections at its address "
-                                   "(it was stopped, killed or is restarting); retry later")
+        raise ConnectionLostError("the inference server is unreachable: nothing accepts connections at its address "
+                                  "(it was stopped, killed or is restarting); retry later")
 
-    async def unreachable(self) -> bool:
-        if not self._checks_address or self.client.server is not None:
-            self._unreachable_logged = False
-            return False
-        return await refuses_connections(self.address)
-
-    async def server(self) -> HelloReply:
+    async def hello(self) -> HelloReply:
         """The server's hello (model name, context length), asked once per connection. A
         request waits for it (another request's hello included) at most the hello's bound,
         not that bound once per request queued ahead of it."""
@@ -307,7 +291,6 @@ def _replacement_notice(replaced: ReplacedConfigEntry | None) -> str:
 
 async def _unload_lora_adapter(front: Front, request: Request) -> Response:
     body = await _read_json(request, UnloadLoraAdapterRequest, front.config)
-    await front.check_reachable()  # the admin client's own hello would wait http.request_timeout_s
     async with front.admin_client(request) as client:
         try:
             message = await client.remove_task(body.lora_name)
@@ -324,9 +307,9 @@ async def _livez(request: Request) -> Response:
 
 
 async def _health(front: Front, request: Request) -> Response:
-    if await front.unreachable():  # at once, rather than after _HEALTH_TIMEOUT_S
-        return _unhealthy(b'{"status":"unreachable"}')
     try:
+        if front.checks_address and front.client.server is None:  # a health ask needs no hello: checked here
+            await front.refuse_when_unreachable()  # at once, rather than after _HEALTH_TIMEOUT_S
         reply = await front.client.health(timeout_s=_HEALTH_TIMEOUT_S)
     except (RequestTimeoutError, ConnectionLostError):
         return _unhealthy(b'{"status":"unreachable"}')
@@ -343,7 +326,6 @@ def _unhealthy(body: bytes) -> Response:
 
 
 async def _metrics(front: Front, request: Request) -> Response:
-    await front.check_reachable()
     server_text = await front.client.metrics(timeout_s=_HEALTH_TIMEOUT_S)
     own = request.app.state.http_metrics.exposition()
     return Response(server_text + own, media_type=CONTENT_TYPE)
