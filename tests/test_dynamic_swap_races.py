@@ -141,8 +141,9 @@ def test_executors_go_back_to_the_registry_when_a_swap_or_restore_fails_on_anoth
     """Two executors. A restore that fails on one drops the layer from the registry: the other,
     whose restore is still queued, goes to the checkpoint's layer instead (the old code sent
     it the dropped file and it served it; `test_dynamic_runner_swap.py` applies these on
-    real runners). A live swap that fails on one only: the one that took it goes back to the
-    committed layer."""
+    real runners). A live swap that fails on one only: both go back to the committed layer
+    (the one that took it serves an uncommitted one). A revert that fails (a reviewer's
+    sequence): that executor goes to the checkpoint's layer, not left on the dropped one."""
     jobs, store, _ = _jobs(tmp_path, executors=2)
     store.layers[5] = CommittedLayer(version=1, file=str(tmp_path / "l5"))
     store.layers[6] = CommittedLayer(version=1, file=str(tmp_path / "l6"))
@@ -151,7 +152,7 @@ def test_executors_go_back_to_the_registry_when_a_swap_or_restore_fails_on_anoth
     jobs.on_swap_result(LayerSwapResult(layer=5, version=1, ok=False, error="unreadable"), executor=1)
     assert 5 not in store.layers
     assert [(s.layer, s.version, s.handle.transport) for s in jobs.take_swaps(0)] == [(5, 0, "checkpoint"), (6, 1, "file")]
-    assert not jobs.has_swaps(1)  # it kept the checkpoint's layer
+    assert [(s.layer, s.version, s.handle.transport) for s in jobs.take_swaps(1)] == [(5, 0, "checkpoint")]
 
     async def live_swap() -> None:
         jobs.current = "code"
@@ -165,8 +166,15 @@ def test_executors_go_back_to_the_registry_when_a_swap_or_restore_fails_on_anoth
 
     asyncio.run(live_swap())
     assert store.layers[6].version == 1
-    assert [(s.layer, s.version, s.handle.name) for s in jobs.take_swaps(0)] == [(6, 1, str(tmp_path / "l6"))]
-    assert not jobs.has_swaps(1)
+    for executor in (0, 1):
+        assert [(s.layer, s.version, s.handle.name) for s in jobs.take_swaps(executor)] == [(6, 1, str(tmp_path / "l6"))]
+
+    # executor 0's revert to layer 6 v1 fails (its file unreadable now): the layer leaves the
+    # registry and both go to the checkpoint's, executor 0 included (it served v2 still)
+    jobs.on_swap_result(LayerSwapResult(layer=6, version=1, ok=False, error="unreadable"), executor=0)
+    assert 6 not in store.layers
+    for executor in (0, 1):
+        assert [(s.layer, s.version, s.handle.transport) for s in jobs.take_swaps(executor)] == [(6, 0, "checkpoint")]
 
 
 def test_the_next_job_waits_for_a_cancelled_jobs_layer_at_the_executors(tmp_path):

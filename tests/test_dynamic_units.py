@@ -182,6 +182,7 @@ class _RecordingRequantizer:
     """Stands in for the requantizer's end of the socket: keeps what the jobs send it."""
 
     ready = True
+    generation = 1
 
     def __init__(self) -> None:
         self.sent: list = []
@@ -196,7 +197,7 @@ def test_a_layer_is_committed_once_every_executor_has_swapped_it(tmp_path):
     fresh one restores every committed layer."""
     import asyncio
 
-    from inlaid.protocol import LayerCommitted, LayerHandle, LayerReady, LayerSwapResult
+    from inlaid.protocol import LayerCommitted, LayerHandle, LayerReady, LayerSwapResult, RequantizeJob
     from inlaid.serve.requantization_jobs import RequantizationJobs
     from inlaid.serve.task_store import REQUANTIZING
 
@@ -210,6 +211,7 @@ def test_a_layer_is_committed_once_every_executor_has_swapped_it(tmp_path):
         requantizer = _RecordingRequantizer()
         jobs.supervisor = requantizer  # type: ignore[assignment]
         jobs.current = "code"
+        jobs._sent_job = (requantizer.generation, "code@v1")  # the requantizer runs its job
         first, second = jobs.for_executor(0), jobs.for_executor(1)
         assert not first.has_swaps() and not second.has_swaps()
 
@@ -241,11 +243,15 @@ def test_a_layer_is_committed_once_every_executor_has_swapped_it(tmp_path):
         await asyncio.sleep(0)
         assert 1 not in store.layers
         assert requantizer.sent[-1] == LayerCommitted(job_id="code@v1", layer=1, swapped=False, error="bad tensors")
+        # both go back to what the registry holds for layer 1 (nothing: the checkpoint's layer)
+        assert [(s.layer, s.version, s.handle.transport) for s in second.take_swaps()] == [(1, 0, "checkpoint")]
 
-        # a restarted executor restores every committed layer, the other one needs nothing
+        # a restarted executor restores every committed layer (its revert is moot: it loads the
+        # checkpoint), the other one needs nothing
         jobs.on_executor_lost(0)
         assert [(swap.layer, swap.handle.transport) for swap in first.take_swaps()] == [(0, "file")]
         assert not second.has_swaps()
+        assert all(not isinstance(m, RequantizeJob) for m in requantizer.sent)  # the job runs on: nothing resent
 
     asyncio.run(scenario())
 

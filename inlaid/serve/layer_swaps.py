@@ -114,10 +114,13 @@ class LayerSwaps:
                     record.layers_done = result.layer + 1
                 self.counts.layers_done += 1
                 store.save()
-            elif len(failures) < self.executors:
-                log.error("a layer swap failed on some executors only; those that took it go back",
-                          extra={"layer": result.layer, "error": failures[0]})
-                self._back_to_registry(result.layer, [e for e, r in live.results.items() if r.ok])
+            elif self.executors > 1:  # (one executor kept the registry's layer: only a restore precedes a swap)
+                if len(failures) < self.executors:
+                    log.error("a layer swap failed on some executors only; every executor goes back to the "
+                              "committed layer", extra={"layer": result.layer, "error": failures[0]})
+                # Those that took it serve an uncommitted layer; one that failed may have kept a
+                # layer a failed restore elsewhere dropped meanwhile (it was left out then: below).
+                self._back_to_registry(result.layer, list(range(self.executors)))
             self._live_settled(live, failures)
             return
         if not result.ok and result.version == CHECKPOINT_VERSION:  # a revert (`_back_to_registry`)
@@ -131,9 +134,12 @@ class LayerSwaps:
             if entry is not None and entry.version == result.version:
                 del store.layers[result.layer]
                 store.save()
-                live = self._live  # one that already has the live swap of this layer gets it replaced there
+                # Every executor, the failed one too (a revert that failed leaves it on a layer the
+                # registry never held), but one that has the live swap of this layer: it gets
+                # that swap replaced there, or reverted with the others if it fails (above).
+                live = self._live
                 self._back_to_registry(result.layer, [
-                    e for e in range(self.executors) if e != executor and not (
+                    e for e in range(self.executors) if not (
                         live is not None and live.swap.layer == result.layer and (e in live.sent_to or e in live.results))])
 
     def _back_to_registry(self, layer: int, executors: list[int]) -> None:
@@ -141,8 +147,8 @@ class LayerSwaps:
         another dropped it; a live swap that failed on another was not committed) go back to
         what it holds, the checkpoint's layer if nothing, before their next step, so that all
         serve one version and a restart serves it too. Plans run in order: this comes after
-        any swap of the layer already sent there, and replaces one still queued. (The executor
-        that failed kept what it served: the registry's, as a fresh one restores only.)"""
+        any swap of the layer already sent there, and replaces one still queued. An executor
+        that already serves what the registry holds swaps it in again: a failure path, rare."""
         entry = self.store.layers.get(layer) if self.store is not None else None
         swap = (LayerSwap(layer=layer, version=entry.version, handle=LayerHandle(transport="file", name=entry.file))
                 if entry is not None else
