@@ -206,3 +206,33 @@ def test_the_next_job_waits_for_a_cancelled_jobs_layer_at_the_executors(tmp_path
         assert not jobs.has_swaps(0)
 
     asyncio.run(scenario())
+
+
+def test_a_swap_landing_during_shutdown_starts_no_requantizer(tmp_path):
+    """The requantizer was lost with its layer at the executors; the server stops, and waits
+    for that swap to land (`stop`). Its landing used to dispatch the held-back job, and the
+    supervisor started a requantizer only for the shutdown to kill it (a reviewer's sequence)."""
+
+    async def scenario() -> None:
+        jobs, _, requantizer = _jobs(tmp_path, layers_done=3)
+        started: list[int] = []
+
+        async def ensure_running() -> None:
+            started.append(1)
+
+        requantizer.ensure_running = ensure_running  # type: ignore[method-assign]
+        requantizer.stop = lambda: asyncio.sleep(0)  # type: ignore[attr-defined]
+        await jobs._dispatch()
+        jobs._on_message(LayerReady(job_id="code@v1", layer=3, version=1, handle=LayerHandle(transport="shm", name="s"),
+                                    file=str(tmp_path / "x"), linears=[], forward_seconds=1.0, quantize_seconds=1.0))
+        jobs.take_swaps(0)
+        requantizer.ready = False  # lost, not restarted yet
+        jobs._on_lost("requantizer (pid 1) died with signal SIGKILL")
+        stopping = asyncio.create_task(jobs.stop())
+        await _settle()
+        jobs.on_swap_result(LayerSwapResult(layer=3, version=1, ok=True))
+        await stopping
+        await _settle()
+        assert started == [] and len(requantizer.jobs()) == 1
+
+    asyncio.run(scenario())

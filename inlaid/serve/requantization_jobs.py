@@ -86,6 +86,7 @@ class RequantizationJobs(LayerSwaps):
         self._live: _LiveSwap | None = None
         # The job whose requantizer was lost while the executors had its layer: resent once they answer.
         self._orphaned_live: str | None = None
+        self._stopping = False
         # The served layer files the sent job reads, each when it reaches its layer: named at
         # dispatch, so a commit (a cancelled job's, at the executors still) may supersede one
         # before it is read; the collection keeps them until the job ends.
@@ -134,6 +135,7 @@ class RequantizationJobs(LayerSwaps):
             await self._dispatch()
 
     async def stop(self) -> None:
+        self._stopping = True  # a swap landing now dispatches nothing: no requantizer is started to be killed
         await self._let_the_live_swap_land()
         if self.supervisor is not None:
             await self.supervisor.stop()
@@ -233,7 +235,7 @@ class RequantizationJobs(LayerSwaps):
 
     async def _dispatch(self) -> None:
         store, supervisor = self.store, self.supervisor
-        if store is None or supervisor is None or self._cancelling is not None:
+        if store is None or supervisor is None or self._stopping or self._cancelling is not None:
             return  # after a cancel, the next job waits for the requantizer to be free (`cancel`)
         if self.current is None:
             if not self.queue:
