@@ -15,7 +15,7 @@ from inlaid.protocol import (
 )
 from inlaid.serve.config import config_from_dict
 from inlaid.serve.requantization_jobs import RequantizationJobs
-from inlaid.serve.task_store import REQUANTIZING, CommittedLayer, TaskRecord, TaskStore, file_sha256
+from inlaid.serve.task_store import READY, REQUANTIZING, CommittedLayer, TaskRecord, TaskStore, file_sha256
 
 BASE = {"model_dir": "/models/m", "quantized_dir": "/models/q"}
 
@@ -234,5 +234,30 @@ def test_a_swap_landing_during_shutdown_starts_no_requantizer(tmp_path):
         await stopping
         await _settle()
         assert started == [] and len(requantizer.jobs()) == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_lost_requantizers_last_layer_ends_its_job_when_it_lands(tmp_path):
+    """The layer at the executors when the requantizer was lost is the model's last: once it
+    is committed nothing is left, and the job ends there (resent, from layer 30 of 30, the
+    requantizer ran its calibration forward through every layer to answer that it was done)."""
+
+    async def scenario() -> None:
+        jobs, store, requantizer = _jobs(tmp_path, layers_done=29)
+        await jobs._dispatch()
+        jobs._on_message(LayerReady(job_id="code@v1", layer=29, version=1, handle=LayerHandle(transport="shm", name="s"),
+                                    file=str(tmp_path / "x"), linears=[], forward_seconds=1.0, quantize_seconds=1.0))
+        jobs.take_swaps(0)
+        requantizer.generation += 1
+        jobs._on_lost("requantizer (pid 1) died with signal SIGKILL")
+        jobs._on_ready(RequantizerHello(protocol_version=0, generation=2, pid=2, threads=1, niceness=19,
+                                        idle_priority=True))
+        await _settle()
+        jobs.on_swap_result(LayerSwapResult(layer=29, version=1, ok=True))
+        await _settle()
+        record = store.tasks["code"]
+        assert record.phase == READY and record.layers_done == 30 and store.layers[29].version == 1
+        assert [job.start_layer for job in requantizer.jobs()] == [29] and jobs.current is None
 
     asyncio.run(scenario())

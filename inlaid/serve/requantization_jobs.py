@@ -352,6 +352,10 @@ class RequantizationJobs(LayerSwaps):
             record = self._record_of(live.job_id)
             if record is not None and failures:
                 record.message = RESUMING_AT.sub(f"; resuming at layer {record.layers_done}", record.message)
+            elif record is not None and record.layers_done >= self.num_layers:
+                # Its last layer: resent, the job would only run the forward through every layer.
+                self._end_job(record, ok=True, error="")  # (which sends the next job)
+                return
         else:
             self._later(self._send(LayerCommitted(job_id=live.job_id, layer=live.swap.layer, swapped=not failures,
                                                   error=failures[0] if failures else "")))
