@@ -5,7 +5,9 @@ was SIGKILLed with uvicorn's plain-text 500, 5 s later, not 503 `unavailable` at
 front checked reachability only while its SDK client held no hello; the request found the
 hello still held (the disconnect not read yet), and the SDK call then found the connection
 lost, dropped it and greeted the dead server again, a hello that waits its whole timeout.
-Now the front's clients refuse a hello themselves when nothing accepts connections.
+Now the front's clients refuse a request sent with no hello held (the hello, a health ask)
+themselves when nothing accepts connections. (/health's ask, which needs no hello, waited its
+2-s bound the same way: a helper hunting flaky tests under load found it.)
 
 The server is a stand-in (a ZeroMQ ROUTER answering hello, `test_cli_leftovers_wait.py`);
 the front and its SDK client are the real ones. The loop is held still with a blocking
@@ -36,7 +38,14 @@ async def _front_holding_a_hello() -> tuple[Front, StandInServer]:
     return front, server
 
 
-def test_a_loss_found_by_the_sdk_call_after_the_front_check_is_refused_at_once() -> None:
+CALLS = {  # what a request makes of the SDK once the front holds the hello: a generate, /health's ask
+    "generate": lambda front: front.client.generate("hi", max_tokens=2),
+    "health": lambda front: front.client.health(timeout_s=5.0),  # no hello of its own: `_HEALTH_TIMEOUT_S` was spent
+}
+
+
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_a_loss_found_by_the_sdk_call_after_the_front_check_is_refused_at_once(call: str) -> None:
     async def scenario() -> None:
         front, server = await _front_holding_a_hello()
         try:
@@ -45,7 +54,7 @@ def test_a_loss_found_by_the_sdk_call_after_the_front_check_is_refused_at_once()
             assert (await front.hello()).model == "none"  # the held hello, as a request finds it
             start = time.monotonic()
             with pytest.raises(ConnectionLostError, match="unreachable"):
-                await asyncio.wait_for(front.client.generate("hi", max_tokens=2), WAIT_BOUND_S)
+                await asyncio.wait_for(CALLS[call](front), WAIT_BOUND_S)
             assert time.monotonic() - start < AT_ONCE_S
         finally:
             await front.client.close()

@@ -65,13 +65,14 @@ class AsyncClient:
         timeout_s: float = 120.0,
         admin_token: str | None = None,
         client_name: str = "inlaid-async-client",
-        before_hello: Callable[[], Awaitable[None]] | None = None,
+        reachability_check: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.address = checked_address(address)
-        # Awaited before each hello; what it raises fails the call at once. A hello to a dead
-        # server otherwise waits its whole timeout (a DEALER never says nothing listens); the
-        # HTTP front refuses then when nothing accepts connections (http/reachability.py).
-        self.before_hello = before_hello
+        # Awaited before each request sent while no hello is held (the hello itself, a health
+        # ask); what it raises fails the call at once. Such a request to a dead server waits
+        # its whole timeout otherwise (a DEALER never says that nothing listens); the HTTP
+        # front refuses then when nothing accepts connections (http/reachability.py).
+        self.reachability_check = reachability_check
         self.timeout_s = checked_seconds(timeout_s, "timeout_s")
         self.admin_token = admin_token
         self.client_name = client_name
@@ -150,8 +151,6 @@ class AsyncClient:
         await self.close()
 
     async def handshake(self, timeout_s: float | None = None) -> HelloReply:
-        if self.before_hello is not None:
-            await self.before_hello()
         self.server = check_hello(await self._roundtrip(hello(self._ids.next(), self.client_name), timeout_s))
         return self.server
 
@@ -172,7 +171,9 @@ class AsyncClient:
         request_id = message.request_id
         wait_s = call_timeout(timeout_s, self.timeout_s)
         frame = frame or encode(message)  # an unencodable request fails here, before anything is registered
-        self._check_connection()
+        self._check_connection()  # a loss found here drops the hello: then the check below runs
+        if self.server is None and self.reachability_check is not None:
+            await self.reachability_check()
         self._queues[request_id] = asyncio.Queue()
         answered = False
         try:

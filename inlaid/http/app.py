@@ -55,24 +55,22 @@ class Front:
         self.address = address
         self.config = config
         self.client = client or AsyncClient(address, timeout_s=config.request_timeout_s, client_name="inlaid-http",
-                                            before_hello=self.refuse_when_unreachable)
+                                            reachability_check=self.refuse_when_unreachable)
         self._admin_client = admin_client or self._sdk_admin_client
         self.started = int(time.time())
         self._hello_lock = asyncio.Lock()
         self._unreachable_logged = False
-        # Only the front's own SDK clients dial `address`; another client (the Ray ingress)
-        # has no address to check.
-        self.checks_address = client is None
 
     async def refuse_when_unreachable(self) -> None:
-        """The `before_hello` of the front's SDK clients: 503 `unavailable` at once when
-        nothing accepts connections at the server's address, where a hello would wait its
-        whole bound for no server (`reachability.py`). In the SDK, so that every hello is
-        checked, the one an SDK call makes itself included: a request sent a moment after
-        the coordinator was killed found the hello still held, then its call found the
-        connection lost and greeted the dead server (under `inlaid serve`, until its front's
-        shutdown cut it off: a plain-text 500). While a hello is held, the SDK's socket
-        monitor reports a lost connection at once, so nothing is asked."""
+        """The `reachability_check` of the front's SDK clients: 503 `unavailable` at once
+        when nothing accepts connections at the server's address, where a request sent with
+        no hello held (the hello, a health ask) would wait its whole bound for no server
+        (`reachability.py`). In the SDK, right where a call finds the connection lost: a
+        request sent a moment after the coordinator was killed found the hello still held,
+        then its call found the connection lost and greeted the dead server (under `inlaid
+        serve`, until its front's shutdown cut it off: a plain-text 500; `/health`: its 2-s
+        bound). While a hello is held, the SDK's socket monitor reports a lost connection at
+        once, so nothing is asked."""
         if not await refuses_connections(self.address):
             self._unreachable_logged = False
             return
@@ -111,7 +109,7 @@ class Front:
 
     def _sdk_admin_client(self, token: str) -> AsyncClient:
         return AsyncClient(self.address, timeout_s=self.config.request_timeout_s, client_name="inlaid-http-admin",
-                           admin_token=token, before_hello=self.refuse_when_unreachable)
+                           admin_token=token, reachability_check=self.refuse_when_unreachable)
 
 
 def create_app(address: str, config: HttpConfig, client: Any = None,
@@ -308,10 +306,8 @@ async def _livez(request: Request) -> Response:
 
 async def _health(front: Front, request: Request) -> Response:
     try:
-        if front.checks_address and front.client.server is None:  # a health ask needs no hello: checked here
-            await front.refuse_when_unreachable()  # at once, rather than after _HEALTH_TIMEOUT_S
         reply = await front.client.health(timeout_s=_HEALTH_TIMEOUT_S)
-    except (RequestTimeoutError, ConnectionLostError):
+    except (RequestTimeoutError, ConnectionLostError):  # nothing listens: at once (`refuse_when_unreachable`)
         return _unhealthy(b'{"status":"unreachable"}')
     body = msgspec.json.encode({"status": reply.status, "executor_ready": reply.executor_ready,
                                 "uptime_seconds": reply.uptime_seconds,
