@@ -131,8 +131,9 @@ def test_a_frame_flood_does_not_stall_another_clients_stream(server):
     during = [t for t in arrivals if started <= t <= ended]
     marks = [started, *during, min(ended, arrivals[-1]) if during else ended]
     worst_gap = max(b - a for a, b in zip(marks, marks[1:]))
-    # Loose on purpose (a loaded 2-core machine): the old code's gap was the flood's whole length.
-    assert worst_gap < max(1.5, (ended - started) / 3), (worst_gap, ended - started, len(during))
+    # Loose on purpose (a loaded 2-core machine: 1.51 s seen under load, the flood 11 s): the old
+    # code's gap was the flood's whole length.
+    assert worst_gap < max(2.5, (ended - started) / 3), (worst_gap, ended - started, len(during))
     assert len(during) >= 3, (ended - started, len(during))
 
 
