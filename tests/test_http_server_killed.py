@@ -91,15 +91,18 @@ def test_a_killed_coordinator_is_answered_at_once_and_its_ipc_directory_removed(
 
             # The `inlaid serve` front lives on until it sees its coordinator gone (within 0.5 s):
             # whatever it accepts meanwhile is answered 503 at once, the rest is refused.
+            # (Its 0.5-s watch may fire in the few milliseconds before the first request: then every
+            # request is refused at once, also right; tests/test_http_unreachable_race.py holds the
+            # race still for the 503.)
             answered = []
             deadline = time.monotonic() + 1.0
             while time.monotonic() < deadline:
                 answer = _timed(first.http_url, "/v1/completions", {**completion, "max_tokens": 2})
                 if answer[0] == 0:
+                    assert answered or answer[3] < ANSWER_BOUND_S, answer
                     break
                 answered.append(answer)
                 time.sleep(0.05)
-            assert answered, "the serve front refused the first request after the kill"
             for answer in answered:
                 _unavailable(answer)
 
