@@ -25,6 +25,7 @@ from test_cli_leftovers_wait import StandInServer
 from inlaid.client import ConnectionLostError
 from inlaid.http.app import Front
 from inlaid.http.settings import HttpConfig
+from inlaid.protocol import Health, HealthReply
 from inlaid.serve.launcher import free_tcp_port
 
 AT_ONCE_S = 1.5  # a refused connect answers in milliseconds; the hello's bound here is 10 s
@@ -103,5 +104,46 @@ def test_a_server_that_comes_back_is_greeted_again() -> None:
             await front.client.close()
             if replacement is not None:
                 replacement.stop()
+
+    asyncio.run(scenario())
+
+
+class _HealthAnswering(StandInServer):
+    """The stand-in, answering health asks too (they need no hello)."""
+
+    def _reply(self, request: object):
+        if isinstance(request, Health):
+            return HealthReply(request_id=request.request_id, status="ok", executor_ready=True, uptime_seconds=1.0)
+        return super()._reply(request)
+
+
+def test_a_loss_during_the_reachability_check_is_checked_again() -> None:
+    """A reviewer's sequence: no hello held (a health ask needs none), the check passes, and
+    the server dies while it runs; the SDK's reader drops the connection meanwhile, and the
+    request, which had no queue yet to hear of it, went out on a fresh socket to the dead
+    server: its whole timeout. Now the check runs again, and refuses."""
+    async def scenario() -> None:
+        server = _HealthAnswering(f"tcp://127.0.0.1:{free_tcp_port()}")
+        front = Front(server.address, HttpConfig(request_timeout_s=10.0))
+        assert (await front.client.health()).status == "ok" and front.client.server is None
+        checks: list[int] = []
+        real_check = front.refuse_when_unreachable
+
+        async def dies_during_the_first_check() -> None:
+            checks.append(1)
+            if len(checks) == 1:  # reachable when probed; then it dies and the reader sees it
+                server.stop()
+                await asyncio.sleep(0.3)
+                return
+            await real_check()
+
+        front.client.reachability_check = dies_during_the_first_check
+        try:
+            start = time.monotonic()
+            with pytest.raises(ConnectionLostError, match="unreachable"):
+                await asyncio.wait_for(front.client.health(timeout_s=5.0), WAIT_BOUND_S)
+            assert time.monotonic() - start < AT_ONCE_S + 0.3 and len(checks) == 2
+        finally:
+            await front.client.close()
 
     asyncio.run(scenario())

@@ -171,9 +171,7 @@ class AsyncClient:
         request_id = message.request_id
         wait_s = call_timeout(timeout_s, self.timeout_s)
         frame = frame or encode(message)  # an unencodable request fails here, before anything is registered
-        self._check_connection()  # a loss found here drops the hello: then the check below runs
-        if self.server is None and self.reachability_check is not None:
-            await self.reachability_check()
+        await self._checked_connection()
         self._queues[request_id] = asyncio.Queue()
         answered = False
         try:
@@ -194,6 +192,19 @@ class AsyncClient:
             if not answered and isinstance(message, Generate):
                 self._cancel_nowait(request_id)  # the awaiting task was cancelled
             self._queues.pop(request_id, None)
+
+    async def _checked_connection(self) -> None:
+        """`_check_connection`, then `reachability_check` while no hello is held (a loss found
+        here drops it). Again if the connection was lost during that check: a request with
+        no queue yet hears of no loss, and would go out on a fresh socket to a dead server."""
+        while True:
+            self._check_connection()
+            if self.server is not None or self.reachability_check is None:
+                return
+            conn = self._conn
+            await self.reachability_check()
+            if conn is None or self._conn is conn:
+                return
 
     def _after_timeout(self, request_id: str) -> None:
         # A dead server leaves a socket that may never answer; start over unless other
