@@ -230,6 +230,7 @@ def test_a_swap_landing_during_shutdown_starts_no_requantizer(tmp_path):
         jobs._on_lost("requantizer (pid 1) died with signal SIGKILL")
         stopping = asyncio.create_task(jobs.stop())
         await _settle()
+        assert not jobs._wants_requantizer()  # the supervisor's own restart after a loss asks it
         jobs.on_swap_result(LayerSwapResult(layer=3, version=1, ok=True))
         await stopping
         await _settle()
@@ -259,5 +260,25 @@ def test_a_lost_requantizers_last_layer_ends_its_job_when_it_lands(tmp_path):
         record = store.tasks["code"]
         assert record.phase == READY and record.layers_done == 30 and store.layers[29].version == 1
         assert [job.start_layer for job in requantizer.jobs()] == [29] and jobs.current is None
+
+    asyncio.run(scenario())
+
+
+def test_a_job_whose_every_layer_is_committed_ends_without_a_requantizer(tmp_path):
+    """The requantizer was lost (or the server killed) after the last layer's commit and before
+    its JobFinished: the job was resent from layer 30 of 30, and a requantizer started only to
+    run the calibration forward through every layer and say it was done (a reviewer's
+    finding). Now dispatching it ends it, as READY, and the next job goes."""
+
+    async def scenario() -> None:
+        jobs, store, requantizer = _jobs(tmp_path, layers_done=30)
+        store.tasks["text"] = TaskRecord(name="text", adapter_dir="b", calibration="d", phase=REQUANTIZING, version=2,
+                                         layers_total=30)
+        store.next_version = 3
+        jobs.queue.append("text")
+        await jobs._dispatch()
+        await _settle()
+        assert store.tasks["code"].phase == READY and store.tasks["code"].layers_done == 30
+        assert [(job.task, job.start_layer) for job in requantizer.jobs()] == [("text", 0)]
 
     asyncio.run(scenario())

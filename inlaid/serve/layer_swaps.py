@@ -124,10 +124,10 @@ class LayerSwaps:
             self._live_settled(live, failures)
             return
         if not result.ok and result.version == CHECKPOINT_VERSION:  # a revert (`_back_to_registry`)
-            log.error("an executor could not go back to the checkpoint's layer; it serves the dropped one",
+            log.error("an executor could not go back to the checkpoint's layer",
                       extra={"layer": result.layer, "error": result.error, "executor": executor})
         elif not result.ok:
-            log.error("a committed layer could not be restored; the checkpoint's layer serves instead",
+            log.error("a committed layer could not be restored (or gone back to); it leaves the registry",
                       extra={"layer": result.layer, "version": result.version, "error": result.error,
                              "executor": executor})
             entry = store.layers.get(result.layer)

@@ -129,10 +129,14 @@ class RequantizationJobs(LayerSwaps):
         self.supervisor = RequantizerSupervisor(
             self.config.requantizer, f"ipc://{self._tempdir}/requantizer.ipc",
             on_message=self._on_message, on_ready=self._on_ready, on_lost=self._on_lost,
-            wanted=lambda: self.current is not None or bool(self.queue), owes_progress=self._owes_progress,
+            wanted=self._wants_requantizer, owes_progress=self._owes_progress,
             log_level=self.config.log_level, log_format=self.config.log_format)
         if self.queue:
             await self._dispatch()
+
+    def _wants_requantizer(self) -> bool:
+        # Not once stopping: a lost one's restart would only be killed by the shutdown.
+        return not self._stopping and (self.current is not None or bool(self.queue))
 
     async def stop(self) -> None:
         self._stopping = True  # a swap landing now dispatches nothing: no requantizer is started to be killed
@@ -242,6 +246,11 @@ class RequantizationJobs(LayerSwaps):
                 return
             self.current = self.queue[0]
         record = store.tasks[self.current]
+        if record.layers_done >= self.num_layers and self._sent_job != (supervisor.generation, job_id(record)):
+            # Every layer committed, and no requantizer to say so (lost, or the server restarted,
+            # before its JobFinished): resent, the job would only run its forward through every layer.
+            self._end_job(record, ok=True, error="")  # (which sends the next job)
+            return
         if not supervisor.ready:
             await supervisor.ensure_running()  # its hello dispatches again
             return
@@ -352,10 +361,6 @@ class RequantizationJobs(LayerSwaps):
             record = self._record_of(live.job_id)
             if record is not None and failures:
                 record.message = RESUMING_AT.sub(f"; resuming at layer {record.layers_done}", record.message)
-            elif record is not None and record.layers_done >= self.num_layers:
-                # Its last layer: resent, the job would only run the forward through every layer.
-                self._end_job(record, ok=True, error="")  # (which sends the next job)
-                return
         else:
             self._later(self._send(LayerCommitted(job_id=live.job_id, layer=live.swap.layer, swapped=not failures,
                                                   error=failures[0] if failures else "")))
