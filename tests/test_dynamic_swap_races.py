@@ -55,9 +55,45 @@ def _jobs(tmp_path, executors: int = 1, layers_done: int = 0) -> tuple[Requantiz
     return jobs, store, requantizer
 
 
+def _queue_text(jobs: RequantizationJobs, store: TaskStore) -> None:
+    """A second task, `text`, queued behind `code`."""
+    store.tasks["text"] = TaskRecord(name="text", adapter_dir="b", calibration="d", phase=REQUANTIZING, version=2,
+                                     layers_total=30)
+    store.next_version = 3
+    jobs.queue.append("text")
+
+
+def _layer_ready(jobs: RequantizationJobs, layer: int, file: str, version: int = 1) -> None:
+    """The requantizer hands layer `layer` over (shared memory): the live swap."""
+    jobs._on_message(LayerReady(job_id="code@v1", layer=layer, version=version,
+                                handle=LayerHandle(transport="shm", name="s"), file=file, linears=[],
+                                forward_seconds=1.0, quantize_seconds=1.0))
+
+
+def _lose_requantizer(jobs: RequantizationJobs, requantizer: _StandInRequantizer, restarted: bool = True) -> None:
+    """It is SIGKILLed; with `restarted`, its successor says hello."""
+    requantizer.generation += 1
+    jobs._on_lost("requantizer (pid 1) died with signal SIGKILL")
+    if restarted:
+        jobs._on_ready(RequantizerHello(protocol_version=0, generation=requantizer.generation, pid=2, threads=1,
+                                        niceness=19, idle_priority=True))
+
+
 async def _settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
+
+
+async def _lost_with_its_layer_at_the_executors(tmp_path, layer: int):
+    """The job runs from `layer`, hands it over, executor 0 takes the swap, the requantizer is
+    lost and its successor says hello."""
+    jobs, store, requantizer = _jobs(tmp_path, layers_done=layer)
+    await jobs._dispatch()
+    _layer_ready(jobs, layer, str(tmp_path / "x"))
+    jobs.take_swaps(0)
+    _lose_requantizer(jobs, requantizer)
+    await _settle()
+    return jobs, store, requantizer
 
 
 def test_a_requantizer_lost_while_its_layer_is_at_the_executors_does_not_rewrite_that_layer(tmp_path):
@@ -82,16 +118,12 @@ def test_a_requantizer_lost_while_its_layer_is_at_the_executors_does_not_rewrite
         assert first.start_layer == 3
         run_layers(first, 1.0)
         file = str(store.layers_dir / "layer_003.v1.safetensors")
-        jobs._on_message(LayerReady(job_id="code@v1", layer=3, version=1, handle=LayerHandle(transport="shm", name="s"),
-                                    file=file, linears=[], forward_seconds=1.0, quantize_seconds=1.0))
+        _layer_ready(jobs, 3, file)
         assert [swap.layer for swap in jobs.take_swaps(0)] == [3]  # in the executor's plan now
         assert jobs._live is not None and jobs._live.digest is not None
         await jobs._live.digest
 
-        requantizer.generation += 1  # it dies; its successor connects
-        jobs._on_lost("requantizer (pid 1) died with signal SIGKILL")
-        jobs._on_ready(RequantizerHello(protocol_version=0, generation=2, pid=2, threads=1, niceness=19,
-                                        idle_priority=True))
+        _lose_requantizer(jobs, requantizer)
         await _settle()
         for job in requantizer.jobs()[1:]:  # what the old code sent here: from layer 3
             run_layers(job, 2.0)
@@ -117,16 +149,7 @@ def test_a_swap_that_fails_after_its_requantizer_was_lost_is_redone(tmp_path):
     the job then resumes at that layer, not after it, and nothing was committed."""
 
     async def scenario() -> None:
-        jobs, store, requantizer = _jobs(tmp_path, layers_done=3)
-        await jobs._dispatch()
-        jobs._on_message(LayerReady(job_id="code@v1", layer=3, version=1, handle=LayerHandle(transport="shm", name="s"),
-                                    file=str(tmp_path / "x"), linears=[], forward_seconds=1.0, quantize_seconds=1.0))
-        jobs.take_swaps(0)
-        requantizer.generation += 1
-        jobs._on_lost("requantizer (pid 1) died with signal SIGKILL")
-        jobs._on_ready(RequantizerHello(protocol_version=0, generation=2, pid=2, threads=1, niceness=19,
-                                        idle_priority=True))
-        await _settle()
+        jobs, store, requantizer = await _lost_with_its_layer_at_the_executors(tmp_path, 3)
         assert len(requantizer.jobs()) == 1
         jobs.on_swap_result(LayerSwapResult(layer=3, version=1, ok=False, error="segment s is gone"))
         await _settle()
@@ -157,8 +180,7 @@ def test_executors_go_back_to_the_registry_when_a_swap_or_restore_fails_on_anoth
     async def live_swap() -> None:
         jobs.current = "code"
         jobs._sent_job = (1, "code@v1")
-        jobs._on_message(LayerReady(job_id="code@v1", layer=6, version=2, handle=LayerHandle(transport="shm", name="s"),
-                                    file=str(tmp_path / "l6v2"), linears=[], forward_seconds=1.0, quantize_seconds=1.0))
+        _layer_ready(jobs, 6, str(tmp_path / "l6v2"), version=2)
         jobs.take_swaps(0), jobs.take_swaps(1)
         jobs.on_swap_result(LayerSwapResult(layer=6, version=2, ok=True), executor=0)
         jobs.on_swap_result(LayerSwapResult(layer=6, version=2, ok=False, error="bad tensors"), executor=1)
@@ -186,14 +208,10 @@ def test_the_next_job_waits_for_a_cancelled_jobs_layer_at_the_executors(tmp_path
 
     async def scenario() -> None:
         jobs, store, requantizer = _jobs(tmp_path, layers_done=3)
-        store.tasks["text"] = TaskRecord(name="text", adapter_dir="b", calibration="d", phase=REQUANTIZING, version=2,
-                                         layers_total=30)
-        store.next_version = 3
-        jobs.queue.append("text")
+        _queue_text(jobs, store)
         await jobs._dispatch()
         file = str(tmp_path / "layer_003.v1.safetensors")
-        jobs._on_message(LayerReady(job_id="code@v1", layer=3, version=1, handle=LayerHandle(transport="shm", name="s"),
-                                    file=file, linears=[], forward_seconds=1.0, quantize_seconds=1.0))
+        _layer_ready(jobs, 3, file)
         assert [swap.layer for swap in jobs.take_swaps(0)] == [3]
         jobs.cancel(store.tasks["code"])
         await _settle()
@@ -223,11 +241,10 @@ def test_a_swap_landing_during_shutdown_starts_no_requantizer(tmp_path):
         requantizer.ensure_running = ensure_running  # type: ignore[method-assign]
         requantizer.stop = lambda: asyncio.sleep(0)  # type: ignore[attr-defined]
         await jobs._dispatch()
-        jobs._on_message(LayerReady(job_id="code@v1", layer=3, version=1, handle=LayerHandle(transport="shm", name="s"),
-                                    file=str(tmp_path / "x"), linears=[], forward_seconds=1.0, quantize_seconds=1.0))
+        _layer_ready(jobs, 3, str(tmp_path / "x"))
         jobs.take_swaps(0)
-        requantizer.ready = False  # lost, not restarted yet
-        jobs._on_lost("requantizer (pid 1) died with signal SIGKILL")
+        requantizer.ready = False
+        _lose_requantizer(jobs, requantizer, restarted=False)
         stopping = asyncio.create_task(jobs.stop())
         await _settle()
         assert not jobs._wants_requantizer()  # the supervisor's own restart after a loss asks it
@@ -245,16 +262,7 @@ def test_a_lost_requantizers_last_layer_ends_its_job_when_it_lands(tmp_path):
     requantizer ran its calibration forward through every layer to answer that it was done)."""
 
     async def scenario() -> None:
-        jobs, store, requantizer = _jobs(tmp_path, layers_done=29)
-        await jobs._dispatch()
-        jobs._on_message(LayerReady(job_id="code@v1", layer=29, version=1, handle=LayerHandle(transport="shm", name="s"),
-                                    file=str(tmp_path / "x"), linears=[], forward_seconds=1.0, quantize_seconds=1.0))
-        jobs.take_swaps(0)
-        requantizer.generation += 1
-        jobs._on_lost("requantizer (pid 1) died with signal SIGKILL")
-        jobs._on_ready(RequantizerHello(protocol_version=0, generation=2, pid=2, threads=1, niceness=19,
-                                        idle_priority=True))
-        await _settle()
+        jobs, store, requantizer = await _lost_with_its_layer_at_the_executors(tmp_path, 29)
         jobs.on_swap_result(LayerSwapResult(layer=29, version=1, ok=True))
         await _settle()
         record = store.tasks["code"]
@@ -272,10 +280,7 @@ def test_a_job_whose_every_layer_is_committed_ends_without_a_requantizer(tmp_pat
 
     async def scenario() -> None:
         jobs, store, requantizer = _jobs(tmp_path, layers_done=30)
-        store.tasks["text"] = TaskRecord(name="text", adapter_dir="b", calibration="d", phase=REQUANTIZING, version=2,
-                                         layers_total=30)
-        store.next_version = 3
-        jobs.queue.append("text")
+        _queue_text(jobs, store)
         await jobs._dispatch()
         await _settle()
         assert store.tasks["code"].phase == READY and store.tasks["code"].layers_done == 30
