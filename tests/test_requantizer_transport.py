@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -114,6 +115,7 @@ def test_a_lost_requantizer_is_started_again_only_while_there_is_work(tmp_path):
 
     work = {"wanted": True}
     lost: list[str] = []
+    names: list[str] = []
 
     async def scenario() -> None:
         supervisor = RequantizerSupervisor(RequantizerSettings(), f"ipc://{tmp_path}/requantizer.ipc",
@@ -130,8 +132,13 @@ def test_a_lost_requantizer_is_started_again_only_while_there_is_work(tmp_path):
         try:
             await supervisor.ensure_running()
             await until(lambda: supervisor.ready)
+            # What a requantizer killed between creating a layer's segment and registering it
+            # with its resource tracker leaves: its segment, which no tracker unlinks.
+            names.append(left := _untracked_segment(f"inlaid-{supervisor.pid}-left"))
+            names.append(kept := _untracked_segment(f"inlaid-{os.getpid()}-kept"))  # a live process's: not touched
             os.kill(supervisor.pid, signal.SIGKILL)
             await until(lambda: supervisor.ready and supervisor.generation == 2)  # work wanted it back
+            assert not Path(f"/dev/shm/{left}").exists() and Path(f"/dev/shm/{kept}").exists()
             work["wanted"] = False
             os.kill(supervisor.pid, signal.SIGKILL)
             await until(lambda: len(lost) == 2)
@@ -141,6 +148,18 @@ def test_a_lost_requantizer_is_started_again_only_while_there_is_work(tmp_path):
             await until(lambda: supervisor.ready and supervisor.generation == 3)
         finally:
             await supervisor.stop()
+            for name in names:
+                Path(f"/dev/shm/{name}").unlink(missing_ok=True)
 
     asyncio.run(scenario())
     assert all("died with signal SIGKILL" in reason for reason in lost)
+
+
+def _untracked_segment(name: str) -> str:
+    """A shared-memory segment `name` that no resource tracker will unlink."""
+    from multiprocessing import resource_tracker, shared_memory
+
+    segment = shared_memory.SharedMemory(name=name, create=True, size=64)
+    resource_tracker.unregister(segment._name, "shared_memory")  # type: ignore[attr-defined]
+    segment.close()
+    return name

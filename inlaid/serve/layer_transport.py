@@ -5,7 +5,7 @@ Only a `LayerHandle` goes through the coordinator; the bytes take a side path:
 - "shm" (CPU): one POSIX shared-memory segment per layer (`multiprocessing.shared_memory`),
   the tensors packed at 64-byte-aligned offsets listed in the handle. The requantizer
   creates and, once the executor has copied the tensors out, unlinks it; if the requantizer
-  dies first, its resource tracker unlinks it.
+  dies first, its resource tracker unlinks it (what it never registered: ipc_dirs.remove_segments_of).
 - "cuda_ipc" (GPU): the tensors on the executor's device, shared as CUDA IPC handles through
   `torch.multiprocessing`'s reductions (pickled into the handle's payload). The sender keeps
   them alive until the executor has copied them. (Without a GPU the same code path runs on

@@ -33,6 +33,7 @@ from inlaid.protocol import (
     RequantizerShutdown,
 )
 from inlaid.serve.config import RequantizerSettings
+from inlaid.serve.ipc_dirs import remove_segments_of
 from inlaid.serve.supervisor import wait_or_kill
 
 log = logging.getLogger("inlaid.requantizer_supervisor")
@@ -294,6 +295,11 @@ class RequantizerSupervisor:
 
     async def _watch(self, process: asyncio.subprocess.Process, generation: int) -> None:
         code = await process.wait()
+        try:
+            if left := remove_segments_of(process.pid):  # (or its tracker's, a moment before the tracker)
+                log.info("removed the shared memory the requantizer left", extra={"pid": process.pid, "segments": left})
+        except OSError as error:  # best effort: never in the way of the restart
+            log.warning("could not remove the requantizer's shared memory", extra={"error": repr(error)})
         if self._stopping or generation != self.generation:
             return
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
