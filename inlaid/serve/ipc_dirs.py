@@ -104,15 +104,21 @@ def _owner_gone(directory: Path) -> bool:
     return True
 
 
+def segment_prefix(pid: int) -> str:
+    """How the names of the shared-memory segments process `pid` exports begin: one
+    definition for the name made (`layer_transport.export_shm`) and the name swept (below)."""
+    return f"{_PREFIX}{pid}-"
+
+
 def remove_segments_of(pid: int, shm_dir: str = "/dev/shm") -> list[str]:
-    """Unlink the shared-memory segments a dead child `pid` exported (`inlaid-<pid>-*`,
-    layer_transport.export_shm); their names. Its resource tracker unlinks those it
-    registered when it dies, but Python registers a segment only after creating and mapping
-    it, and starts the tracker at the first one: a requantizer SIGKILLed in between left its
-    layer in RAM (tmpfs) until reboot (a probe: 3 of 43 kills timed at a handover). Only for
-    a child the caller saw die, so the pid is that child's. No /dev/shm (not Linux): nothing."""
+    """Unlink the shared-memory segments a dead child `pid` exported (`inlaid-<pid>-*`);
+    their names. Its resource tracker unlinks those it registered when it dies, but Python
+    registers a segment only after creating and mapping it, and starts the tracker at the
+    first one: a requantizer SIGKILLed in between left its layer in RAM (tmpfs) until reboot
+    (a probe: 3 of 43 kills timed at a handover). Only for a child the caller saw die, so the
+    pid is that child's. No /dev/shm (not Linux): nothing."""
     removed = []
-    for path in Path(shm_dir).glob(f"{_PREFIX}{pid}-*"):
+    for path in Path(shm_dir).glob(f"{segment_prefix(pid)}*"):
         try:
             path.unlink()
         except FileNotFoundError:  # its tracker was first

@@ -42,6 +42,11 @@ class JobCounts:
     layers_done: int = 0  # swapped into every executor, or kept as served (nothing to swap)
 
 
+def _file_swap(layer: int, entry: CommittedLayer) -> LayerSwap:
+    """The swap that installs a committed layer from its file."""
+    return LayerSwap(layer=layer, version=entry.version, handle=LayerHandle(transport="file", name=entry.file))
+
+
 class LayerSwaps:
     """The executor's side of the re-quantization jobs, mixed into `RequantizationJobs`,
     which sets the attributes below and supplies `_record_of`, `_later`, `_send` and
@@ -59,8 +64,7 @@ class LayerSwaps:
         """Every committed layer as a file swap: what a fresh executor lacks."""
         if self.store is None:
             return {}
-        return {layer: LayerSwap(layer=layer, version=entry.version, handle=LayerHandle(transport="file", name=entry.file))
-                for layer, entry in self.store.layers.items()}
+        return {layer: _file_swap(layer, entry) for layer, entry in self.store.layers.items()}
 
     def for_executor(self, executor: int) -> "ExecutorSwaps":
         return ExecutorSwaps(self, executor)
@@ -150,8 +154,7 @@ class LayerSwaps:
         any swap of the layer already sent there, and replaces one still queued. An executor
         that already serves what the registry holds swaps it in again: a failure path, rare."""
         entry = self.store.layers.get(layer) if self.store is not None else None
-        swap = (LayerSwap(layer=layer, version=entry.version, handle=LayerHandle(transport="file", name=entry.file))
-                if entry is not None else
+        swap = (_file_swap(layer, entry) if entry is not None else
                 LayerSwap(layer=layer, version=CHECKPOINT_VERSION,
                           handle=LayerHandle(transport="checkpoint", name=self.checkpoint_dir)))
         for executor in executors:

@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from inlaid.protocol import LayerHandle, TensorSlot
+from inlaid.serve.ipc_dirs import segment_prefix
 
 _ALIGN = 64
 _CREATED_HERE: set[str] = set()  # segments this process created (and whose tracking it keeps)
@@ -81,7 +82,7 @@ def export_shm(tensors: dict[str, torch.Tensor]) -> ExportedLayer:
                                 offset=offset))
         offset += -(-tensor.numel() * tensor.element_size() // _ALIGN) * _ALIGN
     segment = shared_memory.SharedMemory(create=True, size=max(offset, 1),
-                                         name=f"inlaid-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+                                         name=f"{segment_prefix(os.getpid())}{uuid.uuid4().hex[:12]}")
     _CREATED_HERE.add(segment.name)
     for slot, tensor in zip(slots, tensors.values()):
         data = _as_bytes(tensor.cpu())
