@@ -63,11 +63,11 @@ def _queue_text(jobs: RequantizationJobs, store: TaskStore) -> None:
     jobs.queue.append("text")
 
 
-def _layer_ready(jobs: RequantizationJobs, layer: int, file: str, version: int = 1) -> None:
+def _layer_ready(jobs: RequantizationJobs, layer: int, file: str, version: int = 1, peak_rss_bytes: int = 0) -> None:
     """The requantizer hands layer `layer` over (shared memory): the live swap."""
     jobs._on_message(LayerReady(job_id="code@v1", layer=layer, version=version,
                                 handle=LayerHandle(transport="shm", name="s"), file=file, linears=[],
-                                forward_seconds=1.0, quantize_seconds=1.0))
+                                forward_seconds=1.0, quantize_seconds=1.0, peak_rss_bytes=peak_rss_bytes))
 
 
 def _lose_requantizer(jobs: RequantizationJobs, requantizer: _StandInRequantizer, restarted: bool = True) -> None:
@@ -84,12 +84,12 @@ async def _settle() -> None:
         await asyncio.sleep(0)
 
 
-async def _lost_with_its_layer_at_the_executors(tmp_path, layer: int):
+async def _lost_with_its_layer_at_the_executors(tmp_path, layer: int, peak_rss_bytes: int = 0):
     """The job runs from `layer`, hands it over, executor 0 takes the swap, the requantizer is
     lost and its successor says hello."""
     jobs, store, requantizer = _jobs(tmp_path, layers_done=layer)
     await jobs._dispatch()
-    _layer_ready(jobs, layer, str(tmp_path / "x"))
+    _layer_ready(jobs, layer, str(tmp_path / "x"), peak_rss_bytes=peak_rss_bytes)
     jobs.take_swaps(0)
     _lose_requantizer(jobs, requantizer)
     await _settle()
@@ -259,14 +259,16 @@ def test_a_swap_landing_during_shutdown_starts_no_requantizer(tmp_path):
 def test_a_lost_requantizers_last_layer_ends_its_job_when_it_lands(tmp_path):
     """The layer at the executors when the requantizer was lost is the model's last: once it
     is committed nothing is left, and the job ends there (resent, from layer 30 of 30, the
-    requantizer ran its calibration forward through every layer to answer that it was done)."""
+    requantizer ran its calibration forward through every layer to answer that it was done).
+    Its peak memory is the one its layers reported: no JobFinished brings one."""
 
     async def scenario() -> None:
-        jobs, store, requantizer = await _lost_with_its_layer_at_the_executors(tmp_path, 29)
+        jobs, store, requantizer = await _lost_with_its_layer_at_the_executors(tmp_path, 29, peak_rss_bytes=7 << 30)
         jobs.on_swap_result(LayerSwapResult(layer=29, version=1, ok=True))
         await _settle()
         record = store.tasks["code"]
         assert record.phase == READY and record.layers_done == 30 and store.layers[29].version == 1
+        assert record.peak_rss_bytes == 7 << 30
         assert [job.start_layer for job in requantizer.jobs()] == [29] and jobs.current is None
 
     asyncio.run(scenario())

@@ -65,6 +65,7 @@ class LayerReady(msgspec.Struct, frozen=True, kw_only=True, tag="layer_ready"):
     linears: list[LinearOutcome]
     forward_seconds: float
     quantize_seconds: float
+    peak_rss_bytes: int = 0  # the requantizer's so far (a job can end without its JobFinished)
 
 
 class LayerCommitted(msgspec.Struct, frozen=True, kw_only=True, tag="layer_committed"):

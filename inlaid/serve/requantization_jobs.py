@@ -335,6 +335,7 @@ class RequantizationJobs(LayerSwaps):
             for o in ready.linears]
         record.forward_seconds += ready.forward_seconds
         record.quantize_seconds += ready.quantize_seconds
+        record.peak_rss_bytes = max(record.peak_rss_bytes, ready.peak_rss_bytes)
         if (resumed := RESUMING_AT.search(record.message)) is not None:  # it has: say so, not that it will
             record.message = (f"resumed at layer {resumed.group(1)} after the requantizer was lost "
                               f"({record.attempts} of {self.config.requantizer.max_attempts} losses allowed; "

@@ -272,7 +272,7 @@ def run_job(channel: _Channel, job: RequantizeJob) -> None:
                     job_id=job.job_id, layer=outcome.layer, version=job.version,
                     handle=exported.handle if exported else None, file=file,
                     linears=_linear_outcomes(outcome.decisions), forward_seconds=outcome.forward_seconds,
-                    quantize_seconds=outcome.quantize_seconds))
+                    quantize_seconds=outcome.quantize_seconds, peak_rss_bytes=_peak_rss_bytes()))
                 committed = channel.wait_commit(job.job_id, outcome.layer)
             finally:
                 if exported is not None:
