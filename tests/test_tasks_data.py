@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from inlaid.tasks import TASK_NAMES, TaskError, get_task
-from inlaid.tasks.base import PACKAGED_DATA_DIR, seeded_split, validate_example
+from inlaid.tasks.base import PACKAGED_DATA_DIR, read_jsonl, seeded_split, validate_example, write_jsonl
 
 
 def test_registry_lists_the_suite():
@@ -67,3 +67,24 @@ def test_code_task_rebuilds_the_committed_splits():
     rebuilt = code.build()
     for split in ("eval", "calib"):
         assert rebuilt[split] == get_task("code").load_split(split)
+
+
+def test_two_writers_of_one_split_each_write_their_own_temporary(tmp_path):
+    """A second writer of the same file starts while the first is mid-way (two `inlaid tasks
+    prepare` at once): both finish, and the file holds one whole copy. With one shared
+    temporary name the second truncated the first's file and its rename then failed."""
+    examples = get_task("qa").load_split("calib")[:20]
+    target = tmp_path / "qa" / "calib.jsonl"
+
+    def first_writer():
+        for index, example in enumerate(examples):
+            if index == 10:
+                assert write_jsonl(target, examples) == len(examples)  # the other writer, start to end
+            yield example
+
+    assert write_jsonl(target, first_writer()) == len(examples)
+    assert read_jsonl(target) == examples
+    assert [p.name for p in target.parent.iterdir()] == ["calib.jsonl"]
+    with pytest.raises(TaskError):
+        write_jsonl(target, [{"not": "an example"}])
+    assert [p.name for p in target.parent.iterdir()] == ["calib.jsonl"] and read_jsonl(target) == examples

