@@ -88,6 +88,35 @@ def test_a_stop_token_id_ends_the_completion_without_its_text(engine):
     assert free.text.startswith(stopped.text) and len(stopped.text) < len(engine.tokenizer.decode(tokens[: cut + 1]))
 
 
+def _stop_string_at_the_end(engine, output) -> str:
+    """The shortest ending of `output`'s text that the last token completes and that occurs
+    nowhere earlier: a stop string met on exactly the last token."""
+    before_last = len(engine.tokenizer.decode(output.token_ids[:-1]))
+    assert len(output.text) > before_last, "the last token has text of its own"
+    for start in range(before_last - 1, -1, -1):
+        ending = output.text[start:]
+        if output.text.find(ending) == start:
+            return ending
+    raise AssertionError(f"no ending of {output.text!r} is unique")
+
+
+def test_a_stop_string_completed_by_the_last_allowed_token_finishes_with_stop(engine):
+    """The token that completes a stop string is also the last one max_tokens (or the context)
+    allows: the text ends before the stop string and the reason is "stop", as when the stop
+    comes earlier (it said "length": a client continuing on "length" went past the stop it
+    asked for; vLLM checks stop strings first too)."""
+    prompt_ids = engine.tokenizer.encode("Count: 1, 2, 3, 4,")
+    filler = engine.tokenizer.encode(" Numbers in order.") * 64
+    filling = filler[: engine.max_model_len - 8 - len(prompt_ids)] + prompt_ids  # leaves room for 8
+    for prompt, max_tokens in ((prompt_ids, 8), (filling, None)):  # None: the room the context leaves
+        free = engine.generate([prompt], SamplingParams(max_tokens=max_tokens, ignore_eos=True))[0]
+        assert free.finish_reason == "length" and len(free.token_ids) == 8
+        stop = _stop_string_at_the_end(engine, free)
+        stopped = engine.generate([prompt], SamplingParams(max_tokens=max_tokens, ignore_eos=True, stop=[stop]))[0]
+        assert stopped.token_ids == free.token_ids and stopped.text == free.text[: -len(stop)]
+        assert stopped.finish_reason == "stop", (max_tokens, stop)
+
+
 def test_an_unfinished_character_at_the_end_is_dropped_not_shown_as_a_replacement(model_dir):
     tokenizer = Tokenizer(model_dir)
     ids = tokenizer.encode("Hi 🌍")

@@ -309,6 +309,11 @@ class Engine:
             delta = "" if ends_on_stop_token else request.detokenizer.add(token_id)
             if request.detokenizer.stopped and not seq.is_finished:
                 self.scheduler.finish(seq, FinishReason.STOP)
+            elif request.detokenizer.stopped and seq.finish_reason in (FinishReason.LENGTH, FinishReason.CONTEXT):
+                # The token that completed a stop string was also the last one allowed: the
+                # stop string ended the text, so "stop" (vLLM checks stop strings first too); a
+                # client continuing on "length" would have gone past the stop it asked for.
+                seq.finish_reason = FinishReason.STOP
             if seq.is_finished and not request.detokenizer.stopped:
                 delta += request.detokenizer.finish()
             request.text.append(delta)
