@@ -28,6 +28,29 @@ def _config(model_dir, **sections):
     return config_from_dict({"model": {"dir": str(model_dir)}, **sections})
 
 
+def test_the_front_under_inlaid_serve_gets_every_setting_it_uses():
+    """`inlaid serve` starts its front with a command line: read back by the front's own
+    argument parser, it gives the server's [http] settings, each one (client_send_timeout_s
+    was left off: the front ran at its 30-s default whatever the config said)."""
+    import argparse
+    import dataclasses
+
+    from inlaid.http.cli import add_arguments, settings_from_args
+    from inlaid.http.process import HttpFrontProcess
+
+    config = HttpConfig(port=8123, request_timeout_s=12.5, max_body_bytes=54321, client_send_timeout_s=2.5,
+                        max_prompts_per_request=5, front_liveness_s=9.0)
+    assert all(getattr(config, f.name) != f.default for f in dataclasses.fields(HttpConfig) if f.name != "host")
+    command = HttpFrontProcess("tcp://127.0.0.1:5599", config, "INFO", "json").command(fd=7)
+    assert command[1:3] == ["-m", "inlaid.http"]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    address, read_back = settings_from_args(parser.parse_args(command[3:]))
+    assert address == "tcp://127.0.0.1:5599"
+    # front_liveness_s is the supervisor's own (how long it waits for the front's answers)
+    assert dataclasses.replace(read_back, front_liveness_s=config.front_liveness_s) == config
+
+
 def test_http_and_metrics_sections(model_dir):
     assert _config(model_dir).http is None and _config(model_dir).metrics is None
     config = _config(model_dir, http={}, metrics={"port": 9464})

@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "server's default frame limit carries)")
     parser.add_argument("--max-prompts", type=int, default=None,
                         help="prompts one /v1/completions request may list (default 16); more are refused (400)")
+    parser.add_argument("--client-send-timeout", type=float, default=None,
+                        help=f"seconds a client may take to send a request's head, and again its body (408; default "
+                        f"{HttpConfig.client_send_timeout_s:g})")
     parser.add_argument("--allow-public-bind", action="store_true", help="allow a non-loopback listen host")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=["json", "text"], default="json")
@@ -65,7 +68,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[str, HttpConfig]:
         if not explicit_prompts:  # derived again below, against the front's share of the server's limit
             config.max_prompts_per_request = None
     overrides = {"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout,
-                 "max_body_bytes": args.max_body_bytes, "max_prompts_per_request": args.max_prompts}
+                 "max_body_bytes": args.max_body_bytes, "max_prompts_per_request": args.max_prompts,
+                 "client_send_timeout_s": args.client_send_timeout}
     for name, value in overrides.items():
         if value is not None:
             setattr(config, name, value)

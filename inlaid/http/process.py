@@ -123,10 +123,10 @@ class HttpFrontProcess:
                                                                  "delay_s": delay, "restarts": self.restarts})
             await asyncio.sleep(delay)
 
-    async def _spawn(self) -> None:
-        assert self._socket is not None
-        fd = self._socket.fileno()
-        command = [
+    def command(self, fd: int) -> list[str]:
+        """The front's command line, listening on the bound socket `fd`: it carries every
+        setting of `config` the front uses (a setting left out ran at its default)."""
+        return [
             sys.executable, "-m", "inlaid.http",
             "--address", self.server_address,
             "--listen-fd", str(fd),
@@ -136,10 +136,16 @@ class HttpFrontProcess:
             "--request-timeout", str(self.config.request_timeout_s),
             "--max-body-bytes", str(self.config.body_bytes_limit),
             "--max-prompts", str(self.config.prompts_per_request_limit),
+            "--client-send-timeout", str(self.config.client_send_timeout_s),
             "--parent-pid", str(os.getpid()),
             "--log-level", self.log_level,
             "--log-format", self.log_format,
         ]  # fmt: skip
+
+    async def _spawn(self) -> None:
+        assert self._socket is not None
+        fd = self._socket.fileno()
+        command = self.command(fd)
         self._process = await asyncio.create_subprocess_exec(
             *command, stdin=asyncio.subprocess.DEVNULL, pass_fds=(fd,), start_new_session=True)
         log.info("http front started", extra={"pid": self._process.pid,
