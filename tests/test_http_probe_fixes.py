@@ -174,21 +174,19 @@ def test_a_stalled_body_gets_408():
 
 
 @contextlib.contextmanager
-def _uvicorn(head_timeout_s: float):  # noqa: ANN202
-    """The front's app with the stand-in client on a real uvicorn (the protocol `serve` uses),
-    on a free loopback port, in a thread; yields the port."""
+def _uvicorn(head_timeout_s: float, client: _StandInClient | None = None):  # noqa: ANN202
+    """The front's app with `client` (the stand-in by default) on a real uvicorn (the protocol
+    `serve` uses), on a free loopback port, in a thread; yields the port."""
     import uvicorn
 
-    from inlaid.http.slow_clients import head_deadline_protocol
+    from inlaid.http.cli import uvicorn_config
 
-    client = _StandInClient()
-    config = HttpConfig(client_send_timeout_s=head_timeout_s)
+    client = client or _StandInClient()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(_app(client, config), host="127.0.0.1", port=port,
-                                           http=head_deadline_protocol(head_timeout_s), lifespan="on",
-                                           log_config=None, access_log=False))
+    config = HttpConfig(port=port, client_send_timeout_s=head_timeout_s)
+    server = uvicorn.Server(uvicorn_config(_app(client, config), config))  # `inlaid http`'s own
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -93,15 +93,18 @@ def _chat_message(index: int, message: ChatMessageIn) -> ChatMessage:
                                       param=f"{where}.content")
         texts = []
         for j, part in enumerate(content):
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            if part.get("type") != "text":
                 raise InvalidRequestError(f"{where}.content: only text parts ({{'type': 'text', 'text': ...}}) are "
                                           "supported", param=f"{where}.content")
+            if "text" not in part:
+                param = f"{where}.content[{j}].text"
+                raise InvalidRequestError(f"{param} is required", param=param)
             # Refused by name, as an unknown field of a message is (it was dropped silently).
             extra = sorted(set(part) - _TEXT_PART_FIELDS)
             if extra:
                 param = f"{where}.content[{j}].{extra[0]}"
                 raise InvalidRequestError(f"Unrecognized request argument supplied: {param}", param=param)
-            texts.append(part["text"])
+            texts.append(checked_text(part["text"], f"{where}.content[{j}].text"))
         content = "\n".join(texts)
     if content is None:
         raise InvalidRequestError(f"{where}.content is required", param=f"{where}.content")

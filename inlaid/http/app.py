@@ -201,7 +201,7 @@ async def _read_json(request: Request, kind: type[Any], config: HttpConfig) -> A
     try:
         return msgspec.json.decode(bytes(body), type=kind)
     except msgspec.MsgspecError as error:
-        raise from_decode_error(error) from None
+        raise from_decode_error(error, bytes(body)) from None
     except UnicodeDecodeError:  # msgspec raises it for bytes that are not UTF-8, with a position in a part of them
         raise bad_request(f"the request body is not UTF-8 JSON: {_utf8_problem(bytes(body))}") from None
     except RecursionError:  # msgspec's decoder recurses on the fields typed Any

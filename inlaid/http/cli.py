@@ -23,6 +23,8 @@ from inlaid.http.settings import DEFAULT_MAX_BODY_BYTES, HttpConfig
 if TYPE_CHECKING:
     import uvicorn
 
+    from inlaid.http.front_metrics import HttpMetrics
+
 log = logging.getLogger("inlaid.http")
 
 _PARENT_POLL_S = 0.5
@@ -122,6 +124,20 @@ def run(args: argparse.Namespace) -> int:
     return uvloop.run(serve(address, config, args.listen_fd, args.parent_pid, listening))
 
 
+def uvicorn_config(app: HttpMetrics, config: HttpConfig) -> uvicorn.Config:
+    """The front's uvicorn settings for `app` (create_app's): its protocol bounds each request
+    head's time and size, and counts the heads it refuses in the app's metrics."""
+    import uvicorn
+
+    from inlaid.http.slow_clients import head_deadline_protocol
+
+    return uvicorn.Config(
+        app, host=config.host, port=config.port,
+        http=head_deadline_protocol(config.client_send_timeout_s, count_refusal=app.count_unserved), lifespan="on",
+        log_config=None, access_log=False, timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
+    )  # fmt: skip
+
+
 async def serve(address: str, config: HttpConfig, listen_fd: int | None = None, parent_pid: int | None = None,
                 listening: list[socket.socket] | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or until `parent_pid` is gone); the exit code. Listens on
@@ -130,13 +146,8 @@ async def serve(address: str, config: HttpConfig, listen_fd: int | None = None, 
     import uvicorn
 
     from inlaid.http.app import create_app
-    from inlaid.http.slow_clients import head_deadline_protocol
 
-    server = uvicorn.Server(uvicorn.Config(
-        create_app(address, config), host=config.host, port=config.port,
-        http=head_deadline_protocol(config.client_send_timeout_s), lifespan="on",
-        log_config=None, access_log=False, timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
-    ))  # fmt: skip
+    server = uvicorn.Server(uvicorn_config(create_app(address, config), config))
     watcher = asyncio.get_running_loop().create_task(_watch_parent(server, parent_pid)) if parent_pid else None
     # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again for the
     # handler it found; the front has nothing left to do by then and exits 0.

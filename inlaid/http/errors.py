@@ -43,6 +43,12 @@ _SERVER_PREFIX = re.compile(r"^\[[a-z_]+\] ")  # the SDK prefixes the code; the 
 _MSGSPEC_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 _UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `([^`]*)`")
 _MISSING_FIELD = re.compile(r"^Object missing required field `([^`]*)`")
+# msgspec names no key of a dict in its paths ("$.metadata[...]"), and the type it got.
+_ANY_KEY = "[...]"
+_GOT_TYPE = re.compile(r", got `([a-z]+)`")
+_MSGSPEC_TYPE_NAMES: tuple[tuple[type, str], ...] = (
+    (bool, "bool"), (int, "int"), (float, "float"), (str, "str"), (list, "array"), (dict, "object"),
+    (type(None), "null"))  # bool before int: a bool is an int to isinstance
 # The generate fields the server may name as at fault (ErrorReply.field) that the client sent
 # under the same name; the prompt fields and max_tokens are the caller's (`prompt_param`,
 # `max_tokens_param`); others (request_id, deadline_s) are the front's own, never the client's.
@@ -169,13 +175,18 @@ def _frame_message(server_message: str) -> str:
             "server.max_frame_bytes")
 
 
-def from_decode_error(error: msgspec.MsgspecError) -> ApiError:
-    """A body msgspec could not decode into the request's Struct."""
+def from_decode_error(error: msgspec.MsgspecError, body: bytes | None = None) -> ApiError:
+    """A body msgspec could not decode into the request's Struct; `body`, where given, names
+    the key of a dict value at fault (msgspec's path says only `[...]`)."""
     text = str(error)
     if isinstance(error, msgspec.DecodeError) and not isinstance(error, msgspec.ValidationError):
         return bad_request(f"The request body is not valid JSON: {text}")
     found = _MSGSPEC_PATH.search(text)
     path = found.group(1) if found and found.group(1) else None
+    if path is not None and _ANY_KEY in path:
+        path, keyed = _with_dict_key(path, text, body)
+        where = f" - at `$.{path}`" if keyed else f" - at a value of `$.{path}`"
+        text = _MSGSPEC_PATH.sub(lambda _: where, text)  # a function: a key's backslashes stay as they are
     missing = _MISSING_FIELD.match(text)
     if missing:
         name = f"{path}.{missing.group(1)}" if path else missing.group(1)
@@ -185,3 +196,26 @@ def from_decode_error(error: msgspec.MsgspecError) -> ApiError:
         name = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
         return bad_request(f"Unrecognized request argument supplied: {name}", param=name)
     return bad_request(text, param=path)
+
+
+def _with_dict_key(path: str, text: str, body: bytes | None) -> tuple[str, bool]:
+    """`path` (as "metadata[...]") with msgspec's placeholder replaced by the key at fault: the
+    first in the body whose value has the type msgspec got; and whether it was. Where that is
+    not to be found (a placeholder below a top-level field's dict, no body), the dict's path."""
+    head, _, rest = path.partition(_ANY_KEY)
+    got = _GOT_TYPE.search(text)
+    if rest or got is None or body is None or not head.isidentifier():
+        return head, False
+    try:
+        value = msgspec.json.decode(body)
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
+        return head, False
+    mapping = value.get(head) if isinstance(value, dict) else None
+    for key, item in (mapping.items() if isinstance(mapping, dict) else ()):
+        if _msgspec_type_name(item) == got.group(1):
+            return (f"{head}.{key}" if key.isidentifier() else f"{head}[{msgspec.json.encode(key).decode()}]"), True
+    return head, False
+
+
+def _msgspec_type_name(value: object) -> str | None:
+    return next((name for kind, name in _MSGSPEC_TYPE_NAMES if isinstance(value, kind)), None)

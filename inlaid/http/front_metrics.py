@@ -2,7 +2,10 @@
 
 They are served by the front's /metrics after the coordinator's. A request whose client
 went away before its answer was complete counts with status 499 (nginx's "client closed
-request"); the generation endpoints mark that in the ASGI scope.
+request"); the generation endpoints mark that in the ASGI scope. A request head refused before
+it became a request (408 too slow, 431 too large: `slow_clients.py`) never reaches this
+middleware; the protocol that refused it counts it here (`count_unserved`), in the counter
+only (no duration: nothing was received to time).
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ class HttpMetrics:
                                   ["route"], buckets=_DURATION_BUCKETS, registry=self.registry)
         self.in_flight = Gauge("inlaid_http_requests_in_flight", "HTTP requests being answered",
                                registry=self.registry)
+
+    def count_unserved(self, path: str | None, status: int) -> None:
+        """A request the server answered before any app saw it (a request head too slow or too
+        large); `path`: its URL's path, None when the head broke off before its URL was whole."""
+        self.requests.labels(route_label(path) if path is not None else "other", str(status)).inc()
 
     def exposition(self) -> str:
         return generate_latest(self.registry).decode()

@@ -1,0 +1,103 @@
+"""Defects a fourth outside probe of the HTTP front found, checked on a real uvicorn and on the
+ASGI app with a stand-in SDK client (no server, no model):
+
+* The 408 for a request head that did not arrive in time and the 431 for one over the size
+  limit are answered by the protocol, before any request reaches the metrics middleware:
+  they were missing from `inlaid_http_requests_total` (slowloris traffic was invisible).
+* A non-string `metadata` value was refused with msgspec's path placeholder for the key
+  (`param: "metadata[...]"`).
+* A text part whose text is not a string was refused as "only text parts are supported".
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from test_http_probe_fixes import BASE, _app, _exchange, _post, _uvicorn
+from test_http_probe_fixes2 import _Client
+
+from inlaid.http.slow_clients import MAX_HEAD_BYTES
+
+_CHAT = "/v1/chat/completions"
+
+
+def _requests_total(port: int) -> dict[tuple[str, str], float]:
+    """`inlaid_http_requests_total` by (route, status), as a scrape of the front's /metrics reads it."""
+    reply = _exchange(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, _, text = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), reply
+    counts = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            if sample.name == "inlaid_http_requests_total":
+                counts[(sample.labels["route"], sample.labels["status"])] = sample.value
+    return counts
+
+
+def _answer_to(port: int, sent: bytes) -> bytes:
+    """What the front answers a connection that sends `sent` and then nothing, up to its close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        if sent:
+            connection.sendall(sent)
+        reply = b""
+        while chunk := connection.recv(65536):
+            reply += chunk
+    return reply
+
+
+def test_refused_request_heads_are_counted_in_the_requests_metric():
+    with _uvicorn(head_timeout_s=0.5, client=_Client()) as port:
+        before = _requests_total(port)
+        stalled = {  # what a connection sends before it stalls -> the route its 408 counts under
+            b"": "other",  # nothing at all
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n": "/v1/completions",
+            b"GET /livez HTTP/1.1\r\n": "/livez",  # the request line whole, no header yet
+            b"GET /livez": "other",  # the URL may go on ("/livezzz"): not known yet
+            # A served request, then the next one's URL broken off on the same connection
+            # (the parser still holds the first request's HTTP version).
+            b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\nGET /livez": "other",
+            b"GET /v1/models/some%2Fadapter HTTP/1.1\r\n": "/v1/models/{model}",
+        }
+        for sent in stalled:
+            assert b"HTTP/1.1 408 " in _answer_to(port, sent), sent
+        oversized = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * MAX_HEAD_BYTES + b"\r\n\r\n"
+        assert _answer_to(port, oversized).startswith(b"HTTP/1.1 431 ")
+        # A body that stalls is answered by the app: counted by its middleware, as before.
+        body_start = (f"POST {_CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      "Content-Length: 100\r\n\r\n{")
+        assert _answer_to(port, body_start.encode()).startswith(b"HTTP/1.1 408 ")
+        after = _requests_total(port)
+    expected = {("/metrics", "200"): 1.0, ("/livez", "200"): 1.0, ("/health", "431"): 1.0, (_CHAT, "408"): 1.0}
+    for route in stalled.values():
+        expected[(route, "408")] = expected.get((route, "408"), 0.0) + 1.0
+    grown = {labels: value - before.get(labels, 0.0) for labels, value in after.items()
+             if value != before.get(labels, 0.0)}
+    assert grown == expected
+
+
+def _error(body: dict[str, Any], path: str = _CHAT) -> dict[str, Any]:
+    status, answer = _post(_app(_Client()), path, json.dumps({"model": BASE, **body}).encode())
+    assert status == 400, answer
+    return json.loads(answer)["error"]
+
+
+def test_a_metadata_value_that_is_not_a_string_is_named_by_its_key():
+    error = _error({"messages": [{"role": "user", "content": "Hi"}], "metadata": {"ok": "x", "tag": 5}})
+    assert error["param"] == "metadata.tag", error
+    assert error["message"] == "Expected `str`, got `int` - at `$.metadata.tag`", error
+    error = _error({"prompt": "x", "logit_bias": {"1": 0, "a\\b": "z"}}, "/v1/completions")
+    assert (error["param"], error["message"]) == ('logit_bias["a\\\\b"]',
+                                                  'Expected `float`, got `str` - at `$.logit_bias["a\\\\b"]`'), error
+
+
+def test_a_text_part_whose_text_is_not_a_string_says_so():
+    content = [{"type": "text", "text": "a"}, {"type": "text", "text": 5}]
+    error = _error({"messages": [{"role": "user", "content": content}]})
+    assert error["param"] == "messages[0].content[1].text", error
+    assert error["message"] == "messages[0].content[1].text must be a string, got int", error
+    # A part of another kind is still refused as one.
+    error = _error({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
+    assert error["param"] == "messages[0].content" and "only text parts" in error["message"], error
