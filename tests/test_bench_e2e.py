@@ -7,8 +7,13 @@ fp32 weights must give the same greedy answers."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -142,3 +147,55 @@ def test_replicated_adapters_cache_holds_the_same_copies(tmp_path, monkeypatch):
     assert other["task-0000"].parent != first["task-0000"].parent
     assert [p.name for p in (tmp_path / "cache" / "inlaid" / "e2e-tasks").iterdir()] != []
     assert all("." not in p.name for p in (tmp_path / "cache" / "inlaid" / "e2e-tasks").iterdir())  # no partial left
+
+
+def _processes_naming(text: str) -> dict[int, str]:
+    """Live processes whose command line holds `text`: pid -> command line."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace").replace("\0", " ")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if entry.name.isdigit() and text in cmdline and state != "Z":
+            found[int(entry.name)] = cmdline
+    return found
+
+
+def test_ctrl_c_mid_run_stops_every_server_and_says_so(tmp_path):
+    """Ctrl-C as a terminal sends it (SIGINT to the run's whole process group, its servers
+    too) once the replays began: the run exits 130 saying that no task count finished, and
+    leaves no server, executor or baseline process and no work folder behind."""
+    # A short temp dir of the run's own (its servers' ipc sockets live there: paths <= ~100 bytes)
+    temporary = Path(tempfile.mkdtemp(prefix="e2e-int-", dir="/tmp"))
+    out, errors = tmp_path / "out", tmp_path / "stderr.txt"
+    with open(errors, "w") as stderr_file:
+        run = subprocess.Popen([sys.executable, str(ROOT / "bench" / "e2e.py"), "--quick", "--out", str(out)],
+                               env={**os.environ, "TMPDIR": str(temporary)}, stdout=subprocess.DEVNULL,
+                               stderr=stderr_file, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while "e2e 9 tasks" not in errors.read_text(errors="replace"):  # the sweep's bar: servers up, calibrated
+            assert run.poll() is None and time.monotonic() < deadline, errors.read_text()[-3000:]
+            time.sleep(0.1)
+        servers = _processes_naming(str(temporary))  # coordinators (their configs) and executors (their sockets)
+        assert sum("serve" in command for command in servers.values()) >= len(SYSTEMS), servers
+        os.killpg(run.pid, signal.SIGINT)
+        run.wait(timeout=120)
+        stderr = errors.read_text(errors="replace")
+        assert run.returncode == 130, stderr[-3000:]
+        assert "e2e: interrupted; the servers are stopped; no task count had finished: no report written" in stderr
+        assert not (out / "e2e.json").exists()
+        deadline = time.monotonic() + 30  # executors follow their coordinator (PDEATHSIG)
+        while _processes_naming(str(temporary)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _processes_naming(str(temporary)) == {}
+        assert not list(temporary.glob("inlaid-e2e-*")), list(temporary.iterdir())  # the run's work folder
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+        for pid in _processes_naming(str(temporary)):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temporary, ignore_errors=True)
