@@ -48,10 +48,10 @@ class HttpMetrics:
         self.in_flight = Gauge("inlaid_http_requests_in_flight", "HTTP requests being answered",
                                registry=self.registry)
 
-    def count_unserved(self, path: str | None, status: int) -> None:
+    def count_unserved(self, status: int) -> None:
         """A request the server answered before any app saw it (a request head too slow or too
-        large); `path`: its URL's path, None when the head broke off before its URL was whole."""
-        self.requests.labels(route_label(path) if path is not None else "other", str(status)).inc()
+        large): under route `other`, its URL not known to be whole."""
+        self.requests.labels("other", str(status)).inc()
 
     def exposition(self) -> str:
         return generate_latest(self.registry).decode()

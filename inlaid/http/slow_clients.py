@@ -17,18 +17,16 @@ read (parsed before it could be counted: a single 100,000-byte header was accept
 measured as parsed, exactly, and refused before its request runs.
 
 Both refusals are answered here, before any request reaches the app, so they are counted here
-in the front's `inlaid_http_requests_total` (`count_refusal`, wired by `cli.uvicorn_config`), by
-the route of the head's URL where it arrived whole, else `other`.
+in the front's `inlaid_http_requests_total` (`count_refusal`, wired by `cli.uvicorn_config`), under
+route `other`: the URL of a head cut off or refused mid-way is not known to be whole.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import urllib.parse
 from collections.abc import Callable
 
-import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from inlaid.http.errors import ApiError
@@ -45,10 +43,10 @@ _REQUEST_LINE_AND_END_BYTES = len(b" ") + len(b" HTTP/1.1\r\n") + len(b"\r\n")
 
 
 def head_deadline_protocol(head_timeout_s: float, max_head_bytes: int = MAX_HEAD_BYTES,
-                           count_refusal: Callable[[str | None, int], None] | None = None) -> type[HttpToolsProtocol]:
+                           count_refusal: Callable[[int], None] | None = None) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol with a deadline of `head_timeout_s` and a size limit of
     `max_head_bytes` on each request head (passed to `uvicorn.Config(http=...)`, which
-    instantiates it per connection); `count_refusal(path, status)` counts each head it
+    instantiates it per connection); `count_refusal(status)` counts each head it
     refuses (`HttpMetrics.count_unserved`: no app sees those answers)."""
     return type("HeadDeadlineProtocol", (HeadDeadlineProtocol,),
                 {"head_timeout_s": head_timeout_s, "max_head_bytes": max_head_bytes,
@@ -58,7 +56,7 @@ def head_deadline_protocol(head_timeout_s: float, max_head_bytes: int = MAX_HEAD
 class HeadDeadlineProtocol(HttpToolsProtocol):
     head_timeout_s: float = 30.0
     max_head_bytes: int = MAX_HEAD_BYTES
-    count_refusal: Callable[[str | None, int], None] | None = None
+    count_refusal: Callable[[int], None] | None = None
     _head_deadline: asyncio.TimerHandle | None = None
     _linger: asyncio.TimerHandle | None = None  # the close after a refusal (`_write_and_close`)
     # Bytes received since the current head began; the parser tells where a head ends
@@ -70,11 +68,6 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
     _head_refused: bool = False
     # The current head's bytes as the parser delivered them (URL, header names and values).
     _parsed_head_bytes: int = 0
-    # Whether the current head's URL arrived whole (uvicorn's `url` may hold only its start):
-    # a header parsed after it says so. The parser's HTTP version does too, but only for a
-    # connection's first request: it keeps the previous request's on a kept-alive connection.
-    _url_whole: bool = False
-    _requests_begun: int = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -94,8 +87,6 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
             return
         super().on_message_begin()
         self._parsed_head_bytes = 0
-        self._url_whole = False
-        self._requests_begun += 1
         self._arm_head_deadline()  # the next request on a kept-alive connection
 
     def on_url(self, url: bytes) -> None:
@@ -108,7 +99,6 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         if self._head_refused:
             return
         self._parsed_head_bytes += len(name) + len(value) + 4  # "name: value\r\n"
-        self._url_whole = True
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
@@ -117,7 +107,6 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         self._cancel_head_deadline()
         self._reading_head = False
         self._head_bytes = 0
-        self._url_whole = True
         # A head that arrived whole within one read was parsed before data_received could
         # count it: its size as parsed (with the request line's method and version and the
         # blank line) decides here, before the request runs.
@@ -172,18 +161,6 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
                              "bytes", code="request_header_fields_too_large").body()
         self._write_and_close(431, b"Request Header Fields Too Large", body)
 
-    def _head_path(self) -> str | None:
-        """The current head's URL path (as uvicorn decodes it for the app's scope), or None
-        where no whole URL arrived (nothing, or a request line broken off)."""
-        whole = self._url_whole or (self._requests_begun == 1 and self.parser.get_http_version() != "0.0")
-        if not whole or not self.url:
-            return None
-        try:
-            raw_path = httptools.parse_url(self.url).path
-        except httptools.HttpParserInvalidURLError:
-            return None
-        return urllib.parse.unquote(raw_path.decode("latin-1")) if raw_path is not None else None
-
     def _write_and_close(self, status: int, reason: bytes, body: bytes) -> None:
         """Answer, then close without losing the answer: closing a socket whose received
         data is unread resets the connection, and a client that sent its whole request
@@ -191,7 +168,7 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         answer goes out with a FIN (the client reads it, then end of stream), reading stops,
         and the socket closes `_LINGER_S` later (a client still sending is then reset)."""
         if self.count_refusal is not None:  # the app's middleware never sees this answer: counted here
-            self.count_refusal(self._head_path(), status)
+            self.count_refusal(status)
         self.transport.write(b"HTTP/1.1 %d %s\r\n" % (status, reason)
                              + b"content-type: application/json\r\nconnection: close\r\n"
                              + b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
