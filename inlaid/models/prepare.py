@@ -8,6 +8,7 @@ Hugging Face safetensors directory (weights, config, tokenizer, chat template) o
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import shutil
@@ -66,6 +67,18 @@ def prepare_default_model(quiet: bool = False) -> Path:
     if _is_complete(model_dir):
         return model_dir
     gguf_path = _gguf_path()
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    # One converter at a time (two test workers or servers starting on a fresh cache): each
+    # removed the other's staging folder and finished model; the next one uses the result.
+    with open(model_dir.with_name(model_dir.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _is_complete(model_dir):
+            return model_dir
+        _convert(gguf_path, model_dir, quiet)
+    return model_dir
+
+
+def _convert(gguf_path: Path, model_dir: Path, quiet: bool) -> None:
     if not quiet:
         print(f"converting {gguf_path.name} -> {model_dir}", file=sys.stderr)
 
@@ -93,4 +106,3 @@ def prepare_default_model(quiet: bool = False) -> Path:
     (staging / ".inlaid-complete").write_text("converted from " + gguf_path.name + "\n")
     shutil.rmtree(model_dir, ignore_errors=True)
     staging.rename(model_dir)
-    return model_dir
