@@ -108,9 +108,9 @@ def test_a_stop_string_completed_by_the_last_allowed_token_finishes_with_stop(en
     prompt_ids = engine.tokenizer.encode("Count: 1, 2, 3, 4,")
     filler = engine.tokenizer.encode(" Numbers in order.") * 64
     filling = filler[: engine.max_model_len - 8 - len(prompt_ids)] + prompt_ids  # leaves room for 8
-    for prompt, max_tokens in ((prompt_ids, 8), (filling, None)):  # None: the room the context leaves
+    for prompt, max_tokens, limit in ((prompt_ids, 8, "length"), (filling, 64, "context")):
         free = engine.generate([prompt], SamplingParams(max_tokens=max_tokens, ignore_eos=True))[0]
-        assert free.finish_reason == "length" and len(free.token_ids) == 8
+        assert free.finish_reason == limit and len(free.token_ids) == 8
         stop = _stop_string_at_the_end(engine, free)
         stopped = engine.generate([prompt], SamplingParams(max_tokens=max_tokens, ignore_eos=True, stop=[stop]))[0]
         assert stopped.token_ids == free.token_ids and stopped.text == free.text[: -len(stop)]
