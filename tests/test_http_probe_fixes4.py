@@ -12,7 +12,6 @@ ASGI app with a stand-in SDK client (no server, no model):
 from __future__ import annotations
 
 import json
-import socket
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -37,17 +36,6 @@ def _requests_total(port: int) -> dict[tuple[str, str], float]:
     return counts
 
 
-def _answer_to(port: int, sent: bytes) -> bytes:
-    """What the front answers a connection that sends `sent` and then nothing, up to its close."""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
-        if sent:
-            connection.sendall(sent)
-        reply = b""
-        while chunk := connection.recv(65536):
-            reply += chunk
-    return reply
-
-
 def test_refused_request_heads_are_counted_in_the_requests_metric():
     with _uvicorn(head_timeout_s=0.5, client=_Client()) as port:
         before = _requests_total(port)
@@ -58,13 +46,13 @@ def test_refused_request_heads_are_counted_in_the_requests_metric():
             b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\nGET /livez",  # a served request, then the next one's head
         ]
         for sent in stalled:
-            assert b"HTTP/1.1 408 " in _answer_to(port, sent), sent
+            assert b"HTTP/1.1 408 " in _exchange(port, sent), sent
         oversized = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * MAX_HEAD_BYTES + b"\r\n\r\n"
-        assert _answer_to(port, oversized).startswith(b"HTTP/1.1 431 ")
+        assert _exchange(port, oversized).startswith(b"HTTP/1.1 431 ")
         # A body that stalls is answered by the app: counted by its middleware, as before.
         body_start = (f"POST {_CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       "Content-Length: 100\r\n\r\n{")
-        assert _answer_to(port, body_start.encode()).startswith(b"HTTP/1.1 408 ")
+        assert _exchange(port, body_start.encode()).startswith(b"HTTP/1.1 408 ")
         after = _requests_total(port)
     # the refused heads under `other` (their URLs not known to be whole), the rest by route
     expected = {("/metrics", "200"): 1.0, ("/livez", "200"): 1.0, ("other", "431"): 1.0, (_CHAT, "408"): 1.0,
