@@ -62,11 +62,23 @@ def model_dir_problem(model: Path | None) -> str | None:
     a repo id and came back as "Repo id must use alphanumeric chars"."""
     if model is None:
         return None
+    if problem := home_problem(Path(model), "model directory"):
+        return problem
     model = Path(model).expanduser()
     if not model.is_dir():
         return f"model directory not found: {model}"
     if not (model / "config.json").is_file():
         return f"model directory {model} has no config.json: not a Hugging Face model directory"
+    return None
+
+
+def home_problem(path: Path, option: str) -> str | None:
+    """Why `path`'s leading ~user cannot be expanded (no such user, no home), or None:
+    pathlib raises RuntimeError, which reached the user as a traceback."""
+    try:
+        path.expanduser()
+    except RuntimeError as error:
+        return f"{option} {path}: {error}"
     return None
 
 
@@ -79,6 +91,8 @@ def _nearest_existing(path: Path) -> Path:
 
 def writable_dir_problem(path: Path, option: str) -> str | None:
     """Why the directory `path` could not be created or written into, or None."""
+    if problem := home_problem(Path(path), option):
+        return problem
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         return f"{option} {path} is a file, not a directory"
@@ -93,6 +107,8 @@ def writable_dir_problem(path: Path, option: str) -> str | None:
 def writable_file_problem(path: Path, option: str) -> str | None:
     """Why the file `path` could not be written (its missing parents are created), or None:
     checked before a run whose results would otherwise be lost at the very end."""
+    if problem := home_problem(Path(path), option):
+        return problem
     path = Path(path).expanduser()
     if path.is_dir():
         return f"{option} {path} is a directory"

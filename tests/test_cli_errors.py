@@ -66,6 +66,26 @@ def test_client_refuses_bad_settings_and_takes_json_after_the_action(capsys: pyt
     assert "no answer" in capsys.readouterr().err
 
 
+def test_a_home_that_cannot_be_found_or_a_huge_timeout_is_one_line(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """~user with no such user (pathlib's RuntimeError) and a timeout past what a timer holds
+    (OverflowError) were tracebacks (a fourth outside probe's findings)."""
+    nobody = "~no-such-user-inlaid/x"
+    cases = [
+        (["serve", "--config", nobody], 2, f"config file '{nobody}'"),
+        (["generate", "--prompt", "Hi", "--model", nobody], 2, f"model directory {nobody}"),
+        (["quantize", "--method", "rtn", "--out", nobody], 2, f"--out {nobody}"),
+        (["client", "--timeout", "1e308", "health"], 2, "--timeout must be > 0 and <= 1000000 seconds"),
+    ]
+    for argv, code, message in cases:
+        try:
+            assert main(argv) == code, argv
+        except SystemExit as exit_:  # argparse's error(): its usage line, then the message
+            assert exit_.code == code, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+
+
 def test_quantize_add_refuses_an_output_that_would_overwrite_a_checkpoint(tmp_path: Path,
                                                                            capsys: pytest.CaptureFixture) -> None:
     from inlaid.quant.incremental_cli import output_dir_problem

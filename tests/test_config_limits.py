@@ -88,6 +88,14 @@ CASES: list[tuple[dict[str, Any], str]] = [
     ({"server": {"log_level": "BOGUS"}}, "server.log_level"),
     ({"server": {"log_level": 10}}, "server.log_level"),
     ({"server": {"executor_address": "bogus"}}, "server.executor_address"),
+    # 12. a fourth probe's: a crash at bind (ZeroMQ's high-water mark is a C int), the float
+    # model served in silence, pathlib's RuntimeError for a user without a home
+    ({"server": {"max_pending_requests": 536_870_912}}, "server.max_pending_requests"),
+    ({"model": {"quantized_dir": ""}}, "model.quantized_dir must be a non-empty path string"),
+    ({"model": {"quantized_dir": 0}}, "model.quantized_dir must be a non-empty path string"),
+    ({"server": {"state_dir": "~no-such-user-inlaid/state"}}, "server.state_dir '~no-such-user-inlaid/state'"),
+    ({"tasks": {"qa": "~no-such-user-inlaid/qa"}}, "tasks.qa"),
+    ({"model": {"dir": "~no-such-user-inlaid/model"}}, "model.dir"),
 ]
 
 

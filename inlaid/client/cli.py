@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -21,6 +20,7 @@ from collections.abc import Callable
 
 import msgspec
 
+from inlaid.cli_args import MAX_SECONDS
 from inlaid.protocol import TaskStatusReply
 
 
@@ -102,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
     token = os.environ.get("INLAID_ADMIN_TOKEN")
     for name in ("timeout", "wait_timeout"):
         value = getattr(args, name, 1.0)
-        if not 0 < value < math.inf:  # NaN fails this too (it fails every comparison)
-            print(f"inlaid client: --{name.replace('_', '-')} must be > 0 (a finite number of seconds), got {value}",
+        if not 0 < value <= MAX_SECONDS:  # NaN fails this too (it fails every comparison)
+            print(f"inlaid client: --{name.replace('_', '-')} must be > 0 and <= {MAX_SECONDS:.0f} seconds, got {value}",
                   file=sys.stderr)
             return 2
     try:

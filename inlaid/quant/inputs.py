@@ -54,6 +54,10 @@ def out_overlaps_model_problem(out: Path, model: Path) -> str | None:
     """Why `out` may not take a run's output beside `model`, or None: the same directory, one
     inside it or one around it. Nested in the model, a run wrote UNFINISHED, .partial/ and its
     Hessian state into the model cache (`quantize-add` refuses the same for --checkpoint)."""
+    from inlaid.cli_args import home_problem
+
+    if problem := home_problem(Path(out), "--out") or home_problem(Path(model), "--model"):
+        return problem
     out, model = Path(out).expanduser().resolve(), Path(model).expanduser().resolve()
     if out == model or model in out.parents or out in model.parents:
         return f"--out {out} overlaps the model {model}: write the checkpoint to a directory outside it"

@@ -72,6 +72,11 @@ def check_seconds(name: str, value: Any, allow_zero: bool = False) -> None:
     check_range(name, value, 0, MAX_SECONDS, low_open=not allow_zero, what="a finite number of seconds")
 
 
+# ZeroMQ's high-water marks are C ints and the front's is a few times this (peers.py): a
+# larger value passed the check and crashed the start with an OverflowError.
+MAX_PENDING_REQUESTS = 10_000_000
+
+
 @dataclass
 class ServerLimits:
     max_pending_requests: int = 1024  # waiting + running; beyond it: 'overloaded'
@@ -81,7 +86,7 @@ class ServerLimits:
     shutdown_grace_s: float = 30.0  # SIGTERM: how long in-flight requests may finish
 
     def validate(self) -> None:
-        check_range("server.max_pending_requests", self.max_pending_requests, 1, integer=True)
+        check_range("server.max_pending_requests", self.max_pending_requests, 1, MAX_PENDING_REQUESTS, integer=True)
         check_range("server.max_frame_bytes", self.max_frame_bytes, 1024, MAX_FRAME_BYTES, integer=True)
         check_seconds("server.step_timeout_s", self.step_timeout_s)
         check_seconds("server.executor_start_timeout_s", self.executor_start_timeout_s)
@@ -350,7 +355,7 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Serve
     try:
         engine = EngineConfig(
             model_dir=model_dir,
-            quantized_dir=resolve_path(quantized, base_dir, "model.quantized_dir") if quantized else None,
+            quantized_dir=resolve_path(quantized, base_dir, "model.quantized_dir") if quantized is not None else None,
             **executor,
         )
     except TypeError as error:

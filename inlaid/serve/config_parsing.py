@@ -20,9 +20,18 @@ class ConfigError(ValueError):
     """The server configuration file is missing, malformed or inconsistent."""
 
 
+def expand_user(value: str, what: str) -> Path:
+    """`value` with a leading ~ or ~user expanded: a ConfigError naming `what` where that
+    user or the home directory is unknown (pathlib raises RuntimeError)."""
+    try:
+        return Path(value).expanduser()
+    except RuntimeError as error:
+        raise ConfigError(f"{what} {value!r}: {error}") from None
+
+
 def read_toml(path: str | Path) -> tuple[dict[str, Any], Path]:
     """A config file's contents and its directory (relative paths resolve against it)."""
-    path = Path(path).expanduser()
+    path = expand_user(str(path), "config file")
     if path.is_dir():
         raise ConfigError(f"config file {path} is a directory; name the TOML file")
     if not path.is_file():
@@ -71,7 +80,7 @@ def reject_unknown(section_name: str, values: dict[str, Any], allowed: set[str])
 def resolve_path(value: Any, base_dir: Path, what: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{what} must be a non-empty path string")
-    path = Path(value).expanduser()
+    path = expand_user(value, what)
     return str(path if path.is_absolute() else (base_dir / path).resolve())
 
 
