@@ -86,6 +86,28 @@ def test_a_second_inlaid_serve_exits_2_naming_the_directory_and_the_holder(tmp_p
         and done.stderr.count("\n") == 1, output[-2000:]
 
 
+def test_a_start_that_fails_leaves_no_state_directory_it_made(tmp_path: Path, model_dir: Path) -> None:
+    """A server that never served (its address in use) removes the state directory it made,
+    parents included: its registry.json, naming this start's base, refused the next start on
+    another base, the config corrected (a config probe's finding). One that existed is kept."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        for state_dir, existed in ((tmp_path / "made" / "deep" / "state", False), (tmp_path / "kept", True)):
+            if existed:
+                state_dir.mkdir()
+            config = tmp_path / "server.toml"
+            config.write_text(f'[model]\ndir = "{model_dir}"\n[server]\naddress = "tcp://127.0.0.1:'
+                              f'{taken.getsockname()[1]}"\nstate_dir = "{state_dir}"\n')
+            done = subprocess.run([sys.executable, "-m", "inlaid.cli", "serve", "--config", str(config),
+                                   "--log-format", "text"], capture_output=True, text=True, timeout=120)
+            assert done.returncode == 2 and "cannot listen" in done.stderr, done.stderr[-2000:]
+            assert state_dir.exists() == existed, state_dir
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "server.toml"]
+
+
 def test_saves_interleaved_with_another_save_never_collide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A save that starts while another is between writing and renaming (another thread, or
     the old fixed name shared by a second writer): both complete, the registry is whole."""

@@ -7,7 +7,9 @@ import argparse
 import asyncio
 import functools
 import logging
+import shutil
 import sys
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +41,26 @@ def run(args: argparse.Namespace) -> int:
     for setting, why in ignored_settings(config):
         logging.getLogger("inlaid.coordinator").warning("a setting of the config has no effect",
                                                         extra={"setting": setting, "why": why})
+    created = _first_missing(Path(config.state_dir)) if config.state_dir is not None else None
+    code = _start(config)
+    if code == 2 and created is not None:  # it never served: what this start made is nobody's state
+        # (a registry.json naming its base refused the next start, on another base, the config corrected)
+        shutil.rmtree(created, ignore_errors=True)
+    return code
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost of `path` and its parents that does not exist yet, or None."""
+    missing = None
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return missing
+        missing = candidate
+    return missing
+
+
+def _start(config) -> int:  # type: ignore[no-untyped-def]
+    """Lock the state directory, make the policies, serve; 2 where the server could not start."""
     if config.state_dir is not None:
         from inlaid.serve.state_dir_lock import StateDirError, lock_state_dir
 
