@@ -103,7 +103,7 @@ def _pin_math_threads(arguments: list[str]) -> None:
             value = argument.removeprefix("--threads=")
         else:
             continue
-        if value.isdigit() and int(value) > 0:  # anything else: the subcommand's parser says what is wrong
+        if value.isascii() and value.isdigit() and int(value) > 0:  # anything else: the subcommand's parser says what is wrong
             os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = value
 
 

@@ -68,14 +68,16 @@ def test_client_refuses_bad_settings_and_takes_json_after_the_action(capsys: pyt
 
 def test_a_home_that_cannot_be_found_or_a_huge_timeout_is_one_line(tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture) -> None:
-    """~user with no such user (pathlib's RuntimeError) and a timeout past what a timer holds
-    (OverflowError) were tracebacks (a fourth outside probe's findings)."""
+    """~user with no such user (pathlib's RuntimeError), a timeout past what a timer holds
+    (OverflowError) and a non-ASCII digit were tracebacks (a config/CLI probe's findings)."""
     nobody = "~no-such-user-inlaid/x"
     cases = [
         (["serve", "--config", nobody], 2, f"config file '{nobody}'"),
         (["generate", "--prompt", "Hi", "--model", nobody], 2, f"model directory {nobody}"),
         (["quantize", "--method", "rtn", "--out", nobody], 2, f"--out {nobody}"),
         (["client", "--timeout", "1e308", "health"], 2, "--timeout must be > 0 and <= 1000000 seconds"),
+        # a digit to Python, not an ASCII one: the threads pre-scan's int() raised
+        (["quantize", "--method", "rtn", "--threads", "\u00b2", "--out", str(tmp_path / "q")], 2, "--threads"),
     ]
     for argv, code, message in cases:
         try:

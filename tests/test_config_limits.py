@@ -96,6 +96,8 @@ CASES: list[tuple[dict[str, Any], str]] = [
     ({"server": {"state_dir": "~no-such-user-inlaid/state"}}, "server.state_dir '~no-such-user-inlaid/state'"),
     ({"tasks": {"qa": "~no-such-user-inlaid/qa"}}, "tasks.qa"),
     ({"model": {"dir": "~no-such-user-inlaid/model"}}, "model.dir"),
+    ({"server": {"address": "tcp://127.0.0.1:2\u00b2"}}, "server.address"),  # int() raised: no key named
+    ({"server": {"address": "tcp://127.0.0.1:\u0662\u0669\u0663"}}, "server.address"),  # failed at bind
 ]
 
 

@@ -355,6 +355,7 @@ def test_an_address_with_no_cluster_is_refused_in_seconds(deploy_config, ray_sta
         assert gcs_address_problem(f"ray://127.0.0.1:{LISTENING_PORT}") is None
     assert gcs_address_problem("auto") is None and gcs_address_problem("local") is None
     assert "expected host:port" in (gcs_address_problem("nonsense") or "")
+    assert "expected host:port" in (gcs_address_problem("127.0.0.1:2\u00b2") or "")  # int() raised
 
 
 def test_a_catalog_adapter_a_server_would_refuse_is_refused_at_deploy(deploy_config, tmp_path) -> None:

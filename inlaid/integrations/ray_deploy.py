@@ -30,7 +30,7 @@ def gcs_address_problem(address: str, timeout_s: float = _PROBE_TIMEOUT_S) -> st
         return None
     host_port = address.removeprefix("ray://")
     host, _, port_text = host_port.rpartition(":")
-    if not host or not port_text.isdigit():
+    if not host or not (port_text.isascii() and port_text.isdigit()):
         return f"expected host:port (or auto / local), got {address!r}"
     try:
         with socket.create_connection((host.strip("[]"), int(port_text)), timeout=timeout_s):

@@ -137,7 +137,8 @@ def check_bind_address(key: str, address: str, allow_public_bind: bool) -> None:
     if not address.startswith("tcp://"):
         raise ConfigError(f"{key} must start with tcp:// or ipc://, got {address!r}")
     host, _, port = address[len("tcp://"):].rpartition(":")
-    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    # ASCII digits: "²" and "٢٩" are digits to Python (int() takes the second), not to ZeroMQ
+    if not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise ConfigError(f"{key} {address!r} must be tcp://HOST:PORT with a port in 1-65535")
     if host not in LOOPBACK_HOSTS and not allow_public_bind:
         raise ConfigError(f"{key} {address!r} is not a loopback address; set server.allow_public_bind = true "
