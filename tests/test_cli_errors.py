@@ -71,6 +71,8 @@ def test_a_home_that_cannot_be_found_or_a_huge_timeout_is_one_line(tmp_path: Pat
     """~user with no such user (pathlib's RuntimeError), a timeout past what a timer holds
     (OverflowError) and a non-ASCII digit were tracebacks (a config/CLI probe's findings)."""
     nobody = "~no-such-user-inlaid/x"
+    empty_config = tmp_path / "empty.toml"  # every default
+    empty_config.write_text("")
     cases = [
         (["serve", "--config", nobody], 2, f"config file '{nobody}'"),
         (["generate", "--prompt", "Hi", "--model", nobody], 2, f"model directory {nobody}"),
@@ -78,6 +80,9 @@ def test_a_home_that_cannot_be_found_or_a_huge_timeout_is_one_line(tmp_path: Pat
         (["client", "--timeout", "1e308", "health"], 2, "--timeout must be > 0 and <= 1000000 seconds"),
         # a digit to Python, not an ASCII one: the threads pre-scan's int() raised
         (["quantize", "--method", "rtn", "--threads", "\u00b2", "--out", str(tmp_path / "q")], 2, "--threads"),
+        # logging's own "Unknown level" named no option; an empty one was ignored
+        (["http", "--log-level", "LOUD"], 2, "--log-level must be one of"),
+        (["serve", "--config", str(empty_config), "--log-level", ""], 2, "--log-level must be one of"),
     ]
     for argv, code, message in cases:
         try:

@@ -100,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
     from inlaid.serve.logs import setup_logging
 
     try:
+        from inlaid.serve.config_parsing import check_log_level
+
+        check_log_level("--log-level", args.log_level.upper())  # logging's own refusal names no option
         address, config = settings_from_args(args)
     except ValueError as error:
         print(f"inlaid http: {error}", file=sys.stderr)

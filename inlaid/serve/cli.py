@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         # checks) naming checkpoints nothing loads.
         if config.engine.quantized_dir is not None:
             check_quantized_dir(config.engine.quantized_dir)
-        if args.log_level:
+        if args.log_level is not None:  # "" too: refused below, not ignored
             config.log_level = args.log_level.upper()
             check_log_level("--log-level", config.log_level)
     except ConfigError as error:
@@ -245,12 +245,17 @@ def serve(config, policies=None) -> int:  # type: ignore[no-untyped-def]
             ports = {"metrics": config.metrics and f"{config.metrics.host}:{config.metrics.port}",
                      "http": config.http and f"{config.http.host}:{config.http.port}"}
             log.critical("cannot listen", extra={"error": str(error), **{k: v for k, v in ports.items() if v}})
+            print(f"inlaid serve: cannot listen on {' or '.join(f'[{k}] {v}' for k, v in ports.items() if v)}: "
+                  f"{error.strerror or error}", file=sys.stderr)
             close_metrics_port()
             return 2
         if front is not None:
             front.start()
         try:
-            return await coordinator.run()
+            code = await coordinator.run()
+            if coordinator.start_error is not None:  # besides its log record: one line, as every refusal
+                print(f"inlaid serve: {coordinator.start_error}", file=sys.stderr)
+            return code
         finally:  # after the drain: the front's in-flight responses have their answers
             if front is not None:
                 await front.stop()

@@ -140,6 +140,8 @@ def check_bind_address(key: str, address: str, allow_public_bind: bool) -> None:
     # ASCII digits: "²" and "٢٩" are digits to Python (int() takes the second), not to ZeroMQ
     if not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise ConfigError(f"{key} {address!r} must be tcp://HOST:PORT with a port in 1-65535")
+    if host.startswith("["):  # ZeroMQ sockets take IPv6 only with an option these never set: bind failed
+        raise ConfigError(f"{key} {address!r}: IPv6 addresses are not supported here; use tcp://127.0.0.1:{port}")
     if host not in LOOPBACK_HOSTS and not allow_public_bind:
         raise ConfigError(f"{key} {address!r} is not a loopback address; set server.allow_public_bind = true "
                           "to listen beyond this machine")

@@ -109,6 +109,7 @@ class Coordinator:
         self.task_calls = TaskCalls(self.registry, self._reply_to_admin, self.dynamic)
         self._tempdir: str | None = None
         self.exit_code = 0
+        self.start_error: str | None = None  # why run() could not start serving (exit 2)
         self.counters = {"received": 0, "finished": 0, "failed": 0, "overloaded": 0, "rejected": 0, "abandoned": 0,
                          "steps": 0, "tokens": 0, "frames_refused": 0}
         self.in_flight = InFlight(self.limits, self.pool, self.registry, self._send, lambda: self._accepting,
@@ -131,6 +132,7 @@ class Coordinator:
             front.bind(self.config.address)
         except zmq.ZMQError as error:  # in use, or not an address this machine has
             log.critical("cannot listen", extra={"address": self.config.address, "error": str(error)})
+            self.start_error = f"cannot listen on server.address {self.config.address}: {error}"
             front.close(linger=0)
             return 2
         self._front = front
