@@ -103,7 +103,8 @@ def _pin_math_threads(arguments: list[str]) -> None:
             value = argument.removeprefix("--threads=")
         else:
             continue
-        if value.isascii() and value.isdigit() and int(value) > 0:  # anything else: the subcommand's parser says what is wrong
+        # anything else ("²" is a digit to isdigit, not to int): the subcommand's parser says what is wrong
+        if value.isascii() and value.isdigit() and int(value) > 0:
             os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = value
 
 

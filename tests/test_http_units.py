@@ -234,7 +234,8 @@ def test_a_port_in_use_fails_the_start_with_its_reason(model_dir, tmp_path):
             assert server.process.wait(120) == 2
             assert "cannot listen" in server.logs() and "Address already in use" in server.logs()
             # one line besides the log's record (there was only the record)
-            assert f"inlaid serve: cannot listen on [{section}] 127.0.0.1:{port}: Address already in use" in server.logs()
+            said = f"inlaid serve: cannot listen on [{section}] 127.0.0.1:{port}: Address already in use"
+            assert said in server.logs()
             server.terminate()
 
 

@@ -103,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("timeout", "wait_timeout"):
         value = getattr(args, name, 1.0)
         if not 0 < value <= MAX_SECONDS:  # NaN fails this too (it fails every comparison)
-            print(f"inlaid client: --{name.replace('_', '-')} must be > 0 and <= {MAX_SECONDS:.0f} seconds, got {value}",
-                  file=sys.stderr)
+            print(f"inlaid client: --{name.replace('_', '-')} must be > 0 and <= {MAX_SECONDS:.0f} seconds, "
+                  f"got {value}", file=sys.stderr)
             return 2
     try:
         with Client(address, timeout_s=args.timeout, admin_token=token, client_name="inlaid-cli") as client:
