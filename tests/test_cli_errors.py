@@ -61,6 +61,14 @@ def test_client_refuses_bad_settings_and_takes_json_after_the_action(capsys: pyt
     assert "garbage" in capsys.readouterr().err
     assert main(["client", "--address", "http://127.0.0.1:8000", "health"]) == 2  # ZeroMQ: "Protocol not supported"
     assert "must be tcp://HOST:PORT or ipc://PATH" in capsys.readouterr().err
+    # Sampling values the server refuses are refused here, before any connection (with no
+    # server they waited the whole --timeout, then said "no answer").
+    for option, message in (("--max-tokens=0", "--max-tokens: max_tokens must be >= 1"),
+                            ("--temperature=nan", "--temperature: temperature must be a finite number"),
+                            ("--top-p=2", "--top-p: top_p must be in (0, 1]"), ("--stop=", "--stop: stop strings"),
+                            ("--deadline=0", "--deadline must be > 0")):
+        assert main(["client", "--address", "tcp://127.0.0.1:9", "--timeout", "60", "generate", "hi", option]) == 2
+        assert message in capsys.readouterr().err, option
     # No server at this address: the parse succeeds (--json after the action) and the call times out.
     assert main(["client", "--address", "tcp://127.0.0.1:9", "--timeout", "0.3", "task-status", "code", "--json"]) == 1
     assert "no answer" in capsys.readouterr().err

@@ -106,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"inlaid client: --{name.replace('_', '-')} must be > 0 and <= {MAX_SECONDS:.0f} seconds, "
                   f"got {value}", file=sys.stderr)
             return 2
+    if args.action == "generate" and (problem := _sampling_problem(args)):
+        print(f"inlaid client: {problem}", file=sys.stderr)  # not sent: with no server it waited --timeout first
+        return 2
     try:
         with Client(address, timeout_s=args.timeout, admin_token=token, client_name="inlaid-cli") as client:
             if args.action == "generate":
@@ -172,6 +175,20 @@ def _progress_printer():  # type: ignore[no-untyped-def]
                   file=sys.stderr, flush=True)
 
     return show
+
+
+def _sampling_problem(args: argparse.Namespace) -> str | None:
+    """What the server would refuse in `generate`'s sampling options (its own check), or None."""
+    from inlaid.protocol import SamplingError, SamplingParams
+
+    if args.deadline is not None and not 0 < args.deadline <= MAX_SECONDS:
+        return f"--deadline must be > 0 and <= {MAX_SECONDS:.0f} seconds, got {args.deadline}"
+    try:
+        SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       stop=args.stop).validate()
+    except SamplingError as error:
+        return f"--{error.field.replace('_', '-')}: {error}"
+    return None
 
 
 def _silence_printer(wait_timeout_s: float) -> Callable[[float, TaskStatusReply | None], None]:
