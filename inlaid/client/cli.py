@@ -100,9 +100,9 @@ def run(args: argparse.Namespace) -> int:
 
     address = args.address or DEFAULT_ADDRESS
     token = os.environ.get("INLAID_ADMIN_TOKEN")
-    for name in ("timeout", "wait_timeout"):
-        value = getattr(args, name, 1.0)
-        if not 0 < value <= MAX_SECONDS:  # NaN fails this too (it fails every comparison)
+    for name in ("timeout", "wait_timeout", "deadline"):  # the durations the action takes (deadline: optional)
+        value = getattr(args, name, None)
+        if value is not None and not 0 < value <= MAX_SECONDS:  # NaN fails this too (it fails every comparison)
             print(f"inlaid client: --{name.replace('_', '-')} must be > 0 and <= {MAX_SECONDS:.0f} seconds, "
                   f"got {value}", file=sys.stderr)
             return 2
@@ -181,8 +181,6 @@ def _sampling_problem(args: argparse.Namespace) -> str | None:
     """What the server would refuse in `generate`'s sampling options (its own check), or None."""
     from inlaid.protocol import SamplingError, SamplingParams
 
-    if args.deadline is not None and not 0 < args.deadline <= MAX_SECONDS:
-        return f"--deadline must be > 0 and <= {MAX_SECONDS:.0f} seconds, got {args.deadline}"
     try:
         SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        stop=args.stop).validate()
