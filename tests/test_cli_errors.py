@@ -82,7 +82,7 @@ def test_a_home_that_cannot_be_found_or_a_huge_timeout_is_one_line(tmp_path: Pat
     empty_config = tmp_path / "empty.toml"  # every default
     empty_config.write_text("")
     cases = [
-        (["serve", "--config", nobody], 2, f"config file '{nobody}'"),
+        (["serve", "--config", nobody], 2, f"config file {nobody}: Could not determine home directory"),
         (["generate", "--prompt", "Hi", "--model", nobody], 2, f"model directory {nobody}"),
         (["quantize", "--method", "rtn", "--out", nobody], 2, f"--out {nobody}"),
         (["client", "--timeout", "1e308", "health"], 2, "--timeout must be > 0 and <= 1000000 seconds"),

@@ -93,7 +93,7 @@ CASES: list[tuple[dict[str, Any], str]] = [
     ({"server": {"max_pending_requests": 536_870_912}}, "server.max_pending_requests"),
     ({"model": {"quantized_dir": ""}}, "model.quantized_dir must be a non-empty path string"),
     ({"model": {"quantized_dir": 0}}, "model.quantized_dir must be a non-empty path string"),
-    ({"server": {"state_dir": "~no-such-user-inlaid/state"}}, "server.state_dir '~no-such-user-inlaid/state'"),
+    ({"server": {"state_dir": "~no-such-user-inlaid/state"}}, "server.state_dir ~no-such-user-inlaid/state: Could not determine home directory"),
     ({"tasks": {"qa": "~no-such-user-inlaid/qa"}}, "tasks.qa"),
     ({"model": {"dir": "~no-such-user-inlaid/model"}}, "model.dir"),
     ({"server": {"address": "tcp://127.0.0.1:2\u00b2"}}, "server.address"),  # int() raised: no key named

@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from inlaid.cli_args import writable_dir_problem
+from inlaid.cli_args import home_problem, writable_dir_problem
 from inlaid.http.settings import LOOPBACK_HOSTS
 from inlaid.quant.checkpoint_files import quantized_dir_problem
 from inlaid.quant.unfinished import unfinished_problem
@@ -22,11 +22,10 @@ class ConfigError(ValueError):
 
 def expand_user(value: str, what: str) -> Path:
     """`value` with a leading ~ or ~user expanded: a ConfigError naming `what` where that
-    user or the home directory is unknown (pathlib raises RuntimeError)."""
-    try:
-        return Path(value).expanduser()
-    except RuntimeError as error:
-        raise ConfigError(f"{what} {value!r}: {error}") from None
+    user or the home directory is unknown (`home_problem`)."""
+    if problem := home_problem(Path(value), what):
+        raise ConfigError(problem)
+    return Path(value).expanduser()
 
 
 def read_toml(path: str | Path) -> tuple[dict[str, Any], Path]:
