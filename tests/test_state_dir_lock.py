@@ -110,6 +110,31 @@ def test_a_start_that_fails_leaves_no_state_directory_it_made(tmp_path: Path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "server.toml"]
 
 
+def test_an_executor_address_in_use_is_one_line_naming_the_key(tmp_path: Path, model_dir: Path) -> None:
+    """server.executor_address taken: `inlaid serve: cannot listen on server.executor_address
+    ...`, exit 2, the state directory it made removed (it was `ZMQError: Address already in
+    use`, naming no key, and the directory stayed: a config probe's finding)."""
+    import socket
+
+    with socket.socket() as taken, socket.socket() as free:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        free.bind(("127.0.0.1", 0))
+        free_port = free.getsockname()[1]
+        free.close()  # a port for server.address, free now (nothing else binds it in this short window)
+        executor_address = f"tcp://127.0.0.1:{taken.getsockname()[1]}"
+        state_dir = tmp_path / "made" / "state"
+        config = tmp_path / "server.toml"
+        config.write_text(f'[model]\ndir = "{model_dir}"\n[server]\naddress = "tcp://127.0.0.1:{free_port}"\n'
+                          f'executor_address = "{executor_address}"\nstate_dir = "{state_dir}"\n')
+        done = subprocess.run([sys.executable, "-m", "inlaid.cli", "serve", "--config", str(config),
+                               "--log-format", "text"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"inlaid serve: cannot listen on server.executor_address {executor_address}: " in done.stderr, \
+        done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not (tmp_path / "made").exists(), done.stderr[-2000:]
+
+
 def test_saves_interleaved_with_another_save_never_collide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A save that starts while another is between writing and renaming (another thread, or
     the old fixed name shared by a second writer): both complete, the registry is whole."""

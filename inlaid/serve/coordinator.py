@@ -61,7 +61,7 @@ from inlaid.serve.requantizer_status import requantizer_metrics
 from inlaid.serve.retuning import LiveRetuning, StartupTuning, TuneOptions
 from inlaid.serve.startup_hold import StartupHold
 from inlaid.serve.step_loop import StepLoop
-from inlaid.serve.supervisor import ExecutorSupervisor
+from inlaid.serve.supervisor import ExecutorBindError, ExecutorSupervisor
 from inlaid.serve.task_registry import TaskError, TaskRegistry
 
 log = logging.getLogger("inlaid.coordinator")
@@ -171,6 +171,10 @@ class Coordinator:
                 task.cancel()
             await self.startup.release(self.startup.refusing(f"the server could not start: {error!r}"))
             front.close(linger=1000)  # the refusals go out before the process ends
+            if isinstance(error, ExecutorBindError):  # a config error: one line and exit 2, as server.address's
+                log.critical("cannot listen", extra={"address": self.config.executor_address, "error": str(error)})
+                self.start_error = str(error)
+                return 2
             raise
         if tuning is not None and await tuning.finished_unless(self._shutdown):
             await self._take_tuned_policies(tuning.future)

@@ -67,6 +67,10 @@ class ExecutorStepError(RuntimeError):
     """The executor ran a plan and it raised; the executor itself is still alive."""
 
 
+class ExecutorBindError(OSError):
+    """The executor's socket could not be bound (server.executor_address in use or not local)."""
+
+
 @dataclasses.dataclass
 class StepTiming:
     round_trip_seconds: float  # plan encoded and sent -> result received and decoded
@@ -122,7 +126,11 @@ class ExecutorSupervisor:
         sock = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a dead executor raises, not vanishes
-        sock.bind(self.address)
+        try:
+            sock.bind(self.address)
+        except zmq.ZMQError as error:
+            sock.close(linger=0)
+            raise ExecutorBindError(f"cannot listen on server.executor_address {self.address}: {error}") from None
         self._socket = sock
         self._peers = PeerWatch(sock, self._on_peer_gone)
         self._spawn_task(self._receive_loop())
