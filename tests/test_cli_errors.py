@@ -66,7 +66,8 @@ def test_client_refuses_bad_settings_and_takes_json_after_the_action(capsys: pyt
     for option, message in (("--max-tokens=0", "--max-tokens: max_tokens must be >= 1"),
                             ("--temperature=nan", "--temperature: temperature must be a finite number"),
                             ("--top-p=2", "--top-p: top_p must be in (0, 1]"), ("--stop=", "--stop: stop strings"),
-                            ("--deadline=0", "--deadline must be > 0")):
+                            ("--deadline=0", "--deadline must be > 0"),
+                            (f"--seed={2**64}", "--seed must be an integer in [-2**63, 2**64)")):  # it exited 1
         assert main(["client", "--address", "tcp://127.0.0.1:9", "--timeout", "60", "generate", "hi", option]) == 2
         assert message in capsys.readouterr().err, option
     # No server at this address: the parse succeeds (--json after the action) and the call times out.

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import msgspec
 
 from inlaid.cli_args import MAX_SECONDS
+from inlaid.client.messages import _MSGPACK_INTEGERS
 from inlaid.protocol import TaskStatusReply
 
 
@@ -186,6 +187,8 @@ def _sampling_problem(args: argparse.Namespace) -> str | None:
                        stop=args.stop).validate()
     except SamplingError as error:
         return f"--{error.field.replace('_', '-')}: {error}"
+    if args.seed is not None and args.seed not in _MSGPACK_INTEGERS:  # the SDK would refuse it unsent (exit 1)
+        return f"--seed must be an integer in [-2**63, 2**64), got {args.seed}"
     return None
 
 
