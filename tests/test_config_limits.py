@@ -173,6 +173,21 @@ def test_unreadable_files_are_named(model_dir: Path, tmp_path: Path) -> None:
             config_from_dict({"model": {"dir": str(model_dir)}, "server": {"state_dir": state_dir}}, base_dir=tmp_path)
 
 
+def test_a_byte_order_mark_is_read_past_and_a_model_file_is_named(model_dir: Path, tmp_path: Path) -> None:
+    """Windows editors start UTF-8 files with a byte-order mark: the config read as "Invalid
+    statement (at line 1, column 1)", and a token file's mark became part of the token (the
+    server then refused its admin's every call). model.dir naming a file said "not found"."""
+    (tmp_path / "token").write_text("\ufeff0123456789abcdef-token\n", encoding="utf-8")
+    (tmp_path / "server.toml").write_bytes("\ufeff".encode() + f'[model]\ndir = "{model_dir}"\n'
+                                           '[server]\nadmin_token_file = "token"\n'.encode())
+    config = load_config(tmp_path / "server.toml")
+    assert config.engine.model_dir == str(model_dir) and config.admin_token == "0123456789abcdef-token"
+    from inlaid.engine.config import ModelConfig, ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=r"config.json is a file, not a model directory"):  # serve, generate, ...
+        ModelConfig.from_dir(model_dir / "config.json")
+
+
 POLICY_MODULE = '''
 def raises():
     raise RuntimeError("the factory broke")

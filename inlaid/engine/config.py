@@ -99,6 +99,8 @@ class ModelConfig:
     def from_dir(model_dir: str | Path) -> "ModelConfig":
         model_dir = Path(model_dir)
         config_path = model_dir / "config.json"
+        if model_dir.exists() and not model_dir.is_dir():
+            raise ModelLoadError(f"{model_dir} is a file, not a model directory (the folder holding config.json)")
         if not model_dir.is_dir():
             raise ModelLoadError(f"model directory not found: {model_dir}")
         if not config_path.is_file():

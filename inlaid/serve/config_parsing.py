@@ -43,9 +43,11 @@ def read_toml(path: str | Path) -> tuple[dict[str, Any], Path]:
 
 
 def read_text(path: Path, what: str) -> str:
-    """A text file the config names (or is), UTF-8; what: how a refusal names it."""
+    """A text file the config names (or is), UTF-8; what: how a refusal names it. A leading
+    byte-order mark (Windows editors write one) is dropped: tomllib read it as an "Invalid
+    statement", and in a token file it became part of the token."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise ConfigError(f"{what} {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
     except OSError as error:
