@@ -75,6 +75,46 @@ def test_client_refuses_bad_settings_and_takes_json_after_the_action(capsys: pyt
     assert "no answer" in capsys.readouterr().err
 
 
+# No server listens here: each refusal below comes before any connection (exit 2, one line).
+_NOBODY = "tcp://127.0.0.1:9"
+
+
+def _refused_naming(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    assert main(["client", "--timeout", "0.3", *argv]) == 2, argv
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_client_refuses_integers_past_64_bits_naming_the_option(capsys: pytest.CaptureFixture) -> None:
+    """Only --seed was range-checked: --top-k / --max-tokens past the wire's 64 bits exited 1
+    with the SDK's "a number in top_k is out of range: can't serialize ints"."""
+    for option, value in (("--top-k", "9" * 24), ("--max-tokens", str(2**64)), ("--top-k", str(-(2**63) - 1))):
+        _refused_naming(["--address", _NOBODY, "generate", "Hi", option, value],
+                        f"{option} must be an integer in [-2**63, 2**64)", capsys)
+
+
+def test_client_refuses_a_port_no_server_can_listen_on(capsys: pytest.CaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Port 99999 or 0 waited the whole --timeout, then said "no answer" (exit 1); the
+    server's own rule for server.address refuses them."""
+    _refused_naming(["--address", "tcp://127.0.0.1:99999", "health"],
+                    "--address 'tcp://127.0.0.1:99999' must be tcp://HOST:PORT with a port in 1-65535", capsys)
+    _refused_naming(["--address", "tcp://127.0.0.1:0", "generate", "Hi"], "--address 'tcp://127.0.0.1:0'", capsys)
+    import inlaid.client.messages  # the default address is $INLAID_ADDRESS's, and the line names it
+
+    monkeypatch.setattr(inlaid.client.messages, "DEFAULT_ADDRESS", "tcp://127.0.0.1:70000")
+    _refused_naming(["health"], "$INLAID_ADDRESS 'tcp://127.0.0.1:70000' must be", capsys)
+
+
+def test_client_refuses_arguments_that_are_not_utf8_naming_them(capsys: pytest.CaptureFixture) -> None:
+    """A prompt of undecodable bytes said "'\\udcff' ... is a lone surrogate" (exit 1)."""
+    bad = b"a\xff\xfeb".decode("utf-8", "surrogateescape")  # what Python makes of such argv bytes
+    _refused_naming(["--address", _NOBODY, "generate", bad],
+                    "the prompt (PROMPT) is not valid UTF-8 (byte 0xff at byte 1)", capsys)
+    _refused_naming(["--address", _NOBODY, "generate", "Hi", "--stop", bad], "--stop is not valid UTF-8", capsys)
+    _refused_naming(["--address", _NOBODY, "add-task", "t", f"/tmp/{bad}"], "ADAPTER_DIR is not valid UTF-8", capsys)
+
+
 def test_a_home_that_cannot_be_found_or_a_huge_timeout_is_one_line(tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture) -> None:
     """~user with no such user (pathlib's RuntimeError), a timeout past what a timer holds

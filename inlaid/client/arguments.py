@@ -9,7 +9,6 @@ and the front accept and refuse the same messages.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -17,6 +16,7 @@ from typing import Any
 
 import msgspec
 
+from inlaid.cli_args import MAX_SECONDS
 from inlaid.client.errors import InvalidRequestError
 from inlaid.protocol import ChatMessage, chat_template_role
 _TEXT_PART_FIELDS = frozenset({"type", "text"})  # OpenAI's text content part
@@ -171,10 +171,14 @@ def checked_path(value: str | os.PathLike[str], param: str) -> str:
 
 
 def checked_seconds(value: float, param: str, *, zero_ok: bool = False) -> float:
-    """A finite number of seconds, > 0 (>= 0 with `zero_ok`). NaN compares false to every
-    bound, so without this it got as far as a poll (ValueError) or waited forever."""
+    """A number of seconds, > 0 (>= 0 with `zero_ok`) and at most MAX_SECONDS, the bound the
+    command lines, the server config and the HTTP front share. NaN compares false to every
+    bound, so without this it got as far as a poll (ValueError) or waited forever; above
+    ~2.1e6 s the blocking client's poll (int32 milliseconds) raised OverflowError after its
+    request had gone out, while the asyncio client took even 1e300."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not number or not (0 <= value < math.inf if zero_ok else 0 < value < math.inf):
+    if not number or not (0 <= value <= MAX_SECONDS if zero_ok else 0 < value <= MAX_SECONDS):
         bound = ">= 0" if zero_ok else "> 0"
-        raise InvalidRequestError(f"{param} must be a finite number of seconds {bound}, got {value!r}", param=param)
+        raise InvalidRequestError(f"{param} must be a number of seconds {bound} and <= {MAX_SECONDS:.0f}, "
+                                  f"got {value!r}", param=param)
     return float(value)

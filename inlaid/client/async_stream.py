@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -17,7 +19,8 @@ class AsyncTokenStream:
     """`async for chunk in stream`; `result` holds the GenerateDone at the end.
 
     Leaving early cancels the request on the server: at once with `aclose()` or
-    `async with stream:`, else when the abandoned iterator is finalized."""
+    `async with stream:`, else when the abandoned iterator is finalized, or the stream
+    itself when it is dropped without being iterated."""
 
     def __init__(self, client: AsyncClient, request_id: str, timeout_s: float) -> None:
         self.client = client
@@ -25,6 +28,11 @@ class AsyncTokenStream:
         self.timeout_s = timeout_s
         self.result: GenerateResult | None = None
         self._done = False
+        # A dropped stream's finalizer may run on any thread, inside or outside the loop: it
+        # only schedules the cancel on the stream's loop (see `_stream_dropped`). Detached by
+        # `_finish`; not run at exit, when the loop that could send it is gone.
+        self._finalizer = weakref.finalize(self, _stream_dropped, client, request_id, asyncio.get_running_loop())
+        self._finalizer.atexit = False
 
     async def __aiter__(self) -> AsyncIterator[TextChunk]:
         try:
@@ -65,6 +73,7 @@ class AsyncTokenStream:
 
     def _finish(self) -> None:
         self._done = True
+        self._finalizer.detach()
         self.client._queues.pop(self.request_id, None)
 
     @property
@@ -76,3 +85,20 @@ class AsyncTokenStream:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _stream_dropped(client: AsyncClient, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
+    """The finalizer of a stream dropped before its end: must not block or raise. The client's
+    socket and queues belong to its loop, so the cancel runs there (thread-safely scheduled);
+    with the loop closed there is nothing left to cancel with."""
+    try:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(_forget_stream, client, request_id)
+    except Exception:  # noqa: BLE001  (the loop closed meanwhile, or the interpreter is exiting)
+        pass
+
+
+def _forget_stream(client: AsyncClient, request_id: str) -> None:
+    # Only a request still queued here runs on the server; a closed client has no socket.
+    if client._queues.pop(request_id, None) is not None:
+        client._cancel_nowait(request_id)

@@ -107,8 +107,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"inlaid client: --{name.replace('_', '-')} must be > 0 and <= {MAX_SECONDS:.0f} seconds, "
                   f"got {value}", file=sys.stderr)
             return 2
-    if args.action == "generate" and (problem := _sampling_problem(args)):
-        print(f"inlaid client: {problem}", file=sys.stderr)  # not sent: with no server it waited --timeout first
+    # Each refused before any connection: with no server (or a port nothing can listen on)
+    # they waited the whole --timeout first, then said "no answer".
+    problem = (_address_problem(args.address, address) or _text_problem(args)
+               or (_sampling_problem(args) if args.action == "generate" else None))
+    if problem:
+        print(f"inlaid client: {problem}", file=sys.stderr)
         return 2
     try:
         with Client(address, timeout_s=args.timeout, admin_token=token, client_name="inlaid-cli") as client:
@@ -119,9 +123,16 @@ def run(args: argparse.Namespace) -> int:
                 prompt = {"messages": [{"role": "user", "content": args.prompt}]} if args.chat else {"prompt": args.prompt}
                 if args.stream:
                     stream = client.stream(**prompt, **kwargs)
-                    for chunk in stream:
-                        if not args.json:
-                            print(chunk.text, end="", flush=True)
+                    line_open = False  # text printed with no newline after it yet
+                    try:
+                        for chunk in stream:
+                            if not args.json and chunk.text:
+                                print(chunk.text, end="", flush=True)
+                                line_open = not chunk.text.endswith("\n")
+                    except InlaidError:
+                        if line_open:  # the partial text gets its own line; the error follows on stderr
+                            print(flush=True)
+                        raise
                     if args.json:
                         _print(stream.result, True)
                     else:
@@ -178,18 +189,78 @@ def _progress_printer():  # type: ignore[no-untyped-def]
     return show
 
 
+# generate's integer options: each must fit the wire's integers (msgpack: signed or unsigned
+# 64-bit); beyond them the SDK refused it unsent, which exited 1 as if the server had.
+_INTEGER_OPTIONS = ("max_tokens", "top_k", "seed")
+
+
 def _sampling_problem(args: argparse.Namespace) -> str | None:
     """What the server would refuse in `generate`'s sampling options (its own check), or None."""
     from inlaid.protocol import SamplingError, SamplingParams
 
+    for name in _INTEGER_OPTIONS:
+        value = getattr(args, name)
+        if value is not None and value not in _MSGPACK_INTEGERS:
+            return f"--{name.replace('_', '-')} must be an integer in [-2**63, 2**64), got {value}"
     try:
         SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        stop=args.stop).validate()
     except SamplingError as error:
         return f"--{error.field.replace('_', '-')}: {error}"
-    if args.seed is not None and args.seed not in _MSGPACK_INTEGERS:  # the SDK would refuse it unsent (exit 1)
-        return f"--seed must be an integer in [-2**63, 2**64), got {args.seed}"
     return None
+
+
+def _address_problem(given: str | None, address: str) -> str | None:
+    """Why no server can be at `address` (--address, else $INLAID_ADDRESS), or None. The
+    server's own rule for server.address, so the two agree: a port outside 1-65535 (which
+    ZeroMQ wraps or refuses silently) waited the whole --timeout, then said "no answer".
+    (Belongs in the SDK's checked_address, in messages.py; done here meanwhile.)"""
+    from inlaid.client.messages import checked_address
+    from inlaid.serve.config_parsing import check_bind_address
+
+    option = "--address" if given is not None else "$INLAID_ADDRESS"
+    try:
+        checked_address(address)
+    except ValueError as error:
+        return f"{option}: {error}"
+    try:  # a client may connect beyond loopback: only the address's form is the server's rule
+        check_bind_address(option, address, allow_public_bind=True)
+    except ValueError as error:  # ConfigError, naming the option
+        return str(error)
+    return None
+
+
+# The options and arguments that are sent as text, as the messages name them.
+_TEXT_ARGUMENTS = {"prompt": "the prompt (PROMPT)", "task": "--task", "stop": "--stop", "name": "NAME",
+                   "adapter_dir": "ADAPTER_DIR", "calibration": "--calibration"}
+
+
+def _text_problem(args: argparse.Namespace) -> str | None:
+    """Which text argument is not valid UTF-8, or None. Python hands over undecodable argv
+    bytes as lone surrogates, and the SDK's refusal of those ("'\\udcff' ... is a lone
+    surrogate") exited 1 as if the server had refused, naming no argument."""
+    for name, label in _TEXT_ARGUMENTS.items():
+        value = getattr(args, name, None)
+        for text in value if isinstance(value, list) else [value]:
+            if not isinstance(text, str):
+                continue
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:
+                return f"{label} is not valid UTF-8 ({_bad_byte(text, error.start)}); pass it in UTF-8"
+    return None
+
+
+def _bad_byte(text: str, index: int) -> str:
+    """The first undecodable byte of an argument as the user typed it, when it came from argv."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+        raw.decode("utf-8")
+    except UnicodeEncodeError:  # a surrogate argv cannot hold: only a caller of main() passes one
+        return f"a lone surrogate at character {index}"
+    except UnicodeDecodeError as error:
+        return f"byte 0x{raw[error.start]:02x} at byte {error.start}"
+    return f"character {index}"
 
 
 def _silence_printer(wait_timeout_s: float) -> Callable[[float, TaskStatusReply | None], None]:

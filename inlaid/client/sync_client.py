@@ -4,6 +4,7 @@ while other calls run. Not thread-safe: use one Client per thread, or AsyncClien
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -74,6 +75,9 @@ class Client:
         self._conn: Connection | None = None
         self._poller = zmq.Poller()  # the connection's socket and monitor
         self._closed = False
+        # Streams dropped unread whose finalizer ran on another thread: their cancels go out
+        # at this client's next call (a ZeroMQ socket is not for two threads).
+        self._dropped: deque[str] = deque()
 
     # ------------------------------------------------------------------ connection
     def _sock(self) -> zmq.Socket:
@@ -103,6 +107,8 @@ class Client:
     def _check_connection(self) -> None:
         # Also called before each new request: nothing reads the monitor between calls, and
         # a disconnect while idle must not fail the next request.
+        while self._dropped:
+            self._forget_stream(self._dropped.popleft())
         conn = self._conn
         if conn is None or not conn.lost():
             return
@@ -111,13 +117,36 @@ class Client:
         # received. The socket goes too: frames still queued in it would reach a restarted
         # server and run for nobody; the next call opens a fresh one.
         self._drop_socket(linger_ms=0)
-        for request_id, queue in self._inbox.items():
+        for request_id, queue in list(self._inbox.items()):  # a stream's finalizer may pop meanwhile
             queue.append(connection_lost(request_id))
 
     def reconnect(self) -> None:
-        """Drop the socket (and every pending request) and connect afresh."""
+        """Drop the socket (and every pending request) and connect afresh. A stream still
+        open is cancelled on the server, and its next read raises ConnectionLostError."""
+        for request_id in list(self._inbox):  # between calls, only open streams wait here
+            self._cancel_quietly(request_id)
+        self._start_over()
+
+    def _start_over(self) -> None:
         self._drop_socket(linger_ms=100)  # lets a last cancel go out
         self._inbox.clear()
+
+    def _stream_dropped(self, request_id: str, owner_thread: int) -> None:
+        """A TokenStream's finalizer: it was dropped before its end. Never raises or blocks
+        (a finalizer's exception is only printed), and touches the socket only on the thread
+        that opened the stream, the one that uses this client."""
+        try:
+            if threading.get_ident() == owner_thread:
+                self._forget_stream(request_id)
+            else:
+                self._dropped.append(request_id)
+        except Exception:  # noqa: BLE001  (at interpreter exit even the modules may be gone)
+            pass
+
+    def _forget_stream(self, request_id: str) -> None:
+        # Only a request still waiting here runs on the server; a closed client has no socket.
+        if self._inbox.pop(request_id, None) is not None:
+            self._cancel_quietly(request_id)
 
     def close(self) -> None:
         self._drop_socket(linger_ms=0)
@@ -139,7 +168,9 @@ class Client:
         self._sock().send(message if isinstance(message, bytes) else encode(message))
 
     def _next_reply(self, request_id: str, deadline: float) -> ServerReply:
-        queue = self._inbox[request_id]
+        queue = self._inbox.get(request_id)
+        if queue is None:  # a stream read on after reconnect() dropped it: a KeyError said nothing
+            raise ConnectionLostError("the request was dropped by Client.reconnect() before its end", request_id)
         while not queue:  # a lost connection fills every queue: this loop ends with the socket
             self._sock()
             remaining = deadline - time.monotonic()
@@ -169,14 +200,22 @@ class Client:
                 self._cancel_quietly(request_id)
             self._after_timeout(request_id)
             raise
+        except ConnectionLostError:
+            raise  # nothing to cancel: the server that had it is gone
+        except BaseException:
+            # Ctrl-C (KeyboardInterrupt) or any other escape from the wait: nobody will read
+            # the answer, so the server must stop computing it (it ran to max_tokens, KV held).
+            if isinstance(message, Generate):
+                self._cancel_quietly(request_id)
+            raise
         finally:
             self._inbox.pop(request_id, None)
 
     def _after_timeout(self, request_id: str) -> None:
         # A dead server leaves a socket that may never answer; start over unless other
         # requests still wait on this one.
-        if all(other == request_id for other in self._inbox):
-            self.reconnect()
+        if all(other == request_id for other in list(self._inbox)):  # list: a finalizer may pop meanwhile
+            self._start_over()  # the request timed out is cancelled already if it was a Generate
 
     def _call(self, message: Any, kind: type[Any], timeout_s: float | None = None) -> Any:
         frame = encode(message)  # a request msgpack cannot carry fails before the handshake

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -17,7 +19,9 @@ if TYPE_CHECKING:
 class TokenStream:
     """Iterates TextChunks of one generate; `result` holds the GenerateDone at the end.
 
-    Leaving the iteration early (break, exception, close()) cancels the request.
+    Leaving the iteration early (break, exception, close()) cancels the request, and so does
+    dropping the stream unread (when it is garbage-collected): the server stops computing
+    for nobody and the client stops keeping its replies.
     `timeout_s` bounds the wait for each next message, not the whole stream.
     """
 
@@ -27,6 +31,11 @@ class TokenStream:
         self.timeout_s = timeout_s
         self.result: GenerateResult | None = None
         self._done = False
+        # A weakref.finalize, not __del__: it holds no reference to the stream, and `_finish`
+        # detaches it, so a stream read to its end costs nothing when collected. Not at exit:
+        # the sockets are closed with no linger then, and a cancel would be lost anyway.
+        self._finalizer = weakref.finalize(self, client._stream_dropped, request_id, threading.get_ident())
+        self._finalizer.atexit = False
 
     def __iter__(self) -> Iterator[TextChunk]:
         try:
@@ -71,6 +80,7 @@ class TokenStream:
 
     def _finish(self) -> None:
         self._done = True
+        self._finalizer.detach()
         self.client._inbox.pop(self.request_id, None)
 
     def __enter__(self) -> "TokenStream":

@@ -1,0 +1,182 @@
+"""The SDK's streams, interrupts, timeouts and reconnects against a real server (an outside
+probe's findings): a request the caller can no longer read is cancelled on the server, not
+left to run to max_tokens with its KV blocks held, and every failure is a typed InlaidError.
+
+One `inlaid serve` for the module (the default model, on a fixed loopback port); each test
+checks the server's own view: `requests_running` back to zero, the `cancelled` outcome counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from inlaid.cli import main
+from inlaid.client import AsyncClient, Client, ConnectionLostError, InvalidRequestError
+
+ADDRESS = "tcp://127.0.0.1:29751"
+# ~20 tokens/s on a shared CPU: 400 tokens run ~20 s, far past every bound below.
+LONG: dict[str, Any] = dict(prompt="Tell me a long story about the sea.", max_tokens=400, ignore_eos=True)
+ENDED_S = 5.0  # a cancel takes effect within a step or two
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from inlaid.serve.launcher import ServerProcess
+    from serving_helpers import server_config
+
+    process = ServerProcess(server_config(model_dir, {}, address=ADDRESS), workdir=tmp_path_factory.mktemp("server"))
+    try:
+        process.wait_ready(timeout_s=300)
+        yield process
+    finally:
+        process.terminate()
+
+
+@pytest.fixture
+def observer(server: Any) -> Iterator[Client]:
+    """A client of its own for the server's stats, apart from the client under test."""
+    with Client(server.address, timeout_s=30) as client:
+        _until(lambda: client.stats().requests_running == 0, 60)  # nothing left over from before
+        yield client
+
+
+def _until(predicate: Callable[[], bool], timeout_s: float = ENDED_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "not within the time allowed"
+        time.sleep(0.05)
+
+
+def _cancelled(client: Client) -> int:
+    match = re.search(r'^inlaid_requests_total\{outcome="cancelled",task="__base__"\} (\S+)$', client.metrics(),
+                      re.MULTILINE)
+    return int(float(match.group(1))) if match else 0
+
+
+def _running(client: Client) -> int:
+    return client.stats().requests_running
+
+
+def test_a_sync_stream_dropped_unread_is_cancelled_and_forgotten(observer: Client) -> None:
+    before = _cancelled(observer)
+    with Client(ADDRESS, timeout_s=30) as client:
+        stream = client.stream(**LONG)
+        request_id = stream.request_id
+        _until(lambda: _running(observer) == 1)
+        del stream
+        gc.collect()
+        assert request_id not in client._inbox  # its replies are no longer kept
+        _until(lambda: _running(observer) == 0)
+        assert _cancelled(observer) == before + 1
+        # Dropped on another thread: the socket is not touched there; the next call sends the cancel.
+        holder = [client.stream(**LONG)]
+        _until(lambda: _running(observer) == 1)
+        dropper = threading.Thread(target=holder.clear)
+        dropper.start()
+        dropper.join()
+        assert client.generate("Hi", max_tokens=1).finish_reason in ("stop", "length")
+        _until(lambda: _running(observer) == 0)
+        assert _cancelled(observer) == before + 2 and not client._inbox
+
+
+def test_an_async_stream_dropped_unread_is_cancelled_and_forgotten(observer: Client) -> None:
+    before = _cancelled(observer)
+
+    async def run() -> None:
+        async with AsyncClient(ADDRESS, timeout_s=30) as client:
+            stream = await client.stream(**LONG)
+            await asyncio.to_thread(_until, lambda: _running(observer) == 1)
+            del stream
+            gc.collect()
+            await asyncio.sleep(0.1)  # the cancel is scheduled on the loop, not sent from the finalizer
+            assert not client._queues
+            await asyncio.to_thread(_until, lambda: _running(observer) == 0)
+            # Dropped on another thread: scheduled onto the client's loop.
+            holder = [await client.stream(**LONG)]
+            await asyncio.to_thread(_until, lambda: _running(observer) == 1)
+            await asyncio.to_thread(holder.clear)
+            await asyncio.to_thread(_until, lambda: _running(observer) == 0)
+            assert not client._queues
+            kept.append(await client.stream("Hi", max_tokens=1))  # outlives its loop: see below
+
+    kept: list[Any] = []
+    asyncio.run(run())
+    assert _cancelled(observer) == before + 2
+    unraisable: list[Any] = []
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        kept.clear()  # its loop is closed: the finalizer does nothing, and raises nothing
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    assert not unraisable
+
+
+def test_ctrl_c_during_generate_cancels_the_request_on_the_server(observer: Client) -> None:
+    before = _cancelled(observer)
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with Client(ADDRESS, timeout_s=30) as client:
+            client.generate("Hi", max_tokens=1)  # the handshake done: the interrupt lands in the wait
+            signal.setitimer(signal.ITIMER_REAL, 1.0)
+            with pytest.raises(KeyboardInterrupt):
+                client.generate(**LONG)
+            _until(lambda: _running(observer) == 0)
+            assert _cancelled(observer) == before + 1 and not client._inbox
+            assert client.generate("Hi", max_tokens=2).text is not None  # the client goes on
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_timeouts_past_the_shared_bound_are_refused_before_anything_is_sent(observer: Client) -> None:
+    from inlaid.cli_args import MAX_SECONDS
+
+    for make in (lambda: Client(ADDRESS, timeout_s=3e6), lambda: AsyncClient(ADDRESS, timeout_s=1e300)):
+        with pytest.raises(InvalidRequestError, match="timeout_s") as refused:
+            make()  # the sync one raised OverflowError from its poll, after the Generate went out
+        assert refused.value.param == "timeout_s"
+    received = observer.stats().requests_received
+    with Client(ADDRESS, timeout_s=MAX_SECONDS) as client:  # the bound itself is taken, and works
+        assert client.generate("Hi", max_tokens=2).finish_reason in ("stop", "length")
+        with pytest.raises(InvalidRequestError, match="timeout_s"):
+            client.generate("Hi", max_tokens=2, timeout_s=3e6)
+        with pytest.raises(InvalidRequestError, match="timeout_s"):
+            client.wait_ready(timeout_s=3e6)
+    assert observer.stats().requests_received == received + 1  # the refused one never reached it
+
+
+def test_a_stream_read_after_reconnect_is_a_lost_connection_and_is_cancelled(observer: Client) -> None:
+    with Client(ADDRESS, timeout_s=30) as client:
+        chunks = iter(client.stream(**LONG))
+        next(chunks)
+        client.reconnect()
+        with pytest.raises(ConnectionLostError, match="reconnect"):  # a raw KeyError('<request id>')
+            next(chunks)
+        _until(lambda: _running(observer) == 0)  # the dropped request runs for nobody no more
+        assert client.generate("Hi", max_tokens=2).finish_reason in ("stop", "length")
+
+
+def test_cli_stream_ends_the_partial_line_before_a_mid_stream_error(server: Any,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    # A counting prompt runs far past the deadline without an end of sequence.
+    code = main(["client", "--address", ADDRESS, "generate", "1, 2, 3, 4,", "--max-tokens", "400",
+                 "--deadline", "5", "--stream"])
+    out, err = capsys.readouterr()
+    assert code == 1 and "deadline" in err and len(err.strip().splitlines()) == 1, err
+    assert out.strip() and out.endswith("\n") and not out.endswith("\n\n"), repr(out)
