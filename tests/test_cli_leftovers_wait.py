@@ -20,7 +20,8 @@ import zmq
 from inlaid.cli import main
 from inlaid.client import AsyncClient, Client, RequestTimeoutError
 from inlaid.protocol import (
-    PROTOCOL_VERSION, AddTask, AdminReply, ClientRequest, Hello, HelloReply, TaskStatus, TaskStatusReply,
+    PROTOCOL_VERSION, AddTask, AdminReply, ClientRequest, ErrorCode, ErrorReply, Hello, HelloReply, RemoveTask,
+    TaskStatus, TaskStatusReply,
 )
 from inlaid.serve.launcher import free_tcp_port
 
@@ -35,6 +36,7 @@ class StandInServer:
         self.phase = "requantizing"
         self.layers_done = 3
         self.answering = True
+        self.admin_token: str | None = None  # set: admin calls with another token are refused
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._bound = threading.Event()
@@ -45,8 +47,12 @@ class StandInServer:
         if isinstance(request, Hello):
             return HelloReply(request_id=request.request_id, protocol_version=PROTOCOL_VERSION,
                               server_version="stand-in", model="none", max_model_len=64)
+        if isinstance(request, (AddTask, RemoveTask)) and self.admin_token not in (None, request.token):
+            return ErrorReply(request_id=request.request_id, code=ErrorCode.UNAUTHORIZED, message="unauthorized")
         if isinstance(request, AddTask):
             return AdminReply(request_id=request.request_id, message=f"task {request.name!r} added")
+        if isinstance(request, RemoveTask):
+            return AdminReply(request_id=request.request_id, message=f"task {request.name!r} removed")
         if isinstance(request, TaskStatus):
             return TaskStatusReply(request_id=request.request_id, name=request.name, phase=self.phase,
                                    layers_done=self.layers_done, layers_total=10, version=1, served_version=0,
@@ -162,5 +168,43 @@ def test_cli_wait_says_the_server_is_silent(capsys: pytest.CaptureFixture) -> No
         assert code == 1
         assert "no answer from the server for" in err and "still waiting until" in err, err
         assert "gave up after 3 s (last known: requantizing, layers 3/10)" in err, err
+    finally:
+        server.stop()
+
+
+def test_cli_admin_calls_print_json_with_json(capsys: pytest.CaptureFixture) -> None:
+    """--json was taken by add-task and remove-task and ignored: their text line (and, with
+    --wait, a text line before a JSON object) was no JSON a script could parse."""
+    import json
+
+    address = f"tcp://127.0.0.1:{free_tcp_port()}"
+    server = StandInServer(address)
+    server.phase = "ready"
+    try:
+        for argv, expected in ((["add-task", "t", "."], "task 't' added"), (["remove-task", "t"], "task 't' removed")):
+            assert main(["client", "--address", address, "--json", *argv]) == 0
+            assert json.loads(capsys.readouterr().out)["message"] == expected
+        assert main(["client", "--address", address, "add-task", "t", ".", "--wait", "--json"]) == 0
+        document = json.loads(capsys.readouterr().out)  # one document: the add's reply and the wait's end
+        assert document["added"]["message"] == "task 't' added" and document["final_status"]["phase"] == "ready"
+        assert main(["client", "--address", address, "remove-task", "t"]) == 0  # without --json: the text
+        assert capsys.readouterr().out == "task 't' removed\n"
+    finally:
+        server.stop()
+
+
+def test_cli_refused_admin_call_says_whether_the_token_is_unset_or_empty(capsys: pytest.CaptureFixture,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    address = f"tcp://127.0.0.1:{free_tcp_port()}"
+    server = StandInServer(address)
+    server.admin_token = "0123456789abcdef"
+    try:
+        for value, said in ((None, "INLAID_ADMIN_TOKEN is not set"), ("", "INLAID_ADMIN_TOKEN is empty")):
+            if value is None:
+                monkeypatch.delenv("INLAID_ADMIN_TOKEN", raising=False)
+            else:
+                monkeypatch.setenv("INLAID_ADMIN_TOKEN", value)  # it said "is not set" for a set, empty one
+            assert main(["client", "--address", address, "remove-task", "t"]) == 1
+            assert said in capsys.readouterr().err
     finally:
         server.stop()

@@ -153,23 +153,32 @@ def run(args: argparse.Namespace) -> int:
             elif args.action == "metrics":
                 print(client.metrics(), end="")
             elif args.action == "add-task":
-                print(client.add_task(args.name, os.path.abspath(args.adapter_dir),
-                                      os.path.abspath(args.calibration) if args.calibration else None))
+                reply = client.add_task_reply(args.name, os.path.abspath(args.adapter_dir),
+                                              os.path.abspath(args.calibration) if args.calibration else None)
+                if not args.json:
+                    print(reply.message)
+                elif not args.wait:
+                    _print(reply, True)
                 if args.wait:
                     final = client.wait_task(args.name, timeout_s=args.wait_timeout, poll_s=1.0,
                                              on_status=_progress_printer(),
                                              on_silence=_silence_printer(args.wait_timeout))
-                    _print_status(final, args.json)
+                    if args.json:  # one JSON document on stdout: the add's reply and the wait's end
+                        print(json.dumps({"added": msgspec.to_builtins(reply), "final_status": msgspec.to_builtins(final)},
+                                         indent=2))
+                    else:
+                        _print_status(final, False)
                     if final.phase == "failed":
                         return 1
             elif args.action == "task-status":
                 _print_status(client.task_status(args.name), args.json)
             elif args.action == "remove-task":
-                print(client.remove_task(args.name))
+                reply = client.remove_task_reply(args.name)
+                _print(reply, True) if args.json else print(reply.message)
     except InlaidError as error:
         hint = ""
         if isinstance(error, UnauthorizedError) and not token:  # the likeliest cause, said
-            hint = " (INLAID_ADMIN_TOKEN is not set: admin calls send its value)"
+            hint = f" (INLAID_ADMIN_TOKEN is {'empty' if token == '' else 'not set'}: admin calls send its value)"
         print(f"inlaid client: {error}{hint}", file=sys.stderr)
         return 1
     return 0  # an address ZeroMQ cannot parse raises ZMQError: `inlaid.cli.main` prints it in one line

@@ -377,5 +377,9 @@ class Client:
             time.sleep(poll_s)
 
     def remove_task(self, name: str, timeout_s: float | None = None) -> str:
+        return self.remove_task_reply(name, timeout_s).message
+
+    def remove_task_reply(self, name: str, timeout_s: float | None = None) -> AdminReply:
+        """`remove_task`, answering the server's whole AdminReply (as `add_task_reply`)."""
         message = RemoveTask(request_id=self._ids.next(), name=name, token=self.admin_token or "")
-        return self._call(message, AdminReply, timeout_s).message
+        return self._call(message, AdminReply, timeout_s)
