@@ -108,11 +108,12 @@ def test_an_async_stream_dropped_unread_is_cancelled_and_forgotten(observer: Cli
             await asyncio.to_thread(holder.clear)
             await asyncio.to_thread(_until, lambda: _running(observer) == 0)
             assert not client._queues
-            kept.append(await client.stream("Hi", max_tokens=1))  # outlives its loop: see below
+            kept.append(await client.stream(**LONG))  # outlives its loop (below); closing the client cancels it
 
     kept: list[Any] = []
     asyncio.run(run())
-    assert _cancelled(observer) == before + 2
+    _until(lambda: _running(observer) == 0)
+    assert _cancelled(observer) == before + 3
     unraisable: list[Any] = []
     hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
     try:

@@ -2,13 +2,16 @@
 
 A reader task sorts replies into one queue per request id. Cancelling the task awaiting
 `generate` (or leaving a stream early) cancels the request on the server. The stream a
-`stream()` call returns is `async_stream.AsyncTokenStream`.
+`stream()` call returns is `async_stream.AsyncTokenStream`; the calls of one request and one
+reply (health, stats, the admin calls on tasks, ...) are in `async_calls.py`.
+
+The client follows the running event loop: used from a new one (a second `asyncio.run()`),
+it drops the socket whose reader task died with the old loop and connects afresh.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
@@ -19,45 +22,36 @@ import zmq.asyncio
 from inlaid.client.arguments import ChatMessageArg, checked_seconds
 from inlaid.client.connection import Connection, connection_lost
 from inlaid.client.async_stream import AsyncTokenStream
-from inlaid.client.task_wait import TASK_POLL_ANSWER_S, TaskWait
-from inlaid.client.errors import ClientClosedError, ConnectionLostError, RequestTimeoutError
+from inlaid.client.async_calls import AsyncCalls
+from inlaid.client.errors import ClientClosedError, ConnectionLostError, InlaidError, RequestTimeoutError
 from inlaid.client.messages import (
     DEFAULT_ADDRESS,
     GenerateResult,
     RequestIds,
-    build_add_task,
     build_generate,
     call_timeout,
     check_hello,
     checked_address,
+    checked_frame_size,
     encode,
     expect,
     hello,
 )
 from inlaid.protocol import (
-    AdminReply,
     Cancel,
     Generate,
     GenerateDone,
-    GetMetrics,
-    GetStats,
-    Health,
-    HealthReply,
     HelloReply,
-    ListTasks,
-    MetricsReply,
-    RemoveTask,
     SamplingParams,
     ServerReply,
-    ServerStats,
-    TaskInfo,
-    TaskList,
-    TaskStatus,
-    TaskStatusReply,
 )
 
+# What a request's queue holds: its replies, then the error that ended it before its answer
+# came (ConnectionLostError: the connection broke; ClientClosedError: close() was called).
+_Queue = asyncio.Queue[ServerReply | InlaidError]
 
-class AsyncClient:
+
+class AsyncClient(AsyncCalls):
     def __init__(
         self,
         address: str = DEFAULT_ADDRESS,
@@ -78,17 +72,19 @@ class AsyncClient:
         self.client_name = client_name
         self.server: HelloReply | None = None
         self._ids = RequestIds()
-        # Each request's replies, then a ConnectionLostError if the connection broke first.
-        self._queues: dict[str, asyncio.Queue[ServerReply | ConnectionLostError]] = {}
+        self._queues: dict[str, _Queue] = {}
         self._conn: Connection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
         self._handshake_lock: asyncio.Lock | None = None
+        # The loop the connection's reader task, queues and lock belong to (_follow_loop).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------ connection
     def _sock(self) -> zmq.asyncio.Socket:
         if self._closed:
             raise ClientClosedError("the client is closed")
+        self._follow_loop()
         if self._conn is None:
             self._conn = Connection(zmq.asyncio.Context.instance(), self.address)
             self._reader = asyncio.get_running_loop().create_task(self._read_loop(self._conn))
@@ -120,6 +116,7 @@ class AsyncClient:
         # On a loss each waiting request and open stream gets its own error after what it has
         # received, and the socket goes: frames queued in it would reach a restarted server
         # and run for nobody; the next call opens a fresh one.
+        self._follow_loop()
         conn = self._conn
         if conn is None or not conn.lost():
             return
@@ -130,10 +127,41 @@ class AsyncClient:
         for request_id, queue in self._queues.items():
             queue.put_nowait(connection_lost(request_id))
 
+    def _follow_loop(self) -> None:
+        """Start over on a new running loop. The old loop's reader task is gone (asyncio.run
+        cancels what is left when it ends) and nothing would read this socket again: every
+        answer waited its whole timeout. Requests still open from the old loop (a stream not
+        read to its end) fail with ConnectionLostError."""
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        if self._loop is not None and self._loop.is_running():  # in another thread: no socket serves two loops
+            raise InlaidError("this AsyncClient is in use on another running event loop; "
+                              "make one client per event loop")
+        old_loop, self._loop = self._loop, loop
+        if old_loop is None:
+            return
+        self.reconnect()
+        self._handshake_lock = None  # an asyncio.Lock binds to the loop it first waits on
+        self._fail_all(lambda request_id: ConnectionLostError(
+            "the request was made on another event loop, which ended; this client reconnected on the current one",
+            request_id), same_loop=False)
+
+    def _fail_all(self, error: Callable[[str], InlaidError], same_loop: bool) -> None:
+        """End every open request's wait with `error(request_id)`. Off the loop the queues were
+        made on, each gets a fresh queue: an old one's waiters belonged to a loop that ended."""
+        for request_id, queue in self._queues.items():
+            if not same_loop:
+                queue = self._queues[request_id] = asyncio.Queue()
+            queue.put_nowait(error(request_id))
+
     def reconnect(self) -> None:
         """Drop the socket (failing nothing: pending waits run into their timeouts)."""
         if self._reader is not None:
-            self._reader.cancel()
+            try:
+                self._reader.cancel()
+            except RuntimeError:  # its loop is closed (a reader a finished asyncio.run left behind)
+                pass
             self._reader = None
         if self._conn is not None:
             self._conn.close(linger_ms=100)  # lets a last cancel go out
@@ -141,8 +169,16 @@ class AsyncClient:
         self.server = None
 
     async def close(self) -> None:
+        """Close the socket. Each call still waiting for its answer and each open stream fails
+        at once with ClientClosedError (they waited their whole timeout); their requests are
+        cancelled on the server (the server also abandons a closed connection's requests)."""
+        self._closed = True  # first: nothing reopens the socket
+        for request_id in self._queues:
+            self._cancel_nowait(request_id)  # idempotent on the server: a finished or unknown id is ignored
+        self._fail_all(lambda request_id: ClientClosedError("the client was closed before the answer came",
+                                                            request_id),
+                       same_loop=self._loop is asyncio.get_running_loop())
         self.reconnect()
-        self._closed = True
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -159,11 +195,15 @@ class AsyncClient:
         await self._sock().send(message if isinstance(message, bytes) else encode(message))
 
     async def _next(self, request_id: str, timeout_s: float) -> ServerReply:
-        try:
-            reply = await asyncio.wait_for(self._queues[request_id].get(), timeout_s)
-        except asyncio.TimeoutError:
-            raise RequestTimeoutError(f"no answer from {self.address} in time", request_id) from None
-        if isinstance(reply, ConnectionLostError):
+        queue = self._queues[request_id]
+        if queue.empty():
+            getting = asyncio.ensure_future(queue.get())
+            if not await _finished_within(getting, timeout_s):
+                raise RequestTimeoutError(f"no answer from {self.address} in time", request_id)
+            reply = getting.result()
+        else:
+            reply = queue.get_nowait()
+        if isinstance(reply, InlaidError):
             raise reply
         return reply
 
@@ -172,6 +212,7 @@ class AsyncClient:
         wait_s = call_timeout(timeout_s, self.timeout_s)
         frame = frame or encode(message)  # an unencodable request fails here, before anything is registered
         await self._checked_connection()
+        frame = checked_frame_size(frame, self.server)
         self._queues[request_id] = asyncio.Queue()
         answered = False
         try:
@@ -185,8 +226,8 @@ class AsyncClient:
             answered = True
             self._after_timeout(request_id)
             raise
-        except ConnectionLostError:
-            answered = True  # nothing to cancel: the server that had it is gone
+        except (ConnectionLostError, ClientClosedError):
+            answered = True  # nothing to cancel: the server that had it is gone, or close() cancelled it
             raise
         finally:
             if not answered and isinstance(message, Generate):
@@ -227,17 +268,21 @@ class AsyncClient:
         timeout after the previous one's, so four calls of 5 s failed at 5, 10, 15, 20 s."""
         loop = asyncio.get_running_loop()
         if self.server is None:
-            if self._handshake_lock is None:
-                self._handshake_lock = asyncio.Lock()
+            lock = self._handshake_lock = self._handshake_lock or asyncio.Lock()
+            acquiring = asyncio.ensure_future(lock.acquire())
             try:
-                await asyncio.wait_for(self._handshake_lock.acquire(), max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
-                raise RequestTimeoutError(f"no answer from {self.address} in time") from None
+                acquired = await _finished_within(acquiring, max(0.0, deadline - loop.time()))
+            except BaseException:  # cancelled: a lock it took at the same moment is given back
+                if acquiring.done() and not acquiring.cancelled():
+                    lock.release()
+                raise
+            if not acquired:
+                raise RequestTimeoutError(f"no answer from {self.address} in time")
             try:
                 if self.server is None:
                     await self.handshake(self._left(deadline))
             finally:
-                self._handshake_lock.release()
+                lock.release()
         return self._left(deadline)
 
     def _left(self, deadline: float) -> float:
@@ -312,84 +357,28 @@ class AsyncClient:
         frame = encode(message)
         self._check_connection()
         await self._ensure_handshake(asyncio.get_running_loop().time() + wait_s)
-        self._queues[message.request_id] = asyncio.Queue()
-        await self._send(frame)
-        return AsyncTokenStream(self, message.request_id, wait_s)
+        frame = checked_frame_size(frame, self.server)
+        request_id = message.request_id
+        self._queues[request_id] = asyncio.Queue()
+        try:
+            await self._send(frame)
+        except BaseException:  # cancelled, or closed: no stream will read or end the request
+            self._queues.pop(request_id, None)
+            self._cancel_nowait(request_id)  # it may have gone out before the cancellation came
+            raise
+        return AsyncTokenStream(self, request_id, wait_s)
 
     async def cancel(self, request_id: str) -> None:
         await self._send(Cancel(request_id=request_id))
 
-    async def health(self, timeout_s: float | None = None) -> HealthReply:
-        return expect(await self._roundtrip(Health(request_id=self._ids.next()), timeout_s), HealthReply)
 
-    async def wait_ready(self, timeout_s: float = 600.0, poll_s: float = 0.2) -> HealthReply:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + checked_seconds(timeout_s, "timeout_s")
-        checked_seconds(poll_s, "poll_s", zero_ok=True)
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise RequestTimeoutError(f"server at {self.address} not ready within {timeout_s:.0f} s")
-            try:
-                reply = await self.health(timeout_s=min(2.0, remaining))
-                if reply.executor_ready and reply.status == "ok":
-                    return reply
-            except (RequestTimeoutError, ConnectionLostError):  # not up yet, or restarting
-                pass
-            await asyncio.sleep(poll_s)
-
-    async def list_tasks(self, timeout_s: float | None = None) -> list[TaskInfo]:
-        return (await self._call(ListTasks(request_id=self._ids.next()), TaskList, timeout_s)).tasks
-
-    async def stats(self, timeout_s: float | None = None) -> ServerStats:
-        return await self._call(GetStats(request_id=self._ids.next()), ServerStats, timeout_s)
-
-    async def metrics(self, timeout_s: float | None = None) -> str:
-        """The server's Prometheus metrics, text exposition format."""
-        return (await self._call(GetMetrics(request_id=self._ids.next()), MetricsReply, timeout_s)).text
-
-    async def add_task(self, name: str, adapter_dir: str | os.PathLike[str],
-                       calibration_jsonl: str | os.PathLike[str] | None = None, *,
-                       timeout_s: float | None = None) -> str:
-        """Admin: serve task `name` with the PEFT adapter in `adapter_dir` (paths on the server's
-        machine); it serves at once on the current base. With `calibration_jsonl` (the task's
-        samples) the server then re-quantizes its base for it in the background: follow it with
-        `task_status` or `wait_task`."""
-        return (await self.add_task_reply(name, adapter_dir, calibration_jsonl, timeout_s=timeout_s)).message
-
-    async def add_task_reply(self, name: str, adapter_dir: str | os.PathLike[str],
-                             calibration_jsonl: str | os.PathLike[str] | None = None, *,
-                             timeout_s: float | None = None) -> AdminReply:
-        """`add_task`, answering the server's whole AdminReply: for a program, the facts
-        beside its message (`replaces_config_entry`: the config's task it now overrides)."""
-        message = build_add_task(self._ids.next(), name, adapter_dir, calibration_jsonl, self.admin_token)
-        return await self._call(message, AdminReply, timeout_s)
-
-    async def task_status(self, name: str, timeout_s: float | None = None) -> TaskStatusReply:
-        """Admin: the task's phase, layers done / total, quantization version, what was kept and why."""
-        message = TaskStatus(request_id=self._ids.next(), name=name, token=self.admin_token or "")
-        return await self._call(message, TaskStatusReply, timeout_s)
-
-    async def wait_task(self, name: str, timeout_s: float = 3600.0, poll_s: float = 0.5,
-                        on_status: Callable[[TaskStatusReply], None] | None = None,
-                        on_silence: Callable[[float, TaskStatusReply | None], None] | None = None,
-                        answer_s: float = TASK_POLL_ANSWER_S) -> TaskStatusReply:
-        """Poll `task_status` until the task's re-quantization has ended (ready, failed, or
-        none). As `Client.wait_task`: a silent or restarting server does not end the wait before
-        `timeout_s`; `on_silence(seconds_silent, last_status)` after each unanswered poll."""
-        wait = TaskWait(name, self.address, timeout_s, poll_s, min(answer_s, self.timeout_s), self.timeout_s)
-        while True:
-            try:
-                status = await self.task_status(name, timeout_s=wait.poll_timeout())
-            except (RequestTimeoutError, ConnectionLostError) as error:  # down or restarting: keep asking
-                wait.unanswered(error, on_silence)  # raises once timeout_s has passed
-            else:
-                if on_status is not None:
-                    on_status(status)
-                if wait.answered(status):
-                    return status
-            await asyncio.sleep(poll_s)
-
-    async def remove_task(self, name: str, timeout_s: float | None = None) -> str:
-        message = RemoveTask(request_id=self._ids.next(), name=name, token=self.admin_token or "")
-        return (await self._call(message, AdminReply, timeout_s)).message
+async def _finished_within(future: asyncio.Future[Any], timeout_s: float) -> bool:
+    """Whether `future` finished within `timeout_s`; not finished, it is cancelled. Unlike
+    asyncio.wait_for (before Python 3.12), a cancellation of the caller is raised even when
+    `future` finishes at the same moment: wait_for returned its result instead, and the first
+    call on a new client, whose hello lock was free, could not be cancelled (it ran whole)."""
+    try:
+        done, _ = await asyncio.wait((future,), timeout=timeout_s)
+    finally:
+        future.cancel()  # nothing when done; else what it waited for (a queued reply) stays where it was
+    return bool(done)

@@ -19,10 +19,13 @@ from inlaid.client.arguments import (
     checked_token_ids,
     chat_messages,
 )
-from inlaid.client.errors import InlaidError, InvalidRequestError, ProtocolVersionError, error_from_reply
+from inlaid.client.errors import (
+    FrameTooLargeError, InlaidError, InvalidRequestError, ProtocolVersionError, error_from_reply,
+)
 from inlaid.protocol import (
     PROTOCOL_VERSION,
     AddTask,
+    ErrorCode,
     ErrorReply,
     Generate,
     GenerateDone,
@@ -66,6 +69,29 @@ def encode(message: msgspec.Struct) -> bytes:
         raise InvalidRequestError(f"a string in the request is not valid text: {error}", request_id) from None
     except TypeError as error:  # a value of a type msgpack has no form for: "Encoding objects of type X ..."
         raise InvalidRequestError(f"a value in the request cannot be sent: {error}", request_id) from None
+
+
+def checked_frame_size(frame: bytes, server: HelloReply | None) -> bytes:
+    """`frame`, unless the server's hello says it is over the server's frame limit: then
+    FrameTooLargeError, as the server would answer, before anything is sent. Sent, a frame
+    far over the limit (ZeroMQ's MAXMSGSIZE on the server) makes ZeroMQ drop the connection,
+    and every other request on it failed with ConnectionLostError. No hello held, or a server
+    too old to tell its limit: the server judges."""
+    limit = server.max_frame_bytes if server is not None else None
+    if limit is None or len(frame) <= limit:
+        return frame
+    # The server's own words, so that a reader of its message (the HTTP front's 413) reads this one alike.
+    raise FrameTooLargeError(f"[{ErrorCode.FRAME_TOO_LARGE}] frame of {len(frame)} bytes; the limit is {limit} "
+                             "(server.max_frame_bytes; refused by the client before sending)",
+                             _request_id_only.decode(frame).request_id)
+
+
+class _RequestIdOnly(msgspec.Struct):
+    request_id: str = ""
+
+
+# Reads the id of a frame this module encoded (a map), skipping the rest: the refusal names its request.
+_request_id_only = msgspec.msgpack.Decoder(_RequestIdOnly)
 
 
 _MSGPACK_INTEGERS = range(-(2**63), 2**64)

@@ -25,6 +25,7 @@ from inlaid.client.messages import (
     call_timeout,
     check_hello,
     checked_address,
+    checked_frame_size,
     encode,
     expect,
     hello,
@@ -165,7 +166,8 @@ class Client:
 
     # ------------------------------------------------------------------ plumbing
     def _send(self, message: msgspec.Struct | bytes) -> None:
-        self._sock().send(message if isinstance(message, bytes) else encode(message))
+        # A frame over the server's limit is refused here: sent, one far over it drops the connection.
+        self._sock().send(checked_frame_size(message if isinstance(message, bytes) else encode(message), self.server))
 
     def _next_reply(self, request_id: str, deadline: float) -> ServerReply:
         queue = self._inbox.get(request_id)
@@ -286,7 +288,11 @@ class Client:
         if self.server is None:
             self.handshake(timeout_s)
         self._inbox[message.request_id] = deque()
-        self._send(frame)
+        try:
+            self._send(frame)
+        except BaseException:  # too large, Ctrl-C, a closed socket: no stream will read or end the request
+            self._inbox.pop(message.request_id, None)
+            raise
         return TokenStream(self, message.request_id, wait_s)
 
     def cancel(self, request_id: str) -> None:

@@ -163,6 +163,11 @@ class HelloReply(msgspec.Struct, frozen=True, kw_only=True, tag="hello_reply"):
     server_version: str
     model: str
     max_model_len: int
+    # server.max_frame_bytes: the SDK refuses a larger request before sending it. A frame far
+    # over it makes ZeroMQ drop the whole connection, failing every other request on it.
+    # None: a server older than this field (msgspec fills the default; unknown fields are
+    # ignored, so older clients read a newer server's hello too).
+    max_frame_bytes: int | None = None
 
 
 class TextChunk(msgspec.Struct, frozen=True, kw_only=True, tag="chunk"):

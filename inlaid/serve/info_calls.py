@@ -68,7 +68,8 @@ class InfoCalls:
                 message=f"server speaks protocol {PROTOCOL_VERSION}, client {message.protocol_version}"))
         self._reply(identity, HelloReply(request_id=message.request_id, protocol_version=PROTOCOL_VERSION,
                                          server_version=SERVER_VERSION, model=base_model_id(self.config.engine.model_dir),
-                                         max_model_len=self.pool.shards[0].engine.max_model_len))
+                                         max_model_len=self.pool.shards[0].engine.max_model_len,
+                                         max_frame_bytes=self.config.limits.max_frame_bytes))
 
     def _health(self, identity: bytes, message: Health) -> None:
         # "ok" while any executor serves; executor_ready only when every one is up. "starting"
