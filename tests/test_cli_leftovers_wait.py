@@ -189,6 +189,12 @@ def test_cli_admin_calls_print_json_with_json(capsys: pytest.CaptureFixture) -> 
         assert document["added"]["message"] == "task 't' added" and document["final_status"]["phase"] == "ready"
         assert main(["client", "--address", address, "remove-task", "t"]) == 0  # without --json: the text
         assert capsys.readouterr().out == "task 't' removed\n"
+
+        async def removed_async() -> AdminReply:  # the SDK's whole reply, as the sync client's
+            async with AsyncClient(address, timeout_s=5) as client:
+                return await client.remove_task_reply("t")
+
+        assert asyncio.run(removed_async()).message == "task 't' removed"
     finally:
         server.stop()
 

@@ -104,5 +104,9 @@ class AsyncCalls:
             await asyncio.sleep(poll_s)
 
     async def remove_task(self, name: str, timeout_s: float | None = None) -> str:
+        return (await self.remove_task_reply(name, timeout_s)).message
+
+    async def remove_task_reply(self, name: str, timeout_s: float | None = None) -> AdminReply:
+        """`remove_task`, answering the server's whole AdminReply (as `add_task_reply`)."""
         message = RemoveTask(request_id=self._ids.next(), name=name, token=self.admin_token or "")
-        return (await self._call(message, AdminReply, timeout_s)).message
+        return await self._call(message, AdminReply, timeout_s)
