@@ -218,6 +218,12 @@ def test_clients_refuse_before_sending():
         for timeout in (float("nan"), float("inf"), -1, 0, "5", True):
             with pytest.raises(InvalidRequestError, match="timeout_s"):
                 client_class(NOBODY, timeout_s=timeout)
+        # Ports no server listens on (ZeroMQ wraps 99999, refuses 0): they waited the whole timeout.
+        for address in ("tcp://127.0.0.1:99999", "tcp://127.0.0.1:0", "tcp://127.0.0.1:²"):
+            with pytest.raises(ValueError, match=r"must be tcp://HOST:PORT with a port in 1-65535"):
+                client_class(address)
+        with pytest.raises(ValueError, match="IPv6 addresses are not supported"):
+            client_class("tcp://[::1]:5555")
 
 
 def test_cli_refuses_a_nan_timeout(capsys: pytest.CaptureFixture) -> None:

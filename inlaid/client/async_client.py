@@ -131,29 +131,24 @@ class AsyncClient(AsyncCalls):
         """Start over on a new running loop. The old loop's reader task is gone (asyncio.run
         cancels what is left when it ends) and nothing would read this socket again: every
         answer waited its whole timeout. Requests still open from the old loop (a stream not
-        read to its end) fail with ConnectionLostError."""
+        read to its end) are forgotten: their next read raises ConnectionLostError (`_next`),
+        and the server abandons them with the old connection."""
         loop = asyncio.get_running_loop()
         if self._loop is loop:
             return
-        if self._loop is not None and self._loop.is_running():  # in another thread: no socket serves two loops
-            raise InlaidError("this AsyncClient is in use on another running event loop; "
-                              "make one client per event loop")
+        self._refuse_another_running_loop()
         old_loop, self._loop = self._loop, loop
         if old_loop is None:
             return
         self.reconnect()
         self._handshake_lock = None  # an asyncio.Lock binds to the loop it first waits on
-        self._fail_all(lambda request_id: ConnectionLostError(
-            "the request was made on another event loop, which ended; this client reconnected on the current one",
-            request_id), same_loop=False)
+        self._queues.clear()  # refilled, they were never read (their streams' finalizers do nothing off their loop)
 
-    def _fail_all(self, error: Callable[[str], InlaidError], same_loop: bool) -> None:
-        """End every open request's wait with `error(request_id)`. Off the loop the queues were
-        made on, each gets a fresh queue: an old one's waiters belonged to a loop that ended."""
-        for request_id, queue in self._queues.items():
-            if not same_loop:
-                queue = self._queues[request_id] = asyncio.Queue()
-            queue.put_nowait(error(request_id))
+    def _refuse_another_running_loop(self) -> None:
+        if self._loop is not None and self._loop is not asyncio.get_running_loop() and self._loop.is_running():
+            # in another thread: no socket serves two loops (nor may one loop close another's)
+            raise InlaidError("this AsyncClient is in use on another running event loop; "
+                              "make one client per event loop")
 
     def reconnect(self) -> None:
         """Drop the socket (failing nothing: pending waits run into their timeouts)."""
@@ -172,12 +167,14 @@ class AsyncClient(AsyncCalls):
         """Close the socket. Each call still waiting for its answer and each open stream fails
         at once with ClientClosedError (they waited their whole timeout); their requests are
         cancelled on the server (the server also abandons a closed connection's requests)."""
+        self._refuse_another_running_loop()
         self._closed = True  # first: nothing reopens the socket
-        for request_id in self._queues:
-            self._cancel_nowait(request_id)  # idempotent on the server: a finished or unknown id is ignored
-        self._fail_all(lambda request_id: ClientClosedError("the client was closed before the answer came",
-                                                            request_id),
-                       same_loop=self._loop is asyncio.get_running_loop())
+        if self._loop is asyncio.get_running_loop():
+            for request_id, queue in self._queues.items():
+                self._cancel_nowait(request_id)  # idempotent on the server: a finished or unknown id is ignored
+                queue.put_nowait(ClientClosedError("the client was closed before the answer came", request_id))
+        else:  # requests of a loop that ended: nobody waits on them, and the server abandons them with the socket
+            self._queues.clear()
         self.reconnect()
 
     async def __aenter__(self) -> "AsyncClient":
@@ -195,7 +192,11 @@ class AsyncClient(AsyncCalls):
         await self._sock().send(message if isinstance(message, bytes) else encode(message))
 
     async def _next(self, request_id: str, timeout_s: float) -> ServerReply:
-        queue = self._queues[request_id]
+        self._follow_loop()  # a stream read on in a new loop: its request went with the old one
+        queue = self._queues.get(request_id)
+        if queue is None:  # forgotten by _follow_loop: a KeyError said nothing
+            raise ConnectionLostError("the request was made on another event loop, which ended; this client "
+                                      "reconnected on the current one", request_id)
         if queue.empty():
             getting = asyncio.ensure_future(queue.get())
             if not await _finished_within(getting, timeout_s):

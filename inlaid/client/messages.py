@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 
+from inlaid.addresses import address_problem
 from inlaid.client.arguments import (
     ChatMessageArg,
     checked_path,
@@ -41,10 +42,13 @@ DEFAULT_ADDRESS = os.environ.get("INLAID_ADDRESS", "tcp://127.0.0.1:5555")
 
 def checked_address(address: str) -> str:
     """`address` if the server can listen there; ValueError otherwise (ZeroMQ's own word for
-    an http:// address is "Protocol not supported", which names neither the field nor the fix)."""
+    an http:// address is "Protocol not supported", which names neither the field nor the fix;
+    a port outside 1-65535 waited the whole timeout, then said "no answer")."""
     if not isinstance(address, str) or not address.startswith(("tcp://", "ipc://")):
         raise ValueError(f"the server address must be tcp://HOST:PORT or ipc://PATH (server.address in its "
                          f"config), got {address!r}")
+    if problem := address_problem("the server address", address):
+        raise ValueError(problem)
     return address
 
 # A finished generation and one streamed piece of it, as the server sends them.
@@ -94,7 +98,7 @@ class _RequestIdOnly(msgspec.Struct):
 _request_id_only = msgspec.msgpack.Decoder(_RequestIdOnly)
 
 
-_MSGPACK_INTEGERS = range(-(2**63), 2**64)
+MSGPACK_INTEGERS = range(-(2**63), 2**64)
 
 
 def _out_of_range_field(message: msgspec.Struct) -> str | None:
@@ -106,7 +110,7 @@ def _out_of_range_field(message: msgspec.Struct) -> str | None:
         for name in struct.__struct_fields__:
             value = getattr(struct, name)
             values = value if isinstance(value, (list, tuple)) else [value]
-            if any(isinstance(v, int) and not isinstance(v, bool) and v not in _MSGPACK_INTEGERS for v in values):
+            if any(isinstance(v, int) and not isinstance(v, bool) and v not in MSGPACK_INTEGERS for v in values):
                 return name
     return None
 

@@ -166,8 +166,7 @@ class Client:
 
     # ------------------------------------------------------------------ plumbing
     def _send(self, message: msgspec.Struct | bytes) -> None:
-        # A frame over the server's limit is refused here: sent, one far over it drops the connection.
-        self._sock().send(checked_frame_size(message if isinstance(message, bytes) else encode(message), self.server))
+        self._sock().send(message if isinstance(message, bytes) else encode(message))
 
     def _next_reply(self, request_id: str, deadline: float) -> ServerReply:
         queue = self._inbox.get(request_id)
@@ -193,6 +192,8 @@ class Client:
         wait_s = call_timeout(timeout_s, self.timeout_s)
         frame = frame or encode(message)  # an unencodable request fails here, before anything is registered
         self._check_connection()
+        # Over the server's limit: refused unsent (sent, one far over it drops the connection).
+        frame = checked_frame_size(frame, self.server)
         self._inbox[request_id] = deque()
         try:
             self._send(frame)
@@ -287,10 +288,11 @@ class Client:
         self._check_connection()
         if self.server is None:
             self.handshake(timeout_s)
+        frame = checked_frame_size(frame, self.server)  # as `_roundtrip`
         self._inbox[message.request_id] = deque()
         try:
             self._send(frame)
-        except BaseException:  # too large, Ctrl-C, a closed socket: no stream will read or end the request
+        except BaseException:  # Ctrl-C, a closed socket: no stream will read or end the request
             self._inbox.pop(message.request_id, None)
             raise
         return TokenStream(self, message.request_id, wait_s)

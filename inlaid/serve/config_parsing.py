@@ -10,6 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from inlaid.addresses import address_problem
 from inlaid.cli_args import home_problem, writable_dir_problem
 from inlaid.http.settings import LOOPBACK_HOSTS
 from inlaid.quant.checkpoint_files import quantized_dir_problem
@@ -124,26 +125,13 @@ def admin_token_from(server: dict[str, Any], base_dir: Path) -> str | None:
     return token
 
 
-_IPC_PATH_BYTES = 107  # sockaddr_un.sun_path on Linux, less its terminating NUL
-
-
 def check_bind_address(key: str, address: str, allow_public_bind: bool) -> None:
-    """A ZeroMQ address this server can bind: ipc://PATH, or tcp://HOST:PORT with a port
-    ZeroMQ would not wrap (99999 listened on 34463) and, unless allowed, a loopback host."""
-    if address.startswith("ipc://"):
-        path = address[len("ipc://"):]
-        if not path or len(path.encode()) > _IPC_PATH_BYTES:
-            raise ConfigError(f"{key} {address!r}: an ipc path must have 1-{_IPC_PATH_BYTES} bytes")
-        return
-    if not address.startswith("tcp://"):
-        raise ConfigError(f"{key} must start with tcp:// or ipc://, got {address!r}")
-    host, _, port = address[len("tcp://"):].rpartition(":")
-    # ASCII digits: "²" and "٢٩" are digits to Python (int() takes the second), not to ZeroMQ
-    if not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
-        raise ConfigError(f"{key} {address!r} must be tcp://HOST:PORT with a port in 1-65535")
-    if host.startswith("["):  # ZeroMQ sockets take IPv6 only with an option these never set: bind failed
-        raise ConfigError(f"{key} {address!r}: IPv6 addresses are not supported here; use tcp://127.0.0.1:{port}")
-    if host not in LOOPBACK_HOSTS and not allow_public_bind:
+    """A ZeroMQ address this server can bind (`addresses.address_problem`) and, unless
+    allowed, on a loopback host."""
+    if problem := address_problem(key, address):
+        raise ConfigError(problem)
+    host = address[len("tcp://"):].rpartition(":")[0] if address.startswith("tcp://") else ""
+    if host and host not in LOOPBACK_HOSTS and not allow_public_bind:
         raise ConfigError(f"{key} {address!r} is not a loopback address; set server.allow_public_bind = true "
                           "to listen beyond this machine")
 
