@@ -152,3 +152,17 @@ def test_a_failed_job_says_how_to_retry(tmp_path):
         await asyncio.sleep(0)
 
     asyncio.run(scenario())
+
+
+def test_a_job_resumed_after_a_restart_says_so(tmp_path):
+    """After a restart its message kept what the last process said ("resumed at layer 24
+    after the requantizer was lost") while the job resumed at layer 25 (a live probe)."""
+    from inlaid.serve.requantization_jobs import RESTARTED
+
+    async def scenario() -> None:
+        jobs, _, record = running_job(tmp_path, layers_done=25, message=f"{RESTARTED}; resuming at layer 25")
+        jobs._on_message(LayerReady(job_id="code@v1", layer=25, version=1, handle=None, file="", linears=[],
+                                    forward_seconds=0.1, quantize_seconds=0.1))
+        assert record.message == "resumed at layer 25 after a server restart"
+
+    asyncio.run(scenario())

@@ -158,12 +158,13 @@ def test_chat_names_max_completion_tokens_from_the_field():
 
 
 class _Adding(_StandInClient):
-    def __init__(self, message: str, replaced: ReplacedConfigEntry | None) -> None:
+    def __init__(self, message: str, replaced: ReplacedConfigEntry | None, hessians_dropped: bool = False) -> None:
         super().__init__()
-        self.message, self.replaced = message, replaced
+        self.message, self.replaced, self.hessians_dropped = message, replaced, hessians_dropped
 
     async def add_task_reply(self, name: str, adapter_dir: str, timeout_s: float | None = None) -> AdminReply:
-        return AdminReply(request_id="a", message=self.message, replaces_config_entry=self.replaced)
+        return AdminReply(request_id="a", message=self.message, replaces_config_entry=self.replaced,
+                          hessians_dropped=self.hessians_dropped)
 
 
 _SERVERS_ADDED = ("task 'qa' added: /new/qa; it replaces the config's [tasks] entry (/srv/qa) until it is removed, "
@@ -184,6 +185,10 @@ def test_replacing_a_configured_task_is_noted_from_the_replies_field(words):
     # No field, no note, whatever the words say.
     status, answer = _post(_app(_Adding(words, None)), "/v1/load_lora_adapter", body)
     assert status == 200 and answer.decode() == "Success: LoRA adapter 'qa' added successfully.", answer
+    # The stored Hessians of the adapter it replaced leave the aggregate: said too (HTTP callers were never told).
+    status, answer = _post(_app(_Adding(words, kept, hessians_dropped=True)), "/v1/load_lora_adapter", body)
+    assert status == 200 and "(the state directory keeps it). Note: the Hessians stored for this name were " \
+        "computed with the adapter it replaces" in answer.decode(), answer
 
 
 # ---------------------------------------------------------------- OpenAI's sampling ranges

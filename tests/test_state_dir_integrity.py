@@ -18,6 +18,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from inlaid.serve.requantization_jobs import RESTARTED
 from inlaid.serve.task_store import (
     QUEUED, REQUANTIZING, CommittedLayer, StateDirError, TaskRecord, TaskStore,
 )
@@ -338,7 +339,9 @@ def test_a_task_unserved_at_one_restart_resumes_when_its_adapter_is_back(model_d
     registry, dynamic = _dynamic(model_dir, state)
     record = dynamic.store.tasks["code"]  # type: ignore[union-attr]
     assert "code" in registry.tasks and record.phase == QUEUED and list(dynamic.jobs.queue) == ["code"]
-    assert (record.layers_done, record.message, record.suspended_phase) == (10, "resuming at layer 10", "")
+    # its message says where the job resumes now, not what the process before said
+    assert (record.layers_done, record.message, record.suspended_phase) == (10, f"{RESTARTED}; resuming at layer 10",
+                                                                            "")
 
     # and one that stays unserved can be removed (it was 'unknown task'), its copies with it
     shutil.move(inputs.adapter_dir, tmp_path / "away")
@@ -362,3 +365,30 @@ def test_a_live_addition_under_a_configured_name_is_announced(model_dir, tmp_pat
         registry, dynamic = _dynamic(model_dir, state, configured)  # the restart: the stored copy, announced
     assert registry.tasks["qa"] == copy
     assert [r.message for r in caplog.records][0].startswith("a task of the config's [tasks] serves the state")
+
+
+def test_a_task_replaced_without_calibration_leaves_its_old_adapters_hessians_out(model_dir, tmp_path):
+    """Another adapter added under a served name, with no calibration file: the Hessians the
+    state held for the name, computed with the adapter it replaced, weighed every later job's
+    aggregate (a live probe); they leave it now, as a removal's do, and stay out at restarts,
+    also when the config's [tasks] names the task (the live adapter still serves it)."""
+    state = tmp_path / "state"
+    _, dynamic = _dynamic(model_dir, state)
+    store = dynamic.store
+    assert store is not None
+    (store.hessian_dir / "task_costs.json").write_text(json.dumps({"code": 1.0, "qa": 1.0}))  # the state holds both
+    text = dynamic.add(dynamic.prepare("code", str(ADAPTERS / "qa"), None))
+    assert store.dropped == [] and "leave the aggregate" not in text  # nothing replaced
+    same = dynamic.prepare("code", str(ADAPTERS / "qa"), None)  # the same files again (a new copy): still valid
+    text = dynamic.add(same)
+    assert same.serves_as_now and not same.hessians_dropped and store.dropped == [] and "aggregate" not in text
+    other = dynamic.prepare("code", str(ADAPTERS / "math"), None)
+    text = dynamic.add(other)
+    assert store.dropped == ["code"] and "computed with the adapter it replaces and leave the aggregate" in text
+    assert other.hessians_dropped  # the AdminReply's field, which the HTTP front reads
+    text = dynamic.add(dynamic.prepare("new", str(ADAPTERS / "math"), None))
+    assert store.dropped == ["code"] and "leave the aggregate" not in text  # a name the state does not hold
+    _, dynamic = _dynamic(model_dir, state, tasks={"code": str(ADAPTERS / "qa"), "qa": str(ADAPTERS / "qa")})
+    assert dynamic.store is not None and dynamic.store.dropped == ["code"]  # the old code took it back here
+    text = dynamic.add(dynamic.prepare("qa", str(ADAPTERS / "math"), None))  # over the config's entry
+    assert dynamic.store.dropped == ["code", "qa"] and "leave the aggregate" in text

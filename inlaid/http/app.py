@@ -274,17 +274,23 @@ async def _load_lora_adapter(front: Front, request: Request) -> Response:
             raise api_error from None
     log.info("adapter loaded over HTTP", extra={"task": body.lora_name, "result": reply.message})
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully."
-                             + _replacement_notice(reply.replaces_config_entry))
+                             + _replacement_notice(reply.replaces_config_entry, reply.hessians_dropped))
 
 
-def _replacement_notice(replaced: ReplacedConfigEntry | None) -> str:
+def _replacement_notice(replaced: ReplacedConfigEntry | None, hessians_dropped: bool) -> str:
     """What the server's add_task answer says beyond "added" that the caller must not miss (the
-    SDK and the CLI print the whole answer): a configured task replaced, and for how long."""
-    if replaced is None:
-        return ""
-    until = ("until it is removed, restarts included (the state directory keeps it)" if replaced.kept_across_restarts
-             else "until the server restarts (no server.state_dir)")
-    return f" Note: it replaces the config's [tasks] entry ({replaced.adapter_dir}) {until}."
+    SDK and the CLI print the whole answer): a configured task replaced, and for how long; the
+    stored Hessians of the adapter it replaced leaving the re-quantization's aggregate."""
+    notice = ""
+    if replaced is not None:
+        until = ("until it is removed, restarts included (the state directory keeps it)"
+                 if replaced.kept_across_restarts else "until the server restarts (no server.state_dir)")
+        notice += f" Note: it replaces the config's [tasks] entry ({replaced.adapter_dir}) {until}."
+    if hessians_dropped:
+        notice += (" Note: the Hessians stored for this name were computed with the adapter it replaces and leave "
+                   "the base's re-quantization (load it through the SDK or CLI with its calibration file to "
+                   "re-quantize for it).")
+    return notice
 
 
 async def _unload_lora_adapter(front: Front, request: Request) -> Response:

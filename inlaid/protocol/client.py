@@ -241,6 +241,9 @@ class AdminReply(msgspec.Struct, frozen=True, kw_only=True, tag="admin_reply"):
     request_id: str
     message: str
     replaces_config_entry: ReplacedConfigEntry | None = None
+    # AddTask of another adapter under a name, with no calibration: the Hessians stored for the
+    # name (computed with the adapter it replaced) left the re-quantization's aggregate.
+    hessians_dropped: bool = False
 
 
 class KeptLinear(msgspec.Struct, frozen=True, kw_only=True):

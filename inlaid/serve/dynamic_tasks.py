@@ -14,20 +14,22 @@ import asyncio
 import json
 import logging
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from inlaid.protocol import ErrorCode, KeptLinear, ReplacedConfigEntry, TaskStatusReply
+from inlaid.protocol import ErrorCode, ReplacedConfigEntry, TaskStatusReply
 from inlaid.quant import calibration  # torch-free, as is all the coordinator imports
 from inlaid.quant.calibration import MAX_CALIBRATION_LINE_BYTES
 from inlaid.quant.errors import CalibrationDataError
 from inlaid.serve.config import ServerConfig
-from inlaid.serve.requantization_jobs import RequantizationJobs
+from inlaid.serve.requantization_jobs import RESTARTED, RESUMING_AT, RequantizationJobs
 from inlaid.serve.state_gc import hessian_dirs, prune_dropped
 from inlaid.serve.task_registry import TaskError, TaskRegistry, check_absolute
-from inlaid.serve.task_store import FAILED, QUEUED, REQUANTIZING, SERVING, StateDirError, TaskRecord, TaskStore
+from inlaid.serve.task_status import task_status_reply
+from inlaid.serve.task_store import (
+    FAILED, QUEUED, REQUANTIZING, SERVING, StateDirError, TaskRecord, TaskStore, same_adapter_files,
+)
 
 log = logging.getLogger("inlaid.dynamic_tasks")
 
@@ -39,14 +41,19 @@ MAX_CALIBRATION_FILE_BYTES = 64 * 1024 * 1024
 SAVE_RETRY_S = 5.0  # a registry the state directory could not take is tried again this often
 
 
-@dataclass(frozen=True)
+@dataclass
 class TaskInputs:
-    """An added task's files, checked (and copied into the state directory when there is one)."""
+    """An added task's files, checked (and copied into the state directory when there is one), and
+    what its addition did with them (`hessians_dropped`, set by `DynamicTasks.add`)."""
 
     name: str
     adapter_dir: str
     calibration: str | None
     copied: bool
+    # The name serves these very files now (a re-add): the Hessians stored for it stay valid.
+    serves_as_now: bool = False
+    # Set by `DynamicTasks.add`: the Hessians stored for the name left the aggregate (AdminReply says so).
+    hessians_dropped: bool = False
 
 
 def requantization_blocker(config: ServerConfig) -> str:
@@ -93,8 +100,8 @@ class DynamicTasks:
             registry.on_released.append(self._discard_if_unused)
 
     def _restore_tasks(self, store: TaskStore) -> None:
-        for name in self.config.tasks:  # a task served from the config counts again
-            if name in store.dropped:
+        for name in self.config.tasks:  # a task served from the config counts again (not one added over it)
+            if name in store.dropped and name not in store.tasks:
                 store.dropped.remove(name)
         self._prune_dropped(store)
         for name, record in sorted(store.tasks.items(), key=lambda item: item[1].added_at):
@@ -125,6 +132,8 @@ class DynamicTasks:
                     self._hold_job(record)
                 else:
                     record.phase = QUEUED
+                    if record.layers_done or RESUMING_AT.search(record.message):  # what it said is history now
+                        record.message = f"{RESTARTED}; resuming at layer {record.layers_done}"
                     self.jobs.queue.append(name)  # start() dispatches it
         store.save()
 
@@ -207,7 +216,10 @@ class DynamicTasks:
                 self.store.discard_copy(adapter_copy)
                 raise TaskError(error.code, f"the calibration file changed while it was being added: "
                                             f"{error.message}") from None
-        return TaskInputs(name, adapter_copy, calibration_copy, copied=True)
+        record = self.store.tasks.get(name)
+        served = record.adapter_dir if record is not None else self.config.tasks.get(name)
+        return TaskInputs(name, adapter_copy, calibration_copy, copied=True,
+                          serves_as_now=served is not None and same_adapter_files(served, adapter_copy))
 
     def add(self, inputs: TaskInputs) -> str:
         """Serve the task at once; queue its re-quantization when it brought calibration samples."""
@@ -247,6 +259,9 @@ class DynamicTasks:
             if name in store.dropped:
                 store.dropped.remove(name)  # its job computes its Hessians afresh
         replaced = store.tasks.get(name)
+        if record.phase != QUEUED and (replaced is not None or replaced_entry is not None) and not inputs.serves_as_now:
+            text += self._drop_replaced_hessians(store, name)
+            inputs.hessians_dropped = name in store.dropped
         store.tasks[name] = record
         store.save()
         if replaced is not None:  # the registry has released it (replaced while idle), or never served it
@@ -256,6 +271,18 @@ class DynamicTasks:
             text += f"; serving on the current base, re-quantization queued (version {record.version})"
             return text + self._unsaved_note()
         return f"{text}; {record.message}" + self._unsaved_note()
+
+    def _drop_replaced_hessians(self, store: TaskStore, name: str) -> str:
+        """Another adapter serves `name` now, with no job of its own: the Hessians stored for the
+        name, computed with the adapter it replaces, leave the aggregate (every later job weighed
+        it and its quality gate by them), as a removal's do. Returns what the reply says of it."""
+        if name not in store.dropped:
+            store.dropped.append(name)
+        self._prune_dropped(store)  # forgets the name if the state holds nothing of it
+        if name not in store.dropped:
+            return ""
+        return ("; the Hessians stored for it were computed with the adapter it replaces and leave the aggregate "
+                "(add it with its calibration file to re-quantize the base for this adapter)")
 
     def replaced_config_entry(self, name: str) -> ReplacedConfigEntry | None:
         """The config's [tasks] entry an addition of `name` replaces (None when the config has
@@ -340,36 +367,7 @@ class DynamicTasks:
             log.info("adapter copy deleted", extra={"adapter_dir": adapter_dir})
 
     def status(self, request_id: str, name: str) -> TaskStatusReply:
-        store = self.store
-        record = store.tasks.get(name) if store else None
-        served_version = store.served_version if store else 0
-        if record is None:
-            if name not in self.registry.tasks:
-                raise TaskError(ErrorCode.UNKNOWN_TASK, f"unknown task {name!r}")
-            return TaskStatusReply(request_id=request_id, name=name, phase=SERVING, layers_done=0,
-                                   layers_total=self.num_layers, version=0, served_version=served_version,
-                                   layers_swapped=0, message=(
-                                       "served from the server config: the base covers it only if the checkpoint "
-                                       "was quantized for it" if store is not None else
-                                       "served on the base as it is: without server.state_dir nothing is "
-                                       "re-quantized for a task (the base covers it only if the checkpoint was "
-                                       "quantized for it)"))
-        assert store is not None
-        kept = [KeptLinear(layer=d["layer"], linear=d["linear"], action=d["action"], reason=d["reason"])
-                for d in record.decisions if d["action"] != "requantized"]
-        # the layers its job changed and finished: each was swapped in at its commit, or failed to be
-        changed = {d["layer"] for d in record.decisions if d["action"] == "requantized" and d["layer"] < record.layers_done}
-        served_at = {layer: store.layers[layer].version if layer in store.layers else 0 for layer in changed}
-        end = record.finished_at or (time.time() if record.started_at else 0.0)
-        return TaskStatusReply(
-            request_id=request_id, name=name, phase=record.phase, layers_done=record.layers_done,
-            layers_total=record.layers_total, version=record.version, served_version=served_version,
-            layers_swapped=sum(1 for entry in store.layers.values() if record.version and entry.version == record.version),
-            kept=kept, message=record.message, forward_seconds=record.forward_seconds,
-            quantize_seconds=record.quantize_seconds, wall_seconds=end - record.started_at if record.started_at else 0.0,
-            peak_rss_bytes=record.peak_rss_bytes,
-            layers_superseded=sum(1 for version in served_at.values() if version > record.version),
-            layers_not_served=sum(1 for version in served_at.values() if version < record.version))
+        return task_status_reply(request_id, name, self.store, self.registry, self.num_layers)
 
 
 def _log_unexpected_end(task: asyncio.Task[None]) -> None:

@@ -59,6 +59,7 @@ CANCEL_TIMEOUT_S = 5.0
 
 # The message of a job whose requantizer was lost, until the restarted one hands a layer over.
 RESUMING_AT = re.compile(r"; resuming at layer (\d+)$")
+RESTARTED = "the server restarted during its job"  # a restored job's message starts so (`DynamicTasks`)
 
 
 def job_id(record: TaskRecord) -> str:
@@ -337,9 +338,12 @@ class RequantizationJobs(LayerSwaps):
         record.quantize_seconds += ready.quantize_seconds
         record.peak_rss_bytes = max(record.peak_rss_bytes, ready.peak_rss_bytes)
         if (resumed := RESUMING_AT.search(record.message)) is not None:  # it has: say so, not that it will
-            record.message = (f"resumed at layer {resumed.group(1)} after the requantizer was lost "
-                              f"({record.attempts} of {self.config.requantizer.max_attempts} losses allowed; "
-                              "the log says why)")
+            if record.message.startswith(RESTARTED):
+                record.message = f"resumed at layer {resumed.group(1)} after a server restart"
+            else:
+                record.message = (f"resumed at layer {resumed.group(1)} after the requantizer was lost "
+                                  f"({record.attempts} of {self.config.requantizer.max_attempts} losses allowed; "
+                                  "the log says why)")
         if ready.handle is None:
             record.layers_done = ready.layer + 1
             self.counts.layers_done += 1

@@ -29,6 +29,7 @@ would take every stored adapter and layer with it.
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import hashlib
 import json
 import logging
@@ -53,6 +54,19 @@ log = logging.getLogger("inlaid.dynamic_tasks")
 FORMAT_VERSION = 1
 REGISTRY_FILE = "registry.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def same_adapter_files(first: str, second: str) -> bool:
+    """Whether two adapter directories hold the same ADAPTER_FILES, byte for byte (an unreadable
+    file: not the same)."""
+    try:
+        for file_name in ADAPTER_FILES:
+            one, other = Path(first) / file_name, Path(second) / file_name
+            if one.is_file() != other.is_file() or (one.is_file() and not filecmp.cmp(one, other, shallow=False)):
+                return False
+    except OSError:
+        return False
+    return True
 
 # The phases of an added task.
 SERVING = "serving"  # served on the current base; no re-quantization (none asked, or none possible)

@@ -1,0 +1,43 @@
+"""A task's status as `task_status` answers it: its phase, its job's progress and what the
+job kept as served, from the state directory's record (torch-free, the coordinator's)."""
+
+from __future__ import annotations
+
+import time
+
+from inlaid.protocol import ErrorCode, KeptLinear, TaskStatusReply
+from inlaid.serve.task_registry import TaskError, TaskRegistry
+from inlaid.serve.task_store import SERVING, TaskStore
+
+
+def task_status_reply(request_id: str, name: str, store: TaskStore | None, registry: TaskRegistry,
+                      num_layers: int) -> TaskStatusReply:
+    record = store.tasks.get(name) if store else None
+    served_version = store.served_version if store else 0
+    if record is None:
+        if name not in registry.tasks:
+            raise TaskError(ErrorCode.UNKNOWN_TASK, f"unknown task {name!r}")
+        return TaskStatusReply(request_id=request_id, name=name, phase=SERVING, layers_done=0,
+                               layers_total=num_layers, version=0, served_version=served_version,
+                               layers_swapped=0, message=(
+                                   "served from the server config: the base covers it only if the checkpoint "
+                                   "was quantized for it" if store is not None else
+                                   "served on the base as it is: without server.state_dir nothing is "
+                                   "re-quantized for a task (the base covers it only if the checkpoint was "
+                                   "quantized for it)"))
+    assert store is not None
+    kept = [KeptLinear(layer=d["layer"], linear=d["linear"], action=d["action"], reason=d["reason"])
+            for d in record.decisions if d["action"] != "requantized"]
+    # the layers its job changed and finished: each was swapped in at its commit, or failed to be
+    changed = {d["layer"] for d in record.decisions if d["action"] == "requantized" and d["layer"] < record.layers_done}
+    served_at = {layer: store.layers[layer].version if layer in store.layers else 0 for layer in changed}
+    end = record.finished_at or (time.time() if record.started_at else 0.0)
+    return TaskStatusReply(
+        request_id=request_id, name=name, phase=record.phase, layers_done=record.layers_done,
+        layers_total=record.layers_total, version=record.version, served_version=served_version,
+        layers_swapped=sum(1 for entry in store.layers.values() if record.version and entry.version == record.version),
+        kept=kept, message=record.message, forward_seconds=record.forward_seconds,
+        quantize_seconds=record.quantize_seconds, wall_seconds=end - record.started_at if record.started_at else 0.0,
+        peak_rss_bytes=record.peak_rss_bytes,
+        layers_superseded=sum(1 for version in served_at.values() if version > record.version),
+        layers_not_served=sum(1 for version in served_at.values() if version < record.version))
