@@ -181,3 +181,20 @@ def test_cli_stream_ends_the_partial_line_before_a_mid_stream_error(server: Any,
     out, err = capsys.readouterr()
     assert code == 1 and "deadline" in err and len(err.strip().splitlines()) == 1, err
     assert out.strip() and out.endswith("\n") and not out.endswith("\n\n"), repr(out)
+
+
+def test_cli_stream_ends_the_partial_line_at_ctrl_c(server: Any, capsys: pytest.CaptureFixture) -> None:
+    """"inlaid client: interrupted" came on the line of the text streamed so far."""
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 3.0)  # 500 tokens take ~25 s here
+        code = main(["client", "--address", ADDRESS, "generate", "1, 2, 3, 4,", "--max-tokens", "500", "--stream"])
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    out, err = capsys.readouterr()
+    assert code == 130 and err == "inlaid client: interrupted\n", err
+    assert out.strip() and out.endswith("\n") and not out.endswith("\n\n"), repr(out)

@@ -129,8 +129,8 @@ def run(args: argparse.Namespace) -> int:
                             if not args.json and chunk.text:
                                 print(chunk.text, end="", flush=True)
                                 line_open = not chunk.text.endswith("\n")
-                    except InlaidError:
-                        if line_open:  # the partial text gets its own line; the error follows on stderr
+                    except (InlaidError, KeyboardInterrupt):
+                        if line_open:  # the partial text gets its own line; the error (or Ctrl-C's) follows
                             print(flush=True)
                         raise
                     if args.json:
