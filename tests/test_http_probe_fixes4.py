@@ -85,3 +85,61 @@ def test_a_text_part_whose_text_is_not_a_string_says_so():
     # A part of another kind is still refused as one.
     error = _error({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
     assert error["param"] == "messages[0].content" and "only text parts" in error["message"], error
+
+
+def test_sigterm_answers_what_is_still_open_before_the_grace_ends() -> None:
+    """A front stopped with requests open answered them, after uvicorn's grace, with a bare
+    `500 Internal Server Error` (a stream: cut mid-body). Now 503 `unavailable` JSON (a
+    started stream: its error event), and the front exits 0. The server is a stand-in that
+    answers the hello and never a generate (tests/test_cli_leftovers_wait.py)."""
+    import http.client
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from test_cli_leftovers_wait import StandInServer
+
+    from inlaid.serve.launcher import free_tcp_port
+
+    address, port = f"tcp://127.0.0.1:{free_tcp_port()}", free_tcp_port()
+    stand_in = StandInServer(address)
+    front = subprocess.Popen([sys.executable, "-m", "inlaid.cli", "http", "--address", address, "--port", str(port),
+                              "--log-format", "text"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    answers: dict[str, tuple[int, str]] = {}
+
+    def ask(name: str, body: dict[str, Any]) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        answers[name] = (response.status, response.read().decode())  # a cut stream raised IncompleteRead here
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                http.client.HTTPConnection("127.0.0.1", port, timeout=2).request("GET", "/livez")
+                break
+            except OSError:
+                assert front.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+        asking = [threading.Thread(target=ask, args=(name, {"model": "none", "prompt": "x", "max_tokens": 4,
+                                                            "stream": name == "stream"}))
+                  for name in ("plain", "stream")]
+        for thread in asking:
+            thread.start()
+        time.sleep(1.0)  # both wait for the server's answer now
+        front.send_signal(signal.SIGTERM)
+        for thread in asking:
+            thread.join(30)
+        assert front.wait(30) == 0
+    finally:
+        if front.poll() is None:
+            front.kill()
+        stand_in.stop()
+    status, body = answers["plain"]
+    assert status == 503 and json.loads(body)["error"]["code"] == "unavailable", answers
+    status, body = answers["stream"]
+    assert (status == 503 and json.loads(body)["error"]["code"] == "unavailable") or (
+        status == 200 and '"code":"unavailable"' in body.replace(" ", "")), answers

@@ -158,13 +158,15 @@ def test_chat_names_max_completion_tokens_from_the_field():
 
 
 class _Adding(_StandInClient):
-    def __init__(self, message: str, replaced: ReplacedConfigEntry | None, hessians_dropped: bool = False) -> None:
+    def __init__(self, message: str, replaced: ReplacedConfigEntry | None, hessians_dropped: bool = False,
+                 already_served: bool = False) -> None:
         super().__init__()
-        self.message, self.replaced, self.hessians_dropped = message, replaced, hessians_dropped
+        self.message, self.replaced = message, replaced
+        self.hessians_dropped, self.already_served = hessians_dropped, already_served
 
     async def add_task_reply(self, name: str, adapter_dir: str, timeout_s: float | None = None) -> AdminReply:
         return AdminReply(request_id="a", message=self.message, replaces_config_entry=self.replaced,
-                          hessians_dropped=self.hessians_dropped)
+                          hessians_dropped=self.hessians_dropped, already_served=self.already_served)
 
 
 _SERVERS_ADDED = ("task 'qa' added: /new/qa; it replaces the config's [tasks] entry (/srv/qa) until it is removed, "
@@ -185,6 +187,11 @@ def test_replacing_a_configured_task_is_noted_from_the_replies_field(words):
     # No field, no note, whatever the words say.
     status, answer = _post(_app(_Adding(words, None)), "/v1/load_lora_adapter", body)
     assert status == 200 and answer.decode() == "Success: LoRA adapter 'qa' added successfully.", answer
+    # A path it served already: its files were not read again (it said "added successfully" and nothing else).
+    status, answer = _post(_app(_Adding(words, None, already_served=True)), "/v1/load_lora_adapter", body)
+    assert status == 200 and answer.decode().endswith(" Note: it already served this path; its files were not read "
+                                                      "again (to load files changed there, unload the adapter, then "
+                                                      "load it)."), answer
     # The stored Hessians of the adapter it replaced leave the aggregate: said too (HTTP callers were never told).
     status, answer = _post(_app(_Adding(words, kept, hessians_dropped=True)), "/v1/load_lora_adapter", body)
     assert status == 200 and "(the state directory keeps it). Note: the Hessians stored for this name were " \
@@ -214,3 +221,14 @@ def test_the_bounds_of_openais_ranges_are_served(param, value):
     status, answer = _post(_app(client), "/v1/completions", json.dumps({"model": BASE, "prompt": "x",
                                                                         param: value}).encode())
     assert status == 200 and client.generated[-1][param] == value, answer
+
+
+def test_a_bearer_token_longer_than_any_admin_token_is_a_401():
+    """It travelled inside the call's frame: a 20 KB token got 413 "send a shorter prompt"."""
+    client = _Adding("task 'zz' added", None)
+    for path, body in (("/v1/unload_lora_adapter", b'{"lora_name": "zz"}'),
+                       ("/v1/load_lora_adapter", b'{"lora_name": "zz", "lora_path": "/a/zz"}')):
+        status, answer = _post(_app(client), path, body, headers=((b"authorization", b"Bearer " + b"x" * 20_000),))
+        error = json.loads(answer)["error"]
+        assert (status, error["type"], error["code"]) == (401, "authentication_error", "unauthorized"), answer
+        assert error["message"] == "the Bearer token has 20000 characters; an admin token has at most 1024"

@@ -124,7 +124,7 @@ def test_an_addition_replacing_a_configured_task_says_so_as_a_fact(model_dir, tm
     for state, kept in ((tmp_path / "state", True), (None, False)):
         tasks = dynamic(state)
         assert tasks.replaced_config_entry("other") is None
-        text = tasks.add(tasks.prepare("qa", str(ADAPTERS / "qa"), None))
+        text = tasks.add(tasks.prepare("qa", str(ADAPTERS / "math"), None))  # not the config's path (that one: already served)
         entry = tasks.replaced_config_entry("qa")
         assert entry == ReplacedConfigEntry(adapter_dir=str(ADAPTERS / "qa"), kept_across_restarts=kept), entry
         assert f"replaces the config's [tasks] entry ({ADAPTERS / 'qa'})" in text  # the words say the same
@@ -181,8 +181,8 @@ def test_the_add_task_admin_reply_carries_the_replaced_entry(model_dir, tmp_path
     calls = TaskCalls(registry, lambda identity, message: replies.append(message),
                       DynamicTasks(config, registry, wake=lambda: None))
 
-    async def add(name: str) -> AdminReply:
-        calls.admin(b"admin", AddTask(request_id=name, name=name, adapter_dir=str(ADAPTERS / "qa"), token="token"))
+    async def add(name: str) -> AdminReply:  # another adapter than the config's (its own path: already served)
+        calls.admin(b"admin", AddTask(request_id=name, name=name, adapter_dir=str(ADAPTERS / "math"), token="token"))
         await asyncio.gather(*calls.pending)
         assert isinstance(replies[-1], AdminReply), replies[-1]
         return msgspec.msgpack.decode(msgspec.msgpack.encode(replies[-1]), type=AdminReply)
@@ -214,3 +214,43 @@ def test_an_unknown_task_refusal_carries_the_served_tasks(model_dir, tmp_path):
     answer = from_inlaid(error_from_reply(reworded), model="nope", base_model="base")
     assert (answer.status, answer.param) == (404, "model")
     assert answer.message == "The model `nope` does not exist; this server has: `base` (the base model), `math`, `qa`."
+
+
+def test_an_addition_of_the_path_a_task_serves_says_nothing_was_read_again(model_dir, tmp_path):
+    """Without a state directory the registry keeps the caller's path: adding it again under the
+    same name changed nothing (its files were not read again, files changed there stayed
+    unserved) while the front answered "added successfully" and, for a config task, "it replaces
+    the config's [tasks] entry" (an outside probe of the HTTP front)."""
+    import asyncio
+
+    from inlaid.http.app import _replacement_notice
+    from inlaid.protocol import AddTask
+    from inlaid.serve.admin import TaskCalls
+    from inlaid.serve.config import config_from_dict
+    from inlaid.serve.dynamic_tasks import DynamicTasks
+    from inlaid.serve.executor_pool import ExecutorPool
+    from inlaid.serve.task_registry import TaskRegistry
+
+    config = config_from_dict({"model": {"dir": str(model_dir)}, "tasks": {"qa": str(ADAPTERS / "qa")},
+                               "executor": {"max_num_seqs": 4, "num_kv_blocks": 64, "max_lora_slots": 2}},
+                              base_dir=tmp_path)
+    registry = TaskRegistry(ExecutorPool(config, lambda: None).engines, "0123456789abcdef")
+    registry.add("qa", str(ADAPTERS / "qa"))
+    replies: list[Any] = []
+    calls = TaskCalls(registry, lambda identity, message: replies.append(message),
+                      DynamicTasks(config, registry, wake=lambda: None))
+
+    async def add(name: str, path: Path) -> AdminReply:
+        calls.admin(b"c", AddTask(request_id=name, name=name, adapter_dir=str(path), token="0123456789abcdef"))
+        await asyncio.gather(*calls.pending)
+        reply = replies[-1]
+        assert isinstance(reply, AdminReply), reply
+        return msgspec.msgpack.decode(msgspec.msgpack.encode(reply), type=AdminReply)
+
+    again = asyncio.run(add("qa", ADAPTERS / "qa"))  # the config's own path
+    assert again.already_served and again.replaces_config_entry is None, again
+    assert _replacement_notice(again.replaces_config_entry, again.hessians_dropped, again.already_served) == (
+        " Note: it already served this path; its files were not read again (to load files changed there, unload "
+        "the adapter, then load it).")
+    other = asyncio.run(add("qa", ADAPTERS / "math"))  # another path: replaced, and said so
+    assert not other.already_served and other.replaces_config_entry is not None, other

@@ -173,7 +173,8 @@ def test_config_defaults_bind_loopback_and_disable_admin(model_dir):
     [
         ({"server": {"address": "tcp://0.0.0.0:5555"}}, "not a loopback address"),
         ({"server": {"address": "http://127.0.0.1:1"}}, "must start with tcp://"),
-        ({"server": {"admin_token": "short"}}, "at least 16 characters"),
+        ({"server": {"admin_token": "short"}}, "must have 16 to 1024 characters, not 5"),
+        ({"server": {"admin_token": "x" * 1025}}, "must have 16 to 1024 characters, not 1025"),
         ({"server": {"admin_token": "x" * 20, "admin_token_env": "X"}}, "only one of"),
         ({"server": {"max_pending_requests": "many"}}, "must be a number"),
         ({"server": {"max_pending_requests": 0}}, "max_pending_requests must be >= 1"),

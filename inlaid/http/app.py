@@ -35,7 +35,7 @@ from inlaid.http.schema import (
 )
 from inlaid.http.settings import HttpConfig
 from inlaid.http.translate import chat_call, completion_call
-from inlaid.protocol import HelloReply, ReplacedConfigEntry
+from inlaid.protocol import MAX_ADMIN_TOKEN_CHARS, HelloReply, ReplacedConfigEntry
 
 log = logging.getLogger("inlaid.http")
 
@@ -105,7 +105,11 @@ class Front:
     def admin_client(self, request: Request) -> Any:
         """A client carrying the caller's Bearer token: the server alone decides on it."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return self._admin_client(token.strip() if scheme.lower() == "bearer" else "")
+        token = token.strip() if scheme.lower() == "bearer" else ""
+        if len(token) > MAX_ADMIN_TOKEN_CHARS:  # sent, it made the call's frame too large: a 413 about prompts
+            raise ApiError(401, f"the Bearer token has {len(token)} characters; an admin token has at most "
+                                f"{MAX_ADMIN_TOKEN_CHARS}", code="unauthorized")
+        return self._admin_client(token)
 
     def _sdk_admin_client(self, token: str) -> AsyncClient:
         return AsyncClient(self.address, timeout_s=self.config.request_timeout_s, client_name="inlaid-http-admin",
@@ -141,6 +145,7 @@ def create_app(address: str, config: HttpConfig, client: Any = None,
     app.router.redirect_slashes = False
     metrics = HttpMetrics(app)
     app.state.http_metrics = metrics
+    app.state.front = front  # its SDK client: `cli.serve` closes it before uvicorn's grace ends
     return metrics
 
 
@@ -274,14 +279,20 @@ async def _load_lora_adapter(front: Front, request: Request) -> Response:
             raise api_error from None
     log.info("adapter loaded over HTTP", extra={"task": body.lora_name, "result": reply.message})
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully."
-                             + _replacement_notice(reply.replaces_config_entry, reply.hessians_dropped))
+                             + _replacement_notice(reply.replaces_config_entry, reply.hessians_dropped,
+                                                   reply.already_served))
 
 
-def _replacement_notice(replaced: ReplacedConfigEntry | None, hessians_dropped: bool) -> str:
+def _replacement_notice(replaced: ReplacedConfigEntry | None, hessians_dropped: bool,
+                        already_served: bool = False) -> str:
     """What the server's add_task answer says beyond "added" that the caller must not miss (the
     SDK and the CLI print the whole answer): a configured task replaced, and for how long; the
-    stored Hessians of the adapter it replaced leaving the re-quantization's aggregate."""
+    stored Hessians of the adapter it replaced leaving the re-quantization's aggregate; a path
+    it served already, whose files were not read again (`load_inplace` or not)."""
     notice = ""
+    if already_served:
+        notice += (" Note: it already served this path; its files were not read again (to load files changed "
+                   "there, unload the adapter, then load it).")
     if replaced is not None:
         until = ("until it is removed, restarts included (the state directory keeps it)"
                  if replaced.kept_across_restarts else "until the server restarts (no server.state_dir)")

@@ -29,6 +29,7 @@ log = logging.getLogger("inlaid.http")
 
 _PARENT_POLL_S = 0.5
 _GRACEFUL_SHUTDOWN_S = 5  # open streams get this long after SIGTERM
+_ANSWER_S = 1.0  # of which the last second answers what is still open (503): `_answer_before_the_grace_ends`
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -150,8 +151,10 @@ async def serve(address: str, config: HttpConfig, listen_fd: int | None = None, 
 
     from inlaid.http.app import create_app
 
-    server = uvicorn.Server(uvicorn_config(create_app(address, config), config))
+    app = create_app(address, config)
+    server = uvicorn.Server(uvicorn_config(app, config))
     watcher = asyncio.get_running_loop().create_task(_watch_parent(server, parent_pid)) if parent_pid else None
+    closer = asyncio.get_running_loop().create_task(_answer_before_the_grace_ends(server, app.app.state.front.client))
     # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again for the
     # handler it found; the front has nothing left to do by then and exits 0.
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -162,10 +165,24 @@ async def serve(address: str, config: HttpConfig, listen_fd: int | None = None, 
     try:
         await server.serve(sockets=sockets)
     finally:
+        closer.cancel()
         if watcher is not None:
             watcher.cancel()
     log.info("http front stopped", extra={"pid": os.getpid()})
     return 0
+
+
+async def _answer_before_the_grace_ends(server: uvicorn.Server, client: Any) -> None:
+    """Once the front is stopping (SIGTERM, SIGINT, its server gone), uvicorn gives open
+    responses _GRACEFUL_SHUTDOWN_S, then cancels them: a plain request got a bare `500
+    Internal Server Error`, a stream was cut mid-body. A second before that, the SDK client
+    closes: each call still waiting fails with ClientClosedError, which its endpoint answers
+    (503 `unavailable`, a stream's error event) while the connection still stands."""
+    while not server.should_exit:
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(_GRACEFUL_SHUTDOWN_S - _ANSWER_S)
+    log.warning("closing the front's client: requests still open get 503")
+    await client.close()
 
 
 async def _watch_parent(server: uvicorn.Server, parent_pid: int) -> None:

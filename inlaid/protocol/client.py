@@ -22,6 +22,9 @@ DEFAULT_MAX_FRAME_BYTES = 1 << 20
 # A request_id is echoed in every reply to its request (each TextChunk of a stream): a longer
 # one is refused, lest one client's 1 MB id fill the server's send queues with copies.
 MAX_REQUEST_ID_CHARS = 256
+# An admin token's length (server.admin_token*; the HTTP front refuses a longer Bearer token
+# with 401 before sending it: inside a request's frame, a 20 KB token got "send a shorter prompt").
+MAX_ADMIN_TOKEN_CHARS = 1024
 
 
 def reply_id(request_id: object) -> str:
@@ -244,6 +247,9 @@ class AdminReply(msgspec.Struct, frozen=True, kw_only=True, tag="admin_reply"):
     # AddTask of another adapter under a name, with no calibration: the Hessians stored for the
     # name (computed with the adapter it replaced) left the re-quantization's aggregate.
     hessians_dropped: bool = False
+    # AddTask of the directory the name serves already (no state directory copies it): its
+    # files were not read again (a changed file there is read after a removal and an addition).
+    already_served: bool = False
 
 
 class KeptLinear(msgspec.Struct, frozen=True, kw_only=True):
@@ -285,6 +291,7 @@ ServerReply = (
 
 __all__ = [
     "CHAT_ROLES",
+    "MAX_ADMIN_TOKEN_CHARS",
     "MAX_REQUEST_ID_CHARS",
     "AddTask",
     "AdminReply",

@@ -62,8 +62,9 @@ class TaskCalls:
             if inputs.copied:  # what is served is the copy: the source may have changed since it was checked
                 await asyncio.to_thread(self._check_copy, message.name, inputs.adapter_dir)
             text = self.dynamic.add(inputs)
-            self._done(identity, message, text, self.dynamic.replaced_config_entry(message.name),
-                       hessians_dropped=inputs.hessians_dropped)
+            self._done(identity, message, text,
+                       None if inputs.already_served else self.dynamic.replaced_config_entry(message.name),
+                       hessians_dropped=inputs.hessians_dropped, already_served=inputs.already_served)
         except TaskError as error:
             self._refused(identity, message, error)
         except Exception:  # a bug must cost this call, never the server
@@ -81,11 +82,12 @@ class TaskCalls:
             raise TaskError(error.code, f"the adapter changed while it was being added: {error.message}") from None
 
     def _done(self, identity: bytes, message: AddTask | RemoveTask, text: str,
-              replaces_config_entry: ReplacedConfigEntry | None = None, hessians_dropped: bool = False) -> None:
+              replaces_config_entry: ReplacedConfigEntry | None = None, hessians_dropped: bool = False,
+              already_served: bool = False) -> None:
         log.info("admin call", extra={"call": type(message).__name__, "task": message.name, "result": text})
         self._reply(identity, AdminReply(request_id=message.request_id, message=text,
                                          replaces_config_entry=replaces_config_entry,
-                                         hessians_dropped=hessians_dropped))
+                                         hessians_dropped=hessians_dropped, already_served=already_served))
 
     def _refused(self, identity: bytes, message: AddTask | RemoveTask | TaskStatus, error: TaskError) -> None:
         log.warning("admin call refused", extra={"call": type(message).__name__, "code": error.code,

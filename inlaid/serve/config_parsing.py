@@ -13,6 +13,7 @@ from typing import Any
 from inlaid.addresses import address_problem
 from inlaid.cli_args import home_problem, writable_dir_problem
 from inlaid.http.settings import LOOPBACK_HOSTS
+from inlaid.protocol.client import MAX_ADMIN_TOKEN_CHARS
 from inlaid.quant.checkpoint_files import quantized_dir_problem
 from inlaid.quant.unfinished import unfinished_problem
 
@@ -120,8 +121,8 @@ def admin_token_from(server: dict[str, Any], base_dir: Path) -> str | None:
         if not token_path.is_file():
             raise ConfigError(f"admin token file not found: {token_path}")
         token = read_text(token_path, "server.admin_token_file").strip()
-    if len(token) < 16:
-        raise ConfigError("the admin token must be at least 16 characters")
+    if not 16 <= len(token) <= MAX_ADMIN_TOKEN_CHARS:
+        raise ConfigError(f"the admin token must have 16 to {MAX_ADMIN_TOKEN_CHARS} characters, not {len(token)}")
     return token
 
 

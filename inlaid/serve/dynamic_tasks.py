@@ -44,7 +44,7 @@ SAVE_RETRY_S = 5.0  # a registry the state directory could not take is tried aga
 @dataclass
 class TaskInputs:
     """An added task's files, checked (and copied into the state directory when there is one), and
-    what its addition did with them (`hessians_dropped`, set by `DynamicTasks.add`)."""
+    what its addition did with them (set by `DynamicTasks.add`)."""
 
     name: str
     adapter_dir: str
@@ -52,8 +52,11 @@ class TaskInputs:
     copied: bool
     # The name serves these very files now (a re-add): the Hessians stored for it stay valid.
     serves_as_now: bool = False
-    # Set by `DynamicTasks.add`: the Hessians stored for the name left the aggregate (AdminReply says so).
+    # Set by `DynamicTasks.add` (the AdminReply says them): the Hessians stored for the name left
+    # the aggregate; the name served this very path already (no state directory copies it), so
+    # nothing was read again.
     hessians_dropped: bool = False
+    already_served: bool = False
 
 
 def requantization_blocker(config: ServerConfig) -> str:
@@ -231,13 +234,15 @@ class DynamicTasks:
                          else "is re-quantizing the base")
                 raise TaskError(ErrorCode.TASK_BUSY, f"task {name!r} {doing} (a job of its own add); remove it first "
                                                      "(which cancels the job) or wait until it is ready")
+            inputs.already_served = self.registry.tasks.get(name) == inputs.adapter_dir
             text = self.registry.add(name, inputs.adapter_dir)
         except TaskError:
             if store is not None and inputs.copied:
                 store.discard_copy(inputs.adapter_dir)
             raise
         self._on_task_count(len(self.registry.tasks))
-        if (replaced_entry := self.replaced_config_entry(name)) is not None:  # allowed (an adapter updated
+        replaced_entry = None if inputs.already_served else self.replaced_config_entry(name)
+        if replaced_entry is not None:  # allowed (an adapter updated
             # without a restart), never silently: said here, and as a fact in the AdminReply
             text += (f"; it replaces the config's [tasks] entry ({replaced_entry.adapter_dir}) "
                      + ("until it is removed, restarts included (the state directory keeps it)"
