@@ -6,6 +6,7 @@ and the SDK to the front's error; and the new fields keep old and new peers deco
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,8 @@ def test_an_addition_replacing_a_configured_task_says_so_as_a_fact(model_dir, tm
     for state, kept in ((tmp_path / "state", True), (None, False)):
         tasks = dynamic(state)
         assert tasks.replaced_config_entry("other") is None
-        text = tasks.add(tasks.prepare("qa", str(ADAPTERS / "math"), None))  # not the config's path (that one: already served)
+        # not the config's path (that one is already served: nothing replaced)
+        text = tasks.add(tasks.prepare("qa", str(ADAPTERS / "math"), None))
         entry = tasks.replaced_config_entry("qa")
         assert entry == ReplacedConfigEntry(adapter_dir=str(ADAPTERS / "qa"), kept_across_restarts=kept), entry
         assert f"replaces the config's [tasks] entry ({ADAPTERS / 'qa'})" in text  # the words say the same
@@ -161,8 +163,9 @@ def test_the_new_fields_keep_old_and_new_peers_decoding():
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(new_admin), type=AdminReply) == new_admin
 
 
-def test_the_add_task_admin_reply_carries_the_replaced_entry(model_dir, tmp_path):
-    """The coordinator's AddTask answer (serve/admin.py) carries what DynamicTasks says it replaced."""
+def _admin_adder(model_dir: Path, tmp_path: Path) -> Callable[[str, Path], AdminReply]:
+    """AddTask through the coordinator's TaskCalls (serve/admin.py), no processes and no state
+    directory, on a registry serving the config's task 'qa': the AdminReply a client reads."""
     import asyncio
 
     from inlaid.protocol import AddTask
@@ -175,26 +178,32 @@ def test_the_add_task_admin_reply_carries_the_replaced_entry(model_dir, tmp_path
     config = config_from_dict({"model": {"dir": str(model_dir)}, "tasks": {"qa": str(ADAPTERS / "qa")},
                                "executor": {"max_num_seqs": 4, "num_kv_blocks": 64, "max_lora_slots": 2}},
                               base_dir=tmp_path)
-    registry = TaskRegistry(ExecutorPool(config, lambda: None).engines, "token")
+    registry = TaskRegistry(ExecutorPool(config, lambda: None).engines, "0123456789abcdef")
     registry.add("qa", str(ADAPTERS / "qa"))
     replies: list[Any] = []
     calls = TaskCalls(registry, lambda identity, message: replies.append(message),
                       DynamicTasks(config, registry, wake=lambda: None))
 
-    async def add(name: str) -> AdminReply:  # another adapter than the config's (its own path: already served)
-        calls.admin(b"admin", AddTask(request_id=name, name=name, adapter_dir=str(ADAPTERS / "math"), token="token"))
+    async def call(name: str, path: Path) -> Any:
+        calls.admin(b"c", AddTask(request_id=name, name=name, adapter_dir=str(path), token="0123456789abcdef"))
         await asyncio.gather(*calls.pending)
-        assert isinstance(replies[-1], AdminReply), replies[-1]
-        return msgspec.msgpack.decode(msgspec.msgpack.encode(replies[-1]), type=AdminReply)
+        return replies[-1]
 
-    async def run() -> None:
-        replaced = await add("qa")
-        assert replaced.replaces_config_entry == ReplacedConfigEntry(adapter_dir=str(ADAPTERS / "qa"),
-                                                                     kept_across_restarts=False), replaced
-        assert (await add("fresh")).replaces_config_entry is None
+    def add(name: str, path: Path) -> AdminReply:
+        reply = asyncio.run(call(name, path))
+        assert isinstance(reply, AdminReply), reply
+        return msgspec.msgpack.decode(msgspec.msgpack.encode(reply), type=AdminReply)
 
-    asyncio.run(run())
+    return add
 
+
+def test_the_add_task_admin_reply_carries_the_replaced_entry(model_dir, tmp_path):
+    """The coordinator's AddTask answer (serve/admin.py) carries what DynamicTasks says it replaced."""
+    add = _admin_adder(model_dir, tmp_path)
+    replaced = add("qa", ADAPTERS / "math")  # another adapter than the config's (its own path: already served)
+    assert replaced.replaces_config_entry == ReplacedConfigEntry(adapter_dir=str(ADAPTERS / "qa"),
+                                                                 kept_across_restarts=False), replaced
+    assert add("fresh", ADAPTERS / "math").replaces_config_entry is None
 
 
 def test_an_unknown_task_refusal_carries_the_served_tasks(model_dir, tmp_path):
@@ -221,36 +230,13 @@ def test_an_addition_of_the_path_a_task_serves_says_nothing_was_read_again(model
     same name changed nothing (its files were not read again, files changed there stayed
     unserved) while the front answered "added successfully" and, for a config task, "it replaces
     the config's [tasks] entry" (an outside probe of the HTTP front)."""
-    import asyncio
-
     from inlaid.http.app import _replacement_notice
-    from inlaid.protocol import AddTask
-    from inlaid.serve.admin import TaskCalls
-    from inlaid.serve.config import config_from_dict
-    from inlaid.serve.dynamic_tasks import DynamicTasks
-    from inlaid.serve.executor_pool import ExecutorPool
-    from inlaid.serve.task_registry import TaskRegistry
 
-    config = config_from_dict({"model": {"dir": str(model_dir)}, "tasks": {"qa": str(ADAPTERS / "qa")},
-                               "executor": {"max_num_seqs": 4, "num_kv_blocks": 64, "max_lora_slots": 2}},
-                              base_dir=tmp_path)
-    registry = TaskRegistry(ExecutorPool(config, lambda: None).engines, "0123456789abcdef")
-    registry.add("qa", str(ADAPTERS / "qa"))
-    replies: list[Any] = []
-    calls = TaskCalls(registry, lambda identity, message: replies.append(message),
-                      DynamicTasks(config, registry, wake=lambda: None))
-
-    async def add(name: str, path: Path) -> AdminReply:
-        calls.admin(b"c", AddTask(request_id=name, name=name, adapter_dir=str(path), token="0123456789abcdef"))
-        await asyncio.gather(*calls.pending)
-        reply = replies[-1]
-        assert isinstance(reply, AdminReply), reply
-        return msgspec.msgpack.decode(msgspec.msgpack.encode(reply), type=AdminReply)
-
-    again = asyncio.run(add("qa", ADAPTERS / "qa"))  # the config's own path
+    add = _admin_adder(model_dir, tmp_path)
+    again = add("qa", ADAPTERS / "qa")  # the config's own path
     assert again.already_served and again.replaces_config_entry is None, again
     assert _replacement_notice(again.replaces_config_entry, again.hessians_dropped, again.already_served) == (
         " Note: it already served this path; its files were not read again (to load files changed there, unload "
         "the adapter, then load it).")
-    other = asyncio.run(add("qa", ADAPTERS / "math"))  # another path: replaced, and said so
+    other = add("qa", ADAPTERS / "math")  # another path: replaced, and said so
     assert not other.already_served and other.replaces_config_entry is not None, other

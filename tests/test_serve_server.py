@@ -229,8 +229,12 @@ def test_an_adapter_that_breaks_after_it_was_added_fails_its_requests_only(ready
         before = admin.stats()
         added = admin.add_task_reply("fragile", str(fragile))
         assert "'fragile'" in added.message and added.replaces_config_entry is None
-        # the same adapter again under a config task's name: the reply names the entry it overrides
-        replaced = admin.add_task_reply("attn-r8", adapter_dirs["attn-r8"]).replaces_config_entry
+        # the config's own path again: nothing read again, and said so (no "replaces the config's entry")
+        again = admin.add_task_reply("attn-r8", adapter_dirs["attn-r8"])
+        assert again.already_served and again.replaces_config_entry is None, again
+        # the same weights from another path under a config task's name: the reply names the entry it overrides
+        shutil.copytree(adapter_dirs["attn-r8"], tmp_path / "attn-copy")
+        replaced = admin.add_task_reply("attn-r8", str(tmp_path / "attn-copy")).replaces_config_entry
         assert replaced is not None and replaced.adapter_dir == str(adapter_dirs["attn-r8"]), replaced
         assert not replaced.kept_across_restarts  # no state_dir
         (fragile / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
