@@ -232,3 +232,14 @@ def test_a_bearer_token_longer_than_any_admin_token_is_a_401():
         error = json.loads(answer)["error"]
         assert (status, error["type"], error["code"]) == (401, "authentication_error", "unauthorized"), answer
         assert error["message"] == "the Bearer token has 20000 characters; an admin token has at most 1024"
+
+
+def test_a_lora_name_longer_than_any_task_name_is_refused_by_name():
+    """A 20 KB lora_name got the frame's 413 "send a shorter prompt" with no param."""
+    client = _Adding("task 'zz' added", None)
+    for path, body in (("/v1/unload_lora_adapter", {"lora_name": "x" * 20_000}),
+                       ("/v1/load_lora_adapter", {"lora_name": "x" * 129, "lora_path": "/a/zz"})):
+        status, answer = _post(_app(client), path, json.dumps(body).encode())
+        error = json.loads(answer)["error"]
+        assert (status, error["param"]) == (400, "lora_name"), answer
+        assert "length <= 128" in error["message"], answer

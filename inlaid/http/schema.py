@@ -21,6 +21,9 @@ from inlaid.client.arguments import ChatMessageIn
 # Every integer a request carries goes on to the coordinator in msgpack, which carries 64
 # bits: larger ones are refused here, by field, as any other bad value.
 Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+# A task's name has at most 128 characters (serve/config.check_task_name): a longer lora_name
+# is refused by name here; sent, a 20 KB one got the frame's 413 "send a shorter prompt".
+TaskName = Annotated[str, msgspec.Meta(max_length=128)]
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -100,13 +103,13 @@ class ChatCompletionRequest(GenerationRequest):
 
 
 class LoadLoraAdapterRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    lora_name: str
+    lora_name: TaskName
     lora_path: str
     load_inplace: bool = False  # vLLM's flag; a different path under a known name always replaces
 
 
 class UnloadLoraAdapterRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    lora_name: str
+    lora_name: TaskName
     lora_int_id: Int64 | None = None  # vLLM's; names identify adapters here
 
 
