@@ -213,7 +213,7 @@ class AsyncClient(AsyncCalls):
         wait_s = call_timeout(timeout_s, self.timeout_s)
         frame = frame or encode(message)  # an unencodable request fails here, before anything is registered
         await self._checked_connection()
-        frame = checked_frame_size(frame, self.server)
+        frame = checked_frame_size(frame, self.server, request_id)
         self._queues[request_id] = asyncio.Queue()
         answered = False
         try:
@@ -358,8 +358,8 @@ class AsyncClient(AsyncCalls):
         frame = encode(message)
         self._check_connection()
         await self._ensure_handshake(asyncio.get_running_loop().time() + wait_s)
-        frame = checked_frame_size(frame, self.server)
         request_id = message.request_id
+        frame = checked_frame_size(frame, self.server, request_id)
         self._queues[request_id] = asyncio.Queue()
         try:
             await self._send(frame)

@@ -223,16 +223,12 @@ def _address_problem(given: str | None, address: str) -> str | None:
     """Why no server can be at `address` (--address, else $INLAID_ADDRESS), or None: the SDK's
     check (`messages.checked_address`: the rule the server's config follows too), said before
     a connection waits the whole --timeout, naming where the address came from."""
-    from inlaid.addresses import address_problem
     from inlaid.client.messages import checked_address
 
-    option = "--address" if given is not None else "$INLAID_ADDRESS"
     try:
-        checked_address(address)
+        checked_address(address, "--address" if given is not None else "$INLAID_ADDRESS")
     except ValueError as error:
-        if address.startswith(("tcp://", "ipc://")):
-            return address_problem(option, address)
-        return f"{option}: {error}"
+        return str(error)
     return None
 
 

@@ -40,14 +40,15 @@ from inlaid.protocol import (
 DEFAULT_ADDRESS = os.environ.get("INLAID_ADDRESS", "tcp://127.0.0.1:5555")
 
 
-def checked_address(address: str) -> str:
-    """`address` if the server can listen there; ValueError otherwise (ZeroMQ's own word for
-    an http:// address is "Protocol not supported", which names neither the field nor the fix;
-    a port outside 1-65535 waited the whole timeout, then said "no answer")."""
+def checked_address(address: str, name: str = "the server address") -> str:
+    """`address` if the server can listen there; ValueError otherwise, calling it `name` (a
+    command line names its option). ZeroMQ's own word for an http:// address is "Protocol not
+    supported", which names neither the field nor the fix; a port outside 1-65535 waited the
+    whole timeout, then said "no answer"."""
     if not isinstance(address, str) or not address.startswith(("tcp://", "ipc://")):
-        raise ValueError(f"the server address must be tcp://HOST:PORT or ipc://PATH (server.address in its "
+        raise ValueError(f"{name} must be tcp://HOST:PORT or ipc://PATH (server.address in its "
                          f"config), got {address!r}")
-    if problem := address_problem("the server address", address):
+    if problem := address_problem(name, address):
         raise ValueError(problem)
     return address
 
@@ -75,9 +76,9 @@ def encode(message: msgspec.Struct) -> bytes:
         raise InvalidRequestError(f"a value in the request cannot be sent: {error}", request_id) from None
 
 
-def checked_frame_size(frame: bytes, server: HelloReply | None) -> bytes:
-    """`frame`, unless the server's hello says it is over the server's frame limit: then
-    FrameTooLargeError, as the server would answer, before anything is sent. Sent, a frame
+def checked_frame_size(frame: bytes, server: HelloReply | None, request_id: str) -> bytes:
+    """`frame` (of request `request_id`), unless the server's hello says it is over the server's
+    frame limit: then FrameTooLargeError, as the server would answer, before anything is sent. Sent, a frame
     far over the limit (ZeroMQ's MAXMSGSIZE on the server) makes ZeroMQ drop the connection,
     and every other request on it failed with ConnectionLostError. No hello held, or a server
     too old to tell its limit: the server judges."""
@@ -86,16 +87,7 @@ def checked_frame_size(frame: bytes, server: HelloReply | None) -> bytes:
         return frame
     # The server's own words, so that a reader of its message (the HTTP front's 413) reads this one alike.
     raise FrameTooLargeError(f"[{ErrorCode.FRAME_TOO_LARGE}] frame of {len(frame)} bytes; the limit is {limit} "
-                             "(server.max_frame_bytes; refused by the client before sending)",
-                             _request_id_only.decode(frame).request_id)
-
-
-class _RequestIdOnly(msgspec.Struct):
-    request_id: str = ""
-
-
-# Reads the id of a frame this module encoded (a map), skipping the rest: the refusal names its request.
-_request_id_only = msgspec.msgpack.Decoder(_RequestIdOnly)
+                             "(server.max_frame_bytes; refused by the client before sending)", request_id)
 
 
 MSGPACK_INTEGERS = range(-(2**63), 2**64)

@@ -193,7 +193,7 @@ class Client:
         frame = frame or encode(message)  # an unencodable request fails here, before anything is registered
         self._check_connection()
         # Over the server's limit: refused unsent (sent, one far over it drops the connection).
-        frame = checked_frame_size(frame, self.server)
+        frame = checked_frame_size(frame, self.server, request_id)
         self._inbox[request_id] = deque()
         try:
             self._send(frame)
@@ -288,7 +288,7 @@ class Client:
         self._check_connection()
         if self.server is None:
             self.handshake(timeout_s)
-        frame = checked_frame_size(frame, self.server)  # as `_roundtrip`
+        frame = checked_frame_size(frame, self.server, message.request_id)  # as `_roundtrip`
         self._inbox[message.request_id] = deque()
         try:
             self._send(frame)

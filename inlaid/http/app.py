@@ -283,8 +283,7 @@ async def _load_lora_adapter(front: Front, request: Request) -> Response:
                                                    reply.already_served))
 
 
-def _replacement_notice(replaced: ReplacedConfigEntry | None, hessians_dropped: bool,
-                        already_served: bool = False) -> str:
+def _replacement_notice(replaced: ReplacedConfigEntry | None, hessians_dropped: bool, already_served: bool) -> str:
     """What the server's add_task answer says beyond "added" that the caller must not miss (the
     SDK and the CLI print the whole answer): a configured task replaced, and for how long; the
     stored Hessians of the adapter it replaced leaving the re-quantization's aggregate; a path

@@ -99,9 +99,9 @@ def _main(argv: list[str] | None) -> int:
     except ValueError as error:  # names the file and the line
         return _refuse(f"--trace: {error}")
     try:
-        checked_address(args.address)
+        checked_address(args.address, "--address")
     except ValueError as error:
-        return _refuse(f"--address: {error}")
+        return _refuse(str(error))
     if args.synthetic_prompts:
         trace, prompts = synthetic_prompts(trace)
     else:

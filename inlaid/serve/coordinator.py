@@ -131,10 +131,9 @@ class Coordinator:
         try:
             front.bind(self.config.address)
         except zmq.ZMQError as error:  # in use, or not an address this machine has
-            log.critical("cannot listen", extra={"address": self.config.address, "error": str(error)})
-            self.start_error = f"cannot listen on server.address {self.config.address}: {error}"
             front.close(linger=0)
-            return 2
+            return self._cannot_listen(self.config.address, str(error),
+                                       f"cannot listen on server.address {self.config.address}: {error}")
         self._front = front
         self._replies = FrontReplies(front, self.in_flight.client_gone)
         self._clients = PeerWatch(front, self._on_client_gone)
@@ -172,9 +171,7 @@ class Coordinator:
             await self.startup.release(self.startup.refusing(f"the server could not start: {error!r}"))
             front.close(linger=1000)  # the refusals go out before the process ends
             if isinstance(error, ExecutorBindError):  # a config error: one line and exit 2, as server.address's
-                log.critical("cannot listen", extra={"address": self.config.executor_address, "error": str(error)})
-                self.start_error = str(error)
-                return 2
+                return self._cannot_listen(self.config.executor_address, str(error), str(error))
             raise
         if tuning is not None and await tuning.finished_unless(self._shutdown):
             await self._take_tuned_policies(tuning.future)
@@ -269,6 +266,13 @@ class Coordinator:
         self.exit_code = 1
         self.in_flight.fail_all(ErrorCode.EXECUTOR_FAILED, reason)
         self.request_shutdown()
+
+    def _cannot_listen(self, address: str, error: str, start_error: str) -> int:
+        """A socket of the server's that could not be bound: logged, said by `inlaid serve` in
+        one line (`start_error`), exit code 2, as every start-up refusal."""
+        log.critical("cannot listen", extra={"address": address, "error": error})
+        self.start_error = start_error
+        return 2
 
     def _executor_addresses(self) -> list[str]:
         backend = self.config.executor_address
