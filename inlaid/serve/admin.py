@@ -62,9 +62,8 @@ class TaskCalls:
             if inputs.copied:  # what is served is the copy: the source may have changed since it was checked
                 await asyncio.to_thread(self._check_copy, message.name, inputs.adapter_dir)
             text = self.dynamic.add(inputs)
-            self._done(identity, message, text,
-                       None if inputs.already_served else self.dynamic.replaced_config_entry(message.name),
-                       hessians_dropped=inputs.hessians_dropped, already_served=inputs.already_served)
+            self._done(identity, message, text, inputs.replaced_config_entry, hessians_dropped=inputs.hessians_dropped,
+                       already_served=inputs.already_served)
         except TaskError as error:
             self._refused(identity, message, error)
         except Exception:  # a bug must cost this call, never the server

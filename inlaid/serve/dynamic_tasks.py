@@ -54,9 +54,10 @@ class TaskInputs:
     serves_as_now: bool = False
     # Set by `DynamicTasks.add` (the AdminReply says them): the Hessians stored for the name left
     # the aggregate; the name served this very path already (no state directory copies it), so
-    # nothing was read again.
+    # nothing was read again; the config's [tasks] entry it replaces.
     hessians_dropped: bool = False
     already_served: bool = False
+    replaced_config_entry: ReplacedConfigEntry | None = None
 
 
 def requantization_blocker(config: ServerConfig) -> str:
@@ -242,6 +243,7 @@ class DynamicTasks:
             raise
         self._on_task_count(len(self.registry.tasks))
         replaced_entry = None if inputs.already_served else self.replaced_config_entry(name)
+        inputs.replaced_config_entry = replaced_entry
         if replaced_entry is not None:  # allowed (an adapter updated
             # without a restart), never silently: said here, and as a fact in the AdminReply
             text += (f"; it replaces the config's [tasks] entry ({replaced_entry.adapter_dir}) "
