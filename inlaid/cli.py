@@ -32,12 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+    if argv and argv[0] in ("-h", "--help"):
         parser.print_help()
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"\ninlaid: unknown command '{argv[0]}'", file=sys.stderr)
-            return 2
         return 0
+    if not argv or argv[0] not in SUBCOMMANDS:
+        # A usage error, as argparse's own are (exit 2): a script that runs `inlaid $CMD` with
+        # CMD empty must not read success.
+        parser.print_help(sys.stderr)
+        problem = f"unknown command '{argv[0]}'" if argv else "a command is required"
+        print(f"\ninlaid: {problem}", file=sys.stderr)
+        return 2
     name = argv[0]
     _pin_math_threads(argv[1:])
     module = importlib.import_module(SUBCOMMANDS[name][0])

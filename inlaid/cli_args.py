@@ -82,7 +82,8 @@ def home_problem(path: Path, option: str) -> str | None:
     return None
 
 
-def _nearest_existing(path: Path) -> Path:
+def nearest_existing(path: Path) -> Path:
+    """`path` or its nearest parent that exists."""
     for candidate in (path, *path.parents):
         if candidate.exists():
             return candidate
@@ -96,7 +97,7 @@ def writable_dir_problem(path: Path, option: str) -> str | None:
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         return f"{option} {path} is a file, not a directory"
-    existing = _nearest_existing(path)
+    existing = nearest_existing(path)
     if not existing.is_dir():
         return f"{option} {path} lies under {existing}, which is a file"
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -121,7 +122,7 @@ def writable_file_problem(path: Path, option: str) -> str | None:
         except OSError as error:
             return f"{option} {path} cannot be written: {error.strerror or error}"
         return None
-    existing = _nearest_existing(path.parent)
+    existing = nearest_existing(path.parent)
     if not existing.is_dir():
         return f"{option} {path} lies under {existing}, which is a file"
     if not os.access(existing, os.W_OK | os.X_OK):

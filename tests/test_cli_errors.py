@@ -27,6 +27,22 @@ def test_input_errors_are_told_from_bugs() -> None:
         assert not is_input_error(error), error
 
 
+def test_no_command_is_a_usage_error_and_help_is_not(capsys: pytest.CaptureFixture) -> None:
+    """Bare `inlaid` printed its usage and exited 0: a script running `inlaid $COMMAND` with an
+    empty COMMAND read success. It is a usage error now (exit 2, usage on stderr), as an
+    unknown command is; `--help` still prints to stdout with 0."""
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "usage: inlaid" in captured.err
+    assert captured.err.rstrip().endswith("inlaid: a command is required")
+    assert main(["nonsense"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.rstrip().endswith("inlaid: unknown command 'nonsense'")
+    assert main(["--help"]) == 0
+    captured = capsys.readouterr()
+    assert "usage: inlaid" in captured.out and captured.err == ""
+
+
 def test_generate_names_what_is_wrong(model_dir: Path, adapter_dirs: dict[str, Path], tmp_path: Path,
                                       capsys: pytest.CaptureFixture) -> None:
     from adapter_corruptions import copy_adapter

@@ -82,6 +82,9 @@ def test_a_text_part_whose_text_is_not_a_string_says_so():
     error = _error({"messages": [{"role": "user", "content": content}]})
     assert error["param"] == "messages[0].content[1].text", error
     assert error["message"] == "messages[0].content[1].text must be a string, got int", error
+    # A null is called None, not NoneType (Python's jargon).
+    error = _error({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]})
+    assert error["message"] == "messages[0].content[0].text must be a string, got None", error
     # A part of another kind is still refused as one.
     error = _error({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
     assert error["param"] == "messages[0].content" and "only text parts" in error["message"], error

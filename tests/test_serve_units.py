@@ -371,6 +371,9 @@ def test_settings_a_server_never_uses_are_named_not_taken_silently(tmp_path):
 
     assert ignored({"executor": {"quant_kernel": "dequant"}}) == ["executor.quant_kernel"]
     assert ignored({"requantizer": {"duty_cycle": 0.2}}) == ["[requantizer]"]
+    # A section restating only defaults is as unused (it said nothing of it).
+    assert ignored({"requantizer": {"duty_cycle": 0.5}}) == ["[requantizer]"]
+    assert ignored({"requantizer": {}}) == ["[requantizer]"]
     assert ignored({"requantizer": {"duty_cycle": 0.2}, "server": {"state_dir": "state"}}) == ["[requantizer]"]
     assert ignored({"executor": {"quant_kernel": "auto"}, "server": {"state_dir": "state"}}) == []
     quantized = tmp_path / "q"

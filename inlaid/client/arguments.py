@@ -46,7 +46,7 @@ def chat_messages(messages: Iterable[ChatMessageArg]) -> list[ChatMessage]:
     """The protocol's messages for OpenAI-style ones (dicts, or `ChatMessageIn` as the front
     decoded them; a `ChatMessage` is checked like the dict of its two fields)."""
     if isinstance(messages, (str, bytes, Mapping, msgspec.Struct)) or not isinstance(messages, Iterable):
-        raise InvalidRequestError(f"messages must be a list of chat messages, got {type(messages).__name__}",
+        raise InvalidRequestError(f"messages must be a list of chat messages, got {type_name(messages)}",
                                   param="messages")
     converted = [_chat_message(i, _decoded(i, m)) for i, m in enumerate(messages)]
     if not converted:
@@ -67,7 +67,7 @@ def _decoded(index: int, message: ChatMessageArg) -> ChatMessageIn:
         message = {"role": message.role, "content": message.content}
     if not isinstance(message, Mapping):
         raise InvalidRequestError(f"{where} must be a chat message (a dict with role and content), got "
-                                  f"{type(message).__name__}", param=where)
+                                  f"{type_name(message)}", param=where)
     try:
         return msgspec.convert(dict(message), ChatMessageIn)
     except msgspec.ValidationError as error:
@@ -111,11 +111,16 @@ def _chat_message(index: int, message: ChatMessageIn) -> ChatMessage:
     return ChatMessage(role=role, content=checked_text(content, f"{where}.content"))
 
 
+def type_name(value: object) -> str:
+    """What a refusal says `value` was: "None" for None (a JSON null: "NoneType" read as jargon)."""
+    return "None" if value is None else type(value).__name__
+
+
 def checked_text(value: str, param: str) -> str:
     """`value` if UTF-8 can carry it: a lone surrogate (from a bad decode, or "\\ud800" in
     code) is refused here by name rather than as the encoder's UnicodeEncodeError."""
     if not isinstance(value, str):
-        raise InvalidRequestError(f"{param} must be a string, got {type(value).__name__}", param=param)
+        raise InvalidRequestError(f"{param} must be a string, got {type_name(value)}", param=param)
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as error:
@@ -132,12 +137,12 @@ def checked_stop(stop: str | Iterable[str] | None) -> list[str]:
     if isinstance(stop, str):
         stop = [stop]
     elif isinstance(stop, (bytes, Mapping)) or not isinstance(stop, Iterable):
-        raise InvalidRequestError(f"stop must be a string or a list of strings, got {type(stop).__name__}",
+        raise InvalidRequestError(f"stop must be a string or a list of strings, got {type_name(stop)}",
                                   param="stop")
     stops = list(stop)
     for i, item in enumerate(stops):
         if not isinstance(item, str):
-            raise InvalidRequestError(f"stop must be a string or a list of strings, got {type(item).__name__} at "
+            raise InvalidRequestError(f"stop must be a string or a list of strings, got {type_name(item)} at "
                                       f"index {i}", param="stop")
         checked_text(item, f"stop[{i}]")
     return stops
@@ -149,12 +154,12 @@ def checked_token_ids(ids: Iterable[int] | None, param: str) -> list[int]:
     if ids is None:
         return []
     if isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Iterable):
-        raise InvalidRequestError(f"{param} must be a list of token ids (integers), got {type(ids).__name__}",
+        raise InvalidRequestError(f"{param} must be a list of token ids (integers), got {type_name(ids)}",
                                   param=param)
     values = list(ids)
     for i, item in enumerate(values):
         if isinstance(item, bool) or not isinstance(item, int):
-            raise InvalidRequestError(f"{param} must be a list of token ids (integers), got {type(item).__name__} "
+            raise InvalidRequestError(f"{param} must be a list of token ids (integers), got {type_name(item)} "
                                       f"at index {i}", param=param)
     return values
 
@@ -162,7 +167,7 @@ def checked_token_ids(ids: Iterable[int] | None, param: str) -> list[int]:
 def checked_path(value: str | os.PathLike[str], param: str) -> str:
     """A path on the server's machine, as a str (a pathlib.Path was refused by the encoder)."""
     if not isinstance(value, (str, os.PathLike)):
-        raise InvalidRequestError(f"{param} must be a path (str or os.PathLike), got {type(value).__name__}",
+        raise InvalidRequestError(f"{param} must be a path (str or os.PathLike), got {type_name(value)}",
                                   param=param)
     path = checked_text(os.fspath(value), param)
     if not path:  # the server would resolve "" to its own working directory

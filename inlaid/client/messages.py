@@ -19,6 +19,7 @@ from inlaid.client.arguments import (
     checked_text,
     checked_token_ids,
     chat_messages,
+    type_name,
 )
 from inlaid.client.errors import (
     FrameTooLargeError, InlaidError, InvalidRequestError, ProtocolVersionError, error_from_reply,
@@ -156,7 +157,7 @@ def build_generate(
             sampling = SamplingParams(**keywords)
         elif not isinstance(sampling, SamplingParams):
             raise InvalidRequestError(f"sampling must be an inlaid.protocol.SamplingParams or None, "
-                                      f"got {type(sampling).__name__}", param="sampling")
+                                      f"got {type_name(sampling)}", param="sampling")
         else:
             _refuse_both_forms(keywords)
         sampling = msgspec.structs.replace(

@@ -51,12 +51,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _first_missing(path: Path) -> Path | None:
     """The outermost of `path` and its parents that does not exist yet, or None."""
-    missing = None
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            return missing
-        missing = candidate
-    return missing
+    from inlaid.cli_args import nearest_existing
+
+    chain = (path, *path.parents)
+    existing = nearest_existing(path)
+    return chain[chain.index(existing) - 1] if existing != path and existing in chain else None
 
 
 def _start(config) -> int:  # type: ignore[no-untyped-def]
@@ -93,7 +92,7 @@ def ignored_settings(config) -> list[tuple[str, str]]:  # type: ignore[no-untype
     if config.engine.quant_kernel != "auto" and config.engine.quantized_dir is None:
         ignored.append(("executor.quant_kernel", "it chooses the kernel of a quantized base; model.quantized_dir "
                                                  "is not set, so the model is served as it is"))
-    if config.requantizer != RequantizerSettings():
+    if config.requantizer_section or config.requantizer != RequantizerSettings():
         if config.state_dir is None:
             ignored.append(("[requantizer]", "it re-quantizes the base for tasks added live, which needs "
                                              "server.state_dir: nothing is re-quantized without it"))

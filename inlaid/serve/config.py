@@ -199,6 +199,9 @@ class ServerConfig:
     # (added tasks are forgotten at exit and the base is never re-quantized).
     state_dir: str | None = None
     requantizer: RequantizerSettings = field(default_factory=RequantizerSettings)
+    # Whether the config has a [requantizer] section, even one restating the defaults: without
+    # a state directory (or a quantized base) the section is named as unused, whatever it says.
+    requantizer_section: bool = False
 
     def executor_devices(self) -> list[str]:
         """One device per executor: [executors] devices, else [executor] device for each."""
@@ -387,6 +390,7 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Serve
         executors=ExecutorsConfig(**executors),
         state_dir=resolve_path(server["state_dir"], base_dir, "server.state_dir") if "state_dir" in server else None,
         requantizer=RequantizerSettings(**requantizer),
+        requantizer_section="requantizer" in raw,
     )
     try:
         config.validate()
