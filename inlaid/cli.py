@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             return end_on_closed_stdout()
         if os.environ.get("INLAID_DEBUG") or not is_input_error(error):
             raise  # a bug: its traceback is what a report needs
-        print(f"inlaid {name}: {type(error).__name__}: {error}", file=sys.stderr)
+        print(f"inlaid {name}: {input_error_text(error)}", file=sys.stderr)
         return 2
 
 
@@ -121,6 +121,15 @@ INPUT_ERRORS = {"OSError", "ValueError", "ZMQError", "SafetensorError", "ModelLo
 
 def is_input_error(error: BaseException) -> bool:
     return any(cls.__name__ in INPUT_ERRORS for cls in type(error).__mro__)
+
+
+def input_error_text(error: BaseException) -> str:
+    """The one line an input error prints: the project's own errors say what is wrong in
+    their words ("TaskError: unknown task" named a class to a user); others keep their class,
+    which tells what failed (`FileNotFoundError: [Errno 2] ...`)."""
+    if type(error).__module__.split(".")[0] == "inlaid" and str(error):
+        return str(error)
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -250,11 +251,21 @@ def main() -> int:
     return 0 if summary["exit_code"] == 0 and summary["ok"] == summary["requests"] else 1
 
 
-def run_main() -> int:
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    """The demo takes no options; `--help` says what it does (it started the whole run,
+    minutes of it, as any unknown argument did)."""
+    parser = argparse.ArgumentParser(prog="python -m inlaid.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="`make run` runs it after the set-up; it takes no options.")
+    return parser.parse_args(argv)
+
+
+def run_main(argv: list[str] | None = None) -> int:
     """`main`, ending quietly (141, as `inlaid` commands do) when stdout's reader has gone
     (`make run | head`) rather than with a BrokenPipeError traceback."""
     from inlaid.cli import end_on_closed_stdout, stdout_closed
 
+    parse_arguments(sys.argv[1:] if argv is None else argv)  # --help, or a usage error (exit 2)
     try:
         code = main()
         sys.stdout.flush()  # a closed pipe shows here, not as "Exception ignored" at the exit's flush

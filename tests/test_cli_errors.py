@@ -43,6 +43,36 @@ def test_no_command_is_a_usage_error_and_help_is_not(capsys: pytest.CaptureFixtu
     assert "usage: inlaid" in captured.out and captured.err == ""
 
 
+def test_the_demo_answers_help_and_refuses_unknown_arguments(capsys: pytest.CaptureFixture) -> None:
+    """`python -m inlaid.demo --help` started the whole `make run` (minutes), as any argument
+    did: --help now says what it does, and an unknown argument is a usage error."""
+    from inlaid.demo import run_main
+
+    with pytest.raises(SystemExit) as exited:
+        run_main(["--help"])
+    assert exited.value.code == 0
+    assert "make run" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        run_main(["--quick"])
+    assert exited.value.code == 2
+    assert "unrecognized arguments: --quick" in capsys.readouterr().err
+
+
+def test_an_error_of_the_project_is_told_in_its_words_without_its_class(capsys: pytest.CaptureFixture) -> None:
+    """`inlaid eval --task nope` said `inlaid eval: TaskError: unknown task ...`: a class name
+    to a user. The project's own errors print their message; others keep their class."""
+    assert main(["eval", "--task", "nope", "--adapter", "adapters/sentiment"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("inlaid eval: unknown task 'nope'; known tasks:") and "TaskError" not in err, err
+    from inlaid.cli import input_error_text
+    from inlaid.serve.config import ConfigError
+
+    assert input_error_text(ConfigError("server.address is not an address")) == "server.address is not an address"
+    assert input_error_text(ConfigError()) == "ConfigError"  # no words of its own: its class says something
+    assert input_error_text(FileNotFoundError(2, "No such file or directory")) == (
+        "FileNotFoundError: [Errno 2] No such file or directory")
+
+
 def test_generate_names_what_is_wrong(model_dir: Path, adapter_dirs: dict[str, Path], tmp_path: Path,
                                       capsys: pytest.CaptureFixture) -> None:
     from adapter_corruptions import copy_adapter
