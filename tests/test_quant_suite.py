@@ -176,3 +176,23 @@ def test_a_second_process_says_once_that_it_waits_for_the_build_lock(suite_setup
     assert waiting and result == [out]
     assert err.count("waiting for another process") == 1, err
     assert f"waiting for another process building {out} (pid 4242) ..." in err
+
+
+def test_a_new_build_says_what_else_the_cache_holds(suite_setup, tmp_path, capsys) -> None:
+    """Each change of an input is a new key and nothing is deleted (a server may serve an older
+    build): an outside probe found 9 builds, 8.5 GB, never mentioned. A new build says so."""
+    from inlaid.quant.suite import other_builds_note
+
+    _, model_dir, adapters = suite_setup
+    cache = tmp_path / "cache"
+    first = ensure_suite_checkpoint(model_dir, **_options(adapters, cache), progress=True)
+    assert other_builds_note(first) is None
+    assert "also holds" not in capsys.readouterr().err
+    second = ensure_suite_checkpoint(model_dir, **_options(adapters, cache, bits=3), progress=True)
+    size = sum(file.stat().st_size for file in first.rglob("*") if file.is_file())
+    note = f"the quantized-base cache {cache} also holds 1 other build ({size / 1e6:.1f} MB)"
+    assert note in capsys.readouterr().err
+    assert other_builds_note(first).startswith(f"the quantized-base cache {cache} also holds 1 other build (")
+    ensure_suite_checkpoint(model_dir, **_options(adapters, cache, bits=3), progress=True)  # found: no note
+    assert "also holds" not in capsys.readouterr().err
+    assert second.is_dir() and first.is_dir()  # nothing deleted

@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import json
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -222,11 +223,27 @@ def ensure_suite_checkpoint(
         temporary = out_dir / (SUITE_RECORD + ".tmp")
         temporary.write_text(json.dumps(record, indent=1))
         temporary.replace(out_dir / SUITE_RECORD)
+    if progress and (note := other_builds_note(out_dir)):
+        print(note, file=sys.stderr)
     return out_dir
+
+
+def other_builds_note(kept: Path) -> str | None:
+    """What else the cache beside `kept` holds, said after a new build: each change of the
+    quantizer, the adapters or the options makes a new key and nothing is ever deleted (a
+    server may be serving an older build), so the cache grew by ~2 GB per change unseen."""
+    others = [path for path in kept.parent.iterdir() if path.is_dir() and path != kept]
+    if not others:
+        return None
+    size = sum(file.stat().st_size for path in others for file in path.rglob("*") if file.is_file())
+    amount = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+    return (f"the quantized-base cache {kept.parent} also holds {len(others)} other build"
+            f"{'' if len(others) == 1 else 's'} ({amount}): delete those no longer served "
+            "(any is rebuilt when asked for again)")
 
 
 __all__ = [
     "DEFAULT_ADAPTERS_DIR", "SUITE_CALIB_SAMPLES", "SuitePlan", "SuiteTask", "ensure_suite_checkpoint", "is_complete",
-    "plan_suite", "quantizer_version", "read_manifest", "suite_cache_dir", "suite_checkpoint_dir", "suite_inputs",
+    "other_builds_note", "plan_suite", "quantizer_version", "read_manifest", "suite_cache_dir", "suite_checkpoint_dir", "suite_inputs",
     "suite_key",
 ]
