@@ -80,7 +80,7 @@ def test_metrics_after_a_known_workload(server, base_model):
     assert 1 <= delta(before, after, "inlaid_step_tasks_sum") <= 3 * steps
     # Gauges: idle again, nothing lost, the executor never restarted.
     assert value(after, "inlaid_requests_running") == value(after, "inlaid_requests_waiting") == 0
-    assert value(after, "inlaid_kv_blocks_used") == 0 and value(after, "inlaid_kv_blocks_total") == 1024
+    assert value(after, "inlaid_kv_blocks_used") == 0 and value(after, "inlaid_kv_blocks_capacity") == 1024
     assert value(after, "inlaid_executor_up") == 1 and value(after, "inlaid_executor_restarts_total") == 0
     assert value(after, "inlaid_tasks") == 3 and value(after, "inlaid_executor_rss_bytes") > 0
     assert value(after, "inlaid_server_info", model=base_model, version="0.1.0") == 1

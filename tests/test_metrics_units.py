@@ -182,6 +182,9 @@ def test_exposition_follows_prometheus_conventions(harness):
         if family.type == "histogram":
             assert names == {f"{family.name}_bucket", f"{family.name}_count", f"{family.name}_sum"}, family.name
         assert not any(n.endswith("_created") for n in names)
+        # `_total` is the counters' suffix: a gauge named so (the KV blocks and adapter slots
+        # were) reads as a counter to linters and to rate() users (an outside probe).
+        assert family.type == "counter" or not family.name.endswith("_total"), family.name
     histograms = {f.name for f in families if f.type == "histogram"}
     sizes = {"inlaid_step_batch_size", "inlaid_step_tasks"}  # counts of things; every other one is a time
     assert sizes < histograms and all(name.endswith("_seconds") for name in histograms - sizes)
