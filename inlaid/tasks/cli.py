@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the base-vs-adapter report here: JSON if PATH ends in .json, else "
                              "Markdown (needs --results)")
     report.add_argument("--adapters-dir", default="adapters")
+    report.add_argument("--replace-smaller", action="store_true",
+                        help="let a score or length record from fewer examples replace the recorded one "
+                             "(default: keep the recorded one and say so)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as error:
             print(f"inlaid tasks report: error: {error}", file=sys.stderr)
             return 2
-        print(write_manifest(Path(args.adapters_dir), results))
+        # One line per record: what was written, kept or dropped (the records are merged).
+        print(write_manifest(Path(args.adapters_dir), results, replace_smaller=args.replace_smaller)[1])
         if results and args.markdown:
             Path(args.markdown).write_text(markdown_table(results))
             print(args.markdown)
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(results["model"])
-            print(write_output_lengths(results, tokenizer))
+            print(write_output_lengths(results, tokenizer, replace_smaller=args.replace_smaller)[1])
         return 0
     from inlaid.tasks.prepare import prepare
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 from inlaid.tasks.base import PACKAGED_DATA_DIR
@@ -13,9 +14,19 @@ from inlaid.tasks.base import PACKAGED_DATA_DIR
 OUTPUT_LENGTHS_FILE = PACKAGED_DATA_DIR / "output_lengths.json"
 
 
-def write_manifest(adapters_dir: Path, results: dict | None) -> Path:
-    """`adapters/MANIFEST.json`: per adapter its training record and its eval score vs the base."""
+def write_manifest(adapters_dir: Path, results: dict | None, replace_smaller: bool = False) -> tuple[Path, str]:
+    """`adapters/MANIFEST.json`: per adapter its training record and its eval score vs the base,
+    and a one-line summary of what happened to the scores. The previous MANIFEST's score of an
+    adapter these results do not cover is kept while its adapter_sha256 is unchanged (a report of
+    one task's results used to drop every other score), and a score from fewer examples than the
+    recorded one replaces it only with `replace_smaller` (a --limit 4 run replaced 128 examples)."""
+    path = adapters_dir / "MANIFEST.json"
+    previous = _previous_manifest(path)
     entries = {}
+    written: list[str] = []
+    kept: list[str] = []
+    kept_larger: list[str] = []
+    dropped: list[str] = []
     for config_path in sorted(adapters_dir.glob("*/adapter_config.json")):
         adapter_dir = config_path.parent
         training = json.loads((adapter_dir / "training.json").read_text())
@@ -36,23 +47,76 @@ def write_manifest(adapters_dir: Path, results: dict | None) -> Path:
             "final_loss": round(training["final_loss_mean10"], 4),
             "training_command": training["command"],
         }
-        task_results = (results or {}).get("tasks", {}).get(adapter_dir.name, {})
+        name = adapter_dir.name
+        old = previous.get(name) if isinstance(previous.get(name), dict) else {}
+        old_eval = old.get("eval") if isinstance(old.get("eval"), dict) else None
+        # A retrained adapter's old score would describe weights that are gone.
+        same_adapter = old.get("adapter_sha256") == entry["adapter_sha256"]
+        task_results = (results or {}).get("tasks", {}).get(name, {})
         if task_results:
-            tuned = task_results.get(adapter_dir.name)
-            base = task_results.get("base")
-            metric = (tuned or base)["primary_metric"]
-            entry["eval"] = {
-                "metric": metric,
-                "examples": (tuned or base)["examples"],
-                "adapter": round(tuned["scores"][metric], 2) if tuned else None,
-                "base": round(base["scores"][metric], 2) if base else None,
-                "backend": (tuned or base).get("backend"),
-                "dtype": (tuned or base).get("dtype"),
-            }
-        entries[adapter_dir.name] = entry
-    path = adapters_dir / "MANIFEST.json"
+            new_eval = _eval_entry(name, task_results)
+            old_count = _count(old_eval, "examples") if old_eval and same_adapter else None
+            if old_count is not None and old_count > new_eval["examples"] and not replace_smaller:
+                entry["eval"] = old_eval
+                kept_larger.append(f"{name} ({old_count} examples recorded, {new_eval['examples']} here)")
+            else:
+                entry["eval"] = new_eval
+                written.append(name)
+        elif old_eval and same_adapter:
+            entry["eval"] = old_eval
+            kept.append(name)
+        elif old_eval:
+            dropped.append(name)
+        entries[name] = entry
     path.write_text(json.dumps({"base_model": "SmolLM2-135M-Instruct", "adapters": entries}, indent=1) + "\n")
-    return path
+    for name in dropped:
+        print(f"inlaid tasks report: {path}: dropped the eval score of {name}: its adapter changed since it was "
+              "scored (adapter_sha256); evaluate it again", file=sys.stderr)
+    if kept_larger:
+        print(f"inlaid tasks report: {path}: kept the eval score from more examples for {', '.join(kept_larger)}; "
+              "pass --replace-smaller to replace it", file=sys.stderr)
+    return path, _summary(path, "eval score", written, kept, kept_larger, dropped)
+
+
+def _eval_entry(name: str, task_results: dict) -> dict:
+    tuned = task_results.get(name)
+    base = task_results.get("base")
+    metric = (tuned or base)["primary_metric"]
+    return {
+        "metric": metric,
+        "examples": (tuned or base)["examples"],
+        "adapter": round(tuned["scores"][metric], 2) if tuned else None,
+        "base": round(base["scores"][metric], 2) if base else None,
+        "backend": (tuned or base).get("backend"),
+        "dtype": (tuned or base).get("dtype"),
+    }
+
+
+def _previous_manifest(path: Path) -> dict:
+    """The adapters of the MANIFEST being replaced ({} when there is none or it is unreadable)."""
+    try:
+        adapters = json.loads(path.read_text()).get("adapters")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return adapters if isinstance(adapters, dict) else {}
+
+
+def _count(record: dict | None, key: str) -> int | None:
+    value = (record or {}).get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _summary(path: Path, what: str, written: list[str], kept: list[str], kept_larger: list[str],
+             dropped: list[str]) -> str:
+    """`<path>: <what> written for ...; kept for ...`: one line per file, saying what changed."""
+    parts = [f"{what} written for {', '.join(written) if written else 'none'}"]
+    if kept:
+        parts.append(f"kept for {', '.join(kept)} (not in these results)")
+    if kept_larger:
+        parts.append(f"kept (from more examples) for {', '.join(n.split(' ')[0] for n in kept_larger)}")
+    if dropped:
+        parts.append(f"dropped for {', '.join(dropped)} (adapter changed)")
+    return f"{path}: {'; '.join(parts)}"
 
 
 def report_rows(results: dict) -> list[dict]:
@@ -95,20 +159,51 @@ def write_report(results: dict, path: Path) -> Path:
     return path
 
 
-def write_output_lengths(results: dict, tokenizer, path: Path = OUTPUT_LENGTHS_FILE) -> Path:
-    """Per task: token counts of references (eval + calib) and of greedy outputs (base, adapter)."""
+def write_output_lengths(results: dict, tokenizer, path: Path | None = None,
+                         replace_smaller: bool = False) -> tuple[Path, str]:
+    """Per task: token counts of references (eval + calib) and of greedy outputs (base, adapter),
+    merged into the record at `path` (default `OUTPUT_LENGTHS_FILE`, looked up at call time):
+    each (task, config) of the results replaces its own entry, every other is kept (a report of
+    one task's results used to wipe the other tasks the length predictor trains on). An entry
+    from fewer outputs than the recorded one replaces it only with `replace_smaller`."""
     from inlaid.tasks import get_task
     from inlaid.tasks.evaluate import length_stats
 
-    record: dict = {"unit": "tokens, end-of-turn excluded", "tasks": {}}
+    path = Path(path if path is not None else OUTPUT_LENGTHS_FILE)
+    record: dict = {"unit": "tokens, end-of-turn excluded", "tasks": _previous_lengths(path)}
+    written: list[str] = []
+    kept_larger: list[str] = []
     for task_name, configs in results["tasks"].items():
         task = get_task(task_name)
         references = [e["reference"] for split in ("eval", "calib") for e in task.load_split(split)]
         reference_lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references]
+        old = record["tasks"].get(task_name)
+        generated = dict(old["generated"]) if isinstance(old, dict) and isinstance(old.get("generated"), dict) else {}
+        for name, entry in configs.items():
+            old_count = _count(generated.get(name) if isinstance(generated.get(name), dict) else None, "count")
+            new_count = _count(entry, "examples")
+            if old_count is not None and new_count is not None and old_count > new_count and not replace_smaller:
+                kept_larger.append(f"{task_name}/{name} ({old_count} outputs recorded, {new_count} here)")
+                continue
+            generated[name] = entry["output_tokens"]
+            written.append(f"{task_name}/{name}")
         record["tasks"][task_name] = {
             "max_new_tokens": task.max_new_tokens,
             "reference": length_stats(reference_lengths),
-            "generated": {name: entry["output_tokens"] for name, entry in configs.items()},
+            "generated": generated,
         }
+    kept = [name for name in record["tasks"] if name not in results["tasks"]]
     path.write_text(json.dumps(record, indent=1) + "\n")
-    return path
+    if kept_larger:
+        print(f"inlaid tasks report: {path}: kept the lengths from more outputs for {', '.join(kept_larger)}; "
+              "pass --replace-smaller to replace them", file=sys.stderr)
+    return path, _summary(path, "lengths", written, kept, kept_larger, [])
+
+
+def _previous_lengths(path: Path) -> dict:
+    """The tasks of the length record being updated ({} when there is none or it is unreadable)."""
+    try:
+        tasks = json.loads(path.read_text()).get("tasks")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return dict(tasks) if isinstance(tasks, dict) else {}

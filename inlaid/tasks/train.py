@@ -46,7 +46,6 @@ class TrainConfig:
     precision: str = "bf16"         # base weights and matmuls: bf16 or fp32
     split: str = "train"
 
-
     @property
     def lora_alpha(self) -> float:
         return self.alpha if self.alpha is not None else 2.0 * self.rank
@@ -284,6 +283,34 @@ def resume_problem(config: TrainConfig) -> str | None:
             f"({'; '.join(differing)}); pass --restart to discard it or choose another --out")
 
 
+def out_problem(config: TrainConfig, restart: bool = False) -> str | None:
+    """Why this run must not write into --out, or None: a finished adapter (no checkpoint) of other
+    settings was overwritten, a foreign directory written into. --restart lifts only the first."""
+    out = Path(config.out_dir)
+    has_checkpoint = (out / CHECKPOINT_DIR / "state.json").is_file()
+    try:
+        record = json.loads((out / "training.json").read_text())
+        record = record if isinstance(record, dict) and isinstance(record.get("config"), dict) else None
+    except (OSError, ValueError):
+        record = None
+    if (not has_checkpoint and record is None and out.is_dir()
+            and any(entry.name != CHECKPOINT_DIR for entry in out.iterdir())):  # a bare checkpoint/ is a crash's
+        return (f"--out {out} is not empty and holds no train-adapter run (no training.json or checkpoint); "
+                "choose a new or empty directory")
+    if restart or has_checkpoint or record is None:
+        return None if restart else resume_problem(config)
+    # training.json's own fields first: the config of older records lacks some (split)
+    recorded = {**record["config"], "model": record.get("base_model"), "lora_alpha": record.get("lora_alpha"),
+                "split": record.get("train_split", record["config"].get("split", "train"))}
+    wanted = config.resume_settings()
+    differing = [f"{key} {recorded[key]} there, {wanted[key]} here" for key in wanted
+                 if recorded.get(key) is not None and recorded[key] != wanted[key]]
+    if record.get("steps") != config.steps:  # no checkpoint to continue from: it would retrain from step 0
+        differing.append(f"steps {record.get('steps')} there, {config.steps} here")
+    return (f"--out {out} holds a finished adapter of a run with other settings ({'; '.join(differing)}); "
+            "pass --restart to retrain and replace it, or choose another --out") if differing else None
+
+
 def rank_problem(rank: int) -> str | None:
     """--rank above what any engine can serve (refused), or None."""
     from inlaid.engine.config import MAX_LORA_RANK
@@ -327,7 +354,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--restart", action="store_true",
-                        help="discard the checkpoint in --out (default: resume it, if its settings match)")
+                        help="discard the checkpoint in --out and retrain, replacing a finished adapter there")
 
 
 def _input_problem(args: argparse.Namespace, out_dir: Path) -> str | None:
@@ -361,11 +388,11 @@ def run(args: argparse.Namespace) -> int:
     )
     if warning := rank_warning(config.rank):
         print(f"inlaid train-adapter: {warning}", file=sys.stderr)
-    if args.restart:
-        shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
-    elif problem := resume_problem(config):
+    if problem := out_problem(config, restart=args.restart):
         print(f"inlaid train-adapter: {problem}", file=sys.stderr)
         return 2
+    if args.restart:
+        shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
     command = "inlaid train-adapter " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     out = train(config, command=command)
     print(out)
