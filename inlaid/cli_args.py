@@ -65,6 +65,8 @@ def model_dir_problem(model: Path | None) -> str | None:
     if problem := home_problem(Path(model), "model directory"):
         return problem
     model = Path(model).expanduser()
+    if model.exists() and not model.is_dir():  # "not found" sent the user looking for a missing path
+        return f"model directory {model} is a file, not a directory"
     if not model.is_dir():
         return f"model directory not found: {model}"
     if not (model / "config.json").is_file():

@@ -142,7 +142,8 @@ def test_a_checkpoint_being_written_is_called_unfinished_not_foreign(tiny, tmp_p
 
     model_dir, alpha, _, _ = tiny
     out = tmp_path / "ckpt"
-    _interrupt_after_state_of(monkeypatch, driver, 0)  # a fresh run, stopped in layer 0
+    # a fresh run, stopped in layer 1 (stopped before its first layer is kept, it leaves no --out)
+    _interrupt_after_state_of(monkeypatch, driver, 1)
     assert _quantize(model_dir, alpha, out, "--group-size", "32") == 130
     monkeypatch.undo()
     capsys.readouterr()
@@ -200,7 +201,7 @@ def test_quantize_add_with_other_settings_needs_restart(tiny, tmp_path, capsys, 
 
     model_dir, _, beta, base = tiny
     out = tmp_path / "plus"
-    _interrupt_after_state_of(monkeypatch, incremental, 0)
+    _interrupt_after_state_of(monkeypatch, incremental, 1)  # layer 0 kept (before it, no --out is left)
     assert _add(base, beta, out, "--tolerance", "none") == 130
     monkeypatch.undo()
     capsys.readouterr()

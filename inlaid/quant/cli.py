@@ -128,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     from inlaid.quant.driver import DriverConfig, quantize_model
     from inlaid.quant.inputs import check_tasks, model_dir_problem, out_overlaps_model_problem
     from inlaid.quant.methods import MlgptqOptions, parse_method
+    from inlaid.quant.run_support import out_overlaps_adapter_problem, resume_hint
     from inlaid.quant.suite import (
         DEFAULT_ADAPTERS_DIR, SUITE_CALIB_SAMPLES, ensure_suite_checkpoint, is_complete, read_manifest,
         suite_checkpoint_dir,
@@ -162,6 +163,9 @@ def run(args: argparse.Namespace) -> int:
             tasks = [CalibrationTask(t.name, t.adapter_dir, t.calib_path) for t in read_manifest(adapters_dir, selected)]
         else:
             tasks = [parse_task_argument(text) for text in args.task]
+        # --out inside an adapter was written into as --out inside --model was
+        if args.out is not None and (problem := out_overlaps_adapter_problem(args.out, tasks)):
+            raise QuantizationError(problem)
         # Names, adapters and every calibration line before the model loads (a '.' in a name,
         # a NaN adapter or a bad line past --max-samples failed only after it had).
         check_tasks(tasks, args.model or default_model_dir())
@@ -200,7 +204,12 @@ def run(args: argparse.Namespace) -> int:
             measure_errors=not args.no_errors, save_hessian_state=not args.no_hessian_state, mlgptq=options,
             resume=not args.restart,
         )
-        report = quantize_model(config)
+        try:
+            report = quantize_model(config)
+        except KeyboardInterrupt:
+            if hint := resume_hint(args.out, "quantize"):  # before inlaid/cli.py's bare "interrupted"
+                print(hint, file=sys.stderr)
+            raise
     except QuantizationError as error:
         print(f"inlaid quantize: error: {error}", file=sys.stderr)
         return 2

@@ -33,15 +33,18 @@ from inlaid.quant.checkpoint import (
     HESSIAN_STATE_DIR, CheckpointMetadata, pack_linear, write_checkpoint,
 )
 from inlaid.quant.errors import CheckpointError, QuantizationError
-from inlaid.quant.inputs import finished_checkpoint_problem, output_removed_on_early_failure
+from inlaid.quant.inputs import finished_checkpoint_problem
 from inlaid.quant.layerwise import GroupHessians, PhaseTimer, Stream, propagate, quantize_layer_sequential
 from inlaid.quant.methods import Method, MlgptqOptions, quantize_linears
 from inlaid.quant.model_io import (
-    INPUT_GROUPS, LINEAR_NAMES, active_adapter, attach_adapters, capture_first_layer_inputs, decoder_layers,
+    INPUT_GROUPS, LINEAR_NAMES, active_adapter, capture_first_layer_inputs, decoder_layers,
     load_base_model, onednn_linears, plain_linear, release_onednn,
 )
 from inlaid.quant.partial import (
     load_partial_layer, prepare_partial_dir, save_partial_layer, write_dequantized,
+)
+from inlaid.quant.run_support import (
+    absolute, attach_adapters_quietly, output_removed_unless_kept, probe_bar, run_settings,
 )
 from inlaid.quant.spec import QuantSpec
 from inlaid.quant.state import save_layer_state
@@ -128,9 +131,10 @@ def _load_calibration(config: DriverConfig, tokenizer) -> tuple[dict[str, list[T
         batches[task.name] = make_batches(sequences, config.max_batch_tokens, pad_id)
         counts[task.name] = {
             "samples": len(sequences), "tokens": int(sum(len(s) for s in sequences)),
-            "calib": str(task.calib_path),
+            # absolute: `quantize-add --exact` reads them again, maybe from another directory
+            "calib": absolute(task.calib_path),
             "calib_sha256": file_digest(task.calib_path),
-            "adapter": str(task.adapter_dir) if task.adapter_dir else None,
+            "adapter": absolute(task.adapter_dir),
         }
     return batches, counts
 
@@ -183,7 +187,7 @@ def _prepare(config: DriverConfig) -> _Calibrated:
     token_batches, calibration = _load_calibration(config, tokenizer)
     model = load_base_model(Path(config.model_dir))
     adapters = {task.name: task.adapter_dir for task in config.tasks if task.adapter_dir is not None}
-    peft_model = attach_adapters(model, adapters)
+    peft_model = attach_adapters_quietly(model, adapters)
     forward_model = peft_model if peft_model is not None else model
     onednn_linears(forward_model)
     streams: list[Stream] = []
@@ -199,7 +203,8 @@ def _task_costs(config: DriverConfig, calibrated: _Calibrated) -> dict[str, floa
     """Each task's raw probed cost (`task_costs.py`), None when every task's error costs alike."""
     if config.method.kind not in ("mlgptq", "minimax") or config.mlgptq.sensitivity == "none":
         return None
-    return probe_impurity(calibrated.model, calibrated.tokenizer, calibrated.peft_model, config.tasks,
+    tasks = probe_bar(config.tasks, config.progress)  # a bar like the layers' (it ran 11-17 s unseen)
+    return probe_impurity(calibrated.model, calibrated.tokenizer, calibrated.peft_model, tasks,
                           probe_count(config.mlgptq.probe_samples, config.max_samples), max_tokens=config.max_tokens)
 
 
@@ -233,14 +238,17 @@ def quantize_model(config: DriverConfig) -> QuantizationReport:
     # Before the model loads: a --out holding another run's layers is refused in a second.
     # From here until the checkpoint is complete, out_dir is marked unfinished; a fresh start
     # (--restart) drops the earlier run's Hessian state before this run writes any.
-    # A run that fails before its first layer (the model or its tokenizer does not load) leaves
-    # none of the --out it created: else a corrected rerun was sent to resume this one.
+    # A run that fails or is interrupted (Ctrl-C) before its first layer is kept (the model or
+    # its tokenizer does not load, the probe is cut short) leaves none of the --out it created:
+    # else a corrected rerun was refused as "an unfinished partial run with other settings".
     fingerprint = config.fingerprint()
-    with output_removed_on_early_failure(out_dir):
+    with output_removed_unless_kept(out_dir) as created:
         problem = finished_checkpoint_problem(out_dir, fingerprint) if config.resume else None
         if problem:
             raise CheckpointError(problem)
-        layers_done = prepare_partial_dir(out_dir, fingerprint, config.resume, discard=(HESSIAN_STATE_DIR,))
+        layers_done = prepare_partial_dir(out_dir, fingerprint, config.resume, discard=(HESSIAN_STATE_DIR,),
+                                          settings=run_settings(config))
+        created.kept = layers_done > 0  # resumed: what is there is an earlier run's
         with timer.phase("load"):
             calibrated = _prepare(config)
         with timer.phase("probe"):
@@ -248,45 +256,47 @@ def quantize_model(config: DriverConfig) -> QuantizationReport:
             task_costs = normalized(raw_costs) if raw_costs else None
             if raw_costs and config.save_hessian_state:
                 save_raw_costs(out_dir / HESSIAN_STATE_DIR, raw_costs)  # what a later task addition merges with
-    streams, peft_model = calibrated.streams, calibrated.peft_model
-    layers = decoder_layers(calibrated.model)
+        streams, peft_model = calibrated.streams, calibrated.peft_model
+        layers = decoder_layers(calibrated.model)
 
-    layer_errors: list[dict] = []
-    task_weights: dict[str, dict[str, float]] = {}
-    bar = tqdm(range(len(layers)), desc=f"{config.method.name} {config.spec.bits}-bit", unit="layer",
-               disable=not config.progress)
-    for layer_index in bar:
-        layer = layers[layer_index]
-        prefix = f"model.layers.{layer_index}"
-        if layer_index < layers_done:
-            with timer.phase("resume"):
-                tensors, meta = load_partial_layer(out_dir, layer_index)
-                write_dequantized(layer, tensors, prefix, config.spec)
-                propagate(layer, streams, peft_model)
-            layer_errors += meta.get("errors", [])
-            task_weights.update(meta.get("task_weights", {}))
-        else:
-            result = _LayerResult()
+        layer_errors: list[dict] = []
+        task_weights: dict[str, dict[str, float]] = {}
+        bar = tqdm(range(len(layers)), desc=f"{config.method.name} {config.spec.bits}-bit", unit="layer",
+                   disable=not config.progress)
+        for layer_index in bar:
+            layer = layers[layer_index]
+            prefix = f"model.layers.{layer_index}"
+            if layer_index < layers_done:
+                with timer.phase("resume"):
+                    tensors, meta = load_partial_layer(out_dir, layer_index)
+                    write_dequantized(layer, tensors, prefix, config.spec)
+                    propagate(layer, streams, peft_model)
+                layer_errors += meta.get("errors", [])
+                task_weights.update(meta.get("task_weights", {}))
+            else:
+                result = _LayerResult()
 
-            def quantize_group(group: str, hessians: GroupHessians) -> None:
-                with timer.phase("quantize"):
-                    _quantize_group(config, layer, prefix, group, hessians, task_names, result, task_costs)
+                def quantize_group(group: str, hessians: GroupHessians) -> None:
+                    with timer.phase("quantize"):
+                        _quantize_group(config, layer, prefix, group, hessians, task_names, result, task_costs)
 
-            collected = quantize_layer_sequential(layer, streams, peft_model, layer_index, quantize_group, timer)
-            layer_errors += result.errors
-            task_weights.update(result.task_weights)
-            with timer.phase("write"):
-                if config.save_hessian_state and config.method.hessian_forward is not None:
-                    save_layer_state(out_dir / HESSIAN_STATE_DIR, layer_index,
-                                     _method_state(config.method, collected, task_names), config.method.hessian_forward)
-                save_partial_layer(out_dir, layer_index, result.tensors,
-                                   {"errors": result.errors, "task_weights": result.task_weights})
-        release_onednn(layer)  # its packed weights are not needed again
-        this_layer = [max(entry["errors"].values()) for entry in layer_errors
-                      if entry["layer"] == layer_index and entry["errors"]]
-        if this_layer:
-            bar.set_postfix(worst_err=f"{max(this_layer):.2e}", rss_mb=f"{peak_rss_mb():.0f}")
-    bar.close()
+                collected = quantize_layer_sequential(layer, streams, peft_model, layer_index, quantize_group, timer)
+                layer_errors += result.errors
+                task_weights.update(result.task_weights)
+                with timer.phase("write"):
+                    if config.save_hessian_state and config.method.hessian_forward is not None:
+                        save_layer_state(out_dir / HESSIAN_STATE_DIR, layer_index,
+                                         _method_state(config.method, collected, task_names),
+                                         config.method.hessian_forward)
+                    save_partial_layer(out_dir, layer_index, result.tensors,
+                                       {"errors": result.errors, "task_weights": result.task_weights})
+                    created.kept = True  # a layer done: kept for a resume whatever happens next
+            release_onednn(layer)  # its packed weights are not needed again
+            this_layer = [max(entry["errors"].values()) for entry in layer_errors
+                          if entry["layer"] == layer_index and entry["errors"]]
+            if this_layer:
+                bar.set_postfix(worst_err=f"{max(this_layer):.2e}", rss_mb=f"{peak_rss_mb():.0f}")
+        bar.close()
     calibration = calibrated.calibration
     del streams, calibrated
 

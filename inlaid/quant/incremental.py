@@ -54,9 +54,10 @@ from inlaid.quant.layer_decisions import LinearDecision
 from inlaid.quant.layerwise import GroupHessians, PhaseTimer, Stream, propagate, quantize_layer_sequential
 from inlaid.quant.methods import Method, MlgptqOptions, parse_method
 from inlaid.quant.model_io import (
-    LINEAR_NAMES, active_adapter, attach_adapters, capture_first_layer_inputs, decoder_layers,
+    LINEAR_NAMES, active_adapter, capture_first_layer_inputs, decoder_layers,
     load_base_model, onednn_linears, plain_linear,
 )
+from inlaid.quant.run_support import absolute, attach_adapters_quietly, recorded_path
 from inlaid.quant.spec import QuantSpec
 from inlaid.quant.state import LayerState, layer_state_path, load_layer_state, save_layer_state
 from inlaid.quant.task_costs import COSTS_FILE, load_raw_costs, normalized, probe_count, probe_impurity, save_raw_costs
@@ -111,6 +112,10 @@ def read_checkpoint_metadata(checkpoint_dir: Path) -> dict:
     unfinished = unfinished_problem(checkpoint_dir)
     if unfinished:
         raise IncrementalError(unfinished)
+    if not Path(checkpoint_dir).exists():  # "has no inlaid_quant.json" read as if the directory were there
+        raise IncrementalError(f"{checkpoint_dir} does not exist")
+    if not Path(checkpoint_dir).is_dir():
+        raise IncrementalError(f"{checkpoint_dir} is a file, not a checkpoint directory")
     if not path.is_file():
         raise IncrementalError(f"{checkpoint_dir} has no {METADATA_FILE}: not a checkpoint written by `inlaid quantize`")
     return json.loads(path.read_text())
@@ -120,8 +125,10 @@ def calibration_entry(task: CalibrationTask, sequences: list[torch.Tensor]) -> d
     """The checkpoint metadata's record of one task (as the full driver writes it)."""
     return {
         "name": task.name, "samples": len(sequences), "tokens": int(sum(len(s) for s in sequences)),
-        "calib": str(task.calib_path), "calib_sha256": hashlib.sha256(Path(task.calib_path).read_bytes()).hexdigest(),
-        "adapter": str(task.adapter_dir) if task.adapter_dir else None,
+        # absolute, as the full driver records them: --exact reads them again from any directory
+        "calib": absolute(task.calib_path),
+        "calib_sha256": hashlib.sha256(Path(task.calib_path).read_bytes()).hexdigest(),
+        "adapter": absolute(task.adapter_dir),
     }
 
 
@@ -176,8 +183,11 @@ class IncrementalQuantizer:
                                  or _DRIVER_DEFAULTS["max_batch_tokens"])
         if settings.exact:
             existing = existing_tasks if existing_tasks is not None else [
-                CalibrationTask(entry["name"], Path(entry["adapter"]) if entry.get("adapter") else None,
-                                Path(entry["calib"])) for entry in self.metadata.get("tasks", [])]
+                CalibrationTask(entry["name"],
+                                recorded_path(entry["adapter"], "adapter", entry["name"], self.checkpoint_dir)
+                                if entry.get("adapter") else None,
+                                recorded_path(entry["calib"], "calibration file", entry["name"], self.checkpoint_dir))
+                for entry in self.metadata.get("tasks", [])]
             self.existing_tasks = [t for t in existing if t.name not in self.drop_tasks]
         else:
             self.existing_tasks = []
@@ -197,7 +207,7 @@ class IncrementalQuantizer:
         self.layers_module = decoder_layers(self.model)
         self.num_layers = len(self.layers_module)
         adapters = {item.name: Path(item.adapter_dir) for item in calibrated if item.adapter_dir is not None}
-        self.peft_model = attach_adapters(self.model, adapters)
+        self.peft_model = attach_adapters_quietly(self.model, adapters)
         forward_model = self.peft_model if self.peft_model is not None else self.model
         onednn_linears(forward_model)  # as the driver does: the same matmuls, the same Hessians
         self.streams: list[Stream] = []

@@ -34,13 +34,12 @@ from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, METADATA_FILE, WEIGHTS_FI
 from inlaid.quant.errors import QuantizationError
 from inlaid.quant.incremental import IncrementalQuantizer, LayerOutcome
 from inlaid.quant.layer_decisions import LinearDecision
-from inlaid.quant.inputs import (
-    check_tasks, model_dir_problem, out_overlaps_model_problem, output_removed_on_early_failure,
-)
+from inlaid.quant.inputs import check_tasks, model_dir_problem, out_overlaps_model_problem
 from inlaid.quant.model_io import LINEAR_NAMES
 from inlaid.quant.partial import (
     PARTIAL_DIR, load_partial_layer, partial_path, prepare_partial_dir, save_partial_layer,
 )
+from inlaid.quant.run_support import output_removed_unless_kept, resume_hint, settings_differences
 from inlaid.quant.task_costs import COSTS_FILE
 from inlaid.quant.unfinished import UNFINISHED_FILE, mark_finished, unfinished_problem
 
@@ -110,11 +109,13 @@ def write_incremental_checkpoint(quantizer: IncrementalQuantizer, outcomes: list
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by `inlaid quantize`")
-    parser.add_argument("--task", required=True, metavar="NAME=ADAPTER_DIR:CALIB.jsonl", help="the task to add")
+    # appended, then refused past one (run): argparse kept the last of several, dropping the others unsaid
+    parser.add_argument("--task", required=True, action="append", metavar="NAME=ADAPTER_DIR:CALIB.jsonl",
+                        help="the task to add (one per run)")
     parser.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
     parser.add_argument("--model", type=Path, default=None,
                         help="the full-precision base (default: the checkpoint's base_model)")
-    parser.add_argument("--threshold", type=float, default=0.0,
+    parser.add_argument("--threshold", type=threshold_value, default=0.0,
                         help="relative aggregate change at or below which a linear keeps its weight (default 0)")
     parser.add_argument("--tolerance", type=tolerance_value, default=1.0,
                         help="relative error an existing task may gain on a linear, or 'none' (default 1.0: at most double)")
@@ -127,6 +128,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--restart", action="store_true",
                         help="start over: discard an interrupted run (or a checkpoint) in --out instead of resuming it")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print every linear the quality gate kept (default: a count per layer)")
 
 
 COMMAND = "quantize-add"
@@ -144,6 +147,18 @@ def tolerance_value(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"must be a number >= 0 or 'none', got '{text}'") from None
     if not 0.0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number >= 0 or 'none', got {text}")
+    return value
+
+
+def threshold_value(text: str) -> float:
+    """argparse type of --threshold: a finite number >= 0 (IncrementalSettings' refusal named
+    its field, change_threshold, not the flag)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got '{text}'") from None
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
 
 
@@ -185,7 +200,30 @@ def addition_fingerprint(args: argparse.Namespace, model_dir: Path, task) -> str
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def start_problem(out: Path, fingerprint: str, restart: bool) -> str | None:
+def addition_settings(args: argparse.Namespace, model_dir: Path, task) -> dict[str, object]:
+    """What addition_fingerprint hashes, in the flags' words (run.json keeps it: a refused
+    resume names what differs)."""
+    from inlaid.quant.driver import adapter_digest, file_digest
+    from inlaid.quant.run_support import DIGEST_PREFIX
+
+    def digest(value: object) -> str:
+        return DIGEST_PREFIX + hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+    def where(files: list[Path]) -> str:  # the fingerprint hashed their contents already: only for the message
+        return digest({str(p.resolve()): [p.stat().st_size, p.stat().st_mtime_ns] for p in files})
+
+    checkpoint = Path(args.checkpoint)
+    return {
+        "--model": where(sorted(Path(model_dir).glob("*.safetensors"))),
+        "--checkpoint": where([checkpoint / name for name in (WEIGHTS_FILE, METADATA_FILE)]),
+        "--task": task.name, "adapter": digest(adapter_digest(task.adapter_dir)),
+        "calibration": DIGEST_PREFIX + file_digest(task.calib_path), "--threshold": args.threshold,
+        "--tolerance": args.tolerance, "--exact": args.exact, "--max-samples": args.max_samples,
+        "--drop-task": ",".join(sorted(args.drop_task)),
+    }
+
+
+def start_problem(out: Path, fingerprint: str, restart: bool, settings: dict | None = None) -> str | None:
     """Why this run may not start in `out` (nothing is written then), or None. Without
     --restart, only a new or empty `out` or an unfinished run of the same inputs (resumed) is
     taken; with it, anything `output_dir_problem` accepted is started over."""
@@ -193,16 +231,18 @@ def start_problem(out: Path, fingerprint: str, restart: bool) -> str | None:
     if restart or not out.exists() or not any(out.iterdir()):
         return None
     run_file = out / PARTIAL_DIR / "run.json"
-    recorded = json.loads(run_file.read_text()).get("fingerprint") if run_file.is_file() else None
+    run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    recorded = run.get("fingerprint")
     if unfinished_problem(out):
         if recorded == fingerprint:
             return None  # resumed
         if recorded is None:
             return (f"--out {out} holds an interrupted run that cannot be resumed: add --restart to start over, "
                     "or choose another --out")
-        return (f"--out {out} holds an unfinished run with other inputs or settings (checkpoint, task, adapter, "
-                "calibration or flags): rerun that command to resume it, add --restart to discard it, or choose "
-                "another --out")
+        differing = settings_differences(run.get("settings"), settings or {}) if settings else []
+        what = "; ".join(differing) or "checkpoint, task, adapter, calibration or flags"
+        return (f"--out {out} holds an unfinished run with other inputs or settings ({what}): rerun that command "
+                "to resume it, add --restart to discard it, or choose another --out")
     if (out / METADATA_FILE).is_file():
         return f"--out {out} already holds a finished checkpoint: add --restart to overwrite it, or choose another --out"
     return (f"--out {out} holds the leftovers of an interrupted run that cannot be resumed: add --restart to start "
@@ -233,6 +273,11 @@ def run(args: argparse.Namespace) -> int:
     from inlaid.quant.calibration import parse_task_argument
     from inlaid.quant.incremental import IncrementalSettings, read_checkpoint_metadata
 
+    if len(args.task) > 1:  # argparse kept the last --task and dropped the others without a word
+        print(f"inlaid quantize-add: error: quantize-add takes one --task (got {len(args.task)}); run it once per "
+              "task, each on the checkpoint the previous one wrote", file=sys.stderr)
+        return 2
+    args.task = args.task[0]
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()
@@ -262,18 +307,22 @@ def run(args: argparse.Namespace) -> int:
         check_tasks([task], model_dir)  # name, adapter, every calibration line: before the model loads
         replaced = task.name in held and task.name not in args.drop_task
         fingerprint = addition_fingerprint(args, model_dir, task)
-        problem = start_problem(args.out, fingerprint, args.restart)
+        settings_record = addition_settings(args, model_dir, task)
+        problem = start_problem(args.out, fingerprint, args.restart, settings_record)
         if problem:
             raise QuantizationError(problem)
         # The checkpoint itself is checked only once the quantizer opens it (rtn, no Hessian
         # state, a truncated weights file...), after --out is prepared: a refusal before the
         # first layer removes what this run created of --out, or a later correct command there
         # was sent to "resume" this one.
-        with output_removed_on_early_failure(args.out) as created:
+        # An interrupt before the first layer is kept removes it too (output_removed_unless_kept).
+        with output_removed_unless_kept(args.out) as created:
             # Marks --out unfinished before anything in it changes; a fresh start (--restart, or
             # nothing to resume) drops the earlier run's layers, state and checkpoint first.
             done = prepare_partial_dir(args.out, fingerprint, resume=not args.restart, command=COMMAND,
-                                       discard=(HESSIAN_STATE_DIR, WEIGHTS_FILE, METADATA_FILE))
+                                       discard=(HESSIAN_STATE_DIR, WEIGHTS_FILE, METADATA_FILE),
+                                       settings=settings_record)
+            created.kept = done > 0  # resumed: what is there is an earlier run's
             quantizer = IncrementalQuantizer(model_dir, args.checkpoint, task, settings,
                                              args.out / HESSIAN_STATE_DIR, drop_tasks=args.drop_task,
                                              served_layers={layer: partial_path(args.out, layer)
@@ -302,17 +351,37 @@ def run(args: argparse.Namespace) -> int:
     except (QuantizationError, ValueError) as error:
         print(f"inlaid quantize-add: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if hint := resume_hint(args.out, COMMAND):  # before inlaid/cli.py's "interrupted"
+            print(hint, file=sys.stderr)
+        raise
     record = addition_record(quantizer, outcomes)
     actions = [d.action for o in outcomes for d in o.decisions]
     how = "replaced (its earlier adapter and Hessians are gone) in" if replaced else "added to"
     print(f"{quantizer.task.name} {how} {args.checkpoint} -> {args.out}")
     for action in sorted(set(actions)):
         print(f"  {action}: {actions.count(action)} of {len(actions)} linears")
-    for outcome in outcomes:
-        for decision in outcome.decisions:
-            if decision.reason and decision.action != "kept-unchanged":
-                print(f"  layer {outcome.layer} {decision.linear}: {decision.reason}")
+    for line in decision_lines(outcomes, args.verbose):
+        print(line)
     print(f"forward + Hessian {record['forward_seconds']:.1f} s, aggregation + quantization "
           f"{record['quantize_seconds']:.1f} s, total {time.time() - started:.1f} s, "
           f"peak memory (RSS) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     return 0
+
+
+def decision_lines(outcomes: list[LayerOutcome], verbose: bool) -> list[str]:
+    """Why linears kept their weight: every one with --verbose, else a line per layer (one line
+    per linear was ~30 lines of "would lose N%" on a 30-layer model)."""
+    lines, total = [], 0
+    for outcome in outcomes:
+        explained = [d for d in outcome.decisions if d.reason and d.action != "kept-unchanged"]
+        total += len(explained)
+        if verbose:
+            lines += [f"  layer {outcome.layer} {d.linear}: {d.reason}" for d in explained]
+        elif explained:
+            actions = "/".join(sorted({d.action for d in explained}))
+            lines.append(f"  layer {outcome.layer}: {len(explained)} linear{'s' if len(explained) != 1 else ''} "
+                         f"{actions} (first, {explained[0].linear}: {explained[0].reason})")
+    if total and not verbose:
+        lines.append(f"  ({total} linears in all; --verbose lists each)")
+    return lines

@@ -31,30 +31,35 @@ def partial_path(out_dir: Path, layer_index: int) -> Path:
     return Path(out_dir) / PARTIAL_DIR / f"layer_{layer_index:03d}.safetensors"
 
 
-def finished_with_other_settings(out_dir: Path) -> str:
+def finished_with_other_settings(out_dir: Path, differing: list[str] | None = None) -> str:
     """The refusal of a run whose inputs differ from those of the finished checkpoint in
-    `out_dir` (by its `.partial/run.json`, or its metadata's fingerprint once that is gone)."""
-    return (f"{out_dir} holds a finished checkpoint made with other settings (model, tasks, method or flags); "
+    `out_dir` (by its `.partial/run.json`, or its metadata's fingerprint once that is gone);
+    `differing` names what differs where run.json recorded it."""
+    what = "; ".join(differing) if differing else "model, tasks, method or flags"
+    return (f"{out_dir} holds a finished checkpoint made with other settings ({what}); "
             "pass --restart to overwrite it or choose another --out")
 
 
 def prepare_partial_dir(out_dir: Path, fingerprint: str, resume: bool, command: str = "quantize",
-                        discard: tuple[str, ...] = ()) -> int:
+                        discard: tuple[str, ...] = (), settings: dict | None = None) -> int:
     """Check or start the partial directory; return how many leading layers are done.
 
     Whatever goes on, `out_dir` is marked unfinished (unfinished.mark_unfinished) before
     anything in it changes, so a run killed part-way, a restart over a finished checkpoint
     included, leaves a directory the loaders refuse. A fresh start (no partial run, or not
     `resume`) also removes the earlier run's layers and `discard` (paths under `out_dir`:
-    the Hessian state an earlier run left) before this run writes its own."""
+    the Hessian state an earlier run left) before this run writes its own. `settings` (what
+    the fingerprint hashes, readable) goes to run.json: a refused resume names what differs."""
     from inlaid.quant.checkpoint import METADATA_FILE
+    from inlaid.quant.run_support import settings_differences
     from inlaid.quant.unfinished import mark_unfinished, unfinished_problem
 
     out_dir = Path(out_dir)
     partial = out_dir / PARTIAL_DIR
     run_file = partial / "run.json"
     if partial.is_dir() and run_file.is_file():
-        recorded = json.loads(run_file.read_text()).get("fingerprint")
+        run = json.loads(run_file.read_text())
+        recorded = run.get("fingerprint")
         if resume and recorded == fingerprint:
             mark_unfinished(out_dir, command)
             done = 0
@@ -62,11 +67,13 @@ def prepare_partial_dir(out_dir: Path, fingerprint: str, resume: bool, command: 
                 done += 1
             return done
         if resume:
+            differing = settings_differences(run.get("settings"), settings or {}) if settings else []
             if (out_dir / METADATA_FILE).is_file() and not unfinished_problem(out_dir):
-                raise CheckpointError(finished_with_other_settings(out_dir))
+                raise CheckpointError(finished_with_other_settings(out_dir, differing))
+            what = f" ({'; '.join(differing)})" if differing else ""
             raise CheckpointError(
-                f"{out_dir} holds an unfinished partial run with other settings; pass --restart to discard it "
-                "or choose another --out"
+                f"{out_dir} holds an unfinished partial run with other settings{what}; rerun its command to resume "
+                "it, pass --restart to discard it or choose another --out"
             )
     mark_unfinished(out_dir, command)
     if partial.is_dir():
@@ -81,7 +88,8 @@ def prepare_partial_dir(out_dir: Path, fingerprint: str, resume: bool, command: 
             path.unlink()
     partial.mkdir(parents=True, exist_ok=True)
     temporary = run_file.with_suffix(".tmp")
-    temporary.write_text(json.dumps({"fingerprint": fingerprint, "command": command}))
+    record = {"fingerprint": fingerprint, "command": command, **({"settings": settings} if settings else {})}
+    temporary.write_text(json.dumps(record))
     temporary.replace(run_file)
     return 0
 

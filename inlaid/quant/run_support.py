@@ -1,0 +1,163 @@
+"""Small pieces `inlaid quantize` and `quantize-add` share around a run (an outside probe of
+the CLI): what an interrupt before the first layer leaves (nothing), how a refused resume names
+the settings that differ, the hint printed when a run with finished layers is interrupted, and
+transformers' deprecation noise kept off the user's terminal.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from inlaid.quant.partial import PARTIAL_DIR
+
+# A settings value recorded as a digest of a file's contents: a refusal says "other contents"
+# instead of printing two 64-digit hashes.
+DIGEST_PREFIX = "sha256:"
+
+
+@contextmanager
+def output_removed_unless_kept(out: Path) -> Iterator:
+    """As inputs.output_removed_on_early_failure, and on an interrupt (Ctrl-C) too: before the
+    first layer is kept nothing computed would be lost, and an UNFINISHED --out left behind made
+    a corrected rerun (other settings) refuse it as "an unfinished partial run"."""
+    from inlaid.quant.inputs import CreatedOutput
+
+    created = CreatedOutput.before_run(out)
+    try:
+        yield created
+    except (Exception, KeyboardInterrupt):
+        created.remove()
+        raise
+
+
+def settings_differences(recorded: dict | None, current: dict) -> list[str]:
+    """`key A there, B here` for every setting both record and that differs (train-adapter's
+    wording); digests read "other contents". Empty when `recorded` is None (a run.json from
+    before settings were recorded) or nothing recorded differs."""
+    if not isinstance(recorded, dict):
+        return []
+    differing = []
+    for key, value in current.items():
+        if key not in recorded or recorded[key] == value:
+            continue
+        if isinstance(value, str) and value.startswith(DIGEST_PREFIX):
+            differing.append(f"{key}: other contents")
+        else:
+            differing.append(f"{key} {recorded[key]} there, {value} here")
+    differing += [f"{key} {recorded[key]} there, not given here" for key in recorded if key not in current]
+    return differing
+
+
+def finished_layers(out: Path) -> int:
+    """How many leading layers `<out>/.partial/` holds."""
+    done = 0
+    while (Path(out) / PARTIAL_DIR / f"layer_{done:03d}.safetensors").is_file():
+        done += 1
+    return done
+
+
+def resume_hint(out: Path | None, command: str) -> str | None:
+    """The line printed before `inlaid <command>: interrupted` when the run kept finished layers
+    (the generic line said nothing of resuming), or None."""
+    if out is None:
+        return None
+    done = finished_layers(out)
+    if not done:
+        return None
+    return (f"inlaid {command}: {done} finished layer{'s' if done != 1 else ''} kept in {out}: rerun the same "
+            "command to resume, or add --restart to start over")
+
+
+def attach_adapters_quietly(model, adapters: dict[str, Path]):
+    """model_io.attach_adapters without transformers' `is_gradient_checkpointing is deprecated`
+    FutureWarning, which PEFT's PeftModel triggers on every load (each quantize and quantize-add
+    printed it); only that warning, only here."""
+    from inlaid.quant.model_io import attach_adapters
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        return attach_adapters(model, adapters)
+
+
+def absolute(path: Path | str | None) -> str | None:
+    """A path as a checkpoint records it: absolute, so a later `quantize-add --exact` finds it
+    from any directory (relative paths, as typed, were resolved against the later cwd)."""
+    return str(Path(path).expanduser().absolute()) if path else None
+
+
+def recorded_path(text: str, what: str, task: str, checkpoint: Path) -> Path:
+    """A file the checkpoint recorded for `task` (its adapter or calibration), found. An older
+    checkpoint recorded relative paths as typed: tried against the current directory, as
+    before; if not there, the refusal says so and from where to run (no traceback of a missing
+    file the user never typed)."""
+    from inlaid.quant.errors import QuantizationError
+
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    if path.is_absolute():
+        raise QuantizationError(f"{checkpoint} records the {what} of task {task!r} at {path}, which does not exist "
+                                "(moved or removed?): restore it, or add the task without --exact")
+    raise QuantizationError(
+        f"{checkpoint} records the {what} of task {task!r} as the relative path {text} (as typed when it was made), "
+        f"not found from {Path.cwd()}: run quantize-add --exact from the directory `inlaid quantize` ran in "
+        f"(where {text} lies), or add the task without --exact")
+
+
+def _digest_of(value: object) -> str:
+    import hashlib
+    import json
+
+    return DIGEST_PREFIX + hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def run_settings(config) -> dict[str, object]:
+    """What DriverConfig.fingerprint hashes, in the flags' words (kept in run.json: a refused
+    resume names what differs, as train-adapter's does). Not part of the fingerprint."""
+    from dataclasses import asdict
+
+    from inlaid.quant.driver import adapter_digest, file_digest
+
+    model_dir, spec = Path(config.model_dir), config.spec
+    described: dict[str, object] = {
+        # The model by where it lies and its files' sizes and times, not their digests: the
+        # fingerprint hashed its hundreds of MB once already, and this is only for the message.
+        "--model": _digest_of({"dir": str(model_dir.resolve())} | {
+            p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(model_dir.glob("*.safetensors"))}),
+        "--method": config.method.name, "--bits": spec.bits, "--group-size": spec.group_size, "--sym": spec.symmetric,
+        "--act-order": spec.act_order, "--dynamic-groups": not spec.static_groups, "--mse-clip": spec.mse_clip,
+        "--damp": spec.damp_percent, "--max-samples": config.max_samples, "--max-tokens": config.max_tokens,
+        "--batch-tokens": config.max_batch_tokens, "--task": ",".join(t.name for t in config.tasks),
+    }
+    described |= {f"mlgptq {key}": value for key, value in asdict(config.mlgptq).items()}
+    for task in config.tasks:
+        adapter = adapter_digest(task.adapter_dir)
+        described[f"adapter of {task.name}"] = _digest_of(adapter) if adapter is not None else "none"
+        described[f"calibration of {task.name}"] = DIGEST_PREFIX + file_digest(task.calib_path)
+    return described
+
+
+def probe_bar(tasks: list, progress: bool = True):
+    """The tasks, iterated under a tqdm bar like the layers' (mlgptq's cost probe ran 11-17 s
+    on the suite before the layer bar showed anything)."""
+    from tqdm import tqdm
+
+    return tqdm(tasks, desc="probe task costs", unit="task", disable=not progress)
+
+
+def out_overlaps_adapter_problem(out: Path, tasks: list) -> str | None:
+    """Why `out` may not take a run's output beside the tasks' adapters, or None: inside one
+    (or around it), UNFINISHED, .partial/ and the Hessian state landed among the adapter's
+    files, as inputs.out_overlaps_model_problem refuses for --model."""
+    resolved = Path(out).expanduser().resolve()
+    for task in tasks:
+        if task.adapter_dir is None:
+            continue
+        adapter = Path(task.adapter_dir).expanduser().resolve()
+        if resolved == adapter or adapter in resolved.parents or resolved in adapter.parents:
+            return (f"--out {resolved} overlaps the adapter {adapter} of task {task.name!r}: write the checkpoint "
+                    "to a directory outside it")
+    return None
