@@ -9,14 +9,15 @@ num_gpus = 0
 http_host = "127.0.0.1"       # Ray Serve's HTTP proxy
 http_port = 8000
 
-[ray.autoscaling]             # Ray Serve's autoscaling_config, passed through unchanged
+[ray.autoscaling]             # Ray Serve's autoscaling_config, checked here, then passed through
 min_replicas = 1
 max_replicas = 4
 target_ongoing_requests = 16
 
 [model] / [executor] / [executors] / [server] / [scheduler]   # each replica's Inlaid server, as for `inlaid serve`
 [tasks]                           # the catalog: every replica loads these on demand
-[http]                            # the ingress front's request_timeout_s / max_body_bytes
+[http]                            # the ingress front's request_timeout_s / max_body_bytes (no host/port:
+                                  # Ray Serve's proxy listens, on [ray] http_host / http_port)
 ```
 
 Torch-free and ray-free: the file is checked before anything starts. `load_ray_config` (the
@@ -36,12 +37,28 @@ from inlaid.engine.adapter_config import AdapterError
 from inlaid.engine.adapter_weights import check_servable_adapter
 from inlaid.engine.config import ModelConfig, check_range
 from inlaid.serve.config import ConfigError, config_from_dict, read_toml
-from inlaid.serve.config_parsing import check_quantized_dir
+from inlaid.serve.config_parsing import check_quantized_dir, reject_unknown, section
+
+# Ray Serve 2.60's AutoscalingConfig fields (ray.serve.config; importing it costs ~2 s and this
+# module stays ray-free), each as (lowest value, lowest excluded, integer). Ray checks them
+# only when the app is built, after connecting, and says so with a pydantic traceback.
+_AUTOSCALING_NUMBERS: dict[str, tuple[float, bool, bool]] = {
+    "min_replicas": (0, False, True), "initial_replicas": (0, False, True), "max_replicas": (1, False, True),
+    **{name: (0, True, False) for name in (
+        "target_ongoing_requests", "metrics_interval_s", "look_back_period_s", "smoothing_factor",
+        "upscale_smoothing_factor", "downscale_smoothing_factor", "upscaling_factor", "downscaling_factor")},
+    **{name: (0, False, False) for name in ("downscale_delay_s", "downscale_to_zero_delay_s", "upscale_delay_s")},
+}  # fmt: skip
+_AUTOSCALING_AGGREGATIONS = ("mean", "max", "min")
+AUTOSCALING_KEYS = set(_AUTOSCALING_NUMBERS) | {"aggregation_function", "policy"}  # policy: Ray's own table
+# What each replica sets for its own server (its private socket; it is the server's only admin).
+_REPLICA_OWN_SERVER_KEYS = ("address", "admin_token", "admin_token_env", "admin_token_file")
 
 
 @dataclass
 class RayDeploymentConfig:
-    server: dict[str, dict[str, Any]]  # the replicas' [model], [executor], [executors], [server], [scheduler] (paths resolved)
+    # The replicas' [model], [executor], [executors], [server], [scheduler] (paths resolved).
+    server: dict[str, dict[str, Any]]
     tasks: dict[str, str]  # task name -> adapter directory, the same path on every node
     http: dict[str, Any] = field(default_factory=dict)  # HttpConfig fields for the ingress front
     num_replicas: int | str = 2
@@ -58,6 +75,8 @@ class RayDeploymentConfig:
     http_port: int = 8000
     app_name: str = "inlaid"
     route_prefix: str = "/"
+    # One line each for the deploy command to print: settings accepted but not used as written.
+    warnings: list[str] = field(default_factory=list)
 
     def replica_actor_options(self) -> dict[str, Any]:
         return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
@@ -73,7 +92,7 @@ class RayDeploymentConfig:
         return int(self.num_replicas)
 
 
-_RAY_KEYS = {f.name for f in fields(RayDeploymentConfig)} - {"server", "tasks", "http"}
+_RAY_KEYS = {f.name for f in fields(RayDeploymentConfig)} - {"server", "tasks", "http", "warnings"}
 
 
 def load_ray_config(path: str | Path) -> RayDeploymentConfig:
@@ -102,16 +121,20 @@ def check_catalog_adapters(config: RayDeploymentConfig) -> None:
 
 def ray_config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> RayDeploymentConfig:
     raw = dict(raw)
-    ray = dict(raw.pop("ray", {}))
-    http = dict(raw.pop("http", {}))
+    ray, http = section(raw, "ray"), section(raw, "http")
+    raw.pop("ray", None), raw.pop("http", None)
     _refuse_per_server_settings(raw)
+    _check_http_table(http)
     unknown = set(ray) - _RAY_KEYS
     if unknown:
         raise ConfigError(f"[ray]: unknown keys {sorted(unknown)}; allowed: {sorted(_RAY_KEYS)}")
     # The replicas' server config, checked as `inlaid serve` would; each replica sets its own
-    # address and admin token (it is its server's only admin).
-    server_table = {k: v for k, v in raw.get("server", {}).items()
-                    if k not in ("address", "admin_token", "admin_token_env", "admin_token_file")}
+    # address and admin token (it is its server's only admin), so those are dropped, with a word.
+    server_raw = raw.get("server", {})
+    if not isinstance(server_raw, dict):
+        raise ConfigError("[server] must be a table")
+    server_table = {k: v for k, v in server_raw.items() if k not in _REPLICA_OWN_SERVER_KEYS}
+    dropped = [key for key in _REPLICA_OWN_SERVER_KEYS if key in server_raw]
     checked = config_from_dict({**raw, "server": {**server_table, "address": "ipc:///tmp/inlaid-check.ipc"}},
                                base_dir=base_dir)
     _check_cuda_devices(checked.executor_devices(), ray.get("num_gpus", 0.0))
@@ -133,7 +156,48 @@ def ray_config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> R
     autoscaling = ray.pop("autoscaling", None)
     config = RayDeploymentConfig(server=server, tasks=checked.tasks, http=http, autoscaling=autoscaling, **ray)
     _validate(config)
+    if dropped:
+        config.warnings.append(f"[server] {', '.join(dropped)} ignored: each replica's server listens on a private "
+                               f"socket of its own and has the replica as its only admin")
     return config
+
+
+def _check_http_table(http: dict[str, Any]) -> None:
+    """[http] configures the ingress front, which Ray Serve's proxy serves: a host or port
+    there would be silently unused, so it is refused pointing at [ray]'s own."""
+    listener = [key for key in ("host", "port") if key in http]
+    if listener:
+        raise ConfigError(f"[http] {', '.join(listener)}: Ray Serve's proxy is the listener in a Ray deployment; "
+                          f"set [ray] http_host / http_port instead")
+    reject_unknown("http", http, {f.name for f in fields(HttpConfig)} - {"host", "port"})
+
+
+def check_autoscaling(table: Any) -> None:
+    """[ray.autoscaling] as Ray Serve's AutoscalingConfig checks it (its keys, their ranges,
+    min_replicas <= initial_replicas <= max_replicas with Ray's defaults of 1), in one line."""
+    if not isinstance(table, dict):
+        raise ConfigError("[ray.autoscaling] must be a table")
+    reject_unknown("ray.autoscaling", table, AUTOSCALING_KEYS)
+    try:
+        for name, (low, low_open, integer) in _AUTOSCALING_NUMBERS.items():
+            if name in table:
+                check_range(f"ray.autoscaling.{name}", table[name], low, integer=integer, low_open=low_open)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    aggregation = table.get("aggregation_function", "mean")
+    if aggregation not in _AUTOSCALING_AGGREGATIONS:
+        raise ConfigError(f"ray.autoscaling.aggregation_function must be one of {list(_AUTOSCALING_AGGREGATIONS)}, "
+                          f"got {aggregation!r}")
+    if not isinstance(table.get("policy", {}), dict):
+        raise ConfigError("ray.autoscaling.policy must be a table (Ray Serve's AutoscalingPolicy)")
+    low, high = table.get("min_replicas", 1), table.get("max_replicas", 1)
+    if low > high:
+        default = "" if "max_replicas" in table else ", Ray's default"
+        raise ConfigError(f"ray.autoscaling: min_replicas ({low}) must be <= max_replicas ({high}{default})")
+    initial = table.get("initial_replicas")
+    if initial is not None and not low <= initial <= high:
+        raise ConfigError(f"ray.autoscaling.initial_replicas ({initial}) must be from min_replicas ({low}) "
+                          f"to max_replicas ({high})")
 
 
 def _check_cuda_devices(devices: list[str], num_gpus: Any) -> None:
@@ -186,13 +250,11 @@ def _replica_scheduler(checked: Any) -> dict[str, Any]:
 
 def _validate(config: RayDeploymentConfig) -> None:
     try:
-        HttpConfig(**config.http).validate(allow_public_bind=True)  # the proxy binds, not the front
-    except TypeError as error:
-        raise ConfigError(f"[http]: {error}") from None
+        HttpConfig(**config.http).validate(allow_public_bind=True)  # keys checked by _check_http_table
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    if config.autoscaling is not None and not isinstance(config.autoscaling, dict):
-        raise ConfigError("[ray.autoscaling] must be a table")
+    if config.autoscaling is not None:
+        check_autoscaling(config.autoscaling)
     # Ray checks these numbers only after connecting, with a pydantic traceback: check them first.
     try:
         if config.autoscaling is None:

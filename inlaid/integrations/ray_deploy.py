@@ -5,18 +5,22 @@ Whatever stops the command before that ends with one line on stderr and the appl
 deleted: a config that cannot serve is refused before connecting (exit 2); an address with
 no cluster behind it is refused in seconds (exit 2), where Ray would retry forever; a
 deployment that fails on the cluster (a replica's server cannot start) is deleted (exit 2),
-where it would otherwise stay deployed, failing, after a traceback.
+where it would otherwise stay deployed, failing, after a traceback, with one line naming its
+server's reason; replicas no node can host are refused on a cluster started here (exit 2),
+where Ray would wait forever, and said in a warning line on a running one (it may autoscale).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import socket
 import sys
+from typing import Any
 
-from inlaid.integrations.ray_config import load_ray_config
+from inlaid.integrations.ray_config import RayDeploymentConfig, load_ray_config
 
 _PROBE_TIMEOUT_S = 5.0  # a TCP connect to the cluster's GCS: a live one accepts at once
 _LOCAL_ADDRESSES = ("auto", "local", "")  # ray.init's own words, not a host:port
@@ -39,25 +43,76 @@ def gcs_address_problem(address: str, timeout_s: float = _PROBE_TIMEOUT_S) -> st
         return f"nothing accepts connections at {host_port} ({error})"
 
 
-def deploy_failure_reason(error: BaseException, details: str = "") -> str:
-    """One line for a deployment that failed on the cluster. serve.run's error says only that
-    it failed; its deployments' status messages (`details`) carry the replica's traceback with
-    its server's log, whose "cannot start" record (JSON with an `error`) says why best."""
-    reasons = []
-    for line in f"{error}\n{details}".splitlines():
-        start = line.find("{")
-        if start < 0:
-            continue
+# A record of the server's text log format (inlaid/serve/logs.py TextFormatter):
+# "04:19:41 CRITICAL inlaid.coordinator: cannot serve; exiting  [reason=...]".
+_TEXT_RECORD = re.compile(r"\b\d\d:\d\d:\d\d (?P<level>CRITICAL|ERROR)\s+inlaid[\w.]*: "
+                          r"(?P<msg>.*?)(?:  \[(?P<extras>.*)\])?\s*$")
+# Its extras are `key=value` joined by spaces, values unquoted: a reason (or error) runs to the
+# end, which is where the server's records put it.
+_TEXT_REASON = re.compile(r"(?:^| )(?:reason|error)=(?P<reason>.*)$")
+_LEVEL_RANK = {"critical": 2, "error": 1}  # a critical record is why the server ended
+
+
+def _log_reason(line: str) -> tuple[int, str, str] | None:
+    """(rank, msg, reason) of a server log line (JSON or text format) that says why something
+    failed: a critical or error record with a `reason` or `error` field (a record of any
+    level with an `error` ranks lowest)."""
+    start = line.find("{")
+    if start >= 0:
         try:
             record = json.loads(line[start:])
         except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("error"), str):
-            reasons.append(record["error"])
-    if reasons:
-        return f"a replica's Inlaid server cannot start: {reasons[-1]}"
+            record = None
+        if isinstance(record, dict):
+            rank = _LEVEL_RANK.get(str(record.get("level", "")).lower(), 0)
+            for key in ("reason", "error") if rank else ("error",):
+                if isinstance(record.get(key), str):
+                    return rank, str(record.get("msg", "")), record[key]
+            return None
+    match = _TEXT_RECORD.search(line)
+    if match is None or match["extras"] is None:
+        return None
+    reason = _TEXT_REASON.search(match["extras"])
+    return (_LEVEL_RANK[match["level"].lower()], match["msg"], reason["reason"]) if reason else None
+
+
+def deploy_failure_reason(error: BaseException, details: str = "") -> str:
+    """One line for a deployment that failed on the cluster. serve.run's error says only that
+    it failed; its deployments' status messages (`details`) carry the replica's traceback with
+    its server's log, whose last critical record ("cannot start" with an `error`, "cannot
+    serve; exiting" with a `reason`) says why best, in either log format."""
+    found = [reason for line in f"{error}\n{details}".splitlines() if (reason := _log_reason(line))]
+    if found:
+        rank = max(rank for rank, _, _ in found)
+        _, msg, reason = [item for item in found if item[0] == rank][-1]
+        if msg.startswith("cannot"):  # "cannot start", "cannot serve; exiting", "cannot listen"
+            return f"a replica's Inlaid server {msg.split(';')[0]}: {reason}"
+        return f"a replica's Inlaid server logged {msg!r}: {reason}" if msg else f"a replica's Inlaid server: {reason}"
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return first[:500]
+
+
+def unplaceable_replica(num_cpus: float, num_gpus: float, nodes: list[dict[str, Any]]) -> str | None:
+    """Why no live node of `nodes` (ray.nodes()) can host one replica, or None. Ray would
+    wait for such a node forever (replica_start_timeout_s bounds a replica's server start,
+    not its placement), logging only "No available node types can fulfill resource request"."""
+    alive = [node.get("Resources", {}) for node in nodes if node.get("Alive", True)]
+    if any(res.get("CPU", 0.0) >= num_cpus and res.get("GPU", 0.0) >= num_gpus for res in alive):
+        return None
+    most_gpus = max((res.get("GPU", 0.0) for res in alive), default=0.0)
+    most_cpus = max((res.get("CPU", 0.0) for res in alive), default=0.0)
+    return (f"no node of the cluster can host a replica (ray.num_gpus = {num_gpus:g}, ray.num_cpus = {num_cpus:g}; "
+            f"its {len(alive)} node{' has' if len(alive) == 1 else 's have'} at most {most_gpus:g} GPU, "
+            f"{most_cpus:g} CPU)")
+
+
+def _cluster_nodes() -> list[dict[str, Any]] | None:
+    import ray
+
+    try:
+        return list(ray.nodes())
+    except Exception:  # noqa: BLE001 (only the early warning is lost; Ray still places the replicas)
+        return None
 
 
 def _deployment_messages(app_name: str) -> str:
@@ -85,6 +140,8 @@ def deploy_main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"inlaid ray: {error}", file=sys.stderr)
         return 2
+    for warning in config.warnings:
+        print(f"inlaid ray: warning: {warning}", file=sys.stderr)
     problem = gcs_address_problem(args.address)
     if problem is not None:
         print(f"inlaid ray: no Ray cluster at {args.address!r}: {problem}; start one with `ray start --head`, or "
@@ -101,39 +158,65 @@ def deploy_main(argv: list[str] | None = None) -> int:
         print(f"inlaid ray: no Ray cluster at {args.address!r} ({error}); start one with `ray start --head`, or "
               "pass --address local for a cluster inside this process", file=sys.stderr)
         return 2
-    terminated: list[int] = []
+    nodes = _cluster_nodes()
+    problem = unplaceable_replica(config.num_cpus, config.num_gpus, nodes) if nodes is not None else None
+    if problem is not None and args.address == "local":  # started here: no autoscaler adds a node to it
+        print(f"inlaid ray: {problem}", file=sys.stderr)
+        return 2
+    if problem is not None:  # an autoscaling cluster may add such a node: Ray waits for one
+        print(f"inlaid ray: warning: {problem}; the deploy waits until a node that has it joins", file=sys.stderr)
+    return _serve(config, serve, build_app)
+
+
+def _serve(config: RayDeploymentConfig, serve: Any, build_app: Any) -> int:
+    """Deploy and block until a signal or a failed deploy; the first SIGINT/SIGTERM deletes the
+    application, a second one leaves it as it is, and says so, wherever it arrives: a handler
+    raises only at the points that can take it, so no traceback escapes from a print."""
+    signals: list[int] = []
+    phase = ["running"]  # running -> ending -> deleting -> done
 
     def interrupt(signum: int, frame: object) -> None:
-        terminated.append(signum)
-        raise KeyboardInterrupt
+        signals.append(signum)
+        if phase[0] == "running":  # ends serve.run; a signal that follows only counts
+            phase[0] = "ending"
+            raise KeyboardInterrupt
+        if phase[0] == "deleting":  # interrupts serve.delete, once
+            phase[0] = "done"
+            raise KeyboardInterrupt
 
-    def delete_application() -> bool:
+    def delete_application(announce: str) -> None:
+        print(announce, file=sys.stderr)
         try:
+            phase[0] = "deleting"
+            if len(signals) > 1:  # the second signal came before the delete began
+                phase[0] = "done"
+                raise KeyboardInterrupt
             serve.delete(config.app_name)
-            return True
         except KeyboardInterrupt:
-            print(f"inlaid ray: interrupted again; application {config.app_name!r} may still be deployed "
-                  f"(serve.delete it, or `serve shutdown`)", file=sys.stderr)
-            return False
+            phase[0] = "done"
+            print(f"inlaid ray: interrupted again; application {config.app_name!r} left as it is, maybe still "
+                  f"deployed (serve.delete it, or `serve shutdown`)", file=sys.stderr)
+        phase[0] = "done"
 
     # SIGTERM (`kill`, a process manager's stop) ends the deployment as Ctrl-C does.
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     try:
         serve.start(http_options={"host": config.http_host, "port": config.http_port})
         serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=True)
     except KeyboardInterrupt:
         # Ctrl-C ends the deployment this command made: without the delete, the app would
         # keep serving (and holding GPUs) on the cluster after the command is gone.
-        how = "terminated" if terminated else "interrupted"
-        print(f"inlaid ray: {how}; deleting application {config.app_name!r}", file=sys.stderr)
-        delete_application()
-        return 128 + (terminated[0] if terminated else signal.SIGINT)  # the shell's convention
+        phase[0] = "ending"
+        first = signals[0] if signals else signal.SIGINT
+        how = "terminated" if first == signal.SIGTERM else "interrupted"
+        delete_application(f"inlaid ray: {how}; deleting application {config.app_name!r}")
+        return 128 + first  # the shell's convention
     except RuntimeError as error:
         # serve.run's "Deploying application ... failed" (Ray has retried the replicas): the
         # failed app would stay deployed, its controller retrying it, after the command exits.
+        phase[0] = "ending"
         reason = deploy_failure_reason(error, _deployment_messages(config.app_name))
-        print(f"inlaid ray: application {config.app_name!r} failed to deploy ({reason}); deleting it",
-              file=sys.stderr)
-        delete_application()
+        delete_application(f"inlaid ray: application {config.app_name!r} failed to deploy ({reason}); deleting it")
         return 2
     return 0

@@ -1,0 +1,292 @@
+"""Fixes to the Ray deploy command found by an outside scale-out probe, each checked without a
+Ray cluster (Ray's calls are stand-ins; the command's own decisions are under test).
+
+* A failed deploy names the server's reason from its log in either format (the coordinator's
+  "cannot serve; exiting" record carries a `reason`, not an `error`; a text log is no JSON).
+* [ray.autoscaling] is checked before connecting: unknown keys, ranges, min <= max (Ray says
+  these with a pydantic traceback, or not at all for an unknown key).
+* A second SIGINT arriving at once (`timeout -s INT` signals the command and its group) leaves
+  the app as it is and says so, instead of a KeyboardInterrupt traceback out of a print.
+* Replicas no node can host: refused on a cluster this command started, else a warning
+  (Ray would wait forever, saying only "No available node types can fulfill ...").
+* [http] host/port (Ray's proxy listens, on [ray] http_port) refused, unknown [http] keys in
+  the usual words, and a dropped [server] address said in one line.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import signal
+import sys
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from inlaid.integrations.ray_config import AUTOSCALING_KEYS, ray_config_from_dict
+from inlaid.integrations.ray_deploy import deploy_failure_reason, deploy_main
+from inlaid.serve.config import ConfigError
+from inlaid.serve.launcher import to_toml
+from inlaid.serve.logs import setup_logging
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+CATALOG = {name: str(ADAPTERS / name) for name in ("qa", "sentiment")}
+APP = "probe-fix"
+DEPLOY_ERROR = RuntimeError(f"Deploying application {APP} failed: Failed to update the deployments "
+                            f"['InlaidReplica'].")  # serve.run's words (ray 2.60)
+# How Ray 2.60 words the failed deployment's status message before the replica's error, which
+# holds its server's log (ray_child.ChildServer: "the replica's Inlaid server exited:\n<log>").
+MESSAGE_HEAD = ("Failed to update the deployments ['InlaidReplica'].\nray.exceptions.RayTaskError(RuntimeError): "
+                f"ray::ServeReplica:{APP}:InlaidReplica.initialize_and_get_metadata() (pid=4242)\n"
+                "RuntimeError: the replica's Inlaid server exited:\n")
+FATAL = "the executor failed to start 3 times in a row; last: executor (pid 7) died with signal SIGKILL"
+
+
+@pytest.fixture()
+def server_log_text(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """write(fmt, log_calls) -> what an `inlaid serve` writes to its stderr (the replica's log
+    file) with server.log_format = fmt, through the server's own logging set-up."""
+    logger = logging.getLogger("inlaid")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+
+    def write(fmt: str, log_calls: Any) -> str:
+        stream = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", stream)
+        setup_logging("INFO", fmt)
+        log_calls()
+        monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+        return stream.getvalue()
+
+    yield write
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def _executor_failing_to_start() -> None:
+    """The records of a server whose executor never starts, made by the code that logs them:
+    the supervisor's error records, then the coordinator's fatal one (`Coordinator._on_fatal`)."""
+    from inlaid.serve.coordinator import Coordinator
+
+    supervisor = logging.getLogger("inlaid.supervisor")
+    supervisor.error("executor did not become ready in time; killing it", extra={"pid": 7, "timeout_s": 0.05})
+    supervisor.error("executor lost", extra={"generation": 3, "reason": "executor (pid 7) died with signal SIGKILL"})
+    coordinator = types.SimpleNamespace(in_flight=types.SimpleNamespace(fail_all=lambda *args: None),
+                                        request_shutdown=lambda: None)
+    Coordinator._on_fatal(coordinator, FATAL)  # type: ignore[arg-type]
+    logging.getLogger("inlaid.coordinator").info("coordinator stopped", extra={"exit_code": 1, "received": 0})
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_a_failed_deploy_names_the_coordinators_fatal_reason_in_either_log_format(server_log_text, fmt: str) -> None:
+    log = server_log_text(fmt, _executor_failing_to_start)
+    assert "cannot serve; exiting" in log
+    assert deploy_failure_reason(DEPLOY_ERROR, MESSAGE_HEAD + log) == (
+        f"a replica's Inlaid server cannot serve: {FATAL}")
+
+
+def test_a_text_format_cannot_start_record_is_read(server_log_text) -> None:
+    from inlaid.serve.cli import _cannot_start
+
+    log = server_log_text("text", lambda: _cannot_start("model.dir: /models/x has no tokenizer.json"))
+    assert deploy_failure_reason(DEPLOY_ERROR, MESSAGE_HEAD + log) == (
+        "a replica's Inlaid server cannot start: model.dir: /models/x has no tokenizer.json")
+
+
+def test_the_probes_text_log_line_with_rays_prefix_is_read() -> None:
+    # As the probe's run printed it (Ray prefixes a controller's lines with its colour codes).
+    line = ("\x1b[36m(ServeController pid=19546)\x1b[0m 04:19:41 CRITICAL inlaid.coordinator: cannot serve; exiting  "
+            "[reason=the executor failed to start 3 times in a row; last: executor (pid 20070) died with signal "
+            "SIGKILL]")
+    assert deploy_failure_reason(DEPLOY_ERROR, line) == (
+        "a replica's Inlaid server cannot serve: the executor failed to start 3 times in a row; last: executor "
+        "(pid 20070) died with signal SIGKILL")
+
+
+# --- the config ----------------------------------------------------------------------------------
+
+def _raw(model_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    raw: dict[str, Any] = {"ray": {"num_replicas": 1, "app_name": APP}, "model": {"dir": str(model_dir)},
+                           "executor": {"threads": 1, "max_lora_rank": 16}, "tasks": dict(CATALOG)}
+    raw.update(sections)
+    return raw
+
+
+@pytest.mark.parametrize("autoscaling, words", [
+    ({"min_replicas": 3, "max_replicas": 1}, "ray.autoscaling: min_replicas (3) must be <= max_replicas (1)"),
+    ({"min_replicas": 2}, "min_replicas (2) must be <= max_replicas (1, Ray's default)"),
+    ({"max_replicas": 2, "bogus_key": 3}, "[ray.autoscaling]: unknown keys ['bogus_key']"),
+    ({"max_replicas": 0}, "ray.autoscaling.max_replicas"),
+    ({"max_replicas": 2.5}, "ray.autoscaling.max_replicas"),
+    ({"min_replicas": -1, "max_replicas": 2}, "ray.autoscaling.min_replicas"),
+    ({"max_replicas": 4, "target_ongoing_requests": 0}, "ray.autoscaling.target_ongoing_requests"),
+    ({"max_replicas": 4, "initial_replicas": 5}, "initial_replicas (5) must be from min_replicas (1) to"),
+    ({"max_replicas": 4, "aggregation_function": "median"}, "ray.autoscaling.aggregation_function"),
+])  # fmt: skip
+def test_an_autoscaling_table_ray_would_refuse_is_refused_in_one_line(model_dir: Path, autoscaling: dict[str, Any],
+                                                                       words: str) -> None:
+    raw = _raw(model_dir, ray={"num_replicas": "auto", "app_name": APP, "autoscaling": autoscaling})
+    with pytest.raises(ConfigError) as refused:
+        ray_config_from_dict(raw)
+    assert words in str(refused.value) and "\n" not in str(refused.value), refused.value
+
+
+def test_a_good_autoscaling_table_passes_and_reaches_ray_unchanged(model_dir: Path) -> None:
+    table = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16, "upscale_delay_s": 0}
+    config = ray_config_from_dict(_raw(model_dir, ray={"num_replicas": "auto", "app_name": APP, "autoscaling": table}))
+    assert config.scaling_options() == {"num_replicas": "auto", "autoscaling_config": table}
+
+
+def test_the_autoscaling_keys_are_rays() -> None:
+    from ray.serve.config import AutoscalingConfig
+
+    assert AUTOSCALING_KEYS == set(AutoscalingConfig.model_fields)
+
+
+def test_http_port_is_refused_naming_ray_http_port(model_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^\[http\] port: .*\[ray\] http_host / http_port"):
+        ray_config_from_dict(_raw(model_dir, http={"port": 29911}))
+
+
+def test_an_unknown_http_key_is_refused_in_the_usual_words(model_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^\[http\]: unknown keys \['bogus'\]; allowed: \["):
+        ray_config_from_dict(_raw(model_dir, http={"bogus": 1}))
+
+
+def test_a_dropped_server_address_is_said(model_dir: Path) -> None:
+    config = ray_config_from_dict(_raw(model_dir, server={"address": "tcp://127.0.0.1:5555"}))
+    assert len(config.warnings) == 1 and config.warnings[0].startswith("[server] address ignored: "), config.warnings
+    assert ray_config_from_dict(_raw(model_dir)).warnings == []
+
+
+# --- the deploy command --------------------------------------------------------------------------
+
+@dataclass
+class _Deployment:  # what serve.status() holds, reduced to what the command reads
+    message: str
+
+
+@pytest.fixture()
+def deploy(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """deploy(sections, address, run, nodes, capture, details) -> (exit code, stderr lines, calls):
+    the command run against stand-ins of Ray's calls (`run` is serve.run's body, `nodes`
+    ray.nodes(), `details` the replica deployment's status message; stderr goes to `capture`)."""
+    import ray
+    from ray import serve
+
+    calls: dict[str, list[Any]] = {"init": [], "run": [], "delete": []}
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)  # the command sets its own
+
+    def run_deploy(sections: dict[str, Any], address: str = "auto", run: Any = None,
+                   nodes: list[dict[str, Any]] | None = None, capture: Any = None,
+                   details: str = "") -> tuple[int, list[str], Any]:
+        path = tmp_path / "ray.toml"
+        path.write_text(to_toml(_raw(model_dir, **sections)))
+        monkeypatch.setattr(ray, "init", lambda **options: calls["init"].append(options))
+        monkeypatch.setattr(ray, "nodes", lambda: nodes if nodes is not None else [
+            {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 8.0}}])
+        monkeypatch.setattr(serve, "start", lambda **options: None)
+        monkeypatch.setattr(serve, "run", lambda *a, **k: (calls["run"].append(k), (run or (lambda: None))())[1])
+        monkeypatch.setattr(serve, "delete", lambda name: calls["delete"].append(name))
+        monkeypatch.setattr(serve, "status", lambda: types.SimpleNamespace(applications={APP: types.SimpleNamespace(
+            deployments={"InlaidReplica": _Deployment(details)})}))
+        stream = capture or io.StringIO()
+        monkeypatch.setattr(sys, "stderr", stream)
+        try:
+            code = deploy_main(["--config", str(path), "--address", address])
+        except KeyboardInterrupt:
+            monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+            pytest.fail(f"KeyboardInterrupt escaped the command; it wrote {stream.getvalue()!r}")
+        monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+        return code, stream.getvalue().splitlines(), calls
+
+    yield run_deploy
+    signal.signal(signal.SIGINT, handlers[0])
+    signal.signal(signal.SIGTERM, handlers[1])
+
+
+def test_a_bad_autoscaling_table_is_one_line_exit_2_before_connecting(deploy) -> None:
+    code, lines, calls = deploy({"ray": {"num_replicas": "auto", "app_name": APP},  # to_toml writes flat tables
+                                 "ray.autoscaling": {"min_replicas": 3, "max_replicas": 1}})
+    assert (code, calls["init"]) == (2, [])
+    assert lines == ["inlaid ray: ray.autoscaling: min_replicas (3) must be <= max_replicas (1)"]
+
+
+class _SignalsOnWrite(io.StringIO):
+    """stderr that receives SIGINT while the command writes its first line: the second of two
+    signals sent at once (`timeout -s INT` signals the command, then its process group)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = False
+
+    def write(self, text: str) -> int:
+        written = super().write(text)
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return written
+
+
+def test_a_second_sigint_during_the_first_ones_line_leaves_the_app_and_says_so(deploy) -> None:
+    def interrupted_run() -> None:  # Ctrl-C while serve.run blocks
+        os.kill(os.getpid(), signal.SIGINT)
+
+    code, lines, calls = deploy({}, run=interrupted_run, capture=_SignalsOnWrite())
+    assert code == 130
+    assert calls["delete"] == []  # the second signal said: leave it
+    assert lines == [f"inlaid ray: interrupted; deleting application {APP!r}",
+                     f"inlaid ray: interrupted again; application {APP!r} left as it is, maybe still deployed "
+                     f"(serve.delete it, or `serve shutdown`)"]
+
+
+def test_one_sigint_still_deletes_the_app(deploy) -> None:
+    code, lines, calls = deploy({}, run=lambda: os.kill(os.getpid(), signal.SIGINT))
+    assert (code, calls["delete"], lines) == (130, [APP], [f"inlaid ray: interrupted; deleting application {APP!r}"])
+
+
+def test_a_failed_deploy_with_a_text_log_names_the_reason(deploy, server_log_text) -> None:
+    log = server_log_text("text", _executor_failing_to_start)
+
+    def failing_run() -> None:
+        raise DEPLOY_ERROR
+
+    code, lines, calls = deploy({"server": {"log_format": "text"}}, run=failing_run, details=MESSAGE_HEAD + log)
+    assert (code, calls["delete"]) == (2, [APP])
+    assert lines == [f"inlaid ray: application {APP!r} failed to deploy (a replica's Inlaid server cannot serve: "
+                     f"{FATAL}); deleting it"]
+
+
+NO_GPU_NODE = [{"Alive": True, "Resources": {"CPU": 2.0, "memory": 1e9}}]
+WANTS_A_GPU = {"ray": {"num_replicas": 1, "app_name": APP, "num_gpus": 1}}
+
+
+def test_replicas_no_node_can_host_are_refused_on_a_cluster_started_here(deploy) -> None:
+    code, lines, calls = deploy(WANTS_A_GPU, address="local", nodes=NO_GPU_NODE)
+    assert (code, calls["run"]) == (2, [])
+    assert lines == ["inlaid ray: no node of the cluster can host a replica (ray.num_gpus = 1, ray.num_cpus = 1; "
+                     "its 1 node has at most 0 GPU, 2 CPU)"]
+
+
+def test_replicas_no_node_can_host_yet_are_a_warning_on_a_running_cluster(deploy) -> None:
+    # A running cluster may autoscale (its autoscaler adds the node Ray asks for): deploy anyway.
+    code, lines, calls = deploy(WANTS_A_GPU, address="auto", nodes=NO_GPU_NODE)
+    assert (code, len(calls["run"])) == (0, 1)
+    assert len(lines) == 1 and lines[0].startswith("inlaid ray: warning: no node of the cluster can host a replica")
+
+
+def test_replicas_a_node_can_host_deploy_without_a_word(deploy) -> None:
+    nodes = [{"Alive": False, "Resources": {"CPU": 8.0, "GPU": 1.0}}, *NO_GPU_NODE,
+             {"Alive": True, "Resources": {"CPU": 1.0, "GPU": 1.0}}]
+    code, lines, calls = deploy(WANTS_A_GPU, address="local", nodes=nodes)
+    assert (code, lines, len(calls["run"])) == (0, [], 1)
+
+
+def test_a_dropped_server_address_is_one_warning_line(deploy) -> None:
+    code, lines, _ = deploy({"server": {"address": "tcp://127.0.0.1:5555"}})
+    assert code == 0 and len(lines) == 1 and lines[0].startswith("inlaid ray: warning: [server] address ignored")
