@@ -3,10 +3,10 @@
 `LengthPredictor` (hashed task + prompt features, ridge on log length), `TaskMeanPredictor`
 (the per-task mean baseline), `OnlineLengthPredictor` (learns from finished requests with
 bounded memory, refits off the caller's thread, saves and loads its state) and
-`evaluate_predictions` (MAE, bucket accuracy, Kendall's tau, Spearman per task).
+`evaluate_predictions` / `evaluate_report` (MAE, bucket accuracy, Kendall's tau, Spearman per task).
 """
 
-from inlaid.predictor.evaluate import evaluate_predictions, length_bucket
+from inlaid.predictor.evaluate import evaluate_predictions, evaluate_report, length_bucket
 from inlaid.predictor.features import FeatureHasher
 from inlaid.predictor.model import LengthPredictor, LengthSample, TaskMeanPredictor
 from inlaid.predictor.online import OnlineLengthPredictor, PredictorStateError
@@ -19,5 +19,6 @@ __all__ = [
     "PredictorStateError",
     "TaskMeanPredictor",
     "evaluate_predictions",
+    "evaluate_report",
     "length_bucket",
 ]

@@ -5,7 +5,12 @@
 
 A JSONL of finished requests has one object per line: {"task": name or null,
 "prompt_token_ids": [...], "output_tokens": n}. `train` writes the state the server loads
-with `[scheduler] predictor_state`.
+with `[scheduler] predictor_state`; it keeps a reservoir of at most 4,096 requests, 512 a
+task (the most recent), and `evaluate` fits on the same reservoir, so it scores what `train`
+would write. `evaluate` prints JSON: {"train": {"requests", "kept"}, "all": pooled scores,
+"tasks": {task: scores}, "base": scores of requests with task null (where there are any)};
+scores are per predictor ("model", "task_mean"): mae, bucket_accuracy, kendall_tau,
+spearman, requests.
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ import sys
 from pathlib import Path
 
 from inlaid.cli_args import writable_file_problem
-from inlaid.predictor.evaluate import evaluate_predictions
-from inlaid.predictor.model import LengthPredictor, LengthSample, TaskMeanPredictor
+from inlaid.predictor.evaluate import evaluate_report
+from inlaid.predictor.model import LengthSample, TaskMeanPredictor
 from inlaid.predictor.online import OnlineLengthPredictor
 
 
@@ -48,6 +53,8 @@ def read_samples(path: str | Path) -> list[LengthSample]:
             task, prompt, output = row["task"], row["prompt_token_ids"], row["output_tokens"]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise DataError(f"{path}:{number}: expected task, prompt_token_ids, output_tokens ({error})") from None
+        except RecursionError:  # 100,000 nested '[' ended in a traceback, rc 1 (an outside probe)
+            raise DataError(f"{path}:{number}: JSON nested too deeply to be a finished request") from None
         problem = _sample_problem(task, prompt, output)
         if problem:
             raise DataError(f"{path}:{number}: {problem}")
@@ -77,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="fit on finished requests, write a predictor state (.npz)")
     train.add_argument("--data", required=True)
     train.add_argument("--out", required=True)
-    evaluate = commands.add_parser("evaluate", help="fit on --train, score on --test against the per-task mean")
+    evaluate = commands.add_parser("evaluate", help="fit as `train` does (its reservoir of at most 4,096 requests, "
+                                   "512 a task), score on --test against the per-task mean; JSON with 'all' (pooled), "
+                                   "'tasks' and 'base' (task null)")
     evaluate.add_argument("--train", required=True)
     evaluate.add_argument("--test", required=True)
     args = parser.parse_args(argv)
@@ -87,23 +96,34 @@ def main(argv: list[str] | None = None) -> int:
             if problem:  # before the fit, not as a traceback naming a temporary file after it
                 raise DataError(problem)
             samples = read_samples(args.data)
-            predictor = OnlineLengthPredictor()
-            for sample in samples:
-                predictor.remember(sample.task, sample.prompt_token_ids, sample.output_tokens)
-            predictor.refit(wait=True)
+            predictor = _trained(samples)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             predictor.save(args.out)
             print(f"trained on {len(samples)} requests ({predictor.size} kept); wrote {args.out}")
         else:
             train_samples, test_samples = read_samples(args.train), read_samples(args.test)
-            model = LengthPredictor().fit(train_samples)
+            # What `train` would write (its reservoir, not every row): fitted on all rows, the
+            # scores described a model no command writes.
+            model = _trained(train_samples)
             baseline = TaskMeanPredictor().fit(train_samples)
-            report = evaluate_predictions(
+            report = evaluate_report(
                 [s.task for s in test_samples], [s.output_tokens for s in test_samples],
                 {"model": [model.predict(s.task, s.prompt_token_ids) for s in test_samples],
                  "task_mean": [baseline.predict(s.task) for s in test_samples]})
-            print(json.dumps(report, indent=1))
+            print(json.dumps({"train": {"requests": len(train_samples), "kept": model.size}, **report}, indent=1))
     except DataError as error:
         print(f"python -m inlaid.predictor: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's 128 + SIGINT, not a traceback
+        print("python -m inlaid.predictor: interrupted", file=sys.stderr)
+        return 130
     return 0
+
+
+def _trained(samples: list[LengthSample]) -> OnlineLengthPredictor:
+    """The predictor `train` writes: the samples through its reservoir, then one fit."""
+    predictor = OnlineLengthPredictor()
+    for sample in samples:
+        predictor.remember(sample.task, sample.prompt_token_ids, sample.output_tokens)
+    predictor.refit(wait=True)
+    return predictor

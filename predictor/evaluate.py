@@ -39,18 +39,43 @@ def _scores(predicted: np.ndarray, actual: np.ndarray) -> dict[str, float]:
     }
 
 
+def _scope_scores(mask: np.ndarray, actual: np.ndarray, predictions: Mapping[str, Sequence[float]]
+                  ) -> dict[str, dict[str, float]]:
+    return {name: {**_scores(np.asarray(values, dtype=np.float64)[mask], actual[mask]), "requests": int(mask.sum())}
+            for name, values in predictions.items()}
+
+
+def evaluate_report(
+    tasks: Sequence[str | None], actual: Sequence[float], predictions: Mapping[str, Sequence[float]]
+) -> dict[str, dict]:
+    """{"all": {predictor: scores} (every request pooled), "tasks": {task name: {predictor:
+    scores}}, "base": {predictor: scores} (requests of no task; only where there are any)}.
+    Each in its own field: no task name can take the pooled figures' or the base's place."""
+    actual_array = np.asarray(actual, dtype=np.float64)
+    is_base = np.asarray([t is None for t in tasks], dtype=bool)
+    names = np.asarray(["" if t is None else t for t in tasks], dtype=object)
+    report: dict[str, dict] = {"all": _scope_scores(np.ones(len(actual_array), dtype=bool), actual_array, predictions),
+                               "tasks": {}}
+    for name in sorted({t for t in tasks if t is not None}):
+        report["tasks"][name] = _scope_scores(~is_base & (names == name), actual_array, predictions)
+    if is_base.any():
+        report["base"] = _scope_scores(is_base, actual_array, predictions)
+    return report
+
+
 def evaluate_predictions(
     tasks: Sequence[str | None], actual: Sequence[float], predictions: Mapping[str, Sequence[float]]
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """{scope: {predictor: scores}}; scope is each task name and "all" (every request pooled)."""
-    actual_array = np.asarray(actual, dtype=np.float64)
-    task_array = np.asarray(["<base>" if t is None else t for t in tasks])
-    report: dict[str, dict[str, dict[str, float]]] = {}
-    scopes = sorted(set(task_array.tolist())) + ["all"]
-    for scope in scopes:
-        mask = np.ones(len(task_array), dtype=bool) if scope == "all" else task_array == scope
-        report[scope] = {
-            name: {**_scores(np.asarray(values, dtype=np.float64)[mask], actual_array[mask]), "requests": int(mask.sum())}
-            for name, values in predictions.items()
-        }
-    return report
+    """{scope: {predictor: scores}}; scope is each task name (requests of no task: "<base>")
+    and "all" (every request pooled). ValueError where a task name takes one of those two
+    keys (a task named "all" was silently overwritten by the pooled figures): `evaluate_report`
+    keeps them apart."""
+    report = evaluate_report(tasks, actual, predictions)
+    taken = {"all", "<base>"} if "base" in report else {"all"}
+    clash = sorted(taken & set(report["tasks"]))
+    if clash:
+        raise ValueError(f"task names {clash} collide with the report's own keys; use evaluate_report")
+    flat = dict(report["tasks"])
+    if "base" in report:
+        flat["<base>"] = report["base"]
+    return {**dict(sorted(flat.items())), "all": report["all"]}

@@ -224,10 +224,21 @@ class LengthPredictor:
         return state
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
-        bits, self.alpha, intercept, fitted = (float(x) for x in state["config"])
-        if not self.alpha > 0:  # finite: the state's floats are checked before
-            raise ValueError(f"ridge alpha {self.alpha} is not > 0 (every refit would fail)")
-        self.hasher = FeatureHasher(int(bits))
+        """ValueError for a state this model cannot continue: its hash width (`config[0]`) must
+        be this model's, as every saved column index and reservoir row was hashed with it."""
+        config = state["config"]
+        if config.shape != (4,):
+            raise ValueError(f"config holds {config.shape} values, not the 4 (bits, alpha, intercept, fitted) saved")
+        bits, alpha, intercept, fitted = (float(x) for x in config)
+        # A state of 20 bits was taken whole: the model then hashed new requests into 20-bit
+        # columns unlike the reservoir's, and predicted 1 token for everything, refits included.
+        if bits != self.hasher.bits:
+            raise ValueError(f"its features are hashed into {bits:g} bits; this predictor uses {self.hasher.bits}")
+        if fitted not in (0.0, 1.0):
+            raise ValueError(f"config's fitted flag is {fitted:g}, not 0 or 1")
+        if not alpha > 0:  # finite: the state's floats are checked before
+            raise ValueError(f"ridge alpha {alpha} is not > 0 (every refit would fail)")
+        self.alpha = alpha
         self.fallback.load_state(state)
         self.weights = None
         for name in ("coef_index", "shared_index"):  # numpy would take -1 as the last column

@@ -196,6 +196,7 @@ class OnlineLengthPredictor:
         try:
             state = _read_state(path)
             predictor.model.load_state(state)
+            _check_targets(state["reservoir_targets"])
             indices = state["reservoir_indices"]
             if len(indices) and not 0 <= int(indices.min()) <= int(indices.max()) < predictor.model.hasher.size:
                 raise ValueError("reservoir feature indices outside the model")  # a refit would fail on them
@@ -224,6 +225,17 @@ def _check_length(output_tokens: float) -> None:
     # One NaN shifted every later prediction and made the saved state unloadable.
     if not (isinstance(output_tokens, (int, float, np.integer, np.floating)) and 0 <= output_tokens < math.inf):
         raise ValueError(f"output_tokens must be a finite number >= 0, got {output_tokens!r}")
+
+
+def _check_targets(targets: np.ndarray) -> None:
+    """Reservoir output lengths must be lengths a request can have: targets of 1e308 loaded
+    and, after a refit, every prediction was 1e9 tokens (an outside probe). The bound is the
+    traces' (imported here: inlaid.scheduling depends on this package, not the reverse)."""
+    from inlaid.scheduling.traces import MAX_REQUEST_TOKENS
+
+    if targets.dtype.kind not in "iuf" or (len(targets) and not (
+            0 <= float(targets.min()) and float(targets.max()) <= MAX_REQUEST_TOKENS)):
+        raise ValueError(f"reservoir output lengths outside [0, {MAX_REQUEST_TOKENS}] tokens")
 
 
 def _read_state(path: Path) -> dict[str, np.ndarray]:

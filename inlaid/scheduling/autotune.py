@@ -60,6 +60,9 @@ SEED = 7
 # Fewer requests a workload rank the candidates on noise (and the warm-up share leaves none).
 MIN_TUNING_REQUESTS = 10
 MIN_STEP_S = 1e-6  # the shortest decode step a cost model may predict
+# The most tasks a tuning simulates: far past any server's adapters. Each task is an object
+# and a popularity weight per workload; `--tasks 99999999` was accepted (an outside probe).
+MAX_TUNING_TASKS = 100_000
 
 
 def load_cost_model(path: str, max_num_seqs: int = 64) -> StepCostModel:
@@ -194,13 +197,28 @@ def choose(scores: Sequence[CandidateScore], baseline: str = "defaults") -> Cand
 def tuning_input_problem(num_tasks: int, requests: int, load: float) -> str | None:
     """The first tuning input out of range, named (one message for all three left the
     caller guessing which), or None."""
-    if num_tasks < 1:
-        return f"tuning needs num_tasks >= 1, got {num_tasks}"
+    if not 1 <= num_tasks <= MAX_TUNING_TASKS:
+        return f"tuning needs 1 <= num_tasks <= {MAX_TUNING_TASKS}, got {num_tasks}"
     if requests < MIN_TUNING_REQUESTS:
         return f"tuning needs requests >= {MIN_TUNING_REQUESTS} a workload, got {requests}"
     if not 0 < load <= 1:
         return f"tuning needs 0 < load <= 1, got {load}"
     return None
+
+
+def context_problem(records: Sequence[Any], shape: EngineShape, path: str | Path) -> str | None:
+    """The workload records (`SuiteRecord`s) whose prompt leaves no room in the server's
+    context, counted and the first named, or None. The server refuses each such request; a
+    tuning on them ran 3 minutes and ranked every option 1.00x, the defaults "chosen", without
+    a word of the refusals (an outside probe), so they are refused before any simulation."""
+    context = shape.context_length
+    too_long = [record for record in records if record.prompt_tokens >= context]
+    if not too_long:
+        return None
+    first = too_long[0]
+    return (f"{path}: {len(too_long)} of {len(records)} 'eval' records have a prompt with no room in the context "
+            f"length {context} (max_model_len, capped by the KV cache), which the server refuses; first: "
+            f"{first.record_id!r}, {first.prompt_tokens} prompt tokens. Tune on lengths the server can serve")
 
 
 def tune_inlaid_options(
@@ -241,6 +259,9 @@ def tune_inlaid_options(
                 if key not in COMMON_OPTIONS and key not in SERVER_LEARNING_OPTIONS}
     records = load_tuning_records(lengths_file or SUITE_LENGTHS_FILE)
     held_out = [r for r in records if r.split == "eval"]
+    problem = context_problem(held_out, shape, lengths_file or SUITE_LENGTHS_FILE)
+    if problem:
+        raise ValueError(problem)
     # What the predictor knows at start: the suite's calib split, prompts as stand-in ids of
     # their recorded length (the simulator replays the workloads' prompts the same way).
     history = [(r.task, synthetic_prompt(TraceRequest(0.0, r.task, r.prompt_tokens, r.output_tokens, r.max_tokens,

@@ -142,10 +142,17 @@ class StepCostModel:
         the simulator, the benchmarks, `inlaid tune-scheduler`, the server's tuning)."""
         raw = json.loads(Path(path).read_text())
         try:
-            return StepCostModel(coefficients=dict(raw["coefficients"]), overhead_s=raw.get("overhead_s", 0.0),
-                                 description=str(raw.get("description", "")))
+            model = StepCostModel(coefficients=dict(raw["coefficients"]), overhead_s=raw.get("overhead_s", 0.0),
+                                  description=str(raw.get("description", "")))
         except UnusableCostModelError as error:
             raise UnusableCostModelError(f"{str(path)!r} {error}") from None
+        # A file lacking a coefficient was read as that feature costing nothing (a model
+        # without `tokens` loaded and tuned on); `fit_cost_model` writes every one, 0 included.
+        missing = [name for name in FEATURE_NAMES if name not in model.coefficients]
+        if missing:
+            raise UnusableCostModelError(f"{str(path)!r} lacks the coefficients {missing} (bench/sched_cost.py "
+                                         "writes every feature's, 0 included): not a usable cost model")
+        return model
 
 
 def fit_cost_model(samples: Iterable[tuple[StepFeatures, float]], description: str = "") -> StepCostModel:

@@ -58,10 +58,16 @@ def load_suite_lengths(path: str | Path = SUITE_LENGTHS_FILE) -> list[SuiteRecor
 
 
 def _check_record(record: SuiteRecord, where: str) -> None:
+    # Imported here: traces imports this module. The traces' bound, shared: a record of 10^12
+    # prompt tokens loaded and the tuning's simulation grew to 18 GB before the kernel killed
+    # it (an outside probe); a server's `autotune_lengths` reads this format too.
+    from inlaid.scheduling.traces import MAX_REQUEST_TOKENS
+
     for name in ("prompt_tokens", "output_tokens", "max_tokens"):
         value = getattr(record, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{where}: {name} must be a positive integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_REQUEST_TOKENS:
+            raise ValueError(f"{where}: {name} must be a positive integer <= {MAX_REQUEST_TOKENS} (2^24), "
+                             f"got {value!r}")
     if record.output_tokens > record.max_tokens:
         raise ValueError(f"{where}: output_tokens {record.output_tokens} exceeds max_tokens {record.max_tokens}")
     if record.split not in SPLITS or not isinstance(record.task, str) or not record.task:

@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from inlaid.scheduling.autotune import MIN_TUNING_REQUESTS, load_cost_model, tune_inlaid_options
+    from inlaid.scheduling.autotune import (MAX_TUNING_TASKS, MIN_TUNING_REQUESTS, load_cost_model,
+                                            tune_inlaid_options)
     from inlaid.scheduling.simulator import EngineShape
 
     from inlaid.scheduling.suite import SUITE_LENGTHS_FILE
@@ -57,11 +58,16 @@ def run(args: argparse.Namespace) -> int:
             return _refuse(f"it tunes the inlaid policy; {args.config} has server.policy = {config.policy!r}")
         shape = EngineShape.of(config.engine)
         tasks, explicit = max(1, len(config.tasks)), {k: v for k, v in config.scheduler.items() if k != "step_log"}
+        problem = _server_predictor_problem(explicit)
+        if problem:
+            return _refuse(problem)
         lengths = config.tuning_lengths_file()
     lengths = args.lengths or lengths
     if args.slots is not None:
         shape.max_lora_slots = args.slots
     tasks = args.tasks if args.tasks is not None else tasks
+    if tasks > MAX_TUNING_TASKS:  # named now, before the cost model and lengths load
+        return _refuse(f"--tasks must be <= {MAX_TUNING_TASKS} (tasks of the simulated server), got {tasks}")
     try:
         cost = load_cost_model(args.cost_model, shape.max_num_seqs)
     except ValueError as error:
@@ -75,15 +81,19 @@ def run(args: argparse.Namespace) -> int:
             bars.append(tqdm(desc="simulate", unit="run", total=total))
         bars[0].update(1)
 
+    failure = None
     try:
         result = tune_inlaid_options(cost, shape, tasks, explicit, requests=args.requests, load=args.load,
                                      progress=progress, lengths_file=lengths)
     except (OSError, ValueError) as error:
+        failure = str(error)  # said after the bar closed: the message must not share its line
+    finally:
+        # Ctrl-C too: left open, the bar was redrawn when it was collected after inlaid/cli.py
+        # printed "interrupted", so the bar was the last line and the message hidden in it.
         for bar in bars:
-            bar.close()  # first: the message must not share the bar's line
-        return _refuse(str(error))
-    for bar in bars:
-        bar.close()
+            bar.close()
+    if failure is not None:
+        return _refuse(failure)
     print(f"{tasks} tasks, {shape.max_lora_slots} adapter slots, {args.requests} requests a workload, "
           f"{args.load:.0%} of FIFO's saturation; lengths: {lengths}; "
           f"cost model: {cost.description or args.cost_model}\n")
@@ -99,6 +109,21 @@ def run(args: argparse.Namespace) -> int:
         except OSError as error:  # the disk filled, or the folder went, during the tuning
             return _refuse(f"--json {path}: {error.strerror or error}")
     return 0
+
+
+def _server_predictor_problem(explicit: dict[str, Any]) -> str | None:
+    """The server's own refusal of the config's length predictor (`registry.build_length_model`:
+    'exact' is the simulator's oracle), or None. The tuning's simulations replace the predictor,
+    so without this a config `inlaid serve` refuses was tuned with the oracle and exited 0."""
+    from inlaid.scheduling.autotune import SERVER_LEARNING_OPTIONS
+    from inlaid.scheduling.registry import build_length_model, parse_options
+
+    try:  # without the state file: load_config checked it, and nothing here learns into it
+        build_length_model(parse_options("inlaid", {k: v for k, v in explicit.items()
+                                                     if k not in SERVER_LEARNING_OPTIONS}))
+    except ValueError as error:
+        return f"[scheduler]: {error}"
+    return None
 
 
 def _sets_policy(config_path: str) -> bool:
