@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -217,3 +218,18 @@ def test_no_gradient_checkpointing_future_warning(tiny, tmp_path) -> None:
         warnings.simplefilter("always")
         _prepare(config)
     assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_large_files_are_told_as_other_files_not_other_contents(tmp_path: Path) -> None:
+    """The model's and checkpoint's weights are described by path, size and time (the
+    fingerprint hashed them already): a refusal must not claim their contents differ."""
+    from inlaid.quant.run_support import files_identity, settings_differences
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"x" * 10)
+    before = files_identity([weights])
+    os.utime(weights, ns=(1, 1))  # the same bytes, touched
+    after = files_identity([weights])
+    assert before != after
+    assert settings_differences({"--model": before, "--bits": 4}, {"--model": after, "--bits": 4}) == [
+        "--model: other files (path, size or modification time)"]

@@ -290,3 +290,19 @@ def test_replicas_a_node_can_host_deploy_without_a_word(deploy) -> None:
 def test_a_dropped_server_address_is_one_warning_line(deploy) -> None:
     code, lines, _ = deploy({"server": {"address": "tcp://127.0.0.1:5555"}})
     assert code == 0 and len(lines) == 1 and lines[0].startswith("inlaid ray: warning: [server] address ignored")
+
+
+def test_the_commands_signal_handlers_are_put_back_when_it_returns(deploy) -> None:
+    """Its handlers only record a signal once the app is deleted: left installed, Ctrl-C during
+    Ray's shutdown at exit was ignored (a review)."""
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    code, _, calls = deploy({}, run=lambda: os.kill(os.getpid(), signal.SIGINT))
+    assert (code, calls["delete"]) == (130, [APP])
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_text_record_with_both_keys_gives_the_last_ones_value() -> None:
+    from inlaid.integrations.ray_deploy import _log_reason
+
+    line = "04:19:41 CRITICAL inlaid.coordinator: cannot serve; exiting  [error=first reason=the executor died]"
+    assert _log_reason(line) == (2, "cannot serve; exiting", "the executor died")

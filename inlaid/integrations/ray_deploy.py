@@ -49,7 +49,7 @@ _TEXT_RECORD = re.compile(r"\b\d\d:\d\d:\d\d (?P<level>CRITICAL|ERROR)\s+inlaid[
                           r"(?P<msg>.*?)(?:  \[(?P<extras>.*)\])?\s*$")
 # Its extras are `key=value` joined by spaces, values unquoted: a reason (or error) runs to the
 # end, which is where the server's records put it.
-_TEXT_REASON = re.compile(r"(?:^| )(?:reason|error)=(?P<reason>.*)$")
+_TEXT_REASON = re.compile(r"^(?:.* )?(?:reason|error)=(?P<reason>.*)$")  # the last such key: greedy prefix
 _LEVEL_RANK = {"critical": 2, "error": 1}  # a critical record is why the server ended
 
 
@@ -192,15 +192,17 @@ def _serve(config: RayDeploymentConfig, serve: Any, build_app: Any) -> int:
                 phase[0] = "done"
                 raise KeyboardInterrupt
             serve.delete(config.app_name)
+            phase[0] = "done"  # deleted: a signal from here on must not say "left as it is"
         except KeyboardInterrupt:
             phase[0] = "done"
             print(f"inlaid ray: interrupted again; application {config.app_name!r} left as it is, maybe still "
                   f"deployed (serve.delete it, or `serve shutdown`)", file=sys.stderr)
         phase[0] = "done"
 
-    # SIGTERM (`kill`, a process manager's stop) ends the deployment as Ctrl-C does.
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, interrupt)
+    # SIGTERM (`kill`, a process manager's stop) ends the deployment as Ctrl-C does. The
+    # handlers are this function's: restored when it returns, so that Ray's own shutdown at
+    # exit can be interrupted as any program can.
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         serve.start(http_options={"host": config.http_host, "port": config.http_port})
         serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=True)
@@ -219,4 +221,7 @@ def _serve(config: RayDeploymentConfig, serve: Any, build_app: Any) -> int:
         reason = deploy_failure_reason(error, _deployment_messages(config.app_name))
         delete_application(f"inlaid ray: application {config.app_name!r} failed to deploy ({reason}); deleting it")
         return 2
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0

@@ -33,7 +33,7 @@ from inlaid.quant.checkpoint import (
     HESSIAN_STATE_DIR, CheckpointMetadata, pack_linear, write_checkpoint,
 )
 from inlaid.quant.errors import CheckpointError, QuantizationError
-from inlaid.quant.inputs import finished_checkpoint_problem
+from inlaid.quant.inputs import finished_checkpoint_problem, output_removed_unless_kept
 from inlaid.quant.layerwise import GroupHessians, PhaseTimer, Stream, propagate, quantize_layer_sequential
 from inlaid.quant.methods import Method, MlgptqOptions, quantize_linears
 from inlaid.quant.model_io import (
@@ -44,7 +44,7 @@ from inlaid.quant.partial import (
     load_partial_layer, prepare_partial_dir, save_partial_layer, write_dequantized,
 )
 from inlaid.quant.run_support import (
-    absolute, attach_adapters_quietly, output_removed_unless_kept, probe_bar, run_settings,
+    absolute, attach_adapters_quietly, probe_bar, run_settings,
 )
 from inlaid.quant.spec import QuantSpec
 from inlaid.quant.state import save_layer_state

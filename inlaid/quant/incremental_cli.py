@@ -34,12 +34,14 @@ from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, METADATA_FILE, WEIGHTS_FI
 from inlaid.quant.errors import QuantizationError
 from inlaid.quant.incremental import IncrementalQuantizer, LayerOutcome
 from inlaid.quant.layer_decisions import LinearDecision
-from inlaid.quant.inputs import check_tasks, model_dir_problem, out_overlaps_model_problem
+from inlaid.quant.inputs import (
+    check_tasks, model_dir_problem, out_overlaps_model_problem, output_removed_unless_kept,
+)
 from inlaid.quant.model_io import LINEAR_NAMES
 from inlaid.quant.partial import (
     PARTIAL_DIR, load_partial_layer, partial_path, prepare_partial_dir, save_partial_layer,
 )
-from inlaid.quant.run_support import output_removed_unless_kept, resume_hint, settings_differences
+from inlaid.quant.run_support import resume_hint, settings_differences
 from inlaid.quant.task_costs import COSTS_FILE
 from inlaid.quant.unfinished import UNFINISHED_FILE, mark_finished, unfinished_problem
 
@@ -204,18 +206,15 @@ def addition_settings(args: argparse.Namespace, model_dir: Path, task) -> dict[s
     """What addition_fingerprint hashes, in the flags' words (run.json keeps it: a refused
     resume names what differs)."""
     from inlaid.quant.driver import adapter_digest, file_digest
-    from inlaid.quant.run_support import DIGEST_PREFIX
+    from inlaid.quant.run_support import DIGEST_PREFIX, files_identity
 
     def digest(value: object) -> str:
         return DIGEST_PREFIX + hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
-    def where(files: list[Path]) -> str:  # the fingerprint hashed their contents already: only for the message
-        return digest({str(p.resolve()): [p.stat().st_size, p.stat().st_mtime_ns] for p in files})
-
     checkpoint = Path(args.checkpoint)
     return {
-        "--model": where(sorted(Path(model_dir).glob("*.safetensors"))),
-        "--checkpoint": where([checkpoint / name for name in (WEIGHTS_FILE, METADATA_FILE)]),
+        "--model": files_identity(sorted(Path(model_dir).glob("*.safetensors"))),
+        "--checkpoint": files_identity([checkpoint / name for name in (WEIGHTS_FILE, METADATA_FILE)]),
         "--task": task.name, "adapter": digest(adapter_digest(task.adapter_dir)),
         "calibration": DIGEST_PREFIX + file_digest(task.calib_path), "--threshold": args.threshold,
         "--tolerance": args.tolerance, "--exact": args.exact, "--max-samples": args.max_samples,

@@ -176,13 +176,15 @@ class CreatedOutput:
 
 
 @contextmanager
-def output_removed_on_early_failure(out: Path) -> Iterator[CreatedOutput]:
-    """Run the body; if it fails (an error: a refusal) before setting `kept` on what it
-    yields, remove what it created of `out` (CreatedOutput), then let the error go on. An
-    interrupt (Ctrl-C) keeps it: the same command resumes, as after any interrupted run."""
+def output_removed_unless_kept(out: Path) -> Iterator[CreatedOutput]:
+    """Run the body; if it fails (an error: a refusal) or is interrupted (Ctrl-C) before
+    setting `kept` on what it yields, remove what it created of `out` (CreatedOutput), then
+    let the error go on. Before the first layer is kept nothing computed would be lost, and an
+    UNFINISHED --out left behind made a corrected rerun (other settings) refuse it as "an
+    unfinished partial run" (an outside probe); once a layer is kept, the same command resumes."""
     created = CreatedOutput.before_run(out)
     try:
         yield created
-    except Exception:
+    except (Exception, KeyboardInterrupt):
         created.remove()
         raise

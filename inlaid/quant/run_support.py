@@ -1,14 +1,12 @@
 """Small pieces `inlaid quantize` and `quantize-add` share around a run (an outside probe of
-the CLI): what an interrupt before the first layer leaves (nothing), how a refused resume names
-the settings that differ, the hint printed when a run with finished layers is interrupted, and
-transformers' deprecation noise kept off the user's terminal.
+the CLI): how a refused resume names the settings that differ, the hint printed when a run
+with finished layers is interrupted, and transformers' deprecation noise kept off the user's
+terminal.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from inlaid.quant.partial import PARTIAL_DIR
@@ -16,21 +14,9 @@ from inlaid.quant.partial import PARTIAL_DIR
 # A settings value recorded as a digest of a file's contents: a refusal says "other contents"
 # instead of printing two 64-digit hashes.
 DIGEST_PREFIX = "sha256:"
-
-
-@contextmanager
-def output_removed_unless_kept(out: Path) -> Iterator:
-    """As inputs.output_removed_on_early_failure, and on an interrupt (Ctrl-C) too: before the
-    first layer is kept nothing computed would be lost, and an UNFINISHED --out left behind made
-    a corrected rerun (other settings) refuse it as "an unfinished partial run"."""
-    from inlaid.quant.inputs import CreatedOutput
-
-    created = CreatedOutput.before_run(out)
-    try:
-        yield created
-    except (Exception, KeyboardInterrupt):
-        created.remove()
-        raise
+# A settings value recorded as a digest of files' paths, sizes and times (large files the
+# fingerprint hashed already): a refusal says "other files", which may be the same bytes.
+FILES_PREFIX = "files:"
 
 
 def settings_differences(recorded: dict | None, current: dict) -> list[str]:
@@ -45,6 +31,8 @@ def settings_differences(recorded: dict | None, current: dict) -> list[str]:
             continue
         if isinstance(value, str) and value.startswith(DIGEST_PREFIX):
             differing.append(f"{key}: other contents")
+        elif isinstance(value, str) and value.startswith(FILES_PREFIX):
+            differing.append(f"{key}: other files (path, size or modification time)")
         else:
             differing.append(f"{key} {recorded[key]} there, {value} here")
     differing += [f"{key} {recorded[key]} there, not given here" for key in recorded if key not in current]
@@ -107,6 +95,16 @@ def recorded_path(text: str, what: str, task: str, checkpoint: Path) -> Path:
         f"(where {text} lies), or add the task without --exact")
 
 
+def files_identity(files: list[Path]) -> str:
+    """Files by where they lie, their sizes and times, not their contents: the fingerprint
+    hashed their hundreds of MB once already, and this only words a refusal."""
+    import hashlib
+    import json
+
+    described = {str(path.resolve()): [path.stat().st_size, path.stat().st_mtime_ns] for path in files}
+    return FILES_PREFIX + hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
 def _digest_of(value: object) -> str:
     import hashlib
     import json
@@ -125,8 +123,7 @@ def run_settings(config) -> dict[str, object]:
     described: dict[str, object] = {
         # The model by where it lies and its files' sizes and times, not their digests: the
         # fingerprint hashed its hundreds of MB once already, and this is only for the message.
-        "--model": _digest_of({"dir": str(model_dir.resolve())} | {
-            p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(model_dir.glob("*.safetensors"))}),
+        "--model": files_identity(sorted(model_dir.glob("*.safetensors"))),
         "--method": config.method.name, "--bits": spec.bits, "--group-size": spec.group_size, "--sym": spec.symmetric,
         "--act-order": spec.act_order, "--dynamic-groups": not spec.static_groups, "--mse-clip": spec.mse_clip,
         "--damp": spec.damp_percent, "--max-samples": config.max_samples, "--max-tokens": config.max_tokens,

@@ -244,6 +244,6 @@ def other_builds_note(kept: Path) -> str | None:
 
 __all__ = [
     "DEFAULT_ADAPTERS_DIR", "SUITE_CALIB_SAMPLES", "SuitePlan", "SuiteTask", "ensure_suite_checkpoint", "is_complete",
-    "other_builds_note", "plan_suite", "quantizer_version", "read_manifest", "suite_cache_dir", "suite_checkpoint_dir", "suite_inputs",
-    "suite_key",
+    "other_builds_note", "plan_suite", "quantizer_version", "read_manifest", "suite_cache_dir", "suite_checkpoint_dir",
+    "suite_inputs", "suite_key",
 ]

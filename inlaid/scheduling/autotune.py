@@ -23,6 +23,7 @@ config sets explicitly are kept and apply to every candidate.
 from __future__ import annotations
 
 import contextvars
+import logging
 import math
 import threading
 import time
@@ -206,19 +207,23 @@ def tuning_input_problem(num_tasks: int, requests: int, load: float) -> str | No
     return None
 
 
-def context_problem(records: Sequence[Any], shape: EngineShape, path: str | Path) -> str | None:
-    """The workload records (`SuiteRecord`s) whose prompt leaves no room in the server's
-    context, counted and the first named, or None. The server refuses each such request; a
+def servable_records(records: Sequence[Any], shape: EngineShape, path: str | Path) -> list[Any]:
+    """The workload records (`SuiteRecord`s) whose prompt leaves room in the server's context;
+    the others are left out, said in one warning (the server refuses each such request). A
     tuning on them ran 3 minutes and ranked every option 1.00x, the defaults "chosen", without
-    a word of the refusals (an outside probe), so they are refused before any simulation."""
+    a word (an outside probe). ValueError when none is left: nothing could be tuned on."""
     context = shape.context_length
-    too_long = [record for record in records if record.prompt_tokens >= context]
-    if not too_long:
-        return None
-    first = too_long[0]
-    return (f"{path}: {len(too_long)} of {len(records)} 'eval' records have a prompt with no room in the context "
-            f"length {context} (max_model_len, capped by the KV cache), which the server refuses; first: "
-            f"{first.record_id!r}, {first.prompt_tokens} prompt tokens. Tune on lengths the server can serve")
+    servable = [record for record in records if record.prompt_tokens < context]
+    if len(servable) == len(records):
+        return servable
+    first = next(record for record in records if record.prompt_tokens >= context)
+    refused = (f"{path}: {len(records) - len(servable)} of {len(records)} 'eval' records have a prompt with no room "
+               f"in the context length {context} (max_model_len, capped by the KV cache), which the server "
+               f"refuses; first: {first.record_id!r}, {first.prompt_tokens} prompt tokens")
+    if not servable:
+        raise ValueError(f"{refused}. Tune on lengths the server can serve")
+    logging.getLogger("inlaid.scheduling").warning("%s: the tuning leaves them out", refused)
+    return servable
 
 
 def tune_inlaid_options(
@@ -258,10 +263,7 @@ def tune_inlaid_options(
     explicit = {key: value for key, value in (explicit_options or {}).items()
                 if key not in COMMON_OPTIONS and key not in SERVER_LEARNING_OPTIONS}
     records = load_tuning_records(lengths_file or SUITE_LENGTHS_FILE)
-    held_out = [r for r in records if r.split == "eval"]
-    problem = context_problem(held_out, shape, lengths_file or SUITE_LENGTHS_FILE)
-    if problem:
-        raise ValueError(problem)
+    held_out = servable_records([r for r in records if r.split == "eval"], shape, lengths_file or SUITE_LENGTHS_FILE)
     # What the predictor knows at start: the suite's calib split, prompts as stand-in ids of
     # their recorded length (the simulator replays the workloads' prompts the same way).
     history = [(r.task, synthetic_prompt(TraceRequest(0.0, r.task, r.prompt_tokens, r.output_tokens, r.max_tokens,

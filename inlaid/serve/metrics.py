@@ -279,7 +279,8 @@ class _StateCollector(Collector):
         yield _gauge("inlaid_kv_blocks_capacity", "KV-cache blocks", sum(s.blocks.num_blocks for s in schedulers))
         yield _gauge("inlaid_kv_blocks_used", "KV-cache blocks held by sequences",
                      sum(s.blocks.num_blocks - s.blocks.num_free_blocks for s in schedulers))
-        yield _gauge("inlaid_adapter_slots_capacity", "Executor adapter slots", sum(s.adapters.num_slots for s in schedulers))
+        yield _gauge("inlaid_adapter_slots_capacity", "Executor adapter slots",
+                     sum(s.adapters.num_slots for s in schedulers))
         yield _gauge("inlaid_tasks", "Tasks accepting requests", len(self._tasks))
         yield _gauge("inlaid_executor_up", "Executors connected and ready",
                      sum(int(supervisor.ready.is_set()) for supervisor in supervisors))
