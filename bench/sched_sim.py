@@ -15,6 +15,11 @@ FIFO's saturation throughput (measured on the same trace, overloaded). Writes
 
     .venv/bin/python bench/sched_sim.py [--requests 1200] [--workers 2] [--slots 32,8] [--quick] [--tag NAME]
 
+Every option is checked before any work starts (one line, exit status 2): --slots, --requests,
+--workers, --long-run-s, --suite-lengths (read and checked here, not only in the workers),
+--out-dir, the cost model, and with --render the JSON files it reads. `--quick` runs 300
+requests unless --requests is given.
+
 `--tag xeon` sweeps on sched_cost_model_xeon.json (bench/sched_cost.py --tag xeon) and
 writes sched_sim*_xeon.*. `--device cuda` runs the inlaid variants (not the oracles) from
 the defaults a server on a GPU starts with (`srtf.CUDA_DEFAULTS`), for a GPU's cost model:
@@ -27,9 +32,11 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import NoReturn
 
 RESULTS = Path(__file__).parent / "results"
 TASK_COUNTS = (10, 100, 1000)
@@ -45,6 +52,13 @@ SEED = 7
 # other limit is the server default.
 SLOTS = 32
 SLOT_COUNTS = (SLOTS, 8)
+# Bounds of the options: far beyond any server (slots) or sweep (requests: a rate-1 trace
+# of more spans over the 30 days a trace may); the long run's at most a day of simulated time.
+MAX_SLOTS = 4096
+MAX_REQUESTS = 2_592_000
+MAX_WORKERS = 256
+MAX_LONG_RUN_S = 86_400.0
+QUICK_REQUESTS = 300
 
 _context: dict = {}
 
@@ -74,6 +88,72 @@ def check_out_dir(parser: argparse.ArgumentParser, out_dir: Path) -> None:
     problem = writable_dir_problem(out_dir, "--out-dir")
     if problem:
         parser.error(problem)
+
+
+def slot_counts(text: str) -> tuple[int, ...]:
+    """argparse type of --slots: `8,,4` ran the whole 8-slot sweep before failing on the
+    empty one, `abc` was a ValueError traceback, `0` a SimulationStuckError in the sweep."""
+    parts = text.split(",")
+    if not all(part.strip().isdigit() and 1 <= int(part) <= MAX_SLOTS for part in parts):
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers in 1..{MAX_SLOTS}, got '{text}'")
+    return tuple(int(part) for part in parts)
+
+
+def bounded_int(low: int, high: int):  # noqa: ANN201  (an argparse type)
+    """argparse type for an integer in [low, high] (argparse names the option on refusal)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer in {low}..{high}, got '{text}'") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer in {low}..{high}, got {value}")
+        return value
+    return parse
+
+
+def long_run_seconds(text: str) -> float:
+    """argparse type of --long-run-s: NaN ran the whole sweep, then failed converting NaN
+    requests to an integer; a negative value ran a long run of no requests."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= MAX_LONG_RUN_S:  # NaN fails every comparison
+        raise argparse.ArgumentTypeError(f"must be a number of seconds in (0, {MAX_LONG_RUN_S:g}], got '{text}'")
+    return value
+
+
+def check_suite_lengths(parser: argparse.ArgumentParser, path: str | None) -> None:
+    """Read --suite-lengths here: read only in the pool's initializer, a bad file failed in
+    every worker and the pool respawned them forever (a hang)."""
+    from inlaid.scheduling.suite import SUITE_LENGTHS_FILE, load_suite_lengths
+
+    name = path or SUITE_LENGTHS_FILE
+    try:
+        records = load_suite_lengths(name)
+    except (OSError, ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+        _refuse(f"--suite-lengths: cannot use {name}: {type(error).__name__}: {error}")
+    if not any(record.split == "eval" for record in records):  # the traces are drawn from them
+        _refuse(f"--suite-lengths: {name} has no records of the eval split to draw traces from")
+
+
+def check_render_inputs(parser: argparse.ArgumentParser, paths: list[Path]) -> None:
+    """--render reads each sweep's JSON: a missing or malformed one is one line, before any is rewritten."""
+    for path in paths:
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError, RecursionError) as error:
+            _refuse(f"--render: cannot read {path}: {getattr(error, 'strerror', None) or error} "
+                    "(run the sweep first, or give the --out-dir/--tag/--slots it was written with)")
+        if not isinstance(report, dict) or "runs" not in report:
+            _refuse(f"--render: {path} is not a sched_sim report (no 'runs')")
+
+
+def _refuse(message: str) -> NoReturn:
+    """A bad input file: one line naming it, exit status 2 (the usage above it says nothing more)."""
+    print(f"sched_sim.py: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _load_context(suite_lengths: str | None, slots: int = SLOTS, tag: str = "") -> None:
@@ -131,11 +211,12 @@ def _run(job: dict) -> dict:
 def _pool(workers: int, suite_lengths: str | None, slots: int, tag: str = ""):
     import multiprocessing
 
+    # Loaded here, then inherited by the forked workers: a failing pool initializer is
+    # respawned forever (a hang); here it fails once, in this process.
+    _load_context(suite_lengths, slots, tag)
     if workers <= 1:
-        _load_context(suite_lengths, slots, tag)
         return None
-    return multiprocessing.get_context("fork").Pool(workers, initializer=_load_context,
-                                                    initargs=(suite_lengths, slots, tag))
+    return multiprocessing.get_context("fork").Pool(workers)
 
 
 def _map(pool, jobs: list[dict], desc: str, run=None) -> list[dict]:  # noqa: ANN001
@@ -149,12 +230,15 @@ def _map(pool, jobs: list[dict], desc: str, run=None) -> list[dict]:  # noqa: AN
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=1200, help="requests per run")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="one configuration, few requests (a smoke run)")
-    parser.add_argument("--long-run-s", type=float, default=3600.0, help="simulated seconds of the long run")
+    parser.add_argument("--requests", type=bounded_int(1, MAX_REQUESTS), default=None,
+                        help=f"requests per run (default 1200; {QUICK_REQUESTS} with --quick)")
+    parser.add_argument("--workers", type=bounded_int(1, MAX_WORKERS), default=2)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"one configuration, {QUICK_REQUESTS} requests unless --requests (a smoke run)")
+    parser.add_argument("--long-run-s", type=long_run_seconds, default=3600.0,
+                        help="simulated seconds of the long run (not run with --quick)")
     parser.add_argument("--suite-lengths", default=None, help="suite lengths JSONL (default: the committed one)")
-    parser.add_argument("--slots", default=",".join(map(str, SLOT_COUNTS)),
+    parser.add_argument("--slots", type=slot_counts, default=SLOT_COUNTS,
                         help="adapter slots of the simulated server, one sweep per count (comma-separated)")
     parser.add_argument("--render", action="store_true", help="rewrite the report and plots from sched_sim.json")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -165,12 +249,15 @@ def main(argv: list[str] | None = None) -> dict:
                         help="folder of every file it writes (and --render reads; default bench/results)")
     args = parser.parse_args(argv)
     check_out_dir(parser, args.out_dir)
-    if not args.render:
+    suffixes = {slots: (("_quick" if args.quick else "") + ("" if slots == SLOTS else f"_slots{slots}")
+                        + (f"_{args.tag}" if args.tag else "")) for slots in args.slots}
+    if args.render:
+        check_render_inputs(parser, [args.out_dir / f"sched_sim{suffix}.json" for suffix in suffixes.values()])
+    else:
         check_cost_model(parser, cost_model_file(args.tag))
+        check_suite_lengths(parser, args.suite_lengths)
     reports = {}
-    for slots in (int(x) for x in args.slots.split(",")):
-        suffix = (("_quick" if args.quick else "") + ("" if slots == SLOTS else f"_slots{slots}")
-                  + (f"_{args.tag}" if args.tag else ""))
+    for slots, suffix in suffixes.items():
         reports[slots] = _render(suffix, args.out_dir) if args.render else _sweep(args, slots, suffix)
     return reports
 
@@ -184,21 +271,30 @@ def _render(suffix: str, out_dir: Path) -> dict:
     return report
 
 
+def _long_jobs(long_run_s: float, capacity: dict, device: dict) -> list[dict]:
+    """FIFO and inlaid for `long_run_s` simulated seconds at 80 % of saturation (1,000 tasks,
+    CV 4, Zipf); only built when the long run runs (--quick skips it)."""
+    long_rate = 0.8 * capacity.get((1000, 4.0, "zipf"), next(iter(capacity.values())))
+    requests = max(1, int(long_run_s * long_rate))  # its span is long_run_s: within a trace's 30 days
+    return [dict(tasks=1000, cv=4.0, popularity="zipf", requests=requests, rate=long_rate, load=0.8, policy=label,
+                 **device) for label in ("fifo", "inlaid")]
+
+
 def _sweep(args: argparse.Namespace, slots: int, suffix: str) -> dict:
     from inlaid.scheduling.experiment import ABLATIONS, MAIN_VARIANTS, ORACLE_REFERENCES, ORACLES, prefill_weight
     from inlaid.scheduling.srtf import CUDA_DEFAULTS, InlaidOptions
 
     configs = [(t, cv, p) for t in TASK_COUNTS for cv in CVS for p in POPULARITIES]
-    requests = args.requests
+    requests = args.requests or (QUICK_REQUESTS if args.quick else 1200)
     if args.quick:
-        configs, requests = [(100, 4.0, "zipf")], 300
+        configs = [(100, 4.0, "zipf")]
     load_before = os.getloadavg()
     started = time.perf_counter()
     pool = _pool(args.workers, args.suite_lengths, slots, args.tag)
     try:
         # Saturation: FIFO's throughput with every request queued almost at once.
-        capacity_jobs = [dict(tasks=t, cv=cv, popularity=p, requests=requests, rate=1000.0, policy="fifo", load=math.inf)
-                         for t, cv, p in configs]
+        capacity_jobs = [dict(tasks=t, cv=cv, popularity=p, requests=requests, rate=1000.0, policy="fifo",
+                              load=math.inf) for t, cv, p in configs]
         device = {"device": args.device}
         capacity = {(j["tasks"], j["cv"], j["popularity"]): j["throughput_rps"]
                     for j in _map(pool, capacity_jobs, "saturation")}
@@ -210,22 +306,17 @@ def _sweep(args: argparse.Namespace, slots: int, suffix: str) -> dict:
                       policy=v.label, **device) for t, cv, p in configs for load in HEADLINE_LOADS
                  for v in ORACLES + ORACLE_REFERENCES]
         runs = _map(pool, jobs, "simulate")
-        long_config = (1000, 4.0, "zipf")
-        long_rate = 0.8 * capacity.get(long_config, next(iter(capacity.values())))
-        long_jobs = [dict(tasks=1000, cv=4.0, popularity="zipf", requests=int(args.long_run_s * long_rate),
-                          rate=long_rate, load=0.8, policy=label, **device) for label in ("fifo", "inlaid")]
-        long_runs = _map(pool, long_jobs, "long run") if not args.quick else []
+        long_runs = [] if args.quick else _map(pool, _long_jobs(args.long_run_s, capacity, device), "long run")
     finally:
         if pool is not None:
             pool.close()
             pool.join()
-    if pool is not None:
-        _load_context(args.suite_lengths, slots, args.tag)  # for the report's settings
     report = {
         "machine_loadavg_before": load_before, "machine_loadavg_after": os.getloadavg(),
         "wall_s": time.perf_counter() - started, "requests_per_run": requests, "slo_scale": SLO_SCALE,
         "device": args.device,
-        "inlaid_defaults": asdict(InlaidOptions(**(CUDA_DEFAULTS if args.device == "cuda" else {}))), "prefill_weight": prefill_weight(_context["cost"], _context["shape"]),
+        "inlaid_defaults": asdict(InlaidOptions(**(CUDA_DEFAULTS if args.device == "cuda" else {}))),
+        "prefill_weight": prefill_weight(_context["cost"], _context["shape"]),
         "engine_shape": asdict(_context["shape"]), "cost_model": _context["cost"].description,
         "capacity_rps": {f"{t}/{cv:g}/{p}": c for (t, cv, p), c in capacity.items()},
         "runs": runs, "long_runs": long_runs, "ablations": [v.label for v in ABLATIONS],

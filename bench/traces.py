@@ -4,7 +4,7 @@ Each trace draws from the task suite's recorded requests (`inlaid/scheduling/tra
 Gamma arrivals at 1 request/s (scale them with `Trace.scaled(rate)`), 1,000 requests.
 
     .venv/bin/python bench/traces.py                  # the canonical set
-    .venv/bin/python bench/traces.py --tasks 100 --cv 4 --popularity zipf --rate 2 \
+    .venv/bin/python bench/traces.py --tasks 100 --cv 4 --popularity zipf --rate 2 \\
         --requests 5000 --out my_trace.jsonl          # any other
     .venv/bin/python bench/traces.py --tasks 9 --suite-task-names --out real.jsonl   # replayable on `inlaid serve`
 
@@ -33,7 +33,7 @@ CANONICAL = [  # (tasks, cv, popularity, alpha)
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", type=int)
+    parser.add_argument("--tasks", type=int, help="tasks of the one trace (1..100000; without it: the canonical set)")
     parser.add_argument("--cv", type=float, default=1.0)
     parser.add_argument("--popularity", default="uniform")
     parser.add_argument("--alpha", type=float, default=1.0)

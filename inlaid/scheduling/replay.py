@@ -35,10 +35,13 @@ class Replay:
     runs to its `max_tokens` (a model with random weights). The server must be ready within
     `ready_timeout_s` and serve every task the trace names (ReplaySetupError otherwise, before
     anything is sent); `timeout_s` bounds each request. A lost connection fails every request
-    not yet answered at once. `stop(reason)` ends it early (a signal handler may call it):
-    requests in flight are cancelled, the rest are not sent, and each such record's `error`
-    says why. `stopped` holds the reason ("" when the replay ran to its end) and `wall_s` the
-    replay's wall time from its first arrival."""
+    not yet answered at once. A server shutting down (ShuttingDownError) stops the sending,
+    but the requests in flight run on: a graceful shutdown still finishes them. `stop(reason)`
+    ends it early (a signal handler may call it): requests in flight are cancelled, the rest
+    are not sent, and each such record's `error` says why. `stopped` holds the reason (""
+    when the replay ran to its end) and `wall_s` the replay's wall time from its first arrival.
+    Each record's `prompt_tokens` is the length of the prompt sent (the suite record's, which
+    may differ from the trace line's own `prompt_tokens`; --synthetic-prompts sends that)."""
 
     def __init__(
         self,
@@ -60,17 +63,19 @@ class Replay:
         self.wall_s: float | None = None  # None: nothing was sent
         self.sent = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._unsent: set[asyncio.Task[None]] = set()  # still waiting for their arrival time
         self._stop_event: asyncio.Event | None = None
 
-    def stop(self, reason: str) -> None:
-        """End the replay now; the first reason given is kept."""
-        if self.stopped:
-            return
-        self.stopped = reason
-        if self._stop_event is not None:
-            self._stop_event.set()
+    def stop(self, reason: str, drain: bool = False) -> None:
+        """End the replay now; the first reason given is kept. `drain`: send nothing more but
+        let the requests in flight finish or fail on their own (a later plain stop, e.g. the
+        health watchdog or a signal, still cancels them)."""
+        if not self.stopped:
+            self.stopped = reason
+            if self._stop_event is not None:
+                self._stop_event.set()
         current = asyncio.current_task()
-        for task in self._tasks:
+        for task in self._unsent if drain else self._tasks:
             if task is not current:  # a task cancelling itself would end cancelled, not with its record
                 task.cancel()
 
@@ -78,8 +83,10 @@ class Replay:
         self._stop_event = asyncio.Event()
         # Records exist before anything is sent: an early stop still returns one per request
         # (arrival at its trace time), so a partial replay's counts add up to the trace's.
-        records = [RequestRecord(request_id=str(i), task=r.task, prompt_tokens=r.prompt_tokens, arrival_s=r.arrival_s)
-                   for i, r in enumerate(self.trace.requests)]
+        # prompt_tokens: what is sent. The suite record a trace line names has its own length;
+        # the line's prompt_tokens (9,000 say) recorded beside a 67-token prompt misled.
+        records = [RequestRecord(request_id=str(i), task=r.task, prompt_tokens=len(self.prompts[r.source]),
+                                 arrival_s=r.arrival_s) for i, r in enumerate(self.trace.requests)]
         async with AsyncClient(self.address, timeout_s=self.timeout_s, client_name="inlaid-replay") as client:
             if not self.stopped:
                 # Raced against stop(): a signal while the server is awaited ends the wait.
@@ -107,6 +114,7 @@ class Replay:
             start = time.monotonic() + 0.2
             self._tasks = [asyncio.ensure_future(self._one(client, start, request, record, bar))
                            for request, record in zip(self.trace.requests, records)]
+            self._unsent = set(self._tasks)
             watchdog = asyncio.ensure_future(self._watch(client))
             try:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -127,6 +135,11 @@ class Replay:
         sent = False
         try:
             await asyncio.sleep(max(0.0, start + request.arrival_s - time.monotonic()))
+            current = asyncio.current_task()
+            self._unsent.discard(current)  # type: ignore[arg-type]
+            if self.stopped:  # stopped (drained) in the same instant its sleep ended
+                record.error = f"not sent: {self.stopped}"
+                return
             record.arrival_s = time.monotonic() - start
             sent = True
             self.sent += 1
@@ -139,7 +152,13 @@ class Replay:
             record.finish_s = time.monotonic() - start
             if stream.result is not None:
                 record.admitted_s = record.arrival_s + stream.result.queue_seconds
-        except (ConnectionLostError, ShuttingDownError) as error:
+        except ShuttingDownError as error:
+            record.error = f"{type(error).__name__}: {error}"
+            # Nothing more is sent, but a graceful shutdown still finishes what it has: the
+            # requests in flight keep their timings (cancelling them lost finished ones). If
+            # the server then goes, their streams fail or the health watchdog stops the rest.
+            self.stop(f"the server at {self.address} went away ({type(error).__name__})", drain=True)
+        except ConnectionLostError as error:
             record.error = f"{type(error).__name__}: {error}"
             # The client reconnects, and each later request would sit on a socket to nothing
             # for the whole --timeout-s (an hour): the replay ends here instead.

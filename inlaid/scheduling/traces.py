@@ -44,6 +44,9 @@ RATE_FAITHFUL_GAPS = 3.0
 # The latest arrival a trace may hold (30 days): `--rate 1e-9` drew a 368-year trace and a
 # loaded `"arrival_s": 1e300` was accepted; a replay of either sleeps until the sun goes out.
 MAX_ARRIVAL_S = 30 * 24 * 3600.0
+# The most tasks a trace may have: `bench/traces.py --tasks 1000000` took 21 s and 700 MB
+# drawing a profile per task, far beyond the 1,000 tasks any experiment here uses.
+MAX_TASKS = 100_000
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,8 @@ class TraceSpec:
         for name in ("num_requests", "num_tasks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_tasks > MAX_TASKS:
+            raise ValueError(f"num_tasks must be <= {MAX_TASKS}, got {self.num_tasks}")
         if self.popularity not in POPULARITIES:
             raise ValueError(f"popularity must be one of {POPULARITIES}, got {self.popularity!r}")
         if self.num_requests / self.rate > MAX_ARRIVAL_S:
@@ -118,23 +123,32 @@ class Trace:
 
     @staticmethod
     def load(path: str | Path) -> "Trace":
-        """The trace `save` wrote; ValueError naming the file and line for anything else."""
-        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+        """The trace `save` wrote; ValueError naming the file and line for anything else
+        (OSError when it cannot be read)."""
+        raw = Path(path).read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:  # its own message named neither file nor line
+            line = raw.count(b"\n", 0, error.start) + 1
+            raise ValueError(f"{path}: line {line} is not UTF-8 text (byte {raw[error.start]:#04x})") from None
+        # (number, text) of each non-blank line: a blank line does not shift the numbers named
+        lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
         if not lines:
             raise ValueError(f"{path} is empty, not a trace")
+        number, line = lines[0]
         try:
-            header = json.loads(lines[0])
+            header = _json_line(line)
             profiles = [TaskProfile(**t) for t in header["tasks"]]
         except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
-            raise ValueError(f"{path}: line 1 is not a trace header ({type(error).__name__}: {error})") from None
+            raise ValueError(f"{path}: line {number} is not a trace header ({type(error).__name__}: {error})") from None
         problem = _header_problem(header, profiles)
         if problem is not None:
-            raise ValueError(f"{path}: line 1: {problem}")
+            raise ValueError(f"{path}: line {number}: {problem}")
         tasks = {profile.name: profile for profile in profiles}
         requests: list[TraceRequest] = []
-        for number, line in enumerate(lines[1:], start=2):
+        for number, line in lines[1:]:
             try:
-                request = TraceRequest(**json.loads(line))
+                request = TraceRequest(**_json_line(line))
             except (ValueError, TypeError) as error:
                 raise ValueError(f"{path}: line {number} is not a trace request ({error})") from None
             problem = _request_problem(request, tasks)
@@ -179,6 +193,15 @@ class Trace:
             "output_tokens": _stats(outputs),
             "families": dict(sorted(families.items())),
         }
+
+
+def _json_line(line: str) -> Any:
+    """One line's JSON; nesting too deep for the parser (100,000 `[`) is a ValueError like any
+    other malformed line, not a RecursionError traceback."""
+    try:
+        return json.loads(line)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def _header_problem(header: Any, profiles: list[TaskProfile]) -> str | None:
