@@ -45,6 +45,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """argparse type for a finite number >= 0 (NaN and inf refused, as by `positive_float`)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got '{text}'") from None
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
 def fraction(text: str) -> float:
     """argparse type for a share in (0, 1] (a load as a fraction of saturation)."""
     try:

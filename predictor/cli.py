@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--data", required=True)
     train.add_argument("--out", required=True)
     evaluate = commands.add_parser("evaluate", help="fit as `train` does (its reservoir of at most 4,096 requests, "
-                                   "512 a task), score on --test against the per-task mean (fitted on every row); JSON with 'all' (pooled), "
-                                   "'tasks' and 'base' (task null)")
+                                   "512 a task), score on --test against the per-task mean (fitted on every row); "
+                                   "JSON with 'all' (pooled), 'tasks' and 'base' (task null)")
     evaluate.add_argument("--train", required=True)
     evaluate.add_argument("--test", required=True)
     args = parser.parse_args(argv)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from inlaid.cli_args import positive_int, writable_dir_problem
+from inlaid.cli_args import non_negative_float, positive_int, writable_dir_problem
 from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, METADATA_FILE, WEIGHTS_FILE, CheckpointMetadata, write_checkpoint
 from inlaid.quant.errors import QuantizationError
 from inlaid.quant.incremental import IncrementalQuantizer, LayerOutcome
@@ -117,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
     parser.add_argument("--model", type=Path, default=None,
                         help="the full-precision base (default: the checkpoint's base_model)")
-    parser.add_argument("--threshold", type=threshold_value, default=0.0,
+    parser.add_argument("--threshold", type=non_negative_float, default=0.0,
                         help="relative aggregate change at or below which a linear keeps its weight (default 0)")
     parser.add_argument("--tolerance", type=tolerance_value, default=1.0,
                         help="relative error an existing task may gain on a linear, or 'none' (default 1.0: at most double)")
@@ -144,24 +144,9 @@ def tolerance_value(text: str) -> float | None:
     if text.strip().lower() == "none":
         return None
     try:
-        value = float(text)
-    except ValueError:
+        return non_negative_float(text)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"must be a number >= 0 or 'none', got '{text}'") from None
-    if not 0.0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0 or 'none', got {text}")
-    return value
-
-
-def threshold_value(text: str) -> float:
-    """argparse type of --threshold: a finite number >= 0 (IncrementalSettings' refusal named
-    its field, change_threshold, not the flag)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got '{text}'") from None
-    if not 0.0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
 
 
 def output_dir_problem(out: Path, checkpoint: Path) -> str | None:
