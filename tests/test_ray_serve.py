@@ -52,6 +52,25 @@ def reference(model_dir) -> dict[str | None, str]:
     return {task: out.text for task, out in zip(wanted, outputs)}
 
 
+def serve_port() -> int:
+    """A free port for Ray Serve's HTTP proxy, outside both the kernel's ephemeral range and
+    Ray's worker ports (10002-19999): picked from the ephemeral range (bind to 0), it was
+    taken by one of the processes `ray.init` and `serve.start` spawn (which bind ephemeral
+    ports) before the proxy bound it: "Failed to bind to address" (a flake under two workers)."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
+
+
 @pytest.fixture(scope="module")
 def ray_app(model_dir, reference, tmp_path_factory):  # type: ignore[no-untyped-def]
     os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -60,7 +79,6 @@ def ray_app(model_dir, reference, tmp_path_factory):  # type: ignore[no-untyped-
 
     from inlaid.integrations.ray import build_app
     from inlaid.integrations.ray_config import ray_config_from_dict
-    from inlaid.serve.launcher import free_tcp_port
 
     # A catalog task whose adapter config reads fine but whose weights file is cut short:
     # only the full weights check (the server's) refuses it.
@@ -68,7 +86,7 @@ def ray_app(model_dir, reference, tmp_path_factory):  # type: ignore[no-untyped-
     shutil.copytree(ADAPTERS / TASKS[0], corrupt)
     weights = corrupt / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    port = free_tcp_port()
+    port = serve_port()
     config = ray_config_from_dict({
         "ray": {"num_replicas": 2, "max_tasks_per_replica": CAP, "num_cpus": 0.5, "ingress_num_cpus": 0.1,
                 "health_check_period_s": 1.0, "http_port": port, "replica_start_timeout_s": 120.0},
@@ -326,9 +344,9 @@ def test_sigterm_on_the_deploy_command_deletes_its_application(model_dir, tmp_pa
     import sys
     import urllib.request
 
-    from inlaid.serve.launcher import free_tcp_port, to_toml
+    from inlaid.serve.launcher import to_toml
 
-    port = free_tcp_port()
+    port = serve_port()
     config = tmp_path / "ray.toml"
     config.write_text(to_toml({
         "ray": {"num_replicas": 1, "max_tasks_per_replica": 1, "num_cpus": 0.5, "ingress_num_cpus": 0.1,
