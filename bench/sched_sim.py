@@ -124,7 +124,7 @@ def long_run_seconds(text: str) -> float:
     return value
 
 
-def check_suite_lengths(parser: argparse.ArgumentParser, path: str | None) -> None:
+def check_suite_lengths(path: str | None) -> None:
     """Read --suite-lengths here: read only in the pool's initializer, a bad file failed in
     every worker and the pool respawned them forever (a hang)."""
     from inlaid.scheduling.suite import SUITE_LENGTHS_FILE, load_suite_lengths
@@ -138,7 +138,7 @@ def check_suite_lengths(parser: argparse.ArgumentParser, path: str | None) -> No
         _refuse(f"--suite-lengths: {name} has no records of the eval split to draw traces from")
 
 
-def check_render_inputs(parser: argparse.ArgumentParser, paths: list[Path]) -> None:
+def check_render_inputs(paths: list[Path]) -> None:
     """--render reads each sweep's JSON: a missing or malformed one is one line, before any is rewritten."""
     for path in paths:
         try:
@@ -252,10 +252,10 @@ def main(argv: list[str] | None = None) -> dict:
     suffixes = {slots: (("_quick" if args.quick else "") + ("" if slots == SLOTS else f"_slots{slots}")
                         + (f"_{args.tag}" if args.tag else "")) for slots in args.slots}
     if args.render:
-        check_render_inputs(parser, [args.out_dir / f"sched_sim{suffix}.json" for suffix in suffixes.values()])
+        check_render_inputs([args.out_dir / f"sched_sim{suffix}.json" for suffix in suffixes.values()])
     else:
         check_cost_model(parser, cost_model_file(args.tag))
-        check_suite_lengths(parser, args.suite_lengths)
+        check_suite_lengths(args.suite_lengths)
     reports = {}
     for slots, suffix in suffixes.items():
         reports[slots] = _render(suffix, args.out_dir) if args.render else _sweep(args, slots, suffix)

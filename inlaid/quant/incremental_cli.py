@@ -191,16 +191,13 @@ def addition_settings(args: argparse.Namespace, model_dir: Path, task) -> dict[s
     """What addition_fingerprint hashes, in the flags' words (run.json keeps it: a refused
     resume names what differs)."""
     from inlaid.quant.driver import adapter_digest, file_digest
-    from inlaid.quant.run_support import DIGEST_PREFIX, files_identity
-
-    def digest(value: object) -> str:
-        return DIGEST_PREFIX + hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+    from inlaid.quant.run_support import DIGEST_PREFIX, digest_of, files_identity
 
     checkpoint = Path(args.checkpoint)
     return {
         "--model": files_identity(sorted(Path(model_dir).glob("*.safetensors"))),
         "--checkpoint": files_identity([checkpoint / name for name in (WEIGHTS_FILE, METADATA_FILE)]),
-        "--task": task.name, "adapter": digest(adapter_digest(task.adapter_dir)),
+        "--task": task.name, "adapter": digest_of(adapter_digest(task.adapter_dir)),
         "calibration": DIGEST_PREFIX + file_digest(task.calib_path), "--threshold": args.threshold,
         "--tolerance": args.tolerance, "--exact": args.exact, "--max-samples": args.max_samples,
         "--drop-task": ",".join(sorted(args.drop_task)),

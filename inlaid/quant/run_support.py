@@ -98,18 +98,16 @@ def recorded_path(text: str, what: str, task: str, checkpoint: Path) -> Path:
 def files_identity(files: list[Path]) -> str:
     """Files by where they lie, their sizes and times, not their contents: the fingerprint
     hashed their hundreds of MB once already, and this only words a refusal."""
-    import hashlib
-    import json
-
     described = {str(path.resolve()): [path.stat().st_size, path.stat().st_mtime_ns] for path in files}
-    return FILES_PREFIX + hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+    return digest_of(described, FILES_PREFIX)
 
 
-def _digest_of(value: object) -> str:
+def digest_of(value: object, prefix: str = DIGEST_PREFIX) -> str:
+    """A settings value standing for `value` (JSON-able): `prefix` says how a refusal words it."""
     import hashlib
     import json
 
-    return DIGEST_PREFIX + hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+    return prefix + hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 def run_settings(config) -> dict[str, object]:
@@ -132,7 +130,7 @@ def run_settings(config) -> dict[str, object]:
     described |= {f"mlgptq {key}": value for key, value in asdict(config.mlgptq).items()}
     for task in config.tasks:
         adapter = adapter_digest(task.adapter_dir)
-        described[f"adapter of {task.name}"] = _digest_of(adapter) if adapter is not None else "none"
+        described[f"adapter of {task.name}"] = digest_of(adapter) if adapter is not None else "none"
         described[f"calibration of {task.name}"] = DIGEST_PREFIX + file_digest(task.calib_path)
     return described
 

@@ -21,7 +21,7 @@ def write_manifest(adapters_dir: Path, results: dict | None, replace_smaller: bo
     one task's results used to drop every other score), and a score from fewer examples than the
     recorded one replaces it only with `replace_smaller` (a --limit 4 run replaced 128 examples)."""
     path = adapters_dir / "MANIFEST.json"
-    previous = _previous_manifest(path)
+    previous = _previous_section(path, "adapters")
     entries = {}
     written: list[str] = []
     kept: list[str] = []
@@ -92,13 +92,14 @@ def _eval_entry(name: str, task_results: dict) -> dict:
     }
 
 
-def _previous_manifest(path: Path) -> dict:
-    """The adapters of the MANIFEST being replaced ({} when there is none or it is unreadable)."""
+def _previous_section(path: Path, key: str) -> dict:
+    """The `key` object of the record at `path` being updated (the MANIFEST's adapters, the
+    length record's tasks): {} when there is none or it is unreadable."""
     try:
-        adapters = json.loads(path.read_text()).get("adapters")
+        section = json.loads(path.read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         return {}
-    return adapters if isinstance(adapters, dict) else {}
+    return dict(section) if isinstance(section, dict) else {}
 
 
 def _count(record: dict | None, key: str) -> int | None:
@@ -170,7 +171,7 @@ def write_output_lengths(results: dict, tokenizer, path: Path | None = None,
     from inlaid.tasks.evaluate import length_stats
 
     path = Path(path if path is not None else OUTPUT_LENGTHS_FILE)
-    record: dict = {"unit": "tokens, end-of-turn excluded", "tasks": _previous_lengths(path)}
+    record: dict = {"unit": "tokens, end-of-turn excluded", "tasks": _previous_section(path, "tasks")}
     written: list[str] = []
     kept_larger: list[str] = []
     for task_name, configs in results["tasks"].items():
@@ -199,11 +200,3 @@ def write_output_lengths(results: dict, tokenizer, path: Path | None = None,
               "pass --replace-smaller to replace them", file=sys.stderr)
     return path, _summary(path, "lengths", written, kept, kept_larger, [])
 
-
-def _previous_lengths(path: Path) -> dict:
-    """The tasks of the length record being updated ({} when there is none or it is unreadable)."""
-    try:
-        tasks = json.loads(path.read_text()).get("tasks")
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return dict(tasks) if isinstance(tasks, dict) else {}
