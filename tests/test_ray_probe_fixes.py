@@ -142,6 +142,14 @@ def test_a_good_autoscaling_table_passes_and_reaches_ray_unchanged(model_dir: Pa
     assert config.scaling_options() == {"num_replicas": "auto", "autoscaling_config": table}
 
 
+def test_a_replica_count_beside_an_autoscaling_table_is_refused_not_dropped(model_dir: Path) -> None:
+    table = {"min_replicas": 1, "max_replicas": 4}
+    with pytest.raises(ConfigError, match=r"^ray.num_replicas = 3 with \[ray.autoscaling\]: .*initial_replicas"):
+        ray_config_from_dict(_raw(model_dir, ray={"num_replicas": 3, "app_name": APP, "autoscaling": table}))
+    unset = ray_config_from_dict(_raw(model_dir, ray={"app_name": APP, "autoscaling": table}))
+    assert unset.scaling_options() == {"num_replicas": "auto", "autoscaling_config": table}
+
+
 def test_the_autoscaling_keys_are_rays() -> None:
     from ray.serve.config import AutoscalingConfig
 

@@ -154,6 +154,12 @@ def ray_config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> R
     if checked.engine.quantized_dir:
         server["model"]["quantized_dir"] = checked.engine.quantized_dir
     autoscaling = ray.pop("autoscaling", None)
+    if autoscaling is not None and ray.get("num_replicas", "auto") != "auto":
+        # Ray Serve refuses the pair too, but only after connecting; dropping it quietly would
+        # deploy another count than the file states.
+        raise ConfigError(f"ray.num_replicas = {ray['num_replicas']!r} with [ray.autoscaling]: the autoscaler sets "
+                          f"the count; remove num_replicas (or set it to \"auto\") and start the count with "
+                          f"[ray.autoscaling] initial_replicas")
     config = RayDeploymentConfig(server=server, tasks=checked.tasks, http=http, autoscaling=autoscaling, **ray)
     _validate(config)
     if dropped:
