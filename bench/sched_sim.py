@@ -124,18 +124,19 @@ def long_run_seconds(text: str) -> float:
     return value
 
 
-def check_suite_lengths(path: str | None) -> None:
+def check_suite_lengths(path: str | None, prog: str = "sched_sim.py") -> None:
     """Read --suite-lengths here: read only in the pool's initializer, a bad file failed in
-    every worker and the pool respawned them forever (a hang)."""
+    every worker and the pool respawned them forever (a hang). `prog` names the script that
+    refuses it (sched_tune.py's sweep uses this pool too)."""
     from inlaid.scheduling.suite import SUITE_LENGTHS_FILE, load_suite_lengths
 
     name = path or SUITE_LENGTHS_FILE
     try:
         records = load_suite_lengths(name)
     except (OSError, ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
-        _refuse(f"--suite-lengths: cannot use {name}: {type(error).__name__}: {error}")
+        _refuse(f"--suite-lengths: cannot use {name}: {type(error).__name__}: {error}", prog)
     if not any(record.split == "eval" for record in records):  # the traces are drawn from them
-        _refuse(f"--suite-lengths: {name} has no records of the eval split to draw traces from")
+        _refuse(f"--suite-lengths: {name} has no records of the eval split to draw traces from", prog)
 
 
 def check_render_inputs(paths: list[Path]) -> None:
@@ -150,9 +151,9 @@ def check_render_inputs(paths: list[Path]) -> None:
             _refuse(f"--render: {path} is not a sched_sim report (no 'runs')")
 
 
-def _refuse(message: str) -> NoReturn:
+def _refuse(message: str, prog: str = "sched_sim.py") -> NoReturn:
     """A bad input file: one line naming it, exit status 2 (the usage above it says nothing more)."""
-    print(f"sched_sim.py: {message}", file=sys.stderr)
+    print(f"{prog}: {message}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     sched_sim.check_out_dir(parser, args.out_dir)
     sched_sim.check_cost_model(parser, sched_sim.cost_model_file(args.tag))
+    sched_sim.check_suite_lengths(args.suite_lengths, prog="sched_tune.py")
     report = sweep(args.tag, args.requests, args.load, args.slots, args.workers, args.suite_lengths)
     suffix = f"_{args.tag}" if args.tag else ""
     args.out_dir.mkdir(parents=True, exist_ok=True)

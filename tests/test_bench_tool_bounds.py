@@ -79,12 +79,16 @@ def test_tuning_names_the_input_out_of_range(tmp_path: Path) -> None:
     from inlaid.scheduling.simulator import EngineShape
 
     cost = load_cost_model(str(COST_MODEL))
-    with pytest.raises(ValueError, match=r"^tuning needs requests >= 10 a workload, got 5$"):
+    with pytest.raises(ValueError, match=r"^tuning needs 10 <= requests <= 100000 a workload, got 5$"):
         tune_inlaid_options(cost, EngineShape(), 9, requests=5)
+    with pytest.raises(ValueError, match=r"^tuning needs 10 <= requests <= 100000 a workload, got 1000000000$"):
+        tune_inlaid_options(cost, EngineShape(), 9, requests=10**9)
     with pytest.raises(ValueError, match=r"^tuning needs 0 < load <= 1, got 2"):
         tune_inlaid_options(cost, EngineShape(), 9, load=2.0)
     tune = ["-m", "inlaid.cli", "tune-scheduler", "--cost-model", str(COST_MODEL)]
-    _one_line(_run(*tune, "--requests", "1"), "inlaid tune-scheduler: --requests must be >= 10", "got 1")
+    _one_line(_run(*tune, "--requests", "1"), "inlaid tune-scheduler: --requests must be from 10 to 100000", "got 1")
+    _one_line(_run(*tune, "--requests", str(10**9)), "inlaid tune-scheduler: --requests must be from 10 to 100000",
+              f"got {10**9}")
     config = tmp_path / "server.toml"
     config.write_text("[server]\n")
     _one_line(_run(*tune, "--config", str(config)), "inlaid tune-scheduler:",

@@ -64,6 +64,11 @@ def test_a_bad_suite_lengths_file_is_one_line_not_a_hang(tmp_path: Path) -> None
         err = done.stderr.strip()
         assert done.returncode == 2 and len(err.splitlines()) == 1, (done.returncode, err[-2000:])
         assert err.startswith("sched_sim.py: --suite-lengths: ") and str(path) in err
+    # sched_tune.py's sweep draws from the same pool: it hung on the same file
+    done = _run(str(BENCH / "sched_tune.py"), "--suite-lengths", str(bad), "--out-dir", str(tmp_path / "out"))
+    err = done.stderr.strip()
+    assert done.returncode == 2 and len(err.splitlines()) == 1, (done.returncode, err[-2000:])
+    assert err.startswith("sched_tune.py: --suite-lengths: ") and str(bad) in err
 
 
 @pytest.mark.parametrize("args, words", [

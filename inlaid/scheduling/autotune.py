@@ -64,6 +64,9 @@ MIN_STEP_S = 1e-6  # the shortest decode step a cost model may predict
 # The most tasks a tuning simulates: far past any server's adapters. Each task is an object
 # and a popularity weight per workload; `--tasks 99999999` was accepted (an outside probe).
 MAX_TUNING_TASKS = 100_000
+# The most requests a workload: each is held in memory and simulated once per candidate (200
+# take ~40 s in all on 2 cores), so `--requests 10**9` ran out of memory instead of refusing.
+MAX_TUNING_REQUESTS = 100_000
 
 
 def load_cost_model(path: str, max_num_seqs: int = 64) -> StepCostModel:
@@ -200,8 +203,8 @@ def tuning_input_problem(num_tasks: int, requests: int, load: float) -> str | No
     caller guessing which), or None."""
     if not 1 <= num_tasks <= MAX_TUNING_TASKS:
         return f"tuning needs 1 <= num_tasks <= {MAX_TUNING_TASKS}, got {num_tasks}"
-    if requests < MIN_TUNING_REQUESTS:
-        return f"tuning needs requests >= {MIN_TUNING_REQUESTS} a workload, got {requests}"
+    if not MIN_TUNING_REQUESTS <= requests <= MAX_TUNING_REQUESTS:
+        return f"tuning needs {MIN_TUNING_REQUESTS} <= requests <= {MAX_TUNING_REQUESTS} a workload, got {requests}"
     if not 0 < load <= 1:
         return f"tuning needs 0 < load <= 1, got {load}"
     return None

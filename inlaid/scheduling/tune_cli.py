@@ -31,16 +31,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from inlaid.scheduling.autotune import (MAX_TUNING_TASKS, MIN_TUNING_REQUESTS, load_cost_model,
-                                            tune_inlaid_options)
+    from inlaid.scheduling.autotune import (MAX_TUNING_REQUESTS, MAX_TUNING_TASKS, MIN_TUNING_REQUESTS,
+                                            load_cost_model, tune_inlaid_options)
     from inlaid.scheduling.simulator import EngineShape
 
     from inlaid.scheduling.suite import SUITE_LENGTHS_FILE
 
     shape, tasks, explicit, lengths = EngineShape(), 9, {}, str(SUITE_LENGTHS_FILE)
-    if args.requests < MIN_TUNING_REQUESTS:  # named now, before any progress line
-        return _refuse(f"--requests must be >= {MIN_TUNING_REQUESTS} (requests per simulated workload), "
-                       f"got {args.requests}")
+    if not MIN_TUNING_REQUESTS <= args.requests <= MAX_TUNING_REQUESTS:  # named now, before any progress line
+        return _refuse(f"--requests must be from {MIN_TUNING_REQUESTS} to {MAX_TUNING_REQUESTS} (requests per "
+                       f"simulated workload), got {args.requests}")
     problem = writable_file_problem(Path(args.json), "--json") if args.json else None
     if problem:  # found now, not after the whole tuning ran
         return _refuse(problem)
