@@ -211,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
                 print(hint, file=sys.stderr)
             raise
     except QuantizationError as error:
-        print(f"inlaid quantize: error: {error}", file=sys.stderr)
+        print(f"inlaid quantize: {error}", file=sys.stderr)
         return 2
     _print_report(report, spec)
     return 0

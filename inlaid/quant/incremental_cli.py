@@ -255,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
     from inlaid.quant.incremental import IncrementalSettings, read_checkpoint_metadata
 
     if len(args.task) > 1:  # argparse kept the last --task and dropped the others without a word
-        print(f"inlaid quantize-add: error: quantize-add takes one --task (got {len(args.task)}); run it once per "
+        print(f"inlaid quantize-add: quantize-add takes one --task (got {len(args.task)}); run it once per "
               "task, each on the checkpoint the previous one wrote", file=sys.stderr)
         return 2
     args.task = args.task[0]
@@ -264,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     problem = output_dir_problem(args.out, args.checkpoint)
     if problem:
-        print(f"inlaid quantize-add: error: {problem}", file=sys.stderr)
+        print(f"inlaid quantize-add: {problem}", file=sys.stderr)
         return 2
     try:
         settings = IncrementalSettings(change_threshold=args.threshold, quality_tolerance=args.tolerance,
@@ -330,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
             # the two left an UNFINISHED checkpoint with nothing to resume from.
             shutil.rmtree(args.out / PARTIAL_DIR, ignore_errors=True)
     except (QuantizationError, ValueError) as error:
-        print(f"inlaid quantize-add: error: {error}", file=sys.stderr)
+        print(f"inlaid quantize-add: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if hint := resume_hint(args.out, COMMAND):  # before inlaid/cli.py's "interrupted"

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         try:  # every input and output checked before anything is written
             results = _report_inputs(args)
         except ValueError as error:
-            print(f"inlaid tasks report: error: {error}", file=sys.stderr)
+            print(f"inlaid tasks report: {error}", file=sys.stderr)
             return 2
         # One line per record: what was written, kept or dropped (the records are merged).
         print(write_manifest(Path(args.adapters_dir), results, replace_smaller=args.replace_smaller)[1])

@@ -215,23 +215,23 @@ def run(args: argparse.Namespace) -> int:
     model_dir = Path(args.model) if args.model else default_model_dir()
     tasks = args.task or (list(TASK_NAMES) if args.suite else None)
     if not tasks:  # a usage error, as argparse's own (it exited 1)
-        print("inlaid eval: error: give --task NAME (repeatable) or --suite", file=sys.stderr)
+        print("inlaid eval: give --task NAME (repeatable) or --suite", file=sys.stderr)
         return 2
     for name in tasks:
         get_task(name)
     problem = argument_problem(args)
     if problem:
-        print(f"inlaid eval: error: {problem}", file=sys.stderr)
+        print(f"inlaid eval: {problem}", file=sys.stderr)
         return 2
     runs = planned_runs(args, tasks)
     try:
         results = evaluate_runs(model_dir, runs, split=args.split, limit=args.limit, backend=args.backend,
                                 batch_size=args.batch_size, dtype=args.dtype, weight_dtype=args.weight_dtype)
     except AdapterInputError as error:  # found before the model loaded
-        print(f"inlaid eval: error: {error}", file=sys.stderr)
+        print(f"inlaid eval: {error}", file=sys.stderr)
         return 2
     except GenerationError as error:
-        print(f"inlaid eval: error: {error}", file=sys.stderr)
+        print(f"inlaid eval: {error}", file=sys.stderr)
         return 1
     for task_name, configs in results["tasks"].items():
         for config_name, entry in configs.items():
