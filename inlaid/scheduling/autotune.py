@@ -65,7 +65,7 @@ MIN_STEP_S = 1e-6  # the shortest decode step a cost model may predict
 # and a popularity weight per workload; `--tasks 99999999` was accepted (an outside probe).
 MAX_TUNING_TASKS = 100_000
 # The most requests a workload: each is held in memory and simulated once per candidate (200
-# take ~40 s in all on 2 cores), so `--requests 10**9` ran out of memory instead of refusing.
+# take ~40 s in all on 2 cores), so a bound is named up front rather than left to the memory.
 MAX_TUNING_REQUESTS = 100_000
 
 
