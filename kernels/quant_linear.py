@@ -6,8 +6,12 @@
         bits in {2, 3, 4, 8}; group_size > 0 or -1 (one group over K); G = ceil(K / group_size):
         groups need not tile K (the last one is then shorter)
         bias     [N] or None
-    prepare_quant_linear(w, device, act_dtype, mode) -> PreparedQuantLinear
-        an offline re-layout for the device; the checkpoint tensors stay untouched
+    prepare_quant_linear(w, device, act_dtype, mode, batch_invariant) -> PreparedQuantLinear
+        an offline re-layout for the device; the checkpoint tensors stay untouched.
+        batch_invariant (CPU int4 path): every row count takes the few-rows kernel (the
+        dot-product or native one), never the bf16 route, so a row's result does not depend on
+        how many rows share the call, prompt or decode (~10-15 % slower prompt steps of
+        100-500 rows on AVX512-BF16 without AMX; more with AMX, whose bf16 route is faster)
     quant_matmul(x [M, K], prepared) -> [M, N] in x's dtype (+ bias)
 
 Paths (`mode`):
@@ -213,6 +217,7 @@ def prepare_quant_linear(
     device: torch.device | str,
     act_dtype: torch.dtype,
     mode: Mode = "auto",
+    batch_invariant: bool = False,
 ) -> PreparedQuantLinear:
     """Re-layout one layer for `device` (done once at load; the checkpoint stays standard)."""
     from . import quant_cpu  # local: keeps the module graph acyclic
@@ -256,11 +261,14 @@ def prepare_quant_linear(
     scales = w.scales.cpu()
     if mode == "int4":
         layout = quant_cpu.prepare_int4(codes, zeros, scales, w.bits, group, device)
+        # The bf16 route rounds the weight to bf16 where the few-rows kernels use it exactly:
+        # a request's logits moved by ~0.16 with the prompt rows beside it (an outside probe).
+        never = sys.maxsize if batch_invariant else None
         return PreparedQuantLinear("int4", layout, input_perm=input_perm, **common,
-                                   dense_min_m=quant_cpu.dense_min_rows(layout),
+                                   dense_min_m=never or quant_cpu.dense_min_rows(layout),
                                    native_min_m=quant_cpu.native_min_rows(layout),
                                    few_rows_dot=quant_cpu.few_rows_dot(layout),
-                                   prefill_dense_min_m=quant_cpu.prefill_dense_min_rows(layout))
+                                   prefill_dense_min_m=never or quant_cpu.prefill_dense_min_rows(layout))
     if mode == "triton":
         from .quant_triton import DENSE_MIN_M, prepare_triton_layout
 

@@ -193,6 +193,26 @@ def test_int4_kernel_parity_with_transformers_peft(served_engine, reference_gene
     assert clear >= 0.3 * sum(len(t) for t in ref_tokens)
 
 
+def test_batch_invariant_engine_gives_a_prompt_the_same_logits_whatever_shares_its_steps(
+        default_checkpoint, model_dir, adapter_dirs, greedy_logits):
+    """EngineConfig.batch_invariant: a short prompt alone, beside a long one (one prefill step of
+    ~80 rows: the bf16 route's size by default), and chunked by a 24-token budget, gets the same
+    logits bit for bit. tests/test_batch_invariant.py checks the kernels' routes themselves."""
+    from inlaid.engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(model_dir)
+    short, long = tokenizer.encode(PROMPTS[0]), tokenizer.encode(" ".join(PROMPTS) * 2)
+    assert len(short) < 8 and len(long) > 70
+    runs = []
+    for budget, prompts, adapters in ((2048, [short], ["attn-r8"]), (2048, [short, long], ["attn-r8", "all-r32"]),
+                                      (24, [long, short], ["mlp-r16", "attn-r8"])):
+        engine = _engine(model_dir, default_checkpoint, adapter_dirs, batch_invariant=True,
+                         max_num_batched_tokens=budget)
+        rows = greedy_logits(engine, prompts, adapters, 6)
+        runs.append(torch.stack(rows[prompts.index(short)]))
+    assert all(torch.equal(run, runs[0]) for run in runs[1:]), [(run - runs[0]).abs().max().item() for run in runs]
+
+
 def test_teacher_forced_nll_equals_transformers_peft(default_checkpoint, model_dir, adapter_dirs, dequantized_peft):
     """inlaid.engine.scoring on the quantized base (exact and int4 kernels) against the
     NLL transformers + PEFT computes on the dequantized weights."""

@@ -40,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--weight-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="dense base weights and lm_head (bfloat16: faster CPU decode, float32 activations)")
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="with --quantized on the CPU: one kernel route for every row, so each answer is the "
+                             "same whatever it is batched with (a server with [executor] batch_invariant = true "
+                             "gives the same answers); prompt steps of many rows are slower")
     parser.add_argument("--json", action="store_true", help="print one JSON object per result")
 
 
@@ -287,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
     # What passed the checks above can still fail to load; `inlaid.cli.main` prints that in one line.
     model_dir = args.model or str(prepare_default_model(quiet=True))
     engine = Engine.local(EngineConfig(model_dir=model_dir, quantized_dir=args.quantized, device=args.device,
-                                       weight_dtype=args.weight_dtype))
+                                       weight_dtype=args.weight_dtype, batch_invariant=args.batch_invariant))
     for name, path in adapters.items():
         engine.register_adapter(name, path)
     ids = []

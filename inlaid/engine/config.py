@@ -187,6 +187,10 @@ class EngineConfig:
     # Replay decode steps from captured graphs (inlaid/engine/cuda_graphs.py). On the CPU the
     # same bookkeeping runs eagerly (for tests; slower than off).
     cuda_graphs: bool = False
+    # CPU, quantized base: every row through the same low-bit kernel whatever its batch, so a
+    # request's 4-bit answer does not depend on the prompts beside it or on chunking (the
+    # default routes big prompt steps through a faster bf16 kernel that rounds the weight).
+    batch_invariant: bool = False
 
     def context_length(self, model: ModelConfig) -> int:
         """The longest sequence served: max_model_len, capped by what the model supports and by
@@ -212,7 +216,7 @@ class EngineConfig:
                         what="an integer; omit it for the model's length")
         if self.threads is not None:
             check_range("threads", self.threads, 1, MAX_THREADS, integer=True)
-        for name in ("pack_weights", "cuda_graphs"):
+        for name in ("pack_weights", "cuda_graphs", "batch_invariant"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("dtype", "weight_dtype"):
@@ -221,3 +225,5 @@ class EngineConfig:
         if self.quant_kernel not in QUANT_KERNELS:
             raise ValueError(f"quant_kernel must be one of {', '.join(QUANT_KERNELS)}, got {self.quant_kernel!r}")
         check_device("device", self.device, self.quant_kernel if self.quantized_dir else None)
+        if self.batch_invariant and not str(self.device).startswith("cpu"):
+            raise ValueError(f"batch_invariant is a CPU option (the CPU int4 kernels' routes); device is {self.device!r}")

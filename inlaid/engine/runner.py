@@ -88,8 +88,8 @@ class ModelRunner:
         if model is None and config.quantized_dir:
             _check_quantized_dir(Path(config.quantized_dir))
         self.model: LlamaModel = model if model is not None else load_model(
-            self.model_config, weights_dir, self.dtype, self.device, config.quant_kernel, self.weight_dtype
-        )
+            self.model_config, weights_dir, self.dtype, self.device, config.quant_kernel, self.weight_dtype,
+            config.batch_invariant)
         self.model.eval()
         mc = self.model_config
         # With decode graphs, one block past the scheduler's blocks takes the padding rows' writes.
@@ -188,7 +188,8 @@ class ModelRunner:
                     raise ValueError(f"{module_path} slice {index}: got {weights.in_features}x{weights.out_features}, "
                                      f"the model has {module.in_features}x{module.out_slices[index]}")
             prepared[module_path] = prepare_module(self.model, module_path, module_slices, self.device, self.dtype,
-                                                   self.config.quant_kernel, f"layer {layer} swap")
+                                                   self.config.quant_kernel, f"layer {layer} swap",
+                                                   self.config.batch_invariant)
         for module_path, parts in prepared.items():
             self.model.get_submodule(module_path).use_quantized(parts)
         self.layer_versions[layer] = version

@@ -61,6 +61,7 @@ def load_model(
     device: torch.device,
     quant_kernel: str = "auto",
     weight_dtype: torch.dtype | None = None,
+    batch_invariant: bool = False,
 ) -> LlamaModel:
     """Build the model from a float checkpoint, or from a GPTQ checkpoint (low-bit projections).
 
@@ -112,7 +113,8 @@ def load_model(
     if weight_dtype is not None and weight_dtype != dtype:
         model.store_weights_as(weight_dtype)
     for module_path, slices in slices_by_module.items():
-        prepared = prepare_module(model, module_path, slices, device, dtype, quant_kernel, str(model_dir))
+        prepared = prepare_module(model, module_path, slices, device, dtype, quant_kernel, str(model_dir),
+                                  batch_invariant)
         model.get_submodule(module_path).use_quantized(prepared)
     return model
 
@@ -136,8 +138,10 @@ def quantized_slices(model: LlamaModel, quantized: dict[str, QuantLinearWeights]
 
 
 def prepare_module(model: LlamaModel, module_path: str, slices: dict[int, QuantLinearWeights], device: torch.device,
-                   dtype: torch.dtype, quant_kernel: str, where: str) -> list[PreparedQuantLinear]:
-    """The prepared low-bit weights of one (possibly fused) projection, ready for `use_quantized`."""
+                   dtype: torch.dtype, quant_kernel: str, where: str, batch_invariant: bool = False
+                   ) -> list[PreparedQuantLinear]:
+    """The prepared low-bit weights of one (possibly fused) projection, ready for `use_quantized`
+    (batch_invariant: EngineConfig's, see prepare_quant_linear)."""
     linear = model.get_submodule(module_path)
     if sorted(slices) != list(range(len(linear.out_slices))):
         raise ModelLoadError(f"{where}: {module_path} is only partly quantized")
@@ -146,7 +150,8 @@ def prepare_module(model: LlamaModel, module_path: str, slices: dict[int, QuantL
     ordered = [slices[i] for i in sorted(slices)]
     fused = fuse_quant_slices(ordered) if len(ordered) > 1 else None
     parts = [fused] if fused is not None else ordered
-    return [prepare_quant_linear(part, device, dtype, mode=quant_kernel) for part in parts]
+    return [prepare_quant_linear(part, device, dtype, mode=quant_kernel, batch_invariant=batch_invariant)
+            for part in parts]
 
 
 def _our_name(hf_name: str, model: LlamaModel) -> tuple[str, tuple[int, int] | None]:
