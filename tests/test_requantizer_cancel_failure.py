@@ -1,0 +1,64 @@
+"""A removed task's job fails on what the removal took away (its calibration copy, deleted once
+the cancel is sent): an outside probe saw `ERROR job failed [... CalibrationDataError(...)]` and a
+traceback in the server's log for an ordinary removal. The job now ends as cancelled; a failure
+with no cancel is still reported, as before."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from test_state_dir_integrity import channel  # noqa: F401  (the fixture: a requantizer _Channel and its peer)
+
+
+def _job(tmp_path: Path):  # type: ignore[no-untyped-def]
+    from inlaid.protocol import RequantizeJob
+
+    return RequantizeJob(job_id="code@v1", task="code", adapter_dir=str(tmp_path), calibration=str(tmp_path / "c"),
+                         version=1, start_layer=0, model_dir="m", checkpoint_dir="q", served_layers={},
+                         state_dir=str(tmp_path), layers_dir=str(tmp_path))
+
+
+def _failing_quantizer(before_failing):  # type: ignore[no-untyped-def]
+    from inlaid.quant.errors import CalibrationDataError
+
+    class Quantizer:
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            pass
+
+        def layers(self, start: int):  # type: ignore[no-untyped-def]
+            before_failing()
+            raise CalibrationDataError("calibration file /state/calibration/code.jsonl does not exist")
+            yield  # pragma: no cover
+
+    return Quantizer
+
+
+def test_a_job_failing_after_its_cancel_was_sent_ends_as_cancelled(channel, monkeypatch, tmp_path,  # noqa: F811
+                                                                    caplog):
+    import inlaid.quant.incremental
+    from inlaid.protocol import CancelJob
+    from inlaid.serve.requantizer import _Stop, run_job
+
+    requantizer, send, _ = channel
+    monkeypatch.setattr(inlaid.quant.incremental, "IncrementalQuantizer",
+                        _failing_quantizer(lambda: send(CancelJob(job_id="code@v1"))))
+    with caplog.at_level(logging.INFO, logger="inlaid.requantizer"), pytest.raises(_Stop) as stopped:
+        run_job(requantizer, _job(tmp_path))
+    assert not stopped.value.shutdown
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_a_failure_without_a_cancel_is_still_reported(channel, monkeypatch, tmp_path, caplog):  # noqa: F811
+    import inlaid.quant.incremental
+    from inlaid.serve.requantizer import run_job
+
+    requantizer, _, receive = channel
+    monkeypatch.setattr(inlaid.quant.incremental, "IncrementalQuantizer", _failing_quantizer(lambda: None))
+    with caplog.at_level(logging.INFO, logger="inlaid.requantizer"):
+        run_job(requantizer, _job(tmp_path))
+    finished = receive()
+    assert (finished.job_id, finished.ok) == ("code@v1", False) and "does not exist" in finished.error
+    assert any(r.levelno == logging.ERROR and r.getMessage() == "job failed" for r in caplog.records), caplog.text
