@@ -59,7 +59,8 @@ from inlaid.quant.model_io import (
 )
 from inlaid.quant.run_support import absolute, attach_adapters_quietly, recorded_path
 from inlaid.quant.spec import QuantSpec
-from inlaid.quant.state import LayerState, layer_state_path, load_layer_state, save_layer_state
+from inlaid.quant.state import (LayerState, References, layer_state_path, load_layer_state, load_reference_errors,
+                                save_layer_state)
 from inlaid.quant.task_costs import COSTS_FILE, load_raw_costs, normalized, probe_count, probe_impurity, save_raw_costs
 from inlaid.quant.unfinished import unfinished_problem
 
@@ -253,14 +254,15 @@ class IncrementalQuantizer:
         source = self.served_layers.get(layer, self.checkpoint_dir / WEIGHTS_FILE)
         return read_layer_tensors(source, layer)
 
-    def stored_state(self, layer: int) -> LayerState:
+    def stored_state(self, layer: int) -> tuple[LayerState, References]:
+        """A layer's stored Hessians and the tasks' reference errors kept beside them."""
         for directory in self.state_dirs:
             if layer_state_path(directory, layer).is_file():
                 state, forward = load_layer_state(directory, layer)
                 if forward != self.method.hessian_forward:
                     raise IncrementalError(f"{directory}: layer {layer} holds '{forward}'-forward Hessians, "
                                            f"{self.method.name} needs '{self.method.hessian_forward}'")
-                return state
+                return state, load_reference_errors(directory, layer)
         raise IncrementalError(f"no Hessian state for layer {layer} in {[str(d) for d in self.state_dirs]}")
 
     # ------------------------------------------------------------------ the layer loop
@@ -282,13 +284,14 @@ class IncrementalQuantizer:
         with the linears before it already decided, as the full driver does."""
         layer = self.layers_module[index]
         forward = self.method.hessian_forward
-        stored = None if self.settings.exact else self.stored_state(index)
+        stored, references = (None, {}) if self.settings.exact else self.stored_state(index)
         served = self.served_tensors(index)
         prefix = f"model.layers.{index}"
         timer = PhaseTimer()
         policy = LinearPolicy(self.method, self.spec, self.options, self.task_costs, self.settings.change_threshold,
                               self.settings.quality_tolerance)
         state: LayerState = {}
+        kept_references: References = {}
         tensors: dict[str, torch.Tensor] = {}
         decisions: list[LinearDecision] = []
 
@@ -301,8 +304,8 @@ class IncrementalQuantizer:
                                 if name not in self.drop_tasks}
                 state[group] = {**existing, self.task.name: hessians[(self.task.name, forward)]}
                 self._check_costs(index, group, state[group])
-                group_decisions, group_tensors = decide_group_linears(policy, layer, prefix, group, served,
-                                                                      existing, state[group])
+                group_decisions, group_tensors, kept_references[group] = decide_group_linears(
+                    policy, layer, prefix, group, served, existing, state[group], references.get(group))
                 decisions.extend(group_decisions)
                 tensors.update(group_tensors)
             if self.pace is not None:
@@ -310,7 +313,7 @@ class IncrementalQuantizer:
 
         quantize_layer_sequential(layer, self.streams, self.peft_model, index, decide_group, timer)
         with timer.phase("quantize"):
-            save_layer_state(self.state_out, index, state, forward)
+            save_layer_state(self.state_out, index, state, forward, kept_references)
         changed = any(decision.swapped for decision in decisions)
         forward_seconds = timer.seconds.get("forward", 0.0) + timer.seconds.get("hessian", 0.0)
         return LayerOutcome(index, decisions, tensors if changed else None, forward_seconds,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -27,6 +28,8 @@ from inlaid.quant.model_io import INPUT_GROUPS, LINEAR_NAMES, plain_linear
 from inlaid.quant.spec import QuantSpec
 
 _PACKED_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx", ".bias")
+# task -> linear -> its reference relative error, for one input group (state.References)
+GroupReferences: TypeAlias = dict[str, dict[str, float]]
 
 
 def read_layer_tensors(weights_file: Path, layer: int) -> dict[str, torch.Tensor]:
@@ -69,9 +72,19 @@ class LinearPolicy:
 
 def decide_group_linears(policy: LinearPolicy, layer: torch.nn.Module, prefix: str, group: str,
                          served: dict[str, torch.Tensor], existing: dict[str, TaskHessian],
-                         merged: dict[str, TaskHessian]) -> tuple[list[LinearDecision], dict[str, torch.Tensor]]:
+                         merged: dict[str, TaskHessian], references: GroupReferences | None = None
+                         ) -> tuple[list[LinearDecision], dict[str, torch.Tensor], GroupReferences]:
     """Decide the linears reading input `group` and write the chosen weights into the layer
-    (the next group's inputs are computed with them)."""
+    (the next group's inputs are computed with them). Returns the decisions, the chosen
+    packed tensors and every merged task's reference errors to store.
+
+    The gate measures an existing task against its reference error on each linear, not the
+    served one: against the served one, every job could double a task's error again (an
+    outside probe saw a task added live end at 3.3x its NLL from before its own job, two jobs on).
+    A task's reference is the first error the gate saw for it: an existing task's served error
+    when it has none stored (a full run's tasks: their checkpoint's error), the job's own task's
+    error on the weight its job chose."""
+    references = references or {}
     names = INPUT_GROUPS[group]
     linears = [plain_linear(layer, name) for name in names]
     weights = [linear.weight.data.float() for linear in linears]
@@ -84,11 +97,14 @@ def decide_group_linears(policy: LinearPolicy, layer: torch.nn.Module, prefix: s
         stack if len(merged) > 1 else None, policy.task_costs))) if moved else {}
     decisions: list[LinearDecision] = []
     tensors: dict[str, torch.Tensor] = {}
+    kept_references: GroupReferences = {task: {} for task in merged}
     for i, (name, linear, weight) in enumerate(zip(names, linears, weights)):
         key = f"{prefix}.{name}"
         served_weight = unpack_layer_linear(served, key, policy.spec, linear.in_features, linear.out_features)
         served_dense = served_weight.dequantize()
         before = stack.errors(weight, served_dense)
+        reference = {task: references.get(task, {}).get(name, before[task]) for task in merged}
+        chosen_errors = before
         chosen, packed = served_dense, {k: v for k, v in served.items() if k.startswith(key + ".")}
         if i not in outcomes:
             decision = LinearDecision(name, KEPT_UNCHANGED, changes[i], before, reason=(
@@ -98,8 +114,9 @@ def decide_group_linears(policy: LinearPolicy, layer: torch.nn.Module, prefix: s
             dequantized = outcome.quantized.dequantize()
             after = (outcome.task_errors if set(outcome.task_errors) == set(merged)
                      else stack.errors(weight, dequantized))  # the search measured them already
-            accepted, reason = quality_gate(before, after, list(existing), policy.quality_tolerance)
+            accepted, reason = quality_gate(reference, after, list(existing), policy.quality_tolerance)
             if accepted:
+                chosen_errors = after
                 decision = LinearDecision(name, REQUANTIZED, changes[i], before, after,
                                           task_weights=outcome.task_weights)
                 bias = linear.bias.data if linear.bias is not None else None
@@ -110,4 +127,6 @@ def decide_group_linears(policy: LinearPolicy, layer: torch.nn.Module, prefix: s
             linear.weight.copy_(chosen.to(linear.weight.dtype))
         decisions.append(decision)
         tensors.update(packed)
-    return decisions, tensors
+        for task in merged:
+            kept_references[task][name] = reference[task] if task in existing else chosen_errors[task]
+    return decisions, tensors, kept_references

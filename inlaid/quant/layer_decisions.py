@@ -80,15 +80,18 @@ def aggregate_change(method: Method, weight: torch.Tensor, existing: dict[str, T
     return float(torch.linalg.matrix_norm(new - old)) / reference
 
 
-def quality_gate(served: dict[str, float], requantized: dict[str, float], existing: list[str],
+def quality_gate(reference: dict[str, float], requantized: dict[str, float], existing: list[str],
                  tolerance: float | None) -> tuple[bool, str]:
-    """(accept, reason) given every task's error on the served and on the re-quantized
-    weight; only the tasks in `existing` can veto. tolerance None: accept always."""
+    """(accept, reason) given every task's reference error (incremental_linears.py: the error it
+    had when the gate first saw it, not the served one, so that a task's losses do not compound
+    over jobs) and its error on the re-quantized weight; only the tasks in `existing` can veto.
+    tolerance None: accept always."""
     if tolerance is None:
         return True, ""
-    worse = {name: requantized[name] / served[name] - 1.0 if served[name] > 0 else float("inf")
-             for name in existing if requantized[name] > (1.0 + tolerance) * served[name]}
+    worse = {name: requantized[name] / reference[name] - 1.0 if reference[name] > 0 else float("inf")
+             for name in existing if requantized[name] > (1.0 + tolerance) * reference[name]}
     if not worse:
         return True, ""
     name = max(worse, key=lambda key: worse[key])
-    return False, f"task {name!r} would lose {100 * worse[name]:.1f}% (tolerance {100 * tolerance:.1f}%)"
+    return False, (f"task {name!r} would lose {100 * worse[name]:.1f}% against its reference error "
+                   f"(tolerance {100 * tolerance:.1f}%)")
