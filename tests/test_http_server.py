@@ -268,6 +268,13 @@ def test_admin_endpoints_need_the_admin_token(server, api, adapter_dirs, base_mo
     assert "extra" not in [m.id for m in api.models.list().data]
     with pytest.raises(openai.NotFoundError):
         api.completions.create(model="extra", prompt="x", max_tokens=1)
+    # A task of the server's config: the answer says what the SDK's says, that a restart serves it again
+    code, _, body = http_request(server, "POST", "/v1/unload_lora_adapter", {"lora_name": "all-r32"}, admin)
+    assert code == 200 and body.decode() == (
+        "Success: LoRA adapter 'all-r32' removed successfully. Note: it is in the server config's [tasks]: the next "
+        f"restart serves it again ({adapter_dirs['all-r32']}).")
+    restore = {"lora_name": "all-r32", "lora_path": str(adapter_dirs["all-r32"])}
+    assert http_request(server, "POST", "/v1/load_lora_adapter", restore, admin)[0] == 200
 
 
 def test_client_disconnect_cancels_the_request_and_frees_its_kv_blocks(server):

@@ -307,11 +307,15 @@ async def _unload_lora_adapter(front: Front, request: Request) -> Response:
     body = await _read_json(request, UnloadLoraAdapterRequest, front.config)
     async with front.admin_client(request) as client:
         try:
-            message = await client.remove_task(body.lora_name)
+            reply = await client.remove_task_reply(body.lora_name)
         except InlaidError as error:  # an unknown adapter: the 404 names the field that named it
             raise from_inlaid(error, not_found_param="lora_name") from None
-    log.info("adapter unloaded over HTTP", extra={"task": body.lora_name, "result": message})
-    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+    log.info("adapter unloaded over HTTP", extra={"task": body.lora_name, "result": reply.message})
+    # Said as the SDK and the CLI say it (they print the server's whole message): a bare
+    # "removed" hid that the server's config serves the name again at its next start.
+    notice = (f" Note: it is in the server config's [tasks]: the next restart serves it again "
+              f"({reply.returns_at_restart}).") if reply.returns_at_restart else ""
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.{notice}")
 
 
 async def _livez(request: Request) -> Response:

@@ -250,6 +250,9 @@ class AdminReply(msgspec.Struct, frozen=True, kw_only=True, tag="admin_reply"):
     # AddTask of the directory the name serves already (no state directory copies it): its
     # files were not read again (a changed file there is read after a removal and an addition).
     already_served: bool = False
+    # RemoveTask of a name the config's [tasks] lists: that entry's adapter directory, which the
+    # next start serves under the name again (the message says so to people).
+    returns_at_restart: str | None = None
 
 
 class KeptLinear(msgspec.Struct, frozen=True, kw_only=True):

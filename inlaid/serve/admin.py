@@ -47,7 +47,8 @@ class TaskCalls:
             if isinstance(message, TaskStatus):
                 return self._reply(identity, self.dynamic.status(message.request_id, message.name))
             if isinstance(message, RemoveTask):
-                return self._done(identity, message, self.dynamic.remove(message.name))
+                return self._done(identity, message, self.dynamic.remove(message.name),
+                                  returns_at_restart=self.dynamic.config.tasks.get(message.name))
         except TaskError as error:
             return self._refused(identity, message, error)
         task = asyncio.get_running_loop().create_task(self._add(identity, message))
@@ -82,11 +83,12 @@ class TaskCalls:
 
     def _done(self, identity: bytes, message: AddTask | RemoveTask, text: str,
               replaces_config_entry: ReplacedConfigEntry | None = None, hessians_dropped: bool = False,
-              already_served: bool = False) -> None:
+              already_served: bool = False, returns_at_restart: str | None = None) -> None:
         log.info("admin call", extra={"call": type(message).__name__, "task": message.name, "result": text})
         self._reply(identity, AdminReply(request_id=message.request_id, message=text,
                                          replaces_config_entry=replaces_config_entry,
-                                         hessians_dropped=hessians_dropped, already_served=already_served))
+                                         hessians_dropped=hessians_dropped, already_served=already_served,
+                                         returns_at_restart=returns_at_restart))
 
     def _refused(self, identity: bytes, message: AddTask | RemoveTask | TaskStatus, error: TaskError) -> None:
         log.warning("admin call refused", extra={"call": type(message).__name__, "code": error.code,
