@@ -37,7 +37,7 @@ BASE = "SmolLM2-135M-Instruct"
 
 
 class _StandInClient:
-    """What the endpoints use of the SDK client: the hello, generate, remove_task."""
+    """What the endpoints use of the SDK client: the hello, generate, remove_task_reply."""
 
     def __init__(self) -> None:
         self.server = HelloReply(request_id="h", protocol_version=1, server_version="test", model=BASE,
@@ -54,7 +54,7 @@ class _StandInClient:
         return GenerateDone(request_id="r", text=" ok", token_ids=[1], finish_reason="length", num_prompt_tokens=2,
                             queue_seconds=0.0, first_token_seconds=0.0, total_seconds=0.0)
 
-    async def remove_task(self, name: str, timeout_s: float | None = None) -> str:
+    async def remove_task_reply(self, name: str, timeout_s: float | None = None) -> Any:
         raise UnknownTaskError(f"[unknown_task] unknown task {name!r}", "r1")
 
     async def close(self) -> None:
