@@ -6,6 +6,12 @@ check written against one holds for the other: GET and HEAD `/metrics` (200; HEA
 the body), another method there 405 naming GET and HEAD, any other path 404, both errors in
 the front's JSON error form. The exposition itself is prometheus_client's (it honours
 `Accept` for OpenMetrics, `Accept-Encoding: gzip` and `name[]` filters).
+
+The port serves in the coordinator's process, a thread per connection: at most
+`MAX_CONNECTIONS` at once (one more is closed at once: a scraper retries at its next
+interval), each cut off after `CLIENT_TIMEOUT_S` without a byte. Unbounded, an outside probe's
+11,000 connections that each sent half a request line left the coordinator with 11,000
+threads, deaf to its clients and to SIGTERM, until it was killed.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
 METRICS_PATH = "/metrics"
+MAX_CONNECTIONS = 32  # a few scrapers and people: far below what costs the coordinator
+CLIENT_TIMEOUT_S = 10.0  # a request's bytes must keep coming (Prometheus' scrape timeout is 10 s)
 _ALLOWED = "GET, HEAD"  # as Starlette's Allow for a GET route
 
 StartResponse = Callable[..., Any]
@@ -69,15 +77,36 @@ class _QuietHandler(WSGIRequestHandler):
         pass  # a scrape every few seconds would flood stderr, outside the server's JSON log
 
 
-def start_metrics_server(port: int, host: str, registry: CollectorRegistry) -> WSGIServer:
+def start_metrics_server(port: int, host: str, registry: CollectorRegistry, max_connections: int = MAX_CONNECTIONS,
+                         client_timeout_s: float = CLIENT_TIMEOUT_S) -> WSGIServer:
     """Bind `host:port` (OSError when impossible) and serve the registry in a daemon thread;
     stop it with `shutdown()` then `server_close()`."""
     family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    slots = threading.BoundedSemaphore(max_connections)
+
+    class Handler(_QuietHandler):
+        timeout = client_timeout_s  # the socket's: a stalled read ends the request, quietly
 
     class Server(ThreadingMixIn, WSGIServer):
         address_family = family  # a class attribute: IPv6 hosts need AF_INET6 before binding
         daemon_threads = True  # a scrape's thread must not hold the process at exit
 
-    server = make_server(address[0], port, metrics_app(registry), Server, handler_class=_QuietHandler)
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not slots.acquire(blocking=False):
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:  # no thread started: its slot is free again
+                slots.release()
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                slots.release()
+
+    server = make_server(address[0], port, metrics_app(registry), Server, handler_class=Handler)
     threading.Thread(target=server.serve_forever, name="inlaid-metrics-port", daemon=True).start()
     return server
