@@ -42,6 +42,28 @@ def test_an_activated_lora_is_refused_naming_it(adapter_dirs, tmp_path):
     assert read_adapter_spec("alora", alora).rank == 8
 
 
+@pytest.mark.parametrize("field, value, words", [
+    ("layer_replication", [[0, 15], [0, 15]], "layer replication"),  # PEFT 0.21.2 writes it so
+    ("lora_bias", True, "lora_bias=true"),
+    ("use_qalora", True, "QA-LoRA"),
+    ("target_parameters", ["mlp.experts.gate_up_proj"], "LoRA on parameters"),
+    ("trainable_token_indices", [5, 7], "trainable tokens"),
+    ("arrow_config", {"top_k": 3}, "Arrow"),
+    ("use_bdlora", {"a": 1}, "BD-LoRA"),
+    ("kasa_config", {"x": 1}, "KaSA"),
+    ("monteclora_config", {"x": 1}, "MonteCLoRA"),
+    ("velora_config", {"x": 1}, "VeLoRA"),
+])  # fmt: skip
+def test_lora_variants_the_engine_does_not_compute_are_refused(adapter_dirs, tmp_path, field, value, words):
+    """An outside probe: PEFT's layer_replication adapter was accepted and answered as the base."""
+    variant = copy_adapter(adapter_dirs["attn-r8"], tmp_path, field)
+    _edit_config(variant, **{field: value})
+    with pytest.raises(AdapterError, match=f"{words}.* is not supported"):
+        read_adapter_spec(field, variant)
+    _edit_config(variant, **{field: None if field != "lora_bias" else False})  # what PEFT writes without it
+    assert read_adapter_spec(field, variant).rank == 8
+
+
 def test_register_adapter_checks_the_weights_as_the_server_does(engine, adapter_dirs, tmp_path):
     listed_elsewhere = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "listed")
     _edit_config(listed_elsewhere, target_modules=["q_proj"])  # the file also holds v_proj

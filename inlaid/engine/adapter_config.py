@@ -2,8 +2,9 @@
 
 Accepts the subset of PEFT's LoRA that the engine computes exactly: any subset of the
 seven projections, any rank, lora_alpha scaling and rsLoRA. Everything else (DoRA,
-embedding or lm_head LoRA, per-module rank patterns, trained biases) is rejected with a
-clear message rather than served wrong.
+embedding or lm_head LoRA, per-module rank patterns, trained biases, layer replication and
+the other variants of `UNSUPPORTED_VARIANTS`) is rejected with a clear message rather than
+served wrong.
 """
 
 from __future__ import annotations
@@ -16,6 +17,24 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# PEFT LoRA variants whose computation the engine does not implement: each field must be
+# absent, null, false or empty. Served as a plain LoRA they answer wrongly without a word (an
+# outside probe: PEFT's layer_replication adapter answered as the base model); the newer
+# variants are refused until their inference is checked against PEFT.
+UNSUPPORTED_VARIANTS = {
+    "layer_replication": "layer replication (layer_replication)",
+    "lora_bias": "a trained bias on lora_B (lora_bias=true)",
+    "use_qalora": "QA-LoRA (use_qalora=true)",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "use_bdlora": "BD-LoRA (use_bdlora)",
+    "kasa_config": "KaSA (kasa_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+    "velora_config": "VeLoRA (velora_config)",
+}
 
 
 class AdapterError(ValueError):
@@ -111,6 +130,9 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
         reject("rank_pattern/alpha_pattern (per-module ranks)")
     if config.get("layers_to_transform") is not None:
         reject("layers_to_transform")
+    for field, feature in UNSUPPORTED_VARIANTS.items():
+        if config.get(field) not in (None, False, [], {}, ""):
+            reject(feature)
     if config.get("alora_invocation_tokens"):
         # aLoRA applies the adapter only from its invocation tokens on; served as a LoRA on
         # every token, its outputs were neither PEFT's nor the base's (an outside probe)
