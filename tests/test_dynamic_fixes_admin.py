@@ -5,6 +5,7 @@ what happens and what to do; a caller's relative path is refused."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -102,6 +103,34 @@ def test_a_callers_relative_paths_are_refused(model_dir, tmp_path, adapter, monk
     monkeypatch.chdir(tmp_path)  # where "c.jsonl" exists
     with pytest.raises(TaskError, match="calibration 'c.jsonl' is relative"):
         dynamic().prepare("x", str(adapter), "c.jsonl")
+
+
+@pytest.mark.parametrize("failure", ["ENOSPC", "EROFS", "EACCES"])
+def test_a_full_state_directory_is_the_servers_fault_not_the_callers_file(model_dir, tmp_path, adapter,
+                                                                         monkeypatch, failure):
+    """shutil's fast copy names the SOURCE file when the destination's disk is full: an outside
+    probe's add on a full state_dir answered "invalid_request: <the adapter's file> cannot be
+    read: No space left on device". A source that cannot be read is still the caller's."""
+    import errno
+
+    from inlaid.protocol import ErrorCode
+    from inlaid.serve.task_store import TaskStore
+
+    code = getattr(errno, failure)
+
+    def copy_fails(self, name, adapter_dir, calibration):  # type: ignore[no-untyped-def]
+        raise OSError(code, os.strerror(code), str(Path(adapter_dir) / "adapter_model.safetensors"))
+
+    monkeypatch.setattr(TaskStore, "copy_inputs", copy_fails)
+    _, _, dynamic = _server(model_dir, tmp_path / "state")
+    with pytest.raises(TaskError) as refused:
+        dynamic().prepare("x", str(adapter), None)
+    if failure == "EACCES":  # the caller's file, unreadable since it was checked
+        assert refused.value.code == ErrorCode.INVALID_REQUEST and "cannot be read" in refused.value.message
+    else:
+        assert refused.value.code == ErrorCode.INTERNAL, refused.value.message
+        assert "cannot be copied into the state directory" in refused.value.message
+        assert f"(copying {adapter}" in refused.value.message and os.strerror(code) in refused.value.message
 
 
 class _Requantizer:

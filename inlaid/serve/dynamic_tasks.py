@@ -11,6 +11,7 @@ restarted server serves them again and resumes an unfinished job.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -202,11 +203,15 @@ class DynamicTasks:
             adapter_copy, calibration_copy = self.store.copy_inputs(name, adapter_dir, calibration)
         except OSError as error:
             source = str(error.filename or "")
-            if source == calibration or os.path.dirname(source) == os.path.normpath(adapter_dir):
+            # shutil's fast copy names the source file whichever side failed: errors only the
+            # destination can cause (a full disk or quota, a read-only mount) are the state's
+            writing = error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+            if not writing and (source == calibration or os.path.dirname(source) == os.path.normpath(adapter_dir)):
                 # the caller's file (gone or unreadable since it was checked), not the directory's
                 raise TaskError(ErrorCode.INVALID_REQUEST, f"{source} cannot be read: "
                                                            f"{error.strerror or error}; nothing was added") from None
-            where = f" ({error.filename})" if error.filename else ""  # a full disk, a read-only mount
+            where = (f" ({'copying ' if writing else ''}{error.filename})" if error.filename
+                     else "")  # a full disk, a read-only mount
             raise TaskError(ErrorCode.INTERNAL, f"the task's files cannot be copied into the state directory "
                                                 f"{self.store.root}{where}: {error.strerror or error}; nothing "
                                                 "was added") from None
