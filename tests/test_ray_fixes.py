@@ -212,6 +212,23 @@ def test_an_unavailable_deployment_is_503_unavailable_with_retry_after() -> None
         assert (answer.status, answer.code, answer.headers()) == (503, "unavailable", {"Retry-After": "1"})
 
 
+def test_unloading_an_adapter_through_ray_is_400_naming_the_catalog() -> None:
+    """The front's unload asks remove_task_reply (the server's whole answer, for its notes):
+    the Ray client lacked it, and an unload answered 500 where it answered 400 (a reviewer)."""
+    import json
+
+    from test_http_probe_fixes import _post
+
+    from inlaid.http.app import create_app
+    from inlaid.http.settings import HttpConfig
+
+    client = RayTaskClient(UnavailableDeploymentHandleStandIn(), CATALOG)
+    app = create_app("tcp://127.0.0.1:1", HttpConfig(), client=client, admin_client=client.admin_client)
+    status, answer = _post(app, "/v1/unload_lora_adapter", json.dumps({"lora_name": "qa"}).encode(),
+                           ((b"authorization", b"Bearer t"),))
+    assert status == 400 and "come from its catalog" in json.loads(answer)["error"]["message"], answer
+
+
 def test_a_typed_error_a_replica_raises_reaches_the_ingress_as_it_is() -> None:
     """A replica's hello on a dead server raises ConnectionLostError; Ray wraps it in a
     RayTaskError, which used to become 500 `executor_failed`."""

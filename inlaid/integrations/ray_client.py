@@ -159,7 +159,10 @@ class RayTaskClient:
                                   "config); a replica loads one when a request names it")
 
     async def remove_task(self, name: str, timeout_s: float | None = None) -> str:
-        return await self.add_task(name, "", timeout_s=timeout_s)
+        return (await self.remove_task_reply(name, timeout_s)).message
+
+    async def remove_task_reply(self, name: str, timeout_s: float | None = None) -> AdminReply:
+        return await self.add_task_reply(name, "", timeout_s=timeout_s)  # the same refusal
 
     def admin_client(self, token: str) -> "RayTaskClient":
         return self
