@@ -159,4 +159,13 @@ def test_a_malformed_frame_is_explained_without_decoding_it_whole(monkeypatch) -
     assert (unknown.request_id, unknown.code) == ("k", ErrorCode.UNKNOWN_MESSAGE)
     not_a_map = frames.decode_client_frames([msgspec.msgpack.encode([1, 2, 3])], 1 << 20)
     assert (not_a_map.request_id, not_a_map.code) == ("", ErrorCode.MALFORMED) and "array" in not_a_map.message
+    # the poison in the two fields read (a reviewer): neither is decoded unless a string
+    nested = [[[0]] for _ in range(100_000)]
+    for fields in ({"type": nested, "request_id": "t"}, {"type": "generate", "request_id": nested}):
+        refused = frames.decode_client_frames([msgspec.msgpack.encode(fields)], 1 << 22)
+        assert refused.code == ErrorCode.MALFORMED and refused.request_id == ("t" if fields["request_id"] == "t" else "")
+    # a map with another scalar key still names its request
+    other_key = frames.decode_client_frames([msgspec.msgpack.encode({"type": "generate", "request_id": "r4", 1: 2})],
+                                            1 << 20)
+    assert (other_key.request_id, other_key.code) == ("r4", ErrorCode.MALFORMED), other_key
     assert whole_decodes == []

@@ -6,6 +6,8 @@ ErrorReply; nothing here raises.
 
 from __future__ import annotations
 
+from typing import Union
+
 import msgspec
 
 from inlaid.protocol import ClientRequest, ErrorCode, ErrorReply, excerpt, reply_id
@@ -31,6 +33,34 @@ class _Head(msgspec.Struct):
 
 
 _head = msgspec.msgpack.Decoder(_Head)
+# A map with other scalar keys than strings (which _Head refuses): its values kept undecoded.
+_scalar_keyed_head = msgspec.msgpack.Decoder(dict[Union[str, int, float, bool, None], msgspec.Raw])
+_MSGPACK_STRING_FIRST_BYTES = frozenset([*range(0xA0, 0xC0), 0xD9, 0xDA, 0xDB])
+
+
+def _read_head(payload: bytes) -> tuple[str | None, str | None]:
+    """(type, request_id) of a frame that is a map, each None unless a string; raises
+    msgspec.ValidationError for a frame that is no map (or keyed by arrays or maps), and
+    DecodeError for one that is no msgpack."""
+    try:
+        head = _head.decode(payload)
+        kind, request_id = head.type, head.request_id
+    except msgspec.ValidationError:
+        fields = _scalar_keyed_head.decode(payload)
+        kind, request_id = fields.get("type"), fields.get("request_id")
+    return _string_or_none(kind), _string_or_none(request_id)
+
+
+def _string_or_none(raw: msgspec.Raw | None) -> str | None:
+    """The value when it is a msgpack string (its first byte says so): anything else is not
+    decoded (1 MB of nested arrays in `type` cost what the whole frame did)."""
+    data = bytes(raw) if raw is not None else b""
+    if not data or data[0] not in _MSGPACK_STRING_FIRST_BYTES:
+        return None
+    try:
+        return msgspec.msgpack.decode(data, type=str)
+    except (msgspec.DecodeError, ValueError):
+        return None
 
 
 def decode_client_frames(body: list[bytes], max_frame_bytes: int) -> ClientRequest | ErrorReply:
@@ -53,13 +83,11 @@ def decode_client_frames(body: list[bytes], max_frame_bytes: int) -> ClientReque
 def _explain(payload: bytes, error: Exception) -> ErrorReply:
     # Say as precisely as we can what was wrong, and name the request when possible.
     try:
-        head = _head.decode(payload)
-        request_id, kind = (msgspec.msgpack.decode(head.request_id), msgspec.msgpack.decode(head.type))
-    except msgspec.ValidationError:  # readable, but no map: nothing to name; the decoder's words say why
+        kind, request_id = _read_head(payload)
+    except msgspec.ValidationError:  # no map, or keyed by arrays: nothing to name; the decoder's words say why
         return ErrorReply(request_id="", code=ErrorCode.MALFORMED, message=f"invalid message: {_bounded(str(error))}")
-    except Exception as unreadable:  # invalid msgpack, bad UTF-8 or nesting too deep in some field
-        # Still name the request when its id alone reads (bad UTF-8 in the prompt left the id
-        # fine, and the sender waited for its timeout), and say what could not be read.
+    except Exception as unreadable:  # invalid msgpack, or nesting too deep in some field
+        # Still name the request when its id alone reads, and say what could not be read.
         return ErrorReply(request_id=_readable_request_id(payload), code=ErrorCode.MALFORMED,
                           message=f"the frame cannot be read: {_bounded(str(unreadable))}")
     request_id = reply_id(request_id)
