@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
@@ -85,7 +86,7 @@ def start_metrics_server(port: int, host: str, registry: CollectorRegistry, max_
     slots = threading.BoundedSemaphore(max_connections)
 
     class Handler(_QuietHandler):
-        timeout = client_timeout_s  # the socket's: a stalled read ends the request, quietly
+        timeout = client_timeout_s  # the socket's: a stalled read ends the request (quietly: handle_error)
 
     class Server(ThreadingMixIn, WSGIServer):
         address_family = family  # a class attribute: IPv6 hosts need AF_INET6 before binding
@@ -100,6 +101,12 @@ def start_metrics_server(port: int, host: str, registry: CollectorRegistry, max_
             except BaseException:  # no thread started: its slot is free again
                 slots.release()
                 raise
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            """A client cut off or gone (timeout, reset) is no error: socketserver printed a
+            traceback to stderr for each, beside the server's JSON log. Others keep it."""
+            if not isinstance(sys.exc_info()[1], OSError):  # TimeoutError and ConnectionError are
+                super().handle_error(request, client_address)
 
         def process_request_thread(self, request: Any, client_address: Any) -> None:
             try:
