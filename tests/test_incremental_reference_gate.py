@@ -2,9 +2,10 @@
 REFERENCE error on a linear, kept in the Hessian state beside its Hessians, not against the
 served weight's error: measured against the served one, every job could double a task's error
 again (an outside probe saw a task added live end at 3.3x the teacher-forced NLL it had before
-its own job, after two more jobs; worse than on the original base). Three jobs chained on a tiny Llama (alpha and beta quantized fully, then gamma,
-delta and epsilon added one after another, each on the layers and state the previous one left);
-every error is recomputed in float64 from the stored Hessians."""
+its own job, after two more jobs; worse than on the original base). Three jobs chained on a
+tiny Llama (alpha and beta quantized fully, then gamma, delta and epsilon added one after
+another, each on the layers and state the previous one left); every error is recomputed in
+float64 from the stored Hessians."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def chain(tmp_path_factory, model_dir):  # type: ignore[no-untyped-def]
                 served[outcome.layer] = file
         jobs.append((task.name, before, dict(served), out, outcomes))
         state_dirs = [out]
-    return root, model, jobs
+    return root, model, jobs, tasks
 
 
 def _errors(model, root, served: dict[int, Path], layer: int, linear: str, hessians: dict) -> dict[str, float]:
@@ -66,7 +67,7 @@ def _errors(model, root, served: dict[int, Path], layer: int, linear: str, hessi
 
 
 def test_no_task_drifts_past_the_tolerance_of_its_reference_over_chained_jobs(chain) -> None:
-    root, model, jobs = chain
+    root, model, jobs, _ = chain
     first_seen: dict[tuple[int, str, str], float] = {}  # (layer, linear, task) -> its reference
     compounding_refused = 0
     for name, before, after, state_dir, outcomes in jobs:
@@ -98,10 +99,27 @@ def test_no_task_drifts_past_the_tolerance_of_its_reference_over_chained_jobs(ch
 def test_a_state_without_references_measures_against_the_served_error(chain, tmp_path) -> None:
     """A full run's state (and one written before references were kept) holds none: the
     first job takes the served errors as the references, as the gate measured before."""
-    root, _, jobs = chain
+    root, _, jobs, _ = chain
     assert load_reference_errors(root / "ab" / "hessian_state", 0) == {}
     first = jobs[0]
     stored = load_reference_errors(first[3], 0)
     assert set(stored["attn_in"]) == {"alpha", "beta", "gamma"}
     assert all(value >= 0 for errors in stored["attn_in"].values() for value in errors.values())
     assert torch.isfinite(torch.tensor(list(stored["attn_in"]["alpha"].values()))).all()
+
+
+def test_an_exact_job_keeps_the_stored_references(chain, tmp_path) -> None:
+    """exact=True recomputes every Hessian, but gates against, and keeps, the references the
+    state holds (it took the served errors again: a reviewer)."""
+    root, model, jobs, (alpha, beta, gamma, delta, _) = chain
+    _, _, served, state_dir, _ = jobs[0]  # gamma's job
+    quantizer = IncrementalQuantizer(model, root / "ab", delta, IncrementalSettings(quality_tolerance=TOLERANCE,
+                                                                                    exact=True),
+                                     tmp_path / "exact", served_layers=served, state_dirs=[state_dir],
+                                     existing_tasks=[alpha, beta, gamma])
+    list(quantizer.layers())
+    for layer in range(LAYERS):
+        before, after = load_reference_errors(state_dir, layer), load_reference_errors(tmp_path / "exact", layer)
+        for group, tasks in before.items():
+            for task in ("alpha", "beta", "gamma"):
+                assert after[group][task] == pytest.approx(tasks[task]), (layer, group, task)

@@ -265,6 +265,13 @@ class IncrementalQuantizer:
                 return state, load_reference_errors(directory, layer)
         raise IncrementalError(f"no Hessian state for layer {layer} in {[str(d) for d in self.state_dirs]}")
 
+    def stored_references(self, layer: int) -> References:
+        """The tasks' reference errors stored for a layer (none where no state holds it)."""
+        for directory in self.state_dirs:
+            if layer_state_path(directory, layer).is_file():
+                return load_reference_errors(directory, layer)
+        return {}
+
     # ------------------------------------------------------------------ the layer loop
     def layers(self, start: int = 0) -> Iterator[LayerOutcome]:
         """One outcome per layer from `start` (the layers before it are taken as served:
@@ -284,7 +291,8 @@ class IncrementalQuantizer:
         with the linears before it already decided, as the full driver does."""
         layer = self.layers_module[index]
         forward = self.method.hessian_forward
-        stored, references = (None, {}) if self.settings.exact else self.stored_state(index)
+        # exact: every Hessian is recomputed, but the references stay the stored ones
+        stored, references = (None, self.stored_references(index)) if self.settings.exact else self.stored_state(index)
         served = self.served_tensors(index)
         prefix = f"model.layers.{index}"
         timer = PhaseTimer()

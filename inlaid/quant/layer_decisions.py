@@ -94,4 +94,4 @@ def quality_gate(reference: dict[str, float], requantized: dict[str, float], exi
         return True, ""
     name = max(worse, key=lambda key: worse[key])
     return False, (f"task {name!r} would lose {100 * worse[name]:.1f}% against its reference error "
-                   f"(tolerance {100 * tolerance:.1f}%)")
+                   f"{reference[name]:.3g} (tolerance {100 * tolerance:.1f}%)")
