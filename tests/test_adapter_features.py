@@ -52,7 +52,6 @@ def test_an_activated_lora_is_refused_naming_it(adapter_dirs, tmp_path):
     ("use_bdlora", {"a": 1}, "BD-LoRA"),
     ("kasa_config", {"x": 1}, "KaSA"),
     ("monteclora_config", {"x": 1}, "MonteCLoRA"),
-    ("velora_config", {"x": 1}, "VeLoRA"),
 ])  # fmt: skip
 def test_lora_variants_the_engine_does_not_compute_are_refused(adapter_dirs, tmp_path, field, value, words):
     """An outside probe: PEFT's layer_replication adapter was accepted and answered as the base."""

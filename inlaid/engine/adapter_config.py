@@ -22,7 +22,8 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 # PEFT LoRA variants whose computation the engine does not implement: each field must be
 # absent, null, false or empty. Served as a plain LoRA they answer wrongly without a word (an
 # outside probe: PEFT's layer_replication adapter answered as the base model); the newer
-# variants are refused until their inference is checked against PEFT.
+# variants are refused until their inference is checked against PEFT. (VeLoRA is not here:
+# it changes training only; its inference is a plain LoRA's.)
 UNSUPPORTED_VARIANTS = {
     "layer_replication": "layer replication (layer_replication)",
     "lora_bias": "a trained bias on lora_B (lora_bias=true)",
@@ -33,7 +34,6 @@ UNSUPPORTED_VARIANTS = {
     "use_bdlora": "BD-LoRA (use_bdlora)",
     "kasa_config": "KaSA (kasa_config)",
     "monteclora_config": "MonteCLoRA (monteclora_config)",
-    "velora_config": "VeLoRA (velora_config)",
 }
 
 
