@@ -226,4 +226,5 @@ class EngineConfig:
             raise ValueError(f"quant_kernel must be one of {', '.join(QUANT_KERNELS)}, got {self.quant_kernel!r}")
         check_device("device", self.device, self.quant_kernel if self.quantized_dir else None)
         if self.batch_invariant and not str(self.device).startswith("cpu"):
-            raise ValueError(f"batch_invariant is a CPU option (the CPU int4 kernels' routes); device is {self.device!r}")
+            raise ValueError(f"batch_invariant is a CPU option (the CPU int4 kernels' routes); "
+                             f"device is {self.device!r}")

@@ -185,11 +185,14 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
     def _refuse_large_trailer(self) -> None:
         """The app is waiting for the body's end: it is told the client left (its answer, if
         it writes one, goes nowhere) and the client gets 431, unless an answer is already
-        being written (the connection then closes after it)."""
+        being written (the connection then closes after it) or was (it closes now)."""
         self._head_refused = True
         log.info("refusing a request whose trailer is over the size limit", extra={
             "client": self.client, "limit_bytes": self.max_head_bytes})
-        if self.cycle is not None and not self.cycle.response_complete:
+        if self.cycle is not None:
+            if self.cycle.response_complete:  # answered already: a 431 would read as the next answer
+                self.transport.close()
+                return
             if self.cycle.response_started:
                 self.cycle.keep_alive = False
                 return

@@ -53,8 +53,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("inlaid.requantizer")
 
 _POLL_MS = 1000
-# How long a failed job looks for a cancel that caused it (sent before the removal deletes the
-# job's files, so already on its way): a real failure is reported this much later.
+# How long a failed job looks for a cancel that caused it: a removal deletes the task's files,
+# then its coordinator sends the cancel (on its next loop turn); a real failure is reported
+# this much later.
 CANCEL_GRACE_MS = 200
 
 
@@ -178,11 +179,11 @@ class _Channel:
         return self._decode(self.sock.recv())
 
     def check_stop(self, job_id: str, wait_ms: int = 0) -> None:
-        """Raise _Stop if a cancel of this job or a shutdown has arrived (waiting up to
-        `wait_ms` for a first message); anything else read here is kept for `receive`. Called
-        after every input group, so a cancel stops a job within a group rather than a layer."""
-        while self.sock.poll(wait_ms, zmq.POLLIN):
-            wait_ms = 0
+        """Raise _Stop if a cancel of this job or a shutdown has arrived, or arrives within
+        `wait_ms`; anything else read here is kept for `receive`. Called after every input
+        group, so a cancel stops a job within a group rather than a layer."""
+        deadline = time.monotonic() + wait_ms / 1000
+        while self.sock.poll(max(0, round((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
             message = self._decode(self.sock.recv())
             if isinstance(message, CancelJob) and message.job_id == job_id:
                 raise _Stop(shutdown=False)
@@ -290,8 +291,8 @@ def run_job(channel: _Channel, job: RequantizeJob) -> None:
     except _Stop:
         raise
     except Exception as error:  # every failure ends the job with a reason; the process lives on
-        # A removed task's job fails on what the removal took away (its calibration copy is
-        # deleted once the cancel is sent): that is its cancel, not an ERROR with a traceback.
+        # A removed task's job fails on what the removal took away (its calibration copy,
+        # deleted as the cancel is sent): that is its cancel, not an ERROR with a traceback.
         channel.check_stop(job.job_id, wait_ms=CANCEL_GRACE_MS)
         log.error("job failed", extra={"job_id": job.job_id, "error": repr(error), "trace": traceback.format_exc(limit=8)})
         channel.send(JobFinished(job_id=job.job_id, ok=False, error=f"{type(error).__name__}: {error}"[:2000],
