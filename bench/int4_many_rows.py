@@ -7,7 +7,9 @@ multiplies bf16 x by the codes themselves; dequantizing the int4pack bytes to bf
 and running oneDNN's bf16 GEMM costs a fixed dequantization plus a GEMM that barely grows with M
 (kernels/quant_cpu.py, `int4_dequant_matmul`); the bf16 kernel (kernels/int4_bf16.c, AMX or
 AVX512-BF16) does the same a panel at a time in cache. This times each one this machine has, and
-the engine's choice for decode rows and for prompt rows, on the default model's projections
+the engine's choice for decode rows and for prompt rows (and what `batch_invariant`, which keeps
+every row on the few-rows kernel, costs a prompt call where the engine would leave it), on the
+default model's projections
 (group 128, fused like the engine), weights streamed from memory as in a forward pass (each call
 reads a fresh copy of the layer out of a rotation larger than the cache), one torch thread.
 
@@ -76,7 +78,13 @@ def measure(threads: int, repeats: int) -> dict:
                 return ("dot kernel" if first.few_rows_dot else "native kernel" if m >= first.native_min_m
                         else "int4 kernel")
 
+            few_rows = dot if first.few_rows_dot else native if native is not None else kernel
+            taken = {"bf16 kernel": bf16, "dequant + bf16 GEMM": dense}
+            prompt_ms = next((value for label, value in taken.items()
+                              if route(first.prefill_dense_min_m).startswith(label)), None)
             rows.append({"projection": name, "K": in_features, "N": out_features, "M": m,
+                         # what batch_invariant costs a prompt call of M rows (1.0: the same route)
+                         "batch_invariant_over_prompt_route": few_rows / prompt_ms if prompt_ms else 1.0,
                          "int4_kernel_ms": kernel, "native_kernel_ms": native, "dequant_bf16_gemm_ms": dense,
                          "dot_kernel_ms": dot, "bf16_kernel_ms": bf16,
                          "route_taken": route(first.dense_min_m), "prompt_route_taken": route(first.prefill_dense_min_m),
@@ -130,6 +138,13 @@ def write_markdown(result: dict, path: Path) -> None:
         lines.append(f"| {r['projection']} | {r['K']} x {r['N']} | {r['M']} | {ms(r['int4_kernel_ms'])} | "
                      f"{ms(r['native_kernel_ms'])} | {ms(r['dot_kernel_ms'])} | {ms(r['dequant_bf16_gemm_ms'])} | "
                      f"{ms(r['bf16_kernel_ms'])} | {ratio} | {r['route_taken']} | {r['prompt_route_taken']} |")
+    invariant = [r for r in result["rows"] if r["batch_invariant_over_prompt_route"] != 1.0]
+    if invariant:
+        ratios = [r["batch_invariant_over_prompt_route"] for r in invariant]
+        lines += ["", f"`batch_invariant` (every row on the few-rows kernel) costs a prompt call of "
+                      f"{min(r['M'] for r in invariant)}-{max(r['M'] for r in invariant)} rows "
+                      f"{min(ratios):.2f}-{max(ratios):.2f}x the time of the route it leaves (median "
+                      f"{statistics.median(ratios):.2f}x); fewer rows take the few-rows kernel anyway."]
     lines += ["", "Dequantizing alone (ms): " + ", ".join(
         f"{name} {ms:.2f}" for name, ms in result["dequantize_only_ms"].items())]
     for title, key in (("native beats torch's int4 kernel", "smallest_M_where_native_beats_the_int4_kernel"),

@@ -10,8 +10,9 @@
         an offline re-layout for the device; the checkpoint tensors stay untouched.
         batch_invariant (CPU int4 path): every row count takes the few-rows kernel (the
         dot-product or native one), never the bf16 route, so a row's result does not depend on
-        how many rows share the call, prompt or decode (prompt calls of 100-500 rows ~1.1-1.3x
-        slower on AVX512-BF16 without AMX; more with AMX, whose bf16 route is faster)
+        how many rows share the call, prompt or decode (prompt calls of 48-512 rows ~1.1x slower
+        on AVX512-BF16 without AMX, bench/int4_many_rows.py; more with AMX, whose bf16 route is
+        faster)
     quant_matmul(x [M, K], prepared) -> [M, N] in x's dtype (+ bias)
 
 Paths (`mode`):
