@@ -72,8 +72,23 @@ def _check_cpu_values(
 ) -> None:
     # Value checks need the data on the host: done on the CPU path only (no GPU sync).
     check_segment_values(segment_starts, segment_slots, num_tokens, num_slots)
-    if slot_ranks.numel() and (int(slot_ranks.min()) < 0 or int(slot_ranks.max()) > r_max):
-        raise LoraArgumentError(f"slot_ranks must lie in [0, R_max={r_max}]")
+    _check_rank_values(slot_ranks, r_max)
+
+
+def _check_rank_values(slot_ranks: Tensor, r_max: int) -> None:
+    # A rank outside [0, R_max] is no error to a slice: -1 served rank R_max - 1, 1000 rank R_max.
+    if slot_ranks.numel():
+        low, high = torch.aminmax(slot_ranks)
+        if int(low) < 0 or int(high) > r_max:
+            raise LoraArgumentError(f"slot_ranks must lie in [0, R_max={r_max}]")
+
+
+def _check_slices_fit(y: Tensor, b_pools: Sequence[Tensor], slice_offsets: Sequence[int]) -> None:
+    for i, (pool, offset) in enumerate(zip(b_pools, slice_offsets)):
+        if offset < 0 or offset + pool.shape[1] > y.shape[1]:
+            raise LoraArgumentError(
+                f"slice {i} (columns {offset}..{offset + pool.shape[1]}) does not fit y with {y.shape[1]} columns"
+            )
 
 
 def lora_shrink(
@@ -126,15 +141,13 @@ def lora_expand(
     n_slices = len(b_pools)
     if len(slice_offsets) != n_slices:
         raise LoraArgumentError(f"{len(slice_offsets)} slice_offsets for {n_slices} b_pools")
-    for i, (pool, offset) in enumerate(zip(b_pools, slice_offsets)):
-        if offset < 0 or offset + pool.shape[1] > y.shape[1]:
-            raise LoraArgumentError(
-                f"slice {i} (columns {offset}..{offset + pool.shape[1]}) does not fit y with {y.shape[1]} columns"
-            )
-    if v.shape != (n_slices, y.shape[0], r_max) or v.device != y.device:
-        raise LoraArgumentError(f"v must be [{n_slices}, {y.shape[0]}, {r_max}] on {y.device}, got {tuple(v.shape)}")
-    if slot_scales.shape != (n_slices, num_slots) or slot_scales.device != y.device:
-        raise LoraArgumentError(f"slot_scales must be [{n_slices}, {num_slots}] on {y.device}")
+    _check_slices_fit(y, b_pools, slice_offsets)
+    if v.shape != (n_slices, y.shape[0], r_max) or v.device != y.device or v.dtype != torch.float32:
+        raise LoraArgumentError(f"v must be float32 [{n_slices}, {y.shape[0]}, {r_max}] on {y.device}, "
+                                f"got {v.dtype} {tuple(v.shape)}")
+    if (slot_scales.shape != (n_slices, num_slots) or slot_scales.device != y.device
+            or not slot_scales.is_floating_point()):
+        raise LoraArgumentError(f"slot_scales must be floating-point [{n_slices}, {num_slots}] on {y.device}")
     _check_common(y, y.shape[0], segment_starts, segment_slots, slot_ranks, n_slices, num_slots)
     if y.is_cuda:
         from .lora_triton import sgmv_expand
@@ -194,6 +207,11 @@ def lora_apply(
         check_pools(b_pools, "b_pools", y.dtype, y.device)
         if len(b_pools) != len(a_pools) or len(slice_offsets) != len(a_pools):
             raise LoraArgumentError("a_pools, b_pools and slice_offsets must have one entry per slice")
+        if x.dim() != 2 or y.dim() != 2 or y.shape[0] != x.shape[0] or any(
+                pool.shape[2] != x.shape[1] for pool in a_pools):
+            raise LoraArgumentError(f"x must be [T, K] and y [T, N_total] with the pools' K, got x {tuple(x.shape)}, "
+                                    f"y {tuple(y.shape)}")
+        _check_slices_fit(y, b_pools, slice_offsets)
         if slot_ranks.dtype != torch.int32 or slot_ranks.shape != (len(a_pools), num_slots):
             raise LoraArgumentError(f"slot_ranks must be int32 [{len(a_pools)}, {num_slots}]")
         if slot_scales.shape != (len(a_pools), num_slots):
@@ -206,6 +224,8 @@ def lora_apply(
             segments = host_segments(segment_starts, segment_slots, x.device)
         elif segments.num_tokens != x.shape[0]:
             raise LoraArgumentError(f"segments cover {segments.num_tokens} tokens, x has {x.shape[0]}")
+        else:  # the segments were checked when built; the ranks are this call's
+            _check_rank_values(slot_ranks, r_max)
         lora_apply_cpu(y, x, a_pools, b_pools, slice_offsets, segments, slot_ranks, slot_scales, stacked_a, compact)
         return
     v = lora_shrink(x, a_pools, segment_starts, segment_slots, slot_ranks, out=v_buffer)

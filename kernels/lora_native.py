@@ -119,6 +119,8 @@ class NativeLoraPools:
                 and half.slot_half.is_contiguous()):
             raise LoraArgumentError("the float16 copies must be contiguous float16 pools shaped as the float32 ones, "
                                     "with a uint8 flag per slot")
+        if any(offset < 0 for offset in slice_offsets):  # the kernel writes at y + offset unchecked
+            raise LoraArgumentError(f"slice_offsets must be >= 0, got {list(slice_offsets)}")
         widths = [b.shape[1] for b in b_pools]
         self.out_columns = max(offset + width for offset, width in zip(slice_offsets, widths))
         self.stacked_a = stacked_a

@@ -38,6 +38,8 @@ from torch import Tensor
 from .gptq_format import SUPPORTED_BITS, dequantize_gptq, num_groups, unpack_qweight, unpack_qzeros
 
 Mode = Literal["auto", "int4", "triton", "dequant", "dense"]
+# Activations the routes compute in (float8 passed a floating-point check and came back float8)
+ACTIVATION_DTYPES = frozenset([torch.float32, torch.float16, torch.bfloat16, torch.float64])
 
 
 class QuantLinearError(ValueError):
@@ -152,8 +154,9 @@ def check_weights(w: QuantLinearWeights) -> int:
         raise QuantLinearError(f"K={k} and N={n} must pack into whole int32 words at {w.bits} bits")
     if tuple(w.scales.shape) != (n_groups, n) or not w.scales.is_floating_point():
         raise QuantLinearError(f"scales must be float [{n_groups}, {n}], got {w.scales.dtype} {tuple(w.scales.shape)}")
-    if w.g_idx is not None and tuple(w.g_idx.shape) != (k,):
-        raise QuantLinearError(f"g_idx must be [{k}], got {tuple(w.g_idx.shape)}")
+    if w.g_idx is not None and (tuple(w.g_idx.shape) != (k,) or w.g_idx.is_floating_point()
+                                or w.g_idx.dtype == torch.bool or w.g_idx.is_complex()):
+        raise QuantLinearError(f"g_idx must be integer [{k}], got {w.g_idx.dtype} {tuple(w.g_idx.shape)}")
     if w.bias is not None and tuple(w.bias.shape) != (n,):
         raise QuantLinearError(f"bias must be [{n}], got {tuple(w.bias.shape)}")
     return group
@@ -223,6 +226,8 @@ def prepare_quant_linear(
     """Re-layout one layer for `device` (done once at load; the checkpoint stays standard)."""
     from . import quant_cpu  # local: keeps the module graph acyclic
 
+    if act_dtype not in ACTIVATION_DTYPES:  # an integer one truncated the weights and the bias silently
+        raise QuantLinearError(f"act_dtype must be one of {sorted(map(str, ACTIVATION_DTYPES))}, got {act_dtype}")
     device = torch.device(device)
     group = check_weights(w)
     g_idx = _group_index(w, group)
@@ -293,10 +298,11 @@ def quant_matmul(x: Tensor, prepared: PreparedQuantLinear, prefill: bool = False
     dequantizes in fp32 first: ~3e-8)."""
     from . import quant_cpu
 
-    if not x.dtype.is_floating_point:
+    if x.dtype not in ACTIVATION_DTYPES:
         # The routes would each do something different with it (the int4 kernels round it to
-        # bf16, dequant/dense matmul in x's dtype and truncate), none of it a quantized linear.
-        raise QuantLinearError(f"x must be a floating-point tensor, got {x.dtype}")
+        # bf16, dequant/dense matmul in x's dtype and truncate; float8 came back float8), none
+        # of it a quantized linear.
+        raise QuantLinearError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
     if x.dim() != 2 or x.shape[1] != prepared.in_features:
         raise QuantLinearError(f"x must be [M, {prepared.in_features}], got shape {tuple(x.shape)}")
     if out is not None and (out.dtype != x.dtype or tuple(out.shape) != (x.shape[0], prepared.out_features)
