@@ -195,3 +195,17 @@ def test_a_job_resumed_after_a_restart_says_so(tmp_path):
         assert record.message == "resumed at layer 25 after a server restart"
 
     asyncio.run(scenario())
+
+
+def test_a_task_on_a_full_precision_server_is_not_said_to_have_layers_to_do(model_dir, tmp_path, adapter, capsys):
+    """`add-task --calibration --wait` on a full-precision server printed "serving, layers 0/30"
+    and task-status spoke of a checkpoint the server does not have (an outside docs probe)."""
+    from inlaid.client.cli import _progress_printer
+
+    _, registry, dynamic = _server(model_dir, None)
+    inputs = dynamic().prepare("code2", str(adapter), None)
+    dynamic().add(inputs)
+    status = dynamic().status("s1", "code2")
+    assert status.message == "served on the full-precision base: there is nothing to re-quantize"
+    _progress_printer()(status)
+    assert capsys.readouterr().err == "code2: serving\n"

@@ -27,7 +27,7 @@ from inlaid.protocol import TaskStatusReply
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None, help="server address (default: $INLAID_ADDRESS or tcp://127.0.0.1:5555)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for an answer")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for an answer (default 120)")
     parser.add_argument("--json", action="store_true", help="print replies as JSON")
     # --json is also taken after the action (`task-status code --json`).
     common = argparse.ArgumentParser(add_help=False)
@@ -38,10 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     generate.add_argument("prompt")
     generate.add_argument("--task", default=None, help="task (adapter) name; default: the base model")
     generate.add_argument("--chat", action="store_true", help="send the prompt as one user chat message")
-    generate.add_argument("--max-tokens", type=int, default=64)
-    generate.add_argument("--temperature", type=float, default=0.0)
-    generate.add_argument("--top-k", type=int, default=0)
-    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--max-tokens", type=int, default=64, help="default 64")
+    generate.add_argument("--temperature", type=float, default=0.0, help="default 0: greedy")
+    generate.add_argument("--top-k", type=int, default=0, help="default 0: off")
+    generate.add_argument("--top-p", type=float, default=1.0, help="default 1: off")
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     generate.add_argument("--deadline", type=float, default=None, help="server-side deadline in seconds")
@@ -192,8 +192,9 @@ def _progress_printer():  # type: ignore[no-untyped-def]
         now = (status.phase, status.layers_done)
         if not last or last[-1] != now:
             last.append(now)
-            print(f"{status.name}: {status.phase}, layers {status.layers_done}/{status.layers_total}",
-                  file=sys.stderr, flush=True)
+            # layers only for a job's version: "serving, layers 0/30" read as work to come
+            layers = f", layers {status.layers_done}/{status.layers_total}" if status.version else ""
+            print(f"{status.name}: {status.phase}{layers}", file=sys.stderr, flush=True)
 
     return show
 

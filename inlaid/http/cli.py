@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "or tcp://127.0.0.1:5555)")
     parser.add_argument("--host", default=None, help=f"listen host (default {HttpConfig.host})")
     parser.add_argument("--port", type=int, default=None, help=f"listen port (default {HttpConfig.port})")
-    parser.add_argument("--request-timeout", type=float, default=None, help="seconds one generate may take")
+    parser.add_argument("--request-timeout", type=float, default=None,
+                        help=f"seconds one generate may take (default {HttpConfig.request_timeout_s:g})")
     parser.add_argument("--max-body-bytes", type=int, default=None,
                         help=f"larger request bodies are refused (413; default {DEFAULT_MAX_BODY_BYTES}, what the "
                         "server's default frame limit carries)")
@@ -48,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"seconds a client may take to send a request's head, and again its body (408; default "
                         f"{HttpConfig.client_send_timeout_s:g})")
     parser.add_argument("--allow-public-bind", action="store_true", help="allow a non-loopback listen host")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", help="default INFO")
     parser.add_argument("--log-format", choices=["json", "text"], default="json")
     # Set by `inlaid serve`: a socket it bound and listens on; the pid to outlive no longer.
     parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -76,7 +77,12 @@ def settings_from_args(args: argparse.Namespace) -> tuple[str, HttpConfig]:
     for name, value in overrides.items():
         if value is not None:
             setattr(config, name, value)
-    config.validate(allow_public)
+    try:
+        config.validate(allow_public)
+    except ValueError as error:  # the config's words; on the command line the switch is --allow-public-bind
+        if "allow_public_bind" in str(error) and not args.config:
+            raise ValueError(f"{error} (here: --allow-public-bind)") from None
+        raise
     if max_frame_bytes is not None:  # again: --max-body-bytes may have raised the config's value
         config.fit_to_frames(max_frame_bytes)
     if max_pending is not None:  # again: --max-prompts may have raised it

@@ -379,7 +379,8 @@ class DynamicTasks:
             log.info("adapter copy deleted", extra={"adapter_dir": adapter_dir})
 
     def status(self, request_id: str, name: str) -> TaskStatusReply:
-        return task_status_reply(request_id, name, self.store, self.registry, self.num_layers)
+        return task_status_reply(request_id, name, self.store, self.registry, self.num_layers,
+                                 full_precision=not self.config.engine.quantized_dir)
 
 
 def _log_unexpected_end(task: asyncio.Task[None]) -> None:

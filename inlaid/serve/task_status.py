@@ -11,7 +11,7 @@ from inlaid.serve.task_store import SERVING, TaskStore
 
 
 def task_status_reply(request_id: str, name: str, store: TaskStore | None, registry: TaskRegistry,
-                      num_layers: int) -> TaskStatusReply:
+                      num_layers: int, full_precision: bool = False) -> TaskStatusReply:
     record = store.tasks.get(name) if store else None
     served_version = store.served_version if store else 0
     if record is None:
@@ -20,6 +20,8 @@ def task_status_reply(request_id: str, name: str, store: TaskStore | None, regis
         return TaskStatusReply(request_id=request_id, name=name, phase=SERVING, layers_done=0,
                                layers_total=num_layers, version=0, served_version=served_version,
                                layers_swapped=0, message=(
+                                   "served on the full-precision base: there is nothing to re-quantize"
+                                   if full_precision else
                                    "served from the server config: the base covers it only if the checkpoint "
                                    "was quantized for it" if store is not None else
                                    "served on the base as it is: without server.state_dir nothing is "
