@@ -293,6 +293,35 @@ def test_a_step_log_changes_no_step(label, tmp_path):
     assert len(read_step_log(log)) == len(bare.steps)
 
 
+def test_a_step_log_is_on_disk_whenever_the_scheduler_runs_out_of_work(tmp_path, monkeypatch):
+    """The log flushed only inside a later step's result, a second after the last flush: a
+    live server gone idle kept its last steps buffered until the next step or its shutdown
+    (an outside probe: 1 line on disk for 8 steps, 30 s after them). Each time the scheduler
+    has nothing left, every step so far is on disk, before any close."""
+    from inlaid.scheduling import step_log
+
+    log = tmp_path / "steps.jsonl"
+    on_disk_when_idle: list[tuple[int, int]] = []
+    real_on_finish = step_log.StepLogPolicy.on_finish
+
+    def on_finish(self, seq, now):  # type: ignore[no-untyped-def]
+        real_on_finish(self, seq, now)
+        if not self._scheduler.has_work():
+            on_disk_when_idle.append((len(log.read_text().splitlines()), self._steps_written))
+
+    def on_result(self, result, now):  # type: ignore[no-untyped-def]
+        self._steps_written = getattr(self, "_steps_written", 0) + (result.step_id in self._pending)
+        real_on_result(self, result, now)
+
+    real_on_result = step_log.StepLogPolicy.on_result
+    monkeypatch.setattr(step_log.StepLogPolicy, "on_finish", on_finish)
+    monkeypatch.setattr(step_log.StepLogPolicy, "on_result", on_result)
+    monkeypatch.setattr(step_log, "FLUSH_EVERY_S", 1e9)  # only the idle flush can write
+    trace = _trace([(0.0, "t0", 30, 4), (0.01, "t1", 20, 3), (50.0, "t0", 10, 2), (100.0, "t2", 12, 5)])
+    simulate(trace, make_policy("fifo", {"step_log": str(log)}), COST, EngineShape(max_num_seqs=4))
+    assert len(on_disk_when_idle) == 3 and all(lines == steps for lines, steps in on_disk_when_idle), on_disk_when_idle
+
+
 def test_a_live_retuning_changes_the_next_steps_and_keeps_the_queue(tmp_path):
     """retune_policy mid-trace (what the server's live re-tuning does to every executor's
     policy): from the next step on the new β holds; every queued request still finishes

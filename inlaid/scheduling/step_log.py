@@ -4,7 +4,9 @@ Wraps any policy (`[scheduler] step_log = "steps.jsonl"`): each line holds the s
 chunks (tokens, start position, adapter, whether it samples), the adapter loads, the
 clock time of the plan and of the result, and the executor's compute seconds. The
 real-server benchmark reads it to measure the cost model's error on real steps. Lines
-reach the file within a second of their step (`FLUSH_EVERY_S`).
+reach the file within a second of their step (`FLUSH_EVERY_S`), and at once when the
+scheduler runs out of work (else the last steps before an idle spell waited for the next
+step, or the shutdown, to be written: a killed server lost them).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class StepLogPolicy(SchedulingPolicy):
         self.name = inner.name
         self.path = Path(path)
         self._file: IO[str] | None = None
+        self._scheduler: "Scheduler | None" = None
         self._flushed_at = time.monotonic()
         self._pending: dict[int, dict[str, Any]] = {}
 
@@ -58,6 +61,7 @@ class StepLogPolicy(SchedulingPolicy):
 
     def attach(self, scheduler: "Scheduler") -> None:
         self._file = open(self.path, "a", buffering=1 << 16)
+        self._scheduler = scheduler
         self.inner.attach(scheduler)
 
     def on_arrival(self, seq: Sequence, now: float) -> None:
@@ -104,6 +108,10 @@ class StepLogPolicy(SchedulingPolicy):
         self.inner.on_result(result, now)
 
     def on_finish(self, seq: Sequence, now: float) -> None:
+        # the last sequence out: no later step would flush what the last steps wrote
+        if self._file is not None and self._scheduler is not None and not self._scheduler.has_work():
+            self._file.flush()
+            self._flushed_at = time.monotonic()
         self.inner.on_finish(seq, now)
 
     def close(self) -> None:
