@@ -198,6 +198,12 @@ class Scheduler:
         step = _StepBuilder(budget=budget, prefill_budget=min(budget, self.policy.max_prefill_tokens_per_step or budget))
         order = self.policy.order(list(self.running), list(self.waiting), now)
         rank = {id(seq): position for position, seq in enumerate(order)}
+        if len(rank) != len(order) or len(order) != len(self.running) + len(self.waiting) or any(
+                id(seq) not in rank for seq in (*self.running, *self.waiting)):
+            # a (plug-in) policy that left a sequence out would leave it unplanned, unanswered, forever
+            raise PolicyError(f"policy {self.policy.name!r}: order() must return every running and waiting "
+                              f"sequence once ({len(self.running) + len(self.waiting)}), returned {len(order)} "
+                              f"({len(rank)} distinct)")
         planned_ids: set[int] = set()
         plannable = order if self.policy.plannable is None else order[: self.policy.plannable]
         for seq in plannable:

@@ -149,7 +149,8 @@ class Coordinator:
                                        deliver=functools.partial(self._on_step_result, shard),
                                        fail_running=functools.partial(self._fail_running, shard),
                                        counters=self.counters,
-                                       swaps=self.dynamic.jobs.for_executor(shard.index))  # fmt: skip
+                                       swaps=self.dynamic.jobs.for_executor(shard.index),
+                                       fail_waiting=functools.partial(self.in_flight.fail_waiting, shard))  # fmt: skip
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_shutdown, signum)
         # The front runs from here: health says "starting" while the executors load and the

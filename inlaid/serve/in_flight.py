@@ -291,6 +291,16 @@ class InFlight:
                 continue
             self.fail(request, code, message)
 
+    def fail_waiting(self, shard: ExecutorShard, message: str, code: str = ErrorCode.INTERNAL) -> None:
+        """Fail every request queued on this executor's engine (not yet running)."""
+        for request in [r for r in self.requests.values() if r.executor == shard.index]:
+            try:
+                waiting = shard.engine.sequence(request.engine_id).status is SequenceStatus.WAITING
+            except KeyError:
+                continue
+            if waiting:
+                self.fail(request, code, message)
+
     def fail_all(self, code: str, message: str) -> None:
         for request in list(self.requests.values()):
             self.fail(request, code, message)

@@ -26,6 +26,9 @@ log = logging.getLogger("inlaid.coordinator")
 
 # After an error the loop does not understand: pause before planning again.
 FAULT_PAUSE_S = 0.1
+# Planning failures in a row after which the queued requests are failed too: failing what runs
+# gives a transient fault its chance; a policy that fails every plan would hold the queue for ever.
+PLANNING_FAILURES_BEFORE_FAILING_QUEUE = 3
 _IDLE_RETRY_S = 0.05  # nothing admissible: look again this soon (or on new work)
 
 
@@ -48,12 +51,16 @@ class StepLoop:
         fail_running: Callable[[str, str], None],
         counters: dict[str, int],
         swaps: SwapSource | None = None,
+        fail_waiting: Callable[[str, str], None] | None = None,
     ) -> None:
         """on_plan: a plan is about to run; deliver(plan, result, outputs): a step ran;
         fail_running(message, code): fail every request whose state lived on the executor;
         swaps: layers to install between steps (they ride the next plan, or a plan of their
-        own when nothing runs)."""
+        own when nothing runs); fail_waiting(message, code): fail every queued request, when
+        planning keeps failing (a policy's bug would otherwise hold them unanswered for ever)."""
         self._swaps = swaps
+        self._fail_waiting = fail_waiting
+        self._planning_failures = 0  # in a row
         self.engine = engine
         self.supervisor = supervisor
         self._on_plan = on_plan
@@ -85,8 +92,12 @@ class StepLoop:
                 plan = self.engine.begin_step()
             except Exception:  # a planning bug: fail what runs, never stop stepping
                 log.exception("internal error planning a step")
+                self._planning_failures += 1
+                if self._planning_failures >= PLANNING_FAILURES_BEFORE_FAILING_QUEUE and self._fail_waiting is not None:
+                    self._fail_waiting("internal server error: the scheduler cannot plan a step", ErrorCode.INTERNAL)
                 await self._after_internal_error()
                 continue
+            self._planning_failures = 0
             if plan is None and swaps_waiting:
                 await self._run_swaps_only()
                 continue
