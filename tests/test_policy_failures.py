@@ -69,3 +69,22 @@ def test_the_queue_is_failed_once_planning_keeps_failing(monkeypatch) -> None:
     first_waiting = kinds.index("waiting")
     assert kinds[:first_waiting] == ["running"] * (step_loop.PLANNING_FAILURES_BEFORE_FAILING_QUEUE - 1)
     assert failed[first_waiting][2] == ErrorCode.INTERNAL and "cannot plan" in failed[first_waiting][1]
+
+
+def test_a_plugin_policy_takes_step_log_and_names_any_other_option(tmp_path, monkeypatch) -> None:
+    """scheduling.md: step_log is for "any policy"; a plug-in's was refused with "[scheduler]
+    options apply to the built-in policies only", naming no key (an outside probe)."""
+    from inlaid.scheduling.step_log import StepLogPolicy
+    from inlaid.serve.config import ConfigError, config_from_dict
+    from inlaid.serve.scheduler_config import load_policy
+
+    (tmp_path / "plug_policy.py").write_text("from inlaid.engine.scheduler import SchedulingPolicy\n"
+                                              "def good():\n    return SchedulingPolicy()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    raw = {"model": {"dir": str(tmp_path)}, "server": {"address": "ipc:///tmp/inlaid-check.ipc",
+                                                       "policy": "plug_policy:good"}}
+    config = config_from_dict({**raw, "scheduler": {"step_log": "steps.jsonl"}}, base_dir=tmp_path)
+    policy = load_policy(config.policy, config.scheduler, announce=False)
+    assert isinstance(policy, StepLogPolicy) and policy.path == tmp_path / "steps.jsonl"
+    with pytest.raises(ConfigError, match=r"^\[scheduler\] max_wait_s: a plug-in policy takes no options but step_log"):
+        config_from_dict({**raw, "scheduler": {"step_log": "steps.jsonl", "max_wait_s": 5}}, base_dir=tmp_path)

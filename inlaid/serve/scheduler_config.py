@@ -35,8 +35,11 @@ def check_scheduler(config: ServerConfig) -> None:
     elif ":" not in config.policy:
         raise ConfigError(f"server.policy must be one of {', '.join(POLICY_NAMES)} or 'package.module:factory', "
                           f"got {config.policy!r}")
+    elif set(config.scheduler) - {"step_log"}:
+        raise ConfigError(f"[scheduler] {', '.join(sorted(set(config.scheduler) - {'step_log'}))}: a plug-in policy "
+                          "takes no options but step_log (the others are the built-in policies')")
     elif config.scheduler:
-        raise ConfigError("[scheduler] options apply to the built-in policies only")
+        _check_scheduler_files(config, None)
 
 
 def _check_scheduler_files(config: ServerConfig, options: Any) -> None:
@@ -131,6 +134,10 @@ def _make_policy(spec: str, options: dict[str, Any] | None) -> Any:
     if not isinstance(policy, SchedulingPolicy):
         raise ConfigError(f"server.policy {spec!r} did not give a SchedulingPolicy (inlaid.engine.scheduler), "
                           f"got {type(policy).__name__}")
+    if options and options.get("step_log"):  # the one option of any policy (scheduling.registry.COMMON_OPTIONS)
+        from inlaid.scheduling.step_log import StepLogPolicy
+
+        policy = StepLogPolicy(policy, str(options["step_log"]))
     return policy
 
 
