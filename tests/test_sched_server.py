@@ -40,7 +40,7 @@ def test_scheduler_table_is_validated_and_builds_the_named_policy(tmp_path):
                          ({"predictor": "task-mean", "predictor_state": "state.npz"}, "task-mean' keeps no state")]:
         with pytest.raises(ConfigError, match=message):
             config_from_dict({"server": {"policy": "inlaid"}, "scheduler": bad})
-    with pytest.raises(ConfigError, match="built-in policies only"):
+    with pytest.raises(ConfigError, match="a plug-in policy takes no options but step_log"):
         config_from_dict({"server": {"policy": "inlaid.engine.scheduler:FifoPolicy"}, "scheduler": {"max_wait_s": 1.0}})
     assert config_from_dict({"server": {"policy": "mlfq"}, "scheduler": {"levels": 3}}).scheduler == {"levels": 3}
 
