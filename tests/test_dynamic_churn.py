@@ -234,5 +234,8 @@ def test_status_of_a_task_added_without_a_state_dir_says_so(model_dir, source_ad
     # Found by an outside probe: it said "served from the server config" of a task added live.
     _, registry, dynamic = _server(model_dir, None)
     dynamic.add(dynamic.prepare("live", str(source_adapter), None))
+    # a full-precision base: nothing to re-quantize (it spoke of a checkpoint the server lacks)
+    assert dynamic.status("s1", "live").message == "served on the full-precision base: there is nothing to re-quantize"
+    dynamic.config.engine.quantized_dir = "/models/q"  # as a 4-bit server without a state directory
     message = dynamic.status("s1", "live").message
     assert "without server.state_dir nothing is re-quantized" in message and "server config" not in message
