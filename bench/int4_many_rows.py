@@ -79,9 +79,8 @@ def measure(threads: int, repeats: int) -> dict:
                         else "int4 kernel")
 
             few_rows = dot if first.few_rows_dot else native if native is not None else kernel
-            taken = {"bf16 kernel": bf16, "dequant + bf16 GEMM": dense}
-            prompt_ms = next((value for label, value in taken.items()
-                              if route(first.prefill_dense_min_m).startswith(label)), None)
+            # the prompt route's time where it leaves the few-rows kernel (as route() names it)
+            prompt_ms = (bf16 if bf16 is not None else dense) if m >= first.prefill_dense_min_m else None
             rows.append({"projection": name, "K": in_features, "N": out_features, "M": m,
                          # what batch_invariant costs a prompt call of M rows (1.0: the same route)
                          "batch_invariant_over_prompt_route": few_rows / prompt_ms if prompt_ms else 1.0,

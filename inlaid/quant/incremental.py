@@ -254,23 +254,25 @@ class IncrementalQuantizer:
         source = self.served_layers.get(layer, self.checkpoint_dir / WEIGHTS_FILE)
         return read_layer_tensors(source, layer)
 
+    def _state_dir_of(self, layer: int) -> Path | None:
+        """The first state directory holding the layer's state file (None: none does)."""
+        return next((d for d in self.state_dirs if layer_state_path(d, layer).is_file()), None)
+
     def stored_state(self, layer: int) -> tuple[LayerState, References]:
         """A layer's stored Hessians and the tasks' reference errors kept beside them."""
-        for directory in self.state_dirs:
-            if layer_state_path(directory, layer).is_file():
-                state, forward = load_layer_state(directory, layer)
-                if forward != self.method.hessian_forward:
-                    raise IncrementalError(f"{directory}: layer {layer} holds '{forward}'-forward Hessians, "
-                                           f"{self.method.name} needs '{self.method.hessian_forward}'")
-                return state, load_reference_errors(directory, layer)
-        raise IncrementalError(f"no Hessian state for layer {layer} in {[str(d) for d in self.state_dirs]}")
+        directory = self._state_dir_of(layer)
+        if directory is None:
+            raise IncrementalError(f"no Hessian state for layer {layer} in {[str(d) for d in self.state_dirs]}")
+        state, forward = load_layer_state(directory, layer)
+        if forward != self.method.hessian_forward:
+            raise IncrementalError(f"{directory}: layer {layer} holds '{forward}'-forward Hessians, "
+                                   f"{self.method.name} needs '{self.method.hessian_forward}'")
+        return state, load_reference_errors(directory, layer)
 
     def stored_references(self, layer: int) -> References:
         """The tasks' reference errors stored for a layer (none where no state holds it)."""
-        for directory in self.state_dirs:
-            if layer_state_path(directory, layer).is_file():
-                return load_reference_errors(directory, layer)
-        return {}
+        directory = self._state_dir_of(layer)
+        return load_reference_errors(directory, layer) if directory is not None else {}
 
     # ------------------------------------------------------------------ the layer loop
     def layers(self, start: int = 0) -> Iterator[LayerOutcome]:

@@ -76,10 +76,13 @@ def make_policy(name: str, raw_options: Mapping[str, Any] | None = None, *,
         policy = MlfqPolicy(options)
     else:
         policy = VtcPolicy(options)
+    return with_common_options(policy, raw_options)
+
+
+def with_common_options(policy: SchedulingPolicy, raw_options: Mapping[str, Any] | None) -> SchedulingPolicy:
+    """`policy` with the COMMON_OPTIONS of `raw_options` applied (any policy's, plug-ins' too)."""
     step_log = (raw_options or {}).get("step_log")
-    if step_log:
-        policy = StepLogPolicy(policy, str(step_log))
-    return policy
+    return StepLogPolicy(policy, str(step_log)) if step_log else policy
 
 
 def build_length_model(options: InlaidOptions) -> LengthModel:

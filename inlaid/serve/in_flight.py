@@ -276,12 +276,9 @@ class InFlight:
         executors must not take down every executor that runs it."""
         # Latest admitted first: each restarted one goes to the head of the queue, so they
         # end up there in their admission order.
-        for request in reversed([r for r in self.requests.values() if r.executor == shard.index]):
-            try:
-                running = shard.engine.sequence(request.engine_id).status is SequenceStatus.RUNNING
-            except KeyError:
-                running = True  # the engine no longer knows it: it can never finish
-            if not running:
+        for request in reversed(self._on_executor(shard)):
+            # None: the engine no longer knows it, so it can never finish: failed as running
+            if self._status(shard, request) not in (SequenceStatus.RUNNING, None):
                 continue
             if (restart_unstarted and not request.restarted and not request.token_ids
                     and shard.engine.restart_unstarted(request.engine_id)):
@@ -293,13 +290,20 @@ class InFlight:
 
     def fail_waiting(self, shard: ExecutorShard, message: str, code: str = ErrorCode.INTERNAL) -> None:
         """Fail every request queued on this executor's engine (not yet running)."""
-        for request in [r for r in self.requests.values() if r.executor == shard.index]:
-            try:
-                waiting = shard.engine.sequence(request.engine_id).status is SequenceStatus.WAITING
-            except KeyError:
-                continue
-            if waiting:
+        for request in self._on_executor(shard):
+            if self._status(shard, request) is SequenceStatus.WAITING:
                 self.fail(request, code, message)
+
+    def _on_executor(self, shard: ExecutorShard) -> list[ActiveRequest]:
+        return [r for r in self.requests.values() if r.executor == shard.index]
+
+    @staticmethod
+    def _status(shard: ExecutorShard, request: ActiveRequest) -> SequenceStatus | None:
+        """The request's sequence status in the executor's engine; None when it knows it no more."""
+        try:
+            return shard.engine.sequence(request.engine_id).status
+        except KeyError:
+            return None
 
     def fail_all(self, code: str, message: str) -> None:
         for request in list(self.requests.values()):

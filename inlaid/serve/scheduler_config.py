@@ -20,7 +20,7 @@ log = logging.getLogger("inlaid.coordinator")
 def check_scheduler(config: ServerConfig) -> None:
     """`server.policy` names a policy, its `[scheduler]` options parse, and the files they
     name can be written (and a predictor state read); the autotuning inputs load."""
-    from inlaid.scheduling.registry import POLICY_NAMES, parse_options
+    from inlaid.scheduling.registry import COMMON_OPTIONS, POLICY_NAMES, parse_options
 
     if config.policy in POLICY_NAMES:
         try:
@@ -35,8 +35,8 @@ def check_scheduler(config: ServerConfig) -> None:
     elif ":" not in config.policy:
         raise ConfigError(f"server.policy must be one of {', '.join(POLICY_NAMES)} or 'package.module:factory', "
                           f"got {config.policy!r}")
-    elif set(config.scheduler) - {"step_log"}:
-        raise ConfigError(f"[scheduler] {', '.join(sorted(set(config.scheduler) - {'step_log'}))}: a plug-in policy "
+    elif set(config.scheduler) - COMMON_OPTIONS:
+        raise ConfigError(f"[scheduler] {', '.join(sorted(set(config.scheduler) - COMMON_OPTIONS))}: a plug-in policy "
                           "takes no options but step_log (the others are the built-in policies')")
     elif config.scheduler:
         _check_scheduler_files(config, None)
@@ -101,7 +101,7 @@ def load_policy(spec: str, options: dict[str, Any] | None = None, announce: bool
 
 
 def _make_policy(spec: str, options: dict[str, Any] | None) -> Any:
-    from inlaid.scheduling.registry import POLICY_NAMES, make_policy
+    from inlaid.scheduling.registry import POLICY_NAMES, make_policy, with_common_options
 
     if spec == "fifo" and not options:
         return None
@@ -134,11 +134,7 @@ def _make_policy(spec: str, options: dict[str, Any] | None) -> Any:
     if not isinstance(policy, SchedulingPolicy):
         raise ConfigError(f"server.policy {spec!r} did not give a SchedulingPolicy (inlaid.engine.scheduler), "
                           f"got {type(policy).__name__}")
-    if options and options.get("step_log"):  # the one option of any policy (scheduling.registry.COMMON_OPTIONS)
-        from inlaid.scheduling.step_log import StepLogPolicy
-
-        policy = StepLogPolicy(policy, str(options["step_log"]))
-    return policy
+    return with_common_options(policy, options)
 
 
 def _one_line(error: BaseException) -> str:
