@@ -310,3 +310,10 @@ def test_the_front_alone_starts_without_the_token_and_a_port_in_use_exits_2(mode
         front.terminate()
         front.communicate(timeout=30)
     assert front.returncode == 0
+
+
+def test_a_public_host_without_a_config_names_the_switch_that_allows_it(tmp_path: Path) -> None:
+    """`inlaid http --host 0.0.0.0` (no config) was told to set a config key it has no file for."""
+    with pytest.raises(ValueError, match="not a loopback address; pass --allow-public-bind to listen"):
+        _settings("--host", "0.0.0.0")
+    assert _settings("--host", "0.0.0.0", "--allow-public-bind")[1].host == "0.0.0.0"

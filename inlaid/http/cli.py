@@ -77,12 +77,9 @@ def settings_from_args(args: argparse.Namespace) -> tuple[str, HttpConfig]:
     for name, value in overrides.items():
         if value is not None:
             setattr(config, name, value)
-    try:
-        config.validate(allow_public)
-    except ValueError as error:  # the config's words; on the command line the switch is --allow-public-bind
-        if "allow_public_bind" in str(error) and not args.config:
-            raise ValueError(f"{error} (here: --allow-public-bind)") from None
-        raise
+    # the config's key where a config is read, else the command line's switch
+    config.validate(allow_public, how_to_allow="set server.allow_public_bind = true" if args.config
+                    else "pass --allow-public-bind")
     if max_frame_bytes is not None:  # again: --max-body-bytes may have raised the config's value
         config.fit_to_frames(max_frame_bytes)
     if max_pending is not None:  # again: --max-prompts may have raised it

@@ -12,16 +12,18 @@ from inlaid.protocol.client import DEFAULT_MAX_FRAME_BYTES
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 
-def check_listen_address(section: str, host: str, port: int, allow_public_bind: bool) -> None:
+def check_listen_address(section: str, host: str, port: int, allow_public_bind: bool,
+                         how_to_allow: str = "set server.allow_public_bind = true") -> None:
     """Raise ValueError unless `host:port` is a usable listening address; hosts beyond
-    this machine need `server.allow_public_bind` (the endpoints carry no credentials)."""
+    this machine need `server.allow_public_bind` (the endpoints carry no credentials), which
+    the refusal tells how to set (`how_to_allow`: a command line says its switch)."""
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise ValueError(f"{section}.port must be an integer in 1-65535, got {port!r}")
     if not isinstance(host, str) or not host:
         raise ValueError(f"{section}.host must be a non-empty string")
     if host not in LOOPBACK_HOSTS and not allow_public_bind:
-        raise ValueError(f"{section}.host {host!r} is not a loopback address; set server.allow_public_bind = true "
-                         "to listen beyond this machine")
+        raise ValueError(f"{section}.host {host!r} is not a loopback address; {how_to_allow} to listen beyond this "
+                         "machine")
 
 
 DEFAULT_MAX_PROMPTS = 16
@@ -112,8 +114,8 @@ class HttpConfig:
                              f"could never be admitted; set http.max_prompts_per_request <= {share} or raise "
                              "server.max_pending_requests")
 
-    def validate(self, allow_public_bind: bool) -> None:
-        check_listen_address("http", self.host, self.port, allow_public_bind)
+    def validate(self, allow_public_bind: bool, how_to_allow: str = "set server.allow_public_bind = true") -> None:
+        check_listen_address("http", self.host, self.port, allow_public_bind, how_to_allow)
         for name in ("request_timeout_s", "client_send_timeout_s", "front_liveness_s"):
             # finite and bounded as the server's own timers: inf is no timeout (slow clients
             # would hold their connections for ever), and asyncio's timers overflow on it
