@@ -145,6 +145,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._next_step_id = 0
+        # Which of a server's executors plans here (its pool sets it): step ids count per
+        # executor, so a step log shared by several tells them apart by this.
+        self.executor_index: int | None = None
         self.policy.attach(self)
 
     def replace_policy(self, policy: SchedulingPolicy) -> SchedulingPolicy:

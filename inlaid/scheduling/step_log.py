@@ -6,7 +6,9 @@ clock time of the plan and of the result, and the executor's compute seconds. Th
 real-server benchmark reads it to measure the cost model's error on real steps. Lines
 reach the file within a second of their step (`FLUSH_EVERY_S`), and at once when the
 scheduler runs out of work (else the last steps before an idle spell waited for the next
-step, or the shutdown, to be written: a killed server lost them).
+step, or the shutdown, to be written: a killed server lost them). A server with several
+executors has a policy, so a writer, per executor on one file: each line then names its
+`executor`, as step ids count per executor.
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ class StepLogPolicy(SchedulingPolicy):
         record = self._pending.pop(result.step_id, None)
         if record is not None and self._file is not None:
             record.update(result_at=now, compute_s=result.compute_seconds)
+            if self._scheduler is not None and self._scheduler.executor_index is not None:
+                record["executor"] = self._scheduler.executor_index
             self._file.write(json.dumps(record) + "\n")
             # Buffered (a write per step costs the loop), but never more than FLUSH_EVERY_S
             # behind: the file was empty until shutdown, and a killed server lost it all.

@@ -129,6 +129,8 @@ class ExecutorPool:
                                              seq_ids))
             for index, device in enumerate(config.executor_devices())
         ]  # fmt: skip
+        for shard in self.shards:
+            shard.engine.scheduler.executor_index = shard.index
         self.rule = settings.placement
         self.overdue_s = settings.overdue_s
 
