@@ -8,7 +8,9 @@ written (the output poisoned beforehand must come back untouched):
   1000 rank R_max), and did not check that y and x have the same rows and x the pools' K;
 * `lora_expand` truncated an int32 `v`;
 * `prepare_quant_linear` with an integer act_dtype truncated the weights and the bias
-  (uint8: wrapped), float8 `x` came back float8, a float g_idx was truncated."""
+  (uint8: wrapped), float8 `x` came back float8, a float g_idx was truncated;
+* `prepare_quant_linear(mode="triton")` for the CPU without the interpreter failed only at
+  the first matmul, deep in Triton."""
 
 from __future__ import annotations
 
@@ -95,3 +97,28 @@ def test_quantized_linears_refuse_activation_dtypes_they_cannot_compute_in() -> 
     fractional = layer.weights.__class__(**{**vars(layer.weights), "g_idx": torch.arange(64) / 32 + 0.7})
     with pytest.raises(QuantLinearError, match="g_idx must be integer"):
         prepare_quant_linear(fractional, "cpu", torch.float32)
+
+
+def test_triton_mode_on_the_cpu_without_the_interpreter_is_refused_by_name() -> None:
+    """mode="triton" for a CPU device prepared fine and the first matmul failed deep in
+    Triton ("0 active drivers"). Run in a child process: this one may hold the interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, triton\n"  # imported without TRITON_INTERPRET: the compiled mode
+        "from inlaid.kernels.dispatch import prepare_quant_linear\n"
+        "from inlaid.kernels.quant_linear import QuantLinearError\n"
+        "from inlaid.kernels.testing import random_gptq_layer\n"
+        "layer = random_gptq_layer(64, 32, bits=4, group_size=32, seed=0)\n"
+        "try:\n"
+        "    prepare_quant_linear(layer.weights, 'cpu', torch.float32, mode='triton')\n"
+        "except QuantLinearError as error:\n"
+        "    print('refused:', error)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("refused: mode 'triton' runs on CUDA devices, or on CPU tensors with "
+                                  "TRITON_INTERPRET=1"), done.stdout
