@@ -36,6 +36,14 @@ UNSUPPORTED_VARIANTS = {
     "monteclora_config": "MonteCLoRA (monteclora_config)",
 }
 
+# PEFT's values of init_lora_weights, by what loading such an adapter does to the base. The
+# base-changing ones make PEFT subtract the initial B @ A from the base weights at load (a
+# PiSSA adapter served on the unchanged base counted its principal part twice: an outside
+# probe); PEFT converts such an adapter to a plain LoRA on save when given
+# path_initial_model_for_weight_conversion. Any other string PEFT itself cannot load.
+PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
+BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq")
+
 
 class AdapterError(ValueError):
     """An adapter directory is missing, malformed or uses an unsupported PEFT feature."""
@@ -107,6 +115,18 @@ def read_adapter_spec(name: str, path: str | Path) -> AdapterSpec:
     return _spec_from_config(name, str(path), config)
 
 
+def _check_init(name: str, init: Any) -> None:
+    if init is None or isinstance(init, bool) or init in PLAIN_INITS:
+        return
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise AdapterError(f"adapter {name!r}: init_lora_weights={init!r:.40} is not supported: PEFT changes the "
+                           "base weights when it loads such an adapter, so on a shared base it answers wrongly; "
+                           "convert it to a plain LoRA with PEFT (save_pretrained(..., "
+                           "path_initial_model_for_weight_conversion=<its untrained adapter>)) and serve that")
+    raise AdapterError(f"adapter {name!r}: init_lora_weights={init!r:.40} is not supported (PEFT knows true, "
+                       f"false, {', '.join(PLAIN_INITS)} and the base-changing {', '.join(BASE_CHANGING_INITS)})")
+
+
 def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSpec:
     def reject(feature: str) -> NoReturn:
         raise AdapterError(f"adapter {name!r}: {feature} is not supported")
@@ -133,6 +153,7 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
     for field, feature in UNSUPPORTED_VARIANTS.items():
         if config.get(field) not in (None, False, [], {}, ""):
             reject(feature)
+    _check_init(name, config.get("init_lora_weights"))
     if config.get("alora_invocation_tokens"):
         # aLoRA applies the adapter only from its invocation tokens on; served as a LoRA on
         # every token, its outputs were neither PEFT's nor the base's (an outside probe)

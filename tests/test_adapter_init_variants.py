@@ -1,0 +1,120 @@
+"""PiSSA, OLoRA, CorDA and LoftQ adapters (PEFT's init_lora_weights) were accepted and served
+wrongly (an outside probe, 2026-12-06): PEFT subtracts the initial B @ A from the BASE
+weights when it loads such an adapter, which a shared base cannot do, so the engine counted
+the principal part twice. They are refused with the way out (PEFT's conversion to a plain
+LoRA on save), and the converted adapter answers as PEFT answers the original."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapter_corruptions import copy_adapter
+from inlaid.engine.adapter_config import AdapterError, read_adapter_spec
+
+PROMPT = "The capital of France is"
+TARGETS = ["q_proj", "v_proj"]
+
+
+def _fresh_base(model_dir: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def pissa_adapters(model_dir, tmp_path_factory) -> dict[str, Path]:
+    """A PiSSA adapter "trained" (its A and B moved), saved as PEFT saves it, and the same
+    adapter converted to a plain LoRA by PEFT."""
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("pissa")
+    torch.manual_seed(0)
+    model = get_peft_model(_fresh_base(model_dir), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                              init_lora_weights="pissa", lora_dropout=0.0))
+    model.peft_config["default"].init_lora_weights = True  # PEFT's recipe for the initial copy
+    model.save_pretrained(str(root / "initial"))
+    model.peft_config["default"].init_lora_weights = "pissa"
+    with torch.no_grad():  # a training step's worth of change
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.02)
+    model.save_pretrained(str(root / "pissa"))
+    model.save_pretrained(str(root / "converted"), path_initial_model_for_weight_conversion=str(root / "initial"))
+    return {"pissa": root / "pissa", "converted": root / "converted"}
+
+
+def _peft_logits(model_dir: Path, adapter: Path, prompt_ids: list[int]) -> torch.Tensor:
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(_fresh_base(model_dir), str(adapter)).eval()
+    with torch.no_grad():
+        return model(torch.tensor([prompt_ids])).logits[0, -1]
+
+
+def test_a_pissa_adapter_is_refused_and_its_conversion_answers_as_peft_answers_it(model_dir, pissa_adapters,
+                                                                                  greedy_logits):
+    from inlaid.engine import Engine, EngineConfig
+
+    with pytest.raises(AdapterError, match=r"init_lora_weights='pissa' is not supported: PEFT changes the base "
+                                           r"weights .*path_initial_model_for_weight_conversion"):
+        read_adapter_spec("pissa", pissa_adapters["pissa"])
+    assert read_adapter_spec("converted", pissa_adapters["converted"]).rank == 8  # PEFT doubles it
+    engine = Engine.local(EngineConfig(model_dir=str(model_dir), dtype="float32", threads=1, max_num_seqs=2,
+                                       max_lora_rank=8, max_model_len=64))
+    with pytest.raises(AdapterError, match="PEFT changes the base weights"):
+        engine.register_adapter("pissa", str(pissa_adapters["pissa"]))
+    engine.register_adapter("converted", str(pissa_adapters["converted"]))
+    prompt_ids = engine.tokenizer.encode(PROMPT)
+    (served,) = greedy_logits(engine, [prompt_ids], ["converted"], max_tokens=1)[0]
+    as_peft_loads_pissa = _peft_logits(model_dir, pissa_adapters["pissa"], prompt_ids)
+    on_the_shared_base = _peft_logits(model_dir, pissa_adapters["converted"], prompt_ids)
+    torch.testing.assert_close(on_the_shared_base, as_peft_loads_pissa, atol=2e-4, rtol=0)
+    torch.testing.assert_close(served, as_peft_loads_pissa, atol=2e-4, rtol=0)
+    # what serving the PiSSA file's A and B on the unchanged base computed: far from PEFT's
+    naive = _naive_logits(model_dir, pissa_adapters["pissa"], prompt_ids)
+    assert float((naive - as_peft_loads_pissa).abs().max()) > 0.5
+
+
+def _naive_logits(model_dir: Path, adapter: Path, prompt_ids: list[int]) -> torch.Tensor:
+    """The PiSSA file's A and B added to the unchanged base (the old engine's computation)."""
+    from safetensors.torch import load_file
+
+    model = _fresh_base(model_dir)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for key, lora_a in tensors.items():
+            if key.endswith("lora_A.weight"):
+                path = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                lora_b = tensors[key.replace("lora_A", "lora_B")]
+                modules[path].weight.add_(scale * lora_b @ lora_a)
+        return model(torch.tensor([prompt_ids])).logits[0, -1]
+
+
+@pytest.mark.parametrize("init", ["pissa_niter_4", "olora", "OLoRA", "corda", "loftq"])
+def test_every_base_changing_init_is_refused(adapter_dirs, tmp_path, init):
+    adapter = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "variant")
+    path = adapter / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "init_lora_weights": init}))
+    with pytest.raises(AdapterError, match="PEFT changes the base weights"):
+        read_adapter_spec("variant", adapter)
+
+
+@pytest.mark.parametrize("init, served", [(True, True), (False, True), (None, True), ("gaussian", True),
+                                          ("eva", True), ("orthogonal", True), ("mica", True), ("lora_ga", True),
+                                          ("kaiming", False), (3, False)])
+def test_inits_that_leave_the_base_alone_are_served_and_unknown_ones_refused(adapter_dirs, tmp_path, init, served):
+    adapter = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "variant")
+    path = adapter / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "init_lora_weights": init}))
+    if served:
+        assert read_adapter_spec("variant", adapter).rank == 8
+    else:
+        with pytest.raises(AdapterError, match=r"init_lora_weights=.* is not supported \(PEFT knows true, false"):
+            read_adapter_spec("variant", adapter)
