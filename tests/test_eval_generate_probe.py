@@ -99,6 +99,26 @@ def test_adapter_for_another_base_name_warns_in_eval_and_generate(config_only_mo
     assert "inlaid eval: warning: adapter 'other' was trained for base model 'meta-llama/Llama-3.2-1B'" in done.stderr
 
 
+
+def test_an_adapter_of_another_base_whose_shapes_do_not_fit_is_refused_without_the_served_warning(
+        config_only_model: Path, tmp_path: Path) -> None:
+    """The warning says "served because its shapes fit"; it was printed before the shape check
+    that then refused the adapter (an outside adapter probe)."""
+    from adapter_corruptions import copy_adapter, rewrite_tensors
+
+    adapter = copy_adapter(ADAPTERS / "math", tmp_path, "other")
+    rewrite_tensors(adapter, lambda tensors: tensors.update({key: value[:, :64].contiguous() for key, value
+                                                             in tensors.items() if "lora_A" in key}))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/Other-1B"}))
+    for command, adapter_arg in (("generate", f"o={adapter}"), ("eval", str(adapter))):
+        extra = ["--prompt", "Hi"] if command == "generate" else ["--task", "math", "--limit", "1"]
+        done = _inlaid([command, "--model", str(config_only_model), "--adapter", adapter_arg, *extra])
+        assert done.returncode == 2, done.stderr
+        assert "another base model" in done.stderr or "this base has" in done.stderr, done.stderr
+        assert "warning" not in done.stderr, done.stderr
+
+
 # ------------------------------------------------------------------------ generate
 
 def test_generate_refuses_a_prompt_that_is_not_utf8(config_only_model: Path) -> None:

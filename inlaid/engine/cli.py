@@ -251,10 +251,11 @@ def _check_inputs(args: argparse.Namespace) -> tuple[dict[str, str], list[dict[s
     # The checks `eval` runs, against this engine's rank bound: wrong r, shapes of another
     # base, a truncated or NaN file were found only by the load after the model's.
     paths = {name: Path(path) for name, path in adapters.items()}
-    for warning in base_model_warnings(model_dir, paths):
-        print(f"inlaid generate: warning: {warning}", file=sys.stderr)
     if problem := adapter_problem(model_dir, paths, max_rank=EngineConfig.max_lora_rank):
         raise _InputError(f"--adapter: {problem}")
+    # after the check: the warning says the adapter is served (it preceded a refusal)
+    for warning in base_model_warnings(model_dir, paths):
+        print(f"inlaid generate: warning: {warning}", file=sys.stderr)
     return adapters, requests
 
 

@@ -55,11 +55,11 @@ def evaluate_runs(model_dir: Path, runs: list[EvalRun], split: str = "eval", lim
     requests, and each run is scored on its finished examples."""
     named = {run.adapter_name: run.adapter_dir for run in runs
              if run.adapter_name is not None and run.adapter_dir is not None}
-    for warning in base_model_warnings(model_dir, named):
-        print(f"inlaid eval: warning: {warning}", file=sys.stderr)
     problem = adapter_problem(model_dir, named)
     if problem:
         raise AdapterInputError(problem)
+    for warning in base_model_warnings(model_dir, named):  # after the check: it says "served"
+        print(f"inlaid eval: warning: {warning}", file=sys.stderr)
     from transformers import AutoTokenizer
 
     from inlaid.tasks import get_task
