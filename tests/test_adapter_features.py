@@ -105,3 +105,25 @@ def test_exclude_modules_adapters_are_served_and_a_lone_half_is_still_refused(en
     rewrite_tensors(half, lambda t: t.pop(next(k for k in sorted(t) if ".layers.1." in k and "lora_B" in k)))
     with pytest.raises(AdapterError, match="LoRA tensors are missing"):
         check_servable_adapter("half", str(half), model, 32)
+
+
+@pytest.mark.parametrize("rename", [
+    lambda key: key.replace("self_attn.q_proj", "mlp.q_proj"),  # was served on the attention's q_proj
+    lambda key: key.removeprefix("base_model.model."),  # PEFT itself does not load these
+    lambda key: key.replace("base_model.model.model.", "base_model.model.vision_model."),
+])  # fmt: skip
+def test_lora_keys_are_read_whole_as_peft_saves_them(model_dir, adapter_dirs, tmp_path, rename):
+    """An outside probe: keys were matched by their tail (`search`), so a q_proj under `mlp`
+    and keys without PEFT's prefix were served though PEFT loads neither."""
+    from inlaid.engine.lora import load_adapter_tensors
+
+    model = ModelConfig.from_dir(str(model_dir))
+    renamed = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "renamed")
+    rewrite_tensors(renamed, lambda tensors: tensors.update({rename(key): tensors.pop(key) for key in list(tensors)}))
+    spec = read_adapter_spec("renamed", renamed)
+    for check in (lambda: check_servable_adapter("renamed", str(renamed), model, 32),
+                  lambda: load_adapter_tensors(spec, model.num_layers)):
+        with pytest.raises(AdapterError, match=r"unsupported tensor .*keyed as PEFT saves them: "
+                                               r"base_model\.model\.model\.layers\.<i>"):
+            check()
+    assert len(load_adapter_tensors(read_adapter_spec("as-saved", adapter_dirs["attn-r8"]), model.num_layers)) == 60

@@ -12,11 +12,26 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_BLOCK_OF = {projection: "self_attn" if index < 4 else "mlp" for index, projection in enumerate(PROJECTIONS)}
+# A LoRA tensor's key as PEFT saves it for a Llama-style causal LM. Whole, and each projection
+# under its own block: a search for the tail served `mlp.q_proj` on the attention's q_proj and
+# took keys without PEFT's prefix, neither of which PEFT itself loads (an outside probe).
+_LORA_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight")
+LORA_KEY_FORM = "base_model.model.model.layers.<i>.{self_attn,mlp}.<projection>.lora_{A,B}.weight"
+
+
+def parse_lora_key(key: str) -> tuple[int, str, str] | None:
+    """(layer, projection, "A" or "B") of a PEFT LoRA tensor key; None for any other key."""
+    match = _LORA_KEY.fullmatch(key)
+    if match is None or _BLOCK_OF.get(match.group(3)) != match.group(2):
+        return None
+    return int(match.group(1)), match.group(3), match.group(4)
 
 
 # PEFT LoRA variants whose computation the engine does not implement: each field must be

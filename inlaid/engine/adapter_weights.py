@@ -23,21 +23,19 @@ error, never a SIGBUS.
 from __future__ import annotations
 
 import json
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from inlaid.engine.adapter_config import PROJECTIONS, AdapterError, AdapterSpec, read_adapter_spec
+from inlaid.engine.adapter_config import LORA_KEY_FORM, AdapterError, AdapterSpec, parse_lora_key, read_adapter_spec
 from inlaid.engine.config import ModelConfig
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
 MAX_ABS_WEIGHT = 65504.0  # float16's largest finite value
 _DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
-_LORA_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
 _CHUNK_ELEMENTS = 1 << 22  # values are checked this many at a time (bounded memory)
 
 
@@ -180,10 +178,11 @@ def _check_names_and_shapes(entries: list[_TensorEntry], spec: AdapterSpec, mode
     shapes = projection_shapes(model)
     seen: set[tuple[int, str, str]] = set()
     for entry in entries:
-        match = _LORA_KEY.search(entry.name)
-        if match is None or match.group(2) not in PROJECTIONS:
-            raise AdapterError(f"{where}: unsupported tensor {entry.name!r:.120} (only LoRA A/B of projections)")
-        layer, projection, half = int(match.group(1)), match.group(2), match.group(3)
+        parsed = parse_lora_key(entry.name)
+        if parsed is None:
+            raise AdapterError(f"{where}: unsupported tensor {entry.name!r:.120} (only LoRA A/B of projections, "
+                               f"keyed as PEFT saves them: {LORA_KEY_FORM})")
+        layer, projection, half = parsed
         if layer >= model.num_layers:
             raise AdapterError(f"{where}: tensor {entry.name!r:.120} names layer {layer}; "
                                f"the model has {model.num_layers}")

@@ -9,7 +9,6 @@ segments that share an adapter slot; the segmented shrink/expand kernels (dispat
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from inlaid.engine.adapter_config import AdapterError, AdapterSpec
+from inlaid.engine.adapter_config import LORA_KEY_FORM, AdapterError, AdapterSpec, parse_lora_key
 from inlaid.engine.lora_fused import MAX_TOKEN_SLOTS, FusedExpandWeight
 from inlaid.kernels.dispatch import (
     CompactLoraPools,
@@ -293,9 +292,6 @@ class LoraLinear(nn.Module):
         return self._compact
 
 
-_LORA_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
-
-
 def load_adapter_tensors(spec: AdapterSpec, num_layers: int) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
     """Read an adapter's safetensors into {(layer, projection): (A [r, in], B [out, r])}."""
     path = Path(spec.path) / "adapter_model.safetensors"
@@ -305,10 +301,11 @@ def load_adapter_tensors(spec: AdapterSpec, num_layers: int) -> dict[tuple[int, 
         raise AdapterError(f"adapter {spec.name!r}: cannot read {path}: {error}") from error
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        match = _LORA_KEY.search(key)
-        if match is None:
-            raise AdapterError(f"adapter {spec.name!r}: unsupported tensor {key!r} (only LoRA A/B of projections)")
-        layer, projection, half = int(match.group(1)), match.group(2), match.group(3)
+        parsed = parse_lora_key(key)
+        if parsed is None:
+            raise AdapterError(f"adapter {spec.name!r}: unsupported tensor {key!r:.120} (only LoRA A/B of "
+                               f"projections, keyed as PEFT saves them: {LORA_KEY_FORM})")
+        layer, projection, half = parsed
         if layer >= num_layers:
             raise AdapterError(f"adapter {spec.name!r}: tensor {key!r} names layer {layer}; the model has {num_layers}")
         halves.setdefault((layer, projection), {})[half] = tensor
