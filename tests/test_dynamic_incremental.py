@@ -16,6 +16,7 @@ from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, WEIGHTS_FILE, load_gptq_c
 from inlaid.quant.incremental import (
     IncrementalError, IncrementalQuantizer, IncrementalSettings, read_layer_tensors, unpack_layer_linear,
 )
+from inlaid.quant.errors import CheckpointError
 from inlaid.quant.incremental_cli import write_incremental_checkpoint
 from inlaid.quant.layer_decisions import KEPT_QUALITY, KEPT_UNCHANGED, REQUANTIZED
 from inlaid.quant.model_io import GROUP_OF_LINEAR, LINEAR_NAMES
@@ -199,6 +200,7 @@ def test_bad_inputs_get_typed_errors(setup, tmp_path):
         IncrementalQuantizer(model, tmp_path / "no_state", tasks[2], IncrementalSettings(), tmp_path / "s")
     (tmp_path / "no_state" / HESSIAN_STATE_DIR).mkdir()
     shutil.copyfile(root / "ab" / HESSIAN_STATE_DIR / COSTS_FILE, tmp_path / "no_state" / HESSIAN_STATE_DIR / COSTS_FILE)
-    quantizer = IncrementalQuantizer(model, tmp_path / "no_state", tasks[2], IncrementalSettings(), tmp_path / "s2")
-    with pytest.raises(IncrementalError, match="no Hessian state for layer 0"):
-        next(iter(quantizer.layers()))
+    # found when the job starts, not when its layer loop reaches the first layer without state
+    with pytest.raises(CheckpointError, match=r"no Hessian state for layer\(s\) 0-3 in .*the stored state is "
+                                              r"incomplete"):
+        IncrementalQuantizer(model, tmp_path / "no_state", tasks[2], IncrementalSettings(), tmp_path / "s2")

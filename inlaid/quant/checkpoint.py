@@ -36,12 +36,17 @@ from safetensors.torch import save_file
 from inlaid.file_modes import as_umask_allows
 from inlaid.kernels.gptq_format import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
 from inlaid.kernels.dispatch import QuantLinearWeights
-from inlaid.quant.checkpoint_files import WEIGHTS_FILE, corrupt_weights_error, quantized_dir_problem
+from inlaid.quant.checkpoint_files import (
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    corrupt_weights_error,
+    quantized_dir_problem,
+    read_inlaid_metadata,
+)
 from inlaid.quant.errors import CheckpointError
 from inlaid.quant.gptq import QuantizedWeight
 from inlaid.quant.spec import QuantSpec
 
-METADATA_FILE = "inlaid_quant.json"
 HESSIAN_STATE_DIR = "hessian_state"
 _COPIED_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -217,9 +222,8 @@ def load_gptq_checkpoint(checkpoint_dir: Path) -> QuantizedCheckpoint:
     except SafetensorError as error:
         raise corrupt_weights_error(gptq.weights_path, error) from None
     linears = take_quant_linears(raw, gptq.bits, gptq.group_size, str(gptq.weights_path), config=gptq.config)
-    metadata_path = checkpoint_dir / METADATA_FILE
-    metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else None
-    return QuantizedCheckpoint(config=gptq.config, linears=linears, tensors=raw, metadata=metadata)
+    return QuantizedCheckpoint(config=gptq.config, linears=linears, tensors=raw,
+                               metadata=read_inlaid_metadata(checkpoint_dir))
 
 
 def linear_features(config: dict | None, prefix: str) -> tuple[int, int] | None:

@@ -13,6 +13,22 @@ from inlaid.quant.errors import CheckpointError
 from inlaid.quant.unfinished import unfinished_problem
 
 WEIGHTS_FILE = "model.safetensors"
+METADATA_FILE = "inlaid_quant.json"  # Inlaid's record beside the GPTQ tensors (absent in others' checkpoints)
+
+
+def read_inlaid_metadata(checkpoint_dir: Path) -> dict | None:
+    """The checkpoint's inlaid_quant.json, None when it has none; CheckpointError naming the
+    file when it is not a JSON object (the bare JSON parser's words reached the user)."""
+    path = Path(checkpoint_dir) / METADATA_FILE
+    if not path.is_file():
+        return None
+    try:
+        metadata = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise CheckpointError(f"{path} is not readable JSON ({error}): the checkpoint is corrupt; rebuild it") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path} is not a JSON object: the checkpoint is corrupt; rebuild it")
+    return metadata
 
 
 def corrupt_weights_error(weights_path: Path, error: SafetensorError) -> CheckpointError:
@@ -56,4 +72,8 @@ def quantized_dir_problem(checkpoint_dir: Path, float_hint: str = "give the floa
                 f"({float_hint})")
     if not weights_path.is_file():
         return f"{checkpoint_dir} is not a quantized checkpoint (config.json + {WEIGHTS_FILE})"
+    try:
+        read_inlaid_metadata(checkpoint_dir)
+    except CheckpointError as error:
+        return str(error)
     return weights_file_problem(weights_path)

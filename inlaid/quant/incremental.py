@@ -30,7 +30,6 @@ tensors (a new checkpoint, or a live handover to a server) is the caller's busin
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -43,9 +42,9 @@ from inlaid.quant.aggregate import TaskHessian
 from inlaid.quant.calibration import (
     CalibrationTask, TokenBatch, make_batches, read_calibration_examples, tokenize_examples,
 )
-from inlaid.quant.checkpoint import METADATA_FILE, WEIGHTS_FILE, check_gptq_checkpoint
+from inlaid.quant.checkpoint import METADATA_FILE, WEIGHTS_FILE, check_gptq_checkpoint, read_inlaid_metadata
 from inlaid.quant.driver import DriverConfig
-from inlaid.quant.errors import QuantizationError
+from inlaid.quant.errors import CheckpointError, QuantizationError
 from inlaid.quant.incremental_linears import (
     LinearPolicy, decide_group_linears, read_layer_tensors, unpack_layer_linear,
 )
@@ -119,7 +118,12 @@ def read_checkpoint_metadata(checkpoint_dir: Path) -> dict:
         raise IncrementalError(f"{checkpoint_dir} is a file, not a checkpoint directory")
     if not path.is_file():
         raise IncrementalError(f"{checkpoint_dir} has no {METADATA_FILE}: not a checkpoint written by `inlaid quantize`")
-    return json.loads(path.read_text())
+    try:
+        metadata = read_inlaid_metadata(checkpoint_dir)
+    except CheckpointError as error:
+        raise IncrementalError(str(error)) from None
+    assert metadata is not None
+    return metadata
 
 
 def calibration_entry(task: CalibrationTask, sequences: list[torch.Tensor]) -> dict:

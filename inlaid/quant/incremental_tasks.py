@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from inlaid.quant.errors import CheckpointError
 from inlaid.quant.state_files import stored_layer_tasks
 from inlaid.quant.task_costs import COSTS_FILE
 
@@ -49,13 +50,19 @@ def _layer_ranges(layers: list[int]) -> str:
 def consistent_stored_tasks(state_dirs: list[Path], num_layers: int, dropped: set[str],
                             costs: dict[str, float] | None) -> StoredTaskSet:
     """The stored tasks (not `dropped`) a job may aggregate in every layer. `costs`: the stored
-    raw probes when the method weighs tasks by them (None: it does not). Layers without any
-    state are skipped here: reading them fails the job later with its own error."""
+    raw probes when the method weighs tasks by them (None: it does not). CheckpointError when
+    a layer has no state, or its file does not read: found at the job's start, not when the
+    layer loop reaches it (a quantize-add with layer 10's file gone failed after 10 layers)."""
     groups_of: dict[int, dict[str, set[str]]] = {}
     for layer in range(num_layers):
         groups = stored_layer_tasks(state_dirs, layer)
         if groups is not None:
             groups_of[layer] = groups
+    if missing_layers := [layer for layer in range(num_layers) if layer not in groups_of]:
+        raise CheckpointError(f"no Hessian state for layer(s) {_layer_ranges(missing_layers)} in "
+                              f"{[str(directory) for directory in state_dirs]}: the stored state is incomplete; "
+                              "re-quantize the checkpoint fully, or add the task with `inlaid quantize-add --exact` "
+                              "(it recomputes every Hessian)")
     stored = {task for groups in groups_of.values() for tasks in groups.values() for task in tasks} - dropped
     left_out: dict[str, str] = {}
     for task in sorted(stored):

@@ -10,6 +10,8 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
+from inlaid.quant.errors import CheckpointError
+
 # A safetensors header is at most this long (safetensors' own limit): a larger length field is
 # a damaged file, not a reason to read gigabytes.
 MAX_HEADER_BYTES = 100_000_000
@@ -21,22 +23,40 @@ def layer_state_path(state_dir: Path, layer_index: int) -> Path:
 
 def read_state_groups(path: Path) -> dict[str, set[str]]:
     """group -> tasks of one layer's state file (`state.save_layer_state`'s "entries"
-    metadata). ValueError (or OSError) when the file is no safetensors file."""
+    metadata). StateFileError naming the file when it is no such file (the JSON parser's bare
+    "Expecting value" reached the user), OSError when unreadable."""
     with open(path, "rb") as handle:
         prefix = handle.read(8)
         if len(prefix) != 8:
-            raise ValueError(f"{path}: shorter than a safetensors header")
+            raise _corrupt(path, "shorter than a safetensors header")
         (length,) = struct.unpack("<Q", prefix)
         if length > MAX_HEADER_BYTES:
-            raise ValueError(f"{path}: a header of {length} bytes")
-        header = json.loads(handle.read(length))
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: the header is no JSON object")
-    entries = json.loads((header.get("__metadata__") or {}).get("entries", "{}"))
-    groups: dict[str, set[str]] = {}
-    for entry in entries.values():
-        groups.setdefault(str(entry["group"]), set()).add(str(entry["task"]))
+            raise _corrupt(path, f"a header of {length} bytes")
+        header_bytes = handle.read(length)
+    if len(header_bytes) != length:
+        raise _corrupt(path, f"truncated: a header of {length} bytes, {len(header_bytes)} there")
+    try:
+        header = json.loads(header_bytes)
+        entries = json.loads((header.get("__metadata__") or {}).get("entries", "{}"))
+        groups: dict[str, set[str]] = {}
+        for entry in entries.values():
+            groups.setdefault(str(entry["group"]), set()).add(str(entry["task"]))
+        data_bytes = max((int(tensor["data_offsets"][1]) for name, tensor in header.items()
+                          if name != "__metadata__"), default=0)
+    except (ValueError, RecursionError, AttributeError, TypeError, KeyError, IndexError) as error:
+        raise _corrupt(path, f"its header does not read as Hessian state ({type(error).__name__}: {error})") from None
+    # the tensors' bytes too (a cut past the header failed only when the job reached the layer)
+    if (size := path.stat().st_size) != 8 + length + data_bytes:
+        raise _corrupt(path, f"{size} bytes where its header describes {8 + length + data_bytes}")
     return groups
+
+
+class StateFileError(CheckpointError, ValueError):
+    """A layer's Hessian state file does not read (a ValueError too, as the callers catch)."""
+
+
+def _corrupt(path: Path, why: str) -> StateFileError:
+    return StateFileError(f"{path}: {why}: the Hessian state file is corrupt; re-quantize the checkpoint fully")
 
 
 def stored_layer_tasks(state_dirs: Iterable[Path], layer: int) -> dict[str, set[str]] | None:

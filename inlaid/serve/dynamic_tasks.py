@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -22,7 +21,8 @@ from pathlib import Path
 from inlaid.protocol import ErrorCode, ReplacedConfigEntry, TaskStatusReply
 from inlaid.quant import calibration  # torch-free, as is all the coordinator imports
 from inlaid.quant.calibration import MAX_CALIBRATION_LINE_BYTES
-from inlaid.quant.errors import CalibrationDataError
+from inlaid.quant.checkpoint_files import read_inlaid_metadata
+from inlaid.quant.errors import CalibrationDataError, CheckpointError
 from inlaid.serve.config import ServerConfig
 from inlaid.serve.requantization_jobs import RESTARTED, RESUMING_AT, RequantizationJobs
 from inlaid.serve.state_gc import hessian_dirs, prune_dropped
@@ -70,10 +70,12 @@ def requantization_blocker(config: ServerConfig) -> str:
         return "no server.state_dir: re-quantized layers would have nowhere to persist"
     if not config.requantizer.enabled:
         return "requantizer.enabled is false"
-    metadata_path = Path(quantized) / "inlaid_quant.json"
-    if not metadata_path.is_file():
+    try:
+        metadata = read_inlaid_metadata(Path(quantized))
+    except CheckpointError as error:
+        return str(error)
+    if metadata is None:
         return f"{quantized} was not written by `inlaid quantize` (no inlaid_quant.json, no Hessian state)"
-    metadata = json.loads(metadata_path.read_text())
     if metadata.get("method") == "rtn":
         return "the base is RTN-quantized: it does not depend on any task's calibration"
     if not metadata.get("hessian_state"):
