@@ -164,6 +164,26 @@ def test_every_calibration_line_is_checked(tiny, tmp_path, capsys, no_model_load
     _one_line_error(capsys, f"{bad}:4: not JSON")
 
 
+
+@pytest.mark.parametrize("user, reference, served", [("", "", False), ("  ", "\n", False), ("2+2?", "", True),
+                                                     ("", "4", True)])
+def test_a_calibration_sample_without_any_text_is_refused(tiny, tmp_path, capsys, no_model_load, user, reference,
+                                                           served) -> None:
+    """An outside probe: a sample whose message contents and reference were all empty was
+    accepted, and calibrated on the chat template alone."""
+    from inlaid.quant.calibration import parse_sample
+
+    line = json.dumps({"messages": [{"role": "user", "content": user}], "reference": reference})
+    if served:
+        assert parse_sample(line)["reference"] == reference
+        return
+    root, model_dir, adapter, calib = tiny
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text(calib.read_text() + line + "\n")
+    assert _quantize(model_dir, f"alpha={adapter}:{blank}", tmp_path / "o") == 2
+    _one_line_error(capsys, f"{blank}:4: the sample holds no text")
+
+
 def _copy_adapter(adapter: Path, out: Path) -> Path:
     out.mkdir()
     for path in adapter.iterdir():
@@ -211,3 +231,46 @@ def test_quantize_add_says_replaced(tiny, tmp_path, capsys) -> None:
     capsys.readouterr()
     assert _add(base, f"alpha={other}:{calib}", tmp_path / "plus") == 0
     assert "alpha replaced" in capsys.readouterr().out
+
+
+def _terminate_after(monkeypatch, module, name: str, calls: int = 1) -> None:
+    """`module.name` sends this process SIGTERM on its `calls`-th call (then returns as usual)."""
+    import os
+    import signal
+
+    real, seen = getattr(module, name), []
+
+    def terminating(*args, **kwargs):
+        result = real(*args, **kwargs)
+        seen.append(1)
+        if len(seen) == calls:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(module, name, terminating)
+
+
+def test_sigterm_stops_a_quantization_as_ctrl_c_does(tiny, tmp_path, capsys, monkeypatch) -> None:
+    """An outside probe: SIGTERM (a service manager, `timeout`) ended `inlaid quantize` with
+    143 and no word, leaving an UNFINISHED --out that Ctrl-C's clean-up would have removed
+    (before the first layer) or named for a resume (after it)."""
+    import signal
+
+    import inlaid.quant.driver as driver
+
+    root, model_dir, adapter, calib = tiny
+    _terminate_after(monkeypatch, driver, "probe_impurity")  # the cost probe, before any layer
+    out = tmp_path / "early"
+    assert _quantize(model_dir, f"alpha={adapter}:{calib}", out) == 143
+    assert capsys.readouterr().err.strip().endswith("inlaid quantize: terminated (SIGTERM)")
+    assert not out.exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back once main() returned
+    monkeypatch.undo()
+    _terminate_after(monkeypatch, driver, "save_layer_state", calls=2)  # in layer 1, layer 0 kept
+    out = tmp_path / "late"
+    assert _quantize(model_dir, f"alpha={adapter}:{calib}", out) == 143
+    err = capsys.readouterr().err
+    assert "1 finished layer kept" in err and err.strip().endswith("terminated (SIGTERM)"), err
+    monkeypatch.undo()
+    assert _quantize(model_dir, f"alpha={adapter}:{calib}", out) == 0  # the rerun resumes and finishes
+    assert "resum" in capsys.readouterr().out.lower()

@@ -146,6 +146,9 @@ def parse_sample(line: str | bytes) -> dict:
     problem = _messages_problem(messages)
     if problem:  # else the chat template failed on it later, in the re-quantization job
         raise ValueError(problem)
+    if not example["reference"].strip() and not any(message["content"].strip() for message in messages):
+        raise ValueError("the sample holds no text: every message's content and the reference are empty or "
+                         "blank (it would calibrate on the chat template alone)")
     return example
 
 
