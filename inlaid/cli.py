@@ -11,7 +11,8 @@ import importlib
 import os
 import signal
 import sys
-import threading
+
+from inlaid.interrupts import EXIT_TERMINATED, Terminated, terminate_as_interrupt
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "models": ("inlaid.models.cli", "prepare or inspect base models"),
@@ -27,32 +28,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "http": ("inlaid.http.cli", "run the OpenAI-compatible HTTP front alone"),
 }
 
-# Commands that run to an end on their own: SIGTERM (a service manager, `timeout`, `kill`)
-# stops them as Ctrl-C does, with the same clean-up and resume note (it ended them silently
-# with 143 and left an unfinished --out behind). The server, the HTTP front and the client
-# handle their signals themselves.
+# Commands that run to an end on their own: SIGTERM stops them as Ctrl-C does
+# (`inlaid.interrupts`). The server, the HTTP front and the client handle their signals.
 TERMINATED_AS_INTERRUPTED = ("models", "generate", "tasks", "train-adapter", "eval", "quantize", "quantize-add",
                              "tune-scheduler")
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be (every handler of it runs)."""
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
-def _terminate_as_interrupt() -> object | None:
-    """Install `_raise_terminated` for SIGTERM where it is still the default; returns the
-    handler to put back (None: none was installed, e.g. off the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous is not signal.SIG_DFL:
-        return None
-    signal.signal(signal.SIGTERM, _raise_terminated)
-    return previous
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,14 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     command_parser = argparse.ArgumentParser(prog=f"inlaid {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(command_parser)
     args = command_parser.parse_args(argv[1:])
-    restore = _terminate_as_interrupt() if name in TERMINATED_AS_INTERRUPTED else None
+    restore = terminate_as_interrupt() if name in TERMINATED_AS_INTERRUPTED else None
     try:
         code = int(module.run(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not as "Exception ignored" at the exit's flush
         return code
     except Terminated:
         print(f"inlaid {name}: terminated (SIGTERM)", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print(f"inlaid {name}: interrupted", file=sys.stderr)
         return 130

@@ -1,7 +1,7 @@
 """`inlaid eval`, `inlaid generate` and `inlaid models` on an outside probe's inputs. Every case
 but the last is decided before a model loads (a model directory holding only config.json
 shows the order: a check that ran after the load would fail on the missing weights instead);
-the last interrupts a real, short `eval` with SIGINT."""
+the last interrupts a real, short `eval` with SIGINT and with SIGTERM."""
 
 from __future__ import annotations
 
@@ -99,7 +99,6 @@ def test_adapter_for_another_base_name_warns_in_eval_and_generate(config_only_mo
     assert "inlaid eval: warning: adapter 'other' was trained for base model 'meta-llama/Llama-3.2-1B'" in done.stderr
 
 
-
 def test_an_adapter_of_another_base_whose_shapes_do_not_fit_is_refused_without_the_served_warning(
         config_only_model: Path, tmp_path: Path) -> None:
     """The warning says "served because its shapes fit"; it was printed before the shape check
@@ -188,9 +187,12 @@ def test_models_path_and_prepare_on_a_cache_without_the_model(tmp_path: Path) ->
 
 # ------------------------------------------------------------------------ eval, interrupted (real model)
 
-def test_eval_interrupted_writes_what_finished(model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop, code, words", [(signal.SIGINT, 130, "interrupted"),
+                                               (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_eval_interrupted_writes_what_finished(model_dir: Path, tmp_path: Path, stop, code, words) -> None:
     """sentiment (8 new tokens) finishes long before a 48-token math answer: SIGINT once the
-    progress bar shows one request done. The finished prediction was thrown away."""
+    progress bar shows one request done. The finished prediction was thrown away. SIGTERM (a
+    service manager, `timeout`) ended it with no word and nothing written; now as SIGINT."""
     out, table = tmp_path / "r.json", tmp_path / "r.md"
     process = subprocess.Popen(
         [sys.executable, "-m", "inlaid.cli", "eval", "--model", str(model_dir), "--task", "sentiment",
@@ -204,7 +206,7 @@ def test_eval_interrupted_writes_what_finished(model_dir: Path, tmp_path: Path) 
         while chunk := process.stderr.read1(256):
             seen.extend(chunk)
             if b"1/2 [" in seen and not sent and process.poll() is None:
-                process.send_signal(signal.SIGINT)  # once: a second Ctrl-C means "stop writing too"
+                process.send_signal(stop)  # once: a second Ctrl-C means "stop writing too"
                 sent = True
 
     def read_stdout() -> None:
@@ -222,10 +224,10 @@ def test_eval_interrupted_writes_what_finished(model_dir: Path, tmp_path: Path) 
         reader.join()
     stdout = bytes(printed)
     err = seen.decode(errors="replace")
-    assert process.returncode == 130, err
-    assert "inlaid eval: interrupted: 1 of 2 predictions finished; wrote them (partial)" in err, err
+    assert process.returncode == code, err
+    assert f"inlaid eval: {words}: 1 of 2 predictions finished; wrote them (partial)" in err, err
     results = json.loads(out.read_text())
-    assert results["partial"] == {"finished": 1, "requests": 2}
+    assert results["partial"] == {"finished": 1, "requests": 2, "stopped_by": stop.name}
     assert list(results["tasks"]) == ["sentiment"]
     assert len(results["tasks"]["sentiment"]["base"]["predictions"]) == 1
     assert "| sentiment |" in table.read_text()

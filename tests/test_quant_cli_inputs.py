@@ -164,7 +164,6 @@ def test_every_calibration_line_is_checked(tiny, tmp_path, capsys, no_model_load
     _one_line_error(capsys, f"{bad}:4: not JSON")
 
 
-
 @pytest.mark.parametrize("user, reference, served", [("", "", False), ("  ", "\n", False), ("2+2?", "", True),
                                                      ("", "4", True)])
 def test_a_calibration_sample_without_any_text_is_refused(tiny, tmp_path, capsys, no_model_load, user, reference,
@@ -244,6 +243,8 @@ def _terminate_after(monkeypatch, module, name: str, calls: int = 1) -> None:
         result = real(*args, **kwargs)
         seen.append(1)
         if len(seen) == calls:
+            # else SIGTERM would end the test process itself, not fail this test
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, "no SIGTERM handler installed"
             os.kill(os.getpid(), signal.SIGTERM)
         return result
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from inlaid.cli_args import positive_int
+from inlaid.interrupts import EXIT_TERMINATED
 from inlaid.tasks.checks import adapter_problem, base_model_warnings
 from inlaid.tasks.eval_plan import BASE, EvalRun, argument_problem, planned_runs
 from inlaid.tasks.generation import (GenerationError, GenerationInterrupted, GenerationRequest, GenerationResult,
@@ -97,7 +98,8 @@ def evaluate_runs(model_dir: Path, runs: list[EvalRun], split: str = "eval", lim
             raise ValueError(f"unknown backend '{backend}' (engine, peft or auto)")
     except GenerationInterrupted as interrupted:
         outputs = interrupted.results
-        partial = {"finished": sum(o is not None for o in outputs), "requests": len(outputs)}
+        partial = {"finished": sum(o is not None for o in outputs), "requests": len(outputs),
+                   "stopped_by": "SIGTERM" if interrupted.terminated else "SIGINT"}
     seconds = time.time() - started
 
     described = dtype if weight_dtype == "auto" else f"{dtype} activations, {weight_dtype} weights"
@@ -252,6 +254,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     # Ctrl-C: what finished is kept (it was all thrown away), and the line says so.
     kept = f"wrote them (partial) to {' and '.join(written)}" if written else "none written (no --out or --markdown)"
-    print(f"inlaid eval: interrupted: {partial['finished']} of {partial['requests']} predictions finished; {kept}",
-          file=sys.stderr)
-    return 130
+    terminated = partial.get("stopped_by") == "SIGTERM"
+    print(f"inlaid eval: {'terminated (SIGTERM)' if terminated else 'interrupted'}: {partial['finished']} of "
+          f"{partial['requests']} predictions finished; {kept}", file=sys.stderr)
+    return EXIT_TERMINATED if terminated else 130

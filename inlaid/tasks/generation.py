@@ -10,6 +10,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from inlaid.interrupts import was_terminated
+
 
 class GenerationError(RuntimeError):
     """The engine failed requests (their outputs would be empty text, scored as wrong)."""
@@ -20,9 +22,10 @@ class GenerationInterrupted(KeyboardInterrupt):
     not finished. A KeyboardInterrupt still (a caller that does not look ends as before), so
     that `eval` can keep what finished: it threw away every finished prediction."""
 
-    def __init__(self, results: list[GenerationResult | None]) -> None:
+    def __init__(self, results: list[GenerationResult | None], terminated: bool = False) -> None:
         super().__init__()
         self.results = results
+        self.terminated = terminated  # SIGTERM (`inlaid.interrupts`), not Ctrl-C
 
 
 @dataclass
@@ -79,8 +82,8 @@ def generate_with_engine(model_dir: Path, adapters: dict[str, Path], requests: l
         # Stepped here, not through `engine.generate`: on Ctrl-C the finished results are kept.
         _run_to_completion(engine, ids, results, tokenizer, eos_ids, show_progress,
                            [r.max_new_tokens for r in requests])
-    except KeyboardInterrupt:
-        raise GenerationInterrupted(results) from None
+    except KeyboardInterrupt as interrupt:
+        raise GenerationInterrupted(results, was_terminated(interrupt)) from None
     failed = sorted({r.adapter or "the base model" for r, o in zip(requests, results) if o and o.finish_reason == "error"})
     if failed:
         # An executor failure ends a request with no tokens; scoring that "" would record a
@@ -170,8 +173,8 @@ def generate_with_peft(model_dir: Path, adapters: dict[str, Path], requests: lis
     try:
         for batch in tqdm(batches, desc="generate (peft)", disable=not show_progress, file=sys.stderr):
             _peft_batch(model, tokenizer, requests, batch, results, eos_id, bool(adapters))
-    except KeyboardInterrupt:
-        raise GenerationInterrupted(results) from None
+    except KeyboardInterrupt as interrupt:
+        raise GenerationInterrupted(results, was_terminated(interrupt)) from None
     return [r for r in results if r is not None]
 
 
