@@ -1,8 +1,10 @@
-"""PiSSA, OLoRA, CorDA and LoftQ adapters (PEFT's init_lora_weights) were accepted and served
-wrongly (an outside probe, 2026-12-06): PEFT subtracts the initial B @ A from the BASE
-weights when it loads such an adapter, which a shared base cannot do, so the engine counted
-the principal part twice. They are refused with the way out (PEFT's conversion to a plain
-LoRA on save), and the converted adapter answers as PEFT answers the original."""
+"""PiSSA, OLoRA, CorDA, LoRA-GA and LoftQ adapters (PEFT's init_lora_weights) were accepted and
+served wrongly (an outside probe, 2026-12-06): the first four were trained on the base minus
+their initial B @ A (PEFT takes it out again when it loads PiSSA, CorDA and OLoRA), which a
+shared base cannot do, so the engine counted the principal part twice; LoftQ trains on its
+own quantization of the base. They are refused with the way out where PEFT has one (its
+conversion to a plain LoRA on save), and the converted adapter answers as PEFT answers the
+original."""
 
 from __future__ import annotations
 
@@ -59,13 +61,13 @@ def test_a_pissa_adapter_is_refused_and_its_conversion_answers_as_peft_answers_i
                                                                                   greedy_logits):
     from inlaid.engine import Engine, EngineConfig
 
-    with pytest.raises(AdapterError, match=r"init_lora_weights='pissa' is not supported: PEFT changes the base "
-                                           r"weights .*path_initial_model_for_weight_conversion"):
+    with pytest.raises(AdapterError, match=r"init_lora_weights='pissa' is not supported: it was trained on the base "
+                                           r"minus its initial B @ A.*path_initial_model_for_weight_conversion"):
         read_adapter_spec("pissa", pissa_adapters["pissa"])
     assert read_adapter_spec("converted", pissa_adapters["converted"]).rank == 8  # PEFT doubles it
     engine = Engine.local(EngineConfig(model_dir=str(model_dir), dtype="float32", threads=1, max_num_seqs=2,
                                        max_lora_rank=8, max_model_len=64))
-    with pytest.raises(AdapterError, match="PEFT changes the base weights"):
+    with pytest.raises(AdapterError, match="trained on the base minus its initial B @ A"):
         engine.register_adapter("pissa", str(pissa_adapters["pissa"]))
     engine.register_adapter("converted", str(pissa_adapters["converted"]))
     prompt_ids = engine.tokenizer.encode(PROMPT)
@@ -97,22 +99,33 @@ def _naive_logits(model_dir: Path, adapter: Path, prompt_ids: list[int]) -> torc
         return model(torch.tensor([prompt_ids])).logits[0, -1]
 
 
-@pytest.mark.parametrize("init", ["pissa_niter_4", "olora", "OLoRA", "corda", "loftq"])
-def test_every_base_changing_init_is_refused(adapter_dirs, tmp_path, init):
+def _with_config(adapter_dirs, tmp_path, **fields) -> Path:
     adapter = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "variant")
     path = adapter / "adapter_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "init_lora_weights": init}))
-    with pytest.raises(AdapterError, match="PEFT changes the base weights"):
-        read_adapter_spec("variant", adapter)
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+    return adapter
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"init_lora_weights": "pissa_niter_4"}, "trained on the base minus its initial B @ A"),
+    ({"init_lora_weights": "olora"}, "trained on the base minus its initial B @ A"),
+    ({"init_lora_weights": "OLoRA"}, "trained on the base minus its initial B @ A"),
+    ({"init_lora_weights": "corda"}, "trained on the base minus its initial B @ A"),
+    ({"init_lora_weights": "lora_ga"}, "trained on the base minus its initial B @ A"),  # PEFT cannot redo it
+    ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}}, "LoftQ's own quantization of the base"),
+    # PEFT's LoftQ recipe saves with init_lora_weights=True; its loftq_config stays
+    ({"init_lora_weights": True, "loftq_config": {"loftq_bits": 4}}, "LoftQ's own quantization of the base"),
+])  # fmt: skip
+def test_every_init_trained_on_another_base_is_refused(adapter_dirs, tmp_path, fields, words):
+    with pytest.raises(AdapterError, match=words):
+        read_adapter_spec("variant", _with_config(adapter_dirs, tmp_path, **fields))
 
 
 @pytest.mark.parametrize("init, served", [(True, True), (False, True), (None, True), ("gaussian", True),
-                                          ("eva", True), ("orthogonal", True), ("mica", True), ("lora_ga", True),
+                                          ("Gaussian", True), ("eva", True), ("orthogonal", True), ("mica", True),
                                           ("kaiming", False), (3, False)])
 def test_inits_that_leave_the_base_alone_are_served_and_unknown_ones_refused(adapter_dirs, tmp_path, init, served):
-    adapter = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "variant")
-    path = adapter / "adapter_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "init_lora_weights": init}))
+    adapter = _with_config(adapter_dirs, tmp_path, init_lora_weights=init, loftq_config={})  # PEFT writes {}
     if served:
         assert read_adapter_spec("variant", adapter).rank == 8
     else:

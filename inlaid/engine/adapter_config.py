@@ -22,7 +22,7 @@ _BLOCK_OF = {projection: "self_attn" if index < 4 else "mlp" for index, projecti
 # A LoRA tensor's key as PEFT saves it for a Llama-style causal LM. Whole, and each projection
 # under its own block: a search for the tail served `mlp.q_proj` on the attention's q_proj and
 # took keys without PEFT's prefix, neither of which PEFT itself loads (an outside probe).
-_LORA_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight")
+_LORA_KEY = re.compile(r"base_model\.model\.model\.layers\.([0-9]+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight")
 LORA_KEY_FORM = "base_model.model.model.layers.<i>.{self_attn,mlp}.<projection>.lora_{A,B}.weight"
 
 
@@ -51,13 +51,15 @@ UNSUPPORTED_VARIANTS = {
     "monteclora_config": "MonteCLoRA (monteclora_config)",
 }
 
-# PEFT's values of init_lora_weights, by what loading such an adapter does to the base. The
-# base-changing ones make PEFT subtract the initial B @ A from the base weights at load (a
-# PiSSA adapter served on the unchanged base counted its principal part twice: an outside
-# probe); PEFT converts such an adapter to a plain LoRA on save when given
-# path_initial_model_for_weight_conversion. Any other string PEFT itself cannot load.
-PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
-BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq")
+# PEFT's values of init_lora_weights, by the base the adapter was trained on. PiSSA, CorDA,
+# OLoRA and LoRA-GA take the initial B @ A out of the base weights before training (PEFT redoes
+# it when it loads PiSSA, CorDA and OLoRA; LoRA-GA's it cannot redo): on the unchanged shared
+# base such an adapter answers wrongly (a PiSSA adapter counted its principal part twice: an
+# outside probe). PEFT converts one to a plain LoRA on save, given
+# path_initial_model_for_weight_conversion. LoftQ trains on its own quantization of the base.
+# Any other string PEFT cannot load.
+PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica")
+RESIDUAL_BASE_INITS = ("pissa", "corda", "olora", "lora_ga")
 
 
 class AdapterError(ValueError):
@@ -130,16 +132,19 @@ def read_adapter_spec(name: str, path: str | Path) -> AdapterSpec:
     return _spec_from_config(name, str(path), config)
 
 
-def _check_init(name: str, init: Any) -> None:
-    if init is None or isinstance(init, bool) or init in PLAIN_INITS:
+def _check_init(name: str, init: Any, loftq_config: Any) -> None:
+    where = f"adapter {name!r}: init_lora_weights={init!r:.40} is not supported"
+    if (isinstance(init, str) and init.lower() == "loftq") or loftq_config:
+        raise AdapterError(f"adapter {name!r}: a LoftQ adapter (init_lora_weights / loftq_config) is not supported: "
+                           "it was trained on LoftQ's own quantization of the base, not on the shared base")
+    if init is None or isinstance(init, bool) or (isinstance(init, str) and init.lower() in PLAIN_INITS):
         return
-    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
-        raise AdapterError(f"adapter {name!r}: init_lora_weights={init!r:.40} is not supported: PEFT changes the "
-                           "base weights when it loads such an adapter, so on a shared base it answers wrongly; "
-                           "convert it to a plain LoRA with PEFT (save_pretrained(..., "
+    if isinstance(init, str) and init.lower().startswith(RESIDUAL_BASE_INITS):
+        raise AdapterError(f"{where}: it was trained on the base minus its initial B @ A, so on the shared base it "
+                           "answers wrongly; convert it to a plain LoRA with PEFT (save_pretrained(..., "
                            "path_initial_model_for_weight_conversion=<its untrained adapter>)) and serve that")
-    raise AdapterError(f"adapter {name!r}: init_lora_weights={init!r:.40} is not supported (PEFT knows true, "
-                       f"false, {', '.join(PLAIN_INITS)} and the base-changing {', '.join(BASE_CHANGING_INITS)})")
+    raise AdapterError(f"{where} (PEFT knows true, false, {', '.join(PLAIN_INITS)}, loftq and the residual-base "
+                       f"{', '.join(RESIDUAL_BASE_INITS)})")
 
 
 def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSpec:
@@ -168,7 +173,7 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
     for field, feature in UNSUPPORTED_VARIANTS.items():
         if config.get(field) not in (None, False, [], {}, ""):
             reject(feature)
-    _check_init(name, config.get("init_lora_weights"))
+    _check_init(name, config.get("init_lora_weights"), config.get("loftq_config"))
     if config.get("alora_invocation_tokens"):
         # aLoRA applies the adapter only from its invocation tokens on; served as a LoRA on
         # every token, its outputs were neither PEFT's nor the base's (an outside probe)
