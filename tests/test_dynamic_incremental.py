@@ -17,6 +17,7 @@ from inlaid.quant.incremental import (
     IncrementalError, IncrementalQuantizer, IncrementalSettings, read_layer_tensors, unpack_layer_linear,
 )
 from inlaid.quant.errors import CheckpointError
+from inlaid.quant import incremental
 from inlaid.quant.incremental_cli import write_incremental_checkpoint
 from inlaid.quant.layer_decisions import KEPT_QUALITY, KEPT_UNCHANGED, REQUANTIZED
 from inlaid.quant.model_io import GROUP_OF_LINEAR, LINEAR_NAMES
@@ -182,7 +183,11 @@ def test_incremental_checkpoint_serves_and_chains(setup, tmp_path):
     assert list(state["attn_in"]) == ["alpha", "beta", "gamma", "delta"]
 
 
-def test_bad_inputs_get_typed_errors(setup, tmp_path):
+def _no_model_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the missing state was found")
+
+
+def test_bad_inputs_get_typed_errors(setup, tmp_path, monkeypatch):
     root, model, tasks = setup
     from inlaid.quant.errors import CalibrationDataError
 
@@ -195,12 +200,15 @@ def test_bad_inputs_get_typed_errors(setup, tmp_path):
     with pytest.raises(CalibrationDataError):
         IncrementalQuantizer(model, root / "ab", CalibrationTask("x", tasks[2].adapter_dir, empty),
                              IncrementalSettings(), tmp_path / "s")
-    shutil.copytree(root / "ab", tmp_path / "no_state", ignore=shutil.ignore_patterns(HESSIAN_STATE_DIR))
+    shutil.copytree(root / "ab", tmp_path / "no_state", ignore=shutil.ignore_patterns(COSTS_FILE))
     with pytest.raises(IncrementalError, match="probed cost"):  # mlgptq's default weighs tasks by them
         IncrementalQuantizer(model, tmp_path / "no_state", tasks[2], IncrementalSettings(), tmp_path / "s")
+    shutil.rmtree(tmp_path / "no_state" / HESSIAN_STATE_DIR)
     (tmp_path / "no_state" / HESSIAN_STATE_DIR).mkdir()
     shutil.copyfile(root / "ab" / HESSIAN_STATE_DIR / COSTS_FILE, tmp_path / "no_state" / HESSIAN_STATE_DIR / COSTS_FILE)
-    # found when the job starts, not when its layer loop reaches the first layer without state
+    # found when the job starts, before the model loads, not when its layer loop reaches the first
+    # layer without state
+    monkeypatch.setattr(incremental, "load_base_model", _no_model_load)
     with pytest.raises(CheckpointError, match=r"no Hessian state for layer\(s\) 0-3 in .*the stored state is "
                                               r"incomplete"):
         IncrementalQuantizer(model, tmp_path / "no_state", tasks[2], IncrementalSettings(), tmp_path / "s2")

@@ -78,7 +78,8 @@ def test_a_damaged_state_file_is_named_when_the_job_starts(tmp_path, damage, wor
         consistent_stored_tasks([state], 3, set(), None)
     message = str(refusal.value)
     assert message.startswith(f"{path}: ") and words in message, message
-    assert message.endswith("the Hessian state file is corrupt; re-quantize the checkpoint fully")
+    assert message.endswith("the Hessian state file is corrupt; delete it if it is a server's state (the "
+                            "checkpoint's copy of the layer is then read), else re-quantize the checkpoint fully")
     assert isinstance(refusal.value, ValueError)  # the server's state GC catches ValueError
 
 

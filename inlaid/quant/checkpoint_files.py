@@ -23,8 +23,12 @@ def read_inlaid_metadata(checkpoint_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        metadata = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        text = path.read_text()
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
+    try:
+        metadata = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise CheckpointError(f"{path} is not readable JSON ({error}): the checkpoint is corrupt; rebuild it") from None
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{path} is not a JSON object: the checkpoint is corrupt; rebuild it")

@@ -12,7 +12,6 @@ interrupted run in the same --out directory (per-layer checkpoints) unless --res
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -124,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
     from inlaid.models.prepare import default_model_dir
     from inlaid.quant.calibration import CalibrationTask, parse_task_argument
-    from inlaid.quant.checkpoint import METADATA_FILE
+    from inlaid.quant.checkpoint_files import read_inlaid_metadata
     from inlaid.quant.driver import DriverConfig, quantize_model
     from inlaid.quant.inputs import check_tasks, model_dir_problem, out_overlaps_model_problem
     from inlaid.quant.methods import MlgptqOptions, parse_method
@@ -192,9 +191,9 @@ def run(args: argparse.Namespace) -> int:
                 adapters_dir=adapters_dir, max_tokens=args.max_tokens, max_batch_tokens=args.batch_tokens,
                 mlgptq=options, save_hessian_state=not args.no_hessian_state,
             )
-            metadata = json.loads((out_dir / METADATA_FILE).read_text())
+            metadata = read_inlaid_metadata(out_dir) or {}  # a corrupt cached one: named, not a JSONDecodeError
             print(f"{method.name}: {spec.bits}-bit g{spec.group_size}, tasks {', '.join(t.name for t in tasks)}")
-            _print_errors(metadata["layer_errors"])
+            _print_errors(metadata.get("layer_errors") or [])
             how = "cached" if cached else f"built in {time.time() - started:.1f} s"
             print(f"suite checkpoint ({how}): {out_dir}")
             return 0

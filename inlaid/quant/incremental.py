@@ -122,7 +122,8 @@ def read_checkpoint_metadata(checkpoint_dir: Path) -> dict:
         metadata = read_inlaid_metadata(checkpoint_dir)
     except CheckpointError as error:
         raise IncrementalError(str(error)) from None
-    assert metadata is not None
+    if metadata is None:  # removed since the check above
+        raise IncrementalError(f"{checkpoint_dir} has no {METADATA_FILE} any more")
     return metadata
 
 
@@ -161,7 +162,7 @@ class IncrementalQuantizer:
         self.metadata = read_checkpoint_metadata(self.checkpoint_dir)
         # The engine's load checks, before any work: the layers are read one by one later, and a
         # NaN scale there silently changed keep/requantize decisions instead of being refused.
-        check_gptq_checkpoint(self.checkpoint_dir)
+        config = check_gptq_checkpoint(self.checkpoint_dir).config
         self.task = task
         self.settings = settings
         self.state_out = Path(state_out)
@@ -179,6 +180,10 @@ class IncrementalQuantizer:
         if not self.state_dirs:
             raise IncrementalError(f"{checkpoint_dir} was written without Hessian state (--no-hessian-state): "
                                    "re-quantize it fully instead")
+        if not settings.exact and isinstance(config.get("num_hidden_layers"), int):
+            # every layer's stored state will be read: a missing or corrupt file is named now, before
+            # the model loads (again below, with the costs, for the tasks it may aggregate)
+            consistent_stored_tasks(self.state_dirs, config["num_hidden_layers"], self.drop_tasks, None)
         self.spec = QuantSpec(**self.metadata["spec"])
         calibration = self.metadata.get("calibration", {})
         self.options = MlgptqOptions(**calibration.get("mlgptq", {}))

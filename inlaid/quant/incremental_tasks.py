@@ -61,8 +61,8 @@ def consistent_stored_tasks(state_dirs: list[Path], num_layers: int, dropped: se
     if missing_layers := [layer for layer in range(num_layers) if layer not in groups_of]:
         raise CheckpointError(f"no Hessian state for layer(s) {_layer_ranges(missing_layers)} in "
                               f"{[str(directory) for directory in state_dirs]}: the stored state is incomplete; "
-                              "re-quantize the checkpoint fully, or add the task with `inlaid quantize-add --exact` "
-                              "(it recomputes every Hessian)")
+                              "re-quantize the checkpoint fully (`inlaid quantize-add --exact` recomputes every "
+                              "Hessian instead of reading them)")
     stored = {task for groups in groups_of.values() for tasks in groups.values() for task in tasks} - dropped
     left_out: dict[str, str] = {}
     for task in sorted(stored):

@@ -6,6 +6,7 @@ stored tasks a job may aggregate (`incremental_tasks.py`)."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,6 +34,7 @@ def read_state_groups(path: Path) -> dict[str, set[str]]:
         if length > MAX_HEADER_BYTES:
             raise _corrupt(path, f"a header of {length} bytes")
         header_bytes = handle.read(length)
+        size = os.fstat(handle.fileno()).st_size  # this file's: a job may replace the path meanwhile
     if len(header_bytes) != length:
         raise _corrupt(path, f"truncated: a header of {length} bytes, {len(header_bytes)} there")
     try:
@@ -46,7 +48,7 @@ def read_state_groups(path: Path) -> dict[str, set[str]]:
     except (ValueError, RecursionError, AttributeError, TypeError, KeyError, IndexError) as error:
         raise _corrupt(path, f"its header does not read as Hessian state ({type(error).__name__}: {error})") from None
     # the tensors' bytes too (a cut past the header failed only when the job reached the layer)
-    if (size := path.stat().st_size) != 8 + length + data_bytes:
+    if size != 8 + length + data_bytes:
         raise _corrupt(path, f"{size} bytes where its header describes {8 + length + data_bytes}")
     return groups
 
@@ -56,7 +58,9 @@ class StateFileError(CheckpointError, ValueError):
 
 
 def _corrupt(path: Path, why: str) -> StateFileError:
-    return StateFileError(f"{path}: {why}: the Hessian state file is corrupt; re-quantize the checkpoint fully")
+    return StateFileError(f"{path}: {why}: the Hessian state file is corrupt; delete it if it is a server's "
+                          "state (the checkpoint's copy of the layer is then read), else re-quantize the checkpoint "
+                          "fully")
 
 
 def stored_layer_tasks(state_dirs: Iterable[Path], layer: int) -> dict[str, set[str]] | None:
