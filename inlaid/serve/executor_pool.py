@@ -160,6 +160,10 @@ class ExecutorPool:
     def __len__(self) -> int:
         return len(self.shards)
 
+    def others_ready(self, shard: ExecutorShard) -> bool:
+        """Whether an executor other than `shard`'s is up (its supervisor's hello arrived)."""
+        return any(other.ready for other in self.shards if other is not shard)
+
     # ------------------------------------------------------------------ placement
     def _blocks(self, engine: Engine, num_tokens: int) -> int:
         return -(-(num_tokens + 1) // engine.scheduler.blocks.block_size)

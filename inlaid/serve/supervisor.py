@@ -55,7 +55,8 @@ async def wait_or_kill(process: asyncio.subprocess.Process, timeout_s: float, wh
         await process.wait()
 
 _RESTART_BACKOFF_S = (0.2, 1.0, 2.0, 5.0, 10.0)  # by the number of failed starts in a row
-MAX_START_FAILURES = 3  # executors dying before their hello, in a row: give up
+MAX_START_FAILURES = 3  # executors dying before their hello, in a row: give up (unless others serve)
+HELD_DOWN_RETRY_S = 60.0  # past MAX_START_FAILURES while other executors serve: a try a minute
 _EXIT_AFTER_DISCONNECT_S = 1.0
 
 
@@ -90,8 +91,13 @@ class ExecutorSupervisor:
         log_level: str = "INFO",
         log_format: str = "json",
         on_swap_result: Callable[[LayerSwapResult], None] | None = None,
+        others_serving: Callable[[], bool] = lambda: False,
     ) -> None:
+        """others_serving: whether another executor of the server is ready. MAX_START_FAILURES
+        failed starts in a row stop the server only when none is: one bad device of several
+        ended the whole server, the healthy executors' requests with it (an outside probe)."""
         self.engine_config = engine_config
+        self.others_serving = others_serving
         self.on_swap_result = on_swap_result
         self.address = address
         self.on_lost = on_lost
@@ -240,14 +246,20 @@ class ExecutorSupervisor:
         self._lose(generation, reason)
         if self.hello is None:
             self._start_failures += 1
-            if self._start_failures >= MAX_START_FAILURES:
-                self.on_fatal(f"the executor failed to start {self._start_failures} times in a row; last: {reason}")
-                return
         else:
             self._start_failures = 0
         # Back off only while starts keep failing (indexed by failures in a row, not by the
         # restarts of the server's whole life); an executor that had served comes back at once.
         delay = _RESTART_BACKOFF_S[min(self._start_failures, len(_RESTART_BACKOFF_S) - 1)]
+        if self._start_failures >= MAX_START_FAILURES:
+            failed = f"the executor failed to start {self._start_failures} times in a row; last: {reason}"
+            if not self.others_serving():
+                self.on_fatal(failed)
+                return
+            log.error("executor keeps failing to start; the other executors serve, and it is tried again",
+                      extra={"reason": failed, "retry_in_s": HELD_DOWN_RETRY_S,
+                             "device": self.engine_config.device})
+            delay = HELD_DOWN_RETRY_S
         self.restarts += 1
         await asyncio.sleep(delay)
         if not self._stopping:
