@@ -24,6 +24,7 @@ def test_executors_section_defaults_and_refusals(model_dir) -> None:
     assert (config.executors.count, config.executors.devices, config.executors.placement) == (2, ["cuda:0", "cuda:1"],
                                                                                                 "spread")
     for bad, words in [({"count": 0}, "count"), ({"count": 2, "devices": ["cuda:0"]}, "one device string"),
+                       ({"count": 2, "devices": []}, "one device string"),  # was taken as absent
                        ({"placement": "random"}, "placement"), ({"overdue_s": 0}, "overdue_s"),
                        ({"size": 2}, "unknown keys")]:
         with pytest.raises(ConfigError, match=words):

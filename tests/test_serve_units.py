@@ -231,8 +231,8 @@ def test_serve_cli_names_a_missing_quantized_dir_or_cuda_device_before_starting(
 
     cases = [('[model]\nquantized_dir = "nowhere"\n', "is not a directory"),
              ('[executor]\ndevice = "cuda:7"\n' if torch.cuda.is_available() else '[executor]\ndevice = "cuda"\n',
-              "CUDA device"),
-             ('[executors]\ncount = 2\ndevices = ["cpu", "cuda:9"]\n', "'cuda:9': this machine has"),
+              "inlaid serve: executor.device 'cuda"),  # the key named (an outside probe: it was not)
+             ('[executors]\ncount = 2\ndevices = ["cpu", "cuda:9"]\n', "executors.devices 'cuda:9': this machine has"),
              (f'[tasks]\nsentiment = "{tmp_path / "no-adapter"}"\n', "task 'sentiment' in the config: "),
              (f'[model]\ndir = "{tmp_path / "no-model"}"\n', "model directory not found")]
     for text, message in cases:

@@ -180,9 +180,11 @@ def unavailable_cuda_device(config) -> str | None:  # type: ignore[no-untyped-de
         return f"cannot ask torch which CUDA devices this machine has: {last}"
     count_text, version, *memory = probe.stdout.split()
     count = int(count_text)
+    # which key names the device: [executors] devices where the config lists them
+    key = "executors.devices" if config.executors.devices else "executor.device"
     for device in wanted:
         if int(device.partition(":")[2] or 0) >= count:
-            return (f"device {device!r}: this machine has {count} CUDA device{'' if count == 1 else 's'} "
+            return (f"{key} {device!r}: this machine has {count} CUDA device{'' if count == 1 else 's'} "
                     f"(torch {version})")
     try:
         check_executor_memory(config, lambda pool: int(memory[int(pool.partition(":")[2])])

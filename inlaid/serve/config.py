@@ -106,19 +106,20 @@ class ExecutorsConfig:
     """Several executors under this coordinator (docs/scale-out.md): one per device."""
 
     count: int = 1
-    # One device per executor ("cuda:0", "cuda:1", ...); empty: [executor].device for all.
-    devices: list[str] = field(default_factory=list)
+    # One device per executor ("cuda:0", "cuda:1", ...); None (absent): [executor].device for all.
+    devices: list[str] | None = None
     placement: PlacementRule = "pack"  # "pack" (fill the busiest that fits) or "spread" (the least busy)
     overdue_s: float = 5.0  # waiting longer than this: moved first to any executor with room
 
     def validate(self, quant_kernel: str | None) -> None:
         """quant_kernel: the quantized base's kernel, which may run on one kind of device only."""
         check_range("executors.count", self.count, 1, MAX_EXECUTORS, integer=True)
-        if self.devices and (not isinstance(self.devices, list) or len(self.devices) != self.count
-                             or not all(isinstance(d, str) and d for d in self.devices)):
+        # [] is refused too: it was taken as absent, and every executor ran on [executor].device
+        if self.devices is not None and (not isinstance(self.devices, list) or len(self.devices) != self.count
+                                         or not all(isinstance(d, str) and d for d in self.devices)):
             raise ConfigError(f"executors.devices must list one device string per executor ({self.count}), "
                               f"got {self.devices!r}")
-        for device in self.devices:
+        for device in self.devices or []:
             check_device("executors.devices", device, quant_kernel)
         if self.placement not in PLACEMENT_RULES:
             raise ConfigError(f"executors.placement must be one of {list(PLACEMENT_RULES)}, got {self.placement!r}")
