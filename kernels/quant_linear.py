@@ -276,14 +276,7 @@ def prepare_quant_linear(
                                    few_rows_dot=quant_cpu.few_rows_dot(layout),
                                    prefill_dense_min_m=never or quant_cpu.prefill_dense_min_rows(layout))
     if mode == "triton":
-        from .interpret import triton_interpreter_active
         from .quant_triton import DENSE_MIN_M, prepare_triton_layout
-
-        # Else the first matmul failed deep in Triton ("0 active drivers") with no word of why.
-        if device.type != "cuda" and not triton_interpreter_active():
-            raise QuantLinearError(f"mode 'triton' runs on CUDA devices, or on CPU tensors with TRITON_INTERPRET=1 "
-                                   f"set before triton is imported; device is {device}: on the CPU use mode "
-                                   "'int4' or 'dequant' (or 'auto')")
 
         layout = prepare_triton_layout(codes, zeros, scales, w.bits, group, device, act_dtype)
         return PreparedQuantLinear("triton", layout, input_perm=input_perm, **common, dense_min_m=DENSE_MIN_M)
@@ -337,8 +330,15 @@ def quant_matmul(x: Tensor, prepared: PreparedQuantLinear, prefill: bool = False
     elif isinstance(layout, DequantLayout):
         result = quant_cpu.dequant_matmul(x, layout, prepared.bits, prepared.in_features)
     else:
+        from .interpret import triton_interpreter_active
         from .quant_triton import triton_quant_matmul
 
+        # Else the launch failed deep in Triton ("0 active drivers") with no word of why. (An
+        # empty x launches nothing: it is answered anywhere.)
+        if x.device.type != "cuda" and x.shape[0] and not triton_interpreter_active():
+            raise QuantLinearError(f"mode 'triton' runs on CUDA devices, or on CPU tensors with TRITON_INTERPRET=1 "
+                                   f"set before triton is imported; x is on {x.device}: on the CPU prepare the "
+                                   "linear with mode 'int4' or 'dequant' (or 'auto')")
         result = triton_quant_matmul(x, layout, prepared.bits, prepared.input_perm, prepared.dense_min_m)
     if out is not None:
         if result is not out:

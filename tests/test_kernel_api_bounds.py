@@ -9,8 +9,8 @@ written (the output poisoned beforehand must come back untouched):
 * `lora_expand` truncated an int32 `v`;
 * `prepare_quant_linear` with an integer act_dtype truncated the weights and the bias
   (uint8: wrapped), float8 `x` came back float8, a float g_idx was truncated;
-* `prepare_quant_linear(mode="triton")` for the CPU without the interpreter failed only at
-  the first matmul, deep in Triton."""
+* `quant_matmul` of a `mode="triton"` linear on the CPU without the interpreter failed deep in
+  Triton ("0 active drivers")."""
 
 from __future__ import annotations
 
@@ -100,20 +100,23 @@ def test_quantized_linears_refuse_activation_dtypes_they_cannot_compute_in() -> 
 
 
 def test_triton_mode_on_the_cpu_without_the_interpreter_is_refused_by_name() -> None:
-    """mode="triton" for a CPU device prepared fine and the first matmul failed deep in
-    Triton ("0 active drivers"). Run in a child process: this one may hold the interpreter."""
+    """A mode="triton" linear on the CPU: its first matmul failed deep in Triton ("0 active
+    drivers"); an empty x launches nothing and is still answered. Run in a child process:
+    this one may hold the interpreter."""
     import os
     import subprocess
     import sys
 
     script = (
         "import torch, triton\n"  # imported without TRITON_INTERPRET: the compiled mode
-        "from inlaid.kernels.dispatch import prepare_quant_linear\n"
+        "from inlaid.kernels.dispatch import prepare_quant_linear, quant_matmul\n"
         "from inlaid.kernels.quant_linear import QuantLinearError\n"
         "from inlaid.kernels.testing import random_gptq_layer\n"
         "layer = random_gptq_layer(64, 32, bits=4, group_size=32, seed=0)\n"
+        "prepared = prepare_quant_linear(layer.weights, 'cpu', torch.float32, mode='triton')\n"
+        "assert quant_matmul(torch.randn(0, 64), prepared).shape == (0, 32)\n"
         "try:\n"
-        "    prepare_quant_linear(layer.weights, 'cpu', torch.float32, mode='triton')\n"
+        "    quant_matmul(torch.randn(2, 64), prepared)\n"
         "except QuantLinearError as error:\n"
         "    print('refused:', error)\n"
     )
