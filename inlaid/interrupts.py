@@ -36,5 +36,6 @@ def terminate_as_interrupt() -> Any:
 
 
 def was_terminated(interrupt: BaseException) -> bool:
-    """Whether an interrupt (or what it wraps, `__cause__`/`terminated`) came from SIGTERM."""
+    """Whether an interrupt came from SIGTERM: a `Terminated`, or a wrapper of one that says
+    so in its `terminated` attribute (`tasks.generation.GenerationInterrupted`)."""
     return isinstance(interrupt, Terminated) or bool(getattr(interrupt, "terminated", False))

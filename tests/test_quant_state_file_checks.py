@@ -36,6 +36,8 @@ def test_a_corrupt_inlaid_quant_json_is_named_by_every_reader(tmp_path, capsys, 
     assert main(["quantize-add", "--checkpoint", str(checkpoint), "--task", f"beta=:{MATH_CALIB}",
                  "--max-samples", "2", "--out", str(out)]) == 2
     _one_line_error(capsys, "inlaid quantize-add: " + expected)
+    (checkpoint / "inlaid_quant.json").write_bytes(b'{"method": "\xff"}')  # not UTF-8: named too
+    assert quantized_dir_problem(checkpoint).startswith(expected)
     (checkpoint / "inlaid_quant.json").write_text("[1, 2]")
     assert quantized_dir_problem(checkpoint).endswith("inlaid_quant.json is not a JSON object: the checkpoint is "
                                                       "corrupt; rebuild it")

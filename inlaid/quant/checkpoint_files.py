@@ -23,11 +23,11 @@ def read_inlaid_metadata(checkpoint_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as error:
         raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
     try:
-        metadata = json.loads(text)
+        metadata = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise CheckpointError(f"{path} is not readable JSON ({error}): the checkpoint is corrupt; rebuild it") from None
     if not isinstance(metadata, dict):
