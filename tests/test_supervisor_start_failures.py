@@ -60,7 +60,8 @@ def test_the_pool_says_whether_another_executor_is_up(tmp_path) -> None:
     supervisors = [ExecutorSupervisor(EngineConfig(model_dir=str(tmp_path)), f"ipc://{tmp_path}/{index}.ipc",
                                       on_lost=lambda reason, restartable: None, on_fatal=print) for index in (0, 1)]
     pool = ExecutorPool.__new__(ExecutorPool)  # the shards alone: no engines are needed here
-    pool.shards = [ExecutorShard(index, None, supervisor) for index, supervisor in enumerate(supervisors)]  # type: ignore
+    pool.shards = [ExecutorShard(index, None, supervisor)  # type: ignore[arg-type]
+                   for index, supervisor in enumerate(supervisors)]
     supervisors[0].ready.set()  # shard 0 serves, shard 1 is down
     assert not pool.others_ready(pool.shards[0])
     assert pool.others_ready(pool.shards[1])

@@ -142,9 +142,8 @@ class Coordinator:
                 shard.engine.config, address, on_lost=functools.partial(self._on_executor_lost, shard),
                 on_fatal=self._on_fatal, start_timeout_s=self.limits.executor_start_timeout_s,
                 step_timeout_s=self.limits.step_timeout_s, log_level=self.config.log_level,
-                log_format=self.config.log_format,
+                log_format=self.config.log_format, others_serving=functools.partial(self.pool.others_ready, shard),
                 on_swap_result=functools.partial(self.dynamic.jobs.on_swap_result, executor=shard.index),
-                others_serving=functools.partial(self.pool.others_ready, shard),
             )  # fmt: skip
             shard.step_loop = StepLoop(shard.engine, shard.supervisor, on_plan=functools.partial(self._on_plan, shard),
                                        deliver=functools.partial(self._on_step_result, shard),
