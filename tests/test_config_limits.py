@@ -127,6 +127,28 @@ def test_executors_that_fit_alone_but_not_together_are_refused_by_count(model_di
         config_from_dict({**one, "executors": {"count": 2}})
 
 
+def test_each_executors_weights_count_too(model_dir: Path) -> None:
+    """An outside probe: 64 CPU executors of the float model were accepted on a 23 GiB machine
+    (their KV caches and LoRA pools fitted) and ran it out of memory: each loads the weights.
+    Four executors whose caches and pools fill all but twice a lower bound of the weights."""
+    from inlaid.engine.config import ModelConfig
+
+    memory = host_memory_bytes()
+    assert memory is not None
+    model = ModelConfig.from_dir(model_dir)
+    q, kv_width = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
+    projections = model.num_layers * model.hidden_size * (2 * q + 2 * kv_width + 3 * model.intermediate_size)
+    weights = 2 * projections + 2 * model.vocab_size * model.hidden_size  # bf16: below any float base's
+    lora = 1 * 8 * model.num_layers * (7 * model.hidden_size + 2 * q + 2 * kv_width + 3 * model.intermediate_size) * 4
+    blocks = (memory // 4 - lora - weights // 2) // _bytes_per_kv_block(model_dir)
+    raw = {"model": {"dir": str(model_dir)}, "executor": {"num_kv_blocks": blocks, "max_lora_slots": 1,
+                                                          "max_lora_rank": 8}, "executors": {"count": 4}}
+    assert 4 * (blocks * _bytes_per_kv_block(model_dir) + lora) < memory  # the caches and pools alone fit
+    with pytest.raises(ConfigError, match=r"^executors.count too large: 4 executors on cpu .*weights at least"):
+        config_from_dict(raw)
+    assert config_from_dict({**raw, "executors": {"count": 3}}).executors.count == 3
+
+
 def test_gpu_memory_is_checked_with_what_torch_reports(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Reading the config imports no torch, so a GPU's memory is checked by `inlaid serve`'s
     torch probe (a child process), here given 1 GB devices."""

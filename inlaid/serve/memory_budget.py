@@ -35,6 +35,21 @@ def _memory_pool(device: str) -> str:
     return "cpu" if device == "cpu" else f"cuda:{device.partition(':')[2] or 0}"
 
 
+def _weights_at_least(engine: EngineConfig, model: ModelConfig) -> tuple[int, str]:
+    """A lower bound on the bytes of the weights each executor loads (every one holds its own
+    copy): the projections at 2 bits (the smallest GPTQ base) or 2 bytes (a float one), the
+    embedding at 2 bytes. A bound, not an estimate: a config it refuses cannot fit; 64 CPU
+    executors of a 23 GiB machine, accepted without the weights, ran it out of memory (an
+    outside probe)."""
+    q, kv_width = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
+    projections = model.num_layers * model.hidden_size * (2 * q + 2 * kv_width + 3 * model.intermediate_size)
+    embedding = model.vocab_size * model.hidden_size
+    projection_bytes = projections // 4 if engine.quantized_dir else 2 * projections
+    return projection_bytes + 2 * embedding, (
+        f"weights at least {_size(projection_bytes + 2 * embedding)}: {projections / 1e6:.0f}M projection parameters "
+        f"x {'2 bits' if engine.quantized_dir else '2 bytes'} + {embedding / 1e6:.0f}M embedding x 2 bytes")
+
+
 def _executor_allocations(engine: EngineConfig, model: ModelConfig, pool: str) -> tuple[int, int, str]:
     """The bytes an executor allocates at start for its KV cache and its LoRA slot pools (as
     ModelRunner does), and how they were counted."""
@@ -58,29 +73,34 @@ def _size(num_bytes: int) -> str:
 
 
 def check_executor_memory(config: ServerConfig, memory_of: Callable[[str], int | None]) -> None:
-    """Refuse executors whose KV caches and LoRA slot pools alone exceed the memory they share
-    (the host's on CPU, one GPU's on CUDA; `memory_of` a pool: its bytes, or None: unknown):
-    each would fail allocating them at start, be restarted three times, and the server exit 1
-    with an allocator's message. The weights are not counted: refused, a config is surely
-    too large; accepted, it may still not fit."""
+    """Refuse executors whose KV caches, LoRA slot pools and weights (`_weights_at_least`, a
+    lower bound) exceed the memory they share (the host's on CPU, one GPU's on CUDA;
+    `memory_of` a pool: its bytes, or None: unknown): each would fail allocating them at
+    start, be restarted three times, and the server exit 1 with an allocator's message, or
+    run the machine out of memory. Refused, a config is surely too large; accepted, it may
+    still not fit (activations, the runtime and the allocator's slack are not counted)."""
     try:
         model = ModelConfig.from_dir(config.engine.model_dir)
     except (ModelLoadError, OSError, KeyError, TypeError, ValueError):
         return  # the coordinator's start refuses the model with its reason
+    weights, weights_how = _weights_at_least(config.engine, model)
     for pool, executors in Counter(_memory_pool(device) for device in config.executor_devices()).items():
         available = memory_of(pool)
         if available is None:
             continue
         kv, lora, how = _executor_allocations(config.engine, model, pool)
-        if executors * (kv + lora) <= available:
+        each, how = kv + lora + weights, f"{how}; {weights_how}"
+        if executors * each <= available:
             continue
-        if kv + lora <= available:
+        if each <= available:
             culprit = "executors.devices" if config.executors.devices else "executors.count"
+        elif weights > available:
+            culprit = "model.quantized_dir's weights" if config.engine.quantized_dir else "model.dir's weights"
         else:
             culprit = ("executor.num_kv_blocks x block_size" if kv >= lora
                        else "executor.max_lora_slots x max_lora_rank")
         where = "this machine's" if pool == "cpu" else f"{pool}'s"
         several = executors > 1
         raise ConfigError(f"{culprit} too large: {executors} executor{'s' if several else ''} on {pool} would "
-                          f"allocate {_size(executors * (kv + lora))} ({how}{' each' if several else ''}), more than "
+                          f"allocate {_size(executors * each)} ({how}{' each' if several else ''}), more than "
                           f"{where} {_size(available)} of memory")
