@@ -34,6 +34,25 @@ def test_executors_section_defaults_and_refusals(model_dir) -> None:
                           "server": {"executor_address": "ipc:///tmp/x.ipc"}})
 
 
+def test_each_executor_reports_how_long_its_step_has_run(model_dir) -> None:
+    """An outside probe: a SIGSTOPped executor of two read `ready` in stats until the step
+    timeout, and only the server's longest step time showed that one was hung, not which."""
+    import time
+
+    from inlaid.serve.executor_pool import ExecutorPool
+    from inlaid.serve.step_loop import StepLoop
+
+    pool = ExecutorPool(_config(model_dir, count=2), lambda: None)
+    for shard in pool.shards:
+        shard.step_loop = StepLoop(shard.engine, None, on_plan=lambda plan: None,  # type: ignore[arg-type]
+                                   deliver=lambda *args: None, counters={}, fail_running=lambda *args: None,
+                                   fail_waiting=lambda *args: None)
+    assert [shard.info().step_running_seconds for shard in pool.shards] == [0.0, 0.0]
+    pool.shards[1].step_loop.executing_since = time.monotonic() - 20.0  # its plan went out 20 s ago
+    hung, idle = pool.shards[1].info(), pool.shards[0].info()
+    assert 20.0 <= hung.step_running_seconds < 30.0 and idle.step_running_seconds == 0.0
+
+
 def test_a_waiting_request_moves_between_engines_and_keeps_its_id(model_dir) -> None:
     from inlaid.serve.executor_pool import ExecutorPool
     from inlaid.serve.requests import ActiveRequest

@@ -41,6 +41,9 @@ class ExecutorInfo(msgspec.Struct, frozen=True, kw_only=True):
     moved_in: int  # waiting requests moved here from another executor
     adapter_admissions: int  # adapter rows admitted (new or recomputed)
     adapter_hits: int  # of those, with their adapter already in a slot
+    # How long its current step has run (0 between steps): which executor is hung shows here
+    # before the step timeout kills it (the server's figure is the longest of them all).
+    step_running_seconds: float = 0.0
 
 
 class RequantizerInfo(msgspec.Struct, frozen=True, kw_only=True):

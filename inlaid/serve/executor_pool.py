@@ -117,6 +117,7 @@ class ExecutorShard:
             requests_running=len(scheduler.running), requests_waiting=len(scheduler.waiting),
             kv_blocks_free=scheduler.blocks.num_free_blocks, tasks_served=dict(self.tasks_served),
             moved_in=self.moved_in, adapter_admissions=self.admissions, adapter_hits=self.affinity_hits,
+            step_running_seconds=self.step_running_seconds(),
         )  # fmt: skip
 
 
