@@ -108,7 +108,6 @@ class LayerOutcome:
 
 def read_checkpoint_metadata(checkpoint_dir: Path) -> dict:
     """The checkpoint's Inlaid metadata (its tensors are checked by IncrementalQuantizer)."""
-    path = Path(checkpoint_dir) / METADATA_FILE
     unfinished = unfinished_problem(checkpoint_dir)
     if unfinished:
         raise IncrementalError(unfinished)
@@ -116,14 +115,12 @@ def read_checkpoint_metadata(checkpoint_dir: Path) -> dict:
         raise IncrementalError(f"{checkpoint_dir} does not exist")
     if not Path(checkpoint_dir).is_dir():
         raise IncrementalError(f"{checkpoint_dir} is a file, not a checkpoint directory")
-    if not path.is_file():
-        raise IncrementalError(f"{checkpoint_dir} has no {METADATA_FILE}: not a checkpoint written by `inlaid quantize`")
     try:
         metadata = read_inlaid_metadata(checkpoint_dir)
     except CheckpointError as error:
         raise IncrementalError(str(error)) from None
-    if metadata is None:  # removed since the check above
-        raise IncrementalError(f"{checkpoint_dir} has no {METADATA_FILE} any more")
+    if metadata is None:
+        raise IncrementalError(f"{checkpoint_dir} has no {METADATA_FILE}: not a checkpoint written by `inlaid quantize`")
     return metadata
 
 
@@ -180,13 +177,25 @@ class IncrementalQuantizer:
         if not self.state_dirs:
             raise IncrementalError(f"{checkpoint_dir} was written without Hessian state (--no-hessian-state): "
                                    "re-quantize it fully instead")
-        if not settings.exact and isinstance(config.get("num_hidden_layers"), int):
-            # every layer's stored state will be read: a missing or corrupt file is named now, before
-            # the model loads (again below, with the costs, for the tasks it may aggregate)
-            consistent_stored_tasks(self.state_dirs, config["num_hidden_layers"], self.drop_tasks, None)
         self.spec = QuantSpec(**self.metadata["spec"])
         calibration = self.metadata.get("calibration", {})
         self.options = MlgptqOptions(**calibration.get("mlgptq", {}))
+        # Before the model loads: a missing or corrupt state file, or missing costs, is named at once.
+        weighs_costs = self.method.kind in ("mlgptq", "minimax") and self.options.sensitivity != "none"
+        stored_costs = load_raw_costs([self.state_out, *self.state_dirs]) if weighs_costs else None
+        if weighs_costs and stored_costs is None:
+            raise IncrementalError(
+                f"{self.checkpoint_dir}: mlgptq sensitivity '{self.options.sensitivity}' needs every task's probed cost "
+                f"(hessian_state/{COSTS_FILE}), which this checkpoint lacks; re-quantize it fully")
+        self.left_out: dict[str, str] = {}
+        if not settings.exact:  # the stored Hessians are used: only the tasks they hold whole
+            if not isinstance(config.get("num_hidden_layers"), int):
+                raise IncrementalError(f"{self.checkpoint_dir}/config.json has no integer num_hidden_layers")
+            self.left_out = consistent_stored_tasks(self.state_dirs, config["num_hidden_layers"], self.drop_tasks,
+                                                    stored_costs).left_out
+            self.drop_tasks |= set(self.left_out)
+            for name, why in self.left_out.items():  # the job goes on without it, every layer alike
+                log.warning("a stored task is left out of the aggregate", extra={"left_out": name, "reason": why})
         self.max_samples = settings.max_samples if settings.max_samples is not None else calibration.get("max_samples")
         self.max_tokens = settings.max_tokens or calibration.get("max_tokens") or _DRIVER_DEFAULTS["max_tokens"]
         self.max_batch_tokens = (settings.max_batch_tokens or calibration.get("max_batch_tokens")
@@ -228,19 +237,6 @@ class IncrementalQuantizer:
                 batches = [capture_first_layer_inputs(forward_model, b.input_ids, b.token_mask)
                            for b in token_batches[item.name]]
             self.streams.append(Stream(item.name, forward, adapter, batches))
-        weighs_costs = self.method.kind in ("mlgptq", "minimax") and self.options.sensitivity != "none"
-        stored_costs = load_raw_costs([self.state_out, *self.state_dirs]) if weighs_costs else None
-        if weighs_costs and stored_costs is None:
-            raise IncrementalError(
-                f"{self.checkpoint_dir}: mlgptq sensitivity '{self.options.sensitivity}' needs every task's probed cost "
-                f"(hessian_state/{COSTS_FILE}), which this checkpoint lacks; re-quantize it fully")
-        self.left_out: dict[str, str] = {}
-        if not settings.exact:  # the stored Hessians are used: only the tasks they hold whole
-            self.left_out = consistent_stored_tasks(self.state_dirs, self.num_layers, self.drop_tasks,
-                                                    stored_costs).left_out
-            self.drop_tasks |= set(self.left_out)
-            for name, why in self.left_out.items():  # the job goes on without it, every layer alike
-                log.warning("a stored task is left out of the aggregate", extra={"left_out": name, "reason": why})
         self.task_costs = self._task_costs(stored_costs) if stored_costs is not None else None
 
     def _task_costs(self, stored: dict[str, float]) -> dict[str, float] | None:

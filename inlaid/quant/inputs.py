@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inlaid.quant.calibration import MAX_CALIBRATION_LINE_BYTES, CalibrationTask, check_calibration_file
-from inlaid.quant.errors import QuantizationError
+from inlaid.quant.errors import CheckpointError, QuantizationError
 
 # PEFT adapter names become module names, which may not hold '.': the server's rule
 # (`check_task_name`) without the '.'.
@@ -115,7 +115,7 @@ def finished_checkpoint_problem(out_dir: Path, fingerprint: str) -> str | None:
     user may), the fingerprint the metadata records decides: the same inputs are recomputed
     into it, other ones (or none recorded) refused. None also when `out_dir` holds no finished
     checkpoint."""
-    from inlaid.quant.checkpoint import METADATA_FILE
+    from inlaid.quant.checkpoint_files import METADATA_FILE, read_inlaid_metadata
     from inlaid.quant.partial import PARTIAL_DIR, finished_with_other_settings
     from inlaid.quant.unfinished import unfinished_problem
 
@@ -124,10 +124,10 @@ def finished_checkpoint_problem(out_dir: Path, fingerprint: str) -> str | None:
             or unfinished_problem(Path(out_dir)):
         return None  # a partial run (prepare_partial_dir decides) or no checkpoint
     try:
-        calibration = json.loads(metadata_path.read_text()).get("calibration")
-        recorded = calibration.get("fingerprint") if isinstance(calibration, dict) else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        recorded = None
+        calibration = (read_inlaid_metadata(Path(out_dir)) or {}).get("calibration")
+    except CheckpointError:
+        calibration = None
+    recorded = calibration.get("fingerprint") if isinstance(calibration, dict) else None
     if recorded == fingerprint:
         return None
     return finished_with_other_settings(out_dir)

@@ -40,12 +40,13 @@ cancel), so the list is bounded by the tasks the state holds.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable, Collection
 from pathlib import Path
 
+from inlaid.quant.checkpoint_files import read_inlaid_metadata
+from inlaid.quant.errors import CheckpointError
 from inlaid.quant.state_files import stored_cost_tasks, stored_layer_tasks
 
 log = logging.getLogger("inlaid.dynamic_tasks")
@@ -111,13 +112,11 @@ def hessian_dirs(state_hessian_dir: Path, quantized_dir: str | None) -> list[Pat
     if not quantized_dir:
         return dirs
     try:
-        metadata = json.loads((Path(quantized_dir) / "inlaid_quant.json").read_text())
-    except FileNotFoundError:  # no checkpoint of `inlaid quantize`: no job ever runs on it
+        metadata = read_inlaid_metadata(Path(quantized_dir))
+    except CheckpointError:
+        return None
+    if metadata is None:  # no checkpoint of `inlaid quantize`: no job ever runs on it
         return dirs
-    except (OSError, ValueError):
-        return None
-    if not isinstance(metadata, dict):
-        return None
     if metadata.get("hessian_state"):
         dirs.append(Path(quantized_dir) / str(metadata["hessian_state"]))
     return dirs
