@@ -16,6 +16,7 @@ import torch
 
 from adapter_corruptions import copy_adapter
 from inlaid.engine.adapter_config import AdapterError, read_adapter_spec
+from test_tasks_adapters import _merged_by_hand  # the adapter's B @ A added to the base, float64
 
 PROMPT = "The capital of France is"
 TARGETS = ["q_proj", "v_proj"]
@@ -77,26 +78,9 @@ def test_a_pissa_adapter_is_refused_and_its_conversion_answers_as_peft_answers_i
     torch.testing.assert_close(on_the_shared_base, as_peft_loads_pissa, atol=2e-4, rtol=0)
     torch.testing.assert_close(served, as_peft_loads_pissa, atol=2e-4, rtol=0)
     # what serving the PiSSA file's A and B on the unchanged base computed: far from PEFT's
-    naive = _naive_logits(model_dir, pissa_adapters["pissa"], prompt_ids)
-    assert float((naive - as_peft_loads_pissa).abs().max()) > 0.5
-
-
-def _naive_logits(model_dir: Path, adapter: Path, prompt_ids: list[int]) -> torch.Tensor:
-    """The PiSSA file's A and B added to the unchanged base (the old engine's computation)."""
-    from safetensors.torch import load_file
-
-    model = _fresh_base(model_dir)
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    scale = config["lora_alpha"] / config["r"]
-    tensors = load_file(str(adapter / "adapter_model.safetensors"))
-    modules = dict(model.named_modules())
     with torch.no_grad():
-        for key, lora_a in tensors.items():
-            if key.endswith("lora_A.weight"):
-                path = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-                lora_b = tensors[key.replace("lora_A", "lora_B")]
-                modules[path].weight.add_(scale * lora_b @ lora_a)
-        return model(torch.tensor([prompt_ids])).logits[0, -1]
+        naive = _merged_by_hand(model_dir, pissa_adapters["pissa"])(torch.tensor([prompt_ids])).logits[0, -1]
+    assert float((naive.float() - as_peft_loads_pissa).abs().max()) > 0.5
 
 
 def _with_config(adapter_dirs, tmp_path, **fields) -> Path:
