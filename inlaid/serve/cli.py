@@ -41,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
     for setting, why in ignored_settings(config):
         logging.getLogger("inlaid.coordinator").warning("a setting of the config has no effect",
                                                         extra={"setting": setting, "why": why})
+    oversubscribed = cpu_oversubscription(config, usable_cores())
+    if oversubscribed is not None:
+        logging.getLogger("inlaid.coordinator").warning("more CPU threads than cores", extra={"why": oversubscribed})
     created = _first_missing(Path(config.state_dir)) if config.state_dir is not None else None
     code = _start(config)
     if code == 2 and created is not None:  # it never served: what this start made is nobody's state
@@ -100,6 +103,31 @@ def ignored_settings(config) -> list[tuple[str, str]]:  # type: ignore[no-untype
             ignored.append(("[requantizer]", "the base is not quantized (no model.quantized_dir): there is "
                                              "nothing to re-quantize"))
     return ignored
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, where the OS has one)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cpu_oversubscription(config, cores: int) -> str | None:  # type: ignore[no-untyped-def]
+    """Why the CPU executors' threads exceed `cores`, or None. Accepted (a user may mean
+    it), but not silently: two CPU executors on a 2-core machine each ran torch's default
+    of a thread per core, and nothing said why each step took twice as long (an outside probe)."""
+    on_cpu = [device for device in config.executor_devices() if device.startswith("cpu")]
+    if len(on_cpu) < 2 and (config.engine.threads or 0) <= cores:
+        return None
+    if config.engine.threads is None:  # torch's default: one thread per core, in every executor
+        return (f"{len(on_cpu)} CPU executors each use all {cores} cores (executor.threads is not set): "
+                f"set executor.threads to at most {max(1, cores // len(on_cpu))}, or lower executors.count")
+    wanted = len(on_cpu) * config.engine.threads
+    if wanted <= cores:
+        return None
+    return (f"{len(on_cpu)} CPU executor{'s' if len(on_cpu) > 1 else ''} x executor.threads "
+            f"{config.engine.threads} = {wanted} threads on {cores} cores: each step waits on the others'; "
+            f"lower executor.threads or executors.count")
 
 
 def _policies(config, options: dict | None = None):  # type: ignore[no-untyped-def]
