@@ -376,7 +376,11 @@ def markdown_section(data: dict) -> list[str]:
 
 
 if __name__ == "__main__":  # a quick look without the suite: python bench/gpu_serving.py
+    import argparse
     import json
+
+    argparse.ArgumentParser(description="the serving part of bench/gpu_suite.py alone (CUDA if there is one, else "
+                            "a CPU dry run); no options").parse_args()  # `--help` ran it
 
     import torch
 

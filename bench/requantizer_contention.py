@@ -11,6 +11,7 @@ running alone (measured first and last). docs/dynamic-tasks.md quotes it.
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing
 import os
 import sys
@@ -66,12 +67,14 @@ def aggressor(share: float, pinned: bool, stop: multiprocessing.Event) -> None:
             time.sleep(used * (1 - share) / share)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("seconds", nargs="?", type=float, default=10.0, help="victim seconds per setting (default 10)")
+    seconds = parser.parse_args(argv).seconds  # it read sys.argv[1] as a float: `--help` was a traceback
     if not hasattr(os, "sched_setaffinity") or not hasattr(os, "SCHED_IDLE") or len(os.sched_getaffinity(0)) < 2 \
             or not {0, 1} <= os.sched_getaffinity(0):
         print("requantizer_contention: needs Linux and CPUs 0 and 1; skipped")
         return 0
-    seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 10.0
     settings = [("alone", None, True), ("idle, pinned, duty 1.0", 1.0, True), ("idle, pinned, duty 0.5", 0.5, True),
                 ("idle, unpinned, duty 1.0", 1.0, False), ("alone again", None, True)]
     rates: dict[str, float] = {}

@@ -27,23 +27,34 @@ def _load(path: Path):  # noqa: ANN202
     return module
 
 
-def run_every_script() -> int:
+def run_every_script(bench_dir: Path = BENCH, skip: frozenset[str] | set[str] = SKIP) -> int:
+    """Each script's main() with its own defaults: sys.argv is the script's alone while it runs
+    (an argparse main() read run_all's `--all`, refused it and ended the whole run at the first
+    script), and a SystemExit counts as that script's failure, not everyone's."""
     failures = []
-    for path in sorted(BENCH.glob("*.py")):
-        if path.name in SKIP:
+    saved_argv = sys.argv
+    for path in sorted(bench_dir.glob("*.py")):
+        if path.name in skip:
             continue
         module = _load(path)
         if not hasattr(module, "main"):
             continue
         print(f"\n===== bench/{path.name} =====", flush=True)
         started = time.perf_counter()
+        sys.argv = [str(path)]
         try:
             code = module.main()
             if isinstance(code, int) and code:  # an exit status (some main()s return their report)
                 failures.append(path.name)
+        except SystemExit as stop:  # argparse's refusal, or sys.exit() inside a script
+            if stop.code not in (None, 0):
+                failures.append(path.name)
+                print(f"bench/{path.name} exited with {stop.code}", file=sys.stderr)
         except Exception as error:  # report every benchmark, then fail at the end
             failures.append(path.name)
             print(f"bench/{path.name} failed: {error!r}", file=sys.stderr)
+        finally:
+            sys.argv = saved_argv
         print(f"({time.perf_counter() - started:.0f}s)")
     if failures:
         print(f"failed: {', '.join(failures)}", file=sys.stderr)

@@ -4,13 +4,14 @@ Train on the suite's calib split, score on the eval split (real prompts through 
 template; targets: the greedy output length of each task's adapter, and the reference
 answer's length). Also: a task never seen in training (leave one task out), online
 learning from a cold start (each eval request predicted, then learned), the prediction
-latency. Writes bench/results/sched_predictor.{json,md,png}.
+latency. Writes sched_predictor.{json,md,png} under --out-dir (default bench/results).
 
-    .venv/bin/python bench/sched_predictor.py
+    .venv/bin/python bench/sched_predictor.py [--out-dir DIR]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -22,6 +23,11 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def main(argv: list[str] | None = None) -> dict:
+    # argv was ignored: `--help` ran the whole benchmark and rewrote the committed results
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the results go (default bench/results)")
+    out_dir = parser.parse_args(argv).out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
     from inlaid.predictor import LengthPredictor, LengthSample, OnlineLengthPredictor, TaskMeanPredictor, evaluate_predictions
     from inlaid.scheduling.suite import load_suite_lengths, suite_prompts
 
@@ -52,9 +58,9 @@ def main(argv: list[str] | None = None) -> dict:
     timings.sort()
     report["predict_us"] = {"p50": timings[len(timings) // 2] * 1e6, "p99": timings[int(0.99 * len(timings))] * 1e6,
                             "prompt_tokens_mean": statistics.mean(len(s.prompt_token_ids) for s in samples["eval"])}
-    (RESULTS / "sched_predictor.json").write_text(json.dumps(report, indent=1) + "\n")
-    _markdown(report)
-    _plot(report)
+    (out_dir / "sched_predictor.json").write_text(json.dumps(report, indent=1) + "\n")
+    _markdown(report, out_dir)
+    _plot(report, out_dir)
     print(json.dumps(report["targets"]["output_tokens"]["all"], indent=1))
     return report
 
@@ -88,7 +94,7 @@ def _online_curve(stream, online_cls, baseline_cls, window: int = 100) -> dict:
             for name, values in errors.items()} | {"window": window}
 
 
-def _markdown(report: dict) -> None:
+def _markdown(report: dict, out_dir: Path) -> None:
     primary = report["targets"]["output_tokens"]
     reference = report["targets"]["reference_tokens"]
     lines = ["# Output-length predictor vs the per-task mean (held-out task-suite requests)", "",
@@ -121,10 +127,10 @@ def _markdown(report: dict) -> None:
               f"tokens on average): p50 {report['predict_us']['p50']:.0f} us, p99 {report['predict_us']['p99']:.0f} us "
               f"(machine load {report['machine_loadavg'][0]:.1f}).", "",
               "Reproduce: `.venv/bin/python bench/sched_predictor.py` (also run by `make bench`).", ""]
-    (RESULTS / "sched_predictor.md").write_text("\n".join(lines))
+    (out_dir / "sched_predictor.md").write_text("\n".join(lines))
 
 
-def _plot(report: dict) -> None:
+def _plot(report: dict, out_dir: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,7 +155,7 @@ def _plot(report: dict) -> None:
     axes[1].set_title("Online learning from a cold start")
     axes[1].legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "sched_predictor.png", dpi=110)
+    fig.savefig(out_dir / "sched_predictor.png", dpi=110)
     plt.close(fig)
 
 
