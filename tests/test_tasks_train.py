@@ -81,3 +81,43 @@ def test_resumed_training_equals_uninterrupted(tiny_model_dir, tmp_path):
     assert sorted(config["target_modules"]) == sorted(LORA_TARGET_MODULES) and config["r"] == 4
     info = json.loads((straight / "training.json").read_text())
     assert info["steps"] == 4 and info["task"] == "sentiment" and len(info["train_data_sha256"]) == 64
+
+
+def test_a_task_of_ones_own_trains_and_scores_from_its_file(tiny_model_dir, tmp_path):
+    """A new task could be neither trained nor evaluated with `inlaid` commands: both took only
+    the suite's task names (an outside probe of the new-task journey). `NAME=PATH.jsonl` reads
+    the examples from the user's file, in the calibration format."""
+    from rouge_score import rouge_scorer
+
+    from inlaid.tasks.base import file_sha256
+    from inlaid.tasks.eval_plan import EvalRun
+    from inlaid.tasks.evaluate import evaluate_runs
+    from inlaid.tasks.train import TrainConfig, out_problem, train
+
+    data = tmp_path / "colours.jsonl"
+    pairs = [("red", "rouge"), ("blue", "bleu"), ("green", "vert"), ("black", "noir")]
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"French for {en}?"}],
+                                        "reference": fr}) + "\n" for en, fr in pairs))
+    config = TrainConfig(task="colours", data=str(data), model_dir=str(tiny_model_dir), out_dir=str(tmp_path / "a"),
+                         rank=4, steps=2, batch_size=2, lr=1e-2, warmup_steps=1, precision="fp32", threads=2)
+    out = train(config)
+    info = json.loads((out / "training.json").read_text())
+    assert info["task"] == "colours" and info["config"]["data"] == str(data)
+    assert info["train_data_sha256"] == file_sha256(data) and info["train_examples_used"] == len(pairs)
+    other = tmp_path / "other.jsonl"
+    shutil.copy(data, other)
+    problem = out_problem(TrainConfig(**{**config.__dict__, "data": str(other)}))
+    assert problem is not None and f"data {data} there, {other} here" in problem
+
+    results = evaluate_runs(tiny_model_dir, [EvalRun(f"colours={data}", "a", out), EvalRun(f"colours={data}", None, None)],
+                            backend="engine")
+    assert set(results["tasks"]) == {"colours"} and set(results["tasks"]["colours"]) == {"a", "base"}
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    for entry in results["tasks"]["colours"].values():
+        texts = [p["text"] for p in entry["predictions"]]
+        assert entry["examples"] == len(pairs) and entry["primary_metric"] == "rougeL"
+        first_lines = [t.strip().splitlines()[0] if t.strip() else "" for t in texts]
+        expected = 100 * sum(scorer.score(fr, line)["rougeL"].fmeasure for (_, fr), line in zip(pairs, first_lines))
+        assert entry["scores"]["rougeL"] == pytest.approx(expected / len(pairs))
+        assert entry["scores"]["exact_match"] == pytest.approx(
+            100 * sum(line.strip().lower() == fr for (_, fr), line in zip(pairs, first_lines)) / len(pairs))

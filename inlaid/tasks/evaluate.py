@@ -117,7 +117,7 @@ def evaluate_runs(model_dir: Path, runs: list[EvalRun], split: str = "eval", lim
         examples = [e for e, _ in kept]
         produced: list[GenerationResult] = [o for _, o in kept]
         scores = task.metric([o.text for o in produced], examples)
-        results["tasks"].setdefault(run.task, {})[run.adapter_name or BASE] = {
+        results["tasks"].setdefault(task.name, {})[run.adapter_name or BASE] = {  # NAME of NAME=PATH
             "adapter_dir": str(run.adapter_dir) if run.adapter_dir else None,
             "backend": results["backend"],
             "dtype": results["dtype"],
@@ -192,7 +192,9 @@ def _shown_score(metric: str, value: float) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="base model directory (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--task", action="append", help="task to evaluate (repeatable); with --suite default all")
+    parser.add_argument("--task", action="append",
+                        help="task to evaluate (repeatable; with --suite default all): a task of the suite, or one "
+                             "of your own as NAME=PATH.jsonl (docs/tasks.md)")
     parser.add_argument("--adapter", action="append", default=None,
                         help="adapter directory, one per --task in the same order (omit all: base model)")
     parser.add_argument("--suite", action="store_true", help="each task with its adapter from --adapters-dir")

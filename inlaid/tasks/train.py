@@ -45,6 +45,7 @@ class TrainConfig:
     save_dtype: str = "float16"     # the committed adapter's dtype: half the bytes of fp32
     precision: str = "bf16"         # base weights and matmuls: bf16 or fp32
     split: str = "train"
+    data: str | None = None         # a task of one's own: its JSONL (inlaid/tasks/custom.py); None: the suite's
 
     @property
     def lora_alpha(self) -> float:
@@ -58,7 +59,13 @@ class TrainConfig:
         return {"task": self.task, "model": Path(self.model_dir).name, "rank": self.rank,
                 "lora_alpha": self.lora_alpha, "batch_size": self.batch_size,
                 "lr": self.lr, "warmup_steps": self.warmup_steps, "max_length": self.max_length,
-                "seed": self.seed, "precision": self.precision, "split": self.split}
+                "seed": self.seed, "precision": self.precision, "split": self.split,
+                **({"data": self.data} if self.data is not None else {})}
+
+    @property
+    def task_spec(self) -> str:
+        """What `get_task` takes: the suite task's name, or NAME=PATH for one's own."""
+        return self.task if self.data is None else f"{self.task}={self.data}"
 
 
 def tokenize_sample(tokenizer, messages: list[dict], reference: str) -> tuple[list[int], int]:
@@ -135,7 +142,7 @@ def train(config: TrainConfig, command: str = "") -> Path:
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    task = get_task(config.task)
+    task = get_task(config.task_spec)
     train_path = task.split_path(config.split)
     data_sha256 = file_sha256(train_path)
     examples = task.load_split(config.split)
@@ -337,7 +344,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Counts and sizes are checked by their argparse types, which name the option and exit 2
     # before anything loads: `--alpha -1` wrote lora_alpha -1.0, `--save-every -1` and
     # `--threads 0` were taken silently.
-    parser.add_argument("--task", required=True)
+    parser.add_argument("--task", required=True,
+                        help="a task of the suite (inlaid tasks list), or one of your own: NAME=PATH.jsonl, one "
+                             "example per line as a calibration file's (docs/tasks.md)")
     parser.add_argument("--model", type=Path, default=None,
                         help="base model directory (default: SmolLM2-135M-Instruct in the cache)")
     parser.add_argument("--out", type=Path, default=None, help="adapter directory (default: adapters/<task>)")
@@ -376,12 +385,18 @@ def _input_problem(args: argparse.Namespace, out_dir: Path) -> str | None:
 def run(args: argparse.Namespace) -> int:
     from inlaid.models.prepare import default_model_dir
 
-    out_dir = args.out or Path("adapters") / args.task
+    from inlaid.tasks.custom import split_task_spec
+
+    # A task of one's own: its name names the adapter's folder; the path is kept absolute (a
+    # resumed run from another directory reads the same file, and the checkpoint records it).
+    name, data = split_task_spec(args.task) or (args.task, None)
+    out_dir = args.out or Path("adapters") / name
     if problem := _input_problem(args, out_dir):
         print(f"inlaid train-adapter: {problem}", file=sys.stderr)
         return 2
     config = TrainConfig(
-        task=args.task, model_dir=str(args.model or default_model_dir()), out_dir=str(out_dir),
+        task=name, data=str(Path(data).resolve()) if data else None,
+        model_dir=str(args.model or default_model_dir()), out_dir=str(out_dir),
         rank=args.rank, alpha=args.alpha, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         max_length=args.max_length, seed=args.seed, save_every=args.save_every, threads=args.threads,
         save_dtype=args.save_dtype, precision=args.precision, split=args.split,
