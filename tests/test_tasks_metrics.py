@@ -98,3 +98,19 @@ def test_every_task_metric_has_its_primary_key_and_perfect_score():
         assert task.primary_metric in scores
         assert scores[task.primary_metric] == pytest.approx(100.0), name
         assert 1 <= task.max_new_tokens <= 256
+
+
+def test_token_f1_of_answers_that_normalise_to_nothing_follows_squad():
+    """An empty prediction for an answer of articles alone ("The") is an exact match (both
+    normalise to nothing) and scored F1 0; SQuAD's F1 is 1 there (an outside probe)."""
+    assert metrics.exact_match([""], [["The"]])["exact_match"] == 100.0
+    assert metrics.token_f1([""], [["The"]])["f1"] == 100.0
+    assert metrics.token_f1([""], [[""]])["f1"] == 100.0
+    assert metrics.token_f1(["an answer"], [["the"]])["f1"] == 0.0  # one side empty alone: 0
+    assert metrics.token_f1([""], [["Paris"]])["f1"] == 0.0
+
+
+def test_bleu_of_no_examples_is_zero_as_the_other_metrics_say():
+    """sacreBLEU raised IndexError on an empty corpus (`get_task("trans-fr").metric([], [])`)."""
+    assert metrics.bleu([], []) == {"bleu": 0.0, "chrf": 0.0}
+    assert metrics.exact_match([], [])["exact_match"] == 0.0

@@ -112,6 +112,7 @@ def test_a_task_of_ones_own_trains_and_scores_from_its_file(tiny_model_dir, tmp_
     results = evaluate_runs(tiny_model_dir, [EvalRun(f"colours={data}", "a", out), EvalRun(f"colours={data}", None, None)],
                             backend="engine")
     assert set(results["tasks"]) == {"colours"} and set(results["tasks"]["colours"]) == {"a", "base"}
+    assert results["dtype"] == "float32"  # the engine's "auto" on the CPU, as it ran (it said "auto")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     for entry in results["tasks"]["colours"].values():
         texts = [p["text"] for p in entry["predictions"]]

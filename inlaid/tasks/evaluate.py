@@ -102,7 +102,7 @@ def evaluate_runs(model_dir: Path, runs: list[EvalRun], split: str = "eval", lim
                    "stopped_by": "SIGTERM" if interrupted.terminated else "SIGINT"}
     seconds = time.time() - started
 
-    described = dtype if weight_dtype == "auto" else f"{dtype} activations, {weight_dtype} weights"
+    described = _engine_dtypes(dtype, weight_dtype)
     results: dict = {"backend": backend, "dtype": described if backend == "engine" else "float32", "model": str(model_dir),
                      "split": split, "seconds": round(seconds, 1),
                      "generated_tokens": sum(o.num_tokens for o in outputs if o is not None), "tasks": {}}
@@ -130,6 +130,21 @@ def evaluate_runs(model_dir: Path, runs: list[EvalRun], split: str = "eval", lim
             "predictions": [{"id": e["id"], "text": o.text, "tokens": o.num_tokens} for e, o in zip(examples, produced)],
         }
     return results
+
+
+def _engine_dtypes(dtype: str, weight_dtype: str) -> str:
+    """What the engine ran in, "auto" resolved as its runner resolves it (the reports and
+    adapters/MANIFEST.json said "auto", not float32)."""
+    import torch
+
+    from inlaid.engine import EngineConfig
+    from inlaid.engine.runner import resolve_dtype
+
+    device = torch.device(EngineConfig.device)  # generate_with_engine's engine runs on the default device
+    activations = resolve_dtype(dtype, device)
+    weights = activations if weight_dtype == "auto" else resolve_dtype(weight_dtype, device)
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+    return name[activations] if weights == activations else f"{name[activations]} activations, {name[weights]} weights"
 
 
 def merge_results(parts: list[dict]) -> dict:

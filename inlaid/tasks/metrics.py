@@ -43,6 +43,9 @@ def token_f1(predictions: list[str], answer_lists: list[list[str]]) -> dict[str,
         best = 0.0
         for answer in answers:
             expected = normalize_answer(answer).split()
+            if not predicted or not expected:  # SQuAD's rule: 1 when both are empty (exact match agrees)
+                best = max(best, float(predicted == expected))
+                continue
             common = sum(min(predicted.count(t), expected.count(t)) for t in set(predicted))
             if common:
                 precision, recall = common / len(predicted), common / len(expected)
@@ -129,6 +132,8 @@ def bleu(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Corpus sacreBLEU (13a tokenisation) and chrF, one reference per example."""
     import sacrebleu
 
+    if not predictions:  # sacreBLEU fails on an empty corpus (IndexError); the other metrics say 0
+        return {"bleu": 0.0, "chrf": 0.0}
     first_lines = [first_line(p) for p in predictions]
     return {
         "bleu": sacrebleu.corpus_bleu(first_lines, [references]).score,
