@@ -14,16 +14,21 @@ from .dispatch import (
     quant_matmul,
 )
 from .gptq_format import (
+    GPTQFormatError,
+    default_g_idx,
     dequantize_gptq,
+    num_groups,
     pack_qweight,
     pack_qzeros,
     unpack_qweight,
     unpack_qzeros,
 )
 from .lora_meta import build_lora_segments
+from .quant_linear import QuantLinearError
 
-__all__ = [
-    "PreparedQuantLinear", "QuantLinearWeights", "build_lora_segments", "dequantize_gptq",
+__all__ = [  # every name docs/kernels.md shows
+    "GPTQFormatError", "PreparedQuantLinear", "QuantLinearError", "QuantLinearWeights", "build_lora_segments",
+    "default_g_idx", "dequantize_gptq", "num_groups",
     "lora_apply", "lora_expand", "lora_shrink", "pack_qweight", "pack_qzeros",
     "prepare_quant_linear", "quant_matmul", "unpack_qweight", "unpack_qzeros",
 ]
