@@ -86,3 +86,24 @@ def test_task_status_line_says_which_of_its_layers_are_still_served(capsys):
     assert "add the task again" in line(layers_not_served=2)
     assert line(layers_swapped=30, served_version=1).endswith("30 of its layers served now")
     assert line(phase="serving", layers_done=0, version=0, layers_swapped=0) == "code: serving"
+
+
+def test_task_status_counts_the_linears_the_gate_kept_unless_verbose(capsys):
+    """`add-task --wait` and `task-status` printed one line per linear the quality gate kept:
+    ~200 lines for a job on the default model (an outside probe following the docs)."""
+    from inlaid.client.cli import _print_status
+    from inlaid.protocol.client import KeptLinear, TaskStatusReply
+
+    kept = [KeptLinear(layer=layer, linear=linear, action="kept-quality", reason=f"task 'qa' would lose {layer}%")
+            for layer in range(30) for linear in ("q_proj", "down_proj")]
+    kept.append(KeptLinear(layer=3, linear="v_proj", action="kept-unchanged", reason="aggregate moved 0%"))
+    status = TaskStatusReply(request_id="r", name="code", phase="ready", layers_done=30, layers_total=30, version=1,
+                             served_version=1, layers_swapped=30, kept=kept, message="done")
+    _print_status(status, as_json=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:] == ["  kept layer 0 q_proj: task 'qa' would lose 0%",
+                         "  ... and 59 more linears kept as served by the quality gate (--verbose lists each)",
+                         "  done"]
+    _print_status(status, as_json=False, verbose=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 + 60 + 1 and lines[-2] == "  kept layer 29 down_proj: task 'qa' would lose 29%"

@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     remove.add_argument("name")
     status = add_parser("task-status", help="admin: a task's re-quantization (needs $INLAID_ADMIN_TOKEN)")
     status.add_argument("name")
+    for action in (add, status):
+        action.add_argument("--verbose", action="store_true",
+                            help="list every linear the quality gate kept as served (default: how many, and the worst)")
 
 
 def _print(message: object, as_json: bool) -> None:
@@ -74,7 +77,7 @@ def _print(message: object, as_json: bool) -> None:
             print(f"{name}: {value if isinstance(value, (str, int, float)) else json.dumps(value)}")
 
 
-def _print_status(status: TaskStatusReply, as_json: bool) -> None:
+def _print_status(status: TaskStatusReply, as_json: bool, verbose: bool = False) -> None:
     if as_json:
         return _print(status, True)
     line = f"{status.name}: {status.phase}"
@@ -88,9 +91,12 @@ def _print_status(status: TaskStatusReply, as_json: bool) -> None:
                      "a committed file found corrupt or missing at a restart: an older version or the checkpoint's "
                      "layer serves; add the task again with its calibration to redo them)")
     print(line)
-    for kept in status.kept:
-        if kept.action != "kept-unchanged":
-            print(f"  kept layer {kept.layer} {kept.linear}: {kept.reason}")
+    gated = [kept for kept in status.kept if kept.action != "kept-unchanged"]
+    # One line each was ~200 lines for a job on the default model: a count and the first, unless asked
+    for kept in gated if verbose else gated[:1]:
+        print(f"  kept layer {kept.layer} {kept.linear}: {kept.reason}")
+    if len(gated) > 1 and not verbose:
+        print(f"  ... and {len(gated) - 1} more linears kept as served by the quality gate (--verbose lists each)")
     if status.message:
         print(f"  {status.message}")
 
@@ -167,11 +173,11 @@ def run(args: argparse.Namespace) -> int:
                         document = {"added": msgspec.to_builtins(reply), "final_status": msgspec.to_builtins(final)}
                         print(json.dumps(document, indent=2))
                     else:
-                        _print_status(final, False)
+                        _print_status(final, False, args.verbose)
                     if final.phase == "failed":
                         return 1
             elif args.action == "task-status":
-                _print_status(client.task_status(args.name), args.json)
+                _print_status(client.task_status(args.name), args.json, args.verbose)
             elif args.action == "remove-task":
                 reply = client.remove_task_reply(args.name)
                 _print(reply, True) if args.json else print(reply.message)
