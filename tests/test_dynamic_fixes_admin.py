@@ -209,3 +209,29 @@ def test_a_task_on_a_full_precision_server_is_not_said_to_have_layers_to_do(mode
     assert status.message == "served on the full-precision base: there is nothing to re-quantize"
     _progress_printer()(status)
     assert capsys.readouterr().err == "code2: serving\n"
+
+
+def test_removing_a_task_whose_job_is_queued_says_so_and_counts_the_cancel(model_dir, tmp_path, adapter, monkeypatch):
+    """The removal of a task whose job had not started said "layers already swapped in stay",
+    and a cancelled job was counted nowhere: stats and inlaid_requantization_jobs_total had
+    only succeeded and failed (an outside probe)."""
+    from inlaid.serve.requantizer_status import requantizer_info, requantizer_metrics
+
+    state = tmp_path / "state"
+    config, registry, _ = _server(model_dir, state)
+    config = replace(config, engine=replace(config.engine, quantized_dir=str(tmp_path / "gptq")))
+    monkeypatch.setattr(dynamic_tasks, "requantization_blocker", lambda config: "")
+    first = DynamicTasks(config, registry, wake=lambda: None)
+    first.store.tasks["code"] = TaskRecord(name="code", adapter_dir=str(adapter), calibration=str(tmp_path / "c"),
+                                           phase=QUEUED, version=1, layers_total=30)
+    first.store.save()
+    restarted = DynamicTasks(config, registry, wake=lambda: None)
+    assert list(restarted.jobs.queue) == ["code"] and restarted.jobs.current is None
+    text = restarted.remove("code")
+    assert "its queued re-quantization is cancelled (it had not started)" in text and "swapped" not in text
+    assert not restarted.jobs.queue
+    info = requantizer_info(restarted)
+    assert (info.jobs_cancelled, info.jobs_succeeded, info.jobs_failed) == (1, 0, 0)
+    jobs = next(m for m in requantizer_metrics(restarted) if m.name == "inlaid_requantization_jobs")
+    assert {s.labels["outcome"]: s.value for s in jobs.samples if s.name.endswith("_total")} == \
+        {"succeeded": 0, "failed": 0, "cancelled": 1}

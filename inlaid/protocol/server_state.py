@@ -58,6 +58,7 @@ class RequantizerInfo(msgspec.Struct, frozen=True, kw_only=True):
     jobs_failed: int
     layers_done: int  # layers a job finished: swapped into every executor, or kept as served
     processes_lost: int  # requantizer processes that died or were killed (a job resumes in the next one)
+    jobs_cancelled: int = 0  # by the removal of their task, queued or running (counted nowhere before)
 
 
 class ServerStats(msgspec.Struct, frozen=True, kw_only=True, tag="stats_reply"):

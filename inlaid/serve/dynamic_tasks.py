@@ -27,7 +27,7 @@ from inlaid.serve.config import ServerConfig
 from inlaid.serve.requantization_jobs import RESTARTED, RESUMING_AT, RequantizationJobs
 from inlaid.serve.state_gc import hessian_dirs, prune_dropped
 from inlaid.serve.task_registry import TaskError, TaskRegistry, check_absolute
-from inlaid.serve.task_status import task_status_reply
+from inlaid.serve.task_status import cancelled_job_note, task_status_reply
 from inlaid.serve.task_store import (
     FAILED, QUEUED, REQUANTIZING, SERVING, StateDirError, TaskRecord, TaskStore, same_adapter_files,
 )
@@ -321,7 +321,7 @@ class DynamicTasks:
         record = store.tasks.pop(name, None)
         if record is not None and record.phase in (QUEUED, REQUANTIZING):
             self.jobs.cancel(record)
-            text += "; its re-quantization is cancelled (layers already swapped in stay: each is a valid quantization)"
+            text += cancelled_job_note(record)
         if name not in store.dropped:
             store.dropped.append(name)
         # (its own name stays: a cancelled job may still write a layer's state with its Hessians)

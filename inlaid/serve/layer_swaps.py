@@ -39,6 +39,7 @@ class JobCounts:
 
     succeeded: int = 0
     failed: int = 0
+    cancelled: int = 0  # by the removal of its task, queued or running
     layers_done: int = 0  # swapped into every executor, or kept as served (nothing to swap)
 
 

@@ -178,7 +178,9 @@ class RequantizationJobs(LayerSwaps):
         if self.current != record.name:
             if record.name in self.queue:
                 self.queue.remove(record.name)
+                self.counts.cancelled += 1
             return
+        self.counts.cancelled += 1
         cancelled, sent, supervisor = job_id(record), self._sent_job, self.supervisor
         waiting = self._live is not None and self._live.job_id == cancelled  # for our commit: at the boundary
         self._later(self._send(CancelJob(job_id=cancelled)))

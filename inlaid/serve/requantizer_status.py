@@ -45,6 +45,7 @@ def requantizer_info(dynamic: DynamicTasks) -> RequantizerInfo:
         jobs_queued=len(waiting),
         jobs_succeeded=jobs.counts.succeeded,
         jobs_failed=jobs.counts.failed,
+        jobs_cancelled=jobs.counts.cancelled,
         layers_done=jobs.counts.layers_done,
         processes_lost=supervisor.losses if supervisor is not None else 0,
     )
@@ -64,6 +65,7 @@ def requantizer_metrics(dynamic: DynamicTasks) -> Iterator[Metric]:
                                labels=["outcome"])
     jobs.add_metric(["succeeded"], info.jobs_succeeded)
     jobs.add_metric(["failed"], info.jobs_failed)
+    jobs.add_metric(["cancelled"], info.jobs_cancelled)
     yield jobs
     yield CounterMetricFamily("inlaid_requantization_layers", "Layers a re-quantization job finished (swapped into "
                               "every executor, or kept as served)", value=info.layers_done)

@@ -7,7 +7,7 @@ import time
 
 from inlaid.protocol import ErrorCode, KeptLinear, TaskStatusReply
 from inlaid.serve.task_registry import TaskError, TaskRegistry
-from inlaid.serve.task_store import SERVING, TaskStore
+from inlaid.serve.task_store import QUEUED, SERVING, TaskRecord, TaskStore
 
 
 def task_status_reply(request_id: str, name: str, store: TaskStore | None, registry: TaskRegistry,
@@ -43,3 +43,14 @@ def task_status_reply(request_id: str, name: str, store: TaskStore | None, regis
         peak_rss_bytes=record.peak_rss_bytes,
         layers_superseded=sum(1 for version in served_at.values() if version > record.version),
         layers_not_served=sum(1 for version in served_at.values() if version < record.version))
+
+
+def cancelled_job_note(record: TaskRecord) -> str:
+    """What a removal says of its task's cancelled job ("layers already swapped in stay" was
+    said of a job that had not started: an outside probe)."""
+    if record.phase == QUEUED:
+        return "; its queued re-quantization is cancelled (it had not started)"
+    if not record.layers_done:
+        return "; its re-quantization is cancelled (no layer of it was finished)"
+    return (f"; its re-quantization is cancelled after {record.layers_done} of {record.layers_total} layers (those "
+            "stay served: each is a valid quantization)")
