@@ -19,7 +19,7 @@ from inlaid.serve.dynamic_tasks import DynamicTasks
 from inlaid.serve.executor_pool import ExecutorPool
 from inlaid.serve.requantization_jobs import RequantizationJobs
 from inlaid.serve.task_registry import TaskError, TaskRegistry
-from inlaid.serve.task_store import FAILED, QUEUED, REQUANTIZING, SERVING, TaskRecord, TaskStore
+from inlaid.serve.task_store import FAILED, QUEUED, READY, REQUANTIZING, SERVING, TaskRecord, TaskStore
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
 BASE = {"model_dir": "/models/m", "quantized_dir": "/models/q"}
@@ -235,3 +235,32 @@ def test_removing_a_task_whose_job_is_queued_says_so_and_counts_the_cancel(model
     jobs = next(m for m in requantizer_metrics(restarted) if m.name == "inlaid_requantization_jobs")
     assert {s.labels["outcome"]: s.value for s in jobs.samples if s.name.endswith("_total")} == \
         {"succeeded": 0, "failed": 0, "cancelled": 1}
+
+
+def test_a_ready_task_added_again_with_its_files_keeps_its_requantization(model_dir, tmp_path, adapter, monkeypatch):
+    """Re-adding a ready task with the same files and no calibration kept its Hessians and its
+    served layers, but its status read version 0, "added without calibration samples"."""
+    state = tmp_path / "state"
+    config, registry, _ = _server(model_dir, state)
+    config = replace(config, engine=replace(config.engine, quantized_dir=str(tmp_path / "gptq")))
+    monkeypatch.setattr(dynamic_tasks, "requantization_blocker", lambda config: "")
+    first = DynamicTasks(config, registry, wake=lambda: None)
+    first.store.tasks["code"] = TaskRecord(name="code", adapter_dir=str(adapter), calibration=str(tmp_path / "c"),
+                                           phase=READY, version=4, layers_done=30, layers_total=30,
+                                           message="30 of 30 layers swapped in")
+    first.store.save()
+    dynamic = DynamicTasks(config, registry, wake=lambda: None)
+    inputs = dynamic.prepare("code", str(adapter), None)
+    assert inputs.serves_as_now
+    text = dynamic.add(inputs)
+    assert "its re-quantization (version 4) still serves" in text and "hessians" not in text.lower()
+    status = dynamic.status("r", "code")
+    assert (status.phase, status.version, status.layers_done) == (READY, 4, 30)
+    assert "code" not in dynamic.store.dropped
+    # other files, no samples: a fresh record (its stored Hessians, were there any, leave the aggregate)
+    other = Path(shutil.copytree(adapter, tmp_path / "changed"))
+    weights = other / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit of the last weight
+    text = dynamic.add(dynamic.prepare("code", str(other), None))
+    assert dynamic.status("r", "code").version == 0 and "added without calibration samples" in text

@@ -15,7 +15,7 @@ import errno
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from inlaid.protocol import ErrorCode, ReplacedConfigEntry, TaskStatusReply
@@ -28,9 +28,8 @@ from inlaid.serve.requantization_jobs import RESTARTED, RESUMING_AT, Requantizat
 from inlaid.serve.state_gc import hessian_dirs, prune_dropped
 from inlaid.serve.task_registry import TaskError, TaskRegistry, check_absolute
 from inlaid.serve.task_status import cancelled_job_note, task_status_reply
-from inlaid.serve.task_store import (
-    FAILED, QUEUED, REQUANTIZING, SERVING, StateDirError, TaskRecord, TaskStore, same_adapter_files,
-)
+from inlaid.serve.task_store import (FAILED, QUEUED, READY, REQUANTIZING, SERVING, StateDirError, TaskRecord,
+                                     TaskStore, same_adapter_files)
 
 log = logging.getLogger("inlaid.dynamic_tasks")
 
@@ -238,8 +237,7 @@ class DynamicTasks:
         record = store.tasks.get(name) if store else None
         try:
             if record is not None and record.phase in (QUEUED, REQUANTIZING):
-                doing = ("is queued to re-quantize the base" if record.phase == QUEUED
-                         else "is re-quantizing the base")
+                doing = "is queued to re-quantize the base" if record.phase == QUEUED else "is re-quantizing the base"
                 raise TaskError(ErrorCode.TASK_BUSY, f"task {name!r} {doing} (a job of its own add); remove it first "
                                                      "(which cancels the job) or wait until it is ready")
             inputs.already_served = self.registry.tasks.get(name) == inputs.adapter_dir
@@ -273,6 +271,10 @@ class DynamicTasks:
             if name in store.dropped:
                 store.dropped.remove(name)  # its job computes its Hessians afresh
         replaced = store.tasks.get(name)
+        if record.phase == SERVING and replaced is not None and replaced.phase == READY and inputs.serves_as_now:
+            # the same files again, no samples: its layers still serve, and its status said version 0
+            record = replace(replaced, adapter_dir=inputs.adapter_dir, message=(
+                f"added again with the same files: its re-quantization (version {replaced.version}) still serves"))
         if record.phase != QUEUED and (replaced is not None or replaced_entry is not None) and not inputs.serves_as_now:
             text += self._drop_replaced_hessians(store, name)
             inputs.hessians_dropped = name in store.dropped
@@ -299,12 +301,10 @@ class DynamicTasks:
                 "(add it with its calibration file to re-quantize the base for this adapter)")
 
     def replaced_config_entry(self, name: str) -> ReplacedConfigEntry | None:
-        """The config's [tasks] entry an addition of `name` replaces (None when the config has
-        no task of that name): for the AddTask's AdminReply, which programs read, where `add`'s
-        text is for people."""
-        if name not in self.config.tasks:
-            return None
-        return ReplacedConfigEntry(adapter_dir=self.config.tasks[name], kept_across_restarts=self.store is not None)
+        """The config's [tasks] entry an addition of `name` replaces (None: no task of that name
+        there): for the AddTask's AdminReply, which programs read, where `add`'s text is for people."""
+        return None if name not in self.config.tasks else ReplacedConfigEntry(
+            adapter_dir=self.config.tasks[name], kept_across_restarts=self.store is not None)
 
     def remove(self, name: str) -> str:
         store = self.store
