@@ -51,8 +51,14 @@ def read_samples(path: str | Path) -> list[LengthSample]:
         try:
             row = json.loads(line)
             task, prompt, output = row["task"], row["prompt_token_ids"], row["output_tokens"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise DataError(f"{path}:{number}: expected task, prompt_token_ids, output_tokens ({error})") from None
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: not JSON ({error.msg})") from None
+        except KeyError as error:  # named, not KeyError's repr "('task')"
+            raise DataError(f"{path}:{number}: no {error.args[0]!r} field; each line needs task, prompt_token_ids "
+                            "and output_tokens") from None
+        except TypeError:
+            raise DataError(f"{path}:{number}: expected a JSON object with task, prompt_token_ids and "
+                            "output_tokens") from None
         except RecursionError:  # 100,000 nested '[' ended in a traceback, rc 1 (an outside probe)
             raise DataError(f"{path}:{number}: JSON nested too deeply to be a finished request") from None
         problem = _sample_problem(task, prompt, output)

@@ -154,3 +154,19 @@ def test_an_empty_step_log_or_predictor_state_path_is_refused_not_taken_for_none
     for key in ("step_log", "predictor_state"):
         with pytest.raises(ConfigError, match=f"scheduler.{key} must be a non-empty path"):
             config_from_dict({"server": {"policy": "inlaid"}, "scheduler": {key: ""}}, base_dir=tmp_path)
+
+
+def test_predictor_data_line_errors_name_the_field_not_a_python_repr(tmp_path):
+    """A missing field read "expected task, prompt_token_ids, output_tokens ('task')": KeyError's
+    repr (an outside probe)."""
+    from inlaid.predictor.cli import DataError, read_samples
+
+    cases = [('{"prompt_token_ids": [1], "output_tokens": 3}', "line.jsonl:1: no 'task' field; each line needs"),
+             ('{"task": "a", "prompt_token_ids": [1]}', "no 'output_tokens' field"),
+             ("[1, 2]", ":1: expected a JSON object with task, prompt_token_ids and output_tokens"),
+             ("{oops", ":1: not JSON (")]
+    for text, words in cases:
+        (tmp_path / "line.jsonl").write_text(text + "\n")
+        with pytest.raises(DataError) as refused:
+            read_samples(tmp_path / "line.jsonl")
+        assert words in str(refused.value) and "KeyError" not in str(refused.value), refused.value
