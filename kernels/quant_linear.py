@@ -159,6 +159,11 @@ def check_weights(w: QuantLinearWeights) -> int:
         raise QuantLinearError(f"g_idx must be integer [{k}], got {w.g_idx.dtype} {tuple(w.g_idx.shape)}")
     if w.bias is not None and tuple(w.bias.shape) != (n,):
         raise QuantLinearError(f"bias must be [{n}], got {tuple(w.bias.shape)}")
+    # Once, at prepare (a sync on CUDA is fine there): a NaN scale made every output of its
+    # columns NaN with no word; the checkpoint load refused them, a direct caller did not.
+    for name, tensor in (("scales", w.scales), ("bias", w.bias)):
+        if tensor is not None and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise QuantLinearError(f"{name} hold NaN or infinite values")
     return group
 
 

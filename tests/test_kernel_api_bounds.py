@@ -125,3 +125,17 @@ def test_triton_mode_on_the_cpu_without_the_interpreter_is_refused_by_name() -> 
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("refused: mode 'triton' runs on CUDA devices, or on CPU tensors with "
                                   "TRITON_INTERPRET=1"), done.stdout
+
+
+@pytest.mark.parametrize("name, value", [("scales", float("nan")), ("scales", float("inf")), ("bias", float("nan"))])
+def test_non_finite_scales_or_bias_are_refused_at_prepare(name: str, value: float) -> None:
+    """A NaN scale made its columns' outputs NaN with no word: the checkpoint load refused it,
+    a direct caller of prepare_quant_linear did not."""
+    layer = random_gptq_layer(64, 32, 4, 32, bias=True, seed=3)
+    poisoned = getattr(layer.weights, name).clone()
+    poisoned.view(-1)[5] = value
+    weights = layer.weights.__class__(**{**vars(layer.weights), name: poisoned})
+    for mode in ("auto", "dense", "dequant"):
+        with pytest.raises(QuantLinearError, match=f"{name} hold NaN or infinite values"):
+            prepare_quant_linear(weights, "cpu", torch.float32, mode=mode)
+    prepare_quant_linear(layer.weights, "cpu", torch.float32)  # the finite layer still prepares
