@@ -170,3 +170,27 @@ def test_a_malformed_frame_is_explained_without_decoding_it_whole(monkeypatch) -
                                             1 << 20)
     assert (other_key.request_id, other_key.code) == ("r4", ErrorCode.MALFORMED), other_key
     assert whole_decodes == []
+
+
+def test_a_malformed_frame_names_its_field_in_the_reply_not_only_in_the_message() -> None:
+    """`malformed` replies left ErrorReply.field None (`invalid_request` ones set it), so a
+    program had to read the message's words (an outside probe)."""
+    import msgspec
+
+    from inlaid.protocol import ErrorCode
+    from inlaid.serve.frames import decode_client_frames
+
+    def field_of(fields: dict) -> str | None:
+        refused = decode_client_frames([msgspec.msgpack.encode({"type": "generate", "request_id": "f", **fields})],
+                                       1 << 22)
+        assert refused.code == ErrorCode.MALFORMED, refused
+        return refused.field
+
+    assert field_of({"prompt": "Hi", "sampling": {"temperature": "0"}}) == "sampling.temperature"
+    assert field_of({"prompt": "Hi", "sampling": {"temprature": 0}}) == "sampling.temprature"
+    assert field_of({"prompt_token_ids": [1, "a"]}) == "prompt_token_ids[1]"
+    assert field_of({"prompt": "Hi", "colour": 1}) == "colour"
+    long_name = field_of({"prompt": "x", "z" * 1_000_000: 1})
+    assert long_name is not None and long_name.startswith("zzz") and len(long_name) < 200
+    missing = decode_client_frames([msgspec.msgpack.encode({"type": "generate", "prompt": "Hi"})], 1 << 20)
+    assert missing.field == "request_id"

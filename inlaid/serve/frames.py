@@ -6,6 +6,7 @@ ErrorReply; nothing here raises.
 
 from __future__ import annotations
 
+import re
 from typing import Union
 
 import msgspec
@@ -87,7 +88,24 @@ def _explain(payload: bytes, error: Exception) -> ErrorReply:
         return ErrorReply(request_id=request_id, code=ErrorCode.UNKNOWN_MESSAGE,
                           message=f"unknown message type {excerpt(kind)}; known: {sorted(CLIENT_TAGS)}")
     # msgspec's words name the field (an unknown one as the client spelled it: bounded).
-    return ErrorReply(request_id=request_id, code=ErrorCode.MALFORMED, message=f"invalid message: {_bounded(str(error))}")
+    return ErrorReply(request_id=request_id, code=ErrorCode.MALFORMED, message=f"invalid message: {_bounded(str(error))}",
+                      field=_field_at_fault(str(error)))
+
+
+_FIELD_CHARS = 128
+_AT_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+_NAMED_FIELD = re.compile(r"^Object (?:contains unknown|missing required) field `(?P<name>[^`]*)`")
+
+
+def _field_at_fault(decoder_message: str) -> str | None:
+    """The field msgspec's refusal names, as a path ("sampling.temperature", "prompt_token_ids[1]"),
+    or None: a program reads ErrorReply.field, not the message (it was set for `invalid_request`
+    alone, an outside probe)."""
+    at, named = _AT_PATH.search(decoder_message), _NAMED_FIELD.match(decoder_message)
+    path = at.group("path") if at else ""
+    if named:
+        path = f"{path}.{named.group('name')}" if path else named.group("name")
+    return (path if len(path) <= _FIELD_CHARS else path[:_FIELD_CHARS] + "...") if path else None  # a client's 1 MB name
 
 
 def _readable_request_id(payload: bytes) -> str:
