@@ -78,3 +78,59 @@ def test_the_commands_refuse_a_bad_task_file_before_the_model_loads(tmp_path, co
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(f"inlaid {command}: task file {data}:2: "), done.stderr
     assert not out.exists()
+
+
+def test_a_bom_is_read_past_and_a_repeated_id_is_refused(tmp_path):
+    data = tmp_path / "bom.jsonl"
+    data.write_bytes(b"\xef\xbb\xbf" + _line().encode() + _line("Say bye", "bye").encode())
+    assert [e["reference"] for e in get_task(f"b={data}").load_split("eval")] == ["hi", "bye"]
+    data.write_text(_line(id="x") + _line("Say bye", "bye", id="x"))
+    with pytest.raises(TaskError, match=r":2: id 'x' again \(first at line 1\)"):
+        get_task(f"b={data}")
+
+
+def test_two_tasks_of_one_name_and_results_with_ones_own_task_are_refused(tmp_path):
+    """`eval --task up=a --task up=b` generated both and kept one row (the second file's);
+    `tasks report` on results with a task of one's own wrote MANIFEST.json and the tables, then
+    failed on it (an outside probe)."""
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text(_line())
+    second.write_text(_line("Say bye", "bye"))
+    done = subprocess.run([INLAID, "eval", "--task", f"up={first}", "--task", f"up={second}"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith(
+        "inlaid eval: two tasks named 'up'"), done.stderr
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"model": "m", "split": "eval", "tasks": {"up": {"base": {}}}}))
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    done = subprocess.run([INLAID, "tasks", "report", "--results", str(results), "--adapters-dir", str(adapters),
+                           "--markdown", str(tmp_path / "t.md")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "inlaid tasks report: --results" in done.stderr and "'up'" in done.stderr
+    assert not list(adapters.iterdir()) and not (tmp_path / "t.md").exists()  # nothing written
+
+
+def test_suite_eval_finds_the_adapter_of_ones_own_task_by_its_name(tmp_path):
+    import argparse
+
+    from inlaid.tasks.eval_plan import planned_runs
+
+    data = tmp_path / "up.jsonl"
+    data.write_text(_line())
+    (tmp_path / "adapters" / "up").mkdir(parents=True)
+    (tmp_path / "adapters" / "up" / "adapter_config.json").write_text("{}")
+    args = argparse.Namespace(suite=True, adapters_dir=str(tmp_path / "adapters"), with_base=False, adapter=None)
+    runs = planned_runs(args, [f"up={data}"])
+    assert [(run.task, run.adapter_dir) for run in runs] == [(f"up={data}", tmp_path / "adapters" / "up")]
+
+
+def test_markdown_table_has_a_row_for_a_task_of_ones_own():
+    from inlaid.tasks.evaluate import markdown_table
+
+    entry = {"primary_metric": "rougeL", "scores": {"rougeL": 50.0}, "examples": 2, "dtype": "float32",
+             "output_tokens": {"p50": 1, "p90": 2, "max": 2}}
+    table = markdown_table({"tasks": {"up": {"base": entry, "ad": {**entry, "scores": {"rougeL": 75.0}}},
+                                      "sentiment": {"base": {**entry, "primary_metric": "accuracy",
+                                                             "scores": {"accuracy": 90.0}}}}})
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split("|")[1].strip() for row in rows] == ["sentiment", "up"], table

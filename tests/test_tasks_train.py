@@ -108,6 +108,16 @@ def test_a_task_of_ones_own_trains_and_scores_from_its_file(tiny_model_dir, tmp_
     shutil.copy(data, other)
     problem = out_problem(TrainConfig(**{**config.__dict__, "data": str(other)}))
     assert problem is not None and f"data {data} there, {other} here" in problem
+    # the same path, its contents edited: resumed silently on other data (an outside probe)
+    original = data.read_text()
+    data.write_text(original.replace("rouge", "ROUGE"))
+    problem = out_problem(config)
+    assert problem is not None and f"data_sha256 {info['train_data_sha256']} there" in problem
+    shutil.rmtree(out / "checkpoint")  # a finished adapter alone: its training.json says which data
+    problem = out_problem(config)
+    assert problem is not None and f"data_sha256 {info['train_data_sha256']} there" in problem
+    data.write_text(original)
+    assert out_problem(config) is None
 
     results = evaluate_runs(tiny_model_dir, [EvalRun(f"colours={data}", "a", out), EvalRun(f"colours={data}", None, None)],
                             backend="engine")

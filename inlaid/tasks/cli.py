@@ -87,6 +87,13 @@ def _report_inputs(args: argparse.Namespace) -> dict | None:
                 and "split" in part and all(isinstance(configs, dict) for configs in part["tasks"].values())):
             raise ValueError(f"--results {path} is not a results file of `inlaid eval --suite --with-base --out` "
                              "(a JSON object with model, split and tasks)")
+        from inlaid.tasks import TASK_NAMES
+
+        # before anything is written: it wrote MANIFEST.json and the tables, then failed on such a task
+        if own := [name for name in part["tasks"] if name not in TASK_NAMES]:
+            raise ValueError(f"--results {path} holds task {own[0]!r}, not one of the suite's (a task of your own, "
+                             "eval --task NAME=PATH?): tasks report records the suite's tasks; eval's --out and "
+                             "--markdown hold its scores")
         parts.append(part)
     adapters = Path(args.adapters_dir)
     if not adapters.is_dir():

@@ -11,6 +11,7 @@ evaluation examples in two files. The score is the generic one: ROUGE-L F1 of th
 
 from __future__ import annotations
 
+import codecs
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,7 @@ def file_task(name: str, path: str, suite_names: tuple[str, ...]) -> FileTask:
         raise TaskError(f"task '{name}={path}': '{name}' is a task of the suite; give yours another name")
     if "/" in name or name in (".", "..") or name.strip() != name:
         raise TaskError(f"task name {name!r}: no '/', no leading or trailing blanks (it names the adapter's folder)")
+    path = str(Path(path).expanduser())  # `mine=~/f.jsonl`: no shell expands ~ after =
     examples = read_task_file(Path(path), name)
     longest = max(len(answer) for example in examples for answer in [example["reference"], *example["answers"]])
     budget = min(MAX_NEW_TOKENS, max(MIN_NEW_TOKENS, math.ceil(longest / CHARACTERS_PER_TOKEN_AT_LEAST)))
@@ -83,12 +85,15 @@ def read_task_file(path: Path, name: str) -> list[Example]:
     except OSError as error:
         raise TaskError(f"task file {path} cannot be read: {error.strerror or error}") from None
     examples: list[Example] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    first_line_of: dict[str, int] = {}
+    for number, line in enumerate(text.removeprefix(codecs.BOM_UTF8).splitlines(), start=1):  # an editor's BOM
         if not line.strip():
             continue
         try:
-            sample = parse_sample(line)
-            examples.append(_example(sample, name, number))
+            example = _example(parse_sample(line), name, number)
+            if (first := first_line_of.setdefault(example["id"], number)) != number:  # --out's predictions by id
+                raise ValueError(f"id {example['id']!r} again (first at line {first})")
+            examples.append(example)
         except ValueError as error:
             raise TaskError(f"task file {path}:{number}: {error}") from None
     if not examples:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inlaid.cli_args import model_dir_problem, writable_file_problem
+from inlaid.tasks.custom import split_task_spec
 
 BASE = "base"
 
@@ -28,7 +29,8 @@ def planned_runs(args: argparse.Namespace, tasks: list[str]) -> list[EvalRun]:
     pairs: list[tuple[str, Path | None]] = []
     if args.suite:
         for name in tasks:
-            adapter_dir = Path(args.adapters_dir) / name
+            # a task of one's own (NAME=PATH): its adapter is the folder of its NAME
+            adapter_dir = Path(args.adapters_dir) / (split_task_spec(name) or (name, ""))[0]
             has_adapter = (adapter_dir / "adapter_config.json").is_file()
             if has_adapter:
                 pairs.append((name, adapter_dir))

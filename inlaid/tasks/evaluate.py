@@ -164,7 +164,9 @@ def markdown_table(results: dict) -> str:
         "| task | metric | n | base | adapter | gain | output tokens base: p50 / p90 / max | with adapter: p50 / p90 / max | engine dtype |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    # the suite's in suite order, then tasks of one's own (NAME=PATH) in the results' order: they had no row
     ordered = [name for name in TASK_NAMES if name in results["tasks"]]
+    ordered += [name for name in results["tasks"] if name not in TASK_NAMES]
     for task_name in ordered:
         configs = results["tasks"][task_name]
         base = configs.get(BASE)
@@ -236,8 +238,13 @@ def run(args: argparse.Namespace) -> int:
     if not tasks:  # a usage error, as argparse's own (it exited 1)
         print("inlaid eval: give --task NAME (repeatable) or --suite", file=sys.stderr)
         return 2
-    for name in tasks:
-        get_task(name)
+    given: dict[str, str] = {}
+    for spec in tasks:
+        name = get_task(spec).name
+        if given.setdefault(name, spec) != spec:  # one row per name: the second file's scores replaced the first's
+            print(f"inlaid eval: two tasks named {name!r} ({given[name]}, {spec}); give each its own name",
+                  file=sys.stderr)
+            return 2
     problem = argument_problem(args)
     if problem:
         print(f"inlaid eval: {problem}", file=sys.stderr)

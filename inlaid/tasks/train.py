@@ -60,12 +60,19 @@ class TrainConfig:
                 "lora_alpha": self.lora_alpha, "batch_size": self.batch_size,
                 "lr": self.lr, "warmup_steps": self.warmup_steps, "max_length": self.max_length,
                 "seed": self.seed, "precision": self.precision, "split": self.split,
-                **({"data": self.data} if self.data is not None else {})}
+                # the file's contents, not only its path: a file edited in place resumed silently
+                **({"data": self.data, "data_sha256": _sha256_of(self.data)} if self.data is not None else {})}
 
     @property
     def task_spec(self) -> str:
         """What `get_task` takes: the suite task's name, or NAME=PATH for one's own."""
         return self.task if self.data is None else f"{self.task}={self.data}"
+
+
+def _sha256_of(path: str) -> str:
+    from inlaid.tasks.base import file_sha256
+
+    return file_sha256(Path(path))
 
 
 def tokenize_sample(tokenizer, messages: list[dict], reference: str) -> tuple[list[int], int]:
@@ -137,7 +144,7 @@ def train(config: TrainConfig, command: str = "") -> Path:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from inlaid.tasks import get_task
+    from inlaid.tasks import TaskError, get_task
     from inlaid.tasks.base import file_sha256
 
     if config.threads:
@@ -154,7 +161,8 @@ def train(config: TrainConfig, command: str = "") -> Path:
     samples = [tokenize_sample(tokenizer, e["messages"], e["reference"]) for e in examples]
     samples = [s for s in samples if len(s[0]) <= config.max_length]
     if not samples:
-        raise ValueError(f"no training sample of task '{config.task}' fits in {config.max_length} tokens")
+        raise TaskError(f"no training sample of task '{config.task}' fits in {config.max_length} tokens "
+                        "(--max-length; longer samples are dropped, not cut)")
 
     out_dir = Path(config.out_dir)
     checkpoint = out_dir / CHECKPOINT_DIR
@@ -308,7 +316,8 @@ def out_problem(config: TrainConfig, restart: bool = False) -> str | None:
         return None if restart else resume_problem(config)
     # training.json's own fields first: the config of older records lacks some (split)
     recorded = {**record["config"], "model": record.get("base_model"), "lora_alpha": record.get("lora_alpha"),
-                "split": record.get("train_split", record["config"].get("split", "train"))}
+                "split": record.get("train_split", record["config"].get("split", "train")),
+                "data_sha256": record.get("train_data_sha256")}
     wanted = config.resume_settings()
     differing = [f"{key} {recorded[key]} there, {wanted[key]} here" for key in wanted
                  if recorded.get(key) is not None and recorded[key] != wanted[key]]
@@ -395,7 +404,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"inlaid train-adapter: {problem}", file=sys.stderr)
         return 2
     config = TrainConfig(
-        task=name, data=str(Path(data).resolve()) if data else None,
+        task=name, data=str(Path(data).expanduser().resolve()) if data else None,
         model_dir=str(args.model or default_model_dir()), out_dir=str(out_dir),
         rank=args.rank, alpha=args.alpha, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         max_length=args.max_length, seed=args.seed, save_every=args.save_every, threads=args.threads,
