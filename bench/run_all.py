@@ -36,13 +36,13 @@ def run_every_script(bench_dir: Path = BENCH, skip: frozenset[str] | set[str] = 
     for path in sorted(bench_dir.glob("*.py")):
         if path.name in skip:
             continue
-        module = _load(path)
-        if not hasattr(module, "main"):
-            continue
-        print(f"\n===== bench/{path.name} =====", flush=True)
         started = time.perf_counter()
-        sys.argv = [str(path)]
+        sys.argv = [str(path)]  # before the import too: a module may read it there
         try:
+            module = _load(path)  # inside: a script that fails at import is its own failure
+            if not hasattr(module, "main"):
+                continue
+            print(f"\n===== bench/{path.name} =====", flush=True)
             code = module.main()
             if isinstance(code, int) and code:  # an exit status (some main()s return their report)
                 failures.append(path.name)

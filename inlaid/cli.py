@@ -18,7 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "models": ("inlaid.models.cli", "prepare or inspect base models"),
     "generate": ("inlaid.engine.cli", "generate with the in-process engine"),
     "tasks": ("inlaid.tasks.cli", "prepare the task suite data"),
-    "train-adapter": ("inlaid.tasks.train", "train a LoRA adapter on a task"),
+    "train-adapter": ("inlaid.tasks.train_cli", "train a LoRA adapter on a task"),
     "eval": ("inlaid.tasks.evaluate", "evaluate a model/adapter on tasks"),
     "quantize": ("inlaid.quant.cli", "quantize a base model (MLGPTQ and baselines)"),
     "quantize-add": ("inlaid.quant.incremental_cli", "add a task to a quantized checkpoint incrementally"),

@@ -19,8 +19,10 @@ def main(argv=None):
 ''',
     "b_exits.py": "import sys\ndef main():\n    sys.exit(3)\n",
     "c_raises.py": "def main():\n    raise RuntimeError('broken bench')\n",
-    "d_plain.py": "from pathlib import Path\ndef main():\n    (Path(__file__).parent / 'd.ran').write_text('')\n    return 0\n",
+    "d_plain.py": "from pathlib import Path\n"
+                  "def main():\n    (Path(__file__).parent / 'd.ran').write_text('')\n    return 0\n",
     "e_helper.py": "VALUE = 1  # a module without main(): not a benchmark\n",
+    "f_import_fails.py": "raise ImportError('a library this benchmark needs')\ndef main():\n    return 0\n",
 }
 
 
@@ -31,7 +33,8 @@ def _run_all_module():
     return module
 
 
-def test_every_script_runs_with_its_own_arguments_and_a_failure_is_that_scripts_alone(tmp_path, monkeypatch, capsys):
+def test_every_script_runs_with_its_own_arguments_and_a_failure_is_that_scripts_alone(tmp_path, monkeypatch,
+                                                                                          capsys):
     """Each argparse main() read run_all's own `--all` from sys.argv, refused it (SystemExit 2,
     which the loop did not catch) and ended `make bench ALL=1` at its first script."""
     for name, text in SCRIPTS.items():
@@ -41,7 +44,7 @@ def test_every_script_runs_with_its_own_arguments_and_a_failure_is_that_scripts_
     assert code == 1
     assert (tmp_path / "a.ran").exists() and (tmp_path / "d.ran").exists()
     err = capsys.readouterr().err
-    assert "failed: b_exits.py, c_raises.py" in err
+    assert "failed: b_exits.py, c_raises.py, f_import_fails.py" in err  # each its own failure, the rest ran
     assert "bench/b_exits.py exited with 3" in err and "broken bench" in err
     assert sys.argv == ["bench/run_all.py", "--all"]  # given back after each script
 

@@ -270,3 +270,29 @@ def test_serve_checks_its_own_options_and_the_files_it_loads(tmp_path: Path) -> 
 def test_serve_names_the_policy_whose_factory_fails(tmp_path: Path) -> None:
     err = _serve(tmp_path, 'policy = "plugin_policy:raises"\n')
     assert "server.policy 'plugin_policy:raises'" in err and "the factory broke" in err
+
+
+def test_more_cpu_executor_threads_than_cores_is_warned_of(tmp_path):
+    """Nothing said so when the CPU executors' threads outnumbered the cores (torch's default:
+    a thread per core in each executor), and each step waited on the others'."""
+    from inlaid.serve.cli import cpu_oversubscription
+    from inlaid.serve.config import config_from_dict
+
+    def why(raw: dict, cores: int) -> str | None:
+        return cpu_oversubscription(config_from_dict(raw, base_dir=tmp_path), cores)
+
+    assert why({}, 2) is None and why({"executor": {"threads": 2}}, 2) is None
+    assert why({"executors": {"count": 2}, "executor": {"threads": 1}}, 2) is None
+    three = why({"executors": {"count": 3}, "executor": {"threads": 1}}, 2)
+    assert "3 CPU executors x executor.threads 1 = 3 threads on 2 cores" in three
+    assert "lower executors.count to at most 2" in three
+    assert why({"executor": {"threads": 4}}, 2) == ("1 CPU executor x executor.threads 4 = 4 threads on 2 cores "
+                                                    "contend for them: lower executor.threads to 2")
+    unset = why({"executors": {"count": 2}}, 4)
+    assert "2 CPU executors each use all 4 cores" in unset and "set executor.threads to 2" in unset
+    # one core: one thread each is still too many, so fewer executors too (a reviewer)
+    assert "lower executors.count to at most 1" in why({"executors": {"count": 2}}, 1)
+    # executors on CUDA devices do not count against the host's cores
+    assert why({"executors": {"count": 2, "devices": ["cuda:0", "cuda:1"]}}, 1) is None
+    mixed = {"executors": {"count": 3, "devices": ["cuda:0", "cpu", "cpu"]}, "executor": {"threads": 1}}
+    assert why(mixed, 2) is None

@@ -264,3 +264,36 @@ def test_a_ready_task_added_again_with_its_files_keeps_its_requantization(model_
     weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit of the last weight
     text = dynamic.add(dynamic.prepare("code", str(other), None))
     assert dynamic.status("r", "code").version == 0 and "added without calibration samples" in text
+
+
+def test_the_cancel_note_counts_the_layers_a_resumed_job_had_done():
+    """A job resumed after a restart is queued with layers done: "it had not started" was said
+    of it (a reviewer)."""
+    from inlaid.serve.task_status import cancelled_job_note
+
+    def note(phase: str, done: int) -> str:
+        return cancelled_job_note(TaskRecord(name="t", adapter_dir="/a", calibration="/c", phase=phase,
+                                             layers_done=done, layers_total=30))
+
+    assert note(QUEUED, 0) == "; its queued re-quantization is cancelled (it had not started)"
+    assert note(QUEUED, 5).startswith("; its re-quantization is cancelled after 5 of 30 layers")
+    assert note(REQUANTIZING, 0) == "; its re-quantization is cancelled (no layer of it was finished)"
+    assert note(REQUANTIZING, 12).startswith("; its re-quantization is cancelled after 12 of 30 layers")
+
+
+def test_a_ready_task_added_again_with_calibration_where_nothing_re_quantizes_says_so(
+        model_dir, tmp_path, adapter, monkeypatch):
+    """Kept as ready with the old version's words, it dropped "not re-quantized: ..." (a reviewer)."""
+    state = tmp_path / "state"
+    config, registry, _ = _server(model_dir, state)
+    config = replace(config, engine=replace(config.engine, quantized_dir=str(tmp_path / "gptq")))
+    monkeypatch.setattr(dynamic_tasks, "requantization_blocker", lambda config: "requantizer.enabled is false")
+    first = DynamicTasks(config, registry, wake=lambda: None)
+    first.store.tasks["code"] = TaskRecord(name="code", adapter_dir=str(adapter), calibration=str(tmp_path / "c"),
+                                           phase=READY, version=4, layers_done=30, layers_total=30)
+    first.store.save()
+    dynamic = DynamicTasks(config, registry, wake=lambda: None)
+    calibration = tmp_path / "calib.jsonl"
+    calibration.write_text('{"messages": [{"role": "user", "content": "q"}], "reference": "a"}\n')
+    text = dynamic.add(dynamic.prepare("code", str(adapter), str(calibration)))
+    assert "not re-quantized: requantizer.enabled is false" in text and "still serves" not in text

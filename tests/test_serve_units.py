@@ -390,23 +390,3 @@ def test_a_quantized_dir_missing_its_weights_is_told_so(tmp_path):
     with pytest.raises(ConfigError, match=r"has no \.safetensors weights \(not a checkpoint") as refused:
         check_quantized_dir(str(tmp_path))
     assert "config.json" not in str(refused.value)
-
-
-def test_more_cpu_executor_threads_than_cores_is_warned_of(tmp_path):
-    """Nothing said so when the CPU executors' threads outnumbered the cores (torch's default:
-    a thread per core in each executor), and each step waited on the others'."""
-    from inlaid.serve.cli import cpu_oversubscription
-    from inlaid.serve.config import config_from_dict
-
-    def why(raw: dict, cores: int) -> str | None:
-        return cpu_oversubscription(config_from_dict(raw, base_dir=tmp_path), cores)
-
-    assert why({}, 2) is None and why({"executor": {"threads": 2}}, 2) is None
-    assert why({"executors": {"count": 2}, "executor": {"threads": 1}}, 2) is None
-    assert "executor.threads 1 = 3 threads on 2 cores" in why({"executors": {"count": 3}, "executor": {"threads": 1}}, 2)
-    assert "1 CPU executor x executor.threads 4 = 4 threads on 2 cores" in why({"executor": {"threads": 4}}, 2)
-    unset = why({"executors": {"count": 2}}, 4)
-    assert "2 CPU executors each use all 4 cores" in unset and "at most 2" in unset
-    # executors on CUDA devices do not count against the host's cores
-    assert why({"executors": {"count": 2, "devices": ["cuda:0", "cuda:1"]}}, 1) is None
-    assert why({"executors": {"count": 3, "devices": ["cuda:0", "cpu", "cpu"]}, "executor": {"threads": 1}}, 2) is None

@@ -33,6 +33,9 @@ def test_every_split_is_the_file_in_the_suites_example_form(tmp_path):
     scores = task.metric(["hi there\nmore", "goodbye", "y"], examples)
     assert scores["exact_match"] == pytest.approx(100 / 3)  # "goodbye" is an accepted answer
     assert scores["rougeL"] == pytest.approx(100 * (2 / 3 + 1 + 0) / 3)  # "hi there" vs "hi": P 1/2, R 1
+    # any script: rouge-score's default tokenizer kept [a-z0-9] alone, and this scored 0 (a reviewer)
+    cyrillic = [{**examples[0], "reference": "Москва", "answers": ["Москва"]}]
+    assert task.metric(["Москва столица"], cyrillic)["rougeL"] == pytest.approx(100 * 2 / 3)
     with pytest.raises(TaskError, match="unknown split"):
         task.load_split("test")
 
@@ -100,6 +103,9 @@ def test_two_tasks_of_one_name_and_results_with_ones_own_task_are_refused(tmp_pa
                           text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith(
         "inlaid eval: two tasks named 'up'"), done.stderr
+    same = subprocess.run([INLAID, "eval", "--task", f"up={first}", "--task", f"up={tmp_path}/./a.jsonl",
+                           "--model", str(tmp_path / "none")], capture_output=True, text=True, timeout=300)
+    assert "two tasks named" not in same.stderr and "model directory not found" in same.stderr  # one file, twice
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"model": "m", "split": "eval", "tasks": {"up": {"base": {}}}}))
     adapters = tmp_path / "adapters"

@@ -87,8 +87,9 @@ def test_a_task_of_ones_own_trains_and_scores_from_its_file(tiny_model_dir, tmp_
     """A new task could be neither trained nor evaluated with `inlaid` commands: both took only
     the suite's task names (an outside probe of the new-task journey). `NAME=PATH.jsonl` reads
     the examples from the user's file, in the calibration format."""
-    from rouge_score import rouge_scorer
+    from dataclasses import replace
 
+    from inlaid.tasks import TaskError
     from inlaid.tasks.base import file_sha256
     from inlaid.tasks.eval_plan import EvalRun
     from inlaid.tasks.evaluate import evaluate_runs
@@ -99,36 +100,67 @@ def test_a_task_of_ones_own_trains_and_scores_from_its_file(tiny_model_dir, tmp_
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"French for {en}?"}],
                                         "reference": fr}) + "\n" for en, fr in pairs))
     config = TrainConfig(task="colours", data=str(data), model_dir=str(tiny_model_dir), out_dir=str(tmp_path / "a"),
-                         rank=4, steps=2, batch_size=2, lr=1e-2, warmup_steps=1, precision="fp32", threads=2)
+                         rank=4, steps=2, batch_size=2, lr=1e-2, warmup_steps=1, precision="fp32",
+                         threads=2).with_data_hash()
     out = train(config)
     info = json.loads((out / "training.json").read_text())
     assert info["task"] == "colours" and info["config"]["data"] == str(data)
-    assert info["train_data_sha256"] == file_sha256(data) and info["train_examples_used"] == len(pairs)
+    assert info["train_data_sha256"] == file_sha256(data) == config.data_sha256
+    assert info["train_examples_used"] == len(pairs)
     other = tmp_path / "other.jsonl"
     shutil.copy(data, other)
-    problem = out_problem(TrainConfig(**{**config.__dict__, "data": str(other)}))
+    problem = out_problem(replace(config, data=str(other)).with_data_hash())
     assert problem is not None and f"data {data} there, {other} here" in problem
     # the same path, its contents edited: resumed silently on other data (an outside probe)
     original = data.read_text()
     data.write_text(original.replace("rouge", "ROUGE"))
-    problem = out_problem(config)
+    problem = out_problem(config.with_data_hash())
     assert problem is not None and f"data_sha256 {info['train_data_sha256']} there" in problem
+    with pytest.raises(TaskError, match="changed since this run was checked"):  # edited after the checks
+        train(replace(config, steps=3))
     shutil.rmtree(out / "checkpoint")  # a finished adapter alone: its training.json says which data
-    problem = out_problem(config)
+    problem = out_problem(config.with_data_hash())
     assert problem is not None and f"data_sha256 {info['train_data_sha256']} there" in problem
     data.write_text(original)
-    assert out_problem(config) is None
+    assert out_problem(config.with_data_hash()) is None
 
-    results = evaluate_runs(tiny_model_dir, [EvalRun(f"colours={data}", "a", out), EvalRun(f"colours={data}", None, None)],
-                            backend="engine")
+    runs = [EvalRun(f"colours={data}", "a", out), EvalRun(f"colours={data}", None, None)]
+    results = evaluate_runs(tiny_model_dir, runs, backend="engine")
     assert set(results["tasks"]) == {"colours"} and set(results["tasks"]["colours"]) == {"a", "base"}
     assert results["dtype"] == "float32"  # the engine's "auto" on the CPU, as it ran (it said "auto")
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     for entry in results["tasks"]["colours"].values():
         texts = [p["text"] for p in entry["predictions"]]
         assert entry["examples"] == len(pairs) and entry["primary_metric"] == "rougeL"
         first_lines = [t.strip().splitlines()[0] if t.strip() else "" for t in texts]
-        expected = 100 * sum(scorer.score(fr, line)["rougeL"].fmeasure for (_, fr), line in zip(pairs, first_lines))
+        expected = 100 * sum(_rouge_l_by_hand(fr, line) for (_, fr), line in zip(pairs, first_lines))
         assert entry["scores"]["rougeL"] == pytest.approx(expected / len(pairs))
         assert entry["scores"]["exact_match"] == pytest.approx(
             100 * sum(line.strip().lower() == fr for (_, fr), line in zip(pairs, first_lines)) / len(pairs))
+
+
+def test_the_peft_backend_records_float32_without_the_engine(tiny_model_dir, tmp_path, monkeypatch):
+    """Naming the engine's dtype imported the engine after a peft run (auto picks peft when the
+    engine cannot import) and lost every result (a reviewer)."""
+    import sys
+
+    from inlaid.tasks.eval_plan import EvalRun
+    from inlaid.tasks.evaluate import evaluate_runs
+
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}], "reference": "hello"}) + "\n")
+    monkeypatch.setitem(sys.modules, "inlaid.engine.runner", None)  # an import of it fails
+    results = evaluate_runs(tiny_model_dir, [EvalRun(f"one={data}", None, None)], backend="peft")
+    assert results["dtype"] == "float32" and results["tasks"]["one"]["base"]["examples"] == 1
+
+
+def _rouge_l_by_hand(reference: str, prediction: str) -> float:
+    """ROUGE-L F1 over lower-cased Unicode words, from the longest common subsequence."""
+    import re
+
+    ref, pred = re.findall(r"\w+", reference.lower()), re.findall(r"\w+", prediction.lower())
+    lcs = [[0] * (len(pred) + 1) for _ in range(len(ref) + 1)]
+    for i, a in enumerate(ref):
+        for j, b in enumerate(pred):
+            lcs[i + 1][j + 1] = lcs[i][j] + 1 if a == b else max(lcs[i][j + 1], lcs[i + 1][j])
+    common = lcs[-1][-1]
+    return 0.0 if not common else 2 * common / (len(ref) + len(pred))

@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     status.add_argument("name")
     for action in (add, status):
         action.add_argument("--verbose", action="store_true",
-                            help="list every linear the quality gate kept as served (default: how many, and the worst)")
+                            help="list every linear the quality gate kept as served (default: the first, and how many)")
 
 
 def _print(message: object, as_json: bool) -> None:

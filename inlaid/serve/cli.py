@@ -7,9 +7,14 @@ import argparse
 import asyncio
 import functools
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from inlaid.serve.config import ServerConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,27 +112,27 @@ def ignored_settings(config) -> list[tuple[str, str]]:  # type: ignore[no-untype
 
 def usable_cores() -> int:
     """The cores this process may run on (its affinity mask, where the OS has one)."""
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def cpu_oversubscription(config, cores: int) -> str | None:  # type: ignore[no-untyped-def]
+def cpu_oversubscription(config: ServerConfig, cores: int) -> str | None:
     """Why the CPU executors' threads exceed `cores`, or None. Accepted (a user may mean
     it), but not silently: two CPU executors on a 2-core machine each ran torch's default
-    of a thread per core, and nothing said why each step took twice as long (an outside probe)."""
-    on_cpu = [device for device in config.executor_devices() if device.startswith("cpu")]
-    if len(on_cpu) < 2 and (config.engine.threads or 0) <= cores:
+    of a thread per core, and nothing said why each step took twice as long (an outside probe).
+    The requantizer's threads are not counted: it runs at idle priority (docs/dynamic-tasks.md)."""
+    executors = sum(device.startswith("cpu") for device in config.executor_devices())
+    threads = config.engine.threads
+    fewer = f"; lower executors.count to at most {cores}" if executors > cores else ""
+    if threads is None:  # torch's default: one thread per core, in every executor
+        if executors < 2:
+            return None
+        return (f"{executors} CPU executors each use all {cores} cores (executor.threads is not set): set "
+                f"executor.threads to {max(1, cores // executors)}{fewer}")
+    if executors * threads <= cores:
         return None
-    if config.engine.threads is None:  # torch's default: one thread per core, in every executor
-        return (f"{len(on_cpu)} CPU executors each use all {cores} cores (executor.threads is not set): "
-                f"set executor.threads to at most {max(1, cores // len(on_cpu))}, or lower executors.count")
-    wanted = len(on_cpu) * config.engine.threads
-    if wanted <= cores:
-        return None
-    return (f"{len(on_cpu)} CPU executor{'s' if len(on_cpu) > 1 else ''} x executor.threads "
-            f"{config.engine.threads} = {wanted} threads on {cores} cores: each step waits on the others'; "
-            f"lower executor.threads or executors.count")
+    return (f"{executors} CPU executor{'s' if executors > 1 else ''} x executor.threads {threads} = "
+            f"{executors * threads} threads on {cores} cores contend for them: lower executor.threads to "
+            f"{max(1, cores // max(executors, 1))}{fewer}")
 
 
 def _policies(config, options: dict | None = None):  # type: ignore[no-untyped-def]

@@ -271,8 +271,8 @@ class DynamicTasks:
             if name in store.dropped:
                 store.dropped.remove(name)  # its job computes its Hessians afresh
         replaced = store.tasks.get(name)
-        if record.phase == SERVING and replaced is not None and replaced.phase == READY and inputs.serves_as_now:
-            # the same files again, no samples: its layers still serve, and its status said version 0
+        if (record.phase == SERVING and not inputs.calibration and replaced is not None and replaced.phase == READY
+                and inputs.serves_as_now):  # the same files, no samples: its layers still serve (it read version 0)
             record = replace(replaced, adapter_dir=inputs.adapter_dir, message=(
                 f"added again with the same files: its re-quantization (version {replaced.version}) still serves"))
         if record.phase != QUEUED and (replaced is not None or replaced_entry is not None) and not inputs.serves_as_now:

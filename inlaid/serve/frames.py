@@ -88,8 +88,8 @@ def _explain(payload: bytes, error: Exception) -> ErrorReply:
         return ErrorReply(request_id=request_id, code=ErrorCode.UNKNOWN_MESSAGE,
                           message=f"unknown message type {excerpt(kind)}; known: {sorted(CLIENT_TAGS)}")
     # msgspec's words name the field (an unknown one as the client spelled it: bounded).
-    return ErrorReply(request_id=request_id, code=ErrorCode.MALFORMED, message=f"invalid message: {_bounded(str(error))}",
-                      field=_field_at_fault(str(error)))
+    return ErrorReply(request_id=request_id, code=ErrorCode.MALFORMED,
+                      message=f"invalid message: {_bounded(str(error))}", field=_field_at_fault(str(error)))
 
 
 _FIELD_CHARS = 128
@@ -105,7 +105,9 @@ def _field_at_fault(decoder_message: str) -> str | None:
     path = at.group("path") if at else ""
     if named:
         path = f"{path}.{named.group('name')}" if path else named.group("name")
-    return (path if len(path) <= _FIELD_CHARS else path[:_FIELD_CHARS] + "...") if path else None  # a client's 1 MB name
+    if len(path) > _FIELD_CHARS:  # a client's 1 MB field name
+        path = path[:_FIELD_CHARS] + "..."
+    return path or None
 
 
 def _readable_request_id(payload: bytes) -> str:

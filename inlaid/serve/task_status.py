@@ -48,9 +48,8 @@ def task_status_reply(request_id: str, name: str, store: TaskStore | None, regis
 def cancelled_job_note(record: TaskRecord) -> str:
     """What a removal says of its task's cancelled job ("layers already swapped in stay" was
     said of a job that had not started: an outside probe)."""
-    if record.phase == QUEUED:
-        return "; its queued re-quantization is cancelled (it had not started)"
-    if not record.layers_done:
-        return "; its re-quantization is cancelled (no layer of it was finished)"
+    if not record.layers_done:  # a job resumed after a restart is queued with layers done
+        return ("; its queued re-quantization is cancelled (it had not started)" if record.phase == QUEUED
+                else "; its re-quantization is cancelled (no layer of it was finished)")
     return (f"; its re-quantization is cancelled after {record.layers_done} of {record.layers_total} layers (those "
             "stay served: each is a valid quantization)")

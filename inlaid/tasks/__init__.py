@@ -1,7 +1,8 @@
 """The task suite: real data from PyPI packages, one module per task, one registry.
 
 `get_task(name)` returns a `Task` (name, metric, max_new_tokens, load_split); `TASK_NAMES`
-lists them in suite order. `get_task("NAME=PATH.jsonl")`: a task of the user's own (custom.py). Building splits (`inlaid tasks prepare`) lives in `prepare`.
+lists them in suite order. `get_task("NAME=PATH.jsonl")`: a task of the user's own
+(custom.py). Building splits (`inlaid tasks prepare`) lives in `prepare`.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Each line is one example in the calibration format (`inlaid quantize`, a server'
 `"answers"` (the accepted answers; default `[reference]`). So one file trains the adapter,
 scores it and calibrates the base for it. Every split is the file: keep training and
 evaluation examples in two files. The score is the generic one: ROUGE-L F1 of the first line
-(primary), exact match and token F1 against `answers`.
+over lower-cased Unicode words (primary; any script), exact match and token F1 against `answers`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ CHARACTERS_PER_TOKEN_AT_LEAST = 2
 def _generic_metric(predictions: list[str], examples: list[Example]) -> dict[str, float]:
     answers = [example["answers"] for example in examples]
     first_lines = [metrics.first_line(prediction) for prediction in predictions]
-    return {**metrics.rouge(first_lines, answers), **metrics.exact_match(first_lines, answers),
+    return {**metrics.rouge(first_lines, answers, unicode_words=True), **metrics.exact_match(first_lines, answers),
             **metrics.token_f1(first_lines, answers)}
 
 
@@ -66,12 +66,12 @@ def file_task(name: str, path: str, suite_names: tuple[str, ...]) -> FileTask:
         raise TaskError(f"task '{name}={path}': '{name}' is a task of the suite; give yours another name")
     if "/" in name or name in (".", "..") or name.strip() != name:
         raise TaskError(f"task name {name!r}: no '/', no leading or trailing blanks (it names the adapter's folder)")
-    path = str(Path(path).expanduser())  # `mine=~/f.jsonl`: no shell expands ~ after =
-    examples = read_task_file(Path(path), name)
+    expanded = Path(path).expanduser()  # `mine=~/f.jsonl`: no shell expands ~ after =
+    examples = read_task_file(expanded, name)
     longest = max(len(answer) for example in examples for answer in [example["reference"], *example["answers"]])
     budget = min(MAX_NEW_TOKENS, max(MIN_NEW_TOKENS, math.ceil(longest / CHARACTERS_PER_TOKEN_AT_LEAST)))
-    return FileTask(name=name, description=f"examples of {path}", metric_fn=_generic_metric, primary_metric="rougeL",
-                    max_new_tokens=budget, source=str(path), path=Path(path))
+    return FileTask(name=name, description=f"examples of {expanded}", metric_fn=_generic_metric,
+                    primary_metric="rougeL", max_new_tokens=budget, source=str(expanded), path=expanded)
 
 
 def read_task_file(path: Path, name: str) -> list[Example]:

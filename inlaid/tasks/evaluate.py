@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -102,8 +103,9 @@ def evaluate_runs(model_dir: Path, runs: list[EvalRun], split: str = "eval", lim
                    "stopped_by": "SIGTERM" if interrupted.terminated else "SIGINT"}
     seconds = time.time() - started
 
-    described = _engine_dtypes(dtype, weight_dtype)
-    results: dict = {"backend": backend, "dtype": described if backend == "engine" else "float32", "model": str(model_dir),
+    # the engine's "auto" resolved; peft runs float32 (and may be chosen because the engine cannot import)
+    described = _engine_dtypes(dtype, weight_dtype) if backend == "engine" else "float32"
+    results: dict = {"backend": backend, "dtype": described, "model": str(model_dir),
                      "split": split, "seconds": round(seconds, 1),
                      "generated_tokens": sum(o.num_tokens for o in outputs if o is not None), "tasks": {}}
     if partial is not None:
@@ -232,17 +234,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from inlaid.models.prepare import default_model_dir
     from inlaid.tasks import TASK_NAMES, get_task
+    from inlaid.tasks.custom import FileTask
 
     model_dir = Path(args.model) if args.model else default_model_dir()
     tasks = args.task or (list(TASK_NAMES) if args.suite else None)
     if not tasks:  # a usage error, as argparse's own (it exited 1)
         print("inlaid eval: give --task NAME (repeatable) or --suite", file=sys.stderr)
         return 2
-    given: dict[str, str] = {}
+    given: dict[str, tuple[str, str]] = {}  # name -> (spec, its file or the suite's name)
     for spec in tasks:
-        name = get_task(spec).name
-        if given.setdefault(name, spec) != spec:  # one row per name: the second file's scores replaced the first's
-            print(f"inlaid eval: two tasks named {name!r} ({given[name]}, {spec}); give each its own name",
+        task = get_task(spec)
+        source = os.path.realpath(task.path) if isinstance(task, FileTask) else spec  # NAME=PATH: its file
+        first = given.setdefault(task.name, (spec, source))
+        if first[1] != source:  # one row per name: the second file's scores replaced the first's
+            print(f"inlaid eval: two tasks named {task.name!r} ({first[0]}, {spec}); give each its own name",
                   file=sys.stderr)
             return 2
     problem = argument_problem(args)

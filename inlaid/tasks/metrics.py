@@ -109,16 +109,28 @@ def label_accuracy(predictions: list[str], references: list[str], labels: tuple[
     return {"accuracy": 100.0 * hits / count, "unparsed": 100.0 * unparsed / count}
 
 
-@lru_cache(maxsize=1)
-def _rouge_scorer():
+class UnicodeWords:
+    """A rouge-score tokenizer of lower-cased Unicode words, no stemming: the default keeps
+    only [a-z0-9], so text in another script scored 0 against itself."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return re.findall(r"\w+", text.lower())
+
+
+@lru_cache(maxsize=2)
+def _rouge_scorer(unicode_words: bool = False):
     from rouge_score import rouge_scorer
 
+    if unicode_words:
+        return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=UnicodeWords())
     return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
 
 
-def rouge(predictions: list[str], reference_lists: list[list[str]]) -> dict[str, float]:
-    """Mean ROUGE F1; with several references an example scores its best one (per measure)."""
-    scorer = _rouge_scorer()
+def rouge(predictions: list[str], reference_lists: list[list[str]], unicode_words: bool = False) -> dict[str, float]:
+    """Mean ROUGE F1; with several references an example scores its best one (per measure).
+    `unicode_words`: over lower-cased Unicode words (UnicodeWords), else rouge-score's default
+    (ASCII letters and digits, Porter stemmer: the suite's)."""
+    scorer = _rouge_scorer(unicode_words)
     totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
     for prediction, references in zip(predictions, reference_lists, strict=True):
         per_reference = [scorer.score(reference, prediction) for reference in references]

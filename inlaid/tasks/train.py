@@ -1,4 +1,5 @@
-"""`inlaid train-adapter`: LoRA training on one task, PEFT-format output, resumable.
+"""LoRA training on one task (`inlaid train-adapter`, whose command line is train_cli.py),
+PEFT-format output, resumable.
 
 A training sample is the chat-template prompt + the reference + the end-of-turn token; the
 loss covers the reference and the end-of-turn token only. Batches are a deterministic
@@ -9,18 +10,14 @@ head is a fifth of the model's compute and most positions are prompt.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
-import shlex
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from inlaid.cli_args import model_dir_problem, positive_float, positive_int, writable_dir_problem
 from inlaid.file_modes import as_umask_allows
 
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -46,6 +43,7 @@ class TrainConfig:
     precision: str = "bf16"         # base weights and matmuls: bf16 or fp32
     split: str = "train"
     data: str | None = None         # a task of one's own: its JSONL (inlaid/tasks/custom.py); None: the suite's
+    data_sha256: str | None = None  # ... and its contents when the run began (`with_data_hash`)
 
     @property
     def lora_alpha(self) -> float:
@@ -61,18 +59,19 @@ class TrainConfig:
                 "lr": self.lr, "warmup_steps": self.warmup_steps, "max_length": self.max_length,
                 "seed": self.seed, "precision": self.precision, "split": self.split,
                 # the file's contents, not only its path: a file edited in place resumed silently
-                **({"data": self.data, "data_sha256": _sha256_of(self.data)} if self.data is not None else {})}
+                **({"data": self.data, "data_sha256": self.data_sha256} if self.data is not None else {})}
+
+    def with_data_hash(self) -> TrainConfig:
+        """This config with its task file's sha256 taken now, once: every check and save of the
+        run compares that one (hashed at each save, a file edited mid-run changed it there)."""
+        from inlaid.tasks.base import file_sha256
+
+        return self if self.data is None else replace(self, data_sha256=file_sha256(Path(self.data)))
 
     @property
     def task_spec(self) -> str:
         """What `get_task` takes: the suite task's name, or NAME=PATH for one's own."""
         return self.task if self.data is None else f"{self.task}={self.data}"
-
-
-def _sha256_of(path: str) -> str:
-    from inlaid.tasks.base import file_sha256
-
-    return file_sha256(Path(path))
 
 
 def tokenize_sample(tokenizer, messages: list[dict], reference: str) -> tuple[list[int], int]:
@@ -153,6 +152,9 @@ def train(config: TrainConfig, command: str = "") -> Path:
     train_path = task.split_path(config.split)
     data_sha256 = file_sha256(train_path)
     examples = task.load_split(config.split)
+    if config.data is not None and config.data_sha256 not in (None, data_sha256):
+        raise TaskError(f"{config.data} changed since this run was checked against --out; run the command again")
+    config = replace(config, data_sha256=data_sha256) if config.data is not None else config
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # bf16 base weights on the CPU too: with AVX512-BF16 a bf16 matmul is ~2.6x faster than
     # fp32 here (measured 83 vs 32 GFLOP/s, 1 thread); the LoRA weights stay fp32.
@@ -262,7 +264,9 @@ def _same_record(out_dir: Path, info: dict) -> bool:
         return False
 
     def essence(record: dict) -> dict:
-        config = {k: v for k, v in record["config"].items() if k not in _RUN_ONLY_CONFIG}
+        # a suite task's data keys are None: a record from before they existed is the same run
+        config = {k: v for k, v in record["config"].items()
+                  if k not in _RUN_ONLY_CONFIG and not (k in ("data", "data_sha256") and v is None)}
         return {**{k: v for k, v in record.items() if k not in _RUN_ONLY_FIELDS}, "config": config}
 
     # Through JSON: `info` holds tuples that its file holds as lists.
@@ -325,99 +329,3 @@ def out_problem(config: TrainConfig, restart: bool = False) -> str | None:
         differing.append(f"steps {record.get('steps')} there, {config.steps} here")
     return (f"--out {out} holds a finished adapter of a run with other settings ({'; '.join(differing)}); "
             "pass --restart to retrain and replace it, or choose another --out") if differing else None
-
-
-def rank_problem(rank: int) -> str | None:
-    """--rank above what any engine can serve (refused), or None."""
-    from inlaid.engine.config import MAX_LORA_RANK
-
-    if rank > MAX_LORA_RANK:
-        return f"--rank {rank}: above {MAX_LORA_RANK}, the largest max_lora_rank an Inlaid engine can serve"
-    return None
-
-
-def rank_warning(rank: int) -> str | None:
-    """--rank above the default serving config's max_lora_rank: trained, but `inlaid generate`
-    and a server with the default config refuse the adapter."""
-    from inlaid.engine.config import EngineConfig
-
-    default = EngineConfig.max_lora_rank
-    if rank <= default:
-        return None
-    return (f"warning: --rank {rank} is above the default max_lora_rank {default}: `inlaid generate` and a server "
-            f"with the default config will refuse this adapter; serve it with `max_lora_rank = {rank}` (or more) "
-            "under [executor] in the server config (`inlaid eval` sizes its engine to the adapter)")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # Counts and sizes are checked by their argparse types, which name the option and exit 2
-    # before anything loads: `--alpha -1` wrote lora_alpha -1.0, `--save-every -1` and
-    # `--threads 0` were taken silently.
-    parser.add_argument("--task", required=True,
-                        help="a task of the suite (inlaid tasks list), or one of your own: NAME=PATH.jsonl, one "
-                             "example per line as a calibration file's (docs/tasks.md)")
-    parser.add_argument("--model", type=Path, default=None,
-                        help="base model directory (default: SmolLM2-135M-Instruct in the cache)")
-    parser.add_argument("--out", type=Path, default=None, help="adapter directory (default: adapters/<task>)")
-    parser.add_argument("--rank", type=positive_int, default=16)
-    parser.add_argument("--alpha", type=positive_float, default=None, help="lora_alpha (default 2*rank)")
-    parser.add_argument("--steps", type=positive_int, default=200)
-    parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--lr", type=positive_float, default=5e-4)
-    parser.add_argument("--max-length", type=positive_int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--save-every", type=positive_int, default=25)
-    parser.add_argument("--threads", type=positive_int, default=None)
-    parser.add_argument("--split", default="train", help="split to train on (default train)")
-    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
-    parser.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    parser.add_argument("--restart", action="store_true",
-                        help="discard the checkpoint in --out and retrain, replacing a finished adapter there")
-
-
-def _input_problem(args: argparse.Namespace, out_dir: Path) -> str | None:
-    """Why the run could not start or finish, known before the model loads, or None: a file
-    or unwritable directory as --out failed with NotADirectoryError after a minute of
-    training, and a missing --model reached Hugging Face as a repo id."""
-    from inlaid.tasks import TaskError, get_task
-
-    if problem := (model_dir_problem(args.model) or writable_dir_problem(out_dir, "--out")
-                   or rank_problem(args.rank)):
-        return problem
-    try:
-        get_task(args.task).split_path(args.split)
-    except TaskError as error:
-        return str(error)
-    return None
-
-
-def run(args: argparse.Namespace) -> int:
-    from inlaid.models.prepare import default_model_dir
-
-    from inlaid.tasks.custom import split_task_spec
-
-    # A task of one's own: its name names the adapter's folder; the path is kept absolute (a
-    # resumed run from another directory reads the same file, and the checkpoint records it).
-    name, data = split_task_spec(args.task) or (args.task, None)
-    out_dir = args.out or Path("adapters") / name
-    if problem := _input_problem(args, out_dir):
-        print(f"inlaid train-adapter: {problem}", file=sys.stderr)
-        return 2
-    config = TrainConfig(
-        task=name, data=str(Path(data).expanduser().resolve()) if data else None,
-        model_dir=str(args.model or default_model_dir()), out_dir=str(out_dir),
-        rank=args.rank, alpha=args.alpha, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        max_length=args.max_length, seed=args.seed, save_every=args.save_every, threads=args.threads,
-        save_dtype=args.save_dtype, precision=args.precision, split=args.split,
-    )
-    if warning := rank_warning(config.rank):
-        print(f"inlaid train-adapter: {warning}", file=sys.stderr)
-    if problem := out_problem(config, restart=args.restart):
-        print(f"inlaid train-adapter: {problem}", file=sys.stderr)
-        return 2
-    if args.restart:
-        shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
-    command = "inlaid train-adapter " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    out = train(config, command=command)
-    print(out)
-    return 0
