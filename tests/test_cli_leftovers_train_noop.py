@@ -20,6 +20,13 @@ def test_a_no_op_rerun_leaves_the_adapter_and_its_record_alone(model_dir: Path, 
     after = {name: ((out / name).stat().st_mtime_ns, (out / name).read_bytes()) for name in written}
     assert after == before
     assert json.loads((out / "training.json").read_text())["command"] == "first"
+    # a record written before a task of one's own (its config has no data keys) is the same run (a reviewer)
+    record = json.loads((out / "training.json").read_text())
+    assert (record["config"].pop("data"), record["config"].pop("data_sha256")) == (None, None)
+    (out / "training.json").write_text(json.dumps(record, indent=2))
+    older = (out / "training.json").stat().st_mtime_ns
+    train(config, command="after the data keys")
+    assert (out / "training.json").stat().st_mtime_ns == older
 
     (out / "adapter_config.json").unlink()  # a file of the adapter gone: the rerun writes it again
     train(config, command="third")
