@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,27 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402  (after the environment is set)
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def _signal_state() -> tuple:
+    return (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM),
+            frozenset(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+
+
+@pytest.fixture(autouse=True)
+def _signals_as_found(request) -> Iterator[None]:
+    """Each test leaves the worker's SIGINT / SIGTERM handlers and signal mask as it found
+    them: an ignored or blocked SIGINT is inherited by every child process started later in
+    the worker, and three Ctrl-C tests on one worker then saw their Ctrl-C ignored (a clean-clone
+    run). A test that changes them is named in a warning, and the state is put back."""
+    before = _signal_state()
+    yield
+    after = _signal_state()
+    if after != before:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+        signal.pthread_sigmask(signal.SIG_SETMASK, before[2])
+        warnings.warn(f"{request.node.nodeid} left the signal state changed: {before} -> {after}", stacklevel=1)
 
 
 @pytest.fixture
