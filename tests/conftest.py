@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
-import sys
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,56 +20,12 @@ import torch  # noqa: E402  (after the environment is set)
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-class _Sigaction(ctypes.Structure):  # glibc's struct sigaction (Linux)
-    _fields_ = [("handler", ctypes.c_void_p), ("mask", ctypes.c_ulong * 16), ("flags", ctypes.c_int),
-                ("restorer", ctypes.c_void_p)]
-
-
-def _ignored_by_the_os(signum: int) -> bool:
-    """Whether the process ignores `signum` (SIG_IGN) at the OS level, which children inherit:
-    a C library's sigaction is invisible to signal.getsignal."""
-    action = _Sigaction()
-    if not sys.platform.startswith("linux") or ctypes.CDLL(None).sigaction(signum, None, ctypes.byref(action)):
-        return False
-    return action.handler == 1  # SIG_IGN
-
-
-def _signal_state() -> tuple:
-    return (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM),
-            frozenset(signal.pthread_sigmask(signal.SIG_BLOCK, [])),
-            _ignored_by_the_os(signal.SIGINT), _ignored_by_the_os(signal.SIGTERM))
-
-
-_AT_START = _signal_state()
-_last_test = ["(none)"]
-
-
-@pytest.fixture(autouse=True)
-def _signals_as_found(request) -> Iterator[None]:
-    """Each test leaves the worker's SIGINT / SIGTERM handlers and signal mask as it found
-    them, and starts with neither ignored by the OS: an ignored or blocked SIGINT is inherited
-    by every child process started later in the worker, and three Ctrl-C tests on one worker
-    saw their children ignore Ctrl-C (two clean-clone runs). A change is put back, with a
-    warning naming the test (or, for an ignore found at a test's start, the test before it:
-    a module's fixtures run outside this window)."""
-    for index, signum in ((3, signal.SIGINT), (4, signal.SIGTERM)):
-        if _ignored_by_the_os(signum) and not _AT_START[index]:
-            signal.signal(signum, _AT_START[index - 3])
-            warnings.warn(f"{signal.Signals(signum).name} was ignored by the OS when {request.node.nodeid} started "
-                          f"(the test before it: {_last_test[0]}); put back", stacklevel=1)
-    if blocked := (signal.pthread_sigmask(signal.SIG_BLOCK, []) & {signal.SIGINT, signal.SIGTERM}) - _AT_START[2]:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
-        warnings.warn(f"{sorted(blocked)} blocked when {request.node.nodeid} started (the test before it: "
-                      f"{_last_test[0]}); unblocked", stacklevel=1)
-    before = _signal_state()
-    yield
-    _last_test[0] = request.node.nodeid
-    after = _signal_state()
-    if after != before:
-        signal.signal(signal.SIGINT, before[0])
-        signal.signal(signal.SIGTERM, before[1])
-        signal.pthread_sigmask(signal.SIG_SETMASK, before[2])
-        warnings.warn(f"{request.node.nodeid} left the signal state changed: {before} -> {after}", stacklevel=1)
+# A suite started as a background job of a non-interactive shell (`(make test &)` in a script)
+# inherits SIGINT ignored, as would every child process it starts: the Ctrl-C tests' children
+# then ignored their Ctrl-C (three tests failed so in this session's runs, which were started
+# that way). The tests run with SIGINT as a terminal has it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
