@@ -83,8 +83,10 @@ def test_two_executors_serve_a_mixed_load_and_survive_one_executor_kill(server, 
                      for p, t in long_jobs]
             for _ in range(3000):
                 snapshot = await client.stats()
+                # 3 tokens a request on average: with 1 a request, all could be the other executor's
+                # (a clean-clone run killed an executor whose requests had no token yet: none failed)
                 if [e.requests_running for e in snapshot.executors] == [SEATS, SEATS] and \
-                        snapshot.tokens_generated >= stats.tokens_generated + 2 * SEATS:
+                        snapshot.tokens_generated >= stats.tokens_generated + 3 * 2 * SEATS:
                     break
                 await asyncio.sleep(0.02)
             victim = snapshot.executors[1]
@@ -113,7 +115,8 @@ def test_two_executors_serve_a_mixed_load_and_survive_one_executor_kill(server, 
     assert [e.requests_running for e in snapshot.executors] == [SEATS, SEATS]
     assert snapshot.requests_waiting == 4
     failed = [o for o in outcomes if isinstance(o, ExecutorFailedError)]
-    assert 1 <= len(failed) <= SEATS, outcomes
+    # at most its SEATS running ones; none when none had a token yet (all computed again: checked below)
+    assert len(failed) <= SEATS, outcomes
     assert all(f"pid {victim.pid}" in str(f) for f in failed)
     for (prompt, task), outcome in zip([(PROMPTS[i % 4], MIX[i % len(MIX)]) for i in range(2 * SEATS + 4)], outcomes):
         if not isinstance(outcome, ExecutorFailedError):
