@@ -211,21 +211,28 @@ def test_a_task_on_a_full_precision_server_is_not_said_to_have_layers_to_do(mode
     assert capsys.readouterr().err == "code2: serving\n"
 
 
+def _restarted_with(model_dir: Path, tmp_path: Path, monkeypatch, record: TaskRecord,
+                    blocker: str = "") -> DynamicTasks:
+    """A GPTQ-base server's task side restarted on a state directory that holds `record`
+    (`blocker`: why this server cannot re-quantize, "" when it can)."""
+    config, registry, _ = _server(model_dir, tmp_path / "state")
+    config = replace(config, engine=replace(config.engine, quantized_dir=str(tmp_path / "gptq")))
+    monkeypatch.setattr(dynamic_tasks, "requantization_blocker", lambda config: blocker)
+    first = DynamicTasks(config, registry, wake=lambda: None)
+    first.store.tasks[record.name] = record
+    first.store.save()
+    return DynamicTasks(config, registry, wake=lambda: None)
+
+
 def test_removing_a_task_whose_job_is_queued_says_so_and_counts_the_cancel(model_dir, tmp_path, adapter, monkeypatch):
     """The removal of a task whose job had not started said "layers already swapped in stay",
     and a cancelled job was counted nowhere: stats and inlaid_requantization_jobs_total had
     only succeeded and failed (an outside probe)."""
     from inlaid.serve.requantizer_status import requantizer_info, requantizer_metrics
 
-    state = tmp_path / "state"
-    config, registry, _ = _server(model_dir, state)
-    config = replace(config, engine=replace(config.engine, quantized_dir=str(tmp_path / "gptq")))
-    monkeypatch.setattr(dynamic_tasks, "requantization_blocker", lambda config: "")
-    first = DynamicTasks(config, registry, wake=lambda: None)
-    first.store.tasks["code"] = TaskRecord(name="code", adapter_dir=str(adapter), calibration=str(tmp_path / "c"),
-                                           phase=QUEUED, version=1, layers_total=30)
-    first.store.save()
-    restarted = DynamicTasks(config, registry, wake=lambda: None)
+    restarted = _restarted_with(model_dir, tmp_path, monkeypatch, TaskRecord(
+        name="code", adapter_dir=str(adapter), calibration=str(tmp_path / "c"), phase=QUEUED, version=1,
+        layers_total=30))
     assert list(restarted.jobs.queue) == ["code"] and restarted.jobs.current is None
     text = restarted.remove("code")
     assert "its queued re-quantization is cancelled (it had not started)" in text and "swapped" not in text
@@ -240,16 +247,9 @@ def test_removing_a_task_whose_job_is_queued_says_so_and_counts_the_cancel(model
 def test_a_ready_task_added_again_with_its_files_keeps_its_requantization(model_dir, tmp_path, adapter, monkeypatch):
     """Re-adding a ready task with the same files and no calibration kept its Hessians and its
     served layers, but its status read version 0, "added without calibration samples"."""
-    state = tmp_path / "state"
-    config, registry, _ = _server(model_dir, state)
-    config = replace(config, engine=replace(config.engine, quantized_dir=str(tmp_path / "gptq")))
-    monkeypatch.setattr(dynamic_tasks, "requantization_blocker", lambda config: "")
-    first = DynamicTasks(config, registry, wake=lambda: None)
-    first.store.tasks["code"] = TaskRecord(name="code", adapter_dir=str(adapter), calibration=str(tmp_path / "c"),
-                                           phase=READY, version=4, layers_done=30, layers_total=30,
-                                           message="30 of 30 layers swapped in")
-    first.store.save()
-    dynamic = DynamicTasks(config, registry, wake=lambda: None)
+    dynamic = _restarted_with(model_dir, tmp_path, monkeypatch, TaskRecord(
+        name="code", adapter_dir=str(adapter), calibration=str(tmp_path / "c"), phase=READY, version=4,
+        layers_done=30, layers_total=30, message="30 of 30 layers swapped in"))
     inputs = dynamic.prepare("code", str(adapter), None)
     assert inputs.serves_as_now
     text = dynamic.add(inputs)
@@ -284,15 +284,9 @@ def test_the_cancel_note_counts_the_layers_a_resumed_job_had_done():
 def test_a_ready_task_added_again_with_calibration_where_nothing_re_quantizes_says_so(
         model_dir, tmp_path, adapter, monkeypatch):
     """Kept as ready with the old version's words, it dropped "not re-quantized: ..." (a reviewer)."""
-    state = tmp_path / "state"
-    config, registry, _ = _server(model_dir, state)
-    config = replace(config, engine=replace(config.engine, quantized_dir=str(tmp_path / "gptq")))
-    monkeypatch.setattr(dynamic_tasks, "requantization_blocker", lambda config: "requantizer.enabled is false")
-    first = DynamicTasks(config, registry, wake=lambda: None)
-    first.store.tasks["code"] = TaskRecord(name="code", adapter_dir=str(adapter), calibration=str(tmp_path / "c"),
-                                           phase=READY, version=4, layers_done=30, layers_total=30)
-    first.store.save()
-    dynamic = DynamicTasks(config, registry, wake=lambda: None)
+    dynamic = _restarted_with(model_dir, tmp_path, monkeypatch, TaskRecord(
+        name="code", adapter_dir=str(adapter), calibration=str(tmp_path / "c"), phase=READY, version=4,
+        layers_done=30, layers_total=30), blocker="requantizer.enabled is false")
     calibration = tmp_path / "calib.jsonl"
     calibration.write_text('{"messages": [{"role": "user", "content": "q"}], "reference": "a"}\n')
     text = dynamic.add(dynamic.prepare("code", str(adapter), str(calibration)))
