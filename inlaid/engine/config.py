@@ -95,6 +95,16 @@ class ModelConfig:
     sliding_window: int | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
+    def parameter_counts(self) -> tuple[int, int, int]:
+        """(projections, embedding, other) parameters of the base: the same for every precision.
+        The embedding counts an untied head too; other: norms and q/k/v biases."""
+        hidden, inter, layers = self.hidden_size, self.intermediate_size, self.num_layers
+        q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        per_layer = hidden * (q_out + 2 * kv_out) + q_out * hidden + 3 * hidden * inter
+        embedding = self.vocab_size * hidden * (1 if self.tie_word_embeddings else 2)
+        other = layers * 2 * hidden + hidden + (layers * (q_out + 2 * kv_out) if self.qkv_bias else 0)
+        return per_layer * layers, embedding, other
+
     @staticmethod
     def from_dir(model_dir: str | Path) -> "ModelConfig":
         model_dir = Path(model_dir)

@@ -113,10 +113,4 @@ def engine_memory(runner: ModelRunner) -> EngineMemory:
 
 def base_sizes(runner: ModelRunner) -> BaseSizes:
     """Parameter counts of the base model (from its config: the same for every precision)."""
-    config = runner.model_config
-    hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_layers
-    q_out, kv_out = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    per_layer = hidden * (q_out + 2 * kv_out) + q_out * hidden + 3 * hidden * inter
-    embedding = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2)
-    other = layers * 2 * hidden + hidden + (layers * (q_out + 2 * kv_out) if config.qkv_bias else 0)
-    return BaseSizes(per_layer * layers, embedding, other)
+    return BaseSizes(*runner.model_config.parameter_counts())

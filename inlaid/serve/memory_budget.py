@@ -38,12 +38,10 @@ def _memory_pool(device: str) -> str:
 def _weights_at_least(engine: EngineConfig, model: ModelConfig) -> tuple[int, str]:
     """A lower bound on the bytes of the weights each executor loads (every one holds its own
     copy): the projections at 2 bits (the smallest GPTQ base) or 2 bytes (a float one), the
-    embedding at 2 bytes. A bound, not an estimate: a config it refuses cannot fit; 64 CPU
-    executors of a 23 GiB machine, accepted without the weights, ran it out of memory (an
-    outside probe)."""
-    q, kv_width = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
-    projections = model.num_layers * model.hidden_size * (2 * q + 2 * kv_width + 3 * model.intermediate_size)
-    embedding = model.vocab_size * model.hidden_size
+    embedding (an untied head with it) at 2 bytes. A bound, not an estimate: a config it
+    refuses cannot fit; 64 CPU executors of a 23 GiB machine, accepted without the weights,
+    ran it out of memory (an outside probe)."""
+    projections, embedding, _ = model.parameter_counts()
     projection_bytes = projections // 4 if engine.quantized_dir else 2 * projections
     return projection_bytes + 2 * embedding, (
         f"weights at least {_size(projection_bytes + 2 * embedding)}: {projections / 1e6:.0f}M projection parameters "
