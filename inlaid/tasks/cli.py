@@ -73,6 +73,7 @@ def _report_inputs(args: argparse.Namespace) -> dict | None:
     a missing or foreign file was a traceback, and an unwritable --markdown one after
     MANIFEST.json had been rewritten."""
     from inlaid.cli_args import writable_dir_problem, writable_file_problem
+    from inlaid.tasks import TASK_NAMES
     from inlaid.tasks.evaluate import merge_results
 
     parts = []
@@ -87,8 +88,6 @@ def _report_inputs(args: argparse.Namespace) -> dict | None:
                 and "split" in part and all(isinstance(configs, dict) for configs in part["tasks"].values())):
             raise ValueError(f"--results {path} is not a results file of `inlaid eval --suite --with-base --out` "
                              "(a JSON object with model, split and tasks)")
-        from inlaid.tasks import TASK_NAMES
-
         # before anything is written: it wrote MANIFEST.json and the tables, then failed on such a task
         if own := [name for name in part["tasks"] if name not in TASK_NAMES]:
             raise ValueError(f"--results {path} holds task {own[0]!r}, not one of the suite's (a task of your own, "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from inlaid.cli_args import positive_int
 from inlaid.interrupts import EXIT_TERMINATED
+from inlaid.tasks.base import Task
 from inlaid.tasks.checks import adapter_problem, base_model_warnings
 from inlaid.tasks.eval_plan import BASE, EvalRun, argument_problem, planned_runs
 from inlaid.tasks.generation import (GenerationError, GenerationInterrupted, GenerationRequest, GenerationResult,
@@ -70,7 +71,7 @@ def evaluate_runs(model_dir: Path, runs: list[EvalRun], split: str = "eval", lim
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     adapters: dict[str, Path] = {}
     requests: list[GenerationRequest] = []
-    spans: list[tuple[EvalRun, list[dict], int, int]] = []
+    spans: list[tuple[EvalRun, Task, list[dict], int, int]] = []
     for run in runs:
         task = get_task(run.task)
         examples = task.load_split(split)[:limit]
@@ -83,7 +84,7 @@ def evaluate_runs(model_dir: Path, runs: list[EvalRun], split: str = "eval", lim
             GenerationRequest(chat_prompt(tokenizer, e["messages"]), run.adapter_name, task.max_new_tokens)
             for e in examples
         )
-        spans.append((run, examples, start, len(requests)))
+        spans.append((run, task, examples, start, len(requests)))
 
     if backend == "auto":
         backend = "engine" if engine_available() else "peft"
@@ -110,8 +111,7 @@ def evaluate_runs(model_dir: Path, runs: list[EvalRun], split: str = "eval", lim
                      "generated_tokens": sum(o.num_tokens for o in outputs if o is not None), "tasks": {}}
     if partial is not None:
         results["partial"] = partial
-    for run, all_examples, start, end in spans:
-        task = get_task(run.task)
+    for run, task, all_examples, start, end in spans:  # the task as read above (a file's, once)
         # Interrupted: each run is scored on its finished examples alone (none: no row).
         kept = [(e, o) for e, o in zip(all_examples, outputs[start:end]) if o is not None]
         if not kept:
