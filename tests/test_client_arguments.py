@@ -200,8 +200,9 @@ def test_clients_refuse_before_sending():
         # Any other message: what msgpack cannot carry is refused as a whole (no field to name).
         with pytest.raises(InvalidRequestError, match="not valid text"):
             client.add_task("\ud800", "/adapters/x")
-        with pytest.raises(InvalidRequestError, match="cannot be sent"):
-            client.generate("Hi", seed=object())  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequestError, match="^seed must be an integer or None, got <object") as caught:
+            client.generate("Hi", seed=object())  # type: ignore[arg-type]  (was "cannot be sent": no name)
+        assert caught.value.param == "seed"
 
     async def async_calls() -> None:
         async with AsyncClient(NOBODY, timeout_s=30) as client:

@@ -124,11 +124,16 @@ def test_an_addition_replacing_a_configured_task_says_so_as_a_fact(model_dir, tm
 
     for state, kept in ((tmp_path / "state", True), (None, False)):
         tasks = dynamic(state)
-        assert tasks.replaced_config_entry("other") is None
+        assert tasks.replaced_config_entry("other", str(ADAPTERS / "qa")) is None
         # not the config's path (that one is already served: nothing replaced)
         text = tasks.add(tasks.prepare("qa", str(ADAPTERS / "math"), None))
-        entry = tasks.replaced_config_entry("qa")
+        entry = tasks.replaced_config_entry("qa", str(ADAPTERS / "math"))
         assert entry == ReplacedConfigEntry(adapter_dir=str(ADAPTERS / "qa"), kept_across_restarts=kept), entry
+        # the config's own adapter again (after an unload): without a state directory nothing is
+        # replaced (it said it was); with one, the stored addition outlives an edit of the config
+        again = tasks.replaced_config_entry("qa", str(ADAPTERS / "qa"))
+        assert again == (ReplacedConfigEntry(adapter_dir=str(ADAPTERS / "qa"), kept_across_restarts=True) if kept
+                         else None), again
         assert f"replaces the config's [tasks] entry ({ADAPTERS / 'qa'})" in text  # the words say the same
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from inlaid.cli import main
-from inlaid.client import AsyncClient, Client, ConnectionLostError, InvalidRequestError
+from inlaid.client import AsyncClient, Client, ConnectionLostError, InlaidError, InvalidRequestError, UnknownTaskError
 from inlaid.serve.launcher import free_tcp_port
 
 ADDRESS = f"tcp://127.0.0.1:{free_tcp_port()}"
@@ -198,3 +198,93 @@ def test_cli_stream_ends_the_partial_line_at_ctrl_c(server: Any, capsys: pytest.
     out, err = capsys.readouterr()
     assert code == 130 and err == "inlaid client: interrupted\n", err
     assert out.strip() and out.endswith("\n") and not out.endswith("\n\n"), repr(out)
+
+
+# ---------------------------------------------------------------- a third probe's findings
+SHORT: dict[str, Any] = dict(prompt="The capital of France is", max_tokens=12, ignore_eos=True)
+ONE_ITERATOR = "cannot be read again"
+
+
+def test_a_sync_stream_has_one_iterator_peeked_then_read_on(observer: Client) -> None:
+    """`next(iter(stream))` then `list(stream)` read nothing and said nothing: the dropped
+    first iterator had cancelled the request. Now the second loop says so; one kept
+    iterator reads a first chunk and the rest, which together are the greedy answer."""
+    before = _cancelled(observer)
+    with Client(ADDRESS, timeout_s=30) as client:
+        stream = client.stream(**LONG)
+        next(iter(stream))
+        with pytest.raises(InlaidError, match=ONE_ITERATOR):
+            list(stream)
+        _until(lambda: _cancelled(observer) == before + 1 and _running(observer) == 0)
+        stream = client.stream(**SHORT)
+        chunks = iter(stream)
+        first = next(chunks)
+        with pytest.raises(InlaidError, match="another loop over it is still open"):
+            next(iter(stream))  # a second open iterator would take every other chunk
+        rest = list(chunks)
+        assert first.text + "".join(chunk.text for chunk in rest) == stream.result.text
+        assert stream.result.text == client.generate(**SHORT).text and stream.result.finish_reason == "length"
+
+
+def test_an_async_stream_peeked_then_read_on_says_why_at_once(observer: Client) -> None:
+    """The same with `anext(aiter(stream))`: the second loop waited its whole timeout (the
+    first iterator's finalizer removed the reply queue under it), then said "no answer"."""
+
+    async def run() -> None:
+        async with AsyncClient(ADDRESS, timeout_s=30) as client:
+            stream = await client.stream(**LONG)
+            await anext(aiter(stream))
+            started = time.monotonic()
+            with pytest.raises(InlaidError, match=ONE_ITERATOR):
+                [chunk async for chunk in stream]
+            assert time.monotonic() - started < 5
+            stream = await client.stream(**SHORT)
+            chunks = aiter(stream)
+            first = await anext(chunks)
+            rest = [chunk async for chunk in chunks]
+            assert first.text + "".join(chunk.text for chunk in rest) == stream.result.text
+            assert stream.result.text == (await client.generate(**SHORT)).text
+
+    asyncio.run(run())
+    _until(lambda: _running(observer) == 0)
+
+
+def test_argument_types_are_refused_by_name_before_sending(observer: Client) -> None:
+    """`max_tokens=1.5`, `temperature="hot"`, ... went to the server and came back `malformed`
+    (not an InvalidRequestError, no param). Now refused here by name; nothing reaches the server."""
+    refused = re.compile(r"^inlaid_frames_refused_total\{[^}]*\} (\S+)$", re.MULTILINE)
+
+    def frames_refused() -> float:
+        return sum(float(value) for value in refused.findall(observer.metrics()))
+
+    before = frames_refused()
+    with Client(ADDRESS, timeout_s=30) as client:
+        for param, value in (("max_tokens", 1.5), ("max_tokens", "4"), ("max_tokens", True), ("temperature", "hot"),
+                             ("top_k", 1.5), ("top_p", "0.5"), ("seed", 1.0), ("ignore_eos", "yes"),
+                             ("deadline_s", "5"), ("deadline_s", True)):
+            with pytest.raises(InvalidRequestError, match=f"^{param} must be") as raised:
+                client.generate("Hi", **{param: value})
+            assert raised.value.param == param, (param, value)
+        assert client.generate("Hi", temperature=1, max_tokens=2, seed=3).finish_reason == "length"  # an int is a number
+    assert frames_refused() == before
+
+
+def test_a_sync_client_used_by_two_threads_at_once_says_so(observer: Client) -> None:
+    """A second thread's call while one runs took the other's replies; one call timed out at
+    random with "no answer". Now the second call is refused at once; the first is unharmed."""
+    with Client(ADDRESS, timeout_s=60) as client:
+        client.generate(**SHORT)  # hello done: the running call below is a generate
+        results: list[Any] = []
+        runner = threading.Thread(target=lambda: results.append(client.generate(**{**LONG, "max_tokens": 40})))
+        runner.start()
+        _until(lambda: _running(observer) == 1, 30)
+        with pytest.raises(InlaidError, match="in use by another thread"):
+            client.generate(**SHORT)
+        runner.join(60)
+        assert results and results[0].finish_reason == "length"
+        assert client.generate(**SHORT).finish_reason == "length"  # this thread's turn now
+
+
+def test_the_base_models_name_is_no_task_and_the_error_says_what_is(observer: Client) -> None:
+    with pytest.raises(UnknownTaskError, match=r"\(no task, None, is the base model\); this server has: none"):
+        observer.generate("Hi", task="SmolLM2-135M-Instruct", max_tokens=2)

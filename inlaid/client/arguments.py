@@ -18,7 +18,7 @@ import msgspec
 
 from inlaid.cli_args import MAX_SECONDS
 from inlaid.client.errors import InvalidRequestError
-from inlaid.protocol import ChatMessage, chat_template_role
+from inlaid.protocol import ChatMessage, SamplingParams, chat_template_role
 _TEXT_PART_FIELDS = frozenset({"type", "text"})  # OpenAI's text content part
 
 
@@ -187,3 +187,30 @@ def checked_seconds(value: float, param: str, *, zero_ok: bool = False) -> float
         raise InvalidRequestError(f"{param} must be a number of seconds {bound} and <= {MAX_SECONDS:.0f}, "
                                   f"got {value!r}", param=param)
     return float(value)
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string", "null": "None"}
+
+
+def checked_sampling_forms(sampling: SamplingParams) -> SamplingParams:
+    """`sampling` with each value of the type the server's decoder takes (`max_tokens` an int
+    or None, `temperature` a number, `ignore_eos` a bool, ...): `max_tokens=1.5` or
+    `temperature="hot"` was sent and came back `malformed`, not an InvalidRequestError, and
+    with no `param` (an outside probe). The values themselves are the server's to judge."""
+    try:
+        return msgspec.convert(msgspec.structs.asdict(sampling), SamplingParams)
+    except msgspec.ValidationError as error:
+        at = _MSGSPEC_PATH.search(str(error))
+        param = re.split(r"[.\[]", at.group(1).lstrip("."))[0] if at else "sampling"
+        expected = re.search(r"Expected `([^`]*)`", str(error))
+        wanted = " or ".join(_TYPE_WORDS.get(name, name) for name in expected.group(1).split(" | ")) if expected \
+            else "of another type"
+        raise InvalidRequestError(f"{param} must be {wanted}, got {getattr(sampling, param, None)!r}",
+                                  param=param) from None
+
+
+def checked_deadline(deadline_s: float | None) -> float | None:
+    """A number or None (its value is the server's to judge): a string or a bool was sent and came back `malformed`."""
+    if deadline_s is None or (isinstance(deadline_s, (int, float)) and not isinstance(deadline_s, bool)):
+        return deadline_s
+    raise InvalidRequestError(f"deadline_s must be a number of seconds or None, got {deadline_s!r}", param="deadline_s")

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from inlaid.client.errors import ConnectionLostError, InlaidError, RequestTimeoutError
-from inlaid.client.messages import GenerateResult, stream_reply
+from inlaid.client.messages import GenerateResult, second_iterator_error, stream_reply
 from inlaid.protocol import TextChunk
 
 if TYPE_CHECKING:
@@ -28,6 +28,8 @@ class AsyncTokenStream:
         self.timeout_s = timeout_s
         self.result: GenerateResult | None = None
         self._done = False
+        self._iterating = False  # an iterator of this stream is open (a stream has one)
+        self._left_early = False  # closed before its end: its request was cancelled
         # A dropped stream's finalizer may run on any thread, inside or outside the loop: it
         # only schedules the cancel on the stream's loop (see `_stream_dropped`). Detached by
         # `_finish`; not run at exit, when the loop that could send it is gone.
@@ -35,6 +37,9 @@ class AsyncTokenStream:
         self._finalizer.atexit = False
 
     async def __aiter__(self) -> AsyncIterator[TextChunk]:
+        if self._iterating or self._left_early:
+            raise second_iterator_error(self.request_id, left_early=self._left_early, asynchronous=True)
+        self._iterating = True
         try:
             while not self._done:
                 try:
@@ -58,6 +63,7 @@ class AsyncTokenStream:
                     self.result = reply
                     self._finish()
         finally:
+            self._iterating = False
             if not self._done:
                 await self.aclose()
 
@@ -68,6 +74,7 @@ class AsyncTokenStream:
 
     async def aclose(self) -> None:
         if not self._done:
+            self._left_early = True
             self.client._cancel_nowait(self.request_id)
             self._finish()
 

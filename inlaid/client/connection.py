@@ -21,12 +21,15 @@ that gap, and the clients use both:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from inlaid.client.errors import ConnectionLostError
+from inlaid.client.errors import ConnectionLostError, InlaidError
 from inlaid.client.messages import decode_reply
 from inlaid.protocol import ServerReply
 
@@ -97,3 +100,26 @@ def connection_lost(request_id: str) -> ConnectionLostError:
     # have no business with the server's internal address (the SDK's caller knows it).
     return ConnectionLostError("the connection to the server was lost before the answer came "
                                "(the server stopped, crashed or restarted)", request_id)
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def one_thread_at_a_time(method: _Method) -> _Method:
+    """For the sync Client's methods that use its socket: another thread's call while one
+    runs raises InlaidError at once. Two threads on one socket took each other's replies and
+    a call timed out at random, saying only "no answer" (an outside probe). Reentrant: a
+    call's own handshake passes."""
+
+    @functools.wraps(method)
+    def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        lock: threading.RLock = self._one_thread
+        if not lock.acquire(blocking=False):
+            raise InlaidError("this Client is in use by another thread: a sync Client is not thread-safe; "
+                              "use one per thread, or one AsyncClient")
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            lock.release()
+
+    return guarded  # type: ignore[return-value]

@@ -19,6 +19,8 @@ from inlaid.client.arguments import (
     checked_text,
     checked_token_ids,
     chat_messages,
+    checked_deadline,
+    checked_sampling_forms,
     type_name,
 )
 from inlaid.client.errors import (
@@ -160,9 +162,9 @@ def build_generate(
                                       f"got {type_name(sampling)}", param="sampling")
         else:
             _refuse_both_forms(keywords)
-        sampling = msgspec.structs.replace(
+        sampling = checked_sampling_forms(msgspec.structs.replace(
             sampling, stop=checked_stop(sampling.stop),
-            stop_token_ids=checked_token_ids(sampling.stop_token_ids, "stop_token_ids"))
+            stop_token_ids=checked_token_ids(sampling.stop_token_ids, "stop_token_ids")))
         return Generate(
             request_id=request_id,
             task=None if task is None else checked_text(task, "task"),
@@ -172,7 +174,7 @@ def build_generate(
                                                                                      "prompt_token_ids"),
             sampling=sampling,
             stream=stream,
-            deadline_s=deadline_s,
+            deadline_s=checked_deadline(deadline_s),
         )
     except InvalidRequestError as error:
         error.request_id = request_id
@@ -238,6 +240,19 @@ def stream_reply(reply: ServerReply, request_id: str) -> TextChunk | GenerateDon
     if isinstance(reply, ErrorReply):
         raise error_from_reply(reply)
     raise InlaidError(f"unexpected {type(reply).__name__} in a stream", request_id)
+
+
+def second_iterator_error(request_id: str, *, left_early: bool, asynchronous: bool) -> InlaidError:
+    """Why a stream refuses a second iterator. Leaving a loop cancels the request, and a
+    dropped `iter(stream)` is a loop left: `next(iter(stream))` and then `list(stream)` read
+    nothing and said nothing (sync), or waited the whole timeout and said "no answer" (async),
+    an outside probe. One iterator per stream keeps both the cancel and the peek."""
+    keep = ("chunks = aiter(stream); first = await anext(chunks); rest = [c async for c in chunks]" if asynchronous
+            else "chunks = iter(stream); first = next(chunks); rest = list(chunks)")
+    why = ("its request was cancelled when an earlier loop over it was left before the end, or by close()"
+           if left_early else "another loop over it is still open")
+    return InlaidError(f"this stream cannot be read again: {why}; a stream has one iterator: to read a first "
+                       f"chunk and then the rest, keep it ({keep})", request_id)
 
 
 def expect(reply: ServerReply, kind: type[Any]) -> Any:

@@ -14,7 +14,7 @@ import msgspec
 import zmq
 
 from inlaid.client.arguments import ChatMessageArg, checked_seconds
-from inlaid.client.connection import Connection, connection_lost
+from inlaid.client.connection import Connection, connection_lost, one_thread_at_a_time
 from inlaid.client.errors import ClientClosedError, ConnectionLostError, RequestTimeoutError
 from inlaid.client.messages import (
     DEFAULT_ADDRESS,
@@ -79,6 +79,7 @@ class Client:
         # Streams dropped unread whose finalizer ran on another thread: their cancels go out
         # at this client's next call (a ZeroMQ socket is not for two threads).
         self._dropped: deque[str] = deque()
+        self._one_thread = threading.RLock()  # see one_thread_at_a_time
 
     # ------------------------------------------------------------------ connection
     def _sock(self) -> zmq.Socket:
@@ -168,6 +169,7 @@ class Client:
     def _send(self, message: msgspec.Struct | bytes) -> None:
         self._sock().send(message if isinstance(message, bytes) else encode(message))
 
+    @one_thread_at_a_time
     def _next_reply(self, request_id: str, deadline: float) -> ServerReply:
         queue = self._inbox.get(request_id)
         if queue is None:  # a stream read on after reconnect() dropped it: a KeyError said nothing
@@ -187,6 +189,7 @@ class Client:
             raise reply
         return reply
 
+    @one_thread_at_a_time
     def _roundtrip(self, message: Any, timeout_s: float | None, frame: bytes | None = None) -> ServerReply:
         request_id = message.request_id
         wait_s = call_timeout(timeout_s, self.timeout_s)
@@ -257,11 +260,9 @@ class Client:
         )  # fmt: skip
         return self._call(message, GenerateDone, timeout_s)
 
+    @one_thread_at_a_time
     def stream(
-        self,
-        prompt: str | None = None,
-        *,
-        task: str | None = None,
+        self, prompt: str | None = None, *, task: str | None = None,
         messages: Sequence[ChatMessageArg] | None = None,  # OpenAI's form, as the HTTP front takes them
         prompt_token_ids: Sequence[int] | None = None,
         max_tokens: int | None = 64,
@@ -297,6 +298,7 @@ class Client:
             raise
         return TokenStream(self, message.request_id, wait_s)
 
+    @one_thread_at_a_time
     def cancel(self, request_id: str) -> None:
         """Ask the server to stop `request_id`; its stream ends with finish_reason 'cancelled'."""
         self._send(Cancel(request_id=request_id))

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from inlaid.client.errors import ConnectionLostError, InlaidError, RequestTimeoutError
-from inlaid.client.messages import GenerateResult, stream_reply
+from inlaid.client.messages import GenerateResult, second_iterator_error, stream_reply
 from inlaid.protocol import TextChunk
 
 if TYPE_CHECKING:
@@ -31,6 +31,8 @@ class TokenStream:
         self.timeout_s = timeout_s
         self.result: GenerateResult | None = None
         self._done = False
+        self._iterating = False  # an iterator of this stream is open (a stream has one)
+        self._left_early = False  # closed before its end: its request was cancelled
         # A weakref.finalize, not __del__: it holds no reference to the stream, and `_finish`
         # detaches it, so a stream read to its end costs nothing when collected. Not at exit:
         # the sockets are closed with no linger then, and a cancel would be lost anyway.
@@ -38,6 +40,9 @@ class TokenStream:
         self._finalizer.atexit = False
 
     def __iter__(self) -> Iterator[TextChunk]:
+        if self._iterating or self._left_early:
+            raise second_iterator_error(self.request_id, left_early=self._left_early, asynchronous=False)
+        self._iterating = True
         try:
             while not self._done:
                 try:
@@ -61,6 +66,7 @@ class TokenStream:
                     self.result = reply
                     self._finish()
         finally:
+            self._iterating = False
             if not self._done:  # left early: nobody will read the rest
                 self.close()
 
@@ -75,6 +81,7 @@ class TokenStream:
 
     def close(self) -> None:
         if not self._done:
+            self._left_early = True
             self.client._cancel_quietly(self.request_id)
             self._finish()
 

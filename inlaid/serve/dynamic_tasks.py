@@ -43,8 +43,7 @@ SAVE_RETRY_S = 5.0  # a registry the state directory could not take is tried aga
 
 @dataclass
 class TaskInputs:
-    """An added task's files, checked (and copied into the state directory when there is one), and
-    what its addition did with them (set by `DynamicTasks.add`)."""
+    """An added task's files, checked (copied into the state directory if any), and what its addition did."""
 
     name: str
     adapter_dir: str
@@ -52,9 +51,8 @@ class TaskInputs:
     copied: bool
     # The name serves these very files now (a re-add): the Hessians stored for it stay valid.
     serves_as_now: bool = False
-    # Set by `DynamicTasks.add` (the AdminReply says them): the Hessians stored for the name left
-    # the aggregate; the name served this very path already (no state directory copies it), so
-    # nothing was read again; the config's [tasks] entry it replaces.
+    # Set by `DynamicTasks.add` (the AdminReply says them): the Hessians stored for the name left the
+    # aggregate; the name served this very path already (nothing read again); the config entry it replaces.
     hessians_dropped: bool = False
     already_served: bool = False
     replaced_config_entry: ReplacedConfigEntry | None = None
@@ -247,7 +245,7 @@ class DynamicTasks:
                 store.discard_copy(inputs.adapter_dir)
             raise
         self._on_task_count(len(self.registry.tasks))
-        replaced_entry = None if inputs.already_served else self.replaced_config_entry(name)
+        replaced_entry = None if inputs.already_served else self.replaced_config_entry(name, inputs.adapter_dir)
         inputs.replaced_config_entry = replaced_entry
         if replaced_entry is not None:  # allowed (an adapter updated
             # without a restart), never silently: said here, and as a fact in the AdminReply
@@ -300,11 +298,13 @@ class DynamicTasks:
         return ("; the Hessians stored for it were computed with the adapter it replaces and leave the aggregate "
                 "(add it with its calibration file to re-quantize the base for this adapter)")
 
-    def replaced_config_entry(self, name: str) -> ReplacedConfigEntry | None:
+    def replaced_config_entry(self, name: str, adapter_dir: str) -> ReplacedConfigEntry | None:
         """The config's [tasks] entry an addition of `name` replaces (None: no task of that name
-        there): for the AddTask's AdminReply, which programs read, where `add`'s text is for people."""
-        return None if name not in self.config.tasks else ReplacedConfigEntry(
-            adapter_dir=self.config.tasks[name], kept_across_restarts=self.store is not None)
+        there, or its own adapter re-added without a state directory): for the AddTask's AdminReply."""
+        configured = self.config.tasks.get(name)
+        if configured is None or (self.store is None and os.path.realpath(adapter_dir) == os.path.realpath(configured)):
+            return None
+        return ReplacedConfigEntry(adapter_dir=self.config.tasks[name], kept_across_restarts=self.store is not None)
 
     def remove(self, name: str) -> str:
         store = self.store

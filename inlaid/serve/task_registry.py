@@ -113,7 +113,9 @@ class TaskRegistry:
     def check_accepting(self, name: str | None) -> None:
         if name is not None and name not in self.tasks:
             known = ", ".join(sorted(self.tasks)) or "none"
-            raise TaskError(ErrorCode.UNKNOWN_TASK, f"unknown task {excerpt(name)}; this server has: {known}")
+            # The base model is no task (an SDK user tried the name /v1/models lists for it).
+            raise TaskError(ErrorCode.UNKNOWN_TASK, f"unknown task {excerpt(name)} (no task, None, is the base "
+                            f"model); this server has: {known}")
 
     def request_started(self, name: str | None) -> None:
         if name is not None:
