@@ -82,6 +82,26 @@ def model_dir_problem(model: Path | None) -> str | None:
         return f"model directory not found: {model}"
     if not (model / "config.json").is_file():
         return f"model directory {model} has no config.json: not a Hugging Face model directory"
+    # A damaged weights file failed deep in each loader ("invalid header length", without the
+    # file's name; under `inlaid serve`, three executor tracebacks): its header says it here.
+    for weights in sorted(model.glob("*.safetensors")):
+        if problem := safetensors_problem(weights, ": the model's weights are damaged; prepare or copy it again"):
+            return problem
+    return None
+
+
+def safetensors_problem(path: Path, consequence: str = "") -> str | None:
+    """What is wrong with a safetensors file by its header (read, not its tensors: cheap
+    before any model loads), or None; `consequence` follows the words of a damaged file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            handle.keys()
+    except SafetensorError as error:
+        return f"{path} is truncated or not a safetensors file ({error}){consequence}"
+    except OSError as error:
+        return f"cannot read {path}: {error}"
     return None
 
 

@@ -4,9 +4,10 @@ in this process; only a bug (an error that says nothing about the inputs) keeps 
 
 from __future__ import annotations
 
-import os
-
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -270,6 +271,7 @@ def test_counts_that_make_no_sense_are_refused_by_name(tmp_path: Path, capsys: p
     cases = [(quantize, option, value) for option in ("--max-samples", "--max-tokens", "--batch-tokens", "--threads",
                                                       "--mlgptq-rounds") for value in ("0", "-3", "x")]
     cases += [(quantize, "--mlgptq-step", value) for value in ("0", "-1", "nan")]
+    cases += [(quantize, "--mlgptq-slack", value) for value in ("-1", "nan", "inf")]  # nan and inf started the run
     cases += [(add, option, value) for option in ("--max-samples", "--threads") for value in ("0", "-2")]
     cases += [(evaluate, option, value) for option in ("--limit", "--batch-size") for value in ("0", "-1")]
     for command, option, value in cases:
@@ -364,3 +366,34 @@ def test_eval_pairs_each_adapter_with_its_task(tmp_path: Path, monkeypatch: pyte
     assert [(r.task, r.adapter_dir) for r in seen] == [("math", tmp_path / "m"), ("math", None),
                                                        ("qa", tmp_path / "q"), ("qa", None)]
     assert json.loads(out.read_text())["tasks"] == {}  # its missing parent was created
+
+
+def test_a_damaged_model_weights_file_is_named_before_anything_loads(model_dir: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """A truncated model.safetensors in model.dir: `inlaid serve` logged "listening", then three
+    executor tracebacks and a last line naming no file (exit 1); quantize and train-adapter said
+    the library's "invalid header length". Now one line naming the file, exit 2, nothing started."""
+    damaged = tmp_path / "model"
+    damaged.mkdir()
+    for item in model_dir.iterdir():
+        (damaged / item.name).symlink_to(item)
+    (damaged / "model.safetensors").unlink()
+    (damaged / "model.safetensors").write_bytes((model_dir / "model.safetensors").read_bytes()[:2000])
+    named = f"{damaged / 'model.safetensors'} is truncated or not a safetensors file ("
+    config = tmp_path / "server.toml"
+    config.write_text(f'[model]\ndir = "{damaged}"\n')
+    # A process of its own, bounded: before the check, this server started (and never exited by itself).
+    served = subprocess.run([sys.executable, "-m", "inlaid.cli", "serve", "--config", str(config)],
+                            capture_output=True, text=True, timeout=120)
+    assert served.returncode == 2 and served.stderr.startswith("inlaid serve: model.dir: "), served.stderr
+    assert named in served.stderr and len(served.stderr.strip().splitlines()) == 1, served.stderr
+    commands = [(["quantize", "--model", str(damaged), "--task", f"s={model_dir}:calib.jsonl",
+                  "--out", str(tmp_path / "q")], "inlaid quantize: "),
+                (["train-adapter", "--model", str(damaged), "--task", "sentiment", "--out", str(tmp_path / "t")],
+                 "inlaid train-adapter: ")]
+    for command, prefix in commands:
+        assert main(command) == 2, command
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(prefix) and named in err and "the model's weights are damaged" in err, err
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "q").exists() and not (tmp_path / "t").exists()

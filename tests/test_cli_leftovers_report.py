@@ -57,3 +57,46 @@ def test_eval_prints_a_percent_sign_on_shares_only() -> None:
     assert _shown_score("unparsed", 1.5) == "unparsed=1.50%"
     assert [_shown_score(metric, 10.9) for metric in ("bleu", "chrf", "rougeL", "f1")] == [
         "bleu=10.90", "chrf=10.90", "rougeL=10.90", "f1=10.90"]
+
+
+def _trained_adapter(adapters: Path, name: str) -> Path:
+    """A copy of a committed adapter with its training record, as train-adapter leaves it."""
+    import shutil
+
+    target = adapters / name
+    shutil.copytree(Path(__file__).resolve().parents[1] / "adapters" / name, target)
+    return target
+
+
+def test_report_refuses_a_damaged_manifest_and_foreign_adapters_before_writing(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A truncated MANIFEST.json was read as empty and rewritten (exit 0), its recorded eval
+    scores gone; an adapter without training.json was `FileNotFoundError: ...`, one missing a
+    field a KeyError traceback. Each is now one line naming the file; nothing is rewritten."""
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    math = _trained_adapter(adapters, "math")
+    manifest = adapters / "MANIFEST.json"
+    assert main(["tasks", "report", "--adapters-dir", str(adapters)]) == 0
+    capsys.readouterr()
+    scored = json.loads(manifest.read_text())
+    scored["adapters"]["math"]["eval"] = {"metric": "accuracy", "examples": 128, "adapter": 30.0, "base": 2.0}
+    whole = json.dumps(scored)
+    for damaged, words in ((whole[:60], "cannot be read as JSON"), ("[1, 2]", "has no 'adapters' object")):
+        manifest.write_text(damaged)
+        assert main(["tasks", "report", "--adapters-dir", str(adapters)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"inlaid tasks report: {manifest} {words}") and len(err.splitlines()) == 1, err
+        assert manifest.read_text() == damaged  # not rewritten
+    manifest.write_text(whole)
+    (math / "training.json").unlink()
+    assert main(["tasks", "report", "--adapters-dir", str(adapters)]) == 2
+    assert capsys.readouterr().err.strip() == (f"inlaid tasks report: {math} has no training.json: the manifest "
+                                               "records adapters `inlaid train-adapter` trained; keep other adapters "
+                                               "out of --adapters-dir")
+    (math / "training.json").write_text(json.dumps({"task": "math"}))
+    assert main(["tasks", "report", "--adapters-dir", str(adapters)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"inlaid tasks report: {math / 'training.json'} is not a train-adapter record: it lacks "
+                          "rank, lora_alpha,"), err
+    assert manifest.read_text() == whole

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from inlaid.quant.errors import CheckpointError
 from inlaid.quant.unfinished import unfinished_problem
@@ -44,14 +44,9 @@ def weights_file_problem(weights_path: Path) -> str | None:
     """What is wrong with a checkpoint's safetensors file by its header (read, not its tensors:
     cheap enough to check before a model loads), or None. A truncated file or a garbled header
     otherwise surfaced as the library's "incomplete metadata, file not fully covered"."""
-    try:
-        with safe_open(str(weights_path), framework="numpy") as handle:
-            handle.keys()
-    except SafetensorError as error:
-        return str(corrupt_weights_error(weights_path, error))
-    except OSError as error:
-        return f"cannot read {weights_path}: {error}"
-    return None
+    from inlaid.cli_args import safetensors_problem
+
+    return safetensors_problem(weights_path, ": the checkpoint is corrupt; rebuild it")
 
 
 def quantized_dir_problem(checkpoint_dir: Path, float_hint: str = "give the float model as --model") -> str | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from inlaid.quant.calibration import CALIBRATION_BATCH_TOKENS, DEFAULT_MAX_TOKENS
-from inlaid.cli_args import positive_float, positive_int, writable_dir_problem
+from inlaid.cli_args import non_negative_float, positive_float, positive_int, writable_dir_problem
 from inlaid.quant.errors import QuantizationError
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mlgptq-rounds", type=positive_int, default=None,
                         help="mlgptq rounds; above 1 the aggregate is reweighted toward the worst task (default 1: none)")
     parser.add_argument("--mlgptq-step", type=positive_float, default=None, help="reweighting exponent of mlgptq")
-    parser.add_argument("--mlgptq-slack", type=float, default=None,
+    parser.add_argument("--mlgptq-slack", type=non_negative_float, default=None,
                         help="task-mean error a reweighting round may add, as a fraction (default 0)")
     parser.add_argument("--no-errors", action="store_true", help="skip the per-task reconstruction errors")
     parser.add_argument("--no-hessian-state", action="store_true", help="do not store per-task Hessians")
@@ -170,8 +170,6 @@ def run(args: argparse.Namespace) -> int:
         check_tasks(tasks, args.model or default_model_dir())
         method = parse_method(args.method, [task.name for task in tasks])
         defaults = MlgptqOptions()
-        if args.mlgptq_slack is not None and args.mlgptq_slack < 0:
-            raise QuantizationError(f"--mlgptq-slack must be >= 0, got {args.mlgptq_slack}")
         options = MlgptqOptions(rounds=args.mlgptq_rounds or defaults.rounds, start=args.mlgptq_start or defaults.start,
                                 step=args.mlgptq_step if args.mlgptq_step is not None else defaults.step,
                                 mean_slack=args.mlgptq_slack if args.mlgptq_slack is not None else defaults.mean_slack)

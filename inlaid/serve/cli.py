@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from inlaid.cli_args import model_dir_problem
     from inlaid.serve.config import ConfigError, load_config
     from inlaid.serve.config_parsing import check_log_level, check_quantized_dir
     from inlaid.serve.logs import setup_logging
@@ -32,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         # Here, not as the config is read: configs are also built (tests, the requantization
         # checks) naming checkpoints nothing loads.
+        if problem := model_dir_problem(Path(config.engine.model_dir)):  # before three executors fail on it
+            raise ConfigError(f"model.dir: {problem}")
         if config.engine.quantized_dir is not None:
             check_quantized_dir(config.engine.quantized_dir)
         if args.log_level is not None:  # "" too: refused below, not ignored

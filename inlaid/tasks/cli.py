@@ -75,6 +75,7 @@ def _report_inputs(args: argparse.Namespace) -> dict | None:
     from inlaid.cli_args import writable_dir_problem, writable_file_problem
     from inlaid.tasks import TASK_NAMES
     from inlaid.tasks.evaluate import merge_results
+    from inlaid.tasks.report import check_records
 
     parts = []
     for path in args.results:
@@ -107,4 +108,5 @@ def _report_inputs(args: argparse.Namespace) -> dict | None:
         problem = problem or writable_file_problem(Path(path), option)
     if problem:
         raise ValueError(problem)
+    check_records(adapters, lengths=bool(parts))
     return merge_results(parts) if parts else None

@@ -29,7 +29,7 @@ def write_manifest(adapters_dir: Path, results: dict | None, replace_smaller: bo
     dropped: list[str] = []
     for config_path in sorted(adapters_dir.glob("*/adapter_config.json")):
         adapter_dir = config_path.parent
-        training = json.loads((adapter_dir / "training.json").read_text())
+        training = _training_record(adapter_dir)
         weights = adapter_dir / "adapter_model.safetensors"
         entry = {
             "task": training["task"],
@@ -92,14 +92,54 @@ def _eval_entry(name: str, task_results: dict) -> dict:
     }
 
 
+def check_records(adapters_dir: Path, lengths: bool) -> None:
+    """ValueError for what `write_manifest` (and with `lengths`, `write_output_lengths`) would
+    fail on, checked before anything is written: an adapter without its training record, a
+    damaged record being updated (whose recorded scores were silently dropped, an outside probe)."""
+    _previous_section(adapters_dir / "MANIFEST.json", "adapters")
+    for config_path in sorted(adapters_dir.glob("*/adapter_config.json")):
+        _training_record(config_path.parent)
+    if lengths:
+        _previous_section(OUTPUT_LENGTHS_FILE, "tasks")
+
+
+_TRAINING_FIELDS = ("task", "rank", "lora_alpha", "target_modules", "steps", "batch_size", "lr", "train_data_sha256",
+                    "first_loss_mean10", "final_loss_mean10", "command")
+
+
+def _training_record(adapter_dir: Path) -> dict:
+    """The adapter's training.json, which `inlaid train-adapter` writes; ValueError naming the
+    adapter when it has none (a PEFT adapter copied in was a FileNotFoundError) or lacks a field."""
+    path = adapter_dir / "training.json"
+    if not path.is_file():
+        raise ValueError(f"{adapter_dir} has no training.json: the manifest records adapters `inlaid train-adapter` "
+                         "trained; keep other adapters out of --adapters-dir")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} cannot be read as JSON ({error})") from None
+    missing = [name for name in _TRAINING_FIELDS if not isinstance(record, dict) or name not in record]
+    if missing:
+        raise ValueError(f"{path} is not a train-adapter record: it lacks {', '.join(missing)}")
+    return record
+
+
 def _previous_section(path: Path, key: str) -> dict:
     """The `key` object of the record at `path` being updated (the MANIFEST's adapters, the
-    length record's tasks): {} when there is none or it is unreadable."""
-    try:
-        section = json.loads(path.read_text()).get(key)
-    except (OSError, ValueError, AttributeError):
+    length record's tasks): {} when there is none; ValueError when it cannot be read (rewritten
+    without a word, it lost every score it held)."""
+    if not path.exists():
         return {}
-    return dict(section) if isinstance(section, dict) else {}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} cannot be read as JSON ({error}): what it records would be lost; restore it "
+                         "(git checkout) or delete it to start afresh") from None
+    section = record.get(key) if isinstance(record, dict) else None
+    if not isinstance(section, dict):
+        raise ValueError(f"{path} has no {key!r} object: what it records would be lost; restore it (git checkout) "
+                         "or delete it to start afresh")
+    return dict(section)
 
 
 def _count(record: dict | None, key: str) -> int | None:
