@@ -19,6 +19,7 @@ import io
 import logging
 import os
 import signal
+import socket
 import sys
 import types
 from collections.abc import Iterator
@@ -181,9 +182,10 @@ class _Deployment:  # what serve.status() holds, reduced to what the command rea
 
 @pytest.fixture()
 def deploy(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """deploy(sections, address, run, nodes, capture, details) -> (exit code, stderr lines, calls):
+    """deploy(sections, address, run, nodes, capture, details, init) -> (exit code, stderr lines, calls):
     the command run against stand-ins of Ray's calls (`run` is serve.run's body, `nodes`
-    ray.nodes(), `details` the replica deployment's status message; stderr goes to `capture`)."""
+    ray.nodes(), `details` the replica deployment's status message, `init` ray.init; stderr
+    goes to `capture`)."""
     import ray
     from ray import serve
 
@@ -192,10 +194,10 @@ def deploy(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
     def run_deploy(sections: dict[str, Any], address: str = "auto", run: Any = None,
                    nodes: list[dict[str, Any]] | None = None, capture: Any = None,
-                   details: str = "") -> tuple[int, list[str], Any]:
+                   details: str = "", init: Any = None) -> tuple[int, list[str], Any]:
         path = tmp_path / "ray.toml"
         path.write_text(to_toml(_raw(model_dir, **sections)))
-        monkeypatch.setattr(ray, "init", lambda **options: calls["init"].append(options))
+        monkeypatch.setattr(ray, "init", init or (lambda **options: calls["init"].append(options)))
         monkeypatch.setattr(ray, "nodes", lambda: nodes if nodes is not None else [
             {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 8.0}}])
         monkeypatch.setattr(serve, "start", lambda **options: None)
@@ -314,3 +316,64 @@ def test_a_text_record_with_both_keys_gives_the_last_ones_value() -> None:
 
     line = "04:19:41 CRITICAL inlaid.coordinator: cannot serve; exiting  [error=first reason=the executor died]"
     assert _log_reason(line) == (2, "cannot serve; exiting", "the executor died")
+
+
+TWO_CPUS = [{"Alive": True, "Resources": {"CPU": 2.0, "memory": 1e9}}]
+
+
+def test_replicas_and_an_ingress_that_do_not_fit_together_are_said(deploy) -> None:
+    """Two 1-CPU replicas on a 2-CPU cluster: each fits a node, but the ingress (0.1 CPU) then
+    has no room and the deploy waited forever, only Ray's controller log saying why."""
+    two_whole = {"ray": {"num_replicas": 2, "num_cpus": 1, "app_name": APP}}
+    code, lines, calls = deploy(two_whole, address="local", nodes=TWO_CPUS)
+    assert (code, calls["run"]) == (2, [])
+    assert lines == ["inlaid ray: the cluster cannot host the 2 replicas the deploy starts and the ingress together "
+                     "(2 x ray.num_cpus 1 + 1 x ray.ingress_num_cpus 0.1 CPU, 2 x ray.num_gpus 0 GPU; its 1 node has "
+                     "2 CPU, 0 GPU in all): lower ray.num_cpus (a fraction is fine), ray.num_replicas or "
+                     "ray.ingress_num_cpus"]
+    code, lines, calls = deploy(two_whole, address="auto", nodes=TWO_CPUS)  # nodes may join: a warning
+    assert (code, len(calls["run"])) == (0, 1) and len(lines) == 1, lines
+    assert lines[0].startswith("inlaid ray: warning: the cluster cannot host the 2 replicas")
+    for fits in ({"num_replicas": 2, "num_cpus": 0.5}, {"num_replicas": 2, "num_cpus": 1, "ingress_num_cpus": 0},
+                 {"num_replicas": "auto", "num_cpus": 1}):  # autoscaling starts min_replicas (1)
+        sections = {"ray": {**fits, "app_name": APP}}
+        if fits["num_replicas"] == "auto":
+            sections["ray.autoscaling"] = {"min_replicas": 1, "max_replicas": 4}
+        code, lines, calls = deploy(sections, address="local", nodes=TWO_CPUS)
+        assert (code, lines) == (0, []), (fits, lines)
+    split = [{"Alive": True, "Resources": {"CPU": 1.0}}, {"Alive": True, "Resources": {"CPU": 1.5}}]
+    code, lines, _ = deploy(two_whole, address="local", nodes=split)  # one replica per node, the ingress beside one
+    assert (code, lines) == (0, [])
+
+
+def test_a_cluster_that_refuses_the_shells_credentials_says_so(deploy) -> None:
+    """`--address HOST:PORT` on a token-auth cluster from a shell without RAY_AUTH_MODE=token
+    said "no Ray cluster at ..." though one was listening."""
+    from ray.exceptions import AuthenticationError
+
+    def refused(**options: Any) -> None:
+        try:
+            raise AuthenticationError("Unauthenticated: InvalidAuthToken")
+        except AuthenticationError as cause:
+            raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:1") from cause
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    address = f"127.0.0.1:{listening.getsockname()[1]}"
+    try:
+        code, lines, calls = deploy({"ray": {"num_replicas": 1, "app_name": APP}}, address=address, init=refused)
+    finally:
+        listening.close()
+    assert (code, calls["run"]) == (2, [])
+    assert lines == [f"inlaid ray: the Ray cluster at {address!r} refused this process: it uses token "
+                     "authentication; set RAY_AUTH_MODE=token in this shell, with the cluster's token in "
+                     "~/.ray/auth_token (or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)"]
+
+
+def test_the_proxys_address_is_refused_by_the_keys_the_config_has(deploy) -> None:
+    # It said ray.http.port / ray.http.host: no such keys.
+    for key, value, words in (("http_port", 70000, "ray.http_port must be an integer in 1-65535, got 70000"),
+                              ("http_host", "0.0.0.0", "ray.http_host '0.0.0.0' is not a loopback address")):
+        code, lines, calls = deploy({"ray": {"num_replicas": 1, "app_name": APP, key: value}})
+        assert (code, calls["init"]) == (2, []) and len(lines) == 1 and words in lines[0], lines

@@ -13,16 +13,18 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 
 def check_listen_address(section: str, host: str, port: int, allow_public_bind: bool,
-                         how_to_allow: str = "set server.allow_public_bind = true") -> None:
+                         how_to_allow: str = "set server.allow_public_bind = true", key_joint: str = ".") -> None:
     """Raise ValueError unless `host:port` is a usable listening address; hosts beyond
     this machine need `server.allow_public_bind` (the endpoints carry no credentials), which
-    the refusal tells how to set (`how_to_allow`: a command line says its switch)."""
+    the refusal tells how to set (`how_to_allow`: a command line says its switch). The keys
+    are named `{section}{key_joint}port` and `...host` ("http.port"; "ray.http_port")."""
+    port_key, host_key = f"{section}{key_joint}port", f"{section}{key_joint}host"
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise ValueError(f"{section}.port must be an integer in 1-65535, got {port!r}")
+        raise ValueError(f"{port_key} must be an integer in 1-65535, got {port!r}")
     if not isinstance(host, str) or not host:
-        raise ValueError(f"{section}.host must be a non-empty string")
+        raise ValueError(f"{host_key} must be a non-empty string")
     if host not in LOOPBACK_HOSTS and not allow_public_bind:
-        raise ValueError(f"{section}.host {host!r} is not a loopback address; {how_to_allow} to listen beyond this "
+        raise ValueError(f"{host_key} {host!r} is not a loopback address; {how_to_allow} to listen beyond this "
                          "machine")
 
 

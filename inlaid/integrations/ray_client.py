@@ -22,7 +22,9 @@ from typing import Any
 from inlaid.client import (ConnectionLostError, ExecutorFailedError, InlaidError, InvalidRequestError,
                            OverloadedError, RequestTimeoutError, UnknownTaskError)
 from inlaid.client.errors import error_from_reply
-from inlaid.protocol import AdminReply, ErrorCode, ErrorReply, GenerateDone, HealthReply, HelloReply, TaskInfo, TextChunk
+from inlaid.protocol import (
+    AdminReply, ErrorCode, ErrorReply, GenerateDone, HealthReply, HelloReply, TaskInfo, TextChunk, unknown_task_message,
+)
 
 
 @dataclass
@@ -58,7 +60,7 @@ def unknown_task_error(task: str, known: Iterable[str]) -> UnknownTaskError:
     (serve/task_registry.py `check_accepting`) and, for the HTTP front's 404, the tasks."""
     tasks = sorted(known)
     reply = ErrorReply(request_id="", code=ErrorCode.UNKNOWN_TASK, field="task", known_tasks=tasks,
-                       message=f"unknown task {task!r}; this server has: {', '.join(tasks) or 'none'}")
+                       message=unknown_task_message(task, tasks))
     return error_from_reply(reply)  # type: ignore[return-value]  (UNKNOWN_TASK's class)
 
 

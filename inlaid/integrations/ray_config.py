@@ -281,6 +281,6 @@ def _validate(config: RayDeploymentConfig) -> None:
         raise ConfigError(f"ray.route_prefix must start with '/', got {config.route_prefix!r}")
     try:
         check_listen_address("ray.http", config.http_host, config.http_port,
-                             bool(config.server["server"].get("allow_public_bind", False)))
+                             bool(config.server["server"].get("allow_public_bind", False)), key_joint="_")
     except ValueError as error:
         raise ConfigError(str(error)) from None

@@ -106,6 +106,46 @@ def unplaceable_replica(num_cpus: float, num_gpus: float, nodes: list[dict[str, 
             f"{most_cpus:g} CPU)")
 
 
+def unplaceable_deployment(config: RayDeploymentConfig, nodes: list[dict[str, Any]]) -> str | None:
+    """Why the live nodes of `nodes` cannot host one replica, or the replicas the deploy starts
+    and the ingress together (placed first-fit, largest first, as whole actors on nodes), or
+    None. Two 1-CPU replicas on a 2-CPU cluster left the ingress (0.1 CPU) unplaced: the
+    deploy waited forever, and only Ray's controller log said why (an outside probe)."""
+    if problem := unplaceable_replica(config.num_cpus, config.num_gpus, nodes):
+        return problem
+    alive = [node.get("Resources", {}) for node in nodes if node.get("Alive", True)]
+    free = [[res.get("CPU", 0.0), res.get("GPU", 0.0)] for res in alive]
+    table = config.autoscaling or {}
+    starting = int(config.num_replicas) if config.autoscaling is None else int(
+        table.get("initial_replicas", table.get("min_replicas", 1)))
+    actors = [(config.num_cpus, config.num_gpus)] * starting + [(config.ingress_num_cpus, 0.0)] * config.ingress_replicas
+    for cpus, gpus in sorted(actors, reverse=True):
+        node = next((node for node in free if node[0] >= cpus - 1e-9 and node[1] >= gpus - 1e-9), None)
+        if node is None:
+            return (f"the cluster cannot host the {starting} replicas the deploy starts and the ingress together "
+                    f"({starting} x ray.num_cpus {config.num_cpus:g} + {config.ingress_replicas} x "
+                    f"ray.ingress_num_cpus {config.ingress_num_cpus:g} CPU, {starting} x ray.num_gpus "
+                    f"{config.num_gpus:g} GPU; its {len(alive)} node{' has' if len(alive) == 1 else 's have'} "
+                    f"{sum(res.get('CPU', 0.0) for res in alive):g} CPU, {sum(res.get('GPU', 0.0) for res in alive):g}"
+                    " GPU in all): lower ray.num_cpus (a fraction is fine), ray.num_replicas or ray.ingress_num_cpus")
+        node[0] -= cpus
+        node[1] -= gpus
+    return None
+
+
+def _connection_refusal(address: str, error: ConnectionError) -> str:
+    """Why `ray.init(address)` failed, in one line. A cluster with token authentication (Ray
+    2.60's default) refuses a shell without RAY_AUTH_MODE=token: that was "no Ray cluster at
+    ..." after 20 lines of GCS errors, though one was listening (`auto` reads the mode from
+    the local session, an explicit address does not)."""
+    if type(error.__cause__).__name__ == "AuthenticationError":
+        return (f"the Ray cluster at {address!r} refused this process: it uses token authentication; set "
+                "RAY_AUTH_MODE=token in this shell, with the cluster's token in ~/.ray/auth_token (or "
+                "RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)")
+    return (f"no Ray cluster at {address!r} ({error}); start one with `ray start --head`, or pass --address local "
+            "for a cluster inside this process")
+
+
 def _cluster_nodes() -> list[dict[str, Any]] | None:
     import ray
 
@@ -155,16 +195,15 @@ def deploy_main(argv: list[str] | None = None) -> int:
     try:
         ray.init(address=args.address)
     except ConnectionError as error:  # "auto" with no cluster running here
-        print(f"inlaid ray: no Ray cluster at {args.address!r} ({error}); start one with `ray start --head`, or "
-              "pass --address local for a cluster inside this process", file=sys.stderr)
+        print(f"inlaid ray: {_connection_refusal(args.address, error)}", file=sys.stderr)
         return 2
     nodes = _cluster_nodes()
-    problem = unplaceable_replica(config.num_cpus, config.num_gpus, nodes) if nodes is not None else None
+    problem = unplaceable_deployment(config, nodes) if nodes is not None else None
     if problem is not None and args.address == "local":  # started here: no autoscaler adds a node to it
         print(f"inlaid ray: {problem}", file=sys.stderr)
         return 2
     if problem is not None:  # an autoscaling cluster may add such a node: Ray waits for one
-        print(f"inlaid ray: warning: {problem}; the deploy waits until a node that has it joins", file=sys.stderr)
+        print(f"inlaid ray: warning: {problem}; the deploy waits until nodes that have room join", file=sys.stderr)
     return _serve(config, serve, build_app)
 
 

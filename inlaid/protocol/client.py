@@ -57,6 +57,14 @@ def excerpt(text: str, limit: int = 64) -> str:
     return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
+def unknown_task_message(name: str, known: list[str]) -> str:
+    """An unknown task's refusal, in the words of every server (a coordinator, a Ray replica,
+    the Ray ingress): the HTTP front reads the tasks after "; this server has: ". The base
+    model is no task (an SDK user tried the name /v1/models lists for it)."""
+    tasks = ", ".join(known) or "none"
+    return f"unknown task {excerpt(name)} (no task, None, is the base model); this server has: {tasks}"
+
+
 class ChatMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     role: str
     content: str
@@ -331,4 +339,5 @@ __all__ = [
     "chat_template_role",
     "excerpt",
     "reply_id",
+    "unknown_task_message",
 ]

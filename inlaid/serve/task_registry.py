@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from inlaid.engine.adapter_config import AdapterError
 from inlaid.engine.adapter_weights import check_servable_adapter
 from inlaid.engine.engine import Engine, InvalidRequestError
-from inlaid.protocol import ErrorCode, excerpt
+from inlaid.protocol import ErrorCode, excerpt, unknown_task_message
 from inlaid.serve.config import ConfigError, check_task_name
 
 
@@ -112,10 +112,7 @@ class TaskRegistry:
 
     def check_accepting(self, name: str | None) -> None:
         if name is not None and name not in self.tasks:
-            known = ", ".join(sorted(self.tasks)) or "none"
-            # The base model is no task (an SDK user tried the name /v1/models lists for it).
-            raise TaskError(ErrorCode.UNKNOWN_TASK, f"unknown task {excerpt(name)} (no task, None, is the base "
-                            f"model); this server has: {known}")
+            raise TaskError(ErrorCode.UNKNOWN_TASK, unknown_task_message(name, sorted(self.tasks)))
 
     def request_started(self, name: str | None) -> None:
         if name is not None:
