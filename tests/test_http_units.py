@@ -76,7 +76,16 @@ def test_http_and_metrics_sections(model_dir):
         ({"http": {"max_prompts_per_request": 8}, "server": {"max_pending_requests": 8}}, "could never be admitted"),
         ({"http": {"prot": 8000}}, "unknown keys"),
         ({"metrics": {}}, "needs a port"),
-        ({"metrics": {"port": 8000}, "http": {"port": 8000}}, "cannot share a port"),
+        ({"metrics": {"port": 8000}, "http": {"port": 8000}}, r"metrics.port and http.port cannot share port 8000: "
+                                                              r"the server listens on both \(the front serves"),
+        # server.address's own port: "cannot listen on server.address ...: Address already in use" at start
+        ({"server": {"address": "tcp://127.0.0.1:8001"}, "http": {"port": 8001}},
+         "http.port and server.address cannot share port 8001"),
+        ({"server": {"address": "tcp://127.0.0.1:8001", "allow_public_bind": True},
+          "metrics": {"port": 8001, "host": "0.0.0.0"}},  # every host: 127.0.0.1's port too
+         "metrics.port and server.address cannot share port 8001"),
+        ({"server": {"executor_address": "tcp://127.0.0.1:8002"}, "http": {"port": 8002}},
+         "http.port and server.executor_address cannot share port 8002"),
         ({"metrics": {"port": 70000}}, "metrics.port"),
         ({"tasks": {"__base__": str(model_dir)}}, "reserved"),
     ]

@@ -57,8 +57,8 @@ from inlaid.cli_args import MAX_SECONDS, type_words
 from inlaid.engine.config import MAX_THREADS, EngineConfig, check_device, check_range
 from inlaid.http.settings import HttpConfig, check_listen_address
 from inlaid.serve.config_parsing import (ConfigError, admin_token_from, check_bind_address, check_log_level,
-                                         check_state_dir, read_toml, reject_unknown, resolve_path, section,
-                                         typed_value, without_admin_token)
+                                         check_port_clashes, check_state_dir, read_toml, reject_unknown,
+                                         resolve_path, section, typed_value, without_admin_token)
 from inlaid.protocol import DEFAULT_MAX_FRAME_BYTES
 from inlaid.serve.placement import PLACEMENT_RULES, PlacementRule
 from inlaid.serve.scheduler_config import check_scheduler
@@ -250,8 +250,7 @@ class ServerConfig:
                 raise ConfigError(str(error)) from None
         if self.metrics is not None:
             check_listen_address("metrics", self.metrics.host, self.metrics.port, self.allow_public_bind)
-            if self.http is not None and (self.metrics.host, self.metrics.port) == (self.http.host, self.http.port):
-                raise ConfigError("[metrics] and [http] cannot share a port (the front serves /metrics itself)")
+        check_port_clashes(self)
         from inlaid.serve.memory_budget import check_executor_memory, memory_known_without_torch
 
         check_executor_memory(self, memory_known_without_torch)

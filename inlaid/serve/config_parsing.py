@@ -183,3 +183,31 @@ def without_admin_token(raw: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(server, dict):
         return raw
     return {**raw, "server": {key: value for key, value in server.items() if key not in ADMIN_TOKEN_KEYS}}
+
+
+_ANY_HOST = ("0.0.0.0", "*", "::", "")
+
+
+def check_port_clashes(config: Any) -> None:
+    """ConfigError for two of a ServerConfig's own listeners on one port where their hosts
+    overlap: `[http] port` equal to server.address's was "cannot listen on server.address
+    ...: Address already in use", which sent the user looking for another process (an
+    outside probe). `[metrics]` and `[http]` cannot share one even by design."""
+    executor = [] if config.executor_address == "auto" else _tcp_listener("server.executor_address",
+                                                                          config.executor_address)
+    fronts = [(f"{key}.port", front.host, front.port) for key, front in (("http", config.http),
+                                                                        ("metrics", config.metrics)) if front]
+    listeners = [*_tcp_listener("server.address", config.address), *executor, *fronts]
+    for index, (key, host, port) in enumerate(listeners):
+        for other_key, other_host, other_port in listeners[:index]:
+            if port == other_port and (host == other_host or host in _ANY_HOST or other_host in _ANY_HOST):
+                why = " (the front serves /metrics itself)" if {key, other_key} == {"metrics.port", "http.port"} else ""
+                raise ConfigError(f"{key} and {other_key} cannot share port {port}: the server listens on both{why}")
+
+
+def _tcp_listener(key: str, address: str) -> list[tuple[str, str, int]]:
+    """[(key, host, port)] of a tcp:// address (checked already), [] of an ipc:// one."""
+    if not address.startswith("tcp://"):
+        return []
+    host, _, port = address[len("tcp://"):].rpartition(":")
+    return [(key, host, int(port))]
