@@ -397,3 +397,39 @@ def test_a_damaged_model_weights_file_is_named_before_anything_loads(model_dir: 
         assert err.startswith(prefix) and named in err and "the model's weights are damaged" in err, err
         assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert not (tmp_path / "q").exists() and not (tmp_path / "t").exists()
+
+
+def test_messages_name_the_option_and_say_what_is_wrong(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Each was refused, but in words that named no option (`ValueError: device must be ...`,
+    `the server address must be ...`), said the wrong thing (a token file that is a directory
+    "not found"; a training.json that exists "no training.json"), or a class and a bare key
+    (`SuiteRecord.__init__() got an unexpected keyword argument`, `'coefficients'`)."""
+    (tmp_path / "tokens").mkdir()
+    config = tmp_path / "server.toml"
+    config.write_text('[server]\nadmin_token_file = "tokens"\n')
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "training.json").write_text("{not json")
+    (tmp_path / "wrong.json").write_text('{"a": 1}')
+    (tmp_path / "lengths.jsonl").write_text('{"prompt": "x", "task": "a"}\n')
+    cost_model = Path(__file__).resolve().parents[1] / "bench" / "results" / "sched_cost_model.json"
+    cases = [
+        (["serve", "--config", str(config)], f"inlaid serve: server.admin_token_file {tmp_path / 'tokens'}: is a "
+                                             "directory, not a file"),
+        (["train-adapter", "--task", "sentiment", "--out", str(out)],
+         f"inlaid train-adapter: --out {out} is not empty and holds no train-adapter run (its training.json is not "
+         "a train-adapter record); choose a new or empty directory"),
+        (["generate", "--device", "tpu", "--prompt", "hi"],
+         "inlaid generate: --device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+        (["http", "--address", "foo"], "inlaid http: --address must be tcp://HOST:PORT or ipc://PATH"),
+        (["tune-scheduler", "--cost-model", str(tmp_path / "wrong.json")],
+         f"inlaid tune-scheduler: {str(tmp_path / 'wrong.json')!r} is not a cost model written by "
+         "bench/sched_cost.py: it has no field 'coefficients'"),
+        (["tune-scheduler", "--cost-model", str(cost_model), "--lengths", str(tmp_path / "lengths.jsonl")],
+         f"inlaid tune-scheduler: {tmp_path / 'lengths.jsonl'}:1: not a recorded request: a JSON object with exactly "
+         "the fields record_id, task, split,"),
+    ]
+    for command, words in cases:
+        assert main(command) == 2, command
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(words) and len(err.splitlines()) == 1 and "Error:" not in err, (words, err)

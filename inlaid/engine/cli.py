@@ -229,6 +229,12 @@ def _check_inputs(args: argparse.Namespace) -> tuple[dict[str, str], list[dict[s
     costs a line, not a model load (or a traceback after it)."""
     if problem := model_dir_problem(args.model):
         raise _InputError(problem)
+    from inlaid.engine.config import EngineConfig, check_device
+
+    try:  # as EngineConfig checks it, but named as the option ("device must be ..." named none)
+        check_device("--device", args.device)
+    except ValueError as error:
+        raise _InputError(str(error)) from None
     if args.quantized:
         from inlaid.serve.config import ConfigError
         from inlaid.serve.config_parsing import check_quantized_dir
@@ -241,7 +247,6 @@ def _check_inputs(args: argparse.Namespace) -> tuple[dict[str, str], list[dict[s
         except ConfigError as error:
             # The message names the server's config key; here the option is what was given.
             raise _InputError(str(error).replace("model.quantized_dir", "--quantized", 1)) from None
-    from inlaid.engine.config import EngineConfig
     from inlaid.models.prepare import default_model_dir
     from inlaid.tasks.checks import adapter_problem, base_model_warnings
 

@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> tuple[str, HttpConfig]:
     """(server address, front settings); ValueError for bad values."""
-    from inlaid.client.messages import DEFAULT_ADDRESS
+    from inlaid.client.messages import DEFAULT_ADDRESS, checked_address
 
     address, config, allow_public = DEFAULT_ADDRESS, HttpConfig(), args.allow_public_bind
     max_frame_bytes: int | None = None  # the server's, when its config is at hand
@@ -84,6 +84,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[str, HttpConfig]:
         config.fit_to_frames(max_frame_bytes)
     if max_pending is not None:  # again: --max-prompts may have raised it
         config.fit_to_pending_requests(max_pending)
+    if args.address:  # named: "the server address must be ..." did not say which option
+        checked_address(args.address, "--address")
     return args.address or address, config
 
 

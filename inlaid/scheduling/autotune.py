@@ -81,7 +81,10 @@ def load_cost_model(path: str, max_num_seqs: int = 64) -> StepCostModel:
         raise  # names the file and the coefficients (StepCostModel checks them for every user)
     except FileNotFoundError:
         raise ValueError(f"cost model file not found: {path!r} (bench/sched_cost.py writes one)") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+    except KeyError as error:  # its bare words ("'coefficients'") named no field
+        raise ValueError(f"{path!r} is not a cost model written by bench/sched_cost.py: it has no field {error}") \
+            from None
+    except (OSError, ValueError, TypeError, AttributeError) as error:
         raise ValueError(f"{path!r} is not a cost model written by bench/sched_cost.py: {error}") from None
     for rows in (1, max_num_seqs):
         step = StepFeatures.of_chunks([ChunkShape(1, 100, index % 4, 16, True) for index in range(rows)], 0, 16)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,9 @@ class SuiteRecord:
     finish_reason: str
 
 
+_RECORD_FIELDS = tuple(field.name for field in fields(SuiteRecord))
+
+
 def load_suite_lengths(path: str | Path = SUITE_LENGTHS_FILE) -> list[SuiteRecord]:
     path = Path(path)
     if path.is_dir():
@@ -49,9 +52,15 @@ def load_suite_lengths(path: str | Path = SUITE_LENGTHS_FILE) -> list[SuiteRecor
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if line.strip():
             try:
-                record = SuiteRecord(**json.loads(line))
-            except (ValueError, TypeError) as error:
-                raise ValueError(f"{path}:{number}: not a recorded request ({error})") from None
+                values = json.loads(line)
+            except ValueError as error:
+                raise ValueError(f"{path}:{number}: not a recorded request: not JSON ({error})") from None
+            if not isinstance(values, dict) or set(values) != set(_RECORD_FIELDS):
+                # "SuiteRecord.__init__() got an unexpected keyword argument" named a class, not the fields
+                have = sorted(values) if isinstance(values, dict) else type(values).__name__
+                raise ValueError(f"{path}:{number}: not a recorded request: a JSON object with exactly the fields "
+                                 f"{', '.join(_RECORD_FIELDS)} (bench/sched_suite_lengths.py writes them), got {have}")
+            record = SuiteRecord(**values)
             _check_record(record, f"{path}:{number}")
             records.append(record)
     return records

@@ -119,7 +119,8 @@ def admin_token_from(server: dict[str, Any], base_dir: Path) -> str | None:
     else:
         token_path = Path(resolve_path(server["admin_token_file"], base_dir, "server.admin_token_file"))
         if not token_path.is_file():
-            raise ConfigError(f"admin token file not found: {token_path}")
+            found = "is a directory, not a file" if token_path.is_dir() else "not found"
+            raise ConfigError(f"server.admin_token_file {token_path}: {found}")
         token = read_text(token_path, "server.admin_token_file").strip()
     if not 16 <= len(token) <= MAX_ADMIN_TOKEN_CHARS:
         raise ConfigError(f"the admin token must have 16 to {MAX_ADMIN_TOKEN_CHARS} characters, not {len(token)}")

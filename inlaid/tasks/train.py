@@ -314,8 +314,9 @@ def out_problem(config: TrainConfig, restart: bool = False) -> str | None:
         record = None
     if (not has_checkpoint and record is None and out.is_dir()
             and any(entry.name != CHECKPOINT_DIR for entry in out.iterdir())):  # a bare checkpoint/ is a crash's
-        return (f"--out {out} is not empty and holds no train-adapter run (no training.json or checkpoint); "
-                "choose a new or empty directory")
+        why = ("its training.json is not a train-adapter record" if (out / "training.json").is_file()
+               else "no training.json or checkpoint")
+        return f"--out {out} is not empty and holds no train-adapter run ({why}); choose a new or empty directory"
     if restart or has_checkpoint or record is None:
         return None if restart else resume_problem(config)
     # training.json's own fields first: the config of older records lacks some (split)
