@@ -67,3 +67,43 @@ def test_the_pool_says_whether_another_executor_is_up(tmp_path) -> None:
     assert pool.others_ready(pool.shards[1])
     supervisors[0].ready.clear()
     assert not pool.others_ready(pool.shards[1])
+
+
+def test_the_reason_an_executor_cannot_start_reaches_the_fatal_line(model_dir: Path, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    """A model the executor cannot load (its config.json says another width than its weights):
+    the server's last line said only "died with exit code 1" (the cause was an uncaught
+    traceback on stderr, three times). The executor now says why before it exits, and the
+    fatal reason carries it. Real executor processes, the real model loader."""
+    import json
+
+    broken = tmp_path / "model"
+    broken.mkdir()
+    for item in model_dir.iterdir():
+        if item.name != "config.json":
+            (broken / item.name).symlink_to(item)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["hidden_size"] *= 2
+    (broken / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(supervisor_module, "_RESTART_BACKOFF_S", (0.01,))
+    fatal: list[str] = []
+
+    async def scenario() -> None:
+        supervisor = ExecutorSupervisor(EngineConfig(model_dir=str(broken), threads=1, num_kv_blocks=16),
+                                        f"ipc://{tmp_path}/executor.ipc", on_lost=lambda reason, restartable: None,
+                                        on_fatal=fatal.append, others_serving=lambda: False)
+        await supervisor.start()
+        try:
+            for _ in range(1200):
+                await asyncio.sleep(0.1)
+                if fatal:
+                    break
+        finally:
+            await supervisor.stop()
+
+    asyncio.run(scenario())
+    assert len(fatal) == 1, fatal
+    width = config["hidden_size"]
+    assert fatal[0].startswith(f"the executor failed to start {MAX_START_FAILURES} times in a row; last: executor")
+    assert (f"died with exit code 1: ModelLoadError: model.embed_tokens.weight: shape (49152, {width // 2}), "
+            f"config expects (49152, {width})") in fatal[0], fatal[0]

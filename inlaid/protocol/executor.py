@@ -127,6 +127,15 @@ class ExecutorFailure(msgspec.Struct, frozen=True, kw_only=True, tag="executor_f
     message: str
 
 
+class ExecutorStartFailure(msgspec.Struct, frozen=True, kw_only=True, tag="executor_start_failure"):
+    """The executor could not load its model (or start its device) and exits: the error, for
+    the coordinator's own account of why it cannot serve ("died with exit code 1" said none)."""
+
+    generation: int
+    error_type: str
+    message: str
+
+
 class ExecutorStats(msgspec.Struct, frozen=True, kw_only=True, tag="executor_stats"):
     rss_bytes: int
     device_memory_allocated: int = 0  # CUDA only
@@ -149,7 +158,8 @@ class LayerSwapResult(msgspec.Struct, frozen=True, kw_only=True, tag="layer_swap
 
 
 ExecutorInbound = BatchPlan | ExecutorShutdown
-ExecutorOutbound = ExecutorHello | StepResult | ExecutorFailure | ExecutorStats | LayerSwapResult
+ExecutorOutbound = (ExecutorHello | StepResult | ExecutorFailure | ExecutorStartFailure | ExecutorStats
+                    | LayerSwapResult)
 
 __all__ = [
     "AdapterLoad",
@@ -160,6 +170,7 @@ __all__ = [
     "ExecutorInbound",
     "ExecutorOutbound",
     "ExecutorShutdown",
+    "ExecutorStartFailure",
     "ExecutorStats",
     "LayerHandle",
     "LayerSwap",

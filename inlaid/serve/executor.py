@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import zmq
 
-from inlaid.engine.config import EngineConfig
+from inlaid.engine.config import EngineConfig, ModelLoadError
 from inlaid.protocol import (
     PROTOCOL_VERSION,
     BatchPlan,
@@ -32,6 +32,7 @@ from inlaid.protocol import (
     ExecutorHello,
     ExecutorInbound,
     ExecutorShutdown,
+    ExecutorStartFailure,
     ExecutorStats,
     LayerSwap,
     LayerSwapResult,
@@ -186,8 +187,19 @@ def serve(address: str, generation: int, config: EngineConfig, parent_pid: int) 
     started = time.perf_counter()
     from inlaid.engine.runner import ModelRunner  # torch: only here
 
-    runner = ModelRunner(config)
-    graph_sizes = capture_graphs(runner)
+    try:
+        runner = ModelRunner(config)
+        graph_sizes = capture_graphs(runner)
+    except Exception as error:  # noqa: BLE001  (whatever it is, the coordinator is told before the exit)
+        # One record, not an uncaught traceback on stderr (which broke JSON log lines): a bad
+        # input is its message; anything else keeps its traceback, inside the record.
+        log.error("cannot load the model", exc_info=not isinstance(error, (ModelLoadError, OSError)),
+                  extra={"error": str(error), "error_type": type(error).__name__})
+        sock.send(encoder.encode(ExecutorStartFailure(generation=generation, error_type=type(error).__name__,
+                                                      message=str(error)[:2000])))
+        sock.close()  # lingers (1 s at most) until the coordinator has it
+        context.term()
+        return 1
     hello = ExecutorHello(
         protocol_version=PROTOCOL_VERSION,
         generation=generation,

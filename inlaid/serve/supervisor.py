@@ -35,6 +35,7 @@ from inlaid.protocol import (
     ExecutorHello,
     ExecutorOutbound,
     ExecutorShutdown,
+    ExecutorStartFailure,
     ExecutorStats,
     LayerSwapResult,
     StepResult,
@@ -110,6 +111,7 @@ class ExecutorSupervisor:
         self.generation = 0
         self.restarts = 0
         self.hello: ExecutorHello | None = None
+        self._start_error = ""  # the current incarnation's ExecutorStartFailure, if it sent one
         self.stats: ExecutorStats | None = None
         self.timings: deque[StepTiming] = deque(maxlen=256)
         self._process: asyncio.subprocess.Process | None = None
@@ -209,6 +211,7 @@ class ExecutorSupervisor:
     async def _spawn(self) -> None:
         self.generation += 1
         self.hello = None
+        self._start_error = ""
         self.stats = None  # a dead executor's figures are not this one's
         self.ready.clear()
         command = [
@@ -238,10 +241,13 @@ class ExecutorSupervisor:
 
     async def _watch(self, process: asyncio.subprocess.Process, generation: int) -> None:
         code = await process.wait()
+        if self.hello is None:  # its ExecutorStartFailure, sent just before the exit, is read first
+            await asyncio.sleep(0.1)
         if self._stopping or generation != self.generation:
             return
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-        reason = f"executor (pid {process.pid}) died with {how}"
+        said = f": {self._start_error}" if self._start_error and self.hello is None else ""
+        reason = f"executor (pid {process.pid}) died with {how}{said}"
         log.info("executor exited", extra={"pid": process.pid, "generation": generation, "returncode": code})
         self._lose(generation, reason)
         if self.hello is None:
@@ -312,6 +318,8 @@ class ExecutorSupervisor:
             elif isinstance(message, LayerSwapResult):
                 if self.on_swap_result is not None:
                     self.on_swap_result(message)
+            elif isinstance(message, ExecutorStartFailure):  # its last words: why it could not start
+                self._start_error = f"{message.error_type}: {message.message}"
             elif isinstance(message, ExecutorHello):
                 if self._lost_generation == self.generation:
                     continue  # said just before it was lost (killed, disconnected): never ready
