@@ -433,3 +433,26 @@ def test_messages_name_the_option_and_say_what_is_wrong(tmp_path: Path, capsys: 
         assert main(command) == 2, command
         err = capsys.readouterr().err.strip()
         assert err.startswith(words) and len(err.splitlines()) == 1 and "Error:" not in err, (words, err)
+
+
+def test_generate_refuses_options_that_would_change_nothing_or_cannot_travel(tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture) -> None:
+    """`--chat` with only `--batch` and `--batch-invariant` without `--quantized` ran as if not
+    given (exit 0, no word); `--seed 10**23` ran, where every request to a server is refused it."""
+    batch = tmp_path / "requests.jsonl"
+    batch.write_text('{"prompt": "Hi"}\n')
+    cases = [(["--chat", "--batch", str(batch)], "--chat wraps each --prompt as a user message"),
+             (["--batch-invariant", "--prompt", "Hi"], "--batch-invariant chooses the kernel route of a --quantized"),
+             (["--seed", str(10**23), "--prompt", "Hi"], "options: seed must be an integer in [-2**63, 2**64)")]
+    for options, words in cases:
+        assert main(["generate", *options]) == 2, options
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"inlaid generate: {words}") and len(err.splitlines()) == 1, err
+    from inlaid.protocol import SamplingError, SamplingParams
+
+    SamplingParams(seed=2**64 - 1).validate()
+    SamplingParams(seed=-(2**63)).validate()
+    for seed in (2**64, -(2**63) - 1):
+        with pytest.raises(SamplingError, match="seed must be an integer") as refused:
+            SamplingParams(seed=seed).validate()
+        assert refused.value.field == "seed"

@@ -144,6 +144,13 @@ def _check_text_options(args: argparse.Namespace) -> None:
             bad = prompt[error.start].encode("utf-8", "surrogateescape")
             which = f"--prompt {index}" if len(args.prompt) > 1 else "--prompt"
             raise _InputError(f"{which} is not valid UTF-8 (byte 0x{bad.hex()} at character {error.start})") from None
+    # Each changed nothing without the other, silently (an outside probe).
+    if args.chat and not args.prompt:
+        raise _InputError("--chat wraps each --prompt as a user message; a --batch line is a chat turn when it has "
+                          "'messages'")
+    if args.batch_invariant and not args.quantized:
+        raise _InputError("--batch-invariant chooses the kernel route of a --quantized base; without --quantized "
+                          "it changes nothing")
     if args.use and not args.prompt:
         # It applied to --prompt only: with --batch alone it was ignored and the base ran.
         raise _InputError("--use picks the adapter of a --prompt; a --batch line names its adapter in "

@@ -48,6 +48,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise SamplingError("top_k", f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
             raise SamplingError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # `inlaid generate` took 10^23
+            raise SamplingError("seed", f"seed must be an integer in [-2**63, 2**64) (what a request's frame "
+                                f"carries), got {self.seed}")
         if any(not s for s in self.stop):
             raise SamplingError("stop", "stop strings must be non-empty")
         if len(self.stop) > MAX_STOP_STRINGS:
