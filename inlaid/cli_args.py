@@ -67,7 +67,7 @@ def fraction(text: str) -> float:
     return value
 
 
-def model_dir_problem(model: Path | None) -> str | None:
+def model_dir_problem(model: Path | None, weights: bool = True) -> str | None:
     """Why `--model` is not a model directory, or None (None when not given: the default
     model is the commands' own business). A missing path otherwise reached Hugging Face as
     a repo id and came back as "Repo id must use alphanumeric chars"."""
@@ -84,10 +84,16 @@ def model_dir_problem(model: Path | None) -> str | None:
         return f"model directory {model} has no config.json: not a Hugging Face model directory"
     # A damaged weights file failed deep in each loader ("invalid header length", without the
     # file's name; under `inlaid serve`, three executor tracebacks): its header says it here.
-    for weights in sorted(model.glob("*.safetensors")):
-        if problem := safetensors_problem(weights, ": the model's weights are damaged; prepare or copy it again"):
+    # Not `weights`: a quantized base is served, and this directory gives its tokenizer.
+    for weights_file in sorted(model.glob("*.safetensors")) if weights else []:
+        if problem := safetensors_problem(weights_file, ": the model's weights are damaged; prepare or copy it again"):
             return problem
     return None
+
+
+def damaged_safetensors(path: Path, error: Exception, consequence: str = "") -> str:
+    """The words for a safetensors file its library cannot read, wherever that is found."""
+    return f"{path} is truncated or not a safetensors file ({error}){consequence}"
 
 
 def safetensors_problem(path: Path, consequence: str = "") -> str | None:
@@ -99,7 +105,7 @@ def safetensors_problem(path: Path, consequence: str = "") -> str | None:
         with safe_open(str(path), framework="numpy") as handle:
             handle.keys()
     except SafetensorError as error:
-        return f"{path} is truncated or not a safetensors file ({error}){consequence}"
+        return damaged_safetensors(path, error, consequence)
     except OSError as error:
         return f"cannot read {path}: {error}"
     return None

@@ -86,6 +86,8 @@ def test_http_and_metrics_sections(model_dir):
          "metrics.port and server.address cannot share port 8001"),
         ({"server": {"executor_address": "tcp://127.0.0.1:8002"}, "http": {"port": 8002}},
          "http.port and server.executor_address cannot share port 8002"),
+        ({"server": {"address": "tcp://localhost:8003"}, "http": {"port": 8003}},
+         "http.port and server.address cannot share port 8003"),
         ({"metrics": {"port": 70000}}, "metrics.port"),
         ({"tasks": {"__base__": str(model_dir)}}, "reserved"),
     ]

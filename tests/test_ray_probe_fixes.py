@@ -344,6 +344,13 @@ def test_replicas_and_an_ingress_that_do_not_fit_together_are_said(deploy) -> No
     split = [{"Alive": True, "Resources": {"CPU": 1.0}}, {"Alive": True, "Resources": {"CPU": 1.5}}]
     code, lines, _ = deploy(two_whole, address="local", nodes=split)  # one replica per node, the ingress beside one
     assert (code, lines) == (0, [])
+    # The ingress must not take the GPU node's only CPU from the GPU replica (placed first).
+    mixed = [{"Alive": True, "Resources": {"CPU": 1.0, "GPU": 1.0}}, {"Alive": True, "Resources": {"CPU": 0.5}}]
+    one_gpu = {"ray": {"num_replicas": 1, "num_cpus": 1, "num_gpus": 1, "app_name": APP}}
+    assert deploy(one_gpu, address="local", nodes=mixed)[:2] == (0, [])
+    code, lines, _ = deploy({"ray": {"num_replicas": "auto", "num_cpus": 1, "app_name": APP},
+                             "ray.autoscaling": {"initial_replicas": 2, "max_replicas": 4}}, nodes=TWO_CPUS)
+    assert "[ray.autoscaling] initial_replicas / min_replicas or ray.ingress_num_cpus;" in lines[0], lines
 
 
 def test_a_cluster_that_refuses_the_shells_credentials_says_so(deploy) -> None:
@@ -351,9 +358,14 @@ def test_a_cluster_that_refuses_the_shells_credentials_says_so(deploy) -> None:
     said "no Ray cluster at ..." though one was listening."""
     from ray.exceptions import AuthenticationError
 
-    def refused(**options: Any) -> None:
+    def refused(**options: Any) -> None:  # Ray 2.60's chain: the GCS attempts' last error, as text, in a RuntimeError
+        raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:1") from RuntimeError(
+            "Failed to connect to GCS within 20 seconds. Last connection error: Traceback ... "
+            "ray.exceptions.AuthenticationError: Unauthenticated: InvalidAuthToken")
+
+    def refused_directly(**options: Any) -> None:
         try:
-            raise AuthenticationError("Unauthenticated: InvalidAuthToken")
+            raise AuthenticationError("Unauthenticated")
         except AuthenticationError as cause:
             raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:1") from cause
 
@@ -362,13 +374,14 @@ def test_a_cluster_that_refuses_the_shells_credentials_says_so(deploy) -> None:
     listening.listen()
     address = f"127.0.0.1:{listening.getsockname()[1]}"
     try:
-        code, lines, calls = deploy({"ray": {"num_replicas": 1, "app_name": APP}}, address=address, init=refused)
+        for init in (refused, refused_directly):
+            code, lines, calls = deploy({"ray": {"num_replicas": 1, "app_name": APP}}, address=address, init=init)
+            assert (code, calls["run"]) == (2, [])
+            assert lines == [f"inlaid ray: the Ray cluster at {address!r} refused this process: it uses token "
+                             "authentication; set RAY_AUTH_MODE=token in this shell, with the cluster's token in "
+                             "~/.ray/auth_token (or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)"]
     finally:
         listening.close()
-    assert (code, calls["run"]) == (2, [])
-    assert lines == [f"inlaid ray: the Ray cluster at {address!r} refused this process: it uses token "
-                     "authentication; set RAY_AUTH_MODE=token in this shell, with the cluster's token in "
-                     "~/.ray/auth_token (or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)"]
 
 
 def test_the_proxys_address_is_refused_by_the_keys_the_config_has(deploy) -> None:

@@ -24,6 +24,7 @@ def _starts(tmp_path: Path, others_serving: bool, monkeypatch) -> tuple[list[str
     monkeypatch.setattr(sys, "executable", "/bin/false")
     monkeypatch.setattr(supervisor_module, "_RESTART_BACKOFF_S", (0.01,))
     monkeypatch.setattr(supervisor_module, "HELD_DOWN_RETRY_S", 0.05)
+    monkeypatch.setattr(supervisor_module, "_START_ERROR_WAIT_S", 0.05)  # /bin/false says nothing before it exits
     fatal: list[str] = []
 
     async def scenario() -> int:

@@ -11,6 +11,7 @@ from inlaid.client.async_client import AsyncClient, AsyncTokenStream
 from inlaid.client.errors import (
     AdapterFailedError,
     ClientClosedError,
+    ClientInUseError,
     ConnectionLostError,
     ContextLengthError,
     DeadlineExceededError,
@@ -40,6 +41,7 @@ __all__ = [
     "AsyncTokenStream",
     "Client",
     "ClientClosedError",
+    "ClientInUseError",
     "ConnectionLostError",
     "ContextLengthError",
     "DeadlineExceededError",

@@ -9,6 +9,7 @@ and the front accept and refuse the same messages.
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -197,8 +198,9 @@ def checked_sampling_forms(sampling: SamplingParams) -> SamplingParams:
     or None, `temperature` a number, `ignore_eos` a bool, ...): `max_tokens=1.5` or
     `temperature="hot"` was sent and came back `malformed`, not an InvalidRequestError, and
     with no `param` (an outside probe). The values themselves are the server's to judge."""
+    values = {name: _plain_number(value) for name, value in msgspec.structs.asdict(sampling).items()}
     try:
-        return msgspec.convert(msgspec.structs.asdict(sampling), SamplingParams)
+        return msgspec.convert(values, SamplingParams)
     except msgspec.ValidationError as error:
         at = _MSGSPEC_PATH.search(str(error))
         param = re.split(r"[.\[]", at.group(1).lstrip("."))[0] if at else "sampling"
@@ -209,8 +211,19 @@ def checked_sampling_forms(sampling: SamplingParams) -> SamplingParams:
                                   param=param) from None
 
 
+def _plain_number(value: Any) -> Any:
+    """A numpy (or other) number as the Python int or float it stands for: msgpack has no form
+    for `np.float64(0.7)` ("cannot be sent"), and "must be a number, got np.float64(0.7)" read
+    as nonsense (the reviewer)."""
+    if isinstance(value, bool) or type(value) in (int, float) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
 def checked_deadline(deadline_s: float | None) -> float | None:
     """A number or None (its value is the server's to judge): a string or a bool was sent and came back `malformed`."""
-    if deadline_s is None or (isinstance(deadline_s, (int, float)) and not isinstance(deadline_s, bool)):
-        return deadline_s
+    if deadline_s is None:
+        return None
+    if isinstance(deadline_s, numbers.Real) and not isinstance(deadline_s, bool) and abs(deadline_s) < 1e300:
+        return float(deadline_s)  # a numpy number too: msgpack has no form for it
     raise InvalidRequestError(f"deadline_s must be a number of seconds or None, got {deadline_s!r}", param="deadline_s")

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from inlaid.client.errors import ConnectionLostError, InlaidError
+from inlaid.client.errors import ClientInUseError, ConnectionLostError
 from inlaid.client.messages import decode_reply
 from inlaid.protocol import ServerReply
 
@@ -106,17 +106,17 @@ _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
 def one_thread_at_a_time(method: _Method) -> _Method:
-    """For the sync Client's methods that use its socket: another thread's call while one
-    runs raises InlaidError at once. Two threads on one socket took each other's replies and
-    a call timed out at random, saying only "no answer" (an outside probe). Reentrant: a
-    call's own handshake passes."""
+    """For the sync Client's methods that use its sockets: another thread's call while one
+    runs raises ClientInUseError at once, before it touches them. Two threads on one socket
+    took each other's replies and a call timed out at random, saying only "no answer" (an
+    outside probe). Reentrant: a call's own handshake passes."""
 
     @functools.wraps(method)
     def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
         lock: threading.RLock = self._one_thread
         if not lock.acquire(blocking=False):
-            raise InlaidError("this Client is in use by another thread: a sync Client is not thread-safe; "
-                              "use one per thread, or one AsyncClient")
+            raise ClientInUseError("this Client is in use by another thread: a sync Client is not thread-safe; "
+                                   "use one per thread, or one AsyncClient")
         try:
             return method(self, *args, **kwargs)
         finally:

@@ -103,6 +103,12 @@ class ClientClosedError(InlaidError):
     code = "closed"
 
 
+class ClientInUseError(InlaidError):
+    """A sync Client's call while another thread's call runs on it (one socket, one thread at a time)."""
+
+    code = "in_use"
+
+
 class ConnectionLostError(InlaidError, ConnectionError):
     """The connection to the server broke while this request waited (the server was killed,
     crashed, restarted, or its host stopped answering heartbeats). Raised at once, not after

@@ -3,11 +3,10 @@ while other calls run. Not thread-safe: use one Client per thread, or AsyncClien
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -20,7 +19,6 @@ from inlaid.client.messages import (
     DEFAULT_ADDRESS,
     GenerateResult,
     RequestIds,
-    build_add_task,
     build_generate,
     call_timeout,
     check_hello,
@@ -30,32 +28,21 @@ from inlaid.client.messages import (
     expect,
     hello,
 )
+from inlaid.client.sync_admin import AdminCalls
 from inlaid.client.sync_stream import TokenStream
-from inlaid.client.task_wait import TASK_POLL_ANSWER_S, TaskWait
 from inlaid.protocol import (
-    AdminReply,
     Cancel,
     Generate,
     GenerateDone,
-    GetMetrics,
-    GetStats,
     Health,
     HealthReply,
     HelloReply,
-    ListTasks,
-    MetricsReply,
-    RemoveTask,
     SamplingParams,
     ServerReply,
-    ServerStats,
-    TaskInfo,
-    TaskList,
-    TaskStatus,
-    TaskStatusReply,
 )
 
 
-class Client:
+class Client(AdminCalls):
     def __init__(
         self,
         address: str = DEFAULT_ADDRESS,
@@ -76,9 +63,10 @@ class Client:
         self._conn: Connection | None = None
         self._poller = zmq.Poller()  # the connection's socket and monitor
         self._closed = False
-        # Streams dropped unread whose finalizer ran on another thread: their cancels go out
-        # at this client's next call (a ZeroMQ socket is not for two threads).
-        self._dropped: deque[str] = deque()
+        # Work other threads leave for the thread that uses this client (a ZeroMQ socket is not
+        # for two threads), done at its next call: ("forget", id) for a stream dropped unread on
+        # another thread, ("cancel", id) for a cancel sent from another thread during a call.
+        self._deferred: deque[tuple[str, str]] = deque()
         self._one_thread = threading.RLock()  # see one_thread_at_a_time
 
     # ------------------------------------------------------------------ connection
@@ -106,11 +94,16 @@ class Client:
                 target.append(reply)
             # else: the answer to a request given up on (timeout); drop it.
 
+    @one_thread_at_a_time
     def _check_connection(self) -> None:
         # Also called before each new request: nothing reads the monitor between calls, and
         # a disconnect while idle must not fail the next request.
-        while self._dropped:
-            self._forget_stream(self._dropped.popleft())
+        while self._deferred:
+            action, request_id = self._deferred.popleft()
+            if action == "forget":
+                self._forget_stream(request_id)
+            else:
+                self._cancel_quietly(request_id)
         conn = self._conn
         if conn is None or not conn.lost():
             return
@@ -122,6 +115,7 @@ class Client:
         for request_id, queue in list(self._inbox.items()):  # a stream's finalizer may pop meanwhile
             queue.append(connection_lost(request_id))
 
+    @one_thread_at_a_time
     def reconnect(self) -> None:
         """Drop the socket (and every pending request) and connect afresh. A stream still
         open is cancelled on the server, and its next read raises ConnectionLostError."""
@@ -141,7 +135,7 @@ class Client:
             if threading.get_ident() == owner_thread:
                 self._forget_stream(request_id)
             else:
-                self._dropped.append(request_id)
+                self._deferred.append(("forget", request_id))
         except Exception:  # noqa: BLE001  (at interpreter exit even the modules may be gone)
             pass
 
@@ -223,6 +217,7 @@ class Client:
         if all(other == request_id for other in list(self._inbox)):  # list: a finalizer may pop meanwhile
             self._start_over()  # the request timed out is cancelled already if it was a Generate
 
+    @one_thread_at_a_time
     def _call(self, message: Any, kind: type[Any], timeout_s: float | None = None) -> Any:
         frame = encode(message)  # a request msgpack cannot carry fails before the handshake
         self._check_connection()  # a server restarted while idle is greeted again
@@ -262,7 +257,10 @@ class Client:
 
     @one_thread_at_a_time
     def stream(
-        self, prompt: str | None = None, *, task: str | None = None,
+        self,
+        prompt: str | None = None,
+        *,
+        task: str | None = None,
         messages: Sequence[ChatMessageArg] | None = None,  # OpenAI's form, as the HTTP front takes them
         prompt_token_ids: Sequence[int] | None = None,
         max_tokens: int | None = 64,
@@ -298,10 +296,17 @@ class Client:
             raise
         return TokenStream(self, message.request_id, wait_s)
 
-    @one_thread_at_a_time
     def cancel(self, request_id: str) -> None:
-        """Ask the server to stop `request_id`; its stream ends with finish_reason 'cancelled'."""
-        self._send(Cancel(request_id=request_id))
+        """Ask the server to stop `request_id`; its stream ends with finish_reason 'cancelled'.
+        From another thread while a call runs (a UI thread stopping a stream a worker reads),
+        the cancel goes out with the running call's next message, not over its socket now."""
+        if not self._one_thread.acquire(blocking=False):
+            self._deferred.append(("cancel", request_id))
+            return
+        try:
+            self._send(Cancel(request_id=request_id))
+        finally:
+            self._one_thread.release()
 
     def _cancel_quietly(self, request_id: str) -> None:
         try:
@@ -330,66 +335,3 @@ class Client:
             except (RequestTimeoutError, ConnectionLostError):  # not up yet, or restarting
                 pass
             time.sleep(poll_s)
-
-    def list_tasks(self, timeout_s: float | None = None) -> list[TaskInfo]:
-        return self._call(ListTasks(request_id=self._ids.next()), TaskList, timeout_s).tasks
-
-    def stats(self, timeout_s: float | None = None) -> ServerStats:
-        return self._call(GetStats(request_id=self._ids.next()), ServerStats, timeout_s)
-
-    def metrics(self, timeout_s: float | None = None) -> str:
-        """The server's Prometheus metrics, text exposition format."""
-        return self._call(GetMetrics(request_id=self._ids.next()), MetricsReply, timeout_s).text
-
-    def add_task(self, name: str, adapter_dir: str | os.PathLike[str],
-                 calibration_jsonl: str | os.PathLike[str] | None = None, *,
-                 timeout_s: float | None = None) -> str:
-        """Admin: serve task `name` with the PEFT adapter in `adapter_dir` (paths on the server's
-        machine); it serves at once on the current base. With `calibration_jsonl` (the task's
-        samples) the server then re-quantizes its base for it in the background: follow it with
-        `task_status` or `wait_task`."""
-        return self.add_task_reply(name, adapter_dir, calibration_jsonl, timeout_s=timeout_s).message
-
-    def add_task_reply(self, name: str, adapter_dir: str | os.PathLike[str],
-                       calibration_jsonl: str | os.PathLike[str] | None = None, *,
-                       timeout_s: float | None = None) -> AdminReply:
-        """`add_task`, answering the server's whole AdminReply: for a program, the facts
-        beside its message (`replaces_config_entry`: the config's task it now overrides)."""
-        message = build_add_task(self._ids.next(), name, adapter_dir, calibration_jsonl, self.admin_token)
-        return self._call(message, AdminReply, timeout_s)
-
-    def task_status(self, name: str, timeout_s: float | None = None) -> TaskStatusReply:
-        """Admin: the task's phase, layers done / total, quantization version, what was kept and why."""
-        message = TaskStatus(request_id=self._ids.next(), name=name, token=self.admin_token or "")
-        return self._call(message, TaskStatusReply, timeout_s)
-
-    def wait_task(self, name: str, timeout_s: float = 3600.0, poll_s: float = 0.5,
-                  on_status: Callable[[TaskStatusReply], None] | None = None,
-                  on_silence: Callable[[float, TaskStatusReply | None], None] | None = None,
-                  answer_s: float = TASK_POLL_ANSWER_S) -> TaskStatusReply:
-        """Poll `task_status` until the task's re-quantization has ended (ready, failed, or
-        none); `on_status(status)` after each answered poll (progress). A server that stops
-        answering (down, restarting, hung) does not end the wait: each poll waits `answer_s` at
-        most (or the client's timeout, if shorter), `on_silence(seconds_silent, last_status)`
-        after each unanswered one, and polling goes on until `timeout_s`; the timeout error then
-        names the last known progress."""
-        wait = TaskWait(name, self.address, timeout_s, poll_s, min(answer_s, self.timeout_s), self.timeout_s)
-        while True:
-            try:
-                status = self.task_status(name, timeout_s=wait.poll_timeout())
-            except (RequestTimeoutError, ConnectionLostError) as error:  # down or restarting: keep asking
-                wait.unanswered(error, on_silence)  # raises once timeout_s has passed
-            else:
-                if on_status is not None:
-                    on_status(status)
-                if wait.answered(status):
-                    return status
-            time.sleep(poll_s)
-
-    def remove_task(self, name: str, timeout_s: float | None = None) -> str:
-        return self.remove_task_reply(name, timeout_s).message
-
-    def remove_task_reply(self, name: str, timeout_s: float | None = None) -> AdminReply:
-        """`remove_task`, answering the server's whole AdminReply (as `add_task_reply`)."""
-        message = RemoveTask(request_id=self._ids.next(), name=name, token=self.admin_token or "")
-        return self._call(message, AdminReply, timeout_s)

@@ -8,7 +8,7 @@ import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from inlaid.client.errors import ConnectionLostError, InlaidError, RequestTimeoutError
+from inlaid.client.errors import ClientInUseError, ConnectionLostError, InlaidError, RequestTimeoutError
 from inlaid.client.messages import GenerateResult, second_iterator_error, stream_reply
 from inlaid.protocol import TextChunk
 
@@ -43,10 +43,14 @@ class TokenStream:
         if self._iterating or self._left_early:
             raise second_iterator_error(self.request_id, left_early=self._left_early, asynchronous=False)
         self._iterating = True
+        refused = False  # another thread's call runs on the client: a moment's refusal, not an end
         try:
             while not self._done:
                 try:
                     reply = self.client._next_reply(self.request_id, time.monotonic() + self.timeout_s)
+                except ClientInUseError:
+                    refused = True
+                    raise
                 except RequestTimeoutError:
                     self._finish()
                     self.client._cancel_quietly(self.request_id)
@@ -67,7 +71,7 @@ class TokenStream:
                     self._finish()
         finally:
             self._iterating = False
-            if not self._done:  # left early: nobody will read the rest
+            if not self._done and not refused:  # left early: nobody will read the rest
                 self.close()
 
     @property

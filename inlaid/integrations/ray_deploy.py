@@ -108,7 +108,7 @@ def unplaceable_replica(num_cpus: float, num_gpus: float, nodes: list[dict[str, 
 
 def unplaceable_deployment(config: RayDeploymentConfig, nodes: list[dict[str, Any]]) -> str | None:
     """Why the live nodes of `nodes` cannot host one replica, or the replicas the deploy starts
-    and the ingress together (placed first-fit, largest first, as whole actors on nodes), or
+    and the ingress together (placed first-fit as whole actors, GPU ones first, then by CPUs), or
     None. Two 1-CPU replicas on a 2-CPU cluster left the ingress (0.1 CPU) unplaced: the
     deploy waited forever, and only Ray's controller log said why (an outside probe)."""
     if problem := unplaceable_replica(config.num_cpus, config.num_gpus, nodes):
@@ -118,8 +118,10 @@ def unplaceable_deployment(config: RayDeploymentConfig, nodes: list[dict[str, An
     table = config.autoscaling or {}
     starting = int(config.num_replicas) if config.autoscaling is None else int(
         table.get("initial_replicas", table.get("min_replicas", 1)))
-    actors = [(config.num_cpus, config.num_gpus)] * starting + [(config.ingress_num_cpus, 0.0)] * config.ingress_replicas
-    for cpus, gpus in sorted(actors, reverse=True):
+    fewer = "ray.num_replicas" if config.autoscaling is None else "[ray.autoscaling] initial_replicas / min_replicas"
+    ingress = [(0.0, config.ingress_num_cpus)] * config.ingress_replicas
+    actors = [(config.num_gpus, config.num_cpus)] * starting + ingress
+    for gpus, cpus in sorted(actors, reverse=True):
         node = next((node for node in free if node[0] >= cpus - 1e-9 and node[1] >= gpus - 1e-9), None)
         if node is None:
             return (f"the cluster cannot host the {starting} replicas the deploy starts and the ingress together "
@@ -127,7 +129,7 @@ def unplaceable_deployment(config: RayDeploymentConfig, nodes: list[dict[str, An
                     f"ray.ingress_num_cpus {config.ingress_num_cpus:g} CPU, {starting} x ray.num_gpus "
                     f"{config.num_gpus:g} GPU; its {len(alive)} node{' has' if len(alive) == 1 else 's have'} "
                     f"{sum(res.get('CPU', 0.0) for res in alive):g} CPU, {sum(res.get('GPU', 0.0) for res in alive):g}"
-                    " GPU in all): lower ray.num_cpus (a fraction is fine), ray.num_replicas or ray.ingress_num_cpus")
+                    f" GPU in all): lower ray.num_cpus (a fraction is fine), {fewer} or ray.ingress_num_cpus")
         node[0] -= cpus
         node[1] -= gpus
     return None
@@ -138,12 +140,25 @@ def _connection_refusal(address: str, error: ConnectionError) -> str:
     2.60's default) refuses a shell without RAY_AUTH_MODE=token: that was "no Ray cluster at
     ..." after 20 lines of GCS errors, though one was listening (`auto` reads the mode from
     the local session, an explicit address does not)."""
-    if type(error.__cause__).__name__ == "AuthenticationError":
+    if _refused_credentials(error):
         return (f"the Ray cluster at {address!r} refused this process: it uses token authentication; set "
                 "RAY_AUTH_MODE=token in this shell, with the cluster's token in ~/.ray/auth_token (or "
                 "RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)")
     return (f"no Ray cluster at {address!r} ({error}); start one with `ray start --head`, or pass --address local "
             "for a cluster inside this process")
+
+
+def _refused_credentials(error: BaseException) -> bool:
+    """Whether `error` or what caused it is the cluster refusing this process's token. Ray 2.60
+    retries the GCS connection for ~20 s, then raises ConnectionError from a RuntimeError whose
+    text holds the last attempt's traceback ("Unauthenticated ... InvalidAuthToken")."""
+    seen: list[BaseException] = []
+    cause: BaseException | None = error
+    while cause is not None and cause not in seen and len(seen) < 8:
+        seen.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return any(type(link).__name__ == "AuthenticationError" or "Unauthenticated" in str(link)
+               or "InvalidAuthToken" in str(link) for link in seen)
 
 
 def _cluster_nodes() -> list[dict[str, Any]] | None:

@@ -129,9 +129,9 @@ class ExecutorFailure(msgspec.Struct, frozen=True, kw_only=True, tag="executor_f
 
 class ExecutorStartFailure(msgspec.Struct, frozen=True, kw_only=True, tag="executor_start_failure"):
     """The executor could not load its model (or start its device) and exits: the error, for
-    the coordinator's own account of why it cannot serve ("died with exit code 1" said none)."""
+    the coordinator's own account of why it cannot serve ("died with exit code 1" said none).
+    Its incarnation is its socket identity, as for every message."""
 
-    generation: int
     error_type: str
     message: str
 

@@ -35,9 +35,13 @@ def read_inlaid_metadata(checkpoint_dir: Path) -> dict | None:
     return metadata
 
 
+_CORRUPT_CHECKPOINT = ": the checkpoint is corrupt; rebuild it"
+
+
 def corrupt_weights_error(weights_path: Path, error: SafetensorError) -> CheckpointError:
-    return CheckpointError(f"{weights_path} is truncated or not a safetensors file ({error}): the checkpoint is "
-                           "corrupt; rebuild it")
+    from inlaid.cli_args import damaged_safetensors
+
+    return CheckpointError(damaged_safetensors(weights_path, error, _CORRUPT_CHECKPOINT))
 
 
 def weights_file_problem(weights_path: Path) -> str | None:
@@ -46,7 +50,7 @@ def weights_file_problem(weights_path: Path) -> str | None:
     otherwise surfaced as the library's "incomplete metadata, file not fully covered"."""
     from inlaid.cli_args import safetensors_problem
 
-    return safetensors_problem(weights_path, ": the checkpoint is corrupt; rebuild it")
+    return safetensors_problem(weights_path, _CORRUPT_CHECKPOINT)
 
 
 def quantized_dir_problem(checkpoint_dir: Path, float_hint: str = "give the float model as --model") -> str | None:

@@ -12,6 +12,7 @@ interrupted run in the same --out directory (per-layer checkpoints) unless --res
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,12 @@ from inlaid.quant.errors import QuantizationError
 if TYPE_CHECKING:
     from inlaid.quant.driver import QuantizationReport
     from inlaid.quant.spec import QuantSpec
+
+
+def _slack(text: str) -> float:
+    """--mlgptq-slack: a number >= 0, or inf (no bound: MlgptqOptions.mean_slack None). NaN
+    is refused: it compares false to every cost, and started the run."""
+    return math.inf if text.strip().lower() in ("inf", "infinity") else non_negative_float(text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,8 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mlgptq-rounds", type=positive_int, default=None,
                         help="mlgptq rounds; above 1 the aggregate is reweighted toward the worst task (default 1: none)")
     parser.add_argument("--mlgptq-step", type=positive_float, default=None, help="reweighting exponent of mlgptq")
-    parser.add_argument("--mlgptq-slack", type=non_negative_float, default=None,
-                        help="task-mean error a reweighting round may add, as a fraction (default 0)")
+    parser.add_argument("--mlgptq-slack", type=_slack, default=None,
+                        help="task-mean error a reweighting round may add, as a fraction (default 0; inf: no bound)")
     parser.add_argument("--no-errors", action="store_true", help="skip the per-task reconstruction errors")
     parser.add_argument("--no-hessian-state", action="store_true", help="do not store per-task Hessians")
     parser.add_argument("--restart", action="store_true",
@@ -172,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
         defaults = MlgptqOptions()
         options = MlgptqOptions(rounds=args.mlgptq_rounds or defaults.rounds, start=args.mlgptq_start or defaults.start,
                                 step=args.mlgptq_step if args.mlgptq_step is not None else defaults.step,
-                                mean_slack=args.mlgptq_slack if args.mlgptq_slack is not None else defaults.mean_slack)
+                                mean_slack=(defaults.mean_slack if args.mlgptq_slack is None
+                                            else None if math.isinf(args.mlgptq_slack) else args.mlgptq_slack))
         if args.threads:
             torch.set_num_threads(args.threads)
         max_samples = args.max_samples or (SUITE_CALIB_SAMPLES if args.suite else 128)

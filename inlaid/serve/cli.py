@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from inlaid.cli_args import model_dir_problem
+    from inlaid.models.prepare import default_model_dir
     from inlaid.serve.config import ConfigError, load_config
     from inlaid.serve.config_parsing import check_log_level, check_quantized_dir
     from inlaid.serve.logs import setup_logging
@@ -33,8 +34,11 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         # Here, not as the config is read: configs are also built (tests, the requantization
         # checks) naming checkpoints nothing loads.
-        if problem := model_dir_problem(Path(config.engine.model_dir)):  # before three executors fail on it
-            raise ConfigError(f"model.dir: {problem}")
+        # before three executors fail on it; the weights only where they are served
+        if problem := model_dir_problem(Path(config.engine.model_dir), weights=config.engine.quantized_dir is None):
+            default = Path(config.engine.model_dir) == default_model_dir()
+            raise ConfigError(f"the default model (no model.dir): {problem}; `inlaid models prepare` makes it"
+                              if default else f"model.dir: {problem}")
         if config.engine.quantized_dir is not None:
             check_quantized_dir(config.engine.quantized_dir)
         if args.log_level is not None:  # "" too: refused below, not ignored

@@ -8,7 +8,7 @@ import logging
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from inlaid.addresses import address_problem
 from inlaid.cli_args import home_problem, writable_dir_problem
@@ -16,6 +16,9 @@ from inlaid.http.settings import LOOPBACK_HOSTS
 from inlaid.protocol.client import MAX_ADMIN_TOKEN_CHARS
 from inlaid.quant.checkpoint_files import quantized_dir_problem
 from inlaid.quant.unfinished import unfinished_problem
+
+if TYPE_CHECKING:
+    from inlaid.serve.config import ServerConfig
 
 
 class ConfigError(ValueError):
@@ -187,9 +190,10 @@ def without_admin_token(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 _ANY_HOST = ("0.0.0.0", "*", "::", "")
+_SAME_HOST = {"localhost": "127.0.0.1"}  # two names of one address: both listen on one port
 
 
-def check_port_clashes(config: Any) -> None:
+def check_port_clashes(config: ServerConfig) -> None:
     """ConfigError for two of a ServerConfig's own listeners on one port where their hosts
     overlap: `[http] port` equal to server.address's was "cannot listen on server.address
     ...: Address already in use", which sent the user looking for another process (an
@@ -199,6 +203,7 @@ def check_port_clashes(config: Any) -> None:
     fronts = [(f"{key}.port", front.host, front.port) for key, front in (("http", config.http),
                                                                         ("metrics", config.metrics)) if front]
     listeners = [*_tcp_listener("server.address", config.address), *executor, *fronts]
+    listeners = [(key, _SAME_HOST.get(host, host), port) for key, host, port in listeners]
     for index, (key, host, port) in enumerate(listeners):
         for other_key, other_host, other_port in listeners[:index]:
             if port == other_port and (host == other_host or host in _ANY_HOST or other_host in _ANY_HOST):

@@ -304,7 +304,7 @@ class DynamicTasks:
         configured = self.config.tasks.get(name)
         if configured is None or (self.store is None and os.path.realpath(adapter_dir) == os.path.realpath(configured)):
             return None
-        return ReplacedConfigEntry(adapter_dir=self.config.tasks[name], kept_across_restarts=self.store is not None)
+        return ReplacedConfigEntry(adapter_dir=configured, kept_across_restarts=self.store is not None)
 
     def remove(self, name: str) -> str:
         store = self.store

@@ -195,8 +195,8 @@ def serve(address: str, generation: int, config: EngineConfig, parent_pid: int) 
         # input is its message; anything else keeps its traceback, inside the record.
         log.error("cannot load the model", exc_info=not isinstance(error, (ModelLoadError, OSError)),
                   extra={"error": str(error), "error_type": type(error).__name__})
-        sock.send(encoder.encode(ExecutorStartFailure(generation=generation, error_type=type(error).__name__,
-                                                      message=str(error)[:2000])))
+        one_line = " ".join(str(error).split())[:2000]  # it ends the server's one-line reason (torch's span lines)
+        sock.send(encoder.encode(ExecutorStartFailure(error_type=type(error).__name__, message=one_line)))
         sock.close()  # lingers (1 s at most) until the coordinator has it
         context.term()
         return 1

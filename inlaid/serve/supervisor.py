@@ -57,6 +57,7 @@ async def wait_or_kill(process: asyncio.subprocess.Process, timeout_s: float, wh
 
 _RESTART_BACKOFF_S = (0.2, 1.0, 2.0, 5.0, 10.0)  # by the number of failed starts in a row
 MAX_START_FAILURES = 3  # executors dying before their hello, in a row: give up (unless others serve)
+_START_ERROR_WAIT_S = 1.0  # the executor's socket lingers as long to deliver its ExecutorStartFailure
 HELD_DOWN_RETRY_S = 60.0  # past MAX_START_FAILURES while other executors serve: a try a minute
 _EXIT_AFTER_DISCONNECT_S = 1.0
 
@@ -112,6 +113,7 @@ class ExecutorSupervisor:
         self.restarts = 0
         self.hello: ExecutorHello | None = None
         self._start_error = ""  # the current incarnation's ExecutorStartFailure, if it sent one
+        self._start_error_read = asyncio.Event()
         self.stats: ExecutorStats | None = None
         self.timings: deque[StepTiming] = deque(maxlen=256)
         self._process: asyncio.subprocess.Process | None = None
@@ -212,6 +214,7 @@ class ExecutorSupervisor:
         self.generation += 1
         self.hello = None
         self._start_error = ""
+        self._start_error_read.clear()
         self.stats = None  # a dead executor's figures are not this one's
         self.ready.clear()
         command = [
@@ -241,8 +244,11 @@ class ExecutorSupervisor:
 
     async def _watch(self, process: asyncio.subprocess.Process, generation: int) -> None:
         code = await process.wait()
-        if self.hello is None:  # its ExecutorStartFailure, sent just before the exit, is read first
-            await asyncio.sleep(0.1)
+        if code == 1 and self.hello is None:  # a failed start: its ExecutorStartFailure, sent before the exit
+            try:
+                await asyncio.wait_for(self._start_error_read.wait(), _START_ERROR_WAIT_S)
+            except TimeoutError:  # an exit without one (an import error, say): the exit code alone
+                pass
         if self._stopping or generation != self.generation:
             return
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
@@ -320,6 +326,7 @@ class ExecutorSupervisor:
                     self.on_swap_result(message)
             elif isinstance(message, ExecutorStartFailure):  # its last words: why it could not start
                 self._start_error = f"{message.error_type}: {message.message}"
+                self._start_error_read.set()
             elif isinstance(message, ExecutorHello):
                 if self._lost_generation == self.generation:
                     continue  # said just before it was lost (killed, disconnected): never ready
