@@ -74,12 +74,15 @@ class IncrementalError(QuantizationError):
 @dataclass(frozen=True)
 class IncrementalSettings:
     """change_threshold: δ at or below which a linear keeps its served weight (0: re-quantize
-    whenever the aggregate moved at all). quality_tolerance: how much relative error an
-    existing task may gain on a linear (1.0: at most double); None disables the gate. exact: recompute
-    the existing tasks' Hessians too (a full calibration forward; bit-exact with a full run).
-    The calibration sizes default to the checkpoint's own."""
+    whenever the aggregate moved at all; 1 % by default: GPTQ re-run on an aggregate that moved
+    less re-rolls the rounding of every task's weights, changing their answers for no gain, an
+    outside probe adding a tenth task saw δ of 0.07 % median, 0.3 % at most). quality_tolerance:
+    how much relative error an existing task may gain on a linear (1.0: at most double); None
+    disables the gate. exact: recompute the existing tasks' Hessians too (a full calibration
+    forward; with threshold 0 and no gate, bit-exact with a full run). The calibration sizes
+    default to the checkpoint's own."""
 
-    change_threshold: float = 0.0
+    change_threshold: float = 0.01
     quality_tolerance: float | None = 1.0
     exact: bool = False
     max_samples: int | None = None

@@ -117,8 +117,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
     parser.add_argument("--model", type=Path, default=None,
                         help="the full-precision base (default: the checkpoint's base_model)")
-    parser.add_argument("--threshold", type=non_negative_float, default=0.0,
-                        help="relative aggregate change at or below which a linear keeps its weight (default 0)")
+    parser.add_argument("--threshold", type=non_negative_float, default=0.01,  # IncrementalSettings' (torch-free here)
+                        help="relative aggregate change at or below which a linear keeps its weight (default 0.01; "
+                             "0: re-quantize whatever moved)")
     parser.add_argument("--tolerance", type=tolerance_value, default=1.0,
                         help="relative error an existing task may gain on a linear, or 'none' (default 1.0: at most double)")
     parser.add_argument("--exact", action="store_true",

@@ -134,7 +134,8 @@ class RequantizerSettings:
     threads: int = 1  # torch/OpenMP threads: beside the executor on a small CPU, one
     niceness: int = 19
     idle_priority: bool = True  # Linux SCHED_IDLE: the CPU only when nothing else wants it
-    change_threshold: float = 0.0  # relative aggregate change at or below which a linear is kept
+    change_threshold: float = 0.01  # relative aggregate change at or below which a linear is kept (as
+    # IncrementalSettings: a re-run on a 1 % move re-rolled every task's rounding for no gain, an outside probe)
     quality_tolerance: float = 1.0  # relative error an existing task may gain on a linear; < 0: no gate
     max_samples: int = 0  # calibration samples of the new task; 0: the checkpoint's setting
     # The share of one core's time a job may use while the machine is busy serving: it sleeps
