@@ -232,3 +232,21 @@ def test_eval_interrupted_writes_what_finished(model_dir: Path, tmp_path: Path, 
     assert len(results["tasks"]["sentiment"]["base"]["predictions"]) == 1
     assert "| sentiment |" in table.read_text()
     assert b"sentiment" in stdout
+
+
+def test_a_quantized_checkpoint_is_scored_as_its_float_base(tmp_path: Path) -> None:
+    """`inlaid eval --model CHECKPOINT`: each adapter of the checkpoint's own base was warned
+    about ("trained for ... not this model 'mlgptq3'"), and `--backend peft` ended in
+    optimum's ImportError traceback. The checkpoint's recorded base decides the name; peft is
+    refused in one line before anything loads."""
+    checkpoint = tmp_path / "mlgptq3"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {"bits": 3}}))
+    (checkpoint / "inlaid_quant.json").write_text(json.dumps({"base_model": "/elsewhere/SmolLM2-135M-Instruct"}))
+    assert base_model_warnings(checkpoint, {"math": ADAPTERS / "math"}) == []
+    (checkpoint / "inlaid_quant.json").unlink()  # a checkpoint of others: no record, its folder's name is all
+    [warning] = base_model_warnings(checkpoint, {"math": ADAPTERS / "math"})
+    assert warning.endswith("not this model 'mlgptq3'; served because its shapes fit"), warning
+    done = _inlaid(["eval", "--model", str(checkpoint), "--task", "math", "--adapter", str(ADAPTERS / "math"),
+                    "--backend", "peft"])
+    _refused(done, "eval", "--backend peft loads --model with transformers, which reads a GPTQ checkpoint")

@@ -42,7 +42,7 @@ def base_model_warnings(model_dir: Path, adapters: dict[str, Path]) -> list[str]
     may be a fine-tune or a copy of this base, and it was served without a word."""
     import json
 
-    this = Path(model_dir).resolve().name
+    this = _float_base_name(Path(model_dir))
     warnings = []
     for name, path in adapters.items():
         try:
@@ -56,3 +56,17 @@ def base_model_warnings(model_dir: Path, adapters: dict[str, Path]) -> list[str]
             warnings.append(f"adapter {name!r} was trained for base model {named!r} (its adapter_config.json's "
                             f"base_model_name_or_path), not this model {this!r}; served because its shapes fit")
     return warnings
+
+
+def _float_base_name(model_dir: Path) -> str:
+    """The name of the float model `model_dir` is, or was quantized from: a checkpoint of
+    `inlaid quantize` records its base (an adapter of that base read "not this model
+    'mlgptq3'" when scored on the checkpoint, an outside probe)."""
+    from inlaid.quant.checkpoint_files import read_inlaid_metadata
+    from inlaid.quant.errors import CheckpointError
+
+    try:
+        base = (read_inlaid_metadata(model_dir) or {}).get("base_model")
+    except CheckpointError:  # the checkpoint's own checks report it
+        base = None
+    return Path(base).name if isinstance(base, str) and base.strip() else Path(model_dir).resolve().name

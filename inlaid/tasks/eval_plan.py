@@ -84,12 +84,25 @@ def _adapter_names(paths: list[Path]) -> dict[str, str]:
     return names
 
 
+def _is_gptq_checkpoint(model: Path) -> bool:
+    import json
+
+    try:
+        config = json.loads((model.expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("quantization_config"))
+
+
 def argument_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the arguments, found before the model loads (each of these used to
     surface only after the whole evaluation, or never)."""
     problem = model_dir_problem(Path(args.model) if args.model else None)
     if problem:
         return problem
+    if args.backend == "peft" and args.model and _is_gptq_checkpoint(Path(args.model)):  # was optimum's ImportError
+        return (f"--backend peft loads --model with transformers, which reads a GPTQ checkpoint ({args.model}) only "
+                "through optimum, not installed here: score it with the engine (--backend engine, the default)")
     if args.suite:
         if args.adapter:
             return "--adapter goes with --task; --suite takes each task's adapter from --adapters-dir"

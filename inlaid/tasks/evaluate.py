@@ -210,7 +210,8 @@ def _shown_score(metric: str, value: float) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="base model directory (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", default=None, help="base model directory, or a checkpoint of `inlaid quantize` "
+                                                        "(default: SmolLM2-135M-Instruct)")
     parser.add_argument("--task", action="append",
                         help="task to evaluate (repeatable; with --suite default all): a task of the suite, or one "
                              "of your own as NAME=PATH.jsonl (docs/tasks.md)")
