@@ -224,6 +224,9 @@ def checked_deadline(deadline_s: float | None) -> float | None:
     """A number or None (its value is the server's to judge): a string or a bool was sent and came back `malformed`."""
     if deadline_s is None:
         return None
-    if isinstance(deadline_s, numbers.Real) and not isinstance(deadline_s, bool) and abs(deadline_s) < 1e300:
-        return float(deadline_s)  # a numpy number too: msgpack has no form for it
+    if isinstance(deadline_s, numbers.Real) and not isinstance(deadline_s, bool):
+        try:
+            return float(deadline_s)  # a numpy number too: msgpack has no form for it
+        except OverflowError:  # an int past a float's range
+            pass
     raise InvalidRequestError(f"deadline_s must be a number of seconds or None, got {deadline_s!r}", param="deadline_s")
