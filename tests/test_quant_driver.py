@@ -230,7 +230,8 @@ def test_cli_quantize_and_error_exit(tiny_setup, tmp_path, capsys) -> None:
     code = main(["quantize", "--model", str(model_dir), "--method", "gptq-mixed", "--out", str(tmp_path / "y")])
     assert code == 2 and "needs calibration data" in capsys.readouterr().err
     with pytest.raises(SystemExit) as usage:  # the parser's own refusal, as for every number it checks
-        main(["quantize", "--model", str(model_dir), *task_args, "--mlgptq-slack", "-0.1", "--out", str(tmp_path / "z")])
+        main(["quantize", "--model", str(model_dir), *task_args, "--mlgptq-slack", "-0.1",
+              "--out", str(tmp_path / "z")])
     assert usage.value.code == 2
     assert "argument --mlgptq-slack: must be a number >= 0, got -0.1" in capsys.readouterr().err
 
