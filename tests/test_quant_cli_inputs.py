@@ -275,3 +275,34 @@ def test_sigterm_stops_a_quantization_as_ctrl_c_does(tiny, tmp_path, capsys, mon
     monkeypatch.undo()
     assert _quantize(model_dir, f"alpha={adapter}:{calib}", out) == 0  # the rerun resumes and finishes
     assert "resum" in capsys.readouterr().out.lower()
+
+
+def test_quantize_add_says_what_it_did_to_every_task(tiny, tmp_path, capsys) -> None:
+    """The summary said how many linears were re-quantized, not how far the aggregate moved nor
+    what the job did to the tasks already in. The aggregate's moves read as the record's own
+    per-linear `change`; everything kept (a threshold above every move) changes no task's error."""
+    import re
+    import statistics
+
+    root, model_dir, adapter, calib = tiny
+    base = quantize_full(model_dir, [CalibrationTask("alpha", adapter, calib)], tmp_path / "base")
+    other = make_adapter(model_dir, tmp_path / "other", seed=2, scale=0.3)
+    for threshold, out in (("0", tmp_path / "moved"), ("10", tmp_path / "kept")):
+        capsys.readouterr()
+        assert _add(base, f"beta={other}:{calib}", out, "--threshold", threshold) == 0
+        printed = capsys.readouterr().out
+        record = json.loads((out / METADATA_FILE).read_text())["incremental"]
+        record = record[-1] if isinstance(record, list) else record
+        changes = sorted(linear["change"] for layer in record["layers"] for linear in layer["linears"])
+        moved = re.search(r"aggregate moved: median ([\d.]+) %, at most ([\d.]+) %", printed)
+        assert moved, printed
+        assert float(moved.group(1)) == pytest.approx(100 * changes[len(changes) // 2], abs=0.006)
+        assert float(moved.group(2)) == pytest.approx(100 * changes[-1], abs=0.006)
+        assert statistics.median(changes) > 0
+        effect = r"^  (alpha|beta): mean relative error \S+ -> \S+ \(([+-][\d.]+) %\)$"
+        effects = dict(re.findall(effect, printed, re.M))
+        assert set(effects) == {"alpha", "beta"}, printed
+        if threshold == "10":
+            assert effects == {"alpha": "+0.0", "beta": "+0.0"}, printed
+        else:  # the new task's own error falls where the base is re-quantized for it
+            assert float(effects["beta"]) < 0, printed

@@ -343,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{quantizer.task.name} {how} {args.checkpoint} -> {args.out}")
     for action in sorted(set(actions)):
         print(f"  {action}: {actions.count(action)} of {len(actions)} linears")
-    for line in decision_lines(outcomes, args.verbose):
+    for line in [*decision_lines(outcomes, args.verbose), *effect_lines(outcomes, quantizer.settings.change_threshold)]:
         print(line)
     print(f"forward + Hessian {record['forward_seconds']:.1f} s, aggregation + quantization "
           f"{record['quantize_seconds']:.1f} s, total {time.time() - started:.1f} s, "
@@ -366,4 +366,24 @@ def decision_lines(outcomes: list[LayerOutcome], verbose: bool) -> list[str]:
                          f"{actions} (first, {explained[0].linear}: {explained[0].reason})")
     if total and not verbose:
         lines.append(f"  ({total} linears in all; --verbose lists each)")
+    return lines
+
+
+def effect_lines(outcomes: list[LayerOutcome], threshold: float) -> list[str]:
+    """How far the aggregate moved, and each task's mean relative error over the linears on
+    the weights served before and on those written now: the summary said only how many
+    linears were re-quantized, not what that did to the tasks already in (an outside probe)."""
+    decisions = [d for outcome in outcomes for d in outcome.decisions]
+    changes = sorted(d.change for d in decisions)
+    if not changes:
+        return []
+    lines = [f"  aggregate moved: median {100 * changes[len(changes) // 2]:.2f} %, at most {100 * changes[-1]:.2f} % "
+             f"(kept at or below the threshold, {100 * threshold:.2f} %)"]
+    tasks = sorted({task for d in decisions for task in d.errors_served})
+    for task in tasks:
+        served = [d.errors_served[task] for d in decisions if task in d.errors_served]
+        now = [(d.errors_new if d.swapped else d.errors_served)[task] for d in decisions if task in d.errors_served]
+        before, after = sum(served) / len(served), sum(now) / len(now)
+        lines.append(f"  {task}: mean relative error {before:.3e} -> {after:.3e} ({100 * (after / before - 1):+.1f} %)"
+                     if before > 0 else f"  {task}: mean relative error {after:.3e}")
     return lines
