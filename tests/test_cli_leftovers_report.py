@@ -88,6 +88,10 @@ def test_report_refuses_a_damaged_manifest_and_foreign_adapters_before_writing(
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"inlaid tasks report: {manifest} {words}") and len(err.splitlines()) == 1, err
         assert manifest.read_text() == damaged  # not rewritten
+    manifest.write_text("")  # an empty file holds nothing to lose: written afresh
+    assert main(["tasks", "report", "--adapters-dir", str(adapters)]) == 0
+    assert "math" in json.loads(manifest.read_text())["adapters"]
+    capsys.readouterr()
     manifest.write_text(whole)
     (math / "training.json").unlink()
     assert main(["tasks", "report", "--adapters-dir", str(adapters)]) == 2

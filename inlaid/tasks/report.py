@@ -126,9 +126,9 @@ def _training_record(adapter_dir: Path) -> dict:
 
 def _previous_section(path: Path, key: str) -> dict:
     """The `key` object of the record at `path` being updated (the MANIFEST's adapters, the
-    length record's tasks): {} when there is none; ValueError when it cannot be read (rewritten
-    without a word, it lost every score it held)."""
-    if not path.exists():
+    length record's tasks): {} when there is none (or it is empty: nothing to lose); ValueError
+    when it cannot be read (rewritten without a word, it lost every score it held)."""
+    if not path.exists() or path.stat().st_size == 0:
         return {}
     try:
         record = json.loads(path.read_text())
