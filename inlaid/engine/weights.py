@@ -10,6 +10,7 @@ from safetensors import SafetensorError, safe_open
 
 from inlaid.engine.config import ModelConfig, ModelLoadError
 from inlaid.engine.model import LlamaModel
+from inlaid.quant.checkpoint_files import is_gptq_checkpoint
 from inlaid.kernels.dispatch import PreparedQuantLinear, QuantLinearWeights, fuse_quant_slices, prepare_quant_linear
 
 # HF name suffix -> (our module path suffix, slice index within a fused projection)
@@ -47,11 +48,6 @@ def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, RuntimeError) as error:
             raise ModelLoadError(f"cannot read {path} (corrupt or truncated safetensors?): {error}") from error
     return tensors
-
-
-def is_gptq_checkpoint(model_dir: Path) -> bool:
-    config_path = model_dir / "config.json"
-    return config_path.is_file() and "quantization_config" in json.loads(config_path.read_text())
 
 
 def load_model(

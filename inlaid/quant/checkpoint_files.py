@@ -16,6 +16,13 @@ WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "inlaid_quant.json"  # Inlaid's record beside the GPTQ tensors (absent in others' checkpoints)
 
 
+def is_gptq_checkpoint(model_dir: Path) -> bool:
+    """Whether `model_dir`'s config.json declares a quantization: the engine loads it quantized,
+    transformers only through optimum."""
+    config_path = Path(model_dir) / "config.json"
+    return config_path.is_file() and "quantization_config" in json.loads(config_path.read_text())
+
+
 def read_inlaid_metadata(checkpoint_dir: Path) -> dict | None:
     """The checkpoint's inlaid_quant.json, None when it has none; CheckpointError naming the
     file when it is not a JSON object (the bare JSON parser's words reached the user)."""

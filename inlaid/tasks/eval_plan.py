@@ -84,14 +84,14 @@ def _adapter_names(paths: list[Path]) -> dict[str, str]:
     return names
 
 
-def _is_gptq_checkpoint(model: Path) -> bool:
-    import json
+def _gptq_checkpoint(model: Path) -> bool:
+    """`is_gptq_checkpoint`, False where config.json cannot be read (the model load says why)."""
+    from inlaid.quant.checkpoint_files import is_gptq_checkpoint
 
     try:
-        config = json.loads((model.expanduser() / "config.json").read_text())
-    except (OSError, ValueError):
+        return is_gptq_checkpoint(model)
+    except (OSError, ValueError, TypeError):
         return False
-    return isinstance(config, dict) and bool(config.get("quantization_config"))
 
 
 def argument_problem(args: argparse.Namespace) -> str | None:
@@ -100,7 +100,7 @@ def argument_problem(args: argparse.Namespace) -> str | None:
     problem = model_dir_problem(Path(args.model) if args.model else None)
     if problem:
         return problem
-    if args.backend == "peft" and args.model and _is_gptq_checkpoint(Path(args.model)):  # was optimum's ImportError
+    if args.backend == "peft" and args.model and _gptq_checkpoint(Path(args.model).expanduser()):  # was optimum's
         return (f"--backend peft loads --model with transformers, which reads a GPTQ checkpoint ({args.model}) only "
                 "through optimum, not installed here: score it with the engine (--backend engine, the default)")
     if args.suite:
