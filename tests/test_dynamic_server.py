@@ -22,12 +22,14 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from tiny_llama import make_adapter, make_tiny_model, quantize_full, write_calibration
+from inlaid.cli import main as cli_main
 from inlaid.client import InvalidRequestError, TaskBusyError, UnauthorizedError, UnknownTaskError
 from inlaid.quant.calibration import CalibrationTask
 from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, WEIGHTS_FILE
 from inlaid.quant.incremental import IncrementalQuantizer, IncrementalSettings
 from inlaid.quant.incremental_linears import read_layer_tensors
 from inlaid.quant.incremental_cli import write_incremental_checkpoint
+from inlaid.quant.job_effect import JobEffect, LinearEffect, job_effect
 from inlaid.serve.launcher import ServerProcess
 
 pytest.importorskip("peft")
@@ -47,6 +49,7 @@ class World:
     adapters: dict[str, Path]
     calibration: dict[str, Path]
     references: dict[str, Path]  # after adding X: the offline incremental checkpoint
+    effects: dict[str, JobEffect]  # ... and what it did to the tasks already in
     server: ServerProcess | None = None
     logs: list[str] = field(default_factory=list)
 
@@ -79,14 +82,17 @@ def world(tmp_path_factory, model_dir):
     adapters = {name: make_adapter(model, root / f"adapter_{name}", seed=index + 1) for index, name in enumerate(names)}
     calibration = {name: write_calibration(root / f"{name}.jsonl", name, 5 + index) for index, name in enumerate(names)}
     quantize_full(model, [CalibrationTask(n, adapters[n], calibration[n]) for n in ("alpha", "beta")], root / "ab")
-    references, previous = {}, root / "ab"
+    references, effects, previous = {}, {}, root / "ab"
     for name in ADDED:  # the additions the server will make, offline, with its default settings
         out = root / f"ref_{name}"
         quantizer = IncrementalQuantizer(model, previous, CalibrationTask(name, adapters[name], calibration[name]),
                                          IncrementalSettings(), out / HESSIAN_STATE_DIR)
-        write_incremental_checkpoint(quantizer, list(quantizer.layers()), out)
+        outcomes = list(quantizer.layers())
+        write_incremental_checkpoint(quantizer, outcomes, out)
         references[name] = previous = out
-    world = World(root, model, adapters, calibration, references)
+        effects[name] = job_effect(LinearEffect(d.change, d.errors_served, d.errors_new, d.swapped)
+                                   for outcome in outcomes for d in outcome.decisions)
+    world = World(root, model, adapters, calibration, references, effects)
     world.start()
     yield world
     if world.server is not None:
@@ -195,7 +201,7 @@ def _job_starts(logs: str, task: str) -> list[int]:
     return starts
 
 
-def test_added_task_serves_at_once_and_is_requantized_under_load(world):
+def test_added_task_serves_at_once_and_is_requantized_under_load(world, capsys, monkeypatch):
     server = world.server
     with server.client(timeout_s=60) as client:
         with pytest.raises(UnknownTaskError):
@@ -215,6 +221,21 @@ def test_added_task_serves_at_once_and_is_requantized_under_load(world):
     assert before == _reference_tokens(world, world.root / "ab", ["gamma"])["gamma"]
     after = _served_tokens(world, ["alpha", "gamma"])
     assert after == _reference_tokens(world, world.references["gamma"], ["alpha", "gamma"])
+    # what the job did to the tasks already served, as quantize-add reports it for the same addition
+    expected = world.effects["gamma"]
+    assert expected is not None and {e.task for e in expected.tasks} == {"alpha", "beta", "gamma"}
+    assert status.change_threshold == IncrementalSettings().change_threshold
+    assert status.aggregate_change_median == pytest.approx(expected.change_median, rel=1e-5)
+    assert status.aggregate_change_max == pytest.approx(expected.change_max, rel=1e-5)
+    assert [(e.task, e.error_before, e.error_after) for e in status.task_errors] == [
+        (e.task, pytest.approx(e.error_before, rel=1e-5), pytest.approx(e.error_after, rel=1e-5)) for e in expected.tasks]
+    monkeypatch.setenv("INLAID_ADMIN_TOKEN", TOKEN)  # the CLI prints it as quantize-add does
+    capsys.readouterr()
+    assert cli_main(["client", "--address", server.address, "task-status", "gamma"]) == 0
+    printed = capsys.readouterr().out
+    assert f"aggregate moved: median {100 * expected.change_median:.2f} %" in printed, printed
+    for task in expected.tasks:
+        assert f"  {task.task}: mean relative error {task.error_before:.3e} -> {task.error_after:.3e}" in printed
 
 
 def _requantizer_series(client) -> dict[str, float]:

@@ -23,6 +23,7 @@ import msgspec
 from inlaid.cli_args import MAX_SECONDS
 from inlaid.client.messages import MSGPACK_INTEGERS
 from inlaid.protocol import TaskStatusReply
+from inlaid.quant.job_effect import JobEffect, TaskEffect, effect_lines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +100,12 @@ def _print_status(status: TaskStatusReply, as_json: bool, verbose: bool = False)
         print(f"  ... and {len(gated) - 1} more linears kept as served by the quality gate (--verbose lists each)")
     if status.message:
         print(f"  {status.message}")
+    if status.phase in ("ready", "failed"):  # what the job did to the tasks already served
+        effect = JobEffect(status.aggregate_change_median, status.aggregate_change_max,
+                           [TaskEffect(e.task, e.error_before, e.error_after) for e in status.task_errors])
+        for line in effect_lines(effect if status.aggregate_change_max or status.task_errors else None,
+                                 status.change_threshold):
+            print(line)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -272,6 +272,15 @@ class KeptLinear(msgspec.Struct, frozen=True, kw_only=True):
     reason: str
 
 
+class TaskErrorChange(msgspec.Struct, frozen=True, kw_only=True):
+    """A served task's mean relative error over the linears a job decided, on the weights
+    served before it and on those served after."""
+
+    task: str
+    error_before: float
+    error_after: float
+
+
 class TaskStatusReply(msgspec.Struct, frozen=True, kw_only=True, tag="task_status_reply"):
     request_id: str
     name: str
@@ -293,6 +302,12 @@ class TaskStatusReply(msgspec.Struct, frozen=True, kw_only=True, tag="task_statu
     # adding the task again redoes it).
     layers_superseded: int = 0
     layers_not_served: int = 0
+    # What the job did to the tasks already served: how far the linears' aggregates moved
+    # (median, max; re-quantized only above change_threshold) and each task's errors.
+    aggregate_change_median: float = 0.0
+    aggregate_change_max: float = 0.0
+    change_threshold: float = 0.0
+    task_errors: list[TaskErrorChange] = []
 
 
 ServerReply = (
@@ -334,6 +349,7 @@ __all__ = [
     "TaskInfo",
     "TaskList",
     "TaskStatus",
+    "TaskErrorChange",
     "TaskStatusReply",
     "TextChunk",
     "chat_template_role",

@@ -33,6 +33,8 @@ from inlaid.cli_args import non_negative_float, positive_int, writable_dir_probl
 from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, METADATA_FILE, WEIGHTS_FILE, CheckpointMetadata, write_checkpoint
 from inlaid.quant.errors import QuantizationError
 from inlaid.quant.incremental import IncrementalQuantizer, LayerOutcome
+from inlaid.quant.job_effect import LinearEffect, job_effect
+from inlaid.quant.job_effect import effect_lines as job_effect_lines
 from inlaid.quant.layer_decisions import LinearDecision
 from inlaid.quant.inputs import (
     check_tasks, model_dir_problem, out_overlaps_model_problem, output_removed_unless_kept,
@@ -373,17 +375,5 @@ def effect_lines(outcomes: list[LayerOutcome], threshold: float) -> list[str]:
     """How far the aggregate moved, and each task's mean relative error over the linears on
     the weights served before and on those written now: the summary said only how many
     linears were re-quantized, not what that did to the tasks already in (an outside probe)."""
-    decisions = [d for outcome in outcomes for d in outcome.decisions]
-    changes = sorted(d.change for d in decisions)
-    if not changes:
-        return []
-    lines = [f"  aggregate moved: median {100 * changes[len(changes) // 2]:.2f} %, at most {100 * changes[-1]:.2f} % "
-             f"(kept at or below the threshold, {100 * threshold:.2f} %)"]
-    tasks = sorted({task for d in decisions for task in d.errors_served})
-    for task in tasks:
-        served = [d.errors_served[task] for d in decisions if task in d.errors_served]
-        now = [(d.errors_new if d.swapped else d.errors_served)[task] for d in decisions if task in d.errors_served]
-        before, after = sum(served) / len(served), sum(now) / len(now)
-        lines.append(f"  {task}: mean relative error {before:.3e} -> {after:.3e} ({100 * (after / before - 1):+.1f} %)"
-                     if before > 0 else f"  {task}: mean relative error {after:.3e}")
-    return lines
+    return job_effect_lines(job_effect(LinearEffect(d.change, d.errors_served, d.errors_new, d.swapped)
+                                       for outcome in outcomes for d in outcome.decisions), threshold)

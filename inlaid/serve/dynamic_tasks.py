@@ -382,7 +382,7 @@ class DynamicTasks:
 
     def status(self, request_id: str, name: str) -> TaskStatusReply:
         return task_status_reply(request_id, name, self.store, self.registry, self.num_layers,
-                                 full_precision=not self.config.engine.quantized_dir)
+                                 not self.config.engine.quantized_dir, self.config.requantizer.change_threshold)
 
 
 def _log_unexpected_end(task: asyncio.Task[None]) -> None:

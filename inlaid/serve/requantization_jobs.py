@@ -334,7 +334,8 @@ class RequantizationJobs(LayerSwaps):
         if record is None or self.store is None:
             return  # a cancelled job's last layer: the requantizer releases it when cancelled
         record.decisions = [d for d in record.decisions if d["layer"] != ready.layer] + [
-            Decision(layer=ready.layer, linear=o.linear, action=o.action, reason=o.reason, change=o.change)
+            Decision(layer=ready.layer, linear=o.linear, action=o.action, reason=o.reason, change=o.change,
+                     errors_served=dict(o.errors_served), errors_new=dict(o.errors_new))
             for o in ready.linears]
         record.forward_seconds += ready.forward_seconds
         record.quantize_seconds += ready.quantize_seconds

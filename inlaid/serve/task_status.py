@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import time
 
-from inlaid.protocol import ErrorCode, KeptLinear, TaskStatusReply
+from inlaid.protocol import ErrorCode, KeptLinear, TaskErrorChange, TaskStatusReply
+from inlaid.quant.job_effect import LinearEffect, job_effect
 from inlaid.serve.task_registry import TaskError, TaskRegistry
 from inlaid.serve.task_store import QUEUED, SERVING, TaskRecord, TaskStore
 
 
 def task_status_reply(request_id: str, name: str, store: TaskStore | None, registry: TaskRegistry,
-                      num_layers: int, full_precision: bool = False) -> TaskStatusReply:
+                      num_layers: int, full_precision: bool = False,
+                      change_threshold: float = 0.0) -> TaskStatusReply:
     record = store.tasks.get(name) if store else None
     served_version = store.served_version if store else 0
     if record is None:
@@ -34,6 +36,9 @@ def task_status_reply(request_id: str, name: str, store: TaskStore | None, regis
     changed = {d["layer"] for d in record.decisions if d["action"] == "requantized" and d["layer"] < record.layers_done}
     served_at = {layer: store.layers[layer].version if layer in store.layers else 0 for layer in changed}
     end = record.finished_at or (time.time() if record.started_at else 0.0)
+    # what the job did to the tasks already served (quantize-add prints the same)
+    effect = job_effect(LinearEffect(d["change"], d.get("errors_served", {}), d.get("errors_new", {}),
+                                     d["action"] == "requantized") for d in record.decisions)
     return TaskStatusReply(
         request_id=request_id, name=name, phase=record.phase, layers_done=record.layers_done,
         layers_total=record.layers_total, version=record.version, served_version=served_version,
@@ -42,7 +47,11 @@ def task_status_reply(request_id: str, name: str, store: TaskStore | None, regis
         quantize_seconds=record.quantize_seconds, wall_seconds=end - record.started_at if record.started_at else 0.0,
         peak_rss_bytes=record.peak_rss_bytes,
         layers_superseded=sum(1 for version in served_at.values() if version > record.version),
-        layers_not_served=sum(1 for version in served_at.values() if version < record.version))
+        layers_not_served=sum(1 for version in served_at.values() if version < record.version),
+        aggregate_change_median=effect.change_median if effect else 0.0,
+        aggregate_change_max=effect.change_max if effect else 0.0, change_threshold=change_threshold,
+        task_errors=[TaskErrorChange(task=task.task, error_before=task.error_before, error_after=task.error_after)
+                     for task in (effect.tasks if effect else [])])
 
 
 def cancelled_job_note(record: TaskRecord) -> str:

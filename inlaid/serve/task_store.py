@@ -42,7 +42,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from collections.abc import Callable, Collection
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import msgspec
 
@@ -87,6 +87,9 @@ class Decision(TypedDict):
     action: str  # requantized | kept-unchanged | kept-quality
     reason: str
     change: float
+    # each task's relative error on the served and on the re-quantized weight (older states lack them)
+    errors_served: NotRequired[dict[str, float]]
+    errors_new: NotRequired[dict[str, float]]
 
 
 @dataclass
