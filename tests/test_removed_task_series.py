@@ -124,6 +124,26 @@ def test_a_draining_task_keeps_its_series_until_its_last_request_ends(model_dir,
     assert _served(coordinator) == {"qa": 1, REMOVED_TASKS_LABEL: 2}
 
 
+def test_refusals_of_a_draining_task_count_under_unknown_and_stay(model_dir, tmp_path):
+    """Requests naming a task being removed are refused; they were counted under its name,
+    and the drain's end dropped them with its series (an outside probe: Prometheus lost 5
+    refusals that `stats` kept). They count under __unknown__, as after the drain."""
+    coordinator = _coordinator(model_dir, tmp_path)
+    coordinator.registry.add("qa", ADAPTER)
+    _generate(coordinator, "in-flight", "qa")
+    coordinator.dynamic.remove("qa")
+    for index in range(3):  # while it drains
+        _generate(coordinator, f"refused-{index}", "qa")
+    _run_to_end(coordinator)
+    _generate(coordinator, "refused-after", "qa")  # after the drain
+    refused = [r for r in coordinator.replies if getattr(r, "code", None) == ErrorCode.UNKNOWN_TASK]
+    assert len(refused) == 4
+    unknown = {(s.labels["task"], s.labels["outcome"]): s.value for s in _samples(coordinator)
+               if s.name == "inlaid_requests_total" and s.labels["outcome"] == "unknown_task"}
+    assert unknown == {("__unknown__", "unknown_task"): 4.0}
+    assert coordinator.counters["rejected"] == 4  # what `stats` says
+
+
 def test_forget_task_leaves_base_and_unknown_series():
     """The reserved labels are never a registered task's: forgetting them is refused quietly."""
     from inlaid.serve.metrics import ServerMetrics

@@ -155,7 +155,12 @@ class ServerMetrics:
         self._task_series(request.task).prompt_tokens.inc(request.num_prompt_tokens)
 
     def on_rejected(self, task: str | None, code: str) -> None:
-        self.requests.labels(self._label(task), code).inc()
+        # A refused request of a task that no longer accepts (removed, its last requests
+        # draining) counts under __unknown__: under its name, the drain's end dropped the
+        # count with the task's series (an outside probe: Prometheus lost 5 refusals that
+        # `stats` kept).
+        label = task if task is None or task in self._tasks else UNKNOWN_TASK_LABEL
+        self.requests.labels(self._label(label), code).inc()
 
     def on_frame_refused(self, reason: str) -> None:
         """reason: a server-chosen code (never client text), so the label stays bounded."""
