@@ -127,3 +127,66 @@ def test_lora_keys_are_read_whole_as_peft_saves_them(model_dir, adapter_dirs, tm
                                                r"base_model\.model\.model\.layers\.<i>"):
             check()
     assert len(load_adapter_tensors(read_adapter_spec("as-saved", adapter_dirs["attn-r8"]), model.num_layers)) == 60
+
+
+@pytest.mark.parametrize("exclude", [
+    r"model\.layers\.[01]\.self_attn\.q_proj|.*\.5\.mlp\.down_proj",  # a regular expression: the whole name
+    ["down_proj", "model.layers.2.self_attn.v_proj"],  # names: equal, or ending in "." + the entry
+])  # fmt: skip
+def test_exclude_modules_match_as_peft_matches_them(engine, model_dir, tmp_path, greedy_logits, exclude):
+    """exclude_modules is matched by PEFT's rule, projection by projection: any missing pair
+    used to be excused once exclude_modules was set (an outside probe: a pattern matching
+    nothing, a layer's tensors deleted, served as zeros where PEFT keeps its initial
+    weights). Logits against PEFT's own, with the adapter PEFT saved."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def base():  # type: ignore[no-untyped-def]
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+    torch.manual_seed(7)
+    made = get_peft_model(base(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                             exclude_modules=exclude))
+    with torch.no_grad():
+        for name, parameter in made.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn_like(parameter) * 0.05)
+    made.save_pretrained(str(tmp_path / "excluded"))
+    adapter = tmp_path / "excluded"
+    spec = check_servable_adapter("excluded", str(adapter), ModelConfig.from_dir(str(model_dir)), 32)
+    wanted = {(layer, projection) for layer in range(30) for projection in ("q_proj", "v_proj", "down_proj")
+              if not spec.excludes(layer, projection)}
+    peft_model = PeftModel.from_pretrained(base(), str(adapter)).eval()
+    adapted = {(int(name.split(".layers.")[1].split(".")[0]), name.split(".")[-1])
+               for name, module in peft_model.named_modules() if hasattr(module, "lora_A") and ".layers." in name}
+    assert adapted == wanted and len(wanted) < 90  # the engine's rule is PEFT's, and it excluded something
+    engine.register_adapter("excluded", str(adapter))
+    prompt_ids = engine.tokenizer.encode("The capital of France is")
+    (served,) = greedy_logits(engine, [prompt_ids], ["excluded"], max_tokens=1)[0]
+    with torch.no_grad():
+        expected = peft_model(torch.tensor([prompt_ids])).logits[0, -1]
+    torch.testing.assert_close(served, expected, atol=2e-4, rtol=0)
+    engine.scheduler.adapters.unregister("excluded")
+
+
+def test_exclude_modules_excuses_only_what_it_matches(adapter_dirs, model_dir, tmp_path):
+    model = ModelConfig.from_dir(str(model_dir))
+    deleted = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "deleted")
+    rewrite_tensors(deleted, lambda t: [t.pop(k) for k in list(t) if ".layers.5.self_attn.q_proj" in k])
+    _edit_config(deleted, exclude_modules=["nonexistent_module"])  # set, matching nothing
+    with pytest.raises(AdapterError, match="2 LoRA tensors are missing, e.g. layer 5 q_proj.*does not exclude it"):
+        check_servable_adapter("deleted", str(deleted), model, 32)
+    _edit_config(deleted, exclude_modules=r"model\.layers\.5\.self_attn\.q_proj")
+    assert check_servable_adapter("deleted", str(deleted), model, 32).excludes(5, "q_proj")
+    kept = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "kept")  # tensors for a projection it excludes
+    _edit_config(kept, exclude_modules=["model.layers.5.self_attn.q_proj"])
+    with pytest.raises(AdapterError, match="layer 5 q_proj, which exclude_modules excludes"):
+        check_servable_adapter("kept", str(kept), model, 32)
+    _edit_config(kept, exclude_modules=["(unclosed"])  # a list holds names, not patterns: matches nothing
+    assert check_servable_adapter("kept", str(kept), model, 32).has_exclusions
+    _edit_config(kept, exclude_modules="(unclosed")
+    with pytest.raises(AdapterError, match="is not a regular expression"):
+        read_adapter_spec("kept", kept)
+    _edit_config(kept, exclude_modules=[3])
+    with pytest.raises(AdapterError, match="must be a list of module names or a regular expression"):
+        read_adapter_spec("kept", kept)

@@ -74,9 +74,26 @@ class AdapterSpec:
     lora_alpha: float
     use_rslora: bool
     target_modules: tuple[str, ...]
-    # PEFT's exclude_modules: some target projections carry no LoRA (their tensors are
-    # absent from the file, and the engine computes the base alone there, as PEFT does)
-    has_exclusions: bool = False
+    # PEFT's exclude_modules (a list of module names, or a regular expression): the target
+    # projections it matches carry no LoRA (their tensors are absent from the file, and the
+    # engine computes the base alone there, as PEFT does)
+    exclude_modules: tuple[str, ...] | str = ()
+
+    @property
+    def has_exclusions(self) -> bool:
+        return bool(self.exclude_modules)
+
+    def excludes(self, layer: int, projection: str) -> bool:
+        """Whether exclude_modules matches the projection, by PEFT's rule on the module's name
+        in the base model: a string is a regular expression the whole name must match; a
+        list matches a name equal to an entry or ending in "." + an entry."""
+        if not self.exclude_modules:
+            return False
+        group = "mlp" if projection in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+        key = f"model.layers.{layer}.{group}.{projection}"
+        if isinstance(self.exclude_modules, str):
+            return re.fullmatch(self.exclude_modules, key) is not None
+        return any(key == entry or key.endswith(f".{entry}") for entry in self.exclude_modules)
 
     @property
     def scale(self) -> float:
@@ -130,6 +147,23 @@ def read_adapter_spec(name: str, path: str | Path) -> AdapterSpec:
         raise AdapterError(f"adapter {name!r}: adapter_config.json must hold a JSON object, "
                            f"not {type(config).__name__}")
     return _spec_from_config(name, str(path), config)
+
+
+def adapter_signature(path: str | Path) -> str:
+    """Which files the adapter directory holds now: each file's device, inode, size and
+    modification and change times. Registration records it and every load compares it, so
+    that files replaced under a registered path are never served as the adapter checked at
+    its registration (host copies and device slots were keyed by path alone: an outside
+    probe re-registered a directory whose files had changed and got the old adapter's
+    tokens). Cheap (two stats); "" parts for files that cannot be stat'ed."""
+    parts = []
+    for file_name in ("adapter_config.json", "adapter_model.safetensors"):
+        try:
+            stat = os.stat(Path(path) / file_name)
+            parts.append(f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}")
+        except (OSError, ValueError):
+            parts.append("")
+    return "/".join(parts)
 
 
 def _check_init(name: str, init: Any, loftq_config: Any) -> None:
@@ -201,7 +235,7 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
         lora_alpha=float(alpha),  # type: ignore[arg-type]
         use_rslora=bool(config.get("use_rslora", False)),
         target_modules=tuple(p for p in PROJECTIONS if p in targets),
-        has_exclusions=bool(config.get("exclude_modules")),
+        exclude_modules=_exclusions(name, config.get("exclude_modules")),
     )
     try:
         scale = spec.scale
@@ -213,6 +247,22 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
                            f"{spec.lora_alpha:.4g}, r {rank}) is over {MAX_LORA_SCALE:.0f} in magnitude: its outputs "
                            "would overflow (trained adapters' scales are far smaller)")
     return spec
+
+
+def _exclusions(name: str, exclude: Any) -> tuple[str, ...] | str:
+    if exclude in (None, "", []):
+        return ()
+    if isinstance(exclude, str):
+        try:
+            re.compile(exclude)
+        except (re.error, RecursionError) as error:
+            raise AdapterError(f"adapter {name!r}: exclude_modules {exclude!r:.80} is not a regular expression: "
+                               f"{error}") from None
+        return exclude
+    if isinstance(exclude, list) and all(isinstance(entry, str) and entry for entry in exclude):
+        return tuple(exclude)
+    raise AdapterError(f"adapter {name!r}: adapter_config.json field 'exclude_modules' must be a list of module "
+                       f"names or a regular expression, got {exclude!r:.80}")
 
 
 def _is_finite_number(value: object) -> bool:

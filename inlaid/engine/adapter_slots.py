@@ -25,18 +25,21 @@ class AdapterSlots:
     def __init__(self, num_slots: int) -> None:
         self.num_slots = num_slots
         self.paths: dict[str, str] = {}  # registered adapters: name -> directory
+        self.signatures: dict[str, str] = {}  # ... -> its files when registered (adapter_signature)
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # LRU order, oldest first
         self._free_slots: list[int] = list(range(num_slots))
 
-    def register(self, name: str, path: str) -> None:
-        if self.paths.get(name, path) != path:
+    def register(self, name: str, path: str, signature: str = "") -> None:
+        if self.paths.get(name, path) != path or self.signatures.get(name, signature) != signature:
             self.evict(name)  # a new version of a resident adapter: drop the stale slot contents
         self.paths[name] = path
+        self.signatures[name] = signature
 
     def unregister(self, name: str) -> None:
         if name not in self.paths:
             raise UnknownAdapterError(name)
         del self.paths[name]
+        self.signatures.pop(name, None)
         self.evict(name)
 
     def evict(self, name: str) -> None:

@@ -189,6 +189,9 @@ def _check_names_and_shapes(entries: list[_TensorEntry], spec: AdapterSpec, mode
         if projection not in spec.target_modules:
             raise AdapterError(f"{where}: tensor {entry.name!r:.120} is for {projection}, which target_modules "
                                f"({', '.join(spec.target_modules)}) does not list")
+        if spec.excludes(layer, projection):  # PEFT builds no LoRA there, and ignores these tensors
+            raise AdapterError(f"{where}: tensor {entry.name!r:.120} is for layer {layer} {projection}, which "
+                               "exclude_modules excludes (PEFT would not apply it)")
         if (layer, projection, half) in seen:
             raise AdapterError(f"{where}: layer {layer} {projection} has two lora_{half} tensors")
         seen.add((layer, projection, half))
@@ -198,18 +201,18 @@ def _check_names_and_shapes(entries: list[_TensorEntry], spec: AdapterSpec, mode
             raise AdapterError(f"{where}: layer {layer} {projection} lora_{half} has shape {list(entry.shape)}; "
                                f"adapter_config.json says r={spec.rank}, so this base model needs {list(expected)} "
                                f"({_shape_mismatch_cause(entry.shape, expected, half, projection, model)})")
+    # exclude_modules: the projections it matches carry no LoRA; every other target carries both halves
+    # (it used to excuse any missing pair once exclude_modules was set, matching or not: the
+    # engine computed zeros where PEFT keeps its initial weights, a silent difference)
     missing = [(layer, projection, half) for layer in range(model.num_layers) for projection in spec.target_modules
-               for half in "AB" if (layer, projection, half) not in seen]  # fmt: skip
-    if spec.has_exclusions:  # exclude_modules: whole projections may lack LoRA, never one half of a pair
-        halves = {(layer, projection) for layer, projection, _ in missing}
-        missing = [key for key in missing if (key[0], key[1], "B" if key[2] == "A" else "A") in seen]
-        if not missing and len(halves) == model.num_layers * len(spec.target_modules):
-            raise AdapterError(f"{where}: {WEIGHTS_FILE} holds no LoRA tensors (exclude_modules excludes every "
-                               "target)")
+               if not spec.excludes(layer, projection) for half in "AB" if (layer, projection, half) not in seen]
+    if not seen and not missing:
+        raise AdapterError(f"{where}: {WEIGHTS_FILE} holds no LoRA tensors (exclude_modules excludes every target)")
     if missing:
         layer, projection, half = missing[0]
         raise AdapterError(f"{where}: {len(missing)} LoRA tensors are missing, e.g. layer {layer} {projection} "
-                           f"lora_{half} (target_modules lists it)")
+                           f"lora_{half} (target_modules lists it"
+                           + (", exclude_modules does not exclude it)" if spec.has_exclusions else ")"))
 
 
 def _check_values(file, data_start: int, entry: _TensorEntry, where: str) -> None:  # type: ignore[no-untyped-def]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence as SequenceType
 
 import msgspec
 
-from inlaid.engine.adapter_config import read_adapter_spec
+from inlaid.engine.adapter_config import adapter_signature, read_adapter_spec
 from inlaid.engine.adapter_slots import AdapterSlots
 from inlaid.engine.adapter_weights import check_adapter_weights
 from inlaid.engine.block_manager import BlockManager
@@ -126,13 +126,17 @@ class Engine:
         return cls(config, ModelRunner(config), policy)
 
     # ------------------------------------------------------------------ adapters
-    def register_adapter(self, name: str, path: str, *, check_weights: bool = True) -> None:
+    def register_adapter(self, name: str, path: str, *, check_weights: bool = True, signature: str | None = None) -> None:
         """Serve the adapter at `path` as `name`, once its config and every weight passed the
         server's own checks (AdapterError naming the first problem): checking the config
         alone registered adapters whose tensors no executor loads (a bias, trainable tokens)
         and one whose file held other projections than its config lists, served silently.
         `check_weights=False`: the caller ran `check_servable_adapter` already (the server,
-        in a worker thread: reading every weight on its event loop would stall all streams)."""
+        in a worker thread: reading every weight on its event loop would stall all streams),
+        and passes the `adapter_signature` taken before its check. Registering a path again
+        after its files changed serves the new files (a slot or host copy of the old is dropped)."""
+        if signature is None:  # before the checks: files replaced during them are then refused at load
+            signature = adapter_signature(path)
         spec = read_adapter_spec(name, path)
         if spec.rank > self.config.max_lora_rank:
             raise InvalidRequestError(
@@ -140,7 +144,7 @@ class Engine:
             )
         if check_weights:
             check_adapter_weights(spec, self.model_config, self.config.max_lora_rank)
-        self.scheduler.adapters.register(name, str(path))
+        self.scheduler.adapters.register(name, str(path), signature)
 
     @property
     def adapter_names(self) -> list[str]:

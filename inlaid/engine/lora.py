@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from inlaid.engine.adapter_config import LORA_KEY_FORM, AdapterError, AdapterSpec, parse_lora_key
@@ -293,10 +293,15 @@ class LoraLinear(nn.Module):
 
 
 def load_adapter_tensors(spec: AdapterSpec, num_layers: int) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-    """Read an adapter's safetensors into {(layer, projection): (A [r, in], B [out, r])}."""
+    """Read an adapter's safetensors into {(layer, projection): (A [r, in], B [out, r])}.
+
+    Into memory of this process, read once: `load_file` maps the file, and its tensors (the
+    executor's host copy) then changed with a file rewritten in place — the copy of a served
+    adapter became another's bytes (an outside probe's garbage tokens) — or faulted (SIGBUS)
+    on one truncated."""
     path = Path(spec.path) / "adapter_model.safetensors"
     try:
-        tensors = load_file(str(path))
+        tensors = load_safetensors(path.read_bytes())
     except (SafetensorError, OSError) as error:
         raise AdapterError(f"adapter {spec.name!r}: cannot read {path}: {error}") from error
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}

@@ -140,10 +140,10 @@ class ModelRunner:
         return self.decode_graphs.capture() if self.decode_graphs is not None else []
 
     # ------------------------------------------------------------------ adapters
-    def load_adapter(self, slot: int, name: str, path: str) -> None:
+    def load_adapter(self, slot: int, name: str, path: str, signature: str = "") -> None:
         if not 0 <= slot < self.config.max_lora_slots:
             raise ValueError(f"slot {slot} out of range (0..{self.config.max_lora_slots - 1})")
-        copy = self.host_adapters.get(name, path)
+        copy = self.host_adapters.get(name, path, signature)
         install_adapter(self.linears, copy.spec, copy.tensors, slot, self.config.max_lora_rank)
         self.slot_contents[slot] = path
         if self.decode_graphs is not None:
@@ -239,7 +239,7 @@ class ModelRunner:
         errors: dict[int, tuple[str, str]] = {}
         for load in loads:
             try:
-                self.load_adapter(load.slot, load.name, load.path)
+                self.load_adapter(load.slot, load.name, load.path, load.signature)
             except Exception as error:  # noqa: BLE001 - any failure costs this adapter's sequences only
                 self.slot_contents.pop(load.slot, None)
                 errors[load.slot] = (load.name, f"adapter {load.name!r} could not be loaded: {error}")
@@ -250,7 +250,7 @@ class ModelRunner:
         """Run the plan's forward; return (seq ids, float32 logits [B, V], chunks) of sampled rows."""
         self.forget_adapters(plan.adapter_drops)
         for load in plan.adapter_loads:
-            self.load_adapter(load.slot, load.name, load.path)
+            self.load_adapter(load.slot, load.name, load.path, load.signature)
         return self._forward_chunks(plan.chunks)
 
     @torch.inference_mode()
@@ -260,7 +260,7 @@ class ModelRunner:
         rows gives their next-token logits (teacher-forced scoring uses all of them)."""
         self.forget_adapters(plan.adapter_drops)
         for load in plan.adapter_loads:
-            self.load_adapter(load.slot, load.name, load.path)
+            self.load_adapter(load.slot, load.name, load.path, load.signature)
         chunks = step_order(plan.chunks)
         batch, last_token_rows = self._build_batch(chunks)
         hidden = self.model(batch, self.kv_caches)

@@ -283,7 +283,8 @@ class Scheduler:
         if assignment is None:
             return False
         if assignment.loaded_now:
-            step.loads.append(AdapterLoad(slot=assignment.slot, name=seq.adapter, path=self.adapters.paths[seq.adapter]))
+            step.loads.append(AdapterLoad(slot=assignment.slot, name=seq.adapter, path=self.adapters.paths[seq.adapter],
+                                          signature=self.adapters.signatures.get(seq.adapter, "")))
         step.adapters.add(seq.adapter)
         return True
 

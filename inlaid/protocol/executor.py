@@ -33,6 +33,9 @@ class AdapterLoad(msgspec.Struct, frozen=True, kw_only=True):
     slot: int
     name: str
     path: str
+    # the files registered (inlaid.engine.adapter_config.adapter_signature): a copy of other
+    # files is refused, never served as this adapter ("": not checked)
+    signature: str = ""
 
 
 # The layer handover: a re-quantized decoder layer travels from the requantizer to the

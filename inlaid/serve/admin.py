@@ -57,11 +57,12 @@ class TaskCalls:
 
     async def _add(self, identity: bytes, message: AddTask) -> None:
         try:
-            await asyncio.to_thread(self.registry.check_adapter, message.name, message.adapter_dir)
+            signature = await asyncio.to_thread(self.registry.check_adapter, message.name, message.adapter_dir)
             inputs = await asyncio.to_thread(self.dynamic.prepare, message.name, message.adapter_dir,
                                              message.calibration_jsonl or None)
+            inputs.signature = signature
             if inputs.copied:  # what is served is the copy: the source may have changed since it was checked
-                await asyncio.to_thread(self._check_copy, message.name, inputs.adapter_dir)
+                inputs.signature = await asyncio.to_thread(self._check_copy, message.name, inputs.adapter_dir)
             text = self.dynamic.add(inputs)
             self._done(identity, message, text, inputs.replaced_config_entry, hessians_dropped=inputs.hessians_dropped,
                        already_served=inputs.already_served)
@@ -72,11 +73,11 @@ class TaskCalls:
             self._reply(identity, ErrorReply(request_id=message.request_id, code=ErrorCode.INTERNAL,
                                              message="internal server error"))
 
-    def _check_copy(self, name: str, copy_dir: str) -> None:
+    def _check_copy(self, name: str, copy_dir: str) -> str:
         store = self.dynamic.store
         assert store is not None  # only a state directory's tasks are copies
         try:
-            self.registry.check_adapter(name, copy_dir)
+            return self.registry.check_adapter(name, copy_dir)
         except TaskError as error:
             store.discard_copy(copy_dir)
             raise TaskError(error.code, f"the adapter changed while it was being added: {error.message}") from None

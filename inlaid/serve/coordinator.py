@@ -92,8 +92,7 @@ class Coordinator:
         self.registry = TaskRegistry(self.pool.engines, config.admin_token)
         for name, adapter_dir in config.tasks.items():
             try:
-                self.registry.check_adapter(name, adapter_dir)
-                self.registry.add(name, adapter_dir)
+                self.registry.add(name, adapter_dir, self.registry.check_adapter(name, adapter_dir))
             except TaskError as error:
                 raise ValueError(f"task {name!r} in the config: {error.message}") from None
         self._encoder = msgspec.msgpack.Encoder()

@@ -49,6 +49,7 @@ class TaskInputs:
     adapter_dir: str
     calibration: str | None
     copied: bool
+    signature: str = ""  # the served files' (check_adapter's answer; of the copy if copied)
     # The name serves these very files now (a re-add): the Hessians stored for it stay valid.
     serves_as_now: bool = False
     # Set by `DynamicTasks.add` (the AdminReply says them): the Hessians stored for the name left the
@@ -110,8 +111,7 @@ class DynamicTasks:
         self._prune_dropped(store)
         for name, record in sorted(store.tasks.items(), key=lambda item: item[1].added_at):
             try:
-                self.registry.check_adapter(name, record.adapter_dir)
-                self.registry.add(name, record.adapter_dir)
+                self.registry.add(name, record.adapter_dir, self.registry.check_adapter(name, record.adapter_dir))
             except TaskError as error:
                 log.error("a stored task cannot be served", extra={"task": name, "reason": error.message})
                 if not record.suspended_phase:  # else an earlier restart already keeps what it was
@@ -238,8 +238,8 @@ class DynamicTasks:
                 doing = "is queued to re-quantize the base" if record.phase == QUEUED else "is re-quantizing the base"
                 raise TaskError(ErrorCode.TASK_BUSY, f"task {name!r} {doing} (a job of its own add); remove it first "
                                                      "(which cancels the job) or wait until it is ready")
-            inputs.already_served = self.registry.tasks.get(name) == inputs.adapter_dir
-            text = self.registry.add(name, inputs.adapter_dir)
+            inputs.already_served = self.registry.serves_unchanged(name, inputs.adapter_dir, inputs.signature)
+            text = self.registry.add(name, inputs.adapter_dir, inputs.signature)
         except TaskError:
             if store is not None and inputs.copied:
                 store.discard_copy(inputs.adapter_dir)

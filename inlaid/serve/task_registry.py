@@ -16,7 +16,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from inlaid.engine.adapter_config import AdapterError
+from inlaid.engine.adapter_config import AdapterError, adapter_signature
 from inlaid.engine.adapter_weights import check_servable_adapter
 from inlaid.engine.engine import Engine, InvalidRequestError
 from inlaid.protocol import ErrorCode, excerpt, unknown_task_message
@@ -55,8 +55,9 @@ class TaskRegistry:
         if not hmac.compare_digest(token.encode(), self._admin_token.encode()):
             raise TaskError(ErrorCode.UNAUTHORIZED, "admin call refused: missing or wrong token")
 
-    def check_adapter(self, name: str, adapter_dir: str) -> None:
-        """Refuse (TaskError) a task name or adapter that could not be served. Reads files
+    def check_adapter(self, name: str, adapter_dir: str) -> str:
+        """Refuse (TaskError) a task name or adapter that could not be served; returns the
+        files' `adapter_signature`, taken before the check (`add` registers it). Reads files
         and touches no registry state: safe to run in a worker thread."""
         if not adapter_dir:  # a raw AddTask (the SDK refuses it): "" would be this process's working directory
             raise TaskError(ErrorCode.INVALID_REQUEST, "adapter_dir must not be empty")
@@ -64,18 +65,27 @@ class TaskRegistry:
             raise TaskError(ErrorCode.INVALID_REQUEST, f"adapter_dir {excerpt(adapter_dir)} is too long: at most "
                                                        f"{_MAX_PATH_CHARS} characters")
         check_absolute(adapter_dir, "adapter_dir")
+        signature = adapter_signature(adapter_dir)
         try:
             check_task_name(name, self.engine.config.model_dir)
             check_servable_adapter(name, adapter_dir, self.engine.model_config, self.engine.config.max_lora_rank)
         except (ConfigError, AdapterError) as error:
             raise TaskError(ErrorCode.INVALID_REQUEST, str(error)) from None
+        return signature
 
-    def add(self, name: str, adapter_dir: str) -> str:
-        """Register (or replace) a task whose adapter `check_adapter` accepted."""
+    def serves_unchanged(self, name: str, adapter_dir: str, signature: str) -> bool:
+        """Whether `name` serves these very files already (the path, and nothing in it replaced)."""
+        return self.tasks.get(name) == adapter_dir and self.engine.scheduler.adapters.signatures.get(name) == signature
+
+    def add(self, name: str, adapter_dir: str, signature: str | None = None) -> str:
+        """Register (or replace) a task whose adapter `check_adapter` accepted (`signature`: its
+        answer; None: the files now). The same directory again with its files changed replaces
+        the task with the new files."""
+        signature = adapter_signature(adapter_dir) if signature is None else signature
         if name in self.draining:
             raise TaskError(ErrorCode.TASK_BUSY, f"task {name!r} is being removed; retry when its requests finish")
         previous = self.tasks.get(name)
-        if previous == adapter_dir:
+        if self.serves_unchanged(name, adapter_dir, signature):
             return f"task {name!r} already serves {adapter_dir}"
         if previous is not None and self.active[name]:
             count = self.active[name]
@@ -84,12 +94,14 @@ class TaskRegistry:
                 "nothing was changed: retry the addition once they have finished"))
         try:
             for engine in self.engines:  # its weights were checked by check_adapter, off the event loop
-                engine.register_adapter(name, adapter_dir, check_weights=False)
+                engine.register_adapter(name, adapter_dir, check_weights=False, signature=signature)
         except (AdapterError, InvalidRequestError) as error:
             raise TaskError(ErrorCode.INVALID_REQUEST, str(error)) from None
         self.tasks[name] = adapter_dir
-        if previous is not None:  # replaced while none of its requests is in flight: the old version is unused
-            self._released(previous)
+        if previous is not None and previous != adapter_dir:  # replaced while none of its requests is in
+            self._released(previous)  # flight: the old version is unused
+        if previous == adapter_dir:
+            return f"task {name!r} replaced: {adapter_dir} (its files changed since it was added: the new ones serve)"
         return f"task {name!r} {'replaced' if previous else 'added'}: {adapter_dir}"
 
     def serves(self, adapter_dir: str) -> bool:
