@@ -155,6 +155,8 @@ def test_an_executor_that_hangs_in_a_step_is_killed_at_the_step_timeout(ready, r
     assert latencies and max(latencies) < HEALTH_BOUND_S  # the coordinator answered while the step hung
     assert wait_gone(before.executor_pid), "the hung executor was not killed and reaped"
     assert after.executor_restarts == before.executor_restarts + 1
+    # ... and the log said so when health did (it used to say nothing until the kill)
+    assert "a step is running long: health reads stalled" in ready.logs()
 
 
 def test_executor_killed_at_random_points_of_a_request_load_and_of_its_model_load(ready, reference):

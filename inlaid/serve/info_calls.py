@@ -20,6 +20,7 @@ from inlaid.serve.executor_pool import ExecutorPool
 from inlaid.serve.metrics import ServerMetrics
 from inlaid.serve.requantizer_status import requantizer_info, requantizer_state
 from inlaid.serve.stats import server_stats
+from inlaid.serve.supervisor import STALLED_AFTER_FRACTION
 
 SERVER_VERSION = "0.1.0"
 INFO_CALLS = (Hello, Health, GetStats, GetMetrics)  # what this module answers
@@ -79,7 +80,7 @@ class InfoCalls:
         running = {shard.index: shard.step_running_seconds() for shard in shards}
         # A quarter of the timeout: far past any step a working executor takes, and time
         # left before the kill for a balancer or an operator to see it.
-        stalled_after = self.config.limits.step_timeout_s / 4
+        stalled_after = self.config.limits.step_timeout_s * STALLED_AFTER_FRACTION
         serving = [shard for shard in shards if shard.ready and running[shard.index] < stalled_after]
         status = ("shutting_down" if not self._accepting()
                   else "starting" if self._held() is not None or not any(ready)

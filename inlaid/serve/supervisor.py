@@ -62,6 +62,10 @@ HELD_DOWN_RETRY_S = 60.0  # past MAX_START_FAILURES while other executors serve:
 _EXIT_AFTER_DISCONNECT_S = 1.0
 
 
+# A step running this share of the step timeout makes health read "stalled" (info_calls.py)
+# and logs one WARNING (a probe stopped an executor for 25 s: health said stalled, no log did).
+STALLED_AFTER_FRACTION = 0.25
+
 class ExecutorLostError(RuntimeError):
     """The executor died (or hung and was killed) while or before running a plan."""
 
@@ -360,7 +364,16 @@ class ExecutorSupervisor:
         sent = time.perf_counter()
         try:
             await self._send(plan)
-            result, received = await asyncio.wait_for(asyncio.shield(future), self.step_timeout_s)
+            stalled_after = STALLED_AFTER_FRACTION * self.step_timeout_s
+            try:
+                result, received = await asyncio.wait_for(asyncio.shield(future), stalled_after)
+            except asyncio.TimeoutError:  # health reads "stalled" from now on: the log says so too
+                log.warning("a step is running long: health reads stalled until it ends; at the step timeout the "
+                            "executor is killed", extra={"step_id": plan.step_id, "running_s": round(stalled_after, 1),
+                                                         "timeout_s": self.step_timeout_s, "pid": self.pid})
+                result, received = await asyncio.wait_for(asyncio.shield(future), self.step_timeout_s - stalled_after)
+                log.info("the long step ended", extra={"step_id": plan.step_id,
+                                                       "running_s": round(time.perf_counter() - sent, 1)})
         except asyncio.TimeoutError:
             reason = f"executor (pid {self.pid}) ran a step past the step timeout ({self.step_timeout_s:g} s)"
             log.error("step timed out; killing the executor", extra={"step_id": plan.step_id,
