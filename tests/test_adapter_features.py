@@ -190,3 +190,6 @@ def test_exclude_modules_excuses_only_what_it_matches(adapter_dirs, model_dir, t
     _edit_config(kept, exclude_modules=[3])
     with pytest.raises(AdapterError, match="must be a list of module names or a regular expression"):
         read_adapter_spec("kept", kept)
+    for nothing in (False, "", [""]):  # PEFT excludes nothing for these
+        _edit_config(kept, exclude_modules=nothing)
+        assert not read_adapter_spec("kept", kept).has_exclusions

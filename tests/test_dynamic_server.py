@@ -228,7 +228,11 @@ def test_added_task_serves_at_once_and_is_requantized_under_load(world, capsys, 
     assert status.aggregate_change_median == pytest.approx(expected.change_median, rel=1e-5)
     assert status.aggregate_change_max == pytest.approx(expected.change_max, rel=1e-5)
     assert [(e.task, e.error_before, e.error_after) for e in status.task_errors] == [
-        (e.task, pytest.approx(e.error_before, rel=1e-5), pytest.approx(e.error_after, rel=1e-5)) for e in expected.tasks]
+        (e.task, pytest.approx(e.error_before, rel=1e-5), pytest.approx(e.error_after, rel=1e-5))
+        for e in expected.tasks]
+    stored = world.registry()["tasks"]["gamma"]  # kept as totals at the job's end, not per linear and task
+    assert stored["effect"]["tasks"].keys() == {"alpha", "beta", "gamma"}
+    assert not any("errors_served" in decision for decision in stored["decisions"])
     monkeypatch.setenv("INLAID_ADMIN_TOKEN", TOKEN)  # the CLI prints it as quantize-add does
     capsys.readouterr()
     assert cli_main(["client", "--address", server.address, "task-status", "gamma"]) == 0

@@ -187,11 +187,10 @@ def test_replacing_a_configured_task_is_noted_from_the_replies_field(words):
     # No field, no note, whatever the words say.
     status, answer = _post(_app(_Adding(words, None)), "/v1/load_lora_adapter", body)
     assert status == 200 and answer.decode() == "Success: LoRA adapter 'qa' added successfully.", answer
-    # A path it served already: its files were not read again (it said "added successfully" and nothing else).
+    # Files it served already: nothing was loaded again (it said "added successfully" and nothing else).
     status, answer = _post(_app(_Adding(words, None, already_served=True)), "/v1/load_lora_adapter", body)
-    assert status == 200 and answer.decode().endswith(" Note: it already served this path; its files were not read "
-                                                      "again (to load files changed there, unload the adapter, then "
-                                                      "load it)."), answer
+    assert status == 200 and answer.decode().endswith(" Note: it already served these files; nothing was loaded "
+                                                      "again."), answer
     # The stored Hessians of the adapter it replaced leave the aggregate: said too (HTTP callers were never told).
     status, answer = _post(_app(_Adding(words, kept, hessians_dropped=True)), "/v1/load_lora_adapter", body)
     assert status == 200 and "(the state directory keeps it). Note: the Hessians stored for this name were " \

@@ -232,16 +232,15 @@ def test_an_unknown_task_refusal_carries_the_served_tasks(model_dir, tmp_path):
 
 def test_an_addition_of_the_path_a_task_serves_says_nothing_was_read_again(model_dir, tmp_path):
     """Without a state directory the registry keeps the caller's path: adding it again under the
-    same name changed nothing (its files were not read again, files changed there stayed
-    unserved) while the front answered "added successfully" and, for a config task, "it replaces
-    the config's [tasks] entry" (an outside probe of the HTTP front)."""
+    same name, its files unchanged, changes nothing, while the front answered "added
+    successfully" and, for a config task, "it replaces the config's [tasks] entry" (an outside
+    probe of the HTTP front). Files changed there are loaded again (test_adapter_files_changed)."""
     from inlaid.http.app import _replacement_notice
 
     add = _admin_adder(model_dir, tmp_path)
     again = add("qa", ADAPTERS / "qa")  # the config's own path
     assert again.already_served and again.replaces_config_entry is None, again
     assert _replacement_notice(again.replaces_config_entry, again.hessians_dropped, again.already_served) == (
-        " Note: it already served this path; its files were not read again (to load files changed there, unload "
-        "the adapter, then load it).")
+        " Note: it already served these files; nothing was loaded again.")
     other = add("qa", ADAPTERS / "math")  # another path: replaced, and said so
     assert not other.already_served and other.replaces_config_entry is not None, other

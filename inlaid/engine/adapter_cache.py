@@ -2,8 +2,8 @@
 lost earlier is then a copy, not a file read.
 
 Each copy is of the files registered: a load names their signature (`adapter_signature`),
-and a copy of other files is read again, or refused when the files at the path are no longer
-the registered ones (replaced under a served task: what was checked is gone).
+held copies are found by path and signature, and files read that are not the registered ones
+are refused (replaced under a served task: what was checked is gone).
 
 Bounded by entries and by bytes; the least recently loaded copy goes first, and the copy
 just loaded stays even alone over the budget (it is about to be installed). Copies of
@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from inlaid.engine.adapter_config import AdapterError, AdapterSpec, adapter_signature, read_adapter_spec
+from inlaid.engine.adapter_config import (
+    WEIGHTS_FILE, AdapterError, AdapterSpec, content_signature, read_adapter_config, spec_from_config_bytes,
+)
 from inlaid.engine.lora import load_adapter_tensors
 
 # The byte budget, in device slot pools: the cache only saves a file read when an adapter
@@ -36,7 +38,6 @@ class AdapterCopy:
 
     spec: AdapterSpec
     tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
-    signature: str = ""  # of the files read
 
     @property
     def nbytes(self) -> int:
@@ -49,44 +50,42 @@ class HostAdapterCache:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.nbytes = 0  # what the cached copies hold now
-        self._copies: OrderedDict[str, AdapterCopy] = OrderedDict()
+        # (path, signature) -> copy: two registrations of one path whose files changed between
+        # them (another name, the old one not added again) each keep the copy they were checked with
+        self._copies: OrderedDict[tuple[str, str], AdapterCopy] = OrderedDict()
 
     def get(self, name: str, path: str, signature: str = "") -> AdapterCopy:
-        """The adapter at `path`, read from its files unless a copy of them is held;
-        `signature`: the files registered ("": whatever the path holds)."""
-        copy = self._copies.get(path)
-        if copy is not None and signature and copy.signature != signature:
-            self.forget([path])  # a copy of other files than this load's
-            copy = None
+        """The adapter at `path` as registered with `signature` (its files' `adapter_signature`;
+        "": whatever the path holds), read from its files unless a copy of them is held."""
+        key = (path, signature)
+        copy = self._copies.get(key)
         if copy is None:
-            before = adapter_signature(path)
-            _check_unchanged(name, path, signature, before)
-            spec = read_adapter_spec(name, path)
-            tensors = load_adapter_tensors(spec, self.num_layers)
-            _check_unchanged(name, path, before, adapter_signature(path))  # not replaced while being read
-            copy = AdapterCopy(spec, tensors, before)
-            self._copies[path] = copy
+            directory, config = read_adapter_config(name, path)
+            try:
+                weights = (directory / WEIGHTS_FILE).read_bytes()  # one read: parsed and hashed alike
+            except OSError as error:
+                raise AdapterError(f"adapter {name!r}: cannot read {directory / WEIGHTS_FILE}: {error}") from None
+            if signature and content_signature(config, weights) != signature:
+                raise AdapterError(f"adapter {name!r}: the files in {path} changed after it was registered (replaced "
+                                   "or rewritten); what was checked then is gone, so it is not served: add (register) "
+                                   "the task again to serve the new files")
+            spec = spec_from_config_bytes(name, str(directory), config)
+            copy = AdapterCopy(spec, load_adapter_tensors(spec, self.num_layers, weights))
+            self._copies[key] = copy
             self.nbytes += copy.nbytes
-        self._copies.move_to_end(path)
+        self._copies.move_to_end(key)
         while len(self._copies) > 1 and (len(self._copies) > self.max_entries or self.nbytes > self.max_bytes):
             _, evicted = self._copies.popitem(last=False)
             self.nbytes -= evicted.nbytes
         return copy
 
     def forget(self, paths: list[str]) -> None:
-        for path in paths:
-            evicted = self._copies.pop(path, None)
-            if evicted is not None:
-                self.nbytes -= evicted.nbytes
+        """Drop every copy of these paths."""
+        gone = set(paths)
+        for key in [key for key in self._copies if key[0] in gone]:
+            self.nbytes -= self._copies.pop(key).nbytes
 
     @property
     def paths(self) -> list[str]:
         """The adapters held, least recently loaded first."""
-        return list(self._copies)
-
-
-def _check_unchanged(name: str, path: str, registered: str, now: str) -> None:
-    if registered and now != registered:
-        raise AdapterError(f"adapter {name!r}: the files in {path} changed after it was registered (replaced or "
-                           "rewritten); what was checked then is gone, so it is not served: add (register) the "
-                           "task again to serve the new files")
+        return [path for path, _ in self._copies]

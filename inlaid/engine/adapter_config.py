@@ -9,6 +9,7 @@ served wrong.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -102,6 +103,8 @@ class AdapterSpec:
 
 # A PEFT adapter_config.json is a few hundred bytes; anything this large is not one.
 MAX_CONFIG_BYTES = 1 << 20
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
 
 # The largest |LoRA scale| (lora_alpha / r, or / sqrt(r) with rsLoRA) accepted: float16's
 # largest value. Trained adapters have scales of about 0.1-64; far beyond, the scale itself
@@ -118,6 +121,13 @@ def read_adapter_spec(name: str, path: str | Path) -> AdapterSpec:
     `target_modules` as a list of names, and so on; anything else is refused rather than
     coerced.
     """
+    directory, raw = read_adapter_config(name, path)
+    return spec_from_config_bytes(name, str(directory), raw)
+
+
+def read_adapter_config(name: str, path: str | Path) -> tuple[Path, bytes]:
+    """The adapter's directory and its adapter_config.json's bytes, once both files are
+    there (AdapterError naming what is not)."""
     try:
         path = Path(path)
         is_dir = path.is_dir()
@@ -136,34 +146,47 @@ def read_adapter_spec(name: str, path: str | Path) -> AdapterSpec:
     try:
         with config_path.open("rb") as file:
             raw = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as error:
+        raise AdapterError(f"adapter {name!r}: cannot read adapter_config.json: {error}") from None
+    return path, raw
+
+
+def spec_from_config_bytes(name: str, path: str, raw: bytes) -> AdapterSpec:
+    """The spec of an adapter_config.json holding `raw` (AdapterError naming what is wrong)."""
+    try:
         if len(raw) > MAX_CONFIG_BYTES:
             raise AdapterError(f"adapter {name!r}: adapter_config.json is over {MAX_CONFIG_BYTES} bytes")
         config = json.loads(raw.decode("utf-8"))
-    except OSError as error:
-        raise AdapterError(f"adapter {name!r}: cannot read adapter_config.json: {error}") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise AdapterError(f"adapter {name!r}: adapter_config.json is not valid JSON: {error}") from None
     if not isinstance(config, dict):
         raise AdapterError(f"adapter {name!r}: adapter_config.json must hold a JSON object, "
                            f"not {type(config).__name__}")
-    return _spec_from_config(name, str(path), config)
+    return _spec_from_config(name, path, config)
 
 
 def adapter_signature(path: str | Path) -> str:
-    """Which files the adapter directory holds now: each file's device, inode, size and
-    modification and change times. Registration records it and every load compares it, so
-    that files replaced under a registered path are never served as the adapter checked at
-    its registration (host copies and device slots were keyed by path alone: an outside
-    probe re-registered a directory whose files had changed and got the old adapter's
-    tokens). Cheap (two stats); "" parts for files that cannot be stat'ed."""
-    parts = []
-    for file_name in ("adapter_config.json", "adapter_model.safetensors"):
+    """What the adapter directory holds now: the sha256 of adapter_config.json and of
+    adapter_model.safetensors. Registration records it (taken before the adapter's check and
+    compared after it) and every load compares the bytes it reads with it, so that files
+    replaced under a registered path are never served as the adapter checked at its
+    registration (host copies and device slots were keyed by path alone: an outside probe
+    re-registered a directory whose files had changed and got the old adapter's tokens).
+    By content, not by stat: a chmod, a hard link or identical bytes copied again change
+    nothing. "-" when a file cannot be read (no adapter's files hash to it)."""
+    digests = []
+    for file_name in (CONFIG_FILE, WEIGHTS_FILE):
         try:
-            stat = os.stat(Path(path) / file_name)
-            parts.append(f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}")
+            with open(Path(path) / file_name, "rb") as handle:
+                digests.append(hashlib.file_digest(handle, "sha256").hexdigest())
         except (OSError, ValueError):
-            parts.append("")
-    return "/".join(parts)
+            return "-"
+    return ":".join(digests)
+
+
+def content_signature(config: bytes, weights: bytes) -> str:
+    """`adapter_signature` of files holding these bytes."""
+    return f"{hashlib.sha256(config).hexdigest()}:{hashlib.sha256(weights).hexdigest()}"
 
 
 def _check_init(name: str, init: Any, loftq_config: Any) -> None:
@@ -250,7 +273,7 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
 
 
 def _exclusions(name: str, exclude: Any) -> tuple[str, ...] | str:
-    if exclude in (None, "", []):
+    if exclude is None or exclude is False or exclude in ("", []):  # PEFT: nothing excluded
         return ()
     if isinstance(exclude, str):
         try:
@@ -259,8 +282,8 @@ def _exclusions(name: str, exclude: Any) -> tuple[str, ...] | str:
             raise AdapterError(f"adapter {name!r}: exclude_modules {exclude!r:.80} is not a regular expression: "
                                f"{error}") from None
         return exclude
-    if isinstance(exclude, list) and all(isinstance(entry, str) and entry for entry in exclude):
-        return tuple(exclude)
+    if isinstance(exclude, list) and all(isinstance(entry, str) for entry in exclude):
+        return tuple(entry for entry in exclude if entry)  # "" matches no module name
     raise AdapterError(f"adapter {name!r}: adapter_config.json field 'exclude_modules' must be a list of module "
                        f"names or a regular expression, got {exclude!r:.80}")
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence as SequenceType
 
 import msgspec
 
-from inlaid.engine.adapter_config import adapter_signature, read_adapter_spec
+from inlaid.engine.adapter_config import AdapterError, adapter_signature, read_adapter_spec
 from inlaid.engine.adapter_slots import AdapterSlots
 from inlaid.engine.adapter_weights import check_adapter_weights
 from inlaid.engine.block_manager import BlockManager
@@ -92,13 +92,8 @@ class _Request:
 
 
 class Engine:
-    def __init__(
-        self,
-        config: EngineConfig,
-        runner: Executor | None = None,
-        policy: SchedulingPolicy | None = None,
-        seq_ids: Iterator[int] | None = None,
-    ) -> None:
+    def __init__(self, config: EngineConfig, runner: Executor | None = None, policy: SchedulingPolicy | None = None,
+                 seq_ids: Iterator[int] | None = None) -> None:
         """seq_ids: shared by engines whose sequences must have distinct ids (one coordinator,
         several executors)."""
         config.validate()
@@ -126,25 +121,28 @@ class Engine:
         return cls(config, ModelRunner(config), policy)
 
     # ------------------------------------------------------------------ adapters
-    def register_adapter(self, name: str, path: str, *, check_weights: bool = True, signature: str | None = None) -> None:
+    def register_adapter(self, name: str, path: str, *, check_weights: bool = True,
+                         signature: str | None = None) -> None:
         """Serve the adapter at `path` as `name`, once its config and every weight passed the
-        server's own checks (AdapterError naming the first problem): checking the config
-        alone registered adapters whose tensors no executor loads (a bias, trainable tokens)
-        and one whose file held other projections than its config lists, served silently.
-        `check_weights=False`: the caller ran `check_servable_adapter` already (the server,
-        in a worker thread: reading every weight on its event loop would stall all streams),
-        and passes the `adapter_signature` taken before its check. Registering a path again
-        after its files changed serves the new files (a slot or host copy of the old is dropped)."""
-        if signature is None:  # before the checks: files replaced during them are then refused at load
-            signature = adapter_signature(path)
+        server's own checks (AdapterError naming the first problem). `check_weights=False`: the
+        caller checked it (the server, off its event loop) and passes the `adapter_signature`
+        it checked. A path registered again after its files changed serves the new files."""
+        checked, signature = signature is None, adapter_signature(path) if signature is None else signature
         spec = read_adapter_spec(name, path)
         if spec.rank > self.config.max_lora_rank:
-            raise InvalidRequestError(
-                f"adapter {name!r} has rank {spec.rank}; this engine's max_lora_rank is {self.config.max_lora_rank}"
-            )
+            raise InvalidRequestError(f"adapter {name!r} has rank {spec.rank}; this engine's max_lora_rank is "
+                                      f"{self.config.max_lora_rank}")
         if check_weights:
             check_adapter_weights(spec, self.model_config, self.config.max_lora_rank)
-        self.scheduler.adapters.register(name, str(path), signature)
+        if checked and adapter_signature(path) != signature:
+            raise AdapterError(f"adapter {name!r}: its files in {path} changed while they were being checked; "
+                               "register it again")
+        slots = self.scheduler.adapters  # another adapter under a name in use: its slot would change under their KV
+        if (slots.paths.get(name, str(path)), slots.signatures.get(name, signature)) != (str(path), signature) and (
+                using := self.scheduler.sequences_using(name)):
+            raise InvalidRequestError(f"adapter {name!r} has {using} request(s) running or queued; replace it once "
+                                      "they have finished")
+        slots.register(name, str(path), signature)
 
     @property
     def adapter_names(self) -> list[str]:

@@ -292,16 +292,17 @@ class LoraLinear(nn.Module):
         return self._compact
 
 
-def load_adapter_tensors(spec: AdapterSpec, num_layers: int) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+def load_adapter_tensors(spec: AdapterSpec, num_layers: int,
+                         data: bytes | None = None) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
     """Read an adapter's safetensors into {(layer, projection): (A [r, in], B [out, r])}.
 
     Into memory of this process, read once: `load_file` maps the file, and its tensors (the
     executor's host copy) then changed with a file rewritten in place — the copy of a served
     adapter became another's bytes (an outside probe's garbage tokens) — or faulted (SIGBUS)
-    on one truncated."""
+    on one truncated. `data`: the file's bytes, already read."""
     path = Path(spec.path) / "adapter_model.safetensors"
     try:
-        tensors = load_safetensors(path.read_bytes())
+        tensors = load_safetensors(path.read_bytes() if data is None else data)
     except (SafetensorError, OSError) as error:
         raise AdapterError(f"adapter {spec.name!r}: cannot read {path}: {error}") from error
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}

@@ -160,6 +160,10 @@ class Scheduler:
         return replaced
 
     # ------------------------------------------------------------------ queue management
+    def sequences_using(self, adapter: str) -> int:
+        """Sequences running or queued with this adapter."""
+        return sum(1 for seq in (*self.waiting, *self.running) if seq.adapter == adapter)
+
     def add(self, seq: Sequence) -> None:
         if not seq.prompt_token_ids:
             raise ValueError("the prompt is empty")

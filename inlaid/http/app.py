@@ -286,12 +286,11 @@ async def _load_lora_adapter(front: Front, request: Request) -> Response:
 def _replacement_notice(replaced: ReplacedConfigEntry | None, hessians_dropped: bool, already_served: bool) -> str:
     """What the server's add_task answer says beyond "added" that the caller must not miss (the
     SDK and the CLI print the whole answer): a configured task replaced, and for how long; the
-    stored Hessians of the adapter it replaced leaving the re-quantization's aggregate; a path
-    it served already, whose files were not read again (`load_inplace` or not)."""
+    stored Hessians of the adapter it replaced leaving the re-quantization's aggregate; files
+    it served already, unchanged (changed ones are loaded again, `load_inplace` or not)."""
     notice = ""
     if already_served:
-        notice += (" Note: it already served this path; its files were not read again (to load files changed "
-                   "there, unload the adapter, then load it).")
+        notice += " Note: it already served these files; nothing was loaded again."
     if replaced is not None:
         until = ("until it is removed, restarts included (the state directory keeps it)"
                  if replaced.kept_across_restarts else "until the server restarts (no server.state_dir)")

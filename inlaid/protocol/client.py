@@ -255,8 +255,8 @@ class AdminReply(msgspec.Struct, frozen=True, kw_only=True, tag="admin_reply"):
     # AddTask of another adapter under a name, with no calibration: the Hessians stored for the
     # name (computed with the adapter it replaced) left the re-quantization's aggregate.
     hessians_dropped: bool = False
-    # AddTask of the directory the name serves already (no state directory copies it): its
-    # files were not read again (a changed file there is read after a removal and an addition).
+    # AddTask of the directory the name serves already, its files unchanged (no state directory
+    # copies it): nothing was loaded again (changed files there are loaded, as a replacement).
     already_served: bool = False
     # RemoveTask of a name the config's [tasks] lists: that entry's adapter directory, which the
     # next start serves under the name again (the message says so to people).
@@ -346,10 +346,10 @@ __all__ = [
     "RequantizerInfo",
     "ServerReply",
     "ServerStats",
+    "TaskErrorChange",
     "TaskInfo",
     "TaskList",
     "TaskStatus",
-    "TaskErrorChange",
     "TaskStatusReply",
     "TextChunk",
     "chat_template_role",

@@ -34,7 +34,7 @@ from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, METADATA_FILE, WEIGHTS_FI
 from inlaid.quant.errors import QuantizationError
 from inlaid.quant.incremental import IncrementalQuantizer, LayerOutcome
 from inlaid.quant.job_effect import LinearEffect, job_effect
-from inlaid.quant.job_effect import effect_lines as job_effect_lines
+from inlaid.quant.job_effect import effect_lines
 from inlaid.quant.layer_decisions import LinearDecision
 from inlaid.quant.inputs import (
     check_tasks, model_dir_problem, out_overlaps_model_problem, output_removed_unless_kept,
@@ -345,7 +345,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{quantizer.task.name} {how} {args.checkpoint} -> {args.out}")
     for action in sorted(set(actions)):
         print(f"  {action}: {actions.count(action)} of {len(actions)} linears")
-    for line in [*decision_lines(outcomes, args.verbose), *effect_lines(outcomes, quantizer.settings.change_threshold)]:
+    threshold = quantizer.settings.change_threshold
+    for line in [*decision_lines(outcomes, args.verbose), *addition_effect_lines(outcomes, threshold)]:
         print(line)
     print(f"forward + Hessian {record['forward_seconds']:.1f} s, aggregation + quantization "
           f"{record['quantize_seconds']:.1f} s, total {time.time() - started:.1f} s, "
@@ -371,9 +372,9 @@ def decision_lines(outcomes: list[LayerOutcome], verbose: bool) -> list[str]:
     return lines
 
 
-def effect_lines(outcomes: list[LayerOutcome], threshold: float) -> list[str]:
+def addition_effect_lines(outcomes: list[LayerOutcome], threshold: float) -> list[str]:
     """How far the aggregate moved, and each task's mean relative error over the linears on
     the weights served before and on those written now: the summary said only how many
     linears were re-quantized, not what that did to the tasks already in (an outside probe)."""
-    return job_effect_lines(job_effect(LinearEffect(d.change, d.errors_served, d.errors_new, d.swapped)
+    return effect_lines(job_effect(LinearEffect(d.change, d.errors_served, d.errors_new, d.swapped)
                                        for outcome in outcomes for d in outcome.decisions), threshold)

@@ -44,16 +44,15 @@ SAVE_RETRY_S = 5.0  # a registry the state directory could not take is tried aga
 @dataclass
 class TaskInputs:
     """An added task's files, checked (copied into the state directory if any), and what its addition did."""
-
     name: str
     adapter_dir: str
     calibration: str | None
     copied: bool
-    signature: str = ""  # the served files' (check_adapter's answer; of the copy if copied)
+    signature: str | None = None  # the served files' (check_adapter's answer; None: taken at the add)
     # The name serves these very files now (a re-add): the Hessians stored for it stay valid.
     serves_as_now: bool = False
-    # Set by `DynamicTasks.add` (the AdminReply says them): the Hessians stored for the name left the
-    # aggregate; the name served this very path already (nothing read again); the config entry it replaces.
+    # Set by `DynamicTasks.add` (the AdminReply says them): the name's stored Hessians left the aggregate;
+    # the name served these very files already (nothing read again); the config entry it replaces.
     hessians_dropped: bool = False
     already_served: bool = False
     replaced_config_entry: ReplacedConfigEntry | None = None
@@ -382,7 +381,8 @@ class DynamicTasks:
 
     def status(self, request_id: str, name: str) -> TaskStatusReply:
         return task_status_reply(request_id, name, self.store, self.registry, self.num_layers,
-                                 not self.config.engine.quantized_dir, self.config.requantizer.change_threshold)
+                                 full_precision=not self.config.engine.quantized_dir,
+                                 change_threshold=self.config.requantizer.change_threshold)
 
 
 def _log_unexpected_end(task: asyncio.Task[None]) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 
 from inlaid.protocol import LayerHandle, TensorSlot
 from inlaid.serve.ipc_dirs import segment_prefix
@@ -142,7 +142,7 @@ def open_layer(handle: LayerHandle) -> dict[str, torch.Tensor]:
     """The tensors behind a handle, copied into memory this process owns."""
     if handle.transport == "file":
         try:
-            return load_file(handle.name)
+            return load_safetensors(Path(handle.name).read_bytes())  # load_file's tensors map the file
         except (OSError, RuntimeError, SafetensorError) as error:
             raise LayerTransportError(f"cannot read layer file {handle.name}: {error}") from error
     if handle.transport == "cuda_ipc":

@@ -41,6 +41,7 @@ from inlaid.serve.config import ServerConfig
 from inlaid.serve.ipc_dirs import private_ipc_dir
 from inlaid.serve.layer_swaps import JobCounts, LayerSwaps, _LiveSwap
 from inlaid.serve.requantizer_supervisor import RequantizerSupervisor
+from inlaid.serve.task_status import compact_effect
 from inlaid.serve.task_store import (
     FAILED, READY, REQUANTIZING, Decision, TaskRecord, TaskStore, layer_digest,
 )
@@ -377,6 +378,7 @@ class RequantizationJobs(LayerSwaps):
     def _end_job(self, record: TaskRecord, ok: bool, error: str) -> None:
         assert self.store is not None
         record.finished_at = time.time()
+        compact_effect(record, self.config.requantizer.change_threshold)
         if ok:
             self.counts.succeeded += 1
             record.phase = READY

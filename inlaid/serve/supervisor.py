@@ -66,6 +66,7 @@ _EXIT_AFTER_DISCONNECT_S = 1.0
 # and logs one WARNING (a probe stopped an executor for 25 s: health said stalled, no log did).
 STALLED_AFTER_FRACTION = 0.25
 
+
 class ExecutorLostError(RuntimeError):
     """The executor died (or hung and was killed) while or before running a plan."""
 

@@ -57,8 +57,8 @@ class TaskRegistry:
 
     def check_adapter(self, name: str, adapter_dir: str) -> str:
         """Refuse (TaskError) a task name or adapter that could not be served; returns the
-        files' `adapter_signature`, taken before the check (`add` registers it). Reads files
-        and touches no registry state: safe to run in a worker thread."""
+        `adapter_signature` of the files checked (`add` registers it). Reads files and touches
+        no registry state: safe to run in a worker thread."""
         if not adapter_dir:  # a raw AddTask (the SDK refuses it): "" would be this process's working directory
             raise TaskError(ErrorCode.INVALID_REQUEST, "adapter_dir must not be empty")
         if len(adapter_dir) > _MAX_PATH_CHARS:  # no OS opens it; its error would echo it whole
@@ -71,26 +71,34 @@ class TaskRegistry:
             check_servable_adapter(name, adapter_dir, self.engine.model_config, self.engine.config.max_lora_rank)
         except (ConfigError, AdapterError) as error:
             raise TaskError(ErrorCode.INVALID_REQUEST, str(error)) from None
+        if adapter_signature(adapter_dir) != signature:  # else every load would refuse what was not checked
+            raise TaskError(ErrorCode.INVALID_REQUEST, f"the adapter's files in {adapter_dir} changed while they "
+                                                       "were being checked; add the task again")
         return signature
 
-    def serves_unchanged(self, name: str, adapter_dir: str, signature: str) -> bool:
-        """Whether `name` serves these very files already (the path, and nothing in it replaced)."""
-        return self.tasks.get(name) == adapter_dir and self.engine.scheduler.adapters.signatures.get(name) == signature
+    def serves_unchanged(self, name: str, adapter_dir: str, signature: str | None) -> bool:
+        """Whether `name` serves these very files already (the path, and nothing in it replaced;
+        `signature` None: the files now)."""
+        if self.tasks.get(name) != adapter_dir:
+            return False
+        return self.engine.scheduler.adapters.signatures.get(name) == (
+            adapter_signature(adapter_dir) if signature is None else signature)
 
     def add(self, name: str, adapter_dir: str, signature: str | None = None) -> str:
         """Register (or replace) a task whose adapter `check_adapter` accepted (`signature`: its
         answer; None: the files now). The same directory again with its files changed replaces
         the task with the new files."""
-        signature = adapter_signature(adapter_dir) if signature is None else signature
         if name in self.draining:
             raise TaskError(ErrorCode.TASK_BUSY, f"task {name!r} is being removed; retry when its requests finish")
         previous = self.tasks.get(name)
+        signature = adapter_signature(adapter_dir) if signature is None else signature
         if self.serves_unchanged(name, adapter_dir, signature):
             return f"task {name!r} already serves {adapter_dir}"
         if previous is not None and self.active[name]:
             count = self.active[name]
+            changed = " (its files changed since it was added)" if previous == adapter_dir else ""
             raise TaskError(ErrorCode.TASK_BUSY, (
-                f"task {name!r} has {count} request{'' if count == 1 else 's'} in flight (running or queued); "
+                f"task {name!r}{changed} has {count} request{'' if count == 1 else 's'} in flight (running or queued); "
                 "nothing was changed: retry the addition once they have finished"))
         try:
             for engine in self.engines:  # its weights were checked by check_adapter, off the event loop

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from inlaid.protocol import ErrorCode, KeptLinear, TaskErrorChange, TaskStatusReply
-from inlaid.quant.job_effect import LinearEffect, job_effect
+from inlaid.quant.job_effect import JobEffect, LinearEffect, TaskEffect, job_effect
 from inlaid.serve.task_registry import TaskError, TaskRegistry
 from inlaid.serve.task_store import QUEUED, SERVING, TaskRecord, TaskStore
 
@@ -36,9 +36,8 @@ def task_status_reply(request_id: str, name: str, store: TaskStore | None, regis
     changed = {d["layer"] for d in record.decisions if d["action"] == "requantized" and d["layer"] < record.layers_done}
     served_at = {layer: store.layers[layer].version if layer in store.layers else 0 for layer in changed}
     end = record.finished_at or (time.time() if record.started_at else 0.0)
-    # what the job did to the tasks already served (quantize-add prints the same)
-    effect = job_effect(LinearEffect(d["change"], d.get("errors_served", {}), d.get("errors_new", {}),
-                                     d["action"] == "requantized") for d in record.decisions)
+    # what the job did to the tasks already served (quantize-add prints the same): kept at its end
+    effect, threshold = stored_effect(record) if record.effect else (record_effect(record), change_threshold)
     return TaskStatusReply(
         request_id=request_id, name=name, phase=record.phase, layers_done=record.layers_done,
         layers_total=record.layers_total, version=record.version, served_version=served_version,
@@ -49,7 +48,7 @@ def task_status_reply(request_id: str, name: str, store: TaskStore | None, regis
         layers_superseded=sum(1 for version in served_at.values() if version > record.version),
         layers_not_served=sum(1 for version in served_at.values() if version < record.version),
         aggregate_change_median=effect.change_median if effect else 0.0,
-        aggregate_change_max=effect.change_max if effect else 0.0, change_threshold=change_threshold,
+        aggregate_change_max=effect.change_max if effect else 0.0, change_threshold=threshold,
         task_errors=[TaskErrorChange(task=task.task, error_before=task.error_before, error_after=task.error_after)
                      for task in (effect.tasks if effect else [])])
 
@@ -62,3 +61,31 @@ def cancelled_job_note(record: TaskRecord) -> str:
                 else "; its re-quantization is cancelled (no layer of it was finished)")
     return (f"; its re-quantization is cancelled after {record.layers_done} of {record.layers_total} layers (those "
             "stay served: each is a valid quantization)")
+
+
+def record_effect(record: TaskRecord) -> JobEffect | None:
+    """What the record's job did so far, from its decisions' errors: a re-quantized linear
+    counts as served after the job only once its layer is committed."""
+    return job_effect(LinearEffect(d["change"], d.get("errors_served", {}), d.get("errors_new", {}),
+                                   d["action"] == "requantized" and d["layer"] < record.layers_done)
+                      for d in record.decisions)
+
+
+def compact_effect(record: TaskRecord, change_threshold: float) -> None:
+    """At its job's end: keep what the job did as per-task totals, with the threshold it ran
+    under, and drop the per-linear errors (every task's errors on every linear, in every
+    record, grew registry.json with the square of the task count: 21 MB at 50 tasks,
+    rewritten at every layer commit)."""
+    effect = record_effect(record)
+    record.effect = None if effect is None else {
+        "change_median": effect.change_median, "change_max": effect.change_max, "change_threshold": change_threshold,
+        "tasks": {task.task: [task.error_before, task.error_after] for task in effect.tasks}}
+    for decision in record.decisions:
+        decision.pop("errors_served", None)
+        decision.pop("errors_new", None)
+
+
+def stored_effect(record: TaskRecord) -> tuple[JobEffect, float]:
+    stored = record.effect or {}
+    tasks = [TaskEffect(task, before, after) for task, (before, after) in stored.get("tasks", {}).items()]
+    return JobEffect(stored["change_median"], stored["change_max"], tasks), stored["change_threshold"]

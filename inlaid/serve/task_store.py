@@ -81,13 +81,12 @@ STORED_DIRS = ("adapters", "calibration", "quant/layers", "quant/hessian_state")
 
 class Decision(TypedDict):
     """What a job decided for one linear (LayerReady's LinearOutcome, kept for task_status)."""
-
     layer: int
     linear: str
     action: str  # requantized | kept-unchanged | kept-quality
     reason: str
     change: float
-    # each task's relative error on the served and on the re-quantized weight (older states lack them)
+    # each task's relative error on the served and on the re-quantized weight, while its job runs
     errors_served: NotRequired[dict[str, float]]
     errors_new: NotRequired[dict[str, float]]
 
@@ -110,9 +109,10 @@ class TaskRecord:
     forward_seconds: float = 0.0
     quantize_seconds: float = 0.0
     peak_rss_bytes: int = 0
-    # A restart that could not serve the task (its adapter copy was missing or broken) shows
-    # it as failed and keeps what it was here; a later restart that serves it restores both
-    # (an unfinished job resumes). Empty: it is not suspended.
+    # its ended job's effect on every task (task_status.compact_effect), its decisions' errors then dropped
+    effect: dict[str, Any] | None = None
+    # A restart that could not serve the task (its adapter copy missing or broken) shows it as failed
+    # and keeps what it was here; a later one that serves it restores both. Empty: not suspended.
     suspended_phase: str = ""
     suspended_message: str = ""
 
