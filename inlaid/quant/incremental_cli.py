@@ -33,8 +33,7 @@ from inlaid.cli_args import non_negative_float, positive_int, writable_dir_probl
 from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, METADATA_FILE, WEIGHTS_FILE, CheckpointMetadata, write_checkpoint
 from inlaid.quant.errors import QuantizationError
 from inlaid.quant.incremental import IncrementalQuantizer, LayerOutcome
-from inlaid.quant.job_effect import LinearEffect, job_effect
-from inlaid.quant.job_effect import effect_lines
+from inlaid.quant.job_effect import LinearEffect, effect_lines, job_effect
 from inlaid.quant.layer_decisions import LinearDecision
 from inlaid.quant.inputs import (
     check_tasks, model_dir_problem, out_overlaps_model_problem, output_removed_unless_kept,
@@ -377,4 +376,4 @@ def addition_effect_lines(outcomes: list[LayerOutcome], threshold: float) -> lis
     the weights served before and on those written now: the summary said only how many
     linears were re-quantized, not what that did to the tasks already in (an outside probe)."""
     return effect_lines(job_effect(LinearEffect(d.change, d.errors_served, d.errors_new, d.swapped)
-                                       for outcome in outcomes for d in outcome.decisions), threshold)
+                                   for outcome in outcomes for d in outcome.decisions), threshold)

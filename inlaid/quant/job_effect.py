@@ -59,7 +59,9 @@ def effect_lines(effect: JobEffect | None, threshold: float) -> list[str]:
              f"(kept at or below the threshold, {100 * threshold:.2f} %)"]
     for task in effect.tasks:
         before, after = task.error_before, task.error_after
-        moved = f" ({100 * (after / before - 1):+.1f} %)" if before > 0 else ""
-        lines.append(f"  {task.task}: mean relative error {before:.3e} -> {after:.3e}{moved}" if before > 0
-                     else f"  {task.task}: mean relative error {after:.3e}")
+        if before > 0:
+            lines.append(f"  {task.task}: mean relative error {before:.3e} -> {after:.3e} "
+                         f"({100 * (after / before - 1):+.1f} %)")
+        else:
+            lines.append(f"  {task.task}: mean relative error {after:.3e}")
     return lines
