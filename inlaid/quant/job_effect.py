@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,15 @@ class JobEffect:
     change_median: float
     change_max: float
     tasks: list[TaskEffect] = field(default_factory=list)
+
+
+class StoredEffect(TypedDict):
+    """A JobEffect as the server's state directory keeps it, with the threshold of its job."""
+
+    change_median: float
+    change_max: float
+    change_threshold: float
+    tasks: dict[str, tuple[float, float]]  # task -> (error before, error after)
 
 
 def job_effect(linears: Iterable[LinearEffect]) -> JobEffect | None:

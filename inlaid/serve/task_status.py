@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from inlaid.protocol import ErrorCode, KeptLinear, TaskErrorChange, TaskStatusReply
-from inlaid.quant.job_effect import JobEffect, LinearEffect, TaskEffect, job_effect
+from inlaid.quant.job_effect import JobEffect, LinearEffect, StoredEffect, TaskEffect, job_effect
 from inlaid.serve.task_registry import TaskError, TaskRegistry
 from inlaid.serve.task_store import QUEUED, SERVING, TaskRecord, TaskStore
 
@@ -37,7 +37,8 @@ def task_status_reply(request_id: str, name: str, store: TaskStore | None, regis
     served_at = {layer: store.layers[layer].version if layer in store.layers else 0 for layer in changed}
     end = record.finished_at or (time.time() if record.started_at else 0.0)
     # what the job did to the tasks already served (quantize-add prints the same): kept at its end
-    effect, threshold = stored_effect(record) if record.effect else (record_effect(record), change_threshold)
+    effect, threshold = (stored_effect(record.effect) if record.effect is not None
+                         else (record_effect(record), change_threshold))
     return TaskStatusReply(
         request_id=request_id, name=name, phase=record.phase, layers_done=record.layers_done,
         layers_total=record.layers_total, version=record.version, served_version=served_version,
@@ -77,15 +78,14 @@ def compact_effect(record: TaskRecord, change_threshold: float) -> None:
     record, grew registry.json with the square of the task count: 21 MB at 50 tasks,
     rewritten at every layer commit)."""
     effect = record_effect(record)
-    record.effect = None if effect is None else {
-        "change_median": effect.change_median, "change_max": effect.change_max, "change_threshold": change_threshold,
-        "tasks": {task.task: [task.error_before, task.error_after] for task in effect.tasks}}
+    record.effect = None if effect is None else StoredEffect(
+        change_median=effect.change_median, change_max=effect.change_max, change_threshold=change_threshold,
+        tasks={task.task: (task.error_before, task.error_after) for task in effect.tasks})
     for decision in record.decisions:
         decision.pop("errors_served", None)
         decision.pop("errors_new", None)
 
 
-def stored_effect(record: TaskRecord) -> tuple[JobEffect, float]:
-    stored = record.effect or {}
-    tasks = [TaskEffect(task, before, after) for task, (before, after) in stored.get("tasks", {}).items()]
+def stored_effect(stored: StoredEffect) -> tuple[JobEffect, float]:
+    tasks = [TaskEffect(task, before, after) for task, (before, after) in stored["tasks"].items()]
     return JobEffect(stored["change_median"], stored["change_max"], tasks), stored["change_threshold"]

@@ -46,6 +46,7 @@ from typing import Any, NotRequired, TypedDict
 
 import msgspec
 
+from inlaid.quant.job_effect import StoredEffect
 from inlaid.serve.state_dir_lock import StateDirError, lock_state_dir
 from inlaid.serve.state_gc import collect_layer_files
 
@@ -109,8 +110,7 @@ class TaskRecord:
     forward_seconds: float = 0.0
     quantize_seconds: float = 0.0
     peak_rss_bytes: int = 0
-    # its ended job's effect on every task (task_status.compact_effect), its decisions' errors then dropped
-    effect: dict[str, Any] | None = None
+    effect: StoredEffect | None = None  # its ended job's, its decisions' errors then dropped
     # A restart that could not serve the task (its adapter copy missing or broken) shows it as failed
     # and keeps what it was here; a later one that serves it restores both. Empty: not suspended.
     suspended_phase: str = ""
