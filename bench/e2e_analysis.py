@@ -103,19 +103,24 @@ def headline(report: dict[str, Any]) -> list[dict[str, Any]]:
 def agreement(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Greedy answers of the same request on two systems: hf-peft vs inlaid-fp32-fifo (the
     same fp32 weights: an independent reference), inlaid-4bit-fifo vs inlaid-4bit-inlaid
-    (the same base, other batches)."""
+    (the same base, other batches), and inlaid-fp32-fifo vs inlaid-4bit-fifo (what the 4-bit
+    base changes: an outside reader found most answers differ and no report said so), each
+    with the mean tokens a side generated (shorter answers favour requests/s)."""
     answers: dict[tuple, dict[str, list[int]]] = {}
     for r in records:
         if r["phase"] == "sweep" and not r["error"]:
             key = (r["tasks"], r["popularity"], r["rate_index"], r["request_id"])
             answers.setdefault(key, {})[r["system"]] = r["token_ids"]
     lines = []
-    for left, right in (("hf-peft", "inlaid-fp32-fifo"), ("inlaid-4bit-fifo", "inlaid-4bit-inlaid")):
+    for left, right in (("hf-peft", "inlaid-fp32-fifo"), ("inlaid-4bit-fifo", "inlaid-4bit-inlaid"),
+                        ("inlaid-fp32-fifo", "inlaid-4bit-fifo")):
         pairs = [(a[left], a[right]) for a in answers.values() if left in a and right in a]
         if pairs:
             lines.append({"systems": [left, right], "compared": len(pairs),
                           "identical": sum(x == y for x, y in pairs),
-                          "first_token_identical": sum(x[:1] == y[:1] for x, y in pairs)})
+                          "first_token_identical": sum(x[:1] == y[:1] for x, y in pairs),
+                          "mean_tokens": [sum(len(x) for x, _ in pairs) / len(pairs),
+                                          sum(len(y) for _, y in pairs) / len(pairs)]})
     return lines
 
 

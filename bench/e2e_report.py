@@ -59,9 +59,14 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             f"{row['latency_s']['p99']:.1f} | {row['ttft_s']['p50']:.1f} | {100 * row['latency_slo'][SLO_PLOTTED]:.0f}% | "
             f"{_fmt(tasks_per_step, 1)} | {_fmt(row.get('mean_batch_seqs'), 1)} |")
     lines += ["", "## Same answers", "", "Greedy answers of the same request on two systems.", "",
-              "| systems | compared | identical | first token identical |", "|---|---|---|---|"]
+              "| systems | compared | identical | first token identical | mean tokens generated |",
+              "|---|---|---|---|---|"]
     for a in report["agreement"]:
-        lines.append(f"| {' vs '.join(a['systems'])} | {a['compared']} | {a['identical']} | {a['first_token_identical']} |")
+        tokens = " / ".join(f"{n:.1f}" for n in a["mean_tokens"]) if "mean_tokens" in a else "–"
+        lines.append(f"| {' vs '.join(a['systems'])} | {a['compared']} | {a['identical']} | "
+                     f"{a['first_token_identical']} | {tokens} |")
+    lines += ["", "fp32 vs 4-bit: the 4-bit base answers otherwise (each task's quality on it: docs/quantization.md); "
+              "requests/s favours the side whose answers are shorter (tokens/s in the table above does not)."]
     lines += ["", "## Memory", "", "Measured: resident memory of each server's model process at the end of its "
               "task count's replays.", "", "| tasks | system | RSS MiB | requests finished | tokens |", "|---|---|---|---|---|"]
     for tasks, server in report["servers"].items():
