@@ -321,7 +321,10 @@ class InFlight:
         self.error(request.identity, request.request_id, code, message)
         self.counters["failed"] += 1
         self._forget(request, code)
-        log.info("request failed", extra={"request_id": request.request_id, "code": code, "reason": message})
+        # an adapter that cannot be loaded fails all of its task's requests: the operator's to mend
+        (log.warning if code == ErrorCode.ADAPTER_FAILED else log.info)(
+            "request failed", extra={"request_id": request.request_id, "task": request.task, "code": code,
+                                     "reason": message})
 
     def _engine_of(self, request: ActiveRequest) -> Engine:
         return self.pool.shards[request.executor].engine

@@ -72,8 +72,8 @@ class TaskRegistry:
         except (ConfigError, AdapterError) as error:
             raise TaskError(ErrorCode.INVALID_REQUEST, str(error)) from None
         if adapter_signature(adapter_dir) != signature:  # else every load would refuse what was not checked
-            raise TaskError(ErrorCode.INVALID_REQUEST, f"the adapter's files in {adapter_dir} changed while they "
-                                                       "were being checked; add the task again")
+            raise TaskError(ErrorCode.INVALID_REQUEST, f"adapter {name!r}: its files in {adapter_dir} changed while "
+                                                       "they were being checked; add the task again")
         return signature
 
     def serves_unchanged(self, name: str, adapter_dir: str, signature: str | None) -> bool:
