@@ -94,7 +94,7 @@ def plot_all(report: dict[str, Any], records: list[dict[str, Any]], out: Path) -
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import NullFormatter
 
     rows = report["workloads"]
     workloads = sorted({(r["tasks"], r["popularity"]) for r in rows})
@@ -107,9 +107,10 @@ def plot_all(report: dict[str, Any], records: list[dict[str, Any]], out: Path) -
             for system in systems:
                 draw(axis, system, tasks, popularity)
             axis.set(title=f"{tasks} tasks, {popularity}", xlabel=xlabel, ylabel=ylabel)
-            if log_x:
+            if log_x:  # a tick at every offered rate: one decade had one tick, the lowest rate unlabelled
+                rates = sorted({r["rate"] for r in rows if (r["tasks"], r["popularity"]) == (tasks, popularity)})
                 axis.set_xscale("log")
-                axis.xaxis.set_major_formatter(ScalarFormatter())
+                axis.set_xticks(rates, [f"{rate:.2g}" for rate in rates])
                 axis.xaxis.set_minor_formatter(NullFormatter())
             axis.grid(alpha=0.3)
         axes[0][0].legend(fontsize=7)
@@ -124,8 +125,13 @@ def plot_all(report: dict[str, Any], records: list[dict[str, Any]], out: Path) -
 
     def line(key):  # noqa: ANN001, ANN202
         def draw(axis, system, tasks, popularity):  # noqa: ANN001, ANN202
+            # each system its own marker, dash and size: equal values (every SLO at 100 %) hid
+            # all lines but the last one drawn
+            index = systems.index(system)
             points = series(system, tasks, popularity)
-            axis.plot([p["rate"] for p in points], [key(p) for p in points], marker="o", label=system)
+            axis.plot([p["rate"] for p in points], [key(p) for p in points], label=system, color=f"C{index}",
+                      marker="osD^v"[index % 5], markersize=9 - 1.5 * (index % 4), markerfacecolor="none",
+                      linestyle=("-", "--", "-.", ":")[index % 4])
         return draw
 
     def offered(axis, system, tasks, popularity):  # noqa: ANN001, ANN202
@@ -137,7 +143,7 @@ def plot_all(report: dict[str, Any], records: list[dict[str, Any]], out: Path) -
     per_workload("throughput_vs_rate", offered, "throughput (requests/s)")
     per_workload("slo_vs_rate", line(lambda p: 100 * p["latency_slo"][SLO_PLOTTED]), f"% answered within {SLO_PLOTTED}")
     per_workload("tasks_per_step", line(lambda p: p.get("tasks_per_step", {}).get("mean", np.nan)),
-                 "distinct adapters per step")
+                 "distinct adapters per step\n(hf-peft: per generate batch)")
 
     def cdf(axis, system, tasks, popularity):  # noqa: ANN001, ANN202
         top = max((r["rate_index"] for r in records if (r["tasks"], r["popularity"]) == (tasks, popularity)
@@ -150,16 +156,21 @@ def plot_all(report: dict[str, Any], records: list[dict[str, Any]], out: Path) -
 
     per_workload("latency_cdf", cdf, "share of requests (highest rate)", xlabel="latency (s)", log_x=False)
 
-    fig, axis = plt.subplots(figsize=(1.6 + 1.4 * len(systems) * len(report["servers"]), 3.6))
-    labels, values = [], []
+    labels, values, colors = [], [], []
     for tasks, server in report["servers"].items():
         for system in systems:
             if system in server["counts"]:
-                labels.append(f"{system}\n{tasks} tasks")
+                labels.append(f"{system}, {tasks} tasks")
                 values.append(server["counts"][system]["rss_bytes"] / 2**20)
-    axis.bar(range(len(values)), values, color=[f"C{systems.index(label.split(chr(10))[0])}" for label in labels])
-    axis.set_xticks(range(len(values)), labels, fontsize=6, rotation=30, ha="right")
-    axis.set(ylabel="server RSS (MiB)", title="memory of each server's model process")
+                colors.append(f"C{systems.index(system)}")
+    fig, axis = plt.subplots(figsize=(7.0, 1.2 + 0.35 * len(values)))  # horizontal: labels readable
+    axis.barh(range(len(values)), values, color=colors)
+    axis.set_yticks(range(len(values)), labels, fontsize=8)
+    axis.invert_yaxis()
+    axis.margins(x=0.1)
+    for row, value in enumerate(values):
+        axis.text(value, row, f" {value:.0f}", va="center", fontsize=7)
+    axis.set(xlabel="server RSS (MiB): model, adapters, KV cache, runtime", title="memory of each server's model process")
     fig.tight_layout()
     fig.savefig(out / "memory.png", dpi=110)
     plt.close(fig)
