@@ -170,7 +170,8 @@ def plot_all(report: dict[str, Any], records: list[dict[str, Any]], out: Path) -
     axis.margins(x=0.1)
     for row, value in enumerate(values):
         axis.text(value, row, f" {value:.0f}", va="center", fontsize=7)
-    axis.set(xlabel="server RSS (MiB): model, adapters, KV cache, runtime", title="memory of each server's model process")
+    axis.set(xlabel="server RSS (MiB): model, adapters, KV cache, runtime",
+             title="memory of each server's model process")
     fig.tight_layout()
     fig.savefig(out / "memory.png", dpi=110)
     plt.close(fig)
