@@ -193,3 +193,32 @@ def test_exclude_modules_excuses_only_what_it_matches(adapter_dirs, model_dir, t
     for nothing in (False, "", [""]):  # PEFT excludes nothing for these
         _edit_config(kept, exclude_modules=nothing)
         assert not read_adapter_spec("kept", kept).has_exclusions
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_a_bias_setting_on_a_base_without_biases_is_served_as_peft_serves_it(engine, model_dir, tmp_path,
+                                                                             greedy_logits, bias):
+    """bias="all" / "lora_only" was refused by its config alone (an outside probe): on a base
+    with no biases PEFT trains and saves none, so the adapter is a plain LoRA. Logits against
+    PEFT's own; a bias tensor in the file is still refused (test above)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def base():  # type: ignore[no-untyped-def]
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+    torch.manual_seed(5)
+    made = get_peft_model(base(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], bias=bias))
+    with torch.no_grad():
+        for name, parameter in made.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn_like(parameter) * 0.05)
+    made.save_pretrained(str(tmp_path / bias))
+    engine.register_adapter(bias, str(tmp_path / bias))
+    prompt_ids = engine.tokenizer.encode("The capital of France is")
+    (served,) = greedy_logits(engine, [prompt_ids], [bias], max_tokens=1)[0]
+    with torch.no_grad():
+        peft_model = PeftModel.from_pretrained(base(), str(tmp_path / bias)).eval()
+        expected = peft_model(torch.tensor([prompt_ids])).logits[0, -1]
+    torch.testing.assert_close(served, expected, atol=2e-4, rtol=0)
+    engine.scheduler.adapters.unregister(bias)

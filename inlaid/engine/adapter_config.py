@@ -221,7 +221,9 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
         reject("DoRA (use_dora=true)")
     if config.get("modules_to_save"):
         reject(f"modules_to_save {config['modules_to_save']!r:.80}")
-    if config.get("bias", "none") != "none":
+    # bias "all" / "lora_only" train the adapted layers' biases: a base without them (Llama)
+    # has none to train, and PEFT saves none; one saved is refused as a tensor (adapter_weights)
+    if config.get("bias", "none") not in ("none", "all", "lora_only"):
         reject(f"bias={config['bias']!r:.80}")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         reject("rank_pattern/alpha_pattern (per-module ranks)")
