@@ -129,11 +129,14 @@ def test_lora_keys_are_read_whole_as_peft_saves_them(model_dir, adapter_dirs, tm
     assert len(load_adapter_tensors(read_adapter_spec("as-saved", adapter_dirs["attn-r8"]), model.num_layers)) == 60
 
 
-@pytest.mark.parametrize("exclude", [
-    r"model\.layers\.[01]\.self_attn\.q_proj|.*\.5\.mlp\.down_proj",  # a regular expression: the whole name
-    ["down_proj", "model.layers.2.self_attn.v_proj"],  # names: equal, or ending in "." + the entry
+@pytest.mark.parametrize("which", [
+    {"exclude_modules": r"model\.layers\.[01]\.self_attn\.q_proj|.*\.5\.mlp\.down_proj"},  # the whole name
+    {"exclude_modules": ["down_proj", "model.layers.2.self_attn.v_proj"]},  # equal, or ending in "." + the entry
+    {"layers_to_transform": [0, 5, 10], "layers_pattern": "layers"},  # refused before: served as PEFT serves it
+    {"layers_to_transform": 3},  # one index, PEFT's default pattern
+    {"layers_to_transform": [1, 2], "exclude_modules": ["v_proj"]},
 ])  # fmt: skip
-def test_exclude_modules_match_as_peft_matches_them(engine, model_dir, tmp_path, greedy_logits, exclude):
+def test_exclude_modules_match_as_peft_matches_them(engine, model_dir, tmp_path, greedy_logits, which):
     """exclude_modules is matched by PEFT's rule, projection by projection: any missing pair
     used to be excused once exclude_modules was set (an outside probe: a pattern matching
     nothing, a layer's tensors deleted, served as zeros where PEFT keeps its initial
@@ -146,7 +149,7 @@ def test_exclude_modules_match_as_peft_matches_them(engine, model_dir, tmp_path,
 
     torch.manual_seed(7)
     made = get_peft_model(base(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                             exclude_modules=exclude))
+                                             **which))
     with torch.no_grad():
         for name, parameter in made.named_parameters():
             if "lora_" in name:
@@ -174,13 +177,13 @@ def test_exclude_modules_excuses_only_what_it_matches(adapter_dirs, model_dir, t
     deleted = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "deleted")
     rewrite_tensors(deleted, lambda t: [t.pop(k) for k in list(t) if ".layers.5.self_attn.q_proj" in k])
     _edit_config(deleted, exclude_modules=["nonexistent_module"])  # set, matching nothing
-    with pytest.raises(AdapterError, match="2 LoRA tensors are missing, e.g. layer 5 q_proj.*does not exclude it"):
+    with pytest.raises(AdapterError, match="2 LoRA tensors are missing, e.g. layer 5 q_proj.*do not leave it out"):
         check_servable_adapter("deleted", str(deleted), model, 32)
     _edit_config(deleted, exclude_modules=r"model\.layers\.5\.self_attn\.q_proj")
     assert check_servable_adapter("deleted", str(deleted), model, 32).excludes(5, "q_proj")
     kept = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "kept")  # tensors for a projection it excludes
     _edit_config(kept, exclude_modules=["model.layers.5.self_attn.q_proj"])
-    with pytest.raises(AdapterError, match="layer 5 q_proj, which exclude_modules excludes"):
+    with pytest.raises(AdapterError, match="layer 5 q_proj, which exclude_modules or layers_to_transform leaves"):
         check_servable_adapter("kept", str(kept), model, 32)
     _edit_config(kept, exclude_modules=["(unclosed"])  # a list holds names, not patterns: matches nothing
     assert check_servable_adapter("kept", str(kept), model, 32).has_exclusions
@@ -222,3 +225,17 @@ def test_a_bias_setting_on_a_base_without_biases_is_served_as_peft_serves_it(eng
         expected = peft_model(torch.tensor([prompt_ids])).logits[0, -1]
     torch.testing.assert_close(served, expected, atol=2e-4, rtol=0)
     engine.scheduler.adapters.unregister(bias)
+
+
+def test_layers_to_transform_leaves_out_the_other_layers_and_bad_values_are_refused(adapter_dirs, model_dir,
+                                                                                    tmp_path):
+    model = ModelConfig.from_dir(str(model_dir))
+    every_layer = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "every-layer")
+    _edit_config(every_layer, layers_to_transform=[0])  # its file still holds every layer's tensors
+    with pytest.raises(AdapterError, match="layer 1 q_proj, which exclude_modules or layers_to_transform leaves"):
+        check_servable_adapter("every-layer", str(every_layer), model, 32)
+    for field, bad in (("layers_to_transform", [-1]), ("layers_to_transform", ["0"]), ("layers_to_transform", True),
+                       ("layers_pattern", [3]), ("layers_pattern", "(")):
+        _edit_config(every_layer, **{"layers_to_transform": [0], "layers_pattern": None, field: bad})
+        with pytest.raises(AdapterError, match=field):
+            read_adapter_spec("every-layer", every_layer)

@@ -79,19 +79,29 @@ class AdapterSpec:
     # projections it matches carry no LoRA (their tensors are absent from the file, and the
     # engine computes the base alone there, as PEFT does)
     exclude_modules: tuple[str, ...] | str = ()
+    # PEFT's layers_to_transform and layers_pattern: only the layers listed carry LoRA
+    layers_to_transform: tuple[int, ...] | None = None
+    layers_pattern: tuple[str, ...] = ()
 
     @property
     def has_exclusions(self) -> bool:
-        return bool(self.exclude_modules)
+        return bool(self.exclude_modules) or self.layers_to_transform is not None
 
     def excludes(self, layer: int, projection: str) -> bool:
-        """Whether exclude_modules matches the projection, by PEFT's rule on the module's name
-        in the base model: a string is a regular expression the whole name must match; a
-        list matches a name equal to an entry or ending in "." + an entry."""
-        if not self.exclude_modules:
-            return False
+        """Whether the projection carries no LoRA, by PEFT's rules on the module's name in the
+        base model: layers_to_transform (the layer index read from the name as PEFT reads it,
+        through layers_pattern) must list it, and exclude_modules must not match it (a string
+        is a regular expression the whole name must match; a list matches a name equal to an
+        entry or ending in "." + an entry)."""
         group = "mlp" if projection in ("gate_proj", "up_proj", "down_proj") else "self_attn"
         key = f"model.layers.{layer}.{group}.{projection}"
+        if self.layers_to_transform is not None:
+            patterns = [rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\." for pattern in self.layers_pattern]
+            match = next((m for p in patterns or [r".*?\.[^.]*\.(?P<idx>\d+)\."] if (m := re.match(p, key))), None)
+            if match is None or int(match.group("idx")) not in self.layers_to_transform:
+                return True
+        if not self.exclude_modules:
+            return False
         if isinstance(self.exclude_modules, str):
             return re.fullmatch(self.exclude_modules, key) is not None
         return any(key == entry or key.endswith(f".{entry}") for entry in self.exclude_modules)
@@ -227,8 +237,6 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
         reject(f"bias={config['bias']!r:.80}")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         reject("rank_pattern/alpha_pattern (per-module ranks)")
-    if config.get("layers_to_transform") is not None:
-        reject("layers_to_transform")
     for field, feature in UNSUPPORTED_VARIANTS.items():
         if config.get(field) not in (None, False, [], {}, ""):
             reject(feature)
@@ -261,6 +269,7 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
         use_rslora=bool(config.get("use_rslora", False)),
         target_modules=tuple(p for p in PROJECTIONS if p in targets),
         exclude_modules=_exclusions(name, config.get("exclude_modules")),
+        **_layers(name, config.get("layers_to_transform"), config.get("layers_pattern")),
     )
     try:
         scale = spec.scale
@@ -288,6 +297,27 @@ def _exclusions(name: str, exclude: Any) -> tuple[str, ...] | str:
         return tuple(entry for entry in exclude if entry)  # "" matches no module name
     raise AdapterError(f"adapter {name!r}: adapter_config.json field 'exclude_modules' must be a list of module "
                        f"names or a regular expression, got {exclude!r:.80}")
+
+
+def _layers(name: str, layers: Any, pattern: Any) -> dict[str, Any]:
+    """layers_to_transform and layers_pattern as PEFT reads them (None or []: every layer)."""
+    if layers is None or layers == []:
+        return {}
+    layers = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+    if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                               for i in layers):
+        raise AdapterError(f"adapter {name!r}: adapter_config.json field 'layers_to_transform' must be a layer index "
+                           f"or a list of them, got {layers!r:.80}")
+    patterns = [] if pattern in (None, "", []) else [pattern] if isinstance(pattern, str) else pattern
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise AdapterError(f"adapter {name!r}: adapter_config.json field 'layers_pattern' must be a name or a list "
+                           f"of names, got {pattern!r:.80}")
+    for entry in patterns:
+        try:
+            re.compile(rf"(?:^|.*?\.){entry}\.(?P<idx>\d+)\.")
+        except (re.error, RecursionError) as error:
+            raise AdapterError(f"adapter {name!r}: layers_pattern {entry!r:.80} is not usable: {error}") from None
+    return {"layers_to_transform": tuple(layers), "layers_pattern": tuple(patterns)}
 
 
 def _is_finite_number(value: object) -> bool:

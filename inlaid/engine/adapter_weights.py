@@ -191,7 +191,7 @@ def _check_names_and_shapes(entries: list[_TensorEntry], spec: AdapterSpec, mode
                                f"({', '.join(spec.target_modules)}) does not list")
         if spec.excludes(layer, projection):  # PEFT builds no LoRA there, and ignores these tensors
             raise AdapterError(f"{where}: tensor {entry.name!r:.120} is for layer {layer} {projection}, which "
-                               "exclude_modules excludes (PEFT would not apply it)")
+                               "exclude_modules or layers_to_transform leaves without LoRA (PEFT would not apply it)")
         if (layer, projection, half) in seen:
             raise AdapterError(f"{where}: layer {layer} {projection} has two lora_{half} tensors")
         seen.add((layer, projection, half))
@@ -207,12 +207,14 @@ def _check_names_and_shapes(entries: list[_TensorEntry], spec: AdapterSpec, mode
     missing = [(layer, projection, half) for layer in range(model.num_layers) for projection in spec.target_modules
                if not spec.excludes(layer, projection) for half in "AB" if (layer, projection, half) not in seen]
     if not seen and not missing:
-        raise AdapterError(f"{where}: {WEIGHTS_FILE} holds no LoRA tensors (exclude_modules excludes every target)")
+        raise AdapterError(f"{where}: {WEIGHTS_FILE} holds no LoRA tensors (exclude_modules or layers_to_transform "
+                           "leaves every target without)")
     if missing:
         layer, projection, half = missing[0]
         raise AdapterError(f"{where}: {len(missing)} LoRA tensors are missing, e.g. layer {layer} {projection} "
                            f"lora_{half} (target_modules lists it"
-                           + (", exclude_modules does not exclude it)" if spec.has_exclusions else ")"))
+                           + (", exclude_modules and layers_to_transform do not leave it out)"
+                              if spec.has_exclusions else ")"))
 
 
 def _check_values(file, data_start: int, entry: _TensorEntry, where: str) -> None:  # type: ignore[no-untyped-def]
