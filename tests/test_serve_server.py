@@ -240,8 +240,11 @@ def test_an_adapter_that_breaks_after_it_was_added_fails_its_requests_only(ready
         (fragile / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
         with pytest.raises(AdapterFailedError, match="'fragile' could not be loaded"):
             admin.generate(PROMPTS[0], task="fragile", max_tokens=4)
-        failed = [json.loads(line) for line in ready_server.logs().splitlines()
-                  if '"request failed"' in line and "adapter_failed" in line]
+        deadline, failed = time.monotonic() + 30, []
+        while not failed and time.monotonic() < deadline:  # the log line is written after the reply is sent
+            failed = [json.loads(line) for line in ready_server.logs().splitlines()
+                      if '"request failed"' in line and "adapter_failed" in line]
+            time.sleep(0.1)
         assert failed and failed[-1]["level"] == "warning" and failed[-1]["task"] == "fragile", failed
         admin.remove_task("fragile")
         _assert_matches(admin.generate(PROMPTS[2], task="attn-r8", max_tokens=MAX_TOKENS),
