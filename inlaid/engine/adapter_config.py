@@ -145,11 +145,11 @@ def read_adapter_config(name: str, path: str | Path) -> tuple[Path, bytes]:
         raise AdapterError(f"adapter {name!r}: bad directory {path!r}: {error}") from None
     if not is_dir:
         raise AdapterError(f"adapter {name!r}: {_not_there(path, 'directory', f'directory not found: {path}')}")
-    config_path = path / "adapter_config.json"
+    config_path = path / CONFIG_FILE
     if not config_path.is_file():
         missing = f"{path} has no adapter_config.json (not a PEFT adapter)"
         raise AdapterError(f"adapter {name!r}: {_not_there(config_path, 'file', missing)}")
-    weights_path = path / "adapter_model.safetensors"
+    weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():
         missing = f"{path} has no adapter_model.safetensors"
         raise AdapterError(f"adapter {name!r}: {_not_there(weights_path, 'file', missing)}")

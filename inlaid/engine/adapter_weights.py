@@ -29,10 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from inlaid.engine.adapter_config import LORA_KEY_FORM, AdapterError, AdapterSpec, parse_lora_key, read_adapter_spec
+from inlaid.engine.adapter_config import (
+    LORA_KEY_FORM, WEIGHTS_FILE, AdapterError, AdapterSpec, parse_lora_key, read_adapter_spec,
+)
 from inlaid.engine.config import ModelConfig
 
-WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
 MAX_ABS_WEIGHT = 65504.0  # float16's largest finite value
 _DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
-from inlaid.engine.adapter_config import LORA_KEY_FORM, AdapterError, AdapterSpec, parse_lora_key
+from inlaid.engine.adapter_config import LORA_KEY_FORM, WEIGHTS_FILE, AdapterError, AdapterSpec, parse_lora_key
 from inlaid.engine.lora_fused import MAX_TOKEN_SLOTS, FusedExpandWeight
 from inlaid.kernels.dispatch import (
     CompactLoraPools,
@@ -300,7 +300,7 @@ def load_adapter_tensors(spec: AdapterSpec, num_layers: int,
     executor's host copy) then changed with a file rewritten in place — the copy of a served
     adapter became another's bytes (an outside probe's garbage tokens) — or faulted (SIGBUS)
     on one truncated. `data`: the file's bytes, already read."""
-    path = Path(spec.path) / "adapter_model.safetensors"
+    path = Path(spec.path) / WEIGHTS_FILE
     try:
         tensors = load_safetensors(path.read_bytes() if data is None else data)
     except (SafetensorError, OSError) as error:
