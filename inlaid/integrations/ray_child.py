@@ -1,7 +1,15 @@
 """A Ray replica's Inlaid server: `inlaid serve` as the replica process's child, in a temp
 folder of its own (its config, log and ipc socket), killed with the replica however the
 replica dies (PR_SET_PDEATHSIG), and the folders of replicas that died without cleaning up
-removed by the next replica on the node."""
+removed by the next replica on the node.
+
+The server is started without a `preexec_fn`: with one, Python forks the replica (dozens of
+Ray threads) and runs code in the child before exec with the replica's signal handlers in
+place, Ray's C++ fatal-signal handler among them, which arms `alarm()` (the one alarm in
+the replica's libraries). An alarm armed there survives exec: a CI run's ready server
+died of SIGALRM (exit code -14). Without one, Python vforks and resets every handler in
+the child before exec. The server process sets its own parent-death signal instead (`main` below),
+and clears an alarm it may have been handed all the same."""
 
 from __future__ import annotations
 
@@ -97,17 +105,11 @@ class ChildServer:
         self._ready = True
 
     def _run(self, started: threading.Event) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-
-        def die_with_parent() -> None:
-            libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-
         try:
             with open(self.log_path, "wb") as log:
                 self.process = subprocess.Popen(
-                    [sys.executable, "-m", "inlaid.cli", "serve", "--config", str(self.workdir / "server.toml")],
-                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
+                    [sys.executable, "-m", __name__, str(os.getpid()), str(self.workdir / "server.toml")],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 )  # fmt: skip
                 started.set()
@@ -144,3 +146,25 @@ class ChildServer:
         if self.process is not None:
             stop_process(self.process, timeout_s)
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def main(argv: list[str]) -> int:
+    """The server process: `python -m inlaid.integrations.ray_child <replica pid> <config>`.
+    PR_SET_PDEATHSIG fires when the thread that started this process exits; that thread waits
+    on this process, so it exits only with the replica. A replica that died before the prctl
+    below is seen in the parent pid (this process was handed to another)."""
+    replica_pid, config_path = int(argv[0]), argv[1]
+    signal.alarm(0)  # the server never uses SIGALRM: an alarm armed before exec is not ours
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != replica_pid:
+        print(f"inlaid ray replica: the replica (pid {replica_pid}) exited before its server started",
+              file=sys.stderr)
+        return 1
+    from inlaid.cli import main as cli_main
+
+    return cli_main(["serve", "--config", config_path])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
