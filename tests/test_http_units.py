@@ -182,6 +182,8 @@ def test_what_inlaid_cannot_do_is_refused_by_name():
     call = chat_call(_chat(store=False, metadata={"run": "7"}, service_tier="auto", modalities=["text"]), BASE)
     assert call.options == chat_call(_chat(), BASE).options
     assert len(completion_call(_completion(prompt=["a"] * 16), BASE).prompts) == 16
+    with pytest.raises(ApiError, match="^the prompt is empty$"):  # as the server says it for "" and [[]]
+        completion_call(_completion(prompt=[]), BASE)
     assert len(completion_call(_completion(prompt=[[1]] * 3), BASE, max_prompts=3).prompts) == 3
 
 

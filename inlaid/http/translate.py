@@ -154,7 +154,7 @@ def _completion_prompts(prompt: str | list[Any]) -> list[dict[str, Any]]:
     if isinstance(prompt, str):
         return [{"prompt": prompt}]
     if not prompt:
-        raise bad_request("prompt must not be empty", "prompt")
+        raise bad_request("the prompt is empty", "prompt")  # the server's words for "" and [[]]
     if all(isinstance(item, int) for item in prompt):
         return [{"prompt_token_ids": list(prompt)}]
     if all(isinstance(item, str) for item in prompt):
