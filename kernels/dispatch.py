@@ -83,6 +83,14 @@ def _check_rank_values(slot_ranks: Tensor, r_max: int) -> None:
             raise LoraArgumentError(f"slot_ranks must lie in [0, R_max={r_max}]")
 
 
+def _check_floating(**tensors: Tensor) -> None:
+    # An integer x, pools and y ran, with every product and the scale truncated (0.3 -> 0),
+    # as quant_matmul refuses them. The pools must share x's / y's dtype (check_pools).
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise LoraArgumentError(f"{name} must be floating-point, got {tensor.dtype}")
+
+
 def _check_slices_fit(y: Tensor, b_pools: Sequence[Tensor], slice_offsets: Sequence[int]) -> None:
     for i, (pool, offset) in enumerate(zip(b_pools, slice_offsets)):
         if offset < 0 or offset + pool.shape[1] > y.shape[1]:
@@ -105,6 +113,7 @@ def lora_shrink(
     for CUDA graphs). Entries outside [:, t, :rank] of tokens with an adapter are undefined."""
     if x.dim() != 2:
         raise LoraArgumentError(f"x must be [T, K], got shape {tuple(x.shape)}")
+    _check_floating(x=x)
     num_slots, r_max = check_pools(a_pools, "a_pools", x.dtype, x.device)
     if any(pool.shape[2] != x.shape[1] for pool in a_pools):
         raise LoraArgumentError(f"a_pools must be [S, R_max, K={x.shape[1]}]")
@@ -137,6 +146,7 @@ def lora_expand(
     for tokens t of segments with slot s and r = slot_ranks[i, s] > 0."""
     if y.dim() != 2:
         raise LoraArgumentError(f"y must be [T, N_total], got shape {tuple(y.shape)}")
+    _check_floating(y=y)
     num_slots, r_max = check_pools(b_pools, "b_pools", y.dtype, y.device)
     n_slices = len(b_pools)
     if len(slice_offsets) != n_slices:
@@ -196,6 +206,7 @@ def lora_apply(
         native     `NativeLoraPools(stacked_a, b_pools, ...)` of these pools, bound once: with
                    `segments`, the pools are not checked again (they were when it was bound)
     `v_buffer` is for the CUDA-graph path."""
+    _check_floating(x=x, y=y)
     if not x.is_cuda and v_buffer is None and native is not None and segments is not None:
         if segments.num_tokens != x.shape[0]:
             raise LoraArgumentError(f"segments cover {segments.num_tokens} tokens, x has {x.shape[0]}")
@@ -214,8 +225,9 @@ def lora_apply(
         _check_slices_fit(y, b_pools, slice_offsets)
         if slot_ranks.dtype != torch.int32 or slot_ranks.shape != (len(a_pools), num_slots):
             raise LoraArgumentError(f"slot_ranks must be int32 [{len(a_pools)}, {num_slots}]")
-        if slot_scales.shape != (len(a_pools), num_slots):
-            raise LoraArgumentError(f"slot_scales must be [{len(a_pools)}, {num_slots}]")
+        if slot_scales.shape != (len(a_pools), num_slots) or not slot_scales.is_floating_point():
+            raise LoraArgumentError(f"slot_scales must be floating-point [{len(a_pools)}, {num_slots}], "
+                                    f"got {slot_scales.dtype} {tuple(slot_scales.shape)}")
         if stacked_a is not None:
             _check_stacked(stacked_a, a_pools)
         if segments is None:

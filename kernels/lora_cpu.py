@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import lora_cpu_plan
 from .lora_compact_cpu import CompactLoraPools, active_column_share, compact_step_pools, lora_apply_compact
-from .lora_cpu_plan import slot_token_ranges, token_list
+from .lora_cpu_plan import add_rounded_once, slot_token_ranges, token_list
 from .lora_meta import LoraArgumentError
 from .lora_native import NativeLoraPools, lora_apply_native, native_lora_available, native_lora_fits
 
@@ -163,6 +163,14 @@ def lora_apply_cpu(
                 lora_apply_native(y, x, stacked_a, b_pools, slice_offsets, token_slots, slot_ranks, slot_scales)
         _lora_apply_per_adapter(y, x, a_pools, b_pools, slice_offsets, large, slot_ranks, slot_scales, stacked_a)
         return
+    if x.dtype == torch.float16:
+        # float16's range ends at 65504: x @ A overflows it long before y does (activations of
+        # ~100 over K = 1024 make 1e5), and on the masked routes another slot's overflowing
+        # product turned a token's row NaN (0 x inf). The products run in float32 here, as the
+        # CUDA kernels accumulate.
+        _lora_apply_per_adapter_float32(y, x, a_pools, b_pools, slice_offsets, segments.slot_rows, slot_ranks,
+                                        slot_scales)
+        return
     if segments.masked_path:
         if compact is not None:
             compact = compact() if callable(compact) else compact
@@ -229,3 +237,28 @@ def _lora_apply_per_adapter(
                 y[rows, offset : offset + b_pool.shape[1]].addmm_(v, b_t, alpha=scales[i][slot])
             else:
                 y[:, offset : offset + b_pool.shape[1]].index_add_(0, rows, v @ b_t, alpha=scales[i][slot])
+
+
+def _lora_apply_per_adapter_float32(
+    y: Tensor,
+    x: Tensor,
+    a_pools: Sequence[Tensor],
+    b_pools: Sequence[Tensor],
+    slice_offsets: Sequence[int],
+    slot_rows: Sequence[tuple[int, slice | Tensor]],
+    slot_ranks: Tensor,
+    slot_scales: Tensor,
+) -> None:
+    """The per-adapter route with each adapter's rows and weights widened to float32, and y
+    rounded once."""
+    ranks = slot_ranks.tolist()
+    scales = slot_scales.tolist()
+    for slot, rows in slot_rows:
+        x_rows = (x[rows] if isinstance(rows, slice) else x.index_select(0, rows)).float()
+        for i, (a_pool, b_pool, offset) in enumerate(zip(a_pools, b_pools, slice_offsets)):
+            rank = ranks[i][slot]
+            if rank == 0:
+                continue
+            v = x_rows @ a_pool[slot, :rank].float().T
+            delta = (v @ b_pool[slot, :, :rank].float().T).mul_(scales[i][slot])
+            add_rounded_once(y[:, offset : offset + b_pool.shape[1]], rows, delta)

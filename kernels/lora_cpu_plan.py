@@ -155,20 +155,24 @@ def lora_shrink_cpu(
     plan: LoraCpuPlan,
     out: Tensor,
 ) -> Tensor:
-    """out[i, t, :r] = x[t] @ A_i[slot_t, :r].T for every token with an adapter (out float32)."""
+    """out[i, t, :r] = x[t] @ A_i[slot_t, :r].T for every token with an adapter (out float32).
+
+    16-bit x and pools are multiplied in float32 (`widened`): v is float32 as on CUDA, where a
+    float16 product would overflow (65504) and a bfloat16 one keep 8 bits."""
+    x = widened(x)
     for i, (a_pool, buckets) in enumerate(zip(a_pools, plan.slices)):
         out_i = out[i]
         for bucket in buckets:
             r = bucket.rank
             out_ir = out_i[:, :r]
             for group in bucket.large:
-                out_ir[group.tokens] = (x[group.tokens] @ a_pool[group.slot, :r].T).to(out.dtype)
+                out_ir[group.tokens] = (x[group.tokens] @ widened(a_pool[group.slot, :r]).T).to(out.dtype)
             small = bucket.small
             if small is None:
                 continue
             k = x.shape[1]
             x_grid = x.index_select(0, small.gather_index).view(-1, small.max_count, k)
-            a_sel = a_pool[:, :r].index_select(0, small.slots)  # [n_groups, r, K], real rank only
+            a_sel = widened(a_pool[:, :r].index_select(0, small.slots))  # [n_groups, r, K], real rank only
             result = torch.bmm(x_grid, a_sel.transpose(1, 2)).view(-1, r)
             if small.valid_positions is not None:
                 result = result.index_select(0, small.valid_positions)
@@ -184,8 +188,12 @@ def lora_expand_cpu(
     plan: LoraCpuPlan,
     slot_scales: Tensor,
 ) -> None:
-    """y[t, off_i:off_i+N_i] += scale * v[i, t, :r] @ B_i[slot_t, :, :r].T, in place."""
+    """y[t, off_i:off_i+N_i] += scale * v[i, t, :r] @ B_i[slot_t, :, :r].T, in place.
+
+    16-bit y and pools: the product in float32 (v itself may lie past float16's range) and y
+    rounded once; a token's rows belong to one slot, so writing them back is exact."""
     scales = slot_scales.tolist()
+    wide = y.dtype in NARROW_FLOATS
     for i, (b_pool, offset, buckets) in enumerate(zip(b_pools, slice_offsets, plan.slices)):
         n_i = b_pool.shape[1]
         y_i = y[:, offset : offset + n_i]
@@ -193,19 +201,40 @@ def lora_expand_cpu(
         for bucket in buckets:
             r = bucket.rank
             for group in bucket.large:
-                b = b_pool[group.slot, :, :r]
+                b = widened(b_pool[group.slot, :, :r])
                 delta = v_i[group.tokens, :r].to(b.dtype) @ b.T
-                if isinstance(group.tokens, slice):
+                if wide:
+                    add_rounded_once(y_i, group.tokens, delta.mul_(scales[i][group.slot]))
+                elif isinstance(group.tokens, slice):
                     y_i[group.tokens].add_(delta, alpha=scales[i][group.slot])
                 else:
                     y_i.index_add_(0, group.tokens, delta, alpha=scales[i][group.slot])
             small = bucket.small
             if small is None:
                 continue
-            v_grid = v_i[:, :r].index_select(0, small.gather_index).to(b_pool.dtype)
-            b_sel = b_pool[:, :, :r].index_select(0, small.slots)  # [n_groups, N_i, r]
+            b_sel = widened(b_pool[:, :, :r].index_select(0, small.slots))  # [n_groups, N_i, r]
+            v_grid = v_i[:, :r].index_select(0, small.gather_index).to(b_sel.dtype)
             b_sel.mul_(slot_scales[i].index_select(0, small.slots).to(b_sel.dtype)[:, None, None])
             delta = torch.bmm(v_grid.view(-1, small.max_count, r), b_sel.transpose(1, 2)).view(-1, n_i)
             if small.valid_positions is not None:
                 delta = delta.index_select(0, small.valid_positions)
-            y_i.index_add_(0, small.tokens, delta.to(y.dtype))
+            if wide:
+                add_rounded_once(y_i, small.tokens, delta)
+            else:
+                y_i.index_add_(0, small.tokens, delta.to(y.dtype))
+
+
+NARROW_FLOATS = (torch.float16, torch.bfloat16)
+
+
+def widened(t: Tensor) -> Tensor:
+    """`t` in float32 if it is a 16-bit float (a copy), else `t` itself."""
+    return t.float() if t.dtype in NARROW_FLOATS else t
+
+
+def add_rounded_once(y_rows: Tensor, tokens: slice | Tensor, delta: Tensor) -> None:
+    """y_rows[tokens] += delta (float32), rounded to y's dtype once."""
+    if isinstance(tokens, slice):
+        y_rows[tokens] = (y_rows[tokens].float() + delta).to(y_rows.dtype)
+    else:
+        y_rows.index_copy_(0, tokens, (y_rows.index_select(0, tokens).float() + delta).to(y_rows.dtype))

@@ -138,7 +138,7 @@ def _sgmv_expand_kernel(
     num_segments, num_slots,
     stride_yt, stride_yn, stride_vi, stride_vt, stride_vr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    MAX_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MAX_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr, V_FLOAT32: tl.constexpr,
 ):
     segment, m_start, seg_end = _locate_token_block(starts_ptr, num_segments, tl.program_id(0), BLOCK_M, MAX_SEGMENTS)
     if segment >= num_segments:
@@ -172,7 +172,10 @@ def _sgmv_expand_kernel(
             b_base + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
             mask=mask_r[:, None] & mask_n[None, :], other=0.0,
         )
-        acc += tl.dot(v_tile.to(b_tile.dtype), b_tile, input_precision=DOT_PRECISION)
+        if V_FLOAT32:  # float16 pools: v (float32) may lie past 65504, and would turn inf
+            acc += tl.dot(v_tile, b_tile.to(tl.float32), input_precision=DOT_PRECISION)
+        else:
+            acc += tl.dot(v_tile.to(b_tile.dtype), b_tile, input_precision=DOT_PRECISION)
     scale = tl.load(scales_ptr + slice_id * num_slots + slot)
     column = tl.load(slice_offset_ptr + slice_id) + offs_n
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_yt + column[None, :] * stride_yn
@@ -310,5 +313,5 @@ def sgmv_expand(
         y.stride(0), y.stride(1), v.stride(0), v.stride(1), v.stride(2),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
         MAX_SEGMENTS=max(16, triton.next_power_of_2(num_segments)), DOT_PRECISION=_dot_precision(y.dtype),
-        num_warps=num_warps,
+        V_FLOAT32=y.dtype == torch.float16, num_warps=num_warps,
     )

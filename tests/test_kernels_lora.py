@@ -296,6 +296,29 @@ def test_triton_interp_fp16_default_configs() -> None:
     assert_expand_matches(case, y_before, y, v, atol=2e-2)
 
 
+@needs_interpreter
+def test_triton_interp_fp16_products_past_float16s_range() -> None:
+    """x @ A ~ 1.5e5 (> 65504) with y ~ 400: the expand cast v to float16 (inf) before its dot."""
+    gen = torch.Generator().manual_seed(9)
+    rank, k, n = 4, 1024, 16
+    x = (100 + torch.rand((3, k), generator=gen)).half()
+    a_pool = (1 + torch.rand((2, rank, k), generator=gen)).half()
+    b_pool = (2e-4 * (1 + torch.rand((2, n, rank), generator=gen))).half()
+    starts, slots = torch.tensor([0, 2, 3], dtype=torch.int32), torch.tensor([1, 0], dtype=torch.int32)
+    ranks, scales = torch.full((1, 2), rank, dtype=torch.int32), torch.tensor([[0.5, 1.0]])
+    v = torch.full((1, 3, rank), torch.nan)
+    lora_triton.sgmv_shrink(x, [a_pool], starts, slots, ranks, v)
+    y = torch.randn((3, n), generator=gen).half()
+    want = y.double().clone()
+    for t, slot in enumerate([1, 1, 0]):
+        v_exact = x[t].double() @ a_pool[slot].double().T
+        torch.testing.assert_close(v[0, t].double(), v_exact, rtol=1e-5, atol=0)
+        want[t] += float(scales[0, slot]) * (v_exact @ b_pool[slot].double().T)
+    lora_triton.sgmv_expand(y, v, [b_pool], [0], starts, slots, ranks, scales)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.double(), want, rtol=2e-3, atol=1e-2)
+
+
 def test_triton_interp_in_child_process() -> None:
     """Where triton was already imported in compiled mode, interpret the kernels in a child."""
     if INTERPRETED_HERE:

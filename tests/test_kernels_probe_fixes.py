@@ -116,7 +116,7 @@ def test_masked_route_never_reads_padding_and_honours_rank_zero(
         lora_apply(y2, case.x, a_views, b_views, case.slice_offsets, case.segment_starts, case.segment_slots,
                    case.slot_ranks, case.slot_scales, stacked_a=stacked)
         assert torch.equal(y2, y)
-    assert taken
+    assert taken or dtype == torch.float16  # float16 runs per adapter in float32 (test_kernels_lora_wide.py)
 
 
 @pytest.mark.parametrize("half", ["a", "b"])
