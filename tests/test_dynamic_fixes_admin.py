@@ -19,7 +19,9 @@ from inlaid.serve.dynamic_tasks import DynamicTasks
 from inlaid.serve.executor_pool import ExecutorPool
 from inlaid.serve.requantization_jobs import RequantizationJobs
 from inlaid.serve.task_registry import TaskError, TaskRegistry
-from inlaid.serve.task_store import FAILED, QUEUED, READY, REQUANTIZING, SERVING, TaskRecord, TaskStore
+from inlaid.serve.task_store import (
+    FAILED, QUEUED, READY, REQUANTIZING, SERVING, CommittedLayer, Decision, TaskRecord, TaskStore,
+)
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
 BASE = {"model_dir": "/models/m", "quantized_dir": "/models/q"}
@@ -178,6 +180,31 @@ def test_a_failed_job_says_how_to_retry(tmp_path):
         jobs, _, record = running_job(tmp_path)
         jobs._on_message(JobFinished(job_id="code@v1", ok=False, error="IncrementalError: bad."))
         assert record.phase == FAILED and "bad. To retry, add the task again" in record.message
+        await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+
+
+def test_a_job_that_swapped_nothing_says_the_base_is_unchanged(tmp_path):
+    """A tenth task on the 4-bit suite base moved no aggregate past the 1 % threshold: its job
+    ended "ready, 0 of 30 layers swapped in", which read as if the base had been re-quantized
+    for it (an outside probe). A job that swapped layers says nothing more."""
+    def decision(layer: int, action: str) -> Decision:
+        return Decision(layer=layer, linear="q_proj", action=action, reason="", change=0.001)
+
+    async def scenario() -> None:
+        jobs, _, record = running_job(tmp_path, layers_done=30)
+        record.decisions = [decision(0, "kept-unchanged"), decision(1, "kept-unchanged"), decision(2, "kept-quality")]
+        jobs._on_message(JobFinished(job_id="code@v1", ok=True, error=""))
+        assert record.phase == READY
+        assert record.message == ("0 of 30 layers swapped in; 3 linears kept as served: the base is unchanged (2 of "
+                                  "them moved by at most change_threshold, 1.00 %, the rest were kept by the quality "
+                                  "gate); the task is served on the base as it was")
+        jobs, store, record = running_job(tmp_path / "swapped", layers_done=30)
+        record.decisions = [decision(0, "requantized"), decision(1, "kept-unchanged")]
+        store.layers[0] = CommittedLayer(version=1, file="layer0.safetensors")
+        jobs._on_message(JobFinished(job_id="code@v1", ok=True, error=""))
+        assert record.message == "1 of 30 layers swapped in; 1 linears kept as served"
         await asyncio.sleep(0)
 
     asyncio.run(scenario())

@@ -260,7 +260,7 @@ def test_calibration_files_are_checked_a_bounded_line_at_a_time(tmp_path):
     """An outside probe: a 5 MB sample was accepted (the requantizer's cost probe then grew to
     13 GB), a 300 MB file was read whole by the coordinator, a FIFO or a link to /dev/zero
     'did not exist'."""
-    from inlaid.serve.dynamic_tasks import MAX_CALIBRATION_FILE_BYTES, MAX_CALIBRATION_LINE_BYTES, check_calibration_file
+    from inlaid.serve.task_inputs import MAX_CALIBRATION_FILE_BYTES, MAX_CALIBRATION_LINE_BYTES, check_calibration_file
     from inlaid.serve.task_registry import TaskError
 
     sample = {"messages": [{"role": "user", "content": "2+2?"}], "reference": "4"}

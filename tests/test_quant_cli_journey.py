@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from inlaid.engine.adapter_config import adapter_signature
 from inlaid.quant.calibration import CalibrationTask
 from inlaid.quant.checkpoint import METADATA_FILE
 
@@ -77,6 +78,7 @@ def test_recorded_paths_are_absolute_and_exact_runs_from_elsewhere(tiny, relativ
         capsys.readouterr().err
     added = json.loads((tmp_path / "plus" / METADATA_FILE).read_text())["tasks"]
     assert all(Path(task["calib"]).is_absolute() and Path(task["adapter"]).is_absolute() for task in added)
+    assert added[-1]["adapter_signature"] == adapter_signature(adapter)  # quantize-add records it as the driver does
 
 
 def test_an_old_relative_path_says_where_to_run(tiny, relative_checkpoint, tmp_path, capsys, monkeypatch) -> None:

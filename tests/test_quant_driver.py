@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from inlaid.engine.adapter_config import adapter_signature
 from inlaid.models.prepare import default_model_dir
 from inlaid.quant.calibration import CalibrationTask, sample_text
 from inlaid.quant.checkpoint import dequantized_state_dict, load_gptq_checkpoint
@@ -114,6 +115,8 @@ def test_mlgptq_checkpoint_hessians_and_reload(tiny_setup) -> None:
     meta = checkpoint.metadata
     assert meta["method"] == "mlgptq" and [t["name"] for t in meta["tasks"]] == ["alpha", "beta"]
     assert meta["tasks"][0]["samples"] == 9 and meta["tasks"][1]["samples"] == 7
+    # what each adapter held, so that a server can tell a re-add of the same files and samples
+    assert [t["adapter_signature"] for t in meta["tasks"]] == [adapter_signature(t.adapter_dir) for t in tasks]
     assert len(report.layer_errors) == 2 * len(LINEAR_NAMES)
     assert all(0 < e < 0.2 for entry in report.layer_errors for e in entry["errors"].values())
     assert "model.embed_tokens.weight" in checkpoint.tensors

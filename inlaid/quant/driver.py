@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from inlaid.engine.adapter_config import adapter_signature
 from inlaid.quant.aggregate import TaskHessian, TaskHessians
 from inlaid.quant.calibration import (
     CALIBRATION_BATCH_TOKENS, DEFAULT_MAX_TOKENS, CalibrationTask, TokenBatch, make_batches, read_calibration_examples,
@@ -135,6 +136,9 @@ def _load_calibration(config: DriverConfig, tokenizer) -> tuple[dict[str, list[T
             "calib": absolute(task.calib_path),
             "calib_sha256": file_digest(task.calib_path),
             "adapter": absolute(task.adapter_dir),
+            # what the adapter held: a server adding the task again with these very files and
+            # samples has nothing to re-quantize (inlaid/serve/hessian_sources.py)
+            "adapter_signature": adapter_signature(task.adapter_dir) if task.adapter_dir is not None else None,
         }
     return batches, counts
 

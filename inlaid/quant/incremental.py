@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from inlaid.engine.adapter_config import adapter_signature
 from inlaid.quant.aggregate import TaskHessian
 from inlaid.quant.calibration import (
     CalibrationTask, TokenBatch, make_batches, read_calibration_examples, tokenize_examples,
@@ -135,6 +136,7 @@ def calibration_entry(task: CalibrationTask, sequences: list[torch.Tensor]) -> d
         "calib": absolute(task.calib_path),
         "calib_sha256": hashlib.sha256(Path(task.calib_path).read_bytes()).hexdigest(),
         "adapter": absolute(task.adapter_dir),
+        "adapter_signature": adapter_signature(task.adapter_dir) if task.adapter_dir is not None else None,
     }
 
 

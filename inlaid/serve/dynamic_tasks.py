@@ -15,17 +15,17 @@ import errno
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from inlaid.protocol import ErrorCode, ReplacedConfigEntry, TaskStatusReply
-from inlaid.quant import calibration  # torch-free, as is all the coordinator imports
-from inlaid.quant.calibration import MAX_CALIBRATION_LINE_BYTES
 from inlaid.quant.checkpoint_files import read_inlaid_metadata
-from inlaid.quant.errors import CalibrationDataError, CheckpointError
+from inlaid.quant.errors import CheckpointError
 from inlaid.serve.config import ServerConfig
+from inlaid.serve.hessian_sources import stored_hessians_match
 from inlaid.serve.requantization_jobs import RESTARTED, RESUMING_AT, RequantizationJobs
 from inlaid.serve.state_gc import hessian_dirs, prune_dropped
+from inlaid.serve.task_inputs import TaskInputs, check_calibration_file
 from inlaid.serve.task_registry import TaskError, TaskRegistry, check_absolute
 from inlaid.serve.task_status import cancelled_job_note, task_status_reply
 from inlaid.serve.task_store import (FAILED, QUEUED, READY, REQUANTIZING, SERVING, StateDirError, TaskRecord,
@@ -33,29 +33,7 @@ from inlaid.serve.task_store import (FAILED, QUEUED, READY, REQUANTIZING, SERVIN
 
 log = logging.getLogger("inlaid.dynamic_tasks")
 
-# Bounds on a calibration file at add_task. The coordinator checks it line by line, holding one
-# line at a time; the line bound is the offline `inlaid quantize`'s too (quant/calibration.py:
-# a 1 MB line cost the cost probe 5 GB before the probe took only max_tokens tokens of a
-# sample). The file cap bounds the check's time and the copy.
-MAX_CALIBRATION_FILE_BYTES = 64 * 1024 * 1024
 SAVE_RETRY_S = 5.0  # a registry the state directory could not take is tried again this often
-
-
-@dataclass
-class TaskInputs:
-    """An added task's files, checked (copied into the state directory if any), and what its addition did."""
-    name: str
-    adapter_dir: str
-    calibration: str | None
-    copied: bool
-    signature: str | None = None  # the served files' (check_adapter's answer; None: taken at the add)
-    # The name serves these very files now (a re-add): the Hessians stored for it stay valid.
-    serves_as_now: bool = False
-    # Set by `DynamicTasks.add` (the AdminReply says them): the name's stored Hessians left the aggregate;
-    # the name served these very files already (nothing read again); the config entry it replaces.
-    hessians_dropped: bool = False
-    already_served: bool = False
-    replaced_config_entry: ReplacedConfigEntry | None = None
 
 
 def requantization_blocker(config: ServerConfig) -> str:
@@ -225,8 +203,11 @@ class DynamicTasks:
                                             f"{error.message}") from None
         record = self.store.tasks.get(name)
         served = record.adapter_dir if record is not None else self.config.tasks.get(name)
-        return TaskInputs(name, adapter_copy, calibration_copy, copied=True,
-                          serves_as_now=served is not None and same_adapter_files(served, adapter_copy))
+        serves_as_now = served is not None and same_adapter_files(served, adapter_copy)
+        hessians_from = stored_hessians_match(name, adapter_copy, calibration_copy, self.store,
+                                              self.config.engine.quantized_dir) if calibration_copy else ""
+        return TaskInputs(name, adapter_copy, calibration_copy, copied=True, serves_as_now=serves_as_now,
+                          hessians_from=hessians_from)
 
     def add(self, inputs: TaskInputs) -> str:
         """Serve the task at once; queue its re-quantization when it brought calibration samples."""
@@ -262,17 +243,24 @@ class DynamicTasks:
             record.message = "added without calibration samples: served on the current base"
         elif self.blocker:
             record.message = f"not re-quantized: {self.blocker}"
+        elif inputs.hessians_from:
+            record.message = (f"added again with the adapter files and calibration samples its Hessians came from "
+                              f"({inputs.hessians_from}): nothing to re-quantize, the base stays as it is")
         else:
             record.phase, record.version = QUEUED, store.next_version
             store.next_version += 1
             if name in store.dropped:
                 store.dropped.remove(name)  # its job computes its Hessians afresh
         replaced = store.tasks.get(name)
-        if (record.phase == SERVING and not inputs.calibration and replaced is not None and replaced.phase == READY
-                and inputs.serves_as_now):  # the same files, no samples: its layers still serve (it read version 0)
-            record = replace(replaced, adapter_dir=inputs.adapter_dir, message=(
-                f"added again with the same files: its re-quantization (version {replaced.version}) still serves"))
-        if record.phase != QUEUED and (replaced is not None or replaced_entry is not None) and not inputs.serves_as_now:
+        if (record.phase == SERVING and (not inputs.calibration or inputs.hessians_from) and replaced is not None
+                and replaced.phase == READY and inputs.serves_as_now):
+            # the same files (and samples, or none): its layers still serve (it read version 0)
+            samples = " and calibration samples (nothing to re-quantize)" if inputs.calibration else ""
+            record = replace(replaced, adapter_dir=inputs.adapter_dir, calibration=inputs.calibration or
+                             replaced.calibration, message=(f"added again with the same files{samples}: its "
+                                                            f"re-quantization (version {replaced.version}) still serves"))
+        if (record.phase != QUEUED and (replaced is not None or replaced_entry is not None) and not inputs.serves_as_now
+                and not inputs.hessians_from):  # hessians_from: the stored ones came from these very files
             text += self._drop_replaced_hessians(store, name)
             inputs.hessians_dropped = name in store.dropped
         store.tasks[name] = record
@@ -388,13 +376,3 @@ class DynamicTasks:
 def _log_unexpected_end(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("the state directory's save retries ended", extra={"error": repr(task.exception())})
-
-
-def check_calibration_file(path: str) -> None:
-    """Refuse (TaskError, naming the file and line) a calibration file the requantizer could
-    not use or could not afford: the quantizer's own check, with the bounds above (read one
-    bounded line at a time: a whole file or line in memory is what they exist to avoid)."""
-    try:
-        calibration.check_calibration_file(Path(path), MAX_CALIBRATION_FILE_BYTES, MAX_CALIBRATION_LINE_BYTES)
-    except CalibrationDataError as error:
-        raise TaskError(ErrorCode.INVALID_REQUEST, str(error)) from None

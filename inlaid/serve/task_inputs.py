@@ -1,0 +1,48 @@
+"""What an `add_task` brings: its files as checked and copied (`TaskInputs`), and the check
+of its calibration file against the bounds the coordinator can afford."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from inlaid.protocol import ErrorCode, ReplacedConfigEntry
+from inlaid.quant import calibration  # torch-free, as is all the coordinator imports
+from inlaid.quant.calibration import MAX_CALIBRATION_LINE_BYTES
+from inlaid.quant.errors import CalibrationDataError
+from inlaid.serve.task_registry import TaskError
+
+# Bounds on a calibration file at add_task. The coordinator checks it line by line, holding one
+# line at a time; the line bound is the offline `inlaid quantize`'s too (quant/calibration.py:
+# a 1 MB line cost the cost probe 5 GB before the probe took only max_tokens tokens of a
+# sample). The file cap bounds the check's time and the copy.
+MAX_CALIBRATION_FILE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class TaskInputs:
+    """An added task's files, checked (copied into the state directory if any), and what its addition did."""
+    name: str
+    adapter_dir: str
+    calibration: str | None
+    copied: bool
+    signature: str | None = None  # the served files' (check_adapter's answer; None: taken at the add)
+    # The name serves these very files now (a re-add): the Hessians stored for it stay valid.
+    serves_as_now: bool = False
+    # Where the name's stored Hessians came from, when from these files and samples (hessian_sources.py)
+    hessians_from: str = ""
+    # Set by `DynamicTasks.add` (the AdminReply says them): the name's stored Hessians left the aggregate;
+    # the name served these very files already (nothing read again); the config entry it replaces.
+    hessians_dropped: bool = False
+    already_served: bool = False
+    replaced_config_entry: ReplacedConfigEntry | None = None
+
+
+def check_calibration_file(path: str) -> None:
+    """Refuse (TaskError, naming the file and line) a calibration file the requantizer could
+    not use or could not afford: the quantizer's own check, with the bounds above (read one
+    bounded line at a time: a whole file or line in memory is what they exist to avoid)."""
+    try:
+        calibration.check_calibration_file(Path(path), MAX_CALIBRATION_FILE_BYTES, MAX_CALIBRATION_LINE_BYTES)
+    except CalibrationDataError as error:
+        raise TaskError(ErrorCode.INVALID_REQUEST, str(error)) from None

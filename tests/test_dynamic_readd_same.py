@@ -1,0 +1,155 @@
+"""A task added again with the very adapter files and calibration samples its stored Hessians
+came from queues no job (inlaid/serve/hessian_sources.py).
+
+An outside probe re-added `sentiment` to the 4-bit suite base with its own committed samples:
+a job ran, the aggregate moved by 1.25 % (median), all 30 layers were re-quantized and most
+other tasks' greedy answers changed, for nothing new. Checked on the coordinator's task side
+as coordinator.py wires it: a task whose job finished, and a task of the checkpoint (whose
+inlaid_quant.json records the adapter signature and the samples' sha256); other samples,
+other files, a checkpoint without signatures, or Hessians that left the aggregate still
+queue a job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from inlaid.engine.adapter_config import adapter_signature
+from inlaid.serve import dynamic_tasks
+from inlaid.serve.config import config_from_dict
+from inlaid.serve.dynamic_tasks import DynamicTasks
+from inlaid.serve.executor_pool import ExecutorPool
+from inlaid.serve.task_registry import TaskRegistry
+from inlaid.serve.task_store import QUEUED, READY, SERVING, TaskRecord
+
+ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+SAMPLES = '{"messages": [{"role": "user", "content": "q"}], "reference": "a"}\n'
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory) -> Path:
+    return Path(shutil.copytree(ADAPTERS / "qa", tmp_path_factory.mktemp("src") / "qa"))
+
+
+def _checkpoint(tmp_path: Path, entries: list[dict]) -> Path:
+    """A stand-in for the checkpoint directory: only its metadata is read here."""
+    checkpoint = tmp_path / "gptq"
+    checkpoint.mkdir(exist_ok=True)
+    (checkpoint / "inlaid_quant.json").write_text(json.dumps({"method": "mlgptq", "tasks": entries,
+                                                              "hessian_state": "hessian_state"}))
+    return checkpoint
+
+
+def _dynamic(model_dir: Path, tmp_path: Path, monkeypatch, checkpoint: Path, tasks: dict[str, str] | None = None,
+             record: TaskRecord | None = None) -> tuple[DynamicTasks, list[str]]:
+    """The task side on a GPTQ base that can re-quantize; the jobs it submits are recorded."""
+    config = config_from_dict({"model": {"dir": str(model_dir)}, "server": {"state_dir": str(tmp_path / "state")},
+                               "tasks": tasks or {},
+                               "executor": {"max_num_seqs": 4, "num_kv_blocks": 64, "max_lora_slots": 2}})
+    registry = TaskRegistry(ExecutorPool(config, lambda: None).engines, "token")
+    for name, adapter_dir in config.tasks.items():
+        registry.add(name, adapter_dir)
+    config = replace(config, engine=replace(config.engine, quantized_dir=str(checkpoint)))
+    monkeypatch.setattr(dynamic_tasks, "requantization_blocker", lambda config: "")
+    if record is not None:
+        first = DynamicTasks(config, registry, wake=lambda: None)
+        first.store.tasks[record.name] = record
+        first.store.save()
+    dynamic = DynamicTasks(config, registry, wake=lambda: None)
+    submitted: list[str] = []
+    monkeypatch.setattr(dynamic.jobs, "submit", submitted.append)
+    return dynamic, submitted
+
+
+def _samples(tmp_path: Path, name: str, text: str = SAMPLES) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_a_checkpoint_task_added_again_with_its_files_and_samples_queues_no_job(model_dir, tmp_path, adapter,
+                                                                              monkeypatch):
+    samples = _samples(tmp_path, "calib.jsonl")
+    checkpoint = _checkpoint(tmp_path, [{"name": "qa", "calib_sha256": hashlib.sha256(samples.read_bytes()).hexdigest(),
+                                         "adapter_signature": adapter_signature(adapter)}])
+    dynamic, submitted = _dynamic(model_dir, tmp_path, monkeypatch, checkpoint, tasks={"qa": str(adapter)})
+    text = dynamic.add(dynamic.prepare("qa", str(adapter), str(samples)))
+    assert "nothing to re-quantize" in text and "(the checkpoint)" in text and "queued" not in text, text
+    assert submitted == [] and dynamic.store.tasks["qa"].phase == SERVING
+    assert "qa" not in dynamic.store.dropped  # the checkpoint's Hessians still serve the aggregate
+    # Again, now that a record of the re-add exists: still nothing new.
+    text = dynamic.add(dynamic.prepare("qa", str(adapter), str(samples)))
+    assert "nothing to re-quantize" in text and submitted == []
+    # Other samples: a job.
+    other = _samples(tmp_path, "other.jsonl", SAMPLES.replace('"q"', '"q2"'))
+    text = dynamic.add(dynamic.prepare("qa", str(adapter), str(other)))
+    assert "re-quantization queued" in text and submitted == ["qa"]
+
+
+def test_the_checkpoints_own_files_replacing_other_ones_keep_its_hessians(model_dir, tmp_path, adapter,
+                                                                         monkeypatch):
+    """The config serves other files under the name than the checkpoint was computed with;
+    adding the checkpoint's own files and samples back replaces them, with no job, and the
+    Hessians stored for the name (which came from those files) stay in the aggregate."""
+    samples = _samples(tmp_path, "calib.jsonl")
+    checkpoint = _checkpoint(tmp_path, [{"name": "qa", "calib_sha256": hashlib.sha256(samples.read_bytes()).hexdigest(),
+                                         "adapter_signature": adapter_signature(adapter)}])
+    changed = _changed(adapter, tmp_path)
+    dynamic, submitted = _dynamic(model_dir, tmp_path, monkeypatch, checkpoint, tasks={"qa": str(changed)})
+    text = dynamic.add(dynamic.prepare("qa", str(adapter), str(samples)))
+    assert "nothing to re-quantize" in text and "replaces the config's [tasks] entry" in text, text
+    assert submitted == [] and "qa" not in dynamic.store.dropped and "leave the aggregate" not in text
+
+
+def _changed(adapter: Path, tmp_path: Path) -> Path:
+    """A copy of `adapter` with one bit of its last weight flipped."""
+    changed = Path(shutil.copytree(adapter, tmp_path / "changed"))
+    weights = changed / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    return changed
+
+
+def test_other_files_or_an_older_checkpoint_still_queue_a_job(model_dir, tmp_path, adapter, monkeypatch):
+    samples = _samples(tmp_path, "calib.jsonl")
+    digest = hashlib.sha256(samples.read_bytes()).hexdigest()
+    changed = _changed(adapter, tmp_path)
+    for entries, adapter_dir in (
+        ([{"name": "qa", "calib_sha256": digest, "adapter_signature": adapter_signature(adapter)}], changed),
+        ([{"name": "qa", "calib_sha256": digest}], adapter),  # written before signatures were recorded
+        ([{"name": "code", "calib_sha256": digest, "adapter_signature": adapter_signature(adapter)}], adapter),
+    ):
+        root = tmp_path / f"case{len(list(tmp_path.glob('case*')))}"
+        root.mkdir()
+        dynamic, submitted = _dynamic(model_dir, root, monkeypatch, _checkpoint(root, entries),
+                                      tasks={"qa": str(adapter)})
+        text = dynamic.add(dynamic.prepare("qa", str(adapter_dir), str(samples)))
+        assert "re-quantization queued" in text and submitted == ["qa"], (entries, text)
+
+
+def test_a_task_whose_job_finished_added_again_with_its_files_and_samples_keeps_its_version(
+        model_dir, tmp_path, adapter, monkeypatch):
+    state_copy = tmp_path / "state-src"
+    state_copy.mkdir()
+    kept_samples = _samples(state_copy, "calib.jsonl")
+    checkpoint = _checkpoint(tmp_path, [])
+    record = TaskRecord(name="qa", adapter_dir=str(adapter), calibration=str(kept_samples), phase=READY, version=3,
+                        layers_done=30, layers_total=30, message="30 of 30 layers swapped in")
+    dynamic, submitted = _dynamic(model_dir, tmp_path, monkeypatch, checkpoint, record=record)
+    same = _samples(tmp_path, "same.jsonl")  # the same bytes under another name
+    text = dynamic.add(dynamic.prepare("qa", str(adapter), str(same)))
+    assert "nothing to re-quantize" in text and "version 3" in text and submitted == [], text
+    kept = dynamic.store.tasks["qa"]
+    assert (kept.phase, kept.version, kept.layers_done) == (READY, 3, 30)
+    assert Path(kept.calibration).read_text() == SAMPLES and Path(kept.adapter_dir).is_dir()
+    # Its Hessians left the aggregate (removed and added again): a job computes them afresh.
+    dynamic.store.dropped.append("qa")
+    text = dynamic.add(dynamic.prepare("qa", str(adapter), str(same)))
+    assert "re-quantization queued" in text and submitted == ["qa"]
+    assert dynamic.store.tasks["qa"].phase == QUEUED
