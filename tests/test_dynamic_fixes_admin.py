@@ -298,14 +298,18 @@ def test_the_cancel_note_counts_the_layers_a_resumed_job_had_done():
     of it (a reviewer)."""
     from inlaid.serve.task_status import cancelled_job_note
 
-    def note(phase: str, done: int) -> str:
+    def note(phase: str, done: int, swapped: int = 1) -> str:
         return cancelled_job_note(TaskRecord(name="t", adapter_dir="/a", calibration="/c", phase=phase,
-                                             layers_done=done, layers_total=30))
+                                             layers_done=done, layers_total=30), swapped)
 
     assert note(QUEUED, 0) == "; its queued re-quantization is cancelled (it had not started)"
     assert note(QUEUED, 5).startswith("; its re-quantization is cancelled after 5 of 30 layers")
     assert note(REQUANTIZING, 0) == "; its re-quantization is cancelled (no layer of it was finished)"
-    assert note(REQUANTIZING, 12).startswith("; its re-quantization is cancelled after 12 of 30 layers")
+    assert note(REQUANTIZING, 12, 4) == ("; its re-quantization is cancelled after 12 of 30 layers (4 of them "
+                                         "re-quantized, and those stay served: each is a valid quantization)")
+    # Every layer it had done kept as served: "those stay served" said of nothing (an outside probe).
+    assert note(REQUANTIZING, 3, 0) == ("; its re-quantization is cancelled after 3 of 30 layers (it had changed "
+                                        "none of them: the base is as it was)")
 
 
 def test_a_ready_task_added_again_with_calibration_where_nothing_re_quantizes_says_so(

@@ -308,7 +308,8 @@ class DynamicTasks:
         record = store.tasks.pop(name, None)
         if record is not None and record.phase in (QUEUED, REQUANTIZING):
             self.jobs.cancel(record)
-            text += cancelled_job_note(record)
+            swapped = sum(1 for entry in store.layers.values() if entry.version == record.version)
+            text += cancelled_job_note(record, swapped)
         if name not in store.dropped:
             store.dropped.append(name)
         # (its own name stays: a cancelled job may still write a layer's state with its Hessians)

@@ -54,14 +54,17 @@ def task_status_reply(request_id: str, name: str, store: TaskStore | None, regis
                      for task in (effect.tasks if effect else [])])
 
 
-def cancelled_job_note(record: TaskRecord) -> str:
-    """What a removal says of its task's cancelled job ("layers already swapped in stay" was
-    said of a job that had not started: an outside probe)."""
+def cancelled_job_note(record: TaskRecord, swapped: int) -> str:
+    """What a removal says of its task's cancelled job, `swapped` of whose layers serve ("layers
+    already swapped in stay" was said of a job that had not started, and "those stay served"
+    of layers the job had all kept as they were: outside probes)."""
     if not record.layers_done:  # a job resumed after a restart is queued with layers done
         return ("; its queued re-quantization is cancelled (it had not started)" if record.phase == QUEUED
                 else "; its re-quantization is cancelled (no layer of it was finished)")
-    return (f"; its re-quantization is cancelled after {record.layers_done} of {record.layers_total} layers (those "
-            "stay served: each is a valid quantization)")
+    done = f"; its re-quantization is cancelled after {record.layers_done} of {record.layers_total} layers"
+    if not swapped:
+        return done + " (it had changed none of them: the base is as it was)"
+    return done + f" ({swapped} of them re-quantized, and those stay served: each is a valid quantization)"
 
 
 def record_effect(record: TaskRecord) -> JobEffect | None:
