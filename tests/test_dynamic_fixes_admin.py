@@ -308,8 +308,8 @@ def test_the_cancel_note_counts_the_layers_a_resumed_job_had_done():
     assert note(REQUANTIZING, 12, 4) == ("; its re-quantization is cancelled after 12 of 30 layers (4 of them "
                                          "re-quantized, and those stay served: each is a valid quantization)")
     # Every layer it had done kept as served: "those stay served" said of nothing (an outside probe).
-    assert note(REQUANTIZING, 3, 0) == ("; its re-quantization is cancelled after 3 of 30 layers (it had changed "
-                                        "none of them: the base is as it was)")
+    assert note(REQUANTIZING, 3, 0) == ("; its re-quantization is cancelled after 3 of 30 layers (none of them "
+                                        "had been swapped in: the base is as it was)")
 
 
 def test_a_ready_task_added_again_with_calibration_where_nothing_re_quantizes_says_so(

@@ -19,8 +19,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from inlaid.engine.adapter_config import adapter_signature
+from inlaid.engine.config import ModelConfig
+from inlaid.quant.aggregate import TaskHessian
+from inlaid.quant.state import save_layer_state
 from inlaid.serve import dynamic_tasks
 from inlaid.serve.config import config_from_dict
 from inlaid.serve.dynamic_tasks import DynamicTasks
@@ -30,6 +34,7 @@ from inlaid.serve.task_store import QUEUED, READY, SERVING, TaskRecord
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
 SAMPLES = '{"messages": [{"role": "user", "content": "q"}], "reference": "a"}\n'
+LAYERS = 30  # the default model's (checked below)
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +42,16 @@ def adapter(tmp_path_factory) -> Path:
     return Path(shutil.copytree(ADAPTERS / "qa", tmp_path_factory.mktemp("src") / "qa"))
 
 
-def _checkpoint(tmp_path: Path, entries: list[dict]) -> Path:
-    """A stand-in for the checkpoint directory: only its metadata is read here."""
+def _checkpoint(tmp_path: Path, entries: list[dict], held: tuple[str, ...] = ("qa", "code")) -> Path:
+    """A stand-in for the checkpoint directory: its metadata, and a Hessian state (real files,
+    tiny Hessians) whose every layer holds the tasks `held`."""
     checkpoint = tmp_path / "gptq"
     checkpoint.mkdir(exist_ok=True)
     (checkpoint / "inlaid_quant.json").write_text(json.dumps({"method": "mlgptq", "tasks": entries,
                                                               "hessian_state": "hessian_state"}))
+    for layer in range(LAYERS):
+        state = {group: {task: TaskHessian(torch.eye(2), 4) for task in held} for group in ("attn", "mlp")}
+        save_layer_state(checkpoint / "hessian_state", layer, state, forward="adapter")
     return checkpoint
 
 
@@ -114,6 +123,32 @@ def _changed(adapter: Path, tmp_path: Path) -> Path:
     data = weights.read_bytes()
     weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     return changed
+
+
+def test_a_stored_state_without_the_tasks_hessians_queues_a_job(model_dir, tmp_path, adapter, monkeypatch):
+    """The checkpoint's record matches, but the stored state no longer holds the task (a removed
+    task's Hessians, once another job rewrote the layers without them): a job (a reviewer)."""
+    assert ModelConfig.from_dir(model_dir).num_layers == LAYERS
+    samples = _samples(tmp_path, "calib.jsonl")
+    checkpoint = _checkpoint(tmp_path, [{"name": "qa", "calib_sha256": hashlib.sha256(samples.read_bytes()).hexdigest(),
+                                         "adapter_signature": adapter_signature(adapter)}], held=("code",))
+    dynamic, submitted = _dynamic(model_dir, tmp_path, monkeypatch, checkpoint, tasks={"qa": str(adapter)})
+    text = dynamic.add(dynamic.prepare("qa", str(adapter), str(samples)))
+    assert "re-quantization queued" in text and submitted == ["qa"], text
+
+
+def test_a_removal_between_the_check_and_the_add_queues_a_job(model_dir, tmp_path, adapter, monkeypatch):
+    """`prepare` judges the stored Hessians in a worker thread; a removal on the loop before
+    `add` took them out of the aggregate: the add must not say "nothing to re-quantize"."""
+    samples = _samples(tmp_path, "calib.jsonl")
+    checkpoint = _checkpoint(tmp_path, [{"name": "qa", "calib_sha256": hashlib.sha256(samples.read_bytes()).hexdigest(),
+                                         "adapter_signature": adapter_signature(adapter)}])
+    dynamic, submitted = _dynamic(model_dir, tmp_path, monkeypatch, checkpoint, tasks={"qa": str(adapter)})
+    inputs = dynamic.prepare("qa", str(adapter), str(samples))
+    assert inputs.hessians_from == "the checkpoint"
+    dynamic.remove("qa")
+    text = dynamic.add(inputs)
+    assert "re-quantization queued" in text and submitted == ["qa"], text
 
 
 def test_other_files_or_an_older_checkpoint_still_queue_a_job(model_dir, tmp_path, adapter, monkeypatch):

@@ -111,7 +111,7 @@ def test_another_slots_overflow_never_reaches_a_tokens_row(route: str) -> None:
 
 @pytest.mark.parametrize("route", ROUTES)
 def test_float32_results_are_unchanged_by_the_widening(route: str) -> None:
-    """float32 inputs take the routes as before (no copies): equal to float64 to float32 precision."""
+    """float32 inputs: equal to float64 to float32 precision on every route."""
     gen = torch.Generator().manual_seed(5)
     x = torch.randn((6, 40), generator=gen)
     stacked = torch.randn((3, 8, 40), generator=gen) / 6

@@ -72,9 +72,9 @@ def test_calibration_line_over_the_bound_is_refused_before_the_model_loads(tiny,
 
 
 def test_server_and_cli_share_the_line_bound() -> None:
-    from inlaid.serve import dynamic_tasks
+    from inlaid.serve import task_inputs
 
-    assert dynamic_tasks.MAX_CALIBRATION_LINE_BYTES == MAX_CALIBRATION_LINE_BYTES
+    assert task_inputs.MAX_CALIBRATION_LINE_BYTES == MAX_CALIBRATION_LINE_BYTES
 
 
 def test_cost_probe_sees_at_most_max_tokens(tiny, tmp_path, capsys, monkeypatch) -> None:

@@ -38,18 +38,27 @@ def test_a_server_handed_an_alarm_lives_on_and_answers(model_dir: Path, tmp_path
     config.write_text(to_toml(_sections(model_dir, address)))
     started = time.monotonic()
     # What Ray's handler leaves in a forked child: an alarm that survives exec.
-    server = subprocess.Popen([sys.executable, "-m", "inlaid.integrations.ray_child", str(os.getpid()), str(config)],
-                              preexec_fn=lambda: signal.alarm(ALARM_S), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)  # fmt: skip
+    log = tmp_path / "server.log"
+    with open(log, "wb") as output:
+        server = subprocess.Popen([sys.executable, "-m", "inlaid.integrations.ray_child", str(os.getpid()),
+                                   str(config)], preexec_fn=lambda: signal.alarm(ALARM_S), stdout=output,
+                                  stderr=subprocess.STDOUT)  # fmt: skip
     try:
         with Client(address, timeout_s=60) as client:
-            client.wait_ready(timeout_s=120)
+            deadline = time.monotonic() + 120
+            while True:  # ready, or dead (the alarm killed it while it loaded): not a 120-s wait
+                assert server.poll() is None, f"the server died (exit code {server.returncode}):\n{log.read_text()}"
+                try:
+                    client.wait_ready(timeout_s=1.0)
+                    break
+                except TimeoutError:
+                    assert time.monotonic() < deadline, log.read_text()
             time.sleep(max(0.0, started + ALARM_S + 1.0 - time.monotonic()))
-            assert server.poll() is None, f"the server died (exit code {server.returncode})"
+            assert server.poll() is None, f"the server died (exit code {server.returncode}):\n{log.read_text()}"
             assert client.generate("Hi", max_tokens=2).finish_reason in ("stop", "length")
     finally:
         stop_process(server, 30.0)
-    assert server.returncode == 0, server.stderr.read().decode() if server.stderr else ""
+    assert server.returncode == 0, log.read_text()
 
 
 def test_the_server_dies_with_the_replica_that_started_it(model_dir: Path, tmp_path: Path) -> None:

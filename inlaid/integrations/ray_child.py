@@ -156,7 +156,10 @@ def main(argv: list[str]) -> int:
     replica_pid, config_path = int(argv[0]), argv[1]
     signal.alarm(0)  # the server never uses SIGALRM: an alarm armed before exec is not ours
     pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL) != 0:
+        print(f"inlaid ray replica: PR_SET_PDEATHSIG failed ({os.strerror(ctypes.get_errno())}): this server "
+              "would outlive its replica", file=sys.stderr)
+        return 1
     if os.getppid() != replica_pid:
         print(f"inlaid ray replica: the replica (pid {replica_pid}) exited before its server started",
               file=sys.stderr)

@@ -204,10 +204,20 @@ class DynamicTasks:
         record = self.store.tasks.get(name)
         served = record.adapter_dir if record is not None else self.config.tasks.get(name)
         serves_as_now = served is not None and same_adapter_files(served, adapter_copy)
-        hessians_from = stored_hessians_match(name, adapter_copy, calibration_copy, self.store,
-                                              self.config.engine.quantized_dir) if calibration_copy else ""
+        hessians_from, seen = "", self._stored_view(name)
+        if calibration_copy:
+            hessians_from = stored_hessians_match(name, adapter_copy, calibration_copy, self.store,
+                                                  self.config.engine.quantized_dir, self.num_layers)
         return TaskInputs(name, adapter_copy, calibration_copy, copied=True, serves_as_now=serves_as_now,
-                          hessians_from=hessians_from)
+                          hessians_from=hessians_from, stored_view=seen)
+
+    def _stored_view(self, name: str) -> tuple[object, ...]:
+        """What `prepare` (in a worker thread) judged the name's stored Hessians by: a removal
+        or another addition on the loop before `add` changes it."""
+        assert self.store is not None
+        record = self.store.tasks.get(name)
+        return ((record.adapter_dir, record.version, record.phase) if record is not None else None,
+                name in self.store.dropped)
 
     def add(self, inputs: TaskInputs) -> str:
         """Serve the task at once; queue its re-quantization when it brought calibration samples."""
@@ -239,6 +249,8 @@ class DynamicTasks:
             return text + (f"; not re-quantized: {self.blocker}" if inputs.calibration else "")
         record = TaskRecord(name=name, adapter_dir=inputs.adapter_dir, calibration=inputs.calibration, phase=SERVING,
                             layers_total=self.num_layers)
+        if inputs.hessians_from and inputs.stored_view != self._stored_view(name):
+            inputs.hessians_from = ""  # a removal or another addition ran since `prepare` judged them
         if not inputs.calibration:
             record.message = "added without calibration samples: served on the current base"
         elif self.blocker:
@@ -256,11 +268,11 @@ class DynamicTasks:
                 and replaced.phase == READY and inputs.serves_as_now):
             # the same files (and samples, or none): its layers still serve (it read version 0)
             samples = " and calibration samples (nothing to re-quantize)" if inputs.calibration else ""
-            record = replace(replaced, adapter_dir=inputs.adapter_dir, calibration=inputs.calibration or
-                             replaced.calibration, message=(f"added again with the same files{samples}: its "
-                                                            f"re-quantization (version {replaced.version}) still serves"))
-        if (record.phase != QUEUED and (replaced is not None or replaced_entry is not None) and not inputs.serves_as_now
-                and not inputs.hessians_from):  # hessians_from: the stored ones came from these very files
+            message = f"added again with the same files{samples}: its re-quantization (version {replaced.version}) "
+            record = replace(replaced, adapter_dir=inputs.adapter_dir,
+                             calibration=inputs.calibration or replaced.calibration, message=message + "still serves")
+        if (record.phase != QUEUED and (replaced is not None or replaced_entry is not None)
+                and not inputs.serves_as_now and not inputs.hessians_from):  # (else they came from these files)
             text += self._drop_replaced_hessians(store, name)
             inputs.hessians_dropped = name in store.dropped
         store.tasks[name] = record

@@ -14,27 +14,35 @@ Sources, by content (paths move, bytes do not):
   * a task of the checkpoint: the adapter signature and calibration sha256 recorded in its
     inlaid_quant.json (checkpoints written before the signature was recorded: unknown, so
     the job runs as before).
-A name whose Hessians left the aggregate (removed, replaced) has none.
+A name whose Hessians left the aggregate (removed, replaced) has none, and neither has one the
+stored state no longer holds in full (a removed task's, once another job rewrote the layers).
 """
 
 from __future__ import annotations
 
 import filecmp
-import hashlib
 from pathlib import Path
 
 from inlaid.engine.adapter_config import adapter_signature
 from inlaid.quant.checkpoint_files import read_inlaid_metadata
 from inlaid.quant.errors import CheckpointError
-from inlaid.serve.task_store import READY, TaskStore, same_adapter_files
+from inlaid.serve.state_gc import hessian_dirs, state_holds_task
+from inlaid.serve.task_store import READY, TaskStore, file_sha256, same_adapter_files
 
 
 def stored_hessians_match(name: str, adapter_dir: str, calibration: str, store: TaskStore,
-                          quantized_dir: str | None) -> str:
-    """Where `name`'s stored Hessians came from ("its job of version 3", "the checkpoint")
-    when those were these adapter files and these calibration samples; "" otherwise."""
+                          quantized_dir: str | None, num_layers: int) -> str:
+    """Where `name`'s stored Hessians came from ("its job (version 3)", "the checkpoint")
+    when those were these adapter files and these calibration samples and the stored state
+    still holds them; "" otherwise."""
     if name in store.dropped:
         return ""
+    source = _source(name, adapter_dir, calibration, store, quantized_dir)
+    state_dirs = hessian_dirs(store.hessian_dir, quantized_dir) if source else None
+    return source if state_dirs is not None and state_holds_task(name, state_dirs, num_layers) else ""
+
+
+def _source(name: str, adapter_dir: str, calibration: str, store: TaskStore, quantized_dir: str | None) -> str:
     record = store.tasks.get(name)
     if record is not None and record.version:  # a job of its own computed them (or is computing them)
         if record.phase != READY or not record.calibration:
@@ -55,8 +63,9 @@ def stored_hessians_match(name: str, adapter_dir: str, calibration: str, store: 
     if entry is None or not entry.get("adapter_signature") or not entry.get("calib_sha256"):
         return ""
     try:
-        samples = hashlib.sha256(Path(calibration).read_bytes()).hexdigest()
+        samples = file_sha256(calibration)
     except OSError:
         return ""
-    same = samples == entry["calib_sha256"] and adapter_signature(adapter_dir) == entry["adapter_signature"]
+    signature = adapter_signature(adapter_dir)  # "-": unreadable, which no recorded signature is
+    same = samples == entry["calib_sha256"] and signature != "-" and signature == entry["adapter_signature"]
     return "the checkpoint" if same else ""

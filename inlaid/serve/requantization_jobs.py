@@ -41,7 +41,7 @@ from inlaid.serve.config import ServerConfig
 from inlaid.serve.ipc_dirs import private_ipc_dir
 from inlaid.serve.layer_swaps import JobCounts, LayerSwaps, _LiveSwap
 from inlaid.serve.requantizer_supervisor import RequantizerSupervisor
-from inlaid.serve.task_status import compact_effect
+from inlaid.serve.task_status import compact_effect, ready_message
 from inlaid.serve.task_store import (
     FAILED, READY, REQUANTIZING, Decision, TaskRecord, TaskStore, layer_digest,
 )
@@ -383,16 +383,7 @@ class RequantizationJobs(LayerSwaps):
             self.counts.succeeded += 1
             record.phase = READY
             swapped = sum(1 for entry in self.store.layers.values() if entry.version == record.version)
-            kept = sum(1 for d in record.decisions if d["action"] != "requantized")
-            record.message = f"{swapped} of {self.num_layers} layers swapped in; {kept} linears kept as served"
-            if swapped == 0 and record.decisions:
-                # One task among many rarely moves the aggregate past the threshold; said so, a
-                # "ready" job reads as if the base had been re-quantized for the task.
-                unmoved = sum(1 for d in record.decisions if d["action"] == "kept-unchanged")
-                threshold = 100 * self.config.requantizer.change_threshold
-                record.message += (f": the base is unchanged ({unmoved} of them moved by at most change_threshold, "
-                                   f"{threshold:.2f} %, the rest were kept by the quality gate); the task is served "
-                                   "on the base as it was")
+            record.message = ready_message(record, swapped, self.num_layers, self.config.requantizer.change_threshold)
         else:
             self.counts.failed += 1
             record.phase = FAILED

@@ -104,6 +104,23 @@ def prune_dropped(dropped: list[str], state_dirs: list[Path], num_layers: int,
     return [name for name in dropped if name in held or keep(name)]
 
 
+def state_holds_task(name: str, state_dirs: list[Path], num_layers: int) -> bool:
+    """Whether the stored state, as a job reads it, holds `name`'s Hessians in every input
+    group of every layer, and its raw cost where the state keeps costs. A state that cannot
+    be read: False."""
+    try:
+        costs = stored_cost_tasks(state_dirs)
+        if costs and name not in costs:
+            return False
+        for layer in range(num_layers):
+            groups = stored_layer_tasks(state_dirs, layer)
+            if not groups or any(name not in tasks for tasks in groups.values()):
+                return False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return True
+
+
 def hessian_dirs(state_hessian_dir: Path, quantized_dir: str | None) -> list[Path] | None:
     """Where a job reads the stored Hessian state, first match wins (`requantization_jobs._job`,
     `IncrementalQuantizer`): the state directory's, then the checkpoint's. None when the

@@ -29,8 +29,10 @@ class TaskInputs:
     signature: str | None = None  # the served files' (check_adapter's answer; None: taken at the add)
     # The name serves these very files now (a re-add): the Hessians stored for it stay valid.
     serves_as_now: bool = False
-    # Where the name's stored Hessians came from, when from these files and samples (hessian_sources.py)
+    # Where the name's stored Hessians came from, when from these files and samples (hessian_sources.py),
+    # and the store as that was judged (`DynamicTasks._stored_view`)
     hessians_from: str = ""
+    stored_view: tuple[object, ...] | None = None
     # Set by `DynamicTasks.add` (the AdminReply says them): the name's stored Hessians left the aggregate;
     # the name served these very files already (nothing read again); the config entry it replaces.
     hessians_dropped: bool = False

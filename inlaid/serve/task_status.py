@@ -63,8 +63,22 @@ def cancelled_job_note(record: TaskRecord, swapped: int) -> str:
                 else "; its re-quantization is cancelled (no layer of it was finished)")
     done = f"; its re-quantization is cancelled after {record.layers_done} of {record.layers_total} layers"
     if not swapped:
-        return done + " (it had changed none of them: the base is as it was)"
+        return done + " (none of them had been swapped in: the base is as it was)"
     return done + f" ({swapped} of them re-quantized, and those stay served: each is a valid quantization)"
+
+
+def ready_message(record: TaskRecord, swapped: int, num_layers: int, change_threshold: float) -> str:
+    """What a finished job says it did (`swapped` layers of the record's version serve)."""
+    kept = sum(1 for d in record.decisions if d["action"] != "requantized")
+    message = f"{swapped} of {num_layers} layers swapped in; {kept} linears kept as served"
+    if swapped or not record.decisions:
+        return message
+    # One task among many rarely moves the aggregate past the threshold: said so, as "ready"
+    # alone reads as if the base had been re-quantized for the task (an outside probe).
+    unmoved = sum(1 for d in record.decisions if d["action"] == "kept-unchanged")
+    return (f"{message}: the base is unchanged ({unmoved} of them moved by at most change_threshold, "
+            f"{100 * change_threshold:.2f} %, the rest were kept by the quality gate); the task is served on the "
+            "base as it was")
 
 
 def record_effect(record: TaskRecord) -> JobEffect | None:
