@@ -115,6 +115,7 @@ class AdapterSpec:
 MAX_CONFIG_BYTES = 1 << 20
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # what defines an adapter: copied, compared, hashed
 
 # The largest |LoRA scale| (lora_alpha / r, or / sqrt(r) with rsLoRA) accepted: float16's
 # largest value. Trained adapters have scales of about 0.1-64; far beyond, the scale itself

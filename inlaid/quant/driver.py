@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from inlaid.engine.adapter_config import adapter_signature
+from inlaid.engine.adapter_config import ADAPTER_FILES, adapter_signature
 from inlaid.quant.aggregate import TaskHessian, TaskHessians
 from inlaid.quant.calibration import (
     CALIBRATION_BATCH_TOKENS, DEFAULT_MAX_TOKENS, CalibrationTask, TokenBatch, make_batches, read_calibration_examples,
@@ -51,8 +51,6 @@ from inlaid.quant.spec import QuantSpec
 from inlaid.quant.state import save_layer_state
 from inlaid.quant.task_costs import normalized, probe_count, probe_impurity, save_raw_costs
 from inlaid.quant.unfinished import mark_finished
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 @dataclass

@@ -46,6 +46,7 @@ from typing import Any, NotRequired, TypedDict
 
 import msgspec
 
+from inlaid.engine.adapter_config import ADAPTER_FILES
 from inlaid.quant.job_effect import StoredEffect
 from inlaid.serve.state_dir_lock import StateDirError, lock_state_dir
 from inlaid.serve.state_gc import collect_layer_files
@@ -54,7 +55,6 @@ log = logging.getLogger("inlaid.dynamic_tasks")
 
 FORMAT_VERSION = 1
 REGISTRY_FILE = "registry.json"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def same_adapter_files(first: str, second: str) -> bool:
