@@ -20,7 +20,7 @@ from inlaid.serve.executor_pool import ExecutorPool
 from inlaid.serve.requantization_jobs import RequantizationJobs
 from inlaid.serve.task_registry import TaskError, TaskRegistry
 from inlaid.serve.task_store import (
-    FAILED, QUEUED, READY, REQUANTIZING, SERVING, CommittedLayer, Decision, TaskRecord, TaskStore,
+    FAILED, QUEUED, READY, REQUANTIZING, SERVING, CommittedLayer, Decision, HessianSource, TaskRecord, TaskStore,
 )
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
@@ -177,9 +177,11 @@ def test_resume_and_failure_messages_follow_the_job(tmp_path):
 
 def test_a_failed_job_says_how_to_retry(tmp_path):
     async def scenario() -> None:
-        jobs, _, record = running_job(tmp_path)
+        jobs, store, record = running_job(tmp_path)
+        store.hessian_sources["code"] = HessianSource(1, "signature", "sha")
         jobs._on_message(JobFinished(job_id="code@v1", ok=False, error="IncrementalError: bad."))
         assert record.phase == FAILED and "bad. To retry, add the task again" in record.message
+        assert not store.hessian_sources["code"].complete  # some layers only: its samples match nothing
         await asyncio.sleep(0)
 
     asyncio.run(scenario())
@@ -193,10 +195,12 @@ def test_a_job_that_swapped_nothing_says_the_base_is_unchanged(tmp_path):
         return Decision(layer=layer, linear="q_proj", action=action, reason="", change=0.001)
 
     async def scenario() -> None:
-        jobs, _, record = running_job(tmp_path, layers_done=30)
+        jobs, store, record = running_job(tmp_path, layers_done=30)
+        store.hessian_sources["code"] = HessianSource(1, "signature", "sha")
         record.decisions = [decision(0, "kept-unchanged"), decision(1, "kept-unchanged"), decision(2, "kept-quality")]
         jobs._on_message(JobFinished(job_id="code@v1", ok=True, error=""))
         assert record.phase == READY
+        assert store.hessian_sources["code"].complete  # every layer holds its job's Hessians now
         assert record.message == ("0 of 30 layers swapped in; 3 linears kept as served: the base is unchanged (2 of "
                                   "them moved by at most change_threshold, 1.00 %, the rest were kept by the quality "
                                   "gate); the task is served on the base as it was")

@@ -30,7 +30,7 @@ from inlaid.serve.config import config_from_dict
 from inlaid.serve.dynamic_tasks import DynamicTasks
 from inlaid.serve.executor_pool import ExecutorPool
 from inlaid.serve.task_registry import TaskRegistry
-from inlaid.serve.task_store import QUEUED, READY, SERVING, TaskRecord
+from inlaid.serve.task_store import QUEUED, READY, SERVING, HessianSource, TaskRecord
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
 SAMPLES = '{"messages": [{"role": "user", "content": "q"}], "reference": "a"}\n'
@@ -56,7 +56,7 @@ def _checkpoint(tmp_path: Path, entries: list[dict], held: tuple[str, ...] = ("q
 
 
 def _dynamic(model_dir: Path, tmp_path: Path, monkeypatch, checkpoint: Path, tasks: dict[str, str] | None = None,
-             record: TaskRecord | None = None) -> tuple[DynamicTasks, list[str]]:
+             record: TaskRecord | None = None, source: HessianSource | None = None) -> tuple[DynamicTasks, list[str]]:
     """The task side on a GPTQ base that can re-quantize; the jobs it submits are recorded."""
     config = config_from_dict({"model": {"dir": str(model_dir)}, "server": {"state_dir": str(tmp_path / "state")},
                                "tasks": tasks or {},
@@ -69,6 +69,8 @@ def _dynamic(model_dir: Path, tmp_path: Path, monkeypatch, checkpoint: Path, tas
     if record is not None:
         first = DynamicTasks(config, registry, wake=lambda: None)
         first.store.tasks[record.name] = record
+        if source is not None:
+            first.store.hessian_sources[record.name] = source
         first.store.save()
     dynamic = DynamicTasks(config, registry, wake=lambda: None)
     submitted: list[str] = []
@@ -151,6 +153,35 @@ def test_a_removal_between_the_check_and_the_add_queues_a_job(model_dir, tmp_pat
     assert "re-quantization queued" in text and submitted == ["qa"], text
 
 
+def test_a_removed_task_whose_own_job_wrote_its_hessians_is_judged_by_that_job(model_dir, tmp_path, adapter,
+                                                                                 monkeypatch):
+    """A config task re-quantized live with other samples, then removed: its Hessians (the
+    job's) stay in the state and rejoin at a restart. Added back with the checkpoint's own
+    samples, "(the checkpoint): nothing to re-quantize" kept the other samples' Hessians in
+    every later aggregate (an outside probe): the job's inputs are what count."""
+    samples = _samples(tmp_path, "calib.jsonl")
+    other = _samples(tmp_path, "other.jsonl", SAMPLES.replace('"q"', '"q2"'))
+    checkpoint = _checkpoint(tmp_path, [{"name": "qa", "calib_sha256": hashlib.sha256(samples.read_bytes()).hexdigest(),
+                                         "adapter_signature": adapter_signature(adapter)}])
+    dynamic, submitted = _dynamic(model_dir, tmp_path, monkeypatch, checkpoint, tasks={"qa": str(adapter)})
+    text = dynamic.add(dynamic.prepare("qa", str(adapter), str(other)))
+    assert "re-quantization queued (version 1)" in text and submitted == ["qa"]
+    source = dynamic.store.hessian_sources["qa"]
+    assert (source.version, source.complete) == (1, False)
+    # Its job ends (as requantization_jobs._end_job marks it), then the task is removed and
+    # (as at a restart that serves the config task again) its Hessians rejoin.
+    record = dynamic.store.tasks["qa"]
+    record.phase, source.complete = READY, True
+    dynamic.remove("qa")
+    dynamic.store.dropped.remove("qa")
+    text = dynamic.add(dynamic.prepare("qa", str(adapter), str(samples)))
+    assert "re-quantization queued" in text and submitted == ["qa", "qa"], text
+    # A job cancelled or failed wrote some layers only: its own samples match nothing either.
+    dynamic.store.tasks["qa"].phase = READY  # (a reader's shortcut: the job ended, not completed)
+    text = dynamic.add(dynamic.prepare("qa", str(adapter), str(samples)))
+    assert "re-quantization queued" in text and submitted == ["qa", "qa", "qa"], text
+
+
 def test_other_files_or_an_older_checkpoint_still_queue_a_job(model_dir, tmp_path, adapter, monkeypatch):
     samples = _samples(tmp_path, "calib.jsonl")
     digest = hashlib.sha256(samples.read_bytes()).hexdigest()
@@ -176,7 +207,8 @@ def test_a_task_whose_job_finished_added_again_with_its_files_and_samples_keeps_
     checkpoint = _checkpoint(tmp_path, [])
     record = TaskRecord(name="qa", adapter_dir=str(adapter), calibration=str(kept_samples), phase=READY, version=3,
                         layers_done=30, layers_total=30, message="30 of 30 layers swapped in")
-    dynamic, submitted = _dynamic(model_dir, tmp_path, monkeypatch, checkpoint, record=record)
+    source = HessianSource(3, adapter_signature(adapter), hashlib.sha256(SAMPLES.encode()).hexdigest(), complete=True)
+    dynamic, submitted = _dynamic(model_dir, tmp_path, monkeypatch, checkpoint, record=record, source=source)
     same = _samples(tmp_path, "same.jsonl")  # the same bytes under another name
     text = dynamic.add(dynamic.prepare("qa", str(adapter), str(same)))
     assert "nothing to re-quantize" in text and "version 3" in text and submitted == [], text

@@ -21,6 +21,7 @@ from pathlib import Path
 from inlaid.protocol import ErrorCode, ReplacedConfigEntry, TaskStatusReply
 from inlaid.quant.checkpoint_files import read_inlaid_metadata
 from inlaid.quant.errors import CheckpointError
+from inlaid.engine.adapter_config import adapter_signature
 from inlaid.serve.config import ServerConfig
 from inlaid.serve.hessian_sources import stored_hessians_match
 from inlaid.serve.requantization_jobs import RESTARTED, RESUMING_AT, RequantizationJobs
@@ -28,8 +29,8 @@ from inlaid.serve.state_gc import hessian_dirs, prune_dropped
 from inlaid.serve.task_inputs import TaskInputs, check_calibration_file
 from inlaid.serve.task_registry import TaskError, TaskRegistry, check_absolute
 from inlaid.serve.task_status import cancelled_job_note, task_status_reply
-from inlaid.serve.task_store import (FAILED, QUEUED, READY, REQUANTIZING, SERVING, StateDirError, TaskRecord,
-                                     TaskStore, same_adapter_files)
+from inlaid.serve.task_store import (FAILED, QUEUED, READY, REQUANTIZING, SERVING, HessianSource, StateDirError,
+                                     TaskRecord, TaskStore, file_sha256, same_adapter_files)
 
 log = logging.getLogger("inlaid.dynamic_tasks")
 
@@ -204,12 +205,13 @@ class DynamicTasks:
         record = self.store.tasks.get(name)
         served = record.adapter_dir if record is not None else self.config.tasks.get(name)
         serves_as_now = served is not None and same_adapter_files(served, adapter_copy)
-        hessians_from, seen = "", self._stored_view(name)
-        if calibration_copy:
-            hessians_from = stored_hessians_match(name, adapter_copy, calibration_copy, self.store,
-                                                  self.config.engine.quantized_dir, self.num_layers)
-        return TaskInputs(name, adapter_copy, calibration_copy, copied=True, serves_as_now=serves_as_now,
-                          hessians_from=hessians_from, stored_view=seen)
+        inputs = TaskInputs(name, adapter_copy, calibration_copy, copied=True, serves_as_now=serves_as_now,
+                            stored_view=self._stored_view(name))
+        if calibration_copy:  # what its Hessians would come from (hashed here: a worker thread)
+            inputs.copy_signature, inputs.calib_sha256 = adapter_signature(adapter_copy), file_sha256(calibration_copy)
+            inputs.hessians_from = stored_hessians_match(name, inputs.copy_signature, inputs.calib_sha256, self.store,
+                                                         self.config.engine.quantized_dir, self.num_layers)
+        return inputs
 
     def _stored_view(self, name: str) -> tuple[object, ...]:
         """What `prepare` (in a worker thread) judged the name's stored Hessians by: a removal
@@ -261,6 +263,7 @@ class DynamicTasks:
         else:
             record.phase, record.version = QUEUED, store.next_version
             store.next_version += 1
+            store.hessian_sources[name] = HessianSource(record.version, inputs.copy_signature, inputs.calib_sha256)
             if name in store.dropped:
                 store.dropped.remove(name)  # its job computes its Hessians afresh
         replaced = store.tasks.get(name)

@@ -118,6 +118,17 @@ class TaskRecord:
 
 
 @dataclass
+class HessianSource:
+    """What a task's Hessians in the stored state were computed from (its latest job's inputs):
+    `complete` once that job finished, so that a cancelled or failed one, which wrote some
+    layers only, matches nothing (inlaid/serve/hessian_sources.py)."""
+    version: int
+    adapter_signature: str
+    calib_sha256: str
+    complete: bool = False
+
+
+@dataclass
 class CommittedLayer:
     version: int
     file: str
@@ -160,6 +171,7 @@ class TaskStore:
         self.tasks: dict[str, TaskRecord] = {}
         self.layers: dict[int, CommittedLayer] = {}
         self.dropped: list[str] = []  # tasks whose stored Hessians no aggregate uses any more
+        self.hessian_sources: dict[str, HessianSource] = {}  # absent: the checkpoint's, if any
         self.next_version = 1
         self.unsaved = ""  # why the last save failed ("": the registry holds the state in memory)
         # Called after every save that succeeded: the run-time collection (`state_gc.py`), set by
@@ -207,6 +219,7 @@ class TaskStore:
             for entry in self.layers.values():
                 entry.file = self._absolute(entry.file)
             self.dropped = _checked(list[str], raw.get("dropped"), "dropped")
+            self.hessian_sources = _checked(dict[str, HessianSource], raw.get("hessian_sources", {}), "hessian_sources")
             self.next_version = _checked(int, raw.get("next_version"), "next_version")
             if self.next_version < 1:
                 raise ValueError(f"next_version: {self.next_version} < 1")
@@ -243,7 +256,8 @@ class TaskStore:
         layers = {str(layer): {**asdict(entry), "file": self._relative(entry.file)}
                   for layer, entry in sorted(self.layers.items())}
         raw = {"format": FORMAT_VERSION, "base": self.base, "next_version": self.next_version, "tasks": tasks,
-               "layers": layers, "dropped": self.dropped}
+               "layers": layers, "dropped": self.dropped,
+               "hessian_sources": {name: asdict(source) for name, source in self.hessian_sources.items()}}
         # A name of its own: two writers on one fixed name renamed each other's file away
         # (FileNotFoundError), or renamed a half-written one into place.
         temporary = self.root / f"{REGISTRY_FILE}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}.tmp"
