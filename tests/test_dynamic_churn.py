@@ -116,12 +116,16 @@ def test_replaced_task_copy_goes_once_its_requests_ended(model_dir, tmp_path, so
     old = registry.tasks["qa"]
     engine_id = requests.start(engine, "qa")
     assert [load.path for load in _step(engine).adapter_loads] == [old]
-    # a replacement while a request is in flight is refused, and its own copy discarded
+    # the same files again change nothing, in flight or not: no copy, no replacement
+    assert "already serves" in dynamic.add(dynamic.prepare("qa", str(source_adapter), None))
+    assert registry.tasks["qa"] == old and _copies(state) == [Path(old).name]
+    # a replacement (other files) while a request is in flight is refused, and its own copy discarded
+    other = ADAPTERS / "code"
     with pytest.raises(TaskError) as refused:
-        dynamic.add(dynamic.prepare("qa", str(source_adapter), None))
+        dynamic.add(dynamic.prepare("qa", str(other), None))
     assert refused.value.code == ErrorCode.TASK_BUSY and _copies(state) == [Path(old).name]
     requests.end(engine, engine_id, "qa")
-    dynamic.add(dynamic.prepare("qa", str(source_adapter), None))
+    dynamic.add(dynamic.prepare("qa", str(other), None))
     new = registry.tasks["qa"]
     assert new != old and _copies(state) == [Path(new).name]
     engine_id = requests.start(engine, "qa")

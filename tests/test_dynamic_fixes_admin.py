@@ -17,10 +17,11 @@ from inlaid.serve import dynamic_tasks
 from inlaid.serve.config import config_from_dict
 from inlaid.serve.dynamic_tasks import DynamicTasks
 from inlaid.serve.executor_pool import ExecutorPool
+from inlaid.serve.hessian_sources import HessianSource
 from inlaid.serve.requantization_jobs import RequantizationJobs
 from inlaid.serve.task_registry import TaskError, TaskRegistry
 from inlaid.serve.task_store import (
-    FAILED, QUEUED, READY, REQUANTIZING, SERVING, CommittedLayer, Decision, HessianSource, TaskRecord, TaskStore,
+    FAILED, QUEUED, READY, REQUANTIZING, SERVING, CommittedLayer, Decision, TaskRecord, TaskStore,
 )
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"

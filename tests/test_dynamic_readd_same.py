@@ -30,7 +30,8 @@ from inlaid.serve.config import config_from_dict
 from inlaid.serve.dynamic_tasks import DynamicTasks
 from inlaid.serve.executor_pool import ExecutorPool
 from inlaid.serve.task_registry import TaskRegistry
-from inlaid.serve.task_store import QUEUED, READY, SERVING, HessianSource, TaskRecord
+from inlaid.serve.hessian_sources import HessianSource
+from inlaid.serve.task_store import QUEUED, READY, TaskRecord
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
 SAMPLES = '{"messages": [{"role": "user", "content": "q"}], "reference": "a"}\n'
@@ -92,11 +93,17 @@ def test_a_checkpoint_task_added_again_with_its_files_and_samples_queues_no_job(
     dynamic, submitted = _dynamic(model_dir, tmp_path, monkeypatch, checkpoint, tasks={"qa": str(adapter)})
     text = dynamic.add(dynamic.prepare("qa", str(adapter), str(samples)))
     assert "nothing to re-quantize" in text and "(the checkpoint)" in text and "queued" not in text, text
-    assert submitted == [] and dynamic.store.tasks["qa"].phase == SERVING
+    assert submitted == [] and "qa" not in dynamic.store.tasks  # nothing changed: nothing recorded
     assert "qa" not in dynamic.store.dropped  # the checkpoint's Hessians still serve the aggregate
-    # Again, now that a record of the re-add exists: still nothing new.
+    # Nothing copied either, and the name stays where it is served: with requests in flight
+    # (a deployment script re-adding under traffic) that is no `task_busy`.
+    assert dynamic.registry.tasks["qa"] == str(adapter) and not any((tmp_path / "state" / "adapters").iterdir())
+    dynamic.registry.active["qa"] = 2
     text = dynamic.add(dynamic.prepare("qa", str(adapter), str(samples)))
-    assert "nothing to re-quantize" in text and submitted == []
+    assert "already serves" in text and "nothing to re-quantize" in text and submitted == [], text
+    without_samples = dynamic.add(dynamic.prepare("qa", str(adapter), None))
+    assert "added again with the same files: served as it was" in without_samples, without_samples
+    dynamic.registry.active["qa"] = 0
     # Other samples: a job.
     other = _samples(tmp_path, "other.jsonl", SAMPLES.replace('"q"', '"q2"'))
     text = dynamic.add(dynamic.prepare("qa", str(adapter), str(other)))

@@ -356,7 +356,10 @@ def test_a_live_addition_under_a_configured_name_is_announced(model_dir, tmp_pat
     configured = {"qa": str(ADAPTERS / "qa")}
     registry, dynamic = _dynamic(model_dir, state, configured)
     with caplog.at_level(logging.WARNING, logger="inlaid.dynamic_tasks"):
+        # the config's own files again change nothing: no copy, no replacement, nothing announced
         text = dynamic.add(dynamic.prepare("qa", str(ADAPTERS / "qa"), None))
+        assert "already serves" in text and "replaces" not in text and not caplog.records, text
+        text = dynamic.add(dynamic.prepare("qa", str(ADAPTERS / "code"), None))
     assert f"replaces the config's [tasks] entry ({ADAPTERS / 'qa'}) until it is removed" in text
     assert [r.message for r in caplog.records] == ["a live addition replaces a task of the config's [tasks]"]
     copy = registry.tasks["qa"]

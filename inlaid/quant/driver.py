@@ -134,8 +134,7 @@ def _load_calibration(config: DriverConfig, tokenizer) -> tuple[dict[str, list[T
             "calib": absolute(task.calib_path),
             "calib_sha256": file_digest(task.calib_path),
             "adapter": absolute(task.adapter_dir),
-            # what the adapter held: a server adding the task again with these very files and
-            # samples has nothing to re-quantize (inlaid/serve/hessian_sources.py)
+            # what it held: a server re-adding the same files and samples does nothing (serve/hessian_sources.py)
             "adapter_signature": adapter_signature(task.adapter_dir) if task.adapter_dir is not None else None,
         }
     return batches, counts

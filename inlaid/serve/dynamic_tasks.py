@@ -23,14 +23,14 @@ from inlaid.quant.checkpoint_files import read_inlaid_metadata
 from inlaid.quant.errors import CheckpointError
 from inlaid.engine.adapter_config import adapter_signature
 from inlaid.serve.config import ServerConfig
-from inlaid.serve.hessian_sources import stored_hessians_match
+from inlaid.serve.hessian_sources import HessianSource, changes_nothing, stored_hessians_match, stored_view
 from inlaid.serve.requantization_jobs import RESTARTED, RESUMING_AT, RequantizationJobs
 from inlaid.serve.state_gc import hessian_dirs, prune_dropped
-from inlaid.serve.task_inputs import TaskInputs, check_calibration_file
+from inlaid.serve.task_inputs import TaskInputs, check_calibration_file, same_adapter_files
 from inlaid.serve.task_registry import TaskError, TaskRegistry, check_absolute
 from inlaid.serve.task_status import cancelled_job_note, task_status_reply
-from inlaid.serve.task_store import (FAILED, QUEUED, READY, REQUANTIZING, SERVING, HessianSource, StateDirError,
-                                     TaskRecord, TaskStore, file_sha256, same_adapter_files)
+from inlaid.serve.task_store import (FAILED, QUEUED, READY, REQUANTIZING, SERVING, StateDirError, TaskRecord,
+                                     TaskStore, file_sha256)
 
 log = logging.getLogger("inlaid.dynamic_tasks")
 
@@ -206,20 +206,12 @@ class DynamicTasks:
         served = record.adapter_dir if record is not None else self.config.tasks.get(name)
         serves_as_now = served is not None and same_adapter_files(served, adapter_copy)
         inputs = TaskInputs(name, adapter_copy, calibration_copy, copied=True, serves_as_now=serves_as_now,
-                            stored_view=self._stored_view(name))
+                            served_path=served if serves_as_now else None, stored_view=stored_view(self.store, name))
         if calibration_copy:  # what its Hessians would come from (hashed here: a worker thread)
             inputs.copy_signature, inputs.calib_sha256 = adapter_signature(adapter_copy), file_sha256(calibration_copy)
             inputs.hessians_from = stored_hessians_match(name, inputs.copy_signature, inputs.calib_sha256, self.store,
                                                          self.config.engine.quantized_dir, self.num_layers)
         return inputs
-
-    def _stored_view(self, name: str) -> tuple[object, ...]:
-        """What `prepare` (in a worker thread) judged the name's stored Hessians by: a removal
-        or another addition on the loop before `add` changes it."""
-        assert self.store is not None
-        record = self.store.tasks.get(name)
-        return ((record.adapter_dir, record.version, record.phase) if record is not None else None,
-                name in self.store.dropped)
 
     def add(self, inputs: TaskInputs) -> str:
         """Serve the task at once; queue its re-quantization when it brought calibration samples."""
@@ -230,6 +222,8 @@ class DynamicTasks:
                 doing = "is queued to re-quantize the base" if record.phase == QUEUED else "is re-quantizing the base"
                 raise TaskError(ErrorCode.TASK_BUSY, f"task {name!r} {doing} (a job of its own add); remove it first "
                                                      "(which cancels the job) or wait until it is ready")
+            if store is not None and changes_nothing(inputs, store, self.registry.tasks.get(name)):
+                return self._add_unchanged(inputs)
             inputs.already_served = self.registry.serves_unchanged(name, inputs.adapter_dir, inputs.signature)
             text = self.registry.add(name, inputs.adapter_dir, inputs.signature)
         except TaskError:
@@ -251,7 +245,7 @@ class DynamicTasks:
             return text + (f"; not re-quantized: {self.blocker}" if inputs.calibration else "")
         record = TaskRecord(name=name, adapter_dir=inputs.adapter_dir, calibration=inputs.calibration, phase=SERVING,
                             layers_total=self.num_layers)
-        if inputs.hessians_from and inputs.stored_view != self._stored_view(name):
+        if inputs.hessians_from and inputs.stored_view != stored_view(store, name):
             inputs.hessians_from = ""  # a removal or another addition ran since `prepare` judged them
         if not inputs.calibration:
             record.message = "added without calibration samples: served on the current base"
@@ -287,6 +281,20 @@ class DynamicTasks:
             text += f"; serving on the current base, re-quantization queued (version {record.version})"
             return text + self._unsaved_note()
         return f"{text}; {record.message}" + self._unsaved_note()
+
+    def _add_unchanged(self, inputs: TaskInputs) -> str:
+        """Nothing to load, copy or re-quantize: the name stays where it is served, the fresh copy goes
+        (on the copy it was "replaced", and `task_busy` with requests in flight: a script re-adding failed)."""
+        assert self.store is not None and inputs.served_path is not None
+        text = self.registry.add(inputs.name, inputs.served_path, inputs.signature)
+        inputs.already_served = True
+        self.store.discard_copy(inputs.adapter_dir)
+        record = self.store.tasks.get(inputs.name)
+        kept = f"its re-quantization (version {record.version}) still serves" if record and record.phase == READY else ""
+        if inputs.calibration:
+            return (f"{text}; added again with the same files and the calibration samples its Hessians came from "
+                    f"({inputs.hessians_from}): nothing to re-quantize" + (f"; {kept}" if kept else ""))
+        return f"{text}; added again with the same files: " + (kept or "served as it was")
 
     def _drop_replaced_hessians(self, store: TaskStore, name: str) -> str:
         """Another adapter serves `name` now, with no job of its own: the Hessians stored for the

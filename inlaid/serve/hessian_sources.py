@@ -23,12 +23,28 @@ stored state no longer holds in full (a removed task's, once another job rewrote
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from inlaid.quant.checkpoint_files import read_inlaid_metadata
 from inlaid.quant.errors import CheckpointError
 from inlaid.serve.state_gc import hessian_dirs, state_holds_task
-from inlaid.serve.task_store import TaskStore
+
+if TYPE_CHECKING:  # the store keeps HessianSource records: it imports this module
+    from inlaid.serve.task_inputs import TaskInputs
+    from inlaid.serve.task_store import TaskStore
+
+
+@dataclass
+class HessianSource:
+    """What a task's Hessians in the stored state were computed from (its latest job's inputs):
+    `complete` once that job finished, so that a cancelled or failed one, which wrote some
+    layers only, matches nothing."""
+    version: int
+    adapter_signature: str
+    calib_sha256: str
+    complete: bool = False
 
 
 def stored_hessians_match(name: str, signature: str, calib_sha256: str, store: TaskStore,
@@ -60,3 +76,19 @@ def _source(name: str, signature: str, calib_sha256: str, store: TaskStore, quan
     same = entry is not None and (entry.get("adapter_signature"), entry.get("calib_sha256")) == (signature,
                                                                                                  calib_sha256)
     return "the checkpoint" if same else ""
+
+
+def stored_view(store: TaskStore, name: str) -> tuple[object, ...]:
+    """What the name's stored Hessians were judged by (in a worker thread): a removal or another
+    addition on the event loop before the add changes it."""
+    record = store.tasks.get(name)
+    return ((record.adapter_dir, record.version, record.phase) if record is not None else None,
+            name in store.dropped)
+
+
+def changes_nothing(inputs: TaskInputs, store: TaskStore, served_now: str | None) -> bool:
+    """The name serves these very files from `served_now`, where it is served now, and brings no
+    samples or the ones its stored Hessians came from (on a store no call has changed since)."""
+    return (inputs.copied and inputs.served_path is not None and served_now == inputs.served_path
+            and inputs.stored_view == stored_view(store, inputs.name)
+            and (not inputs.calibration or bool(inputs.hessians_from)))

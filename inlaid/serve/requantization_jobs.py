@@ -382,9 +382,8 @@ class RequantizationJobs(LayerSwaps):
         if ok:
             self.counts.succeeded += 1
             record.phase = READY
-            source = self.store.hessian_sources.get(record.name)
-            if source is not None and source.version == record.version:  # every layer holds its Hessians now
-                source.complete = True
+            if (source := self.store.hessian_sources.get(record.name)) and source.version == record.version:
+                source.complete = True  # every layer holds its job's Hessians now
             swapped = sum(1 for entry in self.store.layers.values() if entry.version == record.version)
             record.message = ready_message(record, swapped, self.num_layers, self.config.requantizer.change_threshold)
         else:

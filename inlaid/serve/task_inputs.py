@@ -3,9 +3,11 @@ of its calibration file against the bounds the coordinator can afford."""
 
 from __future__ import annotations
 
+import filecmp
 from dataclasses import dataclass
 from pathlib import Path
 
+from inlaid.engine.adapter_config import ADAPTER_FILES
 from inlaid.protocol import ErrorCode, ReplacedConfigEntry
 from inlaid.quant import calibration  # torch-free, as is all the coordinator imports
 from inlaid.quant.calibration import MAX_CALIBRATION_LINE_BYTES
@@ -27,8 +29,9 @@ class TaskInputs:
     calibration: str | None
     copied: bool
     signature: str | None = None  # the served files' (check_adapter's answer; None: taken at the add)
-    # The name serves these very files now (a re-add): the Hessians stored for it stay valid.
+    # The name serves these very files now (a re-add), from `served_path`: the Hessians stored for it stay valid.
     serves_as_now: bool = False
+    served_path: str | None = None
     # Where the name's stored Hessians came from, when from these files and samples (hessian_sources.py),
     # and the store as that was judged (`DynamicTasks._stored_view`)
     hessians_from: str = ""
@@ -50,3 +53,16 @@ def check_calibration_file(path: str) -> None:
         calibration.check_calibration_file(Path(path), MAX_CALIBRATION_FILE_BYTES, MAX_CALIBRATION_LINE_BYTES)
     except CalibrationDataError as error:
         raise TaskError(ErrorCode.INVALID_REQUEST, str(error)) from None
+
+
+def same_adapter_files(first: str, second: str) -> bool:
+    """Whether two adapter directories hold the same ADAPTER_FILES, byte for byte (an unreadable
+    file: not the same)."""
+    try:
+        for file_name in ADAPTER_FILES:
+            one, other = Path(first) / file_name, Path(second) / file_name
+            if one.is_file() != other.is_file() or (one.is_file() and not filecmp.cmp(one, other, shallow=False)):
+                return False
+    except OSError:
+        return False
+    return True

@@ -29,7 +29,6 @@ would take every stored adapter and layer with it.
 from __future__ import annotations
 
 import contextlib
-import filecmp
 import hashlib
 import json
 import logging
@@ -48,6 +47,7 @@ import msgspec
 
 from inlaid.engine.adapter_config import ADAPTER_FILES
 from inlaid.quant.job_effect import StoredEffect
+from inlaid.serve.hessian_sources import HessianSource
 from inlaid.serve.state_dir_lock import StateDirError, lock_state_dir
 from inlaid.serve.state_gc import collect_layer_files
 
@@ -56,18 +56,6 @@ log = logging.getLogger("inlaid.dynamic_tasks")
 FORMAT_VERSION = 1
 REGISTRY_FILE = "registry.json"
 
-
-def same_adapter_files(first: str, second: str) -> bool:
-    """Whether two adapter directories hold the same ADAPTER_FILES, byte for byte (an unreadable
-    file: not the same)."""
-    try:
-        for file_name in ADAPTER_FILES:
-            one, other = Path(first) / file_name, Path(second) / file_name
-            if one.is_file() != other.is_file() or (one.is_file() and not filecmp.cmp(one, other, shallow=False)):
-                return False
-    except OSError:
-        return False
-    return True
 
 # The phases of an added task.
 SERVING = "serving"  # served on the current base; no re-quantization (none asked, or none possible)
@@ -115,17 +103,6 @@ class TaskRecord:
     # and keeps what it was here; a later one that serves it restores both. Empty: not suspended.
     suspended_phase: str = ""
     suspended_message: str = ""
-
-
-@dataclass
-class HessianSource:
-    """What a task's Hessians in the stored state were computed from (its latest job's inputs):
-    `complete` once that job finished, so that a cancelled or failed one, which wrote some
-    layers only, matches nothing (inlaid/serve/hessian_sources.py)."""
-    version: int
-    adapter_signature: str
-    calib_sha256: str
-    complete: bool = False
 
 
 @dataclass
