@@ -212,3 +212,22 @@ def test_bad_inputs_get_typed_errors(setup, tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"no Hessian state for layer\(s\) 0-3 in .*the stored state is "
                                               r"incomplete"):
         IncrementalQuantizer(model, tmp_path / "no_state", tasks[2], IncrementalSettings(), tmp_path / "s2")
+
+
+def test_a_task_added_again_with_its_samples_moves_no_linear(setup):
+    """beta again, with the samples its stored Hessians came from: a linear's change is measured
+    from the aggregate the served weights came from, beta's old Hessians in it (without them
+    the identical samples read as beta's whole weight moving, every linear past the threshold:
+    an outside probe saw all 30 layers of the 4-bit suite base re-quantized to the same weights)."""
+    root, model, tasks = setup
+    quantizer = IncrementalQuantizer(model, root / "ab", tasks[1], IncrementalSettings(quality_tolerance=None),
+                                     root / "beta-again")
+    outcomes = list(quantizer.layers())
+    changes = [d.change for o in outcomes for d in o.decisions]
+    assert len(changes) == LAYERS * len(LINEAR_NAMES)
+    assert max(changes) < IncrementalSettings().change_threshold, changes
+    assert all(not o.changed and all(d.action == KEPT_UNCHANGED for d in o.decisions) for o in outcomes)
+    # a task not stored before (gamma) still moves its linears from the aggregate without it
+    first = list(IncrementalQuantizer(model, root / "ab", tasks[2], IncrementalSettings(quality_tolerance=None),
+                                      root / "gamma-first").layers())
+    assert max(d.change for o in first for d in o.decisions) > IncrementalSettings().change_threshold

@@ -173,6 +173,9 @@ class IncrementalQuantizer:
         self.state_dirs = [Path(d) for d in state_dirs] if state_dirs else []
         if hessian_dir:
             self.state_dirs.append(self.checkpoint_dir / hessian_dir)
+        # Added again (its Hessians stored, not removed): the served weights came from an
+        # aggregate holding its old Hessians, which is what a linear's change is measured from.
+        self.replaces_stored = task.name not in set(drop_tasks)
         self.drop_tasks = set(drop_tasks) | {task.name}
         self.pace = pace
         self.method: Method = parse_method(self.metadata["method"])
@@ -324,8 +327,10 @@ class IncrementalQuantizer:
                                 if name not in self.drop_tasks}
                 state[group] = {**existing, self.task.name: hessians[(self.task.name, forward)]}
                 self._check_costs(index, group, state[group])
+                own = stored.get(group, {}).get(self.task.name) if stored is not None and self.replaces_stored else None
+                before = existing if own is None else {**existing, self.task.name: own}
                 group_decisions, group_tensors, kept_references[group] = decide_group_linears(
-                    policy, layer, prefix, group, served, existing, state[group], references.get(group))
+                    policy, layer, prefix, group, served, existing, state[group], references.get(group), before)
                 decisions.extend(group_decisions)
                 tensors.update(group_tensors)
             if self.pace is not None:
