@@ -8,8 +8,8 @@ Ray threads) and runs code in the child before exec with the replica's signal ha
 place, Ray's C++ fatal-signal handler among them, which arms `alarm()` (the one alarm in
 the replica's libraries). An alarm armed there survives exec: a CI run's ready server
 died of SIGALRM (exit code -14). Without one, Python vforks and resets every handler in
-the child before exec. The server process sets its own parent-death signal instead (`main` below),
-and clears an alarm it may have been handed all the same."""
+the child before exec. The server process sets its own parent-death signal instead (`main`
+below), and clears an alarm it may have been handed all the same."""
 
 from __future__ import annotations
 

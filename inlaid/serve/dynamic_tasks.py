@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from inlaid.engine.adapter_config import adapter_signature
 from inlaid.protocol import ErrorCode, ReplacedConfigEntry, TaskStatusReply
 from inlaid.quant.checkpoint_files import read_inlaid_metadata
 from inlaid.quant.errors import CheckpointError
-from inlaid.engine.adapter_config import adapter_signature
 from inlaid.serve.config import ServerConfig
 from inlaid.serve.hessian_sources import HessianSource, changes_nothing, stored_hessians_match, stored_view
 from inlaid.serve.requantization_jobs import RESTARTED, RESUMING_AT, RequantizationJobs

@@ -33,7 +33,7 @@ class TaskInputs:
     serves_as_now: bool = False
     served_path: str | None = None
     # Where the name's stored Hessians came from, when from these files and samples (hessian_sources.py),
-    # and the store as that was judged (`DynamicTasks._stored_view`)
+    # and the store as that was judged (`hessian_sources.stored_view`)
     hessians_from: str = ""
     stored_view: tuple[object, ...] | None = None
     copy_signature: str = ""  # with calibration samples: the adapter copy's signature and the samples' sha256
