@@ -91,7 +91,7 @@ def test_the_server_dies_with_the_replica_that_started_it(model_dir: Path, tmp_p
 def test_a_server_whose_replica_is_gone_exits_at_once(tmp_path: Path) -> None:
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    result = subprocess.run([sys.executable, "-m", "inlaid.integrations.ray_child", str(gone.pid),
-                             str(tmp_path / "never-read.toml")], capture_output=True, text=True, timeout=60)  # fmt: skip
+    command = [sys.executable, "-m", "inlaid.integrations.ray_child", str(gone.pid), str(tmp_path / "never-read.toml")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert f"the replica (pid {gone.pid}) exited before its server started" in result.stderr

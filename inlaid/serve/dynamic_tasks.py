@@ -290,7 +290,8 @@ class DynamicTasks:
         inputs.already_served = True
         self.store.discard_copy(inputs.adapter_dir)
         record = self.store.tasks.get(inputs.name)
-        kept = f"its re-quantization (version {record.version}) still serves" if record and record.phase == READY else ""
+        ready = record is not None and record.phase == READY
+        kept = f"its re-quantization (version {record.version}) still serves" if ready else ""
         if inputs.calibration:
             return (f"{text}; added again with the same files and the calibration samples its Hessians came from "
                     f"({inputs.hessians_from}): nothing to re-quantize" + (f"; {kept}" if kept else ""))
