@@ -284,7 +284,10 @@ def test_a_ready_task_added_again_with_its_files_keeps_its_requantization(model_
         layers_done=30, layers_total=30, message="30 of 30 layers swapped in"))
     inputs = dynamic.prepare("code", str(adapter), None)
     assert inputs.serves_as_now
-    text = dynamic.add(inputs)
+    text = dynamic.add(inputs)  # its job committed no layer (every linear kept): not said to "still serve"
+    assert "its re-quantization (version 4) changed no layer: the base serves as it was" in text, text
+    dynamic.store.layers[7] = CommittedLayer(version=4, file=str(tmp_path / "layer_007.v4.safetensors"))
+    text = dynamic.add(dynamic.prepare("code", str(adapter), None))
     assert "its re-quantization (version 4) still serves" in text and "hessians" not in text.lower()
     status = dynamic.status("r", "code")
     assert (status.phase, status.version, status.layers_done) == (READY, 4, 30)

@@ -66,7 +66,7 @@ def effect_lines(effect: JobEffect | None, threshold: float) -> list[str]:
     if effect is None:
         return []
     lines = [f"  aggregate moved: median {100 * effect.change_median:.2f} %, at most {100 * effect.change_max:.2f} % "
-             f"(kept at or below the threshold, {100 * threshold:.2f} %)"]
+             f"(a linear that moved by at most the threshold, {100 * threshold:.2f} %, is kept)"]
     for task in effect.tasks:
         before, after = task.error_before, task.error_after
         if before > 0:

@@ -290,8 +290,11 @@ class DynamicTasks:
         inputs.already_served = True
         self.store.discard_copy(inputs.adapter_dir)
         record = self.store.tasks.get(inputs.name)
-        ready = record is not None and record.phase == READY
-        kept = f"its re-quantization (version {record.version}) still serves" if ready else ""
+        kept = ""
+        if record is not None and record.phase == READY:  # its job's layers (if it swapped any) still serve
+            swapped = any(entry.version == record.version for entry in self.store.layers.values())
+            kept = (f"its re-quantization (version {record.version}) still serves" if swapped else
+                    f"its re-quantization (version {record.version}) changed no layer: the base serves as it was")
         if inputs.calibration:
             return (f"{text}; added again with the same files and the calibration samples its Hessians came from "
                     f"({inputs.hessians_from}): nothing to re-quantize" + (f"; {kept}" if kept else ""))

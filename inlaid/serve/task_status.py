@@ -76,9 +76,9 @@ def ready_message(record: TaskRecord, swapped: int, num_layers: int, change_thre
     # One task among many rarely moves the aggregate past the threshold: said so, as "ready"
     # alone reads as if the base had been re-quantized for the task (an outside probe).
     unmoved = sum(1 for d in record.decisions if d["action"] == "kept-unchanged")
+    gated = ", the rest were kept by the quality gate" if unmoved < kept else ""
     return (f"{message}: the base is unchanged ({unmoved} of them moved by at most change_threshold, "
-            f"{100 * change_threshold:.2f} %, the rest were kept by the quality gate); the task is served on the "
-            "base as it was")
+            f"{100 * change_threshold:.2f} %{gated}); the task is served on the base as it was")
 
 
 def record_effect(record: TaskRecord) -> JobEffect | None:
