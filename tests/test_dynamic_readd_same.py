@@ -227,3 +227,20 @@ def test_a_task_whose_job_finished_added_again_with_its_files_and_samples_keeps_
     text = dynamic.add(dynamic.prepare("qa", str(adapter), str(same)))
     assert "re-quantization queued" in text and submitted == ["qa"]
     assert dynamic.store.tasks["qa"].phase == QUEUED
+
+
+def test_a_new_name_with_another_tasks_files_and_samples_is_said_to_weigh_them_twice(model_dir, tmp_path, adapter,
+                                                                                      monkeypatch):
+    """A copy of a task under a new name: its job runs (the name holds no Hessians), and the
+    reply says the aggregate now weighs those files and samples twice (an outside probe saw it
+    re-quantize 30 of 30 layers of the 4-bit suite base without a word)."""
+    samples = _samples(tmp_path, "calib.jsonl")
+    checkpoint = _checkpoint(tmp_path, [{"name": "qa", "calib_sha256": hashlib.sha256(samples.read_bytes()).hexdigest(),
+                                         "adapter_signature": adapter_signature(adapter)}])
+    dynamic, submitted = _dynamic(model_dir, tmp_path, monkeypatch, checkpoint, tasks={"qa": str(adapter)})
+    text = dynamic.add(dynamic.prepare("qa2", str(adapter), str(samples)))
+    assert "re-quantization queued" in text and submitted == ["qa2"], text
+    assert "byte for byte task 'qa''s, so the aggregate weighs them twice" in text
+    other = _samples(tmp_path, "other.jsonl", SAMPLES.replace('"q"', '"q2"'))
+    text = dynamic.add(dynamic.prepare("qa3", str(adapter), str(other)))
+    assert "re-quantization queued" in text and "twice" not in text, text

@@ -18,19 +18,18 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from inlaid.engine.adapter_config import adapter_signature
 from inlaid.protocol import ErrorCode, ReplacedConfigEntry, TaskStatusReply
 from inlaid.quant.checkpoint_files import read_inlaid_metadata
 from inlaid.quant.errors import CheckpointError
 from inlaid.serve.config import ServerConfig
-from inlaid.serve.hessian_sources import HessianSource, changes_nothing, stored_hessians_match, stored_view
+from inlaid.serve.hessian_sources import HessianSource, changes_nothing, judge_samples, stored_view, twin_note
 from inlaid.serve.requantization_jobs import RESTARTED, RESUMING_AT, RequantizationJobs
 from inlaid.serve.state_gc import hessian_dirs, prune_dropped
 from inlaid.serve.task_inputs import TaskInputs, check_calibration_file, same_adapter_files
 from inlaid.serve.task_registry import TaskError, TaskRegistry, check_absolute
 from inlaid.serve.task_status import cancelled_job_note, task_status_reply
 from inlaid.serve.task_store import (FAILED, QUEUED, READY, REQUANTIZING, SERVING, StateDirError, TaskRecord,
-                                     TaskStore, file_sha256)
+                                     TaskStore)
 
 log = logging.getLogger("inlaid.dynamic_tasks")
 
@@ -208,9 +207,7 @@ class DynamicTasks:
         inputs = TaskInputs(name, adapter_copy, calibration_copy, copied=True, serves_as_now=serves_as_now,
                             served_path=served if serves_as_now else None, stored_view=stored_view(self.store, name))
         if calibration_copy:  # what its Hessians would come from (hashed here: a worker thread)
-            inputs.copy_signature, inputs.calib_sha256 = adapter_signature(adapter_copy), file_sha256(calibration_copy)
-            inputs.hessians_from = stored_hessians_match(name, inputs.copy_signature, inputs.calib_sha256, self.store,
-                                                         self.config.engine.quantized_dir, self.num_layers)
+            judge_samples(inputs, self.store, self.config.engine.quantized_dir, self.num_layers)
         return inputs
 
     def add(self, inputs: TaskInputs) -> str:
@@ -279,6 +276,7 @@ class DynamicTasks:
         if record.phase == QUEUED:
             self.jobs.submit(name)
             text += f"; serving on the current base, re-quantization queued (version {record.version})"
+            text += twin_note(inputs.twin)
             return text + self._unsaved_note()
         return f"{text}; {record.message}" + self._unsaved_note()
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from inlaid.engine.adapter_config import adapter_signature
 from inlaid.quant.checkpoint_files import read_inlaid_metadata
 from inlaid.quant.errors import CheckpointError
 from inlaid.serve.state_gc import hessian_dirs, state_holds_task
@@ -76,6 +77,42 @@ def _source(name: str, signature: str, calib_sha256: str, store: TaskStore, quan
     same = entry is not None and (entry.get("adapter_signature"), entry.get("calib_sha256")) == (signature,
                                                                                                  calib_sha256)
     return "the checkpoint" if same else ""
+
+
+def twin_task(name: str, signature: str, calib_sha256: str, store: TaskStore, quantized_dir: str | None) -> str:
+    """Another task whose stored Hessians came from these very files and samples ("" if none):
+    a job for `name` then weighs them twice in the aggregate (an outside probe added a copy of
+    `sentiment` under a new name: 30 of 30 layers re-quantized, without a word)."""
+    if signature == "-":
+        return ""
+    sources = {other: (known.adapter_signature, known.calib_sha256)
+               for other, known in store.hessian_sources.items() if known.complete}
+    try:
+        metadata = read_inlaid_metadata(Path(quantized_dir)) if quantized_dir else None
+    except CheckpointError:
+        metadata = None
+    for entry in (metadata or {}).get("tasks", []):
+        sources.setdefault(str(entry.get("name")), (entry.get("adapter_signature"), entry.get("calib_sha256")))
+    return next((other for other, source in sorted(sources.items())
+                 if other != name and other not in store.dropped and source == (signature, calib_sha256)), "")
+
+
+def judge_samples(inputs: TaskInputs, store: TaskStore, quantized_dir: str | None, num_layers: int) -> None:
+    """Fill in what an add with calibration samples brings (file work: a worker thread)."""
+    from inlaid.serve.task_store import file_sha256  # (the store imports this module for HessianSource)
+
+    assert inputs.calibration is not None
+    inputs.copy_signature = adapter_signature(inputs.adapter_dir)
+    inputs.calib_sha256 = file_sha256(inputs.calibration)
+    inputs.hessians_from = stored_hessians_match(inputs.name, inputs.copy_signature, inputs.calib_sha256, store,
+                                                 quantized_dir, num_layers)
+    inputs.twin = twin_task(inputs.name, inputs.copy_signature, inputs.calib_sha256, store, quantized_dir)
+
+
+def twin_note(twin: str) -> str:
+    """What an add's reply says of a twin (`twin_task`)."""
+    return (f"; note: its adapter files and calibration samples are byte for byte task {twin!r}'s, so the "
+            "aggregate weighs them twice") if twin else ""
 
 
 def stored_view(store: TaskStore, name: str) -> tuple[object, ...]:

@@ -38,6 +38,7 @@ class TaskInputs:
     stored_view: tuple[object, ...] | None = None
     copy_signature: str = ""  # with calibration samples: the adapter copy's signature and the samples' sha256
     calib_sha256: str = ""
+    twin: str = ""  # another task whose stored Hessians came from the same files and samples
     # Set by `DynamicTasks.add` (the AdminReply says them): the name's stored Hessians left the aggregate;
     # the name served these very files already (nothing read again); the config entry it replaces.
     hessians_dropped: bool = False
