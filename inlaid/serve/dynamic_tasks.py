@@ -290,9 +290,8 @@ class DynamicTasks:
         record = self.store.tasks.get(inputs.name)
         kept = ""
         if record is not None and record.phase == READY:  # its job's layers (if it swapped any) still serve
-            swapped = any(entry.version == record.version for entry in self.store.layers.values())
-            kept = (f"its re-quantization (version {record.version}) still serves" if swapped else
-                    f"its re-quantization (version {record.version}) changed no layer: the base serves as it was")
+            kept = f"its re-quantization (version {record.version}) " + (
+                "still serves" if self.store.layers_of(record.version) else "changed no layer: the base serves as it was")
         if inputs.calibration:
             return (f"{text}; added again with the same files and the calibration samples its Hessians came from "
                     f"({inputs.hessians_from}): nothing to re-quantize" + (f"; {kept}" if kept else ""))
@@ -333,7 +332,7 @@ class DynamicTasks:
         record = store.tasks.pop(name, None)
         if record is not None and record.phase in (QUEUED, REQUANTIZING):
             self.jobs.cancel(record)
-            swapped = sum(1 for entry in store.layers.values() if entry.version == record.version)
+            swapped = store.layers_of(record.version)
             text += cancelled_job_note(record, swapped)
         if name not in store.dropped:
             store.dropped.append(name)

@@ -384,7 +384,7 @@ class RequantizationJobs(LayerSwaps):
             record.phase = READY
             if (source := self.store.hessian_sources.get(record.name)) and source.version == record.version:
                 source.complete = True  # every layer holds its job's Hessians now
-            swapped = sum(1 for entry in self.store.layers.values() if entry.version == record.version)
+            swapped = self.store.layers_of(record.version)
             record.message = ready_message(record, swapped, self.num_layers, self.config.requantizer.change_threshold)
         else:
             self.counts.failed += 1

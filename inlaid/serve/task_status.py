@@ -42,7 +42,7 @@ def task_status_reply(request_id: str, name: str, store: TaskStore | None, regis
     return TaskStatusReply(
         request_id=request_id, name=name, phase=record.phase, layers_done=record.layers_done,
         layers_total=record.layers_total, version=record.version, served_version=served_version,
-        layers_swapped=sum(1 for entry in store.layers.values() if record.version and entry.version == record.version),
+        layers_swapped=store.layers_of(record.version),
         kept=kept, message=record.message, forward_seconds=record.forward_seconds,
         quantize_seconds=record.quantize_seconds, wall_seconds=end - record.started_at if record.started_at else 0.0,
         peak_rss_bytes=record.peak_rss_bytes,

@@ -222,6 +222,10 @@ class TaskStore:
                           extra={"layer": layer, "version": entry.version, "error": problem})
                 del self.layers[layer]
 
+    def layers_of(self, version: int) -> int:
+        """How many committed layers a job's version serves (0 for no job's: version 0)."""
+        return sum(1 for entry in self.layers.values() if version and entry.version == version)
+
     def save(self) -> bool:
         """Write the registry; False when the directory cannot be written (full, read-only):
         the state stays in memory, `unsaved` says why, and the next save writes it all. A
