@@ -48,53 +48,50 @@ class HessianSource:
     complete: bool = False
 
 
-def stored_hessians_match(name: str, signature: str, calib_sha256: str, store: TaskStore,
-                          quantized_dir: str | None, num_layers: int) -> str:
-    """Where `name`'s stored Hessians came from ("its job (version 3)", "the checkpoint")
-    when those were the adapter files of this `signature` (adapter_config.adapter_signature)
-    and the calibration file of this sha256, and the stored state still holds them; ""
-    otherwise."""
-    if name in store.dropped or signature == "-":  # "-": unreadable files, which match nothing
-        return ""
-    source = _source(name, signature, calib_sha256, store, quantized_dir)
-    state_dirs = hessian_dirs(store.hessian_dir, quantized_dir) if source else None
-    return source if state_dirs is not None and state_holds_task(name, state_dirs, num_layers) else ""
+# task -> (adapter signature, calibration sha256, where its stored Hessians came from)
+Sources = dict[str, tuple[str | None, str | None, str]]
 
 
-def _source(name: str, signature: str, calib_sha256: str, store: TaskStore, quantized_dir: str | None) -> str:
-    known = store.hessian_sources.get(name)
-    if known is not None:
-        same = known.complete and (known.adapter_signature, known.calib_sha256) == (signature, calib_sha256)
-        return f"its job (version {known.version})" if same else ""
-    record = store.tasks.get(name)
-    if (record is not None and record.version) or not quantized_dir:  # a job of a registry without sources
-        return ""
-    try:
-        metadata = read_inlaid_metadata(Path(quantized_dir))
-    except CheckpointError:
-        return ""
-    entry = next((task for task in (metadata or {}).get("tasks", []) if task.get("name") == name), None)
-    same = entry is not None and (entry.get("adapter_signature"), entry.get("calib_sha256")) == (signature,
-                                                                                                 calib_sha256)
-    return "the checkpoint" if same else ""
-
-
-def twin_task(name: str, signature: str, calib_sha256: str, store: TaskStore, quantized_dir: str | None) -> str:
-    """Another task whose stored Hessians came from these very files and samples ("" if none):
-    a job for `name` then weighs them twice in the aggregate (an outside probe added a copy of
-    `sentiment` under a new name: 30 of 30 layers re-quantized, without a word)."""
-    if signature == "-":
-        return ""
-    sources = {other: (known.adapter_signature, known.calib_sha256)
-               for other, known in store.hessian_sources.items() if known.complete}
+def recorded_sources(store: TaskStore, quantized_dir: str | None) -> Sources:
+    """What each task's stored Hessians were computed from, as recorded: its latest job's inputs
+    (a job not finished matches nothing: None, None), else the checkpoint's metadata."""
+    sources: Sources = {name: (known.adapter_signature, known.calib_sha256, f"its job (version {known.version})")
+                        if known.complete else (None, None, "") for name, known in store.hessian_sources.items()}
     try:
         metadata = read_inlaid_metadata(Path(quantized_dir)) if quantized_dir else None
     except CheckpointError:
         metadata = None
     for entry in (metadata or {}).get("tasks", []):
-        sources.setdefault(str(entry.get("name")), (entry.get("adapter_signature"), entry.get("calib_sha256")))
-    return next((other for other, source in sorted(sources.items())
-                 if other != name and other not in store.dropped and source == (signature, calib_sha256)), "")
+        sources.setdefault(str(entry.get("name")),
+                           (entry.get("adapter_signature"), entry.get("calib_sha256"), "the checkpoint"))
+    return sources
+
+
+def stored_hessians_match(name: str, signature: str, calib_sha256: str, store: TaskStore, sources: Sources,
+                          quantized_dir: str | None, num_layers: int) -> str:
+    """Where `name`'s stored Hessians came from ("its job (version 3)", "the checkpoint")
+    when those were the adapter files of this `signature` (adapter_config.adapter_signature)
+    and the calibration file of this sha256, and the stored state still holds them; ""
+    otherwise. `sources`: `recorded_sources`."""
+    if name in store.dropped or signature == "-":  # "-": unreadable files, which match nothing
+        return ""
+    record = store.tasks.get(name)
+    if record is not None and record.version and name not in store.hessian_sources:
+        return ""  # a job of a registry written before sources were recorded: unknown
+    recorded = sources.get(name)
+    source = recorded[2] if recorded is not None and recorded[:2] == (signature, calib_sha256) else ""
+    state_dirs = hessian_dirs(store.hessian_dir, quantized_dir) if source else None
+    return source if state_dirs is not None and state_holds_task(name, state_dirs, num_layers) else ""
+
+
+def twin_task(name: str, signature: str, calib_sha256: str, store: TaskStore, sources: Sources) -> str:
+    """Another task whose stored Hessians came from these very files and samples ("" if none):
+    a job for `name` then weighs them twice in the aggregate (an outside probe added a copy of
+    `sentiment` under a new name: 30 of 30 layers re-quantized, without a word)."""
+    if signature == "-":
+        return ""
+    return next((other for other, (*files, _) in sorted(sources.items())
+                 if other != name and other not in store.dropped and files == [signature, calib_sha256]), "")
 
 
 def judge_samples(inputs: TaskInputs, store: TaskStore, quantized_dir: str | None, num_layers: int) -> None:
@@ -104,9 +101,10 @@ def judge_samples(inputs: TaskInputs, store: TaskStore, quantized_dir: str | Non
     assert inputs.calibration is not None
     inputs.copy_signature = adapter_signature(inputs.adapter_dir)
     inputs.calib_sha256 = file_sha256(inputs.calibration)
+    sources = recorded_sources(store, quantized_dir)  # the checkpoint's metadata, read once
     inputs.hessians_from = stored_hessians_match(inputs.name, inputs.copy_signature, inputs.calib_sha256, store,
-                                                 quantized_dir, num_layers)
-    inputs.twin = twin_task(inputs.name, inputs.copy_signature, inputs.calib_sha256, store, quantized_dir)
+                                                 sources, quantized_dir, num_layers)
+    inputs.twin = twin_task(inputs.name, inputs.copy_signature, inputs.calib_sha256, store, sources)
 
 
 def twin_note(twin: str) -> str:
