@@ -10,7 +10,9 @@ are in test_sched_policies_bounds.py.
 
 from __future__ import annotations
 
+import json
 import random
+import unittest.mock
 
 import pytest
 
@@ -293,33 +295,51 @@ def test_a_step_log_changes_no_step(label, tmp_path):
     assert len(read_step_log(log)) == len(bare.steps)
 
 
-def test_a_step_log_is_on_disk_whenever_the_scheduler_runs_out_of_work(tmp_path, monkeypatch):
+def test_every_step_is_on_disk_when_its_result_arrives(tmp_path):
     """The log flushed only inside a later step's result, a second after the last flush: a
-    live server gone idle kept its last steps buffered until the next step or its shutdown
-    (an outside probe: 1 line on disk for 8 steps, 30 s after them). Each time the scheduler
-    has nothing left, every step so far is on disk, before any close."""
+    line waited out the whole next step (3.7 s, an outside probe), a live server gone idle
+    kept its last steps buffered, and a step still in flight when a cancel ended the last
+    request was written after the idle flush and stayed in memory until the next step or
+    the shutdown. Now each step's line is on disk at its result, before any close."""
     from inlaid.scheduling import step_log
 
     log = tmp_path / "steps.jsonl"
-    on_disk_when_idle: list[tuple[int, int]] = []
-    real_on_finish = step_log.StepLogPolicy.on_finish
-
-    def on_finish(self, seq, now):  # type: ignore[no-untyped-def]
-        real_on_finish(self, seq, now)
-        if not self._scheduler.has_work():
-            on_disk_when_idle.append((len(log.read_text().splitlines()), self._steps_written))
+    lines_after_each_result: list[tuple[int, int]] = []
+    real_on_result = step_log.StepLogPolicy.on_result
 
     def on_result(self, result, now):  # type: ignore[no-untyped-def]
-        self._steps_written = getattr(self, "_steps_written", 0) + (result.step_id in self._pending)
         real_on_result(self, result, now)
+        lines_after_each_result.append((result.step_id, len(log.read_text().splitlines())))
 
-    real_on_result = step_log.StepLogPolicy.on_result
-    monkeypatch.setattr(step_log.StepLogPolicy, "on_finish", on_finish)
-    monkeypatch.setattr(step_log.StepLogPolicy, "on_result", on_result)
-    monkeypatch.setattr(step_log, "FLUSH_EVERY_S", 1e9)  # only the idle flush can write
     trace = _trace([(0.0, "t0", 30, 4), (0.01, "t1", 20, 3), (50.0, "t0", 10, 2), (100.0, "t2", 12, 5)])
-    simulate(trace, make_policy("fifo", {"step_log": str(log)}), COST, EngineShape(max_num_seqs=4))
-    assert len(on_disk_when_idle) == 3 and all(lines == steps for lines, steps in on_disk_when_idle), on_disk_when_idle
+    with unittest.mock.patch.object(step_log.StepLogPolicy, "on_result", on_result):
+        result = simulate(trace, make_policy("fifo", {"step_log": str(log)}), COST, EngineShape(max_num_seqs=4))
+    assert len(lines_after_each_result) == len(result.steps) > 5
+    assert [lines for _, lines in lines_after_each_result] == list(range(1, len(result.steps) + 1))
+
+
+def test_a_step_in_flight_when_the_last_request_is_cancelled_reaches_the_file(tmp_path):
+    """The cancel finishes the last sequence first (the scheduler is idle), the step's
+    result comes after: its line was written to the buffer and left there."""
+    from inlaid.engine.scheduler import SchedulingPolicy
+    from inlaid.protocol import BatchPlan, StepResult
+    from inlaid.scheduling.step_log import StepLogPolicy
+
+    class IdleScheduler:
+        executor_index = None
+
+        def has_work(self) -> bool:
+            return False
+
+    path = tmp_path / "steps.jsonl"
+    policy = StepLogPolicy(SchedulingPolicy(), path)
+    policy.attach(IdleScheduler())  # type: ignore[arg-type]
+    policy.on_plan(BatchPlan(step_id=7, chunks=[], adapter_loads=[]), [], 1.0)
+    policy.on_finish(None, 1.1)  # type: ignore[arg-type]  # the cancel: nothing left
+    policy.on_result(StepResult(step_id=7, sampled=[], num_tokens=0, compute_seconds=0.02), 1.2)
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [7]
+    policy.close()
 
 
 def test_a_live_retuning_changes_the_next_steps_and_keeps_the_queue(tmp_path):

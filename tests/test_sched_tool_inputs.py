@@ -131,13 +131,12 @@ def test_tune_scheduler_refuses_before_simulating(tmp_path):
     assert "simulate" not in result.stderr  # refused before any simulation ran
 
 
-def test_the_step_log_reaches_its_file_while_serving(tmp_path, monkeypatch):
+def test_the_step_log_reaches_its_file_while_serving(tmp_path):
     """Buffered 64 KiB, the file stayed empty until shutdown (and a killed server lost it)."""
     from inlaid.engine.scheduler import SchedulingPolicy
     from inlaid.protocol import BatchPlan, StepResult
     from inlaid.scheduling import step_log
 
-    monkeypatch.setattr(step_log, "FLUSH_EVERY_S", 0.0)
     path = tmp_path / "steps.jsonl"
     policy = step_log.StepLogPolicy(SchedulingPolicy(), path)
     policy.attach(None)  # type: ignore[arg-type]

@@ -3,10 +3,11 @@
 Wraps any policy (`[scheduler] step_log = "steps.jsonl"`): each line holds the step's
 chunks (tokens, start position, adapter, whether it samples), the adapter loads, the
 clock time of the plan and of the result, and the executor's compute seconds. The
-real-server benchmark reads it to measure the cost model's error on real steps. Lines
-reach the file within a second of their step (`FLUSH_EVERY_S`), and at once when the
-scheduler runs out of work (else the last steps before an idle spell waited for the next
-step, or the shutdown, to be written: a killed server lost them). A server with several
+real-server benchmark reads it to measure the cost model's error on real steps. Each line
+reaches the file when its step's result arrives: it was buffered for up to a second, so a
+line waited out the whole next step (3.7 s measured) and, after a cancel ended the last
+request, an idle spell: a killed server lost it. A write and flush of one line costs
+microseconds against a step's milliseconds. A server with several
 executors has a policy, so a writer, per executor on one file: each line then names its
 `executor`, as step ids count per executor.
 """
@@ -14,7 +15,6 @@ executors has a policy, so a writer, per executor on one file: each line then na
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -24,9 +24,6 @@ from inlaid.protocol import BatchPlan, StepResult
 
 if TYPE_CHECKING:
     from inlaid.engine.scheduler import Scheduler
-
-FLUSH_EVERY_S = 1.0  # the longest the file lags the steps (a line a step, buffered)
-
 
 class StepLogPolicy(SchedulingPolicy):
     """Logs the steps of `inner` and changes nothing about them: the limits the scheduler
@@ -41,7 +38,6 @@ class StepLogPolicy(SchedulingPolicy):
         self.path = Path(path)
         self._file: IO[str] | None = None
         self._scheduler: "Scheduler | None" = None
-        self._flushed_at = time.monotonic()
         self._pending: dict[int, dict[str, Any]] = {}
 
     @property  # type: ignore[override]
@@ -104,18 +100,10 @@ class StepLogPolicy(SchedulingPolicy):
             if self._scheduler is not None and self._scheduler.executor_index is not None:
                 record["executor"] = self._scheduler.executor_index
             self._file.write(json.dumps(record) + "\n")
-            # Buffered (a write per step costs the loop), but never more than FLUSH_EVERY_S
-            # behind: the file was empty until shutdown, and a killed server lost it all.
-            if time.monotonic() - self._flushed_at >= FLUSH_EVERY_S:
-                self._file.flush()
-                self._flushed_at = time.monotonic()
+            self._file.flush()
         self.inner.on_result(result, now)
 
     def on_finish(self, seq: Sequence, now: float) -> None:
-        # the last sequence out: no later step would flush what the last steps wrote
-        if self._file is not None and self._scheduler is not None and not self._scheduler.has_work():
-            self._file.flush()
-            self._flushed_at = time.monotonic()
         self.inner.on_finish(seq, now)
 
     def close(self) -> None:
