@@ -195,8 +195,11 @@ def test_replay_summaries_are_strict_json_and_the_slo_counts_known_isolated_late
     assert summary["fairness_max_service_gap"] is None and summary["latency_s"]["mean"] == pytest.approx(0.3)
     mixed = replayed + [RequestRecord("k", "a", 10, 0.0, 0.1, [0.2, 0.3], 0.3, isolated_s=0.2)]
     assert summarize(mixed)["slo_attainment"]["2x"] == 1.0
-    # what a replay cannot see (steps) is there as null, as the docs say, not missing
-    assert all(summary[key] is None for key in ("tasks_per_step", "adapter_loads_per_s", "steps"))
+    # what a replay cannot see (steps, pauses) is there as null, as the docs say, not missing
+    # (preemptions read 0: the records' default, summed, though the server may have paused some)
+    assert all(summary[key] is None for key in ("tasks_per_step", "adapter_loads_per_s", "steps", "preemptions"))
+    paused = [RequestRecord(str(i), "a", 10, 0.0, 0.1, [0.2, 0.3], 0.3, isolated_s=0.2, preemptions=i) for i in range(3)]
+    assert summarize(paused)["preemptions"] == 3  # a simulation's records know theirs
 
 
 def test_bench_traces_and_tune_scheduler_outputs_are_checked_or_created(tmp_path):

@@ -37,7 +37,7 @@ class RequestRecord:
     token_times: list[float] = field(default_factory=list)
     finish_s: float | None = None
     isolated_s: float | None = None  # latency alone on the server (the SLO's unit); None: not known (a replay)
-    preemptions: int = 0
+    preemptions: int | None = None  # times paused for KV room; None: not known (a replay sees no pauses)
     error: str = ""
     token_ids: list[int] = field(default_factory=list)  # what the server answered (replay); empty in simulations
 
@@ -121,7 +121,9 @@ def summarize(
         "normalized_latency": _percentiles([r.latency_s / r.isolated_s for r in measured if _known(r.isolated_s)]),
         "max_wait_s": max((r.wait_s for r in done), default=0.0),
         "max_stall_s": max((r.max_stall_s for r in done), default=0.0),
-        "preemptions": sum(r.preemptions for r in requests),
+        # null for a replay: it summed the records' default 0, as if none had been paused
+        "preemptions": None if any(r.preemptions is None for r in requests) else sum(
+            r.preemptions for r in requests if r.preemptions is not None),
         # Over the requests whose isolated latency is known only: a replay knows none,
         # and counting those as misses reported 0 % attainment (NaN now: not measured).
         "slo_attainment": {

@@ -175,7 +175,7 @@ class Simulator:
         context = self.shape.context_length
         records = [RequestRecord(request_id=str(i), task=r.task, prompt_tokens=r.prompt_tokens, arrival_s=r.arrival_s,
                                  isolated_s=isolated_latency(r, self._ranks.get(r.task or "", 0), self.cost, self.shape)
-                                 if r.prompt_tokens < context else 0.0)
+                                 if r.prompt_tokens < context else 0.0, preemptions=0)
                    for i, r in enumerate(requests)]
         sequences: dict[int, Sequence] = {}
         sampling: dict[int, SamplingParams] = {}
