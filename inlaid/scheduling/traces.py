@@ -298,6 +298,10 @@ def generate_trace(spec: TraceSpec, records: Sequence[SuiteRecord], ranks: Mappi
         profile = tasks[names[task_index]]
         pool = by_family[profile.family]
         record = pool[int(rng.integers(len(pool)))]
+        # A base-model request replays an adapter's record: its length is the adapter's, so its
+        # budget is that length too. With the record's budget the real server's base model
+        # ran on to it (8-80 tokens where the simulator counted 2-35), unlike the simulation.
+        budget = record.output_tokens if base else record.max_tokens
         requests.append(TraceRequest(float(arrival), None if base else profile.name, record.prompt_tokens,
-                                     record.output_tokens, record.max_tokens, record.record_id))
+                                     record.output_tokens, budget, record.record_id))
     return Trace(requests, tasks, {**asdict(spec)})
