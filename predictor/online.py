@@ -178,7 +178,7 @@ class OnlineLengthPredictor:
         state["reservoir_lengths"] = np.asarray(lengths, dtype=np.int64)
         state["reservoir_indices"] = np.concatenate(indices) if indices else np.zeros(0, np.int32)
         state["reservoir_values"] = np.concatenate(values) if values else np.zeros(0, np.float32)
-        path = Path(path)
+        path = Path(os.path.realpath(path))  # a symbolic link stays one: its target is written
         temporary = path.with_name(f"{path.name}.{threading.get_ident()}.tmp.npz")
         try:
             np.savez_compressed(temporary, **state)

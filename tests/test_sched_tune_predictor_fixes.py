@@ -164,6 +164,33 @@ def test_predictor_states_it_cannot_continue_are_refused_naming_the_file(tmp_pat
         OnlineLengthPredictor.load(tmp_path / "bad.npz")
 
 
+def test_a_predictor_state_behind_a_symbolic_link_is_checked_and_saved_where_it_leads(tmp_path: Path) -> None:
+    """A link into a missing folder read as "starts untrained" and the first save replaced the
+    link with a file of its own; a link loop read the same."""
+    from inlaid.predictor import OnlineLengthPredictor
+    from inlaid.serve.config import ConfigError, config_from_dict
+
+    def refusal(path: Path) -> str:
+        with pytest.raises(ConfigError) as caught:
+            config_from_dict({"server": {"policy": "inlaid"}, "scheduler": {"predictor_state": str(path)}},
+                             base_dir=tmp_path)
+        return str(caught.value)
+
+    (tmp_path / "dangling.npz").symlink_to(tmp_path / "missing" / "state.npz")
+    assert f"(it links to {tmp_path / 'missing' / 'state.npz'}): its directory" in refusal(tmp_path / "dangling.npz")
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    assert "a loop" in refusal(tmp_path / "loop_a")
+    (tmp_path / "kept").mkdir()
+    link = tmp_path / "state.npz"
+    link.symlink_to(tmp_path / "kept" / "state.npz")  # its target not there yet: a fresh state
+    config_from_dict({"server": {"policy": "inlaid"}, "scheduler": {"predictor_state": str(link)}}, base_dir=tmp_path)
+    _saved_state(tmp_path)  # a trained predictor saved as good.npz
+    OnlineLengthPredictor.load(tmp_path / "good.npz").save(link)
+    assert link.is_symlink() and (tmp_path / "kept" / "state.npz").is_file()
+    assert OnlineLengthPredictor.load(link).size == 40
+
+
 # --- 6. `evaluate`: no key collisions; it scores what `train` writes ----------------------------
 
 def test_a_task_named_all_or_base_keeps_its_own_scores() -> None:

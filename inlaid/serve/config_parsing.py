@@ -93,12 +93,19 @@ def resolve_path(value: Any, base_dir: Path, what: str) -> str:
 def check_writable_file(path: str, what: str, *, appended: bool = False) -> None:
     """Refuse a file the server writes while serving (a state saved by rename, or a log
     `appended` to) where it cannot be written: found at start-up, not as a traceback at the
-    first save (or at shutdown, after everything learned is lost)."""
+    first save (or at shutdown, after everything learned is lost). A symbolic link is
+    checked where it leads: a link into a missing folder read as "starts untrained", and the
+    first save replaced the link with a file of its own."""
     file = Path(path)
+    if file.is_symlink():
+        file = Path(os.path.realpath(path))
+        if file.is_symlink():
+            raise ConfigError(f"{what} {path} is a symbolic link that never ends in a file (a loop)")
     parent = file.parent
     if not parent.is_dir():
         problem = "is not a directory" if parent.exists() else "does not exist"
-        raise ConfigError(f"{what} {path}: its directory {parent} {problem}")
+        link = f" (it links to {file})" if file != Path(path) else ""
+        raise ConfigError(f"{what} {path}{link}: its directory {parent} {problem}")
     if not os.access(parent, os.W_OK | os.X_OK):  # a rename, like a new file, needs the directory
         raise ConfigError(f"{what} {path}: its directory {parent} is not writable")
     if file.is_dir():
