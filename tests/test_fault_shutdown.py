@@ -11,9 +11,12 @@ that finished loading inside it would rightly serve the waiting request (CI saw 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
+
+import pytest
 
 from inlaid.client import AsyncClient, ShuttingDownError
 from inlaid.serve.launcher import ServerProcess
@@ -93,5 +96,67 @@ def test_sigterm_while_a_failed_executor_is_being_replaced(model_dir, adapter_di
         assert isinstance(result, ShuttingDownError), result
         assert seen, "no replacement executor was started"
         _assert_clean_exit(server, started, [first, *seen])
+    finally:
+        server.terminate()
+
+
+
+# A plug-in policy module (a server imports it at start) that slows the AddTask check the way
+# a large adapter on a slow disk does, so that the SIGTERM lands while a call is being checked.
+_SLOW_CHECKS = """
+import time
+from inlaid.scheduling.registry import make_policy
+from inlaid.serve import task_registry
+
+_check = task_registry.TaskRegistry.check_adapter
+
+def _slow_check(self, name, adapter_dir):
+    time.sleep({seconds})
+    return _check(self, name, adapter_dir)
+
+task_registry.TaskRegistry.check_adapter = _slow_check
+
+def fifo():
+    return make_policy("fifo", {{}})
+"""
+
+
+@pytest.mark.parametrize("check_s", [1.0, GRACE_S + 2.0])
+def test_sigterm_while_an_add_task_is_being_checked_answers_it(model_dir, adapter_dirs, tmp_path, monkeypatch,
+                                                               check_s):
+    """The AddTask still being checked (a worker thread reading and copying the adapter) was
+    cancelled at shutdown without a word: its client read a lost connection and could not
+    tell whether the task was added (an outside probe, SIGTERM 0-0.05 s after the call).
+    Now the drain waits for it within the grace period, as for a generate: a check done
+    within it is answered and its task is in the state directory's registry; one that is not
+    is refused with `shutting_down`, saying the task was not added."""
+    from inlaid.protocol import AdminReply
+
+    (tmp_path / "slow_checks.py").write_text(_SLOW_CHECKS.format(seconds=check_s))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    token = "t" * 16
+    state = tmp_path / "state"
+    config = server_config(model_dir, {}, shutdown_grace_s=GRACE_S, state_dir=str(state), admin_token=token,
+                           policy="slow_checks:fifo")
+    server = ServerProcess(config, workdir=tmp_path)
+
+    async def scenario() -> object:
+        async with AsyncClient(server.address, timeout_s=EXIT_BOUND_S, admin_token=token) as client:
+            adding = asyncio.create_task(client.add_task_reply("late", adapter_dirs["attn-r8"]))
+            await asyncio.sleep(0.3)  # sent, and being checked
+            server.process.send_signal(signal.SIGTERM)
+            return (await asyncio.gather(adding, return_exceptions=True))[0]
+
+    try:
+        server.wait_ready()
+        started = time.monotonic()
+        reply = asyncio.run(scenario())
+        if check_s < GRACE_S:
+            assert isinstance(reply, AdminReply), reply
+            assert "late" in json.loads((state / "registry.json").read_text())["tasks"]
+        else:
+            assert isinstance(reply, ShuttingDownError) and "it was not added" in str(reply), reply
+            assert "late" not in json.loads((state / "registry.json").read_text()).get("tasks", {})
+        _assert_clean_exit(server, started, [])
     finally:
         server.terminate()

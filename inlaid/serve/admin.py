@@ -34,7 +34,7 @@ class TaskCalls:
         self.registry = registry
         self.dynamic = dynamic
         self._reply = reply
-        self.pending: set[asyncio.Task[None]] = set()  # AddTask calls being checked
+        self.pending: dict[asyncio.Task[None], tuple[bytes, AddTask]] = {}  # AddTask calls being checked
 
     def list_tasks(self, identity: bytes, message: ListTasks) -> None:
         tasks = [TaskInfo(name=name, adapter_dir=path, active_requests=self.registry.active[name])
@@ -52,8 +52,24 @@ class TaskCalls:
         except TaskError as error:
             return self._refused(identity, message, error)
         task = asyncio.get_running_loop().create_task(self._add(identity, message))
-        self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
+        self.pending[task] = (identity, message)
+        task.add_done_callback(lambda done: self.pending.pop(done, None))
+
+    def refuse_pending(self) -> None:
+        """At shutdown, after the grace period: each AddTask still being checked is told so
+        (it was cancelled without a word, and its client read a lost connection, not knowing
+        whether the task was added). It was not: a call registers only after its checks."""
+        for task, (identity, message) in list(self.pending.items()):
+            if task.done():  # answered; its done callback has not run yet
+                continue
+            task.cancel()
+            log.warning("admin call refused", extra={"call": "AddTask", "task": message.name, "code": "shutting_down",
+                                                     "client": identity.hex()})
+            self._reply(identity, ErrorReply(
+                request_id=message.request_id, code=ErrorCode.SHUTTING_DOWN,
+                message=f"the server shut down while task {message.name!r} was being checked: it was not added; "
+                        "add it again once the server is back"))
+        self.pending.clear()
 
     async def _add(self, identity: bytes, message: AddTask) -> None:
         try:

@@ -251,9 +251,10 @@ class Coordinator:
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + self.limits.shutdown_grace_s
-        while len(self.in_flight) and time.monotonic() < deadline and self.exit_code == 0:
+        while (len(self.in_flight) or self.task_calls.pending) and time.monotonic() < deadline and self.exit_code == 0:
             await asyncio.sleep(0.05)
         self.in_flight.fail_all(ErrorCode.SHUTTING_DOWN, "the server shut down before this request finished")
+        self.task_calls.refuse_pending()
 
     def _on_loop_ended(self, task: asyncio.Task[None]) -> None:
         # The loops only end when cancelled at shutdown; anything else would leave a server
