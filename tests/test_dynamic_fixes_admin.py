@@ -301,6 +301,28 @@ def test_a_ready_task_added_again_with_its_files_keeps_its_requantization(model_
     assert dynamic.status("r", "code").version == 0 and "added without calibration samples" in text
 
 
+def test_a_task_added_again_where_a_layer_of_its_job_is_not_served_says_how_to_redo_it(
+        model_dir, tmp_path, adapter, monkeypatch):
+    """A committed layer found damaged at a restart falls back to the checkpoint's; the status
+    said "add the task again with its calibration to redo them", and the re-add answered that its
+    re-quantization "still serves" and redid nothing (an outside probe)."""
+    decisions = [{"layer": layer, "linear": "q_proj", "action": "requantized", "reason": "", "change": 0.02}
+                 for layer in (7, 9)]
+    dynamic = _restarted_with(model_dir, tmp_path, monkeypatch, TaskRecord(
+        name="code", adapter_dir=str(adapter), calibration=str(tmp_path / "c"), phase=READY, version=4,
+        layers_done=30, layers_total=30, message="2 of 30 layers swapped in", decisions=decisions))
+    dynamic.store.layers[7] = CommittedLayer(version=4, file=str(tmp_path / "layer_007.v4.safetensors"))
+    # layer 9's file was damaged: the checkpoint's layer serves it
+    status = dynamic.status("r", "code")
+    assert (status.layers_swapped, status.layers_not_served, status.layers_superseded) == (1, 1, 0)
+    text = dynamic.add(dynamic.prepare("code", str(adapter), None))
+    assert ("its re-quantization (version 4) still serves, but for 1 changed layers not served at its version"
+            in text), text
+    assert text.endswith("remove the task and add it again with its calibration to redo them"), text
+    dynamic.store.layers[9] = CommittedLayer(version=4, file=str(tmp_path / "layer_009.v4.safetensors"))
+    assert "but for" not in dynamic.add(dynamic.prepare("code", str(adapter), None))
+
+
 def test_the_cancel_note_counts_the_layers_a_resumed_job_had_done():
     """A job resumed after a restart is queued with layers done: "it had not started" was said
     of it (a reviewer)."""

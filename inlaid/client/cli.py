@@ -90,7 +90,7 @@ def _print_status(status: TaskStatusReply, as_json: bool, verbose: bool = False)
         if status.layers_not_served:
             line += (f", {status.layers_not_served} changed layers not served at its version (a failed swap, or "
                      "a committed file found corrupt or missing at a restart: an older version or the checkpoint's "
-                     "layer serves; add the task again with its calibration to redo them)")
+                     "layer serves; remove the task and add it again with its calibration to redo them)")
     print(line)
     gated = [kept for kept in status.kept if kept.action != "kept-unchanged"]
     # One line each was ~200 lines for a job on the default model: a count and the first, unless asked

@@ -27,7 +27,7 @@ from inlaid.serve.requantization_jobs import RESTARTED, RESUMING_AT, Requantizat
 from inlaid.serve.state_gc import hessian_dirs, prune_dropped
 from inlaid.serve.task_inputs import TaskInputs, check_calibration_file, same_adapter_files
 from inlaid.serve.task_registry import TaskError, TaskRegistry, check_absolute
-from inlaid.serve.task_status import cancelled_job_note, task_status_reply
+from inlaid.serve.task_status import cancelled_job_note, not_served_note, task_status_reply
 from inlaid.serve.task_store import (FAILED, QUEUED, READY, REQUANTIZING, SERVING, StateDirError, TaskRecord,
                                      TaskStore)
 
@@ -292,6 +292,7 @@ class DynamicTasks:
         if record is not None and record.phase == READY:  # its job's layers (if it swapped any) still serve
             kept = f"its re-quantization (version {record.version}) " + (
                 "still serves" if self.store.layers_of(record.version) else "changed no layer: the base serves as it was")
+            kept += not_served_note(self.store, record)
         if inputs.calibration:
             return (f"{text}; added again with the same files and the calibration samples its Hessians came from "
                     f"({inputs.hessians_from}): nothing to re-quantize" + (f"; {kept}" if kept else ""))

@@ -32,9 +32,7 @@ def task_status_reply(request_id: str, name: str, store: TaskStore | None, regis
     assert store is not None
     kept = [KeptLinear(layer=d["layer"], linear=d["linear"], action=d["action"], reason=d["reason"])
             for d in record.decisions if d["action"] != "requantized"]
-    # the layers its job changed and finished: each was swapped in at its commit, or failed to be
-    changed = {d["layer"] for d in record.decisions if d["action"] == "requantized" and d["layer"] < record.layers_done}
-    served_at = {layer: store.layers[layer].version if layer in store.layers else 0 for layer in changed}
+    served_at = store.served_versions(record)
     end = record.finished_at or (time.time() if record.started_at else 0.0)
     # what the job did to the tasks already served (quantize-add prints the same): kept at its end
     effect, threshold = (stored_effect(record.effect) if record.effect is not None
@@ -52,6 +50,22 @@ def task_status_reply(request_id: str, name: str, store: TaskStore | None, regis
         aggregate_change_max=effect.change_max if effect else 0.0, change_threshold=threshold,
         task_errors=[TaskErrorChange(task=task.task, error_before=task.error_before, error_after=task.error_after)
                      for task in (effect.tasks if effect else [])])
+
+
+# What redoes a layer its job changed but which is not served at its version: adding the task
+# again with the same files and samples changes nothing (its Hessians are in the aggregate the
+# job would measure from), so its Hessians must leave the aggregate first.
+REDO_NOT_SERVED = "remove the task and add it again with its calibration to redo them"
+
+
+def not_served_note(store: TaskStore, record: TaskRecord) -> str:
+    """What a re-add that changes nothing says of its job's layers an older version serves
+    (it said "still serves", and the status's advice to add it again led here: an outside probe)."""
+    not_served = sum(1 for version in store.served_versions(record).values() if version < record.version)
+    if not not_served:
+        return ""
+    return (f", but for {not_served} changed layers not served at its version (a failed swap, or a file found "
+            f"damaged at a restart: an older version or the checkpoint's layer serves them); {REDO_NOT_SERVED}")
 
 
 def cancelled_job_note(record: TaskRecord, swapped: int) -> str:

@@ -226,6 +226,13 @@ class TaskStore:
         """How many committed layers a job's version serves (0 for no job's: version 0)."""
         return sum(1 for entry in self.layers.values() if version and entry.version == version)
 
+    def served_versions(self, record: TaskRecord) -> dict[int, int]:
+        """The version serving each layer the record's job changed and finished (0: the
+        checkpoint's): its own, a later task's, or an older one where its swap failed or its
+        file was found damaged at a restart."""
+        changed = {d["layer"] for d in record.decisions if d["action"] == "requantized" and d["layer"] < record.layers_done}
+        return {layer: self.layers[layer].version if layer in self.layers else 0 for layer in changed}
+
     def save(self) -> bool:
         """Write the registry; False when the directory cannot be written (full, read-only):
         the state stays in memory, `unsaved` says why, and the next save writes it all. A
