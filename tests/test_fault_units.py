@@ -9,7 +9,9 @@ exception.
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 
 import msgspec
 import pytest
@@ -208,6 +210,46 @@ def test_peer_watch_names_the_peer_that_disconnected():
 
     gone, first, second = asyncio.run(scenario())
     assert gone == [first, second], gone  # each reported once, in order, none by mistake
+
+
+def test_a_peer_that_sends_and_closes_is_reported_gone_after_its_last_frame_is_read():
+    """The monitor's disconnect and the peer's last frame arrive on two sockets: a client that
+    sent a Cancel and closed (the SDK after a timeout) was reported gone first, and its request
+    counted abandoned. Here the front reads nothing for 0.5 s after the close (busy): the report
+    waits for the queued frame, then comes at once."""
+
+    async def scenario() -> tuple[list[str], float]:
+        context = zmq.asyncio.Context()
+        router = context.socket(zmq.ROUTER)
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        events: list[str] = []
+        watch = PeerWatch(router, lambda identity: events.append("gone"), settle_s=0.05)
+        watcher = asyncio.get_running_loop().create_task(watch.run())
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        dealer.send(b"generate")
+        watch.saw((await asyncio.wait_for(router.recv_multipart(copy=False), 10))[0])
+        dealer.send(b"cancel")
+        dealer.close(linger=1000)
+        await asyncio.sleep(0.5)  # the disconnect is seen meanwhile (the watcher runs)
+        frames = await asyncio.wait_for(router.recv_multipart(copy=False), 10)
+        watch.saw(frames[0])
+        events.append(frames[1].bytes.decode())
+        read_at = time.monotonic()
+        for _ in range(300):
+            if "gone" in events:
+                break
+            await asyncio.sleep(0.01)
+        waited = time.monotonic() - read_at
+        watcher.cancel()
+        watch.close()
+        router.close(linger=0)
+        context.term()
+        return events, waited
+
+    events, waited = asyncio.run(scenario())
+    assert events == ["cancel", "gone"], events
+    assert waited < 1.0  # reported once nothing waits, not at the 2 s bound
 
 
 # ------------------------------------------------------------------ executor loss

@@ -149,6 +149,32 @@ def test_ctrl_c_during_generate_cancels_the_request_on_the_server(observer: Clie
         signal.signal(signal.SIGALRM, previous)
 
 
+def test_a_generate_that_times_out_alone_is_counted_cancelled_not_abandoned(observer: Client) -> None:
+    """After a timeout with nothing else waiting, the SDK sends the Cancel and reconnects (the
+    server may be dead): the server saw the disconnect before it read the Cancel and counted
+    the request `abandoned`, a client that went away (an outside soak: 46 of 393 timeouts;
+    alone on its client, some; tests/test_fault_units.py makes the order certain)."""
+    before = _cancelled(observer), observer.stats().requests_abandoned
+
+    async def timed_out() -> None:
+        async with AsyncClient(ADDRESS, timeout_s=30) as client:
+            await client.generate("Hi", max_tokens=1)  # the handshake done
+            for _ in range(2):
+                with pytest.raises(RequestTimeoutError):
+                    await client.generate(**LONG, timeout_s=0.4)
+                await client.generate("Hi", max_tokens=1)
+
+    asyncio.run(timed_out())
+    with Client(ADDRESS, timeout_s=30) as client:
+        client.generate("Hi", max_tokens=1)
+        for _ in range(2):
+            with pytest.raises(RequestTimeoutError):
+                client.generate(**LONG, timeout_s=0.4)
+            client.generate("Hi", max_tokens=1)
+    _until(lambda: _running(observer) == 0)
+    assert (_cancelled(observer), observer.stats().requests_abandoned) == (before[0] + 4, before[1])
+
+
 def test_timeouts_past_the_shared_bound_are_refused_before_anything_is_sent(observer: Client) -> None:
     from inlaid.cli_args import MAX_SECONDS
 

@@ -72,6 +72,9 @@ _REBALANCE_INTERVAL_S = 0.1  # several executors: look for stranded waiting work
 # A backlog of frames never suspends the front loop (pyzmq's recv returns at once while a
 # frame waits): past this much time handling frames it yields, so the step loops stream on.
 _FRONT_YIELD_AFTER_S = 0.005
+# A client's disconnect is acted on this long after it is seen, once no frame waits: the
+# frames it sent before closing (a Cancel) are read first (peers.py).
+_CLIENT_GONE_SETTLE_S = 0.05
 
 
 class Coordinator:
@@ -135,7 +138,7 @@ class Coordinator:
                                        f"cannot listen on server.address {self.config.address}: {error}")
         self._front = front
         self._replies = FrontReplies(front, self.in_flight.client_gone)
-        self._clients = PeerWatch(front, self._on_client_gone)
+        self._clients = PeerWatch(front, self._on_client_gone, settle_s=_CLIENT_GONE_SETTLE_S)
         for shard, address in zip(self.pool.shards, self._executor_addresses()):
             shard.supervisor = ExecutorSupervisor(
                 shard.engine.config, address, on_lost=functools.partial(self._on_executor_lost, shard),

@@ -12,6 +12,13 @@ attributed (libzmq queues a connection's disconnect event before it can accept t
 connection on the same descriptor), and a descriptor that turns up with a new identity
 means its previous peer is gone.
 
+The monitor's event and a peer's last frames arrive on two sockets, in either order: a
+client that sends a Cancel and closes (the SDK after a timeout) was reported gone before its
+Cancel was read, and its request counted `abandoned`, not `cancelled` (an outside soak: 46
+of 393 timeouts). The coordinator's watch reports a peer gone `settle_s` after the event,
+and later while frames still wait to be read (at most `_SETTLE_BOUND_S`), so that the
+frames it sent before closing are handled first.
+
 `FrontReplies` sends the replies: each at once or not at all, never queued without bound
 (see its docstring); `seed_routing_ids` makes the ROUTER's anonymous peer ids unpredictable.
 """
@@ -43,6 +50,8 @@ _CLIENT_HEARTBEAT_TIMEOUT_MS = 60_000
 # client reading its streams a little late is never cut off, yet one that never reads holds
 # megabytes, not the 100,000 replies (~470 MiB of GetMetrics answers in a probe) it used to.
 _MIN_UNREAD_REPLIES = 1_000
+# The longest a disconnected peer's report waits for the frames queued before it (PeerWatch)
+_SETTLE_BOUND_S = 2.0
 _UNREAD_REPLIES_PER_PENDING_REQUEST = 4
 # How long a connection cut off for unread replies has its frames dropped before it is let
 # back in (FrontReplies): long enough that a client that never reads costs one request a
@@ -141,9 +150,10 @@ def _consume_exception(future: asyncio.Future[object]) -> None:
 
 
 class PeerWatch:
-    def __init__(self, socket: zmq.asyncio.Socket, on_gone: Callable[[bytes], None]) -> None:
+    def __init__(self, socket: zmq.asyncio.Socket, on_gone: Callable[[bytes], None], settle_s: float = 0.0) -> None:
         self._socket = socket
         self._on_gone = on_gone
+        self._settle_s = settle_s  # how long after its disconnect a peer is reported gone
         self._monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._monitor_now = zmq.Socket.shadow(self._monitor.underlying)  # for non-blocking drains
         self._identity_of: dict[int, bytes] = {}  # connection (descriptor) -> peer
@@ -179,6 +189,26 @@ class PeerWatch:
                     self._gone(identity, fd)
 
     def _gone(self, identity: bytes, fd: int) -> None:
+        if self._settle_s > 0:
+            until = time.monotonic() + _SETTLE_BOUND_S
+            asyncio.get_running_loop().call_later(self._settle_s, self._settled, identity, fd, until)
+        else:
+            self._report_gone(identity, fd)
+
+    def _settled(self, identity: bytes, fd: int, until: float) -> None:
+        """Report the peer gone once no frame waits on the socket (any may be its last), or at
+        `until`: a front busy with other clients' frames still hears of it."""
+        try:
+            waiting = bool(self._socket.get(zmq.EVENTS) & zmq.POLLIN)  # pyzmq's asyncio get re-arms its reader
+        except zmq.ZMQError:  # closed: shutting down
+            waiting = False
+        loop = asyncio.get_running_loop()
+        if waiting and time.monotonic() < until:
+            loop.call_later(self._settle_s, self._settled, identity, fd, until)
+        else:  # after the front loop's turn: a frame it has just received is handled first
+            loop.call_soon(self._report_gone, identity, fd)
+
+    def _report_gone(self, identity: bytes, fd: int) -> None:
         # A peer with a fixed identity may already be back on another connection: then only
         # its old connection closed, and the peer itself is not gone.
         if self._fd_of.get(identity, fd) == fd:
