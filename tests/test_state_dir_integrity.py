@@ -95,8 +95,9 @@ def test_wrong_typed_registry_fields_are_refused_naming_the_entry(tmp_path, path
         target = target[key]
     target[path[-1]] = value
     (root / "registry.json").write_text(json.dumps(raw))
-    with pytest.raises(StateDirError, match="registry.json is unreadable: ValueError: " + named):
+    with pytest.raises(StateDirError, match="registry.json is unreadable: ValueError: " + named) as refused:
         TaskStore(root, BASE)
+    assert "Restore it from a backup, or move the state directory aside" in str(refused.value)  # what to do
     assert all(file.exists() for file in files)
 
 

@@ -201,7 +201,10 @@ class TaskStore:
             if self.next_version < 1:
                 raise ValueError(f"next_version: {self.next_version} < 1")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:  # a wrong shape, too
-            raise StateDirError(f"{path} is unreadable: {type(error).__name__}: {error}") from error
+            # the server writes it whole (a rename) or not at all: damage came from outside
+            raise StateDirError(f"{path} is unreadable: {type(error).__name__}: {error}. Restore it from a backup, "
+                                "or move the state directory aside (or use another server.state_dir) to start "
+                                "afresh, adding its tasks again") from error
 
     def _verify_layers(self) -> None:
         """Committed layers whose file is gone or changed since the commit (its sha256 differs)
