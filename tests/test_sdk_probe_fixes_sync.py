@@ -359,5 +359,5 @@ def test_a_stream_read_while_another_thread_calls_is_not_cancelled() -> None:
 
 
 def test_the_base_models_name_is_no_task_and_the_error_says_what_is(observer: Client) -> None:
-    with pytest.raises(UnknownTaskError, match=r"\(the base model is asked for with no task\); this server has: none"):
+    with pytest.raises(UnknownTaskError, match=r"\(for the base model, send no task\); this server has: none"):
         observer.generate("Hi", task="SmolLM2-135M-Instruct", max_tokens=2)

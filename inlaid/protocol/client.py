@@ -62,7 +62,7 @@ def unknown_task_message(name: str, known: list[str]) -> str:
     the Ray ingress): the HTTP front reads the tasks after "; this server has: ". The base
     model is no task (an SDK user tried the name /v1/models lists for it)."""
     tasks = ", ".join(known) or "none"
-    return f"unknown task {excerpt(name)} (the base model is asked for with no task); this server has: {tasks}"
+    return f"unknown task {excerpt(name)} (for the base model, send no task); this server has: {tasks}"
 
 
 class ChatMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
