@@ -77,6 +77,31 @@ def test_a_queued_job_restored_where_the_requantizer_is_off_ends_waits_with_the_
     assert (record.phase, record.layers_done, list(again.jobs.queue)) == (QUEUED, 5, ["code"])
 
 
+def test_replacing_a_task_whose_job_is_held_says_the_job_is_dropped(model_dir, tmp_path, adapter, monkeypatch):
+    """With the requantizer off, a job a restart found unfinished is held (it resumes at a
+    restart that can run it); adding the task again with other files replaced the record and
+    the held job with it, and the reply said only "not re-quantized" (an outside probe)."""
+    monkeypatch.setattr(dynamic_tasks, "requantization_blocker", lambda config: "requantizer.enabled is false")
+    config, registry, _ = _server(model_dir, tmp_path / "state")
+    config = replace(config, engine=replace(config.engine, quantized_dir=str(tmp_path / "gptq")))
+    first = DynamicTasks(config, registry, wake=lambda: None)
+    first.store.tasks["code"] = TaskRecord(name="code", adapter_dir=str(adapter), calibration=str(tmp_path / "c"),
+                                           phase=REQUANTIZING, version=1, layers_done=5, layers_total=30)
+    first.store.save()
+    restarted = DynamicTasks(config, registry, wake=lambda: None)
+    assert restarted.store.tasks["code"].suspended_phase  # held
+    other = Path(shutil.copytree(adapter, tmp_path / "changed"))
+    weights = other / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    text = restarted.add(restarted.prepare("code", str(other), None))
+    assert ("its unfinished re-quantization (stopped at layer 5 of 30, held until a restart that can run it) is "
+            "dropped: this add replaces it") in text, text
+    assert not restarted.store.tasks["code"].suspended_phase
+    text = restarted.add(restarted.prepare("code", str(adapter), None))  # nothing held any more: nothing said
+    assert "unfinished" not in text, text
+
+
 def test_busy_replacement_says_how_many_and_to_retry(model_dir, tmp_path, adapter):
     second = Path(shutil.copytree(adapter, tmp_path / "qa2"))
     _, registry, dynamic = _server(model_dir, None, tasks={"math": str(adapter)})
