@@ -81,7 +81,9 @@ def test_a_damaged_state_file_is_named_when_the_job_starts(tmp_path, damage, wor
     message = str(refusal.value)
     assert message.startswith(f"{path}: ") and words in message, message
     assert message.endswith("the Hessian state file is corrupt; delete it if it is a server's state (the "
-                            "checkpoint's copy of the layer is then read), else re-quantize the checkpoint fully")
+                            "checkpoint's copy of the layer is then read, without the tasks added live: later jobs "
+                            "leave each out, a WARNING names it, until it is added again with its calibration), "
+                            "else re-quantize the checkpoint fully")
     assert isinstance(refusal.value, ValueError)  # the server's state GC catches ValueError
 
 

@@ -59,8 +59,9 @@ class StateFileError(CheckpointError, ValueError):
 
 def _corrupt(path: Path, why: str) -> StateFileError:
     return StateFileError(f"{path}: {why}: the Hessian state file is corrupt; delete it if it is a server's "
-                          "state (the checkpoint's copy of the layer is then read), else re-quantize the checkpoint "
-                          "fully")
+                          "state (the checkpoint's copy of the layer is then read, without the tasks added live: "
+                          "later jobs leave each out, a WARNING names it, until it is added again with its "
+                          "calibration), else re-quantize the checkpoint fully")
 
 
 def stored_layer_tasks(state_dirs: Iterable[Path], layer: int) -> dict[str, set[str]] | None:
