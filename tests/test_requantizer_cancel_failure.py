@@ -21,7 +21,7 @@ def _job(tmp_path: Path):  # type: ignore[no-untyped-def]
                          state_dir=str(tmp_path), layers_dir=str(tmp_path))
 
 
-def _failing_quantizer(before_failing):  # type: ignore[no-untyped-def]
+def _failing_quantizer(before_failing, error: Exception | None = None):  # type: ignore[no-untyped-def]
     from inlaid.quant.errors import CalibrationDataError
 
     class Quantizer:
@@ -30,7 +30,7 @@ def _failing_quantizer(before_failing):  # type: ignore[no-untyped-def]
 
         def layers(self, start: int):  # type: ignore[no-untyped-def]
             before_failing()
-            raise CalibrationDataError("calibration file /state/calibration/code.jsonl does not exist")
+            raise error or CalibrationDataError("calibration file /state/calibration/code.jsonl does not exist")
             yield  # pragma: no cover
 
     return Quantizer
@@ -61,4 +61,20 @@ def test_a_failure_without_a_cancel_is_still_reported(channel, monkeypatch, tmp_
         run_job(requantizer, _job(tmp_path))
     finished = receive()
     assert (finished.job_id, finished.ok) == ("code@v1", False) and "does not exist" in finished.error
-    assert any(r.levelno == logging.ERROR and r.getMessage() == "job failed" for r in caplog.records), caplog.text
+    (failed,) = [r for r in caplog.records if r.levelno == logging.ERROR and r.getMessage() == "job failed"]
+    # a failure the job names is one line: the probe's damaged state logged a traceback each time
+    assert "CalibrationDataError" in failed.error and not hasattr(failed, "trace")
+
+
+def test_an_unexpected_failure_is_logged_with_its_traceback(channel, monkeypatch, tmp_path, caplog):  # noqa: F811
+    import inlaid.quant.incremental
+    from inlaid.serve.requantizer import run_job
+
+    requantizer, _, receive = channel
+    monkeypatch.setattr(inlaid.quant.incremental, "IncrementalQuantizer",
+                        _failing_quantizer(lambda: None, KeyError("trans-fr")))
+    with caplog.at_level(logging.INFO, logger="inlaid.requantizer"):
+        run_job(requantizer, _job(tmp_path))
+    assert not receive().ok
+    (failed,) = [r for r in caplog.records if r.levelno == logging.ERROR and r.getMessage() == "job failed"]
+    assert "Traceback" in failed.trace and "KeyError: 'trans-fr'" in failed.trace

@@ -294,7 +294,11 @@ def run_job(channel: _Channel, job: RequantizeJob) -> None:
         # A removed task's job fails on what the removal took away (its calibration copy,
         # deleted as the cancel is sent): that is its cancel, not an ERROR with a traceback.
         channel.check_stop(job.job_id, wait_ms=CANCEL_GRACE_MS)
-        log.error("job failed", extra={"job_id": job.job_id, "error": repr(error), "trace": traceback.format_exc(limit=8)})
+        # A failure the job names (a damaged state file, a missing calibration copy) needs no
+        # traceback; anything else is a bug, and its traceback is what finds it.
+        named = isinstance(error, (QuantizationError, OSError))
+        log.error("job failed", extra={"job_id": job.job_id, "error": repr(error),
+                                       **({} if named else {"trace": traceback.format_exc(limit=8)})})
         channel.send(JobFinished(job_id=job.job_id, ok=False, error=f"{type(error).__name__}: {error}"[:2000],
                                  peak_rss_bytes=_peak_rss_bytes()))
         return
