@@ -45,13 +45,13 @@ _HARD_FRAME_FACTOR = 16
 # after this long, which the PeerWatch sees as a disconnect (its requests are cancelled).
 _CLIENT_HEARTBEAT_IVL_MS = 10_000
 _CLIENT_HEARTBEAT_TIMEOUT_MS = 60_000
+# The longest a disconnected peer's report waits for the frames queued before it (PeerWatch)
+_SETTLE_BOUND_S = 2.0
 # Replies a connection may leave unread in the coordinator (ZeroMQ's SNDHWM, per connection)
 # before it is treated as gone (`FrontReplies`): several per request it may hold, so a
 # client reading its streams a little late is never cut off, yet one that never reads holds
 # megabytes, not the 100,000 replies (~470 MiB of GetMetrics answers in a probe) it used to.
 _MIN_UNREAD_REPLIES = 1_000
-# The longest a disconnected peer's report waits for the frames queued before it (PeerWatch)
-_SETTLE_BOUND_S = 2.0
 _UNREAD_REPLIES_PER_PENDING_REQUEST = 4
 # How long a connection cut off for unread replies has its frames dropped before it is let
 # back in (FrontReplies): long enough that a client that never reads costs one request a
