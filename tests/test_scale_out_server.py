@@ -12,6 +12,7 @@ executor is restarted and serves again.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 
@@ -132,3 +133,10 @@ def test_two_executors_serve_a_mixed_load_and_survive_one_executor_kill(server, 
     assert final.executors[0].restarts == 0
     assert final.requests_running == final.requests_waiting == 0
     assert final.kv_blocks_free == final.kv_blocks_total
+
+    # Every log line about an executor names which one: two executors' lines read alike (an
+    # outside probe counted "layer swapped" lines to tell that both had swapped a layer).
+    lines = [json.loads(line) for line in server.logs().splitlines() if line.startswith("{")]
+    assert [line["executor"] for line in lines if line["msg"] == "executor lost"] == [1]
+    ready = [(line["executor"], line["pid"]) for line in lines if line["msg"] == "executor ready"]
+    assert sorted(ready) == sorted([(0, final.executors[0].pid), (1, victim.pid), (1, restarted.pid)]), ready

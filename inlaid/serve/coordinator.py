@@ -146,6 +146,7 @@ class Coordinator:
                 step_timeout_s=self.limits.step_timeout_s, log_level=self.config.log_level,
                 log_format=self.config.log_format, others_serving=functools.partial(self.pool.others_ready, shard),
                 on_swap_result=functools.partial(self.dynamic.jobs.on_swap_result, executor=shard.index),
+                index=shard.index,
             )  # fmt: skip
             shard.step_loop = StepLoop(shard.engine, shard.supervisor, on_plan=functools.partial(self._on_plan, shard),
                                        deliver=functools.partial(self._on_step_result, shard),

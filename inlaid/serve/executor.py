@@ -277,8 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, default=os.getppid())
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", default="json")
+    parser.add_argument("--index", type=int, default=0, help="the server's executor number, on every log line")
     args = parser.parse_args(argv)
-    setup_logging(args.log_level, args.log_format)
+    setup_logging(args.log_level, args.log_format, fields={"executor": args.index})
     die_with_parent()
     # Ctrl-C in a terminal, or SIGTERM sent to the whole process group, must not kill the
     # executor under requests the coordinator is still finishing: the coordinator stops it

@@ -42,9 +42,24 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
+class _Fields(logging.Filter):
+    """Sets fixed fields on every record (an executor's number: several write one stderr)."""
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        super().__init__()
+        self.fields = fields
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in self.fields.items():
+            setattr(record, key, value)
+        return True
+
+
+def setup_logging(level: str = "INFO", fmt: str = "json", fields: dict[str, Any] | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    if fields:
+        handler.addFilter(_Fields(fields))
     root = logging.getLogger("inlaid")
     root.handlers[:] = [handler]
     root.setLevel(level)

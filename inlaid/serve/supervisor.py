@@ -22,6 +22,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 import zmq
@@ -44,6 +45,15 @@ from inlaid.serve.executor import executor_identity
 from inlaid.serve.peers import PeerWatch
 
 log = logging.getLogger("inlaid.supervisor")
+
+
+class ExecutorLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Adds its fields to each record beside the call's own `extra` (LoggerAdapter, before
+    Python 3.13, replaced the call's)."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        kwargs["extra"] = {**(self.extra or {}), **kwargs.get("extra", {})}
+        return msg, kwargs
 
 
 async def wait_or_kill(process: asyncio.subprocess.Process, timeout_s: float, what: str) -> None:
@@ -99,11 +109,14 @@ class ExecutorSupervisor:
         log_format: str = "json",
         on_swap_result: Callable[[LayerSwapResult], None] | None = None,
         others_serving: Callable[[], bool] = lambda: False,
+        index: int = 0,
     ) -> None:
         """others_serving: whether another executor of the server is ready. MAX_START_FAILURES
         failed starts in a row stop the server only when none is: one bad device of several
         ended the whole server, the healthy executors' requests with it (an outside probe)."""
         self.engine_config = engine_config
+        self.index = index  # the server's executor number: every log line names it (two executors' read alike)
+        self._log = ExecutorLog(log, {"executor": index})
         self.others_serving = others_serving
         self.on_swap_result = on_swap_result
         self.address = address
@@ -161,7 +174,7 @@ class ExecutorSupervisor:
             if self._pending is not None or self.hello is None:
                 # Still loading, or still inside a step after the coordinator's grace period:
                 # every request has been answered, and waiting would only delay the exit.
-                log.warning("executor still busy at shutdown; killing it",
+                self._log.warning("executor still busy at shutdown; killing it",
                             extra={"pid": process.pid, "loading": self.hello is None})
                 process.kill()
             else:
@@ -187,7 +200,7 @@ class ExecutorSupervisor:
             return
         self._lost_generation = generation
         self.ready.clear()
-        log.error("executor lost", extra={"generation": generation, "reason": reason})
+        self._log.error("executor lost", extra={"generation": generation, "reason": reason})
         self._fail_pending(ExecutorLostError(reason))
         self.on_lost(reason, restartable)
         process = self._process
@@ -230,20 +243,21 @@ class ExecutorSupervisor:
             "--parent-pid", str(os.getpid()),
             "--log-level", self.log_level,
             "--log-format", self.log_format,
+            "--index", str(self.index),
         ]  # fmt: skip
         # start_new_session: a terminal's Ctrl-C reaches the coordinator only, which then
         # stops the executor itself after draining.
         process = await asyncio.create_subprocess_exec(*command, stdin=asyncio.subprocess.DEVNULL,
                                                        start_new_session=True)
         self._process = process
-        log.info("executor started", extra={"pid": process.pid, "generation": self.generation})
+        self._log.info("executor started", extra={"pid": process.pid, "generation": self.generation})
         self._spawn_task(self._watch(process, self.generation))
         self._spawn_task(self._start_deadline(process, self.generation))
 
     async def _start_deadline(self, process: asyncio.subprocess.Process, generation: int) -> None:
         await asyncio.sleep(self.start_timeout_s)
         if generation == self.generation and self.hello is None and process.returncode is None:
-            log.error("executor did not become ready in time; killing it",
+            self._log.error("executor did not become ready in time; killing it",
                       extra={"pid": process.pid, "timeout_s": self.start_timeout_s})
             process.kill()
 
@@ -259,7 +273,7 @@ class ExecutorSupervisor:
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         said = f": {self._start_error}" if self._start_error and self.hello is None else ""
         reason = f"executor (pid {process.pid}) died with {how}{said}"
-        log.info("executor exited", extra={"pid": process.pid, "generation": generation, "returncode": code})
+        self._log.info("executor exited", extra={"pid": process.pid, "generation": generation, "returncode": code})
         self._lose(generation, reason)
         if self.hello is None:
             self._start_failures += 1
@@ -273,7 +287,7 @@ class ExecutorSupervisor:
             if not self.others_serving():
                 self.on_fatal(failed)
                 return
-            log.error("executor keeps failing to start; the other executors serve, and it is tried again",
+            self._log.error("executor keeps failing to start; the other executors serve, and it is tried again",
                       extra={"reason": failed, "retry_in_s": HELD_DOWN_RETRY_S,
                              "device": self.engine_config.device})
             delay = HELD_DOWN_RETRY_S
@@ -302,7 +316,7 @@ class ExecutorSupervisor:
             try:
                 identity_frame, *data = await self._socket.recv_multipart(copy=False)
             except zmq.ZMQError as error:
-                log.error("executor socket receive failed", extra={"error": str(error)})
+                self._log.error("executor socket receive failed", extra={"error": str(error)})
                 await asyncio.sleep(0.01)
                 continue
             received = time.perf_counter()
@@ -314,7 +328,7 @@ class ExecutorSupervisor:
             try:
                 message = self._decoder.decode(frames[0])
             except (msgspec.DecodeError, ValueError) as error:
-                log.error("undecodable frame from the executor", extra={"error": str(error)})
+                self._log.error("undecodable frame from the executor", extra={"error": str(error)})
                 continue
             if isinstance(message, StepResult):
                 pending = self._pending
@@ -342,7 +356,7 @@ class ExecutorSupervisor:
                 self.hello = message
                 self._start_failures = 0
                 self.ready.set()
-                log.info("executor connected", extra={"pid": message.pid, "generation": message.generation,
+                self._log.info("executor connected", extra={"pid": message.pid, "generation": message.generation,
                                                       "device": message.device,
                                                       "load_seconds": round(message.load_seconds, 3)})
 
@@ -369,15 +383,15 @@ class ExecutorSupervisor:
             try:
                 result, received = await asyncio.wait_for(asyncio.shield(future), stalled_after)
             except asyncio.TimeoutError:  # health reads "stalled" from now on: the log says so too
-                log.warning("a step is running long: health reads stalled until it ends; at the step timeout the "
+                self._log.warning("a step is running long: health reads stalled until it ends; at the step timeout the "
                             "executor is killed", extra={"step_id": plan.step_id, "running_s": round(stalled_after, 1),
                                                          "timeout_s": self.step_timeout_s, "pid": self.pid})
                 result, received = await asyncio.wait_for(asyncio.shield(future), self.step_timeout_s - stalled_after)
-                log.info("the long step ended", extra={"step_id": plan.step_id,
+                self._log.info("the long step ended", extra={"step_id": plan.step_id,
                                                        "running_s": round(time.perf_counter() - sent, 1)})
         except asyncio.TimeoutError:
             reason = f"executor (pid {self.pid}) ran a step past the step timeout ({self.step_timeout_s:g} s)"
-            log.error("step timed out; killing the executor", extra={"step_id": plan.step_id,
+            self._log.error("step timed out; killing the executor", extra={"step_id": plan.step_id,
                                                                       "timeout_s": self.step_timeout_s})
             self._lose(generation, reason, restartable=False)
             raise ExecutorLostError(reason) from None
