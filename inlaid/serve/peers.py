@@ -15,9 +15,10 @@ means its previous peer is gone.
 The monitor's event and a peer's last frames arrive on two sockets, in either order: a
 client that sends a Cancel and closes (the SDK after a timeout) was reported gone before its
 Cancel was read, and its request counted `abandoned`, not `cancelled` (an outside soak: 46
-of 393 timeouts). The coordinator's watch reports a peer gone `settle_s` after the event,
-and later while frames still wait to be read (at most `_SETTLE_BOUND_S`), so that the
-frames it sent before closing are handled first.
+of 393 timeouts). The coordinator's watch reports an anonymous peer (the SDK's, the HTTP
+front's) gone `settle_s` after the event, and later while frames still wait to be read (at
+most `_SETTLE_BOUND_S`), so that the frames it sent before closing are handled first; a peer
+with an identity of its own may reconnect under it at once, and is reported at the event.
 
 `FrontReplies` sends the replies: each at once or not at all, never queued without bound
 (see its docstring); `seed_routing_ids` makes the ROUTER's anonymous peer ids unpredictable.
@@ -153,20 +154,27 @@ class PeerWatch:
     def __init__(self, socket: zmq.asyncio.Socket, on_gone: Callable[[bytes], None], settle_s: float = 0.0) -> None:
         self._socket = socket
         self._on_gone = on_gone
-        self._settle_s = settle_s  # how long after its disconnect a peer is reported gone
+        self._settle_s = settle_s  # how long after its disconnect an anonymous peer is reported gone
         self._monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._monitor_now = zmq.Socket.shadow(self._monitor.underlying)  # for non-blocking drains
         self._identity_of: dict[int, bytes] = {}  # connection (descriptor) -> peer
         self._fd_of: dict[bytes, int] = {}  # peer -> its latest connection
+        # Anonymous peers whose disconnect was seen, not yet reported: their late frames (read
+        # after the event) must not map the descriptor back to them, which a new peer may hold
+        # already (its own disconnect then named the departed peer, and it was never reported).
+        self._leaving: set[bytes] = set()
+        self._timers: set[asyncio.TimerHandle] = set()
 
     def saw(self, identity_frame: zmq.Frame) -> None:
         """A message arrived from this peer (its identity frame, received with copy=False)."""
         self.drain()
+        identity = identity_frame.bytes
+        if identity in self._leaving:  # one of its last frames: the coordinator handles it, nothing to map
+            return
         try:
             fd = int(identity_frame.get(zmq.SRCFD))
         except (zmq.ZMQError, TypeError, ValueError):
             return
-        identity = identity_frame.bytes
         previous = self._identity_of.get(fd)
         self._fd_of[identity] = fd
         if previous != identity:
@@ -189,11 +197,18 @@ class PeerWatch:
                     self._gone(identity, fd)
 
     def _gone(self, identity: bytes, fd: int) -> None:
-        if self._settle_s > 0:
-            until = time.monotonic() + _SETTLE_BOUND_S
-            asyncio.get_running_loop().call_later(self._settle_s, self._settled, identity, fd, until)
+        # ZeroMQ's generated ids start with a zero byte, which a chosen one may not: only an
+        # anonymous peer is known never to come back under its id, so its report can wait for
+        # its last frames. A peer with a chosen id may reconnect at once, on the same descriptor.
+        if self._settle_s > 0 and identity[:1] == b"\0":
+            self._leaving.add(identity)
+            self._later(self._settle_s, self._settled, identity, fd, time.monotonic() + _SETTLE_BOUND_S)
         else:
             self._report_gone(identity, fd)
+
+    def _later(self, delay_s: float, callback: Callable[..., None], *args: object) -> None:
+        timer = asyncio.get_running_loop().call_later(delay_s, lambda: (self._timers.discard(timer), callback(*args)))
+        self._timers.add(timer)
 
     def _settled(self, identity: bytes, fd: int, until: float) -> None:
         """Report the peer gone once no frame waits on the socket (any may be its last), or at
@@ -202,17 +217,17 @@ class PeerWatch:
             waiting = bool(self._socket.get(zmq.EVENTS) & zmq.POLLIN)  # pyzmq's asyncio get re-arms its reader
         except zmq.ZMQError:  # closed: shutting down
             waiting = False
-        loop = asyncio.get_running_loop()
         if waiting and time.monotonic() < until:
-            loop.call_later(self._settle_s, self._settled, identity, fd, until)
+            self._later(self._settle_s, self._settled, identity, fd, until)
         else:  # after the front loop's turn: a frame it has just received is handled first
-            loop.call_soon(self._report_gone, identity, fd)
+            self._later(0.0, self._report_gone, identity, fd)
 
     def _report_gone(self, identity: bytes, fd: int) -> None:
-        # A peer with a fixed identity may already be back on another connection: then only
+        self._leaving.discard(identity)
+        # A peer with a chosen identity may already be back on another connection: then only
         # its old connection closed, and the peer itself is not gone.
-        if self._fd_of.get(identity, fd) == fd:
-            self._fd_of.pop(identity, None)
+        if self._fd_of.get(identity) == fd:
+            del self._fd_of[identity]
             self._on_gone(identity)
 
     async def run(self) -> None:
@@ -222,6 +237,9 @@ class PeerWatch:
             self.drain()
 
     def close(self) -> None:
+        for timer in self._timers:  # reports after the close would reach a coordinator that has stopped
+            timer.cancel()
+        self._timers.clear()
         try:
             self._socket.disable_monitor()
         except zmq.ZMQError:
