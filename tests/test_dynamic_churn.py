@@ -234,6 +234,29 @@ def test_an_adapter_changed_between_its_check_and_its_copy_is_refused(model_dir,
     assert isinstance(replies[-1], AdminReply) and "racy" in registry.tasks
 
 
+def test_adds_and_removals_that_arrive_during_the_shutdown_are_refused(model_dir, tmp_path, source_adapter):
+    """The front reads frames until the very end of the shutdown: an AddTask arriving after the
+    drain was taken, then cancelled without a reply (or, done in time, saved and submitted to
+    a requantizer already stopped). Refused now, saying nothing changed; a status still answers."""
+    from inlaid.protocol import AddTask, ErrorReply, RemoveTask, TaskStatus
+    from inlaid.serve.admin import TaskCalls
+
+    _, registry, dynamic = _server(model_dir, tmp_path / "state")
+    replies: list = []
+    accepting = [False]
+    calls = TaskCalls(registry, lambda identity, message: replies.append(message), dynamic, lambda: accepting[0])
+    calls.admin(b"c", AddTask(request_id="a", name="late", adapter_dir=str(source_adapter), token="token"))
+    calls.admin(b"c", RemoveTask(request_id="r", name="late", token="token"))
+    assert [(r.code, r.message) for r in replies] == [
+        (ErrorCode.SHUTTING_DOWN, "the server is shutting down: task 'late' was not added; add it once the server "
+                                  "is back"),
+        (ErrorCode.SHUTTING_DOWN, "the server is shutting down: task 'late' was not removed; remove it once the "
+                                  "server is back")]
+    assert all(isinstance(r, ErrorReply) for r in replies) and not calls.pending and "late" not in registry.tasks
+    calls.admin(b"c", TaskStatus(request_id="s", name="late", token="token"))
+    assert replies[-1].request_id == "s" and replies[-1].code == ErrorCode.UNKNOWN_TASK  # answered as ever
+
+
 def test_status_of_a_task_added_without_a_state_dir_says_so(model_dir, source_adapter):
     # Found by an outside probe: it said "served from the server config" of a task added live.
     _, registry, dynamic = _server(model_dir, None)

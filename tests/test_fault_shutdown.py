@@ -102,16 +102,22 @@ def test_sigterm_while_a_failed_executor_is_being_replaced(model_dir, adapter_di
 
 
 # A plug-in policy module (a server imports it at start) that slows the AddTask check the way
-# a large adapter on a slow disk does, so that the SIGTERM lands while a call is being checked.
+# a large adapter on a slow disk does, so that the SIGTERM lands while a call is being checked:
+# the first check (of the caller's files; the copy's is checked again, at full speed) touches
+# `marker` when it starts, then sleeps.
 _SLOW_CHECKS = """
 import time
 from inlaid.scheduling.registry import make_policy
 from inlaid.serve import task_registry
 
 _check = task_registry.TaskRegistry.check_adapter
+_first = [True]
 
 def _slow_check(self, name, adapter_dir):
-    time.sleep({seconds})
+    if _first[0]:
+        _first[0] = False
+        open({marker!r}, "w").close()
+        time.sleep({seconds})
     return _check(self, name, adapter_dir)
 
 task_registry.TaskRegistry.check_adapter = _slow_check
@@ -121,7 +127,7 @@ def fifo():
 """
 
 
-@pytest.mark.parametrize("check_s", [1.0, GRACE_S + 2.0])
+@pytest.mark.parametrize("check_s", [0.5, GRACE_S + 2.0])
 def test_sigterm_while_an_add_task_is_being_checked_answers_it(model_dir, adapter_dirs, tmp_path, monkeypatch,
                                                                check_s):
     """The AddTask still being checked (a worker thread reading and copying the adapter) was
@@ -132,8 +138,9 @@ def test_sigterm_while_an_add_task_is_being_checked_answers_it(model_dir, adapte
     is refused with `shutting_down`, saying the task was not added."""
     from inlaid.protocol import AdminReply
 
-    (tmp_path / "slow_checks.py").write_text(_SLOW_CHECKS.format(seconds=check_s))
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    marker = tmp_path / "checking"
+    (tmp_path / "slow_checks.py").write_text(_SLOW_CHECKS.format(seconds=check_s, marker=str(marker)))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     token = "t" * 16
     state = tmp_path / "state"
     config = server_config(model_dir, {}, shutdown_grace_s=GRACE_S, state_dir=str(state), admin_token=token,
@@ -143,7 +150,11 @@ def test_sigterm_while_an_add_task_is_being_checked_answers_it(model_dir, adapte
     async def scenario() -> object:
         async with AsyncClient(server.address, timeout_s=EXIT_BOUND_S, admin_token=token) as client:
             adding = asyncio.create_task(client.add_task_reply("late", adapter_dirs["attn-r8"]))
-            await asyncio.sleep(0.3)  # sent, and being checked
+            for _ in range(3000):  # received, and being checked
+                if marker.exists():
+                    break
+                await asyncio.sleep(0.01)
+            assert marker.exists(), server.logs()[-3000:]
             server.process.send_signal(signal.SIGTERM)
             return (await asyncio.gather(adding, return_exceptions=True))[0]
 

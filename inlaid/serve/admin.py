@@ -30,7 +30,10 @@ Reply = Callable[[bytes, msgspec.Struct], None]  # (client identity, message)
 
 
 class TaskCalls:
-    def __init__(self, registry: TaskRegistry, reply: Reply, dynamic: DynamicTasks) -> None:
+    def __init__(self, registry: TaskRegistry, reply: Reply, dynamic: DynamicTasks,
+                 accepting: Callable[[], bool] = lambda: True) -> None:
+        """accepting(): False once the server shuts down (adds and removals are refused then)."""
+        self._accepting = accepting
         self.registry = registry
         self.dynamic = dynamic
         self._reply = reply
@@ -46,6 +49,10 @@ class TaskCalls:
             self.registry.check_token(message.token)
             if isinstance(message, TaskStatus):
                 return self._reply(identity, self.dynamic.status(message.request_id, message.name))
+            if not self._accepting():  # the requantizer and the drain are ending: nothing may change now
+                verb, done = ("add", "added") if isinstance(message, AddTask) else ("remove", "removed")
+                raise TaskError(ErrorCode.SHUTTING_DOWN, f"the server is shutting down: task {message.name!r} was "
+                                                         f"not {done}; {verb} it once the server is back")
             if isinstance(message, RemoveTask):
                 return self._done(identity, message, self.dynamic.remove(message.name),
                                   returns_at_restart=self.dynamic.config.tasks.get(message.name))

@@ -108,7 +108,7 @@ class Coordinator:
                                      lambda: [engine.scheduler.policy for engine in self.pool.engines]
                                      ) if retune_options is not None else None
         self.dynamic = DynamicTasks(config, self.registry, wake=self._wake, on_task_count=self._on_task_count)
-        self.task_calls = TaskCalls(self.registry, self._reply_to_admin, self.dynamic)
+        self.task_calls = TaskCalls(self.registry, self._reply_to_admin, self.dynamic, lambda: self._accepting)
         self._tempdir: str | None = None
         self.exit_code = 0
         self.start_error: str | None = None  # why run() could not start serving (exit 2)
