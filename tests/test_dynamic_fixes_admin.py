@@ -100,6 +100,11 @@ def test_replacing_a_task_whose_job_is_held_says_the_job_is_dropped(model_dir, t
     assert not restarted.store.tasks["code"].suspended_phase
     text = restarted.add(restarted.prepare("code", str(adapter), None))  # nothing held any more: nothing said
     assert "unfinished" not in text, text
+    # a finished task that could not be served after a restart keeps its phase aside too: no job is held
+    restarted.store.tasks["code"] = TaskRecord(name="code", adapter_dir=str(adapter), calibration="", phase=FAILED,
+                                               suspended_phase=READY, version=1, layers_done=30, layers_total=30)
+    text = restarted.add(restarted.prepare("code", str(other), None))
+    assert "unfinished" not in text, text
 
 
 def test_busy_replacement_says_how_many_and_to_retry(model_dir, tmp_path, adapter):

@@ -265,7 +265,7 @@ class DynamicTasks:
             message = f"added again with the same files{samples}: its re-quantization (version {replaced.version}) "
             record = replace(replaced, adapter_dir=inputs.adapter_dir,
                              calibration=inputs.calibration or replaced.calibration, message=message + "still serves")
-        if replaced is not None and replaced.suspended_phase:  # a held job (the requantizer off) goes unsaid else
+        if replaced is not None and replaced.suspended_phase in (QUEUED, REQUANTIZING):  # a held job (_hold_job)
             text += (f"; its unfinished re-quantization (stopped at layer {replaced.layers_done} of "
                      f"{replaced.layers_total}, held until a restart that can run it) is dropped: this add replaces it")
         if (record.phase != QUEUED and (replaced is not None or replaced_entry is not None)
