@@ -346,7 +346,7 @@ def test_a_task_added_again_where_a_layer_of_its_job_is_not_served_says_how_to_r
     status = dynamic.status("r", "code")
     assert (status.layers_swapped, status.layers_not_served, status.layers_superseded) == (1, 1, 0)
     text = dynamic.add(dynamic.prepare("code", str(adapter), None))
-    assert ("its re-quantization (version 4) still serves, but for 1 changed layers not served at its version"
+    assert ("its re-quantization (version 4) still serves, but for 1 changed layer not served at its version"
             in text), text
     assert text.endswith("remove the task and add it again with its calibration to redo them"), text
     dynamic.store.layers[9] = CommittedLayer(version=4, file=str(tmp_path / "layer_009.v4.safetensors"))

@@ -198,7 +198,8 @@ def test_replay_summaries_are_strict_json_and_the_slo_counts_known_isolated_late
     # what a replay cannot see (steps, pauses) is there as null, as the docs say, not missing
     # (preemptions read 0: the records' default, summed, though the server may have paused some)
     assert all(summary[key] is None for key in ("tasks_per_step", "adapter_loads_per_s", "steps", "preemptions"))
-    paused = [RequestRecord(str(i), "a", 10, 0.0, 0.1, [0.2, 0.3], 0.3, isolated_s=0.2, preemptions=i) for i in range(3)]
+    paused = [RequestRecord(str(i), "a", 10, 0.0, 0.1, [0.2, 0.3], 0.3, isolated_s=0.2, preemptions=i)
+              for i in range(3)]
     assert summarize(paused)["preemptions"] == 3  # a simulation's records know theirs
 
 

@@ -58,7 +58,7 @@ class StepLogPolicy(SchedulingPolicy):
         return getattr(self.inner, name)
 
     def attach(self, scheduler: "Scheduler") -> None:
-        self._file = open(self.path, "a", buffering=1 << 16)
+        self._file = open(self.path, "a", buffering=1)  # line-buffered: each line reaches the file whole
         self._scheduler = scheduler
         self.inner.attach(scheduler)
 
@@ -100,7 +100,6 @@ class StepLogPolicy(SchedulingPolicy):
             if self._scheduler is not None and self._scheduler.executor_index is not None:
                 record["executor"] = self._scheduler.executor_index
             self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
         self.inner.on_result(result, now)
 
     def on_finish(self, seq: Sequence, now: float) -> None:

@@ -48,11 +48,11 @@ log = logging.getLogger("inlaid.supervisor")
 
 
 class ExecutorLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """Adds its fields to each record beside the call's own `extra` (LoggerAdapter, before
-    Python 3.13, replaced the call's)."""
+    """Adds its fields to each record beside the call's own `extra` (a plain LoggerAdapter
+    replaces the call's: `merge_extra` is Python 3.13's)."""
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        kwargs["extra"] = {**(self.extra or {}), **kwargs.get("extra", {})}
+        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
         return msg, kwargs
 
 
@@ -175,7 +175,7 @@ class ExecutorSupervisor:
                 # Still loading, or still inside a step after the coordinator's grace period:
                 # every request has been answered, and waiting would only delay the exit.
                 self._log.warning("executor still busy at shutdown; killing it",
-                            extra={"pid": process.pid, "loading": self.hello is None})
+                                  extra={"pid": process.pid, "loading": self.hello is None})
                 process.kill()
             else:
                 try:
@@ -258,7 +258,7 @@ class ExecutorSupervisor:
         await asyncio.sleep(self.start_timeout_s)
         if generation == self.generation and self.hello is None and process.returncode is None:
             self._log.error("executor did not become ready in time; killing it",
-                      extra={"pid": process.pid, "timeout_s": self.start_timeout_s})
+                            extra={"pid": process.pid, "timeout_s": self.start_timeout_s})
             process.kill()
 
     async def _watch(self, process: asyncio.subprocess.Process, generation: int) -> None:
@@ -288,8 +288,8 @@ class ExecutorSupervisor:
                 self.on_fatal(failed)
                 return
             self._log.error("executor keeps failing to start; the other executors serve, and it is tried again",
-                      extra={"reason": failed, "retry_in_s": HELD_DOWN_RETRY_S,
-                             "device": self.engine_config.device})
+                            extra={"reason": failed, "retry_in_s": HELD_DOWN_RETRY_S,
+                                   "device": self.engine_config.device})
             delay = HELD_DOWN_RETRY_S
         self.restarts += 1
         await asyncio.sleep(delay)
@@ -357,8 +357,8 @@ class ExecutorSupervisor:
                 self._start_failures = 0
                 self.ready.set()
                 self._log.info("executor connected", extra={"pid": message.pid, "generation": message.generation,
-                                                      "device": message.device,
-                                                      "load_seconds": round(message.load_seconds, 3)})
+                                                            "device": message.device,
+                                                            "load_seconds": round(message.load_seconds, 3)})
 
     def _fail_pending(self, error: Exception) -> None:
         if self._pending is not None and not self._pending[1].done():
@@ -383,16 +383,17 @@ class ExecutorSupervisor:
             try:
                 result, received = await asyncio.wait_for(asyncio.shield(future), stalled_after)
             except asyncio.TimeoutError:  # health reads "stalled" from now on: the log says so too
-                self._log.warning("a step is running long: health reads stalled until it ends; at the step timeout the "
-                            "executor is killed", extra={"step_id": plan.step_id, "running_s": round(stalled_after, 1),
-                                                         "timeout_s": self.step_timeout_s, "pid": self.pid})
+                self._log.warning("a step is running long: health reads stalled until it ends; at the step timeout "
+                                  "the executor is killed",
+                                  extra={"step_id": plan.step_id, "running_s": round(stalled_after, 1),
+                                         "timeout_s": self.step_timeout_s, "pid": self.pid})
                 result, received = await asyncio.wait_for(asyncio.shield(future), self.step_timeout_s - stalled_after)
                 self._log.info("the long step ended", extra={"step_id": plan.step_id,
-                                                       "running_s": round(time.perf_counter() - sent, 1)})
+                                                             "running_s": round(time.perf_counter() - sent, 1)})
         except asyncio.TimeoutError:
             reason = f"executor (pid {self.pid}) ran a step past the step timeout ({self.step_timeout_s:g} s)"
             self._log.error("step timed out; killing the executor", extra={"step_id": plan.step_id,
-                                                                      "timeout_s": self.step_timeout_s})
+                                                                            "timeout_s": self.step_timeout_s})
             self._lose(generation, reason, restartable=False)
             raise ExecutorLostError(reason) from None
         finally:

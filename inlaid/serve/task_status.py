@@ -64,7 +64,8 @@ def not_served_note(store: TaskStore, record: TaskRecord) -> str:
     not_served = sum(1 for version in store.served_versions(record).values() if version < record.version)
     if not not_served:
         return ""
-    return (f", but for {not_served} changed layers not served at its version (a failed swap, or a file found "
+    layers = "layer" if not_served == 1 else "layers"
+    return (f", but for {not_served} changed {layers} not served at its version (a failed swap, or a file found "
             f"damaged at a restart: an older version or the checkpoint's layer serves them); {REDO_NOT_SERVED}")
 
 

@@ -200,7 +200,9 @@ class TaskStore:
             self.next_version = _checked(int, raw.get("next_version"), "next_version")
             if self.next_version < 1:
                 raise ValueError(f"next_version: {self.next_version} < 1")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:  # a wrong shape, too
+        except OSError as error:  # permissions, I/O: the file may be whole, so nothing is said to be lost
+            raise StateDirError(f"{path} is unreadable: {type(error).__name__}: {error}") from error
+        except (ValueError, KeyError, TypeError, AttributeError) as error:  # a wrong shape, too
             # the server writes it whole (a rename) or not at all: damage came from outside
             raise StateDirError(f"{path} is unreadable: {type(error).__name__}: {error}. Restore it from a backup, "
                                 "or move the state directory aside (or use another server.state_dir) to start "
@@ -233,7 +235,8 @@ class TaskStore:
         """The version serving each layer the record's job changed and finished (0: the
         checkpoint's): its own, a later task's, or an older one where its swap failed or its
         file was found damaged at a restart."""
-        changed = {d["layer"] for d in record.decisions if d["action"] == "requantized" and d["layer"] < record.layers_done}
+        changed = {d["layer"] for d in record.decisions
+                   if d["action"] == "requantized" and d["layer"] < record.layers_done}
         return {layer: self.layers[layer].version if layer in self.layers else 0 for layer in changed}
 
     def save(self) -> bool:
