@@ -57,7 +57,8 @@ def test_a_max_tokens_the_context_cannot_hold_is_refused_and_none_fills_the_cont
     assert (b"c", "over") not in in_flight.requests
     generate("fits", 10)
     generate("fill", None)
-    for request_id, max_tokens in (("fits", 10), ("fill", 10)):  # None: the room the prompt leaves
+    # None: one past the room the prompt leaves, so that the context ends it ("context", not "length")
+    for request_id, max_tokens in (("fits", 10), ("fill", 11)):
         request = in_flight.requests[(b"c", request_id)]
         assert engine.sequence(request.engine_id).sampling.max_tokens == max_tokens
     with pytest.raises(ValueError, match="max_tokens must be >= 1"):

@@ -78,7 +78,8 @@ def check_adapter_weights(spec: AdapterSpec, model: ModelConfig, max_rank: int) 
     """Raise AdapterError naming the first problem; return when the weights are servable."""
     where = f"adapter {spec.name!r}"
     if spec.rank > max_rank:
-        raise AdapterError(f"{where} has rank {spec.rank}; this server's max_lora_rank is {max_rank}")
+        raise AdapterError(f"{where} has rank {spec.rank}; the engine's max_lora_rank is {max_rank} (a server's: "
+                           "[executor] max_lora_rank)")
     path = Path(spec.path) / WEIGHTS_FILE
     try:
         with path.open("rb") as file:

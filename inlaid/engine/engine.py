@@ -127,6 +127,8 @@ class Engine:
         server's own checks (AdapterError naming the first problem). `check_weights=False`: the
         caller checked it (the server, off its event loop) and passes the `adapter_signature`
         it checked. A path registered again after its files changed serves the new files."""
+        if not isinstance(name, str) or not name:  # None is the base model: an adapter under it was unreachable
+            raise InvalidRequestError(f"an adapter's name must be a non-empty string, got {name!r}", "task")
         checked, signature = signature is None, adapter_signature(path) if signature is None else signature
         spec = read_adapter_spec(name, path)
         if spec.rank > self.config.max_lora_rank:
@@ -170,7 +172,9 @@ class Engine:
             raise InvalidRequestError(f"stop_token_ids must be integers in [0, {vocab})", "stop_token_ids")
         token_ids = self.prompt_tokens(prompt, messages)
         if sampling.max_tokens is None:  # until the context is full (a too-long prompt is refused below)
-            sampling = msgspec.structs.replace(sampling, max_tokens=max(1, self.max_model_len - len(token_ids)))
+            # one past the room the prompt leaves: the context, not this count, ends it ("context"; at
+            # the room itself the count ended it first and said "length", as if a limit were asked)
+            sampling = msgspec.structs.replace(sampling, max_tokens=max(1, self.max_model_len - len(token_ids) + 1))
         if adapter is not None and adapter not in self.scheduler.adapters.paths:
             raise InvalidRequestError(f"unknown adapter/task {excerpt(adapter)}; known: {self.adapter_names}", "task")
         seq_id = next(self._seq_ids)
@@ -206,9 +210,14 @@ class Engine:
                 raise InvalidRequestError(str(error), "messages") from None
             try:
                 prompt = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True)
-            except ValueError as error:
-                raise InvalidRequestError(str(error), "messages") from error
+            except (ValueError, TypeError) as error:  # TypeError: a lone surrogate, which no tokenizer encodes
+                raise InvalidRequestError(f"the messages cannot be tokenized: {error}", "messages") from error
         if isinstance(prompt, str):
+            try:  # a lone surrogate ("\ud800") has no UTF-8: the tokenizer raised a bare TypeError
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise InvalidRequestError(f"the prompt is not valid text: {error.reason} at character "
+                                          f"{error.start}", "prompt") from None
             prefix_chars = self.max_model_len * _PROMPT_PREFIX_CHARS_PER_TOKEN
             if len(prompt) > prefix_chars:
                 # Cutting the text can change how its last word splits, by a token at most.
@@ -216,12 +225,15 @@ class Engine:
                 if at_least >= self.max_model_len:
                     raise PromptTooLongError(at_least, self.max_model_len)
             token_ids = self.tokenizer.encode(prompt)
+        elif not isinstance(prompt, (list, tuple)):
+            raise InvalidRequestError(f"a prompt is a string or a list of token ids, not {type(prompt).__name__}",
+                                      "prompt")
         else:
-            token_ids = list(prompt)  # type: ignore[arg-type]
+            token_ids = list(prompt)
             if len(token_ids) >= self.max_model_len:  # refused before checking each of 1M ids
                 raise PromptTooLongError(len(token_ids), self.max_model_len, exact=True)
             vocab = self.model_config.vocab_size
-            if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
+            if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in token_ids):
                 raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
         if not token_ids:
             raise InvalidRequestError("the prompt is empty")
@@ -350,18 +362,25 @@ class Engine:
         use_tqdm: bool = False,
     ) -> list[GenerationOutput]:
         """Run a batch to completion (continuous batching inside); outputs in input order."""
+        if prompts is not None and messages is not None:  # messages were ignored
+            raise InvalidRequestError("give prompts or messages, not both")
         inputs: list = list(prompts) if prompts is not None else list(messages or [])
         count = len(inputs)
         sampling_list = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling or SamplingParams()] * count
         adapter_list = list(adapters) if adapters is not None else [None] * count
         if len(sampling_list) != count or len(adapter_list) != count:
             raise InvalidRequestError("prompts, sampling and adapters must have the same length")
-        ids = []
-        for item, params, adapter in zip(inputs, sampling_list, adapter_list):
-            if prompts is not None:
-                ids.append(self.add_request(item, sampling=params, adapter=adapter))
-            else:
-                ids.append(self.add_request(messages=item, sampling=params, adapter=adapter))
+        ids: list[str] = []
+        try:
+            for item, params, adapter in zip(inputs, sampling_list, adapter_list):
+                if prompts is not None:
+                    ids.append(self.add_request(item, sampling=params, adapter=adapter))
+                else:
+                    ids.append(self.add_request(messages=item, sampling=params, adapter=adapter))
+        except BaseException:  # none of the batch runs: the ones added ran in the next call, unasked
+            for request_id in ids:
+                self.abort(request_id)
+            raise
         sequences = {rid: self._requests[rid].seq for rid in ids}
         texts: dict[str, list[str]] = {rid: [] for rid in ids}
         progress = None

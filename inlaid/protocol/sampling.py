@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import msgspec
 
@@ -40,6 +41,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
     def validate(self) -> None:
         """Raise SamplingError (a ValueError naming the field) for values no sampler can honour."""
+        self._check_types()
         if self.max_tokens is not None and self.max_tokens < 1:
             raise SamplingError("max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}")
         if not (0.0 <= self.temperature < math.inf):  # also refuses NaN
@@ -61,6 +63,18 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise SamplingError("stop_token_ids", f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids, got "
                                 f"{len(self.stop_token_ids)}")
+
+    def _check_types(self) -> None:
+        """A Struct built in Python is not type-checked (a decoded frame is): stop="ab" was read
+        as the stop strings "a" and "b", and top_k=1.5 or seed=1.5 passed to the sampler and
+        raised inside the engine's step, failing the batch (an outside probe)."""
+        try:
+            msgspec.convert(msgspec.to_builtins(self), SamplingParams)
+        except (msgspec.ValidationError, TypeError) as error:
+            where = re.search(r"\$\.(\w+)", str(error))
+            field = where.group(1) if where else "sampling"
+            value = f" (value {getattr(self, field)!r:.80})" if where else ""
+            raise SamplingError(field, f"{field}: {str(error).split(' - at ')[0].replace('`', '')}{value}") from None
 
 
 __all__ = [
