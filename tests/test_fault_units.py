@@ -1,6 +1,6 @@
 """Fault handling of the pieces, without a server: client frames, sampling, per-sequence
-isolation in the runner and the engine, and disconnect detection (adapter files:
-test_fault_adapter_files.py).
+isolation in the runner and the engine (adapter files: test_fault_adapter_files.py;
+disconnect detection: test_peer_watch.py).
 
 Property tests (Hypothesis, derandomized: the same examples every run) check totality:
 whatever a client can send, the answer is a result or a typed error, never another
@@ -9,14 +9,11 @@ exception.
 
 from __future__ import annotations
 
-import asyncio
 import math
-import time
 
 import msgspec
 import pytest
 import torch
-import zmq.asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,7 +21,6 @@ from adapter_corruptions import copy_adapter
 from inlaid.engine.sampler import RowFailure, sample_tokens
 from inlaid.protocol import ClientRequest, ErrorCode, ErrorReply, SamplingParams
 from inlaid.serve.frames import decode_client_frames
-from inlaid.serve.peers import PeerWatch
 
 PROPERTY = settings(max_examples=150, deadline=None, database=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -175,163 +171,6 @@ def test_engine_fails_only_the_sequence_whose_adapter_cannot_load(model_dir, ada
     assert result.failed_adapters == ["broken"] and not result.sampled
     outputs = engine.finish_step(result)
     assert outputs[0].finish_reason == "error" and outputs[0].error.code == ErrorCode.ADAPTER_FAILED
-
-
-# ------------------------------------------------------------------ client disconnects
-def test_peer_watch_names_the_peer_that_disconnected():
-    import asyncio
-
-    async def scenario() -> tuple[list[bytes], bytes, bytes]:
-        context = zmq.asyncio.Context()
-        router = context.socket(zmq.ROUTER)
-        port = router.bind_to_random_port("tcp://127.0.0.1")
-        gone: list[bytes] = []
-        watch = PeerWatch(router, gone.append)
-        watcher = asyncio.get_running_loop().create_task(watch.run())
-        identities = []
-        for name in (b"first", b"second"):
-            dealer = zmq.Context.instance().socket(zmq.DEALER)
-            dealer.setsockopt(zmq.IDENTITY, name)
-            dealer.connect(f"tcp://127.0.0.1:{port}")
-            dealer.send(b"hello")
-            frames = await asyncio.wait_for(router.recv_multipart(copy=False), 10)
-            watch.saw(frames[0])
-            identities.append(frames[0].bytes)
-            dealer.close(linger=0)  # the second one may reuse the first one's descriptor
-            for _ in range(500):
-                if name in gone:
-                    break
-                await asyncio.sleep(0.01)
-        watcher.cancel()
-        watch.close()
-        router.close(linger=0)
-        context.term()
-        return gone, identities[0], identities[1]
-
-    gone, first, second = asyncio.run(scenario())
-    assert gone == [first, second], gone  # each reported once, in order, none by mistake
-
-
-def _router_with_watch(settle_s: float):  # type: ignore[no-untyped-def]
-    context = zmq.asyncio.Context()
-    router = context.socket(zmq.ROUTER)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    events: list[str] = []
-    watch = PeerWatch(router, lambda identity: events.append(f"gone {identity!r}"), settle_s=settle_s)
-    watcher = asyncio.get_running_loop().create_task(watch.run())
-
-    def close() -> None:  # in a finally: a context left open hangs whichever later test collects it
-        watcher.cancel()
-        watch.close()
-        context.destroy(linger=0)
-
-    return router, port, watch, events, close
-
-
-async def _read(router, watch, events: list[str]) -> bytes:  # type: ignore[no-untyped-def]
-    frames = await asyncio.wait_for(router.recv_multipart(copy=False), 10)
-    watch.saw(frames[0])
-    events.append(frames[1].bytes.decode())
-    return frames[0].bytes
-
-
-def test_a_peer_that_sends_and_closes_is_reported_gone_after_its_last_frame_is_read():
-    """The monitor's disconnect and the peer's last frame arrive on two sockets: a client that
-    sent a Cancel and closed (the SDK after a timeout) was reported gone first, and its request
-    counted abandoned. Here the front reads nothing for 0.5 s after the close (busy): the report
-    waits for the queued frame, then comes at once."""
-
-    async def scenario() -> tuple[list[str], float]:
-        router, port, watch, events, close = _router_with_watch(settle_s=0.05)
-        dealer = zmq.Context.instance().socket(zmq.DEALER)
-        try:
-            dealer.connect(f"tcp://127.0.0.1:{port}")
-            dealer.send(b"generate")
-            await _read(router, watch, events)
-            dealer.send(b"cancel")
-            dealer.close(linger=1000)
-            await asyncio.sleep(0.5)  # the disconnect is seen meanwhile (the watcher runs)
-            await _read(router, watch, events)
-            read_at = time.monotonic()
-            for _ in range(300):
-                if events[-1].startswith("gone"):
-                    break
-                await asyncio.sleep(0.01)
-            return events, time.monotonic() - read_at
-        finally:
-            dealer.close(linger=0)
-            close()
-
-    events, waited = asyncio.run(scenario())
-    assert [event.split(" ")[0] for event in events] == ["generate", "cancel", "gone"], events
-    assert waited < 1.0  # reported once nothing waits, not at the 2 s bound
-
-
-def test_a_peer_with_its_own_identity_that_reconnects_at_once_is_not_reported_gone_after_it():
-    """Its report waited for the settle time: the peer, back on the same descriptor (the
-    lowest free one) under its identity, was then reported gone after its new frame, and its
-    new requests abandoned (a reviewer's finding). A chosen identity is reported at the event."""
-
-    async def scenario() -> list[str]:
-        router, port, watch, events, close = _router_with_watch(settle_s=0.5)  # a wide window
-        dealers = []
-        try:
-            for text in ("first", "again"):
-                dealers.append(dealer := zmq.Context.instance().socket(zmq.DEALER))
-                dealer.setsockopt(zmq.IDENTITY, b"fixed")
-                dealer.connect(f"tcp://127.0.0.1:{port}")
-                dealer.send(text.encode())
-                await _read(router, watch, events)
-                if text == "first":
-                    dealer.close(linger=1000)
-                    # back within the settle time, once the close is through (the ROUTER refuses
-                    # an identity whose old connection it still has)
-                    await asyncio.sleep(0.2)
-            await asyncio.sleep(1.5)
-            return events
-        finally:
-            for dealer in dealers:
-                dealer.close(linger=0)
-            close()
-
-    assert asyncio.run(scenario()) == ["first", "gone b'fixed'", "again"]
-
-
-def test_a_departed_peers_late_frame_does_not_take_over_its_descriptor():
-    """A's last frame, read after its disconnect and after B's first frame on the reused
-    descriptor, mapped the descriptor back to A: B's own disconnect then named A, and B was
-    never reported gone (its requests ran on). Each is reported once, whatever the order."""
-
-    async def scenario() -> list[str]:
-        router, port, watch, events, close = _router_with_watch(settle_s=0.05)
-        first = zmq.Context.instance().socket(zmq.DEALER)
-        second = zmq.Context.instance().socket(zmq.DEALER)
-        try:
-            first.connect(f"tcp://127.0.0.1:{port}")
-            first.send(b"a-generate")
-            a = await _read(router, watch, events)
-            first.send(b"a-cancel")
-            first.close(linger=1000)
-            await asyncio.sleep(0.3)  # its disconnect seen, its Cancel not read yet
-            second.connect(f"tcp://127.0.0.1:{port}")
-            second.send(b"b-hello")
-            identities = {await _read(router, watch, events), await _read(router, watch, events)}
-            b = (identities - {a}).pop()
-            second.close(linger=1000)
-            for _ in range(300):
-                if sum(event.startswith("gone") for event in events) >= 2:
-                    break
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.2)
-            return [event.replace(repr(a), "A").replace(repr(b), "B") for event in events]
-        finally:
-            first.close(linger=0)
-            second.close(linger=0)
-            close()
-
-    events = asyncio.run(scenario())
-    assert sorted(events[1:]) == sorted(["a-cancel", "b-hello", "gone A", "gone B"]), events
-    assert events.index("gone A") > events.index("a-cancel")  # after its last frame
 
 
 # ------------------------------------------------------------------ executor loss
