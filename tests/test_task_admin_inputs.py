@@ -83,7 +83,7 @@ def test_task_status_line_says_which_of_its_layers_are_still_served(capsys):
     # fewer layers were swapped than done); layers lost at a restart are named as such
     assert line(layers_swapped=20, served_version=1).endswith("20 of its layers served now")
     assert "2 changed layers not served at its version" in line(layers_not_served=2)
-    assert "add the task again" in line(layers_not_served=2)
+    assert "remove the task and add it again" in line(layers_not_served=2)  # adding it again changes nothing
     assert line(layers_swapped=30, served_version=1).endswith("30 of its layers served now")
     assert line(phase="serving", layers_done=0, version=0, layers_swapped=0) == "code: serving"
 
