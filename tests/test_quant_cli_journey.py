@@ -235,3 +235,13 @@ def test_large_files_are_told_as_other_files_not_other_contents(tmp_path: Path) 
     assert before != after
     assert settings_differences({"--model": before, "--bits": 4}, {"--model": after, "--bits": 4}) == [
         "--model: other files (path, size or modification time)"]
+
+
+def test_an_option_left_out_is_named_as_the_default_not_as_none() -> None:
+    """quantize-add's refusal read "--max-samples None there, 4 here" (an outside probe)."""
+    from inlaid.quant.run_support import settings_differences
+
+    assert settings_differences({"--max-samples": None, "--bits": 4}, {"--max-samples": 4, "--bits": 4}) == [
+        "--max-samples not given (the default) there, 4 here"]
+    assert settings_differences({"--max-samples": 4}, {"--max-samples": None}) == [
+        "--max-samples 4 there, not given (the default) here"]

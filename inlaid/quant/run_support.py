@@ -34,9 +34,14 @@ def settings_differences(recorded: dict | None, current: dict) -> list[str]:
         elif isinstance(value, str) and value.startswith(FILES_PREFIX):
             differing.append(f"{key}: other files (path, size or modification time)")
         else:
-            differing.append(f"{key} {recorded[key]} there, {value} here")
-    differing += [f"{key} {recorded[key]} there, not given here" for key in recorded if key not in current]
+            differing.append(f"{key} {_shown(recorded[key])} there, {_shown(value)} here")
+    differing += [f"{key} {_shown(recorded[key])} there, not given here" for key in recorded if key not in current]
     return differing
+
+
+def _shown(value: object) -> object:
+    # An option left out is recorded as None: "--max-samples None there" read as Python, not as the default
+    return "not given (the default)" if value is None else value
 
 
 def finished_layers(out: Path) -> int:
