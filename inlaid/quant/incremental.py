@@ -328,9 +328,9 @@ class IncrementalQuantizer:
                 state[group] = {**existing, self.task.name: hessians[(self.task.name, forward)]}
                 self._check_costs(index, group, state[group])
                 own = stored.get(group, {}).get(self.task.name) if stored is not None and self.replaces_stored else None
-                before = existing if own is None else {**existing, self.task.name: own}
+                served_from = existing if own is None else {**existing, self.task.name: own}
                 group_decisions, group_tensors, kept_references[group] = decide_group_linears(
-                    policy, layer, prefix, group, served, existing, state[group], references.get(group), before)
+                    policy, layer, prefix, group, served, existing, state[group], served_from, references.get(group))
                 decisions.extend(group_decisions)
                 tensors.update(group_tensors)
             if self.pace is not None:

@@ -72,8 +72,8 @@ class LinearPolicy:
 
 def decide_group_linears(policy: LinearPolicy, layer: torch.nn.Module, prefix: str, group: str,
                          served: dict[str, torch.Tensor], existing: dict[str, TaskHessian],
-                         merged: dict[str, TaskHessian], references: GroupReferences | None = None,
-                         before: dict[str, TaskHessian] | None = None,
+                         merged: dict[str, TaskHessian], served_from: dict[str, TaskHessian],
+                         references: GroupReferences | None = None,
                          ) -> tuple[list[LinearDecision], dict[str, torch.Tensor], GroupReferences]:
     """Decide the linears reading input `group` and write the chosen weights into the layer
     (the next group's inputs are computed with them). Returns the decisions, the chosen
@@ -84,16 +84,17 @@ def decide_group_linears(policy: LinearPolicy, layer: torch.nn.Module, prefix: s
     outside probe saw a task added live end at 3.3x its NLL from before its own job, two jobs on).
     A task's reference is the first error the gate saw for it: an existing task's served error
     when it has none stored (a full run's tasks: their checkpoint's error), the job's own task's
-    error on the weight its job chose. `before`: the aggregate the served weights came from
-    (default `existing`; with the job's own task's earlier Hessians when it is added again, else
-    its identical samples read as its whole weight moving: 1.2 % on every linear of the 4-bit
-    suite base, every layer re-quantized to the same weights, an outside probe)."""
+    error on the weight its job chose. `served_from`: the aggregate the served weights came
+    from, which a linear's change is measured against: `existing`, with the job's own task's
+    earlier Hessians when it is added again (without them its identical samples read as its
+    whole weight moving: 1.2 % on every linear of the 4-bit suite base, every layer
+    re-quantized to the same weights, an outside probe)."""
     references = references or {}
     names = INPUT_GROUPS[group]
     linears = [plain_linear(layer, name) for name in names]
     weights = [linear.weight.data.float() for linear in linears]
-    changes = [aggregate_change(policy.method, weight, existing if before is None else before, merged, policy.options,
-                                policy.task_costs) for weight in weights]
+    changes = [aggregate_change(policy.method, weight, served_from, merged, policy.options, policy.task_costs)
+               for weight in weights]
     moved = [i for i, change in enumerate(changes) if change > policy.change_threshold]
     stack = TaskHessians(merged)
     outcomes = dict(zip(moved, quantize_linears(
