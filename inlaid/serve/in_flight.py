@@ -20,7 +20,8 @@ from collections.abc import Callable
 
 import msgspec
 
-from inlaid.engine.engine import Engine, InvalidRequestError, PromptTooLongError, RequestOutput
+from inlaid.engine.engine import Engine, RequestOutput
+from inlaid.engine.prompts import InvalidRequestError, PromptTooLongError
 from inlaid.engine.sequence import SequenceStatus
 from inlaid.protocol import (
     MAX_REQUEST_ID_CHARS, BatchPlan, Cancel, ContextOverflow, ErrorCode, ErrorReply, Generate, InFlightCounts,
