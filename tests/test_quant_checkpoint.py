@@ -129,3 +129,56 @@ def test_rtn_and_gptq_share_the_storage_convention() -> None:
     identity = gptq_quantize(weight, torch.eye(64), QuantSpec(bits=3, group_size=32, damp_percent=0.0))
     # with H = I there is nothing to compensate: GPTQ reduces to round-to-nearest
     assert torch.equal(rtn.codes, identity.codes) and torch.equal(rtn.scales, identity.scales)
+
+
+def test_weights_file_header_has_its_metadata_keys_sorted(tmp_path) -> None:
+    """safetensors writes `__metadata__` in a hash map's order, which changes from process to
+    process: here a file written with the keys reversed is put in order, its tensors unchanged."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from inlaid.quant.checkpoint import _sort_header_metadata
+
+    path = tmp_path / "model.safetensors"
+    tensors = {"b": torch.arange(6, dtype=torch.int32), "a": torch.randn(3, 2)}
+    save_file(tensors, str(path), metadata={"quant_method": "gptq", "format": "pt"})
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + length])
+    header["__metadata__"] = {"quant_method": "gptq", "format": "pt"}  # whatever order it was written in
+    text = json.dumps(header, separators=(",", ":")).encode()
+    path.write_bytes(raw[:8] + text.ljust(length, b" ") + raw[8 + length:])
+    _sort_header_metadata(path)
+    rewritten = path.read_bytes()
+    assert len(rewritten) == len(raw)
+    assert rewritten[8:8 + length].startswith(b'{"__metadata__":{"format":"pt","quant_method":"gptq"}')
+    assert rewritten[8 + length:] == raw[8 + length:]
+    with safe_open(str(path), "pt") as opened:
+        assert opened.metadata() == {"format": "pt", "quant_method": "gptq"}
+    for name, tensor in load_file(str(path)).items():
+        assert torch.equal(tensor, tensors[name])
+
+
+def test_the_same_checkpoint_written_by_separate_processes_has_the_same_bytes(tmp_path) -> None:
+    """Six processes (each with its own hash seed in safetensors' writer) write one checkpoint:
+    its weights file has one sha256 (before the header was sorted, a pair of processes wrote
+    two different files half the time)."""
+    import hashlib
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch; from pathlib import Path\n"
+        "sys.path.insert(0, sys.argv[2])\n"
+        "from test_quant_checkpoint import _write_small_checkpoint\n"
+        "from inlaid.quant.spec import QuantSpec\n"
+        "torch.set_num_threads(1); torch.manual_seed(0)  # the float tensors are drawn unseeded\n"
+        "_write_small_checkpoint(Path(sys.argv[1]), QuantSpec(bits=4, group_size=32))\n"
+    )
+    tests_dir = str(__import__("pathlib").Path(__file__).parent)
+    digests = set()
+    for run in range(6):
+        out = tmp_path / f"run{run}"
+        subprocess.run([sys.executable, "-c", script, str(out), tests_dir], check=True, timeout=120)
+        digests.add(hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1

@@ -134,6 +134,7 @@ def write_checkpoint(
     tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
     temporary = out_dir / (WEIGHTS_FILE + ".tmp")
     save_file(tensors, str(temporary), metadata={"format": "pt", "quant_method": "gptq"})
+    _sort_header_metadata(temporary)
     as_umask_allows(temporary)
     temporary.replace(out_dir / WEIGHTS_FILE)
     config = dict(base_config)
@@ -147,6 +148,23 @@ def write_checkpoint(
         if source.is_file():
             shutil.copyfile(source, out_dir / name)
     (out_dir / METADATA_FILE).write_text(json.dumps(metadata.__dict__, indent=2))
+
+
+def _sort_header_metadata(path: Path) -> None:
+    """Rewrite a safetensors file's `__metadata__` with its keys sorted, in place. safetensors
+    writes them in a hash map's order, which changes from process to process, so two runs
+    that quantized to the same tensors wrote files with different bytes (and sha256)."""
+    with open(path, "r+b") as file:
+        header_length = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(header_length))
+        if len(header.get("__metadata__") or {}) < 2:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > header_length:  # not the same entries in another order: left as written
+            return
+        file.seek(8)
+        file.write(text.ljust(header_length, b" "))
 
 
 @dataclass
