@@ -41,6 +41,7 @@ CASES: list[tuple[dict[str, Any], str]] = [
     ({"server": {"allow_public_bind": "false"}}, "server.allow_public_bind must be true or false"),
     ({"server": {"allow_public_bind": 1}}, "server.allow_public_bind must be true or false"),
     ({"server": {"policy": 5}}, "server.policy must be a string"),
+    ({"server": {"task_histograms": "no"}}, "server.task_histograms must be true or false"),
     ({"server": {"admin_token": 12345678901234567890}}, "server.admin_token must be a string"),
     # 5. ports
     ({"server": {"address": "tcp://127.0.0.1:99999"}}, "server.address"),

@@ -29,7 +29,7 @@ ANY_TOKEN = 42  # not an eos token of the model: sequences end by max_tokens
 class Harness:
     """What the coordinator does around the metrics hooks, minus the sockets."""
 
-    def __init__(self, model_dir, adapter_dirs) -> None:
+    def __init__(self, model_dir, adapter_dirs, per_task_histograms: bool = True) -> None:
         config = EngineConfig(model_dir=str(model_dir), max_lora_slots=1, max_lora_rank=32, num_kv_blocks=64,
                               block_size=BLOCK_SIZE)
         self.engine = Engine(config, runner=None)
@@ -39,7 +39,8 @@ class Harness:
         self.supervisor = ExecutorSupervisor(config, "ipc:///unused", on_lost=lambda *lost: None, on_fatal=print)
         self.requests: dict[str, ActiveRequest] = {}
         # The harness is the one executor the metrics read (its engine and supervisor).
-        self.metrics = ServerMetrics([self], self.tasks, self.requests, {"model": "m", "version": "v"})
+        self.metrics = ServerMetrics([self], self.tasks, self.requests, {"model": "m", "version": "v"},
+                                     per_task_histograms=per_task_histograms)
         self.finished: list[ActiveRequest] = []
 
     def step_running_seconds(self) -> float:
@@ -217,3 +218,45 @@ def test_reserved_task_names_are_refused():
     check_task_name("_private")  # only the __name__ form is reserved
     check_task_name("a__b__")
 
+
+
+_HISTOGRAMS = ("inlaid_request_duration_seconds", "inlaid_request_queue_seconds", "inlaid_time_to_first_token_seconds",
+               "inlaid_time_per_output_token_seconds")
+
+
+@pytest.mark.parametrize("per_task", [True, False], ids=["per-task", "task_histograms-false"])
+def test_task_histograms_false_keeps_one_histogram_set_and_the_per_task_counters(model_dir, adapter_dirs, per_task):
+    """`server.task_histograms = false`: the four latency histograms carry no `task` label (a
+    task's ~78 series were 70 of them: 4.9 MB an exposition at ~900 tasks), each observation
+    lands in the one set, and the per-task counters and a removed task's forgetting are as before."""
+    harness = Harness(model_dir, adapter_dirs, per_task_histograms=per_task)
+    jobs = [("r1", None, [1, 2, 3, 4, 5], 4), ("r2", "a", [6, 7], 1), ("r3", "a", list(range(10, 30)), 3),
+            ("r4", "b", [9, 9, 9], 2)]
+    for engine_id, task, prompt, max_tokens in jobs:
+        harness.admit(engine_id, task, prompt, max_tokens)
+    harness.run_to_idle()
+    families = {family.name: family for family in text_string_to_metric_families(harness.metrics.exposition())}
+    for name in _HISTOGRAMS:
+        counts = {sample.labels.get("task"): sample.value for sample in families[name].samples
+                  if sample.name == name + "_count"}
+        if per_task:
+            expected = {"__base__": 1, "a": 2, "b": 1}
+            if name == "inlaid_time_per_output_token_seconds":  # requests with 2+ tokens: r1, r3, r4
+                expected = {"__base__": 1, "a": 1, "b": 1}
+            assert counts == expected, name
+        else:
+            assert counts == {None: 3 if name == "inlaid_time_per_output_token_seconds" else 4}, name
+    samples = harness.samples()
+    assert _get(samples, "inlaid_generation_tokens_total", task="a") == 4
+    assert _get(samples, "inlaid_generation_tokens_total", task="b") == 2
+    assert _get(samples, "inlaid_requests_total", task="b", outcome="length") == 1
+    task_series = sum(1 for family in families.values() for sample in family.samples
+                      if sample.labels.get("task") == "b")
+    assert task_series == (78 if per_task else 3)  # requests (one outcome), prompt and generation tokens
+    del harness.tasks["b"]
+    harness.metrics.forget_task("b")
+    after = list(text_string_to_metric_families(harness.metrics.exposition()))
+    assert not any(sample.labels.get("task") == "b" for family in after for sample in family.samples)
+    if not per_task:  # the shared set keeps what b's requests put in it
+        duration = next(family for family in after if family.name == "inlaid_request_duration_seconds")
+        assert [s.value for s in duration.samples if s.name.endswith("_count")] == [4]

@@ -195,6 +195,7 @@ class ServerConfig:
     autotune_lengths: str | None = None
     http: HttpConfig | None = None  # the OpenAI-compatible front, started with the server
     metrics: MetricsConfig | None = None
+    task_histograms: bool = True  # False: the latency histograms without a `task` label (serving.md)
     executors: ExecutorsConfig = field(default_factory=ExecutorsConfig)
 
     # Where added tasks, their adapters and the re-quantized layers persist; None: nowhere
@@ -302,6 +303,7 @@ _SERVER_KEYS = _LIMIT_FIELDS | {
     "allow_public_bind",
     "policy",
     "state_dir",
+    "task_histograms",
 }
 _REQUANTIZER_FIELDS = {f.name: f for f in fields(RequantizerSettings)}
 
@@ -388,6 +390,7 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Serve
                           if autotune_lengths is not None else None),
         http=HttpConfig(**http) if http is not None else None,
         metrics=MetricsConfig(**metrics) if metrics is not None else None,
+        task_histograms=typed_value(server, "server", "task_histograms", True, bool),
         executors=ExecutorsConfig(**executors),
         state_dir=resolve_path(server["state_dir"], base_dir, "server.state_dir") if "state_dir" in server else None,
         requantizer=RequantizerSettings(**requantizer),

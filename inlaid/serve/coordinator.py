@@ -118,7 +118,8 @@ class Coordinator:
                                   self.counters)
         self.metrics = ServerMetrics(self.pool.shards, self.registry.tasks, self.in_flight.by_engine_id,
                                      {"version": SERVER_VERSION, "model": base_model_id(config.engine.model_dir)},
-                                     scraped=functools.partial(requantizer_metrics, self.dynamic))
+                                     scraped=functools.partial(requantizer_metrics, self.dynamic),
+                                     per_task_histograms=config.task_histograms)
         self.in_flight.metrics = self.metrics
         self.registry.on_unregistered.append(self._on_task_gone)
         self.startup = StartupHold(self.limits.max_pending_requests, self.in_flight, self._send)

@@ -89,11 +89,15 @@ class ServerMetrics:
         requests_by_engine_id: Mapping[str, ActiveRequest],
         server_info: Mapping[str, str],
         scraped: Callable[[], Iterable[Metric]] = tuple,
+        per_task_histograms: bool = True,
     ) -> None:
         """executors: each executor's engine and supervisor (its supervisor is set once the
         coordinator runs); registered_tasks: the registry's accepting tasks (name -> adapter
         dir); requests_by_engine_id: the coordinator's in-flight requests, read in `on_step`;
-        scraped: more series read at scrape time (the requantizer's)."""
+        scraped: more series read at scrape time (the requantizer's); per_task_histograms
+        False (`server.task_histograms`): the four latency histograms without a `task` label,
+        one series set for all tasks (each task's cost 78 series, 4.9 MB an exposition at
+        ~900 tasks serving: an outside probe; its counters keep their `task`)."""
         self._executors = executors
         self._tasks = registered_tasks
         self._requests = requests_by_engine_id
@@ -108,6 +112,7 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         registry = self.registry
         task = ["task"]
+        per_task = task if per_task_histograms else []
         self.requests = Counter("inlaid_requests", "Generate requests by how they ended: a finish reason "
                                 "(stop, length, context, cancelled) or the error code they were answered with",
                                 ["task", "outcome"], registry=registry)
@@ -122,15 +127,15 @@ class ServerMetrics:
                                      registry=registry)
         self.generation_tokens = Counter("inlaid_generation_tokens", "Tokens generated", task, registry=registry)
         self.duration = Histogram("inlaid_request_duration_seconds", "Receipt to the last token, completed requests",
-                                  task, buckets=_LATENCY_BUCKETS, registry=registry)
+                                  per_task, buckets=_LATENCY_BUCKETS, registry=registry)
         self.queue = Histogram("inlaid_request_queue_seconds", "Receipt to first scheduled, completed requests",
-                               task, buckets=_LATENCY_BUCKETS, registry=registry)
+                               per_task, buckets=_LATENCY_BUCKETS, registry=registry)
         self.first_token = Histogram("inlaid_time_to_first_token_seconds", "Receipt to the first generated token",
-                                     task, buckets=_FIRST_TOKEN_BUCKETS, registry=registry)
+                                     per_task, buckets=_FIRST_TOKEN_BUCKETS, registry=registry)
         self.per_output_token = Histogram(
             "inlaid_time_per_output_token_seconds",
             "Per completed request with 2+ tokens: (last token - first token) / (tokens - 1)",
-            task, buckets=_PER_TOKEN_BUCKETS, registry=registry)  # fmt: skip
+            per_task, buckets=_PER_TOKEN_BUCKETS, registry=registry)  # fmt: skip
         self.step_duration = Histogram("inlaid_step_duration_seconds", "Plan sent to result received, per step",
                                        buckets=_STEP_BUCKETS, registry=registry)
         self.batch_size = Histogram("inlaid_step_batch_size", "Sequences in a step (the running batch)",
@@ -146,8 +151,10 @@ class ServerMetrics:
         self.adapter_evictions = Counter("inlaid_adapter_evictions", "Loads that displaced another registered "
                                          "adapter from its slot", registry=registry)
         # Every family with a `task` label: a removed task's series go from each (forget_task).
-        self._per_task_families = (self.requests, self.prompt_tokens, self.generation_tokens, self.duration,
-                                   self.queue, self.first_token, self.per_output_token)
+        self._histograms = (self.duration, self.queue, self.first_token, self.per_output_token)
+        self._per_task_families = (self.requests, self.prompt_tokens, self.generation_tokens,
+                                   *(self._histograms if per_task_histograms else ()))
+        self._per_task_histograms = per_task_histograms
         registry.register(_StateCollector(executors, registered_tasks, dict(server_info), scraped))
 
     # ------------------------------------------------------------------ hooks
@@ -226,11 +233,10 @@ class ServerMetrics:
         series = self._series.get(task)
         if series is None:
             key = BASE_TASK_LABEL if task is None else task
+            histograms = ([family.labels(key) for family in self._histograms] if self._per_task_histograms
+                          else self._histograms)
             series = self._series[task] = _TaskSeries(
-                prompt_tokens=self.prompt_tokens.labels(key), generation_tokens=self.generation_tokens.labels(key),
-                duration=self.duration.labels(key), queue=self.queue.labels(key),
-                first_token=self.first_token.labels(key), per_output_token=self.per_output_token.labels(key),
-            )  # fmt: skip
+                self.prompt_tokens.labels(key), self.generation_tokens.labels(key), *histograms)
         return series
 
     def _count_adapter_slots(self, plan: BatchPlan, executor: int) -> None:
