@@ -24,7 +24,8 @@ from inlaid.engine.prompts import InvalidRequestError, prompt_token_ids
 from inlaid.engine.scheduler import Scheduler, SchedulerLimits, SchedulingPolicy
 from inlaid.engine.sequence import FinishReason, Sequence, SequenceStatus
 from inlaid.engine.tokenizer import StreamingDetokenizer, Tokenizer
-from inlaid.protocol import BatchPlan, ChatMessage, SamplingError, SamplingParams, SequenceFailure, StepResult, excerpt
+from inlaid.protocol import (BatchPlan, ChatMessage, SamplingError, SamplingParams, SequenceFailure, StepResult, excerpt,
+                             shown_names)
 
 if TYPE_CHECKING:
     from inlaid.engine.runner import ModelRunner
@@ -149,7 +150,8 @@ class Engine:
             # the room itself the count ended it first and said "length", as if a limit were asked)
             sampling = msgspec.structs.replace(sampling, max_tokens=max(1, self.max_model_len - len(token_ids) + 1))
         if adapter is not None and adapter not in self.scheduler.adapters.paths:
-            raise InvalidRequestError(f"unknown adapter/task {excerpt(adapter)}; known: {self.adapter_names}", "task")
+            raise InvalidRequestError(f"unknown adapter/task {excerpt(adapter)}; known: "
+                                      f"{shown_names(self.adapter_names)}", "task")
         seq_id = next(self._seq_ids)
         request_id = request_id if request_id is not None else f"req-{seq_id}"
         if request_id in self._requests:

@@ -13,7 +13,7 @@ import msgspec
 
 from inlaid.client import InlaidError, InvalidRequestError
 from inlaid.http.schema import ErrorBody, ErrorResponse
-from inlaid.protocol import ContextOverflow, ErrorCode
+from inlaid.protocol import SHOWN_NAMES, ContextOverflow, ErrorCode, shown_names
 
 # Inlaid's error code -> (HTTP status, OpenAI error type, the `code` the body carries).
 _BY_CODE: dict[str, tuple[int, str, str]] = {
@@ -93,7 +93,8 @@ def model_not_found(model: str, base_model: str | None, tasks: list[str]) -> Api
     """The 404 for an unknown `model`, one wording wherever a model is named (generation,
     `/v1/models/{id}`): every model id the server has, the base model first."""
     known = ([f"`{base_model}` (the base model)"] if base_model else []) + [f"`{task}`" for task in sorted(tasks)]
-    return ApiError(404, f"The model `{model}` does not exist; this server has: {', '.join(known) or 'none'}.",
+    every = "; GET /v1/models lists every one" if len(known) > SHOWN_NAMES else ""
+    return ApiError(404, f"The model `{model}` does not exist; this server has: {shown_names(known)}{every}.",
                     code="model_not_found", param="model")
 
 

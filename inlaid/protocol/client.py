@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import msgspec
 
 from inlaid.protocol.sampling import SamplingParams
@@ -57,11 +59,26 @@ def excerpt(text: str, limit: int = 64) -> str:
     return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
+# Names an error or a log line lists before it says how many more there are: one naming
+# each of 1,000 tasks was 7-10 KB (an outside probe).
+SHOWN_NAMES = 20
+
+
+def shown_names(names: Sequence[str], limit: int = SHOWN_NAMES) -> str:
+    """`names` joined for a message: every one up to `limit`, else the first `limit` and the count."""
+    if not names:
+        return "none"
+    if len(names) <= limit:
+        return ", ".join(names)
+    return f"{', '.join(names[:limit])}, ... ({len(names)} in all)"
+
+
 def unknown_task_message(name: str, known: list[str]) -> str:
     """An unknown task's refusal, in the words of every server (a coordinator, a Ray replica,
-    the Ray ingress): the HTTP front reads the tasks after "; this server has: ". The base
-    model is no task (an SDK user tried the name /v1/models lists for it)."""
-    tasks = ", ".join(known) or "none"
+    the Ray ingress): the HTTP front reads the tasks after "; this server has: " from a
+    server that sends no `ErrorReply.known_tasks`. The base model is no task (an SDK user
+    tried the name /v1/models lists for it)."""
+    tasks = shown_names(known)
     return f"unknown task {excerpt(name)} (for the base model, send no task); this server has: {tasks}"
 
 
@@ -281,6 +298,12 @@ class TaskErrorChange(msgspec.Struct, frozen=True, kw_only=True):
     error_after: float
 
 
+# What redoes layers a task's job changed that are not served at its version (the status's
+# `layers_not_served`): adding the task again with the same files and samples changes nothing
+# (its Hessians are in the aggregate the job would measure from); they must leave it first.
+REDO_NOT_SERVED = "remove the task and add it again with its calibration to redo them"
+
+
 class TaskStatusReply(msgspec.Struct, frozen=True, kw_only=True, tag="task_status_reply"):
     request_id: str
     name: str
@@ -299,7 +322,7 @@ class TaskStatusReply(msgspec.Struct, frozen=True, kw_only=True, tag="task_statu
     # Of the layers its job changed and finished: served at a later version (a later task's
     # job), and not served at its version (a swap that failed, or its committed file found
     # corrupt or missing at a restart: an older version or the checkpoint's layer serves;
-    # adding the task again redoes it).
+    # REDO_NOT_SERVED says what redoes them).
     layers_superseded: int = 0
     layers_not_served: int = 0
     # What the job did to the tasks already served: how far the linears' aggregates moved
@@ -319,6 +342,8 @@ __all__ = [
     "CHAT_ROLES",
     "MAX_ADMIN_TOKEN_CHARS",
     "MAX_REQUEST_ID_CHARS",
+    "REDO_NOT_SERVED",
+    "SHOWN_NAMES",
     "AddTask",
     "AdminReply",
     "Cancel",
@@ -354,6 +379,7 @@ __all__ = [
     "TextChunk",
     "chat_template_role",
     "excerpt",
+    "shown_names",
     "reply_id",
     "unknown_task_message",
 ]

@@ -46,6 +46,7 @@ from inlaid.protocol import (
     RemoveTask,
     StepResult,
     TaskStatus,
+    shown_names,
 )
 from inlaid.serve.admin import TaskCalls
 from inlaid.serve.config import ServerConfig, base_model_id
@@ -182,9 +183,10 @@ class Coordinator:
             await self._take_tuned_policies(tuning.future)
         await self.dynamic.start()
         self._on_task_count(len(self.registry.tasks))  # tasks restored from the state directory count
-        log.info("coordinator listening", extra={"address": self.config.address, "pid": os.getpid(),
-                                                 "tasks": sorted(self.registry.tasks), "executors": len(self.pool),
-                                                 "held_while_starting": len(self.startup)})
+        log.info("coordinator listening", extra={
+            "address": self.config.address, "pid": os.getpid(), "tasks": len(self.registry.tasks),
+            "task_names": shown_names(sorted(self.registry.tasks)), "executors": len(self.pool),
+            "held_while_starting": len(self.startup)})
         step_tasks = [loop.create_task(shard.step_loop.run()) for shard in self.pool.shards if shard.step_loop]
         if len(self.pool) > 1:
             step_tasks.append(loop.create_task(self._placement_loop()))
