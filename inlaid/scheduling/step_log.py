@@ -10,13 +10,20 @@ request, an idle spell: a killed server lost it. A write and flush of one line c
 microseconds against a step's milliseconds. A server with several
 executors has a policy, so a writer, per executor on one file: each line then names its
 `executor`, as step ids count per executor.
+
+The log serves the requests, never the reverse: a line that cannot be written (the disk
+full, the file's directory gone) is dropped with one WARNING for the spell and a count when
+lines reach the file again. A failed write raised from the step's result, and every request
+of every step failed with an internal error while the disk was full (an outside probe).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from inlaid.engine.scheduler import SchedulingPolicy
 from inlaid.engine.sequence import Sequence
@@ -24,6 +31,9 @@ from inlaid.protocol import BatchPlan, StepResult
 
 if TYPE_CHECKING:
     from inlaid.engine.scheduler import Scheduler
+
+log = logging.getLogger("inlaid.scheduling")
+
 
 class StepLogPolicy(SchedulingPolicy):
     """Logs the steps of `inner` and changes nothing about them: the limits the scheduler
@@ -36,9 +46,11 @@ class StepLogPolicy(SchedulingPolicy):
         self.inner = inner
         self.name = inner.name
         self.path = Path(path)
-        self._file: IO[str] | None = None
+        self._fd: int | None = None
         self._scheduler: "Scheduler | None" = None
         self._pending: dict[int, dict[str, Any]] = {}
+        self.lines_lost = 0  # since lines last reached the file
+        self._torn = False  # a short write left the file's last line unfinished
 
     @property  # type: ignore[override]
     def max_adapters_per_step(self) -> int | None:
@@ -58,7 +70,9 @@ class StepLogPolicy(SchedulingPolicy):
         return getattr(self.inner, name)
 
     def attach(self, scheduler: "Scheduler") -> None:
-        self._file = open(self.path, "a", buffering=1)  # line-buffered: each line reaches the file whole
+        # One write() per line on an O_APPEND descriptor: each line reaches the file whole,
+        # also between the writers of several executors sharing it.
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         self._scheduler = scheduler
         self.inner.attach(scheduler)
 
@@ -95,22 +109,62 @@ class StepLogPolicy(SchedulingPolicy):
 
     def on_result(self, result: StepResult, now: float) -> None:
         record = self._pending.pop(result.step_id, None)
-        if record is not None and self._file is not None:
+        if record is not None and self._fd is not None:
             record.update(result_at=now, compute_s=result.compute_seconds)
             if self._scheduler is not None and self._scheduler.executor_index is not None:
                 record["executor"] = self._scheduler.executor_index
-            self._file.write(json.dumps(record) + "\n")
+            self._append(json.dumps(record))
         self.inner.on_result(result, now)
+
+    def _append(self, line: str) -> None:
+        assert self._fd is not None
+        data = ("\n" if self._torn else "") + line + "\n"  # after a torn line: on a line of its own
+        encoded = data.encode()
+        try:
+            written = os.write(self._fd, encoded)
+        except OSError as error:
+            return self._lost(error.strerror or str(error))
+        if written < len(encoded):
+            self._torn = True
+            return self._lost("a short write (the disk is full?)")
+        self._torn = False
+        if self.lines_lost:
+            log.warning("the step log is written again", extra={"path": str(self.path),
+                                                                "lines_lost": self.lines_lost})
+            self.lines_lost = 0
+
+    def _lost(self, why: str) -> None:
+        if not self.lines_lost:
+            log.warning("a step log line cannot be written: lines are dropped until one can; serving goes on",
+                        extra={"path": str(self.path), "error": why})
+        self.lines_lost += 1
 
     def on_finish(self, seq: Sequence, now: float) -> None:
         self.inner.on_finish(seq, now)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self.inner.close()
 
 
 def read_step_log(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The log's records; a line that is not a whole JSON object (one a full disk cut short)
+    is skipped, with a WARNING counting them."""
+    records, torn = [], 0
+    for line in Path(path).read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            torn += 1
+    if torn:
+        log.warning("step log lines skipped: not whole JSON objects (cut short by a full disk?)",
+                    extra={"path": str(path), "lines": torn})
+    return records
