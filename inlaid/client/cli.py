@@ -22,7 +22,7 @@ import msgspec
 
 from inlaid.cli_args import MAX_SECONDS
 from inlaid.client.messages import MSGPACK_INTEGERS
-from inlaid.protocol import TaskStatusReply
+from inlaid.protocol import REDO_NOT_SERVED, TaskStatusReply
 from inlaid.quant.job_effect import JobEffect, TaskEffect, effect_lines
 
 
@@ -90,7 +90,7 @@ def _print_status(status: TaskStatusReply, as_json: bool, verbose: bool = False)
         if status.layers_not_served:
             line += (f", {status.layers_not_served} changed layers not served at its version (a failed swap, or "
                      "a committed file found corrupt or missing at a restart: an older version or the checkpoint's "
-                     "layer serves; remove the task and add it again with its calibration to redo them)")
+                     f"layer serves; {REDO_NOT_SERVED})")
     print(line)
     gated = [kept for kept in status.kept if kept.action != "kept-unchanged"]
     # One line each was ~200 lines for a job on the default model: a count and the first, unless asked

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from inlaid.protocol import ErrorCode, KeptLinear, TaskErrorChange, TaskStatusReply
+from inlaid.protocol import REDO_NOT_SERVED, ErrorCode, KeptLinear, TaskErrorChange, TaskStatusReply
 from inlaid.quant.job_effect import JobEffect, LinearEffect, StoredEffect, TaskEffect, job_effect
 from inlaid.serve.task_registry import TaskError, TaskRegistry
 from inlaid.serve.task_store import QUEUED, SERVING, TaskRecord, TaskStore
@@ -50,12 +50,6 @@ def task_status_reply(request_id: str, name: str, store: TaskStore | None, regis
         aggregate_change_max=effect.change_max if effect else 0.0, change_threshold=threshold,
         task_errors=[TaskErrorChange(task=task.task, error_before=task.error_before, error_after=task.error_after)
                      for task in (effect.tasks if effect else [])])
-
-
-# What redoes a layer its job changed but which is not served at its version: adding the task
-# again with the same files and samples changes nothing (its Hessians are in the aggregate the
-# job would measure from), so its Hessians must leave the aggregate first.
-REDO_NOT_SERVED = "remove the task and add it again with its calibration to redo them"
 
 
 def not_served_note(store: TaskStore, record: TaskRecord) -> str:
