@@ -396,3 +396,25 @@ def test_a_task_replaced_without_calibration_leaves_its_old_adapters_hessians_ou
     assert dynamic.store is not None and dynamic.store.dropped == ["code"]  # the old code took it back here
     text = dynamic.add(dynamic.prepare("qa", str(ADAPTERS / "math"), None))  # over the config's entry
     assert dynamic.store.dropped == ["code", "qa"] and "leave the aggregate" in text
+
+
+def test_a_start_deletes_the_hessian_temporaries_a_killed_job_left_and_nothing_else(tmp_path, caplog):
+    """A requantizer killed while it wrote a layer's Hessians left safetensors' temporary
+    (`.tmp` + 6 characters, 67 MB; an outside probe) or the state's own (`layer_007.tmp`);
+    no start collected either. The state's layer files and any other name stay."""
+    root = tmp_path / "state"
+    store, kept_files = _stored_state(root)
+    hessians = store.hessian_dir
+    left = [hessians / ".tmpRFXc7J", hessians / "layer_007.tmp"]
+    for file in left:
+        file.write_bytes(b"\0" * 1000)
+    stay = [hessians / "layer_007.safetensors", hessians / ".tmpnotes", hessians / "notes.tmp"]
+    for file in stay:
+        file.write_bytes(b"kept")
+    with caplog.at_level(logging.INFO, logger="inlaid.dynamic_tasks"):
+        TaskStore(root, BASE)  # a restart
+    assert not any(file.exists() for file in left)
+    assert all(file.read_bytes() == b"kept" for file in stay)
+    assert all(file.exists() for file in kept_files)
+    collected = [r for r in caplog.records if r.getMessage().startswith("Hessian state temporaries")]
+    assert len(collected) == 1 and (collected[0].files, collected[0].bytes) == (2, 2000)

@@ -86,6 +86,32 @@ def collect_layer_files(layers_dir: Path, keep: Collection[str], busy_versions: 
     return count, size
 
 
+# A Hessian state file's temporaries: `state.save_layer_state`'s own (`layer_007.tmp`,
+# renamed into place) and the one safetensors writes first and renames (`.tmp` + 6
+# characters): a requantizer killed mid-write left one of 67 MB, which no start collected
+# (an outside probe).
+HESSIAN_TEMPORARY = re.compile(r"layer_\d+\.tmp|\.tmp[A-Za-z0-9]{6}")
+
+
+def collect_hessian_temporaries(hessian_dir: Path) -> tuple[int, int]:
+    """At start-up (no job writes): delete the Hessian state's temporaries. Returns (files, bytes)."""
+    count = size = 0
+    for file in hessian_dir.iterdir():
+        if not HESSIAN_TEMPORARY.fullmatch(file.name) or not file.is_file() or file.is_symlink():
+            continue
+        try:
+            length = file.lstat().st_size
+            file.unlink()
+        except OSError as error:  # FileNotFoundError included: nothing to count
+            if not isinstance(error, FileNotFoundError):
+                log.warning("a Hessian state temporary could not be deleted", extra={"file": str(file),
+                                                                                     "error": error.strerror})
+            continue
+        count += 1
+        size += length
+    return count, size
+
+
 def prune_dropped(dropped: list[str], state_dirs: list[Path], num_layers: int,
                   keep: Callable[[str], bool] = lambda name: False) -> list[str]:
     """`dropped` without the names the stored state does not hold (no layer's Hessians, each

@@ -49,7 +49,7 @@ from inlaid.engine.adapter_config import ADAPTER_FILES
 from inlaid.quant.job_effect import StoredEffect
 from inlaid.serve.hessian_sources import HessianSource
 from inlaid.serve.state_dir_lock import StateDirError, lock_state_dir
-from inlaid.serve.state_gc import collect_layer_files
+from inlaid.serve.state_gc import collect_hessian_temporaries, collect_layer_files
 
 log = logging.getLogger("inlaid.dynamic_tasks")
 
@@ -350,6 +350,9 @@ class TaskStore:
                 file.unlink(missing_ok=True)
         # An unfinished job redoes every layer it has not committed, so only committed files count.
         self.collect_layers()
+        count, size = collect_hessian_temporaries(self.hessian_dir)
+        if count:
+            log.info("Hessian state temporaries a killed job left deleted", extra={"files": count, "bytes": size})
 
     def collect_layers(self, busy_versions: Collection[int] | None = None, busy_files: Collection[str] = ()) -> int:
         """Delete the layer files the registry does not name: all of them at start-up
