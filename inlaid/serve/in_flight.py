@@ -346,10 +346,11 @@ class InFlight:
 
 
 def _overload_message(counts: InFlightCounts) -> str:
+    # The limit is named by its key: a client running its own server may raise it.
     if counts.requests >= counts.limit:
-        return f"{counts.requests} requests in flight (the limit); retry later"
+        return f"{counts.requests} requests in flight (the limit, server.max_pending_requests); retry later"
     return (f"{counts.requests} requests in flight, {counts.this_connection} of them this connection's; the last "
-            f"tenth of the {counts.limit} is kept for other clients; retry later")
+            f"tenth of the {counts.limit} (server.max_pending_requests) is kept for other clients; retry later")
 
 
 def _prompt_field(message: Generate) -> str | None:
