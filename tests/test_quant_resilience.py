@@ -176,7 +176,10 @@ def test_interrupted_quantize_add_resumes_to_the_same_checkpoint(tiny, tmp_path,
         load_gptq_checkpoint(out)
 
     assert _add(base, beta, out) == 0  # the same command resumes
-    assert "after 1 finished layers" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "after 1 finished layers" in printed
+    # its total is this run's, its parts every layer's (the total read as less than the parts)
+    assert "s in this run (the parts include the 1 layer the interrupted run finished)" in printed
     assert not (out / UNFINISHED_FILE).exists() and not (out / PARTIAL_DIR).exists()
     reference, resumed = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "reference", out))
     assert set(resumed) == set(reference)

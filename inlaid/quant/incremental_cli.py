@@ -347,8 +347,13 @@ def run(args: argparse.Namespace) -> int:
     threshold = quantizer.settings.change_threshold
     for line in [*decision_lines(outcomes, args.verbose), *addition_effect_lines(outcomes, threshold)]:
         print(line)
+    # The parts count every layer, the resumed ones as the interrupted run timed them; the
+    # total is this run's wall time (a resumed run's total read as less than its parts).
+    total = f"total {time.time() - started:.1f} s" + (
+        f" in this run (the parts include the {done} layer{'s' if done != 1 else ''} the interrupted run finished)"
+        if done else "")
     print(f"forward + Hessian {record['forward_seconds']:.1f} s, aggregation + quantization "
-          f"{record['quantize_seconds']:.1f} s, total {time.time() - started:.1f} s, "
+          f"{record['quantize_seconds']:.1f} s, {total}, "
           f"peak memory (RSS) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     return 0
 
