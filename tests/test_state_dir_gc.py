@@ -202,7 +202,7 @@ def test_a_cancelled_job_still_computing_keeps_its_version(model_dir, tmp_path, 
         writing = _layer_file(dynamic, 6, 2, "tmp")
         assert dynamic.store is not None and dynamic.store.save() and writing.exists()
         dynamic.jobs._cancel_taken_up()  # its JobFinished came
-        dynamic._collect_layers()
+        dynamic._collect_after_save()
         assert not writing.exists()
         await asyncio.sleep(0)
 
@@ -228,7 +228,7 @@ def test_a_served_file_the_sent_job_will_read_stays_until_it_ends(model_dir, tmp
         assert store.save()
         assert served.exists()  # "next" reads it when it reaches layer 2
         jobs._finish_current()  # it ended
-        dynamic._collect_layers()
+        dynamic._collect_after_save()
         assert not served.exists() and _on_disk(dynamic) == {"layer_002.v2.safetensors"}
         await asyncio.sleep(0)
 

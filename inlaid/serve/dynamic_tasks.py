@@ -76,8 +76,9 @@ class DynamicTasks:
                 raise ValueError(str(error)) from None
         self.jobs = RequantizationJobs(config, self.store, self.num_layers, wake, executors=len(registry.engines))
         self._save_retries: asyncio.Task[None] | None = None
+        self._discard_after_save: set[str] = set()  # copies released while the registry was unsaved
         if self.store is not None:
-            self.store.after_save = self._collect_layers  # (start-up collected before: no job ran)
+            self.store.after_save = self._collect_after_save  # (start-up collected before: no job ran)
             self._restore_tasks(self.store)
             registry.on_released.append(self._discard_if_unused)
 
@@ -156,7 +157,7 @@ class DynamicTasks:
             if store.unsaved:
                 store.save()  # (it collects once it succeeds)
             else:
-                self._collect_layers()
+                self._collect_after_save()
 
     def _unsaved_note(self) -> str:
         """For an admin call's answer: its change serves, but is not on disk yet."""
@@ -342,7 +343,7 @@ class DynamicTasks:
             store.dropped.append(name)
         # (its own name stays: a cancelled job may still write a layer's state with its Hessians)
         self._prune_dropped(store, keep=name)
-        store.save()  # then collects the layer files its job leaves (`_collect_layers`)
+        store.save()  # then collects the layer files its job leaves (`_collect_after_save`)
         if record is not None:  # now if nothing is in flight; else when its last request ends
             self._discard_if_unused(record.adapter_dir)
         return text + self._unsaved_note()
@@ -358,11 +359,16 @@ class DynamicTasks:
                      "ran in between, else only when it is added again with its calibration file")
         return text
 
-    def _collect_layers(self) -> None:
-        """After every save (TaskStore.after_save): the layer files that neither the registry
-        just written nor a job nor an executor still uses (`state_gc.py` says why these)."""
+    def _collect_after_save(self) -> None:
+        """After every save (TaskStore.after_save): the adapter copies released while the
+        registry could not be saved (a removal on a full disk kept its copy until the next
+        start: an outside probe), and the layer files that neither the registry just written
+        nor a job nor an executor still uses (`state_gc.py` says why these)."""
         store = self.store
         assert store is not None
+        released, self._discard_after_save = self._discard_after_save, set()
+        for adapter_dir in sorted(released):
+            self._discard_if_unused(adapter_dir)
         active = (record.version for record in store.tasks.values() if record.phase in (QUEUED, REQUANTIZING))
         try:
             store.collect_layers(*self.jobs.files_in_use(active))
@@ -390,7 +396,8 @@ class DynamicTasks:
         if store is None or self.registry.serves(adapter_dir):
             return
         if store.unsaved:  # the registry on disk may still name it: a restart must find its files
-            return  # (the next start's collection deletes it once no saved registry refers to it)
+            self._discard_after_save.add(adapter_dir)  # tried again after the next save
+            return
         if any(record.adapter_dir == adapter_dir for record in store.tasks.values()):
             return
         if store.discard_copy(adapter_dir):
