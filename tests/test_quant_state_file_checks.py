@@ -96,3 +96,34 @@ def test_a_missing_state_layer_is_named_when_the_job_starts(tmp_path) -> None:
     # a second directory holding them (a server's state, then the checkpoint's) completes it
     other = _state_dir(tmp_path / "other", layers=6)
     assert consistent_stored_tasks([state, other], 6, set(), None).kept == {"alpha", "beta"}
+
+
+def test_a_hessian_state_that_cannot_be_written_names_its_layer_and_directory(tmp_path) -> None:
+    """A full disk failed a server's job with safetensors' words alone ("Error while
+    serializing: I/O error: No space left on device"), naming no directory (an outside probe).
+    Here the file cannot take its place (a directory stands at its temporary's name), and a
+    write past RLIMIT_FSIZE fails as a full disk does."""
+    import subprocess
+    import sys
+
+    from inlaid.quant.errors import QuantizationError
+
+    state = {"q": {"a": TaskHessian(torch.eye(8), 5)}}
+    (tmp_path / "layer_003.tmp").mkdir()
+    with pytest.raises(QuantizationError, match=rf"the Hessian state of layer 3 cannot be written in {tmp_path}: "):
+        save_layer_state(tmp_path, 3, state, "adapter")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layer_003.tmp"]  # nothing else left
+
+    script = (
+        "import resource, signal, sys, torch\n"
+        "from inlaid.quant.aggregate import TaskHessian\n"
+        "from inlaid.quant.state import save_layer_state\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+        "save_layer_state(sys.argv[1], 7, {'q': {'a': TaskHessian(torch.eye(256), 5)}}, 'adapter')\n"
+    )
+    full = tmp_path / "full"
+    run = subprocess.run([sys.executable, "-c", script, str(full)], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert f"QuantizationError: the Hessian state of layer 7 cannot be written in {full}: " in run.stderr
+    assert not (full / "layer_007.safetensors").exists() and not (full / "layer_007.tmp").exists()

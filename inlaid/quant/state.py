@@ -12,16 +12,17 @@ re-quantization's quality gate measures every later weight against.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from functools import lru_cache
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from inlaid.quant.aggregate import TaskHessian
-from inlaid.quant.errors import CheckpointError
+from inlaid.quant.errors import CheckpointError, QuantizationError
 from inlaid.quant.hessian import symmetric_from_upper
 from inlaid.quant.state_files import layer_state_path  # (re-exported: its callers import it from here)
 
@@ -52,9 +53,17 @@ def save_layer_state(state_dir: Path, layer_index: int, state: LayerState, forwa
                 entries[key]["reference_errors"] = reference
     path = layer_state_path(state_dir, layer_index)
     temporary = path.with_suffix(".tmp")
-    save_file(tensors, str(temporary), metadata={"entries": json.dumps(entries), "forward": forward,
-                                                  "layer": str(layer_index)})
-    temporary.replace(path)
+    try:
+        save_file(tensors, str(temporary), metadata={"entries": json.dumps(entries), "forward": forward,
+                                                      "layer": str(layer_index)})
+        temporary.replace(path)
+    except (SafetensorError, OSError) as error:
+        # Named: a full disk failed a server's job with safetensors' "Error while serializing:
+        # I/O error: No space left on device", which named no directory (an outside probe).
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise QuantizationError(f"the Hessian state of layer {layer_index} cannot be written in {state_dir}: "
+                                f"{error}") from error
     return path
 
 
