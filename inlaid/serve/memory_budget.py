@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 from inlaid.engine.config import EngineConfig, ModelConfig, ModelLoadError
 from inlaid.serve.config_parsing import ConfigError
 
+_NATIVE_MAX_RANK = 256  # kernels/lora_native.py's MAX_RANK (that module imports torch)
+
 if TYPE_CHECKING:
     from inlaid.serve.config import ServerConfig
 
@@ -48,6 +50,23 @@ def _weights_at_least(engine: EngineConfig, model: ModelConfig) -> tuple[int, st
         f"x {'2 bits' if engine.quantized_dir else '2 bytes'} + {embedding / 1e6:.0f}M embedding x 2 bytes")
 
 
+def _half_pool_copies(engine: EngineConfig, dtype: str, pool: str) -> bool:
+    """Whether a CPU executor keeps float16 copies of its float32 LoRA pools (half their bytes
+    again: kernels/lora_native.py's HalfPools), as far as can be told without building the
+    kernel: AVX-512 (/proc/cpuinfo), a rank the kernel takes, neither switch off. 1,024 slots
+    at rank 16 were accepted at 20 GB on a 24 GiB machine whose executor measured 29 MB a
+    slot, 30 GB in all (an outside probe)."""
+    if pool != "cpu" or dtype != "float32" or engine.max_lora_rank > _NATIVE_MAX_RANK:
+        return False
+    if "0" in (os.environ.get("INLAID_NATIVE_LORA", "1"), os.environ.get("INLAID_NATIVE_LORA_HALF", "1")):
+        return False
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and " avx512f" in line for line in cpuinfo)
+    except OSError:
+        return False
+
+
 def _executor_allocations(engine: EngineConfig, model: ModelConfig, pool: str) -> tuple[int, int, str]:
     """The bytes an executor allocates at start for its KV cache and its LoRA slot pools (as
     ModelRunner does), and how they were counted."""
@@ -59,10 +78,14 @@ def _executor_allocations(engine: EngineConfig, model: ModelConfig, pool: str) -
     q, kv_width = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
     per_rank = 7 * model.hidden_size + 2 * q + 2 * kv_width + 3 * model.intermediate_size
     lora = engine.max_lora_slots * engine.max_lora_rank * model.num_layers * per_rank * width
+    half = _half_pool_copies(engine, dtype, pool)
     how = (f"KV cache {_size(kv)}: num_kv_blocks {engine.num_kv_blocks} x block_size {engine.block_size} x "
            f"{model.num_layers} layers x 2 x {model.num_kv_heads} KV heads x {model.head_dim} x {width} bytes; "
-           f"LoRA slot pools {_size(lora)}: max_lora_slots {engine.max_lora_slots} x max_lora_rank "
-           f"{engine.max_lora_rank} x {model.num_layers * per_rank} values x {width} bytes")
+           f"LoRA slot pools {_size(lora * 3 // 2 if half else lora)}: max_lora_slots {engine.max_lora_slots} x "
+           f"max_lora_rank {engine.max_lora_rank} x {model.num_layers * per_rank} values x "
+           f"{'(4 + 2) bytes (float32 and its float16 copy, AVX-512)' if half else f'{width} bytes'}")
+    if half:
+        lora = lora * 3 // 2
     return kv, lora, how
 
 
