@@ -57,7 +57,7 @@ from inlaid.cli_args import MAX_SECONDS, type_words
 from inlaid.engine.config import MAX_THREADS, EngineConfig, check_device, check_range
 from inlaid.http.settings import HttpConfig, check_listen_address
 from inlaid.serve.config_parsing import (ConfigError, admin_token_from, check_bind_address, check_log_level,
-                                         check_port_clashes, check_state_dir, read_toml, reject_unknown,
+                                         check_port_clashes, check_state_dir, inside, read_toml, reject_unknown,
                                          resolve_path, section, typed_value, without_admin_token)
 from inlaid.protocol import DEFAULT_MAX_FRAME_BYTES
 from inlaid.serve.placement import PLACEMENT_RULES, PlacementRule
@@ -237,8 +237,11 @@ class ServerConfig:
             raise ConfigError(f"server.log_format must be 'json' or 'text', got {self.log_format!r}")
         if self.state_dir is not None:
             check_state_dir(self.state_dir)
-        for name in self.tasks:
+        for name, adapter_dir in self.tasks.items():
             check_task_name(name, self.engine.model_dir)
+            if self.state_dir is not None and inside(adapter_dir, self.state_dir):
+                raise ConfigError(f"tasks.{name}: {adapter_dir} is inside server.state_dir, whose files the server "
+                                  "manages (it deletes the copies no task uses): keep the adapter elsewhere")
         check_scheduler(self)
         if self.http is not None:
             self.http.validate(self.allow_public_bind)

@@ -90,6 +90,12 @@ def resolve_path(value: Any, base_dir: Path, what: str) -> str:
     return str(path if path.is_absolute() else (base_dir / path).resolve())
 
 
+def inside(path: str, directory: str) -> bool:
+    """Whether `path` is `directory` or lies under it, symbolic links resolved."""
+    resolved, root = os.path.realpath(path), os.path.realpath(directory)
+    return resolved == root or resolved.startswith(root.rstrip(os.sep) + os.sep)
+
+
 def check_writable_file(path: str, what: str, *, appended: bool = False) -> None:
     """Refuse a file the server writes while serving (a state saved by rename, or a log
     `appended` to) where it cannot be written: found at start-up, not as a traceback at the

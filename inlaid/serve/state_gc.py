@@ -26,7 +26,8 @@ collects them after every registry save, keeping (the invariant):
       supersede one meanwhile (a cancelled job's layer the executors answer late, a failed
       restore dropping an entry: a reviewer's sequences, where the job then failed).
 
-Names that are not a job's layer files are left to start-up (nothing is deleted on a guess).
+Names that are not a job's layer files (or safetensors' temporaries, at start-up) are never
+deleted, nor adapter and calibration names other than the copies' (nothing on a guess).
 The adapter and calibration copies need no run-time collection: each is deleted once no task
 uses it (`DynamicTasks._discard_if_unused`); start-up collects what an unsaved registry left.
 
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 from collections.abc import Callable, Collection
 from pathlib import Path
 
@@ -53,6 +55,14 @@ log = logging.getLogger("inlaid.dynamic_tasks")
 
 # What the requantizer writes (`requantizer._save_layer`): the final file, and its temporary.
 LAYER_FILE = re.compile(r"layer_\d+\.v(\d+)\.(?:safetensors|tmp)")
+# safetensors' own temporary, written beside the file it becomes (`.tmp` + 6 characters).
+SAFETENSORS_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+# The copies `TaskStore.copy_inputs` makes: `<task>.<10 hex>` (a directory) and its calibration
+# `<task>.<10 hex>.jsonl`. Collection deletes these names only: anything else in the state
+# directory was put there by someone else (an outside probe's config task kept in
+# `adapters/`, and a user's notes, were deleted at a start).
+ADAPTER_COPY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\.[0-9a-f]{10}")
+CALIBRATION_COPY = re.compile(ADAPTER_COPY.pattern + r"\.jsonl")
 
 
 def layer_file_version(name: str) -> int | None:
@@ -62,17 +72,20 @@ def layer_file_version(name: str) -> int | None:
 
 
 def collect_layer_files(layers_dir: Path, keep: Collection[str], busy_versions: Collection[int] | None) -> tuple[int, int]:
-    """Delete the files of `layers_dir` not named in `keep` (file names); busy_versions None:
-    at start-up, where no job runs, every other file goes; else a file goes only if its name
-    is a job's layer file of a version not in busy_versions. Returns (files, bytes) deleted."""
+    """Delete the job layer files of `layers_dir` not named in `keep` (file names); busy_versions
+    None: at start-up, where no job runs, every other such file goes, and safetensors'
+    temporaries; else a file goes only if it is of a version not in busy_versions. A name
+    no job writes is never deleted. Returns (files, bytes) deleted."""
     count = size = 0
     for file in layers_dir.iterdir():
         if file.name in keep:
             continue
-        if busy_versions is not None:
-            version = layer_file_version(file.name)
-            if version is None or version in busy_versions:
+        version = layer_file_version(file.name)
+        if busy_versions is None:
+            if version is None and not SAFETENSORS_TEMPORARY.fullmatch(file.name):
                 continue
+        elif version is None or version in busy_versions:
+            continue
         try:
             length = file.lstat().st_size
             file.unlink()
@@ -90,7 +103,23 @@ def collect_layer_files(layers_dir: Path, keep: Collection[str], busy_versions: 
 # renamed into place) and the one safetensors writes first and renames (`.tmp` + 6
 # characters): a requantizer killed mid-write left one of 67 MB, which no start collected
 # (an outside probe).
-HESSIAN_TEMPORARY = re.compile(r"layer_\d+\.tmp|\.tmp[A-Za-z0-9]{6}")
+HESSIAN_TEMPORARY = re.compile(r"layer_\d+\.tmp|" + SAFETENSORS_TEMPORARY.pattern)
+
+
+def collect_copies(root: Path, live_adapters: Collection[str], live_calibrations: Collection[str]) -> int:
+    """At start-up: delete the adapter and calibration copies (names of `ADAPTER_COPY` /
+    `CALIBRATION_COPY`) in `root`'s adapters/ and calibration/ that no task uses. Returns
+    how many adapter copies went."""
+    copies = 0
+    for directory in (root / "adapters").iterdir():
+        if (directory.name not in live_adapters and ADAPTER_COPY.fullmatch(directory.name)
+                and directory.is_dir() and not directory.is_symlink()):
+            shutil.rmtree(directory, ignore_errors=True)
+            copies += 1
+    for file in (root / "calibration").iterdir():
+        if file.name not in live_calibrations and CALIBRATION_COPY.fullmatch(file.name) and not file.is_dir():
+            file.unlink(missing_ok=True)
+    return copies
 
 
 def collect_hessian_temporaries(hessian_dir: Path) -> tuple[int, int]:

@@ -49,7 +49,7 @@ from inlaid.engine.adapter_config import ADAPTER_FILES
 from inlaid.quant.job_effect import StoredEffect
 from inlaid.serve.hessian_sources import HessianSource
 from inlaid.serve.state_dir_lock import StateDirError, lock_state_dir
-from inlaid.serve.state_gc import collect_hessian_temporaries, collect_layer_files
+from inlaid.serve.state_gc import ADAPTER_COPY, collect_copies, collect_hessian_temporaries, collect_layer_files
 
 log = logging.getLogger("inlaid.dynamic_tasks")
 
@@ -139,6 +139,10 @@ class TaskStore:
         # delete the first one's uncommitted layers.
         self.lock = lock_state_dir(self.root)
         self._remove_stale_temporaries()
+        for name in ("quant", *STORED_DIRS):
+            if (self.root / name).is_symlink():  # collection would delete unused files wherever it points
+                raise StateDirError(f"{self.root / name} is a symbolic link: the server deletes the files it no longer "
+                                    "uses in it, so it must be a directory of the state directory's own")
         try:
             for name in STORED_DIRS:
                 (self.root / name).mkdir(parents=True, exist_ok=True)
@@ -328,7 +332,7 @@ class TaskStore:
         a state directory) is the user's and stays. Returns whether it was a copy. The caller
         checks that no task and no request in flight uses it."""
         copy = Path(os.path.abspath(adapter_dir))  # normalized, no symlink followed
-        if copy.parent != Path(os.path.abspath(self.root / "adapters")):
+        if copy.parent != Path(os.path.abspath(self.root / "adapters")) or not ADAPTER_COPY.fullmatch(copy.name):
             return False
         shutil.rmtree(copy, ignore_errors=True)
         try:
@@ -339,15 +343,12 @@ class TaskStore:
         return True
 
     def _collect_garbage(self) -> None:
-        """Copies and layer files nothing refers to any more (removed tasks, superseded layers)."""
-        live = {Path(r.adapter_dir).name for r in self.tasks.values()}
-        for directory in (self.root / "adapters").iterdir():
-            if directory.name not in live:
-                shutil.rmtree(directory, ignore_errors=True)
-        live_calibration = {Path(r.calibration).name for r in self.tasks.values() if r.calibration}
-        for file in (self.root / "calibration").iterdir():
-            if file.name not in live_calibration:
-                file.unlink(missing_ok=True)
+        """Copies and layer files nothing refers to any more (removed tasks, superseded layers);
+        only names the server writes (`state_gc.ADAPTER_COPY`, ...): anything else stays."""
+        copies = collect_copies(self.root, {Path(r.adapter_dir).name for r in self.tasks.values()},
+                                {Path(r.calibration).name for r in self.tasks.values() if r.calibration})
+        if copies:
+            log.info("adapter copies nothing uses any more deleted", extra={"copies": copies})
         # An unfinished job redoes every layer it has not committed, so only committed files count.
         self.collect_layers()
         count, size = collect_hessian_temporaries(self.hessian_dir)
