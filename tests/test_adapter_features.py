@@ -239,3 +239,38 @@ def test_layers_to_transform_leaves_out_the_other_layers_and_bad_values_are_refu
         _edit_config(every_layer, **{"layers_to_transform": [0], "layers_pattern": None, field: bad})
         with pytest.raises(AdapterError, match=field):
             read_adapter_spec("every-layer", every_layer)
+
+
+@pytest.mark.parametrize("fields", [
+    {"exclude_modules": r"(.|.)*\d{5}"},
+    {"layers_to_transform": [0, 1], "layers_pattern": r"(.|.)*\d{5}"},
+    {"exclude_modules": r"(?:.|\w)*(?:\w|.)*(?:.|[a-z])*[A-Z]"},
+])  # fmt: skip
+def test_a_pattern_that_backtracks_without_end_is_refused_when_read(adapter_dirs, tmp_path, fields):
+    """`re` matches PEFT's patterns holding the interpreter lock to the end: one admin call
+    with `(.|.)*X` froze an outside probe's coordinator (~150 s a module name, ~210 names).
+    Each is matched with a time limit, and the spec is checked on module names as it is read."""
+    import time
+
+    adapter = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "redos")
+    _edit_config(adapter, **fields)
+    field = "exclude_modules" if "exclude_modules" in fields else "layers_pattern"
+    started = time.monotonic()
+    with pytest.raises(AdapterError, match=rf"adapter 'redos': {field} .* takes over 0.25 s to match the module "
+                                           r"name 'model\.layers\.0\.self_attn\.q_proj' .*: simplify it"):
+        read_adapter_spec("redos", adapter)
+    assert time.monotonic() - started < 5
+
+
+def test_a_pattern_re_reads_one_way_is_matched_as_re_matches_it(adapter_dirs, tmp_path):
+    """The time-limited matcher reads the syntax as PEFT's `re` does, on every module name."""
+    import re
+
+    adapter = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "patterns")
+    pattern = r"model\.layers\.(?:[0-3]|1\d)\.(?:self_attn\.[qv]|mlp\.down)_proj|.*\.2[0-9]\.self_attn\..*"
+    _edit_config(adapter, exclude_modules=pattern)
+    spec = read_adapter_spec("patterns", adapter)
+    for layer in range(30):
+        for projection, group in (("q_proj", "self_attn"), ("v_proj", "self_attn"), ("down_proj", "mlp")):
+            expected = re.fullmatch(pattern, f"model.layers.{layer}.{group}.{projection}") is not None
+            assert spec.excludes(layer, projection) == expected, (layer, projection)

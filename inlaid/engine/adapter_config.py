@@ -18,12 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+import regex  # `re`'s syntax, as PEFT matches; it can stop a match after a time limit, `re` cannot
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _BLOCK_OF = {projection: "self_attn" if index < 4 else "mlp" for index, projection in enumerate(PROJECTIONS)}
 # A LoRA tensor's key as PEFT saves it for a Llama-style causal LM. Whole, and each projection
 # under its own block: a search for the tail served `mlp.q_proj` on the attention's q_proj and
 # took keys without PEFT's prefix, neither of which PEFT itself loads (an outside probe).
 _LORA_KEY = re.compile(r"base_model\.model\.model\.layers\.([0-9]+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight")
+# Module names are ~35 characters: any sane pattern matches one in microseconds.
+_MATCH_TIMEOUT_S = 0.25
 LORA_KEY_FORM = "base_model.model.model.layers.<i>.{self_attn,mlp}.<projection>.lora_{A,B}.weight"
 
 
@@ -96,15 +100,32 @@ class AdapterSpec:
         group = "mlp" if projection in ("gate_proj", "up_proj", "down_proj") else "self_attn"
         key = f"model.layers.{layer}.{group}.{projection}"
         if self.layers_to_transform is not None:
-            patterns = [rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\." for pattern in self.layers_pattern]
-            match = next((m for p in patterns or [r".*?\.[^.]*\.(?P<idx>\d+)\."] if (m := re.match(p, key))), None)
+            match = None
+            for pattern in self.layers_pattern or (None,):
+                full = r".*?\.[^.]*\.(?P<idx>\d+)\." if pattern is None else rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."
+                if match := self._timed("layers_pattern", pattern, regex.match, full, key):
+                    break
             if match is None or int(match.group("idx")) not in self.layers_to_transform:
                 return True
         if not self.exclude_modules:
             return False
         if isinstance(self.exclude_modules, str):
-            return re.fullmatch(self.exclude_modules, key) is not None
+            pattern = self.exclude_modules
+            return self._timed("exclude_modules", pattern, regex.fullmatch, pattern, key) is not None
         return any(key == entry or key.endswith(f".{entry}") for entry in self.exclude_modules)
+
+    def _timed(self, field: str, pattern: str | None, matcher: Any, full: str, key: str) -> Any:
+        """`matcher(full, key)` within _MATCH_TIMEOUT_S: a pattern that backtracks without end
+        (`(.|.)*X`: ~150 s a module name under `re`, which holds the interpreter lock) froze
+        the whole coordinator from one admin call (an outside probe)."""
+        try:
+            return matcher(full, key, timeout=_MATCH_TIMEOUT_S)
+        except TimeoutError:
+            raise AdapterError(f"adapter {self.name!r}: {field} {pattern!r:.80} takes over {_MATCH_TIMEOUT_S} s to "
+                               f"match the module name {key!r} (a regular expression that backtracks without "
+                               "end): simplify it") from None
+        except regex.error as error:  # `re` compiled it (checked when read); `regex` reads a few escapes apart
+            raise AdapterError(f"adapter {self.name!r}: {field} {pattern!r:.80} is not usable: {error}") from None
 
     @property
     def scale(self) -> float:
@@ -272,6 +293,10 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
         exclude_modules=_exclusions(name, config.get("exclude_modules")),
         **_layers(name, config.get("layers_to_transform"), config.get("layers_pattern")),
     )
+    if spec.has_exclusions:  # each pattern timed on module names now, not first at a load
+        for layer in (0, 10, 100):
+            for projection in PROJECTIONS:
+                spec.excludes(layer, projection)
     try:
         scale = spec.scale
     except OverflowError:  # a rank beyond float range (no str() of it either: it may have 10**5 digits)
