@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from inlaid.engine.adapter_config import (
-    LORA_KEY_FORM, WEIGHTS_FILE, AdapterError, AdapterSpec, parse_lora_key, read_adapter_spec,
+    LORA_KEY_FORM, WEIGHTS_FILE, AdapterError, AdapterSpec, parse_lora_key, read_adapter_config, read_adapter_spec,
 )
 from inlaid.engine.config import ModelConfig
 
@@ -63,6 +63,21 @@ def projection_shapes(model: ModelConfig) -> dict[str, tuple[int, int]]:
         "up_proj": (hidden, inner),
         "down_proj": (inner, hidden),
     }
+
+
+def check_adapter_files(name: str, path: str, model: ModelConfig, max_rank: int) -> None:
+    """Before anything reads the adapter's files whole (a hash, a copy, the checks): both are
+    regular files, and the weights no larger than a LoRA of rank max_rank on this model can be
+    (float64, the largest header). A FIFO hung the call, a link to /dev/zero was hashed for
+    ever, and a 20 GB sparse file took 28 s to hash (an outside probe); copied into a state
+    directory, it would have filled the disk."""
+    directory, _ = read_adapter_config(name, path)  # both files there and regular
+    size = (directory / WEIGHTS_FILE).stat().st_size
+    values = model.num_layers * max_rank * sum(inputs + outputs for inputs, outputs in projection_shapes(model).values())
+    bound = 8 + MAX_HEADER_BYTES + 8 * values
+    if size > bound:
+        raise AdapterError(f"adapter {name!r}: {WEIGHTS_FILE} is {size} bytes; a LoRA of rank <= {max_rank} on this "
+                           f"base is at most {bound} bytes")
 
 
 def check_servable_adapter(name: str, path: str, model: ModelConfig, max_rank: int) -> AdapterSpec:
@@ -99,7 +114,10 @@ def _read_header(file, file_size: int, where: str) -> tuple[list[_TensorEntry], 
         raise AdapterError(f"{where}: {WEIGHTS_FILE} is {file_size} bytes, too short for a safetensors header")
     (header_size,) = struct.unpack("<Q", prefix)
     if header_size > min(MAX_HEADER_BYTES, file_size - 8):
-        raise AdapterError(f"{where}: {WEIGHTS_FILE} declares a {header_size}-byte header in a {file_size}-byte file")
+        # Its value is not echoed: it is the first 8 bytes of whatever file the path names
+        # (an outside probe read "root:x:0" of /etc/passwd back from the number).
+        raise AdapterError(f"{where}: {WEIGHTS_FILE} is not a safetensors file: its header length field is beyond "
+                           f"the file's {file_size} bytes (or safetensors' 100 MB limit)")
     raw = file.read(header_size)
     if len(raw) != header_size:
         raise AdapterError(f"{where}: {WEIGHTS_FILE} was truncated while being read")

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 from inlaid.engine.adapter_config import AdapterError, adapter_signature
-from inlaid.engine.adapter_weights import check_servable_adapter
+from inlaid.engine.adapter_weights import check_adapter_files, check_servable_adapter
 from inlaid.engine.engine import Engine, InvalidRequestError
 from inlaid.protocol import ErrorCode, excerpt, unknown_task_message
 from inlaid.serve.config import ConfigError, check_task_name
@@ -65,11 +65,16 @@ class TaskRegistry:
             raise TaskError(ErrorCode.INVALID_REQUEST, f"adapter_dir {excerpt(adapter_dir)} is too long: at most "
                                                        f"{_MAX_PATH_CHARS} characters")
         check_absolute(adapter_dir, "adapter_dir")
+        model, max_rank = self.engine.model_config, self.engine.config.max_lora_rank
+        try:  # the files before they are hashed, or copied into a state directory (TaskCalls._add)
+            check_task_name(name, self.engine.config.model_dir)
+            check_adapter_files(name, adapter_dir, model, max_rank)
+        except (ConfigError, AdapterError) as error:
+            raise TaskError(ErrorCode.INVALID_REQUEST, str(error)) from None
         signature = adapter_signature(adapter_dir)
         try:
-            check_task_name(name, self.engine.config.model_dir)
-            check_servable_adapter(name, adapter_dir, self.engine.model_config, self.engine.config.max_lora_rank)
-        except (ConfigError, AdapterError) as error:
+            check_servable_adapter(name, adapter_dir, model, max_rank)
+        except AdapterError as error:
             raise TaskError(ErrorCode.INVALID_REQUEST, str(error)) from None
         if adapter_signature(adapter_dir) != signature:  # else every load would refuse what was not checked
             raise TaskError(ErrorCode.INVALID_REQUEST, f"adapter {name!r}: its files in {adapter_dir} changed while "
