@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -29,12 +30,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+# Line breaks and other control characters (C0, DEL, C1, the Unicode line separators): text
+# that holds one is logged as its repr, so a value a client chose (a request id with a
+# newline) cannot start a forged line of its own (an outside probe, without the admin token).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _one_line(value: object) -> str:
+    text = str(value)
+    return repr(text) if _CONTROL.search(text) else text
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         extras = " ".join(
-            f"{k}={v}" for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS and not k.startswith("_")
+            f"{k}={_one_line(v)}" for k, v in record.__dict__.items()
+            if k not in _STANDARD_ATTRS and not k.startswith("_")
         )
-        line = f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        line = (f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {record.levelname:<7} {record.name}: "
+                f"{_one_line(record.getMessage())}")
         if extras:
             line += f"  [{extras}]"
         if record.exc_info:
