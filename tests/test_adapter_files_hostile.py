@@ -80,3 +80,24 @@ def test_a_file_that_is_not_safetensors_is_refused_without_echoing_its_bytes(mod
     answer = _check(model_dir, adapter)
     assert answer.startswith("REFUSED invalid_request") and "is not a safetensors file" in answer, answer
     assert str(int.from_bytes(b"root:x:0", "little")) not in answer
+
+
+def test_an_integer_of_thousands_of_digits_is_a_named_refusal_not_an_internal_error(model_dir, adapter):
+    """Python refuses to read an integer of over 4,300 digits (ValueError, not a JSON error):
+    it escaped the checks as "internal server error" with a traceback (an outside probe)."""
+    config = adapter / "adapter_config.json"
+    text = config.read_text()
+    config.write_text(text.replace('"r": 8', '"r": ' + "9" * 5000, 1))
+    assert '"r": 999' in config.read_text()
+    answer = _check(model_dir, adapter)
+    assert answer.startswith("REFUSED invalid_request adapter 'hostile': adapter_config.json is not valid JSON: "
+                             "Exceeds the limit (4300 digits)"), answer
+    config.write_text(text)
+    weights = adapter / "adapter_model.safetensors"
+    raw = weights.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = raw[8:8 + length].replace(b'"shape":[', b'"shape":[' + b"9" * 5000 + b",", 1)
+    weights.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + length:])
+    answer = _check(model_dir, adapter)
+    assert answer.startswith("REFUSED invalid_request adapter 'hostile': adapter_model.safetensors has a corrupt "
+                             "header: Exceeds the limit (4300 digits)"), answer

@@ -130,7 +130,9 @@ def _read_header(file, file_size: int, where: str) -> tuple[list[_TensorEntry], 
 
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+    except AdapterError:  # a tensor named twice
+        raise
+    except (ValueError, RecursionError) as error:  # ValueError: also an integer of over 4,300 digits
         raise AdapterError(f"{where}: {WEIGHTS_FILE} has a corrupt header: {error}") from None
     if not isinstance(header, dict):
         raise AdapterError(f"{where}: {WEIGHTS_FILE}'s header is not a JSON object")
