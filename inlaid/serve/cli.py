@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"inlaid serve: {error}", file=sys.stderr)
         return 2
+    _forget_token_variable(args.config)
     if args.log_format:
         config.log_format = args.log_format
     setup_logging(config.log_level, config.log_format)
@@ -62,6 +63,19 @@ def run(args: argparse.Namespace) -> int:
         # (a registry.json naming its base refused the next start, on another base, the config corrected)
         shutil.rmtree(created, ignore_errors=True)
     return code
+
+
+def _forget_token_variable(config_path: str) -> None:
+    """Drop `server.admin_token_env`'s variable from this process's environment once the
+    token is read: every process the server starts (executors, the HTTP front, the
+    requantizer) inherited it, where `/proc/<pid>/environ` shows it, and none needs it (an
+    outside probe; the front passes on each caller's own token)."""
+    from inlaid.serve.config_parsing import read_toml
+
+    server = read_toml(config_path)[0].get("server")
+    name = server.get("admin_token_env") if isinstance(server, dict) else None
+    if isinstance(name, str):
+        os.environ.pop(name, None)
 
 
 def _first_missing(path: Path) -> Path | None:
