@@ -35,3 +35,48 @@ def test_a_message_with_a_line_break_stays_on_its_line_and_plain_values_are_unch
 def test_json_lines_keep_the_value_whole_and_escaped() -> None:
     line = JsonFormatter().format(_record("request failed", request_id=FORGED))
     assert len(line.splitlines()) == 1 and json.loads(line)["request_id"] == FORGED
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_repeat_limit_lets_one_of_each_warning_through_per_interval_and_counts_the_rest() -> None:
+    from inlaid.serve.logs import RepeatLimit
+
+    clock = _Clock()
+    limit = RepeatLimit(10.0, clock=clock)
+    invalid = lambda: logging.LogRecord("uvicorn.error", logging.WARNING, "", 0, "Invalid HTTP request received.",  # noqa: E731
+                                        (), None)
+    assert limit.filter(invalid())
+    assert [limit.filter(invalid()) for _ in range(500)] == [False] * 500
+    other = logging.LogRecord("uvicorn.error", logging.WARNING, "", 0, "another message", (), None)
+    assert limit.filter(other)  # each message has its own allowance
+    error = logging.LogRecord("uvicorn.error", logging.ERROR, "", 0, "Invalid HTTP request received.", (), None)
+    assert limit.filter(error)  # errors always pass
+    clock.now = 10.5
+    record = invalid()
+    assert limit.filter(record) and record.repeated == 500
+    assert limit.filter(invalid()) is False
+
+
+def test_a_flood_of_malformed_connections_logs_one_line_on_a_real_front(caplog) -> None:
+    """The front's own uvicorn (`uvicorn_config`), 200 connections sending garbage."""
+    import socket
+
+    from test_http_probe_fixes import _uvicorn
+
+    with caplog.at_level(logging.WARNING, logger="uvicorn.error"), _uvicorn(head_timeout_s=5.0) as port:
+        for _ in range(200):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+                connection.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
+                try:
+                    connection.recv(4096)
+                except OSError:
+                    pass
+    invalid = [r for r in caplog.records if r.getMessage() == "Invalid HTTP request received."]
+    assert len(invalid) == 1, len(invalid)

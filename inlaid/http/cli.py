@@ -29,6 +29,7 @@ log = logging.getLogger("inlaid.http")
 
 _PARENT_POLL_S = 0.5
 _GRACEFUL_SHUTDOWN_S = 5  # open streams get this long after SIGTERM
+_REPEAT_INTERVAL_S = 10.0  # uvicorn's warnings: one of each message per this long (logs.RepeatLimit)
 _ANSWER_S = 1.0  # of which the last second answers what is still open (503): `_answer_before_the_grace_ends`
 
 
@@ -135,11 +136,16 @@ def run(args: argparse.Namespace) -> int:
 
 def uvicorn_config(app: HttpMetrics, config: HttpConfig) -> uvicorn.Config:
     """The front's uvicorn settings for `app` (create_app's): its protocol bounds each request
-    head's time and size, and counts the heads it refuses in the app's metrics."""
+    head's time and size, and counts the heads it refuses in the app's metrics; uvicorn's
+    warnings are limited to one of each message per _REPEAT_INTERVAL_S."""
     import uvicorn
 
     from inlaid.http.slow_clients import head_deadline_protocol
+    from inlaid.serve.logs import RepeatLimit
 
+    errors = logging.getLogger("uvicorn.error")  # one WARNING per malformed connection, else
+    if not any(isinstance(each, RepeatLimit) for each in errors.filters):
+        errors.addFilter(RepeatLimit(_REPEAT_INTERVAL_S))
     return uvicorn.Config(
         app, host=config.host, port=config.port,
         http=head_deadline_protocol(config.client_send_timeout_s, count_refusal=app.count_unserved), lifespan="on",

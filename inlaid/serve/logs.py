@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 # Fields a caller passes as `extra={...}` land in the JSON object beside the message.
@@ -54,6 +55,37 @@ class TextFormatter(logging.Formatter):
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
+
+
+class RepeatLimit(logging.Filter):
+    """At most one record of each message (logger, level, text before its arguments) per
+    `interval_s`, for warnings and below; the next one let through carries `repeated`, how
+    many were dropped since. uvicorn writes one WARNING per malformed connection: an outside
+    probe's unauthenticated flood wrote 41,000 lines (6.5 MB) to the front's log."""
+
+    _MAX_KEYS = 1000  # messages built with their values (f-strings) each make a key: bounded
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._clock = clock
+        self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.WARNING:
+            return True
+        key = (record.name, record.levelno, str(record.msg))
+        now = self._clock()
+        last = self._seen.get(key)
+        if last is not None and now - last[0] < self.interval_s:
+            self._seen[key] = (last[0], last[1] + 1)
+            return False
+        if last is not None and last[1]:
+            record.repeated = last[1]
+        if len(self._seen) >= self._MAX_KEYS:
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        return True
 
 
 class _Fields(logging.Filter):
