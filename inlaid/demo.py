@@ -60,11 +60,19 @@ def executor_options(adapters: dict[str, Path]) -> dict[str, Any]:
 # ------------------------------------------------------------------------ 1. the base
 def shared_base(model_dir: Path) -> tuple[Path, float, bool]:
     """(checkpoint dir, seconds, whether it was cached)."""
+    from inlaid.quant.run_support import finished_layers
     from inlaid.quant.suite import ensure_suite_checkpoint, is_complete, suite_checkpoint_dir
 
-    cached = is_complete(suite_checkpoint_dir(model_dir))
+    directory = suite_checkpoint_dir(model_dir)
+    cached = is_complete(directory)
+    if not cached and (done := finished_layers(directory)):  # the bar starts at 0 all the same
+        print(f"resuming the interrupted build: {done} finished layers kept in {directory}")
     started = time.monotonic()
-    checkpoint = ensure_suite_checkpoint(model_dir, progress=True)
+    try:
+        checkpoint = ensure_suite_checkpoint(model_dir, progress=True)
+    except OSError as error:  # a read-only or full cache: one line, as the model's step says it
+        raise DemoError(f"the 4-bit base cannot be built in {directory.parent}: {error.strerror or error} (set "
+                        "XDG_CACHE_HOME to a writable directory with ~2.5 GB free)") from None
     return checkpoint, time.monotonic() - started, cached
 
 
@@ -152,8 +160,9 @@ def print_quality(rows: list[TaskQuality], served_label: str) -> None:
               f"{row.nll_quantized:>10.3f} {row.nll_quantized - row.nll_float:>+9.3f} "
               f"{100 * row.perplexity_kept:>8.1f}% {100 * row.gain_kept:>8.1f}%")
     worst = min(rows, key=lambda r: r.perplexity_kept)
-    print(f"worst task: {worst.task}. no adapter: the fp32 base alone; ppl kept = exp(-increase); gain kept = the "
-          "share of the adapter's NLL gain over the bare base left on the 4-bit base")
+    print(f"worst task here: {worst.task}. no adapter: the fp32 base alone; ppl kept = exp(-increase); gain kept = "
+          "the share of the adapter's NLL gain over the bare base left on the 4-bit base. A few examples per task: "
+          "a smoke test; every eval example: `make eval` (docs/quantization.md)")
 
 
 # ---------------------------------------------------------------------- 3. memory
@@ -247,7 +256,8 @@ def main() -> int:
     summary = run_server_demo(model_dir, {n: str(p) for n, p in adapters.items()}, served_prompts(adapters),
                               max_tokens=SERVED_MAX_TOKENS, quantized_dir=checkpoint, executor=options,
                               samples_per_task=1)
-    print(f"\nmake run finished in {time.monotonic() - started:.0f} s (machine load {os.getloadavg()[0]:.1f})")
+    print(f"\nmake run finished in {time.monotonic() - started:.0f} s after the set-up (machine load "
+          f"{os.getloadavg()[0]:.1f}; {machine_name()})")
     return 0 if summary["exit_code"] == 0 and summary["ok"] == summary["requests"] else 1
 
 
@@ -260,9 +270,24 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class DemoError(Exception):
+    """What stops `make run` for a reason of the machine's, said in one line."""
+
+
+def machine_name() -> str:
+    """The CPU's model name (/proc/cpuinfo) and core count, for the figures' context."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"{model or 'unknown CPU'}, {os.cpu_count()} cores"
+
+
 def run_main(argv: list[str] | None = None) -> int:
     """`main`, ending quietly (141, as `inlaid` commands do) when stdout's reader has gone
-    (`make run | head`) rather than with a BrokenPipeError traceback."""
+    (`make run | head`) rather than with a BrokenPipeError traceback; Ctrl-C and a cache it
+    cannot write end in one line (they ended in tracebacks: an outside probe)."""
     from inlaid.cli import end_on_closed_stdout, stdout_closed
 
     parse_arguments(sys.argv[1:] if argv is None else argv)  # --help, or a usage error (exit 2)
@@ -274,6 +299,26 @@ def run_main(argv: list[str] | None = None) -> int:
         if stdout_closed():
             return end_on_closed_stdout()
         raise
+    except DemoError as error:
+        print(f"make run: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"make run: interrupted{_kept_note()}", file=sys.stderr)
+        return 130
+
+
+def _kept_note() -> str:
+    """What an interrupted build of the 4-bit base kept (`make run` again resumes from it)."""
+    from inlaid.models.prepare import default_model_dir
+    from inlaid.quant.run_support import finished_layers
+    from inlaid.quant.suite import is_complete, suite_checkpoint_dir
+
+    try:
+        directory = suite_checkpoint_dir(default_model_dir())
+        done = 0 if is_complete(directory) else finished_layers(directory)
+    except Exception:  # noqa: BLE001 (the note is a courtesy; the interrupt is what is reported)
+        return ""
+    return f"; {done} finished layers of the 4-bit base kept in {directory}: `make run` again resumes" if done else ""
 
 
 if __name__ == "__main__":

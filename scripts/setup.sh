@@ -8,6 +8,8 @@ STAMP=$VENV/.inlaid-setup
 want="$(cat requirements.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
+  # pip runs quietly: without this line a first run showed nothing for ~2 minutes
+  echo "set-up: installing the pinned packages into $VENV (a first run takes ~2-3 min; about 3 GB)"
   # On a CUDA machine keep the resident torch (a pip torch spec would pull a different
   # CUDA build); elsewhere pin the CPU wheel.
   if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then

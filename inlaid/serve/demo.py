@@ -120,7 +120,7 @@ def run_server_demo(
     for task in prompts_by_task:
         mine = [r for r in results if r.task == task]
         ok = [r for r in mine if not r.error]
-        print(f"\n== task {task}: {len(ok)}/{len(mine)} ok, p50 latency "
+        print(f"\n== task {task}: {len(ok)}/{len(mine)} served (answers shown, not scored), p50 latency "
               f"{_percentile([r.latency_s for r in ok], 0.5):.2f} s, p50 first token "
               f"{_percentile([r.first_token_s for r in ok], 0.5):.2f} s")
         for r in ok[:samples_per_task]:
