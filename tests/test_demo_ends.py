@@ -64,5 +64,6 @@ def test_an_interrupt_is_one_line_that_says_what_was_kept(tmp_path, model_dir) -
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("make run: interrupted; 2 finished layers of the 4-bit base kept in ")
     assert lines[0].endswith(": `make run` again resumes")
-    again = _demo(cache, INTERRUPTED.replace("partial.mkdir(parents=True)", "partial.mkdir(parents=True, exist_ok=True)"))
+    resumed = INTERRUPTED.replace("partial.mkdir(parents=True)", "partial.mkdir(parents=True, exist_ok=True)")
+    again = _demo(cache, resumed)
     assert "resuming the interrupted build: 2 finished layers kept in " in again.stdout

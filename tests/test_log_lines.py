@@ -50,8 +50,10 @@ def test_repeat_limit_lets_one_of_each_warning_through_per_interval_and_counts_t
 
     clock = _Clock()
     limit = RepeatLimit(10.0, clock=clock)
-    invalid = lambda: logging.LogRecord("uvicorn.error", logging.WARNING, "", 0, "Invalid HTTP request received.",  # noqa: E731
-                                        (), None)
+
+    def invalid() -> logging.LogRecord:
+        return logging.LogRecord("uvicorn.error", logging.WARNING, "", 0, "Invalid HTTP request received.", (), None)
+
     assert limit.filter(invalid())
     assert [limit.filter(invalid()) for _ in range(500)] == [False] * 500
     other = logging.LogRecord("uvicorn.error", logging.WARNING, "", 0, "another message", (), None)

@@ -432,7 +432,8 @@ def test_a_start_collects_only_the_names_the_server_writes(tmp_path, caplog):
     for file in foreign:
         file.parent.mkdir(parents=True, exist_ok=True)
         file.write_text("mine")
-    unused = [root / "adapters" / "old.0123456789" / "adapter_config.json", root / "calibration" / "old.0123456789.jsonl",
+    unused = [root / "adapters" / "old.0123456789" / "adapter_config.json",
+              root / "calibration" / "old.0123456789.jsonl",
               root / "quant" / "layers" / "layer_004.v1.safetensors", root / "quant" / "layers" / ".tmpAb12Cd"]
     for file in unused:
         file.parent.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,8 @@ def check_adapter_files(name: str, path: str, model: ModelConfig, max_rank: int)
     directory, it would have filled the disk."""
     directory, _ = read_adapter_config(name, path)  # both files there and regular
     size = (directory / WEIGHTS_FILE).stat().st_size
-    values = model.num_layers * max_rank * sum(inputs + outputs for inputs, outputs in projection_shapes(model).values())
+    widths = sum(inputs + outputs for inputs, outputs in projection_shapes(model).values())
+    values = model.num_layers * max_rank * widths
     bound = 8 + MAX_HEADER_BYTES + 8 * values
     if size > bound:
         raise AdapterError(f"adapter {name!r}: {WEIGHTS_FILE} is {size} bytes; a LoRA of rank <= {max_rank} on this "

@@ -24,8 +24,8 @@ from inlaid.engine.prompts import InvalidRequestError, prompt_token_ids
 from inlaid.engine.scheduler import Scheduler, SchedulerLimits, SchedulingPolicy
 from inlaid.engine.sequence import FinishReason, Sequence, SequenceStatus
 from inlaid.engine.tokenizer import StreamingDetokenizer, Tokenizer
-from inlaid.protocol import (BatchPlan, ChatMessage, SamplingError, SamplingParams, SequenceFailure, StepResult, excerpt,
-                             shown_names)
+from inlaid.protocol import (BatchPlan, ChatMessage, SamplingError, SamplingParams, SequenceFailure, StepResult,
+                             excerpt, shown_names)
 
 if TYPE_CHECKING:
     from inlaid.engine.runner import ModelRunner
