@@ -67,8 +67,9 @@ def test_weights_larger_than_any_lora_of_the_base_are_refused_by_their_size(mode
     with open(weights, "r+b") as file:
         file.truncate(20 << 30)  # sparse: no disk used
     answer = _check(model_dir, adapter)
-    assert answer.startswith(f"REFUSED invalid_request adapter 'hostile': adapter_model.safetensors is {20 << 30} "
-                             "bytes; a LoRA of rank <= 16 on this base is at most "), answer
+    assert answer.startswith(f"REFUSED invalid_request adapter 'hostile': adapter_model.safetensors: {20 << 30} "
+                             "bytes, over the "), answer
+    assert answer.endswith("bytes allowed (a LoRA of rank <= 16 on this base is no larger)"), answer
 
 
 def test_a_file_that_is_not_safetensors_is_refused_without_echoing_its_bytes(model_dir, adapter, tmp_path):
@@ -101,3 +102,31 @@ def test_an_integer_of_thousands_of_digits_is_a_named_refusal_not_an_internal_er
     answer = _check(model_dir, adapter)
     assert answer.startswith("REFUSED invalid_request adapter 'hostile': adapter_model.safetensors has a corrupt "
                              "header: Exceeds the limit (4300 digits)"), answer
+
+
+def test_an_oversized_config_is_refused_once_by_its_size(model_dir, adapter):
+    """Its refusal was wrapped in another ("is not valid JSON: adapter 'hostile': ... is over ...
+    bytes"), after the whole file was hashed (a reviewer: 12.7 s for a 3 GB sparse one)."""
+    with open(adapter / "adapter_config.json", "r+b") as file:
+        file.truncate(3 << 30)
+    answer = _check(model_dir, adapter)
+    assert answer == "REFUSED invalid_request adapter 'hostile': adapter_config.json is over 1048576 bytes", answer
+
+
+def test_the_state_directory_copy_reads_no_more_than_the_bounds(tmp_path, adapter):
+    """The copy into the state directory reads the descriptor it checked, bounded: a path
+    re-pointed at /dev/zero, or a huge file, after the add's checks was copied without end (a
+    reviewer filled a disk so)."""
+    from inlaid.serve.task_store import TaskStore
+
+    store = TaskStore(tmp_path / "state", {"model_dir": "/m", "quantized_dir": "/q"})
+    zero = tmp_path / "calib.jsonl"
+    zero.symlink_to("/dev/zero")
+    with pytest.raises(OSError, match="not a regular file"):
+        store.copy_inputs("qa", str(adapter), str(zero))
+    with open(adapter / "adapter_model.safetensors", "r+b") as file:
+        file.truncate(5 << 30)
+    with pytest.raises(OSError, match=r"5368709120 bytes, over the 1000000 bytes allowed"):
+        store.copy_inputs("qa", str(adapter), None, weights_limit=1_000_000)
+    assert not list((tmp_path / "state" / "adapters").iterdir())
+    assert not list((tmp_path / "state" / "calibration").iterdir())

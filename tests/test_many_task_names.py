@@ -51,3 +51,33 @@ def test_the_engine_names_its_first_adapters_and_the_count(model_dir, adapter_di
         engine.add_request([1, 2, 3], sampling=SamplingParams(max_tokens=1), adapter="nope")
     assert str(refused.value) == ("unknown adapter/task 'nope'; known: " + ", ".join(names[:SHOWN_NAMES])
                                   + ", ... (30 in all)")
+
+
+def test_a_refusal_carries_the_first_names_and_the_count_and_the_404_says_both() -> None:
+    """The reply's `known_tasks` was every name (10 KB msgpack for 1,000 tasks, a reviewer);
+    now the first SHOWN_NAMES and `known_tasks_total`, which the HTTP 404 counts from."""
+    import msgspec
+
+    from inlaid.http.errors import from_inlaid
+    from inlaid.integrations.ray_client import unknown_task_error
+
+    many = [f"a{i:04d}" for i in range(1000)]
+    error = unknown_task_error("nope", many)
+    assert error.reply.known_tasks == many[:SHOWN_NAMES] and error.reply.known_tasks_total == 1000
+    assert len(msgspec.msgpack.encode(error.reply)) < 1000
+    answer = from_inlaid(error, model="nope", base_model="base")
+    assert answer.status == 404 and answer.message.endswith(", ... (1001 in all); GET /v1/models lists every one.")
+    assert "`a0018`" in answer.message and "`a0019`" not in answer.message  # the base model is one of the 20
+
+
+def test_the_404_from_a_reply_without_the_list_reads_the_count_from_its_words() -> None:
+    """A reply with only its message (a server older than `known_tasks`): the shortened list's
+    tail "... (25 in all)" was read as a model id."""
+    from inlaid.client import UnknownTaskError
+    from inlaid.http.errors import from_inlaid
+
+    names = [f"t{i:02d}" for i in range(25)]
+    answer = from_inlaid(UnknownTaskError(f"[unknown_task] {unknown_task_message('nope', names)}", "r"),
+                         model="nope", base_model="base")
+    assert "in all)`" not in answer.message
+    assert answer.message.endswith(", `t18`, ... (26 in all); GET /v1/models lists every one.")

@@ -66,7 +66,7 @@ def test_admin_calls_on_a_full_state_directory_say_so_and_the_state_is_saved_onc
     # the answer says (deleted, the restart brought qa2 back as failed: "put its adapter back")
     kept = [copy.name for copy in (state / "adapters").iterdir()]
     assert len(kept) == 1 and kept[0].startswith("qa2.")
-    monkeypatch.setattr(shutil, "copyfile", _disk_full)
+    monkeypatch.setattr(task_store, "copy_bounded", _disk_full)
     with pytest.raises(TaskError) as refused:
         dynamic.prepare("qa3", str(adapter), None)
     assert refused.value.code == ErrorCode.INTERNAL and str(state) in refused.value.message
@@ -110,14 +110,14 @@ def test_a_callers_file_gone_since_its_check_is_the_callers_error(model_dir, tmp
     dynamic = _dynamic(model_dir, tmp_path / "state")
     calibration = tmp_path / "calib.jsonl"
     calibration.write_text('{"messages": [{"role": "user", "content": "hi"}], "reference": "yo"}\n')
-    copy = shutil.copyfile
+    copy = task_store.copy_bounded
 
-    def vanished(source: str, target: str) -> str:
+    def vanished(source: str, target: str, limit: int) -> None:
         if str(source) == str(calibration):
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(source))
-        return copy(source, target)
+        copy(source, target, limit)
 
-    monkeypatch.setattr(shutil, "copyfile", vanished)
+    monkeypatch.setattr(task_store, "copy_bounded", vanished)
     with pytest.raises(TaskError) as refused:
         dynamic.prepare("qa4", str(adapter), str(calibration))
     assert refused.value.code == ErrorCode.INVALID_REQUEST and str(calibration) in refused.value.message

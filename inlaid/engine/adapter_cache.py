@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from inlaid.bounded_files import read_bounded
 from inlaid.engine.adapter_config import (
     WEIGHTS_FILE, AdapterError, AdapterSpec, content_signature, read_adapter_config, spec_from_config_bytes,
 )
@@ -45,8 +46,12 @@ class AdapterCopy:
 
 
 class HostAdapterCache:
-    def __init__(self, num_layers: int, max_entries: int, max_bytes: int) -> None:
+    def __init__(self, num_layers: int, max_entries: int, max_bytes: int, max_weights_bytes: int = 1 << 40) -> None:
+        """max_weights_bytes: the largest weights file read (`adapter_weights.max_weights_bytes`): a
+        registered path's file swapped for a huge one was read whole into the executor's memory
+        before its signature refused it (a reviewer)."""
         self.num_layers = num_layers
+        self.max_weights_bytes = max_weights_bytes
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.nbytes = 0  # what the cached copies hold now
@@ -61,8 +66,8 @@ class HostAdapterCache:
         copy = self._copies.get(key)
         if copy is None:
             directory, config = read_adapter_config(name, path)
-            try:
-                weights = (directory / WEIGHTS_FILE).read_bytes()  # one read: parsed and hashed alike
+            try:  # one read: parsed and hashed alike
+                weights = read_bounded(directory / WEIGHTS_FILE, self.max_weights_bytes)
             except OSError as error:
                 raise AdapterError(f"adapter {name!r}: cannot read {directory / WEIGHTS_FILE}: {error}") from None
             if signature and content_signature(config, weights) != signature:

@@ -20,6 +20,8 @@ from typing import Any, NoReturn
 
 import regex  # `re`'s syntax, as PEFT matches; it can stop a match after a time limit, `re` cannot
 
+from inlaid.bounded_files import TOO_LARGE, digest_bounded, read_bounded
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _BLOCK_OF = {projection: "self_attn" if index < 4 else "mlp" for index, projection in enumerate(PROJECTIONS)}
 # A LoRA tensor's key as PEFT saves it for a Llama-style causal LM. Whole, and each projection
@@ -176,18 +178,19 @@ def read_adapter_config(name: str, path: str | Path) -> tuple[Path, bytes]:
         missing = f"{path} has no adapter_model.safetensors"
         raise AdapterError(f"adapter {name!r}: {_not_there(weights_path, 'file', missing)}")
     try:
-        with config_path.open("rb") as file:
-            raw = file.read(MAX_CONFIG_BYTES + 1)
+        raw = read_bounded(config_path, MAX_CONFIG_BYTES)
     except OSError as error:
+        if error.errno == TOO_LARGE:
+            raise AdapterError(f"adapter {name!r}: adapter_config.json is over {MAX_CONFIG_BYTES} bytes") from None
         raise AdapterError(f"adapter {name!r}: cannot read adapter_config.json: {error}") from None
     return path, raw
 
 
 def spec_from_config_bytes(name: str, path: str, raw: bytes) -> AdapterSpec:
     """The spec of an adapter_config.json holding `raw` (AdapterError naming what is wrong)."""
+    if len(raw) > MAX_CONFIG_BYTES:  # (outside the try: an AdapterError is a ValueError too)
+        raise AdapterError(f"adapter {name!r}: adapter_config.json is over {MAX_CONFIG_BYTES} bytes")
     try:
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise AdapterError(f"adapter {name!r}: adapter_config.json is over {MAX_CONFIG_BYTES} bytes")
         config = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as error:  # ValueError: also an integer of over 4,300 digits
         raise AdapterError(f"adapter {name!r}: adapter_config.json is not valid JSON: {error}") from None
@@ -197,7 +200,7 @@ def spec_from_config_bytes(name: str, path: str, raw: bytes) -> AdapterSpec:
     return _spec_from_config(name, path, config)
 
 
-def adapter_signature(path: str | Path) -> str:
+def adapter_signature(path: str | Path, max_weights_bytes: int = 1 << 40) -> str:
     """What the adapter directory holds now: the sha256 of adapter_config.json and of
     adapter_model.safetensors. Registration records it (taken before the adapter's check and
     compared after it) and every load compares the bytes it reads with it, so that files
@@ -205,12 +208,12 @@ def adapter_signature(path: str | Path) -> str:
     registration (host copies and device slots were keyed by path alone: an outside probe
     re-registered a directory whose files had changed and got the old adapter's tokens).
     By content, not by stat: a chmod, a hard link or identical bytes copied again change
-    nothing. "-" when a file cannot be read (no adapter's files hash to it)."""
+    nothing. "-" when a file cannot be read, is no regular file, or is larger than its bound
+    (MAX_CONFIG_BYTES, max_weights_bytes): no adapter's files hash to it."""
     digests = []
-    for file_name in (CONFIG_FILE, WEIGHTS_FILE):
+    for file_name, limit in ((CONFIG_FILE, MAX_CONFIG_BYTES), (WEIGHTS_FILE, max_weights_bytes)):
         try:
-            with open(Path(path) / file_name, "rb") as handle:
-                digests.append(hashlib.file_digest(handle, "sha256").hexdigest())
+            digests.append(digest_bounded(Path(path) / file_name, limit))
         except (OSError, ValueError):
             return "-"
     return ":".join(digests)

@@ -23,14 +23,17 @@ error, never a SIGBUS.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from inlaid.bounded_files import TOO_LARGE, open_regular
+
 from inlaid.engine.adapter_config import (
-    LORA_KEY_FORM, WEIGHTS_FILE, AdapterError, AdapterSpec, parse_lora_key, read_adapter_config, read_adapter_spec,
+    LORA_KEY_FORM, WEIGHTS_FILE, AdapterError, AdapterSpec, parse_lora_key, read_adapter_spec,
 )
 from inlaid.engine.config import ModelConfig
 
@@ -65,20 +68,36 @@ def projection_shapes(model: ModelConfig) -> dict[str, tuple[int, int]]:
     }
 
 
-def check_adapter_files(name: str, path: str, model: ModelConfig, max_rank: int) -> None:
-    """Before anything reads the adapter's files whole (a hash, a copy, the checks): both are
-    regular files, and the weights no larger than a LoRA of rank max_rank on this model can be
-    (float64, the largest header). A FIFO hung the call, a link to /dev/zero was hashed for
-    ever, and a 20 GB sparse file took 28 s to hash (an outside probe); copied into a state
-    directory, it would have filled the disk."""
-    directory, _ = read_adapter_config(name, path)  # both files there and regular
-    size = (directory / WEIGHTS_FILE).stat().st_size
+def max_weights_bytes(model: ModelConfig, max_rank: int) -> int:
+    """The largest adapter_model.safetensors a LoRA of rank <= max_rank on this base can be:
+    every projection's A and B in float64, and the largest header safetensors allows."""
     widths = sum(inputs + outputs for inputs, outputs in projection_shapes(model).values())
-    values = model.num_layers * max_rank * widths
-    bound = 8 + MAX_HEADER_BYTES + 8 * values
-    if size > bound:
-        raise AdapterError(f"adapter {name!r}: {WEIGHTS_FILE} is {size} bytes; a LoRA of rank <= {max_rank} on this "
-                           f"base is at most {bound} bytes")
+    return 8 + MAX_HEADER_BYTES + 8 * model.num_layers * max_rank * widths
+
+
+def check_adapter_files(name: str, path: str, model: ModelConfig, max_rank: int) -> AdapterSpec:
+    """Before anything reads the adapter's weights whole (a hash, a copy, the checks): its
+    config (read bounded: MAX_CONFIG_BYTES) with a rank within max_rank, and weights that are
+    a regular file no larger than `max_weights_bytes`. A FIFO hung the call, a link to
+    /dev/zero was hashed for ever, and a 20 GB sparse file took 28 s to hash (an outside
+    probe); copied into a state directory, it would have filled the disk. The rank first: a
+    too-high rank made a too-large file, and the size said nothing of the rank."""
+    spec = read_adapter_spec(name, path)
+    check_rank(spec, max_rank)
+    bound = max_weights_bytes(model, max_rank)
+    try:
+        os.close(open_regular(Path(spec.path) / WEIGHTS_FILE, bound))
+    except OSError as error:
+        raise AdapterError(f"adapter {name!r}: {WEIGHTS_FILE}: {error.strerror} (a LoRA of rank <= {max_rank} on "
+                           "this base is no larger)" if error.errno == TOO_LARGE else
+                           f"adapter {name!r}: cannot read {WEIGHTS_FILE}: {error.strerror}") from None
+    return spec
+
+
+def check_rank(spec: AdapterSpec, max_rank: int) -> None:
+    if spec.rank > max_rank:
+        raise AdapterError(f"adapter {spec.name!r} has rank {spec.rank}; the engine's max_lora_rank is {max_rank} "
+                           "(a server's: [executor] max_lora_rank)")
 
 
 def check_servable_adapter(name: str, path: str, model: ModelConfig, max_rank: int) -> AdapterSpec:
@@ -93,13 +112,12 @@ def check_servable_adapter(name: str, path: str, model: ModelConfig, max_rank: i
 def check_adapter_weights(spec: AdapterSpec, model: ModelConfig, max_rank: int) -> None:
     """Raise AdapterError naming the first problem; return when the weights are servable."""
     where = f"adapter {spec.name!r}"
-    if spec.rank > max_rank:
-        raise AdapterError(f"{where} has rank {spec.rank}; the engine's max_lora_rank is {max_rank} (a server's: "
-                           "[executor] max_lora_rank)")
+    check_rank(spec, max_rank)
     path = Path(spec.path) / WEIGHTS_FILE
     try:
-        with path.open("rb") as file:
-            file_size = path.stat().st_size
+        # the descriptor checked is the one read (a file swapped for a FIFO after a check hung the call)
+        with os.fdopen(open_regular(path, max_weights_bytes(model, max_rank)), "rb") as file:
+            file_size = os.fstat(file.fileno()).st_size
             entries, data_start = _read_header(file, file_size, where)
             _check_layout(entries, file_size - data_start, where)
             _check_names_and_shapes(entries, spec, model, where)

@@ -17,7 +17,7 @@ import msgspec
 
 from inlaid.engine.adapter_config import AdapterError, adapter_signature, read_adapter_spec
 from inlaid.engine.adapter_slots import AdapterSlots
-from inlaid.engine.adapter_weights import check_adapter_files, check_adapter_weights
+from inlaid.engine.adapter_weights import check_adapter_files, check_adapter_weights, max_weights_bytes
 from inlaid.engine.block_manager import BlockManager
 from inlaid.engine.config import EngineConfig, ModelConfig
 from inlaid.engine.prompts import InvalidRequestError, prompt_token_ids
@@ -103,16 +103,17 @@ class Engine:
         it checked. A path registered again after its files changed serves the new files."""
         if not isinstance(name, str) or not name:  # None is the base model: an adapter under it was unreachable
             raise InvalidRequestError(f"an adapter's name must be a non-empty string, got {name!r}", "task")
+        bound = max_weights_bytes(self.model_config, self.config.max_lora_rank)
         if signature is None:  # the files before they are hashed (a FIFO, a device, a huge file)
             check_adapter_files(name, path, self.model_config, self.config.max_lora_rank)
-        checked, signature = signature is None, adapter_signature(path) if signature is None else signature
+        checked, signature = signature is None, adapter_signature(path, bound) if signature is None else signature
         spec = read_adapter_spec(name, path)
         if spec.rank > self.config.max_lora_rank:
             raise InvalidRequestError(f"adapter {name!r} has rank {spec.rank}; this engine's max_lora_rank is "
                                       f"{self.config.max_lora_rank}")
         if check_weights:
             check_adapter_weights(spec, self.model_config, self.config.max_lora_rank)
-        if checked and adapter_signature(path) != signature:
+        if checked and adapter_signature(path, bound) != signature:
             raise AdapterError(f"adapter {name!r}: its files in {path} changed while they were being checked; "
                                "register it again")
         slots = self.scheduler.adapters  # another adapter under a name in use: its slot would change under their KV

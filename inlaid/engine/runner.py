@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from inlaid.engine.adapter_cache import HOST_ADAPTER_CACHE_POOLS, HostAdapterCache
+from inlaid.engine.adapter_weights import max_weights_bytes
 from inlaid.engine.config import EngineConfig, ModelConfig, ModelLoadError
 from inlaid.engine.cuda_graphs import DecodeGraphs
 from inlaid.engine.lora import LoraBatch, LoraLinear, install_adapter
@@ -125,7 +126,8 @@ class ModelRunner:
                                                        for linear, index in self.linears.values())
             host_adapter_cache_bytes = (HOST_ADAPTER_CACHE_POOLS * config.max_lora_slots * slot_elements
                                         * torch.empty((), dtype=self.dtype).element_size())
-        self.host_adapters = HostAdapterCache(mc.num_layers, host_adapter_cache, host_adapter_cache_bytes)
+        self.host_adapters = HostAdapterCache(mc.num_layers, host_adapter_cache, host_adapter_cache_bytes,
+                                              max_weights_bytes(mc, config.max_lora_rank))
         self.slot_contents: dict[int, str] = {}  # slot -> adapter path (for introspection and tests)
         self.decode_graphs: DecodeGraphs | None = None
         if config.cuda_graphs:

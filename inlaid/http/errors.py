@@ -89,12 +89,21 @@ def bad_request(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, code="invalid_request", param=param)
 
 
-def model_not_found(model: str, base_model: str | None, tasks: list[str]) -> ApiError:
+_SHOWN_COUNT = re.compile(r", \.\.\. \((\d+) in all\)$")  # protocol.shown_names' tail
+
+
+def model_not_found(model: str, base_model: str | None, tasks: list[str], total: int | None = None) -> ApiError:
     """The 404 for an unknown `model`, one wording wherever a model is named (generation,
-    `/v1/models/{id}`): every model id the server has, the base model first."""
+    `/v1/models/{id}`): the server's model ids, the base model first, the first SHOWN_NAMES
+    and the count past them. `total`: how many tasks there are when `tasks` lists only the
+    first ones (the server's reply gives its first SHOWN_NAMES)."""
     known = ([f"`{base_model}` (the base model)"] if base_model else []) + [f"`{task}`" for task in sorted(tasks)]
-    every = "; GET /v1/models lists every one" if len(known) > SHOWN_NAMES else ""
-    return ApiError(404, f"The model `{model}` does not exist; this server has: {shown_names(known)}{every}.",
+    count = len(known) - len(tasks) + max(total or 0, len(tasks))
+    if count <= SHOWN_NAMES and count == len(known):
+        listed = shown_names(known)
+    else:
+        listed = f"{', '.join(known[:SHOWN_NAMES])}, ... ({count} in all); GET /v1/models lists every one"
+    return ApiError(404, f"The model `{model}` does not exist; this server has: {listed}.",
                     code="model_not_found", param="model")
 
 
@@ -112,12 +121,15 @@ def from_inlaid(error: InlaidError, model: str | None = None, *, not_found_param
     if error.code == ErrorCode.UNKNOWN_TASK and model is not None:
         # Said again in the API's terms, with the server's tasks: from the reply's list, or
         # (a server older than ErrorReply.known_tasks) its words "...; this server has: a, b".
+        total = None
         if error.reply is not None and error.reply.known_tasks is not None:
-            tasks = list(error.reply.known_tasks)
+            tasks, total = list(error.reply.known_tasks), error.reply.known_tasks_total
         else:
             _, _, known = message.partition("; this server has: ")
+            if cut := _SHOWN_COUNT.search(known):  # "a, b, ... (25 in all)": the first names and the count
+                known, total = known[:cut.start()], int(cut.group(1))
             tasks = [] if known in ("", "none") else known.split(", ")
-        message = model_not_found(model, base_model or None, tasks).message
+        message = model_not_found(model, base_model or None, tasks, total).message
     param = ("model" if model is not None else not_found_param) if status == 404 else None
     if error.code == ErrorCode.FRAME_TOO_LARGE:
         message = _frame_message(message)

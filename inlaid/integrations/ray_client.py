@@ -23,7 +23,8 @@ from inlaid.client import (ConnectionLostError, ExecutorFailedError, InlaidError
                            OverloadedError, RequestTimeoutError, UnknownTaskError)
 from inlaid.client.errors import error_from_reply
 from inlaid.protocol import (
-    AdminReply, ErrorCode, ErrorReply, GenerateDone, HealthReply, HelloReply, TaskInfo, TextChunk, unknown_task_message,
+    SHOWN_NAMES, AdminReply, ErrorCode, ErrorReply, GenerateDone, HealthReply, HelloReply, TaskInfo, TextChunk,
+    unknown_task_message,
 )
 
 
@@ -59,8 +60,8 @@ def unknown_task_error(task: str, known: Iterable[str]) -> UnknownTaskError:
     """The refusal of an unknown task as a single server's coordinator gives it: its words
     (serve/task_registry.py `check_accepting`) and, for the HTTP front's 404, the tasks."""
     tasks = sorted(known)
-    reply = ErrorReply(request_id="", code=ErrorCode.UNKNOWN_TASK, field="task", known_tasks=tasks,
-                       message=unknown_task_message(task, tasks))
+    reply = ErrorReply(request_id="", code=ErrorCode.UNKNOWN_TASK, field="task", known_tasks=tasks[:SHOWN_NAMES],
+                       known_tasks_total=len(tasks), message=unknown_task_message(task, tasks))
     return error_from_reply(reply)  # type: ignore[return-value]  (UNKNOWN_TASK's class)
 
 

@@ -242,7 +242,10 @@ class ErrorReply(msgspec.Struct, frozen=True, kw_only=True, tag="error"):
     field: str | None = None  # the request's field at fault, by its name here: max_tokens, temperature, prompt, ...
     in_flight: InFlightCounts | None = None  # with `overloaded`
     context_overflow: ContextOverflow | None = None  # with `context_length`
-    known_tasks: list[str] | None = None  # with `unknown_task`: the tasks this server serves
+    # With `unknown_task`: the tasks this server serves, the first SHOWN_NAMES of them by name,
+    # and how many it serves (None: every one is listed; a server older than the count).
+    known_tasks: list[str] | None = None
+    known_tasks_total: int | None = None
 
 
 class TaskInfo(msgspec.Struct, frozen=True, kw_only=True):

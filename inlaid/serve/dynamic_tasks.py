@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from inlaid.engine.adapter_weights import max_weights_bytes
 from inlaid.protocol import ErrorCode, ReplacedConfigEntry, TaskStatusReply
 from inlaid.quant.checkpoint_files import read_inlaid_metadata
 from inlaid.quant.errors import CheckpointError
@@ -25,7 +26,8 @@ from inlaid.serve.config import ServerConfig
 from inlaid.serve.hessian_sources import HessianSource, changes_nothing, judge_samples, stored_view, twin_note
 from inlaid.serve.requantization_jobs import RESTARTED, RESUMING_AT, RequantizationJobs
 from inlaid.serve.state_gc import hessian_dirs, prune_dropped
-from inlaid.serve.task_inputs import TaskInputs, check_calibration_file, same_adapter_files
+from inlaid.serve.task_inputs import (MAX_CALIBRATION_FILE_BYTES, TaskInputs, check_calibration_file,
+                                      same_adapter_files)
 from inlaid.serve.task_registry import TaskError, TaskRegistry, check_absolute
 from inlaid.serve.task_status import cancelled_job_note, not_served_note, task_status_reply
 from inlaid.serve.task_store import (FAILED, QUEUED, READY, REQUANTIZING, SERVING, StateDirError, TaskRecord,
@@ -177,7 +179,10 @@ class DynamicTasks:
         if self.store is None:
             return TaskInputs(name, adapter_dir, calibration, copied=False)
         try:
-            adapter_copy, calibration_copy = self.store.copy_inputs(name, adapter_dir, calibration)
+            engine = self.registry.engine
+            adapter_copy, calibration_copy = self.store.copy_inputs(
+                name, adapter_dir, calibration, max_weights_bytes(engine.model_config, engine.config.max_lora_rank),
+                MAX_CALIBRATION_FILE_BYTES)
         except OSError as error:
             source = str(error.filename or "")
             # shutil's fast copy names the source file whichever side failed: errors only the

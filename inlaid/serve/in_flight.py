@@ -24,8 +24,8 @@ from inlaid.engine.engine import Engine, RequestOutput
 from inlaid.engine.prompts import InvalidRequestError, PromptTooLongError
 from inlaid.engine.sequence import SequenceStatus
 from inlaid.protocol import (
-    MAX_REQUEST_ID_CHARS, BatchPlan, Cancel, ContextOverflow, ErrorCode, ErrorReply, Generate, InFlightCounts,
-    SamplingError, TextChunk, excerpt, reply_id,
+    MAX_REQUEST_ID_CHARS, SHOWN_NAMES, BatchPlan, Cancel, ContextOverflow, ErrorCode, ErrorReply, Generate,
+    InFlightCounts, SamplingError, TextChunk, excerpt, reply_id,
 )
 from inlaid.serve.config import ServerLimits
 from inlaid.serve.executor_pool import ExecutorPool, ExecutorShard
@@ -62,9 +62,11 @@ class InFlight:
     def error(self, identity: bytes, request_id: str, code: str, message: str, *, field: str | None = None,
               in_flight: InFlightCounts | None = None, context_overflow: ContextOverflow | None = None,
               known_tasks: list[str] | None = None) -> str:
+        # known_tasks: the first SHOWN_NAMES and the count go out (1,000 names were 10 KB a refusal)
+        shown = known_tasks[:SHOWN_NAMES] if known_tasks is not None else None
         self._send(identity, ErrorReply(request_id=request_id, code=code, message=message, field=field,
-                                        in_flight=in_flight, context_overflow=context_overflow,
-                                        known_tasks=known_tasks))
+                                        in_flight=in_flight, context_overflow=context_overflow, known_tasks=shown,
+                                        known_tasks_total=len(known_tasks) if known_tasks is not None else None))
         return code
 
     # ------------------------------------------------------------------ admission

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 from inlaid.engine.adapter_config import AdapterError, adapter_signature
-from inlaid.engine.adapter_weights import check_adapter_files, check_servable_adapter
+from inlaid.engine.adapter_weights import check_adapter_files, check_servable_adapter, max_weights_bytes
 from inlaid.engine.engine import Engine, InvalidRequestError
 from inlaid.protocol import ErrorCode, excerpt, unknown_task_message
 from inlaid.serve.config import ConfigError, check_task_name
@@ -71,12 +71,13 @@ class TaskRegistry:
             check_adapter_files(name, adapter_dir, model, max_rank)
         except (ConfigError, AdapterError) as error:
             raise TaskError(ErrorCode.INVALID_REQUEST, str(error)) from None
-        signature = adapter_signature(adapter_dir)
+        bound = max_weights_bytes(model, max_rank)
+        signature = adapter_signature(adapter_dir, bound)
         try:
             check_servable_adapter(name, adapter_dir, model, max_rank)
         except AdapterError as error:
             raise TaskError(ErrorCode.INVALID_REQUEST, str(error)) from None
-        if adapter_signature(adapter_dir) != signature:  # else every load would refuse what was not checked
+        if adapter_signature(adapter_dir, bound) != signature:  # else every load would refuse what was not checked
             raise TaskError(ErrorCode.INVALID_REQUEST, f"adapter {name!r}: its files in {adapter_dir} changed while "
                                                        "they were being checked; add the task again")
         return signature

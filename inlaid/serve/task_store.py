@@ -45,7 +45,8 @@ from typing import Any, NotRequired, TypedDict
 
 import msgspec
 
-from inlaid.engine.adapter_config import ADAPTER_FILES
+from inlaid.bounded_files import copy_bounded
+from inlaid.engine.adapter_config import ADAPTER_FILES, CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHTS_FILE
 from inlaid.quant.job_effect import StoredEffect
 from inlaid.serve.hessian_sources import HessianSource
 from inlaid.serve.state_dir_lock import StateDirError, lock_state_dir
@@ -307,20 +308,24 @@ class TaskStore:
         return path if os.path.isabs(path) else os.path.join(os.path.abspath(self.root), path)
 
     # ------------------------------------------------------------------ copies
-    def copy_inputs(self, name: str, adapter_dir: str, calibration: str | None) -> tuple[str, str | None]:
+    def copy_inputs(self, name: str, adapter_dir: str, calibration: str | None, weights_limit: int = 1 << 40,
+                    calibration_limit: int = 1 << 40) -> tuple[str, str | None]:
         """Copy an adapter (and calibration file) into the state directory; returns the copies.
-        Touches no registry state (safe in a worker thread): each copy gets a fresh name."""
+        Touches no registry state (safe in a worker thread): each copy gets a fresh name. Each
+        file is copied bounded (`bounded_files.copy_bounded`: a path re-pointed at /dev/zero or a
+        huge file after its checks filled the disk, a reviewer); a missing one is left out."""
         suffix = uuid.uuid4().hex[:10]
         target = self.root / "adapters" / f"{name}.{suffix}"
         copied = self.root / "calibration" / f"{name}.{suffix}.jsonl"
+        limits = {CONFIG_FILE: MAX_CONFIG_BYTES, WEIGHTS_FILE: weights_limit}
         try:
             target.mkdir(parents=True)
             for file_name in ADAPTER_FILES:
                 source = Path(adapter_dir) / file_name
-                if source.is_file():
-                    shutil.copyfile(source, target / file_name)
+                if os.path.lexists(source):
+                    copy_bounded(source, target / file_name, limits[file_name])
             if calibration:
-                shutil.copyfile(calibration, copied)
+                copy_bounded(calibration, copied, calibration_limit)
         except BaseException:  # a full disk: no partial copy left behind (a restart collected it)
             self.discard_copy(str(target))
             raise
