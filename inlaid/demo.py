@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -71,6 +72,8 @@ def shared_base(model_dir: Path) -> tuple[Path, float, bool]:
     try:
         checkpoint = ensure_suite_checkpoint(model_dir, progress=True)
     except OSError as error:  # a read-only or full cache: one line, as the model's step says it
+        if error.errno not in _CACHE_ERRNOS:
+            raise  # not the cache's fault: its traceback is what a report needs
         raise DemoError(f"the 4-bit base cannot be built in {directory.parent}: {error.strerror or error} (set "
                         "XDG_CACHE_HOME to a writable directory with ~2.5 GB free)") from None
     return checkpoint, time.monotonic() - started, cached
@@ -268,6 +271,12 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="`make run` runs it after the set-up; it takes no options.")
     return parser.parse_args(argv)
+
+
+# What a cache the base cannot be written into raises: read-only, full, over quota, no
+# permission, a file where a folder goes.
+_CACHE_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EEXIST,
+                           errno.ENOTDIR, errno.EFBIG})
 
 
 class DemoError(Exception):

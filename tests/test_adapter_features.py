@@ -274,3 +274,21 @@ def test_a_pattern_re_reads_one_way_is_matched_as_re_matches_it(adapter_dirs, tm
         for projection, group in (("q_proj", "self_attn"), ("v_proj", "self_attn"), ("down_proj", "mlp")):
             expected = re.fullmatch(pattern, f"model.layers.{layer}.{group}.{projection}") is not None
             assert spec.excludes(layer, projection) == expected, (layer, projection)
+
+
+def test_a_pattern_the_engine_would_read_apart_from_peft_is_refused(adapter_dirs, tmp_path):
+    """`regex` reads `[[:digit:]]` as a POSIX class, `re` (PEFT's) as a nested set: such a
+    pattern matched a layer under one and not the other (a reviewer)."""
+    adapter = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "nested")
+    _edit_config(adapter, exclude_modules=r"model\.layers\.[[:digit:]]\.mlp\.down_proj")
+    with pytest.raises(AdapterError, match=r"exclude_modules .* is not a regular expression the engine reads as "
+                                           r"PEFT does: Possible nested set"):
+        read_adapter_spec("nested", adapter)
+
+
+def test_patterns_slow_on_every_module_name_are_refused_by_their_total(adapter_dirs, tmp_path):
+    """Each match under the per-match limit, ~600 of them a check: 13.9 s (a reviewer)."""
+    adapter = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "slow")
+    _edit_config(adapter, exclude_modules=r".{15}(.|.)*\d{5}")
+    with pytest.raises(AdapterError, match=r"took [0-9.]+ s to match 21 module names|takes over 0.25 s"):
+        read_adapter_spec("slow", adapter)

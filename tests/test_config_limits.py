@@ -299,11 +299,6 @@ def test_more_cpu_executor_threads_than_cores_is_warned_of(tmp_path):
     assert why(mixed, 2) is None
 
 
-def _avx512() -> bool:
-    with open("/proc/cpuinfo") as cpuinfo:
-        return any(line.startswith("flags") and " avx512f" in line for line in cpuinfo)
-
-
 def test_cpu_lora_pools_count_their_float16_copies_where_the_native_kernel_makes_them(model_dir: Path,
                                                                                       monkeypatch) -> None:
     """On an AVX-512 CPU a float32 executor keeps float16 copies of its LoRA pools (half their
@@ -321,7 +316,12 @@ def test_cpu_lora_pools_count_their_float16_copies_where_the_native_kernel_makes
     monkeypatch.setenv("INLAID_NATIVE_LORA_HALF", "0")
     check_executor_memory(config, budget)  # no copies: the pools fit
     monkeypatch.delenv("INLAID_NATIVE_LORA_HALF")
-    if not _avx512():
+    # What the executor does (the kernel built, AVX-512 or not), not what the budget guessed
+    from inlaid.kernels.lora_native import native_half_copies_worth_it
+    from inlaid.serve.memory_budget import _half_pool_copies
+
+    assert _half_pool_copies(config.engine, "float32", "cpu") == native_half_copies_worth_it()
+    if not native_half_copies_worth_it():
         check_executor_memory(config, budget)
         return
     with pytest.raises(ConfigError, match=r"max_lora_slots x max_lora_rank too large: .* x \(4 \+ 2\) bytes "

@@ -1,7 +1,8 @@
 """The admin token read from `server.admin_token_env` stays in `inlaid serve`'s own process:
 the executor and the HTTP front inherited the variable, where /proc/<pid>/environ shows it
 to anyone who may read it (an outside probe; neither needs it: the front passes on each
-caller's own token). Admin calls still work, through the SDK and over HTTP."""
+caller's own token). Admin calls still work, through the SDK and over HTTP. The same server
+reads `server.task_histograms = false` from its file: /metrics' histograms carry no task."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def test_the_token_variable_is_not_inherited_by_the_servers_processes(model_dir:
                                                                       monkeypatch) -> None:
     monkeypatch.setenv("INLAID_TEST_ADMIN_TOKEN", TOKEN)
     config = server_config(model_dir, {"attn-r8": adapter_dirs["attn-r8"]},
-                           admin_token_env="INLAID_TEST_ADMIN_TOKEN", shutdown_grace_s=2.0)
+                           admin_token_env="INLAID_TEST_ADMIN_TOKEN", shutdown_grace_s=2.0, task_histograms=False)
     config["http"] = {}
     server = ServerProcess(config, workdir=tmp_path)
     try:
@@ -55,5 +56,13 @@ def test_the_token_variable_is_not_inherited_by_the_servers_processes(model_dir:
             headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as response:
             assert response.status == 200
+        # server.task_histograms = false read from the file reaches the coordinator's metrics
+        with server.client() as client:
+            client.generate("Hello", task="again", max_tokens=2)
+        with urllib.request.urlopen(f"{server.http_url}/metrics", timeout=60) as response:
+            exposition = response.read().decode()
+        assert 'inlaid_generation_tokens_total{task="again"}' in exposition
+        counts = [line for line in exposition.splitlines() if line.startswith("inlaid_request_duration_seconds_count")]
+        assert counts == ["inlaid_request_duration_seconds_count 1.0"], counts
     finally:
         server.terminate()

@@ -14,6 +14,8 @@ import json
 import math
 import os
 import re
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -30,6 +32,7 @@ _BLOCK_OF = {projection: "self_attn" if index < 4 else "mlp" for index, projecti
 _LORA_KEY = re.compile(r"base_model\.model\.model\.layers\.([0-9]+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight")
 # Module names are ~35 characters: any sane pattern matches one in microseconds.
 _MATCH_TIMEOUT_S = 0.25
+_PATTERN_BUDGET_S = 0.1  # for the 21 module names an adapter's patterns are tried on when read
 LORA_KEY_FORM = "base_model.model.model.layers.<i>.{self_attn,mlp}.<projection>.lora_{A,B}.weight"
 
 
@@ -297,9 +300,15 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
         **_layers(name, config.get("layers_to_transform"), config.get("layers_pattern")),
     )
     if spec.has_exclusions:  # each pattern timed on module names now, not first at a load
+        started = time.monotonic()
         for layer in (0, 10, 100):
             for projection in PROJECTIONS:
                 spec.excludes(layer, projection)
+        if (spent := time.monotonic() - started) > _PATTERN_BUDGET_S:
+            # each match under the limit, but a check matches ~600 names: a reviewer's
+            # `.{15}(.|.)*\d{5}` took 13.9 s of one
+            raise AdapterError(f"adapter {name!r}: exclude_modules / layers_pattern took {spent:.2f} s to match 21 "
+                               "module names (a regular expression that backtracks): simplify it")
     try:
         scale = spec.scale
     except OverflowError:  # a rank beyond float range (no str() of it either: it may have 10**5 digits)
@@ -317,15 +326,24 @@ def _exclusions(name: str, exclude: Any) -> tuple[str, ...] | str:
         return ()
     if isinstance(exclude, str):
         try:
-            re.compile(exclude)
-        except (re.error, RecursionError) as error:
-            raise AdapterError(f"adapter {name!r}: exclude_modules {exclude!r:.80} is not a regular expression: "
-                               f"{error}") from None
+            _compile_as_peft(exclude)
+        except (re.error, RecursionError, FutureWarning) as error:
+            raise AdapterError(f"adapter {name!r}: exclude_modules {exclude!r:.80} is not a regular expression the "
+                               f"engine reads as PEFT does: {error}") from None
         return exclude
     if isinstance(exclude, list) and all(isinstance(entry, str) for entry in exclude):
         return tuple(entry for entry in exclude if entry)  # "" matches no module name
     raise AdapterError(f"adapter {name!r}: adapter_config.json field 'exclude_modules' must be a list of module "
                        f"names or a regular expression, got {exclude!r:.80}")
+
+
+def _compile_as_peft(pattern: str) -> None:
+    """re.compile (PEFT's reader) with its FutureWarnings as errors: `re` reads `[[:digit:]]`
+    as a nested set where `regex`, which the engine matches with, reads a POSIX class (a
+    reviewer's pattern matched layer 1 in one and not in the other)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        re.compile(pattern)
 
 
 def _layers(name: str, layers: Any, pattern: Any) -> dict[str, Any]:
@@ -343,8 +361,8 @@ def _layers(name: str, layers: Any, pattern: Any) -> dict[str, Any]:
                            f"of names, got {pattern!r:.80}")
     for entry in patterns:
         try:
-            re.compile(rf"(?:^|.*?\.){entry}\.(?P<idx>\d+)\.")
-        except (re.error, RecursionError) as error:
+            _compile_as_peft(rf"(?:^|.*?\.){entry}\.(?P<idx>\d+)\.")
+        except (re.error, RecursionError, FutureWarning) as error:
             raise AdapterError(f"adapter {name!r}: layers_pattern {entry!r:.80} is not usable: {error}") from None
     return {"layers_to_transform": tuple(layers), "layers_pattern": tuple(patterns)}
 

@@ -13,7 +13,8 @@ executors has a policy, so a writer, per executor on one file: each line then na
 
 The log serves the requests, never the reverse: a line that cannot be written (the disk
 full, the file's directory gone) is dropped with one WARNING for the spell and a count when
-lines reach the file again. A failed write raised from the step's result, and every request
+lines reach the file again. A line cut short by a filling disk is ended by its writer's next
+line; another executor's line written in between joins it, and reading skips both. A failed write raised from the step's result, and every request
 of every step failed with an internal error while the disk was full (an outside probe).
 """
 
@@ -143,10 +144,14 @@ class StepLogPolicy(SchedulingPolicy):
         self.inner.on_finish(seq, now)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self.inner.close()
+        descriptor, self._fd = self._fd, None
+        try:
+            if descriptor is not None:
+                os.close(descriptor)
+        except OSError as error:  # (the descriptor is released all the same)
+            log.warning("the step log could not be closed", extra={"path": str(self.path), "error": error.strerror})
+        finally:
+            self.inner.close()
 
 
 def read_step_log(path: str | Path) -> list[dict[str, Any]]:

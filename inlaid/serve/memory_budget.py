@@ -6,6 +6,8 @@ with no message, or failed each executor's allocation three times before the ser
 from __future__ import annotations
 
 import os
+import platform
+import shutil
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -60,6 +62,8 @@ def _half_pool_copies(engine: EngineConfig, dtype: str, pool: str) -> bool:
         return False
     if "0" in (os.environ.get("INLAID_NATIVE_LORA", "1"), os.environ.get("INLAID_NATIVE_LORA_HALF", "1")):
         return False
+    if platform.system() != "Linux" or shutil.which(os.environ.get("CC") or "cc") is None:
+        return False  # the kernel is built where kernels/native.py builds it: Linux, with a C compiler
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             return any(line.startswith("flags") and " avx512f" in line for line in cpuinfo)
