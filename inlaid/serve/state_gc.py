@@ -86,17 +86,24 @@ def collect_layer_files(layers_dir: Path, keep: Collection[str], busy_versions: 
                 continue
         elif version is None or version in busy_versions:
             continue
-        try:
-            length = file.lstat().st_size
-            file.unlink()
-        except FileNotFoundError:
-            continue
-        except OSError as error:  # a read-only directory: the next collection tries again
-            log.warning("a layer file could not be deleted", extra={"file": str(file), "error": error.strerror})
-            continue
-        count += 1
-        size += length
+        if (length := _delete(file, "a layer file")) is not None:
+            count += 1
+            size += length
     return count, size
+
+
+def _delete(file: Path, what: str) -> int | None:
+    """Unlink `file`; its size, or None where it is gone already or cannot be deleted (a
+    read-only directory: logged, and the next collection tries again)."""
+    try:
+        length = file.lstat().st_size
+        file.unlink()
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        log.warning(f"{what} could not be deleted", extra={"file": str(file), "error": error.strerror})
+        return None
+    return length
 
 
 # A Hessian state file's temporaries: `state.save_layer_state`'s own (`layer_007.tmp`,
@@ -126,18 +133,10 @@ def collect_hessian_temporaries(hessian_dir: Path) -> tuple[int, int]:
     """At start-up (no job writes): delete the Hessian state's temporaries. Returns (files, bytes)."""
     count = size = 0
     for file in hessian_dir.iterdir():
-        if not HESSIAN_TEMPORARY.fullmatch(file.name) or not file.is_file() or file.is_symlink():
-            continue
-        try:
-            length = file.lstat().st_size
-            file.unlink()
-        except OSError as error:  # FileNotFoundError included: nothing to count
-            if not isinstance(error, FileNotFoundError):
-                log.warning("a Hessian state temporary could not be deleted", extra={"file": str(file),
-                                                                                     "error": error.strerror})
-            continue
-        count += 1
-        size += length
+        if HESSIAN_TEMPORARY.fullmatch(file.name) and file.is_file() and not file.is_symlink():
+            if (length := _delete(file, "a Hessian state temporary")) is not None:
+                count += 1
+                size += length
     return count, size
 
 
