@@ -286,6 +286,23 @@ def test_a_pattern_the_engine_would_read_apart_from_peft_is_refused(adapter_dirs
         read_adapter_spec("nested", adapter)
 
 
+def test_a_pattern_whose_counted_repeats_write_out_huge_is_refused_before_regex_compiles_it(adapter_dirs, tmp_path):
+    """`regex` writes counted repeats out when it compiles: `(?:x{3000}){3000}` took a coordinator
+    to 2.5 GB, `(?:x{65535}){65535}` a process to 21 GB (an outside probe). Refused from the
+    size, before either compiles it; nested small counts stay accepted."""
+    import resource
+
+    adapter = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "huge")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for pattern, size in ((r"(?:x{3000}){3000}", 9_000_000), (r"(?:x{65535}){65535}", 4_294_836_225)):
+        _edit_config(adapter, exclude_modules=pattern)
+        with pytest.raises(AdapterError, match=rf"its counted repeats write out to {size} items; at most 10000"):
+            read_adapter_spec("huge", adapter)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: no GBs were built
+    _edit_config(adapter, exclude_modules=r"((model\.){2}){3}x|.*\.5\.mlp\.down_proj")
+    assert read_adapter_spec("huge", adapter).excludes(5, "down_proj")
+
+
 def test_patterns_slow_on_every_module_name_are_refused_by_their_total(adapter_dirs, tmp_path):
     """Each match under the per-match limit, ~600 of them a check: 13.9 s (a reviewer)."""
     adapter = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "slow")

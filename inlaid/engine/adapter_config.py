@@ -15,14 +15,14 @@ import math
 import os
 import re
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-import regex  # `re`'s syntax, as PEFT matches; it can stop a match after a time limit, `re` cannot
+import regex  # patterns matched with a time limit (module_patterns.py)
 
 from inlaid.bounded_files import TOO_LARGE, digest_bounded, read_bounded
+from inlaid.engine.module_patterns import MATCH_TIMEOUT_S, PATTERN_BUDGET_S, check_pattern
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _BLOCK_OF = {projection: "self_attn" if index < 4 else "mlp" for index, projection in enumerate(PROJECTIONS)}
@@ -31,8 +31,6 @@ _BLOCK_OF = {projection: "self_attn" if index < 4 else "mlp" for index, projecti
 # took keys without PEFT's prefix, neither of which PEFT itself loads (an outside probe).
 _LORA_KEY = re.compile(r"base_model\.model\.model\.layers\.([0-9]+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight")
 # Module names are ~35 characters: any sane pattern matches one in microseconds.
-_MATCH_TIMEOUT_S = 0.25
-_PATTERN_BUDGET_S = 0.1  # for the 21 module names an adapter's patterns are tried on when read
 LORA_KEY_FORM = "base_model.model.model.layers.<i>.{self_attn,mlp}.<projection>.lora_{A,B}.weight"
 
 
@@ -120,13 +118,13 @@ class AdapterSpec:
         return any(key == entry or key.endswith(f".{entry}") for entry in self.exclude_modules)
 
     def _timed(self, field: str, pattern: str | None, matcher: Any, full: str, key: str) -> Any:
-        """`matcher(full, key)` within _MATCH_TIMEOUT_S: a pattern that backtracks without end
+        """`matcher(full, key)` within MATCH_TIMEOUT_S: a pattern that backtracks without end
         (`(.|.)*X`: ~150 s a module name under `re`, which holds the interpreter lock) froze
         the whole coordinator from one admin call (an outside probe)."""
         try:
-            return matcher(full, key, timeout=_MATCH_TIMEOUT_S)
+            return matcher(full, key, timeout=MATCH_TIMEOUT_S)
         except TimeoutError:
-            raise AdapterError(f"adapter {self.name!r}: {field} {pattern!r:.80} takes over {_MATCH_TIMEOUT_S} s to "
+            raise AdapterError(f"adapter {self.name!r}: {field} {pattern!r:.80} takes over {MATCH_TIMEOUT_S} s to "
                                f"match the module name {key!r} (a regular expression that backtracks without "
                                "end): simplify it") from None
         except regex.error as error:  # `re` compiled it (checked when read); `regex` reads a few escapes apart
@@ -304,7 +302,7 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
         for layer in (0, 10, 100):
             for projection in PROJECTIONS:
                 spec.excludes(layer, projection)
-        if (spent := time.monotonic() - started) > _PATTERN_BUDGET_S:
+        if (spent := time.monotonic() - started) > PATTERN_BUDGET_S:
             # each match under the limit, but a check matches ~600 names: a reviewer's
             # `.{15}(.|.)*\d{5}` took 13.9 s of one
             raise AdapterError(f"adapter {name!r}: exclude_modules / layers_pattern took {spent:.2f} s to match 21 "
@@ -326,7 +324,7 @@ def _exclusions(name: str, exclude: Any) -> tuple[str, ...] | str:
         return ()
     if isinstance(exclude, str):
         try:
-            _compile_as_peft(exclude)
+            check_pattern(exclude)
         except (re.error, RecursionError, FutureWarning) as error:
             raise AdapterError(f"adapter {name!r}: exclude_modules {exclude!r:.80} is not a regular expression the "
                                f"engine reads as PEFT does: {error}") from None
@@ -335,15 +333,6 @@ def _exclusions(name: str, exclude: Any) -> tuple[str, ...] | str:
         return tuple(entry for entry in exclude if entry)  # "" matches no module name
     raise AdapterError(f"adapter {name!r}: adapter_config.json field 'exclude_modules' must be a list of module "
                        f"names or a regular expression, got {exclude!r:.80}")
-
-
-def _compile_as_peft(pattern: str) -> None:
-    """re.compile (PEFT's reader) with its FutureWarnings as errors: `re` reads `[[:digit:]]`
-    as a nested set where `regex`, which the engine matches with, reads a POSIX class (a
-    reviewer's pattern matched layer 1 in one and not in the other)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FutureWarning)
-        re.compile(pattern)
 
 
 def _layers(name: str, layers: Any, pattern: Any) -> dict[str, Any]:
@@ -361,7 +350,7 @@ def _layers(name: str, layers: Any, pattern: Any) -> dict[str, Any]:
                            f"of names, got {pattern!r:.80}")
     for entry in patterns:
         try:
-            _compile_as_peft(rf"(?:^|.*?\.){entry}\.(?P<idx>\d+)\.")
+            check_pattern(rf"(?:^|.*?\.){entry}\.(?P<idx>\d+)\.")
         except (re.error, RecursionError, FutureWarning) as error:
             raise AdapterError(f"adapter {name!r}: layers_pattern {entry!r:.80} is not usable: {error}") from None
     return {"layers_to_transform": tuple(layers), "layers_pattern": tuple(patterns)}
