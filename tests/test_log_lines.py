@@ -82,3 +82,27 @@ def test_a_flood_of_malformed_connections_logs_one_line_on_a_real_front(caplog) 
                     pass
     invalid = [r for r in caplog.records if r.getMessage() == "Invalid HTTP request received."]
     assert len(invalid) == 1, len(invalid)
+
+
+def test_a_flood_of_heads_over_the_size_limit_logs_one_line(caplog) -> None:
+    """Each head over 64 KiB wrote its own INFO line (a confirming probe: 100 connections, 100
+    lines, no token needed)."""
+    import socket
+
+    from test_http_probe_fixes import _uvicorn
+
+    with caplog.at_level(logging.INFO, logger="inlaid.http"), _uvicorn(head_timeout_s=5.0) as port:
+        for _ in range(30):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+                connection.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")
+                try:
+                    connection.recv(4096)
+                except OSError:
+                    pass
+    refused = [r for r in caplog.records if r.getMessage() == "refusing a request head over the size limit"]
+    assert len(refused) == 1, len(refused)
+
+
+def test_bidirectional_overrides_are_escaped_too() -> None:
+    line = TextFormatter().format(_record("adding", adapter_dir="/tmp/\u202eRTL"))
+    assert "adapter_dir='/tmp/\\u202eRTL'" in line

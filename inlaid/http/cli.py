@@ -143,9 +143,11 @@ def uvicorn_config(app: HttpMetrics, config: HttpConfig) -> uvicorn.Config:
     from inlaid.http.slow_clients import head_deadline_protocol
     from inlaid.serve.logs import RepeatLimit
 
-    errors = logging.getLogger("uvicorn.error")  # one WARNING per malformed connection, else
-    if not any(isinstance(each, RepeatLimit) for each in errors.filters):
-        errors.addFilter(RepeatLimit(_REPEAT_INTERVAL_S))
+    # One line per malformed connection, or per head over the limit, else (unauthenticated floods)
+    for name in ("uvicorn.error", "inlaid.http.slow_clients"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(each, RepeatLimit) for each in logger.filters):
+            logger.addFilter(RepeatLimit(_REPEAT_INTERVAL_S))
     return uvicorn.Config(
         app, host=config.host, port=config.port,
         http=head_deadline_protocol(config.client_send_timeout_s, count_refusal=app.count_unserved), lifespan="on",

@@ -37,7 +37,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from inlaid.http.errors import ApiError
 
-log = logging.getLogger("inlaid.http")
+log = logging.getLogger("inlaid.http.slow_clients")  # its refusals rate-limited (cli.uvicorn_config)
 
 
 # Request line and headers together; browsers and proxies stay far below (nginx's default

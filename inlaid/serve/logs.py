@@ -31,10 +31,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-# Line breaks and other control characters (C0, DEL, C1, the Unicode line separators): text
-# that holds one is logged as its repr, so a value a client chose (a request id with a
-# newline) cannot start a forged line of its own (an outside probe, without the admin token).
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Line breaks and other control characters (C0, DEL, C1, the Unicode line separators, the
+# bidirectional overrides that reorder a line on a terminal): text that holds one is logged
+# as its repr, so a value a client chose (a request id with a newline) cannot start a forged
+# line of its own (an outside probe, without the admin token).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def _one_line(value: object) -> str:
