@@ -151,7 +151,7 @@ def test_a_full_state_directory_is_the_servers_fault_not_the_callers_file(model_
 
     code = getattr(errno, failure)
 
-    def copy_fails(self, name, adapter_dir, calibration):  # type: ignore[no-untyped-def]
+    def copy_fails(self, name, adapter_dir, calibration, *limits):  # type: ignore[no-untyped-def]
         raise OSError(code, os.strerror(code), str(Path(adapter_dir) / "adapter_model.safetensors"))
 
     monkeypatch.setattr(TaskStore, "copy_inputs", copy_fails)
