@@ -66,20 +66,23 @@ def test_repeat_limit_lets_one_of_each_warning_through_per_interval_and_counts_t
     assert limit.filter(invalid()) is False
 
 
+def _send_each(port: int, request: bytes, connections: int) -> None:
+    """`request` on `connections` fresh connections, one after the other, each read to its close."""
+    from test_http_probe_fixes import _exchange
+
+    for _ in range(connections):
+        try:
+            _exchange(port, request, timeout_s=10)
+        except OSError:  # a refusal may reset the connection before its answer is read
+            pass
+
+
 def test_a_flood_of_malformed_connections_logs_one_line_on_a_real_front(caplog) -> None:
     """The front's own uvicorn (`uvicorn_config`), 200 connections sending garbage."""
-    import socket
-
     from test_http_probe_fixes import _uvicorn
 
     with caplog.at_level(logging.WARNING, logger="uvicorn.error"), _uvicorn(head_timeout_s=5.0) as port:
-        for _ in range(200):
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
-                connection.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
-                try:
-                    connection.recv(4096)
-                except OSError:
-                    pass
+        _send_each(port, b"\x16\x03\x01 not http at all\r\n\r\n", connections=200)
     invalid = [r for r in caplog.records if r.getMessage() == "Invalid HTTP request received."]
     assert len(invalid) == 1, len(invalid)
 
@@ -87,18 +90,10 @@ def test_a_flood_of_malformed_connections_logs_one_line_on_a_real_front(caplog) 
 def test_a_flood_of_heads_over_the_size_limit_logs_one_line(caplog) -> None:
     """Each head over 64 KiB wrote its own INFO line (a confirming probe: 100 connections, 100
     lines, no token needed)."""
-    import socket
-
     from test_http_probe_fixes import _uvicorn
 
     with caplog.at_level(logging.INFO, logger="inlaid.http"), _uvicorn(head_timeout_s=5.0) as port:
-        for _ in range(30):
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
-                connection.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")
-                try:
-                    connection.recv(4096)
-                except OSError:
-                    pass
+        _send_each(port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", connections=30)
     refused = [r for r in caplog.records if r.getMessage() == "refusing a request head over the size limit"]
     assert len(refused) == 1, len(refused)
 
