@@ -61,12 +61,11 @@ def executor_options(adapters: dict[str, Path]) -> dict[str, Any]:
 # ------------------------------------------------------------------------ 1. the base
 def shared_base(model_dir: Path) -> tuple[Path, float, bool]:
     """(checkpoint dir, seconds, whether it was cached)."""
-    from inlaid.quant.run_support import finished_layers
     from inlaid.quant.suite import ensure_suite_checkpoint, is_complete, suite_checkpoint_dir
 
     directory = suite_checkpoint_dir(model_dir)
     cached = is_complete(directory)
-    if not cached and (done := finished_layers(directory)):  # the bar starts at 0 all the same
+    if done := _kept_layers(directory):  # the bar starts at 0 all the same
         print(f"resuming the interrupted build: {done} finished layers kept in {directory}")
     started = time.monotonic()
     try:
@@ -316,15 +315,22 @@ def run_main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _kept_layers(directory: Path) -> int:
+    """The finished layers an interrupted build of the 4-bit base in `directory` kept (0 once built)."""
+    from inlaid.quant.run_support import finished_layers
+    from inlaid.quant.suite import is_complete
+
+    return 0 if is_complete(directory) else finished_layers(directory)
+
+
 def _kept_note() -> str:
     """What an interrupted build of the 4-bit base kept (`make run` again resumes from it)."""
     from inlaid.models.prepare import default_model_dir
-    from inlaid.quant.run_support import finished_layers
-    from inlaid.quant.suite import is_complete, suite_checkpoint_dir
+    from inlaid.quant.suite import suite_checkpoint_dir
 
     try:
         directory = suite_checkpoint_dir(default_model_dir())
-        done = 0 if is_complete(directory) else finished_layers(directory)
+        done = _kept_layers(directory)
     except Exception:  # noqa: BLE001 (the note is a courtesy; the interrupt is what is reported)
         return ""
     return f"; {done} finished layers of the 4-bit base kept in {directory}: `make run` again resumes" if done else ""

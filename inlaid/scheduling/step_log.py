@@ -13,9 +13,10 @@ executors has a policy, so a writer, per executor on one file: each line then na
 
 The log serves the requests, never the reverse: a line that cannot be written (the disk
 full, the file's directory gone) is dropped with one WARNING for the spell and a count when
-lines reach the file again. A line cut short by a filling disk is ended by its writer's next
-line; another executor's line written in between joins it, and reading skips both. A failed write raised from the step's result, and every request
-of every step failed with an internal error while the disk was full (an outside probe).
+lines reach the file again. A failed write raised from the step's result, and every request
+of every step failed with an internal error while the disk was full (an outside probe). A
+line cut short by a filling disk is ended by its writer's next line; another executor's line
+written in between joins it, and reading skips both.
 """
 
 from __future__ import annotations

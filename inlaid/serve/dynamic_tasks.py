@@ -185,8 +185,9 @@ class DynamicTasks:
                 MAX_CALIBRATION_FILE_BYTES)
         except OSError as error:
             source = str(error.filename or "")
-            # shutil's fast copy names the source file whichever side failed: errors only the
-            # destination can cause (a full disk or quota, a read-only mount) are the state's
+            # a failed copy may name the source whichever side failed (shutil's fast copy did; a
+            # write error names no file): errors only the destination can cause (a full disk or
+            # quota, a read-only mount) are the state's
             writing = error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
             if not writing and (source == calibration or os.path.dirname(source) == os.path.normpath(adapter_dir)):
                 # the caller's file (gone or unreadable since it was checked), not the directory's
