@@ -20,9 +20,8 @@ from inlaid.serve.executor_pool import ExecutorPool
 from inlaid.serve.hessian_sources import HessianSource
 from inlaid.serve.requantization_jobs import RequantizationJobs
 from inlaid.serve.task_registry import TaskError, TaskRegistry
-from inlaid.serve.task_store import (
-    FAILED, QUEUED, READY, REQUANTIZING, SERVING, CommittedLayer, Decision, TaskRecord, TaskStore,
-)
+from inlaid.serve.task_records import FAILED, QUEUED, READY, REQUANTIZING, SERVING, CommittedLayer, Decision, TaskRecord
+from inlaid.serve.task_store import TaskStore
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
 BASE = {"model_dir": "/models/m", "quantized_dir": "/models/q"}

@@ -31,7 +31,7 @@ from inlaid.serve.dynamic_tasks import DynamicTasks
 from inlaid.serve.executor_pool import ExecutorPool
 from inlaid.serve.task_registry import TaskRegistry
 from inlaid.serve.hessian_sources import HessianSource
-from inlaid.serve.task_store import QUEUED, READY, TaskRecord
+from inlaid.serve.task_records import QUEUED, READY, TaskRecord
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
 SAMPLES = '{"messages": [{"role": "user", "content": "q"}], "reference": "a"}\n'

@@ -124,7 +124,8 @@ def test_executors_serve_what_the_registry_holds_after_a_restore_fails_on_one(ch
     from inlaid.serve.config import config_from_dict
     from inlaid.serve.executor import apply_swap
     from inlaid.serve.requantization_jobs import RequantizationJobs
-    from inlaid.serve.task_store import CommittedLayer, TaskStore, file_sha256
+    from inlaid.serve.task_records import CommittedLayer
+    from inlaid.serve.task_store import TaskStore, file_sha256
 
     model, ab, abc = checkpoints
     token_ids = [5, 900, 31, 77, 4000, 12]

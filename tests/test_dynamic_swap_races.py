@@ -15,7 +15,8 @@ from inlaid.protocol import (
 )
 from inlaid.serve.config import config_from_dict
 from inlaid.serve.requantization_jobs import RequantizationJobs
-from inlaid.serve.task_store import READY, REQUANTIZING, CommittedLayer, TaskRecord, TaskStore, file_sha256
+from inlaid.serve.task_records import READY, REQUANTIZING, CommittedLayer, TaskRecord
+from inlaid.serve.task_store import TaskStore, file_sha256
 
 BASE = {"model_dir": "/models/m", "quantized_dir": "/models/q"}
 

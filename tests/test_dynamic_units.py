@@ -15,7 +15,8 @@ import pytest
 from inlaid.serve.config import ConfigError, config_from_dict
 from inlaid.serve.dynamic_tasks import requantization_blocker
 from inlaid.serve.requantizer import DutyCycle
-from inlaid.serve.task_store import QUEUED, CommittedLayer, StateDirError, TaskRecord, TaskStore
+from inlaid.serve.task_records import QUEUED, CommittedLayer, TaskRecord
+from inlaid.serve.task_store import StateDirError, TaskStore
 
 BASE = {"model_dir": "/models/m", "quantized_dir": "/models/q"}
 
@@ -199,7 +200,7 @@ def test_a_layer_is_committed_once_every_executor_has_swapped_it(tmp_path):
 
     from inlaid.protocol import LayerCommitted, LayerHandle, LayerReady, LayerSwapResult, RequantizeJob
     from inlaid.serve.requantization_jobs import RequantizationJobs
-    from inlaid.serve.task_store import REQUANTIZING
+    from inlaid.serve.task_records import REQUANTIZING
 
     async def scenario() -> None:
         config = config_from_dict({"server": {"state_dir": "state"}}, base_dir=tmp_path)
@@ -296,7 +297,7 @@ def test_a_shutdown_lets_the_swap_an_executor_is_applying_land_before_the_requan
     from inlaid.protocol import LayerHandle, LayerReady, LayerSwapResult
     from inlaid.serve import requantization_jobs
     from inlaid.serve.requantization_jobs import RequantizationJobs
-    from inlaid.serve.task_store import REQUANTIZING
+    from inlaid.serve.task_records import REQUANTIZING
 
     class Requantizer(_RecordingRequantizer):
         stopped_at: float | None = None

@@ -28,7 +28,7 @@ from inlaid.serve.dynamic_tasks import DynamicTasks
 from inlaid.serve.executor_pool import ExecutorPool
 from inlaid.serve.layer_swaps import _LiveSwap
 from inlaid.serve.task_registry import TaskRegistry
-from inlaid.serve.task_store import READY, REQUANTIZING, CommittedLayer, TaskRecord
+from inlaid.serve.task_records import READY, REQUANTIZING, CommittedLayer, TaskRecord
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
 

@@ -19,9 +19,8 @@ import msgspec
 import pytest
 
 from inlaid.serve.requantization_jobs import RESTARTED
-from inlaid.serve.task_store import (
-    QUEUED, REQUANTIZING, CommittedLayer, StateDirError, TaskRecord, TaskStore,
-)
+from inlaid.serve.task_records import QUEUED, REQUANTIZING, CommittedLayer, TaskRecord
+from inlaid.serve.task_store import StateDirError, TaskStore
 
 BASE = {"model_dir": "/models/m", "quantized_dir": "/models/q"}
 ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"

@@ -25,7 +25,8 @@ from inlaid.serve.config import config_from_dict
 from inlaid.serve.dynamic_tasks import DynamicTasks
 from inlaid.serve.executor_pool import ExecutorPool
 from inlaid.serve.task_registry import TaskError, TaskRegistry
-from inlaid.serve.task_store import READY, CommittedLayer, TaskRecord, TaskStore
+from inlaid.serve.task_records import READY, CommittedLayer, TaskRecord
+from inlaid.serve.task_store import TaskStore
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
 BASE = {"model_dir": "/models/m", "quantized_dir": "/models/q"}

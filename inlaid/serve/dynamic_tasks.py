@@ -30,8 +30,8 @@ from inlaid.serve.task_inputs import (MAX_CALIBRATION_FILE_BYTES, TaskInputs, ch
                                       same_adapter_files)
 from inlaid.serve.task_registry import TaskError, TaskRegistry, check_absolute
 from inlaid.serve.task_status import cancelled_job_note, not_served_note, task_status_reply
-from inlaid.serve.task_store import (FAILED, QUEUED, READY, REQUANTIZING, SERVING, StateDirError, TaskRecord,
-                                     TaskStore)
+from inlaid.serve.task_records import FAILED, QUEUED, READY, REQUANTIZING, SERVING, TaskRecord
+from inlaid.serve.task_store import StateDirError, TaskStore
 
 log = logging.getLogger("inlaid.dynamic_tasks")
 

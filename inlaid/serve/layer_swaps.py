@@ -9,7 +9,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from inlaid.protocol import LayerHandle, LayerSwap, LayerSwapResult
-from inlaid.serve.task_store import CommittedLayer, TaskStore
+from inlaid.serve.task_records import CommittedLayer
+from inlaid.serve.task_store import TaskStore
 
 log = logging.getLogger("inlaid.requantization")
 

@@ -42,9 +42,8 @@ from inlaid.serve.ipc_dirs import private_ipc_dir
 from inlaid.serve.layer_swaps import JobCounts, LayerSwaps, _LiveSwap
 from inlaid.serve.requantizer_supervisor import RequantizerSupervisor
 from inlaid.serve.task_status import compact_effect, ready_message
-from inlaid.serve.task_store import (
-    FAILED, READY, REQUANTIZING, Decision, TaskRecord, TaskStore, layer_digest,
-)
+from inlaid.serve.task_records import FAILED, READY, REQUANTIZING, Decision, TaskRecord
+from inlaid.serve.task_store import TaskStore, layer_digest
 
 log = logging.getLogger("inlaid.requantization")
 

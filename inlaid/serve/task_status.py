@@ -8,7 +8,8 @@ import time
 from inlaid.protocol import REDO_NOT_SERVED, ErrorCode, KeptLinear, TaskErrorChange, TaskStatusReply
 from inlaid.quant.job_effect import JobEffect, LinearEffect, StoredEffect, TaskEffect, job_effect
 from inlaid.serve.task_registry import TaskError, TaskRegistry
-from inlaid.serve.task_store import QUEUED, SERVING, TaskRecord, TaskStore
+from inlaid.serve.task_records import QUEUED, SERVING, TaskRecord
+from inlaid.serve.task_store import TaskStore
 
 
 def task_status_reply(request_id: str, name: str, store: TaskStore | None, registry: TaskRegistry,

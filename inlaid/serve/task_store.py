@@ -36,21 +36,17 @@ import os
 import shutil
 import stat
 import threading
-import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from collections.abc import Callable, Collection
-from typing import Any, NotRequired, TypedDict
-
-import msgspec
 
 from inlaid.bounded_files import copy_bounded
 from inlaid.engine.adapter_config import ADAPTER_FILES, CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHTS_FILE
-from inlaid.quant.job_effect import StoredEffect
 from inlaid.serve.hessian_sources import HessianSource
 from inlaid.serve.state_dir_lock import StateDirError, lock_state_dir
 from inlaid.serve.state_gc import ADAPTER_COPY, collect_copies, collect_hessian_temporaries, collect_layer_files
+from inlaid.serve.task_records import CommittedLayer, TaskRecord, checked, entries, layer_index, task_record
 
 log = logging.getLogger("inlaid.dynamic_tasks")
 
@@ -58,59 +54,8 @@ FORMAT_VERSION = 1
 REGISTRY_FILE = "registry.json"
 
 
-# The phases of an added task.
-SERVING = "serving"  # served on the current base; no re-quantization (none asked, or none possible)
-QUEUED = "queued"
-REQUANTIZING = "requantizing"
-READY = "ready"  # every layer decided; the changed ones are served
-FAILED = "failed"  # served on the base as it is; the message says why
-PHASES = (SERVING, QUEUED, REQUANTIZING, READY, FAILED)
 # The subdirectories whose files only registry.json accounts for (and collects).
 STORED_DIRS = ("adapters", "calibration", "quant/layers", "quant/hessian_state")
-
-
-class Decision(TypedDict):
-    """What a job decided for one linear (LayerReady's LinearOutcome, kept for task_status)."""
-    layer: int
-    linear: str
-    action: str  # requantized | kept-unchanged | kept-quality
-    reason: str
-    change: float
-    # each task's relative error on the served and on the re-quantized weight, while its job runs
-    errors_served: NotRequired[dict[str, float]]
-    errors_new: NotRequired[dict[str, float]]
-
-
-@dataclass
-class TaskRecord:
-    name: str
-    adapter_dir: str
-    calibration: str | None
-    phase: str
-    version: int = 0  # the quantization version its re-quantization produces
-    layers_done: int = 0
-    layers_total: int = 0
-    decisions: list[Decision] = field(default_factory=list)
-    message: str = ""
-    attempts: int = 0  # requantizer deaths during this task's job
-    added_at: float = field(default_factory=time.time)
-    started_at: float = 0.0  # first dispatch of its job
-    finished_at: float = 0.0
-    forward_seconds: float = 0.0
-    quantize_seconds: float = 0.0
-    peak_rss_bytes: int = 0
-    effect: StoredEffect | None = None  # its ended job's, its decisions' errors then dropped
-    # A restart that could not serve the task (its adapter copy missing or broken) shows it as failed
-    # and keeps what it was here; a later one that serves it restores both. Empty: not suspended.
-    suspended_phase: str = ""
-    suspended_message: str = ""
-
-
-@dataclass
-class CommittedLayer:
-    version: int
-    file: str
-    sha256: str = ""  # of the file, recorded at the commit; "" in registries written before it
 
 
 def file_sha256(path: str | Path) -> str:
@@ -192,17 +137,17 @@ class TaskStore:
             if raw.get("base") != self.base:
                 raise StateDirError(f"{self.root} holds the state of another base ({raw.get('base')}); this "
                                     f"server serves {self.base}: use another server.state_dir")
-            self.tasks = {name: _task_record(name, record) for name, record in _entries(raw, "tasks").items()}
+            self.tasks = {name: task_record(name, record) for name, record in entries(raw, "tasks").items()}
             for record in self.tasks.values():
                 record.adapter_dir = self._absolute(record.adapter_dir)
                 record.calibration = record.calibration and self._absolute(record.calibration)
-            self.layers = {_layer_index(key): _checked(CommittedLayer, entry, f"layers.{key}")
-                           for key, entry in _entries(raw, "layers").items()}
+            self.layers = {layer_index(key): checked(CommittedLayer, entry, f"layers.{key}")
+                           for key, entry in entries(raw, "layers").items()}
             for entry in self.layers.values():
                 entry.file = self._absolute(entry.file)
-            self.dropped = _checked(list[str], raw.get("dropped"), "dropped")
-            self.hessian_sources = _checked(dict[str, HessianSource], raw.get("hessian_sources", {}), "hessian_sources")
-            self.next_version = _checked(int, raw.get("next_version"), "next_version")
+            self.dropped = checked(list[str], raw.get("dropped"), "dropped")
+            self.hessian_sources = checked(dict[str, HessianSource], raw.get("hessian_sources", {}), "hessian_sources")
+            self.next_version = checked(int, raw.get("next_version"), "next_version")
             if self.next_version < 1:
                 raise ValueError(f"next_version: {self.next_version} < 1")
         except OSError as error:  # permissions, I/O: the file may be whole, so nothing is said to be lost
@@ -375,43 +320,3 @@ class TaskStore:
     @property
     def served_version(self) -> int:
         return max((entry.version for entry in self.layers.values()), default=0)
-
-
-# ---------------------------------------------------------------- registry.json, checked
-def _checked(kind: Any, value: object, where: str) -> Any:
-    """`value` converted to `kind` (msgspec: no coercion); a ValueError naming `where` if it is not."""
-    try:
-        return msgspec.convert(value, kind)
-    except msgspec.ValidationError as error:
-        raise ValueError(f"{where}: {error}") from None
-
-
-def _entries(raw: dict, key: str) -> dict:
-    entries = raw.get(key)
-    if not isinstance(entries, dict):
-        raise ValueError(f"{key}: a JSON object was expected, not {type(entries).__name__}")
-    return entries
-
-
-def _layer_index(key: str) -> int:
-    if not key.isascii() or not key.isdigit():
-        raise ValueError(f"layers.{key}: a layer index (0, 1, ...) was expected")
-    return int(key)
-
-
-def _task_record(name: str, raw: object) -> TaskRecord:
-    """One task's entry, type-checked (a wrong type here reached the executor's and the
-    requantizer's decoders once: an undecodable plan, resent forever) and range-checked."""
-    record: TaskRecord = _checked(TaskRecord, raw, f"tasks.{name}")
-    problem = ""
-    if record.name != name:
-        problem = f"its name is {record.name!r}"
-    elif record.phase not in PHASES or record.suspended_phase not in ("", *PHASES):
-        problem = f"phase {record.phase!r} / suspended_phase {record.suspended_phase!r}: one of {', '.join(PHASES)}"
-    elif min(record.version, record.layers_done, record.layers_total, record.attempts) < 0:
-        problem = "version, layers_done, layers_total and attempts cannot be negative"
-    elif record.layers_done > record.layers_total:
-        problem = f"layers_done {record.layers_done} > layers_total {record.layers_total}"
-    if problem:
-        raise ValueError(f"tasks.{name}: {problem}")
-    return record
