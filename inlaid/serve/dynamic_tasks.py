@@ -5,7 +5,7 @@ An added task serves at once, on the base as it is. With calibration samples, on
 whose checkpoint stores its Hessian state, and with a state directory, its re-quantization
 job is queued (`requantization_jobs.py` runs the jobs and the layer handover). Added tasks,
 their copied files and their jobs persist in the state directory (`task_store.py`): a
-restarted server serves them again and resumes an unfinished job.
+restarted server serves them again and resumes an unfinished job (`task_restore.py`).
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ from inlaid.quant.checkpoint_files import read_inlaid_metadata
 from inlaid.quant.errors import CheckpointError
 from inlaid.serve.config import ServerConfig
 from inlaid.serve.hessian_sources import HessianSource, changes_nothing, judge_samples, stored_view, twin_note
-from inlaid.serve.requantization_jobs import RESTARTED, RESUMING_AT, RequantizationJobs
+from inlaid.serve.requantization_jobs import RequantizationJobs
 from inlaid.serve.state_gc import hessian_dirs, prune_dropped
 from inlaid.serve.task_inputs import (MAX_CALIBRATION_FILE_BYTES, TaskInputs, check_calibration_file,
                                       same_adapter_files)
+from inlaid.serve.task_records import QUEUED, READY, REQUANTIZING, SERVING, TaskRecord
 from inlaid.serve.task_registry import TaskError, TaskRegistry, check_absolute
+from inlaid.serve.task_restore import restore_tasks
 from inlaid.serve.task_status import cancelled_job_note, not_served_note, task_status_reply
-from inlaid.serve.task_records import FAILED, QUEUED, READY, REQUANTIZING, SERVING, TaskRecord
 from inlaid.serve.task_store import StateDirError, TaskStore
 
 log = logging.getLogger("inlaid.dynamic_tasks")
@@ -81,58 +82,13 @@ class DynamicTasks:
         self._discard_after_save: set[str] = set()  # copies released while the registry was unsaved
         if self.store is not None:
             self.store.after_save = self._collect_after_save  # (start-up collected before: no job ran)
-            self._restore_tasks(self.store)
+            for name in config.tasks:  # a task served from the config counts again (not one added over it)
+                if name in self.store.dropped and name not in self.store.tasks:
+                    self.store.dropped.remove(name)
+            self._prune_dropped(self.store)
+            self.jobs.queue.extend(restore_tasks(self.store, config, registry, self.blocker))  # start() runs them
+            self.store.save()
             registry.on_released.append(self._discard_if_unused)
-
-    def _restore_tasks(self, store: TaskStore) -> None:
-        for name in self.config.tasks:  # a task served from the config counts again (not one added over it)
-            if name in store.dropped and name not in store.tasks:
-                store.dropped.remove(name)
-        self._prune_dropped(store)
-        for name, record in sorted(store.tasks.items(), key=lambda item: item[1].added_at):
-            try:
-                self.registry.add(name, record.adapter_dir, self.registry.check_adapter(name, record.adapter_dir))
-            except TaskError as error:
-                log.error("a stored task cannot be served", extra={"task": name, "reason": error.message})
-                if not record.suspended_phase:  # else an earlier restart already keeps what it was
-                    record.suspended_phase, record.suspended_message = record.phase, record.message
-                record.phase = FAILED
-                record.message = (f"not served after a restart: {error.message} (put its adapter back and restart: "
-                                  f"it then serves again as it was, {record.suspended_phase}; or remove it)")
-                continue
-            if name in self.config.tasks:
-                log.warning("a task of the config's [tasks] serves the state directory's adapter (it was added "
-                            "live under that name); remove_task brings the config's back at the next restart",
-                            extra={"task": name, "config_adapter_dir": self.config.tasks[name],
-                                   "adapter_dir": record.adapter_dir})
-            if record.suspended_phase:  # served again: the state it had resumes
-                log.info("a stored task serves again", extra={"task": name, "phase": record.suspended_phase})
-                record.phase, record.message = record.suspended_phase, record.suspended_message
-                record.suspended_phase = record.suspended_message = ""
-            if record.phase in (QUEUED, REQUANTIZING):
-                # (on a full-precision base no addition is ever queued: the state directory records
-                # the base it belongs to, so there a stored job is no state a server left behind)
-                if self.blocker and self.config.engine.quantized_dir:
-                    self._hold_job(record)
-                else:
-                    record.phase = QUEUED
-                    if record.layers_done or RESUMING_AT.search(record.message):  # what it said is history now
-                        record.message = f"{RESTARTED}; resuming at layer {record.layers_done}"
-                    self.jobs.queue.append(name)  # start() dispatches it
-        store.save()
-
-    def _hold_job(self, record: TaskRecord) -> None:
-        """An unfinished job this server cannot run (`[requantizer] enabled = false`, ...):
-        the task serves on the base as it is, with the reason, as a new addition is told (a
-        `queued` phase no job would ever move made every wait run to its timeout). What the
-        job had done is kept: it resumes at the first restart that can run it."""
-        record.suspended_phase, record.suspended_message = QUEUED, record.message
-        record.phase = SERVING
-        record.message = (f"not re-quantized: {self.blocker} (its job stopped at layer {record.layers_done} of "
-                          f"{record.layers_total}; it resumes there at a restart that can re-quantize)")
-        log.warning("an unfinished re-quantization is not resumed", extra={"task": record.name,
-                                                                           "reason": self.blocker,
-                                                                           "layers_done": record.layers_done})
 
     async def start(self) -> None:
         if self.store is not None:
@@ -272,7 +228,7 @@ class DynamicTasks:
             message = f"added again with the same files{samples}: its re-quantization (version {replaced.version}) "
             record = replace(replaced, adapter_dir=inputs.adapter_dir,
                              calibration=inputs.calibration or replaced.calibration, message=message + "still serves")
-        if replaced is not None and replaced.suspended_phase in (QUEUED, REQUANTIZING):  # a held job (_hold_job)
+        if replaced is not None and replaced.suspended_phase in (QUEUED, REQUANTIZING):  # a held job (task_restore.py)
             text += (f"; its unfinished re-quantization (stopped at layer {replaced.layers_done} of "
                      f"{replaced.layers_total}, held until a restart that can run it) is dropped: this add replaces it")
         if (record.phase != QUEUED and (replaced is not None or replaced_entry is not None)
