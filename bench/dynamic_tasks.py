@@ -371,7 +371,7 @@ def main() -> int:
     if "online" in parts:
         # An earlier run's ablation is kept unless it is run again.
         kept = {} if args.ablation else {k: v for k, v in report.get("online", {}).items() if k != "default"}
-        from inlaid.serve.config import RequantizerSettings
+        from inlaid.serve.config_sections import RequantizerSettings
 
         settings = RequantizerSettings()  # named so the table says what ran
         defaults = {"duty_cycle": settings.duty_cycle, "idle_duty_cycle": settings.idle_duty_cycle}

@@ -110,7 +110,7 @@ def test_a_lost_requantizer_is_started_again_only_while_there_is_work(tmp_path):
     import os
     import signal
 
-    from inlaid.serve.config import RequantizerSettings
+    from inlaid.serve.config_sections import RequantizerSettings
     from inlaid.serve.requantizer_supervisor import RequantizerSupervisor
 
     work = {"wanted": True}

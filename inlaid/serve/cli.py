@@ -115,7 +115,7 @@ def _start(config) -> int:  # type: ignore[no-untyped-def]
 def ignored_settings(config) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
     """Settings the config sets that this server never uses, and why (accepted: a config
     may be shared by servers that differ in that; but never silently)."""
-    from inlaid.serve.config import RequantizerSettings
+    from inlaid.serve.config_sections import RequantizerSettings
 
     ignored = []
     if config.engine.quant_kernel != "auto" and config.engine.quantized_dir is None:

@@ -27,7 +27,7 @@ from inlaid.protocol import (
     MAX_REQUEST_ID_CHARS, SHOWN_NAMES, BatchPlan, Cancel, ContextOverflow, ErrorCode, ErrorReply, Generate,
     InFlightCounts, SamplingError, TextChunk, excerpt, reply_id,
 )
-from inlaid.serve.config import ServerLimits
+from inlaid.serve.config_sections import ServerLimits
 from inlaid.serve.executor_pool import ExecutorPool, ExecutorShard
 from inlaid.serve.metrics import BASE_TASK_LABEL, ServerMetrics
 from inlaid.serve.requests import ActiveRequest, RequestKey

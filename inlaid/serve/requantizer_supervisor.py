@@ -32,7 +32,7 @@ from inlaid.protocol import (
     RequantizerOutbound,
     RequantizerShutdown,
 )
-from inlaid.serve.config import RequantizerSettings
+from inlaid.serve.config_sections import RequantizerSettings
 from inlaid.serve.ipc_dirs import remove_segments_of
 from inlaid.serve.supervisor import wait_or_kill
 
