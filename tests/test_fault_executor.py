@@ -22,7 +22,8 @@ from inlaid.protocol import BatchPlan, ChunkPlan, GenerateDone, SamplingParams
 from inlaid.serve.executor import FAULT_ENV
 from inlaid.serve.launcher import ServerProcess
 from inlaid.serve.peers import PeerWatch
-from inlaid.serve.supervisor import ExecutorLostError, ExecutorSupervisor
+from inlaid.serve.executor_errors import ExecutorLostError
+from inlaid.serve.supervisor import ExecutorSupervisor
 from serving_helpers import (
     HEALTH_BOUND_S,
     PROMPTS,

@@ -32,9 +32,9 @@ from inlaid.protocol import (
     RequantizerOutbound,
     RequantizerShutdown,
 )
+from inlaid.serve.child_process import wait_or_kill
 from inlaid.serve.config_sections import RequantizerSettings
 from inlaid.serve.ipc_dirs import remove_segments_of
-from inlaid.serve.supervisor import wait_or_kill
 
 log = logging.getLogger("inlaid.requantizer_supervisor")
 

@@ -20,7 +20,8 @@ import msgspec
 
 from inlaid.engine.engine import Engine, RequestOutput
 from inlaid.protocol import BatchPlan, ErrorCode, LayerSwap, StepResult
-from inlaid.serve.supervisor import ExecutorLostError, ExecutorStepError, ExecutorSupervisor
+from inlaid.serve.executor_errors import ExecutorLostError, ExecutorStepError
+from inlaid.serve.supervisor import ExecutorSupervisor
 
 log = logging.getLogger("inlaid.coordinator")
 

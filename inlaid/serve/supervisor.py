@@ -22,7 +22,6 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 import msgspec
 import zmq
@@ -41,29 +40,13 @@ from inlaid.protocol import (
     LayerSwapResult,
     StepResult,
 )
+from inlaid.serve.child_process import FieldsLog, wait_or_kill
 from inlaid.serve.executor import executor_identity
+from inlaid.serve.executor_errors import ExecutorBindError, ExecutorLostError, ExecutorStepError
 from inlaid.serve.peers import PeerWatch
 
 log = logging.getLogger("inlaid.supervisor")
 
-
-class ExecutorLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """Adds its fields to each record beside the call's own `extra` (a plain LoggerAdapter
-    replaces the call's: `merge_extra` is Python 3.13's)."""
-
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
-        return msg, kwargs
-
-
-async def wait_or_kill(process: asyncio.subprocess.Process, timeout_s: float, what: str) -> None:
-    """Wait up to `timeout_s` for a child asked to exit, then SIGKILL it; reaped either way."""
-    try:
-        await asyncio.wait_for(process.wait(), timeout_s)
-    except asyncio.TimeoutError:
-        log.warning(f"{what} did not exit in time; killing it", extra={"pid": process.pid})
-        process.kill()
-        await process.wait()
 
 _RESTART_BACKOFF_S = (0.2, 1.0, 2.0, 5.0, 10.0)  # by the number of failed starts in a row
 MAX_START_FAILURES = 3  # executors dying before their hello, in a row: give up (unless others serve)
@@ -75,18 +58,6 @@ _EXIT_AFTER_DISCONNECT_S = 1.0
 # A step running this share of the step timeout makes health read "stalled" (info_calls.py)
 # and logs one WARNING (a probe stopped an executor for 25 s: health said stalled, no log did).
 STALLED_AFTER_FRACTION = 0.25
-
-
-class ExecutorLostError(RuntimeError):
-    """The executor died (or hung and was killed) while or before running a plan."""
-
-
-class ExecutorStepError(RuntimeError):
-    """The executor ran a plan and it raised; the executor itself is still alive."""
-
-
-class ExecutorBindError(OSError):
-    """The executor's socket could not be bound (server.executor_address in use or not local)."""
 
 
 @dataclasses.dataclass
@@ -116,7 +87,7 @@ class ExecutorSupervisor:
         ended the whole server, the healthy executors' requests with it (an outside probe)."""
         self.engine_config = engine_config
         self.index = index  # the server's executor number: every log line names it (two executors' read alike)
-        self._log = ExecutorLog(log, {"executor": index})
+        self._log = FieldsLog(log, {"executor": index})
         self.others_serving = others_serving
         self.on_swap_result = on_swap_result
         self.address = address
@@ -226,7 +197,19 @@ class ExecutorSupervisor:
     def _spawn_task(self, coroutine) -> None:  # type: ignore[no-untyped-def]
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_ended)
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        """A watch, receive or peer task that raised would leave the executor unwatched or
+        unheard, the server up and answering no generate: the server stops instead, saying
+        why (docs/serving.md: rather exit than stay up answering nothing)."""
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None or self._stopping:
+            return
+        error = task.exception()
+        self._log.error("an executor supervision task failed", extra={"task": task.get_coro().__qualname__,
+                                                                       "error": repr(error)})
+        self.on_fatal(f"the supervision of executor {self.index} failed: {type(error).__name__}: {error}")
 
     async def _spawn(self) -> None:
         self.generation += 1
@@ -275,26 +258,39 @@ class ExecutorSupervisor:
         reason = f"executor (pid {process.pid}) died with {how}{said}"
         self._log.info("executor exited", extra={"pid": process.pid, "generation": generation, "returncode": code})
         self._lose(generation, reason)
-        if self.hello is None:
-            self._start_failures += 1
-        else:
-            self._start_failures = 0
-        # Back off only while starts keep failing (indexed by failures in a row, not by the
-        # restarts of the server's whole life); an executor that had served comes back at once.
-        delay = _RESTART_BACKOFF_S[min(self._start_failures, len(_RESTART_BACKOFF_S) - 1)]
-        if self._start_failures >= MAX_START_FAILURES:
-            failed = f"the executor failed to start {self._start_failures} times in a row; last: {reason}"
-            if not self.others_serving():
-                self.on_fatal(failed)
+        self._start_failures = self._start_failures + 1 if self.hello is None else 0
+        await self._restart(reason)
+
+    async def _restart(self, reason: str) -> None:
+        """Start the next incarnation once the back-off has passed. A start that cannot even
+        spawn the process (out of file descriptors, fork refused) counts as a failed start
+        and is tried again: it ended the watch, and with it every restart, for good, the
+        server up and answering no generate (a probe: the coordinator at its descriptor
+        limit when its executor died)."""
+        while True:
+            # Back off only while starts keep failing (indexed by failures in a row, not by the
+            # restarts of the server's whole life); an executor that had served comes back at once.
+            delay = _RESTART_BACKOFF_S[min(self._start_failures, len(_RESTART_BACKOFF_S) - 1)]
+            if self._start_failures >= MAX_START_FAILURES:
+                failed = f"the executor failed to start {self._start_failures} times in a row; last: {reason}"
+                if not self.others_serving():
+                    self.on_fatal(failed)
+                    return
+                self._log.error("executor keeps failing to start; the other executors serve, and it is tried again",
+                                extra={"reason": failed, "retry_in_s": HELD_DOWN_RETRY_S,
+                                       "device": self.engine_config.device})
+                delay = HELD_DOWN_RETRY_S
+            self.restarts += 1
+            await asyncio.sleep(delay)
+            if self._stopping:
                 return
-            self._log.error("executor keeps failing to start; the other executors serve, and it is tried again",
-                            extra={"reason": failed, "retry_in_s": HELD_DOWN_RETRY_S,
-                                   "device": self.engine_config.device})
-            delay = HELD_DOWN_RETRY_S
-        self.restarts += 1
-        await asyncio.sleep(delay)
-        if not self._stopping:
-            await self._spawn()
+            try:
+                await self._spawn()
+                return
+            except OSError as error:
+                reason = f"the executor process could not be started: {type(error).__name__}: {error}"
+                self._log.error("executor could not be started", extra={"error": str(error)})
+                self._start_failures += 1
 
     # ------------------------------------------------------------------ messages
     async def _send(self, message: msgspec.Struct) -> None:
@@ -342,7 +338,11 @@ class ExecutorSupervisor:
                 self.stats = message
             elif isinstance(message, LayerSwapResult):
                 if self.on_swap_result is not None:
-                    self.on_swap_result(message)
+                    try:
+                        self.on_swap_result(message)
+                    except Exception:  # a bug there must not end the loop: no step result would be read
+                        self._log.exception("a layer swap's result could not be handled",
+                                            extra={"layer": message.layer, "version": message.version})
             elif isinstance(message, ExecutorStartFailure):  # its last words: why it could not start
                 self._start_error = f"{message.error_type}: {message.message}"
                 self._start_error_read.set()
