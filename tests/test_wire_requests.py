@@ -166,6 +166,39 @@ def test_a_duplicate_id_is_refused_under_no_id_and_the_first_ends_once(model_dir
     assert terminal[0].finish_reason == "cancelled" and request.key not in in_flight.requests
 
 
+def test_no_refusal_answers_under_the_id_of_a_request_in_flight(model_dir, tmp_path):
+    """A frame refused as unreadable, unknown or too large, an info call, or a Generate refused
+    as the server shuts down, each under the id of a request still running: each was answered
+    under that id, a second terminal message for it before its own end (a review's probe). They
+    are answered under no id now; other ids are still named."""
+    from inlaid.protocol import GetStats
+
+    coordinator = _coordinator(model_dir, tmp_path)
+    coordinator._send = lambda identity, message: coordinator.replies.append(message)
+    coordinator.limits.max_frame_bytes = 4096
+    in_flight = coordinator.in_flight
+    in_flight.generate(b"raw", Generate(request_id="same", prompt="hi", stream=True,
+                                        sampling=SamplingParams(max_tokens=2)))
+    frames = [{"type": "generate", "request_id": "same", "prompt": "hi", "sampling": {"max_tokens": "lots"}},
+              {"type": "bogus", "request_id": "same"},
+              {"type": "generate", "request_id": "same", "prompt": "x" * 5000},
+              GetStats(request_id="same"),
+              {"type": "bogus", "request_id": "other"}]
+    for frame in frames:
+        coordinator._handle(b"raw", [msgspec.msgpack.encode(frame)])
+    in_flight._accepting = lambda: False  # the server shuts down
+    in_flight.generate(b"raw", Generate(request_id="same", prompt="hello"))
+    codes = [(reply.code, reply.request_id) for reply in coordinator.replies]
+    assert codes == [(ErrorCode.MALFORMED, ""), (ErrorCode.UNKNOWN_MESSAGE, ""), (ErrorCode.FRAME_TOO_LARGE, ""),
+                     (ErrorCode.INVALID_REQUEST, ""), (ErrorCode.UNKNOWN_MESSAGE, "other"),
+                     (ErrorCode.INVALID_REQUEST, "")], codes
+    assert "'same' is already in flight on this connection; this GetStats was refused" in coordinator.replies[3].message
+    in_flight.cancel(b"raw", Cancel(request_id="same"))
+    terminal = [r for r in coordinator.replies if getattr(r, "request_id", None) == "same"
+                and not isinstance(r, TextChunk)]
+    assert len(terminal) == 1 and isinstance(terminal[0], GenerateDone), terminal
+
+
 def test_the_sdk_ignores_a_refusal_naming_no_request():
     """What a real SDK client does with the duplicate's refusal (request_id ""): it is no
     request's answer, dropped; the SDK never reuses ids, so it never meets one."""

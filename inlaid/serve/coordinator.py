@@ -51,6 +51,7 @@ from inlaid.protocol import (
 from inlaid.serve.admin import TaskCalls
 from inlaid.serve.config import ServerConfig, base_model_id
 from inlaid.serve.dynamic_tasks import DynamicTasks
+from inlaid.serve.executor_errors import ExecutorBindError
 from inlaid.serve.executor_pool import ExecutorPool, ExecutorShard
 from inlaid.serve.frames import decode_client_frames
 from inlaid.serve.in_flight import InFlight
@@ -62,7 +63,7 @@ from inlaid.serve.requantizer_status import requantizer_metrics
 from inlaid.serve.retuning import LiveRetuning, StartupTuning, TuneOptions
 from inlaid.serve.startup_hold import StartupHold
 from inlaid.serve.step_loop import StepLoop
-from inlaid.serve.supervisor import ExecutorBindError, ExecutorSupervisor
+from inlaid.serve.supervisor import ExecutorSupervisor
 from inlaid.serve.task_registry import TaskError, TaskRegistry
 
 log = logging.getLogger("inlaid.coordinator")
@@ -373,8 +374,13 @@ class Coordinator:
         message = decode_client_frames(body, self.limits.max_frame_bytes)
         if isinstance(message, ErrorReply):
             self._count_refused(message.code)
-            return self._send(identity, message)
-        if not self.startup.holds(identity, message):
+            if self.in_flight.running(identity, message.request_id):  # its request ends once, on its own
+                message = msgspec.structs.replace(message, request_id="")
+            self._send(identity, message)
+        elif not isinstance(message, (Generate, Cancel)) and self.in_flight.running(identity, message.request_id):
+            self._count_refused(ErrorCode.INVALID_REQUEST)
+            self.in_flight.refuse_reused_id(identity, message.request_id, type(message).__name__)
+        elif not self.startup.holds(identity, message):
             self._answer(identity, message)
 
     def _answer(self, identity: bytes, message: ClientRequest, arrived: float | None = None) -> None:

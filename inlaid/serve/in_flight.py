@@ -59,6 +59,19 @@ class InFlight:
     def __len__(self) -> int:
         return len(self.requests)
 
+    def running(self, identity: bytes, request_id: str | None) -> bool:
+        """Whether a request of this connection is in flight under `request_id`."""
+        return (identity, request_id) in self.requests
+
+    def refuse_reused_id(self, identity: bytes, request_id: str, kind: str) -> str:
+        """A message under the id of a request in flight: refused, and not under that id. The
+        request running under it gets its own one end (done or error); a second terminal
+        message would end it twice for its client (a refused frame, a shutdown's refusal or
+        an info call's answer under the id once did)."""
+        return self.error(identity, "", ErrorCode.INVALID_REQUEST,
+                          f"request id {excerpt(request_id)} is already in flight on this connection; this "
+                          f"{kind} was refused and the one in flight goes on", field="request_id")
+
     def error(self, identity: bytes, request_id: str, code: str, message: str, *, field: str | None = None,
               in_flight: InFlightCounts | None = None, context_overflow: ContextOverflow | None = None,
               known_tasks: list[str] | None = None) -> str:
@@ -117,14 +130,10 @@ class InFlight:
             return self.error(identity, "", ErrorCode.INVALID_REQUEST,
                               f"request_id {excerpt(request_id)} is too long: at most {MAX_REQUEST_ID_CHARS} "
                               "characters", field="request_id")
+        if key in self.requests:  # (before the shutdown's refusal: that one was sent under the id)
+            return self.refuse_reused_id(identity, request_id, "Generate")
         if not self._accepting():
             return self.error(identity, request_id, ErrorCode.SHUTTING_DOWN, "the server is shutting down")
-        if key in self.requests:
-            # Not answered under that id: the request running under it gets its own one end
-            # (done or error), and a second terminal message would end it twice for its client.
-            return self.error(identity, "", ErrorCode.INVALID_REQUEST,
-                              f"request id {excerpt(request_id)} is already in flight on this connection; this "
-                              "Generate was refused and the one in flight goes on", field="request_id")
         if (counts := self._overloaded(identity)) is not None:
             self.counters["overloaded"] += 1
             return self.error(identity, request_id, ErrorCode.OVERLOADED, _overload_message(counts), in_flight=counts)
