@@ -203,3 +203,34 @@ def test_ray_replicas_get_the_executors_and_scheduler_sections_with_absolute_pat
                        ({"scheduler": {"step_log": "steps.jsonl"}}, "step_log")]:
         with pytest.raises(ConfigError, match=words):
             ray_config_from_dict({**raw, **bad}, base_dir=tmp_path / "conf")
+
+
+def test_a_move_the_target_refuses_leaves_the_request_where_it_waited(model_dir) -> None:
+    """The target engine's `put` raising (a plug-in policy's on_arrival) came after the source
+    had handed the request over: it was in neither engine, never run nor answered until its
+    deadline (a review). It now waits where it was, and moves once the target takes it."""
+    from inlaid.scheduling.registry import make_policy
+    from inlaid.serve.executor_pool import ExecutorPool
+    from inlaid.serve.requests import ActiveRequest
+
+    pool = ExecutorPool(_config(model_dir, count=2), lambda: make_policy("fifo"))
+    first, second = pool.engines
+    pool.shards[0].supervisor = pool.shards[1].supervisor = _Ready()  # type: ignore[assignment]
+    requests = {}
+    for i in range(3):  # two seats on executor 0: the third waits there
+        first.add_request([1, 2, 3 + i], sampling=SamplingParams(max_tokens=4), request_id=f"r{i}")
+        requests[f"r{i}"] = ActiveRequest(key=(b"c", f"r{i}"), engine_id=f"r{i}", seq_id=first.sequence(f"r{i}").seq_id,
+                                          task=None, stream=False, num_prompt_tokens=3)
+    assert first.begin_step() is not None
+    arrival = second.scheduler.policy.on_arrival
+
+    def refusing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("a plug-in policy's bug")
+
+    second.scheduler.policy.on_arrival = refusing  # type: ignore[method-assign]
+    assert pool.rebalance(requests) == []
+    assert first.sequence("r2").seq_id == requests["r2"].seq_id and requests["r2"].executor == 0
+    assert [len(first.scheduler.waiting), len(second.scheduler.waiting)] == [1, 0]
+    second.scheduler.policy.on_arrival = arrival  # type: ignore[method-assign]
+    assert [(m.key, m.source, m.target) for m in pool.rebalance(requests)] == [("r2", 0, 1)]
+    assert second.sequence("r2").seq_id == requests["r2"].seq_id

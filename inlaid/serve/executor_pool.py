@@ -212,7 +212,13 @@ class ExecutorPool:
             handed = source.engine.take_waiting(str(move.key))
             if handed is None:
                 continue
-            target.engine.put(handed)
+            try:
+                target.engine.put(handed)
+            except Exception:  # noqa: BLE001  (a plug-in policy's on_arrival): in neither engine, it was lost
+                log.exception("a waiting request could not move to another executor; it waits where it was",
+                              extra={"request": str(move.key), "source": move.source, "target": move.target})
+                source.engine.put(handed)
+                continue
             request = requests[str(move.key)]
             request.executor = target.index
             target.moved_in += 1
