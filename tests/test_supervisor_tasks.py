@@ -1,10 +1,11 @@
-"""The supervisor's own tasks never die silently. A respawn that could not even create the
+"""The supervisors' own tasks never die silently. A respawn that could not even create the
 process (the coordinator out of file descriptors when its executor died) ended the watch
 task with "Task exception was never retrieved": no restart ever again, health "starting"
 forever, every generate unanswered (a review's probe). Such a start now counts as a failed
 start, tried again with the back-off, and stops the server at MAX_START_FAILURES unless
 other executors serve; a supervision task ending in an exception stops the server, saying
-why; a raising layer-swap callback no longer ends the receive loop. Real child processes:
+why; a raising layer-swap callback no longer ends the receive loop. A requantizer that
+cannot be spawned counts as lost (its job's attempts) and is tried again. Real child processes:
 /bin/false for an executor that dies at once, and a small script that speaks the
 executor's first messages."""
 
@@ -132,3 +133,35 @@ def test_a_raising_layer_swap_callback_does_not_end_the_receive_loop(tmp_path, m
 
     assert asyncio.run(scenario())
     assert swaps == [4] and fatal == []
+
+
+def test_a_requantizer_that_cannot_be_spawned_counts_as_lost_and_is_tried_again(tmp_path, monkeypatch) -> None:
+    """The spawn's OSError went up into the job dispatch (or ended the watch task after a
+    loss): the job sat queued until the next addition dispatched again."""
+    from inlaid.serve import requantizer_supervisor as requantizer_module
+    from inlaid.serve.config_sections import RequantizerSettings
+
+    monkeypatch.setattr(requantizer_module, "_RESTART_BACKOFF_S", (0.01,))
+
+    async def refuse(*command, **options):  # type: ignore[no-untyped-def]
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", refuse)
+    lost: list[str] = []
+
+    async def scenario() -> int:
+        supervisor = requantizer_module.RequantizerSupervisor(
+            RequantizerSettings(), f"ipc://{tmp_path}/requantizer.ipc", on_message=lambda message: None,
+            on_ready=lambda hello: None, on_lost=lost.append, wanted=lambda: len(lost) < 3)
+        await supervisor.ensure_running()
+        for _ in range(200):
+            await asyncio.sleep(0.02)
+            if len(lost) >= 3:
+                break
+        await asyncio.sleep(0.1)  # no more tries: no work is wanted any more
+        await supervisor.stop()
+        return supervisor.losses
+
+    losses = asyncio.run(scenario())
+    assert lost == ["the requantizer process could not be started: BlockingIOError: [Errno 11] Resource temporarily "
+                    "unavailable"] * 3 and losses == 3

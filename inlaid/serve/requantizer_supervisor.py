@@ -196,7 +196,13 @@ class RequantizerSupervisor:
     def _spawn_task(self, coroutine) -> None:  # type: ignore[no-untyped-def]
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_ended)
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # (never silently: serving goes on)
+            log.error("a requantizer supervision task failed", extra={"task": task.get_coro().__qualname__,
+                                                                     "error": repr(task.exception())})
 
     async def _spawn(self) -> None:
         self._spawning = True
@@ -213,9 +219,17 @@ class RequantizerSupervisor:
                 "--log-level", self.log_level,
                 "--log-format", self.log_format,
             ] + (["--idle-priority"] if self.settings.idle_priority else [])  # fmt: skip
-            process = await asyncio.create_subprocess_exec(
-                *command, stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
-                env=requantizer_environment(self.settings))
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    *command, stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
+                    env=requantizer_environment(self.settings))
+            except OSError as error:  # out of file descriptors or processes: counted as a loss, retried
+                reason = f"the requantizer process could not be started: {type(error).__name__}: {error}"
+                log.error("requantizer could not be started", extra={"error": str(error)})
+                self.losses += 1
+                self.on_lost(reason)
+                self._spawn_task(self._restart_later())
+                return
             self._process = process
         finally:
             self._spawning = False
@@ -311,6 +325,11 @@ class RequantizerSupervisor:
         self.hello = None
         self.losses += 1
         self.on_lost(reason)
+        await self._restart_later()
+
+    async def _restart_later(self) -> None:
+        """A lost (or never started) requantizer's successor, after the back-off. A spawn that
+        raised here ended the task: no job ran again until the next addition."""
         delay = _RESTART_BACKOFF_S[min(self.restarts, len(_RESTART_BACKOFF_S) - 1)]
         self.restarts += 1
         await asyncio.sleep(delay)
