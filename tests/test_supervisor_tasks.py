@@ -5,7 +5,8 @@ forever, every generate unanswered (a review's probe). Such a start now counts a
 start, tried again with the back-off, and stops the server at MAX_START_FAILURES unless
 other executors serve; a supervision task ending in an exception stops the server, saying
 why; a raising layer-swap callback no longer ends the receive loop. A requantizer that
-cannot be spawned counts as lost (its job's attempts) and is tried again. Real child processes:
+cannot be spawned counts as lost (its job's attempts) and is tried again; so is an HTTP front
+(its supervising task ended, and with it the front, for good). Real child processes:
 /bin/false for an executor that dies at once, and a small script that speaks the
 executor's first messages."""
 
@@ -165,3 +166,34 @@ def test_a_requantizer_that_cannot_be_spawned_counts_as_lost_and_is_tried_again(
     losses = asyncio.run(scenario())
     assert lost == ["the requantizer process could not be started: BlockingIOError: [Errno 11] Resource temporarily "
                     "unavailable"] * 3 and losses == 3
+
+
+def test_an_http_front_that_cannot_be_spawned_is_tried_again(monkeypatch) -> None:
+    from inlaid.http import process as front_module
+    from inlaid.http.settings import HttpConfig
+
+    monkeypatch.setattr(front_module, "_RESTART_BACKOFF_S", (0.01,))
+    attempts: list[int] = []
+
+    async def spawn(*command, **options):  # type: ignore[no-untyped-def]
+        attempts.append(len(attempts))
+        if len(attempts) == 1:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return await _real_exec("sleep", "30", stdin=asyncio.subprocess.DEVNULL)
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", spawn)
+
+    async def scenario() -> bool:
+        front = front_module.HttpFrontProcess("tcp://127.0.0.1:5599", HttpConfig(port=0), "INFO", "json")
+        front.bind()
+        front.start()
+        try:
+            for _ in range(200):
+                await asyncio.sleep(0.02)
+                if front._process is not None:
+                    break
+            return front._process is not None and front._process.returncode is None
+        finally:
+            await front.stop(timeout_s=2)
+
+    assert asyncio.run(scenario()) and len(attempts) == 2

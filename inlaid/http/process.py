@@ -107,7 +107,15 @@ class HttpFrontProcess:
         failures = 0
         while not self._stopping:
             started = time.monotonic()
-            await self._spawn()
+            try:
+                await self._spawn()
+            except OSError as error:  # out of file descriptors or processes: it ended the front for good
+                failures += 1
+                delay = _RESTART_BACKOFF_S[min(failures, len(_RESTART_BACKOFF_S)) - 1]
+                log.error("http front could not be started; trying again", extra={"error": str(error),
+                                                                                  "delay_s": delay})
+                await asyncio.sleep(delay)
+                continue
             assert self._process is not None
             watch = asyncio.get_running_loop().create_task(self._watch(self._process))
             try:
