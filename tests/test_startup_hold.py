@@ -102,3 +102,25 @@ def test_a_held_generates_deadline_counts_from_its_arrival(model_dir, tmp_path):
     asyncio.run(serve_then_wait())
     assert [(r.request_id, r.code) for r in replies] == [("late", ErrorCode.DEADLINE_EXCEEDED)], replies
     assert not coordinator.in_flight.requests
+
+
+def test_an_id_held_while_starting_gets_one_end(model_dir, tmp_path):
+    """A second generate, a refused frame or an info call under the id of a held generate
+    was answered under that id (a shutdown then refused both generates under it too): two
+    ends for one request. Each is answered under no id now; the held one ends once."""
+    from inlaid.serve.config import config_from_dict
+    from inlaid.serve.coordinator import Coordinator
+
+    coordinator = Coordinator(config_from_dict({"model": {"dir": str(model_dir)}}, base_dir=tmp_path))
+    replies: list[ErrorReply] = []
+    coordinator.in_flight._send = coordinator._send = lambda identity, message: replies.append(message)
+    for frame in (_generate("g"), _generate("g"), {"type": "bogus", "request_id": "g"}, GetStats(request_id="g"),
+                  _generate("other")):
+        coordinator._handle(b"client", [msgspec.msgpack.encode(frame)])
+    assert len(coordinator.startup) == 2
+    assert [(reply.code, reply.request_id) for reply in replies] == [
+        (ErrorCode.INVALID_REQUEST, ""), (ErrorCode.UNKNOWN_MESSAGE, ""), (ErrorCode.INVALID_REQUEST, "")]
+    asyncio.run(coordinator.startup.release(coordinator.startup.refusing("the server shut down")))
+    assert [(reply.code, reply.request_id) for reply in replies[3:]] == [
+        (ErrorCode.SHUTTING_DOWN, "g"), (ErrorCode.SHUTTING_DOWN, "other")]
+    assert not coordinator.startup.holding(b"client", "g")

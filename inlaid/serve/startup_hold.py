@@ -44,6 +44,11 @@ class StartupHold:
         self._send = send
         self.starting = True
         self._held: deque[tuple[bytes, ClientRequest, float]] = deque()
+        self._held_generates: set[tuple[bytes, str]] = set()  # (identity, request id)
+
+    def holding(self, identity: bytes, request_id: str | None) -> bool:
+        """Whether a generate of this connection is held under `request_id`."""
+        return (identity, request_id) in self._held_generates
 
     def __len__(self) -> int:
         return len(self._held)
@@ -52,17 +57,22 @@ class StartupHold:
         """Whether `message` waits for the start to end (held, or answered as overflow)."""
         if not self.starting or isinstance(message, ANSWERED_WHILE_STARTING):
             return False
-        if len(self._held) >= self.limit:
+        if isinstance(message, Generate) and self.holding(identity, message.request_id):
+            self._in_flight.refuse_reused_id(identity, message.request_id, "Generate")  # (one end per id)
+        elif len(self._held) >= self.limit:
             self._refuse(identity, message, ErrorCode.OVERLOADED,
                          f"the server is starting and already holds {len(self._held)} requests for when it "
                          "serves; retry once its health says ok")
         else:
             self._held.append((identity, message, time.monotonic()))
+            if isinstance(message, Generate):
+                self._held_generates.add((identity, message.request_id))
         return True
 
     def forget(self, identity: bytes) -> None:
         """A client that disconnected: its held messages would start work nobody reads."""
         self._held = deque(entry for entry in self._held if entry[0] != identity)
+        self._held_generates = {key for key in self._held_generates if key[0] != identity}
 
     def refusing(self, reason: str) -> Handle:
         """A `release` handle refusing each held message as shutting down, with `reason`."""
@@ -79,7 +89,10 @@ class StartupHold:
         `handle`, in order; what arrives meanwhile is held behind them."""
         yield_at = time.monotonic() + _RELEASE_YIELD_AFTER_S
         while self._held:
-            handle(*self._held.popleft())
+            identity, message, arrived = self._held.popleft()
+            if isinstance(message, Generate):
+                self._held_generates.discard((identity, message.request_id))
+            handle(identity, message, arrived)
             if (now := time.monotonic()) >= yield_at:
                 await asyncio.sleep(0)
                 yield_at = now + _RELEASE_YIELD_AFTER_S
