@@ -258,6 +258,29 @@ def test_route_labels_are_bounded():
     assert {route_label(f"/random/{i}") for i in range(100)} == {"other"}
 
 
+def test_routes_under_a_mount_prefix_keep_their_labels():
+    """Behind Ray Serve's route_prefix the ASGI path carries the prefix (root_path): every
+    request was counted route="other" (an outside probe of the Ray ingress)."""
+    import asyncio
+
+    from inlaid.http.front_metrics import HttpMetrics
+
+    async def app(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def ignore(message) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    metrics = HttpMetrics(app)
+    for path in ("/inlaid/v1/chat/completions", "/inlaid/v1/models/qa", "/inlaid/health", "/inlaid/elsewhere"):
+        asyncio.run(metrics({"type": "http", "path": path, "root_path": "/inlaid"}, ignore, ignore))
+    counted = metrics.exposition()
+    for route in ("/v1/chat/completions", "/v1/models/{model}", "/health", "other"):
+        assert f'inlaid_http_requests_total{{route="{route}",status="200"}} 1.0' in counted, counted
+    assert route_label("/inlaid", "/inlaid") == "other" and route_label("/v1/models", "/inlaid") == "/v1/models"
+
+
 def test_a_body_that_is_not_utf8_is_a_bad_request():
     """msgspec raises UnicodeDecodeError, not one of its own errors, for such bytes: it was
     a 500 "internal error in the HTTP front"."""

@@ -27,8 +27,12 @@ ROUTES = frozenset({
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 
 
-def route_label(path: str) -> str:
-    """A bounded label for a request path (client-chosen paths must not create series)."""
+def route_label(path: str, root_path: str = "") -> str:
+    """A bounded label for a request path (client-chosen paths must not create series).
+    `root_path`: the prefix the app is mounted under (ASGI's `path` includes it: behind Ray
+    Serve's `route_prefix` every request was counted `other`)."""
+    if root_path and path.startswith(root_path):
+        path = path[len(root_path):] or "/"
     if path in ROUTES:
         return path
     if path.startswith("/v1/models/"):
@@ -74,7 +78,7 @@ class HttpMetrics:
             await self.app(scope, receive, send_and_note)
         finally:
             self.in_flight.dec()
-            route = route_label(scope["path"])
+            route = route_label(scope["path"], scope.get("root_path", ""))
             if scope.get(DISCONNECTED_SCOPE_KEY):
                 status = CLIENT_CLOSED_STATUS
             self.requests.labels(route, str(status)).inc()
