@@ -86,17 +86,24 @@ class Front:
         request waits for it (another request's hello included) at most the hello's bound,
         not that bound once per request queued ahead of it."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + min(self.config.request_timeout_s, 30.0)
+        bound = min(self.config.request_timeout_s, 30.0)
+        deadline = loop.time() + bound
+        # The 504 names this bound: the one for generations (http.request_timeout_s) is not it.
+        late = ApiError(504, f"the server did not answer the front's hello within {bound:g} s (http.request_timeout_s, "
+                             "at most 30 s); retry later", code="timeout")
         try:
             await asyncio.wait_for(self._hello_lock.acquire(), deadline - loop.time())
         except asyncio.TimeoutError:
-            raise RequestTimeoutError(f"no answer from the server at {self.address} in time") from None
+            raise late from None
         try:
             if self.client.server is None:
                 left = deadline - loop.time()
                 if left <= 0:
-                    raise RequestTimeoutError(f"no answer from the server at {self.address} in time")
-                await self.client.handshake(timeout_s=left)
+                    raise late
+                try:
+                    await self.client.handshake(timeout_s=left)
+                except RequestTimeoutError:
+                    raise late from None
             assert self.client.server is not None
             return self.client.server
         finally:
@@ -253,6 +260,8 @@ async def _models(front: Front, request: Request) -> Response:
 
 async def _model(front: Front, request: Request) -> Response:
     wanted = request.path_params["model"]
+    if not wanted:  # `/v1/models/`: an unknown path, as every path ending in a slash (no model is named "")
+        raise HTTPException(404, "Not Found")
     cards = await _model_cards(front)
     for card in cards:
         if card.id == wanted:
@@ -340,7 +349,19 @@ def _unhealthy(body: bytes) -> Response:
     return Response(body, status_code=503, media_type=_JSON, headers=ApiError(503, "").headers())
 
 
+_SERVER_PART = ("# HELP inlaid_http_server_metrics_missing 1 when the server's series are left out of this scrape "
+                "(it did not answer within {bound:g} s); the front's own follow either way\n"
+                "# TYPE inlaid_http_server_metrics_missing gauge\ninlaid_http_server_metrics_missing {missing}\n")
+
+
 async def _metrics(front: Front, request: Request) -> Response:
-    server_text = await front.client.metrics(timeout_s=_HEALTH_TIMEOUT_S)
+    """The server's series and the front's own. A server that does not answer in time (hung,
+    restarting) costs only its part: a 504 lost the front's series, its 503 and 504 counts,
+    just when they tell most (an outside probe: a SIGSTOPped coordinator)."""
+    try:
+        server_text, missing = await front.client.metrics(timeout_s=_HEALTH_TIMEOUT_S), 0
+    except (RequestTimeoutError, ConnectionLostError):
+        server_text, missing = "", 1
     own = request.app.state.http_metrics.exposition()
-    return Response(server_text + own, media_type=CONTENT_TYPE)
+    return Response(server_text + _SERVER_PART.format(bound=_HEALTH_TIMEOUT_S, missing=missing) + own,
+                    media_type=CONTENT_TYPE)

@@ -118,6 +118,8 @@ def from_inlaid(error: InlaidError, model: str | None = None, *, not_found_param
     message = _SERVER_PREFIX.sub("", error.message)
     if error.code == "timeout":  # the SDK's message names the server's internal address: not the client's business
         message = "the server did not answer within http.request_timeout_s; the request was cancelled"
+    elif error.code == "closed":  # the SDK's words ("the client was closed") read as the caller's own client
+        message = "the HTTP front is shutting down (its connection to the server closed before the answer came); retry"
     if error.code == ErrorCode.UNKNOWN_TASK and model is not None:
         # Said again in the API's terms, with the server's tasks: from the reply's list, or
         # (a server older than ErrorReply.known_tasks) its words "...; this server has: a, b".
