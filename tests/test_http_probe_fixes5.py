@@ -10,6 +10,7 @@ stand-in SDK client (no server, no model):
 * A stream cut by the front's shutdown said "the client was closed before the answer came"
   (the SDK's words: read as the caller's own client).
 * `GET /v1/models/` was answered as the model "" not existing; it is an unknown path.
+* `top_k: -2` was refused as "top_k must be >= 0" though -1 (vLLM's off) is taken.
 """
 
 from __future__ import annotations
@@ -84,3 +85,16 @@ def test_the_model_list_path_with_a_slash_is_an_unknown_path():
     error = json.loads(answer)["error"]
     assert (status, error["code"], error["param"]) == (404, "not_found", None), answer
     assert error["message"] == "GET /v1/models/: Not Found"
+
+
+def test_a_top_k_below_minus_one_is_refused_in_the_apis_terms():
+    """-1 (vLLM's off) is taken, so "top_k must be >= 0" (the server's words) contradicted it."""
+    client = _Client()
+    for top_k, status in ((-1, 200), (0, 200), (5, 200), (-2, 400)):
+        got, answer = _post(_app(client), "/v1/completions",
+                            json.dumps({"model": BASE, "prompt": "hi", "top_k": top_k}).encode())
+        assert got == status, answer
+    error = json.loads(answer)["error"]
+    assert (error["param"], error["message"]) == ("top_k", "top_k must be -1 or 0 (off) or a positive number of "
+                                                            "tokens, got -2")
+    assert [call["top_k"] for call in client.generated] == [0, 0, 5]

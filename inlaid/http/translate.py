@@ -122,6 +122,9 @@ def _call(
                f"temperature must be between 0 and {_MAX_TEMPERATURE:g}, got {request.temperature!r}")
     _refuse_if(request.top_p is not None and not 0 <= request.top_p <= 1, "top_p",
                f"top_p must be between 0 and 1, got {request.top_p!r}")
+    # (the server's refusal, "top_k must be >= 0 (0 disables it)", is wrong here: -1 is taken)
+    _refuse_if(request.top_k is not None and request.top_k < -1, "top_k",
+               f"top_k must be -1 or 0 (off) or a positive number of tokens, got {request.top_k!r}")
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     options: dict[str, Any] = {
         "max_tokens": max_tokens,
