@@ -3,11 +3,12 @@ cluster (docs/scale-out.md) and keep it deployed until Ctrl-C or SIGTERM.
 
 Whatever stops the command before that ends with one line on stderr and the application
 deleted (unless another deploy has taken it over since: `_watch`): a config that cannot serve
-is refused before connecting (exit 2); an address with no cluster behind it is refused in seconds (exit 2), where Ray would retry forever; a
-deployment that fails on the cluster (a replica's server cannot start) is deleted (exit 2),
-where it would otherwise stay deployed, failing, after a traceback, with one line naming its
-server's reason; replicas no node can host are refused on a cluster started here (exit 2),
-where Ray would wait forever, and said in a warning line on a running one (it may autoscale).
+is refused before connecting (exit 2); an address with no cluster behind it is refused in
+seconds (exit 2), where Ray would retry forever; a deployment that fails on the cluster (a
+replica's server cannot start) is deleted (exit 2), where it would otherwise stay deployed,
+failing, after a traceback, with one line naming its server's reason; replicas no node can
+host are refused on a cluster started here (exit 2), where Ray would wait forever, and said
+in a warning line on a running one (it may autoscale).
 """
 
 from __future__ import annotations
