@@ -253,6 +253,10 @@ def _read_state(path: Path) -> dict[str, np.ndarray]:
     tasks, targets, lengths, indices, values = (state[key] for key in _RESERVOIR_KEYS)
     if lengths.dtype.kind not in "iu" or indices.dtype.kind not in "iu" or (lengths < 0).any():
         raise ValueError("reservoir lengths or feature indices are not counts")
+    if values.dtype.kind not in "iuf":  # complex values loaded, then every refit failed on them
+        raise ValueError(f"reservoir feature values are {values.dtype}, not real numbers")
+    # Unsigned lengths summed to float offsets, which cannot slice (a TypeError escaped the check).
+    state["reservoir_lengths"] = lengths = lengths.astype(np.int64)
     if not (len(tasks) == len(targets) == len(lengths)) or not (len(indices) == len(values) == int(lengths.sum())):
         raise ValueError("reservoir arrays of different lengths")
     return state

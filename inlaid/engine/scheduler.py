@@ -232,6 +232,8 @@ class Scheduler:
         num_tokens = self._tokens_for(seq, step)
         if not num_tokens or not self._adapter_fits(seq, step):
             return  # paused this step: it keeps its KV blocks
+        if seq.adapter is not None and not self.adapters.can_acquire(seq.adapter, step.adapters):
+            return  # no slot this step (its adapter lost it while paused): nobody is preempted for it
         while not self.blocks.can_allocate(seq, num_tokens):
             victim = self._victim(seq, order, rank, planned_ids, now, include_self=True)
             assert victim is not None  # the sequence itself is a candidate

@@ -26,7 +26,10 @@ from inlaid.scheduling.traces import Trace, TraceRequest
 
 _EOS = 0
 _TOKEN = 1
-_MAX_STEPS_WITHOUT_TOKENS = 10_000  # far beyond any chunked prefill: the scheduler livelocks
+# Steps in a row that compute nothing new (no token sampled, no prompt token past what its
+# request had computed before: a preemption's recomputation is no progress): a livelock.
+# Counted on tokens alone, a 10,000-token prompt at one prefill token a step tripped it.
+_MAX_STEPS_WITHOUT_PROGRESS = 10_000
 
 
 class SimulationStuckError(RuntimeError):
@@ -183,7 +186,8 @@ class Simulator:
         max_adapters = 0
         max_blocks = 0
         next_arrival = 0
-        steps_without_tokens = 0
+        steps_without_progress = 0
+        computed_high: dict[int, int] = {}  # by sequence: the most prompt and output tokens it has had computed
         fairness = ServiceGapMeter()
         bar = None
         if progress:
@@ -245,9 +249,15 @@ class Simulator:
                     sampled.append(SampledToken(seq_id=chunk.seq_id, token_id=_EOS if last else _TOKEN))
             result = StepResult(step_id=plan.step_id, sampled=sampled, num_tokens=features.tokens, compute_seconds=seconds)
             update = self.scheduler.process_result(result, sequences)
-            steps_without_tokens = 0 if update.new_tokens else steps_without_tokens + 1
-            if steps_without_tokens > _MAX_STEPS_WITHOUT_TOKENS:
-                raise SimulationStuckError(f"{steps_without_tokens} steps without a token at t={self.now:.1f} s")
+            progressed = bool(update.new_tokens)
+            for chunk in plan.chunks:
+                tokens_done = sequences[chunk.seq_id].num_computed_tokens
+                if tokens_done > computed_high.get(chunk.seq_id, 0):
+                    computed_high[chunk.seq_id], progressed = tokens_done, True
+            steps_without_progress = 0 if progressed else steps_without_progress + 1
+            if steps_without_progress > _MAX_STEPS_WITHOUT_PROGRESS:
+                raise SimulationStuckError(f"{steps_without_progress} steps without progress (no token sampled, no "
+                                           f"prompt token computed for the first time) at t={self.now:.1f} s")
             sampled_by_task: dict[str, int] = {}
             for seq, _ in update.new_tokens:
                 records[seq.seq_id].token_times.append(self.now)

@@ -215,8 +215,16 @@ class InlaidPolicy(SchedulingPolicy):
             ranked, self.plannable = self._within_fairness_bound(ranked)
         if self.options.batch_rows_target:
             if self.plannable is not None:  # the fairness bound holds some back: count what this step plans
-                plannable = {id(s) for s in ranked[: self.plannable]}
-                urgent = self._urgent_adapters([s for s in head + rest if id(s) in plannable])
+                kept = {id(s) for s in ranked[: self.plannable]}
+                urgent = self._urgent_adapters([s for s in head + rest if id(s) in kept])
+                if self.options.group_by_adapter:  # ... and let those adapters lead again (else
+                    # another adapter took the counted place: the shortest plannable request's
+                    # was left out). Same requests kept, so each task's charge is unchanged.
+                    kept_head = [s for s in head if id(s) in kept]
+                    kept_rest = [s for s in rest if id(s) in kept]
+                    top = max(0, self.options.batch_rows_target - len(kept_head))
+                    ranked = (kept_head + kept_rest[:top] + self._grouped(kept_rest[top:], keys, urgent)
+                              + ranked[self.plannable:])
             self.max_adapters_per_step = len(urgent) or (self.options.max_adapters_per_step or None)
         return ranked
 
