@@ -299,7 +299,10 @@ def _serve(config: RayDeploymentConfig, serve: Any, build_app: Any) -> int:
     try:
         serve.start(http_options={"host": config.http_host, "port": config.http_port})
         serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=False)
-        ours.append(_deployed_at(serve, config.app_name))
+        try:
+            ours.append(_deployed_at(serve, config.app_name))
+        except Exception:  # noqa: BLE001  (no answer now: the command then waits for a signal alone, as before)
+            ours.append(None)
         return _watch(serve, config.app_name, ours[0])
     except KeyboardInterrupt:
         # Ctrl-C ends the deployment this command made: without the delete, the app would
