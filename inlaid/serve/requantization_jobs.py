@@ -55,6 +55,9 @@ STOP_SWAP_WAIT_S = 5.0
 # JobFinished: a group may take a while on a large model, a restart the model's load; a hang
 # there is `_liveness`'s to catch.
 CANCEL_TIMEOUT_S = 5.0
+# A requantizer with no job for this long is asked to exit (`RequantizerSupervisor.retire`): a
+# soak saw one hold 2 GB for 24 minutes after its last job, until the server stopped.
+IDLE_EXIT_S = 60.0
 
 
 # The message of a job whose requantizer was lost, until the restarted one hands a layer over.
@@ -206,6 +209,12 @@ class RequantizationJobs(LayerSwaps):
                 return
             # running mid-layer: it takes the cancel up when its input group ends
 
+    async def _retire_when_idle(self) -> None:
+        await asyncio.sleep(IDLE_EXIT_S)
+        idle = self.current is None and not self.queue and self._cancelling is None and self._live is None
+        if idle and self.supervisor is not None:
+            self.supervisor.retire()
+
     def _cancel_taken_up(self) -> None:
         self._cancelling = None
         self._later(self._dispatch())
@@ -246,6 +255,7 @@ class RequantizationJobs(LayerSwaps):
             return  # after a cancel, the next job waits for the requantizer to be free (`cancel`)
         if self.current is None:
             if not self.queue:
+                self._later(self._retire_when_idle())
                 return
             self.current = self.queue[0]
         record = store.tasks[self.current]

@@ -1,6 +1,7 @@
 """The coordinator's handle on its requantizer process: spawn, talk, watch, restart. Torch-free.
 
-The process is started when there is work (a re-quantization job) and kept afterwards. Its
+The process is started when there is work (a re-quantization job) and asked to exit once
+none has come for a minute (`retire`: it held GBs idle until the server stopped). Its
 threads, niceness and OpenMP wait policy are set at spawn (the environment must hold them
 before torch is imported): on a small CPU a second torch process with default threads and
 spinning OpenMP workers slowed serving many-fold (docs/dynamic-tasks.md). A dead
@@ -13,6 +14,7 @@ A hung one (stopped, or asleep without end) is killed and restarted the same way
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -39,6 +41,7 @@ from inlaid.serve.ipc_dirs import remove_segments_of
 log = logging.getLogger("inlaid.requantizer_supervisor")
 
 _RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+_RETIRE_TIMEOUT_S = 10.0  # an idle requantizer asked to exit: killed past this
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # /proc CPU times' unit
@@ -135,6 +138,7 @@ class RequantizerSupervisor:
         self._spawning = False
         self._messages = 0  # from the current incarnation: each one is progress
         self._kill_reason: tuple[int, str] | None = None  # (generation, why it was killed)
+        self._retired = 0  # the generation asked to exit while idle (`retire`)
 
     @property
     def pid(self) -> int:
@@ -161,6 +165,21 @@ class RequantizerSupervisor:
         log.warning("killing the requantizer", extra={"pid": process.pid, "generation": self.generation,
                                                       "reason": reason})
         process.kill()
+
+    def retire(self) -> None:
+        """Ask an idle requantizer to exit (its model and Hessian state: GBs, on a GPU device
+        memory). The next job starts a fresh one, in `_watch` if it came meanwhile."""
+        process = self._process
+        if self._stopping or self.hello is None or process is None or process.returncode is not None:
+            return  # stopping, not up (or already retiring), or gone
+        self._retired, self.hello = self.generation, None  # no job is sent to it from now on
+        log.info("the requantizer is idle: it exits", extra={"pid": process.pid, "generation": self.generation})
+        self._spawn_task(self._retire(process))
+
+    async def _retire(self, process: asyncio.subprocess.Process) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            await self.send(RequantizerShutdown())
+        await wait_or_kill(process, _RETIRE_TIMEOUT_S, "requantizer")
 
     # ------------------------------------------------------------------ lifecycle
     async def ensure_running(self) -> None:
@@ -315,6 +334,10 @@ class RequantizerSupervisor:
         except OSError as error:  # best effort: never in the way of the restart
             log.warning("could not remove the requantizer's shared memory", extra={"error": repr(error)})
         if self._stopping or generation != self.generation:
+            return
+        if self._retired == generation:  # asked to exit while idle: no loss
+            if self.wanted():  # a job came while it exited
+                await self._spawn()
             return
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         reason = f"requantizer (pid {process.pid}) died with {how}"
