@@ -247,7 +247,7 @@ def test_a_job_that_swapped_nothing_says_the_base_is_unchanged(tmp_path):
 def test_a_job_resumed_after_a_restart_says_so(tmp_path):
     """After a restart its message kept what the last process said ("resumed at layer 24
     after the requantizer was lost") while the job resumed at layer 25 (a live probe)."""
-    from inlaid.serve.requantization_jobs import RESTARTED
+    from inlaid.serve.task_records import RESTARTED
 
     async def scenario() -> None:
         jobs, _, record = running_job(tmp_path, layers_done=25, message=f"{RESTARTED}; resuming at layer 25")

@@ -28,7 +28,7 @@ from inlaid.quant.calibration import CalibrationTask
 from inlaid.serve.config import ConfigError, config_from_dict
 from inlaid.serve.launcher import ServerProcess
 from inlaid.serve.requantization_jobs import CANCEL_TIMEOUT_S
-from inlaid.serve.requantizer_supervisor import sample_process
+from inlaid.serve.child_process import sample_process
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the check reads Linux /proc")
 TOKEN = "liveness-test-token-0123456789"

@@ -18,8 +18,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from inlaid.serve.requantization_jobs import RESTARTED
-from inlaid.serve.task_records import QUEUED, REQUANTIZING, CommittedLayer, TaskRecord
+from inlaid.serve.task_records import QUEUED, REQUANTIZING, RESTARTED, CommittedLayer, TaskRecord
 from inlaid.serve.task_store import StateDirError, TaskStore
 
 BASE = {"model_dir": "/models/m", "quantized_dir": "/models/q"}

@@ -34,20 +34,8 @@ import zmq.asyncio
 
 from inlaid.engine.engine import RequestOutput
 from inlaid.engine.scheduler import SchedulingPolicy
-from inlaid.protocol import (
-    AddTask,
-    BatchPlan,
-    Cancel,
-    ClientRequest,
-    ErrorCode,
-    ErrorReply,
-    Generate,
-    ListTasks,
-    RemoveTask,
-    StepResult,
-    TaskStatus,
-    shown_names,
-)
+from inlaid.protocol import (AddTask, BatchPlan, Cancel, ClientRequest, ErrorCode, ErrorReply, Generate, ListTasks,
+                             RemoveTask, StepResult, TaskStatus, shown_names)
 from inlaid.serve.admin import TaskCalls
 from inlaid.serve.config import ServerConfig, base_model_id
 from inlaid.serve.dynamic_tasks import DynamicTasks

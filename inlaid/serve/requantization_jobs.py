@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import re
 import shutil
 import time
 from collections import deque
@@ -28,21 +27,15 @@ from typing import Any
 import msgspec
 import zmq
 
-from inlaid.protocol import (
-    CancelJob,
-    JobFinished,
-    LayerCommitted,
-    LayerReady,
-    LayerSwap,
-    RequantizeJob,
-    RequantizerHello,
-)
+from inlaid.protocol import (CancelJob, JobFinished, LayerCommitted, LayerReady, LayerSwap, RequantizeJob,
+                             RequantizerHello)
 from inlaid.serve.config import ServerConfig
 from inlaid.serve.ipc_dirs import private_ipc_dir
 from inlaid.serve.layer_swaps import JobCounts, LayerSwaps, _LiveSwap
 from inlaid.serve.requantizer_supervisor import RequantizerSupervisor
+from inlaid.serve.task_records import (FAILED, READY, REQUANTIZING, RESTARTED, RESUMING_AT, Decision, TaskRecord,
+                                      job_id)
 from inlaid.serve.task_status import compact_effect, ready_message
-from inlaid.serve.task_records import FAILED, READY, REQUANTIZING, Decision, TaskRecord
 from inlaid.serve.task_store import TaskStore, layer_digest
 
 log = logging.getLogger("inlaid.requantization")
@@ -59,14 +52,6 @@ CANCEL_TIMEOUT_S = 5.0
 # soak saw one hold 2 GB for 24 minutes after its last job, until the server stopped.
 IDLE_EXIT_S = 60.0
 
-
-# The message of a job whose requantizer was lost, until the restarted one hands a layer over.
-RESUMING_AT = re.compile(r"; resuming at layer (\d+)$")
-RESTARTED = "the server restarted during its job"  # a restored job's message starts so (`DynamicTasks`)
-
-
-def job_id(record: TaskRecord) -> str:
-    return f"{record.name}@v{record.version}"
 
 
 class RequantizationJobs(LayerSwaps):

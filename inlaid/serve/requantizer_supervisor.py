@@ -21,7 +21,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -34,7 +33,7 @@ from inlaid.protocol import (
     RequantizerOutbound,
     RequantizerShutdown,
 )
-from inlaid.serve.child_process import wait_or_kill
+from inlaid.serve.child_process import CLOCK_TICKS, NOT_RUNNING, sample_process, wait_or_kill
 from inlaid.serve.config_sections import RequantizerSettings
 from inlaid.serve.ipc_dirs import remove_segments_of
 
@@ -42,48 +41,6 @@ log = logging.getLogger("inlaid.requantizer_supervisor")
 
 _RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 _RETIRE_TIMEOUT_S = 10.0  # an idle requantizer asked to exit: killed past this
-
-
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # /proc CPU times' unit
-
-# /proc state letters of a process that is not running, as the kill's reason names them.
-_NOT_RUNNING = {"T": "stopped (SIGSTOP)", "t": "stopped by a debugger", "S": "asleep without using any CPU",
-                "D": "in uninterruptible sleep (I/O)"}
-
-
-@dataclass(frozen=True)
-class ProcessSample:
-    """What Linux /proc says of a process at one instant."""
-
-    state: str  # its main thread's state letter (R running or runnable, S sleeping, T stopped, ...)
-    runnable: bool  # some thread is R: running, or waiting for a CPU (starved) it will get
-    cpu_ticks: int  # user + system CPU time of all its threads, in clock ticks
-
-    @property
-    def stopped(self) -> bool:
-        return self.state in ("T", "t")
-
-
-def _stat_fields(path: str | Path) -> list[str]:
-    """A /proc stat file's fields after "pid (comm)" (comm may hold spaces): the state is
-    the first, utime and stime the 12th and 13th."""
-    return Path(path).read_text().rsplit(")", 1)[1].split()
-
-
-def sample_process(pid: int) -> ProcessSample | None:
-    """None: no such process, or no /proc (not Linux)."""
-    try:
-        fields = _stat_fields(f"/proc/{pid}/stat")
-        state, cpu_ticks = fields[0], int(fields[11]) + int(fields[12])
-    except (OSError, ValueError, IndexError):
-        return None
-    runnable = state == "R"
-    if not runnable:  # with threads > 1 the main thread may wait on workers that are queued for a CPU
-        try:
-            runnable = any(_stat_fields(Path(task.path, "stat"))[0] == "R" for task in os.scandir(f"/proc/{pid}/task"))
-        except (OSError, IndexError):
-            pass
-    return ProcessSample(state, runnable, cpu_ticks)
 
 
 def requantizer_identity(generation: int) -> bytes:
@@ -289,7 +246,7 @@ class RequantizerSupervisor:
         sample tells starved from hung: the check is off."""
         timeout = self.settings.progress_timeout_s
         share = min(self.settings.duty_cycle, self.settings.idle_duty_cycle)
-        payback = 1.25 * (1.0 - share) / share / _CLOCK_TICKS  # seconds of sleep per CPU tick, with a margin
+        payback = 1.25 * (1.0 - share) / share / CLOCK_TICKS  # seconds of sleep per CPU tick, with a margin
         interval = min(1.0, timeout / 10)
         previous = sample_process(process.pid)
         if previous is None:
@@ -321,7 +278,7 @@ class RequantizerSupervisor:
             stalled += elapsed
             allowed = timeout if sample.stopped else timeout + worked * payback
             if stalled >= allowed:
-                how = _NOT_RUNNING.get(sample.state, "not running")
+                how = NOT_RUNNING.get(sample.state, "not running")
                 self.kill(f"requantizer (pid {process.pid}) was killed: no progress for {round(stalled, 1):g} s, "
                           f"{how} (state {sample.state})")
                 return

@@ -201,15 +201,12 @@ class ExecutorSupervisor:
 
     def _task_ended(self, task: asyncio.Task[None]) -> None:
         """A watch, receive or peer task that raised would leave the executor unwatched or
-        unheard, the server up and answering no generate: the server stops instead, saying
-        why (docs/serving.md: rather exit than stay up answering nothing)."""
+        unheard, the server up and answering nothing: the server stops instead, saying why."""
         self._tasks.discard(task)
-        if task.cancelled() or task.exception() is None or self._stopping:
-            return
-        error = task.exception()
-        self._log.error("an executor supervision task failed", extra={"task": task.get_coro().__qualname__,
-                                                                       "error": repr(error)})
-        self.on_fatal(f"the supervision of executor {self.index} failed: {type(error).__name__}: {error}")
+        if not task.cancelled() and (error := task.exception()) is not None and not self._stopping:
+            self._log.error("an executor supervision task failed", extra={"task": task.get_coro().__qualname__,
+                                                                           "error": repr(error)})
+            self.on_fatal(f"the supervision of executor {self.index} failed: {type(error).__name__}: {error}")
 
     async def _spawn(self) -> None:
         self.generation += 1
@@ -263,10 +260,8 @@ class ExecutorSupervisor:
 
     async def _restart(self, reason: str) -> None:
         """Start the next incarnation once the back-off has passed. A start that cannot even
-        spawn the process (out of file descriptors, fork refused) counts as a failed start
-        and is tried again: it ended the watch, and with it every restart, for good, the
-        server up and answering no generate (a probe: the coordinator at its descriptor
-        limit when its executor died)."""
+        spawn the process (out of file descriptors, fork refused) counts as a failed start:
+        it ended every restart for good, the server up and answering no generate (a probe)."""
         while True:
             # Back off only while starts keep failing (indexed by failures in a row, not by the
             # restarts of the server's whole life); an executor that had served comes back at once.

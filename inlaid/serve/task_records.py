@@ -5,6 +5,7 @@ requantizer's decoders. Torch-free."""
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, NotRequired, TypedDict
@@ -20,6 +21,9 @@ REQUANTIZING = "requantizing"
 READY = "ready"  # every layer decided; the changed ones are served
 FAILED = "failed"  # served on the base as it is; the message says why
 PHASES = (SERVING, QUEUED, REQUANTIZING, READY, FAILED)
+# The message of a job whose requantizer was lost, until the restarted one hands a layer over.
+RESUMING_AT = re.compile(r"; resuming at layer (\d+)$")
+RESTARTED = "the server restarted during its job"  # a restored job's message starts so (`task_restore.py`)
 
 
 class Decision(TypedDict):
@@ -64,6 +68,11 @@ class CommittedLayer:
     version: int
     file: str
     sha256: str = ""  # of the file, recorded at the commit; "" in registries written before it
+
+
+def job_id(record: TaskRecord) -> str:
+    """The id of the record's re-quantization job (one per version)."""
+    return f"{record.name}@v{record.version}"
 
 
 def checked(kind: Any, value: object, where: str) -> Any:

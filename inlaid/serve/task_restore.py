@@ -8,8 +8,7 @@ from __future__ import annotations
 import logging
 
 from inlaid.serve.config import ServerConfig
-from inlaid.serve.requantization_jobs import RESTARTED, RESUMING_AT
-from inlaid.serve.task_records import FAILED, QUEUED, REQUANTIZING, SERVING, TaskRecord
+from inlaid.serve.task_records import FAILED, QUEUED, REQUANTIZING, RESTARTED, RESUMING_AT, SERVING, TaskRecord
 from inlaid.serve.task_registry import TaskError, TaskRegistry
 from inlaid.serve.task_store import TaskStore
 
