@@ -30,7 +30,6 @@ from typing import Any
 import pytest
 
 from inlaid.integrations.ray_config import AUTOSCALING_KEYS, ray_config_from_dict
-from inlaid.integrations import ray_deploy
 from inlaid.integrations.ray_deploy import deploy_failure_reason, deploy_main
 from inlaid.serve.config import ConfigError
 from inlaid.serve.launcher import to_toml
@@ -195,19 +194,8 @@ def deploy(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
     def run_deploy(sections: dict[str, Any], address: str = "auto", run: Any = None,
                    nodes: list[dict[str, Any]] | None = None, capture: Any = None,
-                   details: str = "", init: Any = None, deployed: Any = None) -> tuple[int, list[str], Any]:
-        """`deployed(n)`: the application's last_deployed_time_s at the n-th serve.status()
-        (None: not deployed). By default the deploy is deleted from outside after the first,
-        which ends the command's watch; the line saying so is left out of the lines."""
+                   details: str = "", init: Any = None) -> tuple[int, list[str], Any]:
         path = tmp_path / "ray.toml"
-        statuses = [0]
-
-        def status() -> Any:
-            statuses[0] += 1
-            at = (deployed or (lambda n: 1.0 if n <= 1 else None))(statuses[0])
-            return types.SimpleNamespace(applications={} if at is None else {APP: types.SimpleNamespace(
-                deployments={"InlaidReplica": _Deployment(details)}, last_deployed_time_s=at)})
-
         path.write_text(to_toml(_raw(model_dir, **sections)))
         monkeypatch.setattr(ray, "init", init or (lambda **options: calls["init"].append(options)))
         monkeypatch.setattr(ray, "nodes", lambda: nodes if nodes is not None else [
@@ -215,8 +203,8 @@ def deploy(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         monkeypatch.setattr(serve, "start", lambda **options: None)
         monkeypatch.setattr(serve, "run", lambda *a, **k: (calls["run"].append(k), (run or (lambda: None))())[1])
         monkeypatch.setattr(serve, "delete", lambda name: calls["delete"].append(name))
-        monkeypatch.setattr(serve, "status", status)
-        monkeypatch.setattr(ray_deploy, "WATCH_INTERVAL_S", 0.01)
+        monkeypatch.setattr(serve, "status", lambda: types.SimpleNamespace(applications={APP: types.SimpleNamespace(
+            deployments={"InlaidReplica": _Deployment(details)})}))
         stream = capture or io.StringIO()
         monkeypatch.setattr(sys, "stderr", stream)
         try:
@@ -225,10 +213,7 @@ def deploy(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
             monkeypatch.setattr(sys, "stderr", sys.__stderr__)
             pytest.fail(f"KeyboardInterrupt escaped the command; it wrote {stream.getvalue()!r}")
         monkeypatch.setattr(sys, "stderr", sys.__stderr__)
-        lines = stream.getvalue().splitlines()
-        if deployed is None:
-            lines = [line for line in lines if not line.endswith(ray_deploy.ENDED_FROM_OUTSIDE)]
-        return code, lines, calls
+        return code, stream.getvalue().splitlines(), calls
 
     yield run_deploy
     signal.signal(signal.SIGINT, handlers[0])
@@ -273,39 +258,6 @@ def test_a_second_sigint_during_the_first_ones_line_leaves_the_app_and_says_so(d
 def test_one_sigint_still_deletes_the_app(deploy) -> None:
     code, lines, calls = deploy({}, run=lambda: os.kill(os.getpid(), signal.SIGINT))
     assert (code, calls["delete"], lines) == (130, [APP], [f"inlaid ray: interrupted; deleting application {APP!r}"])
-
-
-def test_a_deploy_made_again_from_outside_ends_the_command_without_a_delete(deploy) -> None:
-    """A second deploy command under the same name takes the application over: the first one
-    now exits and leaves it (its SIGTERM deleted the second one's application, an outside
-    probe); deleted from outside, likewise."""
-    code, lines, calls = deploy({}, deployed=lambda n: 1.0 if n <= 2 else 2.0)
-    assert (code, calls["delete"]) == (0, [])
-    assert lines == [f"inlaid ray: application {APP!r} was deployed again from outside; this command leaves it "
-                     "to that and exits"]
-    code, lines, calls = deploy({}, deployed=lambda n: 1.0 if n <= 2 else None)
-    assert (code, lines[-1]) == (0, f"inlaid ray: application {APP!r} was deleted from outside; this command "
-                                    "leaves it to that and exits")
-
-
-def test_a_signal_after_another_deploy_took_the_application_over_leaves_it(deploy) -> None:
-    def deployed(n: int) -> float:
-        if n == 2:  # while the command watches: another deploy, then SIGTERM to this command
-            os.kill(os.getpid(), signal.SIGTERM)
-        return 1.0 if n <= 1 else 2.0
-
-    code, lines, calls = deploy({}, deployed=deployed)
-    assert (code, calls["delete"]) == (128 + signal.SIGTERM, [])
-    assert lines == [f"inlaid ray: terminated; application {APP!r} was deployed again or deleted since this "
-                     "command deployed it: left as it is"]
-    def still_ours(n: int) -> float:  # its own deploy still in place: deleted, as before
-        if n == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return 1.0
-
-    code, lines, calls = deploy({}, deployed=still_ours)
-    assert (code, calls["delete"][-1:], lines) == (128 + signal.SIGTERM, [APP],
-                                                   [f"inlaid ray: terminated; deleting application {APP!r}"])
 
 
 def test_a_failed_deploy_with_a_text_log_names_the_reason(deploy, server_log_text) -> None:

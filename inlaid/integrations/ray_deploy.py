@@ -2,13 +2,12 @@
 cluster (docs/scale-out.md) and keep it deployed until Ctrl-C or SIGTERM.
 
 Whatever stops the command before that ends with one line on stderr and the application
-deleted (unless another deploy has taken it over since: `_watch`): a config that cannot serve
-is refused before connecting (exit 2); an address with no cluster behind it is refused in
-seconds (exit 2), where Ray would retry forever; a deployment that fails on the cluster (a
-replica's server cannot start) is deleted (exit 2), where it would otherwise stay deployed,
-failing, after a traceback, with one line naming its server's reason; replicas no node can
-host are refused on a cluster started here (exit 2), where Ray would wait forever, and said
-in a warning line on a running one (it may autoscale).
+deleted: a config that cannot serve is refused before connecting (exit 2); an address with
+no cluster behind it is refused in seconds (exit 2), where Ray would retry forever; a
+deployment that fails on the cluster (a replica's server cannot start) is deleted (exit 2),
+where it would otherwise stay deployed, failing, after a traceback, with one line naming its
+server's reason; replicas no node can host are refused on a cluster started here (exit 2),
+where Ray would wait forever, and said in a warning line on a running one (it may autoscale).
 """
 
 from __future__ import annotations
@@ -19,14 +18,12 @@ import re
 import signal
 import socket
 import sys
-import time
 from typing import Any
 
 from inlaid.integrations.ray_config import RayDeploymentConfig, load_ray_config
 
 _PROBE_TIMEOUT_S = 5.0  # a TCP connect to the cluster's GCS: a live one accepts at once
 _LOCAL_ADDRESSES = ("auto", "local", "")  # ray.init's own words, not a host:port
-WATCH_INTERVAL_S = 2.0  # how often the deployed application is checked to be still this command's
 
 
 def gcs_address_problem(address: str, timeout_s: float = _PROBE_TIMEOUT_S) -> str | None:
@@ -225,41 +222,6 @@ def deploy_main(argv: list[str] | None = None) -> int:
     return _serve(config, serve, build_app)
 
 
-def _deployed_at(serve: Any, name: str) -> float | None:
-    """When application `name` was last deployed (None: it is not deployed)."""
-    application = serve.status().applications.get(name)
-    return None if application is None else application.last_deployed_time_s
-
-
-def _replaced(serve: Any, name: str, ours: float | None) -> bool:
-    """Whether application `name` is no longer the deploy made at `ours` (False when the
-    cluster cannot say: this command's delete then goes ahead, as before)."""
-    try:
-        return ours is not None and _deployed_at(serve, name) != ours
-    except Exception:  # noqa: BLE001  (the controller unreachable: nothing to conclude)
-        return False
-
-
-ENDED_FROM_OUTSIDE = "this command leaves it to that and exits"
-
-
-def _watch(serve: Any, name: str, ours: float | None) -> int:
-    """Block until a signal, or until the application is deployed again (a second deploy
-    command under the same name) or deleted from outside: that ends this command, without a
-    delete. The first command's SIGTERM deleted the second one's application, and the second
-    stayed up with none (an outside probe)."""
-    while True:
-        time.sleep(WATCH_INTERVAL_S)
-        try:
-            now = _deployed_at(serve, name)
-        except Exception:  # noqa: BLE001  (the controller unreachable for a while: Ray's own wait went on too)
-            continue
-        if ours is not None and now != ours:
-            print(f"inlaid ray: application {name!r} was {'deleted' if now is None else 'deployed again'} from "
-                  f"outside; {ENDED_FROM_OUTSIDE}", file=sys.stderr)
-            return 0
-
-
 def _serve(config: RayDeploymentConfig, serve: Any, build_app: Any) -> int:
     """Deploy and block until a signal or a failed deploy; the first SIGINT/SIGTERM deletes the
     application, a second one leaves it as it is, and says so, wherever it arrives: a handler
@@ -295,26 +257,15 @@ def _serve(config: RayDeploymentConfig, serve: Any, build_app: Any) -> int:
     # handlers are this function's: restored when it returns, so that Ray's own shutdown at
     # exit can be interrupted as any program can.
     previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
-    ours: list[float | None] = []  # when this command's deploy was done (Ray's last_deployed_time_s)
     try:
         serve.start(http_options={"host": config.http_host, "port": config.http_port})
-        serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=False)
-        try:
-            ours.append(_deployed_at(serve, config.app_name))
-        except Exception:  # noqa: BLE001  (no answer now: the command then waits for a signal alone, as before)
-            ours.append(None)
-        return _watch(serve, config.app_name, ours[0])
+        serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=True)
     except KeyboardInterrupt:
         # Ctrl-C ends the deployment this command made: without the delete, the app would
         # keep serving (and holding GPUs) on the cluster after the command is gone.
         phase[0] = "ending"
         first = signals[0] if signals else signal.SIGINT
         how = "terminated" if first == signal.SIGTERM else "interrupted"
-        if ours and _replaced(serve, config.app_name, ours[0]):  # another deploy's now: not this one's to delete
-            print(f"inlaid ray: {how}; application {config.app_name!r} was deployed again or deleted since this "
-                  "command deployed it: left as it is", file=sys.stderr)
-            phase[0] = "done"
-            return 128 + first
         delete_application(f"inlaid ray: {how}; deleting application {config.app_name!r}")
         return 128 + first  # the shell's convention
     except RuntimeError as error:
