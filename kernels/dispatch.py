@@ -169,11 +169,15 @@ def lora_expand(
     lora_expand_cpu(y, v, b_pools, slice_offsets, plan, slot_scales)
 
 
-def lora_host_segments(segment_starts: Tensor, segment_slots: Tensor, num_tokens: int, num_slots: int) -> HostSegments:
-    """Validate a step's segments once and group them by slot for the CPU path of `lora_apply`."""
+def lora_host_segments(segment_starts: Tensor, segment_slots: Tensor, num_tokens: int, num_slots: int,
+                       row_invariant: bool = False) -> HostSegments:
+    """Validate a step's segments once and group them by slot for the CPU path of `lora_apply`.
+    `row_invariant`: every row through the native kernel where it serves (no adapter's many
+    rows take the matmul route): a row's result then never depends on the other rows."""
     check_segments(segment_starts, segment_slots, num_tokens)
     check_segment_values(segment_starts, segment_slots, num_tokens, num_slots)
-    return host_segments(segment_starts, segment_slots, segment_starts.device)
+    return host_segments(segment_starts, segment_slots, segment_starts.device,
+                         **({"native_group_limit": None} if row_invariant else {}))
 
 
 def lora_apply(

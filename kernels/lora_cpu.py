@@ -54,6 +54,10 @@ class HostSegments:
     slot_rows: tuple[tuple[int, slice | Tensor], ...]
     slot_range: tuple[int, int]
     token_slots: Tensor
+    # An adapter with this many tokens of the step keeps its matmul pair; None: none does, every
+    # row takes the native kernel, whose rows are computed alone (batch invariance: a decode
+    # row's bits moved when a prompt of its adapter joined its step and took the matmuls).
+    native_group_limit: int | None = NATIVE_MAX_GROUP_TOKENS
     _masks: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -61,8 +65,9 @@ class HostSegments:
         """The (slot, rows) groups too long for the native kernel (cached per step)."""
         large = self._masks.get("native_large")
         if large is None:
+            limit = self.native_group_limit
             large = self._masks["native_large"] = tuple(
-                (slot, rows) for slot, rows in self.slot_rows if _row_count(rows) >= NATIVE_MAX_GROUP_TOKENS)
+                (slot, rows) for slot, rows in self.slot_rows if limit is not None and _row_count(rows) >= limit)
         return large
 
     def native_token_slots(self, skipped: Sequence[tuple[int, slice | Tensor]]) -> Tensor:
@@ -94,7 +99,8 @@ class HostSegments:
         return mask
 
 
-def host_segments(segment_starts: Tensor, segment_slots: Tensor, device: torch.device | None = None) -> HostSegments:
+def host_segments(segment_starts: Tensor, segment_slots: Tensor, device: torch.device | None = None,
+                  native_group_limit: int | None = NATIVE_MAX_GROUP_TOKENS) -> HostSegments:
     """Group the (already validated) segments by slot."""
     starts = segment_starts.tolist()
     slots = segment_slots.tolist()
@@ -113,6 +119,7 @@ def host_segments(segment_starts: Tensor, segment_slots: Tensor, device: torch.d
         slot_rows=tuple(slot_rows),
         slot_range=(min(used), max(used) + 1) if used else (0, 0),
         token_slots=token_slots,
+        native_group_limit=native_group_limit,
     )
 
 

@@ -58,3 +58,17 @@ def test_the_option_is_checked_and_reaches_the_engine_from_the_server_config(tmp
     with pytest.raises(ConfigError, match="batch_invariant"):
         config_from_dict({"model": {"dir": str(tmp_path)}, "server": {"address": address},
                           "executor": {"batch_invariant": 1}})
+
+
+def test_a_row_invariant_step_sends_no_adapters_rows_to_the_matmul_route() -> None:
+    """An adapter with 32 or more rows of a step took torch's matmul pair, the others the
+    native kernel: a decode row's LoRA bits moved when a prompt of its adapter joined its step
+    (a soak saw greedy answers flip). Row-invariant steps (the engine's batch_invariant) keep
+    every row on the native kernel, which computes each row alone."""
+    from inlaid.kernels.dispatch import lora_host_segments
+    from inlaid.kernels.lora_cpu import NATIVE_MAX_GROUP_TOKENS
+
+    starts, slots = torch.tensor([0, 40, 41], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32)
+    assert NATIVE_MAX_GROUP_TOKENS <= 40
+    assert [slot for slot, _ in lora_host_segments(starts, slots, 41, 2).native_large_groups] == [0]
+    assert lora_host_segments(starts, slots, 41, 2, row_invariant=True).native_large_groups == ()

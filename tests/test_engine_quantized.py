@@ -196,7 +196,9 @@ def test_int4_kernel_parity_with_transformers_peft(served_engine, reference_gene
 def test_batch_invariant_engine_gives_a_prompt_the_same_logits_whatever_shares_its_steps(
         default_checkpoint, model_dir, adapter_dirs, greedy_logits):
     """EngineConfig.batch_invariant: a short prompt alone, beside a long one (one prefill step of
-    ~80 rows: the bf16 route's size by default), and chunked by a 24-token budget, gets the same
+    ~80 rows: the bf16 route's size by default), beside a long one of its own adapter (its
+    adapter's rows then 32 or more: they took the LoRA matmul route, not the native kernel's,
+    and a soak saw greedy answers flip), and chunked by a 24-token budget, gets the same
     logits bit for bit. tests/test_batch_invariant.py checks the kernels' routes themselves."""
     from inlaid.engine.tokenizer import Tokenizer
 
@@ -205,6 +207,7 @@ def test_batch_invariant_engine_gives_a_prompt_the_same_logits_whatever_shares_i
     assert len(short) < 8 and len(long) > 70
     runs = []
     for budget, prompts, adapters in ((2048, [short], ["attn-r8"]), (2048, [short, long], ["attn-r8", "all-r32"]),
+                                      (2048, [short, long], ["attn-r8", "attn-r8"]),
                                       (24, [long, short], ["mlp-r16", "attn-r8"])):
         engine = _engine(model_dir, default_checkpoint, adapter_dirs, batch_invariant=True,
                          max_num_batched_tokens=budget)

@@ -316,7 +316,8 @@ class ModelRunner:
             segment_slots = torch.tensor(slots, dtype=torch.int32, device=self.device)
             host = None
             if self.device.type == "cpu":
-                host = lora_host_segments(segment_starts, segment_slots, len(input_ids), self.config.max_lora_slots)
+                host = lora_host_segments(segment_starts, segment_slots, len(input_ids), self.config.max_lora_slots,
+                                          row_invariant=self.config.batch_invariant)
             lora = LoraBatch(segment_starts=segment_starts, segment_slots=segment_slots, host=host)
         device = self.device
         batch = ForwardBatch(
