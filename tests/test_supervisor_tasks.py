@@ -5,7 +5,7 @@ forever, every generate unanswered (a review's probe). Such a start now counts a
 start, tried again with the back-off, and stops the server at MAX_START_FAILURES unless
 other executors serve; a supervision task ending in an exception stops the server, saying
 why; a raising layer-swap callback no longer ends the receive loop. A requantizer that
-cannot be spawned counts as lost (its job's attempts) and is tried again; so is an HTTP front
+cannot be spawned is tried again (no loss charged to its job); so is an HTTP front
 (its supervising task ended, and with it the front, for good). Real child processes:
 /bin/false for an executor that dies at once, and a small script that speaks the
 executor's first messages."""
@@ -136,15 +136,19 @@ def test_a_raising_layer_swap_callback_does_not_end_the_receive_loop(tmp_path, m
     assert swaps == [4] and fatal == []
 
 
-def test_a_requantizer_that_cannot_be_spawned_counts_as_lost_and_is_tried_again(tmp_path, monkeypatch) -> None:
+def test_a_requantizer_that_cannot_be_spawned_is_tried_again_without_charging_the_job(tmp_path, monkeypatch) -> None:
     """The spawn's OSError went up into the job dispatch (or ended the watch task after a
-    loss): the job sat queued until the next addition dispatched again."""
+    loss): the job sat queued until the next addition dispatched again. It is tried again
+    after the back-off, one retry at a time however often a dispatch asks, and is no loss:
+    the job is not charged for a process that never ran."""
     from inlaid.serve import requantizer_supervisor as requantizer_module
     from inlaid.serve.config_sections import RequantizerSettings
 
-    monkeypatch.setattr(requantizer_module, "_RESTART_BACKOFF_S", (0.01,))
+    monkeypatch.setattr(requantizer_module, "_RESTART_BACKOFF_S", (0.05,))
+    attempts: list[float] = []
 
     async def refuse(*command, **options):  # type: ignore[no-untyped-def]
+        attempts.append(0.0)
         raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
 
     monkeypatch.setattr(asyncio, "create_subprocess_exec", refuse)
@@ -153,19 +157,20 @@ def test_a_requantizer_that_cannot_be_spawned_counts_as_lost_and_is_tried_again(
     async def scenario() -> int:
         supervisor = requantizer_module.RequantizerSupervisor(
             RequantizerSettings(), f"ipc://{tmp_path}/requantizer.ipc", on_message=lambda message: None,
-            on_ready=lambda hello: None, on_lost=lost.append, wanted=lambda: len(lost) < 3)
-        await supervisor.ensure_running()
+            on_ready=lambda hello: None, on_lost=lost.append, wanted=lambda: len(attempts) < 4)
+        for _ in range(3):  # three dispatches at once: one retry chain
+            await supervisor.ensure_running()
+        assert len(attempts) == 3
         for _ in range(200):
             await asyncio.sleep(0.02)
-            if len(lost) >= 3:
+            if len(attempts) >= 4:
                 break
-        await asyncio.sleep(0.1)  # no more tries: no work is wanted any more
+        await asyncio.sleep(0.3)  # no more tries: no work is wanted any more
         await supervisor.stop()
         return supervisor.losses
 
-    losses = asyncio.run(scenario())
-    assert lost == ["the requantizer process could not be started: BlockingIOError: [Errno 11] Resource temporarily "
-                    "unavailable"] * 3 and losses == 3
+    assert asyncio.run(scenario()) == 0
+    assert len(attempts) == 4 and lost == []
 
 
 def test_an_http_front_that_cannot_be_spawned_is_tried_again(monkeypatch) -> None:

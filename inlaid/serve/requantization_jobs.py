@@ -86,6 +86,7 @@ class RequantizationJobs(LayerSwaps):
         self._background: set[asyncio.Task[Any]] = set()
         self._tempdir: str | None = None
         self.counts = JobCounts()
+        self._idle_since = 0.0  # when the jobs last went idle (`_went_idle`)
 
     def files_in_use(self, active_versions: Iterable[int]) -> tuple[set[int], set[str]]:
         """(versions, layer file names) a job may still write, commit or have an executor read:
@@ -194,10 +195,16 @@ class RequantizationJobs(LayerSwaps):
                 return
             # running mid-layer: it takes the cancel up when its input group ends
 
-    async def _retire_when_idle(self) -> None:
+    def _went_idle(self) -> None:
+        """No job now: the requantizer is retired IDLE_EXIT_S later unless a job (or this call
+        again) comes first; each call voids the timers before it."""
+        self._idle_since = since = time.monotonic()
+        self._later(self._retire_when_idle(since))
+
+    async def _retire_when_idle(self, since: float) -> None:
         await asyncio.sleep(IDLE_EXIT_S)
         idle = self.current is None and not self.queue and self._cancelling is None and self._live is None
-        if idle and self.supervisor is not None:
+        if idle and self._idle_since == since and self.supervisor is not None:
             self.supervisor.retire()
 
     def _cancel_taken_up(self) -> None:
@@ -240,7 +247,7 @@ class RequantizationJobs(LayerSwaps):
             return  # after a cancel, the next job waits for the requantizer to be free (`cancel`)
         if self.current is None:
             if not self.queue:
-                self._later(self._retire_when_idle())
+                self._went_idle()
                 return
             self.current = self.queue[0]
         record = store.tasks[self.current]

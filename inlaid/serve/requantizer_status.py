@@ -55,8 +55,9 @@ def requantizer_metrics(dynamic: DynamicTasks) -> Iterator[Metric]:
     """The series `ServerMetrics` adds at scrape time."""
     info = requantizer_info(dynamic)
     supervisor = dynamic.jobs.supervisor
-    yield GaugeMetricFamily("inlaid_requantizer_up", "1 while a requantizer process is connected (the first job "
-                            "starts one; it stays for the next)", value=int(supervisor is not None and supervisor.ready))
+    yield GaugeMetricFamily("inlaid_requantizer_up", "1 while a requantizer process is connected (a job starts one; "
+                            "it exits after a minute without a job)",
+                            value=int(supervisor is not None and supervisor.ready))
     yield GaugeMetricFamily("inlaid_requantization_jobs_queued", "Re-quantization jobs waiting (the running one "
                             "not counted)", value=info.jobs_queued)
     yield GaugeMetricFamily("inlaid_requantization_job_running", "1 while a task's re-quantization job is under way "

@@ -96,6 +96,7 @@ class RequantizerSupervisor:
         self._messages = 0  # from the current incarnation: each one is progress
         self._kill_reason: tuple[int, str] | None = None  # (generation, why it was killed)
         self._retired = 0  # the generation asked to exit while idle (`retire`)
+        self._retry_pending = False  # a spawn that failed waits for its back-off (`_restart_later`)
 
     @property
     def pid(self) -> int:
@@ -199,12 +200,12 @@ class RequantizerSupervisor:
                 process = await asyncio.create_subprocess_exec(
                     *command, stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
                     env=requantizer_environment(self.settings))
-            except OSError as error:  # out of file descriptors or processes: counted as a loss, retried
-                reason = f"the requantizer process could not be started: {type(error).__name__}: {error}"
-                log.error("requantizer could not be started", extra={"error": str(error)})
-                self.losses += 1
-                self.on_lost(reason)
-                self._spawn_task(self._restart_later())
+            except OSError as error:  # out of file descriptors or processes: tried again after the back-off
+                # (no loss: the job is not charged for a process that never ran; one retry chain at a time)
+                log.error("requantizer could not be started", extra={"error": f"{type(error).__name__}: {error}"})
+                if not self._retry_pending:
+                    self._retry_pending = True
+                    self._spawn_task(self._restart_later())
                 return
             self._process = process
         finally:
@@ -308,11 +309,12 @@ class RequantizerSupervisor:
         await self._restart_later()
 
     async def _restart_later(self) -> None:
-        """A lost (or never started) requantizer's successor, after the back-off. A spawn that
-        raised here ended the task: no job ran again until the next addition."""
+        """A lost requantizer's successor (or a spawn that failed: it ended the task, and no job
+        ran again until the next addition), after the back-off."""
         delay = _RESTART_BACKOFF_S[min(self.restarts, len(_RESTART_BACKOFF_S) - 1)]
         self.restarts += 1
         await asyncio.sleep(delay)
+        self._retry_pending = False
         # Not when the loss ended the last job (an idle process would hold its memory for
         # nothing), nor when the next job's dispatch has started one meanwhile.
         if not self._stopping and not self._spawning and not self.pid and self.wanted():
