@@ -205,15 +205,21 @@ def test_ray_replicas_get_the_executors_and_scheduler_sections_with_absolute_pat
             ray_config_from_dict({**raw, **bad}, base_dir=tmp_path / "conf")
 
 
-def test_a_move_the_target_refuses_leaves_the_request_where_it_waited(model_dir) -> None:
+def test_a_move_the_target_refuses_leaves_the_request_where_it_waited(model_dir, monkeypatch) -> None:
     """The target engine's `put` raising (a plug-in policy's on_arrival) came after the source
     had handed the request over: it was in neither engine, never run nor answered until its
-    deadline (a review). It now waits where it was, and moves once the target takes it."""
+    deadline (a review). It now waits where it was, the move is not tried again for
+    REFUSED_MOVE_RETRY_S (rebalanced every 0.1 s, it logged a traceback each time), and it
+    moves once the target takes it."""
+    from types import SimpleNamespace
+
     from inlaid.scheduling.registry import make_policy
-    from inlaid.serve.executor_pool import ExecutorPool
+    from inlaid.serve import executor_pool
     from inlaid.serve.requests import ActiveRequest
 
-    pool = ExecutorPool(_config(model_dir, count=2), lambda: make_policy("fifo"))
+    clock = [1000.0]
+    monkeypatch.setattr(executor_pool, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    pool = executor_pool.ExecutorPool(_config(model_dir, count=2), lambda: make_policy("fifo"))
     first, second = pool.engines
     pool.shards[0].supervisor = pool.shards[1].supervisor = _Ready()  # type: ignore[assignment]
     requests = {}
@@ -222,15 +228,18 @@ def test_a_move_the_target_refuses_leaves_the_request_where_it_waited(model_dir)
         requests[f"r{i}"] = ActiveRequest(key=(b"c", f"r{i}"), engine_id=f"r{i}", seq_id=first.sequence(f"r{i}").seq_id,
                                           task=None, stream=False, num_prompt_tokens=3)
     assert first.begin_step() is not None
-    arrival = second.scheduler.policy.on_arrival
+    arrival, refusals = second.scheduler.policy.on_arrival, []
 
     def refusing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        refusals.append(args)
         raise RuntimeError("a plug-in policy's bug")
 
     second.scheduler.policy.on_arrival = refusing  # type: ignore[method-assign]
-    assert pool.rebalance(requests) == []
+    assert pool.rebalance(requests) == [] and pool.rebalance(requests) == []
+    assert len(refusals) == 1  # not tried again yet
     assert first.sequence("r2").seq_id == requests["r2"].seq_id and requests["r2"].executor == 0
     assert [len(first.scheduler.waiting), len(second.scheduler.waiting)] == [1, 0]
     second.scheduler.policy.on_arrival = arrival  # type: ignore[method-assign]
+    clock[0] += executor_pool.REFUSED_MOVE_RETRY_S + 0.1
     assert [(m.key, m.source, m.target) for m in pool.rebalance(requests)] == [("r2", 0, 1)]
     assert second.sequence("r2").seq_id == requests["r2"].seq_id

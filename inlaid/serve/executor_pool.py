@@ -68,6 +68,7 @@ class ShardEngine(Engine):
 # ever added would stay for the life of the process), their count stays, so the sum over
 # the keys (requests ended on this executor) never goes back. Reserved form: no task's name.
 REMOVED_TASKS_LABEL = "__removed__"
+REFUSED_MOVE_RETRY_S = 10.0  # a move the target's engine refused is not tried again sooner
 
 
 @dataclass
@@ -134,6 +135,9 @@ class ExecutorPool:
             shard.engine.scheduler.executor_index = shard.index
         self.rule = settings.placement
         self.overdue_s = settings.overdue_s
+        # Moves a target's engine refused, (request, target) -> until when it is not tried again:
+        # rebalanced every 0.1 s, a refusing plug-in logged a traceback 10 times a second.
+        self._refused: dict[tuple[str, int], float] = {}
 
     @property
     def engines(self) -> list[Engine]:
@@ -207,8 +211,12 @@ class ExecutorPool:
         if len(self.shards) == 1:
             return []
         made = []
+        now = time.monotonic()
+        self._refused = {move: until for move, until in self._refused.items() if until > now and move[0] in requests}
         for move in rebalance(self.loads(requests), self.rule, self.overdue_s):
             source, target = self.shards[move.source], self.shards[move.target]
+            if (str(move.key), move.target) in self._refused:
+                continue
             handed = source.engine.take_waiting(str(move.key))
             if handed is None:
                 continue
@@ -217,6 +225,7 @@ class ExecutorPool:
             except Exception:  # noqa: BLE001  (a plug-in policy's on_arrival): in neither engine, it was lost
                 log.exception("a waiting request could not move to another executor; it waits where it was",
                               extra={"request": str(move.key), "source": move.source, "target": move.target})
+                self._refused[(str(move.key), move.target)] = now + REFUSED_MOVE_RETRY_S
                 source.engine.put(handed)
                 continue
             request = requests[str(move.key)]
