@@ -27,6 +27,9 @@ class _RecordingInFlight:
     def refuse_unadmitted(self, identity: bytes, message: Generate, code: str, text: str) -> None:
         self.refused.append((identity, message.request_id, code))
 
+    def running(self, identity: bytes, request_id: str) -> bool:
+        return False  # nothing is admitted while these tests' server starts
+
 
 def test_read_only_calls_pass_the_rest_waits_in_arrival_order_and_gone_clients_drop_out():
     in_flight, sent = _RecordingInFlight(), []
@@ -124,3 +127,26 @@ def test_an_id_held_while_starting_gets_one_end(model_dir, tmp_path):
     assert [(reply.code, reply.request_id) for reply in replies[3:]] == [
         (ErrorCode.SHUTTING_DOWN, "g"), (ErrorCode.SHUTTING_DOWN, "other")]
     assert not coordinator.startup.holding(b"client", "g")
+
+
+def test_an_admitted_id_or_an_invalid_one_is_not_taken_for_a_held_request(model_dir, tmp_path):
+    """A generate whose id admission refuses ("") was recorded as held: every info call under
+    "" was then refused while the server started, Health included (a review). And a duplicate
+    of a generate already released (the release yields between messages) was held, to be
+    refused under that id by a shutdown: two ends."""
+    from inlaid.protocol import HealthReply
+    from inlaid.serve.config import config_from_dict
+    from inlaid.serve.coordinator import Coordinator
+
+    coordinator = Coordinator(config_from_dict({"model": {"dir": str(model_dir)}}, base_dir=tmp_path))
+    replies: list[object] = []
+    coordinator.in_flight._send = coordinator._send = lambda identity, message: replies.append(message)
+    coordinator.info_calls._reply = coordinator._send
+    coordinator._handle(b"client", [msgspec.msgpack.encode(_generate(""))])
+    coordinator._handle(b"client", [msgspec.msgpack.encode(Health(request_id=""))])
+    assert len(coordinator.startup) == 1 and [type(reply) for reply in replies] == [HealthReply]
+    coordinator.in_flight.generate(b"client", _generate("x"))  # released and admitted
+    coordinator._handle(b"client", [msgspec.msgpack.encode(_generate("x"))])
+    assert len(coordinator.startup) == 1
+    refused = replies[-1]
+    assert isinstance(refused, ErrorReply) and (refused.code, refused.request_id) == (ErrorCode.INVALID_REQUEST, "")

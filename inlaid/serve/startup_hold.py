@@ -21,7 +21,8 @@ from collections.abc import Callable
 
 import msgspec
 
-from inlaid.protocol import Cancel, ClientRequest, ErrorCode, ErrorReply, Generate, ListTasks, TaskStatus, reply_id
+from inlaid.protocol import (MAX_REQUEST_ID_CHARS, Cancel, ClientRequest, ErrorCode, ErrorReply, Generate, ListTasks,
+                             TaskStatus, reply_id)
 from inlaid.serve.in_flight import InFlight
 from inlaid.serve.info_calls import INFO_CALLS
 
@@ -57,15 +58,18 @@ class StartupHold:
         """Whether `message` waits for the start to end (held, or answered as overflow)."""
         if not self.starting or isinstance(message, ANSWERED_WHILE_STARTING):
             return False
-        if isinstance(message, Generate) and self.holding(identity, message.request_id):
-            self._in_flight.refuse_reused_id(identity, message.request_id, "Generate")  # (one end per id)
+        reused = isinstance(message, Generate) and (self.holding(identity, message.request_id)
+                                                    or self._in_flight.running(identity, message.request_id))
+        if reused:  # held, or released already while the release yields: one end per id
+            self._in_flight.refuse_reused_id(identity, message.request_id, "Generate")
         elif len(self._held) >= self.limit:
             self._refuse(identity, message, ErrorCode.OVERLOADED,
                          f"the server is starting and already holds {len(self._held)} requests for when it "
                          "serves; retry once its health says ok")
         else:
             self._held.append((identity, message, time.monotonic()))
-            if isinstance(message, Generate):
+            if isinstance(message, Generate) and 0 < len(message.request_id) <= MAX_REQUEST_ID_CHARS:
+                # (an id admission refuses is never a request's: its refusal goes out under no id)
                 self._held_generates.add((identity, message.request_id))
         return True
 
