@@ -260,7 +260,7 @@ async def _models(front: Front, request: Request) -> Response:
 
 async def _model(front: Front, request: Request) -> Response:
     wanted = request.path_params["model"]
-    if not wanted:  # `/v1/models/`: an unknown path, as every path ending in a slash (no model is named "")
+    if not wanted:  # `/v1/models/`: an unknown path, as `/v1/completions/` is (no model is named "")
         raise HTTPException(404, "Not Found")
     cards = await _model_cards(front)
     for card in cards:

@@ -111,6 +111,7 @@ class HttpFrontProcess:
                 await self._spawn()
             except OSError as error:  # out of file descriptors or processes: it ended the front for good
                 failures += 1
+                self.restarts += 1
                 delay = _RESTART_BACKOFF_S[min(failures, len(_RESTART_BACKOFF_S)) - 1]
                 log.error("http front could not be started; trying again", extra={"error": str(error),
                                                                                   "delay_s": delay})

@@ -267,6 +267,7 @@ class Simulator:
             left_out = {s.adapter or "<base>" for i, s in sequences.items() if i not in computed and not s.is_finished}
             fairness.step(self.now, left_out, first_prompts, sampled_by_task)
             for seq in update.finished:
+                computed_high.pop(seq.seq_id, None)
                 record = records[seq.seq_id]
                 record.finish_s = self.now
                 record.preemptions = seq.num_preemptions
