@@ -196,8 +196,7 @@ class RequantizationJobs(LayerSwaps):
             # running mid-layer: it takes the cancel up when its input group ends
 
     def _went_idle(self) -> None:
-        """No job now: the requantizer is retired IDLE_EXIT_S later unless a job (or this call
-        again) comes first; each call voids the timers before it."""
+        """No job now: the requantizer retires IDLE_EXIT_S later unless a job (or this call) comes first."""
         self._idle_since = since = time.monotonic()
         self._later(self._retire_when_idle(since))
 
