@@ -5,6 +5,7 @@ of its own where a regression would start a server."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -62,11 +63,15 @@ def test_messages_name_the_option_and_say_what_is_wrong(tmp_path: Path, capsys: 
     (out / "training.json").write_text("{not json")
     (tmp_path / "wrong.json").write_text('{"a": 1}')
     (tmp_path / "lengths.jsonl").write_text('{"prompt": "x", "task": "a"}\n')
+    # A task of its own: a suite task's data exists only once prepared (on a fresh machine,
+    # whether it was depended on the order the tests ran in).
+    greet = tmp_path / "greet.jsonl"
+    greet.write_text(json.dumps({"messages": [{"role": "user", "content": "Say hi"}], "reference": "hi"}) + "\n")
     cost_model = Path(__file__).resolve().parents[1] / "bench" / "results" / "sched_cost_model.json"
     cases = [
         (["serve", "--config", str(config)], f"inlaid serve: server.admin_token_file {tmp_path / 'tokens'}: is a "
                                              "directory, not a file"),
-        (["train-adapter", "--task", "sentiment", "--out", str(out)],
+        (["train-adapter", "--task", f"greet={greet}", "--out", str(out)],
          f"inlaid train-adapter: --out {out} is not empty and holds no train-adapter run (its training.json is not "
          "a train-adapter record); choose a new or empty directory"),
         (["generate", "--device", "tpu", "--prompt", "hi"],

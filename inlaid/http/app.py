@@ -356,11 +356,12 @@ _SERVER_PART = ("# HELP inlaid_http_server_metrics_missing 1 when the server's s
 
 async def _metrics(front: Front, request: Request) -> Response:
     """The server's series and the front's own. A server that does not answer in time (hung,
-    restarting) costs only its part: a 504 lost the front's series, its 503 and 504 counts,
-    just when they tell most (an outside probe: a SIGSTOPped coordinator)."""
+    busy) costs only its part: a 504 lost the front's series, its 503 and 504 counts, just
+    when they tell most (an outside probe: a SIGSTOPped coordinator). One that nothing serves
+    (stopped, killed) is a 503 at once, as on every route."""
     try:
         server_text, missing = await front.client.metrics(timeout_s=_HEALTH_TIMEOUT_S), 0
-    except (RequestTimeoutError, ConnectionLostError):
+    except RequestTimeoutError:
         server_text, missing = "", 1
     own = request.app.state.http_metrics.exposition()
     return Response(server_text + _SERVER_PART.format(bound=_HEALTH_TIMEOUT_S, missing=missing) + own,
