@@ -110,42 +110,30 @@ def test_a_lost_requantizer_is_started_again_only_while_there_is_work(tmp_path):
     import os
     import signal
 
-    from inlaid.serve.config_sections import RequantizerSettings
-    from inlaid.serve.requantizer_supervisor import RequantizerSupervisor
-
     work = {"wanted": True}
     lost: list[str] = []
     names: list[str] = []
 
     async def scenario() -> None:
-        supervisor = RequantizerSupervisor(RequantizerSettings(), f"ipc://{tmp_path}/requantizer.ipc",
-                                           on_message=lambda message: None, on_ready=lambda hello: None,
-                                           on_lost=lost.append, wanted=lambda: work["wanted"])
-
-        async def until(condition, timeout_s: float = 120.0) -> None:
-            for _ in range(int(timeout_s / 0.05)):
-                if condition():
-                    return
-                await asyncio.sleep(0.05)
-            raise AssertionError("timed out")
+        supervisor = _supervisor(tmp_path, lost, work)
 
         try:
             await supervisor.ensure_running()
-            await until(lambda: supervisor.ready)
+            await _until(lambda: supervisor.ready)
             # What a requantizer killed between creating a layer's segment and registering it
             # with its resource tracker leaves: its segment, which no tracker unlinks.
             names.append(left := _untracked_segment(f"inlaid-{supervisor.pid}-left"))
             names.append(kept := _untracked_segment(f"inlaid-{os.getpid()}-kept"))  # a live process's: not touched
             os.kill(supervisor.pid, signal.SIGKILL)
-            await until(lambda: supervisor.ready and supervisor.generation == 2)  # work wanted it back
+            await _until(lambda: supervisor.ready and supervisor.generation == 2)  # work wanted it back
             assert not Path(f"/dev/shm/{left}").exists() and Path(f"/dev/shm/{kept}").exists()
             work["wanted"] = False
             os.kill(supervisor.pid, signal.SIGKILL)
-            await until(lambda: len(lost) == 2)
+            await _until(lambda: len(lost) == 2)
             await asyncio.sleep(1.5)  # past the restart delay
             assert supervisor.pid == 0 and supervisor.generation == 2 and not supervisor.ready
             await supervisor.ensure_running()  # the next job
-            await until(lambda: supervisor.ready and supervisor.generation == 3)
+            await _until(lambda: supervisor.ready and supervisor.generation == 3)
         finally:
             await supervisor.stop()
             for name in names:
@@ -153,6 +141,26 @@ def test_a_lost_requantizer_is_started_again_only_while_there_is_work(tmp_path):
 
     asyncio.run(scenario())
     assert all("died with signal SIGKILL" in reason for reason in lost)
+
+
+def _supervisor(tmp_path: Path, lost: list[str], work: dict[str, bool]):  # type: ignore[no-untyped-def]
+    """A requantizer supervisor reporting its losses to `lost`, wanting work while work["wanted"]."""
+    from inlaid.serve.config_sections import RequantizerSettings
+    from inlaid.serve.requantizer_supervisor import RequantizerSupervisor
+
+    return RequantizerSupervisor(RequantizerSettings(), f"ipc://{tmp_path}/requantizer.ipc",
+                                 on_message=lambda message: None, on_ready=lambda hello: None,
+                                 on_lost=lost.append, wanted=lambda: work["wanted"])
+
+
+async def _until(condition, timeout_s: float = 120.0) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    for _ in range(int(timeout_s / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("timed out")
 
 
 def _untracked_segment(name: str) -> str:
@@ -171,39 +179,28 @@ def test_an_idle_requantizer_is_asked_to_exit_and_the_next_job_starts_a_fresh_on
     fresh one once it is gone."""
     import asyncio
 
-    from inlaid.serve.config_sections import RequantizerSettings
     from inlaid.serve.ipc_dirs import process_alive
-    from inlaid.serve.requantizer_supervisor import RequantizerSupervisor
 
     work = {"wanted": False}
     lost: list[str] = []
 
     async def scenario() -> None:
-        supervisor = RequantizerSupervisor(RequantizerSettings(), f"ipc://{tmp_path}/requantizer.ipc",
-                                           on_message=lambda message: None, on_ready=lambda hello: None,
-                                           on_lost=lost.append, wanted=lambda: work["wanted"])
-
-        async def until(condition, timeout_s: float = 120.0) -> None:
-            for _ in range(int(timeout_s / 0.05)):
-                if condition():
-                    return
-                await asyncio.sleep(0.05)
-            raise AssertionError("timed out")
+        supervisor = _supervisor(tmp_path, lost, work)
 
         try:
             await supervisor.ensure_running()
-            await until(lambda: supervisor.ready)
+            await _until(lambda: supervisor.ready)
             first = supervisor.pid
             supervisor.retire()
             assert not supervisor.ready  # no job goes to it any more
-            await until(lambda: supervisor.pid == 0)
+            await _until(lambda: supervisor.pid == 0)
             assert not process_alive(first) and supervisor.generation == 1
             await supervisor.ensure_running()  # the next job
-            await until(lambda: supervisor.ready and supervisor.generation == 2)
+            await _until(lambda: supervisor.ready and supervisor.generation == 2)
             work["wanted"] = True
             supervisor.retire()
             await supervisor.ensure_running()  # a job while it exits: nothing to do yet
-            await until(lambda: supervisor.ready and supervisor.generation == 3)
+            await _until(lambda: supervisor.ready and supervisor.generation == 3)
         finally:
             await supervisor.stop()
 
