@@ -80,6 +80,27 @@ def test_a_429_tells_the_requests_own_prompts_apart_from_the_counts(words):
         "fewer prompts per request"), error
 
 
+class _RefusedOnce(_StandInClient):
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    async def generate(self, **kwargs: Any) -> GenerateDone:
+        raise self.error
+
+
+@pytest.mark.parametrize("words", [_SERVERS_429, _REWORDED])
+def test_a_one_prompt_429_says_the_front_not_this_connection(words):
+    """The server counts the front's one connection, every HTTP client's: "58 of them this
+    connection's" read as the caller's own (an outside probe)."""
+    refusal = _server_error(ErrorCode.OVERLOADED, words, in_flight=InFlightCounts(requests=58, this_connection=58,
+                                                                                  limit=64))
+    status, error = _error_of(_RefusedOnce(refusal), "/v1/completions", {"model": BASE, "prompt": "x"})
+    assert (status, error["code"]) == (429, "overloaded"), error
+    assert error["message"] == ("58 requests in flight, 58 of them through this HTTP front; the last tenth of the "
+                                "server's 64 is kept for its other clients; retry later"), error
+
+
 def test_a_429_without_counts_keeps_the_servers_words():
     """A refusal that carries no counts (a server older than the field) is passed on with a
     note, not parsed."""

@@ -66,9 +66,14 @@ class GenerationResponse(Response):
                                 max_tokens_param=self.call.max_tokens_param)
         if one_of_several and api_error.param == prompt_param:  # the message says which prompt too
             api_error.message = f"{prompt_param}: {api_error.message}"
+        counts = error.reply.in_flight if error.reply is not None else None
         if one_of_several and error.code == ErrorCode.OVERLOADED:
-            counts = error.reply.in_flight if error.reply is not None else None
             api_error.message = _own_prompts_apart(api_error.message, counts, index, len(self.call.prompts))
+        elif error.code == ErrorCode.OVERLOADED and counts is not None and counts.requests < counts.limit:
+            # The server's "this connection" is the front's one connection, every HTTP client's.
+            api_error.message = (f"{counts.requests} requests in flight, {counts.this_connection} of them through "
+                                 f"this HTTP front; the last tenth of the server's {counts.limit} is kept for its "
+                                 "other clients; retry later")
         return api_error
 
     def _generate_kwargs(self, prompt: dict[str, Any]) -> dict[str, Any]:
