@@ -98,7 +98,7 @@ def test_a_one_prompt_429_says_the_front_not_this_connection(words):
     status, error = _error_of(_RefusedOnce(refusal), "/v1/completions", {"model": BASE, "prompt": "x"})
     assert (status, error["code"]) == (429, "overloaded"), error
     assert error["message"] == ("58 requests in flight, 58 of them through this HTTP front; the last tenth of the "
-                                "server's 64 is kept for its other clients; retry later"), error
+                                "server's 64 is kept for other clients; retry later"), error
 
 
 def test_a_429_without_counts_keeps_the_servers_words():

@@ -72,7 +72,7 @@ class GenerationResponse(Response):
         elif error.code == ErrorCode.OVERLOADED and counts is not None and counts.requests < counts.limit:
             # The server's "this connection" is the front's one connection, every HTTP client's.
             api_error.message = (f"{counts.requests} requests in flight, {counts.this_connection} of them through "
-                                 f"this HTTP front; the last tenth of the server's {counts.limit} is kept for its "
+                                 f"this HTTP front; the last tenth of the server's {counts.limit} is kept for "
                                  "other clients; retry later")
         return api_error
 
