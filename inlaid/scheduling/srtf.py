@@ -206,8 +206,7 @@ class InlaidPolicy(SchedulingPolicy):
         # task's 8-token request waited 6-7 s behind a flood's on a live server).
         urgent = self._urgent_adapters(head + rest) if self.options.batch_rows_target else set()
         if self.options.batch_rows_target and self.options.group_by_adapter:
-            top = max(0, self.options.batch_rows_target - len(head))
-            ranked = head + rest[:top] + self._grouped(rest[top:], keys, urgent)
+            ranked = self._led_by(urgent, head, rest, keys)
         else:
             ranked = head + (self._grouped(rest, keys, set()) if self.options.group_by_adapter else rest)
         self.plannable = None
@@ -220,13 +219,17 @@ class InlaidPolicy(SchedulingPolicy):
                 if self.options.group_by_adapter:  # ... and let those adapters lead again (else
                     # another adapter took the counted place: the shortest plannable request's
                     # was left out). Same requests kept, so each task's charge is unchanged.
-                    kept_head = [s for s in head if id(s) in kept]
-                    kept_rest = [s for s in rest if id(s) in kept]
-                    top = max(0, self.options.batch_rows_target - len(kept_head))
-                    ranked = (kept_head + kept_rest[:top] + self._grouped(kept_rest[top:], keys, urgent)
-                              + ranked[self.plannable:])
+                    ranked = self._led_by(urgent, [s for s in head if id(s) in kept],
+                                          [s for s in rest if id(s) in kept], keys) + ranked[self.plannable:]
             self.max_adapters_per_step = len(urgent) or (self.options.max_adapters_per_step or None)
         return ranked
+
+    def _led_by(self, urgent: set[str], head: list[Sequence], rest: list[Sequence],
+                keys: dict[int, float]) -> list[Sequence]:
+        """`head`, then the most urgent of `rest` up to the row target, then the rest grouped
+        with `urgent`'s adapters leading."""
+        top = max(0, self.options.batch_rows_target - len(head))
+        return head + rest[:top] + self._grouped(rest[top:], keys, urgent)
 
     def _urgent_adapters(self, shortest_first: list[Sequence]) -> set[str]:
         """The adapters of the `batch_rows_target` most urgent requests (base rows count as
