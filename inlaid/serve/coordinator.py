@@ -362,18 +362,14 @@ class Coordinator:
         message = decode_client_frames(body, self.limits.max_frame_bytes)
         if isinstance(message, ErrorReply):
             self._count_refused(message.code)
-            if self._id_in_use(identity, message.request_id):  # its request ends once, on its own
+            if self.startup.id_in_use(identity, message.request_id):  # its request ends once, on its own
                 message = msgspec.structs.replace(message, request_id="")
             self._send(identity, message)
-        elif not isinstance(message, (Generate, Cancel)) and self._id_in_use(identity, message.request_id):
+        elif not isinstance(message, (Generate, Cancel)) and self.startup.id_in_use(identity, message.request_id):
             self._count_refused(ErrorCode.INVALID_REQUEST)
             self.in_flight.refuse_reused_id(identity, message.request_id, type(message).__name__)
         elif not self.startup.holds(identity, message):
             self._answer(identity, message)
-
-    def _id_in_use(self, identity: bytes, request_id: str | None) -> bool:
-        """A generate of this connection is in flight, or held while the server starts, under the id."""
-        return self.in_flight.running(identity, request_id) or self.startup.holding(identity, request_id)
 
     def _answer(self, identity: bytes, message: ClientRequest, arrived: float | None = None) -> None:
         """arrived: when a request a starting server held came in (None: now)."""

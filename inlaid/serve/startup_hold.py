@@ -51,6 +51,11 @@ class StartupHold:
         """Whether a generate of this connection is held under `request_id`."""
         return (identity, request_id) in self._held_generates
 
+    def id_in_use(self, identity: bytes, request_id: str | None) -> bool:
+        """Whether a generate of this connection is held, or in flight, under `request_id`:
+        anything else sent under it is answered under no id (one end per request)."""
+        return self.holding(identity, request_id) or self._in_flight.running(identity, request_id)
+
     def __len__(self) -> int:
         return len(self._held)
 
@@ -58,9 +63,8 @@ class StartupHold:
         """Whether `message` waits for the start to end (held, or answered as overflow)."""
         if not self.starting or isinstance(message, ANSWERED_WHILE_STARTING):
             return False
-        reused = isinstance(message, Generate) and (self.holding(identity, message.request_id)
-                                                    or self._in_flight.running(identity, message.request_id))
-        if reused:  # held, or released already while the release yields: one end per id
+        if isinstance(message, Generate) and self.id_in_use(identity, message.request_id):
+            # (in flight: released already, while the release yields)
             self._in_flight.refuse_reused_id(identity, message.request_id, "Generate")
         elif len(self._held) >= self.limit:
             self._refuse(identity, message, ErrorCode.OVERLOADED,
