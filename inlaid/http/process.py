@@ -30,6 +30,11 @@ log = logging.getLogger("inlaid.http")
 _BACKLOG = 2048
 _RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 _STABLE_AFTER_S = 30.0  # a front that ran this long restarts without backoff
+
+
+def _restart_delay(failures: int) -> float:
+    """The wait before the next start after `failures` failed ones in a row (none: at once)."""
+    return _RESTART_BACKOFF_S[min(failures, len(_RESTART_BACKOFF_S)) - 1] if failures else 0.0
 _LIVENESS_MISSES = 3  # unanswered asks in a row before the kill
 
 
@@ -112,7 +117,7 @@ class HttpFrontProcess:
             except OSError as error:  # out of file descriptors or processes: it ended the front for good
                 failures += 1
                 self.restarts += 1
-                delay = _RESTART_BACKOFF_S[min(failures, len(_RESTART_BACKOFF_S)) - 1]
+                delay = _restart_delay(failures)
                 log.error("http front could not be started; trying again", extra={"error": str(error),
                                                                                   "delay_s": delay})
                 await asyncio.sleep(delay)
@@ -126,7 +131,7 @@ class HttpFrontProcess:
             if self._stopping:
                 return
             failures = 0 if time.monotonic() - started > _STABLE_AFTER_S else failures + 1
-            delay = _RESTART_BACKOFF_S[min(failures, len(_RESTART_BACKOFF_S)) - 1] if failures else 0.0
+            delay = _restart_delay(failures)
             self.restarts += 1
             log.error("http front exited; restarting it", extra={"pid": self._process.pid, "returncode": code,
                                                                  "delay_s": delay, "restarts": self.restarts})
