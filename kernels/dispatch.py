@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .dense_cpu import PackedDenseWeight, packing_supported  # noqa: F401  (re-exported)
-from .lora_cpu import HostSegments, host_segments, lora_apply_cpu
+from .lora_cpu import NATIVE_MAX_GROUP_TOKENS, HostSegments, host_segments, lora_apply_cpu
 from .lora_cpu_plan import build_cpu_plan, lora_expand_cpu, lora_shrink_cpu
 from .lora_compact_cpu import CompactLoraPools, build_compact_pools, update_compact_slots  # noqa: F401  (re-exported)
 from .lora_meta import LoraArgumentError, check_pools, check_segment_values, check_segments
@@ -177,7 +177,7 @@ def lora_host_segments(segment_starts: Tensor, segment_slots: Tensor, num_tokens
     check_segments(segment_starts, segment_slots, num_tokens)
     check_segment_values(segment_starts, segment_slots, num_tokens, num_slots)
     return host_segments(segment_starts, segment_slots, segment_starts.device,
-                         **({"native_group_limit": None} if row_invariant else {}))
+                         native_group_limit=None if row_invariant else NATIVE_MAX_GROUP_TOKENS)
 
 
 def lora_apply(
