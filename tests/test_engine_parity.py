@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from inlaid.engine import Engine, EngineConfig
@@ -53,13 +54,19 @@ def _reference(hf_model, model_dir, adapter_dirs, prompt_ids):
     return tokens, logits
 
 
-def test_mixed_batch_matches_transformers_peft(model_dir, hf_model, adapter_dirs, greedy_logits):
+@pytest.mark.parametrize("batch_invariant", [False, True], ids=["default", "batch_invariant"])
+def test_mixed_batch_matches_transformers_peft(model_dir, hf_model, adapter_dirs, greedy_logits, batch_invariant):
+    """batch_invariant: every row's attention through the native decode kernel (prompt rows too,
+    engine/attention_groups.py), the prompts chunked by a 16-token budget."""
+    budget = {"max_num_batched_tokens": 16} if batch_invariant else {}
     config = EngineConfig(model_dir=str(model_dir), dtype="float32", max_lora_slots=4, max_lora_rank=32,
-                          num_kv_blocks=512, block_size=16)
+                          num_kv_blocks=512, block_size=16, batch_invariant=batch_invariant, **budget)
     engine = Engine.local(config)
     # The default packs float32 weights for oneDNN (kernels/dense_cpu.py): parity covers that path.
     assert config.pack_weights and (engine.runner.model.packed_head is not None) == packing_supported(
         engine.runner.model.embed_tokens.weight)
+    if batch_invariant and not engine.runner._native_decode_attention:
+        pytest.skip("the native decode attention is not built here")
     for name, path in adapter_dirs.items():
         engine.register_adapter(name, str(path))
     prompt_ids = [engine.tokenizer.encode(p) for p in PROMPTS]

@@ -199,21 +199,28 @@ def test_batch_invariant_engine_gives_a_prompt_the_same_logits_whatever_shares_i
     ~80 rows: the bf16 route's size by default), beside a long one of its own adapter (its
     adapter's rows then 32 or more: they took the LoRA matmul route, not the native kernel's,
     and a soak saw greedy answers flip), and chunked by a 24-token budget, gets the same
-    logits bit for bit. tests/test_batch_invariant.py checks the kernels' routes themselves."""
+    logits bit for bit; so does the long prompt, alone in one prefill step and chunked by that
+    budget beside the short one (torch's attention of a fresh prompt and of a continued chunk
+    sum in other orders: its logits moved by up to 0.4). tests/test_batch_invariant.py checks
+    the kernels' routes themselves."""
     from inlaid.engine.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(model_dir)
     short, long = tokenizer.encode(PROMPTS[0]), tokenizer.encode(" ".join(PROMPTS) * 2)
     assert len(short) < 8 and len(long) > 70
-    runs = []
+    runs, long_runs = [], []
     for budget, prompts, adapters in ((2048, [short], ["attn-r8"]), (2048, [short, long], ["attn-r8", "all-r32"]),
                                       (2048, [short, long], ["attn-r8", "attn-r8"]),
-                                      (24, [long, short], ["mlp-r16", "attn-r8"])):
+                                      (24, [long, short], ["mlp-r16", "attn-r8"]), (2048, [long], ["mlp-r16"])):
         engine = _engine(model_dir, default_checkpoint, adapter_dirs, batch_invariant=True,
                          max_num_batched_tokens=budget)
         rows = greedy_logits(engine, prompts, adapters, 6)
-        runs.append(torch.stack(rows[prompts.index(short)]))
+        if short in prompts:
+            runs.append(torch.stack(rows[prompts.index(short)]))
+        if long in prompts and adapters[prompts.index(long)] == "mlp-r16":
+            long_runs.append(torch.stack(rows[prompts.index(long)]))
     assert all(torch.equal(run, runs[0]) for run in runs[1:]), [(run - runs[0]).abs().max().item() for run in runs]
+    assert len(long_runs) == 2 and torch.equal(long_runs[0], long_runs[1]), (long_runs[0] - long_runs[1]).abs().max()
 
 
 def test_teacher_forced_nll_equals_transformers_peft(default_checkpoint, model_dir, adapter_dirs, dequantized_peft):

@@ -14,10 +14,11 @@ import torch
 
 from inlaid.engine.adapter_cache import HOST_ADAPTER_CACHE_POOLS, HostAdapterCache
 from inlaid.engine.adapter_weights import max_weights_bytes
+from inlaid.engine.attention_groups import attention_group, row_attention_group
 from inlaid.engine.config import EngineConfig, ModelConfig, ModelLoadError
 from inlaid.engine.cuda_graphs import DecodeGraphs
 from inlaid.engine.lora import LoraBatch, LoraLinear, install_adapter
-from inlaid.engine.model import AttentionGroup, ForwardBatch, LlamaModel
+from inlaid.engine.model import ForwardBatch, LlamaModel
 from inlaid.engine.sampler import RowFailure, sample_tokens
 from inlaid.engine.weights import is_gptq_checkpoint, load_model, prepare_module, quantized_slices
 from inlaid.kernels import attention_native
@@ -296,11 +297,17 @@ class ModelRunner:
                 slot_mapping.append(chunk.block_table[position // block_size] * block_size + position % block_size)
         decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
         prefill = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
-        # Whole prompts attend only themselves: each on its own (model.py, fresh_prompt_spans).
-        fresh = [i for i in prefill if chunks[i].start_pos == 0]
-        continued = [i for i in prefill if chunks[i].start_pos > 0]
-        groups = [self._attention_group([chunks[i] for i in g], [offsets[i] for i in g]) for g in (decode, continued)
-                  if g]
+        position_rows = torch.tensor(positions, dtype=torch.long, device=self.device)
+        if self.config.batch_invariant and self._native_decode_attention:
+            # Every row its own query of the native kernel (attention_groups.py): torch's attention
+            # of a whole prompt and of a chunk of it sum in other orders.
+            fresh, groups = [], [row_attention_group(chunks, position_rows, block_size)]
+        else:
+            # Whole prompts attend only themselves: each on its own (model.py, fresh_prompt_spans).
+            fresh = [i for i in prefill if chunks[i].start_pos == 0]
+            continued = [i for i in prefill if chunks[i].start_pos > 0]
+            groups = [attention_group([chunks[i] for i in g], [offsets[i] for i in g], block_size, self.device,
+                                      self.dtype, self._native_decode_attention) for g in (decode, continued) if g]
 
         lora = None
         if any(chunk.adapter_slot >= 0 for chunk in chunks):
@@ -322,7 +329,7 @@ class ModelRunner:
         device = self.device
         batch = ForwardBatch(
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
-            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            positions=position_rows,
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
             groups=groups,
             lora=lora,
@@ -338,57 +345,3 @@ class ModelRunner:
         """Whether decode groups read the cache in place (kernels/attention_native.py) instead
         of gathering it for SDPA: float32 on the CPU, where the kernel built."""
         return self._attention_fits_native and attention_native.USE_NATIVE and native_attention_available()
-
-    def _attention_group(self, chunks: list[ChunkPlan], offsets: list[int]) -> AttentionGroup:
-        block_size = self.config.block_size
-        device = self.device
-        query_counts = [len(chunk.token_ids) for chunk in chunks]
-        context_lengths = [chunk.start_pos + count for chunk, count in zip(chunks, query_counts)]
-        max_queries = max(query_counts)
-        max_blocks = -(-max(context_lengths) // block_size)
-        max_keys = max_blocks * block_size
-        query_rows: list[int] = []
-        valid_slots: list[int] = []
-        output_rows: list[int] = []
-        kv_blocks: list[int] = []
-        for row, (chunk, offset, count, length) in enumerate(zip(chunks, offsets, query_counts, context_lengths)):
-            # Padding query slots repeat the chunk's last row; padding key blocks repeat the
-            # chunk's first block. Both are masked or discarded, as are the key slots past
-            # `length` inside its last block.
-            query_rows.extend(offset + min(i, count - 1) for i in range(max_queries))
-            valid_slots.extend(range(row * max_queries, row * max_queries + count))
-            output_rows.extend(range(offset, offset + count))
-            used_blocks = -(-length // block_size)
-            kv_blocks.extend(chunk.block_table[:used_blocks])
-            kv_blocks.extend([chunk.block_table[0]] * (max_blocks - used_blocks))
-        starts = torch.tensor([chunk.start_pos for chunk in chunks], device=device)
-        counts = torch.tensor(query_counts, device=device)
-        query_offsets = torch.arange(max_queries, device=device)
-        query_valid = query_offsets[None, :] < counts[:, None]
-        key_positions = torch.arange(max_keys, device=device)
-        causal = key_positions[None, None, :] <= (starts[:, None] + query_offsets[None, :])[:, :, None]
-        # Padding rows attend key 0 only, so their softmax stays finite (they are discarded).
-        padding_rows = ~query_valid[:, :, None] & (key_positions[None, None, :] == 0)
-        allowed = (causal & query_valid[:, :, None]) | padding_rows
-        # Additive form, built once per step: SDPA would convert a boolean mask in every layer.
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=device).masked_fill_(~allowed, float("-inf"))
-
-        def index(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=device)
-
-        # One query per chunk on consecutive flat rows (a decode group): queries and outputs
-        # are slices of the flat batch, and no row indices are built.
-        is_span = max_queries == 1 and offsets == list(range(offsets[0], offsets[0] + len(chunks)))
-        native = max_queries == 1 and self._native_decode_attention
-        return AttentionGroup(
-            batch_size=len(chunks),
-            max_queries=max_queries,
-            max_keys=max_keys,
-            query_rows=None if is_span else index(query_rows),
-            kv_blocks=index(kv_blocks),
-            valid_slots=None if is_span or len(valid_slots) == len(query_rows) else index(valid_slots),
-            output_rows=None if is_span else index(output_rows),
-            mask=mask[:, None],
-            query_span=(offsets[0], offsets[0] + len(chunks)) if is_span else None,
-            context_lens=index(context_lengths) if native else None,
-        )
