@@ -1,7 +1,11 @@
 """One builder of a cached artifact at a time (the default model's conversion, a suite
 checkpoint): an exclusive `flock` on `<artifact>.lock` beside it. A process that must wait
 says so once on stderr, naming the holder's pid (each holder writes its own into the lock
-file): a silent wait looked like a hang (`inlaid quantize --suite` sat 30 s+ on one)."""
+file): a silent wait looked like a hang (`inlaid quantize --suite` sat 30 s+ on one).
+
+`exclusive_run` is the same lock for a user's output directory (`inlaid quantize --out`),
+refused at once instead of awaited: two runs on one --out each deleted and wrote the
+other's layers, and both ended "finished" with a mix of two methods' weights."""
 
 from __future__ import annotations
 
@@ -32,3 +36,51 @@ def build_lock(artifact: Path, *, quiet: bool = False) -> Iterator[None]:
         lock.write(f"{os.getpid()}\n")
         lock.flush()
         yield
+
+
+@contextlib.contextmanager
+def exclusive_run(target: Path, busy_error: type[Exception], option: str = "--out") -> Iterator[None]:
+    """Hold `target`'s run lock (a hidden `.<name>.lock` beside it, removed at the end) for the
+    block, or raise `busy_error` at once naming the holder's pid. Parents of `target` it has to
+    create for the lock are removed again at the end where they are empty (a refused run left
+    them behind otherwise)."""
+    target = Path(target).expanduser().absolute()
+    lock_path = target.parent / f".{target.name}.lock"
+    created = [directory for directory in target.parents if not directory.exists()]
+    while True:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            handle = open(lock_path, "a+")
+        except FileNotFoundError:  # a parent another run had created was removed meanwhile
+            continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            pid = f" (pid {holder})" if holder.isdigit() else ""
+            raise busy_error(f"another run{pid} is writing {option} {target}: wait for it to end, or choose "
+                             f"another {option}") from None
+        # The previous holder removes the file as it ends: one opened before that is no lock.
+        try:
+            current = os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        handle.close()
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        handle.close()
+        for directory in created:  # nearest first
+            try:
+                directory.rmdir()
+            except OSError:  # not empty (the run's output is there), or gone
+                break

@@ -320,7 +320,8 @@ def test_quantize_add_checks_drop_tasks_and_paths_before_the_model_loads(tmp_pat
                                                                         capsys: pytest.CaptureFixture) -> None:
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()
-    (checkpoint / "inlaid_quant.json").write_text(json.dumps({"tasks": [{"name": "math"}, {"name": "qa"}]}))
+    (checkpoint / "inlaid_quant.json").write_text(json.dumps({"method": "mlgptq", "spec": {},
+                                                             "tasks": [{"name": "math"}, {"name": "qa"}]}))
     (tmp_path / "file").write_text("x")
     add = ["quantize-add", "--checkpoint", str(checkpoint), "--task", "s=:calib.jsonl"]
     cases = [([*add, "--out", str(tmp_path / "o"), "--drop-task", "qa", "--drop-task", "nope"],

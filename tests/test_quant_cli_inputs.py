@@ -60,7 +60,7 @@ def _fake_checkpoint(root: Path, model_dir: Path, tasks: list[str]) -> Path:
     """What quantize-add reads before the model loads: the metadata."""
     checkpoint = root / "fake_checkpoint"
     checkpoint.mkdir(exist_ok=True)
-    (checkpoint / METADATA_FILE).write_text(json.dumps({"base_model": str(model_dir),
+    (checkpoint / METADATA_FILE).write_text(json.dumps({"base_model": str(model_dir), "method": "mlgptq", "spec": {},
                                                         "tasks": [{"name": n} for n in tasks]}))
     return checkpoint
 

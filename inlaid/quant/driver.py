@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from inlaid.engine.adapter_config import ADAPTER_FILES, adapter_signature
+from inlaid.build_lock import exclusive_run
+from inlaid.engine.adapter_config import adapter_signature
 from inlaid.quant.aggregate import TaskHessian, TaskHessians
 from inlaid.quant.calibration import (
     CALIBRATION_BATCH_TOKENS, DEFAULT_MAX_TOKENS, CalibrationTask, TokenBatch, make_batches, read_calibration_examples,
@@ -45,7 +46,7 @@ from inlaid.quant.partial import (
     load_partial_layer, prepare_partial_dir, save_partial_layer, write_dequantized,
 )
 from inlaid.quant.run_support import (
-    absolute, attach_adapters_quietly, probe_bar, run_settings,
+    absolute, adapter_digest, attach_adapters_quietly, file_digest, probe_bar, run_settings,
 )
 from inlaid.quant.spec import QuantSpec
 from inlaid.quant.state import save_layer_state
@@ -97,23 +98,6 @@ class QuantizationReport:
     layers_resumed: int
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds per phase (see quantize_model)
     cpu_phases: dict[str, float] = field(default_factory=dict)  # this process's CPU seconds per phase
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes (read in chunks: model files are hundreds of MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def adapter_digest(adapter_dir: Path | None) -> dict[str, str] | None:
-    """Digests of what defines an adapter (its config and weights); None for the base forward."""
-    if adapter_dir is None:
-        return None
-    files = [Path(adapter_dir) / name for name in ADAPTER_FILES]
-    return {p.name: file_digest(p) for p in files if p.is_file()}
 
 
 def peak_rss_mb() -> float:
@@ -229,7 +213,12 @@ def quantize_model(config: DriverConfig) -> QuantizationReport:
     Phases timed (report.phases): load (model, adapters, calibration, first-layer inputs),
     forward and hessian (the true-sequential layer pass), quantize (aggregation, GPTQ and
     the per-task errors), resume (finished layers reloaded and re-run), write (per-layer
-    state and the final checkpoint)."""
+    state and the final checkpoint). One run an out_dir at a time: another one is refused."""
+    with exclusive_run(Path(config.out_dir), CheckpointError):
+        return _quantize_model(config)
+
+
+def _quantize_model(config: DriverConfig) -> QuantizationReport:
     from tqdm import tqdm
 
     started = time.perf_counter()

@@ -125,7 +125,32 @@ def read_checkpoint_metadata(checkpoint_dir: Path) -> dict:
         raise IncrementalError(str(error)) from None
     if metadata is None:
         raise IncrementalError(f"{checkpoint_dir} has no {METADATA_FILE}: not a checkpoint written by `inlaid quantize`")
+    problem = _metadata_problem(metadata)
+    if problem:  # else a KeyError or TypeError traceback, deep in the quantizer
+        raise IncrementalError(f"{Path(checkpoint_dir) / METADATA_FILE}: {problem}: the checkpoint is damaged or was "
+                               "edited; rebuild it with `inlaid quantize`")
     return metadata
+
+
+def _metadata_problem(metadata: dict) -> str | None:
+    """What of the metadata a task addition reads is missing or malformed, or None."""
+    tasks, calibration = metadata.get("tasks", []), metadata.get("calibration", {})
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tasks):
+        return "'tasks' must be a list of objects, each with a 'name'"
+    if not isinstance(calibration, dict) or not isinstance(calibration.get("mlgptq", {}), dict):
+        return "'calibration' (and its 'mlgptq') must be objects"
+    if not isinstance(metadata.get("method"), str):
+        return "'method' is missing or not a method's name"
+    if not isinstance(metadata.get("spec"), dict):
+        return "'spec' is missing or not an object"
+    for field, build in (("method", lambda: parse_method(metadata["method"])),
+                         ("spec", lambda: QuantSpec(**metadata["spec"])),
+                         ("calibration.mlgptq", lambda: MlgptqOptions(**calibration.get("mlgptq", {})))):
+        try:
+            build()
+        except (TypeError, ValueError, QuantizationError) as error:
+            return f"'{field}' is not valid ({error})"
+    return None
 
 
 def calibration_entry(task: CalibrationTask, sequences: list[torch.Tensor]) -> dict:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from inlaid.build_lock import exclusive_run
 from inlaid.cli_args import non_negative_float, positive_int, writable_dir_problem
 from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, METADATA_FILE, WEIGHTS_FILE, CheckpointMetadata, write_checkpoint
 from inlaid.quant.errors import QuantizationError
@@ -40,9 +41,9 @@ from inlaid.quant.inputs import (
 )
 from inlaid.quant.model_io import LINEAR_NAMES
 from inlaid.quant.partial import (
-    PARTIAL_DIR, load_partial_layer, partial_path, prepare_partial_dir, save_partial_layer,
+    PARTIAL_DIR, load_partial_layer, partial_path, prepare_partial_dir, read_run_record, save_partial_layer,
 )
-from inlaid.quant.run_support import resume_hint, settings_differences
+from inlaid.quant.run_support import out_overlaps_adapter_problem, resume_hint, settings_differences
 from inlaid.quant.task_costs import COSTS_FILE
 from inlaid.quant.unfinished import UNFINISHED_FILE, mark_finished, unfinished_problem
 
@@ -100,7 +101,10 @@ def write_incremental_checkpoint(quantizer: IncrementalQuantizer, outcomes: list
     metadata = CheckpointMetadata(
         method=previous["method"], tasks=[*tasks, quantizer.calibration[quantizer.task.name]], spec=previous["spec"],
         base_model=previous.get("base_model", ""),
-        calibration={**previous.get("calibration", {}), "task_costs": quantizer.task_costs},
+        # Not the base's fingerprint: `inlaid quantize` with the base's inputs took this checkpoint
+        # for its own and rewrote it, the added task lost (inputs.finished_checkpoint_problem).
+        calibration={**{key: value for key, value in previous.get("calibration", {}).items() if key != "fingerprint"},
+                     "task_costs": quantizer.task_costs},
         layer_errors=layer_errors, task_weights=task_weights, hessian_state=HESSIAN_STATE_DIR,
         timing={"seconds": round(sum(o.forward_seconds + o.quantize_seconds for o in outcomes), 1)},
     )
@@ -172,7 +176,7 @@ def addition_fingerprint(args: argparse.Namespace, model_dir: Path, task) -> str
     """What a run of `quantize-add` computes, by content: the base model's and the
     checkpoint's files, the new task's adapter and calibration, every setting. A rerun with
     the same fingerprint resumes an interrupted one."""
-    from inlaid.quant.driver import adapter_digest, file_digest
+    from inlaid.quant.run_support import adapter_digest, file_digest
 
     checkpoint, model_dir = Path(args.checkpoint), Path(model_dir)
     state_dir = checkpoint / HESSIAN_STATE_DIR
@@ -192,7 +196,7 @@ def addition_fingerprint(args: argparse.Namespace, model_dir: Path, task) -> str
 def addition_settings(args: argparse.Namespace, model_dir: Path, task) -> dict[str, object]:
     """What addition_fingerprint hashes, in the flags' words (run.json keeps it: a refused
     resume names what differs)."""
-    from inlaid.quant.driver import adapter_digest, file_digest
+    from inlaid.quant.run_support import adapter_digest, file_digest
     from inlaid.quant.run_support import DIGEST_PREFIX, digest_of, files_identity
 
     checkpoint = Path(args.checkpoint)
@@ -213,8 +217,7 @@ def start_problem(out: Path, fingerprint: str, restart: bool, settings: dict | N
     out = Path(out)
     if restart or not out.exists() or not any(out.iterdir()):
         return None
-    run_file = out / PARTIAL_DIR / "run.json"
-    run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    run = read_run_record(out) if (out / PARTIAL_DIR / "run.json").is_file() else {}
     recorded = run.get("fingerprint")
     if unfinished_problem(out):
         if recorded == fingerprint:
@@ -287,50 +290,55 @@ def run(args: argparse.Namespace) -> int:
         if problem:
             raise QuantizationError(problem)
         task = parse_task_argument(args.task)
+        problem = out_overlaps_adapter_problem(args.out, [task])  # as `quantize` refuses it
+        if problem:
+            raise QuantizationError(problem)
         check_tasks([task], model_dir)  # name, adapter, every calibration line: before the model loads
         replaced = task.name in held and task.name not in args.drop_task
         fingerprint = addition_fingerprint(args, model_dir, task)
         settings_record = addition_settings(args, model_dir, task)
-        problem = start_problem(args.out, fingerprint, args.restart, settings_record)
-        if problem:
-            raise QuantizationError(problem)
-        # The checkpoint itself is checked only once the quantizer opens it (rtn, no Hessian
-        # state, a truncated weights file...), after --out is prepared: a refusal before the
-        # first layer removes what this run created of --out, or a later correct command there
-        # was sent to "resume" this one.
-        # An interrupt before the first layer is kept removes it too (output_removed_unless_kept).
-        with output_removed_unless_kept(args.out) as created:
-            # Marks --out unfinished before anything in it changes; a fresh start (--restart, or
-            # nothing to resume) drops the earlier run's layers, state and checkpoint first.
-            done = prepare_partial_dir(args.out, fingerprint, resume=not args.restart, command=COMMAND,
-                                       discard=(HESSIAN_STATE_DIR, WEIGHTS_FILE, METADATA_FILE),
-                                       settings=settings_record)
-            created.kept = done > 0  # resumed: what is there is an earlier run's
-            quantizer = IncrementalQuantizer(model_dir, args.checkpoint, task, settings,
-                                             args.out / HESSIAN_STATE_DIR, drop_tasks=args.drop_task,
-                                             served_layers={layer: partial_path(args.out, layer)
-                                                            for layer in range(done)})
-            done = min(done, quantizer.num_layers)
-            for name, why in quantizer.left_out.items():  # (logged too, where logging is configured)
-                print(f"warning: task {name!r} is left out of the aggregate: {why}", file=sys.stderr)
-            if done:
-                print(f"resuming the interrupted run in {args.out} after {done} finished layers")
-            outcomes = []
-            bar = tqdm(quantizer.layers(start=done), total=quantizer.num_layers, desc=f"add {quantizer.task.name}",
-                       unit="layer")
-            for outcome in bar:
-                if outcome.layer < done:
-                    outcome = _resumed_outcome(args.out, outcome.layer)
-                else:
-                    _save_layer(args.out, quantizer, outcome)
-                    created.kept = True  # a layer done: kept for a resume whatever happens next
-                outcomes.append(outcome)
-                bar.set_postfix(swapped=sum(d.swapped for o in outcomes for d in o.decisions))
-            write_incremental_checkpoint(quantizer, outcomes, args.out)
-            mark_finished(args.out)
-            # The checkpoint holds it all now; removed only once marked finished: a kill between
-            # the two left an UNFINISHED checkpoint with nothing to resume from.
-            shutil.rmtree(args.out / PARTIAL_DIR, ignore_errors=True)
+        # One run an --out at a time: two deleted and wrote each other's layers (build_lock.py).
+        with exclusive_run(args.out, QuantizationError):
+            problem = start_problem(args.out, fingerprint, args.restart, settings_record)
+            if problem:
+                raise QuantizationError(problem)
+            # The checkpoint itself is checked only once the quantizer opens it (rtn, no Hessian
+            # state, a truncated weights file...), after --out is prepared: a refusal before the
+            # first layer removes what this run created of --out, or a later correct command there
+            # was sent to "resume" this one.
+            # An interrupt before the first layer is kept removes it too (output_removed_unless_kept).
+            with output_removed_unless_kept(args.out) as created:
+                # Marks --out unfinished before anything in it changes; a fresh start (--restart, or
+                # nothing to resume) drops the earlier run's layers, state and checkpoint first.
+                done = prepare_partial_dir(args.out, fingerprint, resume=not args.restart, command=COMMAND,
+                                           discard=(HESSIAN_STATE_DIR, WEIGHTS_FILE, METADATA_FILE),
+                                           settings=settings_record)
+                created.kept = done > 0  # resumed: what is there is an earlier run's
+                quantizer = IncrementalQuantizer(model_dir, args.checkpoint, task, settings,
+                                                 args.out / HESSIAN_STATE_DIR, drop_tasks=args.drop_task,
+                                                 served_layers={layer: partial_path(args.out, layer)
+                                                                for layer in range(done)})
+                done = min(done, quantizer.num_layers)
+                for name, why in quantizer.left_out.items():  # (logged too, where logging is configured)
+                    print(f"warning: task {name!r} is left out of the aggregate: {why}", file=sys.stderr)
+                if done:
+                    print(f"resuming the interrupted run in {args.out} after {done} finished layers")
+                outcomes = []
+                bar = tqdm(quantizer.layers(start=done), total=quantizer.num_layers, desc=f"add {quantizer.task.name}",
+                           unit="layer")
+                for outcome in bar:
+                    if outcome.layer < done:
+                        outcome = _resumed_outcome(args.out, outcome.layer)
+                    else:
+                        _save_layer(args.out, quantizer, outcome)
+                        created.kept = True  # a layer done: kept for a resume whatever happens next
+                    outcomes.append(outcome)
+                    bar.set_postfix(swapped=sum(d.swapped for o in outcomes for d in o.decisions))
+                write_incremental_checkpoint(quantizer, outcomes, args.out)
+                mark_finished(args.out)
+                # The checkpoint holds it all now; removed only once marked finished: a kill between
+                # the two left an UNFINISHED checkpoint with nothing to resume from.
+                shutil.rmtree(args.out / PARTIAL_DIR, ignore_errors=True)
     except (QuantizationError, ValueError) as error:
         print(f"inlaid quantize-add: {error}", file=sys.stderr)
         return 2

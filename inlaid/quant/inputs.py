@@ -124,11 +124,14 @@ def finished_checkpoint_problem(out_dir: Path, fingerprint: str) -> str | None:
             or unfinished_problem(Path(out_dir)):
         return None  # a partial run (prepare_partial_dir decides) or no checkpoint
     try:
-        calibration = (read_inlaid_metadata(Path(out_dir)) or {}).get("calibration")
+        metadata = read_inlaid_metadata(Path(out_dir)) or {}
     except CheckpointError:
-        calibration = None
+        metadata = {}
+    calibration = metadata.get("calibration")
     recorded = calibration.get("fingerprint") if isinstance(calibration, dict) else None
-    if recorded == fingerprint:
+    # A checkpoint `quantize-add` wrote holds more than these inputs make, whatever it recorded
+    # (before 2026-12-07 it kept its base's fingerprint).
+    if recorded == fingerprint and "incremental" not in metadata:
         return None
     return finished_with_other_settings(out_dir)
 

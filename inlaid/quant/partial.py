@@ -16,13 +16,15 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from inlaid.cli_args import safetensors_problem
 from inlaid.quant.checkpoint import unpack_linear
 from inlaid.quant.errors import CheckpointError
 from inlaid.quant.model_io import LINEAR_NAMES, plain_linear
 from inlaid.quant.spec import QuantSpec
+from inlaid.quant.unfinished import sync_file
 
 PARTIAL_DIR = ".partial"
 
@@ -57,24 +59,25 @@ def prepare_partial_dir(out_dir: Path, fingerprint: str, resume: bool, command: 
     out_dir = Path(out_dir)
     partial = out_dir / PARTIAL_DIR
     run_file = partial / "run.json"
-    if partial.is_dir() and run_file.is_file():
-        run = json.loads(run_file.read_text())
+    if resume and partial.is_dir() and run_file.is_file():
+        run = read_run_record(out_dir)
         recorded = run.get("fingerprint")
-        if resume and recorded == fingerprint:
+        if recorded == fingerprint:
             mark_unfinished(out_dir, command)
             done = 0
-            while partial_path(out_dir, done).is_file():
+            # A layer file torn by a crash (no header, cut short) is computed again, with the
+            # layers after it: each rerun failed on it, and only --restart (all layers) got out.
+            while partial_path(out_dir, done).is_file() and not safetensors_problem(partial_path(out_dir, done)):
                 done += 1
             return done
-        if resume:
-            differing = settings_differences(run.get("settings"), settings or {}) if settings else []
-            if (out_dir / METADATA_FILE).is_file() and not unfinished_problem(out_dir):
-                raise CheckpointError(finished_with_other_settings(out_dir, differing))
-            what = f" ({'; '.join(differing)})" if differing else ""
-            raise CheckpointError(
-                f"{out_dir} holds an unfinished partial run with other settings{what}; rerun its command to resume "
-                "it, pass --restart to discard it or choose another --out"
-            )
+        differing = settings_differences(run.get("settings"), settings or {}) if settings else []
+        if (out_dir / METADATA_FILE).is_file() and not unfinished_problem(out_dir):
+            raise CheckpointError(finished_with_other_settings(out_dir, differing))
+        what = f" ({'; '.join(differing)})" if differing else ""
+        raise CheckpointError(
+            f"{out_dir} holds an unfinished partial run with other settings{what}; rerun its command to resume "
+            "it, pass --restart to discard it or choose another --out"
+        )
     mark_unfinished(out_dir, command)
     if partial.is_dir():
         for stale in partial.glob("layer_*.safetensors"):
@@ -94,17 +97,39 @@ def prepare_partial_dir(out_dir: Path, fingerprint: str, resume: bool, command: 
     return 0
 
 
+def read_run_record(out_dir: Path) -> dict:
+    """`<out_dir>/.partial/run.json` (what the partial run computes), or CheckpointError naming
+    it where it is damaged: a bare JSONDecodeError named no file."""
+    run_file = Path(out_dir) / PARTIAL_DIR / "run.json"
+    try:
+        run = json.loads(run_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        run = error
+    if not isinstance(run, dict):
+        why = f": {run}" if isinstance(run, Exception) else " (not a JSON object)"
+        raise CheckpointError(f"{run_file} is damaged{why}; pass --restart to start over, or choose another --out")
+    return run
+
+
 def save_partial_layer(out_dir: Path, layer_index: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Atomically (a temporary file, synced, then renamed) and durably (the rename synced)."""
     path = partial_path(out_dir, layer_index)
     temporary = path.with_suffix(".tmp")
     save_file(tensors, str(temporary), metadata={"inlaid": json.dumps(meta)})
+    sync_file(temporary)
     temporary.replace(path)
+    sync_file(path.parent)
 
 
 def load_partial_layer(out_dir: Path, layer_index: int) -> tuple[dict[str, torch.Tensor], dict]:
-    with safe_open(str(partial_path(out_dir, layer_index)), framework="pt") as handle:
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        meta = json.loads((handle.metadata() or {}).get("inlaid", "{}"))
+    path = partial_path(out_dir, layer_index)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            meta = json.loads((handle.metadata() or {}).get("inlaid", "{}"))
+    except (OSError, SafetensorError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}, a finished layer of the interrupted run, cannot be read ({error}); "
+                              "pass --restart to start over") from None
     return tensors, meta
 
 

@@ -6,9 +6,11 @@ terminal.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 
+from inlaid.engine.adapter_config import ADAPTER_FILES
 from inlaid.quant.partial import PARTIAL_DIR
 
 # A settings value recorded as a digest of a file's contents: a refusal says "other contents"
@@ -17,6 +19,23 @@ DIGEST_PREFIX = "sha256:"
 # A settings value recorded as a digest of files' paths, sizes and times (large files the
 # fingerprint hashed already): a refusal says "other files", which may be the same bytes.
 FILES_PREFIX = "files:"
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (read in chunks: model files are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def adapter_digest(adapter_dir: Path | None) -> dict[str, str] | None:
+    """Digests of what defines an adapter (its config and weights); None for the base forward."""
+    if adapter_dir is None:
+        return None
+    files = [Path(adapter_dir) / name for name in ADAPTER_FILES]
+    return {p.name: file_digest(p) for p in files if p.is_file()}
 
 
 def settings_differences(recorded: dict | None, current: dict) -> list[str]:
@@ -119,8 +138,6 @@ def run_settings(config) -> dict[str, object]:
     """What DriverConfig.fingerprint hashes, in the flags' words (kept in run.json: a refused
     resume names what differs, as train-adapter's does). Not part of the fingerprint."""
     from dataclasses import asdict
-
-    from inlaid.quant.driver import adapter_digest, file_digest
 
     model_dir, spec = Path(config.model_dir), config.spec
     described: dict[str, object] = {

@@ -29,10 +29,11 @@ from typing import Sequence
 
 from inlaid.build_lock import build_lock
 from inlaid.quant.calibration import CALIBRATION_BATCH_TOKENS, CalibrationTask
-from inlaid.quant.driver import DriverConfig, adapter_digest, file_digest, quantize_model
+from inlaid.quant.driver import DriverConfig, quantize_model
 from inlaid.quant.errors import CalibrationDataError, QuantizationError
 from inlaid.quant.methods import MlgptqOptions, parse_method
 from inlaid.quant.partial import PARTIAL_DIR
+from inlaid.quant.run_support import adapter_digest, file_digest
 from inlaid.quant.spec import QuantSpec
 
 DEFAULT_ADAPTERS_DIR = Path(__file__).resolve().parent.parent.parent / "adapters"

@@ -8,6 +8,7 @@ directory. Torch-free: the coordinator checks a configured checkpoint with it at
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 # Written before a run (`quantize`, `quantize-add`) changes anything in its output directory and
@@ -27,8 +28,26 @@ def mark_unfinished(out_dir: Path, command: str) -> None:
 
 
 def mark_finished(out_dir: Path) -> None:
-    """The checkpoint in `out_dir` is complete: drop the mark of mark_unfinished."""
-    (Path(out_dir) / UNFINISHED_FILE).unlink(missing_ok=True)
+    """The checkpoint in `out_dir` is complete: drop the mark of mark_unfinished, once the files
+    of the checkpoint (those directly in `out_dir`) are on disk. Without the fsyncs a power
+    loss could keep the mark's removal and lose the files' last writes: a checkpoint read as
+    finished with a truncated weights or metadata file."""
+    out_dir = Path(out_dir)
+    for path in out_dir.iterdir():
+        if path.is_file() and not path.is_symlink():
+            sync_file(path)
+    sync_file(out_dir)
+    (out_dir / UNFINISHED_FILE).unlink(missing_ok=True)
+    sync_file(out_dir)
+
+
+def sync_file(path: Path) -> None:
+    """fsync a file's data, or a directory's entries (a rename or removal in it)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def unfinished_problem(checkpoint_dir: Path) -> str | None:
