@@ -118,6 +118,26 @@ async def _generate_all(server, jobs):
         return await asyncio.gather(*(client.generate(p, task=t, max_tokens=MAX_TOKENS) for t, p in jobs))
 
 
+def test_a_reply_is_counted_on_the_metrics_port_before_it_arrives(server):
+    """The coordinator answered, then counted: a scrape of its port right after a reply missed
+    that request in 4 of 20 tries (an outside probe). Now each is counted before it goes."""
+    wait_idle(server)
+    url = f"http://127.0.0.1:{_metrics_port(server)}/metrics"
+
+    def finished() -> float:
+        samples = scrape(server, url)
+        return sum(count for (name, labels), count in samples.items()
+                   if name == "inlaid_requests_total" and dict(labels).get("task") == "__base__")
+
+    with server.client() as client:
+        counted = finished()
+        for attempt in range(20):
+            client.generate("Hi", max_tokens=1)
+            now = finished()
+            assert now == counted + 1, attempt
+            counted = now
+
+
 def _metrics_port(server) -> int:
     import tomllib
 

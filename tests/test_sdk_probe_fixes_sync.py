@@ -203,6 +203,24 @@ def test_a_stream_read_after_reconnect_is_a_lost_connection_and_is_cancelled(obs
         assert client.generate("Hi", max_tokens=2).finish_reason in ("stop", "length")
 
 
+def test_refusals_name_the_value_at_fault(observer: Client) -> None:
+    """An outside probe: these said what was wrong but not with what (nor where in a list)."""
+    with Client(ADDRESS, timeout_s=30) as client:
+        with pytest.raises(InvalidRequestError, match=r"in \[0, \d+\), got 1000000 at index 1") as raised:
+            client.generate(prompt_token_ids=[5, 1_000_000], max_tokens=1)
+        assert raised.value.param == "prompt_token_ids"
+        with pytest.raises(InvalidRequestError, match=r"stop_token_ids must be .*, got 1000000 at index 0") as raised:
+            client.generate("Hi", max_tokens=1, stop_token_ids=[1_000_000])
+        assert raised.value.param == "stop_token_ids"
+        with pytest.raises(InvalidRequestError, match="deadline_s must be a positive number of seconds, got -1.0"):
+            client.generate("Hi", max_tokens=1, deadline_s=-1)
+        with pytest.raises(InvalidRequestError, match=r"exactly one of .* \(got prompt and messages\)"):
+            client.generate("Hi", messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
+        # a tokenizer's numpy array is a list of token ids too
+        assert client.generate(prompt_token_ids=np.array([5, 6, 7]), max_tokens=1,
+                               stop_token_ids=np.array([2])).num_prompt_tokens == 3
+
+
 def test_cli_stream_ends_the_partial_line_before_a_mid_stream_error(server: Any,
                                                                      capsys: pytest.CaptureFixture) -> None:
     # A counting prompt runs far past the deadline without an end of sequence.

@@ -159,9 +159,10 @@ def checked_token_ids(ids: Iterable[int] | None, param: str) -> list[int]:
                                   param=param)
     values = list(ids)
     for i, item in enumerate(values):
-        if isinstance(item, bool) or not isinstance(item, int):
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral):  # numpy's bool is no Integral
             raise InvalidRequestError(f"{param} must be a list of token ids (integers), got {type_name(item)} "
                                       f"at index {i}", param=param)
+        values[i] = int(item)  # numpy's (a tokenizer's array): msgpack has no form for np.int64
     return values
 
 

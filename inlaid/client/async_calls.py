@@ -11,7 +11,7 @@ from typing import Any
 
 from inlaid.client.arguments import checked_seconds
 from inlaid.client.errors import ConnectionLostError, RequestTimeoutError
-from inlaid.client.messages import RequestIds, build_add_task, expect
+from inlaid.client.messages import RequestIds, build_add_task, build_task_call, expect
 from inlaid.client.task_wait import TASK_POLL_ANSWER_S, TaskWait
 from inlaid.protocol import (
     AdminReply, GetMetrics, GetStats, Health, HealthReply, ListTasks, MetricsReply, RemoveTask, ServerReply,
@@ -80,7 +80,7 @@ class AsyncCalls:
 
     async def task_status(self, name: str, timeout_s: float | None = None) -> TaskStatusReply:
         """Admin: the task's phase, layers done / total, quantization version, what was kept and why."""
-        message = TaskStatus(request_id=self._ids.next(), name=name, token=self.admin_token or "")
+        message = build_task_call(TaskStatus, self._ids.next(), name, self.admin_token)
         return await self._call(message, TaskStatusReply, timeout_s)
 
     async def wait_task(self, name: str, timeout_s: float = 3600.0, poll_s: float = 0.5,
@@ -108,5 +108,5 @@ class AsyncCalls:
 
     async def remove_task_reply(self, name: str, timeout_s: float | None = None) -> AdminReply:
         """`remove_task`, answering the server's whole AdminReply (as `add_task_reply`)."""
-        message = RemoveTask(request_id=self._ids.next(), name=name, token=self.admin_token or "")
+        message = build_task_call(RemoveTask, self._ids.next(), name, self.admin_token)
         return await self._call(message, AdminReply, timeout_s)

@@ -123,7 +123,7 @@ class AsyncClient(AsyncCalls):
         self._deliver(conn)
         if self._reader is asyncio.current_task():
             self._reader = None  # it ends by itself
-        self.reconnect()
+        self._drop_connection()
         for request_id, queue in self._queues.items():
             queue.put_nowait(connection_lost(request_id))
 
@@ -140,7 +140,7 @@ class AsyncClient(AsyncCalls):
         old_loop, self._loop = self._loop, loop
         if old_loop is None:
             return
-        self.reconnect()
+        self._drop_connection()
         self._handshake_lock = None  # an asyncio.Lock binds to the loop it first waits on
         self._queues.clear()  # refilled, they were never read (their streams' finalizers do nothing off their loop)
 
@@ -151,7 +151,23 @@ class AsyncClient(AsyncCalls):
                               "make one client per event loop")
 
     def reconnect(self) -> None:
-        """Drop the socket (failing nothing: pending waits run into their timeouts)."""
+        """Drop the socket and connect afresh at the next call. Each call still waiting and each
+        open stream fails at once with ConnectionLostError (they waited their whole timeout,
+        where the sync Client failed them at once), and their requests are cancelled on the
+        server. Off the loop the client runs on, it only drops the socket."""
+        try:
+            on_its_loop = self._loop is not None and self._loop is asyncio.get_running_loop()
+        except RuntimeError:  # no running loop here: no queue may be touched from this thread
+            on_its_loop = False
+        if on_its_loop:
+            for request_id, queue in self._queues.items():
+                self._cancel_nowait(request_id)  # before the socket goes (its linger sends them)
+                queue.put_nowait(ConnectionLostError("the request was dropped by AsyncClient.reconnect() before its "
+                                                     "end", request_id))
+        self._drop_connection()
+
+    def _drop_connection(self) -> None:
+        """Close the socket and stop its reader, failing nothing (the callers fail what waits)."""
         if self._reader is not None:
             try:
                 self._reader.cancel()
@@ -175,7 +191,7 @@ class AsyncClient(AsyncCalls):
                 queue.put_nowait(ClientClosedError("the client was closed before the answer came", request_id))
         else:  # requests of a loop that ended: nobody waits on them, and the server abandons them with the socket
             self._queues.clear()
-        self.reconnect()
+        self._drop_connection()
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -252,7 +268,7 @@ class AsyncClient(AsyncCalls):
         # A dead server leaves a socket that may never answer; start over unless other
         # requests still wait on this one.
         if all(other == request_id for other in self._queues):
-            self.reconnect()
+            self._drop_connection()
 
     def _cancel_nowait(self, request_id: str) -> None:
         if self._conn is None:

@@ -6,7 +6,7 @@ import itertools
 import os
 import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -35,12 +35,15 @@ from inlaid.protocol import (
     GenerateDone,
     Hello,
     HelloReply,
+    RemoveTask,
     SamplingParams,
     ServerReply,
+    TaskStatus,
     TextChunk,
 )
 
 DEFAULT_ADDRESS = os.environ.get("INLAID_ADDRESS", "tcp://127.0.0.1:5555")
+TaskCall = TypeVar("TaskCall", TaskStatus, RemoveTask)
 
 
 def checked_address(address: str, name: str = "the server address") -> str:
@@ -205,6 +208,16 @@ def build_add_task(request_id: str, name: str, adapter_dir: str | os.PathLike[st
                        adapter_dir=checked_path(adapter_dir, "adapter_dir"),
                        calibration_jsonl=checked_path(calibration_jsonl, "calibration_jsonl") if calibration_jsonl else "",
                        token=token or "")
+    except InvalidRequestError as error:
+        error.request_id = request_id
+        raise
+
+
+def build_task_call(kind: type[TaskCall], request_id: str, name: str, token: str | None) -> TaskCall:
+    """The TaskStatus or RemoveTask both clients send, `name` checked as build_add_task's (sent
+    unchecked, a number came back as the server's "malformed frame", param unset)."""
+    try:
+        return kind(request_id=request_id, name=checked_text(name, "name"), token=token or "")
     except InvalidRequestError as error:
         error.request_id = request_id
         raise

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from inlaid.client.errors import ConnectionLostError, RequestTimeoutError
-from inlaid.client.messages import build_add_task
+from inlaid.client.messages import build_add_task, build_task_call
 from inlaid.client.task_wait import TASK_POLL_ANSWER_S, TaskWait
 from inlaid.protocol import (
     AdminReply,
@@ -64,7 +64,7 @@ class AdminCalls:
 
     def task_status(self, name: str, timeout_s: float | None = None) -> TaskStatusReply:
         """Admin: the task's phase, layers done / total, quantization version, what was kept and why."""
-        message = TaskStatus(request_id=self._ids.next(), name=name, token=self.admin_token or "")
+        message = build_task_call(TaskStatus, self._ids.next(), name, self.admin_token)
         return self._call(message, TaskStatusReply, timeout_s)
 
     def wait_task(self, name: str, timeout_s: float = 3600.0, poll_s: float = 0.5,
@@ -95,5 +95,5 @@ class AdminCalls:
 
     def remove_task_reply(self, name: str, timeout_s: float | None = None) -> AdminReply:
         """`remove_task`, answering the server's whole AdminReply (as `add_task_reply`)."""
-        message = RemoveTask(request_id=self._ids.next(), name=name, token=self.admin_token or "")
+        message = build_task_call(RemoveTask, self._ids.next(), name, self.admin_token)
         return self._call(message, AdminReply, timeout_s)

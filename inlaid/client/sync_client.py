@@ -41,6 +41,9 @@ from inlaid.protocol import (
     ServerReply,
 )
 
+# How soon a call waiting on the socket notices close() from another thread (it polls in slices).
+CLOSE_NOTICE_S = 0.05
+
 
 class Client(AdminCalls):
     def __init__(
@@ -72,6 +75,7 @@ class Client(AdminCalls):
     # ------------------------------------------------------------------ connection
     def _sock(self) -> zmq.Socket:
         if self._closed:
+            self._drop_socket(linger_ms=0)  # closed from another thread during a call: its socket goes here
             raise ClientClosedError("the client is closed")
         if self._conn is None:
             self._conn = Connection(self._context, self.address)
@@ -145,8 +149,15 @@ class Client(AdminCalls):
             self._cancel_quietly(request_id)
 
     def close(self) -> None:
-        self._drop_socket(linger_ms=0)
-        self._closed = True
+        """Close the socket; every later call and open stream raises ClientClosedError. From
+        another thread while a call runs, that call raises it within CLOSE_NOTICE_S and its own
+        thread closes the socket (closing it under the call's poll crashed the process)."""
+        self._closed = True  # first: nothing reopens the socket
+        if self._one_thread.acquire(blocking=False):
+            try:
+                self._drop_socket(linger_ms=0)
+            finally:
+                self._one_thread.release()
 
     def __enter__(self) -> "Client":
         return self
@@ -169,9 +180,9 @@ class Client(AdminCalls):
         if queue is None:  # a stream read on after reconnect() dropped it: a KeyError said nothing
             raise ConnectionLostError("the request was dropped by Client.reconnect() before its end", request_id)
         while not queue:  # a lost connection fills every queue: this loop ends with the socket
-            self._sock()
+            self._sock()  # raises ClientClosedError once close() was called, from any thread
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._poller.poll(int(remaining * 1000) + 1):
+            if remaining <= 0 or not self._poller.poll(int(min(remaining, CLOSE_NOTICE_S) * 1000) + 1):
                 if time.monotonic() >= deadline:
                     raise RequestTimeoutError(f"no answer from {self.address} in time", request_id)
                 continue
@@ -220,10 +231,23 @@ class Client(AdminCalls):
     @one_thread_at_a_time
     def _call(self, message: Any, kind: type[Any], timeout_s: float | None = None) -> Any:
         frame = encode(message)  # a request msgpack cannot carry fails before the handshake
-        self._check_connection()  # a server restarted while idle is greeted again
+        deadline = time.monotonic() + call_timeout(timeout_s, self.timeout_s)
+        self._greet_by(deadline)
+        return expect(self._roundtrip(message, self._left(deadline, message.request_id), frame), kind)
+
+    def _greet_by(self, deadline: float) -> None:
+        """Say hello if no hello is held (a server restarted while idle is greeted again), within
+        the call's own deadline: the hello and the request share one timeout_s (each had its
+        own, and a call took up to twice it; AsyncClient's share one)."""
+        self._check_connection()
         if self.server is None:
-            self.handshake(timeout_s)
-        return expect(self._roundtrip(message, timeout_s, frame), kind)
+            self.handshake(self._left(deadline, ""))
+
+    def _left(self, deadline: float, request_id: str) -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RequestTimeoutError(f"no answer from {self.address} in time", request_id)
+        return remaining
 
     # ------------------------------------------------------------------ API
     def generate(
@@ -284,9 +308,7 @@ class Client(AdminCalls):
         )  # fmt: skip
         wait_s = call_timeout(timeout_s, self.timeout_s)
         frame = encode(message)
-        self._check_connection()
-        if self.server is None:
-            self.handshake(timeout_s)
+        self._greet_by(time.monotonic() + wait_s)  # the stream's first wait is per message: not shortened
         frame = checked_frame_size(frame, self.server, message.request_id)  # as `_roundtrip`
         self._inbox[message.request_id] = deque()
         try:

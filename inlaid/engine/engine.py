@@ -145,8 +145,10 @@ class Engine:
         vocab = self.model_config.vocab_size
         # A stop id outside the vocabulary can never be sampled: refused as prompt ids are,
         # not accepted as a stop rule that silently never fires.
-        if any(not 0 <= t < vocab for t in sampling.stop_token_ids):
-            raise InvalidRequestError(f"stop_token_ids must be integers in [0, {vocab})", "stop_token_ids")
+        bad = next((i for i, t in enumerate(sampling.stop_token_ids) if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"stop_token_ids must be integers in [0, {vocab}), got "
+                                      f"{sampling.stop_token_ids[bad]} at index {bad}", "stop_token_ids")
         token_ids = self.prompt_tokens(prompt, messages)
         if sampling.max_tokens is None:  # until the context is full (a too-long prompt is refused below)
             # one past the room the prompt leaves: the context, not this count, ends it ("context"; at

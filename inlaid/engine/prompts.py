@@ -81,8 +81,11 @@ def prompt_token_ids(tokenizer: Tokenizer, max_model_len: int, vocab_size: int, 
         token_ids = list(prompt)
         if len(token_ids) >= max_model_len:  # refused before checking each of 1M ids
             raise PromptTooLongError(len(token_ids), max_model_len, exact=True)
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size for t in token_ids):
-            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab_size})")
+        bad = next((i for i, t in enumerate(token_ids)
+                    if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab_size}), got "
+                                      f"{token_ids[bad]!r:.40} at index {bad}")
     if not token_ids:
         raise InvalidRequestError("the prompt is empty")
     return token_ids

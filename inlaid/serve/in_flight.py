@@ -143,7 +143,8 @@ class InFlight:
             known = sorted(self.registry.tasks) if error.code == ErrorCode.UNKNOWN_TASK else None
             return self.error(identity, request_id, error.code, error.message, field="task", known_tasks=known)
         if message.deadline_s is not None and not (message.deadline_s > 0 and math.isfinite(message.deadline_s)):
-            return self.error(identity, request_id, ErrorCode.INVALID_REQUEST, "deadline_s must be a positive number",
+            return self.error(identity, request_id, ErrorCode.INVALID_REQUEST,
+                              f"deadline_s must be a positive number of seconds, got {message.deadline_s!r}",
                               field="deadline_s")
         try:
             message.sampling.validate()
@@ -218,9 +219,10 @@ class InFlight:
     def _prompt_tokens(self, message: Generate) -> list[int]:
         """ValueError (InvalidRequestError) when the prompt cannot be served; every such
         refusal is about the prompt field the request gave (`_prompt_field`)."""
-        given = [x is not None for x in (message.prompt, message.messages, message.prompt_token_ids)]
-        if sum(given) != 1:
-            raise ValueError("give exactly one of prompt, messages or prompt_token_ids")
+        given = [name for name in ("prompt", "messages", "prompt_token_ids") if getattr(message, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of prompt, messages or prompt_token_ids (got "
+                             f"{' and '.join(given) or 'none of them'})")
         if message.messages is not None:  # counted before any is copied: 40k of them cost 15 ms
             return self.engine.prompt_tokens(None, message.messages)
         return self.engine.prompt_tokens(message.prompt if message.prompt is not None else message.prompt_token_ids, None)
@@ -251,9 +253,10 @@ class InFlight:
             if output.error is not None:  # the executor could not compute this one request
                 self.fail(request, output.error.code, output.error.message)
             elif output.finished:
-                self._send(request.identity, request.done_message(output.finish_reason or "stop"))
+                # Counted before the answer goes: a scrape right after a reply missed it (4 of 20).
                 self.counters["finished"] += 1
                 self._forget(request, output.finish_reason or "stop")
+                self._send(request.identity, request.done_message(output.finish_reason or "stop"))
                 log.debug("request finished", extra={"request_id": request.request_id, "task": request.task,
                                                      "tokens": len(request.token_ids),
                                                      "seconds": round(now - request.received_at, 4)})
@@ -330,9 +333,9 @@ class InFlight:
 
     def fail(self, request: ActiveRequest, code: str, message: str) -> None:
         self._engine_of(request).abort(request.engine_id)  # frees its KV blocks; a no-op when already gone
-        self.error(request.identity, request.request_id, code, message)
         self.counters["failed"] += 1
-        self._forget(request, code)
+        self._forget(request, code)  # counted before the answer goes, as a finished one
+        self.error(request.identity, request.request_id, code, message)
         # an adapter that cannot be loaded fails all of its task's requests: the operator's to mend
         (log.warning if code == ErrorCode.ADAPTER_FAILED else log.info)(
             "request failed", extra={"request_id": request.request_id, "task": request.task, "code": code,
