@@ -285,7 +285,25 @@ class Engine:
         plan = self.begin_step()
         if plan is None:
             return []
-        return self.finish_step(self.runner.execute(plan))
+        try:
+            result = self.runner.execute(plan)
+        except BaseException:
+            self.undo_step(plan)
+            raise
+        return self.finish_step(result)
+
+    def undo_step(self, plan: BatchPlan) -> None:
+        """A step whose execution raised (Ctrl-C or out of memory mid-forward): its sequences go
+        back to the queue with no KV (their cache may be half written; computed again from
+        their tokens when next planned, as after a preemption), and the adapters it was loading
+        are loaded again at their next use. Left as planned, they stayed running with nothing
+        to compute, holding their blocks: `has_unfinished()` stayed true and a step loop spun."""
+        for load in plan.adapter_loads:
+            self.scheduler.adapters.evict(load.name)
+        for chunk in plan.chunks:
+            seq = self._by_seq_id.get(chunk.seq_id)
+            if seq is not None and seq.status is SequenceStatus.RUNNING:
+                self.scheduler.restart(seq)
 
     # ------------------------------------------------------------------ batch convenience
     def generate(
@@ -326,18 +344,24 @@ class Engine:
             progress = tqdm(total=count, desc="generate", unit="req")
         pending = set(ids)
         errors: dict[str, str] = {}
-        while pending:
-            for output in self.step():
-                if output.request_id in texts:
-                    texts[output.request_id].append(output.text_delta)
-                    if output.error is not None:
-                        errors[output.request_id] = f"[{output.error.code}] {output.error.message}"
-                    if output.finished:
-                        pending.discard(output.request_id)
-                        if progress:
-                            progress.update(1)
-        if progress:
-            progress.close()
+        try:
+            while pending:
+                for output in self.step():
+                    if output.request_id in texts:
+                        texts[output.request_id].append(output.text_delta)
+                        if output.error is not None:
+                            errors[output.request_id] = f"[{output.error.code}] {output.error.message}"
+                        if output.finished:
+                            pending.discard(output.request_id)
+                            if progress:
+                                progress.update(1)
+        except BaseException:  # Ctrl-C or a failed step: the batch's unfinished requests end with the call
+            for request_id in pending:
+                self.abort(request_id)
+            raise
+        finally:
+            if progress:
+                progress.close()
         return [
             GenerationOutput(
                 request_id=rid,
