@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,24 +42,21 @@ def build_lock(artifact: Path, *, quiet: bool = False) -> Iterator[None]:
 
 @contextlib.contextmanager
 def exclusive_run(target: Path, busy_error: type[Exception], option: str = "--out") -> Iterator[None]:
-    """Hold `target`'s run lock (a hidden `.<name>.lock` beside it, removed at the end) for the
-    block, or raise `busy_error` at once naming the holder's pid. Parents of `target` it has to
-    create for the lock are removed again at the end where they are empty (a refused run left
-    them behind otherwise)."""
-    target = Path(target).expanduser().absolute()
-    lock_path = target.parent / f".{target.name}.lock"
-    created = [directory for directory in target.parents if not directory.exists()]
+    """Hold `target`'s run lock for the block, or raise `busy_error` at once naming the holder's
+    pid. The lock is keyed on `target`'s real path (symlinks resolved: one directory under two
+    names is one lock) and lives in a per-user directory of the system's temporary directory,
+    not beside `target` (whose parent may be read-only); its file is removed at the end."""
+    real = os.path.realpath(Path(target).expanduser())
+    lock_dir = Path(tempfile.gettempdir()) / f"inlaid-run-locks-{os.getuid()}"
+    lock_dir.mkdir(mode=0o700, exist_ok=True)
+    lock_path = lock_dir / (hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:32] + ".lock")
     while True:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            handle = open(lock_path, "a+")
-        except FileNotFoundError:  # a parent another run had created was removed meanwhile
-            continue
+        handle = open(lock_path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip()
+            holder = handle.read().split("\n", 1)[0].strip()
             handle.close()
             pid = f" (pid {holder})" if holder.isdigit() else ""
             raise busy_error(f"another run{pid} is writing {option} {target}: wait for it to end, or choose "
@@ -73,14 +72,9 @@ def exclusive_run(target: Path, busy_error: type[Exception], option: str = "--ou
     try:
         handle.seek(0)
         handle.truncate()
-        handle.write(f"{os.getpid()}\n")
+        handle.write(f"{os.getpid()}\n{real}\n")
         handle.flush()
         yield
     finally:
         lock_path.unlink(missing_ok=True)
         handle.close()
-        for directory in created:  # nearest first
-            try:
-                directory.rmdir()
-            except OSError:  # not empty (the run's output is there), or gone
-                break

@@ -9,18 +9,24 @@ model's forward); everything else is the real engine on the default model."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from inlaid.engine import Engine, EngineConfig, SamplingParams
+from inlaid.engine.scheduler import SchedulingPolicy
+from inlaid.scheduling.step_log import StepLogPolicy
 
 PROMPTS = ["The capital of France is a city that", "def add(a, b):"]
 TOKENS = 8
 
 
-def _engine(model_dir, adapter_dirs) -> Engine:
+def _engine(model_dir, adapter_dirs, step_log: Path | None = None) -> Engine:
     # An 8-token budget: the prompts are chunked, so a step fails with a prompt half computed.
-    engine = Engine.local(EngineConfig(model_dir=str(model_dir), dtype="float32", max_lora_slots=2,
-                                       max_lora_rank=32, num_kv_blocks=16, block_size=16, max_num_batched_tokens=8))
+    config = EngineConfig(model_dir=str(model_dir), dtype="float32", max_lora_slots=2, max_lora_rank=32,
+                          num_kv_blocks=16, block_size=16, max_num_batched_tokens=8)
+    engine = Engine.local(config, StepLogPolicy(SchedulingPolicy(), step_log) if step_log else None)
     engine.register_adapter("attn-r8", str(adapter_dirs["attn-r8"]))
     return engine
 
@@ -45,10 +51,13 @@ def reference(model_dir, adapter_dirs) -> list[list[int]]:
     return [output.token_ids for output in outputs]
 
 
-def test_a_step_interrupted_in_an_adapter_load_is_run_again(model_dir, adapter_dirs, reference, monkeypatch) -> None:
+def test_a_step_interrupted_in_an_adapter_load_is_run_again(model_dir, adapter_dirs, reference, monkeypatch,
+                                                             tmp_path) -> None:
     """Ctrl-C while the first step loads the adapter: the slot the scheduler had given it holds
-    nothing, so the adapter must be loaded again, or its request runs as the base model."""
-    engine = _engine(model_dir, adapter_dirs)
+    nothing, so the adapter must be loaded again, or its request runs as the base model. The
+    undone sequences wait in their order of arrival, and the step log has no line for the
+    step that never ran (nor keeps its record)."""
+    engine = _engine(model_dir, adapter_dirs, step_log=tmp_path / "steps.jsonl")
     calls = _fail_once(monkeypatch, engine.runner, "load_adapter", 1, KeyboardInterrupt())
     ids = [engine.add_request(prompt, sampling=SamplingParams(max_tokens=TOKENS, ignore_eos=True), adapter=adapter)
            for prompt, adapter in zip(PROMPTS, ["attn-r8", None])]
@@ -61,6 +70,9 @@ def test_a_step_interrupted_in_an_adapter_load_is_run_again(model_dir, adapter_d
             outputs = engine.step()
         except KeyboardInterrupt:
             interrupted += 1
+            waiting = [seq.seq_id for seq in engine.scheduler.waiting]
+            assert waiting == sorted(waiting) and len(waiting) == len(ids)
+            assert not engine.scheduler.policy._pending
             continue
         for output in outputs:
             tokens[output.request_id] += output.new_token_ids
@@ -68,6 +80,9 @@ def test_a_step_interrupted_in_an_adapter_load_is_run_again(model_dir, adapter_d
     assert [tokens[request_id] for request_id in ids] == reference
     blocks = engine.scheduler.blocks
     assert blocks.num_free_blocks == engine.config.num_kv_blocks, blocks.num_free_blocks
+    logged = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert len(logged) == steps - interrupted and [line["step"] for line in logged] == sorted(
+        line["step"] for line in logged)
 
 
 def test_a_forward_that_raises_mid_prefill_leaves_nothing_running(model_dir, adapter_dirs, reference,

@@ -87,11 +87,21 @@ def test_a_second_run_on_an_out_being_written_is_refused_at_once(tiny, tmp_path,
             pass
 
 
-def test_a_refused_lock_leaves_no_parent_it_created(tmp_path) -> None:
-    out = tmp_path / "a" / "b" / "out"
-    with exclusive_run(out, RuntimeError):
-        assert (tmp_path / "a" / "b" / ".out.lock").is_file()
-    assert list(tmp_path.iterdir()) == []
+def test_one_directory_under_two_names_is_one_lock_and_nothing_is_written_beside_it(tmp_path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    with exclusive_run(real, RuntimeError):
+        with pytest.raises(RuntimeError, match="another run"):
+            with exclusive_run(tmp_path / "link", RuntimeError):
+                pass
+        with pytest.raises(RuntimeError, match="another run"):
+            with exclusive_run(tmp_path / "link" / ".." / "real", RuntimeError):
+                pass
+        with exclusive_run(tmp_path / "a" / "b" / "out", RuntimeError):  # another directory: its own lock
+            pass
+    # the lock lives in the temporary directory (a read-only parent of --out took none), and goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
 
 
 def test_quantize_does_not_rewrite_a_quantize_add_checkpoint(tiny, tmp_path, capsys) -> None:
@@ -194,8 +204,8 @@ def test_quantize_add_out_inside_an_adapter_is_refused(tiny, tmp_path, capsys) -
 
 def test_finished_files_reach_the_disk_before_the_mark_goes(tmp_path, monkeypatch) -> None:
     out = tmp_path / "checkpoint"
-    out.mkdir()
-    for name in ("model.safetensors", METADATA_FILE, UNFINISHED_FILE):
+    (out / HESSIAN_STATE_DIR).mkdir(parents=True)
+    for name in ("model.safetensors", METADATA_FILE, UNFINISHED_FILE, f"{HESSIAN_STATE_DIR}/layer_000.safetensors"):
         (out / name).write_text(name)
     synced: list[str] = []
     real_fsync = os.fsync
@@ -214,5 +224,6 @@ def test_finished_files_reach_the_disk_before_the_mark_goes(tmp_path, monkeypatc
     monkeypatch.setattr(Path, "unlink", unlink)
     mark_finished(out)
     removal = synced.index(f"unlink {UNFINISHED_FILE}")
-    assert {"model.safetensors", METADATA_FILE, "checkpoint"} <= set(synced[:removal])
+    assert {"model.safetensors", METADATA_FILE, "layer_000.safetensors", HESSIAN_STATE_DIR,
+            "checkpoint"} <= set(synced[:removal])
     assert synced[removal + 1:] == ["checkpoint"] and not (out / UNFINISHED_FILE).exists()

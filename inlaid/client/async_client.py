@@ -154,12 +154,15 @@ class AsyncClient(AsyncCalls):
         """Drop the socket and connect afresh at the next call. Each call still waiting and each
         open stream fails at once with ConnectionLostError (they waited their whole timeout,
         where the sync Client failed them at once), and their requests are cancelled on the
-        server. Off the loop the client runs on, it only drops the socket."""
+        server. Not from another thread while the client's loop runs (InlaidError: its socket
+        is that loop's); with no loop running, it only drops the socket."""
         try:
-            on_its_loop = self._loop is not None and self._loop is asyncio.get_running_loop()
+            running = asyncio.get_running_loop()
         except RuntimeError:  # no running loop here: no queue may be touched from this thread
-            on_its_loop = False
-        if on_its_loop:
+            running = None
+        if self._loop is not None and self._loop is not running and self._loop.is_running():
+            raise InlaidError("this AsyncClient is in use on another running event loop; reconnect it from there")
+        if running is not None and self._loop is running:
             for request_id, queue in self._queues.items():
                 self._cancel_nowait(request_id)  # before the socket goes (its linger sends them)
                 queue.put_nowait(ConnectionLostError("the request was dropped by AsyncClient.reconnect() before its "

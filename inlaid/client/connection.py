@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from inlaid.client.errors import ClientInUseError, ConnectionLostError
+from inlaid.client.errors import ClientClosedError, ClientInUseError, ConnectionLostError
 from inlaid.client.messages import decode_reply
 from inlaid.protocol import ServerReply
 
@@ -115,6 +115,8 @@ def one_thread_at_a_time(method: _Method) -> _Method:
     def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
         lock: threading.RLock = self._one_thread
         if not lock.acquire(blocking=False):
+            if self._closed:  # close() from another thread holds it for a moment: the client is closed
+                raise ClientClosedError("the client is closed")
             raise ClientInUseError("this Client is in use by another thread: a sync Client is not thread-safe; "
                                    "use one per thread, or one AsyncClient")
         try:

@@ -190,6 +190,8 @@ class Client(AdminCalls):
             self._deliver(self._conn)  # replies first: those sent before a disconnect get through
             self._check_connection()
         reply = queue.popleft()
+        if self._closed:  # close() came from another thread as this answer did: the socket goes here
+            self._drop_socket(linger_ms=0)
         if isinstance(reply, ConnectionLostError):
             raise reply
         return reply

@@ -296,14 +296,17 @@ class Engine:
         """A step whose execution raised (Ctrl-C or out of memory mid-forward): its sequences go
         back to the queue with no KV (their cache may be half written; computed again from
         their tokens when next planned, as after a preemption), and the adapters it was loading
-        are loaded again at their next use. Left as planned, they stayed running with nothing
-        to compute, holding their blocks: `has_unfinished()` stayed true and a step loop spun."""
+        are loaded again at their next use; the policy hears that the step never ran. Left as
+        planned, they stayed running with nothing to compute, holding their blocks:
+        `has_unfinished()` stayed true and a step loop spun."""
         for load in plan.adapter_loads:
             self.scheduler.adapters.evict(load.name)
-        for chunk in plan.chunks:
-            seq = self._by_seq_id.get(chunk.seq_id)
-            if seq is not None and seq.status is SequenceStatus.RUNNING:
+        undone = [self._by_seq_id[chunk.seq_id] for chunk in plan.chunks if chunk.seq_id in self._by_seq_id]
+        # Each goes to the head of the queue: the latest admitted first, so the earliest leads.
+        for seq in sorted(undone, key=lambda seq: seq.seq_id, reverse=True):
+            if seq.status is SequenceStatus.RUNNING:
                 self.scheduler.restart(seq)
+        self.scheduler.policy.on_undone(plan.step_id, self.scheduler.clock())
 
     # ------------------------------------------------------------------ batch convenience
     def generate(

@@ -90,6 +90,10 @@ class SchedulingPolicy:
     def on_result(self, result: StepResult, now: float) -> None:
         """The executor's result of a step (its compute time)."""
 
+    def on_undone(self, step_id: int, now: float) -> None:
+        """A planned step never ran (its execution raised): it gets no result, and its
+        sequences were requeued (`on_preempt`)."""
+
     def on_finish(self, seq: Sequence, now: float) -> None:
         """`seq` finished (any reason, cancellations included)."""
 

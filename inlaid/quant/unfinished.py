@@ -29,14 +29,16 @@ def mark_unfinished(out_dir: Path, command: str) -> None:
 
 def mark_finished(out_dir: Path) -> None:
     """The checkpoint in `out_dir` is complete: drop the mark of mark_unfinished, once the files
-    of the checkpoint (those directly in `out_dir`) are on disk. Without the fsyncs a power
-    loss could keep the mark's removal and lose the files' last writes: a checkpoint read as
-    finished with a truncated weights or metadata file."""
+    of the checkpoint (its Hessian state too; `.partial/` was synced as it was written) are on
+    disk. Without the fsyncs a power loss could keep the mark's removal and lose the files'
+    last writes: a checkpoint read as finished with a truncated weights or metadata file."""
     out_dir = Path(out_dir)
-    for path in out_dir.iterdir():
-        if path.is_file() and not path.is_symlink():
-            sync_file(path)
-    sync_file(out_dir)
+    for directory, subdirectories, files in os.walk(out_dir):
+        subdirectories[:] = [name for name in subdirectories if name != ".partial"]  # synced as written
+        for name in files:
+            if not os.path.islink(os.path.join(directory, name)):
+                sync_file(Path(directory) / name)
+        sync_file(Path(directory))
     (out_dir / UNFINISHED_FILE).unlink(missing_ok=True)
     sync_file(out_dir)
 

@@ -109,6 +109,10 @@ class StepLogPolicy(SchedulingPolicy):
     def on_token(self, seq: Sequence, now: float) -> None:
         self.inner.on_token(seq, now)
 
+    def on_undone(self, step_id: int, now: float) -> None:
+        self._pending.pop(step_id, None)  # no line: the step computed nothing
+        self.inner.on_undone(step_id, now)
+
     def on_result(self, result: StepResult, now: float) -> None:
         record = self._pending.pop(result.step_id, None)
         if record is not None and self._fd is not None:

@@ -267,9 +267,9 @@ class InFlight:
         if request is None:
             return  # finished already, or never existed: cancelling is idempotent
         self._engine_of(request).abort(request.engine_id)
-        self._send(identity, request.done_message("cancelled"))
         self.counters["finished"] += 1
-        self._forget(request, "cancelled")
+        self._forget(request, "cancelled")  # counted before the answer goes, as a finished one
+        self._send(identity, request.done_message("cancelled"))
 
     def client_gone(self, identity: bytes) -> None:
         """The client's connection closed: nobody can read its answers; stop computing them."""
