@@ -68,6 +68,18 @@ def unique_temporary(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """`text` to `path` whole or not at all (a temporary file beside it, then a rename): an
+    error or a kill mid-write left the earlier file emptied or cut short."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = unique_temporary(path)
+    try:
+        tmp.write_bytes(text.encode("utf-8"))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_jsonl(path: Path, examples: Iterable[Example]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0

@@ -89,6 +89,9 @@ def _report_inputs(args: argparse.Namespace) -> dict | None:
                 and "split" in part and all(isinstance(configs, dict) for configs in part["tasks"].values())):
             raise ValueError(f"--results {path} is not a results file of `inlaid eval --suite --with-base --out` "
                              "(a JSON object with model, split and tasks)")
+        if isinstance(partial := part.get("partial"), dict):  # its first finished are the short answers: biased
+            raise ValueError(f"--results {path} holds an interrupted eval ({partial.get('finished')} of "
+                             f"{partial.get('requests')} predictions finished): run that eval again to its end")
         # before anything is written: it wrote MANIFEST.json and the tables, then failed on such a task
         if own := [name for name in part["tasks"] if name not in TASK_NAMES]:
             raise ValueError(f"--results {path} holds task {own[0]!r}, not one of the suite's (a task of your own, "

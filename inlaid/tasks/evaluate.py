@@ -18,7 +18,7 @@ from pathlib import Path
 
 from inlaid.cli_args import positive_int
 from inlaid.interrupts import EXIT_TERMINATED
-from inlaid.tasks.base import Task
+from inlaid.tasks.base import Task, write_text_atomic
 from inlaid.tasks.checks import adapter_problem, base_model_warnings
 from inlaid.tasks.eval_plan import BASE, EvalRun, argument_problem, planned_runs
 from inlaid.tasks.generation import (GenerationError, GenerationInterrupted, GenerationRequest, GenerationResult,
@@ -271,13 +271,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"{task_name:14s} {config_name:14s} n={entry['examples']:<4d} {scores}")
     print(f"backend={results['backend']} seconds={results['seconds']} tokens={results['generated_tokens']}")
     written = []
+    # `~` as the checks read it (--out=~/r.json: no shell expands it); each file whole or not at all
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1, ensure_ascii=False))
+        write_text_atomic(Path(args.out).expanduser(), json.dumps(results, indent=1, ensure_ascii=False))
         written.append(args.out)
     if args.markdown and results["tasks"]:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(markdown_table(results))
+        write_text_atomic(Path(args.markdown).expanduser(), markdown_table(results))
         written.append(args.markdown)
     partial = results.get("partial")
     if partial is None:

@@ -13,15 +13,21 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from inlaid.cli_args import safetensors_problem
 from inlaid.file_modes import as_umask_allows
 
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CHECKPOINT_DIR = "checkpoint"
+# A save is written whole into STAGING_DIR, then swapped in: the checkpoint it replaces is
+# renamed REPLACED_DIR meanwhile (three files written in place could hold two steps' state).
+STAGING_DIR, REPLACED_DIR = CHECKPOINT_DIR + ".new", CHECKPOINT_DIR + ".old"
+ADAPTER_STAGING_DIR = ".adapter.new"  # the finished adapter's files, before they are renamed into place
 
 
 @dataclass
@@ -137,6 +143,59 @@ def _loss(peft_model, input_ids, attention, labels):
     return F.cross_entropy(logits.float(), next_labels[keep])
 
 
+def settle_checkpoint(out_dir: Path) -> None:
+    """Undo what a kill left of a save (`_save_checkpoint`, `_save_adapter`): a save cut short
+    goes (the checkpoint before it stands), and a checkpoint renamed aside comes back where no
+    new one took its place. Only directories holding a checkpoint's files are touched."""
+    out = Path(out_dir)
+    staging, replaced, checkpoint = out / STAGING_DIR, out / REPLACED_DIR, out / CHECKPOINT_DIR
+
+    def ours(directory: Path) -> bool:
+        return directory.is_dir() and all(not entry.is_dir() for entry in directory.iterdir()) and any(
+            (directory / name).is_file() for name in ("adapter_config.json", "state.json", "optimizer.pt"))
+
+    for cut_short in (staging, out / ADAPTER_STAGING_DIR):
+        if ours(cut_short):
+            shutil.rmtree(cut_short)
+    if ours(replaced):
+        if checkpoint.exists():
+            shutil.rmtree(replaced)
+        else:
+            replaced.rename(checkpoint)
+
+
+def _save_checkpoint(model, optimizer, out_dir: Path, state: dict) -> None:
+    """The adapter, the optimizer and the step of one moment, all or none: written into
+    STAGING_DIR, then swapped for the checkpoint by renames. Written in place, a kill between
+    the files resumed the weights of one step with the step count of the one before."""
+    import torch
+
+    staging, replaced, checkpoint = out_dir / STAGING_DIR, out_dir / REPLACED_DIR, out_dir / CHECKPOINT_DIR
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging))
+    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    (staging / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(replaced, ignore_errors=True)
+    if checkpoint.exists():
+        checkpoint.rename(replaced)
+    staging.rename(checkpoint)
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _save_adapter(model, out_dir: Path, save_dtype: str, records: dict[str, str]) -> None:
+    """The finished adapter and its records (file name -> text) into `out_dir`, each file
+    whole: written beside them first, then renamed over the old ones."""
+    staging = out_dir / ADAPTER_STAGING_DIR
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging))
+    _cast_adapter_file(staging / "adapter_model.safetensors", save_dtype)
+    for name, text in records.items():
+        (staging / name).write_text(text)
+    for path in staging.iterdir():
+        path.replace(out_dir / path.name)
+    staging.rmdir()
+
+
 def train(config: TrainConfig, command: str = "") -> Path:
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -168,6 +227,7 @@ def train(config: TrainConfig, command: str = "") -> Path:
 
     out_dir = Path(config.out_dir)
     checkpoint = out_dir / CHECKPOINT_DIR
+    settle_checkpoint(out_dir)
     base = AutoModelForCausalLM.from_pretrained(config.model_dir, dtype=dtype).to(device)
     for parameter in base.parameters():
         parameter.requires_grad_(False)
@@ -208,10 +268,8 @@ def train(config: TrainConfig, command: str = "") -> Path:
         progress.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
         done = step + 1
         if done % config.save_every == 0 or done == config.steps:
-            model.save_pretrained(str(checkpoint))
-            torch.save(optimizer.state_dict(), checkpoint / "optimizer.pt")
-            (checkpoint / "state.json").write_text(
-                json.dumps({"step": done, "losses": losses, "settings": config.resume_settings()}))
+            _save_checkpoint(model, optimizer, out_dir,
+                             {"step": done, "losses": losses, "settings": config.resume_settings()})
 
     info = {
         "task": config.task,
@@ -238,10 +296,8 @@ def train(config: TrainConfig, command: str = "") -> Path:
         print(f"{config.task}: already trained to step {config.steps} with these settings; nothing rewritten",
               file=sys.stderr)
         return out_dir
-    model.save_pretrained(str(out_dir))
-    _cast_adapter_file(out_dir / "adapter_model.safetensors", config.save_dtype)
-    (out_dir / "training.json").write_text(json.dumps(info, indent=2))
-    (out_dir / "losses.json").write_text(json.dumps(losses))
+    _save_adapter(model, out_dir, config.save_dtype,
+                  {"training.json": json.dumps(info, indent=2), "losses.json": json.dumps(losses)})
     return out_dir
 
 
@@ -256,6 +312,8 @@ def _same_record(out_dir: Path, info: dict) -> bool:
     but the fields of the run itself)."""
     if not all((out_dir / name).is_file() for name in ("adapter_model.safetensors", "adapter_config.json")):
         return False  # a file of the adapter gone: the rerun writes it again
+    if safetensors_problem(out_dir / "adapter_model.safetensors"):
+        return False  # damaged (cut short): written again from the checkpoint, not kept
     try:
         recorded = json.loads((out_dir / "training.json").read_text())
     except (OSError, ValueError):

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from inlaid.cli_args import model_dir_problem, positive_float, positive_int, writable_dir_problem
-from inlaid.tasks.train import CHECKPOINT_DIR, TrainConfig, out_problem, train
+from inlaid.tasks.train import (CHECKPOINT_DIR, REPLACED_DIR, STAGING_DIR, TrainConfig, out_problem, settle_checkpoint,
+                                train)
 
 
 def rank_problem(rank: int) -> str | None:
@@ -85,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     # A task of one's own: its name names the adapter's folder; the path is kept absolute (a
     # resumed run from another directory reads the same file, and the checkpoint records it).
     name, data = split_task_spec(args.task) or (args.task, None)
-    out_dir = args.out or Path("adapters") / name
+    out_dir = Path(args.out).expanduser() if args.out else Path("adapters") / name  # --out=~/a: no shell expands it
+    settle_checkpoint(out_dir)  # a save a kill cut short: before --out is judged by what it holds
     if problem := _input_problem(args, out_dir):
         print(f"inlaid train-adapter: {problem}", file=sys.stderr)
         return 2
@@ -102,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"inlaid train-adapter: {problem}", file=sys.stderr)
         return 2
     if args.restart:
-        shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
+        for name in (CHECKPOINT_DIR, STAGING_DIR, REPLACED_DIR):
+            shutil.rmtree(out_dir / name, ignore_errors=True)
     command = "inlaid train-adapter " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     out = train(config, command=command)
     print(out)
