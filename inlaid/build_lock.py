@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -39,19 +40,25 @@ def build_lock(artifact: Path, *, quiet: bool = False) -> Iterator[None]:
         lock.flush()
         yield
 
+RUN_LOCK_BASE = Path("/tmp")  # where run_lock_dir makes this user's directory (tests point it elsewhere)
+
 
 @contextlib.contextmanager
 def exclusive_run(target: Path, busy_error: type[Exception], option: str = "--out") -> Iterator[None]:
     """Hold `target`'s run lock for the block, or raise `busy_error` at once naming the holder's
     pid. The lock is keyed on `target`'s real path (symlinks resolved: one directory under two
-    names is one lock) and lives in a per-user directory of the system's temporary directory,
-    not beside `target` (whose parent may be read-only); its file is removed at the end."""
+    names is one lock) and lives in `run_lock_dir()`, not beside `target` (whose parent may be
+    read-only); its file is removed at the end. Not covered: two users, or two processes
+    that see different /tmp directories (a service's private /tmp), on one `target`."""
     real = os.path.realpath(Path(target).expanduser())
-    lock_dir = Path(tempfile.gettempdir()) / f"inlaid-run-locks-{os.getuid()}"
-    lock_dir.mkdir(mode=0o700, exist_ok=True)
+    lock_dir = run_lock_dir(busy_error)
     lock_path = lock_dir / (hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:32] + ".lock")
     while True:
-        handle = open(lock_path, "a+")
+        try:  # never through a link planted at the lock's name
+            handle = os.fdopen(os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600), "a+")
+        except OSError as error:
+            raise busy_error(f"cannot open the run lock {lock_path} for {option} {target}: "
+                             f"{error.strerror or error}") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -78,3 +85,21 @@ def exclusive_run(target: Path, busy_error: type[Exception], option: str = "--ou
     finally:
         lock_path.unlink(missing_ok=True)
         handle.close()
+
+
+def run_lock_dir(refusal: type[Exception]) -> Path:
+    """This user's directory of run locks, `/tmp/inlaid-run-locks-<uid>` (the same whatever
+    TMPDIR says; the system's temporary directory where /tmp is missing): made mode 0700, and
+    refused (`refusal`, one line) unless it is a real directory of this user's that nobody else
+    may write: another user could plant links there or block the runs."""
+    base = RUN_LOCK_BASE if RUN_LOCK_BASE.is_dir() else Path(tempfile.gettempdir())
+    directory = base / f"inlaid-run-locks-{os.getuid()}"
+    try:
+        directory.mkdir(mode=0o700, exist_ok=True)
+        status = os.lstat(directory)
+    except OSError as error:
+        raise refusal(f"cannot make the run-lock directory {directory}: {error.strerror or error}") from None
+    if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid() or status.st_mode & 0o077:
+        raise refusal(f"the run-lock directory {directory} is not a directory of this user's that only it may "
+                      "write; remove it (it is made again)")
+    return directory

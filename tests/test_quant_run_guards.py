@@ -104,6 +104,37 @@ def test_one_directory_under_two_names_is_one_lock_and_nothing_is_written_beside
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
 
 
+def test_a_lock_directory_others_may_write_is_refused(tmp_path, monkeypatch) -> None:
+    """Another user's (or a world-writable) lock directory could take links planted at a lock's
+    name, or block the runs: refused in one line, never written through."""
+    import inlaid.build_lock as build_lock
+
+    monkeypatch.setattr(build_lock, "RUN_LOCK_BASE", tmp_path)
+    with exclusive_run(tmp_path / "out", RuntimeError):  # made mode 0700: taken
+        pass
+    directory = build_lock.run_lock_dir(RuntimeError)
+    assert directory.parent == tmp_path and directory.stat().st_mode & 0o777 == 0o700
+    os.chmod(directory, 0o777)
+    with pytest.raises(RuntimeError, match="not a directory of this user's that only it may write"):
+        with exclusive_run(tmp_path / "out", RuntimeError):
+            pass
+    os.chmod(directory, 0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    with exclusive_run(tmp_path / "out", RuntimeError):
+        pass
+    lock_name = next(iter(build_lock.run_lock_dir(RuntimeError).iterdir()), None)
+    assert lock_name is None  # removed at the end
+    import hashlib
+
+    planted = directory / (hashlib.sha256(os.path.realpath(tmp_path / "out").encode()).hexdigest()[:32] + ".lock")
+    planted.symlink_to(victim)
+    with pytest.raises(RuntimeError, match="cannot open the run lock"):
+        with exclusive_run(tmp_path / "out", RuntimeError):
+            pass
+    assert victim.read_text() == "keep me"
+
+
 def test_quantize_does_not_rewrite_a_quantize_add_checkpoint(tiny, tmp_path, capsys) -> None:
     model_dir, alpha, beta, _ = tiny
     base, plus = tmp_path / "base", tmp_path / "plus"

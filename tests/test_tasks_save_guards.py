@@ -69,6 +69,40 @@ def test_a_checkpoint_renamed_aside_comes_back(tmp_path) -> None:
     assert (foreign / STAGING_DIR / "photos").is_dir()
 
 
+def test_a_first_save_killed_before_its_config_leaves_a_usable_out(tiny_model_dir, tmp_path) -> None:
+    """PEFT writes README.md and the weights before adapter_config.json: a kill there left a
+    staging directory the next run took for a foreign folder's ("--out is not empty")."""
+    from inlaid.tasks.train import out_problem
+
+    out = tmp_path / "adapter"
+    (out / STAGING_DIR).mkdir(parents=True)
+    (out / STAGING_DIR / "README.md").write_text("model card")
+    (out / STAGING_DIR / "adapter_model.safetensors").write_bytes(b"\0" * 10)  # cut short
+    assert out_problem(_config(tiny_model_dir, out, steps=2)) is None  # not a foreign folder
+    settle_checkpoint(out)
+    assert list(out.iterdir()) == []
+    assert _adapter(train(_config(tiny_model_dir, out, steps=2)))
+
+
+def test_the_record_goes_in_last(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    """The finished adapter's files are renamed into place with training.json last: a kill
+    between the renames must not leave a new record beside the old weights."""
+    out = tmp_path / "adapter"
+    train(_config(tiny_model_dir, out, steps=2))
+    renamed: list[tuple[str, bool]] = []  # (file, whether a training.json was there as it went in)
+    real_replace = Path.replace
+
+    def replace(path: Path, target):
+        if Path(target).parent == out:
+            renamed.append((Path(target).name, (out / "training.json").exists()))
+        return real_replace(path, target)
+
+    monkeypatch.setattr(Path, "replace", replace)
+    train(_config(tiny_model_dir, out, steps=4))  # continues: a new adapter and record
+    assert renamed[-1][0] == "training.json", renamed
+    assert ("adapter_model.safetensors", False) in renamed, renamed  # the old record gone first
+
+
 def test_a_finished_runs_damaged_adapter_is_written_again(tiny_model_dir, tmp_path) -> None:
     config = _config(tiny_model_dir, tmp_path / "adapter", steps=2)
     out = train(config)
@@ -95,6 +129,13 @@ def test_an_output_that_cannot_be_written_leaves_the_earlier_file(tmp_path) -> N
     with pytest.raises(UnicodeEncodeError):
         write_text_atomic(path, '{"id": "a\udc80"}')
     assert path.read_text() == '{"previous": 1}' and sorted(os.listdir(tmp_path)) == ["results.json"]
+    # a link: its target is replaced (not the link by a file), with the target's mode
+    os.chmod(path, 0o640)
+    (tmp_path / "link.json").symlink_to(path)
+    write_text_atomic(tmp_path / "link.json", '{"new": 2}')
+    assert (tmp_path / "link.json").is_symlink() and path.read_text() == '{"new": 2}'
+    assert os.stat(path).st_mode & 0o777 == 0o640
+    assert sorted(os.listdir(tmp_path)) == ["link.json", "results.json"]
 
 
 def test_tasks_report_refuses_an_interrupted_evals_results(tmp_path, capsys) -> None:

@@ -324,6 +324,9 @@ class InlaidPolicy(SchedulingPolicy):
     def on_plan(self, plan: BatchPlan, planned: list[tuple[Sequence, int]], now: float) -> None:
         self._last_step_adapters = {seq.adapter for seq, _ in planned if seq.adapter is not None}
 
+    def on_undone(self, step_id: int, now: float) -> None:
+        self._last_step_adapters = set()  # that step computed nothing: no adapter is in the batch
+
     def on_token(self, seq: Sequence, now: float) -> None:
         if self.service is not None:
             self.service.charge_token(seq)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,12 +71,22 @@ def unique_temporary(path: Path) -> Path:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """`text` to `path` whole or not at all (a temporary file beside it, then a rename): an
-    error or a kill mid-write left the earlier file emptied or cut short."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = unique_temporary(path)
+    error or a kill mid-write left the earlier file emptied or cut short. A link is followed
+    (its target is replaced, the earlier file's mode kept); where no file can be made beside it
+    (a writable file in a read-only directory) or it is no regular file (/dev/stdout), it is
+    written in place, as before."""
+    data = text.encode("utf-8")  # first: text that cannot be written leaves the file as it was
+    real = Path(os.path.realpath(path))
+    real.parent.mkdir(parents=True, exist_ok=True)
+    if (real.exists() and not real.is_file()) or not os.access(real.parent, os.W_OK | os.X_OK):
+        real.write_bytes(data)
+        return
+    tmp = unique_temporary(real)
     try:
-        tmp.write_bytes(text.encode("utf-8"))
-        tmp.replace(path)
+        tmp.write_bytes(data)
+        if real.exists():
+            os.chmod(tmp, stat.S_IMODE(real.stat().st_mode))
+        tmp.replace(real)
     finally:
         tmp.unlink(missing_ok=True)
 

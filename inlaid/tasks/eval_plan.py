@@ -113,7 +113,8 @@ def argument_problem(args: argparse.Namespace) -> str | None:
         # Paired by position: `--task a --task b --adapter x` evaluated b with a's adapter.
         return (f"{len(args.task)} --task but {len(args.adapter)} --adapter: give one --adapter per --task, "
                 "in the same order (or none, for the base model)")
-    if args.out and args.markdown and os.path.realpath(args.out) == os.path.realpath(args.markdown):
+    if args.out and args.markdown and (os.path.realpath(os.path.expanduser(args.out))
+                                       == os.path.realpath(os.path.expanduser(args.markdown))):
         # The table was written over the JSON results, which were lost.
         return f"--out and --markdown are the same file ({args.out}); give two paths"
     for option, path in (("--out", args.out), ("--markdown", args.markdown)):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -28,6 +29,10 @@ CHECKPOINT_DIR = "checkpoint"
 # renamed REPLACED_DIR meanwhile (three files written in place could hold two steps' state).
 STAGING_DIR, REPLACED_DIR = CHECKPOINT_DIR + ".new", CHECKPOINT_DIR + ".old"
 ADAPTER_STAGING_DIR = ".adapter.new"  # the finished adapter's files, before they are renamed into place
+SAVE_DIRS = (CHECKPOINT_DIR, STAGING_DIR, REPLACED_DIR, ADAPTER_STAGING_DIR)
+# What a save writes (PEFT's save_pretrained: README.md, the weights, then adapter_config.json).
+_SAVED_FILES = {"README.md", "adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "state.json",
+                "training.json", "losses.json"}
 
 
 @dataclass
@@ -150,9 +155,9 @@ def settle_checkpoint(out_dir: Path) -> None:
     out = Path(out_dir)
     staging, replaced, checkpoint = out / STAGING_DIR, out / REPLACED_DIR, out / CHECKPOINT_DIR
 
-    def ours(directory: Path) -> bool:
-        return directory.is_dir() and all(not entry.is_dir() for entry in directory.iterdir()) and any(
-            (directory / name).is_file() for name in ("adapter_config.json", "state.json", "optimizer.pt"))
+    def ours(directory: Path) -> bool:  # empty, or nothing but files a save writes (a kill's leftovers)
+        return directory.is_dir() and all(entry.is_file() and entry.name in _SAVED_FILES
+                                          for entry in directory.iterdir())
 
     for cut_short in (staging, out / ADAPTER_STAGING_DIR):
         if ours(cut_short):
@@ -175,6 +180,7 @@ def _save_checkpoint(model, optimizer, out_dir: Path, state: dict) -> None:
     model.save_pretrained(str(staging))
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     (staging / "state.json").write_text(json.dumps(state))
+    _sync_files(staging)  # on disk before the renames make it the checkpoint (a power loss)
     shutil.rmtree(replaced, ignore_errors=True)
     if checkpoint.exists():
         checkpoint.rename(replaced)
@@ -191,9 +197,22 @@ def _save_adapter(model, out_dir: Path, save_dtype: str, records: dict[str, str]
     _cast_adapter_file(staging / "adapter_model.safetensors", save_dtype)
     for name, text in records.items():
         (staging / name).write_text(text)
-    for path in staging.iterdir():
+    _sync_files(staging)
+    # training.json last, gone meanwhile: a kill between the renames left a new record beside
+    # the old weights, which a rerun took for a finished run ("nothing rewritten").
+    (out_dir / "training.json").unlink(missing_ok=True)
+    for path in sorted(staging.iterdir(), key=lambda path: path.name == "training.json"):
         path.replace(out_dir / path.name)
     staging.rmdir()
+
+
+def _sync_files(directory: Path) -> None:
+    for path in directory.iterdir():
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def train(config: TrainConfig, command: str = "") -> Path:
@@ -371,7 +390,7 @@ def out_problem(config: TrainConfig, restart: bool = False) -> str | None:
     except (OSError, ValueError):
         record = None
     if (not has_checkpoint and record is None and out.is_dir()
-            and any(entry.name != CHECKPOINT_DIR for entry in out.iterdir())):  # a bare checkpoint/ is a crash's
+            and any(entry.name not in SAVE_DIRS for entry in out.iterdir())):  # a bare checkpoint/ is a crash's
         why = ("its training.json is not a train-adapter record" if (out / "training.json").is_file()
                else "no training.json or checkpoint")
         return f"--out {out} is not empty and holds no train-adapter run ({why}); choose a new or empty directory"

@@ -9,9 +9,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from inlaid.build_lock import exclusive_run
 from inlaid.cli_args import model_dir_problem, positive_float, positive_int, writable_dir_problem
-from inlaid.tasks.train import (CHECKPOINT_DIR, REPLACED_DIR, STAGING_DIR, TrainConfig, out_problem, settle_checkpoint,
-                                train)
+from inlaid.tasks.train import SAVE_DIRS, TrainConfig, out_problem, settle_checkpoint, train
 
 
 def rank_problem(rank: int) -> str | None:
@@ -79,14 +79,27 @@ def _input_problem(args: argparse.Namespace, out_dir: Path) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from inlaid.models.prepare import default_model_dir
-
     from inlaid.tasks.custom import split_task_spec
 
     # A task of one's own: its name names the adapter's folder; the path is kept absolute (a
     # resumed run from another directory reads the same file, and the checkpoint records it).
     name, data = split_task_spec(args.task) or (args.task, None)
     out_dir = Path(args.out).expanduser() if args.out else Path("adapters") / name  # --out=~/a: no shell expands it
+    try:  # one run an --out at a time: a second one's settle_checkpoint undid the first's save
+        with exclusive_run(out_dir, OutBusyError):
+            return _run_in(args, name, data, out_dir)
+    except OutBusyError as error:
+        print(f"inlaid train-adapter: {error}", file=sys.stderr)
+        return 2
+
+
+class OutBusyError(RuntimeError):
+    """Another train-adapter run holds --out."""
+
+
+def _run_in(args: argparse.Namespace, name: str, data: str | None, out_dir: Path) -> int:
+    from inlaid.models.prepare import default_model_dir
+
     settle_checkpoint(out_dir)  # a save a kill cut short: before --out is judged by what it holds
     if problem := _input_problem(args, out_dir):
         print(f"inlaid train-adapter: {problem}", file=sys.stderr)
@@ -104,8 +117,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"inlaid train-adapter: {problem}", file=sys.stderr)
         return 2
     if args.restart:
-        for name in (CHECKPOINT_DIR, STAGING_DIR, REPLACED_DIR):
-            shutil.rmtree(out_dir / name, ignore_errors=True)
+        for save_dir in SAVE_DIRS:
+            shutil.rmtree(out_dir / save_dir, ignore_errors=True)
     command = "inlaid train-adapter " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     out = train(config, command=command)
     print(out)
