@@ -5,6 +5,7 @@ a user would."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,18 @@ def test_generate_checks_adapter_options(model_dir: Path, adapters: list[str], n
     for item in adapters:
         args += ["--adapter", item.replace("ADAPTERS", str(ADAPTERS))]
     _refused("generate", args, "--adapter", *named)
+
+
+def test_generate_reads_a_batch_from_standard_input(model_dir: Path, monkeypatch, capsys) -> None:
+    """`--batch -` read a file named '-' (an outside probe)."""
+    import io
+
+    from inlaid.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b'{"prompt": "Hi", "max_tokens": 2}\n')))
+    assert main(["generate", "--model", str(model_dir), "--batch", "-", "--json"]) == 0
+    results = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(results) == 1 and results[0]["finish_reason"] in ("length", "stop")
 
 
 def test_generate_refuses_other_inputs_up_front(model_dir: Path, tmp_path: Path) -> None:

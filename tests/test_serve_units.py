@@ -180,6 +180,9 @@ def test_config_defaults_bind_loopback_and_disable_admin(model_dir):
         ({"server": {"max_pending_requests": 0}}, "max_pending_requests must be >= 1"),
         ({"server": {"bogus": 1}}, "unknown keys"),
         ({"executor": {"num_kv_blocks": 0}}, "num_kv_blocks must be >= 1"),
+        # accepted, then every executor start died allocating its decode graphs' shapes (a probe)
+        ({"executor": {"max_num_seqs": 1_000_000_000}}, r"max_num_seqs must be >= 1 and <= 65536 \(an integer\), got 1000000000"),
+        ({"executor": {"max_num_batched_tokens": 10**14}}, r"max_num_batched_tokens must be .*<= 4194304"),
         ({"executor": {"warp_drive": True}}, "unknown keys"),
         ({"tasks": {"bad name!": "/x"}}, "task name"),
         # Found by an outside probe: these were accepted (look-alike letters; '..' a path
@@ -380,6 +383,22 @@ def test_settings_a_server_never_uses_are_named_not_taken_silently(tmp_path):
     quantized.mkdir()
     assert ignored({"model": {"quantized_dir": str(quantized)}, "executor": {"quant_kernel": "dequant"},
                     "requantizer": {"duty_cycle": 0.2}, "server": {"state_dir": "state"}}) == []
+
+
+def test_a_max_model_len_past_what_is_served_is_named(tmp_path, model_dir):
+    """Past the model's max_position_embeddings (8192) or the KV cache it was shrunk without a word."""
+    from inlaid.serve.cli import ignored_settings
+    from inlaid.serve.config import config_from_dict
+
+    def ignored(executor: dict) -> list[tuple[str, str]]:
+        return ignored_settings(config_from_dict({"model": {"dir": str(model_dir)}, "executor": executor},
+                                                 base_dir=tmp_path))
+
+    (setting, why), = ignored({"max_model_len": 10_000_000})
+    assert setting == "executor.max_model_len" and "sequences end at 8192 tokens" in why, why
+    (_, why), = ignored({"max_model_len": 4096, "num_kv_blocks": 100, "block_size": 16})
+    assert "sequences end at 1600 tokens" in why and "= 1600" in why, why
+    assert ignored({"max_model_len": 1024}) == []
 
 
 def test_a_quantized_dir_missing_its_weights_is_told_so(tmp_path):

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--use", action="append", default=[], metavar="NAME",
                         help="adapter for the i-th --prompt ('-' for none); the last one repeats for the "
                              "prompts after it; at most one per --prompt (a --batch line names its own 'adapter')")
-    parser.add_argument("--batch", type=Path, help="JSONL file of requests")
+    parser.add_argument("--batch", type=Path, help="JSONL file of requests (- reads them from standard input)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-k", type=int, default=0)
@@ -165,9 +165,9 @@ def _batch_lines(path: Path) -> list[tuple[int, str]]:
     """(line number, text) of each non-blank line; a line that is not UTF-8 is named by
     file:line (the whole file was refused as one undecodable read)."""
     try:
-        raw = path.read_bytes()
+        raw = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
     except OSError as error:
-        raise _InputError(f"--batch: {error}") from None
+        raise _InputError(f"--batch {path}: {error.strerror or error}") from None
     lines = []
     for line_number, data in enumerate(raw.split(b"\n"), 1):
         try:

@@ -31,6 +31,10 @@ MAX_KV_BLOCKS = 1 << 24
 MAX_LORA_SLOTS = 1024
 MAX_LORA_RANK = 4096
 MAX_THREADS = 1024
+# Sequences and tokens of one step: beyond these, a step's buffers (the decode graphs' shapes
+# and inputs are sized by max_num_seqs) failed to allocate at every executor start.
+MAX_NUM_SEQS = 1 << 16
+MAX_BATCHED_TOKENS = 1 << 22
 
 
 def _shown(number: float) -> str:
@@ -215,8 +219,8 @@ class EngineConfig:
         for name in ("model_dir", "quant_kernel", "device", "dtype", "weight_dtype"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens"):
-            check_range(name, getattr(self, name), 1, integer=True)
+        check_range("max_num_seqs", self.max_num_seqs, 1, MAX_NUM_SEQS, integer=True)
+        check_range("max_num_batched_tokens", self.max_num_batched_tokens, 1, MAX_BATCHED_TOKENS, integer=True)
         check_range("block_size", self.block_size, 1, MAX_BLOCK_SIZE, integer=True)
         check_range("num_kv_blocks", self.num_kv_blocks, 1, MAX_KV_BLOCKS, integer=True)
         check_range("max_lora_slots", self.max_lora_slots, 1, MAX_LORA_SLOTS, integer=True)

@@ -128,7 +128,24 @@ def ignored_settings(config) -> list[tuple[str, str]]:  # type: ignore[no-untype
         elif config.engine.quantized_dir is None:
             ignored.append(("[requantizer]", "the base is not quantized (no model.quantized_dir): there is "
                                              "nothing to re-quantize"))
+    if config.engine.max_model_len is not None and (served := _served_length(config.engine)) is not None \
+            and served < config.engine.max_model_len:
+        ignored.append(("executor.max_model_len",
+                        f"sequences end at {served} tokens: the model's max_position_embeddings and the KV cache "
+                        f"(num_kv_blocks x block_size = {config.engine.num_kv_blocks * config.engine.block_size}) "
+                        f"cap the {config.engine.max_model_len} asked for"))
     return ignored
+
+
+def _served_length(engine) -> int | None:  # type: ignore[no-untyped-def]
+    """The context length the engine will serve (EngineConfig.context_length), or None where
+    the model's config.json cannot be read here (the executor's load reports that)."""
+    from inlaid.engine.config import ModelConfig
+
+    try:
+        return engine.context_length(ModelConfig.from_dir(engine.quantized_dir or engine.model_dir))
+    except Exception:  # noqa: BLE001 - any problem of the model directory is the load's to name
+        return None
 
 
 def usable_cores() -> int:
