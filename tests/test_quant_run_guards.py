@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from inlaid.build_lock import exclusive_run
-from inlaid.quant.calibration import CalibrationTask, parse_sample
+from inlaid.quant.calibration import parse_sample
 from inlaid.quant.checkpoint import HESSIAN_STATE_DIR, METADATA_FILE
 from inlaid.quant.errors import CheckpointError
 from inlaid.quant.incremental import IncrementalError, read_checkpoint_metadata
@@ -25,7 +25,7 @@ from inlaid.quant.inputs import finished_checkpoint_problem
 from inlaid.quant.partial import PARTIAL_DIR, load_partial_layer, partial_path
 from inlaid.quant.unfinished import UNFINISHED_FILE, mark_finished
 
-from tiny_llama import make_adapter, quantize_full, two_layer_model_or_skip, write_calibration
+from test_quant_resilience import _add, _one_line_error, _quantize, tiny  # noqa: F401 (tiny: its fixture)
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -33,42 +33,9 @@ pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quant_run_guards")
-    model_dir = two_layer_model_or_skip(root)
-    alpha = make_adapter(model_dir, root / "alpha", seed=1, scale=0.3)
-    beta = make_adapter(model_dir, root / "beta", seed=2, scale=0.3)
-    alpha_calib = write_calibration(root / "alpha.jsonl", "alpha", 3)
-    beta_calib = write_calibration(root / "beta.jsonl", "beta", 3)
-    base = quantize_full(model_dir, [CalibrationTask("alpha", alpha, alpha_calib)], root / "base")
-    return model_dir, f"alpha={alpha}:{alpha_calib}", f"beta={beta}:{beta_calib}", base
-
-
-def _quantize(model_dir: Path, task: str, out: Path, *extra: str) -> int:
-    from inlaid.cli import main
-
-    return main(["quantize", "--model", str(model_dir), "--task", task, "--max-samples", "2", "--max-tokens", "48",
-                 "--threads", "1", "--out", str(out), *extra])
-
-
-def _add(checkpoint: Path, task: str, out: Path, *extra: str) -> int:
-    from inlaid.cli import main
-
-    return main(["quantize-add", "--checkpoint", str(checkpoint), "--task", task, "--out", str(out),
-                 "--max-samples", "2", "--threads", "1", *extra])
-
-
-def _one_line_error(capsys, *needles: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err, err
-    assert all(needle in err for needle in needles), err
-    return err
-
-
 def test_a_second_run_on_an_out_being_written_is_refused_at_once(tiny, tmp_path, capsys) -> None:
-    """The lock is an flock on a hidden file beside --out: a second open of it, in this process
-    as in another, cannot take it while the first holds it."""
+    """The lock is an flock on a file named by --out's real path (build_lock.run_lock_dir): a
+    second open of it, in this process as in another, cannot take it while the first holds it."""
     model_dir, alpha, beta, base = tiny
     out, added = tmp_path / "nested" / "out", tmp_path / "added"
     with exclusive_run(out, RuntimeError):
