@@ -42,12 +42,12 @@ def test_a_quantized_checkpoint_is_written_with_the_umask_mode(tmp_path: Path, u
 
 
 def test_a_trained_adapter_file_is_written_with_the_umask_mode(tmp_path: Path, umask: int) -> None:
-    from inlaid.tasks.train import _cast_adapter_file
+    from inlaid.tasks.train_files import cast_adapter_file
 
     weights = tmp_path / "adapter_model.safetensors"
     save_file({"a": torch.ones(2, 2)}, str(weights))
     assert _mode(weights) == 0o600  # what safetensors does on its own: the reason for the fix
-    _cast_adapter_file(weights, "bfloat16")
+    cast_adapter_file(weights, "bfloat16")
     assert _mode(weights) == 0o666 & ~umask
 
 

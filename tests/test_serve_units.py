@@ -181,7 +181,8 @@ def test_config_defaults_bind_loopback_and_disable_admin(model_dir):
         ({"server": {"bogus": 1}}, "unknown keys"),
         ({"executor": {"num_kv_blocks": 0}}, "num_kv_blocks must be >= 1"),
         # accepted, then every executor start died allocating its decode graphs' shapes (a probe)
-        ({"executor": {"max_num_seqs": 1_000_000_000}}, r"max_num_seqs must be >= 1 and <= 65536 \(an integer\), got 1000000000"),
+        ({"executor": {"max_num_seqs": 1_000_000_000}},
+         r"max_num_seqs must be >= 1 and <= 65536 \(an integer\), got 1000000000"),
         ({"executor": {"max_num_batched_tokens": 10**14}}, r"max_num_batched_tokens must be .*<= 4194304"),
         ({"executor": {"warp_drive": True}}, "unknown keys"),
         ({"tasks": {"bad name!": "/x"}}, "task name"),

@@ -17,7 +17,8 @@ from inlaid.cli import main
 from inlaid.tasks import TaskError
 from inlaid.tasks.base import write_text_atomic
 from inlaid.tasks.custom import read_task_file
-from inlaid.tasks.train import CHECKPOINT_DIR, REPLACED_DIR, STAGING_DIR, settle_checkpoint, train
+from inlaid.tasks.train import train
+from inlaid.tasks.train_files import CHECKPOINT_DIR, REPLACED_DIR, STAGING_DIR, settle_checkpoint
 
 from test_tasks_train import _config, tiny_model_dir  # noqa: F401 (the module's fixture)
 

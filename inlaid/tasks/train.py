@@ -12,27 +12,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from inlaid.cli_args import safetensors_problem
-from inlaid.file_modes import as_umask_allows
+from inlaid.tasks.train_files import CHECKPOINT_DIR, SAVE_DIRS, save_adapter, save_checkpoint, settle_checkpoint
 
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CHECKPOINT_DIR = "checkpoint"
-# A save is written whole into STAGING_DIR, then swapped in: the checkpoint it replaces is
-# renamed REPLACED_DIR meanwhile (three files written in place could hold two steps' state).
-STAGING_DIR, REPLACED_DIR = CHECKPOINT_DIR + ".new", CHECKPOINT_DIR + ".old"
-ADAPTER_STAGING_DIR = ".adapter.new"  # the finished adapter's files, before they are renamed into place
-SAVE_DIRS = (CHECKPOINT_DIR, STAGING_DIR, REPLACED_DIR, ADAPTER_STAGING_DIR)
-# What a save writes (PEFT's save_pretrained: README.md, the weights, then adapter_config.json).
-_SAVED_FILES = {"README.md", "adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "state.json",
-                "training.json", "losses.json"}
 
 
 @dataclass
@@ -112,16 +101,6 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def _cast_adapter_file(path: Path, dtype_name: str) -> None:
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    dtype = getattr(torch, dtype_name)
-    tensors = {name: tensor.to(dtype).contiguous() for name, tensor in load_file(str(path)).items()}
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    as_umask_allows(path)
-
-
 def _collate(samples: list[tuple[list[int], int]], pad_id: int, device):
     import torch
 
@@ -146,73 +125,6 @@ def _loss(peft_model, input_ids, attention, labels):
     keep = next_labels != -100
     logits = causal_lm.lm_head(hidden[:, :-1][keep])
     return F.cross_entropy(logits.float(), next_labels[keep])
-
-
-def settle_checkpoint(out_dir: Path) -> None:
-    """Undo what a kill left of a save (`_save_checkpoint`, `_save_adapter`): a save cut short
-    goes (the checkpoint before it stands), and a checkpoint renamed aside comes back where no
-    new one took its place. Only directories holding a checkpoint's files are touched."""
-    out = Path(out_dir)
-    staging, replaced, checkpoint = out / STAGING_DIR, out / REPLACED_DIR, out / CHECKPOINT_DIR
-
-    def ours(directory: Path) -> bool:  # empty, or nothing but files a save writes (a kill's leftovers)
-        return directory.is_dir() and all(entry.is_file() and entry.name in _SAVED_FILES
-                                          for entry in directory.iterdir())
-
-    for cut_short in (staging, out / ADAPTER_STAGING_DIR):
-        if ours(cut_short):
-            shutil.rmtree(cut_short)
-    if ours(replaced):
-        if checkpoint.exists():
-            shutil.rmtree(replaced)
-        else:
-            replaced.rename(checkpoint)
-
-
-def _save_checkpoint(model, optimizer, out_dir: Path, state: dict) -> None:
-    """The adapter, the optimizer and the step of one moment, all or none: written into
-    STAGING_DIR, then swapped for the checkpoint by renames. Written in place, a kill between
-    the files resumed the weights of one step with the step count of the one before."""
-    import torch
-
-    staging, replaced, checkpoint = out_dir / STAGING_DIR, out_dir / REPLACED_DIR, out_dir / CHECKPOINT_DIR
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(str(staging))
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    (staging / "state.json").write_text(json.dumps(state))
-    _sync_files(staging)  # on disk before the renames make it the checkpoint (a power loss)
-    shutil.rmtree(replaced, ignore_errors=True)
-    if checkpoint.exists():
-        checkpoint.rename(replaced)
-    staging.rename(checkpoint)
-    shutil.rmtree(replaced, ignore_errors=True)
-
-
-def _save_adapter(model, out_dir: Path, save_dtype: str, records: dict[str, str]) -> None:
-    """The finished adapter and its records (file name -> text) into `out_dir`, each file
-    whole: written beside them first, then renamed over the old ones."""
-    staging = out_dir / ADAPTER_STAGING_DIR
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(str(staging))
-    _cast_adapter_file(staging / "adapter_model.safetensors", save_dtype)
-    for name, text in records.items():
-        (staging / name).write_text(text)
-    _sync_files(staging)
-    # training.json last, gone meanwhile: a kill between the renames left a new record beside
-    # the old weights, which a rerun took for a finished run ("nothing rewritten").
-    (out_dir / "training.json").unlink(missing_ok=True)
-    for path in sorted(staging.iterdir(), key=lambda path: path.name == "training.json"):
-        path.replace(out_dir / path.name)
-    staging.rmdir()
-
-
-def _sync_files(directory: Path) -> None:
-    for path in directory.iterdir():
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
 
 
 def train(config: TrainConfig, command: str = "") -> Path:
@@ -287,7 +199,7 @@ def train(config: TrainConfig, command: str = "") -> Path:
         progress.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
         done = step + 1
         if done % config.save_every == 0 or done == config.steps:
-            _save_checkpoint(model, optimizer, out_dir,
+            save_checkpoint(model, optimizer, out_dir,
                              {"step": done, "losses": losses, "settings": config.resume_settings()})
 
     info = {
@@ -315,7 +227,7 @@ def train(config: TrainConfig, command: str = "") -> Path:
         print(f"{config.task}: already trained to step {config.steps} with these settings; nothing rewritten",
               file=sys.stderr)
         return out_dir
-    _save_adapter(model, out_dir, config.save_dtype,
+    save_adapter(model, out_dir, config.save_dtype,
                   {"training.json": json.dumps(info, indent=2), "losses.json": json.dumps(losses)})
     return out_dir
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from inlaid.build_lock import exclusive_run
 from inlaid.cli_args import model_dir_problem, positive_float, positive_int, writable_dir_problem
-from inlaid.tasks.train import SAVE_DIRS, TrainConfig, out_problem, settle_checkpoint, train
+from inlaid.tasks.train import TrainConfig, out_problem, train
+from inlaid.tasks.train_files import SAVE_DIRS, settle_checkpoint
 
 
 def rank_problem(rank: int) -> str | None:
