@@ -75,7 +75,9 @@ QUICK = E2eSettings(task_counts=(9,), popularities=("zipf",), rates=2, low_load=
 
 
 def make_trace(settings: E2eSettings, num_tasks: int, popularity: str, num_requests: int, seed: int):  # noqa: ANN201
-    """A trace at 1 request/s (scaled to each rate) with the suite's eval requests."""
+    """A trace at 1 request/s (scaled to each rate) with the suite's eval requests. Every trace
+    of a task count shares one task table (drawn with `settings.seed`): the servers load the
+    adapters of that table (e2e.task_dirs), whatever seed draws a trace's requests."""
     from inlaid.engine.adapter_config import read_adapter_spec
     from inlaid.scheduling.suite import load_suite_lengths
     from inlaid.scheduling.traces import Trace, TraceSpec, generate_trace
@@ -83,9 +85,13 @@ def make_trace(settings: E2eSettings, num_tasks: int, popularity: str, num_reque
     ranks = {p.name: read_adapter_spec(p.name, p).rank for p in sorted(ADAPTERS.iterdir())
              if (p / "adapter_config.json").is_file()}
     records = [r for r in load_suite_lengths() if r.split == "eval"]
-    spec = TraceSpec(rate=1.0, num_requests=num_requests, cv=settings.cv, num_tasks=num_tasks, popularity=popularity,
-                     suite_task_names=num_tasks <= len(ranks), seed=seed)
-    trace = generate_trace(spec, records, ranks)
+
+    def spec(requests: int, trace_seed: int) -> TraceSpec:
+        return TraceSpec(rate=1.0, num_requests=requests, cv=settings.cv, num_tasks=num_tasks, popularity=popularity,
+                         suite_task_names=num_tasks <= len(ranks), seed=trace_seed)
+
+    table = generate_trace(spec(1, settings.seed), records, ranks).tasks
+    trace = generate_trace(spec(num_requests, seed), records, ranks, tasks=table)
     if settings.max_tokens:
         cap = settings.max_tokens
         trace = Trace([replace(r, max_tokens=min(cap, r.max_tokens), output_tokens=min(cap, r.output_tokens))

@@ -112,6 +112,29 @@ def test_headline_and_report_files(quick):
     assert len(report["machine_loadavg_before"]) == 3
 
 
+def test_every_trace_of_a_task_count_asks_the_tasks_the_servers_load():
+    """The servers load the adapters of one probe trace's task table (e2e.task_dirs); each rate's
+    trace was drawn with its own seed, which named tasks after other families (7 tasks: a
+    request for a task no server had, a crash; 100 tasks: 89 of the names another family's, so
+    a prompt was answered by another family's adapter). An outside probe of 2026-12-07."""
+    from inlaid.scheduling.suite import load_suite_lengths
+    from inlaid.scheduling.traces import TaskProfile, TraceSpec, generate_trace
+
+    settings = e2e.E2eSettings()
+    for count in (7, 100):
+        probe = e2e.make_trace(settings, count, "uniform", 1, settings.seed)
+        served = {name: task.family for name, task in probe.tasks.items()}
+        for seed in (settings.seed + 1, settings.seed + 2, settings.seed + 1000):
+            trace = e2e.make_trace(settings, count, "zipf", 40, seed)
+            assert {name: task.family for name, task in trace.tasks.items()} == served, (count, seed)
+            assert {request.task for request in trace.requests if request.task} <= set(served)
+    # a table that does not fit the trace asked for is refused
+    records = [record for record in load_suite_lengths() if record.split == "eval"]
+    with pytest.raises(ValueError, match="the task table holds 1 tasks"):
+        generate_trace(TraceSpec(rate=1.0, num_requests=4, num_tasks=2, seed=1), records,
+                       tasks={"a": TaskProfile("a", records[0].task, 8)})
+
+
 def test_replicated_adapters_are_perturbed_copies(tmp_path):
     from safetensors.torch import load_file
 

@@ -250,6 +250,19 @@ def _stats(values: np.ndarray) -> dict[str, float]:
             "p90": float(np.percentile(values, 90)), "max": float(values.max())}
 
 
+def _draw_tasks(spec: TraceSpec, families: list[str], ranks: Mapping[str, int] | None,
+                rng: np.random.Generator) -> dict[str, TaskProfile]:
+    """Each task's suite family (the families in a shuffled cycle) and adapter rank."""
+    shuffled = list(rng.permutation(families))
+    tasks: dict[str, TaskProfile] = {}
+    for index in range(spec.num_tasks):
+        family = str(shuffled[index % len(shuffled)])
+        name = family if spec.suite_task_names else f"task-{index:04d}"
+        rank = (ranks or {}).get(name, (ranks or {}).get(family, int(rng.choice(DEFAULT_RANKS))))
+        tasks[name] = TaskProfile(name, family, int(rank))
+    return tasks
+
+
 def popularity_weights(num_tasks: int, popularity: str, alpha: float) -> np.ndarray:
     """P(task i) for i in 0..num_tasks-1."""
     if popularity == "uniform":
@@ -262,8 +275,13 @@ def popularity_weights(num_tasks: int, popularity: str, alpha: float) -> np.ndar
     return weights / weights.sum()
 
 
-def generate_trace(spec: TraceSpec, records: Sequence[SuiteRecord], ranks: Mapping[str, int] | None = None) -> Trace:
-    """Draw a trace; `ranks` gives adapter ranks by task or family (else drawn from 8-64)."""
+def generate_trace(spec: TraceSpec, records: Sequence[SuiteRecord], ranks: Mapping[str, int] | None = None,
+                   tasks: Mapping[str, TaskProfile] | None = None) -> Trace:
+    """Draw a trace; `ranks` gives adapter ranks by task or family (else drawn from 8-64).
+    `tasks`: the task table of an earlier trace, kept (each task the same suite family and
+    rank), for traces of one set of served adapters: drawn anew, each seed gave a task name
+    another family, and a server loaded for one trace answered another's prompts with
+    another family's adapter."""
     spec.validate()
     rng = np.random.default_rng(spec.seed)
     by_family: dict[str, list[SuiteRecord]] = {}
@@ -275,13 +293,14 @@ def generate_trace(spec: TraceSpec, records: Sequence[SuiteRecord], ranks: Mappi
     if spec.suite_task_names and spec.num_tasks > len(families):
         raise ValueError(f"suite_task_names needs num_tasks <= {len(families)} (one task per suite task), "
                          f"got {spec.num_tasks}")
-    shuffled = list(rng.permutation(families))
-    tasks: dict[str, TaskProfile] = {}
-    for index in range(spec.num_tasks):
-        family = str(shuffled[index % len(shuffled)])
-        name = family if spec.suite_task_names else f"task-{index:04d}"
-        rank = (ranks or {}).get(name, (ranks or {}).get(family, int(rng.choice(DEFAULT_RANKS))))
-        tasks[name] = TaskProfile(name, family, int(rank))
+    if tasks is not None:
+        if len(tasks) != spec.num_tasks or any(t.family not in by_family for t in tasks.values()):
+            raise ValueError(f"the task table holds {len(tasks)} tasks of families "
+                             f"{sorted({t.family for t in tasks.values()})}; the trace asks {spec.num_tasks} tasks "
+                             f"of the records' families {families}")
+        tasks = dict(tasks)
+    else:
+        tasks = _draw_tasks(spec, families, ranks, rng)
     names = list(tasks)
     shape = 1.0 / spec.cv**2  # Gamma gaps: mean 1/rate, CV = 1/sqrt(shape)
     arrivals = np.cumsum(rng.gamma(shape, 1.0 / (spec.rate * shape), size=spec.num_requests))
