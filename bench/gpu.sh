@@ -43,6 +43,11 @@ copy_tokenizer(default_model_dir(), CARRIED_TOKENIZER)"
   exit 0
 fi
 
+if [ "$MODE" = run ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  # Before anything is written: a suite that measured nothing exited 0 and left an empty OUT.
+  echo "bench/gpu.sh: no CUDA device here (torch.cuda.is_available() is false); --dry-run checks the script on the CPU" >&2
+  exit 1
+fi
 OUT="${OUT:-$ROOT/bench/results/gpu-$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT"
 BUILD="$(mktemp -d "${TMPDIR:-/tmp}/inlaid-gpu-build.XXXXXX")"

@@ -160,6 +160,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    from inlaid.cli_args import writable_dir_problem
+
+    if args.threads < 1 or args.repeats < 1:  # a traceback after the setup, or a median of nothing
+        parser.error(f"--threads and --repeats must be positive integers, got {args.threads} and {args.repeats}")
+    if problem := writable_dir_problem(args.out, "--out"):  # before the measurement, not after it
+        parser.error(problem)
     result = measure(args.threads, args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "int4_many_rows.json").write_text(json.dumps(result, indent=1))

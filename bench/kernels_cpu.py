@@ -333,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="run these parts only (the results then go to a file named after them)")
     # main() from bench/run_all.py gets no argv: never read the caller's sys.argv
     args = parser.parse_args(argv if argv is not None else [])
+    if args.threads < 0:
+        parser.error(f"--threads must be 0 (torch's default) or more, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -351,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     stem = RESULTS / ("kernels_cpu" if not args.threads else f"kernels_cpu_{args.threads}thread")
     if set(args.parts) != set(PARTS):
         stem = stem.with_name(stem.name + "_" + "_".join(part.replace("-", "_") for part in args.parts))
+    if args.quick:  # fewer shapes: never over the full results committed under the same name
+        stem = stem.with_name(stem.name + "_quick")
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     stem.with_suffix(".md").write_text(_markdown(result))
     print(f"wrote {stem}.json and .md")

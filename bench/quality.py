@@ -75,7 +75,30 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="reports measured on the same terms (e.g. by concurrent runs): their results join --out's")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
     parser.add_argument("--markdown", type=Path, default=REPO / "bench" / "results" / "quality.md")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if problem := _argument_problem(args):  # before any work: --limit -1 meant all but one example
+        parser.error(problem)
+    return args
+
+
+def _argument_problem(args: argparse.Namespace) -> str | None:
+    """What of the arguments cannot run, or None; checked before anything is quantized."""
+    from inlaid.cli_args import writable_file_problem
+
+    for option, value in (("--calib-samples", args.calib_samples), ("--max-tokens", args.max_tokens),
+                          ("--limit", args.limit), ("--nll-limit", args.nll_limit), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            return f"{option} must be a positive integer, got {value}"
+    for config in args.configs:
+        bits, _, group = config.partition(":")
+        if not (bits.isdigit() and group.lstrip("-").isdigit() and 2 <= int(bits) <= 8):
+            return f"--configs takes BITS:GROUP_SIZE with BITS 2-8 (e.g. 4:128, 3:-1), got {config!r}"
+    if any(layer < 0 for layer in args.study_layers) or any(not 2 <= bits <= 8 for bits in args.study_bits):
+        return "--study-layers must be >= 0 and --study-bits 2-8"
+    for option, path in (("--out", args.out), ("--markdown", args.markdown)):
+        if problem := writable_file_problem(path, option):
+            return problem
+    return None
 
 
 def _tasks(args: argparse.Namespace) -> list[str]:

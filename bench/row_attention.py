@@ -46,6 +46,12 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.lengths) < 2 or args.repeats < 1:
         parser.error("--lengths must be 2 tokens or more and --repeats at least 1")
+    from inlaid.engine.config import ModelConfig
+    from inlaid.models.prepare import prepare_default_model
+
+    limit = ModelConfig.from_dir(prepare_default_model(quiet=True)).max_position_embeddings
+    if max(args.lengths) >= limit:  # one token must still be generated after the prompt
+        parser.error(f"--lengths must be below the default model's context of {limit} tokens, got {max(args.lengths)}")
     torch.set_num_threads(1)
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, one thread\n")
     print("| prompt tokens | SDPA (default) s | row by row (batch_invariant) s | ratio |\n|---|---|---|---|")

@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--suite-task-names", action="store_true",
                         help="name each task after its suite task (at most 9): what a server of the suite's adapters "
                              "serves, so bench/replay.py can replay the trace")
-    parser.add_argument("--out", help="write this one trace here (missing folders are created)")
+    parser.add_argument("--out", help="with --tasks: write the trace here (default: trace.jsonl in the current "
+                                      "directory; missing folders are created)")
     args = parser.parse_args(argv)
     from inlaid.cli_args import writable_file_problem
     from inlaid.scheduling.suite import load_suite_lengths
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         spec = TraceSpec(rate=args.rate, num_requests=args.requests, cv=args.cv, num_tasks=args.tasks,
                          popularity=args.popularity, alpha=args.alpha, base_fraction=args.base_fraction,
                          suite_task_names=args.suite_task_names, seed=args.seed)
+        if args.out == "":
+            parser.error("--out is empty: give the trace's path (or leave --out out for ./trace.jsonl)")
         out = Path(args.out or "trace.jsonl")
         problem = writable_file_problem(out, "--out")
         if problem:

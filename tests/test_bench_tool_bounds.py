@@ -123,3 +123,37 @@ def test_scheduling_benchmarks_write_into_out_dir(tmp_path: Path, monkeypatch: p
     (tmp_path / "file").write_text("")
     done = _run(str(BENCH / "sched_tune.py"), "--out-dir", str(tmp_path / "file"))
     assert done.returncode == 2 and "--out-dir" in done.stderr and "is a file" in done.stderr
+
+
+@pytest.mark.parametrize("script, args, words", [
+    # found by an outside probe, 2026-12-07: --limit -1 meant all but one example (16 h); the
+    # others were tracebacks, some after the whole measurement
+    ("quality.py", ("--limit", "-1"), "--limit must be a positive integer, got -1"),
+    ("quality.py", ("--configs", "4:abc"), "--configs takes BITS:GROUP_SIZE"),
+    ("quality.py", ("--out", "FILE/quality.json"), "--out"),
+    ("int4_many_rows.py", ("--repeats", "0"), "--threads and --repeats must be positive integers"),
+    ("int4_many_rows.py", ("--out", "FILE/dir"), "--out"),
+    ("kernels_cpu.py", ("--threads", "-1"), "--threads must be 0 (torch's default) or more, got -1"),
+    ("row_attention.py", ("--lengths", "20000"), "below the default model's context of 8192 tokens"),
+    ("traces.py", ("--tasks", "3", "--out", ""), "--out is empty"),
+])
+def test_bench_scripts_refuse_bad_arguments_before_any_work(tmp_path: Path, script: str, args: tuple[str, ...],
+                                                            words: str) -> None:
+    (tmp_path / "FILE").write_text("")
+    done = _run(str(BENCH / script), *(arg.replace("FILE", str(tmp_path / "FILE")) for arg in args), cwd=tmp_path)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    last = done.stderr.strip().splitlines()[-1]  # argparse: the usage, then this line
+    assert last.startswith(f"{script}: error: ") and words in last and "Traceback" not in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]  # nothing written
+
+
+def test_a_quick_kernel_run_never_writes_over_the_full_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kernels_cpu.py --quick` wrote its fewer shapes over the committed full results, with
+    nothing in the files saying so (an outside probe, 2026-12-07)."""
+    import kernels_cpu
+
+    monkeypatch.setattr(kernels_cpu, "RESULTS", tmp_path)
+    monkeypatch.setattr(kernels_cpu, "PARTS", {"probe": ("a stand-in part", lambda quick: {"quick": quick})})
+    assert kernels_cpu.main(["--quick", "--threads", "1"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels_cpu_1thread_quick.json",
+                                                          "kernels_cpu_1thread_quick.md"]
