@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from inlaid.cli_args import writable_file_problem
 from inlaid.predictor.evaluate import evaluate_report
-from inlaid.predictor.model import LengthSample, TaskMeanPredictor
+from inlaid.predictor.model import BASE_TASK_KEY, LengthSample, TaskMeanPredictor
 from inlaid.predictor.online import OnlineLengthPredictor
 
 
@@ -76,6 +77,8 @@ def _sample_problem(task: object, prompt: object, output: object) -> str | None:
 
     if task is not None and not (isinstance(task, str) and task):
         return f"task must be a non-empty name or null, got {task!r}"
+    if task == BASE_TASK_KEY:  # its requests were pooled with those of no task (null)
+        return f"task {BASE_TASK_KEY!r} is the key of the requests of no task: write null for those, or rename it"
     if not isinstance(prompt, list) or not all(is_int(t) and 0 <= t <= MAX_TOKEN_ID for t in prompt):
         return "prompt_token_ids must be a list of token ids (integers >= 0)"
     if not is_int(output) or not 0 <= output <= MAX_OUTPUT_TOKENS:  # type: ignore[operator]
@@ -101,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             problem = writable_file_problem(Path(args.out), "--out")
             if problem:  # before the fit, not as a traceback naming a temporary file after it
                 raise DataError(problem)
+            if os.path.exists(args.out) and os.path.exists(args.data) and os.path.samefile(args.out, args.data):
+                raise DataError(f"--out {args.out} is the --data file: the state would replace the requests it "
+                                "is fitted on; give another path")
             samples = read_samples(args.data)
             predictor = _trained(samples)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

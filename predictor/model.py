@@ -85,8 +85,11 @@ class TaskMeanPredictor:
         self.means = {str(t): float(m) for t, m in zip(tasks, means)}
 
 
+BASE_TASK_KEY = "<base>"  # the key of requests of no task (the base model); no task may be named so
+
+
 def _task_key(task: str | None) -> str:
-    return "<base>" if task is None else task
+    return BASE_TASK_KEY if task is None else task
 
 
 _MAX_LOG_LENGTH = math.log1p(MAX_TOKENS)

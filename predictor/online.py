@@ -16,6 +16,7 @@ import math
 import os
 import threading
 import zipfile
+import zlib
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -203,7 +204,9 @@ class OnlineLengthPredictor:
         except OSError as error:  # unreadable (permissions, a directory): the file may well be fine
             raise PredictorStateError(f"cannot read the length predictor state {path}: "
                                       f"{error.strerror or error}") from None
-        except (EOFError, zipfile.BadZipFile, KeyError, IndexError, TypeError, ValueError) as error:
+        # zlib.error and NotImplementedError: a damaged archive's compressed data or zip header
+        except (EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, KeyError, IndexError, TypeError,
+                ValueError) as error:
             reason = f"no array {error}" if isinstance(error, KeyError) else str(error)
             # numpy's advice (allow_pickle=True) is never the answer: a state holds no objects.
             if "Object arrays" in reason:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy.stats import kendalltau
@@ -193,6 +195,31 @@ def test_a_failed_save_is_a_warning_not_an_exception(tmp_path, caplog):
     assert list(tmp_path.iterdir()) == []  # no directory made behind the config's back, no temporary left
 
 
+def _compressed_and_flipped(good: Path, path: Path, where: str) -> None:
+    """A copy of the state `good` with one archive's member damaged: its deflated bytes
+    (`data`) or the version its local header says is needed to extract it (`version`)."""
+    import zipfile
+
+    with zipfile.ZipFile(good) as source, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as copy:
+        for info in source.infolist():
+            copy.writestr(info.filename, source.read(info.filename))
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        member = max(archive.infolist(), key=lambda info: info.compress_size)
+    name_length, extra_length = (int.from_bytes(raw[member.header_offset + i:member.header_offset + i + 2], "little")
+                                 for i in (26, 28))
+    if where == "version":  # in the central directory's entry: "7.6 needed to extract"
+        entry = raw.index(b"PK\x01\x02")
+        while int.from_bytes(raw[entry + 42:entry + 46], "little") != member.header_offset:
+            entry = raw.index(b"PK\x01\x02", entry + 4)
+        raw[entry + 6] = 76
+    else:
+        start = member.header_offset + 30 + name_length + extra_length
+        for offset in range(start + 8, start + 8 + 64, 4):
+            raw[offset] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
 def test_a_file_that_is_not_a_saved_state_is_refused_naming_it_and_never_unpickled(tmp_path):
     good = tmp_path / "good.npz"
     online = OnlineLengthPredictor(refit_every=0)
@@ -211,6 +238,10 @@ def test_a_file_that_is_not_a_saved_state_is_refused_naming_it_and_never_unpickl
     cases = {
         "garbage.npz": lambda path: path.write_bytes(b"not a npz at all"),
         "truncated.npz": lambda path: path.write_bytes(good.read_bytes()[:200]),
+        # damaged compressed data or zip header: zlib.error and NotImplementedError, tracebacks
+        # of `inlaid serve` and `tune-scheduler` (an outside probe's byte flips, 2026-12-07)
+        "bad_deflate.npz": lambda path: _compressed_and_flipped(good, path, "data"),
+        "bad_version.npz": lambda path: _compressed_and_flipped(good, path, "version"),
         "objects.npz": lambda path: np.savez(path, **{**arrays, "config": np.asarray([Trap()], dtype=object)}),
         "array.npy": lambda path: np.save(path, np.zeros(3)),
         "other.npz": lambda path: np.savez(path, x=np.zeros(3)),

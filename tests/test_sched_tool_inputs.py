@@ -90,6 +90,8 @@ def test_predictor_cli_refuses_bad_rows_and_outputs_in_one_line(tmp_path):
         "huge_output": ({"task": "a", "prompt_token_ids": [1], "output_tokens": 10**20}, "output_tokens must be"),
         "bool_output": ({"task": "a", "prompt_token_ids": [1], "output_tokens": True}, "output_tokens must be"),
         "empty_task": ({"task": "", "prompt_token_ids": [1], "output_tokens": 3}, "task must be"),
+        # pooled with the requests of no task (2026-12-07)
+        "base_key": ({"task": "<base>", "prompt_token_ids": [1], "output_tokens": 3}, "key of the requests of no task"),
     }
     for name, (row, words) in rows.items():
         (tmp_path / f"{name}.jsonl").write_text(json.dumps(row) + "\n")
@@ -104,6 +106,22 @@ def test_predictor_cli_refuses_bad_rows_and_outputs_in_one_line(tmp_path):
     _refused(_run("-m", "inlaid.predictor", "train", "--data", str(tmp_path), "--out", "p.npz"), "is a directory")
     written = _run("-m", "inlaid.predictor", "train", "--data", str(good), "--out", str(tmp_path / "new" / "p.npz"))
     assert written.returncode == 0 and (tmp_path / "new" / "p.npz").is_file(), written.stderr[-2000:]
+    # --out the --data file itself: the requests were replaced by the state (2026-12-07)
+    before = good.read_bytes()
+    _refused(_run("-m", "inlaid.predictor", "train", "--data", str(good), "--out", str(good)), "is the --data file")
+    assert good.read_bytes() == before
+
+
+def test_a_replay_never_writes_over_its_trace(tmp_path):
+    """--out naming the --trace file replaced the trace by the timings (2026-12-07)."""
+    from inlaid.scheduling.traces import TraceRequest
+
+    trace = tmp_path / "t.jsonl"
+    Trace([TraceRequest(0.0, None, 4, 2, 2)], {}).save(trace)
+    before = trace.read_bytes()
+    _refused(_run("-m", "inlaid.scheduling.replay", "--trace", str(trace), "--out", str(trace),
+                  "--address", "tcp://127.0.0.1:1", "--synthetic-prompts"), "is the --trace file")
+    assert trace.read_bytes() == before
 
 
 def test_cost_models_that_break_the_simulation_are_refused(tmp_path):

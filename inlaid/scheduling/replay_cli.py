@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -92,6 +93,8 @@ def _main(argv: list[str] | None) -> int:
     problem = writable_file_problem(Path(args.out), "--out") if args.out else None
     if problem:
         return _refuse(problem)
+    if args.out and os.path.exists(args.out) and os.path.exists(args.trace) and os.path.samefile(args.out, args.trace):
+        return _refuse(f"--out {args.out} is the --trace file: the timings would replace the trace; give another path")
     try:
         trace = Trace.load(args.trace)
     except OSError as error:
