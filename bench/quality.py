@@ -84,17 +84,23 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _argument_problem(args: argparse.Namespace) -> str | None:
     """What of the arguments cannot run, or None; checked before anything is quantized."""
     from inlaid.cli_args import writable_file_problem
+    from inlaid.quant.errors import InvalidQuantSpecError
+    from inlaid.quant.spec import SUPPORTED_BITS, QuantSpec
 
     for option, value in (("--calib-samples", args.calib_samples), ("--max-tokens", args.max_tokens),
-                          ("--limit", args.limit), ("--nll-limit", args.nll_limit), ("--threads", args.threads)):
+                          ("--limit", args.limit), ("--nll-limit", args.nll_limit)):
         if value is not None and value < 1:
             return f"{option} must be a positive integer, got {value}"
+    if args.threads is not None and args.threads < 0:
+        return f"--threads must be 0 (torch's default) or more, got {args.threads}"
     for config in args.configs:
         bits, _, group = config.partition(":")
-        if not (bits.isdigit() and group.lstrip("-").isdigit() and 2 <= int(bits) <= 8):
-            return f"--configs takes BITS:GROUP_SIZE with BITS 2-8 (e.g. 4:128, 3:-1), got {config!r}"
-    if any(layer < 0 for layer in args.study_layers) or any(not 2 <= bits <= 8 for bits in args.study_bits):
-        return "--study-layers must be >= 0 and --study-bits 2-8"
+        try:  # the quantizer's own rule (bits 2, 3, 4 or 8; group -1 or positive), not hours later
+            QuantSpec(bits=int(bits), group_size=int(group))
+        except (ValueError, InvalidQuantSpecError) as error:
+            return f"--configs takes BITS:GROUP_SIZE (e.g. 4:128, 3:-1), got {config!r}: {error}"
+    if any(layer < 0 for layer in args.study_layers) or any(bits not in SUPPORTED_BITS for bits in args.study_bits):
+        return f"--study-layers must be >= 0 and --study-bits among {SUPPORTED_BITS}"
     for option, path in (("--out", args.out), ("--markdown", args.markdown)):
         if problem := writable_file_problem(path, option):
             return problem

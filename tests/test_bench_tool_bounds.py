@@ -130,6 +130,7 @@ def test_scheduling_benchmarks_write_into_out_dir(tmp_path: Path, monkeypatch: p
     # others were tracebacks, some after the whole measurement
     ("quality.py", ("--limit", "-1"), "--limit must be a positive integer, got -1"),
     ("quality.py", ("--configs", "4:abc"), "--configs takes BITS:GROUP_SIZE"),
+    ("quality.py", ("--configs", "5:128"), "bits must be one of (2, 3, 4, 8)"),
     ("quality.py", ("--out", "FILE/quality.json"), "--out"),
     ("int4_many_rows.py", ("--repeats", "0"), "--threads and --repeats must be positive integers"),
     ("int4_many_rows.py", ("--out", "FILE/dir"), "--out"),

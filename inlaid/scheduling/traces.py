@@ -293,6 +293,7 @@ def generate_trace(spec: TraceSpec, records: Sequence[SuiteRecord], ranks: Mappi
     if spec.suite_task_names and spec.num_tasks > len(families):
         raise ValueError(f"suite_task_names needs num_tasks <= {len(families)} (one task per suite task), "
                          f"got {spec.num_tasks}")
+    drawn = _draw_tasks(spec, families, ranks, rng)  # also with a table: the draws after it stay the seed's
     if tasks is not None:
         if len(tasks) != spec.num_tasks or any(t.family not in by_family for t in tasks.values()):
             raise ValueError(f"the task table holds {len(tasks)} tasks of families "
@@ -300,7 +301,7 @@ def generate_trace(spec: TraceSpec, records: Sequence[SuiteRecord], ranks: Mappi
                              f"of the records' families {families}")
         tasks = dict(tasks)
     else:
-        tasks = _draw_tasks(spec, families, ranks, rng)
+        tasks = drawn
     names = list(tasks)
     shape = 1.0 / spec.cv**2  # Gamma gaps: mean 1/rate, CV = 1/sqrt(shape)
     arrivals = np.cumsum(rng.gamma(shape, 1.0 / (spec.rate * shape), size=spec.num_requests))

@@ -131,9 +131,10 @@ def ignored_settings(config) -> list[tuple[str, str]]:  # type: ignore[no-untype
     if config.engine.max_model_len is not None and (served := _served_length(config.engine)) is not None \
             and served < config.engine.max_model_len:
         ignored.append(("executor.max_model_len",
-                        f"sequences end at {served} tokens: the model's max_position_embeddings and the KV cache "
-                        f"(num_kv_blocks x block_size = {config.engine.num_kv_blocks * config.engine.block_size}) "
-                        f"cap the {config.engine.max_model_len} asked for"))
+                        f"sequences end at {served} tokens: the model's own length (max_position_embeddings, a "
+                        f"sliding window) and the KV cache (num_kv_blocks x block_size = "
+                        f"{config.engine.num_kv_blocks * config.engine.block_size}) cap the "
+                        f"{config.engine.max_model_len} asked for"))
     return ignored
 
 
