@@ -62,7 +62,6 @@ class E2eSettings:
     def dtype(self) -> str:
         return "float32" if self.device == "cpu" else "auto"
 
-
     def requests_at(self, rate: float) -> int:
         return int(min(self.requests, max(self.min_requests, round(rate * self.duration_s))))
 

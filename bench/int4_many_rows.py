@@ -96,6 +96,7 @@ def measure(threads: int, repeats: int) -> dict:
                                      [prepare_quant_linear(random_gptq_layer(k, n, 4, 128, seed=s).weights, "cpu",
                                                            torch.float32).layout for s in range(ROTATION)], repeats)
                     for k, n, name in SHAPES}
+
     def crossover(ratio: str) -> dict[str, int | None]:
         result = {}
         for _, _, name in SHAPES:

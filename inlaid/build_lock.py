@@ -40,6 +40,7 @@ def build_lock(artifact: Path, *, quiet: bool = False) -> Iterator[None]:
         lock.flush()
         yield
 
+
 RUN_LOCK_BASE = Path("/tmp")  # where run_lock_dir makes this user's directory (tests point it elsewhere)
 
 

@@ -58,6 +58,7 @@ def checked_address(address: str, name: str = "the server address") -> str:
         raise ValueError(problem)
     return address
 
+
 # A finished generation and one streamed piece of it, as the server sends them.
 GenerateResult = GenerateDone
 
