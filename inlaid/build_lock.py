@@ -29,16 +29,26 @@ def build_lock(artifact: Path, *, quiet: bool = False) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if not quiet:
-                lock.seek(0)
-                holder = lock.read().strip()
-                pid = f" (pid {holder})" if holder.isdigit() else ""
-                print(f"waiting for another process building {artifact}{pid} ...", file=sys.stderr, flush=True)
+                print(f"waiting for another process building {artifact}{_holder(lock)} ...", file=sys.stderr,
+                      flush=True)
             fcntl.flock(lock, fcntl.LOCK_EX)
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
+        _claim(lock)
         yield
+
+
+def _holder(lock) -> str:  # type: ignore[no-untyped-def]
+    """The words ' (pid N)' naming the process holding `lock` (its first line, `_claim`'s), or ''."""
+    lock.seek(0)
+    holder = lock.read().split("\n", 1)[0].strip()
+    return f" (pid {holder})" if holder.isdigit() else ""
+
+
+def _claim(lock, *notes: str) -> None:  # type: ignore[no-untyped-def]
+    """Write this process's pid (then `notes`, a line each) into the lock it now holds."""
+    lock.seek(0)
+    lock.truncate()
+    lock.write("".join(f"{line}\n" for line in (os.getpid(), *notes)))
+    lock.flush()
 
 
 RUN_LOCK_BASE = Path("/tmp")  # where run_lock_dir makes this user's directory (tests point it elsewhere)
@@ -63,11 +73,9 @@ def exclusive_run(target: Path, busy_error: type[Exception], option: str = "--ou
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().split("\n", 1)[0].strip()
+            holder = _holder(handle)
             handle.close()
-            pid = f" (pid {holder})" if holder.isdigit() else ""
-            raise busy_error(f"another run{pid} is writing {option} {target}: wait for it to end, or choose "
+            raise busy_error(f"another run{holder} is writing {option} {target}: wait for it to end, or choose "
                              f"another {option}") from None
         # The previous holder removes the file as it ends: one opened before that is no lock.
         try:
@@ -78,10 +86,7 @@ def exclusive_run(target: Path, busy_error: type[Exception], option: str = "--ou
             break
         handle.close()
     try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n{real}\n")
-        handle.flush()
+        _claim(handle, real)
         yield
     finally:
         lock_path.unlink(missing_ok=True)

@@ -146,18 +146,25 @@ def parse_sample(line: str | bytes) -> dict:
     problem = _messages_problem(messages)
     if problem:  # else the chat template failed on it later, in the re-quantization job
         raise ValueError(problem)
-    texts = {**{f"messages[{index}].content": message["content"] for index, message in enumerate(messages)},
-             "reference": example["reference"]}
-    for where, text in texts.items():
-        try:  # JSON's \udXXX escapes decode to lone surrogates, which the tokenizer refused with a TypeError
-            text.encode("utf-8")
-        except UnicodeEncodeError as error:
-            raise ValueError(f"{where} holds a lone UTF-16 surrogate ({text[error.start]!r} at character "
-                             f"{error.start}): not text a tokenizer takes") from None
+    # the tokenizer refused them with a TypeError, after the model had loaded
+    check_encodable({**{f"messages[{index}].content": message["content"] for index, message in enumerate(messages)},
+                     "reference": example["reference"]})
     if not example["reference"].strip() and not any(message["content"].strip() for message in messages):
         raise ValueError("the sample holds no text: every message's content and the reference are empty or "
                          "blank (it would calibrate on the chat template alone)")
     return example
+
+
+def check_encodable(texts: dict[str, str]) -> None:
+    """ValueError naming the first of `texts` (where -> text) holding a lone UTF-16 surrogate:
+    JSON's \\udXXX escapes decode to them, and UTF-8 (a tokenizer, a results file) cannot
+    carry one."""
+    for where, text in texts.items():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"{where} holds a lone UTF-16 surrogate ({text[error.start]!r} at character "
+                             f"{error.start}): not text UTF-8 can carry") from None
 
 
 def _messages_problem(messages: list) -> str | None:

@@ -113,11 +113,9 @@ def _example(sample: dict, name: str, number: int) -> Example:
     example_id = sample.get("id", f"{name}-{number}")
     if not isinstance(example_id, str):
         raise ValueError("'id', when given, must be a string")
-    for where, text in (("id", example_id), *((f"answers[{i}]", answer) for i, answer in enumerate(answers))):
-        try:  # (messages and reference: parse_sample) an --out holding it failed to encode, emptied
-            text.encode("utf-8")
-        except UnicodeEncodeError as error:
-            raise ValueError(f"{where} holds a lone UTF-16 surrogate ({text[error.start]!r} at character "
-                             f"{error.start}): not text UTF-8 can carry") from None
+    from inlaid.quant.calibration import check_encodable
+
+    # (messages and reference: parse_sample) an --out holding one failed to encode, emptied
+    check_encodable({"id": example_id, **{f"answers[{i}]": answer for i, answer in enumerate(answers)}})
     return {"id": example_id, "task": name, "messages": sample["messages"], "reference": reference,
             "answers": answers}

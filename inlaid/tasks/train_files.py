@@ -10,11 +10,11 @@ meanwhile (three files written in place could hold two steps' state).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 from inlaid.file_modes import as_umask_allows
+from inlaid.quant.unfinished import sync_file  # torch-free: the fsync the quantizer's saves use too
 
 CHECKPOINT_DIR = "checkpoint"
 # A save is written whole into STAGING_DIR, then swapped in: the checkpoint it replaces is
@@ -97,8 +97,4 @@ def save_adapter(model, out_dir: Path, save_dtype: str, records: dict[str, str])
 
 def _sync_files(directory: Path) -> None:
     for path in directory.iterdir():
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        sync_file(path)
