@@ -19,6 +19,7 @@ import zipfile
 import zlib
 from collections import deque
 from collections.abc import Sequence
+from glob import escape as glob_escape
 from pathlib import Path
 
 import numpy as np
@@ -180,7 +181,8 @@ class OnlineLengthPredictor:
         state["reservoir_indices"] = np.concatenate(indices) if indices else np.zeros(0, np.int32)
         state["reservoir_values"] = np.concatenate(values) if values else np.zeros(0, np.float32)
         path = Path(os.path.realpath(path))  # a symbolic link stays one: its target is written
-        temporary = path.with_name(f"{path.name}.{threading.get_ident()}.tmp.npz")
+        _remove_dead_writers_files(path)
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp.npz")
         try:
             np.savez_compressed(temporary, **state)
             os.replace(temporary, path)
@@ -222,6 +224,22 @@ class OnlineLengthPredictor:
             rows.append((state["reservoir_indices"][start:end], state["reservoir_values"][start:end], float(target)))
             predictor._size += 1
         return predictor
+
+
+def _remove_dead_writers_files(path: Path) -> None:
+    """Delete `<state>.<pid>.<thread>.tmp.npz` files whose process is gone: a save killed
+    (SIGKILL, power loss) between its write and its rename left one, and every later kill
+    would add another (each the size of a state). A live process's file is its save in progress."""
+    for leftover in path.parent.glob(f"{glob_escape(path.name)}.*.*.tmp.npz"):
+        writer = leftover.name[len(path.name) + 1:-len(".tmp.npz")].split(".")
+        if len(writer) != 2 or not all(part.isdigit() for part in writer):
+            continue  # not a name save() gives
+        try:
+            os.kill(int(writer[0]), 0)
+        except ProcessLookupError:
+            leftover.unlink(missing_ok=True)
+        except (PermissionError, OverflowError, OSError):
+            continue  # alive (another user's), or not a pid: leave it
 
 
 def _check_length(output_tokens: float) -> None:

@@ -1,0 +1,71 @@
+"""The length predictor's tools: a killed save's temporary file is cleaned by the next save,
+and `evaluate` says which test tasks it never trained on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from inlaid.predictor import OnlineLengthPredictor
+from inlaid.predictor.cli import main
+
+
+def _rows(path: Path, rows: list[tuple[str | None, list[int], int]]) -> Path:
+    path.write_text("".join(json.dumps({"task": t, "prompt_token_ids": p, "output_tokens": o}) + "\n"
+                            for t, p, o in rows))
+    return path
+
+
+def _fitted() -> OnlineLengthPredictor:
+    predictor = OnlineLengthPredictor()
+    for index in range(40):
+        predictor.remember("sum" if index % 2 else "chat", [3, 4, 5][: 1 + index % 3], 5 + index % 7)
+    predictor.refit(wait=True)
+    return predictor
+
+
+def _dead_pid() -> int:
+    """A pid that was a process and is no more (reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_killed_saves_temporary_file_goes_at_the_next_save_and_a_live_ones_stays(tmp_path: Path) -> None:
+    state = tmp_path / "predictor.npz"
+    dead = tmp_path / f"predictor.npz.{_dead_pid()}.140000000000.tmp.npz"
+    live = tmp_path / f"predictor.npz.{os.getppid()}.140000000001.tmp.npz"  # pytest's parent: alive
+    others = [tmp_path / "predictor.npz.notes.tmp.npz", tmp_path / "other.npz.1.2.tmp.npz"]
+    for leftover in (dead, live, *others):
+        leftover.write_bytes(b"half a state")
+    predictor = _fitted()
+    predictor.save(state)
+    assert not dead.exists()  # the killed writer's leftover is gone
+    assert live.exists() and all(path.exists() for path in others)  # a save in progress; names save() never gives
+    restored = OnlineLengthPredictor.load(state)
+    assert restored.predict("sum", [3, 4]) == predictor.predict("sum", [3, 4])
+    assert sorted(p.name for p in tmp_path.glob("predictor.npz.*.tmp.npz")) == sorted(
+        [live.name, others[0].name])  # the save left none of its own
+
+
+def test_evaluate_names_the_test_tasks_it_never_trained_on(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    train = _rows(tmp_path / "train.jsonl", [("chat", [1, 2], 9), ("sum", [3], 4)] * 10 + [(None, [5], 2)])
+    test = _rows(tmp_path / "test.jsonl", [("chat", [1, 2], 9), ("new-task", [3], 30), ("also-new", [1], 2),
+                                           (None, [5], 2)])
+    assert main(["evaluate", "--train", str(train), "--test", str(test)]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["unseen_tasks"] == ["also-new", "new-task"]
+    assert "2 --test task(s) have no --train requests" in captured.err and "also-new, new-task" in captured.err
+    assert report["tasks"]["new-task"]["model"]["requests"] == 1  # still scored, now with the note
+
+    seen = _rows(tmp_path / "seen.jsonl", [("chat", [1, 2], 9), (None, [5], 2)])
+    assert main(["evaluate", "--train", str(train), "--test", str(seen)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["unseen_tasks"] == [] and captured.err == ""
