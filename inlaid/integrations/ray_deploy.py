@@ -185,7 +185,9 @@ def deploy_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m inlaid.integrations.ray",
                                      description="deploy Inlaid on a running Ray cluster (docs/scale-out.md)")
     parser.add_argument("--config", required=True, help="server TOML with a [ray] section")
-    parser.add_argument("--address", default="auto", help="the Ray cluster (ray.init address)")
+    parser.add_argument("--address", default="auto",
+                        help="the Ray cluster (ray.init's address; default auto: the cluster this node runs; "
+                        "'local': a cluster of this machine alone, started for the deploy; or HOST:PORT)")
     args = parser.parse_args(argv)
 
     from inlaid.serve.config import ConfigError

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from inlaid.tasks.base import PACKAGED_DATA_DIR
+from inlaid.tasks.base import PACKAGED_DATA_DIR, write_text_atomic
 
 OUTPUT_LENGTHS_FILE = PACKAGED_DATA_DIR / "output_lengths.json"
 
@@ -27,9 +27,13 @@ def write_manifest(adapters_dir: Path, results: dict | None, replace_smaller: bo
     kept: list[str] = []
     kept_larger: list[str] = []
     dropped: list[str] = []
+    left_out: list[str] = []
     for config_path in sorted(adapters_dir.glob("*/adapter_config.json")):
         adapter_dir = config_path.parent
         training = _training_record(adapter_dir)
+        if not _is_suite_adapter(training):  # `quantize --suite` needs each entry's suite calibration data
+            left_out.append(adapter_dir.name)
+            continue
         weights = adapter_dir / "adapter_model.safetensors"
         entry = {
             "task": training["task"],
@@ -68,7 +72,11 @@ def write_manifest(adapters_dir: Path, results: dict | None, replace_smaller: bo
         elif old_eval:
             dropped.append(name)
         entries[name] = entry
-    path.write_text(json.dumps({"base_model": "SmolLM2-135M-Instruct", "adapters": entries}, indent=1) + "\n")
+    _write_if_changed(path, json.dumps({"base_model": "SmolLM2-135M-Instruct", "adapters": entries}, indent=1) + "\n")
+    if left_out:
+        print(f"inlaid tasks report: {path}: left out {', '.join(left_out)}: trained on a task of your own "
+              "(train-adapter --task NAME=PATH); the manifest records the suite's tasks, which "
+              "`inlaid quantize --suite` quantizes for", file=sys.stderr)
     for name in dropped:
         print(f"inlaid tasks report: {path}: dropped the eval score of {name}: its adapter changed since it was "
               "scored (adapter_sha256); evaluate it again", file=sys.stderr)
@@ -76,6 +84,24 @@ def write_manifest(adapters_dir: Path, results: dict | None, replace_smaller: bo
         print(f"inlaid tasks report: {path}: kept the eval score from more examples for {', '.join(kept_larger)}; "
               "pass --replace-smaller to replace it", file=sys.stderr)
     return path, _summary(path, "eval score", written, kept, kept_larger, dropped)
+
+
+def _is_suite_adapter(training: dict) -> bool:
+    from inlaid.tasks import TASK_NAMES
+
+    config = training.get("config")
+    return training["task"] in TASK_NAMES and not (isinstance(config, dict) and config.get("data") is not None)
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Whole or not at all; and not at all when it would not change (a report with nothing new
+    rewrote the packaged length record, touching a file of the installed package)."""
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    write_text_atomic(path, text)
 
 
 def _eval_entry(name: str, task_results: dict) -> dict:
@@ -234,7 +260,7 @@ def write_output_lengths(results: dict, tokenizer, path: Path | None = None,
             "generated": generated,
         }
     kept = [name for name in record["tasks"] if name not in results["tasks"]]
-    path.write_text(json.dumps(record, indent=1) + "\n")
+    _write_if_changed(path, json.dumps(record, indent=1) + "\n")
     if kept_larger:
         print(f"inlaid tasks report: {path}: kept the lengths from more outputs for {', '.join(kept_larger)}; "
               "pass --replace-smaller to replace them", file=sys.stderr)
