@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import shutil
 import signal
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -192,6 +195,29 @@ def test_executor_killed_at_random_points_of_a_request_load_and_of_its_model_loa
     assert any(isinstance(o, ExecutorFailedError) for o in outcomes)
     assert after.executor_restarts == before.executor_restarts + 2
     assert after.kv_blocks_free == after.kv_blocks_total
+
+
+def test_an_executor_restarted_after_its_socket_file_was_removed_connects(ready, reference):
+    """A /tmp cleaner (or an operator's rm) removed the coordinator's ipc directory; the running
+    executor kept its connection, but its replacement could never connect: health said
+    `starting` until the start timeout (600 s by default), every request held."""
+    [ipc_dir] = Path(tempfile.gettempdir()).glob(f"inlaid-ipc-{ready.pid}-*")
+
+    async def scenario():
+        async with AsyncClient(ready.address, timeout_s=120) as client:
+            await client.wait_ready(timeout_s=300)
+            before = await client.stats()
+            shutil.rmtree(ipc_dir)
+            await _answers_match(client, reference)  # the live connection outlives the file
+            signal_process(before.executor_pid, signal.SIGKILL)
+            await client.wait_ready(timeout_s=120)  # bounded far below the start timeout
+            await _answers_match(client, reference)
+            return before, await client.stats()
+
+    before, after = asyncio.run(scenario())
+    assert after.executor_restarts == before.executor_restarts + 1
+    assert "the executor socket's file is gone; listening on it again" in ready.logs()
+    assert list(ipc_dir.glob("executor-*.ipc"))
 
 
 def test_sigterm_while_a_step_hangs_exits_in_bounded_time_and_leaves_no_process(ready):
