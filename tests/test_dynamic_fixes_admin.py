@@ -381,3 +381,26 @@ def test_a_ready_task_added_again_with_calibration_where_nothing_re_quantizes_sa
     calibration.write_text('{"messages": [{"role": "user", "content": "q"}], "reference": "a"}\n')
     text = dynamic.add(dynamic.prepare("code", str(adapter), str(calibration)))
     assert "not re-quantized: requantizer.enabled is false" in text and "still serves" not in text
+
+
+def test_a_ready_task_whose_layers_later_jobs_replaced_is_not_said_to_have_changed_none(
+        model_dir, tmp_path, adapter, monkeypatch):
+    """Re-adding a ready task whose 30 changed layers a later job had all re-quantized again
+    answered "changed no layer: the base serves as it was"; its status said 30 superseded
+    (an outside probe)."""
+    decisions = [{"layer": layer, "linear": "q_proj", "action": "requantized", "reason": "", "change": 0.02}
+                 for layer in (3, 5, 7)]
+    dynamic = _restarted_with(model_dir, tmp_path, monkeypatch, TaskRecord(
+        name="code", adapter_dir=str(adapter), calibration=str(tmp_path / "c"), phase=READY, version=4,
+        layers_done=30, layers_total=30, message="3 of 30 layers swapped in", decisions=decisions))
+    for layer in (3, 5, 7):  # a later task's job (version 6) re-quantized each of them again
+        dynamic.store.layers[layer] = CommittedLayer(version=6, file=str(tmp_path / f"layer_{layer:03d}.v6.st"))
+    assert dynamic.status("r", "code").layers_superseded == 3
+    text = dynamic.add(dynamic.prepare("code", str(adapter), None))
+    assert ("its re-quantization (version 4) serves no layer of its own: the 3 layers it changed now serve "
+            "later versions' re-quantization") in text, text
+    assert "changed no layer" not in text
+    dynamic.store.layers[5] = CommittedLayer(version=4, file=str(tmp_path / "layer_005.v4.st"))  # one its own
+    text = dynamic.add(dynamic.prepare("code", str(adapter), None))
+    assert ("its re-quantization (version 4) still serves (2 layers it changed now serve later versions' "
+            "re-quantization)") in text, text

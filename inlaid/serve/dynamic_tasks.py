@@ -256,13 +256,25 @@ class DynamicTasks:
         record = self.store.tasks.get(inputs.name)
         kept = ""
         if record is not None and record.phase == READY:  # its job's layers (if it swapped any) still serve
-            kept = f"its re-quantization (version {record.version}) " + (
-                "still serves" if self.store.layers_of(record.version) else "changed no layer: the base serves as it was")
+            kept = f"its re-quantization (version {record.version}) " + self._what_still_serves(record)
             kept += not_served_note(self.store, record)
         if inputs.calibration:
             return (f"{text}; added again with the same files and the calibration samples its Hessians came from "
                     f"({inputs.hessians_from}): nothing to re-quantize" + (f"; {kept}" if kept else ""))
         return f"{text}; added again with the same files: " + (kept or "served as it was")
+
+    def _what_still_serves(self, record: TaskRecord) -> str:
+        """Of a ready job's layers: served at its version, or replaced by later jobs' (all of them
+        replaced was said to have "changed no layer", against the status's 30 superseded: a probe)."""
+        assert self.store is not None
+        own = self.store.layers_of(record.version)
+        later = sum(1 for version in self.store.served_versions(record).values() if version > record.version)
+        replaced = f"{later} {'layer' if later == 1 else 'layers'} it changed now serve later versions' re-quantization"
+        if own:
+            return "still serves" + (f" ({replaced})" if later else "")
+        if later:
+            return f"serves no layer of its own: the {replaced}"
+        return "changed no layer: the base serves as it was"
 
     def _drop_replaced_hessians(self, store: TaskStore, name: str) -> str:
         """Another adapter serves `name` now, with no job of its own: the Hessians stored for the
