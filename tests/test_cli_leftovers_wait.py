@@ -18,7 +18,7 @@ import pytest
 import zmq
 
 from inlaid.cli import main
-from inlaid.client import AsyncClient, Client, RequestTimeoutError
+from inlaid.client import AsyncClient, Client, RequestTimeoutError, UnknownTaskError
 from inlaid.protocol import (
     PROTOCOL_VERSION, AddTask, AdminReply, ClientRequest, ErrorCode, ErrorReply, Hello, HelloReply, RemoveTask,
     TaskStatus, TaskStatusReply,
@@ -36,6 +36,7 @@ class StandInServer:
         self.phase = "requantizing"
         self.layers_done = 3
         self.answering = True
+        self.removed = False  # set: task_status answers unknown_task, as a server after remove_task
         self.admin_token: str | None = None  # set: admin calls with another token are refused
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -53,6 +54,9 @@ class StandInServer:
             return AdminReply(request_id=request.request_id, message=f"task {request.name!r} added")
         if isinstance(request, RemoveTask):
             return AdminReply(request_id=request.request_id, message=f"task {request.name!r} removed")
+        if isinstance(request, TaskStatus) and self.removed:
+            return ErrorReply(request_id=request.request_id, code=ErrorCode.UNKNOWN_TASK,
+                              message=f"unknown task {request.name!r}")
         if isinstance(request, TaskStatus):
             return TaskStatusReply(request_id=request.request_id, name=request.name, phase=self.phase,
                                    layers_done=self.layers_done, layers_total=10, version=1, served_version=0,
@@ -212,5 +216,33 @@ def test_cli_refused_admin_call_says_whether_the_token_is_unset_or_empty(capsys:
                 monkeypatch.setenv("INLAID_ADMIN_TOKEN", value)  # it said "is not set" for a set, empty one
             assert main(["client", "--address", address, "remove-task", "t"]) == 1
             assert said in capsys.readouterr().err
+    finally:
+        server.stop()
+
+
+def test_a_task_removed_while_waited_for_says_so() -> None:
+    """Another admin's remove_task mid-wait ended `--wait` with a bare "unknown task 'job3'"."""
+    address = f"tcp://127.0.0.1:{free_tcp_port()}"
+    server = StandInServer(address)
+    try:
+        with Client(address, timeout_s=2.0) as client:
+            def remove(status: TaskStatusReply) -> None:
+                server.removed = True
+
+            with pytest.raises(UnknownTaskError, match=r"^\[unknown_task\] task 't' was removed while this wait ran \(last known: "
+                                                        r"requantizing, layers 3/10\)$"):
+                client.wait_task("t", timeout_s=10, poll_s=0.05, on_status=remove)
+            # never known in this wait: the server's own words (a typo is no removal)
+            with pytest.raises(UnknownTaskError, match=r"\] unknown task 't'$"):
+                client.wait_task("t", timeout_s=10, poll_s=0.05)
+
+        async def async_wait() -> None:
+            server.removed = False
+            async with AsyncClient(address, timeout_s=2.0) as async_client:
+                with pytest.raises(UnknownTaskError, match=r"^\[unknown_task\] task 't' was removed while this wait ran"):
+                    await async_client.wait_task("t", timeout_s=10, poll_s=0.05,
+                                                 on_status=lambda status: setattr(server, "removed", True))
+
+        asyncio.run(asyncio.wait_for(async_wait(), 10))
     finally:
         server.stop()

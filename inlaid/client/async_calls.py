@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from inlaid.client.arguments import checked_seconds
-from inlaid.client.errors import ConnectionLostError, RequestTimeoutError
+from inlaid.client.errors import ConnectionLostError, RequestTimeoutError, UnknownTaskError
 from inlaid.client.messages import RequestIds, build_add_task, build_task_call, expect
 from inlaid.client.task_wait import TASK_POLL_ANSWER_S, TaskWait
 from inlaid.protocol import (
@@ -96,6 +96,8 @@ class AsyncCalls:
                 status = await self.task_status(name, timeout_s=wait.poll_timeout())
             except (RequestTimeoutError, ConnectionLostError) as error:  # down or restarting: keep asking
                 wait.unanswered(error, on_silence)  # raises once timeout_s has passed
+            except UnknownTaskError as error:
+                raise wait.removed(error) from None
             else:
                 if on_status is not None:
                     on_status(status)

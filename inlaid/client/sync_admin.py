@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from inlaid.client.errors import ConnectionLostError, RequestTimeoutError
+from inlaid.client.errors import ConnectionLostError, RequestTimeoutError, UnknownTaskError
 from inlaid.client.messages import build_add_task, build_task_call
 from inlaid.client.task_wait import TASK_POLL_ANSWER_S, TaskWait
 from inlaid.protocol import (
@@ -83,6 +83,8 @@ class AdminCalls:
                 status = self.task_status(name, timeout_s=wait.poll_timeout())
             except (RequestTimeoutError, ConnectionLostError) as error:  # down or restarting: keep asking
                 wait.unanswered(error, on_silence)  # raises once timeout_s has passed
+            except UnknownTaskError as error:
+                raise wait.removed(error) from None
             else:
                 if on_status is not None:
                     on_status(status)

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 
 from inlaid.client.arguments import checked_seconds
-from inlaid.client.errors import RequestTimeoutError
+from inlaid.client.errors import RequestTimeoutError, UnknownTaskError
 from inlaid.protocol import TaskStatusReply
 
 
@@ -53,6 +53,14 @@ class TaskWait:
             raise RequestTimeoutError(f"task {self.name!r} still {status.phase} after {self.timeout_s:.0f} s "
                                       f"({self.progress()})")
         return False
+
+    def removed(self, error: UnknownTaskError) -> UnknownTaskError:
+        """The server no longer knows the task: removed while this wait ran where it had answered
+        for it before (said as a bare `unknown task`, a caller could not tell it from a typo)."""
+        if self.last_status is None:
+            return error
+        message = f"[{error.code}] task {self.name!r} was removed while this wait ran ({self.progress()})"
+        return UnknownTaskError(message, error.request_id, reply=error.reply)
 
     def unanswered(self, error: Exception, on_silence: Callable[[float, TaskStatusReply | None], None] | None) -> None:
         """A poll got no answer (`error`): report the silence, or raise once the wait has run
