@@ -388,6 +388,11 @@ def test_a_task_replaced_without_calibration_leaves_its_old_adapters_hessians_ou
     text = dynamic.add(other)
     assert store.dropped == ["code"] and "computed with the adapter it replaces and leave the aggregate" in text
     assert other.hessians_dropped  # the AdminReply's field, which the HTTP front reads
+    # A third adapter under the name: the Hessians left with the second; nothing to say of them again
+    # (it said they "were computed with the adapter it replaces": the adapter added just before).
+    third = dynamic.prepare("code", str(ADAPTERS / "sentiment"), None)
+    text = dynamic.add(third)
+    assert store.dropped == ["code"] and "aggregate" not in text and not third.hessians_dropped
     text = dynamic.add(dynamic.prepare("new", str(ADAPTERS / "math"), None))
     assert store.dropped == ["code"] and "leave the aggregate" not in text  # a name the state does not hold
     _, dynamic = _dynamic(model_dir, state, tasks={"code": str(ADAPTERS / "qa"), "qa": str(ADAPTERS / "qa")})

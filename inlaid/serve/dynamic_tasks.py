@@ -233,8 +233,9 @@ class DynamicTasks:
                      f"{replaced.layers_total}, held until a restart that can run it) is dropped: this add replaces it")
         if (record.phase != QUEUED and (replaced is not None or replaced_entry is not None)
                 and not inputs.serves_as_now and not inputs.hessians_from):  # (else they came from these files)
-            text += self._drop_replaced_hessians(store, name)
-            inputs.hessians_dropped = name in store.dropped
+            dropped_note = self._drop_replaced_hessians(store, name)
+            text += dropped_note
+            inputs.hessians_dropped = bool(dropped_note)
         store.tasks[name] = record
         store.save()
         if replaced is not None:  # the registry has released it (replaced while idle), or never served it
@@ -279,9 +280,12 @@ class DynamicTasks:
     def _drop_replaced_hessians(self, store: TaskStore, name: str) -> str:
         """Another adapter serves `name` now, with no job of its own: the Hessians stored for the
         name, computed with the adapter it replaces, leave the aggregate (every later job weighed
-        it and its quality gate by them), as a removal's do. Returns what the reply says of it."""
-        if name not in store.dropped:
-            store.dropped.append(name)
+        it and its quality gate by them), as a removal's do. Returns what the reply says of it:
+        nothing where an earlier replacement had dropped them (said again, it blamed the adapter
+        this add replaces for Hessians another one had computed: an outside probe)."""
+        if name in store.dropped:
+            return ""
+        store.dropped.append(name)
         self._prune_dropped(store)  # forgets the name if the state holds nothing of it
         if name not in store.dropped:
             return ""
