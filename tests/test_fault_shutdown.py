@@ -171,3 +171,41 @@ def test_sigterm_while_an_add_task_is_being_checked_answers_it(model_dir, adapte
         _assert_clean_exit(server, started, [])
     finally:
         server.terminate()
+
+
+def test_a_second_signal_ends_the_grace_period_at_once(model_dir, adapter_dirs, tmp_path):
+    """Ctrl-C twice: the second was ignored in silence, and the server waited out the whole
+    grace period (30 s by default) for its streams to finish (an outside probe)."""
+    long_grace_s = 120.0
+    server = ServerProcess(server_config(model_dir, adapter_dirs, shutdown_grace_s=long_grace_s), workdir=tmp_path)
+    try:
+        server.wait_ready(timeout_s=300)
+
+        async def scenario():
+            async with AsyncClient(server.address, timeout_s=long_grace_s) as client:
+                await client.wait_ready(timeout_s=300)
+                executor = (await client.stats()).executor_pid
+                jobs = [asyncio.create_task(client.generate("hello", max_tokens=400, ignore_eos=True))
+                        for _ in range(2)]
+                await until(lambda: _running(client, 2))
+                os.kill(executor, signal.SIGSTOP)  # frozen mid-stream: only the second signal can end the wait
+                server.process.send_signal(signal.SIGINT)
+                await asyncio.sleep(1.0)
+                assert server.process.poll() is None  # the first signal: the grace period runs
+                started = time.monotonic()
+                server.process.send_signal(signal.SIGINT)
+                results = await asyncio.gather(*jobs, return_exceptions=True)
+                return executor, started, results
+
+        executor, started, results = asyncio.run(scenario())
+        assert all(isinstance(r, ShuttingDownError) for r in results), results
+        assert server.process.wait(30) == 0, server.logs()[-3000:]
+        assert time.monotonic() - started < 30  # not the 120 s grace period
+        assert wait_gone(executor)
+        assert "second signal: stopping now" in server.logs()
+    finally:
+        server.terminate()
+
+
+async def _running(client: AsyncClient, count: int) -> bool:
+    return (await client.stats()).requests_running >= count

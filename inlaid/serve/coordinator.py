@@ -100,6 +100,7 @@ class Coordinator:
         self.dynamic = DynamicTasks(config, self.registry, wake=self._wake, on_task_count=self._on_task_count)
         self.task_calls = TaskCalls(self.registry, self._reply_to_admin, self.dynamic, lambda: self._accepting)
         self._tempdir: str | None = None
+        self._stop_now = False  # a second signal: the grace period ends at once
         self.exit_code = 0
         self.start_error: str | None = None  # why run() could not start serving (exit 2)
         self.counters = {"received": 0, "finished": 0, "failed": 0, "overloaded": 0, "rejected": 0, "abandoned": 0,
@@ -233,6 +234,11 @@ class Coordinator:
             shard.forget_task(name)
 
     def request_shutdown(self, signum: int | None = None) -> None:
+        if self._shutdown.is_set() and signum is not None and not self._stop_now:
+            # A second Ctrl-C (or SIGTERM) was ignored in silence for the whole grace period.
+            log.warning("second signal: stopping now; in-flight requests fail with shutting_down",
+                        extra={"signal": signal.Signals(signum).name, "in_flight": len(self.in_flight)})
+            self._stop_now = True
         if not self._shutdown.is_set():
             name = signal.Signals(signum).name if signum else "request"
             log.info("shutting down: no new requests; finishing in-flight ones",
@@ -247,7 +253,8 @@ class Coordinator:
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + self.limits.shutdown_grace_s
-        while (len(self.in_flight) or self.task_calls.pending) and time.monotonic() < deadline and self.exit_code == 0:
+        while ((len(self.in_flight) or self.task_calls.pending) and time.monotonic() < deadline
+               and self.exit_code == 0 and not self._stop_now):
             await asyncio.sleep(0.05)
         self.in_flight.fail_all(ErrorCode.SHUTTING_DOWN, "the server shut down before this request finished")
         self.task_calls.refuse_pending()
