@@ -205,6 +205,10 @@ class EngineConfig:
     # request's 4-bit answer does not depend on the prompts beside it or on chunking (the
     # default routes big prompt steps through a faster bf16 kernel that rounds the weight).
     batch_invariant: bool = False
+    # Special-token strings ("<|im_end|>") in a text prompt or a chat message's content:
+    # "control" reads them as the control tokens they name (vLLM's and transformers' way: a user
+    # can end their turn and open a system one), "text" as the characters they are (OpenAI's).
+    special_tokens_in_text: str = "control"
 
     def context_length(self, model: ModelConfig) -> int:
         """The longest sequence served: max_model_len, capped by what the model supports and by
@@ -236,6 +240,8 @@ class EngineConfig:
         for name in ("dtype", "weight_dtype"):
             if getattr(self, name) not in ("auto", "float32", "bfloat16", "float16"):
                 raise ValueError(f"{name} must be auto, float32, bfloat16 or float16, got {getattr(self, name)!r}")
+        if self.special_tokens_in_text not in ("control", "text"):
+            raise ValueError(f"special_tokens_in_text must be control or text, got {self.special_tokens_in_text!r}")
         if self.quant_kernel not in QUANT_KERNELS:
             raise ValueError(f"quant_kernel must be one of {', '.join(QUANT_KERNELS)}, got {self.quant_kernel!r}")
         check_device("device", self.device, self.quant_kernel if self.quantized_dir else None)

@@ -173,7 +173,8 @@ class Engine:
     def prompt_tokens(self, prompt: str | list[int] | None,
                       messages: list[ChatMessage] | list[dict[str, str]] | None) -> list[int]:
         """The token ids of a prompt or of chat messages (`prompts.prompt_token_ids`)."""
-        return prompt_token_ids(self.tokenizer, self.max_model_len, self.model_config.vocab_size, prompt, messages)
+        return prompt_token_ids(self.tokenizer, self.max_model_len, self.model_config.vocab_size, prompt, messages,
+                                literal_special_tokens=self.config.special_tokens_in_text == "text")
 
     def abort(self, request_id: str) -> bool:
         request = self._requests.pop(request_id, None)

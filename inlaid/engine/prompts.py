@@ -7,6 +7,8 @@ refused from its beginning, ids and messages from their count.
 
 from __future__ import annotations
 
+import secrets
+
 from inlaid.engine.chat import template_messages
 from inlaid.engine.tokenizer import Tokenizer
 from inlaid.protocol import ChatMessage
@@ -40,10 +42,14 @@ _PROMPT_PREFIX_CHARS_PER_TOKEN = 16
 
 
 def prompt_token_ids(tokenizer: Tokenizer, max_model_len: int, vocab_size: int, prompt: str | list[int] | None,
-                     messages: list[ChatMessage] | list[dict[str, str]] | None) -> list[int]:
+                     messages: list[ChatMessage] | list[dict[str, str]] | None,
+                     literal_special_tokens: bool = False) -> list[int]:
     """The token ids of a text prompt, of token ids (checked against the vocabulary) or of
     chat messages (dicts or the protocol's, through the chat template); InvalidRequestError
-    for anything else."""
+    for anything else. `literal_special_tokens`: special-token strings in a text prompt or a
+    message's content are read as text (`special_tokens_in_text = "text"`); the chat
+    template's own markers stay control tokens, and token ids stay what they are."""
+    pieces: list[tuple[str, bool]] | None = None
     if (prompt is None) == (messages is None):
         raise InvalidRequestError("give exactly one of a prompt or chat messages")
     if messages is not None:
@@ -58,7 +64,11 @@ def prompt_token_ids(tokenizer: Tokenizer, max_model_len: int, vocab_size: int, 
         except ValueError as error:
             raise InvalidRequestError(str(error), "messages") from None
         try:
-            prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True)
+            if literal_special_tokens and any(tokenizer.holds_special_token(m["content"]) for m in chat):
+                pieces = _chat_pieces(tokenizer, chat)
+                prompt = "".join(text for text, _ in pieces)
+            else:
+                prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True)
         except (ValueError, TypeError) as error:  # TypeError: a lone surrogate, which no tokenizer encodes
             raise InvalidRequestError(f"the messages cannot be tokenized: {error}", "messages") from error
     if isinstance(prompt, str):
@@ -73,7 +83,12 @@ def prompt_token_ids(tokenizer: Tokenizer, max_model_len: int, vocab_size: int, 
             at_least = len(tokenizer.encode(prompt[:prefix_chars])) - 1
             if at_least >= max_model_len:
                 raise PromptTooLongError(at_least, max_model_len)
-        token_ids = tokenizer.encode(prompt)
+        if pieces is not None:
+            token_ids = _literal_chat_ids(tokenizer, pieces)
+        elif literal_special_tokens and messages is None and tokenizer.holds_special_token(prompt):
+            token_ids = tokenizer.encode_literal(prompt)
+        else:
+            token_ids = tokenizer.encode(prompt)
     elif not isinstance(prompt, (list, tuple)):
         raise InvalidRequestError(f"a prompt is a string or a list of token ids, not {type(prompt).__name__}",
                                   "prompt")
@@ -90,3 +105,45 @@ def prompt_token_ids(tokenizer: Tokenizer, max_model_len: int, vocab_size: int, 
         raise InvalidRequestError("the prompt is empty")
     return token_ids
 
+
+
+def _chat_pieces(tokenizer: Tokenizer, chat: list[dict[str, str]]) -> list[tuple[str, bool]]:
+    """The rendered chat as (text, is a message's content) pieces, in order: the template is
+    rendered with a mark in place of each content, and the text cut at the marks, so that the
+    template's own markers can be told from strings a content holds. The marks hold a random nonce: no content can hold one. ValueError where the template does not
+    place each content once, as given (it drops or repeats a message)."""
+    nonce = secrets.token_hex(8)
+    marks = [f"\ue000{nonce}:{index}\ue001" for index in range(len(chat))]
+    rest = tokenizer.apply_chat_template([{**message, "content": mark} for message, mark in zip(chat, marks)],
+                                         add_generation_prompt=True)
+    pieces: list[tuple[str, bool]] = []
+    for message, mark in zip(chat, marks):
+        before, found, after = rest.partition(mark)
+        if not found or mark in after:
+            raise ValueError("this model's chat template does not place each message's text once, as given, so "
+                             "special-token strings in it cannot be read as text (special_tokens_in_text = \"text\")")
+        pieces += [(before, False), (message["content"], True)]
+        rest = after
+    pieces.append((rest, False))
+    return pieces
+
+
+def _literal_chat_ids(tokenizer: Tokenizer, pieces: list[tuple[str, bool]]) -> list[int]:
+    """The ids of the rendered chat with the template's markers as control tokens and the rest,
+    contents included, as text. The text between two of the template's markers is encoded
+    whole, as the tokenizer encodes the text between markers anyway: a content cut from the
+    template text around it tokenized otherwise at its edge ("user\n" + "  two" merged "\n ")."""
+    token_ids: list[int] = []
+    run: list[str] = []
+    for text, is_content in pieces:
+        if is_content:
+            run.append(text)
+            continue
+        for index, part in enumerate(tokenizer.special_token_pattern.split(text)):
+            if index % 2:  # one of the template's own markers
+                token_ids += tokenizer.encode_literal("".join(run))
+                run = []
+                token_ids.append(tokenizer.token_id(part))  # type: ignore[arg-type]
+            else:
+                run.append(part)
+    return token_ids + tokenizer.encode_literal("".join(run))

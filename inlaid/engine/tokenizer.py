@@ -8,6 +8,7 @@ torch or transformers.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,13 @@ class Tokenizer:
         if not path.is_file():
             raise ModelLoadError(f"{model_dir} has no tokenizer.json")
         self._tok = _HFTokenizer.from_file(str(path))
+        self._path = path
+        self._literal: _HFTokenizer | None = None  # encode_literal's, made at its first use
+        self.special_token_strings: tuple[str, ...] = tuple(
+            added.content for added in self._tok.get_added_tokens_decoder().values() if added.special)
+        # Longest first: at one position the longest marker wins, as the tokenizer matches them.
+        self.special_token_pattern = re.compile("(" + ("|".join(
+            re.escape(marker) for marker in sorted(self.special_token_strings, key=len, reverse=True)) or "(?!)") + ")")
         config_path = model_dir / "tokenizer_config.json"
         config: dict[str, Any] = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self.bos_token: str | None = _token_text(config.get("bos_token"))
@@ -43,6 +51,19 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         # Special tokens come from the chat template text itself; add none of our own.
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_literal(self, text: str) -> list[int]:
+        """`text` with its special-token strings as plain text: "<|im_end|>" typed by a user is
+        the characters it shows, never the end of a turn. A tokenizer of its own: the flag is
+        state, and `encode` must never see it set."""
+        if self._literal is None:
+            literal = _HFTokenizer.from_file(str(self._path))
+            literal.encode_special_tokens = True
+            self._literal = literal
+        return self._literal.encode(text, add_special_tokens=False).ids
+
+    def holds_special_token(self, text: str) -> bool:
+        return any(marker in text for marker in self.special_token_strings)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
