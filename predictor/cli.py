@@ -10,8 +10,8 @@ task (the most recent), and `evaluate` fits on the same reservoir, so it scores 
 would write. `evaluate` prints JSON: {"train": {"requests", "kept"}, "all": pooled scores,
 "tasks": {task: scores}, "base": scores of requests with task null (where there are any),
 "unseen_tasks": test tasks no --train request has (both predictors fall back to the pooled
-figures for them; a note on stderr names them)}; scores are per predictor ("model", "task_mean"): mae, bucket_accuracy, kendall_tau,
-spearman, requests.
+figures for them; a note on stderr names them)}; scores are per predictor ("model",
+"task_mean"): mae, bucket_accuracy, kendall_tau, spearman, requests.
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ def test_adapters_of_ones_own_tasks_stay_out_of_the_manifest(tmp_path: Path,
     _custom_copy(ADAPTERS / "sentiment", adapters / "colours", "colours")
     # An entry an older report wrote for it goes too: quantize --suite failed on it.
     manifest = adapters / "MANIFEST.json"
-    manifest.write_text(json.dumps({"base_model": "SmolLM2-135M-Instruct", "adapters": {"colours": {"task": "colours"}}}))
+    manifest.write_text(json.dumps({"base_model": "SmolLM2-135M-Instruct",
+                                    "adapters": {"colours": {"task": "colours"}}}))
     assert main(["tasks", "report", "--adapters-dir", str(adapters)]) == 0
     err = capsys.readouterr().err
     assert "left out colours: trained on a task of your own" in err

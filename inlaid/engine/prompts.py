@@ -106,12 +106,12 @@ def prompt_token_ids(tokenizer: Tokenizer, max_model_len: int, vocab_size: int, 
     return token_ids
 
 
-
 def _chat_pieces(tokenizer: Tokenizer, chat: list[dict[str, str]]) -> list[tuple[str, bool]]:
     """The rendered chat as (text, is a message's content) pieces, in order: the template is
     rendered with a mark in place of each content, and the text cut at the marks, so that the
-    template's own markers can be told from strings a content holds. The marks hold a random nonce: no content can hold one. ValueError where the template does not
-    place each content once, as given (it drops or repeats a message)."""
+    template's own markers can be told from strings a content holds. The marks hold a random
+    nonce: no content can hold one. ValueError where the template does not place each content
+    once, as given (it drops or repeats a message)."""
     nonce = secrets.token_hex(8)
     marks = [f"\ue000{nonce}:{index}\ue001" for index in range(len(chat))]
     rest = tokenizer.apply_chat_template([{**message, "content": mark} for message, mark in zip(chat, marks)],
