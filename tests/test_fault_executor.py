@@ -216,7 +216,7 @@ def test_an_executor_restarted_after_its_socket_file_was_removed_connects(ready,
 
     before, after = asyncio.run(scenario())
     assert after.executor_restarts == before.executor_restarts + 1
-    assert "the executor socket's file is gone; listening on it again" in ready.logs()
+    assert "an ipc socket's file is gone; listening on it again" in ready.logs()
     assert list(ipc_dir.glob("executor-*.ipc"))
 
 

@@ -77,3 +77,40 @@ def test_private_ipc_dir_locks_what_it_makes_and_sweeps_every_kind(tmp_path, mon
     assert probe.returncode == 3
     with pytest.raises(ValueError, match="kind"):
         private_ipc_dir("../elsewhere")
+
+
+def test_a_socket_whose_file_was_removed_listens_again_in_a_locked_directory(tmp_path):
+    """A /tmp cleaner removed the directory of a bound ipc socket: a process started after that
+    could never connect. The socket is bound again, its directory made again with its lock (a
+    later start's cleanup keeps it while this process lives)."""
+    import logging
+    import shutil
+
+    import zmq
+
+    from inlaid.serve.ipc_dirs import listen_again_if_gone
+
+    logger = logging.getLogger("test")
+    directory = tmp_path / f"inlaid-ipc-{os.getpid()}-x"
+    directory.mkdir()
+    address = f"ipc://{directory}/child.ipc"
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    try:
+        router.bind(address)
+        listen_again_if_gone(router, address, logger)  # the file is there: nothing to do
+        shutil.rmtree(directory)
+        listen_again_if_gone(router, address, logger)
+        assert (directory / "child.ipc").exists() and (directory / OWNER_FILE).exists()
+        assert remove_dead_dirs("ipc", str(tmp_path)) == [] and directory.exists()  # its lock is held
+        dealer = context.socket(zmq.DEALER)
+        dealer.connect(address)
+        dealer.send(b"hello")
+        assert router.poll(5000) and router.recv_multipart()[1] == b"hello"
+        dealer.close(0)
+        for nothing_to_restore in ("ipc://@inlaid-abstract-test", "tcp://127.0.0.1:1", "ipc://relative.ipc"):
+            listen_again_if_gone(router, nothing_to_restore, logger)  # no file of ours: no-op, no error
+        assert not Path("relative.ipc").exists()
+    finally:
+        router.close(0)
+        context.term()

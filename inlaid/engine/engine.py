@@ -19,8 +19,8 @@ from inlaid.engine.adapter_config import AdapterError, adapter_signature, read_a
 from inlaid.engine.adapter_slots import AdapterSlots
 from inlaid.engine.adapter_weights import check_adapter_files, check_adapter_weights, max_weights_bytes
 from inlaid.engine.block_manager import BlockManager
-from inlaid.engine.config import EngineConfig, ModelConfig
-from inlaid.engine.prompts import InvalidRequestError, prompt_token_ids
+from inlaid.engine.config import EngineConfig, ModelConfig, ModelLoadError
+from inlaid.engine.prompts import InvalidRequestError, literal_mode_problem, prompt_token_ids
 from inlaid.engine.scheduler import Scheduler, SchedulerLimits, SchedulingPolicy
 from inlaid.engine.sequence import FinishReason, Sequence, SequenceStatus
 from inlaid.engine.tokenizer import StreamingDetokenizer, Tokenizer
@@ -75,6 +75,8 @@ class Engine:
         self.runner = runner
         self.model_config = ModelConfig.from_dir(config.model_dir)
         self.tokenizer = Tokenizer(config.model_dir)
+        if config.special_tokens_in_text == "text" and (problem := literal_mode_problem(self.tokenizer)):
+            raise ModelLoadError(f"special_tokens_in_text = \"text\": {problem}")
         self.max_model_len = config.context_length(self.model_config)
         self.scheduler = Scheduler(
             SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),

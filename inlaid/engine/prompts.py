@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import secrets
 
+import jinja2
+
 from inlaid.engine.chat import template_messages
 from inlaid.engine.tokenizer import Tokenizer
 from inlaid.protocol import ChatMessage
@@ -64,7 +66,7 @@ def prompt_token_ids(tokenizer: Tokenizer, max_model_len: int, vocab_size: int, 
         except ValueError as error:
             raise InvalidRequestError(str(error), "messages") from None
         try:
-            if literal_special_tokens and any(tokenizer.holds_special_token(m["content"]) for m in chat):
+            if literal_special_tokens and any(tokenizer.holds_added_token(m["content"]) for m in chat):
                 pieces = _chat_pieces(tokenizer, chat)
                 prompt = "".join(text for text, _ in pieces)
             else:
@@ -85,7 +87,7 @@ def prompt_token_ids(tokenizer: Tokenizer, max_model_len: int, vocab_size: int, 
                 raise PromptTooLongError(at_least, max_model_len)
         if pieces is not None:
             token_ids = _literal_chat_ids(tokenizer, pieces)
-        elif literal_special_tokens and messages is None and tokenizer.holds_special_token(prompt):
+        elif literal_special_tokens and messages is None and tokenizer.holds_added_token(prompt):
             token_ids = tokenizer.encode_literal(prompt)
         else:
             token_ids = tokenizer.encode(prompt)
@@ -106,6 +108,33 @@ def prompt_token_ids(tokenizer: Tokenizer, max_model_len: int, vocab_size: int, 
     return token_ids
 
 
+_NOT_AS_GIVEN = ("this model's chat template does not place each message's text once, as given, so special-token "
+                 "strings in it cannot be read as text (special_tokens_in_text = \"text\")")
+
+
+def literal_mode_problem(tokenizer: Tokenizer) -> str | None:
+    """Why `special_tokens_in_text = "text"` cannot be served exactly with this tokenizer, or
+    None. Checked at start on probe conversations without any marker, forced through the cut
+    path: where it gives other ids than the default path (markers that absorb the spaces
+    around them, a prefix added to each encoded piece), text without markers would change
+    with the setting."""
+    tokenizer.enable_literal()
+    probes = [[{"role": "user", "content": " two  spaces\n and a line "}],
+              [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "\nHi "},
+               {"role": "assistant", "content": " Hello."}, {"role": "user", "content": "Bye"}]]
+    for chat in probes:
+        try:
+            default = tokenizer.encode(tokenizer.apply_chat_template(chat, add_generation_prompt=True))
+            cut = _literal_chat_ids(tokenizer, _chat_pieces(tokenizer, chat))
+        except (ValueError, TypeError, jinja2.TemplateError):  # no template, or one that wants other turns
+            continue
+        if cut != default:
+            return ("this tokenizer encodes a chat cut at its markers otherwise than whole (its added tokens "
+                    "strip the spaces around them, or each piece gets a prefix), so text mode would change "
+                    "prompts without markers; use special_tokens_in_text = \"control\"")
+    return None
+
+
 def _chat_pieces(tokenizer: Tokenizer, chat: list[dict[str, str]]) -> list[tuple[str, bool]]:
     """The rendered chat as (text, is a message's content) pieces, in order: the template is
     rendered with a mark in place of each content, and the text cut at the marks, so that the
@@ -120,11 +149,14 @@ def _chat_pieces(tokenizer: Tokenizer, chat: list[dict[str, str]]) -> list[tuple
     for message, mark in zip(chat, marks):
         before, found, after = rest.partition(mark)
         if not found or mark in after:
-            raise ValueError("this model's chat template does not place each message's text once, as given, so "
-                             "special-token strings in it cannot be read as text (special_tokens_in_text = \"text\")")
+            raise ValueError(_NOT_AS_GIVEN)
         pieces += [(before, False), (message["content"], True)]
         rest = after
     pieces.append((rest, False))
+    # A template that changes a content (trims it, strips a reasoning part) placed the mark
+    # as given but would render the text otherwise: served so, the prompt was not the default's.
+    if "".join(text for text, _ in pieces) != tokenizer.apply_chat_template(chat, add_generation_prompt=True):
+        raise ValueError(_NOT_AS_GIVEN)
     return pieces
 
 
@@ -139,7 +171,7 @@ def _literal_chat_ids(tokenizer: Tokenizer, pieces: list[tuple[str, bool]]) -> l
         if is_content:
             run.append(text)
             continue
-        for index, part in enumerate(tokenizer.special_token_pattern.split(text)):
+        for index, part in enumerate(tokenizer.added_token_pattern.split(text)):
             if index % 2:  # one of the template's own markers
                 token_ids += tokenizer.encode_literal("".join(run))
                 run = []

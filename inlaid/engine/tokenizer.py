@@ -26,13 +26,14 @@ class Tokenizer:
         if not path.is_file():
             raise ModelLoadError(f"{model_dir} has no tokenizer.json")
         self._tok = _HFTokenizer.from_file(str(path))
-        self._path = path
-        self._literal: _HFTokenizer | None = None  # encode_literal's, made at its first use
-        self.special_token_strings: tuple[str, ...] = tuple(
-            added.content for added in self._tok.get_added_tokens_decoder().values() if added.special)
+        self._literal: _HFTokenizer | None = None  # encode_literal's (`enable_literal`)
+        # Every added token, special or not: a non-special one (Qwen's <tool_call>) matches in
+        # any text as one id too.
+        self.added_token_strings: tuple[str, ...] = tuple(
+            added.content for added in self._tok.get_added_tokens_decoder().values())
         # Longest first: at one position the longest marker wins, as the tokenizer matches them.
-        self.special_token_pattern = re.compile("(" + ("|".join(
-            re.escape(marker) for marker in sorted(self.special_token_strings, key=len, reverse=True)) or "(?!)") + ")")
+        self.added_token_pattern = re.compile("(" + ("|".join(
+            re.escape(marker) for marker in sorted(self.added_token_strings, key=len, reverse=True)) or "(?!)") + ")")
         config_path = model_dir / "tokenizer_config.json"
         config: dict[str, Any] = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self.bos_token: str | None = _token_text(config.get("bos_token"))
@@ -52,18 +53,29 @@ class Tokenizer:
         # Special tokens come from the chat template text itself; add none of our own.
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def encode_literal(self, text: str) -> list[int]:
-        """`text` with its special-token strings as plain text: "<|im_end|>" typed by a user is
-        the characters it shows, never the end of a turn. A tokenizer of its own: the flag is
+    def enable_literal(self) -> None:
+        """Make `encode_literal`'s tokenizer now (at start, not on the loop at the first request):
+        a copy of this one, from memory (the file may have changed since), with every added token
+        marked special and special tokens encoded as text. A tokenizer of its own: the flag is
         state, and `encode` must never see it set."""
-        if self._literal is None:
-            literal = _HFTokenizer.from_file(str(self._path))
-            literal.encode_special_tokens = True
-            self._literal = literal
+        if self._literal is not None:
+            return
+        spec = json.loads(self._tok.to_str())
+        for added in spec.get("added_tokens") or []:
+            added["special"] = True
+        literal = _HFTokenizer.from_str(json.dumps(spec))
+        literal.encode_special_tokens = True
+        self._literal = literal
+
+    def encode_literal(self, text: str) -> list[int]:
+        """`text` with its added-token strings as plain text: "<|im_end|>" typed by a user is the
+        characters it shows, never the end of a turn."""
+        self.enable_literal()
+        assert self._literal is not None
         return self._literal.encode(text, add_special_tokens=False).ids
 
-    def holds_special_token(self, text: str) -> bool:
-        return any(marker in text for marker in self.special_token_strings)
+    def holds_added_token(self, text: str) -> bool:
+        return any(marker in text for marker in self.added_token_strings)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)

@@ -22,6 +22,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import zmq
+
 log = logging.getLogger("inlaid.serve")
 
 _PREFIX = "inlaid-"
@@ -42,13 +44,43 @@ def private_ipc_dir(kind: str) -> str:
         except Exception as error:  # noqa: BLE001  (best effort: never a reason not to start)
             log.warning("could not clean up stale ipc directories", extra={"kind": each, "error": repr(error)})
     path = tempfile.mkdtemp(prefix=f"{_PREFIX}{kind}-{os.getpid()}-")
-    # Locked under another name, then renamed: a cleaner never meets an unlocked `.owner`.
+    _claim(path)
+    return path
+
+
+def _claim(path: str) -> None:
+    """Hold `path`'s owner lock for the rest of this process's life. Locked under another name,
+    then renamed: a cleaner never meets an unlocked `.owner`."""
     locking = os.path.join(path, OWNER_FILE + ".new")
     descriptor = os.open(locking, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     fcntl.flock(descriptor, fcntl.LOCK_EX)
     os.rename(locking, os.path.join(path, OWNER_FILE))
     # `descriptor` is never closed: the lock is held until the process exits (or dies).
-    return path
+
+
+def listen_again_if_gone(sock: zmq.Socket, address: str, logger: logging.Logger | logging.LoggerAdapter) -> None:
+    """Bind `sock` again at `address` where its ipc socket file was removed while the server
+    ran (a /tmp cleaner, an operator's rm): connections made before outlive the file, but a
+    child started after it could never connect (a probe: health said `starting` until the
+    start timeout, every request held). A removed directory is made again, with its owner lock
+    (else a later start's cleanup would leave it behind after a crash). Abstract (`ipc://@name`)
+    and tcp addresses have no file. OSError where it cannot listen again."""
+    path = address[len("ipc://"):] if address.startswith("ipc://") else ""
+    if not path or path.startswith("@") or not os.path.dirname(path) or os.path.exists(path):
+        return
+    directory = os.path.dirname(path)
+    logger.warning("an ipc socket's file is gone; listening on it again", extra={"path": path})
+    try:
+        if not os.path.isdir(directory):
+            os.makedirs(directory, mode=0o700)
+            _claim(directory)
+        try:
+            sock.unbind(address)
+        except zmq.ZMQError:
+            pass  # nothing bound there any more: bind afresh
+        sock.bind(address)
+    except zmq.ZMQError as error:
+        raise OSError(f"cannot listen again on {address}: {error}") from None
 
 
 def remove_dead_dirs(kind: str, root: str | None = None) -> list[Path]:

@@ -35,7 +35,7 @@ from inlaid.protocol import (
 )
 from inlaid.serve.child_process import CLOCK_TICKS, NOT_RUNNING, sample_process, wait_or_kill
 from inlaid.serve.config_sections import RequantizerSettings
-from inlaid.serve.ipc_dirs import remove_segments_of
+from inlaid.serve.ipc_dirs import listen_again_if_gone, remove_segments_of
 
 log = logging.getLogger("inlaid.requantizer_supervisor")
 
@@ -197,6 +197,8 @@ class RequantizerSupervisor:
                 "--log-format", self.log_format,
             ] + (["--idle-priority"] if self.settings.idle_priority else [])  # fmt: skip
             try:
+                if self._socket is not None:
+                    listen_again_if_gone(self._socket, self.address, log)
                 process = await asyncio.create_subprocess_exec(
                     *command, stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
                     env=requantizer_environment(self.settings))

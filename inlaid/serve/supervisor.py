@@ -43,6 +43,7 @@ from inlaid.protocol import (
 from inlaid.serve.child_process import FieldsLog, wait_or_kill
 from inlaid.serve.executor import executor_identity
 from inlaid.serve.executor_errors import ExecutorBindError, ExecutorLostError, ExecutorStepError
+from inlaid.serve.ipc_dirs import listen_again_if_gone
 from inlaid.serve.peers import PeerWatch
 
 log = logging.getLogger("inlaid.supervisor")
@@ -209,7 +210,8 @@ class ExecutorSupervisor:
             self.on_fatal(f"the supervision of executor {self.index} failed: {type(error).__name__}: {error}")
 
     async def _spawn(self) -> None:
-        self._listen_again_if_gone()
+        if self._socket is not None:
+            listen_again_if_gone(self._socket, self.address, self._log)
         self.generation += 1
         self.hello = None
         self._start_error = ""
@@ -234,27 +236,6 @@ class ExecutorSupervisor:
         self._log.info("executor started", extra={"pid": process.pid, "generation": self.generation})
         self._spawn_task(self._watch(process, self.generation))
         self._spawn_task(self._start_deadline(process, self.generation))
-
-    def _listen_again_if_gone(self) -> None:
-        """Bind the ipc socket's file again where it was removed while the server ran (a /tmp
-        cleaner, an operator's rm): the lost executor's connection had outlived it, but its
-        replacement could never connect (a probe: health said `starting` until the start timeout,
-        every request held). OSError where it cannot: a failed start, as a refused spawn."""
-        if self._socket is None or not self.address.startswith("ipc://"):
-            return
-        path = self.address[len("ipc://"):]
-        if os.path.exists(path):
-            return
-        self._log.warning("the executor socket's file is gone; listening on it again", extra={"path": path})
-        try:
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            try:
-                self._socket.unbind(self.address)
-            except zmq.ZMQError:
-                pass  # nothing bound there any more: bind afresh
-            self._socket.bind(self.address)
-        except zmq.ZMQError as error:
-            raise OSError(f"cannot listen again on {self.address}: {error}") from None
 
     async def _start_deadline(self, process: asyncio.subprocess.Process, generation: int) -> None:
         await asyncio.sleep(self.start_timeout_s)
