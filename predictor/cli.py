@@ -9,8 +9,8 @@ with `[scheduler] predictor_state`; it keeps a reservoir of at most 4,096 reques
 task (the most recent), and `evaluate` fits on the same reservoir, so it scores what `train`
 would write. `evaluate` prints JSON: {"train": {"requests", "kept"}, "all": pooled scores,
 "tasks": {task: scores}, "base": scores of requests with task null (where there are any),
-"unseen_tasks": test tasks no --train request has (both predictors fall back to the pooled
-figures for them; a note on stderr names them)}; scores are per predictor ("model",
+"unseen_tasks": test tasks no --train request has (task_mean gives them the pooled mean,
+the model its task-blind part; a note on stderr names them)}; scores are per predictor ("model",
 "task_mean"): mae, bucket_accuracy, kendall_tau, spearman, requests.
 """
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                             - {s.task for s in train_samples if s.task is not None})
             if unseen:  # their scores measure the fallback, not what was learnt of them
                 print(f"python -m inlaid.predictor: note: {len(unseen)} --test task(s) have no --train requests "
-                      f"and are predicted from the pooled figures: {', '.join(unseen[:10])}"
+                      f"and are predicted without a task of their own: {', '.join(unseen[:10])}"
                       f"{' ...' if len(unseen) > 10 else ''}", file=sys.stderr)
             print(json.dumps({"train": {"requests": len(train_samples), "kept": model.size}, **report,
                               "unseen_tasks": unseen}, indent=1))

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import threading
+import time
 import zipfile
 import zlib
 from collections import deque
@@ -226,20 +227,27 @@ class OnlineLengthPredictor:
         return predictor
 
 
+_LEFTOVER_AGE_S = 600.0  # a save takes seconds: a temporary file this old is no save in progress
+
+
 def _remove_dead_writers_files(path: Path) -> None:
-    """Delete `<state>.<pid>.<thread>.tmp.npz` files whose process is gone: a save killed
-    (SIGKILL, power loss) between its write and its rename left one, and every later kill
-    would add another (each the size of a state). A live process's file is its save in progress."""
+    """Delete `<state>.<pid>.<thread>.tmp.npz` files whose process is gone and which are older
+    than any save takes: a save killed (SIGKILL, power loss) between its write and its rename
+    left one, and every later kill would add another (each the size of a state). Both tests:
+    a writer on another machine (a shared `predictor_state`) or in another pid namespace
+    looks dead here, but its file is seconds old."""
     for leftover in path.parent.glob(f"{glob_escape(path.name)}.*.*.tmp.npz"):
         writer = leftover.name[len(path.name) + 1:-len(".tmp.npz")].split(".")
         if len(writer) != 2 or not all(part.isdigit() for part in writer):
             continue  # not a name save() gives
         try:
+            if time.time() - leftover.stat().st_mtime < _LEFTOVER_AGE_S:
+                continue
             os.kill(int(writer[0]), 0)
         except ProcessLookupError:
             leftover.unlink(missing_ok=True)
         except (PermissionError, OverflowError, OSError):
-            continue  # alive (another user's), or not a pid: leave it
+            continue  # alive (another user's), not a pid, or gone already: leave it
 
 
 def _check_length(output_tokens: float) -> None:

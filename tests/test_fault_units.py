@@ -288,3 +288,27 @@ def test_a_sequence_cannot_outgrow_the_kv_cache_and_hold_the_queue(model_dir):
     assert short.finish_reason == "length" and len(short.token_ids) == 3
     reference = engine(64).generate(prompts, sampling)  # room for everything: the same greedy tokens
     assert long.token_ids == reference[0].token_ids[: len(long.token_ids)] and short.token_ids == reference[1].token_ids
+
+
+def test_only_a_second_signal_during_the_drain_ends_it(caplog: pytest.LogCaptureFixture) -> None:
+    """The first signal starts the grace period, a second ends it; after the drain a signal
+    changes nothing, and a shutdown begun without one (a fatal error) counts none of its own."""
+    import signal
+
+    from inlaid.serve.shutdown_signals import ShutdownSignals
+
+    signals = ShutdownSignals()
+    signals.on_signal(signal.SIGINT, in_flight=3)
+    assert not signals.stop_now and not caplog.records
+    with caplog.at_level("WARNING", logger="inlaid.coordinator"):
+        signals.on_signal(signal.SIGTERM, in_flight=3)
+    assert signals.stop_now
+    assert [r.message for r in caplog.records] == ["second signal: stopping now; in-flight requests fail with "
+                                                   "shutting_down"] and caplog.records[0].signal == "SIGTERM"
+    drained = ShutdownSignals(drained=True)
+    for _ in range(3):
+        drained.on_signal(signal.SIGINT, in_flight=0)
+    assert not drained.stop_now
+    after_a_fatal_error = ShutdownSignals()  # request_shutdown() without a signal counts none
+    after_a_fatal_error.on_signal(signal.SIGINT, in_flight=1)
+    assert not after_a_fatal_error.stop_now

@@ -45,6 +45,7 @@ from inlaid.serve.frames import decode_client_frames
 from inlaid.serve.in_flight import InFlight
 from inlaid.serve.info_calls import INFO_CALLS, SERVER_VERSION, InfoCalls
 from inlaid.serve.ipc_dirs import private_ipc_dir
+from inlaid.serve.shutdown_signals import ShutdownSignals
 from inlaid.serve.metrics import REPLIES_UNREAD, ServerMetrics
 from inlaid.serve.peers import FrontReplies, PeerWatch, front_socket
 from inlaid.serve.requantizer_status import requantizer_metrics
@@ -100,7 +101,7 @@ class Coordinator:
         self.dynamic = DynamicTasks(config, self.registry, wake=self._wake, on_task_count=self._on_task_count)
         self.task_calls = TaskCalls(self.registry, self._reply_to_admin, self.dynamic, lambda: self._accepting)
         self._tempdir: str | None = None
-        self._stop_now = False  # a second signal: the grace period ends at once
+        self._signals = ShutdownSignals()
         self.exit_code = 0
         self.start_error: str | None = None  # why run() could not start serving (exit 2)
         self.counters = {"received": 0, "finished": 0, "failed": 0, "overloaded": 0, "rejected": 0, "abandoned": 0,
@@ -234,11 +235,8 @@ class Coordinator:
             shard.forget_task(name)
 
     def request_shutdown(self, signum: int | None = None) -> None:
-        if self._shutdown.is_set() and signum is not None and not self._stop_now:
-            # A second Ctrl-C (or SIGTERM) was ignored in silence for the whole grace period.
-            log.warning("second signal: stopping now; in-flight requests fail with shutting_down",
-                        extra={"signal": signal.Signals(signum).name, "in_flight": len(self.in_flight)})
-            self._stop_now = True
+        if signum is not None:
+            self._signals.on_signal(signum, len(self.in_flight))
         if not self._shutdown.is_set():
             name = signal.Signals(signum).name if signum else "request"
             log.info("shutting down: no new requests; finishing in-flight ones",
@@ -254,8 +252,9 @@ class Coordinator:
     async def _drain(self) -> None:
         deadline = time.monotonic() + self.limits.shutdown_grace_s
         while ((len(self.in_flight) or self.task_calls.pending) and time.monotonic() < deadline
-               and self.exit_code == 0 and not self._stop_now):
+               and self.exit_code == 0 and not self._signals.stop_now):
             await asyncio.sleep(0.05)
+        self._signals.drained = True
         self.in_flight.fail_all(ErrorCode.SHUTTING_DOWN, "the server shut down before this request finished")
         self.task_calls.refuse_pending()
 
