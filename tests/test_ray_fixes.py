@@ -390,3 +390,20 @@ def test_a_catalog_adapter_a_server_would_refuse_is_refused_at_deploy(deploy_con
                          ({"cut": str(cut)}, r"\[tasks\] cut: ")]:
         with pytest.raises(ConfigError, match=words):
             load_ray_config(deploy_config(tasks=tasks))
+
+
+def test_a_ray_ingress_scrape_says_the_servers_series_are_missing() -> None:
+    """The Ray ingress holds no server series (each replica keeps its own): its scrape read
+    inlaid_http_server_metrics_missing 0, as if they were all there (an outside probe)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from test_http_probe_fixes import _post
+
+    from inlaid.http.app import create_app
+    from inlaid.http.settings import HttpConfig
+
+    client = RayTaskClient(UnavailableDeploymentHandleStandIn(), CATALOG)
+    app = create_app("tcp://127.0.0.1:1", HttpConfig(), client=client, admin_client=client.admin_client)
+    status, text = _post(app, "/metrics", b"", method="GET")
+    assert status == 200
+    families = {family.name: family for family in text_string_to_metric_families(text.decode())}
+    assert families["inlaid_http_server_metrics_missing"].samples[0].value == 1

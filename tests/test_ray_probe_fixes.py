@@ -390,3 +390,37 @@ def test_the_proxys_address_is_refused_by_the_keys_the_config_has(deploy) -> Non
                               ("http_host", "0.0.0.0", "ray.http_host '0.0.0.0' is not a loopback address")):
         code, lines, calls = deploy({"ray": {"num_replicas": 1, "app_name": APP, key: value}})
         assert (code, calls["init"]) == (2, []) and len(lines) == 1 and words in lines[0], lines
+
+
+def test_a_server_slow_to_start_is_named_as_the_deploys_reason(deploy) -> None:
+    """ray.replica_start_timeout_s = 0.5 ran out: the line said only "Failed to update the
+    deployments", and the replica's own error printed 0.5 s as "0 s" (an outside probe)."""
+    details = ("Failed to update the deployments ['InlaidReplica'].\nray.exceptions.RayTaskError(RuntimeError): "
+               f"ray::ServeReplica:{APP}:InlaidReplica.initialize_and_get_metadata() (pid=4242)\n"
+               "RuntimeError: the replica's Inlaid server was not ready in 0.5 s:\n"
+               '{"level": "INFO", "msg": "executor started"}\n')
+
+    def failing_run() -> None:
+        raise DEPLOY_ERROR
+
+    code, lines, calls = deploy({}, run=failing_run, details=details)
+    assert (code, calls["delete"]) == (2, [APP])
+    assert lines == [f"inlaid ray: application {APP!r} failed to deploy (a replica's Inlaid server was not ready in "
+                     "0.5 s (ray.replica_start_timeout_s)); deleting it"]
+
+
+def test_a_serve_already_listening_elsewhere_is_refused_before_deploying(deploy, monkeypatch) -> None:
+    """Serve keeps the proxy options it was first started with: a deploy asking for another
+    port was served on the old one, and one asking for loopback stayed public on 0.0.0.0."""
+    import ray.serve.context
+
+    running = types.SimpleNamespace(http_config=types.SimpleNamespace(host="0.0.0.0", port=59080))
+    monkeypatch.setattr(ray.serve.context, "_get_global_client", lambda *a, **k: running)
+    code, lines, calls = deploy({"ray": {"num_replicas": 1, "app_name": APP, "http_port": 59082}})
+    assert (code, calls["run"]) == (2, [])
+    assert lines == ["inlaid ray: Ray Serve on this cluster already listens on 0.0.0.0:59080 (started earlier, it "
+                     "keeps its proxy's options); [ray] http_host / http_port ask for 127.0.0.1:59082: set them to "
+                     "0.0.0.0 / 59080, or end that Serve first (`serve shutdown`)"]
+    running.http_config = types.SimpleNamespace(host="127.0.0.1", port=59082)  # where the config asks: deployed
+    code, lines, calls = deploy({"ray": {"num_replicas": 1, "app_name": APP, "http_port": 59082}})
+    assert (code, lines, len(calls["run"])) == (0, [], 1)

@@ -96,7 +96,10 @@ def ray_app(model_dir, reference, tmp_path_factory):  # type: ignore[no-untyped-
         "server": {"log_level": "WARNING"},
         "tasks": {**{task: str(ADAPTERS / task) for task in TASKS}, CORRUPT: str(corrupt)},
     })  # fmt: skip
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
+    # address="local": a cluster of the test's own; a running one (`ray start --head` on this
+    # machine) was joined, refused num_cpus, and would have had its Serve shut down at the end.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2,
+             log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(config), name=config.app_name, route_prefix="/")

@@ -350,7 +350,8 @@ def _unhealthy(body: bytes) -> Response:
 
 
 _SERVER_PART = ("# HELP inlaid_http_server_metrics_missing 1 when the server's series are left out of this scrape "
-                "(it did not answer within {bound:g} s); the front's own follow either way\n"
+                "(it did not answer within {bound:g} s, or the front has none: a Ray ingress, whose replicas keep "
+                "theirs); the front's own follow either way\n"
                 "# TYPE inlaid_http_server_metrics_missing gauge\ninlaid_http_server_metrics_missing {missing}\n")
 
 
@@ -360,7 +361,8 @@ async def _metrics(front: Front, request: Request) -> Response:
     when they tell most (an outside probe: a SIGSTOPped coordinator). One that nothing serves
     (stopped, killed) is a 503 at once, as on every route."""
     try:
-        server_text, missing = await front.client.metrics(timeout_s=_HEALTH_TIMEOUT_S), 0
+        server_text = await front.client.metrics(timeout_s=_HEALTH_TIMEOUT_S)
+        missing = 0 if server_text else 1  # none at all (a Ray ingress's) read 0, "all there" (a probe)
     except RequestTimeoutError:
         server_text, missing = "", 1
     own = request.app.state.http_metrics.exposition()

@@ -130,7 +130,7 @@ class ChildServer:
                     return
                 except TimeoutError:
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"the replica's Inlaid server was not ready in {timeout_s:.0f} s:\n"
+                        raise RuntimeError(f"the replica's Inlaid server was not ready in {timeout_s:g} s:\n"
                                            f"{self.logs()[-3000:]}") from None
 
     @property

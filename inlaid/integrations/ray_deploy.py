@@ -88,8 +88,34 @@ def deploy_failure_reason(error: BaseException, details: str = "") -> str:
         if msg.startswith("cannot"):  # "cannot start", "cannot serve; exiting", "cannot listen"
             return f"a replica's Inlaid server {msg.split(';')[0]}: {reason}"
         return f"a replica's Inlaid server logged {msg!r}: {reason}" if msg else f"a replica's Inlaid server: {reason}"
+    # No critical record: a server still starting when ray.replica_start_timeout_s ran out
+    # (only Ray's traceback said so; the line named serve.run's "failed to update").
+    if slow := _NOT_READY.search(f"{error}\n{details}"):
+        return f"a replica's Inlaid server was not ready in {slow.group(1)} s (ray.replica_start_timeout_s)"
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return first[:500]
+
+
+_NOT_READY = re.compile(r"the replica's Inlaid server was not ready in ([0-9.e+-]+) s")
+
+
+def proxy_mismatch(config: RayDeploymentConfig) -> str | None:
+    """Why the cluster's Serve proxy does not listen where [ray] http_host / http_port say, or
+    None. Serve, once started, keeps its proxy's options: a later deploy asking for another
+    port was served on the old one, and one asking for loopback stayed on a public 0.0.0.0,
+    with only an INFO line of Ray's ("will not be applied"; an outside probe)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        options = _get_global_client().http_config
+        host, port = str(options.host), int(options.port)
+    except Exception:  # noqa: BLE001 (Ray's internals moved, or no client: Ray's own behaviour stands)
+        return None
+    if (host, port) == (config.http_host, config.http_port):
+        return None
+    return (f"Ray Serve on this cluster already listens on {host}:{port} (started earlier, it keeps its proxy's "
+            f"options); [ray] http_host / http_port ask for {config.http_host}:{config.http_port}: set them to "
+            f"{host} / {port}, or end that Serve first (`serve shutdown`)")
 
 
 def unplaceable_replica(num_cpus: float, num_gpus: float, nodes: list[dict[str, Any]]) -> str | None:
@@ -261,6 +287,9 @@ def _serve(config: RayDeploymentConfig, serve: Any, build_app: Any) -> int:
     previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         serve.start(http_options={"host": config.http_host, "port": config.http_port})
+        if mismatch := proxy_mismatch(config):
+            print(f"inlaid ray: {mismatch}", file=sys.stderr)
+            return 2
         serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=True)
     except KeyboardInterrupt:
         # Ctrl-C ends the deployment this command made: without the delete, the app would
