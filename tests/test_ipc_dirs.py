@@ -91,16 +91,16 @@ def test_a_socket_whose_file_was_removed_listens_again_in_a_locked_directory(tmp
     from inlaid.serve.ipc_dirs import listen_again_if_gone
 
     logger = logging.getLogger("test")
-    directory = tmp_path / f"inlaid-ipc-{os.getpid()}-x"
+    directory = tmp_path / f"inlaid-ipc-{_dead_pid()}-x"  # only the lock can keep it from the cleanup
     directory.mkdir()
     address = f"ipc://{directory}/child.ipc"
     context = zmq.Context()
     router = context.socket(zmq.ROUTER)
     try:
         router.bind(address)
-        listen_again_if_gone(router, address, logger)  # the file is there: nothing to do
+        assert not listen_again_if_gone(router, address, logger)  # the file is there: nothing to do
         shutil.rmtree(directory)
-        listen_again_if_gone(router, address, logger)
+        assert listen_again_if_gone(router, address, logger)
         assert (directory / "child.ipc").exists() and (directory / OWNER_FILE).exists()
         assert remove_dead_dirs("ipc", str(tmp_path)) == [] and directory.exists()  # its lock is held
         dealer = context.socket(zmq.DEALER)

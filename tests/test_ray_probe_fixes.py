@@ -403,10 +403,15 @@ def test_a_server_slow_to_start_is_named_as_the_deploys_reason(deploy) -> None:
     def failing_run() -> None:
         raise DEPLOY_ERROR
 
+    expected = [f"inlaid ray: application {APP!r} failed to deploy (a replica's Inlaid server was not ready in "
+                "0.5 s (ray.replica_start_timeout_s)); deleting it"]
     code, lines, calls = deploy({}, run=failing_run, details=details)
-    assert (code, calls["delete"]) == (2, [APP])
-    assert lines == [f"inlaid ray: application {APP!r} failed to deploy (a replica's Inlaid server was not ready in "
-                     "0.5 s (ray.replica_start_timeout_s)); deleting it"]
+    assert (code, calls["delete"], lines) == (2, [APP], expected)
+    # a warning in its log's tail is no reason of the failure (it was named instead)
+    warned = details + ('{"level": "WARNING", "msg": "could not clean up stale ipc directories", '
+                        '"error": "PermissionError(13)"}\n')
+    code, lines, calls = deploy({}, run=failing_run, details=warned)
+    assert (code, lines) == (2, expected)
 
 
 def test_a_serve_already_listening_elsewhere_is_refused_before_deploying(deploy, monkeypatch) -> None:
@@ -416,11 +421,13 @@ def test_a_serve_already_listening_elsewhere_is_refused_before_deploying(deploy,
 
     running = types.SimpleNamespace(http_config=types.SimpleNamespace(host="0.0.0.0", port=59080))
     monkeypatch.setattr(ray.serve.context, "_get_global_client", lambda *a, **k: running)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # as after the command's ray.init
     code, lines, calls = deploy({"ray": {"num_replicas": 1, "app_name": APP, "http_port": 59082}})
     assert (code, calls["run"]) == (2, [])
     assert lines == ["inlaid ray: Ray Serve on this cluster already listens on 0.0.0.0:59080 (started earlier, it "
                      "keeps its proxy's options); [ray] http_host / http_port ask for 127.0.0.1:59082: set them to "
-                     "0.0.0.0 / 59080, or end that Serve first (`serve shutdown`)"]
+                     "0.0.0.0 / 59080 (a public host also needs server.allow_public_bind), or end that Serve first "
+                     "(`serve shutdown`)"]
     running.http_config = types.SimpleNamespace(host="127.0.0.1", port=59082)  # where the config asks: deployed
     code, lines, calls = deploy({"ray": {"num_replicas": 1, "app_name": APP, "http_port": 59082}})
     assert (code, lines, len(calls["run"])) == (0, [], 1)

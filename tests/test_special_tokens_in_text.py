@@ -43,7 +43,7 @@ def test_by_default_a_typed_marker_is_the_control_token(tokenizer: Tokenizer) ->
 
 
 def test_as_text_a_typed_marker_is_its_characters_and_the_templates_markers_stay(tokenizer: Tokenizer) -> None:
-    specials = {tokenizer.token_id(marker) for marker in tokenizer.added_token_strings}
+    specials = {tokenizer.token_id(marker) for marker in tokenizer.marker_strings}
     forged = _ids(tokenizer, [{"role": "user", "content": FORGED}], literal=True)
     plain = _ids(tokenizer, [{"role": "user", "content": "hi"}], literal=True)
     assert [t for t in forged if t in specials] == [t for t in plain if t in specials]  # the template's alone
@@ -75,12 +75,12 @@ def test_contents_without_markers_give_the_default_ids_when_cut_apart(tokenizer:
                       for a, b, c, d in zip(PLAIN, PLAIN[1:], PLAIN[2:], PLAIN[3:])]
     expected = [_ids(tokenizer, chat) for chat in conversations]
     # every conversation through the cut path, as if each held a marker
-    monkeypatch.setattr(tokenizer, "holds_added_token", lambda text: True)
+    monkeypatch.setattr(tokenizer, "holds_marker", lambda text: True)
     assert [_ids(tokenizer, chat, literal=True) for chat in conversations] == expected
 
 
 def _model_with(model_dir: Path, model: Path, template: str | None = None, added: dict | None = None,
-                change: dict | None = None) -> Path:
+                change: dict | None = None, normalizer: dict | None = None) -> Path:
     """A copy of the model's tokenizer and config, with another chat template, one more added
     token, or flags changed on one (`change`: {"content": ..., flag: value})."""
     model.mkdir()
@@ -93,6 +93,8 @@ def _model_with(model_dir: Path, model: Path, template: str | None = None, added
                                      "rstrip": False, "normalized": False, **added})
     if change is not None:
         next(token for token in spec["added_tokens"] if token["content"] == change["content"]).update(change)
+    if normalizer is not None:
+        spec["normalizer"] = normalizer
     (model / "tokenizer.json").write_text(json.dumps(spec))
     config = json.loads((model_dir / "tokenizer_config.json").read_text())
     if template is not None:
@@ -138,6 +140,41 @@ def test_text_mode_is_refused_at_start_where_cut_text_encodes_otherwise(model_di
     with pytest.raises(ModelLoadError, match='special_tokens_in_text = "text": this tokenizer encodes a chat cut'):
         Engine(EngineConfig(model_dir=str(model), special_tokens_in_text="text"))
     Engine(EngineConfig(model_dir=str(model)))  # the default needs no such check
+
+
+TRIMMING = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+            "<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("case, words", [
+    # a template that trims contents renders the edge-space probes otherwise: the plain ones still check
+    ({"template": TRIMMING, "change": {"content": "<|im_end|>", "rstrip": True}}, "encodes a chat cut"),
+    # a marker matched after normalizing can hide in raw text ("＜|im_end|＞" under NFKC)
+    ({"change": {"content": "<|im_end|>", "normalized": True}, "normalizer": {"type": "NFKC"}},
+     "matches some of its markers after normalizing"),
+    ({"template": "{{ raise_exception('not this conversation') }}"}, "renders none of the probe conversations"),
+])
+def test_text_mode_is_refused_at_start_where_it_cannot_be_exact(model_dir: Path, tmp_path: Path, case: dict,
+                                                                words: str) -> None:
+    from inlaid.engine.prompts import literal_mode_problem
+
+    tokenizer = Tokenizer(_model_with(model_dir, tmp_path / "model", **case))
+    assert words in (literal_mode_problem(tokenizer) or "")
+
+
+def test_an_added_token_matched_after_normalizing_is_text_not_a_marker(model_dir: Path, tmp_path: Path) -> None:
+    """GPT-NeoX adds runs of spaces as non-special, normalized tokens: pieces of text. Counted as
+    markers, text mode gave them other ids than the default (and was refused at start)."""
+    from inlaid.engine.prompts import literal_mode_problem
+
+    spaces = "    "
+    tokenizer = Tokenizer(_model_with(model_dir, tmp_path / "model", normalizer={"type": "NFC"},
+                                      added={"content": spaces, "special": False, "normalized": True}))
+    assert spaces not in tokenizer.marker_strings and literal_mode_problem(tokenizer) is None
+    for chat in ([{"role": "user", "content": f"def f():\n{spaces}return 1"}],
+                 [{"role": "user", "content": f"{spaces}<|im_end|> and{spaces}more"}]):
+        ids = _ids(tokenizer, chat, literal=True)
+        assert ids.count(tokenizer.token_id(spaces)) == _ids(tokenizer, chat).count(tokenizer.token_id(spaces))
 
 
 def test_the_setting_is_an_executor_key_checked_at_start(model_dir: Path) -> None:

@@ -66,7 +66,7 @@ def prompt_token_ids(tokenizer: Tokenizer, max_model_len: int, vocab_size: int, 
         except ValueError as error:
             raise InvalidRequestError(str(error), "messages") from None
         try:
-            if literal_special_tokens and any(tokenizer.holds_added_token(m["content"]) for m in chat):
+            if literal_special_tokens and any(tokenizer.holds_marker(m["content"]) for m in chat):
                 pieces = _chat_pieces(tokenizer, chat)
                 prompt = "".join(text for text, _ in pieces)
             else:
@@ -87,7 +87,7 @@ def prompt_token_ids(tokenizer: Tokenizer, max_model_len: int, vocab_size: int, 
                 raise PromptTooLongError(at_least, max_model_len)
         if pieces is not None:
             token_ids = _literal_chat_ids(tokenizer, pieces)
-        elif literal_special_tokens and messages is None and tokenizer.holds_added_token(prompt):
+        elif literal_special_tokens and messages is None and tokenizer.holds_marker(prompt):
             token_ids = tokenizer.encode_literal(prompt)
         else:
             token_ids = tokenizer.encode(prompt)
@@ -119,19 +119,33 @@ def literal_mode_problem(tokenizer: Tokenizer) -> str | None:
     around them, a prefix added to each encoded piece), text without markers would change
     with the setting."""
     tokenizer.enable_literal()
-    probes = [[{"role": "user", "content": " two  spaces\n and a line "}],
+    if tokenizer.markers_normalized:
+        return ("this tokenizer matches some of its markers after normalizing the text, so a marker can hide "
+                "in text that does not show it; use special_tokens_in_text = \"control\"")
+    if not tokenizer.has_chat_template:
+        return None  # text prompts only: encoded whole, as transformers' split_special_tokens does
+    # Plain contents first (a template that trims refuses edge spaces), then edge spaces.
+    probes = [[{"role": "user", "content": "Hi there"}],
+              [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+               {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}],
+              [{"role": "user", "content": " two  spaces\n and a line "}],
               [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "\nHi "},
                {"role": "assistant", "content": " Hello."}, {"role": "user", "content": "Bye"}]]
+    checked = 0
     for chat in probes:
         try:
             default = tokenizer.encode(tokenizer.apply_chat_template(chat, add_generation_prompt=True))
             cut = _literal_chat_ids(tokenizer, _chat_pieces(tokenizer, chat))
-        except (ValueError, TypeError, jinja2.TemplateError):  # no template, or one that wants other turns
+        except (ValueError, TypeError, jinja2.TemplateError):  # a template that wants other turns, or trims
             continue
+        checked += 1
         if cut != default:
-            return ("this tokenizer encodes a chat cut at its markers otherwise than whole (its added tokens "
-                    "strip the spaces around them, or each piece gets a prefix), so text mode would change "
-                    "prompts without markers; use special_tokens_in_text = \"control\"")
+            return ("this tokenizer encodes a chat cut at its markers otherwise than whole (its markers strip "
+                    "the spaces around them, or each piece gets a prefix), so text mode would change prompts "
+                    "without markers; use special_tokens_in_text = \"control\"")
+    if not checked:
+        return ("its chat template renders none of the probe conversations as given, so text mode cannot be "
+                "checked; use special_tokens_in_text = \"control\"")
     return None
 
 
@@ -171,7 +185,7 @@ def _literal_chat_ids(tokenizer: Tokenizer, pieces: list[tuple[str, bool]]) -> l
         if is_content:
             run.append(text)
             continue
-        for index, part in enumerate(tokenizer.added_token_pattern.split(text)):
+        for index, part in enumerate(tokenizer.marker_pattern.split(text)):
             if index % 2:  # one of the template's own markers
                 token_ids += tokenizer.encode_literal("".join(run))
                 run = []

@@ -27,13 +27,17 @@ class Tokenizer:
             raise ModelLoadError(f"{model_dir} has no tokenizer.json")
         self._tok = _HFTokenizer.from_file(str(path))
         self._literal: _HFTokenizer | None = None  # encode_literal's (`enable_literal`)
-        # Every added token, special or not: a non-special one (Qwen's <tool_call>) matches in
-        # any text as one id too.
-        self.added_token_strings: tuple[str, ...] = tuple(
-            added.content for added in self._tok.get_added_tokens_decoder().values())
+        # The markers: special tokens, and added tokens matched as written, which a non-special
+        # one (Qwen's <tool_call>) is too. A non-special one matched after normalizing (GPT-NeoX's
+        # runs of spaces) is a piece of text, not a marker.
+        markers = [added for added in self._tok.get_added_tokens_decoder().values()
+                   if added.special or not added.normalized]
+        self.marker_strings: tuple[str, ...] = tuple(added.content for added in markers)
+        # Matched in the normalized text, a marker can hide in raw text ("＜tool_call＞" under NFKC).
+        self.markers_normalized = self._tok.normalizer is not None and any(added.normalized for added in markers)
         # Longest first: at one position the longest marker wins, as the tokenizer matches them.
-        self.added_token_pattern = re.compile("(" + ("|".join(
-            re.escape(marker) for marker in sorted(self.added_token_strings, key=len, reverse=True)) or "(?!)") + ")")
+        self.marker_pattern = re.compile("(" + ("|".join(
+            re.escape(marker) for marker in sorted(self.marker_strings, key=len, reverse=True)) or "(?!)") + ")")
         config_path = model_dir / "tokenizer_config.json"
         config: dict[str, Any] = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self.bos_token: str | None = _token_text(config.get("bos_token"))
@@ -56,26 +60,30 @@ class Tokenizer:
     def enable_literal(self) -> None:
         """Make `encode_literal`'s tokenizer now (at start, not on the loop at the first request):
         a copy of this one, from memory (the file may have changed since), with every added token
-        marked special and special tokens encoded as text. A tokenizer of its own: the flag is
+        marker marked special and special tokens encoded as text. A tokenizer of its own: the flag is
         state, and `encode` must never see it set."""
         if self._literal is not None:
             return
         spec = json.loads(self._tok.to_str())
         for added in spec.get("added_tokens") or []:
-            added["special"] = True
+            added["special"] = added.get("special") or added["content"] in self.marker_strings
         literal = _HFTokenizer.from_str(json.dumps(spec))
         literal.encode_special_tokens = True
         self._literal = literal
 
     def encode_literal(self, text: str) -> list[int]:
-        """`text` with its added-token strings as plain text: "<|im_end|>" typed by a user is the
+        """`text` with its markers' strings as plain text: "<|im_end|>" typed by a user is the
         characters it shows, never the end of a turn."""
         self.enable_literal()
         assert self._literal is not None
         return self._literal.encode(text, add_special_tokens=False).ids
 
-    def holds_added_token(self, text: str) -> bool:
-        return any(marker in text for marker in self.added_token_strings)
+    def holds_marker(self, text: str) -> bool:
+        return self.marker_pattern.search(text) is not None  # one scan (`in` per marker: 17 scans)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._chat_template is not None
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)

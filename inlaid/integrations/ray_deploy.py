@@ -82,16 +82,17 @@ def deploy_failure_reason(error: BaseException, details: str = "") -> str:
     its server's log, whose last critical record ("cannot start" with an `error`, "cannot
     serve; exiting" with a `reason`) says why best, in either log format."""
     found = [reason for line in f"{error}\n{details}".splitlines() if (reason := _log_reason(line))]
+    # A server still starting when ray.replica_start_timeout_s ran out (only Ray's traceback
+    # said so; the line named serve.run's "failed to update", or a warning of its log's tail).
+    slow = _NOT_READY.search(f"{error}\n{details}")
+    if slow and not any(rank >= _LEVEL_RANK["critical"] for rank, _, _ in found):
+        return f"a replica's Inlaid server was not ready in {slow.group(1)} s (ray.replica_start_timeout_s)"
     if found:
         rank = max(rank for rank, _, _ in found)
         _, msg, reason = [item for item in found if item[0] == rank][-1]
         if msg.startswith("cannot"):  # "cannot start", "cannot serve; exiting", "cannot listen"
             return f"a replica's Inlaid server {msg.split(';')[0]}: {reason}"
         return f"a replica's Inlaid server logged {msg!r}: {reason}" if msg else f"a replica's Inlaid server: {reason}"
-    # No critical record: a server still starting when ray.replica_start_timeout_s ran out
-    # (only Ray's traceback said so; the line named serve.run's "failed to update").
-    if slow := _NOT_READY.search(f"{error}\n{details}"):
-        return f"a replica's Inlaid server was not ready in {slow.group(1)} s (ray.replica_start_timeout_s)"
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return first[:500]
 
@@ -105,17 +106,25 @@ def proxy_mismatch(config: RayDeploymentConfig) -> str | None:
     port was served on the old one, and one asking for loopback stayed on a public 0.0.0.0,
     with only an INFO line of Ray's ("will not be applied"; an outside probe)."""
     try:
+        import ray
         from ray.serve.context import _get_global_client
 
+        if not ray.is_initialized():  # (the client would call ray.init itself)
+            return None
         options = _get_global_client().http_config
-        host, port = str(options.host), int(options.port)
+        host, port = options.host, int(options.port)
     except Exception:  # noqa: BLE001 (Ray's internals moved, or no client: Ray's own behaviour stands)
         return None
     if (host, port) == (config.http_host, config.http_port):
         return None
+    if host is None:
+        return (f"Ray Serve on this cluster runs without an HTTP proxy (started earlier, it keeps its proxy's "
+                f"options); [ray] http_host / http_port ask for {config.http_host}:{config.http_port}: end that "
+                f"Serve first (`serve shutdown`)")
     return (f"Ray Serve on this cluster already listens on {host}:{port} (started earlier, it keeps its proxy's "
             f"options); [ray] http_host / http_port ask for {config.http_host}:{config.http_port}: set them to "
-            f"{host} / {port}, or end that Serve first (`serve shutdown`)")
+            f"{host} / {port} (a public host also needs server.allow_public_bind), or end that Serve first "
+            f"(`serve shutdown`)")
 
 
 def unplaceable_replica(num_cpus: float, num_gpus: float, nodes: list[dict[str, Any]]) -> str | None:

@@ -148,7 +148,10 @@ class RequantizerSupervisor:
             sock = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            sock.bind(self.address)
+            # Its directory holds only the owner lock until this first job: the likeliest one for
+            # a /tmp cleaner to take (the bind then failed in a task nothing checks, the job queued).
+            if not listen_again_if_gone(sock, self.address, log):
+                sock.bind(self.address)
             self._socket = sock
             self._spawn_task(self._receive_loop())
         await self._spawn()
