@@ -108,6 +108,18 @@ def test_a_socket_whose_file_was_removed_listens_again_in_a_locked_directory(tmp
         dealer.send(b"hello")
         assert router.poll(5000) and router.recv_multipart()[1] == b"hello"
         dealer.close(0)
+        # A first bind (the requantizer's, at its first job): nothing to say while its directory is there;
+        # made again where it is gone.
+        first = context.socket(zmq.ROUTER)
+        first_address = f"ipc://{directory}/first.ipc"
+        assert not listen_again_if_gone(first, first_address, logger, first=True)
+        assert not (directory / "first.ipc").exists()
+        first.close(0)
+        shutil.rmtree(directory)
+        first = context.socket(zmq.ROUTER)
+        assert listen_again_if_gone(first, first_address, logger, first=True)
+        assert (directory / "first.ipc").exists() and (directory / OWNER_FILE).exists()
+        first.close(0)
         for nothing_to_restore in ("ipc://@inlaid-abstract-test", "tcp://127.0.0.1:1", "ipc://relative.ipc"):
             listen_again_if_gone(router, nothing_to_restore, logger)  # no file of ours: no-op, no error
         assert not Path("relative.ipc").exists()

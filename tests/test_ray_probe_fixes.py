@@ -412,6 +412,9 @@ def test_a_server_slow_to_start_is_named_as_the_deploys_reason(deploy) -> None:
                         '"error": "PermissionError(13)"}\n')
     code, lines, calls = deploy({}, run=failing_run, details=warned)
     assert (code, lines) == (2, expected)
+    failed = details + '{"level": "ERROR", "msg": "cannot load the model", "error": "no config.json"}\n'
+    code, lines, calls = deploy({}, run=failing_run, details=failed)  # an error record says why better
+    assert (code, len(lines)) == (2, 1) and "no config.json" in lines[0], lines
 
 
 def test_a_serve_already_listening_elsewhere_is_refused_before_deploying(deploy, monkeypatch) -> None:

@@ -66,7 +66,8 @@ def prompt_token_ids(tokenizer: Tokenizer, max_model_len: int, vocab_size: int, 
         except ValueError as error:
             raise InvalidRequestError(str(error), "messages") from None
         try:
-            if literal_special_tokens and any(tokenizer.holds_marker(m["content"]) for m in chat):
+            # the contents joined: a marker split across two messages a template puts side by side
+            if literal_special_tokens and tokenizer.holds_marker("".join(m["content"] for m in chat)):
                 pieces = _chat_pieces(tokenizer, chat)
                 prompt = "".join(text for text, _ in pieces)
             else:
@@ -88,7 +89,7 @@ def prompt_token_ids(tokenizer: Tokenizer, max_model_len: int, vocab_size: int, 
         if pieces is not None:
             token_ids = _literal_chat_ids(tokenizer, pieces)
         elif literal_special_tokens and messages is None and tokenizer.holds_marker(prompt):
-            token_ids = tokenizer.encode_literal(prompt)
+            token_ids = _checked_literal(tokenizer, prompt, "prompt")
         else:
             token_ids = tokenizer.encode(prompt)
     elif not isinstance(prompt, (list, tuple)):
@@ -187,9 +188,21 @@ def _literal_chat_ids(tokenizer: Tokenizer, pieces: list[tuple[str, bool]]) -> l
             continue
         for index, part in enumerate(tokenizer.marker_pattern.split(text)):
             if index % 2:  # one of the template's own markers
-                token_ids += tokenizer.encode_literal("".join(run))
+                token_ids += _checked_literal(tokenizer, "".join(run), "messages")
                 run = []
                 token_ids.append(tokenizer.token_id(part))  # type: ignore[arg-type]
             else:
                 run.append(part)
-    return token_ids + tokenizer.encode_literal("".join(run))
+    return token_ids + _checked_literal(tokenizer, "".join(run), "messages")
+
+
+def _checked_literal(tokenizer: Tokenizer, text: str, field: str) -> list[int]:
+    """`encode_literal`, refused where the tokenizer's model itself gives a marker's id (a
+    Unigram vocabulary holding "</s>", BPE merges that rebuild "<s>"): read as text, the
+    string still ended the turn (an outside review)."""
+    token_ids = tokenizer.encode_literal(text)
+    if any(token in tokenizer.marker_ids for token in token_ids):
+        raise InvalidRequestError("this model's tokenizer encodes a control token's string in this text as the "
+                                  "control token even when read as text (special_tokens_in_text = \"text\"); "
+                                  "remove it", field)
+    return token_ids

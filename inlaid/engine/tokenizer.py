@@ -27,12 +27,12 @@ class Tokenizer:
             raise ModelLoadError(f"{model_dir} has no tokenizer.json")
         self._tok = _HFTokenizer.from_file(str(path))
         self._literal: _HFTokenizer | None = None  # encode_literal's (`enable_literal`)
-        # The markers: special tokens, and added tokens matched as written, which a non-special
-        # one (Qwen's <tool_call>) is too. A non-special one matched after normalizing (GPT-NeoX's
-        # runs of spaces) is a piece of text, not a marker.
+        # The markers: every added token (special or not: Qwen's <tool_call>, a fine-tune's
+        # `add_tokens` chat markers) but GPT-NeoX's non-special runs of spaces, which are text.
         markers = [added for added in self._tok.get_added_tokens_decoder().values()
-                   if added.special or not added.normalized]
+                   if added.special or added.content.strip()]
         self.marker_strings: tuple[str, ...] = tuple(added.content for added in markers)
+        self.marker_ids = frozenset(self._tok.token_to_id(marker) for marker in self.marker_strings)
         # Matched in the normalized text, a marker can hide in raw text ("＜tool_call＞" under NFKC).
         self.markers_normalized = self._tok.normalizer is not None and any(added.normalized for added in markers)
         # Longest first: at one position the longest marker wins, as the tokenizer matches them.

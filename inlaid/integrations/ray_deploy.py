@@ -85,7 +85,7 @@ def deploy_failure_reason(error: BaseException, details: str = "") -> str:
     # A server still starting when ray.replica_start_timeout_s ran out (only Ray's traceback
     # said so; the line named serve.run's "failed to update", or a warning of its log's tail).
     slow = _NOT_READY.search(f"{error}\n{details}")
-    if slow and not any(rank >= _LEVEL_RANK["critical"] for rank, _, _ in found):
+    if slow and not any(rank >= _LEVEL_RANK["error"] for rank, _, _ in found):
         return f"a replica's Inlaid server was not ready in {slow.group(1)} s (ray.replica_start_timeout_s)"
     if found:
         rank = max(rank for rank, _, _ in found)

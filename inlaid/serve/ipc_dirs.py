@@ -58,17 +58,21 @@ def _claim(path: str) -> None:
     # `descriptor` is never closed: the lock is held until the process exits (or dies).
 
 
-def listen_again_if_gone(sock: zmq.Socket, address: str, logger: logging.Logger | logging.LoggerAdapter) -> bool:
+def listen_again_if_gone(sock: zmq.Socket, address: str, logger: logging.Logger | logging.LoggerAdapter,
+                         first: bool = False) -> bool:
     """Bind `sock` again at `address` where its ipc socket file was removed while the server
     ran (a /tmp cleaner, an operator's rm): connections made before outlive the file, but a
     child started after it could never connect (a probe: health said `starting` until the
     start timeout, every request held). A removed directory is made again, with its owner lock
     (else a later start's cleanup would leave it behind after a crash). Abstract (`ipc://@name`)
-    and tcp addresses have no file. Whether it bound `sock`; OSError where it cannot listen."""
+    and tcp addresses have no file. `first`: not bound yet (no file is expected), only a removed
+    directory is made again. Whether it bound `sock`; OSError where it cannot listen."""
     path = address[len("ipc://"):] if address.startswith("ipc://") else ""
     if not path or path.startswith("@") or not os.path.dirname(path) or os.path.exists(path):
         return False
     directory = os.path.dirname(path)
+    if first and os.path.isdir(directory):
+        return False
     logger.warning("an ipc socket's file is gone; listening on it again", extra={"path": path})
     try:
         if not os.path.isdir(directory):

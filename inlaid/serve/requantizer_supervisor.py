@@ -150,7 +150,7 @@ class RequantizerSupervisor:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             # Its directory holds only the owner lock until this first job: the likeliest one for
             # a /tmp cleaner to take (the bind then failed in a task nothing checks, the job queued).
-            if not listen_again_if_gone(sock, self.address, log):
+            if not listen_again_if_gone(sock, self.address, log, first=True):
                 sock.bind(self.address)
             self._socket = sock
             self._spawn_task(self._receive_loop())
