@@ -48,9 +48,9 @@ def prompt_token_ids(tokenizer: Tokenizer, max_model_len: int, vocab_size: int, 
                      literal_special_tokens: bool = False) -> list[int]:
     """The token ids of a text prompt, of token ids (checked against the vocabulary) or of
     chat messages (dicts or the protocol's, through the chat template); InvalidRequestError
-    for anything else. `literal_special_tokens`: special-token strings in a text prompt or a
-    message's content are read as text (`special_tokens_in_text = "text"`); the chat
-    template's own markers stay control tokens, and token ids stay what they are."""
+    for anything else. `literal_special_tokens`: the tokenizer's markers' strings in a text
+    prompt or the messages' contents are read as text (`special_tokens_in_text = "text"`); the
+    chat template's own markers stay control tokens, and token ids stay what they are."""
     pieces: list[tuple[str, bool]] | None = None
     if (prompt is None) == (messages is None):
         raise InvalidRequestError("give exactly one of a prompt or chat messages")

@@ -59,9 +59,9 @@ class Tokenizer:
 
     def enable_literal(self) -> None:
         """Make `encode_literal`'s tokenizer now (at start, not on the loop at the first request):
-        a copy of this one, from memory (the file may have changed since), with every added token
-        marker marked special and special tokens encoded as text. A tokenizer of its own: the flag is
-        state, and `encode` must never see it set."""
+        a copy of this one, from memory (the file may have changed since), with each marker marked
+        special and special tokens encoded as text. A tokenizer of its own: the flag is state, and
+        `encode` must never see it set."""
         if self._literal is not None:
             return
         spec = json.loads(self._tok.to_str())
