@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from inlaid.predictor.model import LengthPredictor
+from inlaid.serve.ipc_dirs import process_alive
 
 _Row = tuple[np.ndarray, np.ndarray, float]  # feature indices, values, output tokens
 
@@ -241,13 +242,11 @@ def _remove_dead_writers_files(path: Path) -> None:
         if len(writer) != 2 or not all(part.isdigit() for part in writer):
             continue  # not a name save() gives
         try:
-            if time.time() - leftover.stat().st_mtime < _LEFTOVER_AGE_S:
-                continue
-            os.kill(int(writer[0]), 0)
-        except ProcessLookupError:
+            recent = time.time() - leftover.stat().st_mtime < _LEFTOVER_AGE_S
+        except OSError:
+            continue  # gone already (another save cleaned it)
+        if not recent and not process_alive(int(writer[0])):
             leftover.unlink(missing_ok=True)
-        except (PermissionError, OverflowError, OSError):
-            continue  # alive (another user's), not a pid, or gone already: leave it
 
 
 def _check_length(output_tokens: float) -> None:

@@ -21,8 +21,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import zmq
+if TYPE_CHECKING:
+    import zmq
 
 log = logging.getLogger("inlaid.serve")
 
@@ -73,6 +75,8 @@ def listen_again_if_gone(sock: zmq.Socket, address: str, logger: logging.Logger 
     directory = os.path.dirname(path)
     if first and os.path.isdir(directory):
         return False
+    import zmq  # here: the predictor reads process_alive from this module, and needs no ZeroMQ
+
     logger.warning("an ipc socket's file is gone; listening on it again", extra={"path": path})
     try:
         if not os.path.isdir(directory):
