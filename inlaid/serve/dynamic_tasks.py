@@ -269,7 +269,7 @@ class DynamicTasks:
         replaced was said to have "changed no layer", against the status's 30 superseded: a probe)."""
         assert self.store is not None
         own = self.store.layers_of(record.version)
-        later = sum(1 for version in self.store.served_versions(record).values() if version > record.version)
+        later = self.store.layers_superseded(record)
         replaced = f"{later} {'layer' if later == 1 else 'layers'} it changed now serve later versions' re-quantization"
         if own:
             return "still serves" + (f" ({replaced})" if later else "")

@@ -189,6 +189,10 @@ class TaskStore:
                    if d["action"] == "requantized" and d["layer"] < record.layers_done}
         return {layer: self.layers[layer].version if layer in self.layers else 0 for layer in changed}
 
+    def layers_superseded(self, record: TaskRecord) -> int:
+        """How many of the layers the record's job changed a later version serves now."""
+        return sum(1 for version in self.served_versions(record).values() if version > record.version)
+
     def save(self) -> bool:
         """Write the registry; False when the directory cannot be written (full, read-only):
         the state stays in memory, `unsaved` says why, and the next save writes it all. A
