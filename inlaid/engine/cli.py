@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --quantized on the CPU: one kernel route for every row, so each answer is the "
                              "same whatever it is batched with (a server with [executor] batch_invariant = true "
                              "gives the same answers); prompt steps of many rows are slower")
+    parser.add_argument("--special-tokens-in-text", choices=["control", "text"], default="control",
+                        help="\"<|im_end|>\" typed into a prompt is the control token (control, the default) or "
+                             "its characters (text), as the server's [executor] special_tokens_in_text")
     parser.add_argument("--json", action="store_true", help="print one JSON object per result")
 
 
@@ -304,7 +307,8 @@ def run(args: argparse.Namespace) -> int:
     # What passed the checks above can still fail to load; `inlaid.cli.main` prints that in one line.
     model_dir = args.model or str(prepare_default_model(quiet=True))
     engine = Engine.local(EngineConfig(model_dir=model_dir, quantized_dir=args.quantized, device=args.device,
-                                       weight_dtype=args.weight_dtype, batch_invariant=args.batch_invariant))
+                                       weight_dtype=args.weight_dtype, batch_invariant=args.batch_invariant,
+                                       special_tokens_in_text=args.special_tokens_in_text))
     for name, path in adapters.items():
         engine.register_adapter(name, path)
     ids = []
