@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from inlaid.client import Client
+from inlaid.serve.ipc_dirs import process_alive
 from inlaid.serve.launcher import stop_process, to_toml
 
 _WORKDIR_PREFIX = "inlaid-replica-"
@@ -43,26 +44,10 @@ def _remove_orphaned_workdirs() -> None:
             owner = int((workdir / _OWNER_FILE).read_text())
         except (OSError, ValueError):
             continue
-        if not _process_exists(owner):
+        # A zombie counts as gone: a SIGKILLed replica stays one until Ray's raylet reaps it,
+        # and its replacement may start before that.
+        if not process_alive(owner):
             shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _process_exists(pid: int) -> bool:
-    """Whether `pid` runs. A zombie does not: a SIGKILLed replica stays one until Ray's raylet
-    reaps it, and its replacement may start before that."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except (OSError, IndexError):  # no /proc here: ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # another user's process: alive
-            return True
-        return True
 
 
 class ChildServer:
