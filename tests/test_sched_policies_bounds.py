@@ -1,4 +1,5 @@
-"""The scheduling policies' bounds on simulated traces: aging against SRTF's starvation, fairness between tasks."""
+"""The scheduling policies' bounds on simulated traces: aging against SRTF's starvation (an overdue request is
+never overtaken), MLFQ's starvation lift, fairness between tasks."""
 
 from __future__ import annotations
 
@@ -57,6 +58,63 @@ def test_aging_keeps_the_longest_wait_within_fifos_plus_the_bound(seed):
     fifo_idle = max(_idle(r) for r in fifo.requests)
     assert fifo_idle > 1.0, "the trace must queue"
     assert max(_idle(r) for r in inlaid.requests) <= fifo_idle + max_wait + drain
+
+
+@pytest.mark.parametrize("seed", [4, 5, 6, 7])
+def test_an_overdue_request_is_never_overtaken(seed):
+    """At every step: while an overdue request still waits, every request admitted in that
+    step is an overdue one that arrived before it (overdue requests go first, oldest first, and
+    nothing ranked after one that does not fit is admitted: KV, seats, β or slots). Checked on
+    randomized traces where requests do go overdue and stay waiting."""
+    rng = random.Random(seed)
+    shape = EngineShape(max_num_seqs=rng.choice([4, 6]), max_num_batched_tokens=rng.choice([128, 256]), block_size=8,
+                        num_kv_blocks=rng.choice([110, 200]), max_lora_slots=rng.choice([2, 4]))
+    spec = TraceSpec(rate=rng.choice([5.0, 8.0]), num_requests=200, cv=rng.choice([1.0, 4.0]), num_tasks=8,
+                     popularity=rng.choice(["uniform", "zipf"]), alpha=1.2, base_fraction=0.2, seed=seed)
+    trace = generate_trace(spec, _records(seed))
+    policy = make_policy("inlaid", {"max_wait_s": 1.0, "max_adapters_per_step": 2, "first_token_after_s": 0.3,
+                                    "predictor": "task-mean"})
+    running_before: set[int] = set()
+    held_steps = [0]
+
+    def check(plan, scheduler: Scheduler) -> None:
+        now = scheduler.clock()
+        admitted = [s for s in scheduler.running if s.seq_id not in running_before]
+        # (one preempted in this step counts from its arrival again only from the next step on)
+        still_waiting = [s for s in scheduler.waiting
+                         if s.seq_id not in running_before and scheduler.policy.is_overdue(s, now)]
+        if still_waiting:
+            held_steps[0] += 1
+            oldest = min((s.arrival_time, s.seq_id) for s in still_waiting)
+            for seq in admitted:
+                assert scheduler.policy.is_overdue(seq, now) and (seq.arrival_time, seq.seq_id) < oldest, \
+                    f"request {seq.seq_id} overtook overdue request {oldest}"
+        running_before.clear()
+        running_before.update(s.seq_id for s in scheduler.running)
+
+    result = simulate(trace, policy, COST, shape, on_plan=check)
+    _check_outputs(trace, result)
+    assert held_steps[0] > 0, "the trace must leave overdue requests waiting"
+
+
+def test_mlfq_lifts_a_request_starved_by_a_flood_of_short_ones():
+    """FastServe's starvation rule: a long request demoted below a stream of short ones that
+    fills every seat goes back to the top level after `starvation_s` without service, where it
+    queues behind the short requests already there. Without the rule it waits for the stream
+    to end."""
+    requests = [(0.0, "long", 30, 60)] + [(0.01 + 0.05 * i, "short", 30, 3) for i in range(600)]
+    trace = _trace(requests)
+    shape = EngineShape(max_num_seqs=2)
+    starvation = 1.0
+    lifted = simulate(trace, make_policy("mlfq", {"starvation_s": starvation}), COST, shape)
+    unlifted = simulate(trace, make_policy("mlfq", {"starvation_s": 1e6}), COST, shape)
+    _check_outputs(trace, lifted)
+    _check_outputs(trace, unlifted)
+    queue_ahead = max(r.wait_s for r in lifted.requests[1:])  # the level-0 queue it joins when lifted
+    bound = starvation + queue_ahead + max(s.seconds for s in lifted.steps)
+    assert _idle(lifted.requests[0]) <= bound
+    assert _idle(unlifted.requests[0]) > 2 * bound, "the flood must starve it without the rule"
+    assert unlifted.requests[0].finish_s > requests[-1][0], "unlifted, it runs once the stream has ended"
 
 
 def test_fairness_bounds_hold_where_fifo_and_srtf_let_a_task_fall_behind():
