@@ -78,7 +78,9 @@ def test_decode_attention_equals_float64(heads: int, kv_heads: int, head_dim: in
 def test_large_scores_do_not_overflow() -> None:
     """Scores in the thousands (the max is subtracted before exp) give the float64 softmax."""
     queries, key_cache, value_cache, tables, lengths = _case(9, 3, 64, 16, [40, 3], seed=5)
-    got = decode_attention(queries * 300, key_cache, value_cache, tables, lengths, 0.125)
+    out = torch.full((2, 9 * 64), float("nan"))  # poisoned: written whole
+    got = decode_attention(queries * 300, key_cache, value_cache, tables, lengths, 0.125, out=out)
+    assert got.data_ptr() == out.data_ptr() and torch.isfinite(got).all()
     want = _float64_reference(queries * 300, key_cache, value_cache, tables, lengths, 0.125)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
 

@@ -34,7 +34,10 @@ def test_sgmv_on_cuda(dtype: torch.dtype, requests: list[tuple[int, int]]) -> No
     case = random_lora_case(requests, RANKS, 2048, WIDTHS, 64, seed=1)
     gpu = case.to("cuda")
     gpu.x, gpu.a_pools, gpu.b_pools = gpu.x.to(dtype), [a.to(dtype) for a in gpu.a_pools], [b.to(dtype) for b in gpu.b_pools]
-    v = lora_shrink(gpu.x, gpu.a_pools, gpu.segment_starts, gpu.segment_slots, gpu.slot_ranks)
+    # Outputs poisoned: torch.empty on CUDA often hands back the previous case's memory, which
+    # holds nearly the right values.
+    poisoned = torch.full((len(WIDTHS), case.num_tokens, gpu.a_pools[0].shape[1]), torch.nan, device="cuda")
+    v = lora_shrink(gpu.x, gpu.a_pools, gpu.segment_starts, gpu.segment_slots, gpu.slot_ranks, out=poisoned)
     ref_v = lora_shrink_reference(case.x, case.a_pools, case.segment_starts, case.segment_slots, case.slot_ranks)
     mask = case.defined_mask()
     assert _error(v.cpu()[mask], ref_v[mask]) < 2e-2
@@ -54,7 +57,7 @@ def test_lora_replays_from_a_cuda_graph_with_new_segments() -> None:
                             dtype=torch.float16, seed=2).to("cuda")
     starts_buf = torch.zeros(num_tokens + 1, dtype=torch.int32, device="cuda")
     slots_buf = torch.zeros(num_tokens, dtype=torch.int32, device="cuda")
-    v_buf = torch.empty((3, num_tokens, 64), dtype=torch.float32, device="cuda")
+    v_buf = torch.full((3, num_tokens, 64), torch.nan, dtype=torch.float32, device="cuda")
     y = torch.zeros((num_tokens, sum(WIDTHS)), dtype=torch.float16, device="cuda")
 
     def step() -> None:
@@ -101,7 +104,7 @@ def test_quant_matmul_on_cuda(bits: int, act_order: bool, dtype: torch.dtype) ->
     weight = layer.dense_float64()
     for m in (1, 4, 16, 64, 256):  # decode, tiled GEMM, and the dequant + cuBLAS fallback
         x = torch.randn(m, 4096).to(dtype)
-        out = quant_matmul(x.to("cuda"), prepared)
+        out = quant_matmul(x.to("cuda"), prepared, out=torch.full((m, 1024), torch.nan, dtype=dtype, device="cuda"))
         ref = x.double() @ weight + layer.weights.bias.double()
         assert out.dtype == dtype
         # bf16 keeps 8 bits of mantissa to fp16's 11: its rounding of x, the weight and y

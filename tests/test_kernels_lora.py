@@ -45,6 +45,7 @@ CASES = {
     "empty_segments": ([(1, 0), (0, 3), (-1, 2), (4, 0), (2, 5), (5, 0)], MIXED_RANKS),
     "repeated_slot_and_long": ([(0, 2), (1, 19), (0, 3), (-1, 4), (1, 1), (3, 17)], MIXED_RANKS),
     "no_adapter_at_all": ([(-1, 5)], MIXED_RANKS),
+    "no_tokens": ([], MIXED_RANKS),  # a step whose rows all take another route
 }
 WIDTHS = [32, 16, 24]  # fused projection: three slices of different widths
 
@@ -255,7 +256,7 @@ def test_bad_arguments_raise_clear_errors() -> None:
 
 # ------------------------------------------------------ Triton kernels under TRITON_INTERPRET=1
 
-TRITON_CASES = ["one_segment", "decode_length_1", "empty_segments", "repeated_slot_and_long"]
+TRITON_CASES = ["one_segment", "decode_length_1", "empty_segments", "repeated_slot_and_long", "no_tokens"]
 
 
 @needs_interpreter

@@ -35,6 +35,7 @@ CASES = {  # requests [(slot, tokens)] back to back, -1 = no adapter
     "chunks": [(1, 0), (0, 3), (-1, 2), (4, 0), (2, 5), (5, 7), (0, 2)],
     "one_adapter": [(3, 9)],
     "no_adapter": [(-1, 4)],
+    "no_tokens": [],
 }
 
 

@@ -70,8 +70,23 @@ def test_cpu_int4_path_matches_reference(bits: int, group_size: int, symmetric: 
 def test_cpu_exact_paths_match_reference(mode: str, bits: int, act_order: bool) -> None:
     layer = random_gptq_layer(128, 64, bits, 32, act_order=act_order, bias=True, seed=bits + 50 * act_order)
     prepared = prepare_quant_linear(layer.weights, "cpu", torch.float32, mode=mode)
-    x = torch.randn(5, 128)
-    assert relative_error(quant_matmul(x, prepared), reference(layer, x)) < 1e-6
+    for m in (1, 5, 33):
+        x = torch.randn(m, 128)
+        out = torch.full((m, 64), float("nan"))  # poisoned: every element must be written
+        assert quant_matmul(x, prepared, out=out) is out
+        assert relative_error(out, reference(layer, x)) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["auto", "dense", "dequant", "triton"])
+def test_no_rows_give_an_empty_result_on_every_path(mode: str) -> None:
+    """M = 0 (a step whose rows all take another route): a [0, N] result in x's dtype."""
+    if mode == "triton" and not INTERPRETED_HERE:
+        pytest.skip("triton already loaded in compiled mode")
+    layer = random_gptq_layer(256, 64, 4, 32, bias=True, seed=3)
+    for dtype in (torch.float32,) if mode == "triton" else (torch.float32, torch.bfloat16):
+        prepared = prepare_quant_linear(layer.weights, "cpu", dtype, mode=mode)
+        out = quant_matmul(torch.randn(0, 256).to(dtype), prepared)
+        assert out.shape == (0, 64) and out.dtype == dtype, (mode, dtype)
 
 
 def test_bf16_activations_return_bf16() -> None:
