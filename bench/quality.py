@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
-import hashlib
 import json
 import os
 import sys
@@ -30,6 +28,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_checkpoints import quantized_checkpoint, servable_dir  # noqa: E402
+from quality_inputs import data_inputs, report_terms, unquantized_key  # noqa: E402
 from quality_merge import merge_from, missing, previous_report  # noqa: E402
 from quality_report import METHOD_LABELS, save_report  # noqa: E402
 
@@ -84,6 +84,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _argument_problem(args: argparse.Namespace) -> str | None:
     """What of the arguments cannot run, or None; checked before anything is quantized."""
     from inlaid.cli_args import writable_file_problem
+    from inlaid.quant.cli import group_size_supported
     from inlaid.quant.errors import InvalidQuantSpecError
     from inlaid.quant.spec import SUPPORTED_BITS, QuantSpec
 
@@ -99,6 +100,12 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
             QuantSpec(bits=int(bits), group_size=int(group))
         except (ValueError, InvalidQuantSpecError) as error:
             return f"--configs takes BITS:GROUP_SIZE (e.g. 4:128, 3:-1), got {config!r}: {error}"
+        if not group_size_supported(int(group)):  # `inlaid quantize`'s rule: the kernels' groups
+            return f"--configs {config!r}: the group size must be -1 or a power of two >= 32"
+    try:  # every variant's options now, not when its method's turn comes after hours of others
+        args.variants = _variants(args)
+    except ValueError as error:
+        return str(error)
     if any(layer < 0 for layer in args.study_layers) or any(bits not in SUPPORTED_BITS for bits in args.study_bits):
         return f"--study-layers must be >= 0 and --study-bits among {SUPPORTED_BITS}"
     for option, path in (("--out", args.out), ("--markdown", args.markdown)):
@@ -119,12 +126,13 @@ def _tasks(args: argparse.Namespace) -> list[str]:
     return names
 
 
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
 def _variants(args: argparse.Namespace) -> dict[str, dict]:
-    """--variant NAME=KEY:VALUE,... -> {"mlgptq[NAME]": {KEY: VALUE}} (values parsed as JSON when they are)."""
+    """--variant NAME=KEY:VALUE,... -> {"mlgptq[NAME]": {KEY: VALUE}} (values parsed as JSON when
+    they are); ValueError naming the variant whose options MlgptqOptions refuses."""
+    import msgspec
+
+    from inlaid.quant.methods import MlgptqOptions
+
     variants: dict[str, dict] = {}
     for text in args.variant:
         name, _, settings = text.partition("=")
@@ -135,89 +143,20 @@ def _variants(args: argparse.Namespace) -> dict[str, dict]:
                 options[key] = json.loads(value)
             except json.JSONDecodeError:
                 options[key] = value
+        names = [field.name for field in dataclasses.fields(MlgptqOptions)]
+        if unknown := sorted(set(options) - set(names)):
+            raise ValueError(f"--variant {text!r}: unknown option {', '.join(unknown)}; the options are "
+                             f"{', '.join(names)}")
+        try:  # each value's type (rounds:abc) and MlgptqOptions' own checks, named
+            msgspec.convert(options, MlgptqOptions)
+        except msgspec.ValidationError as error:
+            raise ValueError(f"--variant {text!r}: {error}") from None
         variants[f"mlgptq[{name}]"] = options
     for method in args.methods:
         if method not in METHOD_LABELS and method not in variants:
-            raise SystemExit(f"unknown method '{method}': {', '.join(list(METHOD_LABELS)[1:])} or a --variant name")
+            raise ValueError(f"--methods: unknown method '{method}': {', '.join(list(METHOD_LABELS)[1:])} or a "
+                             "--variant name")
     return variants
-
-
-def _quantize(args, model_dir: Path, tasks: list[str], method: str, bits: int, group: int,
-              error_tasks: list[str] | None = None) -> Path:
-    """Quantize (or reuse the cached checkpoint); returns its directory. `method` may be a
-    --variant of mlgptq."""
-    from inlaid.quant.calibration import CalibrationTask
-    from inlaid.quant.driver import DriverConfig, quantize_model
-    from inlaid.quant.methods import MlgptqOptions, parse_method
-    from inlaid.quant.spec import QuantSpec
-    from inlaid.quant.suite import quantizer_version
-    from inlaid.tasks import get_task
-
-    calibration = [CalibrationTask(t, args.adapters_dir / t, get_task(t).split_path("calib")) for t in tasks]
-    # The key covers the adapters', calibration files' and quantizer's contents: a retrained
-    # adapter or changed code never reuses a checkpoint made by its predecessor.
-    contents = [_file_digest(args.adapters_dir / t / "adapter_model.safetensors") + _file_digest(c.calib_path)
-                for t, c in zip(tasks, calibration)]
-    options = MlgptqOptions(**args.variants.get(method, {}))
-    method_name = "mlgptq" if method in args.variants else method
-    keyed: list = [tasks, contents, args.calib_samples, args.max_tokens, quantizer_version()]
-    if parse_method(method_name).kind in ("mlgptq", "minimax"):
-        keyed.append(dataclasses.asdict(options))
-    key = hashlib.sha256(json.dumps(keyed).encode()).hexdigest()[:8]
-    label = method.replace(":", "_").replace("[", "_").replace("]", "")
-    out_dir = args.work_dir / f"{bits}b-g{group}" / f"{label}-{key}"
-    if (out_dir / "inlaid_quant.json").is_file():
-        return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_dir.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another run quantizing the same checkpoint: wait and reuse it
-        if (out_dir / "inlaid_quant.json").is_file():
-            return out_dir
-        config = DriverConfig(
-            model_dir=model_dir, tasks=calibration, method=parse_method(method_name, tasks),
-            spec=QuantSpec(bits=bits, group_size=group), out_dir=out_dir, max_samples=args.calib_samples,
-            max_tokens=args.max_tokens, save_hessian_state=False, progress=sys.stderr.isatty(), error_tasks=error_tasks,
-            mlgptq=options,
-        )
-        report = quantize_model(config)
-    print(f"   quantized in {report.seconds:.0f} s, peak RSS {report.peak_rss_mb:.0f} MB, phases {report.phases}",
-          flush=True)
-    return out_dir
-
-
-def _servable_dir(checkpoint_dir: Path, serve: str) -> tuple[Path, str]:
-    """The directory to generate from: the GPTQ checkpoint if the kernels take it (and `serve`
-    is "kernels"), else a float copy of its dequantized weights."""
-    from safetensors.torch import save_file
-
-    from inlaid.kernels.dispatch import prepare_quant_linear
-    from inlaid.quant.checkpoint import dequantized_state_dict, load_gptq_checkpoint
-
-    checkpoint = load_gptq_checkpoint(checkpoint_dir)
-    if serve == "dequantized":
-        reason = "on request: --serve dequantized"
-    else:
-        try:
-            import torch
-
-            for weights in checkpoint.linears.values():
-                prepare_quant_linear(weights, "cpu", torch.float32, mode="dequant")
-            return checkpoint_dir, "gptq checkpoint (low-bit kernels)"
-        except Exception as error:  # the kernels reject this layout: serve the same weights in float
-            reason = "kernels: " + str(error).split(";")[0]
-    float_dir = checkpoint_dir / "dequantized"
-    if not (float_dir / "model.safetensors").is_file():
-        float_dir.mkdir(exist_ok=True)
-        config = dict(checkpoint.config)
-        config.pop("quantization_config", None)
-        (float_dir / "config.json").write_text(json.dumps(config, indent=2))
-        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
-                     "special_tokens_map.json"):
-            if (checkpoint_dir / name).is_file():
-                (float_dir / name).write_bytes((checkpoint_dir / name).read_bytes())
-        state = {k: v.contiguous() for k, v in dequantized_state_dict(checkpoint).items()}
-        save_file(state, str(float_dir / "model.safetensors"), metadata={"format": "pt"})
-    return float_dir, f"dequantized float weights ({reason})"
 
 
 def _generate(args, model_dir: Path, tasks: list[str]) -> dict[str, dict]:
@@ -230,11 +169,15 @@ def _generate(args, model_dir: Path, tasks: list[str]) -> dict[str, dict]:
 
     runs = [EvalRun(t, t, args.adapters_dir / t) for t in tasks]
     results = evaluate_runs(model_dir, runs, limit=args.limit, backend=args.backend, weight_dtype=args.weight_dtype)
+    if partial := results.get("partial"):  # Ctrl-C / SIGTERM: scores of some examples are no row of the table
+        raise _Interrupted(f"{partial['finished']} of {partial['requests']} generations finished")
     scored: dict[str, dict] = {}
     for name in tasks:
         task = get_task(name)
         entry = results["tasks"][name][name]
         examples = task.load_split("eval")[: args.limit]
+        if [p["id"] for p in entry["predictions"]] != [e["id"] for e in examples]:
+            raise RuntimeError(f"{name}: the predictions are not one per eval example, in order")
         predictions = [p["text"] for p in entry["predictions"]]
         if task.primary_metric == "bleu":
             # the task's BLEU is corpus BLEU of first lines: resample the sentence statistics
@@ -299,17 +242,21 @@ def _aggregation_study(args, model_dir: Path, tasks: list[str]) -> int:
 
 
 def _unquantized_cached(args, kind: str, scored: list[str], compute) -> dict:
-    """The float base's results (the same for every config): computed once, kept in --work-dir."""
-    digests = [_file_digest(args.adapters_dir / t / "adapter_model.safetensors") for t in scored]
-    limit = args.nll_limit if kind == "nll" else [args.limit, args.weight_dtype, args.backend]
-    key = hashlib.sha256(json.dumps([kind, scored, digests, limit]).encode()).hexdigest()[:10]
-    path = args.work_dir / f"unquantized-{kind}-{key}.json"
+    """The float base's results (the same for every config): computed once, kept in --work-dir
+    under a key of everything they depend on (quality_inputs.unquantized_key)."""
+    from inlaid.tasks.base import write_text_atomic
+
+    path = args.work_dir / f"unquantized-{kind}-{unquantized_key(args, kind, scored, args.inputs)}.json"
     if path.is_file():
         return json.loads(path.read_text())
     result = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result))
+    write_text_atomic(path, json.dumps(result))  # a kill mid-write leaves no truncated entry
     return result
+
+
+class _Interrupted(Exception):
+    """Ctrl-C or SIGTERM while generating: the report keeps what was measured before."""
 
 
 def _measure(args, model_dir: Path, tasks: list[str], scored: list[str], checkpoint: Path | None,
@@ -335,36 +282,13 @@ def _measure(args, model_dir: Path, tasks: list[str], scored: list[str], checkpo
     if "generate" in lacking:
         serve_dir = model_dir
         if checkpoint is not None:
-            serve_dir, block["served"][method] = _servable_dir(checkpoint, args.serve)
+            serve_dir, block["served"][method] = servable_dir(checkpoint, args.serve)
         block["generation"].setdefault(method, {}).update(_generate(args, serve_dir, targets))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
-    import torch
-
-    from inlaid.models.prepare import cache_root, default_model_dir
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.work_dir = args.work_dir or cache_root() / "quality"
-    model_dir = default_model_dir()
-    tasks = _tasks(args)
-    args.variants = _variants(args)
-    if args.aggregation_study:
-        return _aggregation_study(args, model_dir, tasks)
-    scored = args.score_tasks or tasks
-    unknown = [t for t in scored if t not in tasks]
-    if unknown:
-        raise SystemExit(f"--score-tasks {unknown}: not among the calibrated tasks {tasks}")
-    terms = {"tasks": tasks, "scored_tasks": scored, "calib_samples": args.calib_samples, "limit": args.limit,
-             "nll_limit": args.nll_limit, "weight_dtype": args.weight_dtype}
-    report = previous_report(args.out, args.merge, terms) or {**terms, "methods": [], "configs": {}}
-    report["methods"] = [*report["methods"], *[m for m in args.methods if m not in report["methods"]]]
-    report.setdefault("variants", {}).update({m: args.variants[m] for m in args.methods if m in args.variants})
-    merge_from(report, args.merge_from, terms)
-    report["machine"] = f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
-    started = time.time()
+def _run_configs(args: argparse.Namespace, model_dir: Path, tasks: list[str], scored: list[str],
+                 report: dict) -> None:
+    """Every lacking (config, method) measured, the report saved after each."""
     for config in args.configs:
         bits, group = (int(part) for part in config.split(":"))
         label = f"{bits}-bit g{group}"
@@ -384,13 +308,47 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {label} {method}: {', '.join(lacking)}", flush=True)
             if method == "per-task":
                 for task in scored:
-                    checkpoint = _quantize(args, model_dir, tasks, f"gptq-task:{task}", bits, group, error_tasks=[task])
+                    checkpoint = quantized_checkpoint(args, model_dir, tasks, f"gptq-task:{task}", bits, group,
+                                                      error_tasks=[task])
                     _measure(args, model_dir, tasks, scored, checkpoint, block, method, lacking, only=task)
                     save_report(report, args.out, args.markdown)
                 continue
-            checkpoint = _quantize(args, model_dir, tasks, method, bits, group)
+            checkpoint = quantized_checkpoint(args, model_dir, tasks, method, bits, group)
             _measure(args, model_dir, tasks, scored, checkpoint, block, method, lacking)
             save_report(report, args.out, args.markdown)  # after every method: a killed run keeps its results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    import torch
+
+    from inlaid.models.prepare import cache_root, default_model_dir
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.work_dir = args.work_dir or cache_root() / "quality"
+    model_dir = default_model_dir()
+    tasks = _tasks(args)
+    if args.aggregation_study:
+        return _aggregation_study(args, model_dir, tasks)
+    scored = args.score_tasks or tasks
+    unknown = [t for t in scored if t not in tasks]
+    if unknown:
+        raise SystemExit(f"--score-tasks {unknown}: not among the calibrated tasks {tasks}")
+    args.inputs = data_inputs(args, model_dir, scored)
+    terms = report_terms(args, tasks, scored, args.inputs)
+    report = previous_report(args.out, args.merge, terms) or {**terms, "methods": [], "configs": {}}
+    report["methods"] = [*report["methods"], *[m for m in args.methods if m not in report["methods"]]]
+    report.setdefault("variants", {}).update({m: args.variants[m] for m in args.methods if m in args.variants})
+    merge_from(report, args.merge_from, terms)
+    report["machine"] = f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
+    started = time.time()
+    try:
+        _run_configs(args, model_dir, tasks, scored, report)
+    except _Interrupted as interrupted:
+        print(f"quality.py: interrupted: {interrupted}; {args.out} keeps the results measured before",
+              file=sys.stderr)
+        return 130
     report["seconds"] = round(time.time() - started, 1)
     report["load_average"] = [round(x, 2) for x in os.getloadavg()]
     print(save_report(report, args.out, args.markdown))

@@ -264,10 +264,12 @@ def plot(report: dict, path: Path) -> None:
 
 def save_report(report: dict, out: Path, markdown_path: Path) -> str:
     """Write the JSON, the Markdown tables and the plot as they stand; returns the Markdown."""
+    from inlaid.tasks.base import write_text_atomic
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    write_text_atomic(out, json.dumps(report, indent=1))  # a kill mid-write leaves the last whole report
     text = markdown(report)
-    markdown_path.write_text(text)
+    write_text_atomic(markdown_path, text)
     if report["configs"]:
         plot(report, markdown_path.with_suffix(".png"))
     return text

@@ -132,6 +132,12 @@ def test_scheduling_benchmarks_write_into_out_dir(tmp_path: Path, monkeypatch: p
     ("quality.py", ("--configs", "4:abc"), "--configs takes BITS:GROUP_SIZE"),
     ("quality.py", ("--configs", "5:128"), "bits must be one of (2, 3, 4, 8)"),
     ("quality.py", ("--out", "FILE/quality.json"), "--out"),
+    # 2026-12-07, later: accepted, then refused by `inlaid quantize`'s rule or a traceback in
+    # MlgptqOptions when the method's turn came, after the unquantized rows and earlier methods
+    ("quality.py", ("--configs", "4:100"), "the group size must be -1 or a power of two >= 32"),
+    ("quality.py", ("--variant", "x=bogus:1"), "unknown option bogus; the options are rounds"),
+    ("quality.py", ("--variant", "x=rounds:abc"), "Expected `int`, got `str` - at `$.rounds`"),
+    ("quality.py", ("--methods", "mlgptq[y]"), "--methods: unknown method 'mlgptq[y]'"),
     ("int4_many_rows.py", ("--repeats", "0"), "--threads and --repeats must be positive integers"),
     ("int4_many_rows.py", ("--out", "FILE/dir"), "--out"),
     ("kernels_cpu.py", ("--threads", "-1"), "--threads must be 0 (torch's default) or more, got -1"),
