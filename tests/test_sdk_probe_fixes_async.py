@@ -14,6 +14,7 @@ share), each against a live `inlaid serve`:
   `max_frame_bytes` and both clients refuse a larger request before sending it.
 * One AsyncClient used from two `asyncio.run()` calls: the second call's answer went
   unread (the first loop's reader task was gone) and the call waited its whole timeout.
+* A second loop over a stream that failed read as empty, sync and async alike.
 """
 
 from __future__ import annotations
@@ -196,3 +197,32 @@ def test_a_client_busy_on_another_running_loop_refuses_at_once(server):
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+def test_a_second_loop_over_a_failed_stream_raises_its_error_again(server):
+    """A stream that ended in an error (an unknown task, a per-message timeout) read as empty
+    the second time, with `result` None: a retrying loop took the failure for an empty answer
+    (an outside probe, 2026-12-07). Sync and async alike."""
+    from inlaid.client import RequestTimeoutError, UnknownTaskError
+
+    with Client(server.address, timeout_s=30) as client:
+        stream = client.stream("hi", task="nope")
+        for _ in range(2):
+            with pytest.raises(UnknownTaskError):
+                list(stream)
+        assert stream.result is None
+
+    async def run() -> None:
+        async with AsyncClient(server.address, timeout_s=30) as client:
+            await client.generate("hi", max_tokens=1)  # the handshake done: only the stream's wait is short
+            stream = await client.stream(**LONG, timeout_s=0.001)
+            for _ in range(2):
+                with pytest.raises(RequestTimeoutError):
+                    [chunk async for chunk in stream]
+            stream = await client.stream("hi", task="nope")
+            for _ in range(2):
+                with pytest.raises(UnknownTaskError):
+                    [chunk async for chunk in stream]
+
+    asyncio.run(run())
+    assert _until_idle(server.address) == (0, 0)

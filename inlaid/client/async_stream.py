@@ -30,6 +30,7 @@ class AsyncTokenStream:
         self._done = False
         self._iterating = False  # an iterator of this stream is open (a stream has one)
         self._left_early = False  # closed before its end: its request was cancelled
+        self._error: Exception | None = None  # how it ended, when it ended in an error
         # A dropped stream's finalizer may run on any thread, inside or outside the loop: it
         # only schedules the cancel on the stream's loop (see `_stream_dropped`). Detached by
         # `_finish`; not run at exit, when the loop that could send it is gone.
@@ -39,22 +40,27 @@ class AsyncTokenStream:
     async def __aiter__(self) -> AsyncIterator[TextChunk]:
         if self._iterating or self._left_early:
             raise second_iterator_error(self.request_id, left_early=self._left_early, asynchronous=True)
+        if self._error is not None:  # a second loop over a failed stream fails alike, not empty
+            raise self._error
         self._iterating = True
         try:
             while not self._done:
                 try:
                     reply = await self.client._next(self.request_id, self.timeout_s)
-                except RequestTimeoutError:
+                except RequestTimeoutError as error:
+                    self._error = error
                     self._finish()
                     self.client._cancel_nowait(self.request_id)
                     self.client._after_timeout(self.request_id)
                     raise
-                except ConnectionLostError:
+                except ConnectionLostError as error:
+                    self._error = error
                     self._finish()  # nothing to cancel: the server that had it is gone
                     raise
                 try:
                     reply = stream_reply(reply, self.request_id)
-                except InlaidError:
+                except InlaidError as error:
+                    self._error = error
                     self._finish()
                     raise
                 if isinstance(reply, TextChunk):

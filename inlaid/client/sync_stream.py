@@ -33,6 +33,7 @@ class TokenStream:
         self._done = False
         self._iterating = False  # an iterator of this stream is open (a stream has one)
         self._left_early = False  # closed before its end: its request was cancelled
+        self._error: Exception | None = None  # how it ended, when it ended in an error
         # A weakref.finalize, not __del__: it holds no reference to the stream, and `_finish`
         # detaches it, so a stream read to its end costs nothing when collected. Not at exit:
         # the sockets are closed with no linger then, and a cancel would be lost anyway.
@@ -42,6 +43,8 @@ class TokenStream:
     def __iter__(self) -> Iterator[TextChunk]:
         if self._iterating or self._left_early:
             raise second_iterator_error(self.request_id, left_early=self._left_early, asynchronous=False)
+        if self._error is not None:  # a second loop over a failed stream fails alike, not empty
+            raise self._error
         self._iterating = True
         refused = False  # another thread's call runs on the client: a moment's refusal, not an end
         try:
@@ -51,17 +54,20 @@ class TokenStream:
                 except ClientInUseError:
                     refused = True
                     raise
-                except RequestTimeoutError:
+                except RequestTimeoutError as error:
+                    self._error = error
                     self._finish()
                     self.client._cancel_quietly(self.request_id)
                     self.client._after_timeout(self.request_id)
                     raise
-                except ConnectionLostError:
+                except ConnectionLostError as error:
+                    self._error = error
                     self._finish()  # nothing to cancel: the server that had it is gone
                     raise
                 try:
                     reply = stream_reply(reply, self.request_id)
-                except InlaidError:
+                except InlaidError as error:
+                    self._error = error
                     self._finish()
                     raise
                 if isinstance(reply, TextChunk):
