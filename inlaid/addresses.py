@@ -26,3 +26,13 @@ def address_problem(name: str, address: str) -> str | None:
     if host.startswith("["):
         return f"{name} {address!r}: IPv6 addresses are not supported here; use tcp://127.0.0.1:{port}"
     return None
+
+
+def local_address(address: str) -> str:
+    """Where a client on this machine reaches a server listening at `address`: a wildcard host
+    (tcp://*:PORT, tcp://0.0.0.0:PORT: every interface) as loopback, which a client can
+    connect to (ZeroMQ refuses to connect to "*"); any other address as it is."""
+    if not address.startswith("tcp://"):
+        return address
+    host, _, port = address[len("tcp://"):].rpartition(":")
+    return f"tcp://127.0.0.1:{port}" if host in ("*", "0.0.0.0") else address

@@ -225,6 +225,9 @@ def test_clients_refuse_before_sending():
                 client_class(address)
         with pytest.raises(ValueError, match="IPv6 addresses are not supported"):
             client_class("tcp://[::1]:5555")
+        # A server's listening wildcard: ZeroMQ's raw "Invalid argument" (ZMQError, not ValueError)
+        with pytest.raises(ValueError, match=r"tcp://\*:PORT is how a server listens on every interface"):
+            client_class("tcp://*:5555")
 
 
 def test_cli_refuses_a_nan_timeout(capsys: pytest.CaptureFixture) -> None:

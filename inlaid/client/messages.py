@@ -56,6 +56,10 @@ def checked_address(address: str, name: str = "the server address") -> str:
                          f"config), got {address!r}")
     if problem := address_problem(name, address):
         raise ValueError(problem)
+    host = address[len("tcp://"):].rpartition(":")[0] if address.startswith("tcp://") else ""
+    if "*" in host:  # ZeroMQ's "Invalid argument": a wildcard is where a server listens, not a host
+        raise ValueError(f"{name} {address!r}: a client connects to one host; tcp://*:PORT is how a server "
+                         f"listens on every interface: use tcp://127.0.0.1:PORT or the server's host name")
     return address
 
 

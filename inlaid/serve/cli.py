@@ -312,7 +312,10 @@ def serve(config, policies=None) -> int:  # type: ignore[no-untyped-def]
             if config.http is not None:
                 from inlaid.http.process import HttpFrontProcess
 
-                front = HttpFrontProcess(config.address, config.http, config.log_level, config.log_format)
+                from inlaid.addresses import local_address
+
+                front = HttpFrontProcess(local_address(config.address), config.http, config.log_level,
+                                         config.log_format)
                 front.bind()
         except OSError as error:
             ports = {"metrics": config.metrics and f"{config.metrics.host}:{config.metrics.port}",

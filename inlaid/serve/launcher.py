@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from inlaid.addresses import local_address
 from inlaid.client import Client
 
 
@@ -62,7 +63,7 @@ class ServerProcess:
             http = {"port": free_tcp_port(), **config["http"]}
             config["http"] = http
             self.http_url = f"http://{http.get('host', '127.0.0.1')}:{http['port']}"
-        self.address: str = server["address"]
+        self.address: str = local_address(server["address"])  # where this machine's clients reach it
         self.admin_token: str | None = server.get("admin_token")
         self.config_path = self.workdir / "server.toml"
         self.config_path.write_text(to_toml(config))
