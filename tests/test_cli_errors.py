@@ -130,6 +130,11 @@ def _refused_naming(argv: list[str], message: str, capsys: pytest.CaptureFixture
     assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
 
 
+def test_client_refuses_an_empty_prompt_before_sending(capsys: pytest.CaptureFixture) -> None:
+    """The server refused it (exit 1, after a connection); `inlaid generate --prompt ""` exits 2."""
+    _refused_naming(["--address", _NOBODY, "generate", ""], "the prompt (PROMPT) is empty", capsys)
+
+
 def test_client_refuses_integers_past_64_bits_naming_the_option(capsys: pytest.CaptureFixture) -> None:
     """Only --seed was range-checked: --top-k / --max-tokens past the wire's 64 bits exited 1
     with the SDK's "a number in top_k is out of range: can't serialize ints"."""

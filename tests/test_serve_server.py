@@ -262,6 +262,11 @@ def test_client_cli(ready_server, reference):
     done = cli("generate", PROMPTS[4], "--task", "mlp-r16", "--max-tokens", str(MAX_TOKENS), "--stream")
     assert done.returncode == 0, done.stderr
     assert done.stdout == reference[(PROMPTS[4], "mlp-r16")].text + "\n"
+    # --json --stream: a JSON line per chunk, then the result's (it printed the result alone, at the end)
+    done = cli("--json", "generate", PROMPTS[4], "--task", "mlp-r16", "--max-tokens", str(MAX_TOKENS), "--stream")
+    *chunks, result = [json.loads(line) for line in done.stdout.splitlines()]
+    assert done.returncode == 0 and len(chunks) > 1 and {chunk["type"] for chunk in chunks} == {"chunk"}
+    assert "".join(chunk["text"] for chunk in chunks) == result["text"] == reference[(PROMPTS[4], "mlp-r16")].text
     done = cli("--json", "health")
     assert done.returncode == 0 and json.loads(done.stdout)["status"] == "ok"
     done = cli("health")  # readable lines, not a dataclass's repr

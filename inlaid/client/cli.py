@@ -46,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     generate.add_argument("--deadline", type=float, default=None, help="server-side deadline in seconds")
-    generate.add_argument("--stream", action="store_true", help="print text as it is generated")
+    generate.add_argument("--stream", action="store_true",
+                          help="print text as it is generated (with --json: one JSON line per chunk as it comes, "
+                               "then one for the result)")
     add_parser("health", help="is the server up and its executor ready")
     add_parser("stats", help="server counters and step timings")
     add_parser("tasks", help="list the tasks (adapters) served")
@@ -123,7 +125,10 @@ def run(args: argparse.Namespace) -> int:
     # Each refused before any connection: with no server (or a port nothing can listen on)
     # they waited the whole --timeout first, then said "no answer".
     problem = (_address_problem(args.address, address) or _text_problem(args)
-               or (_sampling_problem(args) if args.action == "generate" else None))
+               or (_sampling_problem(args) if args.action == "generate" else None)
+               # the server's refusal, said here with `inlaid generate --prompt ""`'s exit code
+               or ("the prompt (PROMPT) is empty" if args.action == "generate" and not args.chat and not args.prompt
+                   else None))
     if problem:
         print(f"inlaid client: {problem}", file=sys.stderr)
         return 2
@@ -139,7 +144,9 @@ def run(args: argparse.Namespace) -> int:
                     line_open = False  # text printed with no newline after it yet
                     try:
                         for chunk in stream:
-                            if not args.json and chunk.text:
+                            if args.json:  # JSON Lines as they come (--json printed nothing until the end)
+                                print(json.dumps(msgspec.to_builtins(chunk)), flush=True)
+                            elif chunk.text:
                                 print(chunk.text, end="", flush=True)
                                 line_open = not chunk.text.endswith("\n")
                     except (InlaidError, KeyboardInterrupt):
@@ -147,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
                             print(flush=True)
                         raise
                     if args.json:
-                        _print(stream.result, True)
+                        print(json.dumps(msgspec.to_builtins(stream.result)), flush=True)
                     else:
                         print()
                 else:
