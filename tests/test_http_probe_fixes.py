@@ -173,6 +173,48 @@ def test_a_stalled_body_gets_408():
     assert status == 200
 
 
+def test_a_body_still_arriving_when_the_front_stops_gets_503():
+    """Uvicorn's graceful shutdown cancelled a request still receiving its body after 5 s: a
+    bare plain-text 500 and an ERROR traceback (an outside probe, 2026-12-07). The front's
+    stop now answers it with OpenAI's JSON 503 `unavailable`, and a body read that starts
+    after the stop too."""
+    client = _StandInClient()
+    app = _app(client, HttpConfig(client_send_timeout_s=30))
+    front = app.app.state.front
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"60")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000)}
+
+    async def exchange() -> tuple[int, dict[str, Any]]:
+        pieces = [{"type": "http.request", "body": b'{"model": "', "more_body": True}]
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            if pieces:
+                return pieces.pop(0)
+            await asyncio.Event().wait()  # the client sends nothing more
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await app(scope, receive, send)
+        status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+        return status, json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+
+    async def run() -> list[tuple[int, dict[str, Any]]]:
+        asyncio.get_running_loop().call_later(0.2, front.stop_body_reads)
+        started = time.monotonic()
+        stopped = await asyncio.wait_for(exchange(), 10)
+        assert time.monotonic() - started < 5  # at the stop, not at the 30-s body timeout
+        return [stopped, await asyncio.wait_for(exchange(), 10)]
+
+    for status, answer in asyncio.run(run()):
+        assert (status, answer["error"]["code"]) == (503, "unavailable") and "stopping" in answer["error"]["message"]
+    assert not client.generated
+
+
 @contextlib.contextmanager
 def _uvicorn(head_timeout_s: float, client: _StandInClient | None = None):  # noqa: ANN202
     """The front's app with `client` (the stand-in by default) on a real uvicorn (the protocol

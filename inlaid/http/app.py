@@ -60,6 +60,17 @@ class Front:
         self.started = int(time.time())
         self._hello_lock = asyncio.Lock()
         self._unreachable_logged = False
+        self.stopping = False  # the front closes: requests still reading their body get 503
+        self._body_reads: set[asyncio.Task[Any]] = set()
+
+    def stop_body_reads(self) -> None:
+        """Answer every request still receiving its body with 503 `unavailable`, before
+        uvicorn's graceful shutdown cancels it into a bare plain-text 500 (with an ERROR
+        traceback): such a request waits on its client, not on the SDK client that
+        `cli._answer_before_the_grace_ends` closes."""
+        self.stopping = True
+        for task in list(self._body_reads):
+            task.cancel()
 
     async def refuse_when_unreachable(self) -> None:
         """The `reachability_check` of the front's SDK clients: 503 `unavailable` at once
@@ -187,8 +198,8 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return _error_response(ApiError(500, "internal error in the HTTP front", code="internal"))
 
 
-async def _read_json(request: Request, kind: type[Any], config: HttpConfig) -> Any:
-    max_bytes, send_timeout_s = config.body_bytes_limit, config.client_send_timeout_s
+async def _read_json(request: Request, kind: type[Any], front: Front) -> Any:
+    max_bytes, send_timeout_s = front.config.body_bytes_limit, front.config.client_send_timeout_s
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":  # a compressed body would be read as (invalid) JSON
         raise ApiError(415, f"request bodies with Content-Encoding {encoding!r} are not accepted; send it uncompressed",
@@ -197,6 +208,11 @@ async def _read_json(request: Request, kind: type[Any], config: HttpConfig) -> A
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(413, f"the request body is larger than {max_bytes} bytes", code="request_too_large")
     body = bytearray()
+    task = asyncio.current_task()
+    if front.stopping:
+        raise _stopping()
+    if task is not None:
+        front._body_reads.add(task)
     try:
         async with asyncio.timeout(send_timeout_s):
             async for piece in request.stream():
@@ -206,6 +222,13 @@ async def _read_json(request: Request, kind: type[Any], config: HttpConfig) -> A
     except TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {send_timeout_s:g} s",
                        code="request_timeout") from None
+    except asyncio.CancelledError:
+        if task is None or not front.stopping:
+            raise
+        task.uncancel()  # our own cancel (Front.stop_body_reads): answered, not propagated
+        raise _stopping() from None
+    finally:
+        front._body_reads.discard(task)  # type: ignore[arg-type]
     if body.startswith(_UTF8_BOM):  # RFC 8259 lets a parser ignore it; some clients (.NET, PowerShell) send it
         del body[:len(_UTF8_BOM)]
     if not body:
@@ -220,6 +243,11 @@ async def _read_json(request: Request, kind: type[Any], config: HttpConfig) -> A
         raise bad_request("the request body's JSON is nested too deeply") from None
 
 
+def _stopping() -> ApiError:
+    return ApiError(503, "the HTTP front is stopping and the request body had not arrived; retry",
+                    code="unavailable")
+
+
 def _utf8_problem(body: bytes) -> str:
     try:
         body.decode("utf-8")
@@ -232,14 +260,14 @@ def _utf8_problem(body: bytes) -> str:
 
 
 async def _completions(front: Front, request: Request) -> Response:
-    body = await _read_json(request, CompletionRequest, front.config)
+    body = await _read_json(request, CompletionRequest, front)
     server = await front.hello()
     call = completion_call(body, server.model, front.config.prompts_per_request_limit)
     return GenerationResponse(front.client, call, chat=False)
 
 
 async def _chat_completions(front: Front, request: Request) -> Response:
-    body = await _read_json(request, ChatCompletionRequest, front.config)
+    body = await _read_json(request, ChatCompletionRequest, front)
     server = await front.hello()
     return GenerationResponse(front.client, chat_call(body, server.model), chat=True)
 
@@ -270,7 +298,7 @@ async def _model(front: Front, request: Request) -> Response:
 
 
 async def _load_lora_adapter(front: Front, request: Request) -> Response:
-    body = await _read_json(request, LoadLoraAdapterRequest, front.config)
+    body = await _read_json(request, LoadLoraAdapterRequest, front)
     if not body.lora_path:
         raise bad_request("lora_path must not be empty", "lora_path")
     if not body.lora_path.startswith("/"):  # the server refuses it too, naming its own field
@@ -312,7 +340,7 @@ def _replacement_notice(replaced: ReplacedConfigEntry | None, hessians_dropped: 
 
 
 async def _unload_lora_adapter(front: Front, request: Request) -> Response:
-    body = await _read_json(request, UnloadLoraAdapterRequest, front.config)
+    body = await _read_json(request, UnloadLoraAdapterRequest, front)
     async with front.admin_client(request) as client:
         try:
             reply = await client.remove_task_reply(body.lora_name)

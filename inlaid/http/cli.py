@@ -167,7 +167,7 @@ async def serve(address: str, config: HttpConfig, listen_fd: int | None = None, 
     app = create_app(address, config)
     server = uvicorn.Server(uvicorn_config(app, config))
     watcher = asyncio.get_running_loop().create_task(_watch_parent(server, parent_pid)) if parent_pid else None
-    closer = asyncio.get_running_loop().create_task(_answer_before_the_grace_ends(server, app.app.state.front.client))
+    closer = asyncio.get_running_loop().create_task(_answer_before_the_grace_ends(server, app.app.state.front))
     # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again for the
     # handler it found; the front has nothing left to do by then and exits 0.
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -185,17 +185,19 @@ async def serve(address: str, config: HttpConfig, listen_fd: int | None = None, 
     return 0
 
 
-async def _answer_before_the_grace_ends(server: uvicorn.Server, client: Any) -> None:
+async def _answer_before_the_grace_ends(server: uvicorn.Server, front: Any) -> None:
     """Once the front is stopping (SIGTERM, SIGINT, its server gone), uvicorn gives open
     responses _GRACEFUL_SHUTDOWN_S, then cancels them: a plain request got a bare `500
     Internal Server Error`, a stream was cut mid-body. A second before that, the SDK client
     closes: each call still waiting fails with ClientClosedError, which its endpoint answers
-    (503 `unavailable`, a stream's error event) while the connection still stands."""
+    (503 `unavailable`, a stream's error event) while the connection still stands; so does
+    each request still receiving its body (`Front.stop_body_reads`)."""
     while not server.should_exit:
         await asyncio.sleep(0.1)
     await asyncio.sleep(_GRACEFUL_SHUTDOWN_S - _ANSWER_S)
     log.warning("closing the front's client: requests still open get 503")
-    await client.close()
+    front.stop_body_reads()
+    await front.client.close()
 
 
 async def _watch_parent(server: uvicorn.Server, parent_pid: int) -> None:
