@@ -33,10 +33,7 @@ def start_server(model_dir: Path, adapter_dirs: dict[str, Path], workdir: Path) 
         "model": {"dir": str(model_dir)},
         "executor": {"dtype": "float32", "threads": 1, "max_num_seqs": 64, "num_kv_blocks": 1024, "block_size": 16,
                      "max_lora_slots": 4, "max_lora_rank": 32, "max_model_len": MAX_MODEL_LEN},
-        # Listening on every interface ("*"): the front, and this harness's clients, reach it over
-        # loopback (a front given "tcp://*:PORT" failed: ZeroMQ cannot connect to a wildcard).
-        "server": {"admin_token": ADMIN_TOKEN, "max_pending_requests": MAX_PENDING, "shutdown_grace_s": 3.0,
-                   "address": f"tcp://*:{free_tcp_port()}", "allow_public_bind": True},
+        "server": {"admin_token": ADMIN_TOKEN, "max_pending_requests": MAX_PENDING, "shutdown_grace_s": 3.0},
         "tasks": {name: str(path) for name, path in adapter_dirs.items()},
         # Not the defaults: the prompt cap must reach the front's process; a stopped front
         # is replaced within 9 s, not 60.

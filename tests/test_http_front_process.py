@@ -1,6 +1,7 @@
 """The HTTP front's process and its metrics, end to end: `/metrics` after a known workload
 (parsed with `prometheus_client.parser`), a killed front restarted on the same socket, a
-stopped one killed and restarted, the front alone in front of a running server, health and the SIGTERM drain.
+stopped one killed and restarted, the front alone in front of a running server, a server listening on every
+interface reached over loopback, health and the SIGTERM drain.
 
 One server (http_harness.py) serves the module; the SIGTERM test comes last because it stops it.
 """
@@ -217,6 +218,40 @@ def test_the_front_runs_alone_in_front_of_a_running_server(server):
     finally:
         front.send_signal(signal.SIGTERM)
         assert front.wait(30) == 0
+
+
+def test_a_server_listening_on_every_interface_is_reached_over_loopback(model_dir, tmp_path):
+    """server.address = "tcp://*:PORT": its own front and `inlaid http --config` connect over
+    loopback (both failed on ZeroMQ's "Invalid argument" for a wildcard, the standalone
+    front advising to change the server's address)."""
+    from inlaid.serve.launcher import ServerProcess
+    from serving_helpers import server_config
+
+    config = server_config(model_dir, {}, address=f"tcp://*:{free_tcp_port()}", allow_public_bind=True)
+    wildcard = ServerProcess({**config, "http": {}}, workdir=tmp_path)
+    port = free_tcp_port()
+    alone = None
+    try:
+        wildcard.wait_ready(timeout_s=300)  # its own front's /health answered 200
+        assert wildcard.address.startswith("tcp://127.0.0.1:")
+        alone = subprocess.Popen([sys.executable, "-m", "inlaid.cli", "http", "--config", str(wildcard.config_path),
+                                  "--port", str(port), "--log-format", "text"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        for url in (wildcard.http_url, f"http://127.0.0.1:{port}"):
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{url}/v1/models", timeout=2) as response:
+                        assert response.status == 200 and json.loads(response.read())["data"]
+                        break
+                except OSError:
+                    assert alone.poll() is None and time.monotonic() < deadline, alone.stdout.read().decode()
+                    time.sleep(0.1)
+    finally:
+        if alone is not None:
+            alone.send_signal(signal.SIGTERM)
+            assert alone.wait(30) == 0
+        wildcard.terminate()
 
 
 def test_health_and_sigterm_drain(server):

@@ -27,6 +27,8 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
 from inlaid.client import UnknownTaskError
 from inlaid.http.app import create_app
 from inlaid.http.errors import from_inlaid
@@ -213,6 +215,19 @@ def test_a_body_still_arriving_when_the_front_stops_gets_503():
     for status, answer in asyncio.run(run()):
         assert (status, answer["error"]["code"]) == (503, "unavailable") and "stopping" in answer["error"]["message"]
     assert not client.generated
+    # A cancel of someone else's (uvicorn's, an outer timeout) besides the stop's is not swallowed.
+    app = _app(client, HttpConfig(client_send_timeout_s=30))
+    front = app.app.state.front
+
+    async def cancelled_by_another_too() -> None:
+        task = asyncio.ensure_future(exchange())
+        await asyncio.sleep(0.1)
+        front.stop_body_reads()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled_by_another_too())
 
 
 @contextlib.contextmanager

@@ -62,6 +62,7 @@ class Front:
         self._unreachable_logged = False
         self.stopping = False  # the front closes: requests still reading their body get 503
         self._body_reads: set[asyncio.Task[Any]] = set()
+        self._stopped_reads: set[asyncio.Task[Any]] = set()  # cancelled by stop_body_reads, not by others
 
     def stop_body_reads(self) -> None:
         """Answer every request still receiving its body with 503 `unavailable`, before
@@ -70,6 +71,7 @@ class Front:
         `cli._answer_before_the_grace_ends` closes."""
         self.stopping = True
         for task in list(self._body_reads):
+            self._stopped_reads.add(task)
             task.cancel()
 
     async def refuse_when_unreachable(self) -> None:
@@ -223,12 +225,14 @@ async def _read_json(request: Request, kind: type[Any], front: Front) -> Any:
         raise ApiError(408, f"the request body did not arrive within {send_timeout_s:g} s",
                        code="request_timeout") from None
     except asyncio.CancelledError:
-        if task is None or not front.stopping:
+        # Answered only when Front.stop_body_reads alone cancelled it: a cancel of uvicorn's or
+        # of an outer timeout, before or after ours, goes on (uncancel() counts them).
+        if task is None or task not in front._stopped_reads or task.uncancel() > 0:
             raise
-        task.uncancel()  # our own cancel (Front.stop_body_reads): answered, not propagated
         raise _stopping() from None
     finally:
         front._body_reads.discard(task)  # type: ignore[arg-type]
+        front._stopped_reads.discard(task)  # type: ignore[arg-type]
     if body.startswith(_UTF8_BOM):  # RFC 8259 lets a parser ignore it; some clients (.NET, PowerShell) send it
         del body[:len(_UTF8_BOM)]
     if not body:

@@ -59,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> tuple[str, HttpConfig]:
     """(server address, front settings); ValueError for bad values."""
+    from inlaid.addresses import local_address
     from inlaid.client.messages import DEFAULT_ADDRESS, checked_address
 
     address, config, allow_public = DEFAULT_ADDRESS, HttpConfig(), args.allow_public_bind
@@ -66,7 +67,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[str, HttpConfig]:
     max_pending: int | None = None
     if args.config:
         server, explicit_prompts = _server_config(args.config)
-        address, config = server.address, server.http or HttpConfig()
+        # the server's listening address as this machine reaches it (tcp://*:PORT: over loopback)
+        address, config = local_address(server.address), server.http or HttpConfig()
         allow_public = allow_public or server.allow_public_bind
         max_frame_bytes = server.limits.max_frame_bytes
         max_pending = server.limits.max_pending_requests
