@@ -81,6 +81,8 @@ def test_close_fails_an_inflight_generate_and_stream_at_once_and_the_server_stop
             await generating
         with pytest.raises(ClientClosedError) as stream_error:
             await anext(iterator)
+        with pytest.raises(ClientClosedError):  # a second loop says so again (not "cancelled by an earlier loop")
+            [chunk async for chunk in stream]
         assert not client._queues
         return type(generate_error.value), type(stream_error.value), time.monotonic() - closed_at
 

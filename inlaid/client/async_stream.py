@@ -7,7 +7,7 @@ import weakref
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from inlaid.client.errors import ConnectionLostError, InlaidError, RequestTimeoutError
+from inlaid.client.errors import ClientClosedError, ConnectionLostError, InlaidError, RequestTimeoutError
 from inlaid.client.messages import GenerateResult, second_iterator_error, stream_reply
 from inlaid.protocol import TextChunk
 
@@ -53,9 +53,9 @@ class AsyncTokenStream:
                     self.client._cancel_nowait(self.request_id)
                     self.client._after_timeout(self.request_id)
                     raise
-                except ConnectionLostError as error:
+                except (ConnectionLostError, ClientClosedError) as error:
                     self._error = error
-                    self._finish()  # nothing to cancel: the server that had it is gone
+                    self._finish()  # nothing to cancel: the server that had it, or our socket, is gone
                     raise
                 try:
                     reply = stream_reply(reply, self.request_id)

@@ -8,7 +8,8 @@ import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from inlaid.client.errors import ClientInUseError, ConnectionLostError, InlaidError, RequestTimeoutError
+from inlaid.client.errors import (ClientClosedError, ClientInUseError, ConnectionLostError, InlaidError,
+                                  RequestTimeoutError)
 from inlaid.client.messages import GenerateResult, second_iterator_error, stream_reply
 from inlaid.protocol import TextChunk
 
@@ -60,9 +61,9 @@ class TokenStream:
                     self.client._cancel_quietly(self.request_id)
                     self.client._after_timeout(self.request_id)
                     raise
-                except ConnectionLostError as error:
+                except (ConnectionLostError, ClientClosedError) as error:
                     self._error = error
-                    self._finish()  # nothing to cancel: the server that had it is gone
+                    self._finish()  # nothing to cancel: the server that had it, or our socket, is gone
                     raise
                 try:
                     reply = stream_reply(reply, self.request_id)
