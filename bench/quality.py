@@ -148,9 +148,10 @@ def _variants(args: argparse.Namespace) -> dict[str, dict]:
             raise ValueError(f"--variant {text!r}: unknown option {', '.join(unknown)}; the options are "
                              f"{', '.join(names)}")
         try:  # each value's type (rounds:abc) and MlgptqOptions' own checks, named
-            msgspec.convert(options, MlgptqOptions)
+            converted = msgspec.convert(options, MlgptqOptions)
         except msgspec.ValidationError as error:
             raise ValueError(f"--variant {text!r}: {error}") from None
+        options = {key: getattr(converted, key) for key in options}  # mean_slack:1 and :1.0: one checkpoint
         variants[f"mlgptq[{name}]"] = options
     for method in args.methods:
         if method not in METHOD_LABELS and method not in variants:
@@ -170,7 +171,8 @@ def _generate(args, model_dir: Path, tasks: list[str]) -> dict[str, dict]:
     runs = [EvalRun(t, t, args.adapters_dir / t) for t in tasks]
     results = evaluate_runs(model_dir, runs, limit=args.limit, backend=args.backend, weight_dtype=args.weight_dtype)
     if partial := results.get("partial"):  # Ctrl-C / SIGTERM: scores of some examples are no row of the table
-        raise _Interrupted(f"{partial['finished']} of {partial['requests']} generations finished")
+        raise _Interrupted(f"{partial['finished']} of {partial['requests']} generations finished",
+                           terminated=partial.get("stopped_by") == "SIGTERM")
     scored: dict[str, dict] = {}
     for name in tasks:
         task = get_task(name)
@@ -257,6 +259,10 @@ def _unquantized_cached(args, kind: str, scored: list[str], compute) -> dict:
 
 class _Interrupted(Exception):
     """Ctrl-C or SIGTERM while generating: the report keeps what was measured before."""
+
+    def __init__(self, message: str, terminated: bool) -> None:
+        super().__init__(message)
+        self.exit_code = 143 if terminated else 130  # the shell's codes for SIGTERM and SIGINT
 
 
 def _measure(args, model_dir: Path, tasks: list[str], scored: list[str], checkpoint: Path | None,
@@ -348,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     except _Interrupted as interrupted:
         print(f"quality.py: interrupted: {interrupted}; {args.out} keeps the results measured before",
               file=sys.stderr)
-        return 130
+        return interrupted.exit_code
     report["seconds"] = round(time.time() - started, 1)
     report["load_average"] = [round(x, 2) for x in os.getloadavg()]
     print(save_report(report, args.out, args.markdown))

@@ -89,13 +89,16 @@ def servable_dir(checkpoint_dir: Path, serve: str) -> tuple[Path, str]:
         except Exception as error:  # the kernels reject this layout: serve the same weights in float
             reason = "kernels: " + str(error).split(";")[0]
     float_dir = checkpoint_dir / "dequantized"
+    if float_dir.is_dir():  # made whole (a rename): reused, also from a directory this run cannot write
+        return float_dir, f"dequantized float weights ({reason})"
     # Written whole into a temporary directory and renamed, under a lock: a run killed while
     # writing, or two runs at once (--merge-from), never leave a truncated copy that is reused.
     with open(checkpoint_dir / "dequantized.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not float_dir.is_dir():
+            for leftover in checkpoint_dir.glob("dequantized.*.tmp"):  # killed builds (the lock is ours)
+                shutil.rmtree(leftover, ignore_errors=True)
             building = checkpoint_dir / f"dequantized.{os.getpid()}.tmp"
-            shutil.rmtree(building, ignore_errors=True)
             building.mkdir()
             config = dict(checkpoint.config)
             config.pop("quantization_config", None)

@@ -14,8 +14,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # The code between the weights and the numbers of an unquantized row: generation (the engine,
-# its kernels), the answer NLL, the tasks' prompts and metrics.
-MEASURING_CODE = ("inlaid/engine", "inlaid/tasks", "inlaid/quant/nll.py", "kernels")
+# its kernels), the answer NLL (and the prompt/answer cut and model loading it imports), the
+# tasks' prompts and metrics.
+MEASURING_CODE = ("inlaid/engine", "inlaid/tasks", "inlaid/quant/nll.py", "inlaid/quant/calibration.py",
+                  "inlaid/quant/model_io.py", "kernels")
 
 
 def code_digest(paths: tuple[str, ...] = MEASURING_CODE) -> str:

@@ -110,8 +110,9 @@ def test_an_interrupted_generation_is_no_row(monkeypatch: pytest.MonkeyPatch, tm
     monkeypatch.setattr(evaluate, "evaluate_runs", lambda *a, **k: {**answer, "partial": {
         "finished": 3, "requests": 4, "stopped_by": "SIGINT"}})
     args = _args(ROOT / "adapters", limit=4)
-    with pytest.raises(quality._Interrupted, match="3 of 4 generations finished"):
+    with pytest.raises(quality._Interrupted, match="3 of 4 generations finished") as interrupted:
         quality._generate(args, tmp_path, ["sentiment"])
+    assert interrupted.value.exit_code == 130  # SIGINT's; SIGTERM's is 143
     # Predictions not one per example in order: refused, not paired by position.
     shuffled = [finished[1], finished[0], *finished[2:]]
     monkeypatch.setattr(evaluate, "evaluate_runs", lambda *a, **k: {**answer, "tasks": {"sentiment": {"sentiment": {
@@ -152,3 +153,43 @@ def test_a_checkpoint_marked_unfinished_is_quantized_again(inputs_tree: dict[str
     (first / UNFINISHED_FILE).write_text("interrupted\n")  # killed after its metadata
     assert checkpoint() == first and calls == [first, first]
     assert checkpoint() == first and calls == [first, first]  # finished now: reused
+
+
+def test_the_dequantized_copy_is_made_whole_and_killed_builds_are_swept(tmp_path: Path) -> None:
+    """The float copy generation runs from: written into a temporary directory and renamed (a
+    kill mid-write left a truncated model.safetensors that was reused forever); a killed
+    build's temporary copy is removed by the next build; a finished copy is reused without
+    taking the lock (a directory this run cannot write serves as well). Its weights are the
+    checkpoint's dequantized ones."""
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    from inlaid.quant.checkpoint import dequantized_state_dict, load_gptq_checkpoint
+    from tiny_llama import calibration_tasks, quantize_full, two_layer_model_or_skip
+
+    model = two_layer_model_or_skip(tmp_path / "model")
+    checkpoint = quantize_full(model, calibration_tasks(model, tmp_path, {"alpha": 2}), tmp_path / "ckpt", "rtn")
+    killed = checkpoint / "dequantized.99999999.tmp"
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"truncat")
+    served, why = quality_checkpoints.servable_dir(checkpoint, "dequantized")
+    assert served == checkpoint / "dequantized" and "dequantized" in why and not killed.exists()
+    expected = dequantized_state_dict(load_gptq_checkpoint(checkpoint))
+    got = load_file(str(served / "model.safetensors"))
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    lock = checkpoint / "dequantized.lock"
+    before = lock.stat().st_mtime_ns
+    time.sleep(0.01)
+    assert quality_checkpoints.servable_dir(checkpoint, "dequantized")[0] == served
+    assert lock.stat().st_mtime_ns == before  # reused without opening the lock for writing
+
+
+def test_variant_values_are_kept_as_the_options_read_them() -> None:
+    """`mean_slack:1` and `mean_slack:1.0` are one option value: one checkpoint key, one
+    report entry (the raw JSON values made two)."""
+    variants = [quality._variants(argparse.Namespace(variant=[f"x=mean_slack:{value},rounds:2"], methods=["mlgptq[x]"]))
+                for value in ("1", "1.0")]
+    assert variants[0] == variants[1] == {"mlgptq[x]": {"mean_slack": 1.0, "rounds": 2}}
+    assert isinstance(variants[0]["mlgptq[x]"]["mean_slack"], float)
