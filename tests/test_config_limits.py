@@ -100,6 +100,7 @@ CASES: list[tuple[dict[str, Any], str]] = [
     ({"server": {"address": "tcp://127.0.0.1:2\u00b2"}}, "server.address"),  # int() raised: no key named
     ({"server": {"address": "tcp://127.0.0.1:\u0662\u0669\u0663"}}, "server.address"),  # failed at bind
     ({"server": {"address": "tcp://[::1]:5555"}}, "server.address 'tcp://[::1]:5555': IPv6"),  # failed at bind
+    ({"server": {"address": "tcp://:::5555"}}, "server.address 'tcp://:::5555': IPv6"),  # unbracketed: the same
 ]
 
 
