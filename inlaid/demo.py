@@ -18,6 +18,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ def executor_options(adapters: dict[str, Path]) -> dict[str, Any]:
 # ------------------------------------------------------------------------ 1. the base
 def shared_base(model_dir: Path) -> tuple[Path, float, bool]:
     """(checkpoint dir, seconds, whether it was cached)."""
+    from inlaid.quant.errors import QuantizationError
     from inlaid.quant.suite import ensure_suite_checkpoint, is_complete, suite_checkpoint_dir
 
     directory = suite_checkpoint_dir(model_dir)
@@ -75,6 +77,11 @@ def shared_base(model_dir: Path) -> tuple[Path, float, bool]:
             raise  # not the cache's fault: its traceback is what a report needs
         raise DemoError(f"the 4-bit base cannot be built in {directory.parent}: {error.strerror or error} (set "
                         "XDG_CACHE_HOME to a writable directory with ~2.5 GB free)") from None
+    except QuantizationError as error:  # the quantizer's own words, one line (a disk filling up mid-build)
+        free = shutil.disk_usage(directory.parent).free if directory.parent.is_dir() else 0
+        advice = (f"; {free / 1e9:.1f} GB free there: set XDG_CACHE_HOME to a directory with ~2.5 GB free"
+                  if free < 2.5e9 else "")
+        raise DemoError(f"the 4-bit base could not be built in {directory.parent}: {error}{advice}") from None
     return checkpoint, time.monotonic() - started, cached
 
 
@@ -297,8 +304,11 @@ def run_main(argv: list[str] | None = None) -> int:
     (`make run | head`) rather than with a BrokenPipeError traceback; Ctrl-C and a cache it
     cannot write end in one line (they ended in tracebacks: an outside probe)."""
     from inlaid.cli import end_on_closed_stdout, stdout_closed
+    from inlaid.interrupts import EXIT_TERMINATED, terminate_as_interrupt, was_terminated
 
     parse_arguments(sys.argv[1:] if argv is None else argv)  # --help, or a usage error (exit 2)
+    # SIGTERM as Ctrl-C: it ended the demo at once, leaving its `inlaid serve` running (an outside probe)
+    terminate_as_interrupt()
     try:
         code = main()
         sys.stdout.flush()  # a closed pipe shows here, not as "Exception ignored" at the exit's flush
@@ -310,9 +320,10 @@ def run_main(argv: list[str] | None = None) -> int:
     except DemoError as error:
         print(f"make run: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"make run: interrupted{_kept_note()}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        terminated = was_terminated(interrupt)
+        print(f"make run: {'terminated (SIGTERM)' if terminated else 'interrupted'}{_kept_note()}", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else 130
 
 
 def _kept_layers(directory: Path) -> int:
@@ -325,10 +336,10 @@ def _kept_layers(directory: Path) -> int:
 
 def _kept_note() -> str:
     """What an interrupted build of the 4-bit base kept (`make run` again resumes from it)."""
-    from inlaid.models.prepare import default_model_dir
-    from inlaid.quant.suite import suite_checkpoint_dir
+    try:  # the imports too: an interrupt while torch imported left a half-imported torch behind
+        from inlaid.models.prepare import default_model_dir
+        from inlaid.quant.suite import suite_checkpoint_dir
 
-    try:
         directory = suite_checkpoint_dir(default_model_dir())
         done = _kept_layers(directory)
     except Exception:  # noqa: BLE001 (the note is a courtesy; the interrupt is what is reported)

@@ -67,3 +67,74 @@ def test_an_interrupt_is_one_line_that_says_what_was_kept(tmp_path, model_dir) -
     resumed = INTERRUPTED.replace("partial.mkdir(parents=True)", "partial.mkdir(parents=True, exist_ok=True)")
     again = _demo(cache, resumed)
     assert "resuming the interrupted build: 2 finished layers kept in " in again.stdout
+
+
+def test_a_quantizer_error_in_the_build_is_one_line(tmp_path, model_dir) -> None:
+    """A disk filling up mid-build raised the quantizer's QuantizationError (not an OSError):
+    a 35-line traceback (an outside probe, 2026-12-07)."""
+    raising = '''    from inlaid.quant.errors import QuantizationError
+    raise QuantizationError("the Hessian state of layer 0 cannot be written: No space left on device")'''
+    failing = INTERRUPTED.replace("    raise KeyboardInterrupt", raising)
+    done = _demo(_cache(tmp_path, model_dir), failing)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("make run: the 4-bit base could not be built in "), done.stderr
+    assert "No space left on device" in lines[0] and "Traceback" not in done.stderr
+
+
+SERVING = """
+import asyncio
+import sys
+import inlaid.demo as demo
+import inlaid.serve.demo as serve_demo
+from inlaid.serve.demo import BASE_TASK, run_server_demo
+
+async def replay(*args):  # the requests' replay, still running when the signal comes
+    print("replaying", flush=True)
+    await asyncio.sleep(3600)
+
+serve_demo._replay = replay
+
+def main():
+    run_server_demo(sys.argv[1], {}, {BASE_TASK: ["Hi"]}, max_tokens=4, chat=False)
+    return 0
+
+demo.main = main
+sys.exit(demo.run_main([]))
+"""
+
+
+def test_sigterm_to_the_demo_stops_its_server_and_leaves_nothing(tmp_path, model_dir) -> None:
+    """SIGTERM to `python -m inlaid.demo` alone ended it at once: its `inlaid serve` and the
+    executor (2 GB) ran on, adopted by init, and the server's folder (its config holds the
+    admin token) stayed in /tmp. Now it stops as on Ctrl-C: exit 143, one line, nothing left.
+    A real server; the replay is a stand-in that never ends, so the signal lands while it runs."""
+    import signal
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", SERVING, str(model_dir)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(temp)})
+    try:
+        for line in child.stdout:  # type: ignore[union-attr]
+            if line.startswith("replaying"):
+                break
+        servers = list(temp.glob("inlaid-server-*"))
+        assert len(servers) == 1, (servers, child.stderr.read())  # type: ignore[union-attr]
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(120) == 143
+    finally:
+        child.kill()
+    last = child.stderr.read().strip().splitlines()[-1]  # type: ignore[union-attr]
+    assert last == "make run: terminated (SIGTERM)"
+    assert not list(temp.glob("inlaid-server-*"))
+    running = [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline_mentions(int(pid), str(temp))]
+    assert not running, running
+
+
+def _cmdline_mentions(pid: int, text: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return text.encode() in cmdline.read()
+    except OSError:
+        return False

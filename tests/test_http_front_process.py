@@ -248,10 +248,10 @@ def test_a_server_listening_on_every_interface_is_reached_over_loopback(model_di
                     assert alone.poll() is None and time.monotonic() < deadline, alone.stdout.read().decode()
                     time.sleep(0.1)
     finally:
-        if alone is not None:
-            alone.send_signal(signal.SIGTERM)
-            assert alone.wait(30) == 0
         wildcard.terminate()
+        if alone is not None and alone.poll() is None:
+            alone.send_signal(signal.SIGTERM)
+            alone.wait(30)
 
 
 def test_health_and_sigterm_drain(server):

@@ -104,6 +104,7 @@ def run_server_demo(
 
     print(f"Inlaid server demo: {len(jobs)} requests over tasks {sorted(prompts_by_task)}; starting the server…")
     server = ServerProcess(config)
+    interrupted = False
     try:
         started = time.monotonic()
         server.wait_ready(timeout_s=900)
@@ -113,8 +114,18 @@ def run_server_demo(
         wall = time.monotonic() - wall
         with server.client() as client:
             stats = client.stats()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (the whole process group's too): nothing to look into later
+        interrupted = True
+        raise
     finally:
-        exit_code = server.terminate()
+        try:
+            exit_code = server.terminate()
+        except KeyboardInterrupt:  # one while it stopped: stop_process killed it
+            interrupted = True
+            raise
+        finally:
+            if interrupted:
+                server.remove_workdir()
 
     summary: dict[str, Any] = {"tasks": {}, "exit_code": exit_code}
     for task in prompts_by_task:

@@ -85,6 +85,9 @@ class ServerProcess:
         return Client(self.address, **kwargs)
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
+        """Until the server (and its front, with `[http]`) answers as ready; RuntimeError with
+        its log's tail when it exits first or is not ready in `timeout_s`, then stopped (a
+        caller that raised on, before its own clean-up was armed, left it running)."""
         deadline = time.monotonic() + timeout_s
         with self.client() as client:
             while True:
@@ -98,6 +101,7 @@ class ServerProcess:
                 except TimeoutError:
                     pass
                 if time.monotonic() > deadline:
+                    stop_process(self.process, 10.0)
                     raise RuntimeError(f"the server was not ready in {timeout_s:.0f} s:\n{self.logs()[-4000:]}")
 
     def _http_ready(self) -> bool:
@@ -120,6 +124,12 @@ class ServerProcess:
             shutil.rmtree(self.workdir, ignore_errors=True)
         return int(self.process.returncode)
 
+    def remove_workdir(self) -> None:
+        """Remove the working folder (its config holds the admin token) whatever the exit code:
+        `terminate` keeps it after a failure, for a post-mortem."""
+        if self._owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
     def __enter__(self) -> "ServerProcess":
         return self
 
@@ -137,3 +147,7 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM again while it stops: no more waiting, nothing left running
+            process.kill()
+            process.wait()
+            raise
