@@ -3,7 +3,7 @@
 1. The base: MLGPTQ, 4-bit, group 128, calibrated on every task of adapters/MANIFEST.json
    (`inlaid.quant.suite.ensure_suite_checkpoint`: built once with a progress bar, cached
    under $XDG_CACHE_HOME/inlaid/quantized/ by its inputs, resumed if interrupted).
-2. Quality kept: teacher-forced NLL of a few eval answers per task, adapter on, through the
+2. Quality against the fp32 base: teacher-forced NLL of a few eval answers per task, adapter on, through the
    engine on the unquantized base and on the 4-bit base as served, and on the bare base for
    scale (low noise: a handful of greedy task scores would move by chance).
 3. Memory: the base at fp32 / bf16 / 4-bit, what the executor holds (adapters, KV).
@@ -85,7 +85,7 @@ def shared_base(model_dir: Path) -> tuple[Path, float, bool]:
     return checkpoint, time.monotonic() - started, cached
 
 
-# ------------------------------------------------------------------- 2. quality kept
+# ------------------------------------------------------- 2. quality against the fp32 base
 @dataclass
 class TaskQuality:
     task: str
@@ -161,17 +161,20 @@ def measure_quality(model_dir: Path, checkpoint: Path, adapters: dict[str, Path]
 
 
 def print_quality(rows: list[TaskQuality], served_label: str) -> None:
-    print(f"\n== quality kept: teacher-forced NLL per answer token, adapter on ({served_label}) ==")
+    print(f"\n== quality on the 4-bit base against the fp32 base: teacher-forced NLL per answer token, adapter on "
+          f"({served_label}) ==")
     print(f"{'task':<14} {'examples':>8} {'tokens':>6} {'no adapter':>10} {'fp32 base':>10} {'4-bit base':>10} "
           f"{'increase':>9} {'ppl kept':>9} {'gain kept':>9}")
     for row in rows:
         print(f"{row.task:<14} {row.examples:>8} {row.tokens:>6} {row.nll_no_adapter:>10.3f} {row.nll_float:>10.3f} "
               f"{row.nll_quantized:>10.3f} {row.nll_quantized - row.nll_float:>+9.3f} "
               f"{100 * row.perplexity_kept:>8.1f}% {100 * row.gain_kept:>8.1f}%")
-    worst = min(rows, key=lambda r: r.perplexity_kept)
-    print(f"worst task here: {worst.task}. no adapter: the fp32 base alone; ppl kept = exp(-increase); gain kept = "
-          "the share of the adapter's NLL gain over the bare base left on the 4-bit base. A few examples per task: "
-          "a smoke test; every eval example: `make eval` (docs/quantization.md)")
+    worst = min(rows, key=lambda r: r.gain_kept)
+    print(f"lowest here: {worst.task} keeps {100 * worst.gain_kept:.0f}% of its adapter's gain. no adapter: the fp32 "
+          "base alone; ppl kept = exp(-increase); gain kept = the share of the adapter's NLL gain over the bare base "
+          f"left on the 4-bit base. {QUALITY_MAX_EXAMPLES} examples or {QUALITY_ANSWER_TOKENS} answer tokens per task: "
+          "a smoke test whose figures move by chance (above 100% is noise); every eval example with intervals: "
+          "`make eval` (docs/quantization.md)")
 
 
 # ---------------------------------------------------------------------- 3. memory
@@ -190,26 +193,29 @@ def checkpoint_projection_bytes(checkpoint: Path) -> int:
 
 
 def print_memory(sizes, memory, checkpoint: Path, adapters: dict[str, Path], options: dict[str, Any]) -> None:
+    from inlaid.engine.adapter_config import read_adapter_spec
     from inlaid.engine.memory import MB
 
     projections = sizes.projection_params
     dense_rest = sizes.embedding_params + sizes.other_params
     quantized = checkpoint_projection_bytes(checkpoint)
     adapter_bytes = sum((path / "adapter_model.safetensors").stat().st_size for path in adapters.values())
-    print("\n== memory ==")
-    print(f"{'base weights':<44} {'fp32':>9} {'bf16':>9} {'4-bit':>9}")
-    print(f"{'  projections (' + str(projections // 10**6) + 'M params)':<44} {4 * projections / MB:>8.0f}M "
-          f"{2 * projections / MB:>8.0f}M {quantized / MB:>8.0f}M")
-    print(f"{'  embedding = tied head, norms (bf16 at 4-bit)':<44} {4 * dense_rest / MB:>8.0f}M "
-          f"{2 * dense_rest / MB:>8.0f}M {2 * dense_rest / MB:>8.0f}M")
-    print(f"{'  total':<44} {4 * (projections + dense_rest) / MB:>8.0f}M {2 * (projections + dense_rest) / MB:>8.0f}M "
-          f"{(quantized + 2 * dense_rest) / MB:>8.0f}M")
+    ranks = [read_adapter_spec(name, str(path)).rank for name, path in adapters.items()]
+    print("\n== memory (MB = 10^6 bytes) ==")
+    print(f"{'base weights':<44} {'fp32':>10} {'bf16':>10} {'4-bit':>10}")
+    print(f"{'  projections (' + str(projections // 10**6) + 'M params)':<44} {4 * projections / MB:>7.0f} MB "
+          f"{2 * projections / MB:>7.0f} MB {quantized / MB:>7.0f} MB")
+    print(f"{'  embedding = tied head, norms (bf16 at 4-bit)':<44} {4 * dense_rest / MB:>7.0f} MB "
+          f"{2 * dense_rest / MB:>7.0f} MB {2 * dense_rest / MB:>7.0f} MB")
+    print(f"{'  total':<44} {4 * (projections + dense_rest) / MB:>7.0f} MB "
+          f"{2 * (projections + dense_rest) / MB:>7.0f} MB {(quantized + 2 * dense_rest) / MB:>7.0f} MB")
     print(f"held by the 4-bit executor ({', '.join(f'{k}={v}' for k, v in options.items())}):")
     rows = [
         ("projections, int4 kernel layout", memory.projections),
         ("embedding + head (with its oneDNN-packed copy)", memory.embedding_and_head),
         ("norms", memory.other_weights),
-        (f"LoRA pools: {options['max_lora_slots']} slots x rank {options['max_lora_rank']} (padded)", memory.lora_pools),
+        (f"LoRA pools: {options['max_lora_slots']} slots x rank {options['max_lora_rank']} (padded)",
+         memory.lora_pools),
         *([("  (of which float16 copies the native LoRA kernel reads)", memory.lora_half_copies)]
           if memory.lora_half_copies else []),
         (f"  (the {len(adapters)} adapters themselves, fp32 on disk)", adapter_bytes),
@@ -217,7 +223,10 @@ def print_memory(sizes, memory, checkpoint: Path, adapters: dict[str, Path], opt
         ("total", memory.total),
     ]
     for label, value in rows:
-        print(f"  {label:<58} {value / MB:>8.0f}M")
+        print(f"  {label:<58} {value / MB:>7.0f} MB")
+    print(f"The pools give every slot the largest rank ({options['max_lora_rank']}): the adapters' ranks sum to "
+          f"{sum(ranks)} of the {options['max_lora_slots'] * options['max_lora_rank']} rank rows they hold, the rest "
+          "is padding, so that any slot takes any adapter up to that rank.")
 
 
 # ------------------------------------------------------------------------ 4. served
@@ -254,6 +263,8 @@ def main() -> int:
         print(f"built: {checkpoint} in {seconds:.1f} s")
 
     quality_started, quality_cpu = time.monotonic(), time.process_time()
+    print(f"scoring up to {QUALITY_MAX_EXAMPLES} eval answers per task on the fp32 base (adapter off and on), then "
+          "on the 4-bit base (a minute or two) ...", flush=True)
     rows, memory, sizes = measure_quality(model_dir, checkpoint, adapters, options)
     served_label = "int4 kernel" + (", bf16 embedding/head" if options.get("weight_dtype") == "bfloat16" else "")
     print_quality(rows, served_label)
