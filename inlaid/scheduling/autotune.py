@@ -340,10 +340,21 @@ def tuned_options(
     key = hashlib.sha256(key_source.encode()).hexdigest()[:16]
     cache = Path(cache_dir) / f"scheduler-tuning-{key}.json" if cache_dir else None
     if cache is not None and cache.is_file():
-        saved = json.loads(cache.read_text())
-        if log:
-            log(f"scheduler tuning read from {cache}: {saved['chosen']!r}")
-        return {**saved["options"], **explicit}, None
+        try:
+            saved = json.loads(cache.read_text())
+            chosen, options = saved["chosen"], saved["options"]
+            if not isinstance(options, dict):
+                raise TypeError(f"'options' is a {type(options).__name__}, not an object")
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+            # Tuned again and the file replaced: read as it was, it failed every later start the
+            # same way, unnamed, and the server ran untuned for good.
+            if log:
+                log(f"scheduler tuning cache {cache} is unreadable ({type(error).__name__}: {error}); tuning again "
+                    "and replacing it")
+        else:
+            if log:
+                log(f"scheduler tuning read from {cache}: {chosen!r}")
+            return {**options, **explicit}, None
     if log:
         log(f"tuning the inlaid policy on {cost_model_path}: {len(WORKLOADS) * (len(CANDIDATES) + 2)} simulations "
             f"of {requests} requests, {num_tasks} tasks, {shape.max_lora_slots} adapter slots, lengths from "
@@ -353,7 +364,9 @@ def tuned_options(
     if log:
         log(f"scheduler tuning chose {result.chosen.label!r} in {result.seconds:.0f} s:\n{result.table()}")
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"chosen": result.chosen.label, "options": result.chosen.options,
-                                     "scores": [asdict(score) for score in result.scores]}, indent=1) + "\n")
+        from inlaid.tasks.base import write_text_atomic
+
+        # whole or not at all: a kill mid-write left a cut file that failed every later start
+        write_text_atomic(cache, json.dumps({"chosen": result.chosen.label, "options": result.chosen.options,
+                                             "scores": [asdict(score) for score in result.scores]}, indent=1) + "\n")
     return {**result.chosen.options, **explicit}, result

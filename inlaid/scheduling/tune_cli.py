@@ -99,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
           f"cost model: {cost.description or args.cost_model}\n")
     print(result.table())
     print(f"\nchosen: {result.chosen.label}; [scheduler] options: {json.dumps({**result.chosen.options, **explicit})}")
+    if result.chosen.jct_geomean > 1.0:  # the best option set still loses to FIFO: say so, do not just pick
+        print(f"note: every option set's mean JCT is above FIFO's on these workloads (the chosen one "
+              f"{result.chosen.jct_geomean:.2f}x FIFO's): on this machine and load, [scheduler] policy = \"fifo\" "
+              "may serve better (docs/scheduling.md, Limits)")
     if args.json:
         path = Path(args.json).expanduser()
         try:
