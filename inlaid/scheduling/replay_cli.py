@@ -14,8 +14,9 @@ server must answer and be ready within --ready-timeout-s and serve every task th
 names. Each of these is a one-line error with exit status 2. --out gets one JSON line per
 request (`inlaid.scheduling.metrics.RequestRecord`: arrival, first scheduled, every token's
 time, finish, in seconds from the replay's start; `error` for a failed request); the summary
-is printed as strict JSON; its makespan is the wall time from the first arrival to the end. A lost connection fails
-every request not yet answered at once (no more is sent). Ctrl-C or SIGTERM stops the replay:
+is printed as strict JSON; its makespan is the wall time from the first arrival to the end.
+A lost connection fails every request not yet answered at once (no more is sent). Ctrl-C or
+SIGTERM stops the replay:
 `replay: interrupted`, the records so far and the summary (`partial`, `stopped`) are still
 written. Exit status: 0 when every request succeeded; 1 when any failed; 2 as above; 130 on
 SIGINT (143 on SIGTERM).
