@@ -88,3 +88,7 @@ def test_a_plugin_policy_takes_step_log_and_names_any_other_option(tmp_path, mon
     assert isinstance(policy, StepLogPolicy) and policy.path == tmp_path / "steps.jsonl"
     with pytest.raises(ConfigError, match=r"^\[scheduler\] max_wait_s: a plug-in policy takes no options but step_log"):
         config_from_dict({**raw, "scheduler": {"step_log": "steps.jsonl", "max_wait_s": 5}}, base_dir=tmp_path)
+    # The tuning's keys were taken out of [scheduler] before that check: accepted, then tuned for nothing
+    for key in ("autotune_cost_model", "autotune_lengths"):
+        with pytest.raises(ConfigError, match=f"scheduler.{key} tunes the inlaid policy; server.policy is the plug-in"):
+            config_from_dict({**raw, "scheduler": {key: "/nonexistent.json"}}, base_dir=tmp_path)

@@ -35,6 +35,10 @@ def check_scheduler(config: ServerConfig) -> None:
     elif ":" not in config.policy:
         raise ConfigError(f"server.policy must be one of {', '.join(POLICY_NAMES)} or 'package.module:factory', "
                           f"got {config.policy!r}")
+    elif config.autotune_cost_model is not None or config.autotune_lengths is not None:
+        # taken out of [scheduler] before the check below saw them: accepted, then tuned for nothing
+        key = "autotune_cost_model" if config.autotune_cost_model is not None else "autotune_lengths"
+        raise ConfigError(f"scheduler.{key} tunes the inlaid policy; server.policy is the plug-in {config.policy!r}")
     elif set(config.scheduler) - COMMON_OPTIONS:
         raise ConfigError(f"[scheduler] {', '.join(sorted(set(config.scheduler) - COMMON_OPTIONS))}: a plug-in policy "
                           "takes no options but step_log (the others are the built-in policies')")
