@@ -262,7 +262,7 @@ class _Interrupted(Exception):
 
     def __init__(self, message: str, terminated: bool) -> None:
         super().__init__(message)
-        self.exit_code = 143 if terminated else 130  # the shell's codes for SIGTERM and SIGINT
+        self.exit_code = 143 if terminated else 130  # the shell's codes for SIGTERM and SIGINT (interrupts.py)
 
 
 def _measure(args, model_dir: Path, tasks: list[str], scored: list[str], checkpoint: Path | None,
@@ -328,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     import torch
 
+    from inlaid.interrupts import EXIT_TERMINATED, terminate_as_interrupt, was_terminated
+
+    terminate_as_interrupt()  # SIGTERM as Ctrl-C: the run ends in its words, the report as it stood
+
     from inlaid.models.prepare import cache_root, default_model_dir
 
     if args.threads:
@@ -355,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quality.py: interrupted: {interrupted}; {args.out} keeps the results measured before",
               file=sys.stderr)
         return interrupted.exit_code
+    except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM while quantizing or scoring NLL
+        terminated = was_terminated(interrupt)
+        print(f"quality.py: {'terminated (SIGTERM)' if terminated else 'interrupted'}; {args.out} keeps the "
+              "results measured before; checkpoints resume where they stopped", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else 130
     report["seconds"] = round(time.time() - started, 1)
     report["load_average"] = [round(x, 2) for x in os.getloadavg()]
     print(save_report(report, args.out, args.markdown))

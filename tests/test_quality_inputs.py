@@ -112,7 +112,12 @@ def test_an_interrupted_generation_is_no_row(monkeypatch: pytest.MonkeyPatch, tm
     args = _args(ROOT / "adapters", limit=4)
     with pytest.raises(quality._Interrupted, match="3 of 4 generations finished") as interrupted:
         quality._generate(args, tmp_path, ["sentiment"])
-    assert interrupted.value.exit_code == 130  # SIGINT's; SIGTERM's is 143
+    assert interrupted.value.exit_code == 130  # SIGINT's
+    monkeypatch.setattr(evaluate, "evaluate_runs", lambda *a, **k: {**answer, "partial": {
+        "finished": 3, "requests": 4, "stopped_by": "SIGTERM"}})
+    with pytest.raises(quality._Interrupted) as interrupted:
+        quality._generate(args, tmp_path, ["sentiment"])
+    assert interrupted.value.exit_code == 143
     # Predictions not one per example in order: refused, not paired by position.
     shuffled = [finished[1], finished[0], *finished[2:]]
     monkeypatch.setattr(evaluate, "evaluate_runs", lambda *a, **k: {**answer, "tasks": {"sentiment": {"sentiment": {
