@@ -366,7 +366,12 @@ def tuned_options(
     if cache is not None:
         from inlaid.tasks.base import write_text_atomic
 
-        # whole or not at all: a kill mid-write left a cut file that failed every later start
-        write_text_atomic(cache, json.dumps({"chosen": result.chosen.label, "options": result.chosen.options,
-                                             "scores": [asdict(score) for score in result.scores]}, indent=1) + "\n")
+        try:  # whole or not at all: a kill mid-write left a cut file that failed every later start
+            write_text_atomic(cache, json.dumps({"chosen": result.chosen.label, "options": result.chosen.options,
+                                                 "scores": [asdict(score) for score in result.scores]}, indent=1)
+                              + "\n")
+        except OSError as error:  # the tuning stands; only the next start's shortcut is lost
+            if log:
+                log(f"scheduler tuning cache {cache} not written ({error.strerror or error}); the next start tunes "
+                    "again")
     return {**result.chosen.options, **explicit}, result

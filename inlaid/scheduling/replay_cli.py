@@ -17,8 +17,8 @@ time, finish, in seconds from the replay's start; `error` for a failed request);
 is printed as strict JSON; its makespan is the wall time from the first arrival to the end.
 A lost connection fails every request not yet answered at once (no more is sent). Ctrl-C or
 SIGTERM stops the replay: `replay: interrupted`, the records so far and the summary
-(`partial`, `stopped`) are still written. Exit status: 0 when every request succeeded; 1 when any failed; 2 as above; 130 on
-SIGINT (143 on SIGTERM).
+(`partial`, `stopped`) are still written. Exit status: 0 when every request succeeded; 1 when
+any failed; 2 as above; 130 on SIGINT (143 on SIGTERM).
 """
 
 from __future__ import annotations
