@@ -77,11 +77,14 @@ def shared_base(model_dir: Path) -> tuple[Path, float, bool]:
             raise  # not the cache's fault: its traceback is what a report needs
         raise DemoError(f"the 4-bit base cannot be built in {directory.parent}: {error.strerror or error} (set "
                         "XDG_CACHE_HOME to a writable directory with ~2.5 GB free)") from None
-    except QuantizationError as error:  # the quantizer's own words, one line (a disk filling up mid-build)
-        free = shutil.disk_usage(directory.parent).free if directory.parent.is_dir() else 0
-        advice = (f"; {free / 1e9:.1f} GB free there: set XDG_CACHE_HOME to a directory with ~2.5 GB free"
-                  if free < 2.5e9 else "")
-        raise DemoError(f"the 4-bit base could not be built in {directory.parent}: {error}{advice}") from None
+    except QuantizationError as error:
+        if not _cache_full(error):
+            raise  # the quantizer's own failure: its traceback is what a report needs
+        # the quantizer's words for a disk filling up mid-build (safetensors' "os error 28"), one line
+        parent = directory.parent
+        free = f"; {shutil.disk_usage(parent).free / 1e9:.1f} GB free there" if parent.is_dir() else ""
+        raise DemoError(f"the 4-bit base could not be built in {directory.parent}: {error}{free} (set XDG_CACHE_HOME "
+                        "to a writable directory with ~2.5 GB free)") from None
     return checkpoint, time.monotonic() - started, cached
 
 
@@ -294,6 +297,18 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
 # permission, a file where a folder goes.
 _CACHE_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EEXIST,
                            errno.ENOTDIR, errno.EFBIG})
+
+
+def _cache_full(error: BaseException) -> bool:
+    """Whether a build failed for want of room or rights in the cache: an OSError of those in
+    its causes, or the words of one (safetensors reports a full disk as text: "os error 28")."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _CACHE_ERRNOS:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return any(words in str(error) for words in ("No space left on device", "Disk quota exceeded", "os error 28",
+                                                 "Read-only file system"))
 
 
 class DemoError(Exception):

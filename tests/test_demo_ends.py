@@ -80,6 +80,11 @@ def test_a_quantizer_error_in_the_build_is_one_line(tmp_path, model_dir) -> None
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("make run: the 4-bit base could not be built in "), done.stderr
     assert "No space left on device" in lines[0] and "Traceback" not in done.stderr
+    # Another failure of the quantizer's keeps its traceback: it is what a report needs
+    other = failing.replace("the Hessian state of layer 0 cannot be written: No space left on device",
+                            "the Cholesky factorization failed")
+    done = _demo(_cache(tmp_path / "other", model_dir), other)
+    assert done.returncode == 1 and "Traceback" in done.stderr and "Cholesky" in done.stderr, done.stderr[-2000:]
 
 
 SERVING = """
