@@ -23,7 +23,8 @@ def address_problem(name: str, address: str) -> str | None:
     # ASCII digits: "²" and "٢٩" are digits to Python (int() takes the second), not to ZeroMQ
     if not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         return f"{name} {address!r} must be tcp://HOST:PORT with a port in 1-65535"
-    if host.startswith("[") or ":" in host:  # tcp://:::5555 passed, then failed at bind
+    if host.startswith("[") or (":" in host and ";" not in host):  # tcp://:::5555 failed at bind; SRC:P;DST: a
+        # ZeroMQ source endpoint
         return f"{name} {address!r}: IPv6 addresses are not supported here; use tcp://127.0.0.1:{port}"
     return None
 

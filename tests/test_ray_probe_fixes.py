@@ -160,6 +160,8 @@ def test_the_autoscaling_keys_are_rays() -> None:
 def test_http_port_is_refused_naming_ray_http_port(model_dir: Path) -> None:
     with pytest.raises(ConfigError, match=r"^\[http\] port: .*\[ray\] http_host / http_port"):
         ray_config_from_dict(_raw(model_dir, http={"port": 29911}))
+    with pytest.raises(ConfigError, match=r"^\[http\] front_liveness_s: Ray Serve runs the ingress"):  # unused there
+        ray_config_from_dict(_raw(model_dir, http={"front_liveness_s": 9.0}))
 
 
 def test_an_unknown_http_key_is_refused_in_the_usual_words(model_dir: Path) -> None:

@@ -175,6 +175,9 @@ def _check_http_table(http: dict[str, Any]) -> None:
     if listener:
         raise ConfigError(f"[http] {', '.join(listener)}: Ray Serve's proxy is the listener in a Ray deployment; "
                           f"set [ray] http_host / http_port instead")
+    if "front_liveness_s" in http:  # `inlaid serve`'s watch of its own front process: no such process here
+        raise ConfigError("[http] front_liveness_s: Ray Serve runs the ingress (its health_check_period_s in [ray] "
+                          "watches replicas); the key is `inlaid serve`'s, for the front process it starts")
     reject_unknown("http", http, {f.name for f in fields(HttpConfig)} - {"host", "port"})
 
 
