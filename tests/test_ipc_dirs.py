@@ -60,7 +60,20 @@ def test_a_held_owner_lock_keeps_the_directory_whatever_its_pid(tmp_path):
     assert remove_dead_dirs("requantizer", str(tmp_path)) == [held]
 
 
-def test_private_ipc_dir_locks_what_it_makes_and_sweeps_every_kind(tmp_path, monkeypatch):
+@pytest.fixture
+def short_tmp(tmp_path):
+    """A temporary directory short enough for socket paths below it (pytest's own may not be:
+    `ipc_root` would pass it over)."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="ipc-test-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_private_ipc_dir_locks_what_it_makes_and_sweeps_every_kind(short_tmp, monkeypatch):
+    tmp_path = short_tmp
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr("tempfile.tempdir", None)  # TMPDIR is read once and cached
     dead = _dead_pid()
@@ -126,3 +139,38 @@ def test_a_socket_whose_file_was_removed_listens_again_in_a_locked_directory(tmp
     finally:
         router.close(0)
         context.term()
+
+
+def test_a_temporary_directory_too_deep_for_a_socket_path_is_passed_over(tmp_path, monkeypatch):
+    """A deep $TMPDIR (an HPC job's, a test's under pytest-xdist) made every socket path pass
+    the kernel's 107 bytes: `inlaid serve` could not start ("ipc path ... is longer than 107
+    characters"). The ipc directories then go to a short system temporary directory, and the
+    clean-up looks there too."""
+    import tempfile
+
+    from inlaid.addresses import IPC_PATH_BYTES
+    from inlaid.serve.ipc_dirs import ipc_root
+
+    deep = tmp_path / ("d" * 60) / ("e" * 30)
+    deep.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    root = ipc_root()
+    assert root != str(deep) and os.access(root, os.W_OK)
+    made = Path(private_ipc_dir("requantizer"))
+    try:
+        assert made.parent == Path(root)
+        assert len(os.fsencode(made / "requantizer.ipc")) <= IPC_PATH_BYTES
+        assert len(os.fsencode(Path(private_ipc_dir("ipc")) / "executor-63.ipc")) <= IPC_PATH_BYTES
+        left = _directory(Path(root), "requantizer", _dead_pid(), tag="deep-test")
+        assert left in remove_dead_dirs("requantizer")  # the default roots include the short one
+    finally:
+        import shutil
+
+        for path in Path(root).glob(f"inlaid-*-{os.getpid()}-*"):
+            shutil.rmtree(path, ignore_errors=True)
+    short = Path(tempfile.mkdtemp(prefix="ipc-test-", dir="/tmp"))
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(short))  # short enough: used as it is
+        assert ipc_root() == str(short)
+    finally:
+        short.rmdir()

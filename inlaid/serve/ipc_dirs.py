@@ -32,6 +32,10 @@ _PREFIX = "inlaid-"
 # The coordinator's (executor sockets) and the re-quantization jobs' (the requantizer's).
 KINDS = ("ipc", "requantizer")
 OWNER_FILE = ".owner"
+# The longest path under the root: "/inlaid-requantizer-<pid>-XXXXXXXX/" (a pid has at most 7
+# digits on Linux) and the longest socket name, "executor-63.ipc" or "requantizer.ipc".
+_LONGEST_BELOW_ROOT = len("/inlaid-requantizer-4194304-xxxxxxxx/") + len("executor-63.ipc")
+_SHORT_ROOTS = ("/tmp", "/var/tmp", "/dev/shm")
 
 
 def private_ipc_dir(kind: str) -> str:
@@ -45,9 +49,26 @@ def private_ipc_dir(kind: str) -> str:
             remove_dead_dirs(each)
         except Exception as error:  # noqa: BLE001  (best effort: never a reason not to start)
             log.warning("could not clean up stale ipc directories", extra={"kind": each, "error": repr(error)})
-    path = tempfile.mkdtemp(prefix=f"{_PREFIX}{kind}-{os.getpid()}-")
+    path = tempfile.mkdtemp(prefix=f"{_PREFIX}{kind}-{os.getpid()}-", dir=ipc_root())
     _claim(path)
     return path
+
+
+def ipc_root() -> str:
+    """Where the ipc directories go: the temporary directory, unless its path is so long that a
+    socket's would pass the kernel's limit (a deep $TMPDIR: an HPC job's, a test's; the server
+    then failed to start, "ipc path ... is longer than 107 characters"); then the first short
+    system temporary directory this process can write. Same answer for every process of a
+    server (they share the environment)."""
+    from inlaid.addresses import IPC_PATH_BYTES
+
+    root = tempfile.gettempdir()
+    if len(os.fsencode(root)) + _LONGEST_BELOW_ROOT <= IPC_PATH_BYTES:
+        return root
+    for short in _SHORT_ROOTS:
+        if os.path.isdir(short) and os.access(short, os.W_OK | os.X_OK):
+            return short
+    return root  # nowhere shorter: the bind says why, naming the path
 
 
 def _claim(path: str) -> None:
@@ -93,11 +114,12 @@ def listen_again_if_gone(sock: zmq.Socket, address: str, logger: logging.Logger 
 
 
 def remove_dead_dirs(kind: str, root: str | None = None) -> list[Path]:
-    """Remove the `kind` directories under `root` (default: the temporary directory) whose
-    owner is gone; returns them."""
+    """Remove the `kind` directories under `root` (default: the temporary directory, and
+    `ipc_root()` where that is another) whose owner is gone; returns them."""
     removed = []
     prefix = f"{_PREFIX}{kind}-"
-    for path in Path(root or tempfile.gettempdir()).glob(f"{prefix}*-*"):
+    roots = [root] if root else list(dict.fromkeys((tempfile.gettempdir(), ipc_root())))
+    for path in (found for each in roots for found in Path(each).glob(f"{prefix}*-*")):
         pid = path.name[len(prefix):].split("-", 1)[0]
         if not (pid.isascii() and pid.isdigit()) or path.is_symlink() or not path.is_dir():
             continue
