@@ -9,6 +9,7 @@ tensors"."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,61 @@ def test_exclude_modules_match_as_peft_matches_them(engine, model_dir, tmp_path,
     engine.scheduler.adapters.unregister("excluded")
 
 
+@pytest.mark.parametrize("targets", [
+    {"target_modules": r"model\.layers\.(?:[0-4]|1\d)\.self_attn\.[qv]_proj|.*\.7\.mlp\.(?:up|down)_proj"},
+    {"target_modules": r".*\.(?:gate|o)_proj"},
+    {"target_modules": ["self_attn.q_proj", "model.layers.3.mlp.down_proj", "v_proj"]},  # qualified, whole, bare
+    {"target_modules": ["mlp.up_proj", "k_proj"], "layers_to_transform": [1, 4], "exclude_modules": ["4.k_proj"]},
+])  # fmt: skip
+def test_target_modules_as_a_pattern_or_qualified_names_are_served_as_peft_serves_them(
+        engine, model_dir, tmp_path, greedy_logits, targets):
+    """PEFT matches target_modules against whole module names: a regular expression, or
+    entries equal to a name or ending it. Such adapters were refused ("give a list of
+    projection names", an outside probe); now each (layer, projection) carries LoRA exactly
+    where PEFT puts it. Logits against PEFT's own, with the adapter PEFT saved."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from inlaid.engine.adapter_config import PROJECTIONS
+
+    def base():  # type: ignore[no-untyped-def]
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+    torch.manual_seed(11)
+    made = get_peft_model(base(), LoraConfig(r=4, lora_alpha=8, **targets))
+    with torch.no_grad():
+        for name, parameter in made.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn_like(parameter) * 0.05)
+    made.save_pretrained(str(tmp_path / "targeted"))
+    adapter = tmp_path / "targeted"
+    spec = check_servable_adapter("targeted", str(adapter), ModelConfig.from_dir(str(model_dir)), 32)
+    wanted = {(layer, projection) for layer in range(30) for projection in PROJECTIONS
+              if not spec.excludes(layer, projection)}
+    peft_model = PeftModel.from_pretrained(base(), str(adapter)).eval()
+    adapted = {(int(name.split(".layers.")[1].split(".")[0]), name.split(".")[-1])
+               for name, module in peft_model.named_modules() if hasattr(module, "lora_A") and ".layers." in name}
+    assert adapted == wanted and 0 < len(wanted) < 7 * 30  # the engine's rule is PEFT's, on some projections
+    engine.register_adapter("targeted", str(adapter))
+    prompt_ids = engine.tokenizer.encode("The capital of France is")
+    (served,) = greedy_logits(engine, [prompt_ids], ["targeted"], max_tokens=1)[0]
+    with torch.no_grad():
+        expected = peft_model(torch.tensor([prompt_ids])).logits[0, -1]
+    torch.testing.assert_close(served, expected, atol=2e-4, rtol=0)
+    engine.scheduler.adapters.unregister("targeted")
+
+
+def test_a_target_pattern_reaching_beyond_the_projections_is_refused(adapter_dirs, tmp_path):
+    adapter = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "wide")
+    for targets, words in ((r".*_proj|lm_head", "LoRA on lm_head"), (r".*embed_tokens|.*q_proj", "LoRA on model.embed"),
+                           (["q_proj", "embed_tokens"], "LoRA on ['embed_tokens']"),
+                           (["self_attn.rotary"], "LoRA on ['self_attn.rotary']"),
+                           ("(unclosed", "is not a regular expression")):
+        _edit_config(adapter, target_modules=targets)
+        with pytest.raises(AdapterError, match=re.escape(words)):
+            read_adapter_spec("wide", adapter)
+
+
 def test_exclude_modules_excuses_only_what_it_matches(adapter_dirs, model_dir, tmp_path):
     model = ModelConfig.from_dir(str(model_dir))
     deleted = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "deleted")
@@ -183,7 +239,8 @@ def test_exclude_modules_excuses_only_what_it_matches(adapter_dirs, model_dir, t
     assert check_servable_adapter("deleted", str(deleted), model, 32).excludes(5, "q_proj")
     kept = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "kept")  # tensors for a projection it excludes
     _edit_config(kept, exclude_modules=["model.layers.5.self_attn.q_proj"])
-    with pytest.raises(AdapterError, match="layer 5 q_proj, which exclude_modules or layers_to_transform leaves"):
+    with pytest.raises(AdapterError,
+                       match="layer 5 q_proj, which target_modules, exclude_modules or layers_to_transform leave"):
         check_servable_adapter("kept", str(kept), model, 32)
     _edit_config(kept, exclude_modules=["(unclosed"])  # a list holds names, not patterns: matches nothing
     assert check_servable_adapter("kept", str(kept), model, 32).has_exclusions
@@ -232,7 +289,8 @@ def test_layers_to_transform_leaves_out_the_other_layers_and_bad_values_are_refu
     model = ModelConfig.from_dir(str(model_dir))
     every_layer = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "every-layer")
     _edit_config(every_layer, layers_to_transform=[0])  # its file still holds every layer's tensors
-    with pytest.raises(AdapterError, match="layer 1 q_proj, which exclude_modules or layers_to_transform leaves"):
+    with pytest.raises(AdapterError,
+                       match="layer 1 q_proj, which target_modules, exclude_modules or layers_to_transform leave"):
         check_servable_adapter("every-layer", str(every_layer), model, 32)
     for field, bad in (("layers_to_transform", [-1]), ("layers_to_transform", ["0"]), ("layers_to_transform", True),
                        ("layers_pattern", [3]), ("layers_pattern", "(")):
@@ -272,7 +330,8 @@ def test_a_pattern_re_reads_one_way_is_matched_as_re_matches_it(adapter_dirs, tm
     spec = read_adapter_spec("patterns", adapter)
     for layer in range(30):
         for projection, group in (("q_proj", "self_attn"), ("v_proj", "self_attn"), ("down_proj", "mlp")):
-            expected = re.fullmatch(pattern, f"model.layers.{layer}.{group}.{projection}") is not None
+            expected = (re.fullmatch(pattern, f"model.layers.{layer}.{group}.{projection}") is not None
+                        or projection not in spec.target_modules)  # not a target: no LoRA either
             assert spec.excludes(layer, projection) == expected, (layer, projection)
 
 

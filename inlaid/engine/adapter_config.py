@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 import regex  # patterns matched with a time limit (module_patterns.py)
 
 from inlaid.bounded_files import TOO_LARGE, digest_bounded, read_bounded
-from inlaid.engine.module_patterns import MATCH_TIMEOUT_S, PATTERN_BUDGET_S, check_pattern
+from inlaid.engine.module_patterns import MATCH_TIMEOUT_S, PATTERN_BUDGET_S
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _BLOCK_OF = {projection: "self_attn" if index < 4 else "mlp" for index, projection in enumerate(PROJECTIONS)}
@@ -88,19 +88,37 @@ class AdapterSpec:
     # PEFT's layers_to_transform and layers_pattern: only the layers listed carry LoRA
     layers_to_transform: tuple[int, ...] | None = None
     layers_pattern: tuple[str, ...] = ()
+    # target_modules as PEFT matches it where it is more than projection names: a regular
+    # expression the whole module name must match, or names qualified by their path
+    # ("self_attn.q_proj", "model.layers.3.mlp.down_proj"); `target_modules` then holds every
+    # projection such a name can reach, and `excludes` decides layer by layer
+    target_names: tuple[str, ...] | str | None = None
 
     @property
     def has_exclusions(self) -> bool:
-        return bool(self.exclude_modules) or self.layers_to_transform is not None
+        return bool(self.exclude_modules) or self.layers_to_transform is not None or self.target_names is not None
 
     def excludes(self, layer: int, projection: str) -> bool:
-        """Whether the projection carries no LoRA, by PEFT's rules on the module's name in the
-        base model: layers_to_transform (the layer index read from the name as PEFT reads it,
-        through layers_pattern) must list it, and exclude_modules must not match it (a string
-        is a regular expression the whole name must match; a list matches a name equal to an
-        entry or ending in "." + an entry)."""
+        """Whether the projection carries no LoRA, by PEFT's rules (`check_target_module_exists`)
+        on the module's name in the base model: exclude_modules must not match it (a string is
+        a regular expression the whole name must match; a list matches a name equal to an entry
+        or ending in "." + an entry); target_modules must: a regular expression the whole name,
+        else an entry equal to the name, or one it ends in ("." + the entry), and then
+        layers_to_transform (the layer index read from the name through layers_pattern) must
+        list the layer."""
         group = "mlp" if projection in ("gate_proj", "up_proj", "down_proj") else "self_attn"
         key = f"model.layers.{layer}.{group}.{projection}"
+        if self._excluded_by_name(key):  # PEFT checks exclude_modules first
+            return True
+        if isinstance(self.target_names, str):  # a regular expression: layers_to_transform plays no part
+            return self._timed("target_modules", self.target_names, regex.fullmatch, self.target_names, key) is None
+        if self.target_names is not None:
+            if key in self.target_names:  # named whole: no layer filter either
+                return False
+            if not any(key.endswith(f".{name}") for name in self.target_names):
+                return True
+        elif projection not in self.target_modules:
+            return True
         if self.layers_to_transform is not None:
             match = None
             for pattern in self.layers_pattern or (None,):
@@ -109,6 +127,9 @@ class AdapterSpec:
                     break
             if match is None or int(match.group("idx")) not in self.layers_to_transform:
                 return True
+        return False
+
+    def _excluded_by_name(self, key: str) -> bool:
         if not self.exclude_modules:
             return False
         if isinstance(self.exclude_modules, str):
@@ -270,11 +291,17 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
         # aLoRA applies the adapter only from its invocation tokens on; served as a LoRA on
         # every token, its outputs were neither PEFT's nor the base's (an outside probe)
         reject("activated LoRA (alora_invocation_tokens)")
+    # here, not at the top: adapter_targets reads AdapterError and PROJECTIONS from this module
+    from inlaid.engine.adapter_targets import exclusions, layer_selection, target_names
+
     targets = config.get("target_modules")
     if targets == "all-linear":
         targets = list(PROJECTIONS)
+    target_names = target_names(name, targets)
+    if target_names is not None:
+        targets = list(PROJECTIONS)  # which of them, layer by layer: AdapterSpec.excludes
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
-        reject(f"target_modules={targets!r:.80} (give a list of projection names)")
+        reject(f"target_modules={targets!r:.80} (give a list of module names or a regular expression)")
     unknown = sorted(set(targets) - set(PROJECTIONS))
     if unknown:
         reject(f"LoRA on {unknown} (supported: {', '.join(PROJECTIONS)})")
@@ -293,8 +320,9 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
         lora_alpha=float(alpha),  # type: ignore[arg-type]
         use_rslora=bool(config.get("use_rslora", False)),
         target_modules=tuple(p for p in PROJECTIONS if p in targets),
-        exclude_modules=_exclusions(name, config.get("exclude_modules")),
-        **_layers(name, config.get("layers_to_transform"), config.get("layers_pattern")),
+        exclude_modules=exclusions(name, config.get("exclude_modules")),
+        **layer_selection(name, config.get("layers_to_transform"), config.get("layers_pattern")),
+        target_names=target_names,
     )
     if spec.has_exclusions:  # each pattern timed on module names now, not first at a load
         started = time.thread_time()  # this thread's CPU: a busy machine's waits do not count
@@ -304,8 +332,9 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
         if (spent := time.thread_time() - started) > PATTERN_BUDGET_S:
             # each match under the limit, but a check matches ~600 names: a reviewer's
             # `.{15}(.|.)*\d{5}` took 13.9 s of one
-            raise AdapterError(f"adapter {name!r}: exclude_modules / layers_pattern took {spent:.2f} s to match 21 "
-                               "module names (a regular expression that backtracks): simplify it")
+            raise AdapterError(f"adapter {name!r}: target_modules / exclude_modules / layers_pattern took "
+                               f"{spent:.2f} s to match 21 module names (a regular expression that backtracks): "
+                               "simplify it")
     try:
         scale = spec.scale
     except OverflowError:  # a rank beyond float range (no str() of it either: it may have 10**5 digits)
@@ -316,43 +345,6 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
                            f"{spec.lora_alpha:.4g}, r {rank}) is over {MAX_LORA_SCALE:.0f} in magnitude: its outputs "
                            "would overflow (trained adapters' scales are far smaller)")
     return spec
-
-
-def _exclusions(name: str, exclude: Any) -> tuple[str, ...] | str:
-    if exclude is None or exclude is False or exclude in ("", []):  # PEFT: nothing excluded
-        return ()
-    if isinstance(exclude, str):
-        try:
-            check_pattern(exclude)
-        except (re.error, RecursionError, FutureWarning) as error:
-            raise AdapterError(f"adapter {name!r}: exclude_modules {exclude!r:.80} is not a regular expression the "
-                               f"engine reads as PEFT does: {error}") from None
-        return exclude
-    if isinstance(exclude, list) and all(isinstance(entry, str) for entry in exclude):
-        return tuple(entry for entry in exclude if entry)  # "" matches no module name
-    raise AdapterError(f"adapter {name!r}: adapter_config.json field 'exclude_modules' must be a list of module "
-                       f"names or a regular expression, got {exclude!r:.80}")
-
-
-def _layers(name: str, layers: Any, pattern: Any) -> dict[str, Any]:
-    """layers_to_transform and layers_pattern as PEFT reads them (None or []: every layer)."""
-    if layers is None or layers == []:
-        return {}
-    layers = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
-    if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                               for i in layers):
-        raise AdapterError(f"adapter {name!r}: adapter_config.json field 'layers_to_transform' must be a layer index "
-                           f"or a list of them, got {layers!r:.80}")
-    patterns = [] if pattern in (None, "", []) else [pattern] if isinstance(pattern, str) else pattern
-    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
-        raise AdapterError(f"adapter {name!r}: adapter_config.json field 'layers_pattern' must be a name or a list "
-                           f"of names, got {pattern!r:.80}")
-    for entry in patterns:
-        try:
-            check_pattern(rf"(?:^|.*?\.){entry}\.(?P<idx>\d+)\.")
-        except (re.error, RecursionError, FutureWarning) as error:
-            raise AdapterError(f"adapter {name!r}: layers_pattern {entry!r:.80} is not usable: {error}") from None
-    return {"layers_to_transform": tuple(layers), "layers_pattern": tuple(patterns)}
 
 
 def _is_finite_number(value: object) -> bool:

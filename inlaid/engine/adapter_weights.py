@@ -232,7 +232,8 @@ def _check_names_and_shapes(entries: list[_TensorEntry], spec: AdapterSpec, mode
                                f"({', '.join(spec.target_modules)}) does not list")
         if spec.excludes(layer, projection):  # PEFT builds no LoRA there, and ignores these tensors
             raise AdapterError(f"{where}: tensor {entry.name!r:.120} is for layer {layer} {projection}, which "
-                               "exclude_modules or layers_to_transform leaves without LoRA (PEFT would not apply it)")
+                               "target_modules, exclude_modules or layers_to_transform leave without LoRA (PEFT would "
+                               "not apply it)")
         if (layer, projection, half) in seen:
             raise AdapterError(f"{where}: layer {layer} {projection} has two lora_{half} tensors")
         seen.add((layer, projection, half))
@@ -248,8 +249,8 @@ def _check_names_and_shapes(entries: list[_TensorEntry], spec: AdapterSpec, mode
     missing = [(layer, projection, half) for layer in range(model.num_layers) for projection in spec.target_modules
                if not spec.excludes(layer, projection) for half in "AB" if (layer, projection, half) not in seen]
     if not seen and not missing:
-        raise AdapterError(f"{where}: {WEIGHTS_FILE} holds no LoRA tensors (exclude_modules or layers_to_transform "
-                           "leaves every target without)")
+        raise AdapterError(f"{where}: {WEIGHTS_FILE} holds no LoRA tensors (target_modules, exclude_modules or "
+                           "layers_to_transform leave every projection without)")
     if missing:
         layer, projection, half = missing[0]
         raise AdapterError(f"{where}: {len(missing)} LoRA tensors are missing, e.g. layer {layer} {projection} "

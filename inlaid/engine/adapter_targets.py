@@ -1,0 +1,70 @@
+"""The module-selection fields of a PEFT adapter_config.json (`target_modules`,
+`exclude_modules`, `layers_to_transform` with `layers_pattern`), read as PEFT reads them and
+checked (`AdapterSpec` matches them, layer by layer; docs/engine.md, Adapters)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from inlaid.engine.adapter_config import PROJECTIONS, AdapterError
+from inlaid.engine.module_patterns import check_pattern
+
+
+def target_names(name: str, targets: Any) -> tuple[str, ...] | str | None:
+    """target_modules where PEFT's name matching decides more than a projection list does: a
+    regular expression, or a list with names qualified by their path (their last part must
+    be a projection: LoRA elsewhere is refused as before). None for plain projection names."""
+    if isinstance(targets, str) and targets:
+        try:
+            check_pattern(targets)
+        except (re.error, RecursionError, FutureWarning) as error:
+            raise AdapterError(f"adapter {name!r}: target_modules {targets!r:.80} is not a regular expression the "
+                               f"engine reads as PEFT does: {error}") from None
+        for other in ("lm_head", "model.embed_tokens", "model.norm"):  # LoRA there: not computed by the engine
+            if re.fullmatch(targets, other):
+                raise AdapterError(f"adapter {name!r}: LoRA on {other} (target_modules {targets!r:.80} matches it; "
+                                   f"supported: {', '.join(PROJECTIONS)}) is not supported")
+        return targets
+    if isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
+        qualified = [t for t in targets if t not in PROJECTIONS]
+        if qualified and all("." in t and t.rsplit(".", 1)[1] in PROJECTIONS for t in qualified):
+            return tuple(targets)
+    return None
+
+
+def exclusions(name: str, exclude: Any) -> tuple[str, ...] | str:
+    if exclude is None or exclude is False or exclude in ("", []):  # PEFT: nothing excluded
+        return ()
+    if isinstance(exclude, str):
+        try:
+            check_pattern(exclude)
+        except (re.error, RecursionError, FutureWarning) as error:
+            raise AdapterError(f"adapter {name!r}: exclude_modules {exclude!r:.80} is not a regular expression the "
+                               f"engine reads as PEFT does: {error}") from None
+        return exclude
+    if isinstance(exclude, list) and all(isinstance(entry, str) for entry in exclude):
+        return tuple(entry for entry in exclude if entry)  # "" matches no module name
+    raise AdapterError(f"adapter {name!r}: adapter_config.json field 'exclude_modules' must be a list of module "
+                       f"names or a regular expression, got {exclude!r:.80}")
+
+
+def layer_selection(name: str, layers: Any, pattern: Any) -> dict[str, Any]:
+    """layers_to_transform and layers_pattern as PEFT reads them (None or []: every layer)."""
+    if layers is None or layers == []:
+        return {}
+    layers = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+    if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                               for i in layers):
+        raise AdapterError(f"adapter {name!r}: adapter_config.json field 'layers_to_transform' must be a layer index "
+                           f"or a list of them, got {layers!r:.80}")
+    patterns = [] if pattern in (None, "", []) else [pattern] if isinstance(pattern, str) else pattern
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise AdapterError(f"adapter {name!r}: adapter_config.json field 'layers_pattern' must be a name or a list "
+                           f"of names, got {pattern!r:.80}")
+    for entry in patterns:
+        try:
+            check_pattern(rf"(?:^|.*?\.){entry}\.(?P<idx>\d+)\.")
+        except (re.error, RecursionError, FutureWarning) as error:
+            raise AdapterError(f"adapter {name!r}: layers_pattern {entry!r:.80} is not usable: {error}") from None
+    return {"layers_to_transform": tuple(layers), "layers_pattern": tuple(patterns)}
