@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -177,7 +178,8 @@ def test_exclude_modules_match_as_peft_matches_them(engine, model_dir, tmp_path,
     {"target_modules": r"model\.layers\.(?:[0-4]|1\d)\.self_attn\.[qv]_proj|.*\.7\.mlp\.(?:up|down)_proj"},
     {"target_modules": r".*\.(?:gate|o)_proj"},
     {"target_modules": ["self_attn.q_proj", "model.layers.3.mlp.down_proj", "v_proj"]},  # qualified, whole, bare
-    {"target_modules": ["mlp.up_proj", "k_proj"], "layers_to_transform": [1, 4], "exclude_modules": ["4.k_proj"]},
+    {"target_modules": ["mlp.up_proj", "k_proj"], "layers_to_transform": [1, 4],
+     "exclude_modules": ["4.self_attn.k_proj"]},
 ])  # fmt: skip
 def test_target_modules_as_a_pattern_or_qualified_names_are_served_as_peft_serves_them(
         engine, model_dir, tmp_path, greedy_logits, targets):
@@ -226,6 +228,24 @@ def test_a_target_pattern_reaching_beyond_the_projections_is_refused(adapter_dir
         _edit_config(adapter, target_modules=targets)
         with pytest.raises(AdapterError, match=re.escape(words)):
             read_adapter_spec("wide", adapter)
+    # PEFT refuses a pattern matching a module that is no Linear ("LlamaAttention is not
+    # supported"), and a pattern beside layers_to_transform (a reviewer's cases)
+    for targets, extra, words in ((r".*self_attn.*", {}, "LoRA on model.layers.0.self_attn"),
+                                  (r"model\.layers\..*", {}, "LoRA on model.layers.0 "),
+                                  (r".*_proj", {"layers_to_transform": [1]}, "PEFT refuses the two together")):
+        _edit_config(adapter, target_modules=targets, **extra)
+        with pytest.raises(AdapterError, match=re.escape(words)):
+            read_adapter_spec("wide", adapter)
+    # A pattern that backtracks without end is timed here too (`re` held the interpreter for minutes)
+    _edit_config(adapter, target_modules=r"(.|.|.|.)*\d{5}", layers_to_transform=None)
+    started = time.monotonic()
+    with pytest.raises(AdapterError, match="backtracks"):
+        read_adapter_spec("wide", adapter)
+    assert time.monotonic() - started < 10
+    for targets in ("ALL-LINEAR", ["q_proj", "v_proj", ""]):  # read as PEFT reads them
+        _edit_config(adapter, target_modules=targets)
+        spec = read_adapter_spec("wide", adapter)
+        assert spec.target_names is None and {"q_proj", "v_proj"} <= set(spec.target_modules), targets
 
 
 def test_exclude_modules_excuses_only_what_it_matches(adapter_dirs, model_dir, tmp_path):

@@ -110,7 +110,7 @@ class AdapterSpec:
         key = f"model.layers.{layer}.{group}.{projection}"
         if self._excluded_by_name(key):  # PEFT checks exclude_modules first
             return True
-        if isinstance(self.target_names, str):  # a regular expression: layers_to_transform plays no part
+        if isinstance(self.target_names, str):  # a regular expression (never beside layers_to_transform)
             return self._timed("target_modules", self.target_names, regex.fullmatch, self.target_names, key) is None
         if self.target_names is not None:
             if key in self.target_names:  # named whole: no layer filter either
@@ -295,10 +295,14 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
     from inlaid.engine.adapter_targets import exclusions, layer_selection, target_names
 
     targets = config.get("target_modules")
-    if targets == "all-linear":
+    if isinstance(targets, str) and targets.lower() == "all-linear":  # PEFT reads it in any case
         targets = list(PROJECTIONS)
-    target_names = target_names(name, targets)
-    if target_names is not None:
+    if isinstance(targets, list):
+        targets = [t for t in targets if t != ""] or targets  # "" names no module (PEFT), as in exclude_modules
+    layer_options = config.get("layers_to_transform") not in (None, []) or config.get("layers_pattern") not in (
+        None, "", [])
+    named = target_names(name, targets, layer_options)
+    if named is not None:
         targets = list(PROJECTIONS)  # which of them, layer by layer: AdapterSpec.excludes
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
         reject(f"target_modules={targets!r:.80} (give a list of module names or a regular expression)")
@@ -322,7 +326,7 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
         target_modules=tuple(p for p in PROJECTIONS if p in targets),
         exclude_modules=exclusions(name, config.get("exclude_modules")),
         **layer_selection(name, config.get("layers_to_transform"), config.get("layers_pattern")),
-        target_names=target_names,
+        target_names=named,
     )
     if spec.has_exclusions:  # each pattern timed on module names now, not first at a load
         started = time.thread_time()  # this thread's CPU: a busy machine's waits do not count

@@ -7,29 +7,51 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import regex
+
 from inlaid.engine.adapter_config import PROJECTIONS, AdapterError
-from inlaid.engine.module_patterns import check_pattern
+from inlaid.engine.module_patterns import MATCH_TIMEOUT_S, check_pattern
 
 
-def target_names(name: str, targets: Any) -> tuple[str, ...] | str | None:
+# Every module of a Llama model that is not one of the projections (layer 0 stands for all):
+# PEFT puts LoRA on an nn.Linear or nn.Embedding a pattern matches (lm_head, the embedding: not
+# computed by the engine) and refuses any other module it matches ("LlamaAttention is not
+# supported"), so a pattern matching one of these is refused here as well.
+_OTHER_MODULES = ("", "model", "lm_head", "model.embed_tokens", "model.norm", "model.rotary_emb", "model.layers",
+                  "model.layers.0", "model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.0.mlp.act_fn",
+                  "model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm")
+
+
+def target_names(name: str, targets: Any, layer_options: bool) -> tuple[str, ...] | str | None:
     """target_modules where PEFT's name matching decides more than a projection list does: a
     regular expression, or a list with names qualified by their path (their last part must
-    be a projection: LoRA elsewhere is refused as before). None for plain projection names."""
+    be a projection: LoRA elsewhere is refused as before). None for plain projection names.
+    `layer_options`: layers_to_transform or layers_pattern is set (PEFT refuses those beside a
+    regular expression)."""
     if isinstance(targets, str) and targets:
         try:
             check_pattern(targets)
         except (re.error, RecursionError, FutureWarning) as error:
             raise AdapterError(f"adapter {name!r}: target_modules {targets!r:.80} is not a regular expression the "
                                f"engine reads as PEFT does: {error}") from None
-        for other in ("lm_head", "model.embed_tokens", "model.norm"):  # LoRA there: not computed by the engine
-            if re.fullmatch(targets, other):
-                raise AdapterError(f"adapter {name!r}: LoRA on {other} (target_modules {targets!r:.80} matches it; "
-                                   f"supported: {', '.join(PROJECTIONS)}) is not supported")
+        if layer_options:
+            raise AdapterError(f"adapter {name!r}: target_modules is a regular expression and layers_to_transform or "
+                               "layers_pattern is set: PEFT refuses the two together")
+        for other in _OTHER_MODULES:  # timed, as every pattern: `re` would hold the interpreter for minutes
+            try:
+                matched = regex.fullmatch(targets, other, timeout=MATCH_TIMEOUT_S) is not None
+            except TimeoutError:
+                raise AdapterError(f"adapter {name!r}: target_modules {targets!r:.80} takes over {MATCH_TIMEOUT_S} s "
+                                   "to match a module name (a regular expression that backtracks): simplify it"
+                                   ) from None
+            if matched:
+                raise AdapterError(f"adapter {name!r}: LoRA on {other or 'the whole model'} (target_modules "
+                                   f"{targets!r:.80} matches it; supported: {', '.join(PROJECTIONS)}) is not supported")
         return targets
     if isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
-        qualified = [t for t in targets if t not in PROJECTIONS]
+        qualified = [t for t in targets if t and t not in PROJECTIONS]
         if qualified and all("." in t and t.rsplit(".", 1)[1] in PROJECTIONS for t in qualified):
-            return tuple(targets)
+            return tuple(t for t in targets if t)  # "" names no module: PEFT matches nothing with it
     return None
 
 
