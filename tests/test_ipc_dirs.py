@@ -141,36 +141,30 @@ def test_a_socket_whose_file_was_removed_listens_again_in_a_locked_directory(tmp
         context.term()
 
 
-def test_a_temporary_directory_too_deep_for_a_socket_path_is_passed_over(tmp_path, monkeypatch):
+def test_a_temporary_directory_too_deep_for_a_socket_path_is_passed_over(tmp_path, short_tmp, monkeypatch):
     """A deep $TMPDIR (an HPC job's, a test's under pytest-xdist) made every socket path pass
     the kernel's 107 bytes: `inlaid serve` could not start ("ipc path ... is longer than 107
     characters"). The ipc directories then go to a short system temporary directory, and the
-    clean-up looks there too."""
+    clean-up looks there too. (The short directories stand in for /tmp here: a server starting
+    beside this test sweeps the real one.)"""
     import tempfile
 
+    import inlaid.serve.ipc_dirs as ipc_dirs
     from inlaid.addresses import IPC_PATH_BYTES
-    from inlaid.serve.ipc_dirs import ipc_root
 
     deep = tmp_path / ("d" * 60) / ("e" * 30)
     deep.mkdir(parents=True)
     monkeypatch.setattr(tempfile, "tempdir", str(deep))
-    root = ipc_root()
-    assert root != str(deep) and os.access(root, os.W_OK)
+    monkeypatch.setattr(ipc_dirs, "_SHORT_ROOTS", (str(short_tmp / "missing"), str(short_tmp)))
+    assert ipc_dirs.ipc_root() == str(short_tmp)  # the first short one that exists and is writable
     made = Path(private_ipc_dir("requantizer"))
-    try:
-        assert made.parent == Path(root)
-        assert len(os.fsencode(made / "requantizer.ipc")) <= IPC_PATH_BYTES
-        assert len(os.fsencode(Path(private_ipc_dir("ipc")) / "executor-63.ipc")) <= IPC_PATH_BYTES
-        left = _directory(Path(root), "requantizer", _dead_pid(), tag="deep-test")
-        assert left in remove_dead_dirs("requantizer")  # the default roots include the short one
-    finally:
-        import shutil
-
-        for path in Path(root).glob(f"inlaid-*-{os.getpid()}-*"):
-            shutil.rmtree(path, ignore_errors=True)
-    short = Path(tempfile.mkdtemp(prefix="ipc-test-", dir="/tmp"))
-    try:
-        monkeypatch.setattr(tempfile, "tempdir", str(short))  # short enough: used as it is
-        assert ipc_root() == str(short)
-    finally:
-        short.rmdir()
+    assert made.parent == short_tmp
+    assert len(os.fsencode(made / "requantizer.ipc")) <= IPC_PATH_BYTES
+    assert len(os.fsencode(Path(private_ipc_dir("ipc")) / "executor-63.ipc")) <= IPC_PATH_BYTES
+    left = _directory(short_tmp, "requantizer", _dead_pid(), tag="deep-test")
+    assert left in remove_dead_dirs("requantizer")  # the default roots include the short one
+    monkeypatch.setattr(tempfile, "tempdir", str(short_tmp))  # short enough: used as it is
+    assert ipc_dirs.ipc_root() == str(short_tmp)
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    monkeypatch.setattr(ipc_dirs, "_SHORT_ROOTS", ())  # nowhere shorter: the deep one (the bind says why)
+    assert ipc_dirs.ipc_root() == str(deep)

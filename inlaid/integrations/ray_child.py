@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from inlaid.client import Client
-from inlaid.serve.ipc_dirs import process_alive
+from inlaid.serve.ipc_dirs import ipc_root, process_alive
 from inlaid.serve.launcher import stop_process, to_toml
 
 _WORKDIR_PREFIX = "inlaid-replica-"
@@ -39,7 +39,8 @@ def _remove_orphaned_workdirs() -> None:
     """Folders of replicas that died without cleaning up (SIGKILL, the node's OOM killer: Ray
     then starts a new replica, which lands here). A folder without an owner file is being
     made right now, or predates them: left alone."""
-    for workdir in Path(tempfile.gettempdir()).glob(f"{_WORKDIR_PREFIX}*"):
+    roots = dict.fromkeys((tempfile.gettempdir(), ipc_root()))  # where a deep $TMPDIR sent them too
+    for workdir in (found for root in roots for found in Path(root).glob(f"{_WORKDIR_PREFIX}*")):
         try:
             owner = int((workdir / _OWNER_FILE).read_text())
         except (OSError, ValueError):
@@ -60,7 +61,8 @@ class ChildServer:
         """on_exit(returncode): called (from the server's own thread) when the server exits
         after it became ready and without `stop`; a start that fails raises instead."""
         _remove_orphaned_workdirs()
-        self.workdir = Path(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX))
+        # its server's socket lives here: under a short root where $TMPDIR is too deep for one
+        self.workdir = Path(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX, dir=ipc_root()))
         (self.workdir / _OWNER_FILE).write_text(str(os.getpid()))
         self.process: subprocess.Popen[bytes] | None = None
         self._on_exit = on_exit

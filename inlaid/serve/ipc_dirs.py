@@ -39,7 +39,8 @@ _SHORT_ROOTS = ("/tmp", "/var/tmp", "/dev/shm")
 
 
 def private_ipc_dir(kind: str) -> str:
-    """A new directory `$TMPDIR/inlaid-<kind>-<pid>-XXXX` for this process's ipc sockets
+    """A new directory `<ipc_root()>/inlaid-<kind>-<pid>-XXXX` ($TMPDIR, or a short system
+    temporary directory where $TMPDIR is too deep) for this process's ipc sockets
     (`kind` one of KINDS), locked as this process's, after removing the directories (of
     every kind) dead owners left."""
     if kind not in KINDS:
