@@ -252,7 +252,15 @@ def test_a_failed_tuning_starts_the_server_with_the_configured_options(tmp_path:
     (tmp_path / "cost.json").write_text(COST_MODEL.read_text())
     config = config_from_dict({"server": {"policy": "inlaid", "state_dir": "state"},
                                "scheduler": {"autotune_cost_model": "cost.json", "max_wait_s": 40.0}}, base_dir=tmp_path)
-    (tmp_path / "state").write_text("a file where the cache directory should be")  # the cache cannot be written
+    # A cache that cannot be written costs only the next start's shortcut: the tuning stands
+    (tmp_path / "state").write_text("a file where the cache directory should be")
+    with caplog.at_level(logging.INFO, logger="inlaid.coordinator"):
+        policy = _tuned_policies(config)()
+    assert "not written" in caplog.text and "scheduler tuning failed" not in caplog.text
+    assert policy.options.max_wait_s == 40.0  # the configured option over the tuning's
+    # A tuning that fails (the cost model gone since the config was read): the configured options
+    (tmp_path / "cost.json").unlink()
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="inlaid.coordinator"):
         policy = _tuned_policies(config)()
     assert "scheduler tuning failed" in caplog.text and config.scheduler == {"max_wait_s": 40.0}
