@@ -288,14 +288,15 @@ def test_a_body_that_is_not_utf8_is_a_bad_request():
 
     from starlette.requests import Request
 
-    from inlaid.http.app import Front, _read_json
+    from inlaid.http.app import Front
+    from inlaid.http.bodies import read_json
 
     async def read(body: bytes):
         async def receive() -> dict:
             return {"type": "http.request", "body": body, "more_body": False}
 
         scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [], "query_string": b""}
-        return await _read_json(Request(scope, receive), CompletionRequest, Front("tcp://127.0.0.1:9", HttpConfig()))
+        return await read_json(Request(scope, receive), CompletionRequest, Front("tcp://127.0.0.1:9", HttpConfig()))
 
     with pytest.raises(ApiError) as caught:
         asyncio.run(read(b'{"model": "m", "prompt": "\xff\xfe"}'))

@@ -21,7 +21,8 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from inlaid.client import AsyncClient, ConnectionLostError, InlaidError, RequestTimeoutError
-from inlaid.http.errors import ApiError, bad_request, from_decode_error, from_inlaid, model_not_found
+from inlaid.http.bodies import read_json
+from inlaid.http.errors import ApiError, bad_request, from_inlaid, model_not_found
 from inlaid.http.front_metrics import CLIENT_CLOSED_STATUS, CONTENT_TYPE, HttpMetrics
 from inlaid.http.generation import GenerationResponse
 from inlaid.http.reachability import refuses_connections
@@ -41,7 +42,6 @@ log = logging.getLogger("inlaid.http")
 
 _JSON = "application/json"
 _HEALTH_TIMEOUT_S = 2.0
-_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class Front:
@@ -200,78 +200,18 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return _error_response(ApiError(500, "internal error in the HTTP front", code="internal"))
 
 
-async def _read_json(request: Request, kind: type[Any], front: Front) -> Any:
-    max_bytes, send_timeout_s = front.config.body_bytes_limit, front.config.client_send_timeout_s
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding != "identity":  # a compressed body would be read as (invalid) JSON
-        raise ApiError(415, f"request bodies with Content-Encoding {encoding!r} are not accepted; send it uncompressed",
-                       code="unsupported_content_encoding")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise ApiError(413, f"the request body is larger than {max_bytes} bytes", code="request_too_large")
-    body = bytearray()
-    task = asyncio.current_task()
-    if front.stopping:
-        raise _stopping()
-    if task is not None:
-        front._body_reads.add(task)
-    try:
-        async with asyncio.timeout(send_timeout_s):
-            async for piece in request.stream():
-                body += piece
-                if len(body) > max_bytes:
-                    raise ApiError(413, f"the request body is larger than {max_bytes} bytes", code="request_too_large")
-    except TimeoutError:
-        raise ApiError(408, f"the request body did not arrive within {send_timeout_s:g} s",
-                       code="request_timeout") from None
-    except asyncio.CancelledError:
-        # Answered only when Front.stop_body_reads alone cancelled it: a cancel of uvicorn's or
-        # of an outer timeout, before or after ours, goes on (uncancel() counts them).
-        if task is None or task not in front._stopped_reads or task.uncancel() > 0:
-            raise
-        raise _stopping() from None
-    finally:
-        front._body_reads.discard(task)  # type: ignore[arg-type]
-        front._stopped_reads.discard(task)  # type: ignore[arg-type]
-    if body.startswith(_UTF8_BOM):  # RFC 8259 lets a parser ignore it; some clients (.NET, PowerShell) send it
-        del body[:len(_UTF8_BOM)]
-    if not body:
-        raise bad_request("the request has no JSON body")
-    try:
-        return msgspec.json.decode(bytes(body), type=kind)
-    except msgspec.MsgspecError as error:
-        raise from_decode_error(error, bytes(body)) from None
-    except UnicodeDecodeError:  # msgspec raises it for bytes that are not UTF-8, with a position in a part of them
-        raise bad_request(f"the request body is not UTF-8 JSON: {_utf8_problem(bytes(body))}") from None
-    except RecursionError:  # msgspec's decoder recurses on the fields typed Any
-        raise bad_request("the request body's JSON is nested too deeply") from None
-
-
-def _stopping() -> ApiError:
-    return ApiError(503, "the HTTP front is stopping and the request body had not arrived; retry",
-                    code="unavailable")
-
-
-def _utf8_problem(body: bytes) -> str:
-    try:
-        body.decode("utf-8")
-    except UnicodeDecodeError as error:
-        return f"{error.reason} at byte {error.start}"
-    return "invalid UTF-8"
-
-
 # ---------------------------------------------------------------- endpoints
 
 
 async def _completions(front: Front, request: Request) -> Response:
-    body = await _read_json(request, CompletionRequest, front)
+    body = await read_json(request, CompletionRequest, front)
     server = await front.hello()
     call = completion_call(body, server.model, front.config.prompts_per_request_limit)
     return GenerationResponse(front.client, call, chat=False)
 
 
 async def _chat_completions(front: Front, request: Request) -> Response:
-    body = await _read_json(request, ChatCompletionRequest, front)
+    body = await read_json(request, ChatCompletionRequest, front)
     server = await front.hello()
     return GenerationResponse(front.client, chat_call(body, server.model), chat=True)
 
@@ -302,7 +242,7 @@ async def _model(front: Front, request: Request) -> Response:
 
 
 async def _load_lora_adapter(front: Front, request: Request) -> Response:
-    body = await _read_json(request, LoadLoraAdapterRequest, front)
+    body = await read_json(request, LoadLoraAdapterRequest, front)
     if not body.lora_path:
         raise bad_request("lora_path must not be empty", "lora_path")
     if not body.lora_path.startswith("/"):  # the server refuses it too, naming its own field
@@ -344,7 +284,7 @@ def _replacement_notice(replaced: ReplacedConfigEntry | None, hessians_dropped: 
 
 
 async def _unload_lora_adapter(front: Front, request: Request) -> Response:
-    body = await _read_json(request, UnloadLoraAdapterRequest, front)
+    body = await read_json(request, UnloadLoraAdapterRequest, front)
     async with front.admin_client(request) as client:
         try:
             reply = await client.remove_task_reply(body.lora_name)

@@ -6,7 +6,7 @@ client that opens enough of them (slowloris) leaves the front no descriptor to a
 anyone else with. `HeadDeadlineProtocol` gives every request head `head_timeout_s` from its
 first byte (from the connection's opening, for the first request): past it the client gets
 408 and the connection closes. The body has its own deadline where it is read
-(`app._read_json`), where the answer can be an ordinary JSON error.
+(`bodies.read_json`), where the answer can be an ordinary JSON error.
 
 The head's size is bounded too (`MAX_HEAD_BYTES`): httptools builds a header value by
 concatenating each piece the socket delivers to the value so far, so one ~100 MB header
