@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import msgspec
@@ -73,6 +73,28 @@ class Front:
         for task in list(self._body_reads):
             self._stopped_reads.add(task)
             task.cancel()
+
+    @contextlib.contextmanager
+    def body_read(self) -> Iterator[None]:
+        """Around the wait for a request's body: 503 `unavailable` when the front is stopping, at
+        once or when `stop_body_reads` cancels the wait. Only its own cancel is answered: one of
+        uvicorn's or an outer timeout's, before or after it, goes on (uncancel() counts them)."""
+        if self.stopping:
+            raise _front_stopping()
+        task = asyncio.current_task()
+        if task is None:
+            yield
+            return
+        self._body_reads.add(task)
+        try:
+            yield
+        except asyncio.CancelledError:
+            if task not in self._stopped_reads or task.uncancel() > 0:
+                raise
+            raise _front_stopping() from None
+        finally:
+            self._body_reads.discard(task)
+            self._stopped_reads.discard(task)
 
     async def refuse_when_unreachable(self) -> None:
         """The `reachability_check` of the front's SDK clients: 503 `unavailable` at once
@@ -167,6 +189,11 @@ def create_app(address: str, config: HttpConfig, client: Any = None,
     app.state.http_metrics = metrics
     app.state.front = front  # its SDK client: `cli.serve` closes it before uvicorn's grace ends
     return metrics
+
+
+def _front_stopping() -> ApiError:
+    return ApiError(503, "the HTTP front is stopping and the request body had not arrived; retry",
+                    code="unavailable")
 
 
 def _endpoint(front: Front, handler: Any) -> Any:

@@ -1,6 +1,6 @@
 """A request's JSON body as the HTTP front reads it: within the size and time limits of
 `[http]`, uncompressed, UTF-8 (a byte-order mark allowed), and answered 503 when the front
-stops while it still arrives (`Front.stop_body_reads`)."""
+stops while it still arrives (`Front.body_read`)."""
 
 from __future__ import annotations
 
@@ -30,29 +30,17 @@ async def read_json(request: Request, kind: type[Any], front: Front) -> Any:
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(413, f"the request body is larger than {max_bytes} bytes", code="request_too_large")
     body = bytearray()
-    task = asyncio.current_task()
-    if front.stopping:
-        raise _stopping()
-    if task is not None:
-        front._body_reads.add(task)
     try:
-        async with asyncio.timeout(send_timeout_s):
-            async for piece in request.stream():
-                body += piece
-                if len(body) > max_bytes:
-                    raise ApiError(413, f"the request body is larger than {max_bytes} bytes", code="request_too_large")
+        with front.body_read():  # 503 when the front stops meanwhile
+            async with asyncio.timeout(send_timeout_s):
+                async for piece in request.stream():
+                    body += piece
+                    if len(body) > max_bytes:
+                        raise ApiError(413, f"the request body is larger than {max_bytes} bytes",
+                                       code="request_too_large")
     except TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {send_timeout_s:g} s",
                        code="request_timeout") from None
-    except asyncio.CancelledError:
-        # Answered only when Front.stop_body_reads alone cancelled it: a cancel of uvicorn's or
-        # of an outer timeout, before or after ours, goes on (uncancel() counts them).
-        if task is None or task not in front._stopped_reads or task.uncancel() > 0:
-            raise
-        raise _stopping() from None
-    finally:
-        front._body_reads.discard(task)  # type: ignore[arg-type]
-        front._stopped_reads.discard(task)  # type: ignore[arg-type]
     if body.startswith(_UTF8_BOM):  # RFC 8259 lets a parser ignore it; some clients (.NET, PowerShell) send it
         del body[:len(_UTF8_BOM)]
     if not body:
@@ -65,11 +53,6 @@ async def read_json(request: Request, kind: type[Any], front: Front) -> Any:
         raise bad_request(f"the request body is not UTF-8 JSON: {_utf8_problem(bytes(body))}") from None
     except RecursionError:  # msgspec's decoder recurses on the fields typed Any
         raise bad_request("the request body's JSON is nested too deeply") from None
-
-
-def _stopping() -> ApiError:
-    return ApiError(503, "the HTTP front is stopping and the request body had not arrived; retry",
-                    code="unavailable")
 
 
 def _utf8_problem(body: bytes) -> str:
