@@ -8,10 +8,11 @@ from __future__ import annotations
 IPC_PATH_BYTES = 107  # sockaddr_un.sun_path on Linux, less its terminating NUL
 
 
-def address_problem(name: str, address: str) -> str | None:
+def address_problem(name: str, address: str, connect: bool = False) -> str | None:
     """What is wrong with `address` (called `name` in the message), or None: ipc://PATH with
     a path a socket can have, or tcp://HOST:PORT with an ASCII port in 1-65535 and no IPv6
-    host (ZeroMQ sockets take IPv6 only with an option these never set)."""
+    host (ZeroMQ sockets take IPv6 only with an option these never set). `connect`: a client's
+    address, which names one host (a wildcard is where a server listens)."""
     if address.startswith("ipc://"):
         path = address[len("ipc://"):]
         if not path or len(path.encode()) > IPC_PATH_BYTES:
@@ -26,6 +27,9 @@ def address_problem(name: str, address: str) -> str | None:
     if host.startswith("[") or (":" in host and ";" not in host):  # tcp://:::5555 failed at bind; SRC:P;DST: a
         # ZeroMQ source endpoint
         return f"{name} {address!r}: IPv6 addresses are not supported here; use tcp://127.0.0.1:{port}"
+    if connect and "*" in host:  # ZeroMQ's "Invalid argument"
+        return (f"{name} {address!r}: a client connects to one host; tcp://*:PORT is how a server listens on every "
+                "interface: use tcp://127.0.0.1:PORT or the server's host name")
     return None
 
 

@@ -54,12 +54,8 @@ def checked_address(address: str, name: str = "the server address") -> str:
     if not isinstance(address, str) or not address.startswith(("tcp://", "ipc://")):
         raise ValueError(f"{name} must be tcp://HOST:PORT or ipc://PATH (server.address in its "
                          f"config), got {address!r}")
-    if problem := address_problem(name, address):
+    if problem := address_problem(name, address, connect=True):
         raise ValueError(problem)
-    host = address[len("tcp://"):].rpartition(":")[0] if address.startswith("tcp://") else ""
-    if "*" in host:  # ZeroMQ's "Invalid argument": a wildcard is where a server listens, not a host
-        raise ValueError(f"{name} {address!r}: a client connects to one host; tcp://*:PORT is how a server "
-                         f"listens on every interface: use tcp://127.0.0.1:PORT or the server's host name")
     return address
 
 
