@@ -49,9 +49,9 @@ def target_names(name: str, targets: Any, layer_options: bool) -> tuple[str, ...
                                    f"{targets!r:.80} matches it; supported: {', '.join(PROJECTIONS)}) is not supported")
         return targets
     if isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
-        qualified = [t for t in targets if t and t not in PROJECTIONS]
+        qualified = [t for t in targets if t not in PROJECTIONS]  # ("" entries: dropped by the caller)
         if qualified and all("." in t and t.rsplit(".", 1)[1] in PROJECTIONS for t in qualified):
-            return tuple(t for t in targets if t)  # "" names no module: PEFT matches nothing with it
+            return tuple(targets)
     return None
 
 

@@ -249,8 +249,7 @@ def _check_names_and_shapes(entries: list[_TensorEntry], spec: AdapterSpec, mode
     missing = [(layer, projection, half) for layer in range(model.num_layers) for projection in spec.target_modules
                if not spec.excludes(layer, projection) for half in "AB" if (layer, projection, half) not in seen]
     if not seen and not missing:
-        if spec.target_names is not None and all(spec.excludes(layer, projection) for layer in range(model.num_layers)
-                                                 for projection in spec.target_modules):
+        if spec.target_names is not None:  # nothing seen, nothing missing: the names reach no projection
             raise AdapterError(f"{where}: target_modules {spec.target_names!r:.80} matches no projection of this "
                                f"model's {model.num_layers} layers (PEFT: \"Target modules ... not found\")")
         raise AdapterError(f"{where}: {WEIGHTS_FILE} holds no LoRA tensors (target_modules, exclude_modules or "
