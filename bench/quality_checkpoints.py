@@ -76,10 +76,11 @@ def servable_dir(checkpoint_dir: Path, serve: str) -> tuple[Path, str]:
     from inlaid.kernels.dispatch import prepare_quant_linear
     from inlaid.quant.checkpoint import dequantized_state_dict, load_gptq_checkpoint
 
-    checkpoint = load_gptq_checkpoint(checkpoint_dir)
+    checkpoint = None  # loaded only where it is read: a finished float copy needs none
     if serve == "dequantized":
         reason = "on request: --serve dequantized"
     else:
+        checkpoint = load_gptq_checkpoint(checkpoint_dir)
         try:
             import torch
 
@@ -100,6 +101,7 @@ def servable_dir(checkpoint_dir: Path, serve: str) -> tuple[Path, str]:
                 shutil.rmtree(leftover, ignore_errors=True)
             building = checkpoint_dir / f"dequantized.{os.getpid()}.tmp"
             building.mkdir()
+            checkpoint = checkpoint or load_gptq_checkpoint(checkpoint_dir)
             config = dict(checkpoint.config)
             config.pop("quantization_config", None)
             (building / "config.json").write_text(json.dumps(config, indent=2))
