@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from adapter_corruptions import copy_adapter, rewrite_tensors
+from peft_served import served_where_peft_puts_lora
 from inlaid.engine.adapter_config import AdapterError, read_adapter_spec
 from inlaid.engine.adapter_weights import check_servable_adapter
 from inlaid.engine.config import ModelConfig
@@ -131,42 +132,6 @@ def test_lora_keys_are_read_whole_as_peft_saves_them(model_dir, adapter_dirs, tm
     assert len(load_adapter_tensors(read_adapter_spec("as-saved", adapter_dirs["attn-r8"]), model.num_layers)) == 60
 
 
-def _served_where_peft_puts_lora(engine, model_dir: Path, directory: Path, greedy_logits, seed: int,
-                                 **config) -> int:  # type: ignore[no-untyped-def]
-    """Save a random-weight PEFT adapter of `config`, check the engine puts LoRA on exactly the
-    (layer, projection) pairs PEFT does and serves PEFT's own logits; the count of those pairs."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from inlaid.engine.adapter_config import PROJECTIONS
-
-    def base():  # type: ignore[no-untyped-def]
-        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-
-    torch.manual_seed(seed)
-    made = get_peft_model(base(), LoraConfig(r=4, lora_alpha=8, **config))
-    with torch.no_grad():
-        for name, parameter in made.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn_like(parameter) * 0.05)
-    made.save_pretrained(str(directory))
-    spec = check_servable_adapter(directory.name, str(directory), ModelConfig.from_dir(str(model_dir)), 32)
-    wanted = {(layer, projection) for layer in range(30) for projection in PROJECTIONS
-              if not spec.excludes(layer, projection)}
-    peft_model = PeftModel.from_pretrained(base(), str(directory)).eval()
-    adapted = {(int(name.split(".layers.")[1].split(".")[0]), name.split(".")[-1])
-               for name, module in peft_model.named_modules() if hasattr(module, "lora_A") and ".layers." in name}
-    assert adapted == wanted  # the engine's rule is PEFT's
-    engine.register_adapter(directory.name, str(directory))
-    prompt_ids = engine.tokenizer.encode("The capital of France is")
-    (served,) = greedy_logits(engine, [prompt_ids], [directory.name], max_tokens=1)[0]
-    with torch.no_grad():
-        expected = peft_model(torch.tensor([prompt_ids])).logits[0, -1]
-    torch.testing.assert_close(served, expected, atol=2e-4, rtol=0)
-    engine.scheduler.adapters.unregister(directory.name)
-    return len(wanted)
-
-
 @pytest.mark.parametrize("which", [
     {"exclude_modules": r"model\.layers\.[01]\.self_attn\.q_proj|.*\.5\.mlp\.down_proj"},  # the whole name
     {"exclude_modules": ["down_proj", "model.layers.2.self_attn.v_proj"]},  # equal, or ending in "." + the entry
@@ -179,7 +144,7 @@ def test_exclude_modules_match_as_peft_matches_them(engine, model_dir, tmp_path,
     used to be excused once exclude_modules was set (an outside probe: a pattern matching
     nothing, a layer's tensors deleted, served as zeros where PEFT keeps its initial
     weights). Logits against PEFT's own, with the adapter PEFT saved."""
-    adapted = _served_where_peft_puts_lora(engine, model_dir, tmp_path / "excluded", greedy_logits, 7,
+    adapted = served_where_peft_puts_lora(engine, model_dir, tmp_path / "excluded", greedy_logits, 7,
                                            target_modules=["q_proj", "v_proj", "down_proj"], **which)
     assert adapted < 90  # it excluded something
 
@@ -197,7 +162,7 @@ def test_target_modules_as_a_pattern_or_qualified_names_are_served_as_peft_serve
     entries equal to a name or ending it. Such adapters were refused ("give a list of
     projection names", an outside probe); now each (layer, projection) carries LoRA exactly
     where PEFT puts it. Logits against PEFT's own, with the adapter PEFT saved."""
-    adapted = _served_where_peft_puts_lora(engine, model_dir, tmp_path / "targeted", greedy_logits, 11, **targets)
+    adapted = served_where_peft_puts_lora(engine, model_dir, tmp_path / "targeted", greedy_logits, 11, **targets)
     assert 0 < adapted < 7 * 30  # on some projections
 
 

@@ -172,7 +172,7 @@ def test_adapter_config_validation(tmp_path):
         "dora": ({"use_dora": True}, "DoRA"),
         "embed": ({"target_modules": ["embed_tokens", "q_proj"]}, "embed_tokens"),
         "ia3": ({"peft_type": "IA3"}, "IA3"),
-        "pattern": ({"rank_pattern": {"q_proj": 4}}, "rank_pattern"),
+        "pattern": ({"rank_pattern": {"q_proj": 0}}, "rank_pattern"),
     }
     for name, (config, message) in cases.items():
         with pytest.raises(AdapterError, match=message):

@@ -1,10 +1,10 @@
 """Reading and validating PEFT LoRA adapter directories. Torch-free.
 
 Accepts the subset of PEFT's LoRA that the engine computes exactly: any subset of the
-seven projections, any rank, lora_alpha scaling and rsLoRA. Everything else (DoRA,
-embedding or lm_head LoRA, per-module rank patterns, trained biases, layer replication and
-the other variants of `UNSUPPORTED_VARIANTS`) is rejected with a clear message rather than
-served wrong.
+seven projections, any rank, lora_alpha scaling and rsLoRA, per-module ranks and alphas
+(rank_pattern, alpha_pattern). Everything else (DoRA, embedding or lm_head LoRA, trained
+biases, layer replication and the other variants of `adapter_variants`) is rejected with a
+clear message rather than served wrong.
 """
 
 from __future__ import annotations
@@ -41,34 +41,6 @@ def parse_lora_key(key: str) -> tuple[int, str, str] | None:
     return int(match.group(1)), match.group(3), match.group(4)
 
 
-# PEFT LoRA variants whose computation the engine does not implement: each field must be
-# absent, null, false or empty. Served as a plain LoRA they answer wrongly without a word (an
-# outside probe: PEFT's layer_replication adapter answered as the base model); the newer
-# variants are refused until their inference is checked against PEFT. (VeLoRA is not here:
-# it changes training only; its inference is a plain LoRA's.)
-UNSUPPORTED_VARIANTS = {
-    "layer_replication": "layer replication (layer_replication)",
-    "lora_bias": "a trained bias on lora_B (lora_bias=true)",
-    "use_qalora": "QA-LoRA (use_qalora=true)",
-    "target_parameters": "LoRA on parameters (target_parameters)",
-    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
-    "arrow_config": "Arrow routing (arrow_config)",
-    "use_bdlora": "BD-LoRA (use_bdlora)",
-    "kasa_config": "KaSA (kasa_config)",
-    "monteclora_config": "MonteCLoRA (monteclora_config)",
-}
-
-# PEFT's values of init_lora_weights, by the base the adapter was trained on. PiSSA, CorDA,
-# OLoRA and LoRA-GA take the initial B @ A out of the base weights before training (PEFT redoes
-# it when it loads PiSSA, CorDA and OLoRA; LoRA-GA's it cannot redo): on the unchanged shared
-# base such an adapter answers wrongly (a PiSSA adapter counted its principal part twice: an
-# outside probe). PEFT converts one to a plain LoRA on save, given
-# path_initial_model_for_weight_conversion. LoftQ trains on its own quantization of the base.
-# Any other string PEFT cannot load.
-PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica")
-RESIDUAL_BASE_INITS = ("pissa", "corda", "olora", "lora_ga")
-
-
 class AdapterError(ValueError):
     """An adapter directory is missing, malformed or uses an unsupported PEFT feature."""
 
@@ -93,6 +65,37 @@ class AdapterSpec:
     # ("self_attn.q_proj", "model.layers.3.mlp.down_proj"); `target_modules` then holds every
     # projection such a name can reach, and `excludes` decides layer by layer
     target_names: tuple[str, ...] | str | None = None
+    # PEFT's rank_pattern and alpha_pattern, as (pattern, value) pairs in the file's order: the
+    # first pattern matching a module's name gives its rank or lora_alpha (`rank_at`, `scale_at`)
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def max_rank(self) -> int:
+        """The largest rank a module may carry (what the pools must hold): `rank`, or a
+        rank_pattern value above it (counted even if its pattern matches no module)."""
+        return max((self.rank, *(rank for _, rank in self.rank_pattern)))
+
+    def rank_at(self, layer: int, projection: str) -> int:
+        return self._module_value("rank_pattern", self.rank_pattern, layer, projection, self.rank)
+
+    def alpha_at(self, layer: int, projection: str) -> float:
+        return self._module_value("alpha_pattern", self.alpha_pattern, layer, projection, self.lora_alpha)
+
+    def scale_at(self, layer: int, projection: str) -> float:
+        """The module's LoRA scale, as PEFT computes it from its own rank and lora_alpha."""
+        rank = self.rank_at(layer, projection)
+        return self.alpha_at(layer, projection) / (math.sqrt(rank) if self.use_rslora else rank)
+
+    def _module_value(self, field: str, pairs: tuple[tuple[str, Any], ...], layer: int, projection: str,
+                      default: Any) -> Any:
+        """PEFT's `get_pattern_key`: the first pattern that matches the module's whole name or
+        its end after a "." (`re.match` of `(.*\\.)?(<pattern>)$`), timed as every pattern."""
+        key = _module_name(layer, projection)
+        for pattern, value in pairs:
+            if self._timed(field, pattern, regex.match, rf"(.*\.)?({pattern})$", key) is not None:
+                return value
+        return default
 
     @property
     def has_exclusions(self) -> bool:
@@ -106,8 +109,7 @@ class AdapterSpec:
         else an entry equal to the name, or one it ends in ("." + the entry), and then
         layers_to_transform (the layer index read from the name through layers_pattern) must
         list the layer."""
-        group = "mlp" if projection in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-        key = f"model.layers.{layer}.{group}.{projection}"
+        key = _module_name(layer, projection)
         if self._excluded_by_name(key):  # PEFT checks exclude_modules first
             return True
         if isinstance(self.target_names, str):  # a regular expression (never beside layers_to_transform)
@@ -153,6 +155,11 @@ class AdapterSpec:
     @property
     def scale(self) -> float:
         return self.lora_alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+def _module_name(layer: int, projection: str) -> str:
+    """The projection's module name in the base model, as PEFT matches its patterns against it."""
+    return f"model.layers.{layer}.{_BLOCK_OF[projection]}.{projection}"
 
 
 # A PEFT adapter_config.json is a few hundred bytes; anything this large is not one.
@@ -245,21 +252,6 @@ def content_signature(config: bytes, weights: bytes) -> str:
     return f"{hashlib.sha256(config).hexdigest()}:{hashlib.sha256(weights).hexdigest()}"
 
 
-def _check_init(name: str, init: Any, loftq_config: Any) -> None:
-    where = f"adapter {name!r}: init_lora_weights={init!r:.40} is not supported"
-    if (isinstance(init, str) and init.lower() == "loftq") or loftq_config:
-        raise AdapterError(f"adapter {name!r}: a LoftQ adapter (init_lora_weights / loftq_config) is not supported: "
-                           "it was trained on LoftQ's own quantization of the base, not on the shared base")
-    if init is None or isinstance(init, bool) or (isinstance(init, str) and init.lower() in PLAIN_INITS):
-        return
-    if isinstance(init, str) and init.lower().startswith(RESIDUAL_BASE_INITS):
-        raise AdapterError(f"{where}: it was trained on the base minus its initial B @ A, so on the shared base it "
-                           "answers wrongly; convert it to a plain LoRA with PEFT (save_pretrained(..., "
-                           "path_initial_model_for_weight_conversion=<its untrained adapter>)) and serve that")
-    raise AdapterError(f"{where} (PEFT knows true, false, {', '.join(PLAIN_INITS)}, loftq and the residual-base "
-                       f"{', '.join(RESIDUAL_BASE_INITS)})")
-
-
 def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSpec:
     def reject(feature: str) -> NoReturn:
         raise AdapterError(f"adapter {name!r}: {feature} is not supported")
@@ -273,27 +265,11 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
     for flag in ("use_dora", "use_rslora"):
         if config.get(flag) is not None and not isinstance(config[flag], bool):
             bad(flag, "true or false")
-    if config.get("use_dora"):
-        reject("DoRA (use_dora=true)")
-    if config.get("modules_to_save"):
-        reject(f"modules_to_save {config['modules_to_save']!r:.80}")
-    # bias "all" / "lora_only" train the adapted layers' biases: a base without them (Llama)
-    # has none to train, and PEFT saves none; one saved is refused as a tensor (adapter_weights)
-    if config.get("bias", "none") not in ("none", "all", "lora_only"):
-        reject(f"bias={config['bias']!r:.80}")
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        reject("rank_pattern/alpha_pattern (per-module ranks)")
-    for field, feature in UNSUPPORTED_VARIANTS.items():
-        if config.get(field) not in (None, False, [], {}, ""):
-            reject(feature)
-    _check_init(name, config.get("init_lora_weights"), config.get("loftq_config"))
-    if config.get("alora_invocation_tokens"):
-        # aLoRA applies the adapter only from its invocation tokens on; served as a LoRA on
-        # every token, its outputs were neither PEFT's nor the base's (an outside probe)
-        reject("activated LoRA (alora_invocation_tokens)")
-    # here, not at the top: adapter_targets reads AdapterError and PROJECTIONS from this module
-    from inlaid.engine.adapter_targets import exclusions, layer_selection, target_names
+    # here, not at the top: these modules read AdapterError and PROJECTIONS from this one
+    from inlaid.engine.adapter_targets import exclusions, layer_selection, module_values, target_names
+    from inlaid.engine.adapter_variants import check_variant
 
+    check_variant(name, config)
     targets = config.get("target_modules")
     if isinstance(targets, str) and targets.lower() == "all-linear":  # PEFT reads it in any case
         targets = list(PROJECTIONS)
@@ -315,7 +291,7 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
     if rank < 1:
         raise AdapterError(f"adapter {name!r}: rank must be >= 1, got {rank}")
     alpha = config.get("lora_alpha", 8)
-    if not _is_finite_number(alpha):
+    if not is_finite_number(alpha):
         bad("lora_alpha", "a finite number")
     spec = AdapterSpec(
         name=name,
@@ -327,31 +303,39 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
         exclude_modules=exclusions(name, config.get("exclude_modules")),
         **layer_selection(name, config.get("layers_to_transform"), config.get("layers_pattern")),
         target_names=named,
+        rank_pattern=module_values(name, "rank_pattern", config.get("rank_pattern")),
+        alpha_pattern=module_values(name, "alpha_pattern", config.get("alpha_pattern")),
     )
-    if spec.has_exclusions:  # each pattern timed on module names now, not first at a load
+    if spec.has_exclusions or spec.rank_pattern or spec.alpha_pattern:
+        # each pattern timed on module names now, not first at a load
         started = time.thread_time()  # this thread's CPU: a busy machine's waits do not count
         for layer in (0, 10, 100):
             for projection in PROJECTIONS:
                 spec.excludes(layer, projection)
+                spec.rank_at(layer, projection)
+                spec.alpha_at(layer, projection)
         if (spent := time.thread_time() - started) > PATTERN_BUDGET_S:
             # each match under the limit, but a check matches ~600 names: a reviewer's
             # `.{15}(.|.)*\d{5}` took 13.9 s of one
-            raise AdapterError(f"adapter {name!r}: target_modules / exclude_modules / layers_pattern took "
-                               f"{spent:.2f} s to match 21 module names (a regular expression that backtracks): "
-                               "simplify it")
+            raise AdapterError(f"adapter {name!r}: the patterns of target_modules / exclude_modules / layers_pattern / "
+                               f"rank_pattern / alpha_pattern took {spent:.2f} s to match 21 module names (a regular "
+                               "expression that backtracks): simplify them")
+    # the largest scale any module can get: the largest |lora_alpha| over the smallest rank
+    worst_alpha = max((spec.lora_alpha, *(alpha for _, alpha in spec.alpha_pattern)), key=abs)
+    worst_rank = min((rank, *(value for _, value in spec.rank_pattern)))
     try:
-        scale = spec.scale
+        scale = worst_alpha / (math.sqrt(worst_rank) if spec.use_rslora else worst_rank)
     except OverflowError:  # a rank beyond float range (no str() of it either: it may have 10**5 digits)
         raise AdapterError(f"adapter {name!r}: rank is out of range") from None
     if not abs(scale) <= MAX_LORA_SCALE:
         divisor = "sqrt(r)" if spec.use_rslora else "r"
         raise AdapterError(f"adapter {name!r}: LoRA scale lora_alpha / {divisor} = {scale:.4g} (lora_alpha "
-                           f"{spec.lora_alpha:.4g}, r {rank}) is over {MAX_LORA_SCALE:.0f} in magnitude: its outputs "
-                           "would overflow (trained adapters' scales are far smaller)")
+                           f"{worst_alpha:.4g}, r {worst_rank}) is over {MAX_LORA_SCALE:.0f} in magnitude: its "
+                           "outputs would overflow (trained adapters' scales are far smaller)")
     return spec
 
 
-def _is_finite_number(value: object) -> bool:
+def is_finite_number(value: object) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     try:

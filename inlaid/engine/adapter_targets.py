@@ -9,7 +9,7 @@ from typing import Any
 
 import regex
 
-from inlaid.engine.adapter_config import PROJECTIONS, AdapterError
+from inlaid.engine.adapter_config import PROJECTIONS, AdapterError, is_finite_number
 from inlaid.engine.module_patterns import MATCH_TIMEOUT_S, check_pattern
 
 
@@ -90,3 +90,32 @@ def layer_selection(name: str, layers: Any, pattern: Any) -> dict[str, Any]:
         except (re.error, RecursionError, FutureWarning) as error:
             raise AdapterError(f"adapter {name!r}: layers_pattern {entry!r:.80} is not usable: {error}") from None
     return {"layers_to_transform": tuple(layers), "layers_pattern": tuple(patterns)}
+
+
+def module_values(name: str, field: str, value: Any) -> tuple[tuple[str, Any], ...]:
+    """PEFT's rank_pattern (field "rank_pattern": ranks) or alpha_pattern (lora_alphas): a JSON
+    object from module names or regular expressions to values, as (pattern, value) pairs in
+    the file's order (PEFT takes the first that matches). Each pattern is checked as PEFT
+    matches it: `(.*\\.)?(<pattern>)$` from the start of the module's name."""
+    if value is None or value == {}:
+        return ()
+    wanted = "rank (an integer >= 1)" if field == "rank_pattern" else "lora_alpha (a finite number)"
+    if not isinstance(value, dict):
+        raise AdapterError(f"adapter {name!r}: adapter_config.json field {field!r} must map module names or regular "
+                           f"expressions to a {wanted}, got {value!r:.80}")
+    pairs: list[tuple[str, Any]] = []
+    for pattern, entry in value.items():
+        if field == "rank_pattern":
+            usable = isinstance(entry, int) and not isinstance(entry, bool) and entry >= 1
+        else:
+            usable = is_finite_number(entry)
+        if not usable:
+            raise AdapterError(f"adapter {name!r}: {field} gives {pattern!r:.80} {entry!r:.40}; each value must be a "
+                               f"{wanted}")
+        try:
+            check_pattern(rf"(.*\.)?({pattern})$")
+        except (re.error, RecursionError, FutureWarning) as error:
+            raise AdapterError(f"adapter {name!r}: {field} key {pattern!r:.80} is not a regular expression the "
+                               f"engine reads as PEFT does: {error}") from None
+        pairs.append((pattern, entry if field == "rank_pattern" else float(entry)))
+    return tuple(pairs)

@@ -95,9 +95,15 @@ def check_adapter_files(name: str, path: str, model: ModelConfig, max_rank: int)
 
 
 def check_rank(spec: AdapterSpec, max_rank: int) -> None:
-    if spec.rank > max_rank:
-        raise AdapterError(f"adapter {spec.name!r} has rank {spec.rank}; the engine's max_lora_rank is {max_rank} "
-                           "(a server's: [executor] max_lora_rank)")
+    if spec.max_rank > max_rank:
+        raise AdapterError(f"adapter {spec.name!r} has rank {spec.max_rank}"
+                           f"{' (rank_pattern)' if spec.max_rank > spec.rank else ''}; the engine's max_lora_rank is "
+                           f"{max_rank} (a server's: [executor] max_lora_rank)")
+
+
+def _rank_source(spec: AdapterSpec, rank: int) -> str:
+    """Where the module's rank comes from, for a message."""
+    return f"r={rank}" if rank == spec.rank and not spec.rank_pattern else f"its rank there is {rank} (r, rank_pattern)"
 
 
 def check_servable_adapter(name: str, path: str, model: ModelConfig, max_rank: int) -> AdapterSpec:
@@ -238,10 +244,12 @@ def _check_names_and_shapes(entries: list[_TensorEntry], spec: AdapterSpec, mode
             raise AdapterError(f"{where}: layer {layer} {projection} has two lora_{half} tensors")
         seen.add((layer, projection, half))
         in_features, out_features = shapes[projection]
-        expected = (spec.rank, in_features) if half == "A" else (out_features, spec.rank)
+        rank = spec.rank_at(layer, projection)
+        expected = (rank, in_features) if half == "A" else (out_features, rank)
         if entry.shape != expected:
             raise AdapterError(f"{where}: layer {layer} {projection} lora_{half} has shape {list(entry.shape)}; "
-                               f"adapter_config.json says r={spec.rank}, so this base model needs {list(expected)} "
+                               f"adapter_config.json says {_rank_source(spec, rank)}, so this base model needs "
+                               f"{list(expected)} "
                                f"({_shape_mismatch_cause(entry.shape, expected, half, projection, model)})")
     # exclude_modules: the projections it matches carry no LoRA; every other target carries both halves
     # (it used to excuse any missing pair once exclude_modules was set, matching or not: the

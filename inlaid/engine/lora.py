@@ -9,6 +9,7 @@ segments that share an adapter slot; the segmented shrink/expand kernels (dispat
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,8 +162,10 @@ class LoraLinear(nn.Module):
         if self.quantized is None and self.fused is None and packing_supported(self.weight):
             self.packed = PackedDenseWeight(self.weight.data)
 
-    def load_slot(self, slot: int, slice_weights: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float) -> None:
-        """Copy one adapter's A [r, in] / B [out, r] per slice name into `slot`."""
+    def load_slot(self, slot: int, slice_weights: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                  scale: float | Mapping[str, float]) -> None:
+        """Copy one adapter's A [r, in] / B [out, r] per slice name into `slot`, with its LoRA
+        scale: one for every slice, or one per slice name (PEFT's alpha_pattern / rank_pattern)."""
         assert self.slot_ranks is not None and self.slot_scales is not None
         if self._pool_versions() != (self._versions_after_load if self._loaded_slots else self._compact_versions):
             self._compact = None  # something else wrote the pools since: the next forward rebuilds in full
@@ -190,11 +193,12 @@ class LoraLinear(nn.Module):
             b_slot[:, :rank].copy_(b)
             a_slot[rank:].zero_()  # past the rank: zeros, whatever the slot held before
             b_slot[:, rank:].zero_()
+            slice_scale = scale if isinstance(scale, (int, float)) else scale[name]
             self.slot_ranks[index, slot] = rank
-            self.slot_scales[index, slot] = scale
+            self.slot_scales[index, slot] = slice_scale
             if self.fused is not None:  # scales B in the pools' dtype, as the masked route does
                 dtype = self.lora_a[index].dtype
-                self.fused.write_slice(slot, index, a.to(dtype), b.to(dtype), scale)
+                self.fused.write_slice(slot, index, a.to(dtype), b.to(dtype), slice_scale)
             if from_half:
                 rows = slice(index * a_slot.shape[0], index * a_slot.shape[0] + rank)
                 half.stacked_a[slot, rows].copy_(a)
@@ -330,10 +334,10 @@ def load_adapter_tensors(spec: AdapterSpec, num_layers: int,
             raise AdapterError(f"adapter {spec.name!r}: layer {layer} {projection} holds NaN or infinite weights")
     for (layer, projection), pair in halves.items():
         a, b = pair["A"], pair["B"]
-        if a.shape[0] != spec.rank or b.shape[1] != spec.rank:
+        if a.shape[0] != (rank := spec.rank_at(layer, projection)) or b.shape[1] != rank:
             raise AdapterError(
                 f"adapter {spec.name!r}: layer {layer} {projection} has rank {a.shape[0]}/{b.shape[1]}, "
-                f"adapter_config.json says r={spec.rank}"
+                f"adapter_config.json says {rank} (r, rank_pattern)"
             )
         result[(layer, projection)] = (a, b)
     if not result:
@@ -352,10 +356,10 @@ def install_adapter(
 
     model_linears maps (layer, projection name) to (its LoraLinear, slice index).
     """
-    if spec.rank > max_rank:
-        raise AdapterError(f"adapter {spec.name!r}: rank {spec.rank} exceeds the pool's max rank {max_rank}")
+    if spec.max_rank > max_rank:
+        raise AdapterError(f"adapter {spec.name!r}: rank {spec.max_rank} exceeds the pool's max rank {max_rank}")
     per_module: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-    modules: dict[int, LoraLinear] = {}
+    scales: dict[int, dict[str, float]] = {}  # per module: rank_pattern / alpha_pattern give each its own
     for (layer, projection), (a, b) in tensors.items():
         linear, slice_index = model_linears[(layer, projection)]
         expected_out = linear.out_slices[slice_index]
@@ -366,8 +370,8 @@ def install_adapter(
             )
         # As stored (fp16 for the committed adapters): `load_slot`'s copies convert on the way.
         per_module.setdefault(id(linear), {})[projection] = (a, b)
-        modules[id(linear)] = linear
+        scales.setdefault(id(linear), {})[projection] = spec.scale_at(layer, projection)
     seen = {id(linear): linear for linear, _ in model_linears.values()}
     for key, linear in seen.items():
         # Modules the adapter does not target get rank 0 in this slot (skipped by the kernels).
-        linear.load_slot(slot, per_module.get(key, {}), spec.scale)
+        linear.load_slot(slot, per_module.get(key, {}), scales.get(key, {}))

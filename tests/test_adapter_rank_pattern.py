@@ -1,0 +1,120 @@
+"""PEFT's rank_pattern and alpha_pattern: per-module ranks and lora_alphas. Such adapters were
+refused ("rank_pattern/alpha_pattern (per-module ranks) is not supported"); each module now
+carries the rank and scale PEFT gives it (the first pattern, in the file's order, matching
+its name or its end after a "."), and the logits are PEFT's own."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapter_corruptions import copy_adapter
+from inlaid.engine.adapter_config import AdapterError, read_adapter_spec
+from inlaid.engine.adapter_weights import check_servable_adapter
+from inlaid.engine.config import ModelConfig
+from peft_served import served_where_peft_puts_lora
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    from inlaid.engine import Engine, EngineConfig
+
+    return Engine.local(EngineConfig(model_dir=str(model_dir), dtype="float32", threads=1, max_num_seqs=4,
+                                     max_lora_rank=32, max_model_len=256))
+
+
+def _edit_config(adapter: Path, **fields) -> None:
+    path = adapter / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+@pytest.mark.parametrize("patterns", [
+    # a bare name, a whole qualified name, and a pattern for some layers; alphas by projection
+    {"rank_pattern": {"q_proj": 8, r"model\.layers\.[0-4]\.mlp\.down_proj": 2, "^model.layers.7.self_attn.v_proj": 16},
+     "alpha_pattern": {"v_proj": 32, "down_proj": -4.5}},
+    # the first matching pattern wins: layer 3's q_proj gets 16, every other q_proj 2
+    {"rank_pattern": {"layers.3.self_attn.q_proj": 16, "q_proj": 2}, "alpha_pattern": {r"\d+\.mlp\.down_proj": 3}},
+    # rsLoRA scales by sqrt of each module's own rank
+    {"rank_pattern": {"v_proj": 9}, "alpha_pattern": {"q_proj": 20}, "use_rslora": True},
+])  # fmt: skip
+def test_per_module_ranks_and_alphas_are_served_as_peft_serves_them(engine, model_dir, tmp_path, greedy_logits,
+                                                                     patterns):
+    adapted = served_where_peft_puts_lora(engine, model_dir, tmp_path / "patterned", greedy_logits, 5,
+                                          target_modules=["q_proj", "v_proj", "down_proj"], **patterns)
+    assert adapted == 90
+    spec = read_adapter_spec("patterned", tmp_path / "patterned")
+    projections = ("q_proj", "v_proj", "down_proj")
+    assert len({spec.rank_at(layer, projection) for layer in range(30) for projection in projections}) > 1
+
+
+def test_a_patterned_adapter_in_a_mixed_batch_answers_as_it_does_alone(engine, model_dir, adapter_dirs, tmp_path,
+                                                                       greedy_logits):
+    """Per-module scales sit beside other adapters' in one step: each row as it is alone."""
+    served_where_peft_puts_lora(engine, model_dir, tmp_path / "mixed", greedy_logits, 9,
+                                target_modules=["q_proj", "k_proj", "v_proj", "gate_proj"],
+                                rank_pattern={"k_proj": 12, "gate_proj": 1}, alpha_pattern={"q_proj": 1.5})
+    engine.register_adapter("mixed", str(tmp_path / "mixed"))
+    engine.register_adapter("attn-r8", str(adapter_dirs["attn-r8"]))
+    texts = ("The capital of France is", "Once upon a time", "def add(a, b):")
+    prompts = [engine.tokenizer.encode(text) for text in texts]
+    adapters = ["mixed", "attn-r8", None]
+    together = greedy_logits(engine, prompts, adapters, max_tokens=3)
+    for prompt, adapter, rows in zip(prompts, adapters, together):
+        alone = greedy_logits(engine, [prompt], [adapter], max_tokens=3)[0]
+        for row, solo in zip(rows, alone):
+            torch.testing.assert_close(row, solo, atol=1e-4, rtol=0)
+    for name in ("mixed", "attn-r8"):
+        engine.scheduler.adapters.unregister(name)
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern gives 'q_proj' 0; each value must be a rank \(an integer >= 1\)"),
+    ({"rank_pattern": {"q_proj": 4.0}}, "rank_pattern gives 'q_proj' 4.0"),
+    ({"rank_pattern": {"q_proj": True}}, "rank_pattern gives 'q_proj' True"),
+    ({"alpha_pattern": {"q_proj": "16"}}, r"alpha_pattern gives 'q_proj' '16'; each value must be a lora_alpha"),
+    ({"alpha_pattern": {"q_proj": 1e309}}, "alpha_pattern gives 'q_proj' inf"),
+    ({"rank_pattern": ["q_proj", 4]}, "field 'rank_pattern' must map module names or regular expressions to a rank"),
+    ({"rank_pattern": {"q_proj(": 4}}, r"rank_pattern key 'q_proj\(' is not a regular expression the engine reads"),
+    ({"alpha_pattern": {"q_proj": 1e6}, "rank_pattern": {"v_proj": 1}},
+     r"LoRA scale lora_alpha / r = 1e\+06 \(lora_alpha 1e\+06, r 1\) is over 65504"),
+])  # fmt: skip
+def test_bad_rank_or_alpha_patterns_are_refused_naming_them(adapter_dirs, tmp_path, fields, words):
+    adapter = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "bad")
+    _edit_config(adapter, **fields)
+    with pytest.raises(AdapterError, match=words):
+        read_adapter_spec("bad", adapter)
+
+
+def test_a_backtracking_rank_pattern_is_refused_when_read(adapter_dirs, tmp_path):
+    """Matched with a time limit, as every pattern PEFT matches with `re`."""
+    adapter = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "redos")
+    _edit_config(adapter, rank_pattern={r"(.|.)*\d{5}": 4})
+    started = time.monotonic()
+    with pytest.raises(AdapterError, match=r"rank_pattern .* takes over 0.25 s to match the module name"):
+        read_adapter_spec("redos", adapter)
+    assert time.monotonic() - started < 5
+
+
+def test_weights_of_another_rank_than_the_pattern_gives_are_refused(adapter_dirs, model_dir, tmp_path):
+    """attn-r8 saved at rank 8 everywhere: a rank_pattern giving v_proj 4 contradicts its tensors."""
+    adapter = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "contradicts")
+    _edit_config(adapter, rank_pattern={"v_proj": 4})
+    model = ModelConfig.from_dir(str(model_dir))
+    with pytest.raises(AdapterError, match=r"layer 0 v_proj lora_A has shape \[8, 576\]; adapter_config.json says "
+                                           r"its rank there is 4 \(r, rank_pattern\), so this base model needs "
+                                           r"\[4, 576\]"):
+        check_servable_adapter("contradicts", str(adapter), model, 32)
+
+
+def test_a_pattern_rank_over_the_pools_is_refused_as_the_rank_is(adapter_dirs, model_dir, engine, tmp_path):
+    adapter = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "wide")
+    _edit_config(adapter, rank_pattern={"model.layers.99.self_attn.q_proj": 64})  # no such layer: still counted
+    assert read_adapter_spec("wide", adapter).max_rank == 64
+    with pytest.raises(AdapterError, match=r"has rank 64 \(rank_pattern\); the engine's max_lora_rank is 32"):
+        check_servable_adapter("wide", str(adapter), ModelConfig.from_dir(str(model_dir)), 32)
+    with pytest.raises(ValueError, match=r"has rank 64 \(rank_pattern\); the engine.s max_lora_rank is 32"):
+        engine.register_adapter("wide", str(adapter))
