@@ -45,7 +45,7 @@ def task_status_reply(request_id: str, name: str, store: TaskStore | None, regis
         kept=kept, message=record.message, forward_seconds=record.forward_seconds,
         quantize_seconds=record.quantize_seconds, wall_seconds=end - record.started_at if record.started_at else 0.0,
         peak_rss_bytes=record.peak_rss_bytes,
-        layers_superseded=store.layers_superseded(record),
+        layers_superseded=sum(1 for version in served_at.values() if version > record.version),
         layers_not_served=sum(1 for version in served_at.values() if version < record.version),
         aggregate_change_median=effect.change_median if effect else 0.0,
         aggregate_change_max=effect.change_max if effect else 0.0, change_threshold=threshold,
