@@ -37,6 +37,7 @@ with warnings.catch_warnings():  # Ray 2.60 declares pydantic fields in a deprec
     warnings.simplefilter("ignore", DeprecationWarning)
     from inlaid.integrations.ray import ReplicaBase
     from inlaid.integrations.ray_client import RayTaskClient
+    from inlaid.integrations.ray_holds import TaskHolds
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -80,6 +81,7 @@ class ReplicaWithoutRay(ReplicaBase):
         self.server = server  # type: ignore[assignment]
         self._client: AsyncClient | None = None
         self.loaded: list[str] = []
+        self._holds = TaskHolds()
 
     def __del__(self) -> None:
         pass

@@ -40,6 +40,7 @@ from inlaid.engine.config import ModelConfig
 from inlaid.http.app import create_app
 from inlaid.http.settings import HttpConfig
 from inlaid.integrations.ray_child import ChildServer
+from inlaid.integrations.ray_holds import TaskHolds
 from inlaid.integrations.ray_client import RayTaskClient, ReplicaAnswer, ReplicaInfo, unknown_task_error
 from inlaid.integrations.ray_config import RayDeploymentConfig
 from inlaid.protocol import ErrorReply, HealthReply, HelloReply
@@ -55,6 +56,9 @@ _SERVER_WATCH_S = 0.2
 # the server have been answered: Ray's health check would take three failed periods (~30 s)
 # to replace it, and routes requests to it meanwhile; a dead actor it replaces at once.
 _END_AFTER_SERVER_EXIT_S = 1.0
+# How long `check_health` waits for the server's answer: its coordinator answers health from
+# its event loop in milliseconds, busy executors or not; Ray's own limit is 30 s a check.
+_HEALTH_ANSWER_S = 10.0
 Answer = TypeVar("Answer")
 
 
@@ -104,6 +108,7 @@ class ReplicaBase:
         self.server = ChildServer(server, start_timeout_s, on_exit=self._server_exited)
         self._client: AsyncClient | None = None
         self.loaded: list[str] = []  # tasks Ray holds on this replica, oldest load first
+        self._holds = TaskHolds()
 
     def _sdk(self) -> AsyncClient:
         if self._client is None:  # created on the replica's event loop, where every call runs
@@ -156,6 +161,9 @@ class ReplicaBase:
     async def _load(self, task: str) -> LoadedTask:
         if task not in self.catalog:
             raise unknown_task_error(task, self.catalog)
+        if self._holds.keep(task):  # evicted while its requests ran: still registered, held again
+            self.loaded.append(task)
+            return LoadedTask(task, self._unload, asyncio.get_running_loop())
         for _ in range(_TASK_BUSY_RETRIES):
             try:
                 await self._sdk().add_task(task, self.catalog[task])
@@ -168,9 +176,25 @@ class ReplicaBase:
         return LoadedTask(task, self._unload, asyncio.get_running_loop())
 
     async def _unload(self, task: str) -> None:
+        """Ray evicted the task. Removed from the server once no request of it runs here: a
+        removal while one ran left the task `task_busy` until it ended, and a request for it
+        in the meantime failed with 409 after the load's retries (an outside probe)."""
         if task in self.loaded:
             self.loaded.remove(task)
+        if self._holds.defer_removal(task):
+            return
         await self._sdk().remove_task(task)
+
+    async def _remove_if_unheld(self, task: str) -> None:
+        """The deferred removal, once the task's last request here ended (unless it loaded again)."""
+        if task not in self.loaded and not self._holds.running(task):
+            with contextlib.suppress(InlaidError):  # gone with the server, or removed already
+                await self._sdk().remove_task(task)
+
+    def _end(self, task: str | None) -> None:
+        """A request of `task` (None: the base) ended here."""
+        if self._holds.end(task):
+            self._holds.track(asyncio.ensure_future(self._remove_if_unheld(task)))  # type: ignore[arg-type]
 
     def _check_task(self, task: str) -> None:
         """The server's own checks of a task's adapter (config and every weight), run here
@@ -184,11 +208,19 @@ class ReplicaBase:
             raise InvalidRequestError(f"[invalid_request] {error}") from None
 
     async def _task(self) -> str | None:
+        """The request's task, loaded. It counts as running here from before its load until
+        the caller's `_end(task)`: an eviction meanwhile leaves it on the server till then."""
         task = serve.get_multiplexed_model_id() or None
-        if task is not None:
+        if task is None:
+            return None
+        self._holds.begin(task)
+        try:
             if task not in self.loaded:  # a held task loads nothing and so evicts nothing
                 await asyncio.to_thread(self._check_task, task)  # reads the weights: off the event loop
             await self.load_task(task)
+        except BaseException:
+            self._end(task)
+            raise
         return task
 
     @staticmethod
@@ -206,11 +238,21 @@ class ReplicaBase:
 
     async def _generate(self, arguments: dict[str, Any]) -> Any:
         arguments = self._arguments(self._sdk().generate, arguments)
-        return await self._sdk().generate(task=await self._task(), **arguments)
+        task = await self._task()
+        try:
+            return await self._sdk().generate(task=task, **arguments)
+        finally:
+            self._end(task)
 
-    async def _open_stream(self, arguments: dict[str, Any]) -> Any:
+    async def _open_stream(self, arguments: dict[str, Any]) -> tuple[str | None, Any]:
+        """The task and its open stream; the caller ends the task's hold (`_end`)."""
         arguments = self._arguments(self._sdk().stream, arguments)
-        return await self._sdk().stream(task=await self._task(), **arguments)
+        task = await self._task()
+        try:
+            return task, await self._sdk().stream(task=task, **arguments)
+        except BaseException:
+            self._end(task)
+            raise
 
     async def generate(self, arguments: dict[str, Any]) -> ReplicaAnswer:
         try:
@@ -221,7 +263,11 @@ class ReplicaBase:
 
     async def stream(self, arguments: dict[str, Any]) -> AsyncIterator[Any]:
         try:
-            stream = await self._while_server_runs(self._open_stream(arguments))
+            task, stream = await self._while_server_runs(self._open_stream(arguments))
+        except InlaidError as error:
+            yield ReplicaAnswer(self.replica_id, error=_error_reply(error))
+            return
+        try:
             async with stream:
                 chunks = aiter(stream)
                 while True:
@@ -233,6 +279,8 @@ class ReplicaBase:
             yield ReplicaAnswer(self.replica_id, done=stream.result)
         except InlaidError as error:
             yield ReplicaAnswer(self.replica_id, error=_error_reply(error))
+        finally:
+            self._end(task)
 
     # Raised, not answered: the ingress passes a RayTaskError's InlaidError on as it is.
     async def hello(self) -> HelloReply:
@@ -247,10 +295,18 @@ class ReplicaBase:
         return ReplicaInfo(replica=self.replica_id, pid=os.getpid(), server_pid=self.server.process.pid,
                            loaded_tasks=list(self.loaded), server_tasks=sorted(t.name for t in tasks))
 
-    def check_health(self) -> None:
-        """Ray Serve calls this periodically; raising makes it replace the replica."""
+    async def check_health(self) -> None:
+        """Ray Serve calls this periodically; raising makes it replace the replica. A server
+        that runs but does not answer (stopped, deadlocked) fails it too: requests waited on
+        one until their timeout and Ray kept the replica (an outside probe, SIGSTOP)."""
         if not self.server.alive:
             raise RuntimeError(f"the replica's Inlaid server exited:\n{self.server.logs()[-2000:]}")
+        try:
+            await self._sdk().health(timeout_s=_HEALTH_ANSWER_S)
+        except InlaidError as error:
+            pid = self.server.process.pid if self.server.process is not None else None
+            raise RuntimeError(f"the replica's Inlaid server (pid {pid}) runs but did not answer a health check "
+                               f"within {_HEALTH_ANSWER_S:.0f} s: {error}") from None
 
     def __del__(self) -> None:
         """Ray's graceful shutdown of the replica: stop the server, then close the SDK's
