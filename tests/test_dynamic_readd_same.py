@@ -244,3 +244,39 @@ def test_a_new_name_with_another_tasks_files_and_samples_is_said_to_weigh_them_t
     other = _samples(tmp_path, "other.jsonl", SAMPLES.replace('"q"', '"q2"'))
     text = dynamic.add(dynamic.prepare("qa3", str(adapter), str(other)))
     assert "re-quantization queued" in text and "twice" not in text, text
+
+
+def test_a_checkpoint_tasks_name_given_to_other_files_live_drops_its_hessians(model_dir, tmp_path, adapter,
+                                                                              monkeypatch):
+    """The checkpoint was quantized for `qa` with `adapter`; added live under that name with other
+    files and no samples, on a server with no record or config entry of it, its Hessians stayed
+    in every later job's aggregate and quality gate, without a word (an outside probe). Now they
+    leave it, and the reply says so; the checkpoint's own files keep them, and a name whose files
+    the checkpoint does not record (`code` here) is left as it is."""
+    checkpoint = _checkpoint(tmp_path, [{"name": "qa", "calib_sha256": "0" * 64,
+                                         "adapter_signature": adapter_signature(adapter)}])
+    dynamic, submitted = _dynamic(model_dir, tmp_path, monkeypatch, checkpoint)
+    text = dynamic.add(dynamic.prepare("qa", str(adapter), None))
+    assert "qa" not in dynamic.store.dropped and "leave the aggregate" not in text, text
+    dynamic.remove("qa")
+    dynamic.store.tasks.pop("qa", None)
+    dynamic.store.dropped.clear()
+    text = dynamic.add(dynamic.prepare("qa", str(_changed(adapter, tmp_path)), None))
+    assert dynamic.store.dropped == ["qa"] and submitted == [], text
+    assert ("the Hessians stored for it were computed by the checkpoint's quantization (with other adapter files) "
+            "and leave the aggregate") in text
+    text = dynamic.add(dynamic.prepare("code", str(ADAPTERS / "code"), None))
+    assert "code" not in dynamic.store.dropped and "leave the aggregate" not in text, text
+
+
+def test_a_dotted_name_with_calibration_samples_is_refused_at_the_add(model_dir, tmp_path, adapter, monkeypatch):
+    """Its job loads the adapter into PEFT, which refuses '.' in adapter names: the add was
+    accepted and the job failed, again at every retry the status advised (an outside probe)."""
+    from inlaid.serve.task_registry import TaskError
+
+    dynamic, submitted = _dynamic(model_dir, tmp_path, monkeypatch, _checkpoint(tmp_path, []))
+    with pytest.raises(TaskError, match=r"task 'my\.qa': a task the base is re-quantized for cannot have '\.' in its "
+                                        r"name .* or without calibration samples"):
+        dynamic.prepare("my.qa", str(adapter), str(_samples(tmp_path, "calib.jsonl")))
+    assert "added without calibration samples" in dynamic.add(dynamic.prepare("my.qa", str(adapter), None))
+    assert submitted == []

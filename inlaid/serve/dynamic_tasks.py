@@ -23,11 +23,12 @@ from inlaid.protocol import ErrorCode, ReplacedConfigEntry, TaskStatusReply
 from inlaid.quant.checkpoint_files import read_inlaid_metadata
 from inlaid.quant.errors import CheckpointError
 from inlaid.serve.config import ServerConfig
-from inlaid.serve.hessian_sources import HessianSource, changes_nothing, judge_samples, stored_view, twin_note
+from inlaid.serve.hessian_sources import (HessianSource, changes_nothing, checkpoint_hessians_of_other_files,
+                                          judge_samples, stored_view, twin_note)
 from inlaid.serve.requantization_jobs import RequantizationJobs
 from inlaid.serve.state_gc import hessian_dirs, prune_dropped
 from inlaid.serve.task_inputs import (MAX_CALIBRATION_FILE_BYTES, TaskInputs, check_calibration_file,
-                                      same_adapter_files)
+                                      dotted_name_refusal, same_adapter_files)
 from inlaid.serve.task_records import QUEUED, READY, REQUANTIZING, SERVING, TaskRecord
 from inlaid.serve.task_registry import TaskError, TaskRegistry, check_absolute
 from inlaid.serve.task_restore import restore_tasks
@@ -131,6 +132,8 @@ class DynamicTasks:
         check_absolute(adapter_dir, "adapter_dir")
         if calibration:
             check_absolute(calibration, "calibration")
+            if "." in name and self.store is not None and not self.blocker:
+                raise TaskError(ErrorCode.INVALID_REQUEST, dotted_name_refusal(name))
             check_calibration_file(calibration)
         if self.store is None:
             return TaskInputs(name, adapter_dir, calibration, copied=False)
@@ -171,6 +174,9 @@ class DynamicTasks:
                             served_path=served if serves_as_now else None, stored_view=stored_view(self.store, name))
         if calibration_copy:  # what its Hessians would come from (hashed here: a worker thread)
             judge_samples(inputs, self.store, self.config.engine.quantized_dir, self.num_layers)
+        elif served is None:
+            inputs.checkpoint_hessians_differ = checkpoint_hessians_of_other_files(
+                name, adapter_copy, self.store, self.config.engine.quantized_dir, self.num_layers)
         return inputs
 
     def add(self, inputs: TaskInputs) -> str:
@@ -231,9 +237,11 @@ class DynamicTasks:
         if replaced is not None and replaced.suspended_phase in (QUEUED, REQUANTIZING):  # a held job (task_restore.py)
             text += (f"; its unfinished re-quantization (stopped at layer {replaced.layers_done} of "
                      f"{replaced.layers_total}, held until a restart that can run it) is dropped: this add replaces it")
-        if (record.phase != QUEUED and (replaced is not None or replaced_entry is not None)
-                and not inputs.serves_as_now and not inputs.hessians_from):  # (else they came from these files)
-            dropped_note = self._drop_replaced_hessians(store, name)
+        replaces = ((replaced is not None or replaced_entry is not None)
+                    and not inputs.serves_as_now and not inputs.hessians_from)  # (else they came from these files)
+        if record.phase != QUEUED and (replaces or inputs.checkpoint_hessians_differ):
+            dropped_note = self._drop_replaced_hessians(store, name, "with the adapter it replaces" if replaces else
+                                                        "by the checkpoint's quantization (with other adapter files)")
             text += dropped_note
             inputs.hessians_dropped = bool(dropped_note)
         store.tasks[name] = record
@@ -277,7 +285,8 @@ class DynamicTasks:
             return f"serves no layer of its own: the {replaced}"
         return "changed no layer: the base serves as it was"
 
-    def _drop_replaced_hessians(self, store: TaskStore, name: str) -> str:
+    def _drop_replaced_hessians(self, store: TaskStore, name: str,
+                                whose: str = "with the adapter it replaces") -> str:
         """Another adapter serves `name` now, with no job of its own: the Hessians stored for the
         name, computed with the adapter it replaces, leave the aggregate (every later job weighed
         it and its quality gate by them), as a removal's do. Returns what the reply says of it:
@@ -289,7 +298,7 @@ class DynamicTasks:
         self._prune_dropped(store)  # forgets the name if the state holds nothing of it
         if name not in store.dropped:
             return ""
-        return ("; the Hessians stored for it were computed with the adapter it replaces and leave the aggregate "
+        return (f"; the Hessians stored for it were computed {whose} and leave the aggregate "
                 "(add it with its calibration file to re-quantize the base for this adapter)")
 
     def replaced_config_entry(self, name: str, adapter_dir: str) -> ReplacedConfigEntry | None:

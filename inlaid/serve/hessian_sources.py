@@ -84,6 +84,22 @@ def stored_hessians_match(name: str, signature: str, calib_sha256: str, store: T
     return source if state_dirs is not None and state_holds_task(name, state_dirs, num_layers) else ""
 
 
+def checkpoint_hessians_of_other_files(name: str, adapter_dir: str, store: TaskStore, quantized_dir: str | None,
+                                      num_layers: int) -> bool:
+    """Whether the checkpoint's stored Hessians for `name` were computed with other adapter
+    files than `adapter_dir`'s, for a name this state has no record of (a checkpoint task's
+    name given to another adapter live): they must then leave the aggregate, as a replaced
+    task's do (they kept weighing every later job and its quality gate, without a word: an
+    outside probe). False where the checkpoint does not record the files (unknown)."""
+    if name in store.dropped or name in store.tasks or name in store.hessian_sources:
+        return False
+    recorded = recorded_sources(store, quantized_dir).get(name)
+    if recorded is None or recorded[0] is None or recorded[0] == adapter_signature(adapter_dir):
+        return False
+    state_dirs = hessian_dirs(store.hessian_dir, quantized_dir)
+    return state_dirs is not None and state_holds_task(name, state_dirs, num_layers)
+
+
 def twin_task(name: str, signature: str, calib_sha256: str, store: TaskStore, sources: Sources) -> str:
     """Another task whose stored Hessians came from these very files and samples ("" if none):
     a job for `name` then weighs them twice in the aggregate (an outside probe added a copy of

@@ -39,6 +39,8 @@ class TaskInputs:
     copy_signature: str = ""  # with calibration samples: the adapter copy's signature and the samples' sha256
     calib_sha256: str = ""
     twin: str = ""  # another task whose stored Hessians came from the same files and samples
+    # the checkpoint's Hessians for the name came from other adapter files (no record of it here)
+    checkpoint_hessians_differ: bool = False
     # Set by `DynamicTasks.add` (the AdminReply says them): the name's stored Hessians left the aggregate;
     # the name served these very files already (nothing read again); the config entry it replaces.
     hessians_dropped: bool = False
@@ -67,3 +69,12 @@ def same_adapter_files(first: str, second: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def dotted_name_refusal(name: str) -> str:
+    """Why a task with '.' in its name cannot bring calibration samples: its job loads the
+    adapter into PEFT under the name, which PEFT refuses (the add was accepted and the job
+    failed, again at every retry the status advised: an outside probe)."""
+    return (f"task {name!r}: a task the base is re-quantized for cannot have '.' in its name (the requantizer loads "
+            "its adapter into PEFT, whose adapter names cannot hold one); add it under a name without '.', or "
+            "without calibration samples to serve it on the current base")
