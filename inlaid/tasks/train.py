@@ -150,11 +150,16 @@ def train(config: TrainConfig, command: str = "") -> Path:
     # fp32 here (measured 83 vs 32 GFLOP/s, 1 thread); the LoRA weights stay fp32.
     dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
-    samples = [tokenize_sample(tokenizer, e["messages"], e["reference"]) for e in examples]
-    samples = [s for s in samples if len(s[0]) <= config.max_length]
+    tokenized = [tokenize_sample(tokenizer, e["messages"], e["reference"]) for e in examples]
+    samples = [s for s in tokenized if len(s[0]) <= config.max_length]
     if not samples:
         raise TaskError(f"no training sample of task '{config.task}' fits in {config.max_length} tokens "
                         "(--max-length; longer samples are dropped, not cut)")
+    if len(samples) < len(tokenized):  # said, not only counted in training.json (an outside probe)
+        longest = max(len(s[0]) for s in tokenized)
+        print(f"{len(tokenized) - len(samples)} of {len(tokenized)} training samples of task '{config.task}' are "
+              f"longer than {config.max_length} tokens (--max-length; the longest has {longest}) and are left out, "
+              "not cut", file=sys.stderr)
 
     out_dir = Path(config.out_dir)
     checkpoint = out_dir / CHECKPOINT_DIR
