@@ -230,6 +230,10 @@ class ReplicaBase:
         if not isinstance(arguments, dict) or not all(isinstance(key, str) for key in arguments):
             raise InvalidRequestError(f"[invalid_request] the argument must be a dict of the SDK's keyword "
                                       f"arguments, got {type(arguments).__name__}")
+        if "task" in arguments:  # (bind() said "got multiple values for keyword argument 'task'": a probe)
+            raise InvalidRequestError("[invalid_request] the task is not an argument: it is the handle's "
+                                      "multiplexed_model_id (handle.options(multiplexed_model_id=TASK); '' for the "
+                                      "base model)")
         try:
             inspect.signature(method).bind(task=None, **arguments)
         except TypeError as error:

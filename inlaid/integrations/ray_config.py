@@ -280,8 +280,11 @@ def _validate(config: RayDeploymentConfig) -> None:
     for name in ("app_name", "route_prefix"):
         if not isinstance(getattr(config, name), str) or not getattr(config, name):
             raise ConfigError(f"ray.{name} must be a non-empty string, got {getattr(config, name)!r}")
-    if not config.route_prefix.startswith("/"):
-        raise ConfigError(f"ray.route_prefix must start with '/', got {config.route_prefix!r}")
+    prefix = config.route_prefix
+    if not prefix.startswith("/") or (prefix != "/" and prefix.endswith("/")) or "{" in prefix or "}" in prefix:
+        # Ray Serve's own rule: refused there with a traceback after connecting (an outside probe)
+        raise ConfigError(f"ray.route_prefix must start with '/', not end with one (unless it is '/') and hold no "
+                          f"'{{' or '}}', got {prefix!r}")
     try:
         check_listen_address("ray.http", config.http_host, config.http_port,
                              bool(config.server["server"].get("allow_public_bind", False)), key_joint="_")
