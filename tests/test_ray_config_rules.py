@@ -1,9 +1,11 @@
-"""Ray Serve deploy inputs refused in one line before connecting, by Ray's own rules (outside
-probe, 2026-12-07): a route_prefix Ray refuses passed the config check and failed the deploy
-with Ray's traceback; a `task` among the handle's arguments was refused in bind()'s words."""
+"""Ray Serve deploy fixes (outside probe, 2026-12-07): a route_prefix Ray refuses passed the
+config check and failed the deploy with Ray's traceback; a `task` among the handle's arguments
+was refused in bind()'s words; a deployed command blocked forever once its application was
+deleted or Serve shut down by someone else, and its Ctrl-C then ended in a traceback."""
 
 from __future__ import annotations
 
+import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -55,3 +57,66 @@ def test_a_task_among_the_handles_arguments_names_multiplexed_model_id() -> None
                                                   r"multiplexed_model_id"):
         ReplicaBase._arguments(generate, {"prompt": "hi", "task": "qa"})
     assert ReplicaBase._arguments(generate, {"prompt": "hi"}) == {"prompt": "hi"}
+
+
+class _Serve:
+    """serve.status() and serve.delete as the cluster answers them: `answers` in turn (an
+    exception is raised; a set holds the application names deployed); the last one repeats."""
+
+    def __init__(self, *answers: Any) -> None:
+        self.answers = list(answers)
+        self.calls = 0
+
+    def status(self) -> Any:
+        answer = self.answers[min(self.calls, len(self.answers) - 1)]
+        self.calls += 1
+        if isinstance(answer, Exception):
+            raise answer
+        return types.SimpleNamespace(applications={name: object() for name in answer})
+
+
+def test_the_deployed_command_ends_when_its_application_is_deleted_elsewhere() -> None:
+    from inlaid.integrations.ray_deploy import wait_while_deployed
+
+    serve = _Serve({"inlaid"}, {"inlaid", "other"}, {"other"})
+    assert wait_while_deployed(serve, "inlaid", period_s=0) == ("application 'inlaid' was deleted on the "
+                                                               "cluster, not by this command")
+    assert serve.calls == 3
+
+
+def test_the_deployed_command_ends_when_serve_stops_but_not_on_a_passing_failure() -> None:
+    from inlaid.integrations.ray_deploy import wait_while_deployed
+
+    gone = RuntimeError("There is no Serve instance running on this Ray cluster.")
+    serve = _Serve({"inlaid"}, gone, gone, {"inlaid"}, gone, gone, gone)  # two failures, then back: kept
+    assert wait_while_deployed(serve, "inlaid", period_s=0) == ("Ray Serve stopped on the cluster (RuntimeError: "
+                                                               "There is no Serve instance running on this Ray "
+                                                               "cluster.)")
+    assert serve.calls == 7
+
+
+def test_a_delete_serve_cannot_make_any_more_is_one_line(model_dir: Path, capsys) -> None:
+    """Ctrl-C after Serve was shut down on the cluster: serve.delete raised Ray's ActorDiedError
+    out of the command (an outside probe); now one line says it, and the exit is Ctrl-C's."""
+    import signal
+
+    from inlaid.integrations.ray_deploy import _serve
+
+    def run(*arguments: Any, **options: Any) -> None:  # Ctrl-C while deployed
+        raise KeyboardInterrupt
+
+    def delete(name: str) -> None:
+        raise RuntimeError("The actor died unexpectedly before finishing this task (SERVE_CONTROLLER_ACTOR)")
+
+    serve = types.SimpleNamespace(start=lambda **options: None, run=run, delete=delete)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        code = _serve(ray_config_from_dict(_raw(model_dir)), serve, lambda config: None)
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    assert code == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "inlaid ray: interrupted; deleting application 'inlaid'",
+        "inlaid ray: application 'inlaid' could not be deleted (Ray Serve stopped on the cluster?): RuntimeError: "
+        "The actor died unexpectedly before finishing this task (SERVE_CONTROLLER_ACTOR)"]

@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from inlaid.integrations import ray_deploy
 from inlaid.integrations.ray_config import AUTOSCALING_KEYS, ray_config_from_dict
 from inlaid.integrations.ray_deploy import deploy_failure_reason, deploy_main
 from inlaid.serve.config import ConfigError
@@ -207,6 +208,7 @@ def deploy(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         monkeypatch.setattr(serve, "delete", lambda name: calls["delete"].append(name))
         monkeypatch.setattr(serve, "status", lambda: types.SimpleNamespace(applications={APP: types.SimpleNamespace(
             deployments={"InlaidReplica": _Deployment(details)})}))
+        monkeypatch.setattr(ray_deploy, "wait_while_deployed", lambda serve, app: "")  # as if interrupted there
         stream = capture or io.StringIO()
         monkeypatch.setattr(sys, "stderr", stream)
         try:

@@ -18,11 +18,14 @@ import re
 import signal
 import socket
 import sys
+import time
 from typing import Any
 
 from inlaid.integrations.ray_config import RayDeploymentConfig, load_ray_config
 
 _PROBE_TIMEOUT_S = 5.0  # a TCP connect to the cluster's GCS: a live one accepts at once
+_WATCH_PERIOD_S = 5.0  # how often the deployed command checks that its application is still there
+_WATCH_FAILURES = 3
 _LOCAL_ADDRESSES = ("auto", "local", "")  # ray.init's own words, not a host:port
 
 
@@ -259,6 +262,26 @@ def deploy_main(argv: list[str] | None = None) -> int:
     return _serve(config, serve, build_app)
 
 
+def wait_while_deployed(serve: Any, app_name: str, period_s: float = _WATCH_PERIOD_S) -> str:
+    """Block while the application is deployed on the cluster; why it is not any more. It
+    blocked forever after `serve shutdown` or a delete by someone else, and a Ctrl-C then
+    ended in a traceback (an outside probe). Serve unreachable for `_WATCH_FAILURES` checks in a
+    row counts as stopped (its controller restarting fails a check or two)."""
+    failures = 0
+    while True:
+        time.sleep(period_s)
+        try:
+            applications = serve.status().applications
+        except Exception as error:  # no Serve instance on the cluster any more (its controller is gone)
+            failures += 1
+            if failures >= _WATCH_FAILURES:
+                return f"Ray Serve stopped on the cluster ({type(error).__name__}: {str(error).strip()[:160]})"
+            continue
+        failures = 0
+        if app_name not in applications:
+            return f"application {app_name!r} was deleted on the cluster, not by this command"
+
+
 def _serve(config: RayDeploymentConfig, serve: Any, build_app: Any) -> int:
     """Deploy and block until a signal or a failed deploy; the first SIGINT/SIGTERM deletes the
     application, a second one leaves it as it is, and says so, wherever it arrives: a handler
@@ -282,7 +305,11 @@ def _serve(config: RayDeploymentConfig, serve: Any, build_app: Any) -> int:
             if len(signals) > 1:  # the second signal came before the delete began
                 phase[0] = "done"
                 raise KeyboardInterrupt
-            serve.delete(config.app_name)
+            try:
+                serve.delete(config.app_name)
+            except Exception as error:  # Serve (its controller) gone under the command: a traceback was all
+                print(f"inlaid ray: application {config.app_name!r} could not be deleted (Ray Serve stopped on the "
+                      f"cluster?): {type(error).__name__}: {str(error).strip()[:200]}", file=sys.stderr)
             phase[0] = "done"  # deleted: a signal from here on must not say "left as it is"
         except KeyboardInterrupt:
             phase[0] = "done"
@@ -299,7 +326,10 @@ def _serve(config: RayDeploymentConfig, serve: Any, build_app: Any) -> int:
         if mismatch := proxy_mismatch(config):
             print(f"inlaid ray: {mismatch}", file=sys.stderr)
             return 2
-        serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=True)
+        serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+        if gone := wait_while_deployed(serve, config.app_name):
+            print(f"inlaid ray: {gone}; exiting", file=sys.stderr)
+            return 1
     except KeyboardInterrupt:
         # Ctrl-C ends the deployment this command made: without the delete, the app would
         # keep serving (and holding GPUs) on the cluster after the command is gone.
