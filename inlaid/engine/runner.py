@@ -7,12 +7,14 @@ keys/values go (block tables) and which adapters to load into which slots.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
 import torch
 
 from inlaid.engine.adapter_cache import HOST_ADAPTER_CACHE_POOLS, HostAdapterCache
+from inlaid.engine.adapter_config import AdapterError
 from inlaid.engine.adapter_weights import max_weights_bytes
 from inlaid.engine.attention_groups import attention_group, row_attention_group
 from inlaid.engine.config import EngineConfig, ModelConfig, ModelLoadError
@@ -26,6 +28,7 @@ from inlaid.kernels.attention_native import native_attention_available, native_a
 from inlaid.kernels.dispatch import lora_host_segments
 from inlaid.protocol import AdapterLoad, BatchPlan, ChunkPlan, ErrorCode, SampledToken, SequenceFailure, StepResult
 
+log = logging.getLogger("inlaid.engine")
 _SLICE_OF = {
     "q_proj": ("self_attn.qkv_proj", 0),
     "k_proj": ("self_attn.qkv_proj", 1),
@@ -130,6 +133,7 @@ class ModelRunner:
         self.host_adapters = HostAdapterCache(mc.num_layers, host_adapter_cache, host_adapter_cache_bytes,
                                               max_weights_bytes(mc, config.max_lora_rank))
         self.slot_contents: dict[int, str] = {}  # slot -> adapter path (for introspection and tests)
+        self._load_failures_logged: set[tuple[str, str, str]] = set()
         self.decode_graphs: DecodeGraphs | None = None
         if config.cuda_graphs:
             self.decode_graphs = DecodeGraphs.for_runner(
@@ -243,9 +247,19 @@ class ModelRunner:
         for load in loads:
             try:
                 self.load_adapter(load.slot, load.name, load.path, load.signature)
-            except Exception as error:  # noqa: BLE001 - any failure costs this adapter's sequences only
+            except AdapterError as error:  # the adapter's files: the message says what is wrong with them
                 self.slot_contents.pop(load.slot, None)
                 errors[load.slot] = (load.name, f"adapter {load.name!r} could not be loaded: {error}")
+            except Exception as error:  # noqa: BLE001 - any failure costs this adapter's sequences only
+                self.slot_contents.pop(load.slot, None)
+                errors[load.slot] = (load.name, f"adapter {load.name!r} could not be loaded: "
+                                                f"{type(error).__name__}: {error}")
+                # a fault of the engine's, not of the files: its traceback, once for each such
+                # failure (one message per request, naming no cause, was all: an outside probe)
+                if (seen := (load.name, type(error).__name__, str(error))) not in self._load_failures_logged:
+                    self._load_failures_logged.add(seen)
+                    log.exception("an adapter load failed in the engine", extra={"adapter": load.name,
+                                                                                  "path": load.path})
         return errors
 
     @torch.inference_mode()
