@@ -196,6 +196,24 @@ def test_a_stopped_front_is_killed_and_started_again(server):
     assert code == 200 and json.loads(body)["choices"][0]["text"]
 
 
+def test_a_front_ended_by_sigterm_is_restarted_at_once_and_logged_as_a_warning(server):
+    """A front stopped from outside drains and exits 0: that was an ERROR and a backoff (an
+    outside probe); now a WARNING and a restart with no wait."""
+    (first,) = _front_pids(server)
+    time.sleep(1.5)  # past the second a front must run for its exit 0 to count as clean
+    os.kill(first, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while _front_pids(server) in ([first], []):
+        assert time.monotonic() < deadline, "the ended front was never replaced"
+        time.sleep(0.2)
+    records = [json.loads(line) for line in server.logs().splitlines() if line.startswith("{")]
+    [ended] = [r for r in records if r.get("pid") == first and "restarting it" in r.get("msg", "")]
+    assert (ended["level"], ended["returncode"], ended["delay_s"]) == ("warning", 0, 0.0), ended
+    assert ended["msg"] == "http front ended (exit code 0, stopped from outside?); restarting it"
+    code, _, body = http_request(server, "POST", "/v1/completions", {"model": "attn-r8", "prompt": "Hi", "max_tokens": 2})
+    assert code == 200 and json.loads(body)["choices"][0]["text"]
+
+
 def test_the_front_runs_alone_in_front_of_a_running_server(server):
     port = free_tcp_port()
     front = subprocess.Popen([sys.executable, "-m", "inlaid.cli", "http", "--address", server.address,

@@ -30,6 +30,7 @@ log = logging.getLogger("inlaid.http")
 _BACKLOG = 2048
 _RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 _STABLE_AFTER_S = 30.0  # a front that ran this long restarts without backoff
+_CLEAN_EXIT_AFTER_S = 1.0  # ... and so does one that ran this long and exited 0
 
 
 def _restart_delay(failures: int) -> float:
@@ -130,11 +131,17 @@ class HttpFrontProcess:
                 watch.cancel()
             if self._stopping:
                 return
-            failures = 0 if time.monotonic() - started > _STABLE_AFTER_S else failures + 1
+            ran_s = time.monotonic() - started
+            # exit code 0: it drained and ended on a SIGTERM from outside, no fault of its own (it was
+            # an ERROR and waited out a backoff: an outside probe); one ending at once still backs off
+            clean = code == 0 and ran_s > _CLEAN_EXIT_AFTER_S
+            failures = 0 if clean or ran_s > _STABLE_AFTER_S else failures + 1
             delay = _restart_delay(failures)
             self.restarts += 1
-            log.error("http front exited; restarting it", extra={"pid": self._process.pid, "returncode": code,
-                                                                 "delay_s": delay, "restarts": self.restarts})
+            (log.warning if clean else log.error)(
+                "http front ended (exit code 0, stopped from outside?); restarting it" if clean else
+                "http front exited; restarting it",
+                extra={"pid": self._process.pid, "returncode": code, "delay_s": delay, "restarts": self.restarts})
             await asyncio.sleep(delay)
 
     def command(self, fd: int) -> list[str]:
