@@ -15,7 +15,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -69,6 +69,11 @@ class AdapterSpec:
     # first pattern matching a module's name gives its rank or lora_alpha (`rank_at`, `scale_at`)
     rank_pattern: tuple[tuple[str, int], ...] = ()
     alpha_pattern: tuple[tuple[str, float], ...] = ()
+    # their patterns compiled, and each module's value once found: PEFT's own conversions write
+    # one literal key per module (EVA: 560 keys for 80 layers), past `regex`'s compile cache,
+    # and a slot load asks every module's scale (13 s an adapter uncached: a reviewer)
+    _compiled: dict[str, Any] = dataclass_field(default_factory=dict, compare=False, repr=False)
+    _found: dict[tuple[str, str], Any] = dataclass_field(default_factory=dict, compare=False, repr=False)
 
     @property
     def max_rank(self) -> int:
@@ -78,6 +83,10 @@ class AdapterSpec:
 
     def rank_at(self, layer: int, projection: str) -> int:
         return self._module_value("rank_pattern", self.rank_pattern, layer, projection, self.rank)
+
+    def rank_words(self, rank: int) -> str:
+        """What adapter_config.json says of a module's rank `rank`, for a message."""
+        return f"r={rank}" if not self.rank_pattern else f"its rank there is {rank} (r, rank_pattern)"
 
     def alpha_at(self, layer: int, projection: str) -> float:
         return self._module_value("alpha_pattern", self.alpha_pattern, layer, projection, self.lora_alpha)
@@ -92,10 +101,20 @@ class AdapterSpec:
         """PEFT's `get_pattern_key`: the first pattern that matches the module's whole name or
         its end after a "." (`re.match` of `(.*\\.)?(<pattern>)$`), timed as every pattern."""
         key = _module_name(layer, projection)
+        if (field, key) in self._found:
+            return self._found[field, key]
+        found = default
         for pattern, value in pairs:
-            if self._timed(field, pattern, regex.match, rf"(.*\.)?({pattern})$", key) is not None:
-                return value
-        return default
+            if self._timed(field, pattern, self._compiled_match, rf"(.*\.)?({pattern})$", key) is not None:
+                found = value
+                break
+        self._found[field, key] = found
+        return found
+
+    def _compiled_match(self, full: str, key: str, timeout: float) -> Any:
+        if (compiled := self._compiled.get(full)) is None:
+            compiled = self._compiled[full] = regex.compile(full)
+        return compiled.match(key, timeout=timeout)
 
     @property
     def has_exclusions(self) -> bool:
@@ -306,20 +325,18 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
         rank_pattern=module_values(name, "rank_pattern", config.get("rank_pattern")),
         alpha_pattern=module_values(name, "alpha_pattern", config.get("alpha_pattern")),
     )
-    if spec.has_exclusions or spec.rank_pattern or spec.alpha_pattern:
-        # each pattern timed on module names now, not first at a load
+    if spec.has_exclusions:  # each pattern timed on module names now, not first at a load
         started = time.thread_time()  # this thread's CPU: a busy machine's waits do not count
         for layer in (0, 10, 100):
             for projection in PROJECTIONS:
                 spec.excludes(layer, projection)
-                spec.rank_at(layer, projection)
-                spec.alpha_at(layer, projection)
         if (spent := time.thread_time() - started) > PATTERN_BUDGET_S:
             # each match under the limit, but a check matches ~600 names: a reviewer's
             # `.{15}(.|.)*\d{5}` took 13.9 s of one
-            raise AdapterError(f"adapter {name!r}: the patterns of target_modules / exclude_modules / layers_pattern / "
-                               f"rank_pattern / alpha_pattern took {spent:.2f} s to match 21 module names (a regular "
-                               "expression that backtracks): simplify them")
+            raise AdapterError(f"adapter {name!r}: target_modules / exclude_modules / layers_pattern took "
+                               f"{spent:.2f} s to match 21 module names (a regular expression that backtracks): "
+                               "simplify it")
+    _time_module_values(spec)
     # the largest scale any module can get: the largest |lora_alpha| over the smallest rank
     worst_alpha = max((spec.lora_alpha, *(alpha for _, alpha in spec.alpha_pattern)), key=abs)
     worst_rank = min((rank, *(value for _, value in spec.rank_pattern)))
@@ -329,10 +346,35 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
         raise AdapterError(f"adapter {name!r}: rank is out of range") from None
     if not abs(scale) <= MAX_LORA_SCALE:
         divisor = "sqrt(r)" if spec.use_rslora else "r"
-        raise AdapterError(f"adapter {name!r}: LoRA scale lora_alpha / {divisor} = {scale:.4g} (lora_alpha "
-                           f"{worst_alpha:.4g}, r {worst_rank}) is over {MAX_LORA_SCALE:.0f} in magnitude: its "
-                           "outputs would overflow (trained adapters' scales are far smaller)")
+        which = (f"(lora_alpha {worst_alpha:.4g}, r {worst_rank})" if not (spec.rank_pattern or spec.alpha_pattern)
+                 else f"(the largest |lora_alpha|, {worst_alpha:.4g}, over the smallest r, {worst_rank}, that "
+                      "lora_alpha, r, alpha_pattern and rank_pattern give)")
+        raise AdapterError(f"adapter {name!r}: LoRA scale lora_alpha / {divisor} = {scale:.4g} {which} is over "
+                           f"{MAX_LORA_SCALE:.0f} in magnitude: its outputs would overflow (trained adapters' "
+                           "scales are far smaller)")
     return spec
+
+
+def _time_module_values(spec: AdapterSpec) -> None:
+    """Every rank_pattern / alpha_pattern key tried on 21 module names when the adapter is read,
+    within a budget that grows with their count (PEFT's conversions write one literal key per
+    module: hundreds, microseconds each); checked after each key, so that a backtracking one
+    costs at most its own 21 matches' time limits past the budget."""
+    keys = [(field, pattern) for field, pairs in (("rank_pattern", spec.rank_pattern),
+                                                   ("alpha_pattern", spec.alpha_pattern)) for pattern, _ in pairs]
+    names = [_module_name(layer, projection) for layer in (0, 10, 100) for projection in PROJECTIONS]
+    budget = max(PATTERN_BUDGET_S, _SECONDS_PER_MATCH * len(keys) * len(names))
+    started = time.thread_time()  # this thread's CPU: a busy machine's waits do not count
+    for field, pattern in keys:
+        for key in names:
+            spec._timed(field, pattern, spec._compiled_match, rf"(.*\.)?({pattern})$", key)
+        if (spent := time.thread_time() - started) > budget:
+            raise AdapterError(f"adapter {spec.name!r}: the keys of rank_pattern / alpha_pattern took {spent:.2f} s "
+                               f"to match 21 module names, past {budget:.2f} s at {field} {pattern!r:.80} (a "
+                               "regular expression that backtracks): simplify it")
+
+
+_SECONDS_PER_MATCH = 1e-4  # a module name against a key: ~2 us, its compilation included
 
 
 def is_finite_number(value: object) -> bool:

@@ -101,11 +101,6 @@ def check_rank(spec: AdapterSpec, max_rank: int) -> None:
                            f"{max_rank} (a server's: [executor] max_lora_rank)")
 
 
-def _rank_source(spec: AdapterSpec, rank: int) -> str:
-    """Where the module's rank comes from, for a message."""
-    return f"r={rank}" if rank == spec.rank and not spec.rank_pattern else f"its rank there is {rank} (r, rank_pattern)"
-
-
 def check_servable_adapter(name: str, path: str, model: ModelConfig, max_rank: int) -> AdapterSpec:
     """The adapter's spec, once its config and every weight passed the checks a server runs
     before it serves a task (AdapterError names the first problem). The server's AddTask and
@@ -248,7 +243,7 @@ def _check_names_and_shapes(entries: list[_TensorEntry], spec: AdapterSpec, mode
         expected = (rank, in_features) if half == "A" else (out_features, rank)
         if entry.shape != expected:
             raise AdapterError(f"{where}: layer {layer} {projection} lora_{half} has shape {list(entry.shape)}; "
-                               f"adapter_config.json says {_rank_source(spec, rank)}, so this base model needs "
+                               f"adapter_config.json says {spec.rank_words(rank)}, so this base model needs "
                                f"{list(expected)} "
                                f"({_shape_mismatch_cause(entry.shape, expected, half, projection, model)})")
     # exclude_modules: the projections it matches carry no LoRA; every other target carries both halves

@@ -337,7 +337,7 @@ def load_adapter_tensors(spec: AdapterSpec, num_layers: int,
         if a.shape[0] != (rank := spec.rank_at(layer, projection)) or b.shape[1] != rank:
             raise AdapterError(
                 f"adapter {spec.name!r}: layer {layer} {projection} has rank {a.shape[0]}/{b.shape[1]}, "
-                f"adapter_config.json says {rank} (r, rank_pattern)"
+                f"adapter_config.json says {spec.rank_words(rank)}"
             )
         result[(layer, projection)] = (a, b)
     if not result:

@@ -138,9 +138,10 @@ def _run_to_completion(engine, ids: list[str], results: list[GenerationResult | 
 
 
 def _adapter_rank(path: Path) -> int:
-    import json
+    """The rank the pools must hold for the adapter (rank_pattern's too: `r` alone sized them)."""
+    from inlaid.engine.adapter_config import read_adapter_spec
 
-    return int(json.loads((Path(path) / "adapter_config.json").read_text())["r"])
+    return read_adapter_spec(Path(path).name, path).max_rank
 
 
 def generate_with_peft(model_dir: Path, adapters: dict[str, Path], requests: list[GenerationRequest],
