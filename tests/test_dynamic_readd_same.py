@@ -269,14 +269,22 @@ def test_a_checkpoint_tasks_name_given_to_other_files_live_drops_its_hessians(mo
     assert "code" not in dynamic.store.dropped and "leave the aggregate" not in text, text
 
 
-def test_a_dotted_name_with_calibration_samples_is_refused_at_the_add(model_dir, tmp_path, adapter, monkeypatch):
-    """Its job loads the adapter into PEFT, which refuses '.' in adapter names: the add was
-    accepted and the job failed, again at every retry the status advised (an outside probe)."""
+def test_a_name_peft_refuses_with_calibration_samples_is_refused_at_the_add(model_dir, tmp_path, adapter,
+                                                                           monkeypatch):
+    """Its job loads the adapter into PEFT, which refuses '.' in adapter names and the names of
+    torch's ModuleDict attributes: the add was accepted and the job failed, again at every
+    retry the status advised (an outside probe; a reviewer)."""
     from inlaid.serve.task_registry import TaskError
 
     dynamic, submitted = _dynamic(model_dir, tmp_path, monkeypatch, _checkpoint(tmp_path, []))
-    with pytest.raises(TaskError, match=r"task 'my\.qa': a task the base is re-quantized for cannot have '\.' in its "
-                                        r"name .* or without calibration samples"):
-        dynamic.prepare("my.qa", str(adapter), str(_samples(tmp_path, "calib.jsonl")))
+    samples = str(_samples(tmp_path, "calib.jsonl"))
+    with pytest.raises(TaskError, match=r"task 'my\.qa' cannot have the base re-quantized for it \(PEFT adapter names "
+                                        r"cannot hold a '\.'\): .* or without calibration samples"):
+        dynamic.prepare("my.qa", str(adapter), samples)
+    for name in ("train", "keys"):  # torch's ModuleDict attributes: PEFT's KeyError "attribute ... already exists"
+        with pytest.raises(TaskError, match=rf"task '{name}' cannot have the base re-quantized for it \(PEFT cannot "
+                                            rf"load an adapter named '{name}'"):
+            dynamic.prepare(name, str(adapter), samples)
     assert "added without calibration samples" in dynamic.add(dynamic.prepare("my.qa", str(adapter), None))
-    assert submitted == []
+    assert "re-quantization queued" in dynamic.add(dynamic.prepare("my-qa", str(adapter), samples))
+    assert submitted == ["my-qa"]

@@ -114,13 +114,16 @@ def test_act_order_checkpoint_is_written_and_served(tiny, tmp_path, capsys) -> N
 
 # ---------------------------------------------------------------- 2-7: refused up front, one line
 
-def test_task_name_with_a_dot_is_refused(tiny, tmp_path, capsys, no_model_load) -> None:
+def test_task_name_peft_refuses_is_refused(tiny, tmp_path, capsys, no_model_load) -> None:
     root, model_dir, adapter, calib = tiny
     assert _quantize(model_dir, f"math.v2={adapter}:{calib}", tmp_path / "o") == 2
     _one_line_error(capsys, "'math.v2'", "'-' or '_'")
     checkpoint = _fake_checkpoint(root, model_dir, ["alpha"])
     assert _add(checkpoint, f"math.v2={adapter}:{calib}", tmp_path / "o2") == 2
     _one_line_error(capsys, "'math.v2'")
+    # a name of torch's ModuleDict attributes: PEFT's KeyError once the model was loaded (a reviewer)
+    assert _quantize(model_dir, f"train={adapter}:{calib}", tmp_path / "o3") == 2
+    _one_line_error(capsys, "'train'", "PEFT cannot load an adapter named 'train'")
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")

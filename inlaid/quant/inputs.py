@@ -76,6 +76,22 @@ def task_name_problem(name: str) -> str | None:
         check_task_name(name)  # the server's rule too (reserved '__name__' forms)
     except ConfigError as error:
         return f"--task {error}"
+    if problem := peft_name_problem(name):
+        return f"--task name {name!r}: {problem}"
+    return None
+
+
+def peft_name_problem(name: str) -> str | None:
+    """Why PEFT cannot load an adapter under the name `name`, or None. Its adapter names are
+    keys of torch's ModuleDict / ParameterDict: no '.', and no attribute of theirs (`train`,
+    `eval`, `keys`, `to`...), each refused with a KeyError once the quantizer loads it."""
+    if "." in name:
+        return "PEFT adapter names cannot hold a '.'"
+    import torch
+
+    if hasattr(torch.nn.ModuleDict(), name) or hasattr(torch.nn.ParameterDict(), name):
+        return (f"PEFT cannot load an adapter named {name!r}: it is an attribute of torch's module containers, "
+                "which hold PEFT's adapters by name; choose another name")
     return None
 
 

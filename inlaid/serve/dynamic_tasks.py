@@ -28,7 +28,7 @@ from inlaid.serve.hessian_sources import (HessianSource, changes_nothing, checkp
 from inlaid.serve.requantization_jobs import RequantizationJobs
 from inlaid.serve.state_gc import hessian_dirs, prune_dropped
 from inlaid.serve.task_inputs import (MAX_CALIBRATION_FILE_BYTES, TaskInputs, check_calibration_file,
-                                      dotted_name_refusal, same_adapter_files)
+                                      requantized_name_refusal, same_adapter_files)
 from inlaid.serve.task_records import QUEUED, READY, REQUANTIZING, SERVING, TaskRecord
 from inlaid.serve.task_registry import TaskError, TaskRegistry, check_absolute
 from inlaid.serve.task_restore import restore_tasks
@@ -132,8 +132,8 @@ class DynamicTasks:
         check_absolute(adapter_dir, "adapter_dir")
         if calibration:
             check_absolute(calibration, "calibration")
-            if "." in name and self.store is not None and not self.blocker:
-                raise TaskError(ErrorCode.INVALID_REQUEST, dotted_name_refusal(name))
+            if self.store is not None and not self.blocker and (refusal := requantized_name_refusal(name)):
+                raise TaskError(ErrorCode.INVALID_REQUEST, refusal)
             check_calibration_file(calibration)
         if self.store is None:
             return TaskInputs(name, adapter_dir, calibration, copied=False)

@@ -71,10 +71,13 @@ def same_adapter_files(first: str, second: str) -> bool:
     return True
 
 
-def dotted_name_refusal(name: str) -> str:
-    """Why a task with '.' in its name cannot bring calibration samples: its job loads the
-    adapter into PEFT under the name, which PEFT refuses (the add was accepted and the job
-    failed, again at every retry the status advised: an outside probe)."""
-    return (f"task {name!r}: a task the base is re-quantized for cannot have '.' in its name (the requantizer loads "
-            "its adapter into PEFT, whose adapter names cannot hold one); add it under a name without '.', or "
-            "without calibration samples to serve it on the current base")
+def requantized_name_refusal(name: str) -> str | None:
+    """Why a task named `name` cannot bring calibration samples, or None: its job loads the
+    adapter into PEFT under the name, which PEFT may refuse (a task named `my.task` or `train`
+    was accepted and its job failed, again at every retry the status advised: outside probes)."""
+    from inlaid.quant.inputs import peft_name_problem
+
+    if problem := peft_name_problem(name):
+        return (f"task {name!r} cannot have the base re-quantized for it ({problem}): add it under another name, "
+                "or without calibration samples to serve it on the current base")
+    return None
