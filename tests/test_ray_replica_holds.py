@@ -167,3 +167,53 @@ def test_a_server_that_does_not_answer_fails_the_health_check(replica, server, m
                 await replica._client.close()
 
     asyncio.run(scenario())
+
+
+def test_a_removal_a_new_request_put_off_is_made_when_that_request_ends(replica) -> None:
+    """The deferred removal finds a request begun since (not loaded yet): it waits for that one
+    too. It skipped for good, and a request failing before its load left the task on the
+    server, held by no one (a reviewer)."""
+    async def scenario() -> None:
+        try:
+            await replica.load_task("qa")
+            replica._holds.begin("qa")  # a request of it runs
+            await replica.evict("qa")
+            replica._end("qa")  # it ends: the removal is scheduled...
+            replica._holds.begin("qa")  # ...and another request begins before it runs
+            await asyncio.sleep(0.2)
+            assert await _server_tasks(replica) == ["qa"]  # put off again
+            replica._end("qa")  # that request failed before its load
+            deadline = time.monotonic() + 10
+            while await _server_tasks(replica) != []:
+                assert time.monotonic() < deadline, "the task stayed on the server, held by no one"
+                await asyncio.sleep(0.1)
+        finally:
+            if replica._client is not None:
+                await replica._client.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_opened_as_its_caller_went_away_is_closed_and_its_hold_ended(replica) -> None:
+    """The open finished in the very tick its caller was cancelled: the stream and its task's
+    hold were dropped with the answer, and the task could never be removed (a reviewer)."""
+    class OpenedStream:
+        closed = False
+
+        async def aclose(self) -> None:
+            OpenedStream.closed = True
+
+    async def scenario() -> None:
+        replica._holds.begin("qa")  # as _open_stream's _task() does
+
+        async def opens_as_the_caller_leaves() -> tuple[str, OpenedStream]:
+            caller.cancel()
+            return "qa", OpenedStream()
+
+        caller = asyncio.ensure_future(replica._while_server_runs(opens_as_the_caller_leaves(), replica._drop_stream))
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await asyncio.sleep(0)
+        assert OpenedStream.closed and not replica._holds.running("qa")
+
+    asyncio.run(scenario())

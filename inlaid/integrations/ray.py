@@ -138,25 +138,31 @@ class ReplicaBase:
         return ConnectionLostError(f"[connection_lost] this replica's Inlaid server exited (pid {pid}, exit code "
                                    f"{code}); Ray Serve replaces the replica: retry this request")
 
-    async def _while_server_runs(self, call: Awaitable[Answer]) -> Answer:
+    async def _while_server_runs(self, call: Awaitable[Answer],
+                                 dropped: Callable[[Answer], None] | None = None) -> Answer:
         """`call`'s answer, or `connection_lost` at once when the server is dead or dies while
         it waits: Ray's health check finds a dead server only at its next period, and then
-        waits out the replica's ongoing requests before it replaces the replica."""
+        waits out the replica's ongoing requests before it replaces the replica. `dropped`
+        gets an answer that came as our caller went away (what it holds must be released)."""
         if not self.server.alive:
             if inspect.iscoroutine(call):
                 call.close()  # never awaited: no "coroutine was never awaited" warning
             raise self._server_lost()
         waiting = asyncio.ensure_future(call)
+        returned = False
         try:
             while True:
                 done, _ = await asyncio.wait({waiting}, timeout=_SERVER_WATCH_S)
                 if done:
+                    returned = True
                     return waiting.result()
                 if not self.server.alive:
                     raise self._server_lost()
         finally:
             if not waiting.done():  # the server died, or our caller went away
                 waiting.cancel()
+            elif not returned and dropped is not None and not waiting.cancelled() and waiting.exception() is None:
+                dropped(waiting.result())  # done in the very tick our caller was cancelled
 
     async def _load(self, task: str) -> LoadedTask:
         if task not in self.catalog:
@@ -186,10 +192,19 @@ class ReplicaBase:
         await self._sdk().remove_task(task)
 
     async def _remove_if_unheld(self, task: str) -> None:
-        """The deferred removal, once the task's last request here ended (unless it loaded again)."""
-        if task not in self.loaded and not self._holds.running(task):
-            with contextlib.suppress(InlaidError):  # gone with the server, or removed already
-                await self._sdk().remove_task(task)
+        """The deferred removal, once the task's last request here ended (unless it loaded again;
+        a request begun since defers it again: if it fails before its load, nothing else would)."""
+        if task in self.loaded or self._holds.defer_removal(task):
+            return
+        with contextlib.suppress(InlaidError):  # gone with the server, or removed already
+            await self._sdk().remove_task(task)
+
+    def _drop_stream(self, opened: tuple[str | None, Any]) -> None:
+        """A stream opened for a caller that went away meanwhile: closed, and its task's hold
+        ended (kept, an evicted task stayed on the server for good: a reviewer)."""
+        task, stream = opened
+        self._holds.track(asyncio.ensure_future(stream.aclose()))
+        self._end(task)
 
     def _end(self, task: str | None) -> None:
         """A request of `task` (None: the base) ended here."""
@@ -267,7 +282,7 @@ class ReplicaBase:
 
     async def stream(self, arguments: dict[str, Any]) -> AsyncIterator[Any]:
         try:
-            task, stream = await self._while_server_runs(self._open_stream(arguments))
+            task, stream = await self._while_server_runs(self._open_stream(arguments), self._drop_stream)
         except InlaidError as error:
             yield ReplicaAnswer(self.replica_id, error=_error_reply(error))
             return
