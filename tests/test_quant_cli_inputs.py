@@ -232,7 +232,11 @@ def test_quantize_add_says_replaced(tiny, tmp_path, capsys) -> None:
     other = make_adapter(model_dir, tmp_path / "other", seed=2, scale=0.3)
     capsys.readouterr()
     assert _add(base, f"alpha={other}:{calib}", tmp_path / "plus") == 0
-    assert "alpha replaced" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert f"alpha replaced (its earlier adapter and Hessians are gone) in a copy of {base} -> " in said.out
+    # and before the run, not only at its end (an outside probe)
+    note = f"note: {base} already holds a task 'alpha': in {tmp_path / 'plus'}, this adapter replaces it"
+    assert note in said.err and said.err.index(note) < said.err.index("add alpha:"), said.err
 
 
 def _terminate_after(monkeypatch, module, name: str, calls: int = 1) -> None:

@@ -321,6 +321,10 @@ def run(args: argparse.Namespace) -> int:
                 done = min(done, quantizer.num_layers)
                 for name, why in quantizer.left_out.items():  # (logged too, where logging is configured)
                     print(f"warning: task {name!r} is left out of the aggregate: {why}", file=sys.stderr)
+                if replaced:  # said before the run, not only at its end (an outside probe)
+                    print(f"note: {args.checkpoint} already holds a task {task.name!r}: in {args.out}, this adapter "
+                          "replaces it (its earlier adapter and Hessians leave the aggregate; the checkpoint "
+                          "itself is not changed)", file=sys.stderr)
                 if done:
                     print(f"resuming the interrupted run in {args.out} after {done} finished layers")
                 outcomes = []
@@ -348,7 +352,8 @@ def run(args: argparse.Namespace) -> int:
         raise
     record = addition_record(quantizer, outcomes)
     actions = [d.action for o in outcomes for d in o.decisions]
-    how = "replaced (its earlier adapter and Hessians are gone) in" if replaced else "added to"
+    how = ("replaced (its earlier adapter and Hessians are gone) in a copy of" if replaced
+           else "added to a copy of")
     print(f"{quantizer.task.name} {how} {args.checkpoint} -> {args.out}")
     for action in sorted(set(actions)):
         print(f"  {action}: {actions.count(action)} of {len(actions)} linears")
