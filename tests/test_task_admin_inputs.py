@@ -107,3 +107,43 @@ def test_task_status_counts_the_linears_the_gate_kept_unless_verbose(capsys):
     _print_status(status, as_json=False, verbose=True)
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 + 60 + 1 and lines[-2] == "  kept layer 29 down_proj: task 'qa' would lose 29%"
+
+
+def test_an_added_adapter_naming_another_base_is_said_in_the_reply_and_the_log(model_dir, tmp_path, caplog):
+    """Served (its shapes fit), as `inlaid generate` serves it, but said: the server added it with
+    an INFO line alone (an outside probe)."""
+    import asyncio
+    import logging
+    import shutil
+
+    from inlaid.protocol import AddTask, AdminReply
+    from inlaid.serve.coordinator import Coordinator
+
+    adapter = Path(shutil.copytree(ADAPTERS / "qa", tmp_path / "named"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config,
+                                                             "base_model_name_or_path": "meta-llama/Llama-2-7b-hf"}))
+    coordinator = Coordinator(config_from_dict({"model": {"dir": str(model_dir)},
+                                                "server": {"admin_token": "t" * 16}}, base_dir=tmp_path))
+    replies = []
+    coordinator.task_calls._reply = lambda identity, message: replies.append(message)
+
+    async def add(name: str, directory: Path) -> None:
+        coordinator.task_calls.admin(b"c", AddTask(request_id=name, name=name, adapter_dir=str(directory),
+                                                   token="t" * 16))
+        await asyncio.gather(*coordinator.task_calls.pending)
+
+    inlaid_log, propagated = logging.getLogger("inlaid"), logging.getLogger("inlaid").propagate
+    inlaid_log.propagate = True  # (the server's log set-up stops it; caplog reads the root logger)
+    try:
+        with caplog.at_level(logging.WARNING, logger="inlaid"):
+            asyncio.run(add("named", adapter))
+            asyncio.run(add("plain", ADAPTERS / "qa"))
+    finally:
+        inlaid_log.propagate = propagated
+    named, plain = replies
+    assert isinstance(named, AdminReply) and named.message.endswith(
+        f"; note: adapter 'named' was trained for base model 'meta-llama/Llama-2-7b-hf' (its adapter_config.json's "
+        f"base_model_name_or_path), not this model '{Path(model_dir).name}'; served because its shapes fit")
+    assert isinstance(plain, AdminReply) and "note:" not in plain.message
+    assert [r.getMessage() for r in caplog.records] == ["an added adapter names another base model"]

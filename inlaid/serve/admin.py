@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import msgspec
 
@@ -22,6 +23,7 @@ from inlaid.protocol import (
     TaskStatus,
 )
 from inlaid.serve.dynamic_tasks import DynamicTasks
+from inlaid.tasks.checks import base_model_warnings
 from inlaid.serve.task_registry import TaskError, TaskRegistry
 
 log = logging.getLogger("inlaid.coordinator")
@@ -81,12 +83,19 @@ class TaskCalls:
     async def _add(self, identity: bytes, message: AddTask) -> None:
         try:
             signature = await asyncio.to_thread(self.registry.check_adapter, message.name, message.adapter_dir)
+            # a name of another base in its config: said, as `inlaid generate` says it (the shapes decide)
+            other_base = await asyncio.to_thread(base_model_warnings, Path(self.dynamic.config.engine.model_dir),
+                                                 {message.name: Path(message.adapter_dir)})
             inputs = await asyncio.to_thread(self.dynamic.prepare, message.name, message.adapter_dir,
                                              message.calibration_jsonl or None)
             inputs.signature = signature
             if inputs.copied:  # what is served is the copy: the source may have changed since it was checked
                 inputs.signature = await asyncio.to_thread(self._check_copy, message.name, inputs.adapter_dir)
             text = self.dynamic.add(inputs)
+            for warning in other_base:
+                log.warning("an added adapter names another base model", extra={"task": message.name,
+                                                                                "warning": warning})
+                text += f"; note: {warning}"
             self._done(identity, message, text, inputs.replaced_config_entry, hessians_dropped=inputs.hessians_dropped,
                        already_served=inputs.already_served)
         except TaskError as error:
