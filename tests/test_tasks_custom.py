@@ -33,6 +33,10 @@ def test_every_split_is_the_file_in_the_suites_example_form(tmp_path):
     scores = task.metric(["hi there\nmore", "goodbye", "y"], examples)
     assert scores["exact_match"] == pytest.approx(100 / 3)  # "goodbye" is an accepted answer
     assert scores["rougeL"] == pytest.approx(100 * (2 / 3 + 1 + 0) / 3)  # "hi there" vs "hi": P 1/2, R 1
+    # no reference holds two words: ROUGE-2 is undefined, left out (0.00 beside 100 % exact match: a probe)
+    assert "rouge2" not in scores
+    two_words = [{**examples[0], "reference": "hi there", "answers": ["hi there"]}]
+    assert task.metric(["hi there", "hi"], two_words + examples[:1])["rouge2"] == pytest.approx(100 / 2)
     # any script: rouge-score's default tokenizer kept [a-z0-9] alone, and this scored 0 (a reviewer)
     cyrillic = [{**examples[0], "reference": "Москва", "answers": ["Москва"]}]
     assert task.metric(["Москва столица"], cyrillic)["rougeL"] == pytest.approx(100 * 2 / 3)
