@@ -50,6 +50,41 @@ def test_samples_longer_than_max_length_are_said_to_be_left_out(model_dir: Path,
     config = TrainConfig(task="mine", model_dir=str(model_dir), out_dir=str(tmp_path / "adapter"), rank=2,
                          steps=1, batch_size=1, max_length=64, threads=1, data=str(data))
     train(config)
+    err = capsys.readouterr().err
     assert (f"2 of 5 training samples of task 'mine' are longer than 64 tokens (--max-length; the longest has "
-            f"{max(lengths)}) and are left out, not cut") in capsys.readouterr().err
+            f"{max(lengths)}) and are left out, not cut") in err
+    losses = json.loads((tmp_path / "adapter" / "losses.json").read_text())  # and a summary of the run
+    assert (f"mine: 1 steps of 1 over 3 examples, loss {losses[0]:.3f} (first 1 steps) -> {losses[0]:.3f} (last 1), "
+            in err) and f"adapter and training.json in {tmp_path / 'adapter'}" in err
     assert json.loads((tmp_path / "adapter" / "training.json").read_text())["train_examples_used"] == 3
+
+
+def test_an_interrupted_run_says_what_it_kept_and_how_to_resume(model_dir: Path, tmp_path: Path, monkeypatch,
+                                                                capsys) -> None:
+    """Ctrl-C said "interrupted" alone, though a checkpoint was kept and a rerun resumed it (a probe)."""
+    from inlaid import cli
+    from inlaid.tasks import train as train_module
+
+    data = tmp_path / "tiny.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {word}."}],
+                                        "reference": word}) + "\n" for word in ("yes", "no", "maybe")))
+    real_loss, calls = train_module._loss, []
+
+    def interrupted_on_the_third_step(*arguments, **options):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_loss(*arguments, **options)
+
+    monkeypatch.setattr(train_module, "_loss", interrupted_on_the_third_step)
+    out = tmp_path / "adapter"
+    arguments = ["train-adapter", "--task", f"mine={data}", "--model", str(model_dir), "--out", str(out), "--rank",
+                 "2", "--steps", "5", "--batch-size", "1", "--max-length", "64", "--save-every", "2", "--threads", "1"]
+    assert cli.main(arguments) == 130
+    err = capsys.readouterr().err.splitlines()
+    assert err[-2:] == [f"inlaid train-adapter: the checkpoint of step 2 of 5 is kept in {out / 'checkpoint'}: rerun "
+                        "the same command to resume from it, or add --restart to start over",
+                        "inlaid train-adapter: interrupted"]
+    monkeypatch.setattr(train_module, "_loss", real_loss)
+    assert cli.main(arguments) == 0
+    assert "resuming mine from step 2" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -138,6 +139,8 @@ def train(config: TrainConfig, command: str = "") -> Path:
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    # transformers' deprecation PEFT's training path sets off at every run: not the user's to act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     task = get_task(config.task_spec)
     train_path = task.split_path(config.split)
     data_sha256 = file_sha256(train_path)
@@ -234,6 +237,12 @@ def train(config: TrainConfig, command: str = "") -> Path:
         return out_dir
     save_adapter(model, out_dir, config.save_dtype,
                   {"training.json": json.dumps(info, indent=2), "losses.json": json.dumps(losses)})
+    # what the run did, in a line (the path alone was printed: an outside probe); stdout keeps the path
+    first, last = losses[: min(10, len(losses) // 2 or 1)], losses[-min(10, len(losses) // 2 or 1):]
+    print(f"{config.task}: {config.steps} steps of {config.batch_size} over {len(samples)} examples, loss "
+          f"{sum(first) / len(first):.3f} (first {len(first)} steps) -> {sum(last) / len(last):.3f} (last "
+          f"{len(last)}), {info['seconds_this_run']:.0f} s this run; adapter and training.json in {out_dir}",
+          file=sys.stderr)
     return out_dir
 
 

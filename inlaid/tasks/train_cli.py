@@ -12,7 +12,7 @@ from pathlib import Path
 from inlaid.build_lock import exclusive_run
 from inlaid.cli_args import model_dir_problem, positive_float, positive_int, writable_dir_problem
 from inlaid.tasks.train import TrainConfig, out_problem, train
-from inlaid.tasks.train_files import SAVE_DIRS, settle_checkpoint
+from inlaid.tasks.train_files import SAVE_DIRS, kept_after_interrupt, settle_checkpoint
 
 
 def rank_problem(rank: int) -> str | None:
@@ -47,18 +47,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None,
                         help="base model directory (default: SmolLM2-135M-Instruct in the cache)")
     parser.add_argument("--out", type=Path, default=None, help="adapter directory (default: adapters/<task>)")
-    parser.add_argument("--rank", type=positive_int, default=16)
+    parser.add_argument("--rank", type=positive_int, default=16, help="LoRA rank (default 16)")
     parser.add_argument("--alpha", type=positive_float, default=None, help="lora_alpha (default 2*rank)")
-    parser.add_argument("--steps", type=positive_int, default=200)
-    parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--lr", type=positive_float, default=5e-4)
-    parser.add_argument("--max-length", type=positive_int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--save-every", type=positive_int, default=25)
-    parser.add_argument("--threads", type=positive_int, default=None)
+    parser.add_argument("--steps", type=positive_int, default=200, help="optimizer steps (default 200)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="examples a step (default 8)")
+    parser.add_argument("--lr", type=positive_float, default=5e-4, help="peak learning rate (default 5e-4)")
+    parser.add_argument("--max-length", type=positive_int, default=256,
+                        help="tokens of prompt + answer; longer examples are left out, not cut (default 256)")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and batch order (default 0)")
+    parser.add_argument("--save-every", type=positive_int, default=25,
+                        help="steps between the checkpoints a rerun resumes from (default 25)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--split", default="train", help="split to train on (default train)")
-    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
-    parser.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
+                        help="base weights' precision while training (default bf16; the LoRA trains in fp32)")
+    parser.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                        help="the saved adapter's dtype (default float16)")
     parser.add_argument("--restart", action="store_true",
                         help="discard the checkpoint in --out and retrain, replacing a finished adapter there")
 
@@ -121,6 +125,10 @@ def _run_in(args: argparse.Namespace, name: str, data: str | None, out_dir: Path
         for save_dir in SAVE_DIRS:
             shutil.rmtree(out_dir / save_dir, ignore_errors=True)
     command = "inlaid train-adapter " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    out = train(config, command=command)
+    try:
+        out = train(config, command=command)
+    except KeyboardInterrupt:  # (SIGTERM too) what was kept, before inlaid/cli.py's "interrupted"
+        print(f"inlaid train-adapter: {kept_after_interrupt(out_dir, config.steps)}", file=sys.stderr)
+        raise
     print(out)
     return 0

@@ -37,6 +37,18 @@ def cast_adapter_file(path: Path, dtype_name: str) -> None:
     as_umask_allows(path)
 
 
+def kept_after_interrupt(out_dir: Path, steps: int) -> str:
+    """What an interrupted run kept in `out_dir`, and how to go on (Ctrl-C said "interrupted"
+    alone, though the rerun resumed from a kept checkpoint: an outside probe)."""
+    settle_checkpoint(out_dir)  # a save the interrupt cut short
+    try:
+        step = int(json.loads((Path(out_dir) / CHECKPOINT_DIR / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no checkpoint was saved yet in {out_dir} (--save-every): a rerun starts from step 0"
+    return (f"the checkpoint of step {step} of {steps} is kept in {Path(out_dir) / CHECKPOINT_DIR}: rerun the same "
+            "command to resume from it, or add --restart to start over")
+
+
 def settle_checkpoint(out_dir: Path) -> None:
     """Undo what a kill left of a save (`save_checkpoint`, `save_adapter`): a save cut short
     goes (the checkpoint before it stands), and a checkpoint renamed aside comes back where no
