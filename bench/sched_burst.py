@@ -69,15 +69,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tag", default="", help="the cost model sched_cost_model_TAG.json (default: the committed one)")
     parser.add_argument("--suite-lengths", default=None, help="recorded output lengths (default: the fp32 model's)")
-    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--requests", type=sched_sim.bounded_int(1, sched_sim.MAX_REQUESTS), default=200)
+    parser.add_argument("--out-dir", type=Path, default=sched_sim.RESULTS,
+                        help="folder of the files it writes (default bench/results)")
     args = parser.parse_args(argv)
+    # checked as sched_sim.py checks them: a missing cost model or a bad lengths file was a traceback
+    sched_sim.check_out_dir(parser, args.out_dir)
+    sched_sim.check_cost_model(parser, sched_sim.cost_model_file(args.tag))
+    sched_sim.check_suite_lengths(args.suite_lengths, prog="sched_burst.py")
     report = run(args.tag, args.suite_lengths, args.requests)
     suffix = f"_{args.tag}" if args.tag else ""
-    (sched_sim.RESULTS / f"sched_burst{suffix}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (sched_sim.RESULTS / f"sched_burst{suffix}.md").write_text(markdown(report))
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"sched_burst{suffix}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out_dir / f"sched_burst{suffix}.md").write_text(markdown(report))
     print(markdown(report))
     return report
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(sched_sim.run_script(lambda: main(sys.argv[1:]), "sched_burst.py"))

@@ -292,3 +292,10 @@ def plot_real(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # a library of sched_sim.py and sched_real.py: run as a script, it said nothing
+    import sys
+
+    sys.exit("sched_report.py is a library of tables and plots: run bench/sched_sim.py --render or "
+             "bench/sched_real.py --render to rewrite a report")

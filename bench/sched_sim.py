@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -217,7 +218,32 @@ def _pool(workers: int, suite_lengths: str | None, slots: int, tag: str = ""):
     _load_context(suite_lengths, slots, tag)
     if workers <= 1:
         return None
-    return multiprocessing.get_context("fork").Pool(workers)
+    # Ctrl-C reaches the workers too (one process group): they leave it to this process, which
+    # ends them (each printed a KeyboardInterrupt traceback: an outside probe)
+    return multiprocessing.get_context("fork").Pool(workers, initializer=signal.signal,
+                                                    initargs=(signal.SIGINT, signal.SIG_IGN))
+
+
+def end_pool(pool) -> None:  # noqa: ANN001
+    """Wait for a pool's workers, or end them at once when an exception (Ctrl-C) is on its way."""
+    if pool is None:
+        return
+    if sys.exc_info()[0] is not None:
+        pool.terminate()
+    else:
+        pool.close()
+    pool.join()
+
+
+def run_script(main, name: str) -> int:  # noqa: ANN001
+    """A sweep script's `main`, Ctrl-C included: one line and exit 130 (it wrote nothing: its
+    files are written once the sweep ends), not tracebacks of it and of every worker."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; nothing written (the files are written when the sweep ends)", file=sys.stderr)
+        return 130
+    return 0
 
 
 def _map(pool, jobs: list[dict], desc: str, run=None) -> list[dict]:  # noqa: ANN001
@@ -309,9 +335,7 @@ def _sweep(args: argparse.Namespace, slots: int, suffix: str) -> dict:
         runs = _map(pool, jobs, "simulate")
         long_runs = [] if args.quick else _map(pool, _long_jobs(args.long_run_s, capacity, device), "long run")
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+        end_pool(pool)
     report = {
         "machine_loadavg_before": load_before, "machine_loadavg_after": os.getloadavg(),
         "wall_s": time.perf_counter() - started, "requests_per_run": requests, "slo_scale": SLO_SCALE,
@@ -336,4 +360,4 @@ def _sweep(args: argparse.Namespace, slots: int, suffix: str) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main, "sched_sim.py"))

@@ -31,6 +31,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))  # sched_sim beside this file (bench/ is no package)
 import sched_sim  # noqa: E402
 
+from inlaid.cli_args import fraction  # noqa: E402
 from inlaid.scheduling.autotune import CANDIDATES, choose, resolved_options, score_candidates  # noqa: E402
 
 RESULTS = BENCH / "results"
@@ -71,9 +72,7 @@ def sweep(tag: str, requests: int, load: float, slots: int, workers: int, suite_
                 for t, cv, p in configs for label in ["fifo", *option_sets]]
         runs = sched_sim._map(pool, jobs, "simulate", _run)
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+        sched_sim.end_pool(pool)
     return {"tag": tag, "requests": requests, "load": load, "slots": slots, "option_sets": option_sets,
             "suite_lengths": Path(suite_lengths).name if suite_lengths else "suite_lengths.jsonl",
             "wall_s": time.perf_counter() - started, "loadavg": os.getloadavg(), "runs": runs}
@@ -113,10 +112,12 @@ def write_markdown(report: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tag", default="", help="the cost model sched_cost_model_TAG.json (default: the committed one)")
-    parser.add_argument("--requests", type=int, default=600)
-    parser.add_argument("--load", type=float, default=0.8, help="fraction of FIFO's saturation throughput")
-    parser.add_argument("--slots", type=int, default=sched_sim.SLOTS)
-    parser.add_argument("--workers", type=int, default=2)
+    # each checked here: `--load 0` failed after the saturation runs, `--slots -1` stuck the
+    # simulator, `--load 2` swept 200 % of saturation (an outside probe)
+    parser.add_argument("--requests", type=sched_sim.bounded_int(1, sched_sim.MAX_REQUESTS), default=600)
+    parser.add_argument("--load", type=fraction, default=0.8, help="fraction of FIFO's saturation throughput, in (0, 1]")
+    parser.add_argument("--slots", type=sched_sim.bounded_int(1, sched_sim.MAX_SLOTS), default=sched_sim.SLOTS)
+    parser.add_argument("--workers", type=sched_sim.bounded_int(1, sched_sim.MAX_WORKERS), default=2)
     parser.add_argument("--suite-lengths", default=None,
                         help="recorded output lengths to draw from (default: the fp32 model's; "
                              "inlaid/scheduling/data/suite_lengths_4bit.jsonl: the 4-bit base's)")
@@ -136,4 +137,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(sched_sim.run_script(lambda: main(sys.argv[1:]), "sched_tune.py"))

@@ -48,8 +48,13 @@ def load_suite_lengths(path: str | Path = SUITE_LENGTHS_FILE) -> list[SuiteRecor
         raise IsADirectoryError(f"{path} is a directory; name a JSONL file of recorded requests")
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; write it with `bench/sched_suite_lengths.py`")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:  # (the codec's words alone named no file: an outside probe)
+        raise ValueError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); name a JSONL file of "
+                         "recorded requests") from None
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
                 values = json.loads(line)
