@@ -79,6 +79,7 @@ def test_a_patterned_adapter_in_a_mixed_batch_answers_as_it_does_alone(engine, m
     ({"alpha_pattern": {"q_proj": 1e309}}, "alpha_pattern gives 'q_proj' inf"),
     ({"rank_pattern": ["q_proj", 4]}, "field 'rank_pattern' must map module names or regular expressions to a rank"),
     ({"rank_pattern": {"q_proj(": 4}}, r"rank_pattern key 'q_proj\(' is not a regular expression the engine reads"),
+    ({"alpha_pattern": {f"zz{i}": 4 for i in range(2049)}}, "alpha_pattern holds 2049 keys; at most 2048"),
     ({"alpha_pattern": {"q_proj": 1e6}, "rank_pattern": {"v_proj": 1}},
      r"LoRA scale lora_alpha / r = 1e\+06 \(the largest \|lora_alpha\|, 1e\+06, over the smallest r, 1, that "
      r"lora_alpha, r, alpha_pattern and rank_pattern give\) is over 65504"),

@@ -198,8 +198,8 @@ def test_resume_and_failure_messages_follow_the_job(tmp_path):
         assert "resumed at layer 11" in record.message and "1 of 2" in record.message
         jobs._on_lost("requantizer (pid 8) died (SIGKILL)")  # the second loss of max_attempts = 2
         assert record.phase == FAILED
-        assert ("the requantizer was lost 2 times during this task's job, restarts of the "
-                "server included (the last: requantizer (pid 8) died (SIGKILL))") in record.message
+        assert ("the requantizer was lost 2 times during this task's job, counted across server "
+                "restarts (the last: requantizer (pid 8) died (SIGKILL))") in record.message
         assert "add the task again with its calibration file" in record.message and "from layer 0" in record.message
         assert "new version" in record.message
         await asyncio.sleep(0)

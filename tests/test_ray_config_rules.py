@@ -5,6 +5,7 @@ deleted or Serve shut down by someone else, and its Ctrl-C then ended in a trace
 
 from __future__ import annotations
 
+import time
 import types
 import warnings
 from pathlib import Path
@@ -93,6 +94,27 @@ def test_the_deployed_command_ends_when_serve_stops_but_not_on_a_passing_failure
                                                                "There is no Serve instance running on this Ray "
                                                                "cluster.)")
     assert serve.calls == 7
+
+
+def test_a_controller_that_never_answers_counts_as_stopped() -> None:
+    """Ray's status call waits on the controller with no time limit: a stuck one held the
+    watch for good (a reviewer). Each check now waits at most its period (5 s at least)."""
+    import threading
+
+    from inlaid.integrations import ray_deploy
+
+    stuck = threading.Event()
+
+    class Stuck:
+        def status(self) -> Any:
+            stuck.wait(60)
+
+    started = time.monotonic()
+    said = ray_deploy.wait_while_deployed(Stuck(), "inlaid", period_s=0.01)
+    assert said.startswith("Ray Serve stopped on the cluster (TimeoutError: Serve's controller did not answer "
+                           "within 5 s)"), said
+    assert time.monotonic() - started < 30  # three checks of 5 s
+    stuck.set()
 
 
 def test_a_delete_serve_cannot_make_any_more_is_one_line(model_dir: Path, capsys) -> None:

@@ -72,8 +72,8 @@ class AdapterSpec:
     # their patterns compiled, and each module's value once found: PEFT's own conversions write
     # one literal key per module (EVA: 560 keys for 80 layers), past `regex`'s compile cache,
     # and a slot load asks every module's scale (13 s an adapter uncached: a reviewer)
-    _compiled: dict[str, Any] = dataclass_field(default_factory=dict, compare=False, repr=False)
-    _found: dict[tuple[str, str], Any] = dataclass_field(default_factory=dict, compare=False, repr=False)
+    _compiled: dict[str, Any] = dataclass_field(default_factory=dict, init=False, compare=False, repr=False)
+    _found: dict[tuple[str, str], Any] = dataclass_field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
     def max_rank(self) -> int:

@@ -92,6 +92,11 @@ def layer_selection(name: str, layers: Any, pattern: Any) -> dict[str, Any]:
     return {"layers_to_transform": tuple(layers), "layers_pattern": tuple(patterns)}
 
 
+# PEFT's conversions write one key per module (7 a layer); a key matching nothing is still tried
+# on every module at a load: 20,000 such keys took ~30 s of an 80-layer model's first load (a reviewer)
+MAX_MODULE_KEYS = 2048
+
+
 def module_values(name: str, field: str, value: Any) -> tuple[tuple[str, Any], ...]:
     """PEFT's rank_pattern (field "rank_pattern": ranks) or alpha_pattern (lora_alphas): a JSON
     object from module names or regular expressions to values, as (pattern, value) pairs in
@@ -103,6 +108,9 @@ def module_values(name: str, field: str, value: Any) -> tuple[tuple[str, Any], .
     if not isinstance(value, dict):
         raise AdapterError(f"adapter {name!r}: adapter_config.json field {field!r} must map module names or regular "
                            f"expressions to a {wanted}, got {value!r:.80}")
+    if len(value) > MAX_MODULE_KEYS:  # each key is tried on every module name a load asks about
+        raise AdapterError(f"adapter {name!r}: {field} holds {len(value)} keys; at most {MAX_MODULE_KEYS} are "
+                           "accepted (one a module of a 128-layer model is 896)")
     pairs: list[tuple[str, Any]] = []
     for pattern, entry in value.items():
         if field == "rank_pattern":

@@ -133,7 +133,7 @@ class ModelRunner:
         self.host_adapters = HostAdapterCache(mc.num_layers, host_adapter_cache, host_adapter_cache_bytes,
                                               max_weights_bytes(mc, config.max_lora_rank))
         self.slot_contents: dict[int, str] = {}  # slot -> adapter path (for introspection and tests)
-        self._load_failures_logged: set[tuple[str, str, str]] = set()
+        self._load_failures_logged: set[tuple[str, str]] = set()  # (adapter, exception type)
         self.decode_graphs: DecodeGraphs | None = None
         if config.cuda_graphs:
             self.decode_graphs = DecodeGraphs.for_runner(
@@ -256,7 +256,7 @@ class ModelRunner:
                                                 f"{type(error).__name__}: {error}")
                 # a fault of the engine's, not of the files: its traceback, once for each such
                 # failure (one message per request, naming no cause, was all: an outside probe)
-                if (seen := (load.name, type(error).__name__, str(error))) not in self._load_failures_logged:
+                if (seen := (load.name, type(error).__name__)) not in self._load_failures_logged:
                     self._load_failures_logged.add(seen)
                     log.exception("an adapter load failed in the engine", extra={"adapter": load.name,
                                                                                   "path": load.path})

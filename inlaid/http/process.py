@@ -31,6 +31,7 @@ _BACKLOG = 2048
 _RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 _STABLE_AFTER_S = 30.0  # a front that ran this long restarts without backoff
 _CLEAN_EXIT_AFTER_S = 1.0  # ... and so does one that ran this long and exited 0
+_CLEAN_RESTART_DELAY_S = 0.2
 
 
 def _restart_delay(failures: int) -> float:
@@ -136,13 +137,15 @@ class HttpFrontProcess:
             # an ERROR and waited out a backoff: an outside probe); one ending at once still backs off
             clean = code == 0 and ran_s > _CLEAN_EXIT_AFTER_S
             failures = 0 if clean or ran_s > _STABLE_AFTER_S else failures + 1
-            delay = _restart_delay(failures)
+            # a clean exit waits a moment: a SIGTERM sent to the server's whole group reaches the
+            # front as the server's own begins its stop, which must not get a fresh front (a reviewer)
+            delay = _CLEAN_RESTART_DELAY_S if clean else _restart_delay(failures)
             self.restarts += 1
             (log.warning if clean else log.error)(
                 "http front ended (exit code 0, stopped from outside?); restarting it" if clean else
                 "http front exited; restarting it",
                 extra={"pid": self._process.pid, "returncode": code, "delay_s": delay, "restarts": self.restarts})
-            await asyncio.sleep(delay)
+            await asyncio.sleep(delay)  # (the loop's test reads `_stopping` again after it)
 
     def command(self, fd: int) -> list[str]:
         """The front's command line, listening on the bound socket `fd`: it carries every

@@ -18,6 +18,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
@@ -271,7 +272,7 @@ def wait_while_deployed(serve: Any, app_name: str, period_s: float = _WATCH_PERI
     while True:
         time.sleep(period_s)
         try:
-            applications = serve.status().applications
+            applications = _applications_within(serve, max(period_s, _PROBE_TIMEOUT_S))
         except Exception as error:  # no Serve instance on the cluster any more (its controller is gone)
             failures += 1
             if failures >= _WATCH_FAILURES:
@@ -280,6 +281,28 @@ def wait_while_deployed(serve: Any, app_name: str, period_s: float = _WATCH_PERI
         failures = 0
         if app_name not in applications:
             return f"application {app_name!r} was deleted on the cluster, not by this command"
+
+
+def _applications_within(serve: Any, timeout_s: float) -> Any:
+    """serve.status().applications, or TimeoutError: Ray's status call waits on its controller
+    with no time limit (a stuck one held the watch for good: a reviewer). The asking thread
+    is a daemon: one left waiting does not hold the command's exit."""
+    answer: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            answer["applications"] = serve.status().applications
+        except Exception as error:  # handed to the caller
+            answer["error"] = error
+
+    asking = threading.Thread(target=ask, name="serve-status", daemon=True)
+    asking.start()
+    asking.join(timeout_s)
+    if asking.is_alive():
+        raise TimeoutError(f"Serve's controller did not answer within {timeout_s:.0f} s")
+    if "error" in answer:
+        raise answer["error"]
+    return answer["applications"]
 
 
 def _serve(config: RayDeploymentConfig, serve: Any, build_app: Any) -> int:

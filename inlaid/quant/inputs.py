@@ -91,7 +91,7 @@ def peft_name_problem(name: str) -> str | None:
 
     if hasattr(torch.nn.ModuleDict(), name) or hasattr(torch.nn.ParameterDict(), name):
         return (f"PEFT cannot load an adapter named {name!r}: it is an attribute of torch's module containers, "
-                "which hold PEFT's adapters by name; choose another name")
+                "which hold PEFT's adapters by name")
     return None
 
 

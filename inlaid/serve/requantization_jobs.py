@@ -308,7 +308,7 @@ class RequantizationJobs(LayerSwaps):
         record.attempts += 1
         if record.attempts >= self.config.requantizer.max_attempts:
             self._end_job(record, ok=False, error=f"the requantizer was lost {record.attempts} times during this "
-                                                  f"task's job, restarts of the server included (the last: {reason})")
+                                                  f"task's job, counted across server restarts (the last: {reason})")
         else:
             # a layer at the executors still (kept above) is committed, most likely, before it resumes
             if self._live is not None and self._live.job_id == job_id(record):

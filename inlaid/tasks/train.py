@@ -129,6 +129,14 @@ def _loss(peft_model, input_ids, attention, labels):
 
 
 def train(config: TrainConfig, command: str = "") -> Path:
+    """Train (or resume, or find finished) the adapter of `config`; its directory."""
+    with warnings.catch_warnings():  # only here: a caller's own filters stay as they were
+        # transformers' deprecation PEFT's training path sets off at every run: not the user's to act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return _train(config, command)
+
+
+def _train(config: TrainConfig, command: str) -> Path:
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
     from tqdm import tqdm
@@ -139,8 +147,6 @@ def train(config: TrainConfig, command: str = "") -> Path:
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    # transformers' deprecation PEFT's training path sets off at every run: not the user's to act on
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     task = get_task(config.task_spec)
     train_path = task.split_path(config.split)
     data_sha256 = file_sha256(train_path)
