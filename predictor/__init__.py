@@ -9,7 +9,7 @@ bounded memory, refits off the caller's thread, saves and loads its state) and
 from inlaid.predictor.evaluate import evaluate_predictions, evaluate_report, length_bucket
 from inlaid.predictor.features import FeatureHasher
 from inlaid.predictor.model import LengthPredictor, LengthSample, TaskMeanPredictor
-from inlaid.predictor.online import OnlineLengthPredictor, PredictorStateError
+from inlaid.predictor.online import OnlineLengthPredictor, PredictorStateError, TokenizerIdentity
 
 __all__ = [
     "FeatureHasher",
@@ -17,6 +17,7 @@ __all__ = [
     "LengthSample",
     "OnlineLengthPredictor",
     "PredictorStateError",
+    "TokenizerIdentity",
     "TaskMeanPredictor",
     "evaluate_predictions",
     "evaluate_report",

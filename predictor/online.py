@@ -20,6 +20,7 @@ import zipfile
 import zlib
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from glob import escape as glob_escape
 from pathlib import Path
 
@@ -51,6 +52,7 @@ class OnlineLengthPredictor:
         refit_every: int = 64,
         background: bool = True,
         state_path: str | Path | None = None,
+        tokenizer: TokenizerIdentity | None = None,
     ) -> None:
         if capacity < 1 or per_task_capacity < 1 or refit_every < 0:
             raise ValueError("capacity and per_task_capacity must be >= 1, refit_every >= 0")
@@ -60,6 +62,8 @@ class OnlineLengthPredictor:
         self.refit_every = refit_every
         self.background = background
         self.state_path = Path(state_path) if state_path else None  # saved after each refit and on close
+        # whose token ids its features hash: saved with the state, and a state of another's refused
+        self.tokenizer = tokenizer
         self._rows: dict[str, deque[_Row]] = {}
         self._size = 0
         self._since_fit = 0
@@ -177,6 +181,9 @@ class OnlineLengthPredictor:
                     lengths.append(len(index))
                     indices.append(index)
                     values.append(value)
+        if self.tokenizer is not None:
+            state["tokenizer_sha256"] = np.asarray(self.tokenizer.sha256)
+            state["tokenizer_model"] = np.asarray(self.tokenizer.model)
         state["reservoir_tasks"] = np.asarray(tasks, dtype=str)
         state["reservoir_targets"] = np.asarray(targets, dtype=np.float64)
         state["reservoir_lengths"] = np.asarray(lengths, dtype=np.int64)
@@ -219,6 +226,7 @@ class OnlineLengthPredictor:
                 reason = "not an .npz archive"
             raise PredictorStateError(f"{path} is not a length predictor state written by Inlaid ({reason:.200}); "
                                       "delete or move it to start with a fresh predictor") from None
+        _check_tokenizer(path, state, predictor.tokenizer)
         offsets = np.concatenate([[0], np.cumsum(state["reservoir_lengths"])])
         for position, (task, target) in enumerate(zip(state["reservoir_tasks"], state["reservoir_targets"])):
             rows = predictor._rows.setdefault(str(task), deque())
@@ -226,6 +234,29 @@ class OnlineLengthPredictor:
             rows.append((state["reservoir_indices"][start:end], state["reservoir_values"][start:end], float(target)))
             predictor._size += 1
         return predictor
+
+
+@dataclass(frozen=True)
+class TokenizerIdentity:
+    """Whose token ids a predictor's features hash: the model's name (for messages) and the
+    sha256 of its tokenizer file (what decides)."""
+    model: str
+    sha256: str
+
+
+def _check_tokenizer(path: Path, state: dict[str, np.ndarray], tokenizer: TokenizerIdentity | None) -> None:
+    """PredictorStateError for a state learned on another tokenizer's ids: loaded without a
+    word, it predicted this model's requests from another vocabulary's n-grams (an outside
+    probe). A state that names none (written by `python -m inlaid.predictor train`, or before
+    states named it) is taken as it is."""
+    if tokenizer is None or "tokenizer_sha256" not in state:
+        return
+    saved = str(state["tokenizer_sha256"])
+    if saved != tokenizer.sha256:
+        learned_on = str(state["tokenizer_model"]) if "tokenizer_model" in state else "another model"
+        raise PredictorStateError(f"{path} was learned on the token ids of {learned_on!r}, whose tokenizer is not "
+                                  f"this server's ({tokenizer.model!r}): its length predictions would not hold; "
+                                  "point [scheduler] predictor_state at another file, or move this one away")
 
 
 _LEFTOVER_AGE_S = 600.0  # a save takes seconds: a temporary file this old is no save in progress

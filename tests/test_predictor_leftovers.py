@@ -75,3 +75,35 @@ def test_evaluate_names_the_test_tasks_it_never_trained_on(tmp_path: Path,
     assert main(["evaluate", "--train", str(train), "--test", str(seen)]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["unseen_tasks"] == [] and captured.err == ""
+
+
+def test_a_state_learned_on_another_tokenizer_is_refused_and_its_own_loads(model_dir: Path, tmp_path: Path) -> None:
+    """A state named no model: one learned on another vocabulary's token ids loaded without a
+    word and predicted from those n-grams (an outside probe). The server names its tokenizer."""
+    import hashlib
+
+    from inlaid.predictor import PredictorStateError, TokenizerIdentity
+    from inlaid.serve.config import ConfigError
+    from inlaid.serve.scheduler_config import load_policy, predictor_tokenizer
+
+    ours = predictor_tokenizer(str(model_dir))
+    assert ours == TokenizerIdentity(model=Path(model_dir).name,
+                                     sha256=hashlib.sha256((Path(model_dir) / "tokenizer.json").read_bytes()).hexdigest())
+    other = TokenizerIdentity(model="Llama-2-7b-hf", sha256="0" * 64)
+    state = tmp_path / "learned.npz"
+    learned = _fitted()
+    learned.tokenizer = other
+    learned.save(state)
+    with pytest.raises(PredictorStateError, match=rf"{state} was learned on the token ids of 'Llama-2-7b-hf', whose "
+                                                  rf"tokenizer is not this server's \('{Path(model_dir).name}'\)"):
+        OnlineLengthPredictor.load(state, tokenizer=ours)
+    with pytest.raises(ConfigError, match=r"\[scheduler\]: .* was learned on the token ids of 'Llama-2-7b-hf'"):
+        load_policy("inlaid", {"predictor_state": str(state)}, announce=False, tokenizer=ours)
+    restored = OnlineLengthPredictor.load(state, tokenizer=other)  # its own tokenizer: as saved
+    assert restored.predict("sum", [3, 4]) == learned.predict("sum", [3, 4])
+    unnamed = tmp_path / "unnamed.npz"  # `python -m inlaid.predictor train` names none: taken as it is
+    _fitted().save(unnamed)
+    adopted = OnlineLengthPredictor.load(unnamed, tokenizer=ours)
+    adopted.save(unnamed)  # and saved with this server's from then on
+    with pytest.raises(PredictorStateError, match="whose tokenizer is not this server's"):
+        OnlineLengthPredictor.load(unnamed, tokenizer=other)

@@ -7,7 +7,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from inlaid.cli_args import MAX_SECONDS, type_words
 from inlaid.engine.scheduler import FifoPolicy, SchedulingPolicy
@@ -16,6 +16,9 @@ from inlaid.scheduling.mlfq import MlfqOptions, MlfqPolicy
 from inlaid.scheduling.srtf import InlaidOptions, InlaidPolicy
 from inlaid.scheduling.step_log import StepLogPolicy
 from inlaid.scheduling.vtc import VtcOptions, VtcPolicy
+
+if TYPE_CHECKING:  # the predictor (numpy) loads only where a policy needs it
+    from inlaid.predictor import TokenizerIdentity
 
 # The server's logger: these lines belong to its start-up and shutdown story.
 log = logging.getLogger("inlaid.coordinator")
@@ -64,14 +67,15 @@ def parse_options(name: str, raw: Mapping[str, Any] | None) -> Any:
 
 
 def make_policy(name: str, raw_options: Mapping[str, Any] | None = None, *,
-                length_model: LengthModel | None = None) -> SchedulingPolicy:
-    """A policy by name; `length_model` replaces the one the options would build (simulator)."""
+                length_model: LengthModel | None = None, tokenizer: TokenizerIdentity | None = None) -> SchedulingPolicy:
+    """A policy by name; `length_model` replaces the one the options would build (simulator);
+    `tokenizer`: whose token ids the served requests hold (a server's base model)."""
     options = parse_options(name, raw_options)
     policy: SchedulingPolicy
     if name == "fifo":
         policy = FifoPolicy()
     elif name == "inlaid":
-        policy = InlaidPolicy(options, length_model or build_length_model(options))
+        policy = InlaidPolicy(options, length_model or build_length_model(options, tokenizer))
     elif name == "mlfq":
         policy = MlfqPolicy(options)
     else:
@@ -85,7 +89,7 @@ def with_common_options(policy: SchedulingPolicy, raw_options: Mapping[str, Any]
     return StepLogPolicy(policy, str(step_log)) if step_log else policy
 
 
-def build_length_model(options: InlaidOptions) -> LengthModel:
+def build_length_model(options: InlaidOptions, tokenizer: TokenizerIdentity | None = None) -> LengthModel:
     from inlaid.predictor import OnlineLengthPredictor, TaskMeanPredictor
 
     if options.predictor == "exact":
@@ -94,14 +98,15 @@ def build_length_model(options: InlaidOptions) -> LengthModel:
         return TaskMeanPredictor()
     path = options.predictor_state or None
     if path and os.path.exists(path):
-        loaded = OnlineLengthPredictor.load(path, refit_every=options.predictor_refit_every, state_path=path)
+        loaded = OnlineLengthPredictor.load(path, refit_every=options.predictor_refit_every, state_path=path,
+                                            tokenizer=tokenizer)
         # Which file the server learns from and how much it holds: a restart that starts
         # from nothing (a path typo, a wiped volume) is otherwise told apart only by worse JCT.
         log.info("length predictor state loaded", extra={"path": path, "records": loaded.size})
         return loaded
     if path:
         log.info("length predictor starts untrained; its state will be saved", extra={"path": path})
-    return OnlineLengthPredictor(refit_every=options.predictor_refit_every, state_path=path)
+    return OnlineLengthPredictor(refit_every=options.predictor_refit_every, state_path=path, tokenizer=tokenizer)
 
 
 def describe_policy(policy: SchedulingPolicy) -> dict[str, Any]:

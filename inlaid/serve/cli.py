@@ -180,10 +180,11 @@ def _policies(config, options: dict | None = None):  # type: ignore[no-untyped-d
     reason); the others share its length model, so that predictions learn from every
     executor's finished requests and one state file is saved."""
     from inlaid.scheduling.registry import POLICY_NAMES, make_policy
-    from inlaid.serve.scheduler_config import load_policy
+    from inlaid.serve.scheduler_config import load_policy, predictor_tokenizer
 
     options = config.policy_options() if options is None else options
-    made = [load_policy(config.policy, options)]
+    tokenizer = predictor_tokenizer(config.engine.model_dir) if config.policy == "inlaid" else None
+    made = [load_policy(config.policy, options, tokenizer=tokenizer)]
     shared = getattr(made[0], "length_model", None)
 
     def factory():  # type: ignore[no-untyped-def]
@@ -191,7 +192,7 @@ def _policies(config, options: dict | None = None):  # type: ignore[no-untyped-d
             return made.pop()
         if shared is not None and config.policy in POLICY_NAMES:
             return make_policy(config.policy, options, length_model=shared)
-        return load_policy(config.policy, options, announce=False)  # the first one's log line names it
+        return load_policy(config.policy, options, announce=False, tokenizer=tokenizer)  # (the first one's log)
 
     return factory
 

@@ -62,7 +62,7 @@ def _check_scheduler_files(config: ServerConfig, options: Any) -> None:
         from inlaid.predictor import OnlineLengthPredictor
 
         try:
-            OnlineLengthPredictor.load(state)
+            OnlineLengthPredictor.load(state, tokenizer=predictor_tokenizer(config.engine.model_dir))
         except ValueError as error:  # PredictorStateError: names the file and what to do
             raise ConfigError(f"scheduler.predictor_state: {error}") from None
 
@@ -91,11 +91,12 @@ def _check_autotune(config: ServerConfig) -> None:
             raise ConfigError(f"scheduler.autotune_lengths: {error}") from None
 
 
-def load_policy(spec: str, options: dict[str, Any] | None = None, announce: bool = True) -> Any:
+def load_policy(spec: str, options: dict[str, Any] | None = None, announce: bool = True,
+                tokenizer: Any = None) -> Any:
     """The scheduling policy named by server.policy with its [scheduler] options; None means
     the engine's FIFO. `announce`: log the policy and its options (once a server, not once
-    an executor)."""
-    policy = _make_policy(spec, options)
+    an executor); `tokenizer`: the served model's (`predictor_tokenizer`)."""
+    policy = _make_policy(spec, options, tokenizer)
     if announce:
         from inlaid.scheduling.registry import describe_policy
 
@@ -104,14 +105,29 @@ def load_policy(spec: str, options: dict[str, Any] | None = None, announce: bool
     return policy
 
 
-def _make_policy(spec: str, options: dict[str, Any] | None) -> Any:
+def predictor_tokenizer(model_dir: str) -> Any:
+    """Whose token ids the length predictor learns from: the served base's tokenizer file,
+    by its sha256 (None where it has none: nothing to check a state against)."""
+    import hashlib
+
+    from inlaid.predictor import TokenizerIdentity
+
+    path = Path(model_dir) / "tokenizer.json"
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+    return TokenizerIdentity(model=Path(model_dir).name, sha256=digest)
+
+
+def _make_policy(spec: str, options: dict[str, Any] | None, tokenizer: Any = None) -> Any:
     from inlaid.scheduling.registry import POLICY_NAMES, make_policy, with_common_options
 
     if spec == "fifo" and not options:
         return None
     if spec in POLICY_NAMES:
         try:
-            return make_policy(spec, options)
+            return make_policy(spec, options, tokenizer=tokenizer)
         except ValueError as error:
             raise ConfigError(f"[scheduler]: {error}") from None
     module_name, _, attribute = spec.partition(":")
