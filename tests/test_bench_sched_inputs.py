@@ -82,3 +82,18 @@ def _parent(pid: int) -> int:
 def test_the_report_library_run_as_a_script_says_what_to_run() -> None:
     done = subprocess.run([sys.executable, str(BENCH / "sched_report.py"), "--help"], capture_output=True, text=True)
     assert done.returncode == 1 and "run bench/sched_sim.py --render" in done.stderr
+
+
+def test_the_simulator_report_states_the_fair_variants_bound(tmp_path) -> None:
+    """`inlaid+fair` was labelled with no bound: beside its meter's gap it read as the least fair."""
+    import json
+
+    import sched_report
+
+    from inlaid.scheduling.experiment import MAIN_VARIANTS
+
+    report = json.loads((BENCH / "results" / "sched_sim.json").read_text())
+    sched_report.write_sim_markdown(report, tmp_path / "sim.md")
+    [fair] = [v for v in MAIN_VARIANTS if v.label == "inlaid+fair"]
+    assert (f"inlaid+fair: inlaid with `fairness_bound = {fair.options['fairness_bound']:g}` (tokens of VTC's cost"
+            in (tmp_path / "sim.md").read_text())
