@@ -100,9 +100,14 @@ def policy_table(runs: list[dict], scale: str, loads: tuple | None = None) -> li
     return lines
 
 
-def _fairness_bound() -> float:
+def _fairness_bound(report: dict) -> float:
+    """inlaid+fair's bound in this sweep: as it recorded it, else (sweeps before they did, all
+    since the bound became 500 on 2026-12-02) the code's."""
     from inlaid.scheduling.experiment import MAIN_VARIANTS
 
+    recorded = report.get("variant_options", {}).get("inlaid+fair")
+    if recorded is not None:
+        return recorded["fairness_bound"]
     return next(v.options["fairness_bound"] for v in MAIN_VARIANTS if v.label == "inlaid+fair")
 
 
@@ -126,7 +131,7 @@ def write_sim_markdown(report: dict, path: Path) -> None:
         "Saturation throughput (FIFO, requests/s): " + ", ".join(
             f"{k} {v:.2f}" for k, v in report["capacity_rps"].items()), "",
         # (the fair variant read as the least fair of all, its bound and its meter unsaid: a probe)
-        f"inlaid+fair: inlaid with `fairness_bound = {_fairness_bound():g}` (tokens of VTC's cost: input + 2 x "
+        f"inlaid+fair: inlaid with `fairness_bound = {_fairness_bound(report):g}` (tokens of VTC's cost: input + 2 x "
         "output). Its bound holds on the policy's own counters; the service gap below is the sweep's meter, "
         "which counts pauses as backlog, and can read higher (docs/scheduling.md, Limits).", "",
     ]

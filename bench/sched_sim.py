@@ -241,7 +241,8 @@ def run_script(main, name: str) -> int:  # noqa: ANN001
     try:
         main()
     except KeyboardInterrupt:
-        print(f"{name}: interrupted; nothing written (the files are written when the sweep ends)", file=sys.stderr)
+        print(f"{name}: interrupted; the sweep in progress wrote nothing (each sweep writes its files as it ends)",
+              file=sys.stderr)
         return 130
     return 0
 
@@ -347,6 +348,7 @@ def _sweep(args: argparse.Namespace, slots: int, suffix: str) -> dict:
         "runs": runs, "long_runs": long_runs, "ablations": [v.label for v in ABLATIONS],
         "oracles": [v.label for v in ORACLES], "oracle_references": [v.label for v in ORACLE_REFERENCES],
         "variants": [v.label for v in MAIN_VARIANTS],
+        "variant_options": {v.label: v.options for v in MAIN_VARIANTS},  # what a later --render states
     }
     out_dir = args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)

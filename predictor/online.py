@@ -64,6 +64,7 @@ class OnlineLengthPredictor:
         self.state_path = Path(state_path) if state_path else None  # saved after each refit and on close
         # whose token ids its features hash: saved with the state, and a state of another's refused
         self.tokenizer = tokenizer
+        self.adopted = False  # loaded from a state that named no tokenizer (`load`)
         self._rows: dict[str, deque[_Row]] = {}
         self._size = 0
         self._since_fit = 0
@@ -227,6 +228,8 @@ class OnlineLengthPredictor:
             raise PredictorStateError(f"{path} is not a length predictor state written by Inlaid ({reason:.200}); "
                                       "delete or move it to start with a fresh predictor") from None
         _check_tokenizer(path, state, predictor.tokenizer)
+        # a state that names no tokenizer is taken as this server's (and saved so): said by the caller
+        predictor.adopted = predictor.tokenizer is not None and "tokenizer_sha256" not in state
         offsets = np.concatenate([[0], np.cumsum(state["reservoir_lengths"])])
         for position, (task, target) in enumerate(zip(state["reservoir_tasks"], state["reservoir_targets"])):
             rows = predictor._rows.setdefault(str(task), deque())
@@ -254,9 +257,11 @@ def _check_tokenizer(path: Path, state: dict[str, np.ndarray], tokenizer: Tokeni
     saved = str(state["tokenizer_sha256"])
     if saved != tokenizer.sha256:
         learned_on = str(state["tokenizer_model"]) if "tokenizer_model" in state else "another model"
-        raise PredictorStateError(f"{path} was learned on the token ids of {learned_on!r}, whose tokenizer is not "
-                                  f"this server's ({tokenizer.model!r}): its length predictions would not hold; "
-                                  "point [scheduler] predictor_state at another file, or move this one away")
+        raise PredictorStateError(f"{path} was learned on the token ids of {learned_on} (tokenizer {saved[:12]}), "
+                                  f"not on this server's tokenizer ({tokenizer.model}, tokenizer "
+                                  f"{tokenizer.sha256[:12]}: its vocabulary, normalizer or pre-tokenizer differ): its "
+                                  "length predictions would not hold; point [scheduler] predictor_state at another "
+                                  "file, or move this one away to start afresh")
 
 
 _LEFTOVER_AGE_S = 600.0  # a save takes seconds: a temporary file this old is no save in progress

@@ -63,11 +63,16 @@ def test_ctrl_c_during_a_sweep_is_one_line_and_exit_130(tmp_path) -> None:
             break
         time.sleep(0.2)
     time.sleep(1.0)  # into the saturation runs
-    os.killpg(sweep.pid, signal.SIGINT)
-    _, err = sweep.communicate(timeout=60)
+    try:
+        os.killpg(sweep.pid, signal.SIGINT)
+        _, err = sweep.communicate(timeout=60)
+    finally:  # one that did not end (the old code's hung workers) must not outlive the test
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+            sweep.wait()
     assert sweep.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == (
-        "sched_sim.py: interrupted; nothing written (the files are written when the sweep ends)")
+        "sched_sim.py: interrupted; the sweep in progress wrote nothing (each sweep writes its files as it ends)")
     assert not list(tmp_path.glob("sched_sim*"))
 
 
@@ -97,3 +102,6 @@ def test_the_simulator_report_states_the_fair_variants_bound(tmp_path) -> None:
     [fair] = [v for v in MAIN_VARIANTS if v.label == "inlaid+fair"]
     assert (f"inlaid+fair: inlaid with `fairness_bound = {fair.options['fairness_bound']:g}` (tokens of VTC's cost"
             in (tmp_path / "sim.md").read_text())
+    report["variant_options"] = {"inlaid+fair": {"fairness_bound": 2000.0}}  # a sweep's own record first
+    sched_report.write_sim_markdown(report, tmp_path / "sim.md")
+    assert "inlaid+fair: inlaid with `fairness_bound = 2000`" in (tmp_path / "sim.md").read_text()

@@ -77,33 +77,57 @@ def test_evaluate_names_the_test_tasks_it_never_trained_on(tmp_path: Path,
     assert json.loads(captured.out)["unseen_tasks"] == [] and captured.err == ""
 
 
-def test_a_state_learned_on_another_tokenizer_is_refused_and_its_own_loads(model_dir: Path, tmp_path: Path) -> None:
+def test_a_state_learned_on_another_tokenizer_is_refused_and_its_own_loads(model_dir: Path, tmp_path: Path,
+                                                                            caplog) -> None:
     """A state named no model: one learned on another vocabulary's token ids loaded without a
-    word and predicted from those n-grams (an outside probe). The server names its tokenizer."""
-    import hashlib
+    word and predicted from those n-grams (an outside probe). The server names its tokenizer
+    by what decides the ids: a re-save (other padding, other indentation) is the same one."""
+    import logging
 
     from inlaid.predictor import PredictorStateError, TokenizerIdentity
-    from inlaid.serve.config import ConfigError
+    from inlaid.serve.config import ConfigError, load_config
     from inlaid.serve.scheduler_config import load_policy, predictor_tokenizer
 
     ours = predictor_tokenizer(str(model_dir))
-    assert ours == TokenizerIdentity(model=Path(model_dir).name,
-                                     sha256=hashlib.sha256((Path(model_dir) / "tokenizer.json").read_bytes()).hexdigest())
-    other = TokenizerIdentity(model="Llama-2-7b-hf", sha256="0" * 64)
+    resaved = tmp_path / "resaved"
+    resaved.mkdir()
+    tokenizer = json.loads((Path(model_dir) / "tokenizer.json").read_text())
+    (resaved / "tokenizer.json").write_text(json.dumps({**tokenizer, "padding": {"length": 7}}, indent=4))
+    assert predictor_tokenizer(str(resaved)).sha256 == ours.sha256  # the ids are the same
+    renamed = dict(tokenizer["model"]["vocab"])
+    renamed["zzz-new-token"] = renamed.pop(next(iter(renamed)))
+    (resaved / "tokenizer.json").write_text(json.dumps({**tokenizer, "model": {**tokenizer["model"], "vocab": renamed}}))
+    assert predictor_tokenizer(str(resaved)).sha256 != ours.sha256  # another vocabulary
+    other = TokenizerIdentity(model="/models/Llama-2-7b-hf", sha256="0" * 64)
     state = tmp_path / "learned.npz"
     learned = _fitted()
     learned.tokenizer = other
     learned.save(state)
-    with pytest.raises(PredictorStateError, match=rf"{state} was learned on the token ids of 'Llama-2-7b-hf', whose "
-                                                  rf"tokenizer is not this server's \('{Path(model_dir).name}'\)"):
+    refusal = (rf"{state} was learned on the token ids of /models/Llama-2-7b-hf \(tokenizer 000000000000\), not on "
+               rf"this server's tokenizer \({Path(model_dir).resolve()}, tokenizer {ours.sha256[:12]}: ")
+    with pytest.raises(PredictorStateError, match=refusal):
         OnlineLengthPredictor.load(state, tokenizer=ours)
-    with pytest.raises(ConfigError, match=r"\[scheduler\]: .* was learned on the token ids of 'Llama-2-7b-hf'"):
+    with pytest.raises(ConfigError, match=r"\[scheduler\]: .* was learned on the token ids of /models/Llama-2-7b-hf"):
         load_policy("inlaid", {"predictor_state": str(state)}, announce=False, tokenizer=ours)
+    config = tmp_path / "server.toml"  # and where a server reads its config, before anything starts
+    config.write_text(f'[model]\ndir = "{model_dir}"\n[server]\npolicy = "inlaid"\n'
+                      f'[scheduler]\npredictor_state = "{state}"\n')
+    with pytest.raises(ConfigError, match="scheduler.predictor_state: .* was learned on the token ids of"):
+        load_config(config)
     restored = OnlineLengthPredictor.load(state, tokenizer=other)  # its own tokenizer: as saved
-    assert restored.predict("sum", [3, 4]) == learned.predict("sum", [3, 4])
-    unnamed = tmp_path / "unnamed.npz"  # `python -m inlaid.predictor train` names none: taken as it is
+    assert restored.predict("sum", [3, 4]) == learned.predict("sum", [3, 4]) and not restored.adopted
+    unnamed = tmp_path / "unnamed.npz"  # `python -m inlaid.predictor train` names none: taken, and said
     _fitted().save(unnamed)
-    adopted = OnlineLengthPredictor.load(unnamed, tokenizer=ours)
+    from inlaid.scheduling.registry import build_length_model, parse_options
+
+    inlaid_log, propagated = logging.getLogger("inlaid"), logging.getLogger("inlaid").propagate
+    inlaid_log.propagate = True
+    try:
+        with caplog.at_level(logging.WARNING, logger="inlaid"):
+            adopted = build_length_model(parse_options("inlaid", {"predictor_state": str(unnamed)}), ours)
+    finally:
+        inlaid_log.propagate = propagated
+    assert adopted.adopted and any("names no tokenizer" in r.getMessage() for r in caplog.records)
     adopted.save(unnamed)  # and saved with this server's from then on
-    with pytest.raises(PredictorStateError, match="whose tokenizer is not this server's"):
+    with pytest.raises(PredictorStateError, match="not on this server's tokenizer"):
         OnlineLengthPredictor.load(unnamed, tokenizer=other)

@@ -96,25 +96,36 @@ def test_the_deployed_command_ends_when_serve_stops_but_not_on_a_passing_failure
     assert serve.calls == 7
 
 
-def test_a_controller_that_never_answers_counts_as_stopped() -> None:
-    """Ray's status call waits on the controller with no time limit: a stuck one held the
-    watch for good (a reviewer). Each check now waits at most its period (5 s at least)."""
+def test_a_controller_slow_to_answer_is_waited_on_one_question_at_a_time(monkeypatch) -> None:
+    """Ray's status call waits on the controller with no time limit: a stuck one held the watch
+    in that call (a reviewer), and ending the command on a slow one left the application
+    serving with no owner (another): the watch waits on the same question, asks no other
+    meanwhile, and reads the answer when it comes."""
     import threading
 
     from inlaid.integrations import ray_deploy
 
-    stuck = threading.Event()
+    monkeypatch.setattr(ray_deploy, "_PROBE_TIMEOUT_S", 0.05)
+    slow = threading.Event()
 
-    class Stuck:
+    class Slow:
+        calls = 0
+
         def status(self) -> Any:
-            stuck.wait(60)
+            Slow.calls += 1
+            if Slow.calls == 1:
+                slow.wait(60)
+                return types.SimpleNamespace(applications={"inlaid": object()})
+            return types.SimpleNamespace(applications={})
 
-    started = time.monotonic()
-    said = ray_deploy.wait_while_deployed(Stuck(), "inlaid", period_s=0.01)
-    assert said.startswith("Ray Serve stopped on the cluster (TimeoutError: Serve's controller did not answer "
-                           "within 5 s)"), said
-    assert time.monotonic() - started < 30  # three checks of 5 s
-    stuck.set()
+    said: list[str] = []
+    watch = threading.Thread(target=lambda: said.append(ray_deploy.wait_while_deployed(Slow(), "inlaid", 0.01)))
+    watch.start()
+    time.sleep(0.5)  # ten periods
+    assert watch.is_alive() and Slow.calls == 1 and said == []
+    slow.set()
+    watch.join(10)
+    assert said == ["application 'inlaid' was deleted on the cluster, not by this command"] and Slow.calls == 2
 
 
 def test_a_delete_serve_cannot_make_any_more_is_one_line(model_dir: Path, capsys) -> None:

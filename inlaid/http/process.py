@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 from inlaid.http.settings import HttpConfig
 
@@ -89,8 +90,12 @@ def _listening(family: int, address: tuple, protocol: int = 0, v6_only: bool = F
 
 
 class HttpFrontProcess:
-    def __init__(self, server_address: str, config: HttpConfig, log_level: str, log_format: str) -> None:
+    def __init__(self, server_address: str, config: HttpConfig, log_level: str, log_format: str,
+                 server_stopping: Callable[[], bool] = lambda: False) -> None:
+        """`server_stopping()`: the server has begun its stop (a front that ends then is not
+        started again: a SIGTERM to the whole cgroup reaches the front as the server drains)."""
         self.server_address = server_address
+        self._server_stopping = server_stopping
         self.config = config
         self.log_level = log_level
         self.log_format = log_format
@@ -130,22 +135,24 @@ class HttpFrontProcess:
                 code = await self._process.wait()
             finally:
                 watch.cancel()
-            if self._stopping:
+            if self._stopping or self._server_stopping():
                 return
             ran_s = time.monotonic() - started
             # exit code 0: it drained and ended on a SIGTERM from outside, no fault of its own (it was
             # an ERROR and waited out a backoff: an outside probe); one ending at once still backs off
             clean = code == 0 and ran_s > _CLEAN_EXIT_AFTER_S
             failures = 0 if clean or ran_s > _STABLE_AFTER_S else failures + 1
-            # a clean exit waits a moment: a SIGTERM sent to the server's whole group reaches the
-            # front as the server's own begins its stop, which must not get a fresh front (a reviewer)
+            # a clean exit waits a moment: a SIGTERM to the server's whole cgroup reaches the front as
+            # the server's own begins its stop, which must not get a fresh front (a reviewer)
             delay = _CLEAN_RESTART_DELAY_S if clean else _restart_delay(failures)
             self.restarts += 1
             (log.warning if clean else log.error)(
                 "http front ended (exit code 0, stopped from outside?); restarting it" if clean else
                 "http front exited; restarting it",
                 extra={"pid": self._process.pid, "returncode": code, "delay_s": delay, "restarts": self.restarts})
-            await asyncio.sleep(delay)  # (the loop's test reads `_stopping` again after it)
+            await asyncio.sleep(delay)
+            if self._server_stopping():
+                return
 
     def command(self, fd: int) -> list[str]:
         """The front's command line, listening on the bound socket `fd`: it carries every

@@ -266,14 +266,20 @@ def deploy_main(argv: list[str] | None = None) -> int:
 def wait_while_deployed(serve: Any, app_name: str, period_s: float = _WATCH_PERIOD_S) -> str:
     """Block while the application is deployed on the cluster; why it is not any more. It
     blocked forever after `serve shutdown` or a delete by someone else, and a Ctrl-C then
-    ended in a traceback (an outside probe). Serve unreachable for `_WATCH_FAILURES` checks in a
-    row counts as stopped (its controller restarting fails a check or two)."""
+    ended in a traceback (an outside probe). Serve answering with an error `_WATCH_FAILURES`
+    checks in a row counts as stopped (its controller restarting fails a check or two). A
+    controller that does not answer at all (slow, failing over) is waited on, one question at
+    a time: the command keeps its application, as Ctrl-C still does (ending the command on a
+    slow answer left the application serving with no owner: a reviewer)."""
     failures = 0
+    asking: _StatusQuestion | None = None
     while True:
         time.sleep(period_s)
-        try:
-            applications = _applications_within(serve, max(period_s, _PROBE_TIMEOUT_S))
-        except Exception as error:  # no Serve instance on the cluster any more (its controller is gone)
+        asking = asking or _StatusQuestion(serve)
+        if not asking.answered(max(period_s, _PROBE_TIMEOUT_S)):
+            continue  # Ray's status call has no time limit: the same question, waited on again
+        error, applications, asking = asking.error, asking.applications, None
+        if error is not None:  # no Serve instance on the cluster any more (its controller is gone)
             failures += 1
             if failures >= _WATCH_FAILURES:
                 return f"Ray Serve stopped on the cluster ({type(error).__name__}: {str(error).strip()[:160]})"
@@ -283,26 +289,24 @@ def wait_while_deployed(serve: Any, app_name: str, period_s: float = _WATCH_PERI
             return f"application {app_name!r} was deleted on the cluster, not by this command"
 
 
-def _applications_within(serve: Any, timeout_s: float) -> Any:
-    """serve.status().applications, or TimeoutError: Ray's status call waits on its controller
-    with no time limit (a stuck one held the watch for good: a reviewer). The asking thread
-    is a daemon: one left waiting does not hold the command's exit."""
-    answer: dict[str, Any] = {}
+class _StatusQuestion:
+    """serve.status() asked in a daemon thread (one left waiting does not hold the exit)."""
 
-    def ask() -> None:
+    def __init__(self, serve: Any) -> None:
+        self.applications: Any = None
+        self.error: Exception | None = None
+        self._thread = threading.Thread(target=self._ask, args=(serve,), name="serve-status", daemon=True)
+        self._thread.start()
+
+    def _ask(self, serve: Any) -> None:
         try:
-            answer["applications"] = serve.status().applications
-        except Exception as error:  # handed to the caller
-            answer["error"] = error
+            self.applications = serve.status().applications
+        except Exception as error:  # handed to the watch
+            self.error = error
 
-    asking = threading.Thread(target=ask, name="serve-status", daemon=True)
-    asking.start()
-    asking.join(timeout_s)
-    if asking.is_alive():
-        raise TimeoutError(f"Serve's controller did not answer within {timeout_s:.0f} s")
-    if "error" in answer:
-        raise answer["error"]
-    return answer["applications"]
+    def answered(self, timeout_s: float) -> bool:
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
 
 
 def _serve(config: RayDeploymentConfig, serve: Any, build_app: Any) -> int:

@@ -103,6 +103,11 @@ def build_length_model(options: InlaidOptions, tokenizer: TokenizerIdentity | No
         # Which file the server learns from and how much it holds: a restart that starts
         # from nothing (a path typo, a wiped volume) is otherwise told apart only by worse JCT.
         log.info("length predictor state loaded", extra={"path": path, "records": loaded.size})
+        if loaded.adopted:  # (one learned on another model before states named theirs passed unseen)
+            log.warning("the length predictor state names no tokenizer (an older version's, or `python -m "
+                        "inlaid.predictor train`'s): taken as learned on this server's model, and saved with its "
+                        "tokenizer from now on; move it away if it was learned on another model",
+                        extra={"path": path, "records": loaded.size, "model": tokenizer.model if tokenizer else ""})
         return loaded
     if path:
         log.info("length predictor starts untrained; its state will be saved", extra={"path": path})

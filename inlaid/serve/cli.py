@@ -316,7 +316,7 @@ def serve(config, policies=None) -> int:  # type: ignore[no-untyped-def]
                 from inlaid.addresses import local_address
 
                 front = HttpFrontProcess(local_address(config.address), config.http, config.log_level,
-                                         config.log_format)
+                                         config.log_format, server_stopping=coordinator.shutdown_begun)
                 front.bind()
         except OSError as error:
             ports = {"metrics": config.metrics and f"{config.metrics.host}:{config.metrics.port}",

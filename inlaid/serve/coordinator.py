@@ -258,6 +258,9 @@ class Coordinator:
         self.in_flight.fail_all(ErrorCode.SHUTTING_DOWN, "the server shut down before this request finished")
         self.task_calls.refuse_pending()
 
+    def shutdown_begun(self) -> bool:
+        return self._shutdown.is_set()
+
     def _on_loop_ended(self, task: asyncio.Task[None]) -> None:
         # The loops only end when cancelled at shutdown; anything else would leave a server
         # that answers nothing, so exit (1) and let the service manager start a fresh one.

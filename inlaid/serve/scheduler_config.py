@@ -106,18 +106,25 @@ def load_policy(spec: str, options: dict[str, Any] | None = None, announce: bool
 
 
 def predictor_tokenizer(model_dir: str) -> Any:
-    """Whose token ids the length predictor learns from: the served base's tokenizer file,
-    by its sha256 (None where it has none: nothing to check a state against)."""
+    """Whose token ids the length predictor learns from: the served base's tokenizer, by the
+    sha256 of what decides a text's ids (tokenizer.json's model, added tokens, normalizer and
+    pre-tokenizer, as canonical JSON: a re-save or a new padding setting changes nothing);
+    None where there is no tokenizer.json to read (nothing to check a state against)."""
     import hashlib
+    import json
 
     from inlaid.predictor import TokenizerIdentity
 
     path = Path(model_dir) / "tokenizer.json"
     try:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
+        tokenizer = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
-    return TokenizerIdentity(model=Path(model_dir).name, sha256=digest)
+    if not isinstance(tokenizer, dict):
+        return None
+    deciding = {key: tokenizer.get(key) for key in ("model", "added_tokens", "normalizer", "pre_tokenizer")}
+    digest = hashlib.sha256(json.dumps(deciding, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return TokenizerIdentity(model=str(Path(model_dir).resolve()), sha256=digest)
 
 
 def _make_policy(spec: str, options: dict[str, Any] | None, tokenizer: Any = None) -> Any:
