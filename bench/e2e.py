@@ -84,7 +84,7 @@ def server_config(system: System, settings: E2eSettings, tasks: dict[str, Path],
     from inlaid.engine.adapter_config import read_adapter_spec
 
     executor.update(max_lora_slots=min(settings.max_lora_slots, len(tasks)), num_kv_blocks=settings.num_kv_blocks,
-                    max_lora_rank=max(read_adapter_spec(n, p).max_rank for n, p in tasks.items()))
+                    max_lora_rank=max(read_adapter_spec(n, p).rank for n, p in tasks.items()))
     if system.quantized:
         model["quantized_dir"] = str(quantized_dir)
         if bf16_head(system, settings):

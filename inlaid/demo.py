@@ -52,7 +52,7 @@ def executor_options(adapters: dict[str, Path]) -> dict[str, Any]:
     from inlaid.engine.adapter_config import read_adapter_spec
     from inlaid.kernels.dense_cpu import native_bf16
 
-    ranks = [read_adapter_spec(name, str(path)).max_rank for name, path in adapters.items()]
+    ranks = [read_adapter_spec(name, str(path)).rank for name, path in adapters.items()]
     options: dict[str, Any] = {"max_lora_slots": len(adapters), "max_lora_rank": max(ranks), "num_kv_blocks": KV_BLOCKS}
     if native_bf16():
         options["weight_dtype"] = "bfloat16"
@@ -203,7 +203,7 @@ def print_memory(sizes, memory, checkpoint: Path, adapters: dict[str, Path], opt
     dense_rest = sizes.embedding_params + sizes.other_params
     quantized = checkpoint_projection_bytes(checkpoint)
     adapter_bytes = sum((path / "adapter_model.safetensors").stat().st_size for path in adapters.values())
-    ranks = [read_adapter_spec(name, str(path)).max_rank for name, path in adapters.items()]
+    ranks = [read_adapter_spec(name, str(path)).rank for name, path in adapters.items()]
     print("\n== memory (MB = 10^6 bytes) ==")
     print(f"{'base weights':<44} {'fp32':>10} {'bf16':>10} {'4-bit':>10}")
     print(f"{'  projections (' + str(projections // 10**6) + 'M params)':<44} {4 * projections / MB:>7.0f} MB "

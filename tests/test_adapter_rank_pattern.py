@@ -112,14 +112,27 @@ def test_weights_of_another_rank_than_the_pattern_gives_are_refused(adapter_dirs
         check_servable_adapter("contradicts", str(adapter), model, 32)
 
 
-def test_a_pattern_rank_over_the_pools_is_refused_as_the_rank_is(adapter_dirs, model_dir, engine, tmp_path):
-    adapter = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "wide")
-    _edit_config(adapter, rank_pattern={"model.layers.99.self_attn.q_proj": 64})  # no such layer: still counted
-    assert read_adapter_spec("wide", adapter).max_rank == 64
-    with pytest.raises(AdapterError, match=r"has rank 64 \(rank_pattern\); the engine's max_lora_rank is 32"):
-        check_servable_adapter("wide", str(adapter), ModelConfig.from_dir(str(model_dir)), 32)
-    with pytest.raises(ValueError, match=r"has rank 64 \(rank_pattern\); the engine.s max_lora_rank is 32"):
-        engine.register_adapter("wide", str(adapter))
+def test_a_pattern_rank_over_the_pools_is_refused_and_one_matching_no_module_counts_for_nothing(
+        adapter_dirs, model_dir, engine, tmp_path):
+    """A key matching no module builds nothing in PEFT (a warning): it was counted against
+    max_lora_rank and refused here (an outside probe). A rank a module gets is counted."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = ModelConfig.from_dir(str(model_dir))
+    unmatched = copy_adapter(adapter_dirs["attn-r8"], tmp_path, "unmatched")
+    _edit_config(unmatched, rank_pattern={"model.layers.99.self_attn.q_proj": 64})  # no such layer
+    assert read_adapter_spec("unmatched", unmatched).rank_used(model.num_layers) == 8
+    check_servable_adapter("unmatched", str(unmatched), model, 32)
+    engine.register_adapter("unmatched", str(unmatched))
+    engine.scheduler.adapters.unregister("unmatched")
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 40})
+                   ).save_pretrained(str(tmp_path / "wide"))
+    with pytest.raises(AdapterError, match=r"has rank 40 \(rank_pattern\); the engine's max_lora_rank is 32"):
+        check_servable_adapter("wide", str(tmp_path / "wide"), model, 32)
+    with pytest.raises(ValueError, match=r"has rank 40 \(rank_pattern\); the engine.s max_lora_rank is 32"):
+        engine.register_adapter("wide", str(tmp_path / "wide"))
 
 
 def test_one_literal_key_per_module_as_peft_writes_them_reads_fast_and_matches_each_module(adapter_dirs, tmp_path):
@@ -143,7 +156,7 @@ def test_one_literal_key_per_module_as_peft_writes_them_reads_fast_and_matches_e
             assert spec.rank_at(layer, projection) == ranks[module(layer, projection)]
             assert spec.scale_at(layer, projection) == alphas[module(layer, projection)] / ranks[module(layer, projection)]
     assert time.thread_time() - started < 30  # ~1 s here; uncached, minutes
-    assert spec.max_rank == 8  # r (8) too: which modules exist is not known when the spec is read
+    assert spec.rank_used(30) == 7 and spec.rank_used(100) == 7  # the modules' own, not r (every one has a key)
 
 
 def test_eval_sizes_its_pools_for_a_patterns_rank_and_answers_as_peft(model_dir, tmp_path):
@@ -168,3 +181,35 @@ def test_eval_sizes_its_pools_for_a_patterns_rank_and_answers_as_peft(model_dir,
     ours = generate_with_engine(model_dir, adapters, requests, show_progress=False, threads=1)
     reference = generate_with_peft(model_dir, adapters, requests, batch_size=1, show_progress=False)
     assert [o.text for o in ours] == [r.text for r in reference]
+
+
+def test_generate_sizes_its_pools_for_its_adapters_ranks(model_dir, tmp_path, capsys):
+    """`inlaid generate` held its pools at rank 64 and refused a rank-72 module that `eval` and a
+    server with room serve (an outside probe); its answer is PEFT's."""
+    import json as json_module
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from inlaid import cli
+
+    torch.manual_seed(4)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    made = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                           rank_pattern={"v_proj": 72}))
+    with torch.no_grad():
+        for name, parameter in made.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn_like(parameter) * 0.03)
+    made.save_pretrained(str(tmp_path / "wide"))
+    assert cli.main(["generate", "--model", str(model_dir), "--adapter", f"wide={tmp_path / 'wide'}", "--use", "wide",
+                     "--prompt", "The capital of France is", "--max-tokens", "4", "--temperature", "0",
+                     "--json"]) == 0
+    served = json_module.loads(capsys.readouterr().out.splitlines()[0])["text"]
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32),
+                                           str(tmp_path / "wide")).eval()
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = peft_model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert served == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -75,11 +75,14 @@ class AdapterSpec:
     _compiled: dict[str, Any] = dataclass_field(default_factory=dict, init=False, compare=False, repr=False)
     _found: dict[tuple[str, str], Any] = dataclass_field(default_factory=dict, init=False, compare=False, repr=False)
 
-    @property
-    def max_rank(self) -> int:
-        """The largest rank a module may carry (what the pools must hold): `rank`, or a
-        rank_pattern value above it (counted even if its pattern matches no module)."""
-        return max((self.rank, *(rank for _, rank in self.rank_pattern)))
+    def rank_used(self, num_layers: int) -> int:
+        """The largest rank a module of a `num_layers`-layer model gets, as PEFT builds it (what
+        the pools must hold): a rank_pattern key that matches no module counts for nothing (PEFT
+        warns and serves the rest; it was refused here past max_lora_rank: an outside probe)."""
+        if not self.rank_pattern:
+            return self.rank
+        return max((self.rank_at(layer, projection) for layer in range(num_layers)
+                    for projection in self.target_modules if not self.excludes(layer, projection)), default=self.rank)
 
     def rank_at(self, layer: int, projection: str) -> int:
         return self._module_value("rank_pattern", self.rank_pattern, layer, projection, self.rank)

@@ -83,7 +83,7 @@ def check_adapter_files(name: str, path: str, model: ModelConfig, max_rank: int)
     probe); copied into a state directory, it would have filled the disk. The rank first: a
     too-high rank made a too-large file, and the size said nothing of the rank."""
     spec = read_adapter_spec(name, path)
-    check_rank(spec, max_rank)
+    check_rank(spec, model, max_rank)
     bound = max_weights_bytes(model, max_rank)
     try:
         os.close(open_regular(Path(spec.path) / WEIGHTS_FILE, bound))
@@ -94,11 +94,10 @@ def check_adapter_files(name: str, path: str, model: ModelConfig, max_rank: int)
     return spec
 
 
-def check_rank(spec: AdapterSpec, max_rank: int) -> None:
-    if spec.max_rank > max_rank:
-        raise AdapterError(f"adapter {spec.name!r} has rank {spec.max_rank}"
-                           f"{' (rank_pattern)' if spec.max_rank > spec.rank else ''}; the engine's max_lora_rank is "
-                           f"{max_rank} (a server's: [executor] max_lora_rank)")
+def check_rank(spec: AdapterSpec, model: ModelConfig, max_rank: int) -> None:
+    if (used := spec.rank_used(model.num_layers)) > max_rank:
+        raise AdapterError(f"adapter {spec.name!r} has rank {used}{' (rank_pattern)' if used > spec.rank else ''}; "
+                           f"the engine's max_lora_rank is {max_rank} (a server's: [executor] max_lora_rank)")
 
 
 def check_servable_adapter(name: str, path: str, model: ModelConfig, max_rank: int) -> AdapterSpec:
@@ -113,7 +112,7 @@ def check_servable_adapter(name: str, path: str, model: ModelConfig, max_rank: i
 def check_adapter_weights(spec: AdapterSpec, model: ModelConfig, max_rank: int) -> None:
     """Raise AdapterError naming the first problem; return when the weights are servable."""
     where = f"adapter {spec.name!r}"
-    check_rank(spec, max_rank)
+    check_rank(spec, model, max_rank)
     path = Path(spec.path) / WEIGHTS_FILE
     try:
         # the descriptor checked is the one read (a file swapped for a FIFO after a check hung the call)

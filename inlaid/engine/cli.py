@@ -239,7 +239,7 @@ def _check_inputs(args: argparse.Namespace) -> tuple[dict[str, str], list[dict[s
     costs a line, not a model load (or a traceback after it)."""
     if problem := model_dir_problem(args.model):
         raise _InputError(problem)
-    from inlaid.engine.config import EngineConfig, check_device
+    from inlaid.engine.config import check_device
 
     try:  # as EngineConfig checks it, but named as the option ("device must be ..." named none)
         check_device("--device", args.device)
@@ -266,7 +266,7 @@ def _check_inputs(args: argparse.Namespace) -> tuple[dict[str, str], list[dict[s
     # The checks `eval` runs, against this engine's rank bound: wrong r, shapes of another
     # base, a truncated or NaN file were found only by the load after the model's.
     paths = {name: Path(path) for name, path in adapters.items()}
-    if problem := adapter_problem(model_dir, paths, max_rank=EngineConfig.max_lora_rank):
+    if problem := adapter_problem(model_dir, paths):  # its pools are sized to its adapters, as eval's
         raise _InputError(f"--adapter: {problem}")
     # after the check: the warning says the adapter is served (it preceded a refusal)
     for warning in base_model_warnings(model_dir, paths):
@@ -306,9 +306,13 @@ def run(args: argparse.Namespace) -> int:
 
     # What passed the checks above can still fail to load; `inlaid.cli.main` prints that in one line.
     model_dir = args.model or str(prepare_default_model(quiet=True))
+    from inlaid.tasks.generation import adapter_pool_rank
+
+    # the pools at the adapters' largest rank (a rank-80 adapter eval served was refused here: a probe)
+    max_rank = max([EngineConfig.max_lora_rank, *(adapter_pool_rank(model_dir, path) for path in adapters.values())])
     engine = Engine.local(EngineConfig(model_dir=model_dir, quantized_dir=args.quantized, device=args.device,
                                        weight_dtype=args.weight_dtype, batch_invariant=args.batch_invariant,
-                                       special_tokens_in_text=args.special_tokens_in_text))
+                                       special_tokens_in_text=args.special_tokens_in_text, max_lora_rank=max_rank))
     for name, path in adapters.items():
         engine.register_adapter(name, path)
     ids = []

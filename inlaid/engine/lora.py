@@ -356,8 +356,8 @@ def install_adapter(
 
     model_linears maps (layer, projection name) to (its LoraLinear, slice index).
     """
-    if spec.max_rank > max_rank:
-        raise AdapterError(f"adapter {spec.name!r}: rank {spec.max_rank} exceeds the pool's max rank {max_rank}")
+    if (used := max((a.shape[0] for a, _ in tensors.values()), default=0)) > max_rank:
+        raise AdapterError(f"adapter {spec.name!r}: rank {used} exceeds the pool's max rank {max_rank}")
     per_module: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     scales: dict[int, dict[str, float]] = {}  # per module: rank_pattern / alpha_pattern give each its own
     for (layer, projection), (a, b) in tensors.items():

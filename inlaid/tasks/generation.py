@@ -68,7 +68,7 @@ def generate_with_engine(model_dir: Path, adapters: dict[str, Path], requests: l
     from inlaid.engine import Engine, EngineConfig, SamplingParams
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    max_rank = max((_adapter_rank(path) for path in adapters.values()), default=8)
+    max_rank = max((adapter_pool_rank(model_dir, path) for path in adapters.values()), default=8)
     engine = Engine.local(EngineConfig(model_dir=str(model_dir), max_lora_rank=max(64, max_rank), threads=threads,
                                       dtype=dtype, weight_dtype=weight_dtype, max_num_seqs=96))
     for name, path in adapters.items():
@@ -137,11 +137,12 @@ def _run_to_completion(engine, ids: list[str], results: list[GenerationResult | 
                 progress.update(moved)
 
 
-def _adapter_rank(path: Path) -> int:
+def adapter_pool_rank(model_dir: Path | str, path: Path | str) -> int:
     """The rank the pools must hold for the adapter (rank_pattern's too: `r` alone sized them)."""
     from inlaid.engine.adapter_config import read_adapter_spec
+    from inlaid.engine.config import ModelConfig
 
-    return read_adapter_spec(Path(path).name, path).max_rank
+    return read_adapter_spec(Path(path).name, path).rank_used(ModelConfig.from_dir(str(model_dir)).num_layers)
 
 
 def generate_with_peft(model_dir: Path, adapters: dict[str, Path], requests: list[GenerationRequest],
