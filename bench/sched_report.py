@@ -105,9 +105,9 @@ def _fairness_bound(report: dict) -> float:
     since the bound became 500 on 2026-12-02) the code's."""
     from inlaid.scheduling.experiment import MAIN_VARIANTS
 
-    recorded = report.get("variant_options", {}).get("inlaid+fair")
+    recorded = report.get("variant_options", {}).get("inlaid+fair", {}).get("fairness_bound")
     if recorded is not None:
-        return recorded["fairness_bound"]
+        return recorded
     return next(v.options["fairness_bound"] for v in MAIN_VARIANTS if v.label == "inlaid+fair")
 
 

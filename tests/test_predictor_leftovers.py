@@ -89,15 +89,22 @@ def test_a_state_learned_on_another_tokenizer_is_refused_and_its_own_loads(model
     from inlaid.serve.scheduler_config import load_policy, predictor_tokenizer
 
     ours = predictor_tokenizer(str(model_dir))
+    from tokenizers import Tokenizer
+
     resaved = tmp_path / "resaved"
     resaved.mkdir()
-    tokenizer = json.loads((Path(model_dir) / "tokenizer.json").read_text())
-    (resaved / "tokenizer.json").write_text(json.dumps({**tokenizer, "padding": {"length": 7}}, indent=4))
-    assert predictor_tokenizer(str(resaved)).sha256 == ours.sha256  # the ids are the same
-    renamed = dict(tokenizer["model"]["vocab"])
-    renamed["zzz-new-token"] = renamed.pop(next(iter(renamed)))
-    (resaved / "tokenizer.json").write_text(json.dumps({**tokenizer, "model": {**tokenizer["model"], "vocab": renamed}}))
-    assert predictor_tokenizer(str(resaved)).sha256 != ours.sha256  # another vocabulary
+    tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+    tokenizer.enable_padding(length=7)  # saved again by the library, another padding: the same ids
+    tokenizer.save(str(resaved / "tokenizer.json"), pretty=False)
+    assert predictor_tokenizer(str(resaved)).sha256 == ours.sha256
+    merges = json.loads((resaved / "tokenizer.json").read_text())  # merges in the older "a b" form
+    merges["model"]["merges"] = [" ".join(pair) if isinstance(pair, list) else pair
+                                 for pair in merges["model"]["merges"]]
+    (resaved / "tokenizer.json").write_text(json.dumps(merges))
+    assert predictor_tokenizer(str(resaved)).sha256 == ours.sha256
+    tokenizer.add_tokens(["zzz-new-token"])  # another vocabulary
+    tokenizer.save(str(resaved / "tokenizer.json"))
+    assert predictor_tokenizer(str(resaved)).sha256 != ours.sha256
     other = TokenizerIdentity(model="/models/Llama-2-7b-hf", sha256="0" * 64)
     state = tmp_path / "learned.npz"
     learned = _fitted()

@@ -75,6 +75,13 @@ class AdapterSpec:
     _compiled: dict[str, Any] = dataclass_field(default_factory=dict, init=False, compare=False, repr=False)
     _found: dict[tuple[str, str], Any] = dataclass_field(default_factory=dict, init=False, compare=False, repr=False)
 
+    @property
+    def rank_bound(self) -> int:
+        """The largest rank the file names (`r`, rank_pattern's values): a bound of `rank_used`,
+        which is what the checks read only when this one passes their limit (its scan costs
+        ~1 s for PEFT's one key a module on a 128-layer model)."""
+        return max((self.rank, *(rank for _, rank in self.rank_pattern)))
+
     def rank_used(self, num_layers: int) -> int:
         """The largest rank a module of a `num_layers`-layer model gets, as PEFT builds it (what
         the pools must hold): a rank_pattern key that matches no module counts for nothing (PEFT
@@ -103,7 +110,7 @@ class AdapterSpec:
                       default: Any) -> Any:
         """PEFT's `get_pattern_key`: the first pattern that matches the module's whole name or
         its end after a "." (`re.match` of `(.*\\.)?(<pattern>)$`), timed as every pattern."""
-        key = _module_name(layer, projection)
+        key = module_name(layer, projection)
         if (field, key) in self._found:
             return self._found[field, key]
         found = default
@@ -131,7 +138,7 @@ class AdapterSpec:
         else an entry equal to the name, or one it ends in ("." + the entry), and then
         layers_to_transform (the layer index read from the name through layers_pattern) must
         list the layer."""
-        key = _module_name(layer, projection)
+        key = module_name(layer, projection)
         if self._excluded_by_name(key):  # PEFT checks exclude_modules first
             return True
         if isinstance(self.target_names, str):  # a regular expression (never beside layers_to_transform)
@@ -179,7 +186,7 @@ class AdapterSpec:
         return self.lora_alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
-def _module_name(layer: int, projection: str) -> str:
+def module_name(layer: int, projection: str) -> str:
     """The projection's module name in the base model, as PEFT matches its patterns against it."""
     return f"model.layers.{layer}.{_BLOCK_OF[projection]}.{projection}"
 
@@ -288,7 +295,8 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
         if config.get(flag) is not None and not isinstance(config[flag], bool):
             bad(flag, "true or false")
     # here, not at the top: these modules read AdapterError and PROJECTIONS from this one
-    from inlaid.engine.adapter_targets import exclusions, layer_selection, module_values, target_names
+    from inlaid.engine.adapter_targets import (exclusions, layer_selection, module_values, target_names,
+                                               time_module_values)
     from inlaid.engine.adapter_variants import check_variant
 
     check_variant(name, config)
@@ -339,7 +347,7 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
             raise AdapterError(f"adapter {name!r}: target_modules / exclude_modules / layers_pattern took "
                                f"{spent:.2f} s to match 21 module names (a regular expression that backtracks): "
                                "simplify it")
-    _time_module_values(spec)
+    time_module_values(spec)
     # the largest scale any module can get: the largest |lora_alpha| over the smallest rank
     worst_alpha = max((spec.lora_alpha, *(alpha for _, alpha in spec.alpha_pattern)), key=abs)
     worst_rank = min((rank, *(value for _, value in spec.rank_pattern)))
@@ -356,28 +364,6 @@ def _spec_from_config(name: str, path: str, config: dict[str, Any]) -> AdapterSp
                            f"{MAX_LORA_SCALE:.0f} in magnitude: its outputs would overflow (trained adapters' "
                            "scales are far smaller)")
     return spec
-
-
-def _time_module_values(spec: AdapterSpec) -> None:
-    """Every rank_pattern / alpha_pattern key tried on 21 module names when the adapter is read,
-    within a budget that grows with their count (PEFT's conversions write one literal key per
-    module: hundreds, microseconds each); checked after each key, so that a backtracking one
-    costs at most its own 21 matches' time limits past the budget."""
-    keys = [(field, pattern) for field, pairs in (("rank_pattern", spec.rank_pattern),
-                                                   ("alpha_pattern", spec.alpha_pattern)) for pattern, _ in pairs]
-    names = [_module_name(layer, projection) for layer in (0, 10, 100) for projection in PROJECTIONS]
-    budget = max(PATTERN_BUDGET_S, _SECONDS_PER_MATCH * len(keys) * len(names))
-    started = time.thread_time()  # this thread's CPU: a busy machine's waits do not count
-    for field, pattern in keys:
-        for key in names:
-            spec._timed(field, pattern, spec._compiled_match, rf"(.*\.)?({pattern})$", key)
-        if (spent := time.thread_time() - started) > budget:
-            raise AdapterError(f"adapter {spec.name!r}: the keys of rank_pattern / alpha_pattern took {spent:.2f} s "
-                               f"to match 21 module names, past {budget:.2f} s at {field} {pattern!r:.80} (a "
-                               "regular expression that backtracks): simplify it")
-
-
-_SECONDS_PER_MATCH = 1e-4  # a module name against a key: ~2 us, its compilation included
 
 
 def is_finite_number(value: object) -> bool:

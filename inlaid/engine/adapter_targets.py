@@ -5,12 +5,13 @@ checked (`AdapterSpec` matches them, layer by layer; docs/engine.md, Adapters)."
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import regex
 
-from inlaid.engine.adapter_config import PROJECTIONS, AdapterError, is_finite_number
-from inlaid.engine.module_patterns import MATCH_TIMEOUT_S, check_pattern
+from inlaid.engine.adapter_config import PROJECTIONS, AdapterError, AdapterSpec, is_finite_number, module_name
+from inlaid.engine.module_patterns import MATCH_TIMEOUT_S, PATTERN_BUDGET_S, check_pattern
 
 
 # Every module of a Llama model that is not one of the projections (layer 0 stands for all):
@@ -127,3 +128,25 @@ def module_values(name: str, field: str, value: Any) -> tuple[tuple[str, Any], .
                                f"engine reads as PEFT does: {error}") from None
         pairs.append((pattern, entry if field == "rank_pattern" else float(entry)))
     return tuple(pairs)
+
+
+def time_module_values(spec: AdapterSpec) -> None:
+    """Every rank_pattern / alpha_pattern key tried on 21 module names when the adapter is read,
+    within a budget that grows with their count (PEFT's conversions write one literal key per
+    module: hundreds, microseconds each); checked after each key, so that a backtracking one
+    costs at most its own 21 matches' time limits past the budget."""
+    keys = [(field, pattern) for field, pairs in (("rank_pattern", spec.rank_pattern),
+                                                   ("alpha_pattern", spec.alpha_pattern)) for pattern, _ in pairs]
+    names = [module_name(layer, projection) for layer in (0, 10, 100) for projection in PROJECTIONS]
+    budget = max(PATTERN_BUDGET_S, _SECONDS_PER_MATCH * len(keys) * len(names))
+    started = time.thread_time()  # this thread's CPU: a busy machine's waits do not count
+    for field, pattern in keys:
+        for key in names:
+            spec._timed(field, pattern, spec._compiled_match, rf"(.*\.)?({pattern})$", key)
+        if (spent := time.thread_time() - started) > budget:
+            raise AdapterError(f"adapter {spec.name!r}: the keys of rank_pattern / alpha_pattern took {spent:.2f} s "
+                               f"to match 21 module names, past {budget:.2f} s at {field} {pattern!r:.80} (a "
+                               "regular expression that backtracks): simplify it")
+
+
+_SECONDS_PER_MATCH = 1e-4  # a module name against a key: ~2 us, its compilation included

@@ -95,7 +95,7 @@ def check_adapter_files(name: str, path: str, model: ModelConfig, max_rank: int)
 
 
 def check_rank(spec: AdapterSpec, model: ModelConfig, max_rank: int) -> None:
-    if (used := spec.rank_used(model.num_layers)) > max_rank:
+    if spec.rank_bound > max_rank and (used := spec.rank_used(model.num_layers)) > max_rank:
         raise AdapterError(f"adapter {spec.name!r} has rank {used}{' (rank_pattern)' if used > spec.rank else ''}; "
                            f"the engine's max_lora_rank is {max_rank} (a server's: [executor] max_lora_rank)")
 

@@ -263,7 +263,7 @@ def _check_inputs(args: argparse.Namespace) -> tuple[dict[str, str], list[dict[s
     model_dir = Path(args.model) if args.model else default_model_dir()
     adapters, requests = _adapters(args.adapter), _requests(args, model_dir)
     _check_adapters_used(requests, adapters)
-    # The checks `eval` runs, against this engine's rank bound: wrong r, shapes of another
+    # The checks `eval` runs (its pools, as ours, sized to the adapters): wrong r, shapes of another
     # base, a truncated or NaN file were found only by the load after the model's.
     paths = {name: Path(path) for name, path in adapters.items()}
     if problem := adapter_problem(model_dir, paths):  # its pools are sized to its adapters, as eval's

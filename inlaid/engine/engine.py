@@ -110,7 +110,8 @@ class Engine:
             check_adapter_files(name, path, self.model_config, self.config.max_lora_rank)
         checked, signature = signature is None, adapter_signature(path, bound) if signature is None else signature
         spec = read_adapter_spec(name, path)
-        if (used := spec.rank_used(self.model_config.num_layers)) > self.config.max_lora_rank:
+        if (spec.rank_bound > self.config.max_lora_rank
+                and (used := spec.rank_used(self.model_config.num_layers)) > self.config.max_lora_rank):
             raise InvalidRequestError(f"adapter {name!r} has rank {used}; this engine's max_lora_rank is "
                                       f"{self.config.max_lora_rank}")
         if check_weights:

@@ -116,8 +116,18 @@ class HttpFrontProcess:
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
 
     async def _supervise(self) -> None:
+        try:
+            await self._keep_a_front()
+        finally:
+            if self._server_stopping() and self._socket is not None:
+                # no front will answer again: refused at once, new connections do not wait in the
+                # backlog for the drain's end and a reset (a reviewer)
+                self._socket.close()
+                self._socket = None
+
+    async def _keep_a_front(self) -> None:
         failures = 0
-        while not self._stopping:
+        while not (self._stopping or self._server_stopping()):
             started = time.monotonic()
             try:
                 await self._spawn()

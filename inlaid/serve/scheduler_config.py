@@ -108,19 +108,19 @@ def load_policy(spec: str, options: dict[str, Any] | None = None, announce: bool
 def predictor_tokenizer(model_dir: str) -> Any:
     """Whose token ids the length predictor learns from: the served base's tokenizer, by the
     sha256 of what decides a text's ids (tokenizer.json's model, added tokens, normalizer and
-    pre-tokenizer, as canonical JSON: a re-save or a new padding setting changes nothing);
-    None where there is no tokenizer.json to read (nothing to check a state against)."""
+    pre-tokenizer, as the tokenizers library reads them, in canonical JSON: a re-save or a new
+    padding setting changes nothing); None where there is no tokenizer.json it can read."""
     import hashlib
     import json
 
     from inlaid.predictor import TokenizerIdentity
 
+    from tokenizers import Tokenizer
+
     path = Path(model_dir) / "tokenizer.json"
-    try:
-        tokenizer = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(tokenizer, dict):
+    try:  # the library's own form: it writes older files' fields anew (merges "a b" as ["a", "b"]: a reviewer)
+        tokenizer = json.loads(Tokenizer.from_file(str(path)).to_str())
+    except Exception:  # noqa: BLE001 (unreadable or no tokenizer: nothing to check a state against)
         return None
     deciding = {key: tokenizer.get(key) for key in ("model", "added_tokens", "normalizer", "pre_tokenizer")}
     digest = hashlib.sha256(json.dumps(deciding, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -12,10 +12,10 @@ from pathlib import Path
 def adapter_problem(model_dir: Path, adapters: dict[str, Path], max_rank: int | None = None) -> str | None:
     """The first adapter the engine could not serve on `model_dir`, checked as the server
     checks one (`check_servable_adapter`: config, every shape against this base, finite
-    values), or None. `eval` sizes its engine's LoRA pools to its adapters, so its rank
-    bound (`max_rank` None) is the engine's largest; `generate` passes its engine's. Without
-    this an adapter for another base made every request fail inside the engine and `eval`
-    scored the empty outputs (accuracy 0, exit 0)."""
+    values), or None. `eval` and `generate` size their engine's LoRA pools to their adapters,
+    so their rank bound (`max_rank` None) is the engine's largest. Without this an adapter for
+    another base made every request fail inside the engine and `eval` scored the empty
+    outputs (accuracy 0, exit 0)."""
     from inlaid.engine.adapter_config import AdapterError
     from inlaid.engine.adapter_weights import check_servable_adapter
     from inlaid.engine.config import MAX_LORA_RANK, ModelConfig
