@@ -54,7 +54,7 @@ def test_a_front_ending_once_the_server_stops_is_not_started_again() -> None:
 def test_a_front_ending_while_the_server_serves_is_started_again() -> None:
     async def scenario() -> int:
         front = _supervised(lambda: False)
-        supervisor = asyncio.get_running_loop().create_task(front._supervise())
+        front.start()
         while len(front.starts) < 2:  # type: ignore[attr-defined]
             await asyncio.sleep(0.05)
         await front.stop()
