@@ -40,9 +40,9 @@ from inlaid.engine.config import ModelConfig
 from inlaid.http.app import create_app
 from inlaid.http.settings import HttpConfig
 from inlaid.integrations.ray_child import ChildServer
-from inlaid.integrations.ray_holds import TaskHolds
 from inlaid.integrations.ray_client import RayTaskClient, ReplicaAnswer, ReplicaInfo, unknown_task_error
 from inlaid.integrations.ray_config import RayDeploymentConfig
+from inlaid.integrations.ray_holds import TaskHolds
 from inlaid.protocol import ErrorReply, HealthReply, HelloReply
 from inlaid.serve.config import config_from_dict
 
