@@ -27,10 +27,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the results go (default bench/results)")
     out_dir = parser.parse_args(argv).out_dir
-    from inlaid.cli_args import writable_dir_problem
+    import sched_sim  # beside this file (bench/ is no package)
 
-    if problem := writable_dir_problem(out_dir, "--out-dir"):  # (mkdir's traceback, found at once: a probe)
-        parser.error(problem)
+    sched_sim.check_out_dir(parser, out_dir)  # (mkdir's traceback, found at once: a probe)
     out_dir.mkdir(parents=True, exist_ok=True)
     from inlaid.predictor import LengthPredictor, LengthSample, OnlineLengthPredictor, TaskMeanPredictor, evaluate_predictions
     from inlaid.scheduling.suite import load_suite_lengths, suite_prompts

@@ -23,6 +23,16 @@ _OTHER_MODULES = ("", "model", "lm_head", "model.embed_tokens", "model.norm", "m
                   "model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm")
 
 
+def _check_readable(name: str, what: str, pattern: str, full: str | None = None,
+                    problem: str = "is not a regular expression the engine reads as PEFT does") -> None:
+    """AdapterError unless `full` (the pattern as PEFT matches it; default `pattern` itself)
+    passes `check_pattern`."""
+    try:
+        check_pattern(pattern if full is None else full)
+    except (re.error, RecursionError, FutureWarning) as error:
+        raise AdapterError(f"adapter {name!r}: {what} {pattern!r:.80} {problem}: {error}") from None
+
+
 def target_names(name: str, targets: Any, layer_options: bool) -> tuple[str, ...] | str | None:
     """target_modules where PEFT's name matching decides more than a projection list does: a
     regular expression, or a list with names qualified by their path (their last part must
@@ -30,11 +40,7 @@ def target_names(name: str, targets: Any, layer_options: bool) -> tuple[str, ...
     `layer_options`: layers_to_transform or layers_pattern is set (PEFT refuses those beside a
     regular expression)."""
     if isinstance(targets, str) and targets:
-        try:
-            check_pattern(targets)
-        except (re.error, RecursionError, FutureWarning) as error:
-            raise AdapterError(f"adapter {name!r}: target_modules {targets!r:.80} is not a regular expression the "
-                               f"engine reads as PEFT does: {error}") from None
+        _check_readable(name, "target_modules", targets)
         if layer_options:
             raise AdapterError(f"adapter {name!r}: target_modules is a regular expression and layers_to_transform or "
                                "layers_pattern is set: PEFT refuses the two together")
@@ -60,11 +66,7 @@ def exclusions(name: str, exclude: Any) -> tuple[str, ...] | str:
     if exclude is None or exclude is False or exclude in ("", []):  # PEFT: nothing excluded
         return ()
     if isinstance(exclude, str):
-        try:
-            check_pattern(exclude)
-        except (re.error, RecursionError, FutureWarning) as error:
-            raise AdapterError(f"adapter {name!r}: exclude_modules {exclude!r:.80} is not a regular expression the "
-                               f"engine reads as PEFT does: {error}") from None
+        _check_readable(name, "exclude_modules", exclude)
         return exclude
     if isinstance(exclude, list) and all(isinstance(entry, str) for entry in exclude):
         return tuple(entry for entry in exclude if entry)  # "" matches no module name
@@ -86,10 +88,7 @@ def layer_selection(name: str, layers: Any, pattern: Any) -> dict[str, Any]:
         raise AdapterError(f"adapter {name!r}: adapter_config.json field 'layers_pattern' must be a name or a list "
                            f"of names, got {pattern!r:.80}")
     for entry in patterns:
-        try:
-            check_pattern(rf"(?:^|.*?\.){entry}\.(?P<idx>\d+)\.")
-        except (re.error, RecursionError, FutureWarning) as error:
-            raise AdapterError(f"adapter {name!r}: layers_pattern {entry!r:.80} is not usable: {error}") from None
+        _check_readable(name, "layers_pattern", entry, rf"(?:^|.*?\.){entry}\.(?P<idx>\d+)\.", "is not usable")
     return {"layers_to_transform": tuple(layers), "layers_pattern": tuple(patterns)}
 
 
@@ -121,11 +120,7 @@ def module_values(name: str, field: str, value: Any) -> tuple[tuple[str, Any], .
         if not usable:
             raise AdapterError(f"adapter {name!r}: {field} gives {pattern!r:.80} {entry!r:.40}; each value must be a "
                                f"{wanted}")
-        try:
-            check_pattern(rf"(.*\.)?({pattern})$")
-        except (re.error, RecursionError, FutureWarning) as error:
-            raise AdapterError(f"adapter {name!r}: {field} key {pattern!r:.80} is not a regular expression the "
-                               f"engine reads as PEFT does: {error}") from None
+        _check_readable(name, f"{field} key", pattern, rf"(.*\.)?({pattern})$")
         pairs.append((pattern, entry if field == "rank_pattern" else float(entry)))
     return tuple(pairs)
 

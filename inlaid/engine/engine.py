@@ -17,7 +17,7 @@ import msgspec
 
 from inlaid.engine.adapter_config import AdapterError, adapter_signature, read_adapter_spec
 from inlaid.engine.adapter_slots import AdapterSlots
-from inlaid.engine.adapter_weights import check_adapter_files, check_adapter_weights, max_weights_bytes
+from inlaid.engine.adapter_weights import check_adapter_files, check_adapter_weights, check_rank, max_weights_bytes
 from inlaid.engine.block_manager import BlockManager
 from inlaid.engine.config import EngineConfig, ModelConfig, ModelLoadError
 from inlaid.engine.prompts import InvalidRequestError, literal_mode_problem, prompt_token_ids
@@ -110,12 +110,10 @@ class Engine:
             check_adapter_files(name, path, self.model_config, self.config.max_lora_rank)
         checked, signature = signature is None, adapter_signature(path, bound) if signature is None else signature
         spec = read_adapter_spec(name, path)
-        if (spec.rank_bound > self.config.max_lora_rank
-                and (used := spec.rank_used(self.model_config.num_layers)) > self.config.max_lora_rank):
-            raise InvalidRequestError(f"adapter {name!r} has rank {used}; this engine's max_lora_rank is "
-                                      f"{self.config.max_lora_rank}")
         if check_weights:
             check_adapter_weights(spec, self.model_config, self.config.max_lora_rank)
+        else:  # (the caller checked the weights, against another engine's bound perhaps)
+            check_rank(spec, self.model_config, self.config.max_lora_rank)
         if checked and adapter_signature(path, bound) != signature:
             raise AdapterError(f"adapter {name!r}: its files in {path} changed while they were being checked; "
                                "register it again")

@@ -30,10 +30,7 @@ class TaskHolds:
         if self._running[task]:
             return False
         del self._running[task]
-        if task in self._evicted:
-            self._evicted.discard(task)
-            return True
-        return False
+        return self._take_evicted(task)
 
     def running(self, task: str) -> bool:
         return task in self._running
@@ -47,6 +44,9 @@ class TaskHolds:
 
     def keep(self, task: str) -> bool:
         """Ray loads `task` again: True if its removal was still waiting (it stays registered)."""
+        return self._take_evicted(task)
+
+    def _take_evicted(self, task: str) -> bool:
         if task in self._evicted:
             self._evicted.discard(task)
             return True
