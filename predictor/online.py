@@ -242,7 +242,7 @@ class OnlineLengthPredictor:
 @dataclass(frozen=True)
 class TokenizerIdentity:
     """Whose token ids a predictor's features hash: the model's name (for messages) and the
-    sha256 of its tokenizer file (what decides)."""
+    sha256 of what in its tokenizer decides the ids (`scheduler_config.predictor_tokenizer`)."""
     model: str
     sha256: str
 

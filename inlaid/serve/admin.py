@@ -23,8 +23,8 @@ from inlaid.protocol import (
     TaskStatus,
 )
 from inlaid.serve.dynamic_tasks import DynamicTasks
-from inlaid.tasks.checks import base_model_warnings
 from inlaid.serve.task_registry import TaskError, TaskRegistry
+from inlaid.tasks.checks import base_model_warnings
 
 log = logging.getLogger("inlaid.coordinator")
 

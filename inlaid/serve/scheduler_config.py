@@ -113,9 +113,9 @@ def predictor_tokenizer(model_dir: str) -> Any:
     import hashlib
     import json
 
-    from inlaid.predictor import TokenizerIdentity
-
     from tokenizers import Tokenizer
+
+    from inlaid.predictor import TokenizerIdentity
 
     path = Path(model_dir) / "tokenizer.json"
     try:  # the library's own form: it writes older files' fields anew (merges "a b" as ["a", "b"]: a reviewer)

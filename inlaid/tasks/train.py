@@ -244,7 +244,8 @@ def _train(config: TrainConfig, command: str) -> Path:
     save_adapter(model, out_dir, config.save_dtype,
                   {"training.json": json.dumps(info, indent=2), "losses.json": json.dumps(losses)})
     # what the run did, in a line (the path alone was printed: an outside probe); stdout keeps the path
-    first, last = losses[: min(10, len(losses) // 2 or 1)], losses[-min(10, len(losses) // 2 or 1):]
+    window = min(10, len(losses) // 2 or 1)  # the first and last steps, apart where there are two or more
+    first, last = losses[:window], losses[-window:]
     print(f"{config.task}: {config.steps} steps of {config.batch_size} over {len(samples)} examples, loss "
           f"{sum(first) / len(first):.3f} (first {len(first)} steps) -> {sum(last) / len(last):.3f} (last "
           f"{len(last)}), {info['seconds_this_run']:.0f} s this run; adapter and training.json in {out_dir}",
