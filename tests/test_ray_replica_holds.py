@@ -102,43 +102,51 @@ def replica(server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> ReplicaWi
     return ReplicaWithoutRay(server)
 
 
+def _run_closing_the_client(replica: ReplicaWithoutRay, scenario: Any) -> None:
+    """`scenario()` on a loop of its own, the replica's SDK client (made on that loop) closed after."""
+    async def closing() -> None:
+        try:
+            await scenario()
+        finally:
+            if replica._client is not None:
+                await replica._client.close()
+
+    asyncio.run(closing())
+
+
 async def _server_tasks(replica: ReplicaWithoutRay) -> list[str]:
     return sorted(task.name for task in await replica._sdk().list_tasks())
 
 
 def test_a_task_evicted_while_its_request_runs_is_served_again_and_removed_when_unheld(replica) -> None:
     async def scenario() -> None:
-        try:
-            long_request = asyncio.ensure_future(replica.request("sentiment", max_tokens=60))
-            while "sentiment" not in replica.loaded:
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.3)  # decoding
-            await replica.evict("sentiment")  # Ray loads two others past the cap of one, say
-            assert not long_request.done() and await _server_tasks(replica) == ["sentiment"]
-            short = await replica.request("sentiment", max_tokens=2)  # was 409 task_busy after the retries
-            assert short.error is None, short.error
-            assert replica.loaded == ["sentiment"] and await _server_tasks(replica) == ["sentiment"]
-            assert (await long_request).error is None
-            assert await _server_tasks(replica) == ["sentiment"]  # held again: stays
+        long_request = asyncio.ensure_future(replica.request("sentiment", max_tokens=60))
+        while "sentiment" not in replica.loaded:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # decoding
+        await replica.evict("sentiment")  # Ray loads two others past the cap of one, say
+        assert not long_request.done() and await _server_tasks(replica) == ["sentiment"]
+        short = await replica.request("sentiment", max_tokens=2)  # was 409 task_busy after the retries
+        assert short.error is None, short.error
+        assert replica.loaded == ["sentiment"] and await _server_tasks(replica) == ["sentiment"]
+        assert (await long_request).error is None
+        assert await _server_tasks(replica) == ["sentiment"]  # held again: stays
 
-            await replica.evict("sentiment")  # nothing of it running: removed at once
-            assert await _server_tasks(replica) == [] and replica.loaded == []
+        await replica.evict("sentiment")  # nothing of it running: removed at once
+        assert await _server_tasks(replica) == [] and replica.loaded == []
 
-            long_request = asyncio.ensure_future(replica.request("qa", max_tokens=40))
-            while "qa" not in replica.loaded:
-                await asyncio.sleep(0.05)
-            await replica.evict("qa")
-            assert await _server_tasks(replica) == ["qa"]  # its request still runs
-            assert (await long_request).error is None
-            deadline = time.monotonic() + 10
-            while await _server_tasks(replica) != []:  # removed once that request ended
-                assert time.monotonic() < deadline, "an evicted task outlived its last request"
-                await asyncio.sleep(0.1)
-        finally:
-            if replica._client is not None:
-                await replica._client.close()
+        long_request = asyncio.ensure_future(replica.request("qa", max_tokens=40))
+        while "qa" not in replica.loaded:
+            await asyncio.sleep(0.05)
+        await replica.evict("qa")
+        assert await _server_tasks(replica) == ["qa"]  # its request still runs
+        assert (await long_request).error is None
+        deadline = time.monotonic() + 10
+        while await _server_tasks(replica) != []:  # removed once that request ended
+            assert time.monotonic() < deadline, "an evicted task outlived its last request"
+            await asyncio.sleep(0.1)
 
-    asyncio.run(scenario())
+    _run_closing_the_client(replica, scenario)
 
 
 def test_a_server_that_does_not_answer_fails_the_health_check(replica, server, monkeypatch) -> None:
@@ -150,23 +158,19 @@ def test_a_server_that_does_not_answer_fails_the_health_check(replica, server, m
             await outcome
 
     async def scenario() -> None:
+        await check()  # answers: healthy
+        os.kill(server.pid, signal.SIGSTOP)
         try:
-            await check()  # answers: healthy
-            os.kill(server.pid, signal.SIGSTOP)
-            try:
-                started = time.monotonic()
-                with pytest.raises(RuntimeError, match=rf"server \(pid {server.pid}\) runs but did not answer a "
-                                                       r"health check within 1 s"):
-                    await check()
-                assert time.monotonic() - started < 5
-            finally:
-                os.kill(server.pid, signal.SIGCONT)
-            await check()  # answers again
+            started = time.monotonic()
+            with pytest.raises(RuntimeError, match=rf"server \(pid {server.pid}\) runs but did not answer a "
+                                                   r"health check within 1 s"):
+                await check()
+            assert time.monotonic() - started < 5
         finally:
-            if replica._client is not None:
-                await replica._client.close()
+            os.kill(server.pid, signal.SIGCONT)
+        await check()  # answers again
 
-    asyncio.run(scenario())
+    _run_closing_the_client(replica, scenario)
 
 
 def test_a_removal_a_new_request_put_off_is_made_when_that_request_ends(replica) -> None:
@@ -174,24 +178,20 @@ def test_a_removal_a_new_request_put_off_is_made_when_that_request_ends(replica)
     too. It skipped for good, and a request failing before its load left the task on the
     server, held by no one (a reviewer)."""
     async def scenario() -> None:
-        try:
-            await replica.load_task("qa")
-            replica._holds.begin("qa")  # a request of it runs
-            await replica.evict("qa")
-            replica._end("qa")  # it ends: the removal is scheduled...
-            replica._holds.begin("qa")  # ...and another request begins before it runs
-            await asyncio.sleep(0.2)
-            assert await _server_tasks(replica) == ["qa"]  # put off again
-            replica._end("qa")  # that request failed before its load
-            deadline = time.monotonic() + 10
-            while await _server_tasks(replica) != []:
-                assert time.monotonic() < deadline, "the task stayed on the server, held by no one"
-                await asyncio.sleep(0.1)
-        finally:
-            if replica._client is not None:
-                await replica._client.close()
+        await replica.load_task("qa")
+        replica._holds.begin("qa")  # a request of it runs
+        await replica.evict("qa")
+        replica._end("qa")  # it ends: the removal is scheduled...
+        replica._holds.begin("qa")  # ...and another request begins before it runs
+        await asyncio.sleep(0.2)
+        assert await _server_tasks(replica) == ["qa"]  # put off again
+        replica._end("qa")  # that request failed before its load
+        deadline = time.monotonic() + 10
+        while await _server_tasks(replica) != []:
+            assert time.monotonic() < deadline, "the task stayed on the server, held by no one"
+            await asyncio.sleep(0.1)
 
-    asyncio.run(scenario())
+    _run_closing_the_client(replica, scenario)
 
 
 def test_a_stream_opened_as_its_caller_went_away_is_closed_and_its_hold_ended(replica) -> None:
