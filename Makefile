@@ -18,8 +18,8 @@ TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile tests
 
-# make bench: the end-to-end suite (~14 min quiet); QUICK=1: its 1-minute smoke run; FULL=1: both
-# popularities (~35-40 min); ALL=1: every bench/*.py
+# make bench: the end-to-end suite (~14 min quiet); QUICK=1: its 1-2 minute smoke run; FULL=1: both
+# popularities (19-41 min by machine); ALL=1: every bench/*.py but quality.py (make eval) and soak.py
 bench: setup
 	$(PY) bench/run_all.py $(if $(QUICK),--quick) $(if $(FULL),--full) $(if $(ALL),--all)
 

@@ -34,13 +34,17 @@ CANONICAL = [  # (tasks, cv, popularity, alpha)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, help="tasks of the one trace (1..100000; without it: the canonical set)")
-    parser.add_argument("--cv", type=float, default=1.0)
-    parser.add_argument("--popularity", default="uniform")
-    parser.add_argument("--alpha", type=float, default=1.0)
-    parser.add_argument("--rate", type=float, default=1.0)
-    parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--base-fraction", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cv", type=float, default=1.0,
+                        help="coefficient of variation of the Gamma inter-arrival times (1: Poisson; default 1)")
+    parser.add_argument("--popularity", default="uniform",
+                        help="task popularity: uniform, zipf (P(i) ~ 1/(i+1)^alpha) or power (S-LoRA's "
+                             "floor(N * x), x ~ power(alpha)); default uniform")
+    parser.add_argument("--alpha", type=float, default=1.0, help="zipf / power exponent (default 1)")
+    parser.add_argument("--rate", type=float, default=1.0, help="mean arrivals per second (default 1)")
+    parser.add_argument("--requests", type=int, default=1000, help="requests in the trace (default 1000)")
+    parser.add_argument("--base-fraction", type=float, default=0.0,
+                        help="fraction of requests for the bare base model, without an adapter (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--suite-task-names", action="store_true",
                         help="name each task after its suite task (at most 9): what a server of the suite's adapters "
                              "serves, so bench/replay.py can replay the trace")

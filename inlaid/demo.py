@@ -195,6 +195,21 @@ def checkpoint_projection_bytes(checkpoint: Path) -> int:
     return total
 
 
+_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}  # safetensors' names
+
+
+def _stored_dtypes(adapters: dict[str, Path]) -> str:
+    """The dtypes the adapters' files store their weights in ("float16"; several: "float16/float32")."""
+    from safetensors import safe_open
+
+    dtypes = set()
+    for path in adapters.values():
+        with safe_open(path / "adapter_model.safetensors", "pt") as weights:
+            dtypes.update(_DTYPE_NAMES.get(weights.get_slice(key).get_dtype(), weights.get_slice(key).get_dtype())
+                          for key in weights.keys())
+    return "/".join(sorted(dtypes)) or "no weights"
+
+
 def print_memory(sizes, memory, checkpoint: Path, adapters: dict[str, Path], options: dict[str, Any]) -> None:
     from inlaid.engine.adapter_config import read_adapter_spec
     from inlaid.engine.memory import MB
@@ -203,6 +218,7 @@ def print_memory(sizes, memory, checkpoint: Path, adapters: dict[str, Path], opt
     dense_rest = sizes.embedding_params + sizes.other_params
     quantized = checkpoint_projection_bytes(checkpoint)
     adapter_bytes = sum((path / "adapter_model.safetensors").stat().st_size for path in adapters.values())
+    stored = _stored_dtypes(adapters)
     ranks = [read_adapter_spec(name, str(path)).rank for name, path in adapters.items()]
     print("\n== memory (MB = 10^6 bytes) ==")
     print(f"{'base weights':<44} {'fp32':>10} {'bf16':>10} {'4-bit':>10}")
@@ -221,7 +237,7 @@ def print_memory(sizes, memory, checkpoint: Path, adapters: dict[str, Path], opt
          memory.lora_pools),
         *([("  (of which float16 copies the native LoRA kernel reads)", memory.lora_half_copies)]
           if memory.lora_half_copies else []),
-        (f"  (the {len(adapters)} adapters themselves, fp32 on disk)", adapter_bytes),
+        (f"  (the {len(adapters)} adapters themselves, {stored} on disk)", adapter_bytes),
         (f"KV cache: {options['num_kv_blocks']} blocks x 16 tokens", memory.kv_cache),
         ("total", memory.total),
     ]

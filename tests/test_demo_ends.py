@@ -143,3 +143,18 @@ def _cmdline_mentions(pid: int, text: str) -> bool:
             return text.encode() in cmdline.read()
     except OSError:
         return False
+
+
+def test_the_memory_table_names_the_dtype_the_adapters_are_stored_in(tmp_path) -> None:
+    """The table said "fp32 on disk" of the committed adapters, which are float16."""
+    import torch
+    from safetensors.torch import save_file
+
+    from inlaid.demo import _stored_dtypes, committed_adapters
+
+    for name, dtype in (("half", torch.float16), ("full", torch.float32)):
+        (tmp_path / name).mkdir()
+        save_file({"lora_A.weight": torch.zeros(2, 3, dtype=dtype)}, str(tmp_path / name / "adapter_model.safetensors"))
+    assert _stored_dtypes({"half": tmp_path / "half"}) == "float16"
+    assert _stored_dtypes({"half": tmp_path / "half", "full": tmp_path / "full"}) == "float16/float32"
+    assert _stored_dtypes(committed_adapters()) == "float16"

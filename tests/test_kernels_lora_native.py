@@ -247,16 +247,18 @@ def test_half_copies_of_another_shape_are_refused() -> None:
 
 @pytest.mark.skipif(not native_half_copies_worth_it(), reason="float16 copies not used here (no AVX-512)")
 def test_engine_reads_float16_adapters_from_copies_and_drops_stale_ones() -> None:
-    """A LoraLinear loads a float16 adapter into the copies (flag set) and a float32 one into
-    the float32 pools only; decode tokens of both equal the float64 base + LoRA; a write to the
-    pools by anything but `load_slot` drops the flags (the copies would be stale)."""
+    """A LoraLinear makes the copies only when a float16 adapter loads (a float32 one leaves
+    it without them, and their memory unspent), rebinding the kernel to them; it loads a
+    float16 adapter into the copies (flag set) and a float32 one into the float32 pools only;
+    decode tokens of both equal the float64 base + LoRA; a write to the pools by anything but
+    `load_slot` drops the flags (the copies would be stale)."""
     from inlaid.engine.lora import LoraBatch, LoraLinear
 
     generator = torch.Generator().manual_seed(8)
     linear = LoraLinear(48, [32, 16], ["q_proj", "k_proj"], bias=False)
     linear.weight.data = torch.randn(48, 48, generator=generator)
     linear.allocate_lora(3, 16, torch.float32, torch.device("cpu"))
-    assert linear.half_pools is not None
+    assert linear.half_pools is None
 
     def adapter(rank: int, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {name: ((torch.randn(rank, 48, generator=generator) / 7).to(dtype),
@@ -264,13 +266,16 @@ def test_engine_reads_float16_adapters_from_copies_and_drops_stale_ones() -> Non
                 for name, width in (("q_proj", 32), ("k_proj", 16))}
 
     adapters = {1: (adapter(8, torch.float16), 0.5), 2: (adapter(16, torch.float32), 2.0)}
-    for slot, (weights, scale) in adapters.items():
-        linear.load_slot(slot, weights, scale)
-    assert linear.half_pools.slot_half.tolist() == [0, 1, 0]
     starts = torch.tensor([0, 1, 2, 3, 4], dtype=torch.int32)
     slots = torch.tensor([1, 2, -1, 1], dtype=torch.int32)
     batch = LoraBatch(starts, slots, lora_host_segments(starts, slots, 4, 3))
     x = torch.randn(4, 48, generator=generator)
+    linear.load_slot(2, *adapters[2])
+    linear(x, batch)  # binds the kernel to the pools, without copies yet
+    assert linear.half_pools is None and linear._native is not None
+    linear.load_slot(1, *adapters[1])
+    assert linear.half_pools is not None
+    assert linear.half_pools.slot_half.tolist() == [0, 1, 0]
 
     def want() -> torch.Tensor:
         expected = x.double() @ linear.weight.double().T
@@ -284,6 +289,7 @@ def test_engine_reads_float16_adapters_from_copies_and_drops_stale_ones() -> Non
         return expected
 
     torch.testing.assert_close(linear(x, batch).double(), want(), rtol=1e-5, atol=1e-5)
+    assert linear._native._half_arguments[0] == linear.half_pools.stacked_a.data_ptr()  # rebound to the copies
     linear.half_pools.stacked_a[1] = float("nan")  # what a stale copy would hold
     linear.stacked_a[0, 0, 0] = 0.0  # a write outside load_slot
     torch.testing.assert_close(linear(x, batch).double(), want(), rtol=1e-5, atol=1e-5)

@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from inlaid.engine.adapter_config import adapter_signature
 from inlaid.quant.calibration import CalibrationTask
@@ -245,3 +246,34 @@ def test_an_option_left_out_is_named_as_the_default_not_as_none() -> None:
         "--max-samples not given (the default) there, 4 here"]
     assert settings_differences({"--max-samples": 4}, {"--max-samples": None}) == [
         "--max-samples 4 there, not given (the default) here"]
+
+
+def test_minimax_runs_its_four_round_search_unless_told(tiny, tmp_path) -> None:
+    """`--method minimax` is the unbounded worst-task search docs/quantization.md measured
+    (4 rounds); it ran 1 round (no search) once mlgptq's default became 1 (an outside docs
+    audit). The rounds given still win, and they change the weights."""
+    from safetensors.torch import load_file
+
+    from tiny_llama import make_adapter, write_calibration
+
+    root, model_dir, adapter, calib = tiny
+    other = make_adapter(model_dir, tmp_path / "beta_adapter", seed=2, scale=0.6)
+    other_calib = write_calibration(tmp_path / "beta.jsonl", "beta", 3)
+    tasks = ["--task", f"alpha={adapter}:{calib}", "--task", f"beta={other}:{other_calib}"]
+
+    def quantized(out: str, *extra: str) -> tuple[int, dict]:
+        from inlaid.cli import main
+
+        assert main(["quantize", "--model", str(model_dir), *tasks, "--max-samples", "2", "--max-tokens", "48",
+                     "--group-size", "32", "--threads", "1", "--method", "minimax", "--out", str(tmp_path / out),
+                     *extra]) == 0
+        metadata = json.loads((tmp_path / out / METADATA_FILE).read_text())
+        return metadata["calibration"]["mlgptq"]["rounds"], load_file(tmp_path / out / "model.safetensors")
+
+    rounds, searched = quantized("default")
+    assert rounds == 4
+    rounds, told = quantized("four", "--mlgptq-rounds", "4")
+    assert rounds == 4 and all(torch.equal(searched[name], told[name]) for name in searched)
+    rounds, start_only = quantized("one", "--mlgptq-rounds", "1")
+    assert rounds == 1
+    assert any(not torch.equal(searched[name], start_only[name]) for name in searched if name.endswith("qweight"))

@@ -97,11 +97,12 @@ class LoraLinear(nn.Module):
         # The pools bound for the native LoRA kernel (kernels/lora_native.py), made on first use.
         self._native: NativeLoraPools | None = None
         # float16 copies of the pools the native kernel reads for slots whose adapter was stored
-        # in float16 (`allocate_lora` makes them where it pays), and the pools' versions after
-        # the last `load_slot`: a write by anything else leaves the copies stale, and they are
-        # then dropped (`_native_pools`).
+        # in float16 (`load_slot` makes them at the first such adapter, where they pay), and
+        # the pools' versions after the last `load_slot`: a write by anything else leaves the
+        # copies stale, and they are then dropped (`_native_pools`).
         self.half_pools: HalfPools | None = None
         self._half_versions: tuple[int, ...] = ()
+        self._half_copies_allowed = False  # set by `allocate_lora`
 
     # ------------------------------------------------------------------ set-up
     def use_quantized(self, prepared: list[PreparedQuantLinear]) -> None:
@@ -130,11 +131,12 @@ class LoraLinear(nn.Module):
         # A decode step's LoRA work on the CPU is bound by reading each distinct adapter's A and B
         # once; adapters stored in float16 (PEFT's usual export) are read from float16 copies
         # at half the bytes, with the same float32 sums (kernels/lora_native.c). The float32
-        # pools stay the reference every other route reads. Costs half the pools' memory again.
+        # pools stay the reference every other route reads. The copies cost half the pools'
+        # memory again (352 MB in `make run`), so they are made when the first float16 adapter
+        # loads: a server of float32 adapters (`train-adapter`'s own saves) never holds them.
         self.half_pools = None
-        if (device.type == "cpu" and dtype == torch.float32 and native_half_copies_worth_it()
-                and native_pools_fit(self.stacked_a, self.lora_b)):
-            self.half_pools = HalfPools.like(self.stacked_a, self.lora_b)
+        self._half_copies_allowed = (device.type == "cpu" and dtype == torch.float32 and native_half_copies_worth_it()
+                                     and native_pools_fit(self.stacked_a, self.lora_b))
 
     def fuse_lora_expand(self, pack: bool = True) -> bool:
         """Fold the LoRA expand into the base matmul when the base is a dense weight stored
@@ -171,12 +173,17 @@ class LoraLinear(nn.Module):
             self._compact = None  # something else wrote the pools since: the next forward rebuilds in full
         if self.fused is not None:
             self.fused.clear_slot(slot)
+        # The slot is read from the copies only if every slice's weights were float16 (then the
+        # copies hold exactly the pools' values); any other dtype keeps it on the float32 pools.
+        all_half = bool(slice_weights) and all(a.dtype == b.dtype == torch.float16 for a, b in slice_weights.values())
+        if all_half and self.half_pools is None and self._half_copies_allowed:
+            self.half_pools = HalfPools.like(self.stacked_a, self.lora_b)  # every flag 0: no slot reads them yet
+            self._half_versions = self._pool_versions()
+            self._native = None  # rebound with the copies on the next forward
         half = self.half_pools
         if half is not None and self._half_versions != self._pool_versions():
             half.slot_half.zero_()  # something else wrote the pools: no copy can be trusted
-        # The slot is read from the copies only if every slice's weights were float16 (then the
-        # copies hold exactly the pools' values); any other dtype keeps it on the float32 pools.
-        from_half = half is not None and all(a.dtype == b.dtype == torch.float16 for a, b in slice_weights.values())
+        from_half = half is not None and all_half
         if half is not None:
             half.slot_half[slot] = 0
         for index, name in enumerate(self.slice_names):

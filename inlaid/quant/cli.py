@@ -24,6 +24,7 @@ from inlaid.quant.errors import QuantizationError
 
 if TYPE_CHECKING:
     from inlaid.quant.driver import QuantizationReport
+    from inlaid.quant.methods import MlgptqOptions
     from inlaid.quant.spec import QuantSpec
 
 
@@ -31,6 +32,23 @@ def _slack(text: str) -> float:
     """--mlgptq-slack: a number >= 0, or inf (no bound: MlgptqOptions.mean_slack None). NaN
     is refused: it compares false to every cost, and started the run."""
     return math.inf if text.strip().lower() in ("inf", "infinity") else non_negative_float(text)
+
+
+# `minimax` is the unbounded worst-task search docs/quantization.md measured: 4 rounds. Its
+# rounds default apart from mlgptq's, which is 1 (no search) since the NLL table.
+MINIMAX_ROUNDS = 4
+
+
+def mlgptq_options(args: argparse.Namespace, method_kind: str) -> "MlgptqOptions":
+    """The --mlgptq-* options, each absent one at the method's default."""
+    from inlaid.quant.methods import MlgptqOptions
+
+    defaults = MlgptqOptions()
+    rounds = args.mlgptq_rounds or (MINIMAX_ROUNDS if method_kind == "minimax" else defaults.rounds)
+    return MlgptqOptions(rounds=rounds, start=args.mlgptq_start or defaults.start,
+                         step=args.mlgptq_step if args.mlgptq_step is not None else defaults.step,
+                         mean_slack=(defaults.mean_slack if args.mlgptq_slack is None
+                                     else None if math.isinf(args.mlgptq_slack) else args.mlgptq_slack))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mlgptq-start", default=None,
                         help="mlgptq's aggregate of the per-task Hessians: task-mean (default: every task the same weight, scaled by what noise costs its answers, docs/quantization.md), token-mean, trace-norm, error-norm")
     parser.add_argument("--mlgptq-rounds", type=positive_int, default=None,
-                        help="mlgptq rounds; above 1 the aggregate is reweighted toward the worst task (default 1: none)")
+                        help="mlgptq / minimax rounds; above 1 the aggregate is reweighted toward the worst task "
+                             f"(default: mlgptq 1, none; minimax {MINIMAX_ROUNDS})")
     parser.add_argument("--mlgptq-step", type=positive_float, default=None, help="reweighting exponent of mlgptq")
     parser.add_argument("--mlgptq-slack", type=_slack, default=None,
                         help="task-mean error a reweighting round may add, as a fraction (default 0; inf: no bound)")
@@ -133,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     from inlaid.quant.checkpoint_files import read_inlaid_metadata
     from inlaid.quant.driver import DriverConfig, quantize_model
     from inlaid.quant.inputs import check_tasks, model_dir_problem, out_overlaps_model_problem
-    from inlaid.quant.methods import MlgptqOptions, parse_method
+    from inlaid.quant.methods import parse_method
     from inlaid.quant.run_support import out_overlaps_adapter_problem, resume_hint
     from inlaid.quant.suite import (
         DEFAULT_ADAPTERS_DIR, SUITE_CALIB_SAMPLES, ensure_suite_checkpoint, is_complete, read_manifest,
@@ -176,11 +195,7 @@ def run(args: argparse.Namespace) -> int:
         # a NaN adapter or a bad line past --max-samples failed only after it had).
         check_tasks(tasks, args.model or default_model_dir())
         method = parse_method(args.method, [task.name for task in tasks])
-        defaults = MlgptqOptions()
-        options = MlgptqOptions(rounds=args.mlgptq_rounds or defaults.rounds, start=args.mlgptq_start or defaults.start,
-                                step=args.mlgptq_step if args.mlgptq_step is not None else defaults.step,
-                                mean_slack=(defaults.mean_slack if args.mlgptq_slack is None
-                                            else None if math.isinf(args.mlgptq_slack) else args.mlgptq_slack))
+        options = mlgptq_options(args, method.kind)
         if args.threads:
             torch.set_num_threads(args.threads)
         max_samples = args.max_samples or (SUITE_CALIB_SAMPLES if args.suite else 128)
