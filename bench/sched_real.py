@@ -129,6 +129,7 @@ def compare(argv: list[str] | None = None) -> dict:
     check_cost_model(parser, RESULTS / f"sched_cost_model{suffix}.json")  # before any server starts
 
     from inlaid.engine.adapter_config import read_adapter_spec
+    from inlaid.engine.config import EngineConfig
     from inlaid.predictor import OnlineLengthPredictor
     from inlaid.scheduling.cost_model import StepCostModel
     from inlaid.scheduling.experiment import length_model, make_variant, suite_history, variant_options
@@ -141,7 +142,8 @@ def compare(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     cost_file = RESULTS / f"sched_cost_model{suffix}.json"
     cost = StepCostModel.load(cost_file)
-    shape = EngineShape()  # the server's engine defaults
+    # the server's engine defaults, on the CPU (its prompt tokens beside decodes among them)
+    shape = EngineShape(max_prefill_tokens_beside_decodes=EngineConfig(model_dir="").prefill_tokens_beside_decodes())
     records = load_suite_lengths(args.suite_lengths) if args.suite_lengths else load_suite_lengths()
     prompts = suite_prompts()
     history = suite_history(records, prompts, "calib")

@@ -234,3 +234,59 @@ def test_adapter_with_non_finite_weights_is_rejected(tmp_path):
     save_file({f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b}, str(path / "adapter_model.safetensors"))
     with pytest.raises(AdapterError, match="NaN or infinite"):
         load_adapter_tensors(spec, num_layers=30)
+
+
+def test_a_long_prompt_beside_decoding_sequences_takes_capped_chunks():
+    """A long prompt's 2,048-token chunks paused every stream 9-12 s a step on a 2-core CPU (an
+    outside probe): beside decoding sequences a step takes at most
+    `max_prefill_tokens_beside_decodes` prompt tokens; alone, the whole budget."""
+    scheduler = Scheduler(SchedulerLimits(4, 64, 1000, max_prefill_tokens_beside_decodes=16),
+                          BlockManager(64, 4), AdapterSlots(2), eos_token_ids=(2,))
+    stream = Sequence(seq_id=0, prompt_token_ids=[5, 6, 7], sampling=SamplingParams(max_tokens=50))
+    scheduler.add(stream)
+    plan = scheduler.schedule()
+    scheduler.process_result(StepResult(step_id=plan.step_id, sampled=[SampledToken(seq_id=0, token_id=11)],
+                                        num_tokens=3, compute_seconds=0.0), {0: stream})
+    long = Sequence(seq_id=1, prompt_token_ids=list(range(10, 110)), sampling=SamplingParams(max_tokens=3))
+    scheduler.add(long)
+    seqs = {0: stream, 1: long}
+    sizes = []
+    while long.num_pending_tokens > 1:
+        plan = scheduler.schedule()
+        chunks = {chunk.seq_id: len(chunk.token_ids) for chunk in plan.chunks}
+        assert chunks[0] == 1  # the stream decodes every step
+        sizes.append(chunks[1])
+        sampled = [SampledToken(seq_id=0, token_id=11)] + (
+            [SampledToken(seq_id=1, token_id=12)] if any(c.seq_id == 1 and c.sample for c in plan.chunks) else [])
+        scheduler.process_result(StepResult(step_id=plan.step_id, sampled=sampled, num_tokens=sum(chunks.values()),
+                                            compute_seconds=0.0), seqs)
+    assert sizes == [16] * 6 + [4]
+    alone = _scheduler(num_blocks=64, budget=64)
+    alone.limits.max_prefill_tokens_beside_decodes = 16
+    alone.add(Sequence(seq_id=2, prompt_token_ids=list(range(10, 110)), sampling=SamplingParams(max_tokens=3)))
+    assert [len(chunk.token_ids) for chunk in alone.schedule().chunks] == [64]  # nobody decodes: the whole budget
+
+
+def test_engine_config_caps_prefill_beside_decodes_on_the_cpu_only():
+    from inlaid.engine.config import CPU_PREFILL_BESIDE_DECODES
+
+    assert EngineConfig(model_dir="m").prefill_tokens_beside_decodes() == CPU_PREFILL_BESIDE_DECODES
+    assert EngineConfig(model_dir="m", device="cuda:0").prefill_tokens_beside_decodes() is None
+    assert EngineConfig(model_dir="m", device="cuda", max_prefill_tokens_beside_decodes=256
+                        ).prefill_tokens_beside_decodes() == 256
+    for bad in (0, -1, 2.5, "x", True):
+        with pytest.raises(ValueError, match="max_prefill_tokens_beside_decodes"):
+            EngineConfig(model_dir="m", max_prefill_tokens_beside_decodes=bad).validate()
+
+
+def test_the_engine_and_the_simulator_plan_with_the_configured_cap(model_dir):
+    """The coordinator's engine and the simulator's shape of a config take its cap."""
+    from inlaid.engine.config import CPU_PREFILL_BESIDE_DECODES
+    from inlaid.engine.engine import Engine
+    from inlaid.scheduling.simulator import EngineShape
+
+    default = EngineConfig(model_dir=str(model_dir))
+    told = EngineConfig(model_dir=str(model_dir), max_prefill_tokens_beside_decodes=100)
+    assert Engine(default).scheduler.limits.max_prefill_tokens_beside_decodes == CPU_PREFILL_BESIDE_DECODES
+    assert Engine(told).scheduler.limits.max_prefill_tokens_beside_decodes == 100
+    assert EngineShape.of(told).max_prefill_tokens_beside_decodes == 100

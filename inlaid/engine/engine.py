@@ -79,7 +79,8 @@ class Engine:
             raise ModelLoadError(f"special_tokens_in_text = \"text\": {problem}")
         self.max_model_len = config.context_length(self.model_config)
         self.scheduler = Scheduler(
-            SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
+            SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
+                            config.prefill_tokens_beside_decodes()),
             BlockManager(config.num_kv_blocks, config.block_size),
             AdapterSlots(config.max_lora_slots),
             eos_token_ids=self.model_config.eos_token_ids,

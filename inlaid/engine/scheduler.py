@@ -5,7 +5,8 @@ running and waiting sequences together, best first; the scheduler walks that ran
 plans each sequence while the step's limits allow:
 
 - `max_num_seqs` sequences and `max_num_batched_tokens` tokens per step (a long prefill is
-  chunked over several steps);
+  chunked over several steps), of them at most `max_prefill_tokens_beside_decodes` prompt
+  tokens while sequences are decoding (so that a long prompt stalls streams briefly);
 - at most `policy.max_adapters_per_step` distinct adapters per step (base-model rows never
   count), and a device slot for each adapter (`AdapterSlots`);
 - KV blocks: a running sequence that cannot grow preempts the lowest-ranked running
@@ -109,6 +110,10 @@ class SchedulerLimits:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    # Prompt tokens a step computes while sequences are decoding (None: no cap): a long
+    # prompt's chunks then hold every streaming answer up for that much compute each, not a
+    # whole token budget's (EngineConfig.prefill_tokens_beside_decodes).
+    max_prefill_tokens_beside_decodes: int | None = None
 
 
 @dataclass
@@ -206,7 +211,12 @@ class Scheduler:
     def schedule(self) -> BatchPlan | None:
         now = self.clock()
         budget = self.limits.max_num_batched_tokens
-        step = _StepBuilder(budget=budget, prefill_budget=min(budget, self.policy.max_prefill_tokens_per_step or budget))
+        prefill_budget = min(budget, self.policy.max_prefill_tokens_per_step or budget)
+        beside_decodes = self.limits.max_prefill_tokens_beside_decodes
+        if beside_decodes is not None and beside_decodes < prefill_budget and any(
+                seq.num_pending_tokens == 1 for seq in self.running):
+            prefill_budget = beside_decodes
+        step = _StepBuilder(budget=budget, prefill_budget=prefill_budget)
         order = self.policy.order(list(self.running), list(self.waiting), now)
         rank = {id(seq): position for position, seq in enumerate(order)}
         if len(rank) != len(order) or len(order) != len(self.running) + len(self.waiting) or any(

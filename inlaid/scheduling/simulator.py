@@ -47,13 +47,15 @@ class EngineShape:
     num_kv_blocks: int = 2048
     max_lora_slots: int = 8
     max_model_len: int = 8192
+    max_prefill_tokens_beside_decodes: int | None = None  # EngineConfig.prefill_tokens_beside_decodes()
 
     @classmethod
     def of(cls, engine: Any) -> "EngineShape":
         """The limits of an `EngineConfig` (duck-typed: this module stays torch-free)."""
         return cls(max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=engine.max_num_batched_tokens,
                    block_size=engine.block_size, num_kv_blocks=engine.num_kv_blocks,
-                   max_lora_slots=engine.max_lora_slots, max_model_len=engine.max_model_len or cls.max_model_len)
+                   max_lora_slots=engine.max_lora_slots, max_model_len=engine.max_model_len or cls.max_model_len,
+                   max_prefill_tokens_beside_decodes=engine.prefill_tokens_beside_decodes())
 
     @property
     def context_length(self) -> int:
@@ -163,7 +165,8 @@ class Simulator:
         for name in trace.tasks:
             self.adapters.register(name, f"sim://{name}")
         self.scheduler = Scheduler(
-            SchedulerLimits(self.shape.max_num_seqs, self.shape.max_num_batched_tokens, self.shape.context_length),
+            SchedulerLimits(self.shape.max_num_seqs, self.shape.max_num_batched_tokens, self.shape.context_length,
+                            self.shape.max_prefill_tokens_beside_decodes),
             BlockManager(self.shape.num_kv_blocks, self.shape.block_size),
             self.adapters,
             eos_token_ids=(_EOS,),
