@@ -228,7 +228,8 @@ def test_server_start_builds_its_policy_with_the_tuned_options(tmp_path: Path, m
                                "scheduler": {"autotune_cost_model": str(COST_MODEL), "max_wait_s": 40.0,
                                              "step_log": "steps.jsonl"}},
                               base_dir=tmp_path)
-    assert EngineShape.of(config.engine) == EngineShape(max_lora_slots=4)  # the executor's limits, else defaults
+    # the executor's limits, else defaults (the CPU's cap on prompt tokens beside decodes among them)
+    assert EngineShape.of(config.engine) == EngineShape(max_lora_slots=4, max_prefill_tokens_beside_decodes=512)
     with caplog.at_level(logging.INFO, logger="inlaid.coordinator"):
         policy = _tuned_policies(config)()
     assert "scheduler tuning chose" in caplog.text and "4 adapter slots" in caplog.text
