@@ -35,8 +35,8 @@ MAX_THREADS = 1024
 # and inputs are sized by max_num_seqs) failed to allocate at every executor start.
 MAX_NUM_SEQS = 1 << 16
 MAX_BATCHED_TOKENS = 1 << 22
-# A step of 512 prompt tokens beside decodes: a stream's pause a quarter of a 2,048-token
-# chunk's, for ~6 % more steps over a long prompt (one decode batch each, ~0.2 s here).
+# 512 prompt tokens a step beside decodes: a stream beside a 6,000-token prompt paused at most
+# 1.4 s instead of 4.9 s on a 2-core CPU, the prompt itself as fast (bench/prefill_stalls.py).
 CPU_PREFILL_BESIDE_DECODES = 512
 
 
