@@ -38,7 +38,7 @@ DEFAULT_METHODS = ("mlgptq", "minimax", "gptq-mixed", "gptq-mean-lora", "rtn", "
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--tasks", nargs="*", default=None, help="default: every task with adapters/<task>/")
     parser.add_argument("--adapters-dir", type=Path, default=REPO / "adapters")
     parser.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS),
@@ -108,6 +108,9 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
         return str(error)
     if any(layer < 0 for layer in args.study_layers) or any(bits not in SUPPORTED_BITS for bits in args.study_bits):
         return f"--study-layers must be >= 0 and --study-bits among {SUPPORTED_BITS}"
+    if os.path.realpath(args.out.expanduser()) == os.path.realpath(args.markdown.expanduser()):
+        # The table was written over the JSON results, and the next --merge run failed to read them.
+        return f"--out and --markdown are the same file ({args.out}); give two paths"
     for option, path in (("--out", args.out), ("--markdown", args.markdown)):
         if problem := writable_file_problem(path, option):
             return problem
@@ -204,7 +207,7 @@ def _nll(args, model_dir: Path, tasks: list[str], quantized_dir: Path | None) ->
 
     examples = {t: get_task(t).load_split("eval")[: args.nll_limit] for t in tasks}
     scored = suite_answer_nll(model_dir, {t: args.adapters_dir / t for t in tasks}, examples, quantized_dir,
-                              progress=sys.stderr.isatty())
+                              progress=True)  # a log of `make eval > log 2>&1` shows it too
     return {t: [[v.nll, v.tokens] for v in values] for t, values in scored.items()}
 
 

@@ -9,7 +9,6 @@ import fcntl
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 
@@ -61,7 +60,7 @@ def quantized_checkpoint(args: argparse.Namespace, model_dir: Path, tasks: list[
         config = DriverConfig(
             model_dir=model_dir, tasks=calibration, method=parse_method(method_name, tasks),
             spec=QuantSpec(bits=bits, group_size=group), out_dir=out_dir, max_samples=args.calib_samples,
-            max_tokens=args.max_tokens, save_hessian_state=False, progress=sys.stderr.isatty(), error_tasks=error_tasks,
+            max_tokens=args.max_tokens, save_hessian_state=False, progress=True, error_tasks=error_tasks,
             mlgptq=options,
         )
         report = quantize_model(config)

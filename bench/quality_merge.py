@@ -11,7 +11,15 @@ from pathlib import Path
 
 def _report_on_terms(path: Path, terms: dict, option: str) -> dict:
     """The report at `path`; refuses (naming `option`) one measured on other terms."""
-    report = json.loads(path.read_text())
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SystemExit(f"{option}: {path} is not a readable report ({error}); move it aside or run without "
+                         f"{option}") from None
+    if not isinstance(report, dict) or not all(isinstance(report.get(key), kind) for key, kind in
+                                               (("methods", list), ("configs", dict))):
+        raise SystemExit(f"{option}: {path} is not a report of bench/quality.py (no methods list and configs "
+                         f"table); move it aside or run without {option}")
     differing = {k: (report.get(k), v) for k, v in terms.items() if report.get(k) != v}
     if differing:
         raise SystemExit(f"{option}: {path} was measured with other settings (theirs, ours): {differing}")

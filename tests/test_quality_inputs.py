@@ -97,6 +97,15 @@ def test_a_report_on_other_inputs_or_budgets_is_not_merged(inputs_tree: dict[str
         previous_report(out, True, quality_inputs.report_terms(args, ["sentiment"], ["sentiment"], other))
 
 
+def test_a_damaged_report_to_merge_is_named_in_one_line(tmp_path: Path) -> None:
+    """A truncated report at --out ended a --merge run in a JSONDecodeError traceback (an outside probe)."""
+    out = tmp_path / "quality.json"
+    for damaged in ('{"tasks": ["sentiment"]', "[1, 2]", '{"methods": "rtn"}', b"\xff\xfe"):
+        out.write_bytes(damaged if isinstance(damaged, bytes) else damaged.encode())
+        with pytest.raises(SystemExit, match=f"--merge: {out} is not (a readable report|a report of bench/quality.py)"):
+            previous_report(out, True, {})
+
+
 def test_an_interrupted_generation_is_no_row(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """evaluate_runs returns what finished on Ctrl-C; those scores are no task's row."""
     import inlaid.tasks.evaluate as evaluate
