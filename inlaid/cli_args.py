@@ -80,6 +80,12 @@ def model_dir_problem(model: Path | None, weights: bool = True) -> str | None:
         return f"model directory {model} is a file, not a directory"
     if not model.is_dir():
         return f"model directory not found: {model}"
+    from inlaid.quant.unfinished import unfinished_problem  # torch-free
+
+    # before config.json: a quantize run stopped before writing it read "not a Hugging Face
+    # model directory", and one stopped after it loaded for seconds before its refusal
+    if problem := unfinished_problem(model):
+        return problem
     if not (model / "config.json").is_file():
         return f"model directory {model} has no config.json: not a Hugging Face model directory"
     # A damaged weights file failed deep in each loader ("invalid header length", without the

@@ -50,6 +50,27 @@ def test_a_damaged_model_weights_file_is_named_before_anything_loads(model_dir: 
     assert model_dir_problem(damaged, weights=False) is None  # beside a quantized base its weights are not served
 
 
+def test_an_unfinished_checkpoint_as_model_is_named_so_before_anything_loads(model_dir: Path, tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture) -> None:
+    """`inlaid eval --model` of a quantize run stopped before its config.json read "not a
+    Hugging Face model directory", and of one stopped after it loaded the model for seconds
+    before refusing (an outside probe); `generate` named it an unfinished checkpoint."""
+    from inlaid.quant.unfinished import UNFINISHED_FILE
+
+    early, late = tmp_path / "early", tmp_path / "late"
+    early.mkdir()
+    late.mkdir()
+    (late / "config.json").write_text((model_dir / "config.json").read_text())
+    for checkpoint in (early, late):
+        (checkpoint / UNFINISHED_FILE).write_text("quantize: a run writing this checkpoint has not finished\n")
+        for command in (["eval", "--model", str(checkpoint), "--task", "sentiment"],
+                        ["generate", "--model", str(checkpoint), "--prompt", "hi"]):
+            assert main(command) == 2, command
+            err = capsys.readouterr().err.strip()
+            assert f"{checkpoint} is an unfinished checkpoint ({UNFINISHED_FILE})" in err, err
+            assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
 def test_messages_name_the_option_and_say_what_is_wrong(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Each was refused, but in words that named no option (`ValueError: device must be ...`,
     `the server address must be ...`), said the wrong thing (a token file that is a directory
