@@ -64,7 +64,7 @@ def quantized_checkpoint(args: argparse.Namespace, model_dir: Path, tasks: list[
             mlgptq=options,
         )
         report = quantize_model(config)
-    print(f"   quantized in {report.seconds:.0f} s, peak RSS {report.peak_rss_mb:.0f} MB, phases {report.phases}",
+    print(f"   quantized in {report.seconds:.0f} s, the process's peak RSS so far {report.peak_rss_mb:.0f} MB (generation's included), phases {report.phases}",
           flush=True)
     return out_dir
 
