@@ -64,8 +64,8 @@ def quantized_checkpoint(args: argparse.Namespace, model_dir: Path, tasks: list[
             mlgptq=options,
         )
         report = quantize_model(config)
-    print(f"   quantized in {report.seconds:.0f} s, the process's peak RSS so far {report.peak_rss_mb:.0f} MB (generation's included), phases {report.phases}",
-          flush=True)
+    print(f"   quantized in {report.seconds:.0f} s, the process's peak RSS so far {report.peak_rss_mb:.0f} MB "
+          f"(generation's included), phases {report.phases}", flush=True)
     return out_dir
 
 
