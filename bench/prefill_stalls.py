@@ -2,13 +2,14 @@
 max_prefill_tokens_beside_decodes` at the CPU default (512) against the whole step budget (2048,
 no cap), one `inlaid serve` each, on the 4-bit suite base `make run` built.
 
-    .venv/bin/python bench/prefill_stalls.py [--prompt-tokens 6000] [--stream-tokens 60]
+    .venv/bin/python bench/prefill_stalls.py [--prompt-tokens 6000] [--stream-tokens 60] [--rounds 3]
 
 A stream (the `code` adapter, greedy, `ignore_eos`) runs; after its 4th chunk a second client
 sends one long prompt (`--prompt-tokens` token ids, the `qa` adapter, 2 new tokens). Per run:
 the stream's longest pause between two chunks, its 90th-percentile pause, its whole time,
-and the long prompt's own latency. Both runs on one machine, one after the other: compare
-them, not absolute times (a loaded machine stretches both).
+and the long prompt's own latency. The settings alternate over `--rounds` runs on one machine
+and the medians are reported: compare them, not absolute times (a loaded machine stretches
+both).
 
 Writes bench/results/prefill_stalls.json; states the machine and its load.
 """
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,12 +55,15 @@ def _one_run(checkpoint: Path, port: int, cap: int | None, prompt_tokens: int, s
             client = Client(address, timeout_s=600)
             client.wait_ready(timeout_s=600)
             client.generate("warm up", task="code", max_tokens=4)
-            long_prompt: dict[str, float] = {}
+            long_prompt: dict[str, Any] = {}
 
             def send_long_prompt() -> None:
                 started = time.perf_counter()
-                Client(address, timeout_s=600).generate(
-                    prompt_token_ids=[100 + k % 1000 for k in range(prompt_tokens)], task="qa", max_tokens=2)
+                try:
+                    Client(address, timeout_s=600).generate(
+                        prompt_token_ids=[100 + k % 1000 for k in range(prompt_tokens)], task="qa", max_tokens=2)
+                except Exception as error:  # noqa: BLE001  (raised in the main thread below)
+                    long_prompt["error"] = error
                 long_prompt["seconds"] = time.perf_counter() - started
 
             sender = threading.Thread(target=send_long_prompt)
@@ -75,6 +80,8 @@ def _one_run(checkpoint: Path, port: int, cap: int | None, prompt_tokens: int, s
                     sender.start()
             stream_seconds = time.perf_counter() - started
             sender.join()
+            if "error" in long_prompt:
+                raise long_prompt["error"]
             pauses.sort()
             return {"max_pause_s": round(pauses[-1], 3), "p90_pause_s": round(pauses[int(0.9 * len(pauses))], 3),
                     "stream_s": round(stream_seconds, 3), "long_prompt_s": round(long_prompt["seconds"], 3)}
@@ -91,22 +98,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt-tokens", type=int, default=6000, help="the long prompt's tokens (default 6000)")
     parser.add_argument("--stream-tokens", type=int, default=60, help="the stream's new tokens (default 60)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="runs of each setting, alternating (default 3); the medians are reported")
     parser.add_argument("--port", type=int, default=PORT, help=f"the servers' port (default {PORT})")
     args = parser.parse_args(argv)
-    if not 4 < args.stream_tokens <= 4096 or not 1 <= args.prompt_tokens <= 16_000:
-        parser.error("--stream-tokens must be 5-4096 and --prompt-tokens 1-16000 (the servers' KV cache)")
+    if not 4 < args.stream_tokens <= 4096 or not 1 <= args.prompt_tokens <= 8000 or not 1 <= args.rounds <= 20:
+        parser.error("--stream-tokens must be 5-4096, --prompt-tokens 1-8000 (the default model's context is 8192) "
+                     "and --rounds 1-20")
     checkpoint = suite_checkpoint_dir()
     if not is_complete(checkpoint):
         print(f"prefill_stalls: the 4-bit suite base is not built ({checkpoint}): run `make run` first",
               file=sys.stderr)
         return 2
     load_before = os.getloadavg()[0]
-    runs = {}
-    for label, cap in ((f"beside decodes {CPU_PREFILL_BESIDE_DECODES} (CPU default)", None),
-                       ("no cap (the step budget, 2048)", 2048)):
-        runs[label] = _one_run(checkpoint, args.port, cap, args.prompt_tokens, args.stream_tokens)
-        print(label, runs[label], flush=True)
-    report = {"prompt_tokens": args.prompt_tokens, "stream_tokens": args.stream_tokens, "runs": runs,
+    settings = ((f"beside decodes {CPU_PREFILL_BESIDE_DECODES} (CPU default)", None),
+                ("no cap (the step budget, 2048)", 2048))
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in settings}
+    for round_index in range(args.rounds):  # alternating, so that a load drift reaches both settings alike
+        for label, cap in settings:
+            runs[label].append(_one_run(checkpoint, args.port, cap, args.prompt_tokens, args.stream_tokens))
+            print(f"round {round_index + 1}: {label} {runs[label][-1]}", flush=True)
+    medians = {label: {key: statistics.median(run[key] for run in results) for key in results[0]}
+               for label, results in runs.items()}
+    for label, values in medians.items():
+        print(f"median of {args.rounds}: {label} {values}")
+    report = {"prompt_tokens": args.prompt_tokens, "stream_tokens": args.stream_tokens, "medians": medians,
+              "runs": runs,
               "machine": machine_name(),
               "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2),
               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

@@ -140,7 +140,7 @@ def test_scheduling_benchmarks_write_into_out_dir(tmp_path: Path, monkeypatch: p
     ("quality.py", ("--methods", "mlgptq[y]"), "--methods: unknown method 'mlgptq[y]'"),
     # the table was written over the results, and the next --merge run failed to read them
     ("quality.py", ("--out", "r.json", "--markdown", "./r.json"), "--out and --markdown are the same file"),
-    ("prefill_stalls.py", ("--stream-tokens", "2"), "--stream-tokens must be 5-4096"),
+    ("prefill_stalls.py", ("--prompt-tokens", "9000"), "--prompt-tokens 1-8000"),
     ("int4_many_rows.py", ("--repeats", "0"), "--threads and --repeats must be positive integers"),
     ("int4_many_rows.py", ("--out", "FILE/dir"), "--out"),
     ("kernels_cpu.py", ("--threads", "-1"), "--threads must be 0 (torch's default) or more, got -1"),

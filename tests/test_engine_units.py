@@ -265,6 +265,14 @@ def test_a_long_prompt_beside_decoding_sequences_takes_capped_chunks():
     alone.limits.max_prefill_tokens_beside_decodes = 16
     alone.add(Sequence(seq_id=2, prompt_token_ids=list(range(10, 110)), sampling=SamplingParams(max_tokens=3)))
     assert [len(chunk.token_ids) for chunk in alone.schedule().chunks] == [64]  # nobody decodes: the whole budget
+    tail = _scheduler(num_blocks=64, budget=64)
+    tail.limits.max_prefill_tokens_beside_decodes = 16
+    first = Sequence(seq_id=3, prompt_token_ids=list(range(10, 75)), sampling=SamplingParams(max_tokens=3))
+    tail.add(first)
+    assert [len(chunk.token_ids) for chunk in tail.schedule().chunks] == [64]
+    tail.add(Sequence(seq_id=4, prompt_token_ids=list(range(10, 110)), sampling=SamplingParams(max_tokens=3)))
+    # the first prompt's last token is a prefill, not a decode: the second takes the rest of the budget
+    assert [len(chunk.token_ids) for chunk in tail.schedule().chunks] == [1, 63]
 
 
 def test_engine_config_caps_prefill_beside_decodes_on_the_cpu_only():

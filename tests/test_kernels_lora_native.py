@@ -294,3 +294,40 @@ def test_engine_reads_float16_adapters_from_copies_and_drops_stale_ones() -> Non
     linear.stacked_a[0, 0, 0] = 0.0  # a write outside load_slot
     torch.testing.assert_close(linear(x, batch).double(), want(), rtol=1e-5, atol=1e-5)
     assert linear.half_pools.slot_half.tolist() == [0, 0, 0]
+
+
+@pytest.mark.skipif(not native_half_copies_worth_it(), reason="float16 copies not used here (no AVX-512)")
+def test_an_engine_holds_float16_copies_only_where_a_float16_adapter_loaded(model_dir, adapter_dirs, tmp_path) -> None:
+    """The copies cost half the pools again: a float32 adapter leaves an engine without them,
+    and a float16 one of q_proj/v_proj gives them to the attention's q|k|v projections only;
+    `engine_memory` counts exactly the copies made."""
+    from safetensors.torch import load_file, save_file
+
+    from inlaid.engine.config import EngineConfig
+    from inlaid.engine.engine import Engine
+    from inlaid.engine.lora import LoraLinear
+    from inlaid.engine.memory import engine_memory
+    from inlaid.engine.sequence import SamplingParams
+
+    half = tmp_path / "attn-half"
+    half.mkdir()
+    (half / "adapter_config.json").write_text((adapter_dirs["attn-r8"] / "adapter_config.json").read_text())
+    weights = load_file(str(adapter_dirs["attn-r8"] / "adapter_model.safetensors"))
+    save_file({name: tensor.half() for name, tensor in weights.items()}, str(half / "adapter_model.safetensors"))
+    engine = Engine.local(EngineConfig(model_dir=str(model_dir), max_lora_slots=2, max_lora_rank=8, num_kv_blocks=16))
+    engine.register_adapter("full", str(adapter_dirs["attn-r8"]))
+    engine.register_adapter("half", str(half))
+    modules = {name: module for name, module in engine.runner.model.named_modules() if isinstance(module, LoraLinear)}
+
+    def copies_after(adapter: str) -> int:
+        engine.generate(["Hello"], SamplingParams(max_tokens=1), [adapter])
+        memory = engine_memory(engine.runner)
+        counted = sum(pool.numel() * pool.element_size() for module in modules.values() if module.half_pools
+                      for pool in (module.half_pools.stacked_a, *module.half_pools.b_pools, module.half_pools.slot_half))
+        assert memory.lora_half_copies == counted
+        return counted
+
+    assert copies_after("full") == 0 and all(module.half_pools is None for module in modules.values())
+    assert copies_after("half") > 0
+    assert {name for name, module in modules.items() if module.half_pools is not None} == {
+        name for name in modules if name.endswith("qkv_proj")}

@@ -381,3 +381,28 @@ def test_the_tuning_leaves_the_servers_predictor_learning_out_of_its_simulations
     monkeypatch.setattr(autotune, "WORKLOADS", ((4.0, "zipf"),))
     options, _ = tuned_options(str(COST_MODEL), EngineShape(max_lora_slots=4), 6, explicit, requests=40)
     assert options["predictor_refit_every"] == 4 and options["predictor_state"] == str(state)
+
+
+def test_tuning_simulates_the_executors_devices_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`[executor] device = "cpu"` beside CUDA `[executors] devices`: the tuning simulated the
+    CPU's cap on prompt tokens beside decodes, which no executor applied (a review)."""
+    from inlaid.serve.cli import tuned_options_for
+
+    monkeypatch.setattr(autotune, "CANDIDATES", {"defaults": {}})
+    monkeypatch.setattr(autotune, "WORKLOADS", ((4.0, "zipf"),))
+    seen: list[EngineShape] = []
+    real = autotune.tuned_options
+
+    def recording(cost_model, shape, *args, **kwargs):  # the real tuning, its shape kept
+        seen.append(shape)
+        return real(cost_model, shape, *args, **kwargs)
+
+    monkeypatch.setattr(autotune, "tuned_options", recording)
+    for devices, cap in ((["cuda:0", "cuda:1"], None), (["cpu", "cpu"], 512)):
+        config = config_from_dict({"server": {"policy": "inlaid", "state_dir": "state"},
+                                   "executor": {"device": "cpu", "max_lora_slots": 4},
+                                   "executors": {"count": 2, "devices": devices}, "tasks": {"t0": "adapter"},
+                                   "scheduler": {"autotune_cost_model": str(COST_MODEL)}}, base_dir=tmp_path)
+        assert config.planning_engine().device == devices[0]
+        tuned_options_for(config, 1)
+        assert seen[-1] == EngineShape(max_lora_slots=4, max_prefill_tokens_beside_decodes=cap)

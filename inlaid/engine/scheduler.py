@@ -214,7 +214,7 @@ class Scheduler:
         prefill_budget = min(budget, self.policy.max_prefill_tokens_per_step or budget)
         beside_decodes = self.limits.max_prefill_tokens_beside_decodes
         if beside_decodes is not None and beside_decodes < prefill_budget and any(
-                seq.num_pending_tokens == 1 for seq in self.running):
+                seq.num_pending_tokens == 1 and seq.num_generated for seq in self.running):  # one decodes
             prefill_budget = beside_decodes
         step = _StepBuilder(budget=budget, prefill_budget=prefill_budget)
         order = self.policy.order(list(self.running), list(self.waiting), now)

@@ -37,7 +37,11 @@ def run(args: argparse.Namespace) -> int:
 
     from inlaid.scheduling.suite import SUITE_LENGTHS_FILE
 
-    shape, tasks, explicit, lengths = EngineShape(), 9, {}, str(SUITE_LENGTHS_FILE)
+    from inlaid.engine.config import EngineConfig
+
+    # without --config: a default CPU server's limits (its cap on prompt tokens beside decodes)
+    shape, tasks, explicit = EngineShape.of(EngineConfig(model_dir="")), 9, {}
+    lengths = str(SUITE_LENGTHS_FILE)
     if not MIN_TUNING_REQUESTS <= args.requests <= MAX_TUNING_REQUESTS:  # named now, before any progress line
         return _refuse(f"--requests must be from {MIN_TUNING_REQUESTS} to {MAX_TUNING_REQUESTS} (requests per "
                        f"simulated workload), got {args.requests}")
@@ -56,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                 return _refuse(f"it tunes the inlaid policy; {args.config} sets no server.policy, and the default "
                                "is fifo: set policy = \"inlaid\" in its [server]")
             return _refuse(f"it tunes the inlaid policy; {args.config} has server.policy = {config.policy!r}")
-        shape = EngineShape.of(config.engine)
+        shape = EngineShape.of(config.planning_engine())
         tasks, explicit = max(1, len(config.tasks)), {k: v for k, v in config.scheduler.items() if k != "step_log"}
         problem = _server_predictor_problem(explicit)
         if problem:

@@ -223,7 +223,7 @@ def tuned_options_for(config, num_tasks: int, progress=None) -> dict:  # type: i
     from inlaid.scheduling.simulator import EngineShape
 
     log = logging.getLogger("inlaid.coordinator")
-    options, _ = tuned_options(config.autotune_cost_model, EngineShape.of(config.engine), max(1, num_tasks),
+    options, _ = tuned_options(config.autotune_cost_model, EngineShape.of(config.planning_engine()), max(1, num_tasks),
                                config.scheduler, cache_dir=config.state_dir, log=log.info, progress=progress,
                                lengths_file=config.tuning_lengths_file())
     log.info("scheduler options", extra={"options": options, "tasks": num_tasks})

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,12 @@ class ServerConfig:
     def executor_devices(self) -> list[str]:
         """One device per executor: [executors] devices, else [executor] device for each."""
         return self.executors.devices or [self.engine.device] * self.executors.count
+
+    def planning_engine(self) -> EngineConfig:
+        """[executor] on the first executor's device: the limits the scheduler tuning simulates
+        (`[executor] device = "cpu"` beside CUDA `[executors] devices` gave it the CPU's cap on
+        prompt tokens beside decodes, which no executor applied)."""
+        return replace(self.engine, device=self.executor_devices()[0])
 
     def policy_options(self) -> dict[str, Any]:
         """The options the policy starts with: [scheduler], over the inlaid policy's GPU
