@@ -275,6 +275,41 @@ def test_a_long_prompt_beside_decoding_sequences_takes_capped_chunks():
     assert [len(chunk.token_ids) for chunk in tail.schedule().chunks] == [1, 63]
 
 
+def test_a_capped_chunk_takes_the_budget_when_the_decoding_sequences_are_paused():
+    """The cap followed the running sequences, also those the step pauses (β, slots, the
+    ranking): a long prompt then took 16-token steps with nothing beside it (an outside
+    probe: 512-token prefill-only steps under `max_adapters_per_step = 1`). With β 2 the
+    stream decodes beside it, and the cap holds."""
+    from inlaid.engine.scheduler import SchedulingPolicy
+
+    class PromptsFirst(SchedulingPolicy):
+        def order(self, running, waiting, now):
+            return sorted(running + waiting, key=lambda seq: seq.num_pending_tokens == 1)
+
+    for beta, want in ((1, {1: 64}), (2, {1: 16, 0: 1})):
+        policy = PromptsFirst()
+        policy.max_adapters_per_step = beta
+        slots = AdapterSlots(2)
+        for name in "ab":
+            slots.register(name, f"/adapters/{name}")
+        scheduler = Scheduler(SchedulerLimits(4, 64, 1000, max_prefill_tokens_beside_decodes=16), BlockManager(64, 4),
+                              slots, eos_token_ids=(2,), policy=policy)
+        stream = Sequence(seq_id=0, prompt_token_ids=[5, 6, 7], sampling=SamplingParams(max_tokens=50), adapter="a")
+        scheduler.add(stream)
+        plan = scheduler.schedule()
+        scheduler.process_result(StepResult(step_id=plan.step_id, sampled=[SampledToken(seq_id=0, token_id=11)],
+                                            num_tokens=3, compute_seconds=0.0), {0: stream})
+        long = Sequence(seq_id=1, prompt_token_ids=list(range(10, 110)), sampling=SamplingParams(max_tokens=3),
+                        adapter="b")
+        scheduler.add(long)
+        plan = scheduler.schedule()
+        assert {chunk.seq_id: len(chunk.token_ids) for chunk in plan.chunks} == want, beta
+        chunk = next(chunk for chunk in plan.chunks if chunk.seq_id == 1)
+        assert chunk.token_ids == long.token_ids[: len(chunk.token_ids)] and not chunk.sample
+        assert long.num_computed_tokens == len(chunk.token_ids)
+        assert len(chunk.block_table) == -(-len(chunk.token_ids) // 4) == len(long.block_table)
+
+
 def test_engine_config_caps_prefill_beside_decodes_on_the_cpu_only():
     from inlaid.engine.config import CPU_PREFILL_BESIDE_DECODES
 

@@ -10,6 +10,7 @@ are in test_sched_policies_bounds.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import unittest.mock
@@ -68,6 +69,7 @@ class InvariantChecker:
         self.max_adapters = 0
         self.paused_steps = 0
         self.base_rows_checked = 0  # steps at β with room and a base row running
+        self.capped_steps = 0  # steps with a decode under a cap on prompt tokens beside decodes
 
     def __call__(self, plan: BatchPlan, scheduler: Scheduler) -> None:
         self.steps += 1
@@ -87,6 +89,12 @@ class InvariantChecker:
         if self.beta is not None:
             assert len(adapters) <= self.beta
         assert len(adapters) <= self.shape.max_lora_slots
+        cap = self.shape.max_prefill_tokens_beside_decodes
+        if cap is not None and any(len(c.token_ids) == 1 and c.sample and by_id[c.seq_id].num_generated
+                                   for c in plan.chunks):
+            self.capped_steps += 1  # a decode in the step: its prompt tokens within the cap (one-token
+            # chunks that sample, a prompt's last token among them, count as decodes, as for every budget)
+            assert sum(len(c.token_ids) for c in plan.chunks if not (len(c.token_ids) == 1 and c.sample)) <= cap
         self.max_adapters = max(self.max_adapters, len(adapters))
         self.paused_steps += len(scheduler.running) > len(plan.chunks)
         blocks = [b for s in scheduler.running for b in s.block_table]
@@ -126,6 +134,8 @@ def test_every_policy_finishes_every_request_within_the_limits(label, seed):
     spec = TraceSpec(rate=rng.choice([3.0, 6.0]), num_requests=120, cv=rng.choice([1.0, 4.0]), num_tasks=12,
                      popularity=rng.choice(["uniform", "zipf", "power"]), alpha=0.7, base_fraction=0.25, seed=seed)
     trace = generate_trace(spec, _records(seed))
+    if seed % 2:  # the cap on prompt tokens beside decodes (the CPU's default) bounds the others
+        shape = dataclasses.replace(shape, max_prefill_tokens_beside_decodes=rng.choice([8, 40]))
     name, options = POLICIES[label]
     checker = InvariantChecker(shape, options.get("max_adapters_per_step"))
     result = simulate(trace, make_policy(name, options), COST, shape, on_plan=checker)
@@ -137,6 +147,7 @@ def test_every_policy_finishes_every_request_within_the_limits(label, seed):
         assert checker.paused_steps > 0
     if checker.beta is not None and "fairness_bound" not in options:
         assert checker.base_rows_checked > 0
+    assert (checker.capped_steps > 0) == (shape.max_prefill_tokens_beside_decodes is not None)
 
 
 def test_first_tokens_within_seats_keep_a_burst_from_thrashing_the_kv_cache():
