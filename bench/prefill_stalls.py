@@ -7,9 +7,11 @@ no cap), one `inlaid serve` each, on the 4-bit suite base `make run` built.
 A stream (the `code` adapter, greedy, `ignore_eos`) runs; after its 4th chunk a second client
 sends one long prompt (`--prompt-tokens` token ids, the `qa` adapter, 2 new tokens). Per run:
 the stream's longest pause between two chunks, its 90th-percentile pause, its whole time,
-and the long prompt's own latency. The settings alternate over `--rounds` runs on one machine
-and the medians are reported: compare them, not absolute times (a loaded machine stretches
-both).
+and the long prompt's own latency. Then the cost where nobody streams: one offline batch (24
+prompts of 400 tokens, 32 new tokens each) through an in-process engine at each setting. The
+settings alternate over `--rounds` runs on one machine and the medians are reported (each
+figure's own: the max and the p90 may come from other runs): compare them, not absolute
+times (a loaded machine stretches both).
 
 Writes bench/results/prefill_stalls.json; states the machine and its load.
 """
@@ -79,6 +81,8 @@ def _one_run(checkpoint: Path, port: int, cap: int | None, prompt_tokens: int, s
                 if index == 3:
                     sender.start()
             stream_seconds = time.perf_counter() - started
+            if sender.ident is None:
+                raise RuntimeError("the stream ended before its 4th chunk: no long prompt was sent beside it")
             sender.join()
             if "error" in long_prompt:
                 raise long_prompt["error"]
@@ -88,6 +92,29 @@ def _one_run(checkpoint: Path, port: int, cap: int | None, prompt_tokens: int, s
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=120)
+
+
+def _offline_batches(checkpoint: Path, caps: tuple[int | None, ...], rounds: int) -> dict[int | None, float]:
+    """Seconds (median of `rounds`, alternating) of one offline batch per cap: 24 prompts of 400
+    token ids, 32 new tokens each, through one in-process engine (what `inlaid eval` and
+    `generate` run), where nobody streams and only throughput counts."""
+    from inlaid.engine.config import EngineConfig
+    from inlaid.engine.engine import Engine
+    from inlaid.engine.sequence import SamplingParams
+    from inlaid.models.prepare import prepare_default_model
+
+    model = str(prepare_default_model(quiet=True))
+    prompts = [[100 + (k * 7 + i) % 1000 for k in range(400)] for i in range(24)]
+    engines = {cap: Engine.local(EngineConfig(model_dir=model, quantized_dir=str(checkpoint), weight_dtype="bfloat16",
+                                              num_kv_blocks=1024, max_lora_slots=2,
+                                              max_prefill_tokens_beside_decodes=cap)) for cap in caps}
+    seconds: dict[int | None, list[float]] = {cap: [] for cap in caps}
+    for _ in range(rounds):
+        for cap, engine in engines.items():
+            started = time.perf_counter()
+            engine.generate(prompts, SamplingParams(max_tokens=32, ignore_eos=True))
+            seconds[cap].append(time.perf_counter() - started)
+    return {cap: round(statistics.median(values), 3) for cap, values in seconds.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,9 +149,11 @@ def main(argv: list[str] | None = None) -> int:
                for label, results in runs.items()}
     for label, values in medians.items():
         print(f"median of {args.rounds}: {label} {values}")
+    offline = _offline_batches(checkpoint, tuple(cap for _, cap in settings), args.rounds)
+    offline_seconds = {label: offline[cap] for label, cap in settings}
+    print(f"offline batch (24 prompts x 400 tokens, 32 new tokens), median of {args.rounds}: {offline_seconds}")
     report = {"prompt_tokens": args.prompt_tokens, "stream_tokens": args.stream_tokens, "medians": medians,
-              "runs": runs,
-              "machine": machine_name(),
+              "runs": runs, "offline_batch_s": offline_seconds, "machine": machine_name(),
               "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2),
               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     RESULTS.mkdir(exist_ok=True)

@@ -275,18 +275,18 @@ def test_a_long_prompt_beside_decoding_sequences_takes_capped_chunks():
     assert [len(chunk.token_ids) for chunk in tail.schedule().chunks] == [1, 63]
 
 
-def test_a_capped_chunk_takes_the_budget_when_the_decoding_sequences_are_paused():
-    """The cap followed the running sequences, also those the step pauses (β, slots, the
-    ranking): a long prompt then took 16-token steps with nothing beside it (an outside
-    probe: 512-token prefill-only steps under `max_adapters_per_step = 1`). With β 2 the
-    stream decodes beside it, and the cap holds."""
+def test_the_cap_holds_while_a_decoding_sequence_sits_out_the_step():
+    """A stream the step pauses (here β = 1, the prompt ranked first) waits for the whole step
+    all the same: the prompt's chunk stays within the cap, as beside a stream in the step
+    (β = 2). A version that widened such chunks to the budget made those pauses 5-12 s again
+    (a review); within the cap a long prompt takes ~4 % longer (bench/prefill_stalls.py)."""
     from inlaid.engine.scheduler import SchedulingPolicy
 
     class PromptsFirst(SchedulingPolicy):
         def order(self, running, waiting, now):
             return sorted(running + waiting, key=lambda seq: seq.num_pending_tokens == 1)
 
-    for beta, want in ((1, {1: 64}), (2, {1: 16, 0: 1})):
+    for beta, want in ((1, {1: 16}), (2, {1: 16, 0: 1})):
         policy = PromptsFirst()
         policy.max_adapters_per_step = beta
         slots = AdapterSlots(2)
@@ -304,10 +304,6 @@ def test_a_capped_chunk_takes_the_budget_when_the_decoding_sequences_are_paused(
         scheduler.add(long)
         plan = scheduler.schedule()
         assert {chunk.seq_id: len(chunk.token_ids) for chunk in plan.chunks} == want, beta
-        chunk = next(chunk for chunk in plan.chunks if chunk.seq_id == 1)
-        assert chunk.token_ids == long.token_ids[: len(chunk.token_ids)] and not chunk.sample
-        assert long.num_computed_tokens == len(chunk.token_ids)
-        assert len(chunk.block_table) == -(-len(chunk.token_ids) // 4) == len(long.block_table)
 
 
 def test_engine_config_caps_prefill_beside_decodes_on_the_cpu_only():

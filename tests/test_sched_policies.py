@@ -95,6 +95,9 @@ class InvariantChecker:
             self.capped_steps += 1  # a decode in the step: its prompt tokens within the cap (one-token
             # chunks that sample, a prompt's last token among them, count as decodes, as for every budget)
             assert sum(len(c.token_ids) for c in plan.chunks if not (len(c.token_ids) == 1 and c.sample)) <= cap
+        if scheduler.policy.max_prefill_tokens_per_step:  # the policy's own cap on prompt tokens
+            assert sum(len(c.token_ids) for c in plan.chunks if not (len(c.token_ids) == 1 and c.sample)) <= \
+                scheduler.policy.max_prefill_tokens_per_step
         self.max_adapters = max(self.max_adapters, len(adapters))
         self.paused_steps += len(scheduler.running) > len(plan.chunks)
         blocks = [b for s in scheduler.running for b in s.block_table]

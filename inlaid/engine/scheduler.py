@@ -6,7 +6,8 @@ plans each sequence while the step's limits allow:
 
 - `max_num_seqs` sequences and `max_num_batched_tokens` tokens per step (a long prefill is
   chunked over several steps), of them at most `max_prefill_tokens_beside_decodes` prompt
-  tokens while sequences are decoding (so that a long prompt stalls streams briefly);
+  tokens while a running sequence decodes, in this step or paused (so that a long prompt
+  stalls streams briefly);
 - at most `policy.max_adapters_per_step` distinct adapters per step (base-model rows never
   count), and a device slot for each adapter (`AdapterSlots`);
 - KV blocks: a running sequence that cannot grow preempts the lowest-ranked running
@@ -29,8 +30,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import msgspec
 
 from inlaid.engine.adapter_slots import AdapterSlots
 from inlaid.engine.block_manager import BlockManager
@@ -213,10 +212,12 @@ class Scheduler:
     def schedule(self) -> BatchPlan | None:
         now = self.clock()
         budget = self.limits.max_num_batched_tokens
-        uncapped = prefill_budget = min(budget, self.policy.max_prefill_tokens_per_step or budget)
+        prefill_budget = min(budget, self.policy.max_prefill_tokens_per_step or budget)
         beside_decodes = self.limits.max_prefill_tokens_beside_decodes
+        # Also for a decoding sequence this step pauses (β, slots, the ranking): it waits for
+        # the whole step all the same, so the cap bounds its pause too.
         if beside_decodes is not None and beside_decodes < prefill_budget and any(
-                seq.num_pending_tokens == 1 and seq.num_generated for seq in self.running):  # one decodes
+                seq.num_pending_tokens == 1 and seq.num_generated for seq in self.running):
             prefill_budget = beside_decodes
         step = _StepBuilder(budget=budget, prefill_budget=prefill_budget)
         order = self.policy.order(list(self.running), list(self.waiting), now)
@@ -238,10 +239,6 @@ class Scheduler:
                 self._plan_waiting(seq, step, order, rank, planned_ids, now)
         if not step.chunks:
             return None
-        if prefill_budget < uncapped and not any(
-                num_tokens == 1 and seq.num_generated and seq.num_computed_tokens == len(seq.token_ids)
-                for seq, num_tokens in step.planned):
-            self._widen_prefills(step, uncapped - (prefill_budget - step.prefill_budget))
         plan = BatchPlan(step_id=self._next_step_id, chunks=step.chunks, adapter_loads=step.loads)
         self._next_step_id += 1
         self.policy.on_plan(plan, step.planned, now)
@@ -346,25 +343,6 @@ class Scheduler:
         if num_tokens > 1 or seq.num_computed_tokens < len(seq.token_ids):
             step.prefill_budget -= num_tokens
         planned_ids.add(id(seq))
-
-    def _widen_prefills(self, step: _StepBuilder, prefill_left: int) -> None:
-        """Nothing decodes in the step after all (the decoding sequences were paused: β, slots,
-        the ranking): the prompt chunks the cap on prompt tokens beside decodes cut take what
-        is left of the budget, in rank order, each as far as free KV blocks allow (no
-        preemption), as they would have without the cap."""
-        for index, (seq, num_tokens) in enumerate(step.planned):
-            extra = min(len(seq.token_ids) - seq.num_computed_tokens, step.budget, prefill_left)
-            if extra <= 0 or not self.blocks.can_allocate(seq, extra):
-                continue
-            self.blocks.allocate(seq, extra)
-            seq.num_computed_tokens += extra
-            chunk = step.chunks[index]  # the chunks and `planned` are appended together
-            step.chunks[index] = msgspec.structs.replace(
-                chunk, token_ids=seq.token_ids[chunk.start_pos : seq.num_computed_tokens],
-                block_table=list(seq.block_table), sample=seq.num_computed_tokens == len(seq.token_ids))
-            step.planned[index] = (seq, num_tokens + extra)
-            step.budget -= extra
-            prefill_left -= extra
 
     def restart(self, seq: Sequence) -> None:
         """Put a running sequence back at the head of the queue with no KV (its executor is
