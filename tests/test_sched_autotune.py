@@ -398,11 +398,11 @@ def test_tuning_simulates_the_executors_devices_limits(tmp_path: Path, monkeypat
         return real(cost_model, shape, *args, **kwargs)
 
     monkeypatch.setattr(autotune, "tuned_options", recording)
-    for devices, cap in ((["cuda:0", "cuda:1"], None), (["cpu", "cpu"], 512)):
+    for devices, cap in ((["cuda:0", "cuda:1"], None), (["cpu", "cpu"], 512), (["cpu", "cuda:0"], None)):
         config = config_from_dict({"server": {"policy": "inlaid", "state_dir": "state"},
                                    "executor": {"device": "cpu", "max_lora_slots": 4},
                                    "executors": {"count": 2, "devices": devices}, "tasks": {"t0": "adapter"},
                                    "scheduler": {"autotune_cost_model": str(COST_MODEL)}}, base_dir=tmp_path)
-        assert config.planning_engine().device == devices[0]
+        assert config.planning_engine().device == ("cpu" if cap else next(d for d in devices if d != "cpu"))
         tuned_options_for(config, 1)
         assert seen[-1] == EngineShape(max_lora_slots=4, max_prefill_tokens_beside_decodes=cap)

@@ -102,10 +102,12 @@ class ServerConfig:
         return self.executors.devices or [self.engine.device] * self.executors.count
 
     def planning_engine(self) -> EngineConfig:
-        """[executor] on the first executor's device: the limits the scheduler tuning simulates
-        (`[executor] device = "cpu"` beside CUDA `[executors] devices` gave it the CPU's cap on
-        prompt tokens beside decodes, which no executor applied)."""
-        return replace(self.engine, device=self.executor_devices()[0])
+        """[executor] on an executor's device, a CUDA one if any (as `policy_options` starts
+        from the GPU defaults then): the limits the scheduler tuning simulates. `[executor]
+        device = "cpu"` beside CUDA `[executors] devices` gave it the CPU's cap on prompt
+        tokens beside decodes, which no executor applied."""
+        devices = self.executor_devices()
+        return replace(self.engine, device=next((d for d in devices if d.startswith("cuda")), devices[0]))
 
     def policy_options(self) -> dict[str, Any]:
         """The options the policy starts with: [scheduler], over the inlaid policy's GPU
