@@ -36,7 +36,7 @@ MAX_THREADS = 1024
 MAX_NUM_SEQS = 1 << 16
 MAX_BATCHED_TOKENS = 1 << 22
 # 512 prompt tokens a step beside decodes: a stream beside a 6,000-token prompt paused at most
-# 1.7 s instead of 5.3 s on a 2-core CPU, the prompt 4 % slower (bench/prefill_stalls.py).
+# 1.8 s instead of 5.6 s on a 2-core CPU, the prompt 4-9 % slower (bench/prefill_stalls.py).
 CPU_PREFILL_BESIDE_DECODES = 512
 
 
