@@ -323,7 +323,8 @@ def test_an_engine_holds_float16_copies_only_where_a_float16_adapter_loaded(mode
         engine.generate(["Hello"], SamplingParams(max_tokens=1), [adapter])
         memory = engine_memory(engine.runner)
         counted = sum(pool.numel() * pool.element_size() for module in modules.values() if module.half_pools
-                      for pool in (module.half_pools.stacked_a, *module.half_pools.b_pools, module.half_pools.slot_half))
+                      for pool in (module.half_pools.stacked_a, *module.half_pools.b_pools,
+                                   module.half_pools.slot_half))
         assert memory.lora_half_copies == counted
         return counted
 
