@@ -32,15 +32,15 @@ def quantized_checkpoint(args: argparse.Namespace, model_dir: Path, tasks: list[
     --variant of mlgptq."""
     from inlaid.quant.calibration import CalibrationTask
     from inlaid.quant.driver import DriverConfig, quantize_model
-    from inlaid.quant.cli import MINIMAX_ROUNDS
+    from inlaid.quant.cli import default_rounds
     from inlaid.quant.methods import MlgptqOptions, parse_method
     from inlaid.quant.spec import QuantSpec
     from inlaid.quant.unfinished import unfinished_problem
     from inlaid.tasks import get_task
 
     calibration = [CalibrationTask(t, args.adapters_dir / t, get_task(t).split_path("calib")) for t in tasks]
-    # minimax runs the search `inlaid quantize --method minimax` runs (its rounds, not mlgptq's)
-    options = MlgptqOptions(**args.variants.get(method, {"rounds": MINIMAX_ROUNDS} if method == "minimax" else {}))
+    # each method runs the search `inlaid quantize --method` runs (minimax's rounds are not mlgptq's)
+    options = MlgptqOptions(**args.variants.get(method, {"rounds": default_rounds(method)}))
     method_name = "mlgptq" if method in args.variants else method
     # Keyed by every input: a retrained adapter or changed code never reuses a predecessor's checkpoint.
     key = checkpoint_key(args, model_dir, calibration, method_name, options, bits, group)

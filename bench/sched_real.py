@@ -142,8 +142,7 @@ def compare(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     cost_file = RESULTS / f"sched_cost_model{suffix}.json"
     cost = StepCostModel.load(cost_file)
-    # the server's engine defaults, on the CPU (its prompt tokens beside decodes among them)
-    shape = EngineShape(max_prefill_tokens_beside_decodes=EngineConfig(model_dir="").prefill_tokens_beside_decodes())
+    shape = EngineShape.of(EngineConfig(model_dir=""))  # the server's engine defaults, on the CPU (its cap among them)
     records = load_suite_lengths(args.suite_lengths) if args.suite_lengths else load_suite_lengths()
     prompts = suite_prompts()
     history = suite_history(records, prompts, "calib")

@@ -205,8 +205,8 @@ def _stored_dtypes(adapters: dict[str, Path]) -> str:
     dtypes = set()
     for path in adapters.values():
         with safe_open(path / "adapter_model.safetensors", "pt") as weights:
-            dtypes.update(_DTYPE_NAMES.get(weights.get_slice(key).get_dtype(), weights.get_slice(key).get_dtype())
-                          for key in weights.keys())
+            stored = {weights.get_slice(key).get_dtype() for key in weights.keys()}
+        dtypes.update(_DTYPE_NAMES.get(name, name) for name in stored)
     return "/".join(sorted(dtypes)) or "no weights"
 
 

@@ -306,10 +306,10 @@ def run(args: argparse.Namespace) -> int:
 
     # What passed the checks above can still fail to load; `inlaid.cli.main` prints that in one line.
     model_dir = args.model or str(prepare_default_model(quiet=True))
-    from inlaid.tasks.generation import adapter_pool_rank
+    from inlaid.tasks.generation import adapters_pool_rank
 
     # the pools at the adapters' largest rank (a rank-80 adapter eval served was refused here: a probe)
-    max_rank = max([EngineConfig.max_lora_rank, *(adapter_pool_rank(model_dir, path) for path in adapters.values())])
+    max_rank = adapters_pool_rank(model_dir, adapters.values(), at_least=EngineConfig.max_lora_rank)
     engine = Engine.local(EngineConfig(model_dir=model_dir, quantized_dir=args.quantized, device=args.device,
                                        weight_dtype=args.weight_dtype, batch_invariant=args.batch_invariant,
                                        special_tokens_in_text=args.special_tokens_in_text, max_lora_rank=max_rank))

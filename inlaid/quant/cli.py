@@ -39,13 +39,20 @@ def _slack(text: str) -> float:
 MINIMAX_ROUNDS = 4
 
 
+def default_rounds(method_kind: str) -> int:
+    """The worst-task search's rounds of a method when none are given (`inlaid quantize`, `make eval`)."""
+    from inlaid.quant.methods import MlgptqOptions
+
+    return MINIMAX_ROUNDS if method_kind == "minimax" else MlgptqOptions().rounds
+
+
 def mlgptq_options(args: argparse.Namespace, method_kind: str) -> "MlgptqOptions":
     """The --mlgptq-* options, each absent one at the method's default."""
     from inlaid.quant.methods import MlgptqOptions
 
     defaults = MlgptqOptions()
-    rounds = args.mlgptq_rounds or (MINIMAX_ROUNDS if method_kind == "minimax" else defaults.rounds)
-    return MlgptqOptions(rounds=rounds, start=args.mlgptq_start or defaults.start,
+    return MlgptqOptions(rounds=args.mlgptq_rounds or default_rounds(method_kind),
+                         start=args.mlgptq_start or defaults.start,
                          step=args.mlgptq_step if args.mlgptq_step is not None else defaults.step,
                          mean_slack=(defaults.mean_slack if args.mlgptq_slack is None
                                      else None if math.isinf(args.mlgptq_slack) else args.mlgptq_slack))

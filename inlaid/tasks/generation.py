@@ -7,6 +7,7 @@ whole list at once, so requests of different tasks and adapters share batches.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,8 +69,8 @@ def generate_with_engine(model_dir: Path, adapters: dict[str, Path], requests: l
     from inlaid.engine import Engine, EngineConfig, SamplingParams
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    max_rank = max((adapter_pool_rank(model_dir, path) for path in adapters.values()), default=8)
-    engine = Engine.local(EngineConfig(model_dir=str(model_dir), max_lora_rank=max(64, max_rank), threads=threads,
+    max_rank = adapters_pool_rank(model_dir, adapters.values(), at_least=64)
+    engine = Engine.local(EngineConfig(model_dir=str(model_dir), max_lora_rank=max_rank, threads=threads,
                                       dtype=dtype, weight_dtype=weight_dtype, max_num_seqs=96))
     for name, path in adapters.items():
         engine.register_adapter(name, str(path))
@@ -137,12 +138,14 @@ def _run_to_completion(engine, ids: list[str], results: list[GenerationResult | 
                 progress.update(moved)
 
 
-def adapter_pool_rank(model_dir: Path | str, path: Path | str) -> int:
-    """The rank the pools must hold for the adapter (rank_pattern's too: `r` alone sized them)."""
+def adapters_pool_rank(model_dir: Path | str, paths: Iterable[Path | str], at_least: int) -> int:
+    """The rank the LoRA pools must hold for these adapters (rank_pattern's too: `r` alone
+    sized them), and at least `at_least`; the model's config read once for all of them."""
     from inlaid.engine.adapter_config import read_adapter_spec
     from inlaid.engine.config import ModelConfig
 
-    return read_adapter_spec(Path(path).name, path).rank_used(ModelConfig.from_dir(str(model_dir)).num_layers)
+    num_layers = ModelConfig.from_dir(str(model_dir)).num_layers
+    return max([at_least, *(read_adapter_spec(Path(path).name, path).rank_used(num_layers) for path in paths)])
 
 
 def generate_with_peft(model_dir: Path, adapters: dict[str, Path], requests: list[GenerationRequest],
