@@ -37,6 +37,8 @@ class Device:
     dry_run: bool
     copy_gbps: float = 0.0  # measured device copy bandwidth, bytes read + written
     out_dir: Path | None = None  # the suite's report folder: stages may leave raw data there
+    deadline: float | None = None  # time.monotonic() by which the suite must end (its budget)
+    save_partial: Callable[[dict], None] | None = None  # a stage's data so far, written into the report
 
     def ms(self, fn: Callable[[], object], graph: bool = True) -> float:
         if self.dry_run:

@@ -21,13 +21,20 @@ Per system, a fresh server: a warm-up (Triton compiles, graph capture), ISOLATED
 one at a time: the SLO's unit, measured on the first system and used for all), BURST (many
 requests at once: the saturation throughput), then the TRACE at LOAD x the first system's
 burst throughput, open loop (inlaid/scheduling/replay.py). The Inlaid servers log their
-steps (`[scheduler] step_log`): the mean executor time of a step, by batch size.
+steps (`[scheduler] step_log`): the mean executor time of a step, by batch size; the logs are
+kept in one file, $OUT/serving_steps.jsonl.gz (a line per step, with its system).
+
+The stage ends by `budget_s` from its start or the suite's deadline, whichever is first: a
+system not started by then is skipped, and one running then has its replay stopped (requests
+cut count as failed, with the reason) and its server stopped. Each system's figures are saved
+into the suite's report as soon as it ends (`device.save_partial`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import gzip
+import json
 import os
 import shutil
 import statistics
@@ -65,7 +72,8 @@ class ServingSettings:
     load: float = 0.8
     cv: float = 4.0
     max_output_tokens: int = 256  # longer recorded outputs are cut (the stage must fit its call)
-    budget_s: float = 270.0  # systems starting later are skipped (the suite must end within its call)
+    budget_s: float = 280.0  # the stage's end, preparation included (the suite must end within its call)
+    min_system_s: float = 30.0  # a system is not started with less left than this
     max_num_seqs: int = 64
     device: str = "cuda"
     dtype: str = "float16"
@@ -219,17 +227,29 @@ def _subset(trace, count: int, rate: float | None):  # noqa: ANN001, ANN202
     return _with_requests(trace, requests).scaled(rate)
 
 
-def _replay(address: str, trace, prompts) -> list:  # noqa: ANN001
+def _replay(address: str, trace, prompts, deadline: float) -> list:  # noqa: ANN001
+    """The replay's records; at `deadline` (time.monotonic) it is stopped, the requests not
+    finished then failing with the reason."""
     from inlaid.scheduling.replay import Replay
 
-    return asyncio.run(Replay(address, trace, prompts, timeout_s=180.0, ignore_eos=True).run())
+    async def replay_until_deadline() -> list:
+        replay = Replay(address, trace, prompts, timeout_s=max(1.0, min(180.0, deadline - time.monotonic())),
+                        ignore_eos=True)
+        stopper = asyncio.get_running_loop().call_later(max(0.0, deadline - time.monotonic()), replay.stop,
+                                                         "the serving stage's deadline")
+        try:
+            return await replay.run()
+        finally:
+            stopper.cancel()
+
+    return asyncio.run(replay_until_deadline())
 
 
-def _isolated(address: str, trace, prompts, count: int) -> dict[str, float]:  # noqa: ANN001
+def _isolated(address: str, trace, prompts, count: int, deadline: float) -> dict[str, float]:  # noqa: ANN001
     """TTFT and time per output token of requests served alone (one after the other)."""
     ttfts, tpots = [], []
     for request in trace.requests[:count]:
-        record = _replay(address, _with_requests(trace, [replace(request, arrival_s=0.0)]), prompts)[0]
+        record = _replay(address, _with_requests(trace, [replace(request, arrival_s=0.0)]), prompts, deadline)[0]
         if record.error:
             raise RuntimeError(f"an isolated request failed: {record.error}")
         ttfts.append(record.ttft_s)
@@ -257,9 +277,10 @@ def _step_stats(step_log: Path, since: float) -> dict[str, Any]:
 
 
 def run_system(system: System, settings: ServingSettings, inputs: dict, workdir: Path, rate: float | None,
-               isolated: dict | None, keep_dir: Path | None = None) -> dict[str, Any]:
-    """One server: warm-up, (isolated), burst, (trace at `rate`). Returns its figures; the
-    step log (every step of the server's life) is copied into `keep_dir`."""
+               isolated: dict | None, deadline: float, kept_steps: Path | None = None) -> dict[str, Any]:
+    """One server: warm-up, (isolated), burst, (trace at `rate`), each replay stopped at
+    `deadline` (time.monotonic). Returns its figures; the step log (every step of the
+    server's life) is appended to `kept_steps` (gzip, a line per step with the system)."""
     from inlaid.scheduling.metrics import summarize
     from inlaid.serve.launcher import ServerProcess
 
@@ -271,22 +292,22 @@ def run_system(system: System, settings: ServingSettings, inputs: dict, workdir:
     result: dict[str, Any] = {"system": system.label}
     started = time.monotonic()
     with ServerProcess(config, workdir / system.label, command=command) as server:
-        server.wait_ready(timeout_s=180.0)
+        server.wait_ready(timeout_s=max(1.0, min(180.0, deadline - time.monotonic())))
         result["start_s"] = round(time.monotonic() - started, 1)
         clock = time.monotonic()
         warm = _subset(trace, settings.max_num_seqs, None)
         warm = _with_requests(warm, [_exact_length(r, 4) for r in warm.requests])
-        _replay(server.address, warm, prompts)
+        _replay(server.address, warm, prompts, deadline)
         result["warmup_s"] = round(time.monotonic() - clock, 1)
         if isolated is None:
-            isolated = _isolated(server.address, trace, prompts, settings.isolated_requests)
+            isolated = _isolated(server.address, trace, prompts, settings.isolated_requests, deadline)
             result["isolated"] = isolated
-        burst = _replay(server.address, _subset(trace, settings.burst_requests, None), prompts)
+        burst = _replay(server.address, _subset(trace, settings.burst_requests, None), prompts, deadline)
         result["burst"] = summarize(burst)
         if rate is None:  # the first system: its burst sets the trace's rate
             rate = settings.load * result["burst"]["throughput_rps"]
         trace_started = time.monotonic()
-        records = _replay(server.address, _subset(trace, len(trace.requests), rate), prompts)
+        records = _replay(server.address, _subset(trace, len(trace.requests), rate), prompts, deadline)
         for record in records:
             record.isolated_s = isolated["ttft_s"] + max(0, len(record.token_times) - 1) * isolated["tpot_s"]
         result.update(rate_rps=rate, trace=summarize(records, warmup_fraction=0.05),
@@ -294,10 +315,12 @@ def run_system(system: System, settings: ServingSettings, inputs: dict, workdir:
         result["exact_lengths"] = sum(len(r.token_times) == t.output_tokens
                                       for r, t in zip(records, trace.requests)) / len(records)
     result["steps"] = _step_stats(step_log, trace_started)  # the log is complete once the server has stopped
-    if keep_dir is not None and step_log.is_file():
-        keep_dir.mkdir(parents=True, exist_ok=True)
-        with gzip.open(keep_dir / f"{step_log.name}.gz", "wb") as kept:
-            kept.write(step_log.read_bytes())
+    if kept_steps is not None and step_log.is_file():
+        # One file for every system (a device call brings back few files): gzip members appended.
+        with gzip.open(kept_steps, "at") as kept:
+            for line in step_log.read_text().splitlines():
+                if line.strip():
+                    kept.write(json.dumps({"system": system.label, **json.loads(line)}) + "\n")
     result["wall_s"] = round(time.monotonic() - started, 1)
     return result
 
@@ -319,22 +342,28 @@ def serving(device: Device) -> dict[str, Any]:
                   "prompts": prompts}
         prepared_s = time.monotonic() - clock
         print(f"   serving: model, {len(adapters)} adapters, RTN checkpoint and trace in {prepared_s:.0f} s", flush=True)
-        results, rate, isolated = [], None, None
+        deadline = min(clock + settings.budget_s, device.deadline or float("inf"))
+        results: list[dict[str, Any]] = []
+        data = {"settings": settings.__dict__, "prepare_s": round(prepared_s, 1), "trace": trace.summary(),
+                "isolated": None, "rate_rps": None, "systems": results}
+        kept_steps = device.out_dir / "serving_steps.jsonl.gz" if device.out_dir is not None else None
         for system in SYSTEMS:
-            if time.monotonic() - clock > settings.budget_s:
-                results.append({"system": system.label, "failed": f"skipped: the stage's {settings.budget_s:.0f} s were spent"})
-                continue
             try:
-                keep = device.out_dir / "serving_steps" if device.out_dir is not None else None
-                result = run_system(system, settings, inputs, workdir, rate, isolated, keep)
+                if deadline - time.monotonic() < settings.min_system_s:
+                    result = {"system": system.label, "failed": "skipped: the serving stage's time was spent "
+                              f"({settings.budget_s:.0f} s, or the suite's budget)"}
+                else:
+                    result = run_system(system, settings, inputs, workdir, data["rate_rps"], data["isolated"],
+                                        deadline, kept_steps)
             except Exception as error:  # one system's failure is recorded; the others still run
                 result = {"system": system.label, "failed": f"{type(error).__name__}: {error}"[-2000:]}
             results.append(result)
-            rate = rate or result.get("rate_rps")
-            isolated = isolated or result.get("isolated")
+            data["rate_rps"] = data["rate_rps"] or result.get("rate_rps")
+            data["isolated"] = data["isolated"] or result.get("isolated")
             print(f"   {system.label}: " + _one_line(result), flush=True)
-        return {"settings": settings.__dict__, "prepare_s": round(prepared_s, 1), "trace": trace.summary(),
-                "isolated": isolated, "rate_rps": rate, "systems": results}
+            if device.save_partial is not None:
+                device.save_partial(data)
+        return data
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -377,7 +406,6 @@ def markdown_section(data: dict) -> list[str]:
 
 if __name__ == "__main__":  # a quick look without the suite: python bench/gpu_serving.py
     import argparse
-    import json
 
     argparse.ArgumentParser(description="the serving part of bench/gpu_suite.py alone (CUDA if there is one, else "
                             "a CPU dry run); no options").parse_args()  # `--help` ran it

@@ -164,7 +164,7 @@ def test_baseline_bad_requests_get_typed_errors(baseline, references, adapter_di
     assert baseline.terminate() == 0
 
 
-def test_baseline_adds_adapters_like_load_adapter(model_dir, adapter_dirs):
+def test_baseline_adds_adapters_like_load_adapter(model_dir, adapter_dirs, monkeypatch):
     """The baseline's start-up path (add_lora_adapter: PEFT's per-module calls on the targeted
     modules only) builds the same PeftModel as PEFT's `load_adapter`: the same modules, the same
     weights bit for bit, the same configs and active adapter; adapters of different target sets
@@ -205,3 +205,9 @@ def test_baseline_adds_adapters_like_load_adapter(model_dir, adapter_dirs):
     assert fast.base_model.targeted_module_names == reference.base_model.targeted_module_names
     # An adapter already there is refused, so the caller's fallback raises PEFT's own error.
     assert not add_lora_adapter(fast, names[1], str(adapter_dirs[names[1]]))
+    # A PEFT whose internals take other arguments (a GPU image's version): refused before
+    # anything changes, so the caller takes load_adapter.
+    monkeypatch.setattr(type(fast.base_model), "_create_and_replace",
+                        lambda self, config, adapter_name, target, target_name, parent: None)
+    assert not add_lora_adapter(fast, "other", str(adapter_dirs[names[1]]))
+    assert "other" not in fast.peft_config

@@ -11,6 +11,7 @@ nothing; that every stage runs and every check passes does.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -21,6 +22,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def gpu_suite_versions(stages: dict) -> dict:
+    return stages["environment"]["data"]["versions"]
+
+
 def test_gpu_suite_dry_run(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
@@ -29,8 +34,8 @@ def test_gpu_suite_dry_run(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "gpu_suite.json").read_text())
     stages = report["stages"]
-    assert report["dry_run"] and list(stages) == ["environment", "gemm", "sgmv_checks", "sgmv", "decode", "step_costs",
-                                                    "serving", "gemm_configs", "e2e_replay"]
+    assert report["dry_run"] and list(stages) == ["environment", "serving", "gemm", "sgmv_checks", "sgmv", "decode",
+                                                    "gemm_configs", "step_costs", "e2e_replay"]
     for name, entry in stages.items():
         assert entry["status"] == "ok", (name, entry.get("reason"), entry.get("traceback"))
     e2e = stages["e2e_replay"]["data"]  # bench/e2e.py at smoke size: tests/test_bench_e2e.py checks its content
@@ -70,6 +75,12 @@ def test_gpu_suite_dry_run(tmp_path: Path) -> None:
     assert len(checks) == 6 + 4 + 3 + 1 + 10 and all(c["ok"] for c in checks)  # 10: the tiled variants
     assert all(0 <= c["relative_error"] < 1e-4 for c in checks)
 
+    # Few files come back from a device call: the five servers' step logs are one file.
+    steps = [json.loads(line) for line in gzip.open(out / "serving_steps.jsonl.gz", "rt")]
+    assert {step["system"] for step in steps} == {r["system"] for r in serving["systems"]} - {"hf-peft"}
+    assert sorted(p.name for p in out.iterdir()) == ["build.log", "gpu_suite.json", "gpu_suite.md", "gpu_suite.png",
+                                                     "serving_steps.jsonl.gz"]
+    assert gpu_suite_versions(stages)["peft"]  # the image's PEFT version is on record (the baseline uses its internals)
     assert (out / "build.log").is_file()
     assert "## Serving" in (out / "gpu_suite.md").read_text()
     assert "## Decode step" in (out / "gpu_suite.md").read_text() and "## Step costs" in (out / "gpu_suite.md").read_text()

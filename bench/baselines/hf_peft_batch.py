@@ -91,6 +91,21 @@ class PromptEncoder:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
+def _has_private_api(tuner: Any) -> bool:
+    """The PEFT internals `add_lora_adapter` calls, with the arguments it passes (PEFT 0.21 here;
+    a GPU image may bring another version)."""
+    import inspect
+
+    create = getattr(tuner, "_create_and_replace", None)
+    if not callable(getattr(tuner, "_check_target_module_exists", None)) or not callable(create):
+        return False
+    try:
+        parameters = inspect.signature(create).parameters
+    except (TypeError, ValueError):
+        return False
+    return "current_key" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
 def add_lora_adapter(model: Any, name: str, path: str) -> bool:
     """Add a plain LoRA adapter to a PeftModel as `load_adapter` does, through PEFT's own
     per-module `_create_and_replace` on the modules the adapter targets only, then copying its
@@ -111,6 +126,8 @@ def add_lora_adapter(model: Any, name: str, path: str) -> bool:
     if not plain or name in model.peft_config:
         return False
     tuner, inner = model.base_model, model.base_model.model
+    if not _has_private_api(tuner):  # another PEFT than this path was written for: the public route
+        return False
     # The model's own linear layers (LoRA-wrapped or not), found once: before this path adds any
     # adapter, the walk is short.
     linear_keys: list[str] = getattr(model, "_baseline_linear_keys", None) or [

@@ -1,0 +1,168 @@
+"""The GPU suite's driver (bench/gpu_suite.py, bench/gpu.sh): what makes its one device call
+count. A stage cut by the call's time limit keeps what it saved and names what is left for
+a second call; a stage that would not fit is not started; a suite missing what its stages
+need refuses before it starts (it used to skip them and exit 0); the serving stage stops its
+replays at its deadline; the adapters leave the git index for a call and come back
+unchanged. The whole suite's dry run is tests/test_bench_gpu_suite.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import gpu_serving  # noqa: E402
+import gpu_suite  # noqa: E402
+from gpu_kernels import Device  # noqa: E402
+
+
+def _device(dry_run: bool, out_dir: Path | None = None) -> Device:
+    return Device(torch.device("cpu"), torch.float32, dry_run, out_dir=out_dir)
+
+
+def test_an_interrupted_stage_keeps_what_it_saved_and_names_what_is_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    def environment(device, report):  # noqa: ANN001, ANN202
+        return {"device": "test"}
+
+    saved = {"checks": [{"check": "the first", "relative_error": 1e-6, "ok": True}]}
+
+    def checks(device, report):  # noqa: ANN001, ANN202
+        device.save_partial(saved)
+        raise KeyboardInterrupt  # what bench/gpu.sh's `timeout -s INT` delivers
+
+    ran = []
+    monkeypatch.setattr(gpu_suite, "STAGES", [("environment", environment), ("sgmv_checks", checks),
+                                              ("gemm", lambda device, report: ran.append("gemm") or {})])
+    written = []
+    report = gpu_suite.run_stages(_device(dry_run=True), 100.0,
+                                  after_stage=lambda r: written.append({n: e["status"] for n, e in r["stages"].items()}))
+    stages = report["stages"]
+    entry = stages["sgmv_checks"]
+    assert entry["status"] == "failed" and "interrupted" in entry["reason"]
+    assert entry["data"] == saved  # the partial save is kept
+    assert stages["gemm"]["status"] == "skipped" and not ran
+    # The report was written while the stage ran (its partial data), not only after it.
+    assert {"environment": "ok", "sgmv_checks": "running"} in written
+    assert gpu_suite.rerun_hint(report) == "GPU_SUITE_STAGES=sgmv_checks,gemm bash bench/gpu.sh"
+    text = gpu_suite.markdown(report)
+    assert "GPU_SUITE_STAGES=sgmv_checks,gemm" in text and "| sgmv_checks | the first |" in text
+
+
+def test_on_a_gpu_a_stage_that_would_not_fit_is_not_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    ran = []
+
+    def stage(name: str):  # noqa: ANN202
+        return lambda device, report: ran.append(name) or {}
+
+    names = ["environment", "serving", "gemm", "sgmv"]
+    monkeypatch.setattr(gpu_suite, "STAGES", [(name, stage(name)) for name in names])
+    # 100 s: serving (~290 s on the H200) cannot end in it, gemm (~60) and sgmv (~10) can.
+    report = gpu_suite.run_stages(_device(dry_run=False), 100.0)
+    assert ran == ["environment", "gemm", "sgmv"]
+    assert report["stages"]["serving"]["reason"].startswith("would not end within the budget")
+    assert gpu_suite.rerun_hint(report) == "GPU_SUITE_STAGES=serving bash bench/gpu.sh"
+    # A dry run's stages are tiny: only the budget's end counts there.
+    ran.clear()
+    gpu_suite.run_stages(_device(dry_run=True), 100.0)
+    assert ran == names
+
+
+def test_missing_needs_are_named_before_anything_runs(tmp_path: Path) -> None:
+    def lacking(*modules: str):  # noqa: ANN202
+        return lambda module: module not in modules
+
+    problems = gpu_suite.preflight(["gemm", "decode", "serving"], has_module=lacking("zmq", "msgspec"),
+                                   tokenizer=lambda: None)
+    assert problems == ["decode needs msgspec: not importable here", "serving needs msgspec, zmq: not importable here",
+                        "serving needs the default model's tokenizer: not in .gpu_carry/tokenizer"]
+    # The kernel stages need neither; e2e_replay is skipped by design where the model is missing.
+    assert gpu_suite.preflight(["gemm", "sgmv", "e2e_replay"], has_module=lacking("zmq", "msgspec"),
+                               tokenizer=lambda: None) == []
+    assert gpu_suite.preflight(["serving"], has_module=lacking(), tokenizer=lambda: tmp_path) == []
+
+
+def test_serving_skips_systems_past_its_deadline_and_saves_each(tmp_path: Path) -> None:
+    """The preparation runs, then no system has the 30 s it needs before the suite's deadline:
+    each is recorded as skipped, and the report is saved after each."""
+    if gpu_serving.tokenizer_dir() is None:
+        pytest.skip("no tokenizer: the default model is set up by `make test`")
+    device = _device(dry_run=True, out_dir=tmp_path)
+    saved = []
+    device.save_partial = lambda data: saved.append(len(data["systems"]))
+    device.deadline = time.monotonic() + 5.0
+    data = gpu_serving.serving(device)
+    assert [r["system"] for r in data["systems"]] == [s.label for s in gpu_serving.SYSTEMS]
+    assert all(r["failed"].startswith("skipped: the serving stage's time was spent") for r in data["systems"])
+    assert saved == [1, 2, 3, 4, 5] and data["rate_rps"] is None
+
+
+def test_a_replay_is_stopped_at_the_deadline(tmp_path: Path) -> None:
+    """A replay that cannot end by its deadline is stopped there: the requests not finished
+    fail with the reason, the call returns soon after the deadline, the server still serves."""
+    if gpu_serving.tokenizer_dir() is None:
+        pytest.skip("no tokenizer: the default model is set up by `make test`")
+    from inlaid.serve.launcher import ServerProcess
+
+    settings = gpu_serving.DRY_RUN
+    model_dir = gpu_serving.build_model(settings, gpu_serving.tokenizer_dir(), tmp_path / "model")
+    adapters = gpu_serving.build_adapters(settings, model_dir, tmp_path / "adapters")
+    trace, _ = gpu_serving.make_trace(settings, adapters)
+    # 16 requests of 1,900 tokens each, 8 rows a step: thousands of steps, far past 2 s.
+    long = [replace(r, arrival_s=0.0, output_tokens=1900, max_tokens=1900) for r in trace.requests[:16]]
+    long_trace = gpu_serving._with_requests(trace, long)
+    prompts = {r.source: [100 + i for i in range(8)] for r in long}
+    config = gpu_serving.server_config(gpu_serving.System("fifo"), settings, model_dir, tmp_path / "none", adapters,
+                                       tmp_path / "steps.jsonl")
+    config["model"].pop("quantized_dir")
+    (tmp_path / "server").mkdir()
+    with ServerProcess(config, tmp_path / "server") as server:
+        server.wait_ready(timeout_s=120.0)
+        started = time.monotonic()
+        records = gpu_serving._replay(server.address, long_trace, prompts, deadline=started + 2.0)
+        took = time.monotonic() - started
+        assert took < 20.0, took
+        cut = [r for r in records if r.error]
+        assert cut and all("the serving stage's deadline" in r.error for r in cut)
+        again = gpu_serving._replay(server.address, gpu_serving._with_requests(trace, [replace(long[0], max_tokens=2)]),
+                                    prompts, deadline=time.monotonic() + 60.0)
+        assert not again[0].error and len(again[0].token_ids) == 2
+
+
+def test_adapters_leave_the_index_for_a_device_call_and_come_back(tmp_path: Path) -> None:
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    (clone / "bench" / "gpu.sh").write_bytes((ROOT / "bench" / "gpu.sh").read_bytes())  # this checkout's, maybe uncommitted
+    git = ["git", "-C", str(clone)]
+
+    def run(mode: str) -> str:
+        done = subprocess.run(["bash", "bench/gpu.sh", mode], cwd=clone, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    weights = subprocess.run(git + ["ls-files", "adapters/*/adapter_model.safetensors"], capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert len(weights) >= 9
+    said = run("--untrack-adapters")
+    assert "MiB" in said and int(said.split("carries ")[1].split(" MiB")[0]) < 64
+    assert subprocess.run(git + ["ls-files", "adapters/*/adapter_model.safetensors"], capture_output=True, text=True,
+                          check=True).stdout == ""
+    assert all((clone / path).is_file() for path in weights)  # the files stay; only the index forgets them
+    # Nothing shows as untracked: the call would otherwise carry them all the same.
+    assert subprocess.run(git + ["status", "--porcelain", "--untracked-files=all", "adapters"], capture_output=True,
+                          text=True, check=True).stdout.strip().splitlines() == [
+                              f"D  {path}" for path in sorted(weights)]
+    run("--untrack-adapters")  # twice is the same
+    run("--retrack-adapters")
+    assert subprocess.run(git + ["status", "--porcelain", "--untracked-files=all", "adapters"], capture_output=True,
+                          text=True, check=True).stdout == ""
+    assert "adapter" not in (clone / ".git" / "info" / "exclude").read_text()
