@@ -17,7 +17,8 @@ import zmq
 
 from inlaid.client import AsyncClient
 from inlaid.protocol import (
-    PROTOCOL_VERSION, AddTask, ErrorReply, Generate, GetMetrics, Health, Hello, SamplingParams, ServerReply,
+    PROTOCOL_VERSION, AddTask, ErrorReply, Generate, GetMetrics, GetStats, Health, Hello, SamplingParams,
+    ServerReply,
 )
 from inlaid.serve.launcher import ServerProcess
 from serving_helpers import rss_bytes, server_config
@@ -176,9 +177,11 @@ def test_a_client_that_never_reads_is_cut_off_and_its_requests_abandoned(server)
 
 
 def test_refused_frames_are_counted_by_reason(server):
-    """Malformed, unknown-type, oversized, wrong-protocol and unauthorized frames each leave
-    a count (ServerStats.frames_refused, inlaid_frames_refused_total{reason}); before,
-    every counter stayed as it was."""
+    """Malformed, unknown-type, oversized, wrong-protocol, unauthorized frames and a request_id
+    past 256 characters each leave a count (ServerStats.frames_refused,
+    inlaid_frames_refused_total{reason}); before, every counter stayed as it was. None echoes
+    a long id: a 100 KB id came back whole in the answer to GetStats (and to every info and
+    admin call), which let a client that never reads pile gigabytes up in the coordinator."""
     context = zmq.Context()
     peer = _dealer(context, server.address)
     frames = [
@@ -187,6 +190,7 @@ def test_refused_frames_are_counted_by_reason(server):
         _encode(Health(request_id="big" + "x" * (1 << 20))),
         _encode(Hello(request_id="h1", protocol_version=PROTOCOL_VERSION + 100)),
         _encode(AddTask(request_id="a1", name="t", adapter_dir="/nonexistent", token="wrong")),
+        _encode(GetStats(request_id="L" * 100_000)),
     ]
 
     async def scenario() -> tuple[object, object, str]:
@@ -197,11 +201,14 @@ def test_refused_frames_are_counted_by_reason(server):
             codes = []
             for _ in frames:
                 assert peer.poll(30_000)
-                reply = _replies.decode(peer.recv())
-                assert isinstance(reply, ErrorReply)
+                raw = peer.recv()
+                reply = _replies.decode(raw)
+                assert isinstance(reply, ErrorReply) and len(raw) < 2000, (reply.code, len(raw))
                 codes.append(reply.code)
+                if reply.code == "invalid_request":
+                    assert reply.request_id == "" and reply.field == "request_id" and "too long" in reply.message
             assert sorted(codes) == sorted(["malformed", "unknown_message_type", "frame_too_large",
-                                            "protocol_version", "unauthorized"])
+                                            "protocol_version", "unauthorized", "invalid_request"])
             return before, await client.stats(), await client.metrics()
 
     try:
@@ -211,5 +218,6 @@ def test_refused_frames_are_counted_by_reason(server):
         context.term()
     assert after.frames_refused == before.frames_refused + len(frames)
     assert after.requests_received == before.requests_received  # none of them became a request
-    for reason in ("malformed", "unknown_message_type", "frame_too_large", "protocol_version", "unauthorized"):
+    for reason in ("malformed", "unknown_message_type", "frame_too_large", "protocol_version", "unauthorized",
+                   "invalid_request"):
         assert f'inlaid_frames_refused_total{{reason="{reason}"}} 1.0' in exposition, reason

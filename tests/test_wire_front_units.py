@@ -117,7 +117,7 @@ def test_an_unreadable_field_still_names_its_request_and_what_went_wrong() -> No
     its sender waited for its timeout; an unknown field's 1 MB name came back whole."""
     import msgspec
 
-    from inlaid.protocol import ErrorCode
+    from inlaid.protocol import ErrorCode, ErrorReply
     from inlaid.serve.frames import decode_client_frames
 
     frame = msgspec.msgpack.encode({"type": "generate", "request_id": "u8", "prompt": "x"})
@@ -129,6 +129,24 @@ def test_an_unreadable_field_still_names_its_request_and_what_went_wrong() -> No
     assert named.request_id == "big" and "unknown field `zzz" in named.message and len(named.message) < 700
     long_id = decode_client_frames([msgspec.msgpack.encode({"type": "nope", "request_id": "r" * 300})], 1 << 20)
     assert (long_id.request_id, long_id.code) == ("", ErrorCode.UNKNOWN_MESSAGE)
+    # Each info and admin call with an id past 256 characters is refused, the id not echoed;
+    # Generate's admission refuses (and counts) its own, and a Cancel is never answered.
+    for kind in ("hello", "health", "stats", "metrics", "list_tasks", "task_status", "add_task", "remove_task"):
+        fields = {"type": kind, "request_id": "r" * 257, "protocol_version": 1, "name": "t", "adapter_dir": "/a"}
+        fields = {k: v for k, v in fields.items() if k in {"type", "request_id"} | _REQUIRED.get(kind, set())}
+        refused = decode_client_frames([msgspec.msgpack.encode(fields)], 1 << 20)
+        assert isinstance(refused, ErrorReply), (kind, refused)
+        assert (refused.request_id, refused.code, refused.field) == ("", ErrorCode.INVALID_REQUEST, "request_id")
+        assert "too long: at most 256 characters" in refused.message and len(refused.message) < 200
+        assert decode_client_frames([msgspec.msgpack.encode({**fields, "request_id": "r" * 256})], 1 << 20).request_id \
+            == "r" * 256
+    for kind in ("generate", "cancel"):
+        fields = {"type": kind, "request_id": "r" * 300, **({"prompt": "x"} if kind == "generate" else {})}
+        assert decode_client_frames([msgspec.msgpack.encode(fields)], 1 << 20).request_id == "r" * 300
+
+
+_REQUIRED = {"hello": {"protocol_version"}, "task_status": {"name"}, "remove_task": {"name"},
+             "add_task": {"name", "adapter_dir"}}
 
 
 def test_a_malformed_frame_is_explained_without_decoding_it_whole(monkeypatch) -> None:
