@@ -12,9 +12,11 @@ from inlaid.serve.placement import Demand, ExecutorLoad, Move, choose, rebalance
 
 
 def load(index: int, *, ready: bool = True, max_seqs: int = 4, free_blocks: int = 100, running: int = 0,
-         waiting: list[Demand] | None = None, tasks: tuple[str, ...] = (), free_slots: int = 2) -> ExecutorLoad:
+         waiting: list[Demand] | None = None, tasks: tuple[str, ...] = (), free_slots: int = 2,
+         failed: tuple[str, ...] = ()) -> ExecutorLoad:
     return ExecutorLoad(index=index, ready=ready, max_seqs=max_seqs, free_blocks=free_blocks, running=running,
-                        waiting=waiting or [], tasks=frozenset(tasks), free_slots=free_slots)
+                        waiting=waiting or [], tasks=frozenset(tasks), free_slots=free_slots,
+                        failed_tasks=frozenset(failed))
 
 
 def demand(key: int, task: str | None = "a", blocks: int = 2, waited_s: float = 0.0) -> Demand:
@@ -54,6 +56,20 @@ def test_choose_without_room_queues_on_the_least_loaded_ready_executor() -> None
 def test_choose_never_picks_a_down_executor_while_one_is_ready() -> None:
     loads = [load(0, ready=False, tasks=("a",)), load(1, running=4, tasks=("b",))]
     assert choose(demand(1, "a"), loads) == 1
+
+
+def test_an_executor_that_failed_to_load_an_adapter_takes_its_work_only_when_none_else_can() -> None:
+    """An outside probe: executor 1 could not read a task's adapter, yet drew the task's spill
+    (the holder was full), failing 16 of 24 requests while executor 0 served the task."""
+    holder_full = load(0, running=4, tasks=("a",))
+    assert choose(demand(1, "a"), [holder_full, load(1, failed=("a",))]) == 0  # queued on the holder
+    assert choose(demand(1, "b"), [holder_full, load(1, failed=("a",))]) == 1  # other tasks: as before
+    assert choose(demand(1, "a"), [load(0, running=4, failed=("a",)), load(1, running=1, failed=("a",))]) == 1
+    # Waiting there already, it moves to an executor with room; with no room elsewhere it stays.
+    stuck = load(1, waiting=[demand(7, "a"), demand(8, "b")], failed=("a",))
+    assert rebalance([load(0, running=1), stuck]) == [Move(7, 1, 0)]
+    assert rebalance([load(0, running=4), stuck]) == []
+    assert rebalance([load(0, running=1, failed=("a",)), stuck]) == []
 
 
 # ------------------------------------------------------------------ rebalance: known answers

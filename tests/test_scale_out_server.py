@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 
 import pytest
 
-from inlaid.client import AsyncClient, ExecutorFailedError, GenerateResult
+from inlaid.client import AdapterFailedError, AsyncClient, ExecutorFailedError, GenerateResult
 from inlaid.serve.launcher import ServerProcess
 
 PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time", "List three fruits:"]
@@ -26,6 +27,7 @@ PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time", "Li
 MIX = ["attn-r8"] * 6 + ["mlp-r16"] * 3 + ["all-r32"] * 1 + [None] * 2
 SHORT, LONG = 6, 40
 SEATS = 4  # max_num_seqs per executor
+ADMIN_TOKEN = "scale-out-admin-token-0123456789"
 
 
 def _settings(model_dir) -> dict:  # type: ignore[no-untyped-def]
@@ -37,7 +39,7 @@ def _settings(model_dir) -> dict:  # type: ignore[no-untyped-def]
 def server(model_dir, adapter_dirs, tmp_path_factory):  # type: ignore[no-untyped-def]
     executor = {k: v for k, v in _settings(model_dir).items() if k != "model_dir"}
     config = {"model": {"dir": str(model_dir)}, "executor": executor, "executors": {"count": 2},
-              "server": {"shutdown_grace_s": 5.0},
+              "server": {"shutdown_grace_s": 5.0, "admin_token": ADMIN_TOKEN},
               "tasks": {name: str(path) for name, path in adapter_dirs.items()}}
     process = ServerProcess(config, workdir=tmp_path_factory.mktemp("scale-out"))
     yield process
@@ -140,3 +142,38 @@ def test_two_executors_serve_a_mixed_load_and_survive_one_executor_kill(server, 
     assert [line["executor"] for line in lines if line["msg"] == "executor lost"] == [1]
     ready = [(line["executor"], line["pid"]) for line in lines if line["msg"] == "executor ready"]
     assert sorted(ready) == sorted([(0, final.executors[0].pid), (1, victim.pid), (1, restarted.pid)]), ready
+
+
+def test_an_executor_that_cannot_load_an_adapter_stops_drawing_its_work(server, reference, adapter_dirs,
+                                                                       tmp_path) -> None:
+    """A task's weights damaged after executor 0 loaded them (it keeps a host copy): executor 1
+    fails each load. It drew the task's spill all the same, again and again (an outside probe:
+    16 of 24 requests failed, twice, while executor 0 served the task). After its first failure
+    it takes no more of that task's work while executor 0 can: the next rounds all succeed."""
+    server.wait_ready(timeout_s=300)
+    fragile = tmp_path / "fragile"
+    shutil.copytree(adapter_dirs["attn-r8"], fragile)
+
+    async def scenario():  # type: ignore[no-untyped-def]
+        async with AsyncClient(server.address, timeout_s=300, admin_token=ADMIN_TOKEN) as client:
+            await client.add_task("fragile", str(fragile))
+            first = await client.generate(PROMPTS[0], task="fragile", max_tokens=SHORT)  # executor 0 (pack)
+            (fragile / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+            rounds = []
+            for _ in range(3):  # twice the seats at once: the spill reaches executor 1 while it may
+                rounds.append(await asyncio.gather(*(
+                    client.generate(PROMPTS[i % 4], task="fragile", max_tokens=SHORT) for i in range(2 * SEATS)),
+                    return_exceptions=True))
+            await client.remove_task("fragile")
+            return first, rounds
+
+    first, rounds = asyncio.run(scenario())
+    _check(first, reference, PROMPTS[0], "attn-r8", SHORT)
+    failures = [[isinstance(o, AdapterFailedError) for o in outcomes] for outcomes in rounds]
+    assert all(isinstance(o, (AdapterFailedError, GenerateResult)) for r in rounds for o in r), rounds
+    # executor 1's first load fails its requests of that round at most; later rounds run on executor 0
+    assert sum(failures[0]) <= SEATS and not any(failures[1]) and not any(failures[2]), failures
+    for outcomes in rounds:
+        for i, outcome in enumerate(outcomes):
+            if isinstance(outcome, GenerateResult):
+                _check(outcome, reference, PROMPTS[i % 4], "attn-r8", SHORT)

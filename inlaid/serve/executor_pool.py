@@ -69,6 +69,10 @@ class ShardEngine(Engine):
 # the keys (requests ended on this executor) never goes back. Reserved form: no task's name.
 REMOVED_TASKS_LABEL = "__removed__"
 REFUSED_MOVE_RETRY_S = 10.0  # a move the target's engine refused is not tried again sooner
+# How long an executor that failed to load a task's adapter takes none of that task's work
+# while another executor can (placement.py): long enough to stop a retry storm drawing the
+# spill to it, short enough that a fixed file (or a restarted executor) serves again soon.
+ADAPTER_FAILURE_MEMORY_S = 60.0
 
 
 @dataclass
@@ -81,6 +85,14 @@ class ExecutorShard:
     moved_in: int = 0  # requests moved here from another executor
     admissions: int = 0  # adapter rows admitted (a chunk from position 0)
     affinity_hits: int = 0  # of those, with their adapter already in a slot
+    adapter_failures: dict[str, float] = field(default_factory=dict)  # task -> when its load failed here (monotonic)
+
+    def failed_tasks(self, now: float) -> frozenset[str]:
+        """Tasks whose adapter failed to load here in the last ADAPTER_FAILURE_MEMORY_S:
+        placement sends their work elsewhere while it can (placement.py)."""
+        for task in [t for t, at in self.adapter_failures.items() if now - at > ADAPTER_FAILURE_MEMORY_S]:
+            del self.adapter_failures[task]
+        return frozenset(self.adapter_failures)
 
     @property
     def ready(self) -> bool:
@@ -194,7 +206,7 @@ class ExecutorPool:
                 index=shard.index, ready=shard.ready and not stalled, max_seqs=scheduler.limits.max_num_seqs,
                 free_blocks=scheduler.blocks.num_free_blocks, running=len(scheduler.running), waiting=waiting,
                 tasks=frozenset(resident | {s.adapter for s in scheduler.running if s.adapter is not None}),
-                free_slots=adapters.num_slots - len(resident),
+                free_slots=adapters.num_slots - len(resident), failed_tasks=shard.failed_tasks(now),
             ))  # fmt: skip
         return loads
 

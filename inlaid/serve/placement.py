@@ -10,6 +10,10 @@ it runs. Two decisions, both on a snapshot of every executor's load:
   Among equals, `pack` (Punica's rule, the default) takes the busiest, so that the others
   can drain; `spread` takes the least busy. With no room anywhere the request queues on
   a ready executor holding its adapter, else on the one with the least work per sequence slot.
+  An executor that failed to load a task's adapter lately (`failed_tasks`) takes none of its
+  requests while another can: its copy of the files is unreadable (one executor's may differ,
+  or its device be full), and it kept drawing the spill, each request failing `adapter_failed`
+  (an outside probe: 16 of 24 requests failed while the other executor served the task).
 * `rebalance` (after every step, and when an executor is lost or comes back): work that
   waits where it cannot be admitted now -- beyond its executor's room, or on an executor
   that is down -- moves to a ready executor with room, the longest-waiting first (those
@@ -53,6 +57,7 @@ class ExecutorLoad:
     waiting: list[Demand] = field(default_factory=list)  # queued here, in arrival order
     tasks: frozenset[str] = frozenset()  # adapters in a slot or used by running work
     free_slots: int = 0  # adapter slots holding nothing
+    failed_tasks: frozenset[str] = frozenset()  # adapters it failed to load lately: no place for their work
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,8 @@ class _Room:
         self.work = load.running + len(queued)
 
     def fits(self, demand: Demand) -> bool:
-        return self.load.ready and self.seqs >= 1 and self.blocks >= demand.blocks
+        return (self.load.ready and self.seqs >= 1 and self.blocks >= demand.blocks
+                and demand.task not in self.load.failed_tasks)
 
     def holds(self, task: str | None) -> bool:
         return task is None or task in self.tasks
@@ -107,7 +113,7 @@ def _least_loaded(rooms: Sequence[_Room], demand: Demand) -> _Room | None:
         return None
     # Queued on a holder of its adapter it will not need a load; if a seat frees up elsewhere
     # first, `rebalance` moves it there.
-    return min(ready, key=lambda room: (0 if room.holds(demand.task) else 1,
+    return min(ready, key=lambda room: (demand.task in room.load.failed_tasks, 0 if room.holds(demand.task) else 1,
                                         room.work / max(1, room.load.max_seqs), room.load.index))
 
 
@@ -131,7 +137,9 @@ def _admissible(load: ExecutorLoad) -> tuple[list[Demand], list[Demand]]:
     kept: list[Demand] = []
     excess: list[Demand] = []
     for demand in load.waiting:
-        if seqs >= 1 and blocks >= demand.blocks:
+        if demand.task in load.failed_tasks:  # it failed to load that adapter: elsewhere if it can
+            excess.append(demand)
+        elif seqs >= 1 and blocks >= demand.blocks:
             kept.append(demand)
             seqs -= 1
             blocks -= demand.blocks
