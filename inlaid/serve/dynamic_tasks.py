@@ -24,7 +24,7 @@ from inlaid.quant.checkpoint_files import read_inlaid_metadata
 from inlaid.quant.errors import CheckpointError
 from inlaid.serve.config import ServerConfig
 from inlaid.serve.hessian_sources import (HessianSource, changes_nothing, checkpoint_hessians_of_other_files,
-                                          judge_samples, stored_view, twin_note)
+                                          judge_samples, repeats_its_job, stored_view, twin_note)
 from inlaid.serve.requantization_jobs import RequantizationJobs
 from inlaid.serve.state_gc import hessian_dirs, prune_dropped
 from inlaid.serve.task_inputs import (MAX_CALIBRATION_FILE_BYTES, TaskInputs, check_calibration_file,
@@ -186,6 +186,11 @@ class DynamicTasks:
         try:
             if record is not None and record.phase in (QUEUED, REQUANTIZING):
                 doing = "is queued to re-quantize the base" if record.phase == QUEUED else "is re-quantizing the base"
+                if store is not None and repeats_its_job(inputs, store, self.registry.tasks.get(name)):
+                    # A deployment script adding its tasks at every run (docs) met task_busy here.
+                    state = "is queued" if record.phase == QUEUED else "is running"
+                    return self._add_unchanged(inputs, f"its re-quantization job (version {record.version}) {state}, "
+                                                       "as before")
                 raise TaskError(ErrorCode.TASK_BUSY, f"task {name!r} {doing} (a job of its own add); remove it first "
                                                      "(which cancels the job) or wait until it is ready")
             if store is not None and changes_nothing(inputs, store, self.registry.tasks.get(name)):
@@ -255,13 +260,16 @@ class DynamicTasks:
             return text + self._unsaved_note()
         return f"{text}; {record.message}" + self._unsaved_note()
 
-    def _add_unchanged(self, inputs: TaskInputs) -> str:
+    def _add_unchanged(self, inputs: TaskInputs, job_note: str = "") -> str:
         """Nothing to load, copy or re-quantize: the name stays where it is served, the fresh copy goes
-        (on the copy it was "replaced", and `task_busy` with requests in flight: a script re-adding failed)."""
+        (on the copy it was "replaced", and `task_busy` with requests in flight: a script re-adding failed).
+        `job_note`: the files and samples of the name's job still queued or running, said so."""
         assert self.store is not None and inputs.served_path is not None
         text = self.registry.add(inputs.name, inputs.served_path, inputs.signature)
         inputs.already_served = True
         self.store.discard_copy(inputs.adapter_dir)
+        if job_note:
+            return f"{text}; added again with the same files and calibration samples: {job_note}"
         record = self.store.tasks.get(inputs.name)
         kept = ""
         if record is not None and record.phase == READY:  # its job's layers (if it swapped any) still serve

@@ -137,6 +137,15 @@ def stored_view(store: TaskStore, name: str) -> tuple[object, ...]:
             name in store.dropped)
 
 
+def repeats_its_job(inputs: TaskInputs, store: TaskStore, served_now: str | None) -> bool:
+    """The name's job (queued or running) was made from these very adapter files and samples,
+    served from `served_now`, where it is served now: adding them again changes nothing."""
+    source = store.hessian_sources.get(inputs.name)
+    return (inputs.copied and bool(inputs.calibration) and inputs.served_path is not None
+            and served_now == inputs.served_path and source is not None
+            and (source.adapter_signature, source.calib_sha256) == (inputs.copy_signature, inputs.calib_sha256))
+
+
 def changes_nothing(inputs: TaskInputs, store: TaskStore, served_now: str | None) -> bool:
     """The name serves these very files from `served_now`, where it is served now, and brings no
     samples or the ones its stored Hessians came from (on a store no call has changed since)."""
