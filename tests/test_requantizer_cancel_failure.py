@@ -78,3 +78,31 @@ def test_an_unexpected_failure_is_logged_with_its_traceback(channel, monkeypatch
     assert not receive().ok
     (failed,) = [r for r in caplog.records if r.levelno == logging.ERROR and r.getMessage() == "job failed"]
     assert "Traceback" in failed.trace and "KeyError: 'trans-fr'" in failed.trace
+
+
+def test_damaged_adapter_weights_are_named_in_the_jobs_reason(channel, monkeypatch, tmp_path, caplog):  # noqa: F811
+    """An adapter file damaged after its task was added failed the job with safetensors' raw
+    "SafetensorError: Error while deserializing header: ..." and a traceback (an outside probe):
+    the reason now names the file and what to make of it, in one log line. The error is the
+    real one safetensors raises on a damaged file, from inside the job's quantizer."""
+    import inlaid.quant.incremental
+    from inlaid.serve.requantizer import run_job
+
+    damaged = tmp_path / "adapter_model.safetensors"
+    damaged.write_bytes(b"\x10" * 1000)
+
+    def open_damaged() -> None:
+        from safetensors import safe_open
+
+        safe_open(str(damaged), framework="pt")
+
+    requantizer, _, receive = channel
+    monkeypatch.setattr(inlaid.quant.incremental, "IncrementalQuantizer", _failing_quantizer(open_damaged))
+    with caplog.at_level(logging.INFO, logger="inlaid.requantizer"):
+        run_job(requantizer, _job(tmp_path))
+    finished = receive()
+    assert not finished.ok
+    assert finished.error.startswith(f"the task's adapter weights ({damaged}) cannot be read, damaged or changed "
+                                     "since the task was added (Error while deserializing header"), finished.error
+    (failed,) = [r for r in caplog.records if r.levelno == logging.ERROR and r.getMessage() == "job failed"]
+    assert not hasattr(failed, "trace")

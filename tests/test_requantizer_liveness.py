@@ -28,7 +28,7 @@ from inlaid.quant.calibration import CalibrationTask
 from inlaid.serve.config import ConfigError, config_from_dict
 from inlaid.serve.launcher import ServerProcess
 from inlaid.serve.requantization_jobs import CANCEL_TIMEOUT_S
-from inlaid.serve.child_process import sample_process
+from inlaid.serve.child_process import sample_process, wait_or_kill
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the check reads Linux /proc")
 TOKEN = "liveness-test-token-0123456789"
@@ -79,6 +79,27 @@ def test_proc_samples_tell_stopped_and_asleep_from_running_and_starved():
             process.kill()
             process.wait()
     assert sample_process(sleeper.pid) is None  # gone
+
+
+def test_a_child_killed_where_that_loses_nothing_is_not_a_warning(caplog):
+    """The requantizer asked to stop at SCHED_IDLE on a busy machine often does not run within
+    the stop's timeout: the kill loses nothing (its job resumes), and each such stop logged a
+    WARNING (an outside probe). Said at INFO with the reason; other children still warn."""
+    import asyncio
+    import logging
+
+    async def stop(harmless: str) -> int | None:
+        process = await asyncio.create_subprocess_exec("sleep", "60")
+        await wait_or_kill(process, 0.2, "requantizer", harmless=harmless)
+        return process.returncode
+
+    caplog.set_level(logging.INFO, logger="inlaid")
+    assert asyncio.run(stop("a job resumes from its last committed layer")) == -signal.SIGKILL
+    assert asyncio.run(stop("")) == -signal.SIGKILL
+    records = [(r.levelname, r.getMessage()) for r in caplog.records if "did not exit" in r.getMessage()]
+    assert records == [("INFO", "requantizer did not exit within 0.2 s; killing it (a job resumes from its last "
+                                "committed layer)"),
+                       ("WARNING", "requantizer did not exit in time; killing it")]
 
 
 @pytest.mark.parametrize("value", [0, -1.0, True, "60", float("nan")])

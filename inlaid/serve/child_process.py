@@ -23,12 +23,17 @@ class FieldsLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         return msg, kwargs
 
 
-async def wait_or_kill(process: asyncio.subprocess.Process, timeout_s: float, what: str) -> None:
-    """Wait up to `timeout_s` for a child asked to exit, then SIGKILL it; reaped either way."""
+async def wait_or_kill(process: asyncio.subprocess.Process, timeout_s: float, what: str,
+                       harmless: str = "") -> None:
+    """Wait up to `timeout_s` for a child asked to exit, then SIGKILL it; reaped either way.
+    `harmless`: why a kill loses nothing, said at INFO instead of a WARNING."""
     try:
         await asyncio.wait_for(process.wait(), timeout_s)
     except asyncio.TimeoutError:
-        log.warning(f"{what} did not exit in time; killing it", extra={"pid": process.pid})
+        if harmless:
+            log.info(f"{what} did not exit within {timeout_s:g} s; killing it ({harmless})", extra={"pid": process.pid})
+        else:
+            log.warning(f"{what} did not exit in time; killing it", extra={"pid": process.pid})
         process.kill()
         await process.wait()
 

@@ -296,11 +296,16 @@ def run_job(channel: _Channel, job: RequantizeJob) -> None:
         channel.check_stop(job.job_id, wait_ms=CANCEL_GRACE_MS)
         # A failure the job names (a damaged state file, a missing calibration copy) needs no
         # traceback; anything else is a bug, and its traceback is what finds it.
-        named = isinstance(error, (QuantizationError, OSError))
+        from safetensors import SafetensorError
+
+        named = isinstance(error, (QuantizationError, OSError, SafetensorError))
         log.error("job failed", extra={"job_id": job.job_id, "error": repr(error),
                                        **({} if named else {"trace": traceback.format_exc(limit=8)})})
-        channel.send(JobFinished(job_id=job.job_id, ok=False, error=f"{type(error).__name__}: {error}"[:2000],
-                                 peak_rss_bytes=_peak_rss_bytes()))
+        reason = f"{type(error).__name__}: {error}"
+        if isinstance(error, SafetensorError):  # the raw text named no file (an outside probe)
+            reason = (f"the task's adapter weights ({Path(job.adapter_dir) / 'adapter_model.safetensors'}) cannot be "
+                      f"read, damaged or changed since the task was added ({error})")
+        channel.send(JobFinished(job_id=job.job_id, ok=False, error=reason[:2000], peak_rss_bytes=_peak_rss_bytes()))
         return
     paced = {"paced_busy": pacer.busy_intervals, "paced_idle": pacer.idle_intervals} if pacer is not None else {}
     log.info("job finished", extra={"job_id": job.job_id, "seconds": round(time.perf_counter() - started, 2), **paced})

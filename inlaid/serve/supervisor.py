@@ -397,5 +397,6 @@ class ExecutorSupervisor:
         finally:
             if self._pending is not None and self._pending[1] is future:
                 self._pending = None
-        self.timings.append(StepTiming(received - sent, result.compute_seconds))
+        if plan.chunks:  # a plan of layer swaps only (a restart's restore: seconds) is no step
+            self.timings.append(StepTiming(received - sent, result.compute_seconds))
         return result
