@@ -356,6 +356,14 @@ def test_remove_task_and_admin_errors(world, tmp_path):
             with pytest.raises(TaskBusyError, match=r"task 'zeta' is (queued to re-quantize|re-quantizing) the base"):
                 client.add_task("zeta", str(world.adapters["delta"]), str(world.calibration["alpha"]))
         assert "cancelled" in client.remove_task("zeta") or status.phase == "ready"
+        # The next job's report names the tasks whose Hessians left the aggregate since the
+        # last job that ended ready (epsilon's): its move was charged to its own task alone.
+        client.add_task("eta", str(world.adapters["delta"]), str(world.calibration["delta"]))
+        done = client.wait_task("eta", timeout_s=300)
+        assert done.phase == "ready", done
+        assert re.search(r"since the previous job \([^)]*delta[^)]*\): part of its change is theirs", done.message), done
+        assert world.registry()["last_job_drops"] == world.registry()["tasks"]["eta"]["aggregate_drops"]
+        assert "delta" in world.registry()["last_job_drops"]
     with server.client(timeout_s=30, admin_token=None) as anonymous:
         with pytest.raises(UnauthorizedError):
             anonymous.task_status("gamma")

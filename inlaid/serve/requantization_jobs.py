@@ -35,7 +35,7 @@ from inlaid.serve.layer_swaps import JobCounts, LayerSwaps, _LiveSwap
 from inlaid.serve.requantizer_supervisor import RequantizerSupervisor
 from inlaid.serve.task_records import (FAILED, READY, REQUANTIZING, RESTARTED, RESUMING_AT, Decision, TaskRecord,
                                       job_id)
-from inlaid.serve.task_status import compact_effect, ready_message
+from inlaid.serve.task_status import compact_effect, ready_report
 from inlaid.serve.task_store import TaskStore, layer_digest
 
 log = logging.getLogger("inlaid.requantization")
@@ -220,13 +220,14 @@ class RequantizationJobs(LayerSwaps):
     def _job(self, record: TaskRecord) -> RequantizeJob:
         assert self.store is not None and record.calibration is not None
         settings = self.config.requantizer
+        record.aggregate_drops = [name for name in self.store.dropped if name != record.name]
         return RequantizeJob(
             job_id=job_id(record), task=record.name, adapter_dir=record.adapter_dir, calibration=record.calibration,
             version=record.version, start_layer=record.layers_done, model_dir=self.config.engine.model_dir,
             checkpoint_dir=str(self.config.engine.quantized_dir),
             served_layers={layer: entry.file for layer, entry in self.store.layers.items()},
             state_dir=str(self.store.hessian_dir), layers_dir=str(self.store.layers_dir),
-            drop_tasks=[name for name in self.store.dropped if name != record.name],
+            drop_tasks=list(record.aggregate_drops),
             change_threshold=settings.change_threshold,
             quality_tolerance=settings.quality_tolerance if settings.quality_tolerance >= 0 else None,
             max_samples=settings.max_samples or None, device=self.config.engine.device,
@@ -385,8 +386,7 @@ class RequantizationJobs(LayerSwaps):
             record.phase = READY
             if (source := self.store.hessian_sources.get(record.name)) and source.version == record.version:
                 source.complete = True  # every layer holds its job's Hessians now
-            swapped = self.store.layers_of(record.version)
-            record.message = ready_message(record, swapped, self.num_layers, self.config.requantizer.change_threshold)
+            record.message = ready_report(record, self.store, self.num_layers, self.config.requantizer.change_threshold)
         else:
             self.counts.failed += 1
             record.phase = FAILED

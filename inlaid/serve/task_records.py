@@ -61,6 +61,9 @@ class TaskRecord:
     # and keeps what it was here; a later one that serves it restores both. Empty: not suspended.
     suspended_phase: str = ""
     suspended_message: str = ""
+    # Tasks whose Hessians had left the aggregate (removed, replaced, failed) when its job was
+    # sent: what the job's move owes to them. None: a registry written before it was recorded.
+    aggregate_drops: list[str] | None = None
 
 
 @dataclass

@@ -77,10 +77,27 @@ def cancelled_job_note(record: TaskRecord, swapped: int) -> str:
     return done + f" ({swapped} of them re-quantized, and those stay served: each is a valid quantization)"
 
 
-def ready_message(record: TaskRecord, swapped: int, num_layers: int, change_threshold: float) -> str:
-    """What a finished job says it did (`swapped` layers of the record's version serve)."""
+def drops_since_previous_job(record: TaskRecord, last_job_drops: list[str] | None) -> list[str]:
+    """The tasks whose Hessians left the aggregate between the last job that ended ready
+    (`TaskStore.last_job_drops`; a new state's first job: the checkpoint's aggregate, which
+    dropped nothing) and `record`'s job: its move is theirs as much as its own task's. Empty
+    when either is unknown (a registry written before they were kept)."""
+    if record.aggregate_drops is None or last_job_drops is None:
+        return []
+    return [name for name in record.aggregate_drops if name not in last_job_drops]
+
+
+def ready_message(record: TaskRecord, swapped: int, num_layers: int, change_threshold: float,
+                  new_drops: list[str] | None = None) -> str:
+    """What a finished job says it did (`swapped` layers of the record's version serve).
+    `new_drops`: drops_since_previous_job, named so that a move they caused is not read as
+    the new task's alone (an outside probe: 9 % and every layer, after a replace and removals)."""
     kept = sum(1 for d in record.decisions if d["action"] != "requantized")
     message = f"{swapped} of {num_layers} layers swapped in; {kept} linears kept as served"
+    if new_drops:
+        shown = ", ".join(new_drops[:8]) + (f" and {len(new_drops) - 8} more" if len(new_drops) > 8 else "")
+        message += (f"; the aggregate also lost the Hessians of tasks removed, replaced or failed since the previous "
+                    f"job ({shown}): part of its change is theirs")
     if swapped or not record.decisions:
         return message
     # One task among many rarely moves the aggregate past the threshold: said so, as "ready"
@@ -89,6 +106,15 @@ def ready_message(record: TaskRecord, swapped: int, num_layers: int, change_thre
     gated = ", the rest were kept by the quality gate" if unmoved < kept else ""
     return (f"{message}: the base is unchanged ({unmoved} of them moved by at most change_threshold, "
             f"{100 * change_threshold:.2f} %{gated}); the task is served on the base as it was")
+
+
+def ready_report(record: TaskRecord, store: TaskStore, num_layers: int, change_threshold: float) -> str:
+    """The message of `record`'s job, ended ready; the store then keeps the drops its aggregate had."""
+    message = ready_message(record, store.layers_of(record.version), num_layers, change_threshold,
+                            drops_since_previous_job(record, store.last_job_drops))
+    if record.aggregate_drops is not None:
+        store.last_job_drops = list(record.aggregate_drops)
+    return message
 
 
 def record_effect(record: TaskRecord) -> JobEffect | None:

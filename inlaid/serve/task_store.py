@@ -98,6 +98,9 @@ class TaskStore:
         self.tasks: dict[str, TaskRecord] = {}
         self.layers: dict[int, CommittedLayer] = {}
         self.dropped: list[str] = []  # tasks whose stored Hessians no aggregate uses any more
+        # `dropped` as the last job that ended ready saw it (what a later job's move owes to the
+        # drops since): None in a registry written before it was kept (unknown), [] in a new one.
+        self.last_job_drops: list[str] | None = []
         self.hessian_sources: dict[str, HessianSource] = {}  # absent: the checkpoint's, if any
         self.next_version = 1
         self.unsaved = ""  # why the last save failed ("": the registry holds the state in memory)
@@ -146,6 +149,7 @@ class TaskStore:
             for entry in self.layers.values():
                 entry.file = self._absolute(entry.file)
             self.dropped = checked(list[str], raw.get("dropped"), "dropped")
+            self.last_job_drops = checked(list[str] | None, raw.get("last_job_drops"), "last_job_drops")
             self.hessian_sources = checked(dict[str, HessianSource], raw.get("hessian_sources", {}), "hessian_sources")
             self.next_version = checked(int, raw.get("next_version"), "next_version")
             if self.next_version < 1:
@@ -204,7 +208,7 @@ class TaskStore:
         layers = {str(layer): {**asdict(entry), "file": self._relative(entry.file)}
                   for layer, entry in sorted(self.layers.items())}
         raw = {"format": FORMAT_VERSION, "base": self.base, "next_version": self.next_version, "tasks": tasks,
-               "layers": layers, "dropped": self.dropped,
+               "layers": layers, "dropped": self.dropped, "last_job_drops": self.last_job_drops,
                "hessian_sources": {name: asdict(source) for name, source in self.hessian_sources.items()}}
         # A name of its own: two writers on one fixed name renamed each other's file away
         # (FileNotFoundError), or renamed a half-written one into place.
