@@ -177,6 +177,9 @@ def test_a_malformed_frame_is_explained_without_decoding_it_whole(monkeypatch) -
     assert (unknown.request_id, unknown.code) == ("k", ErrorCode.UNKNOWN_MESSAGE)
     not_a_map = frames.decode_client_frames([msgspec.msgpack.encode([1, 2, 3])], 1 << 20)
     assert (not_a_map.request_id, not_a_map.code) == ("", ErrorCode.MALFORMED) and "array" in not_a_map.message
+    # bytes that read as a msgpack int (0xff is -1): the refusal says what a message is, not "Expected `object`"
+    garbage = frames.decode_client_frames([b"\xff\xfe\x00garbage"], 1 << 20)
+    assert garbage.message.startswith("invalid message: a message is one msgpack map with a string `type`"), garbage
     # the poison in the two fields read (a reviewer): neither is decoded unless a string
     nested = [[[0]] for _ in range(100_000)]
     for fields in ({"type": nested, "request_id": "t"}, {"type": "generate", "request_id": nested}):

@@ -89,7 +89,10 @@ def _explain(payload: bytes, error: Exception) -> ErrorReply:
     try:
         kind, request_id = _read_head(payload)
     except msgspec.ValidationError:  # no map, or keyed by arrays: nothing to name; the decoder's words say why
-        return ErrorReply(request_id="", code=ErrorCode.MALFORMED, message=f"invalid message: {_bounded(str(error))}")
+        # ("Expected `object`, got `int`" alone, for bytes that happen to read as a msgpack int: a probe)
+        return ErrorReply(request_id="", code=ErrorCode.MALFORMED,
+                          message=f"invalid message: a message is one msgpack map with a string `type` "
+                                  f"({_bounded(str(error))})")
     except Exception as unreadable:  # invalid msgpack, or nesting too deep in some field: no id reads
         return ErrorReply(request_id="", code=ErrorCode.MALFORMED,
                           message=f"the frame cannot be read: {_bounded(str(unreadable))}")
