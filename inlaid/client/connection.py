@@ -14,9 +14,10 @@ that gap, and the clients use both:
   network path that went silent. A heartbeat timeout closes the connection, which the
   monitor then reports like any other disconnect. Heartbeats alone would not do: libzmq
   drops and reconnects silently, so without the monitor nobody would fail the waiting
-  requests. Their values match the server's own heartbeats on its clients (a peer that
-  answers no ping for 60 s is gone): a client is never stricter than the server about the
-  same connection, so a slow reader is not cut off here sooner than the server would.
+  requests. Their timeout matches how long the server's TCP keepalive takes to drop a
+  silent client (~60 s): a client is never stricter than the server about the same
+  connection. (The server sets no heartbeats of its own, only answers these: libzmq 4.3.5
+  aborted it on one, inlaid/serve/peers.py.)
 """
 
 from __future__ import annotations

@@ -42,10 +42,17 @@ log = logging.getLogger("inlaid.coordinator")
 # Frames above max_frame_bytes get a typed error; far larger ones are cut off by ZeroMQ
 # itself (the peer is disconnected) before they are ever buffered whole.
 _HARD_FRAME_FACTOR = 16
-# ZMTP heartbeats: a client whose host vanished without closing its connection is dropped
-# after this long, which the PeerWatch sees as a disconnect (its requests are cancelled).
-_CLIENT_HEARTBEAT_IVL_MS = 10_000
-_CLIENT_HEARTBEAT_TIMEOUT_MS = 60_000
+# TCP keepalive, not ZMTP heartbeats: a client whose host vanished without closing its
+# connection is dropped by the kernel after ~60 s of silence (idle 30 s, then 3 probes 10 s
+# apart), which the PeerWatch sees as a disconnect (its requests are cancelled). The ROUTER's
+# own ZMTP heartbeats aborted the coordinator (libzmq 4.3.5: `Assertion failed: !_io_error
+# (src/stream_engine_base.cpp:310)`) when a ping fell due on a connection whose reading was
+# paused (1,000 frames queued, the front loop behind) after its peer had reset it: four clients
+# flooding GetMetrics, then closing, did it 5 times in 5 (an outside probe). Clients still send
+# their heartbeats (inlaid/client/connection.py), which libzmq answers here without its own.
+_CLIENT_KEEPALIVE_IDLE_S = 30
+_CLIENT_KEEPALIVE_INTERVAL_S = 10
+_CLIENT_KEEPALIVE_PROBES = 3
 # The longest a disconnected peer's report waits for the frames queued before it (PeerWatch)
 _SETTLE_BOUND_S = 2.0
 # Replies a connection may leave unread in the coordinator (ZeroMQ's SNDHWM, per connection)
@@ -68,8 +75,10 @@ def front_socket(max_frame_bytes: int, max_pending_requests: int) -> zmq.asyncio
     front.setsockopt(zmq.SNDHWM, max(_MIN_UNREAD_REPLIES, _UNREAD_REPLIES_PER_PENDING_REQUEST * max_pending_requests))
     front.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full queue raises (FrontReplies), never drops in silence
     front.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes * _HARD_FRAME_FACTOR)
-    front.setsockopt(zmq.HEARTBEAT_IVL, _CLIENT_HEARTBEAT_IVL_MS)
-    front.setsockopt(zmq.HEARTBEAT_TIMEOUT, _CLIENT_HEARTBEAT_TIMEOUT_MS)
+    front.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    front.setsockopt(zmq.TCP_KEEPALIVE_IDLE, _CLIENT_KEEPALIVE_IDLE_S)
+    front.setsockopt(zmq.TCP_KEEPALIVE_INTVL, _CLIENT_KEEPALIVE_INTERVAL_S)
+    front.setsockopt(zmq.TCP_KEEPALIVE_CNT, _CLIENT_KEEPALIVE_PROBES)
     return front
 
 
