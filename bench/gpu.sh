@@ -6,6 +6,7 @@
 #                                  Llama-2-7B-shaped decode step, GEMM variants and the scheduler's
 #                                  step costs; ends within GPU_CALL_S (default 590) seconds of its
 #                                  start, the report written, what did not fit named for a 2nd call
+#                                  (set GPU_CALL_S to the device time the lease has left, less 15)
 #   bench/gpu.sh --dry-run         anywhere: the same script on the CPU (TRITON_INTERPRET=1,
 #                                  tiny shapes) -- checks the script, measures nothing
 #   bench/gpu.sh --fetch-wheels    on a machine with PyPI: wheels of what the GPU image lacks
@@ -35,26 +36,38 @@ case "${1:-}" in
   *) echo "usage: bench/gpu.sh [--dry-run | --fetch-wheels | --untrack-adapters | --retrack-adapters]" >&2; exit 2 ;;
 esac
 
-ADAPTER_WEIGHTS='adapters/*/adapter_model.safetensors'
+ADAPTER_WEIGHTS='adapters/*/adapter_model.safetensors'  # a gitignore pattern: '*' stops at '/'
+ADAPTER_PATHSPEC=":(glob)$ADAPTER_WEIGHTS"                  # the same in git's pathspec (plain '*' crosses '/')
 EXCLUDE_MARK="# bench/gpu.sh --untrack-adapters (--retrack-adapters removes these two lines)"
 if [ "$MODE" = untrack ] || [ "$MODE" = retrack ]; then
   exclude="$(git rev-parse --git-path info/exclude)"
   mkdir -p "$(dirname "$exclude")" && touch "$exclude"
   if [ "$MODE" = untrack ]; then
-    git rm -q --cached --ignore-unmatch -- "$ADAPTER_WEIGHTS"
+    git rm -q --cached --ignore-unmatch -- "$ADAPTER_PATHSPEC"
     grep -qxF "$EXCLUDE_MARK" "$exclude" || printf '%s\n%s\n' "$EXCLUDE_MARK" "$ADAPTER_WEIGHTS" >> "$exclude"
     # What a device call copies: tracked files and untracked ones git does not ignore, plus the carry.
+    # (a tracked file deleted from the working tree is skipped: stat failing stopped the script here)
     tree=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | sort -zu \
-      | xargs -0 -r stat -c %s -- 2>/dev/null | awk '{s += $1} END {print s + 0}')
+      | while IFS= read -r -d '' file; do [ -f "$file" ] && stat -c %s -- "$file"; done \
+      | awk '{s += $1} END {print s + 0}')
     carry=$( (du -sb .whl .gpu_carry 2>/dev/null || true) | awk '{s += $1} END {print s + 0}')
     echo "adapters untracked (commit nothing until --retrack-adapters); a device call carries" \
       "$(( (tree + carry) / 1048576 )) MiB: the tree $(( tree / 1048576 )) MiB + .whl/.gpu_carry" \
       "$(( carry / 1048576 )) MiB (the limit: 64 MiB)"
+    # What the call's suite will need, checked here (on the device a lack costs its stages).
+    compgen -G ".whl/msgspec-*cp312*.whl" > /dev/null && compgen -G ".whl/pyzmq-*cp312*.whl" > /dev/null \
+      || echo "WARNING: .whl/ lacks the cp312 msgspec or pyzmq wheel: run bench/gpu.sh --fetch-wheels" >&2
+    [ -f .gpu_carry/tokenizer/tokenizer.json ] \
+      || echo "WARNING: no .gpu_carry/tokenizer/tokenizer.json: run bench/gpu.sh --fetch-wheels" >&2
   else
-    grep -vxF -e "$EXCLUDE_MARK" -e "$ADAPTER_WEIGHTS" "$exclude" > "$exclude.new" || true
+    status=0
+    grep -vxF -e "$EXCLUDE_MARK" -e "$ADAPTER_WEIGHTS" "$exclude" > "$exclude.new" || status=$?
+    if [ "$status" -gt 1 ]; then  # 1: no line left (an empty file); more: grep failed, the file stays
+      rm -f "$exclude.new"; echo "gpu.sh: could not read $exclude" >&2; exit 1
+    fi
     mv "$exclude.new" "$exclude"
-    git reset -q -- adapters/
-    echo "adapters tracked again: $(git ls-files -- "$ADAPTER_WEIGHTS" | wc -l) weight files in the index"
+    git reset -q -- "$ADAPTER_PATHSPEC"  # the weights only: other staged changes stay staged
+    echo "adapters tracked again: $(git ls-files -- "$ADAPTER_PATHSPEC" | wc -l) weight files in the index"
   fi
   exit 0
 fi
@@ -70,7 +83,7 @@ if [ "$MODE" = fetch ]; then
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl $specs
   ls -l .whl
-  PYTHONPATH=bench "$PY" -c "from gpu_serving import CARRIED_TOKENIZER, copy_tokenizer
+  PYTHONPATH=bench "$PY" -c "from gpu_serving_inputs import CARRIED_TOKENIZER, copy_tokenizer
 from inlaid.models.prepare import default_model_dir
 copy_tokenizer(default_model_dir(), CARRIED_TOKENIZER)"
   ls -l .gpu_carry/tokenizer
@@ -101,9 +114,9 @@ started=$(date +%s)
   fi
   if compgen -G ".whl/*.whl" > /dev/null; then
     "$PY" -m pip install --no-deps --no-index --target "$BUILD/site" .whl/*.whl \
-      || echo "the wheels in .whl/ do not install on this Python: stages needing what they hold may be skipped"
+      || echo "the wheels in .whl/ do not install on this Python: the stages needing them are skipped (exit 2)"
   else
-    echo "no .whl/ wheels: stages needing pyzmq/msgspec that the image lacks are skipped"
+    echo "no .whl/ wheels: the stages needing pyzmq/msgspec the image lacks are skipped (exit 2)"
   fi
 } > "$OUT/build.log" 2>&1 || { cat "$OUT/build.log" >&2; echo "gpu.sh: the build failed" >&2; exit 1; }
 echo "build: $(( $(date +%s) - started )) s (log: $OUT/build.log)"
@@ -115,16 +128,19 @@ export TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 args=(--out "$OUT")
 # GPU_SUITE_STAGES=decode,step_costs runs those stages alone (a second call of a lease).
 if [ -n "${GPU_SUITE_STAGES:-}" ]; then args+=(--stages "$GPU_SUITE_STAGES"); fi
-# The suite's budget: what the device call (GPU_CALL_S from this script's start) has left after
-# the build, less 30 s to stop servers and write the report. Past it (+20 s) SIGINT ends the
-# stage running, which keeps what it saved; 15 s later, SIGKILL.
-left=$(( ${GPU_CALL_S:-590} - ($(date +%s) - CALL_STARTED) ))
-budget="${GPU_SUITE_BUDGET_S:-$(( left - 30 ))}"
-args+=(--budget-s "$budget")
+# The call ends GPU_CALL_S (default 590) seconds after this script started. The suite's report
+# is due 30 s before (--deadline-epoch, on this clock: its own start-up counts); 10 s after that
+# SIGINT ends the stage running, which keeps what it saved; 10 s later, SIGKILL.
+call_s=${GPU_CALL_S:-590}
+args+=(--deadline-epoch "$(( CALL_STARTED + call_s - 30 ))")
+if [ -n "${GPU_SUITE_BUDGET_S:-}" ]; then args+=(--budget-s "$GPU_SUITE_BUDGET_S"); fi
 if [ "$MODE" = dry ]; then
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
   args+=(--dry-run)
 fi
+left=$(( CALL_STARTED + call_s - 20 - $(date +%s) ))
 status=0
-timeout -s INT -k 15 "$(( ${budget%.*} + 20 ))" "$PY" bench/gpu_suite.py "${args[@]}" || status=$?
+# --preserve-status: the suite's own exit code (1: a stage interrupted), not timeout's 124
+timeout --preserve-status -s INT -k 10 "$(( left > 1 ? left : 1 ))" "$PY" bench/gpu_suite.py "${args[@]}" \
+  || status=$?
 exit $status

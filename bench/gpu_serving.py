@@ -46,42 +46,11 @@ from pathlib import Path
 from typing import Any
 
 from gpu_kernels import Device
+from gpu_serving_inputs import (DRY_RUN, ServingSettings, exact_length, with_requests, build_adapters, build_model,
+                                make_trace, quantize, tokenizer_dir)
 
 ROOT = Path(__file__).resolve().parents[1]
-CARRIED_TOKENIZER = ROOT / ".gpu_carry" / "tokenizer"  # bench/gpu.sh --fetch-wheels puts it there
 BASELINE_SERVER = ROOT / "bench" / "baselines" / "hf_peft_server.py"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "chat_template.jinja")
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@dataclass(frozen=True)
-class ServingSettings:
-    layers: int = 30
-    hidden: int = 576
-    intermediate: int = 1536
-    heads: int = 9
-    kv_heads: int = 3
-    num_tasks: int = 32
-    rank: int = 16
-    bits: int = 4
-    group_size: int = 128
-    trace_requests: int = 400
-    burst_requests: int = 128
-    isolated_requests: int = 3
-    load: float = 0.8
-    cv: float = 4.0
-    max_output_tokens: int = 256  # longer recorded outputs are cut (the stage must fit its call)
-    budget_s: float = 280.0  # the stage's end, preparation included (the suite must end within its call)
-    min_system_s: float = 30.0  # a system is not started with less left than this
-    max_num_seqs: int = 64
-    device: str = "cuda"
-    dtype: str = "float16"
-
-
-DRY_RUN = ServingSettings(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, num_tasks=4, rank=4, group_size=32,
-                          trace_requests=10, burst_requests=6, isolated_requests=1, max_output_tokens=6,
-                          max_num_seqs=8, device="cpu", dtype="float32", budget_s=120.0)
 
 
 @dataclass(frozen=True)
@@ -97,99 +66,6 @@ SYSTEMS = (System("inlaid-4bit-fifo"), System("inlaid-4bit-inlaid", "inlaid"),
            System("inlaid-4bit-mlfq", "mlfq"))  # last: the first to go when the stage's budget runs out
 
 
-# ------------------------------------------------------------------------------ inputs
-
-def tokenizer_dir() -> Path | None:
-    if (CARRIED_TOKENIZER / "tokenizer.json").is_file():
-        return CARRIED_TOKENIZER
-    from inlaid.models.prepare import default_model_dir
-
-    default = default_model_dir()
-    return default if (default / "tokenizer.json").is_file() else None
-
-
-def build_model(settings: ServingSettings, tokenizer: Path, directory: Path) -> Path:
-    """A Llama of the settings' shape, random weights (std 0.02), fp32 safetensors."""
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=settings.hidden, intermediate_size=settings.intermediate,
-        num_hidden_layers=settings.layers, num_attention_heads=settings.heads, num_key_value_heads=settings.kv_heads,
-        max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=100000.0, bos_token_id=1, eos_token_id=2,
-        initializer_range=0.02,
-    )
-    transformers.LlamaForCausalLM(config).save_pretrained(str(directory))
-    copy_tokenizer(tokenizer, directory)
-    return directory
-
-
-def copy_tokenizer(source: Path, target: Path) -> None:
-    """The tokenizer files of a model directory (bench/gpu.sh --fetch-wheels carries them)."""
-    target.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, target / name)
-
-
-def build_adapters(settings: ServingSettings, model_dir: Path, directory: Path) -> dict[str, Path]:
-    """NUM_TASKS PEFT LoRA adapters: one written by PEFT, the others its copies with fresh
-    random A and B (B small, as trained adapters' updates are)."""
-    import peft
-    import torch
-    import transformers
-    from safetensors.torch import load_file, save_file
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    config = peft.LoraConfig(r=settings.rank, lora_alpha=2 * settings.rank, target_modules=TARGETS,
-                             init_lora_weights=False, lora_dropout=0.0)
-    first = directory / "task-0000"
-    peft.get_peft_model(model, config).save_pretrained(str(first))
-    weights_file = first / "adapter_model.safetensors"
-    template = load_file(str(weights_file))
-    adapters = {}
-    for index in range(settings.num_tasks):
-        name = f"task-{index:04d}"
-        target = directory / name
-        if index:
-            shutil.copytree(first, target)
-        generator = torch.Generator().manual_seed(index)
-        fresh = {key: torch.randn(tensor.shape, generator=generator) * (0.002 if "lora_B" in key else 0.05)
-                 for key, tensor in template.items()}
-        save_file(fresh, str(target / "adapter_model.safetensors"))
-        adapters[name] = target
-    return adapters
-
-
-def quantize(settings: ServingSettings, model_dir: Path, out_dir: Path) -> Path:
-    from inlaid.quant.driver import DriverConfig, quantize_model
-    from inlaid.quant.methods import parse_method
-    from inlaid.quant.spec import QuantSpec
-
-    quantize_model(DriverConfig(model_dir=model_dir, tasks=[], method=parse_method("rtn", []),
-                                spec=QuantSpec(bits=settings.bits, group_size=settings.group_size), out_dir=out_dir,
-                                measure_errors=False, save_hessian_state=False, progress=False))
-    return out_dir
-
-
-def make_trace(settings: ServingSettings, adapters: dict[str, Path]):  # noqa: ANN201
-    """The trace at rate 1 (scaled later), exact output lengths, and random prompt ids."""
-    import numpy as np
-
-    from inlaid.scheduling.suite import SUITE_LENGTHS_4BIT_FILE, load_suite_lengths
-    from inlaid.scheduling.traces import TraceSpec, generate_trace
-
-    records = [r for r in load_suite_lengths(SUITE_LENGTHS_4BIT_FILE) if r.split == "eval"]
-    spec = TraceSpec(rate=1.0, num_requests=settings.trace_requests, cv=settings.cv, num_tasks=settings.num_tasks,
-                     popularity="zipf", seed=5)
-    trace = generate_trace(spec, records, {name: settings.rank for name in adapters})
-    trace = _with_requests(trace, [_exact_length(r, settings.max_output_tokens) for r in trace.requests])
-    rng = np.random.default_rng(7)
-    prompts = {r.source: [int(t) for t in rng.integers(100, 49000, r.prompt_tokens)] for r in trace.requests}
-    return trace, prompts
-
-
 # ------------------------------------------------------------------------------ servers
 
 def server_config(system: System, settings: ServingSettings, model_dir: Path, quantized_dir: Path,
@@ -198,7 +74,9 @@ def server_config(system: System, settings: ServingSettings, model_dir: Path, qu
                                 "max_num_seqs": settings.max_num_seqs, "max_model_len": 2048}
     config: dict[str, dict[str, Any]] = {
         "model": {"dir": str(model_dir)}, "executor": executor,
-        "server": {"log_level": "WARNING", "max_pending_requests": 100_000, "policy": system.policy},
+        # shutdown_grace_s: a server stopped at the deadline must not hold its cut requests 30 s
+        "server": {"log_level": "WARNING", "max_pending_requests": 100_000, "policy": system.policy,
+                   "shutdown_grace_s": 3.0},
         "tasks": {name: str(path) for name, path in adapters.items()},
     }
     if not system.baseline:
@@ -208,23 +86,12 @@ def server_config(system: System, settings: ServingSettings, model_dir: Path, qu
     return config
 
 
-def _with_requests(trace, requests: list):  # noqa: ANN001, ANN202
-    """`trace`'s tasks and metadata with other requests."""
-    return type(trace)(requests, trace.tasks, trace.meta)
-
-
-def _exact_length(request, tokens: int):  # noqa: ANN001, ANN202
-    """The request asking for exactly its recorded output length, at most `tokens`."""
-    length = max(1, min(request.output_tokens, tokens))
-    return replace(request, output_tokens=length, max_tokens=length)
-
-
 def _subset(trace, count: int, rate: float | None):  # noqa: ANN001, ANN202
     """The trace's first `count` requests, at `rate` (None: all at once)."""
     requests = trace.requests[:count]
     if rate is None:
-        return _with_requests(trace, [replace(r, arrival_s=0.0) for r in requests])
-    return _with_requests(trace, requests).scaled(rate)
+        return with_requests(trace, [replace(r, arrival_s=0.0) for r in requests])
+    return with_requests(trace, requests).scaled(rate)
 
 
 def _replay(address: str, trace, prompts, deadline: float) -> list:  # noqa: ANN001
@@ -249,7 +116,7 @@ def _isolated(address: str, trace, prompts, count: int, deadline: float) -> dict
     """TTFT and time per output token of requests served alone (one after the other)."""
     ttfts, tpots = [], []
     for request in trace.requests[:count]:
-        record = _replay(address, _with_requests(trace, [replace(request, arrival_s=0.0)]), prompts, deadline)[0]
+        record = _replay(address, with_requests(trace, [replace(request, arrival_s=0.0)]), prompts, deadline)[0]
         if record.error:
             raise RuntimeError(f"an isolated request failed: {record.error}")
         ttfts.append(record.ttft_s)
@@ -291,36 +158,50 @@ def run_system(system: System, settings: ServingSettings, inputs: dict, workdir:
     (workdir / system.label).mkdir()
     result: dict[str, Any] = {"system": system.label}
     started = time.monotonic()
+    trace_started = started
     with ServerProcess(config, workdir / system.label, command=command) as server:
         server.wait_ready(timeout_s=max(1.0, min(180.0, deadline - time.monotonic())))
         result["start_s"] = round(time.monotonic() - started, 1)
         clock = time.monotonic()
         warm = _subset(trace, settings.max_num_seqs, None)
-        warm = _with_requests(warm, [_exact_length(r, 4) for r in warm.requests])
+        warm = with_requests(warm, [exact_length(r, 4) for r in warm.requests])
         _replay(server.address, warm, prompts, deadline)
         result["warmup_s"] = round(time.monotonic() - clock, 1)
-        if isolated is None:
-            isolated = _isolated(server.address, trace, prompts, settings.isolated_requests, deadline)
-            result["isolated"] = isolated
-        burst = _replay(server.address, _subset(trace, settings.burst_requests, None), prompts, deadline)
-        result["burst"] = summarize(burst)
-        if rate is None:  # the first system: its burst sets the trace's rate
+        # Each phase starts only before the deadline; one cut short keeps what it measured (a cut
+        # isolated request raised, a burst cut to nothing made a rate of 0: the whole system lost).
+        if isolated is None and time.monotonic() < deadline:
+            try:
+                isolated = _isolated(server.address, trace, prompts, settings.isolated_requests, deadline)
+                result["isolated"] = isolated
+            except RuntimeError as cut:
+                result["cut"] = f"isolated requests: {cut}"
+        if "cut" not in result and time.monotonic() < deadline:
+            burst = _replay(server.address, _subset(trace, settings.burst_requests, None), prompts, deadline)
+            result["burst"] = summarize(burst)
+        if rate is None and result.get("burst", {}).get("throughput_rps"):  # the first system's burst sets the rate
             rate = settings.load * result["burst"]["throughput_rps"]
-        trace_started = time.monotonic()
-        records = _replay(server.address, _subset(trace, len(trace.requests), rate), prompts, deadline)
-        for record in records:
-            record.isolated_s = isolated["ttft_s"] + max(0, len(record.token_times) - 1) * isolated["tpot_s"]
-        result.update(rate_rps=rate, trace=summarize(records, warmup_fraction=0.05),
-                      errors=sorted({r.error for r in records if r.error})[:3])
-        result["exact_lengths"] = sum(len(r.token_times) == t.output_tokens
-                                      for r, t in zip(records, trace.requests)) / len(records)
-    result["steps"] = _step_stats(step_log, trace_started)  # the log is complete once the server has stopped
-    if kept_steps is not None and step_log.is_file():
-        # One file for every system (a device call brings back few files): gzip members appended.
-        with gzip.open(kept_steps, "at") as kept:
-            for line in step_log.read_text().splitlines():
-                if line.strip():
-                    kept.write(json.dumps({"system": system.label, **json.loads(line)}) + "\n")
+        if isolated is not None and rate and "cut" not in result and time.monotonic() < deadline:
+            trace_started = time.monotonic()
+            records = _replay(server.address, _subset(trace, len(trace.requests), rate), prompts, deadline)
+            for record in records:
+                record.isolated_s = isolated["ttft_s"] + max(0, len(record.token_times) - 1) * isolated["tpot_s"]
+            result.update(rate_rps=rate, trace=summarize(records, warmup_fraction=0.05),
+                          errors=sorted({r.error for r in records if r.error})[:3])
+            result["exact_lengths"] = sum(len(r.token_times) == t.output_tokens
+                                          for r, t in zip(records, trace.requests)) / len(records)
+        if "trace" not in result:
+            result.setdefault("cut", "the serving stage's deadline came before its trace ran")
+    try:  # the step log is complete once the server has stopped; a torn line must not cost the figures
+        result["steps"] = _step_stats(step_log, trace_started)
+        if kept_steps is not None and step_log.is_file():
+            from inlaid.scheduling.step_log import read_step_log
+
+            # One file for every system (a device call brings back few files): gzip members appended.
+            with gzip.open(kept_steps, "at") as kept:
+                for step in read_step_log(step_log):
+                    kept.write(json.dumps({"system": system.label, **step}) + "\n")
+    except (OSError, ValueError) as error:
+        result["steps"] = {"error": f"{type(error).__name__}: {error}"[:300]}
     result["wall_s"] = round(time.monotonic() - started, 1)
     return result
 
@@ -373,8 +254,11 @@ def serving(device: Device) -> dict[str, Any]:
 def _one_line(result: dict) -> str:
     if "failed" in result:
         return "FAILED " + result["failed"].splitlines()[0]
-    trace = result.get("trace", {})
-    return (f"burst {result['burst']['throughput_tokens_s']:.0f} tok/s; trace mean latency "
+    burst = result.get("burst", {}).get("throughput_tokens_s", float("nan"))
+    if "trace" not in result:
+        return f"CUT ({result.get('cut', '?')}); burst {burst:.0f} tok/s"
+    trace = result["trace"]
+    return (f"burst {burst:.0f} tok/s; trace mean latency "
             f"{trace.get('latency_s', {}).get('mean', float('nan')):.3f} s, p99 TTFT "
             f"{trace.get('ttft_s', {}).get('p99', float('nan')):.3f} s, {trace.get('failed', '?')} failed")
 
@@ -395,9 +279,14 @@ def markdown_section(data: dict) -> list[str]:
         if "failed" in r:
             lines.append(f"| {r['system']} | failed: {r['failed'].splitlines()[0][:120]} |||||||| |")
             continue
+        if "trace" not in r:
+            burst = r.get("burst", {}).get("throughput_tokens_s", float("nan"))
+            lines.append(f"| {r['system']} | {burst:.0f} | cut: {r.get('cut', '?')[:120]} |||||| |")
+            continue
         t = r["trace"]
         tpot = "- (no streaming)" if r["system"] == "hf-peft" else f"{t['tpot_s']['mean'] * 1e3:.2f}"
-        lines.append(f"| {r['system']} | {r['burst']['throughput_tokens_s']:.0f} | {t['latency_s']['mean']:.3f} | "
+        lines.append(f"| {r['system']} | {r.get('burst', {}).get('throughput_tokens_s', float('nan')):.0f} | "
+                     f"{t['latency_s']['mean']:.3f} | "
                      f"{t['latency_s']['p99']:.3f} | {t['ttft_s']['p99']:.3f} | {tpot} | "
                      f"{t['slo_attainment'].get('5x', float('nan')):.0%} | "
                      f"{r['steps'].get('mean_step_ms', float('nan')):.2f} | {t['failed']} |")

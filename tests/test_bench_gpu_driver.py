@@ -21,8 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import gpu_serving  # noqa: E402
+import gpu_serving_inputs  # noqa: E402
 import gpu_suite  # noqa: E402
 from gpu_kernels import Device  # noqa: E402
+
+
+HINT = "GPU_CALL_S=<device seconds left - 15> GPU_SUITE_STAGES={} bash bench/gpu.sh"
 
 
 def _device(dry_run: bool, out_dir: Path | None = None) -> Device:
@@ -52,9 +56,44 @@ def test_an_interrupted_stage_keeps_what_it_saved_and_names_what_is_left(monkeyp
     assert stages["gemm"]["status"] == "skipped" and not ran
     # The report was written while the stage ran (its partial data), not only after it.
     assert {"environment": "ok", "sgmv_checks": "running"} in written
-    assert gpu_suite.rerun_hint(report) == "GPU_SUITE_STAGES=sgmv_checks,gemm bash bench/gpu.sh"
+    assert gpu_suite.rerun_hint(report) == HINT.format("sgmv_checks,gemm")
     text = gpu_suite.markdown(report)
     assert "GPU_SUITE_STAGES=sgmv_checks,gemm" in text and "| sgmv_checks | the first |" in text
+    # A stage left `running` (the process killed after its partial save) is named too.
+    report["stages"]["sgmv_checks"]["status"] = "running"
+    del report["stages"]["sgmv_checks"]["reason"]
+    assert gpu_suite.rerun_hint(report) == HINT.format("sgmv_checks,gemm")
+
+
+def test_a_second_interrupt_between_stages_still_leaves_a_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/gpu.sh's timeout signals the process group too: Python got SIGINT twice, and a
+    KeyboardInterrupt outside a stage escaped without a report. The first ends the stage, the
+    rest are ignored; one between stages (a report's write) starts no other stage."""
+    import signal
+
+    def environment(device, report):  # noqa: ANN001, ANN202
+        return {"device": "test"}
+
+    def twice(device, report):  # noqa: ANN001, ANN202
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # the handler raises here
+        return {}
+
+    ran = []
+    monkeypatch.setattr(gpu_suite, "STAGES", [("environment", environment), ("sgmv", twice),
+                                              ("gemm", lambda device, report: ran.append("gemm") or {})])
+    writes = []
+
+    def after_stage(report: dict) -> None:  # the second SIGINT lands in the report's write
+        writes.append(1)
+        if len(writes) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+
+    report = gpu_suite.run_stages(_device(dry_run=True), 100.0, after_stage=after_stage)
+    assert report["stages"]["sgmv"]["status"] == "failed" and not ran
+    assert report["stages"]["gemm"]["reason"].startswith("interrupted before it started")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 def test_on_a_gpu_a_stage_that_would_not_fit_is_not_started(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,7 +108,7 @@ def test_on_a_gpu_a_stage_that_would_not_fit_is_not_started(monkeypatch: pytest.
     report = gpu_suite.run_stages(_device(dry_run=False), 100.0)
     assert ran == ["environment", "gemm", "sgmv"]
     assert report["stages"]["serving"]["reason"].startswith("would not end within the budget")
-    assert gpu_suite.rerun_hint(report) == "GPU_SUITE_STAGES=serving bash bench/gpu.sh"
+    assert gpu_suite.rerun_hint(report) == HINT.format("serving")
     # A dry run's stages are tiny: only the budget's end counts there.
     ran.clear()
     gpu_suite.run_stages(_device(dry_run=True), 100.0)
@@ -82,18 +121,30 @@ def test_missing_needs_are_named_before_anything_runs(tmp_path: Path) -> None:
 
     problems = gpu_suite.preflight(["gemm", "decode", "serving"], has_module=lacking("zmq", "msgspec"),
                                    tokenizer=lambda: None)
-    assert problems == ["decode needs msgspec: not importable here", "serving needs msgspec, zmq: not importable here",
-                        "serving needs the default model's tokenizer: not in .gpu_carry/tokenizer"]
+    assert problems == {"decode": "msgspec not importable here", "serving": "msgspec, zmq not importable here; "
+                        "the default model's tokenizer (.gpu_carry/tokenizer)"}
     # The kernel stages need neither; e2e_replay is skipped by design where the model is missing.
     assert gpu_suite.preflight(["gemm", "sgmv", "e2e_replay"], has_module=lacking("zmq", "msgspec"),
-                               tokenizer=lambda: None) == []
-    assert gpu_suite.preflight(["serving"], has_module=lacking(), tokenizer=lambda: tmp_path) == []
+                               tokenizer=lambda: None) == {}
+    assert gpu_suite.preflight(["serving"], has_module=lacking(), tokenizer=lambda: tmp_path) == {}
+
+
+def test_stages_lacking_their_needs_are_skipped_and_the_rest_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refusal of the whole suite would have lost a lease's only call for want of a wheel:
+    the kernel stages still run, the others say what they lack (the suite then exits 2)."""
+    ran = []
+    monkeypatch.setattr(gpu_suite, "STAGES", [(name, lambda device, report, name=name: ran.append(name) or {})
+                                              for name in ("environment", "serving", "gemm")])
+    report = gpu_suite.run_stages(_device(dry_run=True), 100.0, skip={"serving": "msgspec not importable here"})
+    assert ran == ["environment", "gemm"]
+    assert report["stages"]["serving"]["reason"].startswith("lacks msgspec not importable here")
+    assert gpu_suite.rerun_hint(report) == ""  # not a matter of time
 
 
 def test_serving_skips_systems_past_its_deadline_and_saves_each(tmp_path: Path) -> None:
     """The preparation runs, then no system has the 30 s it needs before the suite's deadline:
     each is recorded as skipped, and the report is saved after each."""
-    if gpu_serving.tokenizer_dir() is None:
+    if gpu_serving_inputs.tokenizer_dir() is None:
         pytest.skip("no tokenizer: the default model is set up by `make test`")
     device = _device(dry_run=True, out_dir=tmp_path)
     saved = []
@@ -108,17 +159,17 @@ def test_serving_skips_systems_past_its_deadline_and_saves_each(tmp_path: Path) 
 def test_a_replay_is_stopped_at_the_deadline(tmp_path: Path) -> None:
     """A replay that cannot end by its deadline is stopped there: the requests not finished
     fail with the reason, the call returns soon after the deadline, the server still serves."""
-    if gpu_serving.tokenizer_dir() is None:
+    if gpu_serving_inputs.tokenizer_dir() is None:
         pytest.skip("no tokenizer: the default model is set up by `make test`")
     from inlaid.serve.launcher import ServerProcess
 
-    settings = gpu_serving.DRY_RUN
-    model_dir = gpu_serving.build_model(settings, gpu_serving.tokenizer_dir(), tmp_path / "model")
-    adapters = gpu_serving.build_adapters(settings, model_dir, tmp_path / "adapters")
-    trace, _ = gpu_serving.make_trace(settings, adapters)
+    settings = gpu_serving_inputs.DRY_RUN
+    model_dir = gpu_serving_inputs.build_model(settings, gpu_serving_inputs.tokenizer_dir(), tmp_path / "model")
+    adapters = gpu_serving_inputs.build_adapters(settings, model_dir, tmp_path / "adapters")
+    trace, _ = gpu_serving_inputs.make_trace(settings, adapters)
     # 16 requests of 1,900 tokens each, 8 rows a step: thousands of steps, far past 2 s.
     long = [replace(r, arrival_s=0.0, output_tokens=1900, max_tokens=1900) for r in trace.requests[:16]]
-    long_trace = gpu_serving._with_requests(trace, long)
+    long_trace = gpu_serving_inputs.with_requests(trace, long)
     prompts = {r.source: [100 + i for i in range(8)] for r in long}
     config = gpu_serving.server_config(gpu_serving.System("fifo"), settings, model_dir, tmp_path / "none", adapters,
                                        tmp_path / "steps.jsonl")
@@ -132,7 +183,7 @@ def test_a_replay_is_stopped_at_the_deadline(tmp_path: Path) -> None:
         assert took < 20.0, took
         cut = [r for r in records if r.error]
         assert cut and all("the serving stage's deadline" in r.error for r in cut)
-        again = gpu_serving._replay(server.address, gpu_serving._with_requests(trace, [replace(long[0], max_tokens=2)]),
+        again = gpu_serving._replay(server.address, gpu_serving_inputs.with_requests(trace, [replace(long[0], max_tokens=2)]),
                                     prompts, deadline=time.monotonic() + 60.0)
         assert not again[0].error and len(again[0].token_ids) == 2
 
@@ -166,3 +217,40 @@ def test_adapters_leave_the_index_for_a_device_call_and_come_back(tmp_path: Path
     assert subprocess.run(git + ["status", "--porcelain", "--untracked-files=all", "adapters"], capture_output=True,
                           text=True, check=True).stdout == ""
     assert "adapter" not in (clone / ".git" / "info" / "exclude").read_text()
+
+
+def test_a_system_cut_by_the_deadline_keeps_what_it_measured(tmp_path: Path) -> None:
+    """Requests far longer than the stage's time: the phase the deadline falls in is stopped,
+    the later ones are not started, and the system keeps its figures so far (a cut isolated
+    request raised, and a burst cut to nothing made a rate of 0: the whole system was lost),
+    which the report renders; the server stops soon after the deadline."""
+    if gpu_serving_inputs.tokenizer_dir() is None:
+        pytest.skip("no tokenizer: the default model is set up by `make test`")
+    # 40 requests of 1,900 tokens at 8 rows a step: ~10,000 steps, far past the 20 s given
+    settings = replace(gpu_serving_inputs.DRY_RUN, max_output_tokens=1900, trace_requests=40, burst_requests=40)
+    model_dir = gpu_serving_inputs.build_model(settings, gpu_serving_inputs.tokenizer_dir(), tmp_path / "model")
+    adapters = gpu_serving_inputs.build_adapters(settings, model_dir, tmp_path / "adapters")
+    trace, _ = gpu_serving_inputs.make_trace(settings, adapters)
+    trace = gpu_serving_inputs.with_requests(trace, [replace(r, output_tokens=1900, max_tokens=1900) for r in trace.requests])
+    inputs = {"model_dir": model_dir, "quantized_dir": gpu_serving_inputs.quantize(settings, model_dir, tmp_path / "q"),
+              "adapters": adapters, "trace": trace, "prompts": {r.source: [100 + i for i in range(8)]
+                                                                for r in trace.requests}}
+    (tmp_path / "work").mkdir()
+    deadline = time.monotonic() + 20.0
+    result = gpu_serving.run_system(gpu_serving.SYSTEMS[0], settings, inputs, tmp_path / "work", None, None, deadline,
+                                    tmp_path / "steps.jsonl.gz")
+    assert "failed" not in result, result
+    assert time.monotonic() < deadline + 25.0  # stopped at the deadline (+ the server's stop), not at the trace's end
+    cut_trace = "trace" in result and result["trace"]["failed"] > 0
+    assert "cut" in result or cut_trace, result
+    assert "trace" not in result or any("deadline" in error for error in result["errors"]), result
+    # Cut in its warm-up or its isolated requests (1,900 tokens): the first system raised there.
+    (tmp_path / "work2").mkdir()
+    early = gpu_serving.run_system(gpu_serving.SYSTEMS[0], settings, inputs, tmp_path / "work2", None, None,
+                                   time.monotonic() + 6.0)
+    assert "failed" not in early and "trace" not in early and "start_s" in early, early
+    for cut in (result, early):
+        line = gpu_serving._one_line(cut)
+        table = gpu_serving.markdown_section({"settings": settings.__dict__, "rate_rps": cut.get("rate_rps"),
+                                              "isolated": cut.get("isolated"), "systems": [cut]})
+        assert line and table[-1].startswith(f"| {cut['system']} |")
