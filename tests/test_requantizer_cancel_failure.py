@@ -106,3 +106,15 @@ def test_damaged_adapter_weights_are_named_in_the_jobs_reason(channel, monkeypat
                                      "since the task was added (Error while deserializing header"), finished.error
     (failed,) = [r for r in caplog.records if r.levelno == logging.ERROR and r.getMessage() == "job failed"]
     assert not hasattr(failed, "trace")
+    # The same error from another file (a damaged Hessian state, a layer's file) with the adapter
+    # intact: not blamed on the adapter (a review), its own text kept.
+    import shutil
+
+    intact = tmp_path / "intact"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "adapters" / "qa", intact)
+    monkeypatch.setattr(inlaid.quant.incremental, "IncrementalQuantizer", _failing_quantizer(open_damaged))
+    import msgspec
+
+    run_job(requantizer, msgspec.structs.replace(_job(tmp_path), adapter_dir=str(intact)))
+    other = receive()
+    assert not other.ok and other.error.startswith("SafetensorError: Error while deserializing header"), other.error

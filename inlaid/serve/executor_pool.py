@@ -85,12 +85,19 @@ class ExecutorShard:
     moved_in: int = 0  # requests moved here from another executor
     admissions: int = 0  # adapter rows admitted (a chunk from position 0)
     affinity_hits: int = 0  # of those, with their adapter already in a slot
-    adapter_failures: dict[str, float] = field(default_factory=dict)  # task -> when its load failed here (monotonic)
+    # task -> (when its adapter failed to load here (monotonic), the directory it was registered with)
+    adapter_failures: dict[str, tuple[float, str | None]] = field(default_factory=dict)
+
+    def adapter_failed(self, task: str) -> None:
+        self.adapter_failures[task] = (time.monotonic(), self.engine.scheduler.adapters.paths.get(task))
 
     def failed_tasks(self, now: float) -> frozenset[str]:
-        """Tasks whose adapter failed to load here in the last ADAPTER_FAILURE_MEMORY_S:
-        placement sends their work elsewhere while it can (placement.py)."""
-        for task in [t for t, at in self.adapter_failures.items() if now - at > ADAPTER_FAILURE_MEMORY_S]:
+        """Tasks whose adapter failed to load here in the last ADAPTER_FAILURE_MEMORY_S, from
+        the directory still registered: placement sends their work elsewhere while it can
+        (placement.py). A task removed, or added again from other files, is forgotten at once."""
+        paths = self.engine.scheduler.adapters.paths
+        for task in [t for t, (at, path) in self.adapter_failures.items()
+                     if now - at > ADAPTER_FAILURE_MEMORY_S or paths.get(t) != path]:
             del self.adapter_failures[task]
         return frozenset(self.adapter_failures)
 

@@ -338,7 +338,7 @@ class InFlight:
         self.error(request.identity, request.request_id, code, message)
         # an adapter that cannot be loaded fails all of its task's requests: the operator's to mend
         if code == ErrorCode.ADAPTER_FAILED and request.task is not None:  # placement avoids it there a while
-            self.pool.shards[request.executor].adapter_failures[request.task] = time.monotonic()
+            self.pool.shards[request.executor].adapter_failed(request.task)
         (log.warning if code == ErrorCode.ADAPTER_FAILED else log.info)(
             "request failed", extra={"request_id": request.request_id, "task": request.task, "code": code,
                                      "reason": message})

@@ -239,6 +239,19 @@ def _save_layer(tensors: dict[str, torch.Tensor], directory: str, layer: int, ve
     return str(path)
 
 
+def _unreadable_safetensors(path: Path) -> bool:
+    """Whether `path`'s safetensors header cannot be read (each tensor's too)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                handle.get_slice(key)
+    except (SafetensorError, OSError):
+        return True
+    return False
+
+
 def run_job(channel: _Channel, job: RequantizeJob) -> None:
     """Raises _Stop when cancelled or told to exit mid-way; reports every other ending."""
     from inlaid.quant.calibration import CalibrationTask
@@ -302,9 +315,12 @@ def run_job(channel: _Channel, job: RequantizeJob) -> None:
         log.error("job failed", extra={"job_id": job.job_id, "error": repr(error),
                                        **({} if named else {"trace": traceback.format_exc(limit=8)})})
         reason = f"{type(error).__name__}: {error}"
-        if isinstance(error, SafetensorError):  # the raw text named no file (an outside probe)
-            reason = (f"the task's adapter weights ({Path(job.adapter_dir) / 'adapter_model.safetensors'}) cannot be "
-                      f"read, damaged or changed since the task was added ({error})")
+        weights = Path(job.adapter_dir) / "adapter_model.safetensors"
+        # The raw text names no file (an outside probe); the adapter is named only when it is the
+        # file that fails (the Hessian state, a layer's file or the base raise the same error).
+        if isinstance(error, SafetensorError) and _unreadable_safetensors(weights):
+            reason = f"the task's adapter weights ({weights}) cannot be read, damaged or changed since the task " \
+                     f"was added ({error})"
         channel.send(JobFinished(job_id=job.job_id, ok=False, error=reason[:2000], peak_rss_bytes=_peak_rss_bytes()))
         return
     paced = {"paced_busy": pacer.busy_intervals, "paced_idle": pacer.idle_intervals} if pacer is not None else {}
