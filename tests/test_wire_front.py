@@ -21,7 +21,7 @@ from inlaid.protocol import (
     ServerReply,
 )
 from inlaid.serve.launcher import ServerProcess
-from serving_helpers import rss_bytes, server_config
+from serving_helpers import rss_bytes, server_config, until
 
 ADMIN_TOKEN = "wire-front-admin-token-0123456789"
 MAX_PENDING = 64  # the server's unread-replies limit is then its floor, 1,000 replies
@@ -50,6 +50,10 @@ def _dealer(context: zmq.Context, address: str, **options: int) -> zmq.Socket:
 
 def _encode(message: msgspec.Struct) -> bytes:
     return msgspec.msgpack.encode(message)
+
+
+async def _running_at_least(client: AsyncClient, count: int) -> bool:
+    return (await client.stats()).requests_running >= count
 
 
 def test_claimed_routing_ids_cannot_crash_the_server_for_anonymous_clients(server):
@@ -140,7 +144,7 @@ def test_a_frame_flood_does_not_stall_another_clients_stream(server):
 
 def test_a_client_that_never_reads_is_cut_off_and_its_requests_abandoned(server):
     """A peer with a one-message receive queue that never reads, holding 4 long requests,
-    then asking 1,500 metrics (~20 KB each): past 1,000 unread replies its connection is
+    then asking metrics (~20 KB each) in waves: past 1,000 unread replies its connection is
     treated as gone: its requests are cancelled and counted abandoned, a WARNING names it,
     and its later frames are dropped, while the coordinator's memory stays bounded and
     other clients are served. Before, replies piled up to 100,000 per connection (~470 MiB
@@ -155,12 +159,18 @@ def test_a_client_that_never_reads_is_cut_off_and_its_requests_abandoned(server)
             rss_before = rss_bytes(server.pid)
             for index in range(4):
                 reader_less.send(_encode(Generate(request_id=f"g{index}", prompt="Hi", sampling=sampling)))
-            for index in range(1500):
-                reader_less.send(_encode(GetMetrics(request_id=f"m{index}")))
-            deadline = time.monotonic() + 90
+            # All four running before the flood: past a connection's 1,000 waiting frames the rest are
+            # refused at once (front_inbox.py), and those refusals may cut it off sooner.
+            await until(lambda: _running_at_least(client, before.requests_running + 4), timeout_s=60)
+            # Metrics in waves of 300 (each answer ~20 KB), until its unread replies pass 1,000: one wave
+            # of 1,500 no longer does it, its frames past 1,000 waiting being refused with small answers.
+            deadline, sent = time.monotonic() + 90, 0
             while (after := await client.stats()).requests_abandoned < before.requests_abandoned + 4:
                 assert time.monotonic() < deadline, "the reader-less client's requests were never abandoned"
-                await asyncio.sleep(0.2)
+                for index in range(sent, sent + 300):
+                    reader_less.send(_encode(GetMetrics(request_id=f"m{index}")))
+                sent += 300
+                await asyncio.sleep(0.3)
             other = await client.generate("Hello", max_tokens=4)
             return before, after, other, rss_bytes(server.pid) - rss_before
 

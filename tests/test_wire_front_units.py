@@ -215,3 +215,23 @@ def test_a_malformed_frame_names_its_field_in_the_reply_not_only_in_the_message(
     assert long_name is not None and long_name.startswith("zzz") and len(long_name) < 200
     missing = decode_client_frames([msgspec.msgpack.encode({"type": "generate", "prompt": "Hi"})], 1 << 20)
     assert missing.field == "request_id"
+
+
+def test_the_front_inbox_bounds_each_connection_and_takes_them_in_turn() -> None:
+    """The ROUTER reads without limit (RCVHWM 0: a paused read could abort libzmq 4.3.5), so the
+    bound per connection is the inbox's; frames are handled one connection after another."""
+    from inlaid.serve.front_inbox import FrontInbox
+
+    async def scenario() -> None:
+        inbox = FrontInbox(None, 3, on_read=lambda frame: None, dropped=lambda identity: False,  # type: ignore[arg-type]
+                           handle=lambda identity, body: None, refuse=lambda identity, body: None,
+                           refuse_dropped=lambda: None)
+        assert [inbox.put(b"a", [b"a%d" % i]) for i in range(5)] == [True, True, True, False, False]
+        assert inbox.put(b"b", [b"b0"]) and inbox.put(b"c", [b"c0"]) and inbox.waiting()
+        taken = [inbox.take() for _ in range(3)]
+        assert taken == [(b"a", [b"a0"]), (b"b", [b"b0"]), (b"c", [b"c0"])]  # a flood does not go first for long
+        assert inbox.put(b"a", [b"a3"])  # room again
+        inbox.forget(b"a")  # a peer reported gone: what it left is not handled
+        assert inbox.take() is None and not inbox.waiting()
+
+    asyncio.run(scenario())

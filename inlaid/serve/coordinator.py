@@ -41,12 +41,13 @@ from inlaid.serve.config import ServerConfig, base_model_id
 from inlaid.serve.dynamic_tasks import DynamicTasks
 from inlaid.serve.executor_errors import ExecutorBindError
 from inlaid.serve.executor_pool import ExecutorPool, ExecutorShard
-from inlaid.serve.frames import decode_client_frames
+from inlaid.serve.frames import decode_client_frames, readable_request_id
+from inlaid.serve.front_inbox import FrontInbox
 from inlaid.serve.in_flight import InFlight
 from inlaid.serve.info_calls import INFO_CALLS, SERVER_VERSION, InfoCalls
 from inlaid.serve.ipc_dirs import private_ipc_dir
 from inlaid.serve.shutdown_signals import ShutdownSignals
-from inlaid.serve.metrics import REPLIES_UNREAD, ServerMetrics
+from inlaid.serve.metrics import FRAMES_QUEUED, REPLIES_UNREAD, ServerMetrics
 from inlaid.serve.peers import FrontReplies, PeerWatch, front_socket
 from inlaid.serve.requantizer_status import requantizer_metrics
 from inlaid.serve.retuning import LiveRetuning, StartupTuning, TuneOptions
@@ -60,9 +61,9 @@ log = logging.getLogger("inlaid.coordinator")
 # After the grace period: the executor's stop timeout (10 s) plus closing the sockets.
 _SHUTDOWN_WATCHDOG_MARGIN_S = 20.0
 _REBALANCE_INTERVAL_S = 0.1  # several executors: look for stranded waiting work this often
-# A backlog of frames never suspends the front loop (pyzmq's recv returns at once while a
-# frame waits): past this much time handling frames it yields, so the step loops stream on.
-_FRONT_YIELD_AFTER_S = 0.005
+# Frames a connection may have waiting to be handled (front_inbox.py): ZeroMQ's own default
+# receive limit, or the server's whole pending capacity if that is more.
+_MIN_FRAMES_QUEUED = 1000
 # A client's disconnect is acted on this long after it is seen, once no frame waits: the
 # frames it sent before closing (a Cancel) are read first (peers.py).
 _CLIENT_GONE_SETTLE_S = 0.05
@@ -95,6 +96,7 @@ class Coordinator:
         self._front: zmq.asyncio.Socket | None = None
         self._replies: FrontReplies | None = None
         self._clients: PeerWatch | None = None
+        self._inbox: FrontInbox | None = None
         self.retuning = LiveRetuning(retune_options, len(config.tasks),
                                      lambda: [engine.scheduler.policy for engine in self.pool.engines]
                                      ) if retune_options is not None else None
@@ -131,7 +133,12 @@ class Coordinator:
                                        f"cannot listen on server.address {self.config.address}: {error}")
         self._front = front
         self._replies = FrontReplies(front, self.in_flight.client_gone)
-        self._clients = PeerWatch(front, self._on_client_gone, settle_s=_CLIENT_GONE_SETTLE_S)
+        self._inbox = FrontInbox(front, max(_MIN_FRAMES_QUEUED, self.limits.max_pending_requests),
+                                 on_read=lambda frame: self._clients.saw(frame),  # type: ignore[union-attr]
+                                 dropped=self._replies.is_cut_off, handle=self._handle, refuse=self._refuse_queued,
+                                 refuse_dropped=lambda: self._count_refused(REPLIES_UNREAD))
+        self._clients = PeerWatch(front, self._on_client_gone, settle_s=_CLIENT_GONE_SETTLE_S,
+                                  backlog=self._inbox.waiting)
         for shard, address in zip(self.pool.shards, self._executor_addresses()):
             shard.supervisor = ExecutorSupervisor(
                 shard.engine.config, address, on_lost=functools.partial(self._on_executor_lost, shard),
@@ -151,7 +158,8 @@ class Coordinator:
             loop.add_signal_handler(signum, self.request_shutdown, signum)
         # The front runs from here: health says "starting" while the executors load and the
         # tuning runs; other requests are held until the server serves (startup_hold.py).
-        loops = [loop.create_task(self._front_loop()), loop.create_task(self._clients.run())]
+        loops = [loop.create_task(self._inbox.read_loop()), loop.create_task(self._inbox.handle_loop()),
+                 loop.create_task(self._clients.run())]
         for task in loops:
             task.add_done_callback(self._on_loop_ended)
         # Abandonable: SIGTERM while it tunes stops the server at once (StartupTuning).
@@ -323,36 +331,23 @@ class Coordinator:
         self.pool.rebalance(self.in_flight.by_engine_id)
 
     # ================================================================== front
-    async def _front_loop(self) -> None:
-        assert self._front is not None
-        assert self._clients is not None
-        assert self._replies is not None
-        yield_at = time.monotonic() + _FRONT_YIELD_AFTER_S
-        while True:
-            try:
-                frames = await self._front.recv_multipart(copy=False)
-            except zmq.ZMQError as error:
-                log.error("front socket receive failed", extra={"error": str(error)})
-                await asyncio.sleep(0.01)
-                continue
-            self._clients.saw(frames[0])
-            identity = frames[0].bytes
-            if self._replies.is_cut_off(identity):  # it left its replies unread just now
-                self._count_refused(REPLIES_UNREAD)
-            else:
-                self._handle(identity, [frame.bytes for frame in frames[1:]])
-            # An await on a waiting frame does not suspend: without this, 3,000 queued
-            # frames stalled every other client's stream for 11 s.
-            if (now := time.monotonic()) >= yield_at:
-                await asyncio.sleep(0)
-                yield_at = now + _FRONT_YIELD_AFTER_S
+    def _refuse_queued(self, identity: bytes, body: list[bytes]) -> None:
+        """A frame dropped: its connection has `per_connection` frames waiting (front_inbox.py)."""
+        self._count_refused(FRAMES_QUEUED)
+        request_id = readable_request_id(body[0]) if len(body) == 1 else ""
+        if request_id:  # its sender's wait ends; a frame naming none is dropped in silence
+            assert self._inbox is not None
+            self._send(identity, ErrorReply(request_id=request_id, code=ErrorCode.OVERLOADED, message=(
+                f"more than {self._inbox.per_connection} messages from this connection wait to be handled: "
+                "this one is dropped; send fewer at once")))
 
     def _send(self, identity: bytes, message: msgspec.Struct) -> None:
         assert self._replies is not None
         self._replies.send(identity, self._encoder.encode(message))
 
     def _on_client_gone(self, identity: bytes) -> None:
-        assert self._replies is not None
+        assert self._replies is not None and self._inbox is not None
+        self._inbox.forget(identity)
         self._replies.forget(identity)
         self.startup.forget(identity)
         self.in_flight.client_gone(identity)

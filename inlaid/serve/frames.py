@@ -68,7 +68,7 @@ def decode_client_frames(body: list[bytes], max_frame_bytes: int) -> ClientReque
     if len(payload) > max_frame_bytes:
         # Still name the request if we can, so the sender's wait ends: reading one field is
         # cheap next to what the limit guards (tokenizing, queueing).
-        return ErrorReply(request_id=_readable_request_id(payload), code=ErrorCode.FRAME_TOO_LARGE,
+        return ErrorReply(request_id=readable_request_id(payload), code=ErrorCode.FRAME_TOO_LARGE,
                           message=f"frame of {len(payload)} bytes; the limit is {max_frame_bytes}")
     try:
         message = _decoder.decode(payload)
@@ -123,7 +123,7 @@ def _field_at_fault(decoder_message: str) -> str | None:
     return path or None
 
 
-def _readable_request_id(payload: bytes) -> str:
+def readable_request_id(payload: bytes) -> str:
     """The frame's request_id when that field alone decodes (and is not past the limit), else ""."""
     try:
         return reply_id(_read_head(payload)[1])

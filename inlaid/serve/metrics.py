@@ -56,8 +56,9 @@ COMPLETED = frozenset({"stop", "length", "context"})
 # inlaid_frames_refused's reasons: the codes a frame is refused with before it becomes a
 # request, and frames dropped from a connection cut off for leaving its replies unread.
 REPLIES_UNREAD = "replies_unread"
+FRAMES_QUEUED = "frames_queued"  # a connection with too many frames waiting to be handled (front_inbox.py)
 FRAME_REFUSAL_REASONS = (ErrorCode.MALFORMED, ErrorCode.FRAME_TOO_LARGE, ErrorCode.UNKNOWN_MESSAGE,
-                         ErrorCode.PROTOCOL_VERSION, ErrorCode.UNAUTHORIZED, REPLIES_UNREAD)
+                         ErrorCode.PROTOCOL_VERSION, ErrorCode.UNAUTHORIZED, REPLIES_UNREAD, FRAMES_QUEUED)
 
 # Bucket bounds span CPU serving (seconds per token) and GPU serving (milliseconds).
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)

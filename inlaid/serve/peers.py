@@ -53,6 +53,11 @@ _HARD_FRAME_FACTOR = 16
 _CLIENT_KEEPALIVE_IDLE_S = 30
 _CLIENT_KEEPALIVE_INTERVAL_S = 10
 _CLIENT_KEEPALIVE_PROBES = 3
+# Keepalive probes only run on an idle connection: a client host that vanished while the server
+# streamed to it was found by TCP's retransmission timeout only (~15 min, requests computed for
+# nobody). TCP_USER_TIMEOUT (ZMQ_TCP_MAXRT) drops it after this long without an acknowledgement;
+# on Linux it also bounds zero-window probing: a client reading nothing for this long is dropped.
+_CLIENT_UNACKED_LIMIT_MS = 180_000
 # The longest a disconnected peer's report waits for the frames queued before it (PeerWatch)
 _SETTLE_BOUND_S = 2.0
 # Replies a connection may leave unread in the coordinator (ZeroMQ's SNDHWM, per connection)
@@ -75,10 +80,14 @@ def front_socket(max_frame_bytes: int, max_pending_requests: int) -> zmq.asyncio
     front.setsockopt(zmq.SNDHWM, max(_MIN_UNREAD_REPLIES, _UNREAD_REPLIES_PER_PENDING_REQUEST * max_pending_requests))
     front.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full queue raises (FrontReplies), never drops in silence
     front.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes * _HARD_FRAME_FACTOR)
+    # No receive limit: a connection whose reading paused at it could abort the process (libzmq
+    # 4.3.5, front_inbox.py); the bound per connection is the FrontInbox's.
+    front.setsockopt(zmq.RCVHWM, 0)
     front.setsockopt(zmq.TCP_KEEPALIVE, 1)
     front.setsockopt(zmq.TCP_KEEPALIVE_IDLE, _CLIENT_KEEPALIVE_IDLE_S)
     front.setsockopt(zmq.TCP_KEEPALIVE_INTVL, _CLIENT_KEEPALIVE_INTERVAL_S)
     front.setsockopt(zmq.TCP_KEEPALIVE_CNT, _CLIENT_KEEPALIVE_PROBES)
+    front.setsockopt(zmq.TCP_MAXRT, _CLIENT_UNACKED_LIMIT_MS)
     return front
 
 
@@ -160,8 +169,10 @@ def _consume_exception(future: asyncio.Future[object]) -> None:
 
 
 class PeerWatch:
-    def __init__(self, socket: zmq.asyncio.Socket, on_gone: Callable[[bytes], None], settle_s: float = 0.0) -> None:
+    def __init__(self, socket: zmq.asyncio.Socket, on_gone: Callable[[bytes], None], settle_s: float = 0.0,
+                 backlog: Callable[[], bool] = lambda: False) -> None:
         self._socket = socket
+        self._backlog = backlog  # whether frames read off the socket still wait to be handled (FrontInbox)
         self._on_gone = on_gone
         self._settle_s = settle_s  # how long after its disconnect an anonymous peer is reported gone
         self._monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -223,7 +234,8 @@ class PeerWatch:
         """Report the peer gone once no frame waits on the socket (any may be its last), or at
         `until`: a front busy with other clients' frames still hears of it."""
         try:
-            waiting = bool(self._socket.get(zmq.EVENTS) & zmq.POLLIN)  # pyzmq's asyncio get re-arms its reader
+            # pyzmq's asyncio get re-arms its reader
+            waiting = bool(self._socket.get(zmq.EVENTS) & zmq.POLLIN) or self._backlog()
         except zmq.ZMQError:  # closed: shutting down
             waiting = False
         if waiting and time.monotonic() < until:
