@@ -36,6 +36,11 @@ case "${1:-}" in
   *) echo "usage: bench/gpu.sh [--dry-run | --fetch-wheels | --untrack-adapters | --retrack-adapters]" >&2; exit 2 ;;
 esac
 
+if ! [[ "${GPU_CALL_S:-590}" =~ ^[0-9]+$ ]] || [ "${GPU_CALL_S:-590}" -lt 60 ]; then
+  # Checked before the build: a bad value used to fail after it, or skip every stage with exit 0.
+  echo "bench/gpu.sh: GPU_CALL_S must be a whole number of seconds, at least 60 (got '${GPU_CALL_S:-}')" >&2
+  exit 2
+fi
 ADAPTER_WEIGHTS='adapters/*/adapter_model.safetensors'  # a gitignore pattern: '*' stops at '/'
 ADAPTER_PATHSPEC=":(glob)$ADAPTER_WEIGHTS"                  # the same in git's pathspec (plain '*' crosses '/')
 EXCLUDE_MARK="# bench/gpu.sh --untrack-adapters (--retrack-adapters removes these two lines)"

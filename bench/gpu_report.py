@@ -8,10 +8,10 @@ from pathlib import Path
 
 def rerun_hint(report: dict) -> str:
     """The stages a second call should run: those skipped for time, cut by an interrupt, or
-    left `running` (the process killed). Its GPU_CALL_S is the lease's device time left (the
+    left `running` or `pending` (the process killed). Its GPU_CALL_S is the lease's device time left (the
     device tool's `status`), less 15 s: the default 590 would outlast it."""
     left = [name for name, entry in report["stages"].items()
-            if entry["status"] == "running" or entry.get("reason", "").startswith(
+            if entry["status"] in ("running", "pending") or entry.get("reason", "").startswith(
                 ("time budget", "would not end", "interrupted"))]
     return (f"GPU_CALL_S=<device seconds left - 15> GPU_SUITE_STAGES={','.join(left)} bash bench/gpu.sh"
             if left else "")

@@ -65,6 +65,9 @@ VERSIONED = {"transformers": "transformers", "peft": "peft", "msgspec": "msgspec
 # plus its preparation): on a GPU a stage that would not end within the budget is not started.
 GPU_STAGE_SECONDS = {"environment": 5, "serving": 290, "gemm": 60, "sgmv_checks": 10, "sgmv": 10, "decode": 45,
                      "gemm_configs": 95, "step_costs": 70, "e2e_replay": 60}
+# Stages that stop at the deadline by themselves, keeping what they measured: started when this
+# much is left (serving: its preparation and one system; gemm_configs: one shape), not their whole time.
+GPU_STAGE_MIN_SECONDS = {"serving": 60, "gemm_configs": 40}
 
 
 def stage_environment(device, report: dict) -> dict:  # noqa: ANN001
@@ -170,7 +173,13 @@ def stage_e2e_replay(device, report: dict) -> dict:  # noqa: ANN001
 
     settings = replace(e2e.QUICK, systems=("hf-peft", "inlaid-4bit-inlaid"), rates=1, min_requests=3, requests=3,
                        calibration_requests=2, max_tokens=4, device="cpu" if device.dry_run else "cuda")
-    result = e2e.run(settings, Path(tempfile.mkdtemp(prefix="inlaid-gpu-e2e-")))
+    workdir = Path(tempfile.mkdtemp(prefix="inlaid-gpu-e2e-"))
+    try:
+        result = e2e.run(settings, workdir)
+    finally:  # each dry run (every `make test`) left one behind
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
     keep = ("tasks", "popularity", "rate", "system", "requests", "finished", "throughput_rps", "latency_s")
     return {"settings": result["settings"], "headline": result["headline"], "agreement": result["agreement"],
             "rows": [{k: row[k] for k in keep} for row in result["workloads"]], "servers": result["servers"]}
@@ -222,7 +231,10 @@ def run_stages(device, budget_s: float, after_stage: Callable[[dict], None] = la
     they lack (preflight)."""
     started = time.monotonic()
     device.deadline = started + budget_s
-    report: dict = {"dry_run": device.dry_run, "budget_s": budget_s, "stages": {}}
+    # Every stage listed from the start: a suite killed outright still names those it never reached.
+    report: dict = {"dry_run": device.dry_run, "budget_s": budget_s,
+                    "stages": {name: {"status": "pending"} for name, _ in STAGES}}
+    after_stage(report)
     # One interrupt ends the stage running; the next ones are ignored (bench/gpu.sh's timeout
     # signals the process group as well: a second KeyboardInterrupt escaped the report).
     previous_handler = signal.getsignal(signal.SIGINT)
@@ -251,8 +263,8 @@ def _run_each(device, budget_s: float, started: float, report: dict,  # noqa: AN
                                      interrupted)
         except KeyboardInterrupt:  # between stages (a print, a report's write): the rest is not started
             interrupted = "SIGINT: the call's time limit (bench/gpu.sh's timeout) or Ctrl-C"
-            report["stages"].setdefault(name, {"status": "failed", "seconds": 0.0,
-                                               "reason": f"interrupted ({interrupted})"})
+            if report["stages"][name]["status"] in ("pending", "running"):
+                report["stages"][name].update(status="failed", reason=f"interrupted ({interrupted})")
 
 
 def _one_stage(device, name: str, stage: Callable, budget_s: float, started: float, report: dict,  # noqa: ANN001
@@ -261,26 +273,28 @@ def _one_stage(device, name: str, stage: Callable, budget_s: float, started: flo
     """Runs (or skips) one stage into `report`; returns the interrupt's reason, if one came."""
     elapsed = time.monotonic() - started
     entry: dict = {"started_at_s": round(elapsed, 1)}
-    estimate = GPU_STAGE_SECONDS.get(name, 0) * _slower_than_h200(report)
+    if name == "serving":  # bounded by its own cap and the deadline, whatever the device
+        estimate = float(GPU_STAGE_MIN_SECONDS[name])
+    else:
+        estimate = GPU_STAGE_MIN_SECONDS.get(name, GPU_STAGE_SECONDS.get(name, 0)) * _slower_than_h200(report)
     if only is not None and name != "environment" and name not in only:
         entry.update(status="skipped", reason="not asked for (--stages)")
     elif name in skip:
-        entry.update(status="skipped",
-                     reason=f"lacks {skip[name]} (bench/gpu.sh --fetch-wheels; carry .whl, .gpu_carry)")
+        entry.update(status="skipped", reason=skip[name])
     elif interrupted:
         entry.update(status="skipped", reason=f"interrupted before it started ({interrupted})")
     elif elapsed > budget_s:
         entry.update(status="skipped", reason=f"time budget of {budget_s:.0f} s spent")
     elif not device.dry_run and elapsed + estimate > budget_s:
-        entry.update(status="skipped", reason=f"would not end within the budget: ~{estimate:.0f} s on this device "
-                                               f"({GPU_STAGE_SECONDS[name]} s on the H200), "
-                                               f"{budget_s - elapsed:.0f} s left")
+        entry.update(status="skipped", reason=f"would not end within the budget: needs ~{estimate:.0f} s on this "
+                                               f"device, {budget_s - elapsed:.0f} s left")
     elif name != "environment" and report["stages"]["environment"]["status"] != "ok":
         entry.update(status="skipped", reason="the environment stage failed")
     else:
         print(f"== {name}", flush=True)
         entry["status"] = "running"
         report["stages"][name] = entry
+        after_stage(report)  # a kill from here on leaves it named `running`
 
         def save_partial(data: dict) -> None:
             entry["data"] = data
@@ -290,9 +304,11 @@ def _one_stage(device, name: str, stage: Callable, budget_s: float, started: flo
         try:
             entry["data"] = stage(device, report)
             failed = _failed_checks(entry["data"])
-            entry["status"] = "failed" if failed else "ok"
+            entry["status"] = "failed" if failed else "partial" if entry["data"].get("cut") else "ok"
             if failed:
                 entry["reason"] = f"{len(failed)} checks failed"
+            elif entry["data"].get("cut"):  # it stopped at the deadline: a second call runs it whole
+                entry["reason"] = f"time budget: {entry['data']['cut']}"
         except _Skip as reason:
             entry.update(status="skipped", reason=str(reason))
         except KeyboardInterrupt:  # bench/gpu.sh's timeout: keep what this stage saved, start no other
@@ -367,13 +383,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown stages {sorted(unknown)}")
     problems = preflight([name for name, _ in STAGES if only is None or name in only])
     lacking = "".join(f"\n  {stage}: lacks {what}" for stage, what in problems.items())
+    skip = {stage: f"lacks {what} (bench/gpu.sh --fetch-wheels; carry .whl, .gpu_carry)"
+            for stage, what in problems.items()}
+    from inlaid.models.prepare import default_model_dir
+
+    if not (default_model_dir() / "config.json").is_file():  # by design on the GPU image: no exit code for it
+        skip["e2e_replay"] = f"no default model at {default_model_dir()} (the GPU image has none; by design)"
     if problems:  # said first and last; the other stages still run (a lease is not lost for it)
         print(f"bench/gpu_suite.py: stages skipped for what they lack:{lacking}\nRun `bench/gpu.sh --fetch-wheels` "
               "on a machine with PyPI and carry .whl and .gpu_carry (docs/benchmarks.md).", file=sys.stderr, flush=True)
     budget_s = args.budget_s
     if args.deadline_epoch is not None:  # bench/gpu.sh's clock: the call's start, not this process's
         budget_s = min(budget_s, args.deadline_epoch - time.time())
-    report = run_stages(device, budget_s, after_stage=write_reports, only=only, skip=problems)
+    report = run_stages(device, budget_s, after_stage=write_reports, only=only, skip=skip)
+    if threading.current_thread() is threading.main_thread():  # the report is written whole, then the plot
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     write_reports(report)
     plotted = plot(report, out / "gpu_suite.png")
     print(markdown(report))
@@ -383,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print(f"exit 2: stages skipped for what they lack:{lacking}", file=sys.stderr)
         return 2
+    if not any(entry["status"] in ("ok", "partial", "failed") for name, entry in report["stages"].items()
+               if name != "environment"):
+        print("exit 1: no stage ran (the budget: GPU_CALL_S or GPU_SUITE_BUDGET_S too short?)", file=sys.stderr)
+        return 1
     return 1 if any(entry["status"] == "failed" for entry in report["stages"].values()) else 0
 
 

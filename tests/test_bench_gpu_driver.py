@@ -55,7 +55,8 @@ def test_an_interrupted_stage_keeps_what_it_saved_and_names_what_is_left(monkeyp
     assert entry["data"] == saved  # the partial save is kept
     assert stages["gemm"]["status"] == "skipped" and not ran
     # The report was written while the stage ran (its partial data), not only after it.
-    assert {"environment": "ok", "sgmv_checks": "running"} in written
+    assert {"environment": "ok", "sgmv_checks": "running", "gemm": "pending"} in written
+    assert written[0] == {"environment": "pending", "sgmv_checks": "pending", "gemm": "pending"}  # named from the start
     assert gpu_suite.rerun_hint(report) == HINT.format("sgmv_checks,gemm")
     text = gpu_suite.markdown(report)
     assert "GPU_SUITE_STAGES=sgmv_checks,gemm" in text and "| sgmv_checks | the first |" in text
@@ -82,11 +83,9 @@ def test_a_second_interrupt_between_stages_still_leaves_a_report(monkeypatch: py
     ran = []
     monkeypatch.setattr(gpu_suite, "STAGES", [("environment", environment), ("sgmv", twice),
                                               ("gemm", lambda device, report: ran.append("gemm") or {})])
-    writes = []
-
-    def after_stage(report: dict) -> None:  # the second SIGINT lands in the report's write
-        writes.append(1)
-        if len(writes) == 2:
+    def after_stage(report: dict) -> None:  # the second SIGINT lands in the report's write after the stage
+        if report["stages"]["sgmv"]["status"] == "failed" and not report.get("second"):
+            report["second"] = True
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.1)
 
@@ -102,13 +101,20 @@ def test_on_a_gpu_a_stage_that_would_not_fit_is_not_started(monkeypatch: pytest.
     def stage(name: str):  # noqa: ANN202
         return lambda device, report: ran.append(name) or {}
 
-    names = ["environment", "serving", "gemm", "sgmv"]
+    names = ["environment", "serving", "gemm", "sgmv", "gemm_configs"]
     monkeypatch.setattr(gpu_suite, "STAGES", [(name, stage(name)) for name in names])
-    # 100 s: serving (~290 s on the H200) cannot end in it, gemm (~60) and sgmv (~10) can.
-    report = gpu_suite.run_stages(_device(dry_run=False), 100.0)
-    assert ran == ["environment", "gemm", "sgmv"]
+    # 50 s: serving needs its preparation and one system (60 s), gemm ~60 s on the H200; sgmv (~10)
+    # fits, and gemm_configs, which stops at the deadline itself, needs one shape (40 s) only.
+    report = gpu_suite.run_stages(_device(dry_run=False), 50.0)
+    assert ran == ["environment", "sgmv", "gemm_configs"]
     assert report["stages"]["serving"]["reason"].startswith("would not end within the budget")
-    assert gpu_suite.rerun_hint(report) == HINT.format("serving")
+    assert gpu_suite.rerun_hint(report) == HINT.format("serving,gemm")
+    # On another device than the H200 (an H100), the times are half as long again, serving's aside.
+    ran.clear()
+    h100 = ("environment", lambda device, report: ran.append("environment") or {"device": "NVIDIA H100 80GB HBM3"})
+    monkeypatch.setattr(gpu_suite, "STAGES", [h100] + [(name, stage(name)) for name in names[1:]])
+    gpu_suite.run_stages(_device(dry_run=False), 65.0)
+    assert ran == ["environment", "serving", "sgmv", "gemm_configs"]  # gemm: 90 s here (60 on an H200)
     # A dry run's stages are tiny: only the budget's end counts there.
     ran.clear()
     gpu_suite.run_stages(_device(dry_run=True), 100.0)
@@ -135,9 +141,9 @@ def test_stages_lacking_their_needs_are_skipped_and_the_rest_run(monkeypatch: py
     ran = []
     monkeypatch.setattr(gpu_suite, "STAGES", [(name, lambda device, report, name=name: ran.append(name) or {})
                                               for name in ("environment", "serving", "gemm")])
-    report = gpu_suite.run_stages(_device(dry_run=True), 100.0, skip={"serving": "msgspec not importable here"})
+    report = gpu_suite.run_stages(_device(dry_run=True), 100.0, skip={"serving": "lacks msgspec not importable here"})
     assert ran == ["environment", "gemm"]
-    assert report["stages"]["serving"]["reason"].startswith("lacks msgspec not importable here")
+    assert report["stages"]["serving"]["reason"] == "lacks msgspec not importable here"
     assert gpu_suite.rerun_hint(report) == ""  # not a matter of time
 
 
@@ -154,6 +160,7 @@ def test_serving_skips_systems_past_its_deadline_and_saves_each(tmp_path: Path) 
     assert [r["system"] for r in data["systems"]] == [s.label for s in gpu_serving.SYSTEMS]
     assert all(r["failed"].startswith("skipped: the serving stage's time was spent") for r in data["systems"])
     assert saved == [1, 2, 3, 4, 5] and data["rate_rps"] is None
+    assert data["cut"].startswith("inlaid-4bit-fifo, hf-peft, ")  # the stage reads `partial`, named for a 2nd call
 
 
 def test_a_replay_is_stopped_at_the_deadline(tmp_path: Path) -> None:
@@ -254,3 +261,13 @@ def test_a_system_cut_by_the_deadline_keeps_what_it_measured(tmp_path: Path) -> 
         table = gpu_serving.markdown_section({"settings": settings.__dict__, "rate_rps": cut.get("rate_rps"),
                                               "isolated": cut.get("isolated"), "systems": [cut]})
         assert line and table[-1].startswith(f"| {cut['system']} |")
+
+
+@pytest.mark.parametrize("call_s", ["abc", "100.5", "30"])
+def test_a_bad_call_time_is_refused_before_the_build(call_s: str, tmp_path: Path) -> None:
+    """GPU_CALL_S=100.5 failed after the build ('unbound variable'), 25 skipped every stage with
+    exit 0 (a review): refused at once, exit 2."""
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "GPU_CALL_S": call_s, "OUT": str(tmp_path / "out")})
+    assert done.returncode == 2 and "GPU_CALL_S must be a whole number of seconds, at least 60" in done.stderr
+    assert not (tmp_path / "out").exists()

@@ -42,8 +42,8 @@ def test_gpu_suite_dry_run(tmp_path: Path) -> None:
     assert {row["system"] for row in e2e["rows"]} == {"hf-peft", "inlaid-4bit-inlaid"}
     assert all(row["finished"] == row["requests"] == 3 for row in e2e["rows"])
     serving = stages["serving"]["data"]  # the servers on a random-weight model of the default's shape
-    assert [r["system"] for r in serving["systems"]] == ["inlaid-4bit-fifo", "inlaid-4bit-inlaid",
-                                                          "inlaid-4bit-inlaid-graphs", "hf-peft", "inlaid-4bit-mlfq"]
+    assert [r["system"] for r in serving["systems"]] == ["inlaid-4bit-fifo", "hf-peft", "inlaid-4bit-inlaid",
+                                                          "inlaid-4bit-inlaid-graphs", "inlaid-4bit-mlfq"]
     requests = serving["settings"]["trace_requests"]
     for result in serving["systems"]:
         assert "failed" not in result, result
