@@ -92,7 +92,7 @@ def test_a_flood_with_pings_then_reset_does_not_abort_the_server(server):
     """Raw clients flooding GetMetrics with a ZMTP PING every 10 frames, then resetting the
     connection (SO_LINGER 0): the ROUTER without heartbeats of its own still aborted, answering
     a PING it had read before the reset once its paused reading resumed (a review: 2 of 2).
-    Its reading no longer pauses (RCVHWM 0; the bound per connection is front_inbox.py's)."""
+    Its reading no longer pauses so soon (front_inbox.py drains it; RCVHWM 20,000)."""
     sockets = [_zmtp_dealer(server.address) for _ in range(4)]
     for index, sock in enumerate(sockets):
         chunks = []

@@ -218,7 +218,7 @@ def test_a_malformed_frame_names_its_field_in_the_reply_not_only_in_the_message(
 
 
 def test_the_front_inbox_bounds_each_connection_and_takes_them_in_turn() -> None:
-    """The ROUTER reads without limit (RCVHWM 0: a paused read could abort libzmq 4.3.5), so the
+    """The ROUTER's reading must not pause (a paused read could abort libzmq 4.3.5), so the
     bound per connection is the inbox's; frames are handled one connection after another."""
     from inlaid.serve.front_inbox import FrontInbox
 

@@ -7,12 +7,14 @@ receive queue at RCVHWM, the front behind -- is reset by its peer, and a ZMTP PI
 bytes read before (or a heartbeat of the ROUTER's own falls due): answering it writes to the
 dead connection. Outside probes did it every time with four clients flooding GetMetrics and
 closing (PINGs among their frames, or before the ROUTER's first heartbeat tick). So the ROUTER
-has no receive limit (RCVHWM 0: its reading never pauses) and no heartbeats
-(`peers.front_socket`), and the bound is here: a connection may have `per_connection` frames
-waiting; past that its frames are dropped (counted, reason `frames_queued`; one that names its
-request is answered `overloaded`) until it has fewer. The reader drains the socket in turns of
-a few milliseconds (reading a frame costs microseconds, handling one up to milliseconds), so
-ZeroMQ's own queue stays short whatever a client sends. The handler takes one frame of each
+has no heartbeats and a receive limit 20 times ZeroMQ's default (`peers.front_socket`), which
+this inbox keeps it far from: a connection may have `per_connection` frames waiting here; past
+that its frames are dropped (counted, reason `frames_queued`; one that names its request is
+answered `overloaded`) until it has fewer. The reader drains the socket in turns of a few
+milliseconds (reading a frame costs microseconds, handling one up to milliseconds), so ZeroMQ's
+own queue stays short unless a client sends faster than the reader reads for a while: a
+hostile flood, for which the limit's backpressure still bounds memory (and the libzmq abort
+stays reachable: the port is for trusted clients, docs/serving.md). The handler takes one frame of each
 waiting connection in turn: one connection's backlog no longer delays another's frames.
 """
 

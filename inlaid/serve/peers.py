@@ -58,6 +58,11 @@ _CLIENT_KEEPALIVE_PROBES = 3
 # nobody). TCP_USER_TIMEOUT (ZMQ_TCP_MAXRT) drops it after this long without an acknowledgement;
 # on Linux it also bounds zero-window probing: a client reading nothing for this long is dropped.
 _CLIENT_UNACKED_LIMIT_MS = 180_000
+# Frames ZeroMQ holds for one connection before it stops reading it (its default: 1,000). The
+# coordinator reads tens of thousands a second into its own bounded inbox (front_inbox.py), so
+# only a connection sending faster than that for a while is paused; at 0 (no limit) such a
+# flood of small frames would grow the coordinator's memory without bound instead.
+FRONT_RCVHWM = 20_000
 # The longest a disconnected peer's report waits for the frames queued before it (PeerWatch)
 _SETTLE_BOUND_S = 2.0
 # Replies a connection may leave unread in the coordinator (ZeroMQ's SNDHWM, per connection)
@@ -80,9 +85,10 @@ def front_socket(max_frame_bytes: int, max_pending_requests: int) -> zmq.asyncio
     front.setsockopt(zmq.SNDHWM, max(_MIN_UNREAD_REPLIES, _UNREAD_REPLIES_PER_PENDING_REQUEST * max_pending_requests))
     front.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full queue raises (FrontReplies), never drops in silence
     front.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes * _HARD_FRAME_FACTOR)
-    # No receive limit: a connection whose reading paused at it could abort the process (libzmq
-    # 4.3.5, front_inbox.py); the bound per connection is the FrontInbox's.
-    front.setsockopt(zmq.RCVHWM, 0)
+    # A receive limit far past what the FrontInbox lets wait: a connection whose reading paused at
+    # it could abort the process (libzmq 4.3.5, front_inbox.py), and the inbox drains the socket
+    # at once; yet a limit all the same, whose backpressure bounds memory under a flood.
+    front.setsockopt(zmq.RCVHWM, FRONT_RCVHWM)
     front.setsockopt(zmq.TCP_KEEPALIVE, 1)
     front.setsockopt(zmq.TCP_KEEPALIVE_IDLE, _CLIENT_KEEPALIVE_IDLE_S)
     front.setsockopt(zmq.TCP_KEEPALIVE_INTVL, _CLIENT_KEEPALIVE_INTERVAL_S)
