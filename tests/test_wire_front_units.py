@@ -223,15 +223,23 @@ def test_the_front_inbox_bounds_each_connection_and_takes_them_in_turn() -> None
     from inlaid.serve.front_inbox import FrontInbox
 
     async def scenario() -> None:
-        inbox = FrontInbox(None, 3, on_read=lambda frame: None, dropped=lambda identity: False,  # type: ignore[arg-type]
-                           handle=lambda identity, body: None, refuse=lambda identity, body: None,
-                           refuse_dropped=lambda: None)
+        inbox = FrontInbox(None, 3, 10, on_read=lambda frame: None,  # type: ignore[arg-type]
+                           dropped=lambda identity: False, handle=lambda identity, body: None,
+                           refuse=lambda identity, body: None, refuse_dropped=lambda: None)
         assert [inbox.put(b"a", [b"a%d" % i]) for i in range(5)] == [True, True, True, False, False]
-        assert inbox.put(b"b", [b"b0"]) and inbox.put(b"c", [b"c0"]) and inbox.waiting()
+        assert inbox.put(b"a", [b"cancel"], force=True)  # a Cancel is queued past the bound
+        assert inbox.put(b"b", [b"b0"]) and inbox.put(b"c", [b"c0"]) and inbox.waiting(b"a")
         taken = [inbox.take() for _ in range(3)]
         assert taken == [(b"a", [b"a0"]), (b"b", [b"b0"]), (b"c", [b"c0"])]  # a flood does not go first for long
-        assert inbox.put(b"a", [b"a3"])  # room again
-        inbox.forget(b"a")  # a peer reported gone: what it left is not handled
-        assert inbox.take() is None and not inbox.waiting()
+        assert not inbox.waiting(b"b") and inbox.waiting(b"a")
+        assert not inbox.put(b"a", [b"a3"])  # three wait again (a1, a2, the Cancel)
+        assert inbox.forget(b"a") == 3  # a peer reported gone: what it left is not handled
+        assert inbox.take() is None and not inbox.waiting(b"a")
+        # the bytes bound: 64 frames of the largest size a connection may have waiting
+        assert inbox.max_bytes == 640 and all(inbox.put(b"d", [b"x" * 10]) for _ in range(3))
+        big = FrontInbox(None, 1000, 10, on_read=lambda frame: None,  # type: ignore[arg-type]
+                         dropped=lambda identity: False, handle=lambda identity, body: None,
+                         refuse=lambda identity, body: None, refuse_dropped=lambda: None)
+        assert sum(big.put(b"e", [b"x" * 10]) for _ in range(100)) == 64
 
     asyncio.run(scenario())

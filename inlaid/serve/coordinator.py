@@ -1,8 +1,9 @@
 """The coordinator process: clients in front, the executors behind, an Engine for each.
 
-One asyncio loop (uvloop) runs: the front loop (a ZeroMQ ROUTER; each frame is decoded,
-checked and answered or turned into an engine request: `in_flight.py` holds the requests
-from admission to their answer), one step loop per executor (plan
+One asyncio loop (uvloop) runs: the front (a ZeroMQ ROUTER, read at once into a bounded
+inbox per connection, `front_inbox.py`; each frame is then decoded, checked and answered or
+turned into an engine request: `in_flight.py` holds the requests from admission to their
+answer), one step loop per executor (plan
 with `Engine.begin_step`, run on the executor, apply with `Engine.finish_step`, stream the
 text back), the executor supervisors, and with several executors the placement of
 requests on them (`executor_pool.py`, docs/scale-out.md). Read-only calls (hello, health,
@@ -41,7 +42,7 @@ from inlaid.serve.config import ServerConfig, base_model_id
 from inlaid.serve.dynamic_tasks import DynamicTasks
 from inlaid.serve.executor_errors import ExecutorBindError
 from inlaid.serve.executor_pool import ExecutorPool, ExecutorShard
-from inlaid.serve.frames import decode_client_frames, readable_request_id
+from inlaid.serve.frames import decode_client_frames, readable_head
 from inlaid.serve.front_inbox import FrontInbox
 from inlaid.serve.in_flight import InFlight
 from inlaid.serve.info_calls import INFO_CALLS, SERVER_VERSION, InfoCalls
@@ -134,6 +135,7 @@ class Coordinator:
         self._front = front
         self._replies = FrontReplies(front, self.in_flight.client_gone)
         self._inbox = FrontInbox(front, max(_MIN_FRAMES_QUEUED, self.limits.max_pending_requests),
+                                 self.limits.max_frame_bytes,
                                  on_read=lambda frame: self._clients.saw(frame),  # type: ignore[union-attr]
                                  dropped=self._replies.is_cut_off, handle=self._handle, refuse=self._refuse_queued,
                                  refuse_dropped=lambda: self._count_refused(REPLIES_UNREAD))
@@ -332,14 +334,18 @@ class Coordinator:
 
     # ================================================================== front
     def _refuse_queued(self, identity: bytes, body: list[bytes]) -> None:
-        """A frame dropped: its connection has `per_connection` frames waiting (front_inbox.py)."""
+        """A frame past its connection's bound in the inbox (front_inbox.py)."""
+        assert self._inbox is not None
+        kind, request_id = readable_head(body[0])
+        if kind == "cancel":  # never refused: it frees a request's KV, and a Cancel is never answered
+            self._inbox.put(identity, body, force=True)
+            return
         self._count_refused(FRAMES_QUEUED)
-        request_id = readable_request_id(body[0]) if len(body) == 1 else ""
-        if request_id:  # its sender's wait ends; a frame naming none is dropped in silence
-            assert self._inbox is not None
+        if request_id:  # its sender's wait ends (under no id where that id's request is in flight)
+            request_id = "" if self.startup.id_in_use(identity, request_id) else request_id
             self._send(identity, ErrorReply(request_id=request_id, code=ErrorCode.OVERLOADED, message=(
-                f"more than {self._inbox.per_connection} messages from this connection wait to be handled: "
-                "this one is dropped; send fewer at once")))
+                f"more than {self._inbox.per_connection} messages (or {self._inbox.max_bytes} bytes) from this "
+                "connection wait to be handled: this one is dropped; send fewer at once")))
 
     def _send(self, identity: bytes, message: msgspec.Struct) -> None:
         assert self._replies is not None

@@ -125,10 +125,17 @@ def _field_at_fault(decoder_message: str) -> str | None:
 
 def readable_request_id(payload: bytes) -> str:
     """The frame's request_id when that field alone decodes (and is not past the limit), else ""."""
+    return readable_head(payload)[1]
+
+
+def readable_head(payload: bytes) -> tuple[str | None, str]:
+    """(type, request_id) of a frame, read as cheaply as `readable_request_id`: (None, "") where
+    they cannot be read."""
     try:
-        return reply_id(_read_head(payload)[1])
-    except Exception:  # noqa: BLE001  (whatever the bytes: no id to name)
-        return ""
+        kind, request_id = _read_head(payload)
+    except Exception:  # noqa: BLE001  (whatever the bytes: nothing to name)
+        return None, ""
+    return kind, reply_id(request_id)
 
 
 _MAX_ERROR_TEXT = 512

@@ -33,7 +33,10 @@ log = logging.getLogger("inlaid.coordinator")
 
 # A turn of either loop before it lets the others run (the step loops, the other loop): without
 # it an await on a waiting frame never suspends, and 3,000 queued frames stalled every stream 11 s.
-TURN_S = 0.005
+# Two loops: each gets half the single front loop's 5 ms, so a step waits no longer than it did.
+TURN_S = 0.0025
+# The bytes a connection may have waiting, in frames of at most max_frame_bytes each.
+FRAMES_OF_BYTES = 64
 
 
 class FrontInbox:
@@ -41,38 +44,53 @@ class FrontInbox:
 
     on_read(identity_frame): each frame as read (PeerWatch maps its descriptor then);
     dropped(identity) -> bool: whether the connection's frames are dropped now (cut off for
-    unread replies): checked as read and as handled; handle(identity, body): one message;
-    refuse(identity, body): a frame dropped for its connection's full queue."""
+    unread replies): checked as read and as handled; handle(identity, body): one message
+    (also one refused as read: not one frame, or over `max_frame_bytes`, which no one queues);
+    refuse(identity, body): a frame past its connection's bound (`per_connection` frames,
+    FRAMES_OF_BYTES x `max_frame_bytes` bytes), which it may queue all the same (a Cancel)."""
 
-    def __init__(self, socket: zmq.asyncio.Socket, per_connection: int, on_read: Callable[[zmq.Frame], None],
-                 dropped: Callable[[bytes], bool], handle: Callable[[bytes, list[bytes]], None],
-                 refuse: Callable[[bytes, list[bytes]], None], refuse_dropped: Callable[[], None]) -> None:
+    def __init__(self, socket: zmq.asyncio.Socket, per_connection: int, max_frame_bytes: int,
+                 on_read: Callable[[zmq.Frame], None], dropped: Callable[[bytes], bool],
+                 handle: Callable[[bytes, list[bytes]], None], refuse: Callable[[bytes, list[bytes]], None],
+                 refuse_dropped: Callable[[], None]) -> None:
         self._socket = socket
         self.per_connection = per_connection
+        self.max_frame_bytes = max_frame_bytes
+        self.max_bytes = FRAMES_OF_BYTES * max_frame_bytes
+        self._bytes: dict[bytes, int] = {}  # waiting bytes by connection
         self._on_read, self._dropped, self._handle = on_read, dropped, handle
         self._refuse, self._refuse_dropped = refuse, refuse_dropped
         self._queues: dict[bytes, deque[list[bytes]]] = {}
         self._turns: deque[bytes] = deque()  # connections with frames waiting, in turn
         self._arrived = asyncio.Event()
 
-    def waiting(self) -> bool:
-        """Whether any frame waits to be handled (PeerWatch reports a leaving peer after them)."""
-        return bool(self._turns)
+    def waiting(self, identity: bytes) -> bool:
+        """Whether a frame of this connection waits to be handled (PeerWatch reports a leaving
+        peer after them)."""
+        return identity in self._queues
 
-    def forget(self, identity: bytes) -> None:
-        """A peer reported gone: the frames it left are not handled."""
-        if self._queues.pop(identity, None) is not None:
-            self._turns.remove(identity)
+    def forget(self, identity: bytes) -> int:
+        """A peer reported gone: the frames it left are not handled; returns how many."""
+        queue = self._queues.pop(identity, None)
+        if queue is None:
+            return 0
+        self._turns.remove(identity)
+        del self._bytes[identity]
+        return len(queue)
 
-    def put(self, identity: bytes, body: list[bytes]) -> bool:
-        """Queue a frame; False (not queued) when its connection has `per_connection` waiting."""
+    def put(self, identity: bytes, body: list[bytes], force: bool = False) -> bool:
+        """Queue a frame; False (not queued) when its connection is at its bound, unless `force`."""
+        size = sum(len(part) for part in body)
         queue = self._queues.get(identity)
+        if queue is not None and not force and (
+                len(queue) >= self.per_connection or self._bytes[identity] + size > self.max_bytes):
+            return False
         if queue is None:
             queue = self._queues[identity] = deque()
+            self._bytes[identity] = 0
             self._turns.append(identity)
-        elif len(queue) >= self.per_connection:
-            return False
         queue.append(body)
+        self._bytes[identity] += size
         self._arrived.set()
         return True
 
@@ -83,11 +101,18 @@ class FrontInbox:
         identity = self._turns.popleft()
         queue = self._queues[identity]
         body = queue.popleft()
+        self._bytes[identity] -= sum(len(part) for part in body)
         if queue:
             self._turns.append(identity)
         else:
-            del self._queues[identity]
+            del self._queues[identity], self._bytes[identity]
         return identity, body
+
+    def _handle_safely(self, identity: bytes, body: list[bytes]) -> None:
+        try:
+            self._handle(identity, body)
+        except Exception:  # a bug must cost this one message, never the loop (and so the server)
+            log.exception("internal error handling a client frame", extra={"client": identity.hex()})
 
     async def read_loop(self) -> None:
         turn_ends = time.monotonic() + TURN_S
@@ -100,10 +125,11 @@ class FrontInbox:
                 continue
             self._on_read(frames[0])
             identity = frames[0].bytes
-            body = [frame.bytes for frame in frames[1:]]
             if self._dropped(identity):  # it left its replies unread just now
                 self._refuse_dropped()
-            elif not self.put(identity, body):
+            elif len(frames) != 2 or len(frames[1]) > self.max_frame_bytes:  # refused at once, never queued
+                self._handle_safely(identity, [frame.bytes for frame in frames[1:]])
+            elif not self.put(identity, body := [frames[1].bytes]):
                 self._refuse(identity, body)
             if time.monotonic() >= turn_ends:
                 await asyncio.sleep(0)
@@ -122,7 +148,7 @@ class FrontInbox:
             if self._dropped(identity):
                 self._refuse_dropped()
             else:
-                self._handle(identity, body)
+                self._handle_safely(identity, body)
             if time.monotonic() >= turn_ends:
                 await asyncio.sleep(0)
                 turn_ends = time.monotonic() + TURN_S

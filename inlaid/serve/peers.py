@@ -55,9 +55,10 @@ _CLIENT_KEEPALIVE_INTERVAL_S = 10
 _CLIENT_KEEPALIVE_PROBES = 3
 # Keepalive probes only run on an idle connection: a client host that vanished while the server
 # streamed to it was found by TCP's retransmission timeout only (~15 min, requests computed for
-# nobody). TCP_USER_TIMEOUT (ZMQ_TCP_MAXRT) drops it after this long without an acknowledgement;
-# on Linux it also bounds zero-window probing: a client reading nothing for this long is dropped.
-_CLIENT_UNACKED_LIMIT_MS = 180_000
+# nobody). TCP_USER_TIMEOUT (ZMQ_TCP_MAXRT) drops it after this long without an acknowledgement.
+# On Linux it also decides for keepalive (tcp(7)), hence the same 60 s as the probes above, and
+# bounds zero-window probing: a client whose kernel takes nothing for 60 s is dropped too.
+_CLIENT_UNACKED_LIMIT_MS = 60_000
 # Frames ZeroMQ holds for one connection before it stops reading it (its default: 1,000). The
 # coordinator reads tens of thousands a second into its own bounded inbox (front_inbox.py), so
 # only a connection sending faster than that for a while is paused; at 0 (no limit) such a
@@ -176,9 +177,9 @@ def _consume_exception(future: asyncio.Future[object]) -> None:
 
 class PeerWatch:
     def __init__(self, socket: zmq.asyncio.Socket, on_gone: Callable[[bytes], None], settle_s: float = 0.0,
-                 backlog: Callable[[], bool] = lambda: False) -> None:
+                 backlog: Callable[[bytes], bool] = lambda identity: False) -> None:
         self._socket = socket
-        self._backlog = backlog  # whether frames read off the socket still wait to be handled (FrontInbox)
+        self._backlog = backlog  # whether frames of a peer read off the socket still wait to be handled (FrontInbox)
         self._on_gone = on_gone
         self._settle_s = settle_s  # how long after its disconnect an anonymous peer is reported gone
         self._monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -241,12 +242,12 @@ class PeerWatch:
         `until`: a front busy with other clients' frames still hears of it."""
         try:
             # pyzmq's asyncio get re-arms its reader
-            waiting = bool(self._socket.get(zmq.EVENTS) & zmq.POLLIN) or self._backlog()
+            waiting = bool(self._socket.get(zmq.EVENTS) & zmq.POLLIN) or self._backlog(identity)
         except zmq.ZMQError:  # closed: shutting down
             waiting = False
         if waiting and time.monotonic() < until:
             self._later(self._settle_s, self._settled, identity, fd, until)
-        else:  # after the front loop's turn: a frame it has just received is handled first
+        else:  # after the front loops' turns: a frame just read is handled first
             self._later(0.0, self._report_gone, identity, fd)
 
     def _report_gone(self, identity: bytes, fd: int) -> None:
