@@ -47,8 +47,9 @@ def test_an_interrupted_stage_keeps_what_it_saved_and_names_what_is_left(monkeyp
     monkeypatch.setattr(gpu_suite, "STAGES", [("environment", environment), ("sgmv_checks", checks),
                                               ("gemm", lambda device, report: ran.append("gemm") or {})])
     written = []
-    report = gpu_suite.run_stages(_device(dry_run=True), 100.0,
-                                  after_stage=lambda r: written.append({n: e["status"] for n, e in r["stages"].items()}))
+    report = gpu_suite.run_stages(
+        _device(dry_run=True), 100.0,
+        after_stage=lambda r: written.append({n: e["status"] for n, e in r["stages"].items()}))
     stages = report["stages"]
     entry = stages["sgmv_checks"]
     assert entry["status"] == "failed" and "interrupted" in entry["reason"]
@@ -190,15 +191,16 @@ def test_a_replay_is_stopped_at_the_deadline(tmp_path: Path) -> None:
         assert took < 20.0, took
         cut = [r for r in records if r.error]
         assert cut and all("the serving stage's deadline" in r.error for r in cut)
-        again = gpu_serving._replay(server.address, gpu_serving_inputs.with_requests(trace, [replace(long[0], max_tokens=2)]),
-                                    prompts, deadline=time.monotonic() + 60.0)
+        short = gpu_serving_inputs.with_requests(trace, [replace(long[0], max_tokens=2)])
+        again = gpu_serving._replay(server.address, short, prompts, deadline=time.monotonic() + 60.0)
         assert not again[0].error and len(again[0].token_ids) == 2
 
 
 def test_adapters_leave_the_index_for_a_device_call_and_come_back(tmp_path: Path) -> None:
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-    (clone / "bench" / "gpu.sh").write_bytes((ROOT / "bench" / "gpu.sh").read_bytes())  # this checkout's, maybe uncommitted
+    # this checkout's gpu.sh, maybe uncommitted
+    (clone / "bench" / "gpu.sh").write_bytes((ROOT / "bench" / "gpu.sh").read_bytes())
     git = ["git", "-C", str(clone)]
 
     def run(mode: str) -> str:
@@ -238,7 +240,8 @@ def test_a_system_cut_by_the_deadline_keeps_what_it_measured(tmp_path: Path) -> 
     model_dir = gpu_serving_inputs.build_model(settings, gpu_serving_inputs.tokenizer_dir(), tmp_path / "model")
     adapters = gpu_serving_inputs.build_adapters(settings, model_dir, tmp_path / "adapters")
     trace, _ = gpu_serving_inputs.make_trace(settings, adapters)
-    trace = gpu_serving_inputs.with_requests(trace, [replace(r, output_tokens=1900, max_tokens=1900) for r in trace.requests])
+    trace = gpu_serving_inputs.with_requests(
+        trace, [replace(r, output_tokens=1900, max_tokens=1900) for r in trace.requests])
     inputs = {"model_dir": model_dir, "quantized_dir": gpu_serving_inputs.quantize(settings, model_dir, tmp_path / "q"),
               "adapters": adapters, "trace": trace, "prompts": {r.source: [100 + i for i in range(8)]
                                                                 for r in trace.requests}}

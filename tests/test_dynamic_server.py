@@ -362,7 +362,8 @@ def test_remove_task_and_admin_errors(world, tmp_path):
         client.add_task("eta", str(world.adapters["delta"]), str(world.calibration["delta"]))
         done = client.wait_task("eta", timeout_s=300)
         assert done.phase == "ready", done
-        assert re.search(r"since the previous job \([^)]*delta[^)]*\): part of its change is theirs", done.message), done
+        named = re.search(r"since the previous job \([^)]*delta[^)]*\): part of its change is theirs", done.message)
+        assert named, done
         assert world.registry()["last_job_drops"] == world.registry()["tasks"]["eta"]["aggregate_drops"]
         assert "delta" in world.registry()["last_job_drops"]
     with server.client(timeout_s=30, admin_token=None) as anonymous:

@@ -18,8 +18,8 @@ BASE = {"model_dir": "/m", "quantized_dir": "/q"}
 
 
 def _record(drops: list[str] | None) -> TaskRecord:
-    return TaskRecord(name="new", adapter_dir="/a", calibration="/c", phase=READY, version=3,
-                      decisions=[{"layer": 0, "linear": "q_proj", "action": "requantized", "reason": "", "change": 0.1}],
+    decision = {"layer": 0, "linear": "q_proj", "action": "requantized", "reason": "", "change": 0.1}
+    return TaskRecord(name="new", adapter_dir="/a", calibration="/c", phase=READY, version=3, decisions=[decision],
                       aggregate_drops=drops)
 
 
