@@ -98,8 +98,14 @@ def gemm(device: Device) -> dict:
     group = 32 if device.dry_run else 128
     tolerance = 1e-4 if device.act_dtype == torch.float32 else 1e-2
     checks, timings, compile_seconds = [], [], 0.0
+    data = {"checks": checks, "timings": timings, "group_size": group, "first_call_seconds": compile_seconds}
     cublas: dict[tuple[int, int, int], float] = {}
     for bits in (4, 3, 2):
+        # The bf16 checks never ran on a GPU, so the stage's time is a guess: a bit width is not
+        # started past the suite's budget, and each finished one is saved (an interrupt keeps it).
+        if device.deadline is not None and time.monotonic() > device.deadline:
+            data["cut"] = f"the suite's budget ran out before W{bits}"
+            break
         for k, n in shapes:
             layer = random_gptq_layer(k, n, bits, group, seed=k + n + bits)
             prepared = prepare_quant_linear(layer.weights, device.torch_device, device.act_dtype,
@@ -133,7 +139,10 @@ def gemm(device: Device) -> dict:
                 print(f"  W{bits} K={k:5d} N={n:5d} M={m:3d}: {quant_ms * 1e3:8.1f} us, cuBLAS fp16 "
                       f"{cublas[(k, n, m)] * 1e3:8.1f} us ({cublas[(k, n, m)] / quant_ms:.2f}x), "
                       f"floor {floor * 1e3:.1f} us ({100 * floor / quant_ms:.0f}%)", flush=True)
-    return {"checks": checks, "timings": timings, "group_size": group, "first_call_seconds": compile_seconds}
+        data["first_call_seconds"] = compile_seconds
+        if device.save_partial is not None:
+            device.save_partial(data)
+    return data
 
 
 # bf16 is checked on the GPU only: Triton 3.9's interpreter returns garbage from `tl.dot` on

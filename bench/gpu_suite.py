@@ -66,8 +66,9 @@ VERSIONED = {"transformers": "transformers", "peft": "peft", "msgspec": "msgspec
 GPU_STAGE_SECONDS = {"environment": 5, "serving": 290, "gemm": 60, "sgmv_checks": 10, "sgmv": 10, "decode": 45,
                      "gemm_configs": 95, "step_costs": 70, "e2e_replay": 60}
 # Stages that stop at the deadline by themselves, keeping what they measured: started when this
-# much is left (serving: its preparation and one system; gemm_configs: one shape), not their whole time.
-GPU_STAGE_MIN_SECONDS = {"serving": 60, "gemm_configs": 40}
+# much is left (serving: its preparation and one system; gemm: one bit width; gemm_configs: one
+# shape), not their whole time.
+GPU_STAGE_MIN_SECONDS = {"serving": 60, "gemm": 25, "gemm_configs": 40}
 
 
 def stage_environment(device, report: dict) -> dict:  # noqa: ANN001

@@ -104,18 +104,18 @@ def test_on_a_gpu_a_stage_that_would_not_fit_is_not_started(monkeypatch: pytest.
 
     names = ["environment", "serving", "gemm", "sgmv", "gemm_configs"]
     monkeypatch.setattr(gpu_suite, "STAGES", [(name, stage(name)) for name in names])
-    # 50 s: serving needs its preparation and one system (60 s), gemm ~60 s on the H200; sgmv (~10)
-    # fits, and gemm_configs, which stops at the deadline itself, needs one shape (40 s) only.
+    # 50 s: serving needs its preparation and one system (60 s); sgmv (~10 s) fits, and gemm and
+    # gemm_configs, which stop at the deadline themselves, need one bit width (25 s) or shape (40 s).
     report = gpu_suite.run_stages(_device(dry_run=False), 50.0)
-    assert ran == ["environment", "sgmv", "gemm_configs"]
+    assert ran == ["environment", "gemm", "sgmv", "gemm_configs"]
     assert report["stages"]["serving"]["reason"].startswith("would not end within the budget")
-    assert gpu_suite.rerun_hint(report) == HINT.format("serving,gemm")
+    assert gpu_suite.rerun_hint(report) == HINT.format("serving")
     # On another device than the H200 (an H100), the times are half as long again, serving's aside.
     ran.clear()
     h100 = ("environment", lambda device, report: ran.append("environment") or {"device": "NVIDIA H100 80GB HBM3"})
     monkeypatch.setattr(gpu_suite, "STAGES", [h100] + [(name, stage(name)) for name in names[1:]])
-    gpu_suite.run_stages(_device(dry_run=False), 65.0)
-    assert ran == ["environment", "serving", "sgmv", "gemm_configs"]  # gemm: 90 s here (60 on an H200)
+    gpu_suite.run_stages(_device(dry_run=False), 55.0)
+    assert ran == ["environment", "gemm", "sgmv"]  # serving's 60 s are not scaled; gemm_configs: 60 s here
     # A dry run's stages are tiny: only the budget's end counts there.
     ran.clear()
     gpu_suite.run_stages(_device(dry_run=True), 100.0)
@@ -274,3 +274,14 @@ def test_a_bad_call_time_is_refused_before_the_build(call_s: str, tmp_path: Path
                           timeout=60, env={**os.environ, "GPU_CALL_S": call_s, "OUT": str(tmp_path / "out")})
     assert done.returncode == 2 and "GPU_CALL_S must be a whole number of seconds, at least 60" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_gemm_stage_starts_no_bit_width_past_the_deadline() -> None:
+    """Its bf16 checks never ran on a GPU: past the suite's budget it stops between bit widths,
+    keeping those done (the stage then reads `partial`, named for a second call)."""
+    import gpu_kernels
+
+    device = _device(dry_run=True)
+    device.deadline = time.monotonic() - 1.0
+    data = gpu_kernels.gemm(device)
+    assert data["cut"] == "the suite's budget ran out before W4" and data["checks"] == data["timings"] == []
