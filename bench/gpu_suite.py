@@ -51,8 +51,9 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_kernels, gpu_decode beside this file
 
@@ -222,6 +223,9 @@ def _failed_checks(data: dict) -> list[dict]:
     return [c for c in data.get("checks", []) if not c["ok"]]
 
 
+_INTERRUPTED = "SIGINT: the call's time limit (bench/gpu.sh's timeout) or Ctrl-C"
+
+
 def run_stages(device, budget_s: float, after_stage: Callable[[dict], None] = lambda report: None,  # noqa: ANN001
                only: set[str] | None = None, skip: dict[str, str] | None = None) -> dict:
     """Every stage in order (those in `only`, and the environment, when given);
@@ -230,12 +234,7 @@ def run_stages(device, budget_s: float, after_stage: Callable[[dict], None] = la
     limit still leaves every finished stage behind). `device.deadline` is set to the budget's
     end (time.monotonic) for stages that bound themselves. `skip`: stages not run, with what
     they lack (preflight)."""
-    started = time.monotonic()
-    device.deadline = started + budget_s
-    # Every stage listed from the start: a suite killed outright still names those it never reached.
-    report: dict = {"dry_run": device.dry_run, "budget_s": budget_s,
-                    "stages": {name: {"status": "pending"} for name, _ in STAGES}}
-    after_stage(report)
+    run = _SuiteRun(device, budget_s, after_stage, only, skip or {})
     # One interrupt ends the stage running; the next ones are ignored (bench/gpu.sh's timeout
     # signals the process group as well: a second KeyboardInterrupt escaped the report).
     previous_handler = signal.getsignal(signal.SIGINT)
@@ -247,63 +246,92 @@ def run_stages(device, budget_s: float, after_stage: Callable[[dict], None] = la
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, interrupt_once)
     try:
-        _run_each(device, budget_s, started, report, after_stage, only, skip or {})
+        run.each()
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous_handler)
-    report["total_seconds"] = round(time.monotonic() - started, 1)
-    return report
+    run.report["total_seconds"] = round(time.monotonic() - run.started, 1)
+    return run.report
 
 
-def _run_each(device, budget_s: float, started: float, report: dict,  # noqa: ANN001
-              after_stage: Callable[[dict], None], only: set[str] | None, skip: dict[str, str]) -> None:
-    interrupted = ""
-    for name, stage in STAGES:
-        try:
-            interrupted = _one_stage(device, name, stage, budget_s, started, report, after_stage, only, skip,
-                                     interrupted)
-        except KeyboardInterrupt:  # between stages (a print, a report's write): the rest is not started
-            interrupted = "SIGINT: the call's time limit (bench/gpu.sh's timeout) or Ctrl-C"
-            if report["stages"][name]["status"] in ("pending", "running"):
-                report["stages"][name].update(status="failed", reason=f"interrupted ({interrupted})")
+@dataclass
+class _SuiteRun:
+    """One run of the stages: what every stage's turn reads and writes."""
 
+    device: Any
+    budget_s: float
+    after_stage: Callable[[dict], None]
+    only: set[str] | None
+    skip: dict[str, str]
+    started: float = field(default_factory=time.monotonic)
+    interrupted: str = ""  # why the run stopped starting stages ("": it did not)
+    report: dict = field(init=False)
 
-def _one_stage(device, name: str, stage: Callable, budget_s: float, started: float, report: dict,  # noqa: ANN001
-               after_stage: Callable[[dict], None], only: set[str] | None, skip: dict[str, str],
-               interrupted: str) -> str:
-    """Runs (or skips) one stage into `report`; returns the interrupt's reason, if one came."""
-    elapsed = time.monotonic() - started
-    entry: dict = {"started_at_s": round(elapsed, 1)}
-    if name == "serving":  # bounded by its own cap and the deadline, whatever the device
-        estimate = float(GPU_STAGE_MIN_SECONDS[name])
-    else:
-        estimate = GPU_STAGE_MIN_SECONDS.get(name, GPU_STAGE_SECONDS.get(name, 0)) * _slower_than_h200(report)
-    if only is not None and name != "environment" and name not in only:
-        entry.update(status="skipped", reason="not asked for (--stages)")
-    elif name in skip:
-        entry.update(status="skipped", reason=skip[name])
-    elif interrupted:
-        entry.update(status="skipped", reason=f"interrupted before it started ({interrupted})")
-    elif elapsed > budget_s:
-        entry.update(status="skipped", reason=f"time budget of {budget_s:.0f} s spent")
-    elif not device.dry_run and elapsed + estimate > budget_s:
-        entry.update(status="skipped", reason=f"would not end within the budget: needs ~{estimate:.0f} s on this "
-                                               f"device, {budget_s - elapsed:.0f} s left")
-    elif name != "environment" and report["stages"]["environment"]["status"] != "ok":
-        entry.update(status="skipped", reason="the environment stage failed")
-    else:
+    def __post_init__(self) -> None:
+        self.device.deadline = self.started + self.budget_s
+        # Every stage listed from the start: a suite killed outright still names those it never reached.
+        self.report = {"dry_run": self.device.dry_run, "budget_s": self.budget_s,
+                       "stages": {name: {"status": "pending"} for name, _ in STAGES}}
+        self.after_stage(self.report)
+
+    def each(self) -> None:
+        for name, stage in STAGES:
+            try:
+                self._one(name, stage)
+            except KeyboardInterrupt:  # between stages (a print, a report's write): the rest is not started
+                self.interrupted = _INTERRUPTED
+                if self.report["stages"][name]["status"] in ("pending", "running"):
+                    self.report["stages"][name].update(status="failed", reason=f"interrupted ({_INTERRUPTED})")
+
+    def _why_not(self, name: str, elapsed: float) -> str:
+        """Why the stage is not started now ("": it is)."""
+        if name == "serving":  # bounded by its own cap and the deadline, whatever the device
+            estimate = float(GPU_STAGE_MIN_SECONDS[name])
+        else:
+            estimate = GPU_STAGE_MIN_SECONDS.get(name, GPU_STAGE_SECONDS.get(name, 0)) * _slower_than_h200(self.report)
+        if self.only is not None and name != "environment" and name not in self.only:
+            return "not asked for (--stages)"
+        if name in self.skip:
+            return self.skip[name]
+        if self.interrupted:
+            return f"interrupted before it started ({self.interrupted})"
+        if elapsed > self.budget_s:
+            return f"time budget of {self.budget_s:.0f} s spent"
+        if not self.device.dry_run and elapsed + estimate > self.budget_s:
+            return (f"would not end within the budget: needs ~{estimate:.0f} s on this device, "
+                    f"{self.budget_s - elapsed:.0f} s left")
+        if name != "environment" and self.report["stages"]["environment"]["status"] != "ok":
+            return "the environment stage failed"
+        return ""
+
+    def _one(self, name: str, stage: Callable) -> None:
+        """Runs (or skips) one stage into the report."""
+        elapsed = time.monotonic() - self.started
+        entry: dict = {"started_at_s": round(elapsed, 1)}
+        if why_not := self._why_not(name, elapsed):
+            entry.update(status="skipped", reason=why_not)
+        else:
+            self._run(name, stage, entry)
+        entry["seconds"] = round(time.monotonic() - self.started - elapsed, 2)
+        note = f" - {entry['reason']}" if "reason" in entry else ""
+        print(f"   {name}: {entry['status']} ({entry['seconds']} s){note}", flush=True)
+        self.report["stages"][name] = entry
+        self.report["total_seconds"] = round(time.monotonic() - self.started, 1)
+        self.after_stage(self.report)
+
+    def _run(self, name: str, stage: Callable, entry: dict) -> None:
         print(f"== {name}", flush=True)
         entry["status"] = "running"
-        report["stages"][name] = entry
-        after_stage(report)  # a kill from here on leaves it named `running`
+        self.report["stages"][name] = entry
+        self.after_stage(self.report)  # a kill from here on leaves it named `running`
 
         def save_partial(data: dict) -> None:
             entry["data"] = data
-            after_stage(report)
+            self.after_stage(self.report)
 
-        device.save_partial = save_partial
+        self.device.save_partial = save_partial
         try:
-            entry["data"] = stage(device, report)
+            entry["data"] = stage(self.device, self.report)
             failed = _failed_checks(entry["data"])
             entry["status"] = "failed" if failed else "partial" if entry["data"].get("cut") else "ok"
             if failed:
@@ -313,21 +341,14 @@ def _one_stage(device, name: str, stage: Callable, budget_s: float, started: flo
         except _Skip as reason:
             entry.update(status="skipped", reason=str(reason))
         except KeyboardInterrupt:  # bench/gpu.sh's timeout: keep what this stage saved, start no other
-            interrupted = "SIGINT: the call's time limit (bench/gpu.sh's timeout) or Ctrl-C"
-            entry.update(status="failed", reason=f"interrupted ({interrupted}); what it saved is kept")
+            self.interrupted = _INTERRUPTED
+            entry.update(status="failed", reason=f"interrupted ({_INTERRUPTED}); what it saved is kept")
         except Exception as error:  # recorded; the other stages still run
             entry.update(status="failed", reason=f"{type(error).__name__}: {error}",
                          traceback=traceback.format_exc(limit=-25))  # the innermost frames: where it broke
             print(entry["traceback"], file=sys.stderr)
         finally:
-            device.save_partial = None
-    entry["seconds"] = round(time.monotonic() - started - elapsed, 2)
-    print(f"   {name}: {entry['status']} ({entry['seconds']} s){' - ' + entry['reason'] if 'reason' in entry else ''}",
-          flush=True)
-    report["stages"][name] = entry
-    report["total_seconds"] = round(time.monotonic() - started, 1)
-    after_stage(report)
-    return interrupted
+            self.device.save_partial = None
 
 
 def _slower_than_h200(report: dict) -> float:
