@@ -126,14 +126,12 @@ def _isolated(address: str, trace, prompts, count: int, deadline: float) -> dict
     return {"ttft_s": statistics.median(ttfts), "tpot_s": statistics.median(tpots) if tpots else 0.0}
 
 
-def _step_stats(step_log: Path, since: float) -> dict[str, Any]:
-    """The steps planned from `since` on (the coordinator's clock is time.monotonic, one
-    clock for every process of the machine)."""
-    from inlaid.scheduling.step_log import read_step_log
-
-    if not step_log.is_file():
+def _step_stats(logged: list[dict[str, Any]] | None, since: float) -> dict[str, Any]:
+    """Of a server's logged steps (None: it kept no log), those planned from `since` on (the
+    coordinator's clock is time.monotonic, one clock for every process of the machine)."""
+    if logged is None:
         return {}
-    steps = [step for step in read_step_log(step_log) if step["planned_at"] >= since]
+    steps = [step for step in logged if step["planned_at"] >= since]
     by_rows: dict[str, list[float]] = {}
     for step in steps:
         tokens = sum(chunk[0] for chunk in step["chunks"])
@@ -193,13 +191,14 @@ def run_system(system: System, settings: ServingSettings, inputs: dict, workdir:
         if "trace" not in result:
             result.setdefault("cut", "the serving stage's deadline came before its trace ran")
     try:  # the step log is complete once the server has stopped; a torn line must not cost the figures
-        result["steps"] = _step_stats(step_log, trace_started)
-        if kept_steps is not None and step_log.is_file():
-            from inlaid.scheduling.step_log import read_step_log
+        from inlaid.scheduling.step_log import read_step_log
 
+        logged = read_step_log(step_log) if step_log.is_file() else None  # read once, for both
+        result["steps"] = _step_stats(logged, trace_started)
+        if kept_steps is not None and logged is not None:
             # One file for every system (a device call brings back few files): gzip members appended.
             with gzip.open(kept_steps, "at") as kept:
-                for step in read_step_log(step_log):
+                for step in logged:
                     kept.write(json.dumps({"system": system.label, **step}) + "\n")
     except (OSError, ValueError) as error:
         result["steps"] = {"error": f"{type(error).__name__}: {error}"[:300]}
