@@ -14,7 +14,7 @@ import pytest
 
 from inlaid.serve.config import ConfigError, config_from_dict
 from inlaid.serve.dynamic_tasks import requantization_blocker
-from inlaid.serve.requantizer import DutyCycle
+from inlaid.serve.cpu_priority import DutyCycle
 from inlaid.serve.task_records import QUEUED, CommittedLayer, TaskRecord
 from inlaid.serve.task_store import StateDirError, TaskStore
 
