@@ -49,6 +49,12 @@ class TaskMeanPredictor:
         self.total_count += 1
         self.total_mean += (output_tokens - self.total_mean) / self.total_count
 
+    def forget(self, task: str | None) -> None:
+        """A removed task's mean goes; the all-task mean keeps what it taught."""
+        key = _task_key(task)
+        self.counts.pop(key, None)
+        self.means.pop(key, None)
+
     def fit(self, samples: Iterable[LengthSample]) -> "TaskMeanPredictor":
         for sample in samples:
             self.observe(sample.task, sample.prompt_token_ids, sample.output_tokens)
@@ -189,6 +195,14 @@ class LengthPredictor:
     def observe(self, task: str | None, prompt_token_ids: Sequence[int], output_tokens: int) -> None:
         self.fallback.observe(task, prompt_token_ids, output_tokens)
         self.update(task, *self.features(task, prompt_token_ids), output_tokens)
+
+    def forget(self, task: str | None) -> None:
+        """A removed task: its mean and level go, and it counts as unseen by the fit (its
+        hashed task column stays in the weights until the next refit, which has no row of it)."""
+        key = _task_key(task)
+        self.fallback.forget(task)
+        self.residuals.pop(key, None)
+        self.fitted_tasks = self.fitted_tasks - {key}
 
     def update(self, task: str | None, index: np.ndarray, value: np.ndarray, output_tokens: float) -> None:
         """A finished request moves its task's level (microseconds), no other task's: the

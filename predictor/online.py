@@ -110,9 +110,26 @@ class OnlineLengthPredictor:
         if len(rows) > self.per_task_capacity:
             rows.popleft()
             self._size -= 1
+        self._trim_to_capacity()
+
+    def _trim_to_capacity(self) -> None:
         while self._size > self.capacity:
-            max(self._rows.values(), key=len).popleft()
+            # (an emptied task's deque goes: kept, every task ever seen stayed, and this scan over
+            # them all ran on every request, 2 ms an observe after 40,000 tasks; now at most
+            # `capacity` tasks hold rows)
+            task_key, longest = max(self._rows.items(), key=lambda item: len(item[1]))
+            longest.popleft()
             self._size -= 1
+            if not longest:
+                del self._rows[task_key]
+
+    def forget(self, task: str | None) -> None:
+        """A removed task: its reservoir rows, task mean and level go (a task added later under
+        the name starts as a new one)."""
+        with self._lock:
+            rows = self._rows.pop("<base>" if task is None else task, None)
+            self._size -= len(rows) if rows else 0
+            self.model.forget(task)
 
     def refit(self, wait: bool = True) -> None:
         """Refit on the reservoir now (on a thread unless `wait`); one refit at a time."""
@@ -185,6 +202,7 @@ class OnlineLengthPredictor:
         if self.tokenizer is not None:
             state["tokenizer_sha256"] = np.asarray(self.tokenizer.sha256)
             state["tokenizer_model"] = np.asarray(self.tokenizer.model)
+        state["reservoir_since_fit"] = np.asarray(self._since_fit)  # a restart's next refit stays when it was due
         state["reservoir_tasks"] = np.asarray(tasks, dtype=str)
         state["reservoir_targets"] = np.asarray(targets, dtype=np.float64)
         state["reservoir_lengths"] = np.asarray(lengths, dtype=np.int64)
@@ -236,6 +254,13 @@ class OnlineLengthPredictor:
             start, end = offsets[position], offsets[position + 1]
             rows.append((state["reservoir_indices"][start:end], state["reservoir_values"][start:end], float(target)))
             predictor._size += 1
+            if len(rows) > predictor.per_task_capacity:  # saved by a predictor with larger bounds: its newest kept
+                rows.popleft()
+                predictor._size -= 1
+        predictor._trim_to_capacity()
+        since_fit = state.get("reservoir_since_fit")  # (states saved before 2026-12-07 lack it: 0)
+        if since_fit is not None and since_fit.shape == () and since_fit.dtype.kind in "iu":
+            predictor._since_fit = int(min(max(0, int(since_fit)), predictor.refit_every))
         return predictor
 
 

@@ -200,3 +200,25 @@ def test_the_requantizer_process_writes_only_json_lines():
     warned = [r for r in records if r["logger"] == "py.warnings"]
     assert len(warned) == 1 and warned[0]["level"] == "warning" and "FutureWarning" in warned[0]["msg"]
     assert [r["msg"] for r in records if r["level"] == "error"] == ["a real error"]
+
+
+def test_a_removed_task_leaves_nothing_in_the_scheduling_policy(model_dir, tmp_path):
+    """The policy's per-task state (VTC's counters here) goes with the task's last request, as
+    its series do: a server adding and removing tasks kept one counter per name ever served."""
+    from inlaid.scheduling.registry import make_policy
+    from inlaid.serve.config import config_from_dict
+    from inlaid.serve.coordinator import Coordinator
+
+    coordinator = Coordinator(config_from_dict({"model": {"dir": str(model_dir)}}, base_dir=tmp_path),
+                              policy_factory=lambda: make_policy("vtc"))
+    coordinator.replies = []
+    coordinator.in_flight._send = lambda identity, message: coordinator.replies.append(message)
+    policy = coordinator.pool.shards[0].engine.scheduler.policy
+    coordinator.registry.add("qa", ADAPTER)
+    _generate(coordinator, "in-flight", "qa")
+    _run_to_end(coordinator)
+    _generate(coordinator, "draining", "qa")
+    coordinator.dynamic.remove("qa")
+    assert "qa" in policy.service.counters  # its request still runs
+    _run_to_end(coordinator)
+    assert "qa" not in policy.service.counters

@@ -19,9 +19,12 @@ holding tasks back); the rest is ranked for preemption only. A running sequence 
 does not reach keeps its KV blocks and waits (paused). A
 waiting sequence refused for memory, or an overdue one (`policy.is_overdue`) refused for
 any limit, closes admission for this step, so nothing ranked below overtakes it: every
-request eventually runs. The default policy (FIFO: running sequences in admission order,
-then waiting ones in arrival order) never pauses or preempts for admission. The
-coordinator process and the simulator run this same class.
+request eventually runs (a request refused only for its adapter's slot is overtaken while
+the resident adapters stay busy, until its policy calls it overdue; the built-in policies
+all do, a plug-in whose `is_overdue` never does can starve it). A sequence preempted in a
+step is not admitted again in that step. The default policy (FIFO, policy.py: running
+sequences in admission order, then waiting ones in arrival order) never pauses or
+preempts for admission. The coordinator process and the simulator run this same class.
 """
 
 from __future__ import annotations
@@ -33,77 +36,9 @@ from dataclasses import dataclass, field
 
 from inlaid.engine.adapter_slots import AdapterSlots
 from inlaid.engine.block_manager import BlockManager
+from inlaid.engine.policy import FifoPolicy, PolicyError, SchedulingPolicy  # noqa: F401 (plug-ins import them here)
 from inlaid.engine.sequence import FinishReason, Sequence, SequenceStatus
 from inlaid.protocol import AdapterLoad, BatchPlan, ChunkPlan, StepResult
-
-
-class PolicyError(RuntimeError):
-    """The scheduling policy failed on a request (a bug or a bad policy state, not the request)."""
-
-
-class SchedulingPolicy:
-    """The order of work, and hooks to learn from what ran. This base class is FIFO.
-
-    Every hook receives the scheduler's clock time `now` (seconds; the simulator's clock in
-    simulations). Policies live in `inlaid.scheduling`.
-    """
-
-    name = "fifo"
-    # β: the most distinct adapters one step may compute (base-model rows do not count).
-    max_adapters_per_step: int | None = None
-    # Prompt tokens (prefill chunks) one step may compute, below the engine's token budget:
-    # shorter steps for the decoding sequences (stall-free chunked prefill).
-    max_prefill_tokens_per_step: int | None = None
-    # Only the first `plannable` entries of the last `order` may compute this step; the rest
-    # are ranked only to choose preemption victims (a fairness bound holds them back, set in
-    # `order`). None: all of them.
-    plannable: int | None = None
-
-    def attach(self, scheduler: "Scheduler") -> None:
-        """Called once by the scheduler that uses this policy."""
-
-    def on_arrival(self, seq: Sequence, now: float) -> None:
-        """A sequence was queued (predict its length here)."""
-
-    def order(self, running: list[Sequence], waiting: list[Sequence], now: float) -> list[Sequence]:
-        """Every running and waiting sequence, best first."""
-        return running + waiting
-
-    def is_overdue(self, seq: Sequence, now: float) -> bool:
-        """A waiting sequence that nothing ranked below it may overtake."""
-        return False
-
-    def preemption_victim(self, candidates: list[Sequence], now: float) -> Sequence:
-        """Which of `candidates` (running, ranked in `order`'s order) loses its KV blocks."""
-        return candidates[-1]
-
-    def on_admit(self, seq: Sequence, now: float) -> None:
-        """A waiting sequence became running (again, after a preemption)."""
-
-    def on_preempt(self, seq: Sequence, now: float) -> None:
-        """A running sequence lost its KV blocks and waits again."""
-
-    def on_plan(self, plan: BatchPlan, planned: list[tuple[Sequence, int]], now: float) -> None:
-        """The step about to run: each planned sequence with its number of tokens."""
-
-    def on_token(self, seq: Sequence, now: float) -> None:
-        """`seq` generated a token (already appended)."""
-
-    def on_result(self, result: StepResult, now: float) -> None:
-        """The executor's result of a step (its compute time)."""
-
-    def on_undone(self, step_id: int, now: float) -> None:
-        """A planned step never ran (its execution raised): it gets no result, and its
-        sequences were requeued (`on_preempt`)."""
-
-    def on_finish(self, seq: Sequence, now: float) -> None:
-        """`seq` finished (any reason, cancellations included)."""
-
-    def close(self) -> None:
-        """The server stops: save what should outlive it."""
-
-
-FifoPolicy = SchedulingPolicy
 
 
 @dataclass
@@ -133,6 +68,7 @@ class _StepBuilder:
     loads: list[AdapterLoad] = field(default_factory=list)
     planned: list[tuple[Sequence, int]] = field(default_factory=list)
     adapters: set[str] = field(default_factory=set)  # adapters this step computes (their slots are pinned)
+    preempted: set[int] = field(default_factory=set)  # seq ids this step preempted: not admitted again in it
     admitting: bool = True
 
 
@@ -235,7 +171,9 @@ class Scheduler:
                 break
             if seq.status is SequenceStatus.RUNNING:
                 self._plan_running(seq, step, order, rank, planned_ids, now)
-            elif seq.status is SequenceStatus.WAITING and step.admitting:
+            elif seq.status is SequenceStatus.WAITING and step.admitting and seq.seq_id not in step.preempted:
+                # (re-admitting a victim into the blocks left over recomputed its whole context,
+                # then it could not grow next step and preempted itself: the work was lost)
                 self._plan_waiting(seq, step, order, rank, planned_ids, now)
         if not step.chunks:
             return None
@@ -255,6 +193,7 @@ class Scheduler:
             victim = self._victim(seq, order, rank, planned_ids, now, include_self=True)
             assert victim is not None  # the sequence itself is a candidate
             self._preempt(victim, now)
+            step.preempted.add(victim.seq_id)
             step.admitting = False  # admitting new work right after a preemption would only thrash
             if victim is seq:
                 return
@@ -275,6 +214,7 @@ class Scheduler:
                     step.admitting = False  # no overtaking on memory
                     break
                 self._preempt(victim, now)
+                step.preempted.add(victim.seq_id)
         if admissible and self._take_slot(seq, step):
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 
 from inlaid.engine.config import check_range
-from inlaid.engine.scheduler import SchedulingPolicy
+from inlaid.engine.policy import SchedulingPolicy, seconds_without_progress
 from inlaid.engine.sequence import Sequence
 from inlaid.scheduling.srtf import MAX_PREFILL_WEIGHT
 
@@ -82,6 +82,11 @@ class MlfqPolicy(SchedulingPolicy):
                 self._levels[seq.seq_id] = _Level(0, 0, now)
         return sorted(running + waiting, key=lambda s: (self._levels[s.seq_id].level, self._levels[s.seq_id].since,
                                                         s.arrival_time, s.seq_id))
+
+    def is_overdue(self, seq: Sequence, now: float) -> bool:
+        # Starved requests are also not overtaken: one back at the top level but refused for
+        # its adapter's slot was passed by the top level's requests of resident adapters.
+        return seconds_without_progress(seq, now) >= self.options.starvation_s
 
     def on_token(self, seq: Sequence, now: float) -> None:
         state = self._levels[seq.seq_id]

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from inlaid.cli_args import MAX_SECONDS, type_words
-from inlaid.engine.scheduler import FifoPolicy, SchedulingPolicy
+from inlaid.engine.policy import FifoOptions, FifoPolicy, SchedulingPolicy
 from inlaid.scheduling.estimates import LengthModel
 from inlaid.scheduling.mlfq import MlfqOptions, MlfqPolicy
 from inlaid.scheduling.srtf import InlaidOptions, InlaidPolicy
@@ -22,12 +22,6 @@ if TYPE_CHECKING:  # the predictor (numpy) loads only where a policy needs it
 
 # The server's logger: these lines belong to its start-up and shutdown story.
 log = logging.getLogger("inlaid.coordinator")
-
-
-@dataclasses.dataclass
-class FifoOptions:
-    def validate(self) -> None:
-        pass
 
 
 OPTIONS: dict[str, type] = {"fifo": FifoOptions, "inlaid": InlaidOptions, "mlfq": MlfqOptions, "vtc": VtcOptions}
@@ -73,7 +67,7 @@ def make_policy(name: str, raw_options: Mapping[str, Any] | None = None, *,
     options = parse_options(name, raw_options)
     policy: SchedulingPolicy
     if name == "fifo":
-        policy = FifoPolicy()
+        policy = FifoPolicy(options)
     elif name == "inlaid":
         policy = InlaidPolicy(options, length_model or build_length_model(options, tokenizer))
     elif name == "mlfq":

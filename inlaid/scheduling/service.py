@@ -25,7 +25,9 @@ class ServiceCounters:
         self.counters: dict[str, float] = {}
         self.unfinished: dict[str, int] = {}  # backlogged tasks -> their unfinished requests
         self._charged_ids: set[int] = set()  # requests whose prompt was charged (once, not on recompute)
-        self._last_left: str | None = None
+        # The counter of the last task that left the backlog (the floor a returning task is lifted to
+        # when none is backlogged): its value, so that forgetting that task keeps it.
+        self._last_left_counter: float | None = None
 
     def backlogged(self) -> list[str]:
         return list(self.unfinished)
@@ -47,7 +49,7 @@ class ServiceCounters:
         self.unfinished[task] -= 1
         if not self.unfinished[task]:
             del self.unfinished[task]
-            self._last_left = task
+            self._last_left_counter = self.counter(task)
 
     def charge_admission(self, seq: Sequence) -> None:
         if seq.seq_id not in self._charged_ids:
@@ -65,11 +67,16 @@ class ServiceCounters:
         task = task_key(seq)
         self.counters[task] = self.counter(task) + self.output_weight
 
+    def forget(self, task: str) -> None:
+        """A removed task whose requests all ended: its counter goes."""
+        if task not in self.unfinished:
+            self.counters.pop(task, None)
+
     def _lift(self, task: str) -> None:
         if self.unfinished:
             floor = min(self.counter(t) for t in self.unfinished)
-        elif self._last_left is not None:
-            floor = self.counter(self._last_left)
+        elif self._last_left_counter is not None:
+            floor = self._last_left_counter
         else:
             return
         self.counters[task] = max(self.counter(task), floor)

@@ -4,8 +4,8 @@ task grouping, aging and an optional fairness bound.
 Ranking, best first (the scheduler enforces seats, token budget, KV blocks, device slots
 and β on it; a running request it does not reach keeps its KV blocks, paused):
 
-1. overdue requests, oldest first: no progress for `max_wait_s` (never scheduled, or
-   paused that long). Once overdue, a request stays first until it finishes, and nothing
+1. overdue requests, oldest first: no progress for `max_wait_s` (never scheduled, paused
+   or preempted that long). Once overdue, a request stays first until it finishes, and nothing
    ranked below an overdue request is admitted before it: no request starves;
 2. new requests, in arrival order (`first_token_first`): a prefill is cheap next to the
    decode steps it is waiting behind, and a first token early is what a user sees;
@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from inlaid.cli_args import MAX_SECONDS
 from inlaid.engine.config import MAX_LORA_SLOTS, check_range
-from inlaid.engine.scheduler import SchedulingPolicy
+from inlaid.engine.policy import SchedulingPolicy, seconds_without_progress
 from inlaid.engine.sequence import Sequence, SequenceStatus
 from inlaid.protocol import BatchPlan
 from inlaid.scheduling.estimates import LengthModel, learn_on_finish, predict_on_arrival, remaining_tokens
@@ -290,11 +290,11 @@ class InlaidPolicy(SchedulingPolicy):
         return [s for a in order for s in groups[a]]
 
     def _waited(self, seq: Sequence, now: float) -> float:
-        """Seconds without progress: since arrival for a request never scheduled (or
-        preempted), since its last step for a running one (paused when it is long)."""
-        if seq.last_scheduled_at is None or seq.status is not SequenceStatus.RUNNING:
-            return now - seq.arrival_time
-        return now - seq.last_scheduled_at
+        """Seconds without progress: since arrival for a request never scheduled, since its
+        last step for a running one (paused when it is long) or a preempted one (measured
+        from its arrival, a preempted request older than `max_wait_s` was overdue at once and
+        preempted the request it had made room for: both recomputed, in turn)."""
+        return seconds_without_progress(seq, now)
 
     def _key(self, seq: Sequence, now: float) -> float:
         options = self.options
@@ -336,6 +336,13 @@ class InlaidPolicy(SchedulingPolicy):
         learn_on_finish(self.length_model, seq)
         if self.service is not None:
             self.service.finish(seq)
+
+    def on_task_removed(self, task: str) -> None:
+        if self.service is not None:
+            self.service.forget(task)
+        forget = getattr(self.length_model, "forget", None)  # (a plug-in's length model may keep nothing)
+        if forget is not None:
+            forget(task)
 
     def close(self) -> None:
         close = getattr(self.length_model, "close", None)

@@ -148,6 +148,9 @@ class StepLogPolicy(SchedulingPolicy):
     def on_finish(self, seq: Sequence, now: float) -> None:
         self.inner.on_finish(seq, now)
 
+    def on_task_removed(self, task: str) -> None:
+        self.inner.on_task_removed(task)
+
     def close(self) -> None:
         descriptor, self._fd = self._fd, None
         try:

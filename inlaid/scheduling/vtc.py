@@ -4,6 +4,9 @@ Running requests keep running; waiting requests are admitted task by task, alway
 the task with the least service so far (its counter, see `ServiceCounters`), oldest
 request of that task first. Within one step the order charges each admitted
 request's prompt tentatively, so several tasks interleave as VTC's admission loop does.
+A request refused for its adapter's slot is overtaken for at most `max_wait_s` (FIFO's
+bound): its task is the least served, so VTC ranks it first, but the resident adapters'
+requests behind it kept their slots busy and it waited as long as they kept coming.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from inlaid.engine.config import check_range
-from inlaid.engine.scheduler import SchedulingPolicy
+from inlaid.engine.policy import DEFAULT_MAX_WAIT_S, MAX_WAIT_LIMIT_S, SchedulingPolicy, seconds_without_progress
 from inlaid.engine.sequence import Sequence
 from inlaid.scheduling.service import ServiceCounters, task_key
 
@@ -25,8 +28,10 @@ MAX_WEIGHT = 1e6  # VTC weights are relative (2:1 by default); a million to one 
 class VtcOptions:
     input_weight: float = 1.0
     output_weight: float = 2.0
+    max_wait_s: float = DEFAULT_MAX_WAIT_S  # a request that waited this long is not overtaken
 
     def validate(self) -> None:
+        check_range("max_wait_s", self.max_wait_s, 0, MAX_WAIT_LIMIT_S, low_open=True, what="seconds")
         # A ceiling too: weights of 1e300 overflowed the counters to inf, where no gap between
         # tasks can be told any more (no fairness left, silently).
         check_range("input_weight", self.input_weight, 0, MAX_WEIGHT)
@@ -59,6 +64,9 @@ class VtcPolicy(SchedulingPolicy):
                 heapq.heappush(heap, (counter + self.options.input_weight * seq.num_prompt_tokens, task))
         return ordered
 
+    def is_overdue(self, seq: Sequence, now: float) -> bool:
+        return seconds_without_progress(seq, now) >= self.options.max_wait_s
+
     def on_arrival(self, seq: Sequence, now: float) -> None:
         self.service.arrive(seq)
 
@@ -70,3 +78,6 @@ class VtcPolicy(SchedulingPolicy):
 
     def on_finish(self, seq: Sequence, now: float) -> None:
         self.service.finish(seq)
+
+    def on_task_removed(self, task: str) -> None:
+        self.service.forget(task)

@@ -122,6 +122,10 @@ class ExecutorShard:
         served = self.tasks_served.pop(task, 0)
         if served:
             self.tasks_served[REMOVED_TASKS_LABEL] += served
+        try:  # the policy's per-task state (counters, learned lengths) goes too
+            self.engine.scheduler.policy.on_task_removed(task)
+        except Exception:  # a plug-in's bug: its state stays, the removal stands
+            log.exception("the scheduling policy failed to forget a removed task", extra={"task": task})
 
     def count_admissions(self, plan: BatchPlan) -> None:
         admitted = sum(1 for chunk in plan.chunks if chunk.start_pos == 0 and chunk.adapter_slot >= 0)

@@ -123,13 +123,16 @@ class StepLoop:
             except ExecutorLostError:
                 # The supervisor cleared `ready` and failed the running requests before it
                 # raised: the next turn suspends until a new executor says hello.
+                self._undone(plan)
                 continue
             except ExecutorStepError as error:  # the shared forward pass raised: no one request's fault
                 log.error("executor failed a plan", extra={"step_id": plan.step_id, "error": str(error)})
                 self._fail_running(f"the executor failed this step: {error}", ErrorCode.EXECUTOR_FAILED)
+                self._undone(plan)
                 continue
             except Exception:  # a bug here must cost the running requests, never the server
                 log.exception("internal error in the step loop", extra={"step_id": plan.step_id})
+                self._undone(plan)
                 await self._after_internal_error()
                 continue
             finally:
@@ -141,6 +144,15 @@ class StepLoop:
             except Exception:
                 log.exception("internal error applying a step result", extra={"step_id": plan.step_id})
                 await self._after_internal_error()
+
+    def _undone(self, plan: BatchPlan) -> None:
+        """The policy hears that a planned step never ran (no result will come): a step log
+        kept each such step's plan forever, and `inlaid` took its adapters as the batch's."""
+        scheduler = self.engine.scheduler
+        try:
+            scheduler.policy.on_undone(plan.step_id, scheduler.clock())
+        except Exception:  # a plug-in's bug must not stop the step loop
+            log.exception("the scheduling policy failed on a step that never ran", extra={"step_id": plan.step_id})
 
     async def _run_swaps_only(self) -> None:
         assert self._swaps is not None
