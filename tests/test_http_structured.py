@@ -263,3 +263,23 @@ def test_a_lora_name_longer_than_any_task_name_is_refused_by_name():
         error = json.loads(answer)["error"]
         assert (status, error["param"]) == (400, "lora_name"), answer
         assert "length <= 128" in error["message"], answer
+
+
+_INBOX_429 = ("more than 1024 messages (or 67108864 bytes) from this connection wait to be handled: this one is "
+              "dropped; send fewer at once")
+
+
+@pytest.mark.parametrize("words", [_INBOX_429, _REWORDED])
+def test_a_429_of_the_servers_inbox_speaks_of_the_front_not_of_this_connection(words):
+    """The coordinator's inbox bound (`queued_messages`): its "this connection ... send fewer at
+    once" is the front's connection, every HTTP client's; the caller may have sent one request,
+    and a request of several prompts was told of in-flight counts that do not apply (an outside
+    probe)."""
+    refusal = _server_error(ErrorCode.OVERLOADED, words, queued_messages=1024)
+    status, error = _error_of(_RefusedOnce(refusal), "/v1/completions", {"model": BASE, "prompt": "x"})
+    assert (status, error["code"]) == (429, "overloaded"), error
+    assert error["message"] == ("1024 messages from this HTTP front (every client's requests) wait to be handled by "
+                                "the server, its limit: this request was not taken; retry later"), error
+    status, error = _error_of(_RefusedOnce(refusal), "/v1/completions", {"model": BASE, "prompt": ["x", "y"]})
+    assert status == 429 and error["message"].startswith("prompt[0]: 1024 messages from this HTTP front"), error
+    assert "admission slot" not in error["message"] and "send fewer" not in error["message"]

@@ -58,6 +58,23 @@ def test_an_overload_refusal_carries_the_admission_counts(model_dir, tmp_path):
     assert refused.in_flight == InFlightCounts(requests=10, this_connection=1, limit=10), refused
 
 
+def test_under_overload_a_bad_request_is_still_told_what_is_wrong(model_dir, tmp_path):
+    """An unknown task or a bad value is answered as such when the server is full too (before:
+    `overloaded`, which the official clients retry twice, then report as a rate limit)."""
+    coordinator = _coordinator(model_dir, tmp_path, max_pending_requests=4)
+    for index in range(4):
+        coordinator.in_flight.generate(b"front", Generate(request_id=f"r{index}", prompt="hi"))
+    assert _refusal(coordinator, b"front", Generate(request_id="full", prompt="hi")).code == ErrorCode.OVERLOADED
+    unknown = _refusal(coordinator, b"front", Generate(request_id="typo", prompt="hi", task="nope"))
+    assert (unknown.code, unknown.field) == (ErrorCode.UNKNOWN_TASK, "task"), unknown
+    bad = _refusal(coordinator, b"front", Generate(request_id="bad", prompt="hi",
+                                                   sampling=SamplingParams(temperature=-1.0)))
+    assert (bad.code, bad.field) == (ErrorCode.INVALID_REQUEST, "temperature"), bad
+    # the prompt's own checks (tokenizing it) still come after the refusal: no work for a refused request
+    too_long = _refusal(coordinator, b"front", Generate(request_id="long", prompt="hi " * 5000))
+    assert too_long.code == ErrorCode.OVERLOADED
+
+
 def test_a_context_refusal_carries_the_field_and_the_overflow(coordinator):
     limit = coordinator.pool.shards[0].engine.max_model_len
     prompt = [42] * (limit - 10)
@@ -244,3 +261,21 @@ def test_an_addition_of_the_path_a_task_serves_says_nothing_was_read_again(model
         " Note: it already served these files; nothing was loaded again.")
     other = add("qa", ADAPTERS / "math")  # another path: replaced, and said so
     assert not other.already_served and other.replaces_config_entry is not None, other
+
+
+def test_an_inbox_refusal_says_how_many_messages_wait(model_dir, tmp_path):
+    """A frame past its connection's bound in the coordinator's inbox is refused with the count
+    that waits (`queued_messages`): the HTTP front words it for its callers from that fact."""
+    from inlaid.serve.front_inbox import FrontInbox
+
+    coordinator = _coordinator(model_dir, tmp_path)
+    sent: list[Any] = []
+    coordinator._send = lambda identity, message: sent.append(message)
+    coordinator._inbox = FrontInbox(None, 2, 1 << 20, on_read=lambda frame: None,  # type: ignore[arg-type]
+                                    dropped=lambda identity: False, handle=lambda identity, body: None,
+                                    refuse=coordinator._refuse_queued, refuse_dropped=lambda: None)
+    frame = msgspec.msgpack.encode(Generate(request_id="late", prompt="hi"))
+    assert coordinator._inbox.put(b"front", [frame]) and coordinator._inbox.put(b"front", [frame])
+    coordinator._refuse_queued(b"front", [frame])
+    refused = msgspec.msgpack.decode(msgspec.msgpack.encode(sent[-1]), type=ErrorReply)
+    assert (refused.request_id, refused.code, refused.queued_messages) == ("late", ErrorCode.OVERLOADED, 2), refused

@@ -233,6 +233,7 @@ def test_the_front_inbox_bounds_each_connection_and_takes_them_in_turn() -> None
         assert taken == [(b"a", [b"a0"]), (b"b", [b"b0"]), (b"c", [b"c0"])]  # a flood does not go first for long
         assert not inbox.waiting(b"b") and inbox.waiting(b"a")
         assert not inbox.put(b"a", [b"a3"])  # three wait again (a1, a2, the Cancel)
+        assert (inbox.queued(b"a"), inbox.queued(b"b")) == (3, 0)  # what a refusal says (queued_messages)
         assert inbox.forget(b"a") == 3  # a peer reported gone: what it left is not handled
         assert inbox.take() is None and not inbox.waiting(b"a")
         # the bytes bound: 64 frames of the largest size a connection may have waiting
@@ -243,3 +244,23 @@ def test_the_front_inbox_bounds_each_connection_and_takes_them_in_turn() -> None
         assert sum(big.put(b"e", [b"x" * 10]) for _ in range(100)) == 64
 
     asyncio.run(scenario())
+
+
+def test_refusals_for_a_full_backlog_are_logged_at_most_every_ten_seconds(caplog, monkeypatch) -> None:
+    """Thousands a second in a flood: one WARNING per interval, counting them (none at all
+    before: only /metrics' frames_refused told of them)."""
+    from inlaid.serve import front_inbox
+
+    clock = [100.0]
+    monkeypatch.setattr(front_inbox.time, "monotonic", lambda: clock[0])
+    inbox = front_inbox.FrontInbox(None, 1, 10, on_read=lambda frame: None,  # type: ignore[arg-type]
+                                   dropped=lambda identity: False, handle=lambda identity, body: None,
+                                   refuse=lambda identity, body: None, refuse_dropped=lambda: None)
+    inbox.put(b"a", [b"x"])
+    with caplog.at_level("WARNING", logger="inlaid.coordinator"):
+        for _ in range(500):
+            inbox.log_refused(b"a")
+        clock[0] += front_inbox.REFUSALS_LOGGED_EVERY_S
+        inbox.log_refused(b"a")
+    lines = [r for r in caplog.records if "messages refused" in r.getMessage()]
+    assert [(r.refused, r.queued, r.limit) for r in lines] == [(1, 1, 1), (500, 1, 1)]

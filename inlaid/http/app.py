@@ -56,6 +56,12 @@ class Front:
         self.config = config
         self.client = client or AsyncClient(address, timeout_s=config.request_timeout_s, client_name="inlaid-http",
                                             reachability_check=self.refuse_when_unreachable)
+        # /health and /metrics ask on a connection of their own: on the generations' one they
+        # waited behind up to a thousand queued frames (the coordinator handles each
+        # connection's frames in order, connections in turn), and a busy server read
+        # "unreachable" to a readiness probe (an outside probe: 503 after 3.5 s).
+        self.info_client = AsyncClient(address, timeout_s=config.request_timeout_s, client_name="inlaid-http-info",
+                                       reachability_check=self.refuse_when_unreachable) if client is None else client
         self._admin_client = admin_client or self._sdk_admin_client
         self.started = int(time.time())
         self._hello_lock = asyncio.Lock()
@@ -144,6 +150,11 @@ class Front:
         finally:
             self._hello_lock.release()
 
+    async def close_clients(self) -> None:
+        await self.client.close()
+        if self.info_client is not self.client:
+            await self.info_client.close()
+
     def admin_client(self, request: Request) -> Any:
         """A client carrying the caller's Bearer token: the server alone decides on it."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -167,7 +178,7 @@ def create_app(address: str, config: HttpConfig, client: Any = None,
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         yield
-        await front.client.close()
+        await front.close_clients()
 
     routes = [
         Route("/v1/completions", _endpoint(front, _completions), methods=["POST"]),
@@ -333,7 +344,7 @@ async def _livez(request: Request) -> Response:
 
 async def _health(front: Front, request: Request) -> Response:
     try:
-        reply = await front.client.health(timeout_s=_HEALTH_TIMEOUT_S)
+        reply = await front.info_client.health(timeout_s=_HEALTH_TIMEOUT_S)
     except (RequestTimeoutError, ConnectionLostError):  # nothing listens: at once (`refuse_when_unreachable`)
         return _unhealthy(b'{"status":"unreachable"}')
     body = msgspec.json.encode({"status": reply.status, "executor_ready": reply.executor_ready,
@@ -360,7 +371,7 @@ async def _metrics(front: Front, request: Request) -> Response:
     when they tell most (an outside probe: a SIGSTOPped coordinator). One that nothing serves
     (stopped, killed) is a 503 at once, as on every route."""
     try:
-        server_text = await front.client.metrics(timeout_s=_HEALTH_TIMEOUT_S)
+        server_text = await front.info_client.metrics(timeout_s=_HEALTH_TIMEOUT_S)
         missing = 0 if server_text else 1  # none at all (a Ray ingress's) read 0, "all there" (a probe)
     except RequestTimeoutError:
         server_text, missing = "", 1

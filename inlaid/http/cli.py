@@ -199,7 +199,7 @@ async def _answer_before_the_grace_ends(server: uvicorn.Server, front: Any) -> N
     await asyncio.sleep(_GRACEFUL_SHUTDOWN_S - _ANSWER_S)
     log.warning("closing the front's client: requests still open get 503")
     front.stop_body_reads()
-    await front.client.close()
+    await front.close_clients()
 
 
 async def _watch_parent(server: uvicorn.Server, parent_pid: int) -> None:

@@ -67,7 +67,15 @@ class GenerationResponse(Response):
         if one_of_several and api_error.param == prompt_param:  # the message says which prompt too
             api_error.message = f"{prompt_param}: {api_error.message}"
         counts = error.reply.in_flight if error.reply is not None else None
-        if one_of_several and error.code == ErrorCode.OVERLOADED:
+        queued = error.reply.queued_messages if error.reply is not None else None
+        if error.code == ErrorCode.OVERLOADED and queued is not None:
+            # The server's "this connection" and "send fewer at once" are the front's, every HTTP
+            # client's: this caller may have sent one request.
+            api_error.message = (f"{queued} messages from this HTTP front (every client's requests) wait to be "
+                                 "handled by the server, its limit: this request was not taken; retry later")
+            if one_of_several:
+                api_error.message = f"prompt[{index}]: {api_error.message}"
+        elif one_of_several and error.code == ErrorCode.OVERLOADED:
             api_error.message = _own_prompts_apart(api_error.message, counts, index, len(self.call.prompts))
         elif error.code == ErrorCode.OVERLOADED and counts is not None and counts.requests < counts.limit:
             # The server's "this connection" is the front's one connection, every HTTP client's.

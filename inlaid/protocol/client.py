@@ -246,6 +246,9 @@ class ErrorReply(msgspec.Struct, frozen=True, kw_only=True, tag="error"):
     # and how many it serves (None: every one is listed; a server older than the count).
     known_tasks: list[str] | None = None
     known_tasks_total: int | None = None
+    # With `overloaded` when the refusal is the connection's own backlog, not admission: the
+    # messages of this connection that waited to be handled (its bound; the server's inbox).
+    queued_messages: int | None = None
 
 
 class TaskInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -341,11 +341,13 @@ class Coordinator:
             self._inbox.put(identity, body, force=True)
             return
         self._count_refused(FRAMES_QUEUED)
+        self._inbox.log_refused(identity)
         if request_id:  # its sender's wait ends (under no id where that id's request is in flight)
             request_id = "" if self.startup.id_in_use(identity, request_id) else request_id
             self._send(identity, ErrorReply(request_id=request_id, code=ErrorCode.OVERLOADED, message=(
                 f"more than {self._inbox.per_connection} messages (or {self._inbox.max_bytes} bytes) from this "
-                "connection wait to be handled: this one is dropped; send fewer at once")))
+                "connection wait to be handled: this one is dropped; send fewer at once"),
+                queued_messages=self._inbox.queued(identity)))
 
     def _send(self, identity: bytes, message: msgspec.Struct) -> None:
         assert self._replies is not None

@@ -37,6 +37,9 @@ log = logging.getLogger("inlaid.coordinator")
 TURN_S = 0.0025
 # The bytes a connection may have waiting, in frames of at most max_frame_bytes each.
 FRAMES_OF_BYTES = 64
+# At most one log line this often about frames refused for a full backlog (a flood refuses
+# thousands a second; none at all left the refusals to /metrics alone).
+REFUSALS_LOGGED_EVERY_S = 10.0
 
 
 class FrontInbox:
@@ -63,11 +66,30 @@ class FrontInbox:
         self._queues: dict[bytes, deque[list[bytes]]] = {}
         self._turns: deque[bytes] = deque()  # connections with frames waiting, in turn
         self._arrived = asyncio.Event()
+        self._refusals_unlogged = 0
+        self._refusals_logged_at = -float("inf")
 
     def waiting(self, identity: bytes) -> bool:
         """Whether a frame of this connection waits to be handled (PeerWatch reports a leaving
         peer after them)."""
         return identity in self._queues
+
+    def log_refused(self, identity: bytes) -> None:
+        """A frame of `identity` was refused for its connection's full backlog: a WARNING at
+        most every REFUSALS_LOGGED_EVERY_S, counting those since the last."""
+        self._refusals_unlogged += 1
+        now = time.monotonic()
+        if now - self._refusals_logged_at >= REFUSALS_LOGGED_EVERY_S:
+            log.warning("messages refused: a connection sends faster than the server handles them",
+                        extra={"refused": self._refusals_unlogged, "queued": self.queued(identity),
+                               "limit": self.per_connection, "connection": identity.hex()[:16]})
+            self._refusals_unlogged = 0
+            self._refusals_logged_at = now
+
+    def queued(self, identity: bytes) -> int:
+        """Frames of this connection waiting to be handled."""
+        queue = self._queues.get(identity)
+        return len(queue) if queue is not None else 0
 
     def forget(self, identity: bytes) -> int:
         """A peer reported gone: the frames it left are not handled; returns how many."""

@@ -134,9 +134,10 @@ class InFlight:
             return self.refuse_reused_id(identity, request_id, "Generate")
         if not self._accepting():
             return self.error(identity, request_id, ErrorCode.SHUTTING_DOWN, "the server is shutting down")
-        if (counts := self._overloaded(identity)) is not None:
-            self.counters["overloaded"] += 1
-            return self.error(identity, request_id, ErrorCode.OVERLOADED, _overload_message(counts), in_flight=counts)
+        # The checks that cost nothing come before the overload refusal: a mistyped task name
+        # or a bad value is a 404/400 under load too, not a 429 that the official clients
+        # retry twice and then report as a rate limit (an outside probe). The prompt's
+        # (tokenizing it) comes after: an overloaded server does no work for a refused request.
         try:
             self.registry.check_accepting(message.task)
         except TaskError as error:
@@ -150,6 +151,9 @@ class InFlight:
             message.sampling.validate()
         except SamplingError as error:
             return self.error(identity, request_id, ErrorCode.INVALID_REQUEST, str(error), field=error.field)
+        if (counts := self._overloaded(identity)) is not None:
+            self.counters["overloaded"] += 1
+            return self.error(identity, request_id, ErrorCode.OVERLOADED, _overload_message(counts), in_flight=counts)
         context_length = self.engine.max_model_len
         try:
             token_ids = self._prompt_tokens(message)
