@@ -155,7 +155,8 @@ class OnlineLengthPredictor:
         # Swapped under the lock, so no residual is added against a replaced model. Residuals
         # since the snapshot are dropped; their requests are in the next refit.
         with self._lock:
-            self.model.set_weights(*weights, tasks=tasks)
+            # (a task forgotten since the snapshot is not fitted again: it starts as a new one)
+            self.model.set_weights(*weights, tasks=[task for task in tasks if task in self._rows])
             self.fits += 1
         self._save_state()
 
@@ -199,10 +200,11 @@ class OnlineLengthPredictor:
                     lengths.append(len(index))
                     indices.append(index)
                     values.append(value)
+            since_fit = self._since_fit
         if self.tokenizer is not None:
             state["tokenizer_sha256"] = np.asarray(self.tokenizer.sha256)
             state["tokenizer_model"] = np.asarray(self.tokenizer.model)
-        state["reservoir_since_fit"] = np.asarray(self._since_fit)  # a restart's next refit stays when it was due
+        state["reservoir_since_fit"] = np.asarray(since_fit)  # a restart's next refit stays when it was due
         state["reservoir_tasks"] = np.asarray(tasks, dtype=str)
         state["reservoir_targets"] = np.asarray(targets, dtype=np.float64)
         state["reservoir_lengths"] = np.asarray(lengths, dtype=np.int64)

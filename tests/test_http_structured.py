@@ -278,8 +278,8 @@ def test_a_429_of_the_servers_inbox_speaks_of_the_front_not_of_this_connection(w
     refusal = _server_error(ErrorCode.OVERLOADED, words, queued_messages=1024)
     status, error = _error_of(_RefusedOnce(refusal), "/v1/completions", {"model": BASE, "prompt": "x"})
     assert (status, error["code"]) == (429, "overloaded"), error
-    assert error["message"] == ("1024 messages from this HTTP front (every client's requests) wait to be handled by "
-                                "the server, its limit: this request was not taken; retry later"), error
+    assert error["message"] == ("the server's queue of messages from this HTTP front (every client's requests) is "
+                                "full (1024 waiting): this request was not taken; retry later"), error
     status, error = _error_of(_RefusedOnce(refusal), "/v1/completions", {"model": BASE, "prompt": ["x", "y"]})
-    assert status == 429 and error["message"].startswith("prompt[0]: 1024 messages from this HTTP front"), error
+    assert status == 429 and error["message"].startswith("prompt[0]: the server's queue of messages"), error
     assert "admission slot" not in error["message"] and "send fewer" not in error["message"]

@@ -194,3 +194,18 @@ def test_failed_requests_count_as_misses_in_the_slo_attainments():
     # a replay knows no isolated latency: the 10x figure stays unmeasured, failures or not
     unknown = [RequestRecord(**{**r.__dict__, "isolated_s": None}) for r in answered]
     assert np.isnan(summarize([*unknown, timed_out])["slo_attainment"]["10x"])
+
+
+def test_a_refit_running_while_a_task_is_forgotten_does_not_fit_it_again():
+    """The background refit snapshots the reservoir, then swaps its weights in: a task
+    forgotten between the two came back as fitted (its old task column answered for a task
+    added again under the name)."""
+    predictor = OnlineLengthPredictor(LengthPredictor(bits=12), refit_every=0, background=False)
+    for index in range(20):
+        predictor.observe("gone", [1, index], 3)
+        predictor.observe("stay", [2, index], 40)
+    rows = [row for task_rows in predictor._rows.values() for row in task_rows]
+    tasks = list(predictor._rows)  # the refit thread's snapshot
+    predictor.forget("gone")
+    predictor._fit(rows, tasks)  # ... and its end, after the forget
+    assert predictor.model.fitted_tasks == frozenset({"stay"})

@@ -22,7 +22,8 @@ class PolicyError(RuntimeError):
 
 
 class SchedulingPolicy:
-    """The order of work, and hooks to learn from what ran. This base class is FIFO.
+    """The order of work, and hooks to learn from what ran. This base class ranks as FIFO
+    does but never calls a request overdue (`FifoPolicy` below adds FIFO's bound).
 
     Every hook receives the scheduler's clock time `now` (seconds; the simulator's clock in
     simulations). Policies live in `inlaid.scheduling`.
@@ -73,8 +74,9 @@ class SchedulingPolicy:
         """The executor's result of a step (its compute time)."""
 
     def on_undone(self, step_id: int, now: float) -> None:
-        """A planned step never ran (its execution raised): it gets no result, and its
-        sequences were requeued (`on_preempt`)."""
+        """A planned step never ran (its execution raised): it gets no result. Its sequences
+        were requeued (`Engine.undo_step`, `on_preempt`) or, where a server's executor failed
+        the step, failed (`on_finish`)."""
 
     def on_finish(self, seq: Sequence, now: float) -> None:
         """`seq` finished (any reason, cancellations included)."""
@@ -90,7 +92,7 @@ class SchedulingPolicy:
 
 def seconds_without_progress(seq: Sequence, now: float) -> float:
     """Since the sequence's last step, or since its arrival when it never computed: how long
-    a waiting request has waited (a preempted one since it lost its KV, not since it arrived)
+    a waiting request has waited (a preempted one since its last step, not since it arrived)
     and how long a running one has been paused."""
     return now - (seq.arrival_time if seq.last_scheduled_at is None else seq.last_scheduled_at)
 
@@ -98,9 +100,9 @@ def seconds_without_progress(seq: Sequence, now: float) -> float:
 # How long a waiting request may be overtaken (fifo, vtc). With more busy adapters than
 # device slots, a request whose adapter has no slot is refused while later requests of the
 # resident adapters are admitted, and it was overtaken forever (vLLM #16876); past this bound
-# it closes admission, the running requests drain, and a slot frees for it.
+# it closes admission (for a slot: the scheduler's slot hold drains one adapter for it).
 DEFAULT_MAX_WAIT_S = 10.0
-MAX_WAIT_LIMIT_S = 86_400.0
+MAX_WAIT_LIMIT_S = 1e6  # as every duration option (inlaid.cli_args.MAX_SECONDS): 11.6 days, in effect off
 
 
 @dataclass

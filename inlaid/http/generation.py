@@ -71,8 +71,8 @@ class GenerationResponse(Response):
         if error.code == ErrorCode.OVERLOADED and queued is not None:
             # The server's "this connection" and "send fewer at once" are the front's, every HTTP
             # client's: this caller may have sent one request.
-            api_error.message = (f"{queued} messages from this HTTP front (every client's requests) wait to be "
-                                 "handled by the server, its limit: this request was not taken; retry later")
+            api_error.message = (f"the server's queue of messages from this HTTP front (every client's requests) is "
+                                 f"full ({queued} waiting): this request was not taken; retry later")
             if one_of_several:
                 api_error.message = f"prompt[{index}]: {api_error.message}"
         elif one_of_several and error.code == ErrorCode.OVERLOADED:
