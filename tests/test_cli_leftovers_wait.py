@@ -246,3 +246,40 @@ def test_a_task_removed_while_waited_for_says_so() -> None:
         asyncio.run(asyncio.wait_for(async_wait(), 10))
     finally:
         server.stop()
+
+
+def test_cli_wait_interrupted_says_the_server_goes_on(capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    """Ctrl-C during `add-task --wait` printed only "interrupted", as if the add were undone;
+    the re-quantization goes on in the server (a first-user walkthrough)."""
+    address = f"tcp://127.0.0.1:{free_tcp_port()}"
+    server = StandInServer(address)
+
+    def interrupted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Client, "wait_task", interrupted)
+    try:
+        assert main(["client", "--address", address, "add-task", "t", ".", "--wait"]) == 130
+        err = capsys.readouterr().err
+        assert "stopped waiting; the server goes on with task 't'" in err and "task-status t" in err, err
+        assert err.rstrip().endswith("inlaid client: interrupted"), err
+    finally:
+        server.stop()
+
+
+def test_text_output_rounds_floats_and_json_keeps_them(capsys: pytest.CaptureFixture) -> None:
+    """`inlaid client health` / `stats` printed uptime_seconds: 30.351641882007243 and nested
+    floats to 17 digits (a first-user walkthrough); --json keeps every digit."""
+    from inlaid.client.cli import _print
+    from inlaid.protocol import HealthReply
+
+    reply = HealthReply(request_id="r", status="ok", executor_ready=True, uptime_seconds=30.351641882007243,
+                        step_running_seconds=123456.789)
+    _print(reply, False)
+    text = capsys.readouterr().out
+    assert "uptime_seconds: 30.35\n" in text and "step_running_seconds: 123457\n" in text, text
+    assert "status: ok\n" in text and "executor_ready: True\n" in text, text
+    _print(reply, True)
+    assert "30.351641882007243" in capsys.readouterr().out
+    _print({"executors": [{"mean_step_seconds": 0.04695943214798771, "index": 0}]}, False)  # nested: JSON, rounded
+    assert capsys.readouterr().out == 'executors: [{"mean_step_seconds": 0.04696, "index": 0}]\n'

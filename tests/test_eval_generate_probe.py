@@ -250,3 +250,24 @@ def test_a_quantized_checkpoint_is_scored_as_its_float_base(tmp_path: Path) -> N
     done = _inlaid(["eval", "--model", str(checkpoint), "--task", "math", "--adapter", str(ADAPTERS / "math"),
                     "--backend", "peft"])
     _refused(done, "eval", "--backend peft loads --model with transformers, which reads a GPTQ checkpoint")
+
+
+def test_eval_names_a_missing_adapter_directory_as_the_other_commands_do(config_only_model: Path,
+                                                                          tmp_path: Path) -> None:
+    """`eval --adapter my-adapters/sentiment` (a path that does not exist) said "no
+    adapter_config.json in ..." where generate, quantize and serve say "directory not found"
+    (a first-user walkthrough)."""
+    from inlaid.tasks.checks import adapter_problem
+
+    missing = tmp_path / "my-adapters" / "sentiment"
+    assert adapter_problem(config_only_model, {"sentiment": missing}) == (
+        f"adapter 'sentiment': directory not found: {missing}")
+    (tmp_path / "empty").mkdir()
+    assert "no adapter_config.json in" in adapter_problem(config_only_model, {"e": tmp_path / "empty"})
+
+
+def test_python_dash_m_inlaid_is_the_inlaid_command() -> None:
+    """`python -m inlaid` said "No module named inlaid.__main__" (a first-user walkthrough)."""
+    done = subprocess.run([sys.executable, "-m", "inlaid", "tasks", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "usage: inlaid tasks" in done.stdout, done.stderr

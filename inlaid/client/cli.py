@@ -77,7 +77,27 @@ def _print(message: object, as_json: bool) -> None:
         return
     for name, value in fields.items():  # one "name: value" line each, nested values as JSON
         if name not in ("type", "request_id"):
-            print(f"{name}: {value if isinstance(value, (str, int, float)) else json.dumps(value)}")
+            print(f"{name}: {_shown(value)}")
+
+
+def _shown(value: object) -> str:
+    """A value for a person: floats to 4 significant digits (uptime_seconds 30.351641882007243
+    read as noise), nested values as JSON with theirs rounded too (--json keeps every digit)."""
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.0f}"
+    if isinstance(value, (str, int)):
+        return str(value)
+    return json.dumps(_rounded(value))
+
+
+def _rounded(value: object) -> object:
+    if isinstance(value, float):
+        return float(f"{value:.4g}") if abs(value) < 1e5 else round(value)
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_rounded(item) for item in value]
+    return value
 
 
 def _print_status(status: TaskStatusReply, as_json: bool, verbose: bool = False) -> None:
@@ -180,9 +200,14 @@ def run(args: argparse.Namespace) -> int:
                 elif not args.wait:
                     _print(reply, True)
                 if args.wait:
-                    final = client.wait_task(args.name, timeout_s=args.wait_timeout, poll_s=1.0,
-                                             on_status=_progress_printer(),
-                                             on_silence=_silence_printer(args.wait_timeout))
+                    try:
+                        final = client.wait_task(args.name, timeout_s=args.wait_timeout, poll_s=1.0,
+                                                 on_status=_progress_printer(),
+                                                 on_silence=_silence_printer(args.wait_timeout))
+                    except KeyboardInterrupt:  # only the wait ends: said, or it read as the add undone
+                        print(f"stopped waiting; the server goes on with task {args.name!r} (follow it with "
+                              f"`inlaid client task-status {args.name}`)", file=sys.stderr, flush=True)
+                        raise
                     if args.json:  # one JSON document on stdout: the add's reply and the wait's end
                         document = {"added": msgspec.to_builtins(reply), "final_status": msgspec.to_builtins(final)}
                         print(json.dumps(document, indent=2))

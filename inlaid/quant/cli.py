@@ -68,8 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", default=None, metavar="A,B", help="with --suite: only these tasks of the manifest")
     parser.add_argument("--adapters-dir", type=Path, default=None, help="with --suite: where MANIFEST.json is")
     parser.add_argument("--method", default="mlgptq",
-                        help="mlgptq | minimax | max | gptq-mixed | gptq-mean-lora | gptq-task:<name> | rtn")
-    parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
+                        help="mlgptq (default) | minimax | max | gptq-mixed | gptq-mean-lora | gptq-task:<name> | rtn")
+    parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8), help="bits per weight (default 4)")
     parser.add_argument("--group-size", type=int, default=128,
                         help="-1 (per row) or a power of two from 32: 32, 64, 128 (default), 256 ...")
     parser.add_argument("--sym", action="store_true", help="symmetric grids (default asymmetric)")
@@ -77,10 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dynamic-groups", action="store_true",
                         help="with --act-order: groups in processing order (g_idx permuted) instead of static")
     parser.add_argument("--mse-clip", action="store_true", help="search a clipped range per group")
-    parser.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of the mean diagonal")
+    parser.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of the mean diagonal (default 0.01)")
     parser.add_argument("--max-samples", type=positive_int, default=None,
                         help="calibration samples per task (128; --suite: 32)")
-    parser.add_argument("--max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS, help="tokens per sample (truncated)")
+    parser.add_argument("--max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS,
+                        help="tokens per sample, longer ones truncated (default %(default)s)")
     parser.add_argument("--batch-tokens", type=positive_int, default=CALIBRATION_BATCH_TOKENS,
                         help="padded tokens per forward batch (1024: 6%% padding on the task suite, 4096: 21%%)")
     parser.add_argument("--mlgptq-start", default=None,

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from inlaid.scheduling.autotune import (MAX_TUNING_REQUESTS, MAX_TUNING_TASKS, MIN_TUNING_REQUESTS,
-                                            load_cost_model, tune_inlaid_options)
+                                            explain_choice, load_cost_model, tune_inlaid_options)
     from inlaid.scheduling.simulator import EngineShape
 
     from inlaid.scheduling.suite import SUITE_LENGTHS_FILE
@@ -103,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
           f"cost model: {cost.description or args.cost_model}\n")
     print(result.table())
     print(f"\nchosen: {result.chosen.label}; [scheduler] options: {json.dumps({**result.chosen.options, **explicit})}")
+    print("\n".join(explain_choice(result)))
     best = min(score.jct_geomean for score in result.scores)
     if best > 1.005:  # every option set loses to FIFO (past a tie's rounding): say so, do not just pick
         print(f"note: every option set's mean JCT (geometric mean over the workloads) is above FIFO's, the best "

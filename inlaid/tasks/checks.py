@@ -24,6 +24,8 @@ def adapter_problem(model_dir: Path, adapters: dict[str, Path], max_rank: int | 
         return None  # a missing model is reported by the model check / the model load
     model = ModelConfig.from_dir(model_dir)
     for name, path in adapters.items():
+        if not Path(path).is_dir():  # as generate, quantize and serve say it
+            return f"adapter '{name}': directory not found: {path}"
         if not (Path(path) / "adapter_config.json").is_file():
             return f"adapter '{name}': no adapter_config.json in {path}"
         try:
