@@ -232,6 +232,7 @@ def test_eval_interrupted_writes_what_finished(model_dir: Path, tmp_path: Path, 
     assert len(results["tasks"]["sentiment"]["base"]["predictions"]) == 1
     assert "| sentiment |" in table.read_text()
     assert b"sentiment" in stdout
+    assert b"(of the finished predictions)" in stdout  # its tokens= count: not those cut off
 
 
 def test_a_quantized_checkpoint_is_scored_as_its_float_base(tmp_path: Path) -> None:
@@ -271,3 +272,17 @@ def test_python_dash_m_inlaid_is_the_inlaid_command() -> None:
     done = subprocess.run([sys.executable, "-m", "inlaid", "tasks", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and "usage: inlaid tasks" in done.stdout, done.stderr
+
+
+def test_eval_warns_when_an_adapter_is_scored_on_another_task_than_it_was_trained_for() -> None:
+    """`eval --task sentiment --adapter adapters/math` scored 100 % unparsed without a word (a
+    first-user walkthrough); the adapter's training.json names its task."""
+    from inlaid.tasks.checks import task_mismatch_warnings
+
+    warnings = task_mismatch_warnings([("sentiment", ADAPTERS / "math"), ("math", ADAPTERS / "math"),
+                                       ("mine=mine.jsonl", ADAPTERS / "sentiment")])
+    assert warnings == [f"adapter '{ADAPTERS / 'math'}' was trained for task 'math' (its training.json), scored "
+                        "here on 'sentiment'",
+                        f"adapter '{ADAPTERS / 'sentiment'}' was trained for task 'sentiment' (its training.json), "
+                        "scored here on 'mine=mine.jsonl'"]
+    assert task_mismatch_warnings([("math", Path("/nonexistent"))]) == []

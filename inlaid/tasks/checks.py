@@ -60,6 +60,25 @@ def base_model_warnings(model_dir: Path, adapters: dict[str, Path]) -> list[str]
     return warnings
 
 
+def task_mismatch_warnings(runs: list[tuple[str, Path]]) -> list[str]:
+    """One line per (task, adapter) pair whose adapter's training.json (written by `inlaid
+    train-adapter`) names another task: scored on a task it was not trained for, it read as a
+    broken adapter (unparsed 100 %) without a word. Adapters without that file: nothing said."""
+    import json
+
+    warnings = []
+    for task, path in runs:
+        try:
+            trained = json.loads((Path(path) / "training.json").read_text()).get("task")
+        except (OSError, ValueError, AttributeError):
+            continue
+        # (a task of your own is NAME=PATH: its name is what says which task)
+        if isinstance(trained, str) and trained and trained.split("=", 1)[0] != task.split("=", 1)[0]:
+            warnings.append(f"adapter {str(path)!r} was trained for task {trained!r} (its training.json), "
+                            f"scored here on {task!r}")
+    return warnings
+
+
 def _float_base_name(model_dir: Path) -> str:
     """The name of the float model `model_dir` is, or was quantized from: a checkpoint of
     `inlaid quantize` records its base (an adapter of that base read "not this model

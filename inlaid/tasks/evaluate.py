@@ -19,7 +19,7 @@ from pathlib import Path
 from inlaid.cli_args import positive_int
 from inlaid.interrupts import EXIT_TERMINATED
 from inlaid.tasks.base import Task, write_text_atomic
-from inlaid.tasks.checks import adapter_problem, base_model_warnings
+from inlaid.tasks.checks import adapter_problem, base_model_warnings, task_mismatch_warnings
 from inlaid.tasks.eval_plan import BASE, EvalRun, argument_problem, planned_runs
 from inlaid.tasks.generation import (GenerationError, GenerationInterrupted, GenerationRequest, GenerationResult,
                                      chat_prompt)
@@ -62,6 +62,8 @@ def evaluate_runs(model_dir: Path, runs: list[EvalRun], split: str = "eval", lim
     if problem:
         raise AdapterInputError(problem)
     for warning in base_model_warnings(model_dir, named):  # after the check: it says "served"
+        print(f"inlaid eval: warning: {warning}", file=sys.stderr)
+    for warning in task_mismatch_warnings([(run.task, run.adapter_dir) for run in runs if run.adapter_dir is not None]):
         print(f"inlaid eval: warning: {warning}", file=sys.stderr)
     from transformers import AutoTokenizer
 
@@ -269,7 +271,10 @@ def run(args: argparse.Namespace) -> int:
         for config_name, entry in configs.items():
             scores = ", ".join(_shown_score(k, v) for k, v in entry["scores"].items())
             print(f"{task_name:14s} {config_name:14s} n={entry['examples']:<4d} {scores}")
-    print(f"backend={results['backend']} seconds={results['seconds']} tokens={results['generated_tokens']}")
+    # (interrupted: the tokens of the finished predictions, not of the ones cut off: "tokens=0"
+    # after a progress bar at 32 tokens read as a miscount)
+    counted = " (of the finished predictions)" if results.get("partial") is not None else ""
+    print(f"backend={results['backend']} seconds={results['seconds']} tokens={results['generated_tokens']}{counted}")
     written = []
     # `~` as the checks read it (--out=~/r.json: no shell expands it); each file whole or not at all
     if args.out:
