@@ -22,8 +22,8 @@ any limit, closes admission for this step, so nothing ranked below overtakes it:
 request eventually runs. One exception keeps the server busy: an overdue sequence refused
 only because every device slot holds an adapter this step computes gets a *slot hold*: of
 those adapters, the one with the fewest running sequences admits no new request until this
-sequence is admitted; its running ones finish, its slot frees, and the others go on being
-admitted meanwhile (closing all admission drained the whole server for one slot: FIFO's
+sequence is admitted, and no other request evicts it; its running ones finish, its slot
+frees for that sequence, and the others go on being admitted meanwhile (closing all admission drained the whole server for one slot: FIFO's
 saturation throughput fell 17-20 % with 100 and 1,000 tasks on 32 slots). One hold at a
 time. (A request refused for its slot is overtaken until its policy calls it overdue; the
 built-in policies all do, a plug-in whose `is_overdue` never does can starve it.) A
@@ -82,6 +82,7 @@ class _StepBuilder:
     planned: list[tuple[Sequence, int]] = field(default_factory=list)
     adapters: set[str] = field(default_factory=set)  # adapters this step computes (their slots are pinned)
     preempted: set[int] = field(default_factory=set)  # seq ids this step preempted: not admitted again in it
+    hold_pins: bool = False  # a slot hold keeps its adapter from the other requests in this step
     admitting: bool = True
 
 
@@ -178,9 +179,28 @@ class Scheduler:
             raise PolicyError(f"policy {self.policy.name!r}: order() must return every running and waiting "
                               f"sequence once ({len(self.running) + len(self.waiting)}), returned {len(order)} "
                               f"({len(rank)} distinct)")
-        planned_ids: set[int] = set()
         plannable = order if self.policy.plannable is None else order[: self.policy.plannable]
+        self._walk(plannable, order, rank, step, now)
+        if not step.chunks and self._slot_hold is not None:
+            # A hold must never leave the server idle (its request out of reach this step, a
+            # fairness bound pausing the held adapter's requests): dropped, the walk again.
+            self._slot_hold = None
+            step = _StepBuilder(budget=budget, prefill_budget=prefill_budget, preempted=step.preempted)
+            self._walk(plannable, order, rank, step, now)
+        if not step.chunks:
+            return None
+        plan = BatchPlan(step_id=self._next_step_id, chunks=step.chunks, adapter_loads=step.loads)
+        self._next_step_id += 1
+        self.policy.on_plan(plan, step.planned, now)
+        return plan
+
+    def _walk(self, plannable: list[Sequence], order: list[Sequence], rank: dict[int, int], step: _StepBuilder,
+              now: float) -> None:
+        """Plan `plannable` in its order into `step`, while the step's limits allow."""
+        planned_ids: set[int] = set()
         held = self._held_adapter()
+        # the held adapter is kept from others only while its request can be reached this step
+        step.hold_pins = held is not None and any(seq is self._slot_hold.seq for seq in plannable)
         for seq in plannable:
             if len(step.chunks) >= self.limits.max_num_seqs or step.budget == 0:
                 break
@@ -194,19 +214,13 @@ class Scheduler:
             elif seq.status is SequenceStatus.WAITING and step.admitting and (held is None or seq.adapter != held):
                 self._plan_waiting(seq, step, order, rank, planned_ids, now)
                 held = self._held_adapter()
-        if not step.chunks:
-            return None
-        plan = BatchPlan(step_id=self._next_step_id, chunks=step.chunks, adapter_loads=step.loads)
-        self._next_step_id += 1
-        self.policy.on_plan(plan, step.planned, now)
-        return plan
 
     def _plan_running(self, seq: Sequence, step: _StepBuilder, order: list[Sequence], rank: dict[int, int],
                       planned_ids: set[int], now: float) -> None:
         num_tokens = self._tokens_for(seq, step)
         if not num_tokens or not self._adapter_fits(seq, step):
             return  # paused this step: it keeps its KV blocks
-        if seq.adapter is not None and not self.adapters.can_acquire(seq.adapter, step.adapters):
+        if seq.adapter is not None and not self.adapters.can_acquire(seq.adapter, self._pinned(seq, step)):
             return  # no slot this step (its adapter lost it while paused): nobody is preempted for it
         while not self.blocks.can_allocate(seq, num_tokens):
             victim = self._victim(seq, order, rank, planned_ids, now, include_self=True)
@@ -224,7 +238,7 @@ class Scheduler:
         overdue = self.policy.is_overdue(seq, now)
         num_tokens = self._tokens_for(seq, step)
         fits = num_tokens > 0 and self._adapter_fits(seq, step)
-        slot_free = seq.adapter is None or self.adapters.can_acquire(seq.adapter, step.adapters)
+        slot_free = seq.adapter is None or self.adapters.can_acquire(seq.adapter, self._pinned(seq, step))
         admissible = fits and slot_free
         if admissible:
             while not self.blocks.can_allocate(seq, num_tokens):
@@ -249,6 +263,15 @@ class Scheduler:
             self._hold_a_slot(seq, step)
         elif overdue:
             step.admitting = False  # an overdue request is never overtaken
+
+    def _pinned(self, seq: Sequence, step: _StepBuilder) -> set[str]:
+        """The adapters `seq` may not evict: this step's, and a slot hold's unless `seq` is the
+        request it is held for (where a policy paused the held adapter's requests, others
+        evicted it and took the drained slot: the hold wandered from adapter to adapter)."""
+        hold = self._slot_hold
+        if hold is None or not step.hold_pins or hold.seq is seq or hold.adapter in step.adapters:
+            return step.adapters
+        return step.adapters | {hold.adapter}
 
     def _held_adapter(self) -> str | None:
         """The adapter a slot hold drains, while its sequence still waits here."""
@@ -290,7 +313,7 @@ class Scheduler:
             return True
         # Only this step's adapters are pinned: a paused sequence's adapter may be evicted
         # for better-ranked work and is loaded again when it resumes.
-        assignment = self.adapters.acquire(seq.adapter, step.adapters)
+        assignment = self.adapters.acquire(seq.adapter, self._pinned(seq, step))
         if assignment is None:
             return False
         if assignment.loaded_now:
