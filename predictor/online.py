@@ -66,6 +66,8 @@ class OnlineLengthPredictor:
         self.tokenizer = tokenizer
         self.adopted = False  # loaded from a state that named no tokenizer (`load`)
         self._rows: dict[str, deque[_Row]] = {}
+        self._forgotten: set[str] = set()  # tasks forgotten while a refit runs (after its snapshot)
+        self._fitting = False
         self._size = 0
         self._since_fit = 0
         self._lock = threading.Lock()
@@ -126,9 +128,12 @@ class OnlineLengthPredictor:
     def forget(self, task: str | None) -> None:
         """A removed task: its reservoir rows, task mean and level go (a task added later under
         the name starts as a new one)."""
+        key = "<base>" if task is None else task
         with self._lock:
-            rows = self._rows.pop("<base>" if task is None else task, None)
+            rows = self._rows.pop(key, None)
             self._size -= len(rows) if rows else 0
+            if self._fitting:
+                self._forgotten.add(key)
             self.model.forget(task)
 
     def refit(self, wait: bool = True) -> None:
@@ -140,6 +145,8 @@ class OnlineLengthPredictor:
         with self._lock:
             rows = [row for task_rows in self._rows.values() for row in task_rows]
             tasks = [task for task, task_rows in self._rows.items() if task_rows]
+            self._forgotten.clear()
+            self._fitting = bool(rows)
             self._since_fit = 0
         if not rows:
             return
@@ -156,7 +163,9 @@ class OnlineLengthPredictor:
         # since the snapshot are dropped; their requests are in the next refit.
         with self._lock:
             # (a task forgotten since the snapshot is not fitted again: it starts as a new one)
-            self.model.set_weights(*weights, tasks=[task for task in tasks if task in self._rows])
+            self.model.set_weights(*weights, tasks=[task for task in tasks if task not in self._forgotten])
+            self._forgotten.clear()
+            self._fitting = False
             self.fits += 1
         self._save_state()
 

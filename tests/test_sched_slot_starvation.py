@@ -207,29 +207,25 @@ def test_a_held_adapter_is_kept_from_other_requests_while_its_request_can_be_rea
     adapter is not in the step: `y`, ranked first, evicted it and took the drained slot, and
     the hold moved on (an outside fuzz: a hold changed adapter 473 times in one run). Now only
     `z`, the request it is held for, may evict it."""
-    from inlaid.engine.scheduler import _SlotHold
-
     scheduler, names = _one_slot_scheduler({"y": 0, "z": 1, "a": 2}, overdue={"z"})
     a = _add(scheduler, names, "a", "A")
     assert [c.seq_id for c in scheduler.schedule().chunks] == [a.seq_id]  # A takes the one slot
     y, z = _add(scheduler, names, "y", "C"), _add(scheduler, names, "z", "B")
-    scheduler._slot_hold = _SlotHold(z, "A")  # as a step refusing z left it
+    scheduler.hold.seq, scheduler.hold.adapter = z, "A"  # as a step refusing z left it
     plan = scheduler.schedule()
     assert [c.seq_id for c in plan.chunks] == [z.seq_id], plan.chunks  # before: [y]
-    assert [load.name for load in plan.adapter_loads] == ["B"] and scheduler._slot_hold is None
+    assert [load.name for load in plan.adapter_loads] == ["B"] and scheduler.hold.seq is None
 
 
 def test_a_hold_whose_request_is_out_of_reach_keeps_nobody_out():
     """Past the policy's `plannable` prefix (a fairness bound holds its task back) the held-for
     request cannot be admitted this step: its adapter is not kept from the others (kept, the
     server planned nothing at all: an outside fuzz's run stopped with 148 requests waiting)."""
-    from inlaid.engine.scheduler import _SlotHold
-
     scheduler, names = _one_slot_scheduler({"y": 0, "z": 1, "a": 2}, overdue={"z"}, plannable=1)
     a = _add(scheduler, names, "a", "A")
     assert [c.seq_id for c in scheduler.schedule().chunks] == [a.seq_id]
     y, z = _add(scheduler, names, "y", "C"), _add(scheduler, names, "z", "B")
-    scheduler._slot_hold = _SlotHold(z, "A")
+    scheduler.hold.seq, scheduler.hold.adapter = z, "A"
     plan = scheduler.schedule()
     assert plan is not None and [c.seq_id for c in plan.chunks] == [y.seq_id], plan
 
@@ -247,3 +243,64 @@ def test_vtc_serves_equal_counters_oldest_request_first():
     waited = {name: next(r for r in simulate(trace, make_policy(name, {"max_wait_s": 1.0}), COST, shape).requests
                          if r.task == "z").wait_s for name in ("fifo", "vtc")}
     assert waited["vtc"] <= waited["fifo"] + 0.5, waited
+
+
+def test_the_hold_drains_the_adapter_with_the_fewest_running_requests():
+    """An overdue request refused a slot (2 slots, both busy this step): the hold goes to the
+    adapter of the two with fewer running requests, whose drain frees a slot soonest; the
+    other adapter's new requests go on being admitted, the held one's wait."""
+    from inlaid.engine.adapter_slots import AdapterSlots
+    from inlaid.engine.block_manager import BlockManager
+    from inlaid.engine.policy import FifoPolicy, FifoOptions
+    from inlaid.engine.scheduler import Scheduler, SchedulerLimits
+    from inlaid.engine.sequence import Sequence, SequenceStatus
+    from inlaid.protocol import SampledToken, SamplingParams, StepResult
+
+    slots = AdapterSlots(2)
+    for adapter in ("A", "B", "Z"):
+        slots.register(adapter, f"sim://{adapter}")
+    now = [0.0]
+    scheduler = Scheduler(SchedulerLimits(max_num_seqs=16, max_num_batched_tokens=256, max_model_len=64),
+                          BlockManager(128, 4), slots, eos_token_ids=(0,),
+                          policy=FifoPolicy(FifoOptions(max_wait_s=1.0)), clock=lambda: now[0])
+
+    def add(adapter: str) -> Sequence:
+        seq = Sequence(seq_id=len(scheduler.waiting) + len(scheduler.running), prompt_token_ids=[1, 2, 3],
+                       sampling=SamplingParams(max_tokens=50), adapter=adapter, arrival_time=now[0])
+        scheduler.add(seq)
+        return seq
+
+    def step():  # type: ignore[no-untyped-def]
+        plan = scheduler.schedule()
+        by_id = {seq.seq_id: seq for seq in scheduler.running}
+        scheduler.process_result(StepResult(step_id=plan.step_id, num_tokens=1, compute_seconds=0.01,
+                                            sampled=[SampledToken(seq_id=c.seq_id, token_id=7) for c in plan.chunks
+                                                     if c.sample]), by_id)
+        return plan
+
+    for adapter in ("A", "A", "A", "B"):
+        add(adapter)
+    step()  # A and B take both slots, and decode from now on
+    z = add("Z")
+    now[0] = 2.0  # z overdue
+    later = [add("A"), add("B")]
+    plan = step()
+    assert (scheduler.hold.seq, scheduler.hold.adapter) == (z, "B"), scheduler.hold.adapter  # 1 running, not 3
+    planned = {chunk.seq_id for chunk in plan.chunks}
+    assert later[0].seq_id in planned and later[1].seq_id not in planned  # A's new request admitted, B's held
+    assert z.status is SequenceStatus.WAITING
+
+
+def test_a_plugin_subclassing_fifo_without_calling_its_init_keeps_the_default_bound():
+    """FifoPolicy was SchedulingPolicy itself (no __init__ of its own): a plug-in subclass with
+    its own __init__ that never called super() failed on every step once FIFO had options."""
+    from inlaid.engine.policy import DEFAULT_MAX_WAIT_S, FifoPolicy
+    from inlaid.engine.sequence import Sequence
+    from inlaid.protocol import SamplingParams
+
+    class Mine(FifoPolicy):
+        def __init__(self) -> None:  # noqa: D107  (no super().__init__(), as plug-ins written against the old class)
+            self.seen = 0
+
+    seq = Sequence(seq_id=0, prompt_token_ids=[1], sampling=SamplingParams(max_tokens=2), arrival_time=0.0)
+    assert Mine().is_overdue(seq, DEFAULT_MAX_WAIT_S) and not Mine().is_overdue(seq, DEFAULT_MAX_WAIT_S / 2)

@@ -204,8 +204,12 @@ def test_a_refit_running_while_a_task_is_forgotten_does_not_fit_it_again():
     for index in range(20):
         predictor.observe("gone", [1, index], 3)
         predictor.observe("stay", [2, index], 40)
-    rows = [row for task_rows in predictor._rows.values() for row in task_rows]
-    tasks = list(predictor._rows)  # the refit thread's snapshot
+    snapshot: dict = {}
+    fit = predictor._fit
+    predictor._fit = lambda rows, tasks: snapshot.update(rows=rows, tasks=tasks)  # type: ignore[method-assign]
+    predictor.refit()  # the snapshot; its fit still runs ...
     predictor.forget("gone")
-    predictor._fit(rows, tasks)  # ... and its end, after the forget
+    fit(snapshot["rows"], snapshot["tasks"])  # ... and ends after the forget
     assert predictor.model.fitted_tasks == frozenset({"stay"})
+    predictor.forget("stay")  # no refit running: nothing kept for one
+    assert predictor._forgotten == set()

@@ -118,6 +118,10 @@ class FifoPolicy(SchedulingPolicy):
     order. A waiting request refused for a limit (its adapter's slot, mostly) is overtaken by
     the requests behind it for at most `max_wait_s`."""
 
+    # (a class default too: a plug-in subclassing FifoPolicy, which was SchedulingPolicy itself,
+    # with an __init__ of its own that does not call this one, keeps the default bound)
+    options = FifoOptions()
+
     def __init__(self, options: FifoOptions | None = None) -> None:
         self.options = options or FifoOptions()
         self.options.validate()

@@ -16,20 +16,17 @@ plans each sequence while the step's limits allow:
 
 A policy may let only a prefix of its ranking compute (`plannable`: a fairness bound
 holding tasks back); the rest is ranked for preemption only. A running sequence the walk
-does not reach keeps its KV blocks and waits (paused). A
-waiting sequence refused for memory, or an overdue one (`policy.is_overdue`) refused for
-any limit, closes admission for this step, so nothing ranked below overtakes it: every
-request eventually runs. One exception keeps the server busy: an overdue sequence refused
-only because every device slot holds an adapter this step computes gets a *slot hold*: of
-those adapters, the one with the fewest running sequences admits no new request until this
-sequence is admitted, and no other request evicts it; its running ones finish, its slot
-frees for that sequence, and the others go on being admitted meanwhile (closing all admission drained the whole server for one slot: FIFO's
-saturation throughput fell 17-20 % with 100 and 1,000 tasks on 32 slots). One hold at a
-time. (A request refused for its slot is overtaken until its policy calls it overdue; the
-built-in policies all do, a plug-in whose `is_overdue` never does can starve it.) A
-sequence preempted in a step is not admitted again in that step. The default policy (FIFO, policy.py: running
-sequences in admission order, then waiting ones in arrival order) never pauses or
-preempts for admission. The coordinator process and the simulator run this same class.
+does not reach keeps its KV blocks and waits (paused). A waiting sequence refused for
+memory, or an overdue one (`policy.is_overdue`) refused for any limit, closes admission for
+this step, so nothing ranked below overtakes it: every request eventually runs. Refused only
+because every device slot holds an adapter this step computes, an overdue sequence gets a
+slot hold instead (slot_hold.py): one of those adapters drains for it while the others go on
+being admitted. (A request refused for its slot is overtaken until its policy calls it
+overdue; the built-in policies all do, a plug-in whose `is_overdue` never does can starve
+it.) A sequence preempted in a step is not admitted again in that step, nor is anything
+ranked below it. The default policy (FIFO, policy.py: running sequences in admission order,
+then waiting ones in arrival order) never pauses or preempts for admission. The
+coordinator process and the simulator run this same class.
 """
 
 from __future__ import annotations
@@ -43,6 +40,7 @@ from inlaid.engine.adapter_slots import AdapterSlots
 from inlaid.engine.block_manager import BlockManager
 from inlaid.engine.policy import FifoPolicy, PolicyError, SchedulingPolicy  # noqa: F401 (plug-ins import them here)
 from inlaid.engine.sequence import FinishReason, Sequence, SequenceStatus
+from inlaid.engine.slot_hold import SlotHold
 from inlaid.protocol import AdapterLoad, BatchPlan, ChunkPlan, StepResult
 
 
@@ -66,14 +64,6 @@ class StepUpdate:
 
 
 @dataclass
-class _SlotHold:
-    """An overdue waiting sequence no slot was free for, and the adapter it waits on to drain."""
-
-    seq: Sequence
-    adapter: str
-
-
-@dataclass
 class _StepBuilder:
     budget: int
     prefill_budget: int
@@ -82,7 +72,6 @@ class _StepBuilder:
     planned: list[tuple[Sequence, int]] = field(default_factory=list)
     adapters: set[str] = field(default_factory=set)  # adapters this step computes (their slots are pinned)
     preempted: set[int] = field(default_factory=set)  # seq ids this step preempted: not admitted again in it
-    hold_pins: bool = False  # a slot hold keeps its adapter from the other requests in this step
     admitting: bool = True
 
 
@@ -105,7 +94,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._next_step_id = 0
-        self._slot_hold: _SlotHold | None = None
+        self.hold = SlotHold(adapters)  # slot_hold.py: an overdue request refused a slot
         # Which of a server's executors plans here (its pool sets it): step ids count per
         # executor, so a step log shared by several tells them apart by this.
         self.executor_index: int | None = None
@@ -181,10 +170,10 @@ class Scheduler:
                               f"({len(rank)} distinct)")
         plannable = order if self.policy.plannable is None else order[: self.policy.plannable]
         self._walk(plannable, order, rank, step, now)
-        if not step.chunks and self._slot_hold is not None:
-            # A hold must never leave the server idle (its request out of reach this step, a
-            # fairness bound pausing the held adapter's requests): dropped, the walk again.
-            self._slot_hold = None
+        if not step.chunks and self.hold.seq is not None:
+            # A hold must never leave the server idle (a fairness bound pausing the held
+            # adapter's requests, its own refused for memory): dropped, the walk again.
+            self.hold.release()
             step = _StepBuilder(budget=budget, prefill_budget=prefill_budget, preempted=step.preempted)
             self._walk(plannable, order, rank, step, now)
         if not step.chunks:
@@ -198,9 +187,7 @@ class Scheduler:
               now: float) -> None:
         """Plan `plannable` in its order into `step`, while the step's limits allow."""
         planned_ids: set[int] = set()
-        held = self._held_adapter()
-        # the held adapter is kept from others only while its request can be reached this step
-        step.hold_pins = held is not None and any(seq is self._slot_hold.seq for seq in plannable)
+        self.hold.start_step(self.waiting, plannable)
         for seq in plannable:
             if len(step.chunks) >= self.limits.max_num_seqs or step.budget == 0:
                 break
@@ -211,16 +198,15 @@ class Scheduler:
                 # recomputed its whole context, could not grow next step and preempted itself),
                 # and as a memory refusal: nothing ranked below takes those blocks instead.
                 step.admitting = False
-            elif seq.status is SequenceStatus.WAITING and step.admitting and (held is None or seq.adapter != held):
+            elif seq.status is SequenceStatus.WAITING and step.admitting and not self.hold.keeps_out(seq):
                 self._plan_waiting(seq, step, order, rank, planned_ids, now)
-                held = self._held_adapter()
 
     def _plan_running(self, seq: Sequence, step: _StepBuilder, order: list[Sequence], rank: dict[int, int],
                       planned_ids: set[int], now: float) -> None:
         num_tokens = self._tokens_for(seq, step)
         if not num_tokens or not self._adapter_fits(seq, step):
             return  # paused this step: it keeps its KV blocks
-        if seq.adapter is not None and not self.adapters.can_acquire(seq.adapter, self._pinned(seq, step)):
+        if seq.adapter is not None and not self.adapters.can_acquire(seq.adapter, self.hold.pinned(seq, step.adapters)):
             return  # no slot this step (its adapter lost it while paused): nobody is preempted for it
         while not self.blocks.can_allocate(seq, num_tokens):
             victim = self._victim(seq, order, rank, planned_ids, now, include_self=True)
@@ -238,7 +224,7 @@ class Scheduler:
         overdue = self.policy.is_overdue(seq, now)
         num_tokens = self._tokens_for(seq, step)
         fits = num_tokens > 0 and self._adapter_fits(seq, step)
-        slot_free = seq.adapter is None or self.adapters.can_acquire(seq.adapter, self._pinned(seq, step))
+        slot_free = seq.adapter is None or self.adapters.can_acquire(seq.adapter, self.hold.pinned(seq, step.adapters))
         admissible = fits and slot_free
         if admissible:
             while not self.blocks.can_allocate(seq, num_tokens):
@@ -255,47 +241,14 @@ class Scheduler:
             self.running.append(seq)
             if seq.first_scheduled_at is None:
                 seq.first_scheduled_at = now
-            if self._slot_hold is not None and self._slot_hold.seq is seq:
-                self._slot_hold = None
+            self.hold.admitted(seq)
             self.policy.on_admit(seq, now)
             self._plan_chunk(seq, num_tokens, step, planned_ids, now)
-        elif overdue and fits and not slot_free:
-            self._hold_a_slot(seq, step)
         elif overdue:
-            step.admitting = False  # an overdue request is never overtaken
-
-    def _pinned(self, seq: Sequence, step: _StepBuilder) -> set[str]:
-        """The adapters `seq` may not evict: this step's, and a slot hold's unless `seq` is the
-        request it is held for (where a policy paused the held adapter's requests, others
-        evicted it and took the drained slot: the hold wandered from adapter to adapter)."""
-        hold = self._slot_hold
-        if hold is None or not step.hold_pins or hold.seq is seq or hold.adapter in step.adapters:
-            return step.adapters
-        return step.adapters | {hold.adapter}
-
-    def _held_adapter(self) -> str | None:
-        """The adapter a slot hold drains, while its sequence still waits here."""
-        hold = self._slot_hold
-        if hold is not None and (hold.seq.status is not SequenceStatus.WAITING or hold.seq not in self.waiting
-                                 or self.adapters.slot_of(hold.adapter) is None):
-            self._slot_hold = hold = None  # admitted, finished, moved away, or that slot freed already
-        return None if hold is None else hold.adapter
-
-    def _hold_a_slot(self, seq: Sequence, step: _StepBuilder) -> None:
-        """`seq`, overdue, found every slot held by this step's adapters: the one of them with
-        the fewest running sequences admits nothing new until `seq` is admitted (one hold at
-        a time; another overdue sequence waits for its turn)."""
-        if self._held_adapter() is not None:
-            return
-        if not step.adapters:  # no slot at all to free (none configured): nothing overtakes it
-            step.admitting = False
-            return
-        running: dict[str, int] = {}
-        for other in self.running:
-            if other.adapter in step.adapters:
-                running[other.adapter] = running.get(other.adapter, 0) + 1
-        adapter = min(sorted(step.adapters), key=lambda name: running.get(name, 0))
-        self._slot_hold = _SlotHold(seq, adapter)
+            # An overdue request is never overtaken; refused only for a slot, it gets a slot hold
+            # instead (slot_hold.py), unless there is no slot to hold.
+            if not (fits and not slot_free and self.hold.place(seq, step.adapters, self.running)):
+                step.admitting = False
 
     @staticmethod
     def _tokens_for(seq: Sequence, step: _StepBuilder) -> int:
@@ -313,7 +266,7 @@ class Scheduler:
             return True
         # Only this step's adapters are pinned: a paused sequence's adapter may be evicted
         # for better-ranked work and is loaded again when it resumes.
-        assignment = self.adapters.acquire(seq.adapter, self._pinned(seq, step))
+        assignment = self.adapters.acquire(seq.adapter, self.hold.pinned(seq, step.adapters))
         if assignment is None:
             return False
         if assignment.loaded_now:

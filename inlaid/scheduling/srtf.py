@@ -291,9 +291,9 @@ class InlaidPolicy(SchedulingPolicy):
 
     def _waited(self, seq: Sequence, now: float) -> float:
         """Seconds without progress: since arrival for a request never scheduled, since its
-        last step for a running one (paused when it is long) or a preempted one (measured
-        from its arrival, a preempted request older than `max_wait_s` was overdue at once and
-        preempted the request it had made room for: both recomputed, in turn)."""
+        last step for a running one (paused when it is long) or a preempted one (not from its
+        arrival: a preempted request older than `max_wait_s` was overdue at once and preempted
+        the request it had made room for, both recomputed in turn)."""
         return seconds_without_progress(seq, now)
 
     def _key(self, seq: Sequence, now: float) -> float:
