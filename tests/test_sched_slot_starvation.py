@@ -81,7 +81,8 @@ def test_a_preempted_request_neither_preempts_back_at_once_nor_is_readmitted_in_
     slow_steps = StepCostModel({**COST.coefficients, "constant": 0.05})
     shape = EngineShape(max_num_seqs=8, max_num_batched_tokens=token_budget, num_kv_blocks=130, block_size=4,
                         max_model_len=2048, max_lora_slots=2)
-    trace = Trace([TraceRequest(0.0, "long", 200, 300, 400, "long/0"), TraceRequest(15.0, "short", 100, 3, 8, "short/1")],
+    trace = Trace([TraceRequest(0.0, "long", 200, 300, 400, "long/0"),
+                   TraceRequest(15.0, "short", 100, 3, 8, "short/1")],
                   {task: TaskProfile(task, task, 8) for task in ("long", "short")})
     lengths = TaskMeanPredictor()
     lengths.observe("long", [], 300)
@@ -119,12 +120,14 @@ def test_the_bound_costs_no_throughput_under_sustained_overload(name):
     while at < 40.0:
         at += rng.expovariate(12.0)
         task = None if rng.random() < 0.2 else rng.choice(tasks)  # base-model rows too: never held
-        requests.append(TraceRequest(at, task, rng.randint(20, 80), rng.randint(20, 120), 128, f"{task}/{len(requests)}"))
+        requests.append(TraceRequest(at, task, rng.randint(20, 80), rng.randint(20, 120), 128,
+                                     f"{task}/{len(requests)}"))
     trace = Trace(requests, {task: TaskProfile(task, task, 8) for task in tasks})
     shape = EngineShape(max_num_seqs=32, max_lora_slots=8)
     results = {bound: simulate(trace, make_policy(name, {"max_wait_s": bound}), COST, shape) for bound in (10.0, 1e6)}
     makespan = {bound: max(r.finish_s for r in result.requests) for bound, result in results.items()}
-    mean = {bound: sum(r.latency_s for r in result.requests) / len(result.requests) for bound, result in results.items()}
+    mean = {bound: sum(r.latency_s for r in result.requests) / len(result.requests)
+            for bound, result in results.items()}
     assert all(r.finished for result in results.values() for r in result.requests)
     assert makespan[10.0] <= 1.05 * makespan[1e6], makespan  # before the hold: 1.67x
     assert mean[10.0] <= 1.05 * mean[1e6], mean
@@ -166,7 +169,8 @@ def test_nothing_ranked_below_a_preempted_request_takes_its_blocks_in_that_step(
     assert x.status is SequenceStatus.WAITING, "X took the blocks V was preempted for"
 
 
-def _one_slot_scheduler(rank: dict[str, int], overdue: set[str], plannable: int | None = None):  # type: ignore[no-untyped-def]
+def _one_slot_scheduler(rank: dict[str, int], overdue: set[str],  # type: ignore[no-untyped-def]
+                        plannable: int | None = None):
     """A scheduler of 1 adapter slot and 2 seats, its plug-in policy ranking by name."""
     from inlaid.engine.adapter_slots import AdapterSlots
     from inlaid.engine.block_manager import BlockManager
@@ -207,6 +211,8 @@ def test_a_held_adapter_is_kept_from_other_requests_while_its_request_can_be_rea
     adapter is not in the step: `y`, ranked first, evicted it and took the drained slot, and
     the hold moved on (an outside fuzz: a hold changed adapter 473 times in one run). Now only
     `z`, the request it is held for, may evict it."""
+    from inlaid.engine.sequence import SequenceStatus
+
     scheduler, names = _one_slot_scheduler({"y": 0, "z": 1, "a": 2}, overdue={"z"})
     a = _add(scheduler, names, "a", "A")
     assert [c.seq_id for c in scheduler.schedule().chunks] == [a.seq_id]  # A takes the one slot
@@ -215,6 +221,7 @@ def test_a_held_adapter_is_kept_from_other_requests_while_its_request_can_be_rea
     plan = scheduler.schedule()
     assert [c.seq_id for c in plan.chunks] == [z.seq_id], plan.chunks  # before: [y]
     assert [load.name for load in plan.adapter_loads] == ["B"] and scheduler.hold.seq is None
+    assert y.status is SequenceStatus.WAITING  # its adapter had no slot to take
 
 
 def test_a_hold_whose_request_is_out_of_reach_keeps_nobody_out():

@@ -252,7 +252,7 @@ def test_refusals_for_a_full_backlog_are_logged_at_most_every_ten_seconds(caplog
     from inlaid.serve import front_inbox
 
     clock = [100.0]
-    monkeypatch.setattr(front_inbox.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(front_inbox, "_refusal_clock", lambda: clock[0])
     inbox = front_inbox.FrontInbox(None, 1, 10, on_read=lambda frame: None,  # type: ignore[arg-type]
                                    dropped=lambda identity: False, handle=lambda identity, body: None,
                                    refuse=lambda identity, body: None, refuse_dropped=lambda: None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -84,15 +85,17 @@ def _shown(value: object) -> str:
     """A value for a person: floats to 4 significant digits (uptime_seconds 30.351641882007243
     read as noise), nested values as JSON with theirs rounded too (--json keeps every digit)."""
     if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.0f}"
+        return str(_rounded(value))
     if isinstance(value, (str, int)):
         return str(value)
     return json.dumps(_rounded(value))
 
 
 def _rounded(value: object) -> object:
-    if isinstance(value, float):
-        return float(f"{value:.4g}") if abs(value) < 1e5 else round(value)
+    if isinstance(value, float):  # (below 1e4 `.4g` stays positional; NaN and infinities as they are)
+        if not math.isfinite(value):
+            return value
+        return float(f"{value:.4g}") if abs(value) < 1e4 else round(value)
     if isinstance(value, dict):
         return {key: _rounded(item) for key, item in value.items()}
     if isinstance(value, list):

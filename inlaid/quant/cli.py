@@ -77,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dynamic-groups", action="store_true",
                         help="with --act-order: groups in processing order (g_idx permuted) instead of static")
     parser.add_argument("--mse-clip", action="store_true", help="search a clipped range per group")
-    parser.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of the mean diagonal (default 0.01)")
+    parser.add_argument("--damp", type=float, default=0.01,
+                        help="dampening, fraction of the mean diagonal (default 0.01)")
     parser.add_argument("--max-samples", type=positive_int, default=None,
                         help="calibration samples per task (128; --suite: 32)")
     parser.add_argument("--max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS,

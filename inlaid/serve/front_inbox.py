@@ -40,6 +40,7 @@ FRAMES_OF_BYTES = 64
 # At most one log line this often about frames refused for a full backlog (a flood refuses
 # thousands a second; none at all left the refusals to /metrics alone).
 REFUSALS_LOGGED_EVERY_S = 10.0
+_refusal_clock = time.monotonic  # (a test's clock replaces this one alone)
 
 
 class FrontInbox:
@@ -78,7 +79,7 @@ class FrontInbox:
         """A frame of `identity` was refused for its connection's full backlog: a WARNING at
         most every REFUSALS_LOGGED_EVERY_S, counting those since the last."""
         self._refusals_unlogged += 1
-        now = time.monotonic()
+        now = _refusal_clock()
         if now - self._refusals_logged_at >= REFUSALS_LOGGED_EVERY_S:
             log.warning("messages refused: a connection sends faster than the server handles them",
                         extra={"refused": self._refusals_unlogged, "queued": self.queued(identity),
