@@ -68,24 +68,32 @@ def stage_sgmv(device, report: dict) -> dict:  # noqa: ANN001
     return {"timings": sgmv_timings(device)}
 
 
-def _require(modules: tuple[str, ...], needed_by: str) -> None:
-    """Skip the stage (saying why) when the GPU image lacks one of `modules`."""
+# What a stage imports beyond torch and triton, and what of it needs them: the stage skips
+# itself where one lacks (`_require`), and gpu_suite.preflight names them before any stage runs.
+STAGE_MODULES: dict[str, tuple[tuple[str, ...], str]] = {
+    "decode": (("msgspec",), "the engine's plans"), "step_costs": (("msgspec",), "the engine's plans"),
+    "serving": (SERVER_MODULES, "the servers"), "e2e_replay": (SERVER_MODULES, "the servers")}
+
+
+def _require(stage: str) -> None:
+    """Skip the stage (saying why) when the GPU image lacks one of its STAGE_MODULES."""
+    modules, needed_by = STAGE_MODULES[stage]
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise StageSkipped(f"{needed_by} need {', '.join(missing)}, not installed: run "
-                           "`bench/gpu.sh --fetch-wheels` on a "
-                    "machine with PyPI and bring .whl/ along (docs/benchmarks.md)")
+                           "`bench/gpu.sh --fetch-wheels` on a machine with PyPI and bring .whl/ along "
+                           "(docs/benchmarks.md)")
 
 
 def stage_decode(device, report: dict) -> dict:  # noqa: ANN001
-    _require(("msgspec",), "the engine's plans")
+    _require("decode")
     from gpu_decode import decode_step
 
     return decode_step(device)
 
 
 def stage_step_costs(device, report: dict) -> dict:  # noqa: ANN001
-    _require(("msgspec",), "the engine's plans")
+    _require("step_costs")
     from gpu_step_costs import step_costs
 
     return step_costs(device)
@@ -98,7 +106,7 @@ def stage_gemm_configs(device, report: dict) -> dict:  # noqa: ANN001
 
 
 def stage_serving(device, report: dict) -> dict:  # noqa: ANN001
-    _require(SERVER_MODULES, "the servers")
+    _require("serving")
     from gpu_serving import serving
     from gpu_serving_inputs import tokenizer_dir
 
@@ -113,7 +121,7 @@ def stage_e2e_replay(device, report: dict) -> dict:  # noqa: ANN001
     transformers + PEFT server against Inlaid MLGPTQ 4-bit + the inlaid policy, the nine
     suite tasks, a calibration burst then one rate beyond both saturations. The full sweep
     on a GPU is `bench/e2e.py --device cuda` (docs/benchmarks.md)."""
-    _require(SERVER_MODULES, "the servers")
+    _require("e2e_replay")
     from inlaid.models.prepare import default_model_dir
 
     if not (default_model_dir() / "config.json").is_file():

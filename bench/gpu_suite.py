@@ -57,7 +57,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_kernels, gpu_decode beside this file
 
 from gpu_report import markdown, plot, rerun_hint  # noqa: E402
-from gpu_stages import SERVER_MODULES, STAGES, StageSkipped  # noqa: E402
+from gpu_stages import STAGE_MODULES, STAGES, StageSkipped  # noqa: E402
 
 
 # What each stage took on the H200 (bench/results/gpu_h200.md; serving: its own cap, ServingSettings.budget_s,
@@ -76,10 +76,10 @@ def preflight(stages: list[str], has_module: Callable[[str], bool] | None = None
     there). e2e_replay is left out: it needs the default model, which the GPU image cannot
     have, and is skipped by design."""
     has_module = has_module or (lambda module: importlib.util.find_spec(module) is not None)
-    needs = {"decode": ("msgspec",), "step_costs": ("msgspec",), "serving": SERVER_MODULES}
     problems = {}
     for stage in stages:
-        missing = [module for module in needs.get(stage, ()) if not has_module(module)]
+        modules = STAGE_MODULES[stage][0] if stage in STAGE_MODULES and stage != "e2e_replay" else ()
+        missing = [module for module in modules if not has_module(module)]
         if missing:
             problems[stage] = f"{', '.join(missing)} not importable here"
     if "serving" in stages:
