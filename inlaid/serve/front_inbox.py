@@ -43,6 +43,21 @@ REFUSALS_LOGGED_EVERY_S = 10.0
 _refusal_clock = time.monotonic  # (a test's clock replaces this one alone)
 
 
+class _Turn:
+    """A loop's turn on the event loop: it lets the others run once it has run TURN_S."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self._ends = time.monotonic() + TURN_S
+
+    async def yield_if_over(self) -> None:
+        if time.monotonic() >= self._ends:
+            await asyncio.sleep(0)
+            self.restart()
+
+
 class FrontInbox:
     """`read_loop` and `handle_loop` run as two tasks on the coordinator's event loop.
 
@@ -138,7 +153,7 @@ class FrontInbox:
             log.exception("internal error handling a client frame", extra={"client": identity.hex()})
 
     async def read_loop(self) -> None:
-        turn_ends = time.monotonic() + TURN_S
+        turn = _Turn()
         while True:
             try:
                 frames = await self._socket.recv_multipart(copy=False)
@@ -154,24 +169,20 @@ class FrontInbox:
                 self._handle_safely(identity, [frame.bytes for frame in frames[1:]])
             elif not self.put(identity, body := [frames[1].bytes]):
                 self._refuse(identity, body)
-            if time.monotonic() >= turn_ends:
-                await asyncio.sleep(0)
-                turn_ends = time.monotonic() + TURN_S
+            await turn.yield_if_over()
 
     async def handle_loop(self) -> None:
-        turn_ends = time.monotonic() + TURN_S
+        turn = _Turn()
         while True:
             item = self.take()
             if item is None:
                 self._arrived.clear()
                 await self._arrived.wait()
-                turn_ends = time.monotonic() + TURN_S
+                turn.restart()
                 continue
             identity, body = item
             if self._dropped(identity):
                 self._refuse_dropped()
             else:
                 self._handle_safely(identity, body)
-            if time.monotonic() >= turn_ends:
-                await asyncio.sleep(0)
-                turn_ends = time.monotonic() + TURN_S
+            await turn.yield_if_over()
